@@ -1,0 +1,1 @@
+"""Configuration pipeline: load, validate, resolve and compile Flex resources into a GatewayPlan."""

@@ -1,0 +1,1 @@
+"""The ingress side: downstream protocol and routing."""

@@ -1,0 +1,1 @@
+"""Twisted services: the gateway, its listeners and the config watcher."""

@@ -1,0 +1,1 @@
+"""Upstream side: client protocol and connection pools."""
