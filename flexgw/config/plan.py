@@ -1,0 +1,149 @@
+"""The compiled, immutable gateway plan: everything the request path reads, nothing it must parse."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Literal
+
+import attrs
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@attrs.frozen
+class Upstream:
+    """One upstream cluster: a `Service` resource, or an inline service of an ApiInstance."""
+
+    key: str  # "namespace/name"; inline services are named "<api>-<serviceKey>"
+    scheme: str  # "http" or "https"
+    host: str  # hostname or IP literal, IPv6 without brackets
+    port: int
+    path_prefix: str = ""  # path of the Service address, no trailing slash ("" for none or "/")
+
+    @property
+    def authority(self) -> str:
+        """The Host header value the upstream expects (port omitted when it is the scheme default)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+@attrs.frozen
+class Destination:
+    """Where a route sends a request: an upstream, a path prefix and a weight."""
+
+    upstream: Upstream
+    destination_path: str = ""  # normalised: "" or "/v1" (no trailing slash)
+    weight: int = 100
+
+
+@attrs.frozen
+class Rule:
+    """One routing/policy rule: every present field must match (AND); None means "any"."""
+
+    path: re.Pattern[str] | None = None  # full match against the path after the base path
+    methods: re.Pattern[str] | None = None  # full match against the method
+    host: re.Pattern[str] | None = None  # full match against the Host (port stripped)
+    headers: tuple[tuple[str, re.Pattern[str]], ...] = ()  # (lower-case name, full-match regex)
+
+
+@attrs.frozen
+class Route:
+    """One route: rules (OR across items; no rules matches everything) and weighted destinations."""
+
+    name: str  # "namespace/binding" or "<api>-<serviceKey>-route-<n>" for inline routes
+    order: int
+    rules: tuple[Rule, ...]
+    destinations: tuple[Destination, ...]
+
+
+@attrs.frozen
+class Api:
+    """One ApiInstance as served on a listener."""
+
+    key: str  # "namespace/name"
+    base_path: str  # "" or "/orders" (no trailing slash)
+    routes: tuple[Route, ...]  # in evaluation order: by `order`, then name
+
+
+@attrs.frozen
+class Listener:
+    """One bound address and the APIs it serves, longest base path first."""
+
+    scheme: str  # "http" (TLS arrives with its own issue)
+    host: str  # "0.0.0.0", "127.0.0.1", "::" ...
+    port: int
+    apis: tuple[Api, ...]
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The (host, port) pair that identifies this listener across reloads."""
+        return (self.host, self.port)
+
+
+@attrs.frozen
+class Timeouts:
+    """`Configuration.spec.timeouts`, in seconds, with Flex's defaults."""
+
+    upstream_response: float = 15.0
+    stream_idle: float = 300.0
+    upstream_idle: float = 60.0
+
+
+@attrs.frozen
+class HttpSettings:
+    """flexgw's own HTTP front settings (`Configuration.spec.http`), with safe defaults."""
+
+    max_header_bytes: int = 60 * 1024  # request line + headers; over it: 431
+    header_timeout: float = 10.0  # a started request head must complete within this; else 408
+    keepalive_timeout: float = 60.0  # idle downstream connection between requests is closed after
+    connect_timeout: float = 10.0  # upstream TCP connect; over it: 503
+    rewrite_host: bool = True  # Flex's FLEX_REWRITE_HOST_HEADER default
+    trusted_proxies: tuple[IPNetwork, ...] = ()  # peers whose X-Forwarded-* headers are kept
+    max_idle_per_upstream: int = 128  # idle pooled connections kept per upstream
+
+
+@attrs.frozen
+class Problem:
+    """One configuration problem, located in its file."""
+
+    severity: Literal["error", "warning"]
+    message: str
+    file: str | None = None
+    line: int | None = None  # 1-based
+    column: int | None = None  # 1-based
+    resource: str | None = None  # "Kind namespace/name"
+    field: str | None = None  # dotted path, e.g. "spec.services.json.address"
+
+    def __str__(self) -> str:
+        where = self.file or "<config>"
+        if self.line is not None:
+            where += f":{self.line}"
+            if self.column is not None:
+                where += f":{self.column}"
+        parts = [f"{where}: {self.severity}:"]
+        if self.resource:
+            parts.append(f"{self.resource}:")
+        if self.field:
+            parts.append(f"{self.field}:")
+        parts.append(self.message)
+        return " ".join(parts)
+
+
+@attrs.frozen
+class GatewayPlan:
+    """Everything compiled from one configuration generation; swapped whole on reload."""
+
+    listeners: tuple[Listener, ...] = ()
+    timeouts: Timeouts = Timeouts()
+    http: HttpSettings = HttpSettings()
+    problems: tuple[Problem, ...] = ()
+    generation: int = 0
+
+    def listener_at(self, host: str, port: int) -> Listener | None:
+        """The listener bound to (host, port), if this plan has one."""
+        for listener in self.listeners:
+            if listener.host == host and listener.port == port:
+                return listener
+        return None
