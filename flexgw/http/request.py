@@ -1,0 +1,126 @@
+"""Checking a parsed HTTP/1.x request head and deriving what the proxy needs from it.
+
+httptools (llhttp) already rejects most malformed input (bare CR/LF, NUL, obs-fold, whitespace
+before the colon, CL+TE, duplicate or malformed Content-Length, bad chunk sizes). What it lets
+through and a gateway must still refuse is checked here: versions other than 1.0/1.1, a
+Transfer-Encoding other than exactly `chunked`, missing/duplicate/malformed Host in HTTP/1.1, and
+an absolute-form target whose authority disagrees with Host.
+"""
+
+from __future__ import annotations
+
+import re
+
+import attrs
+
+from flexgw.http.errors import GatewayError, bad_request
+from flexgw.http.headers import HeaderList
+
+BODY_NONE = 0
+BODY_LENGTH = 1
+BODY_CHUNKED = 2
+
+_AUTHORITY = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]{0,5})?")
+_ABSOLUTE = re.compile(rb"(?i)(https?)://([^/?#]*)([^#]*)")
+
+
+@attrs.define(slots=True)
+class RequestHead:
+    """A validated request head: the raw parts plus what routing and forwarding need."""
+
+    method: bytes
+    target: bytes  # as received
+    version: bytes  # b"1.1" or b"1.0"
+    headers: HeaderList  # arrival order, original case
+    path: str  # path part of the target, no query (latin-1 decoded, not percent-decoded)
+    query: bytes  # b"" or b"?..." as received
+    authority: str  # host[:port] the request is for (target authority, else Host)
+    keep_alive: bool
+    body: int  # BODY_NONE, BODY_LENGTH or BODY_CHUNKED
+    content_length: int
+    connection_values: list[bytes]  # raw Connection header values (for hop-by-hop tokens)
+    expect_continue: bool
+
+
+def analyze_head(
+    method: bytes, target: bytes, version: str, headers: HeaderList, keep_alive: bool
+) -> RequestHead | GatewayError:
+    """Validate a request head from the parser; return what the proxy needs, or the 400 to send."""
+    if version == "1.1":
+        vbytes = b"1.1"
+    elif version == "1.0":
+        vbytes = b"1.0"
+    else:
+        return bad_request(f"Unsupported HTTP version {version}")
+
+    hosts = []
+    body = BODY_NONE
+    content_length = 0
+    connection_values: list[bytes] = []
+    expect_continue = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"host":
+            hosts.append(value)
+        elif lname == b"content-length":
+            body = body or BODY_LENGTH
+            content_length = int(value)  # llhttp guarantees digits and a single header
+        elif lname == b"transfer-encoding":
+            if value.strip().lower() != b"chunked":
+                return bad_request("Transfer-Encoding other than chunked is not accepted")
+            body = BODY_CHUNKED
+        elif lname == b"connection":
+            connection_values.append(value)
+        elif lname == b"expect":
+            if value.strip().lower() == b"100-continue":
+                expect_continue = True
+
+    if len(hosts) > 1:
+        return bad_request("Duplicate Host header")
+    host = hosts[0].strip() if hosts else None
+    if host is not None and not _AUTHORITY.fullmatch(host):
+        return bad_request("Malformed Host header")
+    if host is None and vbytes == b"1.1":
+        return bad_request("Missing Host header")
+
+    if target[:1] == b"/":
+        raw_path, sep, rest = target.partition(b"?")
+        query = sep + rest
+        authority = host or b""
+    elif method == b"OPTIONS" and target == b"*":
+        return bad_request("Asterisk-form request targets are not supported")
+    else:
+        absolute = _ABSOLUTE.fullmatch(target)
+        if absolute is None:
+            return bad_request("Malformed request target")
+        target_authority = absolute.group(2)
+        if not _AUTHORITY.fullmatch(target_authority):
+            return bad_request("Malformed authority in request target")
+        if host is not None and host.lower() != target_authority.lower():
+            return bad_request("Request target authority and Host header disagree")
+        authority = target_authority
+        path_and_query = absolute.group(3) or b"/"
+        if path_and_query[:1] == b"?":
+            path_and_query = b"/" + path_and_query
+        raw_path, sep, rest = path_and_query.partition(b"?")
+        query = sep + rest
+
+    return RequestHead(
+        method=method,
+        target=target,
+        version=vbytes,
+        headers=headers,
+        path=raw_path.decode("latin-1"),
+        query=query,
+        authority=authority.decode("latin-1"),
+        keep_alive=keep_alive,
+        body=body,
+        content_length=content_length,
+        connection_values=connection_values,
+        expect_continue=expect_continue,
+    )
+
+
+def error_for_parser_message(message: str) -> GatewayError:
+    """The 400 for an llhttp error, with its message (llhttp messages are fixed ASCII text)."""
+    return bad_request(f"Malformed request: {message}")

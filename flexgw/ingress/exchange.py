@@ -1,0 +1,451 @@
+"""One proxied request: downstream request → upstream connection → response back, streamed.
+
+The exchange owns the timing of a request once its head is parsed: the upstream response
+timeout (from the end of the request to the response head) and the stream idle timeout (no
+bytes either way). Bodies are never buffered whole: the transport on the sending side is
+registered as the producer of the receiving side, so a slow reader pauses the fast writer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.python.failure import Failure
+
+from flexgw.config.plan import Destination, Route
+from flexgw.http import errors
+from flexgw.http.errors import GatewayError
+from flexgw.http.headers import (
+    HOP_BY_HOP,
+    HeaderList,
+    connection_tokens,
+    response_headers_for_downstream,
+)
+from flexgw.http.request import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, RequestHead
+from flexgw.upstream.connection import BACKPRESSURE, HELD, UpstreamConnection
+
+if TYPE_CHECKING:
+    from flexgw.ingress.front import IngressProtocol
+
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+# states
+WAITING = 0  # head parsed, not started (pipelined behind another exchange)
+CONNECTING = 1  # waiting for an upstream connection
+SENDING = 2  # upstream connected; request head (and maybe body) being sent
+RESPONDING = 3  # response head forwarded; body streaming back
+DONE = 4
+
+
+class ProxyExchange:
+    """Moves one request to its upstream and the response back."""
+
+    __slots__ = (
+        "front",
+        "head",
+        "route",
+        "destination",
+        "upstream_target",
+        "api_key",
+        "state",
+        "conn",
+        "pool",
+        "request_complete",
+        "pending",
+        "response_status",
+        "response_chunked",
+        "response_close",
+        "bytes_in",
+        "bytes_out",
+        "started",
+        "upstream_started",
+        "upstream_elapsed",
+        "timer",
+        "last_activity",
+        "error_cause",
+        "retried",
+        "reused",
+        "body_sent",
+        "until_close",
+    )
+
+    def __init__(self, front: IngressProtocol, head: RequestHead, started: float) -> None:
+        self.front = front
+        self.head = head
+        self.route: Route | None = None
+        self.destination: Destination | None = None
+        self.upstream_target = b""
+        self.api_key: str | None = None
+        self.state = WAITING
+        self.conn: UpstreamConnection | None = None
+        self.pool = None
+        self.request_complete = False
+        self.pending: list[bytes] | None = None  # body pieces received before the upstream
+        self.response_status = 0
+        self.response_chunked = False
+        self.response_close = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.started = started
+        self.upstream_started = 0.0
+        self.upstream_elapsed: float | None = None
+        self.timer = None
+        self.last_activity = started
+        self.error_cause: str | None = None
+        self.retried = False
+        self.reused = False
+        self.body_sent = False
+        self.until_close = False  # the upstream body ends when the upstream closes
+
+    # -- request side, driven by the front ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Route the request and ask for an upstream connection (or answer an error)."""
+        front = self.front
+        head = self.head
+        match = front.route(head)
+        if match is None:
+            self.fail(errors.NO_ROUTE)
+            return
+        self.api_key = match.api.key
+        self.route = match.route
+        self.destination = match.destination
+        self.upstream_target = match.upstream_path.encode("latin-1") + head.query
+        self.state = CONNECTING
+        self.upstream_started = front.clock.seconds()
+        self.timer = front.clock.callLater(front.timeouts.stream_idle, self._on_timer)
+        pool = self.pool = front.pools.pool_for(match.destination.upstream)
+        if not self.request_complete:
+            front.gate.hold(HELD)  # until the upstream can take the body
+        pool.acquire(self)
+
+    def request_body(self, data: bytes) -> None:
+        """A piece of the request body (already de-chunked by the parser)."""
+        self.bytes_in += len(data)
+        if self.state == SENDING:
+            self.last_activity = self.front.clock.seconds()
+            self._send_body(data)
+        elif self.state < SENDING:
+            if self.pending is None:
+                self.pending = [data]
+            else:
+                self.pending.append(data)
+
+    def request_done(self) -> None:
+        """The whole request has been received."""
+        self.request_complete = True
+        if self.state == SENDING:
+            self._finish_request()
+
+    def _send_body(self, data: bytes) -> None:
+        transport = self.conn.transport  # type: ignore[union-attr]
+        self.body_sent = True
+        if self.head.body == BODY_CHUNKED:
+            transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            transport.write(data)
+
+    def _finish_request(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        if self.head.body == BODY_CHUNKED:
+            conn.transport.write(b"0\r\n\r\n")
+        if self.head.body != BODY_NONE:
+            conn.transport.unregisterProducer()
+            self.front.gate.release(BACKPRESSURE)
+        if self.response_status == 0 and self.timer is not None:
+            self.timer.reset(self.front.timeouts.upstream_response)
+
+    # -- the pool's callbacks --------------------------------------------------------------------
+
+    def upstream_ready(self, conn: UpstreamConnection, reused: bool) -> None:
+        """Connected (or reusing a pooled connection): send the head and what body we have."""
+        if self.state != CONNECTING:
+            # The client went away while we were connecting: give the connection back.
+            conn.sink = None
+            self.pool.release(conn)  # type: ignore[union-attr]
+            return
+        self.conn = conn
+        self.reused = reused
+        self.state = SENDING
+        head = self.head
+        conn.begin(self, head.method == b"HEAD")
+        transport = conn.transport
+        transport.write(self._upstream_head())
+        if head.body != BODY_NONE and not self.request_complete:
+            transport.registerProducer(self.front.gate, True)
+        pending = self.pending
+        if pending:
+            self.pending = None
+            for data in pending:
+                self._send_body(data)
+        if self.request_complete:
+            self._finish_request()
+        else:
+            self.front.gate.release(HELD)
+
+    def upstream_connect_failed(self, reason: Failure) -> None:
+        """The upstream could not be reached."""
+        if self.state == CONNECTING:
+            self.fail(errors.UPSTREAM_CONNECT_FAILURE)
+
+    def _upstream_head(self) -> bytes:
+        """The request head as the upstream receives it."""
+        head = self.head
+        front = self.front
+        destination = self.destination
+        assert destination is not None
+        drop = connection_tokens(head.connection_values) if head.connection_values else None
+        trusted = front.trusted_peer
+        rewrite_host = front.http.rewrite_host
+        prior_xff = None
+        has_xfh = has_xfp = False
+        lines = [head.method, b" ", self.upstream_target, b" HTTP/1.1\r\n"]
+        append = lines.append
+        host_line_done = False
+        for name, value in head.headers:
+            lname = name.lower()
+            if lname in HOP_BY_HOP or lname == b"content-length":
+                continue
+            if drop is not None and lname in drop:
+                continue
+            if lname == b"host":
+                if host_line_done:
+                    continue
+                host_line_done = True
+                if rewrite_host:
+                    value = destination.upstream.authority.encode("latin-1")
+            elif lname[:12] == b"x-forwarded-":
+                if not trusted:
+                    continue
+                if lname == b"x-forwarded-for":
+                    prior_xff = value if prior_xff is None else prior_xff + b", " + value
+                    continue
+                if lname == b"x-forwarded-host":
+                    has_xfh = True
+                elif lname == b"x-forwarded-proto":
+                    has_xfp = True
+            append(name)
+            append(b": ")
+            append(value)
+            append(b"\r\n")
+        if not host_line_done:
+            authority = (
+                destination.upstream.authority if rewrite_host else (head.authority or "")
+            )
+            append(b"Host: " + authority.encode("latin-1") + b"\r\n")
+        client = front.client_ip_bytes
+        append(b"X-Forwarded-For: ")
+        append(client if prior_xff is None else prior_xff + b", " + client)
+        append(b"\r\n")
+        if not has_xfp:
+            append(b"X-Forwarded-Proto: " + front.scheme_bytes + b"\r\n")
+        if not has_xfh and head.authority:
+            append(b"X-Forwarded-Host: " + head.authority.encode("latin-1") + b"\r\n")
+        if head.body == BODY_LENGTH:
+            append(b"Content-Length: %d\r\n" % head.content_length)
+        elif head.body == BODY_CHUNKED:
+            append(b"Transfer-Encoding: chunked\r\n")
+        append(b"\r\n")
+        return b"".join(lines)
+
+    # -- the upstream connection's callbacks -----------------------------------------------------
+
+    def response_interim(self, status: int, headers: HeaderList) -> None:
+        """A 1xx from upstream: relay 100 Continue (and other 1xx) to HTTP/1.1 clients."""
+        if status == 101:
+            self.response_malformed("Unexpected 101 Switching Protocols")
+            return
+        if self.head.version == b"1.1" and self.response_status == 0:
+            kept = response_headers_for_downstream(headers, ())
+            line = b"HTTP/1.1 %d %s\r\n" % (status, b"Continue" if status == 100 else b"Info")
+            self.front.transport.write(
+                line + b"".join(n + b": " + v + b"\r\n" for n, v in kept) + b"\r\n"
+            )
+
+    def response_head(
+        self, status: int, reason: bytes, headers: HeaderList, keep_alive: bool
+    ) -> None:
+        """The final response head: forward it with framing re-decided for the client."""
+        front = self.front
+        self.response_status = status
+        self.last_activity = now = front.clock.seconds()
+        self.upstream_elapsed = now - self.upstream_started
+        if self.timer is not None:
+            self.timer.reset(front.timeouts.stream_idle)
+        self.state = RESPONDING
+        head = self.head
+        connection_values = []
+        content_length = None
+        chunked = False
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                content_length = value
+            elif lname == b"transfer-encoding":
+                chunked = True
+            elif lname == b"connection":
+                connection_values.append(value)
+        kept = response_headers_for_downstream(headers, connection_values)
+        close = not head.keep_alive or front.draining or not self.request_complete
+        no_body = head.method == b"HEAD" or status in (204, 304)
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
+        append = lines.append
+        for name, value in kept:
+            append(name + b": " + value + b"\r\n")
+        if content_length is not None and not chunked:
+            append(b"Content-Length: " + content_length + b"\r\n")
+        if not chunked and content_length is None and not no_body:
+            self.until_close = True
+        if (content_length is not None and not chunked) or no_body:
+            pass
+        elif head.version == b"1.1":
+            self.response_chunked = True
+            append(b"Transfer-Encoding: chunked\r\n")
+        else:
+            close = True  # HTTP/1.0 client, unknown length: delimit by closing
+        if close:
+            append(b"Connection: close\r\n")
+        elif head.version == b"1.0":
+            append(b"Connection: keep-alive\r\n")
+        append(b"\r\n")
+        self.response_close = close
+        front.transport.write(b"".join(lines))
+        front.transport.registerProducer(self.conn.gate, True)  # type: ignore[union-attr]
+
+    def response_body(self, data: bytes) -> None:
+        """A piece of the response body: forward it, chunk-framed if needed."""
+        self.bytes_out += len(data)
+        self.last_activity = self.front.clock.seconds()
+        if self.response_chunked:
+            self.front.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            self.front.transport.write(data)
+
+    def response_complete(self) -> None:
+        """The response is complete: release the upstream and let the front go on."""
+        conn = self.conn
+        self.conn = None
+        self._complete(conn)
+
+    def _complete(self, conn: UpstreamConnection | None) -> None:
+        front = self.front
+        if self.response_chunked:
+            front.transport.write(b"0\r\n\r\n")
+        front.transport.unregisterProducer()
+        self.state = DONE
+        self._stop_timer()
+        if conn is not None:
+            if not self.request_complete:
+                # The upstream answered before reading the whole request: never reuse either side.
+                conn.reusable = False
+                if self.head.body != BODY_NONE:
+                    conn.transport.unregisterProducer()
+                    front.gate.release(BACKPRESSURE)
+            conn.finish()
+        front.exchange_done(self, self.response_close)
+
+    def response_malformed(self, message: str) -> None:
+        """The upstream sent something that is not a valid HTTP/1.1 response."""
+        self._upstream_failed(errors.UPSTREAM_BAD_RESPONSE)
+
+    def upstream_lost(self, got_response_bytes: bool) -> None:
+        """The upstream connection closed before the response completed."""
+        conn = self.conn
+        self.conn = None
+        if self.state == RESPONDING and self.until_close and conn is not None:
+            # A close-delimited body ends with the connection; anything else is a truncation.
+            self.pool.active -= 1  # type: ignore[union-attr]
+            self._complete(None)
+            return
+        if (
+            self.state == SENDING
+            and self.reused
+            and not got_response_bytes
+            and not self.retried
+            and not self.body_sent
+            and self.head.body == BODY_NONE
+            and self.head.method in _IDEMPOTENT
+        ):
+            # A pooled connection the upstream had already closed: retry once on a fresh one.
+            self.retried = True
+            self.state = CONNECTING
+            if conn is not None:
+                self.pool.active -= 1  # type: ignore[union-attr]
+            self.pool.acquire(self)  # type: ignore[union-attr]
+            return
+        if conn is not None:
+            self.pool.active -= 1  # type: ignore[union-attr]
+        self._upstream_failed(errors.UPSTREAM_RESET, conn_gone=True)
+
+    # -- failure and timing ----------------------------------------------------------------------
+
+    def _upstream_failed(self, error: GatewayError, conn_gone: bool = False) -> None:
+        conn = self.conn
+        self.conn = None
+        if conn is not None and not conn_gone:
+            if self.state == SENDING and self.head.body != BODY_NONE and not self.request_complete:
+                conn.transport.unregisterProducer()
+            self.pool.discard(conn)  # type: ignore[union-attr]
+        if self.state == RESPONDING:
+            # The head is already on the wire: all we can do is cut the client off.
+            self.error_cause = error.cause
+            self.state = DONE
+            self._stop_timer()
+            self.front.transport.unregisterProducer()
+            self.front.exchange_aborted(self)
+            return
+        self.fail(error)
+
+    def fail(self, error: GatewayError) -> None:
+        """Answer the client with a gateway error (the connection closes unless safe to keep)."""
+        if self.state == DONE:
+            return
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            if self.head.body != BODY_NONE and not self.request_complete:
+                conn.transport.unregisterProducer()
+            self.pool.discard(conn)  # type: ignore[union-attr]
+        self.state = DONE
+        self._stop_timer()
+        self.error_cause = error.cause
+        self.response_status = error.status
+        self.front.gate.release(HELD | BACKPRESSURE)
+        self.front.send_error(self, error)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        front = self.front
+        if self.state in (CONNECTING, SENDING) and self.response_status == 0:
+            if self.request_complete:
+                self.fail(errors.UPSTREAM_TIMEOUT)
+                return
+        idle = front.clock.seconds() - self.last_activity
+        limit = front.timeouts.stream_idle
+        if idle < limit:
+            self.timer = front.clock.callLater(limit - idle, self._on_timer)
+            return
+        if self.state == RESPONDING:
+            self._upstream_failed(errors.STREAM_IDLE_TIMEOUT)
+        else:
+            self.fail(errors.STREAM_IDLE_TIMEOUT)
+
+    def _stop_timer(self) -> None:
+        timer = self.timer
+        if timer is not None:
+            self.timer = None
+            if timer.active():
+                timer.cancel()
+
+    def downstream_lost(self) -> None:
+        """The client went away: abandon the upstream side."""
+        if self.state == DONE:
+            return
+        self.state = DONE
+        self._stop_timer()
+        self.error_cause = self.error_cause or "downstream_reset"
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            self.pool.discard(conn)  # type: ignore[union-attr]

@@ -1,0 +1,375 @@
+"""The downstream HTTP/1.1 protocol of an ingress listener: parse, check, route, proxy.
+
+One request is proxied at a time per connection. Pipelined requests are parsed as they arrive
+but wait their turn; reading stops while a response is pending, so a client that pipelines
+without reading cannot make the gateway buffer without bound.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections import deque
+from typing import TYPE_CHECKING
+
+import httptools
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from flexgw.config.plan import HttpSettings, Listener, Timeouts
+from flexgw.http import errors
+from flexgw.http.errors import GatewayError
+from flexgw.http.headers import HeaderList
+from flexgw.http.request import BODY_NONE, RequestHead, analyze_head, error_for_parser_message
+from flexgw.ingress.exchange import DONE, WAITING, ProxyExchange
+from flexgw.ingress.routing import RouteMatch, select_route
+from flexgw.upstream.connection import ReadGate
+from flexgw.upstream.pool import PoolManager
+
+if TYPE_CHECKING:
+    from flexgw.http.accesslog import AccessLog
+
+_log = Logger(namespace="flexgw.ingress")
+
+# connection states
+IDLE = 0  # waiting for the first byte of a request
+HEAD = 1  # a request head is arriving
+BODY = 2  # head complete; body (if any) arriving
+CLOSING = 3  # an error was answered or the connection is closing: ignore further input
+
+PIPELINE = 4  # ReadGate reason: a response is pending, stop reading further requests
+
+
+class IngressProtocol(Protocol):
+    """One downstream HTTP/1.1 connection."""
+
+    def __init__(self, factory: IngressFactory) -> None:
+        self.factory = factory
+        self.clock = factory.clock
+        self.pools = factory.pools
+        self.parser = httptools.HttpRequestParser(self)
+        self.state = IDLE
+        self.draining = False  # set when the gateway drains: responses close the connection
+        self.head_bytes = 0
+        self.url = b""
+        self.headers: HeaderList = []
+        self.parsing: ProxyExchange | None = None  # exchange whose request is being received
+        self.active: ProxyExchange | None = None  # exchange being proxied
+        self.queue: deque[ProxyExchange] = deque()
+        self.pending_refusal: GatewayError | None = None
+        self.gate: ReadGate
+        self.timer = None
+        self.client_ip = ""
+        self.client_ip_bytes = b""
+        self.trusted_peer = False
+        # Settings are read from the factory at connection time; a reload swaps the factory's.
+        self.http: HttpSettings = factory.http
+        self.timeouts: Timeouts = factory.timeouts
+        self.scheme_bytes = factory.scheme_bytes
+
+    # -- connection ------------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:  # noqa: N802
+        """Record the peer, and close the connection if no request starts in time."""
+        self.gate = ReadGate(self.transport)
+        peer = self.transport.getPeer()
+        host = getattr(peer, "host", "") or ""
+        self.client_ip = host
+        self.client_ip_bytes = host.encode("ascii", "replace")
+        if self.http.trusted_proxies and host:
+            try:
+                address = ipaddress.ip_address(host)
+            except ValueError:
+                address = None
+            if address is not None:
+                self.trusted_peer = any(address in net for net in self.http.trusted_proxies)
+        self.factory.connections.add(self)
+        self.timer = self.clock.callLater(self.http.keepalive_timeout, self._on_timer)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
+        """Abandon whatever is in flight."""
+        self.state = CLOSING
+        self.factory.connections.discard(self)
+        self._stop_timer()
+        if self.active is not None:
+            active, self.active = self.active, None
+            active.downstream_lost()
+            self.factory.log_exchange(active)
+        self.queue.clear()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        """Feed the request parser; enforce the head size limit."""
+        if self.state == CLOSING:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._on_upgrade(data, upgrade.args[0] if upgrade.args else len(data))
+            return
+        except httptools.HttpParserError as exc:
+            if self.state != CLOSING:
+                cause = exc.__cause__ or exc.__context__
+                if isinstance(cause, _Refused):
+                    self._refuse(cause.error)
+                elif isinstance(exc, httptools.HttpParserCallbackError):
+                    self.factory.log_failure(cause)
+                    self._refuse(errors.INTERNAL_ERROR)
+                else:
+                    self._refuse(error_for_parser_message(str(exc)))
+            return
+        if self.state == HEAD:
+            self.head_bytes += len(data)
+            if self.head_bytes > self.http.max_header_bytes:
+                self._refuse(errors.HEADERS_TOO_LARGE)
+
+    def _on_upgrade(self, data: bytes, offset: int) -> None:
+        """llhttp stops at CONNECT and Upgrade requests."""
+        if self.state == CLOSING:
+            return
+        if self.parser.get_method() == b"CONNECT":
+            self._refuse(errors.METHOD_NOT_ALLOWED)
+            return
+        # An Upgrade request is proxied as a plain request (Upgrade is hop-by-hop and is not
+        # forwarded); llhttp has stopped, so continue with a fresh parser on what followed.
+        self.parser = httptools.HttpRequestParser(self)
+        rest = data[offset:]
+        if rest:
+            self.dataReceived(rest)
+
+    # -- httptools callbacks ---------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        """First byte of a request: start the header deadline."""
+        self.state = HEAD
+        self.head_bytes = 0
+        self.url = b""
+        self.headers = []
+        if self.active is None:
+            if self.timer is not None:
+                self.timer.reset(self.http.header_timeout)
+        else:
+            # Pipelined behind a pending response: stop reading more until it is done.
+            self.gate.hold(PIPELINE)
+
+    def on_url(self, url: bytes) -> None:
+        """The request target (llhttp may deliver it in pieces)."""
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """One header, name case kept; trailer fields after the head are dropped."""
+        if self.state == HEAD:
+            self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        """Check the head; start proxying it, or queue it behind the active exchange."""
+        parser = self.parser
+        headers = self.headers
+        size = len(self.url) + 16 + sum(len(n) + len(v) + 4 for n, v in headers)
+        if size > self.http.max_header_bytes:
+            raise _Refused(errors.HEADERS_TOO_LARGE)
+        head = analyze_head(
+            parser.get_method(),
+            self.url,
+            parser.get_http_version(),
+            headers,
+            parser.should_keep_alive(),
+        )
+        if isinstance(head, GatewayError):
+            raise _Refused(head)
+        self.state = BODY
+        exchange = ProxyExchange(self, head, self.clock.seconds())
+        self.parsing = exchange
+        if self.active is None:
+            self.active = exchange
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            exchange.start()
+        else:
+            self.queue.append(exchange)
+
+    def on_body(self, body: bytes) -> None:
+        """A piece of the request body for the exchange being received."""
+        exchange = self.parsing
+        if exchange is not None and exchange.state != DONE:
+            exchange.request_body(body)
+
+    def on_message_complete(self) -> None:
+        """The request is fully received; stop reading until its response is done."""
+        exchange = self.parsing
+        self.parsing = None
+        if self.state != CLOSING:
+            self.state = IDLE
+        if exchange is not None and exchange.state != DONE:
+            exchange.request_done()
+
+    # -- what exchanges call back ----------------------------------------------------------------
+
+    def route(self, head: RequestHead) -> RouteMatch | None:
+        """Choose the route for a request on this listener's current plan."""
+        return select_route(
+            self.factory.listener,
+            head.method.decode("ascii"),
+            head.path,
+            head.authority,
+            head.headers,
+            self.factory.rng,
+        )
+
+    def exchange_done(self, exchange: ProxyExchange, close: bool) -> None:
+        """A response is complete: log it, then close or go on with the next request."""
+        self.factory.log_exchange(exchange)
+        if self.active is exchange:
+            self.active = None
+        if self.pending_refusal is not None:
+            self._refuse(self.pending_refusal)
+            return
+        if close or self.state == CLOSING:
+            self.state = CLOSING
+            self.transport.loseConnection()
+            return
+        self._next()
+
+    def exchange_aborted(self, exchange: ProxyExchange) -> None:
+        """The upstream failed after the response head was sent: cut the client off."""
+        self.factory.log_exchange(exchange)
+        self.active = None
+        self.state = CLOSING
+        self.transport.abortConnection()
+
+    def send_error(self, exchange: ProxyExchange, error: GatewayError) -> None:
+        """Answer `error` for an exchange that has not sent a response head."""
+        keep = (
+            (exchange.request_complete or exchange.head.body == BODY_NONE)
+            and exchange.head.keep_alive
+            and self.state != CLOSING
+            and self.pending_refusal is None
+        )
+        self.transport.write(error.render(close=not keep))
+        self.factory.log_exchange(exchange)
+        if self.active is exchange:
+            self.active = None
+        if not keep:
+            self.state = CLOSING
+            self.transport.loseConnection()
+            return
+        self._next()
+
+    def _next(self) -> None:
+        """Start the next pipelined request, or wait for one."""
+        if self.pending_refusal is not None:
+            self._refuse(self.pending_refusal)
+            return
+        self.gate.release(PIPELINE)
+        if self.queue:
+            exchange = self.queue.popleft()
+            self.active = exchange
+            if exchange.state == WAITING:
+                exchange.start()
+            return
+        if self.timer is None and self.state != CLOSING:
+            timeout = self.http.header_timeout if self.state == HEAD else self.http.keepalive_timeout
+            self.timer = self.clock.callLater(timeout, self._on_timer)
+        elif self.timer is not None:
+            self.timer.reset(self.http.keepalive_timeout)
+
+    # -- errors and timing -----------------------------------------------------------------------
+
+    def _refuse(self, error: GatewayError) -> None:
+        """Answer a request the gateway will not proxy, then close the connection."""
+        self.state = CLOSING
+        self.parsing = None
+        self.queue.clear()
+        if self.active is not None and self.active.state != DONE:
+            # A response is still pending for an earlier request: answer after it.
+            self.pending_refusal = error
+            return
+        self.pending_refusal = None
+        self.transport.write(error.render(close=True))
+        self.factory.log_refusal(self, error)
+        self.transport.loseConnection()
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if self.active is not None or self.state == CLOSING:
+            return
+        if self.state == HEAD:
+            self._refuse(errors.HEADER_TIMEOUT)
+        else:
+            self.state = CLOSING
+            self.transport.loseConnection()
+
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            if self.timer.active():
+                self.timer.cancel()
+            self.timer = None
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing and answer `error`."""
+
+    def __init__(self, error: GatewayError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class IngressFactory(Factory):
+    """Builds IngressProtocols for one listener; holds the listener's current plan slice."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        reactor: IReactorTCP,
+        clock: IReactorTime,
+        listener: Listener,
+        http: HttpSettings,
+        timeouts: Timeouts,
+        pools: PoolManager,
+        access_log: AccessLog | None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.clock = clock
+        self.listener = listener
+        self.http = http
+        self.timeouts = timeouts
+        self.pools = pools
+        self.access_log = access_log
+        self.rng = rng or random.Random()
+        self.scheme_bytes = listener.scheme.encode("ascii")
+        self.connections: set[IngressProtocol] = set()
+
+    def update(self, listener: Listener, http: HttpSettings, timeouts: Timeouts) -> None:
+        """Swap in a new plan for this listener (requests in flight keep what they hold)."""
+        self.listener = listener
+        self.http = http
+        self.timeouts = timeouts
+        self.scheme_bytes = listener.scheme.encode("ascii")
+        for connection in self.connections:
+            connection.http = http
+            connection.timeouts = timeouts
+
+    def buildProtocol(self, addr: object) -> IngressProtocol:  # noqa: N802
+        """A protocol for one accepted connection."""
+        return IngressProtocol(self)
+
+    def log_exchange(self, exchange: ProxyExchange) -> None:
+        """Write the access log line of a finished exchange."""
+        if self.access_log is not None:
+            self.access_log.exchange(exchange, self.listener)
+
+    def log_failure(self, failure: BaseException | None) -> None:
+        """Log an unexpected exception raised while handling a request."""
+        _log.failure(
+            "Unexpected error handling a request",
+            Failure(failure) if failure is not None else None,
+        )
+
+    def log_refusal(self, protocol: IngressProtocol, error: GatewayError) -> None:
+        """Write the access log line of a request refused before it was parsed whole."""
+        if self.access_log is not None:
+            self.access_log.refusal(protocol, error, self.listener)

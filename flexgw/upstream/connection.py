@@ -1,0 +1,202 @@
+"""One HTTP/1.1 client connection to an upstream, parsed with httptools, serving one exchange at a time."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol as TypingProtocol
+
+import httptools
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from flexgw.http.headers import HeaderList
+
+if TYPE_CHECKING:
+    from flexgw.upstream.pool import UpstreamPool
+
+
+class ResponseSink(TypingProtocol):
+    """What an upstream connection reports to: the exchange currently using it."""
+
+    def response_interim(self, status: int, headers: HeaderList) -> None: ...
+    def response_head(
+        self, status: int, reason: bytes, headers: HeaderList, keep_alive: bool
+    ) -> None: ...
+    def response_body(self, data: bytes) -> None: ...
+    def response_complete(self) -> None: ...
+    def response_malformed(self, message: str) -> None: ...
+    def upstream_lost(self, got_response_bytes: bool) -> None: ...
+
+
+BACKPRESSURE = 1
+HELD = 2
+
+
+@implementer(IPushProducer)
+class ReadGate:
+    """Pauses a transport's reading while any reason holds; registered as a producer elsewhere.
+
+    Several reasons (the consumer's backpressure, the proxy waiting for the other side) can hold
+    reading paused at once; the transport resumes only when none remains.
+    """
+
+    __slots__ = ("transport", "reasons")
+
+    def __init__(self, transport: object) -> None:
+        self.transport = transport
+        self.reasons = 0
+
+    def hold(self, reason: int) -> None:
+        """Pause reading for `reason` (a bit)."""
+        if not self.reasons:
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self.reasons |= reason
+
+    def release(self, reason: int) -> None:
+        """Drop `reason`; resume reading when no reason is left."""
+        if self.reasons & reason:
+            self.reasons &= ~reason
+            if not self.reasons:
+                self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def pauseProducing(self) -> None:  # noqa: N802 (Twisted interface)
+        """The consumer's buffer is full."""
+        self.hold(BACKPRESSURE)
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        """The consumer's buffer drained."""
+        self.release(BACKPRESSURE)
+
+    def stopProducing(self) -> None:  # noqa: N802
+        """The consumer went away; connectionLost on each side does the cleanup."""
+
+
+class UpstreamConnection(Protocol):
+    """A keep-alive HTTP/1.1 connection to one upstream, owned by an UpstreamPool."""
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.sink: ResponseSink | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.gate: ReadGate | None = None
+        self.connected_ok = False
+        self.reusable = True
+        self.idle_since = 0.0
+        self.requests = 0
+        self.got_bytes = False
+        self._reason = b""
+        self._headers: HeaderList = []
+        self._in_head = True
+        self._head_only = False
+        self._interim = False
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:  # noqa: N802
+        """Connected: hand the connection to whoever asked for it."""
+        self.connected_ok = True
+        self.gate = ReadGate(self.transport)
+        self.pool.connection_made(self)
+
+    def begin(self, sink: ResponseSink, head_only: bool) -> None:
+        """Start serving an exchange; `head_only` for HEAD requests (no response body follows)."""
+        self.sink = sink
+        self.requests += 1
+        self.got_bytes = False
+        self._head_only = head_only
+        self._in_head = True
+        self._headers = []
+
+    def finish(self) -> None:
+        """The exchange is done with this connection; reuse it or close it."""
+        self.sink = None
+        gate = self.gate
+        if gate is not None and gate.reasons:
+            gate.reasons = 0
+            self.transport.resumeProducing()
+        self.pool.release(self)
+
+    def abort(self) -> None:
+        """Drop the connection at once (the exchange failed midway)."""
+        self.reusable = False
+        self.sink = None
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        """Feed the response parser; a byte while idle means the upstream is broken: close."""
+        sink = self.sink
+        if sink is None:
+            self.reusable = False
+            self.transport.abortConnection()
+            return
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self.reusable = False
+            if self.sink is not None:
+                self.sink.response_malformed("Unexpected protocol upgrade from upstream")
+        except httptools.HttpParserError as exc:
+            self.reusable = False
+            if self.sink is not None:
+                self.sink.response_malformed(str(exc))
+
+    def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
+        """Tell the exchange (if any) and leave the pool."""
+        self.reusable = False
+        self.pool.connection_lost(self)
+        sink = self.sink
+        if sink is not None:
+            self.sink = None
+            sink.upstream_lost(self.got_bytes)
+
+    # -- httptools callbacks ---------------------------------------------------------------------
+
+    def on_status(self, reason: bytes) -> None:
+        """Status line reason phrase."""
+        self._reason = reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """One response header (trailers after the head are dropped)."""
+        if self._in_head:
+            self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        """Response head done: interim (1xx) or final."""
+        sink = self.sink
+        if sink is None:
+            return
+        status = self.parser.get_status_code()
+        headers = self._headers
+        self._headers = []
+        if 100 <= status < 200:
+            self._interim = True
+            sink.response_interim(status, headers)
+            return
+        self._in_head = False
+        keep_alive = self.parser.should_keep_alive()
+        if not keep_alive:
+            self.reusable = False
+        sink.response_head(status, self._reason, headers, keep_alive)
+        if self._head_only and self.sink is sink:
+            # llhttp does not know the request was HEAD: the response has no body whatever its
+            # Content-Length says. Finish here and start a fresh parser for the next response.
+            self.parser = httptools.HttpResponseParser(self)
+            sink.response_complete()
+
+    def on_body(self, data: bytes) -> None:
+        """A piece of the (de-chunked) response body."""
+        sink = self.sink
+        if sink is not None and not self._in_head:
+            sink.response_body(data)
+
+    def on_message_complete(self) -> None:
+        """End of a response message (an interim 1xx one is skipped)."""
+        if self._interim:
+            self._interim = False
+            return
+        sink = self.sink
+        if sink is not None and not self._in_head:
+            sink.response_complete()

@@ -1,0 +1,190 @@
+"""Pools of keep-alive upstream connections, one per upstream, with idle expiry."""
+
+from __future__ import annotations
+
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet.protocol import ClientFactory
+from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
+
+from flexgw.config.plan import HttpSettings, Timeouts, Upstream
+from flexgw.upstream.connection import UpstreamConnection
+
+
+class ConnectionWaiter(TypingProtocol):
+    """Whoever asked the pool for a connection."""
+
+    def upstream_ready(self, connection: UpstreamConnection, reused: bool) -> None: ...
+    def upstream_connect_failed(self, reason: Failure) -> None: ...
+
+
+class _Connect(ClientFactory):
+    """One connection attempt on behalf of one waiter."""
+
+    noisy = False
+
+    def __init__(self, pool: UpstreamPool, waiter: ConnectionWaiter) -> None:
+        self.pool = pool
+        self.waiter = waiter
+
+    def buildProtocol(self, addr: object) -> UpstreamConnection:  # noqa: N802
+        """Build the connection; the pool hands it to the waiter once connected."""
+        connection = UpstreamConnection(self.pool)
+        self.pool._pending[connection] = self.waiter
+        return connection
+
+    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:  # noqa: N802
+        """Connect refused, unreachable or timed out."""
+        self.pool.connecting -= 1
+        self.waiter.upstream_connect_failed(reason)
+
+
+class UpstreamPool:
+    """Idle keep-alive connections to one upstream, reused most-recently-idle first."""
+
+    def __init__(
+        self,
+        reactor: IReactorTCP,
+        clock: IReactorTime,
+        upstream: Upstream,
+        http: HttpSettings,
+        timeouts: Timeouts,
+    ) -> None:
+        self.reactor = reactor
+        self.clock = clock
+        self.upstream = upstream
+        self.max_idle = http.max_idle_per_upstream
+        self.connect_timeout = http.connect_timeout
+        self.idle_timeout = timeouts.upstream_idle
+        self.idle: list[UpstreamConnection] = []
+        self.active = 0
+        self.connecting = 0
+        self._pending: dict[UpstreamConnection, ConnectionWaiter] = {}
+
+    def acquire(self, waiter: ConnectionWaiter) -> None:
+        """Give `waiter` an idle connection now, or connect one and give it when connected."""
+        idle = self.idle
+        if idle:
+            now = self.clock.seconds()
+            while idle:
+                connection = idle.pop()
+                if now - connection.idle_since < self.idle_timeout and connection.reusable:
+                    self.active += 1
+                    waiter.upstream_ready(connection, True)
+                    return
+                connection.abort()
+        self.connecting += 1
+        self.reactor.connectTCP(
+            self.upstream.host,
+            self.upstream.port,
+            _Connect(self, waiter),
+            timeout=self.connect_timeout,
+        )
+
+    def connection_made(self, connection: UpstreamConnection) -> None:
+        """A new connection is up: give it to the waiter that asked for it."""
+        self.connecting -= 1
+        waiter = self._pending.pop(connection)
+        self.active += 1
+        waiter.upstream_ready(connection, False)
+
+    def release(self, connection: UpstreamConnection) -> None:
+        """An exchange is done with `connection`: keep it idle, or close it."""
+        self.active -= 1
+        if connection.reusable and len(self.idle) < self.max_idle:
+            connection.idle_since = self.clock.seconds()
+            self.idle.append(connection)
+        else:
+            connection.reusable = False
+            connection.transport.loseConnection()
+
+    def discard(self, connection: UpstreamConnection) -> None:
+        """An exchange abandons `connection` midway: close it, never reuse it."""
+        self.active -= 1
+        connection.abort()
+
+    def connection_lost(self, connection: UpstreamConnection) -> None:
+        """Forget a closed connection."""
+        if connection in self._pending:
+            # Connected, then lost before connectionMade completed: the attempt failed.
+            self.connecting -= 1
+            waiter = self._pending.pop(connection)
+            waiter.upstream_connect_failed(Failure(ConnectionError("connection lost at connect")))
+            return
+        try:
+            self.idle.remove(connection)
+        except ValueError:
+            pass
+
+    def expire_idle(self) -> None:
+        """Close connections idle longer than the upstream idle timeout."""
+        if not self.idle:
+            return
+        limit = self.clock.seconds() - self.idle_timeout
+        keep = []
+        for connection in self.idle:
+            if connection.idle_since > limit:
+                keep.append(connection)
+            else:
+                connection.reusable = False
+                connection.transport.loseConnection()
+        self.idle = keep
+
+    def close_all(self) -> None:
+        """Close every idle connection (shutdown, or the upstream left the configuration)."""
+        idle, self.idle = self.idle, []
+        for connection in idle:
+            connection.reusable = False
+            connection.transport.loseConnection()
+
+
+class PoolManager:
+    """The pools of every upstream in use, kept across reloads while an upstream is unchanged."""
+
+    def __init__(self, reactor: IReactorTCP, clock: IReactorTime) -> None:
+        self.reactor = reactor
+        self.clock = clock
+        self.pools: dict[Upstream, UpstreamPool] = {}
+        self.http = HttpSettings()
+        self.timeouts = Timeouts()
+        self._reaper: LoopingCall | None = None
+
+    def configure(self, http: HttpSettings, timeouts: Timeouts, upstreams: set[Upstream]) -> None:
+        """Apply a new plan: new settings for new pools, and retire pools of removed upstreams."""
+        if http != self.http or timeouts != self.timeouts:
+            self.http, self.timeouts = http, timeouts
+            for pool in self.pools.values():
+                pool.max_idle = http.max_idle_per_upstream
+                pool.connect_timeout = http.connect_timeout
+                pool.idle_timeout = timeouts.upstream_idle
+        for upstream in [u for u in self.pools if u not in upstreams]:
+            self.pools.pop(upstream).close_all()
+
+    def pool_for(self, upstream: Upstream) -> UpstreamPool:
+        """The pool for `upstream`, created on first use."""
+        pool = self.pools.get(upstream)
+        if pool is None:
+            pool = self.pools[upstream] = UpstreamPool(
+                self.reactor, self.clock, upstream, self.http, self.timeouts
+            )
+        return pool
+
+    def start(self, interval: float = 1.0) -> None:
+        """Start the periodic expiry of idle connections."""
+        self._reaper = LoopingCall(self.expire_idle)
+        self._reaper.clock = self.clock
+        self._reaper.start(interval, now=False)
+
+    def expire_idle(self) -> None:
+        """Expire idle connections in every pool."""
+        for pool in self.pools.values():
+            pool.expire_idle()
+
+    def stop(self) -> None:
+        """Stop expiry and close all idle connections."""
+        if self._reaper is not None and self._reaper.running:
+            self._reaper.stop()
+        for pool in self.pools.values():
+            pool.close_all()
