@@ -1,0 +1,141 @@
+"""The `flexgw` command: validate and dump configuration directories, print the version."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import attrs
+
+import flexgw
+from flexgw.config.pipeline import load_config
+from flexgw.config.plan import GatewayPlan, Problem, Rule
+
+
+def _problem_json(problem: Problem) -> dict[str, Any]:
+    return {k: v for k, v in attrs.asdict(problem).items() if v is not None} | {
+        "text": str(problem)
+    }
+
+
+def _rule_json(rule: Rule) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in ("path", "methods", "host"):
+        pattern = getattr(rule, name)
+        if pattern is not None:
+            out[name] = pattern.pattern
+    if rule.headers:
+        out["headers"] = {name: pattern.pattern for name, pattern in rule.headers}
+    return out
+
+
+def plan_json(plan: GatewayPlan) -> dict[str, Any]:
+    """The compiled model as JSON-ready data."""
+    upstreams: dict[str, dict[str, Any]] = {}
+    listeners = []
+    for listener in plan.listeners:
+        apis = []
+        for api in listener.apis:
+            routes = []
+            for route in api.routes:
+                destinations = []
+                for dest in route.destinations:
+                    upstream = dest.upstream
+                    upstreams[upstream.key] = {
+                        "scheme": upstream.scheme,
+                        "host": upstream.host,
+                        "port": upstream.port,
+                        "pathPrefix": upstream.path_prefix,
+                        "authority": upstream.authority,
+                    }
+                    destinations.append(
+                        {
+                            "upstream": upstream.key,
+                            "destinationPath": dest.destination_path,
+                            "weight": dest.weight,
+                        }
+                    )
+                routes.append(
+                    {
+                        "name": route.name,
+                        "order": route.order,
+                        "rules": [_rule_json(rule) for rule in route.rules],
+                        "destinations": destinations,
+                    }
+                )
+            apis.append({"key": api.key, "basePath": api.base_path, "routes": routes})
+        listeners.append(
+            {"scheme": listener.scheme, "host": listener.host, "port": listener.port, "apis": apis}
+        )
+    timeouts = plan.timeouts
+    http = plan.http
+    return {
+        "generation": plan.generation,
+        "listeners": listeners,
+        "upstreams": dict(sorted(upstreams.items())),
+        "timeouts": {
+            "upstreamResponseSeconds": timeouts.upstream_response,
+            "streamIdleSeconds": timeouts.stream_idle,
+            "upstreamConnectionIdleSeconds": timeouts.upstream_idle,
+        },
+        "http": {
+            "maxHeaderBytes": http.max_header_bytes,
+            "headerTimeoutSeconds": http.header_timeout,
+            "keepAliveTimeoutSeconds": http.keepalive_timeout,
+            "connectTimeoutSeconds": http.connect_timeout,
+            "rewriteHostHeader": http.rewrite_host,
+            "trustedProxies": [str(net) for net in http.trusted_proxies],
+            "maxIdleConnectionsPerUpstream": http.max_idle_per_upstream,
+        },
+        "problems": [_problem_json(p) for p in plan.problems],
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexgw", description=flexgw.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    validate = commands.add_parser("validate", help="check configuration directories")
+    validate.add_argument("dirs", nargs="+", metavar="DIR")
+    validate.add_argument("--strict", action="store_true", help="unknown keys are errors")
+    dump = commands.add_parser("dump", help="print the compiled model as JSON")
+    dump.add_argument("dirs", nargs="+", metavar="DIR")
+    dump.add_argument("--strict", action="store_true", help="unknown keys are errors")
+    commands.add_parser("version", help="print the version")
+    return parser
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    stdout: TextIO | None = None,
+    environ: dict[str, str] | None = None,
+) -> int:
+    """Run the command line; returns the exit status."""
+    out = stdout if stdout is not None else sys.stdout
+    env = dict(os.environ) if environ is None else environ
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    if args.command == "version":
+        print(f"flexgw {flexgw.__version__}", file=out)
+        return 0
+    state = load_config(args.dirs, env, strict=args.strict)
+    if args.command == "validate":
+        for problem in state.problems:
+            print(problem, file=out)
+        errors = len(state.errors)
+        warnings = len(state.problems) - errors
+        apis = sum(len(listener.apis) for listener in state.plan.listeners)
+        print(f"{errors} error(s), {warnings} warning(s), {apis} API(s) served", file=out)
+        return 0 if state.ok else 1
+    json.dump(plan_json(state.plan), out, indent=2)
+    out.write("\n")
+    return 0 if state.ok else 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

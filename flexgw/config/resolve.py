@@ -1,0 +1,457 @@
+"""Resolve valid resources into APIs, upstreams, routes and settings: namespaces, references, both models."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+
+from flexgw.config.address import Address, normalise_path, parse_api_address, parse_service_address
+from flexgw.config.load import Document, FieldPath
+from flexgw.config.plan import HttpSettings, IPNetwork, Problem, Timeouts, Upstream
+from flexgw.config.validate import (
+    ROUTE_POLICIES,
+    Checked,
+    Resource,
+    ResourceId,
+    dotted,
+    policy_name,
+)
+
+DEFAULT_ORDER = 50
+
+
+@attrs.frozen
+class Origin:
+    """Where a resolved object was written, for error messages."""
+
+    document: Document
+    path: FieldPath
+    resource: str
+
+    def problem(
+        self, severity: str, message: str, sub: FieldPath = (), at_key: bool = False
+    ) -> Problem:
+        """A Problem located at `path + sub` in this origin's document."""
+        full = self.path + sub
+        line, column = self.document.locate_key(full) if at_key else self.document.locate(full)
+        return Problem(
+            severity=severity,  # type: ignore[arg-type]
+            message=message,
+            file=self.document.file,
+            line=line,
+            column=column,
+            resource=self.resource,
+            field=dotted(full) or None,
+        )
+
+
+@attrs.frozen
+class RuleSpec:
+    """One rule as written: regex sources, None for "any"."""
+
+    path: str | None = None
+    methods: str | None = None
+    host: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@attrs.frozen
+class DestinationSpec:
+    """A route destination by upstream key, before the upstream is looked up."""
+
+    upstream_key: str
+    destination_path: str
+    weight: int
+    origin: Origin
+
+
+@attrs.frozen
+class RouteSpec:
+    """One route before compilation."""
+
+    name: str
+    order: int
+    rules: tuple[RuleSpec, ...]
+    destinations: tuple[DestinationSpec, ...]
+    origin: Origin
+
+
+@attrs.frozen
+class ApiSpec:
+    """One ApiInstance with its address and routes, before compilation."""
+
+    id: ResourceId
+    address: Address
+    routes: tuple[RouteSpec, ...]
+    origin: Origin
+    blocked: tuple[str, ...] = ()  # reasons the API must not be served (fail closed)
+
+
+@attrs.frozen
+class ResolvedModel:
+    """Everything compile needs, with the problems found while resolving."""
+
+    apis: tuple[ApiSpec, ...]
+    upstreams: Mapping[str, Upstream]
+    blocked_upstreams: Mapping[str, str]  # upstream key -> reason (an unsupported outbound policy)
+    timeouts: Timeouts
+    http: HttpSettings
+    problems: tuple[Problem, ...]
+
+
+def _origin(resource: Resource, path: FieldPath = ()) -> Origin:
+    return Origin(resource.document, path, str(resource.id))
+
+
+def _rules(raw: Any) -> tuple[RuleSpec, ...]:
+    """Rules as written; an empty rule list, or any rule without conditions, matches everything."""
+    if not raw:
+        return ()
+    rules = []
+    for item in raw:
+        headers = tuple(sorted((str(k).lower(), v) for k, v in (item.get("headers") or {}).items()))
+        rule = RuleSpec(
+            path=item.get("path"),
+            methods=item.get("methods"),
+            host=item.get("host"),
+            headers=headers,
+        )
+        if rule == RuleSpec():
+            return ()
+        rules.append(rule)
+    return tuple(rules)
+
+
+def _upstream(key: str, address: Address) -> Upstream:
+    return Upstream(
+        key=key,
+        scheme=address.scheme,
+        host=address.host,
+        port=address.port,
+        path_prefix=address.path,
+    )
+
+
+def _env_float(environ: Mapping[str, str], name: str, problems: list[Problem]) -> float | None:
+    text = environ.get(name)
+    if text is None or text == "":
+        return None
+    try:
+        value = float(text)
+        if value > 0:
+            return value
+    except ValueError:
+        pass
+    problems.append(
+        Problem("warning", f"environment variable {name} is not a positive number; ignored")
+    )
+    return None
+
+
+def _settings(
+    configurations: Sequence[Resource], environ: Mapping[str, str], problems: list[Problem]
+) -> tuple[Timeouts, HttpSettings]:
+    """Merge every Configuration (sorted by id; a later value for the same key wins, with a warning)."""
+    merged: dict[str, dict[str, tuple[Any, Origin]]] = {"timeouts": {}, "http": {}}
+    for resource in configurations:
+        for section, table in merged.items():
+            block = resource.spec.get(section)
+            if not isinstance(block, dict):
+                continue
+            for key, value in block.items():
+                origin = _origin(resource, ("spec", section, key))
+                if key in table and table[key][0] != value:
+                    problems.append(
+                        origin.problem(
+                            "warning",
+                            f"overrides the value set in {table[key][1].resource}",
+                        )
+                    )
+                table[key] = (value, origin)
+
+    def pick(section: str, key: str) -> Any:
+        entry = merged[section].get(key)
+        return None if entry is None else entry[0]
+
+    defaults = Timeouts()
+    env_response = _env_float(environ, "FLEX_UPSTREAM_RESPONSE_TIMEOUT_SECONDS", problems)
+    env_stream = _env_float(environ, "FLEX_STREAM_IDLE_TIMEOUT_SECONDS", problems)
+    env_idle = _env_float(environ, "FLEX_UPSTREAM_CONNECTION_IDLE_TIMEOUT_SECONDS", problems)
+    if env_idle is None:
+        env_idle = _env_float(environ, "FLEX_CONNECTION_IDLE_TIMEOUT_SECONDS", problems)
+
+    def first(*values: Any) -> float:
+        for value in values:
+            if value is not None:
+                return float(value)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    timeouts = Timeouts(
+        upstream_response=first(
+            pick("timeouts", "upstreamResponseSeconds"), env_response, defaults.upstream_response
+        ),
+        stream_idle=first(pick("timeouts", "streamIdleSeconds"), env_stream, defaults.stream_idle),
+        upstream_idle=first(
+            pick("timeouts", "upstreamConnectionIdleSeconds"), env_idle, defaults.upstream_idle
+        ),
+    )
+    base = HttpSettings()
+    rewrite = pick("http", "rewriteHostHeader")
+    rewrite_host = base.rewrite_host if rewrite is None else bool(rewrite)
+    if environ.get("FLEX_REWRITE_HOST_HEADER", "").strip().lower() == "false":
+        rewrite_host = False
+    networks: list[IPNetwork] = []
+    for item in pick("http", "trustedProxies") or ():
+        networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
+    http = HttpSettings(
+        max_header_bytes=int(first(pick("http", "maxHeaderBytes"), base.max_header_bytes)),
+        header_timeout=first(pick("http", "headerTimeoutSeconds"), base.header_timeout),
+        keepalive_timeout=first(pick("http", "keepAliveTimeoutSeconds"), base.keepalive_timeout),
+        connect_timeout=first(pick("http", "connectTimeoutSeconds"), base.connect_timeout),
+        rewrite_host=rewrite_host,
+        trusted_proxies=tuple(networks),
+        max_idle_per_upstream=int(
+            first(pick("http", "maxIdleConnectionsPerUpstream"), base.max_idle_per_upstream)
+        ),
+    )
+    return timeouts, http
+
+
+def _selector_matches(selector: Any, labels: Mapping[str, str]) -> bool:
+    wanted = selector.get("labels") if isinstance(selector, dict) else None
+    if not wanted:
+        return True
+    return all(labels.get(str(k)) == str(v) for k, v in wanted.items())
+
+
+def _target(spec: Mapping[str, Any], namespace: str) -> tuple[str, ResourceId | None, Any]:
+    """(target kind, target id for ApiInstance/Service, selector) of a binding spec."""
+    ref = spec.get("targetRef")
+    if not isinstance(ref, dict):
+        return "ApiInstance", None, None
+    kind = ref.get("kind") or "ApiInstance"
+    if kind == "Selector":
+        return kind, None, ref.get("selector")
+    name = ref.get("name")
+    if not isinstance(name, str):
+        return kind, None, None
+    target_ns = ref.get("namespace") or namespace
+    return kind, ResourceId(str(kind), str(target_ns), name), None
+
+
+def resolve(
+    resources: Iterable[Resource],
+    environ: Mapping[str, str],
+    failed: Iterable[Checked] = (),
+) -> ResolvedModel:
+    """Build APIs, upstreams and settings from valid resources.
+
+    `failed` are documents that failed their own checks and have no last good version: a failed
+    PolicyBinding naming a policy other than route/route-weighted still blocks its target, so a
+    broken authentication binding never exposes the API it was meant to protect.
+    """
+    problems: list[Problem] = []
+    by_kind: dict[str, list[Resource]] = {}
+    for resource in sorted(resources, key=lambda r: r.id):
+        by_kind.setdefault(resource.id.kind, []).append(resource)
+    apis = {r.id: r for r in by_kind.get("ApiInstance", [])}
+
+    upstreams: dict[str, Upstream] = {}
+    for resource in by_kind.get("Service", []):
+        address = parse_service_address(resource.spec["address"])
+        upstreams[resource.id.key] = _upstream(resource.id.key, address)
+
+    routes: dict[ResourceId, list[RouteSpec]] = {rid: [] for rid in apis}
+    blocked: dict[ResourceId, list[str]] = {rid: [] for rid in apis}
+    blocked_upstreams: dict[str, str] = {}
+
+    # Inline model: services and routes inside the ApiInstance.
+    for rid, resource in apis.items():
+        spec = resource.spec
+        for service_key, service in (spec.get("services") or {}).items():
+            name = f"{rid.name}-{service_key}"
+            key = f"{rid.namespace}/{name}"
+            upstream = _upstream(key, parse_service_address(service["address"]))
+            if key in upstreams and upstreams[key] != upstream:
+                problems.append(
+                    _origin(resource, ("spec", "services", service_key)).problem(
+                        "warning",
+                        f"inline service {key} has the same name as a Service resource; the inline one is used by this API",
+                    )
+                )
+            upstreams[key] = upstream
+            raw_routes = service.get("routes") or [{}]
+            for n, raw in enumerate(raw_routes, start=1):
+                path: FieldPath = ("spec", "services", service_key, "routes", n - 1)
+                if not service.get("routes"):
+                    path = ("spec", "services", service_key)
+                origin = _origin(resource, path)
+                config = raw.get("config") or {}
+                destination = DestinationSpec(
+                    upstream_key=key,
+                    destination_path=normalise_path(config.get("destinationPath") or ""),
+                    weight=100,
+                    origin=origin,
+                )
+                routes[rid].append(
+                    RouteSpec(
+                        name=f"{name}-route-{n}",
+                        order=DEFAULT_ORDER,
+                        rules=_rules(raw.get("rules")),
+                        destinations=(destination,),
+                        origin=origin,
+                    )
+                )
+        for n, policy in enumerate(spec.get("policies") or []):
+            pname = policy["policyRef"]["name"]
+            problems.append(
+                _origin(resource, ("spec", "policies", n, "policyRef", "name")).problem(
+                    "error",
+                    f"policy {pname!r} is not supported yet; {rid} is not served (fail closed)",
+                )
+            )
+            blocked[rid].append(f"inline policy {pname!r}")
+
+    # Resource model: route / route-weighted bindings, and unsupported policies that block.
+    for resource in by_kind.get("PolicyBinding", []):
+        spec = resource.spec
+        pname = policy_name(spec) or ""
+        kind, target, selector = _target(spec, resource.id.namespace)
+        origin = _origin(resource)
+        if pname not in ROUTE_POLICIES:
+            _block(
+                pname, kind, target, selector, origin, apis, blocked, blocked_upstreams, problems
+            )
+            continue
+        if kind != "ApiInstance" or target is None:
+            problems.append(
+                origin.problem(
+                    "error",
+                    f"a {pname} binding must target an ApiInstance; ignored",
+                    ("spec", "targetRef"),
+                )
+            )
+            continue
+        if target not in apis:
+            problems.append(
+                origin.problem(
+                    "error",
+                    f"target {target} does not exist; binding ignored",
+                    ("spec", "targetRef"),
+                )
+            )
+            continue
+        config = spec.get("config") or {}
+        items: list[tuple[dict[str, Any], FieldPath, int]]
+        if pname == "route":
+            items = [(config, ("spec", "config"), 100)]
+        else:
+            items = [
+                (item, ("spec", "config", "routes", i), int(item["weight"]))
+                for i, item in enumerate(config["routes"])
+            ]
+        destinations = []
+        for item, path, weight in items:
+            ref = item["destinationRef"]
+            ns = ref.get("namespace") or resource.id.namespace
+            destinations.append(
+                DestinationSpec(
+                    upstream_key=f"{ns}/{ref['name']}",
+                    destination_path=normalise_path(item.get("destinationPath") or ""),
+                    weight=weight,
+                    origin=_origin(resource, path + ("destinationRef",)),
+                )
+            )
+        order = spec.get("order")
+        routes[target].append(
+            RouteSpec(
+                name=resource.id.key,
+                order=DEFAULT_ORDER if order is None else int(order),
+                rules=_rules(spec.get("rules")),
+                destinations=tuple(destinations),
+                origin=origin,
+            )
+        )
+
+    for checked in failed:
+        value = checked.document.value
+        if checked.id is None or checked.id.kind != "PolicyBinding" or not isinstance(value, dict):
+            continue
+        spec = value.get("spec")
+        pname = policy_name(spec)
+        if pname is None or pname in ROUTE_POLICIES or not isinstance(spec, dict):
+            continue
+        kind, target, selector = _target(spec, checked.id.namespace)
+        origin = Origin(checked.document, (), str(checked.id))
+        _block(pname, kind, target, selector, origin, apis, blocked, blocked_upstreams, problems)
+
+    timeouts, http = _settings(by_kind.get("Configuration", []), environ, problems)
+
+    api_specs = []
+    for rid, resource in apis.items():
+        api_specs.append(
+            ApiSpec(
+                id=rid,
+                address=parse_api_address(resource.spec["address"]),
+                routes=tuple(routes[rid]),
+                origin=_origin(resource),
+                blocked=tuple(blocked[rid]),
+            )
+        )
+    return ResolvedModel(
+        apis=tuple(api_specs),
+        upstreams=upstreams,
+        blocked_upstreams=blocked_upstreams,
+        timeouts=timeouts,
+        http=http,
+        problems=tuple(problems),
+    )
+
+
+def _block(
+    pname: str,
+    kind: str,
+    target: ResourceId | None,
+    selector: Any,
+    origin: Origin,
+    apis: Mapping[ResourceId, Resource],
+    blocked: dict[ResourceId, list[str]],
+    blocked_upstreams: dict[str, str],
+    problems: list[Problem],
+) -> None:
+    """Record that an unsupported policy keeps its targets from being served (fail closed)."""
+    reason = f"policy {pname!r} ({origin.resource})"
+    field: FieldPath = ("spec", "policyRef", "name")
+    if kind == "Selector":
+        hits = [rid for rid, res in apis.items() if _selector_matches(selector, res.labels)]
+        for rid in hits:
+            blocked[rid].append(reason)
+        names = ", ".join(str(rid) for rid in hits) or "no ApiInstance"
+        problems.append(
+            origin.problem(
+                "error",
+                f"policy {pname!r} is not supported yet; not served (fail closed): {names}",
+                field,
+            )
+        )
+    elif kind == "Service" and target is not None:
+        blocked_upstreams[target.key] = reason
+        problems.append(
+            origin.problem(
+                "error",
+                f"policy {pname!r} is not supported yet; APIs routing to Service {target.key} are not served (fail closed)",
+                field,
+            )
+        )
+    elif target is not None:
+        if target in apis:
+            blocked[target].append(reason)
+            message = f"policy {pname!r} is not supported yet; {target} is not served (fail closed)"
+        else:
+            message = f"policy {pname!r} is not supported yet (its target {target} does not exist)"
+        problems.append(origin.problem("error", message, field))
+    else:
+        problems.append(origin.problem("error", f"policy {pname!r} is not supported yet", field))

@@ -1,0 +1,147 @@
+"""Pick the API, route and destination for a request, and compute the upstream path (Flex §1.6)."""
+
+from __future__ import annotations
+
+import random
+from bisect import bisect_right
+from collections.abc import Sequence
+from itertools import accumulate
+
+import attrs
+
+from flexgw.config.plan import Api, Destination, Listener, Route, Rule
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+
+@attrs.frozen(slots=True)
+class RouteMatch:
+    """The outcome of routing one request."""
+
+    api: Api
+    route: Route
+    destination: Destination
+    upstream_path: str  # no query string
+
+
+def strip_port(host: str) -> str:
+    """The host part of a Host header value: port removed, IPv6 brackets removed, lower-cased."""
+    if host.startswith("["):
+        end = host.find("]")
+        return (host[1:end] if end > 0 else host[1:]).lower()
+    colon = host.rfind(":")
+    if colon >= 0 and host.find(":") == colon:
+        host = host[:colon]
+    return host.lower()
+
+
+def join_path(prefix: str, tail: str) -> str:
+    """`prefix` (no trailing slash, maybe "") + `tail`, with exactly one slash at the junction."""
+    if not tail:
+        return prefix or "/"
+    if tail[0] == "/":
+        if prefix:
+            return prefix + tail
+        return tail
+    return prefix + "/" + tail
+
+
+class _Request:
+    """Lazily computed request views, built only when a rule asks for them."""
+
+    __slots__ = ("_headers", "_host", "headers", "host")
+
+    def __init__(self, host: str, headers: Headers) -> None:
+        self.host = host
+        self.headers = headers
+        self._host: str | None = None
+        self._headers: dict[str, list[str]] | None = None
+
+    def bare_host(self) -> str:
+        if self._host is None:
+            self._host = strip_port(self.host)
+        return self._host
+
+    def header(self, name: str) -> list[str] | None:
+        table = self._headers
+        if table is None:
+            table = {}
+            for raw_name, raw_value in self.headers:
+                key = raw_name.decode("latin-1").lower()
+                table.setdefault(key, []).append(raw_value.decode("latin-1").strip(" \t"))
+            self._headers = table
+        return table.get(name)
+
+
+def _rule_matches(rule: Rule, method: str, rest: str, request: _Request) -> bool:
+    if rule.methods is not None and rule.methods.fullmatch(method) is None:
+        return False
+    if rule.host is not None and rule.host.fullmatch(request.bare_host()) is None:
+        return False
+    for name, pattern in rule.headers:
+        values = request.header(name)
+        if values is None:
+            return False
+        if not any(pattern.fullmatch(v) for v in values) and (
+            len(values) < 2 or pattern.fullmatch(",".join(values)) is None
+        ):
+            return False
+    return True
+
+
+def _pick(route: Route, rng: random.Random) -> Destination:
+    destinations = route.destinations
+    if len(destinations) == 1:
+        return destinations[0]
+    cumulative = list(accumulate(d.weight for d in destinations))
+    return destinations[bisect_right(cumulative, rng.randrange(cumulative[-1]))]
+
+
+def select_route(
+    listener: Listener,
+    method: str,
+    path: str,
+    host: str,
+    headers: Headers,
+    rng: random.Random,
+) -> RouteMatch | None:
+    """The first matching route of the API whose base path matches `path`, or None (404)."""
+    for api in listener.apis:
+        base = api.base_path
+        if base:
+            if not path.startswith(base):
+                continue
+            if len(path) == len(base):
+                rest = "/"
+            elif path[len(base)] == "/":
+                rest = path[len(base) :]
+            else:
+                continue
+        else:
+            rest = path
+        request: _Request | None = None
+        for route in api.routes:
+            tail = rest
+            if route.rules:
+                for rule in route.rules:
+                    if rule.path is not None:
+                        match = rule.path.fullmatch(rest)
+                        if match is None:
+                            continue
+                    else:
+                        match = None
+                    if rule.methods is not None or rule.host is not None or rule.headers:
+                        if request is None:
+                            request = _Request(host, headers)
+                        if not _rule_matches(rule, method, rest, request):
+                            continue
+                    if match is not None and match.re.groups:
+                        tail = "".join(g for g in match.groups() if g)
+                    break
+                else:
+                    continue
+            destination = _pick(route, rng)
+            prefix = destination.upstream.path_prefix + destination.destination_path
+            return RouteMatch(api, route, destination, join_path(prefix, tail))
+        return None
+    return None
