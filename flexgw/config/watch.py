@@ -1,0 +1,206 @@
+"""Watch configuration directories (inotify or polling) and call back, debounced, when YAML changes."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.filepath import FilePath
+
+from flexgw.config.load import YAML_SUFFIXES
+
+log = Logger()
+
+DEFAULT_DEBOUNCE = 5.0
+DEFAULT_POLL_INTERVAL = 2.0
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+
+Fingerprint = frozenset[tuple[str, int, int]]
+
+
+def parse_go_duration(text: str) -> float:
+    """Seconds in a Go duration string ("5s", "500ms", "1m30s", "0"); raises ValueError."""
+    text = text.strip()
+    if text in ("0", "+0"):
+        return 0.0
+    body = text.removeprefix("+")
+    if not body:
+        raise ValueError("empty duration")
+    total = 0.0
+    position = 0
+    for match in _DURATION_PART.finditer(body):
+        if match.start() != position:
+            raise ValueError(f"invalid duration {text!r}")
+        total += float(match.group(1)) * _UNITS[match.group(2)]
+        position = match.end()
+    if position != len(body):
+        raise ValueError(f"invalid duration {text!r}")
+    return total
+
+
+def debounce_from_env(environ: Mapping[str, str]) -> float:
+    """`FLEX_SYNC_DEBOUNCE_TIME` in seconds (default 5s; invalid values warn and use the default)."""
+    text = environ.get("FLEX_SYNC_DEBOUNCE_TIME")
+    if text is None or not text.strip():
+        return DEFAULT_DEBOUNCE
+    try:
+        return parse_go_duration(text)
+    except ValueError:
+        log.warn(  # noqa: G010 - twisted.logger.Logger has warn, not warning
+            "FLEX_SYNC_DEBOUNCE_TIME={value!r} is not a Go duration (e.g. 5s, 500ms); using 5s",
+            value=text,
+        )
+        return DEFAULT_DEBOUNCE
+
+
+def fingerprint(conf_dirs: Iterable[str]) -> Fingerprint:
+    """(path, mtime_ns, size) of every YAML file below the directories."""
+    entries: set[tuple[str, int, int]] = set()
+    for conf_dir in conf_dirs:
+        if os.path.isfile(conf_dir):
+            paths: Iterable[str] = [conf_dir]
+        else:
+            paths = (
+                os.path.join(dirpath, name)
+                for dirpath, _, names in os.walk(conf_dir, followlinks=True)
+                for name in names
+                if name.endswith(YAML_SUFFIXES)
+            )
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            entries.add((path, st.st_mtime_ns, st.st_size))
+    return frozenset(entries)
+
+
+class ConfigWatcher:
+    """Calls `on_change()` once things settle after YAML files below `conf_dirs` change.
+
+    Uses twisted.internet.inotify (recursive, new directories added) when `use_inotify` is not
+    False and it is available, and polls a fingerprint of the files otherwise. Every change
+    (re)starts a `debounce_seconds` timer on the injected reactor; `on_change` runs when it fires.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        conf_dirs: Iterable[str],
+        on_change: Callable[[], Any],
+        debounce_seconds: float = DEFAULT_DEBOUNCE,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        use_inotify: bool | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.conf_dirs = [os.fspath(d) for d in conf_dirs]
+        self.on_change = on_change
+        self.debounce_seconds = debounce_seconds
+        self.poll_interval = poll_interval
+        self.use_inotify = use_inotify
+        self.mode: str | None = None  # "inotify" or "poll" once started
+        self._pending: IDelayedCall | None = None
+        self._poller: LoopingCall | None = None
+        self._notifier: Any = None
+        self._last: Fingerprint = frozenset()
+
+    def start(self) -> None:
+        """Begin watching (inotify when possible, else polling)."""
+        self._last = fingerprint(self.conf_dirs)
+        if self.use_inotify is not False and self._start_inotify():
+            self.mode = "inotify"
+            return
+        self.mode = "poll"
+        self._poller = LoopingCall(self._poll)
+        self._poller.clock = self.reactor
+        self._poller.start(self.poll_interval, now=False)
+
+    def stop(self) -> None:
+        """Stop watching and drop any pending callback."""
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._pending = None
+        if self._poller is not None and self._poller.running:
+            self._poller.stop()
+        self._poller = None
+        if self._notifier is not None:
+            self._notifier.loseConnection()
+            self._notifier = None
+
+    def _start_inotify(self) -> bool:
+        try:
+            from twisted.internet import inotify
+        except ImportError:
+            return False
+        notifier = None
+        try:
+            notifier = inotify.INotify(reactor=self.reactor)
+            notifier.startReading()
+            mask = (
+                inotify.IN_CREATE
+                | inotify.IN_MODIFY
+                | inotify.IN_CLOSE_WRITE
+                | inotify.IN_DELETE
+                | inotify.IN_MOVED_FROM
+                | inotify.IN_MOVED_TO
+                | inotify.IN_DELETE_SELF
+                | inotify.IN_MOVE_SELF
+                | inotify.IN_ATTRIB
+            )
+            for conf_dir in self.conf_dirs:
+                notifier.watch(
+                    FilePath(conf_dir),
+                    mask=mask,
+                    autoAdd=True,
+                    callbacks=[self._inotify_event],
+                    recursive=True,
+                )
+        except Exception:  # noqa: BLE001 - no inotify here, a missing dir, out of watches
+            log.info("inotify unavailable for {dirs}; polling instead", dirs=self.conf_dirs)
+            if notifier is not None:
+                notifier.loseConnection()
+            return False
+        self._notifier = notifier
+        return True
+
+    def _inotify_event(self, _watch: object, path: FilePath[str], _mask: int) -> None:
+        name = path.basename()
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "replace")
+        if name.endswith(YAML_SUFFIXES) or path.isdir() or not path.exists():
+            self.changed()
+
+    def _poll(self) -> None:
+        current = fingerprint(self.conf_dirs)
+        if current != self._last:
+            self._last = current
+            self.changed()
+
+    def changed(self) -> None:
+        """Note a change: (re)start the debounce timer."""
+        if self._pending is not None and self._pending.active():
+            self._pending.reset(self.debounce_seconds)
+            return
+        self._pending = self.reactor.callLater(self.debounce_seconds, self._fire)
+
+    def _fire(self) -> None:
+        self._pending = None
+        try:
+            self.on_change()
+        except Exception:  # noqa: BLE001 - a failing reload must not stop the watcher
+            log.failure("configuration reload callback failed")

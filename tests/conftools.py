@@ -1,0 +1,64 @@
+"""Helpers for configuration tests: write YAML files into a fresh directory."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+from twisted.trial.unittest import TestCase
+
+HEADER = "apiVersion: gateway.mulesoft.com/v1alpha1\n"
+
+
+def write_conf(case: TestCase, files: dict[str, str]) -> str:
+    """Create a new directory holding `files` (name -> dedented YAML text); return its path."""
+    root = case.mktemp()
+    os.makedirs(root)
+    update_conf(root, files)
+    return root
+
+
+def update_conf(root: str, files: dict[str, str | None]) -> None:
+    """Write (or, for None, delete) files below `root`."""
+    for name, text in files.items():
+        path = os.path.join(root, name)
+        if text is None:
+            os.remove(path)
+            continue
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(textwrap.dedent(text).lstrip("\n"))
+
+
+def api(name: str, address: str, namespace: str | None = None, extra: str = "") -> str:
+    """An ApiInstance document."""
+    ns = f"\n  namespace: {namespace}" if namespace else ""
+    return (
+        f"{HEADER}kind: ApiInstance\nmetadata:\n  name: {name}{ns}\n"
+        f"spec:\n  address: {address}\n{extra}"
+    )
+
+
+def service(name: str, address: str, namespace: str | None = None) -> str:
+    """A Service document."""
+    ns = f"\n  namespace: {namespace}" if namespace else ""
+    return f"{HEADER}kind: Service\nmetadata:\n  name: {name}{ns}\nspec:\n  address: {address}\n"
+
+
+def route(
+    name: str,
+    target: str,
+    service_name: str,
+    rules: str = "",
+    config: str = "",
+    order: int | None = None,
+) -> str:
+    """A `route` PolicyBinding document; `rules` and `config` are extra YAML lines (indented 2/4)."""
+    order_line = f"  order: {order}\n" if order is not None else ""
+    return (
+        f"{HEADER}kind: PolicyBinding\nmetadata:\n  name: {name}\nspec:\n"
+        f"  targetRef:\n    kind: ApiInstance\n    name: {target}\n"
+        f"  policyRef:\n    name: route\n"
+        f"  config:\n    destinationRef:\n      name: {service_name}\n{config}"
+        f"{order_line}{rules}"
+    )
