@@ -85,6 +85,8 @@ class RawConnection(protocol.Protocol):
     is parsed knowing whether it answers a HEAD request.
     """
 
+    transport: Any
+
     def __init__(self, retain_body: bool = True) -> None:
         """With ``retain_body`` False, bodies and raw bytes are counted and hashed, not kept."""
         self.retain_body = retain_body
@@ -101,6 +103,7 @@ class RawConnection(protocol.Protocol):
         self._ready: deque[Response] = deque()
         self._fired: list[tuple[defer.Deferred[Response], Any]] = []
         self._pumping = False
+        self._fed = b""
         self._close_waiters: list[defer.Deferred[None]] = []
         self._parser: Any = None
         self._cur: Response | None = None
@@ -266,20 +269,25 @@ class RawConnection(protocol.Protocol):
                     if not self._feed_head():
                         if self.connected:
                             return
-                        data = bytes(self._buf)
-                        del self._buf[:]
-                        self._parser.feed_data(data)
+                        self._feed_all()
                 elif any(r.head for r in list(self._reads)[1:]):
                     self._feed_bytewise()
                 else:
-                    data = bytes(self._buf)
-                    del self._buf[:]
-                    self._parser.feed_data(data)
+                    self._feed_all()
             except httptools.HttpParserUpgrade as exc:
                 self._upgrade(exc.args[0] if exc.args else 0)
             except httptools.HttpParserError as exc:
                 self._error = ResponseParseError(exc, bytes(self._buf))
                 del self._buf[:]
+
+    def _feed(self, data: bytes) -> None:
+        self._fed = data
+        self._parser.feed_data(data)
+
+    def _feed_all(self) -> None:
+        data = bytes(self._buf)
+        del self._buf[:]
+        self._feed(data)
 
     def _feed_head(self) -> bool:
         """Feed exactly one head (for HEAD responses); False if it is not all here yet."""
@@ -288,7 +296,7 @@ class RawConnection(protocol.Protocol):
             return False
         data = bytes(self._buf[: end + 4])
         del self._buf[: end + 4]
-        self._parser.feed_data(data)
+        self._feed(data)
         if self._cur is not None and self._headers_done and not self._message_done:
             self.on_message_complete()
         return True
@@ -299,11 +307,12 @@ class RawConnection(protocol.Protocol):
         while self._buf and not self._message_done:
             byte = bytes(self._buf[:1])
             del self._buf[:1]
-            self._parser.feed_data(byte)
+            self._feed(byte)
 
     def _upgrade(self, offset: int) -> None:
-        """A 101 (or upgrade) response: the rest is tunnel data."""
+        """A 101 (or upgrade) response: the rest of the fed bytes and the buffer are tunnel data."""
         self.upgraded = True
+        self.tunnel_data += self._fed[offset:]
         self.tunnel_data += self._buf
         del self._buf[:]
 

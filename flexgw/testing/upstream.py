@@ -10,7 +10,6 @@ from typing import Any
 import attrs
 import httptools
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime
 from twisted.python.failure import Failure
 
 Headers = list[tuple[bytes, bytes]]
@@ -380,7 +379,7 @@ def stream(size: int, chunked: bool = False, chunk_size: int = 65536) -> StreamR
 class DelayedResponder(Responder):
     """Waits ``delay`` seconds on the injected clock after the request, then delegates."""
 
-    def __init__(self, inner: Responder, delay: float, clock: IReactorTime) -> None:
+    def __init__(self, inner: Responder, delay: float, clock: Any) -> None:
         """Wrap ``inner``; ``clock`` schedules the delay."""
         self.inner = inner
         self.delay = delay
@@ -393,10 +392,15 @@ class DelayedResponder(Responder):
                 self.inner.on_complete(ex)
 
         call = self.clock.callLater(self.delay, fire)
-        ex.connection.on_lost.append(lambda: call.active() and call.cancel())
+
+        def cancel() -> None:
+            if call.active():
+                call.cancel()
+
+        ex.connection.on_lost.append(cancel)
 
 
-def delayed(inner: Responder, delay: float, clock: IReactorTime) -> DelayedResponder:
+def delayed(inner: Responder, delay: float, clock: Any) -> DelayedResponder:
     """A responder that answers like ``inner`` after ``delay`` seconds on ``clock``."""
     return DelayedResponder(inner, delay, clock)
 
@@ -581,6 +585,8 @@ def sequence(*responders: Responder) -> SequenceResponder:
 
 class UpstreamConnection(protocol.Protocol):
     """One accepted connection of a :class:`RecordingUpstream`: parses requests with llhttp."""
+
+    transport: Any
 
     factory: RecordingUpstream
 
@@ -818,21 +824,21 @@ class RecordingUpstream(protocol.ServerFactory):
         self.completed: list[RecordedRequest] = []
         self.connections: list[UpstreamConnection] = []
         self.errors: list[Exception] = []
-        self.port: IListeningPort | None = None
+        self.port: Any = None
         self._request_counter = 0
         self._lost_count = 0
         self._waiters: list[tuple[str, int, defer.Deferred[Any]]] = []
         self._busy = 0
         self._pending: set[str] = set()
 
-    def buildProtocol(self, addr: Any) -> UpstreamConnection:
+    def buildProtocol(self, addr: Any) -> Any:
         """A new recording connection."""
         conn = UpstreamConnection(self, len(self.connections))
         self.connections.append(conn)
         return conn
 
     # -- lifecycle
-    def listen(self, reactor: IReactorTCP | None = None, host: str = "127.0.0.1", port: int = 0) -> IListeningPort:
+    def listen(self, reactor: Any = None, host: str = "127.0.0.1", port: int = 0) -> Any:
         """Listen on ``host:port`` (ephemeral by default) and return the listening port."""
         reactor = reactor if reactor is not None else self.reactor
         if self.reactor is None:
@@ -960,6 +966,8 @@ _HELLO_RESPONSE = (
 class HelloProtocol(protocol.Protocol):
     """Answers every request with ``hello\\n`` as fast as CPython allows (keep-alive, pipelining)."""
 
+    transport: Any
+
     def connectionMade(self) -> None:
         """Create the parser with only the completion callback (fewer Python calls)."""
         self._parser = httptools.HttpRequestParser(self)
@@ -989,6 +997,8 @@ class HelloProtocol(protocol.Protocol):
 
 class EchoProtocol(protocol.Protocol):
     """Answers every request with a JSON description: method, path, headers, body length."""
+
+    transport: Any
 
     def connectionMade(self) -> None:
         """Create the parser."""
@@ -1087,11 +1097,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     host, port = _parse_listen(args.listen)
 
-    from twisted.internet import reactor
+    from twisted.internet import reactor as _reactor
 
-    reactor.listenTCP(port, make_factory(args.mode), interface=host, backlog=1024)  # type: ignore[attr-defined]
+    reactor: Any = _reactor
+
+    reactor.listenTCP(port, make_factory(args.mode), interface=host, backlog=1024)
     print(f"flexgw test upstream ({args.mode}) listening on {host}:{port}", file=sys.stderr, flush=True)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
 
 
 if __name__ == "__main__":
