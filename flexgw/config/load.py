@@ -87,8 +87,10 @@ class _Builder:
         self.count += 1
         if self.count > MAX_NODES:
             raise _DocumentError(f"document expands to more than {MAX_NODES} nodes", node)
-        self.marks[path] = _mark(node)
+        # a collection is located at its key (a block mapping's own mark is its first child)
+        self.marks[path] = self.key_marks.get(path, _mark(node)) if path else _mark(node)
         if isinstance(node, ScalarNode):
+            self.marks[path] = _mark(node)
             return self._scalar(node, path)
         if id(node) in self.active:
             raise _DocumentError("recursive alias", node)
