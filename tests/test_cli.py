@@ -1,0 +1,102 @@
+"""Tests for the flexgw command line: validate, dump, version."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+
+from twisted.trial.unittest import TestCase
+
+import flexgw
+from flexgw.cli import main
+from tests.conftools import api, route, service, write_conf
+
+GOOD = {
+    "a.yaml": api("a", "http://0.0.0.0:8080/api")
+    + "---\n"
+    + service("s", "http://up:9000/base")
+    + "---\n"
+    + route("r", "a", "s", rules="  rules:\n    - path: /x(/.*)\n      methods: GET\n"),
+}
+
+
+def run(argv: list[str], environ: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run main() capturing stdout."""
+    out = io.StringIO()
+    status = main(argv, stdout=out, environ=environ or {})
+    return status, out.getvalue()
+
+
+class ValidateTests(TestCase):
+    """`flexgw validate DIR... [--strict]`."""
+
+    def test_valid(self) -> None:
+        """A valid directory exits 0."""
+        status, out = run(["validate", write_conf(self, GOOD)])
+        self.assertEqual(status, 0)
+        self.assertIn("0 error(s), 0 warning(s), 1 API(s) served", out)
+
+    def test_errors_printed_with_location(self) -> None:
+        """Every problem is printed on its own line with file:line:column; exit 1."""
+        root = write_conf(self, {"bad.yaml": service("s", "http://h:99999")})
+        status, out = run(["validate", root])
+        self.assertEqual(status, 1)
+        first = out.splitlines()[0]
+        self.assertTrue(
+            first.endswith(
+                "bad.yaml:6:12: error: Service default/s: spec.address: port 99999 out of range 1..65535"
+            ),
+            first,
+        )
+
+    def test_strict_turns_unknown_keys_into_errors(self) -> None:
+        """Warnings alone exit 0; with --strict an unknown key exits 1."""
+        root = write_conf(
+            self, {"a.yaml": api("a", "http://0.0.0.0:8080", extra="  colour: blue\n")}
+        )
+        self.assertEqual(run(["validate", root])[0], 0)
+        status, out = run(["validate", "--strict", root])
+        self.assertEqual(status, 1)
+        self.assertIn("error: ApiInstance default/a: spec.colour: unknown key 'colour'", out)
+
+    def test_several_dirs(self) -> None:
+        """Resources from several directories are combined."""
+        one = write_conf(self, {"a.yaml": GOOD["a.yaml"].split("---\n")[0]})
+        two = write_conf(self, {"b.yaml": "---\n".join(GOOD["a.yaml"].split("---\n")[1:])})
+        status, out = run(["validate", one, two])
+        self.assertEqual(status, 0, out)
+
+    def test_usage_error(self) -> None:
+        """A missing subcommand is a usage error (exit 2)."""
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        self.assertEqual(main([], stdout=io.StringIO()), 2)
+        self.assertIn("usage: flexgw", err.getvalue())
+
+
+class DumpTests(TestCase):
+    """`flexgw dump DIR...`."""
+
+    def test_dump(self) -> None:
+        """The compiled model is printed as JSON."""
+        status, out = run(["dump", write_conf(self, GOOD)])
+        self.assertEqual(status, 0)
+        data = json.loads(out)
+        (listener,) = data["listeners"]
+        self.assertEqual((listener["host"], listener["port"]), ("0.0.0.0", 8080))
+        (api_,) = listener["apis"]
+        self.assertEqual(api_["basePath"], "/api")
+        self.assertEqual(api_["routes"][0]["rules"], [{"path": "/x(/.*)", "methods": "GET"}])
+        self.assertEqual(data["upstreams"]["default/s"]["pathPrefix"], "/base")
+        self.assertEqual(data["timeouts"]["upstreamResponseSeconds"], 15.0)
+        self.assertEqual(data["http"]["rewriteHostHeader"], True)
+        self.assertEqual(data["problems"], [])
+
+
+class VersionTests(TestCase):
+    """`flexgw version`."""
+
+    def test_version(self) -> None:
+        """Prints the package version."""
+        self.assertEqual(run(["version"]), (0, f"flexgw {flexgw.__version__}\n"))
