@@ -179,7 +179,7 @@ def compile_model(model: ResolvedModel, prefer: Collection[str] = ()) -> Compile
         ports.setdefault(address.port, (address.host, spec.id.key))
         accepted.setdefault(address.port, []).append((api, spec))
     listeners = []
-    served = set()
+    served: set[str] = set()
     for port in sorted(accepted):
         items = accepted[port]
         apis = sorted((api for api, _ in items), key=lambda a: (-len(a.base_path), a.key))

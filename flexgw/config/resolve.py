@@ -380,11 +380,11 @@ def resolve(
         value = checked.document.value
         if checked.id is None or checked.id.kind != "PolicyBinding" or not isinstance(value, dict):
             continue
-        spec = value.get("spec")
-        pname = policy_name(spec)
-        if pname is None or pname in ROUTE_POLICIES or not isinstance(spec, dict):
+        raw_spec = value.get("spec")
+        pname = policy_name(raw_spec)
+        if pname is None or pname in ROUTE_POLICIES or not isinstance(raw_spec, dict):
             continue
-        kind, target, selector = _target(spec, checked.id.namespace)
+        kind, target, selector = _target(raw_spec, checked.id.namespace)
         origin = Origin(checked.document, (), str(checked.id))
         _block(pname, kind, target, selector, origin, apis, blocked, blocked_upstreams, problems)
 

@@ -456,7 +456,7 @@ def check_document(document: Document, environ: Mapping[str, str], strict: bool 
         reporter.add("warning", f"{what} without 'kind'; ignored")
         return Checked(None, None, tuple(reporter.problems), document)
     kind, name, namespace = identify(value)
-    if kind not in KINDS.values():
+    if kind is None or kind not in KINDS.values():
         reporter.add("warning", f"unknown kind {value.get('kind')!r}; ignored", ("kind",))
         return Checked(None, None, tuple(reporter.problems), document)
     if name is None:

@@ -91,8 +91,6 @@ def _rule_matches(rule: Rule, method: str, rest: str, request: _Request) -> bool
 
 def _pick(route: Route, rng: random.Random) -> Destination:
     destinations = route.destinations
-    if len(destinations) == 1:
-        return destinations[0]
     cumulative = list(accumulate(d.weight for d in destinations))
     return destinations[bisect_right(cumulative, rng.randrange(cumulative[-1]))]
 
@@ -136,12 +134,15 @@ def select_route(
                         if not _rule_matches(rule, method, rest, request):
                             continue
                     if match is not None and match.re.groups:
-                        tail = "".join(g for g in match.groups() if g)
+                        tail = "".join([g for g in match.groups() if g])
                     break
                 else:
                     continue
-            destination = _pick(route, rng)
+            destinations = route.destinations
+            destination = destinations[0] if len(destinations) == 1 else _pick(route, rng)
             prefix = destination.upstream.path_prefix + destination.destination_path
+            if not prefix and tail[:1] == "/":
+                return RouteMatch(api, route, destination, tail)
             return RouteMatch(api, route, destination, join_path(prefix, tail))
         return None
     return None
