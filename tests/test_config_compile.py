@@ -383,3 +383,18 @@ spec:
                 max_idle_per_upstream=4,
             ),
         )
+
+    def test_env_timeouts_under_yaml(self) -> None:
+        """FLEX_*_TIMEOUT_SECONDS env vars set timeouts that Configuration YAML overrides."""
+        conf = f"{HEADER}kind: Configuration\nmetadata: {{name: c}}\nspec:\n  timeouts: {{streamIdleSeconds: 9}}\n"
+        environ = {
+            "FLEX_UPSTREAM_RESPONSE_TIMEOUT_SECONDS": "20",
+            "FLEX_STREAM_IDLE_TIMEOUT_SECONDS": "100",
+            "FLEX_UPSTREAM_CONNECTION_IDLE_TIMEOUT_SECONDS": "bogus",
+        }
+        state = load_config([write_conf(self, {"c.yaml": conf})], environ)
+        self.assertEqual(state.plan.timeouts, Timeouts(20.0, 9.0, 60.0))
+        self.assertIn(
+            "environment variable FLEX_UPSTREAM_CONNECTION_IDLE_TIMEOUT_SECONDS is not a positive number; ignored",
+            [p.message for p in state.problems],
+        )

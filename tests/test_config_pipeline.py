@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
@@ -137,3 +138,69 @@ class ReloadTests(TestCase):
         state = load_config([root], {})
         self.assertIsInstance(state, ConfigState)
         self.assertEqual(state.plan.listeners[0].port, 8080)
+
+
+_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 70000),
+    st.sampled_from(
+        ["http://0.0.0.0:8080", "https://h:443/x", "/a(/.*)", "(?=x)", "$X", "route", "a", ""]
+    ),
+)
+_keys = st.sampled_from(
+    [
+        "address",
+        "services",
+        "routes",
+        "rules",
+        "path",
+        "config",
+        "destinationRef",
+        "name",
+        "targetRef",
+        "policyRef",
+        "kind",
+        "weight",
+        "timeouts",
+        "http",
+        "headers",
+        "policies",
+        "x",
+    ]
+)
+_values = st.recursive(
+    _scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=3), st.dictionaries(_keys, children, max_size=4)
+    ),
+    max_leaves=12,
+)
+_documents = st.fixed_dictionaries(
+    {
+        "apiVersion": st.just("gateway.mulesoft.com/v1alpha1"),
+        "kind": st.sampled_from(
+            ["ApiInstance", "Service", "PolicyBinding", "Configuration", "Extension"]
+        ),
+        "metadata": st.fixed_dictionaries({"name": st.sampled_from(["a", "b", "s"])}),
+        "spec": _values,
+    }
+)
+
+
+class RandomResourceTests(TestCase):
+    """Structurally random resources never make the pipeline raise."""
+
+    @settings(
+        max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    )
+    @given(st.lists(_documents, min_size=1, max_size=4))
+    def test_random_resources(self, documents: list[dict[str, object]]) -> None:
+        """load_config returns a state (and a plan) for any mix of resource-shaped documents."""
+        root = self.mktemp()
+        os.makedirs(root)
+        with open(os.path.join(root, "r.yaml"), "w", encoding="utf-8") as handle:
+            yaml.safe_dump_all(documents, handle)
+        state = load_config([root], {"X": "1"}, strict=True)
+        previous = load_config([root], {}, previous=state)
+        self.assertEqual(previous.plan.generation, 2)
