@@ -1,0 +1,481 @@
+"""Load benchmark: upstream direct vs through flexgw vs through nginx as a proxy, measured with wrk.
+
+Usage: python bench/run.py [--duration 10] [--json out.json] [--gateway-cmd TEMPLATE]
+See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+
+DEFAULT_GATEWAY_CMD = "{twistd} -n --pidfile= flexgw --conf {conf} --access-log /dev/null"
+
+NGINX_UPSTREAM_CONF = """\
+worker_processes 1;
+error_log {tmp}/error.log warn;
+pid {tmp}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    server {{
+        listen {host}:{port} backlog=4096;
+        location / {{
+            default_type text/plain;
+            return 200 "hello\\n";
+        }}
+    }}
+}}
+"""
+
+NGINX_PROXY_CONF = """\
+worker_processes 1;
+error_log {tmp}/error.log warn;
+pid {tmp}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    upstream backend {{
+        server {host}:{upstream_port};
+        keepalive 64;
+        keepalive_requests 10000000;
+    }}
+    server {{
+        listen {host}:{port} backlog=4096;
+        location / {{
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering on;
+        }}
+    }}
+}}
+"""
+
+GATEWAY_CONF = """\
+apiVersion: gateway.mulesoft.com/v1alpha1
+kind: ApiInstance
+metadata:
+  name: bench
+spec:
+  address: http://{host}:{port}
+  services:
+    upstream:
+      address: http://{host}:{upstream_port}
+"""
+
+
+class BenchError(Exception):
+    """A setup step failed (process died, port never opened, sanity request failed)."""
+
+
+def free_port() -> int:
+    """An unused loopback TCP port (bound to 0, then released)."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+class Processes:
+    """Starts child processes (each in its own process group) and terminates exactly those."""
+
+    def __init__(self, tmp: Path, use_taskset: bool) -> None:
+        """Logs go under ``tmp``; ``use_taskset`` pins processes to CPUs."""
+        self.tmp = tmp
+        self.use_taskset = use_taskset
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, argv: list[str], cpu: int | None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start ``argv`` pinned to ``cpu`` (when taskset is available); output to a log file."""
+        if cpu is not None and self.use_taskset:
+            argv = ["taskset", "-c", str(cpu), *argv]
+        log = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        log.close()
+        self.children.append((name, proc))
+        return proc
+
+    def log_tail(self, name: str, lines: int = 20) -> str:
+        """The last lines of a child's log."""
+        path = self.tmp / f"{name}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+        """SIGTERM the child's own process group (pgid = its PID), then SIGKILL if it lingers."""
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        else:
+            # the leader is gone; make sure nothing it started in its group survives (nginx workers)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def stop_all(self) -> None:
+        """Stop every child started, newest first."""
+        while self.children:
+            _, proc = self.children.pop()
+            self.stop(proc)
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], procs: Processes, name: str, timeout: float = 20.0) -> None:
+    """Poll until ``port`` accepts connections; fail early if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchError(f"{name} exited with {proc.returncode}:\n{procs.log_tail(name)}")
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise BenchError(f"{name} did not listen on {HOST}:{port} within {timeout}s:\n{procs.log_tail(name)}")
+
+
+def sanity_get(port: int, expect_body: bytes | None = b"hello\n") -> None:
+    """One GET through ``port`` must answer 200 (and ``hello``) before it is measured."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    try:
+        conn.request("GET", "/", headers={"Host": f"{HOST}:{port}"})
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    if resp.status != 200 or (expect_body is not None and body != expect_body):
+        raise BenchError(f"sanity GET on port {port}: {resp.status} {body[:200]!r}")
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def _ms(value: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", value.strip())
+    if not m:
+        raise ValueError(value)
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_wrk(output: str) -> dict[str, Any]:
+    """Requests/s, latency percentiles (ms) and error counts from ``wrk --latency`` output."""
+    result: dict[str, Any] = {"non_2xx": 0, "socket_errors": 0}
+    m = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    if not m:
+        raise BenchError(f"unparsable wrk output:\n{output}")
+    result["rps"] = float(m.group(1))
+    for pct in ("50", "75", "90", "99"):
+        m = re.search(rf"^\s+{pct}%\s+(\S+)", output, re.MULTILINE)
+        if m:
+            result[f"p{pct}_ms"] = _ms(m.group(1))
+    m = re.search(r"(\d+) requests in", output)
+    result["requests"] = int(m.group(1)) if m else 0
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    if m:
+        result["non_2xx"] = int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    if m:
+        result["socket_errors"] = sum(int(x) for x in m.groups())
+    return result
+
+
+def run_wrk(port: int, connections: int, duration: float, cpu: int | None, use_taskset: bool) -> dict[str, Any]:
+    """Run wrk (1 thread) against ``port`` and parse it."""
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", f"http://{HOST}:{port}/"]
+    if cpu is not None and use_taskset:
+        argv = ["taskset", "-c", str(cpu), *argv]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
+    if out.returncode != 0:
+        raise BenchError(f"wrk failed ({out.returncode}): {out.stderr}")
+    return parse_wrk(out.stdout)
+
+
+def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median of each numeric field across repeats (errors summed)."""
+    merged: dict[str, Any] = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs if key in r]
+        if key in ("non_2xx", "socket_errors", "requests"):
+            merged[key] = sum(values)
+        else:
+            merged[key] = statistics.median(values)
+    merged["runs"] = runs
+    return merged
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so children are cleaned up either way."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def default_twistd() -> str:
+    """``twistd`` next to the running interpreter (the venv), else on PATH."""
+    candidate = Path(sys.executable).parent / "twistd"
+    if candidate.exists():
+        return str(candidate)
+    return shutil.which("twistd") or "twistd"
+
+
+def write_nginx(tmp: Path, name: str, template: str, **values: Any) -> Path:
+    """Write an nginx prefix dir with its config; return the config path."""
+    prefix = tmp / name
+    prefix.mkdir(parents=True, exist_ok=True)
+    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (prefix / sub).mkdir(exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(template.format(tmp=prefix, host=HOST, **values))
+    return conf
+
+
+def nginx_argv(conf: Path) -> list[str]:
+    """Run an nginx instance in the foreground with its own prefix and config."""
+    return ["nginx", "-p", str(conf.parent), "-c", str(conf), "-g", "daemon off;"]
+
+
+def fmt(value: float | None, spec: str) -> str:
+    """Format or dash."""
+    return "-" if value is None else format(value, spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (default %(default)s)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds per target (0 to skip)")
+    parser.add_argument("--connections", type=int, default=50, help="connections for the throughput run")
+    parser.add_argument("--repeat", type=int, default=1, help="repeat each run and report the median")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--upstream", choices=("auto", "nginx", "builtin"), default="auto",
+                        help="fast upstream: nginx if installed (auto), or flexgw.testing.upstream hello")
+    parser.add_argument("--no-nginx-proxy", action="store_true", help="skip the nginx reverse-proxy target")
+    parser.add_argument("--no-gateway", action="store_true", help="skip the flexgw target")
+    parser.add_argument("--twistd", default=default_twistd(), help="twistd executable (default: the venv's)")
+    parser.add_argument(
+        "--gateway-cmd",
+        default=DEFAULT_GATEWAY_CMD,
+        help="gateway command template; placeholders {twistd} {python} {conf} {port} {upstream_port} "
+        "{tmp} {nginx_gateway_conf} (an nginx proxy config listening on {port}, for a stand-in run)",
+    )
+    parser.add_argument("--gateway-cpu", type=int, default=0, help="CPU for the proxies (default 0)")
+    parser.add_argument("--load-cpu", type=int, default=1, help="CPU for wrk and the upstream (default 1)")
+    parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+    args = parser.parse_args(argv)
+
+    if not shutil.which("wrk"):
+        print("wrk is not installed (apt-get install -y wrk)", file=sys.stderr)
+        return 2
+    have_nginx = shutil.which("nginx") is not None
+    if args.upstream == "nginx" and not have_nginx:
+        print("nginx is not installed", file=sys.stderr)
+        return 2
+    use_taskset = shutil.which("taskset") is not None and (os.cpu_count() or 1) > max(args.gateway_cpu, args.load_cpu)
+    gw_cpu, load_cpu = args.gateway_cpu, args.load_cpu
+
+    tmp = Path(tempfile.mkdtemp(prefix="flexgw-bench-"))
+    procs = Processes(tmp, use_taskset)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    results: dict[str, dict[str, Any]] = {}
+    info: dict[str, Any] = {
+        "duration_s": args.duration,
+        "connections": args.connections,
+        "repeat": args.repeat,
+        "taskset": use_taskset,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "tmp": str(tmp),
+    }
+    status = 0
+    try:
+        with sigterm_as_interrupt():
+            # upstream
+            upstream_port = free_port()
+            use_nginx_upstream = args.upstream == "nginx" or (args.upstream == "auto" and have_nginx)
+            if use_nginx_upstream:
+                conf = write_nginx(tmp, "upstream-nginx", NGINX_UPSTREAM_CONF, port=upstream_port)
+                proc = procs.start("upstream", nginx_argv(conf), load_cpu)
+                info["upstream"] = "nginx"
+            else:
+                proc = procs.start(
+                    "upstream",
+                    [sys.executable, "-m", "flexgw.testing.upstream", "--listen", f"{HOST}:{upstream_port}", "--mode", "hello"],
+                    load_cpu,
+                    env,
+                )
+                info["upstream"] = "flexgw.testing.upstream (hello)"
+            wait_port(upstream_port, proc, procs, "upstream")
+            sanity_get(upstream_port)
+
+            targets: list[tuple[str, int]] = [("direct", upstream_port)]
+
+            if not args.no_gateway:
+                gw_port = free_port()
+                conf_dir = tmp / "conf"
+                conf_dir.mkdir()
+                (conf_dir / "bench.yaml").write_text(
+                    GATEWAY_CONF.format(host=HOST, port=gw_port, upstream_port=upstream_port)
+                )
+                nginx_gateway_conf = write_nginx(
+                    tmp, "gateway-nginx", NGINX_PROXY_CONF, port=gw_port, upstream_port=upstream_port
+                )
+                cmd = args.gateway_cmd.format(
+                    twistd=shlex.quote(args.twistd),
+                    python=shlex.quote(sys.executable),
+                    conf=shlex.quote(str(conf_dir)),
+                    port=gw_port,
+                    upstream_port=upstream_port,
+                    tmp=shlex.quote(str(tmp)),
+                    nginx_gateway_conf=shlex.quote(str(nginx_gateway_conf)),
+                )
+                info["gateway_cmd"] = cmd
+                proc = procs.start("gateway", shlex.split(cmd), gw_cpu, env)
+                wait_port(gw_port, proc, procs, "gateway")
+                sanity_get(gw_port)
+                targets.append(("flexgw", gw_port))
+
+            if have_nginx and not args.no_nginx_proxy:
+                proxy_port = free_port()
+                conf = write_nginx(tmp, "proxy-nginx", NGINX_PROXY_CONF, port=proxy_port, upstream_port=upstream_port)
+                proc = procs.start("nginx-proxy", nginx_argv(conf), gw_cpu)
+                wait_port(proxy_port, proc, procs, "nginx-proxy")
+                sanity_get(proxy_port)
+                targets.append(("nginx-proxy", proxy_port))
+
+            for name, port in targets:
+                if args.warmup > 0:
+                    run_wrk(port, args.connections, args.warmup, load_cpu, use_taskset)
+                many = [run_wrk(port, args.connections, args.duration, load_cpu, use_taskset) for _ in range(args.repeat)]
+                one = [run_wrk(port, 1, args.duration, load_cpu, use_taskset) for _ in range(args.repeat)]
+                results[name] = {"c50": median_result(many), "c1": median_result(one)}
+                print(
+                    f"  {name}: {results[name]['c50']['rps']:.0f} req/s, "
+                    f"p50@1 {results[name]['c1'].get('p50_ms', 0):.3f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        status = 130
+    except BenchError as exc:
+        print(f"benchmark setup failed: {exc}", file=sys.stderr)
+        status = 1
+    finally:
+        procs.stop_all()
+        if not args.keep_tmp and status == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif status != 0 or args.keep_tmp:
+            print(f"configs and logs kept in {tmp}", file=sys.stderr)
+
+    if not results:
+        return status or 1
+    summary = summarise(results, args.connections)
+    print_table(results, summary, info, args.connections)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"info": info, "results": results, "summary": summary}, indent=2))
+    return status
+
+
+def summarise(results: dict[str, dict[str, Any]], connections: int) -> dict[str, Any]:
+    """Ratios measured in this run: flexgw/nginx req/s, and added p50 latency at 1 connection."""
+    summary: dict[str, Any] = {}
+    direct = results.get("direct")
+    for name in ("flexgw", "nginx-proxy"):
+        if direct and name in results and "p50_ms" in results[name]["c1"] and "p50_ms" in direct["c1"]:
+            summary[f"{name}_added_p50_ms"] = results[name]["c1"]["p50_ms"] - direct["c1"]["p50_ms"]
+    if "flexgw" in results and "nginx-proxy" in results:
+        summary["rps_ratio_flexgw_over_nginx"] = results["flexgw"]["c50"]["rps"] / results["nginx-proxy"]["c50"]["rps"]
+        ng = summary.get("nginx-proxy_added_p50_ms")
+        fg = summary.get("flexgw_added_p50_ms")
+        if ng is not None and fg is not None and ng > 0:
+            summary["added_p50_ratio_flexgw_over_nginx"] = fg / ng
+    errors = {
+        name: r["c50"]["non_2xx"] + r["c50"]["socket_errors"] + r["c1"]["non_2xx"] + r["c1"]["socket_errors"]
+        for name, r in results.items()
+    }
+    summary["errors"] = errors
+    return summary
+
+
+def print_table(results: dict[str, dict[str, Any]], summary: dict[str, Any], info: dict[str, Any], connections: int) -> None:
+    """Print the results table and the ratios."""
+    print()
+    print(f"upstream: {info.get('upstream')}; {info['duration_s']:g}s per run x{info['repeat']}; "
+          f"taskset: {'yes (proxy CPU0, wrk+upstream CPU1)' if info['taskset'] else 'no'}; "
+          f"{info['implementation']} {info['python']}")
+    header = f"{'target':<12} {'req/s@' + str(connections):>11} {'p50@' + str(connections):>9} {'p99@' + str(connections):>9} " \
+             f"{'req/s@1':>9} {'p50@1':>8} {'p99@1':>8} {'errors':>7}"
+    print(header)
+    print("-" * len(header))
+    for name, r in results.items():
+        many, one = r["c50"], r["c1"]
+        print(
+            f"{name:<12} {many['rps']:>11.0f} {fmt(many.get('p50_ms'), '.3f'):>9} {fmt(many.get('p99_ms'), '.3f'):>9} "
+            f"{one['rps']:>9.0f} {fmt(one.get('p50_ms'), '.3f'):>8} {fmt(one.get('p99_ms'), '.3f'):>8} "
+            f"{summary['errors'][name]:>7}"
+        )
+    print("(latencies in ms)")
+    for name in ("flexgw", "nginx-proxy"):
+        key = f"{name}_added_p50_ms"
+        if key in summary:
+            print(f"{name} added p50 at 1 connection: {summary[key]:.3f} ms")
+    if "rps_ratio_flexgw_over_nginx" in summary:
+        ratio = summary["rps_ratio_flexgw_over_nginx"]
+        print(f"flexgw / nginx req/s at {connections} connections: {ratio:.3f}  (target >= 0.25)")
+    if "added_p50_ratio_flexgw_over_nginx" in summary:
+        ratio = summary["added_p50_ratio_flexgw_over_nginx"]
+        print(f"flexgw / nginx added p50 at 1 connection: {ratio:.2f}  (target <= 1.5)")
+    if any(summary["errors"].values()):
+        print("WARNING: some runs had non-2xx responses or socket errors (see errors column)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
