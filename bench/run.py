@@ -244,16 +244,19 @@ def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so children are cleaned up either way."""
+    """Turn SIGTERM (and SIGINT) into KeyboardInterrupt so children are cleaned up either way."""
 
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGTERM, handler)
+    old_term = signal.signal(signal.SIGTERM, handler)
+    # a background job may inherit SIGINT ignored; Ctrl-C must always clean up
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
 
 
 def default_twistd() -> str:

@@ -145,6 +145,21 @@ class RecordingTests(UpstreamTestCase):
         self.assertEqual(len(server.errors), 1)
 
     @defer.inlineCallbacks
+    def test_responder_exception_is_logged_not_a_400(self) -> Any:
+        """A responder that raises aborts the connection and logs the error (failing the test)."""
+
+        def boom(ex: up.Exchange) -> None:
+            raise ZeroDivisionError("responder bug")
+
+        server = self.start(up.function(boom))
+        conn = yield self.connect(server)
+        conn.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        yield conn.wait_closed()
+        self.assertEqual(conn.received_raw, b"")
+        self.assertIsInstance(server.errors[0], ZeroDivisionError)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    @defer.inlineCallbacks
     def test_wait_for_disconnections(self) -> Any:
         """wait_for_disconnections fires when the client closes."""
         server = self.start()

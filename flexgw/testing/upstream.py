@@ -10,9 +10,12 @@ from typing import Any
 import attrs
 import httptools
 from twisted.internet import defer, protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 Headers = list[tuple[bytes, bytes]]
+
+_log = Logger()
 
 #: Reason phrases used when a responder does not give one.
 REASONS: dict[int, bytes] = {
@@ -694,6 +697,16 @@ class UpstreamConnection(protocol.Protocol):
                 self._seal_raw(self._cur, chunk_start + exc.args[0])
             if rest and self._ex is not None:
                 self.factory.responder.on_tunnel_data(self._ex, bytes(rest))
+            return
+        except httptools.HttpParserCallbackError as exc:
+            # a responder (or this module) raised: that is a test bug, not bad input
+            cause = exc.__context__ if exc.__context__ is not None else exc
+            self.parse_error = cause if isinstance(cause, Exception) else exc
+            self.factory.errors.append(self.parse_error)
+            _log.failure(
+                "recording upstream: responder raised", Failure(self.parse_error)
+            )
+            self.abort()
             return
         except httptools.HttpParserError as exc:
             self.parse_error = exc

@@ -1,0 +1,100 @@
+"""Tests for bench/run.py's pure parts: wrk output parsing, ratios and the generated configs."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import yaml
+from twisted.trial import unittest
+
+WRK_OUTPUT = """\
+Running 2s test @ http://127.0.0.1:8082/
+  1 threads and 50 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     2.23ms  643.97us   9.50ms   85.77%
+    Req/Sec    22.52k     3.94k   31.10k    80.00%
+  Latency Distribution
+     50%  840.00us
+     75%    2.50ms
+     90%    2.61ms
+     99%    1.20s
+  67371 requests in 3.00s, 10.41MB read
+  Socket errors: connect 1, read 2, write 0, timeout 3
+  Non-2xx or 3xx responses: 7
+Requests/sec:  22419.83
+Transfer/sec:      3.46MB
+"""
+
+
+def load_bench() -> ModuleType:
+    """Import bench/run.py (bench/ is not a package)."""
+    path = Path(__file__).resolve().parent.parent / "bench" / "run.py"
+    spec = importlib.util.spec_from_file_location("flexgw_bench_run", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_bench()
+
+
+class ParseWrkTests(unittest.TestCase):
+    """parse_wrk reads req/s, percentiles in ms and error counts."""
+
+    def test_parse(self) -> None:
+        """Units us/ms/s convert to ms; socket errors are summed; non-2xx counted."""
+        r = bench.parse_wrk(WRK_OUTPUT)
+        self.assertEqual(r["rps"], 22419.83)
+        self.assertAlmostEqual(r["p50_ms"], 0.84)
+        self.assertAlmostEqual(r["p75_ms"], 2.5)
+        self.assertAlmostEqual(r["p99_ms"], 1200.0)
+        self.assertEqual((r["requests"], r["socket_errors"], r["non_2xx"]), (67371, 6, 7))
+
+    def test_unparsable(self) -> None:
+        """Output without Requests/sec is an error, not a zero."""
+        self.assertRaises(bench.BenchError, bench.parse_wrk, "wrk: connection refused\n")
+
+
+class SummaryTests(unittest.TestCase):
+    """summarise computes the ratios the issue sets as goals."""
+
+    def test_ratios(self) -> None:
+        """req/s ratio and added-p50 ratio use the direct p50 at 1 connection as the base."""
+        def run(rps: float, p50: float) -> dict[str, float]:
+            return {"rps": rps, "p50_ms": p50, "non_2xx": 0, "socket_errors": 0}
+
+        results = {
+            "direct": {"c50": run(60000, 0.6), "c1": run(30000, 0.02)},
+            "flexgw": {"c50": run(15000, 2.0), "c1": run(4000, 0.32)},
+            "nginx-proxy": {"c50": run(50000, 1.0), "c1": run(5000, 0.22)},
+        }
+        summary = bench.summarise(results, 50)
+        self.assertAlmostEqual(summary["rps_ratio_flexgw_over_nginx"], 0.3)
+        self.assertAlmostEqual(summary["flexgw_added_p50_ms"], 0.30)
+        self.assertAlmostEqual(summary["nginx-proxy_added_p50_ms"], 0.20)
+        self.assertAlmostEqual(summary["added_p50_ratio_flexgw_over_nginx"], 1.5)
+        self.assertEqual(summary["errors"], {"direct": 0, "flexgw": 0, "nginx-proxy": 0})
+
+
+class ConfigTests(unittest.TestCase):
+    """The generated configs say what the benchmark claims."""
+
+    def test_gateway_conf_is_flex_yaml(self) -> None:
+        """The gateway conf is one ApiInstance on the gateway port with an inline upstream service."""
+        doc = yaml.safe_load(bench.GATEWAY_CONF.format(host="127.0.0.1", port=1234, upstream_port=5678))
+        self.assertEqual(doc["apiVersion"], "gateway.mulesoft.com/v1alpha1")
+        self.assertEqual(doc["kind"], "ApiInstance")
+        self.assertEqual(doc["spec"]["address"], "http://127.0.0.1:1234")
+        self.assertEqual(doc["spec"]["services"]["upstream"]["address"], "http://127.0.0.1:5678")
+
+    def test_nginx_proxy_conf(self) -> None:
+        """The nginx proxy uses HTTP/1.1 upstream keep-alive and one worker."""
+        text = bench.NGINX_PROXY_CONF.format(tmp="/t", host="127.0.0.1", port=1, upstream_port=2)
+        for needle in ("worker_processes 1;", "proxy_http_version 1.1;", "keepalive 64;",
+                       'proxy_set_header Connection "";', "server 127.0.0.1:2;", "listen 127.0.0.1:1 "):
+            self.assertIn(needle, text)
