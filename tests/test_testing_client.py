@@ -9,6 +9,7 @@ from twisted.trial import unittest
 
 from flexgw.testing import upstream as up
 from flexgw.testing.client import (
+    BodyNotSent,
     IncompleteResponse,
     RawConnection,
     ResponseParseError,
@@ -223,3 +224,31 @@ class HelperTests(ClientTestCase):
         result = yield stream_exchange(reactor, host, port, head, size, chunked=True, chunk_size=10000)
         self.assertTrue(self.server.completed[0].chunked)
         self.assertEqual(result.response.body_sha256, up.pattern_sha256(size))
+
+    @defer.inlineCallbacks
+    def test_stream_exchange_early_response_stops_upload(self) -> Any:
+        """An early final response (413 before the body is read) stops the upload without a hang."""
+
+        class EarlyReject(up.Responder):
+            """Answer 413 at the head and stop reading."""
+
+            def on_headers(self, ex: up.Exchange) -> None:
+                ex.respond(413, [(b"Content-Length", b"0")])
+                ex.transport.pauseProducing()
+
+        host, port = self.serve(EarlyReject())
+        size = 64 * 1024 * 1024
+        head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size
+        result = yield stream_exchange(reactor, host, port, head, size)
+        self.assertEqual(result.response.status, 413)
+        self.assertLess(result.sent, size)
+
+    @defer.inlineCallbacks
+    def test_send_body_fails_when_peer_closes(self) -> Any:
+        """send_body fails with BodyNotSent (holding the count) when the peer closes mid-body."""
+        host, port = self.serve(up.close_connection("before_status", at="headers"))
+        conn = yield self.open(host, port)
+        conn.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n")
+        yield self.server.wait_for_disconnections(1)
+        failure = yield self.assertFailure(conn.send_body(100000000), BodyNotSent)
+        self.assertLess(failure.sent, 100000000)

@@ -28,6 +28,16 @@ class IncompleteResponse(Exception):
         self.reason = reason
 
 
+class BodyNotSent(Exception):
+    """The connection closed before the whole body was sent; ``sent`` bytes went out."""
+
+    def __init__(self, sent: int, reason: Failure | None) -> None:
+        """Keep the count and the close reason."""
+        super().__init__(sent, reason)
+        self.sent = sent
+        self.reason = reason
+
+
 class ResponseParseError(Exception):
     """llhttp rejected the response bytes; ``raw`` holds the unparsed data."""
 
@@ -179,6 +189,11 @@ class RawConnection(protocol.Protocol):
         self._sender = _BodySender(self, size, chunked, chunk_size)
         self._sender.pump()
         return self._sender.done
+
+    def stop_body(self) -> None:
+        """Stop a :meth:`send_body` in progress (e.g. once an early response arrived)."""
+        if self._sender is not None:
+            self._sender.stop()
 
     def read_response(self, head: bool = False) -> defer.Deferred[Response]:
         """The next response message (1xx included); ``head`` when it answers a HEAD request."""
@@ -440,7 +455,13 @@ class _BodySender:
             self.done.callback(self.offset)
         elif not conn.connected:
             conn._sender = None
-            self.done.errback(IncompleteResponse(None, conn.close_reason))
+            self.done.errback(BodyNotSent(self.offset, conn.close_reason))
+
+    def stop(self) -> None:
+        """Stop sending (the body stays incomplete); ``done`` fires with the bytes sent."""
+        if not self.done.called:
+            self.conn._sender = None
+            self.done.callback(self.offset)
 
 
 def connect(
@@ -492,14 +513,25 @@ def stream_exchange(
     """Send ``head`` then ``body_size`` pattern bytes with backpressure; count and hash the response.
 
     ``head`` must carry the matching framing header (``Content-Length: body_size`` or
-    ``Transfer-Encoding: chunked``). Neither body is kept in memory. Fires with a
-    :class:`StreamResult`; the connection is closed afterwards.
+    ``Transfer-Encoding: chunked``). Neither body is kept in memory. If the final response
+    arrives before the body is all sent (say a 413), sending stops there; if the peer closes
+    mid-body, the response (if any) is still read. Fires with a :class:`StreamResult`
+    (``sent`` = body bytes actually written); the connection is closed afterwards.
     """
     conn = yield connect(reactor, host, port, retain_body=False)
     try:
         conn.send(head)
         read = conn.read_final_response()
-        sent = yield conn.send_body(body_size, chunked=chunked, chunk_size=chunk_size)
+
+        def early(resp: Response) -> Response:
+            conn.stop_body()
+            return resp
+
+        read.addCallback(early)
+        try:
+            sent = yield conn.send_body(body_size, chunked=chunked, chunk_size=chunk_size)
+        except BodyNotSent as exc:
+            sent = exc.sent
         resp = yield read
     finally:
         yield conn.abort()
@@ -507,6 +539,7 @@ def stream_exchange(
 
 
 __all__ = [
+    "BodyNotSent",
     "ConnectionDone",
     "IncompleteResponse",
     "RawConnection",
