@@ -283,6 +283,33 @@ def nginx_argv(conf: Path) -> list[str]:
     return ["nginx", "-p", str(conf.parent), "-c", str(conf), "-g", "daemon off;"]
 
 
+def cpu_busy(interval: float = 1.0) -> dict[str, float]:
+    """Per-CPU busy percentage over ``interval`` from /proc/stat (empty where unavailable)."""
+
+    def sample() -> dict[str, tuple[int, int]]:
+        out = {}
+        with open("/proc/stat") as f:
+            for line in f:
+                parts = line.split()
+                if parts and parts[0].startswith("cpu") and parts[0] != "cpu":
+                    values = [int(x) for x in parts[1:]]
+                    out[parts[0]] = (sum(values), values[3] + (values[4] if len(values) > 4 else 0))
+        return out
+
+    try:
+        before = sample()
+        time.sleep(interval)
+        after = sample()
+    except OSError:
+        return {}
+    busy = {}
+    for cpu, (total, idle) in after.items():
+        t0, i0 = before.get(cpu, (total, idle))
+        dt = total - t0
+        busy[cpu] = 100.0 * (dt - (idle - i0)) / dt if dt else 0.0
+    return busy
+
+
 def fmt(value: float | None, spec: str) -> str:
     """Format or dash."""
     return "-" if value is None else format(value, spec)
@@ -340,6 +367,15 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     try:
         with sigterm_as_interrupt():
+            # others' load on the machine skews everything: measure it before starting
+            info["cpu_busy_before_pct"] = busy = cpu_busy()
+            if any(v > 15 for v in busy.values()):
+                print(
+                    "WARNING: the machine is not idle before the run ("
+                    + ", ".join(f"{k} {v:.0f}%" for k, v in sorted(busy.items()))
+                    + " busy); absolute figures will be low",
+                    file=sys.stderr,
+                )
             # upstream
             upstream_port = free_port()
             use_nginx_upstream = args.upstream == "nginx" or (args.upstream == "auto" and have_nginx)
@@ -476,6 +512,10 @@ def print_table(results: dict[str, dict[str, Any]], summary: dict[str, Any], inf
     if "added_p50_ratio_flexgw_over_nginx" in summary:
         ratio = summary["added_p50_ratio_flexgw_over_nginx"]
         print(f"flexgw / nginx added p50 at 1 connection: {ratio:.2f}  (target <= 1.5)")
+    busy = info.get("cpu_busy_before_pct") or {}
+    if any(v > 15 for v in busy.values()):
+        print("NOTE: CPUs were busy before the run: "
+              + ", ".join(f"{k} {v:.0f}%" for k, v in sorted(busy.items())))
     if any(summary["errors"].values()):
         print("WARNING: some runs had non-2xx responses or socket errors (see errors column)")
 
