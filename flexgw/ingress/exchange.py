@@ -115,7 +115,7 @@ class ProxyExchange:
         self.upstream_started = front.clock.seconds()
         self.timer = front.clock.callLater(front.timeouts.stream_idle, self._on_timer)
         pool = self.pool = front.pools.pool_for(match.destination.upstream)
-        if not self.request_complete:
+        if head.body != BODY_NONE and not self.request_complete:
             front.gate.hold(HELD)  # until the upstream can take the body
         pool.acquire(self)
 
@@ -154,7 +154,11 @@ class ProxyExchange:
             conn.transport.unregisterProducer()
             self.front.gate.release(BACKPRESSURE)
         if self.response_status == 0 and self.timer is not None:
-            self.timer.reset(self.front.timeouts.upstream_response)
+            # Cancel and re-create: reset() to an earlier time scans the reactor's timer heap.
+            self.timer.cancel()
+            self.timer = self.front.clock.callLater(
+                self.front.timeouts.upstream_response, self._on_timer
+            )
 
     # -- the pool's callbacks --------------------------------------------------------------------
 
@@ -179,10 +183,9 @@ class ProxyExchange:
             self.pending = None
             for data in pending:
                 self._send_body(data)
+        self.front.gate.release(HELD)
         if self.request_complete:
             self._finish_request()
-        else:
-            self.front.gate.release(HELD)
 
     def upstream_connect_failed(self, reason: Failure) -> None:
         """The upstream could not be reached."""

@@ -73,8 +73,11 @@ class IngressProtocol(Protocol):
 
     def connectionMade(self) -> None:  # noqa: N802
         """Record the peer, and close the connection if no request starts in time."""
-        self.gate = ReadGate(self.transport)
-        peer = self.transport.getPeer()
+        transport = self.transport
+        self.gate = ReadGate(transport)
+        if hasattr(transport, "setTcpNoDelay"):
+            transport.setTcpNoDelay(True)
+        peer = transport.getPeer()
         host = getattr(peer, "host", "") or ""
         self.client_ip = host
         self.client_ip_bytes = host.encode("ascii", "replace")
@@ -147,8 +150,11 @@ class IngressProtocol(Protocol):
         self.url = b""
         self.headers = []
         if self.active is None:
+            # A new DelayedCall rather than reset(): moving a call sooner scans the reactor's
+            # whole timer heap, which costs O(connections) per request.
             if self.timer is not None:
-                self.timer.reset(self.http.header_timeout)
+                self.timer.cancel()
+            self.timer = self.clock.callLater(self.http.header_timeout, self._on_timer)
         else:
             # Pipelined behind a pending response: stop reading more until it is done.
             self.gate.hold(PIPELINE)

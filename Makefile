@@ -1,0 +1,40 @@
+# flexgw: `make run` starts the gateway with the quickstart example; `make test` runs the suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SOURCES := $(shell find flexgw twisted -name '*.py' -o -name '*.json') setup.cfg pyproject.toml
+GATEWAY_CONF ?= conf/quickstart
+UPSTREAM_LISTEN ?= 127.0.0.1:8082
+
+.PHONY: run test install lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python $(SOURCES)
+	$(BIN)/pip install --quiet '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# The quickstart example proxies to a small echo upstream shipped in the package.
+run: install
+	@$(BIN)/python -m flexgw.testing.upstream --listen $(UPSTREAM_LISTEN) --mode echo & \
+	upstream=$$!; trap 'kill $$upstream 2>/dev/null' EXIT INT TERM; \
+	$(BIN)/twistd --nodaemon --pidfile= flexgw --conf $(GATEWAY_CONF)
+
+test: install
+	@set -o pipefail; rm -rf _trial_temp; \
+	$(BIN)/python -m twisted.trial --jobs 2 tests 2>&1 | tee .trial.log; status=$$?; \
+	$(BIN)/python tools/trial_summary.py .trial.log; exit $$status
+
+lint: install
+	$(BIN)/pip install --quiet ruff
+	$(BIN)/ruff check flexgw tests bench tools
+
+bench: install
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info _trial_temp .trial.log

@@ -1,0 +1,112 @@
+"""twistd entry point: command-line options and the service tree (the only global-reactor user)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogPublisher,
+)
+from twisted.python import usage
+
+from flexgw import __version__
+
+_LEVELS = {name: LogLevel.levelWithName(name) for name in ("debug", "info", "warn", "error")}
+
+
+class Options(usage.Options):
+    """`twistd flexgw` options."""
+
+    synopsis = "[options]"
+    longdesc = "Serve Flex Gateway Local Mode resource files (ApiInstance, Service, ...)."
+    optParameters = [
+        ["access-log", None, "-", "Access log destination: a file path, '-' for stdout, 'off'."],
+        ["log-level", None, "info", "Runtime log level: debug, info, warn, error."],
+    ]
+    optFlags = [["strict", None, "Unknown configuration keys are errors, not warnings."]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["conf"] = []
+
+    def opt_conf(self, path: str) -> None:
+        """Configuration directory (repeatable; default /etc/flexgw)."""
+        self["conf"].append(path)
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        print(f"flexgw {__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:  # noqa: N802
+        """Check values and apply defaults."""
+        if not self["conf"]:
+            self["conf"] = ["/etc/flexgw"]
+        for path in self["conf"]:
+            if not os.path.isdir(path):
+                raise usage.UsageError(f"--conf {path}: not a directory")
+        if self["log-level"] not in _LEVELS:
+            raise usage.UsageError("--log-level must be one of " + ", ".join(_LEVELS))
+
+
+def _install_log_level(level: str) -> None:
+    """Drop runtime log events below `level` (twistd has already set up its observers)."""
+    predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])
+    for observer in list(globalLogPublisher._observers):  # type: ignore[attr-defined]
+        globalLogPublisher.removeObserver(observer)
+        globalLogPublisher.addObserver(FilteringLogObserver(observer, [predicate]))
+
+
+def makeService(options: Options) -> MultiService:  # noqa: N802
+    """Build the gateway service tree from the options."""
+    from twisted.internet import reactor
+
+    from flexgw.config.watch import ConfigWatcher, debounce_from_env
+    from flexgw.http.accesslog import AccessLog
+    from flexgw.service.gateway import GatewayService
+
+    if options["log-level"] != "info":
+        _install_log_level(options["log-level"])
+    access_log = None
+    if options["access-log"] != "off":
+        access_log = AccessLog.open(reactor, options["access-log"])
+    top = MultiService()
+    gateway = GatewayService(
+        reactor, options["conf"], os.environ, access_log=access_log, strict=options["strict"]
+    )
+    gateway.setServiceParent(top)
+    watcher = ConfigWatcher(
+        reactor, options["conf"], gateway.reload, debounce_from_env(os.environ)
+    )
+    _WatcherService(watcher).setServiceParent(top)
+
+    def _on_hup(signum: int, frame: Any) -> None:
+        reactor.callFromThread(gateway.reload)
+
+    signal.signal(signal.SIGHUP, _on_hup)
+    return top
+
+
+class _WatcherService(MultiService):
+    """Runs the config watcher while the service runs."""
+
+    def __init__(self, watcher: Any) -> None:
+        super().__init__()
+        self.watcher = watcher
+
+    def startService(self) -> None:  # noqa: N802
+        """Start watching."""
+        super().startService()
+        self.watcher.start()
+
+    def stopService(self) -> Any:  # noqa: N802
+        """Stop watching."""
+        self.watcher.stop()
+        return super().stopService()
