@@ -1,0 +1,122 @@
+"""Integration-test harness: a real gateway on a loopback port, in front of a recording upstream."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import textwrap
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import TestCase
+
+from flexgw.http.accesslog import AccessLog
+from flexgw.service.gateway import GatewayService
+from flexgw.testing.upstream import RecordingUpstream, Responder
+
+
+def free_port() -> int:
+    """A loopback TCP port that is free right now (for config files, which cannot say port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class MemoryStream(io.BytesIO):
+    """A binary stream for the access log whose lines tests can read back as dicts."""
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every access log line written so far, decoded."""
+        return [json.loads(line) for line in self.getvalue().splitlines() if line]
+
+
+class Gateway:
+    """A running GatewayService on a conf dir, with its access log kept in memory."""
+
+    def __init__(self, case: TestCase, files: dict[str, str], environ: dict[str, str] | None = None):
+        self.case = case
+        self.root = case.mktemp()
+        os.makedirs(self.root)
+        self.write(files)
+        self.log_stream = MemoryStream()
+        self.access_log = AccessLog(reactor, self.log_stream)
+        self.service = GatewayService(
+            reactor, [self.root], environ or {}, access_log=self.access_log
+        )
+
+    def write(self, files: dict[str, str | None]) -> None:
+        """Write (or delete, for None) configuration files, dedented."""
+        for name, text in files.items():
+            path = os.path.join(self.root, name)
+            if text is None:
+                os.remove(path)
+                continue
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(textwrap.dedent(text).lstrip("\n"))
+
+    def start(self) -> None:
+        """Start serving; stopped automatically when the test ends."""
+        self.service.startService()
+        self.case.addCleanup(self.stop)
+
+    def stop(self) -> defer.Deferred[Any]:
+        """Stop listening and drop every connection the gateway still holds."""
+        for factory in list(self.service.factories.values()):
+            for connection in list(factory.connections):
+                connection.transport.abortConnection()
+        for pool in self.service.pools.pools.values():
+            for conn in list(pool.idle):
+                conn.transport.abortConnection()
+        return defer.maybeDeferred(self.service.stopService)
+
+    def records(self) -> list[dict[str, Any]]:
+        """The access log records written so far."""
+        self.access_log.flush()
+        return self.log_stream.records()
+
+
+def simple_api(port: int, upstream_port: int, base_path: str = "", rules: str = "",
+               destination_path: str = "", config: str = "") -> str:
+    """A one-API inline configuration: 127.0.0.1:port[base_path] -> 127.0.0.1:upstream_port."""
+    route = ""
+    if rules or destination_path:
+        route = "      routes:\n        - "
+        parts = []
+        if rules:
+            parts.append("rules:\n" + textwrap.indent(textwrap.dedent(rules).strip("\n"), " " * 12))
+        if destination_path:
+            parts.append(f"config:\n            destinationPath: {destination_path}")
+        route += "\n          ".join(parts) + "\n"
+    text = (
+        "apiVersion: gateway.mulesoft.com/v1alpha1\n"
+        "kind: ApiInstance\n"
+        "metadata:\n  name: test-api\n"
+        "spec:\n"
+        f"  address: http://127.0.0.1:{port}{base_path}\n"
+        "  services:\n"
+        "    backend:\n"
+        f"      address: http://127.0.0.1:{upstream_port}\n"
+        + route
+    )
+    if config:
+        text += "---\n" + textwrap.dedent(config).lstrip("\n")
+    return text
+
+
+async def gateway_with_upstream(
+    case: TestCase,
+    responder: Responder | None = None,
+    retain_bodies: bool = True,
+    **api_options: Any,
+) -> tuple[Gateway, RecordingUpstream, int]:
+    """Start a recording upstream and a gateway in front of it; return (gateway, upstream, port)."""
+    upstream = RecordingUpstream(responder, reactor=reactor, retain_bodies=retain_bodies)
+    upstream.listen(reactor)
+    case.addCleanup(upstream.stop)
+    port = free_port()
+    gateway = Gateway(case, {"api.yaml": simple_api(port, upstream.address[1], **api_options)})
+    gateway.start()
+    return gateway, upstream, port
