@@ -1,0 +1,71 @@
+"""Probes into a running in-process gateway for data-path tests: buffers, pauses, polling waits."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.internet.task import LoopingCall
+
+from flexgw.ingress.front import IngressProtocol
+from tests.harness import Gateway
+
+
+class NotReached(AssertionError):
+    """A polled condition did not become true before its deadline."""
+
+
+def poll_until(
+    predicate: Callable[[], bool], timeout: float = 10.0, interval: float = 0.005
+) -> defer.Deferred[None]:
+    """Fire once `predicate()` is true (checked every `interval`); fail after `timeout` seconds."""
+    done: defer.Deferred[None] = defer.Deferred()
+    deadline = reactor.seconds() + timeout  # type: ignore[attr-defined]
+
+    def check() -> None:
+        if predicate():
+            loop.stop()
+            done.callback(None)
+        elif reactor.seconds() > deadline:  # type: ignore[attr-defined]
+            loop.stop()
+            done.errback(NotReached(f"condition not reached within {timeout}s"))
+
+    loop = LoopingCall(check)
+    loop.clock = reactor
+    loop.start(interval, now=True)
+    return done
+
+
+def buffered(transport: Any) -> int:
+    """Bytes a Twisted TCP transport holds in user space, not yet written to its socket."""
+    if transport is None:
+        return 0
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+def reading(transport: Any) -> bool:
+    """True while the reactor reads from `transport` (False when it is paused)."""
+    return transport in reactor.getReaders()  # type: ignore[attr-defined]
+
+
+def fronts(gateway: Gateway) -> list[IngressProtocol]:
+    """The gateway's open downstream connections, across all listeners."""
+    return [c for f in gateway.service.factories.values() for c in f.connections]
+
+
+def only_front(gateway: Gateway) -> IngressProtocol:
+    """The gateway's single open downstream connection."""
+    found = fronts(gateway)
+    assert len(found) == 1, f"expected one downstream connection, got {len(found)}"
+    return found[0]
+
+
+def idle_upstream(gateway: Gateway) -> list[Any]:
+    """Every idle pooled upstream connection of the gateway."""
+    return [c for p in gateway.service.pools.pools.values() for c in p.idle]
+
+
+def pool_counts(gateway: Gateway) -> list[tuple[int, int, int]]:
+    """(idle, active, connecting) per upstream pool."""
+    return [(len(p.idle), p.active, p.connecting) for p in gateway.service.pools.pools.values()]
