@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Mapping
+from typing import Any
 
 import attrs
 
-from flexgw.config.plan import Api, Destination, Listener, Problem, Route, Rule, Upstream
+from flexgw.config.plan import (
+    Api,
+    BoundPolicy,
+    Destination,
+    Listener,
+    Problem,
+    Route,
+    Rule,
+    Upstream,
+)
 from flexgw.config.regex import RegexError, compile_rule_regex
-from flexgw.config.resolve import ApiSpec, ResolvedModel, RouteSpec, RuleSpec
+from flexgw.config.resolve import ApiSpec, PolicySpec, ResolvedModel, RouteSpec, RuleSpec
+from flexgw.policies.base import BuildContext, PolicyConfigError
+from flexgw.policies.registry import lookup as lookup_policy
 
 _ANY = frozenset({".*", "(?s).*", "[\\s\\S]*"})
 
@@ -57,7 +69,10 @@ def base_paths_overlap(a: str, b: str) -> bool:
 
 
 def _compile_route(
-    spec: RouteSpec, upstreams: Mapping[str, Upstream], problems: list[Problem]
+    spec: RouteSpec,
+    upstreams: Mapping[str, Upstream],
+    problems: list[Problem],
+    service_policies: Mapping[str, tuple[BoundPolicy, ...]] = {},
 ) -> Route | None:
     destinations = []
     for dest in spec.destinations:
@@ -69,7 +84,10 @@ def _compile_route(
             continue
         destinations.append(
             Destination(
-                upstream=upstream, destination_path=dest.destination_path, weight=dest.weight
+                upstream=upstream,
+                destination_path=dest.destination_path,
+                weight=dest.weight,
+                policies=service_policies.get(upstream.key, ()),
             )
         )
     if not destinations:
@@ -88,8 +106,72 @@ def _compile_route(
     return route
 
 
-def _compile_api(spec: ApiSpec, model: ResolvedModel, problems: list[Problem]) -> Api | None:
+def _source_rank(policy: PolicySpec) -> int:
+    if policy.kind == "cors-flex":
+        return 0  # CORS always runs first, whatever its order
+    return 1 if policy.source == "selector" else 2
+
+
+def build_policies(
+    specs: tuple[PolicySpec, ...], api: str | None, runtime: Any, problems: list[Problem]
+) -> tuple[BoundPolicy, ...] | None:
+    """Build every policy of a chain in run order; None when one cannot be built (fail closed)."""
+    ordered = sorted(specs, key=lambda p: (_source_rank(p), p.order, p.index, p.name))
+    built = []
+    for spec in ordered:
+        kind = lookup_policy(spec.kind)
+        context = BuildContext(
+            binding=spec.name,
+            api=api,
+            clock=getattr(runtime, "clock", None),
+            reactor=getattr(runtime, "reactor", None),
+            services=runtime,
+        )
+        try:
+            rules = tuple(compile_rule(rule) for rule in spec.rules)
+            policy = kind.build(dict(spec.config), context)
+        except RegexError as exc:
+            problems.append(spec.origin.problem("error", str(exc), ("spec", "rules")))
+            return None
+        except PolicyConfigError as exc:
+            sub: tuple[str | int, ...] = ("spec", "config")
+            if spec.source == "inline":
+                sub = ("config",)
+            if exc.field:
+                sub += tuple(int(p) if p.isdigit() else p for p in exc.field.split("."))
+            problems.append(spec.origin.problem("error", exc.message, sub))
+            return None
+        if any(rule.path is None and rule.methods is None and rule.host is None
+               and not rule.headers for rule in rules):
+            rules = ()
+        built.append(
+            BoundPolicy(
+                name=spec.name,
+                kind=spec.kind,
+                order=spec.order,
+                rules=rules,
+                policy=policy,
+                needs_body=bool(getattr(policy, "needs_body", False)),
+            )
+        )
+    return tuple(built)
+
+
+def _compile_api(
+    spec: ApiSpec,
+    model: ResolvedModel,
+    problems: list[Problem],
+    service_policies: Mapping[str, tuple[BoundPolicy, ...]] = {},
+    runtime: Any = None,
+) -> Api | None:
     if spec.blocked:
+        invalid = [reason for reason in spec.blocked if reason.startswith("invalid ")]
+        if invalid:
+            problems.append(
+                spec.origin.problem(
+                    "error", "not served (fail closed) because of: " + "; ".join(invalid)
+                )
+            )
         return None
     if spec.address.scheme == "https":
         problems.append(
@@ -102,7 +184,7 @@ def _compile_api(spec: ApiSpec, model: ResolvedModel, problems: list[Problem]) -
         return None
     routes: list[Route] = []
     for route_spec in spec.routes:
-        route = _compile_route(route_spec, model.upstreams, problems)
+        route = _compile_route(route_spec, model.upstreams, problems, service_policies)
         if route is not None:
             routes.append(route)
     used = {d.upstream.key for r in routes for d in r.destinations}
@@ -129,10 +211,20 @@ def _compile_api(spec: ApiSpec, model: ResolvedModel, problems: list[Problem]) -
         problems.append(
             spec.origin.problem("warning", "no routes: every request to this API gets 404")
         )
-    return Api(key=spec.id.key, base_path=spec.address.path, routes=tuple(routes))
+    policies = build_policies(spec.policies, spec.id.key, runtime, problems)
+    if policies is None:
+        problems.append(
+            spec.origin.problem("error", "a policy could not be built; not served (fail closed)")
+        )
+        return None
+    return Api(
+        key=spec.id.key, base_path=spec.address.path, routes=tuple(routes), policies=policies
+    )
 
 
-def compile_model(model: ResolvedModel, prefer: Collection[str] = ()) -> Compiled:
+def compile_model(
+    model: ResolvedModel, prefer: Collection[str] = (), runtime: Any = None
+) -> Compiled:
     """Listeners from a resolved model.
 
     When two ApiInstances conflict (same port with another host, overlapping base paths), the
@@ -140,11 +232,21 @@ def compile_model(model: ResolvedModel, prefer: Collection[str] = ()) -> Compile
     other is reported and not served.
     """
     problems: list[Problem] = list(model.problems)
+    service_policies: dict[str, tuple[BoundPolicy, ...]] = {}
+    blocked_upstreams = dict(model.blocked_upstreams)
+    for key, specs in sorted(model.service_policies.items()):
+        built = build_policies(specs, None, runtime, problems)
+        if built is None:
+            blocked_upstreams[key] = "an outbound policy that could not be built"
+        else:
+            service_policies[key] = built
+    if blocked_upstreams != model.blocked_upstreams:
+        model = attrs.evolve(model, blocked_upstreams=blocked_upstreams)
     ordered = sorted(model.apis, key=lambda a: (a.id.key not in prefer, a.id.key))
     ports: dict[int, tuple[str, str]] = {}  # port -> (host, first api key)
     accepted: dict[int, list[tuple[Api, ApiSpec]]] = {}
     for spec in ordered:
-        api = _compile_api(spec, model, problems)
+        api = _compile_api(spec, model, problems, service_policies, runtime)
         if api is None:
             continue
         address = spec.address

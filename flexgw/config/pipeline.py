@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import attrs
 
@@ -45,6 +46,7 @@ def load_config(
     environ: Mapping[str, str],
     previous: ConfigState | None = None,
     strict: bool = False,
+    runtime: Any = None,
 ) -> ConfigState:
     """Load every resource below `conf_dirs` and compile a new plan; never raises on bad input.
 
@@ -118,7 +120,9 @@ def load_config(
             origin_file[resource.id] = path
 
     model = resolve(chosen.values(), environ, failed)
-    compiled = compile_model(model, prefer=previous.served if previous is not None else ())
+    compiled = compile_model(
+        model, prefer=previous.served if previous is not None else (), runtime=runtime
+    )
     problems.extend(compiled.problems)
 
     by_file: dict[str, list[ResourceId]] = {}

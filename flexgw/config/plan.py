@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 
@@ -36,6 +36,7 @@ class Destination:
     upstream: Upstream
     destination_path: str = ""  # normalised: "" or "/v1" (no trailing slash)
     weight: int = 100
+    policies: tuple[BoundPolicy, ...] = ()  # outbound policies bound to the upstream's Service
 
 
 @attrs.frozen
@@ -46,6 +47,18 @@ class Rule:
     methods: re.Pattern[str] | None = None  # full match against the method
     host: re.Pattern[str] | None = None  # full match against the Host (port stripped)
     headers: tuple[tuple[str, re.Pattern[str]], ...] = ()  # (lower-case name, full-match regex)
+
+
+@attrs.frozen(eq=False)
+class BoundPolicy:
+    """One policy binding compiled: its rules and the policy object built for it."""
+
+    name: str  # "namespace/binding", or "<api>-<policy>-<n>" for inline policies
+    kind: str  # policyRef name, e.g. "http-basic-authentication-flex"
+    order: int
+    rules: tuple[Rule, ...]  # empty: applies to every request
+    policy: Any  # provides flexgw.policies.base.IPolicy
+    needs_body: bool = False  # the policy reads the request body (buffered, bounded)
 
 
 @attrs.frozen
@@ -65,6 +78,7 @@ class Api:
     key: str  # "namespace/name"
     base_path: str  # "" or "/orders" (no trailing slash)
     routes: tuple[Route, ...]  # in evaluation order: by `order`, then name
+    policies: tuple[BoundPolicy, ...] = ()  # inbound chain: CORS, Selector-bound, then by order
 
 
 @attrs.frozen

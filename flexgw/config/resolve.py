@@ -19,6 +19,7 @@ from flexgw.config.validate import (
     dotted,
     policy_name,
 )
+from flexgw.policies.registry import lookup as lookup_policy
 
 DEFAULT_ORDER = 50
 
@@ -80,6 +81,20 @@ class RouteSpec:
 
 
 @attrs.frozen
+class PolicySpec:
+    """One policy binding (or inline policy) of a registered kind, before it is built."""
+
+    name: str
+    kind: str  # policyRef name
+    order: int
+    rules: tuple[RuleSpec, ...]
+    config: Mapping[str, Any]
+    origin: Origin
+    source: str  # "selector", "api", "inline" or "service"
+    index: int = 0  # position in an inline list (tie-break)
+
+
+@attrs.frozen
 class ApiSpec:
     """One ApiInstance with its address and routes, before compilation."""
 
@@ -88,6 +103,7 @@ class ApiSpec:
     routes: tuple[RouteSpec, ...]
     origin: Origin
     blocked: tuple[str, ...] = ()  # reasons the API must not be served (fail closed)
+    policies: tuple[PolicySpec, ...] = ()
 
 
 @attrs.frozen
@@ -97,6 +113,7 @@ class ResolvedModel:
     apis: tuple[ApiSpec, ...]
     upstreams: Mapping[str, Upstream]
     blocked_upstreams: Mapping[str, str]  # upstream key -> reason (an unsupported outbound policy)
+    service_policies: Mapping[str, tuple[PolicySpec, ...]]  # upstream key -> outbound policies
     timeouts: Timeouts
     http: HttpSettings
     problems: tuple[Problem, ...]
@@ -265,6 +282,8 @@ def resolve(
         upstreams[resource.id.key] = _upstream(resource.id.key, address)
 
     routes: dict[ResourceId, list[RouteSpec]] = {rid: [] for rid in apis}
+    policies: dict[ResourceId, list[PolicySpec]] = {rid: [] for rid in apis}
+    service_policies: dict[str, list[PolicySpec]] = {}
     blocked: dict[ResourceId, list[str]] = {rid: [] for rid in apis}
     blocked_upstreams: dict[str, str] = {}
 
@@ -307,6 +326,22 @@ def resolve(
                 )
         for n, policy in enumerate(spec.get("policies") or []):
             pname = policy["policyRef"]["name"]
+            kind = lookup_policy(pname)
+            if kind is not None and kind.phase == "inbound":
+                order = policy.get("order")
+                policies[rid].append(
+                    PolicySpec(
+                        name=f"{rid.namespace}/{rid.name}-{pname}-{n + 1}",
+                        kind=pname,
+                        order=DEFAULT_ORDER if order is None else int(order),
+                        rules=_rules(policy.get("rules")),
+                        config=policy.get("config") or {},
+                        origin=_origin(resource, ("spec", "policies", n)),
+                        source="inline",
+                        index=n,
+                    )
+                )
+                continue
             problems.append(
                 _origin(resource, ("spec", "policies", n, "policyRef", "name")).problem(
                     "error",
@@ -322,6 +357,12 @@ def resolve(
         kind, target, selector = _target(spec, resource.id.namespace)
         origin = _origin(resource)
         if pname not in ROUTE_POLICIES:
+            registered = lookup_policy(pname)
+            if registered is not None and _attach_policy(
+                registered, resource, kind, target, selector, origin, apis,
+                policies, service_policies, problems,
+            ):
+                continue
             _block(
                 pname, kind, target, selector, origin, apis, blocked, blocked_upstreams, problems
             )
@@ -386,7 +427,10 @@ def resolve(
             continue
         kind, target, selector = _target(raw_spec, checked.id.namespace)
         origin = Origin(checked.document, (), str(checked.id))
-        _block(pname, kind, target, selector, origin, apis, blocked, blocked_upstreams, problems)
+        _block(
+            pname, kind, target, selector, origin, apis, blocked, blocked_upstreams, problems,
+            invalid=lookup_policy(pname) is not None,
+        )
 
     timeouts, http = _settings(by_kind.get("Configuration", []), environ, problems)
 
@@ -399,16 +443,80 @@ def resolve(
                 routes=tuple(routes[rid]),
                 origin=_origin(resource),
                 blocked=tuple(blocked[rid]),
+                policies=tuple(policies[rid]),
             )
         )
     return ResolvedModel(
         apis=tuple(api_specs),
         upstreams=upstreams,
         blocked_upstreams=blocked_upstreams,
+        service_policies={key: tuple(specs) for key, specs in service_policies.items()},
         timeouts=timeouts,
         http=http,
         problems=tuple(problems),
     )
+
+
+def _attach_policy(
+    registered: Any,
+    resource: Resource,
+    kind: str,
+    target: ResourceId | None,
+    selector: Any,
+    origin: Origin,
+    apis: Mapping[ResourceId, Resource],
+    policies: dict[ResourceId, list[PolicySpec]],
+    service_policies: dict[str, list[PolicySpec]],
+    problems: list[Problem],
+) -> bool:
+    """Attach a binding of a registered kind to its targets; False when it cannot be (block)."""
+    spec = resource.spec
+    order = spec.get("order")
+    pname = registered.name
+    make = lambda source: PolicySpec(
+        name=resource.id.key,
+        kind=pname,
+        order=DEFAULT_ORDER if order is None else int(order),
+        rules=_rules(spec.get("rules")),
+        config=spec.get("config") or {},
+        origin=origin,
+        source=source,
+    )
+    if kind == "Service":
+        if registered.phase != "outbound" or target is None:
+            problems.append(
+                origin.problem(
+                    "error",
+                    f"policy {pname!r} is an inbound policy; bind it to an ApiInstance",
+                    ("spec", "targetRef"),
+                )
+            )
+            return False
+        service_policies.setdefault(target.key, []).append(make("service"))
+        return True
+    if registered.phase != "inbound":
+        problems.append(
+            origin.problem(
+                "error",
+                f"policy {pname!r} is an outbound policy; bind it to a Service",
+                ("spec", "targetRef"),
+            )
+        )
+        return False
+    if kind == "Selector":
+        for rid, res in apis.items():
+            if _selector_matches(selector, res.labels):
+                policies[rid].append(make("selector"))
+        return True
+    if target is None or target not in apis:
+        problems.append(
+            origin.problem(
+                "error", f"target {target} does not exist; binding ignored", ("spec", "targetRef")
+            )
+        )
+        return True
+    policies[target].append(make("api"))
+    return True
 
 
 def _block(
@@ -421,8 +529,12 @@ def _block(
     blocked: dict[ResourceId, list[str]],
     blocked_upstreams: dict[str, str],
     problems: list[Problem],
+    invalid: bool = False,
 ) -> None:
-    """Record that an unsupported policy keeps its targets from being served (fail closed)."""
+    """Record that an unsupported (or invalid) policy keeps its targets from being served."""
+    if invalid:
+        _block_invalid(pname, kind, target, selector, origin, apis, blocked, blocked_upstreams)
+        return
     reason = f"policy {pname!r} ({origin.resource})"
     field: FieldPath = ("spec", "policyRef", "name")
     if kind == "Selector":
@@ -455,3 +567,25 @@ def _block(
         problems.append(origin.problem("error", message, field))
     else:
         problems.append(origin.problem("error", f"policy {pname!r} is not supported yet", field))
+
+
+def _block_invalid(
+    pname: str,
+    kind: str,
+    target: ResourceId | None,
+    selector: Any,
+    origin: Origin,
+    apis: Mapping[ResourceId, Resource],
+    blocked: dict[ResourceId, list[str]],
+    blocked_upstreams: dict[str, str],
+) -> None:
+    """An invalid binding of a known policy blocks its targets (its own errors are reported)."""
+    reason = f"invalid {pname!r} binding ({origin.resource})"
+    if kind == "Selector":
+        for rid, res in apis.items():
+            if _selector_matches(selector, res.labels):
+                blocked[rid].append(reason)
+    elif kind == "Service" and target is not None:
+        blocked_upstreams[target.key] = reason
+    elif target is not None and target in apis:
+        blocked[target].append(reason)

@@ -18,6 +18,7 @@ from flexgw.config.envexpand import expand_value
 from flexgw.config.load import Document, FieldPath
 from flexgw.config.plan import Problem
 from flexgw.config.regex import RegexError, compile_rule_regex
+from flexgw.policies.registry import lookup as lookup_policy
 
 KINDS = {
     kind.lower(): kind
@@ -219,12 +220,42 @@ def _normalise(document: Document, reporter: _Reporter) -> Document:
     return attrs.evolve(document, value=value, marks=marks, key_marks=key_marks)
 
 
-def _schema_problems(
-    name: str, instance: Any, base: FieldPath, reporter: _Reporter, strict: bool
+_kind_validators: dict[str, jsonschema.protocols.Validator] = {}
+
+
+def _kind_validator(kind: Any) -> jsonschema.protocols.Validator:
+    """The (cached) validator for a registered policy kind's config schema."""
+    validator = _kind_validators.get(kind.name)
+    if validator is None or validator.schema is not kind.schema:
+        cls = jsonschema.validators.validator_for(kind.schema)
+        cls.check_schema(kind.schema)
+        validator = _kind_validators[kind.name] = cls(kind.schema)
+    return validator
+
+
+def _policy_config_problems(
+    pname: str | None, config: Any, base: FieldPath, reporter: _Reporter, strict: bool
 ) -> None:
-    """Validate `instance` (found at `base`) against schema `name`, reporting every error."""
+    """Validate a policy binding's config against its route schema or its registered kind's."""
+    if pname in ROUTE_POLICIES:
+        _schema_problems(ROUTE_POLICIES[pname], config or {}, base, reporter, strict)
+        return
+    kind = lookup_policy(pname) if pname else None
+    if kind is not None:
+        _schema_problems(_kind_validator(kind), config or {}, base, reporter, strict)
+
+
+def _schema_problems(
+    name: str | jsonschema.protocols.Validator,
+    instance: Any,
+    base: FieldPath,
+    reporter: _Reporter,
+    strict: bool,
+) -> None:
+    """Validate `instance` (found at `base`) against a schema, reporting every error."""
+    validator = _validator(name) if isinstance(name, str) else name
     errors = sorted(
-        _validator(name).iter_errors(instance),
+        validator.iter_errors(instance),
         key=lambda e: (tuple(str(p) for p in e.absolute_path), e.validator),
     )
     for error in errors:
@@ -477,15 +508,20 @@ def check_document(document: Document, environ: Mapping[str, str], strict: bool 
     _schema_problems(kind, expanded, (), reporter, strict)
     spec = expanded.get("spec")
     if kind == "PolicyBinding" and isinstance(spec, dict):
-        policy = policy_name(spec)
-        if policy in ROUTE_POLICIES:
-            _schema_problems(
-                ROUTE_POLICIES[policy],
-                spec.get("config") or {},
-                ("spec", "config"),
-                reporter,
-                strict,
-            )
+        _policy_config_problems(
+            policy_name(spec), spec.get("config"), ("spec", "config"), reporter, strict
+        )
+    elif kind == "ApiInstance" and isinstance(spec, dict):
+        inline = spec.get("policies")
+        for n, item in enumerate(inline if isinstance(inline, list) else []):
+            if isinstance(item, dict):
+                _policy_config_problems(
+                    policy_name(item),
+                    item.get("config"),
+                    ("spec", "policies", n, "config"),
+                    reporter,
+                    strict,
+                )
     if isinstance(spec, dict):
         _check_spec(kind, spec, reporter)
     problems = tuple(reporter.problems)

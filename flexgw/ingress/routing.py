@@ -146,3 +146,26 @@ def select_route(
             return RouteMatch(api, route, destination, join_path(prefix, tail))
         return None
     return None
+
+
+def remaining_path(api: Api, path: str) -> str:
+    """The path after `api`'s base path (the request is known to be under it)."""
+    base = api.base_path
+    if not base:
+        return path
+    return path[len(base) :] or "/"
+
+
+def rules_match(rules: tuple[Rule, ...], method: str, rest: str, host: str, headers: Headers) -> bool:
+    """Whether a policy's rules select this request: OR across rules, AND inside one."""
+    request: _Request | None = None
+    for rule in rules:
+        if rule.path is not None and rule.path.fullmatch(rest) is None:
+            continue
+        if rule.methods is not None or rule.host is not None or rule.headers:
+            if request is None:
+                request = _Request(host, headers)
+            if not _rule_matches(rule, method, rest, request):
+                continue
+        return True
+    return False

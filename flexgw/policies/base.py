@@ -1,0 +1,197 @@
+"""The policy plug-in point: policy kinds, per-binding policy objects, and the per-request context.
+
+A policy *kind* (e.g. `http-basic-authentication-flex`) is registered once. At compile time it
+validates nothing itself (its JSON Schema does that) and `build`s one policy object per binding,
+holding the binding's immutable config and shared state. Per request, the chain calls
+`on_request(ctx)` in order; a policy returns None to continue, a `LocalResponse` to answer
+without the upstream, or a Deferred firing with either (only policies that do I/O need one).
+In the response phase `on_response(ctx)` runs in reverse order and may change the response head.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from zope.interface import Attribute, Interface
+
+from flexgw.http.errors import REASONS
+
+if TYPE_CHECKING:
+    from flexgw.http.request import RequestHead
+
+HeaderList = list[tuple[bytes, bytes]]
+
+
+class IPolicyKind(Interface):
+    """A kind of policy, named as in `policyRef.name`."""
+
+    name = Attribute("The policyRef name, e.g. 'http-basic-authentication-flex'.")
+    schema = Attribute("JSON Schema (a dict) for the binding's `config`.")
+    phase = Attribute("'inbound' (API-level) or 'outbound' (bound to a Service).")
+
+    def build(config: dict[str, Any], context: BuildContext) -> IPolicy:  # type: ignore[misc]
+        """Build the policy object for one binding (raise PolicyConfigError for bad config)."""
+
+
+class IPolicy(Interface):
+    """One bound policy: immutable config plus shared state, used by every request."""
+
+    def on_request(ctx: PolicyContext) -> Any:  # type: ignore[misc]
+        """None to go on, a LocalResponse to answer, or a Deferred firing with either."""
+
+    def on_response(ctx: PolicyContext) -> None:  # type: ignore[misc]
+        """Adjust the response head (status, headers) before it is sent downstream."""
+
+
+class PolicyConfigError(Exception):
+    """A config value a schema cannot catch is wrong; `field` is its dotted path in `config`."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+@attrs.frozen
+class BuildContext:
+    """What a policy kind may use when building: names for logs, the clock, shared services."""
+
+    binding: str  # "namespace/name" of the binding (or the inline policy's generated name)
+    api: str | None  # "namespace/name" of the ApiInstance, None for Service-bound policies
+    clock: Any = None  # IReactorTime, for windows and delays
+    reactor: Any = None  # for side calls (JWKS, introspection)
+    services: Any = None  # gateway-wide shared services (storage, ...)
+
+
+@attrs.frozen
+class LocalResponse:
+    """A response a policy gives instead of the upstream's."""
+
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    body: bytes = b""
+
+    @classmethod
+    def json_error(
+        cls, status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()
+    ) -> LocalResponse:
+        """A Flex-style JSON error body: `{"error": message}`."""
+        body = json.dumps({"error": message}).encode("utf-8")
+        return cls(status, ((b"Content-Type", b"application/json"), *headers), body)
+
+    def render(self, close: bool, extra: HeaderList | None = None) -> bytes:
+        """The complete HTTP/1.1 response bytes."""
+        lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, REASONS.get(self.status, b"Status"))]
+        for name, value in self.headers:
+            lines.append(name + b": " + value + b"\r\n")
+        if extra:
+            for name, value in extra:
+                lines.append(name + b": " + value + b"\r\n")
+        lines.append(b"Content-Length: %d\r\n" % len(self.body))
+        if close:
+            lines.append(b"Connection: close\r\n")
+        lines.append(b"\r\n")
+        lines.append(self.body)
+        return b"".join(lines)
+
+
+class PolicyContext:
+    """One request as policies see it: the downstream request (read-only), the upstream request
+    headers (mutable, copied on first change), variables, authentication and the response head."""
+
+    __slots__ = (
+        "_expression_context",
+        "_request_headers",
+        "api",
+        "authentication",
+        "client_ip",
+        "head",
+        "response_extra",
+        "response_headers",
+        "response_status",
+        "scheme",
+        "vars",
+    )
+
+    def __init__(self, head: RequestHead, client_ip: str, scheme: str, api: str | None) -> None:
+        self.head = head
+        self.client_ip = client_ip
+        self.scheme = scheme
+        self.api = api
+        self.vars: dict[str, Any] = {}
+        self.authentication: dict[str, Any] | None = None
+        self._request_headers: HeaderList | None = None
+        self.response_status = 0
+        self.response_headers: HeaderList | None = None
+        self.response_extra: HeaderList | None = None  # headers to add to any response
+        self._expression_context: Any = None
+
+    # -- request headers -------------------------------------------------------------------------
+
+    @property
+    def request_headers(self) -> HeaderList:
+        """The headers the upstream will get (a copy of the downstream's, made on first use)."""
+        if self._request_headers is None:
+            self._request_headers = list(self.head.headers)
+        return self._request_headers
+
+    @property
+    def request_headers_changed(self) -> bool:
+        """True when a policy asked for the mutable header list."""
+        return self._request_headers is not None
+
+    def request_header(self, name: bytes) -> bytes | None:
+        """The first value of a request header (case-insensitive), as the upstream would get it."""
+        lname = name.lower()
+        headers = self._request_headers if self._request_headers is not None else self.head.headers
+        for key, value in headers:
+            if key.lower() == lname:
+                return value
+        return None
+
+    def set_request_header(self, name: bytes, value: bytes) -> None:
+        """Replace every value of a request header with one value (or add it)."""
+        self.remove_request_header(name)
+        self.request_headers.append((name, value))
+
+    def add_request_header(self, name: bytes, value: bytes) -> None:
+        """Add a value for a request header, keeping existing ones."""
+        self.request_headers.append((name, value))
+
+    def remove_request_header(self, name: bytes) -> None:
+        """Remove every value of a request header."""
+        lname = name.lower()
+        headers = self.request_headers
+        headers[:] = [(k, v) for k, v in headers if k.lower() != lname]
+
+    # -- response --------------------------------------------------------------------------------
+
+    def add_response_header(self, name: bytes, value: bytes) -> None:
+        """Add a header to whatever response goes downstream (upstream or local)."""
+        if self.response_extra is None:
+            self.response_extra = []
+        self.response_extra.append((name, value))
+
+    # -- expressions -----------------------------------------------------------------------------
+
+    def expression_context(self) -> Any:
+        """The `#[...]` evaluation context for this request (built on first use)."""
+        if self._expression_context is None:
+            from flexgw.policies.expressions import ExpressionContext
+
+            head = self.head
+            self._expression_context = ExpressionContext.from_request(
+                method=head.method,
+                target=head.target,
+                version=head.version,
+                headers=head.headers,
+                scheme=self.scheme,
+                local="",
+                remote=self.client_ip,
+                status=self.response_status or None,
+                authentication=self.authentication,
+                vars=self.vars,
+            )
+        return self._expression_context

@@ -1,0 +1,91 @@
+"""Running a compiled policy chain for one request: request phase in order, response in reverse."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from flexgw.config.plan import BoundPolicy
+from flexgw.policies.base import LocalResponse, PolicyContext
+
+_log = Logger(namespace="flexgw.policies")
+
+
+def policy_error(binding: str, failure: Failure | None = None) -> LocalResponse:
+    """The 500 for a policy that raised: a correlation id in the body and in the log."""
+    correlation = uuid.uuid4().hex
+    _log.failure(
+        "Policy {binding} failed (correlation id {correlation})",
+        failure,
+        binding=binding,
+        correlation=correlation,
+    )
+    body = (
+        b'{"error":"Internal policy error","correlationId":"' + correlation.encode("ascii") + b'"}'
+    )
+    return LocalResponse(
+        500,
+        (
+            (b"Content-Type", b"application/json"),
+            (b"x-flexgw-error", b"policy_error"),
+            (b"x-correlation-id", correlation.encode("ascii")),
+        ),
+        body,
+    )
+
+
+class ChainRun:
+    """The request phase of one chain for one request; remembers what ran for the response phase."""
+
+    __slots__ = ("ctx", "policies", "ran")
+
+    def __init__(self, policies: Sequence[BoundPolicy], ctx: PolicyContext) -> None:
+        self.policies = policies
+        self.ctx = ctx
+        self.ran: list[BoundPolicy] = []
+
+    def run(self, start: int = 0) -> LocalResponse | None | Deferred[Any]:
+        """Run from policy `start`: None (go on to the upstream), a LocalResponse, or a Deferred."""
+        policies = self.policies
+        ctx = self.ctx
+        for index in range(start, len(policies)):
+            bound = policies[index]
+            self.ran.append(bound)
+            try:
+                result = bound.policy.on_request(ctx)
+            except Exception:  # noqa: BLE001 (any policy failure is a 500, never a crash)
+                return policy_error(bound.name, Failure())
+            if result is None:
+                continue
+            if isinstance(result, Deferred):
+                return result.addCallbacks(
+                    self._resumed,
+                    self._failed,
+                    callbackArgs=(index,),
+                    errbackArgs=(bound.name,),
+                )
+            return result
+        return None
+
+    def _resumed(self, result: Any, index: int) -> Any:
+        if result is None:
+            return self.run(index + 1)
+        return result
+
+    def _failed(self, failure: Failure, binding: str) -> LocalResponse:
+        return policy_error(binding, failure)
+
+    def respond(self) -> LocalResponse | None:
+        """The response phase: every policy that ran, in reverse order."""
+        ctx = self.ctx
+        for bound in reversed(self.ran):
+            try:
+                bound.policy.on_response(ctx)
+            except Exception:  # noqa: BLE001 (any policy failure is a 500, never a crash)
+                return policy_error(bound.name, Failure())
+        return None

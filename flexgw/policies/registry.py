@@ -1,0 +1,56 @@
+"""The registry of policy kinds: built-ins, plus third-party kinds from the `flexgw.policies` entry point."""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import Any
+
+from twisted.logger import Logger
+from zope.interface.verify import verifyObject
+
+from flexgw.policies.base import IPolicyKind
+
+_log = Logger(namespace="flexgw.policies")
+
+#: Modules whose import registers the built-in kinds (each calls `register`).
+BUILTIN_MODULES: tuple[str, ...] = ()
+
+_kinds: dict[str, Any] = {}
+_loaded = False
+
+
+def register(kind: Any) -> Any:
+    """Register a policy kind (an object providing IPolicyKind); returns it (usable as decorator)."""
+    verifyObject(IPolicyKind, kind)
+    _kinds[kind.name] = kind
+    return kind
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import importlib
+
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+    for entry in entry_points(group="flexgw.policies"):
+        try:
+            loaded = entry.load()
+            for kind in loaded if isinstance(loaded, (list, tuple)) else [loaded]:
+                register(kind)
+        except Exception:  # noqa: BLE001 (a broken plugin must not stop the gateway)
+            _log.failure("Cannot load policy plugin {entry}", entry=entry.name)
+
+
+def lookup(name: str) -> Any | None:
+    """The kind registered as `name`, or None."""
+    _load()
+    return _kinds.get(name)
+
+
+def names() -> list[str]:
+    """Every registered kind's name."""
+    _load()
+    return sorted(_kinds)
