@@ -96,6 +96,8 @@ class UpstreamConnection(Protocol):
     def connectionMade(self) -> None:  # noqa: N802
         """Connected: hand the connection to whoever asked for it."""
         self.connected_ok = True
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
         self.gate = ReadGate(self.transport)
         self.pool.connection_made(self)
 
