@@ -1,0 +1,369 @@
+"""Upstream behaviour over real sockets: pooling, retry, timeouts, resets, malformed responses, aborts."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import TestCase
+
+from flexgw.testing import client
+from flexgw.testing.upstream import (
+    Exchange,
+    close_connection,
+    fixed,
+    function,
+    malformed,
+    never,
+    sequence,
+    stream,
+)
+from tests.harness import Gateway, free_port, gateway_with_upstream, simple_api
+from tests.probes import idle_upstream, pool_counts
+
+GET = b"GET /items HTTP/1.1\r\nHost: example.test\r\n\r\n"
+
+
+def timeouts(**values: float) -> str:
+    """A Configuration document setting `spec.timeouts`."""
+    lines = "".join(f"    {name}: {value}\n" for name, value in values.items())
+    return (
+        "apiVersion: gateway.mulesoft.com/v1alpha1\n"
+        "kind: Configuration\n"
+        "metadata:\n  name: timeouts\n"
+        "spec:\n  timeouts:\n" + lines
+    )
+
+
+class Held:
+    """A responder that keeps each request waiting until the test answers it."""
+
+    def __init__(self) -> None:
+        """No request yet."""
+        self.waiting: list[Exchange] = []
+        self.arrived = 0
+        self._waiters: list[tuple[int, defer.Deferred[None]]] = []
+        self.responder = function(self._hold)
+
+    def _hold(self, ex: Exchange) -> None:
+        self.waiting.append(ex)
+        self.arrived += 1
+        for entry in list(self._waiters):
+            if self.arrived >= entry[0]:
+                self._waiters.remove(entry)
+                reactor.callLater(0, entry[1].callback, None)  # type: ignore[attr-defined]
+
+    def wait(self, n: int) -> defer.Deferred[None]:
+        """Fires once `n` requests in all have arrived."""
+        d: defer.Deferred[None] = defer.Deferred()
+        if self.arrived >= n:
+            d.callback(None)
+        else:
+            self._waiters.append((n, d))
+        return d
+
+    def answer_all(self, body: bytes = b"done") -> None:
+        """Answer every waiting request with a 200."""
+        waiting, self.waiting = self.waiting, []
+        for ex in waiting:
+            ex.respond(200, [(b"Content-Length", b"%d" % len(body))], body)
+
+
+class UpstreamTestCase(TestCase):
+    """Shared assertions."""
+
+    timeout = 20
+
+    def assert_gateway_error(
+        self, gateway: Gateway, response: client.Response, status: int, cause: str
+    ) -> None:
+        """A gateway-made error: status, cause header, JSON body, and an access-log record."""
+        self.assertEqual(response.status, status)
+        self.assertEqual(response.header("x-flexgw-error"), [cause.encode()])
+        self.assertEqual(response.header("content-type"), [b"application/json"])
+        self.assertIn("error", json.loads(response.body))
+        record = gateway.records()[-1]
+        self.assertEqual((record["status"], record["error"]), (status, cause))
+
+    async def settled(self, gateway: Gateway, idle: int) -> None:
+        """No upstream connection is in use or connecting, and `idle` are pooled."""
+        self.assertEqual(pool_counts(gateway), [(idle, 0, 0)])
+
+
+class PoolingTests(UpstreamTestCase):
+    """Keep-alive upstream connections are pooled and reused."""
+
+    async def test_sequential_requests_reuse_one_connection(self) -> None:
+        """Requests from separate client connections, one after another, share one upstream connection."""
+        gateway, upstream, port = await gateway_with_upstream(self)
+        for _ in range(4):
+            response = await client.request(reactor, "127.0.0.1", port, GET)
+            self.assertEqual(response.status, 200)
+        self.assertEqual([r.connection for r in upstream.received], [0, 0, 0, 0])
+        self.assertEqual(len(upstream.connections), 1)
+        await self.settled(gateway, idle=1)
+
+    async def test_keepalive_client_reuses_upstream_connection(self) -> None:
+        """Several requests on one keep-alive client connection go over one upstream connection."""
+        _gateway, upstream, port = await gateway_with_upstream(self)
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(conn.abort)
+        for _ in range(3):
+            conn.send(GET)
+            response = await conn.read_final_response()
+            self.assertEqual(response.status, 200)
+        self.assertEqual([r.connection for r in upstream.received], [0, 0, 0])
+
+    async def test_busy_connection_means_a_new_one(self) -> None:
+        """While one upstream connection is busy, a concurrent request opens a second; both pool."""
+        held = Held()
+        gateway, upstream, port = await gateway_with_upstream(self, held.responder)
+        first = client.request(reactor, "127.0.0.1", port, GET)
+        await held.wait(1)
+        second = client.request(reactor, "127.0.0.1", port, GET)
+        await held.wait(2)
+        self.assertEqual(sorted(r.connection for r in upstream.received), [0, 1])
+        held.answer_all()
+        self.assertEqual([(await first).status, (await second).status], [200, 200])
+        await self.settled(gateway, idle=2)
+        # The next request reuses one of them: no third connection.
+        third = client.request(reactor, "127.0.0.1", port, GET)
+        await held.wait(3)
+        held.answer_all()
+        self.assertEqual((await third).status, 200)
+        self.assertEqual(len(upstream.connections), 2)
+
+    async def test_idle_connection_expires(self) -> None:
+        """A pooled connection idle past upstreamConnectionIdleSeconds is closed by the gateway."""
+        gateway, upstream, port = await gateway_with_upstream(
+            self, config=timeouts(upstreamConnectionIdleSeconds=0.05)
+        )
+        self.assertEqual((await client.request(reactor, "127.0.0.1", port, GET)).status, 200)
+        await upstream.wait_for_disconnections(1)  # the periodic reaper closes it
+        self.assertEqual(idle_upstream(gateway), [])
+        self.assertEqual((await client.request(reactor, "127.0.0.1", port, GET)).status, 200)
+        self.assertEqual([r.connection for r in upstream.received], [0, 1])
+
+    async def test_connection_close_from_upstream_is_not_pooled(self) -> None:
+        """An upstream response with `Connection: close` leaves nothing in the pool."""
+        gateway, upstream, port = await gateway_with_upstream(
+            self, fixed(headers=[(b"Connection", b"close")])
+        )
+        self.assertEqual((await client.request(reactor, "127.0.0.1", port, GET)).status, 200)
+        await upstream.wait_for_disconnections(1)
+        await self.settled(gateway, idle=0)
+        self.assertEqual((await client.request(reactor, "127.0.0.1", port, GET)).status, 200)
+        self.assertEqual([r.connection for r in upstream.received], [0, 1])
+
+
+class RetryTests(UpstreamTestCase):
+    """A dead pooled connection is retried once, only when that is safe."""
+
+    async def test_upstream_closes_idle_connection_after_response(self) -> None:
+        """The upstream closes after a response without saying so; the next GET still succeeds."""
+
+        def respond_then_close(ex: Exchange) -> None:
+            ex.respond(200, [(b"Content-Length", b"2")], b"ok")
+            ex.close()
+
+        _gateway, upstream, port = await gateway_with_upstream(self, function(respond_then_close))
+        self.assertEqual((await client.request(reactor, "127.0.0.1", port, GET)).status, 200)
+        response = await client.request(reactor, "127.0.0.1", port, GET)
+        self.assertEqual((response.status, response.body), (200, b"ok"))
+        self.assertEqual([r.connection for r in upstream.received], [0, 1])
+
+    async def test_get_on_dead_pooled_connection_is_retried_once(self) -> None:
+        """A reused connection closed before any response byte: the GET is retried on a fresh one."""
+        gateway, upstream, port = await gateway_with_upstream(
+            self, sequence(fixed(), close_connection("before_status"), fixed(body=b"retried"))
+        )
+        self.assertEqual((await client.request(reactor, "127.0.0.1", port, GET)).status, 200)
+        response = await client.request(reactor, "127.0.0.1", port, GET)
+        self.assertEqual((response.status, response.body), (200, b"retried"))
+        self.assertEqual([r.connection for r in upstream.received], [0, 0, 1])
+        await self.settled(gateway, idle=1)
+
+    async def test_retry_happens_only_once(self) -> None:
+        """When the fresh connection dies too, the client gets a 502, not a second retry."""
+        gateway, upstream, port = await gateway_with_upstream(
+            self, sequence(fixed(), close_connection("before_status"))
+        )
+        self.assertEqual((await client.request(reactor, "127.0.0.1", port, GET)).status, 200)
+        response = await client.request(reactor, "127.0.0.1", port, GET)
+        self.assert_gateway_error(gateway, response, 502, "upstream_reset")
+        self.assertEqual([r.connection for r in upstream.received], [0, 0, 1])
+        await self.settled(gateway, idle=0)
+
+    async def test_post_with_body_is_not_retried(self) -> None:
+        """A POST whose body went out on a dead pooled connection answers 502, never resent."""
+        gateway, upstream, port = await gateway_with_upstream(
+            self, sequence(fixed(), close_connection("before_status"), fixed(body=b"resent!"))
+        )
+        self.assertEqual((await client.request(reactor, "127.0.0.1", port, GET)).status, 200)
+        response = await client.request(
+            reactor, "127.0.0.1", port,
+            b"POST /orders HTTP/1.1\r\nHost: example.test\r\nContent-Length: 5\r\n\r\nhello",
+        )
+        self.assert_gateway_error(gateway, response, 502, "upstream_reset")
+        self.assertEqual([r.method for r in upstream.received], [b"GET", b"POST"])
+        await self.settled(gateway, idle=0)
+
+
+class UpstreamErrorTests(UpstreamTestCase):
+    """Each upstream failure has its status, cause header, JSON body and access-log record."""
+
+    async def test_connect_refused_is_503(self) -> None:
+        """Nothing listening upstream: 503 upstream_connect_failure."""
+        port = free_port()
+        gateway = Gateway(self, {"api.yaml": simple_api(port, free_port())})
+        gateway.start()
+        response = await client.request(reactor, "127.0.0.1", port, GET)
+        self.assert_gateway_error(gateway, response, 503, "upstream_connect_failure")
+        await self.settled(gateway, idle=0)
+
+    async def test_keepalive_survives_connect_failure(self) -> None:
+        """A 503 for a body-less request keeps the client connection usable."""
+        port = free_port()
+        gateway = Gateway(self, {"api.yaml": simple_api(port, free_port())})
+        gateway.start()
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(conn.abort)
+        for _ in range(2):
+            conn.send(GET)
+            response = await conn.read_final_response()
+            self.assertEqual(response.status, 503)
+        self.assertFalse(conn.closed)
+
+    async def test_upstream_response_timeout_is_504(self) -> None:
+        """No response within upstreamResponseSeconds: 504 upstream_timeout; the upstream is dropped."""
+        gateway, upstream, port = await gateway_with_upstream(
+            self, never(), config=timeouts(upstreamResponseSeconds=0.3)
+        )
+        started = reactor.seconds()  # type: ignore[attr-defined]
+        response = await client.request(reactor, "127.0.0.1", port, GET)
+        self.assert_gateway_error(gateway, response, 504, "upstream_timeout")
+        self.assertGreaterEqual(reactor.seconds() - started, 0.3)  # type: ignore[attr-defined]
+        await upstream.wait_for_disconnections(1)
+        await self.settled(gateway, idle=0)
+
+    async def test_stream_idle_mid_body_aborts_client(self) -> None:
+        """The upstream stalls mid-body: after streamIdleSeconds the client connection is cut."""
+
+        def stall(ex: Exchange) -> None:
+            ex.send_head(200, [(b"Content-Length", b"100")])
+            ex.write(b"x" * 10)
+
+        gateway, upstream, port = await gateway_with_upstream(
+            self, function(stall), config=timeouts(streamIdleSeconds=0.3)
+        )
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        conn.send(GET)
+        failure = await self.assertFailure(conn.read_final_response(), client.IncompleteResponse)
+        self.assertEqual(failure.partial.status, 200)
+        self.assertEqual(failure.partial.body_length, 10)
+        await upstream.wait_for_disconnections(1)
+        self.assertEqual(gateway.records()[-1]["error"], "stream_idle_timeout")
+        await self.settled(gateway, idle=0)
+
+    async def test_upstream_reset_before_response_is_502(self) -> None:
+        """The upstream resets a fresh connection before answering: 502 upstream_reset."""
+        gateway, upstream, port = await gateway_with_upstream(
+            self, close_connection("before_status", abort=True)
+        )
+        response = await client.request(reactor, "127.0.0.1", port, GET)
+        self.assert_gateway_error(gateway, response, 502, "upstream_reset")
+        self.assertEqual(len(upstream.connections), 1)  # a fresh connection is not retried
+        await self.settled(gateway, idle=0)
+
+    async def test_upstream_close_after_status_line_is_502(self) -> None:
+        """The upstream closes after a partial head: 502 upstream_reset, nothing half-forwarded."""
+        gateway, _upstream, port = await gateway_with_upstream(self, close_connection("after_status"))
+        response = await client.request(reactor, "127.0.0.1", port, GET)
+        self.assert_gateway_error(gateway, response, 502, "upstream_reset")
+
+    async def test_malformed_response_is_502(self) -> None:
+        """Each malformed upstream response yields 502 upstream_bad_response."""
+        for kind in ("garbage", "bad_version", "duplicate_content_length", "cl_and_te", "obs_fold"):
+            gateway, _upstream, port = await gateway_with_upstream(self, malformed(kind))
+            response = await client.request(reactor, "127.0.0.1", port, GET)
+            self.assert_gateway_error(gateway, response, 502, "upstream_bad_response")
+            await self.settled(gateway, idle=0)
+
+    async def test_upstream_close_mid_body_cuts_client(self) -> None:
+        """A Content-Length body cut short upstream: the client connection is cut, not completed."""
+        gateway, _upstream, port = await gateway_with_upstream(self, close_connection("mid_body"))
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        conn.send(GET)
+        failure = await self.assertFailure(conn.read_final_response(), client.IncompleteResponse)
+        if failure.partial is not None:  # the cut may also drop what was still buffered
+            self.assertEqual(failure.partial.status, 200)
+            self.assertLess(failure.partial.body_length, 100)
+        self.assertEqual(gateway.records()[-1]["error"], "upstream_reset")
+        await self.settled(gateway, idle=0)
+
+    async def test_upstream_close_mid_chunked_body_has_no_final_chunk(self) -> None:
+        """A chunked body cut short upstream: the client never sees a terminating chunk."""
+
+        def cut(ex: Exchange) -> None:
+            ex.send_head(200, [(b"Transfer-Encoding", b"chunked")])
+            ex.write(b"partial")
+            ex.close()
+
+        gateway, _upstream, port = await gateway_with_upstream(self, function(cut))
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        conn.send(GET)
+        await self.assertFailure(conn.read_final_response(), client.IncompleteResponse)
+        self.assertNotIn(b"0\r\n\r\n", conn.received_raw)
+        self.assertEqual(gateway.records()[-1]["error"], "upstream_reset")
+
+    async def test_close_delimited_body_completes(self) -> None:
+        """An upstream body delimited by close is complete, re-framed chunked for HTTP/1.1."""
+
+        def until_close(ex: Exchange) -> None:
+            ex.write_raw(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nall of it")
+            ex.close()
+
+        gateway, _upstream, port = await gateway_with_upstream(self, function(until_close))
+        response = await client.request(reactor, "127.0.0.1", port, GET)
+        self.assertEqual((response.status, response.body, response.chunked), (200, b"all of it", True))
+        self.assertIsNone(gateway.records()[-1]["error"])
+        await self.settled(gateway, idle=0)
+
+
+class DownstreamAbortTests(UpstreamTestCase):
+    """A client that goes away takes its upstream connection with it."""
+
+    async def test_client_disconnects_mid_request_body(self) -> None:
+        """Client gone mid-body: the upstream connection is closed, not returned to the pool."""
+        gateway, upstream, port = await gateway_with_upstream(self)
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        conn.send(b"POST /up HTTP/1.1\r\nHost: example.test\r\nContent-Length: 1000\r\n\r\n" + b"a" * 100)
+        await upstream.wait_for_heads(1)
+        await conn.abort()
+        await upstream.wait_for_disconnections(1)
+        self.assertFalse(upstream.received[0].complete)
+        await self.settled(gateway, idle=0)
+        self.assertEqual(gateway.records()[-1]["error"], "downstream_reset")
+
+    async def test_client_disconnects_while_waiting_for_response(self) -> None:
+        """Client gone while the upstream thinks: the upstream connection is closed."""
+        held = Held()
+        gateway, upstream, port = await gateway_with_upstream(self, held.responder)
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        conn.send(GET)
+        await held.wait(1)
+        await conn.abort()
+        await upstream.wait_for_disconnections(1)
+        await self.settled(gateway, idle=0)
+
+    async def test_client_disconnects_mid_response_body(self) -> None:
+        """Client gone while a large response streams: the upstream connection is closed."""
+        gateway, upstream, port = await gateway_with_upstream(
+            self, stream(64 << 20), retain_bodies=False
+        )
+        conn = await client.connect(reactor, "127.0.0.1", port, retain_body=False)
+        conn.send(GET)
+        await upstream.wait_for_requests(1)
+        await conn.abort()
+        await upstream.wait_for_disconnections(1)
+        await self.settled(gateway, idle=0)
