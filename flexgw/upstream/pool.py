@@ -132,6 +132,11 @@ class UpstreamPool:
                 connection.transport.loseConnection()
         self.idle = keep
 
+    def retire(self) -> None:
+        """The upstream left the configuration: close idle connections now, in-flight ones when done."""
+        self.max_idle = 0
+        self.close_all()
+
     def close_all(self) -> None:
         """Close every idle connection (shutdown, or the upstream left the configuration)."""
         idle, self.idle = self.idle, []
@@ -160,7 +165,7 @@ class PoolManager:
                 pool.connect_timeout = http.connect_timeout
                 pool.idle_timeout = timeouts.upstream_idle
         for upstream in [u for u in self.pools if u not in upstreams]:
-            self.pools.pop(upstream).close_all()
+            self.pools.pop(upstream).retire()
 
     def pool_for(self, upstream: Upstream) -> UpstreamPool:
         """The pool for `upstream`, created on first use."""
