@@ -2,9 +2,10 @@
 
 httptools (llhttp) already rejects most malformed input (bare CR/LF, NUL, obs-fold, whitespace
 before the colon, CL+TE, duplicate or malformed Content-Length, bad chunk sizes). What it lets
-through and a gateway must still refuse is checked here: versions other than 1.0/1.1, a
-Transfer-Encoding other than exactly `chunked`, missing/duplicate/malformed Host in HTTP/1.1, and
-an absolute-form target whose authority disagrees with Host.
+through and a gateway must still refuse is checked here: CONNECT (405: no tunnels on ingress),
+versions other than 1.0/1.1, a Transfer-Encoding other than exactly `chunked` or in an HTTP/1.0
+request, missing/duplicate/malformed Host in HTTP/1.1, and an absolute-form target whose authority
+disagrees with Host.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 
 import attrs
 
-from flexgw.http.errors import GatewayError, bad_request
+from flexgw.http.errors import METHOD_NOT_ALLOWED, GatewayError, bad_request
 from flexgw.http.headers import HeaderList
 
 BODY_NONE = 0
@@ -45,7 +46,10 @@ class RequestHead:
 def analyze_head(
     method: bytes, target: bytes, version: str, headers: HeaderList, keep_alive: bool
 ) -> RequestHead | GatewayError:
-    """Validate a request head from the parser; return what the proxy needs, or the 400 to send."""
+    """Validate a request head from the parser; return what the proxy needs, or the error to send."""
+    if method == b"CONNECT":
+        # Whatever its target: llhttp treats every CONNECT as a tunnel, and ingress has none.
+        return METHOD_NOT_ALLOWED
     if version == "1.1":
         vbytes = b"1.1"
     elif version == "1.0":
@@ -68,6 +72,9 @@ def analyze_head(
         elif lname == b"transfer-encoding":
             if value.strip().lower() != b"chunked":
                 return bad_request("Transfer-Encoding other than chunked is not accepted")
+            if vbytes == b"1.0":
+                # RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
+                return bad_request("Transfer-Encoding is not accepted in an HTTP/1.0 request")
             body = BODY_CHUNKED
         elif lname == b"connection":
             connection_values.append(value)
