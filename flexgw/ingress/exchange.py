@@ -122,7 +122,9 @@ class ProxyExchange:
     def request_body(self, data: bytes) -> None:
         """A piece of the request body (already de-chunked by the parser)."""
         self.bytes_in += len(data)
-        if self.state == SENDING:
+        if self.state == SENDING or self.state == RESPONDING:
+            # After the response head the upstream may still be reading the body (an early
+            # answer, or full-duplex streaming): keep forwarding it.
             self.last_activity = self.front.clock.seconds()
             self._send_body(data)
         elif self.state < SENDING:
@@ -134,7 +136,7 @@ class ProxyExchange:
     def request_done(self) -> None:
         """The whole request has been received."""
         self.request_complete = True
-        if self.state == SENDING:
+        if self.state == SENDING or self.state == RESPONDING:
             self._finish_request()
 
     def _send_body(self, data: bytes) -> None:
