@@ -10,7 +10,7 @@ from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
 from flexgw.testing import client
-from flexgw.testing.upstream import Exchange, Responder, pattern_sha256, stream
+from flexgw.testing.upstream import Exchange, Responder, echo, pattern_sha256, stream
 from tests.harness import gateway_with_upstream
 from tests.probes import buffered, only_front, poll_until, reading
 
@@ -189,3 +189,26 @@ class ResponseBodyTests(StreamingTestCase):
     async def test_chunked_download(self) -> None:
         """100 MiB chunked: the client gets every byte chunked (sha256), memory bounded."""
         await self._download(chunked=True)
+
+
+class FullDuplexTests(StreamingTestCase):
+    """An upstream answering while it still reads (an echo) gets the whole body and returns it."""
+
+    async def test_echo_streams_both_ways_at_once(self) -> None:
+        """32 MiB through an echo upstream: the response streams back while the request streams up."""
+        size = 32 * MiB
+        gateway, upstream, port = await gateway_with_upstream(self, echo(), retain_bodies=False)
+        self.start_measuring()
+        result = await client.stream_exchange(
+            reactor, "127.0.0.1", port,
+            b"PUT /echo HTTP/1.1\r\nHost: example.test\r\nTransfer-Encoding: chunked\r\n\r\n",
+            size, chunked=True,
+        )
+        self.assertEqual(result.sent, size)
+        self.assertEqual(result.response.status, 200)
+        self.assertEqual(result.response.body_length, size)
+        self.assertEqual(result.response.body_sha256, pattern_sha256(size))
+        [received] = upstream.completed
+        self.assertEqual(received.body_length, size)
+        self.assertLess(self.peak(), MAX_PEAK)
+        self.assertEqual(gateway.records()[-1]["bytes_in"], size)

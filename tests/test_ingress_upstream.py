@@ -10,6 +10,7 @@ from twisted.trial.unittest import TestCase
 from flexgw.testing import client
 from flexgw.testing.upstream import (
     Exchange,
+    Responder,
     close_connection,
     fixed,
     function,
@@ -367,3 +368,80 @@ class DownstreamAbortTests(UpstreamTestCase):
         await conn.abort()
         await upstream.wait_for_disconnections(1)
         await self.settled(gateway, idle=0)
+
+
+class ResponseFramingTests(UpstreamTestCase):
+    """Responses without bodies, interim responses and early answers keep both sides in step."""
+
+    async def test_head_response_then_reuse(self) -> None:
+        """HEAD with Content-Length: no body forwarded, and the pooled connection stays in step."""
+        gateway, upstream, port = await gateway_with_upstream(self, fixed(body=b"0123456789"))
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(conn.abort)
+        conn.send(b"HEAD /items HTTP/1.1\r\nHost: example.test\r\n\r\n")
+        head = await conn.read_final_response(head=True)
+        self.assertEqual((head.status, head.header("content-length"), head.body), (200, [b"10"], b""))
+        conn.send(GET)
+        response = await conn.read_final_response()
+        self.assertEqual(response.body, b"0123456789")
+        self.assertEqual([r.connection for r in upstream.received], [0, 0])
+        await self.settled(gateway, idle=1)
+
+    async def test_204_and_304_then_reuse(self) -> None:
+        """Bodiless statuses end at their head; the next response on the connection is intact."""
+        _gateway, upstream, port = await gateway_with_upstream(
+            self, sequence(fixed(204, body=b""), fixed(304, body=b""), fixed(body=b"third"))
+        )
+        statuses = []
+        for _ in range(3):
+            response = await client.request(reactor, "127.0.0.1", port, GET)
+            statuses.append((response.status, response.body))
+        self.assertEqual(statuses, [(204, b""), (304, b""), (200, b"third")])
+        self.assertEqual([r.connection for r in upstream.received], [0, 0, 0])
+
+    async def test_100_continue_relayed(self) -> None:
+        """Expect: 100-continue: the upstream's 100 reaches the client, then the body flows."""
+        from flexgw.testing.upstream import continue_then, echo
+
+        gateway, _upstream, port = await gateway_with_upstream(self, continue_then(echo()))
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(conn.abort)
+        conn.send(
+            b"PUT /doc HTTP/1.1\r\nHost: example.test\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 5\r\n\r\n"
+        )
+        interim = await conn.read_response()
+        self.assertEqual(interim.status, 100)
+        conn.send(b"hello")
+        response = await conn.read_final_response()
+        self.assertEqual((response.status, response.body), (200, b"hello"))
+        await self.settled(gateway, idle=1)
+
+    async def test_early_response_during_upload(self) -> None:
+        """The upstream answers 413 before the body ends: the client gets it, nothing is reused."""
+
+        class Refuse(Responder):
+            def on_headers(self, ex: Exchange) -> None:
+                ex.respond(413, [(b"Content-Length", b"0")])
+
+        gateway, upstream, port = await gateway_with_upstream(self, Refuse(), retain_bodies=False)
+        size = 32 << 20
+        result = await client.stream_exchange(
+            reactor, "127.0.0.1", port,
+            b"POST /up HTTP/1.1\r\nHost: example.test\r\nContent-Length: %d\r\n\r\n" % size, size,
+        )
+        self.assertEqual(result.response.status, 413)
+        self.assertFalse(result.response.keep_alive)
+        self.assertLess(result.sent, size)
+        await upstream.wait_for_disconnections(1)
+        await self.settled(gateway, idle=0)
+
+    async def test_http10_client_gets_close_delimited_body(self) -> None:
+        """A chunked upstream body reaches an HTTP/1.0 client de-chunked, ended by close."""
+        gateway, _upstream, port = await gateway_with_upstream(self, fixed(body=b"chunky", chunked=True))
+        response = await client.request(
+            reactor, "127.0.0.1", port, b"GET /items HTTP/1.0\r\nHost: example.test\r\n\r\n"
+        )
+        self.assertEqual((response.status, response.body, response.chunked), (200, b"chunky", False))
+        self.assertTrue(response.close_delimited)
+        await self.settled(gateway, idle=1)
