@@ -127,9 +127,14 @@ def build_policies(
             reactor=getattr(runtime, "reactor", None),
             services=runtime,
         )
+        config = dict(spec.config)
+        if kind.schema.get("additionalProperties") is False:
+            # Unknown keys were reported (warnings unless --strict); the kind never sees them.
+            known = kind.schema.get("properties", {})
+            config = {key: value for key, value in config.items() if key in known}
         try:
             rules = tuple(compile_rule(rule) for rule in spec.rules)
-            policy = kind.build(dict(spec.config), context)
+            policy = kind.build(config, context)
         except RegexError as exc:
             problems.append(spec.origin.problem("error", str(exc), ("spec", "rules")))
             return None
@@ -140,6 +145,11 @@ def build_policies(
             if exc.field:
                 sub += tuple(int(p) if p.isdigit() else p for p in exc.field.split("."))
             problems.append(spec.origin.problem("error", exc.message, sub))
+            return None
+        except Exception as exc:  # noqa: BLE001 (a broken policy kind must not stop a reload)
+            problems.append(
+                spec.origin.problem("error", f"policy {spec.kind!r} could not be built: {exc!r}")
+            )
             return None
         if any(rule.path is None and rule.methods is None and rule.host is None
                and not rule.headers for rule in rules):

@@ -8,11 +8,11 @@ registered as the producer of the receiving side, so a slow reader pauses the fa
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.python.failure import Failure
 
-from flexgw.config.plan import Destination, Route
+from flexgw.config.plan import Api, Destination, Route
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.headers import (
@@ -22,6 +22,9 @@ from flexgw.http.headers import (
     response_headers_for_downstream,
 )
 from flexgw.http.request import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, RequestHead
+from flexgw.ingress.routing import remaining_path, rules_match
+from flexgw.policies.base import LocalResponse, PolicyContext
+from flexgw.policies.chain import ChainRun
 from flexgw.upstream.connection import BACKPRESSURE, HELD, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -35,38 +38,40 @@ CONNECTING = 1  # waiting for an upstream connection
 SENDING = 2  # upstream connected; request head (and maybe body) being sent
 RESPONDING = 3  # response head forwarded; body streaming back
 DONE = 4
+POLICIES = 5  # waiting for a policy that does I/O (state compared by identity, not order)
 
 
 class ProxyExchange:
     """Moves one request to its upstream and the response back."""
 
     __slots__ = (
-        "front",
-        "head",
-        "route",
-        "destination",
-        "upstream_target",
         "api_key",
-        "state",
-        "conn",
-        "pool",
-        "request_complete",
-        "pending",
-        "response_status",
-        "response_chunked",
-        "response_close",
+        "body_sent",
         "bytes_in",
         "bytes_out",
-        "started",
-        "upstream_started",
-        "upstream_elapsed",
-        "timer",
-        "last_activity",
+        "chain",
+        "conn",
+        "destination",
         "error_cause",
+        "front",
+        "head",
+        "last_activity",
+        "pending",
+        "pool",
+        "request_complete",
+        "response_chunked",
+        "response_close",
+        "response_status",
         "retried",
         "reused",
-        "body_sent",
+        "route",
+        "started",
+        "state",
+        "timer",
         "until_close",
+        "upstream_elapsed",
+        "upstream_started",
+        "upstream_target",
     )
 
     def __init__(self, front: IngressProtocol, head: RequestHead, started: float) -> None:
@@ -96,6 +101,7 @@ class ProxyExchange:
         self.reused = False
         self.body_sent = False
         self.until_close = False  # the upstream body ends when the upstream closes
+        self.chain: ChainRun | None = None  # the policies applied to this request
 
     # -- request side, driven by the front ---------------------------------------------------------
 
@@ -107,14 +113,73 @@ class ProxyExchange:
         if match is None:
             self.fail(errors.NO_ROUTE)
             return
-        self.api_key = match.api.key
+        api = match.api
+        self.api_key = api.key
         self.route = match.route
         self.destination = match.destination
         self.upstream_target = match.upstream_path.encode("latin-1") + head.query
+        if api.policies or match.destination.policies:
+            outcome = self._run_policies(api, match.destination)
+            if outcome is not None:
+                if isinstance(outcome, LocalResponse):
+                    self.respond_locally(outcome)
+                else:
+                    self.state = POLICIES
+                    if head.body != BODY_NONE and not self.request_complete:
+                        front.gate.hold(HELD)
+                    outcome.addCallback(self._policies_done)
+                return
+        self._connect()
+
+    def _run_policies(self, api: Api, destination: Destination) -> Any:
+        """Run the request phase of the policies whose rules select this request."""
+        head = self.head
+        front = self.front
+        method = head.method.decode("ascii")
+        rest = remaining_path(api, head.path)
+        selected = [
+            bound
+            for bound in api.policies + destination.policies
+            if not bound.rules
+            or rules_match(bound.rules, method, rest, head.authority, head.headers)
+        ]
+        if not selected:
+            return None
+        ctx = PolicyContext(head, front.client_ip, front.scheme_bytes.decode("ascii"), api.key)
+        self.chain = ChainRun(selected, ctx)
+        return self.chain.run()
+
+    def _policies_done(self, outcome: LocalResponse | None) -> None:
+        """A policy that did I/O has finished: answer locally or go on to the upstream."""
+        if self.state != POLICIES:
+            return  # the client went away meanwhile
+        if outcome is not None:
+            self.front.gate.release(HELD)
+            self.respond_locally(outcome)
+            return
+        self._connect()
+
+    def respond_locally(self, response: LocalResponse) -> None:
+        """Answer with a policy's response (the response phase adds its headers)."""
+        chain = self.chain
+        extra = chain.ctx.response_extra if chain is not None else None
+        self.response_status = response.status
+        self.state = DONE
+        self._stop_timer()
+        self.front.gate.release(HELD | BACKPRESSURE)
+        if self.error_cause is None and response.status >= 400:
+            self.error_cause = "policy_rejected"
+        self.front.send_error(self, response, extra)
+
+    def _connect(self) -> None:
+        """Ask the upstream pool for a connection."""
+        front = self.front
+        head = self.head
         self.state = CONNECTING
         self.upstream_started = front.clock.seconds()
         self.timer = front.clock.callLater(front.timeouts.stream_idle, self._on_timer)
-        pool = self.pool = front.pools.pool_for(match.destination.upstream)
+        assert self.destination is not None
+        pool = self.pool = front.pools.pool_for(self.destination.upstream)
         if head.body != BODY_NONE and not self.request_complete:
             front.gate.hold(HELD)  # until the upstream can take the body
         pool.acquire(self)
@@ -127,7 +192,7 @@ class ProxyExchange:
             # answer, or full-duplex streaming): keep forwarding it.
             self.last_activity = self.front.clock.seconds()
             self._send_body(data)
-        elif self.state < SENDING:
+        elif self.state < SENDING or self.state == POLICIES:
             if self.pending is None:
                 self.pending = [data]
             else:
@@ -208,7 +273,11 @@ class ProxyExchange:
         lines = [head.method, b" ", self.upstream_target, b" HTTP/1.1\r\n"]
         append = lines.append
         host_line_done = False
-        for name, value in head.headers:
+        chain = self.chain
+        headers = head.headers
+        if chain is not None and chain.ctx.request_headers_changed:
+            headers = chain.ctx.request_headers
+        for name, value in headers:
             lname = name.lower()
             if lname in HOP_BY_HOP or lname == b"content-length":
                 continue
@@ -292,6 +361,19 @@ class ProxyExchange:
             elif lname == b"connection":
                 connection_values.append(value)
         kept = response_headers_for_downstream(headers, connection_values)
+        chain = self.chain
+        if chain is not None:
+            ctx = chain.ctx
+            ctx.response_status = status
+            ctx.response_headers = kept
+            failed = chain.respond()
+            if failed is not None:
+                self._upstream_failed_with_response(failed)
+                return
+            status = self.response_status = ctx.response_status
+            kept = ctx.response_headers
+            if ctx.response_extra:
+                kept = kept + ctx.response_extra
         close = not head.keep_alive or front.draining or not self.request_complete
         no_body = head.method == b"HEAD" or status in (204, 304)
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
@@ -383,6 +465,15 @@ class ProxyExchange:
             self.pool.active -= 1  # type: ignore[union-attr]
         self._upstream_failed(errors.UPSTREAM_RESET, conn_gone=True)
 
+    def _upstream_failed_with_response(self, response: LocalResponse) -> None:
+        """A response-phase policy failed: drop the upstream connection, answer its 500."""
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            self.pool.discard(conn)  # type: ignore[union-attr]
+        self.chain = None
+        self.respond_locally(response)
+
     # -- failure and timing ----------------------------------------------------------------------
 
     def _upstream_failed(self, error: GatewayError, conn_gone: bool = False) -> None:
@@ -422,10 +513,13 @@ class ProxyExchange:
     def _on_timer(self) -> None:
         self.timer = None
         front = self.front
-        if self.state in (CONNECTING, SENDING) and self.response_status == 0:
-            if self.request_complete:
-                self.fail(errors.UPSTREAM_TIMEOUT)
-                return
+        if (
+            self.state in (CONNECTING, SENDING)
+            and self.response_status == 0
+            and self.request_complete
+        ):
+            self.fail(errors.UPSTREAM_TIMEOUT)
+            return
         idle = front.clock.seconds() - self.last_activity
         limit = front.timeouts.stream_idle
         if idle < limit:

@@ -23,8 +23,9 @@ from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.headers import HeaderList
 from flexgw.http.request import BODY_NONE, RequestHead, analyze_head, error_for_parser_message
-from flexgw.ingress.exchange import DONE, WAITING, ProxyExchange
+from flexgw.ingress.exchange import DONE, RESPONDING, WAITING, ProxyExchange
 from flexgw.ingress.routing import RouteMatch, select_route
+from flexgw.policies.base import LocalResponse
 from flexgw.upstream.connection import ReadGate
 from flexgw.upstream.pool import PoolManager
 
@@ -56,6 +57,8 @@ class IngressProtocol(Protocol):
         self.url = b""
         self.headers: HeaderList = []
         self.parsing: ProxyExchange | None = None  # exchange whose request is being received
+        self.starting: ProxyExchange | None = None  # head accepted; started when the parser returns
+        self.message_ended = False  # a request ended inside the chunk being parsed
         self.active: ProxyExchange | None = None  # exchange being proxied
         self.queue: deque[ProxyExchange] = deque()
         self.pending_refusal: GatewayError | None = None
@@ -71,7 +74,7 @@ class IngressProtocol(Protocol):
 
     # -- connection ------------------------------------------------------------------------------
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         """Record the peer, and close the connection if no request starts in time."""
         transport = self.transport
         self.gate = ReadGate(transport)
@@ -91,7 +94,7 @@ class IngressProtocol(Protocol):
         self.factory.connections.add(self)
         self.timer = self.clock.callLater(self.http.keepalive_timeout, self._on_timer)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = None) -> None:
         """Abandon whatever is in flight."""
         self.state = CLOSING
         self.factory.connections.discard(self)
@@ -102,10 +105,15 @@ class IngressProtocol(Protocol):
             self.factory.log_exchange(active)
         self.queue.clear()
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        """Feed the request parser; enforce the head size limit."""
+    def dataReceived(self, data: bytes) -> None:
+        """Feed the request parser; start an accepted request; enforce the head size limit.
+
+        A request is started (routed, sent upstream) only once the parser has returned, so that
+        a malformed body in the same chunk refuses it before the upstream sees anything.
+        """
         if self.state == CLOSING:
             return
+        self.message_ended = False
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -121,24 +129,39 @@ class IngressProtocol(Protocol):
                     self._refuse(errors.INTERNAL_ERROR)
                 else:
                     self._refuse(error_for_parser_message(str(exc)))
+            if self.starting is not None:
+                # A valid request came before the error: it is answered, then the refusal.
+                self._start()
             return
+        if self.starting is not None:
+            self._start()
         if self.state == HEAD:
+            if self.message_ended:
+                # This head began inside the chunk, after the previous request's end: the bytes
+                # before it are not its own. on_headers_complete checks a complete head exactly,
+                # and the following chunks count in full.
+                return
             self.head_bytes += len(data)
             if self.head_bytes > self.http.max_header_bytes:
                 self._refuse(errors.HEADERS_TOO_LARGE)
 
+    def _start(self) -> None:
+        exchange = self.starting
+        self.starting = None
+        if exchange is not None and exchange.state == WAITING:
+            exchange.start()
+
     def _on_upgrade(self, data: bytes, offset: int) -> None:
-        """llhttp stops at CONNECT and Upgrade requests."""
+        """llhttp stops after an Upgrade request's head (CONNECT was refused in the head)."""
         if self.state == CLOSING:
             return
-        if self.parser.get_method() == b"CONNECT":
-            self._refuse(errors.METHOD_NOT_ALLOWED)
-            return
-        # An Upgrade request is proxied as a plain request (Upgrade is hop-by-hop and is not
-        # forwarded); llhttp has stopped, so continue with a fresh parser on what followed.
+        # A body-less Upgrade request is proxied as a plain request (Upgrade is hop-by-hop and
+        # is not forwarded); llhttp has stopped, so continue with a fresh parser on what followed.
         self.parser = httptools.HttpRequestParser(self)
+        if self.starting is not None:
+            self._start()
         rest = data[offset:]
-        if rest:
+        if rest and self.state != CLOSING:
             self.dataReceived(rest)
 
     # -- httptools callbacks ---------------------------------------------------------------------
@@ -184,6 +207,10 @@ class IngressProtocol(Protocol):
         )
         if isinstance(head, GatewayError):
             raise _Refused(head)
+        if head.body != BODY_NONE and parser.should_upgrade():
+            # llhttp would hand the body over as upgraded bytes, and the fresh parser would read
+            # it as the next request: a smuggling vector. Upgrades are not tunnelled, so refuse.
+            raise _Refused(errors.bad_request("An Upgrade request with a body is not accepted"))
         self.state = BODY
         exchange = ProxyExchange(self, head, self.clock.seconds())
         self.parsing = exchange
@@ -192,7 +219,7 @@ class IngressProtocol(Protocol):
             if self.timer is not None:
                 self.timer.cancel()
                 self.timer = None
-            exchange.start()
+            self.starting = exchange
         else:
             self.queue.append(exchange)
 
@@ -206,6 +233,7 @@ class IngressProtocol(Protocol):
         """The request is fully received; stop reading until its response is done."""
         exchange = self.parsing
         self.parsing = None
+        self.message_ended = True
         if self.state != CLOSING:
             self.state = IDLE
         if exchange is not None and exchange.state != DONE:
@@ -245,15 +273,22 @@ class IngressProtocol(Protocol):
         self.state = CLOSING
         self.transport.abortConnection()
 
-    def send_error(self, exchange: ProxyExchange, error: GatewayError) -> None:
-        """Answer `error` for an exchange that has not sent a response head."""
+    def send_error(
+        self,
+        exchange: ProxyExchange,
+        error: GatewayError | LocalResponse,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        """Answer a gateway error or a policy's local response for an exchange that has not sent
+        a response head; `extra` headers (from policies) are added."""
         keep = (
             (exchange.request_complete or exchange.head.body == BODY_NONE)
             and exchange.head.keep_alive
             and self.state != CLOSING
             and self.pending_refusal is None
+            and not self.draining
         )
-        self.transport.write(error.render(close=not keep))
+        self.transport.write(error.render(not keep, extra or ()))
         self.factory.log_exchange(exchange)
         if self.active is exchange:
             self.active = None
@@ -286,9 +321,21 @@ class IngressProtocol(Protocol):
     def _refuse(self, error: GatewayError) -> None:
         """Answer a request the gateway will not proxy, then close the connection."""
         self.state = CLOSING
+        parsing = self.parsing
         self.parsing = None
         self.queue.clear()
-        if self.active is not None and self.active.state != DONE:
+        active = self.active
+        if active is not None and active.state != DONE:
+            if active is parsing:
+                # The request being proxied is itself malformed (its body): never let the
+                # upstream see it complete. Answer the error, or cut off a response under way.
+                if active.state == RESPONDING:
+                    active.error_cause = error.cause
+                    active.downstream_lost()
+                    self.exchange_aborted(active)
+                else:
+                    active.fail(error)
+                return
             # A response is still pending for an earlier request: answer after it.
             self.pending_refusal = error
             return
@@ -359,7 +406,7 @@ class IngressFactory(Factory):
             connection.http = http
             connection.timeouts = timeouts
 
-    def buildProtocol(self, addr: object) -> IngressProtocol:  # noqa: N802
+    def buildProtocol(self, addr: object) -> IngressProtocol:
         """A protocol for one accepted connection."""
         return IngressProtocol(self)
 

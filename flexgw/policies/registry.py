@@ -54,3 +54,8 @@ def names() -> list[str]:
     """Every registered kind's name."""
     _load()
     return sorted(_kinds)
+
+
+def unregister(name: str) -> None:
+    """Remove a registered kind (tests register kinds of their own)."""
+    _kinds.pop(name, None)

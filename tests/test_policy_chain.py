@@ -1,0 +1,187 @@
+"""The policy chain end to end: order, rules, local answers, async policies, failures, response phase."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from flexgw.policies import registry
+from flexgw.policies.base import (
+    IPolicy,
+    IPolicyKind,
+    LocalResponse,
+    PolicyConfigError,
+    PolicyContext,
+)
+from flexgw.testing import client
+from flexgw.testing.upstream import RecordingUpstream
+from tests.harness import Gateway, free_port
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "tag": {"type": "string"},
+        "deny": {"type": "boolean"},
+        "fail": {"type": "boolean"},
+        "delay": {"type": "boolean"},
+    },
+    "required": ["tag"],
+    "additionalProperties": False,
+}
+
+
+@implementer(IPolicy)
+@attrs.frozen
+class TagPolicy:
+    """Appends its tag to `X-Trail` on the way in and to `X-Back` on the way out."""
+
+    tag: str
+    deny: bool = False
+    fail: bool = False
+    delay: bool = False
+
+    def on_request(self, ctx: PolicyContext) -> Any:
+        """Tag the request; deny, raise or wait when configured to."""
+        if self.fail:
+            raise RuntimeError("boom")
+        trail = ctx.request_header(b"X-Trail") or b""
+        ctx.set_request_header(b"X-Trail", trail + self.tag.encode())
+        if self.deny:
+            ctx.add_response_header(b"X-Denied-By", self.tag.encode())
+            return LocalResponse.json_error(403, f"denied by {self.tag}")
+        if self.delay:
+            return deferLater(reactor, 0, lambda: None)
+        return None
+
+    def on_response(self, ctx: PolicyContext) -> None:
+        """Record the response-phase order."""
+        assert ctx.response_headers is not None
+        ctx.response_headers.append((b"X-Back", self.tag.encode()))
+
+
+@implementer(IPolicyKind)
+class TagKind:
+    """A test policy kind."""
+
+    name = "test-tag-policy"
+    schema = SCHEMA
+    phase = "inbound"
+
+    def build(self, config: dict[str, Any], context: Any) -> TagPolicy:
+        """Build from config; the tag 'bad' is a config error a schema cannot catch."""
+        if config["tag"] == "bad":
+            raise PolicyConfigError("tag 'bad' is not allowed", "tag")
+        return TagPolicy(**config)
+
+
+def binding(name: str, tag: str, order: int | None = None, extra: str = "", rules: str = "") -> str:
+    """A PolicyBinding document for the test kind."""
+    text = (
+        "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: PolicyBinding\n"
+        f"metadata: {{name: {name}}}\n"
+        "spec:\n  targetRef: {kind: ApiInstance, name: test-api}\n"
+        "  policyRef: {name: test-tag-policy}\n"
+        f"  config: {{tag: {tag}{extra}}}\n"
+    )
+    if order is not None:
+        text += f"  order: {order}\n"
+    if rules:
+        text += "  rules:\n" + rules
+    return text
+
+
+class PolicyChainTests(TestCase):
+    """Bindings of a registered kind run in order around the upstream call."""
+
+    def setUp(self) -> None:
+        """Register the test kind and start a recording upstream."""
+        registry.register(TagKind())
+        self.addCleanup(registry.unregister, "test-tag-policy")
+        self.upstream = RecordingUpstream(reactor=reactor)
+        self.upstream.listen(reactor)
+        self.addCleanup(self.upstream.stop)
+        self.port = free_port()
+
+    def start(self, bindings: str) -> Gateway:
+        """A gateway with one API and the given bindings."""
+        api = (
+            "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: ApiInstance\n"
+            "metadata: {name: test-api}\n"
+            f"spec:\n  address: http://127.0.0.1:{self.port}\n"
+            f"  services:\n    b:\n      address: http://127.0.0.1:{self.upstream.address[1]}\n"
+        )
+        gateway = Gateway(self, {"api.yaml": api + bindings})
+        gateway.start()
+        return gateway
+
+    async def get(self, path: bytes = b"/x", method: bytes = b"GET") -> client.Response:
+        """One request through the gateway."""
+        return await client.request(
+            reactor, "127.0.0.1", self.port, method + b" " + path + b" HTTP/1.1\r\nHost: t\r\n\r\n"
+        )
+
+    async def test_order_and_reverse_response_phase(self) -> None:
+        """Policies run by `order` on the request and in reverse on the response."""
+        self.start(binding("p-b", "B", 20) + binding("p-a", "A", 10) + binding("p-c", "C"))
+        response = await self.get()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(self.upstream.received[0].header("x-trail"), [b"ABC"])
+        self.assertEqual(response.header("x-back"), [b"C", b"B", b"A"])
+
+    async def test_local_response_stops_the_chain(self) -> None:
+        """A policy's local answer goes to the client; later policies and the upstream do not run."""
+        gateway = self.start(binding("p-a", "A", 1, ", deny: true") + binding("p-b", "B", 2))
+        response = await self.get()
+        self.assertEqual(response.status, 403)
+        self.assertEqual(response.header("x-denied-by"), [b"A"])
+        self.assertIn(b"denied by A", response.body)
+        self.assertEqual(self.upstream.received, [])
+        self.assertEqual(gateway.records()[-1]["status"], 403)
+
+    async def test_rules_select_requests(self) -> None:
+        """A binding whose rules do not match the request is skipped."""
+        rules = "    - methods: POST\n"
+        self.start(binding("p-a", "A", 1, ", deny: true", rules) + binding("p-b", "B", 2))
+        response = await self.get()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(self.upstream.received[0].header("x-trail"), [b"B"])
+        denied = await self.get(method=b"POST")
+        self.assertEqual(denied.status, 403)
+
+    async def test_async_policy(self) -> None:
+        """A policy returning a Deferred pauses the chain, which then goes on."""
+        self.start(binding("p-a", "A", 1, ", delay: true") + binding("p-b", "B", 2))
+        response = await self.get()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(self.upstream.received[0].header("x-trail"), [b"AB"])
+
+    async def test_raising_policy_is_a_500_with_correlation_id(self) -> None:
+        """A policy that raises answers 500 with a correlation id; the connection stays usable."""
+        self.start(binding("p-a", "A", 1, ", fail: true"))
+        response = await self.get()
+        self.assertEqual(response.status, 500)
+        self.assertEqual(response.header("x-flexgw-error"), [b"policy_error"])
+        correlation = response.header("x-correlation-id")[0]
+        self.assertIn(correlation, response.body)
+        self.assertEqual(self.upstream.received, [])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    async def test_config_error_fails_closed(self) -> None:
+        """A binding the kind refuses to build keeps its API from being served, with its location."""
+        gateway = self.start(binding("p-a", "bad", 1))
+        errors = [p for p in gateway.service.state.problems if p.severity == "error"]
+        self.assertTrue(any("tag 'bad'" in p.message and p.field == "spec.config.tag" for p in errors))
+        self.assertEqual(gateway.service.plan.listeners, ())
+
+    async def test_schema_error_located(self) -> None:
+        """A config key outside the kind's schema is reported at its line (warning, not strict)."""
+        gateway = self.start(binding("p-a", "A", 1, ", colour: red"))
+        warnings = [p for p in gateway.service.state.problems if "colour" in p.message]
+        self.assertEqual(len(warnings), 1)
+        self.assertEqual(warnings[0].severity, "warning")
+        self.assertEqual((warnings[0].line, warnings[0].column), (16, 20))
