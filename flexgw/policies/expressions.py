@@ -988,6 +988,9 @@ _UNSUPPORTED_OPERATORS = frozenset(
         "isDecimal", "isLeapYear", "daysBetween", "toBase64", "fromHex", "toHex",
     }
 )  # fmt: skip
+_VALID_NAMES = frozenset(
+    {*_FUNCTIONS, *_ROOTS, "true", "false", "null", "not", "if", "and", "or", "default"}
+)
 _STRINGS_SHORT = {
     "substringAfter", "substringAfterLast", "substringBefore", "substringBeforeLast",
 }  # fmt: skip
@@ -1033,7 +1036,7 @@ class _Parser:
         """Raise the best message for an unexpected token."""
         if t.kind == _OP and t.value in _TOKEN_MESSAGES:
             raise ExpressionError(_TOKEN_MESSAGES[t.value], t.start)
-        if t.kind == _ID:
+        if t.kind == _ID and t.value not in _VALID_NAMES:
             self.fail_identifier(t)
         raise ExpressionError(f"expected {expected}, found {self.describe(t)}", t.start)
 
@@ -1048,8 +1051,6 @@ class _Parser:
             raise ExpressionError(
                 f"'{name}' must be written with its module: dw::core::Strings::{name}", t.start
             )
-        if name in _FUNCTIONS or name in _ROOTS or name in ("true", "false", "null", "not"):
-            raise ExpressionError(f"unexpected '{name}'; an operator was expected", t.start)
         raise ExpressionError(
             f"unknown name '{name}': the variables are attributes, authentication, vars and "
             "payload",
