@@ -54,6 +54,16 @@ class PolicyConfigError(Exception):
         self.field = field
 
 
+@attrs.define
+class PolicyRuntime:
+    """What the running gateway lends policies: its reactor and clock, and state kept across
+    reloads (e.g. rate-limit counters), keyed by whatever the policy kind chooses."""
+
+    reactor: Any
+    clock: Any
+    shared: dict[str, Any] = attrs.Factory(dict)
+
+
 @attrs.frozen
 class BuildContext:
     """What a policy kind may use when building: names for logs, the clock, shared services."""

@@ -14,6 +14,7 @@ from flexgw.config.pipeline import ConfigState, load_config
 from flexgw.config.plan import GatewayPlan, Listener, Upstream
 from flexgw.http.accesslog import AccessLog
 from flexgw.ingress.front import IngressFactory
+from flexgw.policies.base import PolicyRuntime
 from flexgw.upstream.pool import PoolManager
 
 _log = Logger(namespace="flexgw")
@@ -46,6 +47,7 @@ class GatewayService(Service):
         self.loader = loader
         self.state: ConfigState | None = None
         self.pools = PoolManager(reactor, reactor)
+        self.runtime = PolicyRuntime(reactor=reactor, clock=reactor)
         self.factories: dict[tuple[str, int], IngressFactory] = {}
         self.ports: dict[tuple[str, int], IListeningPort] = {}
         self.reloads = 0
@@ -83,7 +85,13 @@ class GatewayService(Service):
 
     def reload(self) -> bool:
         """Compile the configuration again and swap it in. True when it had no errors."""
-        state = self.loader(self.conf_dirs, self.environ, previous=self.state, strict=self.strict)
+        state = self.loader(
+            self.conf_dirs,
+            self.environ,
+            previous=self.state,
+            strict=self.strict,
+            runtime=self.runtime,
+        )
         self.reloads += 1
         for problem in state.problems:
             if problem.severity == "error":
