@@ -90,6 +90,7 @@ class UpstreamConnection(Protocol):
         self._in_head = True
         self._head_only = False
         self._interim = False
+        self._complete = False  # the final response ended inside the current dataReceived
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -127,7 +128,12 @@ class UpstreamConnection(Protocol):
             self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        """Feed the response parser; a byte while idle means the upstream is broken: close."""
+        """Feed the response parser; a byte while idle means the upstream is broken: close.
+
+        The end of a response is reported only once the parser has returned, so that bytes
+        following it in the same read (which no request asked for) mark the connection unusable
+        instead of being taken as the answer to the next request.
+        """
         sink = self.sink
         if sink is None:
             self.reusable = False
@@ -138,12 +144,20 @@ class UpstreamConnection(Protocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self.reusable = False
-            if self.sink is not None:
+            if self.sink is not None and not self._complete:
                 self.sink.response_malformed("Unexpected protocol upgrade from upstream")
         except httptools.HttpParserError as exc:
             self.reusable = False
-            if self.sink is not None:
+            if self.sink is not None and not self._complete:
                 self.sink.response_malformed(str(exc))
+        if self._complete:
+            self._complete = False
+            if self._head_only:
+                # llhttp does not know the request was HEAD and would wait for a body.
+                self.parser = httptools.HttpResponseParser(self)
+            sink = self.sink
+            if sink is not None:
+                sink.response_complete()
 
     def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
         """Tell the exchange (if any) and leave the pool."""
@@ -155,6 +169,11 @@ class UpstreamConnection(Protocol):
             sink.upstream_lost(self.got_bytes)
 
     # -- httptools callbacks ---------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        """A response starts; one starting right after a complete response is unsolicited."""
+        if self._complete:
+            raise _Unsolicited()
 
     def on_status(self, reason: bytes) -> None:
         """Status line reason phrase."""
@@ -182,14 +201,14 @@ class UpstreamConnection(Protocol):
         if not keep_alive:
             self.reusable = False
         sink.response_head(status, self._reason, headers, keep_alive)
-        if self._head_only and self.sink is sink:
-            # llhttp does not know the request was HEAD: the response has no body whatever its
-            # Content-Length says. Finish here and start a fresh parser for the next response.
-            self.parser = httptools.HttpResponseParser(self)
-            sink.response_complete()
+        if self._head_only:
+            # A HEAD response has no body whatever its framing says: it is complete here.
+            self._complete = True
 
     def on_body(self, data: bytes) -> None:
         """A piece of the (de-chunked) response body."""
+        if self._complete:
+            raise _Unsolicited()  # bytes after a HEAD response's head
         sink = self.sink
         if sink is not None and not self._in_head:
             sink.response_body(data)
@@ -199,6 +218,9 @@ class UpstreamConnection(Protocol):
         if self._interim:
             self._interim = False
             return
-        sink = self.sink
-        if sink is not None and not self._in_head:
-            sink.response_complete()
+        if self.sink is not None and not self._in_head:
+            self._complete = True
+
+
+class _Unsolicited(Exception):
+    """Raised from a parser callback: the upstream sent bytes after a complete response."""
