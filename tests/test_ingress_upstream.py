@@ -16,6 +16,7 @@ from flexgw.testing.upstream import (
     function,
     malformed,
     never,
+    raw,
     sequence,
     stream,
 )
@@ -445,3 +446,51 @@ class ResponseFramingTests(UpstreamTestCase):
         self.assertEqual((response.status, response.body, response.chunked), (200, b"chunky", False))
         self.assertTrue(response.close_delimited)
         await self.settled(gateway, idle=1)
+
+
+class UnsolicitedBytesTests(UpstreamTestCase):
+    """Bytes an upstream sends beyond its response never answer a later request."""
+
+    EXTRA = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil"
+    )
+
+    async def test_extra_response_not_given_to_pipelined_request(self) -> None:
+        """A second, unsolicited response in the same read is not the answer to the next request."""
+        _gateway, upstream, port = await gateway_with_upstream(
+            self, sequence(raw(self.EXTRA, close=False), fixed(body=b"good"))
+        )
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(conn.abort)
+        conn.send(GET + GET)
+        bodies = [(await conn.read_final_response()).body for _ in range(2)]
+        self.assertEqual(bodies, [b"ok", b"good"])
+        self.assertEqual([r.connection for r in upstream.received], [0, 1])
+
+    async def test_connection_with_extra_bytes_not_reused(self) -> None:
+        """The upstream connection that sent bytes beyond its response is closed, not pooled."""
+        _gateway, upstream, port = await gateway_with_upstream(
+            self, sequence(raw(self.EXTRA, close=False), fixed(body=b"good"))
+        )
+        self.assertEqual((await client.request(reactor, "127.0.0.1", port, GET)).body, b"ok")
+        await upstream.wait_for_disconnections(1)
+        self.assertEqual((await client.request(reactor, "127.0.0.1", port, GET)).body, b"good")
+        self.assertEqual([r.connection for r in upstream.received], [0, 1])
+
+    async def test_body_after_head_response_not_forwarded(self) -> None:
+        """A body wrongly sent for HEAD reaches no one, and the connection is not reused."""
+        _gateway, upstream, port = await gateway_with_upstream(
+            self,
+            sequence(
+                raw(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nHTTP/1.1", close=False),
+                fixed(body=b"good"),
+            ),
+        )
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(conn.abort)
+        conn.send(b"HEAD /items HTTP/1.1\r\nHost: example.test\r\n\r\n" + GET)
+        head = await conn.read_final_response(head=True)
+        self.assertEqual((head.status, head.body), (200, b""))
+        self.assertEqual((await conn.read_final_response()).body, b"good")
+        self.assertEqual([r.connection for r in upstream.received], [0, 1])
