@@ -137,6 +137,11 @@ class PolicyContext:
         self.response_headers: HeaderList | None = None
         self.response_extra: HeaderList | None = None  # headers to add to any response
         self._expression_context: Any = None
+        # The whole request body, when a selected policy has `needs_body` (buffered, bounded).
+        self.body: bytes | None = None
+        # Per-request timeout overrides in seconds (response-timeout / stream-idle-timeout).
+        self.response_timeout: float | None = None
+        self.stream_idle_timeout: float | None = None
 
     # -- request headers -------------------------------------------------------------------------
 
