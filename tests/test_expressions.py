@@ -701,7 +701,8 @@ class ContextTests(SynchronousTestCase):
         self.assertIsNone(ev("payload"))
 
     def test_views_are_lazy(self) -> None:
-        """The header list is not read unless an expression reads headers, and only once."""
+        """The header list is not read unless an expression reads headers; the whole view is
+        built once and then serves every header lookup."""
 
         class CountingHeaders(list[tuple[bytes, bytes]]):
             """A header list that counts how often it is iterated."""
@@ -715,9 +716,31 @@ class ContextTests(SynchronousTestCase):
         ctx = make_ctx(headers=CountingHeaders(HEADERS))
         ev("attributes.method ++ attributes.requestPath ++ attributes.remoteAddress", ctx)
         self.assertEqual(CountingHeaders.reads, 0)
-        ev("attributes.headers['x-user']", ctx)
-        ev("attributes.headers['accept']", ctx)
+        self.assertEqual(ev("attributes.headers['x-user']", ctx), "alice")
         self.assertEqual(CountingHeaders.reads, 1)
+        ev("sizeOf(attributes.headers)", ctx)
+        self.assertEqual(CountingHeaders.reads, 2)
+        self.assertEqual(ev("attributes.headers['accept']", ctx), "text/html,application/json")
+        ev("attributes.headers", ctx)
+        self.assertEqual(CountingHeaders.reads, 2)
+
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from([b"A", b"a", b"X-Y", b"x-y", b"Cookie", b"cookie", b"\xc0"]),
+                st.binary(max_size=5),
+            ),
+            max_size=8,
+        ),
+        st.sampled_from(["a", "A", "x-y", "cookie", "\xc0", "\xe0", "z", "\u20ac"]),
+    )
+    def test_header_lookup_agrees_with_view(self, raw: list[tuple[bytes, bytes]], key: str) -> None:
+        """A single-header lookup before and after the view exists gives the same value."""
+        ctx = make_ctx(headers=raw)
+        source = f"attributes.headers[{quote(key)}]"
+        before = ev(source, ctx)
+        whole = ev("attributes.headers", ctx)
+        self.assertEqual((before, ev(source, ctx)), (whole.get(key), whole.get(key)))
 
     def test_unknown_attribute_fields_rejected(self) -> None:
         """attributes.<unknown> and authentication.<unknown> are compile errors (typos)."""

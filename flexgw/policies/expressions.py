@@ -689,7 +689,7 @@ def _build_headers(raw: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
     """The `attributes.headers` object from raw header pairs."""
     out: dict[str, str] = {}
     for name, value in raw:
-        k = name.decode("latin-1").lower()
+        k = name.lower().decode("latin-1")  # ASCII-only lowering, as HTTP header names
         v = value.decode("latin-1")
         prev = out.get(k)
         if prev is None:
@@ -904,13 +904,21 @@ def _scan_string(src: str, i: int) -> tuple[str, int]:
 class _Node:
     """A compiled sub-expression: its closure, and its value when it is a constant."""
 
-    __slots__ = ("const", "fn", "is_dict", "value")
+    __slots__ = ("const", "fn", "is_dict", "is_headers", "value")
 
-    def __init__(self, fn: Fn, const: bool = False, value: Any = None, is_dict: bool = False):
+    def __init__(
+        self,
+        fn: Fn,
+        const: bool = False,
+        value: Any = None,
+        is_dict: bool = False,
+        is_headers: bool = False,
+    ) -> None:
         self.fn = fn
         self.const = const
         self.value = value
         self.is_dict = is_dict
+        self.is_headers = is_headers
 
 
 def _constant(value: Any) -> _Node:
@@ -1298,7 +1306,11 @@ class _Parser:
                 self.take()
                 if name == "attributes":
                     getter = _ATTRIBUTE_GETTERS[field.value]
-                    return _Node(getter, is_dict=field.value in ("headers", "queryParams"))
+                    return _Node(
+                        getter,
+                        is_dict=field.value in ("headers", "queryParams"),
+                        is_headers=field.value == "headers",
+                    )
                 return _auth_field(field.value)
         return _Node(_ROOTS[name])
 
@@ -1309,6 +1321,10 @@ class _Parser:
         impl = f.impl
         if f.arity == 0:
             return _Node(lambda c: impl())
+        if f.name == "contains" and args[0].const:
+            fast = _contains_in_constant(args[0].value, args[1])
+            if fast is not None:
+                return fast
         if f.arity == 1:
             a = args[0].fn
             node = _Node(lambda c: impl(a(c)))
@@ -1324,6 +1340,25 @@ class _Parser:
         return _fold(node, args, lambda: impl(*(x.value for x in args)))
 
 
+def _contains_in_constant(items: Any, needle: _Node) -> _Node | None:
+    """`[200, 203, ...] contains x` as a set lookup when the array holds only strings/numbers."""
+    if not isinstance(items, list) or needle.const:
+        return None
+    if not all(type(x) in (str, int, float) for x in items):
+        return None
+    members = frozenset(items)
+    nf = needle.fn
+
+    def contains(c: ExpressionContext) -> bool:
+        v = nf(c)
+        t = type(v)
+        if t is str or t is int or t is float:
+            return v in members
+        return _fn_contains(items, v)
+
+    return _Node(contains)
+
+
 def _auth_field(field: str) -> _Node:
     """`authentication.<field>`: null when nobody authenticated."""
 
@@ -1334,11 +1369,42 @@ def _auth_field(field: str) -> _Node:
     return _Node(get)
 
 
+def _scan_header(raw: Sequence[tuple[bytes, bytes]], kb: bytes, sep: str) -> str | None:
+    """One header's value straight from the raw list, as `_build_headers` would give it."""
+    found: str | None = None
+    n = len(kb)
+    for name, value in raw:
+        if len(name) == n and name.lower() == kb:
+            v = value.decode("latin-1")
+            found = v if found is None else found + sep + v
+    return found
+
+
+def _header_node(key: str) -> _Node:
+    """`attributes.headers['key']`: the built view when it exists, else a scan of the raw list
+    (cheaper than building the view for an expression that reads one or two headers)."""
+    try:
+        kb = key.encode("latin-1")
+    except UnicodeEncodeError:
+        return _constant(None)  # no header name can decode to it
+    sep = COOKIE_JOIN if key == "cookie" else HEADER_JOIN
+
+    def header(c: ExpressionContext) -> str | None:
+        h = c._headers
+        if h is not None:
+            return h.get(key)
+        return _scan_header(c._raw_headers, kb, sep)
+
+    return _Node(header)
+
+
 def _select_node(target: _Node, key: _Node) -> _Node:
     """`target[key]` / `target.key`, specialised for constant keys and known dicts."""
     tf = target.fn
     if key.const:
         k = key.value
+        if target.is_headers and type(k) is str:
+            return _header_node(k)
         if target.is_dict and type(k) is str:
             return _Node(lambda c: tf(c).get(k))
 
