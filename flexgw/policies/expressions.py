@@ -51,12 +51,15 @@ wins), `queryString`, `requestPath`, `requestUri`, `localAddress`, `remoteAddres
 (whatever the caller supplies; `references` tells a policy it must buffer the body).
 
 Evaluation is a tree of closures built at compile time; constant sub-expressions are folded,
-`x.key` on a known dict is one `dict.get`. No Python `eval`, no attribute access on values, no
-loops in the language, parser nesting bounded. Measured with `bench/expressions.py` (CPython
-3.11, one core of the development machine): `attributes.headers['x-user']` 0.25 us per
-evaluation once the request's header view exists and 2.5 us including building that view from
-10 raw headers; `attributes.method == 'GET' or attributes.method == 'HEAD'` 0.4 us; a context
-from `from_request` costs 0.5 us.
+`attributes.headers['k']` scans the raw header list (no view built) until some expression has
+built the whole `attributes.headers` view, and `[200, 203, ...] contains x` is a set lookup. No
+Python `eval`, no attribute access on values, no loops in the language, parser nesting bounded.
+Measured with `bench/expressions.py` (CPython 3.11, 2-core development VM, load ~1.4, so
++/-30%): `#[attributes.headers['x-user']]` over 10 headers 0.8 us per evaluation, 1.8 us
+including `from_request` (0.5 us); `#[attributes.method == 'GET' or attributes.method ==
+'HEAD']` 0.23 us; `#[vars.claimSet.sub]` 0.27 us; `#[attributes.queryParams['debug'] ==
+'true']` 2.6 us on a fresh context (query parsing), 0.23 us after; compiling a typical
+expression 40-80 us.
 """
 
 from __future__ import annotations
