@@ -116,12 +116,15 @@ class PolicyContext:
         "_request_headers",
         "api",
         "authentication",
+        "body",
         "client_ip",
         "head",
         "response_extra",
         "response_headers",
         "response_status",
+        "response_timeout",
         "scheme",
+        "stream_idle_timeout",
         "vars",
     )
 
