@@ -84,7 +84,11 @@ class GatewayService(Service):
         return stopped.addBoth(_after)
 
     def reload(self) -> bool:
-        """Compile the configuration again and swap it in. True when it had no errors."""
+        """Compile the configuration again and swap it in. True when it had no errors.
+
+        A listener that cannot be bound is an error too: the reload is not ok, the rest of the
+        plan serves, and the next reload tries to bind it again.
+        """
         state = self.loader(
             self.conf_dirs,
             self.environ,
@@ -99,8 +103,9 @@ class GatewayService(Service):
             else:
                 _log.warn("{problem}", problem=str(problem))
         self.state = state
-        self._apply(state.plan)
-        self.last_reload_ok = state.ok
+        bound = self._apply(state.plan)
+        ok = state.ok and bound
+        self.last_reload_ok = ok
         _log.info(
             "Configuration generation {generation} applied: {apis} API(s) on {listeners}"
             " listener(s), {errors} error(s)",
@@ -109,9 +114,10 @@ class GatewayService(Service):
             listeners=len(state.plan.listeners),
             errors=sum(1 for p in state.problems if p.severity == "error"),
         )
-        return state.ok
+        return ok
 
-    def _apply(self, plan: GatewayPlan) -> None:
+    def _apply(self, plan: GatewayPlan) -> bool:
+        """Swap `plan` in; False when a listener could not be bound."""
         upstreams: set[Upstream] = {
             destination.upstream
             for listener in plan.listeners
@@ -125,14 +131,16 @@ class GatewayService(Service):
             _log.info("Closing listener {host}:{port}", host=address[0], port=address[1])
             self.ports.pop(address).stopListening()
             self.factories.pop(address, None)
+        bound = True
         for address, listener in wanted.items():
             factory = self.factories.get(address)
             if factory is not None:
                 factory.update(listener, plan.http, plan.timeouts)
                 continue
-            self._bind(listener, plan)
+            bound = self._bind(listener, plan) and bound
+        return bound
 
-    def _bind(self, listener: Listener, plan: GatewayPlan) -> None:
+    def _bind(self, listener: Listener, plan: GatewayPlan) -> bool:
         factory = IngressFactory(
             self.reactor,
             self.reactor,
@@ -152,10 +160,11 @@ class GatewayService(Service):
                 port=listener.port,
                 error=exc,
             )
-            return
+            return False
         self.factories[listener.address] = factory
         self.ports[listener.address] = port
         _log.info("Listening on {host}:{port}", host=listener.host, port=listener.port)
+        return True
 
     def bound_port(self, host: str, port: int) -> int | None:
         """The actual port number of a listener (useful when the plan asked for port 0)."""
