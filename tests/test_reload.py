@@ -213,3 +213,25 @@ class BadConfigurationTests(ReloadTestCase):
         self.assertTrue(gateway.service.reload())
         self.assertEqual(await self.body(port), b"200 two")
         self.assertEqual(pool_counts(gateway)[-1][1:], (0, 0))
+
+
+class BindFailureTests(ReloadTestCase):
+    """A listener that cannot be bound makes the reload not ok; the rest keeps serving."""
+
+    async def test_port_in_use_reported_and_retried(self) -> None:
+        """Reload adding an API on a busy port returns False; a later reload binds it once free."""
+        from twisted.internet.protocol import Factory
+
+        up = self.upstream(fixed(body=b"up"))
+        port, busy = free_port(), free_port()
+        occupier = reactor.listenTCP(busy, Factory(), interface="127.0.0.1")  # type: ignore[attr-defined]
+        self.addCleanup(lambda: occupier.stopListening() if occupier.connected else None)
+        gateway = self.gateway({"a.yaml": api("a", port, up.address[1])})
+        gateway.write({"b.yaml": api("b", busy, up.address[1])})
+        self.assertFalse(gateway.service.reload())
+        self.assertFalse(gateway.service.last_reload_ok)
+        self.assertEqual(await self.body(port), b"200 up")
+        self.flushLoggedErrors()
+        await occupier.stopListening()
+        self.assertTrue(gateway.service.reload())
+        self.assertEqual(await self.body(busy), b"200 up")
