@@ -146,6 +146,8 @@ class ProxyExchange:
         if not selected:
             return None
         ctx = PolicyContext(head, front.client_ip, front.scheme_bytes.decode("ascii"), api.key)
+        if front.trusted_peer:
+            ctx.trusted_proxies = front.http.trusted_proxies
         self.chain = ChainRun(selected, ctx)
         return self.chain.run()
 

@@ -125,6 +125,7 @@ class PolicyContext:
         "response_timeout",
         "scheme",
         "stream_idle_timeout",
+        "trusted_proxies",
         "vars",
     )
 
@@ -145,6 +146,9 @@ class PolicyContext:
         # Per-request timeout overrides in seconds (response-timeout / stream-idle-timeout).
         self.response_timeout: float | None = None
         self.stream_idle_timeout: float | None = None
+        # `Configuration.spec.http.trustedProxies` when the socket peer is one of them, else ():
+        # only then may X-Forwarded-For hops be believed (walked from the right, not the left).
+        self.trusted_proxies: tuple[Any, ...] = ()
 
     # -- request headers -------------------------------------------------------------------------
 
