@@ -112,10 +112,10 @@ class PolicyContext:
     headers (mutable, copied on first change), variables, authentication and the response head."""
 
     __slots__ = (
+        "_authentication",
         "_expression_context",
         "_request_headers",
         "api",
-        "authentication",
         "body",
         "client_ip",
         "head",
@@ -135,7 +135,7 @@ class PolicyContext:
         self.scheme = scheme
         self.api = api
         self.vars: dict[str, Any] = {}
-        self.authentication: dict[str, Any] | None = None
+        self._authentication: dict[str, Any] | None = None
         self._request_headers: HeaderList | None = None
         self.response_status = 0
         self.response_headers: HeaderList | None = None
@@ -149,6 +149,17 @@ class PolicyContext:
         # `Configuration.spec.http.trustedProxies` when the socket peer is one of them, else ():
         # only then may X-Forwarded-For hops be believed (walked from the right, not the left).
         self.trusted_proxies: tuple[Any, ...] = ()
+
+    @property
+    def authentication(self) -> dict[str, Any] | None:
+        """Who the request authenticated as (`principal`, `clientId`, `clientName`, `properties`)."""
+        return self._authentication
+
+    @authentication.setter
+    def authentication(self, value: dict[str, Any] | None) -> None:
+        """Set by an auth policy; later `#[authentication.*]` expressions see the new value."""
+        self._authentication = value
+        self._expression_context = None  # built with the old value: rebuild on next use
 
     # -- request headers -------------------------------------------------------------------------
 
