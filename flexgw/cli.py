@@ -90,6 +90,7 @@ def plan_json(plan: GatewayPlan) -> dict[str, Any]:
             "rewriteHostHeader": http.rewrite_host,
             "trustedProxies": [str(net) for net in http.trusted_proxies],
             "maxIdleConnectionsPerUpstream": http.max_idle_per_upstream,
+            "bodyBufferLimitBytes": http.body_buffer_limit,
         },
         "problems": [_problem_json(p) for p in plan.problems],
     }

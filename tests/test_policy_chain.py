@@ -185,3 +185,128 @@ class PolicyChainTests(TestCase):
         self.assertEqual(len(warnings), 1)
         self.assertEqual(warnings[0].severity, "warning")
         self.assertEqual((warnings[0].line, warnings[0].column), (16, 20))
+
+
+@implementer(IPolicy)
+@attrs.frozen
+class BodyPolicy:
+    """Sees the buffered body; rejects bodies containing `evil`, and can override timeouts."""
+
+    needs_body = True
+    response_timeout: float | None = None
+
+    def on_request(self, ctx: PolicyContext) -> Any:
+        """Reject bodies with 'evil'; copy the body length upstream; set a timeout override."""
+        assert ctx.body is not None
+        if b"evil" in ctx.body:
+            return LocalResponse.json_error(400, "evil body")
+        ctx.set_request_header(b"X-Body-Length", str(len(ctx.body)).encode())
+        if self.response_timeout is not None:
+            ctx.response_timeout = self.response_timeout
+        return None
+
+    def on_response(self, ctx: PolicyContext) -> None:
+        """Nothing on the way back."""
+
+
+@implementer(IPolicyKind)
+class BodyKind:
+    """A test kind whose policy needs the request body."""
+
+    name = "test-body-policy"
+    schema: dict[str, Any] = {  # noqa: RUF012 (a constant)
+        "type": "object",
+        "properties": {"responseTimeout": {"type": "number"}},
+        "additionalProperties": False,
+    }
+    phase = "inbound"
+
+    def build(self, config: dict[str, Any], context: Any) -> BodyPolicy:
+        """Build from config."""
+        return BodyPolicy(config.get("responseTimeout"))
+
+
+class BodyBufferingTests(TestCase):
+    """Policies with needs_body get the whole body, bounded; the upstream still gets it intact."""
+
+    def setUp(self) -> None:
+        """Register the body kind; start a recording upstream."""
+        registry.register(BodyKind())
+        self.addCleanup(registry.unregister, "test-body-policy")
+        self.upstream = RecordingUpstream(reactor=reactor)
+        self.upstream.listen(reactor)
+        self.addCleanup(self.upstream.stop)
+        self.port = free_port()
+
+    def start(self, config: str = "{}", settings: str = "") -> Gateway:
+        """A gateway whose API binds the body policy."""
+        text = (
+            "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: ApiInstance\n"
+            "metadata: {name: test-api}\n"
+            f"spec:\n  address: http://127.0.0.1:{self.port}\n"
+            f"  services:\n    b:\n      address: http://127.0.0.1:{self.upstream.address[1]}\n"
+            "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: PolicyBinding\n"
+            "metadata: {name: body}\n"
+            "spec:\n  targetRef: {kind: ApiInstance, name: test-api}\n"
+            f"  policyRef: {{name: test-body-policy}}\n  config: {config}\n"
+        )
+        if settings:
+            text += (
+                "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: Configuration\n"
+                "metadata: {name: s}\nspec:\n" + settings
+            )
+        gateway = Gateway(self, {"api.yaml": text})
+        gateway.start()
+        return gateway
+
+    async def post(self, body: bytes, chunked: bool = False) -> client.Response:
+        """POST `body` (Content-Length or in two chunks)."""
+        if chunked:
+            half = len(body) // 2
+            framed = b"".join(
+                b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:half], body[half:]) if part
+            )
+            raw = (
+                b"POST /x HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + framed
+                + b"0\r\n\r\n"
+            )
+        else:
+            raw = b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        return await client.request(reactor, "127.0.0.1", self.port, raw)
+
+    async def test_body_seen_and_forwarded(self) -> None:
+        """The policy sees the whole body; the upstream receives it unchanged (both framings)."""
+        self.start()
+        for chunked in (False, True):
+            body = b"hello world " * 1000
+            response = await self.post(body, chunked)
+            self.assertEqual(response.status, 200)
+            seen = self.upstream.received[-1]
+            self.assertEqual(seen.body, body)
+            self.assertEqual(seen.header("x-body-length"), [str(len(body)).encode()])
+
+    async def test_policy_rejects_on_body(self) -> None:
+        """A policy can reject on the body's content; the upstream sees nothing."""
+        self.start()
+        response = await self.post(b"some evil content")
+        self.assertEqual(response.status, 400)
+        self.assertEqual(self.upstream.received, [])
+
+    async def test_over_limit_is_413(self) -> None:
+        """A body over the buffering limit is refused with 413 before the upstream sees it."""
+        self.start(settings="  http: {bodyBufferLimitBytes: 1000}\n")
+        response = await self.post(b"x" * 5000)
+        self.assertEqual(response.status, 413)
+        self.assertEqual(response.header("x-flexgw-error"), [b"payload_too_large"])
+        self.assertEqual(self.upstream.received, [])
+
+    async def test_response_timeout_override(self) -> None:
+        """A policy's response timeout override applies to that request (504)."""
+        from flexgw.testing.upstream import never
+
+        self.upstream.responder = never()
+        self.start(config="{responseTimeout: 0.2}")
+        response = await self.post(b"slow please")
+        self.assertEqual(response.status, 504)
+        self.assertEqual(response.header("x-flexgw-error"), [b"upstream_timeout"])

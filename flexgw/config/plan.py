@@ -116,6 +116,7 @@ class HttpSettings:
     rewrite_host: bool = True  # Flex's FLEX_REWRITE_HOST_HEADER default
     trusted_proxies: tuple[IPNetwork, ...] = ()  # peers whose X-Forwarded-* headers are kept
     max_idle_per_upstream: int = 128  # idle pooled connections kept per upstream
+    body_buffer_limit: int = 1024 * 1024  # bodies policies buffer; over it: 413
 
 
 @attrs.frozen

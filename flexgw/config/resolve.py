@@ -233,6 +233,13 @@ def _settings(
         max_idle_per_upstream=int(
             first(pick("http", "maxIdleConnectionsPerUpstream"), base.max_idle_per_upstream)
         ),
+        body_buffer_limit=int(
+            first(
+                pick("http", "bodyBufferLimitBytes"),
+                _env_float(environ, "FLEX_DOWNSTREAM_CONNECTION_BUFFER_LIMIT_BYTES", problems),
+                base.body_buffer_limit,
+            )
+        ),
     )
     return timeouts, http
 

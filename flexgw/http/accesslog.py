@@ -62,7 +62,7 @@ class AccessLog:
         if second != self._second:
             self._second = second
             self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return "%s.%03dZ" % (self._second_text, int((now - second) * 1000))
+        return f"{self._second_text}.{int((now - second) * 1000):03d}Z"
 
     def exchange(self, exchange: ProxyExchange, listener: Listener) -> None:
         """Record a proxied (or gateway-answered) request."""

@@ -72,4 +72,7 @@ UPSTREAM_RESET = GatewayError(
 UPSTREAM_BAD_RESPONSE = GatewayError(
     502, "upstream_bad_response", "The upstream service sent a malformed response"
 )
+PAYLOAD_TOO_LARGE = GatewayError(
+    413, "payload_too_large", "The request body exceeds the buffering limit"
+)
 INTERNAL_ERROR = GatewayError(500, "internal_error", "Internal gateway error")

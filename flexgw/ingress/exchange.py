@@ -8,7 +8,7 @@ registered as the producer of the receiving side, so a slow reader pauses the fa
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.python.failure import Failure
 
@@ -39,6 +39,7 @@ SENDING = 2  # upstream connected; request head (and maybe body) being sent
 RESPONDING = 3  # response head forwarded; body streaming back
 DONE = 4
 POLICIES = 5  # waiting for a policy that does I/O (state compared by identity, not order)
+BUFFERING = 6  # receiving the whole body for a policy that reads it (compared by identity)
 
 
 class ProxyExchange:
@@ -118,21 +119,22 @@ class ProxyExchange:
         self.route = match.route
         self.destination = match.destination
         self.upstream_target = match.upstream_path.encode("latin-1") + head.query
-        if api.policies or match.destination.policies:
-            outcome = self._run_policies(api, match.destination)
-            if outcome is not None:
-                if isinstance(outcome, LocalResponse):
-                    self.respond_locally(outcome)
-                else:
-                    self.state = POLICIES
-                    if head.body != BODY_NONE and not self.request_complete:
-                        front.gate.hold(HELD)
-                    outcome.addCallback(self._policies_done)
+        if (api.policies or match.destination.policies) and self._select_policies(
+            api, match.destination
+        ):
+            if head.body != BODY_NONE and any(b.needs_body for b in self.chain.policies):
+                # A policy reads the body: receive it whole (bounded) before the chain runs.
+                self.state = BUFFERING
+                self.timer = front.clock.callLater(self._stream_idle_timeout(), self._on_timer)
+                if self.request_complete:
+                    self._body_buffered()
                 return
+            self._run_chain()
+            return
         self._connect()
 
-    def _run_policies(self, api: Api, destination: Destination) -> Any:
-        """Run the request phase of the policies whose rules select this request."""
+    def _select_policies(self, api: Api, destination: Destination) -> bool:
+        """Prepare the chain of the policies whose rules select this request (False: none)."""
         head = self.head
         front = self.front
         method = head.method.decode("ascii")
@@ -144,12 +146,38 @@ class ProxyExchange:
             or rules_match(bound.rules, method, rest, head.authority, head.headers)
         ]
         if not selected:
-            return None
+            return False
         ctx = PolicyContext(head, front.client_ip, front.scheme_bytes.decode("ascii"), api.key)
         if front.trusted_peer:
             ctx.trusted_proxies = front.http.trusted_proxies
         self.chain = ChainRun(selected, ctx)
-        return self.chain.run()
+        return True
+
+    def _run_chain(self) -> None:
+        """Run the request phase; then answer locally, wait for a policy's I/O, or connect."""
+        assert self.chain is not None
+        outcome = self.chain.run()
+        if outcome is None:
+            self._connect()
+        elif isinstance(outcome, LocalResponse):
+            self.respond_locally(outcome)
+        else:
+            self.state = POLICIES
+            if self.head.body != BODY_NONE and not self.request_complete:
+                self.front.gate.hold(HELD)
+            outcome.addCallback(self._policies_done)
+
+    def _body_buffered(self) -> None:
+        """The body a policy needs is complete: hand it to the chain, then run the chain."""
+        assert self.chain is not None
+        if self.bytes_in > self.front.http.body_buffer_limit:
+            self.fail(errors.PAYLOAD_TOO_LARGE)
+            return
+        pending = self.pending or []
+        body = pending[0] if len(pending) == 1 else b"".join(pending)
+        self.pending = [body] if body else None
+        self.chain.ctx.body = body
+        self._run_chain()
 
     def _policies_done(self, outcome: LocalResponse | None) -> None:
         """A policy that did I/O has finished: answer locally or go on to the upstream."""
@@ -179,7 +207,8 @@ class ProxyExchange:
         head = self.head
         self.state = CONNECTING
         self.upstream_started = front.clock.seconds()
-        self.timer = front.clock.callLater(front.timeouts.stream_idle, self._on_timer)
+        self._stop_timer()
+        self.timer = front.clock.callLater(self._stream_idle_timeout(), self._on_timer)
         assert self.destination is not None
         pool = self.pool = front.pools.pool_for(self.destination.upstream)
         if head.body != BODY_NONE and not self.request_complete:
@@ -194,17 +223,23 @@ class ProxyExchange:
             # answer, or full-duplex streaming): keep forwarding it.
             self.last_activity = self.front.clock.seconds()
             self._send_body(data)
-        elif self.state < SENDING or self.state == POLICIES:
+        elif self.state < SENDING or self.state == POLICIES or self.state == BUFFERING:
             if self.pending is None:
                 self.pending = [data]
             else:
                 self.pending.append(data)
+            if self.state == BUFFERING:
+                self.last_activity = self.front.clock.seconds()
+                if self.bytes_in > self.front.http.body_buffer_limit:
+                    self.fail(errors.PAYLOAD_TOO_LARGE)
 
     def request_done(self) -> None:
         """The whole request has been received."""
         self.request_complete = True
         if self.state == SENDING or self.state == RESPONDING:
             self._finish_request()
+        elif self.state == BUFFERING:
+            self._body_buffered()
 
     def _send_body(self, data: bytes) -> None:
         transport = self.conn.transport  # type: ignore[union-attr]
@@ -225,9 +260,11 @@ class ProxyExchange:
         if self.response_status == 0 and self.timer is not None:
             # Cancel and re-create: reset() to an earlier time scans the reactor's timer heap.
             self.timer.cancel()
-            self.timer = self.front.clock.callLater(
-                self.front.timeouts.upstream_response, self._on_timer
-            )
+            chain = self.chain
+            timeout = self.front.timeouts.upstream_response
+            if chain is not None and chain.ctx.response_timeout is not None:
+                timeout = chain.ctx.response_timeout
+            self.timer = self.front.clock.callLater(timeout, self._on_timer)
 
     # -- the pool's callbacks --------------------------------------------------------------------
 
@@ -348,7 +385,7 @@ class ProxyExchange:
         self.last_activity = now = front.clock.seconds()
         self.upstream_elapsed = now - self.upstream_started
         if self.timer is not None:
-            self.timer.reset(front.timeouts.stream_idle)
+            self.timer.reset(self._stream_idle_timeout())
         self.state = RESPONDING
         head = self.head
         connection_values = []
@@ -523,7 +560,7 @@ class ProxyExchange:
             self.fail(errors.UPSTREAM_TIMEOUT)
             return
         idle = front.clock.seconds() - self.last_activity
-        limit = front.timeouts.stream_idle
+        limit = self._stream_idle_timeout()
         if idle < limit:
             self.timer = front.clock.callLater(limit - idle, self._on_timer)
             return
@@ -531,6 +568,13 @@ class ProxyExchange:
             self._upstream_failed(errors.STREAM_IDLE_TIMEOUT)
         else:
             self.fail(errors.STREAM_IDLE_TIMEOUT)
+
+    def _stream_idle_timeout(self) -> float:
+        """The stream idle timeout for this request (a policy may override the gateway's)."""
+        chain = self.chain
+        if chain is not None and chain.ctx.stream_idle_timeout is not None:
+            return chain.ctx.stream_idle_timeout
+        return self.front.timeouts.stream_idle
 
     def _stop_timer(self) -> None:
         timer = self.timer
