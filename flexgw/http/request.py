@@ -78,9 +78,8 @@ def analyze_head(
             body = BODY_CHUNKED
         elif lname == b"connection":
             connection_values.append(value)
-        elif lname == b"expect":
-            if value.strip().lower() == b"100-continue":
-                expect_continue = True
+        elif lname == b"expect" and value.strip().lower() == b"100-continue":
+            expect_continue = True
 
     if len(hosts) > 1:
         return bad_request("Duplicate Host header")
