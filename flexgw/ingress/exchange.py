@@ -403,8 +403,7 @@ class ProxyExchange:
         chain = self.chain
         if chain is not None:
             ctx = chain.ctx
-            ctx.response_status = status
-            ctx.response_headers = kept
+            ctx.begin_response(status, kept)
             failed = chain.respond()
             if failed is not None:
                 self._upstream_failed_with_response(failed)
@@ -498,7 +497,7 @@ class ProxyExchange:
             self.state = CONNECTING
             if conn is not None:
                 self.pool.active -= 1  # type: ignore[union-attr]
-            self.pool.acquire(self)  # type: ignore[union-attr]
+            self.pool.acquire(self, fresh=True)  # type: ignore[union-attr]
             return
         if conn is not None:
             self.pool.active -= 1  # type: ignore[union-attr]

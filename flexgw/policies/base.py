@@ -161,6 +161,13 @@ class PolicyContext:
         self._authentication = value
         self._expression_context = None  # built with the old value: rebuild on next use
 
+    def begin_response(self, status: int, headers: HeaderList) -> None:
+        """The upstream's response head arrived: the response phase sees it (and
+        `#[attributes.statusCode]` does too)."""
+        self.response_status = status
+        self.response_headers = headers
+        self._expression_context = None
+
     # -- request headers -------------------------------------------------------------------------
 
     @property
