@@ -403,7 +403,8 @@ class ProxyExchange:
         chain = self.chain
         if chain is not None:
             ctx = chain.ctx
-            ctx.begin_response(status, kept)
+            ctx.response_status = status
+            ctx.response_headers = kept
             failed = chain.respond()
             if failed is not None:
                 self._upstream_failed_with_response(failed)

@@ -63,10 +63,14 @@ class UpstreamPool:
         self.connecting = 0
         self._pending: dict[UpstreamConnection, ConnectionWaiter] = {}
 
-    def acquire(self, waiter: ConnectionWaiter) -> None:
-        """Give `waiter` an idle connection now, or connect one and give it when connected."""
+    def acquire(self, waiter: ConnectionWaiter, fresh: bool = False) -> None:
+        """Give `waiter` an idle connection now, or connect one and give it when connected.
+
+        With `fresh`, always connect (a retry after a pooled connection turned out dead: the
+        other pooled ones may have died the same way).
+        """
         idle = self.idle
-        if idle:
+        if idle and not fresh:
             now = self.clock.seconds()
             while idle:
                 connection = idle.pop()
