@@ -494,3 +494,32 @@ class UnsolicitedBytesTests(UpstreamTestCase):
         self.assertEqual((head.status, head.body), (200, b""))
         self.assertEqual((await conn.read_final_response()).body, b"good")
         self.assertEqual([r.connection for r in upstream.received], [0, 1])
+
+
+class RetryFreshTests(UpstreamTestCase):
+    """The one retry goes to a new connection, never to another pooled one."""
+
+    async def test_retry_skips_other_pooled_connections(self) -> None:
+        """Two pooled connections both dead (upstream restarted): the retry still succeeds."""
+        held = Held()
+        seen = [0]
+
+        def respond(ex: Exchange) -> None:
+            seen[0] += 1
+            if seen[0] <= 2:
+                held.responder.respond(ex)
+            elif ex.request.connection < 2:
+                ex.close()  # a pooled connection the upstream has dropped
+            else:
+                ex.respond(200, [(b"Content-Length", b"5")], b"fresh")
+
+        gateway, upstream, port = await gateway_with_upstream(self, function(respond))
+        first = client.request(reactor, "127.0.0.1", port, GET)
+        second = client.request(reactor, "127.0.0.1", port, GET)
+        await held.wait(2)
+        held.answer_all()
+        await defer.gatherResults([first, second])
+        await self.settled(gateway, idle=2)
+        response = await client.request(reactor, "127.0.0.1", port, GET)
+        self.assertEqual((response.status, response.body), (200, b"fresh"))
+        self.assertEqual(len(upstream.connections), 3)

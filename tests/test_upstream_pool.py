@@ -99,6 +99,16 @@ class AcquireReleaseTests(PoolTestCase):
         self.pool.acquire(waiter)
         self.assertIs(waiter.ready[0][0], second)
 
+    def test_fresh_acquire_skips_idle(self) -> None:
+        """acquire(fresh=True) connects anew even with idle connections (the retry path)."""
+        _, connection, _ = self.acquire_new()
+        self.pool.release(connection)
+        waiter = Waiter()
+        self.pool.acquire(waiter, fresh=True)
+        self.assertEqual(waiter.ready, [])
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.assertEqual(self.pool.idle, [connection])
+
     def test_busy_pool_connects_again(self) -> None:
         """While every connection is in use, another acquire opens another connection."""
         self.acquire_new()
