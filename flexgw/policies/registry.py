@@ -13,7 +13,9 @@ from flexgw.policies.base import IPolicyKind
 _log = Logger(namespace="flexgw.policies")
 
 #: Modules whose import registers the built-in kinds (each calls `register`).
-BUILTIN_MODULES: tuple[str, ...] = ()
+BUILTIN_MODULES: tuple[str, ...] = (
+    "flexgw.policies.timeouts",
+)
 
 _kinds: dict[str, Any] = {}
 _loaded = False
