@@ -291,6 +291,16 @@ class UpstreamErrorTests(UpstreamTestCase):
             self.assert_gateway_error(gateway, response, 502, "upstream_bad_response")
             await self.settled(gateway, idle=0)
 
+    async def test_malformed_body_after_head_cuts_client(self) -> None:
+        """A bad chunk after the head was forwarded: the client is cut, the cause logged."""
+        gateway, _upstream, port = await gateway_with_upstream(self, malformed("bad_chunk"))
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        conn.send(GET)
+        await self.assertFailure(conn.read_final_response(), client.IncompleteResponse)
+        self.assertNotIn(b"0\r\n\r\n", conn.received_raw)
+        self.assertEqual(gateway.records()[-1]["error"], "upstream_bad_response")
+        await self.settled(gateway, idle=0)
+
     async def test_upstream_close_mid_body_cuts_client(self) -> None:
         """A Content-Length body cut short upstream: the client connection is cut, not completed."""
         gateway, _upstream, port = await gateway_with_upstream(self, close_connection("mid_body"))
