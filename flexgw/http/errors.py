@@ -10,6 +10,7 @@ REASONS = {
     100: b"Continue",
     200: b"OK",
     400: b"Bad Request",
+    401: b"Unauthorized",
     403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
