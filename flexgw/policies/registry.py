@@ -15,6 +15,7 @@ _log = Logger(namespace="flexgw.policies")
 #: Modules whose import registers the built-in kinds (each calls `register`).
 BUILTIN_MODULES: tuple[str, ...] = (
     "flexgw.policies.timeouts",
+    "flexgw.policies.basic_auth",
 )
 
 _kinds: dict[str, Any] = {}

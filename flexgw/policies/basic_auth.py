@@ -1,0 +1,169 @@
+"""`http-basic-authentication-flex`: one configured username and password, checked per request.
+
+Flex behaviour reproduced (docs `policies-included-basic-auth-simple.adoc`, reference §2.2):
+config `username` and `password`, both required and plain text (the docs' table says
+"base-64 encoded", every example and field report uses plain text; `$ENV` references are
+expanded by the loader). The client sends `Authorization: Basic base64(user:password)`
+(RFC 7617). Any failure is a 401 with the headers and body observed on Flex:
+`www-authenticate: Basic realm="mule-realm"`, `content-type: application/json; charset=UTF-8`,
+`{"error":"Registered authentication is set to HTTP basic authentication but there was no
+security context on the session."}` (compact JSON, as observed). On success the request goes on
+with `authentication.principal` set to the username for later policies and expressions.
+
+The `Authorization` header is forwarded upstream unchanged: nothing in Flex's docs says the
+policy removes it, and Envoy-based Flex does not strip request headers unless a policy does
+(bind `header-removal-flex` to drop it).
+
+Deliberate differences from Flex:
+- Malformed credentials (another scheme, bad base64, no colon, non-UTF-8 bytes, several
+  `Authorization` headers) are the same 401, never a 500.
+- Comparison is constant-time: both the username and the password are compared (SHA-256
+  digests through `hmac.compare_digest`, so neither the position of the first difference nor
+  the length is revealed) and the results combined without short-circuit, so the time does not
+  tell which of the two was wrong.
+- An empty `username` or `password` (typically an unset `$ENV` variable) and a username with a
+  `:` (which RFC 7617 forbids, so it could never match) are config errors.
+"""
+
+from __future__ import annotations
+
+import binascii
+import hashlib
+import hmac
+from base64 import b64decode
+from typing import Any
+
+import attrs
+from zope.interface import implementer
+
+from flexgw.policies.base import (
+    BuildContext,
+    IPolicy,
+    IPolicyKind,
+    LocalResponse,
+    PolicyConfigError,
+    PolicyContext,
+)
+from flexgw.policies.registry import register
+
+NAME = "http-basic-authentication-flex"
+
+#: The 401 Flex sends (reference §2.2, observed): header names as Envoy writes them.
+CHALLENGE = (b"www-authenticate", b'Basic realm="mule-realm"')
+JSON_UTF8 = (b"content-type", b"application/json; charset=UTF-8")
+UNAUTHORIZED_BODY = (
+    b'{"error":"Registered authentication is set to HTTP basic authentication but there was no '
+    b'security context on the session."}'
+)
+UNAUTHORIZED = LocalResponse(401, (CHALLENGE, JSON_UTF8), UNAUTHORIZED_BODY)
+
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "username": {"type": "string", "minLength": 1},
+        "password": {"type": "string", "minLength": 1},
+    },
+    "required": ["username", "password"],
+    "additionalProperties": False,
+}
+
+
+def basic_credentials(ctx: PolicyContext) -> tuple[bytes, bytes] | None:
+    """The (user-id, password) bytes of the request's only `Authorization: Basic` header, or None
+    when there is none, several, another scheme, bad base64 or no colon."""
+    found = None
+    for name, value in ctx.request_headers if ctx.request_headers_changed else ctx.head.headers:
+        if len(name) == 13 and name.lower() == b"authorization":
+            if found is not None:
+                return None  # several Authorization headers: ambiguous, refuse
+            found = value
+    if found is None:
+        return None
+    return parse_basic(found)
+
+
+def parse_basic(value: bytes) -> tuple[bytes, bytes] | None:
+    """Decode an RFC 7617 `Basic <token68>` credential into (user-id, password), or None."""
+    parts = value.strip().split(None, 1)
+    if len(parts) != 2 or parts[0].lower() != b"basic":
+        return None
+    token = parts[1].strip()
+    if not token or len(token) > 16384:
+        return None
+    token += b"=" * (-len(token) % 4)  # tolerate missing padding
+    try:
+        decoded = b64decode(token, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    user, colon, password = decoded.partition(b":")
+    if not colon:
+        return None
+    return user, password
+
+
+def _digest(value: bytes) -> bytes:
+    """A fixed-length digest, so comparisons reveal nothing about lengths."""
+    return hashlib.sha256(value).digest()
+
+
+@implementer(IPolicy)
+@attrs.frozen
+class BasicAuthPolicy:
+    """One binding: the expected username and the digests compared in constant time."""
+
+    username: str
+    user_digest: bytes = attrs.field(repr=False)
+    password_digest: bytes = attrs.field(repr=False)
+
+    def on_request(self, ctx: PolicyContext) -> LocalResponse | None:
+        """Let the request on when its Basic credentials match; a 401 otherwise."""
+        credentials = basic_credentials(ctx)
+        if credentials is None:
+            return UNAUTHORIZED
+        user, password = credentials
+        # `&` on bools evaluates both comparisons: no early exit on a wrong username.
+        ok = hmac.compare_digest(_digest(user), self.user_digest) & hmac.compare_digest(
+            _digest(password), self.password_digest
+        )
+        if not ok:
+            return UNAUTHORIZED
+        ctx.authentication = {
+            "principal": self.username,
+            "clientId": None,
+            "clientName": None,
+            "properties": {},
+        }
+        return None
+
+    def on_response(self, ctx: PolicyContext) -> None:
+        """Nothing to do on the response."""
+
+
+@implementer(IPolicyKind)
+class BasicAuthKind:
+    """The `http-basic-authentication-flex` policy kind."""
+
+    name = NAME
+    schema = SCHEMA
+    phase = "inbound"
+
+    def build(self, config: dict[str, Any], context: BuildContext) -> BasicAuthPolicy:
+        """Check the credentials and keep their digests."""
+        username = config.get("username")
+        password = config.get("password")
+        for field, value in (("username", username), ("password", password)):
+            if not isinstance(value, str) or not value:
+                raise PolicyConfigError(f"{field} must be a non-empty string", field)
+        assert isinstance(username, str) and isinstance(password, str)
+        if ":" in username:
+            raise PolicyConfigError(
+                "username must not contain ':' (RFC 7617), it could never match", "username"
+            )
+        return BasicAuthPolicy(
+            username=username,
+            user_digest=_digest(username.encode("utf-8")),
+            password_digest=_digest(password.encode("utf-8")),
+        )
+
+
+KIND = register(BasicAuthKind())
