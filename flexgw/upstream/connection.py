@@ -32,6 +32,9 @@ class ResponseSink(TypingProtocol):
 BACKPRESSURE = 1
 HELD = 2
 
+#: Bytes of response head (status line, headers, interim responses) an upstream may send.
+MAX_RESPONSE_HEAD = 64 * 1024
+
 
 @implementer(IPushProducer)
 class ReadGate:
@@ -91,6 +94,7 @@ class UpstreamConnection(Protocol):
         self._head_only = False
         self._interim = False
         self._complete = False  # the final response ended inside the current dataReceived
+        self._head_bytes = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -109,6 +113,7 @@ class UpstreamConnection(Protocol):
         self.got_bytes = False
         self._head_only = head_only
         self._in_head = True
+        self._head_bytes = 0
         self._headers = []
 
     def finish(self) -> None:
@@ -150,6 +155,13 @@ class UpstreamConnection(Protocol):
             self.reusable = False
             if self.sink is not None and not self._complete:
                 self.sink.response_malformed(str(exc))
+        if self._in_head and self.sink is not None:
+            # Still in the head after this read: all of it was head bytes. Bound them.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_RESPONSE_HEAD:
+                self.reusable = False
+                self.sink.response_malformed("Response head too large")
+                return
         if self._complete:
             self._complete = False
             if self._head_only:
