@@ -291,6 +291,35 @@ class UpstreamErrorTests(UpstreamTestCase):
             self.assert_gateway_error(gateway, response, 502, "upstream_bad_response")
             await self.settled(gateway, idle=0)
 
+    async def test_oversized_response_head_is_502(self) -> None:
+        """An upstream head that never ends is cut at 64 KiB: 502, not unbounded buffering."""
+        sent = [0]
+
+        def flood(ex: Exchange) -> None:
+            ex.write_raw(b"HTTP/1.1 200 OK\r\n")
+
+            def more() -> None:
+                if sent[0] < 200 and ex.connection.connected:
+                    sent[0] += 1
+                    ex.write_raw(b"X-Flood-%d: %s\r\n" % (sent[0], b"a" * 8000))
+                    reactor.callLater(0, more)  # type: ignore[attr-defined]
+
+            more()
+
+        gateway, upstream, port = await gateway_with_upstream(self, function(flood))
+        response = await client.request(reactor, "127.0.0.1", port, GET)
+        self.assert_gateway_error(gateway, response, 502, "upstream_bad_response")
+        await upstream.wait_for_disconnections(1)
+        self.assertLess(sent[0], 20)
+
+    async def test_large_response_head_within_limit(self) -> None:
+        """A 40 KiB response head is forwarded whole."""
+        headers = [(b"X-Big-%d" % i, b"b" * 4000) for i in range(10)]
+        _gateway, _upstream, port = await gateway_with_upstream(self, fixed(headers=headers))
+        response = await client.request(reactor, "127.0.0.1", port, GET)
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.header("x-big-9"), [b"b" * 4000])
+
     async def test_malformed_body_after_head_cuts_client(self) -> None:
         """A bad chunk after the head was forwarded: the client is cut, the cause logged."""
         gateway, _upstream, port = await gateway_with_upstream(self, malformed("bad_chunk"))
