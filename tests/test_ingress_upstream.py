@@ -461,7 +461,10 @@ class ResponseFramingTests(UpstreamTestCase):
         """The upstream answers 413 before the body ends: the client gets it, nothing is reused."""
 
         class Refuse(Responder):
+            """Answers 413 as soon as the head arrives."""
+
             def on_headers(self, ex: Exchange) -> None:
+                """Refuse before reading the body."""
                 ex.respond(413, [(b"Content-Length", b"0")])
 
         gateway, upstream, port = await gateway_with_upstream(self, Refuse(), retain_bodies=False)
