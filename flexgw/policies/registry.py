@@ -16,6 +16,7 @@ _log = Logger(namespace="flexgw.policies")
 BUILTIN_MODULES: tuple[str, ...] = (
     "flexgw.policies.timeouts",
     "flexgw.policies.basic_auth",
+    "flexgw.policies.ip_filter",
     "flexgw.policies.jwt_validation",
     "flexgw.policies.rate_limiting",
 )
