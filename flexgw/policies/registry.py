@@ -19,6 +19,8 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "flexgw.policies.ip_filter",
     "flexgw.policies.jwt_validation",
     "flexgw.policies.rate_limiting",
+    "flexgw.policies.cors",
+    "flexgw.policies.headers",
 )
 
 _kinds: dict[str, Any] = {}
