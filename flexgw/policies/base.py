@@ -226,7 +226,9 @@ class PolicyContext:
                 method=head.method,
                 target=head.target,
                 version=head.version,
-                headers=head.headers,
+                # The response phase sees the response's headers (Flex: `attributes.headers`
+                # is the response's there; expressions.ExpressionContext documents the same).
+                headers=head.headers if self.response_headers is None else self.response_headers,
                 scheme=self.scheme,
                 local="",
                 remote=self.client_ip,
