@@ -181,7 +181,15 @@ def load_file(path: str | os.PathLike[str]) -> FileLoad:
     name = str(path)
     try:
         with open(path, "rb") as handle:
-            data = handle.read(MAX_FILE_BYTES + 1)
+            # Check the size first: read(n) would allocate n bytes up front for every file.
+            if os.fstat(handle.fileno()).st_size > MAX_FILE_BYTES:
+                return FileLoad(
+                    name,
+                    (),
+                    (_problem(f"file larger than {MAX_FILE_BYTES} bytes", name, None),),
+                    True,
+                )
+            data = handle.read()
     except OSError as exc:
         return FileLoad(
             name, (), (_problem(f"cannot read file: {exc.strerror}", name, None),), True
