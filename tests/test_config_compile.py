@@ -246,7 +246,7 @@ class FailClosedTests(TestCase):
     """Policies other than route/route-weighted keep their targets from being served."""
 
     def test_unsupported_binding_blocks_api(self) -> None:
-        """An auth binding is an error and its ApiInstance is not served."""
+        """A binding of a policy flexgw does not implement is an error; its API is not served."""
         conf = "---\n".join(
             [
                 api("a", "http://0.0.0.0:8080/a"),
@@ -255,14 +255,14 @@ class FailClosedTests(TestCase):
 metadata: {{name: auth}}
 spec:
   targetRef: {{name: a}}
-  policyRef: {{name: http-basic-authentication-flex}}
+  policyRef: {{name: acme-unknown-auth-flex}}
   config: {{username: u, password: p}}
 """,
             ]
         )
         state = load_config([write_conf(self, {"a.yaml": conf})], {})
         (error,) = errors(state)
-        self.assertIn("'http-basic-authentication-flex' is not supported yet", error)
+        self.assertIn("'acme-unknown-auth-flex' is not supported yet", error)
         self.assertIn("fail closed", error)
         self.assertEqual(served(state), ["default/b"])
 
@@ -288,7 +288,7 @@ spec:
         conf = api(
             "a",
             "http://0.0.0.0:8080",
-            extra="  policies:\n    - policyRef: {name: rate-limiting-flex}\n      config: {}\n",
+            extra="  policies:\n    - policyRef: {name: acme-unknown-quota-flex}\n      config: {}\n",
         )
         state = load_config([write_conf(self, {"a.yaml": conf})], {})
         self.assertEqual(served(state), [])
@@ -305,7 +305,7 @@ spec:
 metadata: {{name: sel}}
 spec:
   targetRef: {{kind: Selector, selector: {{kind: ApiInstance, labels: {{tier: gold}}}}}}
-  policyRef: {{name: ip-allowlist-flex}}
+  policyRef: {{name: acme-unknown-filter-flex}}
   config: {{ips: [10.0.0.1]}}
 """,
             ]
