@@ -17,6 +17,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "flexgw.policies.timeouts",
     "flexgw.policies.basic_auth",
     "flexgw.policies.ip_filter",
+    "flexgw.policies.client_id",
     "flexgw.policies.jwt_validation",
     "flexgw.policies.rate_limiting",
     "flexgw.policies.cors",
