@@ -403,8 +403,7 @@ class ProxyExchange:
         chain = self.chain
         if chain is not None:
             ctx = chain.ctx
-            ctx.response_status = status
-            ctx.response_headers = kept
+            ctx.begin_response(status, kept)
             failed = chain.respond()
             if failed is not None:
                 self._upstream_failed_with_response(failed)
