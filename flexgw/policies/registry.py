@@ -19,6 +19,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "flexgw.policies.ip_filter",
     "flexgw.policies.client_id",
     "flexgw.policies.jwt_validation",
+    "flexgw.policies.introspection",
     "flexgw.policies.rate_limiting",
     "flexgw.policies.cors",
     "flexgw.policies.headers",
