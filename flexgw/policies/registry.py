@@ -15,6 +15,9 @@ _log = Logger(namespace="flexgw.policies")
 #: Modules whose import registers the built-in kinds (each calls `register`).
 BUILTIN_MODULES: tuple[str, ...] = (
     "flexgw.policies.timeouts",
+    "flexgw.policies.json_threat",
+    "flexgw.policies.xml_threat",
+    "flexgw.policies.message_logging",
     "flexgw.policies.basic_auth",
     "flexgw.policies.ip_filter",
     "flexgw.policies.client_id",
