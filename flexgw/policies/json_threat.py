@@ -125,8 +125,8 @@ def scan(text: str, limits: JsonLimits) -> None:
     state = _VALUE
     ws_match = _WS.match
     while True:
-        if pos < n and text[pos] in _WHITESPACE:
-            pos = ws_match(text, pos).end()
+        if pos < n and text[pos] in _WHITESPACE:  # (a `*` pattern always matches)
+            pos = ws_match(text, pos).end()  # type: ignore[union-attr]
         if pos >= n:
             if state == _END:
                 return

@@ -17,7 +17,7 @@ Flex (docs `policies-included-message-logging.adoc`, Local Mode table):
 optional without a default). Lines go to `twisted.logger.Logger(namespace="flexgw.messagelogging")`
 at the item's level (TRACE, accepted besides the four documented levels, is logged as debug), as
 `[<binding>] <category>: <message>` (`[<binding>] <message>` without a category), with the fields
-`binding`, `api`, `item`, `category`, `level`, `section` ("first"/"second") and `text` in the
+`binding`, `api`, `item`, `category`, `section` ("first"/"second") and `text` in the
 event for structured observers. First-section items run at the policy's place in the request
 chain; second-section items run in the response phase with `attributes.statusCode` and the
 response's headers. The message is rendered with `expressions.to_text` (objects and arrays as
@@ -224,7 +224,6 @@ class MessageLoggingPolicy:
             api=self.api,
             item=item.name,
             category=item.category,
-            level=item.level,
             section=section,
             text=text,
         )

@@ -146,6 +146,12 @@ class _Checker:
         """Entity declarations never get here (the DOCTYPE is refused first); refuse anyway."""
         raise XmlRejected("DTDs are not allowed")
 
+    def external_entity(
+        self, context: str, base: str | None, system_id: str | None, public_id: str | None
+    ) -> int:
+        """External entities are never fetched (they need a DTD, refused first); refuse anyway."""
+        raise XmlRejected("External entities are not allowed")
+
 
 def check(body: bytes, limits: XmlLimits) -> None:
     """Parse `body` with DTDs refused, raising `XmlRejected` for a limit, a DTD or bad XML."""
@@ -157,7 +163,7 @@ def check(body: bytes, limits: XmlLimits) -> None:
     parser.StartDoctypeDeclHandler = checker.doctype
     parser.EntityDeclHandler = checker.entity
     parser.UnparsedEntityDeclHandler = checker.entity
-    parser.ExternalEntityRefHandler = checker.entity
+    parser.ExternalEntityRefHandler = checker.external_entity
     parser.StartElementHandler = checker.start
     parser.EndElementHandler = checker.end
     parser.CharacterDataHandler = checker.characters
