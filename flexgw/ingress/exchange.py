@@ -586,6 +586,8 @@ class ProxyExchange:
         """The client went away: abandon the upstream side."""
         if self.state == DONE:
             return
+        if self.state == POLICIES and self.chain is not None:
+            self.chain.cancel()  # free what a waiting policy holds (queue slot, timer)
         self.state = DONE
         self._stop_timer()
         self.error_cause = self.error_cause or "downstream_reset"

@@ -42,12 +42,14 @@ def policy_error(binding: str, failure: Failure | None = None) -> LocalResponse:
 class ChainRun:
     """The request phase of one chain for one request; remembers what ran for the response phase."""
 
-    __slots__ = ("ctx", "policies", "ran")
+    __slots__ = ("cancelled", "ctx", "policies", "ran", "waiting")
 
     def __init__(self, policies: Sequence[BoundPolicy], ctx: PolicyContext) -> None:
         self.policies = policies
         self.ctx = ctx
         self.ran: list[BoundPolicy] = []
+        self.waiting: Deferred[Any] | None = None  # the policy Deferred being waited for
+        self.cancelled = False
 
     def run(self, start: int = 0) -> LocalResponse | None | Deferred[Any]:
         """Run from policy `start`: None (go on to the upstream), a LocalResponse, or a Deferred."""
@@ -63,6 +65,7 @@ class ChainRun:
             if result is None:
                 continue
             if isinstance(result, Deferred):
+                self.waiting = result
                 return result.addCallbacks(
                     self._resumed,
                     self._failed,
@@ -73,12 +76,24 @@ class ChainRun:
         return None
 
     def _resumed(self, result: Any, index: int) -> Any:
-        if result is None:
+        self.waiting = None
+        if result is None and not self.cancelled:
             return self.run(index + 1)
         return result
 
-    def _failed(self, failure: Failure, binding: str) -> LocalResponse:
+    def _failed(self, failure: Failure, binding: str) -> LocalResponse | None:
+        self.waiting = None
+        if self.cancelled:
+            return None  # the client went away and cancel() was called: nothing to report
         return policy_error(binding, failure)
+
+    def cancel(self) -> None:
+        """The client went away: cancel the policy Deferred being waited for (its canceller
+        frees whatever it held, e.g. a queue slot or a timer); run no further policies."""
+        self.cancelled = True
+        waiting, self.waiting = self.waiting, None
+        if waiting is not None:
+            waiting.cancel()
 
     def respond(self) -> LocalResponse | None:
         """The response phase: every policy that ran, in reverse order."""
