@@ -123,6 +123,14 @@ class RequestLineTests(StrictTestCase):
         """A control character inside the target is refused."""
         await self.refused(b"GET /a\x01b HTTP/1.1\r\nHost: a.test\r\n\r\n")
 
+    async def test_fragment_in_target(self) -> None:
+        """A `#fragment` in the target is refused (an upstream may drop it and serve another path)."""
+        await self.refused(b"GET /admin#/../public HTTP/1.1\r\nHost: a.test\r\n\r\n")
+
+    async def test_fragment_in_query(self) -> None:
+        """A `#` after the query is refused too."""
+        await self.refused(b"GET /a?b=1#c HTTP/1.1\r\nHost: a.test\r\n\r\n")
+
     async def test_asterisk_form(self) -> None:
         """`OPTIONS *` (asterisk form) is refused rather than routed."""
         await self.refused(b"OPTIONS * HTTP/1.1\r\nHost: a.test\r\n\r\n")

@@ -156,6 +156,11 @@ class AnalyzeHeadTests(SynchronousTestCase):
         self.refused(b"http:///x", HOST)
         self.refused(b"a.test/x", HOST)
 
+    def test_fragment_refused(self) -> None:
+        """A `#` anywhere in the target is refused, origin or absolute form."""
+        for target in (b"/a#b", b"/a?x#y", b"/#", b"http://a.test/x#y"):
+            self.refused(target)
+
     def test_asterisk_form(self) -> None:
         """`OPTIONS *` and a bare `*` on other methods are refused."""
         self.refused(b"*", method=b"OPTIONS")

@@ -4,8 +4,8 @@ httptools (llhttp) already rejects most malformed input (bare CR/LF, NUL, obs-fo
 before the colon, CL+TE, duplicate or malformed Content-Length, bad chunk sizes). What it lets
 through and a gateway must still refuse is checked here: CONNECT (405: no tunnels on ingress),
 versions other than 1.0/1.1, a Transfer-Encoding other than exactly `chunked` or in an HTTP/1.0
-request, missing/duplicate/malformed Host in HTTP/1.1, and an absolute-form target whose authority
-disagrees with Host.
+request, missing/duplicate/malformed Host in HTTP/1.1, a fragment in the target, and an
+absolute-form target whose authority disagrees with Host.
 """
 
 from __future__ import annotations
@@ -89,6 +89,10 @@ def analyze_head(
     if host is None and vbytes == b"1.1":
         return bad_request("Missing Host header")
 
+    if b"#" in target:
+        # No request-target form has a fragment (RFC 9112 §3.2). Routing and policy rules would
+        # match "/admin#x" while an upstream that drops the fragment serves "/admin".
+        return bad_request("A fragment is not allowed in the request target")
     if target[:1] == b"/":
         raw_path, sep, rest = target.partition(b"?")
         query = sep + rest
