@@ -135,7 +135,7 @@ class KindTests(SynchronousTestCase):
         self.assertEqual(len(negative), 1)
 
     def test_string_booleans(self) -> None:
-        """"false"/"true" strings (from $ENV substitution) are booleans."""
+        """ "false"/"true" strings (from $ENV substitution) are booleans."""
         policy = build({"publicResource": "false", "supportCredentials": "true"})
         self.assertEqual((policy.public, policy.credentials), (False, True))
 
@@ -284,8 +284,15 @@ class ProtectedResourceTests(SynchronousTestCase):
 
     def test_method_rules_for_actual_requests(self) -> None:
         """Safelisted methods always pass; others must be allowed (isAllowed/allowed honoured)."""
-        cases = {b"GET": True, b"HEAD": True, b"POST": True, b"PUT": True, b"PATCH": True,
-                 b"DELETE": False, b"TRACE": False}
+        cases = {
+            b"GET": True,
+            b"HEAD": True,
+            b"POST": True,
+            b"PUT": True,
+            b"PATCH": True,
+            b"DELETE": False,
+            b"TRACE": False,
+        }
         for method, allowed in cases.items():
             ctx = context(method, ((b"Origin", APP),))
             self.policy.on_request(ctx)
@@ -467,7 +474,9 @@ class EndToEndTests(TestCase):
         )
         self.assertEqual(response.status, 200)
         self.assertEqual(response.body, b"")
-        self.assertEqual(response.header("access-control-allow-origin"), [b"https://app.example.com"])
+        self.assertEqual(
+            response.header("access-control-allow-origin"), [b"https://app.example.com"]
+        )
         self.assertEqual(response.header("access-control-allow-methods"), [b"PUT"])
         self.assertEqual(response.header("access-control-allow-headers"), [b"x-custom"])
         self.assertEqual(response.header("access-control-max-age"), [b"10"])
@@ -500,7 +509,9 @@ class EndToEndTests(TestCase):
         response = await self.send(b"GET", b"/x", b"Origin: https://app.example.com")
         self.assertEqual(response.status, 200)
         self.assertEqual(response.body, b"ok\n")
-        self.assertEqual(response.header("access-control-allow-origin"), [b"https://app.example.com"])
+        self.assertEqual(
+            response.header("access-control-allow-origin"), [b"https://app.example.com"]
+        )
         self.assertEqual(response.header("access-control-expose-headers"), [b"x-request-id"])
         self.assertEqual(response.header("vary"), [b"Origin"])
         self.assertEqual(self.upstream.received[0].header("origin"), [b"https://app.example.com"])

@@ -188,7 +188,9 @@ def _build_group(index: int, item: dict[str, Any]) -> OriginGroup:
         for position, header in enumerate(item.get(key) or []):
             encoded = header.strip().encode("utf-8")
             if not _TOKEN.match(encoded):
-                raise PolicyConfigError(f"invalid header name {header!r}", f"{where}.{key}.{position}")
+                raise PolicyConfigError(
+                    f"invalid header name {header!r}", f"{where}.{key}.{position}"
+                )
             result.append(encoded)
         return result
 

@@ -185,19 +185,26 @@ class Injection:
     def resolve(self, ctx: PolicyContext) -> tuple[bytes, bytes]:
         """The (name, value) for this request; EvaluationError if an expression gives a bad one."""
         name = self.name
-        if not isinstance(name, bytes):
-            computed = to_text(name.evaluate(ctx.expression_context())).strip()
-            name = computed.encode("utf-8")
+        if isinstance(name, Expression):
+            source = name.source
+            name = _computed(name, ctx, strip=True)
             problem = header_name_problem(name)
             if problem is not None:
-                raise EvaluationError(f"{problem} (from #[{self.name.source}])")  # type: ignore[union-attr]
+                raise EvaluationError(f"{problem} (from #[{source}])")
         value = self.value
-        if not isinstance(value, bytes):
-            value = to_text(value.evaluate(ctx.expression_context())).encode("utf-8")
+        if isinstance(value, Expression):
+            source = value.source
+            value = _computed(value, ctx, strip=False)
             problem = header_value_problem(value)
             if problem is not None:
-                raise EvaluationError(f"{problem} (from #[{self.value.source}])")  # type: ignore[union-attr]
+                raise EvaluationError(f"{problem} (from #[{source}])")
         return name, value
+
+
+def _computed(expression: Expression, ctx: PolicyContext, strip: bool) -> bytes:
+    """An expression's result on this request, as header bytes (UTF-8)."""
+    text = to_text(expression.evaluate(ctx.expression_context()))
+    return (text.strip() if strip else text).encode("utf-8")
 
 
 def _build_injections(items: Sequence[dict[str, Any]], field: str) -> tuple[Injection, ...]:
@@ -209,11 +216,13 @@ def _build_injections(items: Sequence[dict[str, Any]], field: str) -> tuple[Inje
             raise PolicyConfigError("give the header name as `key` or `name`, not both", where)
         key_field = "key" if "key" in item else "name"
         raw_name = _compile(str(item[key_field]), f"{where}.{key_field}")
+        name: bytes | Expression
         if isinstance(raw_name, str):
-            name: bytes | Expression = raw_name.strip().encode("utf-8")
-            problem = header_name_problem(name)
+            literal = raw_name.strip().encode("utf-8")
+            problem = header_name_problem(literal)
             if problem is not None:
                 raise PolicyConfigError(problem, f"{where}.{key_field}")
+            name = literal
         else:
             name = raw_name
         raw_value = item["value"]
