@@ -45,6 +45,13 @@ def build(**config: Any) -> Any:
     return KIND.build(config, BuildContext("default/cid", "default/api"))
 
 
+def write_file(path: str, text: str) -> str:
+    """Write `text` to `path`; its absolute path."""
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return os.path.abspath(path)
+
+
 def basic(pair: bytes) -> tuple[bytes, bytes]:
     """An Authorization header for raw `id:secret`."""
     return (b"Authorization", b"Basic " + base64.b64encode(pair))
@@ -295,9 +302,7 @@ class ClientIdEndToEndTests(TestCase):
 
     async def test_file_registry_with_basic_origin(self) -> None:
         """A credentials file and the HTTP Basic origin."""
-        path = os.path.abspath(self.mktemp())
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write("- clientId: app\n  clientSecret: s3cret\n")
+        path = write_file(self.mktemp(), "- clientId: app\n  clientSecret: s3cret\n")
         self.start(
             "    credentialsOriginHasHttpBasicAuthenticationHeader: httpBasicAuthenticationHeader\n"
             f"    credentialsFile: {path}\n"
