@@ -147,8 +147,9 @@ class ClientIdPolicy:
         if checks_secret:
             # Always one digest comparison, against a dummy for an unknown id; registered
             # secrets are never empty, so a missing secret (digest of b"") cannot match.
-            known = client is not None and client.secret_digest is not None
-            expected = client.secret_digest if known else _DUMMY  # type: ignore[union-attr]
+            stored = client.secret_digest if client is not None else None
+            known = stored is not None
+            expected = stored if stored is not None else _DUMMY
             ok = hmac.compare_digest(_digest(secret or b""), expected) & known
         else:
             ok = client is not None

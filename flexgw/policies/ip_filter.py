@@ -158,7 +158,10 @@ class AddressSet:
 
     def __contains__(self, key: object) -> bool:
         """True when the address key (from `address_key`) is in one of the ranges."""
-        version, value = key  # type: ignore[misc]
+        if not isinstance(key, tuple):
+            return False
+        version: int = key[0]
+        value: int = key[1]
         if version == 4:
             starts, ends = self.v4_starts, self.v4_ends
         else:
