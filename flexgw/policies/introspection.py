@@ -364,8 +364,7 @@ def _extract(ctx: PolicyContext) -> str | LocalResponse:
     query = ctx.head.query
     if query:
         text = query.decode("latin-1")
-        if text.startswith("?"):
-            text = text[1:]
+        text = text.removeprefix("?")
         for name, value in parse_qsl(text, keep_blank_values=True):
             if name == "access_token":
                 if value.strip():

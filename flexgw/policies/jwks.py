@@ -194,6 +194,10 @@ class JwksCache:
             return None
         return self._wait()
 
+    def settled(self) -> Deferred[None]:
+        """A Deferred firing when no fetch is in flight any more (at once when none is)."""
+        return self._wait()
+
     # -- fetching --------------------------------------------------------------------------------
 
     def _wait(self) -> Deferred[None]:
