@@ -320,13 +320,16 @@ class UpstreamErrorTests(UpstreamTestCase):
         self.assertEqual(response.status, 200)
         self.assertEqual(response.header("x-big-9"), [b"b" * 4000])
 
-    async def test_malformed_body_after_head_cuts_client(self) -> None:
-        """A bad chunk after the head was forwarded: the client is cut, the cause logged."""
+    async def test_malformed_body_in_the_head_read_is_a_502(self) -> None:
+        """A bad chunk in the same read as the head: the head never left, so the client gets a
+        clean 502 (not the upstream's status line followed by a cut)."""
         gateway, _upstream, port = await gateway_with_upstream(self, malformed("bad_chunk"))
         conn = await client.connect(reactor, "127.0.0.1", port)
         conn.send(GET)
-        await self.assertFailure(conn.read_final_response(), client.IncompleteResponse)
-        self.assertNotIn(b"0\r\n\r\n", conn.received_raw)
+        response = await conn.read_final_response()
+        self.assertEqual(response.status, 502)
+        self.assertEqual(response.header("x-flexgw-error"), [b"upstream_bad_response"])
+        self.assertEqual(conn.received_raw.count(b"HTTP/1.1 "), 1)
         self.assertEqual(gateway.records()[-1]["error"], "upstream_bad_response")
         await self.settled(gateway, idle=0)
 

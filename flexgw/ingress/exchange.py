@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from flexgw.config.plan import Api, Destination, Route
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
+from flexgw.http.fastwrite import send_now
 from flexgw.http.headers import (
     HOP_BY_HOP,
     HeaderList,
@@ -57,6 +58,7 @@ class ProxyExchange:
         "front",
         "head",
         "last_activity",
+        "out",
         "pending",
         "pool",
         "request_complete",
@@ -103,6 +105,7 @@ class ProxyExchange:
         self.body_sent = False
         self.until_close = False  # the upstream body ends when the upstream closes
         self.chain: ChainRun | None = None  # the policies applied to this request
+        self.out: list[bytes] | None = None  # response bytes produced by the current upstream read
 
     # -- request side, driven by the front ---------------------------------------------------------
 
@@ -242,18 +245,16 @@ class ProxyExchange:
             self._body_buffered()
 
     def _send_body(self, data: bytes) -> None:
-        transport = self.conn.transport  # type: ignore[union-attr]
         self.body_sent = True
         if self.head.body == BODY_CHUNKED:
-            transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
-        else:
-            transport.write(data)
+            data = b"%x\r\n" % len(data) + data + b"\r\n"
+        send_now(self.conn.transport, data)  # type: ignore[union-attr]
 
-    def _finish_request(self) -> None:
+    def _finish_request(self, terminated: bool = False) -> None:
         conn = self.conn
         assert conn is not None
-        if self.head.body == BODY_CHUNKED:
-            conn.transport.write(b"0\r\n\r\n")
+        if self.head.body == BODY_CHUNKED and not terminated:
+            send_now(conn.transport, b"0\r\n\r\n")
         if self.head.body != BODY_NONE:
             conn.transport.unregisterProducer()
             self.front.gate.release(BACKPRESSURE)
@@ -281,17 +282,29 @@ class ProxyExchange:
         head = self.head
         conn.begin(self, head.method == b"HEAD")
         transport = conn.transport
-        transport.write(self._upstream_head())
-        if head.body != BODY_NONE and not self.request_complete:
-            transport.registerProducer(self.front.gate, True)
+        # The head, the body received so far and (if complete) the chunked terminator go out
+        # in one send.
+        out = [self._upstream_head()]
         pending = self.pending
         if pending:
             self.pending = None
+            self.body_sent = True
+            chunked = head.body == BODY_CHUNKED
             for data in pending:
-                self._send_body(data)
+                if chunked:
+                    out.append(b"%x\r\n" % len(data))
+                    out.append(data)
+                    out.append(b"\r\n")
+                else:
+                    out.append(data)
+        if self.request_complete and head.body == BODY_CHUNKED:
+            out.append(b"0\r\n\r\n")
+        send_now(transport, out[0] if len(out) == 1 else b"".join(out))
+        if head.body != BODY_NONE and not self.request_complete:
+            transport.registerProducer(self.front.gate, True)
         self.front.gate.release(HELD)
         if self.request_complete:
-            self._finish_request()
+            self._finish_request(terminated=True)
 
     def upstream_connect_failed(self, reason: Failure) -> None:
         """The upstream could not be reached."""
@@ -372,7 +385,8 @@ class ProxyExchange:
         if self.head.version == b"1.1" and self.response_status == 0:
             kept = response_headers_for_downstream(headers, ())
             line = b"HTTP/1.1 %d %s\r\n" % (status, b"Continue" if status == 100 else b"Info")
-            self.front.transport.write(
+            send_now(
+                self.front.transport,
                 line + b"".join(n + b": " + v + b"\r\n" for n, v in kept) + b"\r\n"
             )
 
@@ -435,17 +449,30 @@ class ProxyExchange:
             append(b"Connection: keep-alive\r\n")
         append(b"\r\n")
         self.response_close = close
-        front.transport.write(b"".join(lines))
+        # Not written yet: the head goes out with the body that came in the same read.
+        self.out = [b"".join(lines)]
         front.transport.registerProducer(self.conn.gate, True)  # type: ignore[union-attr]
 
     def response_body(self, data: bytes) -> None:
-        """A piece of the response body: forward it, chunk-framed if needed."""
+        """A piece of the response body: queue it (chunk-framed if needed) for this read's send."""
         self.bytes_out += len(data)
         self.last_activity = self.front.clock.seconds()
+        out = self.out
+        if out is None:
+            out = self.out = []
         if self.response_chunked:
-            self.front.transport.writeSequence((b"%x\r\n" % len(data), data, b"\r\n"))
+            out.append(b"%x\r\n" % len(data))
+            out.append(data)
+            out.append(b"\r\n")
         else:
-            self.front.transport.write(data)
+            out.append(data)
+
+    def flush_response(self) -> None:
+        """Send what this upstream read produced for the client, in one send."""
+        out = self.out
+        if out:
+            self.out = None
+            send_now(self.front.transport, out[0] if len(out) == 1 else b"".join(out))
 
     def response_complete(self) -> None:
         """The response is complete: release the upstream and let the front go on."""
@@ -456,7 +483,10 @@ class ProxyExchange:
     def _complete(self, conn: UpstreamConnection | None) -> None:
         front = self.front
         if self.response_chunked:
-            front.transport.write(b"0\r\n\r\n")
+            if self.out is None:
+                self.out = []
+            self.out.append(b"0\r\n\r\n")
+        self.flush_response()
         front.transport.unregisterProducer()
         self.state = DONE
         self._stop_timer()
@@ -521,8 +551,15 @@ class ProxyExchange:
             if self.state == SENDING and self.head.body != BODY_NONE and not self.request_complete:
                 conn.transport.unregisterProducer()
             self.pool.discard(conn)  # type: ignore[union-attr]
+        if self.state == RESPONDING and self.out is not None and self.bytes_out == 0:
+            # The head was produced but never sent: the client can still get a clean error.
+            self.out = None
+            self.front.transport.unregisterProducer()
+            self.state = SENDING
+            self.response_status = 0
         if self.state == RESPONDING:
             # The head is already on the wire: all we can do is cut the client off.
+            self.out = None
             self.error_cause = error.cause
             self.state = DONE
             self._stop_timer()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol as TypingProtocol
+from typing import TYPE_CHECKING
+from typing import Protocol as TypingProtocol
 
 import httptools
 from twisted.internet.interfaces import IPushProducer
@@ -25,6 +26,7 @@ class ResponseSink(TypingProtocol):
     ) -> None: ...
     def response_body(self, data: bytes) -> None: ...
     def response_complete(self) -> None: ...
+    def flush_response(self) -> None: ...
     def response_malformed(self, message: str) -> None: ...
     def upstream_lost(self, got_response_bytes: bool) -> None: ...
 
@@ -44,7 +46,7 @@ class ReadGate:
     reading paused at once; the transport resumes only when none remains.
     """
 
-    __slots__ = ("transport", "reasons")
+    __slots__ = ("reasons", "transport")
 
     def __init__(self, transport: object) -> None:
         self.transport = transport
@@ -63,15 +65,15 @@ class ReadGate:
             if not self.reasons:
                 self.transport.resumeProducing()  # type: ignore[attr-defined]
 
-    def pauseProducing(self) -> None:  # noqa: N802 (Twisted interface)
+    def pauseProducing(self) -> None:
         """The consumer's buffer is full."""
         self.hold(BACKPRESSURE)
 
-    def resumeProducing(self) -> None:  # noqa: N802
+    def resumeProducing(self) -> None:
         """The consumer's buffer drained."""
         self.release(BACKPRESSURE)
 
-    def stopProducing(self) -> None:  # noqa: N802
+    def stopProducing(self) -> None:
         """The consumer went away; connectionLost on each side does the cleanup."""
 
 
@@ -98,7 +100,7 @@ class UpstreamConnection(Protocol):
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         """Connected: hand the connection to whoever asked for it."""
         self.connected_ok = True
         if hasattr(self.transport, "setTcpNoDelay"):
@@ -132,7 +134,7 @@ class UpstreamConnection(Protocol):
         if self.transport is not None:
             self.transport.abortConnection()
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         """Feed the response parser; a byte while idle means the upstream is broken: close.
 
         The end of a response is reported only once the parser has returned, so that bytes
@@ -162,6 +164,9 @@ class UpstreamConnection(Protocol):
                 self.reusable = False
                 self.sink.response_malformed("Response head too large")
                 return
+        sink = self.sink
+        if sink is not None:
+            sink.flush_response()
         if self._complete:
             self._complete = False
             if self._head_only:
@@ -171,7 +176,7 @@ class UpstreamConnection(Protocol):
             if sink is not None:
                 sink.response_complete()
 
-    def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = None) -> None:
         """Tell the exchange (if any) and leave the pool."""
         self.reusable = False
         self.pool.connection_lost(self)
