@@ -131,6 +131,28 @@ class RequestLineTests(StrictTestCase):
         """A `#` after the query is refused too."""
         await self.refused(b"GET /a?b=1#c HTTP/1.1\r\nHost: a.test\r\n\r\n")
 
+    async def test_dot_segments_in_path(self) -> None:
+        """`/api/../admin` is refused: routed as /api, an upstream would serve /admin."""
+        await self.refused(b"GET /api/../admin HTTP/1.1\r\nHost: a.test\r\n\r\n")
+
+    async def test_encoded_dot_segments_in_path(self) -> None:
+        """Percent-encoded dot segments (`%2e%2E`) are refused too."""
+        await self.refused(b"GET /api/%2e%2E/admin HTTP/1.1\r\nHost: a.test\r\n\r\n")
+
+    async def test_backslash_in_path(self) -> None:
+        """A backslash (a separator to some upstreams) in the path is refused."""
+        await self.refused(b"GET /api\\..\\admin HTTP/1.1\r\nHost: a.test\r\n\r\n")
+
+    async def test_dots_inside_segments_are_fine(self) -> None:
+        """Dots that are not whole segments (`.well-known`, `v1.2`, `...`) and `..` in the query pass."""
+        _, upstream, port = await self.start()
+        target = b"/.well-known/v1.2/a..b/.../x%20y?p=/../z"
+        response = await client.request(
+            reactor, "127.0.0.1", port, b"GET " + target + b" HTTP/1.1\r\nHost: a.test\r\n\r\n"
+        )
+        self.assertEqual(response.status, 200)
+        self.assertEqual(upstream.received[0].target, target)
+
     async def test_asterisk_form(self) -> None:
         """`OPTIONS *` (asterisk form) is refused rather than routed."""
         await self.refused(b"OPTIONS * HTTP/1.1\r\nHost: a.test\r\n\r\n")

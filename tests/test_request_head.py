@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -161,6 +162,36 @@ class AnalyzeHeadTests(SynchronousTestCase):
         for target in (b"/a#b", b"/a?x#y", b"/#", b"http://a.test/x#y"):
             self.refused(target)
 
+    def test_dot_segments_refused(self) -> None:
+        """Whole `.`/`..` segments, literal or %2e-encoded, and backslashes are refused."""
+        for target in (
+            b"/..",
+            b"/.",
+            b"/a/./b",
+            b"/a/../b",
+            b"/a/..",
+            b"/%2e%2e/x",
+            b"/%2E/x",
+            b"/.%2e/x",
+            b"/a\\b",
+            b"http://a.test/x/../y",
+        ):
+            self.refused(target)
+
+    def test_dots_inside_segments_accepted(self) -> None:
+        """Dots inside segments and dot segments in the query are accepted."""
+        for target in (
+            b"/.well-known/x",
+            b"/v1.2/a..b",
+            b"/...",
+            b"/..a",
+            b"/a.",
+            b"/%2e%2ex",
+            b"/x?y=/../z",
+            b"/a%20b%2Fc",
+        ):
+            self.ok(target)
+
     def test_asterisk_form(self) -> None:
         """`OPTIONS *` and a bare `*` on other methods are refused."""
         self.refused(b"*", method=b"OPTIONS")
@@ -188,11 +219,16 @@ class AnalyzeHeadTests(SynchronousTestCase):
         self.assertEqual(json.loads(body), {"error": 'Malformed request: Invalid "char" <x>'})
 
     @given(
-        segments=st.lists(st.text("abcXYZ019-._~%!$&'()*+,;=:@", max_size=8), max_size=5),
+        segments=st.lists(
+            st.text("abcXYZ019-._~%!$&'()*+,;=:@", max_size=8).filter(
+                lambda seg: re.fullmatch(r"(?:\.|%2[eE]){1,2}", seg) is None
+            ),
+            max_size=5,
+        ),
         query=st.one_of(st.none(), st.text("abc=&/?%+", max_size=10)),
     )
     def test_origin_form_round_trip(self, segments: list[str], query: str | None) -> None:
-        """For any origin-form target, path + query reproduce the target exactly."""
+        """For any origin-form target without dot segments, path + query reproduce it exactly."""
         target = ("/" + "/".join(segments)).encode()
         if query is not None:
             target += b"?" + query.encode()

@@ -4,8 +4,8 @@ httptools (llhttp) already rejects most malformed input (bare CR/LF, NUL, obs-fo
 before the colon, CL+TE, duplicate or malformed Content-Length, bad chunk sizes). What it lets
 through and a gateway must still refuse is checked here: CONNECT (405: no tunnels on ingress),
 versions other than 1.0/1.1, a Transfer-Encoding other than exactly `chunked` or in an HTTP/1.0
-request, missing/duplicate/malformed Host in HTTP/1.1, a fragment in the target, and an
-absolute-form target whose authority disagrees with Host.
+request, missing/duplicate/malformed Host in HTTP/1.1, a fragment in the target, dot segments or
+backslashes in the path, and an absolute-form target whose authority disagrees with Host.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ BODY_CHUNKED = 2
 
 _AUTHORITY = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]{0,5})?")
 _ABSOLUTE = re.compile(rb"(?i)(https?)://([^/?#]*)([^#]*)")
+#: A `.` or `..` path segment, literal or percent-encoded (`%2e`), as a whole segment.
+_DOT_SEGMENT = re.compile(rb"/(?:\.|%2[eE]){1,2}(?:/|$)")
 
 
 @attrs.define(slots=True)
@@ -114,6 +116,13 @@ def analyze_head(
             path_and_query = b"/" + path_and_query
         raw_path, sep, rest = path_and_query.partition(b"?")
         query = sep + rest
+
+    if (b"/." in raw_path or b"%2" in raw_path or b"\\" in raw_path) and (
+        b"\\" in raw_path or _DOT_SEGMENT.search(raw_path)
+    ):
+        # Rules match the raw path while upstreams normalise it: "/api/../admin" would be routed
+        # (and policy-selected) as /api but served as /admin, escaping the destination path.
+        return bad_request("Dot segments or backslashes are not allowed in the request path")
 
     return RequestHead(
         method=method,
