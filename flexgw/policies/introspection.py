@@ -174,7 +174,7 @@ def treq_introspector(reactor: Any, agent: Any = None) -> Any:
         kwargs: dict[str, Any] = {"reactor": reactor, "persistent": False}
         if agent is not None:
             kwargs["agent"] = agent
-        headers = {
+        headers: dict[bytes | str, list[bytes | str]] = {
             b"Authorization": [authorization.encode("latin-1")],
             b"Accept": [b"application/json"],
         }
@@ -311,7 +311,7 @@ class IntrospectionPolicy:
             return _json_error(401, REVOKED)
         now = self.clock.seconds()
         expires_at = now + self.settings.ttl
-        exp = result.get("exp")
+        exp: Any = result.get("exp")
         if _is_number(exp):
             expires_at = min(expires_at, float(exp))
         if self.settings.max_entries > 0 and expires_at > now:

@@ -92,7 +92,8 @@ def treq_fetcher(reactor: Any, agent: Any = None) -> Fetcher:
         kwargs: dict[str, Any] = {"reactor": reactor, "persistent": False}
         if agent is not None:
             kwargs["agent"] = agent
-        d: Deferred[Any] = treq.get(url, headers={b"Accept": [b"application/json"]}, **kwargs)
+        headers: dict[bytes | str, list[bytes | str]] = {b"Accept": [b"application/json"]}
+        d: Deferred[Any] = treq.get(url, headers=headers, **kwargs)
 
         def got(response: Any) -> Any:
             if response.code != 200:

@@ -404,7 +404,7 @@ class JwtValidationPolicy:
 
     def _verify(self, token: str, keys: list[Any]) -> dict[str, Any]:
         """The claims of a token whose signature one of `keys` verifies (with the pinned alg)."""
-        options = {
+        options: Any = {
             "verify_exp": False,
             "verify_nbf": False,
             "verify_iat": False,
