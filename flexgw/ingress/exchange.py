@@ -31,6 +31,7 @@ from flexgw.upstream.connection import BACKPRESSURE, HELD, UpstreamConnection
 if TYPE_CHECKING:
     from flexgw.ingress.front import IngressProtocol
 
+_CONNECTION_OPTIONS = HOP_BY_HOP | {b"close"}  # Connection tokens that name no end-to-end header
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 # states
@@ -153,6 +154,12 @@ class ProxyExchange:
         ctx = PolicyContext(head, front.client_ip, front.scheme_bytes.decode("ascii"), api.key)
         if front.trusted_peer:
             ctx.trusted_proxies = front.http.trusted_proxies
+        if head.connection_values:
+            # Connection-listed headers are removed before the policies run, so that a client
+            # cannot name (and strip) a header a policy injects.
+            drop = connection_tokens(head.connection_values)
+            if not drop <= _CONNECTION_OPTIONS:  # not just "keep-alive" / "close"
+                ctx.request_headers[:] = [(n, v) for n, v in head.headers if n.lower() not in drop]
         self.chain = ChainRun(selected, ctx)
         return True
 
@@ -192,10 +199,24 @@ class ProxyExchange:
             return
         self._connect()
 
-    def respond_locally(self, response: LocalResponse) -> None:
-        """Answer with a policy's response (the response phase adds its headers)."""
+    def respond_locally(self, response: LocalResponse, response_phase: bool = True) -> None:
+        """Answer with a policy's response. As for an upstream response, the policies that ran
+        get their response phase (in reverse) and their extra headers are added."""
         chain = self.chain
-        extra = chain.ctx.response_extra if chain is not None else None
+        extra = None
+        if chain is not None:
+            ctx = chain.ctx
+            if response_phase:
+                ctx.begin_response(response.status, list(response.headers))
+                failed = chain.respond()
+                if failed is not None:
+                    response = failed
+                else:
+                    assert ctx.response_headers is not None
+                    response = LocalResponse(
+                        ctx.response_status, tuple(ctx.response_headers), response.body
+                    )
+            extra = ctx.response_extra
         self.response_status = response.status
         self.state = DONE
         self._stop_timer()
@@ -329,6 +350,7 @@ class ProxyExchange:
         headers = head.headers
         if chain is not None and chain.ctx.request_headers_changed:
             headers = chain.ctx.request_headers
+            drop = None  # already removed before the policies ran (see _select_policies)
         for name, value in headers:
             lname = name.lower()
             if lname in HOP_BY_HOP or lname == b"content-length":
@@ -539,8 +561,7 @@ class ProxyExchange:
         self.conn = None
         if conn is not None:
             self.pool.discard(conn)  # type: ignore[union-attr]
-        self.chain = None
-        self.respond_locally(response)
+        self.respond_locally(response, response_phase=False)
 
     # -- failure and timing ----------------------------------------------------------------------
 
