@@ -184,6 +184,27 @@ class HopByHopTests(HeaderTestCase):
         )
         self.assertEqual(seen.header("host"), [b"a.test"])
 
+    async def test_connection_cannot_strip_policy_injected_headers(self) -> None:
+        """A header a policy injects reaches the upstream even if the client lists it in Connection."""
+        binding = (
+            "apiVersion: gateway.mulesoft.com/v1alpha1\n"
+            "kind: PolicyBinding\n"
+            "metadata: {name: inject}\n"
+            "spec:\n"
+            "  targetRef: {kind: ApiInstance, name: test-api}\n"
+            "  policyRef: {name: header-injection-flex}\n"
+            "  config:\n"
+            "    inboundHeaders:\n"
+            "      - {key: X-Verified-By, value: gateway}\n"
+        )
+        _, seen, _, _ = await self.through(
+            b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: X-Verified-By\r\n"
+            b"X-Verified-By: client\r\n\r\n",
+            config=binding,
+        )
+        # The client's own X-Verified-By is connection-scoped and goes; the injected one stays.
+        self.assertEqual(seen.header("x-verified-by"), [b"gateway"])
+
     async def test_upgrade_without_body_is_a_plain_request(self) -> None:
         """A body-less Upgrade request is proxied as an ordinary request, without Upgrade."""
         response, seen, _, _ = await self.through(
