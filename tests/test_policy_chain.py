@@ -140,6 +140,8 @@ class PolicyChainTests(TestCase):
         self.assertEqual(response.status, 403)
         self.assertEqual(response.header("x-denied-by"), [b"A"])
         self.assertIn(b"denied by A", response.body)
+        # The response phase runs for local answers too, only for the policies that ran.
+        self.assertEqual(response.header("x-back"), [b"A"])
         self.assertEqual(self.upstream.received, [])
         self.assertEqual(gateway.records()[-1]["status"], 403)
 

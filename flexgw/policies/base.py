@@ -88,7 +88,7 @@ class LocalResponse:
         cls, status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()
     ) -> LocalResponse:
         """A Flex-style JSON error body: `{"error": message}`."""
-        body = json.dumps({"error": message}).encode("utf-8")
+        body = json.dumps({"error": message}, separators=(",", ":")).encode("utf-8")
         return cls(status, ((b"Content-Type", b"application/json"), *headers), body)
 
     def render(self, close: bool, extra: HeaderList | None = None) -> bytes:
