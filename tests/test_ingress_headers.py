@@ -47,10 +47,16 @@ class HeaderTestCase(TestCase):
     timeout = 15
 
     async def through(
-        self, raw_request: bytes, responder: Responder | None = None, config: str = "", head: bool = False
+        self,
+        raw_request: bytes,
+        responder: Responder | None = None,
+        config: str = "",
+        head: bool = False,
     ) -> tuple[Response, RecordedRequest, Gateway, RecordingUpstream]:
         """Send one request; return the client's response and what the upstream received."""
-        gateway, upstream, port = await gateway_with_upstream(self, responder or fixed(), config=config)
+        gateway, upstream, port = await gateway_with_upstream(
+            self, responder or fixed(), config=config
+        )
         response = await client.request(reactor, "127.0.0.1", port, raw_request, head=head)
         self.assertEqual(len(upstream.received), 1)
         return response, upstream.received[0], gateway, upstream
@@ -72,7 +78,9 @@ class PreservationTests(HeaderTestCase):
             (b"X-Spaces", b"inner  value"),
             (b"X-Obs-Text", b"caf\xe9"),
         ]
-        head = b"GET / HTTP/1.1\r\nHost: a.test\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in sent)
+        head = b"GET / HTTP/1.1\r\nHost: a.test\r\n" + b"".join(
+            n + b": " + v + b"\r\n" for n, v in sent
+        )
         _, seen, _, _ = await self.through(head + b"\r\n")
         self.assertEqual(end_to_end(seen.headers), sent)
 
@@ -113,7 +121,9 @@ class HopByHopTests(HeaderTestCase):
     async def test_request_hop_by_hop_removed(self) -> None:
         """Connection, the headers it lists, Keep-Alive, TE, Trailer, Upgrade, Proxy-* never go upstream."""
         _, seen, _, _ = await self.through(
-            b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Before: 1\r\n" + self.REQUEST_HOP + b"X-After: 2\r\n\r\n"
+            b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Before: 1\r\n"
+            + self.REQUEST_HOP
+            + b"X-After: 2\r\n\r\n"
         )
         self.assertEqual(end_to_end(seen.headers), [(b"X-Before", b"1"), (b"X-After", b"2")])
 
@@ -148,8 +158,15 @@ class HopByHopTests(HeaderTestCase):
         )
         names = [n.lower() for n, _ in response.headers]
         for hop in (
-            b"connection", b"x-resp-hop", b"keep-alive", b"trailer", b"upgrade",
-            b"proxy-connection", b"proxy-authenticate", b"proxy-authorization", b"te",
+            b"connection",
+            b"x-resp-hop",
+            b"keep-alive",
+            b"trailer",
+            b"upgrade",
+            b"proxy-connection",
+            b"proxy-authenticate",
+            b"proxy-authorization",
+            b"te",
         ):
             self.assertNotIn(hop, names)
         self.assertEqual(
@@ -425,7 +442,9 @@ class ResponseFramingTests(HeaderTestCase):
         conn.send(b"GET /a HTTP/1.1\r\nHost: a.test\r\n\r\nGET /b HTTP/1.1\r\nHost: a.test\r\n\r\n")
         first = await conn.read_response()
         second = await conn.read_response()
-        self.assertEqual((first.status, first.header("content-length"), first.body), (304, [b"100"], b""))
+        self.assertEqual(
+            (first.status, first.header("content-length"), first.body), (304, [b"100"], b"")
+        )
         self.assertEqual(second.status, 304)
         self.assertEqual(len(upstream.received), 2)
 
@@ -447,7 +466,9 @@ class ResponseFramingTests(HeaderTestCase):
 
     async def test_head_with_chunked_upstream(self) -> None:
         """HEAD answered with `Transfer-Encoding: chunked` and no body: no body and no chunk to the client."""
-        _gateway, _upstream, port = await gateway_with_upstream(self, fixed(body=b"x", chunked=True))
+        _gateway, _upstream, port = await gateway_with_upstream(
+            self, fixed(body=b"x", chunked=True)
+        )
         conn = await client.connect(reactor, "127.0.0.1", port)
         self.addCleanup(conn.abort)
         conn.send(b"HEAD /h HTTP/1.1\r\nHost: a.test\r\n\r\n")
@@ -466,7 +487,9 @@ class ResponseFramingTests(HeaderTestCase):
             )
             conn = await client.connect(reactor, "127.0.0.1", port)
             self.addCleanup(conn.abort)
-            conn.send(b"GET /a HTTP/1.1\r\nHost: a.test\r\n\r\nGET /b HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            conn.send(
+                b"GET /a HTTP/1.1\r\nHost: a.test\r\n\r\nGET /b HTTP/1.1\r\nHost: a.test\r\n\r\n"
+            )
             first = await conn.read_response()
             second = await conn.read_response()
             for response in (first, second):
@@ -496,7 +519,8 @@ class ResponseFramingTests(HeaderTestCase):
     async def test_100_continue_not_sent_to_http10(self) -> None:
         """An HTTP/1.0 client never receives a 1xx response."""
         response, _, _, _ = await self.through(
-            b"POST /up HTTP/1.0\r\nContent-Length: 5\r\n\r\nhello", continue_then(echo(), always=True)
+            b"POST /up HTTP/1.0\r\nContent-Length: 5\r\n\r\nhello",
+            continue_then(echo(), always=True),
         )
         self.assertEqual(response.status, 200)
         self.assertEqual(response.interim, [])
@@ -572,7 +596,9 @@ class ConnectionReuseTests(HeaderTestCase):
             response = await conn.read_response(head=(n == 3))
             bodies.append(response.body)
         self.assertEqual(bodies, [b"/p0", b"/p1", b"/p2", b"", b"/p4"])
-        self.assertEqual([r.target for r in upstream.received], [b"/p0", b"/p1", b"/p2", b"/p3", b"/p4"])
+        self.assertEqual(
+            [r.target for r in upstream.received], [b"/p0", b"/p1", b"/p2", b"/p3", b"/p4"]
+        )
         self.assertEqual(upstream.received[1].body, b"abc")
         self.assertEqual(upstream.received[2].body, b"z")
 

@@ -34,7 +34,9 @@ class StrictTestCase(TestCase):
 
     timeout = 15
 
-    async def start(self, config: str = "", **options: Any) -> tuple[Gateway, RecordingUpstream, int]:
+    async def start(
+        self, config: str = "", **options: Any
+    ) -> tuple[Gateway, RecordingUpstream, int]:
         """A gateway in front of a recording upstream answering 200."""
         return await gateway_with_upstream(self, fixed(), config=config, **options)
 
@@ -438,7 +440,9 @@ class HostTests(StrictTestCase):
             rules="- path: /api(/.*)", destination_path="/v1"
         )
         response = await client.request(
-            reactor, "127.0.0.1", port,
+            reactor,
+            "127.0.0.1",
+            port,
             b"GET http://A.Test:8080/api/items?q=1 HTTP/1.1\r\nHost: a.test:8080\r\n\r\n",
         )
         self.assertEqual(response.status, 200)
@@ -451,7 +455,9 @@ class HostTests(StrictTestCase):
         """Routing uses the absolute target's path: a path no rule matches is a 404."""
         _gateway, upstream, port = await self.start(rules="- path: /api(/.*)")
         response = await client.request(
-            reactor, "127.0.0.1", port,
+            reactor,
+            "127.0.0.1",
+            port,
             b"GET http://a.test/other HTTP/1.1\r\nHost: a.test\r\n\r\n",
         )
         self.assertEqual(response.status, 404)
@@ -478,7 +484,8 @@ class HeadLimitTests(StrictTestCase):
         big = b"X-Big: " + b"a" * (61 * 1024) + b"\r\n"
         await self.refused(
             b"GET / HTTP/1.1\r\nHost: a.test\r\n" + big + b"\r\n",
-            status=431, cause="headers_too_large",
+            status=431,
+            cause="headers_too_large",
         )
 
     async def test_default_limit_allows_a_large_head(self) -> None:
@@ -486,7 +493,10 @@ class HeadLimitTests(StrictTestCase):
         _gateway, upstream, port = await self.start()
         value = b"a" * (50 * 1024)
         response = await client.request(
-            reactor, "127.0.0.1", port, b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Big: " + value + b"\r\n\r\n"
+            reactor,
+            "127.0.0.1",
+            port,
+            b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Big: " + value + b"\r\n\r\n",
         )
         self.assertEqual(response.status, 200)
         self.assertEqual(upstream.received[0].header("x-big"), [value])
@@ -768,4 +778,3 @@ class FuzzTests(StrictTestCase):
         self.assertEqual(upstream.errors, [])
         response = await client.request(reactor, "127.0.0.1", port, SENTINEL)
         self.assertEqual(response.status, 200)
-

@@ -74,7 +74,9 @@ class AnalyzeHeadTests(SynchronousTestCase):
     def test_origin_form(self) -> None:
         """Path and query are split; the authority is the Host; no body."""
         head = self.ok(b"/a/b%20c?x=1&y", [(b"host", b"A.test:8080"), (b"X", b"y")])
-        self.assertEqual((head.path, head.query, head.authority), ("/a/b%20c", b"?x=1&y", "A.test:8080"))
+        self.assertEqual(
+            (head.path, head.query, head.authority), ("/a/b%20c", b"?x=1&y", "A.test:8080")
+        )
         self.assertEqual((head.body, head.content_length), (BODY_NONE, 0))
         self.assertEqual(head.version, b"1.1")
         self.assertEqual(head.headers, [(b"host", b"A.test:8080"), (b"X", b"y")])
@@ -97,7 +99,14 @@ class AnalyzeHeadTests(SynchronousTestCase):
 
     def test_transfer_encodings_refused(self) -> None:
         """Any Transfer-Encoding other than exactly chunked is refused."""
-        for value in (b"gzip", b"gzip, chunked", b"chunked, gzip", b"identity", b"chunked;x=1", b""):
+        for value in (
+            b"gzip",
+            b"gzip, chunked",
+            b"chunked, gzip",
+            b"identity",
+            b"chunked;x=1",
+            b"",
+        ):
             self.refused(b"/", [*HOST, (b"Transfer-Encoding", value)], method=b"POST")
 
     def test_transfer_encoding_in_http10_refused(self) -> None:
@@ -125,14 +134,33 @@ class AnalyzeHeadTests(SynchronousTestCase):
 
     def test_valid_hosts(self) -> None:
         """Names, IPv4, bracketed IPv6, ports and percent-encoded names are accepted."""
-        for host in (b"a", b"a.test:80", b"127.0.0.1", b"[::1]", b"[::1]:8443", b"xn--bcher-kva.test",
-                     b"a-b_c~d", b"a:"):
+        for host in (
+            b"a",
+            b"a.test:80",
+            b"127.0.0.1",
+            b"[::1]",
+            b"[::1]:8443",
+            b"xn--bcher-kva.test",
+            b"a-b_c~d",
+            b"a:",
+        ):
             self.assertEqual(self.ok(b"/", [(b"Host", host)]).authority, host.decode())
 
     def test_malformed_hosts(self) -> None:
         """Hosts with spaces, userinfo, paths, bad ports or bad brackets are refused."""
-        for host in (b"", b"a b", b"u@a", b"a/b", b"a:8o", b"a:123456", b"[::1", b"::1", b"a?b",
-                     b"a#b", b"[zz::1]"):
+        for host in (
+            b"",
+            b"a b",
+            b"u@a",
+            b"a/b",
+            b"a:8o",
+            b"a:123456",
+            b"[::1",
+            b"::1",
+            b"a?b",
+            b"a#b",
+            b"[zz::1]",
+        ):
             self.refused(b"/", [(b"Host", host)])
 
     def test_absolute_form(self) -> None:
@@ -200,8 +228,13 @@ class AnalyzeHeadTests(SynchronousTestCase):
     def test_connection_and_expect(self) -> None:
         """Connection values are kept raw; `Expect: 100-continue` is recognised in any case."""
         head = self.ok(
-            b"/", [*HOST, (b"Connection", b"keep-alive, X-A"), (b"CONNECTION", b"X-B"),
-                   (b"Expect", b" 100-Continue ")],
+            b"/",
+            [
+                *HOST,
+                (b"Connection", b"keep-alive, X-A"),
+                (b"CONNECTION", b"X-B"),
+                (b"Expect", b" 100-Continue "),
+            ],
         )
         self.assertEqual(head.connection_values, [b"keep-alive, X-A", b"X-B"])
         self.assertTrue(head.expect_continue)
@@ -243,8 +276,17 @@ class AnalyzeHeadTests(SynchronousTestCase):
         version=st.sampled_from(["0.9", "1.0", "1.1", "2.0"]),
         headers=st.lists(
             st.tuples(
-                st.sampled_from([b"Host", b"host", b"Content-Length", b"Transfer-Encoding",
-                                 b"Connection", b"Expect", b"X-A"]),
+                st.sampled_from(
+                    [
+                        b"Host",
+                        b"host",
+                        b"Content-Length",
+                        b"Transfer-Encoding",
+                        b"Connection",
+                        b"Expect",
+                        b"X-A",
+                    ]
+                ),
                 st.binary(max_size=12),
             ),
             max_size=6,
@@ -300,22 +342,41 @@ class HeaderRuleTests(SynchronousTestCase):
         """The hop-by-hop set names exactly the RFC 9110 §7.6.1 headers plus the proxy ones."""
         self.assertEqual(
             HOP_BY_HOP,
-            {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-             b"transfer-encoding", b"upgrade", b"proxy-authorization", b"proxy-authenticate"},
+            {
+                b"connection",
+                b"keep-alive",
+                b"proxy-connection",
+                b"te",
+                b"trailer",
+                b"transfer-encoding",
+                b"upgrade",
+                b"proxy-authorization",
+                b"proxy-authenticate",
+            },
         )
 
     def test_serialize(self) -> None:
         """Header lines are written in order, as given."""
-        self.assertEqual(
-            serialize_headers([(b"A", b"1"), (b"a", b"2")]), b"A: 1\r\na: 2\r\n"
-        )
+        self.assertEqual(serialize_headers([(b"A", b"1"), (b"a", b"2")]), b"A: 1\r\na: 2\r\n")
         self.assertEqual(serialize_headers([]), b"")
 
     @given(
         st.lists(
             st.tuples(
-                st.sampled_from([b"X-A", b"x-b", b"Connection", b"TE", b"Upgrade", b"Content-Length",
-                                 b"Set-Cookie", b"Keep-Alive", b"X-Listed", b"HOST"]),
+                st.sampled_from(
+                    [
+                        b"X-A",
+                        b"x-b",
+                        b"Connection",
+                        b"TE",
+                        b"Upgrade",
+                        b"Content-Length",
+                        b"Set-Cookie",
+                        b"Keep-Alive",
+                        b"X-Listed",
+                        b"HOST",
+                    ]
+                ),
                 st.binary(max_size=6),
             ),
             max_size=12,
@@ -346,7 +407,9 @@ class HeaderRuleTests(SynchronousTestCase):
 
 UPSTREAM = Upstream("default/u", "http", "127.0.0.1", 9)
 LISTENER = Listener(
-    "http", "127.0.0.1", 8081,
+    "http",
+    "127.0.0.1",
+    8081,
     (Api("default/a", "", (Route("r", 0, (), (Destination(UPSTREAM),)),)),),
 )
 
@@ -358,8 +421,13 @@ class InMemoryFront:
         self.reactor = MemoryReactorClock()
         self.pools = PoolManager(self.reactor, self.reactor)
         self.factory = IngressFactory(
-            self.reactor, self.reactor, LISTENER, HttpSettings(**http),  # type: ignore[arg-type]
-            Timeouts(), self.pools, None,
+            self.reactor,
+            self.reactor,
+            LISTENER,
+            HttpSettings(**http),  # type: ignore[arg-type]
+            Timeouts(),
+            self.pools,
+            None,
         )
         self.protocol: IngressProtocol = self.factory.buildProtocol(None)
         self.transport = StringTransport(peerAddress=None)
@@ -444,7 +512,8 @@ class InMemoryFrontTests(SynchronousTestCase):
         """Body bytes in the same read as the start of the next head are not counted as head bytes."""
         front = InMemoryFront(max_header_bytes=1024)
         front.feed(
-            b"POST /1 HTTP/1.1\r\nHost: a.test\r\nContent-Length: 3000\r\n\r\n" + b"b" * 3000
+            b"POST /1 HTTP/1.1\r\nHost: a.test\r\nContent-Length: 3000\r\n\r\n"
+            + b"b" * 3000
             + b"GET /2 HTTP/1.1\r\nHo"
         )
         self.assertNotIn(b"431", front.written)
@@ -456,9 +525,7 @@ class InMemoryFrontTests(SynchronousTestCase):
     def test_bad_body_in_the_same_read_never_connects(self) -> None:
         """A malformed chunk in the read that completed the head: refused before any upstream connect."""
         front = InMemoryFront()
-        front.feed(
-            b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
-        )
+        front.feed(b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
         self.assertTrue(front.written.startswith(b"HTTP/1.1 400 "))
         self.assertTrue(front.closing)
         self.assertEqual(front.connects, 0)
@@ -483,7 +550,9 @@ class InMemoryFrontTests(SynchronousTestCase):
     @settings(max_examples=200, deadline=None)
     @given(
         data=st.binary(max_size=200).map(
-            lambda tail: b"POST /x HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n" + tail
+            lambda tail: (
+                b"POST /x HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n" + tail
+            )
         )
         | st.binary(max_size=120),
         cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=6),
