@@ -217,35 +217,42 @@ def parse_config(config: dict[str, Any]) -> RateLimitConfig:
 class RateLimitPolicy:
     """One binding: its config and its counter store (shared by every request of the binding)."""
 
-    __slots__ = ("binding", "clock", "config", "store")
+    __slots__ = ("binding", "clock", "config", "constant_key", "expose", "limits", "store")
 
     def __init__(self, config: RateLimitConfig, store: Any, clock: Any, binding: str) -> None:
         self.config = config
         self.store = store  # None until the first request when no clock was given
         self.clock = clock
         self.binding = binding
+        self.limits = config.limits
+        self.expose = config.expose_headers
+        selector = config.key_selector
+        self.constant_key = "" if selector is None else selector if isinstance(selector, str) else None
 
     def key(self, ctx: PolicyContext) -> str:
         """The counter key of this request (an evaluation error propagates: a 500)."""
+        if self.constant_key is not None:
+            return self.constant_key
         selector = self.config.key_selector
-        if selector is None:
-            return ""
-        if isinstance(selector, str):
-            return selector
+        assert isinstance(selector, Expression)
         return to_text(selector.evaluate(ctx.expression_context()))
 
     def on_request(self, ctx: PolicyContext) -> Any:
         """Count the request; None when every limit had quota, else a 429."""
-        key = self.key(ctx)
+        key = self.constant_key
+        if key is None:
+            key = self.key(ctx)
         store = self.store
         if store is None:
             store = self._first_use()
         try:
-            result = store.hit(key, self.config.limits)
+            result = store.hit(key, self.limits)
         except Exception:  # noqa: BLE001 (an unreachable store is decided by blockOnUnknownQuota)
             return self._unknown(Failure())
         if isinstance(result, Deferred):
             return result.addCallbacks(self._decide, self._unknown, callbackArgs=(ctx,))
+        if result.allowed and not self.expose:
+            return None
         return self._decide(result, ctx)
 
     def on_response(self, ctx: PolicyContext) -> None:

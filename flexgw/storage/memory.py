@@ -4,10 +4,12 @@ Memory bound
 ------------
 Keys are kept in least-recently-used order (an `OrderedDict`). Each hit costs O(1):
 
-- *Lazy eviction*: before counting, the store looks at the (at most `SWEEP_PER_HIT`) least
-  recently used keys and drops those whose every window has ended. Such a key holds no
-  information: its next request would open fresh windows anyway. Because a new key can be added
-  by at most one hit, this sweep keeps pace with arrivals whenever old windows have ended.
+- *Lazy eviction*: every hit that adds a key or starts a new window (any hit but the common
+  "known key, window running, one limit" fast path) first looks at the (at most
+  `SWEEP_PER_HIT`) least recently used keys and drops those whose every window has ended. Such
+  a key holds no information: its next request would open fresh windows anyway. Because each
+  new key comes with such a sweep, eviction keeps pace with arrivals whenever old windows have
+  ended.
 - *Hard bound*: the store never holds more than `max_keys` keys (default 100 000; each costs
   roughly 250-300 bytes with one limit, so about 30 MB at the bound, in line with Flex's own
   "about 250 bytes per bucket"). When a new key would exceed it, the store first sweeps every
@@ -73,7 +75,23 @@ class MemoryRateLimitStore:
 
     def hit(self, key: str, limits: Sequence[RateLimit]) -> HitResult:
         """Check and count one request for `key` against every limit (atomically)."""
-        now = now_ms(self.clock)
+        now = round(self.clock.seconds() * 1000)
+        entries = self._entries
+        if len(limits) == 1:
+            # Fast path: one limit, a known key, its window still running.
+            entry = entries.get(key)
+            if entry is not None and len(entry) == 2 and entry[0] > now:
+                entries.move_to_end(key)
+                limit = limits[0]
+                count = entry[1]
+                if count >= limit.maximum_requests:
+                    return HitResult(False, (Quota(limit, 0, entry[0] - now),))
+                entry[1] = count + 1
+                return HitResult(True, (Quota(limit, limit.maximum_requests - count - 1, entry[0] - now),))
+        return self._hit(key, limits, now)
+
+    def _hit(self, key: str, limits: Sequence[RateLimit], now: int) -> HitResult:
+        """The general path: new keys, ended windows, several limits; sweeps as it goes."""
         entries = self._entries
         self._sweep_some(now)  # first: it may drop this very key, whose windows then restart
         entry = entries.get(key)
