@@ -1,6 +1,6 @@
 """Load benchmark: upstream direct vs through flexgw vs through nginx as a proxy, measured with wrk.
 
-Usage: python bench/run.py [--duration 10] [--json out.json] [--gateway-cmd TEMPLATE]
+Usage: python bench/run.py [--duration 10] [--json out.json] [--gateway-cmd TEMPLATE] [--policies]
 See bench/README.md.
 """
 
@@ -99,6 +99,61 @@ spec:
 """
 
 
+#: The --policies chain, bound to the `bench` API in order: (policyRef name, config as YAML lines).
+BENCH_USER, BENCH_PASSWORD = "bench", "bench-secret"
+POLICY_CHAIN: tuple[tuple[str, str], ...] = (
+    ("http-basic-authentication-flex", f"username: {BENCH_USER}\npassword: {BENCH_PASSWORD}"),
+    (
+        "rate-limiting-flex",
+        "rateLimits:\n  - maximumRequests: 1000000000\n    timePeriodInMilliseconds: 60000",
+    ),
+    ("header-injection-flex", "inboundHeaders:\n  - key: x-bench\n    value: injected"),
+    (
+        "message-logging-flex",
+        (
+            "loggingConfiguration:\n  - itemName: bench\n    itemData:\n"
+            "      message: \"#[attributes.method ++ ' ' ++ attributes.requestPath]\"\n"
+            "      level: INFO"
+        ),
+    ),
+)
+
+
+def policy_bindings(available: set[str]) -> tuple[str, list[str], list[str]]:
+    """PolicyBinding documents for the --policies chain: (yaml, kinds used, kinds missing)."""
+    docs, used, missing = [], [], []
+    for order, (kind, config) in enumerate(POLICY_CHAIN, start=1):
+        if kind not in available:
+            missing.append(kind)
+            continue
+        used.append(kind)
+        indented = "".join(f"    {line}\n" for line in config.splitlines())
+        docs.append(
+            "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: PolicyBinding\n"
+            f"metadata:\n  name: bench-{order}\n"
+            "spec:\n  targetRef:\n    kind: ApiInstance\n    name: bench\n"
+            f"  policyRef:\n    name: {kind}\n  order: {order}\n  config:\n{indented}"
+        )
+    return "".join(docs), used, missing
+
+
+def available_policy_kinds(env: dict[str, str]) -> set[str]:
+    """The policy kinds the gateway under test has registered (asked in a child process)."""
+    code = "from flexgw.policies import registry; print(' '.join(registry.names()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=60, check=False)
+    if out.returncode != 0:
+        raise BenchError(f"cannot list the policy kinds:\n{out.stderr}")
+    return set(out.stdout.split())
+
+
+def basic_auth_header() -> str:
+    """The Authorization header value the --policies chain's basic auth accepts."""
+    import base64
+
+    return "Basic " + base64.b64encode(f"{BENCH_USER}:{BENCH_PASSWORD}".encode()).decode()
+
+
 class BenchError(Exception):
     """A setup step failed (process died, port never opened, sanity request failed)."""
 
@@ -173,11 +228,11 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], procs: Processes, name: 
     raise BenchError(f"{name} did not listen on {HOST}:{port} within {timeout}s:\n{procs.log_tail(name)}")
 
 
-def sanity_get(port: int, expect_body: bytes | None = b"hello\n") -> None:
+def sanity_get(port: int, expect_body: bytes | None = b"hello\n", headers: dict[str, str] | None = None) -> None:
     """One GET through ``port`` must answer 200 (and ``hello``) before it is measured."""
     conn = http.client.HTTPConnection(HOST, port, timeout=10)
     try:
-        conn.request("GET", "/", headers={"Host": f"{HOST}:{port}"})
+        conn.request("GET", "/", headers={"Host": f"{HOST}:{port}", **(headers or {})})
         resp = conn.getresponse()
         body = resp.read()
     finally:
@@ -218,9 +273,12 @@ def parse_wrk(output: str) -> dict[str, Any]:
     return result
 
 
-def run_wrk(port: int, connections: int, duration: float, cpu: int | None, use_taskset: bool) -> dict[str, Any]:
-    """Run wrk (1 thread) against ``port`` and parse it."""
+def run_wrk(port: int, connections: int, duration: float, cpu: int | None, use_taskset: bool,
+            headers: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run wrk (1 thread) against ``port`` (with extra request ``headers``) and parse it."""
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", f"http://{HOST}:{port}/"]
+    for name, value in (headers or {}).items():
+        argv[1:1] = ["-H", f"{name}: {value}"]
     if cpu is not None and use_taskset:
         argv = ["taskset", "-c", str(cpu), *argv]
     out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
@@ -337,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway-cpu", type=int, default=0, help="CPU for the proxies (default 0)")
     parser.add_argument("--load-cpu", type=int, default=1, help="CPU for wrk and the upstream (default 1)")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+    parser.add_argument("--policies", action="store_true",
+                        help="also measure flexgw with a 4-policy chain (basic auth, rate limit, header "
+                        "injection, message logging; the kinds that exist) as a ratio of plain flexgw")
     args = parser.parse_args(argv)
 
     if not shutil.which("wrk"):
@@ -395,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             sanity_get(upstream_port)
 
             targets: list[tuple[str, int]] = [("direct", upstream_port)]
+            target_headers: dict[str, dict[str, str]] = {}
 
             if not args.no_gateway:
                 gw_port = free_port()
@@ -421,6 +483,39 @@ def main(argv: list[str] | None = None) -> int:
                 sanity_get(gw_port)
                 targets.append(("flexgw", gw_port))
 
+                if args.policies:
+                    # the same gateway config plus the policy chain, on its own port
+                    bindings, used, missing = policy_bindings(available_policy_kinds(env))
+                    info["policies"], info["policies_missing"] = used, missing
+                    pol_port = free_port()
+                    pol_dir = tmp / "conf-policies"
+                    pol_dir.mkdir()
+                    (pol_dir / "bench.yaml").write_text(
+                        GATEWAY_CONF.format(host=HOST, port=pol_port, upstream_port=upstream_port) + bindings
+                    )
+                    pol_nginx = write_nginx(
+                        tmp, "gateway-policies-nginx", NGINX_PROXY_CONF, port=pol_port, upstream_port=upstream_port
+                    )
+                    pol_cmd = args.gateway_cmd.format(
+                        twistd=shlex.quote(args.twistd),
+                        python=shlex.quote(sys.executable),
+                        conf=shlex.quote(str(pol_dir)),
+                        port=pol_port,
+                        upstream_port=upstream_port,
+                        tmp=shlex.quote(str(tmp)),
+                        nginx_gateway_conf=shlex.quote(str(pol_nginx)),
+                    )
+                    info["gateway_policies_cmd"] = pol_cmd
+                    proc = procs.start("gateway-policies", shlex.split(pol_cmd), gw_cpu, env)
+                    wait_port(pol_port, proc, procs, "gateway-policies")
+                    auth = {"Authorization": basic_auth_header()}
+                    sanity_get(pol_port, headers=auth)
+                    targets.append(("flexgw+pol", pol_port))
+                    target_headers["flexgw+pol"] = auth
+                    if missing:
+                        print(f"  --policies: kinds not available, skipped: {', '.join(missing)}",
+                              file=sys.stderr)
+
             if have_nginx and not args.no_nginx_proxy:
                 proxy_port = free_port()
                 conf = write_nginx(tmp, "proxy-nginx", NGINX_PROXY_CONF, port=proxy_port, upstream_port=upstream_port)
@@ -430,10 +525,11 @@ def main(argv: list[str] | None = None) -> int:
                 targets.append(("nginx-proxy", proxy_port))
 
             for name, port in targets:
+                extra = target_headers.get(name)
                 if args.warmup > 0:
-                    run_wrk(port, args.connections, args.warmup, load_cpu, use_taskset)
-                many = [run_wrk(port, args.connections, args.duration, load_cpu, use_taskset) for _ in range(args.repeat)]
-                one = [run_wrk(port, 1, args.duration, load_cpu, use_taskset) for _ in range(args.repeat)]
+                    run_wrk(port, args.connections, args.warmup, load_cpu, use_taskset, extra)
+                many = [run_wrk(port, args.connections, args.duration, load_cpu, use_taskset, extra) for _ in range(args.repeat)]
+                one = [run_wrk(port, 1, args.duration, load_cpu, use_taskset, extra) for _ in range(args.repeat)]
                 results[name] = {"c50": median_result(many), "c1": median_result(one)}
                 print(
                     f"  {name}: {results[name]['c50']['rps']:.0f} req/s, "
@@ -470,6 +566,8 @@ def summarise(results: dict[str, dict[str, Any]], connections: int) -> dict[str,
     for name in ("flexgw", "nginx-proxy"):
         if direct and name in results and "p50_ms" in results[name]["c1"] and "p50_ms" in direct["c1"]:
             summary[f"{name}_added_p50_ms"] = results[name]["c1"]["p50_ms"] - direct["c1"]["p50_ms"]
+    if "flexgw" in results and "flexgw+pol" in results:
+        summary["rps_ratio_policies_over_flexgw"] = results["flexgw+pol"]["c50"]["rps"] / results["flexgw"]["c50"]["rps"]
     if "flexgw" in results and "nginx-proxy" in results:
         summary["rps_ratio_flexgw_over_nginx"] = results["flexgw"]["c50"]["rps"] / results["nginx-proxy"]["c50"]["rps"]
         ng = summary.get("nginx-proxy_added_p50_ms")
@@ -512,6 +610,13 @@ def print_table(results: dict[str, dict[str, Any]], summary: dict[str, Any], inf
     if "added_p50_ratio_flexgw_over_nginx" in summary:
         ratio = summary["added_p50_ratio_flexgw_over_nginx"]
         print(f"flexgw / nginx added p50 at 1 connection: {ratio:.2f}  (target <= 1.5)")
+    if "rps_ratio_policies_over_flexgw" in summary:
+        ratio = summary["rps_ratio_policies_over_flexgw"]
+        used = ", ".join(info.get("policies", []))
+        print(f"flexgw with policies ({used}) / flexgw req/s at {connections} connections: "
+              f"{ratio:.3f}  (target >= 0.7)")
+        if info.get("policies_missing"):
+            print("NOTE: policy kinds not available, left out: " + ", ".join(info["policies_missing"]))
     busy = info.get("cpu_busy_before_pct") or {}
     if any(v > 15 for v in busy.values()):
         print("NOTE: CPUs were busy before the run: "
