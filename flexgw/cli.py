@@ -13,7 +13,8 @@ import attrs
 
 import flexgw
 from flexgw.config.pipeline import load_config
-from flexgw.config.plan import GatewayPlan, Problem, Rule
+from flexgw.config.plan import BoundPolicy, GatewayPlan, Problem, Rule
+from flexgw.policies.registry import load_modules
 
 
 def _problem_json(problem: Problem) -> dict[str, Any]:
@@ -31,6 +32,16 @@ def _rule_json(rule: Rule) -> dict[str, Any]:
     if rule.headers:
         out["headers"] = {name: pattern.pattern for name, pattern in rule.headers}
     return out
+
+
+def _policy_json(policy: BoundPolicy) -> dict[str, Any]:
+    """A bound policy as dumped: its binding, kind, order and rules (never its config: secrets)."""
+    return {
+        "name": policy.name,
+        "kind": policy.kind,
+        "order": policy.order,
+        "rules": [_rule_json(rule) for rule in policy.rules],
+    }
 
 
 def plan_json(plan: GatewayPlan) -> dict[str, Any]:
@@ -57,6 +68,7 @@ def plan_json(plan: GatewayPlan) -> dict[str, Any]:
                             "upstream": upstream.key,
                             "destinationPath": dest.destination_path,
                             "weight": dest.weight,
+                            "policies": [_policy_json(p) for p in dest.policies],
                         }
                     )
                 routes.append(
@@ -67,7 +79,14 @@ def plan_json(plan: GatewayPlan) -> dict[str, Any]:
                         "destinations": destinations,
                     }
                 )
-            apis.append({"key": api.key, "basePath": api.base_path, "routes": routes})
+            apis.append(
+                {
+                    "key": api.key,
+                    "basePath": api.base_path,
+                    "routes": routes,
+                    "policies": [_policy_json(p) for p in api.policies],
+                }
+            )
         listeners.append(
             {"scheme": listener.scheme, "host": listener.host, "port": listener.port, "apis": apis}
         )
@@ -101,10 +120,17 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     validate = commands.add_parser("validate", help="check configuration directories")
     validate.add_argument("dirs", nargs="+", metavar="DIR")
-    validate.add_argument("--strict", action="store_true", help="unknown keys are errors")
     dump = commands.add_parser("dump", help="print the compiled model as JSON")
     dump.add_argument("dirs", nargs="+", metavar="DIR")
-    dump.add_argument("--strict", action="store_true", help="unknown keys are errors")
+    for command in (validate, dump):
+        command.add_argument("--strict", action="store_true", help="unknown keys are errors")
+        command.add_argument(
+            "--policy-module",
+            action="append",
+            default=[],
+            metavar="MODULE",
+            help="import a third-party policy module first (repeatable)",
+        )
     commands.add_parser("version", help="print the version")
     return parser
 
@@ -124,6 +150,11 @@ def main(
     if args.command == "version":
         print(f"flexgw {flexgw.__version__}", file=out)
         return 0
+    try:
+        load_modules(args.policy_module)
+    except ImportError as exc:
+        print(f"--policy-module: {exc}", file=out)
+        return 2
     state = load_config(args.dirs, env, strict=args.strict)
     if args.command == "validate":
         for problem in state.problems:

@@ -35,23 +35,34 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["conf"] = []
+        self["policy-modules"] = []
 
     def opt_conf(self, path: str) -> None:
         """Configuration directory (repeatable; default /etc/flexgw)."""
         self["conf"].append(path)
+
+    def opt_policy_module(self, name: str) -> None:
+        """Import a third-party policy module (repeatable); it registers its policy kinds."""
+        self["policy-modules"].append(name)
 
     def opt_version(self) -> None:
         """Print the version and exit."""
         print(f"flexgw {__version__}")
         sys.exit(0)
 
-    def postOptions(self) -> None:  # noqa: N802
+    def postOptions(self) -> None:
         """Check values and apply defaults."""
         if not self["conf"]:
             self["conf"] = ["/etc/flexgw"]
         for path in self["conf"]:
             if not os.path.isdir(path):
                 raise usage.UsageError(f"--conf {path}: not a directory")
+        from flexgw.policies.registry import load_modules
+
+        try:
+            load_modules(self["policy-modules"])
+        except ImportError as exc:
+            raise usage.UsageError(f"--policy-module: {exc}") from exc
         if self["log-level"] not in _LEVELS:
             raise usage.UsageError("--log-level must be one of " + ", ".join(_LEVELS))
 
@@ -64,7 +75,7 @@ def _install_log_level(level: str) -> None:
         globalLogPublisher.addObserver(FilteringLogObserver(observer, [predicate]))
 
 
-def makeService(options: Options) -> MultiService:  # noqa: N802
+def makeService(options: Options) -> MultiService:
     """Build the gateway service tree from the options."""
     from twisted.internet import reactor
 
@@ -101,12 +112,12 @@ class _WatcherService(MultiService):
         super().__init__()
         self.watcher = watcher
 
-    def startService(self) -> None:  # noqa: N802
+    def startService(self) -> None:
         """Start watching."""
         super().startService()
         self.watcher.start()
 
-    def stopService(self) -> Any:  # noqa: N802
+    def stopService(self) -> Any:
         """Stop watching."""
         self.watcher.stop()
         return super().stopService()

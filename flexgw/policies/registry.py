@@ -58,6 +58,20 @@ def _load() -> None:
             _log.failure("Cannot load policy plugin {entry}", entry=entry.name)
 
 
+def load_modules(names: list[str] | tuple[str, ...]) -> None:
+    """Import third-party policy modules by dotted name (each calls `register` on import).
+
+    For kinds not installed as a distribution with a `flexgw.policies` entry point: e.g.
+    `twistd flexgw --policy-module mycompany.policies` with the module on PYTHONPATH.
+    An import error propagates: a gateway must not start without a policy its config names.
+    """
+    import importlib
+
+    _load()
+    for name in names:
+        importlib.import_module(name)
+
+
 def lookup(name: str) -> Any | None:
     """The kind registered as `name`, or None."""
     _load()
