@@ -26,11 +26,11 @@ class Options(usage.Options):
 
     synopsis = "[options]"
     longdesc = "Serve Flex Gateway Local Mode resource files (ApiInstance, Service, ...)."
-    optParameters = [
+    optParameters = [  # noqa: RUF012 (twisted.python.usage convention)
         ["access-log", None, "-", "Access log destination: a file path, '-' for stdout, 'off'."],
         ["log-level", None, "info", "Runtime log level: debug, info, warn, error."],
     ]
-    optFlags = [["strict", None, "Unknown configuration keys are errors, not warnings."]]
+    optFlags = [["strict", None, "Unknown configuration keys are errors, not warnings."]]  # noqa: RUF012
 
     def __init__(self) -> None:
         super().__init__()

@@ -20,6 +20,12 @@ EXAMPLE = os.path.join(os.path.dirname(HERE), "examples", "policy-plugin")
 CONF = os.path.join(os.path.dirname(HERE), "conf", "custom-policy", "api.yaml")
 
 
+def _example_conf() -> str:
+    """The shipped example configuration's text."""
+    with open(CONF, encoding="utf-8") as handle:
+        return handle.read()
+
+
 class PolicyPluginTests(TestCase):
     """The example plugin loads by module name and its policy runs like a built-in one."""
 
@@ -41,8 +47,7 @@ class PolicyPluginTests(TestCase):
         upstream.listen(reactor)
         self.addCleanup(upstream.stop)
         port = free_port()
-        with open(CONF, encoding="utf-8") as handle:
-            text = handle.read().replace("127.0.0.1:8083", f"127.0.0.1:{port}")
+        text = _example_conf().replace("127.0.0.1:8083", f"127.0.0.1:{port}")
         text = text.replace("127.0.0.1:8082", f"127.0.0.1:{upstream.address[1]}")
         gateway = Gateway(self, {"api.yaml": text})
         gateway.start()
