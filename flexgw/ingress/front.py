@@ -59,6 +59,7 @@ class IngressProtocol(Protocol):
         self.parsing: ProxyExchange | None = None  # exchange whose request is being received
         self.starting: ProxyExchange | None = None  # head accepted; started when the parser returns
         self.message_ended = False  # a request ended inside the chunk being parsed
+        self.body_seen = False  # request body bytes were delivered during the current feed
         self.active: ProxyExchange | None = None  # exchange being proxied
         self.queue: deque[ProxyExchange] = deque()
         self.pending_refusal: GatewayError | None = None
@@ -144,6 +145,16 @@ class IngressProtocol(Protocol):
             self.head_bytes += len(data)
             if self.head_bytes > self.http.max_header_bytes:
                 self._refuse(errors.HEADERS_TOO_LARGE)
+        elif self.state == BODY:
+            if self.body_seen:
+                self.body_seen = False
+                self.head_bytes = 0
+            else:
+                # Bytes that carried no body: chunk framing or trailer fields, which httptools
+                # buffers whole (quadratically). Bound them like a head.
+                self.head_bytes += len(data)
+                if self.head_bytes > self.http.max_header_bytes:
+                    self._refuse(errors.HEADERS_TOO_LARGE)
 
     def _start(self) -> None:
         exchange = self.starting
@@ -212,6 +223,7 @@ class IngressProtocol(Protocol):
             # it as the next request: a smuggling vector. Upgrades are not tunnelled, so refuse.
             raise _Refused(errors.bad_request("An Upgrade request with a body is not accepted"))
         self.state = BODY
+        self.head_bytes = 0  # from here: body-phase bytes that carry no body (see dataReceived)
         exchange = ProxyExchange(self, head, self.clock.seconds())
         self.parsing = exchange
         if self.active is None:
@@ -225,6 +237,7 @@ class IngressProtocol(Protocol):
 
     def on_body(self, body: bytes) -> None:
         """A piece of the request body for the exchange being received."""
+        self.body_seen = True
         exchange = self.parsing
         if exchange is not None and exchange.state != DONE:
             exchange.request_body(body)
