@@ -6,12 +6,12 @@ import json
 import random
 from typing import Any, ClassVar
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
 from flexgw.testing import client
 from flexgw.testing.client import IncompleteResponse, Response, ResponseParseError
-from flexgw.testing.upstream import RecordingUpstream, echo, fixed
+from flexgw.testing.upstream import Exchange, RecordingUpstream, Responder, echo, fixed
 from tests.harness import Gateway, gateway_with_upstream
 
 SENTINEL = b"GET /sentinel HTTP/1.1\r\nHost: sentinel.test\r\n\r\n"
@@ -374,6 +374,34 @@ class BodyErrorTests(StrictTestCase):
         self.assertFalse(seen.complete)
         self.assertEqual([r.target for r in upstream.received], [b"/up"])
         self.assertEqual(gateway.records()[0]["error"], "bad_request")
+
+    async def test_oversized_trailer(self) -> None:
+        """Trailer fields beyond the head limit: 431, and the upstream request is cut, not completed."""
+        body_arrived: defer.Deferred[bytes] = defer.Deferred()
+
+        class BodyWatcher(Responder):
+            """Fires `body_arrived` with the first request body piece."""
+
+            def on_body(self, ex: Exchange, data: bytes) -> None:
+                if not body_arrived.called:
+                    body_arrived.callback(data)
+
+        gateway, upstream, port = await gateway_with_upstream(
+            self, BodyWatcher(), config=http_config(maxHeaderBytes=2048)
+        )
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(conn.abort)
+        conn.send(b"POST /up HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n")
+        conn.send(b"3\r\nabc\r\n")
+        self.assertEqual(await body_arrived, b"abc")
+        # No body from here on: the last chunk and an endless trailer field.
+        conn.send(b"0\r\nX-Trailer: " + b"t" * 4096)
+        response = await conn.read_response()
+        await conn.wait_closed()
+        self.assert_refusal(response, 431, "headers_too_large")
+        await upstream.wait_for_disconnections(1)
+        self.assertFalse(upstream.received[0].complete)
+        self.assertEqual(gateway.records()[0]["error"], "headers_too_large")
 
     async def test_content_length_body_cut_short(self) -> None:
         """A client closing mid-body: the upstream connection is dropped, its request incomplete."""

@@ -522,6 +522,35 @@ class InMemoryFrontTests(SynchronousTestCase):
         self.assertIsNone(front.protocol.pending_refusal)
         self.assertEqual(front.protocol.state, HEAD)
 
+    def test_huge_trailer_refused(self) -> None:
+        """A trailer field growing without end is refused at the head limit, not buffered."""
+        front = InMemoryFront(max_header_bytes=4096)
+        front.feed(b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n")
+        front.feed(b"3\r\nabc\r\n0\r\nX-Trailer: ")
+        for _ in range(4):
+            front.feed(b"t" * 1000)
+        self.assertEqual(front.written, b"")
+        front.feed(b"t" * 1000)
+        self.assertTrue(front.written.startswith(b"HTTP/1.1 431 "))
+        self.assertTrue(front.closing)
+
+    def test_many_trailers_refused(self) -> None:
+        """Many small trailer fields add up to the limit too."""
+        front = InMemoryFront(max_header_bytes=4096)
+        front.feed(b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n")
+        for _ in range(300):
+            front.feed(b"X-T: 1234567\r\n")
+        self.assertTrue(front.written.startswith(b"HTTP/1.1 431 "))
+
+    def test_tiny_chunks_are_not_framing_abuse(self) -> None:
+        """A long body in one-byte chunks, fed piecewise, is never refused: body resets the count."""
+        front = InMemoryFront(max_header_bytes=1024)
+        front.feed(b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(200):
+            front.feed(b"1\r\nx\r\n" * 50)
+        self.assertEqual(front.written, b"")
+        self.assertFalse(front.closing)
+
     def test_bad_body_in_the_same_read_never_connects(self) -> None:
         """A malformed chunk in the read that completed the head: refused before any upstream connect."""
         front = InMemoryFront()
