@@ -301,7 +301,12 @@ class IngressProtocol(Protocol):
             and self.pending_refusal is None
             and not self.draining
         )
-        self.transport.write(error.render(not keep, extra or ()))
+        data = error.render(not keep, extra or ())
+        if exchange.head.method == b"HEAD":
+            # Same head as for GET (Content-Length included), no body: body bytes after a HEAD
+            # response would be read as the start of the next response on this connection.
+            data = data[: data.index(b"\r\n\r\n") + 4]
+        self.transport.write(data)
         self.factory.log_exchange(exchange)
         if self.active is exchange:
             self.active = None
