@@ -464,6 +464,24 @@ class ResponseFramingTests(HeaderTestCase):
         self.assertEqual(get.body, b"0123456789")
         self.assertEqual(upstream.received[0].method, b"HEAD")
 
+    async def test_gateway_error_to_head_has_no_body(self) -> None:
+        """A gateway-made 404 answering HEAD has no body, so the next response is read intact."""
+        _, upstream, port = await gateway_with_upstream(
+            self, fixed(body=b"fine"), rules="- path: /ok"
+        )
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(conn.abort)
+        conn.send(b"HEAD /missing HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        head = await conn.read_response(head=True)
+        conn.send(b"GET /ok HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        get = await conn.read_response()
+        self.assertEqual(head.status, 404)
+        self.assertEqual(head.header("x-flexgw-error"), [b"no_route"])
+        self.assertNotEqual(head.header("content-length"), [b"0"])
+        self.assertEqual((get.status, get.body), (200, b"fine"))
+        self.assertTrue(conn.received_raw.split(b"\r\n\r\n", 1)[1].startswith(b"HTTP/1.1 200 "))
+        self.assertEqual(len(upstream.received), 1)
+
     async def test_head_with_chunked_upstream(self) -> None:
         """HEAD answered with `Transfer-Encoding: chunked` and no body: no body and no chunk to the client."""
         _gateway, _upstream, port = await gateway_with_upstream(
