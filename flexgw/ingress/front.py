@@ -301,6 +301,9 @@ class IngressProtocol(Protocol):
             and self.pending_refusal is None
             and not self.draining
         )
+        if keep and exchange.head.version == b"1.0":
+            # An HTTP/1.0 client assumes the connection closes unless told otherwise.
+            extra = [*(extra or ()), (b"Connection", b"keep-alive")]
         data = error.render(not keep, extra or ())
         if exchange.head.method == b"HEAD":
             # Same head as for GET (Content-Length included), no body: body bytes after a HEAD
