@@ -577,6 +577,23 @@ class ConnectionReuseTests(HeaderTestCase):
             self.assertEqual(response.header("connection"), [b"keep-alive"])
         self.assertFalse(conn.closed)
 
+    async def test_http10_keep_alive_after_gateway_error(self) -> None:
+        """A gateway 404 to an HTTP/1.0 keep-alive request says keep-alive and keeps the connection."""
+        _, upstream, port = await gateway_with_upstream(
+            self, path_responder(), rules="- path: /ok(/.*)?"
+        )
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(conn.abort)
+        conn.send(b"GET /missing HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        missing = await conn.read_response()
+        self.assertEqual(missing.status, 404)
+        self.assertEqual(missing.header("connection"), [b"keep-alive"])
+        conn.send(b"GET /ok/1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        found = await conn.read_response()
+        self.assertEqual((found.status, found.body), (200, b"/1"))
+        self.assertFalse(conn.closed)
+        self.assertEqual(len(upstream.received), 1)
+
     async def test_http10_without_keep_alive_closes(self) -> None:
         """A plain HTTP/1.0 request is answered with `Connection: close` and the connection closes."""
         _, _upstream, port = await self.start()
