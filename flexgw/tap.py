@@ -29,6 +29,12 @@ class Options(usage.Options):
     optParameters = [  # noqa: RUF012 (twisted.python.usage convention)
         ["access-log", None, "-", "Access log destination: a file path, '-' for stdout, 'off'."],
         ["log-level", None, "info", "Runtime log level: debug, info, warn, error."],
+        [
+            "message-log",
+            None,
+            "-",
+            "message-logging-flex output: a file path, '-' for stdout, 'twisted' for the runtime log.",
+        ],
     ]
     optFlags = [["strict", None, "Unknown configuration keys are errors, not warnings."]]  # noqa: RUF012
 
@@ -80,7 +86,7 @@ def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
 
     from flexgw.config.watch import ConfigWatcher, debounce_from_env
-    from flexgw.http.accesslog import AccessLog
+    from flexgw.http.accesslog import AccessLog, MessageLog
     from flexgw.service.gateway import GatewayService
 
     if options["log-level"] != "info":
@@ -88,9 +94,17 @@ def makeService(options: Options) -> MultiService:
     access_log = None
     if options["access-log"] != "off":
         access_log = AccessLog.open(reactor, options["access-log"])
+    message_log = None
+    if options["message-log"] != "twisted":
+        message_log = MessageLog.open(reactor, options["message-log"])
     top = MultiService()
     gateway = GatewayService(
-        reactor, options["conf"], os.environ, access_log=access_log, strict=options["strict"]
+        reactor,
+        options["conf"],
+        os.environ,
+        access_log=access_log,
+        message_log=message_log,
+        strict=options["strict"],
     )
     gateway.setServiceParent(top)
     watcher = ConfigWatcher(

@@ -11,13 +11,14 @@ from twisted.internet import reactor
 from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from flexgw.http.accesslog import MessageLog
 from flexgw.http.request import RequestHead, analyze_head
 from flexgw.policies import message_logging, registry
 from flexgw.policies.base import BuildContext, PolicyConfigError, PolicyContext
 from flexgw.policies.message_logging import NAMESPACE, MessageLoggingKind
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream
-from tests.harness import Gateway, free_port
+from tests.harness import Gateway, MemoryStream, free_port
 
 KIND = MessageLoggingKind()
 
@@ -350,3 +351,43 @@ class MessageLoggingEndToEndTests(TestCase):
             [str(p) for p in errors],
         )
         self.assertEqual(gateway.service.plan.listeners, ())
+
+
+class MessageLogSinkTests(TestCase):
+    """With the gateway's MessageLog (as `twistd flexgw` wires it), items are JSON lines."""
+
+    async def test_items_written_as_json_lines(self) -> None:
+        """The first- and second-section items land on the sink's stream, not the Twisted log."""
+        upstream = RecordingUpstream(reactor=reactor)
+        upstream.listen(reactor)
+        self.addCleanup(upstream.stop)
+        port = free_port()
+        stream = MemoryStream()
+        sink = MessageLog(reactor, stream)
+        api = (
+            "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: ApiInstance\n"
+            "metadata: {name: test-api}\n"
+            f"spec:\n  address: http://127.0.0.1:{port}\n"
+            f"  services:\n    b:\n      address: http://127.0.0.1:{upstream.address[1]}\n"
+        )
+        gateway = Gateway(self, {"api.yaml": api + BINDING})
+        gateway.service.runtime.message_log = sink
+        gateway.start()
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        response = await client.request(
+            reactor, "127.0.0.1", port, b"GET /orders HTTP/1.1\r\nHost: t\r\n\r\n"
+        )
+        self.assertEqual(response.status, 200)
+        sink.flush()
+        lines = stream.records()
+        self.assertEqual(
+            [(line["item"], line["message"], line["level"]) for line in lines],
+            [("request", "GET /orders", "INFO"), ("response", "status=200", "WARN")],
+        )
+        self.assertEqual(lines[0]["category"], "audit")
+        self.assertEqual(lines[0]["binding"], "default/logs")
+        # The failing item still goes to the runtime log as an error; the good ones do not.
+        ours = [e for e in events if e.get("log_namespace") == NAMESPACE]
+        self.assertEqual([e.get("item") for e in ours], ["broken"])

@@ -62,6 +62,7 @@ class PolicyRuntime:
     reactor: Any
     clock: Any
     shared: dict[str, Any] = attrs.Factory(dict)
+    message_log: Any = None  # a flexgw.http.accesslog.MessageLog, or None: the Twisted log
 
 
 @attrs.frozen

@@ -176,6 +176,7 @@ class MessageLoggingPolicy:
     second: tuple[LogItem, ...]
     needs_body: bool = False  # a first-section item reads `payload`
     log: Logger = attrs.field(factory=lambda: Logger(namespace=NAMESPACE))
+    sink: Any = None  # the gateway's MessageLog (fast JSON lines); None: the Twisted log
 
     def on_request(self, ctx: PolicyContext) -> None:
         """Log the first-section items; never stops the request."""
@@ -217,6 +218,13 @@ class MessageLoggingPolicy:
                 error=str(exc),
             )
             return
+        sink = self.sink
+        if sink is not None:
+            sink.emit(
+                item.level.name.upper(), item.category, self.binding, self.api, item.name,
+                section, text,
+            )
+            return
         self.log.emit(
             item.level,
             item.format,
@@ -248,6 +256,7 @@ class MessageLoggingKind:
             first=first,
             second=second,
             needs_body=any(item.uses_payload() for item in first),
+            sink=getattr(context.services, "message_log", None),
         )
 
 

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 
 from flexgw.config.pipeline import ConfigState, load_config
 from flexgw.config.plan import GatewayPlan, Listener, Upstream
-from flexgw.http.accesslog import AccessLog
+from flexgw.http.accesslog import AccessLog, MessageLog
 from flexgw.ingress.front import IngressFactory
 from flexgw.policies.base import PolicyRuntime
 from flexgw.upstream.pool import PoolManager
@@ -34,6 +34,7 @@ class GatewayService(Service):
         conf_dirs: Sequence[str],
         environ: Mapping[str, str],
         access_log: AccessLog | None = None,
+        message_log: MessageLog | None = None,
         strict: bool = False,
         rng: random.Random | None = None,
         loader: Callable[..., ConfigState] = load_config,
@@ -47,7 +48,8 @@ class GatewayService(Service):
         self.loader = loader
         self.state: ConfigState | None = None
         self.pools = PoolManager(reactor, reactor)
-        self.runtime = PolicyRuntime(reactor=reactor, clock=reactor)
+        self.message_log = message_log
+        self.runtime = PolicyRuntime(reactor=reactor, clock=reactor, message_log=message_log)
         self.factories: dict[tuple[str, int], IngressFactory] = {}
         self.ports: dict[tuple[str, int], IListeningPort] = {}
         self.reloads = 0
@@ -58,15 +60,16 @@ class GatewayService(Service):
         """The plan in force."""
         return self.state.plan if self.state is not None else GatewayPlan()
 
-    def startService(self) -> None:  # noqa: N802
+    def startService(self) -> None:
         """Load the configuration, bind every listener, start periodic work."""
         super().startService()
-        if self.access_log is not None:
-            self.access_log.start()
+        for log in (self.access_log, self.message_log):
+            if log is not None:
+                log.start()
         self.pools.start()
         self.reload()
 
-    def stopService(self) -> Any:  # noqa: N802
+    def stopService(self) -> Any:
         """Stop listening, close idle upstream connections, flush the access log."""
         super().stopService()
         from twisted.internet.defer import gatherResults, maybeDeferred
@@ -77,8 +80,9 @@ class GatewayService(Service):
 
         def _after(result: object) -> object:
             self.pools.stop()
-            if self.access_log is not None:
-                self.access_log.stop()
+            for log in (self.access_log, self.message_log):
+                if log is not None:
+                    log.stop()
             return result
 
         return stopped.addBoth(_after)
@@ -153,7 +157,7 @@ class GatewayService(Service):
         )
         try:
             port = self.reactor.listenTCP(listener.port, factory, interface=listener.host)
-        except Exception as exc:  # CannotListenError and friends: report, keep serving the rest
+        except Exception as exc:  # noqa: BLE001 (CannotListenError and friends: report, serve the rest)
             _log.error(
                 "Cannot listen on {host}:{port}: {error}",
                 host=listener.host,
