@@ -270,11 +270,17 @@ class IngressProtocol(Protocol):
         self.factory.log_exchange(exchange)
         if self.active is exchange:
             self.active = None
+        if close:
+            # The response said `Connection: close`: nothing may follow it, not even the
+            # refusal of what the client sent after the request (llhttp: "Data after close").
+            self.pending_refusal = None
+            self.state = CLOSING
+            self.transport.loseConnection()
+            return
         if self.pending_refusal is not None:
             self._refuse(self.pending_refusal)
             return
-        if close or self.state == CLOSING:
-            self.state = CLOSING
+        if self.state == CLOSING:
             self.transport.loseConnection()
             return
         self._next()
