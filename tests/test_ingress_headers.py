@@ -614,6 +614,20 @@ class ConnectionReuseTests(HeaderTestCase):
         self.assertEqual(response.header("connection"), [b"close"])
         self.assertEqual(upstream.received[0].header("connection"), [])
 
+    async def test_nothing_after_a_closing_response(self) -> None:
+        """Requests pipelined after `Connection: close` are not run, and nothing follows the response."""
+        _, upstream, port = await self.start()
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        conn.send(
+            b"GET /last HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
+            b"GET /never HTTP/1.1\r\nHost: a.test\r\n\r\n"
+        )
+        response = await conn.read_response()
+        await conn.wait_closed()
+        self.assertEqual((response.status, response.body), (200, b"/last"))
+        self.assertTrue(conn.received_raw.endswith(b"\r\n\r\n/last"))
+        self.assertEqual([r.target for r in upstream.received], [b"/last"])
+
     async def test_pipelined_requests_answered_in_order(self) -> None:
         """Requests sent back to back without waiting are answered in their order."""
         _, upstream, port = await self.start()
