@@ -403,6 +403,25 @@ class BodyErrorTests(StrictTestCase):
         self.assertFalse(upstream.received[0].complete)
         self.assertEqual(gateway.records()[0]["error"], "headers_too_large")
 
+    async def test_bad_chunk_while_the_response_streams(self) -> None:
+        """A bad chunk after the upstream started answering: both sides are cut, nothing completes."""
+        gateway, upstream, port = await gateway_with_upstream(self, echo())
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(conn.abort)
+        conn.send(
+            b"POST /up HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+        )
+        # Parsed as if answering HEAD: fires once the response head is through the gateway.
+        head = await conn.read_response(head=True)
+        self.assertEqual(head.status, 200)
+        conn.send(b"zz\r\n")
+        await conn.wait_closed()
+        # The response head is already out: no error response can follow, only the cut.
+        self.assertNotIn(b"HTTP/1.1 400", conn.received_raw)
+        await upstream.wait_for_disconnections(1)
+        self.assertFalse(upstream.received[0].complete)
+        self.assertEqual(gateway.records()[0]["error"], "bad_request")
+
     async def test_content_length_body_cut_short(self) -> None:
         """A client closing mid-body: the upstream connection is dropped, its request incomplete."""
         _gateway, upstream, port = await self.start()
