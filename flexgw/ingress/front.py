@@ -157,6 +157,7 @@ class IngressProtocol(Protocol):
                     self._refuse(errors.HEADERS_TOO_LARGE)
 
     def _start(self) -> None:
+        """Start the exchange whose head the last feed accepted (unless already refused)."""
         exchange = self.starting
         self.starting = None
         if exchange is not None and exchange.state == WAITING:
