@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
@@ -40,6 +40,8 @@ from flexgw.ingress.front import HEAD, IngressFactory, IngressProtocol
 from flexgw.upstream.pool import PoolManager
 
 HOST = [(b"Host", b"a.test")]
+#: Hypothesis settings that keep these tests steady on a loaded machine.
+SLOW = [HealthCheck.too_slow]
 
 
 def analyze(
@@ -251,6 +253,7 @@ class AnalyzeHeadTests(SynchronousTestCase):
         body = error.render(close=True).split(b"\r\n\r\n", 1)[1]
         self.assertEqual(json.loads(body), {"error": 'Malformed request: Invalid "char" <x>'})
 
+    @settings(deadline=None, suppress_health_check=SLOW)
     @given(
         segments=st.lists(
             st.text("abcXYZ019-._~%!$&'()*+,;=:@", max_size=8).filter(
@@ -269,7 +272,7 @@ class AnalyzeHeadTests(SynchronousTestCase):
         self.assertEqual(head.path.encode("latin-1") + head.query, target)
         self.assertNotIn("?", head.path)
 
-    @settings(max_examples=300)
+    @settings(max_examples=300, deadline=None, suppress_health_check=SLOW)
     @given(
         method=st.sampled_from([b"GET", b"POST", b"CONNECT", b"OPTIONS", b"X"]),
         target=st.binary(max_size=30),
@@ -360,6 +363,7 @@ class HeaderRuleTests(SynchronousTestCase):
         self.assertEqual(serialize_headers([(b"A", b"1"), (b"a", b"2")]), b"A: 1\r\na: 2\r\n")
         self.assertEqual(serialize_headers([]), b"")
 
+    @settings(deadline=None, suppress_health_check=SLOW)
     @given(
         st.lists(
             st.tuples(
@@ -576,7 +580,7 @@ class InMemoryFrontTests(SynchronousTestCase):
         self.assertTrue(front.written.startswith(b"HTTP/1.1 405 "))
         self.assertEqual(front.connects, 0)
 
-    @settings(max_examples=200, deadline=None)
+    @settings(max_examples=200, deadline=None, suppress_health_check=SLOW)
     @given(
         data=st.binary(max_size=200).map(
             lambda tail: (
