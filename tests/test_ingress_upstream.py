@@ -568,3 +568,20 @@ class RetryFreshTests(UpstreamTestCase):
         response = await client.request(reactor, "127.0.0.1", port, GET)
         self.assertEqual((response.status, response.body), (200, b"fresh"))
         self.assertEqual(len(upstream.connections), 3)
+
+
+class UpstreamTrailerBoundTests(TestCase):
+    """Response trailers are bounded like a head: httptools would buffer a huge one whole."""
+
+    async def test_huge_response_trailer_cuts_the_exchange(self) -> None:
+        """A 1 MiB trailer field after the last chunk is refused, not buffered: the client is
+        cut (its head already left) and the cause is logged."""
+        trailer = b"X-Big: " + b"a" * (1024 * 1024) + b"\r\n\r\n"
+        body = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        responder = raw(body + b"0\r\n" + trailer, close=False)
+        gateway, _upstream, port = await gateway_with_upstream(self, responder)
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        conn.send(GET)
+        await self.assertFailure(conn.read_final_response(), client.IncompleteResponse)
+        self.assertNotIn(b"0\r\n\r\n", conn.received_raw)
+        self.assertEqual(gateway.records()[-1]["error"], "upstream_bad_response")

@@ -97,6 +97,7 @@ class UpstreamConnection(Protocol):
         self._interim = False
         self._complete = False  # the final response ended inside the current dataReceived
         self._head_bytes = 0
+        self._body_seen = False
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -157,13 +158,18 @@ class UpstreamConnection(Protocol):
             self.reusable = False
             if self.sink is not None and not self._complete:
                 self.sink.response_malformed(str(exc))
-        if self._in_head and self.sink is not None:
-            # Still in the head after this read: all of it was head bytes. Bound them.
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_RESPONSE_HEAD:
-                self.reusable = False
-                self.sink.response_malformed("Response head too large")
-                return
+        if self.sink is not None and not self._complete:
+            if self._in_head or not self._body_seen:
+                # Still in the head after this read, or a read that carried no body byte (chunk
+                # framing, trailer fields, which httptools buffers whole): bound them.
+                self._head_bytes += len(data)
+                if self._head_bytes > MAX_RESPONSE_HEAD:
+                    self.reusable = False
+                    self.sink.response_malformed("Response head or trailers too large")
+                    return
+            else:
+                self._head_bytes = 0
+        self._body_seen = False
         sink = self.sink
         if sink is not None:
             sink.flush_response()
@@ -224,6 +230,7 @@ class UpstreamConnection(Protocol):
 
     def on_body(self, data: bytes) -> None:
         """A piece of the (de-chunked) response body."""
+        self._body_seen = True
         if self._complete:
             raise _Unsolicited()  # bytes after a HEAD response's head
         sink = self.sink
