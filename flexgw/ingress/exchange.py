@@ -232,7 +232,12 @@ class ProxyExchange:
         self.state = CONNECTING
         self.upstream_started = front.clock.seconds()
         self._stop_timer()
-        self.timer = front.clock.callLater(self._stream_idle_timeout(), self._on_timer)
+        if not self.request_complete:
+            # While the body streams, the stream idle timeout applies. A complete request needs
+            # no timer yet: connecting is bounded by the connect timeout, and the response
+            # timeout starts when the request has been sent.
+            self.last_activity = self.upstream_started
+            self.timer = front.clock.callLater(self._stream_idle_timeout(), self._on_timer)
         assert self.destination is not None
         pool = self.pool = front.pools.pool_for(self.destination.upstream)
         if head.body != BODY_NONE and not self.request_complete:
@@ -279,9 +284,9 @@ class ProxyExchange:
         if self.head.body != BODY_NONE:
             conn.transport.unregisterProducer()
             self.front.gate.release(BACKPRESSURE)
-        if self.response_status == 0 and self.timer is not None:
+        if self.response_status == 0:
             # Cancel and re-create: reset() to an earlier time scans the reactor's timer heap.
-            self.timer.cancel()
+            self._stop_timer()
             chain = self.chain
             timeout = self.front.timeouts.upstream_response
             if chain is not None and chain.ctx.response_timeout is not None:

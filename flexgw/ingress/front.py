@@ -64,7 +64,10 @@ class IngressProtocol(Protocol):
         self.queue: deque[ProxyExchange] = deque()
         self.pending_refusal: GatewayError | None = None
         self.gate: ReadGate
-        self.timer = None
+        self.timer = None  # keep-alive: fires, then re-checks `idle_since` (never moved sooner)
+        self.head_timer = None  # header deadline, armed only when a head spans several reads
+        self.idle_since = 0.0
+        self.head_started = 0.0
         self.client_ip = ""
         self.client_ip_bytes = b""
         self.trusted_peer = False
@@ -93,6 +96,7 @@ class IngressProtocol(Protocol):
             if address is not None:
                 self.trusted_peer = any(address in net for net in self.http.trusted_proxies)
         self.factory.connections.add(self)
+        self.idle_since = self.clock.seconds()
         self.timer = self.clock.callLater(self.http.keepalive_timeout, self._on_timer)
 
     def connectionLost(self, reason: Failure = None) -> None:
@@ -137,6 +141,11 @@ class IngressProtocol(Protocol):
         if self.starting is not None:
             self._start()
         if self.state == HEAD:
+            if self.head_timer is None and self.active is None:
+                # The head did not arrive in one read: now it needs its deadline (measured from
+                # its first byte). Heads that arrive whole never create a timer.
+                remaining = self.head_started + self.http.header_timeout - self.clock.seconds()
+                self.head_timer = self.clock.callLater(max(remaining, 0.0), self._on_head_timer)
             if self.message_ended:
                 # This head began inside the chunk, after the previous request's end: the bytes
                 # before it are not its own. on_headers_complete checks a complete head exactly,
@@ -185,11 +194,8 @@ class IngressProtocol(Protocol):
         self.url = b""
         self.headers = []
         if self.active is None:
-            # A new DelayedCall rather than reset(): moving a call sooner scans the reactor's
-            # whole timer heap, which costs O(connections) per request.
-            if self.timer is not None:
-                self.timer.cancel()
-            self.timer = self.clock.callLater(self.http.header_timeout, self._on_timer)
+            # Its deadline is armed by dataReceived only if the head spans several reads.
+            self.head_started = self.clock.seconds()
         else:
             # Pipelined behind a pending response: stop reading more until it is done.
             self.gate.hold(PIPELINE)
@@ -229,9 +235,9 @@ class IngressProtocol(Protocol):
         self.parsing = exchange
         if self.active is None:
             self.active = exchange
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+                self.head_timer = None
             self.starting = exchange
         else:
             self.queue.append(exchange)
@@ -338,11 +344,14 @@ class IngressProtocol(Protocol):
             if exchange.state == WAITING:
                 exchange.start()
             return
-        if self.timer is None and self.state != CLOSING:
-            timeout = self.http.header_timeout if self.state == HEAD else self.http.keepalive_timeout
-            self.timer = self.clock.callLater(timeout, self._on_timer)
-        elif self.timer is not None:
-            self.timer.reset(self.http.keepalive_timeout)
+        if self.state == CLOSING:
+            return
+        self.idle_since = self.clock.seconds()
+        if self.state == HEAD and self.head_timer is None:
+            # A pipelined head was partly read while the previous response was pending.
+            self.head_timer = self.clock.callLater(self.http.header_timeout, self._on_head_timer)
+        if self.timer is None:
+            self.timer = self.clock.callLater(self.http.keepalive_timeout, self._on_timer)
 
     # -- errors and timing -----------------------------------------------------------------------
 
@@ -373,20 +382,35 @@ class IngressProtocol(Protocol):
         self.transport.loseConnection()
 
     def _on_timer(self) -> None:
+        """Keep-alive check: close a connection idle for the whole keep-alive timeout."""
         self.timer = None
-        if self.active is not None or self.state == CLOSING:
+        if self.state == CLOSING:
             return
-        if self.state == HEAD:
+        keepalive = self.http.keepalive_timeout
+        if self.active is not None or self.state != IDLE:
+            # Busy (or a head is arriving, which has its own deadline): look again later.
+            self.timer = self.clock.callLater(keepalive, self._on_timer)
+            return
+        idle = self.clock.seconds() - self.idle_since
+        if idle < keepalive:
+            self.timer = self.clock.callLater(keepalive - idle, self._on_timer)
+            return
+        self.state = CLOSING
+        self.transport.loseConnection()
+
+    def _on_head_timer(self) -> None:
+        """Header deadline: a head still incomplete gets a 408."""
+        self.head_timer = None
+        if self.active is None and self.state == HEAD:
             self._refuse(errors.HEADER_TIMEOUT)
-        else:
-            self.state = CLOSING
-            self.transport.loseConnection()
 
     def _stop_timer(self) -> None:
-        if self.timer is not None:
-            if self.timer.active():
-                self.timer.cancel()
-            self.timer = None
+        for name in ("timer", "head_timer"):
+            timer = getattr(self, name)
+            if timer is not None:
+                if timer.active():
+                    timer.cancel()
+                setattr(self, name, None)
 
 
 class _Refused(Exception):
