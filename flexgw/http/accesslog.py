@@ -116,6 +116,10 @@ class MessageLog(BufferedLog):
     """Where message-logging-flex lines go when the gateway runs: JSON lines on the runtime
     output, as cheap as access log lines (the Twisted log system costs several times more)."""
 
+    def __init__(self, clock: IReactorTime, stream: IO[bytes], flush_interval: float = 0.5) -> None:
+        super().__init__(clock, stream, flush_interval)
+        self._middles: dict[tuple[Any, ...], bytes] = {}
+
     def emit(
         self,
         level: str,
@@ -126,16 +130,30 @@ class MessageLog(BufferedLog):
         section: str,
         text: str,
     ) -> None:
-        """Record one message-logging item."""
-        record = {
-            "time": self._timestamp(self.clock.seconds()),
-            "level": level,
-            "logger": "flexgw.messagelogging",
-            "category": category,
-            "binding": binding,
-            "api": api,
-            "item": item,
-            "section": section,
-            "message": text,
-        }
-        self._lines.append(_dumps(record).encode("ascii") + b"\n")
+        """Record one message-logging item.
+
+        Everything but the time and the message is the same for every line of an item: that
+        part is encoded once and kept.
+        """
+        key = (level, category, binding, api, item, section)
+        middle = self._middles.get(key)
+        if middle is None:
+            fields = {
+                "level": level,
+                "logger": "flexgw.messagelogging",
+                "category": category,
+                "binding": binding,
+                "api": api,
+                "item": item,
+                "section": section,
+            }
+            middle = self._middles[key] = _dumps(fields)[1:-1].encode("ascii")
+        self._lines.append(
+            b'{"time":"'
+            + self._timestamp(self.clock.seconds()).encode("ascii")
+            + b'",'
+            + middle
+            + b',"message":'
+            + _dumps(text).encode("ascii")
+            + b"}\n"
+        )

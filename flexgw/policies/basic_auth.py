@@ -30,7 +30,7 @@ from __future__ import annotations
 import binascii
 import hashlib
 import hmac
-from base64 import b64decode
+from base64 import b64decode, b64encode
 from typing import Any
 
 import attrs
@@ -68,15 +68,21 @@ SCHEMA: dict[str, Any] = {
 }
 
 
-def basic_credentials(ctx: PolicyContext) -> tuple[bytes, bytes] | None:
-    """The (user-id, password) bytes of the request's only `Authorization: Basic` header, or None
-    when there is none, several, another scheme, bad base64 or no colon."""
+def _only_authorization(ctx: PolicyContext) -> bytes | None:
+    """The value of the request's only Authorization header (None: none, or several)."""
     found = None
     for name, value in ctx.request_headers if ctx.request_headers_changed else ctx.head.headers:
         if len(name) == 13 and name.lower() == b"authorization":
             if found is not None:
                 return None  # several Authorization headers: ambiguous, refuse
             found = value
+    return found
+
+
+def basic_credentials(ctx: PolicyContext) -> tuple[bytes, bytes] | None:
+    """The (user-id, password) bytes of the request's only `Authorization: Basic` header, or None
+    when there is none, several, another scheme, bad base64 or no colon."""
+    found = _only_authorization(ctx)
     if found is None:
         return None
     return parse_basic(found)
@@ -114,10 +120,16 @@ class BasicAuthPolicy:
     username: str
     user_digest: bytes = attrs.field(repr=False)
     password_digest: bytes = attrs.field(repr=False)
+    canonical_digest: bytes = attrs.field(repr=False, default=b"")  # of b"Basic " + base64(u:p)
 
     def on_request(self, ctx: PolicyContext) -> LocalResponse | None:
         """Let the request on when its Basic credentials match; a 401 otherwise."""
-        credentials = basic_credentials(ctx)
+        raw = _only_authorization(ctx)
+        if raw is not None and hmac.compare_digest(_digest(raw), self.canonical_digest):
+            # The usual spelling (`Basic <padded base64 of user:password>`): one comparison of
+            # fixed-length digests (comparing the raw values would reveal the length).
+            return self._authenticated(ctx)
+        credentials = parse_basic(raw) if raw is not None else None
         if credentials is None:
             return UNAUTHORIZED
         user, password = credentials
@@ -127,13 +139,16 @@ class BasicAuthPolicy:
         )
         if not ok:
             return UNAUTHORIZED
+        return self._authenticated(ctx)
+
+    def _authenticated(self, ctx: PolicyContext) -> None:
+        """Record who the request authenticated as."""
         ctx.authentication = {
             "principal": self.username,
             "clientId": None,
             "clientName": None,
             "properties": {},
         }
-        return None
 
     def on_response(self, ctx: PolicyContext) -> None:
         """Nothing to do on the response."""
@@ -163,6 +178,7 @@ class BasicAuthKind:
             username=username,
             user_digest=_digest(username.encode("utf-8")),
             password_digest=_digest(password.encode("utf-8")),
+            canonical_digest=_digest(b"Basic " + b64encode(f"{username}:{password}".encode())),
         )
 
 
