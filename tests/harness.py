@@ -120,3 +120,22 @@ async def gateway_with_upstream(
     gateway = Gateway(case, {"api.yaml": simple_api(port, upstream.address[1], **api_options)})
     gateway.start()
     return gateway, upstream, port
+
+
+def api_document(port: int, upstream_port: int, name: str = "test-api") -> str:
+    """An inline ApiInstance document: 127.0.0.1:port -> service `b` at 127.0.0.1:upstream_port."""
+    return (
+        "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: ApiInstance\n"
+        f"metadata: {{name: {name}}}\n"
+        f"spec:\n  address: http://127.0.0.1:{port}\n"
+        f"  services:\n    b:\n      address: http://127.0.0.1:{upstream_port}\n"
+    )
+
+
+def start_api_gateway(
+    case: TestCase, port: int, upstream_port: int, documents: str = "", name: str = "test-api"
+) -> Gateway:
+    """A started gateway serving `api_document(...)` followed by `documents` (bindings...)."""
+    gateway = Gateway(case, {"api.yaml": api_document(port, upstream_port, name) + documents})
+    gateway.start()
+    return gateway

@@ -16,7 +16,7 @@ from flexgw.policies.basic_auth import KIND, UNAUTHORIZED_BODY, parse_basic
 from flexgw.policies.expressions import compile_value
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream
-from tests.harness import Gateway, free_port
+from tests.harness import Gateway, api_document, free_port
 
 FLEX_BODY = (
     "Registered authentication is set to HTTP basic authentication but there was no security "
@@ -193,12 +193,7 @@ class BasicAuthEndToEndTests(TestCase):
 
     def start(self, binding: str, environ: dict[str, str] | None = None) -> Gateway:
         """A gateway with one API and `binding`."""
-        api = (
-            "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: ApiInstance\n"
-            "metadata: {name: test-api}\n"
-            f"spec:\n  address: http://127.0.0.1:{self.port}\n"
-            f"  services:\n    b:\n      address: http://127.0.0.1:{self.upstream.address[1]}\n"
-        )
+        api = api_document(self.port, self.upstream.address[1])
         gateway = Gateway(self, {"api.yaml": api + binding}, environ)
         gateway.start()
         return gateway

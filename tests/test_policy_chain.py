@@ -20,7 +20,7 @@ from flexgw.policies.base import (
 )
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream
-from tests.harness import Gateway, free_port
+from tests.harness import Gateway, api_document, free_port, start_api_gateway
 
 SCHEMA = {
     "type": "object",
@@ -109,15 +109,9 @@ class PolicyChainTests(TestCase):
 
     def start(self, bindings: str) -> Gateway:
         """A gateway with one API and the given bindings."""
-        api = (
-            "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: ApiInstance\n"
-            "metadata: {name: test-api}\n"
-            f"spec:\n  address: http://127.0.0.1:{self.port}\n"
-            f"  services:\n    b:\n      address: http://127.0.0.1:{self.upstream.address[1]}\n"
+        return start_api_gateway(
+            self, self.port, self.upstream.address[1], bindings
         )
-        gateway = Gateway(self, {"api.yaml": api + bindings})
-        gateway.start()
-        return gateway
 
     async def get(self, path: bytes = b"/x", method: bytes = b"GET") -> client.Response:
         """One request through the gateway."""
@@ -242,11 +236,7 @@ class BodyBufferingTests(TestCase):
 
     def start(self, config: str = "{}", settings: str = "") -> Gateway:
         """A gateway whose API binds the body policy."""
-        text = (
-            "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: ApiInstance\n"
-            "metadata: {name: test-api}\n"
-            f"spec:\n  address: http://127.0.0.1:{self.port}\n"
-            f"  services:\n    b:\n      address: http://127.0.0.1:{self.upstream.address[1]}\n"
+        text = api_document(self.port, self.upstream.address[1]) + (
             "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: PolicyBinding\n"
             "metadata: {name: body}\n"
             "spec:\n  targetRef: {kind: ApiInstance, name: test-api}\n"

@@ -16,7 +16,7 @@ from flexgw.policies.client_id import KIND, SCHEMA
 from flexgw.policies.expressions import compile_value
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream
-from tests.harness import Gateway, free_port
+from tests.harness import Gateway, api_document, free_port
 
 CREDENTIALS = [
     {"clientId": "1234", "clientSecret": "abcd", "name": "billing-app"},
@@ -263,11 +263,7 @@ class ClientIdEndToEndTests(TestCase):
 
     def start(self, config: str) -> Gateway:
         """A gateway with one API and a client-id binding with `config`."""
-        text = (
-            "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: ApiInstance\n"
-            "metadata: {name: test-api}\n"
-            f"spec:\n  address: http://127.0.0.1:{self.port}\n"
-            f"  services:\n    b:\n      address: http://127.0.0.1:{self.upstream.address[1]}\n"
+        text = api_document(self.port, self.upstream.address[1]) + (
             "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: PolicyBinding\n"
             "metadata: {name: cid}\n"
             "spec:\n  targetRef: {kind: ApiInstance, name: test-api}\n"

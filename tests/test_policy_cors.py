@@ -24,7 +24,7 @@ from flexgw.policies.base import (
 from flexgw.policies.cors import CorsKind, CorsPolicy
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream, fixed
-from tests.harness import Gateway, free_port
+from tests.harness import Gateway, free_port, start_api_gateway
 
 APP = b"https://app.example.com"
 
@@ -446,15 +446,9 @@ class EndToEndTests(TestCase):
 
     def start(self, bindings: str) -> Gateway:
         """A gateway with one API and the given bindings."""
-        api = (
-            "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: ApiInstance\n"
-            "metadata: {name: test-api}\n"
-            f"spec:\n  address: http://127.0.0.1:{self.port}\n"
-            f"  services:\n    b:\n      address: http://127.0.0.1:{self.upstream.address[1]}\n"
+        return start_api_gateway(
+            self, self.port, self.upstream.address[1], bindings
         )
-        gateway = Gateway(self, {"api.yaml": api + bindings})
-        gateway.start()
-        return gateway
 
     async def send(self, method: bytes, path: bytes, *headers: bytes) -> client.Response:
         """One request through the gateway."""

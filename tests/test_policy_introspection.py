@@ -17,7 +17,7 @@ from flexgw.policies.base import BuildContext, LocalResponse, PolicyConfigError,
 from flexgw.policies.introspection import KIND, SCHEMA, IntrospectionPolicy, settings_from
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream
-from tests.harness import Gateway, free_port
+from tests.harness import Gateway, api_document, free_port
 from tests.keyserver import JsonServer
 
 NOW = 1_700_000_000.0
@@ -418,11 +418,7 @@ class GatewayTests(TestCase):
         idp.listen(reactor)
         self.addCleanup(idp.stop)
         port = free_port()
-        text = (
-            "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: ApiInstance\n"
-            "metadata: {name: oauth-api}\n"
-            f"spec:\n  address: http://127.0.0.1:{port}\n"
-            f"  services:\n    b:\n      address: http://127.0.0.1:{upstream.address[1]}\n"
+        text = api_document(port, upstream.address[1], name="oauth-api") + (
             "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: PolicyBinding\n"
             "metadata: {name: introspect}\n"
             "spec:\n  targetRef: {kind: ApiInstance, name: oauth-api}\n"

@@ -25,7 +25,7 @@ from flexgw.policies.ip_filter import (
 )
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream
-from tests.harness import Gateway, free_port
+from tests.harness import Gateway, api_document, free_port
 
 DOCS_IPS = ["192.168.1.1", "192.168.3.1/30", "192.168.2", "192.160"]
 INVALID = {"error": "invalid_ip", "description": "The IP Address is invalid."}
@@ -332,12 +332,7 @@ class IpFilterEndToEndTests(TestCase):
 
     def start(self, text: str, trusted: bool = False) -> Gateway:
         """A gateway with one API, the given binding, and 127.0.0.1 as trusted proxy if asked."""
-        api = (
-            "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: ApiInstance\n"
-            "metadata: {name: test-api}\n"
-            f"spec:\n  address: http://127.0.0.1:{self.port}\n"
-            f"  services:\n    b:\n      address: http://127.0.0.1:{self.upstream.address[1]}\n"
-        )
+        api = api_document(self.port, self.upstream.address[1])
         files = {"api.yaml": api + text}
         if trusted:
             files["conf.yaml"] = (

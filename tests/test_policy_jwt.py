@@ -23,7 +23,7 @@ from flexgw.policies.base import BuildContext, LocalResponse, PolicyConfigError,
 from flexgw.policies.jwt_validation import KIND, SCHEMA, build_policy
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream
-from tests.harness import Gateway, free_port
+from tests.harness import Gateway, api_document, free_port
 from tests.keyserver import JsonServer
 
 SECRET = "s" * 64
@@ -611,11 +611,7 @@ class GatewayTests(TestCase):
 
     def start(self, config: str) -> Gateway:
         """A gateway with one API protected by jwt-validation-flex."""
-        text = (
-            "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: ApiInstance\n"
-            "metadata: {name: jwt-api}\n"
-            f"spec:\n  address: http://127.0.0.1:{self.port}\n"
-            f"  services:\n    b:\n      address: http://127.0.0.1:{self.upstream.address[1]}\n"
+        text = api_document(self.port, self.upstream.address[1], name="jwt-api") + (
             "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: PolicyBinding\n"
             "metadata: {name: jwt}\n"
             "spec:\n  targetRef: {kind: ApiInstance, name: jwt-api}\n"

@@ -18,7 +18,7 @@ from flexgw.policies.base import BuildContext, PolicyConfigError, PolicyContext
 from flexgw.policies.message_logging import NAMESPACE, MessageLoggingKind
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream
-from tests.harness import Gateway, MemoryStream, free_port
+from tests.harness import Gateway, MemoryStream, api_document, free_port, start_api_gateway
 
 KIND = MessageLoggingKind()
 
@@ -298,15 +298,9 @@ class MessageLoggingEndToEndTests(TestCase):
 
     def start(self, binding: str = BINDING) -> Gateway:
         """A gateway with one API and `binding`."""
-        api = (
-            "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: ApiInstance\n"
-            "metadata: {name: test-api}\n"
-            f"spec:\n  address: http://127.0.0.1:{self.port}\n"
-            f"  services:\n    b:\n      address: http://127.0.0.1:{self.upstream.address[1]}\n"
+        return start_api_gateway(
+            self, self.port, self.upstream.address[1], binding
         )
-        gateway = Gateway(self, {"api.yaml": api + binding})
-        gateway.start()
-        return gateway
 
     async def send(self, raw: bytes) -> client.Response:
         """One request through the gateway."""
@@ -364,12 +358,7 @@ class MessageLogSinkTests(TestCase):
         port = free_port()
         stream = MemoryStream()
         sink = MessageLog(reactor, stream)
-        api = (
-            "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: ApiInstance\n"
-            "metadata: {name: test-api}\n"
-            f"spec:\n  address: http://127.0.0.1:{port}\n"
-            f"  services:\n    b:\n      address: http://127.0.0.1:{upstream.address[1]}\n"
-        )
+        api = api_document(port, upstream.address[1])
         gateway = Gateway(self, {"api.yaml": api + BINDING})
         gateway.service.runtime.message_log = sink
         gateway.start()

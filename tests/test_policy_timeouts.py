@@ -18,7 +18,7 @@ from flexgw.policies.timeouts import (
 )
 from flexgw.testing import client
 from flexgw.testing.upstream import Exchange, RecordingUpstream, delayed, fixed, function, never
-from tests.harness import Gateway, free_port
+from tests.harness import Gateway, free_port, start_api_gateway
 
 GET = b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n"
 
@@ -114,14 +114,9 @@ class TimeoutPolicyEndToEndTests(TestCase):
         upstream.listen(reactor)
         self.addCleanup(upstream.stop)
         port = free_port()
-        api = (
-            "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: ApiInstance\n"
-            "metadata: {name: test-api}\n"
-            f"spec:\n  address: http://127.0.0.1:{port}\n"
-            f"  services:\n    b:\n      address: http://127.0.0.1:{upstream.address[1]}\n"
+        gateway = start_api_gateway(
+            self, port, upstream.address[1], documents
         )
-        gateway = Gateway(self, {"api.yaml": api + documents})
-        gateway.start()
         return gateway, upstream, port
 
     def assert_gateway_504(self, gateway: Gateway, response: client.Response, cause: str) -> None:

@@ -22,7 +22,7 @@ from flexgw.policies.xml_threat import (
 )
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream
-from tests.harness import Gateway, free_port
+from tests.harness import Gateway, free_port, start_api_gateway
 
 UNLIMITED = XmlLimits()
 KIND = XmlThreatProtectionKind()
@@ -302,15 +302,9 @@ class XmlThreatEndToEndTests(TestCase):
 
     def start(self, binding: str = BINDING) -> Gateway:
         """A gateway with one API and `binding`."""
-        api = (
-            "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: ApiInstance\n"
-            "metadata: {name: test-api}\n"
-            f"spec:\n  address: http://127.0.0.1:{self.port}\n"
-            f"  services:\n    b:\n      address: http://127.0.0.1:{self.upstream.address[1]}\n"
+        return start_api_gateway(
+            self, self.port, self.upstream.address[1], binding
         )
-        gateway = Gateway(self, {"api.yaml": api + binding})
-        gateway.start()
-        return gateway
 
     async def send(self, raw: bytes) -> client.Response:
         """One request through the gateway."""
