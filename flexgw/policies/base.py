@@ -45,6 +45,32 @@ class IPolicy(Interface):
         """Adjust the response head (status, headers) before it is sent downstream."""
 
 
+class UsesRuntime:
+    """For policies that do I/O or read time: the build context's reactor and clock, or the
+    global reactor taken at first use (under `flexgw validate` there is none, and nothing runs).
+
+    Subclasses set `self._reactor` and `self._clock` (either may be None) in `__init__`.
+    """
+
+    _reactor: Any
+    _clock: Any
+
+    def _runtime_reactor(self) -> Any:
+        """The reactor for side calls."""
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
+
+    @property
+    def clock(self) -> Any:
+        """The clock (the build context's, else the reactor)."""
+        if self._clock is None:
+            self._clock = self._runtime_reactor()
+        return self._clock
+
+
 class PolicyConfigError(Exception):
     """A config value a schema cannot catch is wrong; `field` is its dotted path in `config`."""
 

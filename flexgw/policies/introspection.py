@@ -60,6 +60,7 @@ from flexgw.policies.base import (
     LocalResponse,
     PolicyConfigError,
     PolicyContext,
+    UsesRuntime,
 )
 from flexgw.policies.registry import register
 
@@ -194,7 +195,7 @@ def treq_introspector(reactor: Any, agent: Any = None) -> Any:
 
 
 @implementer(IPolicy)
-class IntrospectionPolicy:
+class IntrospectionPolicy(UsesRuntime):
     """One binding: the settings, plus the shared token cache."""
 
     def __init__(
@@ -207,23 +208,6 @@ class IntrospectionPolicy:
         self.cache: OrderedDict[bytes, _Entry] = OrderedDict()
         self._inflight: dict[bytes, list[Deferred[Any]]] = {}
         self.calls = 0  # introspection calls made (for tests and /status)
-
-    # -- runtime ---------------------------------------------------------------------------------
-
-    def _runtime_reactor(self) -> Any:
-        """The reactor for the call (the build context's, else the global one at first use)."""
-        if self._reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
-        return self._reactor
-
-    @property
-    def clock(self) -> Any:
-        """The clock for the cache TTL and `exp` (the build context's, else the reactor)."""
-        if self._clock is None:
-            self._clock = self._runtime_reactor()
-        return self._clock
 
     # -- the request -----------------------------------------------------------------------------
 

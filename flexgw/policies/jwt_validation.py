@@ -54,6 +54,7 @@ from flexgw.policies.base import (
     LocalResponse,
     PolicyConfigError,
     PolicyContext,
+    UsesRuntime,
 )
 from flexgw.policies.expressions import Expression, ExpressionError, compile_value, to_text
 from flexgw.policies.jwks import JwksCache, Key, treq_fetcher
@@ -195,7 +196,7 @@ class _Reject(Exception):
 
 
 @implementer(IPolicy)
-class JwtValidationPolicy:
+class JwtValidationPolicy(UsesRuntime):
     """One binding of jwt-validation-flex (config immutable; the JWKS caches are shared state)."""
 
     def __init__(
@@ -250,21 +251,6 @@ class JwtValidationPolicy:
         self._parsed_keys: OrderedDict[str, Any] = OrderedDict()
 
     # -- shared state, built on first use ---------------------------------------------------------
-
-    def _runtime_reactor(self) -> Any:
-        """The reactor for side calls (the build context's, else the global one at first use)."""
-        if self._reactor is None:
-            from twisted.internet import reactor
-
-            self._reactor = reactor
-        return self._reactor
-
-    @property
-    def clock(self) -> Any:
-        """The clock for exp/nbf and the JWKS TTL (the build context's, else the reactor)."""
-        if self._clock is None:
-            self._clock = self._runtime_reactor()
-        return self._clock
 
     @property
     def caches(self) -> tuple[JwksCache, ...]:

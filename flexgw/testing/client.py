@@ -13,7 +13,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
-from flexgw.testing.upstream import pattern_slice
+from flexgw.testing.upstream import HeadersAndDigest, pattern_slice
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -49,7 +49,7 @@ class ResponseParseError(Exception):
 
 
 @attrs.define(eq=False)
-class Response:
+class Response(HeadersAndDigest):
     """One parsed response: status, headers as sent (case, order, duplicates) and body."""
 
     status: int = 0
@@ -65,21 +65,6 @@ class Response:
     interim: list[Response] = attrs.Factory(list)
     _digest: Any = attrs.field(factory=hashlib.sha256, repr=False)
 
-    @property
-    def body_sha256(self) -> str:
-        """Hex SHA-256 of the body (computed even when the body was not retained)."""
-        return str(self._digest.hexdigest())
-
-    def header(self, name: bytes | str) -> list[bytes]:
-        """All values of header ``name`` (case-insensitive), in order."""
-        key = name.encode("latin-1") if isinstance(name, str) else name
-        key = key.lower()
-        return [v for k, v in self.headers if k.lower() == key]
-
-    @property
-    def header_names(self) -> list[bytes]:
-        """Header names as sent, in order, duplicates included."""
-        return [k for k, _ in self.headers]
 
 
 @attrs.define

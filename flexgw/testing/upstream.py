@@ -77,8 +77,33 @@ def _no_body_status(status: int) -> bool:
     return status < 200 or status in (204, 304)
 
 
+class HeadersAndDigest:
+    """Accessors shared by recorded requests and parsed responses: header lookups by name and
+    the body's SHA-256 (kept even when the body itself is not)."""
+
+    __slots__ = ()
+    headers: Headers
+    _digest: Any
+
+    @property
+    def body_sha256(self) -> str:
+        """Hex SHA-256 of the body bytes received so far."""
+        return str(self._digest.hexdigest())
+
+    def header(self, name: bytes | str) -> list[bytes]:
+        """All values of header ``name`` (case-insensitive), in arrival order."""
+        key = name.encode("latin-1") if isinstance(name, str) else name
+        key = key.lower()
+        return [v for k, v in self.headers if k.lower() == key]
+
+    @property
+    def header_names(self) -> list[bytes]:
+        """Header names as sent, in order, duplicates included."""
+        return [k for k, _ in self.headers]
+
+
 @attrs.define(eq=False)
-class RecordedRequest:
+class RecordedRequest(HeadersAndDigest):
     """One request exactly as it arrived at the recording upstream."""
 
     connection: int
@@ -99,21 +124,6 @@ class RecordedRequest:
     _body_buf: bytearray | None = attrs.field(default=None, repr=False)
     _digest: Any = attrs.field(factory=hashlib.sha256, repr=False)
 
-    @property
-    def body_sha256(self) -> str:
-        """Hex SHA-256 of the body bytes received so far (kept even when the body is not)."""
-        return str(self._digest.hexdigest())
-
-    def header(self, name: bytes | str) -> list[bytes]:
-        """All values of header ``name`` (case-insensitive), in arrival order."""
-        key = name.encode("latin-1") if isinstance(name, str) else name
-        key = key.lower()
-        return [v for k, v in self.headers if k.lower() == key]
-
-    @property
-    def header_names(self) -> list[bytes]:
-        """Header names as sent, in order, duplicates included."""
-        return [k for k, _ in self.headers]
 
 
 class Responder:
