@@ -29,13 +29,13 @@ class _Connect(ClientFactory):
         self.pool = pool
         self.waiter = waiter
 
-    def buildProtocol(self, addr: object) -> UpstreamConnection:  # noqa: N802
+    def buildProtocol(self, addr: object) -> UpstreamConnection:
         """Build the connection; the pool hands it to the waiter once connected."""
         connection = UpstreamConnection(self.pool)
         self.pool._pending[connection] = self.waiter
         return connection
 
-    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:  # noqa: N802
+    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
         """Connect refused, unreachable or timed out."""
         self.pool.connecting -= 1
         self.waiter.upstream_connect_failed(reason)
