@@ -20,7 +20,7 @@ from flexgw.testing.upstream import (
     function,
     raw,
 )
-from tests.harness import Gateway, gateway_with_upstream
+from tests.harness import Gateway, free_port, gateway_with_upstream
 from tests.test_ingress_strict import http_config
 
 #: Headers the gateway adds to every forwarded request.
@@ -668,3 +668,63 @@ class ConnectionReuseTests(HeaderTestCase):
             statuses.append((await conn.read_response()).status)
         self.assertEqual(statuses, [200, 404, 200])
         self.assertEqual([r.target for r in upstream.received], [b"/1", b"/3"])
+
+
+class ForwardedAndDualStackTests(HeaderTestCase):
+    """RFC 7239 `Forwarded` follows the X-Forwarded-* trust rule; IPv4 peers on `[::]` are IPv4."""
+
+    async def test_untrusted_forwarded_header_dropped(self) -> None:
+        """A client that is not a trusted proxy cannot pass `Forwarded: for=...` claims on."""
+        _, seen, _, _ = await self.through(
+            b"GET / HTTP/1.1\r\nHost: a.test\r\nForwarded: for=6.6.6.6;proto=https\r\n\r\n"
+        )
+        self.assertEqual(seen.header("forwarded"), [])
+
+    async def test_trusted_forwarded_header_kept(self) -> None:
+        """From a trusted proxy, `Forwarded` passes unchanged."""
+        _, seen, _, _ = await self.through(
+            b"GET / HTTP/1.1\r\nHost: a.test\r\nForwarded: for=203.0.113.7\r\n\r\n",
+            config=http_config(trustedProxies="[127.0.0.1/32]"),
+        )
+        self.assertEqual(seen.header("forwarded"), [b"for=203.0.113.7"])
+
+    async def test_ipv4_client_on_dual_stack_listener(self) -> None:
+        """On a `[::]` listener an IPv4 client is seen as 127.0.0.1: X-Forwarded-For, the access
+        log and the IPv4 trustedProxies entry all use the IPv4 form."""
+        upstream = RecordingUpstream(fixed(), reactor=reactor)
+        upstream.listen(reactor)
+        self.addCleanup(upstream.stop)
+        port = free_port()
+        text = (
+            "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: ApiInstance\n"
+            "metadata: {name: dual}\n"
+            f"spec:\n  address: http://[::]:{port}\n"
+            f"  services:\n    b:\n      address: http://127.0.0.1:{upstream.address[1]}\n---\n"
+        ) + http_config(trustedProxies="[127.0.0.1/32]")
+        gateway = Gateway(self, {"api.yaml": text})
+        gateway.start()
+        response = await client.request(
+            reactor, "127.0.0.1", port,
+            b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Forwarded-For: 203.0.113.7\r\n\r\n",
+        )
+        self.assertEqual(response.status, 200)
+        self.assertEqual(
+            upstream.received[0].header("x-forwarded-for"), [b"203.0.113.7, 127.0.0.1"]
+        )
+        self.assertEqual(gateway.records()[-1]["client"], "127.0.0.1")
+
+
+class ResponseTransferCodingTests(HeaderTestCase):
+    """Upstream responses with a transfer coding other than chunked are refused, not mangled."""
+
+    async def test_gzip_chunked_response_is_a_502(self) -> None:
+        """`Transfer-Encoding: gzip, chunked` would lose its gzip coding when re-chunked: 502."""
+        raw_response = (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        )
+        response, _, gateway, _ = await self.through(
+            b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n", responder=raw(raw_response, close=False)
+        )
+        self.assertEqual(response.status, 502)
+        self.assertEqual(response.header("x-flexgw-error"), [b"upstream_bad_response"])
+        self.assertEqual(gateway.records()[-1]["error"], "upstream_bad_response")

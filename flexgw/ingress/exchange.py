@@ -378,6 +378,8 @@ class ProxyExchange:
                     has_xfh = True
                 elif lname == b"x-forwarded-proto":
                     has_xfp = True
+            elif lname == b"forwarded" and not trusted:
+                continue  # RFC 7239's form of the same claims: only a trusted proxy may make them
             append(name)
             append(b": ")
             append(value)
@@ -422,13 +424,6 @@ class ProxyExchange:
     ) -> None:
         """The final response head: forward it with framing re-decided for the client."""
         front = self.front
-        self.response_status = status
-        self.last_activity = now = front.clock.seconds()
-        self.upstream_elapsed = now - self.upstream_started
-        if self.timer is not None:
-            self.timer.reset(self._stream_idle_timeout())
-        self.state = RESPONDING
-        head = self.head
         connection_values = []
         content_length = None
         chunked = False
@@ -437,9 +432,21 @@ class ProxyExchange:
             if lname == b"content-length":
                 content_length = value
             elif lname == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    # llhttp accepts e.g. `gzip, chunked`; re-chunking would silently drop the
+                    # gzip coding and hand the client bytes it cannot decode.
+                    self.response_malformed("Transfer-Encoding other than chunked")
+                    return
                 chunked = True
             elif lname == b"connection":
                 connection_values.append(value)
+        self.response_status = status
+        self.last_activity = now = front.clock.seconds()
+        self.upstream_elapsed = now - self.upstream_started
+        if self.timer is not None:
+            self.timer.reset(self._stream_idle_timeout())
+        self.state = RESPONDING
+        head = self.head
         kept = response_headers_for_downstream(headers, connection_values)
         chain = self.chain
         if chain is not None:

@@ -86,6 +86,15 @@ class IngressProtocol(Protocol):
             transport.setTcpNoDelay(True)
         peer = transport.getPeer()
         host = getattr(peer, "host", "") or ""
+        if host.startswith("::ffff:"):
+            # An IPv4 client on a dual-stack listener: it is that IPv4 address (logs, policies,
+            # X-Forwarded-For and the trusted-proxy check all see the IPv4 form).
+            try:
+                mapped = ipaddress.IPv6Address(host).ipv4_mapped
+            except ValueError:
+                mapped = None
+            if mapped is not None:
+                host = str(mapped)
         self.client_ip = host
         self.client_ip_bytes = host.encode("ascii", "replace")
         if self.http.trusted_proxies and host:
