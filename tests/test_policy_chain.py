@@ -302,3 +302,40 @@ class BodyBufferingTests(TestCase):
         response = await self.post(b"slow please")
         self.assertEqual(response.status, 504)
         self.assertEqual(response.header("x-flexgw-error"), [b"upstream_timeout"])
+
+
+class ResponsePhaseOptOutTests(TestCase):
+    """A policy declaring `response_phase = False` is not called in the response phase."""
+
+    def test_opted_out_policy_not_called(self) -> None:
+        """Only the policies that have a response phase are remembered by the run."""
+        from flexgw.config.plan import BoundPolicy
+        from flexgw.http.request import analyze_head
+        from flexgw.policies.chain import ChainRun
+
+        calls: list[str] = []
+
+        class Recorder:
+            """Records its response phase calls."""
+
+            def __init__(self, name: str, responds: bool) -> None:
+                self.name = name
+                self.response_phase = responds
+
+            def on_request(self, ctx: PolicyContext) -> None:
+                """Nothing on the way in."""
+
+            def on_response(self, ctx: PolicyContext) -> None:
+                """Record the call."""
+                calls.append(self.name)
+
+        def bound(name: str, responds: bool) -> BoundPolicy:
+            policy = Recorder(name, responds)
+            return BoundPolicy(name, "k", 50, (), policy, responds=policy.response_phase)
+
+        head = analyze_head(b"GET", b"/", "1.1", [(b"Host", b"h")], True)
+        run = ChainRun([bound("a", True), bound("b", False), bound("c", True)],
+                       PolicyContext(head, "127.0.0.1", "http", "default/x"))
+        self.assertIsNone(run.run())
+        self.assertIsNone(run.respond())
+        self.assertEqual(calls, ["c", "a"])

@@ -162,6 +162,7 @@ def build_policies(
                 rules=rules,
                 policy=policy,
                 needs_body=bool(getattr(policy, "needs_body", False)),
+                responds=bool(getattr(policy, "response_phase", True)),
             )
         )
     return tuple(built)
@@ -227,8 +228,20 @@ def _compile_api(
             spec.origin.problem("error", "a policy could not be built; not served (fail closed)")
         )
         return None
+    routes = [
+        attrs.evolve(route, destinations=tuple(_with_chain(d, policies) for d in route.destinations))
+        for route in routes
+    ]
     return Api(
         key=spec.id.key, base_path=spec.address.path, routes=tuple(routes), policies=policies
+    )
+
+
+def _with_chain(destination: Destination, api_policies: tuple[BoundPolicy, ...]) -> Destination:
+    """The destination with its whole chain precomputed (nothing to concatenate per request)."""
+    chain = api_policies + destination.policies
+    return attrs.evolve(
+        destination, chain=chain, chain_has_rules=any(bound.rules for bound in chain)
     )
 
 

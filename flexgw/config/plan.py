@@ -37,6 +37,10 @@ class Destination:
     destination_path: str = ""  # normalised: "" or "/v1" (no trailing slash)
     weight: int = 100
     policies: tuple[BoundPolicy, ...] = ()  # outbound policies bound to the upstream's Service
+    # The whole chain for requests sent here: the API's policies, then these outbound ones
+    # (computed at compile time), and whether any of them has rules to check per request.
+    chain: tuple[BoundPolicy, ...] = ()
+    chain_has_rules: bool = False
 
 
 @attrs.frozen
@@ -59,6 +63,7 @@ class BoundPolicy:
     rules: tuple[Rule, ...]  # empty: applies to every request
     policy: Any  # provides flexgw.policies.base.IPolicy
     needs_body: bool = False  # the policy reads the request body (buffered, bounded)
+    responds: bool = True  # the policy has a response phase (`response_phase`, default True)
 
 
 @attrs.frozen

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from twisted.python.failure import Failure
 
-from flexgw.config.plan import Api, Destination, Route
+from flexgw.config.plan import Api, BoundPolicy, Destination, Route
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
@@ -123,9 +123,7 @@ class ProxyExchange:
         self.route = match.route
         self.destination = match.destination
         self.upstream_target = match.upstream_path.encode("latin-1") + head.query
-        if (api.policies or match.destination.policies) and self._select_policies(
-            api, match.destination
-        ):
+        if match.destination.chain and self._select_policies(api, match.destination):
             if head.body != BODY_NONE and any(b.needs_body for b in self.chain.policies):
                 # A policy reads the body: receive it whole (bounded) before the chain runs.
                 self.state = BUFFERING
@@ -141,17 +139,19 @@ class ProxyExchange:
         """Prepare the chain of the policies whose rules select this request (False: none)."""
         head = self.head
         front = self.front
-        method = head.method.decode("ascii")
-        rest = remaining_path(api, head.path)
-        selected = [
-            bound
-            for bound in api.policies + destination.policies
-            if not bound.rules
-            or rules_match(bound.rules, method, rest, head.authority, head.headers)
-        ]
-        if not selected:
-            return False
-        ctx = PolicyContext(head, front.client_ip, front.scheme_bytes.decode("ascii"), api.key)
+        selected: tuple[BoundPolicy, ...] | list[BoundPolicy] = destination.chain
+        if destination.chain_has_rules:
+            method = head.method.decode("ascii")
+            rest = remaining_path(api, head.path)
+            selected = [
+                bound
+                for bound in selected
+                if not bound.rules
+                or rules_match(bound.rules, method, rest, head.authority, head.headers)
+            ]
+            if not selected:
+                return False
+        ctx = PolicyContext(head, front.client_ip, front.scheme_decoded, api.key)
         if front.trusted_peer:
             ctx.trusted_proxies = front.http.trusted_proxies
         if head.connection_values:

@@ -75,6 +75,7 @@ class IngressProtocol(Protocol):
         self.http: HttpSettings = factory.http
         self.timeouts: Timeouts = factory.timeouts
         self.scheme_bytes = factory.scheme_bytes
+        self.scheme_decoded = factory.listener.scheme
 
     # -- connection ------------------------------------------------------------------------------
 

@@ -57,7 +57,8 @@ class ChainRun:
         ctx = self.ctx
         for index in range(start, len(policies)):
             bound = policies[index]
-            self.ran.append(bound)
+            if bound.responds:
+                self.ran.append(bound)
             try:
                 result = bound.policy.on_request(ctx)
             except Exception:  # noqa: BLE001 (any policy failure is a 500, never a crash)

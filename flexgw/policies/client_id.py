@@ -163,6 +163,9 @@ class ClientIdPolicy:
         }
         return None
 
+    #: Its on_response does nothing: the chain does not call it (see IPolicy).
+    response_phase = False
+
     def on_response(self, ctx: PolicyContext) -> None:
         """Nothing to do on the response."""
 

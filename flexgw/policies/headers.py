@@ -267,6 +267,11 @@ class HeaderInjectionPolicy:
             else:
                 ctx.add_request_header(name, value)
 
+    @property
+    def response_phase(self) -> bool:
+        """Only a binding with outbound entries needs the response phase."""
+        return bool(self.outbound)
+
     def on_response(self, ctx: PolicyContext) -> None:
         """Inject the outbound headers into the response head."""
         headers = ctx.response_headers
@@ -391,6 +396,11 @@ class HeaderRemovalPolicy:
         kept = self.inbound.filter(ctx, current)
         if kept is not None:
             ctx.request_headers[:] = kept
+
+    @property
+    def response_phase(self) -> bool:
+        """Only a binding with outbound entries needs the response phase."""
+        return bool(self.outbound)
 
     def on_response(self, ctx: PolicyContext) -> None:
         """Remove matching response headers."""

@@ -225,6 +225,9 @@ class IntrospectionPolicy(UsesRuntime):
             del self.cache[key]
         return self._call(key, token).addCallback(self._called, ctx)
 
+    #: Its on_response does nothing: the chain does not call it (see IPolicy).
+    response_phase = False
+
     def on_response(self, ctx: PolicyContext) -> None:
         """Nothing to do on the response."""
 

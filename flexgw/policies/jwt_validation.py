@@ -282,6 +282,9 @@ class JwtValidationPolicy(UsesRuntime):
             return self._finish(ctx, token, keys)
         return self._with_jwks(ctx, token, header)
 
+    #: Its on_response does nothing: the chain does not call it (see IPolicy).
+    response_phase = False
+
     def on_response(self, ctx: PolicyContext) -> None:
         """Nothing to do on the response."""
 

@@ -188,6 +188,11 @@ class MessageLoggingPolicy:
         for item in self.first:
             self._emit(item, context, "first")
 
+    @property
+    def response_phase(self) -> bool:
+        """Only a binding with second-section items needs the response phase."""
+        return bool(self.second)
+
     def on_response(self, ctx: PolicyContext) -> None:
         """Log the second-section items (the context has the status code and response headers)."""
         if not self.second:

@@ -255,6 +255,9 @@ class RateLimitPolicy:
             return None
         return self._decide(result, ctx)
 
+    #: Its on_response does nothing: the chain does not call it (see IPolicy).
+    response_phase = False
+
     def on_response(self, ctx: PolicyContext) -> None:
         """Nothing: headers were added in the request phase (they reach any response)."""
 

@@ -173,6 +173,9 @@ class SpikeControlPolicy:
         self.held.add(held)
         return held.deferred
 
+    #: Its on_response does nothing: the chain does not call it (see IPolicy).
+    response_phase = False
+
     def on_response(self, ctx: PolicyContext) -> None:
         """Nothing: headers were added in the request phase."""
 

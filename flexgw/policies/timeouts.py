@@ -51,6 +51,9 @@ class ResponseTimeoutPolicy:
         """Override the upstream response timeout for this request."""
         ctx.response_timeout = self.timeout
 
+    #: Its on_response does nothing: the chain does not call it (see IPolicy).
+    response_phase = False
+
     def on_response(self, ctx: PolicyContext) -> None:
         """Nothing to do on the response."""
 
@@ -65,6 +68,9 @@ class StreamIdleTimeoutPolicy:
     def on_request(self, ctx: PolicyContext) -> None:
         """Override the stream idle timeout for this request."""
         ctx.stream_idle_timeout = self.timeout
+
+    #: Its on_response does nothing: the chain does not call it (see IPolicy).
+    response_phase = False
 
     def on_response(self, ctx: PolicyContext) -> None:
         """Nothing to do on the response."""

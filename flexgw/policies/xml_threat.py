@@ -205,6 +205,9 @@ class XmlThreatProtectionPolicy:
             return LocalResponse.json_error(400, str(exc))
         return None
 
+    #: Its on_response does nothing: the chain does not call it (see IPolicy).
+    response_phase = False
+
     def on_response(self, ctx: PolicyContext) -> None:
         """Responses pass unchanged (Flex checks requests only)."""
 
