@@ -120,6 +120,9 @@ def load_config(
             origin_file[resource.id] = path
 
     model = resolve(chosen.values(), environ, failed)
+    use_shared_storage = getattr(runtime, "use_shared_storage", None)
+    if use_shared_storage is not None:  # before policies are built: they choose their store
+        use_shared_storage(model.shared_storage)
     compiled = compile_model(
         model, prefer=previous.served if previous is not None else (), runtime=runtime
     )
@@ -135,6 +138,7 @@ def load_config(
         http=model.http,
         problems=tuple(problems),
         generation=generation,
+        shared_storage=model.shared_storage,
     )
     return ConfigState(
         plan=plan,

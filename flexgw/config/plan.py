@@ -125,6 +125,17 @@ class HttpSettings:
 
 
 @attrs.frozen
+class SharedStorage:
+    """`Configuration.spec.sharedStorage.redis`: the Redis that rate-limit counters are shared in."""
+
+    host: str
+    port: int = 6379
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    db: int = 0
+
+
+@attrs.frozen
 class Problem:
     """One configuration problem, located in its file."""
 
@@ -160,6 +171,7 @@ class GatewayPlan:
     http: HttpSettings = HttpSettings()
     problems: tuple[Problem, ...] = ()
     generation: int = 0
+    shared_storage: SharedStorage | None = None  # Redis for rate-limit counters; None: memory
 
     def listener_at(self, host: str, port: int) -> Listener | None:
         """The listener bound to (host, port), if this plan has one."""

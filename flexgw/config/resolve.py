@@ -11,6 +11,7 @@ import attrs
 from flexgw.config.address import Address, normalise_path, parse_api_address, parse_service_address
 from flexgw.config.load import Document, FieldPath
 from flexgw.config.plan import HttpSettings, IPNetwork, Problem, Timeouts, Upstream
+from flexgw.config.storage import SharedStorage, resolve_shared_storage
 from flexgw.config.validate import (
     ROUTE_POLICIES,
     Checked,
@@ -117,6 +118,7 @@ class ResolvedModel:
     timeouts: Timeouts
     http: HttpSettings
     problems: tuple[Problem, ...]
+    shared_storage: SharedStorage | None = None
 
 
 def _origin(resource: Resource, path: FieldPath = ()) -> Origin:
@@ -441,6 +443,8 @@ def resolve(
 
     timeouts, http = _settings(by_kind.get("Configuration", []), environ, problems)
 
+    shared_storage = resolve_shared_storage(by_kind.get("Configuration", []), problems)
+
     api_specs = []
     for rid, resource in apis.items():
         api_specs.append(
@@ -461,6 +465,7 @@ def resolve(
         timeouts=timeouts,
         http=http,
         problems=tuple(problems),
+        shared_storage=shared_storage,
     )
 
 

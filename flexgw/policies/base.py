@@ -93,6 +93,28 @@ class PolicyRuntime:
     clock: Any
     shared: dict[str, Any] = attrs.Factory(dict)
     message_log: Any = None  # a flexgw.http.accesslog.MessageLog, or None: the Twisted log
+    redis: Any = None  # a flexgw.storage.redis.RedisClient while the plan has shared storage
+    shared_storage: Any = None  # the flexgw.config.plan.SharedStorage `redis` was made for
+
+    def use_shared_storage(self, settings: Any) -> None:
+        """Called with each new plan's shared storage (before its policies are built): a new
+        client when the settings changed (the old one is closed), none without settings."""
+        if settings == self.shared_storage:
+            return
+        old, self.redis, self.shared_storage = self.redis, None, settings
+        if old is not None:
+            old.close()
+        if settings is not None:
+            from flexgw.storage.redis import RedisClient
+
+            self.redis = RedisClient(
+                self.reactor,
+                settings.host,
+                settings.port,
+                username=settings.username,
+                password=settings.password,
+                db=settings.db,
+            )
 
 
 @attrs.frozen

@@ -29,12 +29,15 @@ so `x-ratelimit-reset` says when the request could pass. Flex documents no rule 
 Deliberate differences from Flex:
 - A 429 carries `retry-after` (whole seconds, rounded up, until every spent limit's window ends),
   as the flexgw policy issue asks; Flex sends none [obs].
-- Storage is the in-process `MemoryRateLimitStore` (bounded memory: see
-  `flexgw.storage.memory`), so quotas are per gateway process, which is what Flex does without
-  Redis. `clusterizable: true` changes nothing until a shared (Redis) store exists; the policy
-  already handles a store that answers with a Deferred. `blockOnUnknownQuota` applies when the
-  store cannot answer (raises or fails): true refuses with the same 429, false lets the request
-  through; both log the failure. With the memory store that does not happen.
+- Storage: with `clusterizable: true` (the default) and `Configuration.spec.sharedStorage.redis`,
+  the `RedisRateLimitStore` (`flexgw.storage.redis`: one atomic Lua script per request, keys
+  `flexgw:rl:<api>:<binding>:<limits fingerprint>:<key value>`), so every gateway sharing the
+  Redis shares the quota. Otherwise (no shared storage, or `clusterizable: false`) the
+  in-process `MemoryRateLimitStore` (bounded memory: see `flexgw.storage.memory`), so quotas are
+  per gateway process, which is what Flex does without Redis. `blockOnUnknownQuota` applies when
+  the store cannot answer (Redis unreachable, timed out, refused AUTH): true refuses with the
+  same 429, false lets the request through; both log the failure. The memory store always
+  answers.
 - A rejected request that finds one of the key's windows ended opens that limit's next window
   (it is "the first request" of it), although it is counted in none.
 
@@ -74,6 +77,7 @@ from flexgw.policies.expressions import Expression, ExpressionError, compile_val
 from flexgw.policies.registry import register
 from flexgw.storage.interfaces import HitResult, Quota, RateLimit
 from flexgw.storage.memory import MemoryRateLimitStore
+from flexgw.storage.redis import RedisRateLimitStore
 
 NAME = "rate-limiting-flex"
 
@@ -328,6 +332,11 @@ class RateLimitKind:
         clock = context.clock
         if clock is None and context.services is not None:
             clock = getattr(context.services, "clock", None)
+        redis = getattr(context.services, "redis", None) if parsed.clusterizable else None
+        if redis is not None and clock is not None:
+            namespace = f"flexgw:rl:{context.api}:{context.binding}:{parsed.fingerprint()[:16]}:"
+            redis_store = RedisRateLimitStore(redis, clock, namespace)
+            return RateLimitPolicy(parsed, redis_store, clock, context.binding)
         store = _shared_store(
             context.services, f"{NAME}:{context.api}:{context.binding}", parsed.fingerprint(), clock
         )

@@ -80,6 +80,7 @@ class GatewayService(Service):
 
         def _after(result: object) -> object:
             self.pools.stop()
+            self.runtime.use_shared_storage(None)  # closes the Redis connection, if any
             for log in (self.access_log, self.message_log):
                 if log is not None:
                     log.stop()

@@ -1,2 +1,3 @@
 """Rate-limit counter storage: the `IRateLimitStore` interface, the in-memory store (default), and
-later a Redis store for `Configuration.sharedStorage`; every store passes `tests/storage_conformance.py`."""
+the Redis store for `Configuration.sharedStorage.redis`; every store passes
+`tests/storage_conformance.py`."""

@@ -1,0 +1,390 @@
+"""The Redis rate-limit store (`Configuration.spec.sharedStorage.redis`) and a minimal RESP client.
+
+Store
+-----
+`RedisRateLimitStore.hit` runs **one Lua script** per request (EVALSHA, EVAL when the server does
+not know the script yet): it reads every limit's window of the key, opens the windows that ended
+(or never started) at the request's time, checks every limit, counts the request in all of them
+only when each has quota left, and answers the quotas. Redis runs a script atomically, so every
+gateway sharing the server sees one consistent count.
+
+One Redis hash per key, named `<namespace><key value>`; the namespace is made by the policy from
+the API, the binding and a fingerprint of its limits (`flexgw:rl:<api>:<binding>:<fp>:`), so a
+binding whose limits change starts from zero, as with the memory store. Fields `1`, `2`, ... hold
+`end_0, count_0, end_1, count_1, ...` (window ends in milliseconds). The key expires (PEXPIRE,
+relative, so Redis's own clock is irrelevant) when its last window ends.
+
+Window times come from the clock the store is given (the gateway's reactor), passed to the script
+as an argument: replicas sharing a Redis should keep their clocks in sync (NTP); a skew of `s`
+milliseconds moves a window's end by at most `s` for the replica that did not open it.
+
+Client
+------
+`RedisClient` is a small RESP2 client on `twisted.internet.protocol` (txredisapi was not used: it
+imports the global reactor and queues commands while Redis is down instead of failing them, so a
+request would wait for Redis to come back rather than fall to `blockOnUnknownQuota`). One
+connection, opened at the first command and reopened at the first command after it is lost; AUTH
+and SELECT are sent on every new connection. While Redis is unreachable, commands fail at once
+(`RedisUnavailable`) until the next attempt is due: attempts back off exponentially from
+`min_backoff` to `max_backoff` seconds and the delay resets after a successful connection. Every
+command has a timeout (`command_timeout`, connecting included) after which its Deferred fails
+(`TimeoutError`); a late reply is read and dropped, so the connection stays usable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, gatherResults
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from flexgw.storage.interfaces import HitResult, IRateLimitStore, Quota, RateLimit
+
+
+class RedisError(Exception):
+    """An error reply from the server (`-ERR ...`)."""
+
+
+class RedisUnavailable(Exception):
+    """The server cannot be reached (not connected, connection lost, handshake refused)."""
+
+
+class _Incomplete(Exception):
+    """The buffer does not hold a whole reply yet."""
+
+
+def encode_command(args: Sequence[Any]) -> bytes:
+    """A command as a RESP array of bulk strings (str as UTF-8, int as decimal)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, str):
+            data = arg.encode("utf-8")
+        elif isinstance(arg, int):
+            data = b"%d" % arg
+        else:
+            data = bytes(arg)
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+def parse_reply(buffer: bytes | bytearray, pos: int = 0) -> tuple[Any, int]:
+    """One RESP2 reply starting at `pos`: (value, position after it). Raises _Incomplete.
+
+    Simple strings are str, errors are `RedisError` instances (returned, not raised), integers
+    int, bulk strings bytes (None for null), arrays lists (None for null).
+    """
+    end = buffer.find(b"\r\n", pos)
+    if end < 0:
+        raise _Incomplete
+    kind = buffer[pos : pos + 1]
+    line = bytes(buffer[pos + 1 : end])
+    after = end + 2
+    if kind == b"+":
+        return line.decode("utf-8", "replace"), after
+    if kind == b"-":
+        return RedisError(line.decode("utf-8", "replace")), after
+    if kind == b":":
+        return int(line), after
+    if kind == b"$":
+        size = int(line)
+        if size < 0:
+            return None, after
+        if len(buffer) < after + size + 2:
+            raise _Incomplete
+        return bytes(buffer[after : after + size]), after + size + 2
+    if kind == b"*":
+        count = int(line)
+        if count < 0:
+            return None, after
+        items = []
+        for _ in range(count):
+            item, after = parse_reply(buffer, after)
+            items.append(item)
+        return items, after
+    raise RedisError(f"protocol error: unexpected reply type {kind!r}")
+
+
+class RespProtocol(Protocol):
+    """One connection: commands are written at once, replies matched to them in order."""
+
+    def __init__(self, client: RedisClient | None = None) -> None:
+        self.client = client
+        self._buffer = bytearray()
+        self._pending: deque[Deferred[Any]] = deque()
+        self.lost: Deferred[None] = Deferred()
+        self.connected_ = False
+
+    def connectionMade(self) -> None:
+        """Ready for commands."""
+        self.connected_ = True
+
+    def send(self, args: Sequence[Any]) -> Deferred[Any]:
+        """Write one command; the Deferred fires with its reply (errback for an error reply)."""
+        if not self.connected_:
+            return fail(RedisUnavailable("connection lost"))
+        waiting: Deferred[Any] = Deferred()
+        self._pending.append(waiting)
+        self.transport.write(encode_command(args))  # type: ignore[union-attr]
+        return waiting
+
+    def dataReceived(self, data: bytes) -> None:
+        """Parse every whole reply in the buffer and fire its command's Deferred."""
+        buffer = self._buffer
+        buffer += data
+        pos = 0
+        try:
+            while pos < len(buffer):
+                try:
+                    reply, pos = parse_reply(buffer, pos)
+                except _Incomplete:
+                    break
+                if not self._pending:
+                    raise RedisError("protocol error: a reply nobody asked for")
+                waiting = self._pending.popleft()
+                if isinstance(reply, RedisError):
+                    waiting.errback(reply)
+                else:
+                    waiting.callback(reply)
+        except (RedisError, ValueError):
+            self.transport.abortConnection()  # type: ignore[union-attr]
+            return
+        del buffer[:pos]
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        """Fail every command still waiting; tell the client."""
+        self.connected_ = False
+        pending, self._pending = self._pending, deque()
+        for waiting in pending:
+            waiting.errback(RedisUnavailable(f"connection lost: {reason.getErrorMessage()}"))
+        if self.client is not None:
+            self.client._lost(self)
+        self.lost.callback(None)
+
+
+class RedisClient:
+    """A Redis connection that reconnects on demand with backoff (see the module docstring)."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        host: str,
+        port: int,
+        username: str | None = None,
+        password: str | None = None,
+        db: int = 0,
+        connect_timeout: float = 2.0,
+        command_timeout: float = 2.0,
+        min_backoff: float = 0.1,
+        max_backoff: float = 10.0,
+    ) -> None:
+        self.reactor = reactor
+        self.host = host
+        self.port = port
+        self.username = username
+        self.password = password
+        self.db = db
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self.connections = 0  # successful connections so far (for tests and logs)
+        self._protocol: RespProtocol | None = None
+        self._waiting: list[Deferred[RespProtocol]] | None = None
+        self._delay = min_backoff
+        self._retry_at: float | None = None
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        """host:port, for messages."""
+        return f"{self.host}:{self.port}"
+
+    def execute(self, *args: Any) -> Deferred[Any]:
+        """Send one command; fails with RedisUnavailable, RedisError or TimeoutError."""
+        protocol = self._protocol
+        if protocol is not None:
+            result = protocol.send(args)
+        else:
+            result = self._connection().addCallback(lambda p: p.send(args))
+        return result.addTimeout(self.command_timeout, self.reactor)
+
+    def evalsha(self, sha: str, script: str, keys: Sequence[Any], args: Sequence[Any]) -> Deferred[Any]:
+        """Run a script by its SHA1, sending its source once when the server does not have it."""
+
+        def retry(failure: Failure) -> Any:
+            if failure.check(RedisError) and str(failure.value).startswith("NOSCRIPT"):
+                return self.execute("EVAL", script, len(keys), *keys, *args)
+            return failure
+
+        return self.execute("EVALSHA", sha, len(keys), *keys, *args).addErrback(retry)
+
+    def close(self) -> Deferred[None]:
+        """Close the connection for good; fires when it is closed."""
+        self._closed = True
+        protocol, self._protocol = self._protocol, None
+        if protocol is None or not protocol.connected_:
+            return _succeeded()
+        protocol.transport.loseConnection()  # type: ignore[union-attr]
+        return protocol.lost
+
+    def _connection(self) -> Deferred[RespProtocol]:
+        """A Deferred firing with a ready connection, or failing at once while backing off."""
+        if self._closed:
+            return fail(RedisUnavailable("client closed"))
+        waiting: Deferred[RespProtocol] = Deferred()
+        if self._waiting is not None:
+            self._waiting.append(waiting)
+            return waiting
+        if self._retry_at is not None and self.reactor.seconds() < self._retry_at:
+            return fail(
+                RedisUnavailable(
+                    f"Redis at {self.address} is unreachable; next attempt in"
+                    f" {self._retry_at - self.reactor.seconds():.1f}s"
+                )
+            )
+        self._waiting = [waiting]
+        endpoint = HostnameEndpoint(self.reactor, self.host, self.port, timeout=self.connect_timeout)
+        connected = connectProtocol(endpoint, RespProtocol(self))
+        connected.addCallback(self._handshake).addCallbacks(self._up, self._down)
+        return waiting
+
+    def _handshake(self, protocol: RespProtocol) -> Deferred[RespProtocol]:
+        """AUTH and SELECT on a new connection (pipelined)."""
+        steps = []
+        if self.password is not None:
+            auth = ["AUTH", self.password] if not self.username else ["AUTH", self.username, self.password]
+            steps.append(protocol.send(auth))
+        if self.db:
+            steps.append(protocol.send(["SELECT", self.db]))
+        if not steps:
+            return _succeeded(protocol)
+
+        def refused(failure: Failure) -> Failure:
+            protocol.transport.abortConnection()  # type: ignore[union-attr]
+            return failure
+
+        return gatherResults(steps, consumeErrors=True).addCallbacks(
+            lambda _: protocol, lambda f: refused(f.value.subFailure)
+        )
+
+    def _up(self, protocol: RespProtocol) -> None:
+        """Connected: serve the waiting commands; the next failure backs off from the start."""
+        waiting, self._waiting = self._waiting or [], None
+        self._delay = self.min_backoff
+        self._retry_at = None
+        if self._closed:
+            protocol.transport.loseConnection()  # type: ignore[union-attr]
+            for each in waiting:
+                each.errback(RedisUnavailable("client closed"))
+            return
+        self.connections += 1
+        self._protocol = protocol
+        for each in waiting:
+            each.callback(protocol)
+
+    def _down(self, failure: Failure) -> None:
+        """Could not connect: fail the waiting commands and back off."""
+        waiting, self._waiting = self._waiting or [], None
+        self._retry_at = self.reactor.seconds() + self._delay
+        self._delay = min(self._delay * 2, self.max_backoff)
+        error = RedisUnavailable(f"cannot use Redis at {self.address}: {failure.getErrorMessage()}")
+        for each in waiting:
+            each.errback(error)
+
+    def _lost(self, protocol: RespProtocol) -> None:
+        """A connection closed: the next command opens another."""
+        if self._protocol is protocol:
+            self._protocol = None
+
+
+def _succeeded(value: Any = None) -> Deferred[Any]:
+    """An already fired Deferred."""
+    done: Deferred[Any] = Deferred()
+    done.callback(value)
+    return done
+
+
+#: The check-and-count script. KEYS[1]: the key. ARGV: now_ms, then (maximum, period_ms) per limit.
+#: Returns {created, allowed, remaining_1, reset_1, remaining_2, reset_2, ...}.
+HIT_SCRIPT = """
+local key = KEYS[1]
+local now = tonumber(ARGV[1])
+local n = (#ARGV - 1) / 2
+local fields = {}
+for i = 1, 2 * n do fields[i] = tostring(i) end
+local state = redis.call('HMGET', key, unpack(fields))
+local created = 1
+if state[1] then created = 0 end
+local ends, counts = {}, {}
+local allowed = 1
+local last = 0
+for i = 1, n do
+  local maximum = tonumber(ARGV[2 * i])
+  local e = tonumber(state[2 * i - 1])
+  local c = tonumber(state[2 * i])
+  if e == nil or c == nil or e <= now then
+    e = now + tonumber(ARGV[2 * i + 1])
+    c = 0
+  end
+  ends[i] = e
+  counts[i] = c
+  if c >= maximum then allowed = 0 end
+  if e > last then last = e end
+end
+local out = {created, allowed}
+local set = {}
+for i = 1, n do
+  if allowed == 1 then counts[i] = counts[i] + 1 end
+  set[#set + 1] = tostring(2 * i - 1)
+  set[#set + 1] = string.format('%d', ends[i])
+  set[#set + 1] = tostring(2 * i)
+  set[#set + 1] = string.format('%d', counts[i])
+  out[#out + 1] = math.max(tonumber(ARGV[2 * i]) - counts[i], 0)
+  out[#out + 1] = ends[i] - now
+end
+redis.call('HSET', key, unpack(set))
+redis.call('PEXPIRE', key, last - now)
+return out
+"""
+HIT_SCRIPT_SHA = hashlib.sha1(HIT_SCRIPT.encode("utf-8")).hexdigest()
+
+
+@implementer(IRateLimitStore)
+class RedisRateLimitStore:
+    """Fixed-window counters in Redis, checked and counted by one atomic script per hit."""
+
+    def __init__(self, client: RedisClient, clock: Any, namespace: str) -> None:
+        self.client = client
+        self.clock = clock
+        self.namespace = namespace
+        self.created = 0  # keys this store created in Redis (expired ones included)
+
+    def __len__(self) -> int:
+        """Approximate: the keys this store created in Redis (they expire there on their own)."""
+        return self.created
+
+    def hit(self, key: str, limits: Sequence[RateLimit]) -> Deferred[HitResult]:
+        """Check and count one request for `key` against every limit (atomically, in Redis)."""
+        now = round(self.clock.seconds() * 1000)
+        args: list[int] = [now]
+        for limit in limits:
+            args.append(limit.maximum_requests)
+            args.append(limit.period_ms)
+        answer = self.client.evalsha(HIT_SCRIPT_SHA, HIT_SCRIPT, (self.namespace + key,), args)
+        return answer.addCallback(self._result, limits)
+
+    def _result(self, reply: list[int], limits: Sequence[RateLimit]) -> HitResult:
+        """The script's reply as a HitResult."""
+        if reply[0]:
+            self.created += 1
+        quotas = tuple(
+            Quota(limit, reply[2 + 2 * index], reply[3 + 2 * index])
+            for index, limit in enumerate(limits)
+        )
+        return HitResult(bool(reply[1]), quotas)
