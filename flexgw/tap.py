@@ -30,6 +30,12 @@ class Options(usage.Options):
         ["access-log", None, "-", "Access log destination: a file path, '-' for stdout, 'off'."],
         ["log-level", None, "info", "Runtime log level: debug, info, warn, error."],
         [
+            "drain-seconds",
+            None,
+            "25",
+            "Seconds requests in flight get on SIGTERM (a second SIGTERM cuts them).",
+        ],
+        [
             "message-log",
             None,
             "-",
@@ -69,6 +75,12 @@ class Options(usage.Options):
             load_modules(self["policy-modules"])
         except ImportError as exc:
             raise usage.UsageError(f"--policy-module: {exc}") from exc
+        try:
+            self["drain-seconds"] = float(self["drain-seconds"])
+        except ValueError:
+            raise usage.UsageError("--drain-seconds must be a number of seconds") from None
+        if not 0 <= self["drain-seconds"] < float("inf"):
+            raise usage.UsageError("--drain-seconds must be 0 or more")
         if self["log-level"] not in _LEVELS:
             raise usage.UsageError("--log-level must be one of " + ", ".join(_LEVELS))
 
@@ -105,6 +117,7 @@ def makeService(options: Options) -> MultiService:
         access_log=access_log,
         message_log=message_log,
         strict=options["strict"],
+        drain_seconds=options["drain-seconds"],
     )
     gateway.setServiceParent(top)
     watcher = ConfigWatcher(
@@ -116,6 +129,17 @@ def makeService(options: Options) -> MultiService:
         reactor.callFromThread(gateway.reload)
 
     signal.signal(signal.SIGHUP, _on_hup)
+
+    def _on_second_stop(signum: int, frame: Any) -> None:
+        reactor.callFromThread(gateway.drain_now)
+
+    def _arm_second_stop() -> None:
+        # The reactor is stopping (first SIGTERM/SIGINT) and the gateway drains; a second
+        # signal cuts what is left, and shutdown then completes as usual (logs flushed).
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _on_second_stop)
+
+    reactor.addSystemEventTrigger("before", "shutdown", _arm_second_stop)
     return top
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import random
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import httptools
@@ -112,13 +113,16 @@ class IngressProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         """Abandon whatever is in flight."""
         self.state = CLOSING
-        self.factory.connections.discard(self)
+        factory = self.factory
+        factory.connections.discard(self)
         self._stop_timer()
         if self.active is not None:
             active, self.active = self.active, None
             active.downstream_lost()
-            self.factory.log_exchange(active)
+            factory.log_exchange(active)
         self.queue.clear()
+        if factory.on_connection_lost is not None:
+            factory.on_connection_lost(self)
 
     def dataReceived(self, data: bytes) -> None:
         """Feed the request parser; start an accepted request; enforce the head size limit.
@@ -356,6 +360,11 @@ class IngressProtocol(Protocol):
             return
         if self.state == CLOSING:
             return
+        if self.draining and self.state == IDLE:
+            # The gateway drains and this connection has nothing in flight: close it now.
+            self.state = CLOSING
+            self.transport.loseConnection()
+            return
         self.idle_since = self.clock.seconds()
         if self.state == HEAD and self.head_timer is None:
             # A pipelined head was partly read while the previous response was pending.
@@ -457,6 +466,8 @@ class IngressFactory(Factory):
         self.rng = rng or random.Random()
         self.scheme_bytes = listener.scheme.encode("ascii")
         self.connections: set[IngressProtocol] = set()
+        # Called with each connection as it closes (set by the gateway while it drains).
+        self.on_connection_lost: Callable[[IngressProtocol], None] | None = None
 
     def update(self, listener: Listener, http: HttpSettings, timeouts: Timeouts) -> None:
         """Swap in a new plan for this listener (requests in flight keep what they hold)."""

@@ -7,17 +7,22 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from flexgw.config.pipeline import ConfigState, load_config
 from flexgw.config.plan import GatewayPlan, Listener, Upstream
 from flexgw.http.accesslog import AccessLog, MessageLog
-from flexgw.ingress.front import IngressFactory
+from flexgw.ingress.front import IDLE, IngressFactory, IngressProtocol
 from flexgw.policies.base import PolicyRuntime
+from flexgw.service.systemd import Notifier
 from flexgw.upstream.pool import PoolManager
 
 _log = Logger(namespace="flexgw")
+
+#: Seconds requests in flight get to finish on shutdown (Flex's default drain time).
+DRAIN_SECONDS = 25.0
 
 
 class GatewayService(Service):
@@ -38,6 +43,8 @@ class GatewayService(Service):
         strict: bool = False,
         rng: random.Random | None = None,
         loader: Callable[..., ConfigState] = load_config,
+        notifier: Notifier | None = None,
+        drain_seconds: float = DRAIN_SECONDS,
     ) -> None:
         self.reactor = reactor
         self.conf_dirs = list(conf_dirs)
@@ -54,6 +61,13 @@ class GatewayService(Service):
         self.ports: dict[tuple[str, int], IListeningPort] = {}
         self.reloads = 0
         self.last_reload_ok: bool | None = None
+        self.notifier = notifier if notifier is not None else Notifier(reactor, environ)
+        self.drain_seconds = drain_seconds
+        self.draining: set[IngressProtocol] = set()
+        self._drained: Deferred[None] | None = None
+        self._drain_timer: Any = None
+        self.stopping = False
+        self._stop_waiters: list[Deferred[None]] | None = None
 
     @property
     def plan(self) -> GatewayPlan:
@@ -63,22 +77,48 @@ class GatewayService(Service):
     def startService(self) -> None:
         """Load the configuration, bind every listener, start periodic work."""
         super().startService()
+        self.stopping = False
         for log in (self.access_log, self.message_log):
             if log is not None:
                 log.start()
         self.pools.start()
         self.reload()
+        # Every listener is bound (or reported) and the first configuration applied.
+        self.notifier.ready(self.status_line())
+        self.notifier.start_watchdog()
 
-    def stopService(self) -> Any:
-        """Stop listening, close idle upstream connections, flush the access log."""
+    def stopService(self) -> Deferred[Any]:
+        """Drain: stop listening, close idle connections, give requests in flight up to
+        `drain_seconds` (then abort them), close idle upstream connections, flush the logs.
+
+        Fires when every downstream connection is gone. `drain_now()` cuts the wait short.
+        """
+        if self.stopping:
+            return self._stop_waiter()  # a second call: the same drain
         super().stopService()
-        from twisted.internet.defer import gatherResults, maybeDeferred
-
+        self.stopping = True
+        self.notifier.stopping(f"Draining (up to {self.drain_seconds:g}s)")
         ports, self.ports = self.ports, {}
-        self.factories = {}
+        factories, self.factories = self.factories, {}
         stopped = gatherResults([maybeDeferred(port.stopListening) for port in ports.values()])
+        drained: Deferred[None] = Deferred()
+        self._drained = drained
+        for factory in factories.values():
+            factory.on_connection_lost = self._connection_gone
+            for connection in list(factory.connections):
+                connection.draining = True
+                self.draining.add(connection)
+                if connection.active is None and connection.state == IDLE and not connection.queue:
+                    connection.transport.loseConnection()  # idle keep-alive: nothing to wait for
+        # Connections already gone, or lost while being closed above, were not counted in.
+        self.draining = {c for c in self.draining if c in c.factory.connections}
+        if self.draining:
+            self._drain_timer = self.reactor.callLater(self.drain_seconds, self.drain_now)
+        else:
+            self._drain_done()
 
         def _after(result: object) -> object:
+            self.notifier.stop_watchdog()
             self.pools.stop()
             self.runtime.use_shared_storage(None)  # closes the Redis connection, if any
             for log in (self.access_log, self.message_log):
@@ -86,7 +126,61 @@ class GatewayService(Service):
                     log.stop()
             return result
 
-        return stopped.addBoth(_after)
+        self._stop_waiters = []
+        done = gatherResults([stopped, drained]).addBoth(_after)
+
+        def _release(result: object) -> object:
+            waiters, self._stop_waiters = self._stop_waiters or [], None
+            for waiter in waiters:
+                waiter.callback(None)
+            return result
+
+        return done.addBoth(_release)
+
+    def _stop_waiter(self) -> Deferred[None]:
+        """A Deferred firing when the drain under way ends (now, if it has ended)."""
+        waiter: Deferred[None] = Deferred()
+        if self._stop_waiters is None:
+            waiter.callback(None)
+        else:
+            self._stop_waiters.append(waiter)
+        return waiter
+
+    def drain_now(self) -> None:
+        """Abort every connection still draining (the drain deadline, or a second SIGTERM)."""
+        if self._drain_timer is not None and self._drain_timer.active():
+            self._drain_timer.cancel()
+        self._drain_timer = None
+        remaining = list(self.draining)
+        if remaining:
+            _log.warn("Drain: aborting {count} connection(s) still busy", count=len(remaining))
+        for connection in remaining:
+            connection.transport.abortConnection()
+
+    def _connection_gone(self, connection: IngressProtocol) -> None:
+        """A downstream connection closed while draining."""
+        self.draining.discard(connection)
+        if not self.draining and self._drained is not None:
+            self._drain_done()
+
+    def _drain_done(self) -> None:
+        if self._drain_timer is not None and self._drain_timer.active():
+            self._drain_timer.cancel()
+        self._drain_timer = None
+        drained, self._drained = self._drained, None
+        if drained is not None:
+            drained.callback(None)
+
+    def status_line(self) -> str:
+        """One line for `systemctl status`: what is served and how the last reload went."""
+        plan = self.plan
+        apis = sum(len(listener.apis) for listener in plan.listeners)
+        errors = sum(1 for p in self.state.problems if p.severity == "error") if self.state else 0
+        result = "ok" if self.last_reload_ok else f"failed ({errors} error(s))"
+        return (
+            f"Serving {apis} API(s) on {len(plan.listeners)} listener(s);"
+            f" configuration generation {plan.generation}: {result}"
+        )
 
     def reload(self) -> bool:
         """Compile the configuration again and swap it in. True when it had no errors.
@@ -94,6 +188,11 @@ class GatewayService(Service):
         A listener that cannot be bound is an error too: the reload is not ok, the rest of the
         plan serves, and the next reload tries to bind it again.
         """
+        if self.stopping:
+            return False  # draining: no listener may be bound again
+        reloading = self.reloads > 0 and self.running
+        if reloading:
+            self.notifier.reloading("Reloading configuration")
         state = self.loader(
             self.conf_dirs,
             self.environ,
@@ -119,6 +218,8 @@ class GatewayService(Service):
             listeners=len(state.plan.listeners),
             errors=sum(1 for p in state.problems if p.severity == "error"),
         )
+        if reloading:
+            self.notifier.ready(self.status_line())
         return ok
 
     def _apply(self, plan: GatewayPlan) -> bool:
