@@ -111,6 +111,7 @@ def plan_json(plan: GatewayPlan) -> dict[str, Any]:
             "maxIdleConnectionsPerUpstream": http.max_idle_per_upstream,
             "bodyBufferLimitBytes": http.body_buffer_limit,
         },
+        "probe": {"enabled": plan.probe.enabled, "port": plan.probe.port, "host": plan.probe.host},
         "problems": [_problem_json(p) for p in plan.problems],
     }
 
@@ -132,7 +133,48 @@ def _parser() -> argparse.ArgumentParser:
             help="import a third-party policy module first (repeatable)",
         )
     commands.add_parser("version", help="print the version")
+    probe = commands.add_parser(
+        "probe", help="ask a running gateway's probe listener; exit 0 when ready/alive, else 1"
+    )
+    probe.add_argument("--check", choices=("readiness", "liveness"), required=True)
+    probe.add_argument("--host", default="127.0.0.1", help="probe listener host (default %(default)s)")
+    probe.add_argument(
+        "--port", type=int, default=3000, help="probe listener port (Configuration.spec.probe.port)"
+    )
+    probe.add_argument("--timeout", type=float, default=5.0, help="seconds (default %(default)s)")
+    for flag, name in _PROBE_FLAGS:
+        probe.add_argument(flag, dest=name, action="store_true", help=f"readiness: {name}")
     return parser
+
+
+# flexctl's option names and the query flags of Flex's readiness endpoint
+_PROBE_FLAGS = (
+    ("--allow-api-errors", "allowAPIErrors"),
+    ("--allow-envoy-errors", "allowEnvoyErrors"),
+    ("--allow-policy-errors", "allowPolicyErrors"),
+)
+
+
+def probe(args: argparse.Namespace, out: TextIO) -> int:
+    """GET /probes/<check> on the probe listener: 0 on 200, 1 otherwise (like `flexctl probe`)."""
+    import http.client
+    from urllib.parse import urlencode
+
+    query = {name: "" for _, name in _PROBE_FLAGS if getattr(args, name)}
+    path = f"/probes/{args.check}" + (f"?{urlencode(query)}" if query else "")
+    connection = http.client.HTTPConnection(args.host, args.port, timeout=args.timeout)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        body = response.read(64 * 1024).decode("utf-8", "replace").strip()
+        status = response.status
+    except (OSError, http.client.HTTPException) as exc:
+        print(f"{args.check}: cannot reach {args.host}:{args.port}: {exc}", file=out)
+        return 1
+    finally:
+        connection.close()
+    print(f"{args.check}: {status} {body}", file=out)
+    return 0 if status == 200 else 1
 
 
 def main(
@@ -150,6 +192,8 @@ def main(
     if args.command == "version":
         print(f"flexgw {flexgw.__version__}", file=out)
         return 0
+    if args.command == "probe":
+        return probe(args, out)
     try:
         load_modules(args.policy_module)
     except ImportError as exc:

@@ -28,6 +28,12 @@ class Options(usage.Options):
     longdesc = "Serve Flex Gateway Local Mode resource files (ApiInstance, Service, ...)."
     optParameters = [  # noqa: RUF012 (twisted.python.usage convention)
         ["access-log", None, "-", "Access log destination: a file path, '-' for stdout, 'off'."],
+        [
+            "admin",
+            None,
+            "tcp:9901:interface=127.0.0.1",
+            "Admin listener (/metrics, /status, /probes/*): a server endpoint, or 'off'.",
+        ],
         ["log-level", None, "info", "Runtime log level: debug, info, warn, error."],
         [
             "drain-seconds",
@@ -120,6 +126,16 @@ def makeService(options: Options) -> MultiService:
         drain_seconds=options["drain-seconds"],
     )
     gateway.setServiceParent(top)
+    if options["admin"] != "off":
+        from twisted.application.internet import StreamServerEndpointService
+        from twisted.internet.endpoints import serverFromString
+
+        from flexgw.service.admin import admin_site
+
+        admin = StreamServerEndpointService(
+            serverFromString(reactor, options["admin"]), admin_site(gateway)
+        )
+        admin.setServiceParent(top)
     watcher = ConfigWatcher(
         reactor, options["conf"], gateway.reload, debounce_from_env(os.environ)
     )

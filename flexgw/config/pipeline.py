@@ -139,6 +139,7 @@ def load_config(
         problems=tuple(problems),
         generation=generation,
         shared_storage=model.shared_storage,
+        probe=model.probe,
     )
     return ConfigState(
         plan=plan,

@@ -136,6 +136,15 @@ class SharedStorage:
 
 
 @attrs.frozen
+class ProbeSettings:
+    """`Configuration.spec.probe`: the readiness/liveness HTTP listener (off unless enabled, as Flex)."""
+
+    enabled: bool = False
+    port: int = 3000  # Flex's default probe port
+    host: str = "0.0.0.0"  # flexgw extension; Flex listens on every interface (the kubelet probes it)
+
+
+@attrs.frozen
 class Problem:
     """One configuration problem, located in its file."""
 
@@ -172,6 +181,7 @@ class GatewayPlan:
     problems: tuple[Problem, ...] = ()
     generation: int = 0
     shared_storage: SharedStorage | None = None  # Redis for rate-limit counters; None: memory
+    probe: ProbeSettings = ProbeSettings()
 
     def listener_at(self, host: str, port: int) -> Listener | None:
         """The listener bound to (host, port), if this plan has one."""

@@ -10,7 +10,14 @@ import attrs
 
 from flexgw.config.address import Address, normalise_path, parse_api_address, parse_service_address
 from flexgw.config.load import Document, FieldPath
-from flexgw.config.plan import HttpSettings, IPNetwork, Problem, Timeouts, Upstream
+from flexgw.config.plan import (
+    HttpSettings,
+    IPNetwork,
+    ProbeSettings,
+    Problem,
+    Timeouts,
+    Upstream,
+)
 from flexgw.config.storage import SharedStorage, resolve_shared_storage
 from flexgw.config.validate import (
     ROUTE_POLICIES,
@@ -119,6 +126,7 @@ class ResolvedModel:
     http: HttpSettings
     problems: tuple[Problem, ...]
     shared_storage: SharedStorage | None = None
+    probe: ProbeSettings = attrs.field(factory=ProbeSettings)
 
 
 def _origin(resource: Resource, path: FieldPath = ()) -> Origin:
@@ -172,9 +180,9 @@ def _env_float(environ: Mapping[str, str], name: str, problems: list[Problem]) -
 
 def _settings(
     configurations: Sequence[Resource], environ: Mapping[str, str], problems: list[Problem]
-) -> tuple[Timeouts, HttpSettings]:
+) -> tuple[Timeouts, HttpSettings, ProbeSettings]:
     """Merge every Configuration (sorted by id; a later value for the same key wins, with a warning)."""
-    merged: dict[str, dict[str, tuple[Any, Origin]]] = {"timeouts": {}, "http": {}}
+    merged: dict[str, dict[str, tuple[Any, Origin]]] = {"timeouts": {}, "http": {}, "probe": {}}
     for resource in configurations:
         for section, table in merged.items():
             block = resource.spec.get(section)
@@ -243,7 +251,14 @@ def _settings(
             )
         ),
     )
-    return timeouts, http
+    probe_defaults = ProbeSettings()
+    enabled = pick("probe", "enabled")
+    probe = ProbeSettings(
+        enabled=bool(enabled),  # off unless `enabled: true`, as Flex
+        port=int(first(pick("probe", "port"), probe_defaults.port)),
+        host=str(pick("probe", "host") or probe_defaults.host),
+    )
+    return timeouts, http, probe
 
 
 def _selector_matches(selector: Any, labels: Mapping[str, str]) -> bool:
@@ -441,7 +456,7 @@ def resolve(
             invalid=lookup_policy(pname) is not None,
         )
 
-    timeouts, http = _settings(by_kind.get("Configuration", []), environ, problems)
+    timeouts, http, probe = _settings(by_kind.get("Configuration", []), environ, problems)
 
     shared_storage = resolve_shared_storage(by_kind.get("Configuration", []), problems)
 
@@ -466,6 +481,7 @@ def resolve(
         http=http,
         problems=tuple(problems),
         shared_storage=shared_storage,
+        probe=probe,
     )
 
 

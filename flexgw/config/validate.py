@@ -31,7 +31,6 @@ UNSUPPORTED_CONFIGURATION = (
     "logging",
     "forwardProxy",
     "proxyProtocol",
-    "probe",
     "circuitBreaker",
     "defaultTLS",
     "tracing",

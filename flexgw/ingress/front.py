@@ -32,6 +32,7 @@ from flexgw.upstream.pool import PoolManager
 
 if TYPE_CHECKING:
     from flexgw.http.accesslog import AccessLog
+    from flexgw.service.metrics import GatewayMetrics
 
 _log = Logger(namespace="flexgw.ingress")
 
@@ -455,6 +456,7 @@ class IngressFactory(Factory):
         pools: PoolManager,
         access_log: AccessLog | None,
         rng: random.Random | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.reactor = reactor
         self.clock = clock
@@ -463,6 +465,7 @@ class IngressFactory(Factory):
         self.timeouts = timeouts
         self.pools = pools
         self.access_log = access_log
+        self.metrics = metrics
         self.rng = rng or random.Random()
         self.scheme_bytes = listener.scheme.encode("ascii")
         self.connections: set[IngressProtocol] = set()
@@ -484,9 +487,11 @@ class IngressFactory(Factory):
         return IngressProtocol(self)
 
     def log_exchange(self, exchange: ProxyExchange) -> None:
-        """Write the access log line of a finished exchange."""
+        """Write the access log line of a finished exchange, and count it."""
         if self.access_log is not None:
             self.access_log.exchange(exchange, self.listener)
+        if self.metrics is not None:
+            self.metrics.exchange(exchange)
 
     def log_failure(self, failure: BaseException | None) -> None:
         """Log an unexpected exception raised while handling a request."""
@@ -496,6 +501,8 @@ class IngressFactory(Factory):
         )
 
     def log_refusal(self, protocol: IngressProtocol, error: GatewayError) -> None:
-        """Write the access log line of a request refused before it was parsed whole."""
+        """Write the access log line of a request refused before it was parsed whole, and count it."""
         if self.access_log is not None:
             self.access_log.refusal(protocol, error, self.listener)
+        if self.metrics is not None:
+            self.metrics.refusal(error)

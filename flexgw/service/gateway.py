@@ -16,6 +16,8 @@ from flexgw.config.plan import GatewayPlan, Listener, Upstream
 from flexgw.http.accesslog import AccessLog, MessageLog
 from flexgw.ingress.front import IDLE, IngressFactory, IngressProtocol
 from flexgw.policies.base import PolicyRuntime
+from flexgw.service.admin import ProbeServer
+from flexgw.service.metrics import GatewayMetrics
 from flexgw.service.systemd import Notifier
 from flexgw.upstream.pool import PoolManager
 
@@ -61,6 +63,9 @@ class GatewayService(Service):
         self.ports: dict[tuple[str, int], IListeningPort] = {}
         self.reloads = 0
         self.last_reload_ok: bool | None = None
+        self.unbound: set[tuple[str, int]] = set()  # listener addresses the last reload could not bind
+        self.metrics = GatewayMetrics(reactor)
+        self.probe = ProbeServer(reactor, self)
         self.notifier = notifier if notifier is not None else Notifier(reactor, environ)
         self.drain_seconds = drain_seconds
         self.draining: set[IngressProtocol] = set()
@@ -100,7 +105,9 @@ class GatewayService(Service):
         self.notifier.stopping(f"Draining (up to {self.drain_seconds:g}s)")
         ports, self.ports = self.ports, {}
         factories, self.factories = self.factories, {}
-        stopped = gatherResults([maybeDeferred(port.stopListening) for port in ports.values()])
+        stopped = gatherResults(
+            [maybeDeferred(port.stopListening) for port in ports.values()] + [self.probe.stop()]
+        )
         drained: Deferred[None] = Deferred()
         self._drained = drained
         for factory in factories.values():
@@ -210,6 +217,8 @@ class GatewayService(Service):
         bound = self._apply(state.plan)
         ok = state.ok and bound
         self.last_reload_ok = ok
+        self.metrics.reload(ok)
+        self.probe.configure(state.plan.probe)
         _log.info(
             "Configuration generation {generation} applied: {apis} API(s) on {listeners}"
             " listener(s), {errors} error(s)",
@@ -238,6 +247,7 @@ class GatewayService(Service):
             self.ports.pop(address).stopListening()
             self.factories.pop(address, None)
         bound = True
+        self.unbound = set()
         for address, listener in wanted.items():
             factory = self.factories.get(address)
             if factory is not None:
@@ -256,6 +266,7 @@ class GatewayService(Service):
             self.pools,
             self.access_log,
             self.rng,
+            metrics=self.metrics,
         )
         try:
             port = self.reactor.listenTCP(listener.port, factory, interface=listener.host)
@@ -266,6 +277,7 @@ class GatewayService(Service):
                 port=listener.port,
                 error=exc,
             )
+            self.unbound.add(listener.address)
             return False
         self.factories[listener.address] = factory
         self.ports[listener.address] = port

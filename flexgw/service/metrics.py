@@ -1,0 +1,238 @@
+"""Gateway metrics: plain counters on the request path, Prometheus families built at scrape time.
+
+The request path pays for two dict updates and two bucket searches per finished exchange
+(`GatewayMetrics.exchange`); labels, status classes, cumulative buckets and gauges (connections,
+upstream pools) are worked out only when `/metrics` is scraped, by `GatewayCollector`.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.process_collector import ProcessCollector
+
+if TYPE_CHECKING:
+    from flexgw.http.errors import GatewayError
+    from flexgw.ingress.exchange import ProxyExchange
+    from flexgw.service.gateway import GatewayService
+
+# Seconds; the upper bounds of the latency buckets (+Inf is implicit).
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)
+_NONE = "none"  # label value for "no API", "no route", "no error", "no response status"
+
+
+class GatewayMetrics:
+    """What the gateway counts: requests, latencies and reloads, in plain Python containers."""
+
+    def __init__(self, clock: Any, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.clock = clock
+        self.buckets = buckets
+        # (api, route, status, cause) -> count; status 0 when no response was sent
+        self.requests: dict[tuple[str | None, str | None, int, str | None], int] = {}
+        # (api, route) -> [total buckets.., +Inf, total sum, upstream buckets.., +Inf, upstream sum]
+        self.latency: dict[tuple[str | None, str | None], list[float]] = {}
+        self.reloads: dict[str, int] = {"ok": 0, "error": 0}
+        self.last_reload_time = 0.0
+
+    def exchange(self, exchange: ProxyExchange) -> None:
+        """Count one finished exchange (called once per exchange, on the request path)."""
+        route = exchange.route
+        api = exchange.api_key
+        name = route.name if route is not None else None
+        key = (api, name, exchange.response_status, exchange.error_cause)
+        requests = self.requests
+        requests[key] = requests.get(key, 0) + 1
+        slots = self.latency.get((api, name))
+        if slots is None:
+            slots = self.latency[(api, name)] = [0.0] * (2 * len(self.buckets) + 4)
+        buckets = self.buckets
+        elapsed = self.clock.seconds() - exchange.started
+        slots[bisect_left(buckets, elapsed)] += 1
+        width = len(buckets) + 1
+        slots[width] += elapsed
+        upstream = exchange.upstream_elapsed
+        if upstream is not None:
+            slots[width + 1 + bisect_left(buckets, upstream)] += 1
+            slots[-1] += upstream
+
+    def refusal(self, error: GatewayError) -> None:
+        """Count a request refused before it was parsed whole (no API, no route)."""
+        key = (None, None, error.status, error.cause)
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+    def reload(self, ok: bool) -> None:
+        """Count one configuration reload and its result."""
+        self.reloads["ok" if ok else "error"] += 1
+        self.last_reload_time = self.clock.seconds()
+
+
+def status_class(status: int) -> str:
+    """"2xx" for 200..299 and so on; "none" when no response status was sent."""
+    return f"{status // 100}xx" if status else _NONE
+
+
+def _label(value: str | None) -> str:
+    return _NONE if value is None else value
+
+
+class GatewayCollector:
+    """A prometheus-client collector reading a GatewayService and its GatewayMetrics at scrape time."""
+
+    def __init__(self, gateway: GatewayService) -> None:
+        self.gateway = gateway
+
+    def collect(self) -> Iterator[Metric]:
+        """The metric families, computed now."""
+        gateway = self.gateway
+        metrics = gateway.metrics
+        yield from self._requests(metrics)
+        yield from self._latency(metrics)
+        connections = GaugeMetricFamily(
+            "flexgw_downstream_connections_active",
+            "Open downstream connections, by listener.",
+            labels=["listener"],
+        )
+        for (host, port), factory in sorted(gateway.factories.items()):
+            connections.add_metric([f"{host}:{port}"], len(factory.connections))
+        yield connections
+        pool_labels = ["upstream", "address"]
+        idle = GaugeMetricFamily(
+            "flexgw_upstream_connections_idle", "Idle pooled upstream connections.", labels=pool_labels
+        )
+        active = GaugeMetricFamily(
+            "flexgw_upstream_connections_active",
+            "Upstream connections carrying a request.",
+            labels=pool_labels,
+        )
+        connecting = GaugeMetricFamily(
+            "flexgw_upstream_connections_connecting",
+            "Upstream connection attempts in progress.",
+            labels=pool_labels,
+        )
+        for upstream, pool in sorted(gateway.pools.pools.items(), key=lambda item: item[0].key):
+            labels = [upstream.key, f"{upstream.scheme}://{upstream.authority}"]
+            idle.add_metric(labels, len(pool.idle))
+            active.add_metric(labels, pool.active)
+            connecting.add_metric(labels, pool.connecting)
+        yield idle
+        yield active
+        yield connecting
+        reloads = CounterMetricFamily(
+            "flexgw_config_reloads", "Configuration reloads, by result.", labels=["result"]
+        )
+        for result, count in sorted(metrics.reloads.items()):
+            reloads.add_metric([result], count)
+        yield reloads
+        yield GaugeMetricFamily(
+            "flexgw_config_last_reload_success",
+            "1 when the last reload applied without errors.",
+            value=1 if gateway.last_reload_ok else 0,
+        )
+        yield GaugeMetricFamily(
+            "flexgw_config_last_reload_timestamp_seconds",
+            "When the configuration was last reloaded (Unix time).",
+            value=metrics.last_reload_time,
+        )
+        yield GaugeMetricFamily(
+            "flexgw_config_generation", "The configuration generation in force.",
+            value=gateway.plan.generation,
+        )
+        served = GaugeMetricFamily(
+            "flexgw_apis_served", "ApiInstances served, by listener.", labels=["listener"]
+        )
+        for listener in gateway.plan.listeners:
+            served.add_metric([f"{listener.host}:{listener.port}"], len(listener.apis))
+        yield served
+
+    def _requests(self, metrics: GatewayMetrics) -> Iterator[Metric]:
+        by_class: dict[tuple[str, str, str, str], int] = {}
+        rejected: dict[tuple[str, str], int] = {}
+        for (api, route, status, cause), count in list(metrics.requests.items()):
+            key = (_label(api), _label(route), status_class(status), _label(cause))
+            by_class[key] = by_class.get(key, 0) + count
+            if cause == "policy_rejected":
+                rkey = (_label(api), str(status))
+                rejected[rkey] = rejected.get(rkey, 0) + count
+        requests = CounterMetricFamily(
+            "flexgw_requests",
+            "Finished requests, by API, route, status class and gateway error cause.",
+            labels=["api", "route", "status_class", "cause"],
+        )
+        for labels, count in sorted(by_class.items()):
+            requests.add_metric(list(labels), count)
+        yield requests
+        policy = CounterMetricFamily(
+            "flexgw_policy_rejections",
+            "Requests a policy answered with an error status, by API and status.",
+            labels=["api", "status"],
+        )
+        limited = CounterMetricFamily(
+            "flexgw_rate_limit_rejections",
+            "Requests a policy refused with 429 (rate limiting, spike control), by API.",
+            labels=["api"],
+        )
+        for (api, status), count in sorted(rejected.items()):
+            policy.add_metric([api, status], count)
+            if status == "429":
+                limited.add_metric([api], count)
+        yield policy
+        yield limited
+
+    def _latency(self, metrics: GatewayMetrics) -> Iterator[Metric]:
+        bounds = [_bound(b) for b in metrics.buckets] + ["+Inf"]
+        width = len(metrics.buckets) + 1
+        families = (
+            HistogramMetricFamily(
+                "flexgw_request_duration_seconds",
+                "Time from the request head to the end of the response, by API and route.",
+                labels=["api", "route"],
+            ),
+            HistogramMetricFamily(
+                "flexgw_upstream_response_seconds",
+                "Time from sending upstream to the upstream response head, by API and route.",
+                labels=["api", "route"],
+            ),
+        )
+        for (api, route), slots in sorted(
+            metrics.latency.items(), key=lambda item: (_label(item[0][0]), _label(item[0][1]))
+        ):
+            for n, family in enumerate(families):
+                base = n * (width + 1)
+                cumulative = []
+                total = 0.0
+                for i in range(width):
+                    total += slots[base + i]
+                    cumulative.append((bounds[i], total))
+                if n == 1 and not total:
+                    continue  # never reached an upstream
+                family.add_metric([_label(api), _label(route)], cumulative, slots[base + width])
+        yield from families
+
+
+def _bound(value: float) -> str:
+    return repr(float(value))
+
+
+def make_registry(gateway: GatewayService, process: bool = True) -> CollectorRegistry:
+    """A private registry with the gateway's collector (and the process collector)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GatewayCollector(gateway))
+    if process:
+        ProcessCollector(registry=registry)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The registry in the Prometheus text exposition format."""
+    return generate_latest(registry)
