@@ -75,6 +75,13 @@ class Options(usage.Options):
         for path in self["conf"]:
             if not os.path.isdir(path):
                 raise usage.UsageError(f"--conf {path}: not a directory")
+        if self["admin"] != "off":
+            from twisted.internet.endpoints import serverFromString
+
+            try:  # only parsed here (nothing is bound): a typo is a usage error, not a log line
+                serverFromString(None, self["admin"])
+            except Exception as exc:  # endpoint parsers raise various errors
+                raise usage.UsageError(f"--admin {self['admin']}: {exc}") from exc
         from flexgw.policies.registry import load_modules
 
         try:

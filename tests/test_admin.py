@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 from typing import Any
 
@@ -11,11 +12,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
+from twisted.python.usage import UsageError
 from twisted.trial.unittest import TestCase
 
 from flexgw import cli
 from flexgw.service.admin import admin_site
 from flexgw.service.metrics import GatewayMetrics
+from flexgw.tap import Options
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream
 from tests.harness import Gateway, api_document, free_port
@@ -308,3 +311,29 @@ class StatusTests(AdminTestCase):
         )
         kinds = {(r["kind"], r["name"]) for r in status["resources"]}
         self.assertIn(("PolicyBinding", "auth"), kinds)
+
+
+class AdminOptionTests(TestCase):
+    """`twistd flexgw --admin`: loopback by default, `off`, and a bad endpoint refused."""
+
+    def options(self, *args: str) -> Options:
+        """Options parsed with a fresh conf dir and `args`."""
+        conf = self.mktemp()
+        os.makedirs(conf)
+        options = Options()
+        options.parseOptions(["--conf", conf, *args])
+        return options
+
+    def test_default_is_loopback(self) -> None:
+        """Without --admin: port 9901 on 127.0.0.1."""
+        self.assertEqual(self.options()["admin"], "tcp:9901:interface=127.0.0.1")
+
+    def test_off_and_endpoint(self) -> None:
+        """`off` and a valid endpoint string are kept as given."""
+        self.assertEqual(self.options("--admin", "off")["admin"], "off")
+        self.assertEqual(self.options("--admin", "tcp:0")["admin"], "tcp:0")
+
+    def test_bad_endpoint_refused(self) -> None:
+        """An endpoint string that does not parse is a usage error."""
+        with self.assertRaises(UsageError):
+            self.options("--admin", "nosuchtype:1234")
