@@ -5,11 +5,15 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
+import sys
+import tempfile
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
+from twisted.internet.defer import DeferredList
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.python.usage import UsageError
@@ -22,6 +26,7 @@ from flexgw.tap import Options
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream
 from tests.harness import Gateway, api_document, free_port
+from tests.test_sigterm import ROOT, NotifyReceiver, Process, write_conf
 
 HEADER = "apiVersion: gateway.mulesoft.com/v1alpha1\n"
 
@@ -337,3 +342,58 @@ class AdminOptionTests(TestCase):
         """An endpoint string that does not parse is a usage error."""
         with self.assertRaises(UsageError):
             self.options("--admin", "nosuchtype:1234")
+
+
+class TwistdAdminTests(TestCase):
+    """`twistd flexgw --admin ENDPOINT`: the real process serves /metrics and /status there."""
+
+    timeout = 30
+
+    async def test_admin_listener_under_twistd(self) -> None:
+        """After READY=1 and one proxied request, /metrics counts it and /status lists the API."""
+        upstream = RecordingUpstream(reactor=reactor)
+        upstream.listen(reactor)
+        self.addCleanup(upstream.stop)
+        directory = tempfile.mkdtemp(prefix="flexgw-adm-")  # short: AF_UNIX path limit
+        self.addCleanup(shutil.rmtree, directory, True)
+        port, admin = free_port(), free_port()
+        conf = write_conf(directory, api_document(port, upstream.address[1]))
+        receiver = NotifyReceiver()
+        notify = os.path.join(directory, "notify")
+        listening = reactor.listenUNIXDatagram(notify, receiver)
+        self.addCleanup(listening.stopListening)
+        env = dict(os.environ, PYTHONPATH=ROOT, NOTIFY_SOCKET=notify)
+        env.pop("WATCHDOG_USEC", None)
+        process = Process()
+        args = [
+            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "--nodaemon", "--pidfile=", "--logfile=-", "flexgw", "--conf", conf,
+            "--access-log", "off", "--admin", f"tcp:{admin}:interface=127.0.0.1",
+        ]
+        transport = reactor.spawnProcess(process, sys.executable, args, env=env, path=directory)
+
+        def cleanup() -> Any:
+            if not process.ended.called:
+                transport.signalProcess("KILL")
+            return process.ended
+
+        self.addCleanup(cleanup)
+        first = await DeferredList(
+            [receiver.wait_for("READY=1"), process.ended], fireOnOneCallback=True,
+            consumeErrors=True,
+        )
+        if first[1] == 1:
+            self.fail("twistd ended before READY=1:\n" + process.output.decode(errors="replace"))
+        response = await client.request(reactor, "127.0.0.1", port, get("/hello"))
+        self.assertEqual(response.status, 200)
+        metrics = await client.request(reactor, "127.0.0.1", admin, get("/metrics"))
+        got = samples(metrics.body)
+        key = (
+            "flexgw_requests_total",
+            tuple(sorted({"api": "default/test-api", "route": "test-api-b-route-1",
+                          "status_class": "2xx", "cause": "none"}.items())),
+        )
+        self.assertEqual(got.get(key), 1, metrics.body.decode(errors="replace"))
+        status = await client.request(reactor, "127.0.0.1", admin, get("/status"))
+        self.assertEqual(json.loads(status.body)["listeners"][0]["apis"][0]["key"],
+                         "default/test-api")
