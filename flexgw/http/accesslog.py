@@ -70,33 +70,70 @@ class BufferedLog:
 
 
 
+def _text(value: str) -> str:
+    """A JSON string literal; plain printable ASCII without quote or backslash is used as is."""
+    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+        return f'"{value}"'
+    return _dumps(value)
+
+
+def _ms(seconds: float) -> str:
+    """Milliseconds with at most three decimals, as JSON (same as round(x * 1000, 3))."""
+    return repr(round(seconds * 1000, 3))
+
+
 class AccessLog(BufferedLog):
     """The access log: one JSON line per request."""
 
+    def __init__(self, clock: IReactorTime, stream: IO[bytes], flush_interval: float = 0.5) -> None:
+        super().__init__(clock, stream, flush_interval)
+        self._known: dict[Any, str] = {}
+
     def exchange(self, exchange: ProxyExchange, listener: Listener) -> None:
-        """Record a proxied (or gateway-answered) request."""
+        """Record a proxied (or gateway-answered) request.
+
+        The line is assembled from pieces rather than by encoding a dict: names that come from
+        the configuration are JSON-encoded once and remembered; only the request's own strings
+        are checked (and escaped when they need it) each time. The output is the same JSON.
+        """
         now = self.clock.seconds()
         head = exchange.head
         destination = exchange.destination
+        route = exchange.route
         upstream_ms = exchange.upstream_elapsed
-        record = {
-            "time": self._timestamp(now),
-            "client": exchange.front.client_ip,
-            "listener": f"{listener.host}:{listener.port}",
-            "method": head.method.decode("latin-1"),
-            "path": head.path,
-            "version": head.version.decode("ascii"),
-            "api": exchange.api_key,
-            "route": exchange.route.name if exchange.route is not None else None,
-            "upstream": destination.upstream.key if destination is not None else None,
-            "status": exchange.response_status or None,
-            "bytes_in": exchange.bytes_in,
-            "bytes_out": exchange.bytes_out,
-            "duration_ms": round((now - exchange.started) * 1000, 3),
-            "upstream_ms": round(upstream_ms * 1000, 3) if upstream_ms is not None else None,
-            "error": exchange.error_cause,
-        }
-        self._lines.append(_dumps(record).encode("ascii") + b"\n")
+        known = self._known
+        address = (listener.host, listener.port)
+        listener_json = known.get(address)
+        if listener_json is None:
+            listener_json = known[address] = _dumps(f"{listener.host}:{listener.port}")
+        api = exchange.api_key
+        status = exchange.response_status
+        error = exchange.error_cause
+        self._lines.append(
+            (
+                f'{{"time":"{self._timestamp(now)}","client":{_text(exchange.front.client_ip)}'
+                f',"listener":{listener_json},"method":{_text(head.method.decode("latin-1"))}'
+                f',"path":{_text(head.path)},"version":"{head.version.decode("ascii")}"'
+                f',"api":{self._name(api) if api is not None else "null"}'
+                f',"route":{self._name(route.name) if route is not None else "null"}'
+                f',"upstream":'
+                f"{self._name(destination.upstream.key) if destination is not None else 'null'}"
+                f',"status":{status or "null"},"bytes_in":{exchange.bytes_in}'
+                f',"bytes_out":{exchange.bytes_out}'
+                f',"duration_ms":{_ms(now - exchange.started)}'
+                f',"upstream_ms":{_ms(upstream_ms) if upstream_ms is not None else "null"}'
+                f',"error":{_text(error) if error is not None else "null"}}}\n'
+            ).encode("ascii")
+        )
+
+    def _name(self, name: str) -> str:
+        """A configuration name as JSON, encoded once."""
+        encoded = self._known.get(name)
+        if encoded is None:
+            if len(self._known) > 10_000:  # names come from the configuration: a bound anyway
+                self._known.clear()
+            encoded = self._known[name] = _dumps(name)
+        return encoded
 
     def refusal(self, protocol: IngressProtocol, error: GatewayError, listener: Listener) -> None:
         """Record a request refused before its head was complete or valid."""

@@ -1,0 +1,93 @@
+"""The access log's hand-assembled JSON lines: always valid JSON, same values as the exchange."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from flexgw.config.plan import Destination, Listener, Route, Upstream
+from flexgw.http.accesslog import AccessLog
+from flexgw.http.request import analyze_head
+
+
+class _Front:
+    """The one attribute of the front the access log reads."""
+
+    def __init__(self, client_ip: str) -> None:
+        self.client_ip = client_ip
+
+
+class _Exchange:
+    """The attributes of a ProxyExchange the access log reads."""
+
+    def __init__(self, path: bytes, client: str, name: str, error: str | None) -> None:
+        self.head = analyze_head(b"GET", path, "1.1", [(b"Host", b"h")], True)
+        self.front = _Front(client)
+        upstream = Upstream(key=name, scheme="http", host="127.0.0.1", port=80)
+        self.destination = Destination(upstream=upstream)
+        self.route = Route(name=name, order=50, rules=(), destinations=(self.destination,))
+        self.api_key = name
+        self.response_status = 200
+        self.bytes_in = 12
+        self.bytes_out = 345
+        self.started = 10.0
+        self.upstream_elapsed = 0.0012345
+        self.error_cause = error
+
+
+class AccessLogLineTests(TestCase):
+    """Each line parses as JSON and carries exactly the exchange's values."""
+
+    def line(self, exchange: _Exchange) -> dict[str, object]:
+        """Log one exchange at t=10.25 and parse the line back."""
+        clock = Clock()
+        clock.advance(10.25)
+        stream = io.BytesIO()
+        log = AccessLog(clock, stream)
+        log.exchange(exchange, Listener(scheme="http", host="0.0.0.0", port=8080, apis=()))
+        log.flush()
+        text = stream.getvalue().decode("ascii")
+        self.assertTrue(text.endswith("\n") and text.count("\n") == 1)
+        return json.loads(text)
+
+    def test_fields(self) -> None:
+        """Every field, in its JSON type."""
+        record = self.line(_Exchange(b"/a/b?q=1", "127.0.0.1", "default/api", None))
+        self.assertEqual(
+            record,
+            {
+                "time": "1970-01-01T00:00:10.250Z",
+                "client": "127.0.0.1",
+                "listener": "0.0.0.0:8080",
+                "method": "GET",
+                "path": "/a/b",
+                "version": "1.1",
+                "api": "default/api",
+                "route": "default/api",
+                "upstream": "default/api",
+                "status": 200,
+                "bytes_in": 12,
+                "bytes_out": 345,
+                "duration_ms": 250.0,
+                "upstream_ms": 1.234,
+                "error": None,
+            },
+        )
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        path=st.text(min_size=0, max_size=30).map(lambda t: "/" + t),
+        name=st.text(min_size=1, max_size=20),
+        error=st.one_of(st.none(), st.text(max_size=10)),
+    )
+    def test_any_strings_stay_valid_json(self, path: str, name: str, error: str | None) -> None:
+        """Quotes, backslashes, control and non-ASCII characters never break the line."""
+        exchange = _Exchange(b"/", "::1", name, error)
+        exchange.head.path = path
+        record = self.line(exchange)
+        self.assertEqual((record["path"], record["api"], record["error"]), (path, name, error))
