@@ -585,3 +585,22 @@ class UpstreamTrailerBoundTests(TestCase):
         await self.assertFailure(conn.read_final_response(), client.IncompleteResponse)
         self.assertNotIn(b"0\r\n\r\n", conn.received_raw)
         self.assertEqual(gateway.records()[-1]["error"], "upstream_bad_response")
+
+
+class UnsentHeadTests(TestCase):
+    """An upstream failure before any byte reached the client is a clean 502, not a cut."""
+
+    async def test_body_then_bad_chunk_in_one_read_is_a_502(self) -> None:
+        """Head, a good chunk and then a malformed chunk size arrive together: nothing had been
+        sent to the client yet, so it gets a 502 instead of a truncated 200."""
+        data = (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\nxx\r\n"
+        )
+        gateway, _upstream, port = await gateway_with_upstream(self, raw(data, close=False))
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        conn.send(GET)
+        response = await conn.read_final_response()
+        self.assertEqual(response.status, 502)
+        self.assertEqual(response.header("x-flexgw-error"), [b"upstream_bad_response"])
+        self.assertNotIn(b"hello", conn.received_raw)
+        self.assertEqual(gateway.records()[-1]["error"], "upstream_bad_response")

@@ -56,6 +56,7 @@ class ProxyExchange:
         "conn",
         "destination",
         "error_cause",
+        "flushed",
         "front",
         "head",
         "last_activity",
@@ -107,6 +108,7 @@ class ProxyExchange:
         self.until_close = False  # the upstream body ends when the upstream closes
         self.chain: ChainRun | None = None  # the policies applied to this request
         self.out: list[bytes] | None = None  # response bytes produced by the current upstream read
+        self.flushed = False  # some of the response (its head first) went to the client
 
     # -- request side, driven by the front ---------------------------------------------------------
 
@@ -506,6 +508,7 @@ class ProxyExchange:
         out = self.out
         if out:
             self.out = None
+            self.flushed = True
             send_now(self.front.transport, out[0] if len(out) == 1 else b"".join(out))
 
     def response_complete(self) -> None:
@@ -584,7 +587,7 @@ class ProxyExchange:
             if self.state == SENDING and self.head.body != BODY_NONE and not self.request_complete:
                 conn.transport.unregisterProducer()
             self.pool.discard(conn)  # type: ignore[union-attr]
-        if self.state == RESPONDING and self.out is not None and self.bytes_out == 0:
+        if self.state == RESPONDING and not self.flushed:
             # The head was produced but never sent: the client can still get a clean error.
             self.out = None
             self.front.transport.unregisterProducer()
