@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from flexgw.config.plan import Destination, Listener, Route, Upstream
-from flexgw.http.accesslog import AccessLog
+from flexgw.http.accesslog import AccessLog, MessageLog
 from flexgw.http.request import analyze_head
 
 
@@ -91,3 +91,25 @@ class AccessLogLineTests(TestCase):
         exchange.head.path = path
         record = self.line(exchange)
         self.assertEqual((record["path"], record["api"], record["error"]), (path, name, error))
+
+
+class MessageLogLineTests(TestCase):
+    """message-logging-flex lines stay valid JSON whatever the message holds."""
+
+    @settings(max_examples=200, deadline=None)
+    @given(text=st.text(max_size=40), category=st.one_of(st.none(), st.text(max_size=8)))
+    def test_any_message_is_valid_json(self, text: str, category: str | None) -> None:
+        """The parsed line gives back exactly the message and the item's fields."""
+        clock = Clock()
+        stream = io.BytesIO()
+        log = MessageLog(clock, stream)
+        log.emit("INFO", category, "default/b", "default/a", "item", "first", text)
+        log.emit("INFO", category, "default/b", "default/a", "item", "first", text)
+        log.flush()
+        lines = stream.getvalue().decode("ascii").splitlines()
+        self.assertEqual(len(lines), 2)
+        for line in lines:
+            record = json.loads(line)
+            self.assertEqual(record["message"], text)
+            self.assertEqual(record["category"], category)
+            self.assertEqual((record["binding"], record["section"]), ("default/b", "first"))

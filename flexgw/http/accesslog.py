@@ -155,7 +155,7 @@ class MessageLog(BufferedLog):
 
     def __init__(self, clock: IReactorTime, stream: IO[bytes], flush_interval: float = 0.5) -> None:
         super().__init__(clock, stream, flush_interval)
-        self._middles: dict[tuple[Any, ...], bytes] = {}
+        self._middles: dict[tuple[Any, ...], str] = {}
 
     def emit(
         self,
@@ -184,13 +184,6 @@ class MessageLog(BufferedLog):
                 "item": item,
                 "section": section,
             }
-            middle = self._middles[key] = _dumps(fields)[1:-1].encode("ascii")
-        self._lines.append(
-            b'{"time":"'
-            + self._timestamp(self.clock.seconds()).encode("ascii")
-            + b'",'
-            + middle
-            + b',"message":'
-            + _dumps(text).encode("ascii")
-            + b"}\n"
-        )
+            middle = self._middles[key] = _dumps(fields)[1:-1]
+        start = f'{{"time":"{self._timestamp(self.clock.seconds())}",{middle}'
+        self._lines.append(f'{start},"message":{_text(text)}}}\n'.encode("ascii"))
