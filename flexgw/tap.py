@@ -34,7 +34,15 @@ class Options(usage.Options):
             "tcp:9901:interface=127.0.0.1",
             "Admin listener (/metrics, /status, /probes/*): a server endpoint, or 'off'.",
         ],
-        ["log-level", None, "info", "Runtime log level: debug, info, warn, error."],
+        [
+            "log-level",
+            None,
+            None,
+            (
+                "Runtime log level: debug, info, warn, error (default: the configuration's"
+                " logging.runtimeLogs.logLevel, else FLEX_LOG_LEVEL, else info)."
+            ),
+        ],
         [
             "drain-seconds",
             None,
@@ -94,16 +102,18 @@ class Options(usage.Options):
             raise usage.UsageError("--drain-seconds must be a number of seconds") from None
         if not 0 <= self["drain-seconds"] < float("inf"):
             raise usage.UsageError("--drain-seconds must be 0 or more")
-        if self["log-level"] not in _LEVELS:
+        if self["log-level"] is not None and self["log-level"] not in _LEVELS:
             raise usage.UsageError("--log-level must be one of " + ", ".join(_LEVELS))
 
 
-def _install_log_level(level: str) -> None:
-    """Drop runtime log events below `level` (twistd has already set up its observers)."""
-    predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level])
-    for observer in list(globalLogPublisher._observers):  # type: ignore[attr-defined]
-        globalLogPublisher.removeObserver(observer)
-        globalLogPublisher.addObserver(FilteringLogObserver(observer, [predicate]))
+def _install_log_level(level: str | None, publisher: Any = globalLogPublisher) -> Any:
+    """Drop runtime log events below `level` (info when None) on every observer twistd has set
+    up; returns the predicate, whose level reloads set (unless --log-level was given)."""
+    predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level or "info"])
+    for observer in list(publisher._observers):
+        publisher.removeObserver(observer)
+        publisher.addObserver(FilteringLogObserver(observer, [predicate]))
+    return predicate
 
 
 def makeService(options: Options) -> MultiService:
@@ -114,8 +124,7 @@ def makeService(options: Options) -> MultiService:
     from flexgw.http.accesslog import AccessLog, MessageLog
     from flexgw.service.gateway import GatewayService
 
-    if options["log-level"] != "info":
-        _install_log_level(options["log-level"])
+    log_filter = _install_log_level(options["log-level"])
     access_log = None
     if options["access-log"] != "off":
         access_log = AccessLog.open(reactor, options["access-log"])
@@ -131,6 +140,8 @@ def makeService(options: Options) -> MultiService:
         message_log=message_log,
         strict=options["strict"],
         drain_seconds=options["drain-seconds"],
+        log_filter=log_filter,
+        log_level_fixed=options["log-level"] is not None,
     )
     gateway.setServiceParent(top)
     if options["admin"] != "off":
@@ -152,6 +163,11 @@ def makeService(options: Options) -> MultiService:
         reactor.callFromThread(gateway.reload)
 
     signal.signal(signal.SIGHUP, _on_hup)
+
+    def _on_usr1(signum: int, frame: Any) -> None:
+        reactor.callFromThread(gateway.reopen_logs)
+
+    signal.signal(signal.SIGUSR1, _on_usr1)  # logrotate: reopen log files
 
     def _on_second_stop(signum: int, frame: Any) -> None:
         reactor.callFromThread(gateway.drain_now)

@@ -140,6 +140,7 @@ def load_config(
         generation=generation,
         shared_storage=model.shared_storage,
         probe=model.probe,
+        logging=model.logging,
     )
     return ConfigState(
         plan=plan,

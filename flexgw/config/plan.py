@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 import attrs
 
+from flexgw.config.logconf import LoggingSettings
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -182,6 +184,7 @@ class GatewayPlan:
     generation: int = 0
     shared_storage: SharedStorage | None = None  # Redis for rate-limit counters; None: memory
     probe: ProbeSettings = ProbeSettings()
+    logging: LoggingSettings = attrs.field(factory=LoggingSettings)  # spec.logging, FLEX_LOG_LEVEL
 
     def listener_at(self, host: str, port: int) -> Listener | None:
         """The listener bound to (host, port), if this plan has one."""

@@ -10,6 +10,7 @@ import attrs
 
 from flexgw.config.address import Address, normalise_path, parse_api_address, parse_service_address
 from flexgw.config.load import Document, FieldPath
+from flexgw.config.logconf import LoggingSettings, resolve_logging
 from flexgw.config.plan import (
     HttpSettings,
     IPNetwork,
@@ -127,6 +128,7 @@ class ResolvedModel:
     problems: tuple[Problem, ...]
     shared_storage: SharedStorage | None = None
     probe: ProbeSettings = attrs.field(factory=ProbeSettings)
+    logging: LoggingSettings = attrs.field(factory=LoggingSettings)
 
 
 def _origin(resource: Resource, path: FieldPath = ()) -> Origin:
@@ -459,6 +461,7 @@ def resolve(
     timeouts, http, probe = _settings(by_kind.get("Configuration", []), environ, problems)
 
     shared_storage = resolve_shared_storage(by_kind.get("Configuration", []), problems)
+    logging = resolve_logging(by_kind.get("Configuration", []), environ, problems)
 
     api_specs = []
     for rid, resource in apis.items():
@@ -482,6 +485,7 @@ def resolve(
         problems=tuple(problems),
         shared_storage=shared_storage,
         probe=probe,
+        logging=logging,
     )
 
 

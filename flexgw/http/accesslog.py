@@ -10,6 +10,7 @@ from typing import IO, TYPE_CHECKING, Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
+from flexgw.config.logconf import FLEX_VARIABLES, LogOutput, Template
 from flexgw.config.plan import Listener
 from flexgw.http.errors import GatewayError
 
@@ -35,12 +36,35 @@ class BufferedLog:
         self._flusher: LoopingCall | None = None
         self._second = -1
         self._second_text = ""
+        self.path: str | None = None  # the file `open` appended to; None: not reopenable
 
     @classmethod
-    def open(cls, clock: IReactorTime, target: str) -> Any:
-        """An access log writing to `target`: a file path (appended), or "-" for stdout."""
+    def open(cls, clock: IReactorTime, target: str, *args: Any) -> Any:
+        """A log writing to `target`: a file path (appended), or "-" for stdout."""
         stream: IO[bytes] = sys.stdout.buffer if target == "-" else open(target, "ab")  # noqa: SIM115
-        return cls(clock, stream)
+        log = cls(clock, stream, *args)
+        if target != "-":
+            log.path = target
+        return log
+
+    def reopen(self) -> None:
+        """Write what is buffered, then reopen the file by its path (after logrotate moved it).
+
+        A log not opened from a path (stdout, a stream given to the constructor) is only flushed.
+        If the file cannot be opened, the old stream is kept (and the error raised).
+        """
+        self.flush()
+        if self.path is None:
+            return
+        stream = open(self.path, "ab")  # noqa: SIM115
+        old, self.stream = self.stream, stream
+        old.close()
+
+    def close(self) -> None:
+        """Stop, and close the file if this log opened one."""
+        self.stop()
+        if self.path is not None:
+            self.stream.close()
 
     def start(self) -> None:
         """Start the periodic flush."""
@@ -147,6 +171,86 @@ class AccessLog(BufferedLog):
             "error": error.cause,
         }
         self._lines.append(_dumps(record).encode("ascii") + b"\n")
+
+
+class TemplatedAccessLog(AccessLog):
+    """The access log rendered through a `template` (Configuration.spec.logging outputs).
+
+    The JSON line is built as by AccessLog, then its fields fill the template; this costs more
+    than JSON lines and is only used when a template is configured.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        stream: IO[bytes],
+        template: Template,
+        flush_interval: float = 0.5,
+    ) -> None:
+        super().__init__(clock, stream, flush_interval)
+        self.template = template
+        self._fields = bool(set(template.names) - FLEX_VARIABLES)
+        self._date_second = -1
+        self._date_text = ""
+
+    def exchange(self, exchange: ProxyExchange, listener: Listener) -> None:
+        """Record a request, rendered through the template."""
+        super().exchange(exchange, listener)
+        self._lines[-1] = self._render(self._lines[-1])
+
+    def refusal(self, protocol: IngressProtocol, error: GatewayError, listener: Listener) -> None:
+        """Record a refused request, rendered through the template."""
+        super().refusal(protocol, error, listener)
+        self._lines[-1] = self._render(self._lines[-1])
+
+    def _render(self, line: bytes) -> bytes:
+        message = line[:-1].decode("ascii")
+        record = json.loads(message) if self._fields else {}
+        now = self.clock.seconds()
+        second = int(now)
+        if second != self._date_second:  # Flex's {date}: 17/11/2022-09:48:27AM
+            self._date_second = second
+            self._date_text = time.strftime("%d/%m/%Y-%I:%M:%S%p", time.gmtime(second))
+        fixed = {
+            "date": self._date_text,
+            "logger": "flexgw.access",
+            "level": "info",
+            "kind": "accessLog",
+            "message": message,
+        }
+        literals = self.template.literals
+        parts = [literals[0]]
+        for name, literal in zip(self.template.names, literals[1:], strict=True):
+            value = fixed[name] if name in fixed else record.get(name)
+            parts.append("-" if value is None else str(value))
+            parts.append(literal)
+        parts.append("\n")
+        return "".join(parts).encode("utf-8", "backslashreplace")
+
+
+class TeeLog:
+    """Several access logs fed the same requests (more than one configured output)."""
+
+    def __init__(self, logs: list[AccessLog]) -> None:
+        self.logs = logs
+
+    def exchange(self, exchange: ProxyExchange, listener: Listener) -> None:
+        """Record a request in every log."""
+        for log in self.logs:
+            log.exchange(exchange, listener)
+
+    def refusal(self, protocol: IngressProtocol, error: GatewayError, listener: Listener) -> None:
+        """Record a refused request in every log."""
+        for log in self.logs:
+            log.refusal(protocol, error, listener)
+
+
+def open_output(clock: IReactorTime, output: LogOutput) -> AccessLog:
+    """An access log for one configured output (a file is opened for appending)."""
+    target = output.path if output.type == "file" and output.path is not None else "-"
+    if output.template is not None:
+        return TemplatedAccessLog.open(clock, target, output.template)  # type: ignore[no-any-return]
+    return AccessLog.open(clock, target)  # type: ignore[no-any-return]
 
 
 class MessageLog(BufferedLog):

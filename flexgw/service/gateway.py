@@ -9,13 +9,15 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel, LogLevelFilterPredicate
 
+from flexgw.config.logconf import LoggingSettings, LogOutput
 from flexgw.config.pipeline import ConfigState, load_config
 from flexgw.config.plan import GatewayPlan, Listener, Upstream
-from flexgw.http.accesslog import AccessLog, MessageLog
+from flexgw.http.accesslog import AccessLog, MessageLog, TeeLog, open_output
 from flexgw.ingress.front import IDLE, IngressFactory, IngressProtocol
 from flexgw.policies.base import PolicyRuntime
+from flexgw.service.activation import LISTEN_FDS_START, InheritedSockets
 from flexgw.service.admin import ProbeServer
 from flexgw.service.metrics import GatewayMetrics
 from flexgw.service.systemd import Notifier
@@ -47,11 +49,20 @@ class GatewayService(Service):
         loader: Callable[..., ConfigState] = load_config,
         notifier: Notifier | None = None,
         drain_seconds: float = DRAIN_SECONDS,
+        log_filter: LogLevelFilterPredicate | None = None,
+        log_level_fixed: bool = False,
+        listen_fds_start: int = LISTEN_FDS_START,
     ) -> None:
         self.reactor = reactor
         self.conf_dirs = list(conf_dirs)
         self.environ = environ
         self.access_log = access_log
+        # Configuration.spec.logging: the runtime level is set on `log_filter` at every reload
+        # (unless `log_level_fixed`: --log-level given); access-log outputs replace `access_log`.
+        self.log_filter = log_filter
+        self.log_level_fixed = log_level_fixed
+        self.log_outputs: dict[LogOutput, AccessLog] = {}
+        self.active_access_log: AccessLog | TeeLog | None = access_log
         self.strict = strict
         self.rng = rng or random.Random()
         self.loader = loader
@@ -73,6 +84,8 @@ class GatewayService(Service):
         self._drain_timer: Any = None
         self.stopping = False
         self._stop_waiters: list[Deferred[None]] | None = None
+        self.listen_fds_start = listen_fds_start
+        self.inherited: InheritedSockets | None = None  # systemd's sockets, read on first start
 
     @property
     def plan(self) -> GatewayPlan:
@@ -87,6 +100,8 @@ class GatewayService(Service):
             if log is not None:
                 log.start()
         self.pools.start()
+        if self.inherited is None:
+            self.inherited = InheritedSockets(self.environ, start=self.listen_fds_start)
         self.reload()
         # Every listener is bound (or reported) and the first configuration applied.
         self.notifier.ready(self.status_line())
@@ -105,6 +120,8 @@ class GatewayService(Service):
         self.notifier.stopping(f"Draining (up to {self.drain_seconds:g}s)")
         ports, self.ports = self.ports, {}
         factories, self.factories = self.factories, {}
+        for address in ports:
+            self._release(address)
         stopped = gatherResults(
             [maybeDeferred(port.stopListening) for port in ports.values()] + [self.probe.stop()]
         )
@@ -131,6 +148,8 @@ class GatewayService(Service):
             for log in (self.access_log, self.message_log):
                 if log is not None:
                     log.stop()
+            for output in self.log_outputs.values():
+                output.close()
             return result
 
         self._stop_waiters = []
@@ -208,6 +227,7 @@ class GatewayService(Service):
             runtime=self.runtime,
         )
         self.reloads += 1
+        self._apply_logging(state.plan.logging)
         for problem in state.problems:
             if problem.severity == "error":
                 _log.error("{problem}", problem=str(problem))
@@ -246,6 +266,7 @@ class GatewayService(Service):
             _log.info("Closing listener {host}:{port}", host=address[0], port=address[1])
             self.ports.pop(address).stopListening()
             self.factories.pop(address, None)
+            self._release(address)
         bound = True
         self.unbound = set()
         for address, listener in wanted.items():
@@ -264,12 +285,16 @@ class GatewayService(Service):
             plan.http,
             plan.timeouts,
             self.pools,
-            self.access_log,
+            self.active_access_log,
             self.rng,
             metrics=self.metrics,
         )
+        inherited = self.inherited.take(*listener.address) if self.inherited else None
         try:
-            port = self.reactor.listenTCP(listener.port, factory, interface=listener.host)
+            if inherited is not None:  # systemd socket activation: no bind of our own
+                port = self.reactor.adoptStreamPort(inherited.fd, inherited.family, factory)
+            else:
+                port = self.reactor.listenTCP(listener.port, factory, interface=listener.host)
         except Exception as exc:  # noqa: BLE001 (CannotListenError and friends: report, serve the rest)
             _log.error(
                 "Cannot listen on {host}:{port}: {error}",
@@ -278,11 +303,67 @@ class GatewayService(Service):
                 error=exc,
             )
             self.unbound.add(listener.address)
+            self._release(listener.address)
             return False
         self.factories[listener.address] = factory
         self.ports[listener.address] = port
-        _log.info("Listening on {host}:{port}", host=listener.host, port=listener.port)
+        _log.info(
+            "Listening on {host}:{port}{how}",
+            host=listener.host,
+            port=listener.port,
+            how=f" (inherited from systemd: {inherited.describe()})" if inherited else "",
+        )
         return True
+
+    def _release(self, address: tuple[str, int]) -> None:
+        """A listener closed: its inherited socket, if any, stays open for a later reload."""
+        if self.inherited is not None:
+            self.inherited.release(address)
+
+    def _apply_logging(self, settings: LoggingSettings) -> None:
+        """Set the runtime log level and swap the access-log outputs in (files kept open
+        across reloads while an output is unchanged)."""
+        if self.log_filter is not None and not self.log_level_fixed:
+            self.log_filter.setLogLevelForNamespace(
+                "", LogLevel.levelWithName(settings.runtime_level or "info")
+            )
+        logs: list[AccessLog] = []
+        for output in settings.access_outputs:
+            log = self.log_outputs.get(output)
+            if log is None:
+                try:
+                    log = open_output(self.reactor, output)
+                except OSError as exc:
+                    _log.error(
+                        "Access log output {name}: cannot open {path}: {error}",
+                        name=output.name,
+                        path=output.path,
+                        error=exc,
+                    )
+                    continue
+                if self.running:
+                    log.start()
+                self.log_outputs[output] = log
+            logs.append(log)
+        for output in [o for o in self.log_outputs if o not in settings.access_outputs]:
+            self.log_outputs.pop(output).close()
+        active: AccessLog | TeeLog | None = self.access_log
+        if logs:  # none could be opened: the default keeps logging
+            active = logs[0] if len(logs) == 1 else TeeLog(logs)
+        self.active_access_log = active
+        for factory in self.factories.values():
+            factory.access_log = active  # type: ignore[assignment]
+
+    def reopen_logs(self) -> None:
+        """Reopen every log file by its path (SIGUSR1, after logrotate moved them)."""
+        for log in (self.access_log, self.message_log, *self.log_outputs.values()):
+            if log is None:
+                continue
+            try:
+                log.reopen()
+            except OSError as exc:
+                _log.error("Cannot reopen {path}: {error}", path=log.path, error=exc)
+        _log.info("Log files reopened")
 
     def bound_port(self, host: str, port: int) -> int | None:
         """The actual port number of a listener (useful when the plan asked for port 0)."""
