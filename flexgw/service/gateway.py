@@ -9,22 +9,14 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
-from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate
+from twisted.logger import Logger, LogLevel, LogLevelFilterPredicate
 
 from flexgw.config.logconf import LoggingSettings, LogOutput
 from flexgw.config.pipeline import ConfigState, load_config
 from flexgw.config.plan import GatewayPlan, Listener, Upstream
-from flexgw.http.accesslog import (
-    AccessLog,
-    MessageLog,
-    RuntimeLog,
-    TeeLog,
-    open_output,
-    open_runtime_output,
-)
+from flexgw.http.accesslog import AccessLog, MessageLog, TeeLog, open_output
 from flexgw.ingress.front import IDLE, IngressFactory, IngressProtocol
 from flexgw.policies.base import PolicyRuntime
-from flexgw.service.activation import LISTEN_FDS_START, InheritedSockets
 from flexgw.service.admin import ProbeServer
 from flexgw.service.metrics import GatewayMetrics
 from flexgw.service.systemd import Notifier
@@ -58,8 +50,6 @@ class GatewayService(Service):
         drain_seconds: float = DRAIN_SECONDS,
         log_filter: LogLevelFilterPredicate | None = None,
         log_level_fixed: bool = False,
-        log_publisher: Any = None,
-        listen_fds_start: int = LISTEN_FDS_START,
     ) -> None:
         self.reactor = reactor
         self.conf_dirs = list(conf_dirs)
@@ -70,9 +60,6 @@ class GatewayService(Service):
         self.log_filter = log_filter
         self.log_level_fixed = log_level_fixed
         self.log_outputs: dict[LogOutput, AccessLog] = {}
-        # runtimeLogs file outputs: observers added to `log_publisher` (twistd's own log stays)
-        self.log_publisher = log_publisher
-        self.runtime_outputs: dict[LogOutput, tuple[RuntimeLog, Any]] = {}
         self.active_access_log: AccessLog | TeeLog | None = access_log
         self.strict = strict
         self.rng = rng or random.Random()
@@ -95,8 +82,6 @@ class GatewayService(Service):
         self._drain_timer: Any = None
         self.stopping = False
         self._stop_waiters: list[Deferred[None]] | None = None
-        self.listen_fds_start = listen_fds_start
-        self.inherited: InheritedSockets | None = None  # systemd's sockets, read on first start
 
     @property
     def plan(self) -> GatewayPlan:
@@ -111,8 +96,6 @@ class GatewayService(Service):
             if log is not None:
                 log.start()
         self.pools.start()
-        if self.inherited is None:
-            self.inherited = InheritedSockets(self.environ, start=self.listen_fds_start)
         self.reload()
         # Every listener is bound (or reported) and the first configuration applied.
         self.notifier.ready(self.status_line())
@@ -131,8 +114,6 @@ class GatewayService(Service):
         self.notifier.stopping(f"Draining (up to {self.drain_seconds:g}s)")
         ports, self.ports = self.ports, {}
         factories, self.factories = self.factories, {}
-        for address in ports:
-            self._release(address)
         stopped = gatherResults(
             [maybeDeferred(port.stopListening) for port in ports.values()] + [self.probe.stop()]
         )
@@ -161,7 +142,6 @@ class GatewayService(Service):
                     log.stop()
             for output in self.log_outputs.values():
                 output.close()
-            self._apply_runtime_outputs(())
             return result
 
         self._stop_waiters = []
@@ -278,7 +258,6 @@ class GatewayService(Service):
             _log.info("Closing listener {host}:{port}", host=address[0], port=address[1])
             self.ports.pop(address).stopListening()
             self.factories.pop(address, None)
-            self._release(address)
         bound = True
         self.unbound = set()
         for address, listener in wanted.items():
@@ -301,12 +280,8 @@ class GatewayService(Service):
             self.rng,
             metrics=self.metrics,
         )
-        inherited = self.inherited.take(*listener.address) if self.inherited else None
         try:
-            if inherited is not None:  # systemd socket activation: no bind of our own
-                port = self.reactor.adoptStreamPort(inherited.fd, inherited.family, factory)
-            else:
-                port = self.reactor.listenTCP(listener.port, factory, interface=listener.host)
+            port = self.reactor.listenTCP(listener.port, factory, interface=listener.host)
         except Exception as exc:  # noqa: BLE001 (CannotListenError and friends: report, serve the rest)
             _log.error(
                 "Cannot listen on {host}:{port}: {error}",
@@ -315,22 +290,11 @@ class GatewayService(Service):
                 error=exc,
             )
             self.unbound.add(listener.address)
-            self._release(listener.address)
             return False
         self.factories[listener.address] = factory
         self.ports[listener.address] = port
-        _log.info(
-            "Listening on {host}:{port}{how}",
-            host=listener.host,
-            port=listener.port,
-            how=f" (inherited from systemd: {inherited.describe()})" if inherited else "",
-        )
+        _log.info("Listening on {host}:{port}", host=listener.host, port=listener.port)
         return True
-
-    def _release(self, address: tuple[str, int]) -> None:
-        """A listener closed: its inherited socket, if any, stays open for a later reload."""
-        if self.inherited is not None:
-            self.inherited.release(address)
 
     def _apply_logging(self, settings: LoggingSettings) -> None:
         """Set the runtime log level and swap the access-log outputs in (files kept open
@@ -365,42 +329,10 @@ class GatewayService(Service):
         self.active_access_log = active
         for factory in self.factories.values():
             factory.access_log = active  # type: ignore[assignment]
-        self._apply_runtime_outputs(settings.runtime_outputs)
-
-    def _apply_runtime_outputs(self, outputs: Sequence[LogOutput]) -> None:
-        """Observe runtime log events into the configured file outputs (stdout: twistd's log)."""
-        if self.log_publisher is None:
-            return
-        wanted = [o for o in outputs if o.type == "file"]
-        for output in [o for o in self.runtime_outputs if o not in wanted]:
-            log, observer = self.runtime_outputs.pop(output)
-            self.log_publisher.removeObserver(observer)
-            log.close()
-        for output in wanted:
-            if output in self.runtime_outputs:
-                continue
-            try:
-                log = open_runtime_output(self.reactor, output)
-            except OSError as exc:
-                _log.error(
-                    "Runtime log output {name}: cannot open {path}: {error}",
-                    name=output.name,
-                    path=output.path,
-                    error=exc,
-                )
-                continue
-            observer: Any = log
-            if self.log_filter is not None:
-                observer = FilteringLogObserver(log, [self.log_filter])
-            if self.running:
-                log.start()
-            self.runtime_outputs[output] = (log, observer)
-            self.log_publisher.addObserver(observer)
 
     def reopen_logs(self) -> None:
         """Reopen every log file by its path (SIGUSR1, after logrotate moved them)."""
-        runtime = [log for log, _ in self.runtime_outputs.values()]
-        for log in (self.access_log, self.message_log, *self.log_outputs.values(), *runtime):
+        for log in (self.access_log, self.message_log, *self.log_outputs.values()):
             if log is None:
                 continue
             try:
