@@ -142,6 +142,7 @@ def makeService(options: Options) -> MultiService:
         drain_seconds=options["drain-seconds"],
         log_filter=log_filter,
         log_level_fixed=options["log-level"] is not None,
+        log_publisher=globalLogPublisher,
     )
     gateway.setServiceParent(top)
     if options["admin"] != "off":

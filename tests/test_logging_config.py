@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 from flexgw.config.logconf import compile_template
 from flexgw.config.pipeline import load_config
 from flexgw.config.plan import Listener
-from flexgw.http.accesslog import AccessLog, TemplatedAccessLog
+from flexgw.http.accesslog import AccessLog, RuntimeLog, TemplatedAccessLog
 from flexgw.service.gateway import GatewayService
 from flexgw.tap import Options, _install_log_level
 from flexgw.testing import client
@@ -304,3 +304,50 @@ class LogLevelOptionTests(TestCase):
         predicate.setLogLevelForNamespace("", LogLevel.debug)  # what a reload does
         publisher({"log_level": LogLevel.debug, "log_format": "d", "log_namespace": "t"})
         self.assertEqual(seen, ["w", "e", "d"])
+
+
+class RuntimeOutputTests(TestCase):
+    """runtimeLogs file outputs: runtime events written there, filtered by the level."""
+
+    def test_runtime_log_json_and_template(self) -> None:
+        """JSON lines by default; a template gets kind runtimeLog, the level and the namespace."""
+        clock = Clock()
+        stream = io.BytesIO()
+        log = RuntimeLog(clock, stream)
+        log({"log_level": LogLevel.warn, "log_format": "hi {who}", "who": "x", "log_namespace": "n", "log_time": 1.5})
+        log.flush()
+        self.assertEqual(
+            json.loads(stream.getvalue()),
+            {"time": "1970-01-01T00:00:01.500Z", "level": "warn", "logger": "n", "message": "hi x"},
+        )
+        stream = io.BytesIO()
+        log = RuntimeLog(clock, stream, compile_template("[{date}][{logger}][{level}][{kind}] {message} {path}"))
+        log({"log_level": LogLevel.error, "log_format": "boom", "log_namespace": "flexgw", "log_time": 0.0})
+        log.flush()
+        self.assertEqual(stream.getvalue(), b"[01/01/1970-12:00:00AM][flexgw][error][runtimeLog] boom -\n")
+
+    def test_gateway_observes_into_file_at_level(self) -> None:
+        """The gateway adds a filtered observer for a file output and removes it when dropped."""
+        path = os.path.abspath(self.mktemp())
+        logging = (
+            f"    outputs:\n      - {{name: f, type: file, parameters: {{file: {path}}}}}\n"
+            "    runtimeLogs: {logLevel: warn, outputs: [f]}\n"
+        )
+        root = write_conf(self, {"c.yaml": configuration(logging)})
+        publisher = LogPublisher()
+        predicate = LogLevelFilterPredicate()
+        service = GatewayService(
+            reactor, [root], {}, log_filter=predicate, log_publisher=publisher
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        for level, text in ((LogLevel.info, "quiet"), (LogLevel.warn, "loud")):
+            publisher({"log_level": level, "log_format": text, "log_namespace": "t"})
+        ((log, _),) = service.runtime_outputs.values()
+        log.flush()
+        self.assertEqual([json.loads(line)["message"] for line in read_text(path).splitlines()], ["loud"])
+        write_conf_file(root, "c.yaml", configuration("    runtimeLogs: {logLevel: warn}\n"))
+        service.reload()
+        self.assertEqual(service.runtime_outputs, {})
+        publisher({"log_level": LogLevel.error, "log_format": "gone", "log_namespace": "t"})
+        self.assertNotIn("gone", read_text(path))

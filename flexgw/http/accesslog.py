@@ -9,6 +9,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.logger import formatEvent
 
 from flexgw.config.logconf import FLEX_VARIABLES, LogOutput, Template
 from flexgw.config.plan import Listener
@@ -37,6 +38,8 @@ class BufferedLog:
         self._second = -1
         self._second_text = ""
         self.path: str | None = None  # the file `open` appended to; None: not reopenable
+        self._date_second = -1
+        self._date_text = ""
 
     @classmethod
     def open(cls, clock: IReactorTime, target: str, *args: Any) -> Any:
@@ -84,6 +87,14 @@ class BufferedLog:
             lines, self._lines = self._lines, []
             self.stream.write(b"".join(lines))
             self.stream.flush()
+
+    def _flex_date(self, now: float) -> str:
+        """Flex's template {date}, e.g. 17/11/2022-09:48:27AM (UTC), formatted once a second."""
+        second = int(now)
+        if second != self._date_second:
+            self._date_second = second
+            self._date_text = time.strftime("%d/%m/%Y-%I:%M:%S%p", time.gmtime(second))
+        return self._date_text
 
     def _timestamp(self, now: float) -> str:
         second = int(now)
@@ -190,8 +201,6 @@ class TemplatedAccessLog(AccessLog):
         super().__init__(clock, stream, flush_interval)
         self.template = template
         self._fields = bool(set(template.names) - FLEX_VARIABLES)
-        self._date_second = -1
-        self._date_text = ""
 
     def exchange(self, exchange: ProxyExchange, listener: Listener) -> None:
         """Record a request, rendered through the template."""
@@ -206,26 +215,74 @@ class TemplatedAccessLog(AccessLog):
     def _render(self, line: bytes) -> bytes:
         message = line[:-1].decode("ascii")
         record = json.loads(message) if self._fields else {}
-        now = self.clock.seconds()
-        second = int(now)
-        if second != self._date_second:  # Flex's {date}: 17/11/2022-09:48:27AM
-            self._date_second = second
-            self._date_text = time.strftime("%d/%m/%Y-%I:%M:%S%p", time.gmtime(second))
         fixed = {
-            "date": self._date_text,
+            "date": self._flex_date(self.clock.seconds()),
             "logger": "flexgw.access",
             "level": "info",
             "kind": "accessLog",
             "message": message,
         }
-        literals = self.template.literals
-        parts = [literals[0]]
-        for name, literal in zip(self.template.names, literals[1:], strict=True):
-            value = fixed[name] if name in fixed else record.get(name)
-            parts.append("-" if value is None else str(value))
-            parts.append(literal)
-        parts.append("\n")
-        return "".join(parts).encode("utf-8", "backslashreplace")
+        return _render(self.template, fixed, record)
+
+
+def _render(template: Template, fixed: dict[str, str], record: dict[str, Any]) -> bytes:
+    """One line: `template` filled from `fixed` (Flex's variables), then `record` ('-' if absent)."""
+    literals = template.literals
+    parts = [literals[0]]
+    for name, literal in zip(template.names, literals[1:], strict=True):
+        value = fixed[name] if name in fixed else record.get(name)
+        parts.append("-" if value is None else str(value))
+        parts.append(literal)
+    parts.append("\n")
+    return "".join(parts).encode("utf-8", "backslashreplace")
+
+
+class RuntimeLog(BufferedLog):
+    """Runtime log events (a Twisted log observer) to a configured output: JSON lines, or a
+    template with kind `runtimeLog` (access-log fields render as '-')."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        stream: IO[bytes],
+        template: Template | None = None,
+        flush_interval: float = 0.5,
+    ) -> None:
+        super().__init__(clock, stream, flush_interval)
+        self.template = template
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        """Record one Twisted log event."""
+        level = event.get("log_level")
+        level_name = level.name if level is not None else "info"
+        message = formatEvent(event)
+        failure = event.get("log_failure")
+        if failure is not None:
+            message += "\n" + failure.getTraceback()
+        namespace = event.get("log_namespace") or "-"
+        now = event.get("log_time") or self.clock.seconds()
+        if self.template is None:
+            record = {
+                "time": self._timestamp(now),
+                "level": level_name,
+                "logger": namespace,
+                "message": message,
+            }
+            self._lines.append(_dumps(record).encode("ascii") + b"\n")
+            return
+        fixed = {
+            "date": self._flex_date(now),
+            "logger": namespace,
+            "level": level_name,
+            "kind": "runtimeLog",
+            "message": message,
+        }
+        self._lines.append(_render(self.template, fixed, {}))
+
+
+def open_runtime_output(clock: IReactorTime, output: LogOutput) -> RuntimeLog:
+    """A runtime log for one configured file output (opened for appending)."""
+    return RuntimeLog.open(clock, output.path or "-", output.template)  # type: ignore[no-any-return]
 
 
 class TeeLog:

@@ -9,12 +9,19 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
-from twisted.logger import Logger, LogLevel, LogLevelFilterPredicate
+from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate
 
 from flexgw.config.logconf import LoggingSettings, LogOutput
 from flexgw.config.pipeline import ConfigState, load_config
 from flexgw.config.plan import GatewayPlan, Listener, Upstream
-from flexgw.http.accesslog import AccessLog, MessageLog, TeeLog, open_output
+from flexgw.http.accesslog import (
+    AccessLog,
+    MessageLog,
+    RuntimeLog,
+    TeeLog,
+    open_output,
+    open_runtime_output,
+)
 from flexgw.ingress.front import IDLE, IngressFactory, IngressProtocol
 from flexgw.policies.base import PolicyRuntime
 from flexgw.service.admin import ProbeServer
@@ -50,6 +57,7 @@ class GatewayService(Service):
         drain_seconds: float = DRAIN_SECONDS,
         log_filter: LogLevelFilterPredicate | None = None,
         log_level_fixed: bool = False,
+        log_publisher: Any = None,
     ) -> None:
         self.reactor = reactor
         self.conf_dirs = list(conf_dirs)
@@ -60,6 +68,9 @@ class GatewayService(Service):
         self.log_filter = log_filter
         self.log_level_fixed = log_level_fixed
         self.log_outputs: dict[LogOutput, AccessLog] = {}
+        # runtimeLogs file outputs: observers added to `log_publisher` (twistd's own log stays)
+        self.log_publisher = log_publisher
+        self.runtime_outputs: dict[LogOutput, tuple[RuntimeLog, Any]] = {}
         self.active_access_log: AccessLog | TeeLog | None = access_log
         self.strict = strict
         self.rng = rng or random.Random()
@@ -142,6 +153,7 @@ class GatewayService(Service):
                     log.stop()
             for output in self.log_outputs.values():
                 output.close()
+            self._apply_runtime_outputs(())
             return result
 
         self._stop_waiters = []
@@ -329,10 +341,42 @@ class GatewayService(Service):
         self.active_access_log = active
         for factory in self.factories.values():
             factory.access_log = active  # type: ignore[assignment]
+        self._apply_runtime_outputs(settings.runtime_outputs)
+
+    def _apply_runtime_outputs(self, outputs: Sequence[LogOutput]) -> None:
+        """Observe runtime log events into the configured file outputs (stdout: twistd's log)."""
+        if self.log_publisher is None:
+            return
+        wanted = [o for o in outputs if o.type == "file"]
+        for output in [o for o in self.runtime_outputs if o not in wanted]:
+            log, observer = self.runtime_outputs.pop(output)
+            self.log_publisher.removeObserver(observer)
+            log.close()
+        for output in wanted:
+            if output in self.runtime_outputs:
+                continue
+            try:
+                log = open_runtime_output(self.reactor, output)
+            except OSError as exc:
+                _log.error(
+                    "Runtime log output {name}: cannot open {path}: {error}",
+                    name=output.name,
+                    path=output.path,
+                    error=exc,
+                )
+                continue
+            observer: Any = log
+            if self.log_filter is not None:
+                observer = FilteringLogObserver(log, [self.log_filter])
+            if self.running:
+                log.start()
+            self.runtime_outputs[output] = (log, observer)
+            self.log_publisher.addObserver(observer)
 
     def reopen_logs(self) -> None:
         """Reopen every log file by its path (SIGUSR1, after logrotate moved them)."""
-        for log in (self.access_log, self.message_log, *self.log_outputs.values()):
+        runtime = [log for log, _ in self.runtime_outputs.values()]
+        for log in (self.access_log, self.message_log, *self.log_outputs.values(), *runtime):
             if log is None:
                 continue
             try:
