@@ -1,0 +1,112 @@
+"""`twistd flexgw` reopens its log files on SIGUSR1 (logrotate's postrotate)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import TestCase
+
+from flexgw.testing import client
+from flexgw.testing.upstream import RecordingUpstream, fixed
+from tests.harness import api_document, free_port
+from tests.test_sigterm import ROOT, NotifyReceiver, Process, write_conf
+
+GET = b"GET /%s HTTP/1.1\r\nHost: example.test\r\n\r\n"
+
+
+class WatchedProcess(Process):
+    """A twistd process whose output can be waited on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiters: list[tuple[bytes, defer.Deferred[None]]] = []
+
+    def outReceived(self, data: bytes) -> None:
+        """Keep the output; fire waiters whose text appeared."""
+        super().outReceived(data)
+        for entry in list(self._waiters):
+            if entry[0] in self.output:
+                self._waiters.remove(entry)
+                entry[1].callback(None)
+
+    errReceived = outReceived
+
+    def wait_for(self, text: bytes) -> defer.Deferred[None]:
+        """Fires once `text` has appeared in the output."""
+        if text in self.output:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._waiters.append((text, d))
+        return d
+
+
+def paths(path: str) -> list[str]:
+    """The request paths of the access-log lines in `path`."""
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line)["path"] for line in handle]
+
+
+class SigusrTests(TestCase):
+    """The real twistd process and the SIGUSR1 handler tap.py installs."""
+
+    timeout = 30
+
+    async def test_sigusr1_reopens_access_log(self) -> None:
+        """Request, move the file, SIGUSR1, request, stop: each file has its own line."""
+        upstream = RecordingUpstream(fixed(200), reactor=reactor)
+        upstream.listen(reactor)
+        self.addCleanup(upstream.stop)
+        directory = tempfile.mkdtemp(prefix="flexgw-usr1-")  # short: AF_UNIX path limit
+        self.addCleanup(shutil.rmtree, directory, True)
+        port = free_port()
+        conf = write_conf(directory, api_document(port, upstream.address[1]))
+        receiver = NotifyReceiver()
+        notify = os.path.join(directory, "notify")
+        listening = reactor.listenUNIXDatagram(notify, receiver)
+        self.addCleanup(listening.stopListening)
+        access = os.path.join(directory, "access.log")
+        env = dict(os.environ)
+        env.update(PYTHONPATH=ROOT, NOTIFY_SOCKET=notify)
+        env.pop("WATCHDOG_USEC", None)
+        process = WatchedProcess()
+        args = [
+            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+            "--nodaemon", "--pidfile=", "--logfile=-", "flexgw", "--conf", conf,
+            "--access-log", access, "--admin", "off",
+        ]
+        transport = reactor.spawnProcess(process, sys.executable, args, env=env, path=directory)
+
+        def cleanup() -> defer.Deferred[Any]:
+            if not process.ended.called:
+                transport.signalProcess("KILL")
+            return process.ended
+
+        self.addCleanup(cleanup)
+        first = await defer.DeferredList(
+            [receiver.wait_for("READY=1"), process.ended], fireOnOneCallback=True, consumeErrors=True
+        )
+        if first[1] == 1:
+            self.fail("twistd ended before READY=1:\n" + process.output.decode(errors="replace"))
+        response = await client.request(reactor, "127.0.0.1", port, GET % b"before")
+        self.assertEqual(response.status, 200)
+        os.rename(access, access + ".1")
+        reopened = process.wait_for(b"Log files reopened")
+        os.kill(transport.pid, signal.SIGUSR1)
+        outcome = await defer.DeferredList(
+            [reopened, process.ended], fireOnOneCallback=True, consumeErrors=True
+        )
+        if outcome[1] == 1:  # e.g. no handler: SIGUSR1's default action ends the process
+            self.fail("twistd ended on SIGUSR1:\n" + process.output.decode(errors="replace"))
+        response = await client.request(reactor, "127.0.0.1", port, GET % b"after")
+        self.assertEqual(response.status, 200)
+        transport.signalProcess("TERM")
+        await process.ended  # stopping flushes the access log
+        self.assertEqual(paths(access + ".1"), ["/before"])
+        self.assertEqual(paths(access), ["/after"])
