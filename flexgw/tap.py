@@ -7,7 +7,7 @@ import signal
 import sys
 from typing import Any
 
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
@@ -106,10 +106,14 @@ class Options(usage.Options):
             raise usage.UsageError("--log-level must be one of " + ", ".join(_LEVELS))
 
 
-def _install_log_level(level: str | None, publisher: Any = globalLogPublisher) -> Any:
-    """Drop runtime log events below `level` (info when None) on every observer twistd has set
-    up; returns the predicate, whose level reloads set (unless --log-level was given)."""
-    predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level or "info"])
+def _install_log_level(
+    level: str | None, publisher: Any = globalLogPublisher, predicate: Any = None
+) -> Any:
+    """Drop runtime log events below `level` (info when None), or below what `predicate`
+    says, on every observer of `publisher`; returns the predicate, whose level reloads set
+    (unless --log-level was given)."""
+    if predicate is None:
+        predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level or "info"])
     for observer in list(publisher._observers):
         publisher.removeObserver(observer)
         publisher.addObserver(FilteringLogObserver(observer, [predicate]))
@@ -124,7 +128,7 @@ def makeService(options: Options) -> MultiService:
     from flexgw.http.accesslog import AccessLog, MessageLog
     from flexgw.service.gateway import GatewayService
 
-    log_filter = _install_log_level(options["log-level"])
+    log_filter = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[options["log-level"] or "info"])
     access_log = None
     if options["access-log"] != "off":
         access_log = AccessLog.open(reactor, options["access-log"])
@@ -132,6 +136,7 @@ def makeService(options: Options) -> MultiService:
     if options["message-log"] != "twisted":
         message_log = MessageLog.open(reactor, options["message-log"])
     top = MultiService()
+    _LogLevelService(log_filter).setServiceParent(top)  # first: before the gateway logs
     gateway = GatewayService(
         reactor,
         options["conf"],
@@ -181,6 +186,19 @@ def makeService(options: Options) -> MultiService:
 
     reactor.addSystemEventTrigger("before", "shutdown", _arm_second_stop)
     return top
+
+
+class _LogLevelService(Service):
+    """Puts the level filter on twistd's log observers, which twistd only sets up after
+    makeService (so it cannot be done there)."""
+
+    def __init__(self, predicate: LogLevelFilterPredicate) -> None:
+        self.predicate = predicate
+
+    def startService(self) -> None:
+        """Wrap the observers in the filter."""
+        super().startService()
+        _install_log_level(None, globalLogPublisher, self.predicate)
 
 
 class _WatcherService(MultiService):

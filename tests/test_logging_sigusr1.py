@@ -1,4 +1,4 @@
-"""`twistd flexgw` reopens its log files on SIGUSR1 (logrotate's postrotate)."""
+"""`twistd flexgw`: log files reopened on SIGUSR1 (logrotate's postrotate), the runtime level."""
 
 from __future__ import annotations
 
@@ -18,6 +18,10 @@ from flexgw.testing.upstream import RecordingUpstream, fixed
 from tests.harness import api_document, free_port
 from tests.test_sigterm import ROOT, NotifyReceiver, Process, write_conf
 
+LEVEL_ERROR = (
+    "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: Configuration\nmetadata: {name: logs}\n"
+    "spec:\n  logging:\n    runtimeLogs: {logLevel: error}\n"
+)
 GET = b"GET /%s HTTP/1.1\r\nHost: example.test\r\n\r\n"
 
 
@@ -54,19 +58,20 @@ def paths(path: str) -> list[str]:
 
 
 class SigusrTests(TestCase):
-    """The real twistd process and the SIGUSR1 handler tap.py installs."""
+    """The real twistd process: the SIGUSR1 handler and the log level tap.py install."""
 
     timeout = 30
 
-    async def test_sigusr1_reopens_access_log(self) -> None:
-        """Request, move the file, SIGUSR1, request, stop: each file has its own line."""
+    async def start(self, extra: str = "", options: tuple[str, ...] = ()) -> tuple[WatchedProcess, Any, int, str]:
+        """Start an upstream and twistd in front of it (config + `extra` documents); wait for
+        READY=1. Returns (process, transport, port, access-log path)."""
         upstream = RecordingUpstream(fixed(200), reactor=reactor)
         upstream.listen(reactor)
         self.addCleanup(upstream.stop)
         directory = tempfile.mkdtemp(prefix="flexgw-usr1-")  # short: AF_UNIX path limit
         self.addCleanup(shutil.rmtree, directory, True)
         port = free_port()
-        conf = write_conf(directory, api_document(port, upstream.address[1]))
+        conf = write_conf(directory, api_document(port, upstream.address[1]) + extra)
         receiver = NotifyReceiver()
         notify = os.path.join(directory, "notify")
         listening = reactor.listenUNIXDatagram(notify, receiver)
@@ -79,7 +84,7 @@ class SigusrTests(TestCase):
         args = [
             sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
             "--nodaemon", "--pidfile=", "--logfile=-", "flexgw", "--conf", conf,
-            "--access-log", access, "--admin", "off",
+            "--access-log", access, "--admin", "off", *options,
         ]
         transport = reactor.spawnProcess(process, sys.executable, args, env=env, path=directory)
 
@@ -94,6 +99,30 @@ class SigusrTests(TestCase):
         )
         if first[1] == 1:
             self.fail("twistd ended before READY=1:\n" + process.output.decode(errors="replace"))
+        return process, transport, port, access
+
+    async def stop(self, transport: Any, process: WatchedProcess) -> bytes:
+        """SIGTERM; wait for the exit; the output."""
+        transport.signalProcess("TERM")
+        await process.ended
+        return process.output
+
+    async def test_config_level_applies(self) -> None:
+        """logLevel: error in a Configuration silences the gateway's info lines."""
+        process, transport, _, _ = await self.start(LEVEL_ERROR)
+        output = await self.stop(transport, process)
+        self.assertNotIn(b"[flexgw#info]", output)
+
+    async def test_log_level_option_wins(self) -> None:
+        """--log-level info overrides the configured logLevel: error; --log-level error filters."""
+        process, transport, _, _ = await self.start(LEVEL_ERROR, ("--log-level", "info"))
+        self.assertIn(b"[flexgw#info] Listening on", await self.stop(transport, process))
+        process, transport, _, _ = await self.start("", ("--log-level", "error"))
+        self.assertNotIn(b"[flexgw#info]", await self.stop(transport, process))
+
+    async def test_sigusr1_reopens_access_log(self) -> None:
+        """Request, move the file, SIGUSR1, request, stop: each file has its own line."""
+        process, transport, port, access = await self.start()
         response = await client.request(reactor, "127.0.0.1", port, GET % b"before")
         self.assertEqual(response.status, 200)
         os.rename(access, access + ".1")
@@ -106,7 +135,6 @@ class SigusrTests(TestCase):
             self.fail("twistd ended on SIGUSR1:\n" + process.output.decode(errors="replace"))
         response = await client.request(reactor, "127.0.0.1", port, GET % b"after")
         self.assertEqual(response.status, 200)
-        transport.signalProcess("TERM")
-        await process.ended  # stopping flushes the access log
+        await self.stop(transport, process)  # stopping flushes the access log
         self.assertEqual(paths(access + ".1"), ["/before"])
         self.assertEqual(paths(access), ["/after"])
