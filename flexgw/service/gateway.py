@@ -24,6 +24,7 @@ from flexgw.http.accesslog import (
 )
 from flexgw.ingress.front import IDLE, IngressFactory, IngressProtocol
 from flexgw.policies.base import PolicyRuntime
+from flexgw.service.activation import LISTEN_FDS_START, InheritedSockets, listen_environ
 from flexgw.service.admin import ProbeServer
 from flexgw.service.metrics import GatewayMetrics
 from flexgw.service.systemd import Notifier
@@ -58,6 +59,7 @@ class GatewayService(Service):
         log_filter: LogLevelFilterPredicate | None = None,
         log_level_fixed: bool = False,
         log_publisher: Any = None,
+        listen_fds_start: int = LISTEN_FDS_START,
     ) -> None:
         self.reactor = reactor
         self.conf_dirs = list(conf_dirs)
@@ -93,6 +95,8 @@ class GatewayService(Service):
         self._drain_timer: Any = None
         self.stopping = False
         self._stop_waiters: list[Deferred[None]] | None = None
+        self.listen_fds_start = listen_fds_start
+        self.inherited: InheritedSockets | None = None  # systemd's sockets, read on first start
 
     @property
     def plan(self) -> GatewayPlan:
@@ -107,6 +111,10 @@ class GatewayService(Service):
             if log is not None:
                 log.start()
         self.pools.start()
+        if self.inherited is None:
+            self.inherited = InheritedSockets(
+                listen_environ(self.environ), start=self.listen_fds_start
+            )
         self.reload()
         # Every listener is bound (or reported) and the first configuration applied.
         self.notifier.ready(self.status_line())
@@ -125,6 +133,8 @@ class GatewayService(Service):
         self.notifier.stopping(f"Draining (up to {self.drain_seconds:g}s)")
         ports, self.ports = self.ports, {}
         factories, self.factories = self.factories, {}
+        for address in ports:
+            self._release(address)
         stopped = gatherResults(
             [maybeDeferred(port.stopListening) for port in ports.values()] + [self.probe.stop()]
         )
@@ -270,6 +280,7 @@ class GatewayService(Service):
             _log.info("Closing listener {host}:{port}", host=address[0], port=address[1])
             self.ports.pop(address).stopListening()
             self.factories.pop(address, None)
+            self._release(address)
         bound = True
         self.unbound = set()
         for address, listener in wanted.items():
@@ -292,8 +303,12 @@ class GatewayService(Service):
             self.rng,
             metrics=self.metrics,
         )
+        inherited = self.inherited.take(*listener.address) if self.inherited else None
         try:
-            port = self.reactor.listenTCP(listener.port, factory, interface=listener.host)
+            if inherited is not None:  # systemd socket activation: no bind of our own
+                port = self.reactor.adoptStreamPort(inherited.fd, inherited.family, factory)
+            else:
+                port = self.reactor.listenTCP(listener.port, factory, interface=listener.host)
         except Exception as exc:  # noqa: BLE001 (CannotListenError and friends: report, serve the rest)
             _log.error(
                 "Cannot listen on {host}:{port}: {error}",
@@ -302,11 +317,22 @@ class GatewayService(Service):
                 error=exc,
             )
             self.unbound.add(listener.address)
+            self._release(listener.address)
             return False
         self.factories[listener.address] = factory
         self.ports[listener.address] = port
-        _log.info("Listening on {host}:{port}", host=listener.host, port=listener.port)
+        _log.info(
+            "Listening on {host}:{port}{how}",
+            host=listener.host,
+            port=listener.port,
+            how=f" (inherited from systemd: {inherited.describe()})" if inherited else "",
+        )
         return True
+
+    def _release(self, address: tuple[str, int]) -> None:
+        """A listener closed: its inherited socket, if any, stays open for a later reload."""
+        if self.inherited is not None:
+            self.inherited.release(address)
 
     def _apply_logging(self, settings: LoggingSettings) -> None:
         """Set the runtime log level and swap the access-log outputs in (files kept open
