@@ -373,6 +373,33 @@ def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def start_gateway(
+    args: argparse.Namespace, procs: Processes, tmp: Path, name: str, conf_name: str,
+    extra_conf: str, upstream_port: int, cpu: int | None, env: dict[str, str],
+) -> tuple[int, str]:
+    """Write a gateway conf dir (GATEWAY_CONF + `extra_conf`), start the gateway command on a free
+    port and wait for it; returns (port, the command line)."""
+    port = free_port()
+    conf_dir = tmp / conf_name
+    conf_dir.mkdir()
+    (conf_dir / "bench.yaml").write_text(
+        GATEWAY_CONF.format(host=HOST, port=port, upstream_port=upstream_port) + extra_conf
+    )
+    nginx_conf = write_nginx(tmp, f"{name}-nginx", NGINX_PROXY_CONF, port=port, upstream_port=upstream_port)
+    cmd = args.gateway_cmd.format(
+        twistd=shlex.quote(args.twistd),
+        python=shlex.quote(sys.executable),
+        conf=shlex.quote(str(conf_dir)),
+        port=port,
+        upstream_port=upstream_port,
+        tmp=shlex.quote(str(tmp)),
+        nginx_gateway_conf=shlex.quote(str(nginx_conf)),
+    )
+    proc = procs.start(name, shlex.split(cmd), cpu, env)
+    wait_port(port, proc, procs, name)
+    return port, cmd
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -459,27 +486,10 @@ def main(argv: list[str] | None = None) -> int:
             target_headers: dict[str, dict[str, str]] = {}
 
             if not args.no_gateway:
-                gw_port = free_port()
-                conf_dir = tmp / "conf"
-                conf_dir.mkdir()
-                (conf_dir / "bench.yaml").write_text(
-                    GATEWAY_CONF.format(host=HOST, port=gw_port, upstream_port=upstream_port)
-                )
-                nginx_gateway_conf = write_nginx(
-                    tmp, "gateway-nginx", NGINX_PROXY_CONF, port=gw_port, upstream_port=upstream_port
-                )
-                cmd = args.gateway_cmd.format(
-                    twistd=shlex.quote(args.twistd),
-                    python=shlex.quote(sys.executable),
-                    conf=shlex.quote(str(conf_dir)),
-                    port=gw_port,
-                    upstream_port=upstream_port,
-                    tmp=shlex.quote(str(tmp)),
-                    nginx_gateway_conf=shlex.quote(str(nginx_gateway_conf)),
+                gw_port, cmd = start_gateway(
+                    args, procs, tmp, "gateway", "conf", "", upstream_port, gw_cpu, env
                 )
                 info["gateway_cmd"] = cmd
-                proc = procs.start("gateway", shlex.split(cmd), gw_cpu, env)
-                wait_port(gw_port, proc, procs, "gateway")
                 sanity_get(gw_port)
                 targets.append(("flexgw", gw_port))
 
@@ -487,27 +497,11 @@ def main(argv: list[str] | None = None) -> int:
                     # the same gateway config plus the policy chain, on its own port
                     bindings, used, missing = policy_bindings(available_policy_kinds(env))
                     info["policies"], info["policies_missing"] = used, missing
-                    pol_port = free_port()
-                    pol_dir = tmp / "conf-policies"
-                    pol_dir.mkdir()
-                    (pol_dir / "bench.yaml").write_text(
-                        GATEWAY_CONF.format(host=HOST, port=pol_port, upstream_port=upstream_port) + bindings
-                    )
-                    pol_nginx = write_nginx(
-                        tmp, "gateway-policies-nginx", NGINX_PROXY_CONF, port=pol_port, upstream_port=upstream_port
-                    )
-                    pol_cmd = args.gateway_cmd.format(
-                        twistd=shlex.quote(args.twistd),
-                        python=shlex.quote(sys.executable),
-                        conf=shlex.quote(str(pol_dir)),
-                        port=pol_port,
-                        upstream_port=upstream_port,
-                        tmp=shlex.quote(str(tmp)),
-                        nginx_gateway_conf=shlex.quote(str(pol_nginx)),
+                    pol_port, pol_cmd = start_gateway(
+                        args, procs, tmp, "gateway-policies", "conf-policies", bindings, upstream_port,
+                        gw_cpu, env,
                     )
                     info["gateway_policies_cmd"] = pol_cmd
-                    proc = procs.start("gateway-policies", shlex.split(pol_cmd), gw_cpu, env)
-                    wait_port(pol_port, proc, procs, "gateway-policies")
                     auth = {"Authorization": basic_auth_header()}
                     sanity_get(pol_port, headers=auth)
                     targets.append(("flexgw+pol", pol_port))
