@@ -95,6 +95,9 @@ class PolicyRuntime:
     message_log: Any = None  # a flexgw.http.accesslog.MessageLog, or None: the Twisted log
     redis: Any = None  # a flexgw.storage.redis.RedisClient while the plan has shared storage
     shared_storage: Any = None  # the flexgw.config.plan.SharedStorage `redis` was made for
+    # --workers: an AMP protocol to the supervisor, which holds the rate-limit and spike-control
+    # counters of every worker (flexgw.storage.supervised); None in a single process
+    supervisor: Any = None
 
     def use_shared_storage(self, settings: Any) -> None:
         """Called with each new plan's shared storage (before its policies are built): a new
