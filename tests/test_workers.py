@@ -3,6 +3,7 @@ watched through a fake systemd notify socket and the supervisor's admin listener
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -14,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.error import ConnectionRefusedError
 from twisted.python.usage import UsageError
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 
 from flexgw.service.workers import (
     BACKOFF_MAX,
@@ -25,10 +26,12 @@ from flexgw.service.workers import (
 )
 from flexgw.tap import Options, worker_command
 from flexgw.testing import client
+from flexgw.testing.client import IncompleteResponse
 from flexgw.testing.upstream import RecordingUpstream
 from tests.harness import api_document, free_port
 from tests.test_ingress_upstream import Held
 from tests.test_sigterm import ROOT, Process
+from tests.test_socket_activation import ActivateProcess
 
 HEADER = "apiVersion: gateway.mulesoft.com/v1alpha1\n"
 
@@ -46,6 +49,22 @@ def rate_limit(api: str, maximum: int) -> str:
         "  policyRef: {name: rate-limiting-flex}\n"
         f"  config: {{rateLimits: [{{maximumRequests: {maximum}, timePeriodInMilliseconds: 3600000}}]}}\n"
     )
+
+
+class WaitOutput:
+    """`done` fires once `process.output` holds `needle` `count` times (checked as it grows)."""
+
+    def __init__(self, process: Process, needle: bytes, count: int) -> None:
+        self.done: defer.Deferred[None] = defer.Deferred()
+        received = process.outReceived
+
+        def watch(data: bytes) -> None:
+            received(data)
+            if not self.done.called and process.output.count(needle) >= count:
+                self.done.callback(None)
+
+        process.outReceived = watch  # type: ignore[method-assign]
+        process.errReceived = watch  # type: ignore[method-assign]
 
 
 class Notifications(protocol.DatagramProtocol):
@@ -82,10 +101,16 @@ class Notifications(protocol.DatagramProtocol):
 class WorkersTests(TestCase):
     """The supervisor and its workers, as separate processes."""
 
-    timeout = 90
+    timeout = 45
 
     async def start(
-        self, documents: str = "", responder: Any = None, drain_seconds: float = 20, workers: int = 2
+        self,
+        documents: str = "",
+        responder: Any = None,
+        drain_seconds: float = 20,
+        workers: int = 2,
+        activate: str | None = None,
+        access_log: str = "off",
     ) -> None:
         """An upstream, and `twistd flexgw --workers N` in front of it; waits for READY=1."""
         self.upstream = RecordingUpstream(responder, reactor=reactor) if responder else RecordingUpstream(reactor=reactor)
@@ -106,14 +131,22 @@ class WorkersTests(TestCase):
         env.update(PYTHONPATH=ROOT, NOTIFY_SOCKET=notify, FLEX_SYNC_DEBOUNCE_TIME="3600s")
         for name in ("WATCHDOG_USEC", "LISTEN_FDS", "LISTEN_PID", "FLEXGW_WORKER"):
             env.pop(name, None)
-        self.process = Process()
+        self.process = Process() if activate is None else ActivateProcess()
         args = [
             sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
             "--nodaemon", "--pidfile=", "--logfile=-", "flexgw", "--conf", self.conf,
-            "--access-log", "off", "--drain-seconds", str(drain_seconds),
+            "--access-log", access_log, "--drain-seconds", str(drain_seconds),
             "--workers", str(workers), "--admin", f"tcp:{self.admin}:interface=127.0.0.1",
         ]
-        transport = reactor.spawnProcess(self.process, sys.executable, args, env=env, path=self.directory)
+        executable = sys.executable
+        if activate is not None:  # systemd-socket-activate binds the port and passes it on
+            passed = ("PYTHONPATH", "NOTIFY_SOCKET", "FLEX_SYNC_DEBOUNCE_TIME")
+            args = [
+                activate, "-l", f"127.0.0.1:{self.port}", f"--fdname={self.port}",
+                *(f"-E{name}={env[name]}" for name in passed), *args,
+            ]
+            executable = activate
+        transport = reactor.spawnProcess(self.process, executable, args, env=env, path=self.directory)
         self.pid = transport.pid
 
         def cleanup() -> defer.Deferred[Any]:
@@ -127,6 +160,10 @@ class WorkersTests(TestCase):
             return self.process.ended
 
         self.addCleanup(cleanup)
+        self.first: defer.Deferred[Any] | None = None
+        if activate is not None:  # it starts twistd on the first connection
+            await self.process.listening
+            self.first = client.request(reactor, "127.0.0.1", self.port, get("/first"))
         ready = self.notes.wait("READY=1")
         first = await defer.DeferredList([ready, self.process.ended], fireOnOneCallback=True, consumeErrors=True)
         if first[1] == 1:
@@ -193,6 +230,13 @@ class WorkersTests(TestCase):
         self.assertEqual(sum(served.values()), 40)
         process_rss = await self.per_worker("process_resident_memory_bytes")
         self.assertEqual(set(process_rss), {"0", "1", "supervisor"})
+        page = await client.request(reactor, "127.0.0.1", self.admin, get("/status"))
+        status = json.loads(page.body)
+        self.assertTrue(status["ready"])
+        self.assertEqual(
+            {w["index"]: w["pid"] for w in status["workers"]}, self.worker_pids
+        )
+        self.assertEqual(status["listeners"][0]["address"], f"http://127.0.0.1:{self.port}")
 
     async def test_rate_limit_exact_across_workers(self) -> None:
         """A quota of 20 across two workers admits exactly 20 of 30 requests spread over both."""
@@ -243,20 +287,68 @@ class WorkersTests(TestCase):
         served = await self.per_worker("flexgw_requests_total", status_class="2xx")
         self.assertEqual(set(served), {"0", "1"})
 
+    async def test_sigusr1_reopens_every_worker_log(self) -> None:
+        """SIGUSR1 to the supervisor: every worker reopens its access log, so after logrotate
+        moved the file, no worker writes to the moved one."""
+        log = os.path.join(tempfile.mkdtemp(prefix="flexgw-wl-"), "access.log")
+        self.addCleanup(shutil.rmtree, os.path.dirname(log), True)
+        await self.start(access_log=log)
+        self.assertEqual(await self.statuses("/before", 10), [200] * 10)
+        os.rename(log, log + ".1")
+        reopened = self.process.output.count(b"Log files reopened")
+        waiting = WaitOutput(self.process, b"Log files reopened", reopened + 2)
+        os.kill(self.pid, signal.SIGUSR1)
+        await waiting.done
+        self.assertEqual(await self.statuses("/after", 20), [200] * 20)
+        served = await self.per_worker("flexgw_requests_total", status_class="2xx")
+        self.assertEqual(set(served), {"0", "1"})
+        os.kill(self.pid, signal.SIGTERM)  # stopping flushes every log
+        await self.process.ended
+        with open(log + ".1", encoding="utf-8") as old, open(log, encoding="utf-8") as new:
+            before = [json.loads(line)["path"] for line in old]
+            after = [json.loads(line)["path"] for line in new]
+        self.assertEqual((before, after), (["/before"] * 10, ["/after"] * 20))
+
+    async def test_socket_activation_shared_by_workers(self) -> None:
+        """Under systemd-socket-activate, both workers serve the one passed socket (none binds
+        its own), and both answer requests on it."""
+        activate = shutil.which("systemd-socket-activate")
+        if activate is None:
+            raise SkipTest("systemd-socket-activate is not installed")
+        await self.start(activate=activate)
+        assert self.first is not None
+        self.assertEqual((await self.first).status, 200)  # waited in the backlog meanwhile
+        self.assertEqual(self.process.output.count(b"inherited from systemd"), 2, self.process.output)
+        self.assertEqual(await self.statuses("/items", 40), [200] * 40)
+        served = await self.per_worker("flexgw_requests_total", status_class="2xx")
+        self.assertEqual(set(served), {"0", "1"})
+        self.assertEqual(sum(served.values()), 41)
+
     async def test_sigterm_drains_in_flight_request(self) -> None:
         """SIGTERM: STOPPING=1, readiness 503 on the admin listener while the workers drain, the
         request in flight completes, new connections are refused, everything exits."""
         held = Held()
-        await self.start(responder=held.responder)
+        probe = free_port()
+        await self.start(
+            f"---\n{HEADER}kind: Configuration\nmetadata: {{name: probes}}\n"
+            f"spec:\n  probe: {{enabled: true, port: {probe}, host: 127.0.0.1}}\n",
+            responder=held.responder,
+        )
+        for _ in range(6):  # every worker answers on the probe port (SO_REUSEPORT)
+            ready = await client.request(reactor, "127.0.0.1", probe, get("/probes/readiness"))
+            self.assertEqual(ready.status, 200)
         conn = await client.connect(reactor, "127.0.0.1", self.port)
         self.addCleanup(conn.abort)
         conn.send(b"GET /slow HTTP/1.1\r\nHost: gw.test\r\n\r\n")
         await held.wait(1)
         os.kill(self.pid, signal.SIGTERM)
         await self.notes.wait("STOPPING=1")
-        probe = await client.request(reactor, "127.0.0.1", self.admin, get("/probes/readiness"))
-        self.assertEqual(probe.status, 503)
-        self.assertIn(b"draining", probe.body)
+        admin_probe = await client.request(reactor, "127.0.0.1", self.admin, get("/probes/readiness"))
+        self.assertEqual(admin_probe.status, 503)
+        self.assertIn(b"draining", admin_probe.body)
+        worker_probe = await client.request(reactor, "127.0.0.1", probe, get("/probes/readiness"))
+        self.assertEqual(worker_probe.status, 503)
+        self.assertIn(b"the gateway is draining", worker_probe.body)
         self.assertFalse(self.process.ended.called)
         held.answer_all(b"slow")
         response = await conn.read_final_response()
@@ -269,6 +361,25 @@ class WorkersTests(TestCase):
                 os.kill(pid, 0)
         with self.assertRaises(ConnectionRefusedError):
             await client.connect(reactor, "127.0.0.1", self.port, timeout=5)
+
+
+    async def test_second_sigterm_cuts_the_drain(self) -> None:
+        """A second SIGTERM to the supervisor cuts the workers' drains at once."""
+        held = Held()
+        await self.start(responder=held.responder, drain_seconds=600)
+        conn = await client.connect(reactor, "127.0.0.1", self.port)
+        self.addCleanup(conn.abort)
+        conn.send(b"GET /slow HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+        await held.wait(1)
+        os.kill(self.pid, signal.SIGTERM)
+        await self.notes.wait("STOPPING=1")
+        os.kill(self.pid, signal.SIGTERM)
+        with self.assertRaises(IncompleteResponse):
+            await conn.read_final_response()
+        await self.process.ended
+        for pid in self.worker_pids.values():
+            with self.assertRaises(ProcessLookupError):
+                os.kill(pid, 0)
 
 
 class WorkersOptionTests(TestCase):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -39,6 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.process_collector import ProcessCollector
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -332,12 +334,12 @@ class SupervisorService(Service):
         else:
             self._signal(slot, signal_name)
 
-    def _signal(self, slot: WorkerSlot, name: str) -> None:
+    def _signal(self, slot: WorkerSlot, signal_id: str | int) -> None:
         if slot.transport is None:
             return
         try:
-            slot.transport.signalProcess(name)
-        except Exception:  # noqa: BLE001 (ProcessExitedAlready: nothing to signal)
+            slot.transport.signalProcess(signal_id)
+        except ProcessExitedAlready:
             pass
 
     def drain_now(self) -> None:
@@ -384,7 +386,7 @@ class SupervisorService(Service):
     def reopen_logs(self) -> None:
         """SIGUSR1 to every worker."""
         for slot in self.slots:
-            self._signal(slot, "USR1")
+            self._signal(slot, signal.SIGUSR1)  # signalProcess knows few names: the number
 
     def status_line(self) -> str:
         """`N/M workers ready` and the first ready worker's own status line."""
