@@ -63,8 +63,11 @@ class WorkerProtocol(amp.AMP):
 
     @commands.StopNow.responder
     def stop_now(self) -> dict[str, Any]:
-        """Cut the drain short."""
-        self._gateway().drain_now()
+        """Cut the drain short (or, when it has not begun yet, make it end at once)."""
+        gateway = self._gateway()
+        if not gateway.stopping:  # `Stop` was answered, the reactor's shutdown is still to come
+            gateway.drain_seconds = 0.0
+        gateway.drain_now()
         return {}
 
     @commands.Readiness.responder
