@@ -111,6 +111,7 @@ class WorkersTests(TestCase):
         workers: int = 2,
         activate: str | None = None,
         access_log: str = "off",
+        debounce: str = "3600s",
     ) -> None:
         """An upstream, and `twistd flexgw --workers N` in front of it; waits for READY=1."""
         self.upstream = RecordingUpstream(responder, reactor=reactor) if responder else RecordingUpstream(reactor=reactor)
@@ -128,7 +129,7 @@ class WorkersTests(TestCase):
         listening = reactor.listenUNIXDatagram(notify, self.notes)
         self.addCleanup(listening.stopListening)
         env = dict(os.environ)
-        env.update(PYTHONPATH=ROOT, NOTIFY_SOCKET=notify, FLEX_SYNC_DEBOUNCE_TIME="3600s")
+        env.update(PYTHONPATH=ROOT, NOTIFY_SOCKET=notify, FLEX_SYNC_DEBOUNCE_TIME=debounce)
         for name in ("WATCHDOG_USEC", "LISTEN_FDS", "LISTEN_PID", "FLEXGW_WORKER"):
             env.pop(name, None)
         self.process = Process() if activate is None else ActivateProcess()
@@ -323,6 +324,23 @@ class WorkersTests(TestCase):
         served = await self.per_worker("flexgw_requests_total", status_class="2xx")
         self.assertEqual(set(served), {"0", "1"})
         self.assertEqual(sum(served.values()), 41)
+
+    async def test_file_change_reloads_every_worker(self) -> None:
+        """The supervisor watches the conf dir: a changed file reloads every worker
+        (RELOADING=1, READY=1), with no signal sent."""
+        await self.start(debounce="100ms")
+        before = len(self.notes.messages)
+        self.write_conf(
+            f"{HEADER}kind: ApiInstance\nmetadata: {{name: test-api}}\n"
+            f"spec:\n  address: http://127.0.0.1:{self.port}/moved\n"
+            f"  services:\n    b:\n      address: http://127.0.0.1:{self.upstream.address[1]}\n"
+        )
+        reloading = await self.notes.wait("RELOADING=1", before)
+        await self.notes.wait("READY=1", reloading + 1)
+        self.assertEqual(await self.statuses("/moved/x", 20), [200] * 20)
+        reloads = await self.per_worker("flexgw_config_reloads_total", result="ok")
+        self.assertEqual(set(reloads), {"0", "1"})
+        self.assertTrue(all(count >= 2 for count in reloads.values()), reloads)
 
     async def test_sigterm_drains_in_flight_request(self) -> None:
         """SIGTERM: STOPPING=1, readiness 503 on the admin listener while the workers drain, the
