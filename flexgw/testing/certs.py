@@ -163,3 +163,22 @@ def client_options(
     return ssl.optionsForClientTLS(
         hostname, trustRoot=trust, clientCertificate=certificate, acceptableProtocols=alpn
     )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Write a demo CA, a server certificate (localhost, 127.0.0.1, ::1) and a client certificate:
+    ``python -m flexgw.testing.certs --out DIR`` (for conf/tls; never for production)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--out", required=True, help="directory to write ca.crt, server.*, client.*")
+    args = parser.parse_args(argv)
+    ca = CertificateAuthority("flexgw demo CA")
+    ca.write(args.out)
+    ca.issue("localhost", dns=["localhost"], ips=["127.0.0.1", "::1"]).write(args.out, "server")
+    ca.issue("demo-client", dns=["demo-client.local"], client=True).write(args.out, "client")
+    print(f"wrote ca.crt, server.crt, server.key, client.crt, client.key to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
