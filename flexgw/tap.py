@@ -298,7 +298,11 @@ def _make_gateway(options: Options) -> MultiService:
         worker.gateway = gateway
     if worker is None:  # a worker's reloads come from the supervisor, which watches
         watcher = ConfigWatcher(
-            reactor, options["conf"], gateway.reload, debounce_from_env(os.environ)
+            reactor,
+            options["conf"],
+            gateway.reload,
+            debounce_from_env(os.environ),
+            extra_files=lambda: gateway.plan.tls_files,  # certificates, keys, CAs read by the plan
         )
         _WatcherService(watcher).setServiceParent(top)
     _install_signals(reactor, gateway.reload, gateway.reopen_logs, gateway.drain_now)
