@@ -59,6 +59,13 @@ class Options(usage.Options):
             ),
         ],
         [
+            "worker-timeout",
+            None,
+            "30",
+            "With --workers: a worker not answering the supervisor for this many seconds is killed"
+            " and restarted (0: never).",
+        ],
+        [
             "message-log",
             None,
             "-",
@@ -117,6 +124,12 @@ class Options(usage.Options):
             self["workers"] = worker_count(str(self["workers"]))
         except ValueError:
             raise usage.UsageError("--workers must be a number from 1 to 1024, or 'auto'") from None
+        try:
+            self["worker-timeout"] = float(self["worker-timeout"])
+        except ValueError:
+            raise usage.UsageError("--worker-timeout must be a number of seconds") from None
+        if not 0 <= self["worker-timeout"] < float("inf"):
+            raise usage.UsageError("--worker-timeout must be 0 or more")
         if self["log-level"] is not None and self["log-level"] not in _LEVELS:
             raise usage.UsageError("--log-level must be one of " + ", ".join(_LEVELS))
 
@@ -197,6 +210,7 @@ def _make_supervisor(options: Options) -> MultiService:
         drain_seconds=options["drain-seconds"],
         inherited_fds=inherited,
         inherited_names=names,
+        worker_timeout=options["worker-timeout"],
     )
     if options["admin"] != "off":  # before the supervisor: stopped after it (see _AdminService)
         _AdminService(
