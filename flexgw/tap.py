@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 from typing import Any
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
@@ -62,8 +64,10 @@ class Options(usage.Options):
             "worker-timeout",
             None,
             "30",
-            "With --workers: a worker not answering the supervisor for this many seconds is killed"
-            " and restarted (0: never).",
+            (
+                "With --workers: a worker not answering the supervisor for this many seconds is"
+                " killed and restarted (0: never)."
+            ),
         ],
         [
             "message-log",
@@ -328,10 +332,8 @@ def _stop_reactor(reactor: Any) -> Any:
 
     def stop() -> None:
         if reactor.running and not getattr(reactor, "_stopped", False):
-            try:
+            with contextlib.suppress(ReactorNotRunning):  # already stopping
                 reactor.stop()
-            except Exception:  # noqa: BLE001 (ReactorNotRunning: already stopping)
-                pass
 
     return stop
 

@@ -20,7 +20,6 @@ from flexgw.storage.redis import RedisRateLimitStore
 from flexgw.storage.supervised import (
     MAX_KEY_CHARS,
     SupervisedRateLimitStore,
-    SupervisedSpikeWindow,
     SupervisorCounters,
 )
 from tests.storage_conformance import RateLimitStoreConformanceMixin

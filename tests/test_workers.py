@@ -36,6 +36,12 @@ from tests.test_socket_activation import ActivateProcess
 HEADER = "apiVersion: gateway.mulesoft.com/v1alpha1\n"
 
 
+def read_lines(path: str) -> list[str]:
+    """The lines of a (small, local) file."""
+    with open(path, encoding="utf-8") as handle:
+        return handle.read().splitlines()
+
+
 def get(path: str) -> bytes:
     """A GET for `path` on a connection of its own (closed after the response)."""
     return f"GET {path} HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n".encode()
@@ -191,7 +197,7 @@ class WorkersTests(TestCase):
     async def pids(self) -> dict[int, int]:
         """Worker index -> pid, from flexgw_worker_info."""
         found = {}
-        for (name, labels), _ in (await self.metrics()).items():
+        for name, labels in await self.metrics():
             if name == "flexgw_worker_info":
                 found[int(dict(labels)["index"])] = int(dict(labels)["pid"])
         return found
@@ -331,9 +337,8 @@ class WorkersTests(TestCase):
         self.assertEqual(set(served), {"0", "1"})
         os.kill(self.pid, signal.SIGTERM)  # stopping flushes every log
         await self.process.ended
-        with open(log + ".1", encoding="utf-8") as old, open(log, encoding="utf-8") as new:
-            before = [json.loads(line)["path"] for line in old]
-            after = [json.loads(line)["path"] for line in new]
+        before = [json.loads(line)["path"] for line in read_lines(log + ".1")]
+        after = [json.loads(line)["path"] for line in read_lines(log)]
         self.assertEqual((before, after), (["/before"] * 10, ["/after"] * 20))
 
     async def test_socket_activation_shared_by_workers(self) -> None:

@@ -289,12 +289,11 @@ class SupervisorService(Service):
         slot.status = status
         if self.stopping:
             return
-        if all(s.ready for s in self.slots):
-            if not self.announced:
-                self.announced = True
-                self.notifier.ready(self.status_line())
-                _log.info("All {count} workers ready", count=self.count)
-                return
+        if not self.announced and all(s.ready for s in self.slots):
+            self.announced = True
+            self.notifier.ready(self.status_line())
+            _log.info("All {count} workers ready", count=self.count)
+            return
         self.notifier.status(self.status_line())
 
     def worker_ended(self, slot: WorkerSlot, reason: Failure) -> None:
