@@ -3,6 +3,7 @@ watched through a fake systemd notify socket and the supervisor's admin listener
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -55,6 +56,33 @@ def rate_limit(api: str, maximum: int) -> str:
         "  policyRef: {name: rate-limiting-flex}\n"
         f"  config: {{rateLimits: [{{maximumRequests: {maximum}, timePeriodInMilliseconds: 3600000}}]}}\n"
     )
+
+
+class PidExit:
+    """`done` fires when process `pid` (not necessarily our child) exits: its pidfd becomes
+    readable (Linux 5.3+)."""
+
+    def __init__(self, pid: int) -> None:
+        self.done: defer.Deferred[None] = defer.Deferred()
+        self.fd = os.pidfd_open(pid)
+        reactor.addReader(self)
+
+    def fileno(self) -> int:
+        """The pidfd."""
+        return self.fd
+
+    def doRead(self) -> None:
+        """The process has exited."""
+        reactor.removeReader(self)
+        os.close(self.fd)
+        self.done.callback(None)
+
+    def connectionLost(self, reason: Any) -> None:
+        """Unused (the reader is removed once it fires)."""
+
+    def logPrefix(self) -> str:
+        """For Twisted's log."""
+        return "PidExit"
 
 
 class WaitOutput:
@@ -139,6 +167,7 @@ class WorkersTests(TestCase):
         env.update(PYTHONPATH=ROOT, NOTIFY_SOCKET=notify, FLEX_SYNC_DEBOUNCE_TIME=debounce)
         for name in ("WATCHDOG_USEC", "LISTEN_FDS", "LISTEN_PID", "FLEXGW_WORKER"):
             env.pop(name, None)
+        self.worker_fds: dict[int, int] = {}  # pid -> pidfd of every worker seen
         self.process = Process() if activate is None else ActivateProcess()
         args = [
             sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
@@ -160,11 +189,13 @@ class WorkersTests(TestCase):
         def cleanup() -> defer.Deferred[Any]:
             if not self.process.ended.called:
                 transport.signalProcess("KILL")
-                for pid in getattr(self, "worker_pids", {}).values():
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except OSError:
-                        pass
+            # workers this test started, in case a test failed before they exited; by pidfd, so
+            # that a pid reused since cannot be hit
+            for fd in self.worker_fds.values():
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                os.close(fd)
+            self.worker_fds.clear()
             return self.process.ended
 
         self.addCleanup(cleanup)
@@ -200,6 +231,10 @@ class WorkersTests(TestCase):
         for name, labels in await self.metrics():
             if name == "flexgw_worker_info":
                 found[int(dict(labels)["index"])] = int(dict(labels)["pid"])
+        for pid in found.values():
+            if pid not in self.worker_fds and hasattr(os, "pidfd_open"):
+                with contextlib.suppress(OSError):
+                    self.worker_fds[pid] = os.pidfd_open(pid)
         return found
 
     async def per_worker(self, sample: str, **labels: str) -> dict[str, float]:
@@ -424,6 +459,19 @@ class WorkersTests(TestCase):
         with self.assertRaises(ConnectionRefusedError):
             await client.connect(reactor, "127.0.0.1", self.port, timeout=5)
 
+
+    async def test_workers_exit_when_supervisor_dies(self) -> None:
+        """The supervisor killed (SIGKILL: no drain of its own): every worker sees its AMP
+        connection close, drains and exits; nothing listens any more."""
+        if not hasattr(os, "pidfd_open"):
+            raise SkipTest("os.pidfd_open is not available")
+        await self.start()
+        exits = [PidExit(pid) for pid in self.worker_pids.values()]
+        os.kill(self.pid, signal.SIGKILL)
+        await self.process.ended
+        await defer.gatherResults([e.done for e in exits])
+        with self.assertRaises(ConnectionRefusedError):
+            await client.connect(reactor, "127.0.0.1", self.port, timeout=5)
 
     async def test_second_sigterm_cuts_the_drain(self) -> None:
         """A second SIGTERM to the supervisor cuts the workers' drains at once."""
