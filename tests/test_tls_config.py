@@ -254,3 +254,61 @@ class WatchTests(SynchronousTestCase):
         clock.advance(1)
         clock.advance(5)
         self.assertEqual(calls, [1])
+
+
+class DumpTests(SynchronousTestCase):
+    """`flexgw dump` shows TLS settings (never key material)."""
+
+    def test_dump_tls(self) -> None:
+        """The https listener and an https Service carry a `tls` summary."""
+        import io
+        import json
+
+        from flexgw.cli import main
+
+        conf = write_conf(
+            self,
+            {
+                "a.yaml": "---\n".join(
+                    [
+                        f"{HEADER}kind: ApiInstance\nmetadata: {{name: a}}\nspec:\n"
+                        "  address: https://127.0.0.1:8443\n"
+                        "  services: {b: {address: 'https://partner.test'}}\n",
+                        tls("t", "{name: a}"),
+                    ]
+                )
+            },
+        )
+        out = io.StringIO()
+        self.assertEqual(main(["dump", conf], stdout=out, environ={}), 0)
+        data = json.loads(out.getvalue())
+        listener_tls = data["listeners"][0]["tls"]
+        self.assertEqual(listener_tls["certificateNames"], [["api.test"]])
+        self.assertEqual((listener_tls["minVersion"], listener_tls["maxVersion"]), ("1.2", "1.3"))
+        self.assertEqual(data["upstreams"]["default/a-b"]["tls"]["trustedCA"], "system")
+        self.assertNotIn("PRIVATE KEY", out.getvalue())
+
+
+class InlineTests(SynchronousTestCase):
+    """A `tls` policy inline in the ApiInstance (`spec.policies`)."""
+
+    def test_inline_tls_policy(self) -> None:
+        """It configures the port like a binding, and is not a chain member."""
+        text = (
+            f"{HEADER}kind: ApiInstance\nmetadata: {{name: a}}\nspec:\n"
+            "  address: https://127.0.0.1:8443\n"
+            "  services: {b: {address: 'http://127.0.0.1:9'}}\n"
+            "  policies:\n    - policyRef: {name: tls}\n      config:\n"
+            "        certificate:\n          crt: |\n" + indent(SERVER.cert_pem, 12)
+            + "          key: |\n" + indent(SERVER.key_pem, 12)
+            + "        ciphers: [TLS_WRONG]\n"
+        )
+        state = load_config([write_conf(self, {"a.yaml": text})], {})
+        (error,) = [e for e in errors(state) if "TLS_WRONG" in e]
+        self.assertIn("spec.policies[0].config.ciphers[0]", error)
+        fixed = load_config(
+            [write_conf(self, {"a.yaml": text.replace("        ciphers: [TLS_WRONG]\n", "")})], {}
+        )
+        self.assertEqual(errors(fixed), [])
+        (listener,) = fixed.plan.listeners
+        self.assertEqual((listener.scheme, listener.apis[0].policies), ("https", ()))

@@ -260,6 +260,27 @@ class InboundTLSTests(TestCase):
         self.assertEqual(peer_common_name(old), "api.test")
         self.assertIn(self.crt, gateway.service.plan.tls_files)
 
+    async def test_reload_switches_tls_off_and_on(self) -> None:
+        """Removing the tls binding (address now http://) rebinds the port for plain HTTP;
+        adding it back serves TLS again."""
+        gateway = self.start()
+        socket_before = gateway.service.ports[("127.0.0.1", self.port)]
+        plain = api("secure", self.port, self.upstream.address[1]).replace("https://", "http://")
+        gateway.write({"api.yaml": plain})
+        self.assertTrue(gateway.service.reload())
+        response = await client.request(reactor, "127.0.0.1", self.port, GET)
+        self.assertEqual(response.status, 200)
+        self.assertEqual(self.upstream.received[-1].header("x-forwarded-proto"), [b"http"])
+        gateway.write(
+            {"api.yaml": plain + "---\n" + tls_binding("secure-tls", "secure", self.crt, self.key)}
+        )
+        self.assertTrue(gateway.service.reload())  # a warning: http:// address, TLS port
+        conn = await self.connect(client_options("api.test", self.ca))
+        conn.send(GET)
+        self.assertEqual((await conn.read_response()).status, 200)
+        self.assertEqual(self.upstream.received[-1].header("x-forwarded-proto"), [b"https"])
+        self.assertIs(gateway.service.ports[("127.0.0.1", self.port)], socket_before)
+
     async def test_broken_certificate_on_reload_keeps_serving(self) -> None:
         """A certificate file replaced by garbage is a config error; the last good TLS serves on."""
         gateway = self.start()

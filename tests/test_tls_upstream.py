@@ -11,6 +11,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 from twisted.internet import reactor, ssl
+from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
 from flexgw.testing import client
@@ -227,3 +228,30 @@ class OutboundTLSTests(TestCase):
         self.assertEqual(allowed.status, 200)
         self.assertEqual(len(keys.requests), 1)
         self.assertEqual(len(upstream.received), 1)
+
+
+class _Silent(Protocol):
+    """Accepts the connection and never answers (a TLS handshake that never completes)."""
+
+
+class HandshakeTimeoutTests(TestCase):
+    """The upstream TLS handshake is bounded by `http.connectTimeoutSeconds`."""
+
+    async def test_stalled_handshake_is_502_upstream_tls(self) -> None:
+        """A peer that takes the TCP connection and says nothing: 502 upstream_tls after the
+        (short, configured) connect timeout, and the connection is closed."""
+        factory = Factory.forProtocol(_Silent)
+        listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        port = free_port()
+        text = documents(
+            port, f"https://127.0.0.1:{listening.getHost().port}",
+            extra="---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: Configuration\n"
+            "metadata: {name: c}\nspec:\n  http: {connectTimeoutSeconds: 0.3}\n",
+        )
+        gateway = Gateway(self, {"api.yaml": text})
+        gateway.start()
+        response = await client.request(reactor, "127.0.0.1", port, GET)
+        self.assertEqual((response.status, response.header("x-flexgw-error")), (502, [b"upstream_tls"]))
+        pool = next(iter(gateway.service.pools.pools.values()))
+        self.assertEqual((pool.connecting, pool.active, pool.idle), (0, 0, []))

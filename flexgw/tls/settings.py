@@ -90,6 +90,23 @@ class TLSSettings:
     ciphers: tuple[str, ...] = DEFAULT_TLS12_CIPHERS  # IANA names
     files: tuple[str, ...] = ()  # certificate/key/CA files read (watched for reloads)
 
+    def describe(self) -> dict[str, object]:
+        """JSON-ready summary (no key material): for `flexgw dump` and /status."""
+        out: dict[str, object] = {
+            "minVersion": "%d.%d" % self.min_version,
+            "maxVersion": "%d.%d" % self.max_version,
+            "alpn": list(self.alpn),
+            "ciphers": list(self.ciphers),
+            "trustedCA": "custom" if self.trusted_ca else "system",
+        }
+        if self.certificate is not None:
+            out["certificateNames"] = list(self.certificate.names)
+        if self.require_client_certificate:
+            out["requireClientCertificate"] = True
+        if self.skip_validation:
+            out["skipValidation"] = True
+        return out
+
     @property
     def openssl_ciphers(self) -> str:
         """The TLS 1.2-and-lower cipher list in OpenSSL syntax ("" when only TLS 1.3 suites)."""
