@@ -312,3 +312,37 @@ class InlineTests(SynchronousTestCase):
         self.assertEqual(errors(fixed), [])
         (listener,) = fixed.plan.listeners
         self.assertEqual((listener.scheme, listener.apis[0].policies), ("https", ()))
+
+
+class WarningTests(SynchronousTestCase):
+    """Bindings that do less than they say are warned about."""
+
+    def test_alpn_without_served_protocol_and_missing_service(self) -> None:
+        """`alpn: [h2]` while only http/1.1 is served (inbound) or spoken (outbound) warns; a
+        tls-outbound on a Service that does not exist warns."""
+        from flexgw.ingress.alpn import SERVED_ALPN
+
+        state = load_config(
+            [
+                write_conf(
+                    self,
+                    {
+                        "a.yaml": "---\n".join(
+                            [
+                                api("a", "https://127.0.0.1:8443"),
+                                tls("t", "{name: a}", extra="    alpn: [h2]\n"),
+                                f"{HEADER}kind: PolicyBinding\nmetadata: {{name: o}}\nspec:\n"
+                                "  targetRef: {kind: Service, name: ghost}\n"
+                                "  policyRef: {name: tls-outbound}\n  config: {}\n",
+                            ]
+                        )
+                    },
+                )
+            ],
+            {},
+        )
+        warnings = [str(p) for p in state.problems if p.severity == "warning"]
+        self.assertEqual(
+            any("no ALPN is advertised" in w for w in warnings), b"h2" not in SERVED_ALPN
+        )
+        self.assertTrue(any("Service default/ghost does not exist" in w for w in warnings), warnings)
