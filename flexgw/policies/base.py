@@ -113,6 +113,9 @@ class PolicyRuntime:
             from flexgw.tls.contexts import SideCallTLSPolicy
 
             self.side_agent = Agent(self.reactor, contextFactory=SideCallTLSPolicy(settings))
+    # --workers: an AMP protocol to the supervisor, which holds the rate-limit and spike-control
+    # counters of every worker (flexgw.storage.supervised); None in a single process
+    supervisor: Any = None
 
     def use_shared_storage(self, settings: Any) -> None:
         """Called with each new plan's shared storage (before its policies are built): a new

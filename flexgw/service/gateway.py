@@ -27,6 +27,7 @@ from flexgw.policies.base import PolicyRuntime
 from flexgw.service.activation import LISTEN_FDS_START, InheritedSockets, listen_environ
 from flexgw.service.admin import ProbeServer
 from flexgw.service.metrics import GatewayMetrics
+from flexgw.service.sockets import listen_reuse_port
 from flexgw.service.systemd import Notifier
 from flexgw.tls.contexts import ListenerFactory
 from flexgw.upstream.pool import PoolManager
@@ -61,6 +62,8 @@ class GatewayService(Service):
         log_level_fixed: bool = False,
         log_publisher: Any = None,
         listen_fds_start: int = LISTEN_FDS_START,
+        reuse_port: bool = False,
+        supervisor: Any = None,
     ) -> None:
         self.reactor = reactor
         self.conf_dirs = list(conf_dirs)
@@ -82,6 +85,10 @@ class GatewayService(Service):
         self.pools = PoolManager(reactor, reactor)
         self.message_log = message_log
         self.runtime = PolicyRuntime(reactor=reactor, clock=reactor, message_log=message_log)
+        # --workers: listeners bound with SO_REUSEPORT (every worker binds the same addresses),
+        # and rate-limit / spike-control counters held by the supervisor (an AMP connection)
+        self.reuse_port = reuse_port
+        self.runtime.supervisor = supervisor
         self.factories: dict[tuple[str, int], IngressFactory] = {}
         self.ports: dict[tuple[str, int], IListeningPort] = {}
         # What each socket serves: the ingress factory, TLS-wrapped while the plan says so
@@ -139,9 +146,8 @@ class GatewayService(Service):
         factories, self.factories = self.factories, {}
         for address in ports:
             self._release(address)
-        stopped = gatherResults(
-            [maybeDeferred(port.stopListening) for port in ports.values()] + [self.probe.stop()]
-        )
+        # The probe listener stays: readiness answers 503 while draining (closed in _after).
+        stopped = gatherResults([maybeDeferred(port.stopListening) for port in ports.values()])
         drained: Deferred[None] = Deferred()
         self._drained = drained
         for factory in factories.values():
@@ -158,6 +164,9 @@ class GatewayService(Service):
         else:
             self._drain_done()
 
+        def _close_probe(result: object) -> Deferred[object]:
+            return self.probe.stop().addBoth(lambda _: result)
+
         def _after(result: object) -> object:
             self.notifier.stop_watchdog()
             self.pools.stop()
@@ -171,7 +180,7 @@ class GatewayService(Service):
             return result
 
         self._stop_waiters = []
-        done = gatherResults([stopped, drained]).addBoth(_after)
+        done = gatherResults([stopped, drained]).addBoth(_close_probe).addBoth(_after)
 
         def _release(result: object) -> object:
             waiters, self._stop_waiters = self._stop_waiters or [], None
@@ -180,6 +189,10 @@ class GatewayService(Service):
             return result
 
         return done.addBoth(_release)
+
+    def wait_stopped(self) -> Deferred[None]:
+        """A Deferred firing when the service is stopped (at once if no drain is under way)."""
+        return self._stop_waiter()
 
     def _stop_waiter(self) -> Deferred[None]:
         """A Deferred firing when the drain under way ends (now, if it has ended)."""
@@ -315,6 +328,8 @@ class GatewayService(Service):
         try:
             if inherited is not None:  # systemd socket activation: no bind of our own
                 port = self.reactor.adoptStreamPort(inherited.fd, inherited.family, served)
+            elif self.reuse_port:  # --workers: every worker binds the address
+                port = listen_reuse_port(self.reactor, listener.port, served, listener.host)
             else:
                 port = self.reactor.listenTCP(listener.port, served, interface=listener.host)
         except Exception as exc:  # noqa: BLE001 (CannotListenError and friends: report, serve the rest)
