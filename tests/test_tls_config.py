@@ -143,7 +143,8 @@ class CompileTests(SynchronousTestCase):
         problems = [p for p in state.errors if "TLS_NOPE" in p.message]  # type: ignore[attr-defined]
         self.assertEqual(len(problems), 1)
         problem = problems[0]
-        text = open(problem.file).read().splitlines()
+        with open(problem.file) as handle:
+            text = handle.read().splitlines()
         self.assertEqual(text[problem.line - 1][problem.column - 1 :], "TLS_NOPE")
         self.assertEqual(problem.field, "spec.config.ciphers[1]")
         self.assertEqual(state.plan.listeners, ())  # type: ignore[attr-defined]
@@ -271,9 +272,11 @@ class DumpTests(SynchronousTestCase):
             {
                 "a.yaml": "---\n".join(
                     [
-                        f"{HEADER}kind: ApiInstance\nmetadata: {{name: a}}\nspec:\n"
-                        "  address: https://127.0.0.1:8443\n"
-                        "  services: {b: {address: 'https://partner.test'}}\n",
+                        (
+                            f"{HEADER}kind: ApiInstance\nmetadata: {{name: a}}\nspec:\n"
+                            "  address: https://127.0.0.1:8443\n"
+                            "  services: {b: {address: 'https://partner.test'}}\n"
+                        ),
                         tls("t", "{name: a}"),
                     ]
                 )
@@ -331,9 +334,11 @@ class WarningTests(SynchronousTestCase):
                             [
                                 api("a", "https://127.0.0.1:8443"),
                                 tls("t", "{name: a}", extra="    alpn: [h2]\n"),
-                                f"{HEADER}kind: PolicyBinding\nmetadata: {{name: o}}\nspec:\n"
-                                "  targetRef: {kind: Service, name: ghost}\n"
-                                "  policyRef: {name: tls-outbound}\n  config: {}\n",
+                                (
+                                    f"{HEADER}kind: PolicyBinding\nmetadata: {{name: o}}\nspec:\n"
+                                    "  targetRef: {kind: Service, name: ghost}\n"
+                                    "  policyRef: {name: tls-outbound}\n  config: {}\n"
+                                ),
                             ]
                         )
                     },

@@ -255,3 +255,67 @@ class HandshakeTimeoutTests(TestCase):
         self.assertEqual((response.status, response.header("x-flexgw-error")), (502, [b"upstream_tls"]))
         pool = next(iter(gateway.service.pools.pools.values()))
         self.assertEqual((pool.connecting, pool.active, pool.idle), (0, 0, []))
+
+
+class IntrospectionTLSTests(TestCase):
+    """Token introspection over https, with `defaultTLS` trustedCA and a client certificate."""
+
+    async def test_introspection_mtls(self) -> None:
+        """The IdP requires a client certificate from a private CA: the gateway presents the
+        `defaultTLS.outboundPolicyCalls.certificate` and trusts its `trustedCA`."""
+        directory = os.path.abspath(self.mktemp())
+        server_ca, client_ca = CertificateAuthority("idp CA"), CertificateAuthority("gw CA")
+        ca_path = server_ca.write(directory, "idp-ca")
+        crt, key = client_ca.issue("gateway", client=True).write(directory, "gw")
+        idp = JsonServer(lambda request: (200, {"active": True, "scope": "read"}))
+        idp.listen(
+            reactor,
+            tls=server_options(
+                server_ca.issue("idp", ips=["127.0.0.1"]),
+                verify=True,
+                caCerts=[ssl.Certificate.loadPEM(client_ca.pem).original],
+                requireCertificate=True,
+            ),
+        )
+        self.addCleanup(idp.stop)
+        upstream = RecordingUpstream(echo(), reactor=reactor)
+        upstream.listen(reactor)
+        self.addCleanup(upstream.stop)
+        port = free_port()
+        text = textwrap.dedent(
+            f"""\
+            apiVersion: gateway.mulesoft.com/v1alpha1
+            kind: ApiInstance
+            metadata: {{name: api}}
+            spec:
+              address: http://127.0.0.1:{port}
+              services: {{b: {{address: "http://127.0.0.1:{upstream.address[1]}"}}}}
+            ---
+            apiVersion: gateway.mulesoft.com/v1alpha1
+            kind: PolicyBinding
+            metadata: {{name: introspect}}
+            spec:
+              targetRef: {{kind: ApiInstance, name: api}}
+              policyRef: {{name: oauth2-token-introspection-flex}}
+              config:
+                introspectionURL: {idp.url}/introspect
+                authorizationValue: "Basic Zm9vOmJhcg=="
+            ---
+            apiVersion: gateway.mulesoft.com/v1alpha1
+            kind: Configuration
+            metadata: {{name: tls}}
+            spec:
+              defaultTLS:
+                outboundPolicyCalls:
+                  trustedCA: "file://{ca_path}"
+                  certificate: {{crt: "file://{crt}", key: "file://{key}"}}
+            """
+        )
+        gateway = Gateway(self, {"api.yaml": text})
+        gateway.start()
+        self.assertEqual([str(p) for p in gateway.service.state.errors], [])
+        raw = b"GET /x HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer tok\r\n\r\n"
+        response = await client.request(reactor, "127.0.0.1", port, raw)
+        self.assertEqual(response.status, 200)
+        self.assertEqual(len(idp.requests), 1)
+        self.assertEqual(len(upstream.received), 1)

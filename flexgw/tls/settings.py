@@ -17,7 +17,6 @@ from urllib.parse import unquote, urlsplit
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtensionOID
 
 from flexgw.policies.base import PolicyConfigError
 
@@ -93,8 +92,8 @@ class TLSSettings:
     def describe(self) -> dict[str, object]:
         """JSON-ready summary (no key material): for `flexgw dump` and /status."""
         out: dict[str, object] = {
-            "minVersion": "%d.%d" % self.min_version,
-            "maxVersion": "%d.%d" % self.max_version,
+            "minVersion": "{}.{}".format(*self.min_version),
+            "maxVersion": "{}.{}".format(*self.max_version),
             "alpn": list(self.alpn),
             "ciphers": list(self.ciphers),
             "trustedCA": "custom" if self.trusted_ca else "system",
@@ -143,7 +142,7 @@ def _load_certificates(pem: bytes, field: str) -> list[x509.Certificate]:
 
 def _dns_names(certificate: x509.Certificate) -> tuple[str, ...]:
     try:
-        san = certificate.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
         return ()
     return tuple(name.lower() for name in san.value.get_values_for_type(x509.DNSName))
