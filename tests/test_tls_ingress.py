@@ -196,6 +196,33 @@ class InboundTLSTests(TestCase):
             f'Hash={digest};Subject="CN=alice";URI=spiffe://test/alice;DNS=alice.test'.encode(),
         )
 
+    async def test_sanitize_mode_forwards_no_xfcc(self) -> None:
+        """FLEX_FORWARD_CLIENT_CERT_DETAILS=SANITIZE (Flex's own default): a verified client
+        certificate is not described upstream, and a client-sent XFCC is still removed; /status
+        shows the listener's TLS summary."""
+        from flexgw.service.admin import status_json
+
+        text = (
+            api("secure", self.port, self.upstream.address[1])
+            + "---\n"
+            + tls_binding(
+                "secure-tls", "secure", self.crt, self.key,
+                f'requireClientCertificate: true\ntrustedCA: "file://{self.client_ca_path}"\n',
+            )
+        )
+        gateway = Gateway(
+            self, {"api.yaml": text}, environ={"FLEX_FORWARD_CLIENT_CERT_DETAILS": "SANITIZE"}
+        )
+        gateway.start()
+        alice = self.client_ca.issue("alice", client=True)
+        conn = await self.connect(client_options("api.test", self.ca, alice))
+        conn.send(b"GET /x HTTP/1.1\r\nHost: api.test\r\nX-Forwarded-Client-Cert: Hash=x\r\n\r\n")
+        self.assertEqual((await conn.read_response()).status, 200)
+        self.assertEqual(self.upstream.received[0].header("x-forwarded-client-cert"), [])
+        (listener,) = status_json(gateway.service)["listeners"]
+        self.assertTrue(listener["tls"]["requireClientCertificate"])
+        self.assertEqual(listener["tls"]["certificateNames"], [["api.test"]])
+
     async def test_spoofed_xfcc_removed_without_mtls(self) -> None:
         """Without a client certificate, a client-sent XFCC header never reaches the upstream,
         even from a trusted proxy."""
