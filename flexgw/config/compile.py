@@ -163,6 +163,7 @@ def build_policies(
                 policy=policy,
                 needs_body=bool(getattr(policy, "needs_body", False)),
                 responds=bool(getattr(policy, "response_phase", True)),
+                finishes=callable(getattr(policy, "on_done", None)),
             )
         )
     return tuple(built)
@@ -257,14 +258,24 @@ def compile_model(
     problems: list[Problem] = list(model.problems)
     service_policies: dict[str, tuple[BoundPolicy, ...]] = {}
     blocked_upstreams = dict(model.blocked_upstreams)
+    upstreams = dict(model.upstreams)
+    upstreams_changed = False  # (idle_timeout is not part of an Upstream's equality)
     for key, specs in sorted(model.service_policies.items()):
         built = build_policies(specs, None, runtime, problems)
         if built is None:
             blocked_upstreams[key] = "an outbound policy that could not be built"
-        else:
-            service_policies[key] = built
-    if blocked_upstreams != model.blocked_upstreams:
-        model = attrs.evolve(model, blocked_upstreams=blocked_upstreams)
+            continue
+        for bound in built:
+            idle = getattr(bound.policy, "upstream_idle_timeout", None)
+            if idle is not None and key in upstreams:  # idle-timeout-flex: the pool's setting
+                upstreams[key] = attrs.evolve(upstreams[key], idle_timeout=idle)
+                upstreams_changed = True
+        # Policies that only configure something (chain_member = False) never run per request.
+        service_policies[key] = tuple(
+            bound for bound in built if getattr(bound.policy, "chain_member", True)
+        )
+    if blocked_upstreams != model.blocked_upstreams or upstreams_changed:
+        model = attrs.evolve(model, blocked_upstreams=blocked_upstreams, upstreams=upstreams)
     ordered = sorted(model.apis, key=lambda a: (a.id.key not in prefer, a.id.key))
     ports: dict[int, tuple[str, str]] = {}  # port -> (host, first api key)
     accepted: dict[int, list[tuple[Api, ApiSpec]]] = {}

@@ -22,6 +22,9 @@ class Upstream:
     host: str  # hostname or IP literal, IPv6 without brackets
     port: int
     path_prefix: str = ""  # path of the Service address, no trailing slash ("" for none or "/")
+    # `idle-timeout-flex` bound to the Service: its pool's idle timeout (None: the gateway's).
+    # Not part of the identity: a changed value is applied to the existing pool.
+    idle_timeout: float | None = attrs.field(default=None, eq=False)
 
     @property
     def authority(self) -> str:
@@ -66,6 +69,7 @@ class BoundPolicy:
     policy: Any  # provides flexgw.policies.base.IPolicy
     needs_body: bool = False  # the policy reads the request body (buffered, bounded)
     responds: bool = True  # the policy has a response phase (`response_phase`, default True)
+    finishes: bool = False  # the policy wants `on_done` when the request ends
 
 
 @attrs.frozen

@@ -216,15 +216,21 @@ class ProxyExchange:
                 else:
                     assert ctx.response_headers is not None
                     response = LocalResponse(
-                        ctx.response_status, tuple(ctx.response_headers), response.body
+                        ctx.response_status,
+                        tuple(ctx.response_headers),
+                        response.body,
+                        response.cause,
                     )
             extra = ctx.response_extra
         self.response_status = response.status
         self.state = DONE
         self._stop_timer()
         self.front.gate.release(HELD | BACKPRESSURE)
-        if self.error_cause is None and response.status >= 400:
-            self.error_cause = "policy_rejected"
+        if self.error_cause is None:
+            if response.cause is not None:
+                self.error_cause = response.cause
+            elif response.status >= 400:
+                self.error_cause = "policy_rejected"
         self.front.send_error(self, response, extra)
 
     def _connect(self) -> None:

@@ -48,6 +48,13 @@ class IPolicy(Interface):
         `response_phase = False`: the chain then does not call it (one call less per request).
         """
 
+    # Optional: `on_done(ctx, status, cause)` is called once when a request this policy let
+    # through (its on_request returned None) has ended, whichever way it ended: `status` is
+    # what the client got (0 when nothing was sent), `cause` the `x-flexgw-error` cause of a
+    # gateway-made answer (None for the upstream's own response). The circuit breaker uses it.
+    # Optional: `chain_member = False` keeps a policy that only configures something at
+    # compile time (e.g. `idle-timeout-flex`) out of the per-request chain.
+
 
 class UsesRuntime:
     """For policies that do I/O or read time: the build context's reactor and clock, or the
@@ -135,6 +142,9 @@ class LocalResponse:
     status: int
     headers: tuple[tuple[bytes, bytes], ...] = ()
     body: bytes = b""
+    # The access log's and metrics' `error` cause for this answer (also sent as
+    # `x-flexgw-error` by `gateway_error`); None: "policy_rejected" for a 4xx/5xx.
+    cause: str | None = None
 
     @classmethod
     def json_error(
@@ -143,6 +153,15 @@ class LocalResponse:
         """A Flex-style JSON error body: `{"error": message}`."""
         body = json.dumps({"error": message}, separators=(",", ":")).encode("utf-8")
         return cls(status, ((b"Content-Type", b"application/json"), *headers), body)
+
+    @classmethod
+    def gateway_error(cls, status: int, cause: str, message: str) -> LocalResponse:
+        """A gateway-made error from a policy: JSON body and `x-flexgw-error: cause`, like the
+        gateway's own errors (flexgw.http.errors), so a 503 from a breaker is not mistaken
+        for the upstream's."""
+        body = json.dumps({"error": message}, separators=(",", ":")).encode("utf-8")
+        headers = ((b"Content-Type", b"application/json"), (b"x-flexgw-error", cause.encode()))
+        return cls(status, headers, body, cause)
 
     def render(self, close: bool, extra: HeaderList | None = None) -> bytes:
         """The complete HTTP/1.1 response bytes."""
@@ -177,6 +196,7 @@ class PolicyContext:
         "response_status",
         "response_timeout",
         "scheme",
+        "scratch",
         "stream_idle_timeout",
         "trusted_proxies",
         "vars",
@@ -202,6 +222,9 @@ class PolicyContext:
         # `Configuration.spec.http.trustedProxies` when the socket peer is one of them, else ():
         # only then may X-Forwarded-For hops be believed (walked from the right, not the left).
         self.trusted_proxies: tuple[Any, ...] = ()
+        # Per-request notes a policy keeps for its own later phases, keyed by the policy
+        # object (not visible to expressions, unlike `vars`); None until first used.
+        self.scratch: dict[Any, Any] | None = None
 
     @property
     def authentication(self) -> dict[str, Any] | None:

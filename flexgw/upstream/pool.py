@@ -57,7 +57,7 @@ class UpstreamPool:
         self.upstream = upstream
         self.max_idle = http.max_idle_per_upstream
         self.connect_timeout = http.connect_timeout
-        self.idle_timeout = timeouts.upstream_idle
+        self.idle_timeout = upstream.idle_timeout or timeouts.upstream_idle
         self.idle: list[UpstreamConnection] = []
         self.active = 0
         self.connecting = 0
@@ -167,9 +167,12 @@ class PoolManager:
             for pool in self.pools.values():
                 pool.max_idle = http.max_idle_per_upstream
                 pool.connect_timeout = http.connect_timeout
-                pool.idle_timeout = timeouts.upstream_idle
         for upstream in [u for u in self.pools if u not in upstreams]:
             self.pools.pop(upstream).retire()
+        for upstream in upstreams:
+            pool = self.pools.get(upstream)
+            if pool is not None:  # idle-timeout-flex may differ per Service, and change
+                pool.idle_timeout = upstream.idle_timeout or timeouts.upstream_idle
 
     def pool_for(self, upstream: Upstream) -> UpstreamPool:
         """The pool for `upstream`, created on first use."""
