@@ -140,6 +140,7 @@ def load_config(
         generation=generation,
         shared_storage=model.shared_storage,
         probe=model.probe,
+        proxy_protocol=model.proxy_protocol,
         logging=model.logging,
     )
     return ConfigState(

@@ -189,6 +189,7 @@ class GatewayPlan:
     shared_storage: SharedStorage | None = None  # Redis for rate-limit counters; None: memory
     probe: ProbeSettings = ProbeSettings()
     logging: LoggingSettings = attrs.field(factory=LoggingSettings)  # spec.logging, FLEX_LOG_LEVEL
+    proxy_protocol: bool = False  # spec.proxyProtocol.enabled: every listener expects PROXY v1/v2
 
     def listener_at(self, host: str, port: int) -> Listener | None:
         """The listener bound to (host, port), if this plan has one."""

@@ -128,6 +128,7 @@ class ResolvedModel:
     problems: tuple[Problem, ...]
     shared_storage: SharedStorage | None = None
     probe: ProbeSettings = attrs.field(factory=ProbeSettings)
+    proxy_protocol: bool = False  # Configuration.spec.proxyProtocol.enabled
     logging: LoggingSettings = attrs.field(factory=LoggingSettings)
 
 
@@ -182,9 +183,11 @@ def _env_float(environ: Mapping[str, str], name: str, problems: list[Problem]) -
 
 def _settings(
     configurations: Sequence[Resource], environ: Mapping[str, str], problems: list[Problem]
-) -> tuple[Timeouts, HttpSettings, ProbeSettings]:
+) -> tuple[Timeouts, HttpSettings, ProbeSettings, bool]:
     """Merge every Configuration (sorted by id; a later value for the same key wins, with a warning)."""
-    merged: dict[str, dict[str, tuple[Any, Origin]]] = {"timeouts": {}, "http": {}, "probe": {}}
+    merged: dict[str, dict[str, tuple[Any, Origin]]] = {
+        "timeouts": {}, "http": {}, "probe": {}, "proxyProtocol": {}
+    }
     for resource in configurations:
         for section, table in merged.items():
             block = resource.spec.get(section)
@@ -260,7 +263,9 @@ def _settings(
         port=int(first(pick("probe", "port"), probe_defaults.port)),
         host=str(pick("probe", "host") or probe_defaults.host),
     )
-    return timeouts, http, probe
+    # PROXY protocol on every listener (Flex: `proxyProtocol: {enabled: true}`; off by default).
+    proxy_protocol = pick("proxyProtocol", "enabled") is True
+    return timeouts, http, probe, proxy_protocol
 
 
 def _selector_matches(selector: Any, labels: Mapping[str, str]) -> bool:
@@ -458,7 +463,9 @@ def resolve(
             invalid=lookup_policy(pname) is not None,
         )
 
-    timeouts, http, probe = _settings(by_kind.get("Configuration", []), environ, problems)
+    timeouts, http, probe, proxy_protocol = _settings(
+        by_kind.get("Configuration", []), environ, problems
+    )
 
     shared_storage = resolve_shared_storage(by_kind.get("Configuration", []), problems)
     logging = resolve_logging(by_kind.get("Configuration", []), environ, problems)
@@ -486,6 +493,7 @@ def resolve(
         shared_storage=shared_storage,
         probe=probe,
         logging=logging,
+        proxy_protocol=proxy_protocol,
     )
 
 

@@ -29,7 +29,6 @@ API_VERSIONS = frozenset({"gateway.mulesoft.com/v1alpha1", "gateway.mulesoft.com
 ROUTE_POLICIES = {"route": "policy-route", "route-weighted": "policy-route-weighted"}
 UNSUPPORTED_CONFIGURATION = (
     "forwardProxy",
-    "proxyProtocol",
     "circuitBreaker",
     "defaultTLS",
     "tracing",

@@ -23,6 +23,7 @@ from flexgw.http.accesslog import (
     open_runtime_output,
 )
 from flexgw.ingress.front import IDLE, IngressFactory, IngressProtocol
+from flexgw.ingress.proxyprotocol import wrap_proxy_protocol
 from flexgw.policies.base import PolicyRuntime
 from flexgw.service.activation import LISTEN_FDS_START, InheritedSockets, listen_environ
 from flexgw.service.admin import ProbeServer
@@ -303,12 +304,20 @@ class GatewayService(Service):
             self.rng,
             metrics=self.metrics,
         )
+        # Outermost: the PROXY header comes before anything else (a TLS handshake included).
+        # The setting is read per connection, so a reload switches it without a rebind.
+        served = wrap_proxy_protocol(
+            factory,
+            lambda: self.plan.proxy_protocol,
+            self.reactor,
+            lambda: self.plan.http.header_timeout,
+        )
         inherited = self.inherited.take(*listener.address) if self.inherited else None
         try:
             if inherited is not None:  # systemd socket activation: no bind of our own
-                port = self.reactor.adoptStreamPort(inherited.fd, inherited.family, factory)
+                port = self.reactor.adoptStreamPort(inherited.fd, inherited.family, served)
             else:
-                port = self.reactor.listenTCP(listener.port, factory, interface=listener.host)
+                port = self.reactor.listenTCP(listener.port, served, interface=listener.host)
         except Exception as exc:  # noqa: BLE001 (CannotListenError and friends: report, serve the rest)
             _log.error(
                 "Cannot listen on {host}:{port}: {error}",
