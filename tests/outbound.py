@@ -9,8 +9,10 @@ from twisted.trial.unittest import TestCase
 from tests.harness import Gateway
 
 
-def service_api(port: int, upstream_port: int, upstream_host: str = "127.0.0.1") -> str:
-    """ApiInstance `api` on 127.0.0.1:port, routed to Service `partner` at upstream_host:upstream_port."""
+def service_api(
+    port: int, upstream_port: int, upstream_host: str = "127.0.0.1", scheme: str = "http"
+) -> str:
+    """ApiInstance `api` on 127.0.0.1:port, routed to Service `partner` at scheme://upstream_host:upstream_port."""
     return textwrap.dedent(
         f"""\
         apiVersion: gateway.mulesoft.com/v1alpha1
@@ -23,7 +25,7 @@ def service_api(port: int, upstream_port: int, upstream_host: str = "127.0.0.1")
         kind: Service
         metadata: {{name: partner}}
         spec:
-          address: http://{upstream_host}:{upstream_port}
+          address: {scheme}://{upstream_host}:{upstream_port}
         ---
         apiVersion: gateway.mulesoft.com/v1alpha1
         kind: PolicyBinding

@@ -106,6 +106,24 @@ def _compile_route(
     return route
 
 
+def via_forward_proxy(upstream: Upstream, proxy: Any) -> Upstream:
+    """`upstream` reached through `proxy` (unless its noProxy matches the host): plain HTTP in
+    absolute form with the proxy's credentials on the request line's heels, https by CONNECT."""
+    if proxy.bypasses(upstream.host):
+        return upstream
+    if upstream.scheme != "http":
+        return attrs.evolve(upstream, proxy=proxy)
+    line_end = b" HTTP/1.1\r\n"
+    if proxy.authorization is not None:
+        line_end += b"Proxy-Authorization: " + proxy.authorization + b"\r\n"
+    return attrs.evolve(
+        upstream,
+        proxy=proxy,
+        request_prefix=b"http://" + upstream.authority.encode("latin-1"),
+        request_line_end=line_end,
+    )
+
+
 def _source_rank(policy: PolicySpec) -> int:
     if policy.kind == "cors-flex":
         return 0  # CORS always runs first, whatever its order
@@ -260,6 +278,12 @@ def compile_model(
     blocked_upstreams = dict(model.blocked_upstreams)
     upstreams = dict(model.upstreams)
     upstreams_changed = False  # (idle_timeout is not part of an Upstream's equality)
+    if model.forward_proxy is not None:
+        for key, upstream in upstreams.items():
+            routed = via_forward_proxy(upstream, model.forward_proxy)
+            if routed is not upstream:
+                upstreams[key] = routed
+                upstreams_changed = True
     for key, specs in sorted(model.service_policies.items()):
         built = build_policies(specs, None, runtime, problems)
         if built is None:

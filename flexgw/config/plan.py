@@ -25,6 +25,14 @@ class Upstream:
     # `idle-timeout-flex` bound to the Service: its pool's idle timeout (None: the gateway's).
     # Not part of the identity: a changed value is applied to the existing pool.
     idle_timeout: float | None = attrs.field(default=None, eq=False)
+    # Configuration.spec.forwardProxy (a flexgw.config.forwardproxy.ForwardProxy) unless its
+    # noProxy matches the host: connections go to the proxy, CONNECT for https.
+    proxy: Any = None
+    # The request target prefix and the end of the request line, precomputed: for a plain-HTTP
+    # upstream behind the proxy, absolute-form (`http://authority`) and the Proxy-Authorization
+    # header line; otherwise empty and the plain line end (no per-request check).
+    request_prefix: bytes = attrs.field(default=b"", eq=False)
+    request_line_end: bytes = attrs.field(default=b" HTTP/1.1\r\n", eq=False, repr=False)
 
     @property
     def authority(self) -> str:

@@ -19,6 +19,7 @@ from flexgw.config.plan import (
     Timeouts,
     Upstream,
 )
+from flexgw.config.forwardproxy import ForwardProxy, resolve_forward_proxy
 from flexgw.config.storage import SharedStorage, resolve_shared_storage
 from flexgw.config.validate import (
     ROUTE_POLICIES,
@@ -129,6 +130,7 @@ class ResolvedModel:
     shared_storage: SharedStorage | None = None
     probe: ProbeSettings = attrs.field(factory=ProbeSettings)
     proxy_protocol: bool = False  # Configuration.spec.proxyProtocol.enabled
+    forward_proxy: ForwardProxy | None = None  # Configuration.spec.forwardProxy
     logging: LoggingSettings = attrs.field(factory=LoggingSettings)
 
 
@@ -468,6 +470,7 @@ def resolve(
     )
 
     shared_storage = resolve_shared_storage(by_kind.get("Configuration", []), problems)
+    forward_proxy = resolve_forward_proxy(by_kind.get("Configuration", []), problems)
     logging = resolve_logging(by_kind.get("Configuration", []), environ, problems)
 
     api_specs = []
@@ -494,6 +497,7 @@ def resolve(
         probe=probe,
         logging=logging,
         proxy_protocol=proxy_protocol,
+        forward_proxy=forward_proxy,
     )
 
 

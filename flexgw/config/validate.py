@@ -28,7 +28,6 @@ TARGET_KINDS = {kind.lower(): kind for kind in ("ApiInstance", "Service", "Selec
 API_VERSIONS = frozenset({"gateway.mulesoft.com/v1alpha1", "gateway.mulesoft.com/v1beta1"})
 ROUTE_POLICIES = {"route": "policy-route", "route-weighted": "policy-route-weighted"}
 UNSUPPORTED_CONFIGURATION = (
-    "forwardProxy",
     "circuitBreaker",
     "defaultTLS",
     "tracing",

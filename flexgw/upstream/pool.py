@@ -11,6 +11,7 @@ from twisted.python.failure import Failure
 
 from flexgw.config.plan import HttpSettings, Timeouts, Upstream
 from flexgw.upstream.connection import UpstreamConnection
+from flexgw.upstream.tunnel import ConnectTunnelFactory
 
 
 class ConnectionWaiter(TypingProtocol):
@@ -80,12 +81,25 @@ class UpstreamPool:
                     return
                 connection.abort()
         self.connecting += 1
-        self.reactor.connectTCP(
-            self.upstream.host,
-            self.upstream.port,
-            _Connect(self, waiter),
-            timeout=self.connect_timeout,
-        )
+        upstream = self.upstream
+        factory: ClientFactory = _Connect(self, waiter)
+        host, port = upstream.host, upstream.port
+        proxy = upstream.proxy
+        if proxy is not None:
+            # Configuration.spec.forwardProxy: connect to the proxy; plain HTTP then goes in
+            # absolute form (see Upstream.request_prefix), https through a CONNECT tunnel.
+            host, port = proxy.host, proxy.port
+            if upstream.scheme == "https":
+                factory = ConnectTunnelFactory(
+                    factory,
+                    upstream.host,
+                    upstream.port,
+                    proxy.authorization,
+                    self.clock,
+                    self.connect_timeout,
+                    proxy.authority.decode("latin-1"),
+                )
+        self.reactor.connectTCP(host, port, factory, timeout=self.connect_timeout)
 
     def connection_made(self, connection: UpstreamConnection) -> None:
         """A new connection is up: give it to the waiter that asked for it."""

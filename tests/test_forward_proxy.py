@@ -1,0 +1,169 @@
+"""Configuration.spec.forwardProxy: upstream Services reached through a recording local proxy (absolute-form for http, CONNECT for https), credentials, noProxy, refusals."""
+
+from __future__ import annotations
+
+import base64
+import textwrap
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from flexgw.config.forwardproxy import ForwardProxy
+from flexgw.testing import client
+from flexgw.testing.upstream import RecordingUpstream
+from tests.harness import Gateway, free_port
+from tests.outbound import service_api
+from tests.recordingproxy import RecordingProxy
+
+
+def forward_proxy(address: str, extra: str = "", auth: str = "") -> str:
+    """A Configuration document with forwardProxy at `address`, `auth` (a basicAuth value)
+    and `extra` YAML (e.g. noProxy) beside `https`."""
+    body = textwrap.indent(textwrap.dedent(extra).strip("\n"), "    ")
+    return (
+        "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: Configuration\n"
+        "metadata: {name: corp-proxy}\nspec:\n  forwardProxy:\n"
+        f"    https:\n      address: {address}\n"
+        + (f"      basicAuth: {auth}\n" if auth else "")
+        + (body + "\n" if body else "")
+    )
+
+
+class BypassTests(TestCase):
+    """noProxy matching."""
+
+    def test_names_suffixes_star_and_networks(self) -> None:
+        """Exact names, .suffix entries, CIDR ranges; everything with *."""
+        import ipaddress
+
+        proxy = ForwardProxy(
+            "proxy", 3128, no_proxy=("fluentd", ".svc.cluster.local"),
+            no_proxy_networks=(ipaddress.ip_network("10.0.0.0/8"),),
+        )
+        self.assertTrue(proxy.bypasses("FluentD"))
+        self.assertTrue(proxy.bypasses("api.ns.svc.cluster.local"))
+        self.assertTrue(proxy.bypasses("svc.cluster.local"))
+        self.assertTrue(proxy.bypasses("10.1.2.3"))
+        self.assertFalse(proxy.bypasses("fluentd.example.com"))
+        self.assertFalse(proxy.bypasses("evilsvc.cluster.local"))
+        self.assertFalse(proxy.bypasses("11.1.2.3"))
+        self.assertTrue(ForwardProxy("p", 1, no_proxy=("*",)).bypasses("anything"))
+
+
+class ForwardProxyEndToEndTests(TestCase):
+    """A gateway whose Service is reached through a recording proxy."""
+
+    def setUp(self) -> None:
+        """The proxy, a recording upstream, a gateway port."""
+        self.proxy = RecordingProxy(reactor)
+        self.proxy_port = self.proxy.listen()
+        self.addCleanup(self.proxy.stop)
+        self.upstream = RecordingUpstream(reactor=reactor)
+        self.upstream.listen(reactor)
+        self.addCleanup(self.upstream.stop)
+        self.port = free_port()
+
+    def start(self, api: str, proxy_config: str) -> Gateway:
+        """A started gateway with `api` and the forwardProxy document."""
+        gateway = Gateway(self, {"api.yaml": api + proxy_config})
+        gateway.start()
+        return gateway
+
+    async def get(self) -> client.Response:
+        """One GET through the gateway."""
+        return await client.request(
+            reactor, "127.0.0.1", self.port, b"GET /x?q=1 HTTP/1.1\r\nHost: t\r\n\r\n"
+        )
+
+    async def test_http_service_absolute_form_with_credentials(self) -> None:
+        """Plain HTTP: absolute-form to the proxy with Proxy-Authorization (basicAuth); the
+        Service's name is never resolved by the gateway."""
+        gateway = self.start(
+            service_api(self.port, 8080, upstream_host="api.partner.example"),
+            forward_proxy(
+                f"http://127.0.0.1:{self.proxy_port}",
+                auth="{username: gw, password: 'p@ss'}",
+            ),
+        )
+        self.assertEqual([p for p in gateway.service.state.problems if p.severity == "error"], [])
+        first = await self.get()
+        second = await self.get()
+        self.assertEqual((first.status, second.status), (200, 200))
+        self.assertEqual(first.body, b"via proxy http://api.partner.example:8080/x?q=1")
+        request = self.proxy.requests[0]
+        self.assertEqual((request["method"], request["target"]),
+                         (b"GET", b"http://api.partner.example:8080/x?q=1"))
+        self.assertEqual(self.proxy.header(0, b"proxy-authorization"),
+                         [b"Basic " + base64.b64encode(b"gw:p@ss")])
+        self.assertEqual(self.proxy.header(0, b"host"), [b"api.partner.example:8080"])
+        self.assertEqual(len(self.proxy.connections), 1)  # the pooled proxy connection is reused
+
+    async def test_client_proxy_authorization_never_forwarded(self) -> None:
+        """A client's own Proxy-Authorization is hop-by-hop: only the gateway's reaches the proxy."""
+        self.start(
+            service_api(self.port, 8080, upstream_host="api.partner.example"),
+            forward_proxy(f"http://gw:secret@127.0.0.1:{self.proxy_port}"),
+        )
+        response = await client.request(
+            reactor, "127.0.0.1", self.port,
+            b"GET /x HTTP/1.1\r\nHost: t\r\nProxy-Authorization: Basic Y2xpZW50OnB3\r\n\r\n",
+        )
+        self.assertEqual(response.status, 200)
+        self.assertEqual(self.proxy.header(0, b"proxy-authorization"),
+                         [b"Basic " + base64.b64encode(b"gw:secret")])
+
+    async def test_https_service_connect_tunnel(self) -> None:
+        """https Service: CONNECT host:port with the credentials, then the request inside the
+        tunnel reaches the upstream in origin form."""
+        self.start(
+            service_api(self.port, self.upstream.address[1], scheme="https"),
+            forward_proxy(
+                f"http://127.0.0.1:{self.proxy_port}", auth="{username: gw, password: pw}"
+            ),
+        )
+        response = await self.get()
+        self.assertEqual(response.status, 200)
+        request = self.proxy.requests[0]
+        self.assertEqual(
+            (request["method"], request["target"]),
+            (b"CONNECT", f"127.0.0.1:{self.upstream.address[1]}".encode()),
+        )
+        self.assertEqual(self.proxy.header(0, b"proxy-authorization"),
+                         [b"Basic " + base64.b64encode(b"gw:pw")])
+        self.assertEqual(self.upstream.received[0].target, b"/x?q=1")
+        self.assertEqual(self.upstream.received[0].header("proxy-authorization"), [])
+
+    async def test_no_proxy_connects_directly(self) -> None:
+        """A Service whose host is in noProxy is reached directly."""
+        self.start(
+            service_api(self.port, self.upstream.address[1]),
+            forward_proxy(f"http://127.0.0.1:{self.proxy_port}", 'noProxy: ["127.0.0.0/8"]'),
+        )
+        self.assertEqual((await self.get()).status, 200)
+        self.assertEqual(self.upstream.received[0].target, b"/x?q=1")
+        self.assertEqual(self.proxy.requests, [])
+
+    async def test_refused_tunnel_is_503(self) -> None:
+        """The proxy answers 407 to CONNECT: 503 upstream_connect_failure, nothing upstream."""
+        self.proxy.refuse = 407
+        self.start(
+            service_api(self.port, self.upstream.address[1], scheme="https"),
+            forward_proxy(f"http://127.0.0.1:{self.proxy_port}"),
+        )
+        response = await self.get()
+        self.assertEqual(response.status, 503)
+        self.assertEqual(response.header("x-flexgw-error"), [b"upstream_connect_failure"])
+        self.assertEqual(self.upstream.received, [])
+
+    async def test_config_errors(self) -> None:
+        """An https:// proxy or one without address is an error located in the file; direct."""
+        gateway = self.start(
+            service_api(self.port, self.upstream.address[1]),
+            forward_proxy("https://127.0.0.1:3128"),
+        )
+        errors = [p for p in gateway.service.state.problems if p.severity == "error"]
+        self.assertEqual(len(errors), 1)
+        self.assertIn("https:// proxy", errors[0].message)
+        self.assertIsNotNone(errors[0].line)
+        self.assertEqual((await self.get()).status, 200)  # served, directly
+        self.assertEqual(self.proxy.requests, [])
