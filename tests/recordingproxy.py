@@ -41,11 +41,17 @@ class ProxyProtocol(Protocol):
             return
         self.buffer += data
         while b"\r\n\r\n" in self.buffer and self.pipe is None:
-            head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+            head, rest = self.buffer.split(b"\r\n\r\n", 1)
             lines = head.split(b"\r\n")
             method, target, _ = lines[0].split(b" ", 2)
             headers = [tuple(line.split(b": ", 1)) for line in lines[1:]]
-            self.factory.requests.append({"method": method, "target": target, "headers": headers})
+            length = sum(int(v) for k, v in headers if k.lower() == b"content-length")
+            if len(rest) < length:
+                return  # wait for the whole body
+            body, self.buffer = rest[:length], rest[length:]
+            self.factory.requests.append(
+                {"method": method, "target": target, "headers": headers, "body": body}
+            )
             self.factory._arrived()
             if self.factory.refuse is not None:
                 self.transport.write(
@@ -57,9 +63,11 @@ class ProxyProtocol(Protocol):
             if method == b"CONNECT":
                 self._tunnel(target)
                 return
-            body = b"via proxy " + target
+            status, body = 200, b"via proxy " + target
+            if self.factory.answer is not None:
+                status, body = self.factory.answer(target)
             self.transport.write(
-                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+                b"HTTP/1.1 %d OK\r\nContent-Length: %d\r\n\r\n" % (status, len(body)) + body
             )
 
     def _tunnel(self, target: bytes) -> None:
@@ -103,6 +111,8 @@ class RecordingProxy(Factory):
         self.reactor = reactor
         self.requests: list[dict[str, Any]] = []
         self.refuse: int | None = None
+        # `answer(target) -> (status, body)` for absolute-form requests (default: 200 "via proxy ...")
+        self.answer: Any = None
         self.connections: set[ProxyProtocol] = set()
         self.port: Any = None
 

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import base64
+import json
 import textwrap
 
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
+from twisted.web.client import Agent, readBody
 
 from flexgw.config.forwardproxy import ForwardProxy
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream
+from flexgw.upstream.sidecalls import ForwardProxyAgent, _TunnelEndpoints
 from tests.harness import Gateway, free_port
-from tests.outbound import service_api
+from tests.keyserver import JsonServer
+from tests.outbound import outbound_binding, service_api
 from tests.recordingproxy import RecordingProxy
 
 
@@ -167,3 +171,64 @@ class ForwardProxyEndToEndTests(TestCase):
         self.assertIsNotNone(errors[0].line)
         self.assertEqual((await self.get()).status, 200)  # served, directly
         self.assertEqual(self.proxy.requests, [])
+
+
+class SideCallTests(TestCase):
+    """Policies' side calls through the proxy (flexgw.upstream.sidecalls)."""
+
+    def setUp(self) -> None:
+        """The recording proxy."""
+        self.proxy = RecordingProxy(reactor)
+        self.proxy_port = self.proxy.listen()
+        self.addCleanup(self.proxy.stop)
+
+    async def test_oauth_token_fetched_through_proxy(self) -> None:
+        """credential-injection-oauth2-flex's token request goes to the proxy in absolute form
+        with the proxy's credentials; the token reaches the upstream."""
+        self.proxy.answer = lambda target: (200, b'{"access_token": "px-1", "expires_in": 60}')
+        upstream = RecordingUpstream(reactor=reactor)
+        upstream.listen(reactor)
+        self.addCleanup(upstream.stop)
+        port = free_port()
+        bindings = outbound_binding(
+            "oauth", "credential-injection-oauth2-flex",
+            "oauthService: http://idp.example/token\nclientId: id\nclientSecret: sec\n",
+        )
+        gateway = Gateway(self, {"api.yaml": service_api(port, upstream.address[1]) + bindings
+                                 + forward_proxy(f"http://gw:pw@127.0.0.1:{self.proxy_port}",
+                                                 'noProxy: ["127.0.0.1"]')})
+        gateway.start()
+        response = await client.request(
+            reactor, "127.0.0.1", port, b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n"
+        )
+        self.assertEqual(response.status, 200)
+        self.assertEqual(upstream.received[0].header("authorization"), [b"Bearer px-1"])
+        token_call = self.proxy.requests[0]
+        self.assertEqual((token_call["method"], token_call["target"]),
+                         (b"POST", b"http://idp.example/token"))
+        self.assertEqual(self.proxy.header(0, b"proxy-authorization"),
+                         [b"Basic " + base64.b64encode(b"gw:pw")])
+        self.assertIn(b"grant_type=client_credentials", token_call["body"])
+
+    async def test_tunnel_endpoint_for_side_calls(self) -> None:
+        """The tunnel endpoints (used for https side calls) carry a request to the target
+        through CONNECT; noProxy hosts go direct."""
+        server = JsonServer(lambda request: (200, {"ok": True}))
+        server.listen(reactor)
+        self.addCleanup(server.stop)
+        target_port = server.port.getHost().port
+        proxy = ForwardProxy("127.0.0.1", self.proxy_port, authorization=b"Basic eDp5")
+        agent = Agent.usingEndpointFactory(reactor, _TunnelEndpoints(reactor, proxy, None))
+        response = await agent.request(b"GET", f"http://127.0.0.1:{target_port}/k".encode())
+        self.assertEqual(json.loads(await readBody(response)), {"ok": True})
+        self.assertEqual(self.proxy.requests[0]["method"], b"CONNECT")
+        self.assertEqual(self.proxy.requests[0]["target"], f"127.0.0.1:{target_port}".encode())
+        self.assertEqual(self.proxy.header(0, b"proxy-authorization"), [b"Basic eDp5"])
+        self.assertEqual(server.requests[0]["path"], b"/k")
+        direct = ForwardProxyAgent(
+            reactor, ForwardProxy("127.0.0.1", self.proxy_port, no_proxy=("localhost",)),
+        )
+        response = await direct.request(b"GET", f"http://localhost:{target_port}/d".encode())
+        await readBody(response)
+        self.assertEqual(len(self.proxy.requests), 1)  # not through the proxy
+        self.assertEqual(server.requests[1]["path"], b"/d")

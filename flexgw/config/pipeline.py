@@ -123,6 +123,9 @@ def load_config(
     use_shared_storage = getattr(runtime, "use_shared_storage", None)
     if use_shared_storage is not None:  # before policies are built: they choose their store
         use_shared_storage(model.shared_storage)
+    use_forward_proxy = getattr(runtime, "use_forward_proxy", None)
+    if use_forward_proxy is not None:  # before policies are built: their side-call agent
+        use_forward_proxy(model.forward_proxy)
     compiled = compile_model(
         model, prefer=previous.served if previous is not None else (), runtime=runtime
     )

@@ -104,6 +104,20 @@ class PolicyRuntime:
     message_log: Any = None  # a flexgw.http.accesslog.MessageLog, or None: the Twisted log
     redis: Any = None  # a flexgw.storage.redis.RedisClient while the plan has shared storage
     shared_storage: Any = None  # the flexgw.config.plan.SharedStorage `redis` was made for
+    side_agent: Any = None  # the treq Agent policies' side calls use (None: treq's default)
+    forward_proxy: Any = None  # Configuration.spec.forwardProxy the side agent was made for
+
+    def use_forward_proxy(self, proxy: Any) -> None:
+        """Called with each new plan's forward proxy (before its policies are built): side
+        calls go through it (flexgw.upstream.sidecalls) while one is configured."""
+        if proxy == self.forward_proxy:
+            return
+        self.forward_proxy = proxy
+        self.side_agent = None
+        if proxy is not None:
+            from flexgw.upstream.sidecalls import ForwardProxyAgent
+
+            self.side_agent = ForwardProxyAgent(self.reactor, proxy)
 
     def use_shared_storage(self, settings: Any) -> None:
         """Called with each new plan's shared storage (before its policies are built): a new

@@ -165,8 +165,10 @@ class OAuth2InjectionPolicy(UsesRuntime):
         clock: Any = None,
         reactor: Any = None,
         fetch: Any = None,
+        agent: Any = None,
     ) -> None:
         self.url = url
+        self._agent = agent  # the runtime's side-call Agent (forward proxy, TLS), or None
         self._request_headers = request_headers
         self._request_body = request_body
         self.header = header
@@ -225,7 +227,7 @@ class OAuth2InjectionPolicy(UsesRuntime):
         return None
 
     def _start_fetch(self) -> None:
-        fetch = self._fetch or treq_token_fetcher(self._runtime_reactor())
+        fetch = self._fetch or treq_token_fetcher(self._runtime_reactor(), self._agent)
         self.fetches += 1
         try:
             d = fetch(self.url, self._request_headers, self._request_body, self.timeout)
@@ -362,6 +364,7 @@ class OAuth2InjectionKind:
             clock=context.clock,
             reactor=context.reactor,
             fetch=getattr(context.services, "token_fetcher", None),
+            agent=getattr(context.services, "side_agent", None),
         )
 
 
