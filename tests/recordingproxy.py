@@ -74,6 +74,7 @@ class ProxyProtocol(Protocol):
         host, _, port = target.decode().rpartition(":")
         self.transport.pauseProducing()
         pipe = _Pipe(self)
+        host = self.factory.names.get(host, host)  # the proxy's own "DNS"
         endpoint = TCP4ClientEndpoint(self.factory.reactor, host.strip("[]"), int(port))
         d = connectProtocol(endpoint, pipe)
 
@@ -111,6 +112,7 @@ class RecordingProxy(Factory):
         self.reactor = reactor
         self.requests: list[dict[str, Any]] = []
         self.refuse: int | None = None
+        self.names: dict[str, str] = {}  # host name -> address, for CONNECT targets
         # `answer(target) -> (status, body)` for absolute-form requests (default: 200 "via proxy ...")
         self.answer: Any = None
         self.connections: set[ProxyProtocol] = set()

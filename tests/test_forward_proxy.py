@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import textwrap
 
 from twisted.internet import reactor
@@ -12,6 +13,7 @@ from twisted.web.client import Agent, readBody
 
 from flexgw.config.forwardproxy import ForwardProxy
 from flexgw.testing import client
+from flexgw.testing.certs import CertificateAuthority, server_options
 from flexgw.testing.upstream import RecordingUpstream
 from flexgw.upstream.sidecalls import ForwardProxyAgent, _TunnelEndpoints
 from tests.harness import Gateway, free_port
@@ -116,26 +118,58 @@ class ForwardProxyEndToEndTests(TestCase):
         self.assertEqual(self.proxy.header(0, b"proxy-authorization"),
                          [b"Basic " + base64.b64encode(b"gw:secret")])
 
+    def tls_upstream(self, name: str) -> tuple[RecordingUpstream, str]:
+        """A TLS recording upstream with a certificate for `name`; returns it and the CA file."""
+        directory = os.path.abspath(self.mktemp())
+        ca = CertificateAuthority("partner CA")
+        ca_path = ca.write(directory, "ca")
+        upstream = RecordingUpstream(reactor=reactor)
+        upstream.listen(reactor, tls=server_options(ca.issue("partner", dns=[name])))
+        self.addCleanup(upstream.stop)
+        self.proxy.names["api.partner.test"] = "127.0.0.1"
+        return upstream, ca_path
+
+    def tls_binding(self, ca_path: str) -> str:
+        """tls-outbound on Service `partner`, trusting `ca_path`."""
+        return outbound_binding("partner-tls", "tls-outbound", f'trustedCA: "file://{ca_path}"\n')
+
     async def test_https_service_connect_tunnel(self) -> None:
-        """https Service: CONNECT host:port with the credentials, then the request inside the
-        tunnel reaches the upstream in origin form."""
-        self.start(
-            service_api(self.port, self.upstream.address[1], scheme="https"),
+        """https Service: CONNECT host:port with the credentials, then TLS verified against the
+        Service's host name inside the tunnel; the gateway never resolves the name itself."""
+        upstream, ca_path = self.tls_upstream("api.partner.test")
+        gateway = self.start(
+            service_api(self.port, upstream.address[1], "api.partner.test", scheme="https")
+            + self.tls_binding(ca_path),
             forward_proxy(
                 f"http://127.0.0.1:{self.proxy_port}", auth="{username: gw, password: pw}"
             ),
         )
-        response = await self.get()
-        self.assertEqual(response.status, 200)
+        self.assertEqual([str(p) for p in gateway.service.state.errors], [])
+        first, second = await self.get(), await self.get()
+        self.assertEqual((first.status, second.status), (200, 200))
         request = self.proxy.requests[0]
         self.assertEqual(
             (request["method"], request["target"]),
-            (b"CONNECT", f"127.0.0.1:{self.upstream.address[1]}".encode()),
+            (b"CONNECT", f"api.partner.test:{upstream.address[1]}".encode()),
         )
         self.assertEqual(self.proxy.header(0, b"proxy-authorization"),
                          [b"Basic " + base64.b64encode(b"gw:pw")])
-        self.assertEqual(self.upstream.received[0].target, b"/x?q=1")
-        self.assertEqual(self.upstream.received[0].header("proxy-authorization"), [])
+        self.assertEqual(len(self.proxy.requests), 1)  # one tunnel, pooled, for both requests
+        self.assertEqual([r.target for r in upstream.received], [b"/x?q=1", b"/x?q=1"])
+        self.assertEqual(upstream.received[0].header("proxy-authorization"), [])
+
+    async def test_tunnel_tls_still_verified(self) -> None:
+        """A certificate for another name, through the tunnel: 502 upstream_tls."""
+        upstream, ca_path = self.tls_upstream("someone-else.test")
+        self.start(
+            service_api(self.port, upstream.address[1], "api.partner.test", scheme="https")
+            + self.tls_binding(ca_path),
+            forward_proxy(f"http://127.0.0.1:{self.proxy_port}"),
+        )
+        response = await self.get()
+        self.assertEqual(response.status, 502)
+        self.assertEqual(response.header("x-flexgw-error"), [b"upstream_tls"])
+        self.assertEqual(upstream.received, [])
 
     async def test_no_proxy_connects_directly(self) -> None:
         """A Service whose host is in noProxy is reached directly."""

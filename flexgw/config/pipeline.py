@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 
-from flexgw.config.compile import compile_model
+from flexgw.config.compile import compile_default_tls, compile_model
 from flexgw.config.load import discover_files, load_file
 from flexgw.config.plan import GatewayPlan, Problem
 from flexgw.config.resolve import resolve
@@ -24,6 +24,7 @@ class ConfigState:
     resources: Mapping[ResourceId, Resource] = attrs.field(factory=dict)
     files: Mapping[str, tuple[ResourceId, ...]] = attrs.field(factory=dict)
     served: frozenset[str] = frozenset()  # ApiInstance keys served by the plan
+    tls_good: Mapping[str, Any] = attrs.field(factory=dict)  # last good TLS settings by binding
 
     @property
     def problems(self) -> tuple[Problem, ...]:
@@ -126,8 +127,16 @@ def load_config(
     use_forward_proxy = getattr(runtime, "use_forward_proxy", None)
     if use_forward_proxy is not None:  # before policies are built: their side-call agent
         use_forward_proxy(model.forward_proxy)
+    side_tls, side_problems = compile_default_tls(model)
+    problems.extend(side_problems)
+    use_side_tls = getattr(runtime, "use_side_tls", None)
+    if use_side_tls is not None:  # before policies are built: their side calls use its Agent
+        use_side_tls(side_tls)
     compiled = compile_model(
-        model, prefer=previous.served if previous is not None else (), runtime=runtime
+        model,
+        prefer=previous.served if previous is not None else (),
+        runtime=runtime,
+        last_good_tls=previous.tls_good if previous is not None else {},
     )
     problems.extend(compiled.problems)
 
@@ -145,10 +154,14 @@ def load_config(
         probe=model.probe,
         proxy_protocol=model.proxy_protocol,
         logging=model.logging,
+        tls_files=tuple(
+            sorted(set(compiled.tls_files) | set(side_tls.files if side_tls else ()))
+        ),
     )
     return ConfigState(
         plan=plan,
         resources=chosen,
         files={path: tuple(rids) for path, rids in by_file.items()},
         served=compiled.served,
+        tls_good=compiled.tls_good,
     )

@@ -33,6 +33,9 @@ class Upstream:
     # header line; otherwise empty and the plain line end (no per-request check).
     request_prefix: bytes = attrs.field(default=b"", eq=False)
     request_line_end: bytes = attrs.field(default=b" HTTP/1.1\r\n", eq=False, repr=False)
+    # flexgw.tls.contexts.ClientTLS for TLS upstreams (https://, or a tls-outbound binding);
+    # compares by settings, so an unchanged Service keeps its pool across reloads.
+    tls: Any = None
 
     @property
     def authority(self) -> str:
@@ -104,10 +107,11 @@ class Api:
 class Listener:
     """One bound address and the APIs it serves, longest base path first."""
 
-    scheme: str  # "http" (TLS arrives with its own issue)
+    scheme: str  # "http", or "https" when the port has a `tls` binding
     host: str  # "0.0.0.0", "127.0.0.1", "::" ...
     port: int
     apis: tuple[Api, ...]
+    tls: Any = None  # flexgw.tls.contexts.ServerTLS of an https listener
 
     @property
     def address(self) -> tuple[str, int]:
@@ -198,6 +202,7 @@ class GatewayPlan:
     probe: ProbeSettings = ProbeSettings()
     logging: LoggingSettings = attrs.field(factory=LoggingSettings)  # spec.logging, FLEX_LOG_LEVEL
     proxy_protocol: bool = False  # spec.proxyProtocol.enabled: every listener expects PROXY v1/v2
+    tls_files: tuple[str, ...] = ()  # certificate/key/CA files the plan read (watched for changes)
 
     def listener_at(self, host: str, port: int) -> Listener | None:
         """The listener bound to (host, port), if this plan has one."""

@@ -104,8 +104,20 @@ class PolicyRuntime:
     message_log: Any = None  # a flexgw.http.accesslog.MessageLog, or None: the Twisted log
     redis: Any = None  # a flexgw.storage.redis.RedisClient while the plan has shared storage
     shared_storage: Any = None  # the flexgw.config.plan.SharedStorage `redis` was made for
+    side_tls: Any = None  # TLSSettings of Configuration.defaultTLS.outboundPolicyCalls, or None
+    forward_proxy: Any = None  # Configuration.spec.forwardProxy, or None
     side_agent: Any = None  # the treq Agent policies' side calls use (None: treq's default)
-    forward_proxy: Any = None  # Configuration.spec.forwardProxy the side agent was made for
+    # --workers: an AMP protocol to the supervisor, which holds the rate-limit and spike-control
+    # counters of every worker (flexgw.storage.supervised); None in a single process
+    supervisor: Any = None
+
+    def use_side_tls(self, settings: Any) -> None:
+        """Called with each new plan's `defaultTLS.outboundPolicyCalls` settings (before its
+        policies are built): a new Agent for side calls when they changed."""
+        if settings == self.side_tls:
+            return
+        self.side_tls = settings
+        self._make_side_agent()
 
     def use_forward_proxy(self, proxy: Any) -> None:
         """Called with each new plan's forward proxy (before its policies are built): side
@@ -113,11 +125,24 @@ class PolicyRuntime:
         if proxy == self.forward_proxy:
             return
         self.forward_proxy = proxy
-        self.side_agent = None
-        if proxy is not None:
+        self._make_side_agent()
+
+    def _make_side_agent(self) -> None:
+        """The side-call Agent for the current TLS settings and forward proxy."""
+        tls_policy = direct = None
+        if self.side_tls is not None:
+            from twisted.web.client import Agent
+
+            from flexgw.tls.contexts import SideCallTLSPolicy
+
+            tls_policy = SideCallTLSPolicy(self.side_tls)
+            direct = Agent(self.reactor, contextFactory=tls_policy)
+        if self.forward_proxy is not None:
             from flexgw.upstream.sidecalls import ForwardProxyAgent
 
-            self.side_agent = ForwardProxyAgent(self.reactor, proxy)
+            self.side_agent = ForwardProxyAgent(self.reactor, self.forward_proxy, direct, tls_policy)
+        else:
+            self.side_agent = direct
 
     def use_shared_storage(self, settings: Any) -> None:
         """Called with each new plan's shared storage (before its policies are built): a new

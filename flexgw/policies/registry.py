@@ -30,6 +30,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "flexgw.policies.credential_injection",
     "flexgw.policies.oauth2_injection",
     "flexgw.policies.circuit_breaker",
+    "flexgw.policies.tls",
 )
 
 _kinds: dict[str, Any] = {}
