@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import textwrap
@@ -11,6 +12,7 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
 
+from flexgw import cli
 from flexgw.config.forwardproxy import ForwardProxy
 from flexgw.testing import client
 from flexgw.testing.certs import CertificateAuthority, server_options
@@ -266,3 +268,28 @@ class SideCallTests(TestCase):
         await readBody(response)
         self.assertEqual(len(self.proxy.requests), 1)  # not through the proxy
         self.assertEqual(server.requests[1]["path"], b"/d")
+
+
+class DumpTests(TestCase):
+    """`flexgw dump` shows the proxy route, the idle timeout and PROXY protocol, no secrets."""
+
+    def test_dump(self) -> None:
+        """viaProxy names the proxy (not its credentials); noProxy hosts show none."""
+        conf = self.mktemp()
+        os.makedirs(conf)
+        text = (
+            service_api(8081, 443, "api.partner.example", scheme="https")
+            + outbound_binding("idle", "idle-timeout-flex", "timeout: 3\n")
+            + forward_proxy("http://proxy.corp:3128", auth="{username: u, password: s3cret}")
+            + "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: Configuration\n"
+            "metadata: {name: lb}\nspec:\n  proxyProtocol: {enabled: true}\n"
+        )
+        with open(os.path.join(conf, "api.yaml"), "w", encoding="utf-8") as handle:
+            handle.write(text)
+        out = io.StringIO()
+        self.assertEqual(cli.main(["dump", conf], stdout=out, environ={}), 0)
+        data = json.loads(out.getvalue())
+        upstream = data["upstreams"]["default/partner"]
+        self.assertEqual((upstream["viaProxy"], upstream["idleTimeoutSeconds"]), ("proxy.corp:3128", 3.0))
+        self.assertTrue(data["proxyProtocol"])
+        self.assertNotIn("s3cret", out.getvalue())

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
+import textwrap
+from typing import Any
 
 from twisted.internet import reactor, task
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.testing import StringTransport
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
 
 from flexgw.ingress.proxyprotocol import ProxyHeaderWrapper, wrap_proxy_protocol
 from flexgw.testing import client
+from flexgw.testing.certs import CertificateAuthority, client_options
 from flexgw.testing.upstream import RecordingUpstream
 from tests.harness import Gateway, api_document, free_port
 
@@ -150,6 +157,17 @@ class ProxyProtocolEndToEndTests(TestCase):
             V2_SIGNATURE + b"\x31\x11\x00\x0c" + b"\x00" * 12 + REQUEST
         )
 
+    async def test_reload_switches_without_rebinding(self) -> None:
+        """Turning the setting off by reload: plain requests are served on the same socket."""
+        port_before = self.gateway.service.ports[("127.0.0.1", self.port)]
+        self.gateway.write(
+            {"api.yaml": api_document(self.port, self.upstream.address[1]) + ALLOWLIST}
+        )
+        self.assertTrue(self.gateway.service.reload())
+        self.assertIs(self.gateway.service.ports[("127.0.0.1", self.port)], port_before)
+        response = await client.request(reactor, "127.0.0.1", self.port, REQUEST)
+        self.assertEqual(response.status, 403)  # served (127.0.0.1 is not on the allowlist)
+
     async def test_header_timeout_closes(self) -> None:
         """A connection that sends nothing is closed after headerTimeoutSeconds."""
         await self.assertClosedWithoutAnswer(b"")
@@ -204,3 +222,63 @@ class WrapperUnitTests(TestCase):
         """With the setting off, the wrapped factory's protocol is returned as is."""
         self.enabled = False
         self.assertNotIsInstance(self.factory.buildProtocol(None), ProxyHeaderWrapper)
+
+
+class _HeaderFirst(ProtocolWrapper):
+    """Sends the factory's PROXY header in clear, then lets the wrapped (TLS) protocol start."""
+
+    def makeConnection(self, transport: Any) -> None:
+        """Header first, then the handshake."""
+        transport.write(self.factory.header)
+        super().makeConnection(transport)
+
+
+class ProxyProtocolWithTLSTests(TestCase):
+    """On a TLS port the PROXY header comes before the handshake."""
+
+    async def test_header_then_tls(self) -> None:
+        """A v2 header in clear, then TLS: the request is served with the carried address."""
+        upstream = RecordingUpstream(reactor=reactor)
+        upstream.listen(reactor)
+        self.addCleanup(upstream.stop)
+        directory = os.path.abspath(self.mktemp())
+        ca = CertificateAuthority("server CA")
+        crt, key = ca.issue("api.test", dns=["api.test"]).write(directory, "server")
+        port = free_port()
+        text = textwrap.dedent(
+            f"""\
+            apiVersion: gateway.mulesoft.com/v1alpha1
+            kind: ApiInstance
+            metadata: {{name: secure}}
+            spec:
+              address: https://127.0.0.1:{port}
+              services:
+                b: {{address: "http://127.0.0.1:{upstream.address[1]}"}}
+            ---
+            apiVersion: gateway.mulesoft.com/v1alpha1
+            kind: PolicyBinding
+            metadata: {{name: secure-tls}}
+            spec:
+              targetRef: {{kind: ApiInstance, name: secure}}
+              policyRef: {{name: tls}}
+              config:
+                certificate: {{crt: "file://{crt}", key: "file://{key}"}}
+            """
+        )
+        gateway = Gateway(self, {"api.yaml": text + PROXY_ON})
+        gateway.start()
+        self.assertEqual([str(p) for p in gateway.service.state.errors], [])
+        conn = client.RawConnection()
+        tls = TLSMemoryBIOFactory(
+            client_options("api.test", ca), True, Factory.forProtocol(lambda: conn)
+        )
+        wrapping = WrappingFactory(tls)
+        wrapping.protocol = _HeaderFirst
+        wrapping.header = v2("203.0.113.44")
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(wrapping)
+        self.addCleanup(lambda: conn.transport.abortConnection())
+        conn.send(b"GET /x HTTP/1.1\r\nHost: api.test\r\n\r\n")
+        response = await conn.read_response()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(upstream.received[0].header("x-forwarded-for"), [b"203.0.113.44"])
+        self.assertEqual(upstream.received[0].header("x-forwarded-proto"), [b"https"])
