@@ -244,7 +244,7 @@ class OAuth2EndToEndTests(TokenEndpointBase):
             "oauth", "credential-injection-oauth2-flex",
             f"oauthService: {url}\nclientId: id\nclientSecret: $SECRET\n",
         )
-        start_outbound_gateway(
+        self.gateway = start_outbound_gateway(
             self, self.port, self.upstream.address[1], bindings, {"SECRET": "sec"}
         )
 
@@ -260,6 +260,15 @@ class OAuth2EndToEndTests(TokenEndpointBase):
         )
         self.assertNotIn(b"Y2xpZW50OnNlY3JldA==", self.upstream.received[0].raw)
         self.assertEqual(len(self.server.requests), 1)
+
+    async def test_token_kept_across_reload(self) -> None:
+        """A reload with the same token request keeps the cached token (no new fetch)."""
+        self.start(self.server.url + "/token")
+        self.assertEqual((await self.get()).status, 200)
+        self.assertTrue(self.gateway.service.reload())
+        self.assertEqual((await self.get()).status, 200)
+        self.assertEqual(len(self.server.requests), 1)
+        self.assertEqual(self.upstream.received[1].header("authorization"), [b"Bearer tok-1"])
 
     async def test_unreachable_endpoint_is_502(self) -> None:
         """A token endpoint nobody listens on: 502 oauth_token_failure; the upstream sees nothing."""

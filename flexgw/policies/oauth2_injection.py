@@ -14,7 +14,8 @@ Flex behaviour reproduced (docs `policies-outbound-oauth.adoc`, reference §2.2)
   with false, a request that already carries the header keeps it and no token is fetched.
 - Caching: `cachingTtl: 0` (the default) keeps a token for its `expires_in`; otherwise for
   `min(cachingTtl, expires_in / 2)`. Concurrent requests share one fetch; an expired token is
-  fetched again by the next request.
+  fetched again by the next request. The cached token survives reloads that leave the
+  binding's token request unchanged (per process: each `--workers` worker fetches its own).
 - `allowRequestWithoutCredential` (default false): when no token can be had, the request
   goes on without one instead of failing.
 
@@ -147,6 +148,22 @@ def treq_token_fetcher(reactor: Any, agent: Any = None) -> Any:
     return fetch
 
 
+class TokenState:
+    """The cached token of one binding, kept across reloads while its token request is the
+    same (a reload does not cost a token fetch)."""
+
+    __slots__ = ("failed_until", "fetches", "fingerprint", "inflight", "refresh_at", "value", "waiters")
+
+    def __init__(self, fingerprint: Any = None) -> None:
+        self.fingerprint = fingerprint
+        self.value: bytes | None = None  # the header value to inject
+        self.refresh_at = 0.0
+        self.failed_until = 0.0
+        self.inflight: Deferred[bytes | None] | None = None
+        self.waiters: list[Deferred[Any]] = []
+        self.fetches = 0
+
+
 @implementer(IPolicy)
 class OAuth2InjectionPolicy(UsesRuntime):
     """One binding: the token request, and the cached token shared by every request."""
@@ -166,6 +183,7 @@ class OAuth2InjectionPolicy(UsesRuntime):
         reactor: Any = None,
         fetch: Any = None,
         agent: Any = None,
+        state: TokenState | None = None,
     ) -> None:
         self.url = url
         self._agent = agent  # the runtime's side-call Agent (forward proxy, TLS), or None
@@ -180,37 +198,37 @@ class OAuth2InjectionPolicy(UsesRuntime):
         self._clock = clock
         self._reactor = reactor
         self._fetch = fetch
-        self._value: bytes | None = None  # the header value to inject
-        self._refresh_at = 0.0
-        self._failed_until = 0.0
-        self._inflight: Deferred[bytes | None] | None = None
-        self._waiters: list[Deferred[Any]] = []
-        self.fetches = 0  # token requests made (for /status and tests)
+        self.state = state if state is not None else TokenState()
 
     def __repr__(self) -> str:
         return f"<OAuth2InjectionPolicy {urlsplit(self.url).netloc}>"
+
+    @property
+    def fetches(self) -> int:
+        """Token requests made (for tests)."""
+        return self.state.fetches
 
     def on_request(self, ctx: PolicyContext) -> Any:
         """Inject the cached token at once, or wait for the (shared) fetch of a new one."""
         if not self.overwrite and ctx.request_header(self.header) is not None:
             return None  # the client's own credential is kept; no token needed
-        value = self._value
+        value = self.state.value
         now = self.clock.seconds()
-        if value is not None and now < self._refresh_at:
+        if value is not None and now < self.state.refresh_at:
             ctx.set_request_header(self.header, value)
             return None
-        if now < self._failed_until:
+        if now < self.state.failed_until:
             return self._without(ctx)
         waiter: Deferred[Any] = Deferred(lambda d: self._forget(d))
-        self._waiters.append(waiter)
-        if self._inflight is None:
+        self.state.waiters.append(waiter)
+        if self.state.inflight is None:
             self._start_fetch()
         return waiter.addCallback(self._got, ctx)
 
     def _forget(self, waiter: Deferred[Any]) -> None:
         """A waiting request was cancelled (its client went away)."""
-        if waiter in self._waiters:
-            self._waiters.remove(waiter)
+        if waiter in self.state.waiters:
+            self.state.waiters.remove(waiter)
 
     def _got(self, value: bytes | None, ctx: PolicyContext) -> LocalResponse | None:
         if value is None:
@@ -228,13 +246,13 @@ class OAuth2InjectionPolicy(UsesRuntime):
 
     def _start_fetch(self) -> None:
         fetch = self._fetch or treq_token_fetcher(self._runtime_reactor(), self._agent)
-        self.fetches += 1
+        self.state.fetches += 1
         try:
             d = fetch(self.url, self._request_headers, self._request_body, self.timeout)
         except Exception:  # noqa: BLE001 (a bad URL at request time: fail the requests)
             d = Deferred()
             d.errback(Failure())
-        self._inflight = d
+        self.state.inflight = d
         d.addCallback(self._answered)
         d.addErrback(self._unreachable)
         d.addCallback(self._deliver)
@@ -253,9 +271,9 @@ class OAuth2InjectionPolicy(UsesRuntime):
         value = (self.prefix + b" " if self.prefix else b"") + token.encode("utf-8")
         if header_value_problem(value) is not None:
             raise TokenError("the access token contains characters a header cannot carry")
-        self._value = value
-        self._refresh_at = self.clock.seconds() + self._lifetime(data.get("expires_in"))
-        self._failed_until = 0.0
+        self.state.value = value
+        self.state.refresh_at = self.clock.seconds() + self._lifetime(data.get("expires_in"))
+        self.state.failed_until = 0.0
         return value
 
     def _lifetime(self, expires_in: Any) -> float:
@@ -276,13 +294,13 @@ class OAuth2InjectionPolicy(UsesRuntime):
             endpoint=_safe_url(self.url),
             reason=str(reason),
         )
-        self._value = None
-        self._failed_until = self.clock.seconds() + FAILURE_HOLD_SECONDS
+        self.state.value = None
+        self.state.failed_until = self.clock.seconds() + FAILURE_HOLD_SECONDS
         return None
 
     def _deliver(self, value: bytes | None) -> None:
-        self._inflight = None
-        waiters, self._waiters = self._waiters, []
+        self.state.inflight = None
+        waiters, self.state.waiters = self.state.waiters, []
         for waiter in waiters:
             waiter.callback(value)
 
@@ -351,11 +369,20 @@ class OAuth2InjectionKind:
         prefix = str(config.get("upstreamTokenPrefixName", "Bearer")).strip()
         if prefix and header_value_problem(prefix.encode()) is not None:
             raise PolicyConfigError("must not contain control characters", "upstreamTokenPrefixName")
+        header = checked_header(config, "upstreamTokenHeaderName", b"Authorization")
+        state = None
+        shared = getattr(context.services, "shared", None)
+        if isinstance(shared, dict):
+            fingerprint = (url, body, sorted(headers.items()), prefix, header)
+            key = f"{NAME}:{context.binding}"
+            state = shared.get(key)
+            if not isinstance(state, TokenState) or state.fingerprint != fingerprint:
+                state = shared[key] = TokenState(fingerprint)
         return OAuth2InjectionPolicy(
             url=url,
             request_headers=headers,
             request_body=body,
-            header=checked_header(config, "upstreamTokenHeaderName", b"Authorization"),
+            header=header,
             prefix=prefix.encode("utf-8"),
             overwrite=bool(config.get("overwrite", True)),
             allow_without=bool(config.get("allowRequestWithoutCredential", False)),
@@ -365,6 +392,7 @@ class OAuth2InjectionKind:
             reactor=context.reactor,
             fetch=getattr(context.services, "token_fetcher", None),
             agent=getattr(context.services, "side_agent", None),
+            state=state,
         )
 
 
