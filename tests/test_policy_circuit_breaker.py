@@ -15,7 +15,7 @@ from flexgw.policies.circuit_breaker import BREAKER_KIND, BREAKER_SCHEMA, IDLE_K
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream, fixed, never
 from tests.harness import free_port
-from tests.outbound import outbound_binding, start_outbound_gateway
+from tests.outbound import outbound_binding, service_api, start_outbound_gateway
 
 
 def context() -> PolicyContext:
@@ -203,6 +203,34 @@ class BreakerEndToEndTests(TestCase):
         conn2.send(b"GET /again HTTP/1.1\r\nHost: t\r\n\r\n")
         requests = await upstream.wait_for_requests(2)
         self.assertEqual(requests[1].target, b"/again")
+
+
+    async def hold_one(self, upstream: RecordingUpstream) -> None:
+        """Send a request the upstream never answers; return once it arrived there."""
+        conn = await client.connect(reactor, "127.0.0.1", self.port)
+        self.addCleanup(conn.abort)
+        conn.send(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+        await upstream.wait_for_requests(len(upstream.received) + 1)
+
+    async def test_configuration_defaults_and_binding_override(self) -> None:
+        """Configuration.spec.circuitBreaker.thresholds apply to a Service without a binding;
+        a circuit-breaker-flex binding on the Service replaces them."""
+        upstream = self.upstream(never())
+        defaults = (
+            "---\napiVersion: gateway.mulesoft.com/v1beta1\nkind: Configuration\n"
+            "metadata: {name: cb}\nspec:\n  circuitBreaker:\n    thresholds: {maxRequests: 1}\n"
+        )
+        gateway = start_outbound_gateway(self, self.port, upstream.address[1], "", extra=defaults)
+        self.assertEqual([p for p in gateway.service.state.problems], [])
+        await self.hold_one(upstream)
+        refused = await self.get()
+        self.assertEqual(refused.header("x-flexgw-error"), [b"circuit_overflow"])
+        gateway.write({"api.yaml": service_api(self.port, upstream.address[1]) + outbound_binding(
+            "cb", "circuit-breaker-flex", "thresholds: {maxRequests: 3}\n") + defaults})
+        self.assertTrue(gateway.service.reload())
+        await self.hold_one(upstream)
+        await self.hold_one(upstream)  # two in flight under the binding's own limit of 3
+        self.assertEqual(len(upstream.received), 3)
 
 
 class IdleTimeoutTests(TestCase):

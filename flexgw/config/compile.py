@@ -22,6 +22,7 @@ from flexgw.config.regex import RegexError, compile_rule_regex
 from flexgw.config.resolve import ApiSpec, PolicySpec, ResolvedModel, RouteSpec, RuleSpec
 from flexgw.ingress import alpn
 from flexgw.policies.base import BuildContext, PolicyConfigError
+from flexgw.policies.circuit_breaker import BREAKER_KIND, BREAKER_NAME
 from flexgw.policies.registry import lookup as lookup_policy
 from flexgw.tls.contexts import build_client_tls, build_server_tls
 from flexgw.tls.settings import TLSSettings
@@ -127,6 +128,23 @@ def via_forward_proxy(upstream: Upstream, proxy: Any) -> Upstream:
         proxy=proxy,
         request_prefix=b"http://" + upstream.authority.encode("latin-1"),
         request_line_end=line_end,
+    )
+
+
+def _default_breaker(key: str, thresholds: Mapping[str, Any], runtime: Any) -> BoundPolicy:
+    """The gateway-wide circuit breaker for Service `key` (its own state, per Service)."""
+    name = f"Configuration.circuitBreaker/{key}"
+    context = BuildContext(
+        binding=name,
+        api=None,
+        clock=getattr(runtime, "clock", None),
+        reactor=getattr(runtime, "reactor", None),
+        services=runtime,
+    )
+    policy = BREAKER_KIND.build({"thresholds": dict(thresholds)}, context)
+    return BoundPolicy(
+        name=name, kind=BREAKER_NAME, order=0, rules=(), policy=policy,
+        responds=False, finishes=True,
     )
 
 
@@ -488,6 +506,16 @@ def compile_model(
         service_policies[key] = tuple(
             bound for bound in built if getattr(bound.policy, "chain_member", True)
         )
+    if model.circuit_breaker is not None:
+        # Configuration.spec.circuitBreaker: the same thresholds for every Service that has no
+        # circuit-breaker-flex binding of its own (a binding overrides them, as in Flex).
+        for key in sorted(upstreams):
+            if key in blocked_upstreams:
+                continue
+            bound = service_policies.get(key, ())
+            if any(b.kind == BREAKER_NAME for b in bound):
+                continue
+            service_policies[key] = (*bound, _default_breaker(key, model.circuit_breaker, runtime))
     if blocked_upstreams != model.blocked_upstreams or upstreams_changed:
         model = attrs.evolve(model, blocked_upstreams=blocked_upstreams, upstreams=upstreams)
     ordered = sorted(model.apis, key=lambda a: (a.id.key not in prefer, a.id.key))

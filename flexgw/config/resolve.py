@@ -133,6 +133,7 @@ class ResolvedModel:
     probe: ProbeSettings = attrs.field(factory=ProbeSettings)
     proxy_protocol: bool = False  # Configuration.spec.proxyProtocol.enabled
     forward_proxy: ForwardProxy | None = None  # Configuration.spec.forwardProxy
+    circuit_breaker: dict[str, Any] | None = None  # Configuration.spec.circuitBreaker.thresholds
     logging: LoggingSettings = attrs.field(factory=LoggingSettings)
     upstream_tls: Mapping[str, tuple[PolicySpec, ...]] = attrs.field(factory=dict)
     default_tls: PolicySpec | None = None  # Configuration.spec.defaultTLS.outboundPolicyCalls
@@ -189,10 +190,10 @@ def _env_float(environ: Mapping[str, str], name: str, problems: list[Problem]) -
 
 def _settings(
     configurations: Sequence[Resource], environ: Mapping[str, str], problems: list[Problem]
-) -> tuple[Timeouts, HttpSettings, ProbeSettings, bool]:
+) -> tuple[Timeouts, HttpSettings, ProbeSettings, bool, dict[str, Any] | None]:
     """Merge every Configuration (sorted by id; a later value for the same key wins, with a warning)."""
     merged: dict[str, dict[str, tuple[Any, Origin]]] = {
-        "timeouts": {}, "http": {}, "probe": {}, "proxyProtocol": {}
+        "timeouts": {}, "http": {}, "probe": {}, "proxyProtocol": {}, "circuitBreaker": {}
     }
     for resource in configurations:
         for section, table in merged.items():
@@ -271,7 +272,10 @@ def _settings(
     )
     # PROXY protocol on every listener (Flex: `proxyProtocol: {enabled: true}`; off by default).
     proxy_protocol = pick("proxyProtocol", "enabled") is True
-    return timeouts, http, probe, proxy_protocol
+    # Gateway-wide circuit-breaker thresholds (Flex: `circuitBreaker.thresholds`).
+    thresholds = pick("circuitBreaker", "thresholds")
+    breaker = dict(thresholds) if isinstance(thresholds, dict) else None
+    return timeouts, http, probe, proxy_protocol, breaker
 
 
 def _selector_matches(selector: Any, labels: Mapping[str, str]) -> bool:
@@ -491,7 +495,7 @@ def resolve(
             invalid=lookup_policy(pname) is not None,
         )
 
-    timeouts, http, probe, proxy_protocol = _settings(
+    timeouts, http, probe, proxy_protocol, breaker = _settings(
         by_kind.get("Configuration", []), environ, problems
     )
 
@@ -526,6 +530,7 @@ def resolve(
         logging=logging,
         proxy_protocol=proxy_protocol,
         forward_proxy=forward_proxy,
+        circuit_breaker=breaker,
         upstream_tls={key: tuple(specs) for key, specs in upstream_tls.items()},
         default_tls=_default_tls(by_kind.get("Configuration", [])),
     )

@@ -16,6 +16,8 @@ request queue, so the thresholds map as follows:
   effect — nothing waits in a queue for a connection, the only retry is the single retry of a
   pooled connection found dead, and each Service has exactly one pool.
 Unset thresholds take Envoy's defaults (1024 requests and connections), as Flex does.
+`Configuration.spec.circuitBreaker.thresholds` gives every Service without a binding the same
+thresholds (flexgw.config.compile builds one breaker per such Service); a binding replaces them.
 
 flexgw extension (Flex in Local Mode has no outlier detection, reference §8 item 5): with
 `consecutiveErrors: N` the breaker also *opens* after N consecutive failed requests
