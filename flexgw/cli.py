@@ -62,6 +62,11 @@ def plan_json(plan: GatewayPlan) -> dict[str, Any]:
                         "port": upstream.port,
                         "pathPrefix": upstream.path_prefix,
                         "authority": upstream.authority,
+                        "idleTimeoutSeconds": upstream.idle_timeout,  # idle-timeout-flex
+                        # forwardProxy (never its credentials), when it is used for this host
+                        "viaProxy": (
+                            upstream.proxy.authority.decode("latin-1") if upstream.proxy else None
+                        ),
                     }
                     if upstream.tls is not None:
                         upstreams[upstream.key]["tls"] = upstream.tls.describe()
@@ -115,6 +120,7 @@ def plan_json(plan: GatewayPlan) -> dict[str, Any]:
             "bodyBufferLimitBytes": http.body_buffer_limit,
         },
         "probe": {"enabled": plan.probe.enabled, "port": plan.probe.port, "host": plan.probe.host},
+        "proxyProtocol": plan.proxy_protocol,
         "problems": [_problem_json(p) for p in plan.problems],
     }
 

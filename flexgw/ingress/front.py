@@ -505,7 +505,11 @@ class IngressFactory(Factory):
         return IngressProtocol(self)
 
     def log_exchange(self, exchange: ProxyExchange) -> None:
-        """Write the access log line of a finished exchange, and count it."""
+        """Write the access log line of a finished exchange, and count it; policies that
+        asked hear how it ended (`on_done`)."""
+        chain = exchange.chain
+        if chain is not None and chain.finishers is not None:
+            chain.finish(exchange.response_status, exchange.error_cause)
         if self.access_log is not None:
             self.access_log.exchange(exchange, self.listener)
         if self.metrics is not None:

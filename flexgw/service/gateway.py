@@ -23,6 +23,7 @@ from flexgw.http.accesslog import (
     open_runtime_output,
 )
 from flexgw.ingress.front import IDLE, IngressFactory, IngressProtocol
+from flexgw.ingress.proxyprotocol import wrap_proxy_protocol
 from flexgw.policies.base import PolicyRuntime
 from flexgw.service.activation import LISTEN_FDS_START, InheritedSockets, listen_environ
 from flexgw.service.admin import ProbeServer
@@ -324,14 +325,22 @@ class GatewayService(Service):
             metrics=self.metrics,
         )
         served = ListenerFactory(factory, listener.tls)
+        # Outermost: the PROXY header comes before anything else (a TLS handshake included).
+        # The setting is read per connection, so a reload switches it without a rebind.
+        accepting: Any = wrap_proxy_protocol(
+            served,
+            lambda: self.plan.proxy_protocol,
+            self.reactor,
+            lambda: self.plan.http.header_timeout,
+        )
         inherited = self.inherited.take(*listener.address) if self.inherited else None
         try:
             if inherited is not None:  # systemd socket activation: no bind of our own
-                port = self.reactor.adoptStreamPort(inherited.fd, inherited.family, served)
+                port = self.reactor.adoptStreamPort(inherited.fd, inherited.family, accepting)
             elif self.reuse_port:  # --workers: every worker binds the address
-                port = listen_reuse_port(self.reactor, listener.port, served, listener.host)
+                port = listen_reuse_port(self.reactor, listener.port, accepting, listener.host)
             else:
-                port = self.reactor.listenTCP(listener.port, served, interface=listener.host)
+                port = self.reactor.listenTCP(listener.port, accepting, interface=listener.host)
         except Exception as exc:  # noqa: BLE001 (CannotListenError and friends: report, serve the rest)
             _log.error(
                 "Cannot listen on {host}:{port}: {error}",
