@@ -55,8 +55,18 @@ class Options(usage.Options):
             "-",
             "message-logging-flex output: a file path, '-' for stdout, 'twisted' for the runtime log.",
         ],
+        ["ingress-class", None, "flexgw", "The Kubernetes ingress class flexgw serves."],
+        [
+            "ingress-listener",
+            None,
+            "http://0.0.0.0:8080",
+            "Listener for Ingresses without the api-instance annotation (an ApiInstance address).",
+        ],
     ]
-    optFlags = [["strict", None, "Unknown configuration keys are errors, not warnings."]]  # noqa: RUF012
+    optFlags = [  # noqa: RUF012
+        ["strict", None, "Unknown configuration keys are errors, not warnings."],
+        ["ingress-default-class", None, "Serve Kubernetes Ingresses that name no ingress class."],
+    ]
 
     def __init__(self) -> None:
         super().__init__()
@@ -104,6 +114,14 @@ class Options(usage.Options):
             raise usage.UsageError("--drain-seconds must be 0 or more")
         if self["log-level"] is not None and self["log-level"] not in _LEVELS:
             raise usage.UsageError("--log-level must be one of " + ", ".join(_LEVELS))
+        from flexgw.config.ingress import ingress_options
+
+        try:
+            self["ingress"] = ingress_options(
+                self["ingress-class"], self["ingress-default-class"], self["ingress-listener"]
+            )
+        except ValueError as exc:
+            raise usage.UsageError(str(exc)) from None
 
 
 def _install_log_level(
@@ -148,6 +166,7 @@ def makeService(options: Options) -> MultiService:
         log_filter=log_filter,
         log_level_fixed=options["log-level"] is not None,
         log_publisher=globalLogPublisher,
+        ingress=options["ingress"],
     )
     gateway.setServiceParent(top)
     if options["admin"] != "off":

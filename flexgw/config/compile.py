@@ -194,7 +194,7 @@ def _compile_api(
         )
         return None
     routes: list[Route] = []
-    for route_spec in spec.routes:
+    for route_spec in sorted(spec.routes, key=lambda r: (r.order, r.rank, r.name)):
         route = _compile_route(route_spec, model.upstreams, problems, service_policies)
         if route is not None:
             routes.append(route)
@@ -207,7 +207,6 @@ def _compile_api(
             )
         )
         return None
-    routes.sort(key=lambda r: (r.order, r.name))
     for i, route in enumerate(routes[:-1]):
         if is_catch_all(route):
             later = ", ".join(r.name for r in routes[i + 1 :])

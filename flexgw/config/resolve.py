@@ -87,6 +87,9 @@ class RouteSpec:
     rules: tuple[RuleSpec, ...]
     destinations: tuple[DestinationSpec, ...]
     origin: Origin
+    # tie-break inside one `order`, before the name: () for Flex routes (they come first);
+    # Ingress routes carry Kubernetes' precedence (host, path length, path type, age)
+    rank: tuple[Any, ...] = ()
 
 
 @attrs.frozen
@@ -129,6 +132,8 @@ class ResolvedModel:
     shared_storage: SharedStorage | None = None
     probe: ProbeSettings = attrs.field(factory=ProbeSettings)
     logging: LoggingSettings = attrs.field(factory=LoggingSettings)
+    # flexgw.config.ingress.IngressCertificate values: spec.tls[] of the Ingresses served
+    ingress_certificates: tuple[Any, ...] = ()
 
 
 def _origin(resource: Resource, path: FieldPath = ()) -> Origin:

@@ -1,0 +1,179 @@
+"""Kubernetes Ingress end to end: a conf dir mixing an ApiInstance, its policy, Ingresses and a v1
+Service (clusterIP 127.0.0.1) in front of a real recording upstream on loopback."""
+
+from __future__ import annotations
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from flexgw.config.ingress import ingress_options
+from flexgw.service.admin import status_json
+from flexgw.testing import client
+from flexgw.testing.upstream import RecordingUpstream, fixed
+from tests.harness import Gateway, free_port
+
+EDGE = """\
+apiVersion: gateway.mulesoft.com/v1alpha1
+kind: ApiInstance
+metadata: {{name: ingress-http, namespace: edge}}
+spec:
+  address: http://127.0.0.1:{port}
+---
+apiVersion: gateway.mulesoft.com/v1alpha1
+kind: PolicyBinding
+metadata: {{name: tag, namespace: edge}}
+spec:
+  targetRef: {{kind: ApiInstance, name: ingress-http}}
+  policyRef: {{name: header-injection-flex}}
+  config:
+    inboundHeaders: [{{key: x-edge, value: "applied"}}]
+"""
+
+KUBE = """\
+apiVersion: v1
+kind: Service
+metadata: {{name: shop, namespace: shop}}
+spec:
+  clusterIP: 127.0.0.1
+  ports:
+  - {{name: http, port: {upstream}, targetPort: 8080, protocol: TCP}}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: shop
+  namespace: shop
+  creationTimestamp: "2024-03-01T10:00:00Z"
+  annotations:
+    flex-gateway.ingress.kubernetes.io/api-instance: ingress-http.edge
+spec:
+  ingressClassName: flexgw
+  rules:
+  - host: shop.example
+    http:
+      paths:
+      - path: /orders
+        pathType: Prefix
+        backend:
+          service: {{name: shop, port: {{name: http}}}}
+      - path: /api(/.*)
+        pathType: ImplementationSpecific
+        backend:
+          service: {{name: shop, port: {{number: {upstream}}}}}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: late
+  namespace: shop
+  creationTimestamp: "2025-03-01T10:00:00Z"
+  annotations:
+    flex-gateway.ingress.kubernetes.io/api-instance: ingress-http.edge
+spec:
+  ingressClassName: flexgw
+  rules:
+  - host: shop.example
+    http:
+      paths:
+      - path: /orders/
+        pathType: Prefix
+        backend:
+          service: {{name: shop, port: {{name: http}}}}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {{name: plain, namespace: shop}}
+spec:
+  ingressClassName: flexgw
+  rules:
+  - http:
+      paths:
+      - path: /plain
+        pathType: Exact
+        backend:
+          service: {{name: shop, port: {{number: {upstream}}}}}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {{name: theirs, namespace: shop}}
+spec:
+  ingressClassName: nginx
+  defaultBackend:
+    service: {{name: shop, port: {{number: {upstream}}}}}
+"""
+
+
+class IngressEndToEndTests(TestCase):
+    """Ingress routes served on the annotated ApiInstance's listener, with its policy applied."""
+
+    def setUp(self) -> None:
+        """A recording upstream, and a gateway on a conf dir with Flex and Kubernetes documents."""
+        self.upstream = RecordingUpstream(fixed(status=200, body=b"ok"), reactor=reactor)
+        self.upstream.listen(reactor)
+        self.addCleanup(self.upstream.stop)
+        self.port = free_port()
+        self.default_port = free_port()
+        upstream_port = self.upstream.address[1]
+        self.gateway = Gateway(
+            self,
+            {
+                "edge.yaml": EDGE.format(port=self.port),
+                "k8s/shop.yaml": KUBE.format(upstream=upstream_port),
+            },
+        )
+        self.gateway.service.ingress = ingress_options(
+            "flexgw", False, f"http://127.0.0.1:{self.default_port}"
+        )
+        self.gateway.start()
+
+    async def get(self, path: bytes, host: bytes, port: int | None = None) -> client.Response:
+        """One GET through the gateway."""
+        raw = b"GET " + path + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+        return await client.request(reactor, "127.0.0.1", port or self.port, raw)
+
+    async def test_prefix_route_with_the_api_instance_policy(self) -> None:
+        """A Prefix path reaches the Service unchanged, with the ApiInstance's header injected."""
+        response = await self.get(b"/orders/7?x=1", b"shop.example")
+        self.assertEqual((response.status, response.body), (200, b"ok"))
+        [seen] = self.upstream.received
+        self.assertEqual(seen.target, b"/orders/7?x=1")
+        self.assertEqual(seen.header("x-edge"), [b"applied"])
+
+    async def test_regex_path_rewrites(self) -> None:
+        """An ImplementationSpecific path's capture group becomes the upstream path."""
+        response = await self.get(b"/api/v2/items", b"shop.example")
+        self.assertEqual(response.status, 200)
+        self.assertEqual(self.upstream.received[0].target, b"/v2/items")
+        self.assertEqual(self.upstream.received[0].header("x-edge"), [b"applied"])
+
+    async def test_unmatched_host_or_path_is_404(self) -> None:
+        """Another host, or a path that is not element-wise under /orders, gets the gateway's 404."""
+        for path, host in ((b"/orders/7", b"other.example"), (b"/ordersX", b"shop.example")):
+            response = await self.get(path, host)
+            self.assertEqual(response.status, 404, (path, host))
+            self.assertEqual(response.header("x-flexgw-error"), [b"no_route"])
+        self.assertEqual(self.upstream.received, [])
+
+    async def test_default_listener(self) -> None:
+        """An Ingress without the annotation is served on --ingress-listener, without the policy."""
+        response = await self.get(b"/plain", b"any.example", self.default_port)
+        self.assertEqual(response.status, 200)
+        [seen] = self.upstream.received
+        self.assertEqual((seen.target, seen.header("x-edge")), (b"/plain", []))
+        response = await self.get(b"/plain/more", b"any.example", self.default_port)
+        self.assertEqual(response.status, 404)
+
+    def test_conflict_and_class_note_in_status(self) -> None:
+        """/status shows the losing Ingress as a warning and the other class as an info note."""
+        problems = status_json(self.gateway.service)["problems"]
+        conflict = [p for p in problems if p.get("resource") == "Ingress shop/late"]
+        self.assertEqual(len(conflict), 1)
+        self.assertEqual(conflict[0]["severity"], "warning")
+        self.assertIn(
+            "already served by shop/shop:spec.rules[0].http.paths[0]", conflict[0]["message"]
+        )
+        self.assertTrue(conflict[0]["file"].endswith("k8s/shop.yaml"))
+        self.assertEqual(conflict[0]["line"], KUBE.splitlines().index("      - path: /orders/") + 1)
+        note = [p for p in problems if p.get("resource") == "Ingress shop/theirs"]
+        self.assertEqual([p["severity"] for p in note], ["info"])
+        self.assertTrue(self.gateway.service.last_reload_ok)
