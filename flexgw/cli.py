@@ -140,6 +140,11 @@ def _parser() -> argparse.ArgumentParser:
             help="listener of Ingresses without the api-instance annotation (%(default)s)",
         )
         command.add_argument(
+            "--ingress-tls-listener",
+            default="https://0.0.0.0:8443",
+            help="TLS listener for those Ingresses when they carry spec.tls (%(default)s)",
+        )
+        command.add_argument(
             "--policy-module",
             action="append",
             default=[],
@@ -215,7 +220,10 @@ def main(
         return 2
     try:
         ingress = ingress_options(
-            args.ingress_class, args.ingress_default_class, args.ingress_listener
+            args.ingress_class,
+            args.ingress_default_class,
+            args.ingress_listener,
+            args.ingress_tls_listener,
         )
     except ValueError as exc:
         print(str(exc), file=out)

@@ -71,6 +71,12 @@ class Options(usage.Options):
             "http://0.0.0.0:8080",
             "Listener for Ingresses without the api-instance annotation (an ApiInstance address).",
         ],
+        [
+            "ingress-tls-listener",
+            None,
+            "https://0.0.0.0:8443",
+            "TLS listener serving those Ingresses too, with their spec.tls certificates (when any).",
+        ],
     ]
     optFlags = [  # noqa: RUF012
         ["strict", None, "Unknown configuration keys are errors, not warnings."],
@@ -133,7 +139,10 @@ class Options(usage.Options):
 
         try:
             self["ingress"] = ingress_options(
-                self["ingress-class"], self["ingress-default-class"], self["ingress-listener"]
+                self["ingress-class"],
+                self["ingress-default-class"],
+                self["ingress-listener"],
+                self["ingress-tls-listener"],
             )
         except ValueError as exc:
             raise usage.UsageError(str(exc)) from None
@@ -175,6 +184,13 @@ def worker_command(options: Options) -> list[str]:
         argv += ["--log-level", options["log-level"]]
     if options["strict"]:
         argv.append("--strict")
+    argv += [
+        "--ingress-class", options["ingress-class"],
+        "--ingress-listener", options["ingress-listener"],
+        "--ingress-tls-listener", options["ingress-tls-listener"],
+    ]
+    if options["ingress-default-class"]:
+        argv.append("--ingress-default-class")
     return argv
 
 

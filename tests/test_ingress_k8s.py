@@ -1,14 +1,19 @@
-"""Kubernetes Ingress end to end: a conf dir mixing an ApiInstance, its policy, Ingresses and a v1
-Service (clusterIP 127.0.0.1) in front of a real recording upstream on loopback."""
+"""Kubernetes Ingress end to end: a conf dir mixing an ApiInstance, its policy, Ingresses, a v1
+Service (clusterIP 127.0.0.1) and TLS Secrets, in front of a real recording upstream on loopback."""
 
 from __future__ import annotations
 
+import base64
+import json
+
+from cryptography import x509
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from flexgw.config.ingress import ingress_options
 from flexgw.service.admin import status_json
 from flexgw.testing import client
+from flexgw.testing.certs import CertificateAuthority, client_options
 from flexgw.testing.upstream import RecordingUpstream, fixed
 from tests.harness import Gateway, free_port
 
@@ -177,3 +182,107 @@ class IngressEndToEndTests(TestCase):
         note = [p for p in problems if p.get("resource") == "Ingress shop/theirs"]
         self.assertEqual([p["severity"] for p in note], ["info"])
         self.assertTrue(self.gateway.service.last_reload_ok)
+
+
+TLS_KUBE = """\
+apiVersion: gateway.mulesoft.com/v1alpha1
+kind: ApiInstance
+metadata: {{name: ingress-https, namespace: edge}}
+spec:
+  address: https://127.0.0.1:{port}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: shop, namespace: shop}}
+spec:
+  clusterIP: 127.0.0.1
+  ports:
+  - {{name: http, port: {upstream}}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: shop-tls, namespace: shop}}
+type: kubernetes.io/tls
+data:
+  tls.crt: {shop_crt}
+  tls.key: {shop_key}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: api-tls, namespace: shop}}
+type: kubernetes.io/tls
+stringData:
+  tls.crt: {api_crt}
+  tls.key: {api_key}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: shop
+  namespace: shop
+  annotations:
+    flex-gateway.ingress.kubernetes.io/api-instance: ingress-https.edge
+spec:
+  ingressClassName: flexgw
+  tls:
+  - {{hosts: [shop.example], secretName: shop-tls}}
+  - {{hosts: [api.example], secretName: api-tls}}
+  rules:
+  - host: shop.example
+    http:
+      paths:
+      - {{path: /, pathType: Prefix, backend: {{service: {{name: shop, port: {{number: {upstream}}}}}}}}}
+  - host: api.example
+    http:
+      paths:
+      - {{path: /v1, pathType: Prefix, backend: {{service: {{name: shop, port: {{name: http}}}}}}}}
+"""
+
+
+class IngressTlsEndToEndTests(TestCase):
+    """Certificates from kubernetes.io/tls Secrets served by SNI on the bound https ApiInstance."""
+
+    def setUp(self) -> None:
+        """A CA, two host certificates in Secrets (data and stringData), an upstream, a gateway."""
+        self.ca = CertificateAuthority()
+        shop = self.ca.issue("shop.example", dns=["shop.example"])
+        api = self.ca.issue("api.example", dns=["api.example"])
+        self.upstream = RecordingUpstream(fixed(status=200, body=b"ok"), reactor=reactor)
+        self.upstream.listen(reactor)
+        self.addCleanup(self.upstream.stop)
+        self.port = free_port()
+        quoted = lambda pem: json.dumps(pem.decode())  # a JSON string is a YAML string
+        text = TLS_KUBE.format(
+            port=self.port,
+            upstream=self.upstream.address[1],
+            shop_crt=base64.b64encode(shop.cert_pem).decode(),
+            shop_key=base64.b64encode(shop.key_pem).decode(),
+            api_crt=quoted(api.cert_pem),
+            api_key=quoted(api.key_pem),
+        )
+        self.gateway = Gateway(self, {"k8s.yaml": text})
+        self.gateway.start()
+
+    async def get(self, server_name: str, path: bytes) -> tuple[client.Response, str]:
+        """A verified TLS GET naming `server_name` (SNI and Host); the response and the peer CN."""
+        conn = await client.connect(
+            reactor, "127.0.0.1", self.port, tls=client_options(server_name, self.ca)
+        )
+        self.addCleanup(conn.abort)
+        conn.send(b"GET " + path + b" HTTP/1.1\r\nHost: " + server_name.encode() + b"\r\n\r\n")
+        response = await conn.read_response()
+        certificate = conn.transport.getPeerCertificate().to_cryptography()
+        name = certificate.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)[0].value
+        return response, str(name)
+
+    async def test_each_host_gets_its_certificate(self) -> None:
+        """SNI picks each host's Secret; both verify against the CA and reach the upstream."""
+        self.assertTrue(self.gateway.service.last_reload_ok, self.gateway.service.state.problems)
+        response, name = await self.get("shop.example", b"/cart")
+        self.assertEqual((response.status, name), (200, "shop.example"))
+        response, name = await self.get("api.example", b"/v1/items")
+        self.assertEqual((response.status, name), (200, "api.example"))
+        self.assertEqual(
+            [(r.target, r.header("x-forwarded-proto")) for r in self.upstream.received],
+            [(b"/cart", [b"https"]), (b"/v1/items", [b"https"])],
+        )

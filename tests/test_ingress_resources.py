@@ -21,7 +21,6 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from flexgw.cli import main
 from flexgw.config.compile import compile_model
 from flexgw.config.ingress import (
-    TLS_PENDING,
     IngressOptions,
     apply_ingress,
     ingress_options,
@@ -31,7 +30,7 @@ from flexgw.config.plan import Listener, Problem
 from flexgw.config.resolve import ResolvedModel, resolve
 from flexgw.config.validate import Resource, check_document
 from flexgw.ingress.routing import RouteMatch, select_route
-from flexgw.tap import Options
+from flexgw.tap import Options, worker_command
 from tests.conftools import write_conf
 
 FILE = "conf/ingress.yaml"
@@ -508,10 +507,20 @@ class BindingTests(SynchronousTestCase):
         self.assertEqual(t.messages("warning"), [])
 
     def test_bad_options(self) -> None:
-        """Option values are checked: an https or malformed listener, an empty class."""
-        self.assertRaises(ValueError, ingress_options, "flexgw", False, "https://0.0.0.0:8443")
-        self.assertRaises(ValueError, ingress_options, "flexgw", False, "0.0.0.0")
-        self.assertRaises(ValueError, ingress_options, " ", False, "http://0.0.0.0:8080")
+        """Option values are checked: listener schemes, malformed or equal listeners, empty class."""
+        plain, tls = "http://0.0.0.0:8080", "https://0.0.0.0:8443"
+        for args in (
+            ("flexgw", False, tls),
+            ("flexgw", False, "0.0.0.0"),
+            (" ", False, plain),
+            ("flexgw", False, plain, plain),
+            ("flexgw", False, plain, "https://0.0.0.0:8080"),
+        ):
+            self.assertRaises(ValueError, ingress_options, *args)
+        options = ingress_options("flexgw", False, plain, "https://127.0.0.1:9443")
+        self.assertEqual(
+            (options.tls_listener.host, options.tls_listener.port), ("127.0.0.1", 9443)
+        )
 
 
 class BackendTests(SynchronousTestCase):
@@ -641,29 +650,116 @@ class BackendTests(SynchronousTestCase):
 
 
 class TlsSecretTests(SynchronousTestCase):
-    """spec.tls[] with kubernetes.io/tls Secrets: parsed, checked, and reported as pending."""
+    """spec.tls[] with kubernetes.io/tls Secrets: decoded, checked, and served by SNI."""
 
-    def test_data_secret_is_read_and_tls_is_pending(self) -> None:
-        """A valid Secret gives a certificate for the hosts, and the TLS-pending warning."""
-        cert, key = certificate(("foo.com", "www.foo.com"))
+    def tls_listener(self, t: Translated, port: int = 8443) -> Listener:
+        """The TLS listener on `port`, checked to be one."""
+        listener = t.listener(port)
+        self.assertEqual(listener.scheme, "https")
+        assert listener.tls is not None
+        return listener
+
+    def test_default_tls_listener_picks_certificates_by_sni(self) -> None:
+        """Unannotated Ingresses with spec.tls get --ingress-tls-listener; SNI picks the host's."""
+        foo_cert, foo_key = certificate(("foo.com", "www.foo.com"))
+        bar_cert, bar_key = certificate(("bar.com",))
+        text = (
+            SERVICE
+            + tls_secret(foo_cert, foo_key)
+            + tls_secret(bar_cert, bar_key, name="bar-tls")
+            + ingress(
+                "a",
+                path_rule("/", host="foo.com"),
+                spec="tls: [{hosts: [foo.com], secretName: foo-tls}]",
+                created="2020-01-01T00:00:00Z",
+            )
+            + ingress("b", path_rule("/b", host="bar.com"), spec="tls: [{secretName: bar-tls}]")
+        )
+        t = Translated(text)
+        self.assertEqual(t.messages("error") + t.messages("warning"), [])
+        listener = self.tls_listener(t)
+        tls = listener.tls
+        self.assertEqual([c.names for c in tls.certificates], [("foo.com",), ("bar.com",)])
+        self.assertEqual(tls.certificates[0].chain_pem, (foo_cert,))  # the oldest is the default
+        self.assertIsNotNone(tls.context_for(b"bar.com"))
+        self.assertIsNone(tls.context_for(b"www.foo.com"))  # not in the Ingress' hosts: default
+        self.assertEqual(t.target("/x", "foo.com", port=8443), "default/web:80 /x")
+        self.assertEqual(t.target("/b", "bar.com", port=8443), "default/web:80 /b")
+        self.assertEqual(t.listener(8080).scheme, "http")  # the plain listener stays
+        self.assertEqual(t.target("/x", "foo.com", port=8080), "default/web:80 /x")
+
+    def test_no_tls_no_tls_listener(self) -> None:
+        """Without spec.tls there is no TLS listener."""
+        t = Translated(SERVICE + ingress("a", path_rule("/")))
+        self.assertEqual([listener.port for listener in t.listeners], [8080])
+
+    def test_https_api_instance_serves_ingress_certificates(self) -> None:
+        """An https:// ApiInstance without a tls binding serves with its Ingresses' certificates."""
+        cert, key = certificate(("foo.com",))
+        api = API.replace("http://0.0.0.0:8081", "https://0.0.0.0:8443")
+        text = (
+            api
+            + SERVICE
+            + tls_secret(cert, key)
+            + ingress(
+                "a",
+                path_rule("/", host="foo.com"),
+                annotations=BOUND,
+                spec="tls: [{hosts: [foo.com], secretName: foo-tls}]",
+            )
+        )
+        t = Translated(text)
+        self.assertEqual(t.messages("error") + t.messages("warning"), [])
+        listener = self.tls_listener(t)
+        self.assertEqual(listener.apis[0].key, "edge/ingress-http")
+        self.assertIsNotNone(listener.tls.context_for(b"foo.com"))
+
+    def test_https_api_instance_without_certificates_is_not_served(self) -> None:
+        """An https:// ApiInstance with neither a tls binding nor Ingress certificates: an error."""
+        api = API.replace("http://0.0.0.0:8081", "https://0.0.0.0:8443")
+        t = Translated(api + SERVICE + ingress("a", path_rule("/"), annotations=BOUND))
+        self.assertIn("an https:// address needs a tls binding", t.messages("error")[0])
+        self.assertEqual(t.listeners, ())
+
+    def test_plain_api_instance_does_not_use_certificates(self) -> None:
+        """Bound to a plain-HTTP ApiInstance, the certificate is unused, and a warning says so."""
+        cert, key = certificate(("foo.com",))
+        text = (
+            API
+            + SERVICE
+            + tls_secret(cert, key)
+            + ingress(
+                "a",
+                path_rule("/", host="foo.com"),
+                annotations=BOUND,
+                spec="tls: [{hosts: [foo.com], secretName: foo-tls}]",
+            )
+        )
+        t = Translated(text)
+        [warning] = t.messages("warning")
+        self.assertIn(
+            "spec.tls[0]: the certificate is not used: ApiInstance edge/ingress-http serves plain HTTP",
+            warning,
+        )
+        self.assertEqual([(l.scheme, l.port) for l in t.listeners], [("http", 8081)])
+        self.assertEqual(t.target("/", "foo.com", port=8081), "default/web:80 /")
+
+    def test_host_not_covered_is_a_warning(self) -> None:
+        """A tls host the certificate does not name (wildcards count for one label) is a warning."""
+        cert, key = certificate(("*.foo.com",))
         text = (
             SERVICE
             + tls_secret(cert, key)
             + ingress(
                 "a",
-                path_rule("/", host="foo.com"),
-                spec="tls: [{hosts: [foo.com], secretName: foo-tls}]",
+                path_rule("/"),
+                spec="tls: [{hosts: [a.foo.com, a.b.foo.com], secretName: foo-tls}]",
             )
         )
         t = Translated(text)
-        [item] = t.model.ingress_certificates
-        self.assertEqual(item.hosts, ("foo.com",))
-        self.assertEqual(item.pair.chain_pem, cert)
-        self.assertEqual(item.pair.subjects, ("foo.com", "www.foo.com"))
-        [warning] = t.messages("warning")
-        self.assertIn(TLS_PENDING, warning)
-        self.assertIn("spec.tls[0]", warning)
-        self.assertEqual(t.target("/", "foo.com"), "default/web:80 /")  # still served over HTTP
+        [warning] = [p for p in t.problems if p.severity == "warning"]
+        self.assertEqual(warning.field, "spec.tls[0].hosts[1]")
+        self.assertIn("does not cover a.b.foo.com (its names: *.foo.com)", warning.message)
 
     def test_string_data(self) -> None:
         """stringData holds the PEM text directly."""
@@ -678,8 +774,8 @@ class TlsSecretTests(SynchronousTestCase):
         t = Translated(
             SERVICE + secret + ingress("a", path_rule("/"), spec="tls: [{secretName: foo-tls}]")
         )
-        self.assertEqual(t.model.ingress_certificates[0].pair.key_pem, key)
         self.assertEqual(t.messages("error"), [])
+        self.assertEqual(self.tls_listener(t).tls.certificates[0].key_pem, key)
 
     def test_bad_secret_material_is_located(self) -> None:
         """Bad base64, a key of another certificate, no PEM: errors at the field, no secret shown."""
@@ -700,7 +796,7 @@ class TlsSecretTests(SynchronousTestCase):
         self.assertIn("tls.crt holds no PEM certificate", t.messages("error")[0])
 
     def test_missing_or_wrong_type_secret(self) -> None:
-        """An Ingress naming a missing Secret, or one of another type, gets an error."""
+        """An Ingress naming a missing Secret, or one of another type, gets an error; no TLS."""
         cert, key = certificate()
         tls = "tls: [{hosts: [foo.com], secretName: foo-tls}]"
         t = Translated(SERVICE + ingress("a", path_rule("/"), spec=tls))
@@ -714,7 +810,7 @@ class TlsSecretTests(SynchronousTestCase):
         self.assertIn(
             "Secret default/foo-tls is not of type kubernetes.io/tls", t.messages("error")[0]
         )
-        self.assertEqual(t.model.ingress_certificates, ())
+        self.assertEqual([listener.port for listener in t.listeners], [8080])
 
 
 class SchemaTests(SynchronousTestCase):
@@ -849,7 +945,7 @@ class CommandLineTests(TestCase):
         self.assertIn("1 API(s) served", out)
         status, out = self.validate("--ingress-listener", "https://0.0.0.0:1")
         self.assertEqual(status, 2)
-        self.assertIn("--ingress-listener https://0.0.0.0:1: only http:// listeners for now", out)
+        self.assertIn("--ingress-listener https://0.0.0.0:1: must be an http:// address", out)
 
     def test_twistd_options(self) -> None:
         """The twistd plugin's options build IngressOptions, and refuse a bad listener."""
@@ -864,9 +960,22 @@ class CommandLineTests(TestCase):
                 "--ingress-default-class",
                 "--ingress-listener",
                 "http://127.0.0.1:9556",
+                "--ingress-tls-listener",
+                "https://127.0.0.1:9557",
             ]
         )
-        self.assertEqual(options["ingress"], ingress_options("edge", True, "http://127.0.0.1:9556"))
+        self.assertEqual(
+            options["ingress"],
+            ingress_options("edge", True, "http://127.0.0.1:9556", "https://127.0.0.1:9557"),
+        )
+        worker = worker_command(options)  # --workers: every worker gets the same options
+        self.assertIn("--ingress-default-class", worker)
+        for flag, value in (
+            ("--ingress-class", "edge"),
+            ("--ingress-listener", "http://127.0.0.1:9556"),
+            ("--ingress-tls-listener", "https://127.0.0.1:9557"),
+        ):
+            self.assertEqual(worker[worker.index(flag) + 1], value)
         options = Options()
         options.parseOptions(["--conf", conf])
         self.assertEqual(options["ingress"], IngressOptions())

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from flexgw.config.address import Address, AddressError, parse_api_address
 from flexgw.config.kubernetes import (
@@ -20,7 +22,6 @@ from flexgw.config.kubernetes import (
     DEFAULT_CLASS_ANNOTATION,
     LEGACY_CLASS_ANNOTATION,
     TLS_SECRET_TYPE,
-    TlsPair,
     decode_tls_secret,
     host_regex,
     normalise_prefix,
@@ -39,13 +40,15 @@ from flexgw.config.resolve import (
     RuleSpec,
 )
 from flexgw.config.validate import Resource, ResourceId
+from flexgw.tls.settings import CertificateKey
 
 CONTROLLER = "flexgw"  # IngressClass spec.controller values that name flexgw
 DEFAULT_LISTENER = "http://0.0.0.0:8080"
+DEFAULT_TLS_LISTENER = "https://0.0.0.0:8443"
 # the ApiInstance-like identity of the listener serving Ingresses without the annotation
 DEFAULT_LISTENER_ID = ResourceId("IngressListener", "flexgw", "ingress")
+DEFAULT_TLS_LISTENER_ID = ResourceId("IngressListener", "flexgw", "ingress-tls")
 CLUSTER_DOMAIN = "cluster.local"
-TLS_PENDING = "TLS from Ingress needs the TLS listener support"
 _NEWEST = datetime.datetime.max.replace(tzinfo=datetime.UTC)
 
 
@@ -56,29 +59,34 @@ class IngressOptions:
     ingress_class: str = "flexgw"
     default_class: bool = False  # serve Ingresses without a class
     listener: Address = attrs.field(factory=lambda: parse_api_address(DEFAULT_LISTENER))
+    # serves the Ingresses of `listener` too, with their spec.tls certificates, when one has any
+    tls_listener: Address = attrs.field(factory=lambda: parse_api_address(DEFAULT_TLS_LISTENER))
 
 
-def ingress_options(ingress_class: str, default_class: bool, listener: str) -> IngressOptions:
+def ingress_options(
+    ingress_class: str,
+    default_class: bool,
+    listener: str,
+    tls_listener: str = DEFAULT_TLS_LISTENER,
+) -> IngressOptions:
     """Options from the command line; ValueError names the bad option."""
     if not ingress_class.strip():
         raise ValueError("--ingress-class must not be empty")
-    try:
-        address = parse_api_address(listener)
-    except AddressError as exc:
-        raise ValueError(f"--ingress-listener {listener}: {exc}") from None
-    if address.scheme != "http":
-        raise ValueError(f"--ingress-listener {listener}: only http:// listeners for now")
-    return IngressOptions(ingress_class.strip(), default_class, address)
-
-
-@attrs.frozen
-class IngressCertificate:
-    """A certificate an Ingress asks for (`spec.tls[]`) from a `kubernetes.io/tls` Secret."""
-
-    hosts: tuple[str, ...]
-    secret: ResourceId
-    pair: TlsPair
-    listener: str  # key of the ApiInstance (or default listener) the Ingress is bound to
+    addresses = []
+    for flag, text, scheme in (
+        ("--ingress-listener", listener, "http"),
+        ("--ingress-tls-listener", tls_listener, "https"),
+    ):
+        try:
+            address = parse_api_address(text)
+        except AddressError as exc:
+            raise ValueError(f"{flag} {text}: {exc}") from None
+        if address.scheme != scheme:
+            raise ValueError(f"{flag} {text}: must be an {scheme}:// address")
+        addresses.append(address)
+    if (addresses[0].host, addresses[0].port) == (addresses[1].host, addresses[1].port):
+        raise ValueError("--ingress-listener and --ingress-tls-listener must differ")
+    return IngressOptions(ingress_class.strip(), default_class, addresses[0], addresses[1])
 
 
 @attrs.frozen
@@ -332,7 +340,7 @@ def apply_ingress(
     backends = _Backends(by_kind, model.upstreams)
     secrets = {r.id.key: r for r in by_kind.get("Secret", [])}
     candidates: dict[str, list[_Candidate]] = {}
-    certificates: list[IngressCertificate] = []
+    certificates: dict[str, list[CertificateKey]] = {}
     default_origin: Origin | None = None
 
     for age, resource in enumerate(sorted(ingresses, key=_age)):
@@ -341,6 +349,7 @@ def apply_ingress(
             problems.append(note)
             continue
         binding = _annotations(resource).get(API_INSTANCE_ANNOTATION)
+        api: ApiSpec | None = None
         if binding is not None:
             name, dot, namespace = str(binding).strip().rpartition(".")
             target = ResourceId(
@@ -356,16 +365,31 @@ def apply_ingress(
                 )
                 continue
             listener = target.key
+            api = apis[target]
         else:
             listener = DEFAULT_LISTENER_ID.key
             if default_origin is None:
                 default_origin = _origin(resource)
         found = candidates.setdefault(listener, [])
         found.extend(_routes(resource, age, listener, backends, problems))
-        certificates.extend(_certificates(resource, listener, secrets, problems))
+        usable = api is None or bool(api.tls) or api.address.scheme == "https"
+        for origin, certificate in _certificates(resource, secrets, problems):
+            if not usable:
+                assert api is not None
+                problems.append(
+                    origin.problem(
+                        "warning",
+                        f"the certificate is not used: {api.id} serves plain HTTP (an https:// "
+                        "address or a tls binding makes its port TLS); these hosts are served "
+                        "over plain HTTP only",
+                    )
+                )
+                continue
+            certificates.setdefault(listener, []).append(certificate)
 
     for listener, found in candidates.items():
         kept = _settle(found, problems)
+        owned = tuple(certificates.get(listener, ()))
         if listener == DEFAULT_LISTENER_ID.key:
             assert default_origin is not None
             apis[DEFAULT_LISTENER_ID] = ApiSpec(
@@ -374,9 +398,21 @@ def apply_ingress(
                 routes=tuple(kept),
                 origin=default_origin,
             )
+            if owned:  # as a Kubernetes controller: every route on the TLS port as well
+                apis[DEFAULT_TLS_LISTENER_ID] = ApiSpec(
+                    id=DEFAULT_TLS_LISTENER_ID,
+                    address=options.tls_listener,
+                    routes=tuple(kept),
+                    origin=default_origin,
+                    certificates=owned,
+                )
         else:
             rid = next(rid for rid in apis if rid.key == listener and rid.kind == "ApiInstance")
-            apis[rid] = attrs.evolve(apis[rid], routes=apis[rid].routes + tuple(kept))
+            apis[rid] = attrs.evolve(
+                apis[rid],
+                routes=apis[rid].routes + tuple(kept),
+                certificates=apis[rid].certificates + owned,
+            )
     upstreams = dict(model.upstreams)
     upstreams.update(backends.upstreams)
     return attrs.evolve(
@@ -384,7 +420,6 @@ def apply_ingress(
         apis=tuple(apis.values()),
         upstreams=upstreams,
         problems=tuple(problems),
-        ingress_certificates=model.ingress_certificates + tuple(certificates),
     )
 
 
@@ -497,19 +532,23 @@ def _settle(found: list[_Candidate], problems: list[Problem]) -> list[RouteSpec]
 
 def _certificates(
     resource: Resource,
-    listener: str,
     secrets: Mapping[str, Resource],
     problems: list[Problem],
-) -> list[IngressCertificate]:
-    """The certificates of `spec.tls[]`, from kubernetes.io/tls Secrets in the Ingress' namespace."""
+) -> list[tuple[Origin, CertificateKey]]:
+    """The certificates of `spec.tls[]`, from kubernetes.io/tls Secrets in the Ingress' namespace.
+
+    A certificate is picked by SNI for the item's `hosts` (its own DNS names when none are
+    given); a host the certificate does not cover is a warning (clients would refuse it).
+    """
     out = []
     for i, item in enumerate(resource.spec.get("tls") or []):
         where: FieldPath = ("spec", "tls", i)
+        origin = _origin(resource, where)
         name = item.get("secretName")
-        hosts = tuple(item.get("hosts") or ())
+        hosts = tuple(host.lower() for host in item.get("hosts") or ())
         if name is None:
             problems.append(
-                _origin(resource, where).problem(
+                origin.problem(
                     "warning", "no secretName: flexgw has no default certificate; ignored"
                 )
             )
@@ -518,28 +557,50 @@ def _certificates(
         secret = secrets.get(key)
         if secret is None:
             problems.append(
-                _origin(resource, where + ("secretName",)).problem(
+                origin.problem(
                     "error",
-                    f"Secret {key} not found (or invalid); no certificate for {', '.join(hosts) or 'these hosts'}",
+                    f"Secret {key} not found (or invalid); no certificate for "
+                    f"{', '.join(hosts) or 'these hosts'}",
+                    ("secretName",),
                 )
             )
             continue
         if secret.spec.get("type") != TLS_SECRET_TYPE:
             problems.append(
-                _origin(resource, where + ("secretName",)).problem(
-                    "error", f"Secret {key} is not of type {TLS_SECRET_TYPE}"
+                origin.problem(
+                    "error", f"Secret {key} is not of type {TLS_SECRET_TYPE}", ("secretName",)
                 )
             )
             continue
         pair, _ = decode_tls_secret(secret.spec)
         if pair is None:  # reported with the Secret's own checks
             continue
-        out.append(IngressCertificate(hosts=hosts, secret=secret.id, pair=pair, listener=listener))
-        problems.append(
-            _origin(resource, where).problem(
-                "warning",
-                f"{TLS_PENDING} (not on this build yet): the certificate of Secret {key} was read "
-                f"and checked, and {', '.join(hosts) or 'its hosts'} are served over plain HTTP only",
-            )
+        subjects = tuple(s.lower() for s in pair.subjects)
+        for j, host in enumerate(hosts):
+            if not _covers(subjects, host):
+                problems.append(
+                    origin.problem(
+                        "warning",
+                        f"the certificate of Secret {key} does not cover {host} "
+                        f"(its names: {', '.join(subjects) or 'none'})",
+                        ("hosts", j),
+                    )
+                )
+        chain = x509.load_pem_x509_certificates(pair.chain_pem)
+        certificate = CertificateKey(
+            chain_pem=tuple(c.public_bytes(serialization.Encoding.PEM) for c in chain),
+            key_pem=pair.key_pem,
+            names=hosts or subjects,
         )
+        out.append((origin, certificate))
     return out
+
+
+def _covers(names: tuple[str, ...], host: str) -> bool:
+    """Whether a certificate with DNS names `names` is valid for `host` (RFC 6125 wildcards)."""
+    if host in names:
+        return True
+    if host.startswith("*."):
+        return False
+    parent = host.split(".", 1)[1] if "." in host else ""
+    return bool(parent) and f"*.{parent}" in names

@@ -29,6 +29,7 @@ from flexgw.config.validate import (
     policy_name,
 )
 from flexgw.policies.registry import lookup as lookup_policy
+from flexgw.tls.settings import CertificateKey
 
 DEFAULT_ORDER = 50
 TLS_KINDS = frozenset({"tls", "tls-outbound"})
@@ -118,6 +119,8 @@ class ApiSpec:
     blocked: tuple[str, ...] = ()  # reasons the API must not be served (fail closed)
     policies: tuple[PolicySpec, ...] = ()
     tls: tuple[PolicySpec, ...] = ()  # `tls` bindings: API-bound first, then Selector-bound
+    # certificates from Kubernetes Ingress `spec.tls[]` Secrets, picked by SNI on a TLS port
+    certificates: tuple[CertificateKey, ...] = ()
 
 
 @attrs.frozen
@@ -136,8 +139,6 @@ class ResolvedModel:
     logging: LoggingSettings = attrs.field(factory=LoggingSettings)
     upstream_tls: Mapping[str, tuple[PolicySpec, ...]] = attrs.field(factory=dict)
     default_tls: PolicySpec | None = None  # Configuration.spec.defaultTLS.outboundPolicyCalls
-    # flexgw.config.ingress.IngressCertificate values: spec.tls[] of the Ingresses served
-    ingress_certificates: tuple[Any, ...] = ()
 
 
 def _origin(resource: Resource, path: FieldPath = ()) -> Origin:
