@@ -179,6 +179,17 @@ class IngressEndToEndTests(TestCase):
         )
         self.assertTrue(conflict[0]["file"].endswith("k8s/shop.yaml"))
         self.assertEqual(conflict[0]["line"], KUBE.splitlines().index("      - path: /orders/") + 1)
+        [api] = [
+            a
+            for listener in status_json(self.gateway.service)["listeners"]
+            for a in listener["apis"]
+            if a["key"] == "edge/ingress-http"
+        ]
+        route = api["routes"][0]
+        self.assertEqual(route["name"], "shop/shop:spec.rules[0].http.paths[1]")  # longer first
+        self.assertTrue(route["file"].endswith("k8s/shop.yaml"))
+        self.assertTrue(route["upstreams"][0]["file"].endswith("k8s/shop.yaml"))
+        self.assertTrue(api["file"].endswith("edge.yaml"))
         note = [p for p in problems if p.get("resource") == "Ingress shop/theirs"]
         self.assertEqual([p["severity"] for p in note], ["info"])
         self.assertTrue(self.gateway.service.last_reload_ok)

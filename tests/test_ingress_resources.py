@@ -26,12 +26,13 @@ from flexgw.config.ingress import (
     ingress_options,
 )
 from flexgw.config.load import load_text
+from flexgw.config.pipeline import load_config
 from flexgw.config.plan import Listener, Problem
 from flexgw.config.resolve import ResolvedModel, resolve
 from flexgw.config.validate import Resource, check_document
 from flexgw.ingress.routing import RouteMatch, select_route
 from flexgw.tap import Options, worker_command
-from tests.conftools import write_conf
+from tests.conftools import update_conf, write_conf
 
 FILE = "conf/ingress.yaml"
 
@@ -714,6 +715,40 @@ class TlsSecretTests(SynchronousTestCase):
         self.assertEqual(listener.apis[0].key, "edge/ingress-http")
         self.assertIsNotNone(listener.tls.context_for(b"foo.com"))
 
+    def test_tls_binding_keeps_its_settings_and_adds_ingress_certificates(self) -> None:
+        """With a tls binding, its certificate is the default and its settings apply; the
+        Ingress certificate is added for its host."""
+        bound_cert, bound_key = certificate(("edge.example",))
+        cert, key = certificate(("foo.com",))
+        binding = (
+            "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: PolicyBinding\n"
+            "metadata: {name: edge-tls, namespace: edge}\nspec:\n"
+            "  targetRef: {kind: ApiInstance, name: ingress-http}\n  policyRef: {name: tls}\n"
+            "  config:\n    minversion: '1.3'\n    certificate:\n      crt: |\n"
+            + textwrap.indent(bound_cert.decode(), " " * 8)
+            + "      key: |\n"
+            + textwrap.indent(bound_key.decode(), " " * 8)
+        )
+        api = API.replace("http://0.0.0.0:8081", "https://0.0.0.0:8443")
+        text = (
+            api
+            + binding
+            + SERVICE
+            + tls_secret(cert, key)
+            + ingress(
+                "a",
+                path_rule("/", host="foo.com"),
+                annotations=BOUND,
+                spec="tls: [{hosts: [foo.com], secretName: foo-tls}]",
+            )
+        )
+        t = Translated(text)
+        self.assertEqual(t.messages("error") + t.messages("warning"), [])
+        tls = self.tls_listener(t).tls
+        self.assertEqual([c.names for c in tls.certificates], [("edge.example",), ("foo.com",)])
+        self.assertEqual(tls.settings.min_version, (1, 3))
+        self.assertIsNotNone(tls.context_for(b"foo.com"))
+
     def test_https_api_instance_without_certificates_is_not_served(self) -> None:
         """An https:// ApiInstance with neither a tls binding nor Ingress certificates: an error."""
         api = API.replace("http://0.0.0.0:8081", "https://0.0.0.0:8443")
@@ -981,4 +1016,47 @@ class CommandLineTests(TestCase):
         self.assertEqual(options["ingress"], IngressOptions())
         self.assertRaises(
             UsageError, Options().parseOptions, ["--conf", conf, "--ingress-listener", "nope"]
+        )
+
+
+class ReloadTests(TestCase):
+    """Ingress files through load_config: last good versions, YAML timestamps."""
+
+    def test_broken_ingress_keeps_its_last_good_version(self) -> None:
+        """A reload with an invalid Ingress keeps serving the previous version of it."""
+        root = write_conf(self, {"k8s.yaml": SERVICE + ingress("a", path_rule("/v1"))})
+        first = load_config([root], {})
+        self.assertTrue(first.ok)
+        update_conf(root, {"k8s.yaml": SERVICE + ingress("a", path_rule("/v2"), spec="bogus: 1")})
+        second = load_config([root], {}, previous=first)
+        self.assertIn("spec.bogus: unknown key 'bogus'", " ".join(str(p) for p in second.errors))
+        self.assertIn(
+            "invalid; the last good version keeps serving",
+            " ".join(p.message for p in second.problems if p.resource == "Ingress default/a"),
+        )
+        [listener] = second.plan.listeners
+        match = select_route(listener, "GET", "/v1/x", "h", [], random.Random(0))
+        assert match is not None
+        self.assertEqual(match.upstream_path, "/v1/x")
+        self.assertIsNone(select_route(listener, "GET", "/v2", "h", [], random.Random(0)))
+
+    def test_unquoted_timestamps(self) -> None:
+        """An unquoted YAML timestamp is read as written and decides precedence."""
+        text = (
+            SERVICE
+            + kube_service("other")
+            + ingress("b", path_rule("/", service="other")).replace(
+                "  namespace: default\n",
+                "  namespace: default\n  creationTimestamp: 2024-06-01T00:00:00Z\n",
+            )
+            + ingress("c", path_rule("/")).replace(
+                "  namespace: default\n",
+                "  namespace: default\n  creationTimestamp: 2023-06-01 10:00:00\n",
+            )
+        )
+        t = Translated(text)
+        self.assertEqual(t.messages("error"), [])
+        self.assertEqual(t.target("/"), "default/web:80 /")  # c is older
+        self.assertEqual(
+            [p.resource for p in t.problems if p.severity == "warning"], ["Ingress default/b"]
         )
