@@ -169,7 +169,7 @@ class ProbeSettings:
 class Problem:
     """One configuration problem, located in its file."""
 
-    severity: Literal["error", "warning"]
+    severity: Literal["error", "warning", "info"]  # info: a note (e.g. an Ingress of another class)
     message: str
     file: str | None = None
     line: int | None = None  # 1-based

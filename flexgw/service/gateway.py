@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate
 
+from flexgw.config.ingress import IngressOptions
 from flexgw.config.logconf import LoggingSettings, LogOutput
 from flexgw.config.pipeline import ConfigState, load_config
 from flexgw.config.plan import GatewayPlan, Listener, Upstream
@@ -65,6 +66,7 @@ class GatewayService(Service):
         listen_fds_start: int = LISTEN_FDS_START,
         reuse_port: bool = False,
         supervisor: Any = None,
+        ingress: IngressOptions | None = None,
     ) -> None:
         self.reactor = reactor
         self.conf_dirs = list(conf_dirs)
@@ -80,6 +82,7 @@ class GatewayService(Service):
         self.runtime_outputs: dict[LogOutput, tuple[RuntimeLog, Any]] = {}
         self.active_access_log: AccessLog | TeeLog | None = access_log
         self.strict = strict
+        self.ingress = ingress  # how Kubernetes Ingress documents are served
         self.rng = rng or random.Random()
         self.loader = loader
         self.state: ConfigState | None = None
@@ -257,12 +260,15 @@ class GatewayService(Service):
             previous=self.state,
             strict=self.strict,
             runtime=self.runtime,
+            ingress=self.ingress,
         )
         self.reloads += 1
         self._apply_logging(state.plan.logging)
         for problem in state.problems:
             if problem.severity == "error":
                 _log.error("{problem}", problem=str(problem))
+            elif problem.severity == "info":
+                _log.info("{problem}", problem=str(problem))
             else:
                 _log.warn("{problem}", problem=str(problem))
         self.state = state
