@@ -512,27 +512,29 @@ class WorkersOptionTests(TestCase):
                 Options().parseOptions(["--conf", conf, "--workers", value])
 
     def test_worker_command(self) -> None:
-        """A worker runs twistd flexgw with the same gateway options, one process, no admin."""
+        """A worker runs twistd flexgw with every option the supervisor got (later ones too,
+        e.g. the ingress options), then --workers 1 and --admin off, which win."""
         conf = self.mktemp()
         os.makedirs(conf)
+        given = [
+            "--conf", conf, "--workers", "2", "--strict", "--log-level", "warn",
+            "--drain-seconds", "7", "--access-log", "/tmp/a.log", "--admin", "tcp:9911",
+            "--worker-timeout", "9", "--ingress-class", "edge",
+        ]
         options = Options()
-        options.parseOptions(
-            ["--conf", conf, "--workers", "2", "--strict", "--log-level", "warn",
-             "--drain-seconds", "7", "--access-log", "/tmp/a.log"]
-        )
+        options.parseOptions(given)
         argv = worker_command(options)
         self.assertEqual(argv[0], sys.executable)
+        self.assertIn("--nodaemon", argv)
         tail = argv[argv.index("flexgw") + 1 :]
-        self.assertEqual(tail[tail.index("--conf") + 1], os.path.abspath(conf))
-        self.assertEqual(tail[tail.index("--workers") + 1], "1")
-        self.assertEqual(tail[tail.index("--admin") + 1], "off")
-        self.assertEqual(tail[tail.index("--drain-seconds") + 1], "7.0")
-        self.assertEqual(tail[tail.index("--access-log") + 1], "/tmp/a.log")
-        self.assertEqual(tail[tail.index("--log-level") + 1], "warn")
-        self.assertIn("--strict", tail)
+        self.assertEqual(tail, [*given, "--workers", "1", "--admin", "off"])
         parsed = Options()
         parsed.parseOptions(tail)  # the worker's options parse
-        self.assertEqual(parsed["workers"], 1)
+        self.assertEqual(
+            (parsed["workers"], parsed["admin"], parsed["drain-seconds"], parsed["strict"]),
+            (1, "off", 7.0, True),
+        )
+        self.assertEqual((parsed["conf"], parsed["ingress-class"]), ([conf], "edge"))
 
     def test_worker_timeout_option(self) -> None:
         """--worker-timeout: 30 s by default, 0 turns the heartbeat off, negatives are refused."""
