@@ -15,6 +15,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -568,6 +569,31 @@ class WorkersOptionTests(TestCase):
         service.announced = True
         self.successResultOf(service.reload())
         self.assertEqual(sent, ["RELOADING=1", "READY=1"])
+
+    def test_spawn_failure_backs_off(self) -> None:
+        """A worker that cannot even be started (spawnProcess raises) is tried again with the
+        same growing delays, not in a tight loop; stopping cancels the pending try."""
+
+        class NoSpawn(MemoryReactorClock):
+            attempts = 0
+
+            def spawnProcess(self, *args: Any, **kwargs: Any) -> Any:
+                NoSpawn.attempts += 1
+                raise OSError(24, "Too many open files")
+
+        clock = NoSpawn()
+        service = SupervisorService(clock, 1, lambda i: ["worker"], {}, worker_timeout=0)
+        service.startService()
+        delays = []
+        for _ in range(3):
+            (call,) = clock.getDelayedCalls()
+            delays.append(call.getTime() - clock.seconds())
+            clock.advance(call.getTime() - clock.seconds())
+        self.assertEqual(delays, [0.25, 0.5, 1.0])
+        self.assertEqual(NoSpawn.attempts, 4)
+        self.flushLoggedErrors(OSError)
+        self.successResultOf(service.stopService())
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_backoff(self) -> None:
         """No delay after a healthy run; doubling from 0.25 s while workers die young; capped."""
