@@ -18,7 +18,7 @@ class Upstream:
     """One upstream cluster: a `Service` resource, or an inline service of an ApiInstance."""
 
     key: str  # "namespace/name"; inline services are named "<api>-<serviceKey>"
-    scheme: str  # "http" or "https"
+    scheme: str  # "http", "https" or "h2c" (HTTP/2 with prior knowledge)
     host: str  # hostname or IP literal, IPv6 without brackets
     port: int
     path_prefix: str = ""  # path of the Service address, no trailing slash ("" for none or "/")

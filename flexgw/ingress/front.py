@@ -31,6 +31,7 @@ from flexgw.upstream.connection import ReadGate
 from flexgw.upstream.pool import PoolManager
 
 if TYPE_CHECKING:
+    from flexgw.ingress.h2front import H2Protocol, H2Stream
     from flexgw.http.accesslog import AccessLog
     from flexgw.service.metrics import GatewayMetrics
 
@@ -110,6 +111,18 @@ class IngressProtocol(Protocol):
         self.factory.connections.add(self)
         self.idle_since = self.clock.seconds()
         self.timer = self.clock.callLater(self.http.keepalive_timeout, self._on_timer)
+
+    def retire(self) -> None:
+        """The connection turned out to be HTTP/2 (ProtocolSelector): leave it to that protocol."""
+        self.state = CLOSING
+        self._stop_timer()
+        self.factory.connections.discard(self)
+
+    def drain(self) -> None:
+        """The gateway drains: close now if idle, else after the response in flight."""
+        self.draining = True
+        if self.active is None and self.state == IDLE and not self.queue:
+            self.transport.loseConnection()  # idle keep-alive: nothing to wait for
 
     def connectionLost(self, reason: Failure = None) -> None:
         """Abandon whatever is in flight."""
@@ -468,7 +481,8 @@ class IngressFactory(Factory):
         self.metrics = metrics
         self.rng = rng or random.Random()
         self.scheme_bytes = listener.scheme.encode("ascii")
-        self.connections: set[IngressProtocol] = set()
+        self.connections: set[IngressProtocol | H2Protocol] = set()
+        self.h2_limits = H2Limits()
         # Called with each connection as it closes (set by the gateway while it drains).
         self.on_connection_lost: Callable[[IngressProtocol], None] | None = None
 
@@ -482,9 +496,9 @@ class IngressFactory(Factory):
             connection.http = http
             connection.timeouts = timeouts
 
-    def buildProtocol(self, addr: object) -> IngressProtocol:
-        """A protocol for one accepted connection."""
-        return IngressProtocol(self)
+    def buildProtocol(self, addr: object) -> ProtocolSelector:
+        """A protocol for one accepted connection: HTTP/1.1 or HTTP/2, chosen on its first bytes."""
+        return ProtocolSelector(self)
 
     def log_exchange(self, exchange: ProxyExchange) -> None:
         """Write the access log line of a finished exchange, and count it."""
@@ -500,9 +514,13 @@ class IngressFactory(Factory):
             Failure(failure) if failure is not None else None,
         )
 
-    def log_refusal(self, protocol: IngressProtocol, error: GatewayError) -> None:
+    def log_refusal(self, protocol: IngressProtocol | H2Stream, error: GatewayError) -> None:
         """Write the access log line of a request refused before it was parsed whole, and count it."""
         if self.access_log is not None:
             self.access_log.refusal(protocol, error, self.listener)
         if self.metrics is not None:
             self.metrics.refusal(error)
+
+
+from flexgw.ingress.h2front import H2Limits  # noqa: E402 (h2front imports this module)
+from flexgw.ingress.select import ProtocolSelector  # noqa: E402 (select imports this module)

@@ -155,7 +155,7 @@ class PoolManager:
     def __init__(self, reactor: IReactorTCP, clock: IReactorTime) -> None:
         self.reactor = reactor
         self.clock = clock
-        self.pools: dict[Upstream, UpstreamPool] = {}
+        self.pools: dict[Upstream, UpstreamPool | H2UpstreamPool] = {}
         self.http = HttpSettings()
         self.timeouts = Timeouts()
         self._reaper: LoopingCall | None = None
@@ -171,11 +171,12 @@ class PoolManager:
         for upstream in [u for u in self.pools if u not in upstreams]:
             self.pools.pop(upstream).retire()
 
-    def pool_for(self, upstream: Upstream) -> UpstreamPool:
-        """The pool for `upstream`, created on first use."""
+    def pool_for(self, upstream: Upstream) -> UpstreamPool | H2UpstreamPool:
+        """The pool for `upstream`, created on first use (HTTP/2 for `h2c` Services)."""
         pool = self.pools.get(upstream)
         if pool is None:
-            pool = self.pools[upstream] = UpstreamPool(
+            kind = H2UpstreamPool if upstream.scheme == "h2c" else UpstreamPool
+            pool = self.pools[upstream] = kind(  # type: ignore[assignment]
                 self.reactor, self.clock, upstream, self.http, self.timeouts
             )
         return pool
@@ -197,3 +198,6 @@ class PoolManager:
             self._reaper.stop()
         for pool in self.pools.values():
             pool.close_all()
+
+
+from flexgw.upstream.h2 import H2UpstreamPool  # noqa: E402 (h2 imports this module)

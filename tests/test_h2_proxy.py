@@ -1,0 +1,390 @@
+"""HTTP/2 through the gateway over real loopback sockets: h1/h2 both sides, trailers, gRPC-style."""
+
+from __future__ import annotations
+
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import TestCase
+
+from flexgw.testing import client, h2
+from flexgw.testing.upstream import RecordingUpstream, Responder, echo, fixed
+from tests.harness import Gateway, free_port
+
+
+def api(port: int, upstream_port: int, scheme: str = "http", documents: str = "") -> str:
+    """One inline API on 127.0.0.1:port whose Service is `scheme`://127.0.0.1:upstream_port."""
+    return (
+        "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: ApiInstance\n"
+        "metadata: {name: test-api}\n"
+        f"spec:\n  address: http://127.0.0.1:{port}\n"
+        f"  services:\n    b:\n      address: {scheme}://127.0.0.1:{upstream_port}\n"
+        + documents
+    )
+
+
+class _Grpc(Responder):
+    """A gRPC-style bidirectional streaming echo: each request DATA piece is echoed at once;
+    the response ends with `grpc-status` trailers."""
+
+    def on_headers(self, ex) -> None:
+        """Response head at once (streaming both ways)."""
+        ex.send_head(200, [(b"content-type", b"application/grpc")])
+
+    def on_body(self, ex, data: bytes) -> None:
+        """Echo each message as it arrives."""
+        ex.write(data)
+
+    def on_complete(self, ex) -> None:
+        """End with trailers (HTTP/2), or plain finish for an HTTP/1.1 exchange."""
+        if hasattr(ex, "send_trailers"):
+            ex.send_trailers([(b"grpc-status", b"0"), (b"grpc-message", b"ok")])
+        else:
+            ex.finish()
+
+
+class _Base(TestCase):
+    """Starts a recording upstream and a gateway; connects h2 clients."""
+
+    def start(self, responder: Responder, upstream_h2: bool, documents: str = "") -> tuple[Gateway, RecordingUpstream, int]:
+        upstream = RecordingUpstream(responder, reactor=reactor, h2c=upstream_h2)
+        upstream.listen(reactor)
+        self.addCleanup(upstream.stop)
+        port = free_port()
+        scheme = "h2c" if upstream_h2 else "http"
+        gateway = Gateway(self, {"api.yaml": api(port, upstream.address[1], scheme, documents)})
+        gateway.start()
+        return gateway, upstream, port
+
+    async def h2_client(self, port: int, **options) -> h2.H2Client:
+        conn = await h2.connect(reactor, "127.0.0.1", port, **options)
+        self.addCleanup(conn.transport.abortConnection)
+        return conn
+
+
+class ProxyCombinationTests(_Base):
+    """h1↔h2 in all four combinations, with a recording upstream."""
+
+    async def test_h2_to_h1(self) -> None:
+        """An h2 client's request reaches an HTTP/1.1 upstream as HTTP/1.1 (Host from :authority,
+        cookies joined, body chunked without content-length); the response comes back on h2."""
+        gateway, upstream, port = self.start(echo(extra_headers=[(b"X-Up", b"1")]), upstream_h2=False)
+        conn = await self.h2_client(port)
+        response = conn.request(
+            b"POST", b"/items?q=1",
+            [(b"cookie", b"a=1"), (b"x-case", b"v"), (b"cookie", b"b=2")],
+            body=b"hello", authority=b"api.example.test",
+        )
+        await response.done
+        self.assertEqual(response.status, 200)
+        self.assertEqual(bytes(response.body), b"hello")
+        self.assertEqual(response.header(b"x-up"), [b"1"])
+        seen = upstream.received[0]
+        self.assertEqual((seen.method, seen.target, seen.version), (b"POST", b"/items?q=1", "1.1"))
+        self.assertEqual(seen.header("x-forwarded-host"), [b"api.example.test"])
+        self.assertEqual(seen.header("cookie"), [b"a=1; b=2"])
+        self.assertEqual(seen.header("transfer-encoding"), [b"chunked"])
+        self.assertEqual(seen.body, b"hello")
+        records = gateway.records()
+        self.assertEqual(records[-1]["version"], "2")
+        self.assertEqual(records[-1]["status"], 200)
+        self.assertEqual(records[-1]["bytes_in"], 5)
+
+    async def test_h1_to_h2(self) -> None:
+        """An HTTP/1.1 request reaches an h2c upstream as HTTP/2 (pseudo-headers, lower-case
+        names, no hop-by-hop fields); the h2 response comes back as HTTP/1.1."""
+        gateway, upstream, port = self.start(echo(), upstream_h2=True)
+        response = await client.request(
+            reactor, "127.0.0.1", port,
+            b"POST /x HTTP/1.1\r\nHost: h.test\r\nX-Case: Keep\r\nConnection: keep-alive, X-Drop\r\n"
+            b"X-Drop: 1\r\nContent-Length: 3\r\n\r\nabc",
+        )
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.body, b"abc")
+        seen = upstream.received[0]
+        self.assertEqual(seen.version, "2")
+        self.assertEqual(seen.header(":method"), [b"POST"])
+        self.assertEqual(seen.header(":path"), [b"/x"])
+        self.assertEqual(seen.header(":authority"), [f"127.0.0.1:{upstream.address[1]}".encode()])
+        self.assertEqual(seen.header("x-case"), [b"Keep"])
+        self.assertIn((b"x-case", b"Keep"), seen.headers)
+        self.assertEqual(seen.header("x-drop"), [])
+        self.assertEqual(seen.header("connection"), [])
+        self.assertEqual(seen.header("content-length"), [b"3"])
+        self.assertEqual(seen.body, b"abc")
+
+    async def test_h2_to_h2_multiplexed(self) -> None:
+        """Concurrent h2 streams are multiplexed over one pooled upstream HTTP/2 connection."""
+        gateway, upstream, port = self.start(fixed(200, body=b"ok"), upstream_h2=True)
+        conn = await self.h2_client(port)
+        responses = [conn.request(b"GET", b"/n/%d" % i) for i in range(10)]
+        await defer.gatherResults([r.done for r in responses])
+        self.assertEqual([r.status for r in responses], [200] * 10)
+        self.assertEqual([bytes(r.body) for r in responses], [b"ok"] * 10)
+        self.assertEqual(len(upstream.connections), 1)
+        self.assertEqual(sorted(r.target for r in upstream.received), sorted(b"/n/%d" % i for i in range(10)))
+        again = conn.request(b"GET", b"/again")
+        await again.done
+        self.assertEqual(len(upstream.connections), 1)
+
+    async def test_h1_to_h1_unchanged(self) -> None:
+        """The HTTP/1.1 path still works behind the protocol selector (a request starting 'P')."""
+        gateway, upstream, port = self.start(echo(), upstream_h2=False)
+        response = await client.request(
+            reactor, "127.0.0.1", port,
+            b"PUT /p HTTP/1.1\r\nHost: h.test\r\nContent-Length: 2\r\n\r\nhi",
+        )
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.body, b"hi")
+        self.assertEqual(upstream.received[0].version, "1.1")
+
+    async def test_grpc_style_streaming_with_trailers(self) -> None:
+        """An h2 client with `te: trailers` streams messages both ways through the gateway to an
+        h2 upstream; each message comes back before the call ends; `grpc-status` arrives as a
+        trailer."""
+        gateway, upstream, port = self.start(_Grpc(), upstream_h2=True)
+        conn = await self.h2_client(port)
+        call = conn.request(
+            b"POST", b"/pkg.Echo/Chat",
+            [(b"content-type", b"application/grpc"), (b"te", b"trailers")], end=False,
+        )
+        await call.head
+        self.assertEqual(call.status, 200)
+        for message in (b"\x00\x00\x00\x00\x02m1", b"\x00\x00\x00\x00\x02m2"):
+            before = len(call.body)
+            conn.send(call.stream_id, message)
+            while len(call.body) < before + len(message):
+                await _next_read(conn)
+            self.assertEqual(bytes(call.body[before:]), message)
+        conn.end(call.stream_id)
+        await call.done
+        self.assertEqual(call.trailers, [(b"grpc-status", b"0"), (b"grpc-message", b"ok")])
+        self.assertEqual(upstream.received[0].header("te"), [b"trailers"])
+        self.assertEqual(upstream.received[0].header("content-type"), [b"application/grpc"])
+
+    async def test_h2_trailers_to_h1_chunked(self) -> None:
+        """Trailers of an h2 upstream response reach an HTTP/1.1 client in the last chunk."""
+        gateway, upstream, port = self.start(_Grpc(), upstream_h2=True)
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(conn.abort)
+        conn.send(b"POST /t HTTP/1.1\r\nHost: h.test\r\nTE: trailers\r\nContent-Length: 2\r\n\r\nhi")
+        response = await conn.read_final_response()
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.body, b"hi")
+        self.assertTrue(
+            bytes(conn._raw).endswith(b"0\r\ngrpc-status: 0\r\ngrpc-message: ok\r\n\r\n"),
+            bytes(conn._raw),
+        )
+
+
+def _next_read(conn: h2.H2Client) -> defer.Deferred[None]:
+    """Fires after the client's next dataReceived."""
+    d: defer.Deferred[None] = defer.Deferred()
+    original = conn.dataReceived
+
+    def hooked(data: bytes) -> None:
+        conn.dataReceived = original  # type: ignore[method-assign]
+        original(data)
+        d.callback(None)
+
+    conn.dataReceived = hooked  # type: ignore[method-assign]
+    return d
+
+
+class _Held(Responder):
+    """Keeps each exchange until the test answers it (`answer`)."""
+
+    def __init__(self) -> None:
+        self.waiting: list = []
+        self.arrived: defer.Deferred[None] = defer.Deferred()
+
+    def on_complete(self, ex) -> None:
+        """Hold the exchange."""
+        self.waiting.append(ex)
+        if not self.arrived.called:
+            self.arrived.callback(None)
+
+    def answer(self) -> None:
+        """Answer every held exchange."""
+        for ex in self.waiting:
+            ex.respond(200, [(b"Content-Length", b"4")], b"done")
+        self.waiting = []
+
+
+class _Streamer(Responder):
+    """Streams `size` pattern bytes with backpressure; records when the upstream got paused."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.paused: defer.Deferred[None] = defer.Deferred()
+        self.streamed: defer.Deferred[None] | None = None
+
+    def on_complete(self, ex) -> None:
+        """Send the head, stream the body, and watch the upstream's write backpressure."""
+        connection = ex.connection
+        original = connection.pauseProducing
+
+        def pause() -> None:
+            original()
+            if not self.paused.called:
+                self.paused.callback(None)
+
+        connection.pauseProducing = pause
+        ex.send_head(200, [(b"Content-Length", b"%d" % self.size)])
+        self.streamed = ex.stream_body(self.size)
+        self.streamed.addCallback(lambda _: ex.finish())
+
+
+class H2BehaviourTests(_Base):
+    """Flow control, drain, policies, errors and curl, through a real gateway."""
+
+    async def test_slow_h2_reader_pauses_upstream(self) -> None:
+        """A client that acknowledges DATA slowly: at every read, what the gateway has taken from
+        the upstream exceeds what the client received by at most the client's window plus one
+        upstream read (the upstream is paused, not buffered); the whole body arrives intact."""
+        size = 16 * 1024 * 1024
+        gateway, upstream, port = self.start(_Streamer(size), upstream_h2=False)
+        conn = await self.h2_client(port, auto_ack=False)
+        response = conn.request(b"GET", b"/big")
+        await response.head
+        [protocol] = [c for f in gateway.service.factories.values() for c in f.connections]
+        [stream] = protocol.streams.values()
+        exchange = stream.exchange
+        paused_seen = False
+        while not response.done.called:
+            ahead = exchange.bytes_out - len(response.body)
+            self.assertLessEqual(ahead, 65535 + 2 * 65536, "the gateway buffers ahead of the client")
+            paused_seen = paused_seen or stream.producer_paused
+            conn.ack(response.stream_id)
+            await _next_read(conn)
+        self.assertTrue(paused_seen)
+        self.assertEqual(response.status, 200)
+        self.assertEqual(len(response.body), size)
+        from flexgw.testing.upstream import pattern_slice
+
+        self.assertEqual(bytes(response.body[:1000]), pattern_slice(0, 1000))
+        self.assertEqual(bytes(response.body[-1000:]), pattern_slice(size - 1000, 1000))
+
+    async def test_slow_h1_reader_behind_h2_upstream(self) -> None:
+        """An HTTP/1.1 client that does not read: once its socket is full the h2 upstream gets no
+        more WINDOW_UPDATE (flow control stops it: its body stream cannot finish); when the
+        client reads again the whole body arrives."""
+        size = 32 * 1024 * 1024
+        streamer = _Streamer(size)
+        gateway, upstream, port = self.start(streamer, upstream_h2=True)
+        conn = await client.connect(reactor, "127.0.0.1", port, retain_body=False)
+        self.addCleanup(conn.abort)
+        conn.transport.pauseProducing()  # the client reads nothing
+        conn.send(b"GET /big HTTP/1.1\r\nHost: h.test\r\n\r\n")
+        await upstream.wait_for_requests(1)
+        [pool] = gateway.service.pools.pools.values()
+        [upconn] = pool.connections
+        [stream] = upconn.streams.values()
+        if not stream.gate.paused:
+            paused: defer.Deferred[None] = defer.Deferred()
+            original = stream.gate.pauseProducing
+
+            def pause() -> None:
+                original()
+                if not paused.called:
+                    paused.callback(None)
+
+            stream.gate.pauseProducing = pause  # type: ignore[method-assign]
+            await paused
+        self.assertLessEqual(stream.unacked, 256 * 1024)  # at most the stream window held
+        self.assertFalse(streamer.streamed.called)
+        conn.transport.resumeProducing()
+        response = await conn.read_final_response()
+        self.assertEqual(response.body_length, size)
+
+    async def test_drain_sends_goaway_and_finishes_streams(self) -> None:
+        """Stopping the gateway sends GOAWAY naming the last stream; the stream in flight still
+        gets its response; a stream opened after GOAWAY is refused; then the connection closes."""
+        held = _Held()
+        gateway, upstream, port = self.start(held, upstream_h2=False)
+        conn = await self.h2_client(port)
+        first = conn.request(b"GET", b"/slow")
+        await held.arrived
+        stopped = gateway.service.stopService()
+        goaway = await conn.goaway_received
+        self.assertEqual(goaway.last_stream_id, first.stream_id)
+        self.assertEqual(goaway.error_code, 0)
+        late = conn.request(b"GET", b"/late")
+        await late.done
+        self.assertEqual(late.reset_code, 7)  # REFUSED_STREAM: the client may retry elsewhere
+        self.assertFalse(first.done.called)
+        held.answer()
+        await first.done
+        self.assertEqual((first.status, bytes(first.body)), (200, b"done"))
+        await conn.lost
+        await stopped
+        self.assertEqual(len(upstream.received), 1)
+
+    async def test_basic_auth_applies_to_h2(self) -> None:
+        """Policies run for h2 requests: a missing credential gets the policy's 401 on the stream,
+        a good one reaches the upstream."""
+        binding = (
+            "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: PolicyBinding\n"
+            "metadata: {name: auth}\nspec:\n  targetRef: {kind: ApiInstance, name: test-api}\n"
+            "  policyRef: {name: http-basic-authentication-flex}\n"
+            "  config: {username: chris, password: admin}\n"
+        )
+        gateway, upstream, port = self.start(fixed(200, body=b"in"), upstream_h2=False, documents=binding)
+        conn = await self.h2_client(port)
+        refused = conn.request(b"GET", b"/secret")
+        await refused.done
+        self.assertEqual(refused.status, 401, (refused, conn.errors, conn.goaway))
+        self.assertEqual(refused.header(b"www-authenticate"), [b'Basic realm="mule-realm"'])
+        self.assertEqual(upstream.received, [])
+        import base64
+        good = conn.request(
+            b"GET", b"/secret", [(b"authorization", b"Basic " + base64.b64encode(b"chris:admin"))]
+        )
+        await good.done
+        self.assertEqual((good.status, bytes(good.body)), (200, b"in"))
+        self.assertEqual(len(upstream.received), 1)
+        records = gateway.records()
+        self.assertEqual([(r["status"], r["version"]) for r in records], [(401, "2"), (200, "2")])
+
+    async def test_gateway_errors_on_h2(self) -> None:
+        """Gateway-made errors go out on the stream: an upstream stream reset is a 502 (not
+        retried: the upstream may have acted on it), and costs neither connection."""
+
+        class Reset(Responder):
+            def on_headers(self, ex) -> None:
+                ex.reset()
+
+        gateway, upstream, port = self.start(Reset(), upstream_h2=True)
+        conn = await self.h2_client(port)
+        response = conn.request(b"GET", b"/x")
+        await response.done
+        self.assertEqual(response.status, 502)
+        self.assertEqual(response.header(b"x-flexgw-error"), [b"upstream_reset"])
+        self.assertEqual(response.header(b"content-type"), [b"application/json"])
+        # The connection serves on after an error.
+        again = conn.request(b"GET", b"/y")
+        await again.done
+        self.assertEqual(again.status, 502)
+        [pool] = gateway.service.pools.pools.values()
+        self.assertEqual(len(upstream.connections), 1)  # a reset stream does not cost the connection
+        self.assertEqual(pool.active, 0)
+
+    async def test_curl_prior_knowledge(self) -> None:
+        """curl --http2-prior-knowledge talks HTTP/2 to the gateway (when curl has HTTP/2)."""
+        import shutil
+
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        curl = shutil.which("curl")
+        if curl is None:
+            raise self.skipTest("curl is not installed")
+        version, _, _ = await getProcessOutputAndValue(curl, ["-V"])
+        if b"HTTP2" not in version:
+            raise self.skipTest("curl has no HTTP/2")
+        gateway, upstream, port = self.start(echo(), upstream_h2=False)
+        out, err, code = await getProcessOutputAndValue(
+            curl,
+            ["-sS", "--max-time", "10", "--http2-prior-knowledge", "-d", "payload",
+             "-w", "\\n%{http_version}", f"http://127.0.0.1:{port}/c"],
+        )
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out, b"payload\n2")
+        self.assertEqual(upstream.received[0].body, b"payload")
