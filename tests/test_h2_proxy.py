@@ -124,6 +124,11 @@ class ProxyCombinationTests(_Base):
         again = conn.request(b"GET", b"/again")
         await again.done
         self.assertEqual(len(upstream.connections), 1)
+        # Every stream was counted (metrics) with its route.
+        metrics = gateway.service.metrics
+        self.assertEqual(sum(n for (api, _, status, _), n in metrics.requests.items() if status == 200), 11)
+        [pool] = gateway.service.pools.pools.values()
+        self.assertEqual((pool.active, len(pool.idle)), (0, 1))
 
     async def test_h1_to_h1_unchanged(self) -> None:
         """The HTTP/1.1 path still works behind the protocol selector (a request starting 'P')."""
@@ -388,3 +393,21 @@ class H2BehaviourTests(_Base):
         self.assertEqual(code, 0, err)
         self.assertEqual(out, b"payload\n2")
         self.assertEqual(upstream.received[0].body, b"payload")
+
+
+class AddressTests(TestCase):
+    """`h2c://` is a Service scheme (HTTP/2 upstream with prior knowledge), not a listener one."""
+
+    def test_service_h2c(self) -> None:
+        """An h2c Service address parses, port 80 by default; an API address cannot be h2c."""
+        from flexgw.config.address import AddressError, parse_api_address, parse_service_address
+
+        address = parse_service_address("h2c://grpc.internal:50051/base")
+        self.assertEqual((address.scheme, address.host, address.port), ("h2c", "grpc.internal", 50051))
+        self.assertEqual(parse_service_address("h2c://grpc.internal").port, 80)
+        with self.assertRaises(AddressError) as caught:
+            parse_api_address("h2c://0.0.0.0:8081")
+        self.assertIn("expected http or https", str(caught.exception))
+        with self.assertRaises(AddressError) as caught:
+            parse_service_address("h2://x")
+        self.assertIn("expected http, https or h2c", str(caught.exception))
