@@ -161,7 +161,11 @@ def makeService(options: Options) -> MultiService:
         )
         admin.setServiceParent(top)
     watcher = ConfigWatcher(
-        reactor, options["conf"], gateway.reload, debounce_from_env(os.environ)
+        reactor,
+        options["conf"],
+        gateway.reload,
+        debounce_from_env(os.environ),
+        extra_files=lambda: gateway.plan.tls_files,  # certificates, keys, CAs read by the plan
     )
     _WatcherService(watcher).setServiceParent(top)
 

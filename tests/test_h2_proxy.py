@@ -180,6 +180,17 @@ class ProxyCombinationTests(_Base):
         )
 
 
+class _ChunkedTrailers(Responder):
+    """An HTTP/1.1 upstream answering chunked, with trailer fields after the last chunk."""
+
+    def on_complete(self, ex) -> None:
+        """Head, one chunk, the last chunk with trailers."""
+        ex.send_head(200, [(b"Transfer-Encoding", b"chunked"), (b"Trailer", b"grpc-status")])
+        ex.write(b"body")
+        ex.write_raw(b"0\r\ngrpc-status: 7\r\nHost: not.a.trailer\r\n\r\n")
+        ex.finished = True
+
+
 def _next_read(conn: h2.H2Client) -> defer.Deferred[None]:
     """Fires after the client's next dataReceived."""
     d: defer.Deferred[None] = defer.Deferred()
@@ -395,6 +406,73 @@ class H2BehaviourTests(_Base):
         self.assertEqual(upstream.received[0].body, b"payload")
 
 
+class LargeBodyTests(_Base):
+    """Bodies larger than every flow-control window, both ways, through HTTP/2 on either side."""
+
+    size = 3 * 1024 * 1024 + 7
+
+    async def test_h1_upload_to_h2_echo(self) -> None:
+        """An HTTP/1.1 chunked upload to an h2c echo upstream comes back whole."""
+        from flexgw.testing.upstream import pattern_sha256
+
+        gateway, upstream, port = self.start(echo(), upstream_h2=True)
+        conn = await client.connect(reactor, "127.0.0.1", port, retain_body=False)
+        self.addCleanup(conn.abort)
+        conn.send(b"POST /up HTTP/1.1\r\nHost: h.test\r\nTransfer-Encoding: chunked\r\n\r\n")
+        sent = await conn.send_body(self.size, chunked=True)
+        response = await conn.read_final_response()
+        self.assertEqual(sent, self.size)
+        self.assertEqual(response.body_length, self.size)
+        self.assertEqual(response.body_sha256, pattern_sha256(self.size))
+        self.assertEqual(upstream.completed[0].body_sha256, pattern_sha256(self.size))
+
+    async def test_h2_upload_to_h2_echo(self) -> None:
+        """An h2 client's upload to an h2c echo upstream, echoed back while it is sent."""
+        from flexgw.testing.upstream import pattern_sha256, pattern_slice
+
+        gateway, upstream, port = self.start(echo(), upstream_h2=True)
+        conn = await self.h2_client(port)
+        response = conn.request(
+            b"PUT", b"/up", [(b"content-length", b"%d" % self.size)],
+            body=pattern_slice(0, self.size),
+        )
+        await response.done
+        self.assertEqual(response.status, 200)
+        self.assertEqual(len(response.body), self.size)
+        import hashlib
+
+        self.assertEqual(hashlib.sha256(bytes(response.body)).hexdigest(), pattern_sha256(self.size))
+        self.assertEqual(upstream.completed[0].header("content-length"), [b"%d" % self.size])
+
+
+class TrailerTests(_Base):
+    """Trailers of an HTTP/1.1 upstream's chunked response."""
+
+    async def test_h1_trailers_to_h2(self) -> None:
+        """They reach an h2 client as trailing HEADERS (framing fields left out)."""
+        gateway, upstream, port = self.start(_ChunkedTrailers(), upstream_h2=False)
+        conn = await self.h2_client(port)
+        response = conn.request(b"GET", b"/t", [(b"te", b"trailers")])
+        await response.done
+        self.assertEqual((response.status, bytes(response.body)), (200, b"body"))
+        self.assertEqual(response.trailers, [(b"grpc-status", b"7")])
+        self.assertEqual(response.header(b"trailer"), [])  # hop-by-hop
+
+    async def test_h1_trailers_to_h1(self) -> None:
+        """They reach an HTTP/1.1 client in the last chunk."""
+        gateway, upstream, port = self.start(_ChunkedTrailers(), upstream_h2=False)
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(conn.abort)
+        conn.send(b"GET /t HTTP/1.1\r\nHost: h.test\r\n\r\n")
+        response = await conn.read_final_response()
+        self.assertEqual(response.body, b"body")
+        self.assertTrue(bytes(conn._raw).endswith(b"0\r\ngrpc-status: 7\r\n\r\n"), bytes(conn._raw))
+        # The connection is still good for another request.
+        conn.send(b"GET /t HTTP/1.1\r\nHost: h.test\r\n\r\n")
+        again = await conn.read_final_response()
+        self.assertEqual(again.body, b"body")
+
+
 class AddressTests(TestCase):
     """`h2c://` is a Service scheme (HTTP/2 upstream with prior knowledge), not a listener one."""
 
@@ -411,3 +489,112 @@ class AddressTests(TestCase):
         with self.assertRaises(AddressError) as caught:
             parse_service_address("h2://x")
         self.assertIn("expected http, https or h2c", str(caught.exception))
+
+
+def _self_signed() -> tuple[bytes, bytes]:
+    """A key and a self-signed certificate for `localhost` (PEM)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
+
+
+class TlsAlpnTests(TestCase):
+    """On a TLS listener (built here: TLS listeners come with the tls binding), ALPN picks the
+    protocol: `h2` starts HTTP/2, `http/1.1` stays HTTP/1.1."""
+
+    async def start(self) -> tuple[RecordingUpstream, int, bytes]:
+        """A recording upstream and an ingress factory behind TLS offering SERVED_ALPN."""
+        from twisted.internet import ssl
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from flexgw.config.pipeline import load_config
+        from flexgw.config.plan import HttpSettings, Timeouts
+        from flexgw.ingress.alpn import SERVED_ALPN
+        from flexgw.ingress.front import IngressFactory
+        from flexgw.upstream.pool import PoolManager
+        from tests.conftools import write_conf
+        from tests.harness import simple_api
+
+        upstream = RecordingUpstream(echo(), reactor=reactor)
+        upstream.listen(reactor)
+        self.addCleanup(upstream.stop)
+        root = write_conf(self, {"api.yaml": simple_api(8443, upstream.address[1])})
+        plan = load_config([root], {}).plan
+        pools = PoolManager(reactor, reactor)
+        self.addCleanup(pools.stop)
+        factory = IngressFactory(
+            reactor, reactor, plan.listeners[0], HttpSettings(), Timeouts(), pools, None
+        )
+        self.addCleanup(lambda: [c.transport.abortConnection() for c in list(factory.connections)])
+        key_pem, cert_pem = _self_signed()
+        certificate = ssl.PrivateCertificate.loadPEM(key_pem + cert_pem)
+        options = ssl.CertificateOptions(
+            privateKey=certificate.privateKey.original,
+            certificate=certificate.original,
+            acceptableProtocols=list(SERVED_ALPN),
+        )
+        port = reactor.listenTCP(0, TLSMemoryBIOFactory(options, False, factory), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return upstream, port.getHost().port, cert_pem
+
+    async def connect(self, port: int, cert_pem: bytes, alpn: list[bytes], proto: object) -> object:
+        """A TLS client connection offering `alpn`."""
+        from twisted.internet import ssl
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+
+        options = ssl.optionsForClientTLS(
+            "localhost",
+            trustRoot=ssl.Certificate.loadPEM(cert_pem),
+            acceptableProtocols=alpn,
+        )
+        endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5))
+        await connectProtocol(endpoint, proto)
+        self.addCleanup(proto.transport.abortConnection)  # type: ignore[attr-defined]
+        return proto
+
+    async def test_alpn_h2(self) -> None:
+        """A client offering only h2 gets HTTP/2 over TLS (the listener offers h2 first)."""
+        upstream, port, cert_pem = await self.start()
+        conn = h2.H2Client()
+        await self.connect(port, cert_pem, [b"h2"], conn)
+        response = conn.request(b"POST", b"/tls", body=b"over tls", authority=b"localhost")
+        await response.done
+        self.assertEqual(conn.transport.negotiatedProtocol, b"h2")
+        self.assertEqual((response.status, bytes(response.body)), (200, b"over tls"))
+        self.assertEqual(upstream.received[0].header("x-forwarded-host"), [b"localhost"])
+
+    async def test_alpn_http11(self) -> None:
+        """A client offering http/1.1 stays on HTTP/1.1."""
+        upstream, port, cert_pem = await self.start()
+        conn = client.RawConnection()
+        await self.connect(port, cert_pem, [b"http/1.1"], conn)
+        conn.send(b"GET /one HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        response = await conn.read_final_response()
+        self.assertEqual(conn.transport.negotiatedProtocol, b"http/1.1")
+        self.assertEqual(response.status, 200)
+        self.assertEqual(upstream.received[0].target, b"/one")

@@ -14,10 +14,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import httptools
-from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IReactorTCP, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from flexgw.config.plan import HttpSettings, Listener, Timeouts
 from flexgw.http import errors
@@ -46,8 +47,9 @@ CLOSING = 3  # an error was answered or the connection is closing: ignore furthe
 PIPELINE = 4  # ReadGate reason: a response is pending, stop reading further requests
 
 
+@implementer(IHandshakeListener)
 class IngressProtocol(Protocol):
-    """One downstream HTTP/1.1 connection."""
+    """One downstream HTTP/1.1 connection (over TLS on https listeners)."""
 
     def __init__(self, factory: IngressFactory) -> None:
         self.factory = factory
@@ -79,6 +81,9 @@ class IngressProtocol(Protocol):
         self.timeouts: Timeouts = factory.timeouts
         self.scheme_bytes = factory.scheme_bytes
         self.scheme_decoded = factory.listener.scheme
+        # "X-Forwarded-Proto: ...\r\n", plus the client certificate's XFCC line over mTLS
+        self.proto_line = factory.proto_line
+        self.xfcc_line = b""
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -123,6 +128,17 @@ class IngressProtocol(Protocol):
         self.draining = True
         if self.active is None and self.state == IDLE and not self.queue:
             self.transport.loseConnection()  # idle keep-alive: nothing to wait for
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up: the client certificate's details (if one was verified) are forwarded with
+        every request of this connection as `x-forwarded-client-cert` (Envoy's format)."""
+        certificate = self.transport.getPeerCertificate()
+        if certificate is not None:
+            from flexgw.tls.contexts import xfcc_value
+
+            value = xfcc_value(certificate.to_cryptography())
+            self.xfcc_line = b"X-Forwarded-Client-Cert: " + value + b"\r\n"
+            self.proto_line = self.proto_line + self.xfcc_line
 
     def connectionLost(self, reason: Failure = None) -> None:
         """Abandon whatever is in flight."""
@@ -481,6 +497,7 @@ class IngressFactory(Factory):
         self.metrics = metrics
         self.rng = rng or random.Random()
         self.scheme_bytes = listener.scheme.encode("ascii")
+        self.proto_line = b"X-Forwarded-Proto: " + self.scheme_bytes + b"\r\n"
         self.connections: set[IngressProtocol | H2Protocol] = set()
         self.h2_limits = H2Limits()
         # Called with each connection as it closes (set by the gateway while it drains).
@@ -492,6 +509,7 @@ class IngressFactory(Factory):
         self.http = http
         self.timeouts = timeouts
         self.scheme_bytes = listener.scheme.encode("ascii")
+        self.proto_line = b"X-Forwarded-Proto: " + self.scheme_bytes + b"\r\n"
         for connection in self.connections:
             connection.http = http
             connection.timeouts = timeouts

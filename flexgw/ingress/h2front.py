@@ -124,6 +124,8 @@ class H2Stream:
         self.trusted_peer = protocol.trusted_peer
         self.scheme_bytes = protocol.scheme_bytes
         self.scheme_decoded = protocol.scheme_decoded
+        self.proto_line = protocol.proto_line
+        self.xfcc_line = protocol.xfcc_line
         self.gate = _RequestGate(self)
         self.transport = self  # ProxyExchange registers the upstream as producer on front.transport
         self.exchange: H2Exchange | None = None
@@ -472,6 +474,9 @@ class H2Protocol(Protocol):
         self.trusted_peer = h1.trusted_peer
         self.scheme_bytes = h1.scheme_bytes
         self.scheme_decoded = h1.scheme_decoded
+        # X-Forwarded-Proto (and, over mTLS, the client certificate's XFCC) lines, as for h1
+        self.proto_line = h1.proto_line
+        self.xfcc_line = h1.xfcc_line
         self.draining = False
         self.streams: dict[int, H2Stream] = {}
         self.blocked: set[H2Stream] = set()  # streams with response bytes waiting for a window

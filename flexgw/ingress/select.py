@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from flexgw.ingress.front import IDLE, IngressProtocol
 
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
+@implementer(IHandshakeListener)
 class ProtocolSelector(Protocol):
     """The protocol of a fresh ingress connection until its first bytes name HTTP/1.1 or HTTP/2."""
 
@@ -69,6 +72,11 @@ class ProtocolSelector(Protocol):
         self.connectionLost = h2.connectionLost  # type: ignore[method-assign]
         h2.makeConnection(self.transport)
         h2.dataReceived(data)
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up (before any data): the HTTP/1.1 protocol records the client certificate,
+        which an HTTP/2 protocol taking over copies."""
+        self.h1.handshakeCompleted()
 
     def connectionLost(self, reason: Failure = None) -> None:
         """Lost before a protocol was chosen: the HTTP/1.1 protocol cleans up."""

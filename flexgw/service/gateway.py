@@ -29,6 +29,7 @@ from flexgw.service.activation import LISTEN_FDS_START, InheritedSockets, listen
 from flexgw.service.admin import ProbeServer
 from flexgw.service.metrics import GatewayMetrics
 from flexgw.service.systemd import Notifier
+from flexgw.tls.contexts import QuietTLSFactory, ServerConnectionCreator
 from flexgw.upstream.pool import PoolManager
 
 _log = Logger(namespace="flexgw")
@@ -84,6 +85,8 @@ class GatewayService(Service):
         self.runtime = PolicyRuntime(reactor=reactor, clock=reactor, message_log=message_log)
         self.factories: dict[tuple[str, int], IngressFactory] = {}
         self.ports: dict[tuple[str, int], IListeningPort] = {}
+        # TLS listeners: the creator whose `current` a reload swaps (the socket is kept)
+        self.tls_creators: dict[tuple[str, int], ServerConnectionCreator] = {}
         self.reloads = 0
         self.last_reload_ok: bool | None = None
         self.unbound: set[tuple[str, int]] = set()  # listener addresses the last reload could not bind
@@ -133,6 +136,7 @@ class GatewayService(Service):
         self.stopping = True
         self.notifier.stopping(f"Draining (up to {self.drain_seconds:g}s)")
         ports, self.ports = self.ports, {}
+        self.tls_creators = {}
         factories, self.factories = self.factories, {}
         for address in ports:
             self._release(address)
@@ -275,10 +279,16 @@ class GatewayService(Service):
         }
         self.pools.configure(plan.http, plan.timeouts, upstreams)
         wanted = {listener.address: listener for listener in plan.listeners}
-        for address in [a for a in self.ports if a not in wanted]:
+        for address in [
+            a
+            for a in self.ports
+            if a not in wanted or (wanted[a].tls is None) != (a not in self.tls_creators)
+        ]:
+            # Gone, or switching between TLS and plain HTTP: closed (and bound again below).
             _log.info("Closing listener {host}:{port}", host=address[0], port=address[1])
             self.ports.pop(address).stopListening()
             self.factories.pop(address, None)
+            self.tls_creators.pop(address, None)
             self._release(address)
         bound = True
         self.unbound = set()
@@ -286,6 +296,9 @@ class GatewayService(Service):
             factory = self.factories.get(address)
             if factory is not None:
                 factory.update(listener, plan.http, plan.timeouts)
+                creator = self.tls_creators.get(address)
+                if creator is not None:
+                    creator.current = listener.tls  # new connections: new certificates
                 continue
             bound = self._bind(listener, plan) and bound
         return bound
@@ -302,12 +315,17 @@ class GatewayService(Service):
             self.rng,
             metrics=self.metrics,
         )
+        served: Any = factory
+        creator = None
+        if listener.tls is not None:
+            creator = ServerConnectionCreator(listener.tls)
+            served = QuietTLSFactory(creator, False, factory)
         inherited = self.inherited.take(*listener.address) if self.inherited else None
         try:
             if inherited is not None:  # systemd socket activation: no bind of our own
-                port = self.reactor.adoptStreamPort(inherited.fd, inherited.family, factory)
+                port = self.reactor.adoptStreamPort(inherited.fd, inherited.family, served)
             else:
-                port = self.reactor.listenTCP(listener.port, factory, interface=listener.host)
+                port = self.reactor.listenTCP(listener.port, served, interface=listener.host)
         except Exception as exc:  # noqa: BLE001 (CannotListenError and friends: report, serve the rest)
             _log.error(
                 "Cannot listen on {host}:{port}: {error}",
@@ -320,10 +338,13 @@ class GatewayService(Service):
             return False
         self.factories[listener.address] = factory
         self.ports[listener.address] = port
+        if creator is not None:
+            self.tls_creators[listener.address] = creator
         _log.info(
-            "Listening on {host}:{port}{how}",
+            "Listening on {host}:{port}{tls}{how}",
             host=listener.host,
             port=listener.port,
+            tls=" (TLS)" if creator is not None else "",
             how=f" (inherited from systemd: {inherited.describe()})" if inherited else "",
         )
         return True

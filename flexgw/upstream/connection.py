@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 from typing import Protocol as TypingProtocol
 
 import httptools
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -101,6 +101,9 @@ class UpstreamConnection(Protocol):
         self._head_bytes = 0
         self._body_seen = False
 
+    #: True on a TLS connection lost before its handshake completed (see TLSUpstreamConnection).
+    tls_failed = False
+
     # -- lifecycle -------------------------------------------------------------------------------
 
     def connectionMade(self) -> None:
@@ -187,7 +190,7 @@ class UpstreamConnection(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         """Tell the exchange (if any) and leave the pool."""
         self.reusable = False
-        self.pool.connection_lost(self)
+        self.pool.connection_lost(self, reason)
         sink = self.sink
         if sink is not None:
             self.sink = None
@@ -257,3 +260,21 @@ class UpstreamConnection(Protocol):
 
 class _Unsolicited(Exception):
     """Raised from a parser callback: the upstream sent bytes after a complete response."""
+
+
+@implementer(IHandshakeListener)
+class TLSUpstreamConnection(UpstreamConnection):
+    """An upstream connection over TLS: handed to its exchange only once the handshake (and
+    the certificate and host name checks) completed, so a failed check is told apart from a
+    reset: the exchange answers 502 `upstream_tls`."""
+
+    def connectionMade(self) -> None:
+        """TCP is up; TLS is not yet: wait for the handshake."""
+        self.connected_ok = True
+        self.tls_failed = True  # until the handshake completes
+        self.gate = ReadGate(self.transport)
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up: hand the connection to whoever asked for it."""
+        self.tls_failed = False
+        self.pool.connection_made(self)
