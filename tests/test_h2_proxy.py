@@ -474,7 +474,7 @@ class TrailerTests(_Base):
 
 
 class AddressTests(TestCase):
-    """`h2c://` is a Service scheme (HTTP/2 upstream with prior knowledge), not a listener one."""
+    """`h2c://` and `h2://` are Service schemes (HTTP/2 upstreams), not listener ones."""
 
     def test_service_h2c(self) -> None:
         """An h2c Service address parses, port 80 by default; an API address cannot be h2c."""
@@ -486,9 +486,10 @@ class AddressTests(TestCase):
         with self.assertRaises(AddressError) as caught:
             parse_api_address("h2c://0.0.0.0:8081")
         self.assertIn("expected http or https", str(caught.exception))
+        self.assertEqual(parse_service_address("h2://x").port, 443)
         with self.assertRaises(AddressError) as caught:
-            parse_service_address("h2://x")
-        self.assertIn("expected http, https or h2c", str(caught.exception))
+            parse_service_address("grpc://x")
+        self.assertIn("expected http, https, h2c or h2", str(caught.exception))
 
 
 def _self_signed() -> tuple[bytes, bytes]:
@@ -598,3 +599,61 @@ class TlsAlpnTests(TestCase):
         self.assertEqual(conn.transport.negotiatedProtocol, b"http/1.1")
         self.assertEqual(response.status, 200)
         self.assertEqual(upstream.received[0].target, b"/one")
+
+
+class H2OverTlsUpstreamTests(TestCase):
+    """`h2://` Services: HTTP/2 over TLS, ALPN h2, the certificate verified."""
+
+    def setUp(self) -> None:
+        """A CA and an upstream certificate for 127.0.0.1."""
+        import os
+
+        from flexgw.testing.certs import CertificateAuthority
+
+        self.dir = os.path.abspath(self.mktemp())
+        self.ca = CertificateAuthority("upstream CA")
+        self.ca_path = self.ca.write(self.dir, "ca")
+        self.port = free_port()
+
+    def start(self, responder: Responder, alpn: list[bytes]) -> tuple[Gateway, RecordingUpstream]:
+        """A TLS h2 recording upstream offering `alpn`, and a gateway whose Service is h2://."""
+        from flexgw.testing.certs import server_options
+        from tests.test_tls_upstream import documents
+
+        upstream = RecordingUpstream(responder, reactor=reactor, h2c=True)
+        issued = self.ca.issue("upstream", ips=["127.0.0.1"])
+        upstream.listen(reactor, tls=server_options(issued, acceptableProtocols=alpn))
+        self.addCleanup(upstream.stop)
+        url = f"h2://127.0.0.1:{upstream.address[1]}"
+        gateway = Gateway(self, {"api.yaml": documents(self.port, url, f'trustedCA: "file://{self.ca_path}"\n')})
+        gateway.start()
+        self.assertEqual([str(p) for p in gateway.service.state.errors], [])
+        return gateway, upstream
+
+    async def test_h1_and_h2_clients_to_h2_over_tls(self) -> None:
+        """HTTP/1.1 and h2 clients reach the upstream over one TLS HTTP/2 connection
+        (`:scheme` https); trailers come back."""
+        gateway, upstream = self.start(_Grpc(), [b"h2"])
+        response = await client.request(
+            reactor, "127.0.0.1", self.port,
+            b"POST /a HTTP/1.1\r\nHost: api\r\nContent-Length: 2\r\n\r\nhi",
+        )
+        self.assertEqual((response.status, response.body), (200, b"hi"))
+        conn = await h2.connect(reactor, "127.0.0.1", self.port)
+        self.addCleanup(conn.transport.abortConnection)
+        call = conn.request(b"POST", b"/b", [(b"te", b"trailers")], body=b"yo")
+        await call.done
+        self.assertEqual((call.status, bytes(call.body)), (200, b"yo"))
+        self.assertEqual(call.trailers, [(b"grpc-status", b"0"), (b"grpc-message", b"ok")])
+        self.assertEqual(len(upstream.connections), 1)
+        self.assertEqual([r.header(":scheme") for r in upstream.received], [[b"https"], [b"https"]])
+
+    async def test_alpn_without_h2_is_502_upstream_tls(self) -> None:
+        """An upstream whose TLS does not agree to h2 is a 502 upstream_tls; nothing is sent."""
+        gateway, upstream = self.start(echo(), [b"http/1.1"])
+        response = await client.request(
+            reactor, "127.0.0.1", self.port, b"GET /a HTTP/1.1\r\nHost: api\r\n\r\n"
+        )
+        self.assertEqual(response.status, 502)
+        self.assertEqual(response.header("x-flexgw-error"), [b"upstream_tls"])
+        self.assertEqual(upstream.received, [])

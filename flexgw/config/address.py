@@ -91,7 +91,7 @@ def parse_address(
         if not 1 <= port <= 65535:
             raise AddressError(f"port {port} out of range 1..65535")
     elif default_port:
-        port = 443 if scheme == "https" else 80
+        port = 443 if scheme in ("https", "h2") else 80
     else:
         raise AddressError("the address needs a port, e.g. http://0.0.0.0:8081")
     return Address(scheme=scheme, host=host.lower(), port=port, path=normalise_path(parts.path))
@@ -108,6 +108,7 @@ def parse_api_address(text: str) -> Address:
 def parse_service_address(text: str) -> Address:
     """A Service address: the port defaults to the scheme's; the path becomes a prefix.
 
-    `h2c://` is an HTTP/2 upstream spoken with prior knowledge (no TLS, no upgrade).
+    `h2c://` is an HTTP/2 upstream spoken with prior knowledge (no TLS, no upgrade); `h2://` is
+    HTTP/2 over TLS (ALPN h2; port 443 by default).
     """
-    return parse_address(text, default_port=True, schemes=("http", "https", "h2c"))
+    return parse_address(text, default_port=True, schemes=("http", "https", "h2c", "h2"))

@@ -291,7 +291,7 @@ def _tls_upstreams(
     blocked: dict[str, str] = {}
     for key, upstream in sorted(upstreams.items()):
         specs = model.upstream_tls.get(key, ())
-        if not specs and upstream.scheme != "https":
+        if not specs and upstream.scheme not in ("https", "h2"):
             continue
         settings = TLSSettings()  # an https:// Service without a binding: verified defaults
         if specs:
@@ -307,7 +307,7 @@ def _tls_upstreams(
                 blocked[key] = f"an invalid tls-outbound binding ({specs[0].origin.resource})"
                 continue
             settings = built
-            if upstream.scheme != "https":
+            if upstream.scheme not in ("https", "h2"):
                 problems.append(
                     specs[0].origin.problem(
                         "warning", f"Service {key} has an http:// address; TLS is used (tls-outbound)"
@@ -323,7 +323,7 @@ def _tls_upstreams(
                 )
         files.extend(settings.files)
         try:
-            tls = build_client_tls(settings, upstream.host)
+            tls = build_client_tls(settings, upstream.host, http2=upstream.scheme in ("h2", "h2c"))
         except Exception as exc:  # noqa: BLE001 (OpenSSL refuses the settings: report, fail closed)
             origin = specs[0].origin if specs else None
             message = f"outbound TLS for Service {key} cannot be set up: {exc}"

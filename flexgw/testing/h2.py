@@ -166,11 +166,10 @@ class H2cUpstreamConnection(protocol.Protocol):
         return b""
 
     def connectionMade(self) -> None:
-        """Send SETTINGS; register for write backpressure."""
+        """Register for write backpressure (SETTINGS go out when the client's preface arrives:
+        over TLS nothing may be written before the handshake)."""
         self.connected = True
         self.transport.registerProducer(self, True)
-        self.conn.initiate_connection()
-        self.flush()
         self.factory._connection_made(self)  # type: ignore[arg-type]
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
@@ -244,6 +243,8 @@ class H2cUpstreamConnection(protocol.Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         """Run h2; record and answer requests (waiters fire after the whole read)."""
+        if not self.bytes_received:
+            self.conn.initiate_connection()
         self.bytes_received += len(data)
         factory = self.factory
         factory._busy += 1

@@ -1,4 +1,5 @@
-"""HTTP/2 upstreams (`h2c://` Services): requests multiplexed over pooled HTTP/2 connections.
+"""HTTP/2 upstreams (`h2c://` and, over TLS with ALPN h2, `h2://` Services): requests
+multiplexed over pooled HTTP/2 connections.
 
 To an exchange, a stream on an HTTP/2 connection looks exactly like an HTTP/1.1 UpstreamConnection
 (`begin`, `transport`, `gate`, `finish`, `reusable`) and reports to the same ResponseSink. The
@@ -28,7 +29,7 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import H2Error, ProtocolError
 from h2.settings import SettingCodes, Settings
-from twisted.internet.interfaces import IPushProducer, IReactorTCP, IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IReactorTCP, IReactorTime
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -309,7 +310,7 @@ class H2UpstreamConnection(Protocol):
 
     def __init__(self, pool: H2UpstreamPool) -> None:
         self.pool = pool
-        self.scheme = b"https" if pool.upstream.scheme in ("https", "h2") else b"http"
+        self.scheme = b"https" if pool.upstream.tls is not None else b"http"
         config = H2Configuration(client_side=True, header_encoding=None)
         conn = self.conn = H2Connection(config=config)
         conn.local_settings = Settings(
@@ -504,7 +505,7 @@ class H2UpstreamConnection(Protocol):
         """Every stream still open is lost; leave the pool."""
         self.lost = True
         self.usable = False
-        self.pool.connection_lost(self)
+        self.pool.connection_lost(self, reason)
         streams, self.streams = self.streams, {}
         self.blocked.clear()
         for stream in streams.values():
@@ -513,6 +514,29 @@ class H2UpstreamConnection(Protocol):
             stream.done = True
             if sink is not None:
                 sink.upstream_lost(stream.got_bytes)
+
+
+@implementer(IHandshakeListener)
+class TLSH2UpstreamConnection(H2UpstreamConnection):
+    """An HTTP/2 upstream connection over TLS: its streams are handed out once the handshake
+    (certificate and host name checked) completed with ALPN `h2`; anything else is a 502
+    `upstream_tls` for the exchanges waiting on it."""
+
+    tls_failed = False
+
+    def connectionMade(self) -> None:
+        """TCP is up; TLS is not yet: wait for the handshake."""
+        self.tls_failed = True  # until the handshake completes
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up: HTTP/2 if ALPN chose it."""
+        protocol = getattr(self.transport, "negotiatedProtocol", None)
+        if protocol != b"h2":
+            self.alpn_refused = protocol
+            self.transport.abortConnection()
+            return
+        self.tls_failed = False
+        super().connectionMade()
 
 
 def _status(headers: list[tuple[bytes, bytes]]) -> int:
@@ -533,8 +557,10 @@ class _Connect(ClientFactory):
         self.connection: H2UpstreamConnection | None = None
 
     def buildProtocol(self, addr: object) -> H2UpstreamConnection:
-        """The connection; the pool hands out its streams once connected."""
-        connection = self.connection = H2UpstreamConnection(self.pool)
+        """The connection; the pool hands out its streams once connected (over TLS: once the
+        handshake completed with ALPN h2)."""
+        kind = TLSH2UpstreamConnection if self.pool.upstream.tls is not None else H2UpstreamConnection
+        connection = self.connection = kind(self.pool)
         connection.connect_attempt = self  # type: ignore[attr-defined]
         return connection
 
@@ -590,8 +616,14 @@ class H2UpstreamPool:
         attempt.waiters.append(waiter)
         self.attempts.append(attempt)
         self.connecting += 1
+        factory: Any = attempt
+        tls = self.upstream.tls
+        if tls is not None:
+            from flexgw.tls.contexts import QuietTLSFactory
+
+            factory = QuietTLSFactory(tls.creator, True, attempt)
         self.reactor.connectTCP(
-            self.upstream.host, self.upstream.port, attempt, timeout=self.connect_timeout
+            self.upstream.host, self.upstream.port, factory, timeout=self.connect_timeout
         )
 
     def connection_made(self, connection: H2UpstreamConnection) -> None:
@@ -642,11 +674,31 @@ class H2UpstreamPool:
             connection.reserved -= 1
         stream.abort()
 
-    def connection_lost(self, connection: H2UpstreamConnection) -> None:
-        """Forget a closed connection (waiters on a failed attempt are told by _Connect)."""
+    def connection_lost(
+        self, connection: H2UpstreamConnection, reason: Failure | None = None
+    ) -> None:
+        """Forget a closed connection; one lost before it was handed out fails its attempt."""
         attempt = getattr(connection, "connect_attempt", None)
         if not connection.connected_ok and attempt is not None and attempt in self.attempts:
-            self.attempt_failed(attempt, Failure(ConnectionError("connection lost at connect")))
+            if getattr(connection, "tls_failed", False):
+                from flexgw.upstream.pool import UpstreamTLSError
+
+                refused = getattr(connection, "alpn_refused", False)
+                cause: Any = (
+                    f"ALPN chose {refused!r}, not h2" if refused is not False
+                    else (reason.value if reason is not None else None)
+                )
+                _log.warn(
+                    "TLS handshake with HTTP/2 upstream {upstream} ({host}:{port}) failed: {cause!r}",
+                    upstream=self.upstream.key,
+                    host=self.upstream.host,
+                    port=self.upstream.port,
+                    cause=cause,
+                )
+                failure = Failure(UpstreamTLSError(cause))
+            else:
+                failure = Failure(ConnectionError("connection lost at connect"))
+            self.attempt_failed(attempt, failure)
         if connection in self.connections:
             self.connections.remove(connection)
 

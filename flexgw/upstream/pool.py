@@ -206,10 +206,10 @@ class PoolManager:
             self.pools.pop(upstream).retire()
 
     def pool_for(self, upstream: Upstream) -> UpstreamPool | H2UpstreamPool:
-        """The pool for `upstream`, created on first use (HTTP/2 for `h2c` Services)."""
+        """The pool for `upstream`, created on first use (HTTP/2 for `h2c`/`h2` Services)."""
         pool = self.pools.get(upstream)
         if pool is None:
-            kind = H2UpstreamPool if upstream.scheme == "h2c" else UpstreamPool
+            kind = H2UpstreamPool if upstream.scheme in ("h2c", "h2") else UpstreamPool
             pool = self.pools[upstream] = kind(  # type: ignore[assignment]
                 self.reactor, self.clock, upstream, self.http, self.timeouts
             )
