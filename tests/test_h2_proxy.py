@@ -657,3 +657,89 @@ class H2OverTlsUpstreamTests(TestCase):
         self.assertEqual(response.status, 502)
         self.assertEqual(response.header("x-flexgw-error"), [b"upstream_tls"])
         self.assertEqual(upstream.received, [])
+
+
+class GatewayTlsH2Tests(TestCase):
+    """Through the gateway's own TLS listener (a `tls` binding): ALPN h2, mTLS details forwarded."""
+
+    async def test_h2_over_gateway_tls_with_client_certificate(self) -> None:
+        """A client negotiating h2 with a client certificate: served over HTTP/2, its
+        certificate reaches the upstream as XFCC (a client-sent one never), X-Forwarded-Proto is
+        https."""
+        import hashlib
+        import os
+
+        from cryptography.hazmat.primitives.serialization import Encoding
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+
+        from flexgw.testing.certs import CertificateAuthority, client_options
+        from tests.test_tls_ingress import api as tls_api
+        from tests.test_tls_ingress import tls_binding
+
+        ca, client_ca = CertificateAuthority("server CA"), CertificateAuthority("client CA")
+        directory = os.path.abspath(self.mktemp())
+        crt, key = ca.issue("api.test", dns=["api.test"]).write(directory, "server")
+        client_ca_path = client_ca.write(directory, "client-ca")
+        upstream = RecordingUpstream(echo(), reactor=reactor)
+        upstream.listen(reactor)
+        self.addCleanup(upstream.stop)
+        port = free_port()
+        extra = f'requireClientCertificate: true\ntrustedCA: "file://{client_ca_path}"\n'
+        gateway = Gateway(self, {"api.yaml": tls_api("secure", port, upstream.address[1], "")
+                                 + "---\n" + tls_binding("t", "secure", crt, key, extra)})
+        gateway.start()
+        self.assertEqual([str(p) for p in gateway.service.state.errors], [])
+        alice = client_ca.issue("alice", client=True)
+        conn = h2.H2Client()
+        endpoint = wrapClientTLS(
+            client_options("api.test", ca, alice, alpn=[b"h2"]),
+            TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5),
+        )
+        await connectProtocol(endpoint, conn)
+        self.addCleanup(conn.transport.abortConnection)
+        response = conn.request(
+            b"GET", b"/x", [(b"x-forwarded-client-cert", b"Hash=forged")], authority=b"api.test"
+        )
+        await response.done
+        self.assertEqual(conn.transport.negotiatedProtocol, b"h2")
+        self.assertEqual(response.status, 200)
+        seen = upstream.received[0]
+        digest = hashlib.sha256(alice.certificate.public_bytes(Encoding.DER)).hexdigest()
+        self.assertEqual(seen.header("x-forwarded-client-cert"), [f'Hash={digest};Subject="CN=alice"'.encode()])
+        self.assertEqual(seen.header("x-forwarded-proto"), [b"https"])
+        self.assertEqual(gateway.records()[-1]["version"], "2")
+
+
+class _GoAwayThenAnswer(Responder):
+    """On its first request, the h2 upstream announces GOAWAY (that stream included), then
+    answers it; later requests (on later connections) are answered at once."""
+
+    def on_complete(self, ex) -> None:
+        """GOAWAY first on the first connection, then the response."""
+        from hyperframe.frame import GoAwayFrame
+
+        connection = ex.connection
+        if connection.id == 0 and ex.request.index == 0:
+            connection.transport.write(
+                GoAwayFrame(0, last_stream_id=ex.stream_id, error_code=0).serialize()
+            )
+        ex.respond(200, [(b"content-length", b"2")], b"ok")
+
+
+class UpstreamGoAwayTests(_Base):
+    """An HTTP/2 upstream going away gracefully."""
+
+    async def test_graceful_goaway(self) -> None:
+        """The stream in flight still gets its response; the next request opens a new upstream
+        connection (the old one is not used again, and is closed once idle)."""
+        gateway, upstream, port = self.start(_GoAwayThenAnswer(), upstream_h2=True)
+        conn = await self.h2_client(port)
+        first = conn.request(b"GET", b"/1")
+        await first.done
+        self.assertEqual((first.status, bytes(first.body)), (200, b"ok"))
+        second = conn.request(b"GET", b"/2")
+        await second.done
+        self.assertEqual((second.status, bytes(second.body)), (200, b"ok"))
+        self.assertEqual(len(upstream.connections), 2)
+        await upstream.wait_for_disconnections(1)
+        self.assertFalse(upstream.connections[0].connected)
