@@ -91,7 +91,7 @@ class ProxyCombinationTests(_Base):
     async def test_h1_to_h2(self) -> None:
         """An HTTP/1.1 request reaches an h2c upstream as HTTP/2 (pseudo-headers, lower-case
         names, no hop-by-hop fields); the h2 response comes back as HTTP/1.1."""
-        gateway, upstream, port = self.start(echo(), upstream_h2=True)
+        _gateway, upstream, port = self.start(echo(), upstream_h2=True)
         response = await client.request(
             reactor, "127.0.0.1", port,
             b"POST /x HTTP/1.1\r\nHost: h.test\r\nX-Case: Keep\r\nConnection: keep-alive, X-Drop\r\n"
@@ -132,7 +132,7 @@ class ProxyCombinationTests(_Base):
 
     async def test_h1_to_h1_unchanged(self) -> None:
         """The HTTP/1.1 path still works behind the protocol selector (a request starting 'P')."""
-        gateway, upstream, port = self.start(echo(), upstream_h2=False)
+        _gateway, upstream, port = self.start(echo(), upstream_h2=False)
         response = await client.request(
             reactor, "127.0.0.1", port,
             b"PUT /p HTTP/1.1\r\nHost: h.test\r\nContent-Length: 2\r\n\r\nhi",
@@ -145,7 +145,7 @@ class ProxyCombinationTests(_Base):
         """An h2 client with `te: trailers` streams messages both ways through the gateway to an
         h2 upstream; each message comes back before the call ends; `grpc-status` arrives as a
         trailer."""
-        gateway, upstream, port = self.start(_Grpc(), upstream_h2=True)
+        _gateway, upstream, port = self.start(_Grpc(), upstream_h2=True)
         conn = await self.h2_client(port)
         call = conn.request(
             b"POST", b"/pkg.Echo/Chat",
@@ -167,7 +167,7 @@ class ProxyCombinationTests(_Base):
 
     async def test_h2_trailers_to_h1_chunked(self) -> None:
         """Trailers of an h2 upstream response reach an HTTP/1.1 client in the last chunk."""
-        gateway, upstream, port = self.start(_Grpc(), upstream_h2=True)
+        _gateway, _upstream, port = self.start(_Grpc(), upstream_h2=True)
         conn = await client.connect(reactor, "127.0.0.1", port)
         self.addCleanup(conn.abort)
         conn.send(b"POST /t HTTP/1.1\r\nHost: h.test\r\nTE: trailers\r\nContent-Length: 2\r\n\r\nhi")
@@ -257,7 +257,7 @@ class H2BehaviourTests(_Base):
         the upstream exceeds what the client received by at most the client's window plus one
         upstream read (the upstream is paused, not buffered); the whole body arrives intact."""
         size = 16 * 1024 * 1024
-        gateway, upstream, port = self.start(_Streamer(size), upstream_h2=False)
+        gateway, _upstream, port = self.start(_Streamer(size), upstream_h2=False)
         conn = await self.h2_client(port, auto_ack=False)
         response = conn.request(b"GET", b"/big")
         await response.head
@@ -395,7 +395,7 @@ class H2BehaviourTests(_Base):
         version, _, _ = await getProcessOutputAndValue(curl, ["-V"])
         if b"HTTP2" not in version:
             raise self.skipTest("curl has no HTTP/2")
-        gateway, upstream, port = self.start(echo(), upstream_h2=False)
+        _gateway, upstream, port = self.start(echo(), upstream_h2=False)
         out, err, code = await getProcessOutputAndValue(
             curl,
             ["-sS", "--max-time", "10", "--http2-prior-knowledge", "-d", "payload",
@@ -415,7 +415,7 @@ class LargeBodyTests(_Base):
         """An HTTP/1.1 chunked upload to an h2c echo upstream comes back whole."""
         from flexgw.testing.upstream import pattern_sha256
 
-        gateway, upstream, port = self.start(echo(), upstream_h2=True)
+        _gateway, upstream, port = self.start(echo(), upstream_h2=True)
         conn = await client.connect(reactor, "127.0.0.1", port, retain_body=False)
         self.addCleanup(conn.abort)
         conn.send(b"POST /up HTTP/1.1\r\nHost: h.test\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -430,7 +430,7 @@ class LargeBodyTests(_Base):
         """An h2 client's upload to an h2c echo upstream, echoed back while it is sent."""
         from flexgw.testing.upstream import pattern_sha256, pattern_slice
 
-        gateway, upstream, port = self.start(echo(), upstream_h2=True)
+        _gateway, upstream, port = self.start(echo(), upstream_h2=True)
         conn = await self.h2_client(port)
         response = conn.request(
             b"PUT", b"/up", [(b"content-length", b"%d" % self.size)],
@@ -450,7 +450,7 @@ class TrailerTests(_Base):
 
     async def test_h1_trailers_to_h2(self) -> None:
         """They reach an h2 client as trailing HEADERS (framing fields left out)."""
-        gateway, upstream, port = self.start(_ChunkedTrailers(), upstream_h2=False)
+        _gateway, _upstream, port = self.start(_ChunkedTrailers(), upstream_h2=False)
         conn = await self.h2_client(port)
         response = conn.request(b"GET", b"/t", [(b"te", b"trailers")])
         await response.done
@@ -460,7 +460,7 @@ class TrailerTests(_Base):
 
     async def test_h1_trailers_to_h1(self) -> None:
         """They reach an HTTP/1.1 client in the last chunk."""
-        gateway, upstream, port = self.start(_ChunkedTrailers(), upstream_h2=False)
+        _gateway, _upstream, port = self.start(_ChunkedTrailers(), upstream_h2=False)
         conn = await client.connect(reactor, "127.0.0.1", port)
         self.addCleanup(conn.abort)
         conn.send(b"GET /t HTTP/1.1\r\nHost: h.test\r\n\r\n")
@@ -503,7 +503,7 @@ def _self_signed() -> tuple[bytes, bytes]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -633,7 +633,7 @@ class H2OverTlsUpstreamTests(TestCase):
     async def test_h1_and_h2_clients_to_h2_over_tls(self) -> None:
         """HTTP/1.1 and h2 clients reach the upstream over one TLS HTTP/2 connection
         (`:scheme` https); trailers come back."""
-        gateway, upstream = self.start(_Grpc(), [b"h2"])
+        _gateway, upstream = self.start(_Grpc(), [b"h2"])
         response = await client.request(
             reactor, "127.0.0.1", self.port,
             b"POST /a HTTP/1.1\r\nHost: api\r\nContent-Length: 2\r\n\r\nhi",
@@ -650,7 +650,7 @@ class H2OverTlsUpstreamTests(TestCase):
 
     async def test_alpn_without_h2_is_502_upstream_tls(self) -> None:
         """An upstream whose TLS does not agree to h2 is a 502 upstream_tls; nothing is sent."""
-        gateway, upstream = self.start(echo(), [b"http/1.1"])
+        _gateway, upstream = self.start(echo(), [b"http/1.1"])
         response = await client.request(
             reactor, "127.0.0.1", self.port, b"GET /a HTTP/1.1\r\nHost: api\r\n\r\n"
         )
@@ -732,7 +732,7 @@ class UpstreamGoAwayTests(_Base):
     async def test_graceful_goaway(self) -> None:
         """The stream in flight still gets its response; the next request opens a new upstream
         connection (the old one is not used again, and is closed once idle)."""
-        gateway, upstream, port = self.start(_GoAwayThenAnswer(), upstream_h2=True)
+        _gateway, upstream, port = self.start(_GoAwayThenAnswer(), upstream_h2=True)
         conn = await self.h2_client(port)
         first = conn.request(b"GET", b"/1")
         await first.done

@@ -32,8 +32,8 @@ from flexgw.upstream.connection import ReadGate
 from flexgw.upstream.pool import PoolManager
 
 if TYPE_CHECKING:
-    from flexgw.ingress.h2front import H2Protocol, H2Stream
     from flexgw.http.accesslog import AccessLog
+    from flexgw.ingress.h2front import H2Protocol, H2Stream
     from flexgw.service.metrics import GatewayMetrics
 
 _log = Logger(namespace="flexgw.ingress")
@@ -540,5 +540,6 @@ class IngressFactory(Factory):
             self.metrics.refusal(error)
 
 
-from flexgw.ingress.h2front import H2Limits  # noqa: E402 (h2front imports this module)
-from flexgw.ingress.select import ProtocolSelector  # noqa: E402 (select imports this module)
+# At the end: h2front and select import this module.
+from flexgw.ingress.h2front import H2Limits
+from flexgw.ingress.select import ProtocolSelector

@@ -46,7 +46,7 @@ from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
 from flexgw.http.headers import HOP_BY_HOP, HeaderList, response_headers_for_downstream
 from flexgw.http.request import BODY_CHUNKED, BODY_NONE, RequestHead, analyze_head
-from flexgw.ingress.exchange import NOT_TRAILERS, DONE, RESPONDING, ProxyExchange
+from flexgw.ingress.exchange import DONE, NOT_TRAILERS, RESPONDING, ProxyExchange
 from flexgw.ingress.routing import RouteMatch, select_route
 from flexgw.policies.base import LocalResponse
 from flexgw.upstream.connection import BACKPRESSURE

@@ -269,7 +269,7 @@ class H2cUpstreamConnection(protocol.Protocol):
         responder = self.factory.responder
         if kind is events.RequestReceived:
             headers = list(event.headers)
-            fields = dict((n, v) for n, v in headers if n[:1] == b":")
+            fields = {n: v for n, v in headers if n[:1] == b":"}
             req = RecordedRequest(
                 connection=self.id,
                 index=len(self.requests),

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol as TypingProtocol
-
 from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.internet.protocol import ClientFactory
@@ -14,7 +13,6 @@ from twisted.python.failure import Failure
 
 from flexgw.config.plan import HttpSettings, Timeouts, Upstream
 from flexgw.upstream.connection import TLSUpstreamConnection, UpstreamConnection
-
 
 _log = Logger(namespace="flexgw.upstream")
 
@@ -234,4 +232,5 @@ class PoolManager:
             pool.close_all()
 
 
-from flexgw.upstream.h2 import H2UpstreamPool  # noqa: E402 (h2 imports this module)
+# At the end: flexgw.upstream.h2 imports this module.
+from flexgw.upstream.h2 import H2UpstreamPool
