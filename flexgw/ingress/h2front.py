@@ -252,8 +252,8 @@ class H2Stream:
         self.head = headers
 
     def queue_data(self, data: bytes) -> None:
-        """A piece of the response body, sent as the windows allow."""
-        if data:
+        """A piece of the response body, sent as the windows allow (dropped once reset)."""
+        if data and not self.closed:
             self.queue.append(data)
             self.queued += len(data)
 
@@ -309,9 +309,19 @@ class H2Stream:
                     conn.end_stream(self.stream_id)
                 self.ended = True
         except H2Error:
-            # The stream was closed under us (the client reset it in this same read).
+            # The stream was closed under us (the client reset it in this same read), or h2
+            # refused a header the response carries: reset it; what the exchange still sends
+            # is dropped (queue_data) until it completes, and then the stream is forgotten.
             self.closed = True
+            self.queue.clear()
+            self.queued = 0
             protocol.blocked.discard(self)
+            try:
+                conn.reset_stream(self.stream_id, ErrorCodes.INTERNAL_ERROR)
+            except H2Error:
+                pass
+            protocol.flush()
+            self._maybe_done()
             return
         if queue:
             protocol.blocked.add(self)
@@ -338,7 +348,7 @@ class H2Stream:
     def _maybe_done(self) -> None:
         """Forget the stream once its response has ended and its exchange is done."""
         exchange = self.exchange
-        if not self.ended or (exchange is not None and exchange.state != DONE):
+        if not (self.ended or self.closed) or (exchange is not None and exchange.state != DONE):
             return
         if not self.request_ended and not self.closed:
             # Answered before the request was complete: ask the client to stop sending it
@@ -803,12 +813,16 @@ class H2Protocol(Protocol):
             self._close(abort_streams=False)
 
     def _calm(self) -> None:
-        """A flood: GOAWAY(ENHANCE_YOUR_CALM), abandon every stream, close."""
+        """A flood: GOAWAY(ENHANCE_YOUR_CALM), abandon every stream, close (abort if the client
+        does not read the GOAWAY within a second)."""
         try:
             self.conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
         except H2Error:
             pass
         self._close(abort_streams=True)
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = self.clock.callLater(1.0, self.transport.abortConnection)
 
     def _close(self, abort_streams: bool) -> None:
         if self.closing:
