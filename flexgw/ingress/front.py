@@ -133,7 +133,7 @@ class IngressProtocol(Protocol):
         """TLS is up: the client certificate's details (if one was verified) are forwarded with
         every request of this connection as `x-forwarded-client-cert` (Envoy's format)."""
         certificate = self.transport.getPeerCertificate()
-        if certificate is not None:
+        if certificate is not None and self.http.forward_client_cert:
             from flexgw.tls.contexts import xfcc_value
 
             value = xfcc_value(certificate.to_cryptography())
@@ -519,7 +519,11 @@ class IngressFactory(Factory):
         return ProtocolSelector(self)
 
     def log_exchange(self, exchange: ProxyExchange) -> None:
-        """Write the access log line of a finished exchange, and count it."""
+        """Write the access log line of a finished exchange, and count it; policies that
+        asked hear how it ended (`on_done`)."""
+        chain = exchange.chain
+        if chain is not None and chain.finishers is not None:
+            chain.finish(exchange.response_status, exchange.error_cause)
         if self.access_log is not None:
             self.access_log.exchange(exchange, self.listener)
         if self.metrics is not None:

@@ -13,6 +13,7 @@ from twisted.python.failure import Failure
 
 from flexgw.config.plan import HttpSettings, Timeouts, Upstream
 from flexgw.upstream.connection import TLSUpstreamConnection, UpstreamConnection
+from flexgw.upstream.tunnel import ConnectTunnelFactory
 
 _log = Logger(namespace="flexgw.upstream")
 
@@ -70,7 +71,7 @@ class UpstreamPool:
         self.upstream = upstream
         self.max_idle = http.max_idle_per_upstream
         self.connect_timeout = http.connect_timeout
-        self.idle_timeout = timeouts.upstream_idle
+        self.idle_timeout = upstream.idle_timeout or timeouts.upstream_idle
         self.idle: list[UpstreamConnection] = []
         self.active = 0
         self.connecting = 0
@@ -93,18 +94,31 @@ class UpstreamPool:
                     return
                 connection.abort()
         self.connecting += 1
+        upstream = self.upstream
         factory: Any = _Connect(self, waiter)
-        tls = self.upstream.tls
+        tls = upstream.tls
         if tls is not None:
             from flexgw.tls.contexts import QuietTLSFactory
 
             factory = QuietTLSFactory(tls.creator, True, factory)
-        self.reactor.connectTCP(
-            self.upstream.host,
-            self.upstream.port,
-            factory,
-            timeout=self.connect_timeout,
-        )
+        host, port = upstream.host, upstream.port
+        proxy = upstream.proxy
+        if proxy is not None:
+            # Configuration.spec.forwardProxy: connect to the proxy; plain HTTP then goes in
+            # absolute form (see Upstream.request_prefix), TLS through a CONNECT tunnel (the
+            # handshake, with its checks against the Service host, runs inside it).
+            host, port = proxy.host, proxy.port
+            if upstream.scheme == "https" or tls is not None:
+                factory = ConnectTunnelFactory(
+                    factory,
+                    upstream.host,
+                    upstream.port,
+                    proxy.authorization,
+                    self.clock,
+                    self.connect_timeout,
+                    proxy.authority.decode("latin-1"),
+                )
+        self.reactor.connectTCP(host, port, factory, timeout=self.connect_timeout)
 
     def connection_made(self, connection: UpstreamConnection) -> None:
         """A new connection is up: give it to the waiter that asked for it."""
@@ -199,9 +213,12 @@ class PoolManager:
             for pool in self.pools.values():
                 pool.max_idle = http.max_idle_per_upstream
                 pool.connect_timeout = http.connect_timeout
-                pool.idle_timeout = timeouts.upstream_idle
         for upstream in [u for u in self.pools if u not in upstreams]:
             self.pools.pop(upstream).retire()
+        for upstream in upstreams:
+            pool = self.pools.get(upstream)
+            if pool is not None:  # idle-timeout-flex may differ per Service, and change
+                pool.idle_timeout = upstream.idle_timeout or timeouts.upstream_idle
 
     def pool_for(self, upstream: Upstream) -> UpstreamPool | H2UpstreamPool:
         """The pool for `upstream`, created on first use (HTTP/2 for `h2c`/`h2` Services)."""
