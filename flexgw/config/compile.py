@@ -334,7 +334,7 @@ def _tls_upstreams(
             )
     for key, upstream in sorted(upstreams.items()):
         specs = model.upstream_tls.get(key, ())
-        if not specs and upstream.scheme != "https":
+        if not specs and upstream.scheme not in ("https", "h2"):
             continue
         settings = TLSSettings()  # an https:// Service without a binding: verified defaults
         if specs:
@@ -350,7 +350,9 @@ def _tls_upstreams(
                 blocked[key] = f"an invalid tls-outbound binding ({specs[0].origin.resource})"
                 continue
             settings = built
-            if not any(name.encode("ascii") in CLIENT_ALPN for name in settings.alpn):
+            if upstream.scheme not in ("h2", "h2c") and not any(
+                name.encode("ascii") in CLIENT_ALPN for name in settings.alpn
+            ):
                 problems.append(
                     specs[0].origin.problem(
                         "warning",
@@ -359,7 +361,7 @@ def _tls_upstreams(
                         ("spec", "config", "alpn"),
                     )
                 )
-            if upstream.scheme != "https":
+            if upstream.scheme not in ("https", "h2"):
                 problems.append(
                     specs[0].origin.problem(
                         "warning", f"Service {key} has an http:// address; TLS is used (tls-outbound)"
@@ -375,7 +377,7 @@ def _tls_upstreams(
                 )
         files.extend(settings.files)
         try:
-            tls = build_client_tls(settings, upstream.host)
+            tls = build_client_tls(settings, upstream.host, http2=upstream.scheme in ("h2", "h2c"))
         except Exception as exc:  # noqa: BLE001 (OpenSSL refuses the settings: report, fail closed)
             origin = specs[0].origin if specs else None
             message = f"outbound TLS for Service {key} cannot be set up: {exc}"
