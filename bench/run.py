@@ -271,6 +271,23 @@ def sanity_get(port: int, expect_body: bytes | None = b"hello\n", headers: dict[
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
 
+def wait_ready(admin_port: int, procs: Processes, name: str, timeout: float = 30.0) -> None:
+    """Poll the admin listener's /probes/readiness until 200 (every worker serves), bounded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection(HOST, admin_port, timeout=2)
+            conn.request("GET", "/probes/readiness")
+            if conn.getresponse().status == 200:
+                conn.close()
+                return
+            conn.close()
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise BenchError(f"{name}: not ready after {timeout:g}s\n{procs.log_tail(name)}")
+
+
 def _ms(value: str) -> float:
     m = re.fullmatch(r"([\d.]+)(us|ms|s)", value.strip())
     if not m:
@@ -403,6 +420,7 @@ def fmt(value: float | None, spec: str) -> str:
 def start_gateway(
     args: argparse.Namespace, procs: Processes, tmp: Path, name: str, conf_name: str,
     extra_conf: str, upstream_port: int, cpu: int | None, env: dict[str, str],
+    extra_args: str = "",
 ) -> tuple[int, str]:
     """Write a gateway conf dir (GATEWAY_CONF + `extra_conf`), start the gateway command on a free
     port and wait for it; returns (port, the command line)."""
@@ -422,6 +440,8 @@ def start_gateway(
         tmp=shlex.quote(str(tmp)),
         nginx_gateway_conf=shlex.quote(str(nginx_conf)),
     )
+    if extra_args:
+        cmd += " " + extra_args
     proc = procs.start(name, shlex.split(cmd), cpu, env)
     wait_port(port, proc, procs, name)
     return port, cmd
@@ -452,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", action="store_true",
                         help="also measure flexgw with a 4-policy chain (basic auth, rate limit, header "
                         "injection, message logging; the kinds that exist) as a ratio of plain flexgw")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="also measure flexgw --workers N (not pinned to a CPU) as a ratio of the "
+                        "one-process flexgw of the same run")
     parser.add_argument("--tls", action="store_true",
                         help="also measure flexgw terminating TLS (a `tls` binding, wrk over https, "
                         "keep-alive connections) as a ratio of plain-HTTP flexgw in the same run")
@@ -541,6 +564,18 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"  --policies: kinds not available, skipped: {', '.join(missing)}",
                               file=sys.stderr)
 
+                if args.workers > 1:
+                    # the same conf, N worker processes, on every CPU (wrk and the upstream share them)
+                    admin_port = free_port()
+                    wk_port, wk_cmd = start_gateway(
+                        args, procs, tmp, "gateway-workers", "conf-workers", "", upstream_port, None,
+                        env, extra_args=f"--workers {args.workers} --admin tcp:{admin_port}:interface={HOST}",
+                    )
+                    wait_ready(admin_port, procs, "gateway-workers")
+                    info["gateway_workers_cmd"] = wk_cmd
+                    info["workers"] = args.workers
+                    sanity_get(wk_port)
+                    targets.append((f"flexgw-w{args.workers}", wk_port))
                 if args.tls:
                     # the same gateway config on a TLS port (plain HTTP to the upstream)
                     docs, ca_path = tls_conf(tmp)
@@ -609,6 +644,9 @@ def summarise(results: dict[str, dict[str, Any]], connections: int) -> dict[str,
         summary["rps_ratio_tls_over_flexgw"] = results["flexgw-tls"]["c50"]["rps"] / results["flexgw"]["c50"]["rps"]
     if "flexgw" in results and "flexgw+pol" in results:
         summary["rps_ratio_policies_over_flexgw"] = results["flexgw+pol"]["c50"]["rps"] / results["flexgw"]["c50"]["rps"]
+    for name in results:
+        if name.startswith("flexgw-w") and "flexgw" in results:
+            summary["rps_ratio_workers_over_flexgw"] = results[name]["c50"]["rps"] / results["flexgw"]["c50"]["rps"]
     if "flexgw" in results and "nginx-proxy" in results:
         summary["rps_ratio_flexgw_over_nginx"] = results["flexgw"]["c50"]["rps"] / results["nginx-proxy"]["c50"]["rps"]
         ng = summary.get("nginx-proxy_added_p50_ms")
@@ -658,6 +696,11 @@ def print_table(results: dict[str, dict[str, Any]], summary: dict[str, Any], inf
               f"{ratio:.3f}  (target >= 0.7)")
         if info.get("policies_missing"):
             print("NOTE: policy kinds not available, left out: " + ", ".join(info["policies_missing"]))
+    if "rps_ratio_workers_over_flexgw" in summary:
+        ratio = summary["rps_ratio_workers_over_flexgw"]
+        print(f"flexgw --workers {info.get('workers')} / flexgw (one process) req/s at {connections} "
+              f"connections: {ratio:.3f}  (target >= 1.8; the workers share the CPUs with wrk and the "
+              f"upstream, the one process has CPU0 to itself)")
     if "rps_ratio_tls_over_flexgw" in summary:
         ratio = summary["rps_ratio_tls_over_flexgw"]
         print(f"flexgw over TLS / flexgw plain HTTP req/s at {connections} connections: {ratio:.3f}")

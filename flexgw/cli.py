@@ -68,6 +68,8 @@ def plan_json(plan: GatewayPlan) -> dict[str, Any]:
                             upstream.proxy.authority.decode("latin-1") if upstream.proxy else None
                         ),
                     }
+                    if upstream.tls is not None:
+                        upstreams[upstream.key]["tls"] = upstream.tls.describe()
                     destinations.append(
                         {
                             "upstream": upstream.key,
@@ -92,9 +94,10 @@ def plan_json(plan: GatewayPlan) -> dict[str, Any]:
                     "policies": [_policy_json(p) for p in api.policies],
                 }
             )
-        listeners.append(
-            {"scheme": listener.scheme, "host": listener.host, "port": listener.port, "apis": apis}
-        )
+        entry = {"scheme": listener.scheme, "host": listener.host, "port": listener.port, "apis": apis}
+        if listener.tls is not None:
+            entry["tls"] = listener.tls.describe()
+        listeners.append(entry)
     timeouts = plan.timeouts
     http = plan.http
     return {

@@ -24,7 +24,7 @@ from flexgw.ingress import alpn
 from flexgw.policies.base import BuildContext, PolicyConfigError
 from flexgw.policies.circuit_breaker import BREAKER_KIND, BREAKER_NAME
 from flexgw.policies.registry import lookup as lookup_policy
-from flexgw.tls.contexts import build_client_tls, build_server_tls
+from flexgw.tls.contexts import CLIENT_ALPN, build_client_tls, build_server_tls
 from flexgw.tls.settings import TLSSettings
 
 _ANY = frozenset({".*", "(?s).*", "[\\s\\S]*"})
@@ -326,6 +326,13 @@ def _tls_upstreams(
     """Upstreams with their client TLS compiled; the keys of those whose TLS failed (blocked)."""
     upstreams = dict(model.upstreams)
     blocked: dict[str, str] = {}
+    for key in sorted(set(model.upstream_tls) - set(upstreams)):
+        for spec in model.upstream_tls[key]:
+            problems.append(
+                spec.origin.problem(
+                    "warning", f"Service {key} does not exist; binding ignored", ("spec", "targetRef")
+                )
+            )
     for key, upstream in sorted(upstreams.items()):
         specs = model.upstream_tls.get(key, ())
         if not specs and upstream.scheme != "https":
@@ -344,6 +351,15 @@ def _tls_upstreams(
                 blocked[key] = f"an invalid tls-outbound binding ({specs[0].origin.resource})"
                 continue
             settings = built
+            if not any(name.encode("ascii") in CLIENT_ALPN for name in settings.alpn):
+                problems.append(
+                    specs[0].origin.problem(
+                        "warning",
+                        "alpn names no protocol the gateway's upstream client speaks yet "
+                        f"({', '.join(n.decode() for n in CLIENT_ALPN)}); no ALPN is offered",
+                        ("spec", "config", "alpn"),
+                    )
+                )
             if upstream.scheme != "https":
                 problems.append(
                     specs[0].origin.problem(
@@ -456,6 +472,14 @@ def _port_tls(
             )
         assert other.certificate is not None
         others.append(other.certificate)
+    if not any(name.encode("ascii") in alpn.SERVED_ALPN for name in settings.alpn):
+        problems.append(
+            first_spec.tls[0].origin.problem(
+                "warning",
+                "alpn names no protocol the gateway serves yet "
+                f"({', '.join(n.decode() for n in alpn.SERVED_ALPN)}); no ALPN is advertised",
+            )
+        )
     try:
         return build_server_tls(settings, others, alpn.SERVED_ALPN)
     except Exception as exc:  # noqa: BLE001 (OpenSSL refuses a key, chain or cipher list)

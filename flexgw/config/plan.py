@@ -140,6 +140,9 @@ class HttpSettings:
     trusted_proxies: tuple[IPNetwork, ...] = ()  # peers whose X-Forwarded-* headers are kept
     max_idle_per_upstream: int = 128  # idle pooled connections kept per upstream
     body_buffer_limit: int = 1024 * 1024  # bodies policies buffer; over it: 413
+    # x-forwarded-client-cert for verified client certificates (FLEX_FORWARD_CLIENT_CERT_DETAILS:
+    # SANITIZE_SET, the default here, sets it; SANITIZE only strips). A client's is always removed.
+    forward_client_cert: bool = True
 
 
 @attrs.frozen

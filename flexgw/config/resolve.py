@@ -240,6 +240,15 @@ def _settings(
     base = HttpSettings()
     rewrite = pick("http", "rewriteHostHeader")
     rewrite_host = base.rewrite_host if rewrite is None else bool(rewrite)
+    xfcc_mode = environ.get("FLEX_FORWARD_CLIENT_CERT_DETAILS", "").strip().upper() or "SANITIZE_SET"
+    if xfcc_mode not in ("SANITIZE", "SANITIZE_SET"):
+        problems.append(
+            Problem(
+                "warning",
+                f"FLEX_FORWARD_CLIENT_CERT_DETAILS={xfcc_mode}: a client-sent "
+                "x-forwarded-client-cert is never forwarded; treated as SANITIZE_SET",
+            )
+        )
     if environ.get("FLEX_REWRITE_HOST_HEADER", "").strip().lower() == "false":
         rewrite_host = False
     networks: list[IPNetwork] = []
@@ -251,6 +260,7 @@ def _settings(
         keepalive_timeout=first(pick("http", "keepAliveTimeoutSeconds"), base.keepalive_timeout),
         connect_timeout=first(pick("http", "connectTimeoutSeconds"), base.connect_timeout),
         rewrite_host=rewrite_host,
+        forward_client_cert=xfcc_mode != "SANITIZE",
         trusted_proxies=tuple(networks),
         max_idle_per_upstream=int(
             first(pick("http", "maxIdleConnectionsPerUpstream"), base.max_idle_per_upstream)

@@ -120,7 +120,7 @@ class IngressProtocol(Protocol):
         """TLS is up: the client certificate's details (if one was verified) are forwarded with
         every request of this connection as `x-forwarded-client-cert` (Envoy's format)."""
         certificate = self.transport.getPeerCertificate()
-        if certificate is not None:
+        if certificate is not None and self.http.forward_client_cert:
             from flexgw.tls.contexts import xfcc_value
 
             value = xfcc_value(certificate.to_cryptography())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from typing import Protocol as TypingProtocol
 
 import httptools
@@ -259,13 +259,33 @@ class TLSUpstreamConnection(UpstreamConnection):
     the certificate and host name checks) completed, so a failed check is told apart from a
     reset: the exchange answers 502 `upstream_tls`."""
 
+    _handshake_timer: Any = None
+
     def connectionMade(self) -> None:
-        """TCP is up; TLS is not yet: wait for the handshake."""
+        """TCP is up; TLS is not yet: wait for the handshake, bounded by the connect timeout."""
         self.connected_ok = True
         self.tls_failed = True  # until the handshake completes
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
         self.gate = ReadGate(self.transport)
+        pool = self.pool
+        self._handshake_timer = pool.clock.callLater(pool.connect_timeout, self._handshake_timeout)
+
+    def _handshake_timeout(self) -> None:
+        self._handshake_timer = None
+        self.transport.abortConnection()  # reported as a failed handshake (upstream_tls)
 
     def handshakeCompleted(self) -> None:
         """TLS is up: hand the connection to whoever asked for it."""
         self.tls_failed = False
+        timer, self._handshake_timer = self._handshake_timer, None
+        if timer is not None:
+            timer.cancel()
         self.pool.connection_made(self)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        """Stop the handshake timer, then as any upstream connection."""
+        timer, self._handshake_timer = self._handshake_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        super().connectionLost(reason)

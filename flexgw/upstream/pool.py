@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol as TypingProtocol
-
 from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.internet.protocol import ClientFactory
@@ -15,7 +14,6 @@ from twisted.python.failure import Failure
 from flexgw.config.plan import HttpSettings, Timeouts, Upstream
 from flexgw.upstream.connection import TLSUpstreamConnection, UpstreamConnection
 from flexgw.upstream.tunnel import ConnectTunnelFactory
-
 
 _log = Logger(namespace="flexgw.upstream")
 
