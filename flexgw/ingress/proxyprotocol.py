@@ -28,7 +28,6 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.protocols.haproxy import _info
@@ -46,10 +45,12 @@ _V2 = V2Parser.PREFIX  # the 12-byte v2 signature
 class ProxyHeaderWrapper(HAProxyProtocolWrapper):
     """Reads the PROXY header, then connects the wrapped protocol with the address it carries."""
 
-    factory: ProxyProtocolFactory
+    factory: ProxyProtocolFactory  # type: ignore[assignment]
+    transport: Any
+    wrappedProtocol: Any
 
     def __init__(self, factory: ProxyProtocolFactory, wrapped: Any) -> None:
-        super().__init__(factory, wrapped)
+        super().__init__(factory, wrapped)  # type: ignore[arg-type]
         self._buffer = b""
         self._timer: Any = None
         self._made = False
@@ -90,7 +91,7 @@ class ProxyHeaderWrapper(HAProxyProtocolWrapper):
             return
         if info is None:
             return  # incomplete (the parsers refuse a v1 line over 107 bytes)
-        source = info.source
+        source: Any = info.source
         if source is not None:
             # Twisted's v1 parser takes any word as an address, and its v2 parser writes IPv6
             # uncompressed: accept only IP literals, written the usual (compressed) way.
@@ -137,14 +138,14 @@ class ProxyHeaderWrapper(HAProxyProtocolWrapper):
 class ProxyProtocolFactory(HAProxyWrappingFactory):
     """Wraps connections in `ProxyHeaderWrapper` while `enabled()` says so."""
 
-    protocol = ProxyHeaderWrapper
+    protocol = ProxyHeaderWrapper  # type: ignore[assignment]
     noisy = False
 
     def __init__(
         self,
         wrapped: IProtocolFactory,
         enabled: Callable[[], bool],
-        clock: IReactorTime,
+        clock: Any,
         timeout: Callable[[], float],
     ) -> None:
         super().__init__(wrapped)

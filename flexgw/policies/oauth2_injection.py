@@ -41,6 +41,7 @@ from urllib.parse import quote, urlencode, urlsplit
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from flexgw.policies.base import (
@@ -134,7 +135,7 @@ def treq_token_fetcher(reactor: Any, agent: Any = None) -> Any:
         kwargs: dict[str, Any] = {"reactor": reactor, "persistent": False}
         if agent is not None:
             kwargs["agent"] = agent
-        d = treq.post(url, data=body, headers=headers, **kwargs)
+        d = treq.post(url, data=body, headers=Headers(headers), **kwargs)
 
         def got(response: Any) -> Any:
             """Read a bounded body."""
@@ -298,7 +299,6 @@ class OAuth2InjectionPolicy(UsesRuntime):
         )
         self.state.value = None
         self.state.failed_until = self.clock.seconds() + FAILURE_HOLD_SECONDS
-        return None
 
     def _deliver(self, value: bytes | None) -> None:
         self.state.inflight = None

@@ -35,6 +35,8 @@ class TunnelError(Exception):
 class _TunnelProtocol(Protocol):
     """Asks for the tunnel; on success, steps aside for the inner protocol."""
 
+    transport: Any  # a TCP transport (abortConnection, and `protocol` to hand over)
+
     def __init__(self, factory: ConnectTunnelFactory, addr: Any) -> None:
         self.factory = factory
         self.addr = addr
