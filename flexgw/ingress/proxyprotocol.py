@@ -15,6 +15,10 @@ changes that matter here: the wrapped protocol's `connectionMade` runs only once
 parsed (Twisted's wrapper runs it at once, so the front would record the load balancer's
 address), and a header split across reads is buffered rather than refused.
 
+Once the header is parsed the wrapper steps aside: the TCP transport itself reports the carried
+addresses (`getPeer`/`getHost` set on that transport object) and delivers to the wrapped
+protocol directly, so after the header a PROXY connection costs the same as any other.
+
 `wrap_proxy_protocol(factory, enabled, clock, timeout)` wraps any server factory (also one that
 is itself a TLS wrapper: the PROXY header comes before the handshake). `enabled` is asked per
 connection, so a reload can switch the setting without rebinding; connections of a listener
@@ -28,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+from twisted.internet import tcp
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.protocols.haproxy import _info
@@ -107,9 +112,23 @@ class ProxyHeaderWrapper(HAProxyProtocolWrapper):
         self._proxyInfo = info
         self._made = True
         self._cancel_timer()
-        self.wrappedProtocol.makeConnection(self)
-        if remaining and self.connected:
-            self.wrappedProtocol.dataReceived(remaining)
+        transport = self.transport
+        wrapped = self.wrappedProtocol
+        if type(transport) is tcp.Server:
+            # Step aside: the TCP transport reports the carried addresses and talks to the
+            # wrapped protocol directly, so a PROXY connection costs nothing per read or write
+            # afterwards (the front's direct-send path applies, as without PROXY protocol).
+            self.factory.unregisterProtocol(self)
+            if info.source is not None:
+                transport.getPeer = lambda: info.source  # type: ignore[method-assign]
+            if info.destination is not None:
+                transport.getHost = lambda: info.destination  # type: ignore[method-assign]
+            transport.protocol = wrapped
+            wrapped.makeConnection(transport)
+        else:
+            wrapped.makeConnection(self)
+        if remaining and transport.connected:
+            wrapped.dataReceived(remaining)
 
     def _refuse(self) -> None:
         """Not a valid PROXY header: close without a word."""
