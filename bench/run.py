@@ -331,6 +331,38 @@ def run_wrk(port: int, connections: int, duration: float, cpu: int | None, use_t
     return parse_wrk(out.stdout)
 
 
+def parse_h2load(output: str) -> dict[str, Any]:
+    """Requests/s, mean request time (ms) and failures from h2load output."""
+    finished = re.search(r"finished in [\d.]+s, ([\d.]+) req/s", output)
+    requests = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed", output)
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", output)
+    if finished is None or requests is None or codes is None:
+        raise BenchError(f"unparsable h2load output:\n{output}")
+    result: dict[str, Any] = {
+        "rps": float(finished.group(1)),
+        "requests": int(requests.group(2)),
+        "failed": int(requests.group(4)),
+        "non_2xx": sum(int(codes.group(i)) for i in (2, 3, 4)),
+    }
+    timing = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", output)
+    if timing is not None:
+        result["mean_ms"] = _ms(timing.group(3))
+    return result
+
+
+def run_h2load(port: int, connections: int, streams: int, duration: float, cpu: int | None,
+               use_taskset: bool) -> dict[str, Any]:
+    """Run h2load (1 thread, HTTP/2 with prior knowledge) against ``port`` and parse it."""
+    argv = ["h2load", "-t1", f"-c{connections}", f"-m{streams}", f"-D{max(1, round(duration))}",
+            f"http://{HOST}:{port}/"]
+    if use_taskset and cpu is not None:
+        argv = ["taskset", "-c", str(cpu), *argv]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+    if out.returncode != 0:
+        raise BenchError(f"h2load failed ({out.returncode}): {out.stderr}{out.stdout}")
+    return parse_h2load(out.stdout)
+
+
 def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median of each numeric field across repeats (errors summed)."""
     merged: dict[str, Any] = {}
@@ -469,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway-cpu", type=int, default=0, help="CPU for the proxies (default 0)")
     parser.add_argument("--load-cpu", type=int, default=1, help="CPU for wrk and the upstream (default 1)")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+    parser.add_argument("--h2", action="store_true",
+                        help="also measure flexgw over HTTP/2 (h2c, h2load -c N -m 1 and -m 10) as a ratio "
+                        "of its HTTP/1.1 figure (needs h2load: apt-get install -y nghttp2-client)")
     parser.add_argument("--policies", action="store_true",
                         help="also measure flexgw with a 4-policy chain (basic auth, rate limit, header "
                         "injection, message logging; the kinds that exist) as a ratio of plain flexgw")
@@ -483,6 +518,9 @@ def main(argv: list[str] | None = None) -> int:
     if not shutil.which("wrk"):
         print("wrk is not installed (apt-get install -y wrk)", file=sys.stderr)
         return 2
+    if args.h2 and not shutil.which("h2load"):
+        print("h2load is not installed (apt-get install -y nghttp2-client)", file=sys.stderr)
+        return 2
     have_nginx = shutil.which("nginx") is not None
     if args.upstream == "nginx" and not have_nginx:
         print("nginx is not installed", file=sys.stderr)
@@ -495,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     results: dict[str, dict[str, Any]] = {}
+    h2_results: dict[str, dict[str, Any]] = {}
     info: dict[str, Any] = {
         "duration_s": args.duration,
         "connections": args.connections,
@@ -611,6 +650,17 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
+                if args.h2 and name == "flexgw":
+                    # the same gateway over h2c, right after its HTTP/1.1 runs
+                    if args.warmup > 0:
+                        run_h2load(port, args.connections, 1, args.warmup, load_cpu, use_taskset)
+                    for streams in (1, 10):
+                        runs = [run_h2load(port, args.connections, streams, args.duration, load_cpu, use_taskset)
+                                for _ in range(args.repeat)]
+                        runs.sort(key=lambda r: r["rps"])
+                        h2_results[f"m{streams}"] = runs[len(runs) // 2]
+                        print(f"  flexgw h2 (-m{streams}): {h2_results[f'm{streams}']['rps']:.0f} req/s",
+                              file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         status = 130
@@ -627,9 +677,17 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         return status or 1
     summary = summarise(results, args.connections)
+    if h2_results and "flexgw" in results:
+        h1_rps = results["flexgw"]["c50"]["rps"]
+        for key, r in h2_results.items():
+            summary[f"h2_{key}_rps"] = r["rps"]
+            summary[f"rps_ratio_h2_{key}_over_h1"] = r["rps"] / h1_rps if h1_rps else None
+        summary["errors"]["flexgw-h2"] = sum(r["failed"] + r["non_2xx"] for r in h2_results.values())
     print_table(results, summary, info, args.connections)
     if args.json:
-        Path(args.json).write_text(json.dumps({"info": info, "results": results, "summary": summary}, indent=2))
+        Path(args.json).write_text(json.dumps(
+            {"info": info, "results": results, "h2": h2_results, "summary": summary}, indent=2
+        ))
     return status
 
 
@@ -696,6 +754,12 @@ def print_table(results: dict[str, dict[str, Any]], summary: dict[str, Any], inf
               f"{ratio:.3f}  (target >= 0.7)")
         if info.get("policies_missing"):
             print("NOTE: policy kinds not available, left out: " + ", ".join(info["policies_missing"]))
+    for key in ("m1", "m10"):
+        ratio = summary.get(f"rps_ratio_h2_{key}_over_h1")
+        if ratio is not None:
+            streams = key[1:]
+            print(f"flexgw h2c ({connections} connections, {streams} stream(s) each) / flexgw HTTP/1.1 "
+                  f"req/s: {summary[f'h2_{key}_rps']:.0f} / {results['flexgw']['c50']['rps']:.0f} = {ratio:.3f}")
     if "rps_ratio_workers_over_flexgw" in summary:
         ratio = summary["rps_ratio_workers_over_flexgw"]
         print(f"flexgw --workers {info.get('workers')} / flexgw (one process) req/s at {connections} "

@@ -75,8 +75,24 @@ class Options(usage.Options):
             "-",
             "message-logging-flex output: a file path, '-' for stdout, 'twisted' for the runtime log.",
         ],
+        ["ingress-class", None, "flexgw", "The Kubernetes ingress class flexgw serves."],
+        [
+            "ingress-listener",
+            None,
+            "http://0.0.0.0:8080",
+            "Listener for Ingresses without the api-instance annotation (an ApiInstance address).",
+        ],
+        [
+            "ingress-tls-listener",
+            None,
+            "https://0.0.0.0:8443",
+            "TLS listener serving those Ingresses too, with their spec.tls certificates (when any).",
+        ],
     ]
-    optFlags = [["strict", None, "Unknown configuration keys are errors, not warnings."]]  # noqa: RUF012
+    optFlags = [  # noqa: RUF012
+        ["strict", None, "Unknown configuration keys are errors, not warnings."],
+        ["ingress-default-class", None, "Serve Kubernetes Ingresses that name no ingress class."],
+    ]
 
     def __init__(self) -> None:
         super().__init__()
@@ -136,6 +152,17 @@ class Options(usage.Options):
             raise usage.UsageError("--worker-timeout must be 0 or more")
         if self["log-level"] is not None and self["log-level"] not in _LEVELS:
             raise usage.UsageError("--log-level must be one of " + ", ".join(_LEVELS))
+        from flexgw.config.ingress import ingress_options
+
+        try:
+            self["ingress"] = ingress_options(
+                self["ingress-class"],
+                self["ingress-default-class"],
+                self["ingress-listener"],
+                self["ingress-tls-listener"],
+            )
+        except ValueError as exc:
+            raise usage.UsageError(str(exc)) from None
 
 
 def _install_log_level(
@@ -174,6 +201,13 @@ def worker_command(options: Options) -> list[str]:
         argv += ["--log-level", options["log-level"]]
     if options["strict"]:
         argv.append("--strict")
+    argv += [
+        "--ingress-class", options["ingress-class"],
+        "--ingress-listener", options["ingress-listener"],
+        "--ingress-tls-listener", options["ingress-tls-listener"],
+    ]
+    if options["ingress-default-class"]:
+        argv.append("--ingress-default-class")
     return argv
 
 
@@ -301,6 +335,7 @@ def _make_gateway(options: Options) -> MultiService:
         log_filter=log_filter,
         log_level_fixed=options["log-level"] is not None,
         log_publisher=globalLogPublisher,
+        ingress=options["ingress"],
         notifier=SupervisedNotifier(worker, worker.index) if worker is not None else None,
         reuse_port=worker is not None,
         supervisor=worker,

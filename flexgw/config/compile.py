@@ -228,7 +228,7 @@ def _compile_api(
             )
         return None
     routes: list[Route] = []
-    for route_spec in spec.routes:
+    for route_spec in sorted(spec.routes, key=lambda r: (r.order, r.rank, r.name)):
         route = _compile_route(route_spec, model.upstreams, problems, service_policies)
         if route is not None:
             routes.append(route)
@@ -241,7 +241,6 @@ def _compile_api(
             )
         )
         return None
-    routes.sort(key=lambda r: (r.order, r.name))
     for i, route in enumerate(routes[:-1]):
         if is_catch_all(route):
             later = ", ".join(r.name for r in routes[i + 1 :])
@@ -335,7 +334,7 @@ def _tls_upstreams(
             )
     for key, upstream in sorted(upstreams.items()):
         specs = model.upstream_tls.get(key, ())
-        if not specs and upstream.scheme != "https":
+        if not specs and upstream.scheme not in ("https", "h2"):
             continue
         settings = TLSSettings()  # an https:// Service without a binding: verified defaults
         if specs:
@@ -351,7 +350,9 @@ def _tls_upstreams(
                 blocked[key] = f"an invalid tls-outbound binding ({specs[0].origin.resource})"
                 continue
             settings = built
-            if not any(name.encode("ascii") in CLIENT_ALPN for name in settings.alpn):
+            if upstream.scheme not in ("h2", "h2c") and not any(
+                name.encode("ascii") in CLIENT_ALPN for name in settings.alpn
+            ):
                 problems.append(
                     specs[0].origin.problem(
                         "warning",
@@ -360,7 +361,7 @@ def _tls_upstreams(
                         ("spec", "config", "alpn"),
                     )
                 )
-            if upstream.scheme != "https":
+            if upstream.scheme not in ("https", "h2"):
                 problems.append(
                     specs[0].origin.problem(
                         "warning", f"Service {key} has an http:// address; TLS is used (tls-outbound)"
@@ -376,7 +377,7 @@ def _tls_upstreams(
                 )
         files.extend(settings.files)
         try:
-            tls = build_client_tls(settings, upstream.host)
+            tls = build_client_tls(settings, upstream.host, http2=upstream.scheme in ("h2", "h2c"))
         except Exception as exc:  # noqa: BLE001 (OpenSSL refuses the settings: report, fail closed)
             origin = specs[0].origin if specs else None
             message = f"outbound TLS for Service {key} cannot be set up: {exc}"
@@ -395,6 +396,10 @@ def _api_tls(
 ) -> tuple[bool, TLSSettings | None]:
     """(servable, the API's inbound TLS settings or None for plain HTTP)."""
     if not spec.tls:
+        if spec.certificates and spec.address.scheme == "https":
+            # Ingress certificates alone: default TLS settings, the oldest Ingress' certificate
+            # as the default one, the others picked by SNI (see _port_tls)
+            return True, TLSSettings(certificate=spec.certificates[0])
         if spec.address.scheme == "https":
             problems.append(
                 spec.origin.problem(
@@ -459,22 +464,23 @@ def _port_tls(
     port add their certificates (picked by SNI). None when it cannot be built."""
     first_api, first_spec, settings = items[0]
     assert settings is not None
-    others = []
+    others = list(first_spec.certificates)
     for api, spec, other in items[1:]:
         assert other is not None
         if attrs.evolve(other, certificate=settings.certificate, files=settings.files) != settings:
             problems.append(
-                spec.tls[0].origin.problem(
+                _tls_origin(spec).problem(
                     "warning",
                     f"TLS is per port: on port {spec.address.port} every setting but the certificate "
-                    f"comes from {first_spec.tls[0].name} (ApiInstance {first_api.key})",
+                    f"comes from {_tls_source(first_spec)} (ApiInstance {first_api.key})",
                 )
             )
         assert other.certificate is not None
         others.append(other.certificate)
+        others.extend(spec.certificates)
     if not any(name.encode("ascii") in alpn.SERVED_ALPN for name in settings.alpn):
         problems.append(
-            first_spec.tls[0].origin.problem(
+            _tls_origin(first_spec).problem(
                 "warning",
                 "alpn names no protocol the gateway serves yet "
                 f"({', '.join(n.decode() for n in alpn.SERVED_ALPN)}); no ALPN is advertised",
@@ -484,11 +490,20 @@ def _port_tls(
         return build_server_tls(settings, others, alpn.SERVED_ALPN)
     except Exception as exc:  # noqa: BLE001 (OpenSSL refuses a key, chain or cipher list)
         problems.append(
-            first_spec.tls[0].origin.problem(
+            _tls_origin(first_spec).problem(
                 "error", f"TLS cannot be set up on port {first_spec.address.port}: {exc}; not served"
             )
         )
         return None
+
+
+def _tls_origin(spec: ApiSpec) -> Any:
+    """Where an API's TLS comes from: its tls binding, else the API (Ingress certificates)."""
+    return spec.tls[0].origin if spec.tls else spec.origin
+
+
+def _tls_source(spec: ApiSpec) -> str:
+    return spec.tls[0].name if spec.tls else "the default TLS settings (Ingress certificates)"
 
 
 def compile_model(

@@ -18,7 +18,7 @@ class Upstream:
     """One upstream cluster: a `Service` resource, or an inline service of an ApiInstance."""
 
     key: str  # "namespace/name"; inline services are named "<api>-<serviceKey>"
-    scheme: str  # "http" or "https"
+    scheme: str  # "http", "https", "h2c" (HTTP/2 with prior knowledge) or "h2" (over TLS)
     host: str  # hostname or IP literal, IPv6 without brackets
     port: int
     path_prefix: str = ""  # path of the Service address, no trailing slash ("" for none or "/")
@@ -41,7 +41,7 @@ class Upstream:
     def authority(self) -> str:
         """The Host header value the upstream expects (port omitted when it is the scheme default)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        default = 443 if self.scheme == "https" else 80
+        default = 443 if self.scheme in ("https", "h2") else 80
         return host if self.port == default else f"{host}:{self.port}"
 
 
@@ -169,7 +169,7 @@ class ProbeSettings:
 class Problem:
     """One configuration problem, located in its file."""
 
-    severity: Literal["error", "warning"]
+    severity: Literal["error", "warning", "info"]  # info: a note (e.g. an Ingress of another class)
     message: str
     file: str | None = None
     line: int | None = None  # 1-based

@@ -30,6 +30,7 @@ from flexgw.config.validate import (
     policy_name,
 )
 from flexgw.policies.registry import lookup as lookup_policy
+from flexgw.tls.settings import CertificateKey
 
 DEFAULT_ORDER = 50
 TLS_KINDS = frozenset({"tls", "tls-outbound"})
@@ -89,6 +90,9 @@ class RouteSpec:
     rules: tuple[RuleSpec, ...]
     destinations: tuple[DestinationSpec, ...]
     origin: Origin
+    # tie-break inside one `order`, before the name: () for Flex routes (they come first);
+    # Ingress routes carry Kubernetes' precedence (host, path length, path type, age)
+    rank: tuple[Any, ...] = ()
 
 
 @attrs.frozen
@@ -116,6 +120,8 @@ class ApiSpec:
     blocked: tuple[str, ...] = ()  # reasons the API must not be served (fail closed)
     policies: tuple[PolicySpec, ...] = ()
     tls: tuple[PolicySpec, ...] = ()  # `tls` bindings: API-bound first, then Selector-bound
+    # certificates from Kubernetes Ingress `spec.tls[]` Secrets, picked by SNI on a TLS port
+    certificates: tuple[CertificateKey, ...] = ()
 
 
 @attrs.frozen

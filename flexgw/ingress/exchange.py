@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from flexgw.ingress.front import IngressProtocol
 
 _CONNECTION_OPTIONS = HOP_BY_HOP | {b"close"}  # Connection tokens that name no end-to-end header
+#: Trailer fields never forwarded (framing, routing and hop-by-hop fields: RFC 9110 §6.5.1).
+NOT_TRAILERS = HOP_BY_HOP | {b"content-length", b"host", b"content-type", b"content-encoding"}
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 # states
@@ -520,6 +522,21 @@ class ProxyExchange:
             out.append(b"\r\n")
         else:
             out.append(data)
+
+    def response_trailers(self, trailers: HeaderList) -> None:
+        """Trailer fields of the upstream response: sent in the last chunk to a chunked client
+        (a length-delimited or HTTP/1.0 response has no place for them: dropped)."""
+        if not self.response_chunked:
+            return
+        lines = [b"0\r\n"]
+        for name, value in trailers:
+            if name.lower() not in NOT_TRAILERS:
+                lines.append(name + b": " + value + b"\r\n")
+        lines.append(b"\r\n")
+        if self.out is None:
+            self.out = []
+        self.out.append(b"".join(lines))
+        self.response_chunked = False  # the last chunk is written
 
     def flush_response(self) -> None:
         """Send what this upstream read produced for the client, in one send."""

@@ -201,7 +201,7 @@ class PoolManager:
     def __init__(self, reactor: IReactorTCP, clock: IReactorTime) -> None:
         self.reactor = reactor
         self.clock = clock
-        self.pools: dict[Upstream, UpstreamPool] = {}
+        self.pools: dict[Upstream, UpstreamPool | H2UpstreamPool] = {}
         self.http = HttpSettings()
         self.timeouts = Timeouts()
         self._reaper: LoopingCall | None = None
@@ -220,11 +220,12 @@ class PoolManager:
             if pool is not None:  # idle-timeout-flex may differ per Service, and change
                 pool.idle_timeout = upstream.idle_timeout or timeouts.upstream_idle
 
-    def pool_for(self, upstream: Upstream) -> UpstreamPool:
-        """The pool for `upstream`, created on first use."""
+    def pool_for(self, upstream: Upstream) -> UpstreamPool | H2UpstreamPool:
+        """The pool for `upstream`, created on first use (HTTP/2 for `h2c`/`h2` Services)."""
         pool = self.pools.get(upstream)
         if pool is None:
-            pool = self.pools[upstream] = UpstreamPool(
+            kind = H2UpstreamPool if upstream.scheme in ("h2c", "h2") else UpstreamPool
+            pool = self.pools[upstream] = kind(  # type: ignore[assignment]
                 self.reactor, self.clock, upstream, self.http, self.timeouts
             )
         return pool
@@ -246,3 +247,7 @@ class PoolManager:
             self._reaper.stop()
         for pool in self.pools.values():
             pool.close_all()
+
+
+# At the end: flexgw.upstream.h2 imports this module.
+from flexgw.upstream.h2 import H2UpstreamPool
