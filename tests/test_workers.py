@@ -28,7 +28,8 @@ from flexgw.service.workers import (
 )
 from flexgw.tap import Options, worker_command
 from flexgw.testing import client
-from flexgw.testing.client import IncompleteResponse
+from flexgw.testing.certs import CertificateAuthority, client_options
+from flexgw.testing.client import IncompleteResponse, ResponseParseError
 from flexgw.testing.upstream import RecordingUpstream
 from tests.harness import api_document, free_port
 from tests.test_ingress_upstream import Held
@@ -148,6 +149,7 @@ class WorkersTests(TestCase):
         access_log: str = "off",
         debounce: str = "3600s",
         extra: tuple[str, ...] = (),
+        api: Any = api_document,
     ) -> None:
         """An upstream, and `twistd flexgw --workers N` in front of it; waits for READY=1."""
         self.upstream = RecordingUpstream(responder, reactor=reactor) if responder else RecordingUpstream(reactor=reactor)
@@ -159,7 +161,7 @@ class WorkersTests(TestCase):
         self.admin = free_port()
         self.conf = os.path.join(self.directory, "conf")
         os.makedirs(self.conf)
-        self.write_conf(api_document(self.port, self.upstream.address[1]) + documents)
+        self.write_conf(api(self.port, self.upstream.address[1]) + documents)
         self.notes = Notifications()
         notify = os.path.join(self.directory, "notify")
         listening = reactor.listenUNIXDatagram(notify, self.notes)
@@ -247,11 +249,11 @@ class WorkersTests(TestCase):
                 totals[have_map["worker"]] = totals.get(have_map["worker"], 0) + value
         return totals
 
-    async def statuses(self, path: str, count: int) -> list[int]:
+    async def statuses(self, path: str, count: int, tls: Any = None) -> list[int]:
         """Status codes of `count` GETs, each on a new connection (spread over the workers)."""
         results = []
         for _ in range(count):
-            response = await client.request(reactor, "127.0.0.1", self.port, get(path))
+            response = await client.request(reactor, "127.0.0.1", self.port, get(path), tls=tls)
             results.append(response.status)
         return results
 
@@ -355,6 +357,34 @@ class WorkersTests(TestCase):
         self.assertEqual(await self.statuses("/items", 10), [404] * 10)
         served = await self.per_worker("flexgw_requests_total", status_class="2xx")
         self.assertEqual(set(served), {"0", "1"})
+
+    async def test_tls_listener_served_by_workers(self) -> None:
+        """An https ApiInstance (a `tls` binding) is served by both workers: the TLS wrapper
+        goes on each worker's SO_REUSEPORT socket."""
+        ca = CertificateAuthority()
+        directory = tempfile.mkdtemp(prefix="flexgw-wt-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        crt, key = ca.issue("127.0.0.1", ips=["127.0.0.1"]).write(directory, "server")
+
+        def https_api(port: int, upstream_port: int) -> str:
+            return (
+                f"{HEADER}kind: ApiInstance\nmetadata: {{name: test-api}}\n"
+                f"spec:\n  address: https://127.0.0.1:{port}\n"
+                f"  services:\n    b:\n      address: http://127.0.0.1:{upstream_port}\n"
+                f"---\n{HEADER}kind: PolicyBinding\nmetadata: {{name: tls}}\n"
+                "spec:\n  targetRef: {kind: ApiInstance, name: test-api}\n"
+                "  policyRef: {name: tls}\n"
+                f'  config: {{certificate: {{crt: "file://{crt}", key: "file://{key}"}}}}\n'
+            )
+
+        await self.start(api=https_api)
+        options = client_options("127.0.0.1", ca)
+        self.assertEqual(await self.statuses("/items", 30, tls=options), [200] * 30)
+        served = await self.per_worker("flexgw_requests_total", status_class="2xx")
+        self.assertEqual(set(served), {"0", "1"})
+        # plain HTTP on the TLS port gets no HTTP response (closed, or a TLS alert)
+        with self.assertRaises((IncompleteResponse, ResponseParseError)):
+            await client.request(reactor, "127.0.0.1", self.port, get("/items"))
 
     async def test_sigusr1_reopens_every_worker_log(self) -> None:
         """SIGUSR1 to the supervisor: every worker reopens its access log, so after logrotate
