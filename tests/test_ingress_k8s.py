@@ -288,7 +288,9 @@ class IngressTlsEndToEndTests(TestCase):
 
     async def test_each_host_gets_its_certificate(self) -> None:
         """SNI picks each host's Secret; both verify against the CA and reach the upstream."""
-        self.assertTrue(self.gateway.service.last_reload_ok, self.gateway.service.state.problems)
+        state = self.gateway.service.state
+        assert state is not None
+        self.assertTrue(self.gateway.service.last_reload_ok, state.problems)
         response, name = await self.get("shop.example", b"/cart")
         self.assertEqual((response.status, name), (200, "shop.example"))
         response, name = await self.get("api.example", b"/v1/items")
