@@ -32,6 +32,7 @@ from flexgw.config.resolve import ResolvedModel, resolve
 from flexgw.config.validate import Resource, check_document
 from flexgw.ingress.routing import RouteMatch, select_route
 from flexgw.tap import Options, worker_command
+from flexgw.testing.certs import CertificateAuthority
 from tests.conftools import update_conf, write_conf
 
 FILE = "conf/ingress.yaml"
@@ -222,6 +223,20 @@ class HostTests(SynchronousTestCase):
         t = Translated(SERVICE + kube_service("wild") + ingress("a", rules))
         self.assertEqual(t.target("/", "a.foo.com"), "default/web:80 /")
         self.assertEqual(t.target("/", "b.foo.com"), "default/wild:80 /")
+
+    @given(
+        st.lists(st.sampled_from(["a", "b", "x-y", "foo"]), min_size=1, max_size=3),
+        st.lists(st.sampled_from(["a", "b", "x-y", "foo", "A"]), min_size=0, max_size=4),
+    )
+    def test_wildcard_matches_exactly_one_more_label(
+        self, suffix: list[str], labels: list[str]
+    ) -> None:
+        """`*.<suffix>` matches a host iff it is one label followed by the suffix (any case)."""
+        t = Translated(SERVICE + ingress("a", path_rule("/", host=f"'*.{'.'.join(suffix)}'")))
+        host = ".".join(labels)
+        lowered = host.lower().split(".") if host else []
+        expected = len(lowered) == len(suffix) + 1 and lowered[1:] == suffix
+        self.assertEqual(t.route("/", host or "x") is not None, expected and bool(host), host)
 
     def test_no_host_matches_every_host(self) -> None:
         """A rule without host serves every Host, after the rules that name one."""
@@ -688,6 +703,28 @@ class TlsSecretTests(SynchronousTestCase):
         self.assertEqual(t.target("/b", "bar.com", port=8443), "default/web:80 /b")
         self.assertEqual(t.listener(8080).scheme, "http")  # the plain listener stays
         self.assertEqual(t.target("/x", "foo.com", port=8080), "default/web:80 /x")
+
+    def test_chain_and_traditional_key_format(self) -> None:
+        """tls.crt may hold the chain (leaf first); a SEC1/PKCS#1 key is read and normalised."""
+        ca = CertificateAuthority()
+        leaf = ca.issue("foo.com", dns=["foo.com"])
+        key = serialization.load_pem_private_key(leaf.key_pem, None)
+        traditional = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+        text = (
+            SERVICE
+            + tls_secret(leaf.cert_pem + ca.pem, traditional)
+            + ingress("a", path_rule("/"), spec="tls: [{secretName: foo-tls}]")
+        )
+        t = Translated(text)
+        self.assertEqual(t.messages("error"), [])
+        [served] = self.tls_listener(t).tls.certificates
+        self.assertEqual(served.chain_pem, (leaf.cert_pem, ca.pem))
+        self.assertEqual(served.key_pem, leaf.key_pem)  # PKCS#8, as a tls binding's
+        self.assertEqual(served.names, ("foo.com",))  # no hosts: the certificate's names
 
     def test_no_tls_no_tls_listener(self) -> None:
         """Without spec.tls there is no TLS listener."""

@@ -586,10 +586,16 @@ def _certificates(
                         ("hosts", j),
                     )
                 )
+        # the same normal form as a tls binding's certificate (one PEM per certificate, PKCS#8)
         chain = x509.load_pem_x509_certificates(pair.chain_pem)
+        private = serialization.load_pem_private_key(pair.key_pem, password=None)
         certificate = CertificateKey(
             chain_pem=tuple(c.public_bytes(serialization.Encoding.PEM) for c in chain),
-            key_pem=pair.key_pem,
+            key_pem=private.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
             names=hosts or subjects,
         )
         out.append((origin, certificate))
