@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -224,6 +224,7 @@ class HostTests(SynchronousTestCase):
         self.assertEqual(t.target("/", "a.foo.com"), "default/web:80 /")
         self.assertEqual(t.target("/", "b.foo.com"), "default/wild:80 /")
 
+    @settings(max_examples=60, deadline=None)  # a whole translation per example
     @given(
         st.lists(st.sampled_from(["a", "b", "x-y", "foo"]), min_size=1, max_size=3),
         st.lists(st.sampled_from(["a", "b", "x-y", "foo", "A"]), min_size=0, max_size=4),
@@ -292,6 +293,7 @@ class PathTypeTests(SynchronousTestCase):
         self.assertIsNone(t.target("/api/orders"))
         self.assertIsNone(t.target("/other"))
 
+    @settings(max_examples=60, deadline=None)  # a whole translation per example
     @given(
         st.lists(st.sampled_from(["a", "b", "ab", "a.b"]), min_size=1, max_size=3),
         st.lists(st.sampled_from(["a", "b", "ab", "a.b", ""]), max_size=4),
