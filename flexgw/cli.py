@@ -63,7 +63,14 @@ def plan_json(plan: GatewayPlan) -> dict[str, Any]:
                         "port": upstream.port,
                         "pathPrefix": upstream.path_prefix,
                         "authority": upstream.authority,
+                        "idleTimeoutSeconds": upstream.idle_timeout,  # idle-timeout-flex
+                        # forwardProxy (never its credentials), when it is used for this host
+                        "viaProxy": (
+                            upstream.proxy.authority.decode("latin-1") if upstream.proxy else None
+                        ),
                     }
+                    if upstream.tls is not None:
+                        upstreams[upstream.key]["tls"] = upstream.tls.describe()
                     destinations.append(
                         {
                             "upstream": upstream.key,
@@ -88,9 +95,10 @@ def plan_json(plan: GatewayPlan) -> dict[str, Any]:
                     "policies": [_policy_json(p) for p in api.policies],
                 }
             )
-        listeners.append(
-            {"scheme": listener.scheme, "host": listener.host, "port": listener.port, "apis": apis}
-        )
+        entry = {"scheme": listener.scheme, "host": listener.host, "port": listener.port, "apis": apis}
+        if listener.tls is not None:
+            entry["tls"] = listener.tls.describe()
+        listeners.append(entry)
     timeouts = plan.timeouts
     http = plan.http
     return {
@@ -113,6 +121,7 @@ def plan_json(plan: GatewayPlan) -> dict[str, Any]:
             "bodyBufferLimitBytes": http.body_buffer_limit,
         },
         "probe": {"enabled": plan.probe.enabled, "port": plan.probe.port, "host": plan.probe.host},
+        "proxyProtocol": plan.proxy_protocol,
         "problems": [_problem_json(p) for p in plan.problems],
     }
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 from typing import Any
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
@@ -56,6 +58,15 @@ class Options(usage.Options):
             (
                 "Worker processes serving the same listeners ('auto': one per CPU). Above 1, a"
                 " supervisor process starts and watches them and holds the admin listener."
+            ),
+        ],
+        [
+            "worker-timeout",
+            None,
+            "30",
+            (
+                "With --workers: a worker not answering the supervisor for this many seconds is"
+                " killed and restarted (0: never)."
             ),
         ],
         [
@@ -133,6 +144,12 @@ class Options(usage.Options):
             self["workers"] = worker_count(str(self["workers"]))
         except ValueError:
             raise usage.UsageError("--workers must be a number from 1 to 1024, or 'auto'") from None
+        try:
+            self["worker-timeout"] = float(self["worker-timeout"])
+        except ValueError:
+            raise usage.UsageError("--worker-timeout must be a number of seconds") from None
+        if not 0 <= self["worker-timeout"] < float("inf"):
+            raise usage.UsageError("--worker-timeout must be 0 or more")
         if self["log-level"] is not None and self["log-level"] not in _LEVELS:
             raise usage.UsageError("--log-level must be one of " + ", ".join(_LEVELS))
         from flexgw.config.ingress import ingress_options
@@ -231,6 +248,7 @@ def _make_supervisor(options: Options) -> MultiService:
         drain_seconds=options["drain-seconds"],
         inherited_fds=inherited,
         inherited_names=names,
+        worker_timeout=options["worker-timeout"],
     )
     if options["admin"] != "off":  # before the supervisor: stopped after it (see _AdminService)
         _AdminService(
@@ -349,10 +367,8 @@ def _stop_reactor(reactor: Any) -> Any:
 
     def stop() -> None:
         if reactor.running and not getattr(reactor, "_stopped", False):
-            try:
+            with contextlib.suppress(ReactorNotRunning):  # already stopping
                 reactor.stop()
-            except Exception:  # noqa: BLE001 (ReactorNotRunning: already stopping)
-                pass
 
     return stop
 

@@ -128,6 +128,9 @@ def load_config(
     use_shared_storage = getattr(runtime, "use_shared_storage", None)
     if use_shared_storage is not None:  # before policies are built: they choose their store
         use_shared_storage(model.shared_storage)
+    use_forward_proxy = getattr(runtime, "use_forward_proxy", None)
+    if use_forward_proxy is not None:  # before policies are built: their side-call agent
+        use_forward_proxy(model.forward_proxy)
     side_tls, side_problems = compile_default_tls(model)
     problems.extend(side_problems)
     use_side_tls = getattr(runtime, "use_side_tls", None)
@@ -153,6 +156,7 @@ def load_config(
         generation=generation,
         shared_storage=model.shared_storage,
         probe=model.probe,
+        proxy_protocol=model.proxy_protocol,
         logging=model.logging,
         tls_files=tuple(
             sorted(set(compiled.tls_files) | set(side_tls.files if side_tls else ()))

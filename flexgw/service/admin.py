@@ -250,6 +250,8 @@ def status_json(gateway: GatewayService) -> dict[str, Any]:
                 "apis": apis,
             }
         )
+        if listener.tls is not None:
+            listeners[-1]["tls"] = listener.tls.describe()
     ready, reasons = readiness(gateway)
     return {
         "ready": ready,
