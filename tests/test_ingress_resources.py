@@ -582,25 +582,22 @@ class BackendTests(SynchronousTestCase):
         self.assertEqual(self.upstreams(text), [("http", "api.partner.example", 80, 100)])
 
     def test_scheme_from_port_name_and_app_protocol(self) -> None:
-        """Port names `https[-x]` (or appProtocol https) select TLS upstreams; others plain HTTP."""
+        """appProtocol, else the port name `<protocol>[-suffix]`, selects the upstream scheme."""
         cases = {
-            "- {name: https-web, port: 443}": ("https", 443),
-            "- {name: web, port: 443, appProtocol: https}": ("https", 443),
-            "- {name: HTTP-alt, port: 80}": ("http", 80),
-            "- {port: 80}": ("http", 80),
+            "- {name: https-web, port: 443}": "https",
+            "- {name: web, port: 443, appProtocol: https}": "https",
+            "- {name: HTTP-alt, port: 443}": "http",
+            "- {port: 443}": "http",
+            "- {name: h2, port: 443}": "h2",
+            "- {name: h2c-grpc, port: 443}": "h2c",
+            "- {name: grpc, port: 443}": "h2c",
+            "- {name: web, port: 443, appProtocol: kubernetes.io/h2c}": "h2c",
         }
-        for ports, (scheme, number) in cases.items():
-            text = kube_service(ports=ports) + ingress(
-                "a", path_rule("/", port=f"number: {number}")
-            )
-            self.assertEqual(self.upstreams(text)[0][:1], (scheme,), ports)
-
-    def test_h2_port_is_a_warning(self) -> None:
-        """An h2/h2c port is reached over HTTP/1.1 for now, and says so."""
-        text = kube_service(ports="- {name: h2c, port: 80}") + ingress("a", path_rule("/"))
-        t = Translated(text)
-        self.assertIsNotNone(t.route("/"))
-        self.assertIn("HTTP/2 upstreams are not supported yet", t.messages("warning")[0])
+        for ports, scheme in cases.items():
+            text = kube_service(ports=ports) + ingress("a", path_rule("/", port="number: 443"))
+            t = Translated(text)
+            self.assertEqual(t.messages("error"), [], ports)
+            self.assertEqual(self.upstreams(text)[0][0], scheme, ports)
 
     def test_endpoints(self) -> None:
         """An Endpoints document gives one equally weighted destination per ready address."""

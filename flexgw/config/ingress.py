@@ -49,6 +49,8 @@ DEFAULT_TLS_LISTENER = "https://0.0.0.0:8443"
 DEFAULT_LISTENER_ID = ResourceId("IngressListener", "flexgw", "ingress")
 DEFAULT_TLS_LISTENER_ID = ResourceId("IngressListener", "flexgw", "ingress-tls")
 CLUSTER_DOMAIN = "cluster.local"
+# port names / appProtocol values (lower case, before any "-suffix") -> upstream scheme
+_SCHEMES = {"https": "https", "h2": "h2", "h2c": "h2c", "grpc": "h2c"}
 _NEWEST = datetime.datetime.max.replace(tzinfo=datetime.UTC)
 
 
@@ -212,7 +214,7 @@ class _Backends:
                 )
             )
             return ()
-        scheme = self._scheme(key, port, origin, problems)
+        scheme = self._scheme(port)
         targets = self._targets(kube, port, origin, problems)
         destinations = []
         for host, number in targets:
@@ -227,20 +229,15 @@ class _Backends:
         return tuple(destinations)
 
     @staticmethod
-    def _scheme(key: str, port: Mapping[str, Any], origin: Origin, problems: list[Problem]) -> str:
-        """http or https from appProtocol, else the port name `<protocol>[-suffix]` (default http)."""
+    def _scheme(port: Mapping[str, Any]) -> str:
+        """The upstream scheme from appProtocol, else the port name `<protocol>[-suffix]`.
+
+        As a flexgw Service address: https (TLS), h2 (HTTP/2 over TLS), h2c (HTTP/2 with prior
+        knowledge; also grpc and kubernetes.io/h2c); anything else plain HTTP/1.1.
+        """
         label = str(port.get("appProtocol") or port.get("name") or "http").lower()
         label = label.removeprefix("kubernetes.io/").split("-", 1)[0]
-        if label in ("h2", "h2c", "grpc"):
-            problems.append(
-                origin.problem(
-                    "warning",
-                    f"Service {key} port {port['port']} is HTTP/2 ({label}); HTTP/2 upstreams are "
-                    "not supported yet, so it is reached over HTTP/1.1",
-                )
-            )
-            return "http"
-        return "https" if label == "https" else "http"
+        return _SCHEMES.get(label, "http")
 
     def _targets(
         self,
