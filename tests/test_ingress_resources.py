@@ -511,6 +511,28 @@ class BindingTests(SynchronousTestCase):
         self.assertEqual([(l.host, l.port) for l in t.listeners], [("127.0.0.1", 9444)])
         self.assertEqual(t.target("/", port=9444), "default/web:80 /")
 
+    def test_default_listener_on_an_api_instance_port(self) -> None:
+        """--ingress-listener on an ApiInstance's port: the ApiInstance keeps it, and each
+        unannotated Ingress gets an error saying what to do; annotated ones still serve."""
+        options = ingress_options("flexgw", False, "http://0.0.0.0:8081")
+        text = (
+            API
+            + SERVICE
+            + ingress("a", path_rule("/a"), annotations=BOUND)
+            + ingress("b", path_rule("/b"))
+        )
+        t = Translated(text, options)
+        [error] = [p for p in t.problems if p.severity == "error"]
+        self.assertEqual(error.resource, "Ingress default/b")
+        self.assertIn(
+            "--ingress-listener http://0.0.0.0:8081 is on the port of ApiInstance edge/ingress-http; "
+            "not served there (annotate the Ingress, or choose another --ingress-listener)",
+            error.message,
+        )
+        self.assertEqual([api.key for api in t.listener(8081).apis], ["edge/ingress-http"])
+        self.assertEqual(t.target("/a", port=8081), "default/web:80 /a")
+        self.assertIsNone(t.target("/b", port=8081))
+
     def test_same_path_on_two_listeners_is_no_conflict(self) -> None:
         """Conflicts are per listener: the same path bound elsewhere is served on both."""
         text = (
@@ -724,6 +746,24 @@ class TlsSecretTests(SynchronousTestCase):
         self.assertEqual(served.chain_pem, (leaf.cert_pem, ca.pem))
         self.assertEqual(served.key_pem, leaf.key_pem)  # PKCS#8, as a tls binding's
         self.assertEqual(served.names, ("foo.com",))  # no hosts: the certificate's names
+
+    def test_tls_listener_on_an_api_instance_port(self) -> None:
+        """A taken --ingress-tls-listener port is an error; the plain listener still serves."""
+        cert, key = certificate(("foo.com",))
+        options = ingress_options("flexgw", False, "http://0.0.0.0:8080", "https://0.0.0.0:8081")
+        text = (
+            API
+            + SERVICE
+            + tls_secret(cert, key)
+            + ingress("a", path_rule("/"), spec="tls: [{secretName: foo-tls}]")
+        )
+        t = Translated(text, options)
+        [error] = t.messages("error")
+        self.assertIn(
+            "--ingress-tls-listener https://0.0.0.0:8081 is on the port of ApiInstance", error
+        )
+        self.assertEqual(t.target("/", port=8080), "default/web:80 /")
+        self.assertEqual(t.listener(8081).scheme, "http")
 
     def test_no_tls_no_tls_listener(self) -> None:
         """Without spec.tls there is no TLS listener."""

@@ -338,7 +338,7 @@ def apply_ingress(
     secrets = {r.id.key: r for r in by_kind.get("Secret", [])}
     candidates: dict[str, list[_Candidate]] = {}
     certificates: dict[str, list[CertificateKey]] = {}
-    default_origin: Origin | None = None
+    unannotated: list[Resource] = []  # served on the default listener(s)
 
     for age, resource in enumerate(sorted(ingresses, key=_age)):
         note = classes.note(resource)
@@ -365,8 +365,7 @@ def apply_ingress(
             api = apis[target]
         else:
             listener = DEFAULT_LISTENER_ID.key
-            if default_origin is None:
-                default_origin = _origin(resource)
+            unannotated.append(resource)
         found = candidates.setdefault(listener, [])
         found.extend(_routes(resource, age, listener, backends, problems))
         usable = api is None or bool(api.tls) or api.address.scheme == "https"
@@ -388,20 +387,32 @@ def apply_ingress(
         kept = _settle(found, problems)
         owned = tuple(certificates.get(listener, ()))
         if listener == DEFAULT_LISTENER_ID.key:
-            assert default_origin is not None
-            apis[DEFAULT_LISTENER_ID] = ApiSpec(
-                id=DEFAULT_LISTENER_ID,
-                address=options.listener,
-                routes=tuple(kept),
-                origin=default_origin,
-            )
+            origin = _origin(unannotated[0])
+            none: tuple[CertificateKey, ...] = ()
+            listeners = [(DEFAULT_LISTENER_ID, options.listener, "--ingress-listener", none)]
             if owned:  # as a Kubernetes controller: every route on the TLS port as well
-                apis[DEFAULT_TLS_LISTENER_ID] = ApiSpec(
-                    id=DEFAULT_TLS_LISTENER_ID,
-                    address=options.tls_listener,
+                listeners.append(
+                    (DEFAULT_TLS_LISTENER_ID, options.tls_listener, "--ingress-tls-listener", owned)
+                )
+            for rid, address, flag, owned_here in listeners:
+                taken = _port_user(apis, address)
+                if taken is not None:
+                    for resource in unannotated:
+                        problems.append(
+                            _origin(resource).problem(
+                                "error",
+                                f"no {API_INSTANCE_ANNOTATION} annotation, and {flag} "
+                                f"{address.scheme}://{address.host}:{address.port} is on the port of "
+                                f"{taken}; not served there (annotate the Ingress, or choose another {flag})",
+                            )
+                        )
+                    continue
+                apis[rid] = ApiSpec(
+                    id=rid,
+                    address=address,
                     routes=tuple(kept),
-                    origin=default_origin,
-                    certificates=owned,
+                    origin=origin,
+                    certificates=owned_here,
                 )
         else:
             rid = next(rid for rid in apis if rid.key == listener and rid.kind == "ApiInstance")
@@ -418,6 +429,15 @@ def apply_ingress(
         upstreams=upstreams,
         problems=tuple(problems),
     )
+
+
+def _port_user(apis: Mapping[ResourceId, ApiSpec], address: Address) -> ResourceId | None:
+    """The ApiInstance (not blocked) listening on `address`'s port, if any: a default Ingress
+    listener (no base path) could share it with none."""
+    for rid, api in sorted(apis.items()):
+        if rid.kind == "ApiInstance" and not api.blocked and api.address.port == address.port:
+            return rid
+    return None
 
 
 def _routes(
