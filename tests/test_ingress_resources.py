@@ -495,6 +495,25 @@ class BindingTests(SynchronousTestCase):
         self.assertEqual(match.destination.upstream.key, "default/web:80")
         self.assertEqual([p.kind for p in match.destination.chain], ["header-injection-flex"])
 
+    def test_bare_name_means_the_ingress_namespace(self) -> None:
+        """An annotation without `.<namespace>` names an ApiInstance of the Ingress' namespace."""
+        text = (
+            API
+            + SERVICE.replace("namespace: default", "namespace: edge")
+            + ingress(
+                "a",
+                path_rule("/"),
+                namespace="edge",
+                annotations="flex-gateway.ingress.kubernetes.io/api-instance: ingress-http",
+            )
+        )
+        t = Translated(text)
+        self.assertEqual(t.target("/", port=8081), "edge/web:80 /")
+        t = Translated(
+            text.replace("namespace: edge\n  annotations", "namespace: other\n  annotations")
+        )
+        self.assertIn("ApiInstance other/ingress-http does not exist", t.messages("error")[0])
+
     def test_missing_api_instance_is_an_error(self) -> None:
         """An annotation naming no ApiInstance is an error located at the annotation."""
         bad = BOUND.replace("ingress-http.edge", "nope.edge")
