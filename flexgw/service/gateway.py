@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate
 
+from flexgw.config.ingress import IngressOptions
 from flexgw.config.logconf import LoggingSettings, LogOutput
 from flexgw.config.pipeline import ConfigState, load_config
 from flexgw.config.plan import GatewayPlan, Listener, Upstream
@@ -22,7 +23,9 @@ from flexgw.http.accesslog import (
     open_output,
     open_runtime_output,
 )
-from flexgw.ingress.front import IDLE, IngressFactory, IngressProtocol
+from flexgw.ingress.front import IngressFactory, IngressProtocol
+from flexgw.ingress.h2front import H2Protocol
+from flexgw.ingress.proxyprotocol import wrap_proxy_protocol
 from flexgw.policies.base import PolicyRuntime
 from flexgw.service.activation import LISTEN_FDS_START, InheritedSockets, listen_environ
 from flexgw.service.admin import ProbeServer
@@ -64,6 +67,7 @@ class GatewayService(Service):
         listen_fds_start: int = LISTEN_FDS_START,
         reuse_port: bool = False,
         supervisor: Any = None,
+        ingress: IngressOptions | None = None,
     ) -> None:
         self.reactor = reactor
         self.conf_dirs = list(conf_dirs)
@@ -79,6 +83,7 @@ class GatewayService(Service):
         self.runtime_outputs: dict[LogOutput, tuple[RuntimeLog, Any]] = {}
         self.active_access_log: AccessLog | TeeLog | None = access_log
         self.strict = strict
+        self.ingress = ingress  # how Kubernetes Ingress documents are served
         self.rng = rng or random.Random()
         self.loader = loader
         self.state: ConfigState | None = None
@@ -100,7 +105,7 @@ class GatewayService(Service):
         self.probe = ProbeServer(reactor, self)
         self.notifier = notifier if notifier is not None else Notifier(reactor, environ)
         self.drain_seconds = drain_seconds
-        self.draining: set[IngressProtocol] = set()
+        self.draining: set[IngressProtocol | H2Protocol] = set()
         self._drained: Deferred[None] | None = None
         self._drain_timer: Any = None
         self.stopping = False
@@ -153,10 +158,8 @@ class GatewayService(Service):
         for factory in factories.values():
             factory.on_connection_lost = self._connection_gone
             for connection in list(factory.connections):
-                connection.draining = True
                 self.draining.add(connection)
-                if connection.active is None and connection.state == IDLE and not connection.queue:
-                    connection.transport.loseConnection()  # idle keep-alive: nothing to wait for
+                connection.drain()  # idle: closed now; else after what is in flight (h2: GOAWAY)
         # Connections already gone, or lost while being closed above, were not counted in.
         self.draining = {c for c in self.draining if c in c.factory.connections}
         if self.draining:
@@ -214,7 +217,7 @@ class GatewayService(Service):
         for connection in remaining:
             connection.transport.abortConnection()
 
-    def _connection_gone(self, connection: IngressProtocol) -> None:
+    def _connection_gone(self, connection: IngressProtocol | H2Protocol) -> None:
         """A downstream connection closed while draining."""
         self.draining.discard(connection)
         if not self.draining and self._drained is not None:
@@ -256,12 +259,15 @@ class GatewayService(Service):
             previous=self.state,
             strict=self.strict,
             runtime=self.runtime,
+            ingress=self.ingress,
         )
         self.reloads += 1
         self._apply_logging(state.plan.logging)
         for problem in state.problems:
             if problem.severity == "error":
                 _log.error("{problem}", problem=str(problem))
+            elif problem.severity == "info":
+                _log.info("{problem}", problem=str(problem))
             else:
                 _log.warn("{problem}", problem=str(problem))
         self.state = state
@@ -324,14 +330,22 @@ class GatewayService(Service):
             metrics=self.metrics,
         )
         served = ListenerFactory(factory, listener.tls)
+        # Outermost: the PROXY header comes before anything else (a TLS handshake included).
+        # The setting is read per connection, so a reload switches it without a rebind.
+        accepting: Any = wrap_proxy_protocol(
+            served,
+            lambda: self.plan.proxy_protocol,
+            self.reactor,
+            lambda: self.plan.http.header_timeout,
+        )
         inherited = self.inherited.take(*listener.address) if self.inherited else None
         try:
             if inherited is not None:  # systemd socket activation: no bind of our own
-                port = self.reactor.adoptStreamPort(inherited.fd, inherited.family, served)
+                port = self.reactor.adoptStreamPort(inherited.fd, inherited.family, accepting)
             elif self.reuse_port:  # --workers: every worker binds the address
-                port = listen_reuse_port(self.reactor, listener.port, served, listener.host)
+                port = listen_reuse_port(self.reactor, listener.port, accepting, listener.host)
             else:
-                port = self.reactor.listenTCP(listener.port, served, interface=listener.host)
+                port = self.reactor.listenTCP(listener.port, accepting, interface=listener.host)
         except Exception as exc:  # noqa: BLE001 (CannotListenError and friends: report, serve the rest)
             _log.error(
                 "Cannot listen on {host}:{port}: {error}",

@@ -275,9 +275,15 @@ class _UnverifiedCreator:
         return connection
 
 
-def client_creator(settings: TLSSettings, hostname: str) -> Any:
-    """An IOpenSSLClientConnectionCreator for `hostname` (SNI and service-identity check)."""
-    alpn = tuple(n.encode("ascii") for n in settings.alpn if n.encode("ascii") in CLIENT_ALPN)
+def client_creator(settings: TLSSettings, hostname: str, http2: bool = False) -> Any:
+    """An IOpenSSLClientConnectionCreator for `hostname` (SNI and service-identity check).
+
+    With `http2` (an `h2://` Service, spoken to with flexgw.upstream.h2) ALPN offers `h2` only.
+    """
+    if http2:
+        alpn: tuple[bytes, ...] = (b"h2",)
+    else:
+        alpn = tuple(n.encode("ascii") for n in settings.alpn if n.encode("ascii") in CLIENT_ALPN)
     kwargs = _common_options(settings, alpn)
     kwargs.update(_certificate_options(settings.certificate))
     if settings.skip_validation:
@@ -312,9 +318,10 @@ class ClientTLS:
         return out
 
 
-def build_client_tls(settings: TLSSettings, hostname: str) -> ClientTLS:
-    """Compile a Service's outbound TLS for `hostname` (the Service host, also the SNI name)."""
-    return ClientTLS(settings=settings, creator=client_creator(settings, hostname))
+def build_client_tls(settings: TLSSettings, hostname: str, http2: bool = False) -> ClientTLS:
+    """Compile a Service's outbound TLS for `hostname` (the Service host, also the SNI name);
+    `http2` for HTTP/2 Services (ALPN h2)."""
+    return ClientTLS(settings=settings, creator=client_creator(settings, hostname, http2))
 
 
 @implementer(IPolicyForHTTPS)

@@ -25,6 +25,7 @@ class ResponseSink(TypingProtocol):
         self, status: int, reason: bytes, headers: HeaderList, keep_alive: bool
     ) -> None: ...
     def response_body(self, data: bytes) -> None: ...
+    def response_trailers(self, trailers: HeaderList) -> None: ...
     def response_complete(self) -> None: ...
     def flush_response(self) -> None: ...
     def response_malformed(self, message: str) -> None: ...
@@ -92,6 +93,7 @@ class UpstreamConnection(Protocol):
         self.got_bytes = False
         self._reason = b""
         self._headers: HeaderList = []
+        self._trailers: HeaderList | None = None
         self._in_head = True
         self._head_only = False
         self._interim = False
@@ -206,9 +208,13 @@ class UpstreamConnection(Protocol):
         self._reason = reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        """One response header (trailers after the head are dropped)."""
+        """One response header, or a trailer field of a chunked response."""
         if self._in_head:
             self._headers.append((name, value))
+        elif self._trailers is None:
+            self._trailers = [(name, value)]
+        else:
+            self._trailers.append((name, value))
 
     def on_headers_complete(self) -> None:
         """Response head done: interim (1xx) or final."""
@@ -247,6 +253,9 @@ class UpstreamConnection(Protocol):
             return
         if self.sink is not None and not self._in_head:
             self._complete = True
+            if self._trailers is not None:
+                trailers, self._trailers = self._trailers, None
+                self.sink.response_trailers(trailers)
 
 
 class _Unsolicited(Exception):
