@@ -210,7 +210,7 @@ def _make_supervisor(options: Options) -> MultiService:
     """`--workers N`: the supervisor, its admin listener and config watcher; no gateway here."""
     from twisted.internet import reactor
 
-    from flexgw.config.watch import ConfigWatcher, debounce_from_env
+    from flexgw.config.watch import ConfiguredFiles, ConfigWatcher, debounce_from_env
     from flexgw.service.activation import listen_environ
     from flexgw.service.workers import SupervisorService, supervisor_admin_site
 
@@ -241,11 +241,21 @@ def _make_supervisor(options: Options) -> MultiService:
             reactor, options["admin"], supervisor_admin_site(supervisor), supervisor.wait_stopped
         ).setServiceParent(top)
     supervisor.setServiceParent(top)
+    # The workers hold the plans; the supervisor lists the certificate files itself, so a
+    # changed certificate reloads every worker as a changed YAML file does.
+    tls_files = ConfiguredFiles(options["conf"], os.environ, ingress=options["ingress"])
+    tls_files.refresh()
+
+    def reload() -> Any:
+        result = supervisor.reload()
+        tls_files.refresh()
+        return result
+
     watcher = ConfigWatcher(
-        reactor, options["conf"], supervisor.reload, debounce_from_env(os.environ)
+        reactor, options["conf"], reload, debounce_from_env(os.environ), extra_files=tls_files
     )
     _WatcherService(watcher).setServiceParent(top)
-    _install_signals(reactor, supervisor.reload, supervisor.reopen_logs, supervisor.drain_now)
+    _install_signals(reactor, reload, supervisor.reopen_logs, supervisor.drain_now)
     return top
 
 
