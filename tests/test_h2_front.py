@@ -9,7 +9,7 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import DataReceived, ResponseReceived, StreamEnded, StreamReset
 from hyperframe.frame import ContinuationFrame, HeadersFrame
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -301,6 +301,7 @@ class LifecycleTests(FrontTestCase):
 class GoAwayFilterTests(TestCase):
     """GOAWAY frames are split out of any byte stream, whatever the read boundaries."""
 
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.lists(st.integers(min_value=1, max_value=60), min_size=1, max_size=20))
     def test_any_split(self, cuts: list[int]) -> None:
         """Frames pass through unchanged in order and GOAWAYs are reported, for any split."""
