@@ -298,6 +298,47 @@ class LifecycleTests(FrontTestCase):
         self.assertEqual(protocol.streams, {})
 
 
+class ConfiguredLimitsTests(TestCase):
+    """`Configuration.spec.http.http2` sets the limits the front advertises and enforces."""
+
+    def test_configured_limits(self) -> None:
+        """maxConcurrentStreams is advertised in SETTINGS; the reset and control-frame limits
+        reach the connection; an out-of-range value is a located config error."""
+        config = (
+            "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: Configuration\n"
+            "metadata: {name: c}\nspec:\n  http:\n    http2:\n"
+            "      maxConcurrentStreams: 7\n      maxStreamResetsPer10Seconds: 3\n"
+            "      maxControlFramesPer10Seconds: 9\n"
+        )
+        root = write_conf(self, {"api.yaml": simple_api(8000, 9000) + config})
+        state = load_config([root], {})
+        http = state.plan.http
+        self.assertEqual(
+            (http.h2_max_concurrent_streams, http.h2_max_resets, http.h2_max_control_frames),
+            (7, 3, 9),
+        )
+        reactor = MemoryReactorClock()
+        factory = IngressFactory(
+            reactor, reactor, state.plan.listeners[0], http, Timeouts(),
+            PoolManager(reactor, reactor), None,
+        )
+        selector = factory.buildProtocol(None)
+        down = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5555))
+        selector.makeConnection(down)
+        client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        client.initiate_connection()
+        selector.dataReceived(client.data_to_send())
+        client.receive_data(down.value())
+        self.assertEqual(client.remote_settings.max_concurrent_streams, 7)
+        self.assertEqual(
+            (selector.chosen.limits.max_resets, selector.chosen.limits.max_control_frames), (3, 9)
+        )
+        bad = config.replace("maxConcurrentStreams: 7", "maxConcurrentStreams: 0")
+        root = write_conf(self, {"api.yaml": simple_api(8000, 9000) + bad})
+        problems = [str(p) for p in load_config([root], {}).errors]
+        self.assertTrue(any("maxConcurrentStreams" in p and "api.yaml" in p for p in problems), problems)
+
+
 class GoAwayFilterTests(TestCase):
     """GOAWAY frames are split out of any byte stream, whatever the read boundaries."""
 
