@@ -271,7 +271,7 @@ class IngressProtocol(Protocol):
             parser.should_keep_alive(),
         )
         if isinstance(head, GatewayError):
-            raise _Refused(head)
+            head = self.invalid_head(head)
         if head.body != BODY_NONE and parser.should_upgrade():
             # llhttp would hand the body over as upgraded bytes, and the fresh parser would read
             # it as the next request (or a tunnel would carry it unchecked): a smuggling vector.
@@ -288,6 +288,10 @@ class IngressProtocol(Protocol):
             self.starting = exchange
         else:
             self.queue.append(exchange)
+
+    def invalid_head(self, error: GatewayError) -> RequestHead:
+        """A head analyze_head refused: refuse it (the forward-proxy front accepts CONNECT)."""
+        raise _Refused(error)
 
     def on_body(self, body: bytes) -> None:
         """A piece of the request body for the exchange being received."""
@@ -489,8 +493,11 @@ class IngressFactory(Factory):
         access_log: AccessLog | None,
         rng: random.Random | None = None,
         metrics: GatewayMetrics | None = None,
+        resolver: Any = None,
     ) -> None:
         self.reactor = reactor
+        # IHostnameResolver for forward-proxy destinations (None: the reactor's nameResolver).
+        self.resolver = resolver
         self.clock = clock
         self.listener = listener
         self.http = http
@@ -515,7 +522,11 @@ class IngressFactory(Factory):
             connection.timeouts = timeouts
 
     def buildProtocol(self, addr: object) -> IngressProtocol:
-        """A protocol for one accepted connection."""
+        """A protocol for one accepted connection (a forward-proxy one on a proxy listener)."""
+        if self.listener.forward_proxy is not None:
+            from flexgw.egress.front import ForwardProxyProtocol
+
+            return ForwardProxyProtocol(self)
         return IngressProtocol(self)
 
     def log_exchange(self, exchange: ProxyExchange) -> None:

@@ -60,8 +60,11 @@ class GatewayService(Service):
         log_level_fixed: bool = False,
         log_publisher: Any = None,
         listen_fds_start: int = LISTEN_FDS_START,
+        resolver: Any = None,
     ) -> None:
         self.reactor = reactor
+        # Forward-proxy name resolution (IHostnameResolver); None: the reactor's nameResolver.
+        self.resolver = resolver
         self.conf_dirs = list(conf_dirs)
         self.environ = environ
         self.access_log = access_log
@@ -273,6 +276,11 @@ class GatewayService(Service):
             for api in listener.apis
             for route in api.routes
             for destination in route.destinations
+        } | {
+            destination.upstream
+            for listener in plan.listeners
+            for api in listener.apis
+            for destination in api.proxy_services
         }
         self.pools.configure(plan.http, plan.timeouts, upstreams)
         wanted = {listener.address: listener for listener in plan.listeners}
@@ -302,6 +310,7 @@ class GatewayService(Service):
             self.active_access_log,
             self.rng,
             metrics=self.metrics,
+            resolver=self.resolver,
         )
         inherited = self.inherited.take(*listener.address) if self.inherited else None
         try:
