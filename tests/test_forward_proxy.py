@@ -595,3 +595,48 @@ class _Sink(protocol.Protocol):
     def connectionLost(self, reason: Any = None) -> None:
         """The tunnel closed after the last byte."""
         self.finished.callback(None)
+
+
+class ConfigTests(TestCase):
+    """The forward-proxy binding in the configuration pipeline."""
+
+    def test_bad_pattern_is_located(self) -> None:
+        """A malformed destination pattern is an error at its file:line:column and field; the
+        proxy is not served (fail closed)."""
+        from flexgw.config.pipeline import load_config
+        from tests.conftools import write_conf
+
+        root = write_conf(self, {"proxy.yaml": proxy_conf(3128, ["ok.test:443", "bad..test"])})
+        state = load_config([root], {})
+        [problem] = [p for p in state.problems if "bad..test" in p.message]
+        self.assertEqual(problem.severity, "error")
+        self.assertTrue(problem.file.endswith("proxy.yaml"))
+        self.assertEqual(problem.field, "spec.config.allowedDestinations[1]")
+        self.assertIsNotNone(problem.line)
+        self.assertEqual(state.plan.listeners, ())
+
+    def test_schema_errors_are_reported(self) -> None:
+        """A wrong type (connectPorts as a string) fails the policy's JSON Schema."""
+        from flexgw.config.pipeline import load_config
+        from tests.conftools import write_conf
+
+        root = write_conf(self, {"proxy.yaml": proxy_conf(3128, ["ok.test"], extra_config="    connectPorts: '443'\n")})
+        state = load_config([root], {})
+        self.assertTrue(any(p.severity == "error" and "connectPorts" in (p.field or "") for p in state.problems))
+        self.assertEqual(state.plan.listeners, ())
+
+    def test_proxy_owns_its_port(self) -> None:
+        """Another ApiInstance on the forward proxy's port is refused."""
+        from flexgw.config.pipeline import load_config
+        from tests.conftools import write_conf
+        from tests.harness import api_document
+
+        root = write_conf(
+            self,
+            {"proxy.yaml": proxy_conf(3128, ["ok.test"]), "api.yaml": api_document(3128, 9000, "zz-api")},
+        )
+        state = load_config([root], {})
+        (listener,) = state.plan.listeners
+        self.assertEqual([api.key for api in listener.apis], ["default/egress"])
+        self.assertIsNotNone(listener.forward_proxy)
+        self.assertTrue(any("overlaps" in p.message for p in state.problems))
