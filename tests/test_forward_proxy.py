@@ -192,6 +192,15 @@ class AbsoluteFormTests(ProxyTestCase):
         self.assertEqual(self.resolver.lookups, [])
         self.assertEqual(self.upstream.received, [])
 
+    async def test_reload_changes_the_allowlist(self) -> None:
+        """A reload with a new allowlist applies to the next request on the same listener."""
+        gateway = self.start_proxy(allowed=["other.test:80"])
+        url = f"http://{PARTNER}:{self.up_port}/r"
+        self.assertEqual((await self.get(url)).status, 403)
+        gateway.write({"proxy.yaml": proxy_conf(self.port, [f"{PARTNER}:{self.up_port}"])})
+        self.assertTrue(gateway.service.reload())
+        self.assertEqual((await self.get(url)).status, 200)
+
     async def test_origin_form_is_not_a_proxy_request(self) -> None:
         """An origin-form request to the proxy port is a 400, never routed anywhere."""
         self.start_proxy()

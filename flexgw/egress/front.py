@@ -144,8 +144,11 @@ class ForwardProxyProtocol(IngressProtocol):
                 exchange.from_downstream(rest)
             return
         if self.queue and self.queue[-1].head.method == b"CONNECT":
-            # Pipelined behind another request: the bytes after it cannot be told apart.
+            # Pipelined behind another request: the bytes after it cannot be told apart. The
+            # request before it is still answered (then the connection closes).
             self._refuse(errors.bad_request("A CONNECT request must not be pipelined"))
+            if self.starting is not None:
+                self._start()
             return
         self.parser = httptools.HttpRequestParser(self)
         if self.starting is not None:
