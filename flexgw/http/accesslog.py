@@ -346,5 +346,15 @@ class MessageLog(BufferedLog):
                 "section": section,
             }
             middle = self._middles[key] = _dumps(fields)[1:-1]
-        start = f'{{"time":"{self._timestamp(self.clock.seconds())}",{middle}'
-        self._lines.append(f'{start},"message":{_text(text)}}}\n'.encode("ascii"))
+        now = self.clock.seconds()
+        second = int(now)
+        if second != self._second:
+            self._timestamp(now)  # a new second: its text is made once
+        if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+            message = text  # the usual case: no escaping needed
+        else:
+            message = _dumps(text)[1:-1]
+        self._lines.append(
+            f'{{"time":"{self._second_text}.{int((now - second) * 1000):03d}Z",{middle},'
+            f'"message":"{message}"}}\n'.encode("ascii")
+        )

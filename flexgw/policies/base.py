@@ -11,12 +11,14 @@ In the response phase `on_response(ctx)` runs in reverse order and may change th
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
 from zope.interface import Attribute, Interface
 
 from flexgw.http.errors import REASONS
+from flexgw.policies.expressions import ExpressionContext
 
 if TYPE_CHECKING:
     from flexgw.http.request import RequestHead
@@ -188,7 +190,7 @@ class PolicyContext:
         self.scheme = scheme
         self.api = api
         self.vars: dict[str, Any] = {}
-        self._authentication: dict[str, Any] | None = None
+        self._authentication: Mapping[str, Any] | None = None
         self._request_headers: HeaderList | None = None
         self.response_status = 0
         self.response_headers: HeaderList | None = None
@@ -204,12 +206,12 @@ class PolicyContext:
         self.trusted_proxies: tuple[Any, ...] = ()
 
     @property
-    def authentication(self) -> dict[str, Any] | None:
+    def authentication(self) -> Mapping[str, Any] | None:
         """Who the request authenticated as (`principal`, `clientId`, `clientName`, `properties`)."""
         return self._authentication
 
     @authentication.setter
-    def authentication(self, value: dict[str, Any] | None) -> None:
+    def authentication(self, value: Mapping[str, Any] | None) -> None:
         """Set by an auth policy; later `#[authentication.*]` expressions see the new value."""
         self._authentication = value
         self._expression_context = None  # built with the old value: rebuild on next use
@@ -271,22 +273,23 @@ class PolicyContext:
 
     def expression_context(self) -> Any:
         """The `#[...]` evaluation context for this request (built on first use)."""
-        if self._expression_context is None:
-            from flexgw.policies.expressions import ExpressionContext
-
+        context = self._expression_context
+        if context is None:
             head = self.head
-            self._expression_context = ExpressionContext.from_request(
-                method=head.method,
-                target=head.target,
-                version=head.version,
+            # Positional arguments: this runs once per request for every chain with an
+            # expression, and keyword calls cost several times more.
+            context = self._expression_context = ExpressionContext(
+                head.method,
+                head.target,
+                head.version,
                 # The response phase sees the response's headers (Flex: `attributes.headers`
                 # is the response's there; expressions.ExpressionContext documents the same).
-                headers=head.headers if self.response_headers is None else self.response_headers,
-                scheme=self.scheme,
-                local="",
-                remote=self.client_ip,
-                status=self.response_status or None,
-                authentication=self.authentication,
-                vars=self.vars,
+                head.headers if self.response_headers is None else self.response_headers,
+                self.scheme,
+                "",
+                self.client_ip,
+                self.response_status or None,
+                self._authentication,
+                self.vars,
             )
-        return self._expression_context
+        return context

@@ -31,6 +31,8 @@ import binascii
 import hashlib
 import hmac
 from base64 import b64decode, b64encode
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import attrs
@@ -148,14 +150,23 @@ class BasicAuthPolicy:
         """The form used on a forward-proxy ApiInstance (Proxy-Authorization, 407)."""
         return ProxyBasicAuthPolicy(self)
 
+    #: Who a request that passes authenticated as: the same read-only record for every request.
+    authenticated_as: Mapping[str, Any] = attrs.field(init=False, repr=False)
+
+    @authenticated_as.default
+    def _record(self) -> Mapping[str, Any]:
+        return MappingProxyType(
+            {
+                "principal": self.username,
+                "clientId": None,
+                "clientName": None,
+                "properties": MappingProxyType({}),
+            }
+        )
+
     def _authenticated(self, ctx: PolicyContext) -> None:
         """Record who the request authenticated as."""
-        ctx.authentication = {
-            "principal": self.username,
-            "clientId": None,
-            "clientName": None,
-            "properties": {},
-        }
+        ctx.authentication = self.authenticated_as
 
     #: Its on_response does nothing: the chain does not call it (see IPolicy).
     response_phase = False

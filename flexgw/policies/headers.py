@@ -255,10 +255,29 @@ class HeaderInjectionPolicy:
     inbound: tuple[Injection, ...]
     outbound: tuple[Injection, ...]
     needs_body: bool = False
+    # The inbound list when every entry is a literal that is added (none overwrites): the same
+    # pairs for every request, appended in one step. None when some entry needs the request.
+    inbound_appended: tuple[tuple[bytes, bytes], ...] | None = attrs.field(init=False)
+
+    @inbound_appended.default
+    def _literal_appends(self) -> tuple[tuple[bytes, bytes], ...] | None:
+        pairs = []
+        for item in self.inbound:
+            name, value = item.name, item.value
+            if not isinstance(name, bytes) or not isinstance(value, bytes):
+                return None
+            if name.lower() in OVERWRITTEN:
+                return None
+            pairs.append((name, value))
+        return tuple(pairs)
 
     def on_request(self, ctx: PolicyContext) -> None:
         """Inject the inbound headers (evaluated first, then applied)."""
         if not self.inbound:
+            return
+        appended = self.inbound_appended
+        if appended is not None:
+            ctx.request_headers.extend(appended)
             return
         resolved = [item.resolve(ctx) for item in self.inbound]
         for name, value in resolved:

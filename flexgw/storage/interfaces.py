@@ -17,9 +17,13 @@ class RateLimit:
     period_ms: int
 
 
-@attrs.frozen
+@attrs.define(eq=True)
 class Quota:
-    """One limit's state for a key right after a hit (the request counted when allowed)."""
+    """One limit's state for a key right after a hit (the request counted when allowed).
+
+    Not frozen: one is made per request, and a frozen attrs class costs three times as much to
+    build. Treat it as a value all the same.
+    """
 
     limit: RateLimit
     remaining: int  # requests still allowed in the current window
@@ -31,9 +35,12 @@ class Quota:
         return self.remaining <= 0
 
 
-@attrs.frozen
+@attrs.define(eq=True)
 class HitResult:
-    """The outcome of one `hit`: allowed or not, and every limit's quota (in the order given)."""
+    """The outcome of one `hit`: allowed or not, and every limit's quota (in the order given).
+
+    Not frozen, for the same reason as Quota; treat it as a value.
+    """
 
     allowed: bool
     quotas: tuple[Quota, ...]
