@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from twisted.internet import defer, protocol, reactor, ssl, threads, utils
+from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, TestCase
 
 from flexgw.egress.front import CONNECT_ESTABLISHED
@@ -64,7 +65,7 @@ def self_signed(name: str) -> tuple[bytes, bytes]:
     """A self-signed certificate for `name` and its key, PEM."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -135,6 +136,20 @@ class ProxyTestCase(TestCase):
         return await self.send(
             b"GET " + url.encode() + b" HTTP/1.1\r\nHost: " + authority + b"\r\n" + extra + b"\r\n"
         )
+
+    def tls_upstream(self) -> tuple[RecordingUpstream, bytes]:
+        """A TLS server for api.partner.test on 127.0.0.1 (recording, answering 200)."""
+        cert, key = self_signed(PARTNER)
+        private = ssl.PrivateCertificate.loadPEM(cert + key)
+        options = ssl.CertificateOptions(
+            privateKey=private.privateKey.original,
+            certificate=private.original,
+            acceptableProtocols=[b"http/1.1"],  # curl offers ALPN; a server without it aborts
+        )
+        upstream = RecordingUpstream(fixed(200, body=b"secure\n"), reactor=reactor)
+        upstream.port = reactor.listenSSL(0, upstream, options, interface="127.0.0.1")
+        self.addCleanup(upstream.stop)
+        return upstream, cert
 
     async def open_connect(self, target: bytes, extra: bytes = b"") -> tuple[RawConnection, bytes]:
         """Send a CONNECT; return the connection (in tunnel mode) and the proxy's answer head."""
@@ -258,7 +273,7 @@ class SsrfTests(ProxyTestCase):
             response = await self.get(f"http://{host}:{self.up_port}/")
             self.assertEqual((host, response.status), (host, 403))
             self.assertEqual(response.header("x-flexgw-error"), [b"egress_denied"])
-            conn, answer = await self.open_connect(f"{host}:443".encode())
+            _conn, answer = await self.open_connect(f"{host}:443".encode())
             self.assertTrue(answer.startswith(b"HTTP/1.1 403 "), (host, answer))
         self.assertEqual(self.upstream.received, [])
         self.assertEqual(self.upstream.connections, [])
@@ -275,6 +290,53 @@ class SsrfTests(ProxyTestCase):
         self.assertEqual(response.status, 403)
 
 
+class OtherPoliciesTests(ProxyTestCase):
+    """The ApiInstance's other policies and the gateway's timeouts apply to proxied traffic."""
+
+    async def test_rate_limiting_applies(self) -> None:
+        """rate-limiting-flex on the proxy: the second request in the window is a 429, and
+        never reaches the destination."""
+        quota = (
+            "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: PolicyBinding\n"
+            "metadata: {name: quota}\nspec:\n  targetRef: {kind: ApiInstance, name: egress}\n"
+            "  policyRef: {name: rate-limiting-flex}\n  config:\n    rateLimits:\n"
+            "      - {maximumRequests: 1, timePeriodInMilliseconds: 600000}\n"
+        )
+        self.start_proxy(documents=quota)
+        url = f"http://{PARTNER}:{self.up_port}/q"
+        self.assertEqual((await self.get(url)).status, 200)
+        self.assertEqual((await self.get(url)).status, 429)
+        self.assertEqual(len(self.upstream.received), 1)
+
+    async def test_ip_blocklist_on_the_client(self) -> None:
+        """ip-blocklist-flex blocking the client's address: 403 before any destination work."""
+        blocklist = (
+            "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: PolicyBinding\n"
+            "metadata: {name: ips}\nspec:\n  targetRef: {kind: ApiInstance, name: egress}\n"
+            "  policyRef: {name: ip-blocklist-flex}\n  config:\n    ips: [127.0.0.1]\n"
+        )
+        self.start_proxy(documents=blocklist)
+        response = await self.get(f"http://{PARTNER}:{self.up_port}/")
+        self.assertEqual(response.status, 403)
+        self.assertEqual(self.resolver.lookups, [])
+        self.assertEqual(self.upstream.received, [])
+
+    async def test_idle_connect_tunnel_is_closed(self) -> None:
+        """A CONNECT tunnel with no byte either way for streamIdleSeconds is closed, both
+        sides, and logged as such."""
+        timeouts = (
+            "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: Configuration\n"
+            "metadata: {name: t}\nspec:\n  timeouts:\n    streamIdleSeconds: 0.3\n"
+        )
+        self.start_proxy(connect_ports=[self.up_port], documents=timeouts)
+        conn, answer = await self.open_connect(f"{PARTNER}:{self.up_port}".encode())
+        self.assertEqual(answer, CONNECT_ESTABLISHED)
+        await conn.wait_closed()
+        await self.upstream.wait_for_disconnections(1)
+        [record] = self.gateway.records()
+        self.assertEqual((record["status"], record["error"]), (200, "stream_idle_timeout"))
+
+
 class ProxyAuthTests(ProxyTestCase):
     """http-basic-authentication-flex on a forward proxy is proxy authentication."""
 
@@ -289,7 +351,7 @@ class ProxyAuthTests(ProxyTestCase):
             f"http://{PARTNER}:{self.up_port}/", b"Authorization: Basic " + base64.b64encode(b"app:s3cret") + b"\r\n"
         )
         self.assertEqual(response.status, 407)
-        conn, answer = await self.open_connect(b"x.test:443")
+        _conn, answer = await self.open_connect(b"x.test:443")
         self.assertTrue(answer.startswith(b"HTTP/1.1 407 "))
         token = b"Basic " + base64.b64encode(b"app:s3cret")
         response = await self.get(
@@ -305,20 +367,6 @@ class ProxyAuthTests(ProxyTestCase):
 
 class ConnectTests(ProxyTestCase):
     """CONNECT tunnels."""
-
-    def tls_upstream(self) -> tuple[RecordingUpstream, bytes]:
-        """A TLS server for api.partner.test on 127.0.0.1 (recording, answering 200)."""
-        cert, key = self_signed(PARTNER)
-        private = ssl.PrivateCertificate.loadPEM(cert + key)
-        options = ssl.CertificateOptions(
-            privateKey=private.privateKey.original,
-            certificate=private.original,
-            acceptableProtocols=[b"http/1.1"],  # curl offers ALPN; a server without it aborts
-        )
-        upstream = RecordingUpstream(fixed(200, body=b"secure\n"), reactor=reactor)
-        upstream.port = reactor.listenSSL(0, upstream, options, interface="127.0.0.1")
-        self.addCleanup(upstream.stop)
-        return upstream, cert
 
     async def test_connect_to_tls_server(self) -> None:
         """CONNECT, 200 Connection established, TLS through the tunnel (verified against the
@@ -379,7 +427,7 @@ class ConnectTests(ProxyTestCase):
         """CONNECT to a closed port: 503."""
         closed = free_port()
         self.start_proxy(allowed=[f"{PARTNER}:{closed}"], connect_ports=[closed])
-        conn, answer = await self.open_connect(f"{PARTNER}:{closed}".encode())
+        _conn, answer = await self.open_connect(f"{PARTNER}:{closed}".encode())
         self.assertTrue(answer.startswith(b"HTTP/1.1 503 "), answer)
 
     async def test_chaining_through_a_second_gateway(self) -> None:
@@ -454,14 +502,13 @@ class RealClientTests(ProxyTestCase):
     async def test_curl_proxytunnel_https(self) -> None:
         """curl -x --proxytunnel with an https:// URL: CONNECT, TLS verified end to end; and
         with proxy credentials against an authenticating proxy."""
-        tls, cert = ConnectTests.tls_upstream(self)  # type: ignore[arg-type]
+        tls, cert = self.tls_upstream()
         tls_port = tls.address[1]
         self.start_proxy(
             allowed=[f"{PARTNER}:{tls_port}"], connect_ports=[tls_port], documents=PROXY_AUTH
         )
         ca = self.mktemp()
-        with open(ca, "wb") as handle:
-            handle.write(cert)
+        FilePath(ca).setContent(cert)
         url = f"https://{PARTNER}:{tls_port}/curl-tls"
         proxy = f"http://127.0.0.1:{self.port}"
         out, err, code = await self.curl("--proxytunnel", "-x", proxy, "--cacert", ca, url)
@@ -487,11 +534,12 @@ class RealClientTests(ProxyTestCase):
             except urllib.error.HTTPError as exc:
                 return exc.code, exc.read()
 
-        status, body = await threads.deferToThread(fetch, f"http://{PARTNER}:{self.up_port}/py")
+        status, _ = await threads.deferToThread(fetch, f"http://{PARTNER}:{self.up_port}/py")
         self.assertEqual(status, 200)
         self.assertEqual([r.target for r in self.upstream.received], [b"/py"])
         status, body = await threads.deferToThread(fetch, "http://denied.test/")
         self.assertEqual(status, 403)
+        self.assertEqual(json.loads(body), {"error": "The destination is not allowed"})
 
 
 class _SourceFactory(protocol.Factory):

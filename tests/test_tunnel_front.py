@@ -115,7 +115,7 @@ class UpgradeInMemoryTests(FrontCase):
     def test_101_to_a_plain_request_is_502(self) -> None:
         """An upstream switching protocols uninvited: 502, never a tunnel."""
         self.front.dataReceived(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
-        conn, up = self.connect_upstream()
+        conn, _up = self.connect_upstream()
         conn.dataReceived(SWITCH + b"junk")
         self.assertTrue(self.down.value().startswith(b"HTTP/1.1 502 "))
         self.assertIsNone(self.front.tunnel)
@@ -128,7 +128,7 @@ class _PendingResolver:
     def __init__(self) -> None:
         self.receivers: list[Any] = []
 
-    def resolveHostName(self, receiver: Any, host: str, *args: Any, **kwargs: Any) -> Any:  # noqa: N802
+    def resolveHostName(self, receiver: Any, host: str, *args: Any, **kwargs: Any) -> Any:
         """Keep the receiver; answer nothing."""
         self.receivers.append(receiver)
         return receiver

@@ -122,7 +122,7 @@ class WebSocketTests(TestCase):
     async def test_tunnel_connection_is_never_pooled(self) -> None:
         """After a tunnel, a plain request to the same upstream opens a new connection."""
         self.start(responder=_EchoOrOk())
-        conn, response, _ = await self.handshake()
+        _conn, response, _ = await self.handshake()
         self.assertEqual(response.status, 101)
         plain = await connect(reactor, "127.0.0.1", self.port)
         self.addCleanup(plain.abort)

@@ -99,8 +99,7 @@ def normalise_host(host: str) -> str | IPAddress:
         mapped = address.ipv4_mapped
         return mapped if mapped is not None else address
     name = host.lower()
-    if name.endswith("."):
-        name = name[:-1]
+    name = name.removesuffix(".")
     if not name:
         raise BadHost("empty host")
     labels = name.split(".")

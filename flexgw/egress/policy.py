@@ -35,7 +35,13 @@ from flexgw.egress.destinations import (
     parse_allow_rule,
 )
 from flexgw.http.errors import EGRESS_DENIED, GatewayError
-from flexgw.policies.base import BuildContext, IPolicy, IPolicyKind, PolicyConfigError, PolicyContext
+from flexgw.policies.base import (
+    BuildContext,
+    IPolicy,
+    IPolicyKind,
+    PolicyConfigError,
+    PolicyContext,
+)
 from flexgw.policies.registry import register
 
 NAME = "forward-proxy"

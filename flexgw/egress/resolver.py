@@ -27,10 +27,10 @@ class _Receiver:
         self.addresses: list[IPAddress] = []
         self.done: Deferred[list[IPAddress]] = Deferred()
 
-    def resolutionBegan(self, resolution: Any) -> None:  # noqa: N802 (Twisted's name)
+    def resolutionBegan(self, resolution: Any) -> None:
         """Nothing to keep."""
 
-    def addressResolved(self, address: Any) -> None:  # noqa: N802 (Twisted's name)
+    def addressResolved(self, address: Any) -> None:
         """One address of the answer (IPv4Address / IPv6Address from twisted.internet.address)."""
         try:
             ip = ipaddress.ip_address(address.host.split("%", 1)[0])
@@ -39,7 +39,7 @@ class _Receiver:
         if ip not in self.addresses:
             self.addresses.append(ip)
 
-    def resolutionComplete(self) -> None:  # noqa: N802 (Twisted's name)
+    def resolutionComplete(self) -> None:
         """The answer is complete: fire (a failure when there is no address)."""
         if self.done.called:
             return

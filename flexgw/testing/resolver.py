@@ -20,13 +20,13 @@ class StaticResolver:
         self.lookups: list[str] = []
         self._turn: dict[str, int] = {}
 
-    def resolveHostName(  # noqa: N802 (Twisted's name)
+    def resolveHostName(
         self,
-        resolutionReceiver: IResolutionReceiver,  # noqa: N803
-        hostName: str,  # noqa: N803
-        portNumber: int = 0,  # noqa: N803
-        addressTypes: Any = None,  # noqa: N803
-        transportSemantics: str = "TCP",  # noqa: N803
+        resolutionReceiver: IResolutionReceiver,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Any = None,
+        transportSemantics: str = "TCP",
     ) -> IResolutionReceiver:
         """Report the configured addresses at once."""
         name = hostName.lower()
