@@ -170,7 +170,8 @@ class AbsoluteFormTests(ProxyTestCase):
         self.start_proxy()
         response = await self.get(
             f"http://{PARTNER}:{self.up_port}/v1/items?x=1",
-            b"Proxy-Connection: keep-alive\r\nAuthorization: Bearer t\r\n",
+            b"Proxy-Connection: keep-alive\r\nAuthorization: Bearer t\r\n"
+            b"X-Forwarded-For: 10.9.9.9\r\nForwarded: for=10.9.9.9\r\n",
         )
         self.assertEqual(response.status, 200)
         [seen] = self.upstream.received
@@ -178,6 +179,8 @@ class AbsoluteFormTests(ProxyTestCase):
         self.assertEqual(seen.header("host"), [f"{PARTNER}:{self.up_port}".encode()])
         self.assertEqual(seen.header("proxy-connection"), [])
         self.assertEqual(seen.header("authorization"), [b"Bearer t"])
+        for name in ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"):
+            self.assertEqual(seen.header(name), [], name)
         self.assertEqual(self.resolver.lookups, [PARTNER])
         [record] = self.gateway.records()
         self.assertEqual(record["upstream"], f"egress/{PARTNER}:{self.up_port}")

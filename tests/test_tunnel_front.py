@@ -96,6 +96,13 @@ class UpgradeInMemoryTests(FrontCase):
         self.reactor.advance(2)
         self.assertTrue(self.down.aborted and up.aborted)
 
+    def test_http10_upgrade_is_a_plain_request(self) -> None:
+        """Upgrade is HTTP/1.1's: an HTTP/1.0 request carrying it goes upstream without it."""
+        self.front.dataReceived(HANDSHAKE.replace(b"HTTP/1.1", b"HTTP/1.0"))
+        _, up = self.connect_upstream()
+        self.assertNotIn(b"Upgrade", up.value())
+        self.assertIsNone(self.front.tunnel)
+
     def test_too_many_early_bytes(self) -> None:
         """More than the early-bytes bound before the 101: 400 and the upstream is dropped."""
         self.front.dataReceived(HANDSHAKE)

@@ -238,6 +238,18 @@ class ForwardExchange(ProxyExchange):
             return
         self._connect()
 
+    def _upstream_head(self) -> bytes:
+        """The request head for the destination, without X-Forwarded-* or Forwarded: an egress
+        proxy does not tell outside APIs the internal addresses and names of its clients."""
+        head = super()._upstream_head()
+        lines = head.split(b"\r\n")
+        kept = [
+            line
+            for line in lines[1:]
+            if line[:12].lower() != b"x-forwarded-" and line[:10].lower() != b"forwarded:"
+        ]
+        return b"\r\n".join([lines[0], *kept])
+
     def from_downstream(self, data: bytes) -> None:
         """Client bytes after a CONNECT head, before the tunnel exists: kept for it."""
         if self.state == DONE:

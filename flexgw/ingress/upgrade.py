@@ -35,7 +35,9 @@ TUNNEL = 7  # exchange state: the connections are a tunnel (compared by identity
 
 def upgrade_protocol(head: RequestHead) -> bytes | None:
     """The `Upgrade` value to forward, or None when the request must not be tunnelled
-    (no Upgrade header, several, or h2c among the offered protocols)."""
+    (not HTTP/1.1, no Upgrade header, several, or h2c among the offered protocols)."""
+    if head.version != b"1.1":
+        return None  # Upgrade is an HTTP/1.1 mechanism (RFC 9110 §7.8)
     found = None
     for name, value in head.headers:
         if len(name) == 7 and name.lower() == b"upgrade":
