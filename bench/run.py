@@ -1,6 +1,6 @@
 """Load benchmark: upstream direct vs through flexgw vs through nginx as a proxy, measured with wrk.
 
-Usage: python bench/run.py [--duration 10] [--json out.json] [--gateway-cmd TEMPLATE] [--policies]
+Usage: python bench/run.py [--duration 10] [--json out.json] [--gateway-cmd TEMPLATE] [--policies] [--tls]
 See bench/README.md.
 """
 
@@ -119,6 +119,25 @@ POLICY_CHAIN: tuple[tuple[str, str], ...] = (
 )
 
 
+def tls_conf(tmp: Path) -> tuple[str, Path]:
+    """For --tls: a certificate for 127.0.0.1 (made with flexgw.testing.certs) and the extra
+    documents that turn the `bench` API's port into a TLS port; returns (yaml, CA path)."""
+    sys.path.insert(0, str(REPO))
+    from flexgw.testing.certs import CertificateAuthority
+
+    ca = CertificateAuthority("flexgw bench CA")
+    crt, key = ca.issue(HOST, dns=["localhost"], ips=[HOST]).write(str(tmp / "tls"), "server")
+    ca_path = Path(ca.write(str(tmp / "tls")))
+    docs = (
+        "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: PolicyBinding\n"
+        "metadata:\n  name: bench-tls\n"
+        "spec:\n  targetRef:\n    kind: ApiInstance\n    name: bench\n"
+        f"  policyRef:\n    name: tls\n  config:\n    certificate:\n"
+        f"      crt: file://{crt}\n      key: file://{key}\n"
+    )
+    return docs, ca_path
+
+
 def policy_bindings(available: set[str]) -> tuple[str, list[str], list[str]]:
     """PolicyBinding documents for the --policies chain: (yaml, kinds used, kinds missing)."""
     docs, used, missing = [], [], []
@@ -228,9 +247,17 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], procs: Processes, name: 
     raise BenchError(f"{name} did not listen on {HOST}:{port} within {timeout}s:\n{procs.log_tail(name)}")
 
 
-def sanity_get(port: int, expect_body: bytes | None = b"hello\n", headers: dict[str, str] | None = None) -> None:
-    """One GET through ``port`` must answer 200 (and ``hello``) before it is measured."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+def sanity_get(port: int, expect_body: bytes | None = b"hello\n", headers: dict[str, str] | None = None,
+               ca: Path | None = None) -> None:
+    """One GET through ``port`` (over TLS, verified against ``ca``, when given) must answer 200
+    (and ``hello``) before it is measured."""
+    if ca is not None:
+        import ssl
+
+        context = ssl.create_default_context(cafile=str(ca))
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(HOST, port, timeout=10, context=context)
+    else:
+        conn = http.client.HTTPConnection(HOST, port, timeout=10)
     try:
         conn.request("GET", "/", headers={"Host": f"{HOST}:{port}", **(headers or {})})
         resp = conn.getresponse()
@@ -274,9 +301,9 @@ def parse_wrk(output: str) -> dict[str, Any]:
 
 
 def run_wrk(port: int, connections: int, duration: float, cpu: int | None, use_taskset: bool,
-            headers: dict[str, str] | None = None) -> dict[str, Any]:
+            headers: dict[str, str] | None = None, scheme: str = "http") -> dict[str, Any]:
     """Run wrk (1 thread) against ``port`` (with extra request ``headers``) and parse it."""
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", f"http://{HOST}:{port}/"]
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--latency", f"{scheme}://{HOST}:{port}/"]
     for name, value in (headers or {}).items():
         argv[1:1] = ["-H", f"{name}: {value}"]
     if cpu is not None and use_taskset:
@@ -425,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policies", action="store_true",
                         help="also measure flexgw with a 4-policy chain (basic auth, rate limit, header "
                         "injection, message logging; the kinds that exist) as a ratio of plain flexgw")
+    parser.add_argument("--tls", action="store_true",
+                        help="also measure flexgw terminating TLS (a `tls` binding, wrk over https, "
+                        "keep-alive connections) as a ratio of plain-HTTP flexgw in the same run")
     args = parser.parse_args(argv)
 
     if not shutil.which("wrk"):
@@ -484,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
 
             targets: list[tuple[str, int]] = [("direct", upstream_port)]
             target_headers: dict[str, dict[str, str]] = {}
+            target_scheme: dict[str, str] = {}
 
             if not args.no_gateway:
                 gw_port, cmd = start_gateway(
@@ -510,6 +541,17 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"  --policies: kinds not available, skipped: {', '.join(missing)}",
                               file=sys.stderr)
 
+                if args.tls:
+                    # the same gateway config on a TLS port (plain HTTP to the upstream)
+                    docs, ca_path = tls_conf(tmp)
+                    tls_port, tls_cmd = start_gateway(
+                        args, procs, tmp, "gateway-tls", "conf-tls", docs, upstream_port, gw_cpu, env
+                    )
+                    info["gateway_tls_cmd"] = tls_cmd
+                    sanity_get(tls_port, ca=ca_path)
+                    targets.append(("flexgw-tls", tls_port))
+                    target_scheme["flexgw-tls"] = "https"
+
             if have_nginx and not args.no_nginx_proxy:
                 proxy_port = free_port()
                 conf = write_nginx(tmp, "proxy-nginx", NGINX_PROXY_CONF, port=proxy_port, upstream_port=upstream_port)
@@ -520,10 +562,13 @@ def main(argv: list[str] | None = None) -> int:
 
             for name, port in targets:
                 extra = target_headers.get(name)
+                scheme = target_scheme.get(name, "http")
                 if args.warmup > 0:
-                    run_wrk(port, args.connections, args.warmup, load_cpu, use_taskset, extra)
-                many = [run_wrk(port, args.connections, args.duration, load_cpu, use_taskset, extra) for _ in range(args.repeat)]
-                one = [run_wrk(port, 1, args.duration, load_cpu, use_taskset, extra) for _ in range(args.repeat)]
+                    run_wrk(port, args.connections, args.warmup, load_cpu, use_taskset, extra, scheme)
+                many = [run_wrk(port, args.connections, args.duration, load_cpu, use_taskset, extra, scheme)
+                        for _ in range(args.repeat)]
+                one = [run_wrk(port, 1, args.duration, load_cpu, use_taskset, extra, scheme)
+                       for _ in range(args.repeat)]
                 results[name] = {"c50": median_result(many), "c1": median_result(one)}
                 print(
                     f"  {name}: {results[name]['c50']['rps']:.0f} req/s, "
@@ -560,6 +605,8 @@ def summarise(results: dict[str, dict[str, Any]], connections: int) -> dict[str,
     for name in ("flexgw", "nginx-proxy"):
         if direct and name in results and "p50_ms" in results[name]["c1"] and "p50_ms" in direct["c1"]:
             summary[f"{name}_added_p50_ms"] = results[name]["c1"]["p50_ms"] - direct["c1"]["p50_ms"]
+    if "flexgw" in results and "flexgw-tls" in results:
+        summary["rps_ratio_tls_over_flexgw"] = results["flexgw-tls"]["c50"]["rps"] / results["flexgw"]["c50"]["rps"]
     if "flexgw" in results and "flexgw+pol" in results:
         summary["rps_ratio_policies_over_flexgw"] = results["flexgw+pol"]["c50"]["rps"] / results["flexgw"]["c50"]["rps"]
     if "flexgw" in results and "nginx-proxy" in results:
@@ -611,6 +658,9 @@ def print_table(results: dict[str, dict[str, Any]], summary: dict[str, Any], inf
               f"{ratio:.3f}  (target >= 0.7)")
         if info.get("policies_missing"):
             print("NOTE: policy kinds not available, left out: " + ", ".join(info["policies_missing"]))
+    if "rps_ratio_tls_over_flexgw" in summary:
+        ratio = summary["rps_ratio_tls_over_flexgw"]
+        print(f"flexgw over TLS / flexgw plain HTTP req/s at {connections} connections: {ratio:.3f}")
     busy = info.get("cpu_busy_before_pct") or {}
     if any(v > 15 for v in busy.values()):
         print("NOTE: CPUs were busy before the run: "

@@ -50,6 +50,15 @@ class Options(usage.Options):
             "Seconds requests in flight get on SIGTERM (a second SIGTERM cuts them).",
         ],
         [
+            "workers",
+            None,
+            "1",
+            (
+                "Worker processes serving the same listeners ('auto': one per CPU). Above 1, a"
+                " supervisor process starts and watches them and holds the admin listener."
+            ),
+        ],
+        [
             "message-log",
             None,
             "-",
@@ -102,6 +111,12 @@ class Options(usage.Options):
             raise usage.UsageError("--drain-seconds must be a number of seconds") from None
         if not 0 <= self["drain-seconds"] < float("inf"):
             raise usage.UsageError("--drain-seconds must be 0 or more")
+        from flexgw.service.workers import worker_count
+
+        try:
+            self["workers"] = worker_count(str(self["workers"]))
+        except ValueError:
+            raise usage.UsageError("--workers must be a number from 1 to 1024, or 'auto'") from None
         if self["log-level"] is not None and self["log-level"] not in _LEVELS:
             raise usage.UsageError("--log-level must be one of " + ", ".join(_LEVELS))
 
@@ -120,13 +135,123 @@ def _install_log_level(
     return predicate
 
 
+def worker_command(options: Options) -> list[str]:
+    """The argv of a `--workers` worker: twistd flexgw with the same gateway options, one
+    process, no admin listener (the supervisor has it)."""
+    argv = [
+        sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+        "--nodaemon", "--pidfile=", "--logfile=-", "flexgw",
+    ]
+    for path in options["conf"]:
+        argv += ["--conf", os.path.abspath(path)]
+    for name in options["policy-modules"]:
+        argv += ["--policy-module", name]
+    argv += [
+        "--access-log", options["access-log"],
+        "--message-log", options["message-log"],
+        "--drain-seconds", repr(options["drain-seconds"]),
+        "--admin", "off",
+        "--workers", "1",
+    ]
+    if options["log-level"] is not None:
+        argv += ["--log-level", options["log-level"]]
+    if options["strict"]:
+        argv.append("--strict")
+    return argv
+
+
 def makeService(options: Options) -> MultiService:
     """Build the gateway service tree from the options."""
+    from flexgw.service.worker import WORKER_ENV
+
+    if options["workers"] > 1 and WORKER_ENV not in os.environ:
+        return _make_supervisor(options)
+    return _make_gateway(options)
+
+
+def _make_supervisor(options: Options) -> MultiService:
+    """`--workers N`: the supervisor, its admin listener and config watcher; no gateway here."""
+    from twisted.internet import reactor
+
+    from flexgw.config.watch import ConfigWatcher, debounce_from_env
+    from flexgw.service.activation import listen_environ
+    from flexgw.service.workers import SupervisorService, supervisor_admin_site
+
+    top = MultiService()
+    log_filter = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[options["log-level"] or "info"])
+    _LogLevelService(log_filter).setServiceParent(top)
+    inherited = 0
+    names = None
+    listen = listen_environ(os.environ)  # systemd's sockets, passed on to every worker
+    if listen.get("LISTEN_PID") == str(os.getpid()):
+        try:
+            inherited = max(int(listen.get("LISTEN_FDS", "0")), 0)
+        except ValueError:
+            inherited = 0
+        names = listen.get("LISTEN_FDNAMES")
+    supervisor = SupervisorService(
+        reactor,
+        options["workers"],
+        lambda index: worker_command(options),
+        os.environ,
+        drain_seconds=options["drain-seconds"],
+        inherited_fds=inherited,
+        inherited_names=names,
+    )
+    if options["admin"] != "off":  # before the supervisor: stopped after it (see _AdminService)
+        _AdminService(
+            reactor, options["admin"], supervisor_admin_site(supervisor), supervisor.wait_stopped
+        ).setServiceParent(top)
+    supervisor.setServiceParent(top)
+    watcher = ConfigWatcher(
+        reactor, options["conf"], supervisor.reload, debounce_from_env(os.environ)
+    )
+    _WatcherService(watcher).setServiceParent(top)
+    _install_signals(reactor, supervisor.reload, supervisor.reopen_logs, supervisor.drain_now)
+    return top
+
+
+def _install_signals(
+    reactor: Any, reload: Any, reopen_logs: Any, drain_now: Any
+) -> None:
+    """SIGHUP reloads, SIGUSR1 reopens the logs, a second SIGTERM/SIGINT cuts the drain."""
+
+    def _on_hup(signum: int, frame: Any) -> None:
+        reactor.callFromThread(reload)
+
+    signal.signal(signal.SIGHUP, _on_hup)
+
+    def _on_usr1(signum: int, frame: Any) -> None:
+        reactor.callFromThread(reopen_logs)
+
+    signal.signal(signal.SIGUSR1, _on_usr1)  # logrotate: reopen log files
+
+    def _on_second_stop(signum: int, frame: Any) -> None:
+        reactor.callFromThread(drain_now)
+
+    def _arm_second_stop() -> None:
+        # The reactor is stopping (first SIGTERM/SIGINT) and the gateway drains; a second
+        # signal cuts what is left, and shutdown then completes as usual (logs flushed).
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _on_second_stop)
+
+    reactor.addSystemEventTrigger("before", "shutdown", _arm_second_stop)
+
+
+def _make_gateway(options: Options) -> MultiService:
+    """One gateway process: alone (--workers 1), or a worker of a supervisor."""
     from twisted.internet import reactor
 
     from flexgw.config.watch import ConfigWatcher, debounce_from_env
     from flexgw.http.accesslog import AccessLog, MessageLog
     from flexgw.service.gateway import GatewayService
+    from flexgw.service.worker import (
+        SUPERVISOR_FD_ENV,
+        WORKER_ENV,
+        SupervisedNotifier,
+        WorkerProtocol,
+        connect_to_supervisor,
+    )
 
     log_filter = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[options["log-level"] or "info"])
     access_log = None
@@ -137,10 +262,20 @@ def makeService(options: Options) -> MultiService:
         message_log = MessageLog.open(reactor, options["message-log"])
     top = MultiService()
     _LogLevelService(log_filter).setServiceParent(top)  # first: before the gateway logs
+    environ: Any = os.environ
+    worker: Any = None
+    if WORKER_ENV in os.environ:  # started by a --workers supervisor
+        environ = dict(os.environ)
+        if "LISTEN_FDS" in environ:  # systemd's sockets, passed on by the supervisor
+            environ["LISTEN_PID"] = str(os.getpid())
+        worker = WorkerProtocol(
+            int(environ[WORKER_ENV]), on_lost=_stop_reactor(reactor), on_stop=_stop_reactor(reactor)
+        )
+        connect_to_supervisor(reactor, int(environ[SUPERVISOR_FD_ENV]), worker)
     gateway = GatewayService(
         reactor,
         options["conf"],
-        os.environ,
+        environ,
         access_log=access_log,
         message_log=message_log,
         strict=options["strict"],
@@ -148,44 +283,43 @@ def makeService(options: Options) -> MultiService:
         log_filter=log_filter,
         log_level_fixed=options["log-level"] is not None,
         log_publisher=globalLogPublisher,
+        notifier=SupervisedNotifier(worker, worker.index) if worker is not None else None,
+        reuse_port=worker is not None,
+        supervisor=worker,
     )
-    gateway.setServiceParent(top)
-    if options["admin"] != "off":
-        from twisted.application.internet import StreamServerEndpointService
-        from twisted.internet.endpoints import serverFromString
-
+    if options["admin"] != "off":  # before the gateway: stopped after it (see _AdminService)
         from flexgw.service.admin import admin_site
 
-        admin = StreamServerEndpointService(
-            serverFromString(reactor, options["admin"]), admin_site(gateway)
+        _AdminService(
+            reactor, options["admin"], admin_site(gateway), gateway.wait_stopped
+        ).setServiceParent(top)
+    gateway.setServiceParent(top)
+    if worker is not None:
+        worker.gateway = gateway
+    if worker is None:  # a worker's reloads come from the supervisor, which watches
+        watcher = ConfigWatcher(
+            reactor,
+            options["conf"],
+            gateway.reload,
+            debounce_from_env(os.environ),
+            extra_files=lambda: gateway.plan.tls_files,  # certificates, keys, CAs read by the plan
         )
-        admin.setServiceParent(top)
-    watcher = ConfigWatcher(
-        reactor, options["conf"], gateway.reload, debounce_from_env(os.environ)
-    )
-    _WatcherService(watcher).setServiceParent(top)
-
-    def _on_hup(signum: int, frame: Any) -> None:
-        reactor.callFromThread(gateway.reload)
-
-    signal.signal(signal.SIGHUP, _on_hup)
-
-    def _on_usr1(signum: int, frame: Any) -> None:
-        reactor.callFromThread(gateway.reopen_logs)
-
-    signal.signal(signal.SIGUSR1, _on_usr1)  # logrotate: reopen log files
-
-    def _on_second_stop(signum: int, frame: Any) -> None:
-        reactor.callFromThread(gateway.drain_now)
-
-    def _arm_second_stop() -> None:
-        # The reactor is stopping (first SIGTERM/SIGINT) and the gateway drains; a second
-        # signal cuts what is left, and shutdown then completes as usual (logs flushed).
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, _on_second_stop)
-
-    reactor.addSystemEventTrigger("before", "shutdown", _arm_second_stop)
+        _WatcherService(watcher).setServiceParent(top)
+    _install_signals(reactor, gateway.reload, gateway.reopen_logs, gateway.drain_now)
     return top
+
+
+def _stop_reactor(reactor: Any) -> Any:
+    """A callable stopping `reactor` (a drain) unless it is already stopping."""
+
+    def stop() -> None:
+        if reactor.running and not getattr(reactor, "_stopped", False):
+            try:
+                reactor.stop()
+            except Exception:  # noqa: BLE001 (ReactorNotRunning: already stopping)
+                pass
+
+    return stop
 
 
 class _LogLevelService(Service):
@@ -199,6 +333,35 @@ class _LogLevelService(Service):
         """Wrap the observers in the filter."""
         super().startService()
         _install_log_level(None, globalLogPublisher, self.predicate)
+
+
+class _AdminService(Service):
+    """The admin listener; on stop it stays open until `wait_stopped()` fires (the drain is
+    over), so /probes/readiness answers 503 while draining instead of refusing connections.
+    MultiService stops its children in reverse order: added before the gateway, this one is
+    asked to stop after it, when the drain has begun."""
+
+    def __init__(self, reactor: Any, description: str, site: Any, wait_stopped: Any) -> None:
+        from twisted.application.internet import StreamServerEndpointService
+        from twisted.internet.endpoints import serverFromString
+
+        self.inner = StreamServerEndpointService(serverFromString(reactor, description), site)
+        self.wait_stopped = wait_stopped
+
+    def privilegedStartService(self) -> None:
+        """Bind (before twistd drops privileges, as StreamServerEndpointService does)."""
+        super().privilegedStartService()
+        self.inner.privilegedStartService()
+
+    def startService(self) -> None:
+        """Listen."""
+        super().startService()
+        self.inner.startService()
+
+    def stopService(self) -> Any:
+        """Close the listener once the drain is over."""
+        super().stopService()
+        return self.wait_stopped().addBoth(lambda _: self.inner.stopService())
 
 
 class _WatcherService(MultiService):

@@ -72,13 +72,20 @@ class JsonServer(Resource):
     @property
     def url(self) -> str:
         """This server's base URL."""
-        return f"http://127.0.0.1:{self.port.getHost().port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port.getHost().port}"
 
-    def listen(self, reactor: Any) -> None:
-        """Listen on an ephemeral loopback port."""
+    tls = False
+
+    def listen(self, reactor: Any, tls: Any = None) -> None:
+        """Listen on an ephemeral loopback port (over TLS with `tls`, a context factory)."""
         site = Site(self)
         site.displayTracebacks = False
-        self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        if tls is not None:
+            self.tls = True
+            self.port = reactor.listenSSL(0, site, tls, interface="127.0.0.1")
+        else:
+            self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
 
     def stop(self) -> Deferred[None]:
         """Stop listening."""

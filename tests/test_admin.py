@@ -14,6 +14,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.python.usage import UsageError
@@ -152,6 +153,34 @@ class ProbeTests(AdminTestCase):
             (await self.fetch(probe, "/probes/readiness?allowEnvoyErrors=")).status, 200
         )
 
+    async def test_readiness_503_while_draining(self) -> None:
+        """During a drain the probe listener stays and readiness answers 503 ("draining"); it
+        closes once the drain is over."""
+        from tests.test_ingress_upstream import Held
+
+        held = Held()
+        slow = RecordingUpstream(held.responder, reactor=reactor)
+        slow.listen(reactor)
+        self.addCleanup(slow.stop)
+        port, probe = free_port(), free_port()
+        gateway = self.gateway(api_document(port, slow.address[1]), probe_config(probe))
+        self.assertEqual((await self.fetch(probe, "/probes/readiness")).status, 200)
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(conn.abort)
+        conn.send(b"GET /slow HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+        await held.wait(1)
+        stopped = gateway.service.stopService()
+        draining = await self.fetch(probe, "/probes/readiness")
+        self.assertEqual(draining.status, 503)
+        self.assertIn("the gateway is draining", json.loads(draining.body)["reasons"])
+        self.assertEqual((await self.fetch(probe, "/probes/liveness")).status, 200)
+        held.answer_all(b"late")
+        response = await conn.read_final_response()
+        self.assertEqual((response.status, response.body), (200, b"late"))
+        await stopped
+        with self.assertRaises(ConnectionRefusedError):
+            await client.connect(reactor, "127.0.0.1", probe, timeout=5)
+
     async def test_disabled_probe_binds_nothing(self) -> None:
         """`enabled: false` (and no probe block at all) binds no probe listener."""
         gateway = self.gateway(self.api(free_port()), probe_config(free_port(), "false"))
@@ -251,6 +280,12 @@ class MetricsTests(AdminTestCase):
         self.assertEqual(value("flexgw_request_duration_seconds_count", **base), 3)
         self.assertEqual(value("flexgw_request_duration_seconds_bucket", le="+Inf", **base), 3)
         self.assertEqual(value("flexgw_upstream_response_seconds_count", **base), 2)
+        # every request has gateway-added time, also the 429 the gateway answered itself
+        self.assertEqual(value("flexgw_gateway_added_seconds_count", **base), 3)
+        self.assertLessEqual(
+            value("flexgw_gateway_added_seconds_sum", **base),
+            value("flexgw_request_duration_seconds_sum", **base),
+        )
         upstream = {"upstream": "default/rl-api-b",
                     "address": f"http://127.0.0.1:{self.upstream.address[1]}"}
         self.assertEqual(value("flexgw_upstream_connections_active", **upstream), 0)
@@ -263,7 +298,8 @@ class MetricsTests(AdminTestCase):
         self.assertEqual(value("flexgw_apis_served", listener=f"127.0.0.1:{port}"), 1)
 
     def test_buckets_in_memory(self) -> None:
-        """One exchange lands in the bucket of its duration and of its upstream time."""
+        """One exchange lands in the bucket of its duration, of its upstream time, and of the
+        time the gateway added (the difference)."""
         clock = Clock()
         metrics = GatewayMetrics(clock, buckets=(0.1, 1.0))
 
@@ -278,7 +314,10 @@ class MetricsTests(AdminTestCase):
         clock.advance(0.5)
         metrics.exchange(Exchange())  # type: ignore[arg-type]
         self.assertEqual(metrics.requests, {(None, None, 502, "upstream_reset"): 1})
-        self.assertEqual(metrics.latency[(None, None)], [0, 1, 0, 0.5, 1, 0, 0, 0.05])
+        # total 0.5 s, upstream 0.05 s, gateway-added 0.45 s: one bucket and one sum each
+        self.assertEqual(
+            metrics.latency[(None, None)], [0, 1, 0, 0.5, 1, 0, 0, 0.05, 0, 1, 0, 0.45]
+        )
 
 
 class StatusTests(AdminTestCase):

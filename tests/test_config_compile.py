@@ -230,10 +230,10 @@ class ListenerTests(TestCase):
         self.assertEqual(served(state), ["default/a"])
 
     def test_https_not_served(self) -> None:
-        """https ApiInstances need the tls policy: an error, and the API is not served."""
+        """https ApiInstances need a tls binding (the certificate): an error, and not served."""
         state = load_config([write_conf(self, {"a.yaml": api("a", "https://0.0.0.0:8443")})], {})
         (error,) = errors(state)
-        self.assertIn("TLS listeners need the tls policy (not yet supported)", error)
+        self.assertIn("an https:// address needs a tls binding", error)
         self.assertEqual(state.plan.listeners, ())
 
     def test_ipv6_listener(self) -> None:
@@ -327,7 +327,7 @@ spec:
 metadata: {{name: tls}}
 spec:
   targetRef: {{kind: Service, name: s}}
-  policyRef: {{name: tls-outbound}}
+  policyRef: {{name: acme-unknown-outbound-flex}}
   config: {{skipValidation: true}}
 """,
             ]

@@ -24,6 +24,7 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, TestCase
 
 from flexgw.egress.front import CONNECT_ESTABLISHED
+from flexgw.testing.certs import CertificateAuthority, server_options
 from flexgw.testing.client import RawConnection, connect
 from flexgw.testing.resolver import StaticResolver
 from flexgw.testing.upstream import RecordingUpstream, echo, fixed
@@ -259,6 +260,31 @@ class AbsoluteFormTests(ProxyTestCase):
         [record] = self.gateway.records()
         self.assertEqual(record["upstream"], "default/partner")
         self.assertEqual([r.target for r in self.upstream.received], [b"/svc"])
+
+
+    async def test_https_service_is_tls_originated(self) -> None:
+        """A plain-HTTP request for an `https://` Service's address is sent to it over TLS,
+        verified with the Service's tls-outbound trustedCA (the application speaks plain HTTP)."""
+        directory = os.path.abspath(self.mktemp())
+        authority = CertificateAuthority("partner CA")
+        ca_path = authority.write(directory, "ca")
+        tls = RecordingUpstream(echo(), reactor=reactor)
+        tls.listen(reactor, tls=server_options(authority.issue("partner", ips=["127.0.0.1"])))
+        self.addCleanup(tls.stop)
+        tls_port = tls.address[1]
+        service = (
+            "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: Service\n"
+            f"metadata: {{name: partner}}\nspec:\n  address: https://127.0.0.1:{tls_port}\n"
+            "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: PolicyBinding\n"
+            "metadata: {name: partner-tls}\nspec:\n  targetRef: {kind: Service, name: partner}\n"
+            f"  policyRef: {{name: tls-outbound}}\n  config:\n    trustedCA: \"file://{ca_path}\"\n"
+        )
+        self.start_proxy(allowed=[f"127.0.0.1:{tls_port}"], exceptions=None, documents=service)
+        response = await self.get(f"http://127.0.0.1:{tls_port}/over-tls")
+        self.assertEqual(response.status, 200)
+        self.assertEqual([r.target for r in tls.received], [b"/over-tls"])
+        [record] = self.gateway.records()
+        self.assertEqual(record["upstream"], "default/partner")
 
 
 class SsrfTests(ProxyTestCase):

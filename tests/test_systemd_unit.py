@@ -54,6 +54,18 @@ class UnitTests(TestCase):
             drain = float(words[words.index("--drain-seconds") + 1])
         self.assertGreater(float(unit["TimeoutStopSec"]), drain + 5)
 
+    def test_workers_supervisor_alone_gets_sigterm(self) -> None:
+        """--workers auto under KillMode=mixed (SIGTERM to the supervisor only, which drains its
+        workers), and TimeoutStopSec above the supervisor's own kill deadline."""
+        from flexgw.service.workers import KILL_GRACE
+
+        unit = settings()
+        words = unit["ExecStart"].split()
+        self.assertEqual(words[words.index("--workers") + 1], "auto")
+        self.assertEqual(unit["KillMode"], "mixed")
+        drain = float(words[words.index("--drain-seconds") + 1])
+        self.assertGreater(float(unit["TimeoutStopSec"]), drain + KILL_GRACE)
+
     def test_systemd_analyze_verify(self) -> None:
         """`systemd-analyze verify` finds nothing wrong (twistd stubbed: it is not installed here)."""
         analyze = shutil.which("systemd-analyze")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 from typing import Any
 
 from twisted.internet import reactor
@@ -194,3 +195,46 @@ class _EchoOrOk(ws.WebSocketEchoResponder):
             super().respond(ex)
         else:
             ex.respond(200, [(b"Content-Length", b"0")])
+
+
+class SecureWebSocketTests(TestCase):
+    """wss: the tunnel on a TLS listener (the client's side of the tunnel is TLS-wrapped)."""
+
+    timeout = 20
+
+    async def test_echo_over_tls(self) -> None:
+        """Handshake and frames both ways through an https listener, then a clean close."""
+        from flexgw.testing.certs import CertificateAuthority, client_options
+        from tests.harness import Gateway
+        from tests.test_tls_ingress import api, tls_binding
+
+        directory = os.path.abspath(self.mktemp())
+        authority = CertificateAuthority("ws CA")
+        crt, key = authority.issue("api.test", dns=["api.test"]).write(directory, "server")
+        responder = ws.echo()
+        upstream = RecordingUpstream(responder, reactor=reactor)
+        upstream.listen(reactor)
+        self.addCleanup(upstream.stop)
+        port = free_port()
+        gateway = Gateway(
+            self,
+            {"api.yaml": api("secure", port, upstream.address[1]) + "---\n"
+             + tls_binding("secure-tls", "secure", crt, key)},
+        )
+        gateway.start()
+        conn = await connect(reactor, "127.0.0.1", port, tls=client_options("api.test", authority))
+        self.addCleanup(conn.abort)
+        request, key_sent = ws.handshake_request(host=b"api.test")
+        conn.send(request)
+        response = await conn.read_final_response()
+        self.assertEqual(response.status, 101)
+        self.assertEqual(response.header("sec-websocket-accept"), [ws.accept_key(key_sent)])
+        payload = b"x" * 200_000  # more than one TLS record and socket buffer
+        conn.send(ws.encode_frame(ws.BINARY, payload, mask=True))
+        echoed = await conn.wait_tunnel_bytes(10 + len(payload))
+        self.assertEqual(ws.decode_frames(bytearray(echoed)), [(ws.BINARY, payload)])
+        conn.send(ws.encode_frame(ws.CLOSE, b"\x03\xe8", mask=True))
+        await conn.wait_closed()
+        await upstream.wait_for_disconnections(1)
+        [record] = [r for r in gateway.records() if r["status"] == 101]
+        self.assertEqual(record["bytes_out"], 10 + len(payload) + 4)

@@ -20,8 +20,11 @@ from flexgw.config.plan import (
 )
 from flexgw.config.regex import RegexError, compile_rule_regex
 from flexgw.config.resolve import ApiSpec, PolicySpec, ResolvedModel, RouteSpec, RuleSpec
+from flexgw.ingress import alpn
 from flexgw.policies.base import BuildContext, PolicyConfigError
 from flexgw.policies.registry import lookup as lookup_policy
+from flexgw.tls.contexts import build_client_tls, build_server_tls
+from flexgw.tls.settings import TLSSettings
 
 FORWARD_PROXY = "forward-proxy"  # flexgw.egress.policy.NAME (not imported: compile stays light)
 
@@ -35,6 +38,9 @@ class Compiled:
     listeners: tuple[Listener, ...]
     problems: tuple[Problem, ...]
     served: frozenset[str]  # keys of the ApiInstances being served
+    tls_files: tuple[str, ...] = ()  # certificate/key/CA files read
+    # "kind:binding" -> TLS settings built (or kept): the next reload's last good versions
+    tls_good: Mapping[str, TLSSettings] = attrs.field(factory=dict)
 
 
 def _regex(source: str | None) -> re.Pattern[str] | None:
@@ -186,15 +192,6 @@ def _compile_api(
                 )
             )
         return None
-    if spec.address.scheme == "https":
-        problems.append(
-            spec.origin.problem(
-                "error",
-                "TLS listeners need the tls policy (not yet supported); not served",
-                ("spec", "address"),
-            )
-        )
-        return None
     if any(policy.kind == FORWARD_PROXY for policy in spec.policies):
         return _compile_forward_proxy(spec, model, problems, service_policies, runtime)
     routes: list[Route] = []
@@ -307,8 +304,199 @@ def _with_chain(destination: Destination, api_policies: tuple[BoundPolicy, ...])
     )
 
 
+def build_tls_settings(spec: PolicySpec, problems: list[Problem]) -> TLSSettings | None:
+    """Parse a `tls` / `tls-outbound` binding (or defaultTLS block); None, with a located
+    problem, when its config is wrong."""
+    kind = lookup_policy(spec.kind)
+    config = dict(spec.config)
+    known = kind.schema.get("properties", {})
+    config = {key: value for key, value in config.items() if key in known}
+    sub: tuple[str | int, ...] = {"inline": ("config",), "configuration": ()}.get(
+        spec.source, ("spec", "config")
+    )
+    try:
+        settings: TLSSettings = kind.build(config, BuildContext(binding=spec.name, api=None))
+    except PolicyConfigError as exc:
+        if exc.field:
+            sub += tuple(int(p) if p.isdigit() else p for p in exc.field.split("."))
+        problems.append(spec.origin.problem("error", exc.message, sub))
+        return None
+    return settings
+
+
+class _TLSBuilder:
+    """Builds TLS bindings; one that fails (say a certificate file replaced by garbage) keeps
+    its last good settings, with the error reported, so the running TLS keeps serving."""
+
+    def __init__(self, last_good: Mapping[str, TLSSettings]) -> None:
+        self.last_good = last_good
+        self.good: dict[str, TLSSettings] = {}
+
+    def __call__(self, spec: PolicySpec, problems: list[Problem]) -> TLSSettings | None:
+        key = f"{spec.kind}:{spec.name}"
+        settings = build_tls_settings(spec, problems)
+        if settings is None and key in self.last_good:
+            problems.append(
+                spec.origin.problem("warning", "the last good TLS settings of this binding keep serving")
+            )
+            settings = self.last_good[key]
+        if settings is not None:
+            self.good[key] = settings
+        return settings
+
+
+def _tls_upstreams(
+    model: ResolvedModel, problems: list[Problem], files: list[str], build: _TLSBuilder
+) -> tuple[dict[str, Upstream], dict[str, str]]:
+    """Upstreams with their client TLS compiled; the keys of those whose TLS failed (blocked)."""
+    upstreams = dict(model.upstreams)
+    blocked: dict[str, str] = {}
+    for key, upstream in sorted(upstreams.items()):
+        specs = model.upstream_tls.get(key, ())
+        if not specs and upstream.scheme != "https":
+            continue
+        settings = TLSSettings()  # an https:// Service without a binding: verified defaults
+        if specs:
+            for extra in specs[1:]:
+                problems.append(
+                    extra.origin.problem(
+                        "warning",
+                        f"Service {key} already has tls-outbound {specs[0].name}; this binding is ignored",
+                    )
+                )
+            built = build(specs[0], problems)
+            if built is None:
+                blocked[key] = f"an invalid tls-outbound binding ({specs[0].origin.resource})"
+                continue
+            settings = built
+            if upstream.scheme != "https":
+                problems.append(
+                    specs[0].origin.problem(
+                        "warning", f"Service {key} has an http:// address; TLS is used (tls-outbound)"
+                    )
+                )
+            if settings.skip_validation:
+                problems.append(
+                    specs[0].origin.problem(
+                        "warning",
+                        f"skipValidation: the certificate of Service {key} is not verified",
+                        ("spec", "config", "skipValidation"),
+                    )
+                )
+        files.extend(settings.files)
+        try:
+            tls = build_client_tls(settings, upstream.host)
+        except Exception as exc:  # noqa: BLE001 (OpenSSL refuses the settings: report, fail closed)
+            origin = specs[0].origin if specs else None
+            message = f"outbound TLS for Service {key} cannot be set up: {exc}"
+            problems.append(origin.problem("error", message) if origin else Problem("error", message))
+            blocked[key] = "outbound TLS that cannot be set up"
+            continue
+        upstreams[key] = attrs.evolve(upstream, tls=tls)
+    return upstreams, blocked
+
+
+def _api_tls(
+    spec: ApiSpec,
+    problems: list[Problem],
+    cache: dict[str, TLSSettings | None],
+    build: _TLSBuilder,
+) -> tuple[bool, TLSSettings | None]:
+    """(servable, the API's inbound TLS settings or None for plain HTTP)."""
+    if not spec.tls:
+        if spec.address.scheme == "https":
+            problems.append(
+                spec.origin.problem(
+                    "error",
+                    "an https:// address needs a tls binding (its certificate); not served",
+                    ("spec", "address"),
+                )
+            )
+            return False, None
+        return True, None
+    first = spec.tls[0]
+    for extra in spec.tls[1:]:
+        if extra.name != first.name:
+            problems.append(
+                extra.origin.problem(
+                    "warning",
+                    f"ApiInstance {spec.id.key} already has tls binding {first.name}; this one does not apply to it",
+                )
+            )
+    if first.name not in cache:
+        cache[first.name] = build(first, problems)
+    settings = cache[first.name]
+    if settings is None:
+        problems.append(
+            spec.origin.problem(
+                "error", f"its tls binding {first.name} is invalid; not served (fail closed)"
+            )
+        )
+        return False, None
+    if spec.address.scheme != "https":
+        problems.append(
+            spec.origin.problem(
+                "warning",
+                f"the address is http:// but tls binding {first.name} applies: the port serves TLS",
+                ("spec", "address"),
+            )
+        )
+    return True, settings
+
+
+def compile_default_tls(model: ResolvedModel) -> tuple[TLSSettings | None, tuple[Problem, ...]]:
+    """`defaultTLS.outboundPolicyCalls` parsed (None when absent or invalid, with its problems)."""
+    problems: list[Problem] = []
+    if model.default_tls is None:
+        return None, ()
+    settings = build_tls_settings(model.default_tls, problems)
+    if settings is not None and settings.skip_validation:
+        problems.append(
+            model.default_tls.origin.problem(
+                "warning",
+                "skipValidation: certificates of the gateway's own side calls (JWKS, introspection) are not verified",
+                ("skipValidation",),
+            )
+        )
+    return settings, tuple(problems)
+
+
+def _port_tls(
+    items: list[tuple[Api, ApiSpec, TLSSettings | None]], problems: list[Problem]
+) -> Any:
+    """The port's ServerTLS: the first API's binding sets everything; other bindings on the
+    port add their certificates (picked by SNI). None when it cannot be built."""
+    first_api, first_spec, settings = items[0]
+    assert settings is not None
+    others = []
+    for api, spec, other in items[1:]:
+        assert other is not None
+        if attrs.evolve(other, certificate=settings.certificate, files=settings.files) != settings:
+            problems.append(
+                spec.tls[0].origin.problem(
+                    "warning",
+                    f"TLS is per port: on port {spec.address.port} every setting but the certificate "
+                    f"comes from {first_spec.tls[0].name} (ApiInstance {first_api.key})",
+                )
+            )
+        assert other.certificate is not None
+        others.append(other.certificate)
+    try:
+        return build_server_tls(settings, others, alpn.SERVED_ALPN)
+    except Exception as exc:  # noqa: BLE001 (OpenSSL refuses a key, chain or cipher list)
+        problems.append(
+            first_spec.tls[0].origin.problem(
+                "error", f"TLS cannot be set up on port {first_spec.address.port}: {exc}; not served"
+            )
+        )
+        return None
+
+
 def compile_model(
-    model: ResolvedModel, prefer: Collection[str] = (), runtime: Any = None
+    model: ResolvedModel,
+    prefer: Collection[str] = (),
+    runtime: Any = None,
+    last_good_tls: Mapping[str, TLSSettings] = {},
 ) -> Compiled:
     """Listeners from a resolved model.
 
@@ -319,6 +507,11 @@ def compile_model(
     problems: list[Problem] = list(model.problems)
     service_policies: dict[str, tuple[BoundPolicy, ...]] = {}
     blocked_upstreams = dict(model.blocked_upstreams)
+    tls_files: list[str] = []
+    build_tls = _TLSBuilder(last_good_tls)
+    upstreams, tls_blocked = _tls_upstreams(model, problems, tls_files, build_tls)
+    blocked_upstreams.update(tls_blocked)
+    model = attrs.evolve(model, upstreams=upstreams)
     for key, specs in sorted(model.service_policies.items()):
         built = build_policies(specs, None, runtime, problems)
         if built is None:
@@ -329,12 +522,27 @@ def compile_model(
         model = attrs.evolve(model, blocked_upstreams=blocked_upstreams)
     ordered = sorted(model.apis, key=lambda a: (a.id.key not in prefer, a.id.key))
     ports: dict[int, tuple[str, str]] = {}  # port -> (host, first api key)
-    accepted: dict[int, list[tuple[Api, ApiSpec]]] = {}
+    accepted: dict[int, list[tuple[Api, ApiSpec, TLSSettings | None]]] = {}
+    tls_cache: dict[str, TLSSettings | None] = {}
     for spec in ordered:
+        servable, tls = _api_tls(spec, problems, tls_cache, build_tls)
+        if not servable:
+            continue
         api = _compile_api(spec, model, problems, service_policies, runtime)
         if api is None:
             continue
         address = spec.address
+        if address.port in accepted and (accepted[address.port][0][2] is None) != (tls is None):
+            other = accepted[address.port][0][0].key
+            problems.append(
+                spec.origin.problem(
+                    "error",
+                    f"port {address.port} serves {'plain HTTP' if tls else 'TLS'} for ApiInstance "
+                    f"{other}; one port cannot mix TLS and plain HTTP; not served",
+                    ("spec", "address"),
+                )
+            )
+            continue
         if address.port in ports and ports[address.port][0] != address.host:
             host, other = ports[address.port]
             problems.append(
@@ -348,7 +556,7 @@ def compile_model(
         clash = next(
             (
                 other
-                for other, _ in accepted.get(address.port, [])
+                for other, _, _ in accepted.get(address.port, [])
                 if base_paths_overlap(other.base_path, api.base_path)
             ),
             None,
@@ -364,12 +572,33 @@ def compile_model(
             )
             continue
         ports.setdefault(address.port, (address.host, spec.id.key))
-        accepted.setdefault(address.port, []).append((api, spec))
+        accepted.setdefault(address.port, []).append((api, spec, tls))
     listeners = []
     served: set[str] = set()
     for port in sorted(accepted):
         items = accepted[port]
-        apis = sorted((api for api, _ in items), key=lambda a: (-len(a.base_path), a.key))
+        server_tls = None
+        if items[0][2] is not None:
+            server_tls = _port_tls(items, problems)
+            if server_tls is None:
+                continue
+            for _, _, settings in items:
+                tls_files.extend(settings.files)  # type: ignore[union-attr]
+        apis = sorted((api for api, _, _ in items), key=lambda a: (-len(a.base_path), a.key))
         served.update(api.key for api in apis)
-        listeners.append(Listener(scheme="http", host=ports[port][0], port=port, apis=tuple(apis)))
-    return Compiled(listeners=tuple(listeners), problems=tuple(problems), served=frozenset(served))
+        listeners.append(
+            Listener(
+                scheme="https" if server_tls is not None else "http",
+                host=ports[port][0],
+                port=port,
+                apis=tuple(apis),
+                tls=server_tls,
+            )
+        )
+    return Compiled(
+        listeners=tuple(listeners),
+        problems=tuple(problems),
+        served=frozenset(served),
+        tls_files=tuple(sorted(set(tls_files))),
+        tls_good=build_tls.good,
+    )

@@ -8,7 +8,7 @@ from typing import Any
 
 import attrs
 
-from flexgw.config.compile import compile_model
+from flexgw.config.compile import compile_default_tls, compile_model
 from flexgw.config.load import discover_files, load_file
 from flexgw.config.plan import GatewayPlan, Problem
 from flexgw.config.resolve import resolve
@@ -24,6 +24,7 @@ class ConfigState:
     resources: Mapping[ResourceId, Resource] = attrs.field(factory=dict)
     files: Mapping[str, tuple[ResourceId, ...]] = attrs.field(factory=dict)
     served: frozenset[str] = frozenset()  # ApiInstance keys served by the plan
+    tls_good: Mapping[str, Any] = attrs.field(factory=dict)  # last good TLS settings by binding
 
     @property
     def problems(self) -> tuple[Problem, ...]:
@@ -123,8 +124,16 @@ def load_config(
     use_shared_storage = getattr(runtime, "use_shared_storage", None)
     if use_shared_storage is not None:  # before policies are built: they choose their store
         use_shared_storage(model.shared_storage)
+    side_tls, side_problems = compile_default_tls(model)
+    problems.extend(side_problems)
+    use_side_tls = getattr(runtime, "use_side_tls", None)
+    if use_side_tls is not None:  # before policies are built: their side calls use its Agent
+        use_side_tls(side_tls)
     compiled = compile_model(
-        model, prefer=previous.served if previous is not None else (), runtime=runtime
+        model,
+        prefer=previous.served if previous is not None else (),
+        runtime=runtime,
+        last_good_tls=previous.tls_good if previous is not None else {},
     )
     problems.extend(compiled.problems)
 
@@ -141,10 +150,14 @@ def load_config(
         shared_storage=model.shared_storage,
         probe=model.probe,
         logging=model.logging,
+        tls_files=tuple(
+            sorted(set(compiled.tls_files) | set(side_tls.files if side_tls else ()))
+        ),
     )
     return ConfigState(
         plan=plan,
         resources=chosen,
         files={path: tuple(rids) for path, rids in by_file.items()},
         served=compiled.served,
+        tls_good=compiled.tls_good,
     )

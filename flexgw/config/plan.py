@@ -22,6 +22,9 @@ class Upstream:
     host: str  # hostname or IP literal, IPv6 without brackets
     port: int
     path_prefix: str = ""  # path of the Service address, no trailing slash ("" for none or "/")
+    # flexgw.tls.contexts.ClientTLS for TLS upstreams (https://, or a tls-outbound binding);
+    # compares by settings, so an unchanged Service keeps its pool across reloads.
+    tls: Any = None
     # The checked address to connect to instead of resolving `host` (forward-proxy destinations:
     # the SSRF guard checked this address; connecting by name would look it up again).
     connect_host: str | None = None
@@ -99,10 +102,11 @@ class Api:
 class Listener:
     """One bound address and the APIs it serves, longest base path first."""
 
-    scheme: str  # "http" (TLS arrives with its own issue)
+    scheme: str  # "http", or "https" when the port has a `tls` binding
     host: str  # "0.0.0.0", "127.0.0.1", "::" ...
     port: int
     apis: tuple[Api, ...]
+    tls: Any = None  # flexgw.tls.contexts.ServerTLS of an https listener
 
     @property
     def forward_proxy(self) -> Api | None:
@@ -198,6 +202,7 @@ class GatewayPlan:
     shared_storage: SharedStorage | None = None  # Redis for rate-limit counters; None: memory
     probe: ProbeSettings = ProbeSettings()
     logging: LoggingSettings = attrs.field(factory=LoggingSettings)  # spec.logging, FLEX_LOG_LEVEL
+    tls_files: tuple[str, ...] = ()  # certificate/key/CA files the plan read (watched for changes)
 
     def listener_at(self, host: str, port: int) -> Listener | None:
         """The listener bound to (host, port), if this plan has one."""

@@ -31,6 +31,7 @@ from flexgw.config.validate import (
 from flexgw.policies.registry import lookup as lookup_policy
 
 DEFAULT_ORDER = 50
+TLS_KINDS = frozenset({"tls", "tls-outbound"})
 
 
 @attrs.frozen
@@ -113,6 +114,7 @@ class ApiSpec:
     origin: Origin
     blocked: tuple[str, ...] = ()  # reasons the API must not be served (fail closed)
     policies: tuple[PolicySpec, ...] = ()
+    tls: tuple[PolicySpec, ...] = ()  # `tls` bindings: API-bound first, then Selector-bound
 
 
 @attrs.frozen
@@ -129,6 +131,8 @@ class ResolvedModel:
     shared_storage: SharedStorage | None = None
     probe: ProbeSettings = attrs.field(factory=ProbeSettings)
     logging: LoggingSettings = attrs.field(factory=LoggingSettings)
+    upstream_tls: Mapping[str, tuple[PolicySpec, ...]] = attrs.field(factory=dict)
+    default_tls: PolicySpec | None = None  # Configuration.spec.defaultTLS.outboundPolicyCalls
 
 
 def _origin(resource: Resource, path: FieldPath = ()) -> Origin:
@@ -312,6 +316,8 @@ def resolve(
     service_policies: dict[str, list[PolicySpec]] = {}
     blocked: dict[ResourceId, list[str]] = {rid: [] for rid in apis}
     blocked_upstreams: dict[str, str] = {}
+    api_tls: dict[ResourceId, list[PolicySpec]] = {rid: [] for rid in apis}
+    upstream_tls: dict[str, list[PolicySpec]] = {}
 
     # Inline model: services and routes inside the ApiInstance.
     for rid, resource in apis.items():
@@ -353,6 +359,20 @@ def resolve(
         for n, policy in enumerate(spec.get("policies") or []):
             pname = policy["policyRef"]["name"]
             kind = lookup_policy(pname)
+            if pname == "tls":
+                api_tls[rid].append(
+                    PolicySpec(
+                        name=f"{rid.namespace}/{rid.name}-{pname}-{n + 1}",
+                        kind=pname,
+                        order=DEFAULT_ORDER,
+                        rules=(),
+                        config=policy.get("config") or {},
+                        origin=_origin(resource, ("spec", "policies", n)),
+                        source="inline",
+                        index=n,
+                    )
+                )
+                continue
             if kind is not None and kind.phase == "inbound":
                 order = policy.get("order")
                 policies[rid].append(
@@ -382,6 +402,12 @@ def resolve(
         pname = policy_name(spec) or ""
         kind, target, selector = _target(spec, resource.id.namespace)
         origin = _origin(resource)
+        if pname in TLS_KINDS:
+            _attach_tls(
+                pname, resource, kind, target, selector, origin, apis, api_tls, upstream_tls,
+                problems,
+            )
+            continue
         if pname not in ROUTE_POLICIES:
             registered = lookup_policy(pname)
             if registered is not None and _attach_policy(
@@ -473,6 +499,8 @@ def resolve(
                 origin=_origin(resource),
                 blocked=tuple(blocked[rid]),
                 policies=tuple(policies[rid]),
+                # API-bound (and inline) bindings win over Selector-bound ones.
+                tls=tuple(sorted(api_tls[rid], key=lambda p: p.source == "selector")),
             )
         )
     return ResolvedModel(
@@ -486,7 +514,88 @@ def resolve(
         shared_storage=shared_storage,
         probe=probe,
         logging=logging,
+        upstream_tls={key: tuple(specs) for key, specs in upstream_tls.items()},
+        default_tls=_default_tls(by_kind.get("Configuration", [])),
     )
+
+
+def _default_tls(configurations: Sequence[Resource]) -> PolicySpec | None:
+    """`defaultTLS.outboundPolicyCalls` of the last Configuration that sets it."""
+    found = None
+    for resource in configurations:
+        block = resource.spec.get("defaultTLS")
+        calls = block.get("outboundPolicyCalls") if isinstance(block, dict) else None
+        if isinstance(calls, dict):
+            found = PolicySpec(
+                name=resource.id.key,
+                kind="tls-outbound",
+                order=0,
+                rules=(),
+                config=calls,
+                origin=_origin(resource, ("spec", "defaultTLS", "outboundPolicyCalls")),
+                source="configuration",
+            )
+    return found
+
+
+def _attach_tls(
+    pname: str,
+    resource: Resource,
+    kind: str,
+    target: ResourceId | None,
+    selector: Any,
+    origin: Origin,
+    apis: Mapping[ResourceId, Resource],
+    api_tls: dict[ResourceId, list[PolicySpec]],
+    upstream_tls: dict[str, list[PolicySpec]],
+    problems: list[Problem],
+) -> None:
+    """Take a `tls` / `tls-outbound` binding aside: compile makes contexts of them, not policies."""
+    spec = resource.spec
+    make = lambda source: PolicySpec(
+        name=resource.id.key,
+        kind=pname,
+        order=DEFAULT_ORDER,  # TLS policies ignore `order`, as Flex
+        rules=(),
+        config=spec.get("config") or {},
+        origin=origin,
+        source=source,
+    )
+    if spec.get("rules"):
+        problems.append(
+            origin.problem("warning", f"rules do not apply to {pname}; ignored", ("spec", "rules"))
+        )
+    if pname == "tls-outbound":
+        if kind != "Service" or target is None:
+            problems.append(
+                origin.problem(
+                    "error", "tls-outbound must be bound to a Service; ignored", ("spec", "targetRef")
+                )
+            )
+            return
+        upstream_tls.setdefault(target.key, []).append(make("service"))
+        return
+    if kind == "Selector":
+        for rid, res in apis.items():
+            if _selector_matches(selector, res.labels):
+                api_tls[rid].append(make("selector"))
+        return
+    if kind != "ApiInstance" or target is None:
+        problems.append(
+            origin.problem(
+                "error", "tls must be bound to an ApiInstance or a Selector; ignored",
+                ("spec", "targetRef"),
+            )
+        )
+        return
+    if target not in apis:
+        problems.append(
+            origin.problem(
+                "error", f"target {target} does not exist; binding ignored", ("spec", "targetRef")
+            )
+        )
+        return
+    api_tls[target].append(make("api"))
 
 
 def _attach_policy(

@@ -31,7 +31,6 @@ UNSUPPORTED_CONFIGURATION = (
     "forwardProxy",
     "proxyProtocol",
     "circuitBreaker",
-    "defaultTLS",
     "tracing",
 )
 DEFAULT_NAMESPACE = "default"
@@ -240,6 +239,27 @@ def _policy_config_problems(
     kind = lookup_policy(pname) if pname else None
     if kind is not None:
         _schema_problems(_kind_validator(kind), config or {}, base, reporter, strict)
+
+
+def _default_tls_problems(block: Any, reporter: _Reporter, strict: bool) -> None:
+    """`Configuration.spec.defaultTLS`: `outboundPolicyCalls` has the tls-outbound schema."""
+    if not isinstance(block, dict):
+        return
+    for key in block:
+        if key != "outboundPolicyCalls":
+            reporter.add(
+                "error" if strict else "warning",
+                f"unknown key {key!r}" + ("" if strict else "; ignored"),
+                ("spec", "defaultTLS", key),
+                at_key=True,
+            )
+    calls = block.get("outboundPolicyCalls")
+    kind = lookup_policy("tls-outbound")
+    if calls is not None and kind is not None:
+        _schema_problems(
+            _kind_validator(kind), calls, ("spec", "defaultTLS", "outboundPolicyCalls"),
+            reporter, strict,
+        )
 
 
 def _schema_problems(
@@ -508,6 +528,8 @@ def check_document(document: Document, environ: Mapping[str, str], strict: bool 
         _policy_config_problems(
             policy_name(spec), spec.get("config"), ("spec", "config"), reporter, strict
         )
+    elif kind == "Configuration" and isinstance(spec, dict):
+        _default_tls_problems(spec.get("defaultTLS"), reporter, strict)
     elif kind == "ApiInstance" and isinstance(spec, dict):
         inline = spec.get("policies")
         for n, item in enumerate(inline if isinstance(inline, list) else []):

@@ -90,12 +90,28 @@ def fingerprint(conf_dirs: Iterable[str]) -> Fingerprint:
     return frozenset(entries)
 
 
+def files_fingerprint(paths: Iterable[str]) -> Fingerprint:
+    """(path, mtime_ns, size) of each file that exists (a missing file is simply absent)."""
+    entries: set[tuple[str, int, int]] = set()
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        entries.add((path, st.st_mtime_ns, st.st_size))
+    return frozenset(entries)
+
+
 class ConfigWatcher:
     """Calls `on_change()` once things settle after YAML files below `conf_dirs` change.
 
     Uses twisted.internet.inotify (recursive, new directories added) when `use_inotify` is not
     False and it is available, and polls a fingerprint of the files otherwise. Every change
     (re)starts a `debounce_seconds` timer on the injected reactor; `on_change` runs when it fires.
+
+    `extra_files` (a callable, asked at every poll) names further files to watch wherever they
+    are, e.g. the TLS certificates and keys the running plan read: they are polled every
+    `poll_interval`, whatever the mode.
     """
 
     def __init__(
@@ -106,6 +122,7 @@ class ConfigWatcher:
         debounce_seconds: float = DEFAULT_DEBOUNCE,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         use_inotify: bool | None = None,
+        extra_files: Callable[[], Iterable[str]] | None = None,
     ) -> None:
         self.reactor = reactor
         self.conf_dirs = [os.fspath(d) for d in conf_dirs]
@@ -118,10 +135,18 @@ class ConfigWatcher:
         self._poller: LoopingCall | None = None
         self._notifier: Any = None
         self._last: Fingerprint = frozenset()
+        self.extra_files = extra_files
+        self._extra_poller: LoopingCall | None = None
+        self._extra_last: Fingerprint = frozenset()
 
     def start(self) -> None:
         """Begin watching (inotify when possible, else polling)."""
         self._last = fingerprint(self.conf_dirs)
+        if self.extra_files is not None:
+            self._extra_last = files_fingerprint(self.extra_files())
+            self._extra_poller = LoopingCall(self._poll_extra)
+            self._extra_poller.clock = self.reactor
+            self._extra_poller.start(self.poll_interval, now=False)
         if self.use_inotify is not False and self._start_inotify():
             self.mode = "inotify"
             return
@@ -138,6 +163,9 @@ class ConfigWatcher:
         if self._poller is not None and self._poller.running:
             self._poller.stop()
         self._poller = None
+        if self._extra_poller is not None and self._extra_poller.running:
+            self._extra_poller.stop()
+        self._extra_poller = None
         if self._notifier is not None:
             self._notifier.loseConnection()
             self._notifier = None
@@ -189,6 +217,13 @@ class ConfigWatcher:
         current = fingerprint(self.conf_dirs)
         if current != self._last:
             self._last = current
+            self.changed()
+
+    def _poll_extra(self) -> None:
+        assert self.extra_files is not None
+        current = files_fingerprint(self.extra_files())
+        if current != self._extra_last:
+            self._extra_last = current
             self.changed()
 
     def changed(self) -> None:

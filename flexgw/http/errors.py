@@ -66,6 +66,9 @@ METHOD_NOT_ALLOWED = GatewayError(405, "method_not_allowed", "CONNECT is not all
 UPSTREAM_CONNECT_FAILURE = GatewayError(
     503, "upstream_connect_failure", "Could not connect to the upstream service"
 )
+UPSTREAM_TLS = GatewayError(
+    502, "upstream_tls", "The TLS handshake with the upstream service failed"
+)
 UPSTREAM_TIMEOUT = GatewayError(504, "upstream_timeout", "The upstream service did not respond in time")
 STREAM_IDLE_TIMEOUT = GatewayError(504, "stream_idle_timeout", "The stream was idle for too long")
 UPSTREAM_RESET = GatewayError(

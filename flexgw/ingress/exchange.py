@@ -27,6 +27,7 @@ from flexgw.ingress.routing import remaining_path, rules_match
 from flexgw.policies.base import LocalResponse, PolicyContext
 from flexgw.policies.chain import ChainRun
 from flexgw.upstream.connection import BACKPRESSURE, HELD, UpstreamConnection
+from flexgw.upstream.pool import UpstreamTLSError
 
 if TYPE_CHECKING:
     from flexgw.ingress.front import IngressProtocol
@@ -337,7 +338,10 @@ class ProxyExchange:
     def upstream_connect_failed(self, reason: Failure) -> None:
         """The upstream could not be reached."""
         if self.state == CONNECTING:
-            self.fail(errors.UPSTREAM_CONNECT_FAILURE)
+            if reason.check(UpstreamTLSError):
+                self.fail(errors.UPSTREAM_TLS)
+            else:
+                self.fail(errors.UPSTREAM_CONNECT_FAILURE)
 
     def _upstream_head(self) -> bytes:
         """The request head as the upstream receives it."""
@@ -371,8 +375,8 @@ class ProxyExchange:
                 if rewrite_host:
                     value = destination.upstream.authority.encode("latin-1")
             elif lname[:12] == b"x-forwarded-":
-                if not trusted:
-                    continue
+                if not trusted or lname == b"x-forwarded-client-cert":
+                    continue  # XFCC comes only from the gateway (the verified client certificate)
                 if lname == b"x-forwarded-for":
                     prior_xff = value if prior_xff is None else prior_xff + b", " + value
                     continue
@@ -396,7 +400,9 @@ class ProxyExchange:
         append(client if prior_xff is None else prior_xff + b", " + client)
         append(b"\r\n")
         if not has_xfp:
-            append(b"X-Forwarded-Proto: " + front.scheme_bytes + b"\r\n")
+            append(front.proto_line)  # with the XFCC line on mTLS connections
+        elif front.xfcc_line:
+            append(front.xfcc_line)
         if not has_xfh and head.authority:
             append(b"X-Forwarded-Host: " + head.authority.encode("latin-1") + b"\r\n")
         if head.body == BODY_LENGTH:

@@ -14,10 +14,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import httptools
-from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet.interfaces import IHandshakeListener, IReactorTCP, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from flexgw.config.plan import HttpSettings, Listener, Timeouts
 from flexgw.http import errors
@@ -47,8 +48,9 @@ PIPELINE = 4  # ReadGate reason: a response is pending, stop reading further req
 UPGRADING = 8  # ReadGate reason: an upgrade request waits for the upstream's answer
 
 
+@implementer(IHandshakeListener)
 class IngressProtocol(Protocol):
-    """One downstream HTTP/1.1 connection."""
+    """One downstream HTTP/1.1 connection (over TLS on https listeners)."""
 
     def __init__(self, factory: IngressFactory) -> None:
         self.factory = factory
@@ -83,6 +85,9 @@ class IngressProtocol(Protocol):
         self.timeouts: Timeouts = factory.timeouts
         self.scheme_bytes = factory.scheme_bytes
         self.scheme_decoded = factory.listener.scheme
+        # "X-Forwarded-Proto: ...\r\n", plus the client certificate's XFCC line over mTLS
+        self.proto_line = factory.proto_line
+        self.xfcc_line = b""
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -115,6 +120,17 @@ class IngressProtocol(Protocol):
         self.factory.connections.add(self)
         self.idle_since = self.clock.seconds()
         self.timer = self.clock.callLater(self.http.keepalive_timeout, self._on_timer)
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up: the client certificate's details (if one was verified) are forwarded with
+        every request of this connection as `x-forwarded-client-cert` (Envoy's format)."""
+        certificate = self.transport.getPeerCertificate()
+        if certificate is not None:
+            from flexgw.tls.contexts import xfcc_value
+
+            value = xfcc_value(certificate.to_cryptography())
+            self.xfcc_line = b"X-Forwarded-Client-Cert: " + value + b"\r\n"
+            self.proto_line = self.proto_line + self.xfcc_line
 
     def connectionLost(self, reason: Failure = None) -> None:
         """Abandon whatever is in flight."""
@@ -507,6 +523,7 @@ class IngressFactory(Factory):
         self.metrics = metrics
         self.rng = rng or random.Random()
         self.scheme_bytes = listener.scheme.encode("ascii")
+        self.proto_line = b"X-Forwarded-Proto: " + self.scheme_bytes + b"\r\n"
         self.connections: set[IngressProtocol] = set()
         # Called with each connection as it closes (set by the gateway while it drains).
         self.on_connection_lost: Callable[[IngressProtocol], None] | None = None
@@ -517,6 +534,7 @@ class IngressFactory(Factory):
         self.http = http
         self.timeouts = timeouts
         self.scheme_bytes = listener.scheme.encode("ascii")
+        self.proto_line = b"X-Forwarded-Proto: " + self.scheme_bytes + b"\r\n"
         for connection in self.connections:
             connection.http = http
             connection.timeouts = timeouts

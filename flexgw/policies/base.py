@@ -97,6 +97,25 @@ class PolicyRuntime:
     message_log: Any = None  # a flexgw.http.accesslog.MessageLog, or None: the Twisted log
     redis: Any = None  # a flexgw.storage.redis.RedisClient while the plan has shared storage
     shared_storage: Any = None  # the flexgw.config.plan.SharedStorage `redis` was made for
+    side_tls: Any = None  # TLSSettings of Configuration.defaultTLS.outboundPolicyCalls, or None
+    side_agent: Any = None  # the treq Agent policies' side calls use (None: treq's default)
+
+    def use_side_tls(self, settings: Any) -> None:
+        """Called with each new plan's `defaultTLS.outboundPolicyCalls` settings (before its
+        policies are built): a new Agent for side calls when they changed."""
+        if settings == self.side_tls:
+            return
+        self.side_tls = settings
+        self.side_agent = None
+        if settings is not None:
+            from twisted.web.client import Agent
+
+            from flexgw.tls.contexts import SideCallTLSPolicy
+
+            self.side_agent = Agent(self.reactor, contextFactory=SideCallTLSPolicy(settings))
+    # --workers: an AMP protocol to the supervisor, which holds the rate-limit and spike-control
+    # counters of every worker (flexgw.storage.supervised); None in a single process
+    supervisor: Any = None
 
     def use_shared_storage(self, settings: Any) -> None:
         """Called with each new plan's shared storage (before its policies are built): a new

@@ -199,12 +199,18 @@ class IntrospectionPolicy(UsesRuntime):
     """One binding: the settings, plus the shared token cache."""
 
     def __init__(
-        self, settings: Settings, clock: Any = None, reactor: Any = None, introspect: Any = None
+        self,
+        settings: Settings,
+        clock: Any = None,
+        reactor: Any = None,
+        introspect: Any = None,
+        agent: Any = None,
     ) -> None:
         self.settings = settings
         self._clock = clock
         self._reactor = reactor
         self._introspect = introspect
+        self._agent = agent  # treq Agent with defaultTLS.outboundPolicyCalls, or None
         self.cache: OrderedDict[bytes, _Entry] = OrderedDict()
         self._inflight: dict[bytes, list[Deferred[Any]]] = {}
         self.calls = 0  # introspection calls made (for tests and /status)
@@ -248,7 +254,7 @@ class IntrospectionPolicy(UsesRuntime):
         self._inflight[key] = [waiter]
         self.calls += 1
         s = self.settings
-        introspect = self._introspect or treq_introspector(self._runtime_reactor())
+        introspect = self._introspect or treq_introspector(self._runtime_reactor(), self._agent)
         try:
             d = introspect(s.url, s.authorization, token, s.timeout)
         except Exception:  # noqa: BLE001 (a call that cannot start is an unreachable server)
@@ -448,7 +454,12 @@ class IntrospectionKind:
 
     def build(self, config: dict[str, Any], context: BuildContext) -> IntrospectionPolicy:
         """Check the config; the reactor is only needed at the first introspection."""
-        return IntrospectionPolicy(settings_from(config), context.clock, context.reactor)
+        return IntrospectionPolicy(
+            settings_from(config),
+            context.clock,
+            context.reactor,
+            agent=getattr(context.services, "side_agent", None),
+        )
 
 
 KIND = register(IntrospectionKind())

@@ -224,6 +224,7 @@ class JwtValidationPolicy(UsesRuntime):
         clock: Any,
         reactor: Any,
         fetcher: Any = None,
+        agent: Any = None,
     ) -> None:
         self.bearer = bearer
         self.token_expression = token_expression
@@ -247,6 +248,7 @@ class JwtValidationPolicy(UsesRuntime):
         self._clock = clock
         self._reactor = reactor
         self._fetcher = fetcher
+        self._agent = agent  # treq Agent with defaultTLS.outboundPolicyCalls, or None
         self._caches: tuple[JwksCache, ...] | None = None
         self._parsed_keys: OrderedDict[str, Any] = OrderedDict()
 
@@ -256,7 +258,7 @@ class JwtValidationPolicy(UsesRuntime):
     def caches(self) -> tuple[JwksCache, ...]:
         """One JwksCache per `jwksUrl` entry."""
         if self._caches is None:
-            fetch = self._fetcher or treq_fetcher(self._runtime_reactor())
+            fetch = self._fetcher or treq_fetcher(self._runtime_reactor(), self._agent)
             self._caches = tuple(
                 JwksCache(url, self.jwks_ttl, self.jwks_timeout, self.clock, fetch)
                 for url in self.jwks_urls
@@ -609,6 +611,7 @@ def build_policy(
         clock=context.clock,
         reactor=context.reactor,
         fetcher=fetcher,
+        agent=getattr(context.services, "side_agent", None),
     )
 
 

@@ -37,7 +37,9 @@ Deliberate differences from Flex:
   per gateway process, which is what Flex does without Redis. `blockOnUnknownQuota` applies when
   the store cannot answer (Redis unreachable, timed out, refused AUTH): true refuses with the
   same 429, false lets the request through; both log the failure. The memory store always
-  answers.
+  answers. Under `--workers N` (N > 1) without Redis, the counters are held by the supervisor
+  process and reached over AMP (`flexgw.storage.supervised`), so the quota is exact across the
+  workers whatever `clusterizable` says (the workers are one gateway).
 - A rejected request that finds one of the key's windows ended opens that limit's next window
   (it is "the first request" of it), although it is counted in none.
 
@@ -78,6 +80,7 @@ from flexgw.policies.registry import register
 from flexgw.storage.interfaces import HitResult, Quota, RateLimit
 from flexgw.storage.memory import MemoryRateLimitStore
 from flexgw.storage.redis import RedisRateLimitStore
+from flexgw.storage.supervised import SupervisedRateLimitStore
 
 NAME = "rate-limiting-flex"
 
@@ -337,6 +340,12 @@ class RateLimitKind:
             namespace = f"flexgw:rl:{context.api}:{context.binding}:{parsed.fingerprint()[:16]}:"
             redis_store = RedisRateLimitStore(redis, clock, namespace)
             return RateLimitPolicy(parsed, redis_store, clock, context.binding)
+        supervisor = getattr(context.services, "supervisor", None)
+        if supervisor is not None:  # --workers: one quota for every worker, in the supervisor
+            namespace = f"{NAME}:{context.api}:{context.binding}:{parsed.fingerprint()}"
+            return RateLimitPolicy(
+                parsed, SupervisedRateLimitStore(supervisor, namespace), clock, context.binding
+            )
         store = _shared_store(
             context.services, f"{NAME}:{context.api}:{context.binding}", parsed.fingerprint(), clock
         )

@@ -27,6 +27,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "flexgw.policies.spike_control",
     "flexgw.policies.cors",
     "flexgw.policies.headers",
+    "flexgw.policies.tls",
     "flexgw.egress.policy",
 )
 

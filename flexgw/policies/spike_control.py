@@ -27,6 +27,13 @@ not queue behind them: whoever finds quota first takes it (Flex documents no ord
 
 The window is kept in the policy object, so a configuration reload starts a new one (the docs
 describe the window as starting "with the first request after the policy is applied").
+
+Under `--workers N` (N > 1) the window is the supervisor's (`flexgw.storage.supervised`), one
+per API, binding and config, shared by every worker and asked over AMP for every request
+(`SupervisedSpikeControlPolicy`): the quota is exact across workers. That window survives
+reloads that leave the binding's config unchanged (workers reload independently, so a
+reload-scoped window could not be shared). If the supervisor does not answer, the request is
+refused.
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ from collections import deque
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from flexgw.policies.base import (
@@ -46,6 +55,9 @@ from flexgw.policies.base import (
     PolicyContext,
 )
 from flexgw.policies.registry import register
+from flexgw.storage.supervised import SupervisedSpikeWindow
+
+_log = Logger(namespace="flexgw.policies.spike_control")
 
 NAME = "spike-control-flex"
 
@@ -205,6 +217,105 @@ class SpikeControlPolicy:
             timer.cancel()
 
 
+@implementer(IPolicy)
+class SupervisedSpikeControlPolicy:
+    """One binding under `--workers`: the window is the supervisor's; the held requests are this
+    worker's (its `queuingLimit` bounds what this worker holds)."""
+
+    __slots__ = ("clock", "config", "held", "window")
+
+    def __init__(self, config: SpikeControlConfig, window: SupervisedSpikeWindow, clock: Any) -> None:
+        self.config = config
+        self.window = window
+        self.clock = clock
+        self.held: set[_Held] = set()
+
+    def _take(self) -> Deferred[tuple[bool, int, int]]:
+        config = self.config
+        return self.window.take(config.maximum_requests, config.period_ms)
+
+    def _headers(self, remaining: int, reset: int) -> tuple[tuple[bytes, bytes], ...]:
+        return (
+            (LIMIT_HEADER, b"%d" % self.config.maximum_requests),
+            (REMAINING_HEADER, b"%d" % remaining),
+            (RESET_HEADER, b"%d" % reset),
+        )
+
+    def _refused(self, remaining: int, reset: int) -> LocalResponse:
+        headers: tuple[tuple[bytes, bytes], ...] = (JSON,)
+        if self.config.expose_headers:
+            headers += self._headers(remaining, reset)
+        return LocalResponse(429, headers, TOO_MANY_BODY)
+
+    def _unanswered(self, failure: Failure) -> LocalResponse:
+        if not failure.check(CancelledError):
+            _log.failure("Spike control: the supervisor did not answer; request refused", failure)
+        return LocalResponse(429, (JSON,), TOO_MANY_BODY)
+
+    def on_request(self, ctx: PolicyContext) -> Any:
+        """Ask the supervisor's window: accept (None), hold (a Deferred), or refuse (a 429)."""
+        d = self._take()
+        d.addCallback(self._first, ctx)
+        return d.addErrback(self._unanswered)
+
+    def _first(self, answer: tuple[bool, int, int], ctx: PolicyContext) -> Any:
+        taken, remaining, reset = answer
+        config = self.config
+        if taken:
+            if config.expose_headers:
+                for name, value in self._headers(remaining, reset):
+                    ctx.add_response_header(name, value)
+            return None
+        if config.delay_attempts <= 0 or len(self.held) >= config.queuing_limit:
+            return self._refused(remaining, reset)
+        held = _Held(ctx, config.delay_attempts)
+        held.deferred = Deferred(lambda _: self._cancel(held))
+        held.timer = self.clock.callLater(config.delay_ms / 1000, self._retry, held)
+        self.held.add(held)
+        return held.deferred
+
+    response_phase = False
+
+    def on_response(self, ctx: PolicyContext) -> None:
+        """Nothing: headers were added in the request phase."""
+
+    def _retry(self, held: _Held) -> None:
+        held.timer = None
+        d = self._take()
+        d.addCallbacks(self._retried, self._retry_failed, callbackArgs=(held,), errbackArgs=(held,))
+
+    def _retried(self, answer: tuple[bool, int, int], held: _Held) -> None:
+        deferred = held.deferred
+        if held not in self.held or deferred is None:
+            return  # cancelled while the supervisor was asked
+        taken, remaining, reset = answer
+        if taken:
+            self.held.discard(held)
+            if self.config.expose_headers:
+                for name, value in self._headers(remaining, reset):
+                    held.ctx.add_response_header(name, value)
+            deferred.callback(None)
+            return
+        held.attempts_left -= 1
+        if held.attempts_left > 0:
+            held.timer = self.clock.callLater(self.config.delay_ms / 1000, self._retry, held)
+            return
+        self.held.discard(held)
+        deferred.callback(self._refused(remaining, reset))
+
+    def _retry_failed(self, failure: Failure, held: _Held) -> None:
+        if held in self.held and held.deferred is not None:
+            self.held.discard(held)
+            held.deferred.callback(self._unanswered(failure))
+
+    def _cancel(self, held: _Held) -> None:
+        """The client went away: free the slot and the timer."""
+        self.held.discard(held)
+        timer, held.timer = held.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+
 @implementer(IPolicyKind)
 class SpikeControlKind:
     """The `spike-control-flex` policy kind."""
@@ -213,12 +324,20 @@ class SpikeControlKind:
     schema = SCHEMA
     phase = "inbound"
 
-    def build(self, config: dict[str, Any], context: BuildContext) -> SpikeControlPolicy:
-        """Apply Flex's defaults; the clock is the context's (or the reactor at first use)."""
+    def build(self, config: dict[str, Any], context: BuildContext) -> Any:
+        """Apply Flex's defaults; the clock is the context's (or the reactor at first use).
+        Under --workers, the window is the supervisor's."""
         clock = context.clock
         if clock is None and context.services is not None:
             clock = getattr(context.services, "clock", None)
-        return SpikeControlPolicy(SpikeControlConfig.from_config(config), clock)
+        parsed = SpikeControlConfig.from_config(config)
+        supervisor = getattr(context.services, "supervisor", None)
+        if supervisor is not None and clock is not None:
+            namespace = f"{NAME}:{context.api}:{context.binding}:{parsed!r}"
+            return SupervisedSpikeControlPolicy(
+                parsed, SupervisedSpikeWindow(supervisor, namespace), clock
+            )
+        return SpikeControlPolicy(parsed, clock)
 
 
 KIND = register(SpikeControlKind())

@@ -20,6 +20,7 @@ from twisted.web.server import Request, Site
 
 from flexgw.config.plan import ProbeSettings, Problem
 from flexgw.service.metrics import make_registry, render
+from flexgw.service.sockets import listen_reuse_port
 
 if TYPE_CHECKING:
     from flexgw.service.gateway import GatewayService
@@ -46,7 +47,9 @@ def readiness(
     `allowEnvoyErrors` (the data plane could not apply it: a listener could not be bound)."""
     allow = allow or {}
     reasons = []
-    if not gateway.running:
+    if gateway.stopping:
+        reasons.append("the gateway is draining")
+    elif not gateway.running:
         reasons.append("the gateway is not running")
     state = gateway.state
     if state is None:
@@ -303,9 +306,14 @@ class ProbeServer:
         if not settings.enabled:
             return
         try:
-            self.port = self.reactor.listenTCP(
-                settings.port, probe_site(self.gateway), interface=settings.host
-            )
+            if getattr(self.gateway, "reuse_port", False):  # --workers: each worker answers
+                self.port = listen_reuse_port(
+                    self.reactor, settings.port, probe_site(self.gateway), settings.host
+                )
+            else:
+                self.port = self.reactor.listenTCP(
+                    settings.port, probe_site(self.gateway), interface=settings.host
+                )
         except Exception as exc:  # noqa: BLE001 (CannotListenError and friends: report, go on)
             _log.error(
                 "Cannot listen for probes on {host}:{port}: {error}",

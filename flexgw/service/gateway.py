@@ -27,7 +27,9 @@ from flexgw.policies.base import PolicyRuntime
 from flexgw.service.activation import LISTEN_FDS_START, InheritedSockets, listen_environ
 from flexgw.service.admin import ProbeServer
 from flexgw.service.metrics import GatewayMetrics
+from flexgw.service.sockets import listen_reuse_port
 from flexgw.service.systemd import Notifier
+from flexgw.tls.contexts import QuietTLSFactory, ServerConnectionCreator
 from flexgw.upstream.pool import PoolManager
 
 _log = Logger(namespace="flexgw")
@@ -60,6 +62,8 @@ class GatewayService(Service):
         log_level_fixed: bool = False,
         log_publisher: Any = None,
         listen_fds_start: int = LISTEN_FDS_START,
+        reuse_port: bool = False,
+        supervisor: Any = None,
         resolver: Any = None,
     ) -> None:
         self.reactor = reactor
@@ -84,8 +88,14 @@ class GatewayService(Service):
         self.pools = PoolManager(reactor, reactor)
         self.message_log = message_log
         self.runtime = PolicyRuntime(reactor=reactor, clock=reactor, message_log=message_log)
+        # --workers: listeners bound with SO_REUSEPORT (every worker binds the same addresses),
+        # and rate-limit / spike-control counters held by the supervisor (an AMP connection)
+        self.reuse_port = reuse_port
+        self.runtime.supervisor = supervisor
         self.factories: dict[tuple[str, int], IngressFactory] = {}
         self.ports: dict[tuple[str, int], IListeningPort] = {}
+        # TLS listeners: the creator whose `current` a reload swaps (the socket is kept)
+        self.tls_creators: dict[tuple[str, int], ServerConnectionCreator] = {}
         self.reloads = 0
         self.last_reload_ok: bool | None = None
         self.unbound: set[tuple[str, int]] = set()  # listener addresses the last reload could not bind
@@ -135,12 +145,12 @@ class GatewayService(Service):
         self.stopping = True
         self.notifier.stopping(f"Draining (up to {self.drain_seconds:g}s)")
         ports, self.ports = self.ports, {}
+        self.tls_creators = {}
         factories, self.factories = self.factories, {}
         for address in ports:
             self._release(address)
-        stopped = gatherResults(
-            [maybeDeferred(port.stopListening) for port in ports.values()] + [self.probe.stop()]
-        )
+        # The probe listener stays: readiness answers 503 while draining (closed in _after).
+        stopped = gatherResults([maybeDeferred(port.stopListening) for port in ports.values()])
         drained: Deferred[None] = Deferred()
         self._drained = drained
         for factory in factories.values():
@@ -157,6 +167,9 @@ class GatewayService(Service):
         else:
             self._drain_done()
 
+        def _close_probe(result: object) -> Deferred[object]:
+            return self.probe.stop().addBoth(lambda _: result)
+
         def _after(result: object) -> object:
             self.notifier.stop_watchdog()
             self.pools.stop()
@@ -170,7 +183,7 @@ class GatewayService(Service):
             return result
 
         self._stop_waiters = []
-        done = gatherResults([stopped, drained]).addBoth(_after)
+        done = gatherResults([stopped, drained]).addBoth(_close_probe).addBoth(_after)
 
         def _release(result: object) -> object:
             waiters, self._stop_waiters = self._stop_waiters or [], None
@@ -179,6 +192,10 @@ class GatewayService(Service):
             return result
 
         return done.addBoth(_release)
+
+    def wait_stopped(self) -> Deferred[None]:
+        """A Deferred firing when the service is stopped (at once if no drain is under way)."""
+        return self._stop_waiter()
 
     def _stop_waiter(self) -> Deferred[None]:
         """A Deferred firing when the drain under way ends (now, if it has ended)."""
@@ -284,10 +301,16 @@ class GatewayService(Service):
         }
         self.pools.configure(plan.http, plan.timeouts, upstreams)
         wanted = {listener.address: listener for listener in plan.listeners}
-        for address in [a for a in self.ports if a not in wanted]:
+        for address in [
+            a
+            for a in self.ports
+            if a not in wanted or (wanted[a].tls is None) != (a not in self.tls_creators)
+        ]:
+            # Gone, or switching between TLS and plain HTTP: closed (and bound again below).
             _log.info("Closing listener {host}:{port}", host=address[0], port=address[1])
             self.ports.pop(address).stopListening()
             self.factories.pop(address, None)
+            self.tls_creators.pop(address, None)
             self._release(address)
         bound = True
         self.unbound = set()
@@ -295,6 +318,9 @@ class GatewayService(Service):
             factory = self.factories.get(address)
             if factory is not None:
                 factory.update(listener, plan.http, plan.timeouts)
+                creator = self.tls_creators.get(address)
+                if creator is not None:
+                    creator.current = listener.tls  # new connections: new certificates
                 continue
             bound = self._bind(listener, plan) and bound
         return bound
@@ -312,12 +338,19 @@ class GatewayService(Service):
             metrics=self.metrics,
             resolver=self.resolver,
         )
+        served: Any = factory
+        creator = None
+        if listener.tls is not None:
+            creator = ServerConnectionCreator(listener.tls)
+            served = QuietTLSFactory(creator, False, factory)
         inherited = self.inherited.take(*listener.address) if self.inherited else None
         try:
             if inherited is not None:  # systemd socket activation: no bind of our own
-                port = self.reactor.adoptStreamPort(inherited.fd, inherited.family, factory)
+                port = self.reactor.adoptStreamPort(inherited.fd, inherited.family, served)
+            elif self.reuse_port:  # --workers: every worker binds the address
+                port = listen_reuse_port(self.reactor, listener.port, served, listener.host)
             else:
-                port = self.reactor.listenTCP(listener.port, factory, interface=listener.host)
+                port = self.reactor.listenTCP(listener.port, served, interface=listener.host)
         except Exception as exc:  # noqa: BLE001 (CannotListenError and friends: report, serve the rest)
             _log.error(
                 "Cannot listen on {host}:{port}: {error}",
@@ -330,10 +363,13 @@ class GatewayService(Service):
             return False
         self.factories[listener.address] = factory
         self.ports[listener.address] = port
+        if creator is not None:
+            self.tls_creators[listener.address] = creator
         _log.info(
-            "Listening on {host}:{port}{how}",
+            "Listening on {host}:{port}{tls}{how}",
             host=listener.host,
             port=listener.port,
+            tls=" (TLS)" if creator is not None else "",
             how=f" (inherited from systemd: {inherited.describe()})" if inherited else "",
         )
         return True

@@ -40,7 +40,8 @@ class GatewayMetrics:
         self.buckets = buckets
         # (api, route, status, cause) -> count; status 0 when no response was sent
         self.requests: dict[tuple[str | None, str | None, int, str | None], int] = {}
-        # (api, route) -> [total buckets.., +Inf, total sum, upstream buckets.., +Inf, upstream sum]
+        # (api, route) -> [total buckets.., +Inf, total sum, upstream buckets.., +Inf, upstream sum,
+        #                  gateway-added buckets.., +Inf, gateway-added sum]
         self.latency: dict[tuple[str | None, str | None], list[float]] = {}
         self.reloads: dict[str, int] = {"ok": 0, "error": 0}
         self.last_reload_time = 0.0
@@ -55,7 +56,7 @@ class GatewayMetrics:
         requests[key] = requests.get(key, 0) + 1
         slots = self.latency.get((api, name))
         if slots is None:
-            slots = self.latency[(api, name)] = [0.0] * (2 * len(self.buckets) + 4)
+            slots = self.latency[(api, name)] = [0.0] * (3 * len(self.buckets) + 6)
         buckets = self.buckets
         elapsed = self.clock.seconds() - exchange.started
         slots[bisect_left(buckets, elapsed)] += 1
@@ -64,7 +65,10 @@ class GatewayMetrics:
         upstream = exchange.upstream_elapsed
         if upstream is not None:
             slots[width + 1 + bisect_left(buckets, upstream)] += 1
-            slots[-1] += upstream
+            slots[2 * width + 1] += upstream
+            elapsed -= upstream  # the gateway's own share: the total less the upstream's
+        slots[2 * width + 2 + bisect_left(buckets, elapsed)] += 1
+        slots[-1] += elapsed
 
     def refusal(self, error: GatewayError) -> None:
         """Count a request refused before it was parsed whole (no API, no route)."""
@@ -201,6 +205,12 @@ class GatewayCollector:
             HistogramMetricFamily(
                 "flexgw_upstream_response_seconds",
                 "Time from sending upstream to the upstream response head, by API and route.",
+                labels=["api", "route"],
+            ),
+            HistogramMetricFamily(
+                "flexgw_gateway_added_seconds",
+                "Time the gateway added: the request duration less the upstream response time"
+                " (all of it when the gateway answered itself), by API and route.",
                 labels=["api", "route"],
             ),
         )

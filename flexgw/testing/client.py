@@ -9,9 +9,11 @@ from typing import Any
 import attrs
 import httptools
 from twisted.internet import defer, protocol
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from flexgw.testing.upstream import HeadersAndDigest, pattern_slice
 
@@ -73,11 +75,13 @@ class _Read:
     deferred: defer.Deferred[Response]
 
 
+@implementer(IHandshakeListener)
 class RawConnection(protocol.Protocol):
     """A client connection that sends raw bytes and parses responses on demand.
 
     Bytes are parsed only while a :meth:`read_response` is pending, so each response
-    is parsed knowing whether it answers a HEAD request.
+    is parsed knowing whether it answers a HEAD request. Over TLS, :meth:`wait_handshake`
+    fires once the handshake completes (or fails with the reason the connection was lost).
     """
 
     transport: Any
@@ -109,6 +113,8 @@ class RawConnection(protocol.Protocol):
         self._error: Exception | None = None
         self._write_paused = False
         self._sender: _BodySender | None = None
+        self.handshake_done = False
+        self._handshake_waiters: list[defer.Deferred[None]] = []
 
     # -- twisted
     def connectionMade(self) -> None:
@@ -116,6 +122,23 @@ class RawConnection(protocol.Protocol):
         self.connected = True
         self.transport.registerProducer(self, True)
         self._made.callback(self)
+
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake completed."""
+        self.handshake_done = True
+        waiters, self._handshake_waiters = self._handshake_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def wait_handshake(self) -> defer.Deferred[None]:
+        """Fires when the TLS handshake has completed; fails if the connection is lost first."""
+        if self.handshake_done:
+            return defer.succeed(None)
+        if not self.connected and self.close_reason is not None:
+            return defer.fail(self.close_reason)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._handshake_waiters.append(d)
+        return d
 
     def dataReceived(self, data: bytes) -> None:
         """Keep the bytes and parse them if a read is pending."""
@@ -138,6 +161,9 @@ class RawConnection(protocol.Protocol):
         self._pump()
         self._closed.callback(None)
         self._tunnel_check()
+        handshake_waiters, self._handshake_waiters = self._handshake_waiters, []
+        for d in handshake_waiters:
+            d.errback(reason)
         waiters, self._close_waiters = self._close_waiters, []
         for d in waiters:
             d.callback(None)
@@ -472,11 +498,22 @@ class _BodySender:
 
 
 def connect(
-    reactor: Any, host: str, port: int, retain_body: bool = True, timeout: float = 10
+    reactor: Any,
+    host: str,
+    port: int,
+    retain_body: bool = True,
+    timeout: float = 10,
+    tls: Any = None,
 ) -> defer.Deferred[RawConnection]:
-    """Connect to ``host:port``; fires with a :class:`RawConnection`."""
+    """Connect to ``host:port``; fires with a :class:`RawConnection`.
+
+    With ``tls`` (a client connection creator, e.g. ``flexgw.testing.certs.client_options``)
+    the connection speaks TLS; it fires once connected (writes wait for the handshake).
+    """
     conn = RawConnection(retain_body=retain_body)
-    endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    endpoint: Any = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    if tls is not None:
+        endpoint = wrapClientTLS(tls, endpoint)
     d = connectProtocol(endpoint, conn)
     d.addCallback(lambda _: conn._made)
     return d
@@ -484,10 +521,16 @@ def connect(
 
 @defer.inlineCallbacks
 def request(
-    reactor: Any, host: str, port: int, raw_bytes: bytes, head: bool = False, final: bool = True
+    reactor: Any,
+    host: str,
+    port: int,
+    raw_bytes: bytes,
+    head: bool = False,
+    final: bool = True,
+    tls: Any = None,
 ) -> Any:
     """Connect, send ``raw_bytes``, read one response (the final one unless ``final`` is False), close."""
-    conn = yield connect(reactor, host, port)
+    conn = yield connect(reactor, host, port, tls=tls)
     try:
         conn.send(raw_bytes)
         if final:

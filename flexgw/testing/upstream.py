@@ -861,13 +861,22 @@ class RecordingUpstream(protocol.ServerFactory):
         return conn
 
     # -- lifecycle
-    def listen(self, reactor: Any = None, host: str = "127.0.0.1", port: int = 0) -> Any:
-        """Listen on ``host:port`` (ephemeral by default) and return the listening port."""
+    def listen(
+        self, reactor: Any = None, host: str = "127.0.0.1", port: int = 0, tls: Any = None
+    ) -> Any:
+        """Listen on ``host:port`` (ephemeral by default) and return the listening port.
+
+        With ``tls`` (a Twisted context factory or server connection creator, e.g.
+        ``flexgw.testing.certs.server_options``) the upstream speaks TLS.
+        """
         reactor = reactor if reactor is not None else self.reactor
         if self.reactor is None:
             self.reactor = reactor
         assert reactor is not None, "a reactor is needed to listen"
-        self.port = reactor.listenTCP(port, self, interface=host)
+        if tls is not None:
+            self.port = reactor.listenSSL(port, self, tls, interface=host)
+        else:
+            self.port = reactor.listenTCP(port, self, interface=host)
         return self.port
 
     @property

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 from typing import Protocol as TypingProtocol
 
 import httptools
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -100,6 +100,9 @@ class UpstreamConnection(Protocol):
         self._head_bytes = 0
         self._body_seen = False
         self.tunnel: Any = None  # a flexgw.http.tunnel.Tunnel once the connection is upgraded
+
+    #: True on a TLS connection lost before its handshake completed (see TLSUpstreamConnection).
+    tls_failed = False
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -196,7 +199,7 @@ class UpstreamConnection(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         """Tell the exchange (if any) and leave the pool."""
         self.reusable = False
-        self.pool.connection_lost(self)
+        self.pool.connection_lost(self, reason)
         tunnel = self.tunnel
         if tunnel is not None:
             self.tunnel = None
@@ -264,3 +267,21 @@ class UpstreamConnection(Protocol):
 
 class _Unsolicited(Exception):
     """Raised from a parser callback: the upstream sent bytes after a complete response."""
+
+
+@implementer(IHandshakeListener)
+class TLSUpstreamConnection(UpstreamConnection):
+    """An upstream connection over TLS: handed to its exchange only once the handshake (and
+    the certificate and host name checks) completed, so a failed check is told apart from a
+    reset: the exchange answers 502 `upstream_tls`."""
+
+    def connectionMade(self) -> None:
+        """TCP is up; TLS is not yet: wait for the handshake."""
+        self.connected_ok = True
+        self.tls_failed = True  # until the handshake completes
+        self.gate = ReadGate(self.transport)
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up: hand the connection to whoever asked for it."""
+        self.tls_failed = False
+        self.pool.connection_made(self)

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.internet.protocol import ClientFactory
 from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from flexgw.config.plan import HttpSettings, Timeouts, Upstream
-from flexgw.upstream.connection import UpstreamConnection
+from flexgw.upstream.connection import TLSUpstreamConnection, UpstreamConnection
+
+_log = Logger(namespace="flexgw.upstream")
+
+
+class UpstreamTLSError(Exception):
+    """The TLS handshake with an upstream failed (certificate, host name, protocol)."""
 
 
 class ConnectionWaiter(TypingProtocol):
@@ -30,8 +38,13 @@ class _Connect(ClientFactory):
         self.waiter = waiter
 
     def buildProtocol(self, addr: object) -> UpstreamConnection:
-        """Build the connection; the pool hands it to the waiter once connected."""
-        connection = UpstreamConnection(self.pool)
+        """Build the connection; the pool hands it to the waiter once connected (over TLS:
+        once the handshake, with its certificate checks, completed)."""
+        pool = self.pool
+        if pool.upstream.tls is not None:
+            connection: UpstreamConnection = TLSUpstreamConnection(pool)
+        else:
+            connection = UpstreamConnection(pool)
         self.pool._pending[connection] = self.waiter
         return connection
 
@@ -81,10 +94,16 @@ class UpstreamPool:
                 connection.abort()
         self.connecting += 1
         upstream = self.upstream
+        factory: Any = _Connect(self, waiter)
+        tls = upstream.tls
+        if tls is not None:
+            from flexgw.tls.contexts import QuietTLSFactory
+
+            factory = QuietTLSFactory(tls.creator, True, factory)
         self.reactor.connectTCP(
             upstream.connect_host or upstream.host,
             self.upstream.port,
-            _Connect(self, waiter),
+            factory,
             timeout=self.connect_timeout,
         )
 
@@ -110,13 +129,26 @@ class UpstreamPool:
         self.active -= 1
         connection.abort()
 
-    def connection_lost(self, connection: UpstreamConnection) -> None:
+    def connection_lost(self, connection: UpstreamConnection, reason: Failure | None = None) -> None:
         """Forget a closed connection."""
         if connection in self._pending:
-            # Connected, then lost before connectionMade completed: the attempt failed.
+            # Connected, then lost before connectionMade (or the TLS handshake) completed: the
+            # attempt failed; over TLS `reason` says why (a certificate check, say).
             self.connecting -= 1
             waiter = self._pending.pop(connection)
-            waiter.upstream_connect_failed(Failure(ConnectionError("connection lost at connect")))
+            if connection.tls_failed:
+                cause = reason.value if reason is not None else None
+                _log.warn(
+                    "TLS handshake with upstream {upstream} ({host}:{port}) failed: {cause!r}",
+                    upstream=self.upstream.key,
+                    host=self.upstream.host,
+                    port=self.upstream.port,
+                    cause=cause,
+                )
+                reason = Failure(UpstreamTLSError(cause))
+            else:
+                reason = Failure(ConnectionError("connection lost at connect"))
+            waiter.upstream_connect_failed(reason)
             return
         try:
             self.idle.remove(connection)
