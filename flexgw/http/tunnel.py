@@ -24,7 +24,6 @@ from flexgw.upstream.connection import BACKPRESSURE, ReadGate
 DOWNSTREAM_CLOSED = "downstream_closed"
 UPSTREAM_CLOSED = "upstream_closed"
 IDLE_TIMEOUT = "stream_idle_timeout"
-CLOSED_BY_GATEWAY = "gateway_closed"
 
 
 class Tunnel:
@@ -112,10 +111,6 @@ class Tunnel:
             timer, self.timer = self.timer, None
             if timer.active():
                 timer.cancel()
-
-    def close(self) -> None:
-        """The gateway ends the tunnel (shutdown): both sides close after their writes."""
-        self._end(CLOSED_BY_GATEWAY)
 
     def _on_timer(self) -> None:
         self.timer = None
