@@ -15,6 +15,7 @@ from flexgw.config.plan import HttpSettings, Timeouts
 from flexgw.egress.front import ForwardProxyProtocol
 from flexgw.ingress.front import IngressFactory
 from flexgw.ingress.upgrade import MAX_EARLY_BYTES
+from flexgw.service.metrics import GatewayMetrics
 from flexgw.upstream.pool import PoolManager
 from tests.conftools import write_conf
 from tests.harness import simple_api
@@ -95,6 +96,23 @@ class UpgradeInMemoryTests(FrontCase):
         self.assertFalse(self.down.aborted)
         self.reactor.advance(2)
         self.assertTrue(self.down.aborted and up.aborted)
+
+    def test_metrics_count_the_switch_not_the_lifetime(self) -> None:
+        """A tunnel is counted once, at the 101, with the latency to the switch: a tunnel open
+        for minutes is not minutes of request latency or of time the gateway added."""
+        metrics = self.factory.metrics = GatewayMetrics(self.reactor, buckets=(1.0,))
+        self.front.dataReceived(HANDSHAKE)
+        conn, _ = self.connect_upstream()
+        self.reactor.advance(0.2)
+        conn.dataReceived(SWITCH)
+        [(key, count)] = metrics.requests.items()
+        self.assertEqual((key[2], count), (101, 1))
+        self.reactor.advance(25)
+        self.front.connectionLost(None)
+        self.assertEqual(list(metrics.requests.values()), [1])
+        [slots] = metrics.latency.values()
+        self.assertEqual(slots[:2], [1, 0])  # total latency: under 1 s, nothing above
+        self.assertAlmostEqual(slots[2], 0.2)
 
     def test_http10_upgrade_is_a_plain_request(self) -> None:
         """Upgrade is HTTP/1.1's: an HTTP/1.0 request carrying it goes upstream without it."""

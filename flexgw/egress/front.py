@@ -349,6 +349,7 @@ class ForwardExchange(ProxyExchange):
         front.tunnel = tunnel
         if front.active is self:
             front.active = None
+        front.factory.count_tunnel(self)
         early, self.early = self.early, b""
         tunnel.start(early_up=early)
 
@@ -365,7 +366,7 @@ class ForwardExchange(ProxyExchange):
         self.bytes_out = tunnel.bytes_down
         if tunnel.ended_by == IDLE_TIMEOUT:
             self.error_cause = IDLE_TIMEOUT
-        self.front.factory.log_exchange(self)
+        self.front.factory.log_tunnel(self)
 
     def downstream_lost(self) -> None:
         """The client went away: stop a lookup or a connection attempt in progress."""

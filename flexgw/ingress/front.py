@@ -554,6 +554,17 @@ class IngressFactory(Factory):
         if self.metrics is not None:
             self.metrics.exchange(exchange)
 
+    def count_tunnel(self, exchange: ProxyExchange) -> None:
+        """Count an exchange that became a tunnel, when it does: its latency is the time to the
+        switch (a tunnel's lifetime is no request latency, and no time the gateway added)."""
+        if self.metrics is not None:
+            self.metrics.exchange(exchange)
+
+    def log_tunnel(self, exchange: ProxyExchange) -> None:
+        """Write the access log line of a tunnel that ended (counted when it began)."""
+        if self.access_log is not None:
+            self.access_log.exchange(exchange, self.listener)
+
     def log_failure(self, failure: BaseException | None) -> None:
         """Log an unexpected exception raised while handling a request."""
         _log.failure(

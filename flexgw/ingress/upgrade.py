@@ -144,6 +144,7 @@ class UpgradeExchange(ProxyExchange):
         front.tunnel = tunnel
         if front.active is self:
             front.active = None
+        front.factory.count_tunnel(self)
         early, self.early = self.early, b""
         tunnel.start(early_up=early, early_down=rest)
 
@@ -154,7 +155,7 @@ class UpgradeExchange(ProxyExchange):
         self.bytes_out = tunnel.bytes_down
         if tunnel.ended_by == IDLE_TIMEOUT:
             self.error_cause = IDLE_TIMEOUT
-        self.front.factory.log_exchange(self)
+        self.front.factory.log_tunnel(self)
 
     def downstream_lost(self) -> None:
         """The client went away before the switch."""
