@@ -271,6 +271,23 @@ def sanity_get(port: int, expect_body: bytes | None = b"hello\n", headers: dict[
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
 
 
+def wait_ready(admin_port: int, procs: Processes, name: str, timeout: float = 30.0) -> None:
+    """Poll the admin listener's /probes/readiness until 200 (every worker serves), bounded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection(HOST, admin_port, timeout=2)
+            conn.request("GET", "/probes/readiness")
+            if conn.getresponse().status == 200:
+                conn.close()
+                return
+            conn.close()
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise BenchError(f"{name}: not ready after {timeout:g}s\n{procs.log_tail(name)}")
+
+
 def _ms(value: str) -> float:
     m = re.fullmatch(r"([\d.]+)(us|ms|s)", value.strip())
     if not m:
@@ -312,6 +329,38 @@ def run_wrk(port: int, connections: int, duration: float, cpu: int | None, use_t
     if out.returncode != 0:
         raise BenchError(f"wrk failed ({out.returncode}): {out.stderr}")
     return parse_wrk(out.stdout)
+
+
+def parse_h2load(output: str) -> dict[str, Any]:
+    """Requests/s, mean request time (ms) and failures from h2load output."""
+    finished = re.search(r"finished in [\d.]+s, ([\d.]+) req/s", output)
+    requests = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed", output)
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", output)
+    if finished is None or requests is None or codes is None:
+        raise BenchError(f"unparsable h2load output:\n{output}")
+    result: dict[str, Any] = {
+        "rps": float(finished.group(1)),
+        "requests": int(requests.group(2)),
+        "failed": int(requests.group(4)),
+        "non_2xx": sum(int(codes.group(i)) for i in (2, 3, 4)),
+    }
+    timing = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", output)
+    if timing is not None:
+        result["mean_ms"] = _ms(timing.group(3))
+    return result
+
+
+def run_h2load(port: int, connections: int, streams: int, duration: float, cpu: int | None,
+               use_taskset: bool) -> dict[str, Any]:
+    """Run h2load (1 thread, HTTP/2 with prior knowledge) against ``port`` and parse it."""
+    argv = ["h2load", "-t1", f"-c{connections}", f"-m{streams}", f"-D{max(1, round(duration))}",
+            f"http://{HOST}:{port}/"]
+    if use_taskset and cpu is not None:
+        argv = ["taskset", "-c", str(cpu), *argv]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+    if out.returncode != 0:
+        raise BenchError(f"h2load failed ({out.returncode}): {out.stderr}{out.stdout}")
+    return parse_h2load(out.stdout)
 
 
 def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -403,6 +452,7 @@ def fmt(value: float | None, spec: str) -> str:
 def start_gateway(
     args: argparse.Namespace, procs: Processes, tmp: Path, name: str, conf_name: str,
     extra_conf: str, upstream_port: int, cpu: int | None, env: dict[str, str],
+    extra_args: str = "",
 ) -> tuple[int, str]:
     """Write a gateway conf dir (GATEWAY_CONF + `extra_conf`), start the gateway command on a free
     port and wait for it; returns (port, the command line)."""
@@ -422,6 +472,8 @@ def start_gateway(
         tmp=shlex.quote(str(tmp)),
         nginx_gateway_conf=shlex.quote(str(nginx_conf)),
     )
+    if extra_args:
+        cmd += " " + extra_args
     proc = procs.start(name, shlex.split(cmd), cpu, env)
     wait_port(port, proc, procs, name)
     return port, cmd
@@ -449,9 +501,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway-cpu", type=int, default=0, help="CPU for the proxies (default 0)")
     parser.add_argument("--load-cpu", type=int, default=1, help="CPU for wrk and the upstream (default 1)")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
+    parser.add_argument("--h2", action="store_true",
+                        help="also measure flexgw over HTTP/2 (h2c, h2load -c N -m 1 and -m 10) as a ratio "
+                        "of its HTTP/1.1 figure (needs h2load: apt-get install -y nghttp2-client)")
     parser.add_argument("--policies", action="store_true",
                         help="also measure flexgw with a 4-policy chain (basic auth, rate limit, header "
                         "injection, message logging; the kinds that exist) as a ratio of plain flexgw")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="also measure flexgw --workers N (not pinned to a CPU) as a ratio of the "
+                        "one-process flexgw of the same run")
     parser.add_argument("--tls", action="store_true",
                         help="also measure flexgw terminating TLS (a `tls` binding, wrk over https, "
                         "keep-alive connections) as a ratio of plain-HTTP flexgw in the same run")
@@ -459,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if not shutil.which("wrk"):
         print("wrk is not installed (apt-get install -y wrk)", file=sys.stderr)
+        return 2
+    if args.h2 and not shutil.which("h2load"):
+        print("h2load is not installed (apt-get install -y nghttp2-client)", file=sys.stderr)
         return 2
     have_nginx = shutil.which("nginx") is not None
     if args.upstream == "nginx" and not have_nginx:
@@ -472,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     results: dict[str, dict[str, Any]] = {}
+    h2_results: dict[str, dict[str, Any]] = {}
     info: dict[str, Any] = {
         "duration_s": args.duration,
         "connections": args.connections,
@@ -541,6 +603,18 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"  --policies: kinds not available, skipped: {', '.join(missing)}",
                               file=sys.stderr)
 
+                if args.workers > 1:
+                    # the same conf, N worker processes, on every CPU (wrk and the upstream share them)
+                    admin_port = free_port()
+                    wk_port, wk_cmd = start_gateway(
+                        args, procs, tmp, "gateway-workers", "conf-workers", "", upstream_port, None,
+                        env, extra_args=f"--workers {args.workers} --admin tcp:{admin_port}:interface={HOST}",
+                    )
+                    wait_ready(admin_port, procs, "gateway-workers")
+                    info["gateway_workers_cmd"] = wk_cmd
+                    info["workers"] = args.workers
+                    sanity_get(wk_port)
+                    targets.append((f"flexgw-w{args.workers}", wk_port))
                 if args.tls:
                     # the same gateway config on a TLS port (plain HTTP to the upstream)
                     docs, ca_path = tls_conf(tmp)
@@ -576,6 +650,17 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
+                if args.h2 and name == "flexgw":
+                    # the same gateway over h2c, right after its HTTP/1.1 runs
+                    if args.warmup > 0:
+                        run_h2load(port, args.connections, 1, args.warmup, load_cpu, use_taskset)
+                    for streams in (1, 10):
+                        runs = [run_h2load(port, args.connections, streams, args.duration, load_cpu, use_taskset)
+                                for _ in range(args.repeat)]
+                        runs.sort(key=lambda r: r["rps"])
+                        h2_results[f"m{streams}"] = runs[len(runs) // 2]
+                        print(f"  flexgw h2 (-m{streams}): {h2_results[f'm{streams}']['rps']:.0f} req/s",
+                              file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         status = 130
@@ -592,9 +677,17 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         return status or 1
     summary = summarise(results, args.connections)
+    if h2_results and "flexgw" in results:
+        h1_rps = results["flexgw"]["c50"]["rps"]
+        for key, r in h2_results.items():
+            summary[f"h2_{key}_rps"] = r["rps"]
+            summary[f"rps_ratio_h2_{key}_over_h1"] = r["rps"] / h1_rps if h1_rps else None
+        summary["errors"]["flexgw-h2"] = sum(r["failed"] + r["non_2xx"] for r in h2_results.values())
     print_table(results, summary, info, args.connections)
     if args.json:
-        Path(args.json).write_text(json.dumps({"info": info, "results": results, "summary": summary}, indent=2))
+        Path(args.json).write_text(json.dumps(
+            {"info": info, "results": results, "h2": h2_results, "summary": summary}, indent=2
+        ))
     return status
 
 
@@ -609,6 +702,9 @@ def summarise(results: dict[str, dict[str, Any]], connections: int) -> dict[str,
         summary["rps_ratio_tls_over_flexgw"] = results["flexgw-tls"]["c50"]["rps"] / results["flexgw"]["c50"]["rps"]
     if "flexgw" in results and "flexgw+pol" in results:
         summary["rps_ratio_policies_over_flexgw"] = results["flexgw+pol"]["c50"]["rps"] / results["flexgw"]["c50"]["rps"]
+    for name in results:
+        if name.startswith("flexgw-w") and "flexgw" in results:
+            summary["rps_ratio_workers_over_flexgw"] = results[name]["c50"]["rps"] / results["flexgw"]["c50"]["rps"]
     if "flexgw" in results and "nginx-proxy" in results:
         summary["rps_ratio_flexgw_over_nginx"] = results["flexgw"]["c50"]["rps"] / results["nginx-proxy"]["c50"]["rps"]
         ng = summary.get("nginx-proxy_added_p50_ms")
@@ -658,6 +754,17 @@ def print_table(results: dict[str, dict[str, Any]], summary: dict[str, Any], inf
               f"{ratio:.3f}  (target >= 0.7)")
         if info.get("policies_missing"):
             print("NOTE: policy kinds not available, left out: " + ", ".join(info["policies_missing"]))
+    for key in ("m1", "m10"):
+        ratio = summary.get(f"rps_ratio_h2_{key}_over_h1")
+        if ratio is not None:
+            streams = key[1:]
+            print(f"flexgw h2c ({connections} connections, {streams} stream(s) each) / flexgw HTTP/1.1 "
+                  f"req/s: {summary[f'h2_{key}_rps']:.0f} / {results['flexgw']['c50']['rps']:.0f} = {ratio:.3f}")
+    if "rps_ratio_workers_over_flexgw" in summary:
+        ratio = summary["rps_ratio_workers_over_flexgw"]
+        print(f"flexgw --workers {info.get('workers')} / flexgw (one process) req/s at {connections} "
+              f"connections: {ratio:.3f}  (target >= 1.8; the workers share the CPUs with wrk and the "
+              f"upstream, the one process has CPU0 to itself)")
     if "rps_ratio_tls_over_flexgw" in summary:
         ratio = summary["rps_ratio_tls_over_flexgw"]
         print(f"flexgw over TLS / flexgw plain HTTP req/s at {connections} connections: {ratio:.3f}")

@@ -12,6 +12,7 @@ from typing import Any, TextIO
 import attrs
 
 import flexgw
+from flexgw.config.ingress import ingress_options
 from flexgw.config.pipeline import load_config
 from flexgw.config.plan import BoundPolicy, GatewayPlan, Problem, Rule
 from flexgw.policies.registry import load_modules
@@ -83,7 +84,14 @@ def plan_json(plan: GatewayPlan) -> dict[str, Any]:
                         "port": upstream.port,
                         "pathPrefix": upstream.path_prefix,
                         "authority": upstream.authority,
+                        "idleTimeoutSeconds": upstream.idle_timeout,  # idle-timeout-flex
+                        # forwardProxy (never its credentials), when it is used for this host
+                        "viaProxy": (
+                            upstream.proxy.authority.decode("latin-1") if upstream.proxy else None
+                        ),
                     }
+                    if upstream.tls is not None:
+                        upstreams[upstream.key]["tls"] = upstream.tls.describe()
                     destinations.append(
                         {
                             "upstream": upstream.key,
@@ -100,18 +108,19 @@ def plan_json(plan: GatewayPlan) -> dict[str, Any]:
                         "destinations": destinations,
                     }
                 )
-            entry: dict[str, Any] = {
+            api_entry: dict[str, Any] = {
                 "key": api.key,
                 "basePath": api.base_path,
                 "routes": routes,
                 "policies": [_policy_json(p) for p in api.policies],
             }
             if api.forward_proxy is not None:
-                entry["forwardProxy"] = _forward_proxy_json(api)
-            apis.append(entry)
-        listeners.append(
-            {"scheme": listener.scheme, "host": listener.host, "port": listener.port, "apis": apis}
-        )
+                api_entry["forwardProxy"] = _forward_proxy_json(api)
+            apis.append(api_entry)
+        entry = {"scheme": listener.scheme, "host": listener.host, "port": listener.port, "apis": apis}
+        if listener.tls is not None:
+            entry["tls"] = listener.tls.describe()
+        listeners.append(entry)
     timeouts = plan.timeouts
     http = plan.http
     return {
@@ -134,6 +143,7 @@ def plan_json(plan: GatewayPlan) -> dict[str, Any]:
             "bodyBufferLimitBytes": http.body_buffer_limit,
         },
         "probe": {"enabled": plan.probe.enabled, "port": plan.probe.port, "host": plan.probe.host},
+        "proxyProtocol": plan.proxy_protocol,
         "problems": [_problem_json(p) for p in plan.problems],
     }
 
@@ -147,6 +157,24 @@ def _parser() -> argparse.ArgumentParser:
     dump.add_argument("dirs", nargs="+", metavar="DIR")
     for command in (validate, dump):
         command.add_argument("--strict", action="store_true", help="unknown keys are errors")
+        command.add_argument(
+            "--ingress-class", default="flexgw", help="Kubernetes ingress class served (%(default)s)"
+        )
+        command.add_argument(
+            "--ingress-default-class",
+            action="store_true",
+            help="serve Ingresses that name no ingress class",
+        )
+        command.add_argument(
+            "--ingress-listener",
+            default="http://0.0.0.0:8080",
+            help="listener of Ingresses without the api-instance annotation (%(default)s)",
+        )
+        command.add_argument(
+            "--ingress-tls-listener",
+            default="https://0.0.0.0:8443",
+            help="TLS listener for those Ingresses when they carry spec.tls (%(default)s)",
+        )
         command.add_argument(
             "--policy-module",
             action="append",
@@ -221,14 +249,28 @@ def main(
     except ImportError as exc:
         print(f"--policy-module: {exc}", file=out)
         return 2
-    state = load_config(args.dirs, env, strict=args.strict)
+    try:
+        ingress = ingress_options(
+            args.ingress_class,
+            args.ingress_default_class,
+            args.ingress_listener,
+            args.ingress_tls_listener,
+        )
+    except ValueError as exc:
+        print(str(exc), file=out)
+        return 2
+    state = load_config(args.dirs, env, strict=args.strict, ingress=ingress)
     if args.command == "validate":
         for problem in state.problems:
             print(problem, file=out)
         errors = len(state.errors)
-        warnings = len(state.problems) - errors
+        warnings = sum(1 for p in state.problems if p.severity == "warning")
+        notes = len(state.problems) - errors - warnings
         apis = sum(len(listener.apis) for listener in state.plan.listeners)
-        print(f"{errors} error(s), {warnings} warning(s), {apis} API(s) served", file=out)
+        summary = f"{errors} error(s), {warnings} warning(s), {apis} API(s) served"
+        if notes:
+            summary = f"{errors} error(s), {warnings} warning(s), {notes} note(s), {apis} API(s) served"
+        print(summary, file=out)
         return 0 if state.ok else 1
     json.dump(plan_json(state.plan), out, indent=2)
     out.write("\n")

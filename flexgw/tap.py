@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 from typing import Any
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
@@ -59,13 +61,38 @@ class Options(usage.Options):
             ),
         ],
         [
+            "worker-timeout",
+            None,
+            "30",
+            (
+                "With --workers: a worker not answering the supervisor for this many seconds is"
+                " killed and restarted (0: never)."
+            ),
+        ],
+        [
             "message-log",
             None,
             "-",
             "message-logging-flex output: a file path, '-' for stdout, 'twisted' for the runtime log.",
         ],
+        ["ingress-class", None, "flexgw", "The Kubernetes ingress class flexgw serves."],
+        [
+            "ingress-listener",
+            None,
+            "http://0.0.0.0:8080",
+            "Listener for Ingresses without the api-instance annotation (an ApiInstance address).",
+        ],
+        [
+            "ingress-tls-listener",
+            None,
+            "https://0.0.0.0:8443",
+            "TLS listener serving those Ingresses too, with their spec.tls certificates (when any).",
+        ],
     ]
-    optFlags = [["strict", None, "Unknown configuration keys are errors, not warnings."]]  # noqa: RUF012
+    optFlags = [  # noqa: RUF012
+        ["strict", None, "Unknown configuration keys are errors, not warnings."],
+        ["ingress-default-class", None, "Serve Kubernetes Ingresses that name no ingress class."],
+    ]
 
     def __init__(self) -> None:
         super().__init__()
@@ -117,8 +144,25 @@ class Options(usage.Options):
             self["workers"] = worker_count(str(self["workers"]))
         except ValueError:
             raise usage.UsageError("--workers must be a number from 1 to 1024, or 'auto'") from None
+        try:
+            self["worker-timeout"] = float(self["worker-timeout"])
+        except ValueError:
+            raise usage.UsageError("--worker-timeout must be a number of seconds") from None
+        if not 0 <= self["worker-timeout"] < float("inf"):
+            raise usage.UsageError("--worker-timeout must be 0 or more")
         if self["log-level"] is not None and self["log-level"] not in _LEVELS:
             raise usage.UsageError("--log-level must be one of " + ", ".join(_LEVELS))
+        from flexgw.config.ingress import ingress_options
+
+        try:
+            self["ingress"] = ingress_options(
+                self["ingress-class"],
+                self["ingress-default-class"],
+                self["ingress-listener"],
+                self["ingress-tls-listener"],
+            )
+        except ValueError as exc:
+            raise usage.UsageError(str(exc)) from None
 
 
 def _install_log_level(
@@ -157,6 +201,13 @@ def worker_command(options: Options) -> list[str]:
         argv += ["--log-level", options["log-level"]]
     if options["strict"]:
         argv.append("--strict")
+    argv += [
+        "--ingress-class", options["ingress-class"],
+        "--ingress-listener", options["ingress-listener"],
+        "--ingress-tls-listener", options["ingress-tls-listener"],
+    ]
+    if options["ingress-default-class"]:
+        argv.append("--ingress-default-class")
     return argv
 
 
@@ -197,6 +248,7 @@ def _make_supervisor(options: Options) -> MultiService:
         drain_seconds=options["drain-seconds"],
         inherited_fds=inherited,
         inherited_names=names,
+        worker_timeout=options["worker-timeout"],
     )
     if options["admin"] != "off":  # before the supervisor: stopped after it (see _AdminService)
         _AdminService(
@@ -283,6 +335,7 @@ def _make_gateway(options: Options) -> MultiService:
         log_filter=log_filter,
         log_level_fixed=options["log-level"] is not None,
         log_publisher=globalLogPublisher,
+        ingress=options["ingress"],
         notifier=SupervisedNotifier(worker, worker.index) if worker is not None else None,
         reuse_port=worker is not None,
         supervisor=worker,
@@ -314,10 +367,8 @@ def _stop_reactor(reactor: Any) -> Any:
 
     def stop() -> None:
         if reactor.running and not getattr(reactor, "_stopped", False):
-            try:
+            with contextlib.suppress(ReactorNotRunning):  # already stopping
                 reactor.stop()
-            except Exception:  # noqa: BLE001 (ReactorNotRunning: already stopping)
-                pass
 
     return stop
 

@@ -95,7 +95,7 @@ class DumpTests(TestCase):
 
     def test_dump_forward_proxy(self) -> None:
         """A forward-proxy API shows its normalised destination rules and address ranges."""
-        from tests.test_forward_proxy import proxy_conf
+        from tests.test_egress_proxy import proxy_conf
 
         conf = proxy_conf(3128, ["A.test", "*.b.test:8443", "0x7f.1:*", "[::1]:443"])
         status, out = run(["dump", write_conf(self, {"p.yaml": conf})])

@@ -168,6 +168,6 @@ class TlsExampleTests(TestCase):
         self.assertEqual(response.status, 200)
         echoed = json.loads(response.body)
         self.assertEqual(echoed["path"], "/v1/hello")
-        headers = dict((k.lower(), v) for k, v in echoed["headers"])
+        headers = {k.lower(): v for k, v in echoed["headers"]}
         self.assertEqual(headers["x-forwarded-proto"], "https")
         self.assertIn('Subject="CN=demo-client"', headers["x-forwarded-client-cert"])

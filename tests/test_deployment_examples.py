@@ -1,4 +1,4 @@
-"""The deployment-model examples `conf/standalone` and `conf/sidecar`, served as shipped.
+"""The deployment-model examples under conf/ (standalone, sidecar, ingress), served as shipped.
 
 Each test copies an example directory, moving only its addresses to free loopback ports and its
 upstream to a local echo server (the files are otherwise as shipped), and checks what the README
@@ -10,13 +10,21 @@ from __future__ import annotations
 import base64
 import json
 import os
+import time
+from typing import Any
 
+import jwt
 from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
 
 from flexgw.config.pipeline import load_config
 from flexgw.testing import client
-from flexgw.testing.upstream import EchoUpstream
+from flexgw.testing.certs import CertificateAuthority, client_options
+from flexgw.testing.upstream import EchoUpstream, RecordingUpstream
 from tests.harness import Gateway, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,3 +142,137 @@ class SidecarTests(ExampleCase):
         self.assertEqual(json.loads(root.body)["path"], "/")
         ready = await self.get(probe, "/probes/readiness")
         self.assertEqual(ready.status, 200)
+
+
+class _ProxyHeaderFirst(ProtocolWrapper):
+    """What a PROXY-speaking load balancer does: the header in clear, then the client's bytes
+    (here a TLS handshake)."""
+
+    def makeConnection(self, transport: Any) -> None:
+        """Header first, then the wrapped protocol starts."""
+        transport.write(self.factory.header)
+        super().makeConnection(transport)
+
+
+def proxy_v1(source: str, port: int) -> bytes:
+    """A PROXY protocol v1 header for a TCP4 client `source` reaching 127.0.0.1:`port`."""
+    return f"PROXY TCP4 {source} 127.0.0.1 51000 {port}\r\n".encode("ascii")
+
+
+class IngressExampleTests(TestCase):
+    """conf/ingress: HTTPS behind a PROXY-protocol load balancer, JWT, CORS."""
+
+    SECRET = "flexgw-ingress-example-secret-0123456789"
+
+    def setUp(self) -> None:
+        """Demo certificates for localhost in a temp dir, as `python -m flexgw.testing.certs`."""
+        self.tls_dir = os.path.abspath(self.mktemp())
+        self.ca = CertificateAuthority("ingress example CA")
+        self.ca.issue("localhost", dns=["localhost"], ips=["127.0.0.1"]).write(
+            self.tls_dir, "server"
+        )
+        self.environ = {"FLEXGW_TLS_DIR": self.tls_dir, "FLEXGW_JWT_SECRET": self.SECRET}
+
+    def test_validates_cleanly(self) -> None:
+        """No errors and no warnings with the two variables set; without them, errors that
+        name them."""
+        state = load_config([os.path.join(CONF, "ingress")], self.environ)
+        self.assertEqual([str(p) for p in state.problems], [])
+        unset = load_config([os.path.join(CONF, "ingress")], {})
+        text = "\n".join(str(p) for p in unset.problems)
+        self.assertIn("FLEXGW_TLS_DIR", text)
+        self.assertIn("FLEXGW_JWT_SECRET", text)
+
+    def serve(self) -> tuple[int, RecordingUpstream]:
+        """The example on a free port, its upstream a recording server."""
+        upstream = RecordingUpstream(reactor=reactor)
+        upstream.listen(reactor)
+        self.addCleanup(upstream.stop)
+        port = free_port()
+        files = example_files(
+            "ingress",
+            {
+                "0.0.0.0:8443": f"127.0.0.1:{port}",
+                "127.0.0.1:8082": f"127.0.0.1:{upstream.address[1]}",
+                "port: 3000": f"port: {free_port()}\n    host: 127.0.0.1",
+            },
+        )
+        gateway = Gateway(self, files, environ=self.environ)
+        gateway.start()
+        self.assertEqual([str(p) for p in gateway.service.state.errors], [])
+        return port, upstream
+
+    async def connect(self, port: int, header: bytes | None) -> client.RawConnection:
+        """A TLS connection to the gateway, preceded by `header` (None: no PROXY header)."""
+        conn = client.RawConnection()
+        tls = TLSMemoryBIOFactory(
+            client_options("localhost", self.ca), True, Factory.forProtocol(lambda: conn)
+        )
+        factory: Any = tls
+        if header is not None:
+            factory = WrappingFactory(tls)
+            factory.protocol = _ProxyHeaderFirst
+            factory.header = header
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+        self.addCleanup(lambda: conn.transport.abortConnection())
+        return conn
+
+    def token(self, audience: str = "api.example.com") -> bytes:
+        """An HS256 JWT for `audience`, valid for five minutes."""
+        claims = {"sub": "user-1", "aud": audience, "exp": int(time.time()) + 300}
+        return jwt.encode(claims, self.SECRET, algorithm="HS256").encode("ascii")
+
+    async def test_https_proxy_protocol_jwt(self) -> None:
+        """Through the load balancer's PROXY header and TLS: no token is refused, a valid token
+        reaches /v1/... with the carried client address and X-Forwarded-Proto https, a token for
+        another audience is refused; the upstream sees only the accepted request."""
+        port, upstream = self.serve()
+        conn = await self.connect(port, proxy_v1("198.51.100.23", port))
+        conn.send(b"GET /api/hello HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        missing = await conn.read_response()
+        self.assertEqual(missing.status, 400)
+        conn.send(
+            b"GET /api/hello HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer "
+            + self.token() + b"\r\n\r\n"
+        )
+        ok = await conn.read_response()
+        self.assertEqual(ok.status, 200)
+        conn.send(
+            b"GET /api/hello HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer "
+            + self.token("someone.else") + b"\r\n\r\n"
+        )
+        wrong = await conn.read_response()
+        self.assertEqual(wrong.status, 401)
+        (received,) = upstream.received
+        self.assertEqual(received.target, b"/v1/hello")
+        self.assertEqual(received.header("x-forwarded-for"), [b"198.51.100.23"])
+        self.assertEqual(received.header("x-forwarded-proto"), [b"https"])
+
+    async def test_cors_preflight_answered_at_the_gateway(self) -> None:
+        """A preflight from the allowed browser origin is answered by the gateway (no token
+        needed, nothing forwarded); another origin gets no CORS grant."""
+        port, upstream = self.serve()
+        conn = await self.connect(port, proxy_v1("198.51.100.24", port))
+        preflight = (
+            b"OPTIONS /api/orders HTTP/1.1\r\nHost: localhost\r\nOrigin: %s\r\n"
+            b"Access-Control-Request-Method: POST\r\n\r\n"
+        )
+        conn.send(preflight % b"https://app.example.com")
+        allowed = await conn.read_response()
+        self.assertEqual(allowed.header("access-control-allow-origin"), [b"https://app.example.com"])
+        self.assertEqual(allowed.header("access-control-allow-credentials"), [b"true"])
+        conn.send(preflight % b"https://evil.example.net")
+        refused = await conn.read_response()
+        self.assertEqual(refused.header("access-control-allow-origin"), [])
+        self.assertEqual(upstream.received, [])
+
+    async def test_client_without_proxy_header_is_closed(self) -> None:
+        """Only the load balancer may connect: a direct TLS client (no PROXY header) is closed
+        before any request is read."""
+        port, upstream = self.serve()
+        conn = await self.connect(port, None)
+        conn.send(b"GET /api/hello HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        await conn.wait_closed()
+        self.assertEqual(conn.received_raw, b"")  # not even an error response
+        self.assertFalse(conn.handshake_done)  # the TLS hello was taken as a bad PROXY header
+        self.assertEqual(upstream.received, [])

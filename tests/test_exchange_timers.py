@@ -34,7 +34,7 @@ class ExchangeClockTestCase(TestCase):
             self.reactor, self.reactor, plan.listeners[0], HttpSettings(), TIMEOUTS,
             self.pools, None,
         )
-        self.front: IngressProtocol = self.factory.buildProtocol(None)
+        self.front = IngressProtocol(self.factory)
         self.down = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5555))
         self.front.makeConnection(self.down)
 

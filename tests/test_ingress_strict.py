@@ -101,8 +101,9 @@ class RequestLineTests(StrictTestCase):
         await self.refused(b"GET / HTTP/1.2\r\nHost: a.test\r\n\r\n")
 
     async def test_h2_preface(self) -> None:
-        """The HTTP/2 connection preface on an HTTP/1 listener is refused."""
-        await self.refused(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        """Bytes that start like the HTTP/2 connection preface but are not it are read (and
+        refused) as HTTP/1 (the whole preface starts HTTP/2: tests/test_h2_front.py)."""
+        await self.refused(b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n")
 
     async def test_lower_case_protocol(self) -> None:
         """`http/1.1` is not a valid protocol name."""

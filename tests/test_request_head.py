@@ -433,7 +433,7 @@ class InMemoryFront:
             self.pools,
             None,
         )
-        self.protocol: IngressProtocol = self.factory.buildProtocol(None)
+        self.protocol = IngressProtocol(self.factory)
         self.transport = StringTransport(peerAddress=None)
         self.protocol.makeConnection(self.transport)
 

@@ -15,10 +15,11 @@ from flexgw.policies.rate_limiting import RateLimitKind
 from flexgw.policies.spike_control import SpikeControlKind, SupervisedSpikeControlPolicy
 from flexgw.service import ampcommands as commands
 from flexgw.storage.interfaces import HitResult, RateLimit
+from flexgw.storage.memory import MemoryRateLimitStore
+from flexgw.storage.redis import RedisRateLimitStore
 from flexgw.storage.supervised import (
     MAX_KEY_CHARS,
     SupervisedRateLimitStore,
-    SupervisedSpikeWindow,
     SupervisorCounters,
 )
 from tests.storage_conformance import RateLimitStoreConformanceMixin
@@ -220,6 +221,29 @@ class SupervisedPolicyTests(TestCase):
             outcomes.append(self.answer(i % 2, policies[i % 2].on_request(_Ctx())))
         self.assertEqual(outcomes[:3], [None, None, None])
         self.assertTrue(all(isinstance(o, LocalResponse) and o.status == 429 for o in outcomes[3:]))
+
+    def test_redis_wins_over_the_supervisor(self) -> None:
+        """With Redis configured, a worker's rate limiting uses Redis (shared by every gateway),
+        not the supervisor; `clusterizable: false` then falls back to the supervisor's counters."""
+        runtime = self.runtimes[0]
+        runtime.redis = object()  # stands for the RedisClient the runtime would hold
+        config = {"rateLimits": [{"maximumRequests": 3, "timePeriodInMilliseconds": 10000}]}
+        policy = RateLimitKind().build(config, self.context(0))
+        self.assertIsInstance(policy.store, RedisRateLimitStore)
+        local = RateLimitKind().build(dict(config, clusterizable=False), self.context(0))
+        self.assertIsInstance(local.store, SupervisedRateLimitStore)
+
+    def test_single_process_keeps_memory_store(self) -> None:
+        """Without a supervisor (--workers 1) the counters stay in the process: no AMP hop."""
+        context = BuildContext(
+            binding="default/limit", api="default/api", clock=self.clock,
+            services=PolicyRuntime(reactor=self.clock, clock=self.clock),
+        )
+        config = {"rateLimits": [{"maximumRequests": 3, "timePeriodInMilliseconds": 10000}]}
+        self.assertIsInstance(RateLimitKind().build(config, context).store, MemoryRateLimitStore)
+        self.assertNotIsInstance(
+            SpikeControlKind().build({"maximumRequests": 2}, context), SupervisedSpikeControlPolicy
+        )
 
     def test_spike_control_shared_and_held(self) -> None:
         """One window for both workers; a request over it is held, retried, and let through

@@ -81,6 +81,20 @@ class SummaryTests(unittest.TestCase):
         self.assertEqual(summary["errors"], {"direct": 0, "flexgw": 0, "nginx-proxy": 0})
 
 
+    def test_workers_ratio(self) -> None:
+        """A flexgw-wN target is reported as a req/s ratio of the one-process flexgw."""
+        def run(rps: float) -> dict[str, float]:
+            return {"rps": rps, "p50_ms": 1.0, "non_2xx": 0, "socket_errors": 0}
+
+        results = {
+            "flexgw": {"c50": run(4000), "c1": run(1000)},
+            "flexgw-w2": {"c50": run(7000), "c1": run(1000)},
+        }
+        summary = bench.summarise(results, 50)
+        self.assertAlmostEqual(summary["rps_ratio_workers_over_flexgw"], 1.75)
+        self.assertNotIn("rps_ratio_workers_over_flexgw", bench.summarise({"flexgw-w2": results["flexgw-w2"]}, 50))
+
+
 class ConfigTests(unittest.TestCase):
     """The generated configs say what the benchmark claims."""
 

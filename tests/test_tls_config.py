@@ -143,7 +143,8 @@ class CompileTests(SynchronousTestCase):
         problems = [p for p in state.errors if "TLS_NOPE" in p.message]  # type: ignore[attr-defined]
         self.assertEqual(len(problems), 1)
         problem = problems[0]
-        text = open(problem.file).read().splitlines()
+        with open(problem.file) as handle:
+            text = handle.read().splitlines()
         self.assertEqual(text[problem.line - 1][problem.column - 1 :], "TLS_NOPE")
         self.assertEqual(problem.field, "spec.config.ciphers[1]")
         self.assertEqual(state.plan.listeners, ())  # type: ignore[attr-defined]
@@ -254,3 +255,99 @@ class WatchTests(SynchronousTestCase):
         clock.advance(1)
         clock.advance(5)
         self.assertEqual(calls, [1])
+
+
+class DumpTests(SynchronousTestCase):
+    """`flexgw dump` shows TLS settings (never key material)."""
+
+    def test_dump_tls(self) -> None:
+        """The https listener and an https Service carry a `tls` summary."""
+        import io
+        import json
+
+        from flexgw.cli import main
+
+        conf = write_conf(
+            self,
+            {
+                "a.yaml": "---\n".join(
+                    [
+                        (
+                            f"{HEADER}kind: ApiInstance\nmetadata: {{name: a}}\nspec:\n"
+                            "  address: https://127.0.0.1:8443\n"
+                            "  services: {b: {address: 'https://partner.test'}}\n"
+                        ),
+                        tls("t", "{name: a}"),
+                    ]
+                )
+            },
+        )
+        out = io.StringIO()
+        self.assertEqual(main(["dump", conf], stdout=out, environ={}), 0)
+        data = json.loads(out.getvalue())
+        listener_tls = data["listeners"][0]["tls"]
+        self.assertEqual(listener_tls["certificateNames"], [["api.test"]])
+        self.assertEqual((listener_tls["minVersion"], listener_tls["maxVersion"]), ("1.2", "1.3"))
+        self.assertEqual(data["upstreams"]["default/a-b"]["tls"]["trustedCA"], "system")
+        self.assertNotIn("PRIVATE KEY", out.getvalue())
+
+
+class InlineTests(SynchronousTestCase):
+    """A `tls` policy inline in the ApiInstance (`spec.policies`)."""
+
+    def test_inline_tls_policy(self) -> None:
+        """It configures the port like a binding, and is not a chain member."""
+        text = (
+            f"{HEADER}kind: ApiInstance\nmetadata: {{name: a}}\nspec:\n"
+            "  address: https://127.0.0.1:8443\n"
+            "  services: {b: {address: 'http://127.0.0.1:9'}}\n"
+            "  policies:\n    - policyRef: {name: tls}\n      config:\n"
+            "        certificate:\n          crt: |\n" + indent(SERVER.cert_pem, 12)
+            + "          key: |\n" + indent(SERVER.key_pem, 12)
+            + "        ciphers: [TLS_WRONG]\n"
+        )
+        state = load_config([write_conf(self, {"a.yaml": text})], {})
+        (error,) = [e for e in errors(state) if "TLS_WRONG" in e]
+        self.assertIn("spec.policies[0].config.ciphers[0]", error)
+        fixed = load_config(
+            [write_conf(self, {"a.yaml": text.replace("        ciphers: [TLS_WRONG]\n", "")})], {}
+        )
+        self.assertEqual(errors(fixed), [])
+        (listener,) = fixed.plan.listeners
+        self.assertEqual((listener.scheme, listener.apis[0].policies), ("https", ()))
+
+
+class WarningTests(SynchronousTestCase):
+    """Bindings that do less than they say are warned about."""
+
+    def test_alpn_without_served_protocol_and_missing_service(self) -> None:
+        """`alpn: [h2]` while only http/1.1 is served (inbound) or spoken (outbound) warns; a
+        tls-outbound on a Service that does not exist warns."""
+        from flexgw.ingress.alpn import SERVED_ALPN
+
+        state = load_config(
+            [
+                write_conf(
+                    self,
+                    {
+                        "a.yaml": "---\n".join(
+                            [
+                                api("a", "https://127.0.0.1:8443"),
+                                tls("t", "{name: a}", extra="    alpn: [h2]\n"),
+                                (
+                                    f"{HEADER}kind: PolicyBinding\nmetadata: {{name: o}}\nspec:\n"
+                                    "  targetRef: {kind: Service, name: ghost}\n"
+                                    "  policyRef: {name: tls-outbound}\n  config: {}\n"
+                                ),
+                            ]
+                        )
+                    },
+                )
+            ],
+            {},
+        )
+        warnings = [str(p) for p in state.problems if p.severity == "warning"]
+        self.assertEqual(
+            any("no ALPN is advertised" in w for w in warnings), b"h2" not in SERVED_ALPN
+        )
+        self.assertTrue(any("Service default/ghost does not exist" in w for w in warnings), warnings)

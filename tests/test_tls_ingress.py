@@ -102,13 +102,13 @@ class InboundTLSTests(TestCase):
         """The handshake fails: no HTTP response ever comes back."""
         conn = await client.connect(reactor, "127.0.0.1", self.port, tls=options)
         conn.send(GET)
+        refused = False
         try:
             await conn.wait_handshake()
             await conn.read_response()
         except Exception:  # noqa: BLE001 (the TLS alert or the close: either is a refusal)
-            pass
-        else:
-            self.fail("the handshake was expected to fail")
+            refused = True
+        self.assertTrue(refused, "the handshake was expected to fail")
         await conn.wait_closed()
         self.assertEqual(self.upstream.received, [])
 
@@ -196,6 +196,33 @@ class InboundTLSTests(TestCase):
             f'Hash={digest};Subject="CN=alice";URI=spiffe://test/alice;DNS=alice.test'.encode(),
         )
 
+    async def test_sanitize_mode_forwards_no_xfcc(self) -> None:
+        """FLEX_FORWARD_CLIENT_CERT_DETAILS=SANITIZE (Flex's own default): a verified client
+        certificate is not described upstream, and a client-sent XFCC is still removed; /status
+        shows the listener's TLS summary."""
+        from flexgw.service.admin import status_json
+
+        text = (
+            api("secure", self.port, self.upstream.address[1])
+            + "---\n"
+            + tls_binding(
+                "secure-tls", "secure", self.crt, self.key,
+                f'requireClientCertificate: true\ntrustedCA: "file://{self.client_ca_path}"\n',
+            )
+        )
+        gateway = Gateway(
+            self, {"api.yaml": text}, environ={"FLEX_FORWARD_CLIENT_CERT_DETAILS": "SANITIZE"}
+        )
+        gateway.start()
+        alice = self.client_ca.issue("alice", client=True)
+        conn = await self.connect(client_options("api.test", self.ca, alice))
+        conn.send(b"GET /x HTTP/1.1\r\nHost: api.test\r\nX-Forwarded-Client-Cert: Hash=x\r\n\r\n")
+        self.assertEqual((await conn.read_response()).status, 200)
+        self.assertEqual(self.upstream.received[0].header("x-forwarded-client-cert"), [])
+        (listener,) = status_json(gateway.service)["listeners"]
+        self.assertTrue(listener["tls"]["requireClientCertificate"])
+        self.assertEqual(listener["tls"]["certificateNames"], [["api.test"]])
+
     async def test_spoofed_xfcc_removed_without_mtls(self) -> None:
         """Without a client certificate, a client-sent XFCC header never reaches the upstream,
         even from a trusted proxy."""
@@ -260,10 +287,31 @@ class InboundTLSTests(TestCase):
         self.assertEqual(peer_common_name(old), "api.test")
         self.assertIn(self.crt, gateway.service.plan.tls_files)
 
+    async def test_reload_switches_tls_off_and_on(self) -> None:
+        """Removing the tls binding (address now http://) rebinds the port for plain HTTP;
+        adding it back serves TLS again."""
+        gateway = self.start()
+        socket_before = gateway.service.ports[("127.0.0.1", self.port)]
+        plain = api("secure", self.port, self.upstream.address[1]).replace("https://", "http://")
+        gateway.write({"api.yaml": plain})
+        self.assertTrue(gateway.service.reload())
+        response = await client.request(reactor, "127.0.0.1", self.port, GET)
+        self.assertEqual(response.status, 200)
+        self.assertEqual(self.upstream.received[-1].header("x-forwarded-proto"), [b"http"])
+        gateway.write(
+            {"api.yaml": plain + "---\n" + tls_binding("secure-tls", "secure", self.crt, self.key)}
+        )
+        self.assertTrue(gateway.service.reload())  # a warning: http:// address, TLS port
+        conn = await self.connect(client_options("api.test", self.ca))
+        conn.send(GET)
+        self.assertEqual((await conn.read_response()).status, 200)
+        self.assertEqual(self.upstream.received[-1].header("x-forwarded-proto"), [b"https"])
+        self.assertIs(gateway.service.ports[("127.0.0.1", self.port)], socket_before)
+
     async def test_broken_certificate_on_reload_keeps_serving(self) -> None:
         """A certificate file replaced by garbage is a config error; the last good TLS serves on."""
         gateway = self.start()
-        with open(self.crt, "w") as handle:
+        with open(self.crt, "w") as handle:  # noqa: ASYNC230 (a test fixture file)
             handle.write("not a certificate")
         self.assertFalse(gateway.service.reload())
         errors = [str(p) for p in gateway.service.state.errors]

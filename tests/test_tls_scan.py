@@ -109,7 +109,7 @@ class DefaultListenerScanTests(TestCase):
         for flag in ("-tls1", "-tls1_1", "-tls1_2", "-tls1_3"):
             args = ["s_client", "-connect", f"127.0.0.1:{port}", "-servername", "scan.test", flag,
                     "-cipher", "ALL:@SECLEVEL=0"]
-            out, err, code = await getProcessOutputAndValue(
+            out, _, code = await getProcessOutputAndValue(
                 openssl, args, env={}, reactor=reactor, stdinBytes=b""
             )
             outcome[flag] = code == 0 and b"Cipher is (NONE)" not in out

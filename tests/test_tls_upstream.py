@@ -11,6 +11,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 from twisted.internet import reactor, ssl
+from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
 from flexgw.testing import client
@@ -226,4 +227,95 @@ class OutboundTLSTests(TestCase):
         allowed = await client.request(reactor, "127.0.0.1", self.port, request)
         self.assertEqual(allowed.status, 200)
         self.assertEqual(len(keys.requests), 1)
+        self.assertEqual(len(upstream.received), 1)
+
+
+class _Silent(Protocol):
+    """Accepts the connection and never answers (a TLS handshake that never completes)."""
+
+
+class HandshakeTimeoutTests(TestCase):
+    """The upstream TLS handshake is bounded by `http.connectTimeoutSeconds`."""
+
+    async def test_stalled_handshake_is_502_upstream_tls(self) -> None:
+        """A peer that takes the TCP connection and says nothing: 502 upstream_tls after the
+        (short, configured) connect timeout, and the connection is closed."""
+        factory = Factory.forProtocol(_Silent)
+        listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        port = free_port()
+        text = documents(
+            port, f"https://127.0.0.1:{listening.getHost().port}",
+            extra="---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: Configuration\n"
+            "metadata: {name: c}\nspec:\n  http: {connectTimeoutSeconds: 0.3}\n",
+        )
+        gateway = Gateway(self, {"api.yaml": text})
+        gateway.start()
+        response = await client.request(reactor, "127.0.0.1", port, GET)
+        self.assertEqual((response.status, response.header("x-flexgw-error")), (502, [b"upstream_tls"]))
+        pool = next(iter(gateway.service.pools.pools.values()))
+        self.assertEqual((pool.connecting, pool.active, pool.idle), (0, 0, []))
+
+
+class IntrospectionTLSTests(TestCase):
+    """Token introspection over https, with `defaultTLS` trustedCA and a client certificate."""
+
+    async def test_introspection_mtls(self) -> None:
+        """The IdP requires a client certificate from a private CA: the gateway presents the
+        `defaultTLS.outboundPolicyCalls.certificate` and trusts its `trustedCA`."""
+        directory = os.path.abspath(self.mktemp())
+        server_ca, client_ca = CertificateAuthority("idp CA"), CertificateAuthority("gw CA")
+        ca_path = server_ca.write(directory, "idp-ca")
+        crt, key = client_ca.issue("gateway", client=True).write(directory, "gw")
+        idp = JsonServer(lambda request: (200, {"active": True, "scope": "read"}))
+        idp.listen(
+            reactor,
+            tls=server_options(
+                server_ca.issue("idp", ips=["127.0.0.1"]),
+                verify=True,
+                caCerts=[ssl.Certificate.loadPEM(client_ca.pem).original],
+                requireCertificate=True,
+            ),
+        )
+        self.addCleanup(idp.stop)
+        upstream = RecordingUpstream(echo(), reactor=reactor)
+        upstream.listen(reactor)
+        self.addCleanup(upstream.stop)
+        port = free_port()
+        text = textwrap.dedent(
+            f"""\
+            apiVersion: gateway.mulesoft.com/v1alpha1
+            kind: ApiInstance
+            metadata: {{name: api}}
+            spec:
+              address: http://127.0.0.1:{port}
+              services: {{b: {{address: "http://127.0.0.1:{upstream.address[1]}"}}}}
+            ---
+            apiVersion: gateway.mulesoft.com/v1alpha1
+            kind: PolicyBinding
+            metadata: {{name: introspect}}
+            spec:
+              targetRef: {{kind: ApiInstance, name: api}}
+              policyRef: {{name: oauth2-token-introspection-flex}}
+              config:
+                introspectionURL: {idp.url}/introspect
+                authorizationValue: "Basic Zm9vOmJhcg=="
+            ---
+            apiVersion: gateway.mulesoft.com/v1alpha1
+            kind: Configuration
+            metadata: {{name: tls}}
+            spec:
+              defaultTLS:
+                outboundPolicyCalls:
+                  trustedCA: "file://{ca_path}"
+                  certificate: {{crt: "file://{crt}", key: "file://{key}"}}
+            """
+        )
+        gateway = Gateway(self, {"api.yaml": text})
+        gateway.start()
+        self.assertEqual([str(p) for p in gateway.service.state.errors], [])
+        raw = b"GET /x HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer tok\r\n\r\n"
+        response = await client.request(reactor, "127.0.0.1", port, raw)
+        self.assertEqual(response.status, 200)
+        self.assertEqual(len(idp.requests), 1)
         self.assertEqual(len(upstream.received), 1)

@@ -19,7 +19,7 @@ from flexgw.service.metrics import GatewayMetrics
 from flexgw.upstream.pool import PoolManager
 from tests.conftools import write_conf
 from tests.harness import simple_api
-from tests.test_forward_proxy import proxy_conf
+from tests.test_egress_proxy import proxy_conf
 
 TIMEOUTS = Timeouts(upstream_response=15.0, stream_idle=30.0, upstream_idle=60.0)
 HANDSHAKE = (
@@ -57,6 +57,8 @@ class FrontCase(TestCase):
             None, resolver=resolver,
         )
         self.front = self.factory.buildProtocol(None)
+        # An ingress connection starts behind the HTTP/1.1-or-HTTP/2 selector.
+        self.h1 = getattr(self.front, "h1", self.front)
         self.down = _Transport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5555))
         self.front.makeConnection(self.down)
 
@@ -119,7 +121,7 @@ class UpgradeInMemoryTests(FrontCase):
         self.front.dataReceived(HANDSHAKE.replace(b"HTTP/1.1", b"HTTP/1.0"))
         _, up = self.connect_upstream()
         self.assertNotIn(b"Upgrade", up.value())
-        self.assertIsNone(self.front.tunnel)
+        self.assertIsNone(self.h1.tunnel)
 
     def test_too_many_early_bytes(self) -> None:
         """More than the early-bytes bound before the 101: 400 and the upstream is dropped."""
@@ -143,7 +145,7 @@ class UpgradeInMemoryTests(FrontCase):
         conn, _up = self.connect_upstream()
         conn.dataReceived(SWITCH + b"junk")
         self.assertTrue(self.down.value().startswith(b"HTTP/1.1 502 "))
-        self.assertIsNone(self.front.tunnel)
+        self.assertIsNone(self.h1.tunnel)
 
 
 @implementer(IHostnameResolver)

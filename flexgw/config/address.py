@@ -49,16 +49,20 @@ def _check_host(host: str) -> None:
         raise AddressError(f"invalid host {host!r}")
 
 
-def parse_address(text: str, *, default_port: bool) -> Address:
-    """Parse `http|https://host[:port][/path]`; raises AddressError with a readable reason."""
+def parse_address(
+    text: str, *, default_port: bool, schemes: tuple[str, ...] = ("http", "https")
+) -> Address:
+    """Parse `http|https://host[:port][/path]` (or another of `schemes`); raises AddressError
+    with a readable reason."""
     if not isinstance(text, str) or "://" not in text:
         raise AddressError("expected scheme://host:port[/path]")
     if any(ch.isspace() for ch in text):
         raise AddressError("the address contains whitespace")
     parts = urlsplit(text)
     scheme = parts.scheme.lower()
-    if scheme not in ("http", "https"):
-        raise AddressError(f"unsupported scheme {parts.scheme!r} (expected http or https)")
+    if scheme not in schemes:
+        expected = ", ".join(schemes[:-1]) + " or " + schemes[-1]
+        raise AddressError(f"unsupported scheme {parts.scheme!r} (expected {expected})")
     if parts.query or parts.fragment or "?" in text or "#" in text:
         raise AddressError("the address must not have a query or fragment")
     if "@" in parts.netloc:
@@ -87,7 +91,7 @@ def parse_address(text: str, *, default_port: bool) -> Address:
         if not 1 <= port <= 65535:
             raise AddressError(f"port {port} out of range 1..65535")
     elif default_port:
-        port = 443 if scheme == "https" else 80
+        port = 443 if scheme in ("https", "h2") else 80
     else:
         raise AddressError("the address needs a port, e.g. http://0.0.0.0:8081")
     return Address(scheme=scheme, host=host.lower(), port=port, path=normalise_path(parts.path))
@@ -102,5 +106,9 @@ def parse_api_address(text: str) -> Address:
 
 
 def parse_service_address(text: str) -> Address:
-    """A Service address: the port defaults to the scheme's; the path becomes a prefix."""
-    return parse_address(text, default_port=True)
+    """A Service address: the port defaults to the scheme's; the path becomes a prefix.
+
+    `h2c://` is an HTTP/2 upstream spoken with prior knowledge (no TLS, no upgrade); `h2://` is
+    HTTP/2 over TLS (ALPN h2; port 443 by default).
+    """
+    return parse_address(text, default_port=True, schemes=("http", "https", "h2c", "h2"))

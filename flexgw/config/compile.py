@@ -22,8 +22,9 @@ from flexgw.config.regex import RegexError, compile_rule_regex
 from flexgw.config.resolve import ApiSpec, PolicySpec, ResolvedModel, RouteSpec, RuleSpec
 from flexgw.ingress import alpn
 from flexgw.policies.base import BuildContext, PolicyConfigError
+from flexgw.policies.circuit_breaker import BREAKER_KIND, BREAKER_NAME
 from flexgw.policies.registry import lookup as lookup_policy
-from flexgw.tls.contexts import build_client_tls, build_server_tls
+from flexgw.tls.contexts import CLIENT_ALPN, build_client_tls, build_server_tls
 from flexgw.tls.settings import TLSSettings
 
 FORWARD_PROXY = "forward-proxy"  # flexgw.egress.policy.NAME (not imported: compile stays light)
@@ -114,6 +115,41 @@ def _compile_route(
     return route
 
 
+def via_forward_proxy(upstream: Upstream, proxy: Any) -> Upstream:
+    """`upstream` reached through `proxy` (unless its noProxy matches the host): plain HTTP in
+    absolute form with the proxy's credentials on the request line's heels, https by CONNECT."""
+    if proxy.bypasses(upstream.host):
+        return upstream
+    if upstream.scheme != "http" or upstream.tls is not None:
+        return attrs.evolve(upstream, proxy=proxy)  # TLS inside a CONNECT tunnel
+    line_end = b" HTTP/1.1\r\n"
+    if proxy.authorization is not None:
+        line_end += b"Proxy-Authorization: " + proxy.authorization + b"\r\n"
+    return attrs.evolve(
+        upstream,
+        proxy=proxy,
+        request_prefix=b"http://" + upstream.authority.encode("latin-1"),
+        request_line_end=line_end,
+    )
+
+
+def _default_breaker(key: str, thresholds: Mapping[str, Any], runtime: Any) -> BoundPolicy:
+    """The gateway-wide circuit breaker for Service `key` (its own state, per Service)."""
+    name = f"Configuration.circuitBreaker/{key}"
+    context = BuildContext(
+        binding=name,
+        api=None,
+        clock=getattr(runtime, "clock", None),
+        reactor=getattr(runtime, "reactor", None),
+        services=runtime,
+    )
+    policy = BREAKER_KIND.build({"thresholds": dict(thresholds)}, context)
+    return BoundPolicy(
+        name=name, kind=BREAKER_NAME, order=0, rules=(), policy=policy,
+        responds=False, finishes=True,
+    )
+
+
 def _source_rank(policy: PolicySpec) -> int:
     if policy.kind == "cors-flex":
         return 0  # CORS always runs first, whatever its order
@@ -171,6 +207,7 @@ def build_policies(
                 policy=policy,
                 needs_body=bool(getattr(policy, "needs_body", False)),
                 responds=bool(getattr(policy, "response_phase", True)),
+                finishes=callable(getattr(policy, "on_done", None)),
             )
         )
     return tuple(built)
@@ -195,7 +232,7 @@ def _compile_api(
     if any(policy.kind == FORWARD_PROXY for policy in spec.policies):
         return _compile_forward_proxy(spec, model, problems, service_policies, runtime)
     routes: list[Route] = []
-    for route_spec in spec.routes:
+    for route_spec in sorted(spec.routes, key=lambda r: (r.order, r.rank, r.name)):
         route = _compile_route(route_spec, model.upstreams, problems, service_policies)
         if route is not None:
             routes.append(route)
@@ -208,7 +245,6 @@ def _compile_api(
             )
         )
         return None
-    routes.sort(key=lambda r: (r.order, r.name))
     for i, route in enumerate(routes[:-1]):
         if is_catch_all(route):
             later = ", ".join(r.name for r in routes[i + 1 :])
@@ -351,9 +387,16 @@ def _tls_upstreams(
     """Upstreams with their client TLS compiled; the keys of those whose TLS failed (blocked)."""
     upstreams = dict(model.upstreams)
     blocked: dict[str, str] = {}
+    for key in sorted(set(model.upstream_tls) - set(upstreams)):
+        for spec in model.upstream_tls[key]:
+            problems.append(
+                spec.origin.problem(
+                    "warning", f"Service {key} does not exist; binding ignored", ("spec", "targetRef")
+                )
+            )
     for key, upstream in sorted(upstreams.items()):
         specs = model.upstream_tls.get(key, ())
-        if not specs and upstream.scheme != "https":
+        if not specs and upstream.scheme not in ("https", "h2"):
             continue
         settings = TLSSettings()  # an https:// Service without a binding: verified defaults
         if specs:
@@ -369,7 +412,18 @@ def _tls_upstreams(
                 blocked[key] = f"an invalid tls-outbound binding ({specs[0].origin.resource})"
                 continue
             settings = built
-            if upstream.scheme != "https":
+            if upstream.scheme not in ("h2", "h2c") and not any(
+                name.encode("ascii") in CLIENT_ALPN for name in settings.alpn
+            ):
+                problems.append(
+                    specs[0].origin.problem(
+                        "warning",
+                        "alpn names no protocol the gateway's upstream client speaks yet "
+                        f"({', '.join(n.decode() for n in CLIENT_ALPN)}); no ALPN is offered",
+                        ("spec", "config", "alpn"),
+                    )
+                )
+            if upstream.scheme not in ("https", "h2"):
                 problems.append(
                     specs[0].origin.problem(
                         "warning", f"Service {key} has an http:// address; TLS is used (tls-outbound)"
@@ -385,7 +439,7 @@ def _tls_upstreams(
                 )
         files.extend(settings.files)
         try:
-            tls = build_client_tls(settings, upstream.host)
+            tls = build_client_tls(settings, upstream.host, http2=upstream.scheme in ("h2", "h2c"))
         except Exception as exc:  # noqa: BLE001 (OpenSSL refuses the settings: report, fail closed)
             origin = specs[0].origin if specs else None
             message = f"outbound TLS for Service {key} cannot be set up: {exc}"
@@ -404,6 +458,10 @@ def _api_tls(
 ) -> tuple[bool, TLSSettings | None]:
     """(servable, the API's inbound TLS settings or None for plain HTTP)."""
     if not spec.tls:
+        if spec.certificates and spec.address.scheme == "https":
+            # Ingress certificates alone: default TLS settings, the oldest Ingress' certificate
+            # as the default one, the others picked by SNI (see _port_tls)
+            return True, TLSSettings(certificate=spec.certificates[0])
         if spec.address.scheme == "https":
             problems.append(
                 spec.origin.problem(
@@ -468,28 +526,46 @@ def _port_tls(
     port add their certificates (picked by SNI). None when it cannot be built."""
     first_api, first_spec, settings = items[0]
     assert settings is not None
-    others = []
+    others = list(first_spec.certificates)
     for api, spec, other in items[1:]:
         assert other is not None
         if attrs.evolve(other, certificate=settings.certificate, files=settings.files) != settings:
             problems.append(
-                spec.tls[0].origin.problem(
+                _tls_origin(spec).problem(
                     "warning",
                     f"TLS is per port: on port {spec.address.port} every setting but the certificate "
-                    f"comes from {first_spec.tls[0].name} (ApiInstance {first_api.key})",
+                    f"comes from {_tls_source(first_spec)} (ApiInstance {first_api.key})",
                 )
             )
         assert other.certificate is not None
         others.append(other.certificate)
+        others.extend(spec.certificates)
+    if not any(name.encode("ascii") in alpn.SERVED_ALPN for name in settings.alpn):
+        problems.append(
+            _tls_origin(first_spec).problem(
+                "warning",
+                "alpn names no protocol the gateway serves yet "
+                f"({', '.join(n.decode() for n in alpn.SERVED_ALPN)}); no ALPN is advertised",
+            )
+        )
     try:
         return build_server_tls(settings, others, alpn.SERVED_ALPN)
     except Exception as exc:  # noqa: BLE001 (OpenSSL refuses a key, chain or cipher list)
         problems.append(
-            first_spec.tls[0].origin.problem(
+            _tls_origin(first_spec).problem(
                 "error", f"TLS cannot be set up on port {first_spec.address.port}: {exc}; not served"
             )
         )
         return None
+
+
+def _tls_origin(spec: ApiSpec) -> Any:
+    """Where an API's TLS comes from: its tls binding, else the API (Ingress certificates)."""
+    return spec.tls[0].origin if spec.tls else spec.origin
+
+
+def _tls_source(spec: ApiSpec) -> str:
+    return spec.tls[0].name if spec.tls else "the default TLS settings (Ingress certificates)"
 
 
 def compile_model(
@@ -511,15 +587,38 @@ def compile_model(
     build_tls = _TLSBuilder(last_good_tls)
     upstreams, tls_blocked = _tls_upstreams(model, problems, tls_files, build_tls)
     blocked_upstreams.update(tls_blocked)
+    upstreams = dict(upstreams)
+    if model.forward_proxy is not None:
+        for key, upstream in upstreams.items():
+            upstreams[key] = via_forward_proxy(upstream, model.forward_proxy)
     model = attrs.evolve(model, upstreams=upstreams)
+    upstreams_changed = False  # (idle_timeout is not part of an Upstream's equality)
     for key, specs in sorted(model.service_policies.items()):
         built = build_policies(specs, None, runtime, problems)
         if built is None:
             blocked_upstreams[key] = "an outbound policy that could not be built"
-        else:
-            service_policies[key] = built
-    if blocked_upstreams != model.blocked_upstreams:
-        model = attrs.evolve(model, blocked_upstreams=blocked_upstreams)
+            continue
+        for bound in built:
+            idle = getattr(bound.policy, "upstream_idle_timeout", None)
+            if idle is not None and key in upstreams:  # idle-timeout-flex: the pool's setting
+                upstreams[key] = attrs.evolve(upstreams[key], idle_timeout=idle)
+                upstreams_changed = True
+        # Policies that only configure something (chain_member = False) never run per request.
+        service_policies[key] = tuple(
+            bound for bound in built if getattr(bound.policy, "chain_member", True)
+        )
+    if model.circuit_breaker is not None:
+        # Configuration.spec.circuitBreaker: the same thresholds for every Service that has no
+        # circuit-breaker-flex binding of its own (a binding overrides them, as in Flex).
+        for key in sorted(upstreams):
+            if key in blocked_upstreams:
+                continue
+            bound = service_policies.get(key, ())
+            if any(b.kind == BREAKER_NAME for b in bound):
+                continue
+            service_policies[key] = (*bound, _default_breaker(key, model.circuit_breaker, runtime))
+    if blocked_upstreams != model.blocked_upstreams or upstreams_changed:
+        model = attrs.evolve(model, blocked_upstreams=blocked_upstreams, upstreams=upstreams)
     ordered = sorted(model.apis, key=lambda a: (a.id.key not in prefer, a.id.key))
     ports: dict[int, tuple[str, str]] = {}  # port -> (host, first api key)
     accepted: dict[int, list[tuple[Api, ApiSpec, TLSSettings | None]]] = {}

@@ -9,6 +9,7 @@ from typing import Any
 import attrs
 
 from flexgw.config.compile import compile_default_tls, compile_model
+from flexgw.config.ingress import IngressOptions, apply_ingress
 from flexgw.config.load import discover_files, load_file
 from flexgw.config.plan import GatewayPlan, Problem
 from flexgw.config.resolve import resolve
@@ -48,11 +49,13 @@ def load_config(
     previous: ConfigState | None = None,
     strict: bool = False,
     runtime: Any = None,
+    ingress: IngressOptions | None = None,
 ) -> ConfigState:
     """Load every resource below `conf_dirs` and compile a new plan; never raises on bad input.
 
     With `previous`, a resource whose new version fails its checks keeps its previous version,
     and a file that cannot be parsed keeps the previous versions of every resource it held.
+    `ingress` says how Kubernetes Ingress documents are served (class, default listener).
     """
     problems: list[Problem] = []
     files, discover_problems = discover_files(conf_dirs)
@@ -121,9 +124,13 @@ def load_config(
             origin_file[resource.id] = path
 
     model = resolve(chosen.values(), environ, failed)
+    model = apply_ingress(model, chosen.values(), ingress)
     use_shared_storage = getattr(runtime, "use_shared_storage", None)
     if use_shared_storage is not None:  # before policies are built: they choose their store
         use_shared_storage(model.shared_storage)
+    use_forward_proxy = getattr(runtime, "use_forward_proxy", None)
+    if use_forward_proxy is not None:  # before policies are built: their side-call agent
+        use_forward_proxy(model.forward_proxy)
     side_tls, side_problems = compile_default_tls(model)
     problems.extend(side_problems)
     use_side_tls = getattr(runtime, "use_side_tls", None)
@@ -149,6 +156,7 @@ def load_config(
         generation=generation,
         shared_storage=model.shared_storage,
         probe=model.probe,
+        proxy_protocol=model.proxy_protocol,
         logging=model.logging,
         tls_files=tuple(
             sorted(set(compiled.tls_files) | set(side_tls.files if side_tls else ()))

@@ -18,10 +18,21 @@ class Upstream:
     """One upstream cluster: a `Service` resource, or an inline service of an ApiInstance."""
 
     key: str  # "namespace/name"; inline services are named "<api>-<serviceKey>"
-    scheme: str  # "http" or "https"
+    scheme: str  # "http", "https", "h2c" (HTTP/2 with prior knowledge) or "h2" (over TLS)
     host: str  # hostname or IP literal, IPv6 without brackets
     port: int
     path_prefix: str = ""  # path of the Service address, no trailing slash ("" for none or "/")
+    # `idle-timeout-flex` bound to the Service: its pool's idle timeout (None: the gateway's).
+    # Not part of the identity: a changed value is applied to the existing pool.
+    idle_timeout: float | None = attrs.field(default=None, eq=False)
+    # Configuration.spec.forwardProxy (a flexgw.config.forwardproxy.ForwardProxy) unless its
+    # noProxy matches the host: connections go to the proxy, CONNECT for https.
+    proxy: Any = None
+    # The request target prefix and the end of the request line, precomputed: for a plain-HTTP
+    # upstream behind the proxy, absolute-form (`http://authority`) and the Proxy-Authorization
+    # header line; otherwise empty and the plain line end (no per-request check).
+    request_prefix: bytes = attrs.field(default=b"", eq=False)
+    request_line_end: bytes = attrs.field(default=b" HTTP/1.1\r\n", eq=False, repr=False)
     # flexgw.tls.contexts.ClientTLS for TLS upstreams (https://, or a tls-outbound binding);
     # compares by settings, so an unchanged Service keeps its pool across reloads.
     tls: Any = None
@@ -33,7 +44,7 @@ class Upstream:
     def authority(self) -> str:
         """The Host header value the upstream expects (port omitted when it is the scheme default)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        default = 443 if self.scheme == "https" else 80
+        default = 443 if self.scheme in ("https", "h2") else 80
         return host if self.port == default else f"{host}:{self.port}"
 
 
@@ -72,6 +83,7 @@ class BoundPolicy:
     policy: Any  # provides flexgw.policies.base.IPolicy
     needs_body: bool = False  # the policy reads the request body (buffered, bounded)
     responds: bool = True  # the policy has a response phase (`response_phase`, default True)
+    finishes: bool = False  # the policy wants `on_done` when the request ends
 
 
 @attrs.frozen
@@ -141,6 +153,9 @@ class HttpSettings:
     trusted_proxies: tuple[IPNetwork, ...] = ()  # peers whose X-Forwarded-* headers are kept
     max_idle_per_upstream: int = 128  # idle pooled connections kept per upstream
     body_buffer_limit: int = 1024 * 1024  # bodies policies buffer; over it: 413
+    # x-forwarded-client-cert for verified client certificates (FLEX_FORWARD_CLIENT_CERT_DETAILS:
+    # SANITIZE_SET, the default here, sets it; SANITIZE only strips). A client's is always removed.
+    forward_client_cert: bool = True
 
 
 @attrs.frozen
@@ -167,7 +182,7 @@ class ProbeSettings:
 class Problem:
     """One configuration problem, located in its file."""
 
-    severity: Literal["error", "warning"]
+    severity: Literal["error", "warning", "info"]  # info: a note (e.g. an Ingress of another class)
     message: str
     file: str | None = None
     line: int | None = None  # 1-based
@@ -202,6 +217,7 @@ class GatewayPlan:
     shared_storage: SharedStorage | None = None  # Redis for rate-limit counters; None: memory
     probe: ProbeSettings = ProbeSettings()
     logging: LoggingSettings = attrs.field(factory=LoggingSettings)  # spec.logging, FLEX_LOG_LEVEL
+    proxy_protocol: bool = False  # spec.proxyProtocol.enabled: every listener expects PROXY v1/v2
     tls_files: tuple[str, ...] = ()  # certificate/key/CA files the plan read (watched for changes)
 
     def listener_at(self, host: str, port: int) -> Listener | None:

@@ -19,6 +19,7 @@ from flexgw.config.plan import (
     Timeouts,
     Upstream,
 )
+from flexgw.config.forwardproxy import ForwardProxy, resolve_forward_proxy
 from flexgw.config.storage import SharedStorage, resolve_shared_storage
 from flexgw.config.validate import (
     ROUTE_POLICIES,
@@ -29,6 +30,7 @@ from flexgw.config.validate import (
     policy_name,
 )
 from flexgw.policies.registry import lookup as lookup_policy
+from flexgw.tls.settings import CertificateKey
 
 DEFAULT_ORDER = 50
 TLS_KINDS = frozenset({"tls", "tls-outbound"})
@@ -88,6 +90,9 @@ class RouteSpec:
     rules: tuple[RuleSpec, ...]
     destinations: tuple[DestinationSpec, ...]
     origin: Origin
+    # tie-break inside one `order`, before the name: () for Flex routes (they come first);
+    # Ingress routes carry Kubernetes' precedence (host, path length, path type, age)
+    rank: tuple[Any, ...] = ()
 
 
 @attrs.frozen
@@ -115,6 +120,8 @@ class ApiSpec:
     blocked: tuple[str, ...] = ()  # reasons the API must not be served (fail closed)
     policies: tuple[PolicySpec, ...] = ()
     tls: tuple[PolicySpec, ...] = ()  # `tls` bindings: API-bound first, then Selector-bound
+    # certificates from Kubernetes Ingress `spec.tls[]` Secrets, picked by SNI on a TLS port
+    certificates: tuple[CertificateKey, ...] = ()
 
 
 @attrs.frozen
@@ -130,6 +137,9 @@ class ResolvedModel:
     problems: tuple[Problem, ...]
     shared_storage: SharedStorage | None = None
     probe: ProbeSettings = attrs.field(factory=ProbeSettings)
+    proxy_protocol: bool = False  # Configuration.spec.proxyProtocol.enabled
+    forward_proxy: ForwardProxy | None = None  # Configuration.spec.forwardProxy
+    circuit_breaker: dict[str, Any] | None = None  # Configuration.spec.circuitBreaker.thresholds
     logging: LoggingSettings = attrs.field(factory=LoggingSettings)
     upstream_tls: Mapping[str, tuple[PolicySpec, ...]] = attrs.field(factory=dict)
     default_tls: PolicySpec | None = None  # Configuration.spec.defaultTLS.outboundPolicyCalls
@@ -186,9 +196,11 @@ def _env_float(environ: Mapping[str, str], name: str, problems: list[Problem]) -
 
 def _settings(
     configurations: Sequence[Resource], environ: Mapping[str, str], problems: list[Problem]
-) -> tuple[Timeouts, HttpSettings, ProbeSettings]:
+) -> tuple[Timeouts, HttpSettings, ProbeSettings, bool, dict[str, Any] | None]:
     """Merge every Configuration (sorted by id; a later value for the same key wins, with a warning)."""
-    merged: dict[str, dict[str, tuple[Any, Origin]]] = {"timeouts": {}, "http": {}, "probe": {}}
+    merged: dict[str, dict[str, tuple[Any, Origin]]] = {
+        "timeouts": {}, "http": {}, "probe": {}, "proxyProtocol": {}, "circuitBreaker": {}
+    }
     for resource in configurations:
         for section, table in merged.items():
             block = resource.spec.get(section)
@@ -234,6 +246,15 @@ def _settings(
     base = HttpSettings()
     rewrite = pick("http", "rewriteHostHeader")
     rewrite_host = base.rewrite_host if rewrite is None else bool(rewrite)
+    xfcc_mode = environ.get("FLEX_FORWARD_CLIENT_CERT_DETAILS", "").strip().upper() or "SANITIZE_SET"
+    if xfcc_mode not in ("SANITIZE", "SANITIZE_SET"):
+        problems.append(
+            Problem(
+                "warning",
+                f"FLEX_FORWARD_CLIENT_CERT_DETAILS={xfcc_mode}: a client-sent "
+                "x-forwarded-client-cert is never forwarded; treated as SANITIZE_SET",
+            )
+        )
     if environ.get("FLEX_REWRITE_HOST_HEADER", "").strip().lower() == "false":
         rewrite_host = False
     networks: list[IPNetwork] = []
@@ -245,6 +266,7 @@ def _settings(
         keepalive_timeout=first(pick("http", "keepAliveTimeoutSeconds"), base.keepalive_timeout),
         connect_timeout=first(pick("http", "connectTimeoutSeconds"), base.connect_timeout),
         rewrite_host=rewrite_host,
+        forward_client_cert=xfcc_mode != "SANITIZE",
         trusted_proxies=tuple(networks),
         max_idle_per_upstream=int(
             first(pick("http", "maxIdleConnectionsPerUpstream"), base.max_idle_per_upstream)
@@ -264,7 +286,12 @@ def _settings(
         port=int(first(pick("probe", "port"), probe_defaults.port)),
         host=str(pick("probe", "host") or probe_defaults.host),
     )
-    return timeouts, http, probe
+    # PROXY protocol on every listener (Flex: `proxyProtocol: {enabled: true}`; off by default).
+    proxy_protocol = pick("proxyProtocol", "enabled") is True
+    # Gateway-wide circuit-breaker thresholds (Flex: `circuitBreaker.thresholds`).
+    thresholds = pick("circuitBreaker", "thresholds")
+    breaker = dict(thresholds) if isinstance(thresholds, dict) else None
+    return timeouts, http, probe, proxy_protocol, breaker
 
 
 def _selector_matches(selector: Any, labels: Mapping[str, str]) -> bool:
@@ -484,9 +511,12 @@ def resolve(
             invalid=lookup_policy(pname) is not None,
         )
 
-    timeouts, http, probe = _settings(by_kind.get("Configuration", []), environ, problems)
+    timeouts, http, probe, proxy_protocol, breaker = _settings(
+        by_kind.get("Configuration", []), environ, problems
+    )
 
     shared_storage = resolve_shared_storage(by_kind.get("Configuration", []), problems)
+    forward_proxy = resolve_forward_proxy(by_kind.get("Configuration", []), problems)
     logging = resolve_logging(by_kind.get("Configuration", []), environ, problems)
 
     api_specs = []
@@ -514,6 +544,9 @@ def resolve(
         shared_storage=shared_storage,
         probe=probe,
         logging=logging,
+        proxy_protocol=proxy_protocol,
+        forward_proxy=forward_proxy,
+        circuit_breaker=breaker,
         upstream_tls={key: tuple(specs) for key, specs in upstream_tls.items()},
         default_tls=_default_tls(by_kind.get("Configuration", [])),
     )

@@ -15,6 +15,12 @@ import jsonschema
 
 from flexgw.config.address import AddressError, parse_api_address, parse_service_address
 from flexgw.config.envexpand import expand_value
+from flexgw.config.kubernetes import (
+    KUBERNETES_API_VERSIONS,
+    KUBERNETES_KINDS,
+    check_kubernetes,
+    is_kubernetes,
+)
 from flexgw.config.load import Document, FieldPath
 from flexgw.config.plan import Problem
 from flexgw.config.regex import RegexError, compile_rule_regex
@@ -27,15 +33,10 @@ KINDS = {
 TARGET_KINDS = {kind.lower(): kind for kind in ("ApiInstance", "Service", "Selector")}
 API_VERSIONS = frozenset({"gateway.mulesoft.com/v1alpha1", "gateway.mulesoft.com/v1beta1"})
 ROUTE_POLICIES = {"route": "policy-route", "route-weighted": "policy-route-weighted"}
-UNSUPPORTED_CONFIGURATION = (
-    "forwardProxy",
-    "proxyProtocol",
-    "circuitBreaker",
-    "tracing",
-)
+UNSUPPORTED_CONFIGURATION = ("tracing",)
 DEFAULT_NAMESPACE = "default"
 
-Severity = Literal["error", "warning"]
+Severity = Literal["error", "warning", "info"]
 
 
 @attrs.frozen(order=True)
@@ -503,6 +504,8 @@ def check_document(document: Document, environ: Mapping[str, str], strict: bool 
         what = "registration file" if "registration" in document.file.lower() else "document"
         reporter.add("warning", f"{what} without 'kind'; ignored")
         return Checked(None, None, tuple(reporter.problems), document)
+    if is_kubernetes(value.get("apiVersion"), value.get("kind")):
+        return _check_kubernetes_document(document, reporter)
     kind, name, namespace = identify(value)
     if kind is None or kind not in KINDS.values():
         reporter.add("warning", f"unknown kind {value.get('kind')!r}; ignored", ("kind",))
@@ -555,3 +558,58 @@ def check_document(document: Document, environ: Mapping[str, str], strict: bool 
         document=normalised,
     )
     return Checked(rid, resource, problems, normalised)
+
+
+# Kubernetes kinds without a `spec`: their resource spec is the document minus its header
+_NO_SPEC = frozenset({"Secret", "Endpoints", "EndpointSlice"})
+
+
+def _check_kubernetes_document(document: Document, reporter: _Reporter) -> Checked:
+    """Check a Kubernetes document (Ingress, v1 Service, Secret, ...) against flexgw's subset.
+
+    Unknown fields under `spec` would change routing, so they are errors even without
+    --strict; metadata is open (annotations of other controllers, managedFields, ...).
+    """
+    value = document.value
+    raw_kind = value.get("kind")
+    api_version = value.get("apiVersion")
+    kind = KUBERNETES_KINDS.get((api_version, raw_kind))
+    _, name, namespace = identify(value)
+    if name is None:
+        reporter.add("error", "metadata.name is required", ("metadata",))
+        return Checked(None, None, tuple(reporter.problems), document)
+    if kind is None:
+        rid = ResourceId(str(raw_kind), namespace, name)
+        reporter.resource = str(rid)
+        reporter.add(
+            "error",
+            f"unsupported apiVersion {api_version!r} for {raw_kind} (expected {KUBERNETES_API_VERSIONS[str(raw_kind)]})",
+            ("apiVersion",),
+        )
+        return Checked(rid, None, tuple(reporter.problems), document)
+    rid = ResourceId(kind, namespace, name)
+    reporter.resource = str(rid)
+    _schema_problems(kind, value, (), reporter, strict=True)
+    check_kubernetes(
+        kind,
+        value,
+        lambda severity, message, path, offset: reporter.add(
+            severity, message, path, offset=offset  # type: ignore[arg-type]
+        ),
+    )
+    problems = tuple(reporter.problems)
+    if reporter.has_errors:
+        return Checked(rid, None, problems, document)
+    metadata = value.get("metadata") or {}
+    if kind in _NO_SPEC:
+        spec = {k: v for k, v in value.items() if k not in ("apiVersion", "kind", "metadata")}
+    else:
+        spec = value.get("spec") or {}
+    resource = Resource(
+        id=rid,
+        api_version=str(api_version),
+        labels={str(k): str(v) for k, v in (metadata.get("labels") or {}).items()},
+        spec=spec,
+        document=document,
+    )
+    return Checked(rid, resource, problems, document)

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from flexgw.ingress.front import IngressProtocol
 
 _CONNECTION_OPTIONS = HOP_BY_HOP | {b"close"}  # Connection tokens that name no end-to-end header
+#: Trailer fields never forwarded (framing, routing and hop-by-hop fields: RFC 9110 §6.5.1).
+NOT_TRAILERS = HOP_BY_HOP | {b"content-length", b"host", b"content-type", b"content-encoding"}
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 # states
@@ -125,7 +127,12 @@ class ProxyExchange:
         self.api_key = api.key
         self.route = match.route
         self.destination = match.destination
-        self.upstream_target = match.upstream_path.encode("latin-1") + head.query
+        # (request_prefix is b"" unless the upstream is reached through a forward proxy)
+        self.upstream_target = (
+            match.destination.upstream.request_prefix
+            + match.upstream_path.encode("latin-1")
+            + head.query
+        )
         if match.destination.chain and self._select_policies(api, match.destination):
             if head.body != BODY_NONE and any(b.needs_body for b in self.chain.policies):
                 # A policy reads the body: receive it whole (bounded) before the chain runs.
@@ -217,15 +224,21 @@ class ProxyExchange:
                 else:
                     assert ctx.response_headers is not None
                     response = LocalResponse(
-                        ctx.response_status, tuple(ctx.response_headers), response.body
+                        ctx.response_status,
+                        tuple(ctx.response_headers),
+                        response.body,
+                        response.cause,
                     )
             extra = ctx.response_extra
         self.response_status = response.status
         self.state = DONE
         self._stop_timer()
         self.front.gate.release(HELD | BACKPRESSURE)
-        if self.error_cause is None and response.status >= 400:
-            self.error_cause = "policy_rejected"
+        if self.error_cause is None:
+            if response.cause is not None:
+                self.error_cause = response.cause
+            elif response.status >= 400:
+                self.error_cause = "policy_rejected"
         self.front.send_error(self, response, extra)
 
     def _connect(self) -> None:
@@ -354,7 +367,8 @@ class ProxyExchange:
         rewrite_host = front.http.rewrite_host
         prior_xff = None
         has_xfh = has_xfp = False
-        lines = [head.method, b" ", self.upstream_target, b" HTTP/1.1\r\n"]
+        # The line end carries Proxy-Authorization for a forward proxy (precomputed).
+        lines = [head.method, b" ", self.upstream_target, destination.upstream.request_line_end]
         append = lines.append
         host_line_done = False
         chain = self.chain
@@ -512,6 +526,21 @@ class ProxyExchange:
             out.append(b"\r\n")
         else:
             out.append(data)
+
+    def response_trailers(self, trailers: HeaderList) -> None:
+        """Trailer fields of the upstream response: sent in the last chunk to a chunked client
+        (a length-delimited or HTTP/1.0 response has no place for them: dropped)."""
+        if not self.response_chunked:
+            return
+        lines = [b"0\r\n"]
+        for name, value in trailers:
+            if name.lower() not in NOT_TRAILERS:
+                lines.append(name + b": " + value + b"\r\n")
+        lines.append(b"\r\n")
+        if self.out is None:
+            self.out = []
+        self.out.append(b"".join(lines))
+        self.response_chunked = False  # the last chunk is written
 
     def flush_response(self) -> None:
         """Send what this upstream read produced for the client, in one send."""

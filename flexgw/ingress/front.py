@@ -34,6 +34,7 @@ from flexgw.upstream.pool import PoolManager
 
 if TYPE_CHECKING:
     from flexgw.http.accesslog import AccessLog
+    from flexgw.ingress.h2front import H2Protocol, H2Stream
     from flexgw.service.metrics import GatewayMetrics
 
 _log = Logger(namespace="flexgw.ingress")
@@ -121,11 +122,23 @@ class IngressProtocol(Protocol):
         self.idle_since = self.clock.seconds()
         self.timer = self.clock.callLater(self.http.keepalive_timeout, self._on_timer)
 
+    def retire(self) -> None:
+        """The connection turned out to be HTTP/2 (ProtocolSelector): leave it to that protocol."""
+        self.state = CLOSING
+        self._stop_timer()
+        self.factory.connections.discard(self)
+
+    def drain(self) -> None:
+        """The gateway drains: close now if idle, else after the response in flight."""
+        self.draining = True
+        if self.active is None and self.state == IDLE and not self.queue:
+            self.transport.loseConnection()  # idle keep-alive: nothing to wait for
+
     def handshakeCompleted(self) -> None:
         """TLS is up: the client certificate's details (if one was verified) are forwarded with
         every request of this connection as `x-forwarded-client-cert` (Envoy's format)."""
         certificate = self.transport.getPeerCertificate()
-        if certificate is not None:
+        if certificate is not None and self.http.forward_client_cert:
             from flexgw.tls.contexts import xfcc_value
 
             value = xfcc_value(certificate.to_cryptography())
@@ -524,7 +537,8 @@ class IngressFactory(Factory):
         self.rng = rng or random.Random()
         self.scheme_bytes = listener.scheme.encode("ascii")
         self.proto_line = b"X-Forwarded-Proto: " + self.scheme_bytes + b"\r\n"
-        self.connections: set[IngressProtocol] = set()
+        self.connections: set[IngressProtocol | H2Protocol] = set()
+        self.h2_limits = H2Limits()
         # Called with each connection as it closes (set by the gateway while it drains).
         self.on_connection_lost: Callable[[IngressProtocol], None] | None = None
 
@@ -539,16 +553,21 @@ class IngressFactory(Factory):
             connection.http = http
             connection.timeouts = timeouts
 
-    def buildProtocol(self, addr: object) -> IngressProtocol:
-        """A protocol for one accepted connection (a forward-proxy one on a proxy listener)."""
+    def buildProtocol(self, addr: object) -> Protocol:
+        """A protocol for one accepted connection: on a forward-proxy listener the forward-proxy
+        front (HTTP/1.1); otherwise HTTP/1.1 or HTTP/2, chosen on its first bytes."""
         if self.listener.forward_proxy is not None:
             from flexgw.egress.front import ForwardProxyProtocol
 
             return ForwardProxyProtocol(self)
-        return IngressProtocol(self)
+        return ProtocolSelector(self)
 
     def log_exchange(self, exchange: ProxyExchange) -> None:
-        """Write the access log line of a finished exchange, and count it."""
+        """Write the access log line of a finished exchange, and count it; policies that
+        asked hear how it ended (`on_done`)."""
+        chain = exchange.chain
+        if chain is not None and chain.finishers is not None:
+            chain.finish(exchange.response_status, exchange.error_cause)
         if self.access_log is not None:
             self.access_log.exchange(exchange, self.listener)
         if self.metrics is not None:
@@ -561,7 +580,11 @@ class IngressFactory(Factory):
             self.metrics.exchange(exchange)
 
     def log_tunnel(self, exchange: ProxyExchange) -> None:
-        """Write the access log line of a tunnel that ended (counted when it began)."""
+        """Write the access log line of a tunnel that ended (counted when it began); policies
+        that asked hear how it ended (`on_done`)."""
+        chain = exchange.chain
+        if chain is not None and chain.finishers is not None:
+            chain.finish(exchange.response_status, exchange.error_cause)
         if self.access_log is not None:
             self.access_log.exchange(exchange, self.listener)
 
@@ -572,9 +595,14 @@ class IngressFactory(Factory):
             Failure(failure) if failure is not None else None,
         )
 
-    def log_refusal(self, protocol: IngressProtocol, error: GatewayError) -> None:
+    def log_refusal(self, protocol: IngressProtocol | H2Stream, error: GatewayError) -> None:
         """Write the access log line of a request refused before it was parsed whole, and count it."""
         if self.access_log is not None:
             self.access_log.refusal(protocol, error, self.listener)
         if self.metrics is not None:
             self.metrics.refusal(error)
+
+
+# At the end: h2front and select import this module.
+from flexgw.ingress.h2front import H2Limits
+from flexgw.ingress.select import ProtocolSelector

@@ -50,6 +50,13 @@ class IPolicy(Interface):
         `response_phase = False`: the chain then does not call it (one call less per request).
         """
 
+    # Optional: `on_done(ctx, status, cause)` is called once when a request this policy let
+    # through (its on_request returned None) has ended, whichever way it ended: `status` is
+    # what the client got (0 when nothing was sent), `cause` the `x-flexgw-error` cause of a
+    # gateway-made answer (None for the upstream's own response). The circuit breaker uses it.
+    # Optional: `chain_member = False` keeps a policy that only configures something at
+    # compile time (e.g. `idle-timeout-flex`) out of the per-request chain.
+
 
 class UsesRuntime:
     """For policies that do I/O or read time: the build context's reactor and clock, or the
@@ -98,7 +105,11 @@ class PolicyRuntime:
     redis: Any = None  # a flexgw.storage.redis.RedisClient while the plan has shared storage
     shared_storage: Any = None  # the flexgw.config.plan.SharedStorage `redis` was made for
     side_tls: Any = None  # TLSSettings of Configuration.defaultTLS.outboundPolicyCalls, or None
+    forward_proxy: Any = None  # Configuration.spec.forwardProxy, or None
     side_agent: Any = None  # the treq Agent policies' side calls use (None: treq's default)
+    # --workers: an AMP protocol to the supervisor, which holds the rate-limit and spike-control
+    # counters of every worker (flexgw.storage.supervised); None in a single process
+    supervisor: Any = None
 
     def use_side_tls(self, settings: Any) -> None:
         """Called with each new plan's `defaultTLS.outboundPolicyCalls` settings (before its
@@ -106,16 +117,32 @@ class PolicyRuntime:
         if settings == self.side_tls:
             return
         self.side_tls = settings
-        self.side_agent = None
-        if settings is not None:
+        self._make_side_agent()
+
+    def use_forward_proxy(self, proxy: Any) -> None:
+        """Called with each new plan's forward proxy (before its policies are built): side
+        calls go through it (flexgw.upstream.sidecalls) while one is configured."""
+        if proxy == self.forward_proxy:
+            return
+        self.forward_proxy = proxy
+        self._make_side_agent()
+
+    def _make_side_agent(self) -> None:
+        """The side-call Agent for the current TLS settings and forward proxy."""
+        tls_policy = direct = None
+        if self.side_tls is not None:
             from twisted.web.client import Agent
 
             from flexgw.tls.contexts import SideCallTLSPolicy
 
-            self.side_agent = Agent(self.reactor, contextFactory=SideCallTLSPolicy(settings))
-    # --workers: an AMP protocol to the supervisor, which holds the rate-limit and spike-control
-    # counters of every worker (flexgw.storage.supervised); None in a single process
-    supervisor: Any = None
+            tls_policy = SideCallTLSPolicy(self.side_tls)
+            direct = Agent(self.reactor, contextFactory=tls_policy)
+        if self.forward_proxy is not None:
+            from flexgw.upstream.sidecalls import ForwardProxyAgent
+
+            self.side_agent = ForwardProxyAgent(self.reactor, self.forward_proxy, direct, tls_policy)
+        else:
+            self.side_agent = direct
 
     def use_shared_storage(self, settings: Any) -> None:
         """Called with each new plan's shared storage (before its policies are built): a new
@@ -156,6 +183,9 @@ class LocalResponse:
     status: int
     headers: tuple[tuple[bytes, bytes], ...] = ()
     body: bytes = b""
+    # The access log's and metrics' `error` cause for this answer (also sent as
+    # `x-flexgw-error` by `gateway_error`); None: "policy_rejected" for a 4xx/5xx.
+    cause: str | None = None
 
     @classmethod
     def json_error(
@@ -164,6 +194,15 @@ class LocalResponse:
         """A Flex-style JSON error body: `{"error": message}`."""
         body = json.dumps({"error": message}, separators=(",", ":")).encode("utf-8")
         return cls(status, ((b"Content-Type", b"application/json"), *headers), body)
+
+    @classmethod
+    def gateway_error(cls, status: int, cause: str, message: str) -> LocalResponse:
+        """A gateway-made error from a policy: JSON body and `x-flexgw-error: cause`, like the
+        gateway's own errors (flexgw.http.errors), so a 503 from a breaker is not mistaken
+        for the upstream's."""
+        body = json.dumps({"error": message}, separators=(",", ":")).encode("utf-8")
+        headers = ((b"Content-Type", b"application/json"), (b"x-flexgw-error", cause.encode()))
+        return cls(status, headers, body, cause)
 
     def render(self, close: bool, extra: HeaderList | None = None) -> bytes:
         """The complete HTTP/1.1 response bytes."""
@@ -198,6 +237,7 @@ class PolicyContext:
         "response_status",
         "response_timeout",
         "scheme",
+        "scratch",
         "stream_idle_timeout",
         "trusted_proxies",
         "vars",
@@ -223,6 +263,9 @@ class PolicyContext:
         # `Configuration.spec.http.trustedProxies` when the socket peer is one of them, else ():
         # only then may X-Forwarded-For hops be believed (walked from the right, not the left).
         self.trusted_proxies: tuple[Any, ...] = ()
+        # Per-request notes a policy keeps for its own later phases, keyed by the policy
+        # object (not visible to expressions, unlike `vars`); None until first used.
+        self.scratch: dict[Any, Any] | None = None
 
     @property
     def authentication(self) -> Mapping[str, Any] | None:

@@ -42,7 +42,7 @@ def policy_error(binding: str, failure: Failure | None = None) -> LocalResponse:
 class ChainRun:
     """The request phase of one chain for one request; remembers what ran for the response phase."""
 
-    __slots__ = ("cancelled", "ctx", "policies", "ran", "waiting")
+    __slots__ = ("cancelled", "ctx", "finishers", "policies", "ran", "waiting")
 
     def __init__(self, policies: Sequence[BoundPolicy], ctx: PolicyContext) -> None:
         self.policies = policies
@@ -50,6 +50,8 @@ class ChainRun:
         self.ran: list[BoundPolicy] = []
         self.waiting: Deferred[Any] | None = None  # the policy Deferred being waited for
         self.cancelled = False
+        # Policies with `on_done` that let the request through (None: none so far).
+        self.finishers: list[BoundPolicy] | None = None
 
     def run(self, start: int = 0) -> LocalResponse | None | Deferred[Any]:
         """Run from policy `start`: None (go on to the upstream), a LocalResponse, or a Deferred."""
@@ -64,6 +66,8 @@ class ChainRun:
             except Exception:  # noqa: BLE001 (any policy failure is a 500, never a crash)
                 return policy_error(bound.name, Failure())
             if result is None:
+                if bound.finishes:
+                    self._finishes(bound)
                 continue
             if isinstance(result, Deferred):
                 self.waiting = result
@@ -76,11 +80,30 @@ class ChainRun:
             return result
         return None
 
+    def _finishes(self, bound: BoundPolicy) -> None:
+        """Remember a policy whose `on_done` must hear how the request ended."""
+        if self.finishers is None:
+            self.finishers = [bound]
+        else:
+            self.finishers.append(bound)
+
     def _resumed(self, result: Any, index: int) -> Any:
         self.waiting = None
         if result is None and not self.cancelled:
+            bound = self.policies[index]
+            if bound.finishes:
+                self._finishes(bound)
             return self.run(index + 1)
         return result
+
+    def finish(self, status: int, cause: str | None) -> None:
+        """The request has ended: tell every policy that asked (`on_done`), last first."""
+        finishers, self.finishers = self.finishers, None
+        for bound in reversed(finishers or ()):
+            try:
+                bound.policy.on_done(self.ctx, status, cause)
+            except Exception:  # noqa: BLE001 (the response is gone; log and go on)
+                _log.failure("Policy {binding} failed in on_done", binding=bound.name)
 
     def _failed(self, failure: Failure, binding: str) -> LocalResponse | None:
         self.waiting = None

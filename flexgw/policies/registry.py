@@ -27,6 +27,9 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "flexgw.policies.spike_control",
     "flexgw.policies.cors",
     "flexgw.policies.headers",
+    "flexgw.policies.credential_injection",
+    "flexgw.policies.oauth2_injection",
+    "flexgw.policies.circuit_breaker",
     "flexgw.policies.tls",
     "flexgw.egress.policy",
 )

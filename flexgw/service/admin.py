@@ -192,6 +192,10 @@ def status_json(gateway: GatewayService) -> dict[str, Any]:
             )
 
     def source(kind: str, name: str, fallback: str | None) -> str | None:
+        if ":" in name:  # from an Ingress: "ns/ingress:spec.rules[0]..." / "ns/service:port..."
+            owner = name.partition(":")[0]
+            kind = "Ingress" if kind == "PolicyBinding" else "KubernetesService"
+            return files.get((kind, owner), files.get(("Service", owner), fallback))
         return files.get((kind, name), fallback)
 
     def policies(bound: Any, fallback: str | None) -> list[dict[str, Any]]:
@@ -246,6 +250,8 @@ def status_json(gateway: GatewayService) -> dict[str, Any]:
                 "apis": apis,
             }
         )
+        if listener.tls is not None:
+            listeners[-1]["tls"] = listener.tls.describe()
     ready, reasons = readiness(gateway)
     return {
         "ready": ready,

@@ -2,7 +2,7 @@
 
 Worker → supervisor: `WorkerReady` (the worker serves its configuration), `RateLimitHit` (one
 check-and-count in the supervisor's rate-limit counters), `SpikeTake` (one unit of a spike-control
-sliding window). Supervisor → worker: `Reload`, `Stop` (drain), `StopNow` (cut the drain short),
+sliding window). Supervisor → worker: `Ping` (heartbeat), `Reload`, `Stop` (drain), `StopNow` (cut the drain short),
 `Readiness`, `CollectMetrics`, `WorkerStatus`. Stopping goes over AMP rather than by signal, so
 a worker that also gets systemd's or a terminal's signal directly drains once, not twice.
 
@@ -122,6 +122,13 @@ class Stop(amp.Command):
 
 class StopNow(amp.Command):
     """Cut the drain under way (the supervisor got a second SIGTERM)."""
+
+    arguments: list[Any] = []  # noqa: RUF012
+    response: list[Any] = []  # noqa: RUF012
+
+
+class Ping(amp.Command):
+    """The supervisor's heartbeat: a worker whose reactor runs answers at once."""
 
     arguments: list[Any] = []  # noqa: RUF012
     response: list[Any] = []  # noqa: RUF012

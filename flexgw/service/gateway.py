@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate
 
+from flexgw.config.ingress import IngressOptions
 from flexgw.config.logconf import LoggingSettings, LogOutput
 from flexgw.config.pipeline import ConfigState, load_config
 from flexgw.config.plan import GatewayPlan, Listener, Upstream
@@ -22,14 +23,16 @@ from flexgw.http.accesslog import (
     open_output,
     open_runtime_output,
 )
-from flexgw.ingress.front import IDLE, IngressFactory, IngressProtocol
+from flexgw.ingress.front import IngressFactory, IngressProtocol
+from flexgw.ingress.h2front import H2Protocol
+from flexgw.ingress.proxyprotocol import wrap_proxy_protocol
 from flexgw.policies.base import PolicyRuntime
 from flexgw.service.activation import LISTEN_FDS_START, InheritedSockets, listen_environ
 from flexgw.service.admin import ProbeServer
 from flexgw.service.metrics import GatewayMetrics
 from flexgw.service.sockets import listen_reuse_port
 from flexgw.service.systemd import Notifier
-from flexgw.tls.contexts import QuietTLSFactory, ServerConnectionCreator
+from flexgw.tls.contexts import ListenerFactory
 from flexgw.upstream.pool import PoolManager
 
 _log = Logger(namespace="flexgw")
@@ -64,6 +67,7 @@ class GatewayService(Service):
         listen_fds_start: int = LISTEN_FDS_START,
         reuse_port: bool = False,
         supervisor: Any = None,
+        ingress: IngressOptions | None = None,
         resolver: Any = None,
     ) -> None:
         self.reactor = reactor
@@ -82,6 +86,7 @@ class GatewayService(Service):
         self.runtime_outputs: dict[LogOutput, tuple[RuntimeLog, Any]] = {}
         self.active_access_log: AccessLog | TeeLog | None = access_log
         self.strict = strict
+        self.ingress = ingress  # how Kubernetes Ingress documents are served
         self.rng = rng or random.Random()
         self.loader = loader
         self.state: ConfigState | None = None
@@ -94,8 +99,8 @@ class GatewayService(Service):
         self.runtime.supervisor = supervisor
         self.factories: dict[tuple[str, int], IngressFactory] = {}
         self.ports: dict[tuple[str, int], IListeningPort] = {}
-        # TLS listeners: the creator whose `current` a reload swaps (the socket is kept)
-        self.tls_creators: dict[tuple[str, int], ServerConnectionCreator] = {}
+        # What each socket serves: the ingress factory, TLS-wrapped while the plan says so
+        self.listening: dict[tuple[str, int], ListenerFactory] = {}
         self.reloads = 0
         self.last_reload_ok: bool | None = None
         self.unbound: set[tuple[str, int]] = set()  # listener addresses the last reload could not bind
@@ -103,7 +108,7 @@ class GatewayService(Service):
         self.probe = ProbeServer(reactor, self)
         self.notifier = notifier if notifier is not None else Notifier(reactor, environ)
         self.drain_seconds = drain_seconds
-        self.draining: set[IngressProtocol] = set()
+        self.draining: set[IngressProtocol | H2Protocol] = set()
         self._drained: Deferred[None] | None = None
         self._drain_timer: Any = None
         self.stopping = False
@@ -145,7 +150,7 @@ class GatewayService(Service):
         self.stopping = True
         self.notifier.stopping(f"Draining (up to {self.drain_seconds:g}s)")
         ports, self.ports = self.ports, {}
-        self.tls_creators = {}
+        self.listening = {}
         factories, self.factories = self.factories, {}
         for address in ports:
             self._release(address)
@@ -156,10 +161,8 @@ class GatewayService(Service):
         for factory in factories.values():
             factory.on_connection_lost = self._connection_gone
             for connection in list(factory.connections):
-                connection.draining = True
                 self.draining.add(connection)
-                if connection.active is None and connection.state == IDLE and not connection.queue:
-                    connection.transport.loseConnection()  # idle keep-alive: nothing to wait for
+                connection.drain()  # idle: closed now; else after what is in flight (h2: GOAWAY)
         # Connections already gone, or lost while being closed above, were not counted in.
         self.draining = {c for c in self.draining if c in c.factory.connections}
         if self.draining:
@@ -217,7 +220,7 @@ class GatewayService(Service):
         for connection in remaining:
             connection.transport.abortConnection()
 
-    def _connection_gone(self, connection: IngressProtocol) -> None:
+    def _connection_gone(self, connection: IngressProtocol | H2Protocol) -> None:
         """A downstream connection closed while draining."""
         self.draining.discard(connection)
         if not self.draining and self._drained is not None:
@@ -259,12 +262,15 @@ class GatewayService(Service):
             previous=self.state,
             strict=self.strict,
             runtime=self.runtime,
+            ingress=self.ingress,
         )
         self.reloads += 1
         self._apply_logging(state.plan.logging)
         for problem in state.problems:
             if problem.severity == "error":
                 _log.error("{problem}", problem=str(problem))
+            elif problem.severity == "info":
+                _log.info("{problem}", problem=str(problem))
             else:
                 _log.warn("{problem}", problem=str(problem))
         self.state = state
@@ -301,16 +307,11 @@ class GatewayService(Service):
         }
         self.pools.configure(plan.http, plan.timeouts, upstreams)
         wanted = {listener.address: listener for listener in plan.listeners}
-        for address in [
-            a
-            for a in self.ports
-            if a not in wanted or (wanted[a].tls is None) != (a not in self.tls_creators)
-        ]:
-            # Gone, or switching between TLS and plain HTTP: closed (and bound again below).
+        for address in [a for a in self.ports if a not in wanted]:
             _log.info("Closing listener {host}:{port}", host=address[0], port=address[1])
             self.ports.pop(address).stopListening()
             self.factories.pop(address, None)
-            self.tls_creators.pop(address, None)
+            self.listening.pop(address, None)
             self._release(address)
         bound = True
         self.unbound = set()
@@ -318,9 +319,8 @@ class GatewayService(Service):
             factory = self.factories.get(address)
             if factory is not None:
                 factory.update(listener, plan.http, plan.timeouts)
-                creator = self.tls_creators.get(address)
-                if creator is not None:
-                    creator.current = listener.tls  # new connections: new certificates
+                # New connections: new certificates, or TLS switched on/off (same socket).
+                self.listening[address].set_tls(listener.tls)
                 continue
             bound = self._bind(listener, plan) and bound
         return bound
@@ -338,19 +338,23 @@ class GatewayService(Service):
             metrics=self.metrics,
             resolver=self.resolver,
         )
-        served: Any = factory
-        creator = None
-        if listener.tls is not None:
-            creator = ServerConnectionCreator(listener.tls)
-            served = QuietTLSFactory(creator, False, factory)
+        served = ListenerFactory(factory, listener.tls)
+        # Outermost: the PROXY header comes before anything else (a TLS handshake included).
+        # The setting is read per connection, so a reload switches it without a rebind.
+        accepting: Any = wrap_proxy_protocol(
+            served,
+            lambda: self.plan.proxy_protocol,
+            self.reactor,
+            lambda: self.plan.http.header_timeout,
+        )
         inherited = self.inherited.take(*listener.address) if self.inherited else None
         try:
             if inherited is not None:  # systemd socket activation: no bind of our own
-                port = self.reactor.adoptStreamPort(inherited.fd, inherited.family, served)
+                port = self.reactor.adoptStreamPort(inherited.fd, inherited.family, accepting)
             elif self.reuse_port:  # --workers: every worker binds the address
-                port = listen_reuse_port(self.reactor, listener.port, served, listener.host)
+                port = listen_reuse_port(self.reactor, listener.port, accepting, listener.host)
             else:
-                port = self.reactor.listenTCP(listener.port, served, interface=listener.host)
+                port = self.reactor.listenTCP(listener.port, accepting, interface=listener.host)
         except Exception as exc:  # noqa: BLE001 (CannotListenError and friends: report, serve the rest)
             _log.error(
                 "Cannot listen on {host}:{port}: {error}",
@@ -363,13 +367,12 @@ class GatewayService(Service):
             return False
         self.factories[listener.address] = factory
         self.ports[listener.address] = port
-        if creator is not None:
-            self.tls_creators[listener.address] = creator
+        self.listening[listener.address] = served
         _log.info(
             "Listening on {host}:{port}{tls}{how}",
             host=listener.host,
             port=listener.port,
-            tls=" (TLS)" if creator is not None else "",
+            tls=" (TLS)" if listener.tls is not None else "",
             how=f" (inherited from systemd: {inherited.describe()})" if inherited else "",
         )
         return True

@@ -48,6 +48,11 @@ class WorkerProtocol(amp.AMP):
             raise RuntimeError("the worker's gateway is not built yet")
         return self.gateway
 
+    @commands.Ping.responder
+    def ping(self) -> dict[str, Any]:
+        """The heartbeat: answering proves the reactor turns."""
+        return {}
+
     @commands.Reload.responder
     def reload(self) -> dict[str, Any]:
         """Reload the configuration now."""

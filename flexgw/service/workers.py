@@ -18,6 +18,8 @@ Each worker gets one end of an AF_UNIX socketpair (its descriptor number in
   when all are gone; a second SIGTERM sends `StopNow`, which cuts their drains;
 - SIGUSR1 is passed on to every worker (log files reopened);
 - a worker that dies is started again, after a backoff that grows while workers keep dying young;
+  one that stops answering the supervisor's heartbeat (`Ping`) for `--worker-timeout` seconds
+  is killed, then restarted the same way;
 - rate-limit and spike-control counters live here (`SupervisorCounters`), one check per request
   over AMP, so quotas are exact across workers;
 - the admin listener is the supervisor's only: `/metrics` gathers every worker's metrics (each
@@ -42,6 +44,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -63,6 +66,9 @@ BACKOFF_BASE = 0.25
 BACKOFF_MAX = 30.0
 #: Seconds after the drain time at which workers still running are killed.
 KILL_GRACE = 5.0
+#: A worker that does not answer the supervisor's heartbeat for this long is killed (and then
+#: restarted); `--worker-timeout`, 0 to never check.
+WORKER_TIMEOUT = 30.0
 
 # Environment a worker must not inherit: systemd talks to the supervisor only.
 _SUPERVISOR_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
@@ -123,6 +129,7 @@ class WorkerSlot:
         self.failures = 0  # deaths in a row, each before HEALTHY_SECONDS
         self.restarts = 0
         self.restart_timer: Any = None
+        self.pinging = False  # a heartbeat Ping is awaiting its answer
         self.ended: Deferred[None] | None = None  # fires when the current process exits
 
 
@@ -156,8 +163,11 @@ class SupervisorService(Service):
         inherited_fds: int = 0,
         inherited_names: str | None = None,
         executable: str | None = None,
+        worker_timeout: float = WORKER_TIMEOUT,
     ) -> None:
         self.reactor = reactor
+        self.worker_timeout = worker_timeout
+        self._heartbeat: LoopingCall | None = None
         self.count = count
         self.command = command
         self.environ = environ
@@ -184,6 +194,37 @@ class SupervisorService(Service):
             self._spawn(slot)
         self.notifier.status(self.status_line())
         self.notifier.start_watchdog()
+        if self.worker_timeout > 0:
+            self._heartbeat = LoopingCall(self.heartbeat)
+            self._heartbeat.clock = self.reactor
+            self._heartbeat.start(self.worker_timeout / 3, now=False)
+
+    def heartbeat(self) -> None:
+        """Ask every ready worker for a `Ping`; one that does not answer within `worker_timeout`
+        (hung: an endless loop, stopped, deadlocked) is killed, and restarted as a dead one."""
+        for slot in self.slots:
+            if slot.protocol is None or not slot.ready or slot.pinging or self.stopping:
+                continue
+            slot.pinging = True
+            d = slot.protocol.callRemote(commands.Ping)
+            d.addTimeout(self.worker_timeout, self.reactor)
+            d.addCallbacks(self._pong, self._no_pong, callbackArgs=(slot, slot.pid), errbackArgs=(slot, slot.pid))
+
+    def _pong(self, answer: object, slot: WorkerSlot, pid: int | None) -> None:
+        slot.pinging = False
+
+    def _no_pong(self, failure: Failure, slot: WorkerSlot, pid: int | None) -> None:
+        slot.pinging = False
+        if slot.pid != pid or slot.transport is None or self.stopping:
+            return  # that process is already gone
+        _log.error(
+            "Worker {index} (pid {pid}) did not answer for {timeout:g}s ({why}): killed",
+            index=slot.index,
+            pid=pid,
+            timeout=self.worker_timeout,
+            why=failure.getErrorMessage(),
+        )
+        self._signal(slot, "KILL")
 
     def _worker_environ(self, slot: WorkerSlot, fd: int) -> dict[str, str]:
         env = {k: v for k, v in self.environ.items() if k not in _SUPERVISOR_ONLY}
@@ -248,12 +289,11 @@ class SupervisorService(Service):
         slot.status = status
         if self.stopping:
             return
-        if all(s.ready for s in self.slots):
-            if not self.announced:
-                self.announced = True
-                self.notifier.ready(self.status_line())
-                _log.info("All {count} workers ready", count=self.count)
-                return
+        if not self.announced and all(s.ready for s in self.slots):
+            self.announced = True
+            self.notifier.ready(self.status_line())
+            _log.info("All {count} workers ready", count=self.count)
+            return
         self.notifier.status(self.status_line())
 
     def worker_ended(self, slot: WorkerSlot, reason: Failure) -> None:
@@ -297,6 +337,9 @@ class SupervisorService(Service):
             return self._all_ended()
         super().stopService()
         self.stopping = True
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
+        self._heartbeat = None
         self.notifier.stopping(f"Draining {self.count} worker(s) (up to {self.drain_seconds:g}s)")
         for slot in self.slots:
             if slot.restart_timer is not None and slot.restart_timer.active():
@@ -362,7 +405,11 @@ class SupervisorService(Service):
         if self.stopping:
             return succeed(False)
         self.reloads += 1
-        self.notifier.reloading("Reloading configuration in every worker")
+        # Before the first READY=1 systemd is still waiting for the start: no RELOADING/READY now
+        # (the READY=1 of the start follows once every worker serves).
+        announce = self.announced
+        if announce:
+            self.notifier.reloading("Reloading configuration in every worker")
         calls = []
         for slot in self.slots:
             if slot.protocol is not None and slot.ready:
@@ -377,7 +424,7 @@ class SupervisorService(Service):
                     _log.warn("A worker did not answer the reload: {why}", why=answer.getErrorMessage())
                 else:
                     ok = ok and answer["ok"]
-            if not self.stopping:
+            if announce and not self.stopping:
                 self.notifier.ready(self.status_line())
             return ok
 

@@ -19,7 +19,8 @@ from typing import Any
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa as rsa_keys
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import rsa as rsa_keys
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 _PEM = serialization.Encoding.PEM
@@ -62,7 +63,7 @@ class CertificateAuthority:
     def __init__(self, name: str = "flexgw test CA", rsa: bool = False) -> None:
         self.key = _key(rsa)
         self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self.certificate = (
             x509.CertificateBuilder()
             .subject_name(self.name)
@@ -107,7 +108,7 @@ class CertificateAuthority:
     ) -> Issued:
         """A leaf certificate (server, or client with `client=True`) with the given SANs."""
         key = _key(rsa)
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         names: list[x509.GeneralName] = [x509.DNSName(name) for name in dns]
         names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
         names += [x509.UniformResourceIdentifier(uri) for uri in uris]

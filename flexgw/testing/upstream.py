@@ -167,6 +167,11 @@ class Exchange:
         self.state: dict[str, Any] = {}
 
     @property
+    def blocked(self) -> bool:
+        """Whether body writes should wait (HTTP/2: the stream's flow-control window is shut)."""
+        return False
+
+    @property
     def reactor(self) -> Any:
         """The reactor/clock given to the factory."""
         return self.connection.factory.reactor
@@ -265,7 +270,8 @@ class _BodyStreamer:
         self._pumping = True
         conn = self.ex.connection
         try:
-            while self.remaining > 0 and not conn.write_paused and conn.connected:
+            ex = self.ex
+            while self.remaining > 0 and not conn.write_paused and not ex.blocked and conn.connected:
                 take = min(self.chunk_size, self.remaining)
                 self.ex.write(pattern_slice(self.offset, take))
                 self.offset += take
@@ -838,8 +844,14 @@ class RecordingUpstream(protocol.ServerFactory):
         responder: Responder | None = None,
         reactor: Any = None,
         retain_bodies: bool = True,
+        h2c: bool = False,
     ) -> None:
-        """``reactor`` is used for listening and by time-based responders; bodies kept unless told."""
+        """``reactor`` is used for listening and by time-based responders; bodies kept unless told.
+
+        With ``h2c`` the upstream speaks HTTP/2 with prior knowledge (flexgw.testing.h2): each
+        stream is recorded as a request and answered by the same responders.
+        """
+        self.h2c = h2c
         self.responder: Responder = responder if responder is not None else fixed()
         self.reactor = reactor
         self.retain_bodies = retain_bodies
@@ -855,7 +867,13 @@ class RecordingUpstream(protocol.ServerFactory):
         self._pending: set[str] = set()
 
     def buildProtocol(self, addr: Any) -> Any:
-        """A new recording connection."""
+        """A new recording connection (HTTP/2 with prior knowledge when `h2c` is set)."""
+        if self.h2c:
+            from flexgw.testing.h2 import H2cUpstreamConnection
+
+            h2conn = H2cUpstreamConnection(self, len(self.connections))
+            self.connections.append(h2conn)  # type: ignore[arg-type]
+            return h2conn
         conn = UpstreamConnection(self, len(self.connections))
         self.connections.append(conn)
         return conn

@@ -22,6 +22,7 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
 )
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.iweb import IPolicyForHTTPS
@@ -112,6 +113,13 @@ class ServerTLS:
         """The files this TLS configuration was read from."""
         return self.settings.files
 
+    def describe(self) -> dict[str, object]:
+        """JSON-ready summary: the port's settings, the ALPN offered, every certificate's names."""
+        out = self.settings.describe()
+        out["alpnOffered"] = [name.decode("ascii") for name in self.alpn]
+        out["certificateNames"] = [list(c.names) for c in self.certificates]
+        return out
+
 
 def build_server_tls(
     settings: TLSSettings, others: Sequence[CertificateKey], served_alpn: Sequence[bytes]
@@ -175,6 +183,36 @@ class QuietTLSFactory(TLSMemoryBIOFactory):
     noisy = False
 
 
+class ListenerFactory(Factory):
+    """What a listening socket serves: the ingress factory, wrapped in TLS while the listener's
+    plan has TLS. A reload switches TLS on, off or to new certificates without rebinding."""
+
+    noisy = False
+
+    def __init__(self, wrapped: Factory, tls: ServerTLS | None = None) -> None:
+        self.wrapped = wrapped
+        self.creator: ServerConnectionCreator | None = None
+        self.tls_factory: QuietTLSFactory | None = None
+        self.set_tls(tls)
+
+    def set_tls(self, tls: ServerTLS | None) -> None:
+        """Serve new connections with `tls` (None: plain); established ones keep what they have."""
+        if tls is None:
+            self.creator = self.tls_factory = None
+        elif self.creator is None:
+            self.creator = ServerConnectionCreator(tls)
+            self.tls_factory = QuietTLSFactory(self.creator, False, self.wrapped)
+        else:
+            self.creator.current = tls
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """A TLS-wrapped ingress protocol, or the plain one."""
+        tls_factory = self.tls_factory
+        if tls_factory is None:
+            return self.wrapped.buildProtocol(addr)
+        return tls_factory.buildProtocol(addr)
+
+
 def xfcc_value(certificate: x509.Certificate) -> bytes:
     """Envoy's `x-forwarded-client-cert` element for a client certificate:
     `Hash=<sha256 of DER, hex>;Subject="<RFC 4514>";URI=<uri SAN>...;DNS=<dns SAN>...`."""
@@ -221,9 +259,15 @@ class _UnverifiedCreator:
         return connection
 
 
-def client_creator(settings: TLSSettings, hostname: str) -> Any:
-    """An IOpenSSLClientConnectionCreator for `hostname` (SNI and service-identity check)."""
-    alpn = tuple(n.encode("ascii") for n in settings.alpn if n.encode("ascii") in CLIENT_ALPN)
+def client_creator(settings: TLSSettings, hostname: str, http2: bool = False) -> Any:
+    """An IOpenSSLClientConnectionCreator for `hostname` (SNI and service-identity check).
+
+    With `http2` (an `h2://` Service, spoken to with flexgw.upstream.h2) ALPN offers `h2` only.
+    """
+    if http2:
+        alpn: tuple[bytes, ...] = (b"h2",)
+    else:
+        alpn = tuple(n.encode("ascii") for n in settings.alpn if n.encode("ascii") in CLIENT_ALPN)
     kwargs = _common_options(settings, alpn)
     kwargs.update(_certificate_options(settings.certificate))
     if settings.skip_validation:
@@ -250,10 +294,18 @@ class ClientTLS:
     settings: TLSSettings
     creator: Any = attrs.field(eq=False, hash=False, repr=False)
 
+    def describe(self) -> dict[str, object]:
+        """JSON-ready summary (no key material)."""
+        out = self.settings.describe()
+        out["clientCertificate"] = self.settings.certificate is not None
+        out.pop("certificateNames", None)
+        return out
 
-def build_client_tls(settings: TLSSettings, hostname: str) -> ClientTLS:
-    """Compile a Service's outbound TLS for `hostname` (the Service host, also the SNI name)."""
-    return ClientTLS(settings=settings, creator=client_creator(settings, hostname))
+
+def build_client_tls(settings: TLSSettings, hostname: str, http2: bool = False) -> ClientTLS:
+    """Compile a Service's outbound TLS for `hostname` (the Service host, also the SNI name);
+    `http2` for HTTP/2 Services (ALPN h2)."""
+    return ClientTLS(settings=settings, creator=client_creator(settings, hostname, http2))
 
 
 @implementer(IPolicyForHTTPS)

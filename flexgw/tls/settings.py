@@ -17,7 +17,6 @@ from urllib.parse import unquote, urlsplit
 import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtensionOID
 
 from flexgw.policies.base import PolicyConfigError
 
@@ -90,6 +89,23 @@ class TLSSettings:
     ciphers: tuple[str, ...] = DEFAULT_TLS12_CIPHERS  # IANA names
     files: tuple[str, ...] = ()  # certificate/key/CA files read (watched for reloads)
 
+    def describe(self) -> dict[str, object]:
+        """JSON-ready summary (no key material): for `flexgw dump` and /status."""
+        out: dict[str, object] = {
+            "minVersion": "{}.{}".format(*self.min_version),
+            "maxVersion": "{}.{}".format(*self.max_version),
+            "alpn": list(self.alpn),
+            "ciphers": list(self.ciphers),
+            "trustedCA": "custom" if self.trusted_ca else "system",
+        }
+        if self.certificate is not None:
+            out["certificateNames"] = list(self.certificate.names)
+        if self.require_client_certificate:
+            out["requireClientCertificate"] = True
+        if self.skip_validation:
+            out["skipValidation"] = True
+        return out
+
     @property
     def openssl_ciphers(self) -> str:
         """The TLS 1.2-and-lower cipher list in OpenSSL syntax ("" when only TLS 1.3 suites)."""
@@ -126,7 +142,7 @@ def _load_certificates(pem: bytes, field: str) -> list[x509.Certificate]:
 
 def _dns_names(certificate: x509.Certificate) -> tuple[str, ...]:
     try:
-        san = certificate.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
         return ()
     return tuple(name.lower() for name in san.value.get_values_for_type(x509.DNSName))

@@ -25,6 +25,7 @@ class ResponseSink(TypingProtocol):
         self, status: int, reason: bytes, headers: HeaderList, keep_alive: bool
     ) -> None: ...
     def response_body(self, data: bytes) -> None: ...
+    def response_trailers(self, trailers: HeaderList) -> None: ...
     def response_complete(self) -> None: ...
     def flush_response(self) -> None: ...
     def response_malformed(self, message: str) -> None: ...
@@ -93,6 +94,7 @@ class UpstreamConnection(Protocol):
         self.got_bytes = False
         self._reason = b""
         self._headers: HeaderList = []
+        self._trailers: HeaderList | None = None
         self._in_head = True
         self._head_only = False
         self._interim = False
@@ -222,9 +224,13 @@ class UpstreamConnection(Protocol):
         self._reason = reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        """One response header (trailers after the head are dropped)."""
+        """One response header, or a trailer field of a chunked response."""
         if self._in_head:
             self._headers.append((name, value))
+        elif self._trailers is None:
+            self._trailers = [(name, value)]
+        else:
+            self._trailers.append((name, value))
 
     def on_headers_complete(self) -> None:
         """Response head done: interim (1xx) or final."""
@@ -263,6 +269,9 @@ class UpstreamConnection(Protocol):
             return
         if self.sink is not None and not self._in_head:
             self._complete = True
+            if self._trailers is not None:
+                trailers, self._trailers = self._trailers, None
+                self.sink.response_trailers(trailers)
 
 
 class _Unsolicited(Exception):
@@ -275,13 +284,33 @@ class TLSUpstreamConnection(UpstreamConnection):
     the certificate and host name checks) completed, so a failed check is told apart from a
     reset: the exchange answers 502 `upstream_tls`."""
 
+    _handshake_timer: Any = None
+
     def connectionMade(self) -> None:
-        """TCP is up; TLS is not yet: wait for the handshake."""
+        """TCP is up; TLS is not yet: wait for the handshake, bounded by the connect timeout."""
         self.connected_ok = True
         self.tls_failed = True  # until the handshake completes
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
         self.gate = ReadGate(self.transport)
+        pool = self.pool
+        self._handshake_timer = pool.clock.callLater(pool.connect_timeout, self._handshake_timeout)
+
+    def _handshake_timeout(self) -> None:
+        self._handshake_timer = None
+        self.transport.abortConnection()  # reported as a failed handshake (upstream_tls)
 
     def handshakeCompleted(self) -> None:
         """TLS is up: hand the connection to whoever asked for it."""
         self.tls_failed = False
+        timer, self._handshake_timer = self._handshake_timer, None
+        if timer is not None:
+            timer.cancel()
         self.pool.connection_made(self)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        """Stop the handshake timer, then as any upstream connection."""
+        timer, self._handshake_timer = self._handshake_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        super().connectionLost(reason)

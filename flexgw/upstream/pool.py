@@ -13,6 +13,7 @@ from twisted.python.failure import Failure
 
 from flexgw.config.plan import HttpSettings, Timeouts, Upstream
 from flexgw.upstream.connection import TLSUpstreamConnection, UpstreamConnection
+from flexgw.upstream.tunnel import ConnectTunnelFactory
 
 _log = Logger(namespace="flexgw.upstream")
 
@@ -70,7 +71,7 @@ class UpstreamPool:
         self.upstream = upstream
         self.max_idle = http.max_idle_per_upstream
         self.connect_timeout = http.connect_timeout
-        self.idle_timeout = timeouts.upstream_idle
+        self.idle_timeout = upstream.idle_timeout or timeouts.upstream_idle
         self.idle: list[UpstreamConnection] = []
         self.active = 0
         self.connecting = 0
@@ -100,12 +101,25 @@ class UpstreamPool:
             from flexgw.tls.contexts import QuietTLSFactory
 
             factory = QuietTLSFactory(tls.creator, True, factory)
-        self.reactor.connectTCP(
-            upstream.connect_host or upstream.host,
-            self.upstream.port,
-            factory,
-            timeout=self.connect_timeout,
-        )
+        # A forward-proxy destination connects to the address its SSRF check passed.
+        host, port = upstream.connect_host or upstream.host, upstream.port
+        proxy = upstream.proxy
+        if proxy is not None:
+            # Configuration.spec.forwardProxy: connect to the proxy; plain HTTP then goes in
+            # absolute form (see Upstream.request_prefix), TLS through a CONNECT tunnel (the
+            # handshake, with its checks against the Service host, runs inside it).
+            host, port = proxy.host, proxy.port
+            if upstream.scheme == "https" or tls is not None:
+                factory = ConnectTunnelFactory(
+                    factory,
+                    upstream.host,
+                    upstream.port,
+                    proxy.authorization,
+                    self.clock,
+                    self.connect_timeout,
+                    proxy.authority.decode("latin-1"),
+                )
+        self.reactor.connectTCP(host, port, factory, timeout=self.connect_timeout)
 
     def connection_made(self, connection: UpstreamConnection) -> None:
         """A new connection is up: give it to the waiter that asked for it."""
@@ -188,7 +202,7 @@ class PoolManager:
     def __init__(self, reactor: IReactorTCP, clock: IReactorTime) -> None:
         self.reactor = reactor
         self.clock = clock
-        self.pools: dict[Upstream, UpstreamPool] = {}
+        self.pools: dict[Upstream, UpstreamPool | H2UpstreamPool] = {}
         self.http = HttpSettings()
         self.timeouts = Timeouts()
         self._reaper: LoopingCall | None = None
@@ -200,15 +214,19 @@ class PoolManager:
             for pool in self.pools.values():
                 pool.max_idle = http.max_idle_per_upstream
                 pool.connect_timeout = http.connect_timeout
-                pool.idle_timeout = timeouts.upstream_idle
         for upstream in [u for u in self.pools if u not in upstreams]:
             self.pools.pop(upstream).retire()
+        for upstream in upstreams:
+            pool = self.pools.get(upstream)
+            if pool is not None:  # idle-timeout-flex may differ per Service, and change
+                pool.idle_timeout = upstream.idle_timeout or timeouts.upstream_idle
 
-    def pool_for(self, upstream: Upstream) -> UpstreamPool:
-        """The pool for `upstream`, created on first use."""
+    def pool_for(self, upstream: Upstream) -> UpstreamPool | H2UpstreamPool:
+        """The pool for `upstream`, created on first use (HTTP/2 for `h2c`/`h2` Services)."""
         pool = self.pools.get(upstream)
         if pool is None:
-            pool = self.pools[upstream] = UpstreamPool(
+            kind = H2UpstreamPool if upstream.scheme in ("h2c", "h2") else UpstreamPool
+            pool = self.pools[upstream] = kind(  # type: ignore[assignment]
                 self.reactor, self.clock, upstream, self.http, self.timeouts
             )
         return pool
@@ -241,3 +259,7 @@ class PoolManager:
             self._reaper.stop()
         for pool in self.pools.values():
             pool.close_all()
+
+
+# At the end: flexgw.upstream.h2 imports this module.
+from flexgw.upstream.h2 import H2UpstreamPool

@@ -1,0 +1,856 @@
+"""The downstream HTTP/2 protocol of an ingress listener (prior-knowledge h2c, or ALPN `h2`).
+
+Framing, HPACK and flow-control accounting are the `h2` library's. Each request stream becomes an
+`H2Exchange`: the HTTP/1.1 path's ProxyExchange with only its response emission overridden, whose
+`front` is the stream (`H2Stream`, which offers what ProxyExchange reads from an IngressProtocol).
+Routing, the policy chain, the upstream pools and the timeouts are therefore the very code
+HTTP/1.1 runs, and the HTTP/1.1 path pays nothing for HTTP/2 (no indirection was added to it).
+
+Flow control, both ways:
+- request bodies: received DATA is acknowledged (WINDOW_UPDATE) only while the exchange can pass
+  it on; while it waits for its upstream, or the upstream socket is full, acknowledgements stop,
+  so a client can have at most one stream window of unforwarded body per stream;
+- responses: body bytes go out as far as the client's stream and connection windows allow; the
+  rest waits in the stream, and the upstream connection stops being read until the client opens
+  its window (or, for the whole connection, until the client's socket drains).
+
+Guards (RFC 9113 §10.5, and the 2023 "rapid reset" attack): client stream resets counted per
+connection in a time window, and control frames (PING, SETTINGS, PRIORITY, empty DATA) likewise;
+over either limit the connection gets GOAWAY(ENHANCE_YOUR_CALM) and is closed. The header list
+size is bounded by `max_header_bytes` (431 on the stream; far over it, or a CONTINUATION run over
+it, is a connection error), concurrent streams by SETTINGS_MAX_CONCURRENT_STREAMS.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from h2 import events
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.exceptions import H2Error, ProtocolError
+from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from flexgw.http import errors
+from flexgw.http.errors import GatewayError
+from flexgw.http.fastwrite import send_now
+from flexgw.http.headers import HOP_BY_HOP, HeaderList, response_headers_for_downstream
+from flexgw.http.request import BODY_CHUNKED, BODY_NONE, RequestHead, analyze_head
+from flexgw.ingress.exchange import DONE, NOT_TRAILERS, RESPONDING, ProxyExchange
+from flexgw.ingress.routing import RouteMatch, select_route
+from flexgw.policies.base import LocalResponse
+from flexgw.upstream.connection import BACKPRESSURE
+
+if TYPE_CHECKING:
+    from flexgw.ingress.front import IngressFactory, IngressProtocol
+
+_log = Logger(namespace="flexgw.ingress.h2")
+
+
+
+@attrs.frozen
+class H2Limits:
+    """The HTTP/2 limits of ingress connections."""
+
+    max_concurrent_streams: int = 100  # SETTINGS_MAX_CONCURRENT_STREAMS
+    initial_window: int = 65535  # per stream: request body bytes a client may send unacknowledged
+    connection_window: int = 4 * 1024 * 1024  # the same for the whole connection
+    max_resets: int = 200  # client RST_STREAM frames per `window_seconds`; over: GOAWAY
+    max_control_frames: int = 1000  # PING, SETTINGS, PRIORITY, empty DATA per `window_seconds`
+    window_seconds: float = 10.0
+
+
+@implementer(IPushProducer)
+class _RequestGate:
+    """A stream's `front.gate`: while any reason holds, received body data is not acknowledged.
+
+    The exchange holds it as it holds an HTTP/1.1 connection's ReadGate (waiting for a policy or
+    an upstream connection) and registers it as the producer of the upstream socket; instead of
+    pausing a socket, holding it withholds WINDOW_UPDATE, which stops the client's sending.
+    """
+
+    __slots__ = ("reasons", "stream")
+
+    def __init__(self, stream: H2Stream) -> None:
+        self.stream = stream
+        self.reasons = 0
+
+    def hold(self, reason: int) -> None:
+        """Stop acknowledging body data for `reason` (a bit)."""
+        self.reasons |= reason
+
+    def release(self, reason: int) -> None:
+        """Drop `reason`; acknowledge what was withheld when no reason is left."""
+        if self.reasons & reason:
+            self.reasons &= ~reason
+            if not self.reasons:
+                self.stream.acknowledge()
+
+    def pauseProducing(self) -> None:
+        """The upstream socket's buffer is full."""
+        self.hold(BACKPRESSURE)
+
+    def resumeProducing(self) -> None:
+        """The upstream socket's buffer drained."""
+        self.release(BACKPRESSURE)
+
+    def stopProducing(self) -> None:
+        """The upstream went away; the exchange cleans up."""
+
+
+class H2Stream:
+    """One request stream: what its exchange sees as `front`, and its response's send side."""
+
+    def __init__(self, protocol: H2Protocol, stream_id: int) -> None:
+        self.protocol = protocol
+        self.stream_id = stream_id
+        # What ProxyExchange reads from its front (the same values as the HTTP/1.1 front's).
+        self.clock = protocol.clock
+        self.pools = protocol.pools
+        self.http = protocol.http
+        self.timeouts = protocol.timeouts
+        self.client_ip = protocol.client_ip
+        self.client_ip_bytes = protocol.client_ip_bytes
+        self.trusted_peer = protocol.trusted_peer
+        self.scheme_bytes = protocol.scheme_bytes
+        self.scheme_decoded = protocol.scheme_decoded
+        self.proto_line = protocol.proto_line
+        self.xfcc_line = protocol.xfcc_line
+        self.gate = _RequestGate(self)
+        self.transport = self  # ProxyExchange registers the upstream as producer on front.transport
+        self.exchange: H2Exchange | None = None
+        self.request_ended = False
+        self.unacked = 0  # received flow-controlled bytes not yet acknowledged
+        # response side
+        self.head: HeaderList | None = None  # response head not yet sent
+        self.head_sent = False
+        self.queue: deque[bytes] = deque()
+        self.queued = 0
+        self.ending = False  # the response is complete upstream; end the stream once sent
+        self.trailers: HeaderList | None = None
+        self.ended = False  # END_STREAM sent
+        self.closed = False  # reset, or the connection is gone
+        self.producer: Any = None
+        self.producer_paused = False
+
+    @property
+    def draining(self) -> bool:
+        """The gateway is draining (ProxyExchange reads it from its front)."""
+        return self.protocol.draining
+
+    # -- what the exchange calls ---------------------------------------------------------------
+
+    def route(self, head: RequestHead) -> RouteMatch | None:
+        """Choose the route for a request on this listener's current plan."""
+        factory = self.protocol.factory
+        return select_route(
+            factory.listener,
+            head.method.decode("ascii"),
+            head.path,
+            head.authority,
+            head.headers,
+            factory.rng,
+        )
+
+    def send_error(
+        self,
+        exchange: ProxyExchange,
+        error: GatewayError | LocalResponse,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        """Answer a gateway error or a policy's local response on this stream."""
+        if isinstance(error, GatewayError):
+            body = json.dumps({"error": error.message}).encode("ascii")
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"x-flexgw-error", error.cause.encode("ascii")),
+            ]
+        else:
+            body = error.body
+            headers = [(n.lower(), v) for n, v in error.headers]
+        if extra:
+            headers.extend((n.lower(), v) for n, v in extra)
+        headers = [(n, v) for n, v in headers if n not in HOP_BY_HOP and n != b"content-length"]
+        headers.append((b"content-length", b"%d" % len(body)))
+        if exchange.head.method == b"HEAD":
+            body = b""
+        self.respond(error.status, headers, body)
+        self.protocol.factory.log_exchange(exchange)
+
+    def exchange_done(self, exchange: ProxyExchange, close: bool) -> None:
+        """The exchange is complete (its response may still be waiting for the client's window)."""
+        self.protocol.factory.log_exchange(exchange)
+        self._maybe_done()
+
+    def exchange_aborted(self, exchange: ProxyExchange) -> None:
+        """The upstream failed after the response head was sent: reset the stream."""
+        self.protocol.factory.log_exchange(exchange)
+        self.reset(ErrorCodes.INTERNAL_ERROR)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """The upstream connection whose reading this stream's response may pause."""
+        self.producer = producer
+        self.producer_paused = False
+        self.update_producer()
+
+    def unregisterProducer(self) -> None:
+        """The response body is complete: no producer any more."""
+        producer = self.producer
+        self.producer = None
+        if producer is not None and self.producer_paused:
+            self.producer_paused = False
+            producer.resumeProducing()
+
+    def write(self, data: bytes) -> None:
+        """Never used: ProxyExchange writes to its front only through overridden methods."""
+        raise RuntimeError("raw bytes written to an HTTP/2 stream")
+
+    # -- request body flow control ---------------------------------------------------------------
+
+    def received(self, size: int) -> None:
+        """Flow-controlled bytes arrived for this stream: acknowledge now, unless held."""
+        self.unacked += size
+        if not self.gate.reasons:
+            self.acknowledge()
+
+    def acknowledge(self) -> None:
+        """Hand back the window for what was received and passed on."""
+        size = self.unacked
+        if size and not self.closed:
+            self.unacked = 0
+            protocol = self.protocol
+            try:
+                protocol.conn.acknowledge_received_data(size, self.stream_id)
+            except H2Error:
+                return
+            protocol.flush()
+
+    # -- response side ---------------------------------------------------------------------------
+
+    def respond(self, status: int, headers: HeaderList, body: bytes) -> None:
+        """A whole response made by the gateway."""
+        self.head = [(b":status", b"%d" % status), *headers]
+        if body:
+            self.queue.append(body)
+            self.queued += len(body)
+        self.ending = True
+        self.flush()
+        self._maybe_done()
+
+    def start_response(self, headers: HeaderList) -> None:
+        """The response head, sent with the next flush (withdrawn if the upstream fails first)."""
+        self.head = headers
+
+    def queue_data(self, data: bytes) -> None:
+        """A piece of the response body, sent as the windows allow (dropped once reset)."""
+        if data and not self.closed:
+            self.queue.append(data)
+            self.queued += len(data)
+
+    def discard_pending(self) -> None:
+        """Forget a response head (and body) not sent yet: the client gets an error instead."""
+        self.head = None
+        self.queue.clear()
+        self.queued = 0
+        self.trailers = None
+        self.ending = False
+
+    def end_response(self) -> None:
+        """The response is complete: end the stream (with trailers, if any) once all is sent."""
+        self.ending = True
+
+    def flush(self) -> None:
+        """Send the head, then body bytes as the flow-control windows allow, then the end."""
+        if self.closed or self.ended:
+            return
+        protocol = self.protocol
+        conn = protocol.conn
+        try:
+            head = self.head
+            if head is not None:
+                self.head = None
+                self.head_sent = True
+                end = self.ending and not self.queue and self.trailers is None
+                conn.send_headers(self.stream_id, head, end_stream=end)
+                if end:
+                    self.ended = True
+            queue = self.queue
+            while queue:
+                window = min(
+                    conn.local_flow_control_window(self.stream_id), conn.max_outbound_frame_size
+                )
+                if window <= 0:
+                    break
+                data = queue[0]
+                if len(data) <= window:
+                    queue.popleft()
+                else:
+                    queue[0] = data[window:]
+                    data = data[:window]
+                self.queued -= len(data)
+                end = not queue and self.ending and self.trailers is None
+                conn.send_data(self.stream_id, data, end_stream=end)
+                if end:
+                    self.ended = True
+            if not queue and self.ending and not self.ended:
+                if self.trailers is not None:
+                    conn.send_headers(self.stream_id, self.trailers, end_stream=True)
+                else:
+                    conn.end_stream(self.stream_id)
+                self.ended = True
+        except H2Error:
+            # The stream was closed under us (the client reset it in this same read), or h2
+            # refused a header the response carries: reset it; what the exchange still sends
+            # is dropped (queue_data) until it completes, and then the stream is forgotten.
+            self.closed = True
+            self.queue.clear()
+            self.queued = 0
+            protocol.blocked.discard(self)
+            try:
+                conn.reset_stream(self.stream_id, ErrorCodes.INTERNAL_ERROR)
+            except H2Error:
+                pass
+            protocol.flush()
+            self._maybe_done()
+            return
+        if queue:
+            protocol.blocked.add(self)
+        else:
+            protocol.blocked.discard(self)
+        self.update_producer()
+        protocol.flush()
+        if self.ended:
+            self._maybe_done()
+
+    def update_producer(self) -> None:
+        """Pause the upstream while response bytes wait for a window or the client's socket."""
+        producer = self.producer
+        if producer is None:
+            return
+        paused = bool(self.queue) or self.protocol.paused
+        if paused != self.producer_paused:
+            self.producer_paused = paused
+            if paused:
+                producer.pauseProducing()
+            else:
+                producer.resumeProducing()
+
+    def _maybe_done(self) -> None:
+        """Forget the stream once its response has ended and its exchange is done."""
+        exchange = self.exchange
+        if not (self.ended or self.closed) or (exchange is not None and exchange.state != DONE):
+            return
+        if not self.request_ended and not self.closed:
+            # Answered before the request was complete: ask the client to stop sending it
+            # (RFC 9113 §8.1).
+            self.reset(ErrorCodes.NO_ERROR)
+            return
+        self.protocol.forget(self)
+
+    def reset(self, code: int) -> None:
+        """Reset the stream (the exchange, if still running, is abandoned by the caller)."""
+        protocol = self.protocol
+        if not self.closed:
+            self.closed = True
+            try:
+                protocol.conn.reset_stream(self.stream_id, code)
+            except H2Error:
+                pass
+            protocol.flush()
+        protocol.forget(self)
+
+
+class H2Exchange(ProxyExchange):
+    """A ProxyExchange whose response goes out on an HTTP/2 stream."""
+
+    __slots__ = ()
+
+    front: H2Stream  # type: ignore[assignment]
+
+    def response_interim(self, status: int, headers: HeaderList) -> None:
+        """Relay 100 Continue and 103 Early Hints as informational HEADERS."""
+        if status == 101:
+            self.response_malformed("Unexpected 101 Switching Protocols")
+            return
+        stream = self.front
+        if status in (100, 103) and self.response_status == 0 and not stream.closed:
+            kept = [(n.lower(), v) for n, v in response_headers_for_downstream(headers, ())]
+            try:
+                stream.protocol.conn.send_headers(
+                    stream.stream_id, [(b":status", b"%d" % status), *kept]
+                )
+            except H2Error:
+                return
+            stream.protocol.flush()
+
+    def response_head(
+        self, status: int, reason: bytes, headers: HeaderList, keep_alive: bool
+    ) -> None:
+        """The final response head: held until this upstream read's flush, then sent."""
+        front = self.front
+        connection_values = []
+        content_length = None
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                content_length = value
+            elif lname == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    self.response_malformed("Transfer-Encoding other than chunked")
+                    return
+                content_length = None
+            elif lname == b"connection":
+                connection_values.append(value)
+        self.response_status = status
+        self.last_activity = now = front.clock.seconds()
+        self.upstream_elapsed = now - self.upstream_started
+        if self.timer is not None:
+            self.timer.reset(self._stream_idle_timeout())
+        self.state = RESPONDING
+        kept = response_headers_for_downstream(headers, connection_values)
+        chain = self.chain
+        if chain is not None:
+            ctx = chain.ctx
+            ctx.begin_response(status, kept)
+            failed = chain.respond()
+            if failed is not None:
+                self._upstream_failed_with_response(failed)
+                return
+            status = self.response_status = ctx.response_status
+            kept = ctx.response_headers
+            if ctx.response_extra:
+                kept = kept + ctx.response_extra
+        out = [(b":status", b"%d" % status)]
+        out.extend([(n.lower(), v) for n, v in kept])
+        if content_length is not None:
+            out.append((b"content-length", content_length))
+        front.start_response(out)
+        if self.head.method == b"HEAD" or status in (204, 304):
+            front.end_response()
+        front.registerProducer(self.conn.gate, True)  # type: ignore[union-attr]
+
+    def response_body(self, data: bytes) -> None:
+        """A piece of the response body, queued on the stream."""
+        self.bytes_out += len(data)
+        self.last_activity = self.front.clock.seconds()
+        self.front.queue_data(data)
+
+    def response_trailers(self, trailers: HeaderList) -> None:
+        """Trailer fields of the upstream response: sent as the stream's closing HEADERS."""
+        kept = [(n.lower(), v) for n, v in trailers if n.lower() not in NOT_TRAILERS]
+        if kept:
+            self.front.trailers = kept
+
+    def flush_response(self) -> None:
+        """Send what this upstream read produced, as far as the client's windows allow."""
+        front = self.front
+        front.flush()
+        if front.head_sent:
+            self.flushed = True
+
+    def _complete(self, conn: Any) -> None:
+        self.front.end_response()
+        super()._complete(conn)
+
+    def _upstream_failed(self, error: GatewayError, conn_gone: bool = False) -> None:
+        if self.state == RESPONDING and not self.flushed:
+            self.front.discard_pending()
+        super()._upstream_failed(error, conn_gone)
+
+
+@implementer(IPushProducer)
+class H2Protocol(Protocol):
+    """One downstream HTTP/2 connection (taken over from the selector's HTTP/1.1 protocol)."""
+
+    def __init__(self, factory: IngressFactory, h1: IngressProtocol) -> None:
+        self.factory = factory
+        self.clock = factory.clock
+        self.pools = factory.pools
+        self.http = h1.http
+        self.timeouts = h1.timeouts
+        self.limits: H2Limits = factory.h2_limits
+        self.client_ip = h1.client_ip
+        self.client_ip_bytes = h1.client_ip_bytes
+        self.trusted_peer = h1.trusted_peer
+        self.scheme_bytes = h1.scheme_bytes
+        self.scheme_decoded = h1.scheme_decoded
+        # X-Forwarded-Proto (and, over mTLS, the client certificate's XFCC) lines, as for h1
+        self.proto_line = h1.proto_line
+        self.xfcc_line = h1.xfcc_line
+        self.draining = False
+        self.streams: dict[int, H2Stream] = {}
+        self.blocked: set[H2Stream] = set()  # streams with response bytes waiting for a window
+        self.paused = False  # the client's socket is full
+        self.closing = False
+        self.goaway_last: int | None = None  # last stream id of a graceful GOAWAY
+        self.window_start = 0.0
+        self.resets = 0
+        self.control_frames = 0
+        self.idle_since = 0.0
+        self.timer: Any = None
+        limits = self.limits
+        http = self.http
+        config = H2Configuration(client_side=False, header_encoding=None)
+        conn = self.conn = H2Connection(config=config)
+        conn.local_settings = Settings(
+            client=False,
+            initial_values={
+                SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
+                SettingCodes.MAX_HEADER_LIST_SIZE: http.max_header_bytes,
+                SettingCodes.INITIAL_WINDOW_SIZE: limits.initial_window,
+                SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        # Over twice the limit the header block is a connection error; between the limit and
+        # that, the stream gets a 431 (see _head).
+        conn.decoder.max_header_list_size = 2 * http.max_header_bytes + 1024
+
+    # -- connection ------------------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        """Send our SETTINGS and the connection window; start the keep-alive timer."""
+        factory = self.factory
+        factory.connections.add(self)
+        self.transport.registerProducer(self, True)
+        conn = self.conn
+        conn.initiate_connection()
+        extra = self.limits.connection_window - 65535
+        if extra > 0:
+            conn.increment_flow_control_window(extra)
+        self.flush()
+        self.window_start = self.idle_since = self.clock.seconds()
+        self.timer = self.clock.callLater(self.http.keepalive_timeout, self._on_timer)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        """Abandon every stream in flight."""
+        self.closing = True
+        factory = self.factory
+        factory.connections.discard(self)
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        streams, self.streams = self.streams, {}
+        self.blocked.clear()
+        for stream in streams.values():
+            stream.closed = True
+            self._abandon(stream)
+        if factory.on_connection_lost is not None:
+            factory.on_connection_lost(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        """Feed the h2 state machine and act on its events."""
+        if self.closing:
+            return
+        try:
+            received = self.conn.receive_data(data)
+        except ProtocolError as exc:
+            # h2 has queued a GOAWAY with the error's code.
+            _log.debug("HTTP/2 protocol error from {client}: {error}", client=self.client_ip, error=exc)
+            self._close(abort_streams=True)
+            return
+        for event in received:
+            if self.closing:
+                return
+            kind = type(event)
+            if kind is events.RequestReceived:
+                self._request(event)
+            elif kind is events.DataReceived:
+                self._data(event)
+            elif kind is events.StreamEnded:
+                self._ended(event.stream_id)
+            elif kind is events.WindowUpdated:
+                self._window(event.stream_id)
+            elif kind is events.StreamReset:
+                self._reset(event)
+            elif kind is events.TrailersReceived:
+                # Request trailers are not forwarded (HTTP/1.1 upstream requests carry none).
+                if event.stream_ended is not None:
+                    self._ended(event.stream_id)
+            elif kind is events.ConnectionTerminated:
+                self._close(abort_streams=True)
+                return
+            elif kind is events.RemoteSettingsChanged:
+                self._control()
+                self._window(0)
+            elif kind in (events.PingReceived, events.PriorityUpdated, events.UnknownFrameReceived):
+                self._control()
+        if not self.closing:
+            if self._header_backlog() > self.http.max_header_bytes:
+                # A header block kept open with CONTINUATION frames past the size limit.
+                self._calm()
+                return
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what h2 has queued."""
+        data = self.conn.data_to_send()
+        if data:
+            send_now(self.transport, data)
+
+    # -- producer (the client's socket) ----------------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        """The client does not read: stop reading it, and pause every upstream feeding it."""
+        if self.paused:
+            return
+        self.paused = True
+        self.transport.pauseProducing()
+        for stream in list(self.streams.values()):
+            stream.update_producer()
+
+    def resumeProducing(self) -> None:
+        """The client's socket drained: read it again, resume the upstreams."""
+        if not self.paused:
+            return
+        self.paused = False
+        if not self.closing:
+            self.transport.resumeProducing()
+        for stream in list(self.streams.values()):
+            stream.update_producer()
+
+    def stopProducing(self) -> None:
+        """The connection is going away; connectionLost cleans up."""
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def _request(self, event: events.RequestReceived) -> None:
+        stream_id = event.stream_id
+        if self.goaway_last is not None and stream_id > self.goaway_last:
+            self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            return
+        stream = H2Stream(self, stream_id)
+        self.streams[stream_id] = stream
+        ended = event.stream_ended is not None
+        stream.request_ended = ended
+        now = self.clock.seconds()
+        head = self._head(event.headers, ended)
+        if isinstance(head, GatewayError):
+            body = json.dumps({"error": head.message}).encode("ascii")
+            stream.respond(
+                head.status,
+                [
+                    (b"content-type", b"application/json"),
+                    (b"x-flexgw-error", head.cause.encode("ascii")),
+                    (b"content-length", b"%d" % len(body)),
+                ],
+                body,
+            )
+            self.factory.log_refusal(stream, head)  # type: ignore[arg-type]
+            return
+        exchange = H2Exchange(stream, head, now)  # type: ignore[arg-type]
+        stream.exchange = exchange
+        if ended:
+            exchange.request_complete = True
+        exchange.start()
+
+    def _head(self, headers: list[tuple[bytes, bytes]], ended: bool) -> RequestHead | GatewayError:
+        """The request head of a stream's HEADERS, as an HTTP/1.1 head would give it."""
+        method = path = authority = host = None
+        regular: HeaderList = []
+        cookies = []
+        size = 0
+        for name, value in headers:
+            size += len(name) + len(value) + 4
+            if name[:1] == b":":
+                if name == b":method":
+                    method = value
+                elif name == b":path":
+                    path = value
+                elif name == b":authority":
+                    authority = value
+                # :scheme is the client's view; the listener's scheme is what is forwarded
+            elif name == b"cookie":
+                cookies.append(value)
+            elif name == b"host":
+                host = value
+            else:
+                regular.append((name, value))
+        if size > self.http.max_header_bytes:
+            return errors.HEADERS_TOO_LARGE
+        if method == b"CONNECT":
+            return errors.METHOD_NOT_ALLOWED
+        if method is None or path is None:
+            return errors.bad_request("Missing :method or :path")
+        if not path.startswith(b"/"):
+            return errors.bad_request("Malformed :path")
+        if authority is None:
+            authority = host
+        elif host is not None and host.lower() != authority.lower():
+            return errors.bad_request("Host header and :authority disagree")
+        if authority is None:
+            return errors.bad_request("Missing :authority")
+        fields: HeaderList = [(b"host", authority), *regular]
+        if cookies:
+            fields.append((b"cookie", b"; ".join(cookies)))  # RFC 9113 §8.2.3
+        head = analyze_head(method, path, "1.1", fields, True)
+        if isinstance(head, GatewayError):
+            return head
+        head.version = b"2"
+        if head.body == BODY_NONE and not ended:
+            head.body = BODY_CHUNKED  # no content-length: the body ends with the stream
+        return head
+
+    def _data(self, event: events.DataReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        data = event.data
+        if not data and event.stream_ended is None:
+            self._control()  # an empty DATA frame carries nothing: counted like a control frame
+        if stream is None:
+            # A stream already answered and forgotten: give the window back.
+            if event.flow_controlled_length:
+                try:
+                    self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                except H2Error:
+                    pass
+            return
+        exchange = stream.exchange
+        if data and exchange is not None and exchange.state != DONE:
+            exchange.request_body(data)
+        if event.flow_controlled_length:
+            stream.received(event.flow_controlled_length)
+
+    def _ended(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.request_ended:
+            return
+        stream.request_ended = True
+        exchange = stream.exchange
+        if exchange is not None and exchange.state != DONE:
+            exchange.request_done()
+        stream._maybe_done()
+
+    def _window(self, stream_id: int) -> None:
+        if stream_id:
+            stream = self.streams.get(stream_id)
+            if stream is not None and stream in self.blocked:
+                stream.flush()
+            return
+        for stream in list(self.blocked):
+            stream.flush()
+
+    def _reset(self, event: events.StreamReset) -> None:
+        if event.remote_reset:
+            now = self.clock.seconds()
+            if now - self.window_start > self.limits.window_seconds:
+                self.window_start = now
+                self.resets = self.control_frames = 0
+            self.resets += 1
+            if self.resets > self.limits.max_resets:
+                _log.warn(
+                    "HTTP/2 rapid reset from {client}: GOAWAY ENHANCE_YOUR_CALM", client=self.client_ip
+                )
+                self._calm()
+                return
+        stream = self.streams.get(event.stream_id)
+        if stream is None:
+            return
+        stream.closed = True
+        self._abandon(stream)
+        self.forget(stream)
+
+    def _control(self) -> None:
+        now = self.clock.seconds()
+        if now - self.window_start > self.limits.window_seconds:
+            self.window_start = now
+            self.resets = self.control_frames = 0
+        self.control_frames += 1
+        if self.control_frames > self.limits.max_control_frames:
+            _log.warn("HTTP/2 control frame flood from {client}: GOAWAY", client=self.client_ip)
+            self._calm()
+
+    def _header_backlog(self) -> int:
+        """Bytes of a header block still waiting for its CONTINUATION frames (h2 buffers them)."""
+        buffered = getattr(self.conn.incoming_buffer, "_headers_buffer", None)
+        if not buffered:
+            return 0
+        return sum(len(frame.data) for frame in buffered)
+
+    # -- streams ---------------------------------------------------------------------------------
+
+    def _abandon(self, stream: H2Stream) -> None:
+        """The client reset the stream or left: abandon its exchange (logged as a reset)."""
+        exchange = stream.exchange
+        stream.producer = None
+        if exchange is not None and exchange.state != DONE:
+            exchange.downstream_lost()
+            self.factory.log_exchange(exchange)
+
+    def forget(self, stream: H2Stream) -> None:
+        """A stream is finished on our side."""
+        if self.streams.pop(stream.stream_id, None) is None:
+            return
+        self.blocked.discard(stream)
+        if not self.streams:
+            self.idle_since = self.clock.seconds()
+            if self.draining:
+                self._close(abort_streams=False)
+
+    # -- closing ---------------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """The gateway drains: GOAWAY now (streams in flight finish), close when none is left."""
+        self.draining = True
+        if self.closing or self.goaway_last is not None:
+            return
+        self.flush()
+        self.goaway_last = self.conn.highest_inbound_stream_id
+        # Sent as a frame of our own: h2's close_connection would refuse the DATA still due on
+        # the streams in flight.
+        self.transport.write(
+            GoAwayFrame(stream_id=0, last_stream_id=self.goaway_last, error_code=0).serialize()
+        )
+        if not self.streams:
+            self._close(abort_streams=False)
+
+    def _calm(self) -> None:
+        """A flood: GOAWAY(ENHANCE_YOUR_CALM), abandon every stream, close (abort if the client
+        does not read the GOAWAY within a second)."""
+        try:
+            self.conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+        except H2Error:
+            pass
+        self._close(abort_streams=True)
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = self.clock.callLater(1.0, self.transport.abortConnection)
+
+    def _close(self, abort_streams: bool) -> None:
+        if self.closing:
+            return
+        if not abort_streams and self.goaway_last is None:
+            try:
+                self.conn.close_connection()
+            except H2Error:
+                pass
+        self.flush()
+        self.closing = True
+        if abort_streams:
+            streams, self.streams = self.streams, {}
+            for stream in streams.values():
+                stream.closed = True
+                self._abandon(stream)
+        self.transport.loseConnection()
+
+    def _on_timer(self) -> None:
+        """Keep-alive: close (GOAWAY NO_ERROR) a connection without streams for the timeout."""
+        self.timer = None
+        if self.closing:
+            return
+        keepalive = self.http.keepalive_timeout
+        idle = self.clock.seconds() - self.idle_since
+        if self.streams or idle < keepalive:
+            self.timer = self.clock.callLater(
+                keepalive if self.streams else keepalive - idle, self._on_timer
+            )
+            return
+        self._close(abort_streams=False)

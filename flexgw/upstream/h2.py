@@ -1,0 +1,735 @@
+"""HTTP/2 upstreams (`h2c://` and, over TLS with ALPN h2, `h2://` Services): requests
+multiplexed over pooled HTTP/2 connections.
+
+To an exchange, a stream on an HTTP/2 connection looks exactly like an HTTP/1.1 UpstreamConnection
+(`begin`, `transport`, `gate`, `finish`, `reusable`) and reports to the same ResponseSink. The
+exchange writes the request as HTTP/1.1 bytes (the head it builds for any upstream: forwarded
+headers, host rewrite, policy changes; the body, chunk-framed when its length is unknown); the
+stream reads them back with httptools, which costs about a microsecond, and sends HEADERS and
+DATA frames (pseudo-headers, lower-case names, no connection-specific fields; `te: trailers` when
+the client asked for trailers, as gRPC does). Responses come back as the sink's calls, trailers
+included (`response_trailers`).
+
+Flow control: request body bytes go out as the upstream's windows allow; the rest waits in the
+stream and the downstream is paused (the exchange registered its read gate as this stream's
+producer). Response DATA is acknowledged only while the downstream is not pushing back, so an
+upstream can send at most one stream window ahead of a slow client.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from http import HTTPStatus
+from typing import Any
+
+import httptools
+from h2 import events
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.exceptions import H2Error, ProtocolError
+from h2.settings import SettingCodes, Settings
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IReactorTCP, IReactorTime
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from flexgw.config.plan import HttpSettings, Timeouts, Upstream
+from flexgw.http.fastwrite import send_now
+from flexgw.http.h2frames import GoAwayFilter
+from flexgw.http.headers import HOP_BY_HOP, HeaderList
+from flexgw.upstream.connection import MAX_RESPONSE_HEAD
+from flexgw.upstream.pool import ConnectionWaiter
+
+_log = Logger(namespace="flexgw.upstream.h2")
+
+_REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
+_STREAM_WINDOW = 256 * 1024  # response bytes an upstream may send per stream before we acknowledge
+_CONNECTION_WINDOW = 16 * 1024 * 1024
+#: Request header fields that HTTP/2 forbids or that the stream sets itself.
+_DROP = HOP_BY_HOP | {b"host", b"content-length", b"http2-settings"}
+
+
+@implementer(IPushProducer)
+class _ResponseGate:
+    """A stream's `gate`: the exchange registers it as the downstream's producer; while paused,
+    received response data is not acknowledged, which stops the upstream's sending."""
+
+    def __init__(self, stream: H2UpstreamStream) -> None:
+        self.stream = stream
+        self.paused = False
+
+    @property
+    def reasons(self) -> int:
+        """Non-zero while paused (the exchange's cleanup reads it as a ReadGate's)."""
+        return 1 if self.paused else 0
+
+    def pauseProducing(self) -> None:
+        """The downstream cannot take more now."""
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        """The downstream drained: acknowledge what was withheld."""
+        if self.paused:
+            self.paused = False
+            self.stream.acknowledge()
+
+    def stopProducing(self) -> None:
+        """The downstream went away; the exchange cleans up."""
+
+
+class H2UpstreamStream:
+    """One request on an HTTP/2 upstream connection, presented as an UpstreamConnection."""
+
+    def __init__(self, connection: H2UpstreamConnection) -> None:
+        self.connection = connection
+        self.pool = connection.pool
+        self.sink: Any = None
+        self.transport = self  # the exchange writes the request here, as HTTP/1.1 bytes
+        self.gate = _ResponseGate(self)
+        self.reusable = True  # the exchange clears it when it gives up on the request midway
+        self.stream_id = 0
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.headers: HeaderList = []
+        self.in_head = True
+        self.head_only = False
+        self.queue: deque[bytes] = deque()  # request body waiting for the upstream's window
+        self.request_ended = False  # the request message is complete (END_STREAM due)
+        self.end_sent = False
+        self.producer: Any = None
+        self.producer_paused = False
+        self.got_bytes = False
+        self.status = 0
+        self.ended = False  # the response ended (END_STREAM received)
+        self.unacked = 0
+        self.done = False  # released, reset or lost
+
+    # -- as an UpstreamConnection ----------------------------------------------------------------
+
+    def begin(self, sink: Any, head_only: bool) -> None:
+        """Start serving an exchange."""
+        self.sink = sink
+        self.head_only = head_only
+
+    def finish(self) -> None:
+        """The exchange is done with the stream: reset it if the request was cut short."""
+        self.sink = None
+        if not self.done and not (self.ended and self.end_sent):
+            self.reset(ErrorCodes.CANCEL)
+        self.pool.release(self)
+
+    def abort(self) -> None:
+        """The exchange failed midway: reset the stream (the connection serves on)."""
+        self.sink = None
+        self.reusable = False
+        self.reset(ErrorCodes.CANCEL)
+
+    def reset(self, code: int) -> None:
+        """Reset the stream and forget it."""
+        if self.done:
+            return
+        self.done = True
+        connection = self.connection
+        if self.stream_id:
+            try:
+                connection.conn.reset_stream(self.stream_id, code)
+            except H2Error:
+                pass
+            connection.flush()
+        connection.forget(self)
+
+    # -- as the exchange's upstream transport ----------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Request bytes (HTTP/1.1 framing) from the exchange: sent as HTTP/2 frames."""
+        if self.done:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:  # the exchange's own output: a bug if it happens
+            _log.error("Unparseable request for an HTTP/2 upstream: {error}", error=exc)
+            sink = self.sink
+            self.abort()
+            if sink is not None:
+                sink.upstream_lost(False)
+            return
+        self.connection.flush()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """The downstream request body's reader, paused while body bytes wait for a window."""
+        self.producer = producer
+        self.producer_paused = False
+        self._update_producer()
+
+    def unregisterProducer(self) -> None:
+        """The request body is complete."""
+        self.producer = None
+        self.producer_paused = False
+
+    def _update_producer(self) -> None:
+        producer = self.producer
+        if producer is None:
+            return
+        paused = bool(self.queue)
+        if paused != self.producer_paused:
+            self.producer_paused = paused
+            if paused:
+                producer.pauseProducing()
+            else:
+                producer.resumeProducing()
+
+    # -- httptools callbacks (the request the exchange wrote) ------------------------------------
+
+    def on_url(self, url: bytes) -> None:
+        """The request target."""
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        """A request header (trailer fields of a chunked request are not written by exchanges)."""
+        if self.in_head:
+            self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        """The head: HEADERS on a new stream."""
+        self.in_head = False
+        parser = self.parser
+        authority = b""
+        fields: HeaderList = []
+        has_body = False
+        for name, value in self.headers:
+            lname = name.lower()
+            if lname == b"host":
+                authority = value
+            elif lname == b"content-length":
+                has_body = value != b"0"
+                fields.append((lname, value))
+            elif lname == b"transfer-encoding":
+                has_body = True
+            elif lname not in _DROP:
+                fields.append((lname, value))
+        sink = self.sink
+        if sink is not None and _wants_trailers(sink):
+            fields.append((b"te", b"trailers"))
+        connection = self.connection
+        head = [
+            (b":method", parser.get_method()),
+            (b":scheme", connection.scheme),
+            (b":authority", authority),
+            (b":path", self.url),
+            *fields,
+        ]
+        self.headers = []
+        conn = connection.conn
+        if connection.reserved:
+            connection.reserved -= 1
+        self.stream_id = conn.get_next_available_stream_id()
+        connection.streams[self.stream_id] = self
+        conn.send_headers(self.stream_id, head, end_stream=not has_body)
+        if not has_body:
+            self.end_sent = self.request_ended = True
+
+    def on_body(self, data: bytes) -> None:
+        """A piece of the request body."""
+        self.queue.append(data)
+        self.pump()
+
+    def on_message_complete(self) -> None:
+        """The request is complete: END_STREAM once its body is out."""
+        self.request_ended = True
+        self.pump()
+
+    def pump(self) -> None:
+        """Send queued body bytes as the windows allow; END_STREAM after the last."""
+        if self.done or self.end_sent or not self.stream_id:
+            return
+        conn = self.connection.conn
+        queue = self.queue
+        try:
+            while queue:
+                window = min(
+                    conn.local_flow_control_window(self.stream_id), conn.max_outbound_frame_size
+                )
+                if window <= 0:
+                    break
+                data = queue[0]
+                if len(data) <= window:
+                    queue.popleft()
+                else:
+                    queue[0] = data[window:]
+                    data = data[:window]
+                end = not queue and self.request_ended
+                conn.send_data(self.stream_id, data, end_stream=end)
+                if end:
+                    self.end_sent = True
+            if not queue and self.request_ended and not self.end_sent:
+                conn.end_stream(self.stream_id)
+                self.end_sent = True
+        except H2Error:
+            return  # the upstream reset the stream; its StreamReset event reports it
+        if queue:
+            self.connection.blocked.add(self)
+        else:
+            self.connection.blocked.discard(self)
+        self._update_producer()
+
+    # -- response flow control -------------------------------------------------------------------
+
+    def received(self, size: int) -> None:
+        """Response bytes arrived: acknowledge now unless the downstream pushes back."""
+        self.unacked += size
+        if not self.gate.paused:
+            self.acknowledge()
+
+    def acknowledge(self) -> None:
+        """Hand the upstream back the window of what the downstream took."""
+        size = self.unacked
+        if size and not self.done:
+            self.unacked = 0
+            try:
+                self.connection.conn.acknowledge_received_data(size, self.stream_id)
+            except H2Error:
+                return
+            self.connection.flush()
+
+
+def _wants_trailers(sink: Any) -> bool:
+    """Whether the downstream request said `TE: trailers` (gRPC clients do)."""
+    head = getattr(sink, "head", None)
+    if head is None:
+        return False
+    for name, value in head.headers:
+        if name.lower() == b"te" and b"trailers" in value.lower():
+            return True
+    return False
+
+
+class H2UpstreamConnection(Protocol):
+    """One HTTP/2 connection to an upstream (prior knowledge), owned by an H2UpstreamPool."""
+
+    def __init__(self, pool: H2UpstreamPool) -> None:
+        self.pool = pool
+        self.scheme = b"https" if pool.upstream.tls is not None else b"http"
+        config = H2Configuration(client_side=True, header_encoding=None)
+        conn = self.conn = H2Connection(config=config)
+        conn.local_settings = Settings(
+            client=True,
+            initial_values={
+                SettingCodes.ENABLE_PUSH: 0,
+                SettingCodes.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
+                SettingCodes.MAX_HEADER_LIST_SIZE: MAX_RESPONSE_HEAD,
+            },
+        )
+        conn.decoder.max_header_list_size = MAX_RESPONSE_HEAD
+        self.goaways = GoAwayFilter()
+        self.streams: dict[int, H2UpstreamStream] = {}
+        self.reserved = 0  # streams handed out whose HEADERS are not sent yet
+        self.blocked: set[H2UpstreamStream] = set()
+        self.connected_ok = False
+        self.usable = True  # no GOAWAY received, not closing
+        self.lost = False
+        self.idle_since = 0.0
+
+    def connectionMade(self) -> None:
+        """Send the preface and SETTINGS; hand streams to the waiters."""
+        self.connected_ok = True
+        transport = self.transport
+        if hasattr(transport, "setTcpNoDelay"):
+            transport.setTcpNoDelay(True)
+        conn = self.conn
+        conn.initiate_connection()
+        conn.increment_flow_control_window(_CONNECTION_WINDOW - 65535)
+        self.flush()
+        self.idle_since = self.pool.clock.seconds()
+        self.pool.connection_made(self)
+
+    def capacity(self) -> int:
+        """How many more streams the upstream accepts now."""
+        limit = self.conn.remote_settings.max_concurrent_streams
+        return limit - len(self.streams) - self.reserved
+
+    def new_stream(self) -> H2UpstreamStream:
+        """A stream for one exchange (its id is taken when its HEADERS go out)."""
+        self.reserved += 1
+        stream = H2UpstreamStream(self)
+        return stream
+
+    def flush(self) -> None:
+        """Write what h2 has queued."""
+        if self.transport is None:
+            return
+        data = self.conn.data_to_send()
+        if data:
+            send_now(self.transport, data)
+
+    def forget(self, stream: H2UpstreamStream) -> None:
+        """A stream is finished (ended, reset or abandoned)."""
+        if stream.stream_id:
+            self.streams.pop(stream.stream_id, None)
+        self.blocked.discard(stream)
+        if not self.streams:
+            self.idle_since = self.pool.clock.seconds()
+            if not self.usable and not self.lost and self.transport is not None:
+                self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        """Feed h2; report to each stream's exchange; end the completed ones."""
+        data, goaways = self.goaways.feed(data)
+        if goaways:
+            self._goaway(goaways[-1][0])
+            if self.lost:
+                return
+        try:
+            received = self.conn.receive_data(data)
+        except ProtocolError as exc:
+            _log.info("HTTP/2 protocol error from upstream: {error}", error=exc)
+            self.usable = False
+            self.flush()
+            self.transport.abortConnection()
+            return
+        touched: dict[int, H2UpstreamStream] = {}
+        ended: list[H2UpstreamStream] = []
+        streams = self.streams
+        for event in received:
+            kind = type(event)
+            stream_id = getattr(event, "stream_id", 0)
+            stream = streams.get(stream_id) if stream_id else None
+            if kind is events.DataReceived:
+                if stream is None or stream.sink is None:
+                    if event.flow_controlled_length:
+                        try:
+                            self.conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
+                        except H2Error:
+                            pass
+                    continue
+                stream.got_bytes = True
+                if event.data:
+                    stream.sink.response_body(event.data)
+                    touched[stream_id] = stream
+                if event.flow_controlled_length:
+                    stream.received(event.flow_controlled_length)
+                if event.stream_ended is not None:
+                    stream.ended = True
+                    ended.append(stream)
+            elif kind is events.ResponseReceived:
+                if stream is None or stream.sink is None:
+                    continue
+                stream.got_bytes = True
+                self._response(stream, event.headers)
+                touched[stream_id] = stream
+                if event.stream_ended is not None:
+                    stream.ended = True
+                    ended.append(stream)
+            elif kind is events.TrailersReceived:
+                if stream is None or stream.sink is None:
+                    continue
+                trailers = [(n, v) for n, v in event.headers if n[:1] != b":"]
+                stream.sink.response_trailers(trailers)
+                touched[stream_id] = stream
+                if event.stream_ended is not None:
+                    stream.ended = True
+                    ended.append(stream)
+            elif kind is events.StreamEnded:
+                if stream is not None and not stream.ended:
+                    stream.ended = True
+                    ended.append(stream)
+            elif kind is events.InformationalResponseReceived:
+                if stream is not None and stream.sink is not None:
+                    status = _status(event.headers)
+                    stream.sink.response_interim(
+                        status, [(n, v) for n, v in event.headers if n[:1] != b":"]
+                    )
+            elif kind is events.StreamReset:
+                if stream is not None:
+                    touched.pop(stream_id, None)
+                    # Only a refused stream was certainly not processed: the exchange may retry.
+                    self._lost(stream, retry=event.error_code == ErrorCodes.REFUSED_STREAM)
+            elif kind is events.WindowUpdated:
+                if stream_id:
+                    if stream is not None:
+                        stream.pump()
+                else:
+                    for blocked in list(self.blocked):
+                        blocked.pump()
+            elif kind is events.RemoteSettingsChanged:
+                for blocked in list(self.blocked):
+                    blocked.pump()
+        self.flush()
+        for stream in touched.values():
+            sink = stream.sink
+            if sink is not None:
+                sink.flush_response()
+        for stream in ended:
+            sink = stream.sink
+            if sink is not None and not stream.done:
+                if not stream.end_sent:
+                    # The upstream answered before reading the whole request.
+                    stream.reusable = False
+                sink.response_complete()
+        if not self.usable and not self.streams and not self.lost:
+            self.transport.loseConnection()
+
+    def _response(self, stream: H2UpstreamStream, headers: list[tuple[bytes, bytes]]) -> None:
+        status = _status(headers)
+        fields = [(n, v) for n, v in headers if n[:1] != b":"]
+        if not any(n == b"content-length" for n, v in fields) and not (
+            stream.head_only or status in (204, 304)
+        ):
+            # The body ends with the stream, not with the connection: chunked, to the exchange.
+            fields.append((b"transfer-encoding", b"chunked"))
+        stream.status = status
+        stream.sink.response_head(status, _REASONS.get(status, b"Status"), fields, True)
+
+    def _goaway(self, last_stream_id: int) -> None:
+        """The upstream is going away: no new streams; those above `last_stream_id` were never
+        processed (their exchanges may retry them); the others finish."""
+        self.usable = False
+        for stream in [s for i, s in self.streams.items() if i > last_stream_id]:
+            self._lost(stream, retry=True)
+        if not self.streams and not self.reserved and not self.lost:
+            self.transport.loseConnection()
+
+    def _lost(self, stream: H2UpstreamStream, retry: bool) -> None:
+        """The upstream reset the stream (or refused it); with `retry` it never processed it."""
+        sink = stream.sink
+        stream.sink = None
+        stream.done = True
+        self.forget(stream)
+        if sink is not None:
+            # Reported as "response bytes seen" when the upstream may have acted on the request,
+            # which rules out the exchange's retry.
+            sink.upstream_lost(stream.got_bytes or not retry)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        """Every stream still open is lost; leave the pool."""
+        self.lost = True
+        self.usable = False
+        self.pool.connection_lost(self, reason)
+        streams, self.streams = self.streams, {}
+        self.blocked.clear()
+        for stream in streams.values():
+            sink = stream.sink
+            stream.sink = None
+            stream.done = True
+            if sink is not None:
+                sink.upstream_lost(stream.got_bytes)
+
+
+@implementer(IHandshakeListener)
+class TLSH2UpstreamConnection(H2UpstreamConnection):
+    """An HTTP/2 upstream connection over TLS: its streams are handed out once the handshake
+    (certificate and host name checked) completed with ALPN `h2`; anything else is a 502
+    `upstream_tls` for the exchanges waiting on it."""
+
+    tls_failed = False
+
+    def connectionMade(self) -> None:
+        """TCP is up; TLS is not yet: wait for the handshake."""
+        self.tls_failed = True  # until the handshake completes
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up: HTTP/2 if ALPN chose it."""
+        protocol = getattr(self.transport, "negotiatedProtocol", None)
+        if protocol != b"h2":
+            self.alpn_refused = protocol
+            self.transport.abortConnection()
+            return
+        self.tls_failed = False
+        super().connectionMade()
+
+
+def _status(headers: list[tuple[bytes, bytes]]) -> int:
+    for name, value in headers:
+        if name == b":status":
+            return int(value)
+    return 502
+
+
+class _Connect(ClientFactory):
+    """One connection attempt for an H2UpstreamPool."""
+
+    noisy = False
+
+    def __init__(self, pool: H2UpstreamPool) -> None:
+        self.pool = pool
+        self.waiters: list[ConnectionWaiter] = []
+        self.connection: H2UpstreamConnection | None = None
+
+    def buildProtocol(self, addr: object) -> H2UpstreamConnection:
+        """The connection; the pool hands out its streams once connected (over TLS: once the
+        handshake completed with ALPN h2)."""
+        kind = TLSH2UpstreamConnection if self.pool.upstream.tls is not None else H2UpstreamConnection
+        connection = self.connection = kind(self.pool)
+        connection.connect_attempt = self  # type: ignore[attr-defined]
+        return connection
+
+    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
+        """Connect refused, unreachable or timed out: every waiter fails."""
+        self.pool.attempt_failed(self, reason)
+
+
+class H2UpstreamPool:
+    """The HTTP/2 connections to one upstream: streams multiplexed, connections opened as the
+    upstream's SETTINGS_MAX_CONCURRENT_STREAMS fill up."""
+
+    #: Streams assumed available on a connection still connecting (before its SETTINGS).
+    ASSUMED_STREAMS = 100
+
+    def __init__(
+        self,
+        reactor: IReactorTCP,
+        clock: IReactorTime,
+        upstream: Upstream,
+        http: HttpSettings,
+        timeouts: Timeouts,
+    ) -> None:
+        self.reactor = reactor
+        self.clock = clock
+        self.upstream = upstream
+        self.max_idle = http.max_idle_per_upstream
+        self.connect_timeout = http.connect_timeout
+        self.idle_timeout = timeouts.upstream_idle
+        self.connections: list[H2UpstreamConnection] = []
+        self.attempts: list[_Connect] = []
+        self.active = 0
+        self.connecting = 0
+
+    @property
+    def idle(self) -> list[H2UpstreamConnection]:
+        """Connections with no stream open."""
+        return [c for c in self.connections if not c.streams and not c.reserved]
+
+    def acquire(self, waiter: ConnectionWaiter, fresh: bool = False) -> None:
+        """Give `waiter` a stream on a connection with room, or on a connection being made."""
+        if not fresh:
+            for connection in reversed(self.connections):
+                if connection.usable and connection.capacity() > 0:
+                    self.active += 1
+                    waiter.upstream_ready(connection.new_stream(), True)  # type: ignore[arg-type]
+                    return
+            for attempt in self.attempts:
+                if len(attempt.waiters) < self.ASSUMED_STREAMS:
+                    attempt.waiters.append(waiter)
+                    return
+        attempt = _Connect(self)
+        attempt.waiters.append(waiter)
+        self.attempts.append(attempt)
+        self.connecting += 1
+        factory: Any = attempt
+        tls = self.upstream.tls
+        if tls is not None:
+            from flexgw.tls.contexts import QuietTLSFactory
+
+            factory = QuietTLSFactory(tls.creator, True, attempt)
+        self.reactor.connectTCP(
+            self.upstream.host, self.upstream.port, factory, timeout=self.connect_timeout
+        )
+
+    def connection_made(self, connection: H2UpstreamConnection) -> None:
+        """Connected: streams for everyone waiting on this attempt."""
+        attempt = connection.connect_attempt  # type: ignore[attr-defined]
+        self._end_attempt(attempt)
+        self.connections.append(connection)
+        waiters, attempt.waiters = attempt.waiters, []
+        for waiter in waiters:
+            self.active += 1
+            waiter.upstream_ready(connection.new_stream(), False)  # type: ignore[arg-type]
+
+    def attempt_failed(self, attempt: _Connect, reason: Failure) -> None:
+        """A connection attempt failed: every waiter on it fails."""
+        self._end_attempt(attempt)
+        waiters, attempt.waiters = attempt.waiters, []
+        for waiter in waiters:
+            waiter.upstream_connect_failed(reason)
+
+    def _end_attempt(self, attempt: _Connect) -> None:
+        if attempt in self.attempts:
+            self.attempts.remove(attempt)
+            self.connecting -= 1
+
+    def release(self, stream: Any) -> None:
+        """An exchange is done with a stream (or never used it)."""
+        self.active -= 1
+        connection = stream.connection
+        if not stream.stream_id and connection.reserved:
+            connection.reserved -= 1
+        if not stream.stream_id:
+            stream.done = True
+            connection.forget(stream)
+            return
+        if not stream.done:
+            stream.done = True
+            connection.forget(stream)
+        if not self.max_idle and not connection.streams and not connection.reserved:
+            connection.usable = False
+            if connection.transport is not None:
+                connection.transport.loseConnection()
+
+    def discard(self, stream: Any) -> None:
+        """An exchange abandons a stream midway: reset it (the connection serves on)."""
+        self.active -= 1
+        connection = stream.connection
+        if not stream.stream_id and connection.reserved:
+            connection.reserved -= 1
+        stream.abort()
+
+    def connection_lost(
+        self, connection: H2UpstreamConnection, reason: Failure | None = None
+    ) -> None:
+        """Forget a closed connection; one lost before it was handed out fails its attempt."""
+        attempt = getattr(connection, "connect_attempt", None)
+        if not connection.connected_ok and attempt is not None and attempt in self.attempts:
+            if getattr(connection, "tls_failed", False):
+                from flexgw.upstream.pool import UpstreamTLSError
+
+                refused = getattr(connection, "alpn_refused", False)
+                cause: Any = (
+                    f"ALPN chose {refused!r}, not h2" if refused is not False
+                    else (reason.value if reason is not None else None)
+                )
+                _log.warn(
+                    "TLS handshake with HTTP/2 upstream {upstream} ({host}:{port}) failed: {cause!r}",
+                    upstream=self.upstream.key,
+                    host=self.upstream.host,
+                    port=self.upstream.port,
+                    cause=cause,
+                )
+                failure = Failure(UpstreamTLSError(cause))
+            else:
+                failure = Failure(ConnectionError("connection lost at connect"))
+            self.attempt_failed(attempt, failure)
+        if connection in self.connections:
+            self.connections.remove(connection)
+
+    def expire_idle(self) -> None:
+        """Close connections without streams for longer than the upstream idle timeout."""
+        limit = self.clock.seconds() - self.idle_timeout
+        for connection in list(self.connections):
+            if not connection.streams and not connection.reserved and connection.idle_since <= limit:
+                self._close(connection)
+
+    def _close(self, connection: H2UpstreamConnection) -> None:
+        connection.usable = False
+        if connection in self.connections:
+            self.connections.remove(connection)
+        try:
+            connection.conn.close_connection()
+            connection.flush()
+        except H2Error:
+            pass
+        if connection.transport is not None:
+            connection.transport.loseConnection()
+
+    def retire(self) -> None:
+        """The upstream left the configuration: close idle connections now, busy ones when done."""
+        self.max_idle = 0
+        self.close_all()
+
+    def close_all(self) -> None:
+        """Close connections without streams; the others close once their streams finish."""
+        for connection in list(self.connections):
+            if not connection.streams and not connection.reserved:
+                self._close(connection)
+            else:
+                connection.usable = False

@@ -1,0 +1,333 @@
+"""The downstream HTTP/2 front in memory: protocol selection, flood guards, limits, flow control,
+keep-alive, drain (an h2 client connection drives it over StringTransport)."""
+
+from __future__ import annotations
+
+import hpack
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import DataReceived, ResponseReceived, StreamEnded, StreamReset
+from hyperframe.frame import ContinuationFrame, HeadersFrame
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial.unittest import TestCase
+
+from flexgw.config.pipeline import load_config
+from flexgw.config.plan import HttpSettings, Timeouts
+from flexgw.http.h2frames import GoAwayFilter
+from flexgw.ingress.front import IngressFactory, IngressProtocol
+from flexgw.ingress.h2front import H2Limits, H2Protocol
+from flexgw.upstream.pool import PoolManager
+from tests.conftools import write_conf
+from tests.harness import simple_api
+
+GET = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a.test"), (b":path", b"/x")]
+POST = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"a.test"), (b":path", b"/x")]
+
+
+class FrontTestCase(TestCase):
+    """One downstream connection on a memory reactor, driven by an h2 client connection."""
+
+    limits = H2Limits()
+    http = HttpSettings(keepalive_timeout=30.0)
+
+    def setUp(self) -> None:
+        """Compile a one-API plan (upstream 127.0.0.1:9000, never connected unless asked)."""
+        root = write_conf(self, {"api.yaml": simple_api(8000, 9000)})
+        plan = load_config([root], {}).plan
+        self.reactor = MemoryReactorClock()
+        self.pools = PoolManager(self.reactor, self.reactor)
+        self.factory = IngressFactory(
+            self.reactor, self.reactor, plan.listeners[0], self.http, Timeouts(), self.pools, None
+        )
+        self.factory.h2_limits = self.limits
+        self.selector = self.factory.buildProtocol(None)
+        self.down = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5555))
+        self.selector.makeConnection(self.down)
+        self.client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.events: list = []
+        self.goaways = GoAwayFilter()
+
+    def start_h2(self) -> H2Protocol:
+        """Send the client preface; the selector hands the connection to an H2Protocol."""
+        self.client.initiate_connection()
+        self.send()
+        protocol = self.selector.chosen
+        self.assertIsInstance(protocol, H2Protocol)
+        return protocol
+
+    def send(self) -> None:
+        """Client bytes to the gateway, then the gateway's answer back to the client."""
+        data = self.client.data_to_send()
+        if data:
+            self.selector.dataReceived(data)
+        self.receive()
+
+    def receive(self) -> None:
+        """Feed what the gateway wrote to the client (GOAWAY frames recorded aside)."""
+        out = self.down.value()
+        self.down.clear()
+        out, goaways = self.goaways.feed(out)
+        for last, code in goaways:
+            self.events.append(("goaway", last, code))
+        if out:
+            self.events.extend(self.client.receive_data(out))
+        data = self.client.data_to_send()
+        if data and not self.down.disconnecting:
+            self.selector.dataReceived(data)
+            self.receive()
+
+    def of(self, kind: type) -> list:
+        """Events of one type received by the client."""
+        return [e for e in self.events if isinstance(e, kind)]
+
+    def goaway_codes(self) -> list[int]:
+        """Error codes of the GOAWAY frames received."""
+        return [e[2] for e in self.events if isinstance(e, tuple)]
+
+
+class SelectionTests(FrontTestCase):
+    """The first bytes choose the protocol."""
+
+    def test_preface_starts_h2(self) -> None:
+        """The connection preface (even split in pieces) starts HTTP/2; the HTTP/1.1 protocol
+        leaves the connection set; SETTINGS advertise the limits."""
+        self.client.initiate_connection()
+        data = self.client.data_to_send()
+        for i in range(0, 30, 5):
+            self.selector.dataReceived(data[i : i + 5])
+        self.selector.dataReceived(data[30:])
+        protocol = self.selector.chosen
+        self.assertIsInstance(protocol, H2Protocol)
+        self.assertEqual(self.factory.connections, {protocol})
+        self.receive()
+        settings = self.client.remote_settings
+        self.assertEqual(settings.max_concurrent_streams, 100)
+        self.assertEqual(settings.max_header_list_size, self.http.max_header_bytes)
+        self.assertEqual(settings.enable_push, 0)
+
+    def test_http1_goes_to_ingress_protocol(self) -> None:
+        """An HTTP/1.1 request ("P" first, like the preface) is served by IngressProtocol, which
+        the selector then calls directly."""
+        self.selector.dataReceived(b"P")
+        self.assertIsNone(self.selector.chosen)
+        self.selector.dataReceived(b"UT /x HTTP/1.1\r\nHost: a.test\r\nContent-Length: 0\r\n\r\n")
+        self.assertIsInstance(self.selector.chosen, IngressProtocol)
+        self.assertEqual(self.selector.dataReceived.__self__, self.selector.chosen)
+        self.assertEqual(len(self.reactor.tcpClients), 1)  # proxied: an upstream connect began
+
+    def test_alpn_h2(self) -> None:
+        """On a TLS transport whose ALPN chose h2, the first bytes start HTTP/2."""
+        self.down.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
+        self.client.initiate_connection()
+        self.send()
+        self.assertIsInstance(self.selector.chosen, H2Protocol)
+
+
+class RequestTests(FrontTestCase):
+    """Streams become exchanges; request heads are checked."""
+
+    def test_connect_refused(self) -> None:
+        """CONNECT gets 405 on its stream (ingress has no tunnels)."""
+        self.start_h2()
+        self.client.send_headers(1, [(b":method", b"CONNECT"), (b":authority", b"x.test:443")])
+        self.send()
+        [response] = self.of(ResponseReceived)
+        self.assertEqual(dict(response.headers)[b":status"], b"405")
+        self.assertEqual(dict(response.headers)[b"x-flexgw-error"], b"method_not_allowed")
+        # The client had not ended its request: the stream is reset with NO_ERROR after it.
+        [reset] = self.of(StreamReset)
+        self.assertEqual(reset.error_code, ErrorCodes.NO_ERROR)
+
+    def test_header_list_too_large_431(self) -> None:
+        """Headers over max_header_bytes get 431 on the stream; the connection serves on."""
+        self.start_h2()
+        big = b"v" * (self.http.max_header_bytes + 10)
+        self.client.send_headers(1, [*GET, (b"x-big", big)], end_stream=True)
+        self.send()
+        [response] = self.of(ResponseReceived)
+        self.assertEqual(dict(response.headers)[b":status"], b"431")
+        self.assertEqual(self.goaway_codes(), [])
+
+    def test_host_authority_disagree(self) -> None:
+        """A Host header naming another authority than :authority is malformed: the stream is
+        reset and nothing is proxied."""
+        self.client = H2Connection(
+            H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False)
+        )
+        self.start_h2()
+        self.client.send_headers(1, [*GET, (b"host", b"b.test")], end_stream=True)
+        self.send()
+        self.assertEqual(self.of(ResponseReceived), [], self.events)
+        self.assertEqual(self.goaway_codes(), [ErrorCodes.PROTOCOL_ERROR])
+        self.assertEqual(self.reactor.tcpClients, [])
+
+
+class FloodTests(FrontTestCase):
+    """Rapid reset, control-frame floods, CONTINUATION floods, stream limits."""
+
+    limits = H2Limits(max_resets=10, max_control_frames=20, max_concurrent_streams=5)
+
+    def test_rapid_reset(self) -> None:
+        """More than max_resets client resets in the window: GOAWAY ENHANCE_YOUR_CALM, closed,
+        and the streams' exchanges abandoned (no upstream connect left pending for them)."""
+        self.start_h2()
+        for i in range(11):
+            stream_id = 1 + 2 * i
+            self.client.send_headers(stream_id, GET, end_stream=True)
+            self.client.reset_stream(stream_id)
+        self.send()
+        self.assertEqual(self.goaway_codes(), [ErrorCodes.ENHANCE_YOUR_CALM])
+        self.assertTrue(self.down.disconnecting)
+
+    def test_resets_spread_over_time_are_fine(self) -> None:
+        """The same number of resets spread over more than the window is not a flood."""
+        self.start_h2()
+        for i in range(11):
+            stream_id = 1 + 2 * i
+            self.client.send_headers(stream_id, GET, end_stream=True)
+            self.client.reset_stream(stream_id)
+            self.send()
+            self.reactor.advance(self.limits.window_seconds / 5)
+        self.assertEqual(self.goaway_codes(), [])
+        self.assertFalse(self.down.disconnecting)
+
+    def test_ping_flood(self) -> None:
+        """More than max_control_frames PINGs in the window: GOAWAY ENHANCE_YOUR_CALM."""
+        self.start_h2()
+        for i in range(25):
+            self.client.ping(b"%08d" % i)
+        self.send()
+        self.assertEqual(self.goaway_codes(), [ErrorCodes.ENHANCE_YOUR_CALM])
+        self.assertTrue(self.down.disconnecting)
+
+    def test_continuation_flood(self) -> None:
+        """A header block kept open with CONTINUATION frames past max_header_bytes is cut off
+        with GOAWAY before it completes."""
+        self.start_h2()
+        encoder = hpack.Encoder()
+        block = encoder.encode([*GET, *[(b"x-h%d" % i, b"v" * 1000) for i in range(100)]])
+        frames = [HeadersFrame(1, block[:1000], flags=["END_STREAM"])]
+        for offset in range(1000, len(block), 1000):
+            frames.append(ContinuationFrame(1, block[offset : offset + 1000]))  # no END_HEADERS
+        self.selector.dataReceived(self.client.data_to_send())
+        sent = 0
+        for frame in frames:
+            if self.down.disconnecting:
+                break
+            self.selector.dataReceived(frame.serialize())
+            sent += 1
+        self.receive()
+        self.assertTrue(self.down.disconnecting)
+        self.assertEqual(self.goaway_codes()[-1], ErrorCodes.ENHANCE_YOUR_CALM)
+        self.assertLess(sent, len(frames))
+
+    def test_concurrent_streams_limit(self) -> None:
+        """Streams beyond SETTINGS_MAX_CONCURRENT_STREAMS are a protocol error (GOAWAY)."""
+        self.client.initiate_connection()
+        self.selector.dataReceived(self.client.data_to_send())
+        # The client has not seen our SETTINGS yet, so it opens more streams than allowed.
+        for i in range(6):
+            self.client.send_headers(1 + 2 * i, GET, end_stream=True)
+        self.selector.dataReceived(self.client.data_to_send())
+        self.receive()
+        self.assertEqual(self.goaway_codes(), [ErrorCodes.PROTOCOL_ERROR])
+        self.assertTrue(self.down.disconnecting)
+        # h2 refuses the whole read that broke the limit: nothing of it was proxied.
+        self.assertEqual(self.reactor.tcpClients, [])
+
+
+class LifecycleTests(FrontTestCase):
+    """Keep-alive, drain, request body flow control."""
+
+    def test_idle_connection_closed(self) -> None:
+        """No stream for the keep-alive timeout: GOAWAY NO_ERROR and close."""
+        self.start_h2()
+        self.reactor.advance(self.http.keepalive_timeout - 1)
+        self.assertFalse(self.down.disconnecting)
+        self.reactor.advance(1)
+        self.receive()
+        self.assertEqual(self.goaway_codes(), [ErrorCodes.NO_ERROR])
+        self.assertTrue(self.down.disconnecting)
+
+    def test_drain_idle_connection(self) -> None:
+        """Draining an h2 connection with no stream: GOAWAY, then close."""
+        protocol = self.start_h2()
+        protocol.drain()
+        self.receive()
+        self.assertEqual(self.goaway_codes(), [0])
+        self.assertTrue(self.down.disconnecting)
+
+    def test_request_body_acknowledged_only_when_forwarded(self) -> None:
+        """While the exchange waits for its upstream connection, request DATA is not
+        acknowledged (the client is held to one window); once connected and forwarded, the
+        window is given back."""
+        protocol = self.start_h2()
+        self.client.send_headers(1, POST)
+        for _ in range(4):
+            self.client.send_data(1, b"a" * 15000)
+        self.send()
+        [stream] = protocol.streams.values()
+        self.assertEqual(stream.unacked, 60000)
+        self.assertEqual(self.client.local_flow_control_window(1), 65535 - 60000)
+        # Complete the upstream connection: the pending body goes out, the window comes back.
+        host, port, factory, _, _ = self.reactor.tcpClients[-1]
+        upstream = factory.buildProtocol(IPv4Address("TCP", host, port))
+        up = StringTransport()
+        upstream.makeConnection(up)
+        self.receive()
+        self.assertEqual(stream.unacked, 0)
+        self.assertTrue(up.value().startswith(b"POST /x HTTP/1.1\r\n"))
+        self.assertIn(b"Transfer-Encoding: chunked\r\n", up.value())
+        self.assertTrue(up.value().endswith(b"3a98\r\n" + b"a" * 15000 + b"\r\n"))
+        self.assertEqual(up.value().count(b"a" * 15000), 4)
+        self.assertEqual(self.client.local_flow_control_window(1), 65535)
+        # The upstream answers; the client gets the response on its stream.
+        self.client.end_stream(1)
+        self.send()
+        self.assertTrue(up.value().endswith(b"0\r\n\r\n"))
+        upstream.dataReceived(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\nX-Up: 1\r\n\r\nok")
+        self.receive()
+        [response] = self.of(ResponseReceived)
+        self.assertEqual(response.headers, [(b":status", b"201"), (b"x-up", b"1"), (b"content-length", b"2")])
+        self.assertEqual(b"".join(e.data for e in self.of(DataReceived)), b"ok")
+        self.assertEqual(len(self.of(StreamEnded)), 1)
+        self.assertEqual(protocol.streams, {})
+
+
+class GoAwayFilterTests(TestCase):
+    """GOAWAY frames are split out of any byte stream, whatever the read boundaries."""
+
+    @given(st.lists(st.integers(min_value=1, max_value=60), min_size=1, max_size=20))
+    def test_any_split(self, cuts: list[int]) -> None:
+        """Frames pass through unchanged in order and GOAWAYs are reported, for any split."""
+        from hyperframe.frame import DataFrame, GoAwayFrame, PingFrame
+
+        frames = [
+            DataFrame(1, b"x" * 40).serialize(),
+            GoAwayFrame(0, last_stream_id=1, error_code=0).serialize(),
+            PingFrame(0, b"12345678").serialize(),
+            GoAwayFrame(0, last_stream_id=0, error_code=11, additional_data=b"calm").serialize(),
+            DataFrame(3, b"y" * 5).serialize(),
+        ]
+        stream = b"".join(frames)
+        filt = GoAwayFilter()
+        passed = []
+        found = []
+        pos = 0
+        for cut in cuts * 10:
+            if pos >= len(stream):
+                break
+            data, goaways = filt.feed(stream[pos : pos + cut])
+            passed.append(data)
+            found.extend(goaways)
+            pos += cut
+        if pos < len(stream):
+            data, goaways = filt.feed(stream[pos:])
+            passed.append(data)
+            found.extend(goaways)
+        self.assertEqual(b"".join(passed), frames[0] + frames[2] + frames[4])
+        self.assertEqual(found, [(1, 0), (0, 11)])
