@@ -264,6 +264,35 @@ class AbsoluteFormTests(ProxyTestCase):
         self.assertEqual([r.target for r in self.upstream.received], [b"/svc"])
 
 
+    async def test_service_outbound_chain_runs(self) -> None:
+        """A destination matching a Service runs its outbound policies after the proxy's own:
+        credential-injection-basic-auth-flex replaces the client's Authorization; another
+        destination (no Service) gets no injection."""
+        service = (
+            "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: Service\n"
+            f"metadata: {{name: partner}}\nspec:\n  address: http://127.0.0.1:{self.up_port}\n"
+            "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: PolicyBinding\n"
+            "metadata: {name: partner-creds}\nspec:\n  targetRef: {kind: Service, name: partner}\n"
+            "  policyRef: {name: credential-injection-basic-auth-flex}\n"
+            "  config: {username: svc, password: pw}\n"
+        )
+        self.start_proxy(
+            allowed=[f"127.0.0.1:{self.up_port}", f"{PARTNER}:{self.up_port}"], documents=service
+        )
+        response = await self.get(
+            f"http://127.0.0.1:{self.up_port}/svc", b"Authorization: Basic Y2xpZW50OnNlY3JldA==\r\n"
+        )
+        self.assertEqual(response.status, 200)
+        response = await self.get(f"http://{PARTNER}:{self.up_port}/other")
+        self.assertEqual(response.status, 200)
+        injected, other = self.upstream.received
+        self.assertEqual(injected.header("authorization"), [b"Basic " + base64.b64encode(b"svc:pw")])
+        self.assertEqual(other.header("authorization"), [])
+        self.assertEqual(
+            [r["upstream"] for r in self.gateway.records()],
+            ["default/partner", f"egress/{PARTNER}:{self.up_port}"],
+        )
+
     async def test_https_service_is_tls_originated(self) -> None:
         """A plain-HTTP request for an `https://` Service's address is sent to it over TLS,
         verified with the Service's tls-outbound trustedCA (the application speaks plain HTTP)."""
