@@ -41,6 +41,7 @@ from flexgw.http.h2frames import GoAwayFilter
 from flexgw.http.headers import HOP_BY_HOP, HeaderList
 from flexgw.upstream.connection import MAX_RESPONSE_HEAD
 from flexgw.upstream.pool import ConnectionWaiter
+from flexgw.upstream.tunnel import connect_upstream
 
 _log = Logger(namespace="flexgw.upstream.h2")
 
@@ -622,9 +623,8 @@ class H2UpstreamPool:
             from flexgw.tls.contexts import QuietTLSFactory
 
             factory = QuietTLSFactory(tls.creator, True, attempt)
-        self.reactor.connectTCP(
-            self.upstream.host, self.upstream.port, factory, timeout=self.connect_timeout
-        )
+        # Through Configuration.spec.forwardProxy's CONNECT tunnel when there is one.
+        connect_upstream(self.reactor, self.clock, self.upstream, factory, self.connect_timeout)
 
     def connection_made(self, connection: H2UpstreamConnection) -> None:
         """Connected: streams for everyone waiting on this attempt."""

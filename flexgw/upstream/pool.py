@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 
 from flexgw.config.plan import HttpSettings, Timeouts, Upstream
 from flexgw.upstream.connection import TLSUpstreamConnection, UpstreamConnection
-from flexgw.upstream.tunnel import ConnectTunnelFactory
+from flexgw.upstream.tunnel import connect_upstream
 
 _log = Logger(namespace="flexgw.upstream")
 
@@ -101,25 +101,10 @@ class UpstreamPool:
             from flexgw.tls.contexts import QuietTLSFactory
 
             factory = QuietTLSFactory(tls.creator, True, factory)
-        # A forward-proxy destination connects to the address its SSRF check passed.
-        host, port = upstream.connect_host or upstream.host, upstream.port
-        proxy = upstream.proxy
-        if proxy is not None:
-            # Configuration.spec.forwardProxy: connect to the proxy; plain HTTP then goes in
-            # absolute form (see Upstream.request_prefix), TLS through a CONNECT tunnel (the
-            # handshake, with its checks against the Service host, runs inside it).
-            host, port = proxy.host, proxy.port
-            if upstream.scheme == "https" or tls is not None:
-                factory = ConnectTunnelFactory(
-                    factory,
-                    upstream.host,
-                    upstream.port,
-                    proxy.authorization,
-                    self.clock,
-                    self.connect_timeout,
-                    proxy.authority.decode("latin-1"),
-                )
-        self.reactor.connectTCP(host, port, factory, timeout=self.connect_timeout)
+        # Configuration.spec.forwardProxy: to the proxy; plain HTTP then goes in absolute form
+        # (Upstream.request_prefix), TLS through a CONNECT tunnel (the handshake, with its
+        # checks against the Service host, runs inside it).
+        connect_upstream(self.reactor, self.clock, upstream, factory, self.connect_timeout)
 
     def connection_made(self, connection: UpstreamConnection) -> None:
         """A new connection is up: give it to the waiter that asked for it."""
