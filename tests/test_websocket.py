@@ -174,6 +174,20 @@ class WebSocketTests(TestCase):
         self.assertEqual(seen.header("upgrade"), [])
         self.assertEqual(seen.header("http2-settings"), [])
 
+    async def test_drain_gives_tunnels_time_then_cuts(self) -> None:
+        """On shutdown a tunnel keeps working during the drain, then is cut at its deadline."""
+        self.start()
+        conn, response, _ = await self.handshake()
+        self.assertEqual(response.status, 101)
+        self.gateway.service.drain_seconds = 0.5
+        stopped = self.gateway.service.stopService()
+        conn.send(ws.encode_frame(ws.TEXT, b"still here", mask=True))
+        echoed = await conn.wait_tunnel_bytes(12)
+        self.assertEqual(ws.decode_frames(bytearray(echoed)), [(ws.TEXT, b"still here")])
+        self.assertFalse(stopped.called)
+        await conn.wait_closed()
+        await stopped
+
     async def test_idle_tunnel_is_closed(self) -> None:
         """No frame either way for stream idle timeout: both sides are closed, and the access
         log says why."""
