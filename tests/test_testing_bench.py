@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -93,6 +94,20 @@ class SummaryTests(unittest.TestCase):
         summary = bench.summarise(results, 50)
         self.assertAlmostEqual(summary["rps_ratio_workers_over_flexgw"], 1.75)
         self.assertNotIn("rps_ratio_workers_over_flexgw", bench.summarise({"flexgw-w2": results["flexgw-w2"]}, 50))
+
+
+class CpuTests(unittest.TestCase):
+    """session_cpu_seconds sums the CPU time of a session's processes."""
+
+    def test_own_session(self) -> None:
+        """This process's session has used some CPU; it only grows; an unused session id none."""
+        session = os.getsid(0)
+        first = bench.session_cpu_seconds(session)
+        sum(i * i for i in range(300_000))  # burn a little CPU
+        second = bench.session_cpu_seconds(session)
+        self.assertGreater(first, 0)
+        self.assertGreaterEqual(second, first)
+        self.assertEqual(bench.session_cpu_seconds(2**31 - 1), 0)
 
 
 class ConfigTests(unittest.TestCase):

@@ -156,6 +156,11 @@ class HttpSettings:
     # x-forwarded-client-cert for verified client certificates (FLEX_FORWARD_CLIENT_CERT_DETAILS:
     # SANITIZE_SET, the default here, sets it; SANITIZE only strips). A client's is always removed.
     forward_client_cert: bool = True
+    # HTTP/2 (`http.http2`): SETTINGS_MAX_CONCURRENT_STREAMS, and the flood guards' limits per
+    # connection over 10 seconds (over either: GOAWAY ENHANCE_YOUR_CALM)
+    h2_max_concurrent_streams: int = 100
+    h2_max_resets: int = 200
+    h2_max_control_frames: int = 1000
 
 
 @attrs.frozen

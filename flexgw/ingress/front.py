@@ -538,7 +538,7 @@ class IngressFactory(Factory):
         self.scheme_bytes = listener.scheme.encode("ascii")
         self.proto_line = b"X-Forwarded-Proto: " + self.scheme_bytes + b"\r\n"
         self.connections: set[IngressProtocol | H2Protocol] = set()
-        self.h2_limits = H2Limits()
+        self.h2_limits = H2Limits.from_http(http)
         # Called with each connection as it closes (set by the gateway while it drains).
         self.on_connection_lost: Callable[[IngressProtocol], None] | None = None
 
@@ -549,6 +549,7 @@ class IngressFactory(Factory):
         self.timeouts = timeouts
         self.scheme_bytes = listener.scheme.encode("ascii")
         self.proto_line = b"X-Forwarded-Proto: " + self.scheme_bytes + b"\r\n"
+        self.h2_limits = H2Limits.from_http(http)
         for connection in self.connections:
             connection.http = http
             connection.timeouts = timeouts

@@ -559,6 +559,7 @@ def stream_exchange(
     body_size: int,
     chunked: bool = False,
     chunk_size: int = 65536,
+    tls: Any = None,
 ) -> Any:
     """Send ``head`` then ``body_size`` pattern bytes with backpressure; count and hash the response.
 
@@ -568,7 +569,7 @@ def stream_exchange(
     mid-body, the response (if any) is still read. Fires with a :class:`StreamResult`
     (``sent`` = body bytes actually written); the connection is closed afterwards.
     """
-    conn = yield connect(reactor, host, port, retain_body=False)
+    conn = yield connect(reactor, host, port, retain_body=False, tls=tls)
     try:
         conn.send(head)
         read = conn.read_final_response()
