@@ -1,4 +1,5 @@
-"""A real `redis-server` for tests: started on a free loopback port, stopped by its PID."""
+"""A real `redis-server` for tests (plain, TLS, or a sentinel): started on a free loopback port,
+stopped by its PID."""
 
 from __future__ import annotations
 
@@ -19,27 +20,55 @@ READY_TIMEOUT = 10.0
 
 
 class RedisServer:
-    """One `redis-server --port N --save '' --appendonly no` process on 127.0.0.1."""
+    """One `redis-server --port N --save '' --appendonly no` process on 127.0.0.1.
 
-    def __init__(self) -> None:
+    `extra` arguments are appended (e.g. `--replicaof`); with `tls` (server cert, key and CA
+    file paths) it listens with TLS only (`--tls-port N --port 0`), requiring a client
+    certificate when `client_certificates` is true."""
+
+    ready = b"Ready to accept connections"
+    persistence: tuple[str, ...] = ("--save", "", "--appendonly", "no")
+
+    def __init__(
+        self,
+        extra: tuple[str, ...] = (),
+        tls: tuple[str, str, str] | None = None,
+        client_certificates: bool = False,
+    ) -> None:
         if REDIS_SERVER is None:
             raise SkipTest("redis-server is not installed (apt-get install redis-server)")
         self.port = free_port()
         self.workdir = tempfile.mkdtemp(prefix="flexgw-redis-")
         self.process: subprocess.Popen[bytes] | None = None
+        self.extra = extra
+        self.tls = tls
+        self.client_certificates = client_certificates
+
+    def command(self) -> list[str]:
+        """The command line."""
+        assert REDIS_SERVER is not None
+        ports = ["--port", str(self.port)]
+        if self.tls is not None:
+            cert, key, ca = self.tls
+            ports = [
+                "--port", "0", "--tls-port", str(self.port),
+                "--tls-cert-file", cert, "--tls-key-file", key, "--tls-ca-cert-file", ca,
+                "--tls-auth-clients", "yes" if self.client_certificates else "no",
+            ]
+        return [
+            REDIS_SERVER,
+            *ports,
+            "--bind", "127.0.0.1",
+            *self.persistence,
+            "--dir", self.workdir,
+            "--loglevel", "notice",
+            *self.extra,
+        ]
 
     def start(self) -> RedisServer:
         """Spawn the server and wait (bounded) until its log says it accepts connections."""
         self.process = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port", str(self.port),
-                "--bind", "127.0.0.1",
-                "--save", "",
-                "--appendonly", "no",
-                "--dir", self.workdir,
-                "--loglevel", "notice",
-            ],
+            self.command(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
@@ -48,7 +77,7 @@ class RedisServer:
         selector.register(self.process.stdout, selectors.EVENT_READ)
         seen = b""
         try:
-            while b"Ready to accept connections" not in seen:
+            while self.ready not in seen:
                 if not selector.select(READY_TIMEOUT):
                     raise RuntimeError(f"redis-server did not start: {seen[-500:]!r}")
                 chunk = os.read(self.process.stdout.fileno(), 65536)
@@ -72,3 +101,31 @@ class RedisServer:
             if process.stdout is not None:
                 process.stdout.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class RedisSentinelServer(RedisServer):
+    """A `redis-server --sentinel` on 127.0.0.1 monitoring `master_name` at 127.0.0.1:master_port
+    (quorum 1), with `requirepass` when a password is given. Ready once it monitors the master."""
+
+    ready = b"+monitor master"
+    persistence = ()
+
+    def __init__(
+        self, master_name: str, master_port: int, password: str | None = None,
+        tls: tuple[str, str, str] | None = None,
+    ) -> None:
+        super().__init__(tls=tls)
+        self.master_name = master_name
+        self.master_port = master_port
+        self.password = password
+
+    def command(self) -> list[str]:
+        """The config file (sentinel rewrites it, so it lives in the workdir) and --sentinel."""
+        lines = [f"sentinel monitor {self.master_name} 127.0.0.1 {self.master_port} 1"]
+        if self.password is not None:
+            lines.append(f"requirepass {self.password}")
+        path = os.path.join(self.workdir, "sentinel.conf")
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")
+        command = super().command()
+        return [command[0], path, "--sentinel", *command[1:]]

@@ -68,15 +68,6 @@ class SharedStorageConfigTests(TestCase):
         self.assertEqual(self.load("address: '[::1]:7000'\n").plan.shared_storage,
                          SharedStorage("::1", 7000))
 
-    def test_sentinel_and_tls_not_supported_yet(self) -> None:
-        """sentinel beside an address is ignored with a warning; tls disables Redis (warning)."""
-        state = self.load("address: r:1\nsentinel: {addresses: [s:26379], masterName: m}\n")
-        self.assertEqual(state.plan.shared_storage, SharedStorage("r", 1))
-        self.assertIn("not supported yet", " ".join(self.messages(state)))
-        state = self.load("address: r:1\ntls: {skipValidation: true}\n")
-        self.assertIsNone(state.plan.shared_storage)
-        self.assertIn("TLS is not supported yet", " ".join(self.messages(state)))
-
     def test_bad_address_and_db(self) -> None:
         """An unusable address or db is an error and Redis is not used."""
         for redis in ("address: 'a:b:c'\n", "address: r:99999\n", "address: r:1\ndb: -1\n", "password: p\n"):

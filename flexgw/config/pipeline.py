@@ -159,7 +159,11 @@ def load_config(
         proxy_protocol=model.proxy_protocol,
         logging=model.logging,
         tls_files=tuple(
-            sorted(set(compiled.tls_files) | set(side_tls.files if side_tls else ()))
+            sorted(
+                set(compiled.tls_files)
+                | set(side_tls.files if side_tls else ())
+                | set(_storage_tls_files(model.shared_storage))
+            )
         ),
     )
     return ConfigState(
@@ -169,3 +173,10 @@ def load_config(
         served=compiled.served,
         tls_good=compiled.tls_good,
     )
+
+
+def _storage_tls_files(storage: Any) -> tuple[str, ...]:
+    """The certificate/CA files `sharedStorage.redis.tls` read (watched like the others)."""
+    if storage is None or storage.tls is None:
+        return ()
+    return tuple(storage.tls.files)

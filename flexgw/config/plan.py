@@ -164,14 +164,36 @@ class HttpSettings:
 
 
 @attrs.frozen
+class RedisSentinel:
+    """`sharedStorage.redis.sentinel`: the sentinels asked, in order, for the master's address."""
+
+    master_name: str
+    addresses: tuple[tuple[str, int], ...]  # (host, port), port 26379 when not written
+    password: str | None = attrs.field(default=None, repr=False)
+
+
+@attrs.frozen
 class SharedStorage:
-    """`Configuration.spec.sharedStorage.redis`: the Redis that rate-limit counters are shared in."""
+    """`Configuration.spec.sharedStorage.redis`: the Redis that rate-limit counters are shared in.
+
+    With `sentinel`, `host`/`port` are unused ("" / 0): the master is asked of the sentinels.
+    `tls` (a flexgw.tls.settings.TLSSettings, or None for plaintext) applies to the master and to
+    the sentinels alike."""
 
     host: str
     port: int = 6379
     username: str | None = None
     password: str | None = attrs.field(default=None, repr=False)
     db: int = 0
+    sentinel: RedisSentinel | None = None
+    tls: Any = None
+
+    @property
+    def where(self) -> str:
+        """The Redis address, or the sentinel master name, for messages."""
+        if self.sentinel is not None:
+            return f"sentinel master {self.sentinel.master_name!r}"
+        return f"{self.host}:{self.port}"
 
 
 @attrs.frozen

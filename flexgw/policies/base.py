@@ -155,6 +155,16 @@ class PolicyRuntime:
         if settings is not None:
             from flexgw.storage.redis import RedisClient
 
+            tls = None
+            if settings.tls is not None:
+                from flexgw.tls.contexts import client_creator
+
+                no_alpn = attrs.evolve(settings.tls, alpn=())  # Redis speaks no ALPN
+
+                def tls(host: str) -> Any:
+                    """TLS for one host (a sentinel or the master), SNI and check for it."""
+                    return client_creator(no_alpn, host)
+
             self.redis = RedisClient(
                 self.reactor,
                 settings.host,
@@ -162,6 +172,8 @@ class PolicyRuntime:
                 username=settings.username,
                 password=settings.password,
                 db=settings.db,
+                sentinel=settings.sentinel,
+                tls=tls,
             )
 
 

@@ -29,6 +29,24 @@ and SELECT are sent on every new connection. While Redis is unreachable, command
 `min_backoff` to `max_backoff` seconds and the delay resets after a successful connection. Every
 command has a timeout (`command_timeout`, connecting included) after which its Deferred fails
 (`TimeoutError`); a late reply is read and dropped, so the connection stays usable.
+
+Sentinel and TLS
+----------------
+With `sentinel` (flexgw.config.plan.RedisSentinel) every new connection starts by asking the
+sentinels, in their configured order, `SENTINEL get-master-addr-by-name <masterName>` (after
+AUTH with the sentinel password, if any); the first that names a master wins. The client then
+connects to that master and checks with `ROLE` that it is one (a sentinel may not have noticed
+a failover yet). A lost connection (Sentinel itself kills clients when it demotes a master) and
+a `READONLY` reply (the master became a replica) both drop the connection, so the next command
+asks the sentinels again; a command refused with `READONLY` is sent once more on the new
+connection (Redis executed nothing of it). Every attempt, sentinels included, goes through the
+same backoff.
+
+With `tls` (a callable from a host name to an IOpenSSLClientConnectionCreator, built by
+flexgw.policies.base from `sharedStorage.redis.tls`) every connection, to the sentinels and to
+the master, is TLS, verified for the host it connects to. A connection counts as up only once
+its first reply arrived (a PING when nothing else is sent), so a refused certificate is a failed
+connection attempt that backs off, not a failure of the first request.
 """
 
 from __future__ import annotations
@@ -38,13 +56,16 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, gatherResults
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
+from twisted.internet.defer import Deferred, FirstError, fail, gatherResults
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from flexgw.storage.interfaces import HitResult, IRateLimitStore, Quota, RateLimit
+
+_log = Logger()
 
 
 class RedisError(Exception):
@@ -53,6 +74,11 @@ class RedisError(Exception):
 
 class RedisUnavailable(Exception):
     """The server cannot be reached (not connected, connection lost, handshake refused)."""
+
+
+def is_readonly(error: BaseException) -> bool:
+    """An error reply saying the server is a read-only replica (a failover happened)."""
+    return isinstance(error, RedisError) and str(error).startswith("READONLY")
 
 
 class _Incomplete(Exception):
@@ -148,6 +174,8 @@ class RespProtocol(Protocol):
                     raise RedisError("protocol error: a reply nobody asked for")
                 waiting = self._pending.popleft()
                 if isinstance(reply, RedisError):
+                    if self.client is not None and is_readonly(reply):
+                        self.client._readonly(self)
                     waiting.errback(reply)
                 else:
                     waiting.callback(reply)
@@ -182,6 +210,8 @@ class RedisClient:
         command_timeout: float = 2.0,
         min_backoff: float = 0.1,
         max_backoff: float = 10.0,
+        sentinel: Any = None,
+        tls: Any = None,
     ) -> None:
         self.reactor = reactor
         self.host = host
@@ -193,6 +223,9 @@ class RedisClient:
         self.command_timeout = command_timeout
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
+        self.sentinel = sentinel  # RedisSentinel (master_name, addresses, password), or None
+        self.tls = tls  # host name -> IOpenSSLClientConnectionCreator, or None: plaintext
+        self.master: tuple[str, int] | None = None  # the last master the sentinels named
         self.connections = 0  # successful connections so far (for tests and logs)
         self._protocol: RespProtocol | None = None
         self._waiting: list[Deferred[RespProtocol]] | None = None
@@ -202,17 +235,38 @@ class RedisClient:
 
     @property
     def address(self) -> str:
-        """host:port, for messages."""
+        """host:port (or the sentinel master name), for messages."""
+        if self.sentinel is not None:
+            return f"sentinel master {self.sentinel.master_name!r}"
         return f"{self.host}:{self.port}"
 
     def execute(self, *args: Any) -> Deferred[Any]:
         """Send one command; fails with RedisUnavailable, RedisError or TimeoutError."""
+        result = self._send(args)
+        if self.sentinel is not None:
+            result.addErrback(self._again_if_readonly, args)
+        return result.addTimeout(self.command_timeout, self.reactor)
+
+    def _send(self, args: Sequence[Any]) -> Deferred[Any]:
+        """Send on the current connection, or on a new one."""
         protocol = self._protocol
         if protocol is not None:
-            result = protocol.send(args)
-        else:
-            result = self._connection().addCallback(lambda p: p.send(args))
-        return result.addTimeout(self.command_timeout, self.reactor)
+            return protocol.send(args)
+        return self._connection().addCallback(lambda p: p.send(args))
+
+    def _again_if_readonly(self, failure: Failure, args: Sequence[Any]) -> Any:
+        """After a failover the old master refuses writes: once more, on a new connection."""
+        if is_readonly(failure.value):
+            return self._send(args)
+        return failure
+
+    def _readonly(self, protocol: RespProtocol) -> None:
+        """A READONLY reply: this server is a replica now; drop the connection."""
+        if self._protocol is protocol:
+            self._protocol = None
+            _log.warn("Redis {master} answered READONLY: asking the sentinels again",
+                          master=self.master)
+        protocol.transport.abortConnection()  # type: ignore[union-attr]
 
     def evalsha(self, sha: str, script: str, keys: Sequence[Any], args: Sequence[Any]) -> Deferred[Any]:
         """Run a script by its SHA1, sending its source once when the server does not have it."""
@@ -249,28 +303,83 @@ class RedisClient:
                 )
             )
         self._waiting = [waiting]
-        endpoint = HostnameEndpoint(self.reactor, self.host, self.port, timeout=self.connect_timeout)
-        connected = connectProtocol(endpoint, RespProtocol(self))
-        connected.addCallback(self._handshake).addCallbacks(self._up, self._down)
+        Deferred.fromCoroutine(self._open()).addCallbacks(self._up, self._down)
         return waiting
 
-    def _handshake(self, protocol: RespProtocol) -> Deferred[RespProtocol]:
-        """AUTH and SELECT on a new connection (pipelined)."""
+    async def _open(self) -> RespProtocol:
+        """Connect to the master (asking the sentinels where it is, if configured), handshake."""
+        if self.sentinel is None:
+            host, port = self.host, self.port
+        else:
+            host, port = await self._ask_sentinels()
+            if self.master != (host, port):
+                _log.info(
+                    "Redis master {name!r} is at {host}:{port}",
+                    name=self.sentinel.master_name, host=host, port=port,
+                )
+            self.master = (host, port)
+        protocol: RespProtocol = await self._connect(host, port, RespProtocol(self))
+        return await self._handshake(protocol, host, port)
+
+    def _connect(self, host: str, port: int, protocol: RespProtocol) -> Deferred[Any]:
+        """A TCP (or TLS, verified for `host`) connection to host:port."""
+        endpoint: Any = HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout)
+        if self.tls is not None:
+            endpoint = wrapClientTLS(self.tls(host), endpoint)
+        return connectProtocol(endpoint, protocol)
+
+    async def _ask_sentinels(self) -> tuple[str, int]:
+        """The master's address from the first sentinel (in order) that knows it."""
+        assert self.sentinel is not None
+        name = self.sentinel.master_name
+        errors = []
+        for host, port in self.sentinel.addresses:
+            protocol = RespProtocol()
+            try:
+                await self._connect(host, port, protocol)
+                if self.sentinel.password is not None:
+                    await protocol.send(["AUTH", self.sentinel.password]).addTimeout(
+                        self.command_timeout, self.reactor
+                    )
+                reply = await protocol.send(["SENTINEL", "get-master-addr-by-name", name]).addTimeout(
+                    self.command_timeout, self.reactor
+                )
+                if not isinstance(reply, list) or len(reply) != 2:
+                    raise RedisError(f"does not know master {name!r}")
+                return reply[0].decode("utf-8"), int(reply[1])
+            except Exception as exc:  # noqa: BLE001 (every failure means: ask the next sentinel)
+                errors.append(f"{host}:{port}: {_describe(exc)}")
+            finally:
+                if protocol.connected_:
+                    protocol.transport.loseConnection()  # type: ignore[union-attr]
+        raise RedisUnavailable(f"no sentinel named master {name!r} ({'; '.join(errors)})")
+
+    def _handshake(self, protocol: RespProtocol, host: str, port: int) -> Deferred[RespProtocol]:
+        """AUTH, SELECT and (with sentinels) ROLE on a new connection, pipelined; with TLS and
+        nothing else to send, PING (so the TLS handshake is over before the connection is up)."""
         steps = []
         if self.password is not None:
             auth = ["AUTH", self.password] if not self.username else ["AUTH", self.username, self.password]
             steps.append(protocol.send(auth))
         if self.db:
             steps.append(protocol.send(["SELECT", self.db]))
+        if self.sentinel is not None:
+            steps.append(protocol.send(["ROLE"]).addCallback(_must_be_master, host, port))
+        if not steps and self.tls is not None:
+            steps.append(protocol.send(["PING"]))
         if not steps:
             return _succeeded(protocol)
 
         def refused(failure: Failure) -> Failure:
-            protocol.transport.abortConnection()  # type: ignore[union-attr]
+            if protocol.connected_:
+                protocol.transport.abortConnection()  # type: ignore[union-attr]
             return failure
 
-        return gatherResults(steps, consumeErrors=True).addCallbacks(
-            lambda _: protocol, lambda f: refused(f.value.subFailure)
+        return (
+            gatherResults(steps, consumeErrors=True)
+            .addErrback(lambda f: f.value.subFailure if isinstance(f.value, FirstError) else f)
+            .addTimeout(self.command_timeout, self.reactor)
+            .addCallbacks(lambda _: protocol, refused)
         )
 
     def _up(self, protocol: RespProtocol) -> None:
@@ -293,7 +402,7 @@ class RedisClient:
         waiting, self._waiting = self._waiting or [], None
         self._retry_at = self.reactor.seconds() + self._delay
         self._delay = min(self._delay * 2, self.max_backoff)
-        error = RedisUnavailable(f"cannot use Redis at {self.address}: {failure.getErrorMessage()}")
+        error = RedisUnavailable(f"cannot use Redis at {self.address}: {_describe(failure.value)}")
         for each in waiting:
             each.errback(error)
 
@@ -301,6 +410,19 @@ class RedisClient:
         """A connection closed: the next command opens another."""
         if self._protocol is protocol:
             self._protocol = None
+
+
+def _must_be_master(reply: Any, host: str, port: int) -> Any:
+    """ROLE's reply must start with "master" (the sentinels may not have seen a failover yet)."""
+    role = reply[0] if isinstance(reply, list) and reply else None
+    if role != b"master":
+        raise RedisUnavailable(f"{host}:{port} is not a master (ROLE {role!r})")
+    return reply
+
+
+def _describe(error: BaseException) -> str:
+    """An exception as a short message (its type when it has no text, e.g. a timeout)."""
+    return str(error) or type(error).__name__
 
 
 def _succeeded(value: Any = None) -> Deferred[Any]:
