@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 
 from twisted.trial.unittest import SkipTest
 
@@ -40,6 +41,7 @@ class RedisServer:
         self.port = free_port()
         self.workdir = tempfile.mkdtemp(prefix="flexgw-redis-")
         self.process: subprocess.Popen[bytes] | None = None
+        self.log = b""  # what the server printed, as far as read
         self.extra = extra
         self.tls = tls
         self.client_certificates = client_certificates
@@ -72,24 +74,30 @@ class RedisServer:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        assert self.process.stdout is not None
-        selector = selectors.DefaultSelector()
-        selector.register(self.process.stdout, selectors.EVENT_READ)
-        seen = b""
         try:
-            while self.ready not in seen:
-                if not selector.select(READY_TIMEOUT):
-                    raise RuntimeError(f"redis-server did not start: {seen[-500:]!r}")
-                chunk = os.read(self.process.stdout.fileno(), 65536)
-                if not chunk:
-                    raise RuntimeError(f"redis-server exited: {seen[-500:]!r}")
-                seen += chunk
+            self.wait_for(self.ready)
         except BaseException:
             self.stop()
             raise
+        return self
+
+    def wait_for(self, marker: bytes, timeout: float = READY_TIMEOUT) -> bytes:
+        """Read the server's log until `marker` is in it (for at most `timeout` seconds); the log."""
+        assert self.process is not None and self.process.stdout is not None
+        selector = selectors.DefaultSelector()
+        selector.register(self.process.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        try:
+            while marker not in self.log:
+                if not selector.select(max(deadline - time.monotonic(), 0)):
+                    raise RuntimeError(f"no {marker!r} from redis-server: {self.log[-500:]!r}")
+                chunk = os.read(self.process.stdout.fileno(), 65536)
+                if not chunk:
+                    raise RuntimeError(f"redis-server exited: {self.log[-500:]!r}")
+                self.log += chunk
         finally:
             selector.close()
-        return self
+        return self.log
 
     def stop(self) -> None:
         """Kill the server by its PID and reap it."""

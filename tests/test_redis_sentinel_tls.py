@@ -218,6 +218,38 @@ class SentinelClientTests(TestCase):
         self.assertIn("is not a master", str(caught.exception))
 
 
+class SentinelFailoverTests(TestCase):
+    """A failover done by a real sentinel, promoting a real replica."""
+
+    async def test_master_dies_and_sentinel_promotes_the_replica(self) -> None:
+        """The master is killed: checks fail (fail mode) until `SENTINEL FAILOVER` promotes the
+        replica; then the client finds the new master through the sentinel, and the counts
+        made before the failover (replicated) still hold."""
+        old = start(self, RedisServer(extra=("--repl-diskless-sync-delay", "0")))
+        replica = RedisServer(extra=("--replicaof", "127.0.0.1", str(old.port)))
+        replica.ready = b"MASTER <-> REPLICA sync: Finished with success"
+        start(self, replica)
+        sentinel = start(self, RedisSentinelServer(MASTER, old.port))
+        sentinel.wait_for(f"+slave slave 127.0.0.1:{replica.port}".encode())  # it knows the replica
+        redis = sentinel_client(self, sentinel.port)
+        store = RedisRateLimitStore(redis, Clock(), "fo:")
+        self.assertTrue((await store.hit("k", (RateLimit(2, 60000),))).allowed)
+        await redis.execute("WAIT", 1, 1000)  # the count reached the replica
+        lost = redis._protocol.lost
+        old.stop()
+        await lost
+        with self.assertRaises(RedisUnavailable):
+            await store.hit("k", (RateLimit(2, 60000),))
+        self.assertEqual(
+            await plain_client(self, sentinel.port).execute("SENTINEL", "FAILOVER", MASTER), "OK"
+        )
+        sentinel.wait_for(b"+switch-master", timeout=30)
+        result = await store.hit("k", (RateLimit(2, 60000),))
+        self.assertEqual((result.allowed, result.quotas[0].remaining), (True, 0))
+        self.assertEqual(redis.master, ("127.0.0.1", replica.port))
+        self.assertFalse((await store.hit("k", (RateLimit(2, 60000),))).allowed)
+
+
 class SentinelPasswordTests(TestCase):
     """A sentinel with requirepass: the sentinel password is sent to it, not the master's."""
 

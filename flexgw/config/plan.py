@@ -188,13 +188,6 @@ class SharedStorage:
     sentinel: RedisSentinel | None = None
     tls: Any = None
 
-    @property
-    def where(self) -> str:
-        """The Redis address, or the sentinel master name, for messages."""
-        if self.sentinel is not None:
-            return f"sentinel master {self.sentinel.master_name!r}"
-        return f"{self.host}:{self.port}"
-
 
 @attrs.frozen
 class ProbeSettings:
