@@ -108,6 +108,7 @@ class H2cExchange(Exchange):
         self.ended = True
         self.queue.clear()
         self.connection.reset_stream(self.stream_id, code)
+        self.connection.exchanges.pop(self.stream_id, None)
 
     def pump(self) -> None:
         """Send what the windows allow; END_STREAM (or trailers) after the last byte."""
@@ -135,6 +136,8 @@ class H2cExchange(Exchange):
         except H2Error:
             self.ended = True
         self.connection.flush()
+        if self.ended and self.request.complete:
+            self.connection.exchanges.pop(self.stream_id, None)  # done: no more pumping
 
 
 class H2cUpstreamConnection(protocol.Protocol):
@@ -317,7 +320,7 @@ class H2cUpstreamConnection(protocol.Protocol):
             if ex is not None and not ex.request.complete:
                 self._complete(ex)
         elif kind is events.StreamReset:
-            ex = self.exchanges.get(event.stream_id)
+            ex = self.exchanges.pop(event.stream_id, None)
             if ex is not None:
                 ex.reset_code = event.error_code
                 ex.ended = True
@@ -336,6 +339,8 @@ class H2cUpstreamConnection(protocol.Protocol):
             req._body_buf = None
         self.factory.responder.on_complete(ex)
         self.factory._request_complete(req)
+        if ex.ended:
+            self.exchanges.pop(ex.stream_id, None)  # answered before the request ended
 
 
 # --------------------------------------------------------------------------- client
