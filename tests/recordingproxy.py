@@ -79,6 +79,7 @@ class ProxyProtocol(Protocol):
         d = connectProtocol(endpoint, pipe)
 
         def opened(_: Any) -> None:
+            """Connected to the target: tell the client, pipe what it already sent."""
             self.pipe = pipe
             self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
             rest, self.buffer = self.buffer, b""
@@ -87,6 +88,7 @@ class ProxyProtocol(Protocol):
             self.transport.resumeProducing()
 
         def failed(_: Failure) -> None:
+            """The target is unreachable: 502."""
             self.transport.write(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n")
             self.transport.loseConnection()
 

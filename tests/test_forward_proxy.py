@@ -173,6 +173,23 @@ class ForwardProxyEndToEndTests(TestCase):
         self.assertEqual(response.header("x-flexgw-error"), [b"upstream_tls"])
         self.assertEqual(upstream.received, [])
 
+    async def test_h2c_service_through_tunnel(self) -> None:
+        """An h2c Service (HTTP/2 prior knowledge) goes through a CONNECT tunnel too."""
+        upstream = RecordingUpstream(reactor=reactor, h2c=True)
+        upstream.listen(reactor)
+        self.addCleanup(upstream.stop)
+        self.proxy.names["grpc.partner.test"] = "127.0.0.1"
+        self.start(
+            service_api(self.port, upstream.address[1], "grpc.partner.test", scheme="h2c"),
+            forward_proxy(f"http://127.0.0.1:{self.proxy_port}"),
+        )
+        self.assertEqual((await self.get()).status, 200)
+        self.assertEqual(
+            (self.proxy.requests[0]["method"], self.proxy.requests[0]["target"]),
+            (b"CONNECT", f"grpc.partner.test:{upstream.address[1]}".encode()),
+        )
+        self.assertEqual(len(upstream.received), 1)
+
     async def test_no_proxy_connects_directly(self) -> None:
         """A Service whose host is in noProxy is reached directly."""
         self.start(

@@ -288,7 +288,9 @@ class IngressTlsEndToEndTests(TestCase):
 
     async def test_each_host_gets_its_certificate(self) -> None:
         """SNI picks each host's Secret; both verify against the CA and reach the upstream."""
-        self.assertTrue(self.gateway.service.last_reload_ok, self.gateway.service.state.problems)
+        state = self.gateway.service.state
+        assert state is not None
+        self.assertTrue(self.gateway.service.last_reload_ok, state.problems)
         response, name = await self.get("shop.example", b"/cart")
         self.assertEqual((response.status, name), (200, "shop.example"))
         response, name = await self.get("api.example", b"/v1/items")
@@ -297,3 +299,45 @@ class IngressTlsEndToEndTests(TestCase):
             [(r.target, r.header("x-forwarded-proto")) for r in self.upstream.received],
             [(b"/cart", [b"https"]), (b"/v1/items", [b"https"])],
         )
+
+
+H2C_KUBE = """\
+apiVersion: v1
+kind: Service
+metadata: {{name: grpc, namespace: shop}}
+spec:
+  clusterIP: 127.0.0.1
+  ports:
+  - {{name: h2c-api, port: {upstream}, protocol: TCP}}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {{name: grpc, namespace: shop}}
+spec:
+  ingressClassName: flexgw
+  rules:
+  - http:
+      paths:
+      - {{path: /rpc, pathType: Prefix, backend: {{service: {{name: grpc, port: {{name: h2c-api}}}}}}}}
+"""
+
+
+class IngressH2cEndToEndTests(TestCase):
+    """A Service port named `h2c[-suffix]` is reached over HTTP/2 with prior knowledge."""
+
+    async def test_h2c_port_name(self) -> None:
+        """An HTTP/1.1 request for an h2c Service arrives at the upstream as HTTP/2."""
+        upstream = RecordingUpstream(fixed(status=200, body=b"ok"), reactor=reactor, h2c=True)
+        upstream.listen(reactor)
+        self.addCleanup(upstream.stop)
+        port = free_port()
+        gateway = Gateway(self, {"grpc.yaml": H2C_KUBE.format(upstream=upstream.address[1])})
+        gateway.service.ingress = ingress_options(
+            "flexgw", False, f"http://127.0.0.1:{port}", f"https://127.0.0.1:{free_port()}"
+        )
+        gateway.start()
+        raw = b"GET /rpc/Say HTTP/1.1\r\nHost: g.example\r\n\r\n"
+        response = await client.request(reactor, "127.0.0.1", port, raw)
+        self.assertEqual((response.status, response.body), (200, b"ok"))
+        [seen] = upstream.received
+        self.assertEqual((seen.version, seen.header(":path")), ("2", [b"/rpc/Say"]))

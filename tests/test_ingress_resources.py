@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -32,6 +32,7 @@ from flexgw.config.resolve import ResolvedModel, resolve
 from flexgw.config.validate import Resource, check_document
 from flexgw.ingress.routing import RouteMatch, select_route
 from flexgw.tap import Options, worker_command
+from flexgw.testing.certs import CertificateAuthority
 from tests.conftools import update_conf, write_conf
 
 FILE = "conf/ingress.yaml"
@@ -223,6 +224,21 @@ class HostTests(SynchronousTestCase):
         self.assertEqual(t.target("/", "a.foo.com"), "default/web:80 /")
         self.assertEqual(t.target("/", "b.foo.com"), "default/wild:80 /")
 
+    @settings(max_examples=60, deadline=None)  # a whole translation per example
+    @given(
+        st.lists(st.sampled_from(["a", "b", "x-y", "foo"]), min_size=1, max_size=3),
+        st.lists(st.sampled_from(["a", "b", "x-y", "foo", "A"]), min_size=0, max_size=4),
+    )
+    def test_wildcard_matches_exactly_one_more_label(
+        self, suffix: list[str], labels: list[str]
+    ) -> None:
+        """`*.<suffix>` matches a host iff it is one label followed by the suffix (any case)."""
+        t = Translated(SERVICE + ingress("a", path_rule("/", host=f"'*.{'.'.join(suffix)}'")))
+        host = ".".join(labels)
+        lowered = host.lower().split(".") if host else []
+        expected = len(lowered) == len(suffix) + 1 and lowered[1:] == suffix
+        self.assertEqual(t.route("/", host or "x") is not None, expected and bool(host), host)
+
     def test_no_host_matches_every_host(self) -> None:
         """A rule without host serves every Host, after the rules that name one."""
         rules = path_rule("/", service="wild") + path_rule("/", host="a.com")
@@ -277,6 +293,7 @@ class PathTypeTests(SynchronousTestCase):
         self.assertIsNone(t.target("/api/orders"))
         self.assertIsNone(t.target("/other"))
 
+    @settings(max_examples=60, deadline=None)  # a whole translation per example
     @given(
         st.lists(st.sampled_from(["a", "b", "ab", "a.b"]), min_size=1, max_size=3),
         st.lists(st.sampled_from(["a", "b", "ab", "a.b", ""]), max_size=4),
@@ -478,6 +495,25 @@ class BindingTests(SynchronousTestCase):
         self.assertEqual(match.destination.upstream.key, "default/web:80")
         self.assertEqual([p.kind for p in match.destination.chain], ["header-injection-flex"])
 
+    def test_bare_name_means_the_ingress_namespace(self) -> None:
+        """An annotation without `.<namespace>` names an ApiInstance of the Ingress' namespace."""
+        text = (
+            API
+            + SERVICE.replace("namespace: default", "namespace: edge")
+            + ingress(
+                "a",
+                path_rule("/"),
+                namespace="edge",
+                annotations="flex-gateway.ingress.kubernetes.io/api-instance: ingress-http",
+            )
+        )
+        t = Translated(text)
+        self.assertEqual(t.target("/", port=8081), "edge/web:80 /")
+        t = Translated(
+            text.replace("namespace: edge\n  annotations", "namespace: other\n  annotations")
+        )
+        self.assertIn("ApiInstance other/ingress-http does not exist", t.messages("error")[0])
+
     def test_missing_api_instance_is_an_error(self) -> None:
         """An annotation naming no ApiInstance is an error located at the annotation."""
         bad = BOUND.replace("ingress-http.edge", "nope.edge")
@@ -493,6 +529,28 @@ class BindingTests(SynchronousTestCase):
         t = Translated(SERVICE + ingress("a", path_rule("/")), options)
         self.assertEqual([(l.host, l.port) for l in t.listeners], [("127.0.0.1", 9444)])
         self.assertEqual(t.target("/", port=9444), "default/web:80 /")
+
+    def test_default_listener_on_an_api_instance_port(self) -> None:
+        """--ingress-listener on an ApiInstance's port: the ApiInstance keeps it, and each
+        unannotated Ingress gets an error saying what to do; annotated ones still serve."""
+        options = ingress_options("flexgw", False, "http://0.0.0.0:8081")
+        text = (
+            API
+            + SERVICE
+            + ingress("a", path_rule("/a"), annotations=BOUND)
+            + ingress("b", path_rule("/b"))
+        )
+        t = Translated(text, options)
+        [error] = [p for p in t.problems if p.severity == "error"]
+        self.assertEqual(error.resource, "Ingress default/b")
+        self.assertIn(
+            "--ingress-listener http://0.0.0.0:8081 is on the port of ApiInstance edge/ingress-http; "
+            "not served there (annotate the Ingress, or choose another --ingress-listener)",
+            error.message,
+        )
+        self.assertEqual([api.key for api in t.listener(8081).apis], ["edge/ingress-http"])
+        self.assertEqual(t.target("/a", port=8081), "default/web:80 /a")
+        self.assertIsNone(t.target("/b", port=8081))
 
     def test_same_path_on_two_listeners_is_no_conflict(self) -> None:
         """Conflicts are per listener: the same path bound elsewhere is served on both."""
@@ -565,25 +623,22 @@ class BackendTests(SynchronousTestCase):
         self.assertEqual(self.upstreams(text), [("http", "api.partner.example", 80, 100)])
 
     def test_scheme_from_port_name_and_app_protocol(self) -> None:
-        """Port names `https[-x]` (or appProtocol https) select TLS upstreams; others plain HTTP."""
+        """appProtocol, else the port name `<protocol>[-suffix]`, selects the upstream scheme."""
         cases = {
-            "- {name: https-web, port: 443}": ("https", 443),
-            "- {name: web, port: 443, appProtocol: https}": ("https", 443),
-            "- {name: HTTP-alt, port: 80}": ("http", 80),
-            "- {port: 80}": ("http", 80),
+            "- {name: https-web, port: 443}": "https",
+            "- {name: web, port: 443, appProtocol: https}": "https",
+            "- {name: HTTP-alt, port: 443}": "http",
+            "- {port: 443}": "http",
+            "- {name: h2, port: 443}": "h2",
+            "- {name: h2c-grpc, port: 443}": "h2c",
+            "- {name: grpc, port: 443}": "h2c",
+            "- {name: web, port: 443, appProtocol: kubernetes.io/h2c}": "h2c",
         }
-        for ports, (scheme, number) in cases.items():
-            text = kube_service(ports=ports) + ingress(
-                "a", path_rule("/", port=f"number: {number}")
-            )
-            self.assertEqual(self.upstreams(text)[0][:1], (scheme,), ports)
-
-    def test_h2_port_is_a_warning(self) -> None:
-        """An h2/h2c port is reached over HTTP/1.1 for now, and says so."""
-        text = kube_service(ports="- {name: h2c, port: 80}") + ingress("a", path_rule("/"))
-        t = Translated(text)
-        self.assertIsNotNone(t.route("/"))
-        self.assertIn("HTTP/2 upstreams are not supported yet", t.messages("warning")[0])
+        for ports, scheme in cases.items():
+            text = kube_service(ports=ports) + ingress("a", path_rule("/", port="number: 443"))
+            t = Translated(text)
+            self.assertEqual(t.messages("error"), [], ports)
+            self.assertEqual(self.upstreams(text)[0][0], scheme, ports)
 
     def test_endpoints(self) -> None:
         """An Endpoints document gives one equally weighted destination per ready address."""
@@ -688,6 +743,46 @@ class TlsSecretTests(SynchronousTestCase):
         self.assertEqual(t.target("/b", "bar.com", port=8443), "default/web:80 /b")
         self.assertEqual(t.listener(8080).scheme, "http")  # the plain listener stays
         self.assertEqual(t.target("/x", "foo.com", port=8080), "default/web:80 /x")
+
+    def test_chain_and_traditional_key_format(self) -> None:
+        """tls.crt may hold the chain (leaf first); a SEC1/PKCS#1 key is read and normalised."""
+        ca = CertificateAuthority()
+        leaf = ca.issue("foo.com", dns=["foo.com"])
+        key = serialization.load_pem_private_key(leaf.key_pem, None)
+        traditional = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+        text = (
+            SERVICE
+            + tls_secret(leaf.cert_pem + ca.pem, traditional)
+            + ingress("a", path_rule("/"), spec="tls: [{secretName: foo-tls}]")
+        )
+        t = Translated(text)
+        self.assertEqual(t.messages("error"), [])
+        [served] = self.tls_listener(t).tls.certificates
+        self.assertEqual(served.chain_pem, (leaf.cert_pem, ca.pem))
+        self.assertEqual(served.key_pem, leaf.key_pem)  # PKCS#8, as a tls binding's
+        self.assertEqual(served.names, ("foo.com",))  # no hosts: the certificate's names
+
+    def test_tls_listener_on_an_api_instance_port(self) -> None:
+        """A taken --ingress-tls-listener port is an error; the plain listener still serves."""
+        cert, key = certificate(("foo.com",))
+        options = ingress_options("flexgw", False, "http://0.0.0.0:8080", "https://0.0.0.0:8081")
+        text = (
+            API
+            + SERVICE
+            + tls_secret(cert, key)
+            + ingress("a", path_rule("/"), spec="tls: [{secretName: foo-tls}]")
+        )
+        t = Translated(text, options)
+        [error] = t.messages("error")
+        self.assertIn(
+            "--ingress-tls-listener https://0.0.0.0:8081 is on the port of ApiInstance", error
+        )
+        self.assertEqual(t.target("/", port=8080), "default/web:80 /")
+        self.assertEqual(t.listener(8081).scheme, "http")
 
     def test_no_tls_no_tls_listener(self) -> None:
         """Without spec.tls there is no TLS listener."""

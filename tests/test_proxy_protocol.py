@@ -8,10 +8,10 @@ import struct
 import textwrap
 from typing import Any
 
-from twisted.internet import reactor, task
+from twisted.internet import reactor, task, tcp
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -108,6 +108,11 @@ class ProxyProtocolEndToEndTests(TestCase):
         self.assertEqual(response.status, 200)
         self.assertEqual(self.upstream.received[0].header("x-forwarded-for"), [b"203.0.113.7"])
         self.assertEqual(self.gateway.records()[-1]["client"], "203.0.113.7")
+        # The wrapper stepped aside: the front talks to the TCP transport itself (its direct
+        # send path applies), which reports the carried address.
+        (front,) = self.gateway.service.factories[("127.0.0.1", self.port)].connections
+        self.assertIs(type(front.transport), tcp.Server)
+        self.assertEqual(front.transport.getPeer().host, "203.0.113.7")
 
     async def test_v2_ipv4_and_ipv6(self) -> None:
         """v2 headers (bytes built here) for IPv4 and IPv6 clients."""

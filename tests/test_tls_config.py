@@ -351,3 +351,29 @@ class WarningTests(SynchronousTestCase):
             any("no ALPN is advertised" in w for w in warnings), b"h2" not in SERVED_ALPN
         )
         self.assertTrue(any("Service default/ghost does not exist" in w for w in warnings), warnings)
+
+
+class ConfiguredFilesTests(SynchronousTestCase):
+    """The --workers supervisor lists a configuration's TLS files without a plan of its own."""
+
+    def test_refresh_lists_and_follows_the_configuration(self) -> None:
+        """refresh() compiles the configuration aside: the binding's files are listed, and
+        they leave the list when the binding does."""
+        from flexgw.config.watch import ConfiguredFiles
+
+        directory = os.path.abspath(self.mktemp())
+        crt, key = SERVER.write(directory, "s")
+        binding = (
+            f"{HEADER}kind: PolicyBinding\nmetadata: {{name: t}}\nspec:\n  targetRef: {{name: a}}\n"
+            f"  policyRef: {{name: tls}}\n  config:\n"
+            f"    certificate: {{crt: 'file://{crt}', key: 'file://{key}'}}\n"
+        )
+        conf = write_conf(self, {"a.yaml": api("a", "https://127.0.0.1:8443") + "---\n" + binding})
+        files = ConfiguredFiles([conf], {})
+        self.assertEqual(files(), ())
+        files.refresh()
+        self.assertEqual(files(), (crt, key))
+        with open(os.path.join(conf, "a.yaml"), "w") as handle:
+            handle.write(api("a", "http://127.0.0.1:8443"))
+        files.refresh()
+        self.assertEqual(files(), ())

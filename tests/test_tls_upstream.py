@@ -319,3 +319,51 @@ class IntrospectionTLSTests(TestCase):
         self.assertEqual(response.status, 200)
         self.assertEqual(len(idp.requests), 1)
         self.assertEqual(len(upstream.received), 1)
+
+
+class StreamingTLSTests(TestCase):
+    """Bodies stream intact through TLS on both sides (encrypted bytes are sent at once when the
+    TCP buffer is empty, queued behind what is not: the order must hold)."""
+
+    async def test_echo_both_ways_over_tls(self) -> None:
+        """8 MiB up and back through an https listener and an https Service: every byte arrives
+        in order (sha256) in both directions."""
+        from flexgw.testing.certs import client_options
+        from flexgw.testing.upstream import pattern_sha256
+
+        directory = os.path.abspath(self.mktemp())
+        ca = CertificateAuthority("stream CA")
+        ca_path = ca.write(directory)
+        crt, key = ca.issue("gw.test", dns=["gw.test"]).write(directory, "gw")
+        upstream = RecordingUpstream(echo(), reactor=reactor, retain_bodies=False)
+        upstream.listen(reactor, tls=server_options(ca.issue("up", ips=["127.0.0.1"])))
+        self.addCleanup(upstream.stop)
+        port = free_port()
+        text = documents(
+            port, f"https://127.0.0.1:{upstream.address[1]}", f'trustedCA: "file://{ca_path}"\n'
+        ).replace(f"http://127.0.0.1:{port}", f"https://127.0.0.1:{port}") + textwrap.dedent(
+            f"""\
+            ---
+            apiVersion: gateway.mulesoft.com/v1alpha1
+            kind: PolicyBinding
+            metadata: {{name: api-tls}}
+            spec:
+              targetRef: {{name: api}}
+              policyRef: {{name: tls}}
+              config: {{certificate: {{crt: "file://{crt}", key: "file://{key}"}}}}
+            """
+        )
+        gateway = Gateway(self, {"api.yaml": text})
+        gateway.start()
+        self.assertEqual([str(p) for p in gateway.service.state.errors], [])
+        size = 8 * 1024 * 1024
+        result = await client.stream_exchange(
+            reactor, "127.0.0.1", port,
+            b"PUT /echo HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n\r\n",
+            size, chunked=True, tls=client_options("gw.test", ca),
+        )
+        self.assertEqual((result.sent, result.response.status), (size, 200))
+        self.assertEqual(result.response.body_length, size)
+        self.assertEqual(result.response.body_sha256, pattern_sha256(size))
+        [received] = upstream.completed
+        self.assertEqual(received.body_sha256, pattern_sha256(size))

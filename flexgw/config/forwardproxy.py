@@ -127,7 +127,7 @@ def resolve_forward_proxy(configurations: Sequence[Any], problems: list[Problem]
                 )
             )
             return None
-        token = b64encode(f"{username}:{password}".encode("utf-8"))
+        token = b64encode(f"{username}:{password}".encode())
         authorization = b"Basic " + token
     names: list[str] = []
     networks: list[Any] = []

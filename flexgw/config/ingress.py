@@ -49,6 +49,8 @@ DEFAULT_TLS_LISTENER = "https://0.0.0.0:8443"
 DEFAULT_LISTENER_ID = ResourceId("IngressListener", "flexgw", "ingress")
 DEFAULT_TLS_LISTENER_ID = ResourceId("IngressListener", "flexgw", "ingress-tls")
 CLUSTER_DOMAIN = "cluster.local"
+# port names / appProtocol values (lower case, before any "-suffix") -> upstream scheme
+_SCHEMES = {"https": "https", "h2": "h2", "h2c": "h2c", "grpc": "h2c"}
 _NEWEST = datetime.datetime.max.replace(tzinfo=datetime.UTC)
 
 
@@ -212,7 +214,7 @@ class _Backends:
                 )
             )
             return ()
-        scheme = self._scheme(key, port, origin, problems)
+        scheme = self._scheme(port)
         targets = self._targets(kube, port, origin, problems)
         destinations = []
         for host, number in targets:
@@ -227,20 +229,15 @@ class _Backends:
         return tuple(destinations)
 
     @staticmethod
-    def _scheme(key: str, port: Mapping[str, Any], origin: Origin, problems: list[Problem]) -> str:
-        """http or https from appProtocol, else the port name `<protocol>[-suffix]` (default http)."""
+    def _scheme(port: Mapping[str, Any]) -> str:
+        """The upstream scheme from appProtocol, else the port name `<protocol>[-suffix]`.
+
+        As a flexgw Service address: https (TLS), h2 (HTTP/2 over TLS), h2c (HTTP/2 with prior
+        knowledge; also grpc and kubernetes.io/h2c); anything else plain HTTP/1.1.
+        """
         label = str(port.get("appProtocol") or port.get("name") or "http").lower()
         label = label.removeprefix("kubernetes.io/").split("-", 1)[0]
-        if label in ("h2", "h2c", "grpc"):
-            problems.append(
-                origin.problem(
-                    "warning",
-                    f"Service {key} port {port['port']} is HTTP/2 ({label}); HTTP/2 upstreams are "
-                    "not supported yet, so it is reached over HTTP/1.1",
-                )
-            )
-            return "http"
-        return "https" if label == "https" else "http"
+        return _SCHEMES.get(label, "http")
 
     def _targets(
         self,
@@ -341,7 +338,7 @@ def apply_ingress(
     secrets = {r.id.key: r for r in by_kind.get("Secret", [])}
     candidates: dict[str, list[_Candidate]] = {}
     certificates: dict[str, list[CertificateKey]] = {}
-    default_origin: Origin | None = None
+    unannotated: list[Resource] = []  # served on the default listener(s)
 
     for age, resource in enumerate(sorted(ingresses, key=_age)):
         note = classes.note(resource)
@@ -368,8 +365,7 @@ def apply_ingress(
             api = apis[target]
         else:
             listener = DEFAULT_LISTENER_ID.key
-            if default_origin is None:
-                default_origin = _origin(resource)
+            unannotated.append(resource)
         found = candidates.setdefault(listener, [])
         found.extend(_routes(resource, age, listener, backends, problems))
         usable = api is None or bool(api.tls) or api.address.scheme == "https"
@@ -391,20 +387,32 @@ def apply_ingress(
         kept = _settle(found, problems)
         owned = tuple(certificates.get(listener, ()))
         if listener == DEFAULT_LISTENER_ID.key:
-            assert default_origin is not None
-            apis[DEFAULT_LISTENER_ID] = ApiSpec(
-                id=DEFAULT_LISTENER_ID,
-                address=options.listener,
-                routes=tuple(kept),
-                origin=default_origin,
-            )
+            origin = _origin(unannotated[0])
+            none: tuple[CertificateKey, ...] = ()
+            listeners = [(DEFAULT_LISTENER_ID, options.listener, "--ingress-listener", none)]
             if owned:  # as a Kubernetes controller: every route on the TLS port as well
-                apis[DEFAULT_TLS_LISTENER_ID] = ApiSpec(
-                    id=DEFAULT_TLS_LISTENER_ID,
-                    address=options.tls_listener,
+                listeners.append(
+                    (DEFAULT_TLS_LISTENER_ID, options.tls_listener, "--ingress-tls-listener", owned)
+                )
+            for rid, address, flag, owned_here in listeners:
+                taken = _port_user(apis, address)
+                if taken is not None:
+                    for resource in unannotated:
+                        problems.append(
+                            _origin(resource).problem(
+                                "error",
+                                f"no {API_INSTANCE_ANNOTATION} annotation, and {flag} "
+                                f"{address.scheme}://{address.host}:{address.port} is on the port of "
+                                f"{taken}; not served there (annotate the Ingress, or choose another {flag})",
+                            )
+                        )
+                    continue
+                apis[rid] = ApiSpec(
+                    id=rid,
+                    address=address,
                     routes=tuple(kept),
-                    origin=default_origin,
-                    certificates=owned,
+                    origin=origin,
+                    certificates=owned_here,
                 )
         else:
             rid = next(rid for rid in apis if rid.key == listener and rid.kind == "ApiInstance")
@@ -421,6 +429,15 @@ def apply_ingress(
         upstreams=upstreams,
         problems=tuple(problems),
     )
+
+
+def _port_user(apis: Mapping[ResourceId, ApiSpec], address: Address) -> ResourceId | None:
+    """The ApiInstance (not blocked) listening on `address`'s port, if any: a default Ingress
+    listener (no base path) could share it with none."""
+    for rid, api in sorted(apis.items()):
+        if rid.kind == "ApiInstance" and not api.blocked and api.address.port == address.port:
+            return rid
+    return None
 
 
 def _routes(
@@ -586,10 +603,16 @@ def _certificates(
                         ("hosts", j),
                     )
                 )
+        # the same normal form as a tls binding's certificate (one PEM per certificate, PKCS#8)
         chain = x509.load_pem_x509_certificates(pair.chain_pem)
+        private = serialization.load_pem_private_key(pair.key_pem, password=None)
         certificate = CertificateKey(
             chain_pem=tuple(c.public_bytes(serialization.Encoding.PEM) for c in chain),
-            key_pem=pair.key_pem,
+            key_pem=private.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
             names=hosts or subjects,
         )
         out.append((origin, certificate))

@@ -9,6 +9,7 @@ from typing import Any
 import attrs
 
 from flexgw.config.address import Address, normalise_path, parse_api_address, parse_service_address
+from flexgw.config.forwardproxy import ForwardProxy, resolve_forward_proxy
 from flexgw.config.load import Document, FieldPath
 from flexgw.config.logconf import LoggingSettings, resolve_logging
 from flexgw.config.plan import (
@@ -19,7 +20,6 @@ from flexgw.config.plan import (
     Timeouts,
     Upstream,
 )
-from flexgw.config.forwardproxy import ForwardProxy, resolve_forward_proxy
 from flexgw.config.storage import SharedStorage, resolve_shared_storage
 from flexgw.config.validate import (
     ROUTE_POLICIES,

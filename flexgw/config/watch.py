@@ -239,3 +239,30 @@ class ConfigWatcher:
             self.on_change()
         except Exception:  # noqa: BLE001 - a failing reload must not stop the watcher
             log.failure("configuration reload callback failed")
+
+
+class ConfiguredFiles:
+    """The certificate, key and CA files a configuration reads, for a process without a plan of
+    its own (the `--workers` supervisor): `refresh()` compiles the configuration aside (as
+    `flexgw validate` does) and keeps `plan.tls_files`; calling the object returns them (cheap:
+    the watcher asks at every poll)."""
+
+    def __init__(self, conf_dirs: Iterable[str], environ: Mapping[str, str], **load_options: Any):
+        self.conf_dirs = list(conf_dirs)
+        self.environ = environ
+        self.load_options = load_options
+        self.files: tuple[str, ...] = ()
+
+    def refresh(self) -> None:
+        """Compile the configuration again and keep the files it read (unchanged on failure)."""
+        from flexgw.config.pipeline import load_config
+
+        try:
+            state = load_config(self.conf_dirs, self.environ, **self.load_options)
+        except Exception:  # noqa: BLE001 - load_config reports problems; this is a safety net
+            log.failure("cannot list the configuration's TLS files")
+            return
+        self.files = state.plan.tls_files
+
+    def __call__(self) -> tuple[str, ...]:
+        return self.files

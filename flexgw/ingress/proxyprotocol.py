@@ -15,6 +15,10 @@ changes that matter here: the wrapped protocol's `connectionMade` runs only once
 parsed (Twisted's wrapper runs it at once, so the front would record the load balancer's
 address), and a header split across reads is buffered rather than refused.
 
+Once the header is parsed the wrapper steps aside: the TCP transport itself reports the carried
+addresses (`getPeer`/`getHost` set on that transport object) and delivers to the wrapped
+protocol directly, so after the header a PROXY connection costs the same as any other.
+
 `wrap_proxy_protocol(factory, enabled, clock, timeout)` wraps any server factory (also one that
 is itself a TLS wrapper: the PROXY header comes before the handshake). `enabled` is asked per
 connection, so a reload can switch the setting without rebinding; connections of a listener
@@ -28,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-
+from twisted.internet import tcp
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.protocols.haproxy import _info
@@ -46,10 +50,12 @@ _V2 = V2Parser.PREFIX  # the 12-byte v2 signature
 class ProxyHeaderWrapper(HAProxyProtocolWrapper):
     """Reads the PROXY header, then connects the wrapped protocol with the address it carries."""
 
-    factory: ProxyProtocolFactory
+    factory: ProxyProtocolFactory  # type: ignore[assignment]
+    transport: Any
+    wrappedProtocol: Any
 
     def __init__(self, factory: ProxyProtocolFactory, wrapped: Any) -> None:
-        super().__init__(factory, wrapped)
+        super().__init__(factory, wrapped)  # type: ignore[arg-type]
         self._buffer = b""
         self._timer: Any = None
         self._made = False
@@ -90,7 +96,7 @@ class ProxyHeaderWrapper(HAProxyProtocolWrapper):
             return
         if info is None:
             return  # incomplete (the parsers refuse a v1 line over 107 bytes)
-        source = info.source
+        source: Any = info.source
         if source is not None:
             # Twisted's v1 parser takes any word as an address, and its v2 parser writes IPv6
             # uncompressed: accept only IP literals, written the usual (compressed) way.
@@ -106,9 +112,23 @@ class ProxyHeaderWrapper(HAProxyProtocolWrapper):
         self._proxyInfo = info
         self._made = True
         self._cancel_timer()
-        self.wrappedProtocol.makeConnection(self)
-        if remaining and self.connected:
-            self.wrappedProtocol.dataReceived(remaining)
+        transport = self.transport
+        wrapped = self.wrappedProtocol
+        if type(transport) is tcp.Server:
+            # Step aside: the TCP transport reports the carried addresses and talks to the
+            # wrapped protocol directly, so a PROXY connection costs nothing per read or write
+            # afterwards (the front's direct-send path applies, as without PROXY protocol).
+            self.factory.unregisterProtocol(self)
+            if info.source is not None:
+                transport.getPeer = lambda: info.source  # type: ignore[method-assign]
+            if info.destination is not None:
+                transport.getHost = lambda: info.destination  # type: ignore[method-assign]
+            transport.protocol = wrapped
+            wrapped.makeConnection(transport)
+        else:
+            wrapped.makeConnection(self)
+        if remaining and transport.connected:
+            wrapped.dataReceived(remaining)
 
     def _refuse(self) -> None:
         """Not a valid PROXY header: close without a word."""
@@ -137,14 +157,14 @@ class ProxyHeaderWrapper(HAProxyProtocolWrapper):
 class ProxyProtocolFactory(HAProxyWrappingFactory):
     """Wraps connections in `ProxyHeaderWrapper` while `enabled()` says so."""
 
-    protocol = ProxyHeaderWrapper
+    protocol = ProxyHeaderWrapper  # type: ignore[assignment]
     noisy = False
 
     def __init__(
         self,
         wrapped: IProtocolFactory,
         enabled: Callable[[], bool],
-        clock: IReactorTime,
+        clock: Any,
         timeout: Callable[[], float],
     ) -> None:
         super().__init__(wrapped)

@@ -176,6 +176,7 @@ class ApiKeyInjectionKind:
     def build(self, config: dict[str, Any], context: BuildContext) -> InjectHeadersPolicy:
         """The key in one header, or the client id and secret in two."""
         overwrite = bool(config.get("overwrite", True))
+        headers: tuple[tuple[bytes, bytes], ...]
         if config.get("authType") == "clientCredentials":
             id_header = checked_header(config, "customClientIdHeader", b"client_id")
             secret_header = checked_header(config, "customClientSecretHeader", b"client_secret")

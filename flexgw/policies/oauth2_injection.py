@@ -38,9 +38,10 @@ from base64 import b64encode
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from flexgw.policies.base import (
@@ -52,7 +53,7 @@ from flexgw.policies.base import (
     PolicyContext,
     UsesRuntime,
 )
-from flexgw.policies.credential_injection import checked_header, inject
+from flexgw.policies.credential_injection import checked_header
 from flexgw.policies.headers import header_name_problem, header_value_problem
 from flexgw.policies.registry import register
 
@@ -128,14 +129,16 @@ def treq_token_fetcher(reactor: Any, agent: Any = None) -> Any:
     """`fetch(url, headers, body, timeout)` -> Deferred[(status, body bytes)], with treq."""
 
     def fetch(url: str, headers: dict[bytes, list[bytes]], body: bytes, timeout: float) -> Any:
+        """POST the token request; fires with (status, body)."""
         import treq
 
         kwargs: dict[str, Any] = {"reactor": reactor, "persistent": False}
         if agent is not None:
             kwargs["agent"] = agent
-        d = treq.post(url, data=body, headers=headers, **kwargs)
+        d = treq.post(url, data=body, headers=Headers(headers), **kwargs)
 
         def got(response: Any) -> Any:
+            """Read a bounded body."""
             length = response.length
             if isinstance(length, int) and length > MAX_RESPONSE_BYTES:
                 raise TokenError("token response too large")
@@ -296,7 +299,6 @@ class OAuth2InjectionPolicy(UsesRuntime):
         )
         self.state.value = None
         self.state.failed_until = self.clock.seconds() + FAILURE_HOLD_SECONDS
-        return None
 
     def _deliver(self, value: bytes | None) -> None:
         self.state.inflight = None

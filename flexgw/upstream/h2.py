@@ -40,6 +40,7 @@ from flexgw.http.fastwrite import send_now
 from flexgw.http.h2frames import GoAwayFilter
 from flexgw.http.headers import HOP_BY_HOP, HeaderList
 from flexgw.upstream.connection import MAX_RESPONSE_HEAD
+from flexgw.upstream.tunnel import connect_upstream
 
 if TYPE_CHECKING:
     from flexgw.upstream.pool import ConnectionWaiter
@@ -649,9 +650,8 @@ class H2UpstreamPool:
             from flexgw.tls.contexts import QuietTLSFactory
 
             factory = QuietTLSFactory(tls.creator, True, attempt)
-        self.reactor.connectTCP(
-            self.upstream.host, self.upstream.port, factory, timeout=self.connect_timeout
-        )
+        # Through Configuration.spec.forwardProxy's CONNECT tunnel when there is one.
+        connect_upstream(self.reactor, self.clock, self.upstream, factory, self.connect_timeout)
 
     def connection_made(self, connection: H2UpstreamConnection) -> None:
         """Connected (the upstream's SETTINGS known): streams for those waiting on this attempt,

@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 
 from flexgw.config.plan import HttpSettings, Timeouts, Upstream
 from flexgw.upstream.connection import TLSUpstreamConnection, UpstreamConnection
-from flexgw.upstream.tunnel import ConnectTunnelFactory
+from flexgw.upstream.tunnel import connect_upstream
 
 _log = Logger(namespace="flexgw.upstream")
 
@@ -101,24 +101,10 @@ class UpstreamPool:
             from flexgw.tls.contexts import QuietTLSFactory
 
             factory = QuietTLSFactory(tls.creator, True, factory)
-        host, port = upstream.host, upstream.port
-        proxy = upstream.proxy
-        if proxy is not None:
-            # Configuration.spec.forwardProxy: connect to the proxy; plain HTTP then goes in
-            # absolute form (see Upstream.request_prefix), TLS through a CONNECT tunnel (the
-            # handshake, with its checks against the Service host, runs inside it).
-            host, port = proxy.host, proxy.port
-            if upstream.scheme == "https" or tls is not None:
-                factory = ConnectTunnelFactory(
-                    factory,
-                    upstream.host,
-                    upstream.port,
-                    proxy.authorization,
-                    self.clock,
-                    self.connect_timeout,
-                    proxy.authority.decode("latin-1"),
-                )
-        self.reactor.connectTCP(host, port, factory, timeout=self.connect_timeout)
+        # Configuration.spec.forwardProxy: to the proxy; plain HTTP then goes in absolute form
+        # (Upstream.request_prefix), TLS through a CONNECT tunnel (the handshake, with its
+        # checks against the Service host, runs inside it).
+        connect_upstream(self.reactor, self.clock, upstream, factory, self.connect_timeout)
 
     def connection_made(self, connection: UpstreamConnection) -> None:
         """A new connection is up: give it to the waiter that asked for it."""
@@ -237,9 +223,20 @@ class PoolManager:
         self._reaper.start(interval, now=False)
 
     def expire_idle(self) -> None:
-        """Expire idle connections in every pool."""
-        for pool in self.pools.values():
+        """Expire idle connections in every pool; forget forward-proxy destinations' pools
+        once they hold nothing (there is one per destination a client asked for)."""
+        unused = []
+        for upstream, pool in self.pools.items():
             pool.expire_idle()
+            if (
+                upstream.connect_host is not None
+                and not pool.idle
+                and not pool.active
+                and not pool.connecting
+            ):
+                unused.append(upstream)
+        for upstream in unused:
+            del self.pools[upstream]
 
     def stop(self) -> None:
         """Stop expiry and close all idle connections."""

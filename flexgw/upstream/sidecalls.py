@@ -63,13 +63,13 @@ class _TunnelEndpoints:
         self.proxy = proxy
         self.tls_policy = tls_policy
 
-    def endpointForURI(self, uri: Any) -> Any:  # noqa: N802 (Twisted's interface)
+    def endpointForURI(self, uri: Any) -> Any:
         """TLS to the URI's host, inside a tunnel through the proxy."""
         host = uri.host.decode("ascii") if isinstance(uri.host, bytes) else uri.host
         tunnel = TunnelEndpoint(self.reactor, self.proxy, host, uri.port)
         if uri.scheme == b"https":
             creator = self.tls_policy.creatorForNetloc(uri.host, uri.port)
-            return wrapClientTLS(creator, tunnel)
+            return wrapClientTLS(creator, tunnel)  # type: ignore[arg-type]
         return tunnel
 
 

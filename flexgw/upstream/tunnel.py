@@ -35,6 +35,8 @@ class TunnelError(Exception):
 class _TunnelProtocol(Protocol):
     """Asks for the tunnel; on success, steps aside for the inner protocol."""
 
+    transport: Any  # a TCP transport (abortConnection, and `protocol` to hand over)
+
     def __init__(self, factory: ConnectTunnelFactory, addr: Any) -> None:
         self.factory = factory
         self.addr = addr
@@ -167,3 +169,28 @@ class ConnectTunnelFactory(ClientFactory):
         reported already)."""
         if not self._reported:
             self.inner.clientConnectionLost(connector, reason)
+
+
+def connect_upstream(
+    reactor: Any, clock: IReactorTime, upstream: Any, factory: ClientFactory, timeout: float
+) -> None:
+    """`reactor.connectTCP` to `upstream` for `factory` (an HTTP/1.1 or HTTP/2 pool's attempt,
+    TLS-wrapped or not), through `upstream.proxy` when there is one: directly to the proxy
+    for a plain-HTTP upstream sent in absolute form (`upstream.request_prefix`), else through
+    a CONNECT tunnel (TLS, h2c: anything that is not absolute-form HTTP/1.1). A forward-proxy
+    destination connects directly to the address its SSRF check passed (`connect_host`)."""
+    host, port = upstream.connect_host or upstream.host, upstream.port
+    proxy = upstream.proxy
+    if proxy is not None:
+        host, port = proxy.host, proxy.port
+        if not upstream.request_prefix:
+            factory = ConnectTunnelFactory(
+                factory,
+                upstream.host,
+                upstream.port,
+                proxy.authorization,
+                clock,
+                timeout,
+                proxy.authority.decode("latin-1"),
+            )
+    reactor.connectTCP(host, port, factory, timeout=timeout)
