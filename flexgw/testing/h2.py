@@ -160,6 +160,7 @@ class H2cUpstreamConnection(protocol.Protocol):
         self.on_lost: list[Any] = []
         self.lost: defer.Deferred[None] = defer.Deferred()
         self.goaway_received = False
+        self.trailers_received: list[Headers] = []  # request trailers, in arrival order
         self._streamers: list[Any] = []
         self.conn = H2Connection(H2Configuration(client_side=False, header_encoding=None))
 
@@ -313,6 +314,7 @@ class H2cUpstreamConnection(protocol.Protocol):
             ex = self.exchanges.get(event.stream_id)
             if ex is not None:
                 ex.request_trailers = list(event.headers)
+                self.trailers_received.append(ex.request_trailers)
                 if event.stream_ended is not None:
                     self._complete(ex)
         elif kind is events.StreamEnded:
@@ -405,6 +407,7 @@ class H2Client(protocol.Protocol):
         self.errors: list[Exception] = []
         self._send_queues: dict[int, deque[bytes]] = {}
         self._ending: set[int] = set()
+        self._trailers: dict[int, Headers] = {}
 
     def connectionMade(self) -> None:
         """Preface and SETTINGS."""
@@ -465,6 +468,11 @@ class H2Client(protocol.Protocol):
             self._ending.add(stream_id)
         self._pump(stream_id)
 
+    def send_trailers(self, stream_id: int, trailers: Sequence[tuple[bytes, bytes]]) -> None:
+        """End a request stream with trailer fields (after its queued body)."""
+        self._trailers[stream_id] = list(trailers)
+        self.send(stream_id, b"", end=True)
+
     def end(self, stream_id: int) -> None:
         """End a request stream."""
         self.send(stream_id, b"", end=True)
@@ -487,7 +495,11 @@ class H2Client(protocol.Protocol):
             if not queue and stream_id in self._ending:
                 self._ending.discard(stream_id)
                 del self._send_queues[stream_id]
-                conn.end_stream(stream_id)
+                trailers = self._trailers.pop(stream_id, None)
+                if trailers is not None:
+                    conn.send_headers(stream_id, trailers, end_stream=True)
+                else:
+                    conn.end_stream(stream_id)
         except H2Error as exc:
             self.errors.append(exc)
             self._send_queues.pop(stream_id, None)
