@@ -27,7 +27,7 @@ from flexgw.egress.front import CONNECT_ESTABLISHED
 from flexgw.testing.certs import CertificateAuthority, server_options
 from flexgw.testing.client import RawConnection, connect
 from flexgw.testing.resolver import StaticResolver
-from flexgw.testing.upstream import RecordingUpstream, echo, fixed
+from flexgw.testing.upstream import RecordingUpstream, echo, fixed, pattern_slice
 from flexgw.upstream.connection import BACKPRESSURE
 from tests.harness import Gateway, free_port
 
@@ -534,6 +534,80 @@ class ConnectTests(ProxyTestCase):
         self.assertLess(sink.max_buffered, 2 * 1024 * 1024)
         [record] = [r for r in self.gateway.records() if r["method"] == "CONNECT"]
         self.assertEqual(record["bytes_out"], size)
+
+
+class UploadBackpressureTests(ProxyTestCase):
+    """The client-to-destination direction of a CONNECT tunnel under backpressure."""
+
+    async def test_32_mib_upload_to_a_stalled_destination(self) -> None:
+        """A destination that stops reading makes the gateway stop reading the client; the
+        gateway's buffer toward the destination stays bounded; every byte arrives."""
+        size = 32 * 1024 * 1024
+        sink = _UploadSink()
+        port = reactor.listenTCP(0, protocol.Factory.forProtocol(lambda: sink), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        dest_port = port.getHost().port
+        self.start_proxy(allowed=[f"{PARTNER}:{dest_port}"], connect_ports=[dest_port])
+        conn, answer = await self.open_connect(f"{PARTNER}:{dest_port}".encode())
+        self.assertEqual(answer, CONNECT_ESTABLISHED)
+        [front] = [c for f in self.gateway.service.factories.values() for c in f.connections]
+        sink.watch(front.tunnel)
+        sent = await conn.send_body(size)
+        self.assertEqual(sent, size)
+        await sink.wait_for(size)
+        self.assertTrue(sink.saw_backpressure)
+        self.assertLess(sink.max_buffered, 2 * 1024 * 1024)
+        self.assertEqual(sink.digest.hexdigest(), hashlib.sha256(pattern_slice(0, size)).hexdigest())
+
+
+class _UploadSink(protocol.Protocol):
+    """A destination that stops reading after 4 MiB until the gateway has paused the client."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.digest = hashlib.sha256()
+        self.held = False
+        self.saw_backpressure = False
+        self.max_buffered = 0
+        self.waiters: list[tuple[int, defer.Deferred[None]]] = []
+
+    def watch(self, tunnel: Any) -> None:
+        """Instrument the gateway's relay toward this destination."""
+        relay = tunnel.from_downstream
+        up = tunnel.upstream
+        gate = tunnel.downstream_gate
+
+        def from_downstream(data: bytes) -> None:
+            relay(data)
+            buffered = len(up.dataBuffer) - up.offset + up._tempDataLen
+            self.max_buffered = max(self.max_buffered, buffered)
+            if self.held and gate.reasons & BACKPRESSURE:
+                self.saw_backpressure = True
+                self.held = False
+                reactor.callLater(0, self.transport.resumeProducing)
+
+        tunnel.from_downstream = from_downstream
+
+    def dataReceived(self, data: bytes) -> None:
+        """Count and hash; stall once."""
+        self.received += len(data)
+        self.digest.update(data)
+        if not self.held and not self.saw_backpressure and self.received > 4 * 1024 * 1024:
+            self.held = True
+            self.transport.pauseProducing()
+        for size, d in list(self.waiters):
+            if self.received >= size:
+                self.waiters.remove((size, d))
+                d.callback(None)
+
+    def wait_for(self, size: int) -> defer.Deferred[None]:
+        """Fires once `size` bytes arrived."""
+        d: defer.Deferred[None] = defer.Deferred()
+        if self.received >= size:
+            d.callback(None)
+        else:
+            self.waiters.append((size, d))
+        return d
 
 
 class RealClientTests(ProxyTestCase):

@@ -63,6 +63,7 @@ from flexgw.policies.base import (
     UsesRuntime,
 )
 from flexgw.policies.registry import register
+from flexgw.upstream.bounded import read_bounded
 
 _log = Logger(namespace="flexgw.policies.introspection")
 
@@ -182,10 +183,9 @@ def treq_introspector(reactor: Any, agent: Any = None) -> Any:
         d: Deferred[Any] = treq.post(url, data={"token": token}, headers=headers, **kwargs)
 
         def got(response: Any) -> Any:
-            length = response.length
-            if isinstance(length, int) and length > MAX_RESPONSE_BYTES:
-                raise ValueError("introspection response too large")
-            return treq.content(response).addCallback(lambda body: (response.code, body))
+            return read_bounded(
+                response, MAX_RESPONSE_BYTES, lambda: ValueError("introspection response too large")
+            ).addCallback(lambda body: (response.code, body))
 
         d.addCallback(got)
         d.addTimeout(timeout, reactor)

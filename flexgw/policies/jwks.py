@@ -25,6 +25,8 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from flexgw.upstream.bounded import read_bounded
+
 _log = Logger(namespace="flexgw.policies.jwks")
 
 #: First wait after a failed fetch, doubled after each further failure up to BACKOFF_MAX.
@@ -99,19 +101,11 @@ def treq_fetcher(reactor: Any, agent: Any = None) -> Fetcher:
             if response.code != 200:
                 response.deliverBody(_Discard())
                 raise JwksError(f"the JWKS service answered {response.code}")
-            length = response.length
-            if isinstance(length, int) and length > MAX_JWKS_BYTES:
-                response.deliverBody(_Discard())
-                raise JwksError("the JWKS is too large")
-            return treq.content(response)
-
-        def bounded(body: bytes) -> bytes:
-            if len(body) > MAX_JWKS_BYTES:
-                raise JwksError("the JWKS is too large")
-            return body
+            return read_bounded(
+                response, MAX_JWKS_BYTES, lambda: JwksError("the JWKS is too large")
+            )
 
         d.addCallback(got)
-        d.addCallback(bounded)
         d.addTimeout(timeout, reactor)
         return d
 

@@ -56,6 +56,7 @@ from flexgw.policies.base import (
 from flexgw.policies.credential_injection import checked_header
 from flexgw.policies.headers import header_name_problem, header_value_problem
 from flexgw.policies.registry import register
+from flexgw.upstream.bounded import read_bounded
 
 NAME = "credential-injection-oauth2-flex"
 _log = Logger(namespace="flexgw.policies")
@@ -139,10 +140,9 @@ def treq_token_fetcher(reactor: Any, agent: Any = None) -> Any:
 
         def got(response: Any) -> Any:
             """Read a bounded body."""
-            length = response.length
-            if isinstance(length, int) and length > MAX_RESPONSE_BYTES:
-                raise TokenError("token response too large")
-            return treq.content(response).addCallback(lambda data: (response.code, data))
+            return read_bounded(
+                response, MAX_RESPONSE_BYTES, lambda: TokenError("token response too large")
+            ).addCallback(lambda data: (response.code, data))
 
         d.addCallback(got)
         d.addTimeout(timeout, reactor)
