@@ -41,7 +41,7 @@ def free_port() -> int:
 def rss_kib(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM of a process, in KiB."""
     status = Path(f"/proc/{pid}/status").read_text()
-    return {key: int(re.search(rf"^{key}:\s+(\d+) kB", status, re.M).group(1))  # type: ignore[union-attr]
+    return {key: int(re.search(rf"^{key}:\s+(\d+) kB", status, re.MULTILINE).group(1))  # type: ignore[union-attr]
             for key in ("VmRSS", "VmHWM")}
 
 

@@ -317,6 +317,25 @@ def parse_wrk(output: str) -> dict[str, Any]:
     return result
 
 
+def session_cpu_seconds(session: int) -> float:
+    """User + system CPU seconds used so far by the live processes of session `session` (a
+    started gateway and, with --workers, its workers), from /proc/<pid>/stat."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as handle:
+                stat = handle.read()
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if int(fields[3]) == session:  # state ppid pgrp session ... utime(11) stime(12)
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
+
+
 def run_wrk(port: int, connections: int, duration: float, cpu: int | None, use_taskset: bool,
             headers: dict[str, str] | None = None, scheme: str = "http") -> dict[str, Any]:
     """Run wrk (1 thread) against ``port`` (with extra request ``headers``) and parse it."""
@@ -357,7 +376,7 @@ def run_h2load(port: int, connections: int, streams: int, duration: float, cpu: 
             f"http://{HOST}:{port}/"]
     if use_taskset and cpu is not None:
         argv = ["taskset", "-c", str(cpu), *argv]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=False)
     if out.returncode != 0:
         raise BenchError(f"h2load failed ({out.returncode}): {out.stderr}{out.stdout}")
     return parse_h2load(out.stdout)
@@ -634,16 +653,32 @@ def main(argv: list[str] | None = None) -> int:
                 sanity_get(proxy_port)
                 targets.append(("nginx-proxy", proxy_port))
 
+            sessions = {
+                "flexgw": dict(procs.children).get("gateway"),
+                f"flexgw-w{args.workers}": dict(procs.children).get("gateway-workers"),
+            }
             for name, port in targets:
                 extra = target_headers.get(name)
                 scheme = target_scheme.get(name, "http")
                 if args.warmup > 0:
                     run_wrk(port, args.connections, args.warmup, load_cpu, use_taskset, extra, scheme)
+                session = sessions.get(name)
+                cpu_before = session_cpu_seconds(session.pid) if session is not None else 0.0
+                wall_before = time.monotonic()
                 many = [run_wrk(port, args.connections, args.duration, load_cpu, use_taskset, extra, scheme)
                         for _ in range(args.repeat)]
+                if session is not None:
+                    # gateway CPU per request: comparable across targets whatever else loads the CPUs
+                    cpu_used = session_cpu_seconds(session.pid) - cpu_before
+                    wall = time.monotonic() - wall_before
+                    served = sum(run.get("requests") or run["rps"] * args.duration for run in many)
+                    many_cpu = {"cpu_s": cpu_used, "cpu_share": cpu_used / wall if wall else None,
+                                "cpu_us_per_req": cpu_used / served * 1e6 if served else None}
                 one = [run_wrk(port, 1, args.duration, load_cpu, use_taskset, extra, scheme)
                        for _ in range(args.repeat)]
                 results[name] = {"c50": median_result(many), "c1": median_result(one)}
+                if session is not None:
+                    results[name]["c50"].update(many_cpu)
                 print(
                     f"  {name}: {results[name]['c50']['rps']:.0f} req/s, "
                     f"p50@1 {results[name]['c1'].get('p50_ms', 0):.3f} ms",
@@ -765,6 +800,12 @@ def print_table(results: dict[str, dict[str, Any]], summary: dict[str, Any], inf
         print(f"flexgw --workers {info.get('workers')} / flexgw (one process) req/s at {connections} "
               f"connections: {ratio:.3f}  (target >= 1.8; the workers share the CPUs with wrk and the "
               f"upstream, the one process has CPU0 to itself)")
+        for name, r in results.items():
+            if name == "flexgw" or name.startswith("flexgw-w"):
+                c50 = r["c50"]
+                if c50.get("cpu_us_per_req") is not None:
+                    print(f"  {name}: {c50['cpu_us_per_req']:.0f} us of gateway CPU per request, "
+                          f"{c50['cpu_share']:.2f} CPUs busy on average during the run")
     if "rps_ratio_tls_over_flexgw" in summary:
         ratio = summary["rps_ratio_tls_over_flexgw"]
         print(f"flexgw over TLS / flexgw plain HTTP req/s at {connections} connections: {ratio:.3f}")

@@ -35,6 +35,27 @@ def _rule_json(rule: Rule) -> dict[str, Any]:
     return out
 
 
+def _forward_proxy_json(api: Any) -> dict[str, Any]:
+    """A forward-proxy API's destination rules and the Services a destination may match."""
+    config = api.forward_proxy
+
+    def rule(r: Any) -> str:
+        host = r.host if isinstance(r.host, str) else (
+            f"[{r.host}]" if r.host.version == 6 else str(r.host)
+        )
+        ports = "*" if r.ports is None else ",".join(str(p) for p in sorted(r.ports))
+        return f"{host}:{ports}"
+
+    return {
+        "allowedDestinations": [rule(r) for r in config.allow],
+        "connectPorts": sorted(config.connect_ports),
+        "allowPlainHttp": config.allow_plain_http,
+        "blockedAddresses": [str(net) for net in config.guard.blocked],
+        "blockedAddressExceptions": [str(net) for net in config.guard.exceptions],
+        "services": [d.upstream.key for d in api.proxy_services],
+    }
+
+
 def _policy_json(policy: BoundPolicy) -> dict[str, Any]:
     """A bound policy as dumped: its binding, kind, order and rules (never its config: secrets)."""
     return {
@@ -87,14 +108,15 @@ def plan_json(plan: GatewayPlan) -> dict[str, Any]:
                         "destinations": destinations,
                     }
                 )
-            apis.append(
-                {
-                    "key": api.key,
-                    "basePath": api.base_path,
-                    "routes": routes,
-                    "policies": [_policy_json(p) for p in api.policies],
-                }
-            )
+            api_entry: dict[str, Any] = {
+                "key": api.key,
+                "basePath": api.base_path,
+                "routes": routes,
+                "policies": [_policy_json(p) for p in api.policies],
+            }
+            if api.forward_proxy is not None:
+                api_entry["forwardProxy"] = _forward_proxy_json(api)
+            apis.append(api_entry)
         entry = {"scheme": listener.scheme, "host": listener.host, "port": listener.port, "apis": apis}
         if listener.tls is not None:
             entry["tls"] = listener.tls.describe()

@@ -96,8 +96,14 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
+        self.raw_args: list[str] = []  # as given, for the --workers worker command line
         self["conf"] = []
         self["policy-modules"] = []
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse, keeping the arguments as given (see `worker_command`)."""
+        self.raw_args = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_conf(self, path: str) -> None:
         """Configuration directory (repeatable; default /etc/flexgw)."""
@@ -180,35 +186,15 @@ def _install_log_level(
 
 
 def worker_command(options: Options) -> list[str]:
-    """The argv of a `--workers` worker: twistd flexgw with the same gateway options, one
-    process, no admin listener (the supervisor has it)."""
-    argv = [
+    """The argv of a `--workers` worker: twistd flexgw with the options the supervisor was given
+    (every one, so an option added later reaches the workers too), then `--workers 1 --admin
+    off` (the later occurrence wins: one process, no admin listener, which the supervisor has)."""
+    return [
         sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
         "--nodaemon", "--pidfile=", "--logfile=-", "flexgw",
+        *options.raw_args,
+        "--workers", "1", "--admin", "off",
     ]
-    for path in options["conf"]:
-        argv += ["--conf", os.path.abspath(path)]
-    for name in options["policy-modules"]:
-        argv += ["--policy-module", name]
-    argv += [
-        "--access-log", options["access-log"],
-        "--message-log", options["message-log"],
-        "--drain-seconds", repr(options["drain-seconds"]),
-        "--admin", "off",
-        "--workers", "1",
-    ]
-    if options["log-level"] is not None:
-        argv += ["--log-level", options["log-level"]]
-    if options["strict"]:
-        argv.append("--strict")
-    argv += [
-        "--ingress-class", options["ingress-class"],
-        "--ingress-listener", options["ingress-listener"],
-        "--ingress-tls-listener", options["ingress-tls-listener"],
-    ]
-    if options["ingress-default-class"]:
-        argv.append("--ingress-default-class")
-    return argv
 
 
 def makeService(options: Options) -> MultiService:

@@ -35,7 +35,13 @@ class MemoryStream(io.BytesIO):
 class Gateway:
     """A running GatewayService on a conf dir, with its access log kept in memory."""
 
-    def __init__(self, case: TestCase, files: dict[str, str], environ: dict[str, str] | None = None):
+    def __init__(
+        self,
+        case: TestCase,
+        files: dict[str, str],
+        environ: dict[str, str] | None = None,
+        resolver: Any = None,
+    ):
         self.case = case
         self.root = case.mktemp()
         os.makedirs(self.root)
@@ -43,7 +49,7 @@ class Gateway:
         self.log_stream = MemoryStream()
         self.access_log = AccessLog(reactor, self.log_stream)
         self.service = GatewayService(
-            reactor, [self.root], environ or {}, access_log=self.access_log
+            reactor, [self.root], environ or {}, access_log=self.access_log, resolver=resolver
         )
 
     def write(self, files: dict[str, str | None]) -> None:

@@ -93,6 +93,23 @@ class DumpTests(TestCase):
         self.assertEqual(data["http"]["rewriteHostHeader"], True)
         self.assertEqual(data["problems"], [])
 
+    def test_dump_forward_proxy(self) -> None:
+        """A forward-proxy API shows its normalised destination rules and address ranges."""
+        from tests.test_egress_proxy import proxy_conf
+
+        conf = proxy_conf(3128, ["A.test", "*.b.test:8443", "0x7f.1:*", "[::1]:443"])
+        status, out = run(["dump", write_conf(self, {"p.yaml": conf})])
+        self.assertEqual(status, 0)
+        (listener,) = json.loads(out)["listeners"]
+        (api_,) = listener["apis"]
+        proxy = api_["forwardProxy"]
+        self.assertEqual(
+            proxy["allowedDestinations"], ["a.test:80,443", "*.b.test:8443", "127.0.0.1:*", "[::1]:443"]
+        )
+        self.assertEqual(proxy["connectPorts"], [443])
+        self.assertIn("169.254.0.0/16", proxy["blockedAddresses"])
+        self.assertEqual(proxy["blockedAddressExceptions"], ["127.0.0.1/32"])
+
 
 class VersionTests(TestCase):
     """`flexgw version`."""

@@ -64,6 +64,59 @@ class QuickstartTests(TestCase):
         self.assertEqual(missing.status, 404)
 
 
+FORWARD_PROXY = os.path.join(ROOT, "conf", "forward-proxy")
+
+
+class ForwardProxyExampleTests(TestCase):
+    """conf/forward-proxy: the README's egress example."""
+
+    def test_validates_cleanly(self) -> None:
+        """No errors and no warnings; one forward-proxy listener on 127.0.0.1:3128."""
+        state = load_config([FORWARD_PROXY], {})
+        self.assertEqual([str(p) for p in state.problems], [])
+        (listener,) = state.plan.listeners
+        self.assertEqual((listener.host, listener.port), ("127.0.0.1", 3128))
+        self.assertIsNotNone(listener.forward_proxy)
+
+    async def test_readme_curl(self) -> None:
+        """`curl -x http://app:change-me@127.0.0.1:3128 http://status.partner.example/` reaches
+        the partner (names resolved by a test resolver, the partner on loopback allowed by an
+        exception added for the test); without credentials 407; another host 403."""
+        from flexgw.testing.resolver import StaticResolver
+
+        port_up = reactor.listenTCP(0, EchoUpstream(), interface="127.0.0.1")
+        self.addCleanup(port_up.stopListening)
+        up = port_up.getHost().port
+        port = free_port()
+        files = {
+            name: text.replace("127.0.0.1:3128", f"127.0.0.1:{port}")
+            .replace("status.partner.example:80", f"status.partner.example:{up}")
+            .replace("blockedAddressExceptions: []", "blockedAddressExceptions: [127.0.0.1/32]")
+            for name, text in _read(FORWARD_PROXY).items()
+        }
+        resolver = StaticResolver({"status.partner.example": ["127.0.0.1"]})
+        gateway = Gateway(self, files, resolver=resolver)
+        gateway.start()
+        target = f"http://status.partner.example:{up}/health".encode()
+        host = f"status.partner.example:{up}".encode()
+        denied = await client.request(
+            reactor, "127.0.0.1", port, b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+        )
+        self.assertEqual(denied.status, 407)
+        auth = b"Proxy-Authorization: Basic YXBwOmNoYW5nZS1tZQ==\r\n"  # app:change-me
+        response = await client.request(
+            reactor, "127.0.0.1", port,
+            b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\n" + auth + b"\r\n",
+        )
+        self.assertEqual(response.status, 200)
+        self.assertEqual(json.loads(response.body)["path"], "/health")
+        other = await client.request(
+            reactor, "127.0.0.1", port,
+            b"GET http://evil.example/ HTTP/1.1\r\nHost: evil.example\r\n" + auth + b"\r\n",
+        )
+        self.assertEqual(other.status, 403)
+
+
 class TlsExampleTests(TestCase):
     """conf/tls: an mTLS API, with certificates from $FLEXGW_TLS_DIR."""
 

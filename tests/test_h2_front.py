@@ -9,7 +9,7 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import DataReceived, ResponseReceived, StreamEnded, StreamReset
 from hyperframe.frame import ContinuationFrame, HeadersFrame
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -298,9 +298,51 @@ class LifecycleTests(FrontTestCase):
         self.assertEqual(protocol.streams, {})
 
 
+class ConfiguredLimitsTests(TestCase):
+    """`Configuration.spec.http.http2` sets the limits the front advertises and enforces."""
+
+    def test_configured_limits(self) -> None:
+        """maxConcurrentStreams is advertised in SETTINGS; the reset and control-frame limits
+        reach the connection; an out-of-range value is a located config error."""
+        config = (
+            "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: Configuration\n"
+            "metadata: {name: c}\nspec:\n  http:\n    http2:\n"
+            "      maxConcurrentStreams: 7\n      maxStreamResetsPer10Seconds: 3\n"
+            "      maxControlFramesPer10Seconds: 9\n"
+        )
+        root = write_conf(self, {"api.yaml": simple_api(8000, 9000) + config})
+        state = load_config([root], {})
+        http = state.plan.http
+        self.assertEqual(
+            (http.h2_max_concurrent_streams, http.h2_max_resets, http.h2_max_control_frames),
+            (7, 3, 9),
+        )
+        reactor = MemoryReactorClock()
+        factory = IngressFactory(
+            reactor, reactor, state.plan.listeners[0], http, Timeouts(),
+            PoolManager(reactor, reactor), None,
+        )
+        selector = factory.buildProtocol(None)
+        down = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5555))
+        selector.makeConnection(down)
+        client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        client.initiate_connection()
+        selector.dataReceived(client.data_to_send())
+        client.receive_data(down.value())
+        self.assertEqual(client.remote_settings.max_concurrent_streams, 7)
+        self.assertEqual(
+            (selector.chosen.limits.max_resets, selector.chosen.limits.max_control_frames), (3, 9)
+        )
+        bad = config.replace("maxConcurrentStreams: 7", "maxConcurrentStreams: 0")
+        root = write_conf(self, {"api.yaml": simple_api(8000, 9000) + bad})
+        problems = [str(p) for p in load_config([root], {}).errors]
+        self.assertTrue(any("maxConcurrentStreams" in p and "api.yaml" in p for p in problems), problems)
+
+
 class GoAwayFilterTests(TestCase):
     """GOAWAY frames are split out of any byte stream, whatever the read boundaries."""
 
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.lists(st.integers(min_value=1, max_value=60), min_size=1, max_size=20))
     def test_any_split(self, cuts: list[int]) -> None:
         """Frames pass through unchanged in order and GOAWAYs are reported, for any split."""

@@ -743,3 +743,35 @@ class UpstreamGoAwayTests(_Base):
         self.assertEqual(len(upstream.connections), 2)
         await upstream.wait_for_disconnections(1)
         self.assertFalse(upstream.connections[0].connected)
+
+
+class ProxyProtocolH2Tests(TestCase):
+    """HTTP/2 behind a load balancer speaking PROXY protocol."""
+
+    async def test_proxy_header_then_h2(self) -> None:
+        """A PROXY v1 header followed by the h2 preface: the request is served over HTTP/2 and
+        the address from the header is the client's (allowlist, X-Forwarded-For, access log)."""
+        from tests.harness import api_document
+        from tests.test_proxy_protocol import ALLOWLIST, PROXY_ON, v1
+
+        upstream = RecordingUpstream(reactor=reactor)
+        upstream.listen(reactor)
+        self.addCleanup(upstream.stop)
+        port = free_port()
+        gateway = Gateway(
+            self, {"api.yaml": api_document(port, upstream.address[1]) + ALLOWLIST + PROXY_ON}
+        )
+        gateway.start()
+        conn = await h2.connect(reactor, "127.0.0.1", port, prefix=v1("203.0.113.9"))
+        self.addCleanup(conn.transport.abortConnection)
+        response = conn.request(b"GET", b"/x")
+        await response.done
+        self.assertEqual(response.status, 200)
+        self.assertEqual(upstream.received[0].header("x-forwarded-for"), [b"203.0.113.9"])
+        record = gateway.records()[-1]
+        self.assertEqual((record["client"], record["version"]), ("203.0.113.9", "2"))
+        refused = await h2.connect(reactor, "127.0.0.1", port, prefix=v1("198.51.100.1"))
+        self.addCleanup(refused.transport.abortConnection)
+        denied = refused.request(b"GET", b"/x")
+        await denied.done
+        self.assertEqual(denied.status, 403)

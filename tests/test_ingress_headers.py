@@ -222,16 +222,19 @@ class HopByHopTests(HeaderTestCase):
         # The client's own X-Verified-By is connection-scoped and goes; the injected one stays.
         self.assertEqual(seen.header("x-verified-by"), [b"gateway"])
 
-    async def test_upgrade_without_body_is_a_plain_request(self) -> None:
-        """A body-less Upgrade request is proxied as an ordinary request, without Upgrade."""
+    async def test_upgrade_without_body_keeps_its_upgrade(self) -> None:
+        """A body-less Upgrade request goes upstream with `Connection: Upgrade` and its Upgrade
+        (and no other Connection token); a non-101 answer is an ordinary response."""
         response, seen, _, _ = await self.through(
-            b"GET /ws HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"GET /ws HTTP/1.1\r\nHost: a.test\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade, X-Private\r\nX-Private: 1\r\n"
             b"Sec-WebSocket-Version: 13\r\n\r\n"
         )
         self.assertEqual(response.status, 200)
         self.assertEqual(seen.target, b"/ws")
-        self.assertEqual(seen.header("upgrade"), [])
-        self.assertEqual(seen.header("connection"), [])
+        self.assertEqual(seen.header("upgrade"), [b"websocket"])
+        self.assertEqual(seen.header("connection"), [b"Upgrade"])
+        self.assertEqual(seen.header("x-private"), [])
         self.assertEqual(seen.header("sec-websocket-version"), [b"13"])
 
 

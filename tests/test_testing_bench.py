@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -95,6 +96,20 @@ class SummaryTests(unittest.TestCase):
         self.assertNotIn("rps_ratio_workers_over_flexgw", bench.summarise({"flexgw-w2": results["flexgw-w2"]}, 50))
 
 
+class CpuTests(unittest.TestCase):
+    """session_cpu_seconds sums the CPU time of a session's processes."""
+
+    def test_own_session(self) -> None:
+        """This process's session has used some CPU; it only grows; an unused session id none."""
+        session = os.getsid(0)
+        first = bench.session_cpu_seconds(session)
+        sum(i * i for i in range(300_000))  # burn a little CPU
+        second = bench.session_cpu_seconds(session)
+        self.assertGreater(first, 0)
+        self.assertGreaterEqual(second, first)
+        self.assertEqual(bench.session_cpu_seconds(2**31 - 1), 0)
+
+
 class ConfigTests(unittest.TestCase):
     """The generated configs say what the benchmark claims."""
 
@@ -112,3 +127,29 @@ class ConfigTests(unittest.TestCase):
         for needle in ("worker_processes 1;", "proxy_http_version 1.1;", "keepalive 64;",
                        'proxy_set_header Connection "";', "server 127.0.0.1:2;", "listen 127.0.0.1:1 "):
             self.assertIn(needle, text)
+
+
+class HotpathTests(unittest.TestCase):
+    """bench/hotpath.py really proxies its requests over one reused upstream connection."""
+
+    def test_requests_are_proxied(self) -> None:
+        """Each request reaches the upstream transport and each response the client."""
+        path = Path(__file__).resolve().parent.parent / "bench" / "hotpath.py"
+        spec = importlib.util.spec_from_file_location("bench_hotpath", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sent: list[bytes] = []
+        from twisted.internet.testing import StringTransport
+
+        original = StringTransport.write
+
+        def write(transport: StringTransport, data: bytes) -> None:
+            sent.append(data)
+            original(transport, data)
+
+        self.patch(StringTransport, "write", write)
+        module.main(5)
+        upstream_heads = [d for d in sent if d.startswith(b"GET /items HTTP/1.1\r\n")]
+        responses = [d for d in sent if d.startswith(b"HTTP/1.1 200 OK\r\n")]
+        self.assertEqual((len(upstream_heads), len(responses)), (6, 6))

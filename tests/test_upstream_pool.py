@@ -247,3 +247,25 @@ class ManagerTests(PoolTestCase):
         self.pool.release(busy)
         self.assertTrue(busy_transport.disconnecting)
         self.assertEqual(self.pool.idle, [])
+
+
+class DynamicPoolTests(TestCase):
+    """Pools of forward-proxy destinations (Upstream.connect_host set) are forgotten when empty."""
+
+    def test_empty_destination_pools_are_dropped(self) -> None:
+        """Expiry removes an empty forward-proxy pool, keeps a busy one and every Service pool;
+        a destination's pool connects to the checked address, not the name."""
+        reactor = MemoryReactorClock()
+        manager = PoolManager(reactor, reactor)
+        service = Upstream(key="default/s", scheme="http", host="10.0.0.1", port=80)
+        idle_dest = Upstream(key="egress/a.test:80", scheme="http", host="a.test", port=80,
+                             connect_host="192.0.2.1")
+        busy_dest = Upstream(key="egress/b.test:80", scheme="http", host="b.test", port=80,
+                             connect_host="192.0.2.2")
+        manager.pool_for(service)
+        manager.pool_for(idle_dest)
+        busy = manager.pool_for(busy_dest)
+        busy.acquire(Waiter())
+        self.assertEqual(reactor.tcpClients[-1][:2], ("192.0.2.2", 80))
+        manager.expire_idle()
+        self.assertEqual(set(manager.pools), {service, busy_dest})

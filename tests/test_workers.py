@@ -3,6 +3,7 @@ watched through a fake systemd notify socket and the supervisor's admin listener
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -26,7 +28,8 @@ from flexgw.service.workers import (
 )
 from flexgw.tap import Options, worker_command
 from flexgw.testing import client
-from flexgw.testing.client import IncompleteResponse
+from flexgw.testing.certs import CertificateAuthority, client_options
+from flexgw.testing.client import IncompleteResponse, ResponseParseError
 from flexgw.testing.upstream import RecordingUpstream
 from tests.harness import api_document, free_port
 from tests.test_ingress_upstream import Held
@@ -55,6 +58,33 @@ def rate_limit(api: str, maximum: int) -> str:
         "  policyRef: {name: rate-limiting-flex}\n"
         f"  config: {{rateLimits: [{{maximumRequests: {maximum}, timePeriodInMilliseconds: 3600000}}]}}\n"
     )
+
+
+class PidExit:
+    """`done` fires when process `pid` (not necessarily our child) exits: its pidfd becomes
+    readable (Linux 5.3+)."""
+
+    def __init__(self, pid: int) -> None:
+        self.done: defer.Deferred[None] = defer.Deferred()
+        self.fd = os.pidfd_open(pid)
+        reactor.addReader(self)
+
+    def fileno(self) -> int:
+        """The pidfd."""
+        return self.fd
+
+    def doRead(self) -> None:
+        """The process has exited."""
+        reactor.removeReader(self)
+        os.close(self.fd)
+        self.done.callback(None)
+
+    def connectionLost(self, reason: Any) -> None:
+        """Unused (the reader is removed once it fires)."""
+
+    def logPrefix(self) -> str:
+        """For Twisted's log."""
+        return "PidExit"
 
 
 class WaitOutput:
@@ -119,6 +149,7 @@ class WorkersTests(TestCase):
         access_log: str = "off",
         debounce: str = "3600s",
         extra: tuple[str, ...] = (),
+        api: Any = api_document,
     ) -> None:
         """An upstream, and `twistd flexgw --workers N` in front of it; waits for READY=1."""
         self.upstream = RecordingUpstream(responder, reactor=reactor) if responder else RecordingUpstream(reactor=reactor)
@@ -130,7 +161,7 @@ class WorkersTests(TestCase):
         self.admin = free_port()
         self.conf = os.path.join(self.directory, "conf")
         os.makedirs(self.conf)
-        self.write_conf(api_document(self.port, self.upstream.address[1]) + documents)
+        self.write_conf(api(self.port, self.upstream.address[1]) + documents)
         self.notes = Notifications()
         notify = os.path.join(self.directory, "notify")
         listening = reactor.listenUNIXDatagram(notify, self.notes)
@@ -139,6 +170,7 @@ class WorkersTests(TestCase):
         env.update(PYTHONPATH=ROOT, NOTIFY_SOCKET=notify, FLEX_SYNC_DEBOUNCE_TIME=debounce)
         for name in ("WATCHDOG_USEC", "LISTEN_FDS", "LISTEN_PID", "FLEXGW_WORKER"):
             env.pop(name, None)
+        self.worker_fds: dict[int, int] = {}  # pid -> pidfd of every worker seen
         self.process = Process() if activate is None else ActivateProcess()
         args = [
             sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
@@ -160,11 +192,13 @@ class WorkersTests(TestCase):
         def cleanup() -> defer.Deferred[Any]:
             if not self.process.ended.called:
                 transport.signalProcess("KILL")
-                for pid in getattr(self, "worker_pids", {}).values():
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except OSError:
-                        pass
+            # workers this test started, in case a test failed before they exited; by pidfd, so
+            # that a pid reused since cannot be hit
+            for fd in self.worker_fds.values():
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                os.close(fd)
+            self.worker_fds.clear()
             return self.process.ended
 
         self.addCleanup(cleanup)
@@ -200,6 +234,10 @@ class WorkersTests(TestCase):
         for name, labels in await self.metrics():
             if name == "flexgw_worker_info":
                 found[int(dict(labels)["index"])] = int(dict(labels)["pid"])
+        for pid in found.values():
+            if pid not in self.worker_fds and hasattr(os, "pidfd_open"):
+                with contextlib.suppress(OSError):
+                    self.worker_fds[pid] = os.pidfd_open(pid)
         return found
 
     async def per_worker(self, sample: str, **labels: str) -> dict[str, float]:
@@ -211,11 +249,11 @@ class WorkersTests(TestCase):
                 totals[have_map["worker"]] = totals.get(have_map["worker"], 0) + value
         return totals
 
-    async def statuses(self, path: str, count: int) -> list[int]:
+    async def statuses(self, path: str, count: int, tls: Any = None) -> list[int]:
         """Status codes of `count` GETs, each on a new connection (spread over the workers)."""
         results = []
         for _ in range(count):
-            response = await client.request(reactor, "127.0.0.1", self.port, get(path))
+            response = await client.request(reactor, "127.0.0.1", self.port, get(path), tls=tls)
             results.append(response.status)
         return results
 
@@ -319,6 +357,34 @@ class WorkersTests(TestCase):
         self.assertEqual(await self.statuses("/items", 10), [404] * 10)
         served = await self.per_worker("flexgw_requests_total", status_class="2xx")
         self.assertEqual(set(served), {"0", "1"})
+
+    async def test_tls_listener_served_by_workers(self) -> None:
+        """An https ApiInstance (a `tls` binding) is served by both workers: the TLS wrapper
+        goes on each worker's SO_REUSEPORT socket."""
+        ca = CertificateAuthority()
+        directory = tempfile.mkdtemp(prefix="flexgw-wt-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        crt, key = ca.issue("127.0.0.1", ips=["127.0.0.1"]).write(directory, "server")
+
+        def https_api(port: int, upstream_port: int) -> str:
+            return (
+                f"{HEADER}kind: ApiInstance\nmetadata: {{name: test-api}}\n"
+                f"spec:\n  address: https://127.0.0.1:{port}\n"
+                f"  services:\n    b:\n      address: http://127.0.0.1:{upstream_port}\n"
+                f"---\n{HEADER}kind: PolicyBinding\nmetadata: {{name: tls}}\n"
+                "spec:\n  targetRef: {kind: ApiInstance, name: test-api}\n"
+                "  policyRef: {name: tls}\n"
+                f'  config: {{certificate: {{crt: "file://{crt}", key: "file://{key}"}}}}\n'
+            )
+
+        await self.start(api=https_api)
+        options = client_options("127.0.0.1", ca)
+        self.assertEqual(await self.statuses("/items", 30, tls=options), [200] * 30)
+        served = await self.per_worker("flexgw_requests_total", status_class="2xx")
+        self.assertEqual(set(served), {"0", "1"})
+        # plain HTTP on the TLS port gets no HTTP response (closed, or a TLS alert)
+        with self.assertRaises((IncompleteResponse, ResponseParseError)):
+            await client.request(reactor, "127.0.0.1", self.port, get("/items"))
 
     async def test_sigusr1_reopens_every_worker_log(self) -> None:
         """SIGUSR1 to the supervisor: every worker reopens its access log, so after logrotate
@@ -425,6 +491,19 @@ class WorkersTests(TestCase):
             await client.connect(reactor, "127.0.0.1", self.port, timeout=5)
 
 
+    async def test_workers_exit_when_supervisor_dies(self) -> None:
+        """The supervisor killed (SIGKILL: no drain of its own): every worker sees its AMP
+        connection close, drains and exits; nothing listens any more."""
+        if not hasattr(os, "pidfd_open"):
+            raise SkipTest("os.pidfd_open is not available")
+        await self.start()
+        exits = [PidExit(pid) for pid in self.worker_pids.values()]
+        os.kill(self.pid, signal.SIGKILL)
+        await self.process.ended
+        await defer.gatherResults([e.done for e in exits])
+        with self.assertRaises(ConnectionRefusedError):
+            await client.connect(reactor, "127.0.0.1", self.port, timeout=5)
+
     async def test_second_sigterm_cuts_the_drain(self) -> None:
         """A second SIGTERM to the supervisor cuts the workers' drains at once."""
         held = Held()
@@ -464,27 +543,29 @@ class WorkersOptionTests(TestCase):
                 Options().parseOptions(["--conf", conf, "--workers", value])
 
     def test_worker_command(self) -> None:
-        """A worker runs twistd flexgw with the same gateway options, one process, no admin."""
+        """A worker runs twistd flexgw with every option the supervisor got (later ones too,
+        e.g. the ingress options), then --workers 1 and --admin off, which win."""
         conf = self.mktemp()
         os.makedirs(conf)
+        given = [
+            "--conf", conf, "--workers", "2", "--strict", "--log-level", "warn",
+            "--drain-seconds", "7", "--access-log", "/tmp/a.log", "--admin", "tcp:9911",
+            "--worker-timeout", "9", "--ingress-class", "edge",
+        ]
         options = Options()
-        options.parseOptions(
-            ["--conf", conf, "--workers", "2", "--strict", "--log-level", "warn",
-             "--drain-seconds", "7", "--access-log", "/tmp/a.log"]
-        )
+        options.parseOptions(given)
         argv = worker_command(options)
         self.assertEqual(argv[0], sys.executable)
+        self.assertIn("--nodaemon", argv)
         tail = argv[argv.index("flexgw") + 1 :]
-        self.assertEqual(tail[tail.index("--conf") + 1], os.path.abspath(conf))
-        self.assertEqual(tail[tail.index("--workers") + 1], "1")
-        self.assertEqual(tail[tail.index("--admin") + 1], "off")
-        self.assertEqual(tail[tail.index("--drain-seconds") + 1], "7.0")
-        self.assertEqual(tail[tail.index("--access-log") + 1], "/tmp/a.log")
-        self.assertEqual(tail[tail.index("--log-level") + 1], "warn")
-        self.assertIn("--strict", tail)
+        self.assertEqual(tail, [*given, "--workers", "1", "--admin", "off"])
         parsed = Options()
         parsed.parseOptions(tail)  # the worker's options parse
-        self.assertEqual(parsed["workers"], 1)
+        self.assertEqual(
+            (parsed["workers"], parsed["admin"], parsed["drain-seconds"], parsed["strict"]),
+            (1, "off", 7.0, True),
+        )
+        self.assertEqual((parsed["conf"], parsed["ingress-class"]), ([conf], "edge"))
 
     def test_worker_timeout_option(self) -> None:
         """--worker-timeout: 30 s by default, 0 turns the heartbeat off, negatives are refused."""
@@ -518,6 +599,31 @@ class WorkersOptionTests(TestCase):
         service.announced = True
         self.successResultOf(service.reload())
         self.assertEqual(sent, ["RELOADING=1", "READY=1"])
+
+    def test_spawn_failure_backs_off(self) -> None:
+        """A worker that cannot even be started (spawnProcess raises) is tried again with the
+        same growing delays, not in a tight loop; stopping cancels the pending try."""
+
+        class NoSpawn(MemoryReactorClock):
+            attempts = 0
+
+            def spawnProcess(self, *args: Any, **kwargs: Any) -> Any:
+                NoSpawn.attempts += 1
+                raise OSError(24, "Too many open files")
+
+        clock = NoSpawn()
+        service = SupervisorService(clock, 1, lambda i: ["worker"], {}, worker_timeout=0)
+        service.startService()
+        delays = []
+        for _ in range(3):
+            (call,) = clock.getDelayedCalls()
+            delays.append(call.getTime() - clock.seconds())
+            clock.advance(call.getTime() - clock.seconds())
+        self.assertEqual(delays, [0.25, 0.5, 1.0])
+        self.assertEqual(NoSpawn.attempts, 4)
+        self.flushLoggedErrors(OSError)
+        self.successResultOf(service.stopService())
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_backoff(self) -> None:
         """No delay after a healthy run; doubling from 0.25 s while workers die young; capped."""

@@ -27,6 +27,8 @@ from flexgw.policies.registry import lookup as lookup_policy
 from flexgw.tls.contexts import CLIENT_ALPN, build_client_tls, build_server_tls
 from flexgw.tls.settings import TLSSettings
 
+FORWARD_PROXY = "forward-proxy"  # flexgw.egress.policy.NAME (not imported: compile stays light)
+
 _ANY = frozenset({".*", "(?s).*", "[\\s\\S]*"})
 
 
@@ -227,6 +229,8 @@ def _compile_api(
                 )
             )
         return None
+    if any(policy.kind == FORWARD_PROXY for policy in spec.policies):
+        return _compile_forward_proxy(spec, model, problems, service_policies, runtime)
     routes: list[Route] = []
     for route_spec in sorted(spec.routes, key=lambda r: (r.order, r.rank, r.name)):
         route = _compile_route(route_spec, model.upstreams, problems, service_policies)
@@ -267,6 +271,64 @@ def _compile_api(
     ]
     return Api(
         key=spec.id.key, base_path=spec.address.path, routes=tuple(routes), policies=policies
+    )
+
+
+def _compile_forward_proxy(
+    spec: ApiSpec,
+    model: ResolvedModel,
+    problems: list[Problem],
+    service_policies: Mapping[str, tuple[BoundPolicy, ...]],
+    runtime: Any,
+) -> Api | None:
+    """A forward-proxy ApiInstance: no routes; its policies (basic auth in its proxy form) run
+    before the destination checks; every usable Service may be matched by a destination."""
+    if spec.address.path not in ("", "/"):
+        problems.append(
+            spec.origin.problem(
+                "error", "a forward-proxy ApiInstance has no base path; not served", ("spec", "address")
+            )
+        )
+        return None
+    if spec.routes:
+        problems.append(
+            spec.origin.problem(
+                "warning", "a forward-proxy ApiInstance does not route: its services are not used"
+            )
+        )
+    policies = build_policies(spec.policies, spec.id.key, runtime, problems)
+    if policies is None:
+        problems.append(
+            spec.origin.problem("error", "a policy could not be built; not served (fail closed)")
+        )
+        return None
+    forward = [bound for bound in policies if bound.kind == FORWARD_PROXY]
+    if len(forward) > 1:
+        problems.append(
+            spec.origin.problem("error", "several forward-proxy bindings; not served (fail closed)")
+        )
+        return None
+    chain = []
+    for bound in policies:
+        if bound.kind == FORWARD_PROXY:
+            continue
+        proxy_form = getattr(bound.policy, "for_proxy", None)
+        if proxy_form is not None:
+            bound = attrs.evolve(bound, policy=proxy_form())
+        chain.append(bound)
+    api_policies = tuple(chain)
+    services = tuple(
+        _with_chain(Destination(upstream=upstream, policies=service_policies.get(key, ())), api_policies)
+        for key, upstream in sorted(model.upstreams.items())
+        if key not in model.blocked_upstreams
+    )
+    return Api(
+        key=spec.id.key,
+        base_path="",
+        routes=(),
+        policies=api_policies,
+        forward_proxy=forward[0].policy,
+        proxy_services=services,
     )
 
 

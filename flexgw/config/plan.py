@@ -36,6 +36,9 @@ class Upstream:
     # flexgw.tls.contexts.ClientTLS for TLS upstreams (https://, or a tls-outbound binding);
     # compares by settings, so an unchanged Service keeps its pool across reloads.
     tls: Any = None
+    # The checked address to connect to instead of resolving `host` (forward-proxy destinations:
+    # the SSRF guard checked this address; connecting by name would look it up again).
+    connect_host: str | None = None
 
     @property
     def authority(self) -> str:
@@ -101,6 +104,10 @@ class Api:
     base_path: str  # "" or "/orders" (no trailing slash)
     routes: tuple[Route, ...]  # in evaluation order: by `order`, then name
     policies: tuple[BoundPolicy, ...] = ()  # inbound chain: CORS, Selector-bound, then by order
+    # A forward-proxy ApiInstance (`forward-proxy` binding): its ForwardProxyConfig, and the
+    # Services whose address a proxied request may match (their outbound chain and settings).
+    forward_proxy: Any = None
+    proxy_services: tuple[Destination, ...] = ()
 
 
 @attrs.frozen
@@ -112,6 +119,12 @@ class Listener:
     port: int
     apis: tuple[Api, ...]
     tls: Any = None  # flexgw.tls.contexts.ServerTLS of an https listener
+
+    @property
+    def forward_proxy(self) -> Api | None:
+        """The forward-proxy API this listener serves (alone on its port), if it is one."""
+        apis = self.apis
+        return apis[0] if len(apis) == 1 and apis[0].forward_proxy is not None else None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -143,6 +156,11 @@ class HttpSettings:
     # x-forwarded-client-cert for verified client certificates (FLEX_FORWARD_CLIENT_CERT_DETAILS:
     # SANITIZE_SET, the default here, sets it; SANITIZE only strips). A client's is always removed.
     forward_client_cert: bool = True
+    # HTTP/2 (`http.http2`): SETTINGS_MAX_CONCURRENT_STREAMS, and the flood guards' limits per
+    # connection over 10 seconds (over either: GOAWAY ENHANCE_YOUR_CALM)
+    h2_max_concurrent_streams: int = 100
+    h2_max_resets: int = 200
+    h2_max_control_frames: int = 1000
 
 
 @attrs.frozen

@@ -260,7 +260,15 @@ def _settings(
     networks: list[IPNetwork] = []
     for item in pick("http", "trustedProxies") or ():
         networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
+    http2 = pick("http", "http2") or {}
     http = HttpSettings(
+        h2_max_concurrent_streams=int(
+            http2.get("maxConcurrentStreams", base.h2_max_concurrent_streams)
+        ),
+        h2_max_resets=int(http2.get("maxStreamResetsPer10Seconds", base.h2_max_resets)),
+        h2_max_control_frames=int(
+            http2.get("maxControlFramesPer10Seconds", base.h2_max_control_frames)
+        ),
         max_header_bytes=int(first(pick("http", "maxHeaderBytes"), base.max_header_bytes)),
         header_timeout=first(pick("http", "headerTimeoutSeconds"), base.header_timeout),
         keepalive_timeout=first(pick("http", "keepAliveTimeoutSeconds"), base.keepalive_timeout),

@@ -14,6 +14,7 @@ REASONS = {
     403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
+    407: b"Proxy Authentication Required",
     408: b"Request Timeout",
     413: b"Payload Too Large",
     429: b"Too Many Requests",
@@ -78,5 +79,10 @@ UPSTREAM_BAD_RESPONSE = GatewayError(
 )
 PAYLOAD_TOO_LARGE = GatewayError(
     413, "payload_too_large", "The request body exceeds the buffering limit"
+)
+EGRESS_DENIED = GatewayError(403, "egress_denied", "The destination is not allowed")
+DNS_FAILURE = GatewayError(502, "dns_failure", "The destination name could not be resolved")
+NOT_A_PROXY_REQUEST = GatewayError(
+    400, "bad_request", "A forward proxy needs an absolute-form (http://) or CONNECT request"
 )
 INTERNAL_ERROR = GatewayError(500, "internal_error", "Internal gateway error")

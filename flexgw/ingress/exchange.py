@@ -441,6 +441,10 @@ class ProxyExchange:
                 line + b"".join(n + b": " + v + b"\r\n" for n, v in kept) + b"\r\n"
             )
 
+    def response_switched(self, rest: bytes) -> None:
+        """The upstream switched protocols though this request asked for no upgrade."""
+        self.response_malformed("Unexpected protocol upgrade from upstream")
+
     def response_head(
         self, status: int, reason: bytes, headers: HeaderList, keep_alive: bool
     ) -> None:

@@ -11,7 +11,7 @@ import ipaddress
 import random
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httptools
 from twisted.internet.interfaces import IHandshakeListener, IReactorTCP, IReactorTime
@@ -27,6 +27,7 @@ from flexgw.http.headers import HeaderList
 from flexgw.http.request import BODY_NONE, RequestHead, analyze_head, error_for_parser_message
 from flexgw.ingress.exchange import DONE, RESPONDING, WAITING, ProxyExchange
 from flexgw.ingress.routing import RouteMatch, select_route
+from flexgw.ingress.upgrade import UpgradeExchange, upgrade_protocol
 from flexgw.policies.base import LocalResponse
 from flexgw.upstream.connection import ReadGate
 from flexgw.upstream.pool import PoolManager
@@ -45,6 +46,7 @@ BODY = 2  # head complete; body (if any) arriving
 CLOSING = 3  # an error was answered or the connection is closing: ignore further input
 
 PIPELINE = 4  # ReadGate reason: a response is pending, stop reading further requests
+UPGRADING = 8  # ReadGate reason: an upgrade request waits for the upstream's answer
 
 
 @implementer(IHandshakeListener)
@@ -68,6 +70,9 @@ class IngressProtocol(Protocol):
         self.active: ProxyExchange | None = None  # exchange being proxied
         self.queue: deque[ProxyExchange] = deque()
         self.pending_refusal: GatewayError | None = None
+        # Where client bytes go once HTTP is over on this connection: an UpgradeExchange until
+        # the upstream's 101, then the Tunnel (state is CLOSING for the parser meanwhile).
+        self.tunnel: Any = None
         self.gate: ReadGate
         self.timer = None  # keep-alive: fires, then re-checks `idle_since` (never moved sooner)
         self.head_timer = None  # header deadline, armed only when a head spans several reads
@@ -146,6 +151,11 @@ class IngressProtocol(Protocol):
         factory = self.factory
         factory.connections.discard(self)
         self._stop_timer()
+        tunnel = self.tunnel
+        if tunnel is not None:
+            self.tunnel = None
+            if tunnel is not self.active:
+                tunnel.downstream_lost()
         if self.active is not None:
             active, self.active = self.active, None
             active.downstream_lost()
@@ -161,6 +171,9 @@ class IngressProtocol(Protocol):
         a malformed body in the same chunk refuses it before the upstream sees anything.
         """
         if self.state == CLOSING:
+            tunnel = self.tunnel
+            if tunnel is not None:
+                tunnel.from_downstream(data)
             return
         self.message_ended = False
         try:
@@ -217,11 +230,30 @@ class IngressProtocol(Protocol):
             exchange.start()
 
     def _on_upgrade(self, data: bytes, offset: int) -> None:
-        """llhttp stops after an Upgrade request's head (CONNECT was refused in the head)."""
+        """llhttp stops after an Upgrade request's head (CONNECT was refused in the head).
+
+        A body-less upgrade request being proxied now (not pipelined behind another) is
+        forwarded with its Upgrade and may become a tunnel: what the client sends after it is
+        kept for that tunnel, never parsed. Any other (`Upgrade: h2c`, pipelined) is proxied
+        as a plain request without the Upgrade, and parsing goes on with a fresh parser.
+        """
         if self.state == CLOSING:
             return
-        # A body-less Upgrade request is proxied as a plain request (Upgrade is hop-by-hop and
-        # is not forwarded); llhttp has stopped, so continue with a fresh parser on what followed.
+        exchange = self.starting
+        if exchange is not None and exchange is self.active and not self.queue:
+            protocol = upgrade_protocol(exchange.head)
+            if protocol is not None:
+                upgrading = UpgradeExchange(self, exchange.head, exchange.started, protocol)
+                upgrading.request_complete = exchange.request_complete
+                self.active = self.starting = upgrading
+                self.state = CLOSING
+                self.tunnel = upgrading
+                self.gate.hold(UPGRADING)
+                self._start()
+                rest = data[offset:]
+                if rest and self.tunnel is upgrading:
+                    upgrading.from_downstream(rest)
+                return
         self.parser = httptools.HttpRequestParser(self)
         if self.starting is not None:
             self._start()
@@ -268,10 +300,10 @@ class IngressProtocol(Protocol):
             parser.should_keep_alive(),
         )
         if isinstance(head, GatewayError):
-            raise _Refused(head)
+            head = self.invalid_head(head)
         if head.body != BODY_NONE and parser.should_upgrade():
             # llhttp would hand the body over as upgraded bytes, and the fresh parser would read
-            # it as the next request: a smuggling vector. Upgrades are not tunnelled, so refuse.
+            # it as the next request (or a tunnel would carry it unchecked): a smuggling vector.
             raise _Refused(errors.bad_request("An Upgrade request with a body is not accepted"))
         self.state = BODY
         self.head_bytes = 0  # from here: body-phase bytes that carry no body (see dataReceived)
@@ -285,6 +317,10 @@ class IngressProtocol(Protocol):
             self.starting = exchange
         else:
             self.queue.append(exchange)
+
+    def invalid_head(self, error: GatewayError) -> RequestHead:
+        """A head analyze_head refused: refuse it (the forward-proxy front accepts CONNECT)."""
+        raise _Refused(error)
 
     def on_body(self, body: bytes) -> None:
         """A piece of the request body for the exchange being received."""
@@ -486,8 +522,11 @@ class IngressFactory(Factory):
         access_log: AccessLog | None,
         rng: random.Random | None = None,
         metrics: GatewayMetrics | None = None,
+        resolver: Any = None,
     ) -> None:
         self.reactor = reactor
+        # IHostnameResolver for forward-proxy destinations (None: the reactor's nameResolver).
+        self.resolver = resolver
         self.clock = clock
         self.listener = listener
         self.http = http
@@ -499,7 +538,7 @@ class IngressFactory(Factory):
         self.scheme_bytes = listener.scheme.encode("ascii")
         self.proto_line = b"X-Forwarded-Proto: " + self.scheme_bytes + b"\r\n"
         self.connections: set[IngressProtocol | H2Protocol] = set()
-        self.h2_limits = H2Limits()
+        self.h2_limits = H2Limits.from_http(http)
         # Called with each connection as it closes (set by the gateway while it drains).
         self.on_connection_lost: Callable[[IngressProtocol], None] | None = None
 
@@ -510,12 +549,18 @@ class IngressFactory(Factory):
         self.timeouts = timeouts
         self.scheme_bytes = listener.scheme.encode("ascii")
         self.proto_line = b"X-Forwarded-Proto: " + self.scheme_bytes + b"\r\n"
+        self.h2_limits = H2Limits.from_http(http)
         for connection in self.connections:
             connection.http = http
             connection.timeouts = timeouts
 
-    def buildProtocol(self, addr: object) -> ProtocolSelector:
-        """A protocol for one accepted connection: HTTP/1.1 or HTTP/2, chosen on its first bytes."""
+    def buildProtocol(self, addr: object) -> Protocol:
+        """A protocol for one accepted connection: on a forward-proxy listener the forward-proxy
+        front (HTTP/1.1); otherwise HTTP/1.1 or HTTP/2, chosen on its first bytes."""
+        if self.listener.forward_proxy is not None:
+            from flexgw.egress.front import ForwardProxyProtocol
+
+            return ForwardProxyProtocol(self)
         return ProtocolSelector(self)
 
     def log_exchange(self, exchange: ProxyExchange) -> None:
@@ -528,6 +573,21 @@ class IngressFactory(Factory):
             self.access_log.exchange(exchange, self.listener)
         if self.metrics is not None:
             self.metrics.exchange(exchange)
+
+    def count_tunnel(self, exchange: ProxyExchange) -> None:
+        """Count an exchange that became a tunnel, when it does: its latency is the time to the
+        switch (a tunnel's lifetime is no request latency, and no time the gateway added)."""
+        if self.metrics is not None:
+            self.metrics.exchange(exchange)
+
+    def log_tunnel(self, exchange: ProxyExchange) -> None:
+        """Write the access log line of a tunnel that ended (counted when it began); policies
+        that asked hear how it ended (`on_done`)."""
+        chain = exchange.chain
+        if chain is not None and chain.finishers is not None:
+            chain.finish(exchange.response_status, exchange.error_cause)
+        if self.access_log is not None:
+            self.access_log.exchange(exchange, self.listener)
 
     def log_failure(self, failure: BaseException | None) -> None:
         """Log an unexpected exception raised while handling a request."""

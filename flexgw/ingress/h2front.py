@@ -41,6 +41,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from flexgw.config.plan import HttpSettings
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
@@ -68,6 +69,15 @@ class H2Limits:
     max_resets: int = 200  # client RST_STREAM frames per `window_seconds`; over: GOAWAY
     max_control_frames: int = 1000  # PING, SETTINGS, PRIORITY, empty DATA per `window_seconds`
     window_seconds: float = 10.0
+
+    @classmethod
+    def from_http(cls, http: HttpSettings) -> H2Limits:
+        """The limits configured in `Configuration.spec.http.http2` (defaults otherwise)."""
+        return cls(
+            max_concurrent_streams=http.h2_max_concurrent_streams,
+            max_resets=http.h2_max_resets,
+            max_control_frames=http.h2_max_control_frames,
+        )
 
 
 @implementer(IPushProducer)

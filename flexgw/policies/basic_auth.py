@@ -70,11 +70,12 @@ SCHEMA: dict[str, Any] = {
 }
 
 
-def _only_authorization(ctx: PolicyContext) -> bytes | None:
+def _only_authorization(ctx: PolicyContext, header: bytes = b"authorization") -> bytes | None:
     """The value of the request's only Authorization header (None: none, or several)."""
     found = None
+    size = len(header)
     for name, value in ctx.request_headers if ctx.request_headers_changed else ctx.head.headers:
-        if len(name) == 13 and name.lower() == b"authorization":
+        if len(name) == size and name.lower() == header:
             if found is not None:
                 return None  # several Authorization headers: ambiguous, refuse
             found = value
@@ -126,22 +127,28 @@ class BasicAuthPolicy:
 
     def on_request(self, ctx: PolicyContext) -> LocalResponse | None:
         """Let the request on when its Basic credentials match; a 401 otherwise."""
-        raw = _only_authorization(ctx)
+        if not self.matches(_only_authorization(ctx)):
+            return UNAUTHORIZED
+        return self._authenticated(ctx)
+
+    def matches(self, raw: bytes | None) -> bool:
+        """True when `raw` (a credentials header value) carries the configured credentials."""
         if raw is not None and hmac.compare_digest(_digest(raw), self.canonical_digest):
             # The usual spelling (`Basic <padded base64 of user:password>`): one comparison of
             # fixed-length digests (comparing the raw values would reveal the length).
-            return self._authenticated(ctx)
+            return True
         credentials = parse_basic(raw) if raw is not None else None
         if credentials is None:
-            return UNAUTHORIZED
+            return False
         user, password = credentials
         # `&` on bools evaluates both comparisons: no early exit on a wrong username.
-        ok = hmac.compare_digest(_digest(user), self.user_digest) & hmac.compare_digest(
+        return hmac.compare_digest(_digest(user), self.user_digest) & hmac.compare_digest(
             _digest(password), self.password_digest
         )
-        if not ok:
-            return UNAUTHORIZED
-        return self._authenticated(ctx)
+
+    def for_proxy(self) -> ProxyBasicAuthPolicy:
+        """The form used on a forward-proxy ApiInstance (Proxy-Authorization, 407)."""
+        return ProxyBasicAuthPolicy(self)
 
     #: Who a request that passes authenticated as: the same read-only record for every request.
     authenticated_as: Mapping[str, Any] = attrs.field(init=False, repr=False)
@@ -162,6 +169,36 @@ class BasicAuthPolicy:
         ctx.authentication = self.authenticated_as
 
     #: Its on_response does nothing: the chain does not call it (see IPolicy).
+    response_phase = False
+
+    def on_response(self, ctx: PolicyContext) -> None:
+        """Nothing to do on the response."""
+
+
+#: The 407 a forward proxy sends (RFC 9110 §11.7.1 and §15.5.8).
+PROXY_CHALLENGE = (b"Proxy-Authenticate", b'Basic realm="flexgw"')
+PROXY_AUTH_REQUIRED = LocalResponse(
+    407,
+    (PROXY_CHALLENGE, JSON_UTF8),
+    b'{"error":"Proxy authentication required"}',
+)
+
+
+@implementer(IPolicy)
+@attrs.frozen
+class ProxyBasicAuthPolicy:
+    """The binding on a forward-proxy ApiInstance: the client authenticates to the proxy with
+    `Proxy-Authorization` (never forwarded: it is hop-by-hop) and is challenged with a 407.
+    The `Authorization` header belongs to the destination and is left alone."""
+
+    basic: BasicAuthPolicy
+
+    def on_request(self, ctx: PolicyContext) -> LocalResponse | None:
+        """Let the request on when its Proxy-Authorization matches; a 407 otherwise."""
+        if not self.basic.matches(_only_authorization(ctx, b"proxy-authorization")):
+            return PROXY_AUTH_REQUIRED
+        return self.basic._authenticated(ctx)
+
     response_phase = False
 
     def on_response(self, ctx: PolicyContext) -> None:

@@ -68,8 +68,11 @@ class GatewayService(Service):
         reuse_port: bool = False,
         supervisor: Any = None,
         ingress: IngressOptions | None = None,
+        resolver: Any = None,
     ) -> None:
         self.reactor = reactor
+        # Forward-proxy name resolution (IHostnameResolver); None: the reactor's nameResolver.
+        self.resolver = resolver
         self.conf_dirs = list(conf_dirs)
         self.environ = environ
         self.access_log = access_log
@@ -296,6 +299,11 @@ class GatewayService(Service):
             for api in listener.apis
             for route in api.routes
             for destination in route.destinations
+        } | {
+            destination.upstream
+            for listener in plan.listeners
+            for api in listener.apis
+            for destination in api.proxy_services
         }
         self.pools.configure(plan.http, plan.timeouts, upstreams)
         wanted = {listener.address: listener for listener in plan.listeners}
@@ -328,6 +336,7 @@ class GatewayService(Service):
             self.active_access_log,
             self.rng,
             metrics=self.metrics,
+            resolver=self.resolver,
         )
         served = ListenerFactory(factory, listener.tls)
         # Outermost: the PROXY header comes before anything else (a TLS handshake included).

@@ -43,7 +43,7 @@ from prometheus_client.process_collector import ProcessCollector
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, gatherResults, succeed
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols import amp
@@ -180,7 +180,6 @@ class SupervisorService(Service):
         self.slots = [WorkerSlot(index) for index in range(count)]
         self.stopping = False
         self.announced = False  # READY=1 sent for the start
-        self.reloading: Deferred[Any] | None = None
         self.reloads = 0
         self._kill_timer: Any = None
 
@@ -265,6 +264,7 @@ class SupervisorService(Service):
             theirs.close()
             ended, slot.ended = slot.ended, None
             ended.callback(None)
+            slot.failures += 1  # back off: a spawn that fails now (EMFILE...) may fail again
             self._schedule_restart(slot)
             return
         finally:
@@ -273,8 +273,6 @@ class SupervisorService(Service):
         slot.started_at = self.reactor.seconds()
         protocol = SupervisorProtocol(self, slot)
         slot.protocol = protocol
-        from twisted.internet.protocol import Factory
-
         factory = Factory()
         factory.buildProtocol = lambda addr: protocol  # type: ignore[method-assign]
         try:

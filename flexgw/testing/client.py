@@ -95,6 +95,7 @@ class RawConnection(protocol.Protocol):
         self.close_reason: Failure | None = None
         self.upgraded = False
         self.tunnel_data = bytearray()
+        self._tunnel_waiters: list[tuple[int, defer.Deferred[bytes]]] = []
         self._closed: defer.Deferred[None] = defer.Deferred()
         self._made: defer.Deferred[RawConnection] = defer.Deferred()
         self._buf = bytearray()
@@ -146,6 +147,7 @@ class RawConnection(protocol.Protocol):
             self._raw += data
         if self.upgraded:
             self.tunnel_data += data
+            self._tunnel_check()
             return
         self._buf += data
         self._pump()
@@ -158,6 +160,7 @@ class RawConnection(protocol.Protocol):
             self._sender.pump()
         self._pump()
         self._closed.callback(None)
+        self._tunnel_check()
         handshake_waiters, self._handshake_waiters = self._handshake_waiters, []
         for d in handshake_waiters:
             d.errback(reason)
@@ -226,6 +229,24 @@ class RawConnection(protocol.Protocol):
                 continue
             resp.interim = interim
             return resp
+
+    def wait_tunnel_bytes(self, size: int) -> defer.Deferred[bytes]:
+        """Fires with the tunnel bytes once at least ``size`` arrived after an upgrade (or with
+        what there is when the connection closes first); the bytes are taken from ``tunnel_data``."""
+        d: defer.Deferred[bytes] = defer.Deferred()
+        self._tunnel_waiters.append((size, d))
+        self._tunnel_check()
+        return d
+
+    def _tunnel_check(self) -> None:
+        while self._tunnel_waiters:
+            size, d = self._tunnel_waiters[0]
+            if len(self.tunnel_data) < size and not self._closed.called:
+                return
+            self._tunnel_waiters.pop(0)
+            data = bytes(self.tunnel_data[:size])
+            del self.tunnel_data[:size]
+            d.callback(data)
 
     def wait_closed(self) -> defer.Deferred[None]:
         """Fires when the connection has closed (by either side)."""
@@ -341,6 +362,7 @@ class RawConnection(protocol.Protocol):
         self.tunnel_data += self._fed[offset:]
         self.tunnel_data += self._buf
         del self._buf[:]
+        self._tunnel_check()
 
     def _eof(self) -> None:
         """The peer closed: complete a close-delimited body or fail the read."""

@@ -380,8 +380,12 @@ class H2Client(protocol.Protocol):
 
     transport: Any
 
-    def __init__(self, auto_ack: bool = True, initial_window: int | None = None) -> None:
-        """With `auto_ack` False, received DATA is acknowledged only by `ack` (a slow reader)."""
+    def __init__(
+        self, auto_ack: bool = True, initial_window: int | None = None, prefix: bytes = b""
+    ) -> None:
+        """With `auto_ack` False, received DATA is acknowledged only by `ack` (a slow reader);
+        `prefix` is written before the connection preface (a PROXY protocol header, say)."""
+        self.prefix = prefix
         self.auto_ack = auto_ack
         self.initial_window = initial_window
         self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
@@ -400,6 +404,8 @@ class H2Client(protocol.Protocol):
     def connectionMade(self) -> None:
         """Preface and SETTINGS."""
         self.connected = True
+        if self.prefix:
+            self.transport.write(self.prefix)
         self.conn.initiate_connection()
         if self.initial_window is not None:
             self.conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: self.initial_window})

@@ -30,6 +30,7 @@ class ResponseSink(TypingProtocol):
     def flush_response(self) -> None: ...
     def response_malformed(self, message: str) -> None: ...
     def upstream_lost(self, got_response_bytes: bool) -> None: ...
+    def response_switched(self, rest: bytes) -> None: ...
 
 
 BACKPRESSURE = 1
@@ -100,6 +101,7 @@ class UpstreamConnection(Protocol):
         self._complete = False  # the final response ended inside the current dataReceived
         self._head_bytes = 0
         self._body_seen = False
+        self.tunnel: Any = None  # a flexgw.http.tunnel.Tunnel once the connection is upgraded
 
     #: True on a TLS connection lost before its handshake completed (see TLSUpstreamConnection).
     tls_failed = False
@@ -149,16 +151,25 @@ class UpstreamConnection(Protocol):
         """
         sink = self.sink
         if sink is None:
+            tunnel = self.tunnel
+            if tunnel is not None:
+                tunnel.from_upstream(data)
+                return
             self.reusable = False
             self.transport.abortConnection()
             return
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as exc:
+            # A 101 (its head reported as interim): the rest is the upgraded protocol's. Only an
+            # exchange that asked for an upgrade takes it; the connection is never reused.
             self.reusable = False
-            if self.sink is not None and not self._complete:
-                self.sink.response_malformed("Unexpected protocol upgrade from upstream")
+            sink = self.sink
+            if sink is not None and not self._complete:
+                offset = exc.args[0] if exc.args else len(data)
+                sink.response_switched(data[offset:])
+            return
         except httptools.HttpParserError as exc:
             self.reusable = False
             if self.sink is not None and not self._complete:
@@ -191,6 +202,11 @@ class UpstreamConnection(Protocol):
         """Tell the exchange (if any) and leave the pool."""
         self.reusable = False
         self.pool.connection_lost(self, reason)
+        tunnel = self.tunnel
+        if tunnel is not None:
+            self.tunnel = None
+            tunnel.upstream_lost()
+            return
         sink = self.sink
         if sink is not None:
             self.sink = None

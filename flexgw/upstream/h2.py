@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httptools
 from h2 import events
@@ -40,8 +40,10 @@ from flexgw.http.fastwrite import send_now
 from flexgw.http.h2frames import GoAwayFilter
 from flexgw.http.headers import HOP_BY_HOP, HeaderList
 from flexgw.upstream.connection import MAX_RESPONSE_HEAD
-from flexgw.upstream.pool import ConnectionWaiter
 from flexgw.upstream.tunnel import connect_upstream
+
+if TYPE_CHECKING:
+    from flexgw.upstream.pool import ConnectionWaiter
 
 _log = Logger(namespace="flexgw.upstream.h2")
 
@@ -330,11 +332,12 @@ class H2UpstreamConnection(Protocol):
         self.connected_ok = False
         self.usable = True  # no GOAWAY received, not closing
         self.lost = False
+        self.settings_timer: Any = None
         self.idle_since = 0.0
 
     def connectionMade(self) -> None:
-        """Send the preface and SETTINGS; hand streams to the waiters."""
-        self.connected_ok = True
+        """Send the preface and SETTINGS; streams are handed out once the upstream's SETTINGS
+        arrive (its SETTINGS_MAX_CONCURRENT_STREAMS known), within the connect timeout."""
         transport = self.transport
         if hasattr(transport, "setTcpNoDelay"):
             transport.setTcpNoDelay(True)
@@ -342,8 +345,26 @@ class H2UpstreamConnection(Protocol):
         conn.initiate_connection()
         conn.increment_flow_control_window(_CONNECTION_WINDOW - 65535)
         self.flush()
-        self.idle_since = self.pool.clock.seconds()
+        pool = self.pool
+        self.idle_since = pool.clock.seconds()
+        self.settings_timer = pool.clock.callLater(pool.connect_timeout, self._no_settings)
+
+    def _settings_received(self) -> None:
+        """The upstream's first SETTINGS: the connection is ready for streams."""
+        timer, self.settings_timer = self.settings_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        self.connected_ok = True
         self.pool.connection_made(self)
+
+    def _no_settings(self) -> None:
+        """No SETTINGS from the upstream in time: not an HTTP/2 server (the attempt fails)."""
+        self.settings_timer = None
+        _log.warn(
+            "HTTP/2 upstream {upstream} sent no SETTINGS within the connect timeout",
+            upstream=self.pool.upstream.key,
+        )
+        self.transport.abortConnection()
 
     def capacity(self) -> int:
         """How many more streams the upstream accepts now."""
@@ -454,6 +475,9 @@ class H2UpstreamConnection(Protocol):
                     for blocked in list(self.blocked):
                         blocked.pump()
             elif kind is events.RemoteSettingsChanged:
+                if not self.connected_ok:
+                    self.flush()  # our SETTINGS ACK goes before the first request
+                    self._settings_received()
                 for blocked in list(self.blocked):
                     blocked.pump()
         self.flush()
@@ -504,6 +528,9 @@ class H2UpstreamConnection(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         """Every stream still open is lost; leave the pool."""
+        timer, self.settings_timer = self.settings_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         self.lost = True
         self.usable = False
         self.pool.connection_lost(self, reason)
@@ -627,14 +654,18 @@ class H2UpstreamPool:
         connect_upstream(self.reactor, self.clock, self.upstream, factory, self.connect_timeout)
 
     def connection_made(self, connection: H2UpstreamConnection) -> None:
-        """Connected: streams for everyone waiting on this attempt."""
+        """Connected (the upstream's SETTINGS known): streams for those waiting on this attempt,
+        as many as the upstream accepts; the others ask again (another connection, say)."""
         attempt = connection.connect_attempt  # type: ignore[attr-defined]
         self._end_attempt(attempt)
         self.connections.append(connection)
         waiters, attempt.waiters = attempt.waiters, []
-        for waiter in waiters:
+        room = connection.capacity()
+        for waiter in waiters[:room]:
             self.active += 1
             waiter.upstream_ready(connection.new_stream(), False)  # type: ignore[arg-type]
+        for waiter in waiters[room:]:
+            self.acquire(waiter)
 
     def attempt_failed(self, attempt: _Connect, reason: Failure) -> None:
         """A connection attempt failed: every waiter on it fails."""

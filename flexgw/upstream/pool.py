@@ -223,9 +223,20 @@ class PoolManager:
         self._reaper.start(interval, now=False)
 
     def expire_idle(self) -> None:
-        """Expire idle connections in every pool."""
-        for pool in self.pools.values():
+        """Expire idle connections in every pool; forget forward-proxy destinations' pools
+        once they hold nothing (there is one per destination a client asked for)."""
+        unused = []
+        for upstream, pool in self.pools.items():
             pool.expire_idle()
+            if (
+                upstream.connect_host is not None
+                and not pool.idle
+                and not pool.active
+                and not pool.connecting
+            ):
+                unused.append(upstream)
+        for upstream in unused:
+            del self.pools[upstream]
 
     def stop(self) -> None:
         """Stop expiry and close all idle connections."""

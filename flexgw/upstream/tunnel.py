@@ -177,8 +177,9 @@ def connect_upstream(
     """`reactor.connectTCP` to `upstream` for `factory` (an HTTP/1.1 or HTTP/2 pool's attempt,
     TLS-wrapped or not), through `upstream.proxy` when there is one: directly to the proxy
     for a plain-HTTP upstream sent in absolute form (`upstream.request_prefix`), else through
-    a CONNECT tunnel (TLS, h2c: anything that is not absolute-form HTTP/1.1)."""
-    host, port = upstream.host, upstream.port
+    a CONNECT tunnel (TLS, h2c: anything that is not absolute-form HTTP/1.1). A forward-proxy
+    destination connects directly to the address its SSRF check passed (`connect_host`)."""
+    host, port = upstream.connect_host or upstream.host, upstream.port
     proxy = upstream.proxy
     if proxy is not None:
         host, port = proxy.host, proxy.port

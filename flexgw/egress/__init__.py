@@ -1,0 +1,1 @@
+"""Egress: the forward-proxy front (absolute-form requests, CONNECT), destination checks, DNS."""

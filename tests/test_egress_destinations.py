@@ -1,0 +1,159 @@
+"""Forward-proxy destination checks in memory: literal normalisation, blocked ranges, allowlist."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from flexgw.egress.destinations import (
+    DEFAULT_BLOCKED,
+    AddressGuard,
+    BadHost,
+    normalise_host,
+    parse_allow_rule,
+    parse_authority,
+)
+from flexgw.egress.policy import KIND, ForwardProxyConfig
+from flexgw.policies.base import BuildContext, PolicyConfigError
+
+LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
+
+
+class NormaliseHostTests(SynchronousTestCase):
+    """Every spelling of an IP literal becomes the address it stands for."""
+
+    def test_ipv4_spellings(self) -> None:
+        """Decimal, octal, hex, short forms and a trailing dot all mean 127.0.0.1."""
+        for spelling in (
+            "127.0.0.1", "2130706433", "0x7f000001", "0177.0.0.1", "0x7f.1", "127.1",
+            "127.0.1", "0x7F.0.0.1", "127.0.0.1.", "017700000001", "0x7f.0x0.0.01",
+        ):
+            self.assertEqual(normalise_host(spelling), LOOPBACK, spelling)
+
+    def test_ipv6_literals(self) -> None:
+        """Bracketed IPv6; an IPv4-mapped one is its IPv4 address."""
+        self.assertEqual(normalise_host("[::ffff:127.0.0.1]"), LOOPBACK)
+        self.assertEqual(normalise_host("[::ffff:7f00:1]"), LOOPBACK)
+        self.assertEqual(normalise_host("[::1]"), ipaddress.IPv6Address("::1"))
+
+    def test_names_are_lower_cased(self) -> None:
+        """Names lose case and one trailing dot."""
+        self.assertEqual(normalise_host("API.Partner.Test."), "api.partner.test")
+
+    def test_invalid_hosts(self) -> None:
+        """Malformed literals and names are refused, never guessed."""
+        for bad in (
+            "256.0.0.1", "1.2.3.4.5", "0x1g.1", "08.0.0.1", "a..b", "-a.test", "[::1",
+            "[fe80::1%eth0]", "foo.123", "4294967296", "", "a b",
+        ):
+            with self.assertRaises(BadHost, msg=bad):
+                normalise_host(bad)
+
+    def test_authority(self) -> None:
+        """host:port with defaults; CONNECT (no default) needs a port."""
+        self.assertEqual(parse_authority("Example.test", 80), ("example.test", 80))
+        self.assertEqual(parse_authority("[::1]:8443", None), (ipaddress.IPv6Address("::1"), 8443))
+        self.assertEqual(parse_authority("0x7f.1:443", None), (LOOPBACK, 443))
+        for bad in ("example.test", "example.test:0", "example.test:99999", "[::1]x"):
+            with self.assertRaises(BadHost, msg=bad):
+                parse_authority(bad, None)
+
+    @given(st.integers(min_value=0, max_value=2**32 - 1))
+    def test_decimal_and_hex_agree(self, value: int) -> None:
+        """A 32-bit number in decimal or hex is the same address as its dotted quad."""
+        expected = ipaddress.IPv4Address(value)
+        self.assertEqual(normalise_host(str(value)), expected)
+        self.assertEqual(normalise_host(hex(value)), expected)
+        self.assertEqual(normalise_host(str(expected)), expected)
+
+
+class GuardTests(SynchronousTestCase):
+    """The default blocked ranges, their IPv6 embeddings, and exceptions."""
+
+    guard = AddressGuard.from_strings(DEFAULT_BLOCKED)
+
+    def test_blocked_by_default(self) -> None:
+        """Loopback, RFC 1918, link-local (metadata), CGNAT, multicast, ULA and embeddings."""
+        for text in (
+            "127.0.0.1", "10.1.2.3", "172.16.0.1", "172.31.255.255", "192.168.1.1",
+            "169.254.169.254", "100.64.0.1", "224.0.0.1", "255.255.255.255", "0.0.0.0",
+            "::1", "::", "fe80::1", "fc00::1", "fd12:3456::1", "ff02::1",
+            "::ffff:10.0.0.1", "::ffff:169.254.169.254", "2002:7f00:1::", "2002:a9fe:a9fe::1",
+            "64:ff9b::7f00:1", "::127.0.0.1",
+        ):
+            self.assertTrue(self.guard.blocked_address(ipaddress.ip_address(text)), text)
+
+    def test_public_addresses_pass(self) -> None:
+        """Public addresses (and 6to4 / NAT64 forms of public IPv4) are not blocked."""
+        for text in ("8.8.8.8", "172.32.0.1", "100.128.0.1", "2001:4860::8888",
+                     "2002:0808:0808::1", "64:ff9b::808:808", "::ffff:8.8.8.8"):
+            self.assertFalse(self.guard.blocked_address(ipaddress.ip_address(text)), text)
+
+    def test_exceptions(self) -> None:
+        """An exception lets an address through, in its IPv4-mapped form too; not its neighbours."""
+        guard = AddressGuard.from_strings(DEFAULT_BLOCKED, ["127.0.0.1/32"])
+        self.assertFalse(guard.blocked_address(LOOPBACK))
+        self.assertFalse(guard.blocked_address(ipaddress.ip_address("::ffff:127.0.0.1")))
+        self.assertTrue(guard.blocked_address(ipaddress.ip_address("127.0.0.2")))
+        self.assertTrue(guard.blocked_address(ipaddress.ip_address("::1")))
+
+
+class AllowRuleTests(SynchronousTestCase):
+    """Allowlist patterns and ports."""
+
+    def test_patterns(self) -> None:
+        """Exact names, subdomain wildcards, port lists, any port, literals in any spelling."""
+        exact = parse_allow_rule("api.partner.test:443")
+        self.assertTrue(exact.matches("api.partner.test", 443))
+        self.assertFalse(exact.matches("api.partner.test", 80))
+        self.assertFalse(exact.matches("x.api.partner.test", 443))
+        wild = parse_allow_rule("*.Partner.test:80,443")
+        self.assertTrue(wild.matches("a.b.partner.test", 80))
+        self.assertFalse(wild.matches("partner.test", 80))
+        self.assertFalse(wild.matches("evilpartner.test", 80))
+        default = parse_allow_rule("api.partner.test")
+        self.assertEqual(default.ports, frozenset({80, 443}))
+        self.assertIsNone(parse_allow_rule("api.partner.test:*").ports)
+        literal = parse_allow_rule("127.0.0.1:8080")
+        self.assertTrue(literal.matches(normalise_host("0x7f.1"), 8080))
+        self.assertTrue(parse_allow_rule("[::1]:443").matches(ipaddress.IPv6Address("::1"), 443))
+        for bad in ("api.test:http", "*.127.0.0.1", "api.test:0", "[::1]443"):
+            with self.assertRaises(BadHost, msg=bad):
+                parse_allow_rule(bad)
+
+
+class ForwardProxyKindTests(SynchronousTestCase):
+    """The `forward-proxy` policy kind's defaults and config errors."""
+
+    def build(self, **config: object) -> ForwardProxyConfig:
+        """Build a binding's config."""
+        return KIND.build(dict(config), BuildContext(binding="b", api="a"))
+
+    def test_default_deny(self) -> None:
+        """Without allowedDestinations nothing is allowed."""
+        config = self.build()
+        self.assertIsNotNone(config.check("api.partner.test", 443, connect=True))
+
+    def test_checks(self) -> None:
+        """CONNECT ports, plain HTTP switch, allowlist, literal addresses in blocked ranges."""
+        config = self.build(allowedDestinations=["*:*"])
+        self.assertIsNone(config.check("a.test", 443, connect=True))
+        self.assertEqual(config.check("a.test", 22, connect=True).cause, "egress_denied")
+        self.assertIsNone(config.check("a.test", 8080, connect=False))
+        self.assertIsNotNone(config.check(LOOPBACK, 443, connect=True))
+        no_http = self.build(allowedDestinations=["*:*"], allowPlainHttp=False)
+        self.assertIsNotNone(no_http.check("a.test", 80, connect=False))
+        excepted = self.build(allowedDestinations=["*:*"], blockedAddressExceptions=["127.0.0.0/8"])
+        self.assertIsNone(excepted.check(LOOPBACK, 443, connect=True))
+
+    def test_config_errors_name_the_field(self) -> None:
+        """A bad pattern or range is a config error at its index."""
+        with self.assertRaises(PolicyConfigError) as caught:
+            self.build(allowedDestinations=["ok.test", "bad..test"])
+        self.assertEqual(caught.exception.field, "allowedDestinations.1")
+        with self.assertRaises(PolicyConfigError) as caught:
+            self.build(blockedAddressExceptions=["10.0.0.0/33"])
+        self.assertEqual(caught.exception.field, "blockedAddressExceptions.0")
