@@ -69,19 +69,9 @@ class ForwardProxy:
 
 def resolve_forward_proxy(configurations: Sequence[Any], problems: list[Problem]) -> ForwardProxy | None:
     """The forward proxy of the last Configuration that has one (None: connect directly)."""
-    from flexgw.config.resolve import _origin  # resolve imports this module
+    from flexgw.config.resolve import last_configuration_block  # resolve imports this module
 
-    chosen: tuple[Any, Any] | None = None
-    for resource in configurations:
-        block = resource.spec.get("forwardProxy")
-        if not isinstance(block, dict):
-            continue
-        origin = _origin(resource, ("spec", "forwardProxy"))
-        if chosen is not None and chosen[0] != block:
-            problems.append(
-                origin.problem("warning", f"overrides the value set in {chosen[1].resource}")
-            )
-        chosen = (block, origin)
+    chosen = last_configuration_block(configurations, "forwardProxy", problems)
     if chosen is None:
         return None
     block, origin = chosen

@@ -131,20 +131,10 @@ def resolve_logging(
     configurations: Sequence[Any], environ: Mapping[str, str], problems: list[Problem]
 ) -> LoggingSettings:
     """The logging settings of the last Configuration with `logging`, FLEX_LOG_LEVEL otherwise."""
-    from flexgw.config.resolve import _origin  # resolve imports this module
+    from flexgw.config.resolve import last_configuration_block  # resolve imports this module
 
     env_level = level_from_env(environ, problems)
-    chosen: tuple[Any, Any] | None = None
-    for resource in configurations:
-        block = resource.spec.get("logging")
-        if not isinstance(block, dict):
-            continue
-        origin = _origin(resource, ("spec", "logging"))
-        if chosen is not None and chosen[0] != block:
-            problems.append(
-                origin.problem("warning", f"overrides the value set in {chosen[1].resource}")
-            )
-        chosen = (block, origin)
+    chosen = last_configuration_block(configurations, "logging", problems)
     if chosen is None:
         return LoggingSettings(runtime_level=env_level)
     block, origin = chosen

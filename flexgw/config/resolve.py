@@ -149,6 +149,25 @@ def _origin(resource: Resource, path: FieldPath = ()) -> Origin:
     return Origin(resource.document, path, str(resource.id))
 
 
+def last_configuration_block(
+    configurations: Sequence[Resource], key: str, problems: list[Problem]
+) -> tuple[dict[str, Any], Origin] | None:
+    """`spec.<key>` of the last Configuration that has it, whole (a block is not merged key by
+    key), and where it is; a different earlier block gets an "overrides" warning."""
+    chosen: tuple[dict[str, Any], Origin] | None = None
+    for resource in configurations:
+        block = resource.spec.get(key)
+        if not isinstance(block, dict):
+            continue
+        origin = _origin(resource, ("spec", key))
+        if chosen is not None and chosen[0] != block:
+            problems.append(
+                origin.problem("warning", f"overrides the value set in {chosen[1].resource}")
+            )
+        chosen = (block, origin)
+    return chosen
+
+
 def _rules(raw: Any) -> tuple[RuleSpec, ...]:
     """Rules as written; an empty rule list, or any rule without conditions, matches everything."""
     if not raw:

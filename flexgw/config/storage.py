@@ -47,19 +47,9 @@ def resolve_shared_storage(
     configurations: Sequence[Any], problems: list[Problem]
 ) -> SharedStorage | None:
     """The shared storage of the last Configuration that has `sharedStorage` (None: local)."""
-    from flexgw.config.resolve import _origin  # resolve imports this module
+    from flexgw.config.resolve import last_configuration_block  # resolve imports this module
 
-    chosen: tuple[Any, Any] | None = None
-    for resource in configurations:
-        block = resource.spec.get("sharedStorage")
-        if not isinstance(block, dict):
-            continue
-        origin = _origin(resource, ("spec", "sharedStorage"))
-        if chosen is not None and chosen[0] != block:
-            problems.append(
-                origin.problem("warning", f"overrides the value set in {chosen[1].resource}")
-            )
-        chosen = (block, origin)
+    chosen = last_configuration_block(configurations, "sharedStorage", problems)
     if chosen is None:
         return None
     block, origin = chosen
