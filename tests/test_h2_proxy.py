@@ -446,7 +446,37 @@ class LargeBodyTests(_Base):
 
 
 class TrailerTests(_Base):
-    """Trailers of an HTTP/1.1 upstream's chunked response."""
+    """Trailers of an HTTP/1.1 upstream's chunked response, and of an h2 client's request."""
+
+    async def test_request_trailers_h2_to_h2(self) -> None:
+        """An h2 client's request trailers reach an h2 upstream as trailing HEADERS (framing
+        fields left out), after the whole body."""
+        _gateway, upstream, port = self.start(echo(), upstream_h2=True)
+        conn = await self.h2_client(port)
+        call = conn.request(b"POST", b"/t", [(b"te", b"trailers")], body=b"data", end=False)
+        conn.send_trailers(call.stream_id, [(b"x-checksum", b"abc"), (b"content-length", b"9")])
+        await call.done
+        self.assertEqual((call.status, bytes(call.body)), (200, b"data"))
+        self.assertEqual(upstream.received[0].body, b"data")
+        self.assertEqual(upstream.connections[0].trailers_received, [[(b"x-checksum", b"abc")]])
+        # Trailers that come once the request is already streaming upstream.
+        late = conn.request(b"POST", b"/late", body=b"more", end=False)
+        await upstream.wait_for_heads(2)
+        conn.send_trailers(late.stream_id, [(b"x-late", b"1")])
+        await late.done
+        self.assertEqual((late.status, bytes(late.body)), (200, b"more"))
+        self.assertEqual(upstream.connections[0].trailers_received[-1], [(b"x-late", b"1")])
+
+    async def test_request_trailers_h2_to_h1(self) -> None:
+        """They reach an HTTP/1.1 upstream in the last chunk of the chunked request."""
+        _gateway, upstream, port = self.start(echo(), upstream_h2=False)
+        conn = await self.h2_client(port)
+        call = conn.request(b"POST", b"/t", body=b"data", end=False)
+        conn.send_trailers(call.stream_id, [(b"x-checksum", b"abc")])
+        await call.done
+        self.assertEqual((call.status, bytes(call.body)), (200, b"data"))
+        seen = upstream.received[0]
+        self.assertTrue(seen.raw.endswith(b"0\r\nx-checksum: abc\r\n\r\n"), seen.raw)
 
     async def test_h1_trailers_to_h2(self) -> None:
         """They reach an h2 client as trailing HEADERS (framing fields left out)."""

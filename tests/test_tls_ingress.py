@@ -99,7 +99,8 @@ class InboundTLSTests(TestCase):
         return conn
 
     async def assert_refused(self, options: Any) -> None:
-        """The handshake fails: no HTTP response ever comes back."""
+        """The handshake fails: no HTTP response ever comes back, nothing reaches the upstream."""
+        before = len(self.upstream.received)
         conn = await client.connect(reactor, "127.0.0.1", self.port, tls=options)
         conn.send(GET)
         refused = False
@@ -110,7 +111,7 @@ class InboundTLSTests(TestCase):
             refused = True
         self.assertTrue(refused, "the handshake was expected to fail")
         await conn.wait_closed()
-        self.assertEqual(self.upstream.received, [])
+        self.assertEqual(len(self.upstream.received), before)
 
     async def test_https_request_proxied(self) -> None:
         """A TLS client is served; the upstream sees X-Forwarded-Proto: https and no XFCC."""
@@ -158,6 +159,23 @@ class InboundTLSTests(TestCase):
             lowerMaximumSecurityTo=ssl.TLSVersion.TLSv1_1,
         )
         await self.assert_refused(options)
+
+    async def test_minversion_11_when_configured(self) -> None:
+        """`minversion: "1.1"` with its ciphers listed (Flex's rule) lets a TLS 1.1 client in,
+        with a warning; a cipher not listed is still refused."""
+        gateway = self.start(
+            'minversion: "1.1"\n'
+            "ciphers: [TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA, TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256]\n"
+        )
+        warnings = [str(p) for p in gateway.service.state.problems if p.severity == "warning"]
+        self.assertTrue(any("TLS 1.1 is allowed" in w for w in warnings), warnings)
+        from OpenSSL import SSL
+
+        conn = await self.connect(_Raw(SSL.TLS1_1_VERSION, "ALL"))
+        conn.send(GET)
+        self.assertEqual((await conn.read_response()).status, 200)
+        self.assertEqual(conn.transport.getHandle().get_protocol_version_name(), "TLSv1.1")
+        await self.assert_refused(_Raw(SSL.TLS1_1_VERSION, "ECDHE-ECDSA-AES256-SHA"))
 
     async def test_maxversion_12(self) -> None:
         """`maxversion: "1.2"`: a TLS 1.3-only client is refused, a 1.2 client served."""
@@ -346,6 +364,25 @@ class InboundTLSTests(TestCase):
         )
         self.assertNotEqual(code, 0)
         self.assertEqual(len(self.upstream.received), 1)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _Raw:
+    """A client of exactly one TLS version offering `ciphers` (security level 0), verifying nothing."""
+
+    def __init__(self, version: int, ciphers: str) -> None:
+        from OpenSSL import SSL
+
+        self.context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        self.context.set_min_proto_version(version)
+        self.context.set_max_proto_version(version)
+        self.context.set_cipher_list(ciphers.encode("ascii") + b":@SECLEVEL=0")
+
+    def clientConnectionForTLS(self, tls_protocol: Any) -> Any:
+        """The OpenSSL connection."""
+        from OpenSSL import SSL
+
+        return SSL.Connection(self.context, None)
 
 
 @implementer(IOpenSSLClientConnectionCreator)

@@ -540,6 +540,14 @@ def _port_tls(
         assert other.certificate is not None
         others.append(other.certificate)
         others.extend(spec.certificates)
+    if settings.min_version < (1, 2):
+        problems.append(
+            first_spec.tls[0].origin.problem(
+                "warning",
+                f"TLS 1.1 is allowed on port {first_spec.address.port} (OpenSSL security level 0 "
+                "there: only the listed ciphers protect it)",
+            )
+        )
     if not any(name.encode("ascii") in alpn.SERVED_ALPN for name in settings.alpn):
         problems.append(
             _tls_origin(first_spec).problem(

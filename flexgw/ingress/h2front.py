@@ -47,7 +47,14 @@ from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
 from flexgw.http.headers import HOP_BY_HOP, HeaderList, response_headers_for_downstream
 from flexgw.http.request import BODY_CHUNKED, BODY_NONE, RequestHead, analyze_head
-from flexgw.ingress.exchange import DONE, NOT_TRAILERS, RESPONDING, ProxyExchange
+from flexgw.ingress.exchange import (
+    CONNECTING,
+    DONE,
+    NOT_TRAILERS,
+    RESPONDING,
+    SENDING,
+    ProxyExchange,
+)
 from flexgw.ingress.routing import RouteMatch, select_route
 from flexgw.policies.base import LocalResponse
 from flexgw.upstream.connection import BACKPRESSURE
@@ -381,11 +388,43 @@ class H2Stream:
 
 
 class H2Exchange(ProxyExchange):
-    """A ProxyExchange whose response goes out on an HTTP/2 stream."""
+    """A ProxyExchange whose response goes out on an HTTP/2 stream (and whose request may end
+    with trailer fields, passed on in the last chunk of the chunked upstream request)."""
 
-    __slots__ = ()
+    __slots__ = ("request_trailers",)
 
     front: H2Stream  # type: ignore[assignment]
+
+    def __init__(self, front: Any, head: RequestHead, started: float) -> None:
+        super().__init__(front, head, started)
+        self.request_trailers: HeaderList | None = None
+
+    def upstream_ready(self, conn: Any, reused: bool) -> None:
+        """As ProxyExchange's; a request already complete with trailers gets them in its last
+        chunk (ProxyExchange would write a bare terminator)."""
+        if (
+            self.request_trailers
+            and self.request_complete
+            and self.head.body == BODY_CHUNKED
+            and self.state == CONNECTING
+        ):
+            self.request_complete = False
+            super().upstream_ready(conn, reused)
+            self.request_complete = True
+            if self.state == SENDING and self.conn is conn:
+                self._finish_request()
+            return
+        super().upstream_ready(conn, reused)
+
+    def _finish_request(self, terminated: bool = False) -> None:
+        trailers = self.request_trailers
+        if trailers and self.head.body == BODY_CHUNKED and not terminated:
+            lines = [b"0\r\n"]
+            lines.extend(name + b": " + value + b"\r\n" for name, value in trailers)
+            lines.append(b"\r\n")
+            send_now(self.conn.transport, b"".join(lines))  # type: ignore[union-attr]
+            terminated = True
+        super()._finish_request(terminated)
 
     def response_interim(self, status: int, headers: HeaderList) -> None:
         """Relay 100 Continue and 103 Early Hints as informational HEADERS."""
@@ -583,7 +622,10 @@ class H2Protocol(Protocol):
             elif kind is events.StreamReset:
                 self._reset(event)
             elif kind is events.TrailersReceived:
-                # Request trailers are not forwarded (HTTP/1.1 upstream requests carry none).
+                stream = self.streams.get(event.stream_id)
+                if stream is not None and stream.exchange is not None:
+                    kept = [(n, v) for n, v in event.headers if n not in NOT_TRAILERS]
+                    stream.exchange.request_trailers = kept or None
                 if event.stream_ended is not None:
                     self._ended(event.stream_id)
             elif kind is events.ConnectionTerminated:

@@ -12,7 +12,10 @@ One Redis hash per key, named `<namespace><key value>`; the namespace is made by
 the API, the binding and a fingerprint of its limits (`flexgw:rl:<api>:<binding>:<fp>:`), so a
 binding whose limits change starts from zero, as with the memory store. Fields `1`, `2`, ... hold
 `end_0, count_0, end_1, count_1, ...` (window ends in milliseconds). The key expires (PEXPIRE,
-relative, so Redis's own clock is irrelevant) when its last window ends.
+relative, so Redis's own clock is irrelevant) 5 s after its last window ends: the script itself
+restarts ended windows, so the margin changes no count; it only keeps a key from vanishing early
+when the caller's clock and real time drift apart (a replica whose clock lags, or a slow caller
+whose requests are far apart in real time but not on its clock).
 
 Window times come from the clock the store is given (the gateway's reactor), passed to the script
 as an argument: replicas sharing a Redis should keep their clocks in sync (NTP); a skew of `s`
@@ -471,7 +474,7 @@ for i = 1, n do
   out[#out + 1] = ends[i] - now
 end
 redis.call('HSET', key, unpack(set))
-redis.call('PEXPIRE', key, last - now)
+redis.call('PEXPIRE', key, last - now + 5000)
 return out
 """
 HIT_SCRIPT_SHA = hashlib.sha1(HIT_SCRIPT.encode("utf-8")).hexdigest()

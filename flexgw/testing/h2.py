@@ -108,6 +108,7 @@ class H2cExchange(Exchange):
         self.ended = True
         self.queue.clear()
         self.connection.reset_stream(self.stream_id, code)
+        self.connection.exchanges.pop(self.stream_id, None)
 
     def pump(self) -> None:
         """Send what the windows allow; END_STREAM (or trailers) after the last byte."""
@@ -135,6 +136,8 @@ class H2cExchange(Exchange):
         except H2Error:
             self.ended = True
         self.connection.flush()
+        if self.ended and self.request.complete:
+            self.connection.exchanges.pop(self.stream_id, None)  # done: no more pumping
 
 
 class H2cUpstreamConnection(protocol.Protocol):
@@ -157,6 +160,7 @@ class H2cUpstreamConnection(protocol.Protocol):
         self.on_lost: list[Any] = []
         self.lost: defer.Deferred[None] = defer.Deferred()
         self.goaway_received = False
+        self.trailers_received: list[Headers] = []  # request trailers, in arrival order
         self._streamers: list[Any] = []
         self.conn = H2Connection(H2Configuration(client_side=False, header_encoding=None))
 
@@ -310,6 +314,7 @@ class H2cUpstreamConnection(protocol.Protocol):
             ex = self.exchanges.get(event.stream_id)
             if ex is not None:
                 ex.request_trailers = list(event.headers)
+                self.trailers_received.append(ex.request_trailers)
                 if event.stream_ended is not None:
                     self._complete(ex)
         elif kind is events.StreamEnded:
@@ -317,7 +322,7 @@ class H2cUpstreamConnection(protocol.Protocol):
             if ex is not None and not ex.request.complete:
                 self._complete(ex)
         elif kind is events.StreamReset:
-            ex = self.exchanges.get(event.stream_id)
+            ex = self.exchanges.pop(event.stream_id, None)
             if ex is not None:
                 ex.reset_code = event.error_code
                 ex.ended = True
@@ -336,6 +341,8 @@ class H2cUpstreamConnection(protocol.Protocol):
             req._body_buf = None
         self.factory.responder.on_complete(ex)
         self.factory._request_complete(req)
+        if ex.ended:
+            self.exchanges.pop(ex.stream_id, None)  # answered before the request ended
 
 
 # --------------------------------------------------------------------------- client
@@ -400,6 +407,7 @@ class H2Client(protocol.Protocol):
         self.errors: list[Exception] = []
         self._send_queues: dict[int, deque[bytes]] = {}
         self._ending: set[int] = set()
+        self._trailers: dict[int, Headers] = {}
 
     def connectionMade(self) -> None:
         """Preface and SETTINGS."""
@@ -460,6 +468,11 @@ class H2Client(protocol.Protocol):
             self._ending.add(stream_id)
         self._pump(stream_id)
 
+    def send_trailers(self, stream_id: int, trailers: Sequence[tuple[bytes, bytes]]) -> None:
+        """End a request stream with trailer fields (after its queued body)."""
+        self._trailers[stream_id] = list(trailers)
+        self.send(stream_id, b"", end=True)
+
     def end(self, stream_id: int) -> None:
         """End a request stream."""
         self.send(stream_id, b"", end=True)
@@ -482,7 +495,11 @@ class H2Client(protocol.Protocol):
             if not queue and stream_id in self._ending:
                 self._ending.discard(stream_id)
                 del self._send_queues[stream_id]
-                conn.end_stream(stream_id)
+                trailers = self._trailers.pop(stream_id, None)
+                if trailers is not None:
+                    conn.send_headers(stream_id, trailers, end_stream=True)
+                else:
+                    conn.end_stream(stream_id)
         except H2Error as exc:
             self.errors.append(exc)
             self._send_queues.pop(stream_id, None)

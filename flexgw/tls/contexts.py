@@ -82,6 +82,10 @@ def _server_options(
         kwargs["contextForServerName"] = sni
     options = ssl.CertificateOptions(**kwargs)
     context = options.getContext()  # built now: a bad key or cipher list is a config error
+    if settings.min_version < (1, 2):
+        # `minversion: "1.1"` (Flex allows it, with its ciphers listed): OpenSSL 3+ refuses
+        # TLS 1.1 above security level 0, so the port's configured list gets that level.
+        context.set_cipher_list(settings.openssl_ciphers.encode("ascii") + b":@SECLEVEL=0")
     if settings.trusted_ca:
         context.set_client_ca_list([ca.get_subject() for ca in kwargs["caCerts"]])
     return options

@@ -99,6 +99,7 @@ class H2UpstreamStream:
         self.in_head = True
         self.head_only = False
         self.queue: deque[bytes] = deque()  # request body waiting for the upstream's window
+        self.trailers: HeaderList | None = None  # request trailers, sent after the body
         self.request_ended = False  # the request message is complete (END_STREAM due)
         self.end_sent = False
         self.producer: Any = None
@@ -190,9 +191,13 @@ class H2UpstreamStream:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        """A request header (trailer fields of a chunked request are not written by exchanges)."""
+        """A request header, or a trailer field of the chunked request (sent as trailers)."""
         if self.in_head:
             self.headers.append((name, value))
+        elif self.trailers is None:
+            self.trailers = [(name.lower(), value)]
+        else:
+            self.trailers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         """The head: HEADERS on a new stream."""
@@ -262,12 +267,15 @@ class H2UpstreamStream:
                 else:
                     queue[0] = data[window:]
                     data = data[:window]
-                end = not queue and self.request_ended
+                end = not queue and self.request_ended and not self.trailers
                 conn.send_data(self.stream_id, data, end_stream=end)
                 if end:
                     self.end_sent = True
             if not queue and self.request_ended and not self.end_sent:
-                conn.end_stream(self.stream_id)
+                if self.trailers:
+                    conn.send_headers(self.stream_id, self.trailers, end_stream=True)
+                else:
+                    conn.end_stream(self.stream_id)
                 self.end_sent = True
         except H2Error:
             return  # the upstream reset the stream; its StreamReset event reports it
