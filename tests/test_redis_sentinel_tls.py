@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 from flexgw.config.pipeline import load_config
 from flexgw.config.plan import RedisSentinel
 from flexgw.storage.interfaces import RateLimit
-from flexgw.storage.redis import RedisClient, RedisRateLimitStore, RedisUnavailable
+from flexgw.storage.redis import RedisClient, RedisError, RedisRateLimitStore, RedisUnavailable
 from flexgw.testing import client
 from flexgw.testing.certs import CertificateAuthority
 from flexgw.testing.upstream import RecordingUpstream
@@ -218,6 +218,22 @@ class SentinelClientTests(TestCase):
         self.assertIn("is not a master", str(caught.exception))
 
 
+class FixedAddressReadonlyTests(TestCase):
+    """Without sentinels, a READONLY reply is an error like any other: the connection is kept."""
+
+    async def test_replica_address_keeps_connection(self) -> None:
+        """`address` naming a replica: the write fails with READONLY, no reconnection happens."""
+        master = start(self, RedisServer())
+        replica = start(self, RedisServer(extra=("--replicaof", "127.0.0.1", str(master.port))))
+        redis = RedisClient(reactor, "127.0.0.1", replica.port)
+        self.addCleanup(redis.close)
+        with self.assertRaises(RedisError) as caught:
+            await redis.execute("SET", "k", "v")
+        self.assertTrue(str(caught.exception).startswith("READONLY"))
+        self.assertEqual(await redis.execute("PING"), "PONG")
+        self.assertEqual(redis.connections, 1)
+
+
 class SentinelFailoverTests(TestCase):
     """A failover done by a real sentinel, promoting a real replica."""
 
@@ -308,6 +324,18 @@ class TLSClientTests(TLSCase):
         self.assertIn("certificate verify failed", str(caught.exception))
         self.assertEqual(redis.connections, 0)
         self.assertIsNotNone(redis._retry_at)  # a failed attempt: the next one waits
+
+    async def test_certificate_for_another_host_refused(self) -> None:
+        """Signed by the trusted CA but issued for 127.0.0.2: refused for 127.0.0.1 (the
+        certificate is checked against the host connected to); skipValidation accepts it."""
+        cert, key = self.ca.issue("elsewhere", ips=["127.0.0.2"]).write(self.dir, "elsewhere")
+        server = start(self, RedisServer(tls=(cert, key, self.ca_file)))
+        redis = self.tls_client(server.port, {"trustedCA": f"file://{self.ca_file}"})
+        with self.assertRaises(RedisUnavailable):
+            await redis.execute("PING")
+        self.assertEqual(redis.connections, 0)
+        unverified = self.tls_client(server.port, {"skipValidation": True})
+        self.assertEqual(await unverified.execute("PING"), "PONG")
 
     async def test_skip_validation(self) -> None:
         """skipValidation accepts the certificate of an unknown CA."""

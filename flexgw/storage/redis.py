@@ -264,7 +264,10 @@ class RedisClient:
         return failure
 
     def _readonly(self, protocol: RespProtocol) -> None:
-        """A READONLY reply: this server is a replica now; drop the connection."""
+        """A READONLY reply: this server is a replica now; with sentinels, drop the connection
+        (the next one goes to the master they name). A fixed `address` is kept as it is."""
+        if self.sentinel is None:
+            return
         if self._protocol is protocol:
             self._protocol = None
             _log.warn("Redis {master} answered READONLY: asking the sentinels again",
