@@ -35,7 +35,8 @@ Deliberate differences from Flex:
   Redis shares the quota. Otherwise (no shared storage, or `clusterizable: false`) the
   in-process `MemoryRateLimitStore` (bounded memory: see `flexgw.storage.memory`), so quotas are
   per gateway process, which is what Flex does without Redis. `blockOnUnknownQuota` applies when
-  the store cannot answer (Redis unreachable, timed out, refused AUTH): true refuses with the
+  the store cannot answer (Redis unreachable, timed out, refused AUTH, its TLS certificate not
+  trusted, no sentinel naming a reachable master): true refuses with the
   same 429, false lets the request through; both log the failure. The memory store always
   answers. Under `--workers N` (N > 1) without Redis, the counters are held by the supervisor
   process and reached over AMP (`flexgw.storage.supervised`), so the quota is exact across the
