@@ -655,6 +655,8 @@ def main(argv: list[str] | None = None) -> int:
 
             sessions = {
                 "flexgw": dict(procs.children).get("gateway"),
+                "flexgw+pol": dict(procs.children).get("gateway-policies"),
+                "flexgw-tls": dict(procs.children).get("gateway-tls"),
                 f"flexgw-w{args.workers}": dict(procs.children).get("gateway-workers"),
             }
             for name, port in targets:
@@ -737,6 +739,13 @@ def summarise(results: dict[str, dict[str, Any]], connections: int) -> dict[str,
         summary["rps_ratio_tls_over_flexgw"] = results["flexgw-tls"]["c50"]["rps"] / results["flexgw"]["c50"]["rps"]
     if "flexgw" in results and "flexgw+pol" in results:
         summary["rps_ratio_policies_over_flexgw"] = results["flexgw+pol"]["c50"]["rps"] / results["flexgw"]["c50"]["rps"]
+    # The same costs as gateway CPU time per request (plain / other): the process's own CPU
+    # seconds, so less sensitive than req/s to other tenants' load between the runs.
+    for name, key in (("flexgw+pol", "policies"), ("flexgw-tls", "tls")):
+        plain = results.get("flexgw", {}).get("c50", {}).get("cpu_us_per_req")
+        other = results.get(name, {}).get("c50", {}).get("cpu_us_per_req")
+        if plain and other:
+            summary[f"cpu_ratio_{key}_over_flexgw"] = plain / other
     for name in results:
         if name.startswith("flexgw-w") and "flexgw" in results:
             summary["rps_ratio_workers_over_flexgw"] = results[name]["c50"]["rps"] / results["flexgw"]["c50"]["rps"]
@@ -787,6 +796,9 @@ def print_table(results: dict[str, dict[str, Any]], summary: dict[str, Any], inf
         used = ", ".join(info.get("policies", []))
         print(f"flexgw with policies ({used}) / flexgw req/s at {connections} connections: "
               f"{ratio:.3f}  (target >= 0.7)")
+        if "cpu_ratio_policies_over_flexgw" in summary:
+            print(f"  as gateway CPU per request (flexgw / with policies): "
+                  f"{summary['cpu_ratio_policies_over_flexgw']:.3f}")
         if info.get("policies_missing"):
             print("NOTE: policy kinds not available, left out: " + ", ".join(info["policies_missing"]))
     for key in ("m1", "m10"):
@@ -809,6 +821,8 @@ def print_table(results: dict[str, dict[str, Any]], summary: dict[str, Any], inf
     if "rps_ratio_tls_over_flexgw" in summary:
         ratio = summary["rps_ratio_tls_over_flexgw"]
         print(f"flexgw over TLS / flexgw plain HTTP req/s at {connections} connections: {ratio:.3f}")
+        if "cpu_ratio_tls_over_flexgw" in summary:
+            print(f"  as gateway CPU per request (plain / TLS): {summary['cpu_ratio_tls_over_flexgw']:.3f}")
     busy = info.get("cpu_busy_before_pct") or {}
     if any(v > 15 for v in busy.values()):
         print("NOTE: CPUs were busy before the run: "

@@ -95,6 +95,24 @@ class SummaryTests(unittest.TestCase):
         self.assertAlmostEqual(summary["rps_ratio_workers_over_flexgw"], 1.75)
         self.assertNotIn("rps_ratio_workers_over_flexgw", bench.summarise({"flexgw-w2": results["flexgw-w2"]}, 50))
 
+    def test_cpu_ratios(self) -> None:
+        """Policies and TLS are also reported as gateway CPU per request, plain over other;
+        without CPU figures there is no such ratio."""
+        def run(rps: float, cpu_us: float | None) -> dict[str, float | None]:
+            return {"rps": rps, "p50_ms": 1.0, "non_2xx": 0, "socket_errors": 0,
+                    "cpu_us_per_req": cpu_us}
+
+        results = {
+            "flexgw": {"c50": run(15000, 60.0), "c1": run(4000, None)},
+            "flexgw+pol": {"c50": run(11000, 75.0), "c1": run(3900, None)},
+            "flexgw-tls": {"c50": run(9000, 96.0), "c1": run(3800, None)},
+        }
+        summary = bench.summarise(results, 50)
+        self.assertAlmostEqual(summary["cpu_ratio_policies_over_flexgw"], 0.8)
+        self.assertAlmostEqual(summary["cpu_ratio_tls_over_flexgw"], 0.625)
+        results["flexgw"]["c50"]["cpu_us_per_req"] = None
+        self.assertNotIn("cpu_ratio_policies_over_flexgw", bench.summarise(results, 50))
+
 
 class CpuTests(unittest.TestCase):
     """session_cpu_seconds sums the CPU time of a session's processes."""
