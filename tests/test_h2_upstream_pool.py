@@ -81,3 +81,18 @@ class H2PoolTests(TestCase):
         self.assertIsNone(waiter.stream)
         self.assertIsNotNone(waiter.failure)
         self.assertEqual((self.pool.connecting, self.pool.connections), (0, []))
+
+
+class H2PoolIdleTimeoutTests(TestCase):
+    """The HTTP/2 pool keeps idle connections as long as the plain pool would."""
+
+    def test_service_idle_timeout_applies(self) -> None:
+        """`idle-timeout-flex` on the Service (Upstream.idle_timeout) wins over the gateway's
+        upstream idle timeout, as for HTTP/1.1 pools; without it, the gateway's applies."""
+        reactor = MemoryReactorClock()
+        bound = Upstream(key="default/up", scheme="h2c", host="127.0.0.1", port=8080, idle_timeout=7.5)
+        pool = H2UpstreamPool(reactor, reactor, bound, HttpSettings(), Timeouts(upstream_idle=60.0))
+        self.assertEqual(pool.idle_timeout, 7.5)
+        unbound = Upstream(key="default/up", scheme="h2c", host="127.0.0.1", port=8080)
+        pool = H2UpstreamPool(reactor, reactor, unbound, HttpSettings(), Timeouts(upstream_idle=60.0))
+        self.assertEqual(pool.idle_timeout, 60.0)

@@ -625,7 +625,7 @@ class H2UpstreamPool:
         self.upstream = upstream
         self.max_idle = http.max_idle_per_upstream
         self.connect_timeout = http.connect_timeout
-        self.idle_timeout = timeouts.upstream_idle
+        self.idle_timeout = upstream.idle_timeout or timeouts.upstream_idle  # idle-timeout-flex
         self.connections: list[H2UpstreamConnection] = []
         self.attempts: list[_Connect] = []
         self.active = 0
