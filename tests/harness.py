@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import socket
 import textwrap
 from typing import Any
@@ -16,12 +17,34 @@ from flexgw.http.accesslog import AccessLog
 from flexgw.service.gateway import GatewayService
 from flexgw.testing.upstream import RecordingUpstream, Responder
 
+#: Ports handed out by free_port(): below Linux's ephemeral range (32768-60999 by default), so
+#: no outgoing connection of any test can take one between free_port() and the bind that follows.
+_PORT_RANGE = (20000, 32768)
+_next_port: int | None = None
+
 
 def free_port() -> int:
-    """A loopback TCP port that is free right now (for config files, which cannot say port 0)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback TCP port that is free right now (for config files, which cannot say port 0).
+
+    Ports come from outside the kernel's ephemeral range, in sequence from a random start per
+    process: the kernel's own choice (bind to port 0) could be handed out again at once, to
+    another trial worker or as the local port of some test's outgoing connection, before the
+    gateway under test binds it.
+    """
+    global _next_port
+    low, high = _PORT_RANGE
+    if _next_port is None:
+        _next_port = random.SystemRandom().randrange(low, high)
+    for _ in range(high - low):
+        port = _next_port
+        _next_port = low if port + 1 >= high else port + 1
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use (or lingering): try the next one
+            return port
+    raise RuntimeError(f"no free port in {low}-{high - 1}")
 
 
 class MemoryStream(io.BytesIO):
