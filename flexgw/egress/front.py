@@ -38,8 +38,8 @@ from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
 from flexgw.http.headers import HeaderList
 from flexgw.http.request import _AUTHORITY, BODY_NONE, RequestHead
-from flexgw.http.tunnel import IDLE_TIMEOUT, Tunnel
-from flexgw.ingress.exchange import BUFFERING, CONNECTING, DONE, POLICIES, ProxyExchange
+from flexgw.http.tunnel import Tunnel
+from flexgw.ingress.exchange import CONNECTING, DONE, POLICIES, ProxyExchange
 from flexgw.ingress.front import CLOSING, UPGRADING, IngressProtocol, _Refused
 from flexgw.ingress.upgrade import MAX_EARLY_BYTES, TUNNEL
 from flexgw.upstream.connection import HELD, ReadGate
@@ -227,14 +227,7 @@ class ForwardExchange(ProxyExchange):
         self.destination = destination
         self.upstream_target = head.path.encode("latin-1") + head.query
         if destination.chain and self._select_policies(api, destination):
-            assert self.chain is not None
-            if head.body != BODY_NONE and any(b.needs_body for b in self.chain.policies):
-                self.state = BUFFERING
-                self.timer = front.clock.callLater(self._stream_idle_timeout(), self._on_timer)
-                if self.request_complete:
-                    self._body_buffered()
-                return
-            self._run_chain()
+            self._start_chain()
             return
         self._connect()
 
@@ -358,15 +351,6 @@ class ForwardExchange(ProxyExchange):
         self.connector = None
         if self.state == CONNECTING:
             self.fail(errors.UPSTREAM_CONNECT_FAILURE)
-
-    def _tunnel_ended(self, tunnel: Tunnel) -> None:
-        """Either side closed, or the tunnel idled out: the access log line, with its bytes."""
-        self.state = DONE
-        self.bytes_in = tunnel.bytes_up
-        self.bytes_out = tunnel.bytes_down
-        if tunnel.ended_by == IDLE_TIMEOUT:
-            self.error_cause = IDLE_TIMEOUT
-        self.front.factory.log_tunnel(self)
 
     def downstream_lost(self) -> None:
         """The client went away: stop a lookup or a connection attempt in progress."""

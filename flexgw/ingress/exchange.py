@@ -23,6 +23,7 @@ from flexgw.http.headers import (
     response_headers_for_downstream,
 )
 from flexgw.http.request import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, RequestHead
+from flexgw.http.tunnel import IDLE_TIMEOUT, Tunnel
 from flexgw.ingress.routing import remaining_path, rules_match
 from flexgw.policies.base import LocalResponse, PolicyContext
 from flexgw.policies.chain import ChainRun
@@ -134,16 +135,20 @@ class ProxyExchange:
             + head.query
         )
         if match.destination.chain and self._select_policies(api, match.destination):
-            if head.body != BODY_NONE and any(b.needs_body for b in self.chain.policies):
-                # A policy reads the body: receive it whole (bounded) before the chain runs.
-                self.state = BUFFERING
-                self.timer = front.clock.callLater(self._stream_idle_timeout(), self._on_timer)
-                if self.request_complete:
-                    self._body_buffered()
-                return
-            self._run_chain()
+            self._start_chain()
             return
         self._connect()
+
+    def _start_chain(self) -> None:
+        """Run the selected policies; when one reads the body, receive it whole (bounded) first."""
+        assert self.chain is not None
+        if self.head.body != BODY_NONE and any(b.needs_body for b in self.chain.policies):
+            self.state = BUFFERING
+            self.timer = self.front.clock.callLater(self._stream_idle_timeout(), self._on_timer)
+            if self.request_complete:
+                self._body_buffered()
+            return
+        self._run_chain()
 
     def _select_policies(self, api: Api, destination: Destination) -> bool:
         """Prepare the chain of the policies whose rules select this request (False: none)."""
@@ -679,6 +684,16 @@ class ProxyExchange:
             self._upstream_failed(errors.STREAM_IDLE_TIMEOUT)
         else:
             self.fail(errors.STREAM_IDLE_TIMEOUT)
+
+    def _tunnel_ended(self, tunnel: Tunnel) -> None:
+        """For exchanges that became a byte tunnel (an upgrade, a CONNECT): either side closed,
+        or the tunnel idled out; the access log line, with the tunnel's byte counts."""
+        self.state = DONE
+        self.bytes_in = tunnel.bytes_up
+        self.bytes_out = tunnel.bytes_down
+        if tunnel.ended_by == IDLE_TIMEOUT:
+            self.error_cause = IDLE_TIMEOUT
+        self.front.factory.log_tunnel(self)
 
     def _stream_idle_timeout(self) -> float:
         """The stream idle timeout for this request (a policy may override the gateway's)."""

@@ -20,7 +20,7 @@ from flexgw.http import errors
 from flexgw.http.fastwrite import send_now
 from flexgw.http.headers import HeaderList, response_headers_for_downstream
 from flexgw.http.request import RequestHead
-from flexgw.http.tunnel import IDLE_TIMEOUT, Tunnel
+from flexgw.http.tunnel import Tunnel
 from flexgw.ingress.exchange import DONE, ProxyExchange
 
 if TYPE_CHECKING:
@@ -147,15 +147,6 @@ class UpgradeExchange(ProxyExchange):
         front.factory.count_tunnel(self)
         early, self.early = self.early, b""
         tunnel.start(early_up=early, early_down=rest)
-
-    def _tunnel_ended(self, tunnel: Tunnel) -> None:
-        """Either side closed (or the tunnel was idle too long): write the access log line."""
-        self.state = DONE
-        self.bytes_in = tunnel.bytes_up
-        self.bytes_out = tunnel.bytes_down
-        if tunnel.ended_by == IDLE_TIMEOUT:
-            self.error_cause = IDLE_TIMEOUT
-        self.front.factory.log_tunnel(self)
 
     def downstream_lost(self) -> None:
         """The client went away before the switch."""
