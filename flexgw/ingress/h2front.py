@@ -45,6 +45,7 @@ from flexgw.config.plan import HttpSettings
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
+from flexgw.http.h2send import send_queued
 from flexgw.http.headers import HOP_BY_HOP, HeaderList, response_headers_for_downstream
 from flexgw.http.request import BODY_CHUNKED, BODY_NONE, RequestHead, analyze_head
 from flexgw.ingress.exchange import (
@@ -301,30 +302,11 @@ class H2Stream:
                 conn.send_headers(self.stream_id, head, end_stream=end)
                 if end:
                     self.ended = True
-            queue = self.queue
-            while queue:
-                window = min(
-                    conn.local_flow_control_window(self.stream_id), conn.max_outbound_frame_size
+            if not self.ended:
+                sent, self.ended = send_queued(
+                    conn, self.stream_id, self.queue, self.ending, self.trailers
                 )
-                if window <= 0:
-                    break
-                data = queue[0]
-                if len(data) <= window:
-                    queue.popleft()
-                else:
-                    queue[0] = data[window:]
-                    data = data[:window]
-                self.queued -= len(data)
-                end = not queue and self.ending and self.trailers is None
-                conn.send_data(self.stream_id, data, end_stream=end)
-                if end:
-                    self.ended = True
-            if not queue and self.ending and not self.ended:
-                if self.trailers is not None:
-                    conn.send_headers(self.stream_id, self.trailers, end_stream=True)
-                else:
-                    conn.end_stream(self.stream_id)
-                self.ended = True
+                self.queued -= sent
         except H2Error:
             # The stream was closed under us (the client reset it in this same read), or h2
             # refused a header the response carries: reset it; what the exchange still sends
@@ -340,7 +322,7 @@ class H2Stream:
             protocol.flush()
             self._maybe_done()
             return
-        if queue:
+        if self.queue:
             protocol.blocked.add(self)
         else:
             protocol.blocked.discard(self)

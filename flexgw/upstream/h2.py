@@ -38,6 +38,7 @@ from zope.interface import implementer
 from flexgw.config.plan import HttpSettings, Timeouts, Upstream
 from flexgw.http.fastwrite import send_now
 from flexgw.http.h2frames import GoAwayFilter
+from flexgw.http.h2send import send_queued
 from flexgw.http.headers import HOP_BY_HOP, HeaderList
 from flexgw.upstream.connection import MAX_RESPONSE_HEAD
 from flexgw.upstream.tunnel import connect_upstream
@@ -255,28 +256,9 @@ class H2UpstreamStream:
         conn = self.connection.conn
         queue = self.queue
         try:
-            while queue:
-                window = min(
-                    conn.local_flow_control_window(self.stream_id), conn.max_outbound_frame_size
-                )
-                if window <= 0:
-                    break
-                data = queue[0]
-                if len(data) <= window:
-                    queue.popleft()
-                else:
-                    queue[0] = data[window:]
-                    data = data[:window]
-                end = not queue and self.request_ended and not self.trailers
-                conn.send_data(self.stream_id, data, end_stream=end)
-                if end:
-                    self.end_sent = True
-            if not queue and self.request_ended and not self.end_sent:
-                if self.trailers:
-                    conn.send_headers(self.stream_id, self.trailers, end_stream=True)
-                else:
-                    conn.end_stream(self.stream_id)
-                self.end_sent = True
+            _, self.end_sent = send_queued(
+                conn, self.stream_id, queue, self.request_ended, self.trailers
+            )
         except H2Error:
             return  # the upstream reset the stream; its StreamReset event reports it
         if queue:
