@@ -18,23 +18,39 @@ from flexgw.service.gateway import GatewayService
 from flexgw.testing.upstream import RecordingUpstream, Responder
 
 #: Ports handed out by free_port(): below Linux's ephemeral range (32768-60999 by default), so
-#: no outgoing connection of any test can take one between free_port() and the bind that follows.
+#: no outgoing connection of any test can take one between free_port() and the bind that follows;
+#: split into slices, one per trial worker (`trial --jobs` runs worker N in `<temp>/N`), so two
+#: workers never hand out the same port.
 _PORT_RANGE = (20000, 32768)
-_next_port: int | None = None
+_PORT_SLICES = 8
+_port_slice: tuple[int, int] | None = None
+_next_port = 0
+
+
+def _slice() -> tuple[int, int]:
+    """This process's slice of _PORT_RANGE: by trial worker number, else the whole range."""
+    low, high = _PORT_RANGE
+    worker = os.path.basename(os.getcwd())
+    if worker.isdigit():
+        size = (high - low) // _PORT_SLICES
+        low += (int(worker) % _PORT_SLICES) * size
+        high = low + size
+    return low, high
 
 
 def free_port() -> int:
     """A loopback TCP port that is free right now (for config files, which cannot say port 0).
 
-    Ports come from outside the kernel's ephemeral range, in sequence from a random start per
-    process: the kernel's own choice (bind to port 0) could be handed out again at once, to
-    another trial worker or as the local port of some test's outgoing connection, before the
-    gateway under test binds it.
+    Ports come from outside the kernel's ephemeral range, from this process's own slice, in
+    sequence from a random start: the kernel's own choice (bind to port 0) could be handed out
+    again at once, to another trial worker or as the local port of some test's outgoing
+    connection, before the gateway under test binds it.
     """
-    global _next_port
-    low, high = _PORT_RANGE
-    if _next_port is None:
-        _next_port = random.SystemRandom().randrange(low, high)
+    global _port_slice, _next_port
+    if _port_slice is None:
+        _port_slice = _slice()
+        _next_port = random.SystemRandom().randrange(*_port_slice)
+    low, high = _port_slice
     for _ in range(high - low):
         port = _next_port
         _next_port = low if port + 1 >= high else port + 1
