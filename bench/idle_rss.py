@@ -17,25 +17,21 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import free_port  # bench/run.py
+
 REPO = Path(__file__).resolve().parent.parent
 BARE_REACTOR = (
     "import sys; from twisted.internet import reactor; "
     "reactor.callWhenRunning(lambda: (sys.stdout.write('up\\n'), sys.stdout.flush())); reactor.run()"
 )
-
-
-def free_port() -> int:
-    """A free loopback port."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def rss_kib(pid: int) -> dict[str, int]:

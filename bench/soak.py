@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -25,14 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run  # (bench/run.py: processes, upstream and gateway start-up, wrk)
-
-
-def rss_kib(pid: int) -> int:
-    """VmRSS of a process, in KiB."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
-    assert match is not None
-    return int(match.group(1))
+from idle_rss import rss_kib  # (bench/idle_rss.py: VmRSS and VmHWM from /proc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         pid = dict(procs.children)["gateway"].pid  # taskset execs the gateway: same PID
         run.sanity_get(port, headers=headers)
         run.run_wrk(port, args.connections, 5.0, 1, use_taskset, headers=headers)  # warm-up
-        start_rss = rss_kib(pid)
+        start_rss = rss_kib(pid)["VmRSS"]
         rounds: list[dict[str, Any]] = []
         total = args.minutes * 60.0
         elapsed = 0.0
@@ -89,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 "at_s": elapsed,
                 "rps": result["rps"],
                 "requests": result["requests"],
-                "rss_kib": rss_kib(pid),
+                "rss_kib": rss_kib(pid)["VmRSS"],
                 "errors": result["non_2xx"] + result["socket_errors"],
             })
             print(f"{elapsed / 60:5.1f} min: {result['rps']:8.0f} req/s, RSS {rounds[-1]['rss_kib'] / 1024:.1f} MiB",
