@@ -39,6 +39,7 @@ refused.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -117,11 +118,48 @@ class _Held:
         self.timer: Any = None
 
 
+class _Holding:
+    """What both spike-control policies share: the requests held for a retry after a delay."""
+
+    __slots__ = ("clock", "config", "held")
+
+    clock: Any
+    config: SpikeControlConfig
+    held: set[_Held]
+
+    def _hold(self, ctx: PolicyContext) -> Deferred[Any] | None:
+        """Hold the request for a retry after `delayTimeInMillis`; None when it may not wait
+        (no delay attempts configured, or `queuingLimit` requests are already held)."""
+        config = self.config
+        if config.delay_attempts <= 0 or len(self.held) >= config.queuing_limit:
+            return None
+        held = _Held(ctx, config.delay_attempts)
+        held.deferred = Deferred(lambda _: self._cancel(held))
+        held.timer = self.clock.callLater(config.delay_ms / 1000, self._retry, held)
+        self.held.add(held)
+        return held.deferred
+
+    _retry: Callable[[_Held], None]  # each policy's: a held request's delay is over
+
+    def _cancel(self, held: _Held) -> None:
+        """The client went away: free the slot and the timer."""
+        self.held.discard(held)
+        timer, held.timer = held.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    #: Its on_response does nothing: the chain does not call it (see IPolicy).
+    response_phase = False
+
+    def on_response(self, ctx: PolicyContext) -> None:
+        """Nothing: headers were added in the request phase."""
+
+
 @implementer(IPolicy)
-class SpikeControlPolicy:
+class SpikeControlPolicy(_Holding):
     """One binding: the sliding window (times of the accepted requests) and the held requests."""
 
-    __slots__ = ("clock", "config", "held", "window")
+    __slots__ = ("window",)
 
     def __init__(self, config: SpikeControlConfig, clock: Any) -> None:
         self.config = config
@@ -176,20 +214,8 @@ class SpikeControlPolicy:
         if self._take(now):
             self._accepted(ctx, now)
             return None
-        config = self.config
-        if config.delay_attempts <= 0 or len(self.held) >= config.queuing_limit:
-            return self._refused(now)
-        held = _Held(ctx, config.delay_attempts)
-        held.deferred = Deferred(lambda _: self._cancel(held))
-        held.timer = self.clock.callLater(config.delay_ms / 1000, self._retry, held)
-        self.held.add(held)
-        return held.deferred
-
-    #: Its on_response does nothing: the chain does not call it (see IPolicy).
-    response_phase = False
-
-    def on_response(self, ctx: PolicyContext) -> None:
-        """Nothing: headers were added in the request phase."""
+        held = self._hold(ctx)
+        return self._refused(now) if held is None else held
 
     def _retry(self, held: _Held) -> None:
         """A held request's delay is over: take quota, wait again, or refuse."""
@@ -209,20 +235,13 @@ class SpikeControlPolicy:
         self.held.discard(held)
         deferred.callback(self._refused(now))
 
-    def _cancel(self, held: _Held) -> None:
-        """The client went away: free the slot and the timer."""
-        self.held.discard(held)
-        timer, held.timer = held.timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
-
 
 @implementer(IPolicy)
-class SupervisedSpikeControlPolicy:
+class SupervisedSpikeControlPolicy(_Holding):
     """One binding under `--workers`: the window is the supervisor's; the held requests are this
     worker's (its `queuingLimit` bounds what this worker holds)."""
 
-    __slots__ = ("clock", "config", "held", "window")
+    __slots__ = ("window",)
 
     def __init__(self, config: SpikeControlConfig, window: SupervisedSpikeWindow, clock: Any) -> None:
         self.config = config
@@ -266,18 +285,8 @@ class SupervisedSpikeControlPolicy:
                 for name, value in self._headers(remaining, reset):
                     ctx.add_response_header(name, value)
             return None
-        if config.delay_attempts <= 0 or len(self.held) >= config.queuing_limit:
-            return self._refused(remaining, reset)
-        held = _Held(ctx, config.delay_attempts)
-        held.deferred = Deferred(lambda _: self._cancel(held))
-        held.timer = self.clock.callLater(config.delay_ms / 1000, self._retry, held)
-        self.held.add(held)
-        return held.deferred
-
-    response_phase = False
-
-    def on_response(self, ctx: PolicyContext) -> None:
-        """Nothing: headers were added in the request phase."""
+        held = self._hold(ctx)
+        return self._refused(remaining, reset) if held is None else held
 
     def _retry(self, held: _Held) -> None:
         held.timer = None
@@ -307,13 +316,6 @@ class SupervisedSpikeControlPolicy:
         if held in self.held and held.deferred is not None:
             self.held.discard(held)
             held.deferred.callback(self._unanswered(failure))
-
-    def _cancel(self, held: _Held) -> None:
-        """The client went away: free the slot and the timer."""
-        self.held.discard(held)
-        timer, held.timer = held.timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
 
 
 @implementer(IPolicyKind)
