@@ -41,6 +41,7 @@ from flexgw.http.h2frames import GoAwayFilter
 from flexgw.http.h2send import send_queued
 from flexgw.http.headers import HOP_BY_HOP, HeaderList
 from flexgw.upstream.connection import MAX_RESPONSE_HEAD
+from flexgw.upstream.poolbase import PoolBase
 from flexgw.upstream.tunnel import connect_upstream
 
 if TYPE_CHECKING:
@@ -587,7 +588,7 @@ class _Connect(ClientFactory):
         self.pool.attempt_failed(self, reason)
 
 
-class H2UpstreamPool:
+class H2UpstreamPool(PoolBase):
     """The HTTP/2 connections to one upstream: streams multiplexed, connections opened as the
     upstream's SETTINGS_MAX_CONCURRENT_STREAMS fill up."""
 
@@ -602,12 +603,7 @@ class H2UpstreamPool:
         http: HttpSettings,
         timeouts: Timeouts,
     ) -> None:
-        self.reactor = reactor
-        self.clock = clock
-        self.upstream = upstream
-        self.max_idle = http.max_idle_per_upstream
-        self.connect_timeout = http.connect_timeout
-        self.idle_timeout = upstream.idle_timeout or timeouts.upstream_idle  # idle-timeout-flex
+        super().__init__(reactor, clock, upstream, http, timeouts)
         self.connections: list[H2UpstreamConnection] = []
         self.attempts: list[_Connect] = []
         self.active = 0

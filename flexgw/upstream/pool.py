@@ -13,6 +13,7 @@ from twisted.python.failure import Failure
 
 from flexgw.config.plan import HttpSettings, Timeouts, Upstream
 from flexgw.upstream.connection import TLSUpstreamConnection, UpstreamConnection
+from flexgw.upstream.poolbase import PoolBase
 from flexgw.upstream.tunnel import connect_upstream
 
 _log = Logger(namespace="flexgw.upstream")
@@ -55,7 +56,7 @@ class _Connect(ClientFactory):
         self.waiter.upstream_connect_failed(reason)
 
 
-class UpstreamPool:
+class UpstreamPool(PoolBase):
     """Idle keep-alive connections to one upstream, reused most-recently-idle first."""
 
     def __init__(
@@ -66,12 +67,7 @@ class UpstreamPool:
         http: HttpSettings,
         timeouts: Timeouts,
     ) -> None:
-        self.reactor = reactor
-        self.clock = clock
-        self.upstream = upstream
-        self.max_idle = http.max_idle_per_upstream
-        self.connect_timeout = http.connect_timeout
-        self.idle_timeout = upstream.idle_timeout or timeouts.upstream_idle
+        super().__init__(reactor, clock, upstream, http, timeouts)
         self.idle: list[UpstreamConnection] = []
         self.active = 0
         self.connecting = 0
@@ -194,17 +190,13 @@ class PoolManager:
 
     def configure(self, http: HttpSettings, timeouts: Timeouts, upstreams: set[Upstream]) -> None:
         """Apply a new plan: new settings for new pools, and retire pools of removed upstreams."""
-        if http != self.http or timeouts != self.timeouts:
-            self.http, self.timeouts = http, timeouts
-            for pool in self.pools.values():
-                pool.max_idle = http.max_idle_per_upstream
-                pool.connect_timeout = http.connect_timeout
+        self.http, self.timeouts = http, timeouts
         for upstream in [u for u in self.pools if u not in upstreams]:
             self.pools.pop(upstream).retire()
         for upstream in upstreams:
             pool = self.pools.get(upstream)
-            if pool is not None:  # idle-timeout-flex may differ per Service, and change
-                pool.idle_timeout = upstream.idle_timeout or timeouts.upstream_idle
+            if pool is not None:
+                pool.configure(http, timeouts, upstream)
 
     def pool_for(self, upstream: Upstream) -> UpstreamPool | H2UpstreamPool:
         """The pool for `upstream`, created on first use (HTTP/2 for `h2c`/`h2` Services)."""
