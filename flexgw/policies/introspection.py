@@ -63,7 +63,7 @@ from flexgw.policies.base import (
     UsesRuntime,
 )
 from flexgw.policies.registry import register
-from flexgw.upstream.bounded import read_bounded
+from flexgw.upstream.bounded import post_bounded
 
 _log = Logger(namespace="flexgw.policies.introspection")
 
@@ -171,25 +171,14 @@ def treq_introspector(reactor: Any, agent: Any = None) -> Any:
     """`call(url, authorization, token, timeout)` -> Deferred[(status, body bytes)], with treq."""
 
     def call(url: str, authorization: str, token: str, timeout: float) -> Deferred[Any]:
-        import treq
-
-        kwargs: dict[str, Any] = {"reactor": reactor, "persistent": False}
-        if agent is not None:
-            kwargs["agent"] = agent
         headers: dict[bytes | str, list[bytes | str]] = {
             b"Authorization": [authorization.encode("latin-1")],
             b"Accept": [b"application/json"],
         }
-        d: Deferred[Any] = treq.post(url, data={"token": token}, headers=headers, **kwargs)
-
-        def got(response: Any) -> Any:
-            return read_bounded(
-                response, MAX_RESPONSE_BYTES, lambda: ValueError("introspection response too large")
-            ).addCallback(lambda body: (response.code, body))
-
-        d.addCallback(got)
-        d.addTimeout(timeout, reactor)
-        return d
+        return post_bounded(
+            reactor, agent, url, {"token": token}, headers, timeout, MAX_RESPONSE_BYTES,
+            lambda: ValueError("introspection response too large"),
+        )
 
     return call
 

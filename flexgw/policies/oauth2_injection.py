@@ -56,7 +56,7 @@ from flexgw.policies.base import (
 from flexgw.policies.credential_injection import checked_header
 from flexgw.policies.headers import header_name_problem, header_value_problem
 from flexgw.policies.registry import register
-from flexgw.upstream.bounded import read_bounded
+from flexgw.upstream.bounded import post_bounded
 
 NAME = "credential-injection-oauth2-flex"
 _log = Logger(namespace="flexgw.policies")
@@ -131,22 +131,10 @@ def treq_token_fetcher(reactor: Any, agent: Any = None) -> Any:
 
     def fetch(url: str, headers: dict[bytes, list[bytes]], body: bytes, timeout: float) -> Any:
         """POST the token request; fires with (status, body)."""
-        import treq
-
-        kwargs: dict[str, Any] = {"reactor": reactor, "persistent": False}
-        if agent is not None:
-            kwargs["agent"] = agent
-        d = treq.post(url, data=body, headers=Headers(headers), **kwargs)
-
-        def got(response: Any) -> Any:
-            """Read a bounded body."""
-            return read_bounded(
-                response, MAX_RESPONSE_BYTES, lambda: TokenError("token response too large")
-            ).addCallback(lambda data: (response.code, data))
-
-        d.addCallback(got)
-        d.addTimeout(timeout, reactor)
-        return d
+        return post_bounded(
+            reactor, agent, url, body, Headers(headers), timeout, MAX_RESPONSE_BYTES,
+            lambda: TokenError("token response too large"),
+        )
 
     return fetch
 

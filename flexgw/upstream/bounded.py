@@ -1,7 +1,8 @@
-"""Reading the body of a side call's response (JWKS, token introspection, OAuth tokens) with a
-size limit that holds whatever the framing: a declared Content-Length over the limit is refused
-before reading, and a chunked or close-delimited body is cut off as soon as it passes the limit
-(the connection is dropped; nothing more is buffered)."""
+"""Side calls' responses (JWKS, token introspection, OAuth tokens) read with a size limit that
+holds whatever the framing: a declared Content-Length over the limit is refused before reading,
+and a chunked or close-delimited body is cut off as soon as it passes the limit (the connection
+is dropped; nothing more is buffered). Also the bounded POST that introspection and the OAuth
+token fetch both make."""
 
 from __future__ import annotations
 
@@ -32,3 +33,33 @@ def read_bounded(
         parts.append(data)
 
     return treq.collect(response, collect).addCallback(lambda _: b"".join(parts))
+
+
+def post_bounded(
+    reactor: Any,
+    agent: Any,
+    url: str,
+    data: Any,
+    headers: Any,
+    timeout: float,
+    limit: int,
+    too_large: Callable[[], Exception],
+) -> Deferred[tuple[int, bytes]]:
+    """POST `data` with treq (through `agent` when given, on a connection of its own) and fire
+    with (status, body): the body read within `limit` bytes, the whole call within `timeout`
+    seconds."""
+    import treq
+
+    kwargs: dict[str, Any] = {"reactor": reactor, "persistent": False}
+    if agent is not None:
+        kwargs["agent"] = agent
+    d: Deferred[Any] = treq.post(url, data=data, headers=headers, **kwargs)
+
+    def got(response: Any) -> Deferred[tuple[int, bytes]]:
+        return read_bounded(response, limit, too_large).addCallback(
+            lambda body: (response.code, body)
+        )
+
+    d.addCallback(got)
+    d.addTimeout(timeout, reactor)
+    return d
