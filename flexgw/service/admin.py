@@ -275,14 +275,19 @@ class _QuietSite(Site):
         """No access log for probes and scrapes."""
 
 
-def probe_site(gateway: GatewayService) -> Site:
-    """The probe listener's site: /probes/readiness and /probes/liveness."""
+def probes_root(readiness: Resource) -> Resource:
+    """A root with /probes/readiness (`readiness`) and /probes/liveness."""
     root = Resource()
     probes = Resource()
-    probes.putChild(b"readiness", ReadinessResource(gateway))
+    probes.putChild(b"readiness", readiness)
     probes.putChild(b"liveness", LivenessResource())
     root.putChild(b"probes", probes)
-    return _QuietSite(root)
+    return root
+
+
+def probe_site(gateway: GatewayService) -> Site:
+    """The probe listener's site: /probes/readiness and /probes/liveness."""
+    return _QuietSite(probes_root(ReadinessResource(gateway)))
 
 
 def admin_site(gateway: GatewayService) -> Site:

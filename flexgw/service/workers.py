@@ -52,7 +52,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from flexgw.service import ampcommands as commands
-from flexgw.service.admin import ALLOW_FLAGS, LivenessResource, _flag, _json, _QuietSite
+from flexgw.service.admin import ALLOW_FLAGS, _flag, _json, _QuietSite, probes_root
 from flexgw.service.systemd import Notifier
 from flexgw.service.worker import SUPERVISOR_FD_ENV, WORKER_ENV
 from flexgw.storage.supervised import SupervisorCounters
@@ -622,11 +622,7 @@ class _Status(_DeferredResource):
 
 def supervisor_admin_site(supervisor: SupervisorService) -> Site:
     """The supervisor's admin listener: /metrics, /status, /probes/readiness, /probes/liveness."""
-    root = Resource()
-    probes = Resource()
-    probes.putChild(b"readiness", _Readiness(supervisor))
-    probes.putChild(b"liveness", LivenessResource())
-    root.putChild(b"probes", probes)
+    root = probes_root(_Readiness(supervisor))
     root.putChild(b"metrics", _Metrics(supervisor))
     root.putChild(b"status", _Status(supervisor))
     return _QuietSite(root)
