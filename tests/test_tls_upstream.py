@@ -19,49 +19,19 @@ from flexgw.testing.certs import CertificateAuthority, server_options
 from flexgw.testing.upstream import RecordingUpstream, echo
 from tests.harness import Gateway, free_port
 from tests.keyserver import JsonServer
+from tests.outbound import outbound_binding, service_api
 
 GET = b"GET /x HTTP/1.1\r\nHost: api\r\n\r\n"
 
 
 def documents(port: int, service: str, binding: str = "", extra: str = "") -> str:
-    """An http ApiInstance routed to Service `up` at `service`, plus a tls-outbound config."""
-    text = textwrap.dedent(
-        f"""\
-        apiVersion: gateway.mulesoft.com/v1alpha1
-        kind: ApiInstance
-        metadata: {{name: api}}
-        spec:
-          address: http://127.0.0.1:{port}
-        ---
-        apiVersion: gateway.mulesoft.com/v1alpha1
-        kind: Service
-        metadata: {{name: up}}
-        spec:
-          address: {service}
-        ---
-        apiVersion: gateway.mulesoft.com/v1alpha1
-        kind: PolicyBinding
-        metadata: {{name: to-up}}
-        spec:
-          targetRef: {{kind: ApiInstance, name: api}}
-          policyRef: {{name: route}}
-          config:
-            destinationRef: {{name: up}}
-        """
-    )
+    """An http ApiInstance routed to the Service at `service` (`https://host:port`), plus a
+    tls-outbound binding on it with `binding` as its config."""
+    scheme, _, authority = service.partition("://")
+    host, _, upstream_port = authority.rpartition(":")
+    text = service_api(port, int(upstream_port), host, scheme)
     if binding:
-        text += textwrap.dedent(
-            """\
-            ---
-            apiVersion: gateway.mulesoft.com/v1alpha1
-            kind: PolicyBinding
-            metadata: {name: up-tls}
-            spec:
-              targetRef: {kind: Service, name: up}
-              policyRef: {name: tls-outbound}
-              config:
-            """
-        ) + textwrap.indent(textwrap.dedent(binding), "    ")
+        text += outbound_binding("partner-tls", "tls-outbound", binding)
     return text + extra
 
 
