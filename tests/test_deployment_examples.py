@@ -17,7 +17,7 @@ import jwt
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
 
@@ -26,6 +26,7 @@ from flexgw.testing import client
 from flexgw.testing.certs import CertificateAuthority, client_options
 from flexgw.testing.upstream import EchoUpstream, RecordingUpstream
 from tests.harness import Gateway, free_port
+from tests.test_proxy_protocol import HeaderFirst, v1
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONF = os.path.join(ROOT, "conf")
@@ -144,21 +145,6 @@ class SidecarTests(ExampleCase):
         self.assertEqual(ready.status, 200)
 
 
-class _ProxyHeaderFirst(ProtocolWrapper):
-    """What a PROXY-speaking load balancer does: the header in clear, then the client's bytes
-    (here a TLS handshake)."""
-
-    def makeConnection(self, transport: Any) -> None:
-        """Header first, then the wrapped protocol starts."""
-        transport.write(self.factory.header)
-        super().makeConnection(transport)
-
-
-def proxy_v1(source: str, port: int) -> bytes:
-    """A PROXY protocol v1 header for a TCP4 client `source` reaching 127.0.0.1:`port`."""
-    return f"PROXY TCP4 {source} 127.0.0.1 51000 {port}\r\n".encode("ascii")
-
-
 class IngressExampleTests(TestCase):
     """conf/ingress: HTTPS behind a PROXY-protocol load balancer, JWT, CORS."""
 
@@ -211,7 +197,7 @@ class IngressExampleTests(TestCase):
         factory: Any = tls
         if header is not None:
             factory = WrappingFactory(tls)
-            factory.protocol = _ProxyHeaderFirst
+            factory.protocol = HeaderFirst
             factory.header = header
         await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
         self.addCleanup(lambda: conn.transport.abortConnection())
@@ -227,7 +213,7 @@ class IngressExampleTests(TestCase):
         reaches /v1/... with the carried client address and X-Forwarded-Proto https, a token for
         another audience is refused; the upstream sees only the accepted request."""
         port, upstream = self.serve()
-        conn = await self.connect(port, proxy_v1("198.51.100.23", port))
+        conn = await self.connect(port, v1("198.51.100.23", dport=port))
         conn.send(b"GET /api/hello HTTP/1.1\r\nHost: localhost\r\n\r\n")
         missing = await conn.read_response()
         self.assertEqual(missing.status, 400)
@@ -252,7 +238,7 @@ class IngressExampleTests(TestCase):
         """A preflight from the allowed browser origin is answered by the gateway (no token
         needed, nothing forwarded); another origin gets no CORS grant."""
         port, upstream = self.serve()
-        conn = await self.connect(port, proxy_v1("198.51.100.24", port))
+        conn = await self.connect(port, v1("198.51.100.24", dport=port))
         preflight = (
             b"OPTIONS /api/orders HTTP/1.1\r\nHost: localhost\r\nOrigin: %s\r\n"
             b"Access-Control-Request-Method: POST\r\n\r\n"

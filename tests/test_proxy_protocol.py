@@ -229,7 +229,7 @@ class WrapperUnitTests(TestCase):
         self.assertNotIsInstance(self.factory.buildProtocol(None), ProxyHeaderWrapper)
 
 
-class _HeaderFirst(ProtocolWrapper):
+class HeaderFirst(ProtocolWrapper):
     """Sends the factory's PROXY header in clear, then lets the wrapped (TLS) protocol start."""
 
     def makeConnection(self, transport: Any) -> None:
@@ -278,7 +278,7 @@ class ProxyProtocolWithTLSTests(TestCase):
             client_options("api.test", ca), True, Factory.forProtocol(lambda: conn)
         )
         wrapping = WrappingFactory(tls)
-        wrapping.protocol = _HeaderFirst
+        wrapping.protocol = HeaderFirst
         wrapping.header = v2("203.0.113.44")
         await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(wrapping)
         self.addCleanup(lambda: conn.transport.abortConnection())
