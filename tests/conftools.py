@@ -9,6 +9,23 @@ from twisted.trial.unittest import TestCase
 
 HEADER = "apiVersion: gateway.mulesoft.com/v1alpha1\n"
 
+#: The shipped example configurations (conf/ at the top of the repository).
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def example_files(name: str, moves: dict[str, str] | None = None) -> dict[str, str]:
+    """The files of conf/`name` by file name, with each text in `moves` replaced by its new value
+    (in order): the example as shipped, but for the addresses a test moves."""
+    directory = os.path.join(EXAMPLES, name)
+    files = {}
+    for filename in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, filename), encoding="utf-8") as handle:
+            text = handle.read()
+        for old, new in (moves or {}).items():
+            text = text.replace(old, new)
+        files[filename] = text
+    return files
+
 
 def write_conf(case: TestCase, files: dict[str, str]) -> str:
     """Create a new directory holding `files` (name -> dedented YAML text); return its path."""

@@ -11,19 +11,11 @@ from twisted.trial.unittest import TestCase
 from flexgw.config.pipeline import load_config
 from flexgw.testing import client
 from flexgw.testing.upstream import EchoUpstream
+from tests.conftools import example_files
 from tests.harness import Gateway, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "conf", "quickstart")
-
-
-def _read(directory: str) -> dict[str, str]:
-    """Every file of an example directory, by name."""
-    out = {}
-    for name in sorted(os.listdir(directory)):
-        with open(os.path.join(directory, name), encoding="utf-8") as handle:
-            out[name] = handle.read()
-    return out
 
 
 class QuickstartTests(TestCase):
@@ -43,12 +35,9 @@ class QuickstartTests(TestCase):
         self.addCleanup(port_up.stopListening)
         up = port_up.getHost().port
         port = free_port()
-        files = {
-            name: text.replace("127.0.0.1:8081", f"127.0.0.1:{port}").replace(
-                "127.0.0.1:8082", f"127.0.0.1:{up}"
-            )
-            for name, text in _read(QUICKSTART).items()
-        }
+        files = example_files(
+            "quickstart", {"127.0.0.1:8081": f"127.0.0.1:{port}", "127.0.0.1:8082": f"127.0.0.1:{up}"}
+        )
         gateway = Gateway(self, files)
         gateway.start()
         response = await client.request(
@@ -88,12 +77,14 @@ class ForwardProxyExampleTests(TestCase):
         self.addCleanup(port_up.stopListening)
         up = port_up.getHost().port
         port = free_port()
-        files = {
-            name: text.replace("127.0.0.1:3128", f"127.0.0.1:{port}")
-            .replace("status.partner.example:80", f"status.partner.example:{up}")
-            .replace("blockedAddressExceptions: []", "blockedAddressExceptions: [127.0.0.1/32]")
-            for name, text in _read(FORWARD_PROXY).items()
-        }
+        files = example_files(
+            "forward-proxy",
+            {
+                "127.0.0.1:3128": f"127.0.0.1:{port}",
+                "status.partner.example:80": f"status.partner.example:{up}",
+                "blockedAddressExceptions: []": "blockedAddressExceptions: [127.0.0.1/32]",
+            },
+        )
         resolver = StaticResolver({"status.partner.example": ["127.0.0.1"]})
         gateway = Gateway(self, files, resolver=resolver)
         gateway.start()
@@ -143,12 +134,13 @@ class TlsExampleTests(TestCase):
         port_up = reactor.listenTCP(0, EchoUpstream(), interface="127.0.0.1")
         self.addCleanup(port_up.stopListening)
         port = free_port()
-        files = {
-            name: text.replace("127.0.0.1:8443", f"127.0.0.1:{port}").replace(
-                "127.0.0.1:8082", f"127.0.0.1:{port_up.getHost().port}"
-            )
-            for name, text in _read(os.path.join(ROOT, "conf", "tls")).items()
-        }
+        files = example_files(
+            "tls",
+            {
+                "127.0.0.1:8443": f"127.0.0.1:{port}",
+                "127.0.0.1:8082": f"127.0.0.1:{port_up.getHost().port}",
+            },
+        )
         gateway = Gateway(self, files, environ={"FLEXGW_TLS_DIR": self.certs})
         gateway.start()
 

@@ -25,24 +25,9 @@ from flexgw.config.pipeline import load_config
 from flexgw.testing import client
 from flexgw.testing.certs import CertificateAuthority, client_options
 from flexgw.testing.upstream import EchoUpstream, RecordingUpstream
+from tests.conftools import EXAMPLES, example_files
 from tests.harness import Gateway, free_port
 from tests.test_proxy_protocol import HeaderFirst, v1
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONF = os.path.join(ROOT, "conf")
-
-
-def example_files(name: str, moves: dict[str, str]) -> dict[str, str]:
-    """The files of conf/`name`, with each address in `moves` replaced by its new value."""
-    directory = os.path.join(CONF, name)
-    files = {}
-    for filename in sorted(os.listdir(directory)):
-        with open(os.path.join(directory, filename), encoding="utf-8") as handle:
-            text = handle.read()
-        for old, new in moves.items():
-            text = text.replace(old, new)
-        files[filename] = text
-    return files
 
 
 def basic(user: str, password: str) -> bytes:
@@ -87,7 +72,7 @@ class StandaloneTests(ExampleCase):
 
     def test_validates_cleanly(self) -> None:
         """No errors and no warnings as shipped."""
-        state = load_config([os.path.join(CONF, "standalone")], {})
+        state = load_config([os.path.join(EXAMPLES, "standalone")], {})
         self.assertEqual([str(p) for p in state.problems], [])
 
     async def test_auth_rate_limit_and_probe(self) -> None:
@@ -126,7 +111,7 @@ class SidecarTests(ExampleCase):
 
     def test_validates_cleanly(self) -> None:
         """No errors and no warnings; the small-footprint settings are the ones applied."""
-        state = load_config([os.path.join(CONF, "sidecar")], {})
+        state = load_config([os.path.join(EXAMPLES, "sidecar")], {})
         self.assertEqual([str(p) for p in state.problems], [])
         self.assertEqual(state.plan.http.max_idle_per_upstream, 8)
         self.assertEqual(state.plan.http.body_buffer_limit, 262144)
@@ -162,9 +147,9 @@ class IngressExampleTests(TestCase):
     def test_validates_cleanly(self) -> None:
         """No errors and no warnings with the two variables set; without them, errors that
         name them."""
-        state = load_config([os.path.join(CONF, "ingress")], self.environ)
+        state = load_config([os.path.join(EXAMPLES, "ingress")], self.environ)
         self.assertEqual([str(p) for p in state.problems], [])
-        unset = load_config([os.path.join(CONF, "ingress")], {})
+        unset = load_config([os.path.join(EXAMPLES, "ingress")], {})
         text = "\n".join(str(p) for p in unset.problems)
         self.assertIn("FLEXGW_TLS_DIR", text)
         self.assertIn("FLEXGW_JWT_SECRET", text)

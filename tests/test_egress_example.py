@@ -13,6 +13,7 @@ from flexgw.config.pipeline import load_config
 from flexgw.testing import client
 from flexgw.testing.certs import CertificateAuthority, server_options
 from flexgw.testing.upstream import RecordingUpstream, echo
+from tests.conftools import example_files
 from tests.harness import Gateway, free_port
 
 EGRESS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf", "egress")
@@ -56,7 +57,7 @@ class EgressExampleTests(TestCase):
             "https://api.partner.example:443": f"https://127.0.0.1:{partner_port}",
             "api.partner.example:80,443": f"127.0.0.1:{partner_port}",
         }
-        files = _moved(moves)
+        files = example_files("egress", moves)
         gateway = Gateway(self, files, environ=self.environ)
         gateway.start()
         self.assertEqual(gateway.service.unbound, set())
@@ -81,15 +82,3 @@ class EgressExampleTests(TestCase):
             b"GET http://10.0.0.1/ HTTP/1.1\r\nHost: 10.0.0.1\r\n\r\n",
         )
         self.assertEqual(denied.status, 403)
-
-
-def _moved(moves: dict[str, str]) -> dict[str, str]:
-    """The files of conf/egress with each address in `moves` replaced."""
-    files = {}
-    for name in sorted(os.listdir(EGRESS)):
-        with open(os.path.join(EGRESS, name), encoding="utf-8") as handle:
-            text = handle.read()
-        for old, new in moves.items():
-            text = text.replace(old, new)
-        files[name] = text
-    return files
