@@ -12,9 +12,9 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import (
     FilteringLogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
-    Logger,
     globalLogPublisher,
 )
 from twisted.python import usage
