@@ -833,21 +833,22 @@ class H2Protocol(Protocol):
         """Count a stream reset; over the budget, GOAWAY(ENHANCE_YOUR_CALM) (then True)."""
         self._new_window()
         self.resets += 1
-        if self.resets > self.limits.max_resets:
-            _log.warn("HTTP/2 rapid reset from {client}: GOAWAY ENHANCE_YOUR_CALM", client=self.client_ip)
-            self._calm()
-            return True
-        return False
+        return self.resets > self.limits.max_resets and self._flood("stream resets")
 
     def _count_control(self) -> bool:
         """Count a control frame; over the limit, GOAWAY(ENHANCE_YOUR_CALM) (then True)."""
         self._new_window()
         self.control_frames += 1
-        if self.control_frames > self.limits.max_control_frames:
-            _log.warn("HTTP/2 control frame flood from {client}: GOAWAY", client=self.client_ip)
-            self._calm()
-            return True
-        return False
+        return self.control_frames > self.limits.max_control_frames and self._flood("control frames")
+
+    def _flood(self, what: str) -> bool:
+        _log.warn(
+            "HTTP/2 flood of {what} from {client}: GOAWAY ENHANCE_YOUR_CALM",
+            what=what,
+            client=self.client_ip,
+        )
+        self._calm()
+        return True
 
     def _header_backlog(self) -> int:
         """Bytes of a header block still waiting for its CONTINUATION frames (h2 buffers them)."""
