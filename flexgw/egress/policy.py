@@ -8,8 +8,9 @@ Bound to an ApiInstance (whose address is the proxy port, alone on it), it holds
 - `connectPorts`: ports CONNECT may reach (default [443]).
 - `allowPlainHttp`: whether absolute-form `http://` requests are proxied (default true).
 - `blockedAddresses`: CIDR ranges never connected to (default: loopback, RFC 1918, link-local
-  incl. 169.254.169.254, CGNAT, multicast, reserved, IPv6 ULA/link-local/multicast; the
-  IPv4-mapped, -compatible, 6to4 and NAT64 forms of blocked IPv4 addresses are blocked too).
+  incl. 169.254.169.254, CGNAT, multicast, reserved, IPv6 ULA/link-local/multicast, SIIT
+  ::ffff:0:0:0/96, local-use NAT64 64:ff9b:1::/48, Teredo 2001::/32; the IPv4-mapped,
+  -compatible, SIIT, 6to4, NAT64 and Teredo forms of blocked IPv4 addresses are blocked too).
 - `blockedAddressExceptions`: CIDR ranges allowed although inside a blocked range.
 
 The other policies bound to the same ApiInstance (basic auth, which then reads
