@@ -354,6 +354,57 @@ class FramingTests(StrictTestCase):
         )
 
 
+class ChunkLineBoundTests(StrictTestCase):
+    """Over-long chunk-size lines are refused as they arrive, before the head goes upstream."""
+
+    CHUNKED = b"POST /up HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+    async def test_huge_chunk_extension_in_the_head_write(self) -> None:
+        """A 100 KiB chunk extension sent with the head: 400, and the upstream sees nothing."""
+        await self.refused(self.CHUNKED + b"3;" + b"e" * 100 * 1024 + b"\r\nabc\r\n0\r\n\r\n")
+
+    async def test_unterminated_chunk_extension(self) -> None:
+        """An extension that never ends is refused without waiting for its end."""
+        await self.refused(self.CHUNKED + b"3;ext=" + b"v" * 8192)
+
+    async def test_long_extension_after_good_chunks(self) -> None:
+        """A long extension on a later chunk of the same read: still nothing upstream."""
+        await self.refused(self.CHUNKED + b"3\r\nabc\r\n" * 50 + b"1;" + b"x" * 5000 + b"\r\nz\r\n")
+
+    async def test_pipelined_request_with_long_extension(self) -> None:
+        """A GET then a chunked POST with a long extension in one read: the GET is answered,
+        then the 400; the upstream saw only the GET."""
+        gateway, upstream, port = await self.start()
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(conn.abort)
+        conn.send(
+            b"GET /first HTTP/1.1\r\nHost: a.test\r\n\r\n"
+            + self.CHUNKED
+            + b"3;"
+            + b"e" * 20000
+            + b"\r\nabc\r\n0\r\n\r\n"
+        )
+        first = await conn.read_response()
+        self.assertEqual(first.status, 200)
+        second = await conn.read_response()
+        await conn.wait_closed()
+        self.assert_refusal(second, 400, "bad_request")
+        self.assertEqual([r.target for r in upstream.received], [b"/first"])
+
+    async def test_extensions_within_the_bound_pass(self) -> None:
+        """Extensions under the bound, cut across reads, are accepted (and not forwarded)."""
+        _gateway, upstream, port = await self.start()
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(conn.abort)
+        conn.send(self.CHUNKED + b"3;a=" + b"b" * 2000)
+        conn.send(b"b" * 2000 + b"\r\nabc\r\n0;z\r\n\r\n")
+        response = await conn.read_response()
+        self.assertEqual(response.status, 200)
+        (seen,) = upstream.received
+        self.assertEqual(seen.body, b"abc")
+        self.assertNotIn(b"bbbb", seen.raw_head)
+
+
 class BodyErrorTests(StrictTestCase):
     """A body that turns malformed after its head went upstream: the upstream never gets it whole."""
 

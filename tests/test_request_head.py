@@ -546,6 +546,17 @@ class InMemoryFrontTests(SynchronousTestCase):
             front.feed(b"X-T: 1234567\r\n")
         self.assertTrue(front.written.startswith(b"HTTP/1.1 431 "))
 
+    def test_head_end_split_then_long_extension(self) -> None:
+        """A head whose empty line spans two reads, then an over-long chunk line in the second
+        read: refused with a 400 before any upstream connect."""
+        front = InMemoryFront()
+        front.feed(b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r")
+        self.assertEqual(front.connects, 0)
+        front.feed(b"\n3;" + b"e" * 5000 + b"\r\nabc\r\n0\r\n\r\n")
+        self.assertTrue(front.written.startswith(b"HTTP/1.1 400 "))
+        self.assertTrue(front.closing)
+        self.assertEqual(front.connects, 0)
+
     def test_tiny_chunks_are_not_framing_abuse(self) -> None:
         """A long body in one-byte chunks, fed piecewise, is never refused: body resets the count."""
         front = InMemoryFront(max_header_bytes=1024)
