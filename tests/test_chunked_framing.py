@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -38,7 +40,7 @@ def chunked_bodies(draw: st.DrawFn) -> bytes:
 def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     """`data` cut at the given offsets (sorted, deduplicated, within bounds)."""
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    return [data[a:b] for a, b in zip(points, points[1:]) if b > a]
+    return [data[a:b] for a, b in itertools.pairwise(points) if b > a]
 
 
 def scan_all(framing: ChunkFraming, parts: list[bytes]) -> tuple[int, int | GatewayError]:

@@ -374,7 +374,7 @@ class ChunkLineBoundTests(StrictTestCase):
     async def test_pipelined_request_with_long_extension(self) -> None:
         """A GET then a chunked POST with a long extension in one read: the GET is answered,
         then the 400; the upstream saw only the GET."""
-        gateway, upstream, port = await self.start()
+        _gateway, upstream, port = await self.start()
         conn = await client.connect(reactor, "127.0.0.1", port)
         self.addCleanup(conn.abort)
         conn.send(

@@ -22,9 +22,9 @@ from zope.interface import implementer
 
 from flexgw.config.plan import HttpSettings, Listener, Timeouts
 from flexgw.http import errors
+from flexgw.http.chunked import ChunkFraming
 from flexgw.http.errors import GatewayError
 from flexgw.http.headers import HeaderList
-from flexgw.http.chunked import ChunkFraming
 from flexgw.http.request import (
     BODY_CHUNKED,
     BODY_NONE,
