@@ -141,6 +141,7 @@ def plan_json(plan: GatewayPlan) -> dict[str, Any]:
             "trustedProxies": [str(net) for net in http.trusted_proxies],
             "maxIdleConnectionsPerUpstream": http.max_idle_per_upstream,
             "bodyBufferLimitBytes": http.body_buffer_limit,
+            "headersWithUnderscoresAction": http.headers_with_underscores,
         },
         "probe": {"enabled": plan.probe.enabled, "port": plan.probe.port, "host": plan.probe.host},
         "proxyProtocol": plan.proxy_protocol,

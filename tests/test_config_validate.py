@@ -324,6 +324,24 @@ class SemanticTests(SynchronousTestCase):
         )
         self.assertEqual(only(checked).field, "spec.http.trustedProxies[1]")
 
+    def test_headers_with_underscores_action(self) -> None:
+        """headersWithUnderscoresAction takes Envoy's three values; another is located."""
+        checked = check(
+            """
+            apiVersion: gateway.mulesoft.com/v1alpha1
+            kind: Configuration
+            metadata: {name: c}
+            spec:
+              http:
+                headersWithUnderscoresAction: drop
+            """
+        )
+        problem = only(checked)
+        self.assertEqual(
+            (problem.line, problem.column, problem.field),
+            (6, 35, "spec.http.headersWithUnderscoresAction"),
+        )
+
     def test_wasm_extension(self) -> None:
         """A WASM Extension is recorded with an "unsupported" warning."""
         checked = check(

@@ -32,6 +32,9 @@ from flexgw.http.request import (
     BODY_CHUNKED,
     BODY_LENGTH,
     BODY_NONE,
+    UNDERSCORES_ALLOW,
+    UNDERSCORES_DROP,
+    UNDERSCORES_REJECT,
     RequestHead,
     analyze_head,
     error_for_parser_message,
@@ -405,6 +408,64 @@ class HeaderRuleTests(SynchronousTestCase):
         for name, _ in dropped:
             lname = name.lower()
             self.assertTrue(lname in HOP_BY_HOP or lname == b"content-length" or lname in extra)
+
+
+class UnderscoreHeaderRuleTests(SynchronousTestCase):
+    """analyze_head applies headersWithUnderscoresAction; risky `_` names never survive."""
+
+    def names(self, headers: list[tuple[bytes, bytes]], action: str) -> list[bytes] | int:
+        """The header names kept (or the error status) under `action`."""
+        head = analyze_head(b"GET", b"/", "1.1", [*HOST, *headers], True, action)
+        if isinstance(head, GatewayError):
+            return head.status
+        return [n for n, _ in head.headers]
+
+    def test_actions(self) -> None:
+        """allow keeps the harmless ones, dropHeader drops all, rejectRequest is a 400."""
+        sent = [(b"X_A", b"1"), (b"TRANSFER_ENCODING", b"chunked"), (b"X-B", b"2")]
+        self.assertEqual(self.names(sent, UNDERSCORES_ALLOW), [b"Host", b"X_A", b"X-B"])
+        self.assertEqual(self.names(sent, UNDERSCORES_DROP), [b"Host", b"X-B"])
+        self.assertEqual(self.names(sent, UNDERSCORES_REJECT), 400)
+        self.assertEqual(self.names([(b"X-B", b"2")], UNDERSCORES_REJECT), [b"Host", b"X-B"])
+
+    def test_same_list_without_underscores(self) -> None:
+        """No underscore: the parser's list is used as is (no copy on the hot path)."""
+        headers = [*HOST, (b"X-B", b"2")]
+        head = analyze_head(b"GET", b"/", "1.1", headers, True, UNDERSCORES_DROP)
+        assert isinstance(head, RequestHead)
+        self.assertIs(head.headers, headers)
+
+    @settings(suppress_health_check=SLOW)
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(
+                    sorted(HOP_BY_HOP | PROTECTED_FROM_CONNECTION | {b"x-forwarded-x", b"x-ok"})
+                ),
+                st.lists(st.booleans(), min_size=20, max_size=20),
+                st.lists(st.booleans(), min_size=20, max_size=20),
+            ),
+            max_size=8,
+        )
+    )
+    def test_no_risky_underscored_name_survives(
+        self, spec: list[tuple[bytes, list[bool], list[bool]]]
+    ) -> None:
+        """Whatever the case and whichever `-` became `_`, under allow only x_ok forms remain."""
+        headers = []
+        for name, upper, under in spec:
+            spelled = bytes(
+                (c - 32 if upper[i] and 97 <= c <= 122 else c) for i, c in enumerate(name)
+            )
+            spelled = b"".join(
+                b"_" if c == b"-"[0] and under[i] else bytes([c]) for i, c in enumerate(spelled)
+            )
+            if b"_" in spelled:
+                headers.append((spelled, b"v"))
+        kept = self.names(headers, UNDERSCORES_ALLOW)
+        assert isinstance(kept, list)
+        for name in kept[1:]:
+            self.assertEqual(name.lower().replace(b"_", b"-"), b"x-ok")
 
 
 # -- IngressProtocol in memory -------------------------------------------------------------------

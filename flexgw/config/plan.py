@@ -161,6 +161,9 @@ class HttpSettings:
     h2_max_concurrent_streams: int = 100
     h2_max_resets: int = 200
     h2_max_control_frames: int = 1000
+    # `headersWithUnderscoresAction` (Envoy's): allow, dropHeader or rejectRequest (400). The
+    # underscore forms of framing, hop-by-hop, Host and X-Forwarded-* headers are dropped always.
+    headers_with_underscores: str = "allow"
 
 
 @attrs.frozen

@@ -298,6 +298,9 @@ def _settings(
         max_idle_per_upstream=int(
             first(pick("http", "maxIdleConnectionsPerUpstream"), base.max_idle_per_upstream)
         ),
+        headers_with_underscores=str(
+            pick("http", "headersWithUnderscoresAction") or base.headers_with_underscores
+        ),
         body_buffer_limit=int(
             first(
                 pick("http", "bodyBufferLimitBytes"),

@@ -15,7 +15,7 @@ import re
 import attrs
 
 from flexgw.http.errors import METHOD_NOT_ALLOWED, GatewayError, bad_request
-from flexgw.http.headers import HeaderList
+from flexgw.http.headers import HeaderList, without_underscored
 
 BODY_NONE = 0
 BODY_LENGTH = 1
@@ -45,10 +45,25 @@ class RequestHead:
     expect_continue: bool
 
 
+#: `Configuration.spec.http.headersWithUnderscoresAction` values (Envoy's names).
+UNDERSCORES_ALLOW = "allow"  # kept, except the risky ones (headers.risky_underscored)
+UNDERSCORES_DROP = "dropHeader"
+UNDERSCORES_REJECT = "rejectRequest"
+UNDERSCORED_HEADER = bad_request("A header name with an underscore is not accepted")
+
+
 def analyze_head(
-    method: bytes, target: bytes, version: str, headers: HeaderList, keep_alive: bool
+    method: bytes,
+    target: bytes,
+    version: str,
+    headers: HeaderList,
+    keep_alive: bool,
+    underscores: str = UNDERSCORES_ALLOW,
 ) -> RequestHead | GatewayError:
-    """Validate a request head from the parser; return what the proxy needs, or the error to send."""
+    """Validate a request head from the parser; return what the proxy needs, or the error to send.
+
+    Header names with `_` follow `underscores`; the risky ones (framing, hop-by-hop, Host,
+    forwarding) are dropped even when they are allowed."""
     if method == b"CONNECT":
         # Whatever its target: llhttp treats every CONNECT as a tunnel, and ingress has none.
         return METHOD_NOT_ALLOWED
@@ -64,6 +79,7 @@ def analyze_head(
     content_length = 0
     connection_values: list[bytes] = []
     expect_continue = False
+    underscored = False
     for name, value in headers:
         lname = name.lower()
         if lname == b"host":
@@ -82,6 +98,12 @@ def analyze_head(
             connection_values.append(value)
         elif lname == b"expect" and value.strip().lower() == b"100-continue":
             expect_continue = True
+        elif b"_" in lname:
+            underscored = True
+    if underscored:
+        if underscores == UNDERSCORES_REJECT:
+            return UNDERSCORED_HEADER
+        headers = without_underscored(headers, underscores == UNDERSCORES_DROP)
 
     if len(hosts) > 1:
         return bad_request("Duplicate Host header")

@@ -330,6 +330,7 @@ class IngressProtocol(Protocol):
             parser.get_http_version(),
             headers,
             parser.should_keep_alive(),
+            self.http.headers_with_underscores,
         )
         if isinstance(head, GatewayError):
             head = self.invalid_head(head)

@@ -726,7 +726,7 @@ class H2Protocol(Protocol):
         fields: HeaderList = [(b"host", authority), *regular]
         if cookies:
             fields.append((b"cookie", b"; ".join(cookies)))  # RFC 9113 §8.2.3
-        head = analyze_head(method, path, "1.1", fields, True)
+        head = analyze_head(method, path, "1.1", fields, True, self.http.headers_with_underscores)
         if isinstance(head, GatewayError):
             return head
         head.version = b"2"
