@@ -331,6 +331,7 @@ class IngressProtocol(Protocol):
             headers,
             parser.should_keep_alive(),
             self.http.headers_with_underscores,
+            self.http,
         )
         if isinstance(head, GatewayError):
             head = self.invalid_head(head)
