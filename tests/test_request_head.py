@@ -19,6 +19,7 @@ from flexgw.http.headers import (
     response_headers_for_downstream,
     serialize_headers,
 )
+from flexgw.http.path import PathRules
 from flexgw.http.request import (
     BODY_CHUNKED,
     BODY_LENGTH,
@@ -30,7 +31,6 @@ from flexgw.http.request import (
     analyze_head,
     error_for_parser_message,
 )
-from flexgw.http.path import PathRules
 from flexgw.ingress.front import HEAD, IngressFactory, IngressProtocol
 from flexgw.plan import (
     Api,
