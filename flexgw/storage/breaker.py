@@ -175,7 +175,7 @@ class OutageBreaker:
             return
         recent = self.affected - self._summarised
         self._summarised = self.affected
-        self.log.warning(
+        self.log.warn(  # noqa: G010 - twisted.logger.Logger has warn, not warning
             "{name} is still down after {duration:.0f}s ({reason}); {affected} rate-limit checks"
             " decided by blockOnUnknownQuota so far, {recent} in the last {interval:.0f}s",
             name=self.name, duration=self.clock.seconds() - self.down_since, reason=self.reason,
