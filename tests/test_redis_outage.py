@@ -21,8 +21,11 @@ from tests.test_policy_rate_limiting import api_file
 from tests.test_rate_limiting_redis import rate_limit, storage_document
 
 API = "default/rl-api"
-#: The command timeout the gateways here use (commandTimeoutSeconds).
-TIMEOUT = 1.0
+#: The command timeout the gateways here use (commandTimeoutSeconds): long enough that twenty
+#: requests answered at once take far less on a loaded machine.
+TIMEOUT = 2.0
+#: Their probe interval while Redis is down (probeIntervalSeconds).
+PROBE = 0.25
 
 
 class RedisOutageTests(TestCase):
@@ -46,14 +49,17 @@ class RedisOutageTests(TestCase):
     def gateway(self, block: bool) -> tuple[Gateway, int]:
         """A started gateway: 3 requests a minute in Redis, the given blockOnUnknownQuota."""
         port = free_port()
-        storage = f"address: 127.0.0.1:{self.server.port}\ncommandTimeoutSeconds: {TIMEOUT}\n"
+        storage = (
+            f"address: 127.0.0.1:{self.server.port}\ncommandTimeoutSeconds: {TIMEOUT}\n"
+            f"probeIntervalSeconds: {PROBE}\n"
+        )
         gateway = Gateway(self, {
             "api.yaml": api_file(port, self.upstream.address[1], rate_limit(3, block=block)),
             "storage.yaml": storage_document(storage),
         })
         gateway.start()
         redis = gateway.service.runtime.redis
-        self.assertEqual(redis.command_timeout, TIMEOUT)
+        self.assertEqual((redis.command_timeout, redis.breaker.max_interval), (TIMEOUT, PROBE))
         self.addCleanup(redis.close)  # before the gateway stops: a clean reactor
         return gateway, port
 

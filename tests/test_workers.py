@@ -502,7 +502,7 @@ class WorkersTests(TestCase):
         storage = (
             f"---\n{HEADER}kind: Configuration\nmetadata: {{name: storage}}\n"
             "spec:\n  sharedStorage:\n    redis:\n"
-            f"      address: 127.0.0.1:{server.port}\n      commandTimeoutSeconds: 1\n"
+            f"      address: 127.0.0.1:{server.port}\n      commandTimeoutSeconds: 10\n"
         )
         await self.start(rate_limit("test-api", 100) + storage)
         self.assertEqual(await self.statuses("/items", 4), [200] * 4)
@@ -514,7 +514,7 @@ class WorkersTests(TestCase):
             response = await client.request(reactor, "127.0.0.1", self.port, get("/items"))
             answers.append((response.status, dict(response.headers).get(b"x-flexgw-error")))
         self.assertEqual(answers, [(429, b"quota_unavailable")] * 20)
-        self.assertLess(reactor.seconds() - started, 1.0)  # 20 answers within one command timeout
+        self.assertLess(reactor.seconds() - started, 10)  # none of the 20 waited the timeout
         refused = await self.per_worker("flexgw_rate_limit_unknown_quota_total", outcome="refused")
         self.assertEqual(sum(refused.values()), 20)
         await logged.done
