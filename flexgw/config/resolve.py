@@ -299,6 +299,14 @@ def _settings(
         max_idle_per_upstream=int(
             first(pick("http", "maxIdleConnectionsPerUpstream"), base.max_idle_per_upstream)
         ),
+        headers_with_underscores=str(
+            pick("http", "headersWithUnderscoresAction") or base.headers_with_underscores
+        ),
+        normalize_path=_flag(pick("http", "normalizePath"), base.normalize_path),
+        merge_slashes=_flag(pick("http", "mergeSlashes"), base.merge_slashes),
+        escaped_slashes=str(
+            pick("http", "pathWithEscapedSlashesAction") or base.escaped_slashes
+        ),
         body_buffer_limit=int(
             first(
                 pick("http", "bodyBufferLimitBytes"),
@@ -320,6 +328,11 @@ def _settings(
     thresholds = pick("circuitBreaker", "thresholds")
     breaker = dict(thresholds) if isinstance(thresholds, dict) else None
     return timeouts, http, probe, proxy_protocol, breaker
+
+
+def _flag(value: Any, default: bool) -> bool:
+    """A boolean setting: its value when written, else the default."""
+    return default if value is None else bool(value)
 
 
 def _selector_matches(selector: Any, labels: Mapping[str, str]) -> bool:
