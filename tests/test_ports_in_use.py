@@ -53,7 +53,9 @@ class PortsInUseTests(TestCase):
             self, directory, conf, "--admin", f"tcp:{admin}:interface=127.0.0.1"
         )
         response = await client.request(reactor, "127.0.0.1", free, get("/hello"))
-        self.assertEqual(response.status, 200)
+        self.assertEqual(
+            response.status, 200, response.body + started.process.output  # who answered, and why
+        )
         readiness = await client.request(reactor, "127.0.0.1", probe, get("/probes/readiness"))
         self.assertEqual(readiness.status, 503, readiness.body)
         self.assertIn(f"127.0.0.1:{taken}", json.dumps(json.loads(readiness.body)))
