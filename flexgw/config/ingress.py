@@ -28,7 +28,6 @@ from flexgw.config.kubernetes import (
     parse_timestamp,
     path_regex,
 )
-from flexgw.config.load import FieldPath
 from flexgw.config.resolve import (
     DEFAULT_ORDER,
     ApiSpec,
@@ -38,6 +37,7 @@ from flexgw.config.resolve import (
     RouteSpec,
     RuleSpec,
 )
+from flexgw.config.sources import FieldPath
 from flexgw.config.validate import Resource, ResourceId
 from flexgw.plan import Problem, Upstream
 from flexgw.tls.settings import CertificateKey

@@ -10,8 +10,8 @@ import attrs
 
 from flexgw.config.address import Address, normalise_path, parse_api_address, parse_service_address
 from flexgw.config.forwardproxy import ForwardProxy, resolve_forward_proxy
-from flexgw.config.load import Document, FieldPath
 from flexgw.config.logconf import resolve_logging
+from flexgw.config.sources import Document, FieldPath
 from flexgw.config.storage import SharedStorage, resolve_shared_storage
 from flexgw.config.validate import (
     ROUTE_POLICIES,
@@ -50,15 +50,8 @@ class Origin:
     ) -> Problem:
         """A Problem located at `path + sub` in this origin's document."""
         full = self.path + sub
-        line, column = self.document.locate_key(full) if at_key else self.document.locate(full)
-        return Problem(
-            severity=severity,  # type: ignore[arg-type]
-            message=message,
-            file=self.document.file,
-            line=line,
-            column=column,
-            resource=self.resource,
-            field=dotted(full) or None,
+        return self.document.problem(
+            severity, message, full, at_key=at_key, resource=self.resource, field=dotted(full) or None
         )
 
 
