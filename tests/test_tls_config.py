@@ -323,7 +323,7 @@ class WarningTests(SynchronousTestCase):
     def test_alpn_without_served_protocol_and_missing_service(self) -> None:
         """`alpn: [h2]` while only http/1.1 is served (inbound) or spoken (outbound) warns; a
         tls-outbound on a Service that does not exist warns."""
-        from flexgw.ingress.alpn import SERVED_ALPN
+        from flexgw.http.alpn import SERVED_ALPN
 
         state = load_config(
             [
