@@ -36,13 +36,13 @@ from flexgw.egress.resolver import resolve_all
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
+from flexgw.http.gate import UPGRADING, ReadGate
 from flexgw.http.headers import HeaderList
 from flexgw.http.request import _AUTHORITY, BODY_NONE, RequestHead
 from flexgw.http.tunnel import Tunnel
 from flexgw.ingress.exchange import CONNECTING, DONE, POLICIES, ProxyExchange
-from flexgw.ingress.front import CLOSING, UPGRADING, IngressProtocol, _Refused
-from flexgw.ingress.upgrade import MAX_EARLY_BYTES, TUNNEL
-from flexgw.upstream.connection import HELD, ReadGate
+from flexgw.ingress.front import CLOSING, IngressProtocol, _Refused
+from flexgw.ingress.upgrade import MAX_EARLY_BYTES
 
 if TYPE_CHECKING:
     from flexgw.egress.policy import ForwardProxyConfig
@@ -264,9 +264,7 @@ class ForwardExchange(ProxyExchange):
             super()._connect()
             return
         front = self.front
-        self.state = POLICIES  # waiting (a body is held meanwhile; downstream_lost cancels)
-        if self.head.body != BODY_NONE and not self.request_complete:
-            front.gate.hold(HELD)
+        self._await_io()
         host = self.target_host
         if not isinstance(host, str):
             self._addresses([host])
@@ -311,8 +309,7 @@ class ForwardExchange(ProxyExchange):
 
     def _open_tunnel(self, address: str) -> None:
         front = self.front
-        self.state = CONNECTING
-        self.upstream_started = front.clock.seconds()
+        self._connecting()
         self.connector = front.factory.reactor.connectTCP(
             address, self.target_port, _TunnelConnect(self), timeout=front.http.connect_timeout
         )
@@ -325,9 +322,7 @@ class ForwardExchange(ProxyExchange):
             return
         front = self.front
         self.upstream_elapsed = front.clock.seconds() - self.upstream_started
-        self.response_status = 200
-        self.state = TUNNEL
-        self._stop_timer()
+        self._tunnelled(200)
         send_now(front.transport, CONNECT_ESTABLISHED)
         tunnel = self.tunnel = Tunnel(
             front.clock,

@@ -8,6 +8,7 @@ registered as the producer of the receiving side, so a slow reader pauses the fa
 
 from __future__ import annotations
 
+import enum
 from typing import TYPE_CHECKING
 
 from twisted.python.failure import Failure
@@ -16,6 +17,7 @@ from flexgw.config.plan import Api, BoundPolicy, Destination, Route
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
+from flexgw.http.gate import BACKPRESSURE, HELD, HELD_OR_BACKPRESSURE
 from flexgw.http.headers import (
     HOP_BY_HOP,
     HeaderList,
@@ -27,7 +29,7 @@ from flexgw.http.tunnel import IDLE_TIMEOUT, Tunnel
 from flexgw.ingress.routing import remaining_path, rules_match
 from flexgw.policies.base import LocalResponse, PolicyContext
 from flexgw.policies.chain import ChainRun
-from flexgw.upstream.connection import BACKPRESSURE, HELD, UpstreamConnection
+from flexgw.upstream.connection import UpstreamConnection
 from flexgw.upstream.pool import UpstreamTLSError
 
 if TYPE_CHECKING:
@@ -38,14 +40,32 @@ _CONNECTION_OPTIONS = HOP_BY_HOP | {b"close"}  # Connection tokens that name no 
 NOT_TRAILERS = HOP_BY_HOP | {b"content-length", b"host", b"content-type", b"content-encoding"}
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
-# states
-WAITING = 0  # head parsed, not started (pipelined behind another exchange)
-CONNECTING = 1  # waiting for an upstream connection
-SENDING = 2  # upstream connected; request head (and maybe body) being sent
-RESPONDING = 3  # response head forwarded; body streaming back
-DONE = 4
-POLICIES = 5  # waiting for a policy that does I/O (state compared by identity, not order)
-BUFFERING = 6  # receiving the whole body for a policy that reads it (compared by identity)
+
+
+class ExchangeState(enum.Enum):
+    """Where an exchange is. States have no order: compare them by identity only. Only the
+    exchange's own methods (ProxyExchange's, in this module) change an exchange's state."""
+
+    WAITING = "waiting"  # head parsed, not started (pipelined behind another exchange)
+    POLICIES = "policies"  # waiting for I/O before the upstream (a policy's, a name lookup)
+    BUFFERING = "buffering"  # receiving the whole body for a policy that reads it
+    CONNECTING = "connecting"  # waiting for an upstream connection
+    SENDING = "sending"  # upstream connected; request head (and maybe body) being sent
+    RESPONDING = "responding"  # response head forwarded; body streaming back
+    TUNNEL = "tunnel"  # the two connections became a byte tunnel (an upgrade, a CONNECT)
+    DONE = "done"
+
+
+# Module-level names for the per-request paths (a global is cheaper than a class attribute).
+WAITING = ExchangeState.WAITING
+POLICIES = ExchangeState.POLICIES
+BUFFERING = ExchangeState.BUFFERING
+CONNECTING = ExchangeState.CONNECTING
+SENDING = ExchangeState.SENDING
+RESPONDING = ExchangeState.RESPONDING
+TUNNEL = ExchangeState.TUNNEL
+DONE = ExchangeState.DONE
+_BEFORE_UPSTREAM = (WAITING, CONNECTING, POLICIES, BUFFERING)  # request body is kept aside
 
 
 class ProxyExchange:
@@ -90,7 +110,7 @@ class ProxyExchange:
         self.destination: Destination | None = None
         self.upstream_target = b""
         self.api_key: str | None = None
-        self.state = WAITING
+        self.state: ExchangeState = WAITING
         self.conn: UpstreamConnection | None = None
         self.pool = None
         self.request_complete = False
@@ -187,10 +207,15 @@ class ProxyExchange:
         elif isinstance(outcome, LocalResponse):
             self.respond_locally(outcome)
         else:
-            self.state = POLICIES
-            if self.head.body != BODY_NONE and not self.request_complete:
-                self.front.gate.hold(HELD)
+            self._await_io()
             outcome.addCallback(self._policies_done)
+
+    def _await_io(self) -> None:
+        """Wait for I/O before the upstream (a policy's, a name lookup): a body is held
+        meanwhile, and downstream_lost cancels the wait."""
+        self.state = POLICIES
+        if self.head.body != BODY_NONE and not self.request_complete:
+            self.front.gate.hold(HELD)
 
     def _body_buffered(self) -> None:
         """The body a policy needs is complete: hand it to the chain, then run the chain."""
@@ -238,7 +263,7 @@ class ProxyExchange:
         self.response_status = response.status
         self.state = DONE
         self._stop_timer()
-        self.front.gate.release(HELD | BACKPRESSURE)
+        self.front.gate.release(HELD_OR_BACKPRESSURE)
         if self.error_cause is None:
             if response.cause is not None:
                 self.error_cause = response.cause
@@ -250,8 +275,7 @@ class ProxyExchange:
         """Ask the upstream pool for a connection."""
         front = self.front
         head = self.head
-        self.state = CONNECTING
-        self.upstream_started = front.clock.seconds()
+        self._connecting()
         self._stop_timer()
         if not self.request_complete:
             # While the body streams, the stream idle timeout applies. A complete request needs
@@ -265,6 +289,11 @@ class ProxyExchange:
             front.gate.hold(HELD)  # until the upstream can take the body
         pool.acquire(self)
 
+    def _connecting(self) -> None:
+        """Waiting for a connection to the upstream (or a tunnel's destination) from now."""
+        self.state = CONNECTING
+        self.upstream_started = self.front.clock.seconds()
+
     def request_body(self, data: bytes) -> None:
         """A piece of the request body (already de-chunked by the parser)."""
         self.bytes_in += len(data)
@@ -273,7 +302,7 @@ class ProxyExchange:
             # answer, or full-duplex streaming): keep forwarding it.
             self.last_activity = self.front.clock.seconds()
             self._send_body(data)
-        elif self.state < SENDING or self.state == POLICIES or self.state == BUFFERING:
+        elif self.state in _BEFORE_UPSTREAM:
             if self.pending is None:
                 self.pending = [data]
             else:
@@ -471,12 +500,7 @@ class ProxyExchange:
                 chunked = True
             elif lname == b"connection":
                 connection_values.append(value)
-        self.response_status = status
-        self.last_activity = now = front.clock.seconds()
-        self.upstream_elapsed = now - self.upstream_started
-        if self.timer is not None:
-            self.timer.reset(self._stream_idle_timeout())
-        self.state = RESPONDING
+        self._responding(status)
         head = self.head
         kept = response_headers_for_downstream(headers, connection_values)
         chain = self.chain
@@ -517,6 +541,22 @@ class ProxyExchange:
         # Not written yet: the head goes out with the body that came in the same read.
         self.out = [b"".join(lines)]
         front.transport.registerProducer(self.conn.gate, True)  # type: ignore[union-attr]
+
+    def _responding(self, status: int) -> None:
+        """The final response head arrived: from now the stream idle timeout applies."""
+        self.response_status = status
+        self.last_activity = now = self.front.clock.seconds()
+        self.upstream_elapsed = now - self.upstream_started
+        if self.timer is not None:
+            self.timer.reset(self._stream_idle_timeout())
+        self.state = RESPONDING
+
+    def _tunnelled(self, status: int) -> None:
+        """The exchange became a byte tunnel (answered `status`): no exchange timer any more
+        (the tunnel has its own idle timeout)."""
+        self._stop_timer()
+        self.response_status = status
+        self.state = TUNNEL
 
     def response_body(self, data: bytes) -> None:
         """A piece of the response body: queue it (chunk-framed if needed) for this read's send."""
@@ -662,7 +702,7 @@ class ProxyExchange:
         self._stop_timer()
         self.error_cause = error.cause
         self.response_status = error.status
-        self.front.gate.release(HELD | BACKPRESSURE)
+        self.front.gate.release(HELD_OR_BACKPRESSURE)
         self.front.send_error(self, error)
 
     def _on_timer(self) -> None:

@@ -23,13 +23,13 @@ from zope.interface import implementer
 from flexgw.config.plan import HttpSettings, Listener, Timeouts
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
+from flexgw.http.gate import PIPELINE, UPGRADING, ReadGate
 from flexgw.http.headers import HeaderList
 from flexgw.http.request import BODY_NONE, RequestHead, analyze_head, error_for_parser_message
 from flexgw.ingress.exchange import DONE, RESPONDING, WAITING, ProxyExchange
 from flexgw.ingress.routing import RouteMatch, select_route
 from flexgw.ingress.upgrade import UpgradeExchange, upgrade_protocol
 from flexgw.policies.base import LocalResponse
-from flexgw.upstream.connection import ReadGate
 from flexgw.upstream.pool import PoolManager
 
 if TYPE_CHECKING:
@@ -45,8 +45,6 @@ HEAD = 1  # a request head is arriving
 BODY = 2  # head complete; body (if any) arriving
 CLOSING = 3  # an error was answered or the connection is closing: ignore further input
 
-PIPELINE = 4  # ReadGate reason: a response is pending, stop reading further requests
-UPGRADING = 8  # ReadGate reason: an upgrade request waits for the upstream's answer
 
 
 @implementer(IHandshakeListener)

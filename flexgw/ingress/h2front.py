@@ -45,6 +45,7 @@ from flexgw.config.plan import HttpSettings
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
+from flexgw.http.gate import BACKPRESSURE
 from flexgw.http.h2send import send_queued
 from flexgw.http.headers import HOP_BY_HOP, HeaderList, response_headers_for_downstream
 from flexgw.http.request import BODY_CHUNKED, BODY_NONE, RequestHead, analyze_head
@@ -58,7 +59,6 @@ from flexgw.ingress.exchange import (
 )
 from flexgw.ingress.routing import RouteMatch, select_route
 from flexgw.policies.base import LocalResponse
-from flexgw.upstream.connection import BACKPRESSURE
 
 if TYPE_CHECKING:
     from flexgw.ingress.front import IngressFactory, IngressProtocol
@@ -442,12 +442,7 @@ class H2Exchange(ProxyExchange):
                 content_length = None
             elif lname == b"connection":
                 connection_values.append(value)
-        self.response_status = status
-        self.last_activity = now = front.clock.seconds()
-        self.upstream_elapsed = now - self.upstream_started
-        if self.timer is not None:
-            self.timer.reset(self._stream_idle_timeout())
-        self.state = RESPONDING
+        self._responding(status)
         kept = response_headers_for_downstream(headers, connection_values)
         chain = self.chain
         if chain is not None:

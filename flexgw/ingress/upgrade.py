@@ -30,8 +30,6 @@ if TYPE_CHECKING:
 #: may send frames before the handshake completes); more is refused.
 MAX_EARLY_BYTES = 64 * 1024
 
-TUNNEL = 7  # exchange state: the connections are a tunnel (compared by identity)
-
 
 def upgrade_protocol(head: RequestHead) -> bytes | None:
     """The `Upgrade` value to forward, or None when the request must not be tunnelled
@@ -119,9 +117,7 @@ class UpgradeExchange(ProxyExchange):
             kept = ctx.response_headers or []
             if ctx.response_extra:
                 kept = kept + ctx.response_extra
-        self._stop_timer()
-        self.response_status = 101
-        self.state = TUNNEL
+        self._tunnelled(101)
         # The connection leaves its pool: it is the tunnel's now, never reused.
         conn.sink = None
         conn.reusable = False
