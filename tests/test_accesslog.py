@@ -11,8 +11,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from flexgw.config.plan import Destination, Listener, Route, Upstream
-from flexgw.http.accesslog import AccessLog, MessageLog
 from flexgw.http.request import analyze_head
+from flexgw.service.accesslog import AccessLog, MessageLog
 
 
 class _Front:
@@ -49,7 +49,7 @@ class AccessLogLineTests(TestCase):
         clock.advance(10.25)
         stream = io.BytesIO()
         log = AccessLog(clock, stream)
-        log.exchange(exchange, Listener(scheme="http", host="0.0.0.0", port=8080, apis=()))
+        log.exchange_finished(exchange, Listener(scheme="http", host="0.0.0.0", port=8080, apis=()))
         log.flush()
         text = stream.getvalue().decode("ascii")
         self.assertTrue(text.endswith("\n") and text.count("\n") == 1)

@@ -1,16 +1,31 @@
-"""The exchange's written contract: its state enum, the read gate's hold reasons."""
+"""The exchange's written contract: its state enum, the read gate's hold reasons, the front
+and observer interfaces and their implementations."""
 
 from __future__ import annotations
 
 import ast
+import io
 from pathlib import Path
+from typing import Any
 
-from twisted.internet.testing import StringTransport
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
+from flexgw.config.logconf import compile_template
+from flexgw.config.plan import Api, Destination, HttpSettings, Listener, Route, Timeouts, Upstream
 from flexgw.http.gate import HELD, PIPELINE, Hold, ReadGate
-from flexgw.ingress import exchange
-from flexgw.ingress.exchange import ExchangeState
+from flexgw.ingress import exchange, upgrade
+from flexgw.ingress.contract import IExchangeFront, IExchangeObserver
+from flexgw.ingress.exchange import CHAIN_FINISH, ExchangeState
+from flexgw.ingress.front import IngressFactory, IngressProtocol
+from flexgw.ingress.h2front import H2Protocol, H2Stream
+from flexgw.service.accesslog import AccessLog, TeeLog, TemplatedAccessLog
+from flexgw.service.metrics import GatewayMetrics
+from flexgw.upstream.pool import PoolManager
 
 PACKAGE = Path(exchange.__file__).parents[1]
 STATE_NAMES = {state.name for state in ExchangeState}
@@ -73,3 +88,115 @@ class ReadGateTests(SynchronousTestCase):
         gate.release(Hold.PIPELINE)
         self.assertEqual(transport.producerState, "producing")
         self.assertEqual(gate.reasons, 0)
+
+
+def _front_uses(path: Path) -> dict[str, int]:
+    """Attributes read on `front` / `self.front` in a module: name -> first line."""
+    used: dict[str, int] = {}
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Attribute):
+            continue
+        owner = node.value
+        if (isinstance(owner, ast.Name) and owner.id == "front") or (
+            isinstance(owner, ast.Attribute) and owner.attr == "front"
+        ):
+            used.setdefault(node.attr, node.lineno)
+    return used
+
+
+class FrontContractTests(SynchronousTestCase):
+    """Exchanges use only what IExchangeFront writes down; every front provides it."""
+
+    def test_exchanges_use_only_the_written_contract(self) -> None:
+        """The HTTP/1.1 exchange and the upgrade exchange read nothing else from their front."""
+        allowed = set(IExchangeFront.names(all=True))
+        for module in (exchange, upgrade):
+            path = Path(module.__file__)  # type: ignore[arg-type]
+            extra = {n: line for n, line in _front_uses(path).items() if n not in allowed}
+            self.assertEqual(extra, {}, path.name)
+
+    def test_http1_front_provides_the_contract(self) -> None:
+        """A connected IngressProtocol (and the forward proxy's) provides IExchangeFront."""
+        for factory in (_factory(), _factory(forward=True)):
+            front = factory.buildProtocol(None)
+            front.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5)))
+            front = getattr(front, "h1", front)
+            self.assertTrue(verifyObject(IExchangeFront, front))
+
+    def test_h2_stream_provides_the_contract(self) -> None:
+        """An HTTP/2 stream provides IExchangeFront."""
+        factory = _factory()
+        h1 = IngressProtocol(factory)
+        h1.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5)))
+        protocol = H2Protocol(factory, h1)
+        self.assertTrue(verifyObject(IExchangeFront, H2Stream(protocol, 1)))
+
+
+class ObserverContractTests(SynchronousTestCase):
+    """Every observer of finished exchanges provides IExchangeObserver."""
+
+    def test_observers(self) -> None:
+        """The chain's on_done, the access logs and the metrics."""
+        log = AccessLog(Clock(), io.BytesIO())
+        observers = [
+            CHAIN_FINISH,
+            log,
+            TemplatedAccessLog(Clock(), io.BytesIO(), compile_template("{message}")),
+            TeeLog([log]),
+            GatewayMetrics(Clock()),
+        ]
+        for observer in observers:
+            self.assertTrue(verifyObject(IExchangeObserver, observer), observer)
+
+    def test_factory_reports_to_observers_in_order(self) -> None:
+        """The chain's on_done first, then the access log, the metrics, then other observers;
+        swapping the access log keeps the order."""
+        extra = _Recorder()
+        factory = _factory(observers=[extra])
+        self.assertEqual(factory.observers, (CHAIN_FINISH, extra))
+        log = AccessLog(Clock(), io.BytesIO())
+        metrics = GatewayMetrics(Clock())
+        factory.metrics = metrics
+        factory.access_log = log
+        self.assertEqual(factory.observers, (CHAIN_FINISH, log, metrics, extra))
+        factory.access_log = factory.metrics = None
+        self.assertEqual(factory.observers, (CHAIN_FINISH, extra))
+        factory.tunnel_opened(None)  # type: ignore[arg-type]
+        self.assertEqual(extra.calls, ["tunnel_opened"])
+
+
+@implementer(IExchangeObserver)
+class _Recorder:
+    """An observer that records which method was called."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def exchange_finished(self, exchange: object, listener: object) -> None:
+        """Record."""
+        self.calls.append("exchange_finished")
+
+    def tunnel_opened(self, exchange: object, listener: object) -> None:
+        """Record."""
+        self.calls.append("tunnel_opened")
+
+    def tunnel_closed(self, exchange: object, listener: object) -> None:
+        """Record."""
+        self.calls.append("tunnel_closed")
+
+    def request_refused(self, peer: object, error: object, listener: object) -> None:
+        """Record."""
+        self.calls.append("request_refused")
+
+
+def _factory(forward: bool = False, observers: list[Any] | None = None) -> IngressFactory:
+    """An IngressFactory for a listener built in code (a forward proxy one if `forward`)."""
+    upstream = Upstream(key="default/b", scheme="http", host="127.0.0.1", port=9000)
+    route = Route(name="r", order=0, rules=(), destinations=(Destination(upstream=upstream),))
+    api = Api(key="default/a", base_path="", routes=(route,), forward_proxy=forward or None)
+    listener = Listener(scheme="http", host="127.0.0.1", port=8000, apis=(api,))
+    reactor = MemoryReactorClock()
+    return IngressFactory(
+        reactor, reactor, listener, HttpSettings(), Timeouts(), PoolManager(reactor, reactor),
+        None, observers=observers or (),
+    )

@@ -334,10 +334,7 @@ class ForwardExchange(ProxyExchange):
             self._tunnel_ended,
         )
         upstream.tunnel = tunnel
-        front.tunnel = tunnel
-        if front.active is self:
-            front.active = None
-        front.factory.count_tunnel(self)
+        front.tunnel_opened(self, tunnel)
         early, self.early = self.early, b""
         tunnel.start(early_up=early)
 

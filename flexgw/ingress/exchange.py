@@ -9,9 +9,9 @@ registered as the producer of the receiving side, so a slow reader pauses the fa
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
 
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from flexgw.config.plan import Api, BoundPolicy, Destination, Route
 from flexgw.http import errors
@@ -26,14 +26,12 @@ from flexgw.http.headers import (
 )
 from flexgw.http.request import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, RequestHead
 from flexgw.http.tunnel import IDLE_TIMEOUT, Tunnel
+from flexgw.ingress.contract import IExchangeFront, IExchangeObserver
 from flexgw.ingress.routing import remaining_path, rules_match
 from flexgw.policies.base import LocalResponse, PolicyContext
 from flexgw.policies.chain import ChainRun
 from flexgw.upstream.connection import UpstreamConnection
 from flexgw.upstream.pool import UpstreamTLSError
-
-if TYPE_CHECKING:
-    from flexgw.ingress.front import IngressProtocol
 
 _CONNECTION_OPTIONS = HOP_BY_HOP | {b"close"}  # Connection tokens that name no end-to-end header
 #: Trailer fields never forwarded (framing, routing and hop-by-hop fields: RFC 9110 §6.5.1).
@@ -66,6 +64,28 @@ RESPONDING = ExchangeState.RESPONDING
 TUNNEL = ExchangeState.TUNNEL
 DONE = ExchangeState.DONE
 _BEFORE_UPSTREAM = (WAITING, CONNECTING, POLICIES, BUFFERING)  # request body is kept aside
+
+
+@implementer(IExchangeObserver)
+class ChainFinish:
+    """The observer that tells the policies that asked (`on_done`) how their exchange ended."""
+
+    def exchange_finished(self, exchange: ProxyExchange, listener: object) -> None:
+        """An exchange ended: its policies hear the status and the error cause."""
+        chain = exchange.chain
+        if chain is not None and chain.finishers is not None:
+            chain.finish(exchange.response_status, exchange.error_cause)
+
+    def tunnel_opened(self, exchange: ProxyExchange, listener: object) -> None:
+        """A tunnel is no end: the policies hear when it closes."""
+
+    tunnel_closed = exchange_finished
+
+    def request_refused(self, peer: object, error: GatewayError, listener: object) -> None:
+        """A refused request ran no policy."""
+
+
+CHAIN_FINISH = ChainFinish()
 
 
 class ProxyExchange:
@@ -103,7 +123,7 @@ class ProxyExchange:
         "upstream_target",
     )
 
-    def __init__(self, front: IngressProtocol, head: RequestHead, started: float) -> None:
+    def __init__(self, front: IExchangeFront, head: RequestHead, started: float) -> None:
         self.front = front
         self.head = head
         self.route: Route | None = None
@@ -269,7 +289,7 @@ class ProxyExchange:
                 self.error_cause = response.cause
             elif response.status >= 400:
                 self.error_cause = "policy_rejected"
-        self.front.send_error(self, response, extra)
+        self.front.answer(self, response, extra)
 
     def _connect(self) -> None:
         """Ask the upstream pool for a connection."""
@@ -619,7 +639,7 @@ class ProxyExchange:
                     conn.transport.unregisterProducer()
                     front.gate.release(BACKPRESSURE)
             conn.finish()
-        front.exchange_done(self, self.response_close)
+        front.finish(self, self.response_close)
 
     def response_malformed(self, message: str) -> None:
         """The upstream sent something that is not a valid HTTP/1.1 response."""
@@ -631,7 +651,7 @@ class ProxyExchange:
         self.conn = None
         if self.state == RESPONDING and self.until_close and conn is not None:
             # A close-delimited body ends with the connection; anything else is a truncation.
-            self.pool.active -= 1  # type: ignore[union-attr]
+            self.pool.detach(conn)  # type: ignore[union-attr]
             self._complete(None)
             return
         if (
@@ -647,11 +667,11 @@ class ProxyExchange:
             self.retried = True
             self.state = CONNECTING
             if conn is not None:
-                self.pool.active -= 1  # type: ignore[union-attr]
+                self.pool.detach(conn)  # type: ignore[union-attr]
             self.pool.acquire(self, fresh=True)  # type: ignore[union-attr]
             return
         if conn is not None:
-            self.pool.active -= 1  # type: ignore[union-attr]
+            self.pool.detach(conn)  # type: ignore[union-attr]
         self._upstream_failed(errors.UPSTREAM_RESET, conn_gone=True)
 
     def _upstream_failed_with_response(self, response: LocalResponse) -> None:
@@ -684,7 +704,7 @@ class ProxyExchange:
             self.state = DONE
             self._stop_timer()
             self.front.transport.unregisterProducer()
-            self.front.exchange_aborted(self)
+            self.front.cut_off(self)
             return
         self.fail(error)
 
@@ -703,7 +723,7 @@ class ProxyExchange:
         self.error_cause = error.cause
         self.response_status = error.status
         self.front.gate.release(HELD_OR_BACKPRESSURE)
-        self.front.send_error(self, error)
+        self.front.answer(self, error, None)
 
     def _on_timer(self) -> None:
         self.timer = None
@@ -733,7 +753,7 @@ class ProxyExchange:
         self.bytes_out = tunnel.bytes_down
         if tunnel.ended_by == IDLE_TIMEOUT:
             self.error_cause = IDLE_TIMEOUT
-        self.front.factory.log_tunnel(self)
+        self.front.tunnel_closed(self)
 
     def _stream_idle_timeout(self) -> float:
         """The stream idle timeout for this request (a policy may override the gateway's)."""

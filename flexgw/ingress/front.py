@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -26,16 +26,16 @@ from flexgw.http.errors import GatewayError
 from flexgw.http.gate import PIPELINE, UPGRADING, ReadGate
 from flexgw.http.headers import HeaderList
 from flexgw.http.request import BODY_NONE, RequestHead, analyze_head, error_for_parser_message
-from flexgw.ingress.exchange import DONE, RESPONDING, WAITING, ProxyExchange
+from flexgw.http.tunnel import Tunnel
+from flexgw.ingress.contract import IExchangeFront, IExchangeObserver
+from flexgw.ingress.exchange import CHAIN_FINISH, DONE, RESPONDING, WAITING, ProxyExchange
 from flexgw.ingress.routing import RouteMatch, select_route
 from flexgw.ingress.upgrade import UpgradeExchange, upgrade_protocol
 from flexgw.policies.base import LocalResponse
 from flexgw.upstream.pool import PoolManager
 
 if TYPE_CHECKING:
-    from flexgw.http.accesslog import AccessLog
-    from flexgw.ingress.h2front import H2Protocol, H2Stream
-    from flexgw.service.metrics import GatewayMetrics
+    from flexgw.ingress.h2front import H2Protocol
 
 _log = Logger(namespace="flexgw.ingress")
 
@@ -47,7 +47,7 @@ CLOSING = 3  # an error was answered or the connection is closing: ignore furthe
 
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IExchangeFront)
 class IngressProtocol(Protocol):
     """One downstream HTTP/1.1 connection (over TLS on https listeners)."""
 
@@ -157,7 +157,7 @@ class IngressProtocol(Protocol):
         if self.active is not None:
             active, self.active = self.active, None
             active.downstream_lost()
-            factory.log_exchange(active)
+            factory.exchange_finished(active)
         self.queue.clear()
         if factory.on_connection_lost is not None:
             factory.on_connection_lost(self)
@@ -337,7 +337,7 @@ class IngressProtocol(Protocol):
         if exchange is not None and exchange.state != DONE:
             exchange.request_done()
 
-    # -- what exchanges call back ----------------------------------------------------------------
+    # -- what exchanges call (IExchangeFront) ---------------------------------------------------
 
     def route(self, head: RequestHead) -> RouteMatch | None:
         """Choose the route for a request on this listener's current plan."""
@@ -350,9 +350,9 @@ class IngressProtocol(Protocol):
             self.factory.rng,
         )
 
-    def exchange_done(self, exchange: ProxyExchange, close: bool) -> None:
-        """A response is complete: log it, then close or go on with the next request."""
-        self.factory.log_exchange(exchange)
+    def finish(self, exchange: ProxyExchange, close: bool) -> None:
+        """A response is complete: report it, then close or go on with the next request."""
+        self.factory.exchange_finished(exchange)
         if self.active is exchange:
             self.active = None
         if close:
@@ -370,14 +370,25 @@ class IngressProtocol(Protocol):
             return
         self._next()
 
-    def exchange_aborted(self, exchange: ProxyExchange) -> None:
+    def cut_off(self, exchange: ProxyExchange) -> None:
         """The upstream failed after the response head was sent: cut the client off."""
-        self.factory.log_exchange(exchange)
+        self.factory.exchange_finished(exchange)
         self.active = None
         self.state = CLOSING
         self.transport.abortConnection()
 
-    def send_error(
+    def tunnel_opened(self, exchange: ProxyExchange, tunnel: Tunnel) -> None:
+        """The exchange became a byte tunnel: client bytes go to it from now on."""
+        self.tunnel = tunnel
+        if self.active is exchange:
+            self.active = None
+        self.factory.tunnel_opened(exchange)
+
+    def tunnel_closed(self, exchange: ProxyExchange) -> None:
+        """The exchange's tunnel ended."""
+        self.factory.tunnel_closed(exchange)
+
+    def answer(
         self,
         exchange: ProxyExchange,
         error: GatewayError | LocalResponse,
@@ -401,7 +412,7 @@ class IngressProtocol(Protocol):
             # response would be read as the start of the next response on this connection.
             data = data[: data.index(b"\r\n\r\n") + 4]
         self.transport.write(data)
-        self.factory.log_exchange(exchange)
+        self.factory.exchange_finished(exchange)
         if self.active is exchange:
             self.active = None
         if not keep:
@@ -452,7 +463,7 @@ class IngressProtocol(Protocol):
                 if active.state == RESPONDING:
                     active.error_cause = error.cause
                     active.downstream_lost()
-                    self.exchange_aborted(active)
+                    self.cut_off(active)
                 else:
                     active.fail(error)
                 return
@@ -461,7 +472,7 @@ class IngressProtocol(Protocol):
             return
         self.pending_refusal = None
         self.transport.write(error.render(close=True))
-        self.factory.log_refusal(self, error)
+        self.factory.request_refused(self, error)
         self.transport.loseConnection()
 
     def _on_timer(self) -> None:
@@ -517,10 +528,11 @@ class IngressFactory(Factory):
         http: HttpSettings,
         timeouts: Timeouts,
         pools: PoolManager,
-        access_log: AccessLog | None,
+        access_log: IExchangeObserver | None,
         rng: random.Random | None = None,
-        metrics: GatewayMetrics | None = None,
+        metrics: IExchangeObserver | None = None,
         resolver: Any = None,
+        observers: Sequence[IExchangeObserver] = (),
     ) -> None:
         self.reactor = reactor
         # IHostnameResolver for forward-proxy destinations (None: the reactor's nameResolver).
@@ -530,8 +542,12 @@ class IngressFactory(Factory):
         self.http = http
         self.timeouts = timeouts
         self.pools = pools
-        self.access_log = access_log
-        self.metrics = metrics
+        # Told about every exchange that ends (see _observe); the gateway swaps the access log.
+        self._access_log = access_log
+        self._metrics = metrics
+        self.extra_observers = tuple(observers)
+        self.observers: tuple[IExchangeObserver, ...] = ()
+        self._observe()
         self.rng = rng or random.Random()
         self.scheme_bytes = listener.scheme.encode("ascii")
         self.proto_line = b"X-Forwarded-Proto: " + self.scheme_bytes + b"\r\n"
@@ -561,31 +577,57 @@ class IngressFactory(Factory):
             return ForwardProxyProtocol(self)
         return ProtocolSelector(self)
 
-    def log_exchange(self, exchange: ProxyExchange) -> None:
-        """Write the access log line of a finished exchange, and count it; policies that
-        asked hear how it ended (`on_done`)."""
-        chain = exchange.chain
-        if chain is not None and chain.finishers is not None:
-            chain.finish(exchange.response_status, exchange.error_cause)
-        if self.access_log is not None:
-            self.access_log.exchange(exchange, self.listener)
-        if self.metrics is not None:
-            self.metrics.exchange(exchange)
+    @property
+    def access_log(self) -> IExchangeObserver | None:
+        """The access log (the gateway swaps it when the logging outputs change)."""
+        return self._access_log
 
-    def count_tunnel(self, exchange: ProxyExchange) -> None:
-        """Count an exchange that became a tunnel, when it does: its latency is the time to the
-        switch (a tunnel's lifetime is no request latency, and no time the gateway added)."""
-        if self.metrics is not None:
-            self.metrics.exchange(exchange)
+    @access_log.setter
+    def access_log(self, access_log: IExchangeObserver | None) -> None:
+        self._access_log = access_log
+        self._observe()
 
-    def log_tunnel(self, exchange: ProxyExchange) -> None:
-        """Write the access log line of a tunnel that ended (counted when it began); policies
-        that asked hear how it ended (`on_done`)."""
-        chain = exchange.chain
-        if chain is not None and chain.finishers is not None:
-            chain.finish(exchange.response_status, exchange.error_cause)
-        if self.access_log is not None:
-            self.access_log.exchange(exchange, self.listener)
+    @property
+    def metrics(self) -> IExchangeObserver | None:
+        """The gateway's metrics."""
+        return self._metrics
+
+    @metrics.setter
+    def metrics(self, metrics: IExchangeObserver | None) -> None:
+        self._metrics = metrics
+        self._observe()
+
+    def _observe(self) -> None:
+        """The observers, in order: the policies' on_done, the access log, the metrics, others."""
+        self.observers = tuple(
+            o
+            for o in (CHAIN_FINISH, self._access_log, self._metrics, *self.extra_observers)
+            if o is not None
+        )
+
+    def exchange_finished(self, exchange: ProxyExchange) -> None:
+        """Report a finished exchange to the observers."""
+        listener = self.listener
+        for observer in self.observers:
+            observer.exchange_finished(exchange, listener)
+
+    def tunnel_opened(self, exchange: ProxyExchange) -> None:
+        """Report an exchange that became a tunnel to the observers."""
+        listener = self.listener
+        for observer in self.observers:
+            observer.tunnel_opened(exchange, listener)
+
+    def tunnel_closed(self, exchange: ProxyExchange) -> None:
+        """Report a tunnel that ended to the observers."""
+        listener = self.listener
+        for observer in self.observers:
+            observer.tunnel_closed(exchange, listener)
+
+    def request_refused(self, front: Any, error: GatewayError) -> None:
+        """Report a request refused before it was parsed whole to the observers."""
+        listener = self.listener
+        for observer in self.observers:
+            observer.request_refused(front, error, listener)
 
     def log_failure(self, failure: BaseException | None) -> None:
         """Log an unexpected exception raised while handling a request."""
@@ -593,13 +635,6 @@ class IngressFactory(Factory):
             "Unexpected error handling a request",
             Failure(failure) if failure is not None else None,
         )
-
-    def log_refusal(self, protocol: IngressProtocol | H2Stream, error: GatewayError) -> None:
-        """Write the access log line of a request refused before it was parsed whole, and count it."""
-        if self.access_log is not None:
-            self.access_log.refusal(protocol, error, self.listener)
-        if self.metrics is not None:
-            self.metrics.refusal(error)
 
 
 # At the end: h2front and select import this module.

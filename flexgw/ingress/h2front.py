@@ -49,6 +49,7 @@ from flexgw.http.gate import BACKPRESSURE
 from flexgw.http.h2send import send_queued
 from flexgw.http.headers import HOP_BY_HOP, HeaderList, response_headers_for_downstream
 from flexgw.http.request import BODY_CHUNKED, BODY_NONE, RequestHead, analyze_head
+from flexgw.ingress.contract import IExchangeFront
 from flexgw.ingress.exchange import (
     CONNECTING,
     DONE,
@@ -126,6 +127,7 @@ class _RequestGate:
         """The upstream went away; the exchange cleans up."""
 
 
+@implementer(IExchangeFront)
 class H2Stream:
     """One request stream: what its exchange sees as `front`, and its response's send side."""
 
@@ -180,7 +182,7 @@ class H2Stream:
             factory.rng,
         )
 
-    def send_error(
+    def answer(
         self,
         exchange: ProxyExchange,
         error: GatewayError | LocalResponse,
@@ -203,17 +205,25 @@ class H2Stream:
         if exchange.head.method == b"HEAD":
             body = b""
         self.respond(error.status, headers, body)
-        self.protocol.factory.log_exchange(exchange)
+        self.protocol.factory.exchange_finished(exchange)
 
-    def exchange_done(self, exchange: ProxyExchange, close: bool) -> None:
+    def finish(self, exchange: ProxyExchange, close: bool) -> None:
         """The exchange is complete (its response may still be waiting for the client's window)."""
-        self.protocol.factory.log_exchange(exchange)
+        self.protocol.factory.exchange_finished(exchange)
         self._maybe_done()
 
-    def exchange_aborted(self, exchange: ProxyExchange) -> None:
+    def cut_off(self, exchange: ProxyExchange) -> None:
         """The upstream failed after the response head was sent: reset the stream."""
-        self.protocol.factory.log_exchange(exchange)
+        self.protocol.factory.exchange_finished(exchange)
         self.reset(ErrorCodes.INTERNAL_ERROR)
+
+    def tunnel_opened(self, exchange: ProxyExchange, tunnel: Any) -> None:
+        """Never: an HTTP/2 stream carries no upgrade (and CONNECT is refused)."""
+        raise RuntimeError("an HTTP/2 stream cannot become a tunnel")
+
+    def tunnel_closed(self, exchange: ProxyExchange) -> None:
+        """Never: see tunnel_opened."""
+        raise RuntimeError("an HTTP/2 stream cannot become a tunnel")
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         """The upstream connection whose reading this stream's response may pause."""
@@ -674,7 +684,7 @@ class H2Protocol(Protocol):
                 ],
                 body,
             )
-            self.factory.log_refusal(stream, head)  # type: ignore[arg-type]
+            self.factory.request_refused(stream, head)
             return
         exchange = H2Exchange(stream, head, now)  # type: ignore[arg-type]
         stream.exchange = exchange
@@ -812,7 +822,7 @@ class H2Protocol(Protocol):
         stream.producer = None
         if exchange is not None and exchange.state != DONE:
             exchange.downstream_lost()
-            self.factory.log_exchange(exchange)
+            self.factory.exchange_finished(exchange)
 
     def forget(self, stream: H2Stream) -> None:
         """A stream is finished on our side."""

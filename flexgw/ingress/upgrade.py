@@ -122,7 +122,7 @@ class UpgradeExchange(ProxyExchange):
         conn.sink = None
         conn.reusable = False
         self.conn = None
-        self.pool.active -= 1  # type: ignore[union-attr]
+        self.pool.detach(conn)  # type: ignore[union-attr]
         lines = [b"HTTP/1.1 101 Switching Protocols\r\n"]
         lines.extend(name + b": " + value + b"\r\n" for name, value in kept)
         lines.append(b"Connection: Upgrade\r\nUpgrade: " + upgrade[0] + b"\r\n\r\n")
@@ -137,10 +137,7 @@ class UpgradeExchange(ProxyExchange):
             self._tunnel_ended,
         )
         conn.tunnel = tunnel
-        front.tunnel = tunnel
-        if front.active is self:
-            front.active = None
-        front.factory.count_tunnel(self)
+        front.tunnel_opened(self, tunnel)
         early, self.early = self.early, b""
         tunnel.start(early_up=early, early_down=rest)
 

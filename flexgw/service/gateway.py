@@ -15,7 +15,11 @@ from flexgw.config.ingress import IngressOptions
 from flexgw.config.logconf import LoggingSettings, LogOutput
 from flexgw.config.pipeline import ConfigState, load_config
 from flexgw.config.plan import GatewayPlan, Listener, Upstream
-from flexgw.http.accesslog import (
+from flexgw.ingress.front import IngressFactory, IngressProtocol
+from flexgw.ingress.h2front import H2Protocol
+from flexgw.ingress.proxyprotocol import wrap_proxy_protocol
+from flexgw.policies.base import PolicyRuntime
+from flexgw.service.accesslog import (
     AccessLog,
     MessageLog,
     RuntimeLog,
@@ -23,10 +27,6 @@ from flexgw.http.accesslog import (
     open_output,
     open_runtime_output,
 )
-from flexgw.ingress.front import IngressFactory, IngressProtocol
-from flexgw.ingress.h2front import H2Protocol
-from flexgw.ingress.proxyprotocol import wrap_proxy_protocol
-from flexgw.policies.base import PolicyRuntime
 from flexgw.service.activation import LISTEN_FDS_START, InheritedSockets, listen_environ
 from flexgw.service.admin import ProbeServer
 from flexgw.service.metrics import GatewayMetrics
