@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+import attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
@@ -12,6 +13,7 @@ from twisted.trial.unittest import TestCase
 
 from flexgw.config.plan import Destination, Listener, Route, Upstream
 from flexgw.http.request import analyze_head
+from flexgw.ingress.peer import NOBODY
 from flexgw.service.accesslog import AccessLog, MessageLog
 
 
@@ -19,7 +21,7 @@ class _Front:
     """The one attribute of the front the access log reads."""
 
     def __init__(self, client_ip: str) -> None:
-        self.client_ip = client_ip
+        self.peer = attrs.evolve(NOBODY, address=client_ip)
 
 
 class _Exchange:

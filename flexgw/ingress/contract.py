@@ -30,12 +30,9 @@ class IExchangeFront(Interface):
     http = Attribute("The listener's HttpSettings when the connection was made.")
     timeouts = Attribute("The gateway's Timeouts when the connection was made.")
     draining = Attribute("True once the gateway drains: responses close the connection.")
-    client_ip = Attribute("The client's address (str; the PROXY header's when there is one).")
-    client_ip_bytes = Attribute("The same, as bytes for X-Forwarded-For.")
-    trusted_peer = Attribute("True when the client is one of the trusted proxies.")
-    scheme_decoded = Attribute("The listener's scheme (str).")
-    proto_line = Attribute("The X-Forwarded-Proto line (plus XFCC over mTLS).")
-    xfcc_line = Attribute("The X-Forwarded-Client-Cert line over mTLS, else b''.")
+    peer = Attribute(
+        "The Peer (flexgw.ingress.peer): client address, trust, scheme, forwarded lines."
+    )
 
     def route(head):  # type: ignore[no-untyped-def]
         """The RouteMatch for a RequestHead on the listener's current plan, or None."""

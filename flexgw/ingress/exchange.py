@@ -206,8 +206,9 @@ class ProxyExchange:
             ]
             if not selected:
                 return False
-        ctx = PolicyContext(head, front.client_ip, front.scheme_decoded, api.key)
-        if front.trusted_peer:
+        peer = front.peer
+        ctx = PolicyContext(head, peer.address, peer.scheme, api.key)
+        if peer.trusted:
             ctx.trusted_proxies = front.http.trusted_proxies
         if head.connection_values:
             # Connection-listed headers are removed before the policies run, so that a client
@@ -417,7 +418,8 @@ class ProxyExchange:
         destination = self.destination
         assert destination is not None
         drop = connection_tokens(head.connection_values) if head.connection_values else None
-        trusted = front.trusted_peer
+        peer = front.peer
+        trusted = peer.trusted
         rewrite_host = front.http.rewrite_host
         prior_xff = None
         has_xfh = has_xfp = False
@@ -463,14 +465,14 @@ class ProxyExchange:
                 destination.upstream.authority if rewrite_host else (head.authority or "")
             )
             append(b"Host: " + authority.encode("latin-1") + b"\r\n")
-        client = front.client_ip_bytes
+        client = peer.address_bytes
         append(b"X-Forwarded-For: ")
         append(client if prior_xff is None else prior_xff + b", " + client)
         append(b"\r\n")
         if not has_xfp:
-            append(front.proto_line)  # with the XFCC line on mTLS connections
-        elif front.xfcc_line:
-            append(front.xfcc_line)
+            append(peer.proto_line)  # with the XFCC line on mTLS connections
+        elif peer.xfcc_line:
+            append(peer.xfcc_line)
         if not has_xfh and head.authority:
             append(b"X-Forwarded-Host: " + head.authority.encode("latin-1") + b"\r\n")
         if head.body == BODY_LENGTH:

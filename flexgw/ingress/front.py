@@ -7,7 +7,6 @@ without reading cannot make the gateway buffer without bound.
 
 from __future__ import annotations
 
-import ipaddress
 import random
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -29,6 +28,7 @@ from flexgw.http.request import BODY_NONE, RequestHead, analyze_head, error_for_
 from flexgw.http.tunnel import Tunnel
 from flexgw.ingress.contract import IExchangeFront, IExchangeObserver
 from flexgw.ingress.exchange import CHAIN_FINISH, DONE, RESPONDING, WAITING, ProxyExchange
+from flexgw.ingress.peer import NOBODY, Peer
 from flexgw.ingress.routing import RouteMatch, select_route
 from flexgw.ingress.upgrade import UpgradeExchange, upgrade_protocol
 from flexgw.policies.base import LocalResponse
@@ -76,17 +76,10 @@ class IngressProtocol(Protocol):
         self.head_timer = None  # header deadline, armed only when a head spans several reads
         self.idle_since = 0.0
         self.head_started = 0.0
-        self.client_ip = ""
-        self.client_ip_bytes = b""
-        self.trusted_peer = False
+        self.peer = NOBODY  # set when the connection is made
         # Settings are read from the factory at connection time; a reload swaps the factory's.
         self.http: HttpSettings = factory.http
         self.timeouts: Timeouts = factory.timeouts
-        self.scheme_bytes = factory.scheme_bytes
-        self.scheme_decoded = factory.listener.scheme
-        # "X-Forwarded-Proto: ...\r\n", plus the client certificate's XFCC line over mTLS
-        self.proto_line = factory.proto_line
-        self.xfcc_line = b""
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -96,26 +89,7 @@ class IngressProtocol(Protocol):
         self.gate = ReadGate(transport)
         if hasattr(transport, "setTcpNoDelay"):
             transport.setTcpNoDelay(True)
-        peer = transport.getPeer()
-        host = getattr(peer, "host", "") or ""
-        if host.startswith("::ffff:"):
-            # An IPv4 client on a dual-stack listener: it is that IPv4 address (logs, policies,
-            # X-Forwarded-For and the trusted-proxy check all see the IPv4 form).
-            try:
-                mapped = ipaddress.IPv6Address(host).ipv4_mapped
-            except ValueError:
-                mapped = None
-            if mapped is not None:
-                host = str(mapped)
-        self.client_ip = host
-        self.client_ip_bytes = host.encode("ascii", "replace")
-        if self.http.trusted_proxies and host:
-            try:
-                address = ipaddress.ip_address(host)
-            except ValueError:
-                address = None
-            if address is not None:
-                self.trusted_peer = any(address in net for net in self.http.trusted_proxies)
+        self.peer = Peer.of(transport, self.factory.listener.scheme, self.http.trusted_proxies)
         self.factory.connections.add(self)
         self.idle_since = self.clock.seconds()
         self.timer = self.clock.callLater(self.http.keepalive_timeout, self._on_timer)
@@ -139,9 +113,7 @@ class IngressProtocol(Protocol):
         if certificate is not None and self.http.forward_client_cert:
             from flexgw.tls.contexts import xfcc_value
 
-            value = xfcc_value(certificate.to_cryptography())
-            self.xfcc_line = b"X-Forwarded-Client-Cert: " + value + b"\r\n"
-            self.proto_line = self.proto_line + self.xfcc_line
+            self.peer = self.peer.with_client_cert(xfcc_value(certificate.to_cryptography()))
 
     def connectionLost(self, reason: Failure = None) -> None:
         """Abandon whatever is in flight."""
@@ -472,7 +444,7 @@ class IngressProtocol(Protocol):
             return
         self.pending_refusal = None
         self.transport.write(error.render(close=True))
-        self.factory.request_refused(self, error)
+        self.factory.request_refused(self.peer, error)
         self.transport.loseConnection()
 
     def _on_timer(self) -> None:
@@ -549,8 +521,6 @@ class IngressFactory(Factory):
         self.observers: tuple[IExchangeObserver, ...] = ()
         self._observe()
         self.rng = rng or random.Random()
-        self.scheme_bytes = listener.scheme.encode("ascii")
-        self.proto_line = b"X-Forwarded-Proto: " + self.scheme_bytes + b"\r\n"
         self.connections: set[IngressProtocol | H2Protocol] = set()
         self.h2_limits = H2Limits.from_http(http)
         # Called with each connection as it closes (set by the gateway while it drains).
@@ -561,8 +531,6 @@ class IngressFactory(Factory):
         self.listener = listener
         self.http = http
         self.timeouts = timeouts
-        self.scheme_bytes = listener.scheme.encode("ascii")
-        self.proto_line = b"X-Forwarded-Proto: " + self.scheme_bytes + b"\r\n"
         self.h2_limits = H2Limits.from_http(http)
         for connection in self.connections:
             connection.http = http
@@ -623,11 +591,11 @@ class IngressFactory(Factory):
         for observer in self.observers:
             observer.tunnel_closed(exchange, listener)
 
-    def request_refused(self, front: Any, error: GatewayError) -> None:
+    def request_refused(self, peer: Peer, error: GatewayError) -> None:
         """Report a request refused before it was parsed whole to the observers."""
         listener = self.listener
         for observer in self.observers:
-            observer.request_refused(front, error, listener)
+            observer.request_refused(peer, error, listener)
 
     def log_failure(self, failure: BaseException | None) -> None:
         """Log an unexpected exception raised while handling a request."""

@@ -139,13 +139,7 @@ class H2Stream:
         self.pools = protocol.pools
         self.http = protocol.http
         self.timeouts = protocol.timeouts
-        self.client_ip = protocol.client_ip
-        self.client_ip_bytes = protocol.client_ip_bytes
-        self.trusted_peer = protocol.trusted_peer
-        self.scheme_bytes = protocol.scheme_bytes
-        self.scheme_decoded = protocol.scheme_decoded
-        self.proto_line = protocol.proto_line
-        self.xfcc_line = protocol.xfcc_line
+        self.peer = protocol.peer
         self.gate = _RequestGate(self)
         self.transport = self  # ProxyExchange registers the upstream as producer on front.transport
         self.exchange: H2Exchange | None = None
@@ -515,14 +509,7 @@ class H2Protocol(Protocol):
         self.http = h1.http
         self.timeouts = h1.timeouts
         self.limits: H2Limits = factory.h2_limits
-        self.client_ip = h1.client_ip
-        self.client_ip_bytes = h1.client_ip_bytes
-        self.trusted_peer = h1.trusted_peer
-        self.scheme_bytes = h1.scheme_bytes
-        self.scheme_decoded = h1.scheme_decoded
-        # X-Forwarded-Proto (and, over mTLS, the client certificate's XFCC) lines, as for h1
-        self.proto_line = h1.proto_line
-        self.xfcc_line = h1.xfcc_line
+        self.peer = h1.peer  # the connection's client (with its XFCC line over mTLS)
         self.draining = False
         self.streams: dict[int, H2Stream] = {}
         self.blocked: set[H2Stream] = set()  # streams with response bytes waiting for a window
@@ -591,7 +578,7 @@ class H2Protocol(Protocol):
             received = self.conn.receive_data(data)
         except ProtocolError as exc:
             # h2 has queued a GOAWAY with the error's code.
-            _log.debug("HTTP/2 protocol error from {client}: {error}", client=self.client_ip, error=exc)
+            _log.debug("HTTP/2 protocol error from {client}: {error}", client=self.peer.address, error=exc)
             self._close(abort_streams=True)
             return
         for event in received:
@@ -684,7 +671,7 @@ class H2Protocol(Protocol):
                 ],
                 body,
             )
-            self.factory.request_refused(stream, head)
+            self.factory.request_refused(self.peer, head)
             return
         exchange = H2Exchange(stream, head, now)  # type: ignore[arg-type]
         stream.exchange = exchange
@@ -786,7 +773,7 @@ class H2Protocol(Protocol):
             self.resets += 1
             if self.resets > self.limits.max_resets:
                 _log.warn(
-                    "HTTP/2 rapid reset from {client}: GOAWAY ENHANCE_YOUR_CALM", client=self.client_ip
+                    "HTTP/2 rapid reset from {client}: GOAWAY ENHANCE_YOUR_CALM", client=self.peer.address
                 )
                 self._calm()
                 return
@@ -804,7 +791,7 @@ class H2Protocol(Protocol):
             self.resets = self.control_frames = 0
         self.control_frames += 1
         if self.control_frames > self.limits.max_control_frames:
-            _log.warn("HTTP/2 control frame flood from {client}: GOAWAY", client=self.client_ip)
+            _log.warn("HTTP/2 control frame flood from {client}: GOAWAY", client=self.peer.address)
             self._calm()
 
     def _header_backlog(self) -> int:

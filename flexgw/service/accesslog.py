@@ -20,7 +20,7 @@ from flexgw.ingress.contract import IExchangeObserver
 
 if TYPE_CHECKING:
     from flexgw.ingress.exchange import ProxyExchange
-    from flexgw.ingress.front import IngressProtocol
+    from flexgw.ingress.peer import Peer
 
 _dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
 
@@ -150,7 +150,7 @@ class AccessLog(BufferedLog):
         error = exchange.error_cause
         self._lines.append(
             (
-                f'{{"time":"{self._timestamp(now)}","client":{_text(exchange.front.client_ip)}'
+                f'{{"time":"{self._timestamp(now)}","client":{_text(exchange.front.peer.address)}'
                 f',"listener":{listener_json},"method":{_text(head.method.decode("latin-1"))}'
                 f',"path":{_text(head.path)},"version":"{head.version.decode("ascii")}"'
                 f',"api":{self._name(api) if api is not None else "null"}'
@@ -174,11 +174,11 @@ class AccessLog(BufferedLog):
             encoded = self._known[name] = _dumps(name)
         return encoded
 
-    def request_refused(self, protocol: IngressProtocol, error: GatewayError, listener: Listener) -> None:
+    def request_refused(self, peer: Peer, error: GatewayError, listener: Listener) -> None:
         """Record a request refused before its head was complete or valid."""
         record = {
             "time": self._timestamp(self.clock.seconds()),
-            "client": protocol.client_ip,
+            "client": peer.address,
             "listener": f"{listener.host}:{listener.port}",
             "method": None,
             "path": None,
@@ -220,10 +220,10 @@ class TemplatedAccessLog(AccessLog):
         self._lines[-1] = self._render(self._lines[-1])
 
     def request_refused(
-        self, protocol: IngressProtocol, error: GatewayError, listener: Listener
+        self, peer: Peer, error: GatewayError, listener: Listener
     ) -> None:
         """Record a refused request, rendered through the template."""
-        super().request_refused(protocol, error, listener)
+        super().request_refused(peer, error, listener)
         self._lines[-1] = self._render(self._lines[-1])
 
     def _render(self, line: bytes) -> bytes:
@@ -317,11 +317,11 @@ class TeeLog:
     tunnel_closed = exchange_finished
 
     def request_refused(
-        self, protocol: IngressProtocol, error: GatewayError, listener: Listener
+        self, peer: Peer, error: GatewayError, listener: Listener
     ) -> None:
         """Record a refused request in every log."""
         for log in self.logs:
-            log.request_refused(protocol, error, listener)
+            log.request_refused(peer, error, listener)
 
 
 def open_output(clock: IReactorTime, output: LogOutput) -> AccessLog:
