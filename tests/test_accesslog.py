@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from flexgw.config.plan import Destination, Listener, Route, Upstream
 from flexgw.http.request import analyze_head
 from flexgw.ingress.peer import NOBODY
+from flexgw.plan import Destination, Listener, Route, Upstream
 from flexgw.service.accesslog import AccessLog, MessageLog
 
 

@@ -16,13 +16,13 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from flexgw.config.logconf import compile_template
-from flexgw.config.plan import Api, Destination, HttpSettings, Listener, Route, Timeouts, Upstream
 from flexgw.http.gate import HELD, PIPELINE, Hold, ReadGate
 from flexgw.ingress import exchange, upgrade
 from flexgw.ingress.contract import IExchangeFront, IExchangeObserver
 from flexgw.ingress.exchange import CHAIN_FINISH, ExchangeState
 from flexgw.ingress.front import IngressFactory, IngressProtocol
 from flexgw.ingress.h2front import H2Protocol, H2Stream
+from flexgw.plan import Api, Destination, HttpSettings, Listener, Route, Timeouts, Upstream
 from flexgw.service.accesslog import AccessLog, TeeLog, TemplatedAccessLog
 from flexgw.service.metrics import GatewayMetrics
 from flexgw.upstream.pool import PoolManager

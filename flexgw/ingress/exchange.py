@@ -13,7 +13,6 @@ import enum
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from flexgw.config.plan import Api, BoundPolicy, Destination, Route
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
@@ -28,6 +27,7 @@ from flexgw.http.request import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, RequestHea
 from flexgw.http.tunnel import IDLE_TIMEOUT, Tunnel
 from flexgw.ingress.contract import IExchangeFront, IExchangeObserver
 from flexgw.ingress.routing import remaining_path, rules_match
+from flexgw.plan import Api, BoundPolicy, Destination, Route
 from flexgw.policies.base import LocalResponse, PolicyContext
 from flexgw.policies.chain import ChainRun
 from flexgw.upstream.connection import UpstreamConnection

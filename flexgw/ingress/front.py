@@ -19,7 +19,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from flexgw.config.plan import HttpSettings, Listener, Timeouts
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.gate import PIPELINE, UPGRADING, ReadGate
@@ -31,6 +30,7 @@ from flexgw.ingress.exchange import CHAIN_FINISH, DONE, RESPONDING, WAITING, Pro
 from flexgw.ingress.peer import NOBODY, Peer
 from flexgw.ingress.routing import RouteMatch, select_route
 from flexgw.ingress.upgrade import UpgradeExchange, upgrade_protocol
+from flexgw.plan import HttpSettings, Listener, Timeouts
 from flexgw.policies.base import LocalResponse
 from flexgw.upstream.pool import PoolManager
 

@@ -41,7 +41,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from flexgw.config.plan import HttpSettings
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
@@ -59,6 +58,7 @@ from flexgw.ingress.exchange import (
     ProxyExchange,
 )
 from flexgw.ingress.routing import RouteMatch, select_route
+from flexgw.plan import HttpSettings
 from flexgw.policies.base import LocalResponse
 
 if TYPE_CHECKING:

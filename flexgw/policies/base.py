@@ -6,6 +6,10 @@ holding the binding's immutable config and shared state. Per request, the chain 
 `on_request(ctx)` in order; a policy returns None to continue, a `LocalResponse` to answer
 without the upstream, or a Deferred firing with either (only policies that do I/O need one).
 In the response phase `on_response(ctx)` runs in reverse order and may change the response head.
+
+`PolicyConfigError` lives in `flexgw.plan` (the bottom layer, so TLS settings and the compiler
+raise it without importing the plug-in interface); its import path here is the documented
+plug-in API and stays, without a deprecation warning.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import attrs
 from zope.interface import Attribute, Interface
 
 from flexgw.http.errors import REASONS
+from flexgw.plan import PolicyConfigError  # noqa: F401  (plug-in API: re-exported here)
 from flexgw.policies.expressions import ExpressionContext
 
 if TYPE_CHECKING:
@@ -84,15 +89,6 @@ class UsesRuntime:
         return self._clock
 
 
-class PolicyConfigError(Exception):
-    """A config value a schema cannot catch is wrong; `field` is its dotted path in `config`."""
-
-    def __init__(self, message: str, field: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.field = field
-
-
 @attrs.define
 class PolicyRuntime:
     """What the running gateway lends policies: its reactor and clock, and state kept across
@@ -103,7 +99,7 @@ class PolicyRuntime:
     shared: dict[str, Any] = attrs.Factory(dict)
     message_log: Any = None  # a flexgw.service.accesslog.MessageLog, or None: the Twisted log
     redis: Any = None  # a flexgw.storage.redis.RedisClient while the plan has shared storage
-    shared_storage: Any = None  # the flexgw.config.plan.SharedStorage `redis` was made for
+    shared_storage: Any = None  # the flexgw.plan.SharedStorage `redis` was made for
     side_tls: Any = None  # TLSSettings of Configuration.defaultTLS.outboundPolicyCalls, or None
     forward_proxy: Any = None  # Configuration.spec.forwardProxy, or None
     side_agent: Any = None  # the treq Agent policies' side calls use (None: treq's default)

@@ -13,10 +13,10 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import formatEvent
 from zope.interface import implementer
 
-from flexgw.config.logconf import FLEX_VARIABLES, LogOutput, Template
-from flexgw.config.plan import Listener
+from flexgw.config.logconf import FLEX_VARIABLES
 from flexgw.http.errors import GatewayError
 from flexgw.ingress.contract import IExchangeObserver
+from flexgw.plan import Listener, LogOutput, Template
 
 if TYPE_CHECKING:
     from flexgw.ingress.exchange import ProxyExchange

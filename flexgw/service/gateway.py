@@ -12,12 +12,11 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate
 
 from flexgw.config.ingress import IngressOptions
-from flexgw.config.logconf import LoggingSettings, LogOutput
 from flexgw.config.pipeline import ConfigState, load_config
-from flexgw.config.plan import GatewayPlan, Listener, Upstream
 from flexgw.ingress.front import IngressFactory, IngressProtocol
 from flexgw.ingress.h2front import H2Protocol
 from flexgw.ingress.proxyprotocol import wrap_proxy_protocol
+from flexgw.plan import GatewayPlan, Listener, LoggingSettings, LogOutput, Upstream
 from flexgw.policies.base import PolicyRuntime
 from flexgw.service.accesslog import (
     AccessLog,
@@ -357,10 +356,12 @@ class GatewayService(Service):
                 port = self.reactor.listenTCP(listener.port, accepting, interface=listener.host)
         except Exception as exc:  # noqa: BLE001 (CannotListenError and friends: report, serve the rest)
             _log.error(
-                "Cannot listen on {host}:{port}: {error}",
+                "Cannot listen on {host}:{port} ({apis}): {error}; the other listeners keep"
+                " serving, readiness reports it, and the next reload tries again",
                 host=listener.host,
                 port=listener.port,
-                error=exc,
+                apis=", ".join(f"ApiInstance {api.key}" for api in listener.apis) or "no API",
+                error=getattr(exc, "socketError", None) or exc,
             )
             self.unbound.add(listener.address)
             self._release(listener.address)

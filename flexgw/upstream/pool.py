@@ -11,7 +11,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from flexgw.config.plan import HttpSettings, Timeouts, Upstream
+from flexgw.plan import HttpSettings, Timeouts, Upstream
 from flexgw.upstream.connection import TLSUpstreamConnection, UpstreamConnection
 from flexgw.upstream.poolbase import PoolBase
 from flexgw.upstream.tunnel import connect_upstream

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 
-from flexgw.config.plan import HttpSettings, Timeouts, Upstream
+from flexgw.plan import HttpSettings, Timeouts, Upstream
 
 
 class PoolBase:
