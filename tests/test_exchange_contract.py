@@ -16,6 +16,8 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from flexgw.config.logconf import compile_template
+from flexgw.egress import front as egress_front
+from flexgw.egress.front import ForwardProxyProtocol, IForwardProxyFront
 from flexgw.http.gate import HELD, PIPELINE, Hold, ReadGate
 from flexgw.ingress import exchange, upgrade
 from flexgw.ingress.contract import IExchangeFront, IExchangeObserver
@@ -108,20 +110,25 @@ class FrontContractTests(SynchronousTestCase):
     """Exchanges use only what IExchangeFront writes down; every front provides it."""
 
     def test_exchanges_use_only_the_written_contract(self) -> None:
-        """The HTTP/1.1 exchange and the upgrade exchange read nothing else from their front."""
-        allowed = set(IExchangeFront.names(all=True))
-        for module in (exchange, upgrade):
+        """The HTTP/1.1, upgrade and forward-proxy exchanges read nothing else from their front
+        (the forward proxy's contract extends the base one)."""
+        for module, contract in (
+            (exchange, IExchangeFront),
+            (upgrade, IExchangeFront),
+            (egress_front, IForwardProxyFront),
+        ):
+            allowed = set(contract.names(all=True))
             path = Path(module.__file__)  # type: ignore[arg-type]
             extra = {n: line for n, line in _front_uses(path).items() if n not in allowed}
             self.assertEqual(extra, {}, path.name)
 
     def test_http1_front_provides_the_contract(self) -> None:
         """A connected IngressProtocol (and the forward proxy's) provides IExchangeFront."""
-        for factory in (_factory(), _factory(forward=True)):
+        for factory, contract in ((_factory(), IExchangeFront), (_factory(True), IForwardProxyFront)):
             front = factory.buildProtocol(None)
             front.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5)))
             front = getattr(front, "h1", front)
-            self.assertTrue(verifyObject(IExchangeFront, front))
+            self.assertTrue(verifyObject(contract, front))
 
     def test_h2_stream_provides_the_contract(self) -> None:
         """An HTTP/2 stream provides IExchangeFront."""
@@ -198,5 +205,5 @@ def _factory(forward: bool = False, observers: list[Any] | None = None) -> Ingre
     reactor = MemoryReactorClock()
     return IngressFactory(
         reactor, reactor, listener, HttpSettings(), Timeouts(), PoolManager(reactor, reactor),
-        None, observers=observers or (),
+        None, observers=observers or (), forward_proxy=ForwardProxyProtocol,
     )

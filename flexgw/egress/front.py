@@ -29,6 +29,7 @@ import attrs
 import httptools
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
+from zope.interface import Attribute, implementer
 
 from flexgw.egress.destinations import BadHost, IPAddress, parse_authority
 from flexgw.egress.resolver import resolve_all
@@ -39,6 +40,7 @@ from flexgw.http.gate import UPGRADING, ReadGate
 from flexgw.http.headers import HeaderList
 from flexgw.http.request import _AUTHORITY, BODY_NONE, RequestHead
 from flexgw.http.tunnel import Tunnel
+from flexgw.ingress.contract import IExchangeFront
 from flexgw.ingress.exchange import CONNECTING, DONE, POLICIES, ProxyExchange
 from flexgw.ingress.front import CLOSING, IngressProtocol, _Refused
 from flexgw.ingress.upgrade import MAX_EARLY_BYTES
@@ -96,6 +98,19 @@ def match_service(api: Api, host: str | IPAddress, port: int) -> Destination | N
     return None
 
 
+class IForwardProxyFront(IExchangeFront):
+    """What a ForwardExchange needs from its front besides what every exchange does."""
+
+    forward_api = Attribute("The listener's forward-proxy Api on its current plan, or None.")
+
+    def resolve(host, port):  # type: ignore[no-untyped-def]
+        """A Deferred of the addresses `host` resolves to (bounded by the connect timeout)."""
+
+    def connect_tcp(address, port, client_factory):  # type: ignore[no-untyped-def]
+        """Connect a CONNECT tunnel's destination (bounded by the connect timeout)."""
+
+
+@implementer(IForwardProxyFront)
 class ForwardProxyProtocol(IngressProtocol):
     """One client connection to a forward-proxy listener."""
 
@@ -111,20 +126,29 @@ class ForwardProxyProtocol(IngressProtocol):
             return head
         raise _Refused(error)
 
-    def on_headers_complete(self) -> None:
-        """As on ingress; the exchange is a ForwardExchange."""
-        super().on_headers_complete()
-        exchange = self.parsing
-        if exchange is None:
-            return
-        forward = ForwardExchange(self, exchange.head, exchange.started)
-        self.parsing = forward
-        if self.active is exchange:
-            self.active = forward
-        if self.starting is exchange:
-            self.starting = forward
-        elif self.queue and self.queue[-1] is exchange:
-            self.queue[-1] = forward
+    def make_exchange(self, head: RequestHead, started: float) -> ForwardExchange:
+        """Every request on a forward-proxy listener is a ForwardExchange."""
+        return ForwardExchange(self, head, started)
+
+    # -- what a ForwardExchange needs besides IExchangeFront -----------------------------------
+
+    @property
+    def forward_api(self) -> Api | None:
+        """The listener's forward-proxy ApiInstance on its current plan (None after a reload
+        that made it something else)."""
+        return self.factory.listener.forward_proxy
+
+    def resolve(self, host: str, port: int) -> Any:
+        """A Deferred of every address `host` resolves to (bounded by the connect timeout)."""
+        factory = self.factory
+        resolver = factory.resolver if factory.resolver is not None else factory.reactor.nameResolver
+        return resolve_all(resolver, self.clock, host, port, self.http.connect_timeout)
+
+    def connect_tcp(self, address: str, port: int, client_factory: ClientFactory) -> Any:
+        """Connect a CONNECT tunnel's destination (bounded by the connect timeout)."""
+        return self.factory.reactor.connectTCP(
+            address, port, client_factory, timeout=self.http.connect_timeout
+        )
 
     def _on_upgrade(self, data: bytes, offset: int) -> None:
         """After a CONNECT head: what follows is the tunnel's (held until it is established).
@@ -173,7 +197,9 @@ class ForwardExchange(ProxyExchange):
         "tunnel",
     )
 
-    def __init__(self, front: IngressProtocol, head: RequestHead, started: float) -> None:
+    front: ForwardProxyProtocol
+
+    def __init__(self, front: ForwardProxyProtocol, head: RequestHead, started: float) -> None:
         super().__init__(front, head, started)
         self.config: ForwardProxyConfig | None = None
         self.connector: Any = None
@@ -192,7 +218,7 @@ class ForwardExchange(ProxyExchange):
         """Parse and check the target, then run the policies (or answer an error)."""
         front = self.front
         head = self.head
-        api = front.factory.listener.forward_proxy
+        api = front.forward_api
         if api is None:  # the listener stopped being a forward proxy (reload)
             self.fail(errors.NO_ROUTE)
             return
@@ -269,11 +295,7 @@ class ForwardExchange(ProxyExchange):
         if not isinstance(host, str):
             self._addresses([host])
             return
-        factory = front.factory
-        resolver = factory.resolver if factory.resolver is not None else factory.reactor.nameResolver
-        self.resolving = resolve_all(
-            resolver, front.clock, host, self.target_port, front.http.connect_timeout
-        )
+        self.resolving = front.resolve(host, self.target_port)
         self.resolving.addCallbacks(self._addresses, self._resolution_failed)
 
     def _resolution_failed(self, failure: Failure) -> None:
@@ -310,9 +332,7 @@ class ForwardExchange(ProxyExchange):
     def _open_tunnel(self, address: str) -> None:
         front = self.front
         self._connecting()
-        self.connector = front.factory.reactor.connectTCP(
-            address, self.target_port, _TunnelConnect(self), timeout=front.http.connect_timeout
-        )
+        self.connector = front.connect_tcp(address, self.target_port, _TunnelConnect(self))
 
     def tunnel_connected(self, upstream: TunnelUpstream) -> None:
         """The destination accepted the connection: tell the client, join the connections."""

@@ -27,8 +27,10 @@ from flexgw.http.request import BODY_NONE, RequestHead, analyze_head, error_for_
 from flexgw.http.tunnel import Tunnel
 from flexgw.ingress.contract import IExchangeFront, IExchangeObserver
 from flexgw.ingress.exchange import CHAIN_FINISH, DONE, RESPONDING, WAITING, ProxyExchange
+from flexgw.ingress.h2front import H2Limits
 from flexgw.ingress.peer import NOBODY, Peer
 from flexgw.ingress.routing import RouteMatch, select_route
+from flexgw.ingress.select import ProtocolSelector
 from flexgw.ingress.upgrade import UpgradeExchange, upgrade_protocol
 from flexgw.plan import HttpSettings, Listener, Timeouts
 from flexgw.policies.base import LocalResponse
@@ -277,7 +279,7 @@ class IngressProtocol(Protocol):
             raise _Refused(errors.bad_request("An Upgrade request with a body is not accepted"))
         self.state = BODY
         self.head_bytes = 0  # from here: body-phase bytes that carry no body (see dataReceived)
-        exchange = ProxyExchange(self, head, self.clock.seconds())
+        exchange = self.make_exchange(head, self.clock.seconds())
         self.parsing = exchange
         if self.active is None:
             self.active = exchange
@@ -287,6 +289,15 @@ class IngressProtocol(Protocol):
             self.starting = exchange
         else:
             self.queue.append(exchange)
+
+    def make_exchange(self, head: RequestHead, started: float) -> ProxyExchange:
+        """The exchange that serves an accepted request head (the forward-proxy front makes
+        its own kind)."""
+        return ProxyExchange(self, head, started)
+
+    def can_retire(self) -> bool:
+        """True while no request has begun: another protocol (HTTP/2) may take over."""
+        return self.state == IDLE
 
     def invalid_head(self, error: GatewayError) -> RequestHead:
         """A head analyze_head refused: refuse it (the forward-proxy front accepts CONNECT)."""
@@ -505,9 +516,12 @@ class IngressFactory(Factory):
         metrics: IExchangeObserver | None = None,
         resolver: Any = None,
         observers: Sequence[IExchangeObserver] = (),
+        forward_proxy: Callable[[IngressFactory], Protocol] | None = None,
     ) -> None:
         self.reactor = reactor
-        # IHostnameResolver for forward-proxy destinations (None: the reactor's nameResolver).
+        # The protocol of forward-proxy listeners (egress/, above this package: injected), and
+        # the IHostnameResolver for its destinations (None: the reactor's nameResolver).
+        self.forward_proxy = forward_proxy
         self.resolver = resolver
         self.clock = clock
         self.listener = listener
@@ -538,12 +552,13 @@ class IngressFactory(Factory):
 
     def buildProtocol(self, addr: object) -> Protocol:
         """A protocol for one accepted connection: on a forward-proxy listener the forward-proxy
-        front (HTTP/1.1); otherwise HTTP/1.1 or HTTP/2, chosen on its first bytes."""
+        front (HTTP/1.1, injected by the service); otherwise HTTP/1.1 or HTTP/2, chosen on its
+        first bytes."""
         if self.listener.forward_proxy is not None:
-            from flexgw.egress.front import ForwardProxyProtocol
-
-            return ForwardProxyProtocol(self)
-        return ProtocolSelector(self)
+            if self.forward_proxy is None:
+                raise RuntimeError("a forward-proxy listener needs IngressFactory(forward_proxy=)")
+            return self.forward_proxy(self)
+        return ProtocolSelector(self, IngressProtocol(self))
 
     @property
     def access_log(self) -> IExchangeObserver | None:
@@ -604,7 +619,3 @@ class IngressFactory(Factory):
             Failure(failure) if failure is not None else None,
         )
 
-
-# At the end: h2front and select import this module.
-from flexgw.ingress.h2front import H2Limits
-from flexgw.ingress.select import ProtocolSelector

@@ -13,6 +13,7 @@ from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilte
 
 from flexgw.config.ingress import IngressOptions
 from flexgw.config.pipeline import ConfigState, load_config
+from flexgw.egress.front import ForwardProxyProtocol
 from flexgw.ingress.front import IngressFactory, IngressProtocol
 from flexgw.ingress.h2front import H2Protocol
 from flexgw.ingress.proxyprotocol import wrap_proxy_protocol
@@ -336,6 +337,7 @@ class GatewayService(Service):
             self.rng,
             metrics=self.metrics,
             resolver=self.resolver,
+            forward_proxy=ForwardProxyProtocol,
         )
         served = ListenerFactory(factory, listener.tls)
         # Outermost: the PROXY header comes before anything else (a TLS handshake included).
