@@ -199,6 +199,11 @@ class ForwardExchange(ProxyExchange):
 
     front: ForwardProxyProtocol
 
+    # The request head for the destination carries no X-Forwarded-* or Forwarded line (neither
+    # the client's nor the gateway's): an egress proxy does not tell outside APIs the internal
+    # addresses and names of its clients.
+    relay_forwarded = False
+
     def __init__(self, front: ForwardProxyProtocol, head: RequestHead, started: float) -> None:
         super().__init__(front, head, started)
         self.config: ForwardProxyConfig | None = None
@@ -256,18 +261,6 @@ class ForwardExchange(ProxyExchange):
             self._start_chain()
             return
         self._connect()
-
-    def _upstream_head(self) -> bytes:
-        """The request head for the destination, without X-Forwarded-* or Forwarded: an egress
-        proxy does not tell outside APIs the internal addresses and names of its clients."""
-        head = super()._upstream_head()
-        lines = head.split(b"\r\n")
-        kept = [
-            line
-            for line in lines[1:]
-            if line[:12].lower() != b"x-forwarded-" and line[:10].lower() != b"forwarded:"
-        ]
-        return b"\r\n".join([lines[0], *kept])
 
     def from_downstream(self, data: bytes) -> None:
         """Client bytes after a CONNECT head, before the tunnel exists: kept for it."""

@@ -411,15 +411,26 @@ class ProxyExchange:
             else:
                 self.fail(errors.UPSTREAM_CONNECT_FAILURE)
 
+    # How this kind of exchange builds its upstream head (_upstream_head), step by step:
+    #: the X-Forwarded-* step: relay a trusted client's claims and add the gateway's lines
+    #: (True), or carry none at all (False: an egress proxy tells outside APIs nothing about its
+    #: clients' internal addresses and names).
+    relay_forwarded = True
+    #: the hop-by-hop step: lines added after the framing (an upgrade's Connection/Upgrade).
+    hop_lines = b""
+
     def _upstream_head(self) -> bytes:
-        """The request head as the upstream receives it."""
+        """The request head as the upstream receives it: the request line, the client's header
+        lines less hop-by-hop ones (and X-Forwarded-* claims unless relayed), Host, the
+        X-Forwarded-* lines (when relayed), the framing, this kind's hop-by-hop lines."""
         head = self.head
         front = self.front
         destination = self.destination
         assert destination is not None
         drop = connection_tokens(head.connection_values) if head.connection_values else None
         peer = front.peer
-        trusted = peer.trusted
+        relay = self.relay_forwarded
+        trusted = relay and peer.trusted  # claims kept only from a trusted proxy, and relayed
         rewrite_host = front.http.rewrite_host
         prior_xff = None
         has_xfh = has_xfp = False
@@ -465,20 +476,24 @@ class ProxyExchange:
                 destination.upstream.authority if rewrite_host else (head.authority or "")
             )
             append(b"Host: " + authority.encode("latin-1") + b"\r\n")
-        client = peer.address_bytes
-        append(b"X-Forwarded-For: ")
-        append(client if prior_xff is None else prior_xff + b", " + client)
-        append(b"\r\n")
-        if not has_xfp:
-            append(peer.proto_line)  # with the XFCC line on mTLS connections
-        elif peer.xfcc_line:
-            append(peer.xfcc_line)
-        if not has_xfh and head.authority:
-            append(b"X-Forwarded-Host: " + head.authority.encode("latin-1") + b"\r\n")
+        if relay:
+            client = peer.address_bytes
+            append(b"X-Forwarded-For: ")
+            append(client if prior_xff is None else prior_xff + b", " + client)
+            append(b"\r\n")
+            if not has_xfp:
+                append(peer.proto_line)  # with the XFCC line on mTLS connections
+            elif peer.xfcc_line:
+                append(peer.xfcc_line)
+            if not has_xfh and head.authority:
+                append(b"X-Forwarded-Host: " + head.authority.encode("latin-1") + b"\r\n")
         if head.body == BODY_LENGTH:
             append(b"Content-Length: %d\r\n" % head.content_length)
         elif head.body == BODY_CHUNKED:
             append(b"Transfer-Encoding: chunked\r\n")
+        hop_lines = self.hop_lines
+        if hop_lines:
+            append(hop_lines)
         append(b"\r\n")
         return b"".join(lines)
 

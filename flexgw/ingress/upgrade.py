@@ -53,7 +53,7 @@ def upgrade_protocol(head: RequestHead) -> bytes | None:
 class UpgradeExchange(ProxyExchange):
     """A proxied upgrade request: an ordinary exchange until the upstream's 101, then a tunnel."""
 
-    __slots__ = ("early", "protocol", "switch_headers", "tunnel")
+    __slots__ = ("early", "hop_lines", "protocol", "switch_headers", "tunnel")
 
     def __init__(
         self, front: IngressProtocol, head: RequestHead, started: float, protocol: bytes
@@ -61,6 +61,9 @@ class UpgradeExchange(ProxyExchange):
         # Whatever the answer, the connection closes after it unless it becomes a tunnel.
         super().__init__(front, attrs.evolve(head, keep_alive=False), started)
         self.protocol = protocol
+        # The upstream head asks for the upgrade (Connection/Upgrade are hop-by-hop: the
+        # client's were dropped with the others).
+        self.hop_lines = b"Connection: Upgrade\r\nUpgrade: " + protocol + b"\r\n"
         self.early = b""
         self.switch_headers: HeaderList | None = None
         self.tunnel: Tunnel | None = None
@@ -74,13 +77,6 @@ class UpgradeExchange(ProxyExchange):
         self.early += data
         if len(self.early) > MAX_EARLY_BYTES:
             self.fail(errors.bad_request("Too many bytes sent before the upgrade completed"))
-
-    # -- the upstream request ----------------------------------------------------------------
-
-    def _upstream_head(self) -> bytes:
-        """The request head with the upgrade asked for (Connection/Upgrade are hop-by-hop)."""
-        head = super()._upstream_head()
-        return head[:-2] + b"Connection: Upgrade\r\nUpgrade: " + self.protocol + b"\r\n\r\n"
 
     # -- the upstream's answer ---------------------------------------------------------------
 
