@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
@@ -136,7 +137,20 @@ class FrontContractTests(SynchronousTestCase):
         h1 = IngressProtocol(factory)
         h1.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5)))
         protocol = H2Protocol(factory, h1)
-        self.assertTrue(verifyObject(IExchangeFront, H2Stream(protocol, 1)))
+        stream = H2Stream(protocol, 1)
+        self.assertTrue(verifyObject(IExchangeFront, stream))
+
+    def test_h2_stream_is_not_its_own_transport(self) -> None:
+        """The consumer an HTTP/2 exchange registers its upstream on is a separate IConsumer,
+        and a stream routes with the listener factory's route, as the HTTP/1.1 front does."""
+        factory = _factory()
+        h1 = IngressProtocol(factory)
+        h1.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5)))
+        stream = H2Stream(H2Protocol(factory, h1), 1)
+        self.assertIsNot(stream.transport, stream)
+        self.assertTrue(verifyObject(IConsumer, stream.transport))
+        self.assertEqual(stream.route, factory.route)
+        self.assertEqual(h1.route, factory.route)
 
 
 class ObserverContractTests(SynchronousTestCase):

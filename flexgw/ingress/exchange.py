@@ -520,38 +520,12 @@ class ProxyExchange:
         self, status: int, reason: bytes, headers: HeaderList, keep_alive: bool
     ) -> None:
         """The final response head: forward it with framing re-decided for the client."""
+        accepted = self._accept_response_head(status, headers)
+        if accepted is None:
+            return
+        status, kept, content_length, chunked = accepted
         front = self.front
-        connection_values = []
-        content_length = None
-        chunked = False
-        for name, value in headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                content_length = value
-            elif lname == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
-                    # llhttp accepts e.g. `gzip, chunked`; re-chunking would silently drop the
-                    # gzip coding and hand the client bytes it cannot decode.
-                    self.response_malformed("Transfer-Encoding other than chunked")
-                    return
-                chunked = True
-            elif lname == b"connection":
-                connection_values.append(value)
-        self._responding(status)
         head = self.head
-        kept = response_headers_for_downstream(headers, connection_values)
-        chain = self.chain
-        if chain is not None:
-            ctx = chain.ctx
-            ctx.begin_response(status, kept)
-            failed = chain.respond()
-            if failed is not None:
-                self._upstream_failed_with_response(failed)
-                return
-            status = self.response_status = ctx.response_status
-            kept = ctx.response_headers
-            if ctx.response_extra:
-                kept = kept + ctx.response_extra
         close = not head.keep_alive or front.draining or not self.request_complete
         no_body = head.method == b"HEAD" or status in (204, 304)
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
@@ -579,14 +553,52 @@ class ProxyExchange:
         self.out = [b"".join(lines)]
         front.transport.registerProducer(self.conn.gate, True)  # type: ignore[union-attr]
 
-    def _responding(self, status: int) -> None:
-        """The final response head arrived: from now the stream idle timeout applies."""
+    def _accept_response_head(
+        self, status: int, headers: HeaderList
+    ) -> tuple[int, HeaderList, bytes | None, bool] | None:
+        """What every front does first with the upstream's final response head (HTTP/1.1 and
+        HTTP/2 alike): scan its framing, start responding (the stream idle timeout applies from
+        now), drop hop-by-hop fields, run the policies' response phase.
+
+        Returns (status, fields to forward, the Content-Length value, chunked), or None when
+        the exchange failed instead (a bad Transfer-Encoding, a failing response policy).
+        """
+        connection_values = []
+        content_length = None
+        chunked = False
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                content_length = value
+            elif lname == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    # llhttp accepts e.g. `gzip, chunked`; re-chunking would silently drop the
+                    # gzip coding and hand the client bytes it cannot decode.
+                    self.response_malformed("Transfer-Encoding other than chunked")
+                    return None
+                chunked = True
+            elif lname == b"connection":
+                connection_values.append(value)
         self.response_status = status
         self.last_activity = now = self.front.clock.seconds()
         self.upstream_elapsed = now - self.upstream_started
         if self.timer is not None:
             self.timer.reset(self._stream_idle_timeout())
         self.state = RESPONDING
+        kept = response_headers_for_downstream(headers, connection_values)
+        chain = self.chain
+        if chain is not None:
+            ctx = chain.ctx
+            ctx.begin_response(status, kept)
+            failed = chain.respond()
+            if failed is not None:
+                self._upstream_failed_with_response(failed)
+                return None
+            status = self.response_status = ctx.response_status
+            kept = ctx.response_headers  # type: ignore[assignment]
+            if ctx.response_extra:
+                kept = kept + ctx.response_extra
+        return status, kept, content_length, chunked
 
     def _tunnelled(self, status: int) -> None:
         """The exchange became a byte tunnel (answered `status`): no exchange timer any more

@@ -65,6 +65,8 @@ class IngressProtocol(Protocol):
         self.clock = factory.clock
         self.pools = factory.pools
         self.parser = httptools.HttpRequestParser(self)
+        # IExchangeFront.route: the listener factory's (its current plan), called directly.
+        self.route: Callable[[RequestHead], RouteMatch | None] = factory.route
         self.state = IDLE
         self.draining = False  # set when the gateway drains: responses close the connection
         self.head_bytes = 0
@@ -359,17 +361,6 @@ class IngressProtocol(Protocol):
 
     # -- what exchanges call (IExchangeFront) ---------------------------------------------------
 
-    def route(self, head: RequestHead) -> RouteMatch | None:
-        """Choose the route for a request on this listener's current plan."""
-        return select_route(
-            self.factory.listener,
-            head.method.decode("ascii"),
-            head.path,
-            head.authority,
-            head.headers,
-            self.factory.rng,
-        )
-
     def finish(self, exchange: ProxyExchange, close: bool) -> None:
         """A response is complete: report it, then close or go on with the next request."""
         self.factory.exchange_finished(exchange)
@@ -596,6 +587,17 @@ class IngressFactory(Factory):
                 raise RuntimeError("a forward-proxy listener needs IngressFactory(forward_proxy=)")
             return self.forward_proxy(self)
         return ProtocolSelector(self, IngressProtocol(self))
+
+    def route(self, head: RequestHead) -> RouteMatch | None:
+        """Choose the route for a request on this listener's current plan (the fronts' route)."""
+        return select_route(
+            self.listener,
+            head.method.decode("ascii"),
+            head.path,
+            head.authority,
+            head.headers,
+            self.rng,
+        )
 
     @property
     def access_log(self) -> IExchangeObserver | None:

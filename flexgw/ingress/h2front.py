@@ -2,7 +2,7 @@
 
 Framing, HPACK and flow-control accounting are the `h2` library's. Each request stream becomes an
 `H2Exchange`: the HTTP/1.1 path's ProxyExchange with only its response emission overridden, whose
-`front` is the stream (`H2Stream`, which offers what ProxyExchange reads from an IngressProtocol).
+`front` is the stream (`H2Stream`, an IExchangeFront like the HTTP/1.1 IngressProtocol).
 Routing, the policy chain, the upstream pools and the timeouts are therefore the very code
 HTTP/1.1 runs, and the HTTP/1.1 path pays nothing for HTTP/2 (no indirection was added to it).
 
@@ -35,7 +35,7 @@ from h2.errors import ErrorCodes
 from h2.exceptions import H2Error, ProtocolError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -57,7 +57,6 @@ from flexgw.ingress.exchange import (
     SENDING,
     ProxyExchange,
 )
-from flexgw.ingress.routing import RouteMatch, select_route
 from flexgw.plan import HttpSettings
 from flexgw.policies.base import LocalResponse
 
@@ -127,6 +126,53 @@ class _RequestGate:
         """The upstream went away; the exchange cleans up."""
 
 
+@implementer(IConsumer)
+class _ResponseConsumer:
+    """A stream's `transport` as its exchange sees it: the consumer of the response, on which
+    the exchange registers the upstream connection as producer. The upstream is paused while
+    response bytes wait for a flow-control window or for the client's socket; bytes themselves
+    reach the stream only through H2Exchange's methods (start_response, queue_data)."""
+
+    __slots__ = ("paused", "producer", "stream")
+
+    def __init__(self, stream: H2Stream) -> None:
+        self.stream = stream
+        self.producer: Any = None
+        self.paused = False
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """The upstream connection whose reading this stream's response may pause."""
+        self.producer = producer
+        self.paused = False
+        self.update()
+
+    def unregisterProducer(self) -> None:
+        """The response body is complete: no producer any more."""
+        producer = self.producer
+        self.producer = None
+        if producer is not None and self.paused:
+            self.paused = False
+            producer.resumeProducing()
+
+    def write(self, data: bytes) -> None:
+        """Never used: an H2Exchange hands the stream its response through its own methods."""
+        raise RuntimeError("raw bytes written to an HTTP/2 stream")
+
+    def update(self) -> None:
+        """Pause the upstream while response bytes wait for a window or the client's socket."""
+        producer = self.producer
+        if producer is None:
+            return
+        stream = self.stream
+        paused = bool(stream.queue) or stream.protocol.paused
+        if paused != self.paused:
+            self.paused = paused
+            if paused:
+                producer.pauseProducing()
+            else:
+                producer.resumeProducing()
+
+
 @implementer(IExchangeFront)
 class H2Stream:
     """One request stream: what its exchange sees as `front`, and its response's send side."""
@@ -141,7 +187,8 @@ class H2Stream:
         self.timeouts = protocol.timeouts
         self.peer = protocol.peer
         self.gate = _RequestGate(self)
-        self.transport = self  # ProxyExchange registers the upstream as producer on front.transport
+        self.transport = _ResponseConsumer(self)  # the upstream is registered on it as producer
+        self.route = protocol.factory.route  # routing is the listener factory's, as for HTTP/1.1
         self.exchange: H2Exchange | None = None
         self.request_ended = False
         self.unacked = 0  # received flow-controlled bytes not yet acknowledged
@@ -154,8 +201,6 @@ class H2Stream:
         self.trailers: HeaderList | None = None
         self.ended = False  # END_STREAM sent
         self.closed = False  # reset, or the connection is gone
-        self.producer: Any = None
-        self.producer_paused = False
 
     @property
     def draining(self) -> bool:
@@ -163,18 +208,6 @@ class H2Stream:
         return self.protocol.draining
 
     # -- what the exchange calls ---------------------------------------------------------------
-
-    def route(self, head: RequestHead) -> RouteMatch | None:
-        """Choose the route for a request on this listener's current plan."""
-        factory = self.protocol.factory
-        return select_route(
-            factory.listener,
-            head.method.decode("ascii"),
-            head.path,
-            head.authority,
-            head.headers,
-            factory.rng,
-        )
 
     def answer(
         self,
@@ -218,24 +251,6 @@ class H2Stream:
     def tunnel_closed(self, exchange: ProxyExchange) -> None:
         """Never: see tunnel_opened."""
         raise RuntimeError("an HTTP/2 stream cannot become a tunnel")
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        """The upstream connection whose reading this stream's response may pause."""
-        self.producer = producer
-        self.producer_paused = False
-        self.update_producer()
-
-    def unregisterProducer(self) -> None:
-        """The response body is complete: no producer any more."""
-        producer = self.producer
-        self.producer = None
-        if producer is not None and self.producer_paused:
-            self.producer_paused = False
-            producer.resumeProducing()
-
-    def write(self, data: bytes) -> None:
-        """Never used: ProxyExchange writes to its front only through overridden methods."""
-        raise RuntimeError("raw bytes written to an HTTP/2 stream")
 
     # -- request body flow control ---------------------------------------------------------------
 
@@ -337,16 +352,7 @@ class H2Stream:
 
     def update_producer(self) -> None:
         """Pause the upstream while response bytes wait for a window or the client's socket."""
-        producer = self.producer
-        if producer is None:
-            return
-        paused = bool(self.queue) or self.protocol.paused
-        if paused != self.producer_paused:
-            self.producer_paused = paused
-            if paused:
-                producer.pauseProducing()
-            else:
-                producer.resumeProducing()
+        self.transport.update()
 
     def _maybe_done(self) -> None:
         """Forget the stream once its response has ended and its exchange is done."""
@@ -432,34 +438,13 @@ class H2Exchange(ProxyExchange):
         self, status: int, reason: bytes, headers: HeaderList, keep_alive: bool
     ) -> None:
         """The final response head: held until this upstream read's flush, then sent."""
+        accepted = self._accept_response_head(status, headers)
+        if accepted is None:
+            return
+        status, kept, content_length, chunked = accepted
         front = self.front
-        connection_values = []
-        content_length = None
-        for name, value in headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                content_length = value
-            elif lname == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
-                    self.response_malformed("Transfer-Encoding other than chunked")
-                    return
-                content_length = None
-            elif lname == b"connection":
-                connection_values.append(value)
-        self._responding(status)
-        kept = response_headers_for_downstream(headers, connection_values)
-        chain = self.chain
-        if chain is not None:
-            ctx = chain.ctx
-            ctx.begin_response(status, kept)
-            failed = chain.respond()
-            if failed is not None:
-                self._upstream_failed_with_response(failed)
-                return
-            status = self.response_status = ctx.response_status
-            kept = ctx.response_headers
-            if ctx.response_extra:
-                kept = kept + ctx.response_extra
+        if chunked:
+            content_length = None  # the stream's end delimits the body
         out = [(b":status", b"%d" % status)]
         out.extend([(n.lower(), v) for n, v in kept])
         if content_length is not None:
@@ -467,7 +452,7 @@ class H2Exchange(ProxyExchange):
         front.start_response(out)
         if self.head.method == b"HEAD" or status in (204, 304):
             front.end_response()
-        front.registerProducer(self.conn.gate, True)  # type: ignore[union-attr]
+        front.transport.registerProducer(self.conn.gate, True)  # type: ignore[union-attr]
 
     def response_body(self, data: bytes) -> None:
         """A piece of the response body, queued on the stream."""
@@ -808,7 +793,7 @@ class H2Protocol(Protocol):
     def _abandon(self, stream: H2Stream) -> None:
         """The client reset the stream or left: abandon its exchange (logged as a reset)."""
         exchange = stream.exchange
-        stream.producer = None
+        stream.transport.producer = None
         if exchange is not None and exchange.state != DONE:
             exchange.downstream_lost()
             self.factory.exchange_finished(exchange)
