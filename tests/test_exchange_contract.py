@@ -11,7 +11,7 @@ from typing import Any
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -25,10 +25,9 @@ from flexgw.ingress.contract import IExchangeFront, IExchangeObserver
 from flexgw.ingress.exchange import CHAIN_FINISH, ExchangeState
 from flexgw.ingress.front import IngressFactory, IngressProtocol
 from flexgw.ingress.h2front import H2Protocol, H2Stream
-from flexgw.plan import Api, Destination, HttpSettings, Listener, Route, Timeouts, Upstream
 from flexgw.service.accesslog import AccessLog, TeeLog, TemplatedAccessLog
 from flexgw.service.metrics import GatewayMetrics
-from flexgw.upstream.pool import PoolManager
+from flexgw.testing.memory import memory_factory, one_api_listener
 
 PACKAGE = Path(exchange.__file__).parents[1]
 STATE_NAMES = {state.name for state in ExchangeState}
@@ -211,13 +210,9 @@ class _Recorder:
 
 
 def _factory(forward: bool = False, observers: list[Any] | None = None) -> IngressFactory:
-    """An IngressFactory for a listener built in code (a forward proxy one if `forward`)."""
-    upstream = Upstream(key="default/b", scheme="http", host="127.0.0.1", port=9000)
-    route = Route(name="r", order=0, rules=(), destinations=(Destination(upstream=upstream),))
-    api = Api(key="default/a", base_path="", routes=(route,), forward_proxy=forward or None)
-    listener = Listener(scheme="http", host="127.0.0.1", port=8000, apis=(api,))
-    reactor = MemoryReactorClock()
-    return IngressFactory(
-        reactor, reactor, listener, HttpSettings(), Timeouts(), PoolManager(reactor, reactor),
-        None, observers=observers or (), forward_proxy=ForwardProxyProtocol,
+    """An in-memory IngressFactory for a listener built in code (a forward proxy's if `forward`)."""
+    return memory_factory(
+        one_api_listener(forward_proxy=forward or None),
+        observers=observers or (),
+        forward_proxy=ForwardProxyProtocol,
     )

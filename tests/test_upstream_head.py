@@ -5,18 +5,18 @@ from __future__ import annotations
 import ipaddress
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from flexgw.egress.front import ForwardExchange, ForwardProxyProtocol
 from flexgw.http.request import RequestHead, analyze_head
 from flexgw.ingress.exchange import ProxyExchange
-from flexgw.ingress.front import IngressFactory, IngressProtocol
+from flexgw.ingress.front import IngressProtocol
 from flexgw.ingress.upgrade import UpgradeExchange
-from flexgw.plan import Api, Destination, HttpSettings, Listener, Route, Timeouts, Upstream
-from flexgw.upstream.pool import PoolManager
+from flexgw.plan import Destination, HttpSettings, Upstream
+from flexgw.testing.memory import memory_factory
 
-UPSTREAM = Upstream(key="default/b", scheme="http", host="10.9.9.9", port=9000)
+UPSTREAM = Upstream(key="default/b", scheme="http", host="10.9.9.9", port=9000)  # routed to
 HEADERS = [
     (b"Host", b"api.example"),
     (b"X-Forwarded-For", b"203.0.113.5"),
@@ -29,14 +29,8 @@ HEADERS = [
 
 def _front(protocol: type[IngressProtocol] = IngressProtocol) -> IngressProtocol:
     """A connected front whose client (10.0.0.1) is a trusted proxy."""
-    route = Route(name="r", order=0, rules=(), destinations=(Destination(upstream=UPSTREAM),))
-    listener = Listener(scheme="http", host="127.0.0.1", port=8000, apis=(Api("a", "", (route,)),))
     http = HttpSettings(trusted_proxies=(ipaddress.ip_network("10.0.0.0/8"),))
-    reactor = MemoryReactorClock()
-    factory = IngressFactory(
-        reactor, reactor, listener, http, Timeouts(), PoolManager(reactor, reactor), None
-    )
-    front = protocol(factory)
+    front = protocol(memory_factory(http=http))
     front.makeConnection(StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5)))
     return front
 
