@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 
+from twisted.internet.error import DNSLookupError
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -404,12 +405,25 @@ class ProxyExchange:
             self._finish_request(terminated=True)
 
     def upstream_connect_failed(self, reason: Failure) -> None:
-        """The upstream could not be reached."""
+        """The upstream could not be reached (its name not resolved: `dns_failed`)."""
         if self.state == CONNECTING:
             if reason.check(UpstreamTLSError):
                 self.fail(errors.UPSTREAM_TLS)
+            elif reason.check(DNSLookupError):
+                self.dns_failed(reason)
             else:
                 self.fail(errors.UPSTREAM_CONNECT_FAILURE)
+
+    def dns_failed(self, reason: Failure) -> None:
+        """The upstream's name (or its Configuration.spec.forwardProxy's) did not resolve: 502
+        `dns_failure`, logged (rate-limited) with the name and the resolver's error; the same
+        cause on the reverse-proxy path and the forward proxy."""
+        destination = self.destination
+        assert destination is not None
+        upstream = destination.upstream
+        name = upstream.proxy.host if upstream.proxy is not None else upstream.host
+        self.front.pools.dns_failed(name, upstream.key, reason)
+        self.fail(errors.DNS_FAILURE)
 
     # How this kind of exchange builds its upstream head (_upstream_head), step by step:
     #: the X-Forwarded-* step: relay a trusted client's claims and add the gateway's lines
