@@ -294,7 +294,7 @@ def _make_gateway(options: Options) -> MultiService:
     from twisted.internet import reactor
 
     from flexgw.config.sources.files import FileSource, debounce_from_env
-    from flexgw.http.accesslog import AccessLog, MessageLog
+    from flexgw.service.accesslog import AccessLog, MessageLog
     from flexgw.service.gateway import GatewayService
     from flexgw.service.worker import (
         SUPERVISOR_FD_ENV,
