@@ -1,0 +1,230 @@
+"""The etcd v3 JSON-API client against a real etcd (one member, or a three-member cluster)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.trial.unittest import TestCase
+
+from flexgw.config.sources.etcd_client import (
+    Compare,
+    Delete,
+    EtcdClient,
+    EtcdError,
+    EtcdUnavailable,
+    Event,
+    Put,
+    WatchEnd,
+    prefix_end,
+)
+from tests.etcdserver import start_etcd
+from tests.harness import free_port
+
+
+def real_reactor() -> Any:
+    """The reactor trial runs (tests may use it; only tap.py imports it in flexgw itself)."""
+    from twisted.internet import reactor
+
+    return reactor
+
+
+class Recorder:
+    """Collects a watch's events and fires a Deferred once `count` of them have arrived."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.waiting: list[tuple[int, defer.Deferred[list[Event]]]] = []
+
+    def __call__(self, events: list[Event], revision: int) -> None:
+        """The watch's callback."""
+        self.events.extend(events)
+        for entry in list(self.waiting):
+            count, d = entry
+            if len(self.events) >= count:
+                self.waiting.remove(entry)
+                d.callback(self.events[:count])
+
+    def until(self, count: int) -> defer.Deferred[list[Event]]:
+        """Fires with the first `count` events (bounded by the test's own timeout)."""
+        if len(self.events) >= count:
+            return defer.succeed(self.events[:count])
+        d: defer.Deferred[list[Event]] = defer.Deferred()
+        self.waiting.append((count, d))
+        return d.addTimeout(10, real_reactor())
+
+
+class PrefixEndTests(TestCase):
+    """range_end for a prefix: the smallest key above every key under it."""
+
+    def test_prefix_end(self) -> None:
+        """The last byte is incremented; trailing 0xff bytes are dropped first; empty: all keys."""
+        self.assertEqual(prefix_end(b"/flexgw/"), b"/flexgw0")
+        self.assertEqual(prefix_end(b"a\xff\xff"), b"b")
+        self.assertEqual(prefix_end(b""), b"\0")
+
+
+class SingleEtcdTests(TestCase):
+    """One etcd member: key/value, transactions, watch, compaction, leases."""
+
+    async def client(self, **kwargs: Any) -> EtcdClient:
+        """An etcd of this test's own and a client for it."""
+        self.etcd = await start_etcd(self, real_reactor())
+        return EtcdClient(real_reactor(), self.etcd.urls, timeout=5.0, **kwargs)
+
+    async def test_range_after_txn(self) -> None:
+        """Several puts in one transaction all appear at one revision in a prefix range; keys
+        beside the prefix do not."""
+        client = await self.client()
+        await client.put(b"/other/x", b"no")
+        result = await client.txn(
+            compare=[Compare(b"/flexgw/a", "VERSION", "EQUAL", 0)],
+            success=[Put(b"/flexgw/a", b"1"), Put(b"/flexgw/b", b"2"), Put(b"/flexgw/c/d", b"\x00\xff")],
+        )
+        self.assertTrue(result.succeeded)
+        found = await client.range_prefix(b"/flexgw/")
+        self.assertEqual(
+            [(kv.key, kv.value) for kv in found.kvs],
+            [(b"/flexgw/a", b"1"), (b"/flexgw/b", b"2"), (b"/flexgw/c/d", b"\x00\xff")],
+        )
+        self.assertEqual({kv.mod_revision for kv in found.kvs}, {result.revision})
+        self.assertEqual(found.revision, result.revision)
+        self.assertEqual(found.count, 3)
+
+    async def test_txn_compare_fails(self) -> None:
+        """A compare that does not hold applies the failure branch, not the success one."""
+        client = await self.client()
+        await client.put(b"/k", b"old")
+        result = await client.txn(
+            compare=[Compare(b"/k", "VALUE", "EQUAL", b"other")],
+            success=[Put(b"/k", b"new")],
+            failure=[Delete(b"/k")],
+        )
+        self.assertFalse(result.succeeded)
+        self.assertEqual((await client.range(b"/k")).kvs, ())
+
+    async def test_watch_sees_puts_and_deletes_in_order(self) -> None:
+        """A prefix watch reports puts and deletes in order, each with its revision, and only
+        under the prefix; cancel ends it with "cancelled"."""
+        client = await self.client()
+        recorder = Recorder()
+        watch = await client.watch_prefix(b"/w/", recorder)
+        first = await client.put(b"/w/a", b"1")
+        await client.put(b"/elsewhere", b"x")
+        second = await client.put(b"/w/b", b"2")
+        third = await client.delete(b"/w/a")
+        fourth = await client.txn(success=[Put(b"/w/c", b"3"), Delete(b"/w/b")])
+        events = await recorder.until(5)
+        self.assertEqual(
+            [(e.type, e.kv.key, e.kv.value, e.kv.mod_revision) for e in events],
+            [
+                ("PUT", b"/w/a", b"1", first.revision),
+                ("PUT", b"/w/b", b"2", second.revision),
+                ("DELETE", b"/w/a", b"", third.revision),
+                ("PUT", b"/w/c", b"3", fourth.revision),
+                ("DELETE", b"/w/b", b"", fourth.revision),
+            ],
+        )
+        self.assertEqual(watch.revision, fourth.revision)
+        watch.cancel()
+        self.assertEqual(await watch.done, WatchEnd("cancelled"))
+
+    async def test_watch_from_start_revision(self) -> None:
+        """A watch from an old revision replays the changes made since then."""
+        client = await self.client()
+        first = await client.put(b"/w/a", b"1")
+        await client.put(b"/w/a", b"2")
+        recorder = Recorder()
+        watch = await client.watch_prefix(b"/w/", recorder, start_revision=first.revision)
+        self.addCleanup(watch.cancel)
+        events = await recorder.until(2)
+        self.assertEqual([e.kv.value for e in events], [b"1", b"2"])
+
+    async def test_compaction_reported(self) -> None:
+        """A watch from a compacted revision ends with "compacted" and the compact revision."""
+        client = await self.client()
+        first = await client.put(b"/w/a", b"1")
+        last = await client.put(b"/w/a", b"2")
+        await client.put(b"/w/a", b"3")
+        await client.compact(last.revision)
+        watch = await client.watch_prefix(b"/w/", Recorder(), start_revision=first.revision)
+        self.assertEqual(await watch.done, WatchEnd("compacted", last.revision))
+
+    async def test_lease(self) -> None:
+        """A key under a lease lives while the lease is kept alive and goes when it is revoked."""
+        client = await self.client()
+        lease, ttl = await client.lease_grant(30)
+        self.assertEqual(ttl, 30)
+        await client.put(b"/gateways/g1", b"up", lease=lease)
+        self.assertEqual(await client.lease_keepalive(lease), 30)
+        self.assertEqual((await client.range(b"/gateways/g1")).kvs[0].lease, lease)
+        await client.lease_revoke(lease)
+        self.assertEqual((await client.range(b"/gateways/g1")).kvs, ())
+        self.assertEqual(await client.lease_keepalive(lease), 0)
+
+    async def test_auth(self) -> None:
+        """With auth enabled, a client with the right password reads and writes (its token in
+        the Authorization header); no credentials or a wrong password are refused."""
+        admin = await self.client()
+        await admin.call("/v3/auth/role/add", {"name": "root"})
+        await admin.call("/v3/auth/user/add", {"name": "root", "password": "s3cret"})
+        await admin.call("/v3/auth/user/grant", {"user": "root", "role": "root"})
+        await admin.call("/v3/auth/enable", {})
+        client = EtcdClient(real_reactor(), self.etcd.urls, user="root", password="s3cret")
+        await client.put(b"/a", b"1")
+        self.assertEqual((await client.range(b"/a")).kvs[0].value, b"1")
+        self.assertIsNotNone(client.token)
+        recorder = Recorder()
+        watch = await client.watch_prefix(b"/a", recorder)
+        self.addCleanup(watch.cancel)
+        await client.put(b"/a", b"2")
+        self.assertEqual((await recorder.until(1))[0].kv.value, b"2")
+        client.token = "not-a-token"  # an expired token is renewed once
+        self.assertEqual((await client.range(b"/a")).kvs[0].value, b"2")
+        with self.assertRaises(EtcdError):
+            await admin.range(b"/a")
+        wrong = EtcdClient(real_reactor(), self.etcd.urls, user="root", password="nope")
+        with self.assertRaises(EtcdError) as raised:
+            await wrong.range(b"/a")
+        self.assertIn("authentication failed", str(raised.exception))
+
+
+class UnreachableTests(TestCase):
+    """No etcd at all: a clear EtcdUnavailable naming every endpoint."""
+
+    async def test_unavailable(self) -> None:
+        """Two closed ports: the call fails with both endpoints and their reasons."""
+        urls = [f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"]
+        client = EtcdClient(real_reactor(), urls, timeout=2.0)
+        with self.assertRaises(EtcdUnavailable) as raised:
+            await client.range(b"/a")
+        self.assertEqual([url for url, _ in raised.exception.reasons], urls)
+        with self.assertRaises(EtcdUnavailable):
+            await client.watch_prefix(b"/a", Recorder())
+
+
+class ClusterTests(TestCase):
+    """A three-member etcd cluster on loopback with one member killed."""
+
+    async def test_failover(self) -> None:
+        """With the member it used killed, the client moves to the next endpoint for calls and
+        a new watch resumes from the last revision seen without missing a change."""
+        cluster = await start_etcd(self, real_reactor(), size=3)
+        client = EtcdClient(real_reactor(), cluster.urls, timeout=3.0)
+        recorder = Recorder()
+        watch = await client.watch_prefix(b"/f/", recorder)
+        self.assertEqual(watch.endpoint, cluster.urls[0])
+        await client.put(b"/f/a", b"1")
+        await recorder.until(1)
+        await cluster.kill(0)
+        with self.assertRaises(Exception):
+            await watch.done  # the stream broke with its member
+        written = await client.put(b"/f/b", b"2")  # made while no watch runs
+        self.assertEqual(client.endpoints[client.current], cluster.urls[1])
+        resumed = await client.watch_prefix(b"/f/", recorder, start_revision=watch.revision + 1)
+        self.addCleanup(resumed.cancel)
+        self.assertEqual(resumed.endpoint, cluster.urls[1])
+        events = await recorder.until(2)
+        self.assertEqual([(e.kv.key, e.kv.mod_revision) for e in events][1], (b"/f/b", written.revision))
+        found = await client.range_prefix(b"/f/")
+        self.assertEqual([kv.value for kv in found.kvs], [b"1", b"2"])
