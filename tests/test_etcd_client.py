@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectionLost
 from twisted.trial.unittest import TestCase
 
 from flexgw.config.sources.etcd_client import (
@@ -162,6 +163,23 @@ class SingleEtcdTests(TestCase):
         self.assertEqual((await client.range(b"/gateways/g1")).kvs, ())
         self.assertEqual(await client.lease_keepalive(lease), 0)
 
+    async def test_silent_endpoint_times_out(self) -> None:
+        """An endpoint that accepts connections but never answers costs one timeout; the
+        call and a watch then go to the next endpoint."""
+        from twisted.internet.protocol import Factory, Protocol
+
+        silent = real_reactor().listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(silent.stopListening)
+        self.etcd = await start_etcd(self, real_reactor())
+        urls = [f"http://127.0.0.1:{silent.getHost().port}", self.etcd.url]
+        client = EtcdClient(real_reactor(), urls, timeout=0.5)
+        await client.put(b"/t", b"1")
+        self.assertEqual(client.current, 1)
+        client.current = 0
+        watch = await client.watch_prefix(b"/t", Recorder())
+        self.addCleanup(watch.cancel)
+        self.assertEqual(watch.endpoint, self.etcd.url)
+
     async def test_auth(self) -> None:
         """With auth enabled, a client with the right password reads and writes (its token in
         the Authorization header); no credentials or a wrong password are refused."""
@@ -210,20 +228,31 @@ class ClusterTests(TestCase):
         """With the member it used killed, the client moves to the next endpoint for calls and
         a new watch resumes from the last revision seen without missing a change."""
         cluster = await start_etcd(self, real_reactor(), size=3)
-        client = EtcdClient(real_reactor(), cluster.urls, timeout=3.0)
+        # The client lists two followers first and kills the first: the cluster keeps its
+        # leader, so no election makes the next member's answer depend on timing.
+        leaders = set()
+        for url in cluster.urls:
+            status = await EtcdClient(real_reactor(), [url]).call("/v3/maintenance/status", {})
+            leaders.add(status["leader"])
+            if status["header"]["member_id"] == status["leader"]:
+                leader = cluster.urls.index(url)
+        self.assertEqual(len(leaders), 1)
+        order = [i for i in range(3) if i != leader] + [leader]
+        urls = [cluster.urls[i] for i in order]
+        client = EtcdClient(real_reactor(), urls, timeout=3.0)
         recorder = Recorder()
         watch = await client.watch_prefix(b"/f/", recorder)
-        self.assertEqual(watch.endpoint, cluster.urls[0])
+        self.assertEqual(watch.endpoint, urls[0])
         await client.put(b"/f/a", b"1")
         await recorder.until(1)
-        await cluster.kill(0)
-        with self.assertRaises(Exception):
+        await cluster.kill(order[0])
+        with self.assertRaises(ConnectionLost):
             await watch.done  # the stream broke with its member
         written = await client.put(b"/f/b", b"2")  # made while no watch runs
-        self.assertEqual(client.endpoints[client.current], cluster.urls[1])
+        self.assertEqual(client.endpoints[client.current], urls[1])
         resumed = await client.watch_prefix(b"/f/", recorder, start_revision=watch.revision + 1)
         self.addCleanup(resumed.cancel)
-        self.assertEqual(resumed.endpoint, cluster.urls[1])
+        self.assertEqual(resumed.endpoint, urls[1])
         events = await recorder.until(2)
         self.assertEqual([(e.kv.key, e.kv.mod_revision) for e in events][1], (b"/f/b", written.revision))
         found = await client.range_prefix(b"/f/")
