@@ -19,6 +19,7 @@ from twisted.logger import (
 from twisted.python import usage
 
 from flexgw import __version__
+from flexgw.compat.logobservers import observers
 
 _LEVELS = {name: LogLevel.levelWithName(name) for name in ("debug", "info", "warn", "error")}
 
@@ -179,7 +180,7 @@ def _install_log_level(
     (unless --log-level was given)."""
     if predicate is None:
         predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level or "info"])
-    for observer in list(publisher._observers):
+    for observer in observers(publisher):
         publisher.removeObserver(observer)
         publisher.addObserver(FilteringLogObserver(observer, [predicate]))
     return predicate
@@ -362,7 +363,7 @@ def _stop_reactor(reactor: Any) -> Any:
     """A callable stopping `reactor` (a drain) unless it is already stopping."""
 
     def stop() -> None:
-        if reactor.running and not getattr(reactor, "_stopped", False):
+        if reactor.running:
             with contextlib.suppress(ReactorNotRunning):  # already stopping
                 reactor.stop()
 

@@ -4,7 +4,7 @@
 pass to `connectTCP(proxy_host, proxy_port, ...)`: once connected it sends
 `CONNECT host:port`, waits (at most `timeout` seconds) for the proxy's 2xx, and then hands the
 very same TCP connection to `inner`'s protocol, as if `inner` had connected to `host:port`
-itself. `inner` may be a TLS wrapping factory: the handshake then runs inside the tunnel, end
+itself (then calls `opened(protocol)`, when given). `inner` may be a TLS wrapping factory: the handshake then runs inside the tunnel, end
 to end with the upstream. After the hand-over the tunnel adds nothing per read or write (the
 transport talks to the inner protocol directly).
 
@@ -15,6 +15,7 @@ attempt through `inner.clientConnectionFailed`, with a `TunnelError` naming the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -84,6 +85,8 @@ class _TunnelProtocol(Protocol):
             return
         transport.protocol = inner  # from now on the connection is the inner protocol's
         inner.makeConnection(transport)
+        if self.factory.opened is not None:
+            self.factory.opened(inner)
         if rest:
             inner.dataReceived(rest)
 
@@ -125,8 +128,10 @@ class ConnectTunnelFactory(ClientFactory):
         clock: IReactorTime,
         timeout: float,
         proxy_name: str = "",
+        opened: Callable[[Protocol], object] | None = None,
     ) -> None:
         self.inner = inner
+        self.opened = opened  # told the inner protocol once it is connected through the tunnel
         target = f"[{host}]" if ":" in host else host
         self.authority = f"{target}:{port}".encode("latin-1")
         self.authorization = authorization
