@@ -19,7 +19,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from flexgw.config.plan import Api, Destination, HttpSettings, Listener, Route, Timeouts, Upstream
 from flexgw.ingress.front import IngressFactory
-from flexgw.upstream.pool import PoolManager
+from flexgw.upstream.manager import PoolManager
 
 REQUEST = b"GET /items HTTP/1.1\r\nHost: example.test\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"

@@ -12,7 +12,7 @@ from flexgw.config.pipeline import load_config
 from flexgw.config.plan import HttpSettings, Timeouts
 from flexgw.ingress.front import IngressFactory, IngressProtocol
 from flexgw.upstream.connection import UpstreamConnection
-from flexgw.upstream.pool import PoolManager
+from flexgw.upstream.manager import PoolManager
 from tests.conftools import write_conf
 from tests.harness import simple_api
 

@@ -20,7 +20,7 @@ from flexgw.config.plan import HttpSettings, Timeouts
 from flexgw.http.h2frames import GoAwayFilter
 from flexgw.ingress.front import IngressFactory, IngressProtocol
 from flexgw.ingress.h2front import H2Limits, H2Protocol
-from flexgw.upstream.pool import PoolManager
+from flexgw.upstream.manager import PoolManager
 from tests.conftools import write_conf
 from tests.harness import simple_api
 

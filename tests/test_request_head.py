@@ -37,7 +37,7 @@ from flexgw.http.request import (
     error_for_parser_message,
 )
 from flexgw.ingress.front import HEAD, IngressFactory, IngressProtocol
-from flexgw.upstream.pool import PoolManager
+from flexgw.upstream.manager import PoolManager
 
 HOST = [(b"Host", b"a.test")]
 #: Hypothesis settings that keep these tests steady on a loaded machine.

@@ -30,7 +30,7 @@ from flexgw.ingress.routing import RouteMatch, select_route
 from flexgw.ingress.upgrade import UpgradeExchange, upgrade_protocol
 from flexgw.policies.base import LocalResponse
 from flexgw.upstream.connection import ReadGate
-from flexgw.upstream.pool import PoolManager
+from flexgw.upstream.manager import PoolManager
 
 if TYPE_CHECKING:
     from flexgw.http.accesslog import AccessLog

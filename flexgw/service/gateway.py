@@ -33,7 +33,7 @@ from flexgw.service.metrics import GatewayMetrics
 from flexgw.service.sockets import listen_reuse_port
 from flexgw.service.systemd import Notifier
 from flexgw.tls.contexts import ListenerFactory
-from flexgw.upstream.pool import PoolManager
+from flexgw.upstream.manager import PoolManager
 
 _log = Logger(namespace="flexgw")
 

@@ -14,7 +14,7 @@ from zope.interface import implementer
 from flexgw.http.headers import HeaderList
 
 if TYPE_CHECKING:
-    from flexgw.upstream.pool import UpstreamPool
+    from flexgw.upstream.interfaces import ConnectionOwner
 
 
 class ResponseSink(TypingProtocol):
@@ -82,7 +82,7 @@ class ReadGate:
 class UpstreamConnection(Protocol):
     """A keep-alive HTTP/1.1 connection to one upstream, owned by an UpstreamPool."""
 
-    def __init__(self, pool: UpstreamPool) -> None:
+    def __init__(self, pool: ConnectionOwner) -> None:
         self.pool = pool
         self.sink: ResponseSink | None = None
         self.parser = httptools.HttpResponseParser(self)
