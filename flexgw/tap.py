@@ -12,6 +12,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import (
     FilteringLogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     globalLogPublisher,
@@ -21,6 +22,7 @@ from twisted.python import usage
 from flexgw import __version__
 from flexgw.compat.logobservers import observers
 
+_log = Logger()
 _LEVELS = {name: LogLevel.levelWithName(name) for name in ("debug", "info", "warn", "error")}
 
 
@@ -387,29 +389,63 @@ class _AdminService(Service):
     """The admin listener; on stop it stays open until `wait_stopped()` fires (the drain is
     over), so /probes/readiness answers 503 while draining instead of refusing connections.
     MultiService stops its children in reverse order: added before the gateway, this one is
-    asked to stop after it, when the drain has begun."""
+    asked to stop after it, when the drain has begun.
+
+    An endpoint that cannot be listened on (another gateway holds the port) is one error line
+    saying what to do; the gateway serves its listeners without the admin listener."""
 
     def __init__(self, reactor: Any, description: str, site: Any, wait_stopped: Any) -> None:
-        from twisted.application.internet import StreamServerEndpointService
         from twisted.internet.endpoints import serverFromString
 
-        self.inner = StreamServerEndpointService(serverFromString(reactor, description), site)
+        self.description = description
+        self.endpoint = serverFromString(reactor, description)
+        self.site = site
         self.wait_stopped = wait_stopped
+        self.listening: Any = None  # the Deferred of endpoint.listen, once asked
+        self.port: Any = None
 
     def privilegedStartService(self) -> None:
         """Bind (before twistd drops privileges, as StreamServerEndpointService does)."""
         super().privilegedStartService()
-        self.inner.privilegedStartService()
+        self._listen()
 
     def startService(self) -> None:
-        """Listen."""
+        """Listen, unless privilegedStartService did."""
         super().startService()
-        self.inner.startService()
+        if self.listening is None:
+            self._listen()
+
+    def _listen(self) -> None:
+        def listened(port: Any) -> None:
+            self.port = port
+
+        def failed(failure: Any) -> None:
+            from twisted.internet.defer import CancelledError
+
+            if failure.check(CancelledError):
+                return
+            _log.error(
+                "Admin listener {endpoint} not started: {error}. The gateway serves its"
+                " listeners without it; use --admin off, or another port:"
+                " --admin tcp:PORT:interface=127.0.0.1",
+                endpoint=self.description,
+                error=failure.getErrorMessage(),
+            )
+
+        self.listening = self.endpoint.listen(self.site).addCallbacks(listened, failed)
 
     def stopService(self) -> Any:
         """Close the listener once the drain is over."""
         super().stopService()
-        return self.wait_stopped().addBoth(lambda _: self.inner.stopService())
+
+        def close(_: object) -> Any:
+            listening, self.listening = self.listening, None
+            if listening is not None and not listening.called:
+                listening.cancel()
+            port, self.port = self.port, None
+            return port.stopListening() if port is not None else None
+
+        return self.wait_stopped().addBoth(close)
 
 
 class _WatcherService(MultiService):

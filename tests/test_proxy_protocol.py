@@ -13,6 +13,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
@@ -227,6 +228,26 @@ class WrapperUnitTests(TestCase):
         """With the setting off, the wrapped factory's protocol is returned as is."""
         self.enabled = False
         self.assertNotIsInstance(self.factory.buildProtocol(None), ProxyHeaderWrapper)
+
+    def test_starting_line_says_proxy_only_when_on(self) -> None:
+        """A listening port's "... starting on PORT" log line names PROXY only with the setting on."""
+        lines: list[str] = []
+
+        def observe(event: dict[str, Any]) -> None:
+            text = formatEvent(event)
+            if "starting on" in text:
+                lines.append(text)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        for enabled in (False, True):
+            self.enabled = enabled
+            port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+            self.addCleanup(port.stopListening)
+        self.assertEqual(len(lines), 2, lines)
+        self.assertNotIn("PROXY", lines[0])
+        self.assertTrue(lines[0].startswith("Factory starting on"), lines[0])
+        self.assertTrue(lines[1].startswith("Factory (PROXY) starting on"), lines[1])
 
 
 class HeaderFirst(ProtocolWrapper):

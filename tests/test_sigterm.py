@@ -66,10 +66,23 @@ class Process(protocol.ProcessProtocol):
     def __init__(self) -> None:
         self.ended: defer.Deferred[Any] = defer.Deferred()
         self.output = b""
+        self._output_waiters: list[tuple[bytes, defer.Deferred[bytes]]] = []
 
     def outReceived(self, data: bytes) -> None:
         """Keep stdout (the runtime log) for failure messages."""
         self.output += data
+        for entry in list(self._output_waiters):
+            if entry[0] in self.output:
+                self._output_waiters.remove(entry)
+                entry[1].callback(self.output)
+
+    def wait_output(self, text: bytes) -> defer.Deferred[bytes]:
+        """Fires with the output so far once it contains `text`."""
+        if text in self.output:
+            return defer.succeed(self.output)
+        waiter: defer.Deferred[bytes] = defer.Deferred()
+        self._output_waiters.append((text, waiter))
+        return waiter
 
     errReceived = outReceived
 

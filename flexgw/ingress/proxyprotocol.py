@@ -33,7 +33,7 @@ from typing import Any
 
 import attrs
 from twisted.internet import tcp
-from twisted.internet.interfaces import IProtocolFactory, IReactorTime
+from twisted.internet.interfaces import ILoggingContext, IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
@@ -175,6 +175,15 @@ class ProxyProtocolFactory(HAProxyWrappingFactory):
         self.enabled = enabled
         self.clock = clock
         self.timeout = timeout
+
+    def logPrefix(self) -> str:
+        """The wrapped factory's log prefix, marked `(PROXY)` only while the setting is on (the
+        listening port's "... starting on PORT" line is written with it)."""
+        wrapped = self.wrappedFactory
+        prefix = (
+            wrapped.logPrefix() if ILoggingContext.providedBy(wrapped) else type(wrapped).__name__
+        )
+        return f"{prefix} (PROXY)" if self.enabled() else prefix
 
     def buildProtocol(self, addr: Any) -> Any:
         """A wrapper around the wrapped factory's protocol, or that protocol alone when off."""

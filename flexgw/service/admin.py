@@ -68,9 +68,12 @@ def readiness(
         reasons.append(f"{api_errors} configuration error(s)")
     if policy_errors and not allow.get("allowPolicyErrors"):
         reasons.append(f"{policy_errors} policy error(s)")
-    unbound = len(gateway.unbound)
+    unbound = sorted(gateway.unbound)
     if unbound and not allow.get("allowEnvoyErrors"):
-        reasons.append(f"{unbound} listener(s) could not be bound")
+        addresses = ", ".join(
+            f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host, port in unbound
+        )
+        reasons.append(f"{len(unbound)} listener(s) could not be bound: {addresses}")
     return not reasons, reasons
 
 

@@ -357,10 +357,12 @@ class GatewayService(Service):
                 port = self.reactor.listenTCP(listener.port, accepting, interface=listener.host)
         except Exception as exc:  # noqa: BLE001 (CannotListenError and friends: report, serve the rest)
             _log.error(
-                "Cannot listen on {host}:{port}: {error}",
+                "Cannot listen on {host}:{port} ({apis}): {error}; the other listeners keep"
+                " serving, readiness reports it, and the next reload tries again",
                 host=listener.host,
                 port=listener.port,
-                error=exc,
+                apis=", ".join(f"ApiInstance {api.key}" for api in listener.apis) or "no API",
+                error=getattr(exc, "socketError", None) or exc,
             )
             self.unbound.add(listener.address)
             self._release(listener.address)

@@ -38,6 +38,15 @@ def _key_pem(key: Any) -> bytes:
     )
 
 
+def write_private(path: str, data: bytes) -> None:
+    """Write `data` (a private key) to `path` readable by its owner only (mode 0600), also
+    when the file already existed with a wider mode."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "wb") as handle:
+        os.fchmod(fd, 0o600)
+        handle.write(data)
+
+
 @attrs.frozen
 class Issued:
     """A certificate and its key, as PEM (and the cryptography objects)."""
@@ -52,8 +61,7 @@ class Issued:
         crt, key = os.path.join(directory, f"{name}.crt"), os.path.join(directory, f"{name}.key")
         with open(crt, "wb") as handle:
             handle.write(self.cert_pem)
-        with open(key, "wb") as handle:
-            handle.write(self.key_pem)
+        write_private(key, self.key_pem)
         return crt, key
 
 
