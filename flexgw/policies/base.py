@@ -121,7 +121,7 @@ class PolicyRuntime:
 
     def use_forward_proxy(self, proxy: Any) -> None:
         """Called with each new plan's forward proxy (before its policies are built): side
-        calls go through it (flexgw.upstream.sidecalls) while one is configured."""
+        calls go through it (flexgw.sidecalls.proxy) while one is configured."""
         if proxy == self.forward_proxy:
             return
         self.forward_proxy = proxy
@@ -138,7 +138,7 @@ class PolicyRuntime:
             tls_policy = SideCallTLSPolicy(self.side_tls)
             direct = Agent(self.reactor, contextFactory=tls_policy)
         if self.forward_proxy is not None:
-            from flexgw.upstream.sidecalls import ForwardProxyAgent
+            from flexgw.sidecalls.proxy import ForwardProxyAgent
 
             self.side_agent = ForwardProxyAgent(self.reactor, self.forward_proxy, direct, tls_policy)
         else:

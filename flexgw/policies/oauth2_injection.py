@@ -56,7 +56,7 @@ from flexgw.policies.base import (
 from flexgw.policies.credential_injection import checked_header
 from flexgw.policies.headers import header_name_problem, header_value_problem
 from flexgw.policies.registry import register
-from flexgw.upstream.bounded import post_bounded
+from flexgw.sidecalls.bounded import post_bounded
 
 NAME = "credential-injection-oauth2-flex"
 _log = Logger(namespace="flexgw.policies")

@@ -42,8 +42,7 @@ from flexgw.http.h2send import send_queued
 from flexgw.http.headers import HOP_BY_HOP, HeaderList
 from flexgw.upstream.connection import MAX_RESPONSE_HEAD
 from flexgw.upstream.interfaces import UpstreamTLSError
-from flexgw.upstream.poolbase import PoolBase
-from flexgw.upstream.tunnel import connect_upstream
+from flexgw.upstream.poolbase import PoolBase, connect_upstream
 
 if TYPE_CHECKING:
     from flexgw.upstream.interfaces import ConnectionWaiter

@@ -12,8 +12,7 @@ from twisted.python.failure import Failure
 from flexgw.config.plan import HttpSettings, Timeouts, Upstream
 from flexgw.upstream.connection import TLSUpstreamConnection, UpstreamConnection
 from flexgw.upstream.interfaces import ConnectionWaiter, UpstreamTLSError
-from flexgw.upstream.poolbase import PoolBase
-from flexgw.upstream.tunnel import connect_upstream
+from flexgw.upstream.poolbase import PoolBase, connect_upstream
 
 _log = Logger(namespace="flexgw.upstream")
 

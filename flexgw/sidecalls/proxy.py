@@ -4,7 +4,7 @@ Flex routes "outbound policy calls" through the forward proxy too (reference §4
 has a proxy agent for plain HTTP (`ProxyAgent`, absolute-form requests) but none for HTTPS
 through a proxy (twisted#11347), so:
 - `http://` URLs go through `ProxyAgent` to the proxy, with `Proxy-Authorization` added;
-- `https://` URLs go through a CONNECT tunnel (flexgw.upstream.tunnel), with TLS inside it
+- `https://` URLs go through a CONNECT tunnel (flexgw.http.connect), with TLS inside it
   (the given IPolicyForHTTPS decides verification, as for direct calls);
 - hosts matched by `noProxy` use the direct agent.
 """
@@ -26,7 +26,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
-from flexgw.upstream.tunnel import ConnectTunnelFactory
+from flexgw.http.connect import ConnectTunnelFactory
 
 #: Seconds the proxy gets to connect and answer a CONNECT.
 CONNECT_TIMEOUT = 10.0

@@ -1,4 +1,5 @@
-"""CONNECT tunnels through a forward proxy (`Configuration.spec.forwardProxy`) for upstream connections.
+"""The CONNECT client: tunnels through a forward proxy (`Configuration.spec.forwardProxy`) for
+upstream connections and side calls.
 
 `ConnectTunnelFactory(inner, host, port, authorization, clock, timeout)` is a client factory to
 pass to `connectTCP(proxy_host, proxy_port, ...)`: once connected it sends
@@ -23,7 +24,7 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-_log = Logger(namespace="flexgw.upstream")
+_log = Logger(namespace="flexgw.upstream")  # its warnings are about upstream connections
 
 #: The most of a CONNECT answer's head that is read.
 MAX_ANSWER = 16 * 1024
@@ -174,28 +175,3 @@ class ConnectTunnelFactory(ClientFactory):
         reported already)."""
         if not self._reported:
             self.inner.clientConnectionLost(connector, reason)
-
-
-def connect_upstream(
-    reactor: Any, clock: IReactorTime, upstream: Any, factory: ClientFactory, timeout: float
-) -> None:
-    """`reactor.connectTCP` to `upstream` for `factory` (an HTTP/1.1 or HTTP/2 pool's attempt,
-    TLS-wrapped or not), through `upstream.proxy` when there is one: directly to the proxy
-    for a plain-HTTP upstream sent in absolute form (`upstream.request_prefix`), else through
-    a CONNECT tunnel (TLS, h2c: anything that is not absolute-form HTTP/1.1). A forward-proxy
-    destination connects directly to the address its SSRF check passed (`connect_host`)."""
-    host, port = upstream.connect_host or upstream.host, upstream.port
-    proxy = upstream.proxy
-    if proxy is not None:
-        host, port = proxy.host, proxy.port
-        if not upstream.request_prefix:
-            factory = ConnectTunnelFactory(
-                factory,
-                upstream.host,
-                upstream.port,
-                proxy.authorization,
-                clock,
-                timeout,
-                proxy.authority.decode("latin-1"),
-            )
-    reactor.connectTCP(host, port, factory, timeout=timeout)
