@@ -447,7 +447,7 @@ class IntrospectionKind:
             settings_from(config),
             context.clock,
             context.reactor,
-            agent=getattr(context.services, "side_agent", None),
+            agent=context.services.side_agent,
         )
 
 
