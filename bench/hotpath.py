@@ -17,8 +17,8 @@ import sys
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from flexgw.config.plan import Api, Destination, HttpSettings, Listener, Route, Timeouts, Upstream
 from flexgw.ingress.front import IngressFactory
+from flexgw.plan import Api, Destination, HttpSettings, Listener, Route, Timeouts, Upstream
 from flexgw.upstream.manager import PoolManager
 
 REQUEST = b"GET /items HTTP/1.1\r\nHost: example.test\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"

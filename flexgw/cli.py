@@ -14,7 +14,7 @@ import attrs
 import flexgw
 from flexgw.config.ingress import ingress_options
 from flexgw.config.pipeline import load_config
-from flexgw.config.plan import BoundPolicy, GatewayPlan, Problem, Rule
+from flexgw.plan import BoundPolicy, GatewayPlan, Problem, Rule
 from flexgw.policies.registry import load_modules
 
 

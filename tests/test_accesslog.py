@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from flexgw.config.plan import Destination, Listener, Route, Upstream
 from flexgw.http.accesslog import AccessLog, MessageLog
 from flexgw.http.request import analyze_head
+from flexgw.plan import Destination, Listener, Route, Upstream
 
 
 class _Front:

@@ -8,7 +8,7 @@ from twisted.trial.unittest import TestCase
 
 from flexgw.config.compile import base_paths_overlap
 from flexgw.config.pipeline import ConfigState, load_config
-from flexgw.config.plan import HttpSettings, Timeouts
+from flexgw.plan import HttpSettings, Timeouts
 from tests.conftools import HEADER, api, route, service, write_conf
 
 

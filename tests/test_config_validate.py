@@ -7,8 +7,8 @@ import textwrap
 from twisted.trial.unittest import SynchronousTestCase
 
 from flexgw.config.load import load_text
-from flexgw.config.plan import Problem
 from flexgw.config.validate import Checked, check_document, load_schema
+from flexgw.plan import Problem
 
 
 def check(text: str, environ: dict[str, str] | None = None, strict: bool = False) -> Checked:

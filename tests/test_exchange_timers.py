@@ -9,8 +9,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import TestCase
 
 from flexgw.config.pipeline import load_config
-from flexgw.config.plan import HttpSettings, Timeouts
 from flexgw.ingress.front import IngressFactory, IngressProtocol
+from flexgw.plan import HttpSettings, Timeouts
 from flexgw.upstream.connection import UpstreamConnection
 from flexgw.upstream.manager import PoolManager
 from tests.conftools import write_conf

@@ -564,9 +564,9 @@ class TlsAlpnTests(TestCase):
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
         from flexgw.config.pipeline import load_config
-        from flexgw.config.plan import HttpSettings, Timeouts
         from flexgw.ingress.alpn import SERVED_ALPN
         from flexgw.ingress.front import IngressFactory
+        from flexgw.plan import HttpSettings, Timeouts
         from flexgw.upstream.manager import PoolManager
         from tests.conftools import write_conf
         from tests.harness import simple_api

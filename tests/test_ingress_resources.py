@@ -27,10 +27,10 @@ from flexgw.config.ingress import (
 )
 from flexgw.config.load import load_text
 from flexgw.config.pipeline import load_config
-from flexgw.config.plan import Listener, Problem
 from flexgw.config.resolve import ResolvedModel, resolve
 from flexgw.config.validate import Resource, check_document
 from flexgw.ingress.routing import RouteMatch, select_route
+from flexgw.plan import Listener, Problem
 from flexgw.tap import Options, worker_command
 from flexgw.testing.certs import CertificateAuthority
 from tests.conftools import update_conf, write_conf

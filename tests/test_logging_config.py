@@ -14,8 +14,8 @@ from twisted.trial.unittest import TestCase
 
 from flexgw.config.logconf import compile_template
 from flexgw.config.pipeline import load_config
-from flexgw.config.plan import Listener
 from flexgw.http.accesslog import AccessLog, RuntimeLog, TemplatedAccessLog
+from flexgw.plan import Listener
 from flexgw.service.gateway import GatewayService
 from flexgw.tap import Options, _install_log_level
 from flexgw.testing import client

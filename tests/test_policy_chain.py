@@ -309,8 +309,8 @@ class ResponsePhaseOptOutTests(TestCase):
 
     def test_opted_out_policy_not_called(self) -> None:
         """Only the policies that have a response phase are remembered by the run."""
-        from flexgw.config.plan import BoundPolicy
         from flexgw.http.request import analyze_head
+        from flexgw.plan import BoundPolicy
         from flexgw.policies.chain import ChainRun
 
         calls: list[str] = []

@@ -10,7 +10,7 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from flexgw.config.pipeline import load_config
-from flexgw.config.plan import SharedStorage
+from flexgw.plan import SharedStorage
 from flexgw.policies.base import BuildContext
 from flexgw.policies.rate_limiting import KIND
 from flexgw.service.policyruntime import PolicyRuntime

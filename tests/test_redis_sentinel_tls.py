@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from flexgw.config.pipeline import load_config
-from flexgw.config.plan import RedisSentinel
+from flexgw.plan import RedisSentinel
 from flexgw.storage.interfaces import RateLimit
 from flexgw.storage.redis import RedisClient, RedisError, RedisRateLimitStore, RedisUnavailable
 from flexgw.testing import client

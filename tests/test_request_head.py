@@ -10,15 +10,6 @@ from hypothesis import strategies as st
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from flexgw.config.plan import (
-    Api,
-    Destination,
-    HttpSettings,
-    Listener,
-    Route,
-    Timeouts,
-    Upstream,
-)
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.headers import (
@@ -37,6 +28,15 @@ from flexgw.http.request import (
     error_for_parser_message,
 )
 from flexgw.ingress.front import HEAD, IngressFactory, IngressProtocol
+from flexgw.plan import (
+    Api,
+    Destination,
+    HttpSettings,
+    Listener,
+    Route,
+    Timeouts,
+    Upstream,
+)
 from flexgw.upstream.manager import PoolManager
 
 HOST = [(b"Host", b"a.test")]

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from flexgw.config.pipeline import load_config
-from flexgw.config.plan import Api, Destination, Listener, Route, Rule, Upstream
 from flexgw.ingress.routing import RouteMatch, join_path, select_route, strip_port
+from flexgw.plan import Api, Destination, Listener, Route, Rule, Upstream
 from tests.conftools import api, route, service, write_conf
 
 UPSTREAM = Upstream(key="default/svc", scheme="http", host="upstream", port=80)

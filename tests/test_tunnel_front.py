@@ -11,10 +11,10 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from flexgw.config.pipeline import load_config
-from flexgw.config.plan import HttpSettings, Timeouts
 from flexgw.egress.front import ForwardProxyProtocol
 from flexgw.ingress.front import IngressFactory
 from flexgw.ingress.upgrade import MAX_EARLY_BYTES
+from flexgw.plan import HttpSettings, Timeouts
 from flexgw.service.metrics import GatewayMetrics
 from flexgw.upstream.manager import PoolManager
 from tests.conftools import write_conf

@@ -8,7 +8,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from flexgw.config.plan import HttpSettings, Timeouts, Upstream
+from flexgw.plan import HttpSettings, Timeouts, Upstream
 from flexgw.upstream.connection import UpstreamConnection
 from flexgw.upstream.interfaces import ConnectionOwner, IUpstreamPool
 from flexgw.upstream.manager import PoolManager

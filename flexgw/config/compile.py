@@ -8,20 +8,21 @@ from typing import Any
 
 import attrs
 
-from flexgw.config.plan import (
+from flexgw.config.regex import RegexError, compile_rule_regex
+from flexgw.config.resolve import ApiSpec, PolicySpec, ResolvedModel, RouteSpec, RuleSpec
+from flexgw.ingress import alpn
+from flexgw.plan import (
     Api,
     BoundPolicy,
     Destination,
     Listener,
+    PolicyConfigError,
     Problem,
     Route,
     Rule,
     Upstream,
 )
-from flexgw.config.regex import RegexError, compile_rule_regex
-from flexgw.config.resolve import ApiSpec, PolicySpec, ResolvedModel, RouteSpec, RuleSpec
-from flexgw.ingress import alpn
-from flexgw.policies.base import BuildContext, PolicyCapabilities, PolicyConfigError
+from flexgw.policies.base import BuildContext, PolicyCapabilities
 from flexgw.policies.circuit_breaker import BREAKER_KIND, BREAKER_NAME
 from flexgw.policies.registry import lookup as lookup_policy
 from flexgw.tls.contexts import CLIENT_ALPN, build_client_tls, build_server_tls

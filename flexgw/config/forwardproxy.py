@@ -31,7 +31,7 @@ from urllib.parse import unquote, urlsplit
 
 import attrs
 
-from flexgw.config.plan import Problem
+from flexgw.plan import Problem
 
 
 @attrs.frozen

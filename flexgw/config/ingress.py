@@ -29,7 +29,6 @@ from flexgw.config.kubernetes import (
     path_regex,
 )
 from flexgw.config.load import FieldPath
-from flexgw.config.plan import Problem, Upstream
 from flexgw.config.resolve import (
     DEFAULT_ORDER,
     ApiSpec,
@@ -40,6 +39,7 @@ from flexgw.config.resolve import (
     RuleSpec,
 )
 from flexgw.config.validate import Resource, ResourceId
+from flexgw.plan import Problem, Upstream
 from flexgw.tls.settings import CertificateKey
 
 CONTROLLER = "flexgw"  # IngressClass spec.controller values that name flexgw

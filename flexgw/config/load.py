@@ -12,7 +12,7 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from flexgw.config.plan import Problem
+from flexgw.plan import Problem
 
 FieldPath = tuple[str | int, ...]
 Mark = tuple[int, int]  # (line, column), both 1-based

@@ -22,12 +22,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import attrs
-
-if TYPE_CHECKING:  # plan.py imports this module
-    from flexgw.config.plan import Problem
+from flexgw.plan import LoggingSettings, LogOutput, Problem, Template
 
 #: Config `logLevel` values -> Twisted level names.
 LEVELS = {
@@ -53,15 +50,6 @@ _VARIABLE = re.compile(r"\{([^{}]*)\}")
 _JSON_FORMATS = frozenset({"json", "json_lines", "plain"})
 
 
-@attrs.frozen
-class Template:
-    """A compiled `template`: literal text and variable names, alternating (literal first)."""
-
-    source: str
-    literals: tuple[str, ...]
-    names: tuple[str, ...]  # canonical names (aliases resolved)
-
-
 def compile_template(source: str) -> Template:
     """Compile `source`; raises ValueError naming the first unknown variable and its offset."""
     literals: list[str] = []
@@ -81,25 +69,6 @@ def compile_template(source: str) -> Template:
     return Template(source, tuple(literals), tuple(names))
 
 
-@attrs.frozen
-class LogOutput:
-    """One served output: stdout or a file, JSON lines or a template."""
-
-    name: str
-    type: str  # "file" or "stdout"
-    path: str | None = None  # the file (None for stdout)
-    template: Template | None = None  # None: JSON lines
-
-
-@attrs.frozen
-class LoggingSettings:
-    """`Configuration.spec.logging` (plus FLEX_LOG_LEVEL) as the gateway applies it."""
-
-    runtime_level: str | None = None  # a Twisted level name; None: not configured (info)
-    runtime_outputs: tuple[LogOutput, ...] = ()  # empty: the default (twistd's log, stdout)
-    access_outputs: tuple[LogOutput, ...] = ()  # empty: the default (--access-log)
-
-
 def level_from_env(environ: Mapping[str, str], problems: list[Problem]) -> str | None:
     """FLEX_LOG_LEVEL: Flex's numbers (NONE -1 ... ALL), or a level name; None when unset."""
     text = environ.get("FLEX_LOG_LEVEL", "").strip()
@@ -110,8 +79,6 @@ def level_from_env(environ: Mapping[str, str], problems: list[Problem]) -> str |
     try:
         number = int(text)
     except ValueError:
-        from flexgw.config.plan import Problem
-
         problems.append(
             Problem("error", f"FLEX_LOG_LEVEL={text!r} is not a log level", field="FLEX_LOG_LEVEL")
         )

@@ -11,9 +11,9 @@ import attrs
 from flexgw.config.compile import compile_default_tls, compile_model
 from flexgw.config.ingress import IngressOptions, apply_ingress
 from flexgw.config.load import discover_files, load_file
-from flexgw.config.plan import GatewayPlan, Problem
 from flexgw.config.resolve import resolve
 from flexgw.config.validate import Checked, Resource, ResourceId, check_document
+from flexgw.plan import GatewayPlan, Problem
 
 
 @attrs.frozen

@@ -11,15 +11,7 @@ import attrs
 from flexgw.config.address import Address, normalise_path, parse_api_address, parse_service_address
 from flexgw.config.forwardproxy import ForwardProxy, resolve_forward_proxy
 from flexgw.config.load import Document, FieldPath
-from flexgw.config.logconf import LoggingSettings, resolve_logging
-from flexgw.config.plan import (
-    HttpSettings,
-    IPNetwork,
-    ProbeSettings,
-    Problem,
-    Timeouts,
-    Upstream,
-)
+from flexgw.config.logconf import resolve_logging
 from flexgw.config.storage import SharedStorage, resolve_shared_storage
 from flexgw.config.validate import (
     ROUTE_POLICIES,
@@ -28,6 +20,15 @@ from flexgw.config.validate import (
     ResourceId,
     dotted,
     policy_name,
+)
+from flexgw.plan import (
+    HttpSettings,
+    IPNetwork,
+    LoggingSettings,
+    ProbeSettings,
+    Problem,
+    Timeouts,
+    Upstream,
 )
 from flexgw.policies.registry import lookup as lookup_policy
 from flexgw.tls.settings import CertificateKey

@@ -26,7 +26,7 @@ import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
-from flexgw.config.plan import Problem, RedisSentinel, SharedStorage
+from flexgw.plan import PolicyConfigError, Problem, RedisSentinel, SharedStorage
 
 DEFAULT_REDIS_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
@@ -220,7 +220,6 @@ def _parse_sentinel(block: Any, origin: Any, problems: list[Problem]) -> RedisSe
 
 def _parse_tls(block: Any, origin: Any, problems: list[Problem]) -> Any:
     """`redis.tls` as TLSSettings (flexgw.tls.settings); None, with a located error, when wrong."""
-    from flexgw.policies.base import PolicyConfigError
     from flexgw.tls.settings import parse_tls
 
     at = ("redis", "tls")

@@ -22,8 +22,8 @@ from flexgw.config.kubernetes import (
     is_kubernetes,
 )
 from flexgw.config.load import Document, FieldPath
-from flexgw.config.plan import Problem
 from flexgw.config.regex import RegexError, compile_rule_regex
+from flexgw.plan import Problem
 from flexgw.policies.registry import lookup as lookup_policy
 
 KINDS = {

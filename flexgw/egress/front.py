@@ -30,7 +30,6 @@ import httptools
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 
-from flexgw.config.plan import Api, Destination, Upstream
 from flexgw.egress.destinations import BadHost, IPAddress, parse_authority
 from flexgw.egress.resolver import resolve_all
 from flexgw.http import errors
@@ -42,6 +41,7 @@ from flexgw.http.tunnel import Tunnel
 from flexgw.ingress.exchange import CONNECTING, DONE, POLICIES, ProxyExchange
 from flexgw.ingress.front import CLOSING, UPGRADING, IngressProtocol, _Refused
 from flexgw.ingress.upgrade import MAX_EARLY_BYTES, TUNNEL
+from flexgw.plan import Api, Destination, Upstream
 from flexgw.upstream.connection import HELD, ReadGate
 
 if TYPE_CHECKING:

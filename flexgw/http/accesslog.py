@@ -11,9 +11,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import formatEvent
 
-from flexgw.config.logconf import FLEX_VARIABLES, LogOutput, Template
-from flexgw.config.plan import Listener
+from flexgw.config.logconf import FLEX_VARIABLES
 from flexgw.http.errors import GatewayError
+from flexgw.plan import Listener, LogOutput, Template
 
 if TYPE_CHECKING:
     from flexgw.ingress.exchange import ProxyExchange

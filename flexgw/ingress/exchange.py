@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 from twisted.python.failure import Failure
 
-from flexgw.config.plan import Api, BoundPolicy, Destination, Route
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
@@ -25,6 +24,7 @@ from flexgw.http.headers import (
 from flexgw.http.request import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, RequestHead
 from flexgw.http.tunnel import IDLE_TIMEOUT, Tunnel
 from flexgw.ingress.routing import remaining_path, rules_match
+from flexgw.plan import Api, BoundPolicy, Destination, Route
 from flexgw.policies.base import LocalResponse, PolicyContext
 from flexgw.policies.chain import ChainRun
 from flexgw.upstream.connection import BACKPRESSURE, HELD, UpstreamConnection

@@ -20,7 +20,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from flexgw.config.plan import HttpSettings, Listener, Timeouts
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.headers import HeaderList
@@ -28,6 +27,7 @@ from flexgw.http.request import BODY_NONE, RequestHead, analyze_head, error_for_
 from flexgw.ingress.exchange import DONE, RESPONDING, WAITING, ProxyExchange
 from flexgw.ingress.routing import RouteMatch, select_route
 from flexgw.ingress.upgrade import UpgradeExchange, upgrade_protocol
+from flexgw.plan import HttpSettings, Listener, Timeouts
 from flexgw.policies.base import LocalResponse
 from flexgw.upstream.connection import ReadGate
 from flexgw.upstream.manager import PoolManager

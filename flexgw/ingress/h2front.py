@@ -42,7 +42,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from flexgw.compat.h2buffer import header_backlog
-from flexgw.config.plan import HttpSettings
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
@@ -58,6 +57,7 @@ from flexgw.ingress.exchange import (
     ProxyExchange,
 )
 from flexgw.ingress.routing import RouteMatch, select_route
+from flexgw.plan import HttpSettings
 from flexgw.policies.base import LocalResponse
 from flexgw.upstream.connection import BACKPRESSURE
 

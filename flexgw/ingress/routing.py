@@ -9,7 +9,7 @@ from itertools import accumulate
 
 import attrs
 
-from flexgw.config.plan import Api, Destination, Listener, Route, Rule
+from flexgw.plan import Api, Destination, Listener, Route, Rule
 
 Headers = Sequence[tuple[bytes, bytes]]
 

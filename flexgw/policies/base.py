@@ -6,6 +6,10 @@ holding the binding's immutable config and shared state. Per request, the chain 
 `on_request(ctx)` in order; a policy returns None to continue, a `LocalResponse` to answer
 without the upstream, or a Deferred firing with either (only policies that do I/O need one).
 In the response phase `on_response(ctx)` runs in reverse order and may change the response head.
+
+`PolicyConfigError` lives in `flexgw.plan` (the bottom layer, so TLS settings and the compiler
+raise it without importing the plug-in interface); its import path here is the documented
+plug-in API and stays, without a deprecation warning.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import attrs
 from zope.interface import Attribute, Interface
 
 from flexgw.http.errors import REASONS
+from flexgw.plan import PolicyConfigError  # noqa: F401  (plug-in API: re-exported here)
 from flexgw.policies.expressions import ExpressionContext
 
 if TYPE_CHECKING:
@@ -108,15 +113,6 @@ class UsesRuntime:
         if self._clock is None:
             self._clock = self._runtime_reactor()
         return self._clock
-
-
-class PolicyConfigError(Exception):
-    """A config value a schema cannot catch is wrong; `field` is its dotted path in `config`."""
-
-    def __init__(self, message: str, field: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.field = field
 
 
 @attrs.define

@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from flexgw.config.plan import BoundPolicy
+from flexgw.plan import BoundPolicy
 from flexgw.policies.base import LocalResponse, PolicyContext
 
 _log = Logger(namespace="flexgw.policies")

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from flexgw.config.plan import ProbeSettings, Problem
+from flexgw.plan import ProbeSettings, Problem
 from flexgw.service.metrics import make_registry, render
 from flexgw.service.sockets import listen_reuse_port
 

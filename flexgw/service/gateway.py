@@ -12,9 +12,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate
 
 from flexgw.config.ingress import IngressOptions
-from flexgw.config.logconf import LoggingSettings, LogOutput
 from flexgw.config.pipeline import ConfigState, load_config
-from flexgw.config.plan import GatewayPlan, Listener, Upstream
 from flexgw.http.accesslog import (
     AccessLog,
     MessageLog,
@@ -26,6 +24,7 @@ from flexgw.http.accesslog import (
 from flexgw.ingress.front import IngressFactory, IngressProtocol
 from flexgw.ingress.h2front import H2Protocol
 from flexgw.ingress.proxyprotocol import wrap_proxy_protocol
+from flexgw.plan import GatewayPlan, Listener, LoggingSettings, LogOutput, Upstream
 from flexgw.service.activation import LISTEN_FDS_START, InheritedSockets, listen_environ
 from flexgw.service.admin import ProbeServer
 from flexgw.service.metrics import GatewayMetrics

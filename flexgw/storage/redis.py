@@ -35,7 +35,7 @@ command has a timeout (`command_timeout`, connecting included) after which its D
 
 Sentinel and TLS
 ----------------
-With `sentinel` (flexgw.config.plan.RedisSentinel) every new connection starts by asking the
+With `sentinel` (flexgw.plan.RedisSentinel) every new connection starts by asking the
 sentinels, in their configured order, `SENTINEL get-master-addr-by-name <masterName>` (after
 AUTH with the sentinel password, if any); the first that names a master wins. The client then
 connects to that master and checks with `ROLE` that it is one (a sentinel may not have noticed

@@ -18,7 +18,7 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from flexgw.policies.base import PolicyConfigError
+from flexgw.plan import PolicyConfigError
 
 #: IANA cipher suite names Flex documents, with their OpenSSL names. TLS 1.3 suites map to None:
 #: OpenSSL always enables them when TLS 1.3 is allowed (Flex: "fixed and always on").

@@ -35,11 +35,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from flexgw.config.plan import HttpSettings, Timeouts, Upstream
 from flexgw.http.fastwrite import send_now
 from flexgw.http.h2frames import GoAwayFilter
 from flexgw.http.h2send import send_queued
 from flexgw.http.headers import HOP_BY_HOP, HeaderList
+from flexgw.plan import HttpSettings, Timeouts, Upstream
 from flexgw.upstream.connection import MAX_RESPONSE_HEAD
 from flexgw.upstream.interfaces import UpstreamTLSError
 from flexgw.upstream.poolbase import PoolBase, connect_upstream

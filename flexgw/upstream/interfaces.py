@@ -11,7 +11,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 if TYPE_CHECKING:
-    from flexgw.config.plan import HttpSettings, Timeouts, Upstream
+    from flexgw.plan import HttpSettings, Timeouts, Upstream
 
 
 class UpstreamTLSError(Exception):

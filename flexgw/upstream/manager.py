@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.internet.task import LoopingCall
 
-from flexgw.config.plan import HttpSettings, Timeouts, Upstream
+from flexgw.plan import HttpSettings, Timeouts, Upstream
 from flexgw.upstream.h2 import H2UpstreamPool
 from flexgw.upstream.interfaces import IUpstreamPool
 from flexgw.upstream.pool import UpstreamPool

@@ -9,7 +9,7 @@ from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from flexgw.config.plan import HttpSettings, Timeouts, Upstream
+from flexgw.plan import HttpSettings, Timeouts, Upstream
 from flexgw.upstream.connection import TLSUpstreamConnection, UpstreamConnection
 from flexgw.upstream.interfaces import ConnectionWaiter, UpstreamTLSError
 from flexgw.upstream.poolbase import PoolBase, connect_upstream

@@ -9,8 +9,8 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.internet.protocol import ClientFactory
 
-from flexgw.config.plan import HttpSettings, Timeouts, Upstream
 from flexgw.http.connect import ConnectTunnelFactory
+from flexgw.plan import HttpSettings, Timeouts, Upstream
 
 
 class PoolBase:
