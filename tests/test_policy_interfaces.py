@@ -73,6 +73,6 @@ class ServicesTests(TestCase):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             old = base.PolicyRuntime
-        self.assertIs(old, PolicyServices)
+        self.assertIs(old, base.PolicyServices)
         self.assertEqual([w.category for w in caught], [DeprecationWarning])
         self.assertIn("flexgw.service.policyruntime", str(caught[0].message))
