@@ -101,6 +101,88 @@ class GuardTests(SynchronousTestCase):
         self.assertTrue(guard.blocked_address(ipaddress.ip_address("::1")))
 
 
+def _teredo(client: ipaddress.IPv4Address, server: str = "65.54.227.120") -> str:
+    """A Teredo address (2001::/32) for `client`: server, flags, port, client inverted."""
+    value = (0x20010000 << 96) | (int(ipaddress.IPv4Address(server)) << 64)
+    value |= (0x8000 << 48) | (0x63BF << 32) | (int(client) ^ 0xFFFFFFFF)
+    return str(ipaddress.IPv6Address(value))
+
+
+def _embeddings(v4: ipaddress.IPv4Address) -> dict[str, list[str]]:
+    """Every spelling of the SIIT, local-use NAT64 and Teredo forms of `v4`, by form."""
+    hi, lo = int(v4) >> 16, int(v4) & 0xFFFF
+    a, b, c, d = v4.packed
+    siit = f"::ffff:0:{hi:x}:{lo:x}"
+    return {
+        "siit": [
+            f"::ffff:0:{v4}", siit, siit.upper(), f"0:0:0:0:ffff:0:{hi:x}:{lo:x}",
+            f"0000:0000:0000:0000:ffff:0000:{hi:04x}:{lo:04x}", f"::FFFF:0000:{v4}",
+        ],
+        "nat64-local": [
+            f"64:ff9b:1::{v4}", f"64:ff9b:1::{hi:x}:{lo:x}", f"64:FF9B:0001:0:0:0:{hi:x}:{lo:x}",
+            f"0064:ff9b:0001:0000:0000:0000:{v4}",
+            f"64:ff9b:1:{a:02x}{b:02x}:{c:x}:{d:02x}00::",  # /48 (u octet skipped)
+            f"64:ff9b:1:{a:x}:{b:02x}:{c:02x}{d:02x}::",  # /56
+            f"64:ff9b:1:0:{a:x}:{b:02x}{c:02x}:{d:02x}00:0",  # /64
+        ],
+        "teredo": [_teredo(v4), _teredo(v4).upper(), ipaddress.IPv6Address(_teredo(v4)).exploded],
+    }
+
+
+class EmbeddedFormsTests(SynchronousTestCase):
+    """SIIT (::ffff:0:0:0/96), local-use NAT64 (64:ff9b:1::/48) and Teredo (2001::/32):
+    blocked by default, and checked by their embedded IPv4 address under any blocked list."""
+
+    default = AddressGuard.from_strings(DEFAULT_BLOCKED)
+    #: Only the IPv4 ranges: the embedded address alone decides.
+    ipv4_only = AddressGuard.from_strings([net for net in DEFAULT_BLOCKED if ":" not in net])
+
+    def check_every_spelling(
+        self, v4: ipaddress.IPv4Address, guard: AddressGuard, blocked: bool, forms: tuple[str, ...] = ()
+    ) -> None:
+        """Each spelling (of `forms`, default all), as a bracketed destination host, is (not)
+        blocked."""
+        for form, spellings in _embeddings(v4).items():
+            if forms and form not in forms:
+                continue
+            for text in spellings:
+                address = normalise_host(f"[{text}]")
+                self.assertIsInstance(address, ipaddress.IPv6Address, text)
+                self.assertEqual(address, ipaddress.IPv6Address(text), text)
+                self.assertEqual(guard.blocked_address(address), blocked, f"{form}: {text}")
+
+    def test_blocked_by_default(self) -> None:
+        """Every spelling of the three forms is blocked, whatever address they carry."""
+        for v4 in ("127.0.0.1", "10.1.2.3", "169.254.169.254", "8.8.8.8"):
+            self.check_every_spelling(ipaddress.IPv4Address(v4), self.default, True)
+
+    def test_issue_examples(self) -> None:
+        """The spellings from the report, as destination hosts."""
+        for host in ("[::ffff:0:127.0.0.1]", "[64:ff9b:1::127.0.0.1]", "[64:ff9b:1::7f00:1]",
+                     "[2001:0:4136:e378:8000:63bf:80ff:fffe]"):
+            self.assertTrue(self.default.blocked_address(normalise_host(host)), host)  # type: ignore[arg-type]
+
+    def test_embedded_address_decides(self) -> None:
+        """Under a list of IPv4 ranges only, a blocked embedded address blocks; a public one
+        passes. A local-use NAT64 address is read at every RFC 6052 position, so one of them
+        lands in 0.0.0.0/8 (blocked) unless the list leaves that range out."""
+        self.check_every_spelling(LOOPBACK, self.ipv4_only, True)
+        self.check_every_spelling(ipaddress.IPv4Address("169.254.169.254"), self.ipv4_only, True)
+        public = ipaddress.IPv4Address("8.8.8.8")
+        self.check_every_spelling(public, self.ipv4_only, False, ("siit", "teredo"))
+        self.check_every_spelling(public, self.ipv4_only, True, ("nat64-local",))
+        loopback_only = AddressGuard.from_strings(["127.0.0.0/8"])
+        self.check_every_spelling(public, loopback_only, False)
+        self.check_every_spelling(LOOPBACK, loopback_only, True)
+
+    @given(st.sampled_from([net for net in DEFAULT_BLOCKED if ":" not in net]), st.integers(0, 2**32 - 1))
+    def test_any_blocked_ipv4_embedded(self, network: str, offset: int) -> None:
+        """Any address of any blocked IPv4 range is blocked in every embedding form."""
+        net = ipaddress.IPv4Network(network)
+        v4 = net[offset % net.num_addresses]
+        self.check_every_spelling(v4, self.ipv4_only, True)
+
+
 class AllowRuleTests(SynchronousTestCase):
     """Allowlist patterns and ports."""
 

@@ -251,12 +251,16 @@ class AbsoluteFormTests(ProxyTestCase):
         self.assertEqual(response.header("x-flexgw-error"), [b"upstream_connect_failure"])
 
     async def test_service_destination_uses_the_service(self) -> None:
-        """A destination matching a Service address goes to that Service's upstream pool."""
+        """A destination matching the address of a Service the binding names goes to that
+        Service's upstream pool."""
         service = (
             "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: Service\n"
             f"metadata: {{name: partner}}\nspec:\n  address: http://127.0.0.1:{self.up_port}\n"
         )
-        self.start_proxy(allowed=[f"127.0.0.1:{self.up_port}"], exceptions=None, documents=service)
+        self.start_proxy(
+            allowed=[f"127.0.0.1:{self.up_port}"], exceptions=None, documents=service,
+            extra_config="    services: [partner]\n",
+        )
         response = await self.get(f"http://127.0.0.1:{self.up_port}/svc")
         self.assertEqual(response.status, 200)
         [record] = self.gateway.records()
@@ -277,7 +281,8 @@ class AbsoluteFormTests(ProxyTestCase):
             "  config: {username: svc, password: pw}\n"
         )
         self.start_proxy(
-            allowed=[f"127.0.0.1:{self.up_port}", f"{PARTNER}:{self.up_port}"], documents=service
+            allowed=[f"127.0.0.1:{self.up_port}", f"{PARTNER}:{self.up_port}"], documents=service,
+            extra_config="    services: [partner]\n",
         )
         response = await self.get(
             f"http://127.0.0.1:{self.up_port}/svc", b"Authorization: Basic Y2xpZW50OnNlY3JldA==\r\n"
@@ -310,12 +315,109 @@ class AbsoluteFormTests(ProxyTestCase):
             "metadata: {name: partner-tls}\nspec:\n  targetRef: {kind: Service, name: partner}\n"
             f"  policyRef: {{name: tls-outbound}}\n  config:\n    trustedCA: \"file://{ca_path}\"\n"
         )
-        self.start_proxy(allowed=[f"127.0.0.1:{tls_port}"], exceptions=None, documents=service)
+        self.start_proxy(
+            allowed=[f"127.0.0.1:{tls_port}"], exceptions=None, documents=service,
+            extra_config="    services: [default/partner]\n",
+        )
         response = await self.get(f"http://127.0.0.1:{tls_port}/over-tls")
         self.assertEqual(response.status, 200)
         self.assertEqual([r.target for r in tls.received], [b"/over-tls"])
         [record] = self.gateway.records()
         self.assertEqual(record["upstream"], "default/partner")
+
+
+def protected_api(port: int, upstream_port: int) -> str:
+    """An ingress API on 127.0.0.1:port behind basic auth, whose Service `internal` is the
+    upstream on 127.0.0.1:upstream_port (with an outbound header policy), as YAML documents."""
+    return f"""---
+apiVersion: gateway.mulesoft.com/v1alpha1
+kind: Service
+metadata: {{name: internal}}
+spec: {{address: "http://127.0.0.1:{upstream_port}"}}
+---
+apiVersion: gateway.mulesoft.com/v1alpha1
+kind: PolicyBinding
+metadata: {{name: internal-creds}}
+spec:
+  targetRef: {{kind: Service, name: internal}}
+  policyRef: {{name: credential-injection-basic-auth-flex}}
+  config: {{username: svc, password: pw}}
+---
+apiVersion: gateway.mulesoft.com/v1alpha1
+kind: ApiInstance
+metadata: {{name: protected}}
+spec: {{address: "http://127.0.0.1:{port}"}}
+---
+apiVersion: gateway.mulesoft.com/v1alpha1
+kind: PolicyBinding
+metadata: {{name: protected-route}}
+spec:
+  targetRef: {{kind: ApiInstance, name: protected}}
+  policyRef: {{name: route}}
+  config: {{destinationRef: {{name: internal}}}}
+---
+apiVersion: gateway.mulesoft.com/v1alpha1
+kind: PolicyBinding
+metadata: {{name: protected-auth}}
+spec:
+  targetRef: {{kind: ApiInstance, name: protected}}
+  policyRef: {{name: http-basic-authentication-flex}}
+  config: {{username: admin, password: s3cret}}
+"""
+
+
+class ServiceMappingTests(ProxyTestCase):
+    """A destination is mapped to a Service only when the forward-proxy binding names it in
+    `services`: never through the back door to a protected API's Service (issue 19, item 2)."""
+
+    def spellings(self) -> list[str]:
+        """The upstream's address 127.0.0.1 in several IPv4 spellings, with its port."""
+        port = self.up_port
+        return [f"http://{host}:{port}/admin" for host in (
+            "127.0.0.1", "2130706433", "0x7f000001", "0177.0.0.1", "127.1", "0x7f.0.1",
+            "[::ffff:127.0.0.1]",
+        )]
+
+    async def test_unnamed_service_address_is_an_ordinary_destination(self) -> None:
+        """The protected API answers 401 without credentials; through the proxy (allowing any
+        host on the upstream's port, no exception for loopback) its Service's address in every
+        spelling is refused 403 egress_denied, and nothing reaches the upstream."""
+        ingress_port = free_port()
+        self.start_proxy(
+            allowed=[f"*:{self.up_port}"], exceptions=None,
+            documents=protected_api(ingress_port, self.up_port),
+        )
+        direct = await connect(reactor, "127.0.0.1", ingress_port)
+        self.addCleanup(direct.abort)
+        direct.send(b"GET /admin HTTP/1.1\r\nHost: internal\r\n\r\n")
+        self.assertEqual((await direct.read_final_response()).status, 401)
+        for url in self.spellings():
+            response = await self.get(url)
+            self.assertEqual(
+                (response.status, response.header("x-flexgw-error")), (403, [b"egress_denied"]), url
+            )
+        self.assertEqual(self.upstream.received, [])
+        proxied = [r for r in self.gateway.records() if r["api"] == "default/egress"]
+        self.assertEqual([(r["status"], r["error"]) for r in proxied], [(403, "egress_denied")] * 7)
+
+    async def test_named_service_runs_its_outbound_policies(self) -> None:
+        """With `services: [internal]` every spelling of its address goes to that Service (not
+        checked against the blocked ranges: the operator named it) and its outbound policy
+        injects its credentials over the client's."""
+        ingress_port = free_port()
+        gateway = self.start_proxy(
+            allowed=[f"*:{self.up_port}"], exceptions=None, extra_config="    services: [internal]\n",
+            documents=protected_api(ingress_port, self.up_port),
+        )
+        self.assertEqual(gateway.service.state.plan.problems, ())  # `services` is a known key
+        for url in self.spellings():
+            response = await self.get(url, b"Authorization: Basic Y2xpZW50OnNlY3JldA==\r\n")
+            self.assertEqual(response.status, 200, url)
+        injected = b"Basic " + base64.b64encode(b"svc:pw")
+        self.assertEqual([r.header("authorization") for r in self.upstream.received],
+                         [[injected]] * len(self.spellings()))
+        self.assertEqual({r["upstream"] for r in self.gateway.records()}, {"default/internal"})
+        self.assertEqual(self.resolver.lookups, [])
 
 
 class SsrfTests(ProxyTestCase):
@@ -804,6 +906,45 @@ class ConfigTests(TestCase):
         self.assertTrue(problem.file.endswith("proxy.yaml"))
         self.assertEqual(problem.field, "spec.config.allowedDestinations[1]")
         self.assertIsNotNone(problem.line)
+        self.assertEqual(state.plan.listeners, ())
+
+    def test_unknown_service_is_located(self) -> None:
+        """`services` naming a Service that does not exist (or `namespace/name` in another
+        namespace) is an error at that entry; the proxy keeps serving without the mapping."""
+        from flexgw.config.pipeline import load_config
+        from tests.conftools import write_conf
+
+        service = (
+            "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: Service\n"
+            "metadata: {name: partner}\nspec:\n  address: http://10.1.2.3:80\n"
+        )
+        conf = proxy_conf(
+            3128, ["*:80"], documents=service,
+            extra_config="    services: [partner, missing, other/partner, default/partner2]\n",
+        )
+        state = load_config([write_conf(self, {"proxy.yaml": conf})], {})
+        errors = [p for p in state.problems if p.severity == "error"]
+        self.assertEqual(
+            [(p.field, p.message) for p in errors],
+            [
+                ("spec.config.services[1]", "Service default/missing does not exist; not mapped"),
+                ("spec.config.services[2]", "Service other/partner does not exist; not mapped"),
+                ("spec.config.services[3]", "Service default/partner2 does not exist; not mapped"),
+            ],
+        )
+        self.assertTrue(all(p.file.endswith("proxy.yaml") and p.line for p in errors))
+        (listener,) = state.plan.listeners
+        api = listener.forward_proxy
+        self.assertEqual([d.upstream.key for d in api.proxy_services], ["default/partner"])
+
+    def test_services_schema(self) -> None:
+        """A `services` entry that is not `name` or `namespace/name` fails the schema."""
+        from flexgw.config.pipeline import load_config
+        from tests.conftools import write_conf
+
+        conf = proxy_conf(3128, ["*:80"], extra_config="    services: [a/b/c]\n")
+        state = load_config([write_conf(self, {"proxy.yaml": conf})], {})
+        self.assertTrue(any(p.severity == "error" and "services" in (p.field or "") for p in state.problems))
         self.assertEqual(state.plan.listeners, ())
 
     def test_schema_errors_are_reported(self) -> None:

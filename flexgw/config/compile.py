@@ -157,6 +157,14 @@ def _source_rank(policy: PolicySpec) -> int:
     return 1 if policy.source == "selector" else 2
 
 
+def config_problem(spec: PolicySpec, message: str, field: str | None = None) -> Problem:
+    """An error located at `field` (dotted, list indexes as numbers) of a binding's config."""
+    sub: tuple[str | int, ...] = ("config",) if spec.source == "inline" else ("spec", "config")
+    if field:
+        sub += tuple(int(p) if p.isdigit() else p for p in field.split("."))
+    return spec.origin.problem("error", message, sub)
+
+
 def build_policies(
     specs: tuple[PolicySpec, ...], api: str | None, runtime: Any, problems: list[Problem]
 ) -> tuple[BoundPolicy, ...] | None:
@@ -184,12 +192,7 @@ def build_policies(
             problems.append(spec.origin.problem("error", str(exc), ("spec", "rules")))
             return None
         except PolicyConfigError as exc:
-            sub: tuple[str | int, ...] = ("spec", "config")
-            if spec.source == "inline":
-                sub = ("config",)
-            if exc.field:
-                sub += tuple(int(p) if p.isdigit() else p for p in exc.field.split("."))
-            problems.append(spec.origin.problem("error", exc.message, sub))
+            problems.append(config_problem(spec, exc.message, exc.field))
             return None
         except Exception as exc:  # noqa: BLE001 (a broken policy kind must not stop a reload)
             problems.append(
@@ -284,7 +287,8 @@ def _compile_forward_proxy(
     runtime: Any,
 ) -> Api | None:
     """A forward-proxy ApiInstance: no routes; its policies (basic auth in its proxy form) run
-    before the destination checks; every usable Service may be matched by a destination."""
+    before the destination checks; only the Services its binding names (`services`) may be
+    matched by a destination (never implicitly: that would skip the blocked ranges)."""
     if spec.address.path not in ("", "/"):
         problems.append(
             spec.origin.problem(
@@ -319,18 +323,35 @@ def _compile_forward_proxy(
             bound = attrs.evolve(bound, policy=proxy_form())
         chain.append(bound)
     api_policies = tuple(chain)
-    services = tuple(
-        _with_chain(Destination(upstream=upstream, policies=service_policies.get(key, ())), api_policies)
-        for key, upstream in sorted(model.upstreams.items())
-        if key not in model.blocked_upstreams
-    )
+    config = forward[0].policy
+    [binding] = [p for p in spec.policies if p.kind == FORWARD_PROXY]
+    services = []
+    for i, key in enumerate(config.services):
+        upstream = model.upstreams.get(key)
+        if upstream is None:
+            problems.append(
+                config_problem(binding, f"Service {key} does not exist; not mapped", f"services.{i}")
+            )
+            continue
+        if key in model.blocked_upstreams:
+            problems.append(
+                config_problem(
+                    binding,
+                    f"Service {key} has {model.blocked_upstreams[key]}; not served (fail closed)",
+                    f"services.{i}",
+                )
+            )
+            return None
+        services.append(
+            _with_chain(Destination(upstream=upstream, policies=service_policies.get(key, ())), api_policies)
+        )
     return Api(
         key=spec.id.key,
         base_path="",
         routes=(),
         policies=api_policies,
-        forward_proxy=forward[0].policy,
-        proxy_services=services,
+        forward_proxy=config,
+        proxy_services=tuple(services),
     )
 
 

@@ -5,8 +5,8 @@ resolve to the same address (`2130706433`, `0177.0.0.1`, `0x7f.1`, `127.1`,
 `[::ffff:127.0.0.1]`); they are normalised here, with the rules browsers and `inet_aton` use
 (WHATWG URL IPv4 parser: a host whose last label is numeric is an IPv4 address or invalid),
 before any check, so that no spelling slips past the blocked ranges. An IPv6 address that
-embeds an IPv4 one (IPv4-mapped, IPv4-compatible, 6to4, NAT64) is blocked when the embedded
-address is.
+embeds an IPv4 one (IPv4-mapped, IPv4-compatible, SIIT IPv4-translated, 6to4, NAT64 with the
+well-known or a local-use prefix, Teredo) is blocked when the embedded address is.
 
 Names are resolved by the caller; every resolved address must pass `address_blocked`, and the
 connection goes to a checked address (no second lookup).
@@ -43,9 +43,16 @@ DEFAULT_BLOCKED: tuple[str, ...] = (
     "fe80::/10",  # link-local
     "fec0::/10",  # site-local (deprecated)
     "ff00::/8",  # multicast
+    # Not globally reachable translation and tunnelling forms (their embedded IPv4 addresses
+    # are also checked when these ranges are not blocked):
+    "::ffff:0:0:0/96",  # SIIT IPv4-translated (RFC 6052 2.1, RFC 7915), ::ffff:0:a.b.c.d
+    "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215)
+    "2001::/32",  # Teredo (RFC 4380)
 )
 
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+_LOCAL_NAT64 = ipaddress.IPv6Network("64:ff9b:1::/48")
+_SIIT = ipaddress.IPv6Network("::ffff:0:0:0/96")
 _COMPAT = ipaddress.IPv6Network("::/96")
 _LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
 _NUMBER = re.compile(r"0[xX][0-9a-fA-F]*|[0-9]+")
@@ -139,15 +146,31 @@ def parse_authority(authority: str, default_port: int | None) -> tuple[str | IPA
     return normalise_host(host), port
 
 
-def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 one carries: mapped, 6to4, NAT64 or IPv4-compatible."""
+def _rfc6052(packed: bytes, prefix: int) -> ipaddress.IPv4Address:
+    """The IPv4 address embedded after a /`prefix` NAT64 prefix (RFC 6052 2.2: bits 64-71,
+    the "u" octet, are skipped)."""
+    if prefix == 96:
+        return ipaddress.IPv4Address(packed[12:])
+    return ipaddress.IPv4Address((packed[prefix // 8 : 8] + packed[9:])[:4])
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> tuple[ipaddress.IPv4Address, ...]:
+    """The IPv4 addresses an IPv6 one may carry: IPv4-mapped, SIIT IPv4-translated, 6to4,
+    NAT64 (64:ff9b::/96; a local-use 64:ff9b:1::/48 prefix at every RFC 6052 length that fits
+    in it: /48, /56, /64, /96), Teredo (the client address: the last 32 bits inverted) or
+    IPv4-compatible. Empty for the other addresses."""
     if address.ipv4_mapped is not None:
-        return address.ipv4_mapped
+        return (address.ipv4_mapped,)
     if address.sixtofour is not None:
-        return address.sixtofour
-    if address in _NAT64 or (address in _COMPAT and int(address) > 1):
-        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-    return None
+        return (address.sixtofour,)
+    if address.teredo is not None:
+        return (address.teredo[1],)
+    if address in _LOCAL_NAT64:
+        packed = address.packed
+        return tuple(_rfc6052(packed, prefix) for prefix in (48, 56, 64, 96))
+    if address in _NAT64 or address in _SIIT or (address in _COMPAT and int(address) > 1):
+        return (ipaddress.IPv4Address(int(address) & 0xFFFFFFFF),)
+    return ()
 
 
 @attrs.frozen
@@ -174,9 +197,7 @@ class AddressGuard:
             return False
         candidates: list[IPAddress] = [address]
         if isinstance(address, ipaddress.IPv6Address):
-            inner = embedded_ipv4(address)
-            if inner is not None:
-                candidates.append(inner)
+            candidates.extend(embedded_ipv4(address))
         for candidate in candidates:
             if self._excepted(candidate):
                 continue

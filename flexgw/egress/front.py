@@ -6,7 +6,8 @@ Applications set `HTTP_PROXY` / `HTTPS_PROXY` to this listener. Per request:
    other form is a 400), and checked against the binding's allowlist, CONNECT ports and
    plain-HTTP setting; a literal address is checked against the blocked ranges;
 2. the ApiInstance's other policies run as usual (basic auth in its proxy form: 407), and for a
-   destination matching a Service address, that Service's outbound chain after them; a denial
+   destination matching the address of a Service the binding names in `services`, that
+   Service's outbound chain after them; a denial
    from step 1 is answered only after the policies let the request on (so an unauthenticated
    client learns nothing about the allowlist);
 3. a name is resolved once through the injected resolver; every address must pass the blocked
@@ -16,9 +17,11 @@ Applications set `HTTP_PROXY` / `HTTPS_PROXY` to this listener. Per request:
    is connected and the two connections become a byte tunnel (flexgw.http.tunnel).
 
 Denied → 403 `egress_denied`; unresolvable → 502 `dns_failure`; connection refused → 503
-`upstream_connect_failure`. A destination matching a Service goes to that Service's upstream
-with its settings (the Service address is the operator's, so it is not re-checked against the
-blocked ranges; it must still be allowed by `allowedDestinations`).
+`upstream_connect_failure`. A destination matching a Service named in the binding's
+`services` goes to that Service's upstream with its settings (the operator named it, so its
+address is not re-checked against the blocked ranges; it must still be allowed by
+`allowedDestinations`). Other Services are never matched: their addresses are ordinary
+destinations, so a protected API's Service cannot be reached around the API's policies.
 """
 
 from __future__ import annotations
@@ -82,8 +85,9 @@ def analyze_connect(
 
 
 def match_service(api: Api, host: str | IPAddress, port: int) -> Destination | None:
-    """The Service destination a proxied `http://host:port` request stands for: same host and
-    port, or an `https://host:443` Service reached as `http://host` (TLS-originated)."""
+    """The Service destination (one the binding names in `services`) a proxied
+    `http://host:port` request stands for: same host and port, or an `https://host:443` Service
+    reached as `http://host` (TLS-originated)."""
     name = host if isinstance(host, str) else str(host)
     for destination in api.proxy_services:
         upstream = destination.upstream

@@ -8,9 +8,16 @@ Bound to an ApiInstance (whose address is the proxy port, alone on it), it holds
 - `connectPorts`: ports CONNECT may reach (default [443]).
 - `allowPlainHttp`: whether absolute-form `http://` requests are proxied (default true).
 - `blockedAddresses`: CIDR ranges never connected to (default: loopback, RFC 1918, link-local
-  incl. 169.254.169.254, CGNAT, multicast, reserved, IPv6 ULA/link-local/multicast; the
-  IPv4-mapped, -compatible, 6to4 and NAT64 forms of blocked IPv4 addresses are blocked too).
+  incl. 169.254.169.254, CGNAT, multicast, reserved, IPv6 ULA/link-local/multicast, SIIT
+  ::ffff:0:0:0/96, local-use NAT64 64:ff9b:1::/48, Teredo 2001::/32; the IPv4-mapped,
+  -compatible, SIIT, 6to4, NAT64 and Teredo forms of blocked IPv4 addresses are blocked too).
 - `blockedAddressExceptions`: CIDR ranges allowed although inside a blocked range.
+- `services`: the Services (`name`, in the binding's namespace, or `namespace/name`) whose
+  address a plain-HTTP destination may stand for: such a destination goes to that Service with
+  its outbound chain and TLS origination, and its address (the operator's) is not checked
+  against the blocked ranges. Any other destination, whatever Services exist, is an ordinary
+  one (allowlist, blocked ranges, lookup). A Service that does not exist is a config error
+  located at its entry (compile step: the kind does not see the other resources).
 
 The other policies bound to the same ApiInstance (basic auth, which then reads
 `Proxy-Authorization` and answers 407, rate limiting, IP filters, message logging) run as
@@ -61,6 +68,15 @@ SCHEMA: dict[str, Any] = {
             "type": "array",
             "items": {"type": "string", "minLength": 1},
         },
+        "services": {
+            "description": (
+                "Services (name in the binding's namespace, or namespace/name) a plain-HTTP "
+                "destination may be mapped to; no other Service is ever matched"
+            ),
+            "type": "array",
+            "items": {"type": "string", "pattern": "^([^/\\s]+/)?[^/\\s]+$"},
+            "uniqueItems": True,
+        },
     },
     "additionalProperties": False,
 }
@@ -75,6 +91,8 @@ class ForwardProxyConfig:
     connect_ports: frozenset[int] = frozenset({443})
     allow_plain_http: bool = True
     guard: AddressGuard = attrs.field(factory=lambda: AddressGuard.from_strings(DEFAULT_BLOCKED))
+    #: `namespace/name` keys of the Services a destination may be mapped to, in config order.
+    services: tuple[str, ...] = ()
 
     def check(
         self, host: str | IPAddress, port: int, connect: bool, guarded: bool = True
@@ -128,8 +146,13 @@ class ForwardProxyKind:
                 except ValueError as exc:
                     raise PolicyConfigError(f"{value!r}: {exc}", f"{field}.{i}") from None
             guard_parts[field] = values
+        namespace = context.binding.partition("/")[0] if "/" in context.binding else "default"
+        services = tuple(
+            name if "/" in name else f"{namespace}/{name}" for name in config.get("services", ())
+        )
         return ForwardProxyConfig(
             allow=tuple(rules),
+            services=services,
             connect_ports=frozenset(config.get("connectPorts", [443])),
             allow_plain_http=bool(config.get("allowPlainHttp", True)),
             guard=AddressGuard.from_strings(
