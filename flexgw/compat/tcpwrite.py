@@ -8,7 +8,8 @@ test transports) always use `write`.
 
 Private API: `twisted.internet.abstract.FileDescriptor._tempDataBuffer` (with `dataBuffer`, the
 write queue; no public way tells whether a transport has bytes queued). Kept because it pays:
-see the figure in bench/README.md ("Sending at once").
+a keep-alive request through a real gateway process costs 323k instructions under callgrind
+with `send_now`, 439k with `transport.write` only (bench/gateway_instructions.py, same tree).
 """
 
 from __future__ import annotations
