@@ -1,4 +1,6 @@
 # flexgw: `make run` starts the gateway with the quickstart example; `make test` runs the suite.
+# `make run GATEWAY_CONF="DIR ..." UPSTREAM_LISTEN=HOST:PORT GATEWAY_ARGS="--admin off"` serves
+# other conf dirs (README: "Try the examples"); `make validate` checks GATEWAY_CONF.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -6,8 +8,9 @@ BIN := $(VENV)/bin
 SOURCES := $(shell find flexgw twisted -name '*.py' -o -name '*.json') setup.cfg pyproject.toml
 GATEWAY_CONF ?= conf/quickstart
 UPSTREAM_LISTEN ?= 127.0.0.1:8082
+GATEWAY_ARGS ?=
 
-.PHONY: run test install lint bench clean
+.PHONY: run validate test install lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +25,10 @@ install: $(VENV)/.installed
 run: install
 	@$(BIN)/python -m flexgw.testing.upstream --listen $(UPSTREAM_LISTEN) --mode echo & \
 	upstream=$$!; trap 'kill $$upstream 2>/dev/null' EXIT INT TERM; \
-	$(BIN)/twistd --nodaemon --pidfile= flexgw --conf $(GATEWAY_CONF)
+	$(BIN)/twistd --nodaemon --pidfile= flexgw $(addprefix --conf ,$(GATEWAY_CONF)) $(GATEWAY_ARGS)
+
+validate: install
+	$(BIN)/flexgw validate $(GATEWAY_CONF)
 
 test: install
 	@set -o pipefail; rm -rf _trial_temp; \

@@ -1,4 +1,5 @@
-"""The `flexgw` command: validate and dump configuration directories, print the version."""
+"""The `flexgw` command: validate and dump configuration directories, ask a probe, print the
+version, and make a demo JWT for the conf/ingress example."""
 
 from __future__ import annotations
 
@@ -141,6 +142,10 @@ def plan_json(plan: GatewayPlan) -> dict[str, Any]:
             "trustedProxies": [str(net) for net in http.trusted_proxies],
             "maxIdleConnectionsPerUpstream": http.max_idle_per_upstream,
             "bodyBufferLimitBytes": http.body_buffer_limit,
+            "headersWithUnderscoresAction": http.headers_with_underscores,
+            "normalizePath": http.normalize_path,
+            "mergeSlashes": http.merge_slashes,
+            "pathWithEscapedSlashesAction": http.escaped_slashes,
         },
         "probe": {"enabled": plan.probe.enabled, "port": plan.probe.port, "host": plan.probe.host},
         "proxyProtocol": plan.proxy_protocol,
@@ -183,6 +188,19 @@ def _parser() -> argparse.ArgumentParser:
             help="import a third-party policy module first (repeatable)",
         )
     commands.add_parser("version", help="print the version")
+    token = commands.add_parser(
+        "demo-token",
+        help="print an HS256 JWT for the conf/ingress example's jwt-validation-flex (demos only)",
+    )
+    token.add_argument(
+        "--secret",
+        help="the HMAC key, as the example's textKey (default: $FLEXGW_JWT_SECRET)",
+    )
+    token.add_argument("--audience", default="api.example.com", help="aud (default %(default)s)")
+    token.add_argument("--subject", default="demo-user", help="sub (default %(default)s)")
+    token.add_argument(
+        "--ttl", type=int, default=3600, help="seconds until exp (default %(default)s)"
+    )
     probe = commands.add_parser(
         "probe", help="ask a running gateway's probe listener; exit 0 when ready/alive, else 1"
     )
@@ -227,6 +245,16 @@ def probe(args: argparse.Namespace, out: TextIO) -> int:
     return 0 if status == 200 else 1
 
 
+def demo_token(secret: str, audience: str, subject: str, ttl: int, now: float) -> str:
+    """An HS256 JWT with `sub`, `aud`, `iat` and `exp` (`now` + `ttl`), signed with `secret`:
+    what conf/ingress's `jwt-validation-flex` binding accepts when its textKey is `secret`."""
+    import jwt
+
+    issued = int(now)
+    claims = {"sub": subject, "aud": audience, "iat": issued, "exp": issued + ttl}
+    return jwt.encode(claims, secret.encode("utf-8"), algorithm="HS256")
+
+
 def main(
     argv: Sequence[str] | None = None,
     stdout: TextIO | None = None,
@@ -244,6 +272,16 @@ def main(
         return 0
     if args.command == "probe":
         return probe(args, out)
+    if args.command == "demo-token":
+        secret = args.secret if args.secret is not None else env.get("FLEXGW_JWT_SECRET")
+        if not secret or len(secret.encode("utf-8")) < 32:
+            print("demo-token: give --secret (or FLEXGW_JWT_SECRET) of 32 bytes or more,"
+                  " the gateway's HS256 textKey", file=out)
+            return 2
+        import time
+
+        print(demo_token(secret, args.audience, args.subject, args.ttl, time.time()), file=out)
+        return 0
     try:
         load_modules(args.policy_module)
     except ImportError as exc:

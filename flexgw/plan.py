@@ -164,6 +164,15 @@ class HttpSettings:
     h2_max_concurrent_streams: int = 100
     h2_max_resets: int = 200
     h2_max_control_frames: int = 1000
+    # `headersWithUnderscoresAction` (Envoy's): allow, dropHeader or rejectRequest (400). The
+    # underscore forms of framing, hop-by-hop, Host and X-Forwarded-* headers are dropped always.
+    headers_with_underscores: str = "allow"
+    # Request path normalisation (flexgw.http.path, Envoy's names): `normalizePath` (decode
+    # unreserved escapes, remove dot segments), `mergeSlashes`, `pathWithEscapedSlashesAction`
+    # (keepUnchanged, rejectRequest, unescapeAndRedirect, unescapeAndForward).
+    normalize_path: bool = True
+    merge_slashes: bool = True
+    escaped_slashes: str = "rejectRequest"
 
 
 @attrs.frozen

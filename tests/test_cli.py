@@ -117,3 +117,38 @@ class VersionTests(TestCase):
     def test_version(self) -> None:
         """Prints the package version."""
         self.assertEqual(run(["version"]), (0, f"flexgw {flexgw.__version__}\n"))
+
+
+class DemoTokenTests(TestCase):
+    """`flexgw demo-token`: a JWT for the conf/ingress example."""
+
+    SECRET = "flexgw-demo-secret-for-the-ingress-example"
+
+    def test_token_claims(self) -> None:
+        """HS256 with the given secret, aud, sub and an exp `--ttl` seconds ahead."""
+        import jwt
+
+        status, text = run(
+            ["demo-token", "--secret", self.SECRET, "--audience", "api.example.com", "--ttl", "60"]
+        )
+        self.assertEqual(status, 0)
+        token = text.strip()
+        self.assertEqual(jwt.get_unverified_header(token)["alg"], "HS256")
+        claims = jwt.decode(token, self.SECRET, algorithms=["HS256"], audience="api.example.com")
+        self.assertEqual(claims["sub"], "demo-user")
+        self.assertEqual(claims["exp"] - claims["iat"], 60)
+
+    def test_secret_from_environment(self) -> None:
+        """Without --secret, FLEXGW_JWT_SECRET (the example's own variable) is the key."""
+        import jwt
+
+        status, text = run(["demo-token"], {"FLEXGW_JWT_SECRET": self.SECRET})
+        self.assertEqual(status, 0)
+        jwt.decode(text.strip(), self.SECRET, algorithms=["HS256"], audience="api.example.com")
+
+    def test_short_or_missing_secret_refused(self) -> None:
+        """No secret, or one under 32 bytes (too short for HS256), is a usage error."""
+        for argv in (["demo-token"], ["demo-token", "--secret", "short"]):
+            status, text = run(argv)
+            self.assertEqual(status, 2)
+            self.assertIn("32 bytes or more", text)

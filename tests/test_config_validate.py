@@ -324,6 +324,55 @@ class SemanticTests(SynchronousTestCase):
         )
         self.assertEqual(only(checked).field, "spec.http.trustedProxies[1]")
 
+    def test_headers_with_underscores_action(self) -> None:
+        """headersWithUnderscoresAction takes Envoy's three values; another is located."""
+        checked = check(
+            """
+            apiVersion: gateway.mulesoft.com/v1alpha1
+            kind: Configuration
+            metadata: {name: c}
+            spec:
+              http:
+                headersWithUnderscoresAction: drop
+            """
+        )
+        problem = only(checked)
+        self.assertEqual(
+            (problem.line, problem.column, problem.field),
+            (6, 35, "spec.http.headersWithUnderscoresAction"),
+        )
+
+    def test_path_normalisation_settings(self) -> None:
+        """normalizePath/mergeSlashes are booleans, pathWithEscapedSlashesAction one of Envoy's
+        four actions; a wrong value is located at its line and column."""
+        checked = check(
+            """
+            apiVersion: gateway.mulesoft.com/v1alpha1
+            kind: Configuration
+            metadata: {name: c}
+            spec:
+              http:
+                normalizePath: false
+                pathWithEscapedSlashesAction: unescape
+            """
+        )
+        problem = only(checked)
+        self.assertEqual(
+            (problem.line, problem.column, problem.field),
+            (7, 35, "spec.http.pathWithEscapedSlashesAction"),
+        )
+        checked = check(
+            """
+            apiVersion: gateway.mulesoft.com/v1alpha1
+            kind: Configuration
+            metadata: {name: c}
+            spec:
+              http:
+                mergeSlashes: sometimes
+            """
+        )
+        self.assertEqual(only(checked).field, "spec.http.mergeSlashes")
+
     def test_wasm_extension(self) -> None:
         """A WASM Extension is recorded with an "unsupported" warning."""
         checked = check(

@@ -13,7 +13,6 @@ import os
 import time
 from typing import Any
 
-import jwt
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory
@@ -21,6 +20,7 @@ from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import TestCase
 
+from flexgw.cli import demo_token
 from flexgw.config.pipeline import load_config
 from flexgw.testing import client
 from flexgw.testing.certs import CertificateAuthority, client_options
@@ -189,9 +189,8 @@ class IngressExampleTests(TestCase):
         return conn
 
     def token(self, audience: str = "api.example.com") -> bytes:
-        """An HS256 JWT for `audience`, valid for five minutes."""
-        claims = {"sub": "user-1", "aud": audience, "exp": int(time.time()) + 300}
-        return jwt.encode(claims, self.SECRET, algorithm="HS256").encode("ascii")
+        """An HS256 JWT for `audience`, valid for five minutes, as `flexgw demo-token` makes it."""
+        return demo_token(self.SECRET, audience, "user-1", 300, time.time()).encode("ascii")
 
     async def test_https_proxy_protocol_jwt(self) -> None:
         """Through the load balancer's PROXY header and TLS: no token is refused, a valid token

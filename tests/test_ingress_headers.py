@@ -7,7 +7,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from flexgw.testing import client
+from flexgw.testing import client, h2
 from flexgw.testing.client import Response
 from flexgw.testing.upstream import (
     Exchange,
@@ -731,3 +731,100 @@ class ResponseTransferCodingTests(HeaderTestCase):
         self.assertEqual(response.status, 502)
         self.assertEqual(response.header("x-flexgw-error"), [b"upstream_bad_response"])
         self.assertEqual(gateway.records()[-1]["error"], "upstream_bad_response")
+
+
+class UnderscoreHeaderTests(HeaderTestCase):
+    """Header names with `_` (read as `-` by CGI/WSGI-style upstreams): Envoy's
+    headersWithUnderscoresAction, and the risky ones dropped whatever it says."""
+
+    def request(self, *headers: tuple[bytes, bytes]) -> bytes:
+        """A POST with a 3-byte Content-Length body and the given extra headers."""
+        lines = b"".join(n + b": " + v + b"\r\n" for n, v in headers)
+        return b"POST /u HTTP/1.1\r\nHost: a.test\r\nContent-Length: 3\r\n" + lines + b"\r\nabc"
+
+    async def test_risky_underscored_headers_dropped_by_default(self) -> None:
+        """Under the default (allow), the underscore forms of framing, hop-by-hop, Host and
+        X-Forwarded-* headers never reach the upstream; other underscored headers do."""
+        sent = [
+            (b"Transfer_Encoding", b"chunked"),
+            (b"content_LENGTH", b"999"),
+            (b"Connection_Extra", b"kept"),
+            (b"Keep_Alive", b"timeout=5"),
+            (b"Proxy_Connection", b"keep-alive"),
+            (b"Upgrade_Insecure_Requests", b"1"),
+            (b"UP_GRADE", b"x"),  # not a hop-by-hop name read either way: kept
+            (b"Trailer", b"x"),  # no underscore: the hop-by-hop rule drops it
+            (b"HOST_", b"x"),  # a trailing `_` reads as no known name: kept
+            (b"X_Forwarded_For", b"6.6.6.6"),
+            (b"x_forwarded-host", b"evil.test"),
+            (b"X-Forwarded_Proto", b"https"),
+            (b"X_Real_IP", b"6.6.6.6"),
+            (b"proxy_authorization", b"Basic eDp5"),
+            (b"X_Custom", b"kept"),
+        ]
+        response, seen, _gateway, _upstream = await self.through(self.request(*sent))
+        self.assertEqual(response.status, 200)
+        names = [n for n, _ in seen.headers if b"_" in n]
+        self.assertEqual(names, [b"Connection_Extra", b"Upgrade_Insecure_Requests", b"UP_GRADE", b"HOST_", b"X_Custom"])
+        self.assertEqual(seen.body, b"abc")
+        self.assertEqual(seen.header("content-length"), [b"3"])
+
+    async def test_drop_header_action(self) -> None:
+        """dropHeader: no header with `_` reaches the upstream."""
+        config = http_config(headersWithUnderscoresAction="dropHeader")
+        response, seen, _gateway, _upstream = await self.through(
+            self.request((b"X_Custom", b"1"), (b"Transfer_Encoding", b"chunked"), (b"X-Ok", b"2")),
+            config=config,
+        )
+        self.assertEqual(response.status, 200)
+        self.assertEqual([n for n, _ in seen.headers if b"_" in n], [])
+        self.assertEqual(seen.header("x-ok"), [b"2"])
+
+    async def test_reject_request_action(self) -> None:
+        """rejectRequest: a 400, and the upstream sees nothing."""
+        _gateway, upstream, port = await gateway_with_upstream(
+            self, fixed(), config=http_config(headersWithUnderscoresAction="rejectRequest")
+        )
+        response = await client.request(
+            reactor, "127.0.0.1", port, self.request((b"X_Custom", b"1"))
+        )
+        self.assertEqual(response.status, 400)
+        self.assertEqual(response.header("x-flexgw-error"), [b"bad_request"])
+        self.assertEqual(upstream.received, [])
+        ok = await client.request(reactor, "127.0.0.1", port, self.request((b"X-Ok", b"1")))
+        self.assertEqual(ok.status, 200)
+        self.assertEqual(len(upstream.received), 1)
+
+    async def test_h2_risky_underscored_headers_dropped(self) -> None:
+        """Over HTTP/2 the same rule applies: transfer_encoding and x_forwarded_for are dropped."""
+        _gateway, upstream, port = await gateway_with_upstream(self, fixed())
+        conn = await h2.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(conn.transport.abortConnection)
+        response = conn.request(
+            b"POST",
+            b"/u",
+            [
+                (b"content-length", b"3"),
+                (b"transfer_encoding", b"chunked"),
+                (b"x_forwarded_for", b"6.6.6.6"),
+                (b"x_custom", b"kept"),
+            ],
+            body=b"abc",
+        )
+        await response.done
+        self.assertEqual(response.status, 200)
+        (seen,) = upstream.received
+        self.assertEqual([n for n, _ in seen.headers if b"_" in n], [b"x_custom"])
+        self.assertEqual(seen.body, b"abc")
+
+    async def test_h2_reject_request_action(self) -> None:
+        """Over HTTP/2, rejectRequest answers the stream with a 400; the upstream sees nothing."""
+        _gateway, upstream, port = await gateway_with_upstream(
+            self, fixed(), config=http_config(headersWithUnderscoresAction="rejectRequest")
+        )
+        conn = await h2.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(conn.transport.abortConnection)
+        response = conn.request(b"GET", b"/u", [(b"x_custom", b"1")])
+        await response.done
+        self.assertEqual(response.status, 400)
+        self.assertEqual(upstream.received, [])

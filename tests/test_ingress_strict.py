@@ -9,10 +9,10 @@ from typing import Any, ClassVar
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
-from flexgw.testing import client
+from flexgw.testing import client, h2
 from flexgw.testing.client import IncompleteResponse, Response, ResponseParseError
 from flexgw.testing.upstream import Exchange, RecordingUpstream, Responder, echo, fixed
-from tests.harness import Gateway, gateway_with_upstream
+from tests.harness import Gateway, free_port, gateway_with_upstream, simple_api
 
 SENTINEL = b"GET /sentinel HTTP/1.1\r\nHost: sentinel.test\r\n\r\n"
 SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: a.test\r\n\r\n"
@@ -133,14 +133,6 @@ class RequestLineTests(StrictTestCase):
     async def test_fragment_in_query(self) -> None:
         """A `#` after the query is refused too."""
         await self.refused(b"GET /a?b=1#c HTTP/1.1\r\nHost: a.test\r\n\r\n")
-
-    async def test_dot_segments_in_path(self) -> None:
-        """`/api/../admin` is refused: routed as /api, an upstream would serve /admin."""
-        await self.refused(b"GET /api/../admin HTTP/1.1\r\nHost: a.test\r\n\r\n")
-
-    async def test_encoded_dot_segments_in_path(self) -> None:
-        """Percent-encoded dot segments (`%2e%2E`) are refused too."""
-        await self.refused(b"GET /api/%2e%2E/admin HTTP/1.1\r\nHost: a.test\r\n\r\n")
 
     async def test_backslash_in_path(self) -> None:
         """A backslash (a separator to some upstreams) in the path is refused."""
@@ -354,6 +346,57 @@ class FramingTests(StrictTestCase):
         )
 
 
+class ChunkLineBoundTests(StrictTestCase):
+    """Over-long chunk-size lines are refused as they arrive, before the head goes upstream."""
+
+    CHUNKED = b"POST /up HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+    async def test_huge_chunk_extension_in_the_head_write(self) -> None:
+        """A 100 KiB chunk extension sent with the head: 400, and the upstream sees nothing."""
+        await self.refused(self.CHUNKED + b"3;" + b"e" * 100 * 1024 + b"\r\nabc\r\n0\r\n\r\n")
+
+    async def test_unterminated_chunk_extension(self) -> None:
+        """An extension that never ends is refused without waiting for its end."""
+        await self.refused(self.CHUNKED + b"3;ext=" + b"v" * 8192)
+
+    async def test_long_extension_after_good_chunks(self) -> None:
+        """A long extension on a later chunk of the same read: still nothing upstream."""
+        await self.refused(self.CHUNKED + b"3\r\nabc\r\n" * 50 + b"1;" + b"x" * 5000 + b"\r\nz\r\n")
+
+    async def test_pipelined_request_with_long_extension(self) -> None:
+        """A GET then a chunked POST with a long extension in one read: the GET is answered,
+        then the 400; the upstream saw only the GET."""
+        _gateway, upstream, port = await self.start()
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(conn.abort)
+        conn.send(
+            b"GET /first HTTP/1.1\r\nHost: a.test\r\n\r\n"
+            + self.CHUNKED
+            + b"3;"
+            + b"e" * 20000
+            + b"\r\nabc\r\n0\r\n\r\n"
+        )
+        first = await conn.read_response()
+        self.assertEqual(first.status, 200)
+        second = await conn.read_response()
+        await conn.wait_closed()
+        self.assert_refusal(second, 400, "bad_request")
+        self.assertEqual([r.target for r in upstream.received], [b"/first"])
+
+    async def test_extensions_within_the_bound_pass(self) -> None:
+        """Extensions under the bound, cut across reads, are accepted (and not forwarded)."""
+        _gateway, upstream, port = await self.start()
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(conn.abort)
+        conn.send(self.CHUNKED + b"3;a=" + b"b" * 2000)
+        conn.send(b"b" * 2000 + b"\r\nabc\r\n0;z\r\n\r\n")
+        response = await conn.read_response()
+        self.assertEqual(response.status, 200)
+        (seen,) = upstream.received
+        self.assertEqual(seen.body, b"abc")
+        self.assertNotIn(b"bbbb", seen.raw_head)
+
+
 class BodyErrorTests(StrictTestCase):
     """A body that turns malformed after its head went upstream: the upstream never gets it whole."""
 
@@ -433,6 +476,139 @@ class BodyErrorTests(StrictTestCase):
         await upstream.wait_for_disconnections(1)
         self.assertFalse(seen.complete)
         self.assertEqual(upstream.completed, [])
+
+
+class PathNormalisationTests(StrictTestCase):
+    """The one path rule (flexgw.http.path) end to end: every spelling of the attack run is
+    refused before the upstream, or reaches it normalised."""
+
+    #: (target sent, what the upstream receives; None: refused with a 400)
+    DEFAULTS: ClassVar[list[tuple[bytes, bytes | None]]] = [
+        (b"/api/..;/admin", None),
+        (b"/api/.;/admin", None),
+        (b"/api/%2e%2e;/admin", None),
+        (b"/api/..%3b/admin", None),
+        (b"/api/%2E%2E%2Fadmin", None),
+        (b"/api/..%2fadmin", None),
+        (b"/api/..%5cadmin", None),
+        (b"/api/..%00/admin", None),
+        (b"/api/%c0%ae%c0%ae/admin", None),
+        (b"/api\\..\\admin", None),
+        (b"//admin", b"/admin"),
+        (b"/api/../admin", b"/admin"),
+        (b"/api/%2e%2e/admin", b"/admin"),
+        (b"/api/./x/%2E/y?q=/../z", b"/api/x/y?q=/../z"),
+        (b"/.well-known/v1.2/a..b/.../x%20y?p=/../z", b"/.well-known/v1.2/a..b/.../x%20y?p=/../z"),
+    ]
+
+    async def send(self, port: int, target: bytes) -> Response:
+        """One GET of `target` on a fresh connection."""
+        raw = b"GET " + target + b" HTTP/1.1\r\nHost: a.test\r\n\r\n"
+        return await client.request(reactor, "127.0.0.1", port, raw)
+
+    async def check(self, cases: list[tuple[bytes, bytes | None]], config: str = "") -> None:
+        """Send each case; a refusal leaves the upstream untouched, else it gets the expected target."""
+        gateway, upstream, port = await self.start(config)
+        for target, expected in cases:
+            before = len(upstream.received)
+            response = await self.send(port, target)
+            if expected is None:
+                self.assert_refusal(response, 400, "bad_request")
+                self.assertEqual(len(upstream.received), before, target)
+            else:
+                self.assertEqual(response.status, 200, target)
+                self.assertEqual(upstream.received[-1].target, expected, target)
+        self.assertEqual(
+            [r["status"] for r in gateway.records()],
+            [400 if expected is None else 200 for _, expected in cases],
+        )
+
+    async def test_default_rule(self) -> None:
+        """Defaults: `;` on dot segments, encoded slashes/backslashes, NUL and overlong UTF-8
+        are refused; `//` merged, dot segments removed; the query is left alone."""
+        await self.check(self.DEFAULTS)
+
+    async def test_unescape_and_forward(self) -> None:
+        """pathWithEscapedSlashesAction unescapeAndForward: %2F/%5C become `/`, then normalised."""
+        await self.check(
+            [
+                (b"/api/%2E%2E%2Fadmin", b"/admin"),
+                (b"/api/..%2fadmin", b"/admin"),
+                (b"/api/..%5cadmin", b"/admin"),
+                (b"/a%2fb?x=%2f", b"/a/b?x=%2f"),
+                (b"/api/..;/admin", None),
+            ],
+            http_config(pathWithEscapedSlashesAction="unescapeAndForward"),
+        )
+
+    async def test_keep_unchanged(self) -> None:
+        """keepUnchanged: an encoded slash passes, unless reading it as `/` gives a dot segment."""
+        await self.check(
+            [(b"/group%2fproject", b"/group%2Fproject"), (b"/api/..%2fadmin", None)],
+            http_config(pathWithEscapedSlashesAction="keepUnchanged"),
+        )
+
+    async def test_unescape_and_redirect(self) -> None:
+        """unescapeAndRedirect: a 307 to the normalised path (query kept); nothing upstream."""
+        _gateway, upstream, port = await self.start(
+            http_config(pathWithEscapedSlashesAction="unescapeAndRedirect")
+        )
+        response = await self.send(port, b"/api/..%2Fadmin%2fx?q=1")
+        self.assertEqual(response.status, 307)
+        self.assertEqual(response.header("location"), [b"/admin/x?q=1"])
+        self.assertEqual(upstream.received, [])
+
+    async def test_without_normalisation_or_merging(self) -> None:
+        """normalizePath false refuses dot segments; mergeSlashes false forwards `//`."""
+        await self.check(
+            [(b"/api/../admin", None), (b"/api/%2e%2e/admin", None), (b"//admin", b"//admin")],
+            http_config(normalizePath="false", mergeSlashes="false"),
+        )
+
+    async def test_h2_paths_follow_the_rule(self) -> None:
+        """Over HTTP/2 the same rule: `..;` refused, `/../` and `//` normalised."""
+        _gateway, upstream, port = await self.start()
+        conn = await h2.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(conn.transport.abortConnection)
+        refused = conn.request(b"GET", b"/api/..;/admin")
+        await refused.done
+        self.assertEqual(refused.status, 400)
+        self.assertEqual(upstream.received, [])
+        normalised = conn.request(b"GET", b"/api/..//x/../admin?q")
+        await normalised.done
+        self.assertEqual(normalised.status, 200)
+        self.assertEqual([r.target for r in upstream.received], [b"/admin?q"])
+
+    async def test_routing_and_policies_see_the_normalised_path(self) -> None:
+        """A policy bound to /admin paths applies to every spelling that reaches /admin; routing
+        strips the base path of the normalised path."""
+        binding = (
+            "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: PolicyBinding\n"
+            "metadata: {name: ip}\n"
+            "spec:\n  targetRef: {kind: ApiInstance, name: test-api}\n"
+            "  policyRef: {name: ip-blocklist-flex}\n"
+            "  config:\n    ips: ['127.0.0.1']\n"
+            "  rules:\n    - path: /admin(/.*)?\n"
+        )
+        upstream = RecordingUpstream(fixed(), reactor=reactor)
+        upstream.listen(reactor)
+        self.addCleanup(upstream.stop)
+        port = free_port()
+        Gateway(self, {"api.yaml": simple_api(port, upstream.address[1], "/v1") + binding}).start()
+        for target, status in (
+            (b"/v1/admin", 403),
+            (b"/v1/public/../admin", 403),
+            (b"/v1/public/%2e%2e/admin/x", 403),
+            (b"/v1//admin", 403),
+            (b"/v1/public/..;/admin", 400),
+            (b"/v1/public/..%2fadmin", 400),
+            (b"/v1/public/./x", 200),
+            (b"/v1/../v1/public", 200),
+            (b"/v2/../v1/public", 200),
+        ):
+            response = await self.send(port, target)
+            self.assertEqual(response.status, status, target)
+        self.assertEqual([r.target for r in upstream.received], [b"/public/x", b"/public", b"/public"])
 
 
 class HostTests(StrictTestCase):

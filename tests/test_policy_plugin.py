@@ -20,6 +20,17 @@ EXAMPLE = os.path.join(os.path.dirname(HERE), "examples", "policy-plugin")
 CONF = os.path.join(os.path.dirname(HERE), "conf", "custom-policy", "api.yaml")
 
 
+class Out:
+    """A text stream keeping what `flexgw` printed."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, data: str) -> None:
+        """Keep the text."""
+        self.text += data
+
+
 def _example_conf() -> str:
     """The shipped example configuration's text."""
     with open(CONF, encoding="utf-8") as handle:
@@ -73,15 +84,26 @@ class PolicyPluginTests(TestCase):
         with open(os.path.join(root, "api.yaml"), "a", encoding="utf-8") as handle:
             handle.write("    colour: red\n")
 
-        class Out:
-            text = ""
-
-            def write(self, data: str) -> None:
-                Out.text += data
-
+        out = Out()
         status = cli.main(
-            ["validate", "--strict", "--policy-module", "flexgw_request_id", root], Out(), {}
+            ["validate", "--strict", "--policy-module", "flexgw_request_id", root], out, {}
         )
         self.assertEqual(status, 1)
         self.assertIn("api.yaml:26:5: error: PolicyBinding default/ids-request-id: "
-                      "spec.config.colour: unknown key 'colour'", Out.text)
+                      "spec.config.colour: unknown key 'colour'", out.text)
+
+
+class MissingPluginTests(TestCase):
+    """The example configuration without its policy module loaded."""
+
+    def test_error_says_how_to_load_a_custom_policy(self) -> None:
+        """`flexgw validate conf/custom-policy` without `--policy-module` fails closed, and the
+        error names `--policy-module` and the entry point."""
+
+        out = Out()
+        status = cli.main(["validate", os.path.dirname(CONF)], out, {})
+        self.assertEqual(status, 1)
+        self.assertIn("policy 'request-id-flex' is not supported yet", out.text)
+        self.assertIn("--policy-module MODULE", out.text)
+        self.assertIn("flexgw.policies entry point", out.text)
+        self.assertIn("default/ids-api is not served (fail closed)", out.text)

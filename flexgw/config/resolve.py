@@ -299,6 +299,14 @@ def _settings(
         max_idle_per_upstream=int(
             first(pick("http", "maxIdleConnectionsPerUpstream"), base.max_idle_per_upstream)
         ),
+        headers_with_underscores=str(
+            pick("http", "headersWithUnderscoresAction") or base.headers_with_underscores
+        ),
+        normalize_path=_flag(pick("http", "normalizePath"), base.normalize_path),
+        merge_slashes=_flag(pick("http", "mergeSlashes"), base.merge_slashes),
+        escaped_slashes=str(
+            pick("http", "pathWithEscapedSlashesAction") or base.escaped_slashes
+        ),
         body_buffer_limit=int(
             first(
                 pick("http", "bodyBufferLimitBytes"),
@@ -320,6 +328,11 @@ def _settings(
     thresholds = pick("circuitBreaker", "thresholds")
     breaker = dict(thresholds) if isinstance(thresholds, dict) else None
     return timeouts, http, probe, proxy_protocol, breaker
+
+
+def _flag(value: Any, default: bool) -> bool:
+    """A boolean setting: its value when written, else the default."""
+    return default if value is None else bool(value)
 
 
 def _selector_matches(selector: Any, labels: Mapping[str, str]) -> bool:
@@ -446,7 +459,7 @@ def resolve(
             problems.append(
                 _origin(resource, ("spec", "policies", n, "policyRef", "name")).problem(
                     "error",
-                    f"policy {pname!r} is not supported yet; {rid} is not served (fail closed)",
+                    f"{_unsupported(pname)}; {rid} is not served (fail closed)",
                 )
             )
             blocked[rid].append(f"inline policy {pname!r}")
@@ -747,7 +760,7 @@ def _block(
         problems.append(
             origin.problem(
                 "error",
-                f"policy {pname!r} is not supported yet; not served (fail closed): {names}",
+                f"{_unsupported(pname)}; not served (fail closed): {names}",
                 field,
             )
         )
@@ -756,19 +769,29 @@ def _block(
         problems.append(
             origin.problem(
                 "error",
-                f"policy {pname!r} is not supported yet; APIs routing to Service {target.key} are not served (fail closed)",
+                f"{_unsupported(pname)}; APIs routing to Service {target.key} are not served (fail closed)",
                 field,
             )
         )
     elif target is not None:
         if target in apis:
             blocked[target].append(reason)
-            message = f"policy {pname!r} is not supported yet; {target} is not served (fail closed)"
+            message = f"{_unsupported(pname)}; {target} is not served (fail closed)"
         else:
-            message = f"policy {pname!r} is not supported yet (its target {target} does not exist)"
+            message = f"{_unsupported(pname)}; its target {target} does not exist"
         problems.append(origin.problem("error", message, field))
     else:
-        problems.append(origin.problem("error", f"policy {pname!r} is not supported yet", field))
+        problems.append(origin.problem("error", _unsupported(pname), field))
+
+
+def _unsupported(pname: str) -> str:
+    """The error for a policy name that no built-in or loaded policy kind provides, saying how
+    a custom one is loaded."""
+    return (
+        f"policy {pname!r} is not supported yet (a custom policy kind is loaded with"
+        " --policy-module MODULE, for twistd flexgw and flexgw validate alike, or installed"
+        " with a flexgw.policies entry point)"
+    )
 
 
 def _block_invalid(

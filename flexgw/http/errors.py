@@ -9,6 +9,7 @@ import attrs
 REASONS = {
     100: b"Continue",
     200: b"OK",
+    307: b"Temporary Redirect",
     400: b"Bad Request",
     401: b"Unauthorized",
     403: b"Forbidden",
@@ -34,6 +35,7 @@ class GatewayError:
     status: int
     cause: str
     message: str
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # e.g. the Location of a redirect
 
     def render(self, close: bool, extra_headers: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
         """The complete HTTP/1.1 response bytes (status line, headers, JSON body)."""
@@ -44,6 +46,7 @@ class GatewayError:
             b"Content-Length: %d\r\n" % len(body),
             b"x-flexgw-error: " + self.cause.encode("ascii") + b"\r\n",
         ]
+        lines.extend(name + b": " + value + b"\r\n" for name, value in self.headers)
         lines.extend(name + b": " + value + b"\r\n" for name, value in extra_headers)
         if close:
             lines.append(b"Connection: close\r\n")

@@ -67,6 +67,31 @@ def response_headers_for_downstream(
     return kept
 
 
+#: Lower-cased names whose underscore spelling is dropped even when underscores are allowed: an
+#: upstream that maps `_` and `-` alike (CGI, WSGI, PHP) would read `Transfer_Encoding` as the
+#: framing, `Host` or `X-Forwarded-For` the gateway sets itself.
+_RISKY_UNDERSCORED = frozenset(
+    name.replace(b"-", b"_")
+    for name in HOP_BY_HOP | PROTECTED_FROM_CONNECTION | {b"x-real-ip"}
+)
+
+
+def risky_underscored(lname: bytes) -> bool:
+    """Whether a lower-cased header name with `_` would read as framing, hop-by-hop, Host or
+    forwarding information to an upstream that maps `_` to `-`."""
+    name = lname.replace(b"-", b"_")
+    return name in _RISKY_UNDERSCORED or name[:12] == b"x_forwarded_"
+
+
+def without_underscored(headers: HeaderList, drop_all: bool) -> HeaderList:
+    """The headers less those whose name has `_`: all of them, or only the risky ones."""
+    return [
+        (name, value)
+        for name, value in headers
+        if b"_" not in name or not (drop_all or risky_underscored(name.lower()))
+    ]
+
+
 def serialize_headers(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
     """`Name: value\\r\\n` lines for a header list, in order."""
     return b"".join([name + b": " + value + b"\r\n" for name, value in headers])

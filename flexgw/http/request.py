@@ -4,8 +4,9 @@ httptools (llhttp) already rejects most malformed input (bare CR/LF, NUL, obs-fo
 before the colon, CL+TE, duplicate or malformed Content-Length, bad chunk sizes). What it lets
 through and a gateway must still refuse is checked here: CONNECT (405: no tunnels on ingress),
 versions other than 1.0/1.1, a Transfer-Encoding other than exactly `chunked` or in an HTTP/1.0
-request, missing/duplicate/malformed Host in HTTP/1.1, a fragment in the target, dot segments or
-backslashes in the path, and an absolute-form target whose authority disagrees with Host.
+request, missing/duplicate/malformed Host in HTTP/1.1, a fragment in the target, and an
+absolute-form target whose authority disagrees with Host. The path is normalised here
+(flexgw.http.path: one rule for routing, policies and the upstream).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import re
 import attrs
 
 from flexgw.http.errors import METHOD_NOT_ALLOWED, GatewayError, bad_request
-from flexgw.http.headers import HeaderList
+from flexgw.http.headers import HeaderList, without_underscored
+from flexgw.http.path import DEFAULT_RULES, PathSettings, Redirect, needs_work, normalize_path
 
 BODY_NONE = 0
 BODY_LENGTH = 1
@@ -23,8 +25,6 @@ BODY_CHUNKED = 2
 
 _AUTHORITY = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]{0,5})?")
 _ABSOLUTE = re.compile(rb"(?i)(https?)://([^/?#]*)([^#]*)")
-#: A `.` or `..` path segment, literal or percent-encoded (`%2e`), as a whole segment.
-_DOT_SEGMENT = re.compile(rb"/(?:\.|%2[eE]){1,2}(?:/|$)")
 
 
 @attrs.define(slots=True)
@@ -32,10 +32,10 @@ class RequestHead:
     """A validated request head: the raw parts plus what routing and forwarding need."""
 
     method: bytes
-    target: bytes  # as received
+    target: bytes  # as received, with the path normalised
     version: bytes  # b"1.1" or b"1.0"
     headers: HeaderList  # arrival order, original case
-    path: str  # path part of the target, no query (latin-1 decoded, not percent-decoded)
+    path: str  # path part of the target, no query, normalised (flexgw.http.path), latin-1 decoded
     query: bytes  # b"" or b"?..." as received
     authority: str  # host[:port] the request is for (target authority, else Host)
     keep_alive: bool
@@ -45,10 +45,27 @@ class RequestHead:
     expect_continue: bool
 
 
+#: `Configuration.spec.http.headersWithUnderscoresAction` values (Envoy's names).
+UNDERSCORES_ALLOW = "allow"  # kept, except the risky ones (headers.risky_underscored)
+UNDERSCORES_DROP = "dropHeader"
+UNDERSCORES_REJECT = "rejectRequest"
+UNDERSCORED_HEADER = bad_request("A header name with an underscore is not accepted")
+
+
 def analyze_head(
-    method: bytes, target: bytes, version: str, headers: HeaderList, keep_alive: bool
+    method: bytes,
+    target: bytes,
+    version: str,
+    headers: HeaderList,
+    keep_alive: bool,
+    underscores: str = UNDERSCORES_ALLOW,
+    path_rules: PathSettings = DEFAULT_RULES,
 ) -> RequestHead | GatewayError:
-    """Validate a request head from the parser; return what the proxy needs, or the error to send."""
+    """Validate a request head from the parser; return what the proxy needs, or the error to send.
+
+    Header names with `_` follow `underscores`; the risky ones (framing, hop-by-hop, Host,
+    forwarding) are dropped even when they are allowed. The path is normalised by `path_rules`
+    (a path with nothing to normalise costs one regex search)."""
     if method == b"CONNECT":
         # Whatever its target: llhttp treats every CONNECT as a tunnel, and ingress has none.
         return METHOD_NOT_ALLOWED
@@ -64,6 +81,7 @@ def analyze_head(
     content_length = 0
     connection_values: list[bytes] = []
     expect_continue = False
+    underscored = False
     for name, value in headers:
         lname = name.lower()
         if lname == b"host":
@@ -82,6 +100,12 @@ def analyze_head(
             connection_values.append(value)
         elif lname == b"expect" and value.strip().lower() == b"100-continue":
             expect_continue = True
+        elif b"_" in lname:
+            underscored = True
+    if underscored:
+        if underscores == UNDERSCORES_REJECT:
+            return UNDERSCORED_HEADER
+        headers = without_underscored(headers, underscores == UNDERSCORES_DROP)
 
     if len(hosts) > 1:
         return bad_request("Duplicate Host header")
@@ -99,6 +123,7 @@ def analyze_head(
         raw_path, sep, rest = target.partition(b"?")
         query = sep + rest
         authority = host or b""
+        target_start = 0
     elif method == b"OPTIONS" and target == b"*":
         return bad_request("Asterisk-form request targets are not supported")
     else:
@@ -111,18 +136,27 @@ def analyze_head(
         if host is not None and host.lower() != target_authority.lower():
             return bad_request("Request target authority and Host header disagree")
         authority = target_authority
+        target_start = absolute.start(3)
         path_and_query = absolute.group(3) or b"/"
         if path_and_query[:1] == b"?":
             path_and_query = b"/" + path_and_query
         raw_path, sep, rest = path_and_query.partition(b"?")
         query = sep + rest
 
-    if (b"/." in raw_path or b"%2" in raw_path or b"\\" in raw_path) and (
-        b"\\" in raw_path or _DOT_SEGMENT.search(raw_path)
-    ):
-        # Rules match the raw path while upstreams normalise it: "/api/../admin" would be routed
-        # (and policy-selected) as /api but served as /admin, escaping the destination path.
-        return bad_request("Dot segments or backslashes are not allowed in the request path")
+    if needs_work(raw_path):
+        # Rules match the path while upstreams normalise it: "/api/../admin" must be routed
+        # (and policy-selected) as the upstream will serve it.
+        normal = normalize_path(raw_path, path_rules)
+        if isinstance(normal, GatewayError):
+            return normal
+        if isinstance(normal, Redirect):
+            location = normal.path + query
+            return GatewayError(
+                307, "path_redirect", "Redirected to the normalised path", ((b"Location", location),)
+            )
+        if normal is not raw_path:
+            raw_path = normal
+            target = target[:target_start] + normal + query
 
     return RequestHead(
         method=method,

@@ -21,9 +21,16 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from flexgw.http import errors
+from flexgw.http.chunked import ChunkFraming
 from flexgw.http.errors import GatewayError
 from flexgw.http.headers import HeaderList
-from flexgw.http.request import BODY_NONE, RequestHead, analyze_head, error_for_parser_message
+from flexgw.http.request import (
+    BODY_CHUNKED,
+    BODY_NONE,
+    RequestHead,
+    analyze_head,
+    error_for_parser_message,
+)
 from flexgw.ingress.exchange import DONE, RESPONDING, WAITING, ProxyExchange
 from flexgw.ingress.routing import RouteMatch, select_route
 from flexgw.ingress.upgrade import UpgradeExchange, upgrade_protocol
@@ -65,8 +72,9 @@ class IngressProtocol(Protocol):
         self.headers: HeaderList = []
         self.parsing: ProxyExchange | None = None  # exchange whose request is being received
         self.starting: ProxyExchange | None = None  # head accepted; started when the parser returns
-        self.message_ended = False  # a request ended inside the chunk being parsed
-        self.body_seen = False  # request body bytes were delivered during the current feed
+        self.head_tail = b""  # last bytes of an incomplete head (its empty line may span reads)
+        self.framing: ChunkFraming | None = None  # the chunked request body being received
+        self.body_left = 0  # bytes of a Content-Length request body still to come
         self.active: ProxyExchange | None = None  # exchange being proxied
         self.queue: deque[ProxyExchange] = deque()
         self.pending_refusal: GatewayError | None = None
@@ -165,62 +173,86 @@ class IngressProtocol(Protocol):
             factory.on_connection_lost(self)
 
     def dataReceived(self, data: bytes) -> None:
-        """Feed the request parser; start an accepted request; enforce the head size limit.
+        """Feed the request parser one message part at a time; start an accepted request.
 
-        A request is started (routed, sent upstream) only once the parser has returned, so that
-        a malformed body in the same chunk refuses it before the upstream sees anything.
+        The bytes are cut where each request head ends (at its empty line), where a
+        Content-Length body ends and where a chunked body ends (ChunkFraming, which also bounds
+        chunk-size lines and trailers before the parser sees them), so every part the parser
+        gets belongs to one message. A request is started (routed, sent upstream) only once
+        all of `data` has been parsed, so that a malformed body in the same read refuses it
+        before the upstream sees anything. A read holding one whole head costs one `find`.
         """
         if self.state == CLOSING:
             tunnel = self.tunnel
             if tunnel is not None:
                 tunnel.from_downstream(data)
             return
-        self.message_ended = False
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            self._on_upgrade(data, upgrade.args[0] if upgrade.args else len(data))
-            return
-        except httptools.HttpParserError as exc:
-            if self.state != CLOSING:
-                cause = exc.__cause__ or exc.__context__
-                if isinstance(cause, _Refused):
-                    self._refuse(cause.error)
-                elif isinstance(exc, httptools.HttpParserCallbackError):
-                    self.factory.log_failure(cause)
-                    self._refuse(errors.INTERNAL_ERROR)
+        while True:
+            state = self.state
+            if state == BODY:
+                framing = self.framing
+                if framing is not None:
+                    end = framing.scan(data)
+                    if isinstance(end, GatewayError):
+                        self._refuse(end)
+                        break
                 else:
-                    self._refuse(error_for_parser_message(str(exc)))
-            if self.starting is not None:
-                # A valid request came before the error: it is answered, then the refusal.
-                self._start()
-            return
-        if self.starting is not None:
-            self._start()
-        if self.state == HEAD:
-            if self.head_timer is None and self.active is None:
-                # The head did not arrive in one read: now it needs its deadline (measured from
-                # its first byte). Heads that arrive whole never create a timer.
-                remaining = self.head_started + self.http.header_timeout - self.clock.seconds()
-                self.head_timer = self.clock.callLater(max(remaining, 0.0), self._on_head_timer)
-            if self.message_ended:
-                # This head began inside the chunk, after the previous request's end: the bytes
-                # before it are not its own. on_headers_complete checks a complete head exactly,
-                # and the following chunks count in full.
-                return
-            self.head_bytes += len(data)
-            if self.head_bytes > self.http.max_header_bytes:
-                self._refuse(errors.HEADERS_TOO_LARGE)
-        elif self.state == BODY:
-            if self.body_seen:
-                self.body_seen = False
-                self.head_bytes = 0
+                    end = self.body_left if self.body_left < len(data) else -1
+                    self.body_left -= len(data) if end < 0 else end
+            elif state == HEAD and self.head_tail:
+                # The head's empty line may have begun in the previous read.
+                tail = self.head_tail
+                end = (tail + data).find(b"\r\n\r\n")
+                end = end + 4 - len(tail) if end >= 0 else -1
             else:
-                # Bytes that carried no body: chunk framing or trailer fields, which httptools
-                # buffers whole (quadratically). Bound them like a head.
-                self.head_bytes += len(data)
-                if self.head_bytes > self.http.max_header_bytes:
-                    self._refuse(errors.HEADERS_TOO_LARGE)
+                end = data.find(b"\r\n\r\n")
+                if end >= 0:
+                    end += 4
+            piece = data if end < 0 or end >= len(data) else data[:end]
+            try:
+                self.parser.feed_data(piece)
+            except httptools.HttpParserUpgrade as upgrade:
+                self._on_upgrade(data, upgrade.args[0] if upgrade.args else len(piece))
+                return
+            except httptools.HttpParserError as exc:
+                if self.state != CLOSING:
+                    cause = exc.__cause__ or exc.__context__
+                    if isinstance(cause, _Refused):
+                        self._refuse(cause.error)
+                    elif isinstance(exc, httptools.HttpParserCallbackError):
+                        self.factory.log_failure(cause)
+                        self._refuse(errors.INTERNAL_ERROR)
+                    else:
+                        self._refuse(error_for_parser_message(str(exc)))
+                break
+            if state == BODY and end >= 0 and self.state == BODY:
+                # The body ended here by its framing, but not for the parser: refuse rather
+                # than guess which of the two the upstream would believe.
+                self._refuse(errors.bad_request("Malformed chunked body"))
+                break
+            if piece is data or self.state == CLOSING:
+                self._after_feed(piece)
+                break
+            data = data[end:]
+        if self.starting is not None:
+            # A valid request came before any error: it is answered, then the refusal.
+            self._start()
+
+    def _after_feed(self, piece: bytes) -> None:
+        """After the last part of a read: give an incomplete head its deadline and bound it."""
+        if self.state != HEAD:
+            self.head_tail = b""
+            return
+        if self.head_timer is None and self.active is None:
+            # The head did not arrive in one read: now it needs its deadline (measured from
+            # its first byte). Heads that arrive whole never create a timer.
+            remaining = self.head_started + self.http.header_timeout - self.clock.seconds()
+            self.head_timer = self.clock.callLater(max(remaining, 0.0), self._on_head_timer)
+        # The part began with this head (or continues it): it counts in full.
+        self.head_bytes += len(piece)
+        self.head_tail = piece[-3:]
+        if self.head_bytes > self.http.max_header_bytes:
+            self._refuse(errors.HEADERS_TOO_LARGE)
 
     def _start(self) -> None:
         """Start the exchange whose head the last feed accepted (unless already refused)."""
@@ -298,6 +330,8 @@ class IngressProtocol(Protocol):
             parser.get_http_version(),
             headers,
             parser.should_keep_alive(),
+            self.http.headers_with_underscores,
+            self.http,
         )
         if isinstance(head, GatewayError):
             head = self.invalid_head(head)
@@ -306,7 +340,11 @@ class IngressProtocol(Protocol):
             # it as the next request (or a tunnel would carry it unchecked): a smuggling vector.
             raise _Refused(errors.bad_request("An Upgrade request with a body is not accepted"))
         self.state = BODY
-        self.head_bytes = 0  # from here: body-phase bytes that carry no body (see dataReceived)
+        if head.body == BODY_CHUNKED:
+            self.framing = ChunkFraming(self.http.max_header_bytes)
+        else:
+            self.framing = None
+            self.body_left = head.content_length
         exchange = ProxyExchange(self, head, self.clock.seconds())
         self.parsing = exchange
         if self.active is None:
@@ -324,7 +362,6 @@ class IngressProtocol(Protocol):
 
     def on_body(self, body: bytes) -> None:
         """A piece of the request body for the exchange being received."""
-        self.body_seen = True
         exchange = self.parsing
         if exchange is not None and exchange.state != DONE:
             exchange.request_body(body)
@@ -333,7 +370,7 @@ class IngressProtocol(Protocol):
         """The request is fully received; stop reading until its response is done."""
         exchange = self.parsing
         self.parsing = None
-        self.message_ended = True
+        self.framing = None
         if self.state != CLOSING:
             self.state = IDLE
         if exchange is not None and exchange.state != DONE:

@@ -677,6 +677,7 @@ class H2Protocol(Protocol):
                     (b"content-type", b"application/json"),
                     (b"x-flexgw-error", head.cause.encode("ascii")),
                     (b"content-length", b"%d" % len(body)),
+                    *((n.lower(), v) for n, v in head.headers),
                 ],
                 body,
             )
@@ -727,7 +728,8 @@ class H2Protocol(Protocol):
         fields: HeaderList = [(b"host", authority), *regular]
         if cookies:
             fields.append((b"cookie", b"; ".join(cookies)))  # RFC 9113 §8.2.3
-        head = analyze_head(method, path, "1.1", fields, True)
+        http = self.http
+        head = analyze_head(method, path, "1.1", fields, True, http.headers_with_underscores, http)
         if isinstance(head, GatewayError):
             return head
         head.version = b"2"
