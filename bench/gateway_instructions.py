@@ -7,6 +7,11 @@ gateway only while those N run (after 200 warm-up requests), so start-up is not 
 
     .venv/bin/python bench/gateway_instructions.py 2000
     .venv/bin/python bench/gateway_instructions.py 2000 --no-send-now   # always transport.write
+    .venv/bin/python bench/gateway_instructions.py 2000 --tls [--twisted-tls-flush]
+
+`--tls` makes the gateway's port a TLS port (bench/run.py's certificate); `--twisted-tls-flush`
+then uses Twisted's own TLSMemoryBIOProtocol, whose encrypted bytes wait for the next reactor
+turn, instead of flexgw.compat.tlswrite's SendNowTLSProtocol.
 
 Needs valgrind (callgrind_control) and nginx. Every process it starts is stopped at the end.
 """
@@ -18,6 +23,7 @@ import glob
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -52,7 +58,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def requests(sock: socket.socket, n: int) -> None:
+def requests(sock: socket.socket | ssl.SSLSocket, n: int) -> None:
     """Send `n` GETs one after the other, each after the previous answer."""
     buffer = b""
     for _ in range(n):
@@ -94,13 +100,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("n", type=int, nargs="?", default=2000)
     parser.add_argument("--no-send-now", action="store_true", help="always transport.write")
+    parser.add_argument("--tls", action="store_true", help="the gateway's port speaks TLS")
+    parser.add_argument(
+        "--twisted-tls-flush", action="store_true", help="Twisted's TLSMemoryBIOProtocol"
+    )
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="flexgw-instructions-"))
     upstream, port = free_port(), free_port()
     (tmp / "nginx.conf").write_text(NGINX.format(tmp=tmp, port=upstream))
     (tmp / "conf").mkdir()
-    (tmp / "conf" / "api.yaml").write_text(CONF.format(port=port, upstream=upstream))
+    documents = CONF.format(port=port, upstream=upstream)
+    ca_path = None
+    if args.tls:
+        sys.path.insert(0, str(REPO / "bench"))
+        from run import tls_conf
+
+        extra, ca_path = tls_conf(tmp)
+        documents += extra
+    (tmp / "conf" / "api.yaml").write_text(documents)
     patch = "import flexgw.compat.tcpwrite as t; t._DIRECT = ();" if args.no_send_now else ""
+    if args.twisted_tls_flush:
+        patch += (
+            "from twisted.protocols.tls import TLSMemoryBIOProtocol;"
+            "import flexgw.tls.contexts as c; c.QuietTLSFactory.protocol = TLSMemoryBIOProtocol;"
+        )
     out, log = tmp / "callgrind.out", tmp / "gateway.log"
     started = []
     try:
@@ -135,7 +158,11 @@ def main() -> None:
             stderr=subprocess.STDOUT,
         )
         started.append(gateway)
-        sock = connect(port, gateway, log)
+        sock: socket.socket | ssl.SSLSocket = connect(port, gateway, log)
+        if ca_path is not None:
+            sock = ssl.create_default_context(cafile=str(ca_path)).wrap_socket(
+                sock, server_hostname="127.0.0.1"
+            )
         requests(sock, 200)  # warm: the upstream connection pooled, the code paths run once
         control = ["callgrind_control", "-i"]
         subprocess.run([*control, "on", str(gateway.pid)], check=True, capture_output=True)
@@ -146,6 +173,9 @@ def main() -> None:
         )
         total = dumped(out)
         variant = "transport.write only" if args.no_send_now else "send_now"
+        if args.tls:
+            tls = "Twisted's TLS flush" if args.twisted_tls_flush else "SendNowTLSProtocol"
+            variant = f"TLS ({tls}), {variant}"
         print(f"{variant}: {total // args.n} instructions per request ({args.n} requests)")
     finally:
         for process in started:
