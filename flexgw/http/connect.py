@@ -5,8 +5,8 @@ upstream connections and side calls.
 pass to `connectTCP(proxy_host, proxy_port, ...)`: once connected it sends
 `CONNECT host:port`, waits (at most `timeout` seconds) for the proxy's 2xx, and then hands the
 very same TCP connection to `inner`'s protocol, as if `inner` had connected to `host:port`
-itself (then calls `opened(protocol)`, when given). `inner` may be a TLS wrapping factory: the handshake then runs inside the tunnel, end
-to end with the upstream. After the hand-over the tunnel adds nothing per read or write (the
+itself (then calls `opened(protocol)`, when given). `inner` may be a TLS wrapping factory: the
+handshake then runs inside the tunnel, end to end with the upstream. After the hand-over the tunnel adds nothing per read or write (the
 transport talks to the inner protocol directly).
 
 A proxy that refuses (any non-2xx), closes, answers garbage or nothing in time fails the

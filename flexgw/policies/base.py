@@ -133,6 +133,9 @@ class PolicyServices:
     # counters of every worker (flexgw.storage.supervised); None in a single process
     supervisor: Any = None
     token_fetcher: Any = None  # credential-injection-oauth2-flex's fetch (None: treq)
+    # rate-limit checks the store could not answer, (api, "refused" | "allowed") -> count
+    # (flexgw.policies.rate_limiting; the `flexgw_rate_limit_unknown_quota` metric)
+    unknown_quota: dict[tuple[str | None, str], int] = attrs.Factory(dict)
 
 
 def _services(value: PolicyServices | None) -> PolicyServices:

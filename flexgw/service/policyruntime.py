@@ -84,4 +84,8 @@ class PolicyRuntime(PolicyServices):
                 db=settings.db,
                 sentinel=settings.sentinel,
                 tls=tls,
+                connect_timeout=settings.command_timeout,
+                command_timeout=settings.command_timeout,
+                max_backoff=settings.probe_interval,
+                summary_interval=settings.summary_interval,
             )
