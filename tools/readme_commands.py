@@ -275,6 +275,29 @@ def _loopback_up() -> None:
         fcntl.ioctl(sock, siocsifflags, struct.pack("16sh", b"lo", flags | iff_up))
 
 
+def _private_tmp(keep: set[str]) -> None:
+    """Mount a fresh tmpfs on /tmp (in this private mount namespace), with each directory of
+    `keep` that lived under the old /tmp (a checkout cloned there, as CI may) bound back at its
+    own path: through a descriptor opened before the mount (a path through the old /tmp would
+    lead into the new tmpfs, and `mount` must not resolve the descriptor link back to that path),
+    so the run still sees the checkout."""
+    kept: list[tuple[str, int]] = []
+    for path in sorted(os.path.realpath(p) for p in keep):
+        if path.startswith("/tmp/") and not any(path.startswith(k + "/") for k, _ in kept):
+            kept.append((path, os.open(path, os.O_RDONLY | os.O_DIRECTORY)))
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=1777", "tmpfs", "/tmp"], check=True)
+        for path, descriptor in kept:
+            os.makedirs(path, exist_ok=True)
+            subprocess.run(
+                ["mount", "--no-canonicalize", "--bind", f"/proc/{os.getpid()}/fd/{descriptor}", path],
+                check=True,
+            )
+    finally:
+        for _, descriptor in kept:
+            os.close(descriptor)
+
+
 def unshare_command() -> list[str] | None:
     """The `unshare` prefix giving a private network and mount namespace, or None without one."""
     unshare = shutil.which("unshare")
@@ -294,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     readme = os.path.abspath(args[0] if args else os.path.join(ROOT, "README.md"))
     if os.environ.get(ISOLATED) == "1":
         _loopback_up()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=1777", "tmpfs", "/tmp"], check=True)
+        _private_tmp({ROOT, os.path.dirname(readme), sys.prefix})
         return run_readme(readme)
     command = unshare_command()
     subprocess.run(["make", "--no-print-directory", "install"], cwd=ROOT, check=True)
