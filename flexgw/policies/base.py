@@ -126,7 +126,7 @@ class PolicyServices:
     clock: Any = None
     # State kept across reloads (e.g. rate-limit counters), keyed by whatever the kind chooses.
     shared: dict[str, Any] = attrs.Factory(dict)
-    message_log: Any = None  # a MessageLog (flexgw.http.accesslog), or None: the Twisted log
+    message_log: Any = None  # a MessageLog (flexgw.service.accesslog), or None: the Twisted log
     redis: Any = None  # a flexgw.storage.redis.RedisClient while the plan has shared storage
     side_agent: Any = None  # the treq Agent policies' side calls use (None: treq's default)
     # --workers: an AMP protocol to the supervisor, which holds the rate-limit and spike-control
