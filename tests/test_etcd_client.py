@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
 from flexgw.config.sources.etcd_client import (
@@ -16,6 +18,7 @@ from flexgw.config.sources.etcd_client import (
     EtcdUnavailable,
     Event,
     Put,
+    Watch,
     WatchEnd,
     prefix_end,
 )
@@ -63,6 +66,67 @@ class PrefixEndTests(TestCase):
         self.assertEqual(prefix_end(b"/flexgw/"), b"/flexgw0")
         self.assertEqual(prefix_end(b"a\xff\xff"), b"b")
         self.assertEqual(prefix_end(b""), b"\0")
+
+
+def watch_on_wire(on_events: Any, max_line: int = 1000) -> tuple[Watch, StringTransport]:
+    """A Watch whose stream is connected to an in-memory transport."""
+    watch = Watch(on_events, max_line)
+    transport = StringTransport()
+    watch.stream.makeConnection(transport)
+    return watch, transport
+
+
+def result_line(result: dict[str, Any]) -> bytes:
+    """One watch message as etcd's gateway writes it."""
+    return json.dumps({"result": result}).encode() + b"\n"
+
+
+class WatchStreamTests(TestCase):
+    """The watch stream's parsing, in memory: messages split anywhere, bad input ends it."""
+
+    def test_messages_split_anywhere(self) -> None:
+        """Created, then events (PUT is etcd's default type, so it is left out on the wire)
+        arriving byte by byte are reported once each, in order."""
+        seen: list[tuple[str, bytes, int]] = []
+        watch, _ = watch_on_wire(lambda events, rev: seen.extend((e.type, e.kv.key, rev) for e in events))
+        data = result_line({"header": {"revision": "7"}, "created": True}) + result_line({
+            "header": {"revision": "9"},
+            "events": [
+                {"kv": {"key": "L2E=", "mod_revision": "8"}},
+                {"type": "DELETE", "kv": {"key": "L2I=", "mod_revision": "9"}},
+            ],
+        })
+        for i in range(len(data)):
+            watch.stream.dataReceived(data[i:i + 1])
+        self.assertEqual(self.successResultOf(watch.created), 7)
+        self.assertEqual(seen, [("PUT", b"/a", 9), ("DELETE", b"/b", 9)])
+        self.assertNoResult(watch.done)
+
+    def test_not_json_ends_the_watch(self) -> None:
+        """A line that is not JSON fails the watch and drops the connection."""
+        watch, transport = watch_on_wire(lambda events, rev: None)
+        watch.stream.dataReceived(b"{nope\n")
+        self.failureResultOf(watch.done, EtcdError)
+        self.assertEqual(transport.producerState, "stopped")
+
+    def test_oversized_message_ends_the_watch(self) -> None:
+        """A message longer than the bound fails the watch without waiting for its end."""
+        watch, transport = watch_on_wire(lambda events, rev: None, max_line=100)
+        watch.stream.dataReceived(b"x" * 101)
+        self.failureResultOf(watch.done, EtcdError)
+        self.assertEqual(transport.producerState, "stopped")
+
+    def test_consumer_error_ends_the_watch(self) -> None:
+        """An exception in the events callback fails the watch (reported, not swallowed)."""
+
+        def broken(events: list[Event], revision: int) -> None:
+            raise ValueError("consumer bug")
+
+        watch, transport = watch_on_wire(broken)
+        watch.stream.dataReceived(result_line({"created": True}))
+        watch.stream.dataReceived(result_line({"events": [{"kv": {"key": "L2E="}}]}))
+        self.failureResultOf(watch.done, ValueError)
+        self.assertEqual(transport.producerState, "stopped")
 
 
 class SingleEtcdTests(TestCase):
@@ -197,8 +261,11 @@ class SingleEtcdTests(TestCase):
         self.addCleanup(watch.cancel)
         await client.put(b"/a", b"2")
         self.assertEqual((await recorder.until(1))[0].kv.value, b"2")
-        client.token = "not-a-token"  # an expired token is renewed once
+        client.token = "not-a-token"  # an expired token is renewed once, for a call...
         self.assertEqual((await client.range(b"/a")).kvs[0].value, b"2")
+        client.token = "not-a-token"  # ... and for a watch
+        second = await client.watch_prefix(b"/a", Recorder())
+        second.cancel()
         with self.assertRaises(EtcdError):
             await admin.range(b"/a")
         wrong = EtcdClient(real_reactor(), self.etcd.urls, user="root", password="nope")

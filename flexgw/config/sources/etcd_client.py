@@ -25,7 +25,7 @@ from twisted.internet.error import ConnectError, ConnectionLost
 from twisted.internet.protocol import Protocol
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
-from flexgw.upstream.bounded import read_bounded
+from flexgw.sidecalls.bounded import read_bounded
 
 #: Default bound on one response (a range over a large prefix); etcd itself caps a request at
 #: 1.5 MiB by default.
@@ -466,6 +466,15 @@ class EtcdClient:
         async def run() -> Watch:
             if self.user is not None and self.token is None:
                 await self.authenticate()
+            try:
+                return await attempt()
+            except EtcdError as error:
+                if self.user is None or not _is_bad_token(error):
+                    raise
+            await self.authenticate()
+            return await attempt()
+
+        async def attempt() -> Watch:
             reasons: list[tuple[str, str]] = []
             for index in self._order():
                 url = self.endpoints[index]
@@ -530,11 +539,11 @@ class Watch:
 
     def _end(self, outcome: WatchEnd | Exception) -> None:
         """Settle `created` (if still pending) and `done`, once."""
-        if not self.created.called:
-            error = outcome if isinstance(outcome, Exception) else EtcdError(
-                f"watch ended before it was created ({outcome.reason})"
-            )
-            self.created.errback(error)
+        if not self.created.called:  # ended at once (e.g. compacted): created, then done
+            if isinstance(outcome, Exception):
+                self.created.errback(outcome)
+            else:
+                self.created.callback(self.revision)
         if self.done.called:
             return
         if isinstance(outcome, Exception):
@@ -569,7 +578,12 @@ class Watch:
         ]
         if events:
             self.revision = max(e.kv.mod_revision for e in events)
-            self.on_events(events, self.revision)
+            try:
+                self.on_events(events, self.revision)
+            except Exception as error:  # noqa: BLE001 - a consumer bug ends the watch, reported
+                self._end(error)
+                self.stream.abort()
+                return
         if result.get("canceled"):
             self._end(WatchEnd("server"))
             self.stream.abort()
