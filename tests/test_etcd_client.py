@@ -263,9 +263,12 @@ class SingleEtcdTests(TestCase):
         self.assertEqual((await recorder.until(1))[0].kv.value, b"2")
         client.token = "not-a-token"  # an expired token is renewed once, for a call...
         self.assertEqual((await client.range(b"/a")).kvs[0].value, b"2")
-        client.token = "not-a-token"  # ... and for a watch
-        second = await client.watch_prefix(b"/a", Recorder())
-        second.cancel()
+        client.token = "not-a-token"  # ... and for a watch (etcd refuses it at creation)
+        later = Recorder()
+        second = await client.watch_prefix(b"/a", later)
+        self.addCleanup(second.cancel)
+        await client.put(b"/a", b"3")
+        self.assertEqual((await later.until(1))[0].kv.value, b"3")
         with self.assertRaises(EtcdError):
             await admin.range(b"/a")
         wrong = EtcdClient(real_reactor(), self.etcd.urls, user="root", password="nope")

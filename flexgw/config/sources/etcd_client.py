@@ -31,6 +31,7 @@ from flexgw.sidecalls.bounded import read_bounded
 #: 1.5 MiB by default.
 MAX_RESPONSE = 64 * 1024 * 1024
 #: gRPC status codes etcd's gateway reports.
+PERMISSION_DENIED = 7
 UNAVAILABLE = 14
 UNAUTHENTICATED = 16
 #: Failures that mean "this endpoint is not answering": try the next.
@@ -469,7 +470,7 @@ class EtcdClient:
             try:
                 return await attempt()
             except EtcdError as error:
-                if self.user is None or not _is_bad_token(error):
+                if self.user is None or not (_is_bad_token(error) or error.code == PERMISSION_DENIED):
                     raise
             await self.authenticate()
             return await attempt()
@@ -563,6 +564,13 @@ class Watch:
         compacted = int(result.get("compact_revision", 0))
         if compacted:
             self._end(WatchEnd("compacted", compacted))
+            self.stream.abort()
+            return
+        if result.get("canceled") and not self.created.called:
+            # refused at creation (created and cancelled at once): a permission denied, which
+            # is also what etcd says about an expired token on a watch
+            reason = str(result.get("cancel_reason") or "etcd refused the watch")
+            self._end(EtcdError(reason, PERMISSION_DENIED if "permission denied" in reason else None))
             self.stream.abort()
             return
         if result.get("created") and not self.created.called:
