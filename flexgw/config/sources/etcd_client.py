@@ -79,6 +79,15 @@ def _unb64(text: str | None) -> bytes:
     return base64.b64decode(text) if text else b""
 
 
+def _key_range(key: bytes, range_end: bytes | None, **numbers: int) -> dict[str, Any]:
+    """A request body naming [key, range_end) and the non-zero `numbers` (strings on the wire)."""
+    body: dict[str, Any] = {"key": _b64(key)}
+    if range_end is not None:
+        body["range_end"] = _b64(range_end)
+    body.update((name, str(value)) for name, value in numbers.items() if value)
+    return body
+
+
 def prefix_end(prefix: bytes) -> bytes:
     """The `range_end` covering every key that starts with `prefix` (its last byte below 0xff
     plus one; an empty or all-0xff prefix: b"\\0", every key)."""
@@ -167,10 +176,7 @@ class Delete:
 
     def to_json(self) -> dict[str, Any]:
         """As the gateway's RequestOp."""
-        delete = {"key": _b64(self.key)}
-        if self.range_end is not None:
-            delete["range_end"] = _b64(self.range_end)
-        return {"request_delete_range": delete}
+        return {"request_delete_range": _key_range(self.key, self.range_end)}
 
 
 @attrs.frozen
@@ -358,13 +364,7 @@ class EtcdClient:
         limit: int = 0,
     ) -> defer.Deferred[RangeResult]:
         """The keys in [key, range_end) (`key` alone without range_end), at `revision` (0: now)."""
-        body: dict[str, Any] = {"key": _b64(key)}
-        if range_end is not None:
-            body["range_end"] = _b64(range_end)
-        if revision:
-            body["revision"] = str(revision)
-        if limit:
-            body["limit"] = str(limit)
+        body = _key_range(key, range_end, revision=revision, limit=limit)
 
         async def run() -> RangeResult:
             answer = await self._post("/v3/kv/range", body)
@@ -455,11 +455,7 @@ class EtcdClient:
         """Watch [key, range_end) from `start_revision` (0: from now) on the first endpoint
         that accepts it; fires with the Watch once etcd has created it. `on_events(events,
         revision)` is called for each batch, in revision order."""
-        request: dict[str, Any] = {"key": _b64(key)}
-        if range_end is not None:
-            request["range_end"] = _b64(range_end)
-        if start_revision:
-            request["start_revision"] = str(start_revision)
+        request = _key_range(key, range_end, start_revision=start_revision)
         if prev_kv:
             request["prev_kv"] = True
         body = {"create_request": request}
