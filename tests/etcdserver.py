@@ -55,12 +55,14 @@ class EtcdMember:
     """One etcd process: `name`, a client and a peer port on 127.0.0.1, a data directory."""
 
     def __init__(self, name: str, extra: tuple[str, ...] = ()) -> None:
+        """`extra` etcd arguments; with `--cert-file` among them the client URL is https."""
         if ETCD is None:
             raise SkipTest("etcd is not installed (apt-get install etcd-server)")
         self.name = name
         self.client_port = free_port()
         self.peer_port = free_port()
         self.extra = extra
+        self.scheme = "https" if "--cert-file" in extra else "http"
         self.data_dir = tempfile.mkdtemp(prefix=f"flexgw-etcd-{name}-")
         self.output: _MemberOutput | None = None
         self.process: Any = None
@@ -68,7 +70,7 @@ class EtcdMember:
     @property
     def url(self) -> str:
         """The client URL (what a client's endpoint list names)."""
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{self.scheme}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:

@@ -22,6 +22,9 @@ from flexgw.config.sources.etcd_client import (
     WatchEnd,
     prefix_end,
 )
+from flexgw.testing.certs import CertificateAuthority
+from flexgw.tls.contexts import SideCallTLSPolicy
+from flexgw.tls.settings import CertificateKey, TLSSettings
 from tests.etcdserver import start_etcd
 from tests.harness import free_port
 
@@ -275,6 +278,43 @@ class SingleEtcdTests(TestCase):
         with self.assertRaises(EtcdError) as raised:
             await wrong.range(b"/a")
         self.assertIn("authentication failed", str(raised.exception))
+
+
+class TLSEtcdTests(TestCase):
+    """etcd serving https and requiring a client certificate."""
+
+    async def test_client_certificate(self) -> None:
+        """A client trusting the CA and presenting a client certificate reads and writes and
+        watches; one without a client certificate is refused by every endpoint."""
+        ca = CertificateAuthority()
+        directory = self.mktemp()
+        server_crt, server_key = ca.issue(
+            "127.0.0.1", ips=["127.0.0.1"], server_and_client=True
+        ).write(directory, "server")
+        issued = ca.issue("flexgw", client=True)
+        etcd = await start_etcd(self, real_reactor(), extra=(
+            "--cert-file", server_crt, "--key-file", server_key,
+            "--trusted-ca-file", ca.write(directory), "--client-cert-auth",
+        ))
+        self.assertTrue(etcd.url.startswith("https://"))
+
+        def policy(client: bool) -> SideCallTLSPolicy:
+            """Trust the CA; present the client certificate when `client`."""
+            certificate = CertificateKey((issued.cert_pem,), issued.key_pem) if client else None
+            return SideCallTLSPolicy(
+                TLSSettings(certificate=certificate, trusted_ca=(ca.pem,), alpn=("http/1.1",))
+            )
+
+        client = EtcdClient(real_reactor(), etcd.urls, tls_policy=policy(True))
+        recorder = Recorder()
+        watch = await client.watch_prefix(b"/s/", recorder)
+        self.addCleanup(watch.cancel)
+        await client.put(b"/s/a", b"1")
+        self.assertEqual((await recorder.until(1))[0].kv.value, b"1")
+        self.assertEqual((await client.range_prefix(b"/s/")).kvs[0].value, b"1")
+        anonymous = EtcdClient(real_reactor(), etcd.urls, tls_policy=policy(False), timeout=2.0)
+        with self.assertRaises(EtcdUnavailable):
+            await anonymous.range(b"/s/a")
 
 
 class UnreachableTests(TestCase):

@@ -113,8 +113,14 @@ class CertificateAuthority:
         client: bool = False,
         rsa: bool = False,
         days: int = 30,
+        server_and_client: bool = False,
     ) -> Issued:
-        """A leaf certificate (server, or client with `client=True`) with the given SANs."""
+        """A leaf certificate (server, or client with `client=True`, or both with
+        `server_and_client=True`: etcd's server certificate, which its gateway also presents
+        to etcd itself) with the given SANs."""
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]
+        if server_and_client:
+            usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
         key = _key(rsa)
         now = datetime.datetime.now(datetime.UTC)
         names: list[x509.GeneralName] = [x509.DNSName(name) for name in dns]
@@ -129,12 +135,7 @@ class CertificateAuthority:
             .not_valid_before(now - datetime.timedelta(days=1))
             .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]
-                ),
-                critical=False,
-            )
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
                 critical=False,

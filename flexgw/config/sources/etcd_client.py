@@ -216,9 +216,10 @@ class EtcdClient:
     """An etcd v3 client on `reactor` for `endpoints` (client URLs such as http://h:2379).
 
     `timeout` bounds each call (connection, answer and body) and the creation of a watch;
-    `user`/`password` turn on authentication; `agent` replaces the default Agent (e.g. one with
-    a TLS policy and client certificate); `max_response` bounds a response body and a watch
-    message."""
+    `user`/`password` turn on authentication; `tls_policy` (an IPolicyForHTTPS such as
+    flexgw.tls.contexts.SideCallTLSPolicy: trusted CA, client certificate) serves https
+    endpoints; `agent` replaces the default Agent altogether; `max_response` bounds a response
+    body and a watch message."""
 
     def __init__(
         self,
@@ -228,6 +229,7 @@ class EtcdClient:
         timeout: float = 5.0,
         user: str | None = None,
         password: str | None = None,
+        tls_policy: Any = None,
         agent: Any = None,
         max_response: int = MAX_RESPONSE,
     ) -> None:
@@ -244,10 +246,12 @@ class EtcdClient:
         if agent is None:
             from twisted.web.client import Agent, HTTPConnectionPool
 
+            tls = {} if tls_policy is None else {"contextFactory": tls_policy}
             agent = Agent(
                 reactor,
                 connectTimeout=timeout,
                 pool=HTTPConnectionPool(reactor, persistent=False),
+                **tls,
             )
         self.agent = agent
 
