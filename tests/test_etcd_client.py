@@ -109,6 +109,7 @@ class WatchStreamTests(TestCase):
         """A line that is not JSON fails the watch and drops the connection."""
         watch, transport = watch_on_wire(lambda events, rev: None)
         watch.stream.dataReceived(b"{nope\n")
+        self.failureResultOf(watch.created, EtcdError)
         self.failureResultOf(watch.done, EtcdError)
         self.assertEqual(transport.producerState, "stopped")
 
@@ -116,6 +117,7 @@ class WatchStreamTests(TestCase):
         """A message longer than the bound fails the watch without waiting for its end."""
         watch, transport = watch_on_wire(lambda events, rev: None, max_line=100)
         watch.stream.dataReceived(b"x" * 101)
+        self.failureResultOf(watch.created, EtcdError)
         self.failureResultOf(watch.done, EtcdError)
         self.assertEqual(transport.producerState, "stopped")
 
