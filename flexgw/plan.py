@@ -190,7 +190,7 @@ class SharedStorage:
 
     With `sentinel`, `host`/`port` are unused ("" / 0): the master is asked of the sentinels.
     `tls` (a flexgw.tls.settings.TLSSettings, or None for plaintext) applies to the master and to
-    the sentinels alike."""
+    the sentinels alike. The last three are flexgw extensions (flexgw.config.storage)."""
 
     host: str
     port: int = 6379
@@ -199,6 +199,9 @@ class SharedStorage:
     db: int = 0
     sentinel: RedisSentinel | None = None
     tls: Any = None
+    command_timeout: float = 2.0  # seconds for a connection or a reply (then Redis is down)
+    probe_interval: float = 0.5  # longest delay between two probes while Redis is down
+    summary_interval: float = 60.0  # seconds between two "still down" log records
 
 
 @attrs.frozen

@@ -25,7 +25,8 @@ class RedisServer:
 
     `extra` arguments are appended (e.g. `--replicaof`); with `tls` (server cert, key and CA
     file paths) it listens with TLS only (`--tls-port N --port 0`), requiring a client
-    certificate when `client_certificates` is true."""
+    certificate when `client_certificates` is true. `signal` sends a signal to it (SIGSTOP,
+    SIGCONT, SIGKILL: tests of Redis outages)."""
 
     ready = b"Ready to accept connections"
     persistence: tuple[str, ...] = ("--save", "", "--appendonly", "no")
@@ -35,10 +36,11 @@ class RedisServer:
         extra: tuple[str, ...] = (),
         tls: tuple[str, str, str] | None = None,
         client_certificates: bool = False,
+        port: int | None = None,
     ) -> None:
         if REDIS_SERVER is None:
             raise SkipTest("redis-server is not installed (apt-get install redis-server)")
-        self.port = free_port()
+        self.port = free_port() if port is None else port  # a given port: a restarted server
         self.workdir = tempfile.mkdtemp(prefix="flexgw-redis-")
         self.process: subprocess.Popen[bytes] | None = None
         self.log = b""  # what the server printed, as far as read
@@ -98,6 +100,11 @@ class RedisServer:
         finally:
             selector.close()
         return self.log
+
+    def signal(self, number: int) -> None:
+        """Send signal `number` to the server, by its PID."""
+        assert self.process is not None
+        os.kill(self.process.pid, number)
 
     def stop(self) -> None:
         """Kill the server by its PID and reap it."""

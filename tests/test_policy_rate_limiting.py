@@ -24,7 +24,7 @@ from flexgw.policies.base import (
     PolicyRuntime,
 )
 from flexgw.policies.rate_limiting import KIND, NAME, RateLimitPolicy
-from flexgw.storage.interfaces import IRateLimitStore, RateLimit
+from flexgw.storage.interfaces import IRateLimitStore, RateLimit, StoreUnavailable
 from flexgw.storage.memory import MemoryRateLimitStore
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream
@@ -386,6 +386,28 @@ class StoreAnswerTests(TestCase):
         policy = self.build(ScriptedStore(lambda: fail(ConnectionError("redis down"))))
         self.assertEqual(self.successResultOf(policy.on_request(context())).status, 429)
         self.assertEqual(len(self.flushLoggedErrors(ConnectionError)), 2)
+
+    def test_store_unavailable_has_its_own_cause_and_count(self) -> None:
+        """A store known down (StoreUnavailable, raised or through the Deferred): 429 with
+        `x-flexgw-error: quota_unavailable`, counted in the runtime by API and outcome, and not
+        logged per request (the store logs the outage); let through when blockOnUnknownQuota
+        is false, counted as allowed."""
+        runtime = PolicyRuntime(reactor=reactor, clock=Clock())
+        down = StoreUnavailable("Redis at r:1 is down")
+        for block, answer in ((True, down), (True, lambda: fail(down)), (False, down)):
+            config = {"rateLimits": limits((1, 1000)), "blockOnUnknownQuota": block}
+            policy = KIND.build(config, BuildContext("b", "a", clock=Clock(), services=runtime))
+            policy.store = ScriptedStore(answer)
+            result = policy.on_request(context())
+            if isinstance(result, Deferred):
+                result = self.successResultOf(result)
+            if block:
+                self.assertEqual((result.status, result.body, result.cause), (429, BODY, "quota_unavailable"))
+                self.assertIn((b"x-flexgw-error", b"quota_unavailable"), result.headers)
+            else:
+                self.assertIsNone(result)
+        self.assertEqual(runtime.unknown_quota, {("a", "refused"): 2, ("a", "allowed"): 1})
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_unknown_quota_allows_when_configured(self) -> None:
         """blockOnUnknownQuota: false lets the request through when the store fails."""

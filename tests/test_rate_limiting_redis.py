@@ -75,6 +75,47 @@ class SharedStorageConfigTests(TestCase):
             self.assertIsNone(state.plan.shared_storage, redis)
             self.assertTrue(any(m.startswith("error") for m in self.messages(state)), redis)
 
+    def test_outage_timings(self) -> None:
+        """The flexgw timing keys reach the plan and the client; without them, the defaults."""
+        state = self.load(
+            "address: r:1\ncommandTimeoutSeconds: 0.25\nprobeIntervalSeconds: 1\n"
+            "outageSummarySeconds: 30\n"
+        )
+        self.assertEqual(self.messages(state), [])
+        storage = state.plan.shared_storage
+        self.assertEqual(
+            (storage.command_timeout, storage.probe_interval, storage.summary_interval),
+            (0.25, 1.0, 30.0),
+        )
+        runtime = PolicyRuntime(reactor=reactor, clock=reactor)
+        runtime.use_shared_storage(storage)
+        redis = runtime.redis
+        self.addCleanup(redis.close)
+        self.assertEqual((redis.connect_timeout, redis.command_timeout), (0.25, 0.25))
+        self.assertEqual(
+            (redis.breaker.max_interval, redis.breaker.summary_interval), (1.0, 30.0)
+        )
+        default = self.load("address: r:1\n").plan.shared_storage
+        self.assertEqual(
+            (default.command_timeout, default.probe_interval, default.summary_interval),
+            (2.0, 0.5, 60.0),
+        )
+
+    def test_bad_outage_timings(self) -> None:
+        """A timing out of range or not a number is an error at its field; Redis is not used.
+        A probe interval over a second is refused (Redis back within a second)."""
+        for key, value in (
+            ("commandTimeoutSeconds", "0"), ("commandTimeoutSeconds", "soon"),
+            ("probeIntervalSeconds", "2"), ("probeIntervalSeconds", "-1"),
+            ("outageSummarySeconds", "0.5"), ("commandTimeoutSeconds", "true"),
+        ):
+            state = self.load(f"address: r:1\n{key}: {value}\n")
+            self.assertIsNone(state.plan.shared_storage, (key, value))
+            errors = [m for m in self.messages(state) if m.startswith("error")]
+            self.assertEqual(len(errors), 1, errors)
+            self.assertIn(f"redis.{key}: {key} must be a number of seconds", errors[0])
+            self.assertEqual(state.plan.problems[0].line, 8, (key, value))  # the key's own line
+
     def test_runtime_gets_a_client(self) -> None:
         """Loading with a runtime gives it a client for the settings, replaced when they change."""
         runtime = PolicyRuntime(reactor=reactor, clock=reactor)

@@ -238,8 +238,8 @@ class SentinelFailoverTests(TestCase):
     """A failover done by a real sentinel, promoting a real replica."""
 
     async def test_master_dies_and_sentinel_promotes_the_replica(self) -> None:
-        """The master is killed: checks fail (fail mode) until `SENTINEL FAILOVER` promotes the
-        replica; then the client finds the new master through the sentinel, and the counts
+        """The master is killed: checks fail (Redis down) until `SENTINEL FAILOVER` promotes the
+        replica; then the probe finds the new master through the sentinel, and the counts
         made before the failover (replicated) still hold."""
         old = start(self, RedisServer(extra=("--repl-diskless-sync-delay", "0")))
         replica = RedisServer(extra=("--replicaof", "127.0.0.1", str(old.port)))
@@ -260,6 +260,7 @@ class SentinelFailoverTests(TestCase):
             await plain_client(self, sentinel.port).execute("SENTINEL", "FAILOVER", MASTER), "OK"
         )
         sentinel.wait_for(b"+switch-master", timeout=30)
+        await redis.when_up()  # the breaker's probe found the new master through the sentinel
         result = await store.hit("k", (RateLimit(2, 60000),))
         self.assertEqual((result.allowed, result.quotas[0].remaining), (True, 0))
         self.assertEqual(redis.master, ("127.0.0.1", replica.port))
@@ -315,7 +316,7 @@ class TLSClientTests(TLSCase):
         self.assertEqual(redis.connections, 1)
 
     async def test_untrusted_ca_refused_and_backs_off(self) -> None:
-        """A server certificate from another CA fails the connection attempt, which backs off."""
+        """A server certificate from another CA fails the connection attempt: Redis is down."""
         server = start(self, RedisServer(tls=self.server_files))
         other = CertificateAuthority("other CA")
         redis = self.tls_client(server.port, {"trustedCA": other.pem.decode()}, min_backoff=60.0)
@@ -323,7 +324,7 @@ class TLSClientTests(TLSCase):
             await redis.execute("PING")
         self.assertIn("certificate verify failed", str(caught.exception))
         self.assertEqual(redis.connections, 0)
-        self.assertIsNotNone(redis._retry_at)  # a failed attempt: the next one waits
+        self.assertTrue(redis.breaker.down)  # a failed attempt: commands fail at once
 
     async def test_certificate_for_another_host_refused(self) -> None:
         """Signed by the trusted CA but issued for 127.0.0.2: refused for 127.0.0.1 (the

@@ -127,17 +127,18 @@ class RedisStoreTests(TestCase):
             await store.hit("k", ONE_PER_MINUTE)
         self.assertIn("WRONGPASS", str(caught.exception))
 
-    async def test_unreachable_fails_then_backs_off(self) -> None:
-        """Nothing listening: the hit fails; the next one fails at once without a new attempt."""
+    async def test_unreachable_fails_then_fails_at_once(self) -> None:
+        """Nothing listening: the hit fails and Redis is marked down; the next one fails at
+        once, synchronously, without a connection attempt."""
         client = client_for(self, free_port(), min_backoff=60.0)
         store = RedisRateLimitStore(client, Clock(), "x:")
         with self.assertRaises(RedisUnavailable):
             await store.hit("k", ONE_PER_MINUTE)
-        self.assertIsNone(client._waiting)
-        failed = store.hit("k", ONE_PER_MINUTE)
-        self.assertIsNone(client._waiting)  # failed without connecting: backing off
+        self.assertTrue(client.breaker.down)
         with self.assertRaises(RedisUnavailable):
-            await failed
+            store.hit("k", ONE_PER_MINUTE)
+        self.assertIsNone(client._waiting)  # no connection attempt
+        self.assertEqual(client.breaker.affected, 2)
 
     async def test_reconnects_after_server_restart(self) -> None:
         """A lost connection is reopened by the next command; the lost one's command fails."""

@@ -32,6 +32,7 @@ from flexgw.testing.certs import CertificateAuthority, client_options
 from flexgw.testing.client import IncompleteResponse, ResponseParseError
 from flexgw.testing.upstream import RecordingUpstream
 from tests.harness import api_document, free_port
+from tests.redisserver import RedisServer
 from tests.test_ingress_upstream import Held
 from tests.test_sigterm import ROOT, Process
 from tests.test_socket_activation import ActivateProcess
@@ -490,6 +491,35 @@ class WorkersTests(TestCase):
         with self.assertRaises(ConnectionRefusedError):
             await client.connect(reactor, "127.0.0.1", self.port, timeout=5)
 
+
+    async def test_redis_down_fails_fast_in_every_worker(self) -> None:
+        """With sharedStorage.redis each worker has its own Redis client and breaker: Redis
+        killed, every request is answered at once with 429 quota_unavailable (counted as such
+        over the workers), and the outage is logged once per worker, with no traceback."""
+        server = RedisServer()
+        self.addCleanup(server.stop)
+        server.start()
+        storage = (
+            f"---\n{HEADER}kind: Configuration\nmetadata: {{name: storage}}\n"
+            "spec:\n  sharedStorage:\n    redis:\n"
+            f"      address: 127.0.0.1:{server.port}\n      commandTimeoutSeconds: 10\n"
+        )
+        await self.start(rate_limit("test-api", 100) + storage)
+        self.assertEqual(await self.statuses("/items", 4), [200] * 4)
+        logged = WaitOutput(self.process, b" is down: ", 1)
+        server.stop()  # SIGKILL
+        started = reactor.seconds()
+        answers = []
+        for _ in range(20):
+            response = await client.request(reactor, "127.0.0.1", self.port, get("/items"))
+            answers.append((response.status, dict(response.headers).get(b"x-flexgw-error")))
+        self.assertEqual(answers, [(429, b"quota_unavailable")] * 20)
+        self.assertLess(reactor.seconds() - started, 10)  # none of the 20 waited the timeout
+        refused = await self.per_worker("flexgw_rate_limit_unknown_quota_total", outcome="refused")
+        self.assertEqual(sum(refused.values()), 20)
+        await logged.done
+        self.assertIn(self.process.output.count(b" is down: "), (1, 2))
+        self.assertNotIn(b"Traceback", self.process.output)
 
     async def test_workers_exit_when_supervisor_dies(self) -> None:
         """The supervisor killed (SIGKILL: no drain of its own): every worker sees its AMP

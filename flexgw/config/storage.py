@@ -15,6 +15,14 @@ master's). The client asks the sentinels for the master (flexgw.storage.redis).
 ciphers Flex excludes for Redis. `alpn` is accepted and unused (Redis speaks no ALPN). It
 applies to the master and to the sentinels alike.
 
+flexgw extensions (Flex has no such settings; reference §5.3), under `redis`:
+`commandTimeoutSeconds` (default 2; more than 0, at most 60): how long a connection attempt or a
+reply may take before Redis is taken as down; `probeIntervalSeconds` (default 0.5; more than 0,
+at most 1): the longest delay between two probes while Redis is down, so a Redis that comes back
+is used again within about that much; `outageSummarySeconds` (default 60; at least 1): how often
+a "still down" record (with the count of checks decided by `blockOnUnknownQuota`) is logged
+during an outage. See flexgw.storage.breaker.
+
 A malformed value is an error at its file:line:column and Redis is not used (counters stay in
 each gateway's memory). Several Configurations with `sharedStorage`: the last by resource id
 wins, with a warning.
@@ -26,11 +34,20 @@ import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
+from flexgw.config.located import last_configuration_block
 from flexgw.plan import PolicyConfigError, Problem, RedisSentinel, SharedStorage
 
 DEFAULT_REDIS_PORT = 6379
 DEFAULT_SENTINEL_PORT = 26379
-_REDIS_KEYS = frozenset({"address", "username", "user", "password", "db", "DB", "sentinel", "tls"})
+#: flexgw extensions: key -> (SharedStorage field, lowest (excluded when `open`), highest)
+_REDIS_TIMINGS = {
+    "commandTimeoutSeconds": ("command_timeout", 0.0, 60.0),
+    "probeIntervalSeconds": ("probe_interval", 0.0, 1.0),
+    "outageSummarySeconds": ("summary_interval", 1.0, 86400.0),
+}
+_REDIS_KEYS = frozenset(
+    {"address", "username", "user", "password", "db", "DB", "sentinel", "tls", *_REDIS_TIMINGS}
+)
 _SENTINEL_KEYS = frozenset({"addresses", "masterName", "password"})
 _TLS_KEYS = frozenset({
     "skipValidation", "trustedCA", "certificate", "alpn", "ciphers",
@@ -70,8 +87,6 @@ def resolve_shared_storage(
     configurations: Sequence[Any], problems: list[Problem]
 ) -> SharedStorage | None:
     """The shared storage of the last Configuration that has `sharedStorage` (None: local)."""
-    from flexgw.config.resolve import last_configuration_block  # resolve imports this module
-
     chosen = last_configuration_block(configurations, "sharedStorage", problems)
     if chosen is None:
         return None
@@ -138,6 +153,25 @@ def resolve_shared_storage(
             )
         )
         return None
+    timings: dict[str, float] = {}
+    for key, (field, low, high) in _REDIS_TIMINGS.items():
+        value = redis.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if ok and (value < low or value > high or (low == 0.0 and value == 0)):
+            ok = False
+        if not ok:
+            bound = f"more than 0 and at most {high:g}" if low == 0.0 else f"{low:g} to {high:g}"
+            problems.append(
+                origin.problem(
+                    "error", f"{key} must be a number of seconds, {bound}; Redis is not used",
+                    ("redis", key),
+                )
+            )
+            usable = False
+        else:
+            timings[field] = float(value)
     if not usable:
         return None
     username = redis.get("username", redis.get("user"))
@@ -150,6 +184,7 @@ def resolve_shared_storage(
         db=db,
         sentinel=sentinel,
         tls=tls,
+        **timings,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from twisted.internet.error import DNSLookupError
 from twisted.python.failure import Failure
 
 from flexgw.http import errors
@@ -354,12 +355,25 @@ class ProxyExchange:
             self._finish_request(terminated=True)
 
     def upstream_connect_failed(self, reason: Failure) -> None:
-        """The upstream could not be reached."""
+        """The upstream could not be reached (its name not resolved: `dns_failed`)."""
         if self.state == CONNECTING:
             if reason.check(UpstreamTLSError):
                 self.fail(errors.UPSTREAM_TLS)
+            elif reason.check(DNSLookupError):
+                self.dns_failed(reason)
             else:
                 self.fail(errors.UPSTREAM_CONNECT_FAILURE)
+
+    def dns_failed(self, reason: Failure) -> None:
+        """The upstream's name (or its Configuration.spec.forwardProxy's) did not resolve: 502
+        `dns_failure`, logged (rate-limited) with the name and the resolver's error; the same
+        cause on the reverse-proxy path and the forward proxy."""
+        destination = self.destination
+        assert destination is not None
+        upstream = destination.upstream
+        name = upstream.proxy.host if upstream.proxy is not None else upstream.host
+        self.front.pools.dns_failed(name, upstream.key, reason)
+        self.fail(errors.DNS_FAILURE)
 
     def _upstream_head(self) -> bytes:
         """The request head as the upstream receives it."""
@@ -658,6 +672,8 @@ class ProxyExchange:
             if self.head.body != BODY_NONE and not self.request_complete:
                 conn.transport.unregisterProducer()
             self.pool.discard(conn)  # type: ignore[union-attr]
+        if self.state == CONNECTING and self.pool is not None:
+            self.pool.cancel(self)  # nothing waits for the connection any more
         self.state = DONE
         self._stop_timer()
         self.error_cause = error.cause
@@ -713,9 +729,12 @@ class ProxyExchange:
         """The client went away: abandon the upstream side."""
         if self.state == DONE:
             return
-        waiting = self.state == POLICIES
+        state = self.state
         self.state = DONE
-        if waiting and self.chain is not None:
+        if state == CONNECTING and self.pool is not None:
+            # Not connected yet: no upstream connection is opened (or kept) for it.
+            self.pool.cancel(self)
+        elif state == POLICIES and self.chain is not None:
             self.chain.cancel()  # free what a waiting policy holds (queue slot, timer)
         self._stop_timer()
         self.error_cause = self.error_cause or "downstream_reset"

@@ -106,6 +106,9 @@ class PolicyRuntime:
     # --workers: an AMP protocol to the supervisor, which holds the rate-limit and spike-control
     # counters of every worker (flexgw.storage.supervised); None in a single process
     supervisor: Any = None
+    # rate-limit checks the store could not answer, (api, "refused" | "allowed") -> count
+    # (flexgw.policies.rate_limiting; the `flexgw_rate_limit_unknown_quota` metric)
+    unknown_quota: dict[tuple[str | None, str], int] = attrs.Factory(dict)
 
     def use_side_tls(self, settings: Any) -> None:
         """Called with each new plan's `defaultTLS.outboundPolicyCalls` settings (before its
@@ -170,6 +173,10 @@ class PolicyRuntime:
                 db=settings.db,
                 sentinel=settings.sentinel,
                 tls=tls,
+                connect_timeout=settings.command_timeout,
+                command_timeout=settings.command_timeout,
+                max_backoff=settings.probe_interval,
+                summary_interval=settings.summary_interval,
             )
 
 

@@ -37,8 +37,16 @@ Deliberate differences from Flex:
   per gateway process, which is what Flex does without Redis. `blockOnUnknownQuota` applies when
   the store cannot answer (Redis unreachable, timed out, refused AUTH, its TLS certificate not
   trusted, no sentinel naming a reachable master): true refuses with the
-  same 429, false lets the request through; both log the failure. The memory store always
-  answers. Under `--workers N` (N > 1) without Redis, the counters are held by the supervisor
+  same 429, false lets the request through. The memory store always
+  answers.
+- A 429 for an unknown quota is not a rate-limit rejection: it carries `x-flexgw-error:
+  quota_unavailable` (the access log's `error` and the `flexgw_requests` metric's `cause` say
+  the same, not `policy_rejected`), and every unknown-quota decision, refused or let through, is
+  counted in `flexgw_rate_limit_unknown_quota{api,outcome}`. While Redis is known down (the
+  store's breaker, `flexgw.storage.breaker`) the store fails at once, so the decision is
+  immediate; the outage is logged by the store once when it starts and once when it ends, never
+  per request. A store failure of another kind (a bug, an error reply) is logged with its
+  traceback. Under `--workers N` (N > 1) without Redis, the counters are held by the supervisor
   process and reached over AMP (`flexgw.storage.supervised`), so the quota is exact across the
   workers whatever `clusterizable` says (the workers are one gateway).
 - A rejected request that finds one of the key's windows ended opens that limit's next window
@@ -78,7 +86,7 @@ from flexgw.policies.base import (
 )
 from flexgw.policies.expressions import Expression, ExpressionError, compile_value, to_text
 from flexgw.policies.registry import register
-from flexgw.storage.interfaces import HitResult, Quota, RateLimit
+from flexgw.storage.interfaces import HitResult, Quota, RateLimit, StoreUnavailable
 from flexgw.storage.memory import MemoryRateLimitStore
 from flexgw.storage.redis import RedisRateLimitStore
 from flexgw.storage.supervised import SupervisedRateLimitStore
@@ -93,6 +101,12 @@ RESET_HEADER = b"x-ratelimit-reset"
 RETRY_AFTER = b"retry-after"
 TOO_MANY_BODY = b'{"error":"Too Many Requests"}'
 JSON = (b"content-type", b"application/json")
+#: The cause of a 429 given because the store could not answer (blockOnUnknownQuota).
+QUOTA_UNAVAILABLE = "quota_unavailable"
+UNKNOWN_QUOTA_RESPONSE = LocalResponse(
+    429, (JSON, (b"x-flexgw-error", QUOTA_UNAVAILABLE.encode("ascii"))), TOO_MANY_BODY,
+    QUOTA_UNAVAILABLE,
+)
 
 _NESTABLE = {
     "keySelector": {"type": "string"},
@@ -225,9 +239,15 @@ def parse_config(config: dict[str, Any]) -> RateLimitConfig:
 class RateLimitPolicy:
     """One binding: its config and its counter store (shared by every request of the binding)."""
 
-    __slots__ = ("binding", "clock", "config", "constant_key", "expose", "limits", "store")
+    __slots__ = (
+        "binding", "clock", "config", "constant_key", "expose", "limits", "store", "unknown",
+        "unknown_key",
+    )
 
-    def __init__(self, config: RateLimitConfig, store: Any, clock: Any, binding: str) -> None:
+    def __init__(
+        self, config: RateLimitConfig, store: Any, clock: Any, binding: str,
+        api: str | None = None, unknown: dict[tuple[str | None, str], int] | None = None,
+    ) -> None:
         self.config = config
         self.store = store  # None until the first request when no clock was given
         self.clock = clock
@@ -236,6 +256,10 @@ class RateLimitPolicy:
         self.expose = config.expose_headers
         selector = config.key_selector
         self.constant_key = "" if selector is None else selector if isinstance(selector, str) else None
+        # unknown-quota decisions, (api, "refused" | "allowed") -> count (PolicyRuntime's, read
+        # by the metrics collector; a private dict without one)
+        self.unknown = {} if unknown is None else unknown
+        self.unknown_key = (api, "refused" if config.block_on_unknown_quota else "allowed")
 
     def key(self, ctx: PolicyContext) -> str:
         """The counter key of this request (an evaluation error propagates: a 500)."""
@@ -255,6 +279,8 @@ class RateLimitPolicy:
             store = self._first_use()
         try:
             result = store.hit(key, self.limits)
+        except StoreUnavailable:  # known down: decided at once, the store logs the outage
+            return self._unavailable()
         except Exception:  # noqa: BLE001 (an unreachable store is decided by blockOnUnknownQuota)
             return self._unknown(Failure())
         if isinstance(result, Deferred):
@@ -286,15 +312,23 @@ class RateLimitPolicy:
         return too_many_requests(headers)
 
     def _unknown(self, failure: Failure) -> LocalResponse | None:
-        """The store could not answer: refuse or let through per blockOnUnknownQuota."""
-        block = self.config.block_on_unknown_quota
-        _log.failure(
-            "Rate limit store failed for {binding}; request {outcome} (blockOnUnknownQuota)",
-            failure,
-            binding=self.binding,
-            outcome="refused" if block else "allowed",
-        )
-        return too_many_requests() if block else None
+        """The store could not answer: refuse or let through per blockOnUnknownQuota (logged
+        here unless the store said it is unavailable: it logs its outages itself)."""
+        if not failure.check(StoreUnavailable):
+            _log.failure(
+                "Rate limit store failed for {binding}; request {outcome} (blockOnUnknownQuota)",
+                failure,
+                binding=self.binding,
+                outcome=self.unknown_key[1],
+            )
+        return self._unavailable()
+
+    def _unavailable(self) -> LocalResponse | None:
+        """Count one unknown-quota decision; the 429 `quota_unavailable`, or None (let through)."""
+        unknown = self.unknown
+        key = self.unknown_key
+        unknown[key] = unknown.get(key, 0) + 1
+        return UNKNOWN_QUOTA_RESPONSE if self.config.block_on_unknown_quota else None
 
     def _first_use(self) -> Any:
         """No clock was given at build time: use the global reactor's, from now on."""
@@ -336,23 +370,24 @@ class RateLimitKind:
         clock = context.clock
         if clock is None and context.services is not None:
             clock = getattr(context.services, "clock", None)
+        unknown = getattr(context.services, "unknown_quota", None)
         redis = getattr(context.services, "redis", None) if parsed.clusterizable else None
+        store: Any
         if redis is not None and clock is not None:
             namespace = f"flexgw:rl:{context.api}:{context.binding}:{parsed.fingerprint()[:16]}:"
-            redis_store = RedisRateLimitStore(redis, clock, namespace)
-            return RateLimitPolicy(parsed, redis_store, clock, context.binding)
-        supervisor = getattr(context.services, "supervisor", None)
-        if supervisor is not None:  # --workers: one quota for every worker, in the supervisor
+            store = RedisRateLimitStore(redis, clock, namespace)
+        elif getattr(context.services, "supervisor", None) is not None:
+            # --workers: one quota for every worker, in the supervisor
             namespace = f"{NAME}:{context.api}:{context.binding}:{parsed.fingerprint()}"
-            return RateLimitPolicy(
-                parsed, SupervisedRateLimitStore(supervisor, namespace), clock, context.binding
+            store = SupervisedRateLimitStore(context.services.supervisor, namespace)
+        else:
+            store = _shared_store(
+                context.services, f"{NAME}:{context.api}:{context.binding}", parsed.fingerprint(),
+                clock,
             )
-        store = _shared_store(
-            context.services, f"{NAME}:{context.api}:{context.binding}", parsed.fingerprint(), clock
-        )
-        if store is None and clock is not None:
-            store = MemoryRateLimitStore(clock)
-        return RateLimitPolicy(parsed, store, clock, context.binding)
+            if store is None and clock is not None:
+                store = MemoryRateLimitStore(clock)
+        return RateLimitPolicy(parsed, store, clock, context.binding, context.api, unknown)
 
 
 KIND = register(RateLimitKind())

@@ -102,6 +102,7 @@ class GatewayCollector:
         metrics = gateway.metrics
         yield from self._requests(metrics)
         yield from self._latency(metrics)
+        yield from self._storage(gateway.runtime)
         connections = GaugeMetricFamily(
             "flexgw_downstream_connections_active",
             "Open downstream connections, by listener.",
@@ -192,6 +193,32 @@ class GatewayCollector:
                 limited.add_metric([api], count)
         yield policy
         yield limited
+
+    def _storage(self, runtime: Any) -> Iterator[Metric]:
+        """Unknown-quota decisions, and the shared store's (Redis) breaker when there is one."""
+        unknown = CounterMetricFamily(
+            "flexgw_rate_limit_unknown_quota",
+            "Rate-limit checks the store could not answer (Redis down), by API and outcome"
+            " (refused: 429 quota_unavailable; allowed: blockOnUnknownQuota false).",
+            labels=["api", "outcome"],
+        )
+        for (api, outcome), count in sorted(
+            runtime.unknown_quota.items(), key=lambda item: (_label(item[0][0]), item[0][1])
+        ):
+            unknown.add_metric([_label(api), outcome], count)
+        yield unknown
+        redis = runtime.redis
+        if redis is None:
+            return
+        breaker = redis.breaker
+        yield GaugeMetricFamily(
+            "flexgw_shared_storage_up", "1 while the shared storage (Redis) is not known down.",
+            value=0 if breaker.down else 1,
+        )
+        yield CounterMetricFamily(
+            "flexgw_shared_storage_outages", "Times the shared storage (Redis) was marked down.",
+            value=breaker.outages,
+        )
 
     def _latency(self, metrics: GatewayMetrics) -> Iterator[Metric]:
         bounds = [_bound(b) for b in metrics.buckets] + ["+Inf"]

@@ -46,6 +46,11 @@ class HitResult:
     quotas: tuple[Quota, ...]
 
 
+class StoreUnavailable(Exception):
+    """The store cannot answer because it is known down (flexgw.storage.breaker): the outage is
+    logged by the store, once, so a caller does not log each such failure."""
+
+
 class IRateLimitStore(Interface):
     """Fixed-window counters per key, shared by every request of one policy binding (or, for a
     shared store such as Redis, by every gateway replica).
@@ -61,7 +66,8 @@ class IRateLimitStore(Interface):
 
         Returns a `HitResult`, or a Deferred firing with one (stores that do I/O, such as Redis).
         Callers must handle both: a synchronous store must never create a Deferred. A store that
-        cannot answer raises (synchronously or through the Deferred's errback).
+        cannot answer raises (synchronously or through the Deferred's errback); one that knows
+        it is down raises `StoreUnavailable` at once, without waiting.
         """
 
     def __len__() -> int:  # type: ignore[misc]

@@ -27,11 +27,23 @@ Client
 imports the global reactor and queues commands while Redis is down instead of failing them, so a
 request would wait for Redis to come back rather than fall to `blockOnUnknownQuota`). One
 connection, opened at the first command and reopened at the first command after it is lost; AUTH
-and SELECT are sent on every new connection. While Redis is unreachable, commands fail at once
-(`RedisUnavailable`) until the next attempt is due: attempts back off exponentially from
-`min_backoff` to `max_backoff` seconds and the delay resets after a successful connection. Every
-command has a timeout (`command_timeout`, connecting included) after which its Deferred fails
-(`TimeoutError`); a late reply is read and dropped, so the connection stays usable.
+and SELECT are sent on every new connection. Every command has a timeout (`command_timeout`,
+connecting included) after which its Deferred fails (`RedisTimeout`, a `TimeoutError`).
+
+Outages
+-------
+The client has an `OutageBreaker` (flexgw.storage.breaker). A command that times out, or whose
+connection cannot be opened or is lost under it, trips the breaker: Redis is marked down once,
+with one log record, and a stalled connection is aborted, so the commands queued behind the one
+that timed out fail at once instead of each waiting out its own timeout. While down, every
+command (and `RedisRateLimitStore.hit`, synchronously) fails at once with `RedisUnavailable`
+without touching the network, and a background probe (a new connection, its handshake and a
+PING, bounded by `command_timeout`) runs `min_backoff` seconds after the trip, then with the
+delay doubling up to `max_backoff` (0.5 s by default, so Redis is seen back within about half a
+second). The first probe that gets its PONG closes the breaker (one log record, with the count of
+checks answered without Redis); its connection serves the next commands. An error reply (`-ERR`)
+is an answer, not an outage, and a connection lost while no command waits on it is simply
+reopened by the next command.
 
 Sentinel and TLS
 ----------------
@@ -42,14 +54,14 @@ connects to that master and checks with `ROLE` that it is one (a sentinel may no
 a failover yet). A lost connection (Sentinel itself kills clients when it demotes a master) and
 a `READONLY` reply (the master became a replica) both drop the connection, so the next command
 asks the sentinels again; a command refused with `READONLY` is sent once more on the new
-connection (Redis executed nothing of it). Every attempt, sentinels included, goes through the
-same backoff.
+connection (Redis executed nothing of it). A probe asks the sentinels too, so the breaker closes
+once they name a reachable master.
 
 With `tls` (a callable from a host name to an IOpenSSLClientConnectionCreator, built by
 flexgw.policies.base from `sharedStorage.redis.tls`) every connection, to the sentinels and to
 the master, is TLS, verified for the host it connects to. A connection counts as up only once
 its first reply arrived (a PING when nothing else is sent), so a refused certificate is a failed
-connection attempt that backs off, not a failure of the first request.
+connection attempt (an outage, probed like any other).
 """
 
 from __future__ import annotations
@@ -59,14 +71,28 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, FirstError, fail, gatherResults
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    FirstError,
+    TimeoutError,
+    fail,
+    gatherResults,
+)
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from flexgw.storage.interfaces import HitResult, IRateLimitStore, Quota, RateLimit
+from flexgw.storage.breaker import (
+    MAX_PROBE_INTERVAL,
+    MIN_PROBE_INTERVAL,
+    SUMMARY_INTERVAL,
+    OutageBreaker,
+)
+from flexgw.storage.breaker import describe as _describe
+from flexgw.storage.interfaces import HitResult, IRateLimitStore, Quota, RateLimit, StoreUnavailable
 
 _log = Logger()
 
@@ -75,8 +101,13 @@ class RedisError(Exception):
     """An error reply from the server (`-ERR ...`)."""
 
 
-class RedisUnavailable(Exception):
-    """The server cannot be reached (not connected, connection lost, handshake refused)."""
+class RedisUnavailable(StoreUnavailable):
+    """The server cannot be reached (not connected, connection lost, handshake refused, or known
+    down: the breaker is open)."""
+
+
+class RedisTimeout(RedisUnavailable, TimeoutError):
+    """A command got no reply within `command_timeout`."""
 
 
 def is_readonly(error: BaseException) -> bool:
@@ -199,7 +230,8 @@ class RespProtocol(Protocol):
 
 
 class RedisClient:
-    """A Redis connection that reconnects on demand with backoff (see the module docstring)."""
+    """A Redis connection that reconnects on demand, with an outage breaker (see the module
+    docstring)."""
 
     def __init__(
         self,
@@ -211,10 +243,11 @@ class RedisClient:
         db: int = 0,
         connect_timeout: float = 2.0,
         command_timeout: float = 2.0,
-        min_backoff: float = 0.1,
-        max_backoff: float = 10.0,
+        min_backoff: float = MIN_PROBE_INTERVAL,
+        max_backoff: float = MAX_PROBE_INTERVAL,
         sentinel: Any = None,
         tls: Any = None,
+        summary_interval: float = SUMMARY_INTERVAL,
     ) -> None:
         self.reactor = reactor
         self.host = host
@@ -232,9 +265,13 @@ class RedisClient:
         self.connections = 0  # successful connections so far (for tests and logs)
         self._protocol: RespProtocol | None = None
         self._waiting: list[Deferred[RespProtocol]] | None = None
-        self._delay = min_backoff
-        self._retry_at: float | None = None
+        self._opening: Deferred[Any] | None = None  # the connection attempt under way
         self._closed = False
+        # min_backoff/max_backoff: the probe delays while Redis is down
+        self.breaker = OutageBreaker(
+            reactor, f"Redis at {self.address}", self._probe, min_backoff, max_backoff,
+            summary_interval, unavailable=RedisUnavailable,
+        )
 
     @property
     def address(self) -> str:
@@ -244,11 +281,44 @@ class RedisClient:
         return f"{self.host}:{self.port}"
 
     def execute(self, *args: Any) -> Deferred[Any]:
-        """Send one command; fails with RedisUnavailable, RedisError or TimeoutError."""
+        """Send one command; fails with RedisUnavailable (at once while Redis is known down),
+        RedisTimeout or RedisError."""
+        breaker = self.breaker
+        if breaker.down_since is not None:
+            return fail(breaker.refuse())
         result = self._send(args)
         if self.sentinel is not None:
             result.addErrback(self._again_if_readonly, args)
-        return result.addTimeout(self.command_timeout, self.reactor)
+        return result.addTimeout(self.command_timeout, self.reactor).addErrback(self._failed)
+
+    def _failed(self, failure: Failure) -> Failure:
+        """A command failed: a timeout or a connection failure trips the breaker (see the
+        module docstring); a timeout also aborts the stalled connection."""
+        if self._closed or not failure.check(RedisUnavailable, TimeoutError):
+            return failure
+        if failure.check(RedisUnavailable):
+            self.breaker.trip(_describe(failure.value))
+            return failure
+        error = RedisTimeout(f"no reply within {self.command_timeout}s")
+        self.breaker.trip(str(error))
+        self._drop()  # the commands behind this one would wait as long: fail them now
+        return Failure(error)
+
+    def _drop(self) -> None:
+        """Abort the current connection, if any (its waiting commands fail)."""
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None and protocol.connected_:
+            protocol.transport.abortConnection()  # type: ignore[union-attr]
+
+    def _probe(self) -> Deferred[Any]:
+        """The breaker's probe: a new connection (handshake included) answering PING in time."""
+        self._drop()
+        answer = self._connection().addCallback(lambda protocol: protocol.send(["PING"]))
+        return answer.addTimeout(self.command_timeout, self.reactor)
+
+    def when_up(self) -> Deferred[None]:
+        """Fires when Redis is not known down (at once if it is not)."""
+        return self.breaker.when_up()
 
     def _send(self, args: Sequence[Any]) -> Deferred[Any]:
         """Send on the current connection, or on a new one."""
@@ -287,6 +357,9 @@ class RedisClient:
     def close(self) -> Deferred[None]:
         """Close the connection for good; fires when it is closed."""
         self._closed = True
+        self.breaker.close()
+        if self._opening is not None:  # e.g. a probe's attempt: stop it (a clean reactor)
+            self._opening.cancel()
         protocol, self._protocol = self._protocol, None
         if protocol is None or not protocol.connected_:
             return _succeeded()
@@ -294,22 +367,16 @@ class RedisClient:
         return protocol.lost
 
     def _connection(self) -> Deferred[RespProtocol]:
-        """A Deferred firing with a ready connection, or failing at once while backing off."""
+        """A Deferred firing with a ready connection (one attempt shared by its callers)."""
         if self._closed:
             return fail(RedisUnavailable("client closed"))
         waiting: Deferred[RespProtocol] = Deferred()
         if self._waiting is not None:
             self._waiting.append(waiting)
             return waiting
-        if self._retry_at is not None and self.reactor.seconds() < self._retry_at:
-            return fail(
-                RedisUnavailable(
-                    f"Redis at {self.address} is unreachable; next attempt in"
-                    f" {self._retry_at - self.reactor.seconds():.1f}s"
-                )
-            )
         self._waiting = [waiting]
-        Deferred.fromCoroutine(self._open()).addCallbacks(self._up, self._down)
+        opening = self._opening = Deferred.fromCoroutine(self._open())
+        opening.addCallbacks(self._up, self._down)
         return waiting
 
     async def _open(self) -> RespProtocol:
@@ -353,6 +420,8 @@ class RedisClient:
                 if not isinstance(reply, list) or len(reply) != 2:
                     raise RedisError(f"does not know master {name!r}")
                 return reply[0].decode("utf-8"), int(reply[1])
+            except CancelledError:
+                raise  # the client is closed
             except Exception as exc:  # noqa: BLE001 (every failure means: ask the next sentinel)
                 errors.append(f"{host}:{port}: {_describe(exc)}")
             finally:
@@ -389,10 +458,8 @@ class RedisClient:
         )
 
     def _up(self, protocol: RespProtocol) -> None:
-        """Connected: serve the waiting commands; the next failure backs off from the start."""
-        waiting, self._waiting = self._waiting or [], None
-        self._delay = self.min_backoff
-        self._retry_at = None
+        """Connected: serve the waiting commands."""
+        waiting, self._waiting, self._opening = self._waiting or [], None, None
         if self._closed:
             protocol.transport.loseConnection()  # type: ignore[union-attr]
             for each in waiting:
@@ -404,10 +471,8 @@ class RedisClient:
             each.callback(protocol)
 
     def _down(self, failure: Failure) -> None:
-        """Could not connect: fail the waiting commands and back off."""
-        waiting, self._waiting = self._waiting or [], None
-        self._retry_at = self.reactor.seconds() + self._delay
-        self._delay = min(self._delay * 2, self.max_backoff)
+        """Could not connect: fail the waiting commands (an outage, see `_failed`)."""
+        waiting, self._waiting, self._opening = self._waiting or [], None, None
         error = RedisUnavailable(f"cannot use Redis at {self.address}: {_describe(failure.value)}")
         for each in waiting:
             each.errback(error)
@@ -424,11 +489,6 @@ def _must_be_master(reply: Any, host: str, port: int) -> Any:
     if role != b"master":
         raise RedisUnavailable(f"{host}:{port} is not a master (ROLE {role!r})")
     return reply
-
-
-def _describe(error: BaseException) -> str:
-    """An exception as a short message (its type when it has no text, e.g. a timeout)."""
-    return str(error) or type(error).__name__
 
 
 def _succeeded(value: Any = None) -> Deferred[Any]:
@@ -498,7 +558,12 @@ class RedisRateLimitStore:
         return self.created
 
     def hit(self, key: str, limits: Sequence[RateLimit]) -> Deferred[HitResult]:
-        """Check and count one request for `key` against every limit (atomically, in Redis)."""
+        """Check and count one request for `key` against every limit (atomically, in Redis).
+
+        While Redis is known down, raises RedisUnavailable at once (no Deferred, no I/O)."""
+        breaker = self.client.breaker
+        if breaker.down_since is not None:
+            raise breaker.refuse()
         now = round(self.clock.seconds() * 1000)
         args: list[int] = [now]
         for limit in limits:

@@ -23,6 +23,33 @@ class UpstreamTLSError(Exception):
     """The TLS handshake with an upstream failed (certificate, host name, protocol)."""
 
 
+class ThrottledLog:
+    """Which records of a repeating failure get written: one per key, and at most `burst`
+    keys, per `interval` seconds; the others are counted, and the count goes into the next
+    record written (a flood of failing requests writes a few lines, not one per request)."""
+
+    def __init__(self, clock: IReactorTime, interval: float = 10.0, burst: int = 5) -> None:
+        self.clock = clock
+        self.interval = interval
+        self.burst = burst
+        self.window_start = float("-inf")
+        self.keys: set[str] = set()
+        self.skipped = 0
+
+    def admit(self, key: str) -> int | None:
+        """None: skip this record; else write it, saying how many were skipped before it."""
+        now = self.clock.seconds()
+        if now - self.window_start >= self.interval:
+            self.window_start = now
+            self.keys.clear()
+        if key in self.keys or len(self.keys) >= self.burst:
+            self.skipped += 1
+            return None
+        self.keys.add(key)
+        skipped, self.skipped = self.skipped, 0
+        return skipped
+
+
 class ConnectionWaiter(TypingProtocol):
     """Whoever asked the pool for a connection."""
 
@@ -38,6 +65,8 @@ class _Connect(ClientFactory):
     def __init__(self, pool: UpstreamPool, waiter: ConnectionWaiter) -> None:
         self.pool = pool
         self.waiter = waiter
+        self.connector: Any = None
+        self.cancelled = False  # the waiter gave up (see UpstreamPool.cancel)
 
     def buildProtocol(self, addr: object) -> UpstreamConnection:
         """Build the connection; the pool hands it to the waiter once connected (over TLS:
@@ -47,12 +76,16 @@ class _Connect(ClientFactory):
             connection: UpstreamConnection = TLSUpstreamConnection(pool)
         else:
             connection = UpstreamConnection(pool)
-        self.pool._pending[connection] = self.waiter
+        self.pool._pending[connection] = self
         return connection
 
     def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
         """Connect refused, unreachable or timed out."""
-        self.pool.connecting -= 1
+        if self.cancelled:
+            return
+        pool = self.pool
+        pool.connecting -= 1
+        del pool._attempts[self.waiter]
         self.waiter.upstream_connect_failed(reason)
 
 
@@ -71,7 +104,8 @@ class UpstreamPool(PoolBase):
         self.idle: list[UpstreamConnection] = []
         self.active = 0
         self.connecting = 0
-        self._pending: dict[UpstreamConnection, ConnectionWaiter] = {}
+        self._attempts: dict[ConnectionWaiter, _Connect] = {}  # by waiter, until connected
+        self._pending: dict[UpstreamConnection, _Connect] = {}  # built, not connected yet
 
     def acquire(self, waiter: ConnectionWaiter, fresh: bool = False) -> None:
         """Give `waiter` an idle connection now, or connect one and give it when connected.
@@ -91,7 +125,8 @@ class UpstreamPool(PoolBase):
                 connection.abort()
         self.connecting += 1
         upstream = self.upstream
-        factory: Any = _Connect(self, waiter)
+        attempt = self._attempts[waiter] = _Connect(self, waiter)
+        factory: Any = attempt
         tls = upstream.tls
         if tls is not None:
             from flexgw.tls.contexts import QuietTLSFactory
@@ -100,12 +135,30 @@ class UpstreamPool(PoolBase):
         # Configuration.spec.forwardProxy: to the proxy; plain HTTP then goes in absolute form
         # (Upstream.request_prefix), TLS through a CONNECT tunnel (the handshake, with its
         # checks against the Service host, runs inside it).
-        connect_upstream(self.reactor, self.clock, upstream, factory, self.connect_timeout)
+        attempt.connector = connect_upstream(
+            self.reactor, self.clock, upstream, factory, self.connect_timeout
+        )
+
+    def cancel(self, waiter: ConnectionWaiter) -> None:
+        """`waiter` gave up before its connection was handed over: stop the attempt (a
+        connection that completes anyway is closed, never kept)."""
+        attempt = self._attempts.pop(waiter, None)
+        if attempt is None:
+            return
+        attempt.cancelled = True
+        self.connecting -= 1
+        if attempt.connector is not None:
+            attempt.connector.disconnect()
 
     def connection_made(self, connection: UpstreamConnection) -> None:
         """A new connection is up: give it to the waiter that asked for it."""
+        attempt = self._pending.pop(connection)
+        if attempt.cancelled:
+            connection.abort()
+            return
         self.connecting -= 1
-        waiter = self._pending.pop(connection)
+        waiter = attempt.waiter
+        del self._attempts[waiter]
         self.active += 1
         waiter.upstream_ready(connection, False)
 
@@ -126,11 +179,15 @@ class UpstreamPool(PoolBase):
 
     def connection_lost(self, connection: UpstreamConnection, reason: Failure | None = None) -> None:
         """Forget a closed connection."""
-        if connection in self._pending:
+        attempt = self._pending.pop(connection, None)
+        if attempt is not None:
             # Connected, then lost before connectionMade (or the TLS handshake) completed: the
             # attempt failed; over TLS `reason` says why (a certificate check, say).
+            if attempt.cancelled:
+                return
             self.connecting -= 1
-            waiter = self._pending.pop(connection)
+            waiter = attempt.waiter
+            del self._attempts[waiter]
             if connection.tls_failed:
                 cause = reason.value if reason is not None else None
                 _log.warn(
@@ -187,6 +244,23 @@ class PoolManager:
         self.http = HttpSettings()
         self.timeouts = Timeouts()
         self._reaper: LoopingCall | None = None
+        # Failed name lookups (reverse-proxy upstreams and forward-proxy destinations alike)
+        self.dns_log = ThrottledLog(clock)
+
+    def dns_failed(self, name: str, upstream: str, reason: Failure) -> None:
+        """Log that `name` (for `upstream`) did not resolve, with the resolver's error; rate-
+        limited by `dns_log`."""
+        skipped = self.dns_log.admit(name)
+        if skipped is None:
+            return
+        _log.warn(
+            "Name lookup for {name} (upstream {upstream}) failed: {error}"
+            + (" ({skipped} more lookup failures not logged before this one)" if skipped else ""),
+            name=name,
+            upstream=upstream,
+            error=reason.getErrorMessage(),
+            skipped=skipped,
+        )
 
     def configure(self, http: HttpSettings, timeouts: Timeouts, upstreams: set[Upstream]) -> None:
         """Apply a new plan: new settings for new pools, and retire pools of removed upstreams."""
