@@ -249,6 +249,27 @@ class SingleEtcdTests(TestCase):
         self.addCleanup(watch.cancel)
         self.assertEqual(watch.endpoint, self.etcd.url)
 
+    async def test_watch_stream_broken_before_created(self) -> None:
+        """An endpoint that starts a watch answer and hangs up before etcd's "created" makes
+        the watch move to the next endpoint."""
+        from twisted.internet.protocol import Factory, Protocol
+
+        class HangUp(Protocol):
+            """Answers 200 with a chunked body, then closes."""
+
+            def dataReceived(self, data: bytes) -> None:
+                self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                self.transport.loseConnection()
+
+        broken = real_reactor().listenTCP(0, Factory.forProtocol(HangUp), interface="127.0.0.1")
+        self.addCleanup(broken.stopListening)
+        self.etcd = await start_etcd(self, real_reactor())
+        urls = [f"http://127.0.0.1:{broken.getHost().port}", self.etcd.url]
+        client = EtcdClient(real_reactor(), urls, timeout=2.0)
+        watch = await client.watch_prefix(b"/t", Recorder())
+        self.addCleanup(watch.cancel)
+        self.assertEqual(watch.endpoint, self.etcd.url)
+
     async def test_auth(self) -> None:
         """With auth enabled, a client with the right password reads and writes (its token in
         the Authorization header); no credentials or a wrong password are refused."""

@@ -490,11 +490,11 @@ class EtcdClient:
                     response.deliverBody(watch.stream)
                     await watch.created.addTimeout(self.timeout, self.reactor)
                 except _ENDPOINT_FAILURES as error:
-                    watch.cancel()
+                    watch.discard()
                     reasons.append((url, _describe(error)))
                     continue
                 except EtcdError as error:
-                    watch.cancel()
+                    watch.discard()
                     if error.code != UNAVAILABLE:
                         raise
                     reasons.append((url, str(error)))
@@ -537,6 +537,11 @@ class Watch:
         """Stop the watch (its connection is dropped); `done` fires with "cancelled"."""
         self._end(WatchEnd("cancelled"))
         self.stream.abort()
+
+    def discard(self) -> None:
+        """Cancel a watch nobody will follow (a failed attempt): its end is not reported."""
+        self.done.addErrback(lambda _: None)
+        self.cancel()
 
     def _end(self, outcome: WatchEnd | Exception) -> None:
         """Settle `created` (if still pending) and `done`, once."""
