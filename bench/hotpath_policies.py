@@ -24,7 +24,7 @@ from twisted.internet.testing import MemoryReactorClock
 from flexgw.config.pipeline import load_config
 from flexgw.ingress.front import IngressFactory
 from flexgw.policies import registry
-from flexgw.upstream.pool import PoolManager
+from flexgw.upstream.manager import PoolManager
 
 
 def _sibling(name: str) -> Any:
