@@ -161,7 +161,7 @@ class RedisOutageTests(TestCase):
         answers = [await self.get(port) for _ in range(10)]
         self.assertEqual(answers, [(429, b"quota_unavailable")] * 10)
         self.assertEqual(self.storage_events(), ["refused"])
-        self.assertIn("OOM", [e for e in self.events if "storage_event" in e][0]["reason"])
+        self.assertIn("OOM", next(e for e in self.events if "storage_event" in e)["reason"])
         self.assertFalse(redis.breaker.down)
         got = self.metrics(gateway)
         self.assertEqual(got[("flexgw_shared_storage_refusals_total", ())], 10)
