@@ -149,12 +149,18 @@ class AbandonTests(ExchangeClockTestCase):
     """A client that goes away releases what its exchange held."""
 
     def test_client_gone_while_connecting(self) -> None:
-        """The connection completing after the client left goes to the pool, unused and counted."""
+        """The client leaving gives its upstream connect up (no connection is opened or kept
+        for an exchange that never reached the upstream); one completing anyway is closed
+        unused, not pooled."""
         self.front.dataReceived(GET)
         self.front.connectionLost(None)
+        [connector] = self.reactor.connectors
+        self.assertTrue(connector._disconnected)
+        self.assertEqual(self.pool_counts(), (0, 0, 0))
         _, up = self.connect_upstream()
         self.assertEqual(up.value(), b"")
-        self.assertEqual(self.pool_counts(), (1, 0, 0))
+        self.assertTrue(up.disconnecting)
+        self.assertEqual(self.pool_counts(), (0, 0, 0))
 
     def test_client_gone_mid_response(self) -> None:
         """The upstream connection is aborted, not pooled, and no timer is left."""

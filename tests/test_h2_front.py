@@ -8,7 +8,16 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import DataReceived, ResponseReceived, StreamEnded, StreamReset
-from hyperframe.frame import ContinuationFrame, HeadersFrame
+from h2.settings import SettingCodes
+from hyperframe.frame import (
+    ContinuationFrame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import IPv4Address
@@ -20,6 +29,7 @@ from flexgw.http.h2frames import GoAwayFilter
 from flexgw.ingress.front import IngressFactory, IngressProtocol
 from flexgw.ingress.h2front import H2Limits, H2Protocol
 from flexgw.plan import HttpSettings, Timeouts
+from flexgw.testing.h2 import made_you_reset, split_frames
 from flexgw.upstream.pool import PoolManager
 from tests.conftools import write_conf
 from tests.harness import simple_api
@@ -238,6 +248,151 @@ class FloodTests(FrontTestCase):
         self.assertTrue(self.down.disconnecting)
         # h2 refuses the whole read that broke the limit: nothing of it was proxied.
         self.assertEqual(self.reactor.tcpClients, [])
+
+
+class ServerResetTests(FrontTestCase):
+    """Streams the gateway resets for the client's protocol errors ("MadeYouReset", 2025) count
+    like client resets, and never open or keep an upstream connection; PING and SETTINGS floods
+    get at most the limit of answers. The client's bytes are raw frames; the gateway's are parsed
+    as frames (an h2 client would refuse them, or refuse to send the attack)."""
+
+    limits = H2Limits(max_resets=10, max_control_frames=20, max_concurrent_streams=5)
+
+    def start_raw(self) -> None:
+        """Connection preface and SETTINGS; the gateway's first answer is dropped."""
+        self.client.initiate_connection()
+        self.selector.dataReceived(self.client.data_to_send())
+        self.down.clear()
+
+    def written(self) -> list:
+        """The frames the gateway wrote since the last call."""
+        out = self.down.value()
+        self.down.clear()
+        return split_frames(out)[0]
+
+    def upstream_pool(self):
+        """The pool of the API's upstream (created by the first exchange that connected)."""
+        [pool] = self.pools.pools.values()
+        return pool
+
+    def test_data_on_half_closed_streams_in_one_read(self) -> None:
+        """HEADERS(END_STREAM) then DATA per stream, all in one read: the gateway's resets count
+        against the budget; GOAWAY ENHANCE_YOUR_CALM once over it, and no exchange of the read
+        ever asked for an upstream connection."""
+        self.start_raw()
+        self.selector.dataReceived(made_you_reset(50, path=b"/x", authority=b"a.test"))
+        frames = self.written()
+        resets = [f for f in frames if isinstance(f, RstStreamFrame)]
+        [goaway] = [f for f in frames if isinstance(f, GoAwayFrame)]
+        self.assertEqual(goaway.error_code, ErrorCodes.ENHANCE_YOUR_CALM)
+        self.assertTrue(self.down.disconnecting)
+        self.assertLessEqual(len(resets), self.limits.max_resets + 1)
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_data_on_half_closed_streams_across_reads(self) -> None:
+        """The same pattern with each DATA in the read after its HEADERS: each exchange started,
+        and its reset gives its upstream connect up (the pool keeps nothing: no pending attempt,
+        a connection that completes anyway is closed without a request); GOAWAY within the
+        budget."""
+        self.start_raw()
+        attack, _ = split_frames(made_you_reset(12, path=b"/x", authority=b"a.test"))
+        for frame in attack:
+            if self.down.disconnecting:
+                break
+            self.selector.dataReceived(frame.serialize())
+        frames = self.written()
+        [goaway] = [f for f in frames if isinstance(f, GoAwayFrame)]
+        self.assertEqual(goaway.error_code, ErrorCodes.ENHANCE_YOUR_CALM)
+        # The 11th reset is over the budget: the 12th stream never opened.
+        self.assertEqual(len(self.reactor.tcpClients), 11)
+        self.assertTrue(all(c._disconnected for c in self.reactor.connectors))
+        pool = self.upstream_pool()
+        self.assertEqual((pool.connecting, pool.active, pool.idle), (0, 0, []))
+        # An attempt the reactor completes all the same: closed, nothing sent, nothing kept.
+        host, port, factory, _, _ = self.reactor.tcpClients[0]
+        upstream = factory.buildProtocol(IPv4Address("TCP", host, port))
+        up = StringTransport()
+        upstream.makeConnection(up)
+        self.assertEqual(up.value(), b"")
+        self.assertTrue(up.disconnecting)
+        self.assertEqual((pool.connecting, pool.active, pool.idle), (0, 0, []))
+
+    def test_window_overflow_counts_as_reset(self) -> None:
+        """A WINDOW_UPDATE overflowing a stream's window (h2 resets the stream with
+        FLOW_CONTROL_ERROR) counts against the reset budget too."""
+        self.start_raw()
+        encoder = hpack.Encoder()
+        attack = []
+        for i in range(11):
+            stream_id = 1 + 2 * i
+            attack.append(HeadersFrame(stream_id, encoder.encode(POST), flags=["END_HEADERS"]))
+            attack.append(WindowUpdateFrame(stream_id, window_increment=2**31 - 1))
+        self.selector.dataReceived(b"".join(f.serialize() for f in attack))
+        frames = self.written()
+        [goaway] = [f for f in frames if isinstance(f, GoAwayFrame)]
+        self.assertEqual(goaway.error_code, ErrorCodes.ENHANCE_YOUR_CALM)
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_malformed_requests_count_as_resets(self) -> None:
+        """Requests refused for a malformed head (here a :path not starting with "/", which h2
+        lets through) are stream errors: past the budget, GOAWAY ENHANCE_YOUR_CALM."""
+        self.start_raw()
+        encoder = hpack.Encoder()
+        bad = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a.test"), (b":path", b"x")]
+        for i in range(11):  # one read each: 11 streams at once are over the concurrency limit
+            frame = HeadersFrame(1 + 2 * i, encoder.encode(bad), flags=["END_STREAM", "END_HEADERS"])
+            self.selector.dataReceived(frame.serialize())
+        [goaway] = [f for f in self.written() if isinstance(f, GoAwayFrame)]
+        self.assertEqual(goaway.error_code, ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def test_ping_flood_answered_at_most_limit(self) -> None:
+        """25 PINGs in one read, limit 20: 20 answers at most, then GOAWAY ENHANCE_YOUR_CALM."""
+        self.start_raw()
+        self.selector.dataReceived(
+            b"".join(PingFrame(0, opaque_data=b"%08d" % i).serialize() for i in range(25))
+        )
+        frames = self.written()
+        acks = [f for f in frames if isinstance(f, PingFrame) and "ACK" in f.flags]
+        self.assertLessEqual(len(acks), self.limits.max_control_frames)
+        [goaway] = [f for f in frames if isinstance(f, GoAwayFrame)]
+        self.assertEqual(goaway.error_code, ErrorCodes.ENHANCE_YOUR_CALM)
+        self.assertTrue(self.down.disconnecting)
+
+    def test_settings_flood_answered_at_most_limit(self) -> None:
+        """25 SETTINGS in one read, limit 20: 20 acknowledgements at most, then GOAWAY."""
+        self.start_raw()
+        self.selector.dataReceived(
+            b"".join(
+                SettingsFrame(0, settings={SettingCodes.HEADER_TABLE_SIZE: 4096}).serialize()
+                for _ in range(25)
+            )
+        )
+        frames = self.written()
+        acks = [f for f in frames if isinstance(f, SettingsFrame) and "ACK" in f.flags]
+        self.assertLessEqual(len(acks), self.limits.max_control_frames)
+        [goaway] = [f for f in frames if isinstance(f, GoAwayFrame)]
+        self.assertEqual(goaway.error_code, ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def test_lingering_exchanges_count_against_concurrency(self) -> None:
+        """Streams h2 considers closed whose exchanges still run (reset by the gateway, as
+        H2Stream.flush does when h2 refuses a response) keep their places: past
+        SETTINGS_MAX_CONCURRENT_STREAMS, a new stream is refused."""
+        protocol = self.start_h2()
+        for i in range(5):
+            self.client.send_headers(1 + 2 * i, GET, end_stream=True)
+        self.send()
+        self.assertEqual(len(protocol.streams), 5)
+        for stream in protocol.streams.values():
+            stream.closed = True
+            protocol.conn.reset_stream(stream.stream_id, ErrorCodes.INTERNAL_ERROR)
+        protocol.flush()
+        self.receive()
+        self.client.send_headers(11, GET, end_stream=True)
+        self.send()
+        [refused] = [e for e in self.of(StreamReset) if e.stream_id == 11]
+        self.assertEqual(refused.error_code, ErrorCodes.REFUSED_STREAM)
+        self.assertEqual(len(protocol.streams), 5)
+        self.assertEqual(len(self.reactor.tcpClients), 5)
 
 
 class LifecycleTests(FrontTestCase):

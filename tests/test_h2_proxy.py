@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from h2.errors import ErrorCodes
+from hyperframe.frame import RstStreamFrame
 from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial.unittest import TestCase
 
 from flexgw.testing import client, h2
@@ -178,6 +181,35 @@ class ProxyCombinationTests(_Base):
             bytes(conn._raw).endswith(b"0\r\ngrpc-status: 0\r\ngrpc-message: ok\r\n\r\n"),
             bytes(conn._raw),
         )
+
+
+class MadeYouResetTests(_Base):
+    """The 2025 "MadeYouReset" attack over loopback, against a recording HTTP/1.1 upstream."""
+
+    async def test_bounded_attack_gets_goaway(self) -> None:
+        """2,000 streams of HEADERS(END_STREAM) then DATA on the half-closed stream: the
+        gateway's resets count against the reset budget, the connection gets GOAWAY
+        ENHANCE_YOUR_CALM, the upstream sees no more than a handful of connections and request
+        heads, and a well-behaved client is served meanwhile."""
+        _gateway, upstream, port = self.start(fixed(200, body=b"ok"), upstream_h2=False)
+        attacker = h2.RawH2Client()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5), attacker)
+        self.addCleanup(attacker.transport.abortConnection)
+        attacker.transport.write(h2.made_you_reset(2000, path=b"/a/x"))
+        goaway = await attacker.goaway_received.addTimeout(10, reactor)
+        self.assertEqual(goaway.error_code, ErrorCodes.ENHANCE_YOUR_CALM)
+        await attacker.lost.addTimeout(10, reactor)
+        # At most the reset budget (200 by default) of the gateway's resets was answered.
+        self.assertLessEqual(attacker.count(RstStreamFrame), 201)
+        conn = await self.h2_client(port)
+        response = conn.request(b"GET", b"/fine")
+        await response.done
+        self.assertEqual(response.status, 200)
+        self.assertEqual(upstream.received[-1].target, b"/fine")
+        # Only streams whose DATA came in a later read than their HEADERS could start; the
+        # connect they began was given up at the reset.
+        self.assertLessEqual(len(upstream.received) - 1, 5)
+        self.assertLessEqual(len(upstream.connections), 6)
 
 
 class _ChunkedTrailers(Responder):

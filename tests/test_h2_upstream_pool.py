@@ -83,6 +83,29 @@ class H2PoolTests(TestCase):
         self.assertEqual((self.pool.connecting, self.pool.connections), (0, []))
 
 
+    def test_cancelled_waiters_give_the_attempt_up(self) -> None:
+        """A waiter that gives up leaves its attempt; once no waiter is left the connect stops,
+        and a connection that completes anyway is closed without a stream."""
+        first, second = _Waiter(), _Waiter()
+        self.pool.acquire(first)
+        self.pool.acquire(second)
+        [connector] = self.reactor.connectors
+        self.pool.cancel(first)
+        self.assertFalse(connector._disconnected)
+        self.assertEqual(self.pool.connecting, 1)
+        self.pool.cancel(second)
+        self.assertTrue(connector._disconnected)
+        self.assertEqual((self.pool.connecting, self.pool.attempts), (0, []))
+        connection, transport = self.connect()
+        server = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        server.initiate_connection()
+        server.receive_data(transport.value())
+        connection.dataReceived(server.data_to_send())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual((self.pool.connections, self.pool.active), ([], 0))
+        self.assertEqual((first.stream, second.stream), (None, None))
+
+
 class H2PoolIdleTimeoutTests(TestCase):
     """The HTTP/2 pool keeps idle connections as long as the plain pool would."""
 

