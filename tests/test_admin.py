@@ -7,13 +7,11 @@ import json
 import os
 import shutil
 import socket
-import sys
 import tempfile
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
-from twisted.internet.defer import DeferredList
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
@@ -27,7 +25,7 @@ from flexgw.tap import Options
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream
 from tests.harness import Gateway, api_document, free_port
-from tests.test_sigterm import ROOT, NotifyReceiver, Process, write_conf
+from tests.test_sigterm import start_twistd, write_conf
 
 HEADER = "apiVersion: gateway.mulesoft.com/v1alpha1\n"
 
@@ -397,32 +395,7 @@ class TwistdAdminTests(TestCase):
         self.addCleanup(shutil.rmtree, directory, True)
         port, admin = free_port(), free_port()
         conf = write_conf(directory, api_document(port, upstream.address[1]))
-        receiver = NotifyReceiver()
-        notify = os.path.join(directory, "notify")
-        listening = reactor.listenUNIXDatagram(notify, receiver)
-        self.addCleanup(listening.stopListening)
-        env = dict(os.environ, PYTHONPATH=ROOT, NOTIFY_SOCKET=notify)
-        env.pop("WATCHDOG_USEC", None)
-        process = Process()
-        args = [
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "--nodaemon", "--pidfile=", "--logfile=-", "flexgw", "--conf", conf,
-            "--access-log", "off", "--admin", f"tcp:{admin}:interface=127.0.0.1",
-        ]
-        transport = reactor.spawnProcess(process, sys.executable, args, env=env, path=directory)
-
-        def cleanup() -> Any:
-            if not process.ended.called:
-                transport.signalProcess("KILL")
-            return process.ended
-
-        self.addCleanup(cleanup)
-        first = await DeferredList(
-            [receiver.wait_for("READY=1"), process.ended], fireOnOneCallback=True,
-            consumeErrors=True,
-        )
-        if first[1] == 1:
-            self.fail("twistd ended before READY=1:\n" + process.output.decode(errors="replace"))
+        await start_twistd(self, directory, conf, "--admin", f"tcp:{admin}:interface=127.0.0.1")
         response = await client.request(reactor, "127.0.0.1", port, get("/hello"))
         self.assertEqual(response.status, 200)
         metrics = await client.request(reactor, "127.0.0.1", admin, get("/metrics"))

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import tempfile
 from typing import Any
 
@@ -16,39 +15,13 @@ from twisted.trial.unittest import TestCase
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream, fixed
 from tests.harness import api_document, free_port
-from tests.test_sigterm import ROOT, NotifyReceiver, Process, write_conf
+from tests.test_sigterm import Process, start_twistd, write_conf
 
 LEVEL_ERROR = (
     "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: Configuration\nmetadata: {name: logs}\n"
     "spec:\n  logging:\n    runtimeLogs: {logLevel: error}\n"
 )
 GET = b"GET /%s HTTP/1.1\r\nHost: example.test\r\n\r\n"
-
-
-class WatchedProcess(Process):
-    """A twistd process whose output can be waited on."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._waiters: list[tuple[bytes, defer.Deferred[None]]] = []
-
-    def outReceived(self, data: bytes) -> None:
-        """Keep the output; fire waiters whose text appeared."""
-        super().outReceived(data)
-        for entry in list(self._waiters):
-            if entry[0] in self.output:
-                self._waiters.remove(entry)
-                entry[1].callback(None)
-
-    errReceived = outReceived
-
-    def wait_for(self, text: bytes) -> defer.Deferred[None]:
-        """Fires once `text` has appeared in the output."""
-        if text in self.output:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        self._waiters.append((text, d))
-        return d
 
 
 def paths(path: str) -> list[str]:
@@ -62,7 +35,7 @@ class SigusrTests(TestCase):
 
     timeout = 30
 
-    async def start(self, extra: str = "", options: tuple[str, ...] = ()) -> tuple[WatchedProcess, Any, int, str]:
+    async def start(self, extra: str = "", options: tuple[str, ...] = ()) -> tuple[Process, Any, int, str]:
         """Start an upstream and twistd in front of it (config + `extra` documents); wait for
         READY=1. Returns (process, transport, port, access-log path)."""
         upstream = RecordingUpstream(fixed(200), reactor=reactor)
@@ -72,36 +45,11 @@ class SigusrTests(TestCase):
         self.addCleanup(shutil.rmtree, directory, True)
         port = free_port()
         conf = write_conf(directory, api_document(port, upstream.address[1]) + extra)
-        receiver = NotifyReceiver()
-        notify = os.path.join(directory, "notify")
-        listening = reactor.listenUNIXDatagram(notify, receiver)
-        self.addCleanup(listening.stopListening)
         access = os.path.join(directory, "access.log")
-        env = dict(os.environ)
-        env.update(PYTHONPATH=ROOT, NOTIFY_SOCKET=notify)
-        env.pop("WATCHDOG_USEC", None)
-        process = WatchedProcess()
-        args = [
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "--nodaemon", "--pidfile=", "--logfile=-", "flexgw", "--conf", conf,
-            "--access-log", access, "--admin", "off", *options,
-        ]
-        transport = reactor.spawnProcess(process, sys.executable, args, env=env, path=directory)
+        started = await start_twistd(self, directory, conf, "--access-log", access, *options)
+        return started.process, started.transport, port, access
 
-        def cleanup() -> defer.Deferred[Any]:
-            if not process.ended.called:
-                transport.signalProcess("KILL")
-            return process.ended
-
-        self.addCleanup(cleanup)
-        first = await defer.DeferredList(
-            [receiver.wait_for("READY=1"), process.ended], fireOnOneCallback=True, consumeErrors=True
-        )
-        if first[1] == 1:
-            self.fail("twistd ended before READY=1:\n" + process.output.decode(errors="replace"))
-        return process, transport, port, access
-
-    async def stop(self, transport: Any, process: WatchedProcess) -> bytes:
+    async def stop(self, transport: Any, process: Process) -> bytes:
         """SIGTERM; wait for the exit; the output."""
         transport.signalProcess("TERM")
         await process.ended
@@ -126,7 +74,7 @@ class SigusrTests(TestCase):
         response = await client.request(reactor, "127.0.0.1", port, GET % b"before")
         self.assertEqual(response.status, 200)
         os.rename(access, access + ".1")
-        reopened = process.wait_for(b"Log files reopened")
+        reopened = process.wait_output(b"Log files reopened")
         os.kill(transport.pid, signal.SIGUSR1)
         outcome = await defer.DeferredList(
             [reopened, process.ended], fireOnOneCallback=True, consumeErrors=True

@@ -4,21 +4,18 @@ gateway serves everything else (the README's second gateway next to `make run`).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
-import sys
 import tempfile
-from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream
 from tests.harness import api_document, free_port
 from tests.test_admin import get, probe_config
-from tests.test_sigterm import ROOT, NotifyReceiver, Process, write_conf
+from tests.test_sigterm import start_twistd, write_conf
 
 
 def occupy(case: TestCase) -> int:
@@ -52,38 +49,17 @@ class PortsInUseTests(TestCase):
             + "---\n" + api_document(taken, upstream.address[1], "blocked-api")
             + "---\n" + probe_config(probe),
         )
-        receiver = NotifyReceiver()
-        notify = os.path.join(directory, "notify")
-        listening = reactor.listenUNIXDatagram(notify, receiver)
-        self.addCleanup(listening.stopListening)
-        env = dict(os.environ, PYTHONPATH=ROOT, NOTIFY_SOCKET=notify)
-        env.pop("WATCHDOG_USEC", None)
-        process = Process()
-        args = [
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "--nodaemon", "--pidfile=", "--logfile=-", "flexgw", "--conf", conf,
-            "--access-log", "off", "--admin", f"tcp:{admin}:interface=127.0.0.1",
-        ]
-        transport = reactor.spawnProcess(process, sys.executable, args, env=env, path=directory)
-
-        def cleanup() -> Any:
-            if not process.ended.called:
-                transport.signalProcess("KILL")
-            return process.ended
-
-        self.addCleanup(cleanup)
-        first = await defer.DeferredList(
-            [receiver.wait_for("READY=1"), process.ended], fireOnOneCallback=True,
-            consumeErrors=True,
+        started = await start_twistd(
+            self, directory, conf, "--admin", f"tcp:{admin}:interface=127.0.0.1"
         )
-        if first[1] == 1:
-            self.fail("twistd ended before READY=1:\n" + process.output.decode(errors="replace"))
         response = await client.request(reactor, "127.0.0.1", free, get("/hello"))
-        self.assertEqual(response.status, 200)
+        self.assertEqual(
+            response.status, 200, response.body + started.process.output  # who answered, and why
+        )
         readiness = await client.request(reactor, "127.0.0.1", probe, get("/probes/readiness"))
         self.assertEqual(readiness.status, 503, readiness.body)
         self.assertIn(f"127.0.0.1:{taken}", json.dumps(json.loads(readiness.body)))
-        output = (await process.wait_output(b"Cannot listen on")).decode(errors="replace")
+        output = (await started.process.wait_output(b"Cannot listen on")).decode(errors="replace")
         admin_lines = [line for line in output.splitlines() if f"tcp:{admin}:" in line]
         self.assertEqual(len(admin_lines), 1, output)
         self.assertIn("Address already in use", admin_lines[0])

@@ -153,8 +153,6 @@ class ReadmeCommandsTests(TestCase):
 
     async def test_readme_blocks_run(self) -> None:
         """tools/readme_commands.py README.md exits 0: every block did what its marker says."""
-        if readme_commands.unshare_command() is None:
-            raise SkipTest("needs `unshare --net --mount` (util-linux; root or user namespaces)")
         runner = Runner()
         tool = os.path.join(ROOT, "tools", "readme_commands.py")
         env = {k: v for k, v in os.environ.items() if k != readme_commands.ISOLATED}
@@ -170,5 +168,7 @@ class ReadmeCommandsTests(TestCase):
 
         self.addCleanup(cleanup)
         code, report = await runner.ended
+        if code == 77:  # no private network namespace, and the README's ports are taken
+            raise SkipTest(report)
         self.assertEqual(code, 0, report)
         self.assertNotIn("FAILED", report)

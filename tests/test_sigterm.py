@@ -9,6 +9,7 @@ import sys
 import tempfile
 from typing import Any
 
+import attrs
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.error import ConnectionRefusedError
 from twisted.python.usage import UsageError
@@ -91,6 +92,47 @@ class Process(protocol.ProcessProtocol):
         self.ended.callback(reason.value)
 
 
+@attrs.frozen
+class Twistd:
+    """A started `twistd flexgw`: its output, its sd_notify messages, its process transport."""
+
+    process: Process
+    receiver: NotifyReceiver
+    transport: Any
+
+
+async def start_twistd(case: TestCase, directory: str, conf: str, *options: str) -> Twistd:
+    """`twistd flexgw --conf conf --access-log off --admin off OPTIONS...` (a later option wins)
+    under a fake systemd (its notify socket in `directory`); returns once it sent READY=1 (fails
+    the test if it ends first). The process is killed, if still running, when the test ends."""
+    receiver = NotifyReceiver()
+    notify = os.path.join(directory, "notify")
+    listening = reactor.listenUNIXDatagram(notify, receiver)
+    case.addCleanup(listening.stopListening)
+    env = dict(os.environ, PYTHONPATH=ROOT, NOTIFY_SOCKET=notify)
+    env.pop("WATCHDOG_USEC", None)
+    process = Process()
+    args = [
+        sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
+        "--nodaemon", "--pidfile=", "--logfile=-", "flexgw", "--conf", conf,
+        "--access-log", "off", "--admin", "off", *options,
+    ]
+    transport = reactor.spawnProcess(process, sys.executable, args, env=env, path=directory)
+
+    def cleanup() -> defer.Deferred[Any]:
+        if not process.ended.called:
+            transport.signalProcess("KILL")
+        return process.ended
+
+    case.addCleanup(cleanup)
+    first = await defer.DeferredList(
+        [receiver.wait_for("READY=1"), process.ended], fireOnOneCallback=True, consumeErrors=True
+    )
+    if first[1] == 1:
+        case.fail("twistd ended before READY=1:\n" + process.output.decode(errors="replace"))
+    return Twistd(process, receiver, transport)
+
+
 class SigtermTests(TestCase):
     """The real twistd process, signals included."""
 
@@ -106,36 +148,11 @@ class SigtermTests(TestCase):
         self.addCleanup(shutil.rmtree, directory, True)
         port = free_port()
         conf = write_conf(directory, api_document(port, upstream.address[1]))
-        receiver = NotifyReceiver()
-        notify = os.path.join(directory, "notify")
-        listening = reactor.listenUNIXDatagram(notify, receiver)
-        self.addCleanup(listening.stopListening)
-        env = dict(os.environ)
-        env.update(PYTHONPATH=ROOT, NOTIFY_SOCKET=notify)
-        env.pop("WATCHDOG_USEC", None)
-        process = Process()
-        args = [
-            sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-            "--nodaemon", "--pidfile=", "--logfile=-", "flexgw", "--conf", conf,
-            "--access-log", "off", "--drain-seconds", str(drain_seconds),
-        ]
-        if any(option[0] == "admin" for option in Options.optParameters):
-            args += ["--admin", "off"]  # no fixed admin port shared between parallel tests
-        transport = reactor.spawnProcess(process, sys.executable, args, env=env, path=directory)
-
-        def cleanup() -> defer.Deferred[Any]:
-            if not process.ended.called:
-                transport.signalProcess("KILL")
-            return process.ended
-
-        self.addCleanup(cleanup)
-        ready = receiver.wait_for("READY=1")
-        ended = process.ended
-        first = await defer.DeferredList([ready, ended], fireOnOneCallback=True, consumeErrors=True)
-        if first[1] == 1:
-            self.fail("twistd ended before READY=1:\n" + process.output.decode(errors="replace"))
-        self.process_pid = transport.pid
-        return process, receiver, held, port
+        started = await start_twistd(
+            self, directory, conf, "--drain-seconds", str(drain_seconds)
+        )
+        self.process_pid = started.transport.pid
+        return started.process, started.receiver, held, port
 
     async def test_sigterm_drains_then_exits(self) -> None:
         """SIGTERM: STOPPING=1, the request in flight completes with Connection: close, new

@@ -20,6 +20,8 @@ The README's commands use fixed ports (8081, 8443, 3128, ...) and /tmp/flexgw-tl
 happens in a private network namespace (its own loopback) with its own /tmp (`unshare --net
 --mount`, plus `--map-root-user` when not root): other gateways on the machine are neither
 disturbed nor in the way. `make install` runs first, outside it (the namespace has no network).
+Where namespaces are not allowed, the blocks run on the machine's own loopback if none of the
+ports the start markers list is in use, else not at all (exit status 77).
 
     python tools/readme_commands.py [README.md]      exit 0: every block ran as written
 """
@@ -273,6 +275,29 @@ def _loopback_up() -> None:
         fcntl.ioctl(sock, siocsifflags, struct.pack("16sh", b"lo", flags | iff_up))
 
 
+def _private_tmp(keep: set[str]) -> None:
+    """Mount a fresh tmpfs on /tmp (in this private mount namespace), with each directory of
+    `keep` that lived under the old /tmp (a checkout cloned there, as CI may) bound back at its
+    own path: through a descriptor opened before the mount (a path through the old /tmp would
+    lead into the new tmpfs, and `mount` must not resolve the descriptor link back to that path),
+    so the run still sees the checkout."""
+    kept: list[tuple[str, int]] = []
+    for path in sorted(os.path.realpath(p) for p in keep):
+        if path.startswith("/tmp/") and not any(path.startswith(k + "/") for k, _ in kept):
+            kept.append((path, os.open(path, os.O_RDONLY | os.O_DIRECTORY)))
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=1777", "tmpfs", "/tmp"], check=True)
+        for path, descriptor in kept:
+            os.makedirs(path, exist_ok=True)
+            subprocess.run(
+                ["mount", "--no-canonicalize", "--bind", f"/proc/{os.getpid()}/fd/{descriptor}", path],
+                check=True,
+            )
+    finally:
+        for _, descriptor in kept:
+            os.close(descriptor)
+
+
 def unshare_command() -> list[str] | None:
     """The `unshare` prefix giving a private network and mount namespace, or None without one."""
     unshare = shutil.which("unshare")
@@ -292,14 +317,25 @@ def main(argv: list[str] | None = None) -> int:
     readme = os.path.abspath(args[0] if args else os.path.join(ROOT, "README.md"))
     if os.environ.get(ISOLATED) == "1":
         _loopback_up()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=1777", "tmpfs", "/tmp"], check=True)
+        _private_tmp({ROOT, os.path.dirname(readme), sys.prefix})
         return run_readme(readme)
     command = unshare_command()
-    if command is None:
-        print("readme_commands: needs `unshare --net --mount` (util-linux; root or user"
-              " namespaces) to run the README's fixed ports privately", file=sys.stderr)
-        return 77
     subprocess.run(["make", "--no-print-directory", "install"], cwd=ROOT, check=True)
+    if command is None:
+        # No namespaces (a container without the privilege): run on the machine's own
+        # loopback, but only when nothing holds the README's ports (a CI machine, not a busy one).
+        with open(readme, encoding="utf-8") as handle:
+            found = list(blocks(handle.read()))
+        check(found)
+        busy = sorted({arg for b in found if b.action.startswith("start") for arg in b.args
+                       if _accepts(_address(arg))})
+        if busy:
+            print("readme_commands: no private network namespace (`unshare --net --mount`) and"
+                  f" {', '.join(busy)} in use: not run", file=sys.stderr)
+            return 77
+        print("readme_commands: no private network namespace; running on this machine's"
+              " loopback and /tmp", file=sys.stderr)
+        return run_readme(readme)
     env = dict(os.environ, **{ISOLATED: "1"})
     return subprocess.run(
         [*command, sys.executable, os.path.abspath(__file__), readme], env=env, check=False
