@@ -212,7 +212,8 @@ def _make_supervisor(options: Options) -> MultiService:
     """`--workers N`: the supervisor, its admin listener and config watcher; no gateway here."""
     from twisted.internet import reactor
 
-    from flexgw.config.watch import ConfiguredFiles, ConfigWatcher, debounce_from_env
+    from flexgw.config.pipeline import ConfiguredFiles
+    from flexgw.config.sources.files import FileSource, debounce_from_env
     from flexgw.service.activation import listen_environ
     from flexgw.service.workers import SupervisorService, supervisor_admin_site
 
@@ -253,8 +254,8 @@ def _make_supervisor(options: Options) -> MultiService:
         tls_files.refresh()
         return result
 
-    watcher = ConfigWatcher(
-        reactor, options["conf"], reload, debounce_from_env(os.environ), extra_files=tls_files
+    watcher = FileSource(options["conf"]).watcher(
+        reactor, reload, debounce_from_env(os.environ), extra_files=tls_files
     )
     _WatcherService(watcher).setServiceParent(top)
     _install_signals(reactor, reload, supervisor.reopen_logs, supervisor.drain_now)
@@ -292,7 +293,7 @@ def _make_gateway(options: Options) -> MultiService:
     """One gateway process: alone (--workers 1), or a worker of a supervisor."""
     from twisted.internet import reactor
 
-    from flexgw.config.watch import ConfigWatcher, debounce_from_env
+    from flexgw.config.sources.files import FileSource, debounce_from_env
     from flexgw.http.accesslog import AccessLog, MessageLog
     from flexgw.service.gateway import GatewayService
     from flexgw.service.worker import (
@@ -348,9 +349,8 @@ def _make_gateway(options: Options) -> MultiService:
     if worker is not None:
         worker.gateway = gateway
     if worker is None:  # a worker's reloads come from the supervisor, which watches
-        watcher = ConfigWatcher(
+        watcher = FileSource(options["conf"]).watcher(
             reactor,
-            options["conf"],
             gateway.reload,
             debounce_from_env(os.environ),
             extra_files=lambda: gateway.plan.tls_files,  # certificates, keys, CAs read by the plan

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from flexgw.config.load import discover_files, load_file, load_text
+from flexgw.config.load import load_text
+from flexgw.config.sources.files import discover_files, load_file
 from tests.conftools import write_conf
 
 

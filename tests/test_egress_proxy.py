@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from twisted.internet import defer, protocol, reactor, ssl, threads, utils
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -236,11 +237,24 @@ class AbsoluteFormTests(ProxyTestCase):
         self.assertEqual(response.status, 403)
 
     async def test_unresolvable_is_502(self) -> None:
-        """A name with no address: 502 dns_failure."""
+        """A name with no address: 502 dns_failure, in the access log and the metrics; one
+        warning per name naming it (a second request within the window is not logged)."""
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         self.start_proxy(allowed=["*:*"])
-        response = await self.get("http://nowhere.test/")
-        self.assertEqual(response.status, 502)
-        self.assertEqual(response.header("x-flexgw-error"), [b"dns_failure"])
+        for _ in range(2):
+            response = await self.get("http://nowhere.test/")
+            self.assertEqual(response.status, 502)
+            self.assertEqual(response.header("x-flexgw-error"), [b"dns_failure"])
+        self.assertEqual([r["error"] for r in self.gateway.records()], ["dns_failure"] * 2)
+        self.assertEqual(
+            {key[2:]: n for key, n in self.gateway.service.metrics.requests.items()},
+            {(502, "dns_failure"): 2},
+        )
+        logged = [formatEvent(e) for e in events if "Name lookup" in e.get("log_format", "")]
+        self.assertEqual(len(logged), 1, logged)
+        self.assertIn("nowhere.test", logged[0])
 
     async def test_refused_is_503(self) -> None:
         """An allowed destination that refuses the connection: 503."""

@@ -596,7 +596,7 @@ class TlsAlpnTests(TestCase):
         from twisted.protocols.tls import TLSMemoryBIOFactory
 
         from flexgw.config.pipeline import load_config
-        from flexgw.ingress.alpn import SERVED_ALPN
+        from flexgw.http.alpn import SERVED_ALPN
         from flexgw.ingress.front import IngressFactory
         from flexgw.plan import HttpSettings, Timeouts
         from flexgw.upstream.pool import PoolManager

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from twisted.internet import defer, reactor
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from flexgw.testing import client
+from flexgw.testing.resolver import StaticResolver
 from flexgw.testing.upstream import (
     Exchange,
     Responder,
@@ -221,6 +224,38 @@ class UpstreamErrorTests(UpstreamTestCase):
         gateway.start()
         response = await client.request(reactor, "127.0.0.1", port, GET)
         self.assert_gateway_error(gateway, response, 503, "upstream_connect_failure")
+        await self.settled(gateway, idle=0)
+
+    async def test_unresolvable_name_is_502_dns_failure(self) -> None:
+        """A Service whose name does not resolve (the reactor's name resolver replaced by a
+        StaticResolver that knows no name: no DNS query leaves the test): 502 dns_failure on
+        every request, in the access log and the metrics; one warning naming the name and the
+        resolver's error, not one per request."""
+        resolver = StaticResolver({})
+        previous = reactor.installNameResolver(resolver)
+        self.addCleanup(reactor.installNameResolver, previous)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        port, upstream_port = free_port(), free_port()
+        conf = simple_api(port, upstream_port).replace(
+            f"127.0.0.1:{upstream_port}", "backend.invalid:8080"
+        )
+        gateway = Gateway(self, {"api.yaml": conf})
+        gateway.start()
+        for _ in range(3):
+            response = await client.request(reactor, "127.0.0.1", port, GET)
+            self.assert_gateway_error(gateway, response, 502, "dns_failure")
+        self.assertEqual([r["error"] for r in gateway.records()], ["dns_failure"] * 3)
+        self.assertEqual(resolver.lookups, ["backend.invalid"] * 3)
+        self.assertEqual(
+            {key[2:]: n for key, n in gateway.service.metrics.requests.items()},
+            {(502, "dns_failure"): 3},
+        )
+        logged = [formatEvent(e) for e in events if "Name lookup" in e.get("log_format", "")]
+        self.assertEqual(len(logged), 1, logged)
+        self.assertIn("backend.invalid", logged[0])
+        self.assertIn("DNS lookup failed", logged[0])
         await self.settled(gateway, idle=0)
 
     async def test_keepalive_survives_connect_failure(self) -> None:

@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from flexgw.config.pipeline import load_config
-from flexgw.config.watch import ConfigWatcher
+from flexgw.config.sources.files import ConfigWatcher
 from flexgw.policies.base import PolicyConfigError
 from flexgw.testing.certs import CertificateAuthority
 from flexgw.tls.contexts import xfcc_value
@@ -323,7 +323,7 @@ class WarningTests(SynchronousTestCase):
     def test_alpn_without_served_protocol_and_missing_service(self) -> None:
         """`alpn: [h2]` while only http/1.1 is served (inbound) or spoken (outbound) warns; a
         tls-outbound on a Service that does not exist warns."""
-        from flexgw.ingress.alpn import SERVED_ALPN
+        from flexgw.http.alpn import SERVED_ALPN
 
         state = load_config(
             [
@@ -359,7 +359,7 @@ class ConfiguredFilesTests(SynchronousTestCase):
     def test_refresh_lists_and_follows_the_configuration(self) -> None:
         """refresh() compiles the configuration aside: the binding's files are listed, and
         they leave the list when the binding does."""
-        from flexgw.config.watch import ConfiguredFiles
+        from flexgw.config.pipeline import ConfiguredFiles
 
         directory = os.path.abspath(self.mktemp())
         crt, key = SERVER.write(directory, "s")

@@ -16,7 +16,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface import implementer
 
-from flexgw.ingress.alpn import SERVED_ALPN
+from flexgw.http.alpn import SERVED_ALPN
 from flexgw.testing import client
 from flexgw.testing.certs import CertificateAuthority, client_options
 from flexgw.testing.upstream import RecordingUpstream, echo

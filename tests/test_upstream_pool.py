@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from flexgw.plan import HttpSettings, Timeouts, Upstream
 from flexgw.upstream.connection import UpstreamConnection
-from flexgw.upstream.pool import PoolManager, UpstreamPool
+from flexgw.upstream.pool import PoolManager, ThrottledLog, UpstreamPool
 
 
 def upstream(port: int = 8080) -> Upstream:
@@ -269,3 +270,30 @@ class DynamicPoolTests(TestCase):
         self.assertEqual(reactor.tcpClients[-1][:2], ("192.0.2.2", 80))
         manager.expire_idle()
         self.assertEqual(set(manager.pools), {service, busy_dest})
+
+
+class ThrottledLogTests(TestCase):
+    """Repeated failures are logged once per key, a few keys per window, with a skipped count."""
+
+    def test_one_record_per_key_and_window(self) -> None:
+        """The same key again within the window is skipped; after the window it is written,
+        with the number skipped meanwhile."""
+        clock = Clock()
+        log = ThrottledLog(clock, interval=10.0, burst=5)
+        self.assertEqual(log.admit("a.test"), 0)
+        self.assertIsNone(log.admit("a.test"))
+        clock.advance(9.9)
+        self.assertIsNone(log.admit("a.test"))
+        clock.advance(0.1)
+        self.assertEqual(log.admit("a.test"), 2)
+        self.assertIsNone(log.admit("a.test"))
+
+    def test_burst_of_distinct_keys(self) -> None:
+        """A flood of distinct names writes `burst` records per window, then skips the rest."""
+        clock = Clock()
+        log = ThrottledLog(clock, interval=10.0, burst=3)
+        admitted = [log.admit(f"n{i}.test") for i in range(100)]
+        self.assertEqual(admitted[:3], [0, 0, 0])
+        self.assertEqual(admitted[3:], [None] * 97)
+        clock.advance(10)
+        self.assertEqual(log.admit("n0.test"), 97)

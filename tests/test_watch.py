@@ -1,4 +1,4 @@
-"""Tests for flexgw.config.watch: Go durations, polling, debouncing (with a fake clock)."""
+"""Tests for flexgw.config.sources.files: Go durations, polling, debouncing (with a fake clock)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from flexgw.config.watch import ConfigWatcher, debounce_from_env, parse_go_duration
+from flexgw.config.sources.files import ConfigWatcher, debounce_from_env, parse_go_duration
 from tests.conftools import update_conf, write_conf
 
 

@@ -10,7 +10,7 @@ import attrs
 
 from flexgw.config.regex import RegexError, compile_rule_regex
 from flexgw.config.resolve import ApiSpec, PolicySpec, ResolvedModel, RouteSpec, RuleSpec
-from flexgw.ingress import alpn
+from flexgw.http import alpn
 from flexgw.plan import (
     Api,
     BoundPolicy,

@@ -9,7 +9,7 @@ from typing import Any
 import attrs
 import yaml
 
-from flexgw.config.load import FieldPath
+from flexgw.config.sources import FieldPath
 
 _REFERENCE = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
 

@@ -31,6 +31,7 @@ from urllib.parse import unquote, urlsplit
 
 import attrs
 
+from flexgw.config.located import last_configuration_block
 from flexgw.plan import Problem
 
 
@@ -69,8 +70,6 @@ class ForwardProxy:
 
 def resolve_forward_proxy(configurations: Sequence[Any], problems: list[Problem]) -> ForwardProxy | None:
     """The forward proxy of the last Configuration that has one (None: connect directly)."""
-    from flexgw.config.resolve import last_configuration_block  # resolve imports this module
-
     chosen = last_configuration_block(configurations, "forwardProxy", problems)
     if chosen is None:
         return None

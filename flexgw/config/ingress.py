@@ -28,16 +28,16 @@ from flexgw.config.kubernetes import (
     parse_timestamp,
     path_regex,
 )
-from flexgw.config.load import FieldPath
+from flexgw.config.located import Origin, origin_of
 from flexgw.config.resolve import (
     DEFAULT_ORDER,
     ApiSpec,
     DestinationSpec,
-    Origin,
     ResolvedModel,
     RouteSpec,
     RuleSpec,
 )
+from flexgw.config.sources import FieldPath
 from flexgw.config.validate import Resource, ResourceId
 from flexgw.plan import Problem, Upstream
 from flexgw.tls.settings import CertificateKey
@@ -123,10 +123,6 @@ def _age(resource: Resource) -> tuple[datetime.datetime, str, str]:
     return (when, resource.id.namespace, resource.id.name)
 
 
-def _origin(resource: Resource, path: FieldPath = ()) -> Origin:
-    return Origin(resource.document, path, str(resource.id))
-
-
 class _Classes:
     """Which IngressClass names flexgw serves, and whether it is the default class."""
 
@@ -152,7 +148,7 @@ class _Classes:
         if name is None:
             if self.default:
                 return None
-            return _origin(resource, ("spec",)).problem(
+            return origin_of(resource, ("spec",)).problem(
                 "info",
                 "has no ingress class and flexgw is not the default class "
                 "(--ingress-default-class, or an IngressClass marked default); ignored",
@@ -160,7 +156,7 @@ class _Classes:
         if name in self.names:
             return None
         served = ", ".join(repr(n) for n in sorted(self.names))
-        return _origin(resource, where).problem(
+        return origin_of(resource, where).problem(
             "info", f"ingress class {name!r} is not served by flexgw ({served}); ignored"
         )
 
@@ -356,7 +352,7 @@ def apply_ingress(
             )
             if target not in apis:
                 problems.append(
-                    _origin(resource, ("metadata", "annotations", API_INSTANCE_ANNOTATION)).problem(
+                    origin_of(resource, ("metadata", "annotations", API_INSTANCE_ANNOTATION)).problem(
                         "error", f"{target} does not exist; this Ingress is not served"
                     )
                 )
@@ -387,7 +383,7 @@ def apply_ingress(
         kept = _settle(found, problems)
         owned = tuple(certificates.get(listener, ()))
         if listener == DEFAULT_LISTENER_ID.key:
-            origin = _origin(unannotated[0])
+            origin = origin_of(unannotated[0])
             none: tuple[CertificateKey, ...] = ()
             listeners = [(DEFAULT_LISTENER_ID, options.listener, "--ingress-listener", none)]
             if owned:  # as a Kubernetes controller: every route on the TLS port as well
@@ -399,7 +395,7 @@ def apply_ingress(
                 if taken is not None:
                     for resource in unannotated:
                         problems.append(
-                            _origin(resource).problem(
+                            origin_of(resource).problem(
                                 "error",
                                 f"no {API_INSTANCE_ANNOTATION} annotation, and {flag} "
                                 f"{address.scheme}://{address.host}:{address.port} is on the port of "
@@ -459,7 +455,7 @@ def _routes(
         if http is None:
             if default is None:
                 problems.append(
-                    _origin(resource, ("spec", "rules", i)).problem(
+                    origin_of(resource, ("spec", "rules", i)).problem(
                         "warning", "a rule without http paths and no defaultBackend; ignored"
                     )
                 )
@@ -482,9 +478,9 @@ def _routes(
             path_type = item["pathType"]
             path = item.get("path") or ("/" if path_type != "ImplementationSpecific" else "")
             shown = normalise_prefix(path) or "/" if path_type == "Prefix" else path
-            origin = _origin(resource, where)
+            origin = origin_of(resource, where)
             destinations = backends.resolve(
-                ns, item["backend"], _origin(resource, backend_where), problems
+                ns, item["backend"], origin_of(resource, backend_where), problems
             )
             if not destinations:
                 continue
@@ -501,7 +497,7 @@ def _routes(
             out.append(_Candidate(key, rank, attrs.evolve(route, rank=rank)))
     if default is not None:
         where = ("spec", "defaultBackend")
-        destinations = backends.resolve(ns, default, _origin(resource, where), problems)
+        destinations = backends.resolve(ns, default, origin_of(resource, where), problems)
         if destinations:
             rank = (1, age)
             route = RouteSpec(
@@ -509,7 +505,7 @@ def _routes(
                 order=DEFAULT_ORDER,
                 rules=(),
                 destinations=destinations,
-                origin=_origin(resource, where),
+                origin=origin_of(resource, where),
                 rank=rank,
             )
             out.append(_Candidate((listener, "", "default", ""), rank, route))
@@ -560,7 +556,7 @@ def _certificates(
     out = []
     for i, item in enumerate(resource.spec.get("tls") or []):
         where: FieldPath = ("spec", "tls", i)
-        origin = _origin(resource, where)
+        origin = origin_of(resource, where)
         name = item.get("secretName")
         hosts = tuple(host.lower() for host in item.get("hosts") or ())
         if name is None:

@@ -1,62 +1,20 @@
-"""Read YAML resource files into plain Python documents that remember where every node came from."""
+"""Parse YAML text into plain Python documents that remember where every node came from.
+
+Source-neutral: the file source (`flexgw.config.sources.files`) parses each file with it, and a
+source holding YAML elsewhere (an etcd value, a ConfigMap key) can too, with its own origin."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
-import attrs
 import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from flexgw.config.sources import Document, FieldPath, Mark, Unit
 from flexgw.plan import Problem
 
-FieldPath = tuple[str | int, ...]
-Mark = tuple[int, int]  # (line, column), both 1-based
-
-YAML_SUFFIXES = (".yaml", ".yml")
 MAX_NODES = 200_000  # alias expansion bound ("billion laughs")
-MAX_FILE_BYTES = 16 * 1024 * 1024
-
-
-@attrs.frozen
-class Document:
-    """One YAML document: its plain value and the 1-based location of each node, by field path."""
-
-    file: str
-    index: int  # 0-based position in its file
-    value: Any
-    marks: Mapping[FieldPath, Mark]  # field path -> where its value starts
-    # field path -> where its key is written
-    key_marks: Mapping[FieldPath, Mark] = attrs.field(factory=dict)
-    plain: frozenset[FieldPath] = frozenset()  # paths of unquoted (plain) scalars
-
-    def locate(self, path: Iterable[str | int]) -> Mark:
-        """The location of `path`, or of its nearest ancestor that has one."""
-        parts = tuple(path)
-        while parts:
-            if parts in self.marks:
-                return self.marks[parts]
-            parts = parts[:-1]
-        return self.marks.get((), (1, 1))
-
-    def locate_key(self, path: Iterable[str | int]) -> Mark:
-        """Where the key of `path` is written (its value's location when there is no key)."""
-        parts = tuple(path)
-        return self.key_marks.get(parts) or self.locate(parts)
-
-
-@attrs.frozen
-class FileLoad:
-    """The documents of one file, or why it could not be parsed (`failed`)."""
-
-    path: str
-    documents: tuple[Document, ...]
-    problems: tuple[Problem, ...]
-    failed: bool
 
 
 class _DocumentError(Exception):
@@ -133,13 +91,14 @@ class _Builder:
         return result
 
 
-def _problem(message: str, file: str, mark: Mark | None, severity: str = "error") -> Problem:
+def problem_at(message: str, origin: str, mark: Mark | None, severity: str = "error") -> Problem:
+    """A problem located in `origin` (at `mark` when known), for what a source cannot read."""
     line, column = mark if mark else (None, None)
-    return Problem(severity=severity, message=message, file=file, line=line, column=column)  # type: ignore[arg-type]
+    return Problem(severity=severity, message=message, file=origin, line=line, column=column)  # type: ignore[arg-type]
 
 
-def load_text(text: str, file: str) -> FileLoad:
-    """Parse the text of one file; never raises (every failure becomes a Problem)."""
+def load_text(text: str, file: str) -> Unit:
+    """Parse YAML text read from `file` (its origin); never raises (every failure becomes a Problem)."""
     documents: list[Document] = []
     try:
         for index, node in enumerate(yaml.compose_all(text, Loader=yaml.SafeLoader)):
@@ -150,12 +109,12 @@ def load_text(text: str, file: str) -> FileLoad:
                 value = builder.build(node, ())
             except _DocumentError as exc:
                 mark = _mark(exc.node) if exc.node is not None else None
-                return FileLoad(file, (), (_problem(exc.message, file, mark),), True)
+                return Unit(file, (), (problem_at(exc.message, file, mark),), True)
             if value is None:
                 continue
             documents.append(
                 Document(
-                    file=file,
+                    origin=file,
                     index=index,
                     value=value,
                     marks=builder.marks,
@@ -169,73 +128,8 @@ def load_text(text: str, file: str) -> FileLoad:
         message = "YAML syntax error: " + " ".join(
             part for part in (exc.context, exc.problem) if part
         )
-        return FileLoad(file, (), (_problem(message.strip(), file, where),), True)
+        return Unit(file, (), (problem_at(message.strip(), file, where),), True)
     except (yaml.YAMLError, RecursionError, ValueError, TypeError) as exc:
         name = type(exc).__name__
-        return FileLoad(file, (), (_problem(f"cannot parse YAML ({name})", file, None),), True)
-    return FileLoad(file, tuple(documents), (), False)
-
-
-def load_file(path: str | os.PathLike[str]) -> FileLoad:
-    """Read and parse one file; never raises."""
-    name = str(path)
-    try:
-        with open(path, "rb") as handle:
-            # Check the size first: read(n) would allocate n bytes up front for every file.
-            if os.fstat(handle.fileno()).st_size > MAX_FILE_BYTES:
-                return FileLoad(
-                    name,
-                    (),
-                    (_problem(f"file larger than {MAX_FILE_BYTES} bytes", name, None),),
-                    True,
-                )
-            data = handle.read()
-    except OSError as exc:
-        return FileLoad(
-            name, (), (_problem(f"cannot read file: {exc.strerror}", name, None),), True
-        )
-    if len(data) > MAX_FILE_BYTES:
-        return FileLoad(
-            name, (), (_problem(f"file larger than {MAX_FILE_BYTES} bytes", name, None),), True
-        )
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        message = f"not UTF-8 text (byte {exc.start})"
-        return FileLoad(name, (), (_problem(message, name, None),), True)
-    return load_text(text, name)
-
-
-def discover_files(conf_dirs: Iterable[str | os.PathLike[str]]) -> tuple[list[str], list[Problem]]:
-    """Every *.yaml / *.yml file below each directory, recursively, sorted per directory."""
-    files: list[str] = []
-    problems: list[Problem] = []
-    seen: set[str] = set()
-    for conf_dir in conf_dirs:
-        root = Path(conf_dir)
-        if root.is_file():
-            candidates = [root]
-        elif root.is_dir():
-            candidates = []
-            visited: set[str] = set()
-            for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-                real_dir = os.path.realpath(dirpath)
-                if real_dir in visited:  # a symlink loop
-                    dirnames[:] = []
-                    continue
-                visited.add(real_dir)
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                for filename in filenames:
-                    if filename.endswith(YAML_SUFFIXES) and not filename.startswith("."):
-                        candidates.append(Path(dirpath) / filename)
-            candidates.sort(key=lambda p: p.relative_to(root).parts)
-        else:
-            problems.append(_problem("configuration directory not found", str(root), None))
-            continue
-        for candidate in candidates:
-            real = os.path.realpath(candidate)
-            if real in seen:
-                continue
-            seen.add(real)
-            files.append(str(candidate))
-    return files, problems
+        return Unit(file, (), (problem_at(f"cannot parse YAML ({name})", file, None),), True)
+    return Unit(file, tuple(documents), (), False)

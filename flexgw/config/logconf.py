@@ -24,6 +24,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from flexgw.config.located import last_configuration_block
 from flexgw.plan import LoggingSettings, LogOutput, Problem, Template
 
 #: Config `logLevel` values -> Twisted level names.
@@ -98,8 +99,6 @@ def resolve_logging(
     configurations: Sequence[Any], environ: Mapping[str, str], problems: list[Problem]
 ) -> LoggingSettings:
     """The logging settings of the last Configuration with `logging`, FLEX_LOG_LEVEL otherwise."""
-    from flexgw.config.resolve import last_configuration_block  # resolve imports this module
-
     env_level = level_from_env(environ, problems)
     chosen = last_configuration_block(configurations, "logging", problems)
     if chosen is None:

@@ -1,4 +1,4 @@
-"""The whole configuration pipeline, with reload semantics: load, check, keep last good, resolve, compile."""
+"""The whole configuration pipeline, with reload semantics: read a source, check, keep last good, resolve, compile."""
 
 from __future__ import annotations
 
@@ -7,13 +7,17 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
+from twisted.logger import Logger
 
 from flexgw.config.compile import compile_default_tls, compile_model
 from flexgw.config.ingress import IngressOptions, apply_ingress
-from flexgw.config.load import discover_files, load_file
 from flexgw.config.resolve import resolve
+from flexgw.config.sources import ConfigSource
+from flexgw.config.sources.files import FileSource
 from flexgw.config.validate import Checked, Resource, ResourceId, check_document
 from flexgw.plan import GatewayPlan, Problem
+
+log = Logger()
 
 
 @attrs.frozen
@@ -21,9 +25,9 @@ class ConfigState:
     """One configuration generation: the plan plus what the next reload needs to keep last good versions."""
 
     plan: GatewayPlan
-    # the resources the plan was built from, and which file each came from
+    # the resources the plan was built from, and the ones each origin (a file) held
     resources: Mapping[ResourceId, Resource] = attrs.field(factory=dict)
-    files: Mapping[str, tuple[ResourceId, ...]] = attrs.field(factory=dict)
+    origins: Mapping[str, tuple[ResourceId, ...]] = attrs.field(factory=dict)
     served: frozenset[str] = frozenset()  # ApiInstance keys served by the plan
     tls_good: Mapping[str, Any] = attrs.field(factory=dict)  # last good TLS settings by binding
 
@@ -43,46 +47,53 @@ class ConfigState:
         return not self.errors
 
 
+def as_source(source: ConfigSource | Iterable[str | os.PathLike[str]]) -> ConfigSource:
+    """`source` itself, or the file source of the directories it names (--conf)."""
+    if hasattr(source, "read"):
+        return source  # type: ignore[return-value]
+    return FileSource(source)  # type: ignore[arg-type]
+
+
 def load_config(
-    conf_dirs: Iterable[str | os.PathLike[str]],
+    source: ConfigSource | Iterable[str | os.PathLike[str]],
     environ: Mapping[str, str],
     previous: ConfigState | None = None,
     strict: bool = False,
     runtime: Any = None,
     ingress: IngressOptions | None = None,
 ) -> ConfigState:
-    """Load every resource below `conf_dirs` and compile a new plan; never raises on bad input.
+    """Read every resource `source` holds (a ConfigSource, or directories for the file source)
+    and compile a new plan; never raises on bad input.
 
     With `previous`, a resource whose new version fails its checks keeps its previous version,
-    and a file that cannot be parsed keeps the previous versions of every resource it held.
+    and a unit (a file) that cannot be read keeps the previous versions of every resource it held.
     `ingress` says how Kubernetes Ingress documents are served (class, default listener).
     """
     problems: list[Problem] = []
-    files, discover_problems = discover_files(conf_dirs)
-    problems.extend(discover_problems)
+    snapshot = as_source(source).read()
+    problems.extend(snapshot.problems)
     old_resources = previous.resources if previous is not None else {}
-    old_files = previous.files if previous is not None else {}
+    old_origins = previous.origins if previous is not None else {}
 
     chosen: dict[ResourceId, Resource] = {}
-    origin_file: dict[ResourceId, str] = {}
-    carried: list[tuple[str, Resource]] = []  # resources kept from unparseable files
+    origin_of: dict[ResourceId, str] = {}
+    carried: list[tuple[str, Resource]] = []  # resources kept from units that cannot be read
     failed: list[Checked] = []
-    for path in files:
-        loaded = load_file(path)
-        problems.extend(loaded.problems)
-        if loaded.failed:
-            kept = [old_resources[rid] for rid in old_files.get(path, ()) if rid in old_resources]
+    for unit in snapshot.units:
+        problems.extend(unit.problems)
+        if unit.failed:
+            kept = [old_resources[rid] for rid in old_origins.get(unit.origin, ()) if rid in old_resources]
             if kept:
                 problems.append(
                     Problem(
                         "warning",
                         f"keeping the last good version of {len(kept)} resource(s) from this file",
-                        file=path,
+                        file=unit.origin,
                     )
                 )
-            carried.extend((path, resource) for resource in kept)
+            carried.extend((unit.origin, resource) for resource in kept)
             continue
-        for document in loaded.documents:
+        for document in unit.documents:
             checked = check_document(document, environ, strict)
             problems.extend(checked.problems)
             rid = checked.id
@@ -95,33 +106,25 @@ def load_config(
                     failed.append(checked)
                     continue
                 problems.append(
-                    Problem(
-                        "warning",
-                        "invalid; the last good version keeps serving",
-                        file=document.file,
-                        line=document.locate(())[0],
-                        column=document.locate(())[1],
-                        resource=str(rid),
+                    document.problem(
+                        "warning", "invalid; the last good version keeps serving", resource=str(rid)
                     )
                 )
             if rid in chosen:
-                line, column = document.locate(("metadata", "name"))
                 problems.append(
-                    Problem(
+                    document.problem(
                         "warning",
-                        f"defined again (first in {origin_file[rid]}); this later definition wins",
-                        file=document.file,
-                        line=line,
-                        column=column,
+                        f"defined again (first in {origin_of[rid]}); this later definition wins",
+                        ("metadata", "name"),
                         resource=str(rid),
                     )
                 )
             chosen[rid] = resource
-            origin_file[rid] = path
-    for path, resource in carried:
+            origin_of[rid] = unit.origin
+    for origin, resource in carried:
         if resource.id not in chosen:
             chosen[resource.id] = resource
-            origin_file[resource.id] = path
+            origin_of[resource.id] = origin
 
     model = resolve(chosen.values(), environ, failed)
     model = apply_ingress(model, chosen.values(), ingress)
@@ -144,9 +147,9 @@ def load_config(
     )
     problems.extend(compiled.problems)
 
-    by_file: dict[str, list[ResourceId]] = {}
-    for rid, path in origin_file.items():
-        by_file.setdefault(path, []).append(rid)
+    by_origin: dict[str, list[ResourceId]] = {}
+    for rid, origin in origin_of.items():
+        by_origin.setdefault(origin, []).append(rid)
     generation = (previous.plan.generation if previous is not None else 0) + 1
     plan = GatewayPlan(
         listeners=compiled.listeners,
@@ -169,7 +172,7 @@ def load_config(
     return ConfigState(
         plan=plan,
         resources=chosen,
-        files={path: tuple(rids) for path, rids in by_file.items()},
+        origins={origin: tuple(rids) for origin, rids in by_origin.items()},
         served=compiled.served,
         tls_good=compiled.tls_good,
     )
@@ -180,3 +183,30 @@ def _storage_tls_files(storage: Any) -> tuple[str, ...]:
     if storage is None or storage.tls is None:
         return ()
     return tuple(storage.tls.files)
+
+
+class ConfiguredFiles:
+    """The certificate, key and CA files a configuration reads, for a process without a plan of
+    its own (the `--workers` supervisor): `refresh()` compiles the configuration aside (as
+    `flexgw validate` does) and keeps `plan.tls_files`; calling the object returns them (cheap:
+    the watcher asks at every poll)."""
+
+    def __init__(
+        self, source: ConfigSource | Iterable[str], environ: Mapping[str, str], **load_options: Any
+    ):
+        self.source = as_source(source)
+        self.environ = environ
+        self.load_options = load_options
+        self.files: tuple[str, ...] = ()
+
+    def refresh(self) -> None:
+        """Compile the configuration again and keep the files it read (unchanged on failure)."""
+        try:
+            state = load_config(self.source, self.environ, **self.load_options)
+        except Exception:  # noqa: BLE001 - load_config reports problems; this is a safety net
+            log.failure("cannot list the configuration's TLS files")
+            return
+        self.files = state.plan.tls_files
+
+    def __call__(self) -> tuple[str, ...]:
+        return self.files

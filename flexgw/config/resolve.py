@@ -10,15 +10,15 @@ import attrs
 
 from flexgw.config.address import Address, normalise_path, parse_api_address, parse_service_address
 from flexgw.config.forwardproxy import ForwardProxy, resolve_forward_proxy
-from flexgw.config.load import Document, FieldPath
+from flexgw.config.located import Origin, origin_of
 from flexgw.config.logconf import resolve_logging
+from flexgw.config.sources import FieldPath
 from flexgw.config.storage import SharedStorage, resolve_shared_storage
 from flexgw.config.validate import (
     ROUTE_POLICIES,
     Checked,
     Resource,
     ResourceId,
-    dotted,
     policy_name,
 )
 from flexgw.plan import (
@@ -35,31 +35,6 @@ from flexgw.tls.settings import CertificateKey
 
 DEFAULT_ORDER = 50
 TLS_KINDS = frozenset({"tls", "tls-outbound"})
-
-
-@attrs.frozen
-class Origin:
-    """Where a resolved object was written, for error messages."""
-
-    document: Document
-    path: FieldPath
-    resource: str
-
-    def problem(
-        self, severity: str, message: str, sub: FieldPath = (), at_key: bool = False
-    ) -> Problem:
-        """A Problem located at `path + sub` in this origin's document."""
-        full = self.path + sub
-        line, column = self.document.locate_key(full) if at_key else self.document.locate(full)
-        return Problem(
-            severity=severity,  # type: ignore[arg-type]
-            message=message,
-            file=self.document.file,
-            line=line,
-            column=column,
-            resource=self.resource,
-            field=dotted(full) or None,
-        )
 
 
 @attrs.frozen
@@ -146,29 +121,6 @@ class ResolvedModel:
     default_tls: PolicySpec | None = None  # Configuration.spec.defaultTLS.outboundPolicyCalls
 
 
-def _origin(resource: Resource, path: FieldPath = ()) -> Origin:
-    return Origin(resource.document, path, str(resource.id))
-
-
-def last_configuration_block(
-    configurations: Sequence[Resource], key: str, problems: list[Problem]
-) -> tuple[dict[str, Any], Origin] | None:
-    """`spec.<key>` of the last Configuration that has it, whole (a block is not merged key by
-    key), and where it is; a different earlier block gets an "overrides" warning."""
-    chosen: tuple[dict[str, Any], Origin] | None = None
-    for resource in configurations:
-        block = resource.spec.get(key)
-        if not isinstance(block, dict):
-            continue
-        origin = _origin(resource, ("spec", key))
-        if chosen is not None and chosen[0] != block:
-            problems.append(
-                origin.problem("warning", f"overrides the value set in {chosen[1].resource}")
-            )
-        chosen = (block, origin)
-    return chosen
-
-
 def _rules(raw: Any) -> tuple[RuleSpec, ...]:
     """Rules as written; an empty rule list, or any rule without conditions, matches everything."""
     if not raw:
@@ -227,7 +179,7 @@ def _settings(
             if not isinstance(block, dict):
                 continue
             for key, value in block.items():
-                origin = _origin(resource, ("spec", section, key))
+                origin = origin_of(resource, ("spec", section, key))
                 if key in table and table[key][0] != value:
                     problems.append(
                         origin.problem(
@@ -396,7 +348,7 @@ def resolve(
             upstream = _upstream(key, parse_service_address(service["address"]))
             if key in upstreams and upstreams[key] != upstream:
                 problems.append(
-                    _origin(resource, ("spec", "services", service_key)).problem(
+                    origin_of(resource, ("spec", "services", service_key)).problem(
                         "warning",
                         f"inline service {key} has the same name as a Service resource; the inline one is used by this API",
                     )
@@ -407,7 +359,7 @@ def resolve(
                 path: FieldPath = ("spec", "services", service_key, "routes", n - 1)
                 if not service.get("routes"):
                     path = ("spec", "services", service_key)
-                origin = _origin(resource, path)
+                origin = origin_of(resource, path)
                 config = raw.get("config") or {}
                 destination = DestinationSpec(
                     upstream_key=key,
@@ -435,7 +387,7 @@ def resolve(
                         order=DEFAULT_ORDER,
                         rules=(),
                         config=policy.get("config") or {},
-                        origin=_origin(resource, ("spec", "policies", n)),
+                        origin=origin_of(resource, ("spec", "policies", n)),
                         source="inline",
                         index=n,
                     )
@@ -450,14 +402,14 @@ def resolve(
                         order=DEFAULT_ORDER if order is None else int(order),
                         rules=_rules(policy.get("rules")),
                         config=policy.get("config") or {},
-                        origin=_origin(resource, ("spec", "policies", n)),
+                        origin=origin_of(resource, ("spec", "policies", n)),
                         source="inline",
                         index=n,
                     )
                 )
                 continue
             problems.append(
-                _origin(resource, ("spec", "policies", n, "policyRef", "name")).problem(
+                origin_of(resource, ("spec", "policies", n, "policyRef", "name")).problem(
                     "error",
                     f"{_unsupported(pname)}; {rid} is not served (fail closed)",
                 )
@@ -469,7 +421,7 @@ def resolve(
         spec = resource.spec
         pname = policy_name(spec) or ""
         kind, target, selector = _target(spec, resource.id.namespace)
-        origin = _origin(resource)
+        origin = origin_of(resource)
         if pname in TLS_KINDS:
             _attach_tls(
                 pname, resource, kind, target, selector, origin, apis, api_tls, upstream_tls,
@@ -523,7 +475,7 @@ def resolve(
                     upstream_key=f"{ns}/{ref['name']}",
                     destination_path=normalise_path(item.get("destinationPath") or ""),
                     weight=weight,
-                    origin=_origin(resource, path + ("destinationRef",)),
+                    origin=origin_of(resource, path + ("destinationRef",)),
                 )
             )
         order = spec.get("order")
@@ -567,7 +519,7 @@ def resolve(
                 id=rid,
                 address=parse_api_address(resource.spec["address"]),
                 routes=tuple(routes[rid]),
-                origin=_origin(resource),
+                origin=origin_of(resource),
                 blocked=tuple(blocked[rid]),
                 policies=tuple(policies[rid]),
                 # API-bound (and inline) bindings win over Selector-bound ones.
@@ -606,7 +558,7 @@ def _default_tls(configurations: Sequence[Resource]) -> PolicySpec | None:
                 order=0,
                 rules=(),
                 config=calls,
-                origin=_origin(resource, ("spec", "defaultTLS", "outboundPolicyCalls")),
+                origin=origin_of(resource, ("spec", "defaultTLS", "outboundPolicyCalls")),
                 source="configuration",
             )
     return found

@@ -34,6 +34,7 @@ import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
+from flexgw.config.located import last_configuration_block
 from flexgw.plan import PolicyConfigError, Problem, RedisSentinel, SharedStorage
 
 DEFAULT_REDIS_PORT = 6379
@@ -86,8 +87,6 @@ def resolve_shared_storage(
     configurations: Sequence[Any], problems: list[Problem]
 ) -> SharedStorage | None:
     """The shared storage of the last Configuration that has `sharedStorage` (None: local)."""
-    from flexgw.config.resolve import last_configuration_block  # resolve imports this module
-
     chosen = last_configuration_block(configurations, "sharedStorage", problems)
     if chosen is None:
         return None

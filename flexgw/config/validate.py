@@ -21,8 +21,8 @@ from flexgw.config.kubernetes import (
     check_kubernetes,
     is_kubernetes,
 )
-from flexgw.config.load import Document, FieldPath
 from flexgw.config.regex import RegexError, compile_rule_regex
+from flexgw.config.sources import Document, FieldPath
 from flexgw.plan import Problem
 from flexgw.policies.registry import lookup as lookup_policy
 
@@ -65,6 +65,11 @@ class Resource:
     labels: Mapping[str, str]
     spec: Mapping[str, Any]
     document: Document  # locations refer to the normalised value
+
+    @property
+    def origin(self) -> str:
+        """Where the resource came from: a file path, a Kubernetes object, an etcd key."""
+        return self.document.origin
 
 
 @attrs.frozen
@@ -122,16 +127,13 @@ class _Reporter:
         at_key: bool = False,
         offset: int | None = None,
     ) -> None:
-        line, column = self.document.locate_key(path) if at_key else self.document.locate(path)
-        if offset is not None and tuple(path) in self.document.plain:
-            column += offset  # a plain scalar's text starts exactly at its mark
         self.problems.append(
-            Problem(
-                severity=severity,
-                message=message,
-                file=self.document.file,
-                line=line,
-                column=column,
+            self.document.problem(
+                severity,
+                message,
+                tuple(path),
+                at_key=at_key,
+                offset=offset,
                 resource=self.resource,
                 field=dotted(path) or None,
             )
@@ -501,7 +503,7 @@ def check_document(document: Document, environ: Mapping[str, str], strict: bool 
         reporter.add("error", f"a resource must be a mapping, got {_json_type(value)}")
         return Checked(None, None, tuple(reporter.problems), document)
     if "kind" not in value:
-        what = "registration file" if "registration" in document.file.lower() else "document"
+        what = "registration file" if "registration" in document.origin.lower() else "document"
         reporter.add("warning", f"{what} without 'kind'; ignored")
         return Checked(None, None, tuple(reporter.problems), document)
     if is_kubernetes(value.get("apiVersion"), value.get("kind")):

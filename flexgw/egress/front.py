@@ -285,7 +285,7 @@ class ForwardExchange(ProxyExchange):
     def _resolution_failed(self, failure: Failure) -> None:
         self.resolving = None
         if self.state == POLICIES:
-            self.fail(errors.DNS_FAILURE)
+            self.dns_failed(failure)
 
     def _addresses(self, addresses: list[IPAddress]) -> None:
         """Every address the destination resolved to: all must pass; connect to the first."""

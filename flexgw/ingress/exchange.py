@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from twisted.internet.error import DNSLookupError
 from twisted.python.failure import Failure
 
 from flexgw.http import errors
@@ -354,12 +355,25 @@ class ProxyExchange:
             self._finish_request(terminated=True)
 
     def upstream_connect_failed(self, reason: Failure) -> None:
-        """The upstream could not be reached."""
+        """The upstream could not be reached (its name not resolved: `dns_failed`)."""
         if self.state == CONNECTING:
             if reason.check(UpstreamTLSError):
                 self.fail(errors.UPSTREAM_TLS)
+            elif reason.check(DNSLookupError):
+                self.dns_failed(reason)
             else:
                 self.fail(errors.UPSTREAM_CONNECT_FAILURE)
+
+    def dns_failed(self, reason: Failure) -> None:
+        """The upstream's name (or its Configuration.spec.forwardProxy's) did not resolve: 502
+        `dns_failure`, logged (rate-limited) with the name and the resolver's error; the same
+        cause on the reverse-proxy path and the forward proxy."""
+        destination = self.destination
+        assert destination is not None
+        upstream = destination.upstream
+        name = upstream.proxy.host if upstream.proxy is not None else upstream.host
+        self.front.pools.dns_failed(name, upstream.key, reason)
+        self.fail(errors.DNS_FAILURE)
 
     def _upstream_head(self) -> bytes:
         """The request head as the upstream receives it."""

@@ -183,13 +183,13 @@ def status_json(gateway: GatewayService) -> dict[str, Any]:
             by_resource.setdefault(problem.resource, []).append(problem_json(problem))
     if state is not None:
         for rid, resource in sorted(state.resources.items(), key=lambda item: str(item[0])):
-            files[(rid.kind, rid.key)] = resource.document.file
+            files[(rid.kind, rid.key)] = resource.origin
             resources.append(
                 {
                     "kind": rid.kind,
                     "namespace": rid.namespace,
                     "name": rid.name,
-                    "file": resource.document.file,
+                    "file": resource.origin,
                     "problems": by_resource.get(str(rid), []),
                 }
             )

@@ -12,7 +12,8 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilterPredicate
 
 from flexgw.config.ingress import IngressOptions
-from flexgw.config.pipeline import ConfigState, load_config
+from flexgw.config.pipeline import ConfigState, as_source, load_config
+from flexgw.config.sources import ConfigSource
 from flexgw.http.accesslog import (
     AccessLog,
     MessageLog,
@@ -41,7 +42,8 @@ DRAIN_SECONDS = 25.0
 
 
 class GatewayService(Service):
-    """Serves the configuration in `conf_dirs`; `reload()` swaps in a new plan without a restart.
+    """Serves the configuration `source` holds (a ConfigSource, or --conf directories for the
+    file source); `reload()` swaps in a new plan without a restart.
 
     A reload compiles the new configuration beside the old one. Listeners whose address is
     unchanged keep their socket and get the new plan in one assignment; connections and
@@ -51,7 +53,7 @@ class GatewayService(Service):
     def __init__(
         self,
         reactor: Any,
-        conf_dirs: Sequence[str],
+        source: ConfigSource | Sequence[str],
         environ: Mapping[str, str],
         access_log: AccessLog | None = None,
         message_log: MessageLog | None = None,
@@ -72,7 +74,7 @@ class GatewayService(Service):
         self.reactor = reactor
         # Forward-proxy name resolution (IHostnameResolver); None: the reactor's nameResolver.
         self.resolver = resolver
-        self.conf_dirs = list(conf_dirs)
+        self.source = as_source(source)
         self.environ = environ
         self.access_log = access_log
         # Configuration.spec.logging: the runtime level is set on `log_filter` at every reload
@@ -256,7 +258,7 @@ class GatewayService(Service):
         if reloading:
             self.notifier.reloading("Reloading configuration")
         state = self.loader(
-            self.conf_dirs,
+            self.source,
             self.environ,
             previous=self.state,
             strict=self.strict,

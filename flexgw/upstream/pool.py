@@ -23,6 +23,33 @@ class UpstreamTLSError(Exception):
     """The TLS handshake with an upstream failed (certificate, host name, protocol)."""
 
 
+class ThrottledLog:
+    """Which records of a repeating failure get written: one per key, and at most `burst`
+    keys, per `interval` seconds; the others are counted, and the count goes into the next
+    record written (a flood of failing requests writes a few lines, not one per request)."""
+
+    def __init__(self, clock: IReactorTime, interval: float = 10.0, burst: int = 5) -> None:
+        self.clock = clock
+        self.interval = interval
+        self.burst = burst
+        self.window_start = float("-inf")
+        self.keys: set[str] = set()
+        self.skipped = 0
+
+    def admit(self, key: str) -> int | None:
+        """None: skip this record; else write it, saying how many were skipped before it."""
+        now = self.clock.seconds()
+        if now - self.window_start >= self.interval:
+            self.window_start = now
+            self.keys.clear()
+        if key in self.keys or len(self.keys) >= self.burst:
+            self.skipped += 1
+            return None
+        self.keys.add(key)
+        skipped, self.skipped = self.skipped, 0
+        return skipped
+
+
 class ConnectionWaiter(TypingProtocol):
     """Whoever asked the pool for a connection."""
 
@@ -217,6 +244,23 @@ class PoolManager:
         self.http = HttpSettings()
         self.timeouts = Timeouts()
         self._reaper: LoopingCall | None = None
+        # Failed name lookups (reverse-proxy upstreams and forward-proxy destinations alike)
+        self.dns_log = ThrottledLog(clock)
+
+    def dns_failed(self, name: str, upstream: str, reason: Failure) -> None:
+        """Log that `name` (for `upstream`) did not resolve, with the resolver's error; rate-
+        limited by `dns_log`."""
+        skipped = self.dns_log.admit(name)
+        if skipped is None:
+            return
+        _log.warn(
+            "Name lookup for {name} (upstream {upstream}) failed: {error}"
+            + (" ({skipped} more lookup failures not logged before this one)" if skipped else ""),
+            name=name,
+            upstream=upstream,
+            error=reason.getErrorMessage(),
+            skipped=skipped,
+        )
 
     def configure(self, http: HttpSettings, timeouts: Timeouts, upstreams: set[Upstream]) -> None:
         """Apply a new plan: new settings for new pools, and retire pools of removed upstreams."""

@@ -1,20 +1,32 @@
-"""Watch configuration directories (inotify or polling) and call back, debounced, when YAML changes."""
+"""The file source: YAML resource files below configuration directories, read and watched.
+
+`FileSource(conf_dirs)` is one `ConfigSource`: `read()` finds every *.yaml / *.yml file below
+each directory (sorted, symlink loops and duplicates skipped) and parses each into a `Unit`
+whose origin is the file's path, so problems read "file:line:column: ...". `watcher()` watches
+the directories (inotify, else polling) and calls back, debounced, when YAML changes."""
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
-from flexgw.config.load import YAML_SUFFIXES
+from flexgw.config.load import load_text, problem_at
+from flexgw.config.sources import Snapshot, Unit
+from flexgw.plan import Problem
 
 log = Logger()
+
+YAML_SUFFIXES = (".yaml", ".yml")
+MAX_FILE_BYTES = 16 * 1024 * 1024
 
 DEFAULT_DEBOUNCE = 5.0
 DEFAULT_POLL_INTERVAL = 2.0
@@ -241,28 +253,91 @@ class ConfigWatcher:
             log.failure("configuration reload callback failed")
 
 
-class ConfiguredFiles:
-    """The certificate, key and CA files a configuration reads, for a process without a plan of
-    its own (the `--workers` supervisor): `refresh()` compiles the configuration aside (as
-    `flexgw validate` does) and keeps `plan.tls_files`; calling the object returns them (cheap:
-    the watcher asks at every poll)."""
+def load_file(path: str | os.PathLike[str]) -> Unit:
+    """Read and parse one file; never raises."""
+    name = str(path)
+    try:
+        with open(path, "rb") as handle:
+            # Check the size first: read(n) would allocate n bytes up front for every file.
+            if os.fstat(handle.fileno()).st_size > MAX_FILE_BYTES:
+                return Unit(
+                    name,
+                    (),
+                    (problem_at(f"file larger than {MAX_FILE_BYTES} bytes", name, None),),
+                    True,
+                )
+            data = handle.read()
+    except OSError as exc:
+        return Unit(
+            name, (), (problem_at(f"cannot read file: {exc.strerror}", name, None),), True
+        )
+    if len(data) > MAX_FILE_BYTES:
+        return Unit(
+            name, (), (problem_at(f"file larger than {MAX_FILE_BYTES} bytes", name, None),), True
+        )
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        message = f"not UTF-8 text (byte {exc.start})"
+        return Unit(name, (), (problem_at(message, name, None),), True)
+    return load_text(text, name)
 
-    def __init__(self, conf_dirs: Iterable[str], environ: Mapping[str, str], **load_options: Any):
-        self.conf_dirs = list(conf_dirs)
-        self.environ = environ
-        self.load_options = load_options
-        self.files: tuple[str, ...] = ()
 
-    def refresh(self) -> None:
-        """Compile the configuration again and keep the files it read (unchanged on failure)."""
-        from flexgw.config.pipeline import load_config
+def discover_files(conf_dirs: Iterable[str | os.PathLike[str]]) -> tuple[list[str], list[Problem]]:
+    """Every *.yaml / *.yml file below each directory, recursively, sorted per directory."""
+    files: list[str] = []
+    problems: list[Problem] = []
+    seen: set[str] = set()
+    for conf_dir in conf_dirs:
+        root = Path(conf_dir)
+        if root.is_file():
+            candidates = [root]
+        elif root.is_dir():
+            candidates = []
+            visited: set[str] = set()
+            for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+                real_dir = os.path.realpath(dirpath)
+                if real_dir in visited:  # a symlink loop
+                    dirnames[:] = []
+                    continue
+                visited.add(real_dir)
+                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+                for filename in filenames:
+                    if filename.endswith(YAML_SUFFIXES) and not filename.startswith("."):
+                        candidates.append(Path(dirpath) / filename)
+            candidates.sort(key=lambda p: p.relative_to(root).parts)
+        else:
+            problems.append(problem_at("configuration directory not found", str(root), None))
+            continue
+        for candidate in candidates:
+            real = os.path.realpath(candidate)
+            if real in seen:
+                continue
+            seen.add(real)
+            files.append(str(candidate))
+    return files, problems
 
-        try:
-            state = load_config(self.conf_dirs, self.environ, **self.load_options)
-        except Exception:  # noqa: BLE001 - load_config reports problems; this is a safety net
-            log.failure("cannot list the configuration's TLS files")
-            return
-        self.files = state.plan.tls_files
 
-    def __call__(self) -> tuple[str, ...]:
-        return self.files
+@attrs.frozen
+class FileSource:
+    """The configuration directories (or single files) given with --conf, as a ConfigSource."""
+
+    conf_dirs: Sequence[str] = attrs.field(converter=lambda dirs: tuple(os.fspath(d) for d in dirs))
+
+    def read(self) -> Snapshot:
+        """Every YAML file below the directories, parsed, in order; never raises."""
+        files, problems = discover_files(self.conf_dirs)
+        return Snapshot(tuple(load_file(path) for path in files), tuple(problems))
+
+    def watcher(
+        self,
+        reactor: IReactorTime,
+        on_change: Callable[[], Any],
+        debounce_seconds: float = DEFAULT_DEBOUNCE,
+        extra_files: Callable[[], Iterable[str]] | None = None,
+        **options: Any,
+    ) -> ConfigWatcher:
+        """A ConfigWatcher on the directories (`options`: poll_interval, use_inotify)."""
+        return ConfigWatcher(
+            reactor, self.conf_dirs, on_change, debounce_seconds, extra_files=extra_files, **options
+        )

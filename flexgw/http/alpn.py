@@ -1,4 +1,4 @@
-"""The application protocols the ingress listeners serve, by their ALPN names.
+"""The application protocols the ingress listeners serve, by their ALPN names (read by the compiler).
 
 TLS listeners advertise the configured `alpn` list filtered by this tuple, so a protocol is
 never offered before the gateway can speak it. `h2` is served by flexgw.ingress.h2front (the
