@@ -14,12 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransport
-
-from flexgw.ingress.front import IngressFactory
-from flexgw.plan import Api, Destination, HttpSettings, Listener, Route, Timeouts, Upstream
-from flexgw.upstream.pool import PoolManager
+from flexgw.testing.memory import connect_client, connect_upstream, memory_factory
 
 REQUEST = b"GET /items HTTP/1.1\r\nHost: example.test\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
@@ -27,21 +22,11 @@ RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\
 
 def main(n: int) -> None:
     """Proxy `n` requests (after one that opens the upstream connection)."""
-    upstream = Upstream(key="default/b", scheme="http", host="127.0.0.1", port=9000)
-    route = Route(name="r", order=0, rules=(), destinations=(Destination(upstream=upstream),))
-    api = Api(key="default/a", base_path="", routes=(route,))
-    listener = Listener(scheme="http", host="127.0.0.1", port=8000, apis=(api,))
-    reactor = MemoryReactorClock()
-    pools = PoolManager(reactor, reactor)
-    factory = IngressFactory(reactor, reactor, listener, HttpSettings(), Timeouts(), pools, None)
-    front = factory.buildProtocol(None)
-    down = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5555))
-    front.makeConnection(down)
+    factory = memory_factory()  # one API, one route, a plan built in code
+    reactor = factory.reactor
+    front, down = connect_client(factory)
     front.dataReceived(REQUEST)
-    host, port, client_factory, _, _ = reactor.tcpClients[-1]
-    conn = client_factory.buildProtocol(IPv4Address("TCP", host, port))
-    up = StringTransport()
-    conn.makeConnection(up)
+    conn, up = connect_upstream(reactor)
     conn.dataReceived(RESPONSE)
     for _ in range(n):
         front.dataReceived(REQUEST)

@@ -294,7 +294,7 @@ def _make_gateway(options: Options) -> MultiService:
     from twisted.internet import reactor
 
     from flexgw.config.sources.files import FileSource, debounce_from_env
-    from flexgw.http.accesslog import AccessLog, MessageLog
+    from flexgw.service.accesslog import AccessLog, MessageLog
     from flexgw.service.gateway import GatewayService
     from flexgw.service.worker import (
         SUPERVISOR_FD_ENV,
@@ -428,7 +428,7 @@ class _AdminService(Service):
                 " listeners without it; use --admin off, or another port:"
                 " --admin tcp:PORT:interface=127.0.0.1",
                 endpoint=self.description,
-                error=failure.getErrorMessage(),
+                error=failure.getErrorMessage().rstrip("."),
             )
 
         self.listening = self.endpoint.listen(self.site).addCallbacks(listened, failed)

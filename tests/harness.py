@@ -13,7 +13,7 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 
-from flexgw.http.accesslog import AccessLog
+from flexgw.service.accesslog import AccessLog
 from flexgw.service.gateway import GatewayService
 from flexgw.testing.upstream import RecordingUpstream, Responder
 

@@ -5,21 +5,23 @@ from __future__ import annotations
 import io
 import json
 
+import attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from flexgw.http.accesslog import AccessLog, MessageLog
 from flexgw.http.request import analyze_head
+from flexgw.ingress.peer import NOBODY
 from flexgw.plan import Destination, Listener, Route, Upstream
+from flexgw.service.accesslog import AccessLog, MessageLog
 
 
 class _Front:
     """The one attribute of the front the access log reads."""
 
     def __init__(self, client_ip: str) -> None:
-        self.client_ip = client_ip
+        self.peer = attrs.evolve(NOBODY, address=client_ip)
 
 
 class _Exchange:
@@ -49,7 +51,7 @@ class AccessLogLineTests(TestCase):
         clock.advance(10.25)
         stream = io.BytesIO()
         log = AccessLog(clock, stream)
-        log.exchange(exchange, Listener(scheme="http", host="0.0.0.0", port=8080, apis=()))
+        log.exchange_finished(exchange, Listener(scheme="http", host="0.0.0.0", port=8080, apis=()))
         log.flush()
         text = stream.getvalue().decode("ascii")
         self.assertTrue(text.endswith("\n") and text.count("\n") == 1)

@@ -310,7 +310,7 @@ class MetricsTests(AdminTestCase):
             upstream_elapsed = 0.05
 
         clock.advance(0.5)
-        metrics.exchange(Exchange())  # type: ignore[arg-type]
+        metrics.exchange_finished(Exchange())  # type: ignore[arg-type]
         self.assertEqual(metrics.requests, {(None, None, 502, "upstream_reset"): 1})
         # total 0.5 s, upstream 0.05 s, gateway-added 0.45 s: one bucket and one sum each
         self.assertEqual(

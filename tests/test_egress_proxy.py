@@ -25,11 +25,11 @@ from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SkipTest, TestCase
 
 from flexgw.egress.front import CONNECT_ESTABLISHED
+from flexgw.http.gate import BACKPRESSURE
 from flexgw.testing.certs import CertificateAuthority, server_options
 from flexgw.testing.client import RawConnection, connect
 from flexgw.testing.resolver import StaticResolver
 from flexgw.testing.upstream import RecordingUpstream, echo, fixed, pattern_slice
-from flexgw.upstream.connection import BACKPRESSURE
 from tests.harness import Gateway, free_port
 
 PARTNER = "api.partner.test"

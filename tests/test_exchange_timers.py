@@ -5,16 +5,13 @@ from __future__ import annotations
 import json
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
-from flexgw.config.pipeline import load_config
-from flexgw.ingress.front import IngressFactory, IngressProtocol
+from flexgw.ingress.front import IngressProtocol
 from flexgw.plan import HttpSettings, Timeouts
+from flexgw.testing.memory import connect_upstream, memory_factory, one_api_listener
 from flexgw.upstream.connection import UpstreamConnection
-from flexgw.upstream.pool import PoolManager
-from tests.conftools import write_conf
-from tests.harness import simple_api
 
 TIMEOUTS = Timeouts(upstream_response=15.0, stream_idle=300.0, upstream_idle=60.0)
 POST_HEAD = b"POST /up HTTP/1.1\r\nHost: example.test\r\nContent-Length: 6\r\n\r\n"
@@ -25,27 +22,19 @@ class ExchangeClockTestCase(TestCase):
     """One downstream connection on a memory reactor; upstream connections completed by hand."""
 
     def setUp(self) -> None:
-        """Compile a one-API plan and accept one client connection."""
-        root = write_conf(self, {"api.yaml": simple_api(8000, 9000)})
-        plan = load_config([root], {}).plan
-        self.reactor = MemoryReactorClock()
-        self.pools = PoolManager(self.reactor, self.reactor)
-        self.factory = IngressFactory(
-            self.reactor, self.reactor, plan.listeners[0], HttpSettings(), TIMEOUTS,
-            self.pools, None,
-        )
+        """A one-API plan built in code, and one client connection (no YAML, no socket)."""
+        self.factory = memory_factory(one_api_listener(8000, 9000), HttpSettings(), TIMEOUTS)
+        self.reactor = self.factory.reactor
+        self.pools = self.factory.pools
         self.front = IngressProtocol(self.factory)
         self.down = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5555))
         self.front.makeConnection(self.down)
 
     def connect_upstream(self) -> tuple[UpstreamConnection, StringTransport]:
         """Complete the latest upstream connection attempt."""
-        host, port, factory, _, _ = self.reactor.tcpClients[-1]
+        host, port, _, _, _ = self.reactor.tcpClients[-1]
         self.assertEqual((host, port), ("127.0.0.1", 9000))
-        connection = factory.buildProtocol(IPv4Address("TCP", host, port))
-        transport = StringTransport()
-        connection.makeConnection(transport)
-        return connection, transport
+        return connect_upstream(self.reactor)
 
     def error_cause(self) -> bytes | None:
         """The x-flexgw-error of a gateway error written downstream, if one was."""

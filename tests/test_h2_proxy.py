@@ -300,7 +300,7 @@ class H2BehaviourTests(_Base):
         while not response.done.called:
             ahead = exchange.bytes_out - len(response.body)
             self.assertLessEqual(ahead, 65535 + 2 * 65536, "the gateway buffers ahead of the client")
-            paused_seen = paused_seen or stream.producer_paused
+            paused_seen = paused_seen or stream.transport.paused
             conn.ack(response.stream_id)
             await _next_read(conn)
         self.assertTrue(paused_seen)

@@ -14,8 +14,8 @@ from twisted.trial.unittest import TestCase
 
 from flexgw.config.logconf import compile_template
 from flexgw.config.pipeline import load_config
-from flexgw.http.accesslog import AccessLog, RuntimeLog, TemplatedAccessLog
 from flexgw.plan import Listener
+from flexgw.service.accesslog import AccessLog, RuntimeLog, TemplatedAccessLog
 from flexgw.service.gateway import GatewayService
 from flexgw.tap import Options, _install_log_level
 from flexgw.testing import client
@@ -136,7 +136,7 @@ class TemplateTests(TestCase):
         clock.advance(10.25)
         stream = io.BytesIO()
         log = TemplatedAccessLog(clock, stream, compile_template(template))
-        log.exchange(_Exchange(b"/a/b", "10.0.0.1", "default/api", None), LISTENER)
+        log.exchange_finished(_Exchange(b"/a/b", "10.0.0.1", "default/api", None), LISTENER)
         log.flush()
         return stream.getvalue().decode()
 
@@ -167,12 +167,12 @@ class ReopenTests(TestCase):
         path = os.path.abspath(self.mktemp())
         log = AccessLog.open(Clock(), path)
         self.addCleanup(log.close)
-        log.exchange(_Exchange(b"/first", "10.0.0.1", "a", None), LISTENER)
+        log.exchange_finished(_Exchange(b"/first", "10.0.0.1", "a", None), LISTENER)
         log.flush()
         os.rename(path, path + ".1")
-        log.exchange(_Exchange(b"/second", "10.0.0.1", "a", None), LISTENER)
+        log.exchange_finished(_Exchange(b"/second", "10.0.0.1", "a", None), LISTENER)
         log.reopen()  # what was buffered goes to the old file, as logrotate expects
-        log.exchange(_Exchange(b"/third", "10.0.0.1", "a", None), LISTENER)
+        log.exchange_finished(_Exchange(b"/third", "10.0.0.1", "a", None), LISTENER)
         log.flush()
         with open(path + ".1", "rb") as old, open(path, "rb") as new:
             old_paths = [json.loads(line)["path"] for line in old]
@@ -184,7 +184,7 @@ class ReopenTests(TestCase):
         """A log over a given stream (no path) flushes on reopen and keeps its stream."""
         stream = io.BytesIO()
         log = AccessLog(Clock(), stream)
-        log.exchange(_Exchange(b"/x", "10.0.0.1", "a", None), LISTENER)
+        log.exchange_finished(_Exchange(b"/x", "10.0.0.1", "a", None), LISTENER)
         log.reopen()
         self.assertIs(log.stream, stream)
         self.assertEqual(json.loads(stream.getvalue())["path"], "/x")

@@ -11,11 +11,11 @@ from twisted.internet import reactor
 from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from flexgw.http.accesslog import MessageLog
 from flexgw.http.request import RequestHead, analyze_head
 from flexgw.policies import message_logging, registry
 from flexgw.policies.base import BuildContext, PolicyConfigError, PolicyContext
 from flexgw.policies.message_logging import NAMESPACE, MessageLoggingKind
+from flexgw.service.accesslog import MessageLog
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream
 from tests.harness import Gateway, MemoryStream, api_document, free_port, start_api_gateway

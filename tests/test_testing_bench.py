@@ -171,3 +171,13 @@ class HotpathTests(unittest.TestCase):
         upstream_heads = [d for d in sent if d.startswith(b"GET /items HTTP/1.1\r\n")]
         responses = [d for d in sent if d.startswith(b"HTTP/1.1 200 OK\r\n")]
         self.assertEqual((len(upstream_heads), len(responses)), (6, 6))
+
+    def test_policy_chain_runs(self) -> None:
+        """bench/hotpath_policies.py compiles the --policies chain and runs it per request (it
+        exits if the header injection did not reach the upstream or no connection was reused)."""
+        path = Path(__file__).resolve().parent.parent / "bench" / "hotpath_policies.py"
+        spec = importlib.util.spec_from_file_location("bench_hotpath_policies", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.main(3)

@@ -7,8 +7,8 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from flexgw.http import tunnel as tunnel_module
+from flexgw.http.gate import BACKPRESSURE, HELD, ReadGate
 from flexgw.http.tunnel import Tunnel
-from flexgw.upstream.connection import BACKPRESSURE, HELD, ReadGate
 
 
 class _Transport(StringTransport):

@@ -54,7 +54,7 @@ class FrontCase(TestCase):
         self.pools = PoolManager(self.reactor, self.reactor)
         self.factory = IngressFactory(
             self.reactor, self.reactor, plan.listeners[0], HttpSettings(), TIMEOUTS, self.pools,
-            None, resolver=resolver,
+            None, resolver=resolver, forward_proxy=ForwardProxyProtocol,
         )
         self.front = self.factory.buildProtocol(None)
         # An ingress connection starts behind the HTTP/1.1-or-HTTP/2 selector.

@@ -32,20 +32,22 @@ import attrs
 import httptools
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
+from zope.interface import Attribute, implementer
 
 from flexgw.egress.destinations import BadHost, IPAddress, parse_authority
 from flexgw.egress.resolver import resolve_all
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
+from flexgw.http.gate import UPGRADING, ReadGate
 from flexgw.http.headers import HeaderList
 from flexgw.http.request import _AUTHORITY, BODY_NONE, RequestHead
 from flexgw.http.tunnel import Tunnel
+from flexgw.ingress.contract import IExchangeFront
 from flexgw.ingress.exchange import CONNECTING, DONE, POLICIES, ProxyExchange
-from flexgw.ingress.front import CLOSING, UPGRADING, IngressProtocol, _Refused
-from flexgw.ingress.upgrade import MAX_EARLY_BYTES, TUNNEL
+from flexgw.ingress.front import CLOSING, IngressProtocol, _Refused
+from flexgw.ingress.upgrade import MAX_EARLY_BYTES
 from flexgw.plan import Api, Destination, Upstream
-from flexgw.upstream.connection import HELD, ReadGate
 
 if TYPE_CHECKING:
     from flexgw.egress.policy import ForwardProxyConfig
@@ -100,6 +102,19 @@ def match_service(api: Api, host: str | IPAddress, port: int) -> Destination | N
     return None
 
 
+class IForwardProxyFront(IExchangeFront):
+    """What a ForwardExchange needs from its front besides what every exchange does."""
+
+    forward_api = Attribute("The listener's forward-proxy Api on its current plan, or None.")
+
+    def resolve(host, port):  # type: ignore[no-untyped-def]
+        """A Deferred of the addresses `host` resolves to (bounded by the connect timeout)."""
+
+    def connect_tcp(address, port, client_factory):  # type: ignore[no-untyped-def]
+        """Connect a CONNECT tunnel's destination (bounded by the connect timeout)."""
+
+
+@implementer(IForwardProxyFront)
 class ForwardProxyProtocol(IngressProtocol):
     """One client connection to a forward-proxy listener."""
 
@@ -115,20 +130,29 @@ class ForwardProxyProtocol(IngressProtocol):
             return head
         raise _Refused(error)
 
-    def on_headers_complete(self) -> None:
-        """As on ingress; the exchange is a ForwardExchange."""
-        super().on_headers_complete()
-        exchange = self.parsing
-        if exchange is None:
-            return
-        forward = ForwardExchange(self, exchange.head, exchange.started)
-        self.parsing = forward
-        if self.active is exchange:
-            self.active = forward
-        if self.starting is exchange:
-            self.starting = forward
-        elif self.queue and self.queue[-1] is exchange:
-            self.queue[-1] = forward
+    def make_exchange(self, head: RequestHead, started: float) -> ForwardExchange:
+        """Every request on a forward-proxy listener is a ForwardExchange."""
+        return ForwardExchange(self, head, started)
+
+    # -- what a ForwardExchange needs besides IExchangeFront -----------------------------------
+
+    @property
+    def forward_api(self) -> Api | None:
+        """The listener's forward-proxy ApiInstance on its current plan (None after a reload
+        that made it something else)."""
+        return self.factory.listener.forward_proxy
+
+    def resolve(self, host: str, port: int) -> Any:
+        """A Deferred of every address `host` resolves to (bounded by the connect timeout)."""
+        factory = self.factory
+        resolver = factory.resolver if factory.resolver is not None else factory.reactor.nameResolver
+        return resolve_all(resolver, self.clock, host, port, self.http.connect_timeout)
+
+    def connect_tcp(self, address: str, port: int, client_factory: ClientFactory) -> Any:
+        """Connect a CONNECT tunnel's destination (bounded by the connect timeout)."""
+        return self.factory.reactor.connectTCP(
+            address, port, client_factory, timeout=self.http.connect_timeout
+        )
 
     def _on_upgrade(self, data: bytes, offset: int) -> None:
         """After a CONNECT head: what follows is the tunnel's (held until it is established).
@@ -177,7 +201,14 @@ class ForwardExchange(ProxyExchange):
         "tunnel",
     )
 
-    def __init__(self, front: IngressProtocol, head: RequestHead, started: float) -> None:
+    front: ForwardProxyProtocol
+
+    # The request head for the destination carries no X-Forwarded-* or Forwarded line (neither
+    # the client's nor the gateway's): an egress proxy does not tell outside APIs the internal
+    # addresses and names of its clients.
+    relay_forwarded = False
+
+    def __init__(self, front: ForwardProxyProtocol, head: RequestHead, started: float) -> None:
         super().__init__(front, head, started)
         self.config: ForwardProxyConfig | None = None
         self.connector: Any = None
@@ -196,7 +227,7 @@ class ForwardExchange(ProxyExchange):
         """Parse and check the target, then run the policies (or answer an error)."""
         front = self.front
         head = self.head
-        api = front.factory.listener.forward_proxy
+        api = front.forward_api
         if api is None:  # the listener stopped being a forward proxy (reload)
             self.fail(errors.NO_ROUTE)
             return
@@ -235,18 +266,6 @@ class ForwardExchange(ProxyExchange):
             return
         self._connect()
 
-    def _upstream_head(self) -> bytes:
-        """The request head for the destination, without X-Forwarded-* or Forwarded: an egress
-        proxy does not tell outside APIs the internal addresses and names of its clients."""
-        head = super()._upstream_head()
-        lines = head.split(b"\r\n")
-        kept = [
-            line
-            for line in lines[1:]
-            if line[:12].lower() != b"x-forwarded-" and line[:10].lower() != b"forwarded:"
-        ]
-        return b"\r\n".join([lines[0], *kept])
-
     def from_downstream(self, data: bytes) -> None:
         """Client bytes after a CONNECT head, before the tunnel exists: kept for it."""
         if self.state == DONE:
@@ -268,18 +287,12 @@ class ForwardExchange(ProxyExchange):
             super()._connect()
             return
         front = self.front
-        self.state = POLICIES  # waiting (a body is held meanwhile; downstream_lost cancels)
-        if self.head.body != BODY_NONE and not self.request_complete:
-            front.gate.hold(HELD)
+        self._await_io()
         host = self.target_host
         if not isinstance(host, str):
             self._addresses([host])
             return
-        factory = front.factory
-        resolver = factory.resolver if factory.resolver is not None else factory.reactor.nameResolver
-        self.resolving = resolve_all(
-            resolver, front.clock, host, self.target_port, front.http.connect_timeout
-        )
+        self.resolving = front.resolve(host, self.target_port)
         self.resolving.addCallbacks(self._addresses, self._resolution_failed)
 
     def _resolution_failed(self, failure: Failure) -> None:
@@ -315,11 +328,8 @@ class ForwardExchange(ProxyExchange):
 
     def _open_tunnel(self, address: str) -> None:
         front = self.front
-        self.state = CONNECTING
-        self.upstream_started = front.clock.seconds()
-        self.connector = front.factory.reactor.connectTCP(
-            address, self.target_port, _TunnelConnect(self), timeout=front.http.connect_timeout
-        )
+        self._connecting()
+        self.connector = front.connect_tcp(address, self.target_port, _TunnelConnect(self))
 
     def tunnel_connected(self, upstream: TunnelUpstream) -> None:
         """The destination accepted the connection: tell the client, join the connections."""
@@ -329,9 +339,7 @@ class ForwardExchange(ProxyExchange):
             return
         front = self.front
         self.upstream_elapsed = front.clock.seconds() - self.upstream_started
-        self.response_status = 200
-        self.state = TUNNEL
-        self._stop_timer()
+        self._tunnelled(200)
         send_now(front.transport, CONNECT_ESTABLISHED)
         tunnel = self.tunnel = Tunnel(
             front.clock,
@@ -343,10 +351,7 @@ class ForwardExchange(ProxyExchange):
             self._tunnel_ended,
         )
         upstream.tunnel = tunnel
-        front.tunnel = tunnel
-        if front.active is self:
-            front.active = None
-        front.factory.count_tunnel(self)
+        front.tunnel_opened(self, tunnel)
         early, self.early = self.early, b""
         tunnel.start(early_up=early)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 
-from flexgw.upstream.connection import BACKPRESSURE, ReadGate
+from flexgw.http.gate import BACKPRESSURE, ReadGate
 
 #: How a tunnel ended (`Tunnel.ended_by`).
 DOWNSTREAM_CLOSED = "downstream_closed"

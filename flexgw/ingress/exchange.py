@@ -8,14 +8,16 @@ registered as the producer of the receiving side, so a slow reader pauses the fa
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import enum
 
 from twisted.internet.error import DNSLookupError
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
+from flexgw.http.gate import BACKPRESSURE, HELD, HELD_OR_BACKPRESSURE
 from flexgw.http.headers import (
     HOP_BY_HOP,
     HeaderList,
@@ -24,29 +26,67 @@ from flexgw.http.headers import (
 )
 from flexgw.http.request import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, RequestHead
 from flexgw.http.tunnel import IDLE_TIMEOUT, Tunnel
+from flexgw.ingress.contract import IExchangeFront, IExchangeObserver
 from flexgw.ingress.routing import remaining_path, rules_match
 from flexgw.plan import Api, BoundPolicy, Destination, Route
 from flexgw.policies.base import LocalResponse, PolicyContext
 from flexgw.policies.chain import ChainRun
-from flexgw.upstream.connection import BACKPRESSURE, HELD, UpstreamConnection
+from flexgw.upstream.connection import UpstreamConnection
 from flexgw.upstream.pool import UpstreamTLSError
-
-if TYPE_CHECKING:
-    from flexgw.ingress.front import IngressProtocol
 
 _CONNECTION_OPTIONS = HOP_BY_HOP | {b"close"}  # Connection tokens that name no end-to-end header
 #: Trailer fields never forwarded (framing, routing and hop-by-hop fields: RFC 9110 §6.5.1).
 NOT_TRAILERS = HOP_BY_HOP | {b"content-length", b"host", b"content-type", b"content-encoding"}
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
-# states
-WAITING = 0  # head parsed, not started (pipelined behind another exchange)
-CONNECTING = 1  # waiting for an upstream connection
-SENDING = 2  # upstream connected; request head (and maybe body) being sent
-RESPONDING = 3  # response head forwarded; body streaming back
-DONE = 4
-POLICIES = 5  # waiting for a policy that does I/O (state compared by identity, not order)
-BUFFERING = 6  # receiving the whole body for a policy that reads it (compared by identity)
+
+
+class ExchangeState(enum.Enum):
+    """Where an exchange is. States have no order: compare them by identity only. Only the
+    exchange's own methods (ProxyExchange's, in this module) change an exchange's state."""
+
+    WAITING = "waiting"  # head parsed, not started (pipelined behind another exchange)
+    POLICIES = "policies"  # waiting for I/O before the upstream (a policy's, a name lookup)
+    BUFFERING = "buffering"  # receiving the whole body for a policy that reads it
+    CONNECTING = "connecting"  # waiting for an upstream connection
+    SENDING = "sending"  # upstream connected; request head (and maybe body) being sent
+    RESPONDING = "responding"  # response head forwarded; body streaming back
+    TUNNEL = "tunnel"  # the two connections became a byte tunnel (an upgrade, a CONNECT)
+    DONE = "done"
+
+
+# Module-level names for the per-request paths (a global is cheaper than a class attribute).
+WAITING = ExchangeState.WAITING
+POLICIES = ExchangeState.POLICIES
+BUFFERING = ExchangeState.BUFFERING
+CONNECTING = ExchangeState.CONNECTING
+SENDING = ExchangeState.SENDING
+RESPONDING = ExchangeState.RESPONDING
+TUNNEL = ExchangeState.TUNNEL
+DONE = ExchangeState.DONE
+_BEFORE_UPSTREAM = (WAITING, CONNECTING, POLICIES, BUFFERING)  # request body is kept aside
+
+
+@implementer(IExchangeObserver)
+class ChainFinish:
+    """The observer that tells the policies that asked (`on_done`) how their exchange ended."""
+
+    def exchange_finished(self, exchange: ProxyExchange, listener: object) -> None:
+        """An exchange ended: its policies hear the status and the error cause."""
+        chain = exchange.chain
+        if chain is not None and chain.finishers is not None:
+            chain.finish(exchange.response_status, exchange.error_cause)
+
+    def tunnel_opened(self, exchange: ProxyExchange, listener: object) -> None:
+        """A tunnel is no end: the policies hear when it closes."""
+
+    tunnel_closed = exchange_finished
+
+    def request_refused(self, peer: object, error: GatewayError, listener: object) -> None:
+        """A refused request ran no policy."""
+
+
+CHAIN_FINISH = ChainFinish()
 
 
 class ProxyExchange:
@@ -84,14 +124,14 @@ class ProxyExchange:
         "upstream_target",
     )
 
-    def __init__(self, front: IngressProtocol, head: RequestHead, started: float) -> None:
+    def __init__(self, front: IExchangeFront, head: RequestHead, started: float) -> None:
         self.front = front
         self.head = head
         self.route: Route | None = None
         self.destination: Destination | None = None
         self.upstream_target = b""
         self.api_key: str | None = None
-        self.state = WAITING
+        self.state: ExchangeState = WAITING
         self.conn: UpstreamConnection | None = None
         self.pool = None
         self.request_complete = False
@@ -167,8 +207,9 @@ class ProxyExchange:
             ]
             if not selected:
                 return False
-        ctx = PolicyContext(head, front.client_ip, front.scheme_decoded, api.key)
-        if front.trusted_peer:
+        peer = front.peer
+        ctx = PolicyContext(head, peer.address, peer.scheme, api.key)
+        if peer.trusted:
             ctx.trusted_proxies = front.http.trusted_proxies
         if head.connection_values:
             # Connection-listed headers are removed before the policies run, so that a client
@@ -188,10 +229,15 @@ class ProxyExchange:
         elif isinstance(outcome, LocalResponse):
             self.respond_locally(outcome)
         else:
-            self.state = POLICIES
-            if self.head.body != BODY_NONE and not self.request_complete:
-                self.front.gate.hold(HELD)
+            self._await_io()
             outcome.addCallback(self._policies_done)
+
+    def _await_io(self) -> None:
+        """Wait for I/O before the upstream (a policy's, a name lookup): a body is held
+        meanwhile, and downstream_lost cancels the wait."""
+        self.state = POLICIES
+        if self.head.body != BODY_NONE and not self.request_complete:
+            self.front.gate.hold(HELD)
 
     def _body_buffered(self) -> None:
         """The body a policy needs is complete: hand it to the chain, then run the chain."""
@@ -239,20 +285,19 @@ class ProxyExchange:
         self.response_status = response.status
         self.state = DONE
         self._stop_timer()
-        self.front.gate.release(HELD | BACKPRESSURE)
+        self.front.gate.release(HELD_OR_BACKPRESSURE)
         if self.error_cause is None:
             if response.cause is not None:
                 self.error_cause = response.cause
             elif response.status >= 400:
                 self.error_cause = "policy_rejected"
-        self.front.send_error(self, response, extra)
+        self.front.answer(self, response, extra)
 
     def _connect(self) -> None:
         """Ask the upstream pool for a connection."""
         front = self.front
         head = self.head
-        self.state = CONNECTING
-        self.upstream_started = front.clock.seconds()
+        self._connecting()
         self._stop_timer()
         if not self.request_complete:
             # While the body streams, the stream idle timeout applies. A complete request needs
@@ -266,6 +311,11 @@ class ProxyExchange:
             front.gate.hold(HELD)  # until the upstream can take the body
         pool.acquire(self)
 
+    def _connecting(self) -> None:
+        """Waiting for a connection to the upstream (or a tunnel's destination) from now."""
+        self.state = CONNECTING
+        self.upstream_started = self.front.clock.seconds()
+
     def request_body(self, data: bytes) -> None:
         """A piece of the request body (already de-chunked by the parser)."""
         self.bytes_in += len(data)
@@ -274,7 +324,7 @@ class ProxyExchange:
             # answer, or full-duplex streaming): keep forwarding it.
             self.last_activity = self.front.clock.seconds()
             self._send_body(data)
-        elif self.state < SENDING or self.state == POLICIES or self.state == BUFFERING:
+        elif self.state in _BEFORE_UPSTREAM:
             if self.pending is None:
                 self.pending = [data]
             else:
@@ -375,14 +425,26 @@ class ProxyExchange:
         self.front.pools.dns_failed(name, upstream.key, reason)
         self.fail(errors.DNS_FAILURE)
 
+    # How this kind of exchange builds its upstream head (_upstream_head), step by step:
+    #: the X-Forwarded-* step: relay a trusted client's claims and add the gateway's lines
+    #: (True), or carry none at all (False: an egress proxy tells outside APIs nothing about its
+    #: clients' internal addresses and names).
+    relay_forwarded = True
+    #: the hop-by-hop step: lines added after the framing (an upgrade's Connection/Upgrade).
+    hop_lines = b""
+
     def _upstream_head(self) -> bytes:
-        """The request head as the upstream receives it."""
+        """The request head as the upstream receives it: the request line, the client's header
+        lines less hop-by-hop ones (and X-Forwarded-* claims unless relayed), Host, the
+        X-Forwarded-* lines (when relayed), the framing, this kind's hop-by-hop lines."""
         head = self.head
         front = self.front
         destination = self.destination
         assert destination is not None
         drop = connection_tokens(head.connection_values) if head.connection_values else None
-        trusted = front.trusted_peer
+        peer = front.peer
+        relay = self.relay_forwarded
+        trusted = relay and peer.trusted  # claims kept only from a trusted proxy, and relayed
         rewrite_host = front.http.rewrite_host
         prior_xff = None
         has_xfh = has_xfp = False
@@ -428,20 +490,24 @@ class ProxyExchange:
                 destination.upstream.authority if rewrite_host else (head.authority or "")
             )
             append(b"Host: " + authority.encode("latin-1") + b"\r\n")
-        client = front.client_ip_bytes
-        append(b"X-Forwarded-For: ")
-        append(client if prior_xff is None else prior_xff + b", " + client)
-        append(b"\r\n")
-        if not has_xfp:
-            append(front.proto_line)  # with the XFCC line on mTLS connections
-        elif front.xfcc_line:
-            append(front.xfcc_line)
-        if not has_xfh and head.authority:
-            append(b"X-Forwarded-Host: " + head.authority.encode("latin-1") + b"\r\n")
+        if relay:
+            client = peer.address_bytes
+            append(b"X-Forwarded-For: ")
+            append(client if prior_xff is None else prior_xff + b", " + client)
+            append(b"\r\n")
+            if not has_xfp:
+                append(peer.proto_line)  # with the XFCC line on mTLS connections
+            elif peer.xfcc_line:
+                append(peer.xfcc_line)
+            if not has_xfh and head.authority:
+                append(b"X-Forwarded-Host: " + head.authority.encode("latin-1") + b"\r\n")
         if head.body == BODY_LENGTH:
             append(b"Content-Length: %d\r\n" % head.content_length)
         elif head.body == BODY_CHUNKED:
             append(b"Transfer-Encoding: chunked\r\n")
+        hop_lines = self.hop_lines
+        if hop_lines:
+            append(hop_lines)
         append(b"\r\n")
         return b"".join(lines)
 
@@ -468,43 +534,12 @@ class ProxyExchange:
         self, status: int, reason: bytes, headers: HeaderList, keep_alive: bool
     ) -> None:
         """The final response head: forward it with framing re-decided for the client."""
+        accepted = self._accept_response_head(status, headers)
+        if accepted is None:
+            return
+        status, kept, content_length, chunked = accepted
         front = self.front
-        connection_values = []
-        content_length = None
-        chunked = False
-        for name, value in headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                content_length = value
-            elif lname == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
-                    # llhttp accepts e.g. `gzip, chunked`; re-chunking would silently drop the
-                    # gzip coding and hand the client bytes it cannot decode.
-                    self.response_malformed("Transfer-Encoding other than chunked")
-                    return
-                chunked = True
-            elif lname == b"connection":
-                connection_values.append(value)
-        self.response_status = status
-        self.last_activity = now = front.clock.seconds()
-        self.upstream_elapsed = now - self.upstream_started
-        if self.timer is not None:
-            self.timer.reset(self._stream_idle_timeout())
-        self.state = RESPONDING
         head = self.head
-        kept = response_headers_for_downstream(headers, connection_values)
-        chain = self.chain
-        if chain is not None:
-            ctx = chain.ctx
-            ctx.begin_response(status, kept)
-            failed = chain.respond()
-            if failed is not None:
-                self._upstream_failed_with_response(failed)
-                return
-            status = self.response_status = ctx.response_status
-            kept = ctx.response_headers
-            if ctx.response_extra:
-                kept = kept + ctx.response_extra
         close = not head.keep_alive or front.draining or not self.request_complete
         no_body = head.method == b"HEAD" or status in (204, 304)
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason)]
@@ -531,6 +566,60 @@ class ProxyExchange:
         # Not written yet: the head goes out with the body that came in the same read.
         self.out = [b"".join(lines)]
         front.transport.registerProducer(self.conn.gate, True)  # type: ignore[union-attr]
+
+    def _accept_response_head(
+        self, status: int, headers: HeaderList
+    ) -> tuple[int, HeaderList, bytes | None, bool] | None:
+        """What every front does first with the upstream's final response head (HTTP/1.1 and
+        HTTP/2 alike): scan its framing, start responding (the stream idle timeout applies from
+        now), drop hop-by-hop fields, run the policies' response phase.
+
+        Returns (status, fields to forward, the Content-Length value, chunked), or None when
+        the exchange failed instead (a bad Transfer-Encoding, a failing response policy).
+        """
+        connection_values = []
+        content_length = None
+        chunked = False
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                content_length = value
+            elif lname == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    # llhttp accepts e.g. `gzip, chunked`; re-chunking would silently drop the
+                    # gzip coding and hand the client bytes it cannot decode.
+                    self.response_malformed("Transfer-Encoding other than chunked")
+                    return None
+                chunked = True
+            elif lname == b"connection":
+                connection_values.append(value)
+        self.response_status = status
+        self.last_activity = now = self.front.clock.seconds()
+        self.upstream_elapsed = now - self.upstream_started
+        if self.timer is not None:
+            self.timer.reset(self._stream_idle_timeout())
+        self.state = RESPONDING
+        kept = response_headers_for_downstream(headers, connection_values)
+        chain = self.chain
+        if chain is not None:
+            ctx = chain.ctx
+            ctx.begin_response(status, kept)
+            failed = chain.respond()
+            if failed is not None:
+                self._upstream_failed_with_response(failed)
+                return None
+            status = self.response_status = ctx.response_status
+            kept = ctx.response_headers  # type: ignore[assignment]
+            if ctx.response_extra:
+                kept = kept + ctx.response_extra
+        return status, kept, content_length, chunked
+
+    def _tunnelled(self, status: int) -> None:
+        """The exchange became a byte tunnel (answered `status`): no exchange timer any more
+        (the tunnel has its own idle timeout)."""
+        self._stop_timer()
+        self.response_status = status
+        self.state = TUNNEL
 
     def response_body(self, data: bytes) -> None:
         """A piece of the response body: queue it (chunk-framed if needed) for this read's send."""
@@ -593,7 +682,7 @@ class ProxyExchange:
                     conn.transport.unregisterProducer()
                     front.gate.release(BACKPRESSURE)
             conn.finish()
-        front.exchange_done(self, self.response_close)
+        front.finish(self, self.response_close)
 
     def response_malformed(self, message: str) -> None:
         """The upstream sent something that is not a valid HTTP/1.1 response."""
@@ -605,7 +694,7 @@ class ProxyExchange:
         self.conn = None
         if self.state == RESPONDING and self.until_close and conn is not None:
             # A close-delimited body ends with the connection; anything else is a truncation.
-            self.pool.active -= 1  # type: ignore[union-attr]
+            self.pool.detach(conn)  # type: ignore[union-attr]
             self._complete(None)
             return
         if (
@@ -621,11 +710,11 @@ class ProxyExchange:
             self.retried = True
             self.state = CONNECTING
             if conn is not None:
-                self.pool.active -= 1  # type: ignore[union-attr]
+                self.pool.detach(conn)  # type: ignore[union-attr]
             self.pool.acquire(self, fresh=True)  # type: ignore[union-attr]
             return
         if conn is not None:
-            self.pool.active -= 1  # type: ignore[union-attr]
+            self.pool.detach(conn)  # type: ignore[union-attr]
         self._upstream_failed(errors.UPSTREAM_RESET, conn_gone=True)
 
     def _upstream_failed_with_response(self, response: LocalResponse) -> None:
@@ -658,7 +747,7 @@ class ProxyExchange:
             self.state = DONE
             self._stop_timer()
             self.front.transport.unregisterProducer()
-            self.front.exchange_aborted(self)
+            self.front.cut_off(self)
             return
         self.fail(error)
 
@@ -678,8 +767,8 @@ class ProxyExchange:
         self._stop_timer()
         self.error_cause = error.cause
         self.response_status = error.status
-        self.front.gate.release(HELD | BACKPRESSURE)
-        self.front.send_error(self, error)
+        self.front.gate.release(HELD_OR_BACKPRESSURE)
+        self.front.answer(self, error, None)
 
     def _on_timer(self) -> None:
         self.timer = None
@@ -709,7 +798,7 @@ class ProxyExchange:
         self.bytes_out = tunnel.bytes_down
         if tunnel.ended_by == IDLE_TIMEOUT:
             self.error_cause = IDLE_TIMEOUT
-        self.front.factory.log_tunnel(self)
+        self.front.tunnel_closed(self)
 
     def _stream_idle_timeout(self) -> float:
         """The stream idle timeout for this request (a policy may override the gateway's)."""

@@ -7,10 +7,9 @@ without reading cannot make the gateway buffer without bound.
 
 from __future__ import annotations
 
-import ipaddress
 import random
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -23,6 +22,7 @@ from zope.interface import implementer
 from flexgw.http import errors
 from flexgw.http.chunked import ChunkFraming
 from flexgw.http.errors import GatewayError
+from flexgw.http.gate import PIPELINE, UPGRADING, ReadGate
 from flexgw.http.headers import HeaderList
 from flexgw.http.request import (
     BODY_CHUNKED,
@@ -31,18 +31,20 @@ from flexgw.http.request import (
     analyze_head,
     error_for_parser_message,
 )
-from flexgw.ingress.exchange import DONE, RESPONDING, WAITING, ProxyExchange
+from flexgw.http.tunnel import Tunnel
+from flexgw.ingress.contract import IExchangeFront, IExchangeObserver
+from flexgw.ingress.exchange import CHAIN_FINISH, DONE, RESPONDING, WAITING, ProxyExchange
+from flexgw.ingress.h2front import H2Limits
+from flexgw.ingress.peer import NOBODY, Peer
 from flexgw.ingress.routing import RouteMatch, select_route
+from flexgw.ingress.select import ProtocolSelector
 from flexgw.ingress.upgrade import UpgradeExchange, upgrade_protocol
 from flexgw.plan import HttpSettings, Listener, Timeouts
 from flexgw.policies.base import LocalResponse
-from flexgw.upstream.connection import ReadGate
 from flexgw.upstream.pool import PoolManager
 
 if TYPE_CHECKING:
-    from flexgw.http.accesslog import AccessLog
-    from flexgw.ingress.h2front import H2Protocol, H2Stream
-    from flexgw.service.metrics import GatewayMetrics
+    from flexgw.ingress.h2front import H2Protocol
 
 _log = Logger(namespace="flexgw.ingress")
 
@@ -52,11 +54,9 @@ HEAD = 1  # a request head is arriving
 BODY = 2  # head complete; body (if any) arriving
 CLOSING = 3  # an error was answered or the connection is closing: ignore further input
 
-PIPELINE = 4  # ReadGate reason: a response is pending, stop reading further requests
-UPGRADING = 8  # ReadGate reason: an upgrade request waits for the upstream's answer
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IExchangeFront)
 class IngressProtocol(Protocol):
     """One downstream HTTP/1.1 connection (over TLS on https listeners)."""
 
@@ -65,6 +65,8 @@ class IngressProtocol(Protocol):
         self.clock = factory.clock
         self.pools = factory.pools
         self.parser = httptools.HttpRequestParser(self)
+        # IExchangeFront.route: the listener factory's (its current plan), called directly.
+        self.route: Callable[[RequestHead], RouteMatch | None] = factory.route
         self.state = IDLE
         self.draining = False  # set when the gateway drains: responses close the connection
         self.head_bytes = 0
@@ -86,17 +88,10 @@ class IngressProtocol(Protocol):
         self.head_timer = None  # header deadline, armed only when a head spans several reads
         self.idle_since = 0.0
         self.head_started = 0.0
-        self.client_ip = ""
-        self.client_ip_bytes = b""
-        self.trusted_peer = False
+        self.peer = NOBODY  # set when the connection is made
         # Settings are read from the factory at connection time; a reload swaps the factory's.
         self.http: HttpSettings = factory.http
         self.timeouts: Timeouts = factory.timeouts
-        self.scheme_bytes = factory.scheme_bytes
-        self.scheme_decoded = factory.listener.scheme
-        # "X-Forwarded-Proto: ...\r\n", plus the client certificate's XFCC line over mTLS
-        self.proto_line = factory.proto_line
-        self.xfcc_line = b""
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -106,26 +101,7 @@ class IngressProtocol(Protocol):
         self.gate = ReadGate(transport)
         if hasattr(transport, "setTcpNoDelay"):
             transport.setTcpNoDelay(True)
-        peer = transport.getPeer()
-        host = getattr(peer, "host", "") or ""
-        if host.startswith("::ffff:"):
-            # An IPv4 client on a dual-stack listener: it is that IPv4 address (logs, policies,
-            # X-Forwarded-For and the trusted-proxy check all see the IPv4 form).
-            try:
-                mapped = ipaddress.IPv6Address(host).ipv4_mapped
-            except ValueError:
-                mapped = None
-            if mapped is not None:
-                host = str(mapped)
-        self.client_ip = host
-        self.client_ip_bytes = host.encode("ascii", "replace")
-        if self.http.trusted_proxies and host:
-            try:
-                address = ipaddress.ip_address(host)
-            except ValueError:
-                address = None
-            if address is not None:
-                self.trusted_peer = any(address in net for net in self.http.trusted_proxies)
+        self.peer = Peer.of(transport, self.factory.listener.scheme, self.http.trusted_proxies)
         self.factory.connections.add(self)
         self.idle_since = self.clock.seconds()
         self.timer = self.clock.callLater(self.http.keepalive_timeout, self._on_timer)
@@ -149,9 +125,7 @@ class IngressProtocol(Protocol):
         if certificate is not None and self.http.forward_client_cert:
             from flexgw.tls.contexts import xfcc_value
 
-            value = xfcc_value(certificate.to_cryptography())
-            self.xfcc_line = b"X-Forwarded-Client-Cert: " + value + b"\r\n"
-            self.proto_line = self.proto_line + self.xfcc_line
+            self.peer = self.peer.with_client_cert(xfcc_value(certificate.to_cryptography()))
 
     def connectionLost(self, reason: Failure = None) -> None:
         """Abandon whatever is in flight."""
@@ -167,7 +141,7 @@ class IngressProtocol(Protocol):
         if self.active is not None:
             active, self.active = self.active, None
             active.downstream_lost()
-            factory.log_exchange(active)
+            factory.exchange_finished(active)
         self.queue.clear()
         if factory.on_connection_lost is not None:
             factory.on_connection_lost(self)
@@ -345,7 +319,7 @@ class IngressProtocol(Protocol):
         else:
             self.framing = None
             self.body_left = head.content_length
-        exchange = ProxyExchange(self, head, self.clock.seconds())
+        exchange = self.make_exchange(head, self.clock.seconds())
         self.parsing = exchange
         if self.active is None:
             self.active = exchange
@@ -355,6 +329,15 @@ class IngressProtocol(Protocol):
             self.starting = exchange
         else:
             self.queue.append(exchange)
+
+    def make_exchange(self, head: RequestHead, started: float) -> ProxyExchange:
+        """The exchange that serves an accepted request head (the forward-proxy front makes
+        its own kind)."""
+        return ProxyExchange(self, head, started)
+
+    def can_retire(self) -> bool:
+        """True while no request has begun: another protocol (HTTP/2) may take over."""
+        return self.state == IDLE
 
     def invalid_head(self, error: GatewayError) -> RequestHead:
         """A head analyze_head refused: refuse it (the forward-proxy front accepts CONNECT)."""
@@ -376,22 +359,11 @@ class IngressProtocol(Protocol):
         if exchange is not None and exchange.state != DONE:
             exchange.request_done()
 
-    # -- what exchanges call back ----------------------------------------------------------------
+    # -- what exchanges call (IExchangeFront) ---------------------------------------------------
 
-    def route(self, head: RequestHead) -> RouteMatch | None:
-        """Choose the route for a request on this listener's current plan."""
-        return select_route(
-            self.factory.listener,
-            head.method.decode("ascii"),
-            head.path,
-            head.authority,
-            head.headers,
-            self.factory.rng,
-        )
-
-    def exchange_done(self, exchange: ProxyExchange, close: bool) -> None:
-        """A response is complete: log it, then close or go on with the next request."""
-        self.factory.log_exchange(exchange)
+    def finish(self, exchange: ProxyExchange, close: bool) -> None:
+        """A response is complete: report it, then close or go on with the next request."""
+        self.factory.exchange_finished(exchange)
         if self.active is exchange:
             self.active = None
         if close:
@@ -409,14 +381,25 @@ class IngressProtocol(Protocol):
             return
         self._next()
 
-    def exchange_aborted(self, exchange: ProxyExchange) -> None:
+    def cut_off(self, exchange: ProxyExchange) -> None:
         """The upstream failed after the response head was sent: cut the client off."""
-        self.factory.log_exchange(exchange)
+        self.factory.exchange_finished(exchange)
         self.active = None
         self.state = CLOSING
         self.transport.abortConnection()
 
-    def send_error(
+    def tunnel_opened(self, exchange: ProxyExchange, tunnel: Tunnel) -> None:
+        """The exchange became a byte tunnel: client bytes go to it from now on."""
+        self.tunnel = tunnel
+        if self.active is exchange:
+            self.active = None
+        self.factory.tunnel_opened(exchange)
+
+    def tunnel_closed(self, exchange: ProxyExchange) -> None:
+        """The exchange's tunnel ended."""
+        self.factory.tunnel_closed(exchange)
+
+    def answer(
         self,
         exchange: ProxyExchange,
         error: GatewayError | LocalResponse,
@@ -440,7 +423,7 @@ class IngressProtocol(Protocol):
             # response would be read as the start of the next response on this connection.
             data = data[: data.index(b"\r\n\r\n") + 4]
         self.transport.write(data)
-        self.factory.log_exchange(exchange)
+        self.factory.exchange_finished(exchange)
         if self.active is exchange:
             self.active = None
         if not keep:
@@ -491,7 +474,7 @@ class IngressProtocol(Protocol):
                 if active.state == RESPONDING:
                     active.error_cause = error.cause
                     active.downstream_lost()
-                    self.exchange_aborted(active)
+                    self.cut_off(active)
                 else:
                     active.fail(error)
                 return
@@ -500,7 +483,7 @@ class IngressProtocol(Protocol):
             return
         self.pending_refusal = None
         self.transport.write(error.render(close=True))
-        self.factory.log_refusal(self, error)
+        self.factory.request_refused(self.peer, error)
         self.transport.loseConnection()
 
     def _on_timer(self) -> None:
@@ -556,24 +539,30 @@ class IngressFactory(Factory):
         http: HttpSettings,
         timeouts: Timeouts,
         pools: PoolManager,
-        access_log: AccessLog | None,
+        access_log: IExchangeObserver | None,
         rng: random.Random | None = None,
-        metrics: GatewayMetrics | None = None,
+        metrics: IExchangeObserver | None = None,
         resolver: Any = None,
+        observers: Sequence[IExchangeObserver] = (),
+        forward_proxy: Callable[[IngressFactory], Protocol] | None = None,
     ) -> None:
         self.reactor = reactor
-        # IHostnameResolver for forward-proxy destinations (None: the reactor's nameResolver).
+        # The protocol of forward-proxy listeners (egress/, above this package: injected), and
+        # the IHostnameResolver for its destinations (None: the reactor's nameResolver).
+        self.forward_proxy = forward_proxy
         self.resolver = resolver
         self.clock = clock
         self.listener = listener
         self.http = http
         self.timeouts = timeouts
         self.pools = pools
-        self.access_log = access_log
-        self.metrics = metrics
+        # Told about every exchange that ends (see _observe); the gateway swaps the access log.
+        self._access_log = access_log
+        self._metrics = metrics
+        self.extra_observers = tuple(observers)
+        self.observers: tuple[IExchangeObserver, ...] = ()
+        self._observe()
         self.rng = rng or random.Random()
-        self.scheme_bytes = listener.scheme.encode("ascii")
-        self.proto_line = b"X-Forwarded-Proto: " + self.scheme_bytes + b"\r\n"
         self.connections: set[IngressProtocol | H2Protocol] = set()
         self.h2_limits = H2Limits.from_http(http)
         # Called with each connection as it closes (set by the gateway while it drains).
@@ -584,8 +573,6 @@ class IngressFactory(Factory):
         self.listener = listener
         self.http = http
         self.timeouts = timeouts
-        self.scheme_bytes = listener.scheme.encode("ascii")
-        self.proto_line = b"X-Forwarded-Proto: " + self.scheme_bytes + b"\r\n"
         self.h2_limits = H2Limits.from_http(http)
         for connection in self.connections:
             connection.http = http
@@ -593,38 +580,76 @@ class IngressFactory(Factory):
 
     def buildProtocol(self, addr: object) -> Protocol:
         """A protocol for one accepted connection: on a forward-proxy listener the forward-proxy
-        front (HTTP/1.1); otherwise HTTP/1.1 or HTTP/2, chosen on its first bytes."""
+        front (HTTP/1.1, injected by the service); otherwise HTTP/1.1 or HTTP/2, chosen on its
+        first bytes."""
         if self.listener.forward_proxy is not None:
-            from flexgw.egress.front import ForwardProxyProtocol
+            if self.forward_proxy is None:
+                raise RuntimeError("a forward-proxy listener needs IngressFactory(forward_proxy=)")
+            return self.forward_proxy(self)
+        return ProtocolSelector(self, IngressProtocol(self))
 
-            return ForwardProxyProtocol(self)
-        return ProtocolSelector(self)
+    def route(self, head: RequestHead) -> RouteMatch | None:
+        """Choose the route for a request on this listener's current plan (the fronts' route)."""
+        return select_route(
+            self.listener,
+            head.method.decode("ascii"),
+            head.path,
+            head.authority,
+            head.headers,
+            self.rng,
+        )
 
-    def log_exchange(self, exchange: ProxyExchange) -> None:
-        """Write the access log line of a finished exchange, and count it; policies that
-        asked hear how it ended (`on_done`)."""
-        chain = exchange.chain
-        if chain is not None and chain.finishers is not None:
-            chain.finish(exchange.response_status, exchange.error_cause)
-        if self.access_log is not None:
-            self.access_log.exchange(exchange, self.listener)
-        if self.metrics is not None:
-            self.metrics.exchange(exchange)
+    @property
+    def access_log(self) -> IExchangeObserver | None:
+        """The access log (the gateway swaps it when the logging outputs change)."""
+        return self._access_log
 
-    def count_tunnel(self, exchange: ProxyExchange) -> None:
-        """Count an exchange that became a tunnel, when it does: its latency is the time to the
-        switch (a tunnel's lifetime is no request latency, and no time the gateway added)."""
-        if self.metrics is not None:
-            self.metrics.exchange(exchange)
+    @access_log.setter
+    def access_log(self, access_log: IExchangeObserver | None) -> None:
+        self._access_log = access_log
+        self._observe()
 
-    def log_tunnel(self, exchange: ProxyExchange) -> None:
-        """Write the access log line of a tunnel that ended (counted when it began); policies
-        that asked hear how it ended (`on_done`)."""
-        chain = exchange.chain
-        if chain is not None and chain.finishers is not None:
-            chain.finish(exchange.response_status, exchange.error_cause)
-        if self.access_log is not None:
-            self.access_log.exchange(exchange, self.listener)
+    @property
+    def metrics(self) -> IExchangeObserver | None:
+        """The gateway's metrics."""
+        return self._metrics
+
+    @metrics.setter
+    def metrics(self, metrics: IExchangeObserver | None) -> None:
+        self._metrics = metrics
+        self._observe()
+
+    def _observe(self) -> None:
+        """The observers, in order: the policies' on_done, the access log, the metrics, others."""
+        self.observers = tuple(
+            o
+            for o in (CHAIN_FINISH, self._access_log, self._metrics, *self.extra_observers)
+            if o is not None
+        )
+
+    def exchange_finished(self, exchange: ProxyExchange) -> None:
+        """Report a finished exchange to the observers."""
+        listener = self.listener
+        for observer in self.observers:
+            observer.exchange_finished(exchange, listener)
+
+    def tunnel_opened(self, exchange: ProxyExchange) -> None:
+        """Report an exchange that became a tunnel to the observers."""
+        listener = self.listener
+        for observer in self.observers:
+            observer.tunnel_opened(exchange, listener)
+
+    def tunnel_closed(self, exchange: ProxyExchange) -> None:
+        """Report a tunnel that ended to the observers."""
+        listener = self.listener
+        for observer in self.observers:
+            observer.tunnel_closed(exchange, listener)
+
+    def request_refused(self, peer: Peer, error: GatewayError) -> None:
+        """Report a request refused before it was parsed whole to the observers."""
+        listener = self.listener
+        for observer in self.observers:
+            observer.request_refused(peer, error, listener)
 
     def log_failure(self, failure: BaseException | None) -> None:
         """Log an unexpected exception raised while handling a request."""
@@ -633,14 +658,3 @@ class IngressFactory(Factory):
             Failure(failure) if failure is not None else None,
         )
 
-    def log_refusal(self, protocol: IngressProtocol | H2Stream, error: GatewayError) -> None:
-        """Write the access log line of a request refused before it was parsed whole, and count it."""
-        if self.access_log is not None:
-            self.access_log.refusal(protocol, error, self.listener)
-        if self.metrics is not None:
-            self.metrics.refusal(error)
-
-
-# At the end: h2front and select import this module.
-from flexgw.ingress.h2front import H2Limits
-from flexgw.ingress.select import ProtocolSelector

@@ -2,7 +2,7 @@
 
 Framing, HPACK and flow-control accounting are the `h2` library's. Each request stream becomes an
 `H2Exchange`: the HTTP/1.1 path's ProxyExchange with only its response emission overridden, whose
-`front` is the stream (`H2Stream`, which offers what ProxyExchange reads from an IngressProtocol).
+`front` is the stream (`H2Stream`, an IExchangeFront like the HTTP/1.1 IngressProtocol).
 Routing, the policy chain, the upstream pools and the timeouts are therefore the very code
 HTTP/1.1 runs, and the HTTP/1.1 path pays nothing for HTTP/2 (no indirection was added to it).
 
@@ -43,7 +43,7 @@ from h2.errors import ErrorCodes
 from h2.exceptions import H2Error, ProtocolError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -52,9 +52,11 @@ from zope.interface import implementer
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
+from flexgw.http.gate import BACKPRESSURE
 from flexgw.http.h2send import send_queued
 from flexgw.http.headers import HOP_BY_HOP, HeaderList, response_headers_for_downstream
 from flexgw.http.request import BODY_CHUNKED, BODY_NONE, RequestHead, analyze_head
+from flexgw.ingress.contract import IExchangeFront
 from flexgw.ingress.exchange import (
     CONNECTING,
     DONE,
@@ -64,10 +66,8 @@ from flexgw.ingress.exchange import (
     WAITING,
     ProxyExchange,
 )
-from flexgw.ingress.routing import RouteMatch, select_route
 from flexgw.plan import HttpSettings
 from flexgw.policies.base import LocalResponse
-from flexgw.upstream.connection import BACKPRESSURE
 
 if TYPE_CHECKING:
     from flexgw.ingress.front import IngressFactory, IngressProtocol
@@ -139,6 +139,54 @@ class _RequestGate:
         """The upstream went away; the exchange cleans up."""
 
 
+@implementer(IConsumer)
+class _ResponseConsumer:
+    """A stream's `transport` as its exchange sees it: the consumer of the response, on which
+    the exchange registers the upstream connection as producer. The upstream is paused while
+    response bytes wait for a flow-control window or for the client's socket; bytes themselves
+    reach the stream only through H2Exchange's methods (start_response, queue_data)."""
+
+    __slots__ = ("paused", "producer", "stream")
+
+    def __init__(self, stream: H2Stream) -> None:
+        self.stream = stream
+        self.producer: Any = None
+        self.paused = False
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        """The upstream connection whose reading this stream's response may pause."""
+        self.producer = producer
+        self.paused = False
+        self.update()
+
+    def unregisterProducer(self) -> None:
+        """The response body is complete: no producer any more."""
+        producer = self.producer
+        self.producer = None
+        if producer is not None and self.paused:
+            self.paused = False
+            producer.resumeProducing()
+
+    def write(self, data: bytes) -> None:
+        """Never used: an H2Exchange hands the stream its response through its own methods."""
+        raise RuntimeError("raw bytes written to an HTTP/2 stream")
+
+    def update(self) -> None:
+        """Pause the upstream while response bytes wait for a window or the client's socket."""
+        producer = self.producer
+        if producer is None:
+            return
+        stream = self.stream
+        paused = bool(stream.queue) or stream.protocol.paused
+        if paused != self.paused:
+            self.paused = paused
+            if paused:
+                producer.pauseProducing()
+            else:
+                producer.resumeProducing()
+
+
+@implementer(IExchangeFront)
 class H2Stream:
     """One request stream: what its exchange sees as `front`, and its response's send side."""
 
@@ -150,15 +198,10 @@ class H2Stream:
         self.pools = protocol.pools
         self.http = protocol.http
         self.timeouts = protocol.timeouts
-        self.client_ip = protocol.client_ip
-        self.client_ip_bytes = protocol.client_ip_bytes
-        self.trusted_peer = protocol.trusted_peer
-        self.scheme_bytes = protocol.scheme_bytes
-        self.scheme_decoded = protocol.scheme_decoded
-        self.proto_line = protocol.proto_line
-        self.xfcc_line = protocol.xfcc_line
+        self.peer = protocol.peer
         self.gate = _RequestGate(self)
-        self.transport = self  # ProxyExchange registers the upstream as producer on front.transport
+        self.transport = _ResponseConsumer(self)  # the upstream is registered on it as producer
+        self.route = protocol.factory.route  # routing is the listener factory's, as for HTTP/1.1
         self.exchange: H2Exchange | None = None
         self.request_ended = False
         self.unacked = 0  # received flow-controlled bytes not yet acknowledged
@@ -171,8 +214,6 @@ class H2Stream:
         self.trailers: HeaderList | None = None
         self.ended = False  # END_STREAM sent
         self.closed = False  # reset, or the connection is gone
-        self.producer: Any = None
-        self.producer_paused = False
 
     @property
     def draining(self) -> bool:
@@ -181,19 +222,7 @@ class H2Stream:
 
     # -- what the exchange calls ---------------------------------------------------------------
 
-    def route(self, head: RequestHead) -> RouteMatch | None:
-        """Choose the route for a request on this listener's current plan."""
-        factory = self.protocol.factory
-        return select_route(
-            factory.listener,
-            head.method.decode("ascii"),
-            head.path,
-            head.authority,
-            head.headers,
-            factory.rng,
-        )
-
-    def send_error(
+    def answer(
         self,
         exchange: ProxyExchange,
         error: GatewayError | LocalResponse,
@@ -216,35 +245,25 @@ class H2Stream:
         if exchange.head.method == b"HEAD":
             body = b""
         self.respond(error.status, headers, body)
-        self.protocol.factory.log_exchange(exchange)
+        self.protocol.factory.exchange_finished(exchange)
 
-    def exchange_done(self, exchange: ProxyExchange, close: bool) -> None:
+    def finish(self, exchange: ProxyExchange, close: bool) -> None:
         """The exchange is complete (its response may still be waiting for the client's window)."""
-        self.protocol.factory.log_exchange(exchange)
+        self.protocol.factory.exchange_finished(exchange)
         self._maybe_done()
 
-    def exchange_aborted(self, exchange: ProxyExchange) -> None:
+    def cut_off(self, exchange: ProxyExchange) -> None:
         """The upstream failed after the response head was sent: reset the stream."""
-        self.protocol.factory.log_exchange(exchange)
+        self.protocol.factory.exchange_finished(exchange)
         self.reset(ErrorCodes.INTERNAL_ERROR)
 
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        """The upstream connection whose reading this stream's response may pause."""
-        self.producer = producer
-        self.producer_paused = False
-        self.update_producer()
+    def tunnel_opened(self, exchange: ProxyExchange, tunnel: Any) -> None:
+        """Never: an HTTP/2 stream carries no upgrade (and CONNECT is refused)."""
+        raise RuntimeError("an HTTP/2 stream cannot become a tunnel")
 
-    def unregisterProducer(self) -> None:
-        """The response body is complete: no producer any more."""
-        producer = self.producer
-        self.producer = None
-        if producer is not None and self.producer_paused:
-            self.producer_paused = False
-            producer.resumeProducing()
-
-    def write(self, data: bytes) -> None:
-        """Never used: ProxyExchange writes to its front only through overridden methods."""
-        raise RuntimeError("raw bytes written to an HTTP/2 stream")
+    def tunnel_closed(self, exchange: ProxyExchange) -> None:
+        """Never: see tunnel_opened."""
+        raise RuntimeError("an HTTP/2 stream cannot become a tunnel")
 
     # -- request body flow control ---------------------------------------------------------------
 
@@ -347,16 +366,7 @@ class H2Stream:
 
     def update_producer(self) -> None:
         """Pause the upstream while response bytes wait for a window or the client's socket."""
-        producer = self.producer
-        if producer is None:
-            return
-        paused = bool(self.queue) or self.protocol.paused
-        if paused != self.producer_paused:
-            self.producer_paused = paused
-            if paused:
-                producer.pauseProducing()
-            else:
-                producer.resumeProducing()
+        self.transport.update()
 
     def _maybe_done(self) -> None:
         """Forget the stream once its response has ended and its exchange is done."""
@@ -442,39 +452,13 @@ class H2Exchange(ProxyExchange):
         self, status: int, reason: bytes, headers: HeaderList, keep_alive: bool
     ) -> None:
         """The final response head: held until this upstream read's flush, then sent."""
+        accepted = self._accept_response_head(status, headers)
+        if accepted is None:
+            return
+        status, kept, content_length, chunked = accepted
         front = self.front
-        connection_values = []
-        content_length = None
-        for name, value in headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                content_length = value
-            elif lname == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
-                    self.response_malformed("Transfer-Encoding other than chunked")
-                    return
-                content_length = None
-            elif lname == b"connection":
-                connection_values.append(value)
-        self.response_status = status
-        self.last_activity = now = front.clock.seconds()
-        self.upstream_elapsed = now - self.upstream_started
-        if self.timer is not None:
-            self.timer.reset(self._stream_idle_timeout())
-        self.state = RESPONDING
-        kept = response_headers_for_downstream(headers, connection_values)
-        chain = self.chain
-        if chain is not None:
-            ctx = chain.ctx
-            ctx.begin_response(status, kept)
-            failed = chain.respond()
-            if failed is not None:
-                self._upstream_failed_with_response(failed)
-                return
-            status = self.response_status = ctx.response_status
-            kept = ctx.response_headers
-            if ctx.response_extra:
-                kept = kept + ctx.response_extra
+        if chunked:
+            content_length = None  # the stream's end delimits the body
         out = [(b":status", b"%d" % status)]
         out.extend([(n.lower(), v) for n, v in kept])
         if content_length is not None:
@@ -482,7 +466,7 @@ class H2Exchange(ProxyExchange):
         front.start_response(out)
         if self.head.method == b"HEAD" or status in (204, 304):
             front.end_response()
-        front.registerProducer(self.conn.gate, True)  # type: ignore[union-attr]
+        front.transport.registerProducer(self.conn.gate, True)  # type: ignore[union-attr]
 
     def response_body(self, data: bytes) -> None:
         """A piece of the response body, queued on the stream."""
@@ -524,14 +508,7 @@ class H2Protocol(Protocol):
         self.http = h1.http
         self.timeouts = h1.timeouts
         self.limits: H2Limits = factory.h2_limits
-        self.client_ip = h1.client_ip
-        self.client_ip_bytes = h1.client_ip_bytes
-        self.trusted_peer = h1.trusted_peer
-        self.scheme_bytes = h1.scheme_bytes
-        self.scheme_decoded = h1.scheme_decoded
-        # X-Forwarded-Proto (and, over mTLS, the client certificate's XFCC) lines, as for h1
-        self.proto_line = h1.proto_line
-        self.xfcc_line = h1.xfcc_line
+        self.peer = h1.peer  # the connection's client (with its XFCC line over mTLS)
         self.draining = False
         self.streams: dict[int, H2Stream] = {}
         self.blocked: set[H2Stream] = set()  # streams with response bytes waiting for a window
@@ -601,7 +578,7 @@ class H2Protocol(Protocol):
             received = self.conn.receive_data(data)
         except ProtocolError as exc:
             # h2 has queued a GOAWAY with the error's code.
-            _log.debug("HTTP/2 protocol error from {client}: {error}", client=self.client_ip, error=exc)
+            _log.debug("HTTP/2 protocol error from {client}: {error}", client=self.peer.address, error=exc)
             self._close(abort_streams=True)
             return
         starting: list[H2Stream] = []
@@ -710,7 +687,7 @@ class H2Protocol(Protocol):
                 ],
                 body,
             )
-            self.factory.log_refusal(stream, head)  # type: ignore[arg-type]
+            self.factory.request_refused(self.peer, head)
             # A malformed request is a stream error (RFC 9113 §8.1.1), answered with a 4xx
             # rather than a reset, but counted as one.
             self._count_reset()
@@ -847,7 +824,7 @@ class H2Protocol(Protocol):
         _log.warn(
             "HTTP/2 flood of {what} from {client}: GOAWAY ENHANCE_YOUR_CALM",
             what=what,
-            client=self.client_ip,
+            client=self.peer.address,
         )
         self._calm()
         return True
@@ -864,10 +841,10 @@ class H2Protocol(Protocol):
     def _abandon(self, stream: H2Stream) -> None:
         """The client reset the stream or left: abandon its exchange (logged as a reset)."""
         exchange = stream.exchange
-        stream.producer = None
+        stream.transport.producer = None
         if exchange is not None and exchange.state != DONE:
             exchange.downstream_lost()
-            self.factory.log_exchange(exchange)
+            self.factory.exchange_finished(exchange)
 
     def forget(self, stream: H2Stream) -> None:
         """A stream is finished on our side."""

@@ -1,8 +1,8 @@
 """Choosing the protocol of a new ingress connection: HTTP/1.1, or HTTP/2 (h2c or ALPN h2).
 
-The selector is the transport's protocol. It starts an HTTP/1.1 IngressProtocol at once (so
-keep-alive timing, the connection set and draining work before the first byte), and decides on
-the first bytes: the HTTP/2 connection preface (prior-knowledge h2c), or `h2` negotiated by ALPN
+The selector is the transport's protocol. It starts the HTTP/1.1 IngressProtocol the factory
+gives it at once (so keep-alive timing, the connection set and draining work before the first
+byte), and decides on the first bytes: the HTTP/2 connection preface (prior-knowledge h2c), or `h2` negotiated by ALPN
 on a TLS transport, starts an H2Protocol instead. Either way the selector then rebinds its own
 `dataReceived` and `connectionLost` to the chosen protocol's methods, so the transport calls the
 chosen protocol directly from then on: HTTP/1.1 pays one check per connection, none per read.
@@ -17,10 +17,10 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from flexgw.ingress.front import IDLE, IngressProtocol
+from flexgw.ingress.h2front import H2Protocol
 
 if TYPE_CHECKING:
-    from flexgw.ingress.front import IngressFactory
+    from flexgw.ingress.front import IngressFactory, IngressProtocol
 
 #: The client connection preface of HTTP/2 (RFC 9113 §3.4).
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -30,9 +30,9 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 class ProtocolSelector(Protocol):
     """The protocol of a fresh ingress connection until its first bytes name HTTP/1.1 or HTTP/2."""
 
-    def __init__(self, factory: IngressFactory) -> None:
+    def __init__(self, factory: IngressFactory, h1: IngressProtocol) -> None:
         self.factory = factory
-        self.h1 = IngressProtocol(factory)
+        self.h1 = h1
         self.chosen: Any = None
         self._buffer = b""
 
@@ -60,10 +60,8 @@ class ProtocolSelector(Protocol):
         h1.dataReceived(data)
 
     def _choose_h2(self, data: bytes) -> None:
-        from flexgw.ingress.h2front import H2Protocol
-
         h1 = self.h1
-        if h1.state != IDLE:
+        if not h1.can_retire():
             return  # closed (keep-alive timeout, drain) before its first bytes
         h1.retire()
         h2 = H2Protocol(self.factory, h1)

@@ -30,8 +30,6 @@ if TYPE_CHECKING:
 #: may send frames before the handshake completes); more is refused.
 MAX_EARLY_BYTES = 64 * 1024
 
-TUNNEL = 7  # exchange state: the connections are a tunnel (compared by identity)
-
 
 def upgrade_protocol(head: RequestHead) -> bytes | None:
     """The `Upgrade` value to forward, or None when the request must not be tunnelled
@@ -55,7 +53,7 @@ def upgrade_protocol(head: RequestHead) -> bytes | None:
 class UpgradeExchange(ProxyExchange):
     """A proxied upgrade request: an ordinary exchange until the upstream's 101, then a tunnel."""
 
-    __slots__ = ("early", "protocol", "switch_headers", "tunnel")
+    __slots__ = ("early", "hop_lines", "protocol", "switch_headers", "tunnel")
 
     def __init__(
         self, front: IngressProtocol, head: RequestHead, started: float, protocol: bytes
@@ -63,6 +61,9 @@ class UpgradeExchange(ProxyExchange):
         # Whatever the answer, the connection closes after it unless it becomes a tunnel.
         super().__init__(front, attrs.evolve(head, keep_alive=False), started)
         self.protocol = protocol
+        # The upstream head asks for the upgrade (Connection/Upgrade are hop-by-hop: the
+        # client's were dropped with the others).
+        self.hop_lines = b"Connection: Upgrade\r\nUpgrade: " + protocol + b"\r\n"
         self.early = b""
         self.switch_headers: HeaderList | None = None
         self.tunnel: Tunnel | None = None
@@ -76,13 +77,6 @@ class UpgradeExchange(ProxyExchange):
         self.early += data
         if len(self.early) > MAX_EARLY_BYTES:
             self.fail(errors.bad_request("Too many bytes sent before the upgrade completed"))
-
-    # -- the upstream request ----------------------------------------------------------------
-
-    def _upstream_head(self) -> bytes:
-        """The request head with the upgrade asked for (Connection/Upgrade are hop-by-hop)."""
-        head = super()._upstream_head()
-        return head[:-2] + b"Connection: Upgrade\r\nUpgrade: " + self.protocol + b"\r\n\r\n"
 
     # -- the upstream's answer ---------------------------------------------------------------
 
@@ -119,14 +113,12 @@ class UpgradeExchange(ProxyExchange):
             kept = ctx.response_headers or []
             if ctx.response_extra:
                 kept = kept + ctx.response_extra
-        self._stop_timer()
-        self.response_status = 101
-        self.state = TUNNEL
+        self._tunnelled(101)
         # The connection leaves its pool: it is the tunnel's now, never reused.
         conn.sink = None
         conn.reusable = False
         self.conn = None
-        self.pool.active -= 1  # type: ignore[union-attr]
+        self.pool.detach(conn)  # type: ignore[union-attr]
         lines = [b"HTTP/1.1 101 Switching Protocols\r\n"]
         lines.extend(name + b": " + value + b"\r\n" for name, value in kept)
         lines.append(b"Connection: Upgrade\r\nUpgrade: " + upgrade[0] + b"\r\n\r\n")
@@ -141,10 +133,7 @@ class UpgradeExchange(ProxyExchange):
             self._tunnel_ended,
         )
         conn.tunnel = tunnel
-        front.tunnel = tunnel
-        if front.active is self:
-            front.active = None
-        front.factory.count_tunnel(self)
+        front.tunnel_opened(self, tunnel)
         early, self.early = self.early, b""
         tunnel.start(early_up=early, early_down=rest)
 

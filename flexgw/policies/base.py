@@ -97,7 +97,7 @@ class PolicyRuntime:
     reactor: Any
     clock: Any
     shared: dict[str, Any] = attrs.Factory(dict)
-    message_log: Any = None  # a flexgw.http.accesslog.MessageLog, or None: the Twisted log
+    message_log: Any = None  # a flexgw.service.accesslog.MessageLog, or None: the Twisted log
     redis: Any = None  # a flexgw.storage.redis.RedisClient while the plan has shared storage
     shared_storage: Any = None  # the flexgw.plan.SharedStorage `redis` was made for
     side_tls: Any = None  # TLSSettings of Configuration.defaultTLS.outboundPolicyCalls, or None

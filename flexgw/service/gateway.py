@@ -14,7 +14,13 @@ from twisted.logger import FilteringLogObserver, Logger, LogLevel, LogLevelFilte
 from flexgw.config.ingress import IngressOptions
 from flexgw.config.pipeline import ConfigState, as_source, load_config
 from flexgw.config.sources import ConfigSource
-from flexgw.http.accesslog import (
+from flexgw.egress.front import ForwardProxyProtocol
+from flexgw.ingress.front import IngressFactory, IngressProtocol
+from flexgw.ingress.h2front import H2Protocol
+from flexgw.ingress.proxyprotocol import wrap_proxy_protocol
+from flexgw.plan import GatewayPlan, Listener, LoggingSettings, LogOutput, Upstream
+from flexgw.policies.base import PolicyRuntime
+from flexgw.service.accesslog import (
     AccessLog,
     MessageLog,
     RuntimeLog,
@@ -22,11 +28,6 @@ from flexgw.http.accesslog import (
     open_output,
     open_runtime_output,
 )
-from flexgw.ingress.front import IngressFactory, IngressProtocol
-from flexgw.ingress.h2front import H2Protocol
-from flexgw.ingress.proxyprotocol import wrap_proxy_protocol
-from flexgw.plan import GatewayPlan, Listener, LoggingSettings, LogOutput, Upstream
-from flexgw.policies.base import PolicyRuntime
 from flexgw.service.activation import LISTEN_FDS_START, InheritedSockets, listen_environ
 from flexgw.service.admin import ProbeServer
 from flexgw.service.metrics import GatewayMetrics
@@ -338,6 +339,7 @@ class GatewayService(Service):
             self.rng,
             metrics=self.metrics,
             resolver=self.resolver,
+            forward_proxy=ForwardProxyProtocol,
         )
         served = ListenerFactory(factory, listener.tls)
         # Outermost: the PROXY header comes before anything else (a TLS handshake included).

@@ -19,6 +19,9 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.process_collector import ProcessCollector
+from zope.interface import implementer
+
+from flexgw.ingress.contract import IExchangeObserver
 
 if TYPE_CHECKING:
     from flexgw.http.errors import GatewayError
@@ -32,6 +35,7 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 _NONE = "none"  # label value for "no API", "no route", "no error", "no response status"
 
 
+@implementer(IExchangeObserver)
 class GatewayMetrics:
     """What the gateway counts: requests, latencies and reloads, in plain Python containers."""
 
@@ -46,7 +50,7 @@ class GatewayMetrics:
         self.reloads: dict[str, int] = {"ok": 0, "error": 0}
         self.last_reload_time = 0.0
 
-    def exchange(self, exchange: ProxyExchange) -> None:
+    def exchange_finished(self, exchange: ProxyExchange, listener: object = None) -> None:
         """Count one finished exchange (called once per exchange, on the request path)."""
         route = exchange.route
         api = exchange.api_key
@@ -70,7 +74,15 @@ class GatewayMetrics:
         slots[2 * width + 2 + bisect_left(buckets, elapsed)] += 1
         slots[-1] += elapsed
 
-    def refusal(self, error: GatewayError) -> None:
+    def tunnel_opened(self, exchange: ProxyExchange, listener: object = None) -> None:
+        """Count an exchange that became a tunnel, when it does: its latency is the time to the
+        switch (a tunnel's lifetime is no request latency, and no time the gateway added)."""
+        self.exchange_finished(exchange)
+
+    def tunnel_closed(self, exchange: ProxyExchange, listener: object = None) -> None:
+        """A tunnel was counted when it opened."""
+
+    def request_refused(self, peer: object, error: GatewayError, listener: object = None) -> None:
         """Count a request refused before it was parsed whole (no API, no route)."""
         key = (None, None, error.status, error.cause)
         self.requests[key] = self.requests.get(key, 0) + 1

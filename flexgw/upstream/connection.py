@@ -6,11 +6,12 @@ from typing import TYPE_CHECKING, Any
 from typing import Protocol as TypingProtocol
 
 import httptools
-from twisted.internet.interfaces import IHandshakeListener, IPushProducer
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from flexgw.http.gate import ReadGate
 from flexgw.http.headers import HeaderList
 
 if TYPE_CHECKING:
@@ -33,50 +34,8 @@ class ResponseSink(TypingProtocol):
     def response_switched(self, rest: bytes) -> None: ...
 
 
-BACKPRESSURE = 1
-HELD = 2
-
 #: Bytes of response head (status line, headers, interim responses) an upstream may send.
 MAX_RESPONSE_HEAD = 64 * 1024
-
-
-@implementer(IPushProducer)
-class ReadGate:
-    """Pauses a transport's reading while any reason holds; registered as a producer elsewhere.
-
-    Several reasons (the consumer's backpressure, the proxy waiting for the other side) can hold
-    reading paused at once; the transport resumes only when none remains.
-    """
-
-    __slots__ = ("reasons", "transport")
-
-    def __init__(self, transport: object) -> None:
-        self.transport = transport
-        self.reasons = 0
-
-    def hold(self, reason: int) -> None:
-        """Pause reading for `reason` (a bit)."""
-        if not self.reasons:
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
-        self.reasons |= reason
-
-    def release(self, reason: int) -> None:
-        """Drop `reason`; resume reading when no reason is left."""
-        if self.reasons & reason:
-            self.reasons &= ~reason
-            if not self.reasons:
-                self.transport.resumeProducing()  # type: ignore[attr-defined]
-
-    def pauseProducing(self) -> None:
-        """The consumer's buffer is full."""
-        self.hold(BACKPRESSURE)
-
-    def resumeProducing(self) -> None:
-        """The consumer's buffer drained."""
-        self.release(BACKPRESSURE)
-
-    def stopProducing(self) -> None:
-        """The consumer went away; connectionLost on each side does the cleanup."""
 
 
 class UpstreamConnection(Protocol):

@@ -712,6 +712,10 @@ class H2UpstreamPool(PoolBase):
             connection.reserved -= 1
         stream.abort()
 
+    def detach(self, stream: Any) -> None:
+        """A stream leaves the pool's account: it was lost under its exchange."""
+        self.active -= 1
+
     def connection_lost(
         self, connection: H2UpstreamConnection, reason: Failure | None = None
     ) -> None:

@@ -177,6 +177,11 @@ class UpstreamPool(PoolBase):
         self.active -= 1
         connection.abort()
 
+    def detach(self, connection: UpstreamConnection) -> None:
+        """`connection` leaves the pool's account for good: it was lost under its exchange, or
+        it became a tunnel's (the pool neither reuses nor closes it)."""
+        self.active -= 1
+
     def connection_lost(self, connection: UpstreamConnection, reason: Failure | None = None) -> None:
         """Forget a closed connection."""
         attempt = self._pending.pop(connection, None)

@@ -1,4 +1,5 @@
-"""The access log: one JSON line per request, buffered and flushed on a short period."""
+"""The access log (an observer of finished exchanges): one JSON line per request, buffered and
+flushed on a short period; and the runtime and message logs written the same way."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ from typing import IO, TYPE_CHECKING, Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import formatEvent
+from zope.interface import implementer
 
 from flexgw.config.logconf import FLEX_VARIABLES
 from flexgw.http.errors import GatewayError
+from flexgw.ingress.contract import IExchangeObserver
 from flexgw.plan import Listener, LogOutput, Template
 
 if TYPE_CHECKING:
     from flexgw.ingress.exchange import ProxyExchange
-    from flexgw.ingress.front import IngressProtocol
+    from flexgw.ingress.peer import Peer
 
 _dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
 
@@ -117,6 +120,7 @@ def _ms(seconds: float) -> str:
     return repr(round(seconds * 1000, 3))
 
 
+@implementer(IExchangeObserver)
 class AccessLog(BufferedLog):
     """The access log: one JSON line per request."""
 
@@ -124,7 +128,7 @@ class AccessLog(BufferedLog):
         super().__init__(clock, stream, flush_interval)
         self._known: dict[Any, str] = {}
 
-    def exchange(self, exchange: ProxyExchange, listener: Listener) -> None:
+    def exchange_finished(self, exchange: ProxyExchange, listener: Listener) -> None:
         """Record a proxied (or gateway-answered) request.
 
         The line is assembled from pieces rather than by encoding a dict: names that come from
@@ -146,7 +150,7 @@ class AccessLog(BufferedLog):
         error = exchange.error_cause
         self._lines.append(
             (
-                f'{{"time":"{self._timestamp(now)}","client":{_text(exchange.front.client_ip)}'
+                f'{{"time":"{self._timestamp(now)}","client":{_text(exchange.front.peer.address)}'
                 f',"listener":{listener_json},"method":{_text(head.method.decode("latin-1"))}'
                 f',"path":{_text(head.path)},"version":"{head.version.decode("ascii")}"'
                 f',"api":{self._name(api) if api is not None else "null"}'
@@ -170,11 +174,11 @@ class AccessLog(BufferedLog):
             encoded = self._known[name] = _dumps(name)
         return encoded
 
-    def refusal(self, protocol: IngressProtocol, error: GatewayError, listener: Listener) -> None:
+    def request_refused(self, peer: Peer, error: GatewayError, listener: Listener) -> None:
         """Record a request refused before its head was complete or valid."""
         record = {
             "time": self._timestamp(self.clock.seconds()),
-            "client": protocol.client_ip,
+            "client": peer.address,
             "listener": f"{listener.host}:{listener.port}",
             "method": None,
             "path": None,
@@ -182,6 +186,14 @@ class AccessLog(BufferedLog):
             "error": error.cause,
         }
         self._lines.append(_dumps(record).encode("ascii") + b"\n")
+
+
+    def tunnel_opened(self, exchange: ProxyExchange, listener: Listener) -> None:
+        """A tunnel's line is written when it closes."""
+
+    def tunnel_closed(self, exchange: ProxyExchange, listener: Listener) -> None:
+        """A tunnel ended: its line, with the tunnel's byte counts."""
+        self.exchange_finished(exchange, listener)
 
 
 class TemplatedAccessLog(AccessLog):
@@ -202,14 +214,16 @@ class TemplatedAccessLog(AccessLog):
         self.template = template
         self._fields = bool(set(template.names) - FLEX_VARIABLES)
 
-    def exchange(self, exchange: ProxyExchange, listener: Listener) -> None:
+    def exchange_finished(self, exchange: ProxyExchange, listener: Listener) -> None:
         """Record a request, rendered through the template."""
-        super().exchange(exchange, listener)
+        super().exchange_finished(exchange, listener)
         self._lines[-1] = self._render(self._lines[-1])
 
-    def refusal(self, protocol: IngressProtocol, error: GatewayError, listener: Listener) -> None:
+    def request_refused(
+        self, peer: Peer, error: GatewayError, listener: Listener
+    ) -> None:
         """Record a refused request, rendered through the template."""
-        super().refusal(protocol, error, listener)
+        super().request_refused(peer, error, listener)
         self._lines[-1] = self._render(self._lines[-1])
 
     def _render(self, line: bytes) -> bytes:
@@ -285,21 +299,29 @@ def open_runtime_output(clock: IReactorTime, output: LogOutput) -> RuntimeLog:
     return RuntimeLog.open(clock, output.path or "-", output.template)  # type: ignore[no-any-return]
 
 
+@implementer(IExchangeObserver)
 class TeeLog:
     """Several access logs fed the same requests (more than one configured output)."""
 
     def __init__(self, logs: list[AccessLog]) -> None:
         self.logs = logs
 
-    def exchange(self, exchange: ProxyExchange, listener: Listener) -> None:
+    def exchange_finished(self, exchange: ProxyExchange, listener: Listener) -> None:
         """Record a request in every log."""
         for log in self.logs:
-            log.exchange(exchange, listener)
+            log.exchange_finished(exchange, listener)
 
-    def refusal(self, protocol: IngressProtocol, error: GatewayError, listener: Listener) -> None:
+    def tunnel_opened(self, exchange: ProxyExchange, listener: Listener) -> None:
+        """A tunnel's line is written when it closes."""
+
+    tunnel_closed = exchange_finished
+
+    def request_refused(
+        self, peer: Peer, error: GatewayError, listener: Listener
+    ) -> None:
         """Record a refused request in every log."""
         for log in self.logs:
-            log.refusal(protocol, error, listener)
+            log.request_refused(peer, error, listener)
 
 
 def open_output(clock: IReactorTime, output: LogOutput) -> AccessLog:
