@@ -28,7 +28,7 @@ from flexgw.policies.registry import lookup as lookup_policy
 from flexgw.tls.contexts import CLIENT_ALPN, build_client_tls, build_server_tls
 from flexgw.tls.settings import TLSSettings
 
-FORWARD_PROXY = "forward-proxy"  # flexgw.egress.policy.NAME (not imported: compile stays light)
+FORWARD_PROXY = "forward-proxy"  # flexgw.policies.forward_proxy.NAME (not imported: compile stays light)
 
 _ANY = frozenset({".*", "(?s).*", "[\\s\\S]*"})
 
