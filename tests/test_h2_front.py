@@ -30,7 +30,7 @@ from flexgw.ingress.front import IngressFactory, IngressProtocol
 from flexgw.ingress.h2front import H2Limits, H2Protocol
 from flexgw.plan import HttpSettings, Timeouts
 from flexgw.testing.h2 import made_you_reset, split_frames
-from flexgw.upstream.pool import PoolManager
+from flexgw.upstream.manager import PoolManager
 from tests.conftools import write_conf
 from tests.harness import simple_api
 

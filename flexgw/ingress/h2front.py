@@ -57,6 +57,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from flexgw.compat.h2buffer import header_backlog
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
@@ -875,10 +876,7 @@ class H2Protocol(Protocol):
 
     def _header_backlog(self) -> int:
         """Bytes of a header block still waiting for its CONTINUATION frames (h2 buffers them)."""
-        buffered = getattr(self.conn.incoming_buffer, "_headers_buffer", None)
-        if not buffered:
-            return 0
-        return sum(len(frame.data) for frame in buffered)
+        return header_backlog(self.conn)
 
     # -- streams ---------------------------------------------------------------------------------
 
