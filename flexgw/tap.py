@@ -428,7 +428,7 @@ class _AdminService(Service):
                 " listeners without it; use --admin off, or another port:"
                 " --admin tcp:PORT:interface=127.0.0.1",
                 endpoint=self.description,
-                error=failure.getErrorMessage(),
+                error=failure.getErrorMessage().rstrip("."),
             )
 
         self.listening = self.endpoint.listen(self.site).addCallbacks(listened, failed)

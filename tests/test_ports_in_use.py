@@ -62,7 +62,7 @@ class PortsInUseTests(TestCase):
         output = (await started.process.wait_output(b"Cannot listen on")).decode(errors="replace")
         admin_lines = [line for line in output.splitlines() if f"tcp:{admin}:" in line]
         self.assertEqual(len(admin_lines), 1, output)
-        self.assertIn("Address already in use", admin_lines[0])
+        self.assertIn("Address already in use. The gateway serves its listeners", admin_lines[0])
         self.assertIn("--admin off", admin_lines[0])
         self.assertIn("--admin tcp:PORT:interface=127.0.0.1", admin_lines[0])
         listener_lines = [line for line in output.splitlines() if "Cannot listen on" in line]
