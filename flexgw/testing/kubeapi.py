@@ -37,6 +37,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTCP, IReactorTime
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
@@ -316,6 +317,8 @@ class KubeAPI(Resource):
         )
         self.bookmark_interval = bookmark_interval
         self.watches: list[_Watch] = []
+        self.watches_opened = 0  # watch streams started (the ERROR-410 ones included)
+        self._watch_waiters: list[tuple[int, Deferred[None]]] = []
         self.requests: list[tuple[str, str]] = []  # (method, path?query) of every request seen
         self.port: IListeningPort | None = None
         self.scheme = "http"
@@ -379,6 +382,25 @@ class KubeAPI(Resource):
         """Drop every open watch connection mid-stream (no final chunk), as a lost server does."""
         for watch in list(self.watches):
             watch.abort()
+
+    def watch_opened(self, count: int) -> Deferred[None]:
+        """Fire once `count` watch streams have been opened in all (events before are sent)."""
+        waiter: Deferred[None] = Deferred()
+        self._watch_waiters.append((count, waiter))
+        self._notify_watchers()
+        return waiter
+
+    def _notify_watchers(self) -> None:
+        for count, waiter in list(self._watch_waiters):
+            if self.watches_opened >= count:
+                self._watch_waiters.remove((count, waiter))
+                waiter.callback(None)
+
+    def send_raw(self, data: bytes) -> None:
+        """Write `data` as is on every open watch (garbage, an unknown event type, ...)."""
+        for watch in list(self.watches):
+            if not watch.closed:
+                watch.request.write(data)
 
     def send_bookmarks(self) -> None:
         """Send a BOOKMARK at the current version on every watch that allows bookmarks."""
@@ -635,6 +657,8 @@ class KubeAPI(Resource):
             except APIError as exc:
                 watch.send("ERROR", exc.body)
                 request.finish()
+                self.watches_opened += 1
+                self._notify_watchers()
                 return NOT_DONE_YET
             for event in events:
                 watch.deliver(event)
@@ -646,6 +670,8 @@ class KubeAPI(Resource):
         if watch.bookmarks and self.bookmark_interval:
             watch.ticker = self.reactor.callLater(self.bookmark_interval, watch.tick)
         request.notifyFinish().addBoth(lambda _: watch.close())
+        self.watches_opened += 1
+        self._notify_watchers()
         return NOT_DONE_YET
 
 
