@@ -24,7 +24,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from flexgw.config.pipeline import load_config
 from flexgw.ingress.front import IngressFactory
 from flexgw.policies import registry
-from flexgw.upstream.pool import PoolManager
+from flexgw.upstream.manager import PoolManager
 
 _spec = importlib.util.spec_from_file_location("bench_run", Path(__file__).with_name("run.py"))
 assert _spec is not None and _spec.loader is not None

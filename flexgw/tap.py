@@ -20,6 +20,7 @@ from twisted.logger import (
 from twisted.python import usage
 
 from flexgw import __version__
+from flexgw.compat.logobservers import observers
 
 _log = Logger()
 _LEVELS = {name: LogLevel.levelWithName(name) for name in ("debug", "info", "warn", "error")}
@@ -181,7 +182,7 @@ def _install_log_level(
     (unless --log-level was given)."""
     if predicate is None:
         predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[level or "info"])
-    for observer in list(publisher._observers):
+    for observer in observers(publisher):
         publisher.removeObserver(observer)
         publisher.addObserver(FilteringLogObserver(observer, [predicate]))
     return predicate
@@ -364,7 +365,7 @@ def _stop_reactor(reactor: Any) -> Any:
     """A callable stopping `reactor` (a drain) unless it is already stopping."""
 
     def stop() -> None:
-        if reactor.running and not getattr(reactor, "_stopped", False):
+        if reactor.running:
             with contextlib.suppress(ReactorNotRunning):  # already stopping
                 reactor.stop()
 

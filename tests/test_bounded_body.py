@@ -1,4 +1,4 @@
-"""flexgw.upstream.bounded.read_bounded: side-call bodies stay within their limit whatever the
+"""flexgw.sidecalls.bounded.read_bounded: side-call bodies stay within their limit whatever the
 framing, against a real loopback HTTP server."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from flexgw.upstream.bounded import read_bounded
+from flexgw.sidecalls.bounded import read_bounded
 
 
 class TooLarge(Exception):

@@ -106,6 +106,13 @@ class ChunkFramingTests(SynchronousTestCase):
         for line in (b"0x3\r\n", b"3\n", b"\r\n", b"g\r\n", b"1" * 80 + b"\r\n", b" 3\r\n"):
             self.assertIs(ChunkFraming(100).scan(line), MALFORMED_CHUNK_SIZE, line)
 
+    def test_malformed_start_refused_before_the_line_ends(self) -> None:
+        """A line that cannot become a size is refused at its first piece, as it is whole."""
+        for start in (b"\x00", b"g", b"\r", b" ", b"1x", b"1" * 65, b"0x"):
+            self.assertIs(ChunkFraming(100).scan(start), MALFORMED_CHUNK_SIZE, start)
+        for start in (b"", b"a", b"1" * 64, b"3;", b"3\r", b"3;ext=\x00"):
+            self.assertEqual(ChunkFraming(100).scan(start), -1, start)
+
     def test_size_split_across_pieces(self) -> None:
         """A chunk size cut in the middle is read whole."""
         framing = ChunkFraming(100)

@@ -8,7 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from flexgw.egress.destinations import (
+from flexgw.policies.base import BuildContext, PolicyConfigError
+from flexgw.policies.destinations import (
     DEFAULT_BLOCKED,
     AddressGuard,
     BadHost,
@@ -16,8 +17,7 @@ from flexgw.egress.destinations import (
     parse_allow_rule,
     parse_authority,
 )
-from flexgw.egress.policy import KIND, ForwardProxyConfig
-from flexgw.policies.base import BuildContext, PolicyConfigError
+from flexgw.policies.forward_proxy import KIND, ForwardProxyConfig
 
 LOOPBACK = ipaddress.IPv4Address("127.0.0.1")
 

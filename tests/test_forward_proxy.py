@@ -14,10 +14,10 @@ from twisted.web.client import Agent, readBody
 
 from flexgw import cli
 from flexgw.config.forwardproxy import ForwardProxy
+from flexgw.sidecalls.proxy import ForwardProxyAgent, _TunnelEndpoints
 from flexgw.testing import client
 from flexgw.testing.certs import CertificateAuthority, server_options
 from flexgw.testing.upstream import RecordingUpstream
-from flexgw.upstream.sidecalls import ForwardProxyAgent, _TunnelEndpoints
 from tests.harness import Gateway, free_port
 from tests.keyserver import JsonServer
 from tests.outbound import outbound_binding, service_api
@@ -227,7 +227,7 @@ class ForwardProxyEndToEndTests(TestCase):
 
 
 class SideCallTests(TestCase):
-    """Policies' side calls through the proxy (flexgw.upstream.sidecalls)."""
+    """Policies' side calls through the proxy (flexgw.sidecalls.proxy)."""
 
     def setUp(self) -> None:
         """The recording proxy."""

@@ -30,7 +30,7 @@ from flexgw.ingress.front import IngressFactory, IngressProtocol
 from flexgw.ingress.h2front import H2Limits, H2Protocol
 from flexgw.plan import HttpSettings, Timeouts
 from flexgw.testing.h2 import made_you_reset, split_frames
-from flexgw.upstream.pool import PoolManager
+from flexgw.upstream.manager import PoolManager
 from tests.conftools import write_conf
 from tests.harness import simple_api
 
@@ -288,6 +288,8 @@ class ServerResetTests(FrontTestCase):
         self.assertTrue(self.down.disconnecting)
         self.assertLessEqual(len(resets), self.limits.max_resets + 1)
         self.assertEqual(self.reactor.tcpClients, [])
+        # The read was cut at the budget: the 11th reset (stream 21) was the last frame read.
+        self.assertEqual(goaway.last_stream_id, 21)
 
     def test_data_on_half_closed_streams_across_reads(self) -> None:
         """The same pattern with each DATA in the read after its HEADERS: each exchange started,
@@ -346,20 +348,23 @@ class ServerResetTests(FrontTestCase):
         self.assertEqual(goaway.error_code, ErrorCodes.ENHANCE_YOUR_CALM)
 
     def test_ping_flood_answered_at_most_limit(self) -> None:
-        """25 PINGs in one read, limit 20: 20 answers at most, then GOAWAY ENHANCE_YOUR_CALM."""
+        """25 PINGs in one read, limit 20: no more answers than the limit, then GOAWAY
+        ENHANCE_YOUR_CALM (h2 answers each PING as it reads it: the count comes first)."""
         self.start_raw()
         self.selector.dataReceived(
             b"".join(PingFrame(0, opaque_data=b"%08d" % i).serialize() for i in range(25))
         )
         frames = self.written()
         acks = [f for f in frames if isinstance(f, PingFrame) and "ACK" in f.flags]
-        self.assertLessEqual(len(acks), self.limits.max_control_frames)
+        # The limit counts the client's first SETTINGS (start_raw) too.
+        self.assertEqual(len(acks), self.limits.max_control_frames - 1)
         [goaway] = [f for f in frames if isinstance(f, GoAwayFrame)]
         self.assertEqual(goaway.error_code, ErrorCodes.ENHANCE_YOUR_CALM)
         self.assertTrue(self.down.disconnecting)
 
     def test_settings_flood_answered_at_most_limit(self) -> None:
-        """25 SETTINGS in one read, limit 20: 20 acknowledgements at most, then GOAWAY."""
+        """25 SETTINGS in one read, limit 20: no more acknowledgements than the limit, then
+        GOAWAY."""
         self.start_raw()
         self.selector.dataReceived(
             b"".join(
@@ -369,7 +374,8 @@ class ServerResetTests(FrontTestCase):
         )
         frames = self.written()
         acks = [f for f in frames if isinstance(f, SettingsFrame) and "ACK" in f.flags]
-        self.assertLessEqual(len(acks), self.limits.max_control_frames)
+        # The limit counts the client's first SETTINGS (start_raw) too.
+        self.assertEqual(len(acks), self.limits.max_control_frames - 1)
         [goaway] = [f for f in frames if isinstance(f, GoAwayFrame)]
         self.assertEqual(goaway.error_code, ErrorCodes.ENHANCE_YOUR_CALM)
 

@@ -599,7 +599,7 @@ class TlsAlpnTests(TestCase):
         from flexgw.http.alpn import SERVED_ALPN
         from flexgw.ingress.front import IngressFactory
         from flexgw.plan import HttpSettings, Timeouts
-        from flexgw.upstream.pool import PoolManager
+        from flexgw.upstream.manager import PoolManager
         from tests.conftools import write_conf
         from tests.harness import simple_api
 

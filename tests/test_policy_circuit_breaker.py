@@ -10,8 +10,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from flexgw.http.request import RequestHead, analyze_head
-from flexgw.policies.base import BuildContext, LocalResponse, PolicyContext, PolicyRuntime
+from flexgw.policies.base import BuildContext, LocalResponse, PolicyContext
 from flexgw.policies.circuit_breaker import BREAKER_KIND, BREAKER_SCHEMA, IDLE_KIND
+from flexgw.service.policyruntime import PolicyRuntime
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream, fixed, never
 from tests.harness import free_port

@@ -21,9 +21,9 @@ from flexgw.policies.base import (
     LocalResponse,
     PolicyConfigError,
     PolicyContext,
-    PolicyRuntime,
 )
 from flexgw.policies.rate_limiting import KIND, NAME, RateLimitPolicy
+from flexgw.service.policyruntime import PolicyRuntime
 from flexgw.storage.interfaces import IRateLimitStore, RateLimit, StoreUnavailable
 from flexgw.storage.memory import MemoryRateLimitStore
 from flexgw.testing import client

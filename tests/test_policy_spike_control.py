@@ -14,8 +14,9 @@ from zope.interface.verify import verifyObject
 
 from flexgw.http.request import RequestHead, analyze_head
 from flexgw.policies import registry
-from flexgw.policies.base import BuildContext, IPolicy, LocalResponse, PolicyContext, PolicyRuntime
+from flexgw.policies.base import BuildContext, IPolicy, LocalResponse, PolicyContext
 from flexgw.policies.spike_control import KIND, NAME, SpikeControlConfig, SpikeControlPolicy
+from flexgw.service.policyruntime import PolicyRuntime
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream
 from tests.harness import Gateway, free_port

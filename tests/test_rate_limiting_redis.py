@@ -11,8 +11,9 @@ from twisted.trial.unittest import TestCase
 
 from flexgw.config.pipeline import load_config
 from flexgw.plan import SharedStorage
-from flexgw.policies.base import BuildContext, PolicyRuntime
+from flexgw.policies.base import BuildContext
 from flexgw.policies.rate_limiting import KIND
+from flexgw.service.policyruntime import PolicyRuntime
 from flexgw.storage.memory import MemoryRateLimitStore
 from flexgw.storage.redis import RedisClient, RedisRateLimitStore
 from flexgw.testing import client

@@ -41,7 +41,7 @@ from flexgw.plan import (
     Timeouts,
     Upstream,
 )
-from flexgw.upstream.pool import PoolManager
+from flexgw.upstream.manager import PoolManager
 
 HOST = [(b"Host", b"a.test")]
 #: Hypothesis settings that keep these tests steady on a loaded machine.

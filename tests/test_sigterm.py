@@ -15,7 +15,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import TestCase
 
-from flexgw.tap import Options
+from flexgw.tap import Options, _stop_reactor
 from flexgw.testing import client
 from flexgw.testing.client import IncompleteResponse
 from flexgw.testing.upstream import RecordingUpstream
@@ -210,3 +210,29 @@ class DrainOptionTests(TestCase):
         for value in ("-1", "inf", "nan", "soon"):
             with self.assertRaises(UsageError, msg=value):
                 Options().parseOptions(["--conf", conf, "--drain-seconds", value])
+
+
+class StopReactorTests(TestCase):
+    """The worker's reactor stop (on a lost supervisor or a stop message)."""
+
+    def test_stop_twice(self) -> None:
+        """Asked twice (or once Twisted is already stopping): one stop, no ReactorNotRunning."""
+        from twisted.internet.error import ReactorNotRunning
+
+        class Reactor:
+            running = True  # stays True until the shutdown has run, as Twisted's does
+            stops = 0
+
+            def stop(self) -> None:
+                self.stops += 1
+                if self.stops > 1:
+                    raise ReactorNotRunning("Can't stop reactor that isn't running.")
+
+        fake = Reactor()
+        stop = _stop_reactor(fake)
+        stop()
+        stop()
+        self.assertEqual(fake.stops, 2)
+        fake.running = False
+        stop()
+        self.assertEqual(fake.stops, 2)

@@ -10,10 +10,11 @@ from twisted.protocols import amp
 from twisted.test import iosim
 from twisted.trial.unittest import TestCase
 
-from flexgw.policies.base import BuildContext, LocalResponse, PolicyRuntime
+from flexgw.policies.base import BuildContext, LocalResponse
 from flexgw.policies.rate_limiting import RateLimitKind
 from flexgw.policies.spike_control import SpikeControlKind, SupervisedSpikeControlPolicy
 from flexgw.service import ampcommands as commands
+from flexgw.service.policyruntime import PolicyRuntime
 from flexgw.storage.interfaces import HitResult, RateLimit
 from flexgw.storage.memory import MemoryRateLimitStore
 from flexgw.storage.redis import RedisRateLimitStore

@@ -186,7 +186,7 @@ class InboundTLSTests(TestCase):
         conn = await self.connect(client_options("api.test", self.ca))
         conn.send(GET)
         self.assertEqual((await conn.read_response()).status, 200)
-        self.assertEqual(conn.transport._tlsConnection.get_protocol_version_name(), "TLSv1.2")
+        self.assertEqual(conn.transport.getHandle().get_protocol_version_name(), "TLSv1.2")
 
     async def test_mtls(self) -> None:
         """requireClientCertificate: no certificate or one from another CA fails the handshake;

@@ -16,7 +16,7 @@ from flexgw.ingress.front import IngressFactory
 from flexgw.ingress.upgrade import MAX_EARLY_BYTES
 from flexgw.plan import HttpSettings, Timeouts
 from flexgw.service.metrics import GatewayMetrics
-from flexgw.upstream.pool import PoolManager
+from flexgw.upstream.manager import PoolManager
 from tests.conftools import write_conf
 from tests.harness import simple_api
 from tests.test_egress_proxy import proxy_conf

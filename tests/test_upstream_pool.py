@@ -11,7 +11,9 @@ from twisted.trial.unittest import TestCase
 
 from flexgw.plan import HttpSettings, Timeouts, Upstream
 from flexgw.upstream.connection import UpstreamConnection
-from flexgw.upstream.pool import PoolManager, ThrottledLog, UpstreamPool
+from flexgw.upstream.interfaces import ConnectionOwner, IUpstreamPool
+from flexgw.upstream.manager import PoolManager, ThrottledLog
+from flexgw.upstream.pool import UpstreamPool
 
 
 def upstream(port: int = 8080) -> Upstream:
@@ -216,6 +218,14 @@ class IdleExpiryTests(PoolTestCase):
 
 class ManagerTests(PoolTestCase):
     """PoolManager keeps pools across reloads and retires removed upstreams."""
+
+    def test_pools_provide_the_interface(self) -> None:
+        """Both pool kinds the manager makes (HTTP/1.1, HTTP/2) are IUpstreamPools."""
+        manager = PoolManager(self.reactor, self.reactor)
+        h2 = Upstream(key="default/h2", scheme="h2c", host="127.0.0.1", port=9001)
+        for pool in (manager.pool_for(upstream()), manager.pool_for(h2)):
+            self.assertIsInstance(pool, IUpstreamPool)
+            self.assertIsInstance(pool, ConnectionOwner)
 
     def test_pool_kept_for_unchanged_upstream(self) -> None:
         """The same Upstream value maps to the same pool across configure calls."""

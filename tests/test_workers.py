@@ -666,3 +666,32 @@ class WorkersOptionTests(TestCase):
         self.assertEqual(delays[:4], [0.0, 0.25, 0.5, 1.0])
         self.assertEqual(max(delays), BACKOFF_MAX)
         self.assertGreater(HEALTHY_SECONDS, 0)
+
+
+class SupervisorAdminTests(TestCase):
+    """The supervisor's admin resources answering from a Deferred."""
+
+    def test_client_left_before_the_answer(self) -> None:
+        """A client gone before the workers answered: nothing is written, nothing raises."""
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+        from twisted.web.http import Request
+        from twisted.web.test.requesthelper import DummyChannel
+
+        from flexgw.service.workers import _DeferredResource
+
+        answer: defer.Deferred[bytes] = defer.Deferred()
+
+        class Late(_DeferredResource):
+            def answer(self, request: Any) -> defer.Deferred[bytes]:
+                return answer
+
+        channel = DummyChannel()
+        request = Request(channel)
+        request.method = b"GET"
+        Late(None).render_GET(request)  # type: ignore[arg-type]
+        request.connectionLost(Failure(ConnectionDone()))
+        answer.callback(b"{}")
+        self.assertIsNone(self.successResultOf(answer))  # no RuntimeError from finish()
+        self.assertEqual(channel.transport.written.getvalue(), b"")
+        self.assertFalse(request.finished)

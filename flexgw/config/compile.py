@@ -22,13 +22,13 @@ from flexgw.plan import (
     Rule,
     Upstream,
 )
-from flexgw.policies.base import BuildContext
+from flexgw.policies.base import BuildContext, PolicyCapabilities
 from flexgw.policies.circuit_breaker import BREAKER_KIND, BREAKER_NAME
 from flexgw.policies.registry import lookup as lookup_policy
 from flexgw.tls.contexts import CLIENT_ALPN, build_client_tls, build_server_tls
 from flexgw.tls.settings import TLSSettings
 
-FORWARD_PROXY = "forward-proxy"  # flexgw.egress.policy.NAME (not imported: compile stays light)
+FORWARD_PROXY = "forward-proxy"  # flexgw.policies.forward_proxy.NAME (not imported: compile stays light)
 
 _ANY = frozenset({".*", "(?s).*", "[\\s\\S]*"})
 
@@ -140,8 +140,8 @@ def _default_breaker(key: str, thresholds: Mapping[str, Any], runtime: Any) -> B
     context = BuildContext(
         binding=name,
         api=None,
-        clock=getattr(runtime, "clock", None),
-        reactor=getattr(runtime, "reactor", None),
+        clock=runtime.clock if runtime is not None else None,
+        reactor=runtime.reactor if runtime is not None else None,
         services=runtime,
     )
     policy = BREAKER_KIND.build({"thresholds": dict(thresholds)}, context)
@@ -176,8 +176,8 @@ def build_policies(
         context = BuildContext(
             binding=spec.name,
             api=api,
-            clock=getattr(runtime, "clock", None),
-            reactor=getattr(runtime, "reactor", None),
+            clock=runtime.clock if runtime is not None else None,
+            reactor=runtime.reactor if runtime is not None else None,
             services=runtime,
         )
         config = dict(spec.config)
@@ -202,6 +202,7 @@ def build_policies(
         if any(rule.path is None and rule.methods is None and rule.host is None
                and not rule.headers for rule in rules):
             rules = ()
+        capabilities = PolicyCapabilities.of(policy)
         built.append(
             BoundPolicy(
                 name=spec.name,
@@ -209,9 +210,9 @@ def build_policies(
                 order=spec.order,
                 rules=rules,
                 policy=policy,
-                needs_body=bool(getattr(policy, "needs_body", False)),
-                responds=bool(getattr(policy, "response_phase", True)),
-                finishes=callable(getattr(policy, "on_done", None)),
+                needs_body=capabilities.needs_body,
+                responds=capabilities.response_phase,
+                finishes=capabilities.on_done,
             )
         )
     return tuple(built)
@@ -635,7 +636,7 @@ def compile_model(
                 upstreams_changed = True
         # Policies that only configure something (chain_member = False) never run per request.
         service_policies[key] = tuple(
-            bound for bound in built if getattr(bound.policy, "chain_member", True)
+            bound for bound in built if PolicyCapabilities.of(bound.policy).chain_member
         )
     if model.circuit_breaker is not None:
         # Configuration.spec.circuitBreaker: the same thresholds for every Service that has no

@@ -34,7 +34,6 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import Attribute, implementer
 
-from flexgw.egress.destinations import BadHost, IPAddress, parse_authority
 from flexgw.egress.resolver import resolve_all
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
@@ -48,9 +47,10 @@ from flexgw.ingress.exchange import CONNECTING, DONE, POLICIES, ProxyExchange
 from flexgw.ingress.front import CLOSING, IngressProtocol, _Refused
 from flexgw.ingress.upgrade import MAX_EARLY_BYTES
 from flexgw.plan import Api, Destination, Upstream
+from flexgw.policies.destinations import BadHost, IPAddress, parse_authority
 
 if TYPE_CHECKING:
-    from flexgw.egress.policy import ForwardProxyConfig
+    from flexgw.policies.forward_proxy import ForwardProxyConfig
 
 CONNECT_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 

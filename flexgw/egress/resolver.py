@@ -15,7 +15,7 @@ from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import IHostnameResolver, IReactorTime, IResolutionReceiver
 from zope.interface import implementer
 
-from flexgw.egress.destinations import IPAddress
+from flexgw.policies.destinations import IPAddress
 
 
 @implementer(IResolutionReceiver)

@@ -24,6 +24,10 @@ CHUNK_LINE_TOO_LONG = bad_request(
 MALFORMED_CHUNK_SIZE = bad_request("Malformed chunk size")
 
 _SIZE = re.compile(rb"([0-9A-Fa-f]{1,64})[;\r]")
+# What the start of a chunk-size line may be while its end has not arrived: a size so far, or
+# a size and what ends it. Anything else is refused at once, as it would be with the line whole
+# (not later by the parser with another message: the answer must not depend on how reads cut).
+_OPEN_SIZE = re.compile(rb"[0-9A-Fa-f]{1,64}[;\r]|[0-9A-Fa-f]{0,64}\Z")
 _PREFIX = 72  # bytes of a line kept across reads: enough for the size and what follows it
 
 LINE = 0  # in a chunk-size line
@@ -92,6 +96,8 @@ class ChunkFraming:
         if self.state == LINE:
             if self.line_bytes > MAX_CHUNK_LINE:
                 return CHUNK_LINE_TOO_LONG
+            if _OPEN_SIZE.match(self.prefix) is None:
+                return MALFORMED_CHUNK_SIZE
         elif self.trailer_bytes + self.line_bytes > self.max_trailer_bytes:
             return HEADERS_TOO_LARGE
         return -1

@@ -41,7 +41,7 @@ from flexgw.ingress.select import ProtocolSelector
 from flexgw.ingress.upgrade import UpgradeExchange, upgrade_protocol
 from flexgw.plan import HttpSettings, Listener, Timeouts
 from flexgw.policies.base import LocalResponse
-from flexgw.upstream.pool import PoolManager
+from flexgw.upstream.manager import PoolManager
 
 if TYPE_CHECKING:
     from flexgw.ingress.h2front import H2Protocol

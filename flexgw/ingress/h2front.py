@@ -18,9 +18,9 @@ Guards (RFC 9113 §10.5, the 2023 "rapid reset" and the 2025 "MadeYouReset" atta
 resets are counted per connection in a time window, the client's RST_STREAMs and the gateway's
 own alike (a stream the gateway resets or refuses for the client's error: DATA on a half-closed
 stream, a window overflow, a malformed request); control frames (PING, SETTINGS, PRIORITY, empty
-DATA) likewise. Over either limit the connection gets GOAWAY(ENHANCE_YOUR_CALM) and is closed,
-and what h2 answered on its own within that read (PING and SETTINGS acknowledgements, resets)
-is dropped, so that no more than the limit is ever answered. The exchanges of the streams a
+DATA) likewise, each counted as h2 reads it (a control frame before h2 answers it). Over
+either limit the connection gets GOAWAY(ENHANCE_YOUR_CALM) and is closed at once, the rest of
+the read unread, so that no more than the limits is ever answered. The exchanges of the streams a
 read opens start only once the whole read is processed, so a stream reset within the same read
 never reaches an upstream; a stream reset later gives up its pending upstream connect. Streams
 whose exchange still runs count against the concurrency limit even when h2 already considers
@@ -42,13 +42,22 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import H2Error, ProtocolError
 from h2.settings import SettingCodes, Settings
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import (
+    DataFrame,
+    ExtensionFrame,
+    Frame,
+    GoAwayFrame,
+    PingFrame,
+    PriorityFrame,
+    SettingsFrame,
+)
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from flexgw.compat.h2buffer import header_backlog
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
@@ -76,8 +85,8 @@ _log = Logger(namespace="flexgw.ingress.h2")
 
 #: A stream's gate reason while its exchange waits for the end of the read that opened it.
 _STARTING = 4
-#: Events counted against `max_control_frames` (besides SETTINGS and empty DATA).
-_CONTROL_EVENTS = (events.PingReceived, events.PriorityUpdated, events.UnknownFrameReceived)
+#: Frames counted against `max_control_frames` (and empty DATA frames; not SETTINGS ACKs).
+_CONTROL_FRAMES = (PingFrame, SettingsFrame, PriorityFrame, ExtensionFrame)
 
 
 @attrs.frozen
@@ -99,6 +108,44 @@ class H2Limits:
             max_resets=http.h2_max_resets,
             max_control_frames=http.h2_max_control_frames,
         )
+
+
+class _Flood(ProtocolError):
+    """Over a guard's limit: h2 stops reading and queues GOAWAY(ENHANCE_YOUR_CALM)."""
+
+    error_code = ErrorCodes.ENHANCE_YOUR_CALM
+
+
+class _GuardedConnection(H2Connection):
+    """h2's server connection, with the flood guards applied frame by frame.
+
+    h2 reads every frame of a read, answering PINGs and SETTINGS and resetting streams as it
+    goes, before its events reach the front: guards counting events would act only after a
+    whole read (thousands of frames) was answered. Here a control frame is counted before h2
+    answers it, and a stream reset (the client's RST_STREAM, or h2's own for a client's stream
+    error) as soon as h2 has seen it; over a limit, `_Flood` ends the read (h2 then queues the
+    GOAWAY). The hook is h2's `_receive_frame` (called for every frame);
+    tests.test_h2_front's flood tests fail if an h2 upgrade stops calling it.
+    """
+
+    def __init__(self, config: H2Configuration, protocol: H2Protocol) -> None:
+        super().__init__(config=config)
+        self.protocol = protocol
+
+    def _receive_frame(self, frame: Frame) -> Any:
+        kind = frame.__class__
+        protocol = self.protocol
+        if kind in _CONTROL_FRAMES:
+            control = not (kind is SettingsFrame and "ACK" in frame.flags)
+        else:  # an empty DATA frame carries nothing: counted like a control frame
+            control = kind is DataFrame and not frame.data and "END_STREAM" not in frame.flags  # type: ignore[attr-defined]
+        if control and protocol.counted_control():
+            raise _Flood("control frames")
+        received = super()._receive_frame(frame)
+        for event in received:
+            if event.__class__ is events.StreamReset and protocol.counted_reset():
+                raise _Flood("stream resets")
+        return received
 
 
 @implementer(IPushProducer)
@@ -523,7 +570,7 @@ class H2Protocol(Protocol):
         limits = self.limits
         http = self.http
         config = H2Configuration(client_side=False, header_encoding=None)
-        conn = self.conn = H2Connection(config=config)
+        conn = self.conn = _GuardedConnection(config, self)
         conn.local_settings = Settings(
             client=False,
             initial_values={
@@ -576,6 +623,10 @@ class H2Protocol(Protocol):
             return
         try:
             received = self.conn.receive_data(data)
+        except _Flood as exc:
+            # h2 stopped reading and queued GOAWAY(ENHANCE_YOUR_CALM).
+            self._flood(str(exc), queued=True)
+            return
         except ProtocolError as exc:
             # h2 has queued a GOAWAY with the error's code.
             _log.debug("HTTP/2 protocol error from {client}: {error}", client=self.peer.address, error=exc)
@@ -609,11 +660,7 @@ class H2Protocol(Protocol):
                 self._close(abort_streams=True)
                 break
             elif kind is events.RemoteSettingsChanged:
-                if self._count_control():
-                    break
                 self._window(0)
-            elif kind in _CONTROL_EVENTS:
-                self._count_control()
         for stream in starting:
             # A stream reset in this read (or a connection closed in it) has its exchange DONE.
             exchange = stream.exchange
@@ -690,7 +737,8 @@ class H2Protocol(Protocol):
             self.factory.request_refused(self.peer, head)
             # A malformed request is a stream error (RFC 9113 §8.1.1), answered with a 4xx
             # rather than a reset, but counted as one.
-            self._count_reset()
+            if self.counted_reset():
+                self._flood("stream resets")
             return None
         exchange = H2Exchange(stream, head, now)  # type: ignore[arg-type]
         stream.exchange = exchange
@@ -753,8 +801,6 @@ class H2Protocol(Protocol):
     def _data(self, event: events.DataReceived) -> None:
         stream = self.streams.get(event.stream_id)
         data = event.data
-        if not data and event.stream_ended is None and self._count_control():
-            return  # an empty DATA frame carries nothing: counted like a control frame
         if stream is None:
             # A stream already answered and forgotten: give the window back.
             if event.flow_controlled_length:
@@ -790,9 +836,8 @@ class H2Protocol(Protocol):
 
     def _reset(self, event: events.StreamReset) -> None:
         """A stream reset by the client, or by h2 for the client's protocol error (DATA or
-        HEADERS on a half-closed stream, a window overflow): both count against the budget."""
-        if self._count_reset():
-            return
+        HEADERS on a half-closed stream, a window overflow; both counted by _GuardedConnection):
+        abandon its exchange."""
         stream = self.streams.get(event.stream_id)
         if stream is None:
             return
@@ -808,33 +853,30 @@ class H2Protocol(Protocol):
             self.window_start = now
             self.resets = self.control_frames = 0
 
-    def _count_reset(self) -> bool:
-        """Count a stream reset; over the budget, GOAWAY(ENHANCE_YOUR_CALM) (then True)."""
+    def counted_reset(self) -> bool:
+        """Count a stream reset; True over the budget."""
         self._new_window()
         self.resets += 1
-        return self.resets > self.limits.max_resets and self._flood("stream resets")
+        return self.resets > self.limits.max_resets
 
-    def _count_control(self) -> bool:
-        """Count a control frame; over the limit, GOAWAY(ENHANCE_YOUR_CALM) (then True)."""
+    def counted_control(self) -> bool:
+        """Count a control frame; True over the limit."""
         self._new_window()
         self.control_frames += 1
-        return self.control_frames > self.limits.max_control_frames and self._flood("control frames")
+        return self.control_frames > self.limits.max_control_frames
 
-    def _flood(self, what: str) -> bool:
+    def _flood(self, what: str, queued: bool = False) -> None:
+        """Over a guard's limit: log it, and GOAWAY(ENHANCE_YOUR_CALM) (see _calm)."""
         _log.warn(
             "HTTP/2 flood of {what} from {client}: GOAWAY ENHANCE_YOUR_CALM",
             what=what,
             client=self.peer.address,
         )
-        self._calm()
-        return True
+        self._calm(queued)
 
     def _header_backlog(self) -> int:
         """Bytes of a header block still waiting for its CONTINUATION frames (h2 buffers them)."""
-        buffered = getattr(self.conn.incoming_buffer, "_headers_buffer", None)
-        if not buffered:
-            return 0
-        return sum(len(frame.data) for frame in buffered)
+        return header_backlog(self.conn)
 
     # -- streams ---------------------------------------------------------------------------------
 
@@ -873,20 +915,14 @@ class H2Protocol(Protocol):
         if not self.streams:
             self._close(abort_streams=False)
 
-    def _calm(self) -> None:
-        """A flood: GOAWAY(ENHANCE_YOUR_CALM), abandon every stream, close (abort if the client
-        does not read the GOAWAY within a second).
-
-        What h2 queued while reading the flood is dropped, not sent: its automatic answers (PING
-        and SETTINGS acknowledgements, RST_STREAMs) to the frames of this read, counted only once
-        h2 has read them all. With every earlier read flushed, no more answers than the limits
-        ever go out; the streams' own frames are moot (every stream is abandoned).
-        """
-        self.conn.clear_outbound_data_buffer()
-        try:
-            self.conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
-        except H2Error:
-            pass
+    def _calm(self, queued: bool = False) -> None:
+        """A flood: GOAWAY(ENHANCE_YOUR_CALM) (unless h2 `queued` it), abandon every stream,
+        close (abort if the client does not read the GOAWAY within a second)."""
+        if not queued:
+            try:
+                self.conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+            except H2Error:
+                pass
         self._close(abort_streams=True)
         if self.timer is not None and self.timer.active():
             self.timer.cancel()

@@ -35,13 +35,17 @@ import attrs
 from twisted.internet import tcp
 from twisted.internet.interfaces import ILoggingContext, IProtocolFactory, IReactorTime
 from twisted.internet.protocol import Protocol
-from twisted.protocols.haproxy import _info
-from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
-from twisted.protocols.haproxy._v1parser import V1Parser
-from twisted.protocols.haproxy._v2parser import V2Parser
-from twisted.protocols.haproxy._wrapper import HAProxyProtocolWrapper, HAProxyWrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
+
+from flexgw.compat.haproxy import (
+    HAProxyProtocolWrapper,
+    HAProxyWrappingFactory,
+    InvalidProxyHeader,
+    ProxyInfo,
+    V1Parser,
+    V2Parser,
+)
 
 _V1 = V1Parser.PROXYSTR  # b"PROXY"
 _V2 = V2Parser.PREFIX  # the 12-byte v2 signature
@@ -106,7 +110,7 @@ class ProxyHeaderWrapper(HAProxyProtocolWrapper):
                 self._refuse()
                 return
             if str(host) != source.host:
-                info = _info.ProxyInfo(
+                info = ProxyInfo(
                     info.header, attrs.evolve(source, host=str(host)), info.destination
                 )
         self._proxyInfo = info

@@ -15,6 +15,7 @@ plug-in API and stays, without a deprecation warning.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -43,24 +44,49 @@ class IPolicyKind(Interface):
 
 
 class IPolicy(Interface):
-    """One bound policy: immutable config plus shared state, used by every request."""
+    """One bound policy: immutable config plus shared state, used by every request.
+
+    Besides the two methods, a policy may have these optional members (the compiler reads them
+    once, through `PolicyCapabilities.of`; a policy without them gets the defaults):
+
+    - `needs_body` (default False): the exchange buffers the whole request body (bounded,
+      413 over the bound) into `ctx.body` before `on_request` runs.
+    - `response_phase` (default True): False says `on_response` does nothing, so the chain
+      does not call it (one call less per request).
+    - `on_done(ctx, status, cause)` (default: none): called once when a request this policy
+      let through (its on_request returned None) has ended, whichever way it ended: `status`
+      is what the client got (0 when nothing was sent), `cause` the `x-flexgw-error` cause
+      of a gateway-made answer (None for the upstream's own response). The circuit breaker
+      uses it.
+    - `chain_member` (default True): False keeps a policy that only configures something at
+      compile time (e.g. `idle-timeout-flex`) out of the per-request chain.
+    """
 
     def on_request(ctx: PolicyContext) -> Any:  # type: ignore[misc]
         """None to go on, a LocalResponse to answer, or a Deferred firing with either."""
 
     def on_response(ctx: PolicyContext) -> None:  # type: ignore[misc]
-        """Adjust the response head (status, headers) before it is sent downstream.
+        """Adjust the response head (status, headers) before it is sent downstream."""
 
-        A policy whose `on_response` does nothing may say so with an attribute
-        `response_phase = False`: the chain then does not call it (one call less per request).
-        """
 
-    # Optional: `on_done(ctx, status, cause)` is called once when a request this policy let
-    # through (its on_request returned None) has ended, whichever way it ended: `status` is
-    # what the client got (0 when nothing was sent), `cause` the `x-flexgw-error` cause of a
-    # gateway-made answer (None for the upstream's own response). The circuit breaker uses it.
-    # Optional: `chain_member = False` keeps a policy that only configures something at
-    # compile time (e.g. `idle-timeout-flex`) out of the per-request chain.
+@attrs.frozen
+class PolicyCapabilities:
+    """IPolicy's optional members a policy object has (see IPolicy), with their defaults."""
+
+    needs_body: bool = False
+    response_phase: bool = True
+    on_done: bool = False  # the policy has an `on_done(ctx, status, cause)`
+    chain_member: bool = True
+
+    @classmethod
+    def of(cls, policy: Any) -> PolicyCapabilities:
+        """Read them from `policy` (the one place they are looked up; at compile time)."""
+        return cls(
+            needs_body=bool(getattr(policy, "needs_body", False)),
+            response_phase=bool(getattr(policy, "response_phase", True)),
+            on_done=callable(getattr(policy, "on_done", None)),
+            chain_member=bool(getattr(policy, "chain_member", True)),
+        )
 
 
 class UsesRuntime:
@@ -90,94 +116,30 @@ class UsesRuntime:
 
 
 @attrs.define
-class PolicyRuntime:
-    """What the running gateway lends policies: its reactor and clock, and state kept across
-    reloads (e.g. rate-limit counters), keyed by whatever the policy kind chooses."""
+class PolicyServices:
+    """What the running gateway lends policy kinds at build time (`BuildContext.services`): its
+    reactor and clock, state kept across reloads, and the clients it made for the current plan.
+    Every field may be None (`flexgw validate`, tests): a kind then does without it. The gateway's
+    own is flexgw.service.policyruntime.PolicyRuntime, which also (re)makes those clients."""
 
-    reactor: Any
-    clock: Any
+    reactor: Any = None
+    clock: Any = None
+    # State kept across reloads (e.g. rate-limit counters), keyed by whatever the kind chooses.
     shared: dict[str, Any] = attrs.Factory(dict)
-    message_log: Any = None  # a flexgw.service.accesslog.MessageLog, or None: the Twisted log
+    message_log: Any = None  # a MessageLog (flexgw.service.accesslog), or None: the Twisted log
     redis: Any = None  # a flexgw.storage.redis.RedisClient while the plan has shared storage
-    shared_storage: Any = None  # the flexgw.plan.SharedStorage `redis` was made for
-    side_tls: Any = None  # TLSSettings of Configuration.defaultTLS.outboundPolicyCalls, or None
-    forward_proxy: Any = None  # Configuration.spec.forwardProxy, or None
     side_agent: Any = None  # the treq Agent policies' side calls use (None: treq's default)
     # --workers: an AMP protocol to the supervisor, which holds the rate-limit and spike-control
     # counters of every worker (flexgw.storage.supervised); None in a single process
     supervisor: Any = None
+    token_fetcher: Any = None  # credential-injection-oauth2-flex's fetch (None: treq)
     # rate-limit checks the store could not answer, (api, "refused" | "allowed") -> count
     # (flexgw.policies.rate_limiting; the `flexgw_rate_limit_unknown_quota` metric)
     unknown_quota: dict[tuple[str | None, str], int] = attrs.Factory(dict)
 
-    def use_side_tls(self, settings: Any) -> None:
-        """Called with each new plan's `defaultTLS.outboundPolicyCalls` settings (before its
-        policies are built): a new Agent for side calls when they changed."""
-        if settings == self.side_tls:
-            return
-        self.side_tls = settings
-        self._make_side_agent()
 
-    def use_forward_proxy(self, proxy: Any) -> None:
-        """Called with each new plan's forward proxy (before its policies are built): side
-        calls go through it (flexgw.upstream.sidecalls) while one is configured."""
-        if proxy == self.forward_proxy:
-            return
-        self.forward_proxy = proxy
-        self._make_side_agent()
-
-    def _make_side_agent(self) -> None:
-        """The side-call Agent for the current TLS settings and forward proxy."""
-        tls_policy = direct = None
-        if self.side_tls is not None:
-            from twisted.web.client import Agent
-
-            from flexgw.tls.contexts import SideCallTLSPolicy
-
-            tls_policy = SideCallTLSPolicy(self.side_tls)
-            direct = Agent(self.reactor, contextFactory=tls_policy)
-        if self.forward_proxy is not None:
-            from flexgw.upstream.sidecalls import ForwardProxyAgent
-
-            self.side_agent = ForwardProxyAgent(self.reactor, self.forward_proxy, direct, tls_policy)
-        else:
-            self.side_agent = direct
-
-    def use_shared_storage(self, settings: Any) -> None:
-        """Called with each new plan's shared storage (before its policies are built): a new
-        client when the settings changed (the old one is closed), none without settings."""
-        if settings == self.shared_storage:
-            return
-        old, self.redis, self.shared_storage = self.redis, None, settings
-        if old is not None:
-            old.close()
-        if settings is not None:
-            from flexgw.storage.redis import RedisClient
-
-            tls = None
-            if settings.tls is not None:
-                from flexgw.tls.contexts import client_creator
-
-                no_alpn = attrs.evolve(settings.tls, alpn=())  # Redis speaks no ALPN
-
-                def tls(host: str) -> Any:
-                    """TLS for one host (a sentinel or the master), SNI and check for it."""
-                    return client_creator(no_alpn, host)
-
-            self.redis = RedisClient(
-                self.reactor,
-                settings.host,
-                settings.port,
-                username=settings.username,
-                password=settings.password,
-                db=settings.db,
-                sentinel=settings.sentinel,
-                tls=tls,
-                connect_timeout=settings.command_timeout,
-                command_timeout=settings.command_timeout,
-                max_backoff=settings.probe_interval,
-                summary_interval=settings.summary_interval,
-            )
+def _services(value: PolicyServices | None) -> PolicyServices:
+    return PolicyServices() if value is None else value
 
 
 @attrs.frozen
@@ -188,7 +150,8 @@ class BuildContext:
     api: str | None  # "namespace/name" of the ApiInstance, None for Service-bound policies
     clock: Any = None  # IReactorTime, for windows and delays
     reactor: Any = None  # for side calls (JWKS, introspection)
-    services: Any = None  # gateway-wide shared services (storage, ...)
+    # gateway-wide shared services (storage, side-call agent, ...); None: PolicyServices()
+    services: PolicyServices = attrs.field(default=None, converter=_services)
 
 
 @attrs.frozen
@@ -370,3 +333,17 @@ class PolicyContext:
                 self.vars,
             )
         return context
+
+
+def __getattr__(name: str) -> Any:
+    """`PolicyRuntime`, the old name of what policies get as `BuildContext.services`: now
+    `PolicyServices` (the gateway's runtime moved to flexgw.service.policyruntime)."""
+    if name == "PolicyRuntime":
+        warnings.warn(
+            "flexgw.policies.base.PolicyRuntime is deprecated: use PolicyServices (the services"
+            " a policy kind gets); the gateway's runtime is flexgw.service.policyruntime",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return PolicyServices
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -225,9 +225,9 @@ class CircuitBreakerKind:
             int(thresholds.get("maxRequests", DEFAULT_MAX)),
             int(thresholds.get("maxConnections", DEFAULT_MAX)),
         )
-        shared = getattr(context.services, "shared", None)
+        shared = context.services.shared
         key = f"{BREAKER_NAME}:{context.binding}"
-        if isinstance(shared, dict):
+        if shared is not None:
             state = shared.setdefault(key, BreakerState())
         else:
             state = BreakerState()  # `flexgw validate`: nothing runs

@@ -63,7 +63,7 @@ from flexgw.policies.base import (
     UsesRuntime,
 )
 from flexgw.policies.registry import register
-from flexgw.upstream.bounded import post_bounded
+from flexgw.sidecalls.bounded import post_bounded
 
 _log = Logger(namespace="flexgw.policies.introspection")
 
@@ -447,7 +447,7 @@ class IntrospectionKind:
             settings_from(config),
             context.clock,
             context.reactor,
-            agent=getattr(context.services, "side_agent", None),
+            agent=context.services.side_agent,
         )
 
 

@@ -25,7 +25,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from flexgw.upstream.bounded import read_bounded
+from flexgw.sidecalls.bounded import read_bounded
 
 _log = Logger(namespace="flexgw.policies.jwks")
 

@@ -611,7 +611,7 @@ def build_policy(
         clock=context.clock,
         reactor=context.reactor,
         fetcher=fetcher,
-        agent=getattr(context.services, "side_agent", None),
+        agent=context.services.side_agent,
     )
 
 

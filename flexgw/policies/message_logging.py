@@ -261,7 +261,7 @@ class MessageLoggingKind:
             first=first,
             second=second,
             needs_body=any(item.uses_payload() for item in first),
-            sink=getattr(context.services, "message_log", None),
+            sink=context.services.message_log,
         )
 
 

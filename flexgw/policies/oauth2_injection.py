@@ -56,7 +56,7 @@ from flexgw.policies.base import (
 from flexgw.policies.credential_injection import checked_header
 from flexgw.policies.headers import header_name_problem, header_value_problem
 from flexgw.policies.registry import register
-from flexgw.upstream.bounded import post_bounded
+from flexgw.sidecalls.bounded import post_bounded
 
 NAME = "credential-injection-oauth2-flex"
 _log = Logger(namespace="flexgw.policies")
@@ -361,8 +361,8 @@ class OAuth2InjectionKind:
             raise PolicyConfigError("must not contain control characters", "upstreamTokenPrefixName")
         header = checked_header(config, "upstreamTokenHeaderName", b"Authorization")
         state = None
-        shared = getattr(context.services, "shared", None)
-        if isinstance(shared, dict):
+        shared = context.services.shared
+        if shared is not None:
             fingerprint = (url, body, sorted(headers.items()), prefix, header)
             key = f"{NAME}:{context.binding}"
             state = shared.get(key)
@@ -380,8 +380,8 @@ class OAuth2InjectionKind:
             timeout=float(config.get("tokenFetchTimeout", 10)),
             clock=context.clock,
             reactor=context.reactor,
-            fetch=getattr(context.services, "token_fetcher", None),
-            agent=getattr(context.services, "side_agent", None),
+            fetch=context.services.token_fetcher,
+            agent=context.services.side_agent,
             state=state,
         )
 

@@ -53,7 +53,7 @@ Deliberate differences from Flex:
   (it is "the first request" of it), although it is counted in none.
 
 Counters and reloads: a reload rebuilds every policy object. The store lives in
-`context.services.shared` (the gateway's `PolicyRuntime`, which survives reloads) under
+`context.services.shared` (the gateway's policy runtime, which survives reloads) under
 `rate-limiting-flex:<api>:<binding>`, together with a fingerprint of the limits and key
 selector: a rebuilt binding with the same limits and key selector keeps its counters; a changed
 one starts from zero (and replaces the old store, so at most one store per binding and API is
@@ -83,6 +83,7 @@ from flexgw.policies.base import (
     LocalResponse,
     PolicyConfigError,
     PolicyContext,
+    PolicyServices,
 )
 from flexgw.policies.expressions import Expression, ExpressionError, compile_value, to_text
 from flexgw.policies.registry import register
@@ -341,11 +342,11 @@ class RateLimitPolicy:
 
 
 def _shared_store(
-    services: Any, key: str, fingerprint: str, clock: Any
+    services: PolicyServices, key: str, fingerprint: str, clock: Any
 ) -> MemoryRateLimitStore | None:
     """The binding's store from the reload-surviving registry (created or replaced as needed)."""
-    shared = getattr(services, "shared", None)
-    if not isinstance(shared, dict) or clock is None:
+    shared = services.shared
+    if shared is None or clock is None:
         return None
     kept = shared.get(key)
     if kept is not None and kept[0] == fingerprint:
@@ -367,23 +368,21 @@ class RateLimitKind:
     def build(self, config: dict[str, Any], context: BuildContext) -> RateLimitPolicy:
         """Validate the config and find (or make) the binding's counter store."""
         parsed = parse_config(config)
-        clock = context.clock
-        if clock is None and context.services is not None:
-            clock = getattr(context.services, "clock", None)
-        unknown = getattr(context.services, "unknown_quota", None)
-        redis = getattr(context.services, "redis", None) if parsed.clusterizable else None
+        services = context.services
+        clock = context.clock if context.clock is not None else services.clock
+        unknown = services.unknown_quota
+        redis = services.redis if parsed.clusterizable else None
         store: Any
         if redis is not None and clock is not None:
             namespace = f"flexgw:rl:{context.api}:{context.binding}:{parsed.fingerprint()[:16]}:"
             store = RedisRateLimitStore(redis, clock, namespace)
-        elif getattr(context.services, "supervisor", None) is not None:
+        elif services.supervisor is not None:
             # --workers: one quota for every worker, in the supervisor
             namespace = f"{NAME}:{context.api}:{context.binding}:{parsed.fingerprint()}"
-            store = SupervisedRateLimitStore(context.services.supervisor, namespace)
+            store = SupervisedRateLimitStore(services.supervisor, namespace)
         else:
             store = _shared_store(
-                context.services, f"{NAME}:{context.api}:{context.binding}", parsed.fingerprint(),
-                clock,
+                services, f"{NAME}:{context.api}:{context.binding}", parsed.fingerprint(), clock
             )
             if store is None and clock is not None:
                 store = MemoryRateLimitStore(clock)

@@ -31,7 +31,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "flexgw.policies.oauth2_injection",
     "flexgw.policies.circuit_breaker",
     "flexgw.policies.tls",
-    "flexgw.egress.policy",
+    "flexgw.policies.forward_proxy",
 )
 
 _kinds: dict[str, Any] = {}

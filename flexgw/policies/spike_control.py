@@ -329,11 +329,9 @@ class SpikeControlKind:
     def build(self, config: dict[str, Any], context: BuildContext) -> Any:
         """Apply Flex's defaults; the clock is the context's (or the reactor at first use).
         Under --workers, the window is the supervisor's."""
-        clock = context.clock
-        if clock is None and context.services is not None:
-            clock = getattr(context.services, "clock", None)
+        clock = context.clock if context.clock is not None else context.services.clock
         parsed = SpikeControlConfig.from_config(config)
-        supervisor = getattr(context.services, "supervisor", None)
+        supervisor = context.services.supervisor
         if supervisor is not None and clock is not None:
             namespace = f"{NAME}:{context.api}:{context.binding}:{parsed!r}"
             return SupervisedSpikeControlPolicy(

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 from twisted.logger import Logger
 
+from flexgw.compat.systemd import twisted_listen_fds
+
 _log = Logger(namespace="flexgw.systemd")
 
 #: The first descriptor systemd passes (SD_LISTEN_FDS_START).
@@ -80,11 +82,7 @@ def listen_environ(environ: Mapping[str, str]) -> Mapping[str, str]:
     if "LISTEN_FDS" in environ:
         return environ
     try:
-        from twisted.internet.endpoints import _SystemdParser
-
-        found = _SystemdParser._sddaemon
-        fds = list(found.inheritedDescriptors())
-        names = list(getattr(found, "_names", ()))
+        fds, names = twisted_listen_fds()
     except (ImportError, AttributeError):  # a Twisted without it: nothing to recover
         return environ
     if not fds or fds != list(range(fds[0], fds[0] + len(fds))):

@@ -1,8 +1,7 @@
 """AMP commands between the `--workers` supervisor and its worker processes.
 
-Worker → supervisor: `WorkerReady` (the worker serves its configuration), `RateLimitHit` (one
-check-and-count in the supervisor's rate-limit counters), `SpikeTake` (one unit of a spike-control
-sliding window). Supervisor → worker: `Ping` (heartbeat), `Reload`, `Stop` (drain), `StopNow` (cut the drain short),
+Worker → supervisor: `WorkerReady` (the worker serves its configuration), and the shared
+storage's `RateLimitHit` and `SpikeTake` (flexgw.storage.ampcommands, re-exported here). Supervisor → worker: `Ping` (heartbeat), `Reload`, `Stop` (drain), `StopNow` (cut the drain short),
 `Readiness`, `CollectMetrics`, `WorkerStatus`. Stopping goes over AMP rather than by signal, so
 a worker that also gets systemd's or a terminal's signal directly drains once, not twice.
 
@@ -15,6 +14,22 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.protocols import amp
+
+from flexgw.storage.ampcommands import RateLimitHit, SpikeTake
+
+__all__ = [
+    "BigBytes",
+    "CollectMetrics",
+    "Ping",
+    "RateLimitHit",
+    "Readiness",
+    "Reload",
+    "SpikeTake",
+    "Stop",
+    "StopNow",
+    "WorkerReady",
+    "WorkerStatus",
+]
 
 _CHUNK = amp.MAX_VALUE_LENGTH
 
@@ -51,38 +66,6 @@ class WorkerReady(amp.Command):
         (b"status", amp.Unicode()),
     ]
     response: list[Any] = []  # noqa: RUF012
-
-
-class RateLimitHit(amp.Command):
-    """Check and count one request in the supervisor's counters of `namespace` (one binding)."""
-
-    arguments = [  # noqa: RUF012
-        (b"namespace", amp.Unicode()),
-        (b"key", amp.Unicode()),
-        # [maximum_requests, period_ms, maximum_requests, period_ms, ...]
-        (b"limits", amp.ListOf(amp.Integer())),
-    ]
-    response = [  # noqa: RUF012
-        (b"allowed", amp.Boolean()),
-        # [remaining, reset_ms, ...] in the order of the limits
-        (b"quotas", amp.ListOf(amp.Integer())),
-        (b"keys", amp.Integer()),  # keys the namespace holds now (the store's len())
-    ]
-
-
-class SpikeTake(amp.Command):
-    """Take one unit of the sliding window `namespace` if it has one (spike control)."""
-
-    arguments = [  # noqa: RUF012
-        (b"namespace", amp.Unicode()),
-        (b"maximum", amp.Integer()),
-        (b"period_ms", amp.Integer()),
-    ]
-    response = [  # noqa: RUF012
-        (b"taken", amp.Boolean()),
-        (b"remaining", amp.Integer()),  # quota left after this take
-        (b"reset_ms", amp.Integer()),  # until the oldest request leaves the window (0 if quota left)
-    ]
 
 
 class Reload(amp.Command):

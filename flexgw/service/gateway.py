@@ -19,7 +19,6 @@ from flexgw.ingress.front import IngressFactory, IngressProtocol
 from flexgw.ingress.h2front import H2Protocol
 from flexgw.ingress.proxyprotocol import wrap_proxy_protocol
 from flexgw.plan import GatewayPlan, Listener, LoggingSettings, LogOutput, Upstream
-from flexgw.policies.base import PolicyRuntime
 from flexgw.service.accesslog import (
     AccessLog,
     MessageLog,
@@ -31,10 +30,11 @@ from flexgw.service.accesslog import (
 from flexgw.service.activation import LISTEN_FDS_START, InheritedSockets, listen_environ
 from flexgw.service.admin import ProbeServer
 from flexgw.service.metrics import GatewayMetrics
+from flexgw.service.policyruntime import PolicyRuntime
 from flexgw.service.sockets import listen_reuse_port
 from flexgw.service.systemd import Notifier
 from flexgw.tls.contexts import ListenerFactory
-from flexgw.upstream.pool import PoolManager
+from flexgw.upstream.manager import PoolManager
 
 _log = Logger(namespace="flexgw")
 

@@ -570,15 +570,17 @@ class _DeferredResource(Resource):
     def render_GET(self, request: Request) -> Any:
         """Answer when the workers have."""
         d = self.answer(request)
+        gone: list[bool] = []  # the client left (or the request finished): nothing to write
+        request.notifyFinish().addBoth(gone.append)
 
         def _write(body: bytes) -> None:
-            if not request.finished and not request._disconnected:
+            if not gone:
                 request.write(body)
                 request.finish()
 
         def _fail(failure: Failure) -> None:
             _log.failure("Admin request failed", failure)
-            if not request.finished and not request._disconnected:
+            if not gone:
                 request.write(_json(request, 500, {"error": "internal error"}))
                 request.finish()
 

@@ -21,7 +21,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from flexgw.service.ampcommands import RateLimitHit, SpikeTake
+from flexgw.storage.ampcommands import RateLimitHit, SpikeTake
 from flexgw.storage.interfaces import HitResult, IRateLimitStore, Quota, RateLimit
 from flexgw.storage.memory import MemoryRateLimitStore
 

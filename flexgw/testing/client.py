@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IHandshakeListener
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from flexgw.testing.upstream import HeadersAndDigest, pattern_slice
+from flexgw.testing.recording import HeadersAndDigest, pattern_slice
 
 Headers = list[tuple[bytes, bytes]]
 

@@ -29,7 +29,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.python.failure import Failure
 
 from flexgw.http.h2frames import GoAwayFilter
-from flexgw.testing.upstream import Exchange, RecordedRequest, _no_body_status
+from flexgw.testing.recording import Exchange, RecordedRequest, _no_body_status
 
 if TYPE_CHECKING:
     from flexgw.testing.upstream import RecordingUpstream

@@ -14,7 +14,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from flexgw.ingress.front import IngressFactory
 from flexgw.plan import Api, Destination, HttpSettings, Listener, Route, Timeouts, Upstream
-from flexgw.upstream.pool import PoolManager
+from flexgw.upstream.manager import PoolManager
 
 
 def one_api_listener(

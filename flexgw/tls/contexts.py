@@ -24,11 +24,11 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
-from flexgw.http.fastwrite import send_now
+from flexgw.compat.tlswrite import SendNowTLSProtocol
 from flexgw.tls.settings import CertificateKey, TLSSettings
 
 _log = Logger(namespace="flexgw.tls")
@@ -180,19 +180,6 @@ class ServerConnectionCreator:
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
         """A server-side OpenSSL connection from the current default context."""
         return self.current.options.serverConnectionForTLS(tlsProtocol)
-
-
-class SendNowTLSProtocol(TLSMemoryBIOProtocol):
-    """TLSMemoryBIOProtocol whose encrypted bytes go out at once when the TCP transport has
-    nothing queued (flexgw.http.fastwrite), as plain connections' bytes do, instead of on the
-    next reactor turn."""
-
-    def _flushSendBIO(self) -> None:
-        try:
-            data = self._tlsConnection.bio_read(2**15)
-        except SSL.WantReadError:
-            return
-        send_now(self.transport, data)
 
 
 class QuietTLSFactory(TLSMemoryBIOFactory):

@@ -15,7 +15,7 @@ from flexgw.http.gate import ReadGate
 from flexgw.http.headers import HeaderList
 
 if TYPE_CHECKING:
-    from flexgw.upstream.pool import UpstreamPool
+    from flexgw.upstream.interfaces import ConnectionOwner
 
 
 class ResponseSink(TypingProtocol):
@@ -41,7 +41,7 @@ MAX_RESPONSE_HEAD = 64 * 1024
 class UpstreamConnection(Protocol):
     """A keep-alive HTTP/1.1 connection to one upstream, owned by an UpstreamPool."""
 
-    def __init__(self, pool: UpstreamPool) -> None:
+    def __init__(self, pool: ConnectionOwner) -> None:
         self.pool = pool
         self.sink: ResponseSink | None = None
         self.parser = httptools.HttpResponseParser(self)

@@ -41,11 +41,11 @@ from flexgw.http.h2send import send_queued
 from flexgw.http.headers import HOP_BY_HOP, HeaderList
 from flexgw.plan import HttpSettings, Timeouts, Upstream
 from flexgw.upstream.connection import MAX_RESPONSE_HEAD
-from flexgw.upstream.poolbase import PoolBase
-from flexgw.upstream.tunnel import connect_upstream
+from flexgw.upstream.interfaces import UpstreamTLSError
+from flexgw.upstream.poolbase import PoolBase, connect_upstream
 
 if TYPE_CHECKING:
-    from flexgw.upstream.pool import ConnectionWaiter
+    from flexgw.upstream.interfaces import ConnectionWaiter
 
 _log = Logger(namespace="flexgw.upstream.h2")
 
@@ -723,8 +723,6 @@ class H2UpstreamPool(PoolBase):
         attempt = getattr(connection, "connect_attempt", None)
         if not connection.connected_ok and attempt is not None and attempt in self.attempts:
             if getattr(connection, "tls_failed", False):
-                from flexgw.upstream.pool import UpstreamTLSError
-
                 refused = getattr(connection, "alpn_refused", False)
                 cause: Any = (
                     f"ALPN chose {refused!r}, not h2" if refused is not False

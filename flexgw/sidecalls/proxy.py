@@ -4,7 +4,7 @@ Flex routes "outbound policy calls" through the forward proxy too (reference §4
 has a proxy agent for plain HTTP (`ProxyAgent`, absolute-form requests) but none for HTTPS
 through a proxy (twisted#11347), so:
 - `http://` URLs go through `ProxyAgent` to the proxy, with `Proxy-Authorization` added;
-- `https://` URLs go through a CONNECT tunnel (flexgw.upstream.tunnel), with TLS inside it
+- `https://` URLs go through a CONNECT tunnel (flexgw.http.connect), with TLS inside it
   (the given IPolicyForHTTPS decides verification, as for direct calls);
 - hosts matched by `noProxy` use the direct agent.
 """
@@ -17,12 +17,16 @@ from urllib.parse import urlsplit
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.internet.error import NoProtocol
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.protocol import ClientFactory
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, ProxyAgent
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory
 from zope.interface import implementer
 
-from flexgw.upstream.tunnel import ConnectTunnelFactory
+from flexgw.http.connect import ConnectTunnelFactory
 
 #: Seconds the proxy gets to connect and answer a CONNECT.
 CONNECT_TIMEOUT = 10.0
@@ -40,18 +44,46 @@ class TunnelEndpoint:
 
     def connect(self, protocol_factory: Any) -> Deferred[Any]:
         """Connect to the proxy, open the tunnel, then connect `protocol_factory`'s protocol."""
-        wrapping = endpoints._WrappingFactory(protocol_factory)
+        handover = _Handover(protocol_factory)
         tunnel = ConnectTunnelFactory(
-            wrapping,
+            handover,
             self.host,
             self.port,
             self.proxy.authorization,
             self.reactor,
             CONNECT_TIMEOUT,
             self.proxy.authority.decode("latin-1"),
+            opened=handover.connected.callback,
         )
         self.reactor.connectTCP(self.proxy.host, self.proxy.port, tunnel, timeout=CONNECT_TIMEOUT)
-        return wrapping._onConnection
+        return handover.connected
+
+
+class _Handover(ClientFactory):
+    """Builds an endpoint caller's protocol for a tunnel; `connected` fires with it once the
+    tunnel has connected it, or fails with why the tunnel did not open."""
+
+    noisy = False
+
+    def __init__(self, wrapped: IProtocolFactory) -> None:
+        self.wrapped = wrapped
+        self.connected: Deferred[Any] = Deferred()
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """The caller's protocol (the tunnel connects it); a factory that refuses fails the
+        connect."""
+        try:
+            protocol = self.wrapped.buildProtocol(addr)
+        except Exception:  # noqa: BLE001 (the caller hears of any failure, as Twisted does)
+            self.connected.errback()
+            return None
+        if protocol is None:
+            self.connected.errback(NoProtocol())
+        return protocol
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        """The proxy was unreachable or refused the tunnel."""
+        self.connected.errback(reason)
 
 
 @implementer(IAgentEndpointFactory)

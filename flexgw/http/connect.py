@@ -1,11 +1,12 @@
-"""CONNECT tunnels through a forward proxy (`Configuration.spec.forwardProxy`) for upstream connections.
+"""The CONNECT client: tunnels through a forward proxy (`Configuration.spec.forwardProxy`) for
+upstream connections and side calls.
 
 `ConnectTunnelFactory(inner, host, port, authorization, clock, timeout)` is a client factory to
 pass to `connectTCP(proxy_host, proxy_port, ...)`: once connected it sends
 `CONNECT host:port`, waits (at most `timeout` seconds) for the proxy's 2xx, and then hands the
 very same TCP connection to `inner`'s protocol, as if `inner` had connected to `host:port`
-itself. `inner` may be a TLS wrapping factory: the handshake then runs inside the tunnel, end
-to end with the upstream. After the hand-over the tunnel adds nothing per read or write (the
+itself (then calls `opened(protocol)`, when given). `inner` may be a TLS wrapping factory: the
+handshake then runs inside the tunnel, end to end with the upstream. After the hand-over the tunnel adds nothing per read or write (the
 transport talks to the inner protocol directly).
 
 A proxy that refuses (any non-2xx), closes, answers garbage or nothing in time fails the
@@ -15,6 +16,7 @@ attempt through `inner.clientConnectionFailed`, with a `TunnelError` naming the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -22,7 +24,7 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-_log = Logger(namespace="flexgw.upstream")
+_log = Logger(namespace="flexgw.upstream")  # its warnings are about upstream connections
 
 #: The most of a CONNECT answer's head that is read.
 MAX_ANSWER = 16 * 1024
@@ -84,6 +86,8 @@ class _TunnelProtocol(Protocol):
             return
         transport.protocol = inner  # from now on the connection is the inner protocol's
         inner.makeConnection(transport)
+        if self.factory.opened is not None:
+            self.factory.opened(inner)
         if rest:
             inner.dataReceived(rest)
 
@@ -125,8 +129,10 @@ class ConnectTunnelFactory(ClientFactory):
         clock: IReactorTime,
         timeout: float,
         proxy_name: str = "",
+        opened: Callable[[Protocol], object] | None = None,
     ) -> None:
         self.inner = inner
+        self.opened = opened  # told the inner protocol once it is connected through the tunnel
         target = f"[{host}]" if ":" in host else host
         self.authority = f"{target}:{port}".encode("latin-1")
         self.authorization = authorization
@@ -169,29 +175,3 @@ class ConnectTunnelFactory(ClientFactory):
         reported already)."""
         if not self._reported:
             self.inner.clientConnectionLost(connector, reason)
-
-
-def connect_upstream(
-    reactor: Any, clock: IReactorTime, upstream: Any, factory: ClientFactory, timeout: float
-) -> Any:
-    """`reactor.connectTCP` to `upstream` for `factory` (an HTTP/1.1 or HTTP/2 pool's attempt,
-    TLS-wrapped or not), through `upstream.proxy` when there is one: directly to the proxy
-    for a plain-HTTP upstream sent in absolute form (`upstream.request_prefix`), else through
-    a CONNECT tunnel (TLS, h2c: anything that is not absolute-form HTTP/1.1). A forward-proxy
-    destination connects directly to the address its SSRF check passed (`connect_host`).
-    Returns the connector (`disconnect()` gives the attempt up)."""
-    host, port = upstream.connect_host or upstream.host, upstream.port
-    proxy = upstream.proxy
-    if proxy is not None:
-        host, port = proxy.host, proxy.port
-        if not upstream.request_prefix:
-            factory = ConnectTunnelFactory(
-                factory,
-                upstream.host,
-                upstream.port,
-                proxy.authorization,
-                clock,
-                timeout,
-                proxy.authority.decode("latin-1"),
-            )
-    return reactor.connectTCP(host, port, factory, timeout=timeout)

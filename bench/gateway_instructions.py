@@ -1,0 +1,189 @@
+"""Instructions per keep-alive request in a real gateway process on loopback, under callgrind.
+
+Unlike bench/hotpath.py (in memory), this goes through real sockets, so it counts what the
+reactor does per request too (the part `send_now`, flexgw.compat.tcpwrite, saves). nginx is the
+upstream; one client connection sends N GETs one after the other; callgrind instruments the
+gateway only while those N run (after 200 warm-up requests), so start-up is not counted.
+
+    .venv/bin/python bench/gateway_instructions.py 2000
+    .venv/bin/python bench/gateway_instructions.py 2000 --no-send-now   # always transport.write
+    .venv/bin/python bench/gateway_instructions.py 2000 --tls [--twisted-tls-flush]
+
+`--tls` makes the gateway's port a TLS port (bench/run.py's certificate); `--twisted-tls-flush`
+then uses Twisted's own TLSMemoryBIOProtocol, whose encrypted bytes wait for the next reactor
+turn, instead of flexgw.compat.tlswrite's SendNowTLSProtocol.
+
+Needs valgrind (callgrind_control) and nginx. Every process it starts is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+REQUEST = b"GET /items HTTP/1.1\r\nHost: gw\r\nUser-Agent: cg\r\nAccept: */*\r\n\r\n"
+NGINX = """worker_processes 1; error_log {tmp}/e.log warn; pid {tmp}/n.pid; daemon off;
+events {{ worker_connections 64; }}
+http {{ access_log off; client_body_temp_path {tmp}/c; proxy_temp_path {tmp}/p;
+fastcgi_temp_path {tmp}/f; uwsgi_temp_path {tmp}/u; scgi_temp_path {tmp}/s;
+keepalive_requests 10000000; server {{ listen 127.0.0.1:{port};
+location / {{ default_type text/plain; return 200 "hello\\n"; }} }} }}
+"""
+CONF = """apiVersion: gateway.mulesoft.com/v1alpha1
+kind: ApiInstance
+metadata:
+  name: bench
+spec:
+  address: http://127.0.0.1:{port}
+  services:
+    upstream:
+      address: http://127.0.0.1:{upstream}
+"""
+
+
+def free_port() -> int:
+    """An ephemeral loopback port free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def requests(sock: socket.socket | ssl.SSLSocket, n: int) -> None:
+    """Send `n` GETs one after the other, each after the previous answer."""
+    buffer = b""
+    for _ in range(n):
+        sock.sendall(REQUEST)
+        while b"hello\n" not in buffer:
+            data = sock.recv(65536)
+            if not data:
+                raise SystemExit("the gateway closed the connection")
+            buffer += data
+        buffer = buffer[buffer.index(b"hello\n") + 6 :]
+
+
+def connect(port: int, process: subprocess.Popen[bytes], log: Path) -> socket.socket:
+    """A connection to the gateway once it listens (bounded: 10 minutes under valgrind)."""
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=120)
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise SystemExit(log.read_text()) from None
+            time.sleep(1)
+
+
+def dumped(out: Path) -> int:
+    """The instruction total of callgrind's dump (waited for: at most 60 s)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for name in glob.glob(f"{out}*"):
+            for line in Path(name).read_text(errors="replace").splitlines():
+                if line.startswith("totals:"):
+                    return int(line.split()[1])
+        time.sleep(0.5)
+    raise SystemExit("callgrind wrote no dump")
+
+
+def main() -> None:
+    """Measure and print instructions per request."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("n", type=int, nargs="?", default=2000)
+    parser.add_argument("--no-send-now", action="store_true", help="always transport.write")
+    parser.add_argument("--tls", action="store_true", help="the gateway's port speaks TLS")
+    parser.add_argument(
+        "--twisted-tls-flush", action="store_true", help="Twisted's TLSMemoryBIOProtocol"
+    )
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="flexgw-instructions-"))
+    upstream, port = free_port(), free_port()
+    (tmp / "nginx.conf").write_text(NGINX.format(tmp=tmp, port=upstream))
+    (tmp / "conf").mkdir()
+    documents = CONF.format(port=port, upstream=upstream)
+    ca_path = None
+    if args.tls:
+        sys.path.insert(0, str(REPO / "bench"))
+        from run import tls_conf
+
+        extra, ca_path = tls_conf(tmp)
+        documents += extra
+    (tmp / "conf" / "api.yaml").write_text(documents)
+    patch = "import flexgw.compat.tcpwrite as t; t._DIRECT = ();" if args.no_send_now else ""
+    if args.twisted_tls_flush:
+        patch += (
+            "from twisted.protocols.tls import TLSMemoryBIOProtocol;"
+            "import flexgw.tls.contexts as c; c.QuietTLSFactory.protocol = TLSMemoryBIOProtocol;"
+        )
+    out, log = tmp / "callgrind.out", tmp / "gateway.log"
+    started = []
+    try:
+        started.append(
+            subprocess.Popen(
+                ["nginx", "-c", str(tmp / "nginx.conf"), "-p", str(tmp)], start_new_session=True
+            )
+        )
+        gateway = subprocess.Popen(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                "--instr-atstart=no",
+                f"--callgrind-out-file={out}",
+                sys.executable,
+                "-c",
+                patch + "from twisted.scripts.twistd import run; run()",
+                "-n",
+                "--pidfile=",
+                "flexgw",
+                "--conf",
+                str(tmp / "conf"),
+                "--access-log",
+                "/dev/null",
+                "--admin",
+                "off",
+            ],
+            cwd=REPO,
+            env={**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(REPO)},
+            start_new_session=True,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+        )
+        started.append(gateway)
+        sock: socket.socket | ssl.SSLSocket = connect(port, gateway, log)
+        if ca_path is not None:
+            sock = ssl.create_default_context(cafile=str(ca_path)).wrap_socket(
+                sock, server_hostname="127.0.0.1"
+            )
+        requests(sock, 200)  # warm: the upstream connection pooled, the code paths run once
+        control = ["callgrind_control", "-i"]
+        subprocess.run([*control, "on", str(gateway.pid)], check=True, capture_output=True)
+        requests(sock, args.n)
+        subprocess.run([*control, "off", str(gateway.pid)], check=True, capture_output=True)
+        subprocess.run(
+            ["callgrind_control", "-d", str(gateway.pid)], check=True, capture_output=True
+        )
+        total = dumped(out)
+        variant = "transport.write only" if args.no_send_now else "send_now"
+        if args.tls:
+            tls = "Twisted's TLS flush" if args.twisted_tls_flush else "SendNowTLSProtocol"
+            variant = f"TLS ({tls}), {variant}"
+        print(f"{variant}: {total // args.n} instructions per request ({args.n} requests)")
+    finally:
+        for process in started:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""The pools of every upstream in use (HTTP/1.1 or HTTP/2 per Service), kept across reloads."""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from flexgw.plan import HttpSettings, Timeouts, Upstream
+from flexgw.upstream.h2 import H2UpstreamPool
+from flexgw.upstream.interfaces import IUpstreamPool
+from flexgw.upstream.pool import UpstreamPool
+
+_log = Logger(namespace="flexgw.upstream")
+
+
+class ThrottledLog:
+    """Which records of a repeating failure get written: one per key, and at most `burst`
+    keys, per `interval` seconds; the others are counted, and the count goes into the next
+    record written (a flood of failing requests writes a few lines, not one per request)."""
+
+    def __init__(self, clock: IReactorTime, interval: float = 10.0, burst: int = 5) -> None:
+        self.clock = clock
+        self.interval = interval
+        self.burst = burst
+        self.window_start = float("-inf")
+        self.keys: set[str] = set()
+        self.skipped = 0
+
+    def admit(self, key: str) -> int | None:
+        """None: skip this record; else write it, saying how many were skipped before it."""
+        now = self.clock.seconds()
+        if now - self.window_start >= self.interval:
+            self.window_start = now
+            self.keys.clear()
+        if key in self.keys or len(self.keys) >= self.burst:
+            self.skipped += 1
+            return None
+        self.keys.add(key)
+        skipped, self.skipped = self.skipped, 0
+        return skipped
+
+
+class PoolManager:
+    """The pools of every upstream in use, kept across reloads while an upstream is unchanged."""
+
+    def __init__(self, reactor: IReactorTCP, clock: IReactorTime) -> None:
+        self.reactor = reactor
+        self.clock = clock
+        self.pools: dict[Upstream, IUpstreamPool] = {}
+        self.http = HttpSettings()
+        self.timeouts = Timeouts()
+        self._reaper: LoopingCall | None = None
+        # Failed name lookups (reverse-proxy upstreams and forward-proxy destinations alike)
+        self.dns_log = ThrottledLog(clock)
+
+    def dns_failed(self, name: str, upstream: str, reason: Failure) -> None:
+        """Log that `name` (for `upstream`) did not resolve, with the resolver's error; rate-
+        limited by `dns_log`."""
+        skipped = self.dns_log.admit(name)
+        if skipped is None:
+            return
+        _log.warn(
+            "Name lookup for {name} (upstream {upstream}) failed: {error}"
+            + (" ({skipped} more lookup failures not logged before this one)" if skipped else ""),
+            name=name,
+            upstream=upstream,
+            error=reason.getErrorMessage(),
+            skipped=skipped,
+        )
+
+    def configure(self, http: HttpSettings, timeouts: Timeouts, upstreams: set[Upstream]) -> None:
+        """Apply a new plan: new settings for new pools, and retire pools of removed upstreams."""
+        self.http, self.timeouts = http, timeouts
+        for upstream in [u for u in self.pools if u not in upstreams]:
+            self.pools.pop(upstream).retire()
+        for upstream in upstreams:
+            pool = self.pools.get(upstream)
+            if pool is not None:
+                pool.configure(http, timeouts, upstream)
+
+    def pool_for(self, upstream: Upstream) -> IUpstreamPool:
+        """The pool for `upstream`, created on first use (HTTP/2 for `h2c`/`h2` Services)."""
+        pool = self.pools.get(upstream)
+        if pool is None:
+            kind = H2UpstreamPool if upstream.scheme in ("h2c", "h2") else UpstreamPool
+            pool = self.pools[upstream] = kind(  # type: ignore[assignment]
+                self.reactor, self.clock, upstream, self.http, self.timeouts
+            )
+        return pool
+
+    def start(self, interval: float = 1.0) -> None:
+        """Start the periodic expiry of idle connections."""
+        self._reaper = LoopingCall(self.expire_idle)
+        self._reaper.clock = self.clock
+        self._reaper.start(interval, now=False)
+
+    def expire_idle(self) -> None:
+        """Expire idle connections in every pool; forget forward-proxy destinations' pools
+        once they hold nothing (there is one per destination a client asked for)."""
+        unused = []
+        for upstream, pool in self.pools.items():
+            pool.expire_idle()
+            if (
+                upstream.connect_host is not None
+                and not pool.idle
+                and not pool.active
+                and not pool.connecting
+            ):
+                unused.append(upstream)
+        for upstream in unused:
+            del self.pools[upstream]
+
+    def stop(self) -> None:
+        """Stop expiry and close all idle connections."""
+        if self._reaper is not None and self._reaper.running:
+            self._reaper.stop()
+        for pool in self.pools.values():
+            pool.close_all()

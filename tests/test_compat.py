@@ -1,0 +1,136 @@
+"""The Twisted and h2 private APIs flexgw.compat adapts are still there; each failure names the
+attribute, the library version and the adapter module to mend."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import h2
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.frame_buffer import FrameBuffer
+from hpack import Encoder
+from hyperframe.frame import HeadersFrame
+from twisted.copyright import version as twisted_version
+from twisted.internet import abstract, tcp
+from twisted.internet.testing import MemoryReactor
+from twisted.logger import LogPublisher
+from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.systemd import ListenFDs
+from twisted.trial import unittest
+
+from flexgw.compat.h2buffer import header_backlog
+from flexgw.compat.logobservers import observers
+from flexgw.compat.systemd import twisted_listen_fds
+
+
+def gone(what: str, module: str, library: str = "Twisted") -> str:
+    """The failure message: which private name, in which library version, which adapter."""
+    version = twisted_version if library == "Twisted" else h2.__version__
+    return f"{what} is gone or changed in {library} {version}: mend flexgw/compat/{module}.py"
+
+
+class TCPWriteQueueTests(unittest.TestCase):
+    """compat.tcpwrite: send_now reads a TCP transport's write queue."""
+
+    def test_write_queues_where_send_now_looks(self) -> None:
+        """tcp.Server and tcp.Client queue a write in `dataBuffer` or `_tempDataBuffer`."""
+        for cls in (tcp.Server, tcp.Client):
+            self.assertTrue(
+                issubclass(cls, abstract.FileDescriptor), gone(f"{cls.__name__}'s base", "tcpwrite")
+            )
+        transport = abstract.FileDescriptor(reactor=MemoryReactor())
+        transport.connected = True
+        self.assertFalse(
+            transport.dataBuffer or transport._tempDataBuffer, gone("dataBuffer", "tcpwrite")
+        )
+        transport.write(b"queued")
+        queued = getattr(transport, "_tempDataBuffer", None)
+        self.assertEqual(
+            [bytes(transport.dataBuffer), queued],
+            [b"", [b"queued"]],
+            gone("FileDescriptor._tempDataBuffer", "tcpwrite"),
+        )
+
+
+class TLSFlushTests(unittest.TestCase):
+    """compat.tlswrite: SendNowTLSProtocol overrides TLSMemoryBIOProtocol._flushSendBIO."""
+
+    def test_flush_send_bio_is_called(self) -> None:
+        """Twisted's TLS protocol still sends its encrypted bytes through `_flushSendBIO`."""
+        self.assertIn(
+            "_flushSendBIO", vars(TLSMemoryBIOProtocol), gone("_flushSendBIO", "tlswrite")
+        )
+        source = inspect.getsource(TLSMemoryBIOProtocol)
+        self.assertGreaterEqual(
+            source.count("self._flushSendBIO()"), 2, gone("calls of _flushSendBIO", "tlswrite")
+        )
+        self.assertTrue(callable(TLSMemoryBIOProtocol.getHandle), gone("getHandle", "tlswrite"))
+
+
+class SystemdTests(unittest.TestCase):
+    """compat.systemd: the descriptors Twisted's systemd: endpoint parser found."""
+
+    def test_sddaemon(self) -> None:
+        """`_SystemdParser._sddaemon` is a ListenFDs whose descriptors and names come back."""
+        try:
+            from twisted.internet.endpoints import _SystemdParser
+
+            found = _SystemdParser._sddaemon
+        except (ImportError, AttributeError):
+            self.fail(gone("twisted.internet.endpoints._SystemdParser._sddaemon", "systemd"))
+        self.assertIsInstance(found, ListenFDs, gone("_SystemdParser._sddaemon", "systemd"))
+        self.patch(_SystemdParser, "_sddaemon", ListenFDs([3, 4], ("web", "admin")))
+        self.assertEqual(twisted_listen_fds(), ([3, 4], ["web", "admin"]))
+        self.patch(_SystemdParser, "_sddaemon", ListenFDs([3, 4], ()))
+        self.assertEqual(twisted_listen_fds(), ([3, 4], []))
+
+
+class LogObserversTests(unittest.TestCase):
+    """compat.logobservers: a LogPublisher's observers."""
+
+    def test_observers(self) -> None:
+        """The observers a publisher was given, in order."""
+        first: list[Any] = []
+        second: list[Any] = []
+        publisher = LogPublisher(first.append, second.append)
+        self.assertTrue(
+            hasattr(publisher, "_observers"), gone("LogPublisher._observers", "logobservers")
+        )
+        self.assertEqual(observers(publisher), [first.append, second.append])
+
+
+class HAProxyTests(unittest.TestCase):
+    """compat.haproxy: Twisted's PROXY protocol parsers and wrapper."""
+
+    def test_private_modules(self) -> None:
+        """The parsers, the wrapper and ProxyInfo import, and a v1 header parses."""
+        try:
+            from flexgw.compat import haproxy
+        except ImportError as exc:
+            self.fail(gone(f"twisted.protocols.haproxy private modules ({exc})", "haproxy"))
+        info, rest = haproxy.V1Parser().feed(b"PROXY TCP4 10.1.2.3 10.0.0.1 5555 443\r\nGET")
+        self.assertIsInstance(info, haproxy.ProxyInfo, gone("V1Parser.feed", "haproxy"))
+        self.assertEqual((info.source.host, info.source.port, rest), ("10.1.2.3", 5555, b"GET"))
+        self.assertEqual(len(haproxy.V2Parser.PREFIX), 12, gone("V2Parser.PREFIX", "haproxy"))
+
+
+class H2HeaderBufferTests(unittest.TestCase):
+    """compat.h2buffer: h2's buffered HEADERS/CONTINUATION frames."""
+
+    def test_headers_buffer(self) -> None:
+        """A HEADERS frame without END_HEADERS waits in `FrameBuffer._headers_buffer`."""
+        self.assertIn(
+            "_headers_buffer",
+            vars(FrameBuffer()),
+            gone("h2.frame_buffer.FrameBuffer._headers_buffer", "h2buffer", "h2"),
+        )
+        conn = H2Connection(H2Configuration(client_side=False))
+        conn.initiate_connection()
+        block = Encoder().encode([(":method", "GET"), (":path", "/"), (":scheme", "http")])
+        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+        conn.receive_data(preface + HeadersFrame(1, block).serialize())
+        self.assertEqual(
+            header_backlog(conn), len(block), gone("FrameBuffer._headers_buffer", "h2buffer", "h2")
+        )
