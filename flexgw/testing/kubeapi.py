@@ -383,6 +383,11 @@ class KubeAPI(Resource):
         for watch in list(self.watches):
             watch.abort()
 
+    def end_watches(self) -> None:
+        """End every open watch cleanly (the final chunk), as its timeout would."""
+        for watch in list(self.watches):
+            watch.end()
+
     def watch_opened(self, count: int) -> Deferred[None]:
         """Fire once `count` watch streams have been opened in all (events before are sent)."""
         waiter: Deferred[None] = Deferred()
@@ -708,7 +713,6 @@ class _Watch:
 
     def end(self) -> None:
         """The watch's timeout: finish the stream cleanly (the final chunk)."""
-        self.timer = None
         if not self.closed:
             self.request.finish()
 
