@@ -324,54 +324,24 @@ class SemanticTests(SynchronousTestCase):
         )
         self.assertEqual(only(checked).field, "spec.http.trustedProxies[1]")
 
-    def test_headers_with_underscores_action(self) -> None:
-        """headersWithUnderscoresAction takes Envoy's three values; another is located."""
-        checked = check(
-            """
-            apiVersion: gateway.mulesoft.com/v1alpha1
-            kind: Configuration
-            metadata: {name: c}
-            spec:
-              http:
-                headersWithUnderscoresAction: drop
-            """
-        )
-        problem = only(checked)
-        self.assertEqual(
-            (problem.line, problem.column, problem.field),
-            (6, 35, "spec.http.headersWithUnderscoresAction"),
-        )
-
-    def test_path_normalisation_settings(self) -> None:
-        """normalizePath/mergeSlashes are booleans, pathWithEscapedSlashesAction one of Envoy's
-        four actions; a wrong value is located at its line and column."""
-        checked = check(
-            """
-            apiVersion: gateway.mulesoft.com/v1alpha1
-            kind: Configuration
-            metadata: {name: c}
-            spec:
-              http:
-                normalizePath: false
-                pathWithEscapedSlashesAction: unescape
-            """
-        )
-        problem = only(checked)
-        self.assertEqual(
-            (problem.line, problem.column, problem.field),
-            (7, 35, "spec.http.pathWithEscapedSlashesAction"),
-        )
-        checked = check(
-            """
-            apiVersion: gateway.mulesoft.com/v1alpha1
-            kind: Configuration
-            metadata: {name: c}
-            spec:
-              http:
-                mergeSlashes: sometimes
-            """
-        )
-        self.assertEqual(only(checked).field, "spec.http.mergeSlashes")
+    def test_edge_http_settings(self) -> None:
+        """headersWithUnderscoresAction and pathWithEscapedSlashesAction take Envoy's values,
+        normalizePath and mergeSlashes booleans; a wrong value is located at its line and column."""
+        for key, value in (
+            ("headersWithUnderscoresAction", "drop"),
+            ("pathWithEscapedSlashesAction", "unescape"),
+            ("normalizePath", "sometimes"),
+            ("mergeSlashes", "'yes'"),
+        ):
+            checked = check(
+                "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: Configuration\n"
+                f"metadata: {{name: c}}\nspec:\n  http:\n    rewriteHostHeader: true\n    {key}: {value}\n"
+            )
+            problem = only(checked)
+            self.assertEqual(
+                (problem.line, problem.column, problem.field),
+                (7, len(key) + 7, f"spec.http.{key}"),
+            )
 
     def test_wasm_extension(self) -> None:
         """A WASM Extension is recorded with an "unsupported" warning."""

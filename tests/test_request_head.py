@@ -618,15 +618,26 @@ class InMemoryFrontTests(SynchronousTestCase):
         self.assertTrue(front.written.startswith(b"HTTP/1.1 431 "))
 
     def test_head_end_split_then_long_extension(self) -> None:
-        """A head whose empty line spans two reads, then an over-long chunk line in the second
-        read: refused with a 400 before any upstream connect."""
-        front = InMemoryFront()
-        front.feed(b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r")
-        self.assertEqual(front.connects, 0)
-        front.feed(b"\n3;" + b"e" * 5000 + b"\r\nabc\r\n0\r\n\r\n")
-        self.assertTrue(front.written.startswith(b"HTTP/1.1 400 "))
-        self.assertTrue(front.closing)
-        self.assertEqual(front.connects, 0)
+        """A head whose empty line spans two or three reads, then an over-long chunk line in
+        the last read: refused with a 400 before any upstream connect; a short line passes."""
+        head = b"POST / HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+        for cuts in ((1,), (2,), (3,), (2, 1), (3, 2), (3, 1), (4, 2)):
+            reads = []
+            end = len(head)
+            for cut in sorted(cuts):
+                reads.insert(0, head[end - cut : end])
+                end -= cut
+            reads.insert(0, head[:end])
+            pieces = [*reads[:-1], reads[-1] + b"3;" + b"e" * 5000 + b"\r\nabc\r\n0\r\n\r\n"]
+            front = InMemoryFront()
+            front.feed(*pieces)
+            self.assertTrue(front.written.startswith(b"HTTP/1.1 400 "), cuts)
+            self.assertTrue(front.closing)
+            self.assertEqual(front.connects, 0)
+            front = InMemoryFront()
+            front.feed(*reads[:-1], reads[-1] + b"3;e\r\nabc\r\n0\r\n\r\n")
+            self.assertEqual(front.written, b"", cuts)
+            self.assertEqual(front.connects, 1)
 
     def test_tiny_chunks_are_not_framing_abuse(self) -> None:
         """A long body in one-byte chunks, fed piecewise, is never refused: body resets the count."""

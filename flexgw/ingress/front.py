@@ -26,6 +26,7 @@ from flexgw.http.gate import PIPELINE, UPGRADING, ReadGate
 from flexgw.http.headers import HeaderList
 from flexgw.http.request import (
     BODY_CHUNKED,
+    BODY_LENGTH,
     BODY_NONE,
     RequestHead,
     analyze_head,
@@ -74,7 +75,7 @@ class IngressProtocol(Protocol):
         self.headers: HeaderList = []
         self.parsing: ProxyExchange | None = None  # exchange whose request is being received
         self.starting: ProxyExchange | None = None  # head accepted; started when the parser returns
-        self.head_tail = b""  # last bytes of an incomplete head (its empty line may span reads)
+        self.head_tail = b""  # last bytes of a head spanning reads (its empty line may too)
         self.framing: ChunkFraming | None = None  # the chunked request body being received
         self.body_left = 0  # bytes of a Content-Length request body still to come
         self.active: ProxyExchange | None = None  # exchange being proxied
@@ -199,24 +200,28 @@ class IngressProtocol(Protocol):
                     else:
                         self._refuse(error_for_parser_message(str(exc)))
                 break
-            if state == BODY and end >= 0 and self.state == BODY:
-                # The body ended here by its framing, but not for the parser: refuse rather
-                # than guess which of the two the upstream would believe.
-                self._refuse(errors.bad_request("Malformed chunked body"))
+            if state == BODY:
+                if end >= 0 and self.state == BODY:
+                    # The body ended here by its framing, but not for the parser: refuse
+                    # rather than guess which of the two the upstream would believe.
+                    self._refuse(errors.bad_request("Malformed chunked body"))
+                    break
+            elif end < 0 and self.framing is not None and self.state == BODY:
+                # A chunked body began inside this part, where no head end was seen: its
+                # framing cannot be followed (cannot happen with llhttp's strict CRLF).
+                self._refuse(errors.bad_request("Malformed request head"))
                 break
             if piece is data or self.state == CLOSING:
-                self._after_feed(piece)
+                if self.state == HEAD:
+                    self._head_incomplete(piece)
                 break
             data = data[end:]
         if self.starting is not None:
             # A valid request came before any error: it is answered, then the refusal.
             self._start()
 
-    def _after_feed(self, piece: bytes) -> None:
-        """After the last part of a read: give an incomplete head its deadline and bound it."""
-        if self.state != HEAD:
-            self.head_tail = b""
-            return
+    def _head_incomplete(self, piece: bytes) -> None:
+        """A read ended inside a head: give the head its deadline, bound it, keep its tail."""
         if self.head_timer is None and self.active is None:
             # The head did not arrive in one read: now it needs its deadline (measured from
             # its first byte). Heads that arrive whole never create a timer.
@@ -224,7 +229,7 @@ class IngressProtocol(Protocol):
             self.head_timer = self.clock.callLater(max(remaining, 0.0), self._on_head_timer)
         # The part began with this head (or continues it): it counts in full.
         self.head_bytes += len(piece)
-        self.head_tail = piece[-3:]
+        self.head_tail = (self.head_tail + piece)[-3:]
         if self.head_bytes > self.http.max_header_bytes:
             self._refuse(errors.HEADERS_TOO_LARGE)
 
@@ -273,6 +278,7 @@ class IngressProtocol(Protocol):
         """First byte of a request: start the header deadline."""
         self.state = HEAD
         self.head_bytes = 0
+        self.head_tail = b""
         self.url = b""
         self.headers = []
         if self.active is None:
@@ -314,10 +320,9 @@ class IngressProtocol(Protocol):
             # it as the next request (or a tunnel would carry it unchecked): a smuggling vector.
             raise _Refused(errors.bad_request("An Upgrade request with a body is not accepted"))
         self.state = BODY
-        if head.body == BODY_CHUNKED:
+        if head.body == BODY_CHUNKED:  # (reset when the message completes)
             self.framing = ChunkFraming(self.http.max_header_bytes)
-        else:
-            self.framing = None
+        elif head.body == BODY_LENGTH:
             self.body_left = head.content_length
         exchange = self.make_exchange(head, self.clock.seconds())
         self.parsing = exchange

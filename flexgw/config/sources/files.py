@@ -82,24 +82,18 @@ def debounce_from_env(environ: Mapping[str, str]) -> float:
 
 def fingerprint(conf_dirs: Iterable[str]) -> Fingerprint:
     """(path, mtime_ns, size) of every YAML file below the directories."""
-    entries: set[tuple[str, int, int]] = set()
+    paths: list[str] = []
     for conf_dir in conf_dirs:
         if os.path.isfile(conf_dir):
-            paths: Iterable[str] = [conf_dir]
+            paths.append(conf_dir)
         else:
-            paths = (
+            paths.extend(
                 os.path.join(dirpath, name)
                 for dirpath, _, names in os.walk(conf_dir, followlinks=True)
                 for name in names
                 if name.endswith(YAML_SUFFIXES)
             )
-        for path in paths:
-            try:
-                st = os.stat(path)
-            except OSError:
-                continue
-            entries.add((path, st.st_mtime_ns, st.st_size))
-    return frozenset(entries)
+    return files_fingerprint(paths)
 
 
 def files_fingerprint(paths: Iterable[str]) -> Fingerprint:
