@@ -13,28 +13,45 @@ not. Per-request cost = (Ir at N2 - Ir at N1) / (N2 - N1), e.g.:
 from __future__ import annotations
 
 import sys
+from typing import Any
 
-from flexgw.testing.memory import connect_client, connect_upstream, memory_factory
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
 
 REQUEST = b"GET /items HTTP/1.1\r\nHost: example.test\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
 
 
-def main(n: int) -> None:
-    """Proxy `n` requests (after one that opens the upstream connection)."""
-    factory = memory_factory()  # one API, one route, a plan built in code
+def drive(factory: Any, request: bytes, n: int) -> bytes:
+    """Proxy `n` requests through `factory`'s protocol (after one that opens the upstream
+    connection); returns what the upstream received for the first. Twisted APIs only, so that
+    hotpath_policies.py can count older trees with it."""
     reactor = factory.reactor
-    front, down = connect_client(factory)
-    front.dataReceived(REQUEST)
-    conn, up = connect_upstream(reactor)
+    front = factory.buildProtocol(None)
+    down = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5555))
+    front.makeConnection(down)
+    front.dataReceived(request)
+    host, port, client_factory, _, _ = reactor.tcpClients[-1]
+    conn = client_factory.buildProtocol(IPv4Address("TCP", host, port))
+    up = StringTransport()
+    conn.makeConnection(up)
     conn.dataReceived(RESPONSE)
+    first = up.value()
     for _ in range(n):
-        front.dataReceived(REQUEST)
+        front.dataReceived(request)
         conn.dataReceived(RESPONSE)
         down.clear()
         up.clear()
     if len(reactor.tcpClients) != 1:
         raise SystemExit("the upstream connection was not reused")
+    return first
+
+
+def main(n: int) -> None:
+    """Proxy `n` requests through a one-API listener whose plan is built in code."""
+    from flexgw.testing.memory import memory_factory  # (not in older trees: see drive)
+
+    drive(memory_factory(), REQUEST, n)
 
 
 if __name__ == "__main__":

@@ -130,9 +130,7 @@ class ForwardProxyProtocol(IngressProtocol):
             return head
         raise _Refused(error)
 
-    def make_exchange(self, head: RequestHead, started: float) -> ForwardExchange:
-        """Every request on a forward-proxy listener is a ForwardExchange."""
-        return ForwardExchange(self, head, started)
+    # Every request on a forward-proxy listener is a ForwardExchange (set below the class).
 
     # -- what a ForwardExchange needs besides IExchangeFront -----------------------------------
 
@@ -371,6 +369,9 @@ class ForwardExchange(ProxyExchange):
         connector, self.connector = self.connector, None
         if connector is not None:
             connector.stopConnecting()
+
+
+ForwardProxyProtocol.make_exchange = staticmethod(ForwardExchange)  # type: ignore[assignment]
 
 
 def _authority(name: str, port: int) -> str:

@@ -297,7 +297,8 @@ class ProxyExchange:
         """Ask the upstream pool for a connection."""
         front = self.front
         head = self.head
-        self._connecting()
+        self.state = CONNECTING  # (as _connecting(), without the call on the per-request path)
+        self.upstream_started = front.clock.seconds()
         self._stop_timer()
         if not self.request_complete:
             # While the body streams, the stream idle timeout applies. A complete request needs
