@@ -9,6 +9,7 @@ from typing import Any
 import h2
 from h2.config import H2Configuration
 from h2.connection import H2Connection
+from h2.exceptions import ProtocolError
 from h2.frame_buffer import FrameBuffer
 from hpack import Encoder
 from hyperframe.frame import HeadersFrame
@@ -21,6 +22,7 @@ from twisted.python.systemd import ListenFDs
 from twisted.trial import unittest
 
 from flexgw.compat.h2buffer import header_backlog
+from flexgw.compat.h2frames import FrameHookConnection
 from flexgw.compat.logobservers import observers
 from flexgw.compat.systemd import twisted_listen_fds
 
@@ -134,3 +136,35 @@ class H2HeaderBufferTests(unittest.TestCase):
         self.assertEqual(
             header_backlog(conn), len(block), gone("FrameBuffer._headers_buffer", "h2buffer", "h2")
         )
+
+
+class H2FrameHookTests(unittest.TestCase):
+    """compat.h2frames: h2 hands every received frame to `_receive_frame`."""
+
+    def test_every_frame_reaches_the_hook_before_h2_answers(self) -> None:
+        """SETTINGS and two PINGs: the hook sees each, and stopping at the second PING leaves
+        it unanswered (the hook runs before h2 acts, not after the read)."""
+        self.assertTrue(
+            callable(getattr(H2Connection, "_receive_frame", None)),
+            gone("h2.connection.H2Connection._receive_frame", "h2frames", "h2"),
+        )
+        seen: list[str] = []
+
+        class Stopping(FrameHookConnection):
+            def frame_hook(self, frame: Any) -> Any:
+                seen.append(frame.__class__.__name__)
+                if seen.count("PingFrame") == 2:
+                    raise ProtocolError("stop before the second PING is answered")
+                return self.receive_one_frame(frame)
+
+        conn = Stopping(H2Configuration(client_side=False))
+        conn.initiate_connection()
+        conn.clear_outbound_data_buffer()
+        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+        ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"12345678"
+        with self.assertRaises(ProtocolError):
+            conn.receive_data(preface + ping + ping)
+        hook_gone = gone("H2Connection.receive_data calling _receive_frame", "h2frames", "h2")
+        self.assertEqual(seen, ["SettingsFrame", "PingFrame", "PingFrame"], hook_gone)
+        ping_acks = conn.data_to_send().count(b"\x00\x00\x08\x06\x01\x00\x00\x00\x00")
+        self.assertEqual(ping_acks, 1, hook_gone)

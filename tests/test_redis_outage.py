@@ -148,3 +148,21 @@ class RedisOutageTests(TestCase):
         statuses = [(await self.get(port))[0] for _ in range(4)]
         self.assertEqual(statuses, [200, 200, 200, 429])  # a fresh Redis: the quota starts anew
         self.assertEqual(len(self.upstream.received), 1 + 50 + 3)
+
+    async def test_refusing_redis_logged_at_a_bounded_rate(self) -> None:
+        """Redis up but out of memory (maxmemory reached, noeviction): every check is refused
+        with an error reply, so 429 quota_unavailable, one `refused` record for all of them, no
+        traceback, and Redis is not marked down."""
+        gateway, port = self.gateway(block=True)
+        self.assertEqual(await self.get(port), (200, None))
+        redis = gateway.service.runtime.redis
+        await redis.execute("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        await redis.execute("CONFIG", "SET", "maxmemory", "1")
+        answers = [await self.get(port) for _ in range(10)]
+        self.assertEqual(answers, [(429, b"quota_unavailable")] * 10)
+        self.assertEqual(self.storage_events(), ["refused"])
+        self.assertIn("OOM", next(e for e in self.events if "storage_event" in e)["reason"])
+        self.assertFalse(redis.breaker.down)
+        got = self.metrics(gateway)
+        self.assertEqual(got[("flexgw_shared_storage_refusals_total", ())], 10)
+        self.assertEqual(got[("flexgw_shared_storage_up", ())], 1)

@@ -17,6 +17,7 @@ from flexgw.storage.redis import (
     RedisClient,
     RedisError,
     RedisRateLimitStore,
+    RedisRefused,
     RedisTimeout,
     RedisUnavailable,
     RespProtocol,
@@ -195,3 +196,36 @@ class RedisClientBreakerTests(TestCase):
         self.failureResultOf(answer, RedisError)
         self.assertFalse(self.client.breaker.down)
         self.assertFalse(self.transport.disconnecting)
+
+    def test_not_now_replies_are_outages(self) -> None:
+        """LOADING, BUSY and MASTERDOWN replies mark Redis down (the connection is kept)."""
+        for reply in (
+            b"-LOADING Redis is loading the dataset in memory\r\n", b"-BUSY script\r\n",
+            b"-MASTERDOWN Link with MASTER is down\r\n",
+        ):
+            self.setUp()
+            answer = self.client.execute("EVALSHA", "x", 0)
+            self.protocol.dataReceived(reply)
+            self.assertIn(reply[1:8].decode(), str(self.failureResultOf(answer, RedisUnavailable).value))
+            self.assertTrue(self.client.breaker.down)
+            self.assertFalse(self.transport.disconnecting)
+
+    def test_refusals_logged_at_a_bounded_rate(self) -> None:
+        """An error reply to a check fails it with RedisRefused (a StoreUnavailable: the policy
+        does not log it) while Redis stays up; the breaker logs one record for the first and
+        then at most one per summary_interval, with the count since the last."""
+        events: list[dict[str, Any]] = []
+        self.client.breaker.log = Logger(namespace="test", observer=events.append)
+        store = RedisRateLimitStore(self.client, self.clock, "n:")
+        oom = b"-OOM command not allowed when used memory > 'maxmemory'.\r\n"
+        for second in (0, 1, 2, 61, 62):
+            self.clock.advance(second - self.clock.seconds())
+            answer = store.hit("k", (RateLimit(1, 1000),))
+            self.protocol.dataReceived(oom)
+            self.assertIsInstance(self.failureResultOf(answer, RedisRefused).value, StoreUnavailable)
+        self.assertFalse(self.client.breaker.down)
+        self.assertEqual(
+            [(e["storage_event"], e["count"]) for e in events],
+            [("refused", 1), ("refused", 3)],  # at 0 s; then at 61 s for 1, 2 and 61
+        )
+        self.assertEqual(self.client.breaker.refusals, 5)

@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from h2 import events
 from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import H2Error, ProtocolError
 from h2.settings import SettingCodes, Settings
@@ -58,6 +57,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from flexgw.compat.h2buffer import header_backlog
+from flexgw.compat.h2frames import FrameHookConnection
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
@@ -116,7 +116,7 @@ class _Flood(ProtocolError):
     error_code = ErrorCodes.ENHANCE_YOUR_CALM
 
 
-class _GuardedConnection(H2Connection):
+class _GuardedConnection(FrameHookConnection):
     """h2's server connection, with the flood guards applied frame by frame.
 
     h2 reads every frame of a read, answering PINGs and SETTINGS and resetting streams as it
@@ -124,15 +124,15 @@ class _GuardedConnection(H2Connection):
     whole read (thousands of frames) was answered. Here a control frame is counted before h2
     answers it, and a stream reset (the client's RST_STREAM, or h2's own for a client's stream
     error) as soon as h2 has seen it; over a limit, `_Flood` ends the read (h2 then queues the
-    GOAWAY). The hook is h2's `_receive_frame` (called for every frame);
-    tests.test_h2_front's flood tests fail if an h2 upgrade stops calling it.
+    GOAWAY). The hook is flexgw.compat.h2frames (h2 calls it for every frame);
+    tests.test_compat and tests.test_h2_front's flood tests fail if an h2 upgrade stops calling it.
     """
 
     def __init__(self, config: H2Configuration, protocol: H2Protocol) -> None:
         super().__init__(config=config)
         self.protocol = protocol
 
-    def _receive_frame(self, frame: Frame) -> Any:
+    def frame_hook(self, frame: Frame) -> Any:
         kind = frame.__class__
         protocol = self.protocol
         if kind in _CONTROL_FRAMES:
@@ -141,7 +141,7 @@ class _GuardedConnection(H2Connection):
             control = kind is DataFrame and not frame.data and "END_STREAM" not in frame.flags  # type: ignore[attr-defined]
         if control and protocol.counted_control():
             raise _Flood("control frames")
-        received = super()._receive_frame(frame)
+        received = self.receive_one_frame(frame)
         for event in received:
             if event.__class__ is events.StreamReset and protocol.counted_reset():
                 raise _Flood("stream resets")

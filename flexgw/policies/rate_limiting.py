@@ -45,8 +45,8 @@ Deliberate differences from Flex:
   counted in `flexgw_rate_limit_unknown_quota{api,outcome}`. While Redis is known down (the
   store's breaker, `flexgw.storage.breaker`) the store fails at once, so the decision is
   immediate; the outage is logged by the store once when it starts and once when it ends, never
-  per request. A store failure of another kind (a bug, an error reply) is logged with its
-  traceback. Under `--workers N` (N > 1) without Redis, the counters are held by the supervisor
+  per request; an error reply from a Redis that is up (out of memory, ACL) is logged by the
+  store at a bounded rate. Any other store failure (a bug) is logged with its traceback. Under `--workers N` (N > 1) without Redis, the counters are held by the supervisor
   process and reached over AMP (`flexgw.storage.supervised`), so the quota is exact across the
   workers whatever `clusterizable` says (the workers are one gateway).
 - A rejected request that finds one of the key's windows ended opens that limit's next window

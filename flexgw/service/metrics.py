@@ -231,6 +231,11 @@ class GatewayCollector:
             "flexgw_shared_storage_outages", "Times the shared storage (Redis) was marked down.",
             value=breaker.outages,
         )
+        yield CounterMetricFamily(
+            "flexgw_shared_storage_refusals",
+            "Rate-limit checks the shared storage (Redis) refused with an error reply while up.",
+            value=breaker.refusals,
+        )
 
     def _latency(self, metrics: GatewayMetrics) -> Iterator[Metric]:
         bounds = [_bound(b) for b in metrics.buckets] + ["+Inf"]

@@ -9,8 +9,10 @@ probe that succeeds closes the breaker.
 
 Logging: one `error` record when the outage starts, one `info` record when it ends (with how
 long it lasted and how many calls it answered at once), and while it lasts a `warn` summary every
-`summary_interval` seconds with the count. Never a record per call. Each record carries
-`storage_event` ("down", "still_down", "up") for filters and tests.
+`summary_interval` seconds with the count. Never a record per call. A store that is up but
+refuses calls (e.g. Redis out of memory) reports each refusal to `refused`, which logs at most
+one `error` record per `summary_interval` with the count since the last. Each record carries
+`storage_event` ("down", "still_down", "up", "refused") for filters and tests.
 
 Time comes from the injected clock (`IReactorTime`).
 """
@@ -63,6 +65,9 @@ class OutageBreaker:
         self.affected_total = 0  # the same, over every outage (for metrics)
         self.outages = 0  # outages so far (for metrics)
         self.probes = 0  # probes started during this outage
+        self.refusals = 0  # calls refused while up (for metrics)
+        self._refused_since_record = 0
+        self._next_refusal_record: float | None = None
         self._summarised = 0  # `affected` at the last summary
         self._delay = min_interval
         self._probe_call: Any = None  # the scheduled probe (IDelayedCall) or None
@@ -104,6 +109,23 @@ class OutageBreaker:
         self._schedule_probe()
         if self.summary_interval > 0:
             self._summary_call = self.clock.callLater(self.summary_interval, self._summary)
+
+    def refused(self, reason: str) -> None:
+        """The store is up but refused a call: counted, and logged at most once per
+        summary_interval (with the count of refusals since the last record)."""
+        self.refusals += 1
+        self._refused_since_record += 1
+        now = self.clock.seconds()
+        if self._next_refusal_record is not None and now < self._next_refusal_record:
+            return
+        self._next_refusal_record = now + self.summary_interval
+        self.log.error(
+            "{name} refused {count} rate-limit check(s) (blockOnUnknownQuota decides): {reason};"
+            " at most one such record every {interval:.0f}s",
+            name=self.name, count=self._refused_since_record, reason=reason,
+            interval=self.summary_interval, storage_event="refused",
+        )
+        self._refused_since_record = 0
 
     def when_up(self) -> Deferred[None]:
         """A Deferred that fires when the store is up (at once if it is)."""

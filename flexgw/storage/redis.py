@@ -41,9 +41,13 @@ without touching the network, and a background probe (a new connection, its hand
 PING, bounded by `command_timeout`) runs `min_backoff` seconds after the trip, then with the
 delay doubling up to `max_backoff` (0.5 s by default, so Redis is seen back within about half a
 second). The first probe that gets its PONG closes the breaker (one log record, with the count of
-checks answered without Redis); its connection serves the next commands. An error reply (`-ERR`)
-is an answer, not an outage, and a connection lost while no command waits on it is simply
-reopened by the next command.
+checks answered without Redis); its connection serves the next commands. The error replies that
+mean "not now" (`LOADING`, a restarted server reading its dataset; `BUSY`, a script running too
+long; `MASTERDOWN`) trip the breaker too (PING gets the same reply until they end). Any other
+error reply is an answer, not an outage: a check it refuses (out of memory, ACL, a replica's
+READONLY without sentinels) fails with `RedisRefused`, reported to the breaker, which logs such
+refusals at a bounded rate. A connection lost while no command waits on it is simply reopened
+by the next command.
 
 Sentinel and TLS
 ----------------
@@ -108,6 +112,15 @@ class RedisUnavailable(StoreUnavailable):
 
 class RedisTimeout(RedisUnavailable, TimeoutError):
     """A command got no reply within `command_timeout`."""
+
+
+class RedisRefused(StoreUnavailable):
+    """Redis is up but refused the rate-limit check with an error reply (logged by the breaker,
+    at a bounded rate)."""
+
+
+#: Error replies that mean the server cannot serve commands for now: an outage for the breaker.
+OUTAGE_REPLIES = ("LOADING", "BUSY", "MASTERDOWN")
 
 
 def is_readonly(error: BaseException) -> bool:
@@ -294,7 +307,13 @@ class RedisClient:
     def _failed(self, failure: Failure) -> Failure:
         """A command failed: a timeout or a connection failure trips the breaker (see the
         module docstring); a timeout also aborts the stalled connection."""
-        if self._closed or not failure.check(RedisUnavailable, TimeoutError):
+        if self._closed:
+            return failure
+        if failure.check(RedisError) and str(failure.value).startswith(OUTAGE_REPLIES):
+            error = RedisUnavailable(f"Redis at {self.address} answered {failure.value}")
+            self.breaker.trip(str(failure.value))
+            return Failure(error)
+        if not failure.check(RedisUnavailable, TimeoutError):
             return failure
         if failure.check(RedisUnavailable):
             self.breaker.trip(_describe(failure.value))
@@ -570,7 +589,16 @@ class RedisRateLimitStore:
             args.append(limit.maximum_requests)
             args.append(limit.period_ms)
         answer = self.client.evalsha(HIT_SCRIPT_SHA, HIT_SCRIPT, (self.namespace + key,), args)
-        return answer.addCallback(self._result, limits)
+        return answer.addCallbacks(self._result, self._refused, callbackArgs=(limits,))
+
+    def _refused(self, failure: Failure) -> Failure:
+        """An error reply to the check: RedisRefused, reported to the breaker (which logs it at
+        a bounded rate); outages pass as they are."""
+        if not failure.check(RedisError):
+            return failure
+        client = self.client
+        client.breaker.refused(str(failure.value))
+        return Failure(RedisRefused(f"Redis at {client.address} refused the check: {failure.value}"))
 
     def _result(self, reply: list[int], limits: Sequence[RateLimit]) -> HitResult:
         """The script's reply as a HitResult."""

@@ -1,0 +1,32 @@
+"""A hook on each frame h2 receives, run before h2 acts on it (answers a PING or SETTINGS,
+resets a stream), so a guard can count frames as they come rather than after a whole read.
+
+Private API: `h2.connection.H2Connection._receive_frame(frame) -> list[Event]`, which
+`receive_data` calls once per frame. Kept: h2 has no public per-frame hook, and guards that
+count the events `receive_data` returns act only after every frame of the read was answered.
+With it, a 50,000-stream "MadeYouReset" attack got GOAWAY after 201 resets and opened no upstream
+connection; counting events after the read, it never got GOAWAY (bench/made_you_reset.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from h2.connection import H2Connection
+
+
+class FrameHookConnection(H2Connection):
+    """An H2Connection whose subclass's `frame_hook(frame)` handles every received frame.
+
+    `frame_hook` must return what `receive_one_frame(frame)` (h2's own handling) returns, and
+    may raise an h2 ProtocolError to end the read. It replaces h2's method on the subclass
+    itself, so the hook costs no call more than h2's own dispatch.
+    """
+
+    receive_one_frame = H2Connection._receive_frame
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        hook = cls.__dict__.get("frame_hook")
+        if hook is not None:
+            cls._receive_frame = hook  # type: ignore[method-assign]
