@@ -79,3 +79,87 @@ def route(
         f"  config:\n    destinationRef:\n      name: {service_name}\n{config}"
         f"{order_line}{rules}"
     )
+
+
+#: What `kubectl get ingress,svc,endpoints,secret -n shop -o yaml` prints (the README's export
+#: recipe): one `kind: List` document whose items are indented as kubectl indents them.
+KUBECTL_GET_LIST = """\
+apiVersion: v1
+items:
+- apiVersion: networking.k8s.io/v1
+  kind: Ingress
+  metadata:
+    creationTimestamp: "2026-12-01T10:00:00Z"
+    generation: 1
+    name: shop
+    namespace: shop
+    resourceVersion: "1201"
+    uid: 0b5f0a61-6f0e-4a51-9d1c-0a1f9c7e2a11
+  spec:
+    ingressClassName: flexgw
+    rules:
+    - host: shop.example
+      http:
+        paths:
+        - backend:
+            service:
+              name: shop
+              port:
+                number: 80
+          path: /orders
+          pathType: {path_type}
+  status:
+    loadBalancer: {{}}
+- apiVersion: v1
+  kind: Service
+  metadata:
+    creationTimestamp: "2026-12-01T10:00:00Z"
+    labels:
+      app: shop
+    name: shop
+    namespace: shop
+    resourceVersion: "1187"
+    uid: 3c1d2e1a-1111-4b6e-8a55-5f0d7bb0a3c2
+  spec:
+    clusterIP: 127.0.0.1
+    clusterIPs:
+    - 127.0.0.1
+    internalTrafficPolicy: Cluster
+    ipFamilies:
+    - IPv4
+    ipFamilyPolicy: SingleStack
+    ports:
+    - name: http
+      port: 80
+      protocol: TCP
+      targetPort: 8080
+    selector:
+      app: shop
+    sessionAffinity: None
+    type: ClusterIP
+  status:
+    loadBalancer: {{}}
+- apiVersion: v1
+  kind: Endpoints
+  metadata:
+    name: shop
+    namespace: shop
+  subsets:
+  - addresses:
+    - ip: 127.0.0.1
+    ports:
+    - name: http
+      port: 8080
+      protocol: TCP
+- apiVersion: v1
+  data:
+    password: c2VjcmV0
+  kind: Secret
+  metadata:
+    name: db
+    namespace: shop
+  type: Opaque
+kind: List
+metadata:
+  resourceVersion: ""
+"""

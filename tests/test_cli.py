@@ -10,7 +10,7 @@ from twisted.trial.unittest import TestCase
 
 import flexgw
 from flexgw.cli import main
-from tests.conftools import api, route, service, write_conf
+from tests.conftools import KUBECTL_GET_LIST, api, route, service, write_conf
 
 GOOD = {
     "a.yaml": api("a", "http://0.0.0.0:8080/api")
@@ -66,6 +66,31 @@ class ValidateTests(TestCase):
         two = write_conf(self, {"b.yaml": "---\n".join(GOOD["a.yaml"].split("---\n")[1:])})
         status, out = run(["validate", one, two])
         self.assertEqual(status, 0, out)
+
+    def test_kubectl_list_export(self) -> None:
+        """The README's recipe (`kubectl get ingress,svc,endpoints,secret -o yaml`, one List) serves its Ingress."""
+        root = write_conf(self, {"cluster.yaml": KUBECTL_GET_LIST.format(path_type="Prefix")})
+        status, out = run(["validate", root])
+        self.assertEqual(status, 0, out)
+        self.assertIn("0 error(s), 0 warning(s), 1 API(s) served", out)
+
+    def test_error_located_inside_a_list_item(self) -> None:
+        """A bad field of a List item is an error at its own line:column, naming the object; exit 1."""
+        root = write_conf(self, {"cluster.yaml": KUBECTL_GET_LIST.format(path_type="Fuzzy")})
+        status, out = run(["validate", root])
+        self.assertEqual(status, 1)
+        self.assertIn(
+            "cluster.yaml:24:21: error: Ingress shop/shop: spec.rules[0].http.paths[0].pathType:"
+            " 'Fuzzy' is not one of",
+            out,
+        )
+
+    def test_unknown_kinds_in_a_list_are_located_warnings(self) -> None:
+        """A List item of a kind flexgw does not read is a warning at that item's kind."""
+        text = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: apps/v1\n  kind: Deployment\n  metadata: {name: d}\n"
+        status, out = run(["validate", write_conf(self, {"l.yaml": text})])
+        self.assertEqual(status, 0, out)
+        self.assertIn("l.yaml:5:9: warning: kind: unknown kind 'Deployment'; ignored", out)
 
     def test_usage_error(self) -> None:
         """A missing subcommand is a usage error (exit 2)."""

@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from flexgw.config.load import load_text
 from flexgw.config.sources.files import discover_files, load_file
-from tests.conftools import write_conf
+from tests.conftools import KUBECTL_GET_LIST, write_conf
 
 
 class LocationTests(SynchronousTestCase):
@@ -148,3 +148,52 @@ class FileTests(TestCase):
         loaded = load_file(path)
         self.assertTrue(loaded.failed)
         self.assertIn("UTF-8", loaded.problems[0].message)
+
+
+class KubernetesListTests(SynchronousTestCase):
+    """`kind: List` and typed `<Kind>List` documents unwrap into one document per item."""
+
+    def test_kubectl_list_items_located(self) -> None:
+        """Each item of kubectl's List is a document located where it is written in the file."""
+        loaded = load_text(KUBECTL_GET_LIST.format(path_type="Prefix"), "cluster.yaml")
+        self.assertFalse(loaded.failed)
+        self.assertEqual(loaded.problems, ())
+        kinds = [d.value["kind"] for d in loaded.documents]
+        self.assertEqual(kinds, ["Ingress", "Service", "Endpoints", "Secret"])
+        ingress, service = loaded.documents[0], loaded.documents[1]
+        self.assertEqual(ingress.origin, "cluster.yaml")
+        self.assertEqual(ingress.locate(()), (3, 3))
+        self.assertEqual(ingress.marks[("kind",)], (4, 9))
+        self.assertEqual(ingress.key_marks[("spec", "ingressClassName")], (13, 5))
+        self.assertEqual(ingress.marks[("spec", "rules", 0, "http", "paths", 0, "pathType")], (24, 21))
+        self.assertIn(("spec", "ingressClassName"), ingress.plain)
+        self.assertEqual(service.marks[("spec", "clusterIP")], (38, 16))
+        self.assertNotIn(("items",), ingress.marks)
+
+    def test_typed_list_items_take_kind_and_api_version(self) -> None:
+        """Items of an `IngressList` (the API omits their kind) are Ingresses of the list's group."""
+        text = (
+            "apiVersion: networking.k8s.io/v1\nkind: IngressList\nmetadata: {resourceVersion: '7'}\n"
+            "items:\n- metadata: {name: a}\n- kind: Ingress\n  apiVersion: v1\n  metadata: {name: b}\n"
+        )
+        documents = load_text(text, "l.yaml").documents
+        self.assertEqual(
+            [(d.value["apiVersion"], d.value["kind"]) for d in documents],
+            [("networking.k8s.io/v1", "Ingress"), ("v1", "Ingress")],
+        )
+        self.assertEqual(documents[0].locate(("kind",)), (5, 3))
+
+    def test_items_not_a_sequence(self) -> None:
+        """`items` that is not a sequence is an error located at it; nothing is read."""
+        loaded = load_text("apiVersion: v1\nkind: List\nitems: {a: 1}\n", "l.yaml")
+        self.assertEqual(loaded.documents, ())
+        [problem] = loaded.problems
+        self.assertEqual((problem.severity, problem.line, problem.column), ("error", 3, 1))
+        self.assertIn("'items' of a List must be a sequence", problem.message)
+
+    def test_empty_lists_and_other_documents(self) -> None:
+        """An empty or item-less List holds nothing; documents around a List are kept in order."""
+        text = "kind: List\nitems: []\n---\nkind: List\n---\na: 1\n---\nkind: List\nitems: [{b: 2}]\n"
+        loaded = load_text(text, "l.yaml")
+        self.assertEqual([d.value for d in loaded.documents], [{"a": 1}, {"b": 2}])
+        self.assertEqual(loaded.documents[1].marks[()], (9, 9))
