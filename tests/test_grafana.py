@@ -1,0 +1,148 @@
+"""deploy/grafana/flexgw.json: it loads, and every PromQL expression names only series flexgw exports."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from collections.abc import Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.process_collector import ProcessCollector
+from twisted.trial.unittest import SynchronousTestCase
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD = ROOT / "deploy" / "grafana" / "flexgw.json"
+#: The series each metric family type puts in the exposition, by suffix.
+SUFFIXES = {
+    "Counter": ("_total",),
+    "Gauge": ("",),
+    "Histogram": ("_bucket", "_sum", "_count"),
+    "Summary": ("", "_sum", "_count"),
+}
+#: Labels every series may carry besides its family's own: the supervisor's `worker` (--workers),
+#: and the `instance`/`job` Prometheus adds when it scrapes.
+COMMON_LABELS = {"worker", "instance", "job"}
+#: Words of PromQL that are not series names.
+KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or",
+            "unless", "offset", "inf", "nan"}
+
+
+@cache
+def exported() -> dict[str, set[str]]:
+    """series name -> its labels, for every metric family flexgw's code builds (read from the
+    source: each `*MetricFamily("name", ..., labels=[...])` call) and the process collector's."""
+    series: dict[str, set[str]] = {}
+    for path in (ROOT / "flexgw").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        lists = {target.id: node.value for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                 for target in node.targets if isinstance(target, ast.Name)}  # labels=pool_labels
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and node.args):
+                continue
+            callee = ast.unparse(node.func)
+            kind = callee.removesuffix("MetricFamily")
+            name = node.args[0]
+            if kind not in SUFFIXES or not isinstance(name, ast.Constant):
+                continue
+            labels: set[str] = set()
+            for keyword in node.keywords:
+                if keyword.arg == "labels":
+                    value = keyword.value
+                    if isinstance(value, ast.Name):
+                        value = lists[value.id]
+                    labels = set(ast.literal_eval(value))
+            if kind == "Histogram":
+                labels.add("le")
+            for suffix in SUFFIXES[kind]:
+                series[name.value + suffix] = labels | COMMON_LABELS
+    for family in ProcessCollector(registry=None).collect():
+        for sample in family.samples:
+            series[sample.name] = set(sample.labels) | COMMON_LABELS
+    return series
+
+
+def expressions(dashboard: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(panel title, expression) for every panel target and every query variable."""
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", ()):
+            yield panel["title"], target["expr"]
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            yield f"variable {variable['name']}", variable["query"]["query"]
+
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_RANGE = re.compile(r"\[[^\]]*\]")
+_MATCHERS = re.compile(r"\{([^}]*)\}")
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)")
+_WORD = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*(?=\s*(\(|\{|\[|\)|,|$|\s|[-+*/]))")
+
+
+def references(expression: str) -> tuple[set[str], set[str]]:
+    """(series names, label names) a PromQL expression (or a label_values() query) refers to."""
+    labels: set[str] = set()
+    text = _RANGE.sub("", _STRING.sub('""', expression))
+    for matchers in _MATCHERS.findall(text):
+        labels |= {m.split("=")[0].split("!")[0].strip() for m in matchers.split(",") if m.strip()}
+    text = _MATCHERS.sub(" ", text)
+    for grouping in _GROUPING.findall(text):
+        labels |= {label.strip() for label in grouping.split(",") if label.strip()}
+    text = _GROUPING.sub(" ", text)
+    query = re.fullmatch(r"\s*label_values\(\s*([A-Za-z_:][\w:]*)\s*,\s*(\w+)\s*\)\s*", text)
+    if query:
+        return {query.group(1)}, {query.group(2)}
+    names = {match.group(0) for match in _WORD.finditer(text)
+             if match.group(1) != "(" and match.group(0).lower() not in KEYWORDS}
+    return names, labels
+
+
+class GrafanaDashboardTests(SynchronousTestCase):
+    """The shipped Grafana dashboard against the metrics flexgw exports."""
+
+    def setUp(self) -> None:
+        self.dashboard = json.loads(DASHBOARD.read_text())
+        self.series = exported()
+
+    def test_exported_set_is_read_from_the_code(self) -> None:
+        """The derived set holds the gateway's families with their suffixes and labels (a sanity
+        check of the derivation itself, so an empty set cannot pass the test below)."""
+        self.assertIn("le", self.series["flexgw_request_duration_seconds_bucket"])
+        self.assertIn("status_class", self.series["flexgw_requests_total"])
+        self.assertIn("flexgw_worker_restarts_total", self.series)
+        self.assertIn("process_resident_memory_bytes", self.series)
+
+    def test_loads_with_panels_and_queries(self) -> None:
+        """The file is a Grafana dashboard with panels covering what the issue lists."""
+        self.assertEqual(self.dashboard["uid"], "flexgw")
+        names: set[str] = set()
+        for _title, expression in expressions(self.dashboard):
+            names |= references(expression)[0]
+        for wanted in ("flexgw_requests_total", "flexgw_request_duration_seconds_bucket",
+                       "flexgw_gateway_added_seconds_bucket", "flexgw_upstream_connections_active",
+                       "flexgw_config_reloads_total", "flexgw_rate_limit_rejections_total",
+                       "process_cpu_seconds_total"):
+            self.assertIn(wanted, names)
+
+    def test_every_expression_names_exported_series(self) -> None:
+        """Each series name and label in each expression is one flexgw exports."""
+        wrong = []
+        for title, expression in expressions(self.dashboard):
+            names, labels = references(expression)
+            self.assertTrue(names, f"{title}: no series found in {expression!r}")
+            wrong += [f"{title}: {name} is not exported" for name in sorted(names - set(self.series))]
+            known = set().union(*(self.series.get(name, set()) for name in names))
+            if labels - known:
+                wrong.append(f"{title}: no label(s) {sorted(labels - known)} on {sorted(names)}")
+        self.assertEqual(wrong, [], "\n" + "\n".join(wrong))
+
+    def test_references_parser(self) -> None:
+        """The expression reader finds series and labels, not functions or keywords."""
+        names, labels = references(
+            'histogram_quantile(0.99, sum by (le, api) (rate(x_bucket{api=~"$api",cause!="none"}[5m])))'
+            " / on (api) y_total"
+        )
+        self.assertEqual(names, {"x_bucket", "y_total"})
+        self.assertEqual(labels, {"le", "api", "cause"})
