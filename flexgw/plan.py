@@ -111,6 +111,9 @@ class Api:
     # Services whose address a proxied request may match (their outbound chain and settings).
     forward_proxy: Any = None
     proxy_services: tuple[Destination, ...] = ()
+    # The API's tracing decision (flexgw.http.tracecontext.Sampler): Configuration spec.tracing,
+    # overridden by a `tracing-flex` binding; None when tracing is not configured.
+    tracing: Any = attrs.field(default=None, eq=False)
 
 
 @attrs.frozen
@@ -205,6 +208,21 @@ class SharedStorage:
 
 
 @attrs.frozen
+class TracingSettings:
+    """`Configuration.spec.tracing.provider` (OpenTelemetry): where and how spans are exported."""
+
+    address: str  # h2://host:4317 (OTLP/gRPC, as Flex) or http(s)://host:4318[/v1/traces] (OTLP/HTTP)
+    protocol: str  # "grpc" or "http"
+    service_name: str = "flexgw"
+    service_type: str = "grpc"
+    timeout: float = 10.0  # seconds for one export
+    resource_attributes: tuple[tuple[str, str], ...] = ()
+    max_queue: int = 2048  # spans waiting for export; more are dropped (counted)
+    max_batch: int = 512  # spans per export request
+    delay: float = 0.5  # seconds a span may wait for its batch
+
+
+@attrs.frozen
 class ProbeSettings:
     """`Configuration.spec.probe`: the readiness/liveness HTTP listener (off unless enabled, as Flex)."""
 
@@ -290,6 +308,7 @@ class GatewayPlan:
     probe: ProbeSettings = ProbeSettings()
     logging: LoggingSettings = attrs.field(factory=LoggingSettings)  # spec.logging, FLEX_LOG_LEVEL
     proxy_protocol: bool = False  # spec.proxyProtocol.enabled: every listener expects PROXY v1/v2
+    tracing: TracingSettings | None = None  # spec.tracing (OpenTelemetry export); None: off
     tls_files: tuple[str, ...] = ()  # certificate/key/CA files the plan read (watched for changes)
 
     def listener_at(self, host: str, port: int) -> Listener | None:

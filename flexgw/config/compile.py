@@ -10,6 +10,7 @@ import attrs
 
 from flexgw.config.regex import RegexError, compile_rule_regex
 from flexgw.config.resolve import ApiSpec, PolicySpec, ResolvedModel, RouteSpec, RuleSpec
+from flexgw.config.tracing import api_sampler
 from flexgw.http import alpn
 from flexgw.plan import (
     Api,
@@ -25,6 +26,7 @@ from flexgw.plan import (
 from flexgw.policies.base import BuildContext, PolicyCapabilities
 from flexgw.policies.circuit_breaker import BREAKER_KIND, BREAKER_NAME
 from flexgw.policies.registry import lookup as lookup_policy
+from flexgw.policies.tracing import NAME as TRACING_NAME
 from flexgw.tls.contexts import CLIENT_ALPN, build_client_tls, build_server_tls
 from flexgw.tls.settings import TLSSettings
 
@@ -270,12 +272,18 @@ def _compile_api(
             spec.origin.problem("error", "a policy could not be built; not served (fail closed)")
         )
         return None
+    tracing = None
+    if model.tracing is not None:
+        override = next((b.policy for b in policies if b.kind == TRACING_NAME), None)
+        tracing = api_sampler(model.tracing[1], override)
+    policies = tuple(b for b in policies if b.kind != TRACING_NAME)  # compile-time only
     routes = [
         attrs.evolve(route, destinations=tuple(_with_chain(d, policies) for d in route.destinations))
         for route in routes
     ]
     return Api(
-        key=spec.id.key, base_path=spec.address.path, routes=tuple(routes), policies=policies
+        key=spec.id.key, base_path=spec.address.path, routes=tuple(routes), policies=policies,
+        tracing=tracing,
     )
 
 

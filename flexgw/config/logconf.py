@@ -42,7 +42,8 @@ FLEX_VARIABLES = frozenset({"date", "logger", "level", "kind", "message"})
 ACCESS_FIELDS = frozenset(
     {
         "time", "client", "listener", "method", "path", "version", "api", "route", "upstream",
-        "status", "bytes_in", "bytes_out", "duration_ms", "upstream_ms", "error",
+        "status", "bytes_in", "bytes_out", "duration_ms", "upstream_ms", "error", "trace_id",
+        "span_id",
     }
 )
 ALIASES = {"latency": "duration_ms", "bytes": "bytes_out"}

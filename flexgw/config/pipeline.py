@@ -161,6 +161,7 @@ def load_config(
         probe=model.probe,
         proxy_protocol=model.proxy_protocol,
         logging=model.logging,
+        tracing=model.tracing[0] if model.tracing is not None else None,
         tls_files=tuple(
             sorted(
                 set(compiled.tls_files)

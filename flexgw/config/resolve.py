@@ -14,6 +14,7 @@ from flexgw.config.located import Origin, origin_of
 from flexgw.config.logconf import resolve_logging
 from flexgw.config.sources import FieldPath
 from flexgw.config.storage import SharedStorage, resolve_shared_storage
+from flexgw.config.tracing import resolve_tracing
 from flexgw.config.validate import (
     ROUTE_POLICIES,
     Checked,
@@ -119,6 +120,8 @@ class ResolvedModel:
     logging: LoggingSettings = attrs.field(factory=LoggingSettings)
     upstream_tls: Mapping[str, tuple[PolicySpec, ...]] = attrs.field(factory=dict)
     default_tls: PolicySpec | None = None  # Configuration.spec.defaultTLS.outboundPolicyCalls
+    # Configuration.spec.tracing: (TracingSettings, the gateway-wide Sampler); None: off
+    tracing: Any = None
 
 
 def _rules(raw: Any) -> tuple[RuleSpec, ...]:
@@ -511,6 +514,7 @@ def resolve(
     shared_storage = resolve_shared_storage(by_kind.get("Configuration", []), problems)
     forward_proxy = resolve_forward_proxy(by_kind.get("Configuration", []), problems)
     logging = resolve_logging(by_kind.get("Configuration", []), environ, problems)
+    tracing = resolve_tracing(by_kind.get("Configuration", []), environ, problems)
 
     api_specs = []
     for rid, resource in apis.items():
@@ -542,6 +546,7 @@ def resolve(
         circuit_breaker=breaker,
         upstream_tls={key: tuple(specs) for key, specs in upstream_tls.items()},
         default_tls=_default_tls(by_kind.get("Configuration", [])),
+        tracing=tracing,
     )
 
 

@@ -25,6 +25,7 @@ from flexgw.http.headers import (
     response_headers_for_downstream,
 )
 from flexgw.http.request import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, RequestHead
+from flexgw.http.tracecontext import Trace
 from flexgw.http.tunnel import IDLE_TIMEOUT, Tunnel
 from flexgw.ingress.contract import IExchangeFront, IExchangeObserver
 from flexgw.ingress.routing import remaining_path, rules_match
@@ -118,6 +119,7 @@ class ProxyExchange:
         "started",
         "state",
         "timer",
+        "trace",
         "until_close",
         "upstream_elapsed",
         "upstream_started",
@@ -154,6 +156,7 @@ class ProxyExchange:
         self.chain: ChainRun | None = None  # the policies applied to this request
         self.out: list[bytes] | None = None  # response bytes produced by the current upstream read
         self.flushed = False  # some of the response (its head first) went to the client
+        self.trace: Trace | None = None  # the request's trace, when it is traced
 
     # -- request side, driven by the front ---------------------------------------------------------
 
@@ -167,6 +170,8 @@ class ProxyExchange:
             return
         api = match.api
         self.api_key = api.key
+        if api.tracing is not None:
+            self.trace = api.tracing.begin(head.headers, self.started, front.clock)
         self.route = match.route
         self.destination = match.destination
         # (request_prefix is b"" unless the upstream is reached through a forward proxy)
@@ -217,6 +222,7 @@ class ProxyExchange:
             drop = connection_tokens(head.connection_values)
             if not drop <= _CONNECTION_OPTIONS:  # not just "keep-alive" / "close"
                 ctx.request_headers[:] = [(n, v) for n, v in head.headers if n.lower() not in drop]
+        ctx.trace = self.trace
         self.chain = ChainRun(selected, ctx)
         return True
 
@@ -383,7 +389,14 @@ class ProxyExchange:
         transport = conn.transport
         # The head, the body received so far and (if complete) the chunked terminator go out
         # in one send.
-        out = [self._upstream_head()]
+        trace = self.trace
+        if trace is not None:
+            out = [self._upstream_head(trace.upstream_attempt(
+                self.upstream_started, self.front.clock.seconds(), self.pool.upstream.authority,  # type: ignore[union-attr]
+                reused,
+            ))]
+        else:
+            out = [self._upstream_head()]
         pending = self.pending
         if pending:
             self.pending = None
@@ -434,10 +447,11 @@ class ProxyExchange:
     #: the hop-by-hop step: lines added after the framing (an upgrade's Connection/Upgrade).
     hop_lines = b""
 
-    def _upstream_head(self) -> bytes:
+    def _upstream_head(self, traceparent: bytes | None = None) -> bytes:
         """The request head as the upstream receives it: the request line, the client's header
         lines less hop-by-hop ones (and X-Forwarded-* claims unless relayed), Host, the
-        X-Forwarded-* lines (when relayed), the framing, this kind's hop-by-hop lines."""
+        X-Forwarded-* lines (when relayed), the framing, this kind's hop-by-hop lines; when the
+        request is traced, the `traceparent` line of its upstream attempt replaces the client's."""
         head = self.head
         front = self.front
         destination = self.destination
@@ -458,6 +472,8 @@ class ProxyExchange:
         if chain is not None and chain.ctx.request_headers_changed:
             headers = chain.ctx.request_headers
             drop = None  # already removed before the policies ran (see _select_policies)
+        if traceparent is not None:
+            drop = (drop or set()) | {b"traceparent"}
         for name, value in headers:
             lname = name.lower()
             if lname in HOP_BY_HOP or lname == b"content-length":
@@ -509,6 +525,8 @@ class ProxyExchange:
         hop_lines = self.hop_lines
         if hop_lines:
             append(hop_lines)
+        if traceparent is not None:
+            append(traceparent)
         append(b"\r\n")
         return b"".join(lines)
 

@@ -626,6 +626,12 @@ class IngressFactory(Factory):
         self._metrics = metrics
         self._observe()
 
+    def set_observers(self, observers: Sequence[IExchangeObserver]) -> None:
+        """Replace the observers told after the metrics (the gateway's tracer, when tracing is
+        configured)."""
+        self.extra_observers = tuple(observers)
+        self._observe()
+
     def _observe(self) -> None:
         """The observers, in order: the policies' on_done, the access log, the metrics, others."""
         self.observers = tuple(

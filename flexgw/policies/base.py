@@ -217,6 +217,7 @@ class PolicyContext:
         "scheme",
         "scratch",
         "stream_idle_timeout",
+        "trace",
         "trusted_proxies",
         "vars",
     )
@@ -238,6 +239,9 @@ class PolicyContext:
         # Per-request timeout overrides in seconds (response-timeout / stream-idle-timeout).
         self.response_timeout: float | None = None
         self.stream_idle_timeout: float | None = None
+        # The request's flexgw.http.tracecontext.Trace when it is traced (side calls send a
+        # `traceparent` from it), else None.
+        self.trace: Any = None
         # `Configuration.spec.http.trustedProxies` when the socket peer is one of them, else ():
         # only then may X-Forwarded-For hops be believed (walked from the right, not the left).
         self.trusted_proxies: tuple[Any, ...] = ()

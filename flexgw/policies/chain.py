@@ -71,6 +71,8 @@ class ChainRun:
                 continue
             if isinstance(result, Deferred):
                 self.waiting = result
+                if ctx.trace is not None:  # a traced request: a span for the wait
+                    ctx.trace.policy_waiting(bound.name, bound.kind)
                 return result.addCallbacks(
                     self._resumed,
                     self._failed,
@@ -89,6 +91,8 @@ class ChainRun:
 
     def _resumed(self, result: Any, index: int) -> Any:
         self.waiting = None
+        if self.ctx.trace is not None:
+            self.ctx.trace.policy_done(None if result is None else "rejected")
         if result is None and not self.cancelled:
             bound = self.policies[index]
             if bound.finishes:
@@ -107,6 +111,8 @@ class ChainRun:
 
     def _failed(self, failure: Failure, binding: str) -> LocalResponse | None:
         self.waiting = None
+        if self.ctx.trace is not None:
+            self.ctx.trace.policy_done("policy_error")
         if self.cancelled:
             return None  # the client went away and cancel() was called: nothing to report
         return policy_error(binding, failure)

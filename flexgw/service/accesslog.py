@@ -148,6 +148,11 @@ class AccessLog(BufferedLog):
         api = exchange.api_key
         status = exchange.response_status
         error = exchange.error_cause
+        trace = exchange.trace
+        traced = (
+            f',"trace_id":"{trace.trace_id:032x}","span_id":"{trace.span_id:016x}"'
+            if trace is not None else ""
+        )
         self._lines.append(
             (
                 f'{{"time":"{self._timestamp(now)}","client":{_text(exchange.front.peer.address)}'
@@ -161,7 +166,7 @@ class AccessLog(BufferedLog):
                 f',"bytes_out":{exchange.bytes_out}'
                 f',"duration_ms":{_ms(now - exchange.started)}'
                 f',"upstream_ms":{_ms(upstream_ms) if upstream_ms is not None else "null"}'
-                f',"error":{_text(error) if error is not None else "null"}}}\n'
+                f',"error":{_text(error) if error is not None else "null"}{traced}}}\n'
             ).encode("ascii")
         )
 

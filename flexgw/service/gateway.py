@@ -33,6 +33,7 @@ from flexgw.service.metrics import GatewayMetrics
 from flexgw.service.policyruntime import PolicyRuntime
 from flexgw.service.sockets import listen_reuse_port
 from flexgw.service.systemd import Notifier
+from flexgw.service.tracing import TracingService
 from flexgw.tls.contexts import ListenerFactory
 from flexgw.upstream.manager import PoolManager
 
@@ -107,6 +108,9 @@ class GatewayService(Service):
         self.last_reload_ok: bool | None = None
         self.unbound: set[tuple[str, int]] = set()  # listener addresses the last reload could not bind
         self.metrics = GatewayMetrics(reactor)
+        # Configuration.spec.tracing: the exporter, and the tracer observing exchanges (or None)
+        self.tracing = TracingService(reactor, reactor)
+        self.observers: tuple[Any, ...] = ()
         self.probe = ProbeServer(reactor, self)
         self.notifier = notifier if notifier is not None else Notifier(reactor, environ)
         self.drain_seconds = drain_seconds
@@ -179,6 +183,7 @@ class GatewayService(Service):
             self.notifier.stop_watchdog()
             self.pools.stop()
             self.runtime.use_shared_storage(None)  # closes the Redis connection, if any
+            self.tracing.stop()
             for log in (self.access_log, self.message_log):
                 if log is not None:
                     log.stop()
@@ -276,6 +281,7 @@ class GatewayService(Service):
             else:
                 _log.warn("{problem}", problem=str(problem))
         self.state = state
+        self._apply_tracing(state.plan)
         bound = self._apply(state.plan)
         ok = state.ok and bound
         self.last_reload_ok = ok
@@ -339,6 +345,7 @@ class GatewayService(Service):
             self.rng,
             metrics=self.metrics,
             resolver=self.resolver,
+            observers=self.observers,
             forward_proxy=ForwardProxyProtocol,
         )
         served = ListenerFactory(factory, listener.tls)
@@ -381,6 +388,16 @@ class GatewayService(Service):
             how=f" (inherited from systemd: {inherited.describe()})" if inherited else "",
         )
         return True
+
+    def _apply_tracing(self, plan: GatewayPlan) -> None:
+        """Start, change or stop the trace exporter as the plan says; every listener's exchanges
+        are observed by its tracer."""
+        tracer = self.tracing.configure(plan.tracing)
+        observers = (tracer,) if tracer is not None else ()
+        if observers != self.observers:
+            self.observers = observers
+            for factory in self.factories.values():
+                factory.set_observers(observers)
 
     def _release(self, address: tuple[str, int]) -> None:
         """A listener closed: its inherited socket, if any, stays open for a later reload."""

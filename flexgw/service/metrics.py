@@ -171,6 +171,22 @@ class GatewayCollector:
         for listener in gateway.plan.listeners:
             served.add_metric([f"{listener.host}:{listener.port}"], len(listener.apis))
         yield served
+        tracing = getattr(gateway, "tracing", None)
+        if tracing is not None:
+            exported, dropped, failures = tracing.counts()
+            yield CounterMetricFamily(
+                "flexgw_tracing_spans_exported", "Spans the collector accepted.", value=exported
+            )
+            yield CounterMetricFamily(
+                "flexgw_tracing_spans_dropped",
+                "Spans dropped: the export queue was full (a slow or absent collector), or their"
+                " export failed.",
+                value=dropped,
+            )
+            yield CounterMetricFamily(
+                "flexgw_tracing_export_failures", "Span exports that failed or timed out.",
+                value=failures,
+            )
 
     def _requests(self, metrics: GatewayMetrics) -> Iterator[Metric]:
         by_class: dict[tuple[str, str, str, str], int] = {}

@@ -1,0 +1,252 @@
+"""W3C Trace Context on the data path: the sampling decision per request, the trace an exchange
+carries (its server span, the upstream attempts and the policies it waited for), and the
+`traceparent` it sends upstream and on side calls.
+
+Nothing here is built per request unless the request is traced: an API without tracing has
+`Api.tracing is None`, and a sampler that can never trace (`overall: 0`) answers at once.
+Spans are plain records; flexgw.service.tracing turns finished traces into OTLP messages off the
+request path.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+
+from flexgw.http.headers import HeaderList
+
+_TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
+#: A header counting as a client's request to be traced (Envoy's, which Flex's `client` reads).
+CLIENT_TRACE_HEADER = b"x-client-trace-id"
+
+
+def parse_traceparent(value: bytes) -> tuple[int, int, bool] | None:
+    """(trace id, parent span id, sampled) from a `traceparent` value; None when invalid (W3C
+    Trace Context level 1: version ff, all-zero ids and a short future version are refused)."""
+    match = _TRACEPARENT.fullmatch(value.strip().lower())
+    if match is None:
+        return None
+    version, trace, span, flags, rest = match.groups()
+    if version == b"ff" or (version == b"00" and rest):
+        return None
+    trace_id, span_id = int(trace, 16), int(span, 16)
+    if not trace_id or not span_id:
+        return None
+    return trace_id, span_id, bool(int(flags, 16) & 1)
+
+
+def traceparent(trace_id: int, span_id: int, sampled: bool = True) -> bytes:
+    """A version-00 `traceparent` value."""
+    return b"00-%032x-%016x-%s" % (trace_id, span_id, b"01" if sampled else b"00")
+
+
+@attrs.frozen
+class TraceLabel:
+    """A `labels[]` entry: a span attribute from an environment variable, a request header or a
+    literal (`defaultValue` when the variable or header is absent)."""
+
+    name: str
+    type: str  # "environment", "requestHeader" or "literal"
+    key: str = ""
+    default: str = ""
+
+
+@attrs.frozen(eq=False)
+class Sampler:
+    """One API's tracing decision (Configuration `spec.tracing`, overridden by `tracing-flex`).
+
+    Percentages as Flex and Envoy define them: `client` of the requests the client asks to trace
+    (an incoming sampled `traceparent`, or `x-client-trace-id`), `random` of the others, then
+    `overall` of what those selected. An incoming `traceparent` that is not sampled is honoured
+    (not traced; it still reaches the upstream as it came).
+    """
+
+    client: float = 100.0
+    random: float = 100.0
+    overall: float = 100.0
+    labels: tuple[TraceLabel, ...] = ()
+    span_name: str | None = None
+    environ: Any = attrs.field(factory=dict, repr=False)  # for `environment` labels
+    rng: Callable[[], float] = attrs.field(factory=lambda: random.random, repr=False)
+    ids: Callable[[int], int] = attrs.field(factory=lambda: random.getrandbits, repr=False)
+
+    def begin(self, headers: HeaderList, now: float, clock: Any) -> Trace | None:
+        """A Trace for a request whose head has `headers` (started at `now`; `clock` times its
+        child spans), or None when it is not traced."""
+        overall = self.overall
+        if overall <= 0:
+            return None
+        parent = None
+        state = None
+        client = False
+        for name, value in headers:
+            if name[0] in b"tTxX":
+                lname = name.lower()
+                if lname == b"traceparent":
+                    parent = parse_traceparent(value)
+                elif lname == b"tracestate":
+                    state = value if state is None else state + b"," + value
+                elif lname == CLIENT_TRACE_HEADER:
+                    client = True
+        rng = self.rng
+        if parent is not None:
+            if not parent[2] or rng() * 100.0 >= self.client:
+                return None
+        elif client:
+            if rng() * 100.0 >= self.client:
+                return None
+        elif rng() * 100.0 >= self.random:
+            return None
+        if overall < 100.0 and rng() * 100.0 >= overall:
+            return None
+        ids = self.ids
+        if parent is None:
+            return Trace(self, ids(128) or 1, ids(64) or 1, 0, None, now, clock)
+        return Trace(self, parent[0], ids(64) or 1, parent[1], state, now, clock)
+
+    def label_values(self, headers: HeaderList) -> list[tuple[str, str]]:
+        """(attribute name, value) of each label for a request with `headers` (at export)."""
+        out = []
+        for label in self.labels:
+            if label.type == "literal":
+                value = label.default
+            elif label.type == "environment":
+                value = self.environ.get(label.key, label.default)
+            else:
+                value = _header(headers, label.key) or label.default
+            out.append((label.name, value))
+        return out
+
+
+def _header(headers: HeaderList, name: str) -> str | None:
+    """The first value of header `name` (`:method`, `:path`, `:authority` as HTTP/2 names them)."""
+    wanted = name.lower().encode("latin-1")
+    for key, value in headers:
+        if key.lower() == wanted:
+            return value.decode("latin-1")
+    return None
+
+
+#: The kinds of child span a trace records.
+UPSTREAM = "upstream"
+POLICY = "policy"
+SIDE_CALL = "side_call"
+
+
+class ChildSpan:
+    """A span under the server span: an upstream attempt, a policy the request waited for, or a
+    side call. `events` are (name, time) pairs; `error` the failure cause, if any."""
+
+    __slots__ = ("attributes", "end", "error", "events", "kind", "name", "span_id", "start")
+
+    def __init__(self, kind: str, name: str, span_id: int, start: float) -> None:
+        self.kind = kind
+        self.name = name
+        self.span_id = span_id
+        self.start = start
+        self.end = 0.0
+        self.error: str | None = None
+        self.events: list[tuple[str, float]] = []
+        self.attributes: list[tuple[str, Any]] = []
+
+
+class Trace:
+    """The trace one exchange belongs to: its server span's ids and timing, and its child spans."""
+
+    __slots__ = ("attempt", "children", "clock", "parent_id", "policy", "sampler", "span_id",
+                 "start", "trace_id", "tracestate")
+
+    def __init__(
+        self,
+        sampler: Sampler,
+        trace_id: int,
+        span_id: int,
+        parent_id: int,
+        tracestate: bytes | None,
+        start: float,
+        clock: Any,
+    ) -> None:
+        self.sampler = sampler
+        self.clock = clock
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.parent_id = parent_id  # 0: a root span
+        self.tracestate = tracestate
+        self.start = start
+        self.children: list[ChildSpan] = []
+        self.attempt: ChildSpan | None = None  # the upstream attempt under way
+        self.policy: ChildSpan | None = None  # the policy being waited for
+
+    def child(self, kind: str, name: str, start: float) -> ChildSpan:
+        """A new child span, started at `start`."""
+        span = ChildSpan(kind, name, self.sampler.ids(64) or 1, start)
+        self.children.append(span)
+        return span
+
+    def upstream_attempt(self, started: float, now: float, address: str, reused: bool) -> bytes:
+        """An upstream connection is ready (`now`; asked for at `started`): a new attempt span
+        (an earlier attempt ends here, failed), and the `traceparent` header line to send."""
+        previous = self.attempt
+        if previous is not None and not previous.end:
+            previous.end = now
+            previous.error = previous.error or "retried"
+            started = now
+        span = self.attempt = self.child(UPSTREAM, "upstream", started)
+        span.events.append(("connected", now))
+        span.attributes.append(("server.address", address))
+        span.attributes.append(("flexgw.upstream.connection_reused", reused))
+        return b"traceparent: " + traceparent(self.trace_id, span.span_id) + b"\r\n"
+
+    def policy_waiting(self, name: str, kind: str) -> None:
+        """The request waits for policy `name` (of `kind`) from now."""
+        span = self.policy = self.child(POLICY, f"policy {kind}", self.clock.seconds())
+        span.attributes.append(("flexgw.policy.binding", name))
+
+    def policy_done(self, error: str | None = None) -> None:
+        """The policy being waited for has finished (`error`: how it failed)."""
+        span, self.policy = self.policy, None
+        if span is not None:
+            span.end = self.clock.seconds()
+            span.error = error
+
+    def side_call(self, name: str) -> tuple[ChildSpan, bytes]:
+        """A side call (a policy's own request) starts now: its span (the caller sets its `end`;
+        else the exchange's end closes it) and the `traceparent` value to send with it."""
+        span = self.child(SIDE_CALL, name, self.clock.seconds())
+        return span, traceparent(self.trace_id, span.span_id)
+
+    def close(self, now: float, first_byte: float | None, error: str | None,
+              upstream_started: float = 0.0, address: str | None = None) -> None:
+        """The exchange ended at `now`: end what is still open (the last attempt gets its time to
+        first byte as an event, and the exchange's error cause if it had one). An upstream asked
+        for at `upstream_started` that never connected gets its failed attempt span here."""
+        attempt = self.attempt
+        if attempt is None and upstream_started and address is not None:
+            attempt = self.attempt = self.child(UPSTREAM, "upstream", upstream_started)
+            attempt.attributes.append(("server.address", address))
+        if attempt is not None and not attempt.end:
+            attempt.end = now
+            if first_byte is not None:
+                attempt.events.append(("first_byte", first_byte))
+            if error is not None and error.startswith(("upstream_", "dns_", "stream_idle")):
+                attempt.error = error
+        if self.policy is not None:
+            self.policy_done("cancelled")
+        for span in self.children:
+            if not span.end:
+                span.end = now
+
+
+def side_call_headers(trace: Trace | None, name: str,
+                      headers: Sequence[tuple[bytes, bytes]] = ()) -> list[tuple[bytes, bytes]]:
+    """`headers` plus a `traceparent` for a side call made while serving `trace` (unchanged when
+    the request is not traced); the side call's span is recorded on the trace."""
+    out = list(headers)
+    if trace is not None:
+        _, value = trace.side_call(name)
+        out.append((b"traceparent", value))
+    return out

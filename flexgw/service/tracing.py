@@ -1,0 +1,494 @@
+"""OpenTelemetry export of traced exchanges: an exchange observer that queues finished traces, and
+batches sent to the collector off the request path as OTLP (the official `opentelemetry-proto`
+messages) over gRPC (unary, on flexgw's own HTTP/2 client) or over HTTP (treq).
+
+The queue is bounded: while the collector is slow or down, spans past `max_queue` are dropped
+and counted (`flexgw_tracing_spans_dropped_total`); a request never waits for an export. One
+export is in flight at a time, bounded by the provider's `timeout`; the spans of an export that
+fails are dropped and counted too.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+from twisted.internet.defer import Deferred, fail
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+import flexgw
+from flexgw.http.tracecontext import ChildSpan, Trace
+from flexgw.ingress.contract import IExchangeObserver
+from flexgw.plan import HttpSettings, Timeouts, TracingSettings, Upstream
+from flexgw.sidecalls.bounded import post_bounded
+from flexgw.upstream.h2 import H2UpstreamPool
+
+if TYPE_CHECKING:
+    from flexgw.http.errors import GatewayError
+    from flexgw.ingress.exchange import ProxyExchange
+
+_log = Logger(namespace="flexgw.tracing")
+
+#: The gRPC method OTLP exports traces with.
+GRPC_PATH = b"/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+#: Bytes of a collector's answer read at most (an OTLP answer is a few bytes).
+ANSWER_LIMIT = 64 * 1024
+_SERVER = Span.SpanKind.SPAN_KIND_SERVER
+_CLIENT = Span.SpanKind.SPAN_KIND_CLIENT
+_INTERNAL = Span.SpanKind.SPAN_KIND_INTERNAL
+_ERROR = Status.StatusCode.STATUS_CODE_ERROR
+
+
+class ExportError(Exception):
+    """The collector refused an export (an HTTP status, a gRPC status) or sent too much."""
+
+
+@implementer(IExchangeObserver)
+class Tracer:
+    """Queues the trace of each traced exchange as it ends (a tuple: the spans are built at export)."""
+
+    def __init__(self, clock: Any, exporter: SpanExporter) -> None:
+        self.clock = clock
+        self.exporter = exporter
+
+    def exchange_finished(self, exchange: ProxyExchange, listener: Any) -> None:
+        """Close the exchange's trace, if it has one, and offer it for export."""
+        trace = exchange.trace
+        if trace is None:
+            return
+        now = self.clock.seconds()
+        elapsed = exchange.upstream_elapsed
+        first_byte = None if elapsed is None else exchange.upstream_started + elapsed
+        destination = exchange.destination
+        trace.close(
+            now, first_byte, exchange.error_cause, exchange.upstream_started,
+            destination.upstream.authority if destination is not None else None,
+        )
+        route = exchange.route
+        record = (
+            trace, now, exchange.head, exchange.api_key, route.name if route is not None else None,
+            exchange.response_status, exchange.error_cause, exchange.front.peer,
+            getattr(listener, "port", 0),
+        )
+        self.exporter.offer(record, 1 + len(trace.children))
+
+    def tunnel_opened(self, exchange: ProxyExchange, listener: Any) -> None:
+        """A tunnel's span ends at the switch."""
+        self.exchange_finished(exchange, listener)
+
+    def tunnel_closed(self, exchange: ProxyExchange, listener: Any) -> None:
+        """Its span was sent when it opened."""
+
+    def request_refused(self, peer: Any, error: GatewayError, listener: Any) -> None:
+        """A refused request has no trace (it reached no API)."""
+
+
+def _value(value: Any) -> AnyValue:
+    if isinstance(value, bool):
+        return AnyValue(bool_value=value)
+    if isinstance(value, int):
+        return AnyValue(int_value=value)
+    return AnyValue(string_value=str(value))
+
+
+def _attributes(pairs: Any) -> list[KeyValue]:
+    return [KeyValue(key=key, value=_value(value)) for key, value in pairs]
+
+
+def _nanos(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+def server_span(record: tuple[Any, ...]) -> Span:
+    """The server span of one exchange, with the OpenTelemetry HTTP semantic-convention attributes."""
+    trace, end, head, api, route, status, cause, peer, port = record
+    method = head.method.decode("latin-1")
+    host = head.authority.rsplit(":", 1)[0] if head.authority.count(":") == 1 else head.authority
+    pairs: list[tuple[str, Any]] = [
+        ("http.request.method", method),
+        ("url.path", head.path),
+        ("url.scheme", peer.scheme),
+        ("server.address", host.strip("[]")),
+        ("server.port", port),
+        ("client.address", peer.address),
+        ("network.protocol.version", head.version.decode("latin-1")),
+        ("flexgw.api", api or ""),
+    ]
+    if route is not None:
+        pairs.append(("http.route", route))
+        pairs.append(("flexgw.route", route))
+    if status:
+        pairs.append(("http.response.status_code", status))
+    if cause is not None:
+        pairs.append(("error.type", cause))
+    sampler = trace.sampler
+    if sampler.labels:
+        pairs += sampler.label_values(head.headers)
+    span = Span(
+        trace_id=trace.trace_id.to_bytes(16, "big"),
+        span_id=trace.span_id.to_bytes(8, "big"),
+        name=sampler.span_name or (f"{method} {route}" if route else method),
+        kind=_SERVER,
+        start_time_unix_nano=_nanos(trace.start),
+        end_time_unix_nano=_nanos(end),
+        attributes=_attributes(pairs),
+    )
+    if trace.parent_id:
+        span.parent_span_id = trace.parent_id.to_bytes(8, "big")
+    if trace.tracestate:
+        span.trace_state = trace.tracestate.decode("latin-1")
+    if cause is not None or status >= 500 or not status:
+        span.status.code = _ERROR
+        span.status.message = cause or ""
+    return span
+
+
+def child_span(trace: Trace, child: ChildSpan) -> Span:
+    """A child span (an upstream attempt, a policy wait, a side call) under the server span."""
+    span = Span(
+        trace_id=trace.trace_id.to_bytes(16, "big"),
+        span_id=child.span_id.to_bytes(8, "big"),
+        parent_span_id=trace.span_id.to_bytes(8, "big"),
+        name=child.name,
+        kind=_INTERNAL if child.kind == "policy" else _CLIENT,
+        start_time_unix_nano=_nanos(child.start),
+        end_time_unix_nano=_nanos(child.end),
+        attributes=_attributes(child.attributes),
+    )
+    for name, when in child.events:
+        span.events.add(name=name, time_unix_nano=_nanos(when))
+    if child.error is not None:
+        span.status.code = _ERROR
+        span.status.message = child.error
+    return span
+
+
+def encode(settings: TracingSettings, records: list[tuple[Any, ...]]) -> bytes:
+    """An ExportTraceServiceRequest holding the spans of `records`, serialized."""
+    spans = []
+    for record in records:
+        trace = record[0]
+        spans.append(server_span(record))
+        spans.extend(child_span(trace, child) for child in trace.children)
+    resource = Resource(attributes=_attributes(
+        [("service.name", settings.service_name), ("service.type", settings.service_type),
+         *settings.resource_attributes]
+    ))
+    scope = InstrumentationScope(name="flexgw", version=flexgw.__version__)
+    request = ExportTraceServiceRequest(resource_spans=[
+        ResourceSpans(resource=resource, scope_spans=[ScopeSpans(scope=scope, spans=spans)])
+    ])
+    return request.SerializeToString()
+
+
+class SpanExporter:
+    """The bounded queue of finished traces and the batches sent from it."""
+
+    def __init__(
+        self, clock: Any, settings: TracingSettings, send: Callable[[bytes], Deferred[Any]]
+    ) -> None:
+        self.clock = clock
+        self.settings = settings
+        self.send = send
+        self.queue: list[tuple[tuple[Any, ...], int]] = []  # (record, its span count)
+        self.queued = 0  # spans in the queue
+        self.dropped = 0
+        self.exported = 0
+        self.failures = 0  # exports that failed
+        self.timer: Any = None
+        self.inflight: Deferred[Any] | None = None
+        self.stopped = False
+
+    def offer(self, record: tuple[Any, ...], spans: int) -> None:
+        """Queue a finished trace of `spans` spans, or drop it when the queue is full."""
+        if self.queued + spans > self.settings.max_queue or self.stopped:
+            self.dropped += spans
+            return
+        self.queue.append((record, spans))
+        self.queued += spans
+        if self.timer is None and self.inflight is None:
+            self.timer = self.clock.callLater(self.settings.delay, self.flush)
+
+    def flush(self) -> Deferred[Any] | None:
+        """Send the next batch now (unless one is in flight); its Deferred, or None."""
+        timer, self.timer = self.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if self.inflight is not None or not self.queue:
+            return None
+        batch: list[tuple[Any, ...]] = []
+        count = 0
+        limit = self.settings.max_batch
+        queue = self.queue
+        taken = 0
+        for record, spans in queue:
+            if batch and count + spans > limit:
+                break
+            batch.append(record)
+            count += spans
+            taken += 1
+        del queue[:taken]
+        self.queued -= count
+        try:
+            body = encode(self.settings, batch)
+            d = self.send(body)
+        except Exception:  # noqa: BLE001 (an export must never break the gateway)
+            d = fail(Failure())
+        d.addTimeout(self.settings.timeout, self.clock)
+        self.inflight = d
+
+        def _sent(_: object) -> None:
+            self.exported += count
+
+        def _failed(failure: Failure) -> None:
+            self.failures += 1
+            self.dropped += count
+            if self.failures == 1 or self.failures % 100 == 0:
+                _log.warn(
+                    "Trace export to {address} failed ({failures} so far): {why}",
+                    address=self.settings.address, failures=self.failures,
+                    why=failure.getErrorMessage(),
+                )
+
+        def _next(_: object) -> None:
+            self.inflight = None
+            if self.queue and self.timer is None and not self.stopped:
+                full = self.queued >= self.settings.max_batch
+                self.timer = self.clock.callLater(0 if full else self.settings.delay, self.flush)
+
+        d.addCallbacks(_sent, _failed).addBoth(_next)
+        return d
+
+    def stop(self) -> None:
+        """Send no more (the gateway stops, or tracing was switched off or changed)."""
+        self.stopped = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        self.dropped += self.queued
+        self.queue.clear()
+        self.queued = 0
+
+
+class _GrpcHead:
+    """What the HTTP/2 stream asks of its sink's request: `te: trailers` (gRPC wants trailers)."""
+
+    headers = ((b"te", b"trailers"),)
+
+
+class UnaryCall:
+    """One unary gRPC call on an HTTP/2 upstream pool: a connection waiter, then a response sink."""
+
+    head = _GrpcHead()
+
+    def __init__(self, pool: H2UpstreamPool, path: bytes, message: bytes) -> None:
+        self.pool = pool
+        self.path = path
+        self.message = message
+        self.result: Deferred[bytes] = Deferred(self._cancel)
+        self.conn: Any = None
+        self.status = 0
+        self.grpc_status: bytes | None = None
+        self.grpc_message = b""
+        self.body: list[bytes] = []
+        self.done = False
+
+    def start(self) -> Deferred[bytes]:
+        """Ask the pool for a stream; fires with the response message (without its framing)."""
+        self.pool.acquire(self)
+        return self.result
+
+    def _cancel(self, _: Deferred[bytes]) -> None:
+        """The export timed out: give up the stream (or the wait for one)."""
+        self.done = True
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()
+        else:
+            self.pool.cancel(self)
+
+    def upstream_ready(self, conn: Any, reused: bool) -> None:
+        """A stream: send the request (the exchange's HTTP/1.1 form; the stream sends HTTP/2)."""
+        if self.done:
+            conn.sink = None
+            self.pool.release(conn)
+            return
+        self.conn = conn
+        conn.begin(self, False)
+        upstream = self.pool.upstream
+        framed = b"\x00" + struct.pack(">I", len(self.message)) + self.message
+        conn.write(
+            b"POST " + self.path + b" HTTP/1.1\r\nHost: " + upstream.authority.encode("latin-1")
+            + b"\r\ncontent-type: application/grpc\r\nContent-Length: %d\r\n\r\n" % len(framed)
+            + framed
+        )
+
+    def upstream_connect_failed(self, reason: Failure) -> None:
+        """No connection to the collector."""
+        self._end(reason)
+
+    def response_interim(self, status: int, headers: Any) -> None:
+        """1xx: nothing to do."""
+
+    def response_switched(self, rest: bytes) -> None:
+        """Not expected from a collector."""
+        self.response_malformed("protocol switch")
+
+    def response_head(self, status: int, reason: bytes, headers: Any, keep_alive: bool) -> None:
+        """The response head (a trailers-only answer carries grpc-status here)."""
+        self.status = status
+        self._grpc(headers)
+
+    def response_body(self, data: bytes) -> None:
+        """A piece of the (framed) response message."""
+        if sum(map(len, self.body)) < ANSWER_LIMIT:
+            self.body.append(data)
+
+    def response_trailers(self, trailers: Any) -> None:
+        """The trailers: grpc-status and grpc-message."""
+        self._grpc(trailers)
+
+    def _grpc(self, headers: Any) -> None:
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"grpc-status":
+                self.grpc_status = value
+            elif lname == b"grpc-message":
+                self.grpc_message = value
+
+    def flush_response(self) -> None:
+        """Nothing is relayed."""
+
+    def response_complete(self) -> None:
+        """The answer is whole: success with grpc-status 0."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.finish()
+        if self.status == 200 and self.grpc_status == b"0":
+            body = b"".join(self.body)
+            self._end(body[5:])
+        else:
+            self._end(Failure(ExportError(
+                f"HTTP {self.status}, grpc-status {(self.grpc_status or b'none').decode('latin-1')}"
+                f" {self.grpc_message.decode('latin-1')}".strip()
+            )))
+
+    def response_malformed(self, message: str) -> None:
+        """A broken answer."""
+        self.upstream_lost(True, message)
+
+    def upstream_lost(self, got_response_bytes: bool, message: str = "connection lost") -> None:
+        """The stream or the connection ended before the answer."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()
+        self._end(Failure(ExportError(message)))
+
+    def _end(self, result: Any) -> None:
+        if self.done:
+            return
+        self.done = True
+        if isinstance(result, Failure):
+            self.result.errback(result)
+        else:
+            self.result.callback(result)
+
+
+def grpc_sender(reactor: Any, clock: Any, settings: TracingSettings) -> tuple[Callable[[bytes], Deferred[Any]], Any]:
+    """(send, close) for OTLP/gRPC to `settings.address` (`h2c://host:port`): unary calls on a
+    pool of HTTP/2 connections of its own."""
+    host, _, port = settings.address.removeprefix("h2c://").rpartition(":")
+    upstream = Upstream(key="tracing", scheme="h2c", host=host.strip("[]"), port=int(port))
+    timeouts = Timeouts()
+    http = HttpSettings(connect_timeout=settings.timeout)
+    pool = H2UpstreamPool(reactor, clock, upstream, http, timeouts)
+
+    def send(body: bytes) -> Deferred[Any]:
+        return UnaryCall(pool, GRPC_PATH, body).start()
+
+    return send, pool.close_all
+
+
+def http_sender(reactor: Any, settings: TracingSettings, agent: Any = None) -> tuple[Callable[[bytes], Deferred[Any]], Any]:
+    """(send, close) for OTLP/HTTP: a protobuf POST to `settings.address` with treq."""
+    url = settings.address
+
+    def send(body: bytes) -> Deferred[Any]:
+        d = post_bounded(
+            reactor, agent, url, body, {b"Content-Type": [b"application/x-protobuf"]},
+            settings.timeout, ANSWER_LIMIT, lambda: ExportError("answer too large"),
+        )
+
+        def check(answer: tuple[int, bytes]) -> bytes:
+            status, content = answer
+            if not 200 <= status < 300:
+                raise ExportError(f"HTTP {status}")
+            return content
+
+        return d.addCallback(check)
+
+    return send, lambda: None
+
+
+class TracingService:
+    """The gateway's tracing: a Tracer and its exporter for the plan's `tracing` settings,
+    replaced when they change on reload, dropped when tracing is switched off."""
+
+    def __init__(self, reactor: Any, clock: Any) -> None:
+        self.reactor = reactor
+        self.clock = clock
+        self.settings: TracingSettings | None = None
+        self.tracer: Tracer | None = None
+        self._close: Any = None
+        # Counts of exporters replaced before (so the metrics never go back).
+        self.dropped_before = 0
+        self.exported_before = 0
+        self.failures_before = 0
+
+    def configure(self, settings: TracingSettings | None) -> Tracer | None:
+        """Apply a plan's settings; the Tracer to observe exchanges with (None: tracing off)."""
+        if settings == self.settings:
+            return self.tracer
+        self.stop()
+        self.settings = settings
+        if settings is None:
+            return None
+        if settings.protocol == "grpc":
+            send, self._close = grpc_sender(self.reactor, self.clock, settings)
+        else:
+            send, self._close = http_sender(self.reactor, settings)
+        self.tracer = Tracer(self.clock, SpanExporter(self.clock, settings, send))
+        _log.info("Tracing: OTLP/{protocol} to {address}", protocol=settings.protocol,
+                  address=settings.address)
+        return self.tracer
+
+    def stop(self) -> None:
+        """Stop the exporter in use (its queued spans are dropped and counted)."""
+        tracer, self.tracer = self.tracer, None
+        self.settings = None
+        if tracer is not None:
+            exporter = tracer.exporter
+            exporter.stop()
+            self.dropped_before += exporter.dropped
+            self.exported_before += exporter.exported
+            self.failures_before += exporter.failures
+        if self._close is not None:
+            self._close()
+            self._close = None
+
+    def counts(self) -> tuple[int, int, int]:
+        """(spans exported, spans dropped, failed exports) since the gateway started."""
+        exported, dropped, failures = self.exported_before, self.dropped_before, self.failures_before
+        if self.tracer is not None:
+            exporter = self.tracer.exporter
+            exported += exporter.exported
+            dropped += exporter.dropped
+            failures += exporter.failures
+        return exported, dropped, failures

@@ -1,0 +1,414 @@
+"""OpenTelemetry tracing: W3C trace context, Flex's sampling, spans exported over OTLP/gRPC (a real
+grpcio receiver) and OTLP/HTTP, propagation through two chained gateways, drop on overload."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from twisted.internet import defer, reactor
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from flexgw.config.tracing import duration
+from flexgw.http.request import RequestHead
+from flexgw.http.tracecontext import Sampler, TraceLabel, parse_traceparent, traceparent
+from flexgw.plan import BoundPolicy, TracingSettings
+from flexgw.policies.base import PolicyContext
+from flexgw.policies.chain import ChainRun
+from flexgw.service.metrics import make_registry, render
+from flexgw.service.tracing import SpanExporter, encode
+from flexgw.testing import client
+from flexgw.testing.otlp import OtlpGrpcReceiver, OtlpHttpReceiver, attributes
+from flexgw.testing.upstream import RecordingUpstream
+from tests.harness import Gateway, free_port
+
+CLIENT_TRACE = 0x4BF92F3577B34DA6A3CE929D0E0E4736
+CLIENT_SPAN = 0x00F067AA0BA902B7
+SAMPLED = traceparent(CLIENT_TRACE, CLIENT_SPAN)
+
+
+def _sampler(client: float = 100, random_: float = 100, overall: float = 100,
+             draws: list[float] | None = None) -> Sampler:
+    """A Sampler whose random draws come from `draws` (0.5 each when not given)."""
+    values = iter(draws or [0.5] * 8)
+    return Sampler(client=client, random=random_, overall=overall, rng=lambda: next(values),
+                   ids=random.Random(7).getrandbits)
+
+
+class TraceContextTests(SynchronousTestCase):
+    """traceparent parsing and the sampling decision, in memory."""
+
+    def test_parse_traceparent(self) -> None:
+        """A valid header gives ids and the sampled flag; invalid forms give None."""
+        self.assertEqual(parse_traceparent(SAMPLED), (CLIENT_TRACE, CLIENT_SPAN, True))
+        self.assertEqual(parse_traceparent(traceparent(5, 6, False)), (5, 6, False))
+        for bad in (b"ff-" + SAMPLED[3:], SAMPLED[:-2] + b"0", b"00-" + b"0" * 32 + b"-00f067aa0ba902b7-01",
+                    b"00-4bf92f3577b34da6a3ce929d0e0e4736-" + b"0" * 16 + b"-01", SAMPLED + b"-x", b"junk"):
+            self.assertIsNone(parse_traceparent(bad), bad)
+        self.assertEqual(parse_traceparent(b"01-" + SAMPLED[3:] + b"-future"), (CLIENT_TRACE, CLIENT_SPAN, True))
+
+    def test_overall_zero_never_traces(self) -> None:
+        """overall 0: no trace, whatever the request says (and no random draw)."""
+        sampler = Sampler(overall=0, rng=lambda: self.fail("drew"))
+        self.assertIsNone(sampler.begin([(b"traceparent", SAMPLED)], 0.0, Clock()))
+
+    def test_continue_sampled_parent(self) -> None:
+        """A sampled traceparent is continued: same trace id, the client's span as parent."""
+        trace = _sampler().begin([(b"Traceparent", SAMPLED), (b"tracestate", b"a=1")], 1.0, Clock())
+        assert trace is not None
+        self.assertEqual((trace.trace_id, trace.parent_id, trace.tracestate), (CLIENT_TRACE, CLIENT_SPAN, b"a=1"))
+        self.assertNotEqual(trace.span_id, CLIENT_SPAN)
+
+    def test_client_percentage_applies_to_parents(self) -> None:
+        """client: 40 traces a sampled parent on a draw under 40%, not on one over."""
+        headers = [(b"traceparent", SAMPLED)]
+        self.assertIsNotNone(_sampler(client=40, draws=[0.39]).begin(headers, 0.0, Clock()))
+        self.assertIsNone(_sampler(client=40, draws=[0.41]).begin(headers, 0.0, Clock()))
+
+    def test_unsampled_parent_is_honoured(self) -> None:
+        """A traceparent whose sampled flag is off is not traced."""
+        headers = [(b"traceparent", traceparent(CLIENT_TRACE, CLIENT_SPAN, False))]
+        self.assertIsNone(_sampler(draws=[0.0]).begin(headers, 0.0, Clock()))
+
+    def test_client_trace_header_uses_client_rate(self) -> None:
+        """x-client-trace-id is traced at the client rate even when random is 0."""
+        sampler = _sampler(client=100, random_=0, draws=[0.9])
+        self.assertIsNotNone(sampler.begin([(b"X-Client-Trace-Id", b"abc")], 0.0, Clock()))
+        self.assertIsNone(_sampler(client=100, random_=0, draws=[0.1]).begin([], 0.0, Clock()))
+
+    def test_overall_applies_after(self) -> None:
+        """overall 50: a request random selects is kept on a draw under 50% only."""
+        self.assertIsNotNone(_sampler(overall=50, draws=[0.1, 0.49]).begin([], 0.0, Clock()))
+        self.assertIsNone(_sampler(overall=50, draws=[0.1, 0.51]).begin([], 0.0, Clock()))
+
+    def test_new_trace_is_a_root(self) -> None:
+        """Without a parent a new trace id is drawn and the span has no parent."""
+        trace = _sampler().begin([], 0.0, Clock())
+        assert trace is not None
+        self.assertTrue(trace.trace_id and not trace.parent_id)
+
+    def test_labels(self) -> None:
+        """literal, requestHeader (default when absent) and environment labels."""
+        sampler = Sampler(labels=(TraceLabel("a", "literal", "", "x"), TraceLabel("b", "requestHeader", "X-T", "d"),
+                                  TraceLabel("c", "environment", "E", "none")), environ={"E": "prod"})
+        self.assertEqual(sampler.label_values([(b"x-t", b"v")]), [("a", "x"), ("b", "v"), ("c", "prod")])
+        self.assertEqual(sampler.label_values([])[1], ("b", "d"))
+
+    def test_duration(self) -> None:
+        """Flex's timeout forms."""
+        self.assertEqual([duration(v) for v in ("10s", "500ms", "1m", 3, "x", 0)], [10.0, 0.5, 60.0, 3.0, None, None])
+
+
+class _Waits:
+    """A policy whose request phase waits for a Deferred."""
+
+    def __init__(self) -> None:
+        self.pending: defer.Deferred[Any] = defer.Deferred()
+
+    def on_request(self, ctx: PolicyContext) -> defer.Deferred[Any]:
+        return self.pending
+
+    def on_response(self, ctx: PolicyContext) -> None:
+        pass
+
+
+class PolicySpanTests(SynchronousTestCase):
+    """A policy the request waits for gets a child span with the wait's time."""
+
+    def test_async_policy_span(self) -> None:
+        """The span starts when the policy returns its Deferred and ends when it fires."""
+        clock = Clock()
+        trace = _sampler().begin([], 0.0, clock)
+        assert trace is not None
+        head = RequestHead(b"GET", b"/", b"1.1", [], "/", b"", "h", True, 0, 0, [], False)
+        ctx = PolicyContext(head, "127.0.0.1", "http", "api")
+        ctx.trace = trace
+        policy = _Waits()
+        run = ChainRun([BoundPolicy("ns/slow", "slow-kind", 1, (), policy)], ctx)
+        clock.advance(1)
+        result = run.run()
+        clock.advance(2)
+        policy.pending.callback(None)
+        self.assertIsNone(self.successResultOf(result))
+        [span] = trace.children
+        self.assertEqual((span.name, span.start, span.end, span.error), ("policy slow-kind", 1, 3, None))
+
+
+class ExporterTests(SynchronousTestCase):
+    """The bounded queue: drops counted, one export in flight, failures and timeouts dropped."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.sent: list[defer.Deferred[Any]] = []
+        settings = TracingSettings("h2c://127.0.0.1:1", "grpc", max_queue=4, max_batch=2, delay=0.5, timeout=3)
+        self.exporter = SpanExporter(self.clock, settings, self._send)
+        self.exporter.flush = self._flush_without_encoding  # type: ignore[method-assign]
+
+    def _send(self, body: bytes) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.sent.append(d)
+        return d
+
+    def _flush_without_encoding(self) -> Any:
+        import flexgw.service.tracing as module
+
+        original = module.encode
+        module.encode = lambda settings, records: b""  # the records are placeholders here
+        try:
+            return SpanExporter.flush(self.exporter)
+        finally:
+            module.encode = original
+
+    def test_full_queue_drops_and_counts(self) -> None:
+        """Past max_queue spans, offers are dropped and counted; nothing is sent before the delay."""
+        for _ in range(3):
+            self.exporter.offer(("record",), 2)
+        self.assertEqual((self.exporter.queued, self.exporter.dropped, self.sent), (4, 2, []))
+        self.clock.advance(0.5)
+        self.assertEqual((len(self.sent), self.exporter.queued), (1, 2))
+        self.exporter.offer(("record",), 2)
+        self.exporter.offer(("record",), 2)  # the queue is full again while the export waits
+        self.assertEqual(self.exporter.dropped, 4)
+        self.sent[0].callback(b"")
+        self.assertEqual(self.exporter.exported, 2)
+        self.clock.advance(0)  # a full batch waits: sent at once
+        self.assertEqual(len(self.sent), 2)
+
+    def test_timeout_drops_the_batch(self) -> None:
+        """An export that does not answer within the timeout is cancelled; its spans count as dropped."""
+        self.exporter.offer(("record",), 2)
+        self.clock.advance(0.5)
+        self.clock.advance(3)
+        self.assertEqual((self.exporter.failures, self.exporter.dropped, self.exporter.inflight), (1, 2, None))
+
+
+def tracing_config(address: str, extra: str = "", sampling: str = "{client: 100, random: 100, overall: 100}") -> str:
+    """A v1beta1 Configuration enabling tracing to `address`."""
+    return (
+        "apiVersion: gateway.mulesoft.com/v1beta1\nkind: Configuration\nmetadata: {name: tracing}\n"
+        "spec:\n  tracing:\n    provider:\n      type: opentelemetry\n      properties:\n"
+        f"        address: {address}\n        serviceName: edge\n        timeout: 5s\n"
+        "        scheduleDelay: 10ms\n        resourceAttributes: {deployment.environment: test}\n"
+        f"{extra}"
+        f"    sampling: {sampling}\n"
+        "    labels:\n"
+        "      - {name: team, type: literal, defaultValue: payments}\n"
+        "      - {name: tenant, type: requestHeader, keyName: x-tenant, defaultValue: none}\n"
+        "      - {name: region, type: environment, keyName: FLEX_REGION, defaultValue: unknown}\n"
+    )
+
+
+def api(port: int, upstream: str, name: str = "orders", policies: str = "") -> str:
+    """An inline ApiInstance on 127.0.0.1:port to `upstream` (an address)."""
+    return (
+        "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: ApiInstance\n"
+        f"metadata: {{name: {name}}}\nspec:\n  address: http://127.0.0.1:{port}\n"
+        f"  services:\n    b:\n      address: {upstream}\n{policies}"
+    )
+
+
+def get(path: str, *headers: bytes) -> bytes:
+    """A GET closing the connection, with extra header lines."""
+    lines = b"".join(h + b"\r\n" for h in headers)
+    return f"GET {path} HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n".encode() + lines + b"\r\n"
+
+
+def by_id(spans: list[Span]) -> dict[bytes, Span]:
+    """Spans by span id."""
+    return {span.span_id: span for span in spans}
+
+
+class _TracingCase(TestCase):
+    """A recording upstream and gateways exporting to a receiver."""
+
+    timeout = 30
+    receiver: Any
+
+    def setUp(self) -> None:
+        self.upstream = RecordingUpstream(reactor=reactor)
+        self.upstream.listen(reactor)
+        self.addCleanup(self.upstream.stop)
+
+    def gateway(self, address: str, upstream: str, **options: Any) -> tuple[Gateway, int]:
+        """A started gateway serving one API to `upstream`, tracing to `address`."""
+        port = free_port()
+        policies = options.pop("policies", "")
+        gateway = Gateway(self, {"api.yaml": api(port, upstream, policies=policies) + "---\n"
+                                 + tracing_config(address, **options)}, environ={"FLEX_REGION": "eu"})
+        gateway.start()
+        return gateway, port
+
+    @property
+    def upstream_address(self) -> str:
+        return f"http://127.0.0.1:{self.upstream.address[1]}"
+
+
+class GrpcTracingTests(_TracingCase):
+    """Spans over OTLP/gRPC to a grpcio receiver, as Flex configures them."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.receiver = OtlpGrpcReceiver(reactor)
+        self.address = f"h2://127.0.0.1:{self.receiver.start()}"
+        self.addCleanup(self.receiver.stop)
+
+    @defer.inlineCallbacks
+    def test_spans_attributes_and_propagation(self) -> Any:
+        """A continued trace: the server span (HTTP semantic conventions, labels, the client's span
+        as parent), the upstream attempt under it, whose id the upstream gets in traceparent."""
+        gateway, port = self.gateway(self.address, self.upstream_address)
+        response = yield client.request(reactor, "127.0.0.1", port, get(
+            "/items/7?secret=1", b"traceparent: " + SAMPLED, b"tracestate: vendor=1", b"x-tenant: acme"))
+        self.assertEqual(response.status, 200)
+        [arrived] = self.upstream.completed
+        [sent] = arrived.header(b"traceparent")
+        trace_id, parent_id, sampled = parse_traceparent(sent)  # type: ignore[misc]
+        self.assertEqual((trace_id, sampled), (CLIENT_TRACE, True))
+        self.assertEqual(arrived.header(b"tracestate"), [b"vendor=1"])
+        spans = yield self.receiver.wait_for_spans(2)
+        [server] = [s for s in spans if s.kind == Span.SpanKind.SPAN_KIND_SERVER]
+        [attempt] = [s for s in spans if s.kind == Span.SpanKind.SPAN_KIND_CLIENT]
+        self.assertEqual(server.trace_id, CLIENT_TRACE.to_bytes(16, "big"))
+        self.assertEqual(server.parent_span_id, CLIENT_SPAN.to_bytes(8, "big"))
+        self.assertEqual(server.trace_state, "vendor=1")
+        self.assertEqual(attempt.parent_span_id, server.span_id)
+        self.assertEqual(attempt.span_id, parent_id.to_bytes(8, "big"))
+        self.assertEqual([e.name for e in attempt.events], ["connected", "first_byte"])
+        self.assertLessEqual(server.start_time_unix_nano, attempt.start_time_unix_nano)
+        self.assertLessEqual(attempt.end_time_unix_nano, server.end_time_unix_nano)
+        values = attributes(server)
+        self.assertEqual(values["http.request.method"], "GET")
+        self.assertEqual(values["url.path"], "/items/7")
+        self.assertEqual(values["http.response.status_code"], 200)
+        self.assertEqual(values["client.address"], "127.0.0.1")
+        self.assertEqual(values["server.address"], "gw.test")
+        self.assertEqual(values["server.port"], port)
+        self.assertEqual(values["flexgw.api"], "default/orders")
+        self.assertIn("http.route", values)
+        self.assertEqual((values["team"], values["tenant"], values["region"]), ("payments", "acme", "eu"))
+        self.assertNotIn("secret", str(values))
+        resource = {a.key: a.value.string_value for a in self.receiver.requests[0].resource_spans[0].resource.attributes}
+        self.assertEqual((resource["service.name"], resource["deployment.environment"]), ("edge", "test"))
+        [record] = gateway.records()
+        self.assertEqual((record["trace_id"], record["span_id"]), (f"{CLIENT_TRACE:032x}", server.span_id.hex()))
+
+    @defer.inlineCallbacks
+    def test_error_cause_is_the_span_status(self) -> Any:
+        """A gateway error: the server span's status is an error described by x-flexgw-error's cause."""
+        _, port = self.gateway(self.address, f"http://127.0.0.1:{free_port()}")
+        response = yield client.request(reactor, "127.0.0.1", port, get("/"))
+        self.assertEqual(response.status, 503)
+        spans = yield self.receiver.wait_for_spans(2)
+        [server] = [s for s in spans if s.kind == Span.SpanKind.SPAN_KIND_SERVER]
+        self.assertEqual((server.status.code, server.status.message), (2, "upstream_connect_failure"))
+        self.assertEqual(attributes(server)["error.type"], "upstream_connect_failure")
+
+    @defer.inlineCallbacks
+    def test_two_chained_gateways(self) -> Any:
+        """Client -> gateway A -> gateway B -> upstream: one trace; B's server span is a child of A's
+        upstream attempt; the upstream's parent is B's attempt."""
+        _, port_b = self.gateway(self.address, self.upstream_address)
+        _, port_a = self.gateway(self.address, f"http://127.0.0.1:{port_b}")
+        response = yield client.request(reactor, "127.0.0.1", port_a, get("/chained"))
+        self.assertEqual(response.status, 200)
+        spans = yield self.receiver.wait_for_spans(4)
+        self.assertEqual(len({s.trace_id for s in spans}), 1)
+        servers = [s for s in spans if s.kind == Span.SpanKind.SPAN_KIND_SERVER]
+        attempts = by_id([s for s in spans if s.kind == Span.SpanKind.SPAN_KIND_CLIENT])
+        [root] = [s for s in servers if not s.parent_span_id]
+        [inner] = [s for s in servers if s.parent_span_id]
+        self.assertEqual(attempts[inner.parent_span_id].parent_span_id, root.span_id)
+        _, parent, _ = parse_traceparent(self.upstream.completed[0].header(b"traceparent")[0])  # type: ignore[misc]
+        self.assertEqual(attempts[parent.to_bytes(8, "big")].parent_span_id, inner.span_id)
+
+    @defer.inlineCallbacks
+    def test_not_sampled_requests_are_left_alone(self) -> Any:
+        """overall 0, an unsampled parent, and a tracing-flex override at 0%: nothing is queued, and
+        the client's traceparent reaches the upstream unchanged."""
+        _, zero = self.gateway(self.address, self.upstream_address, sampling="{client: 100, random: 100, overall: 0}")
+        override = ("  policies:\n    - policyRef: {name: tracing-flex}\n"
+                    "      config: {sampling: {client: 0, random: 0, overall: 0}, spanName: x}\n")
+        overridden, port = self.gateway(self.address, self.upstream_address, policies=override)
+        unsampled = traceparent(CLIENT_TRACE, CLIENT_SPAN, False)
+        for target, header in ((zero, SAMPLED), (port, unsampled), (port, SAMPLED)):
+            response = yield client.request(reactor, "127.0.0.1", target, get("/", b"traceparent: " + header))
+            self.assertEqual(response.status, 200)
+            self.assertEqual(self.upstream.completed[-1].header(b"traceparent"), [header])
+        _, plain = self.gateway(self.address, self.upstream_address)
+        yield client.request(reactor, "127.0.0.1", plain, get("/", b"traceparent: " + unsampled))
+        self.assertEqual(self.upstream.completed[-1].header(b"traceparent"), [unsampled])
+        self.assertEqual(overridden.service.tracing.tracer.exporter.queued, 0)  # type: ignore[union-attr]
+        self.assertNotIn("trace_id", overridden.records()[-1])
+
+    @defer.inlineCallbacks
+    def test_h2_upstream_gets_traceparent(self) -> Any:
+        """An h2c upstream gets the attempt's traceparent in its HTTP/2 HEADERS."""
+        upstream = RecordingUpstream(reactor=reactor, h2c=True)
+        upstream.listen(reactor)
+        self.addCleanup(upstream.stop)
+        _, port = self.gateway(self.address, f"h2c://127.0.0.1:{upstream.address[1]}")
+        response = yield client.request(reactor, "127.0.0.1", port, get("/h2"))
+        self.assertEqual(response.status, 200)
+        spans = yield self.receiver.wait_for_spans(2)
+        [attempt] = [s for s in spans if s.kind == Span.SpanKind.SPAN_KIND_CLIENT]
+        [sent] = upstream.completed[0].header(b"traceparent")
+        self.assertEqual(parse_traceparent(sent)[1].to_bytes(8, "big"), attempt.span_id)  # type: ignore[index]
+
+    @defer.inlineCallbacks
+    def test_slow_collector_drops_never_delays(self) -> Any:
+        """A collector that does not answer: requests are answered, spans past the queue are dropped
+        and counted in /metrics; once it answers, the queued spans arrive."""
+        self.receiver.hold()
+        gateway, port = self.gateway(self.address, self.upstream_address,
+                                     extra="        maxQueueSize: 4\n        maxExportBatchSize: 2\n")
+        exporter = gateway.service.tracing.tracer.exporter  # type: ignore[union-attr]
+        for n in range(12):
+            response = yield client.request(reactor, "127.0.0.1", port, get(f"/{n}"))
+            self.assertEqual(response.status, 200)
+        self.assertGreaterEqual(exporter.dropped, 24 - 4 - 2)
+        text = render(make_registry(gateway.service, process=False)).decode()
+        self.assertIn(f"flexgw_tracing_spans_dropped_total {float(exporter.dropped)}", text)
+        dropped = exporter.dropped
+        self.receiver.release()
+        spans = yield self.receiver.wait_for_spans(24 - dropped)
+        self.assertEqual(len(spans), 24 - dropped)
+
+
+class HttpTracingTests(_TracingCase):
+    """The same spans over OTLP/HTTP (protobuf) to a twisted.web receiver."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.receiver = OtlpHttpReceiver(reactor)
+        self.address = f"http://127.0.0.1:{self.receiver.start()}"
+        self.addCleanup(self.receiver.stop)
+
+    @defer.inlineCallbacks
+    def test_spans_over_http(self) -> Any:
+        """A new trace: a root server span and its upstream attempt, posted to /v1/traces."""
+        _, port = self.gateway(self.address, self.upstream_address)
+        response = yield client.request(reactor, "127.0.0.1", port, get("/over-http"))
+        self.assertEqual(response.status, 200)
+        spans = yield self.receiver.wait_for_spans(2)
+        [server] = [s for s in spans if s.kind == Span.SpanKind.SPAN_KIND_SERVER]
+        [attempt] = [s for s in spans if s.kind == Span.SpanKind.SPAN_KIND_CLIENT]
+        self.assertEqual((server.parent_span_id, attempt.parent_span_id), (b"", server.span_id))
+        self.assertEqual(attributes(server)["url.path"], "/over-http")
+        _, parent, _ = parse_traceparent(self.upstream.completed[0].header(b"traceparent")[0])  # type: ignore[misc]
+        self.assertEqual(parent.to_bytes(8, "big"), attempt.span_id)
+
+
+class EncodeTests(SynchronousTestCase):
+    """The OTLP message itself."""
+
+    def test_empty_batch_encodes(self) -> None:
+        """An empty batch is a valid ExportTraceServiceRequest with the resource."""
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        body = encode(TracingSettings("h2c://h:1", "grpc", service_name="s"), [])
+        request = ExportTraceServiceRequest.FromString(body)
+        self.assertEqual(request.resource_spans[0].resource.attributes[0].value.string_value, "s")
