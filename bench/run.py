@@ -119,6 +119,27 @@ POLICY_CHAIN: tuple[tuple[str, str], ...] = (
 )
 
 
+#: --tracing: the Configuration that exports every sampled exchange to the bench's OTLP/gRPC receiver.
+TRACING_CONF = """\
+---
+apiVersion: gateway.mulesoft.com/v1beta1
+kind: Configuration
+metadata:
+  name: bench-tracing
+spec:
+  tracing:
+    provider:
+      type: opentelemetry
+      properties:
+        address: h2://{host}:{otlp_port}
+        serviceName: bench
+    sampling:
+      client: 100
+      random: 100
+      overall: {overall}
+"""
+
+
 def tls_conf(tmp: Path) -> tuple[str, Path]:
     """For --tls: a certificate for 127.0.0.1 (made with flexgw.testing.certs) and the extra
     documents that turn the `bench` API's port into a TLS port; returns (yaml, CA path)."""
@@ -529,6 +550,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, metavar="N",
                         help="also measure flexgw --workers N (not pinned to a CPU) as a ratio of the "
                         "one-process flexgw of the same run")
+    parser.add_argument("--tracing", action="store_true",
+                        help="also measure flexgw with OpenTelemetry tracing to an OTLP/gRPC receiver, at "
+                        "100%% and at 0%% sampling, as ratios of flexgw without tracing in the same run")
     parser.add_argument("--tls", action="store_true",
                         help="also measure flexgw terminating TLS (a `tls` binding, wrk over https, "
                         "keep-alive connections) as a ratio of plain-HTTP flexgw in the same run")
@@ -645,6 +669,24 @@ def main(argv: list[str] | None = None) -> int:
                     targets.append(("flexgw-tls", tls_port))
                     target_scheme["flexgw-tls"] = "https"
 
+                if args.tracing:
+                    # a grpcio OTLP receiver beside the upstream, and the same conf with tracing on
+                    otlp_port = free_port()
+                    proc = procs.start(
+                        "otlp", [sys.executable, "-m", "flexgw.testing.otlp", "--listen", f"{HOST}:{otlp_port}"],
+                        load_cpu, env,
+                    )
+                    wait_port(otlp_port, proc, procs, "otlp")
+                    for name, overall in (("flexgw-tr100", 100), ("flexgw-tr0", 0)):
+                        tr_port, tr_cmd = start_gateway(
+                            args, procs, tmp, f"gateway-{name}", f"conf-{name}",
+                            TRACING_CONF.format(host=HOST, otlp_port=otlp_port, overall=overall),
+                            upstream_port, gw_cpu, env,
+                        )
+                        info[f"gateway_{name}_cmd"] = tr_cmd
+                        sanity_get(tr_port)
+                        targets.append((name, tr_port))
+
             if have_nginx and not args.no_nginx_proxy:
                 proxy_port = free_port()
                 conf = write_nginx(tmp, "proxy-nginx", NGINX_PROXY_CONF, port=proxy_port, upstream_port=upstream_port)
@@ -657,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
                 "flexgw": dict(procs.children).get("gateway"),
                 "flexgw+pol": dict(procs.children).get("gateway-policies"),
                 "flexgw-tls": dict(procs.children).get("gateway-tls"),
+                "flexgw-tr100": dict(procs.children).get("gateway-flexgw-tr100"),
+                "flexgw-tr0": dict(procs.children).get("gateway-flexgw-tr0"),
                 f"flexgw-w{args.workers}": dict(procs.children).get("gateway-workers"),
             }
             for name, port in targets:
@@ -741,7 +785,11 @@ def summarise(results: dict[str, dict[str, Any]], connections: int) -> dict[str,
         summary["rps_ratio_policies_over_flexgw"] = results["flexgw+pol"]["c50"]["rps"] / results["flexgw"]["c50"]["rps"]
     # The same costs as gateway CPU time per request (plain / other): the process's own CPU
     # seconds, so less sensitive than req/s to other tenants' load between the runs.
-    for name, key in (("flexgw+pol", "policies"), ("flexgw-tls", "tls")):
+    for name, key in (("flexgw-tr100", "tracing100"), ("flexgw-tr0", "tracing0")):
+        if "flexgw" in results and name in results:
+            summary[f"rps_ratio_{key}_over_flexgw"] = results[name]["c50"]["rps"] / results["flexgw"]["c50"]["rps"]
+    for name, key in (("flexgw+pol", "policies"), ("flexgw-tls", "tls"), ("flexgw-tr100", "tracing100"),
+                      ("flexgw-tr0", "tracing0")):
         plain = results.get("flexgw", {}).get("c50", {}).get("cpu_us_per_req")
         other = results.get(name, {}).get("c50", {}).get("cpu_us_per_req")
         if plain and other:
@@ -823,6 +871,14 @@ def print_table(results: dict[str, dict[str, Any]], summary: dict[str, Any], inf
         print(f"flexgw over TLS / flexgw plain HTTP req/s at {connections} connections: {ratio:.3f}")
         if "cpu_ratio_tls_over_flexgw" in summary:
             print(f"  as gateway CPU per request (plain / TLS): {summary['cpu_ratio_tls_over_flexgw']:.3f}")
+    for key, label, goal in (("tracing100", "100% sampling", 0.85), ("tracing0", "0% sampling", 0.97)):
+        ratio = summary.get(f"rps_ratio_{key}_over_flexgw")
+        if ratio is not None:
+            print(f"flexgw tracing at {label} / flexgw without tracing req/s at {connections} connections: "
+                  f"{ratio:.3f}  (goal >= {goal})")
+            cpu = summary.get(f"cpu_ratio_{key}_over_flexgw")
+            if cpu is not None:
+                print(f"  as gateway CPU per request (without / with tracing): {cpu:.3f}")
     busy = info.get("cpu_busy_before_pct") or {}
     if any(v > 15 for v in busy.values()):
         print("NOTE: CPUs were busy before the run: "

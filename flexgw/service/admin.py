@@ -19,6 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from flexgw.plan import ProbeSettings, Problem
+from flexgw.service.dashboard import DashboardResource
 from flexgw.service.metrics import make_registry, render
 from flexgw.service.sockets import listen_reuse_port
 
@@ -262,6 +263,7 @@ def status_json(gateway: GatewayService) -> dict[str, Any]:
         "generation": gateway.plan.generation,
         "reloads": gateway.reloads,
         "lastReloadOk": gateway.last_reload_ok,
+        "recentReloads": list(getattr(gateway, "recent_reloads", ())),
         "listeners": listeners,
         "unbound": [f"{host}:{port}" for host, port in sorted(gateway.unbound)],
         "resources": resources,
@@ -294,11 +296,12 @@ def probe_site(gateway: GatewayService) -> Site:
 
 
 def admin_site(gateway: GatewayService) -> Site:
-    """The admin listener's site: /metrics, /status, and the probes."""
+    """The admin listener's site: /metrics, /status, /ui (the dashboard), and the probes."""
     site = probe_site(gateway)
     root = site.resource
     root.putChild(b"metrics", MetricsResource(gateway))
     root.putChild(b"status", StatusResource(gateway))
+    root.putChild(b"ui", DashboardResource())
     return site
 
 

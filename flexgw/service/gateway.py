@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -106,6 +107,8 @@ class GatewayService(Service):
         self.listening: dict[tuple[str, int], ListenerFactory] = {}
         self.reloads = 0
         self.last_reload_ok: bool | None = None
+        # The last reloads, newest last (time, ok, generation, errors): /status and /ui show them.
+        self.recent_reloads: deque[dict[str, Any]] = deque(maxlen=10)
         self.unbound: set[tuple[str, int]] = set()  # listener addresses the last reload could not bind
         self.metrics = GatewayMetrics(reactor)
         # Configuration.spec.tracing: the exporter, and the tracer observing exchanges (or None)
@@ -285,6 +288,12 @@ class GatewayService(Service):
         bound = self._apply(state.plan)
         ok = state.ok and bound
         self.last_reload_ok = ok
+        self.recent_reloads.append({
+            "time": self.reactor.seconds(),
+            "ok": ok,
+            "generation": state.plan.generation,
+            "errors": sum(1 for p in state.problems if p.severity == "error"),
+        })
         self.metrics.reload(ok)
         self.probe.configure(state.plan.probe)
         _log.info(

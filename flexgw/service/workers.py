@@ -53,6 +53,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from flexgw.service import ampcommands as commands
 from flexgw.service.admin import ALLOW_FLAGS, _flag, _json, _QuietSite, probes_root
+from flexgw.service.dashboard import DashboardResource
 from flexgw.service.systemd import Notifier
 from flexgw.service.worker import SUPERVISOR_FD_ENV, WORKER_ENV
 from flexgw.storage.supervised import SupervisorCounters
@@ -623,8 +624,9 @@ class _Status(_DeferredResource):
 
 
 def supervisor_admin_site(supervisor: SupervisorService) -> Site:
-    """The supervisor's admin listener: /metrics, /status, /probes/readiness, /probes/liveness."""
+    """The supervisor's admin listener: /metrics, /status, /ui, /probes/readiness, /probes/liveness."""
     root = probes_root(_Readiness(supervisor))
     root.putChild(b"metrics", _Metrics(supervisor))
     root.putChild(b"status", _Status(supervisor))
+    root.putChild(b"ui", DashboardResource())
     return _QuietSite(root)

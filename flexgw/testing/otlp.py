@@ -64,8 +64,8 @@ class OtlpGrpcReceiver(_Collected):
         self.server: Any = None
         self.port = 0
 
-    def start(self) -> int:
-        """Serve; returns the port."""
+    def start(self, address: str = "127.0.0.1:0") -> int:
+        """Serve on `address` (host:port); returns the port."""
         import grpc
         from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
@@ -80,7 +80,7 @@ class OtlpGrpcReceiver(_Collected):
 
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), self.server)
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.port = self.server.add_insecure_port(address)
         self.server.start()
         return self.port
 
@@ -130,6 +130,26 @@ class OtlpHttpReceiver(_Collected):
         return defer.maybeDeferred(self.listening.stopListening)
 
 
+class _Discard:
+    """A stand-in reactor for the command line: received requests are answered, not kept."""
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        """Drop it."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m flexgw.testing.otlp --listen HOST:PORT`: an OTLP/gRPC receiver that answers every
+    export (the benchmark's collector) until it is killed."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--listen", default="127.0.0.1:4317")
+    args = parser.parse_args(argv)
+    receiver = OtlpGrpcReceiver(_Discard())
+    receiver.start(args.listen)
+    receiver.server.wait_for_termination()
+
+
 def attributes(span: Any) -> dict[str, Any]:
     """A span's attributes as a dict of plain values."""
     out = {}
@@ -137,3 +157,7 @@ def attributes(span: Any) -> dict[str, Any]:
         value = item.value
         out[item.key] = getattr(value, value.WhichOneof("value"))
     return out
+
+
+if __name__ == "__main__":
+    main()
