@@ -23,6 +23,7 @@ from flexgw.testing import client
 from flexgw.testing.otlp import OtlpGrpcReceiver, OtlpHttpReceiver, attributes
 from flexgw.testing.upstream import RecordingUpstream
 from tests.harness import Gateway, free_port
+from tests.keyserver import JsonServer
 
 CLIENT_TRACE = 0x4BF92F3577B34DA6A3CE929D0E0E4736
 CLIENT_SPAN = 0x00F067AA0BA902B7
@@ -341,6 +342,29 @@ class GrpcTracingTests(_TracingCase):
         self.assertEqual(self.upstream.completed[-1].header(b"traceparent"), [unsampled])
         self.assertEqual(overridden.service.tracing.tracer.exporter.queued, 0)  # type: ignore[union-attr]
         self.assertNotIn("trace_id", overridden.records()[-1])
+
+    @defer.inlineCallbacks
+    def test_side_call_and_policy_wait_spans(self) -> Any:
+        """A token introspection made for a traced request: the IdP gets a traceparent naming the
+        side call's span, a child of the server span; the policy wait has its own span."""
+        idp = JsonServer(lambda request: (200, {"active": True, "client_id": "app"}))
+        idp.listen(reactor)
+        self.addCleanup(idp.stop)
+        policies = ("  policies:\n    - policyRef: {name: oauth2-token-introspection-flex}\n"
+                    f"      config: {{introspectionURL: '{idp.url}/introspect', authorizationValue: 'Basic eDp5'}}\n")
+        _, port = self.gateway(self.address, self.upstream_address, policies=policies)
+        response = yield client.request(reactor, "127.0.0.1", port, get("/", b"Authorization: Bearer tok"))
+        self.assertEqual(response.status, 200)
+        spans = yield self.receiver.wait_for_spans(4)
+        [server] = [s for s in spans if s.kind == Span.SpanKind.SPAN_KIND_SERVER]
+        named = {s.name: s for s in spans}
+        side, wait = named["introspection"], named["policy oauth2-token-introspection-flex"]
+        self.assertEqual((side.parent_span_id, wait.parent_span_id), (server.span_id, server.span_id))
+        [sent] = idp.requests[0]["headers"][b"traceparent"]
+        self.assertEqual(parse_traceparent(sent), (int.from_bytes(server.trace_id, "big"),
+                                                   int.from_bytes(side.span_id, "big"), True))
+        self.assertLessEqual(side.end_time_unix_nano, wait.end_time_unix_nano)
+        self.assertLess(wait.start_time_unix_nano, wait.end_time_unix_nano)
 
     @defer.inlineCallbacks
     def test_h2_upstream_gets_traceparent(self) -> Any:

@@ -170,11 +170,14 @@ class _Refused(Exception):
 def treq_introspector(reactor: Any, agent: Any = None) -> Any:
     """`call(url, authorization, token, timeout)` -> Deferred[(status, body bytes)], with treq."""
 
-    def call(url: str, authorization: str, token: str, timeout: float) -> Deferred[Any]:
+    def call(url: str, authorization: str, token: str, timeout: float,
+             traceparent: bytes | None = None) -> Deferred[Any]:
         headers: dict[bytes | str, list[bytes | str]] = {
             b"Authorization": [authorization.encode("latin-1")],
             b"Accept": [b"application/json"],
         }
+        if traceparent is not None:  # made for a traced request: the call is its child span
+            headers[b"traceparent"] = [traceparent]
         return post_bounded(
             reactor, agent, url, {"token": token}, headers, timeout, MAX_RESPONSE_BYTES,
             lambda: ValueError("introspection response too large"),
@@ -218,7 +221,7 @@ class IntrospectionPolicy(UsesRuntime):
                 self.cache.move_to_end(key)
                 return self._accept(ctx, entry.result)
             del self.cache[key]
-        return self._call(key, token).addCallback(self._called, ctx)
+        return self._call(key, token, ctx.trace).addCallback(self._called, ctx)
 
     #: Its on_response does nothing: the chain does not call it (see IPolicy).
     response_phase = False
@@ -232,9 +235,10 @@ class IntrospectionPolicy(UsesRuntime):
             return outcome
         return self._accept(ctx, outcome)
 
-    def _call(self, key: bytes, token: str) -> Deferred[Any]:
+    def _call(self, key: bytes, token: str, trace: Any = None) -> Deferred[Any]:
         """A Deferred for this token's introspection outcome (an active result or a refusal),
-        sharing a call already in flight for the same token."""
+        sharing a call already in flight for the same token. A call made for a traced request
+        (`trace`) sends a `traceparent` and is recorded as a child span of it."""
         waiter: Deferred[Any] = Deferred()
         waiters = self._inflight.get(key)
         if waiters is not None:
@@ -245,13 +249,26 @@ class IntrospectionPolicy(UsesRuntime):
         s = self.settings
         introspect = self._introspect or treq_introspector(self._runtime_reactor(), self._agent)
         try:
-            d = introspect(s.url, s.authorization, token, s.timeout)
+            if trace is None:
+                d = introspect(s.url, s.authorization, token, s.timeout)
+            else:
+                span, parent = trace.side_call("introspection")
+                span.attributes.append(("url.full", s.url))
+                d = introspect(s.url, s.authorization, token, s.timeout, traceparent=parent)
+                d.addBoth(self._side_call_ended, span)
         except Exception:  # noqa: BLE001 (a call that cannot start is an unreachable server)
             d = Deferred()
             d.errback(Failure())
         d.addCallbacks(self._answered, self._unreachable, callbackArgs=(key,))
         d.addBoth(self._release, key)
         return waiter
+
+    def _side_call_ended(self, result: Any, span: Any) -> Any:
+        """A traced introspection call ended: its span's end (and error)."""
+        span.end = self.clock.seconds()
+        if isinstance(result, Failure):
+            span.error = "introspection_unreachable"
+        return result
 
     def _release(self, outcome: Any, key: bytes) -> None:
         """Give the outcome to every request waiting for this token."""
