@@ -12,6 +12,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from flexgw.http.request import analyze_head
+from flexgw.http.tracecontext import Sampler, Trace
 from flexgw.ingress.peer import NOBODY
 from flexgw.plan import Destination, Listener, Route, Upstream
 from flexgw.service.accesslog import AccessLog, MessageLog
@@ -40,6 +41,7 @@ class _Exchange:
         self.started = 10.0
         self.upstream_elapsed = 0.0012345
         self.error_cause = error
+        self.trace: Trace | None = None
 
 
 class AccessLogLineTests(TestCase):
@@ -80,6 +82,14 @@ class AccessLogLineTests(TestCase):
                 "error": None,
             },
         )
+
+    def test_trace_ids(self) -> None:
+        """A traced exchange's line ends with its trace_id and span_id (hex, W3C widths)."""
+        exchange = _Exchange(b"/t", "127.0.0.1", "default/api", None)
+        exchange.trace = Trace(Sampler(), 0xABC, 0x12, 0, None, 10.0, Clock())
+        record = self.line(exchange)
+        self.assertEqual((record["trace_id"], record["span_id"]), (f"{0xABC:032x}", f"{0x12:016x}"))
+        self.assertNotIn("trace_id", self.line(_Exchange(b"/t", "127.0.0.1", "default/api", None)))
 
     @settings(max_examples=200, deadline=None)
     @given(
