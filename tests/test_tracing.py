@@ -246,14 +246,14 @@ class _TracingCase(TestCase):
         return f"http://127.0.0.1:{self.upstream.address[1]}"
 
 
-class GrpcTracingTests(_TracingCase):
-    """Spans over OTLP/gRPC to a grpcio receiver, as Flex configures them."""
+class ExportChecks:
+    """The gateway tests, run against each kind of collector (`receiver`, `address`)."""
 
-    def setUp(self) -> None:
-        super().setUp()
-        self.receiver = OtlpGrpcReceiver(reactor)
-        self.address = f"h2://127.0.0.1:{self.receiver.start()}"
-        self.addCleanup(self.receiver.stop)
+    receiver: Any
+    address: str
+    upstream: RecordingUpstream
+    upstream_address: str
+    gateway: Any
 
     @defer.inlineCallbacks
     def test_spans_attributes_and_propagation(self) -> Any:
@@ -400,28 +400,25 @@ class GrpcTracingTests(_TracingCase):
         self.assertEqual(len(spans), 24 - dropped)
 
 
-class HttpTracingTests(_TracingCase):
-    """The same spans over OTLP/HTTP (protobuf) to a twisted.web receiver."""
+
+class GrpcTracingTests(ExportChecks, _TracingCase):
+    """Spans over OTLP/gRPC (unary calls on flexgw's HTTP/2 client) to a grpcio receiver."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.receiver = OtlpGrpcReceiver(reactor)
+        self.address = f"h2://127.0.0.1:{self.receiver.start()}"
+        self.addCleanup(self.receiver.stop)
+
+
+class HttpTracingTests(ExportChecks, _TracingCase):
+    """The same over OTLP/HTTP (protobuf POSTs with treq) to a twisted.web receiver."""
 
     def setUp(self) -> None:
         super().setUp()
         self.receiver = OtlpHttpReceiver(reactor)
         self.address = f"http://127.0.0.1:{self.receiver.start()}"
         self.addCleanup(self.receiver.stop)
-
-    @defer.inlineCallbacks
-    def test_spans_over_http(self) -> Any:
-        """A new trace: a root server span and its upstream attempt, posted to /v1/traces."""
-        _, port = self.gateway(self.address, self.upstream_address)
-        response = yield client.request(reactor, "127.0.0.1", port, get("/over-http"))
-        self.assertEqual(response.status, 200)
-        spans = yield self.receiver.wait_for_spans(2)
-        [server] = [s for s in spans if s.kind == Span.SpanKind.SPAN_KIND_SERVER]
-        [attempt] = [s for s in spans if s.kind == Span.SpanKind.SPAN_KIND_CLIENT]
-        self.assertEqual((server.parent_span_id, attempt.parent_span_id), (b"", server.span_id))
-        self.assertEqual(attributes(server)["url.path"], "/over-http")
-        _, parent, _ = parse_traceparent(self.upstream.completed[0].header(b"traceparent")[0])  # type: ignore[misc]
-        self.assertEqual(parent.to_bytes(8, "big"), attempt.span_id)
 
 
 class EncodeTests(SynchronousTestCase):

@@ -18,7 +18,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from twisted.internet import defer
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 
 class _Collected:
@@ -106,10 +106,15 @@ class _TracesResource(Resource):
         super().__init__()
         self.collected = collected
 
-    def render_POST(self, request: Any) -> bytes:
-        """Decode one OTLP/HTTP export (protobuf)."""
-        self.collected.received(ExportTraceServiceRequest.FromString(request.content.read()))
+    def render_POST(self, request: Any) -> Any:
+        """Decode one OTLP/HTTP export (protobuf); answered later while the receiver is held."""
+        message = ExportTraceServiceRequest.FromString(request.content.read())
         request.setHeader(b"Content-Type", b"application/x-protobuf")
+        held = self.collected.held  # type: ignore[attr-defined]
+        if held is not None:
+            held.append((request, message))
+            return NOT_DONE_YET
+        self.collected.received(message)
         return ExportTraceServiceResponse().SerializeToString()
 
 
@@ -119,6 +124,19 @@ class OtlpHttpReceiver(_Collected):
     def __init__(self, reactor: Any) -> None:
         super().__init__(reactor)
         self.listening: Any = None
+        self.held: list[tuple[Any, ExportTraceServiceRequest]] | None = None
+
+    def hold(self) -> None:
+        """Leave exports unanswered (a slow collector) until `release()`."""
+        self.held = []
+
+    def release(self) -> None:
+        """Answer the exports that wait, and the next ones at once."""
+        held, self.held = self.held or [], None
+        for request, message in held:
+            self.received(message)
+            request.write(ExportTraceServiceResponse().SerializeToString())
+            request.finish()
 
     def start(self) -> int:
         """Serve; returns the port."""
@@ -126,7 +144,8 @@ class OtlpHttpReceiver(_Collected):
         return int(self.listening.getHost().port)
 
     def stop(self) -> defer.Deferred[Any]:
-        """Stop serving."""
+        """Stop serving (waiting exports are answered first)."""
+        self.release()
         return defer.maybeDeferred(self.listening.stopListening)
 
 
