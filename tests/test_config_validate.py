@@ -291,8 +291,8 @@ class SemanticTests(SynchronousTestCase):
         )
         self.assertIn("brackets", only(bad).message)
 
-    def test_configuration_unsupported_keys_warn(self) -> None:
-        """Flex keys flexgw does not support yet are warnings, not errors."""
+    def test_configuration_logging_and_tracing_are_checked(self) -> None:
+        """logging and tracing (v1beta1) are supported keys: no "not supported" warning."""
         checked = check(
             """
             apiVersion: gateway.mulesoft.com/v1beta1
@@ -305,10 +305,8 @@ class SemanticTests(SynchronousTestCase):
         )
         self.assertIsNotNone(checked.resource)
         messages = [p.message for p in checked.problems]
-        self.assertEqual(  # logging is supported (flexgw.config.logconf)
-            messages,
-            ["'tracing' is not supported yet; ignored"],
-        )
+        # logging: flexgw.config.logconf; tracing: flexgw.config.tracing (anypoint is reported there)
+        self.assertEqual(messages, [])
 
     def test_trusted_proxies(self) -> None:
         """trustedProxies entries must be IPs or CIDRs."""

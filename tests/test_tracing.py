@@ -3,6 +3,7 @@ grpcio receiver) and OTLP/HTTP, propagation through two chained gateways, drop o
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
@@ -433,3 +434,58 @@ class EncodeTests(SynchronousTestCase):
         body = encode(TracingSettings("h2c://h:1", "grpc", service_name="s"), [])
         request = ExportTraceServiceRequest.FromString(body)
         self.assertEqual(request.resource_spans[0].resource.attributes[0].value.string_value, "s")
+
+
+class ConfigTests(TestCase):
+    """Configuration spec.tracing and tracing-flex as the config pipeline reads them."""
+
+    def load(self, *documents: str) -> Any:
+        """The ConfigState for these documents (one file), with FLEX_REGION=eu."""
+        from flexgw.config.pipeline import as_source, load_config
+
+        root = self.mktemp()
+        os.makedirs(root)
+        with open(os.path.join(root, "conf.yaml"), "w") as handle:
+            handle.write("---\n".join(documents))
+        return load_config(as_source([root]), {"FLEX_REGION": "eu"})
+
+    def test_settings_and_override(self) -> None:
+        """The export settings are on the plan; an API with tracing-flex gets its sampling, its
+        span name and the gateway's labels plus its own; another API the gateway's sampler."""
+        override = ("  policies:\n    - policyRef: {name: tracing-flex}\n      config:\n"
+                    "        sampling: {client: 5, random: 6, overall: 7}\n        spanName: orders\n"
+                    "        labels: [{name: team, type: literal, defaultValue: orders-team}]\n")
+        state = self.load(tracing_config("h2://collector:4317"), api(8081, "http://127.0.0.1:9", policies=override),
+                          api(8082, "http://127.0.0.1:9", name="other"))
+        self.assertEqual([p for p in state.problems if p.severity != "info"], [])
+        settings = state.plan.tracing
+        self.assertEqual((settings.address, settings.protocol, settings.service_name, settings.timeout, settings.delay),
+                         ("h2c://collector:4317", "grpc", "edge", 5.0, 0.01))
+        self.assertEqual(settings.resource_attributes, (("deployment.environment", "test"),))
+        apis = {a.key: a for listener in state.plan.listeners for a in listener.apis}
+        orders, other = apis["default/orders"].tracing, apis["default/other"].tracing
+        self.assertEqual((orders.client, orders.random, orders.overall, orders.span_name), (5, 6, 7, "orders"))
+        self.assertEqual([(label.name, label.default) for label in orders.labels],
+                         [("tenant", "none"), ("region", "eu"), ("team", "orders-team")])
+        self.assertEqual((other.client, other.random, other.overall), (100, 100, 100))
+        self.assertEqual(apis["default/orders"].policies, ())  # compile-time only: not in the chain
+
+    def test_no_tracing_costs_nothing(self) -> None:
+        """Without spec.tracing no API has a sampler (tracing-flex alone does nothing)."""
+        override = "  policies:\n    - policyRef: {name: tracing-flex}\n      config: {sampling: {client: 1}}\n"
+        state = self.load(api(8081, "http://127.0.0.1:9", policies=override))
+        self.assertIsNone(state.plan.tracing)
+        self.assertIsNone(state.plan.listeners[0].apis[0].tracing)
+
+    def test_bad_settings_are_reported(self) -> None:
+        """An anypoint provider is a warning, an address that is no collector an error with its
+        position, a percentage over 100 a schema error; tracing stays off."""
+        anypoint = tracing_config("h2://c:1").replace("type: opentelemetry", "type: anypoint")
+        state = self.load(anypoint, api(8081, "http://127.0.0.1:9"))
+        self.assertIsNone(state.plan.tracing)
+        self.assertIn("Local Mode", " ".join(p.message for p in state.problems if p.severity == "warning"))
+        state = self.load(tracing_config("ftp://c:1"), api(8081, "http://127.0.0.1:9"))
+        [error] = [p for p in state.problems if p.severity == "error"]
+        self.assertEqual((error.line, error.field), (9, "spec.tracing.provider.properties.address"))
+        state = self.load(tracing_config("h2://c:1", sampling="{client: 101}"), api(8081, "http://127.0.0.1:9"))
+        self.assertTrue(any(p.severity == "error" and "sampling" in (p.field or "") for p in state.problems))

@@ -33,7 +33,7 @@ KINDS = {
 TARGET_KINDS = {kind.lower(): kind for kind in ("ApiInstance", "Service", "Selector")}
 API_VERSIONS = frozenset({"gateway.mulesoft.com/v1alpha1", "gateway.mulesoft.com/v1beta1"})
 ROUTE_POLICIES = {"route": "policy-route", "route-weighted": "policy-route-weighted"}
-UNSUPPORTED_CONFIGURATION = ("tracing",)
+UNSUPPORTED_CONFIGURATION: tuple[str, ...] = ()  # Flex keys read but not acted on (a warning)
 DEFAULT_NAMESPACE = "default"
 
 Severity = Literal["error", "warning", "info"]
