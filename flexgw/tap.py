@@ -85,6 +85,12 @@ class Options(usage.Options):
             "Follow the resources in etcd: client URLs, comma-separated (http://10.0.0.5:2379,...).",
         ],
         ["etcd-prefix", None, "/flexgw", "The etcd key prefix of this fleet."],
+        [
+            "gateway-id",
+            None,
+            None,
+            "This gateway's name in the fleet status (<prefix>/gateways/<id>; default: host name).",
+        ],
         ["etcd-cacert", None, None, "CA certificate (PEM) that etcd's https certificate chains to."],
         ["etcd-cert", None, None, "Client certificate (PEM) presented to etcd."],
         ["etcd-key", None, None, "Private key (PEM) of --etcd-cert."],
@@ -226,14 +232,14 @@ class Options(usage.Options):
             raise usage.UsageError("--etcd serves one process; use --workers 1 with it")
 
 
-def config_source(reactor: Any, options: Options) -> Any:
+def config_source(reactor: Any, options: Options) -> tuple[Any, Any]:
     """What the gateway serves: the --conf directories, the --etcd prefix, or both (a resource
-    defined by both is an error; the file's version serves)."""
+    defined by both is an error; the file's version serves); and the etcd source, if any."""
     from flexgw.config.sources.files import FileSource
 
     files = FileSource(options["conf"])
     if not options["etcd"]:
-        return files
+        return files, None
     from flexgw.config.sources import CombinedSource
     from flexgw.config.sources.etcd import EtcdSource, make_client
 
@@ -247,7 +253,7 @@ def config_source(reactor: Any, options: Options) -> Any:
         password=options["etcd-password"],
     )
     etcd = EtcdSource(client, options["etcd-prefix"], state_dir=options["state-dir"])
-    return CombinedSource([("files", files), ("etcd", etcd)]) if options["conf"] else etcd
+    return (CombinedSource([("files", files), ("etcd", etcd)]) if options["conf"] else etcd), etcd
 
 
 def _install_log_level(
@@ -400,7 +406,7 @@ def _make_gateway(options: Options) -> MultiService:
             int(environ[WORKER_ENV]), on_lost=_stop_reactor(reactor), on_stop=_stop_reactor(reactor)
         )
         connect_to_supervisor(reactor, int(environ[SUPERVISOR_FD_ENV]), worker)
-    source = config_source(reactor, options)
+    source, etcd = config_source(reactor, options)
     gateway = GatewayService(
         reactor,
         source,
@@ -424,6 +430,15 @@ def _make_gateway(options: Options) -> MultiService:
             reactor, options["admin"], admin_site(gateway), gateway.wait_stopped
         ).setServiceParent(top)
     gateway.setServiceParent(top)
+    if etcd is not None:  # after the gateway: stopped first, its lease revoked
+        import socket
+
+        from flexgw.service.fleet import FleetReporter
+
+        FleetReporter(
+            reactor, etcd.client, options["etcd-prefix"],
+            options["gateway-id"] or socket.gethostname(), gateway, etcd,
+        ).setServiceParent(top)
     if worker is not None:
         worker.gateway = gateway
     if worker is None:  # a worker's reloads come from the supervisor, which watches

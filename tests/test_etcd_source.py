@@ -147,14 +147,15 @@ class OptionsTests(TestCase):
                               "--etcd-password-file", secret, "--etcd-prefix", "p/"])
         self.assertEqual(options["etcd"], ["http://127.0.0.1:1", "http://127.0.0.1:2"])
         self.assertEqual(options["conf"], [])
-        source = config_source(None, options)
+        source, etcd = config_source(None, options)
+        self.assertIs(source, etcd)
         self.assertIsInstance(source, EtcdSource)
         self.assertEqual((source.prefix, source.client.password), ("/p", "pw"))
         root = self.mktemp()
         os.makedirs(root)
         options = Options()
         options.parseOptions(["--etcd", "http://127.0.0.1:1", "--conf", root])
-        self.assertIsInstance(config_source(None, options), CombinedSource)
+        self.assertIsInstance(config_source(None, options)[0], CombinedSource)
         for bad in (["--etcd", "127.0.0.1:2379"], ["--etcd-user", "u"],
                     ["--etcd", "http://h:1", "--etcd-cert", secret],
                     ["--etcd", "http://h:1", "--workers", "2"]):
