@@ -12,9 +12,11 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.web.test.requesthelper import DummyRequest
 
 from flexgw.service.admin import admin_site
+from flexgw.service.dashboard import DashboardResource
 from flexgw.testing.upstream import RecordingUpstream
 from tests.harness import Gateway, free_port
 
@@ -166,3 +168,39 @@ class DashboardBrowserTests(TestCase):
                 self.assertIn("ApiInstance default/broken: expected scheme://host:port", problems)
             finally:
                 context.close()
+
+
+class DashboardResourceTests(SynchronousTestCase):
+    """The static files as the admin listeners serve them (no browser)."""
+
+    def render(self, *path: bytes) -> tuple[DummyRequest, bytes]:
+        """GET /ui/<path> on a DashboardResource."""
+        request = DummyRequest(list(path))
+        body = DashboardResource().render_GET(request)  # type: ignore[arg-type]
+        return request, body
+
+    def test_files_and_headers(self) -> None:
+        """/ui is the page (scripts from its own origin only); its script and style; 404 otherwise."""
+        request, body = self.render()
+        self.assertIn(b'<script src="/ui/ui.js"', body)
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"content-type"), [b"text/html; charset=utf-8"])
+        self.assertIn(b"script-src 'self'", request.responseHeaders.getRawHeaders(b"content-security-policy")[0])
+        self.assertIn(b"fetch(\"/metrics\"", self.render(b"ui.js")[1])
+        self.assertEqual(self.render(b"")[1], body)
+        request, _ = self.render(b"..", b"setup.cfg")
+        self.assertEqual(request.responseCode, 404)
+
+    def test_no_remote_resource(self) -> None:
+        """Nothing in the page loads from another origin (it works offline)."""
+        for name in ("index.html", "ui.js", "ui.css"):
+            text = DashboardResource().files[name]
+            self.assertNotIn(b"http://", text, name)
+            self.assertNotIn(b"https://", text, name)
+            self.assertNotIn(b"//cdn", text, name)
+
+    def test_both_admin_sites_serve_it(self) -> None:
+        """The one-process admin listener and the --workers supervisor's both have /ui."""
+        from flexgw.service.workers import supervisor_admin_site
+
+        for site in (admin_site(object()), supervisor_admin_site(object())):  # type: ignore[arg-type]
+            self.assertIsInstance(site.resource.children[b"ui"], DashboardResource)
