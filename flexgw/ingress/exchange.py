@@ -9,6 +9,7 @@ registered as the producer of the receiving side, so a slow reader pauses the fa
 from __future__ import annotations
 
 import enum
+import json
 
 from twisted.internet.error import DNSLookupError
 from twisted.python.failure import Failure
@@ -18,6 +19,7 @@ from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
 from flexgw.http.gate import BACKPRESSURE, HELD, HELD_OR_BACKPRESSURE
+from flexgw.http.grpc import encode_message, grpc_content_type, status_for_http
 from flexgw.http.headers import (
     HOP_BY_HOP,
     HeaderList,
@@ -67,6 +69,53 @@ DONE = ExchangeState.DONE
 _BEFORE_UPSTREAM = (WAITING, CONNECTING, POLICIES, BUFFERING)  # request body is kept aside
 
 
+def grpc_answer(
+    response: GatewayError | LocalResponse, extra: HeaderList | None
+) -> LocalResponse:
+    """What the gateway answers a gRPC request instead of `response` (its own error or a
+    policy's answer), as Envoy does: trailers-only, HTTP 200, the mapped `grpc-status` and a
+    `grpc-message`, keeping `x-flexgw-error` and the policies' headers (WWW-Authenticate, rate
+    limit headers, ...). The response status stays the HTTP one in the access log."""
+    if isinstance(response, GatewayError):
+        message = response.message
+        headers: list[tuple[bytes, bytes]] = [(b"x-flexgw-error", response.cause.encode("ascii"))]
+        headers.extend(response.headers)
+    else:
+        message = _local_message(response)
+        headers = [(n, v) for n, v in response.headers if n.lower() not in _NOT_IN_GRPC_ANSWER]
+    if extra:
+        headers.extend((n, v) for n, v in extra if n.lower() not in _NOT_IN_GRPC_ANSWER)
+    return LocalResponse(
+        200,
+        (
+            (b"content-type", b"application/grpc"),
+            (b"grpc-status", b"%d" % status_for_http(response.status)),
+            (b"grpc-message", encode_message(message)),
+            *headers,
+        ),
+        b"",
+        response.cause if isinstance(response, LocalResponse) else None,
+    )
+
+
+_NOT_IN_GRPC_ANSWER = frozenset({b"content-type", b"content-length", b"grpc-status", b"grpc-message"})
+
+
+def _local_message(response: LocalResponse) -> str:
+    """A policy answer's message: its JSON `error` (or `message`), else the reason phrase."""
+    body = response.body
+    if body[:1] == b"{":
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            for key in ("error", "message"):
+                if isinstance(parsed.get(key), str):
+                    return str(parsed[key])[:512]
+    return errors.REASONS.get(response.status, b"Error").decode("ascii")
+
+
 @implementer(IExchangeObserver)
 class ChainFinish:
     """The observer that tells the policies that asked (`on_done`) how their exchange ended."""
@@ -99,6 +148,7 @@ class ProxyExchange:
         "bytes_out",
         "chain",
         "conn",
+        "deadline",
         "destination",
         "error_cause",
         "flushed",
@@ -145,6 +195,7 @@ class ProxyExchange:
         self.upstream_started = 0.0
         self.upstream_elapsed: float | None = None
         self.timer = None
+        self.deadline = None  # a gRPC request's `grpc-timeout` timer
         self.last_activity = started
         self.error_cause: str | None = None
         self.retried = False
@@ -161,6 +212,8 @@ class ProxyExchange:
         """Route the request and ask for an upstream connection (or answer an error)."""
         front = self.front
         head = self.head
+        if head.grpc_timeout is not None:
+            self.deadline = front.clock.callLater(head.grpc_timeout, self._deadline_passed)
         match = front.route(head)
         if match is None:
             self.fail(errors.NO_ROUTE)
@@ -291,6 +344,8 @@ class ProxyExchange:
                 self.error_cause = response.cause
             elif response.status >= 400:
                 self.error_cause = "policy_rejected"
+        if response.status >= 300 and grpc_content_type(self.head.headers) is not None:
+            response, extra = grpc_answer(response, extra), None
         self.front.answer(self, response, extra)
 
     def _connect(self) -> None:
@@ -769,6 +824,9 @@ class ProxyExchange:
         self.error_cause = error.cause
         self.response_status = error.status
         self.front.gate.release(HELD_OR_BACKPRESSURE)
+        if grpc_content_type(self.head.headers) is not None:
+            self.front.answer(self, grpc_answer(error, None), None)
+            return
         self.front.answer(self, error, None)
 
     def _on_timer(self) -> None:
@@ -814,6 +872,24 @@ class ProxyExchange:
             self.timer = None
             if timer.active():
                 timer.cancel()
+        if self.deadline is not None:
+            deadline, self.deadline = self.deadline, None
+            if deadline.active():
+                deadline.cancel()
+
+    def _deadline_passed(self) -> None:
+        """A gRPC request's `grpc-timeout` passed (Envoy's max_grpc_timeout: the smaller of it
+        and the gateway's own timeouts applies): DEADLINE_EXCEEDED before the response head,
+        the stream cut off after it; the upstream stream is reset either way."""
+        self.deadline = None
+        if self.state == DONE or self.state == TUNNEL:
+            return
+        if self.state == POLICIES and self.chain is not None:
+            self.chain.cancel()
+        if self.state == RESPONDING:
+            self._upstream_failed(errors.UPSTREAM_TIMEOUT)
+        else:
+            self.fail(errors.UPSTREAM_TIMEOUT)
 
     def downstream_lost(self) -> None:
         """The client went away: abandon the upstream side."""

@@ -474,7 +474,9 @@ class H2UpstreamConnection(Protocol):
         self.flush()
         for stream in touched.values():
             sink = stream.sink
-            if sink is not None:
+            if sink is not None and not stream.ended:
+                # (an ended stream's response_complete flushes: a head that ends the stream,
+                # a trailers-only gRPC answer say, goes out as one HEADERS with END_STREAM)
                 sink.flush_response()
         for stream in ended:
             sink = stream.sink

@@ -1,0 +1,417 @@
+"""gRPC through the gateway with real grpcio clients and servers: every call shape, every status
+(before and after the first message), trailing metadata, deadlines, cancellation, and the
+gateway's own answers as trailers-only gRPC statuses."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+from h2.errors import ErrorCodes
+from twisted.internet import defer, reactor, threads
+from twisted.trial.unittest import SkipTest, TestCase
+
+from flexgw.testing import h2
+from flexgw.testing.upstream import RecordingUpstream, Responder
+from tests.harness import Gateway, free_port
+
+try:
+    import grpc
+except ImportError:  # pragma: no cover (a test dependency: setup.cfg's test extra)
+    grpc = None
+
+SERVICE = "flexgw.test.Echo"
+MIB = 1024 * 1024
+_OPTIONS = [
+    ("grpc.max_receive_message_length", 32 * MIB),
+    ("grpc.max_send_message_length", 32 * MIB),
+]
+
+
+def code_of(number: int) -> Any:
+    """The grpc.StatusCode with wire value `number`."""
+    return next(code for code in grpc.StatusCode if code.value[0] == number)
+
+
+class EchoService:
+    """The upstream gRPC service (bytes in, bytes out), driven by what the request says:
+    `status:N[:after]` aborts with code N (before any message, or after the first),
+    `trailers` answers with trailing metadata, `size:N` answers N bytes, `wait` blocks until
+    the call is cancelled (recorded in `cancelled`)."""
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+        self.waiting = threading.Event()
+        self.metadata: list[dict[str, Any]] = []
+        self.remaining: list[float | None] = []
+
+    def _act(self, request: bytes, context: Any) -> bytes:
+        self.metadata.append(dict(context.invocation_metadata()))
+        self.remaining.append(context.time_remaining())
+        if request.startswith(b"status:"):
+            parts = request.split(b":")
+            code = code_of(int(parts[1]))
+            if len(parts) > 2 and parts[2] == b"details":
+                context.set_trailing_metadata(
+                    (("grpc-status-details-bin", b"\x08\x05\x12\x04gone"), ("x-why", "absent"))
+                )
+            context.abort(code, f"said {code.name.lower()}")
+        if request == b"trailers":
+            context.set_trailing_metadata(
+                (("x-trail", "t1"), ("x-bin-bin", b"\x00\x01\xff"))
+            )
+            return b"with trailers"
+        if request.startswith(b"size:"):
+            return b"x" * int(request[5:])
+        if request == b"wait":
+            context.add_callback(self.cancelled.set)
+            self.waiting.set()
+            self.cancelled.wait(10)
+            return b"late"
+        return request
+
+    def unary(self, request: bytes, context: Any) -> bytes:
+        """Unary: one answer (or status) per request."""
+        return self._act(request, context)
+
+    def server_stream(self, request: bytes, context: Any) -> Iterator[bytes]:
+        """Server streaming: three messages, or a status after the first (`status:N:after`)."""
+        if request.startswith(b"status:") and request.endswith(b":after"):
+            yield b"first"
+            context.abort(code_of(int(request.split(b":")[1])), "after the first")
+        answer = self._act(request, context)
+        for i in range(3):
+            yield answer + b"#%d" % i
+
+    def client_stream(self, requests: Iterator[bytes], context: Any) -> bytes:
+        """Client streaming: the requests joined."""
+        return b"|".join(requests)
+
+    def bidi(self, requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+        """Bidirectional streaming: each request echoed as it arrives."""
+        for request in requests:
+            yield b"echo:" + request
+
+    def handler(self) -> Any:
+        """A generic handler for SERVICE (bytes serializers: no code generation)."""
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Unary": grpc.unary_unary_rpc_method_handler(self.unary),
+                "ServerStream": grpc.unary_stream_rpc_method_handler(self.server_stream),
+                "ClientStream": grpc.stream_unary_rpc_method_handler(self.client_stream),
+                "Bidi": grpc.stream_stream_rpc_method_handler(self.bidi),
+            },
+        )
+
+
+def start_grpc_server(case: TestCase, service: EchoService, credentials: Any = None) -> int:
+    """A grpcio server for `service` on a loopback port (TLS with `credentials`); stopped when
+    the test ends."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=_OPTIONS)
+    server.add_generic_rpc_handlers((service.handler(),))
+    if credentials is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    case.addCleanup(lambda: server.stop(None).wait(5))
+    return port
+
+
+def grpc_api(port: int, service_url: str, documents: str = "") -> str:
+    """One API on 127.0.0.1:port whose Service is `service_url`."""
+    return (
+        "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: ApiInstance\n"
+        "metadata: {name: grpc-api}\n"
+        f"spec:\n  address: http://127.0.0.1:{port}\n"
+        f"  services:\n    b:\n      address: {service_url}\n"
+        + documents
+    )
+
+
+class GrpcCase(TestCase):
+    """Runs blocking grpcio calls off the reactor thread (the gateway runs on the reactor)."""
+
+    def setUp(self) -> None:
+        """grpcio is a test dependency; skip clearly without it."""
+        if grpc is None:
+            raise SkipTest("grpcio is not installed (pip install '.[test]')")
+
+    def channel(self, port: int, credentials: Any = None, options: list[Any] | None = None) -> Any:
+        """A grpcio channel to 127.0.0.1:port (h2c, or TLS with `credentials`)."""
+        target = f"127.0.0.1:{port}"
+        opts = _OPTIONS + (options or [])
+        if credentials is None:
+            channel = grpc.insecure_channel(target, options=opts)
+        else:
+            channel = grpc.secure_channel(target, credentials, options=opts)
+        self.addCleanup(channel.close)
+        return channel
+
+    def call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`function(*args, **kwargs)` in a thread; a Deferred of its result."""
+        return threads.deferToThread(function, *args, **kwargs)
+
+    async def failure(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """The grpc.RpcError `function(...)` raises (the test fails if it does not)."""
+        try:
+            await self.call(function, *args, **kwargs)
+        except grpc.RpcError as exc:
+            return exc
+        self.fail("the call succeeded")
+
+    def gateway(self, files: dict[str, str]) -> Gateway:
+        """A started gateway on `files`, with no configuration error."""
+        gateway = Gateway(self, files)
+        gateway.start()
+        self.assertEqual([str(p) for p in gateway.service.state.errors], [])
+        return gateway
+
+
+def _list(iterator: Iterator[bytes]) -> list[bytes]:
+    return list(iterator)
+
+
+class CallShapesMixin:
+    """Every call shape and every status through one gateway path; `setUp` of the class using it
+    sets `self.port` (the gateway's), `self.service` and `self.credentials` (client side)."""
+
+    port: int
+    service: EchoService
+    credentials: Any = None
+    client_options: list[Any] | None = None
+
+    def stub(self, kind: str, method: str) -> Any:
+        """A grpcio multicallable for SERVICE/method through the gateway."""
+        channel = self.channel(self.port, self.credentials, self.client_options)  # type: ignore[attr-defined]
+        return getattr(channel, kind)(f"/{SERVICE}/{method}")
+
+    async def test_unary(self) -> None:
+        """A unary call and its answer."""
+        answer = await self.call(self.stub("unary_unary", "Unary"), b"hello", timeout=10)  # type: ignore[attr-defined]
+        self.assertEqual(answer, b"hello")  # type: ignore[attr-defined]
+
+    async def test_server_streaming(self) -> None:
+        """Server streaming: every message, in order."""
+        call = self.stub("unary_stream", "ServerStream")
+        answer = await self.call(lambda: _list(call(b"m", timeout=10)))  # type: ignore[attr-defined]
+        self.assertEqual(answer, [b"m#0", b"m#1", b"m#2"])  # type: ignore[attr-defined]
+
+    async def test_client_streaming(self) -> None:
+        """Client streaming: every request message reaches the server."""
+        call = self.stub("stream_unary", "ClientStream")
+        answer = await self.call(call, iter([b"a", b"b", b"c"]), timeout=10)  # type: ignore[attr-defined]
+        self.assertEqual(answer, b"a|b|c")  # type: ignore[attr-defined]
+
+    async def test_bidi_streaming(self) -> None:
+        """Bidirectional streaming: each request answered."""
+        call = self.stub("stream_stream", "Bidi")
+        answer = await self.call(lambda: _list(call(iter([b"1", b"2", b"3"]), timeout=10)))  # type: ignore[attr-defined]
+        self.assertEqual(answer, [b"echo:1", b"echo:2", b"echo:3"])  # type: ignore[attr-defined]
+
+    async def test_16_mib_messages(self) -> None:
+        """16 MiB each way, byte-exact."""
+        big = bytes(range(256)) * (16 * MIB // 256)
+        answer = await self.call(self.stub("unary_unary", "Unary"), big, timeout=30)  # type: ignore[attr-defined]
+        self.assertEqual(answer == big, True)  # type: ignore[attr-defined]
+        answer = await self.call(self.stub("unary_unary", "Unary"), b"size:%d" % (16 * MIB), timeout=30)  # type: ignore[attr-defined]
+        self.assertEqual(len(answer), 16 * MIB)  # type: ignore[attr-defined]
+
+    async def test_statuses_before_the_first_message(self) -> None:
+        """A status given before any message (trailers-only) reaches the client with its code
+        and message: NOT_FOUND, INVALID_ARGUMENT, UNAUTHENTICATED, PERMISSION_DENIED..."""
+        unary = self.stub("unary_unary", "Unary")
+        for number in (3, 5, 7, 8, 14, 16):
+            error = await self.failure(unary, b"status:%d" % number, timeout=10)  # type: ignore[attr-defined]
+            self.assertEqual(  # type: ignore[attr-defined]
+                (error.code(), error.details()),
+                (code_of(number), f"said {code_of(number).name.lower()}"),
+            )
+
+    async def test_unknown_method_is_unimplemented(self) -> None:
+        """The server's UNIMPLEMENTED for an unknown method (trailers-only) reaches the client."""
+        error = await self.failure(self.stub("unary_unary", "Nope"), b"x", timeout=10)  # type: ignore[attr-defined]
+        self.assertEqual(error.code(), grpc.StatusCode.UNIMPLEMENTED)  # type: ignore[attr-defined]
+
+    async def test_statuses_after_the_first_message(self) -> None:
+        """A status after the first message (in trailers) reaches the client, message kept."""
+        call = self.stub("unary_stream", "ServerStream")
+        for number in (5, 12, 16):
+            got: list[bytes] = []
+
+            def run(request: bytes, got: list[bytes] = got) -> None:
+                got.extend(call(request, timeout=10))  # (kept up to the failure)
+
+            error = await self.failure(run, b"status:%d:after" % number)  # type: ignore[attr-defined]
+            self.assertEqual(  # type: ignore[attr-defined]
+                (got, error.code(), error.details()), ([b"first"], code_of(number), "after the first")
+            )
+
+    async def test_trailing_metadata(self) -> None:
+        """Trailing metadata (text and binary) passes, on success and with a status, where
+        `grpc-status-details-bin` passes byte-exact."""
+        unary = self.stub("unary_unary", "Unary")
+        answer, call = await self.call(unary.with_call, b"trailers", timeout=10)  # type: ignore[attr-defined]
+        trailing = dict(call.trailing_metadata())
+        self.assertEqual(  # type: ignore[attr-defined]
+            (answer, trailing.get("x-trail"), trailing.get("x-bin-bin")),
+            (b"with trailers", "t1", b"\x00\x01\xff"),
+        )
+        error = await self.failure(unary, b"status:5:details", timeout=10)  # type: ignore[attr-defined]
+        trailing = dict(error.trailing_metadata())
+        self.assertEqual(  # type: ignore[attr-defined]
+            (error.code(), trailing.get("grpc-status-details-bin"), trailing.get("x-why")),
+            (grpc.StatusCode.NOT_FOUND, b"\x08\x05\x12\x04gone", "absent"),
+        )
+
+    async def test_deadline(self) -> None:
+        """A client deadline ends the call with DEADLINE_EXCEEDED, and the server's call ends."""
+        error = await self.failure(self.stub("unary_unary", "Unary"), b"wait", timeout=0.5)  # type: ignore[attr-defined]
+        self.assertEqual(error.code(), grpc.StatusCode.DEADLINE_EXCEEDED)  # type: ignore[attr-defined]
+        ended = await self.call(self.service.cancelled.wait, 10)  # type: ignore[attr-defined]
+        self.assertTrue(ended)  # type: ignore[attr-defined]
+        # grpc-timeout reached the server: it knew the call's deadline.
+        self.assertIsNotNone(self.service.remaining[-1])  # type: ignore[attr-defined]
+
+    async def test_cancellation_reaches_the_server(self) -> None:
+        """A client cancelling (RST_STREAM CANCEL) cancels the server's call."""
+        future = self.stub("unary_unary", "Unary").future(b"wait", timeout=20)
+        await self.call(self.service.waiting.wait, 10)  # type: ignore[attr-defined]
+        future.cancel()
+        ended = await self.call(self.service.cancelled.wait, 10)  # type: ignore[attr-defined]
+        self.assertTrue(ended)  # type: ignore[attr-defined]
+
+
+class H2cToH2cTests(CallShapesMixin, GrpcCase):
+    """grpcio client → gateway (h2c) → `h2c://` grpcio server."""
+
+    def setUp(self) -> None:
+        """A grpcio server and a gateway in front of it."""
+        super().setUp()
+        self.service = EchoService()
+        upstream = start_grpc_server(self, self.service)
+        self.port = free_port()
+        self.gateway({"api.yaml": grpc_api(self.port, f"h2c://127.0.0.1:{upstream}")})
+
+
+class _Silent(Responder):
+    """An h2c upstream that never answers (the gateway's timers decide); `reset` fires with
+    the RST_STREAM code the gateway sends it."""
+
+    def __init__(self) -> None:
+        self.reset: defer.Deferred[int] = defer.Deferred()
+
+    def on_headers(self, ex: Any) -> None:
+        """No answer."""
+
+    def on_complete(self, ex: Any) -> None:
+        """Still no answer."""
+
+    def on_reset(self, ex: Any, code: int) -> None:
+        """The gateway reset the stream."""
+        if not self.reset.called:
+            self.reset.callback(code)
+
+
+class GatewayStatusTests(GrpcCase):
+    """What the gateway itself answers a gRPC request: trailers-only, HTTP 200, the mapped
+    grpc-status and grpc-message, with `x-flexgw-error`."""
+
+    def start(self, service_url: str, documents: str = "") -> int:
+        """A gateway whose Service is `service_url`; its port."""
+        port = free_port()
+        self.gateway({"api.yaml": grpc_api(port, service_url, documents)})
+        return port
+
+    async def _error(self, port: int, method: str = "Unary", **kwargs: Any) -> Any:
+        channel = self.channel(port)
+        return await self.failure(channel.unary_unary(f"/{SERVICE}/{method}"), b"x", **kwargs)
+
+    async def test_upstream_connect_failure_is_unavailable(self) -> None:
+        """No upstream listening: UNAVAILABLE with the gateway's message."""
+        port = self.start(f"h2c://127.0.0.1:{free_port()}")
+        error = await self._error(port, timeout=10)
+        self.assertEqual(
+            (error.code(), error.details()),
+            (grpc.StatusCode.UNAVAILABLE, "Could not connect to the upstream service"),
+        )
+        self.assertEqual(
+            dict(error.trailing_metadata()).get("x-flexgw-error"), "upstream_connect_failure"
+        )
+
+    async def test_no_route_is_unimplemented(self) -> None:
+        """No route for the path: UNIMPLEMENTED."""
+        port = free_port()
+        documents = grpc_api(port, "h2c://127.0.0.1:1").replace(
+            f"127.0.0.1:{port}\n", f"127.0.0.1:{port}/only\n", 1
+        )
+        self.gateway({"api.yaml": documents})
+        error = await self._error(port, timeout=10)
+        self.assertEqual(error.code(), grpc.StatusCode.UNIMPLEMENTED)
+        self.assertEqual(dict(error.trailing_metadata()).get("x-flexgw-error"), "no_route")
+
+    async def test_policy_rejection_is_unauthenticated(self) -> None:
+        """A basic-auth policy's 401: UNAUTHENTICATED, WWW-Authenticate kept."""
+        port = self.start(f"h2c://127.0.0.1:{free_port()}", _basic_auth_binding())
+        error = await self._error(port, timeout=10)
+        self.assertEqual(error.code(), grpc.StatusCode.UNAUTHENTICATED)
+        metadata = dict(error.trailing_metadata())
+        self.assertIn("www-authenticate", metadata)
+
+    async def test_rate_limit_is_resource_exhausted(self) -> None:
+        """A rate-limiting 429: RESOURCE_EXHAUSTED; a call within the limit passes."""
+        service = EchoService()
+        upstream = start_grpc_server(self, service)
+        port = self.start(f"h2c://127.0.0.1:{upstream}", _rate_limit_binding())
+        unary = self.channel(port).unary_unary(f"/{SERVICE}/Unary")
+        self.assertEqual(await self.call(unary, b"one", timeout=10), b"one")
+        error = await self.failure(unary, b"two", timeout=10)
+        self.assertEqual(error.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        self.assertEqual(dict(error.trailing_metadata()), {"retry-after": "60"})
+
+    async def test_grpc_timeout_is_a_per_request_deadline(self) -> None:
+        """`grpc-timeout` bounds the request (below the route's 15 s response timeout): the
+        gateway answers DEADLINE_EXCEEDED (x-flexgw-error upstream_timeout) and resets the
+        upstream stream."""
+        silent = _Silent()
+        upstream = RecordingUpstream(silent, reactor=reactor, h2c=True)
+        upstream.listen(reactor)
+        self.addCleanup(upstream.stop)
+        port = self.start(f"h2c://127.0.0.1:{upstream.address[1]}")
+        conn = await h2.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(conn.transport.abortConnection)
+        response = conn.request(
+            b"POST", b"/" + SERVICE.encode() + b"/Unary",
+            [(b"content-type", b"application/grpc"), (b"te", b"trailers"), (b"grpc-timeout", b"200m")],
+            body=b"\x00\x00\x00\x00\x01x",
+        )
+        await response.done
+        self.assertEqual(
+            (response.status, response.header(b"grpc-status"), response.header(b"x-flexgw-error")),
+            (200, [b"4"], [b"upstream_timeout"]),
+        )
+        self.assertEqual(bytes(response.body), b"")
+        self.assertEqual(await silent.reset, ErrorCodes.CANCEL)
+
+
+def _basic_auth_binding() -> str:
+    """A basic-auth PolicyBinding on grpc-api."""
+    return (
+        "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: PolicyBinding\n"
+        "metadata: {name: auth}\n"
+        "spec:\n  targetRef: {kind: ApiInstance, name: grpc-api}\n  policyRef: {name: http-basic-authentication-flex}\n"
+        "  config:\n    username: u\n    password: p\n"
+    )
+
+
+def _rate_limit_binding() -> str:
+    """A rate-limiting PolicyBinding on grpc-api: one request a minute."""
+    return (
+        "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: PolicyBinding\n"
+        "metadata: {name: rl}\n"
+        "spec:\n  targetRef: {kind: ApiInstance, name: grpc-api}\n  policyRef: {name: rate-limiting-flex}\n"
+        "  config:\n    rateLimits:\n      - maximumRequests: 1\n        timePeriodInMilliseconds: 60000\n"
+    )
