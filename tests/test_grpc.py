@@ -4,6 +4,7 @@ gateway's own answers as trailers-only gRPC statuses."""
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -176,8 +177,9 @@ def _list(iterator: Iterator[bytes]) -> list[bytes]:
 
 
 class CallShapesMixin:
-    """Every call shape and every status through one gateway path; `setUp` of the class using it
-    sets `self.port` (the gateway's), `self.service` and `self.credentials` (client side)."""
+    """The call shapes and statuses through one gateway path; `setUp` of the class using it sets
+    `self.port` (the gateway's), `self.service` and `self.credentials` (client side).
+    AllCallsMixin adds the rest (run on the h2c path only, to keep the suite short)."""
 
     port: int
     service: EchoService
@@ -200,25 +202,11 @@ class CallShapesMixin:
         answer = await self.call(lambda: _list(call(b"m", timeout=10)))  # type: ignore[attr-defined]
         self.assertEqual(answer, [b"m#0", b"m#1", b"m#2"])  # type: ignore[attr-defined]
 
-    async def test_client_streaming(self) -> None:
-        """Client streaming: every request message reaches the server."""
-        call = self.stub("stream_unary", "ClientStream")
-        answer = await self.call(call, iter([b"a", b"b", b"c"]), timeout=10)  # type: ignore[attr-defined]
-        self.assertEqual(answer, b"a|b|c")  # type: ignore[attr-defined]
-
     async def test_bidi_streaming(self) -> None:
         """Bidirectional streaming: each request answered."""
         call = self.stub("stream_stream", "Bidi")
         answer = await self.call(lambda: _list(call(iter([b"1", b"2", b"3"]), timeout=10)))  # type: ignore[attr-defined]
         self.assertEqual(answer, [b"echo:1", b"echo:2", b"echo:3"])  # type: ignore[attr-defined]
-
-    async def test_16_mib_messages(self) -> None:
-        """16 MiB each way, byte-exact."""
-        big = bytes(range(256)) * (16 * MIB // 256)
-        answer = await self.call(self.stub("unary_unary", "Unary"), big, timeout=30)  # type: ignore[attr-defined]
-        self.assertEqual(answer == big, True)  # type: ignore[attr-defined]
-        answer = await self.call(self.stub("unary_unary", "Unary"), b"size:%d" % (16 * MIB), timeout=30)  # type: ignore[attr-defined]
-        self.assertEqual(len(answer), 16 * MIB)  # type: ignore[attr-defined]
 
     async def test_statuses_before_the_first_message(self) -> None:
         """A status given before any message (trailers-only) reaches the client with its code
@@ -230,6 +218,50 @@ class CallShapesMixin:
                 (error.code(), error.details()),
                 (code_of(number), f"said {code_of(number).name.lower()}"),
             )
+
+    async def test_trailing_metadata(self) -> None:
+        """Trailing metadata (text and binary) passes, on success and with a status, where
+        `grpc-status-details-bin` passes byte-exact."""
+        unary = self.stub("unary_unary", "Unary")
+        answer, call = await self.call(unary.with_call, b"trailers", timeout=10)  # type: ignore[attr-defined]
+        trailing = dict(call.trailing_metadata())
+        self.assertEqual(  # type: ignore[attr-defined]
+            (answer, trailing.get("x-trail"), trailing.get("x-bin-bin")),
+            (b"with trailers", "t1", b"\x00\x01\xff"),
+        )
+        error = await self.failure(unary, b"status:5:details", timeout=10)  # type: ignore[attr-defined]
+        trailing = dict(error.trailing_metadata())
+        self.assertEqual(  # type: ignore[attr-defined]
+            (error.code(), trailing.get("grpc-status-details-bin"), trailing.get("x-why")),
+            (grpc.StatusCode.NOT_FOUND, b"\x08\x05\x12\x04gone", "absent"),
+        )
+
+    async def test_cancellation_reaches_the_server(self) -> None:
+        """A client cancelling (RST_STREAM CANCEL) cancels the server's call."""
+        future = self.stub("unary_unary", "Unary").future(b"wait", timeout=20)
+        await self.call(self.service.waiting.wait, 10)  # type: ignore[attr-defined]
+        future.cancel()
+        ended = await self.call(self.service.cancelled.wait, 10)  # type: ignore[attr-defined]
+        self.assertTrue(ended)  # type: ignore[attr-defined]
+
+
+class AllCallsMixin(CallShapesMixin):
+    """The rest of the call shapes and statuses: client streaming, 16 MiB messages, statuses
+    after the first message, an unknown method, deadlines."""
+
+    async def test_client_streaming(self) -> None:
+        """Client streaming: every request message reaches the server."""
+        call = self.stub("stream_unary", "ClientStream")
+        answer = await self.call(call, iter([b"a", b"b", b"c"]), timeout=10)  # type: ignore[attr-defined]
+        self.assertEqual(answer, b"a|b|c")  # type: ignore[attr-defined]
+
+    async def test_16_mib_messages(self) -> None:
+        """16 MiB each way, byte-exact."""
+        big = bytes(range(256)) * (16 * MIB // 256)
+        answer = await self.call(self.stub("unary_unary", "Unary"), big, timeout=30)  # type: ignore[attr-defined]
+        self.assertEqual(answer == big, True)  # type: ignore[attr-defined]
+        answer = await self.call(self.stub("unary_unary", "Unary"), b"size:%d" % (16 * MIB), timeout=30)  # type: ignore[attr-defined]
+        self.assertEqual(len(answer), 16 * MIB)  # type: ignore[attr-defined]
 
     async def test_unknown_method_is_unimplemented(self) -> None:
         """The server's UNIMPLEMENTED for an unknown method (trailers-only) reaches the client."""
@@ -250,23 +282,6 @@ class CallShapesMixin:
                 (got, error.code(), error.details()), ([b"first"], code_of(number), "after the first")
             )
 
-    async def test_trailing_metadata(self) -> None:
-        """Trailing metadata (text and binary) passes, on success and with a status, where
-        `grpc-status-details-bin` passes byte-exact."""
-        unary = self.stub("unary_unary", "Unary")
-        answer, call = await self.call(unary.with_call, b"trailers", timeout=10)  # type: ignore[attr-defined]
-        trailing = dict(call.trailing_metadata())
-        self.assertEqual(  # type: ignore[attr-defined]
-            (answer, trailing.get("x-trail"), trailing.get("x-bin-bin")),
-            (b"with trailers", "t1", b"\x00\x01\xff"),
-        )
-        error = await self.failure(unary, b"status:5:details", timeout=10)  # type: ignore[attr-defined]
-        trailing = dict(error.trailing_metadata())
-        self.assertEqual(  # type: ignore[attr-defined]
-            (error.code(), trailing.get("grpc-status-details-bin"), trailing.get("x-why")),
-            (grpc.StatusCode.NOT_FOUND, b"\x08\x05\x12\x04gone", "absent"),
-        )
-
     async def test_deadline(self) -> None:
         """A client deadline ends the call with DEADLINE_EXCEEDED, and the server's call ends."""
         error = await self.failure(self.stub("unary_unary", "Unary"), b"wait", timeout=0.5)  # type: ignore[attr-defined]
@@ -276,16 +291,8 @@ class CallShapesMixin:
         # grpc-timeout reached the server: it knew the call's deadline.
         self.assertIsNotNone(self.service.remaining[-1])  # type: ignore[attr-defined]
 
-    async def test_cancellation_reaches_the_server(self) -> None:
-        """A client cancelling (RST_STREAM CANCEL) cancels the server's call."""
-        future = self.stub("unary_unary", "Unary").future(b"wait", timeout=20)
-        await self.call(self.service.waiting.wait, 10)  # type: ignore[attr-defined]
-        future.cancel()
-        ended = await self.call(self.service.cancelled.wait, 10)  # type: ignore[attr-defined]
-        self.assertTrue(ended)  # type: ignore[attr-defined]
 
-
-class H2cToH2cTests(CallShapesMixin, GrpcCase):
+class H2cToH2cTests(AllCallsMixin, GrpcCase):
     """grpcio client → gateway (h2c) → `h2c://` grpcio server."""
 
     def setUp(self) -> None:
@@ -295,6 +302,117 @@ class H2cToH2cTests(CallShapesMixin, GrpcCase):
         upstream = start_grpc_server(self, self.service)
         self.port = free_port()
         self.gateway({"api.yaml": grpc_api(self.port, f"h2c://127.0.0.1:{upstream}")})
+
+
+class _TlsCase(GrpcCase):
+    """A CA, a certificate for 127.0.0.1 and api.test, and a grpcio TLS server (ALPN h2)."""
+
+    def setUp(self) -> None:
+        """The certificates and the TLS grpcio server."""
+        super().setUp()
+        from flexgw.testing.certs import CertificateAuthority
+
+        self.dir = os.path.abspath(self.mktemp())
+        self.ca = CertificateAuthority("grpc CA")
+        self.ca_path = self.ca.write(self.dir, "ca")
+        self.issued = self.ca.issue("upstream", ips=["127.0.0.1"], dns=["api.test"])
+        self.service = EchoService()
+        self.tls_upstream = start_grpc_server(
+            self, self.service,
+            grpc.ssl_server_credentials([(self.issued.key_pem, self.issued.cert_pem)]),
+        )
+        self.port = free_port()
+
+
+class H2cToH2Tests(CallShapesMixin, _TlsCase):
+    """grpcio client → gateway (h2c) → `h2://` grpcio TLS server (ALPN h2)."""
+
+    def setUp(self) -> None:
+        """A gateway whose Service is h2:// (trusting the test CA)."""
+        super().setUp()
+        from tests.test_tls_upstream import documents
+
+        url = f"h2://127.0.0.1:{self.tls_upstream}"
+        self.gateway({"api.yaml": documents(self.port, url, f'trustedCA: "file://{self.ca_path}"\n')})
+
+
+class H2cToAlpnTests(CallShapesMixin, _TlsCase):
+    """grpcio client → gateway (h2c) → `https://` grpcio TLS server, HTTP/2 chosen by ALPN
+    (the tls-outbound binding's alpn lists h2)."""
+
+    def setUp(self) -> None:
+        """A gateway whose Service is https:// with alpn [h2, http/1.1]."""
+        super().setUp()
+        from tests.test_tls_upstream import documents
+
+        url = f"https://127.0.0.1:{self.tls_upstream}"
+        binding = f'trustedCA: "file://{self.ca_path}"\nalpn: [h2, http/1.1]\n'
+        self.gateway_ = self.gateway({"api.yaml": documents(self.port, url, binding)})
+
+    async def test_spoken_in_http2(self) -> None:
+        """The upstream picked h2: calls go over one HTTP/2 connection."""
+        stub = self.stub("unary_unary", "Unary")
+        for _ in range(3):
+            self.assertEqual(await self.call(stub, b"a", timeout=10), b"a")
+        (pool,) = self.gateway_.service.pools.pools.values()
+        self.assertEqual((pool.protocol, len(pool.h2.connections), pool.h1.idle), ("h2", 1, []))
+
+
+class TlsToH2cTests(CallShapesMixin, _TlsCase):
+    """grpcio TLS client → gateway TLS listener (ALPN h2) → `h2c://` grpcio server."""
+
+    credentials: Any = None
+
+    def setUp(self) -> None:
+        """A gateway with a `tls` binding (certificate for api.test) in front of an h2c server."""
+        super().setUp()
+        from tests.test_tls_ingress import tls_binding
+
+        upstream = start_grpc_server(self, self.service)
+        crt, key = self.issued.write(self.dir, "server")
+        api = grpc_api(self.port, f"h2c://127.0.0.1:{upstream}").replace("http://127.0.0.1", "https://127.0.0.1", 1)
+        self.gateway({"api.yaml": api + "---\n" + tls_binding("t", "grpc-api", crt, key)})
+        self.credentials = grpc.ssl_channel_credentials(root_certificates=self.ca.pem)
+        self.client_options = [("grpc.ssl_target_name_override", "api.test")]
+
+
+class AlpnFallbackTests(GrpcCase):
+    """An https:// Service whose alpn lists h2, in front of upstreams that do not pick it:
+    HTTP/1.1 is spoken, no request fails."""
+
+    async def _check(self, alpn: list[bytes] | None) -> None:
+        from flexgw.testing import client
+        from flexgw.testing.certs import CertificateAuthority, server_options
+        from flexgw.testing.upstream import echo
+        from tests.test_tls_upstream import documents
+
+        directory = os.path.abspath(self.mktemp())
+        ca = CertificateAuthority("upstream CA")
+        ca_path = ca.write(directory, "ca")
+        upstream = RecordingUpstream(echo(), reactor=reactor)
+        options = {"acceptableProtocols": alpn} if alpn else {}
+        upstream.listen(reactor, tls=server_options(ca.issue("u", ips=["127.0.0.1"]), **options))
+        self.addCleanup(upstream.stop)
+        port = free_port()
+        url = f"https://127.0.0.1:{upstream.address[1]}"
+        binding = f'trustedCA: "file://{ca_path}"\nalpn: [h2, http/1.1]\n'
+        gateway = self.gateway({"api.yaml": documents(port, url, binding)})
+        for path in (b"/one", b"/two"):
+            response = await client.request(
+                reactor, "127.0.0.1", port, b"GET " + path + b" HTTP/1.1\r\nHost: api\r\n\r\n"
+            )
+            self.assertEqual(response.status, 200)
+        self.assertEqual([r.version for r in upstream.received], ["1.1", "1.1"])
+        (pool,) = gateway.service.pools.pools.values()
+        self.assertEqual(pool.protocol, "http/1.1")
+
+    async def test_upstream_picks_http1(self) -> None:
+        """The upstream picks http/1.1: the waiting request and the next go over HTTP/1.1."""
+        await self._check([b"http/1.1"])
+
+    async def test_upstream_without_alpn(self) -> None:
+        """The upstream does no ALPN: HTTP/1.1."""
+        await self._check(None)
 
 
 class _Silent(Responder):
