@@ -533,3 +533,117 @@ def _rate_limit_binding() -> str:
         "spec:\n  targetRef: {kind: ApiInstance, name: grpc-api}\n  policyRef: {name: rate-limiting-flex}\n"
         "  config:\n    rateLimits:\n      - maximumRequests: 1\n        timePeriodInMilliseconds: 60000\n"
     )
+
+
+class GrpcWebTests(GrpcCase):
+    """gRPC-Web (binary and text, over HTTP/1.1 and HTTP/2) to an `h2c://` grpcio server,
+    encoded and decoded by the protocol text (flexgw.testing.grpcweb)."""
+
+    def setUp(self) -> None:
+        """A grpcio server and a gateway in front of it."""
+        super().setUp()
+        self.service = EchoService()
+        upstream = start_grpc_server(self, self.service)
+        self.port = free_port()
+        self.gateway({"api.yaml": grpc_api(self.port, f"h2c://127.0.0.1:{upstream}")})
+
+    async def h1(self, method: str, body: bytes, content_type: bytes, extra: bytes = b"") -> Any:
+        """A gRPC-Web call over HTTP/1.1 (Content-Length framed)."""
+        from flexgw.testing import client
+
+        head = (
+            b"POST /" + SERVICE.encode() + b"/" + method.encode() + b" HTTP/1.1\r\nHost: api\r\n"
+            b"Content-Type: " + content_type + b"\r\nX-Grpc-Web: 1\r\n" + extra
+            + b"Content-Length: %d\r\n\r\n" % len(body)
+        )
+        return await client.request(reactor, "127.0.0.1", self.port, head + body)
+
+    async def h2(self, method: str, body: bytes, content_type: bytes) -> Any:
+        """A gRPC-Web call over HTTP/2 (no content-length: the body ends with the stream)."""
+        from flexgw.testing.grpcweb import CLIENT_HEADERS
+
+        conn = await h2.connect(reactor, "127.0.0.1", self.port)
+        self.addCleanup(conn.transport.abortConnection)
+        response = conn.request(
+            b"POST", b"/" + SERVICE.encode() + b"/" + method.encode(),
+            [(b"content-type", content_type), *CLIENT_HEADERS], body=body,
+        )
+        return await response.done
+
+    async def test_binary_over_http1(self) -> None:
+        """application/grpc-web+proto over HTTP/1.1: the message and the trailer frame come
+        back in the (chunked) body."""
+        from flexgw.testing.grpcweb import decode_body, encode_messages
+
+        response = await self.h1("Unary", encode_messages([b"hello"]), b"application/grpc-web+proto")
+        self.assertEqual(
+            (response.status, response.header("content-type"), response.header("content-length")),
+            (200, [b"application/grpc-web"], []),  # (grpcio answers application/grpc)
+        )
+        messages, trailers = decode_body(response.body)
+        self.assertEqual((messages, trailers.get("grpc-status")), ([b"hello"], "0"))
+        self.assertEqual(self.service.metadata[-1].get("te"), None)  # (grpcio hides te: it was sent)
+
+    async def test_text_over_http1_and_http2(self) -> None:
+        """application/grpc-web-text: the base64 request (Content-Length over HTTP/1.1, none
+        over HTTP/2) is decoded for the upstream; the answer is one base64 text."""
+        from flexgw.testing.grpcweb import decode_body, encode_messages
+
+        body = encode_messages([b"m"], text=True)
+        response = await self.h1("ServerStream", body, b"application/grpc-web-text")
+        self.assertEqual(response.header("content-type"), [b"application/grpc-web-text"])
+        self.assertEqual(
+            decode_body(response.body, text=True),
+            ([b"m#0", b"m#1", b"m#2"], {"grpc-status": "0", "grpc-message": ""}),
+        )
+        answer = await self.h2("ServerStream", body, b"application/grpc-web-text+proto")
+        self.assertEqual(answer.header(b"content-type"), [b"application/grpc-web-text"])
+        self.assertEqual(decode_body(bytes(answer.body), text=True)[0], [b"m#0", b"m#1", b"m#2"])
+
+    async def test_statuses_and_trailing_metadata(self) -> None:
+        """A status after the first message and trailing metadata are in the trailer frame; a
+        trailers-only status is in the headers, with an empty body."""
+        from flexgw.testing.grpcweb import decode_body, encode_messages
+
+        response = await self.h2("ServerStream", encode_messages([b"status:5:after"]), b"application/grpc-web")
+        self.assertEqual(
+            decode_body(bytes(response.body)),
+            ([b"first"], {"grpc-status": "5", "grpc-message": "after the first"}),
+        )
+        response = await self.h2("Unary", encode_messages([b"trailers"]), b"application/grpc-web")
+        messages, trailers = decode_body(bytes(response.body))
+        self.assertEqual((messages, trailers["x-trail"]), ([b"with trailers"], "t1"))
+        response = await self.h1("Unary", encode_messages([b"status:16"]), b"application/grpc-web")
+        self.assertEqual(
+            (response.status, response.header("grpc-status"), response.body),
+            (200, [b"16"], b""),
+        )
+
+    async def test_cors_exposes_grpc_headers(self) -> None:
+        """A request with an Origin gets grpc-status and grpc-message exposed to scripts."""
+        from flexgw.testing.grpcweb import encode_messages
+
+        response = await self.h1(
+            "Unary", encode_messages([b"x"]), b"application/grpc-web", b"Origin: https://app.test\r\n"
+        )
+        self.assertEqual(
+            response.header("access-control-expose-headers"),
+            [b"grpc-status, grpc-message, grpc-status-details-bin"],
+        )
+
+    async def test_gateway_answer_is_grpc_web(self) -> None:
+        """The gateway's own answer to a gRPC-Web request (its upstream down) is a gRPC-Web
+        trailers-only answer: HTTP 200, its content-type, grpc-status UNAVAILABLE."""
+        from flexgw.testing import client
+
+        port = free_port()
+        self.gateway({"api.yaml": grpc_api(port, f"h2c://127.0.0.1:{free_port()}")})
+        response = await client.request(
+            reactor, "127.0.0.1", port,
+            b"POST /x HTTP/1.1\r\nHost: api\r\nContent-Type: application/grpc-web-text\r\n"
+            b"Content-Length: 0\r\n\r\n",
+        )
+        self.assertEqual(
+            (response.status, response.header("content-type"), response.header("grpc-status")),
+            (200, [b"application/grpc-web-text"], [b"14"]),
+        )

@@ -19,7 +19,13 @@ from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
 from flexgw.http.gate import BACKPRESSURE, HELD, HELD_OR_BACKPRESSURE
-from flexgw.http.grpc import encode_message, grpc_content_type, status_for_http
+from flexgw.http.grpc import (
+    EXPOSE_GRPC,
+    GRPC_WEB,
+    encode_message,
+    status_for_http,
+    web_content_type,
+)
 from flexgw.http.headers import (
     HOP_BY_HOP,
     HeaderList,
@@ -29,6 +35,7 @@ from flexgw.http.headers import (
 from flexgw.http.request import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, RequestHead
 from flexgw.http.tunnel import IDLE_TIMEOUT, Tunnel
 from flexgw.ingress.contract import IExchangeFront, IExchangeObserver
+from flexgw.ingress.grpcweb import GrpcWebSink
 from flexgw.ingress.routing import remaining_path, rules_match
 from flexgw.plan import Api, BoundPolicy, Destination, Route
 from flexgw.policies.base import LocalResponse, PolicyContext
@@ -70,12 +77,13 @@ _BEFORE_UPSTREAM = (WAITING, CONNECTING, POLICIES, BUFFERING)  # request body is
 
 
 def grpc_answer(
-    response: GatewayError | LocalResponse, extra: HeaderList | None
+    response: GatewayError | LocalResponse, extra: HeaderList | None, content_type: bytes
 ) -> LocalResponse:
     """What the gateway answers a gRPC request instead of `response` (its own error or a
     policy's answer), as Envoy does: trailers-only, HTTP 200, the mapped `grpc-status` and a
     `grpc-message`, keeping `x-flexgw-error` and the policies' headers (WWW-Authenticate, rate
-    limit headers, ...). The response status stays the HTTP one in the access log."""
+    limit headers, ...). The response status stays the HTTP one in the access log. A gRPC-Web
+    request gets its own content-type back, and the gRPC headers exposed to scripts (CORS)."""
     if isinstance(response, GatewayError):
         message = response.message
         headers: list[tuple[bytes, bytes]] = [(b"x-flexgw-error", response.cause.encode("ascii"))]
@@ -85,10 +93,12 @@ def grpc_answer(
         headers = [(n, v) for n, v in response.headers if n.lower() not in _NOT_IN_GRPC_ANSWER]
     if extra:
         headers.extend((n, v) for n, v in extra if n.lower() not in _NOT_IN_GRPC_ANSWER)
+    if content_type.startswith(GRPC_WEB):
+        headers.append(EXPOSE_GRPC)
     return LocalResponse(
         200,
         (
-            (b"content-type", b"application/grpc"),
+            (b"content-type", web_content_type(content_type)),
             (b"grpc-status", b"%d" % status_for_http(response.status)),
             (b"grpc-message", encode_message(message)),
             *headers,
@@ -153,6 +163,7 @@ class ProxyExchange:
         "error_cause",
         "flushed",
         "front",
+        "grpc_web",
         "head",
         "last_activity",
         "out",
@@ -196,6 +207,7 @@ class ProxyExchange:
         self.upstream_elapsed: float | None = None
         self.timer = None
         self.deadline = None  # a gRPC request's `grpc-timeout` timer
+        self.grpc_web: GrpcWebSink | None = None  # a gRPC-Web request's translation
         self.last_activity = started
         self.error_cause: str | None = None
         self.retried = False
@@ -205,6 +217,8 @@ class ProxyExchange:
         self.chain: ChainRun | None = None  # the policies applied to this request
         self.out: list[bytes] | None = None  # response bytes produced by the current upstream read
         self.flushed = False  # some of the response (its head first) went to the client
+        if head.grpc:
+            self._grpc_start()
 
     # -- request side, driven by the front ---------------------------------------------------------
 
@@ -212,8 +226,6 @@ class ProxyExchange:
         """Route the request and ask for an upstream connection (or answer an error)."""
         front = self.front
         head = self.head
-        if head.grpc_timeout is not None:
-            self.deadline = front.clock.callLater(head.grpc_timeout, self._deadline_passed)
         match = front.route(head)
         if match is None:
             self.fail(errors.NO_ROUTE)
@@ -232,6 +244,15 @@ class ProxyExchange:
             self._start_chain()
             return
         self._connect()
+
+    def _grpc_start(self) -> None:
+        """A gRPC request: its deadline (`grpc-timeout`) starts; a gRPC-Web one is translated
+        to gRPC for the upstream (GrpcWebSink)."""
+        head = self.head
+        if head.grpc_timeout is not None:
+            self.deadline = self.front.clock.callLater(head.grpc_timeout, self._deadline_passed)
+        if head.grpc.startswith(GRPC_WEB):
+            self.grpc_web = GrpcWebSink(self)
 
     def _start_chain(self) -> None:
         """Run the selected policies; when one reads the body, receive it whole (bounded) first."""
@@ -344,8 +365,8 @@ class ProxyExchange:
                 self.error_cause = response.cause
             elif response.status >= 400:
                 self.error_cause = "policy_rejected"
-        if response.status >= 300 and grpc_content_type(self.head.headers) is not None:
-            response, extra = grpc_answer(response, extra), None
+        if response.status >= 300 and self.head.grpc:
+            response, extra = grpc_answer(response, extra, self.head.grpc), None
         self.front.answer(self, response, extra)
 
     def _connect(self) -> None:
@@ -375,6 +396,12 @@ class ProxyExchange:
     def request_body(self, data: bytes) -> None:
         """A piece of the request body (already de-chunked by the parser)."""
         self.bytes_in += len(data)
+        if self.grpc_web is not None and self.grpc_web.text:
+            try:
+                data = self.grpc_web.request_data(data)
+            except ValueError:
+                self._upstream_failed(errors.bad_request("The grpc-web-text body is not base64"))
+                return
         if self.state == SENDING or self.state == RESPONDING:
             # After the response head the upstream may still be reading the body (an early
             # answer, or full-duplex streaming): keep forwarding it.
@@ -434,7 +461,7 @@ class ProxyExchange:
         self.reused = reused
         self.state = SENDING
         head = self.head
-        conn.begin(self, head.method == b"HEAD")
+        conn.begin(self.grpc_web or self, head.method == b"HEAD")
         transport = conn.transport
         # The head, the body received so far and (if complete) the chunked terminator go out
         # in one send.
@@ -824,8 +851,8 @@ class ProxyExchange:
         self.error_cause = error.cause
         self.response_status = error.status
         self.front.gate.release(HELD_OR_BACKPRESSURE)
-        if grpc_content_type(self.head.headers) is not None:
-            self.front.answer(self, grpc_answer(error, None), None)
+        if self.head.grpc:
+            self.front.answer(self, grpc_answer(error, None, self.head.grpc), None)
             return
         self.front.answer(self, error, None)
 
