@@ -322,11 +322,11 @@ class ClientTLS:
 
 def build_client_tls(settings: TLSSettings, hostname: str, http2: bool = False) -> ClientTLS:
     """Compile a Service's outbound TLS for `hostname` (the Service host, also the SNI name);
-    `http2` for HTTP/2 Services (ALPN h2). An https:// Service whose `alpn` lists h2 gets an
-    `h2_creator` offering h2 (and http/1.1 when listed too), as Flex does."""
+    `http2` for HTTP/2 Services (ALPN h2). An https:// Service whose binding's `alpn` lists h2
+    gets an `h2_creator` offering h2 (and http/1.1 when listed too), as Flex does."""
     h2_creator = None
     alpn = [name.encode("ascii") for name in settings.alpn]
-    if not http2 and b"h2" in alpn:
+    if not http2 and settings.alpn_configured and b"h2" in alpn:
         offer = tuple(name for name in alpn if name in UPSTREAM_ALPN)
         h2_creator = client_creator(settings, hostname, offer=offer)
     return ClientTLS(
