@@ -242,8 +242,8 @@ class Options(usage.Options):
 
 
 def config_source(reactor: Any, options: Options) -> tuple[Any, Any]:
-    """What the gateway serves: the --conf directories, the --etcd prefix, or both (a resource
-    defined by both is an error; the file's version serves); and the etcd source, if any."""
+    """What the gateway serves: the --conf directories, the --etcd prefix, or both (files first;
+    a resource defined by both is reported at the etcd key); and the etcd source, if any."""
     from flexgw.config.sources.files import FileSource
 
     files = FileSource(options["conf"])
