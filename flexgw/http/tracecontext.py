@@ -84,7 +84,7 @@ class Sampler:
         state = None
         client = False
         for name, value in headers:
-            if name[0] in b"tTxX":
+            if name[:1] in b"tTxX":  # traceparent, tracestate, x-client-trace-id
                 lname = name.lower()
                 if lname == b"traceparent":
                     parent = parse_traceparent(value)
