@@ -108,10 +108,12 @@ class Sampler:
             return Trace(self, ids(128) or 1, ids(64) or 1, 0, None, now, clock)
         return Trace(self, parent[0], ids(64) or 1, parent[1], state, now, clock)
 
-    def label_values(self, headers: HeaderList) -> list[tuple[str, str]]:
-        """(attribute name, value) of each label for a request with `headers` (at export)."""
+    def label_values(self, headers: HeaderList,
+                     labels: Sequence[TraceLabel] | None = None) -> list[tuple[str, str]]:
+        """(attribute name, value) of each label (of `labels`, default all) for a request with
+        `headers` (at export)."""
         out = []
-        for label in self.labels:
+        for label in self.labels if labels is None else labels:
             if label.type == "literal":
                 value = label.default
             elif label.type == "environment":

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -102,90 +102,131 @@ def _attributes(pairs: Any) -> list[KeyValue]:
     return [KeyValue(key=key, value=_value(value)) for key, value in pairs]
 
 
-def _nanos(seconds: float) -> int:
-    return int(seconds * 1e9)
+def _add(attributes: Any, key: str, value: str) -> None:
+    """Append a string attribute to a span's repeated `attributes`, in place."""
+    item = attributes.add()
+    item.key = key
+    item.value.string_value = value
 
 
-def server_span(record: tuple[Any, ...]) -> Span:
-    """The server span of one exchange, with the OpenTelemetry HTTP semantic-convention attributes."""
-    trace, end, head, api, route, status, cause, peer, port = record
-    method = head.method.decode("latin-1")
-    host = head.authority.rsplit(":", 1)[0] if head.authority.count(":") == 1 else head.authority
-    pairs: list[tuple[str, Any]] = [
-        ("http.request.method", method),
-        ("url.path", head.path),
-        ("url.scheme", peer.scheme),
-        ("server.address", host.strip("[]")),
-        ("server.port", port),
-        ("client.address", peer.address),
-        ("network.protocol.version", head.version.decode("latin-1")),
-        ("flexgw.api", api or ""),
-    ]
-    if route is not None:
-        pairs.append(("http.route", route))
-        pairs.append(("flexgw.route", route))
-    if status:
-        pairs.append(("http.response.status_code", status))
-    if cause is not None:
-        pairs.append(("error.type", cause))
-    sampler = trace.sampler
-    if sampler.labels:
-        pairs += sampler.label_values(head.headers)
-    span = Span(
-        trace_id=trace.trace_id.to_bytes(16, "big"),
-        span_id=trace.span_id.to_bytes(8, "big"),
-        name=sampler.span_name or (f"{method} {route}" if route else method),
-        kind=_SERVER,
-        start_time_unix_nano=_nanos(trace.start),
-        end_time_unix_nano=_nanos(end),
-        attributes=_attributes(pairs),
-    )
-    if trace.parent_id:
-        span.parent_span_id = trace.parent_id.to_bytes(8, "big")
-    if trace.tracestate:
-        span.trace_state = trace.tracestate.decode("latin-1")
-    if cause is not None or status >= 500 or not status:
-        span.status.code = _ERROR
-        span.status.message = cause or ""
-    return span
+class SpanEncoder:
+    """Fills OTLP messages from finished traces, off the request path and cheaply: the spans are
+    filled in place inside the export request, and the attributes that are the same for every
+    request of one API, route, method and listener (and the literal labels) are serialized once
+    and merged into each span (protobuf merges repeated fields by appending)."""
 
+    def __init__(self, settings: TracingSettings) -> None:
+        self.settings = settings
+        self.resource = Resource(attributes=_attributes(
+            [("service.name", settings.service_name), ("service.type", settings.service_type),
+             *settings.resource_attributes]
+        ))
+        self.scope = InstrumentationScope(name="flexgw", version=flexgw.__version__)
+        self._fixed: dict[tuple[Any, ...], bytes] = {}
 
-def child_span(trace: Trace, child: ChildSpan) -> Span:
-    """A child span (an upstream attempt, a policy wait, a side call) under the server span."""
-    span = Span(
-        trace_id=trace.trace_id.to_bytes(16, "big"),
-        span_id=child.span_id.to_bytes(8, "big"),
-        parent_span_id=trace.span_id.to_bytes(8, "big"),
-        name=child.name,
-        kind=_INTERNAL if child.kind == "policy" else _CLIENT,
-        start_time_unix_nano=_nanos(child.start),
-        end_time_unix_nano=_nanos(child.end),
-        attributes=_attributes(child.attributes),
-    )
-    for name, when in child.events:
-        span.events.add(name=name, time_unix_nano=_nanos(when))
-    if child.error is not None:
-        span.status.code = _ERROR
-        span.status.message = child.error
-    return span
+    def fixed(self, key: tuple[Any, ...], sampler: Any, api: str | None, route: str | None,
+              method: str, scheme: str, version: str, port: int) -> bytes:
+        """The serialized constant attributes of a server span (a Span holding only them)."""
+        cached = self._fixed.get(key)
+        if cached is None:
+            pairs: list[tuple[str, Any]] = [
+                ("http.request.method", method), ("url.scheme", scheme), ("server.port", port),
+                ("network.protocol.version", version), ("flexgw.api", api or ""),
+            ]
+            if route is not None:
+                pairs += [("http.route", route), ("flexgw.route", route)]
+            pairs += [(label.name, label.default) for label in sampler.labels if label.type == "literal"]
+            if len(self._fixed) > 10_000:  # keys come from the configuration: a bound anyway
+                self._fixed.clear()
+            cached = self._fixed[key] = Span(attributes=_attributes(pairs)).SerializeToString()
+        return cached
+
+    def server_span(self, span: Span, record: tuple[Any, ...]) -> None:
+        """Fill `span` as the server span of one exchange, with the OpenTelemetry HTTP semantic-
+        convention attributes, the API and route, the labels, the error cause as the status."""
+        trace, end, head, api, route, status, cause, peer, port = record
+        sampler = trace.sampler
+        method = head.method.decode("latin-1")
+        span.MergeFromString(self.fixed(
+            (sampler, api, route, head.method, peer.scheme, head.version, port),
+            sampler, api, route, method, peer.scheme, head.version.decode("latin-1"), port,
+        ))
+        span.trace_id = trace.trace_id.to_bytes(16, "big")
+        span.span_id = trace.span_id.to_bytes(8, "big")
+        span.name = sampler.span_name or (f"{method} {route}" if route else method)
+        span.kind = _SERVER
+        span.start_time_unix_nano = int(trace.start * 1e9)
+        span.end_time_unix_nano = int(end * 1e9)
+        if trace.parent_id:
+            span.parent_span_id = trace.parent_id.to_bytes(8, "big")
+        if trace.tracestate:
+            span.trace_state = trace.tracestate.decode("latin-1")
+        attributes = span.attributes
+        authority = head.authority
+        host = authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+        _add(attributes, "url.path", head.path)
+        _add(attributes, "server.address", host.strip("[]"))
+        _add(attributes, "client.address", peer.address)
+        if status:
+            item = attributes.add()
+            item.key = "http.response.status_code"
+            item.value.int_value = status
+        if cause is not None:
+            _add(attributes, "error.type", cause)
+        for label in sampler.labels:
+            if label.type != "literal":
+                _add(attributes, *sampler.label_values(head.headers, (label,))[0])
+        if cause is not None or status >= 500 or not status:
+            span.status.code = _ERROR
+            span.status.message = cause or ""
+
+    @staticmethod
+    def child_span(span: Span, trace: Trace, child: ChildSpan) -> None:
+        """Fill `span` as a child span (an upstream attempt, a policy wait, a side call)."""
+        span.trace_id = trace.trace_id.to_bytes(16, "big")
+        span.span_id = child.span_id.to_bytes(8, "big")
+        span.parent_span_id = trace.span_id.to_bytes(8, "big")
+        span.name = child.name
+        span.kind = _INTERNAL if child.kind == "policy" else _CLIENT
+        span.start_time_unix_nano = int(child.start * 1e9)
+        span.end_time_unix_nano = int(child.end * 1e9)
+        attributes = span.attributes
+        for key, value in child.attributes:
+            item = attributes.add()
+            item.key = key
+            if isinstance(value, bool):
+                item.value.bool_value = value
+            else:
+                item.value.string_value = value
+        events = span.events
+        for name, when in child.events:
+            event = events.add()
+            event.name = name
+            event.time_unix_nano = int(when * 1e9)
+        if child.error is not None:
+            span.status.code = _ERROR
+            span.status.message = child.error
+
+    def encode(self, records: list[tuple[Any, ...]]) -> bytes:
+        """An ExportTraceServiceRequest holding the spans of `records`, serialized."""
+        request = ExportTraceServiceRequest()
+        resource_spans = request.resource_spans.add()
+        resource_spans.resource.CopyFrom(self.resource)
+        scope_spans = resource_spans.scope_spans.add()
+        scope_spans.scope.CopyFrom(self.scope)
+        spans = scope_spans.spans
+        child_span = self.child_span
+        for record in records:
+            self.server_span(spans.add(), record)
+            trace = record[0]
+            for child in trace.children:
+                child_span(spans.add(), trace, child)
+        return request.SerializeToString()
 
 
 def encode(settings: TracingSettings, records: list[tuple[Any, ...]]) -> bytes:
-    """An ExportTraceServiceRequest holding the spans of `records`, serialized."""
-    spans = []
-    for record in records:
-        trace = record[0]
-        spans.append(server_span(record))
-        spans.extend(child_span(trace, child) for child in trace.children)
-    resource = Resource(attributes=_attributes(
-        [("service.name", settings.service_name), ("service.type", settings.service_type),
-         *settings.resource_attributes]
-    ))
-    scope = InstrumentationScope(name="flexgw", version=flexgw.__version__)
-    request = ExportTraceServiceRequest(resource_spans=[
-        ResourceSpans(resource=resource, scope_spans=[ScopeSpans(scope=scope, spans=spans)])
-    ])
-    return request.SerializeToString()
+    """An ExportTraceServiceRequest holding the spans of `records`, serialized (one-off)."""
+    return SpanEncoder(settings).encode(records)
 
 
 class SpanExporter:
@@ -197,6 +238,7 @@ class SpanExporter:
         self.clock = clock
         self.settings = settings
         self.send = send
+        self.encoder = SpanEncoder(settings)
         self.queue: list[tuple[tuple[Any, ...], int]] = []  # (record, its span count)
         self.queued = 0  # spans in the queue
         self.dropped = 0
@@ -237,7 +279,7 @@ class SpanExporter:
         del queue[:taken]
         self.queued -= count
         try:
-            body = encode(self.settings, batch)
+            body = self.encoder.encode(batch)
             d = self.send(body)
         except Exception:  # noqa: BLE001 (an export must never break the gateway)
             d = fail(Failure())
