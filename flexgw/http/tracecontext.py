@@ -108,13 +108,14 @@ class Sampler:
             return Trace(self, ids(128) or 1, ids(64) or 1, 0, None, now, clock)
         return Trace(self, parent[0], ids(64) or 1, parent[1], state, now, clock)
 
-    def label_values(self, headers: HeaderList,
-                     labels: Sequence[TraceLabel] | None = None) -> list[tuple[str, str]]:
-        """(attribute name, value) of each label (of `labels`, default all) for a request with
-        `headers` (at export)."""
+    def label_values(self, headers: HeaderList, variable: bool = False) -> list[tuple[str, str]]:
+        """(attribute name, value) of each label for a request with `headers` (at export); with
+        `variable`, only those that are not literals (read from the request)."""
         out = []
-        for label in self.labels if labels is None else labels:
+        for label in self.labels:
             if label.type == "literal":
+                if variable:
+                    continue
                 value = label.default
             elif label.type == "environment":
                 value = self.environ.get(label.key, label.default)

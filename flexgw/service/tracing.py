@@ -102,13 +102,6 @@ def _attributes(pairs: Any) -> list[KeyValue]:
     return [KeyValue(key=key, value=_value(value)) for key, value in pairs]
 
 
-def _add(attributes: Any, key: str, value: str) -> None:
-    """Append a string attribute to a span's repeated `attributes`, in place."""
-    item = attributes.add()
-    item.key = key
-    item.value.string_value = value
-
-
 class SpanEncoder:
     """Fills OTLP messages from finished traces, off the request path and cheaply: the spans are
     filled in place inside the export request, and the attributes that are the same for every
@@ -161,21 +154,31 @@ class SpanEncoder:
             span.parent_span_id = trace.parent_id.to_bytes(8, "big")
         if trace.tracestate:
             span.trace_state = trace.tracestate.decode("latin-1")
-        attributes = span.attributes
+        add = span.attributes.add
         authority = head.authority
         host = authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
-        _add(attributes, "url.path", head.path)
-        _add(attributes, "server.address", host.strip("[]"))
-        _add(attributes, "client.address", peer.address)
+        item = add()
+        item.key = "url.path"
+        item.value.string_value = head.path
+        item = add()
+        item.key = "server.address"
+        item.value.string_value = host.strip("[]")
+        item = add()
+        item.key = "client.address"
+        item.value.string_value = peer.address
         if status:
-            item = attributes.add()
+            item = add()
             item.key = "http.response.status_code"
             item.value.int_value = status
         if cause is not None:
-            _add(attributes, "error.type", cause)
-        for label in sampler.labels:
-            if label.type != "literal":
-                _add(attributes, *sampler.label_values(head.headers, (label,))[0])
+            item = add()
+            item.key = "error.type"
+            item.value.string_value = cause
+        if sampler.labels:
+            for name, value in sampler.label_values(head.headers, variable=True):
+                item = add()
+                item.key = name
+                item.value.string_value = value
         if cause is not None or status >= 500 or not status:
             span.status.code = _ERROR
             span.status.message = cause or ""
