@@ -31,6 +31,7 @@ from flexgw.ingress.routing import remaining_path, rules_match
 from flexgw.plan import Api, BoundPolicy, Destination, Route
 from flexgw.policies.base import LocalResponse, PolicyContext
 from flexgw.policies.chain import ChainRun
+from flexgw.policies.expressions import EvaluationError, to_text
 from flexgw.upstream.connection import UpstreamConnection
 from flexgw.upstream.pool import UpstreamTLSError
 
@@ -307,10 +308,35 @@ class ProxyExchange:
             self.last_activity = self.upstream_started
             self.timer = front.clock.callLater(self._stream_idle_timeout(), self._on_timer)
         assert self.destination is not None
-        pool = self.pool = front.pools.pool_for(self.destination.upstream)
+        upstream = self.destination.upstream
+        balancing = upstream.balancing
+        key = None
+        if balancing is not None and balancing.hash_on is not None:
+            key = self._hash_key(balancing.hash_on)
+        pool = self.pool = front.pools.pick(upstream, key)
+        if pool is None:
+            self.fail(errors.NO_HEALTHY_UPSTREAM)
+            return
         if head.body != BODY_NONE and not self.request_complete:
             front.gate.hold(HELD)  # until the upstream can take the body
         pool.acquire(self)
+
+    def _hash_key(self, hash_on: object) -> str | None:
+        """The key a ringHash/maglev Service hashes for this request: the client's address,
+        or the value of the Service's `hashOn` expression (None when it has none)."""
+        if hash_on == "clientAddress":
+            return self.front.peer.address
+        chain = self.chain
+        if chain is None:
+            peer = self.front.peer
+            ctx = PolicyContext(self.head, peer.address, peer.scheme, self.api_key)
+        else:
+            ctx = chain.ctx
+        try:
+            value = hash_on.evaluate(ctx.expression_context())  # type: ignore[attr-defined]
+        except EvaluationError:
+            return None
+        return None if value is None else to_text(value)
 
     def _connecting(self) -> None:
         """Waiting for a connection to the upstream (or a tunnel's destination) from now."""
