@@ -58,7 +58,7 @@ class PoolManager:
         self.clock = clock
         # Names of Services with several addresses are resolved with this (default: the
         # reactor's own, `installNameResolver` in tests).
-        self._resolver = resolver
+        self.name_resolver = resolver
         self.pools: dict[Upstream, IUpstreamPool] = {}  # Services of one IP address
         self.clusters: dict[Upstream, Cluster] = {}  # the others (flexgw.upstream.cluster)
         self.http = HttpSettings()
@@ -70,8 +70,8 @@ class PoolManager:
     @property
     def resolver(self) -> IHostnameResolver:
         """The resolver of Service names (the reactor's unless one was given)."""
-        if self._resolver is not None:
-            return self._resolver
+        if self.name_resolver is not None:
+            return self.name_resolver
         return self.reactor.nameResolver  # type: ignore[attr-defined,no-any-return]
 
     def dns_failed(self, name: str, upstream: str, reason: Failure, note: str = "") -> None:
@@ -134,6 +134,18 @@ class PoolManager:
                 return self.pool_for(upstream)
             cluster = self.clusters[upstream] = Cluster(self, upstream)
         return cluster.pick(key, exclude)
+
+    def all_pools(self) -> list[tuple[Upstream, str, IUpstreamPool]]:
+        """Every pool: (the Service's upstream, the address it connects to, the pool)."""
+        found: list[tuple[Upstream, str, IUpstreamPool]] = [
+            (upstream, f"{upstream.scheme}://{upstream.authority}", pool)
+            for upstream, pool in self.pools.items()
+        ]
+        for upstream, cluster in self.clusters.items():
+            for member in cluster.members.values():
+                found.append((upstream, member.address, member.pool))
+        found.sort(key=lambda item: (item[0].key, item[1]))
+        return found
 
     def start(self, interval: float = 1.0) -> None:
         """Start the periodic expiry of idle connections."""
