@@ -24,7 +24,9 @@ from zope.interface import implementer
 
 from flexgw.plan import Balancing, Endpoint, Upstream
 from flexgw.upstream.balancer import BALANCERS
+from flexgw.upstream.health import HealthChecker
 from flexgw.upstream.interfaces import ConnectionWaiter, IUpstreamPool
+from flexgw.upstream.retry import RetryBudget
 
 _log = Logger(namespace="flexgw.upstream")
 
@@ -152,7 +154,6 @@ class Cluster:
         self.balancer: Any = None
         self.all_balancer: Any = None  # over every member (panic mode)
         self.panic = False
-        self.no_member_reason = "no_healthy_upstream"
         self.waiters: list[tuple[ConnectionWaiter, str | None]] = []
         self.receiver: _Receiver | None = None  # the resolution in progress
         self.resolve_timer: Any = None
@@ -160,16 +161,21 @@ class Cluster:
         self.dns_failures = 0  # resolutions that gave nothing (metrics)
         self.resolutions = 0
         self.retired = False
-        self.budget: Any = None  # the retry budget (flexgw.upstream.retry), set by the manager
-        self.outlier: Any = None  # flexgw.upstream.outlier.OutlierDetector
-        self.health: Any = None  # flexgw.upstream.health.HealthChecker
+        # The retry budget (`upstream-retry`), and the health checker (`upstream-health-check`)
+        self.budget = RetryBudget(upstream.retry) if upstream.retry is not None else None
+        self.health: HealthChecker | None = None
+        if upstream.health is not None:
+            self.health = HealthChecker(self, upstream.health, self.rng)
+        self.ejection_timers: dict[Member, Any] = {}
         endpoints = self.balancing.endpoints
         self.named = not endpoints and not is_ip(upstream.host)
         if endpoints:
             self.set_endpoints(endpoints)
         elif not self.named:
             self.set_endpoints((Endpoint(upstream.host, upstream.port),))
-        # (a name is resolved on the first request: `pick`)
+        elif self.health is not None:
+            self.resolve()  # checked from now
+        # (otherwise a name is resolved on the first request: `pick`)
 
     # -- the address set -------------------------------------------------------------------------
 
@@ -182,6 +188,9 @@ class Cluster:
             member.pool.retire()
             if self.health is not None:
                 self.health.forget(member)
+            timer = self.ejection_timers.pop(member, None)
+            if timer is not None and timer.active():
+                timer.cancel()
         for key, endpoint in wanted.items():
             member = self.members.get(key)
             if member is not None and member.weight != endpoint.weight:
@@ -275,9 +284,6 @@ class Cluster:
                     self._queued_key = key  # for the `acquire` that follows
                     return self
                 return None
-            if self.outlier is not None:
-                self.outlier.expire()  # ejections that ended come back first
-                balancer = self.balancer
             if balancer is None or self.panic:
                 if not self.balancing.fail_open and balancer is None:
                     return None
@@ -285,6 +291,59 @@ class Cluster:
         member = balancer.pick(key, exclude.member if exclude is not None else None)
         member.requests += 1
         return member.pool
+
+    def requests_in_flight(self) -> int:
+        """Requests in flight (or waiting for a connection) on every address."""
+        return sum(m.outstanding() for m in self.members.values()) + len(self.waiters)
+
+    # -- passive health: outlier detection (`upstream-outlier-detection`) -------------------------
+
+    def try_failed(self, member: Member, kind: str) -> None:
+        """A try on `member` failed (`5xx`, connect-failure, reset, timeout): count it; with
+        outlier detection, `consecutiveErrors` of them in a row eject the address."""
+        member.failures += 1
+        outlier = self.upstream.outlier
+        if outlier is None:
+            return
+        member.errors += 1
+        if member.errors >= outlier.consecutive_errors and not member.ejected:
+            self.eject(member)
+
+    def eject(self, member: Member) -> bool:
+        """Take `member` out of rotation for baseEjectionSeconds times the number of its
+        ejections (capped at maxEjectionSeconds), unless that would eject more than
+        maxEjectionPercent of the addresses (one may always be ejected)."""
+        outlier = self.upstream.outlier
+        now = self.clock.seconds()
+        ejected = sum(1 for m in self.members.values() if m.ejected_until > now)
+        allowed = max(1, int(len(self.members) * outlier.max_ejection_percent / 100))
+        member.errors = 0
+        if ejected + 1 > allowed:
+            return False
+        member.ejections += 1
+        duration = min(outlier.base_ejection * member.ejections, outlier.max_ejection)
+        member.ejected_until = now + duration
+        _log.warn(
+            "Upstream {upstream}: address {address} ejected for {duration}s after"
+            " {errors} consecutive failures (ejection {n})",
+            upstream=self.upstream.key,
+            address=member.address,
+            duration=duration,
+            errors=outlier.consecutive_errors,
+            n=member.ejections,
+        )
+        timer = self.ejection_timers.pop(member, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        self.ejection_timers[member] = self.clock.callLater(duration, self._unejected, member)
+        self.rebuild()
+        return True
+
+    def _unejected(self, member: Member) -> None:
+        """An ejection ended: the address is back in rotation."""
+        self.ejection_timers.pop(member, None)
+        if self.members.get((member.host, member.port)) is member:
+            self.rebuild()
 
     # The queue of requests waiting for the first resolution (this object stands in as their
     # pool until then).
@@ -320,6 +379,10 @@ class Cluster:
         if self.resolve_timer is not None and self.resolve_timer.active():
             self.resolve_timer.cancel()
         self.resolve_timer = None
+        for timer in self.ejection_timers.values():
+            if timer.active():
+                timer.cancel()
+        self.ejection_timers.clear()
         if self.health is not None:
             self.health.stop()
         for member in self.members.values():
@@ -339,6 +402,9 @@ class Cluster:
             "algorithm": self.balancing.algorithm,
             "resolved": self.named,
             "panic": self.panic,
+            "retryBudget": None
+            if self.budget is None
+            else {"active": self.budget.active, "exhausted": self.budget.exhausted},
             "addresses": [
                 {
                     "address": m.address,

@@ -105,6 +105,9 @@ class PoolManager:
             if cluster is not None:
                 for pool in cluster.pools():
                     pool.configure(http, timeouts, pool.upstream)
+            elif upstream.health is not None and needs_cluster(upstream):
+                # Checked from now, not from the first request.
+                self.clusters[upstream] = Cluster(self, upstream)
 
     def make_pool(self, upstream: Upstream) -> IUpstreamPool:
         """A new pool for `upstream` (HTTP/2 for `h2c`/`h2` Services)."""
