@@ -8,6 +8,7 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 
+from flexgw.service.admin import admin_site
 from flexgw.testing import client
 from flexgw.testing.cluster import load
 from flexgw.testing.upstream import (
@@ -19,6 +20,7 @@ from flexgw.testing.upstream import (
     never,
 )
 from tests.conftools import HEADER
+from tests.test_admin import samples
 from tests.test_upstream_cluster import NAME, ClusterCase
 
 
@@ -174,6 +176,16 @@ class RetryTests(ClusterCase):
         self.assertGreater(cluster.budget.exhausted, 0)
         self.assertEqual(cluster.budget.active, 0)
         self.assertEqual({r["error"] for r in gateway.records()}, {"upstream_connect_failure"})
+        listening = reactor.listenTCP(0, admin_site(gateway.service), interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        page = await client.request(
+            reactor, "127.0.0.1", listening.getHost().port, b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n"
+        )
+        got = samples(page.body)
+        self.assertEqual(
+            got[("flexgw_upstream_retry_budget_exhausted_total", (("upstream", "default/orders"),))],
+            cluster.budget.exhausted,
+        )
 
 
 class BalanceTests(ClusterCase):

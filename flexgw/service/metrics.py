@@ -200,8 +200,15 @@ class GatewayCollector:
             "1 when too few addresses are in rotation and every address is used (panic mode).",
             labels=["upstream"],
         )
+        exhausted = CounterMetricFamily(
+            "flexgw_upstream_retry_budget_exhausted",
+            "Retries the retry budget refused (upstream-retry).",
+            labels=["upstream"],
+        )
         for upstream, cluster in sorted(gateway.pools.clusters.items(), key=lambda i: i[0].key):
             dns.add_metric([upstream.key], cluster.dns_failures)
+            if cluster.budget is not None:
+                exhausted.add_metric([upstream.key], cluster.budget.exhausted)
             panic.add_metric([upstream.key], 1 if cluster.panic else 0)
             for member in cluster.members.values():
                 values = [upstream.key, member.address]
@@ -212,6 +219,7 @@ class GatewayCollector:
         yield from counters.values()
         yield dns
         yield panic
+        yield exhausted
 
     def _requests(self, metrics: GatewayMetrics) -> Iterator[Metric]:
         by_class: dict[tuple[str, str, str, str], int] = {}
