@@ -24,11 +24,11 @@ from tests.test_admin import samples
 NAME = "orders.test"
 
 
-def service_doc(upstream_port: int, extra: str = "") -> str:
-    """The `orders` Service at http://orders.test:<port>, with extra spec lines."""
+def service_doc(upstream_port: int, extra: str = "", scheme: str = "http") -> str:
+    """The `orders` Service at <scheme>://orders.test:<port>, with extra spec lines."""
     return (
         f"{HEADER}kind: Service\nmetadata:\n  name: orders\n"
-        f"spec:\n  address: http://{NAME}:{upstream_port}\n{extra}"
+        f"spec:\n  address: {scheme}://{NAME}:{upstream_port}\n{extra}"
     )
 
 
@@ -38,17 +38,21 @@ class ClusterCase(TestCase):
     timeout = 30
 
     def start(
-        self, extra: str = "", responders: Any = (None, None, None), config: str = ""
+        self,
+        extra: str = "",
+        responders: Any = (None, None, None),
+        config: str = "",
+        scheme: str = "http",
     ) -> tuple[Gateway, UpstreamSet, int]:
         """Start the upstreams and the gateway; (gateway, upstreams, gateway port)."""
         upstream_port = free_port()
-        upstreams = UpstreamSet(reactor, upstream_port, list(responders))
+        upstreams = UpstreamSet(reactor, upstream_port, list(responders), h2c=scheme == "h2c")
         self.addCleanup(upstreams.stop)
         resolver = StaticResolver({NAME: upstreams.hosts})
         port = free_port()
         files = {
             "api.yaml": api("shop", f"http://127.0.0.1:{port}"),
-            "service.yaml": service_doc(upstream_port, extra),
+            "service.yaml": service_doc(upstream_port, extra, scheme),
             "route.yaml": route("r", "shop", "orders"),
         }
         if config:

@@ -298,3 +298,38 @@ class HealthTests(ClusterCase):
                 self.assertEqual({r["error"] for r in gateway.records()}, {"no_healthy_upstream"})
             await gateway.stop()
             await upstreams.stop()
+
+    async def test_h2c_and_tcp_checks(self) -> None:
+        """An h2c Service is checked over HTTP/2 (`:path` /health, `:authority` the Service's);
+        a `type: tcp` check passes on a connect alone and fails when the address is gone."""
+        config = service_policy(
+            "upstream-health-check", "    path: /health\n    intervalSeconds: 0.1\n"
+        )
+        gateway, upstreams, port = self.start(config=config, scheme="h2c")
+        cluster, _ = self.watch(gateway)
+        await self.until(
+            lambda m: len(cluster.members) == 3
+            and all(x.health_successes for x in cluster.members.values())
+        )
+        first = upstreams.upstreams[0].received[0]
+        self.assertEqual(first.target, b"/health")
+        self.assertEqual(first.header(":authority"), [f"{NAME}:{upstreams.port}".encode()])
+        self.assertEqual(await load(reactor, port, 3, 1), {200: 3})
+        await gateway.stop()
+        await upstreams.stop()
+
+        config = service_policy(
+            "upstream-health-check",
+            "    type: tcp\n    intervalSeconds: 0.1\n    unhealthyThreshold: 1\n",
+        )
+        gateway, upstreams, port = self.start(config=config)
+        cluster, _ = self.watch(gateway)
+        await self.until(
+            lambda m: len(cluster.members) == 3
+            and all(x.health_successes for x in cluster.members.values())
+        )
+        self.assertEqual(upstreams.counts(), [0, 0, 0])  # no HTTP request, only connects
+        dead = cluster.members[(upstreams.hosts[2], upstreams.port)]
+        gone = self.until(lambda m: m is dead and not m.healthy)
+        await upstreams.kill(2)
+        await gone

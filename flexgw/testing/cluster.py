@@ -16,15 +16,21 @@ from flexgw.testing.upstream import RecordingUpstream, Responder
 
 
 class UpstreamSet:
-    """`n` recording upstreams, the k-th on 127.0.0.(k+2):port, each with its own responder."""
+    """`n` recording upstreams, the k-th on 127.0.0.(k+2):port, each with its own responder
+    (speaking HTTP/2 with prior knowledge with `h2c`)."""
 
     def __init__(
-        self, reactor: Any, port: int, responders: Sequence[Responder | None], first: int = 2
+        self,
+        reactor: Any,
+        port: int,
+        responders: Sequence[Responder | None],
+        first: int = 2,
+        h2c: bool = False,
     ) -> None:
         self.reactor = reactor
         self.port = port
         self.hosts = [f"127.0.0.{first + i}" for i in range(len(responders))]
-        self.upstreams = [RecordingUpstream(r, reactor=reactor) for r in responders]
+        self.upstreams = [RecordingUpstream(r, reactor=reactor, h2c=h2c) for r in responders]
         for host, upstream in zip(self.hosts, self.upstreams):
             upstream.listen(reactor, host=host, port=port)
 
