@@ -43,10 +43,14 @@ class ClusterCase(TestCase):
         responders: Any = (None, None, None),
         config: str = "",
         scheme: str = "http",
+        tls: Any = None,
     ) -> tuple[Gateway, UpstreamSet, int]:
-        """Start the upstreams and the gateway; (gateway, upstreams, gateway port)."""
+        """Start the upstreams (over TLS with `tls`) and the gateway; (gateway, upstreams,
+        gateway port)."""
         upstream_port = free_port()
-        upstreams = UpstreamSet(reactor, upstream_port, list(responders), h2c=scheme == "h2c")
+        upstreams = UpstreamSet(
+            reactor, upstream_port, list(responders), h2c=scheme == "h2c", tls=tls
+        )
         self.addCleanup(upstreams.stop)
         resolver = StaticResolver({NAME: upstreams.hosts})
         port = free_port()

@@ -333,3 +333,32 @@ class HealthTests(ClusterCase):
         gone = self.until(lambda m: m is dead and not m.healthy)
         await upstreams.kill(2)
         await gone
+
+    async def test_tls_check_with_service_tls_settings(self) -> None:
+        """An https Service with a tls-outbound binding (its own CA): the checks speak TLS with
+        those settings (the certificate is checked for the Service's name) and pass."""
+        import os
+
+        from flexgw.testing.certs import CertificateAuthority, server_options
+        from tests.outbound import outbound_binding
+
+        ca = CertificateAuthority("upstream CA")
+        ca_path = ca.write(os.path.abspath(self.mktemp()), "ca")
+        issued = ca.issue("orders", dns=[NAME])
+        tls_binding = outbound_binding(
+            "orders-tls", "tls-outbound", f'trustedCA: "file://{ca_path}"', target="orders"
+        )
+        config = (
+            service_policy("upstream-health-check", "    path: /health\n    intervalSeconds: 0.1\n")
+            + tls_binding
+        )
+        gateway, upstreams, port = self.start(
+            config=config, scheme="https", tls=server_options(issued)
+        )
+        cluster, _ = self.watch(gateway)
+        await self.until(
+            lambda m: len(cluster.members) == 3
+            and all(x.health_successes for x in cluster.members.values())
+        )
+        self.assertEqual(upstreams.upstreams[1].received[0].target, b"/health")
+        self.assertEqual(await load(reactor, port, 3, 1), {200: 3})

@@ -26,13 +26,15 @@ class UpstreamSet:
         responders: Sequence[Responder | None],
         first: int = 2,
         h2c: bool = False,
+        tls: Any = None,
     ) -> None:
         self.reactor = reactor
         self.port = port
+        self.tls = tls  # a server TLS context for every upstream (flexgw.testing.certs)
         self.hosts = [f"127.0.0.{first + i}" for i in range(len(responders))]
         self.upstreams = [RecordingUpstream(r, reactor=reactor, h2c=h2c) for r in responders]
         for host, upstream in zip(self.hosts, self.upstreams):
-            upstream.listen(reactor, host=host, port=port)
+            upstream.listen(reactor, host=host, port=port, tls=tls)
 
     def counts(self) -> list[int]:
         """Requests each upstream has received (heads)."""
@@ -45,7 +47,7 @@ class UpstreamSet:
     def restart(self, index: int) -> None:
         """Listen again on the index-th address (a restarted process)."""
         upstream = self.upstreams[index]
-        upstream.listen(self.reactor, host=self.hosts[index], port=self.port)
+        upstream.listen(self.reactor, host=self.hosts[index], port=self.port, tls=self.tls)
 
     async def stop(self) -> None:
         """Stop every upstream (a trial cleanup)."""
