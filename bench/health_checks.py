@@ -21,26 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-NGINX = """\
-worker_processes 1;
-error_log {tmp}/error.log warn;
-pid {tmp}/nginx.pid;
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/client_body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    keepalive_requests 10000000;
-    keepalive_timeout 300s;
-    server {{
-{listens}
-        location / {{ default_type text/plain; return 200 "ok\\n"; }}
-    }}
-}}
-"""
+from bench.run import NGINX_UPSTREAM_CONF, nginx_argv, write_nginx
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,14 +46,17 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="flexgw-health-bench-"))
     ports = range(args.first_port, args.first_port + args.addresses)
-    listens = "\n".join(f"        listen 127.0.0.1:{p};" for p in ports)
-    conf = tmp / "nginx.conf"
-    conf.write_text(NGINX.format(tmp=tmp, listens=listens))
-    nginx = subprocess.Popen(["nginx", "-p", str(tmp), "-c", str(conf), "-g", "daemon off;"])
+    # run.py's upstream nginx, listening on every port
+    listen = "        listen {host}:{port} backlog=4096;\n"
+    template = NGINX_UPSTREAM_CONF.replace(
+        listen, "".join(f"        listen {{host}}:{p};\n" for p in ports)
+    )
+    conf = write_nginx(tmp, "upstream-nginx", template)
+    nginx = subprocess.Popen(nginx_argv(conf))
     try:
         time.sleep(1.0)  # nginx binds its listeners (a benchmark, not a test)
         if nginx.poll() is not None:
-            print(f"nginx failed: {(tmp / 'error.log').read_text()}", file=sys.stderr)
+            print("nginx failed to start", file=sys.stderr)
             return 1
         upstream = Upstream(
             key="bench/many",

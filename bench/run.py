@@ -86,13 +86,15 @@ http {{
 }}
 """
 
-GATEWAY_CONF = """\
+API_CONF = """\
 apiVersion: gateway.mulesoft.com/v1alpha1
 kind: ApiInstance
 metadata:
   name: bench
 spec:
   address: http://{host}:{port}
+"""
+GATEWAY_CONF = API_CONF + """\
   services:
     upstream:
       address: http://{host}:{upstream_port}
@@ -101,13 +103,7 @@ spec:
 #: --multi: the same upstream reached as a Service of three addresses (127.0.0.1-3, which all
 #: reach the loopback upstream), balanced round robin: the cost of balancing, not of more work.
 MULTI_HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
-MULTI_CONF = """\
-apiVersion: gateway.mulesoft.com/v1alpha1
-kind: ApiInstance
-metadata:
-  name: bench
-spec:
-  address: http://{host}:{port}
+MULTI_CONF = API_CONF + """\
 ---
 apiVersion: gateway.mulesoft.com/v1alpha1
 kind: Service

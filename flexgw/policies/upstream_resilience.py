@@ -102,6 +102,18 @@ HEALTH_SCHEMA: dict[str, Any] = {
 }
 
 
+def _base_and_max(
+    config: dict[str, Any], base_key: str, max_key: str, base: float, most: float, field: str = ""
+) -> tuple[float, float]:
+    """A (base, maximum) pair of a config, the maximum defaulting to at least the base; a
+    maximum under the base is an error at `field` + `max_key`."""
+    low = float(config.get(base_key, base))
+    high = float(config.get(max_key, max(most, low)))
+    if high < low:
+        raise PolicyConfigError(f"{max_key} must be at least {base_key}", field + max_key)
+    return low, high
+
+
 @implementer(IPolicy)
 @attrs.frozen(eq=False)
 class UpstreamSetting:
@@ -128,13 +140,9 @@ class RetryKind:
 
     def build(self, config: dict[str, Any], context: BuildContext) -> UpstreamSetting:
         """The Service's RetryPolicy."""
-        backoff = config.get("backoff") or {}
-        base = float(backoff.get("baseMilliseconds", 25)) / 1000
-        most = float(backoff.get("maxMilliseconds", max(250, base * 1000))) / 1000
-        if most < base:
-            raise PolicyConfigError(
-                "maxMilliseconds must be at least baseMilliseconds", "backoff.maxMilliseconds"
-            )
+        base, most = _base_and_max(
+            config.get("backoff") or {}, "baseMilliseconds", "maxMilliseconds", 25, 250, "backoff."
+        )
         budget = config.get("budget") or {}
         policy = RetryPolicy(
             retries=int(config.get("retries", 2)),
@@ -143,8 +151,8 @@ class RetryKind:
             per_try_timeout=(
                 float(config["perTryTimeoutSeconds"]) if "perTryTimeoutSeconds" in config else None
             ),
-            backoff_base=base,
-            backoff_max=most,
+            backoff_base=base / 1000,
+            backoff_max=most / 1000,
             retry_after_max=float(config.get("retryAfterMaxSeconds", 0)),
             body_limit=int(config.get("maxBufferedBodyBytes", 16384)),
             budget_percent=float(budget.get("percent", 20)),
@@ -163,12 +171,9 @@ class OutlierKind:
 
     def build(self, config: dict[str, Any], context: BuildContext) -> UpstreamSetting:
         """The Service's OutlierPolicy."""
-        base = float(config.get("baseEjectionSeconds", 30))
-        most = float(config.get("maxEjectionSeconds", max(300, base)))
-        if most < base:
-            raise PolicyConfigError(
-                "maxEjectionSeconds must be at least baseEjectionSeconds", "maxEjectionSeconds"
-            )
+        base, most = _base_and_max(
+            config, "baseEjectionSeconds", "maxEjectionSeconds", 30, 300
+        )
         policy = OutlierPolicy(
             consecutive_errors=int(config.get("consecutiveErrors", 5)),
             base_ejection=base,
