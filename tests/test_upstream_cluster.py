@@ -207,3 +207,44 @@ class ConfigErrorTests(SynchronousTestCase):
         [error] = check("  loadBalancer:\n    dnsRefreshSeconds: 0\n")
         self.assertIn("spec.loadBalancer.dnsRefreshSeconds", error)
         self.assertEqual(Counter(check("  addresses: [10.0.0.1]\n")), Counter())
+
+
+class PolicyKeyTests(SynchronousTestCase):
+    """Retry, outlier and health-check keys out of range are errors at their file:line:column;
+    the Service's APIs are then not served (fail closed), as for any bad outbound binding."""
+
+    def errors(self, kind: str, config: str) -> list[str]:
+        """The errors of a conf dir with the `orders` Service and a `kind` binding on it."""
+        from flexgw.config.pipeline import load_config
+        from tests.conftools import write_conf
+        from tests.test_upstream_resilience import service_policy
+
+        root = write_conf(
+            self,  # type: ignore[arg-type]
+            {
+                "api.yaml": api("shop", "http://127.0.0.1:8081"),
+                "service.yaml": service_doc(8080),
+                "route.yaml": route("r", "shop", "orders"),
+                "policy.yaml": service_policy(kind, config),
+            },
+        )
+        errors = [str(p) for p in load_config([root], {}).errors]
+        assert len(errors) == 2 and "not served (fail closed)" in errors[1], errors
+        return errors[:1]
+
+    def test_out_of_range(self) -> None:
+        """retries 0, a backoff maximum under its base, a health timeout over its interval,
+        consecutiveErrors 0: each located at its value (or its key)."""
+        [error] = self.errors("upstream-retry", "    retries: 0\n")
+        self.assertRegex(error, r"policy\.yaml:12:14: error: .*config\.retries")
+        [error] = self.errors(
+            "upstream-retry", "    backoff: {baseMilliseconds: 100, maxMilliseconds: 10}\n"
+        )
+        self.assertIn("maxMilliseconds must be at least baseMilliseconds", error)
+        self.assertIn("policy.yaml:12", error)
+        [error] = self.errors(
+            "upstream-health-check", "    intervalSeconds: 1\n    timeoutSeconds: 2\n"
+        )
+        self.assertIn("timeoutSeconds must not exceed intervalSeconds", error)
+        [error] = self.errors("upstream-outlier-detection", "    consecutiveErrors: 0\n")
+        self.assertRegex(error, r"policy\.yaml:12:\d+: error: .*consecutiveErrors")
