@@ -10,6 +10,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from flexgw.plan import HttpSettings, Timeouts, Upstream
+from flexgw.upstream.alpn import AlpnUpstreamPool
 from flexgw.upstream.cluster import Cluster, needs_cluster
 from flexgw.upstream.h2 import H2UpstreamPool
 from flexgw.upstream.interfaces import IUpstreamPool
@@ -110,8 +111,11 @@ class PoolManager:
                 self.clusters[upstream] = Cluster(self, upstream)
 
     def make_pool(self, upstream: Upstream) -> IUpstreamPool:
-        """A new pool for `upstream` (HTTP/2 for `h2c`/`h2` Services)."""
-        kind = H2UpstreamPool if upstream.scheme in ("h2c", "h2") else UpstreamPool
+        """A new pool for `upstream` (HTTP/2 for `h2c`/`h2` Services, by ALPN for an https://
+        Service whose `alpn` lists h2)."""
+        kind: Any = H2UpstreamPool if upstream.scheme in ("h2c", "h2") else UpstreamPool
+        if kind is UpstreamPool and upstream.tls is not None and upstream.tls.h2_creator:
+            kind = AlpnUpstreamPool  # https:// with h2 in alpn: what the upstream picks
         return kind(  # type: ignore[no-any-return]
             self.reactor, self.clock, upstream, self.http, self.timeouts
         )
