@@ -221,3 +221,22 @@ class ClusterResolutionTests(SynchronousTestCase):
         self.clock.advance(5)
         self.assertEqual(len(self.resolver.lookups), 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_panic_threshold(self) -> None:
+        """Three of four addresses unhealthy (25 % in rotation, under the 50 % threshold):
+        failOpen uses all four (panic mode); reject keeps to the healthy one; none healthy
+        with reject: no address (503 no_healthy_upstream)."""
+        endpoints = tuple(Endpoint(f"127.0.0.{i}", 80) for i in range(2, 6))
+        for fail_open, expected in ((True, 4), (False, 1)):
+            upstream = cluster_upstream(endpoints=endpoints, fail_open=fail_open)
+            self.manager.pick(upstream)
+            cluster = self.manager.clusters[upstream]
+            for member in list(cluster.members.values())[1:]:
+                member.healthy = False
+            cluster.rebuild()
+            self.assertTrue(cluster.panic)
+            picked = {id(self.manager.pick(upstream)) for _ in range(40)}
+            self.assertEqual(len(picked), expected)
+        next(iter(cluster.members.values())).healthy = False
+        cluster.rebuild()
+        self.assertIsNone(self.manager.pick(upstream))

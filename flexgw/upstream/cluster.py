@@ -284,10 +284,10 @@ class Cluster:
                     self._queued_key = key  # for the `acquire` that follows
                     return self
                 return None
-            if balancer is None or self.panic:
-                if not self.balancing.fail_open and balancer is None:
-                    return None
-                balancer = self.all_balancer
+            if self.balancing.fail_open:
+                balancer = self.all_balancer  # panic mode: every address, healthy or not
+            elif balancer is None:
+                return None  # whenNoneHealthy: reject
         member = balancer.pick(key, exclude.member if exclude is not None else None)
         member.requests += 1
         return member.pool
