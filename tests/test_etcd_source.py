@@ -157,8 +157,7 @@ class OptionsTests(TestCase):
         options.parseOptions(["--etcd", "http://127.0.0.1:1", "--conf", root])
         self.assertIsInstance(config_source(None, options)[0], CombinedSource)
         for bad in (["--etcd", "127.0.0.1:2379"], ["--etcd-user", "u"],
-                    ["--etcd", "http://h:1", "--etcd-cert", secret],
-                    ["--etcd", "http://h:1", "--workers", "2"]):
+                    ["--etcd", "http://h:1", "--etcd-cert", secret]):
             with self.assertRaises(UsageError):
                 Options().parseOptions(bad)
 
