@@ -33,6 +33,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "flexgw.policies.tls",
     "flexgw.policies.forward_proxy",
     "flexgw.policies.tracing",
+    "flexgw.policies.upstream_resilience",
 )
 
 _kinds: dict[str, Any] = {}
