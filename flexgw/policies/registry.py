@@ -23,6 +23,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "flexgw.policies.client_id",
     "flexgw.policies.jwt_validation",
     "flexgw.policies.introspection",
+    "flexgw.policies.ldap_auth",
     "flexgw.policies.rate_limiting",
     "flexgw.policies.spike_control",
     "flexgw.policies.cors",
