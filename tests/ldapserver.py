@@ -5,6 +5,7 @@ its PID."""
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import signal
 import socket
@@ -136,21 +137,33 @@ class SlapdServer:
         return self
 
     def _wait_ready(self) -> None:
-        """Connect until slapd accepts on every port (each attempt bounded; overall bounded)."""
+        """Wait (bounded) until slapd wrote its pid file, which it does only once it has bound
+        every listener (so a port another process took makes it exit instead), then connect to
+        each port. Each check is a system call; the loop ends at READY_TIMEOUT at the latest."""
+        assert self.process is not None
         deadline = time.monotonic() + READY_TIMEOUT
-        for port in filter(None, (self.port, self.tls_port)):
+        pidfile = os.path.join(self.workdir, "slapd.pid")
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"slapd exited: {self.log()[-800:]!r}")
+            try:
+                with open(pidfile) as f:
+                    if f.read().strip() == str(self.process.pid):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"slapd did not start: {self.log()[-800:]!r}")
+            select.select([], [], [], 0.005)  # a bounded wait between checks of the pid file
+        for port in filter(None, (self.port, self.tls_port)):  # bound by slapd: wait for listen()
             while True:
-                assert self.process is not None
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"slapd exited: {self.log()[-800:]!r}")
                 try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                    socket.create_connection(("127.0.0.1", port), timeout=READY_TIMEOUT).close()
                     break
                 except OSError:
-                    if time.monotonic() > deadline:
+                    if self.process.poll() is not None or time.monotonic() > deadline:
                         raise RuntimeError(f"slapd not listening: {self.log()[-800:]!r}") from None
-                    # the refused connect is the wait: slapd binds within milliseconds
-                    socket.socket().close()
+                    select.select([], [], [], 0.005)
 
     def log(self) -> bytes:
         """What slapd printed."""
