@@ -24,6 +24,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "flexgw.policies.jwt_validation",
     "flexgw.policies.introspection",
     "flexgw.policies.ldap_auth",
+    "flexgw.policies.ext_authz",
     "flexgw.policies.rate_limiting",
     "flexgw.policies.spike_control",
     "flexgw.policies.cors",
