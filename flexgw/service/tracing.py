@@ -15,7 +15,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
+from opentelemetry.proto.common.v1 import common_pb2
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from twisted.internet.defer import Deferred, fail
@@ -114,7 +115,11 @@ class SpanEncoder:
             [("service.name", settings.service_name), ("service.type", settings.service_type),
              *settings.resource_attributes]
         ))
-        self.scope = InstrumentationScope(name="flexgw", version=flexgw.__version__)
+        # opentelemetry-proto >= 0.19 names it InstrumentationScope (ScopeSpans); older copies of
+        # the same files (xds-protos ships some) InstrumentationLibrary: the wire format is the
+        # same (fields 1 and 2), so either serializes a request every collector reads.
+        scope = getattr(common_pb2, "InstrumentationScope", None) or common_pb2.InstrumentationLibrary
+        self.scope = scope(name="flexgw", version=flexgw.__version__)
         self._fixed: dict[tuple[Any, ...], bytes] = {}
 
     def fixed(self, key: tuple[Any, ...], sampler: Any, api: str | None, route: str | None,
@@ -215,8 +220,12 @@ class SpanEncoder:
         request = ExportTraceServiceRequest()
         resource_spans = request.resource_spans.add()
         resource_spans.resource.CopyFrom(self.resource)
-        scope_spans = resource_spans.scope_spans.add()
-        scope_spans.scope.CopyFrom(self.scope)
+        if hasattr(resource_spans, "scope_spans"):
+            scope_spans = resource_spans.scope_spans.add()
+            scope_spans.scope.CopyFrom(self.scope)
+        else:  # the older files (see __init__)
+            scope_spans = resource_spans.instrumentation_library_spans.add()
+            scope_spans.instrumentation_library.CopyFrom(self.scope)
         spans = scope_spans.spans
         child_span = self.child_span
         for record in records:

@@ -34,7 +34,9 @@ class _Collected:
         """Keep an export request (in the reactor thread)."""
         self.requests.append(request)
         for resource in request.resource_spans:
-            for scope in resource.scope_spans:
+            # ScopeSpans, or InstrumentationLibrarySpans in older copies of the OTLP files
+            scopes = getattr(resource, "scope_spans", None)
+            for scope in scopes if scopes is not None else resource.instrumentation_library_spans:
                 self.spans.extend(scope.spans)
         waiting = self._waiters
         self._waiters = []
