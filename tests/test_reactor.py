@@ -12,6 +12,7 @@ from typing import Any
 from twisted.application.reactors import getReactorTypes
 from twisted.internet.epollreactor import EPOLLHUP, EPOLLIN, EPOLLOUT, EPollReactor
 from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python import context, log
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -158,6 +159,36 @@ class EventDispatchMixin:
         self.addCleanup(reactor._poller.close)  # type: ignore[attr-defined]
         reactor._poller = _Poller([(1006, EPOLLIN)])
         reactor.doPoll(0)  # no KeyError
+
+
+    def test_main_loop_survives_a_failing_turn(self) -> None:
+        """A turn that raises is logged at critical level as "Unexpected error in main loop"
+        (namespace twisted.internet.base) and the loop runs the next turn."""
+        reactor = self.reactor_class()
+        self.addCleanup(reactor._poller.close)  # type: ignore[attr-defined]
+        turns: list[object] = []
+
+        def iteration(timeout: object) -> None:
+            turns.append(timeout)
+            if len(turns) == 1:
+                raise ValueError("turn")
+            reactor._started = False  # type: ignore[attr-defined]
+
+        reactor.doIteration = iteration  # type: ignore[method-assign]
+        reactor._started = True  # type: ignore[attr-defined]
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        try:
+            reactor.mainLoop()
+        finally:
+            globalLogPublisher.removeObserver(logged.append)
+        self.assertEqual(len(turns), 2)
+        [event] = [event for event in logged if event.get("log_failure") is not None]
+        self.assertEqual(
+            (event["log_format"], event["log_level"], event["log_namespace"]),
+            ("Unexpected error in main loop", LogLevel.critical, "twisted.internet.base"),
+        )
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)  # type: ignore[attr-defined]
 
 
 class StockReactorTests(EventDispatchMixin, SynchronousTestCase):

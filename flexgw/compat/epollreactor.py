@@ -12,13 +12,17 @@ enters the log context where it is read:
 - a disconnection (a hang-up event, or `doRead`/`doWrite` returning a reason) runs
   `connectionLost` inside the selectable's log context, as Twisted does.
 
+`mainLoop` is Twisted's too, except that its failure handler (a context manager entered and
+left on every turn) becomes a `try` around the loop, re-entered after a failure.
+
 What changes: a legacy `twisted.python.log.msg` made *during a successful read or write*
 carries the system of the code around the reactor (`-`) instead of the selectable's prefix.
 `twisted.logger.Logger` events never read that context. Everything else (timers, threads,
 signals, process support, `callFromThread`) is the inherited epoll reactor's.
 
 Private API (Twisted 26.10): `EPollReactor._poller`, `_selectables`, `_reads`, `_POLL_IN`,
-`_POLL_OUT`, `_POLL_DISCONNECTED` and `PosixReactorBase._disconnectSelectable`;
+`_POLL_OUT`, `_POLL_DISCONNECTED`, `PosixReactorBase._disconnectSelectable` and
+`ReactorBase._started` (mainLoop's condition);
 tests/test_compat.py checks them and that Twisted's own `doPoll` still has the shape this copy
 replaces (it fails naming Twisted's version if not). Installed as the reactor plug-in `flexgw`
 (twisted/plugins/flexgw_plugin.py): `twistd --reactor flexgw ...`; `twistd flexgw` installs it
@@ -33,8 +37,11 @@ from typing import Any
 from twisted.internet.epollreactor import EPollReactor
 from twisted.internet.error import ConnectionFdescWentAway
 from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
+from twisted.logger import Logger, LogLevel
 from twisted.python import log
 from twisted.python.failure import Failure
+
+_base_log = Logger(namespace="twisted.internet.base")  # mainLoop's events, as Twisted's
 
 #: The reactor plug-in's short name (`twistd --reactor flexgw`).
 NAME = "flexgw"
@@ -90,6 +97,20 @@ class FlexReactor(EPollReactor):
                 self._lost(selectable, why, in_read)
 
     doIteration = doPoll
+
+    def mainLoop(self) -> None:
+        """Twisted's loop (run due timed calls, poll, dispatch) with its failure handler set
+        up once, not entered and left on every turn: a turn that raises is logged at critical
+        level ("Unexpected error in main loop", as Twisted's) and the loop goes on."""
+        while self._started:
+            try:
+                while self._started:
+                    self.runUntilCurrent()
+                    timeout = self.timeout()
+                    self.doIteration(self.running and timeout)
+            except BaseException:  # noqa: BLE001 (as Twisted's _topHandler: log, go on)
+                _base_log.failure("Unexpected error in main loop", Failure(), LogLevel.critical)
+        _base_log.info("Main loop terminated.")
 
     def _lost(self, selectable: Any, why: Any, in_read: bool) -> None:
         """Disconnect `selectable` inside its log context (connectionLost may log)."""
