@@ -122,6 +122,15 @@ class Options(usage.Options):
     optFlags = [  # noqa: RUF012
         ["strict", None, "Unknown configuration keys are errors, not warnings."],
         ["ingress-default-class", None, "Serve Kubernetes Ingresses that name no ingress class."],
+        [
+            "reuse-port",
+            None,
+            (
+                "Bind listeners with SO_REUSEPORT: several gateways of one user on one host share"
+                " their addresses (a fleet on one machine, a new gateway started before the old"
+                " one stops)."
+            ),
+        ],
     ]
 
     def __init__(self) -> None:
@@ -231,8 +240,6 @@ class Options(usage.Options):
         if self["etcd-password-file"] is not None:
             with open(self["etcd-password-file"], encoding="utf-8") as handle:
                 self["etcd-password"] = handle.read().rstrip("\r\n")
-        if self["workers"] != 1:
-            raise usage.UsageError("--etcd serves one process; use --workers 1 with it")
 
 
 def default_reactor(parent: Any) -> str | None:
@@ -253,8 +260,8 @@ def default_reactor(parent: Any) -> str | None:
 
 
 def config_source(reactor: Any, options: Options) -> tuple[Any, Any]:
-    """What the gateway serves: the --conf directories, the --etcd prefix, or both (a resource
-    defined by both is an error; the file's version serves); and the etcd source, if any."""
+    """What the gateway serves: the --conf directories, the --etcd prefix, or both (files first;
+    a resource defined by both is reported at the etcd key); and the etcd source, if any."""
     from flexgw.config.sources.files import FileSource
 
     files = FileSource(options["conf"])
@@ -441,7 +448,7 @@ def _make_gateway(options: Options) -> MultiService:
         log_publisher=globalLogPublisher,
         ingress=options["ingress"],
         notifier=SupervisedNotifier(worker, worker.index) if worker is not None else None,
-        reuse_port=worker is not None,
+        reuse_port=worker is not None or bool(options["reuse-port"]),
         supervisor=worker,
     )
     if options["admin"] != "off":  # before the gateway: stopped after it (see _AdminService)
@@ -456,9 +463,11 @@ def _make_gateway(options: Options) -> MultiService:
 
         from flexgw.service.fleet import FleetReporter
 
+        gateway_id = options["gateway-id"] or socket.gethostname()
+        if worker is not None:  # each worker follows etcd and reports itself
+            gateway_id = f"{gateway_id}-w{worker.index}"
         FleetReporter(
-            reactor, etcd.client, options["etcd-prefix"],
-            options["gateway-id"] or socket.gethostname(), gateway, etcd,
+            reactor, etcd.client, options["etcd-prefix"], gateway_id, gateway, etcd
         ).setServiceParent(top)
     if worker is not None:
         worker.gateway = gateway
@@ -469,6 +478,9 @@ def _make_gateway(options: Options) -> MultiService:
             debounce_from_env(os.environ),
             extra_files=lambda: gateway.plan.tls_files,  # certificates, keys, CAs read by the plan
         )
+        _WatcherService(watcher).setServiceParent(top)
+    elif etcd is not None:  # the supervisor watches the files; each worker follows etcd
+        watcher = etcd.watcher(reactor, gateway.reload, debounce_from_env(os.environ))
         _WatcherService(watcher).setServiceParent(top)
     _install_signals(reactor, gateway.reload, gateway.reopen_logs, gateway.drain_now)
     return top
