@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from flexgw.compat.hpackcache import use_caches
 from flexgw.http.fastwrite import send_now
 from flexgw.http.h2frames import GoAwayFilter
 from flexgw.http.h2send import send_queued
@@ -52,6 +53,15 @@ _log = Logger(namespace="flexgw.upstream.h2")
 _REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
 _STREAM_WINDOW = 256 * 1024  # response bytes an upstream may send per stream before we acknowledge
 _CONNECTION_WINDOW = 16 * 1024 * 1024
+#: h2's settings for every upstream connection. Outbound header checks are off: the request
+#: head is built by on_headers_complete (lower-case names, no connection-specific fields,
+#: pseudo-headers first); the upstream's responses are still checked.
+_CONFIG = H2Configuration(
+    client_side=True,
+    header_encoding=None,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+)
 #: Request header fields that HTTP/2 forbids or that the stream sets itself.
 _DROP = HOP_BY_HOP | {b"host", b"content-length", b"http2-settings"}
 
@@ -305,8 +315,8 @@ class H2UpstreamConnection(Protocol):
     def __init__(self, pool: H2UpstreamPool) -> None:
         self.pool = pool
         self.scheme = b"https" if pool.upstream.tls is not None else b"http"
-        config = H2Configuration(client_side=True, header_encoding=None)
-        conn = self.conn = H2Connection(config=config)
+        conn = self.conn = H2Connection(config=_CONFIG)
+        use_caches(conn)
         conn.local_settings = Settings(
             client=True,
             initial_values={
