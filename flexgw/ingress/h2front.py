@@ -311,9 +311,12 @@ class H2Stream:
         self._maybe_done()
 
     def cut_off(self, exchange: ProxyExchange) -> None:
-        """The upstream failed after the response head was sent: reset the stream."""
+        """The upstream failed after the response head was sent: reset the stream
+        (PROTOCOL_ERROR when the upstream's response was malformed, as a trailers-only gRPC
+        answer followed by a body)."""
         self.protocol.factory.exchange_finished(exchange)
-        self.reset(ErrorCodes.INTERNAL_ERROR)
+        malformed = exchange.error_cause == errors.UPSTREAM_BAD_RESPONSE.cause
+        self.reset(ErrorCodes.PROTOCOL_ERROR if malformed else ErrorCodes.INTERNAL_ERROR)
 
     def tunnel_opened(self, exchange: ProxyExchange, tunnel: Any) -> None:
         """Never: an HTTP/2 stream carries no upgrade (and CONNECT is refused)."""

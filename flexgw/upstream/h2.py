@@ -119,6 +119,7 @@ class H2UpstreamStream:
         self.got_bytes = False
         self.status = 0
         self.ended = False  # the response ended (END_STREAM received)
+        self.trailers_only = False  # a gRPC answer whose head carried grpc-status (no body may follow)
         self.unacked = 0
         self.done = False  # released, reset or lost
 
@@ -427,6 +428,10 @@ class H2UpstreamConnection(Protocol):
                             pass
                     continue
                 stream.got_bytes = True
+                if stream.trailers_only and event.data:
+                    touched.pop(stream_id, None)
+                    self._malformed(stream, "a trailers-only gRPC answer followed by a body")
+                    continue
                 if event.data:
                     stream.sink.response_body(event.data)
                     touched[stream_id] = stream
@@ -444,6 +449,8 @@ class H2UpstreamConnection(Protocol):
                 if event.stream_ended is not None:
                     stream.ended = True
                     ended.append(stream)
+                elif stream.sink.head.grpc and any(n == b"grpc-status" for n, _ in event.headers):
+                    stream.trailers_only = True
             elif kind is events.TrailersReceived:
                 if stream is None or stream.sink is None:
                     continue
@@ -508,6 +515,21 @@ class H2UpstreamConnection(Protocol):
             fields.append((b"transfer-encoding", b"chunked"))
         stream.status = status
         stream.sink.response_head(status, _REASONS.get(status, b"Status"), fields, True)
+
+    def _malformed(self, stream: H2UpstreamStream, message: str) -> None:
+        """A stream error in the upstream's response: the upstream stream is reset
+        (PROTOCOL_ERROR) and the exchange fails as for a malformed response (502
+        `upstream_bad_response` before its head went out, the client's stream reset after);
+        the connection's other streams go on."""
+        _log.info(
+            "Malformed response from HTTP/2 upstream {upstream}: {message}",
+            upstream=self.pool.upstream.key, message=message,
+        )
+        sink = stream.sink
+        stream.sink = None
+        stream.reset(ErrorCodes.PROTOCOL_ERROR)
+        if sink is not None:
+            sink.response_malformed(message)
 
     def _goaway(self, last_stream_id: int) -> None:
         """The upstream is going away: no new streams; those above `last_stream_id` were never
