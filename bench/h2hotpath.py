@@ -27,8 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from twisted.internet.testing import StringTransport
 
-from flexgw.plan import Api, Destination, Listener, Route, Upstream
-from flexgw.testing.memory import connect_client, memory_factory
+from flexgw.testing.memory import connect_client, memory_factory, one_api_listener
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 REQUEST_FIELDS = [
@@ -46,10 +45,7 @@ RESPONSE_FIELDS = [(b":status", b"200"), (b"content-type", b"text/plain"), (b"co
 
 def factory_for(scheme: str) -> Any:
     """A one-API listener whose Service is `scheme`://127.0.0.1:9000."""
-    upstream = Upstream(key="default/backend", scheme=scheme, host="127.0.0.1", port=9000)
-    route = Route(name="default", order=0, rules=(), destinations=(Destination(upstream=upstream),))
-    api = Api(key="default/test-api", base_path="", routes=(route,))
-    return memory_factory(Listener(scheme="http", host="127.0.0.1", port=8000, apis=(api,)))
+    return memory_factory(one_api_listener(scheme=scheme))
 
 
 def client_reads(batches: int, streams: int) -> list[bytes]:
@@ -180,24 +176,22 @@ def run_h2(n: int, streams: int, upstream: str, profiler: Any = None) -> float:
 
 
 
+#: How a profiled function's file names its package.
+_PACKAGES = (
+    ("/h2/", "h2 (state machine, events)"),
+    ("/hpack/", "hpack"),
+    ("/hyperframe/", "hyperframe"),
+    ("/flexgw/", "flexgw"),
+    ("/twisted/", "twisted"),
+    ("httptools", "httptools"),
+)
+
+
 def breakdown(stats: pstats.Stats, requests: int) -> list[tuple[str, float]]:
     """Own time per package (µs per request), largest first."""
     groups: dict[str, float] = {}
     for (filename, _line, _name), (_cc, _nc, tottime, _ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
-        if "/h2/" in filename:
-            key = "h2 (state machine, events)"
-        elif "/hpack/" in filename:
-            key = "hpack"
-        elif "/hyperframe/" in filename:
-            key = "hyperframe"
-        elif "/flexgw/" in filename:
-            key = "flexgw"
-        elif "/twisted/" in filename:
-            key = "twisted"
-        elif "httptools" in filename:
-            key = "httptools"
-        else:
-            key = "other (builtins, enum, stdlib)"
+        key = next((label for part, label in _PACKAGES if part in filename), "other (builtins, enum, stdlib)")
         groups[key] = groups.get(key, 0.0) + tottime
     return sorted(((k, v / requests * 1e6) for k, v in groups.items()), key=lambda kv: -kv[1])
 
