@@ -29,6 +29,7 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import H2Error, ProtocolError
 from h2.settings import SettingCodes, Settings
+from hpack import NeverIndexedHeaderTuple
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IReactorTCP, IReactorTime
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
@@ -64,6 +65,8 @@ _CONFIG = H2Configuration(
 )
 #: Request header fields that HTTP/2 forbids or that the stream sets itself.
 _DROP = HOP_BY_HOP | {b"host", b"content-length", b"http2-settings"}
+#: Request fields never indexed by HPACK (credentials: h2's own list).
+_SECRET = frozenset({b"authorization", b"proxy-authorization"})
 
 
 @implementer(IPushProducer)
@@ -228,6 +231,10 @@ class H2UpstreamStream:
                 fields.append((lname, value))
             elif lname == b"transfer-encoding":
                 has_body = True
+            elif lname in _SECRET or (lname == b"cookie" and len(value) < 20):
+                # kept out of the HPACK table, as h2's outbound normalisation would (a shared
+                # upstream connection carries many clients' credentials)
+                fields.append(NeverIndexedHeaderTuple(lname, value))
             elif lname not in _DROP:
                 fields.append((lname, value))
         sink = self.sink
