@@ -123,6 +123,7 @@ class H2UpstreamStream:
         self.status = 0
         self.ended = False  # the response ended (END_STREAM received)
         self.trailers_only = False  # a gRPC answer whose head carried grpc-status (no body may follow)
+        self.grpc = False  # the request is a gRPC one (its exchange's head says so)
         self.unacked = 0
         self.done = False  # released, reset or lost
 
@@ -132,6 +133,8 @@ class H2UpstreamStream:
         """Start serving an exchange."""
         self.sink = sink
         self.head_only = head_only
+        # (a side call's sink may have no request head: not checked as a gRPC exchange then)
+        self.grpc = bool(getattr(getattr(sink, "head", None), "grpc", b""))
 
     def finish(self) -> None:
         """The exchange is done with the stream: reset it if the request was cut short."""
@@ -475,7 +478,7 @@ class H2UpstreamConnection(Protocol):
                 if event.stream_ended is not None:
                     stream.ended = True
                     ended.append(stream)
-                elif stream.sink.head.grpc and any(n == b"grpc-status" for n, _ in event.headers):
+                elif stream.grpc and any(n == b"grpc-status" for n, _ in event.headers):
                     stream.trailers_only = True
             elif kind is events.TrailersReceived:
                 if stream is None or stream.sink is None:
