@@ -16,6 +16,8 @@ It implements what a controller relies on, from the published API conventions
   stream of JSON events, one per line: ADDED, MODIFIED, DELETED, BOOKMARK; without a
   resourceVersion (or "0") it starts with a synthetic ADDED per object; a version older than the
   compaction point (`compact()`) yields one ERROR event carrying a 410 Status, then the end.
+- `fieldSelector=metadata.name=NAME` on list and watch (one object by name, as a controller
+  watches a referenced Secret without a cluster-wide cache).
 - bearer-token auth: 401 without a known token, 403 for a verb the token's role lacks.
 - optimistic concurrency: an update carrying a stale `metadata.resourceVersion` is 409 Conflict;
   the `status` subresource changes only `status`, the main resource never changes it.
@@ -270,6 +272,7 @@ class Route:
     namespace: str  # "" for all namespaces, or a cluster-scoped kind
     name: str | None
     subresource: str
+    only_name: str | None = None  # list/watch with fieldSelector=metadata.name=NAME
 
     @property
     def key(self) -> Key:
@@ -279,8 +282,10 @@ class Route:
 
     def matches(self, key: Key) -> bool:
         """Whether a stored object belongs to this collection."""
-        return key[:2] == (self.kind.group, self.kind.plural) and (
-            not self.namespace or key[2] == self.namespace
+        return (
+            key[:2] == (self.kind.group, self.kind.plural)
+            and (not self.namespace or key[2] == self.namespace)
+            and (self.only_name is None or key[3] == self.only_name)
         )
 
 
@@ -321,6 +326,7 @@ class KubeAPI(Resource):
         self._watch_waiters: list[tuple[int, Deferred[None]]] = []
         self.requests: list[tuple[str, str]] = []  # (method, path?query) of every request seen
         self.port: IListeningPort | None = None
+        self.connections: set[Any] = set()  # open client connections (stop() drops them)
         self.scheme = "http"
 
     @staticmethod
@@ -342,7 +348,7 @@ class KubeAPI(Resource):
     def listen(self, port: int = 0, tls: Issued | None = None) -> IListeningPort:
         """Serve on 127.0.0.1 (an ephemeral port by default), over TLS with `tls` (as a real API
         server does: kubectl sends no token over plain HTTP); `url` then names it."""
-        site = Site(self)
+        site = _TrackingSite(self, self.connections)
         if tls is None:
             reactor: IReactorTCP = self.reactor
             self.port = reactor.listenTCP(port, site, interface="127.0.0.1")
@@ -373,8 +379,13 @@ class KubeAPI(Resource):
         })
 
     def stop(self) -> Any:
-        """Stop listening and end every watch (a Deferred firing when the port is closed)."""
+        """Stop listening, end every watch and drop every client connection, as a server that
+        goes away does (a Deferred firing when the port is closed)."""
         self.cut_watches()
+        for protocol in list(self.connections):
+            transport = getattr(getattr(protocol, "_channel", protocol), "transport", None)
+            if transport is not None:
+                transport.abortConnection()
         port, self.port = self.port, None
         return port.stopListening() if port is not None else None
 
@@ -458,6 +469,12 @@ class KubeAPI(Resource):
                 self._authenticate(request, None)
                 return self._send(request, 200, discovery)
             route = self._route(segments)
+            selector = query.get("fieldSelector")
+            if selector:
+                field, _, value = selector.partition("=")
+                if field != "metadata.name" or not value:
+                    raise APIError(400, "BadRequest", f"field selector {selector!r} not supported")
+                route = attrs.evolve(route, only_name=value)
             verb = self._verb(method, route, query)
             self._authenticate(request, f"{verb}:{route.kind.plural}")
             return self._dispatch(request, verb, route, query)
@@ -678,6 +695,27 @@ class KubeAPI(Resource):
         self.watches_opened += 1
         self._notify_watchers()
         return NOT_DONE_YET
+
+
+class _TrackingSite(Site):
+    """A Site remembering its open connections in `connections`."""
+
+    def __init__(self, resource: Resource, connections: set[Any]) -> None:
+        super().__init__(resource)
+        self.connections = connections
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        connections = self.connections
+        lost = protocol.connectionLost
+
+        def connection_lost(reason: Any) -> None:
+            connections.discard(protocol)
+            lost(reason)
+
+        protocol.connectionLost = connection_lost
+        connections.add(protocol)
+        return protocol
 
 
 class _Watch:
