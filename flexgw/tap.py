@@ -91,8 +91,33 @@ class Options(usage.Options):
             "https://0.0.0.0:8443",
             "TLS listener serving those Ingresses too, with their spec.tls certificates (when any).",
         ],
+        [
+            "kubeconfig",
+            None,
+            None,
+            "With --kubernetes: the kubeconfig to use (its current context; default: in-cluster).",
+        ],
+        ["kube-context", None, None, "With --kubeconfig: the context to use (default: current)."],
+        [
+            "state-dir",
+            None,
+            "/var/lib/flexgw",
+            (
+                "Where remote sources (--kubernetes) snapshot the last applied resources, served"
+                " at a restart while the API server is unreachable ('off': no snapshot)."
+            ),
+        ],
     ]
     optFlags = [  # noqa: RUF012
+        [
+            "kubernetes",
+            None,
+            (
+                "Read Ingresses, IngressClasses, Services, EndpointSlices, referenced TLS Secrets"
+                " and the Flex CRDs from the Kubernetes API (in-cluster, or --kubeconfig);"
+                " combinable with --conf."
+            ),
+        ],
         ["strict", None, "Unknown configuration keys are errors, not warnings."],
         ["ingress-default-class", None, "Serve Kubernetes Ingresses that name no ingress class."],
     ]
@@ -102,6 +127,7 @@ class Options(usage.Options):
         self.raw_args: list[str] = []  # as given, for the --workers worker command line
         self["conf"] = []
         self["policy-modules"] = []
+        self["kube-namespaces"] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         """Parse, keeping the arguments as given (see `worker_command`)."""
@@ -111,6 +137,10 @@ class Options(usage.Options):
     def opt_conf(self, path: str) -> None:
         """Configuration directory (repeatable; default /etc/flexgw)."""
         self["conf"].append(path)
+
+    def opt_kube_namespace(self, namespace: str) -> None:
+        """With --kubernetes: watch this namespace only (repeatable; default: all namespaces)."""
+        self["kube-namespaces"].append(namespace)
 
     def opt_policy_module(self, name: str) -> None:
         """Import a third-party policy module (repeatable); it registers its policy kinds."""
@@ -123,8 +153,17 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         """Check values and apply defaults."""
-        if not self["conf"]:
+        if self["kubeconfig"] is not None or self["kube-namespaces"]:
+            self["kubernetes"] = True
+        if not self["conf"] and not self["kubernetes"]:
             self["conf"] = ["/etc/flexgw"]
+        if self["kubernetes"]:
+            from flexgw.config.sources.kubeconnect import KubeConnectionError
+
+            try:  # checked now (a usage error), built again with the reactor in makeService
+                kube_connection(None, self, os.environ)
+            except KubeConnectionError as exc:
+                raise usage.UsageError(f"--kubernetes: {exc}") from None
         for path in self["conf"]:
             if not os.path.isdir(path):
                 raise usage.UsageError(f"--conf {path}: not a directory")
@@ -172,6 +211,37 @@ class Options(usage.Options):
             )
         except ValueError as exc:
             raise usage.UsageError(str(exc)) from None
+
+
+def kube_connection(reactor: Any, options: Options, environ: Any) -> Any:
+    """The Kubernetes API connection the options name (kubeconfig, else in-cluster)."""
+    from flexgw.config.sources.kubeconnect import from_kubeconfig, in_cluster
+
+    if options["kubeconfig"] is not None:
+        return from_kubeconfig(reactor, options["kubeconfig"], options["kube-context"])
+    return in_cluster(reactor, environ)
+
+
+def config_source(reactor: Any, options: Options, environ: Any) -> tuple[Any, Any]:
+    """(the source the gateway reads, the Kubernetes source or None): --conf files, the API
+    (--kubernetes), or both combined (a resource named by both is a located conflict)."""
+    from flexgw.config.sources import CombinedSource
+    from flexgw.config.sources.files import FileSource
+
+    if not options["kubernetes"]:
+        return FileSource(options["conf"]), None
+    from flexgw.config.sources.kubernetes import KubernetesSource
+
+    state_dir = None if options["state-dir"] in ("off", "") else options["state-dir"]
+    kube = KubernetesSource(
+        reactor,
+        kube_connection(reactor, options, environ),
+        options["kube-namespaces"],
+        state_dir=state_dir,
+    )
+    if not options["conf"]:
+        return kube, kube
+    return CombinedSource([("files", FileSource(options["conf"])), ("kubernetes", kube)]), kube
 
 
 def _install_log_level(
@@ -294,7 +364,7 @@ def _make_gateway(options: Options) -> MultiService:
     """One gateway process: alone (--workers 1), or a worker of a supervisor."""
     from twisted.internet import reactor
 
-    from flexgw.config.sources.files import FileSource, debounce_from_env
+    from flexgw.config.sources.files import debounce_from_env
     from flexgw.service.accesslog import AccessLog, MessageLog
     from flexgw.service.gateway import GatewayService
     from flexgw.service.worker import (
@@ -324,9 +394,10 @@ def _make_gateway(options: Options) -> MultiService:
             int(environ[WORKER_ENV]), on_lost=_stop_reactor(reactor), on_stop=_stop_reactor(reactor)
         )
         connect_to_supervisor(reactor, int(environ[SUPERVISOR_FD_ENV]), worker)
+    source, kube = config_source(reactor, options, environ)
     gateway = GatewayService(
         reactor,
-        options["conf"],
+        source,
         environ,
         access_log=access_log,
         message_log=message_log,
@@ -349,14 +420,16 @@ def _make_gateway(options: Options) -> MultiService:
     gateway.setServiceParent(top)
     if worker is not None:
         worker.gateway = gateway
-    if worker is None:  # a worker's reloads come from the supervisor, which watches
-        watcher = FileSource(options["conf"]).watcher(
+    if worker is None:  # a worker's file reloads come from the supervisor, which watches
+        watcher = source.watcher(
             reactor,
             gateway.reload,
             debounce_from_env(os.environ),
             extra_files=lambda: gateway.plan.tls_files,  # certificates, keys, CAs read by the plan
         )
         _WatcherService(watcher).setServiceParent(top)
+    elif kube is not None:  # every worker watches the Kubernetes API itself
+        _WatcherService(kube.watcher(reactor, gateway.reload, debounce_from_env(os.environ))).setServiceParent(top)
     _install_signals(reactor, gateway.reload, gateway.reopen_logs, gateway.drain_now)
     return top
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -78,7 +80,7 @@ class KubeSourceCase(TestCase):
         self.upstream.listen(reactor)
         self.addCleanup(self.upstream.stop)
         self.up = self.upstream.address[1]
-        self.dir = self.mktemp()
+        self.dir = os.path.abspath(self.mktemp())
         os.makedirs(self.dir)
         self.token_file = os.path.join(self.dir, "token")
         self.write_token("t1")
@@ -452,3 +454,60 @@ class ConnectionTests(TestCase):
             with self.assertRaises(KubeConnectionError) as raised:
                 from_kubeconfig(reactor, path)
             self.assertIn(message, str(raised.exception))
+
+
+class TwistdTests(KubeSourceCase):
+    """The real `twistd flexgw --kubeconfig ...` process against the in-test API server."""
+
+    timeout = 60
+
+    def short_dir(self) -> str:
+        """A directory with a short path (a UNIX socket's path is at most 107 bytes)."""
+        directory = tempfile.mkdtemp(prefix="kube")
+        self.addCleanup(shutil.rmtree, directory, True)
+        return directory
+
+    async def test_serves_the_api_then_restarts_from_the_snapshot(self) -> None:
+        """twistd serves an Ingress from the API; restarted while the API server is down, it
+        says it serves the snapshot from --state-dir, and does."""
+        from tests.test_sigterm import start_twistd
+
+        self.patch(os, "environ", {**os.environ, "FLEX_SYNC_DEBOUNCE_TIME": "10ms"})
+        self.api.put(service(self.up))
+        self.api.put(ingress("web", "/orders", self.up))
+        conf = os.path.join(self.dir, "conf")
+        os.makedirs(conf)
+        options = ("--kubeconfig", self.kubeconfig, "--state-dir", self.state_dir,
+                   "--ingress-listener", f"http://127.0.0.1:{self.port}")
+        first = await start_twistd(self, self.short_dir(), conf, *options)
+        await first.process.wait_output(b"applied: 1 API(s)")
+        self.assertEqual(await self.get(b"/orders"), 200)
+        first.transport.signalProcess("KILL")
+        await first.process.ended
+        await self.api.stop()
+        second = await start_twistd(self, self.short_dir(), conf, *options)
+        output = await second.process.wait_output(b"serving the snapshot")
+        self.assertIn(self.state_dir.encode(), output)
+        self.assertEqual(await self.get(b"/orders"), 200)
+
+    def test_options(self) -> None:
+        """--kube-namespace and --kubeconfig imply --kubernetes; with --conf both are combined;
+        without --conf no /etc/flexgw default is added."""
+        from flexgw.tap import Options, config_source
+
+        options = Options()
+        options.parseOptions(["--kubeconfig", self.kubeconfig, "--kube-namespace", "a",
+                              "--kube-namespace", "b", "--state-dir", "off"])
+        self.assertEqual((options["kubernetes"], options["conf"], options["kube-namespaces"]),
+                         (True, [], ["a", "b"]))
+        source, kube = config_source(reactor, options, {})
+        self.assertIs(source, kube)
+        self.assertIsNone(kube.state_dir)
+        self.assertEqual(kube.connection.server, self.api.url)
+        conf = os.path.join(self.dir, "conf")
+        os.makedirs(conf)
+        options = Options()
+        options.parseOptions(["--kubernetes", "--kubeconfig", self.kubeconfig, "--conf", conf])
+        source, kube = config_source(reactor, options, {})
+        self.assertIsInstance(source, CombinedSource)
+        self.assertEqual(kube.state_dir, "/var/lib/flexgw")

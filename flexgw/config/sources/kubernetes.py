@@ -457,6 +457,7 @@ class KubernetesSource:
         self._running = False
         self._snapshot: Snapshot | None = None
         self._snapshot_logged = False
+        self._snapshot_failed = False
         if state_dir is not None:
             found = read_snapshot(state_dir, SNAPSHOT_NAME)
             if found is not None:
@@ -507,7 +508,8 @@ class KubernetesSource:
         documents = self.documents()
         self._snapshot = None
         if self.state_dir is not None:
-            write_snapshot(self.state_dir, SNAPSHOT_NAME, documents)
+            written = write_snapshot(self.state_dir, SNAPSHOT_NAME, documents, quiet=self._snapshot_failed)
+            self._snapshot_failed = written is None  # warned once until it works again
         return Snapshot(tuple(Unit(d.origin, (d,), (), False) for d in documents))
 
     def statuses(self) -> list[SourceStatus]:

@@ -133,8 +133,15 @@ def snapshot_path(state_dir: str, name: str) -> str:
     return os.path.join(state_dir, f"{name}.json")
 
 
-def write_snapshot(state_dir: str, name: str, documents: Iterable[Document], wall: float | None = None) -> str | None:
-    """Write the documents (origin and value) atomically; the path, or None after logging why not."""
+def write_snapshot(
+    state_dir: str,
+    name: str,
+    documents: Iterable[Document],
+    wall: float | None = None,
+    quiet: bool = False,
+) -> str | None:
+    """Write the documents (origin and value) atomically; the path, or None after logging why
+    not (`quiet`: not logged, e.g. after the first failure)."""
     path = snapshot_path(state_dir, name)
     body = {
         "format": SNAPSHOT_FORMAT,
@@ -162,6 +169,8 @@ def write_snapshot(state_dir: str, name: str, documents: Iterable[Document], wal
         finally:
             os.close(dir_fd)
     except OSError as exc:
+        if quiet:
+            return None
         log.warn(  # noqa: G010
             "Cannot write the {name} snapshot to {path}: {error}", name=name, path=path, error=exc
         )
