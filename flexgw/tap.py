@@ -99,6 +99,30 @@ class Options(usage.Options):
         ],
         ["kube-context", None, None, "With --kubeconfig: the context to use (default: current)."],
         [
+            "publish-service",
+            None,
+            None,
+            (
+                "With --kubernetes: write this Service's (NAMESPACE/NAME) load-balancer or cluster"
+                " addresses into the status of every Ingress served (leader only)."
+            ),
+        ],
+        [
+            "publish-address",
+            None,
+            None,
+            "With --kubernetes: write these addresses (IP or host name, comma-separated) instead.",
+        ],
+        [
+            "election-id",
+            None,
+            "flexgw-leader",
+            (
+                "The Lease replicas elect the status writer with, in $POD_NAMESPACE (else the"
+                " service account's or kubeconfig context's namespace, else default)."
+            ),
+        ],
+        [
             "state-dir",
             None,
             "/var/lib/flexgw",
@@ -157,6 +181,14 @@ class Options(usage.Options):
             self["kubernetes"] = True
         if not self["conf"] and not self["kubernetes"]:
             self["conf"] = ["/etc/flexgw"]
+        publishing = self["publish-service"] is not None or self["publish-address"] is not None
+        if publishing and not self["kubernetes"]:
+            raise usage.UsageError("--publish-service/--publish-address need --kubernetes")
+        if self["publish-service"] is not None and self["publish-address"] is not None:
+            raise usage.UsageError("give --publish-service or --publish-address, not both")
+        namespace, slash, name = (self["publish-service"] or "x/x").partition("/")
+        if not (namespace and slash and name) or "/" in name:
+            raise usage.UsageError("--publish-service must be NAMESPACE/NAME")
         if self["kubernetes"]:
             from flexgw.config.sources.kubeconnect import KubeConnectionError
 
@@ -430,6 +462,9 @@ def _make_gateway(options: Options) -> MultiService:
         _WatcherService(watcher).setServiceParent(top)
     elif kube is not None:  # every worker watches the Kubernetes API itself
         _WatcherService(kube.watcher(reactor, gateway.reload, debounce_from_env(os.environ))).setServiceParent(top)
+    publishing = options["publish-service"] is not None or options["publish-address"] is not None
+    if kube is not None and publishing and (worker is None or worker.index == 0):
+        _IngressStatusService(reactor, options, kube, gateway, environ).setServiceParent(top)
     _install_signals(reactor, gateway.reload, gateway.reopen_logs, gateway.drain_now)
     return top
 
@@ -519,6 +554,41 @@ class _AdminService(Service):
             return port.stopListening() if port is not None else None
 
         return self.wait_stopped().addBoth(close)
+
+
+class _IngressStatusService(Service):
+    """--publish-service/--publish-address: leader election, and the Ingress status writer
+    syncing after every reload and when this replica becomes the leader."""
+
+    def __init__(self, reactor: Any, options: Options, kube: Any, gateway: Any, environ: Any) -> None:
+        from flexgw.config.sources.kubestatus import IngressStatus, LeaderElector, served_ingresses
+
+        connection = kube.connection
+        namespace = environ.get("POD_NAMESPACE") or connection.namespace or "default"
+        self.status: Any = None
+        self.elector = LeaderElector(
+            reactor, connection, namespace, options["election-id"], on_started=lambda: self.status.sync()
+        )
+        addresses = (options["publish-address"] or "").split(",") if options["publish-address"] else ()
+        self.status = IngressStatus(
+            connection,
+            self.elector,
+            kube.ingresses,
+            lambda: served_ingresses(gateway.plan),
+            publish_addresses=addresses,
+            publish_service=options["publish-service"],
+        )
+        gateway.after_reload.append(self.status.sync)
+
+    def startService(self) -> None:
+        """Start competing for the Lease."""
+        super().startService()
+        self.elector.start()
+
+    def stopService(self) -> Any:
+        """Give the Lease up (another replica takes over at its next try)."""
+        super().stopService()
+        return self.elector.stop()
 
 
 class _WatcherService(MultiService):

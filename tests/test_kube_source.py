@@ -98,9 +98,15 @@ class KubeSourceCase(TestCase):
         with open(self.token_file, "w", encoding="utf-8") as handle:
             handle.write(token + "\n")
 
+    def connect(self) -> Any:
+        """A connection from the kubeconfig, its idle connections closed when the test ends."""
+        connection = from_kubeconfig(reactor, self.kubeconfig)
+        self.addCleanup(connection.close)
+        return connection
+
     def make_source(self) -> KubernetesSource:
         """A source on the kubeconfig (fast backoff), snapshotting into the state dir."""
-        connection = from_kubeconfig(reactor, self.kubeconfig)
+        connection = self.connect()
         return KubernetesSource(reactor, connection, self.namespaces, state_dir=self.state_dir, **FAST)
 
     def start(self, source: Any = None, debounce: float = 0.01) -> GatewayService:
@@ -468,8 +474,9 @@ class TwistdTests(KubeSourceCase):
         return directory
 
     async def test_serves_the_api_then_restarts_from_the_snapshot(self) -> None:
-        """twistd serves an Ingress from the API; restarted while the API server is down, it
-        says it serves the snapshot from --state-dir, and does."""
+        """twistd serves an Ingress from the API and, elected leader, publishes --publish-address
+        in its status; restarted while the API server is down, it says it serves the snapshot from
+        --state-dir, and does."""
         from tests.test_sigterm import start_twistd
 
         self.patch(os, "environ", {**os.environ, "FLEX_SYNC_DEBOUNCE_TIME": "10ms"})
@@ -478,10 +485,23 @@ class TwistdTests(KubeSourceCase):
         conf = os.path.join(self.dir, "conf")
         os.makedirs(conf)
         options = ("--kubeconfig", self.kubeconfig, "--state-dir", self.state_dir,
-                   "--ingress-listener", f"http://127.0.0.1:{self.port}")
+                   "--ingress-listener", f"http://127.0.0.1:{self.port}", "--publish-address", "192.0.2.9")
+        published: defer.Deferred[None] = defer.Deferred()
+
+        def on_event(event: Any) -> None:
+            status = event.obj.get("status") or {}
+            if event.key[1] == "ingresses" and status.get("loadBalancer") and not published.called:
+                published.callback(None)
+
+        self.api.store.listeners.append(on_event)
         first = await start_twistd(self, self.short_dir(), conf, *options)
         await first.process.wait_output(b"applied: 1 API(s)")
         self.assertEqual(await self.get(b"/orders"), 200)
+        await published
+        web = self.api.get("networking.k8s.io/v1", "Ingress", "shop", "web")
+        self.assertEqual(web["status"]["loadBalancer"], {"ingress": [{"ip": "192.0.2.9"}]})
+        lease = self.api.get("coordination.k8s.io/v1", "Lease", "default", "flexgw-leader")
+        self.assertTrue(lease["spec"]["holderIdentity"])
         first.transport.signalProcess("KILL")
         await first.process.ended
         await self.api.stop()
@@ -493,6 +513,8 @@ class TwistdTests(KubeSourceCase):
     def test_options(self) -> None:
         """--kube-namespace and --kubeconfig imply --kubernetes; with --conf both are combined;
         without --conf no /etc/flexgw default is added."""
+        from twisted.python.usage import UsageError
+
         from flexgw.tap import Options, config_source
 
         options = Options()
@@ -511,3 +533,11 @@ class TwistdTests(KubeSourceCase):
         source, kube = config_source(reactor, options, {})
         self.assertIsInstance(source, CombinedSource)
         self.assertEqual(kube.state_dir, "/var/lib/flexgw")
+        for args, message in (
+            (["--conf", conf, "--publish-address", "1.2.3.4"], "need --kubernetes"),
+            (["--kubeconfig", self.kubeconfig, "--publish-service", "nope"], "NAMESPACE/NAME"),
+            (["--kubeconfig", self.kubeconfig, "--publish-service", "a/b", "--publish-address", "x"], "not both"),
+        ):
+            with self.assertRaises(UsageError) as raised:
+                Options().parseOptions(args)
+            self.assertIn(message, str(raised.exception))

@@ -491,6 +491,10 @@ class KubernetesSource:
             documents.extend(collection.documents())
         return documents
 
+    def ingresses(self) -> list[Obj]:
+        """The watched Ingress objects (for the Ingress status writer)."""
+        return [obj for c in self.collections if c.url.endswith("/ingresses") for obj in c.objects.values()]
+
     def read(self) -> Snapshot:
         """The objects now; before the first complete sync, the state-dir snapshot (or nothing)."""
         if not self.synced:
