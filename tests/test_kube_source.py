@@ -200,6 +200,18 @@ class WatchScenarioTests(KubeSourceCase):
         resources = {(r["kind"], r["file"]) for r in status_json(self.gateway)["resources"]}
         self.assertIn(("Ingress", "Ingress shop/web"), resources)
 
+    async def test_ingress_class_of_the_manifests(self) -> None:
+        """An IngressClass naming deploy/kubernetes's domain-prefixed controller (what a real API
+        server requires) makes its Ingresses served; another controller's class does not."""
+        self.api.put(service(self.up))
+        for name, controller in (("edge", "flexgw.dev/ingress-controller"), ("nginx", "k8s.io/ingress-nginx")):
+            self.api.put({"apiVersion": "networking.k8s.io/v1", "kind": "IngressClass",
+                          "metadata": {"name": name}, "spec": {"controller": controller}})
+            self.api.put(ingress(f"via-{name}", f"/{name}", self.up, ingressClassName=name))
+        self.start()
+        await self.until(self.serves("shop/via-edge"))
+        self.assertFalse(self.serves("shop/via-nginx")())
+
     async def test_burst_is_one_reload(self) -> None:
         """Three objects written together after the sync are applied in a single reload."""
         self.api.put(service(self.up))

@@ -79,6 +79,16 @@ KINDS: tuple[Kind, ...] = (
     Kind("networking.k8s.io", "v1", "ingressclasses", "IngressClass", namespaced=False),
     Kind("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice"),
     Kind("coordination.k8s.io", "v1", "leases", "Lease"),
+    # what deploy/kubernetes/ installs (stored only, so `kubectl apply --dry-run` maps them)
+    Kind("", "v1", "serviceaccounts", "ServiceAccount"),
+    Kind("", "v1", "configmaps", "ConfigMap"),
+    Kind("apps", "v1", "deployments", "Deployment", status=True),
+    Kind("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", namespaced=False),
+    Kind("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", namespaced=False),
+    Kind("rbac.authorization.k8s.io", "v1", "roles", "Role"),
+    Kind("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"),
+    Kind("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
+         namespaced=False, status=True),
     *(
         Kind("gateway.mulesoft.com", version, plural, kind, builtin=False)
         for version in ("v1alpha1", "v1beta1")
