@@ -33,6 +33,7 @@ from flexgw.testing.certs import CertificateAuthority
 from flexgw.testing.kubeapi import KubeAPI
 from flexgw.testing.upstream import RecordingUpstream, fixed
 from tests.harness import free_port
+from tests.probes import Conditions
 
 FAST = {"backoff_initial": 0.01, "backoff_max": 0.05, "jitter": lambda: 0.5}
 
@@ -91,7 +92,7 @@ class KubeSourceCase(TestCase):
             json.dump(config, handle)
         self.state_dir = os.path.join(self.dir, "state")
         self.port = free_port()
-        self.waiters: list[tuple[Callable[[], bool], defer.Deferred[None]]] = []
+        self.conditions = Conditions()
 
     def write_token(self, token: str) -> None:
         """(Re)write the token file, as the kubelet does on rotation."""
@@ -132,19 +133,11 @@ class KubeSourceCase(TestCase):
 
     def check(self) -> None:
         """Fire the waiters whose predicate holds."""
-        for predicate, waiter in list(self.waiters):
-            if predicate():
-                self.waiters.remove((predicate, waiter))
-                waiter.callback(None)
+        self.conditions.check()
 
     def until(self, predicate: Callable[[], bool]) -> defer.Deferred[None]:
         """Fire once `predicate()` holds after a reload (or now)."""
-        waiter: defer.Deferred[None] = defer.Deferred()
-        if predicate():
-            waiter.callback(None)
-        else:
-            self.waiters.append((predicate, waiter))
-        return waiter
+        return self.conditions.until(predicate)
 
     def routes(self) -> set[str]:
         """The served route names."""
