@@ -65,6 +65,13 @@ def ingress(name: str, path: str, upstream_port: int, namespace: str = "shop", *
     }
 
 
+def write_json(path: str, value: Any) -> str:
+    """Write `value` as JSON (which is YAML) to `path`; return the path."""
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(value, handle)
+    return path
+
+
 class KubeSourceCase(TestCase):
     """A TLS API server with token "t1" (read from a token file), an upstream, and a gateway
     serving a KubernetesSource from a kubeconfig."""
@@ -110,10 +117,10 @@ class KubeSourceCase(TestCase):
         connection = self.connect()
         return KubernetesSource(reactor, connection, self.namespaces, state_dir=self.state_dir, **FAST)
 
-    def start(self, source: Any = None, debounce: float = 0.01) -> GatewayService:
+    def start(self, source: Any = None, debounce: float = 0.01, strict: bool = False) -> GatewayService:
         """A gateway on `source` (default: a new KubernetesSource), watching it."""
         self.source = source if source is not None else self.make_source()
-        gateway = GatewayService(reactor, self.source, {})
+        gateway = GatewayService(reactor, self.source, {}, strict=strict)
         gateway.ingress = ingress_options("flexgw", False, f"http://127.0.0.1:{self.port}")
         reload = gateway.reload
 
@@ -396,6 +403,59 @@ class ProblemTests(KubeSourceCase):
         self.assertNotIn("Secret shop/unrelated", origins)
 
 
+class FlexCrdTests(KubeSourceCase):
+    """The Flex CRDs from the API: an ApiInstance, a Service and a PolicyBinding, v1alpha1 and
+    v1beta1 alike; a Secret that is not a key pair is a problem on that Secret alone."""
+
+    async def test_flex_resources_from_the_api(self) -> None:
+        """An ApiInstance (v1beta1) routed to a Flex Service (v1alpha1) with a PolicyBinding
+        adding a header is served from the API; an unknown key in another ApiInstance is an error
+        located on it under --strict (once: "ApiInstance shop/broken: error: spec.surprise: ..."),
+        and the first keeps serving."""
+        port = free_port()
+        flex = "gateway.mulesoft.com/"
+        self.api.put({"apiVersion": flex + "v1beta1", "kind": "ApiInstance",
+                      "metadata": {"name": "orders", "namespace": "shop"},
+                      "spec": {"address": f"http://127.0.0.1:{port}",
+                               "services": {"backend": {"address": f"http://127.0.0.1:{self.up}",
+                                                        "routes": [{"config": {"destinationPath": "/"}}]}}}})
+        self.api.put({"apiVersion": flex + "v1alpha1", "kind": "PolicyBinding",
+                      "metadata": {"name": "tag", "namespace": "shop"},
+                      "spec": {"targetRef": {"kind": "ApiInstance", "name": "orders"},
+                               "policyRef": {"name": "header-injection-flex"},
+                               "config": {"inboundHeaders": [{"key": "x-from", "value": "crd"}]}}})
+        self.api.put({"apiVersion": flex + "v1alpha1", "kind": "ApiInstance",
+                      "metadata": {"name": "broken", "namespace": "shop"},
+                      "spec": {"address": f"http://127.0.0.1:{free_port()}", "surprise": 1}})
+        self.start(strict=True)
+        await self.until(lambda: any(api.key == "shop/orders" for listener in self.gateway.plan.listeners
+                                     for api in listener.apis))
+        raw = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"
+        response = await client.request(reactor, "127.0.0.1", port, raw)
+        self.assertEqual(response.status, 200)
+        self.assertEqual(self.upstream.received[-1].header("x-from"), [b"crd"])
+        [problem] = [p for p in self.gateway.state.errors if p.file == "ApiInstance shop/broken"]
+        self.assertEqual(problem.field, "spec.surprise")
+        self.assertTrue(str(problem).startswith("ApiInstance shop/broken: error: spec.surprise: "), str(problem))
+
+    async def test_bad_tls_secret(self) -> None:
+        """A referenced Secret whose key does not match its certificate is an error on
+        "Secret shop/bad-tls"; the Ingress' plain-HTTP route keeps serving."""
+        one, other = self.ca.issue("shop.example", dns=["shop.example"]), self.ca.issue("x")
+        self.api.put(service(self.up))
+        self.api.put({
+            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+            "metadata": {"name": "bad-tls", "namespace": "shop"},
+            "data": {"tls.crt": base64.b64encode(one.cert_pem).decode(),
+                     "tls.key": base64.b64encode(other.key_pem).decode()},
+        })
+        self.api.put(ingress("web", "/orders", self.up, tls=[{"hosts": ["shop.example"], "secretName": "bad-tls"}]))
+        self.start()
+        await self.until(lambda: self.serves("shop/web")() and any(
+            p.file == "Secret shop/bad-tls" for p in self.gateway.state.errors))
+        self.assertEqual(await self.get(b"/orders"), 200)
+
+
 class CombinedSourceTests(KubeSourceCase):
     """--conf files and the API together; a resource named by both is a located conflict."""
 
@@ -447,6 +507,29 @@ class ConnectionTests(TestCase):
         self.assertEqual(connection.token(), "two")
         with self.assertRaises(KubeConnectionError):
             in_cluster(reactor, {}, sa)
+
+    async def test_kubeconfig_client_certificate(self) -> None:
+        """A kubeconfig user with client-certificate/client-key files (relative to it) reaches an
+        API server that requires a client certificate; without one the TLS handshake fails."""
+        ca = CertificateAuthority()
+        api = KubeAPI(reactor)
+        api.listen(tls=ca.issue("127.0.0.1", ips=["127.0.0.1"]), client_ca_pem=ca.pem)
+        self.addCleanup(api.stop)
+        directory = os.path.abspath(self.mktemp())
+        ca.issue("flexgw", client=True).write(directory, "client")
+        config = json.loads(api.kubeconfig(None, ca.pem))
+        user = {"client-certificate": "client.crt", "client-key": "client.key"}
+        for with_cert, name in ((True, "with.json"), (False, "without.json")):
+            config["users"][0]["user"] = user if with_cert else {}
+            path = write_json(os.path.join(directory, name), config)
+            connection = from_kubeconfig(reactor, path)
+            self.addCleanup(connection.close)
+            if with_cert:
+                code, body = await connection.request("GET", "/api/v1/namespaces/shop/services")
+                self.assertEqual((code, body["kind"]), (200, "ServiceList"))
+            else:
+                with self.assertRaises(Exception):  # noqa: B017 - the TLS alert's error type varies
+                    await connection.request("GET", "/api/v1/namespaces/shop/services")
 
     def test_kubeconfig_errors(self) -> None:
         """A missing context, an exec plug-in, half a client certificate: clear errors."""

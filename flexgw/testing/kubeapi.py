@@ -355,15 +355,22 @@ class KubeAPI(Resource):
             self.tokens.pop(token, None)
 
     # -- serving
-    def listen(self, port: int = 0, tls: Issued | None = None) -> IListeningPort:
+    def listen(self, port: int = 0, tls: Issued | None = None, client_ca_pem: bytes | None = None) -> IListeningPort:
         """Serve on 127.0.0.1 (an ephemeral port by default), over TLS with `tls` (as a real API
-        server does: kubectl sends no token over plain HTTP); `url` then names it."""
+        server does: kubectl sends no token over plain HTTP); `url` then names it. With
+        `client_ca_pem`, a client certificate signed by that CA is required."""
         site = _TrackingSite(self, self.connections)
         if tls is None:
             reactor: IReactorTCP = self.reactor
             self.port = reactor.listenTCP(port, site, interface="127.0.0.1")
         else:
-            self.port = self.reactor.listenSSL(port, site, server_options(tls), interface="127.0.0.1")
+            extra: dict[str, Any] = {}
+            if client_ca_pem is not None:
+                from twisted.internet import ssl
+
+                extra = {"verify": True, "requireCertificate": True,
+                         "caCerts": [ssl.Certificate.loadPEM(client_ca_pem).original]}
+            self.port = self.reactor.listenSSL(port, site, server_options(tls, **extra), interface="127.0.0.1")
         self.scheme = "https" if tls is not None else "http"
         return self.port
 
