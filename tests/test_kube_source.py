@@ -306,9 +306,10 @@ class WatchScenarioTests(KubeSourceCase):
         """Garbage on a watch stream reconnects, is counted in /status, and changes keep flowing."""
         self.start()
         await self.until(lambda: self.source.synced)
-        opened = self.api.watches_opened
+        opened = len(self.source.collections)
+        await self.api.watch_opened(opened)  # every first watch is open: each gets the garbage
         self.api.send_raw(b"{not json\n")
-        await self.api.watch_opened(opened + 1)
+        await self.api.watch_opened(opened + 1)  # one reconnected after it
         self.api.put(service(self.up))
         self.api.put(ingress("web", "/orders", self.up))
         await self.until(self.serves("shop/web"))
