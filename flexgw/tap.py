@@ -78,6 +78,34 @@ class Options(usage.Options):
             "-",
             "message-logging-flex output: a file path, '-' for stdout, 'twisted' for the runtime log.",
         ],
+        [
+            "etcd",
+            None,
+            None,
+            "Follow the resources in etcd: client URLs, comma-separated (http://10.0.0.5:2379,...).",
+        ],
+        ["etcd-prefix", None, "/flexgw", "The etcd key prefix of this fleet."],
+        [
+            "gateway-id",
+            None,
+            None,
+            "This gateway's name in the fleet status (<prefix>/gateways/<id>; default: host name).",
+        ],
+        ["etcd-cacert", None, None, "CA certificate (PEM) that etcd's https certificate chains to."],
+        ["etcd-cert", None, None, "Client certificate (PEM) presented to etcd."],
+        ["etcd-key", None, None, "Private key (PEM) of --etcd-cert."],
+        ["etcd-user", None, None, "etcd user (password authentication)."],
+        ["etcd-password-file", None, None, "File holding the --etcd-user password."],
+        [
+            "state-dir",
+            None,
+            None,
+            (
+                "Directory for the snapshot of the last applied remote configuration (a restart"
+                " while etcd or the Kubernetes API is unreachable serves it); default with"
+                " --kubernetes: /var/lib/flexgw; 'off': no snapshot."
+            ),
+        ],
         ["ingress-class", None, "flexgw", "The Kubernetes ingress class flexgw serves."],
         [
             "ingress-listener",
@@ -120,15 +148,6 @@ class Options(usage.Options):
             (
                 "The Lease replicas elect the status writer with, in $POD_NAMESPACE (else the"
                 " service account's or kubeconfig context's namespace, else default)."
-            ),
-        ],
-        [
-            "state-dir",
-            None,
-            "/var/lib/flexgw",
-            (
-                "Where remote sources (--kubernetes) snapshot the last applied resources, served"
-                " at a restart while the API server is unreachable ('off': no snapshot)."
             ),
         ],
     ]
@@ -179,8 +198,16 @@ class Options(usage.Options):
         """Check values and apply defaults."""
         if self["kubeconfig"] is not None or self["kube-namespaces"]:
             self["kubernetes"] = True
-        if not self["conf"] and not self["kubernetes"]:
+        if self["kubernetes"] and self["etcd"]:
+            raise usage.UsageError("--kubernetes and --etcd: choose one remote source")
+        if not self["conf"] and not self["etcd"] and not self["kubernetes"]:
             self["conf"] = ["/etc/flexgw"]
+        if self["state-dir"] is None and self["kubernetes"]:
+            from flexgw.config.sources.state import DEFAULT_STATE_DIR
+
+            self["state-dir"] = DEFAULT_STATE_DIR
+        if self["state-dir"] in ("off", ""):
+            self["state-dir"] = None
         publishing = self["publish-service"] is not None or self["publish-address"] is not None
         if publishing and not self["kubernetes"]:
             raise usage.UsageError("--publish-service/--publish-address need --kubernetes")
@@ -230,6 +257,7 @@ class Options(usage.Options):
             raise usage.UsageError("--worker-timeout must be a number of seconds") from None
         if not 0 <= self["worker-timeout"] < float("inf"):
             raise usage.UsageError("--worker-timeout must be 0 or more")
+        self._check_etcd()
         if self["log-level"] is not None and self["log-level"] not in _LEVELS:
             raise usage.UsageError("--log-level must be one of " + ", ".join(_LEVELS))
         from flexgw.config.ingress import ingress_options
@@ -245,6 +273,37 @@ class Options(usage.Options):
             raise usage.UsageError(str(exc)) from None
 
 
+    def _check_etcd(self) -> None:
+        """--etcd and its companions: URLs, readable files, the password read now."""
+        self["etcd-password"] = None
+        if not self["etcd"]:
+            for name in ("etcd-cacert", "etcd-cert", "etcd-key", "etcd-user", "etcd-password-file"):
+                if self[name] is not None:
+                    raise usage.UsageError(f"--{name} needs --etcd")
+            return
+        urls = [url.strip() for url in self["etcd"].split(",") if url.strip()]
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise usage.UsageError(f"--etcd {url}: an etcd client URL is http:// or https://")
+        if not urls:
+            raise usage.UsageError("--etcd needs at least one URL")
+        self["etcd"] = urls
+        for name in ("etcd-cacert", "etcd-cert", "etcd-key", "etcd-password-file"):
+            path = self[name]
+            if path is not None and not os.access(path, os.R_OK):
+                raise usage.UsageError(f"--{name} {path}: cannot read it")
+        if (self["etcd-key"] is None) != (self["etcd-cert"] is None):
+            raise usage.UsageError("--etcd-cert and --etcd-key go together")
+        if (self["etcd-user"] is None) != (self["etcd-password-file"] is None):
+            raise usage.UsageError("--etcd-user and --etcd-password-file go together")
+        if self["etcd-password-file"] is not None:
+            with open(self["etcd-password-file"], encoding="utf-8") as handle:
+                self["etcd-password"] = handle.read().rstrip("\r\n")
+        if self["workers"] != 1:
+            raise usage.UsageError("--etcd serves one process; use --workers 1 with it")
+
+
+
 def kube_connection(reactor: Any, options: Options, environ: Any) -> Any:
     """The Kubernetes API connection the options name (kubeconfig, else in-cluster)."""
     from flexgw.config.sources.kubeconnect import from_kubeconfig, in_cluster
@@ -254,26 +313,39 @@ def kube_connection(reactor: Any, options: Options, environ: Any) -> Any:
     return in_cluster(reactor, environ)
 
 
-def config_source(reactor: Any, options: Options, environ: Any) -> tuple[Any, Any]:
-    """(the source the gateway reads, the Kubernetes source or None): --conf files, the API
-    (--kubernetes), or both combined (a resource named by both is a located conflict)."""
+def config_source(reactor: Any, options: Options, environ: Any = None) -> tuple[Any, Any]:
+    """What the gateway serves: the --conf directories, the --etcd prefix or the Kubernetes API
+    (--kubernetes), or files and one of those (a resource defined by both is an error; the
+    file's version serves); and the remote source (etcd or Kubernetes), if any."""
     from flexgw.config.sources import CombinedSource
     from flexgw.config.sources.files import FileSource
 
-    if not options["kubernetes"]:
-        return FileSource(options["conf"]), None
-    from flexgw.config.sources.kubernetes import KubernetesSource
+    files = FileSource(options["conf"])
+    remote: Any
+    if options["etcd"]:
+        from flexgw.config.sources.etcd import EtcdSource, make_client
 
-    state_dir = None if options["state-dir"] in ("off", "") else options["state-dir"]
-    kube = KubernetesSource(
-        reactor,
-        kube_connection(reactor, options, environ),
-        options["kube-namespaces"],
-        state_dir=state_dir,
-    )
-    if not options["conf"]:
-        return kube, kube
-    return CombinedSource([("files", FileSource(options["conf"])), ("kubernetes", kube)]), kube
+        client = make_client(
+            reactor,
+            options["etcd"],
+            cacert=options["etcd-cacert"],
+            cert=options["etcd-cert"],
+            key=options["etcd-key"],
+            user=options["etcd-user"],
+            password=options["etcd-password"],
+        )
+        name, remote = "etcd", EtcdSource(client, options["etcd-prefix"], state_dir=options["state-dir"])
+    elif options["kubernetes"]:
+        from flexgw.config.sources.kubernetes import KubernetesSource
+
+        connection = kube_connection(reactor, options, os.environ if environ is None else environ)
+        remote = KubernetesSource(
+            reactor, connection, options["kube-namespaces"], state_dir=options["state-dir"]
+        )
+        name = "kubernetes"
+    else:
+        return files, None
+    return (CombinedSource([("files", files), (name, remote)]) if options["conf"] else remote), remote
 
 
 def _install_log_level(
@@ -426,7 +498,9 @@ def _make_gateway(options: Options) -> MultiService:
             int(environ[WORKER_ENV]), on_lost=_stop_reactor(reactor), on_stop=_stop_reactor(reactor)
         )
         connect_to_supervisor(reactor, int(environ[SUPERVISOR_FD_ENV]), worker)
-    source, kube = config_source(reactor, options, environ)
+    source, remote = config_source(reactor, options, environ)
+    etcd = remote if options["etcd"] else None
+    kube = remote if options["kubernetes"] else None
     gateway = GatewayService(
         reactor,
         source,
@@ -450,6 +524,15 @@ def _make_gateway(options: Options) -> MultiService:
             reactor, options["admin"], admin_site(gateway), gateway.wait_stopped
         ).setServiceParent(top)
     gateway.setServiceParent(top)
+    if etcd is not None:  # after the gateway: stopped first, its lease revoked
+        import socket
+
+        from flexgw.service.fleet import FleetReporter
+
+        FleetReporter(
+            reactor, etcd.client, options["etcd-prefix"],
+            options["gateway-id"] or socket.gethostname(), gateway, etcd,
+        ).setServiceParent(top)
     if worker is not None:
         worker.gateway = gateway
     if worker is None:  # a worker's file reloads come from the supervisor, which watches

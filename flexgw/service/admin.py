@@ -107,6 +107,9 @@ class ReadinessResource(Resource):
         body: dict[str, Any] = {"status": "ready" if ready else "not ready"}
         if reasons:
             body["reasons"] = reasons
+        sources = [status.as_json() for status in source_statuses(self.gateway.source)]
+        if sources:  # a lost source leaves readiness as it is: the last configuration serves
+            body["sources"] = sources
         return _json(request, 200 if ready else 503, body)
 
     render_HEAD = render_GET

@@ -96,6 +96,9 @@ class Snapshot:
 
     units: tuple[Unit, ...]
     problems: tuple[Problem, ...] = ()
+    # where in the source's history this is, when it has one (an etcd revision, a Kubernetes
+    # resourceVersion): what a restart from a stored snapshot resumes from
+    position: str | None = None
 
 
 class Watcher(Protocol):
