@@ -163,6 +163,15 @@ class Options(usage.Options):
         ],
         ["strict", None, "Unknown configuration keys are errors, not warnings."],
         ["ingress-default-class", None, "Serve Kubernetes Ingresses that name no ingress class."],
+        [
+            "reuse-port",
+            None,
+            (
+                "Bind listeners with SO_REUSEPORT: several gateways of one user on one host share"
+                " their addresses (a fleet on one machine, a new gateway started before the old"
+                " one stops)."
+            ),
+        ],
     ]
 
     def __init__(self) -> None:
@@ -315,8 +324,9 @@ def kube_connection(reactor: Any, options: Options, environ: Any) -> Any:
 
 def config_source(reactor: Any, options: Options, environ: Any = None) -> tuple[Any, Any]:
     """What the gateway serves: the --conf directories, the --etcd prefix or the Kubernetes API
-    (--kubernetes), or files and one of those (a resource defined by both is an error; the
-    file's version serves); and the remote source (etcd or Kubernetes), if any."""
+    (--kubernetes), or files first and one of those (a resource defined by both is an error
+    reported at the remote object or key; the file's version serves); and the remote source
+    (etcd or Kubernetes), if any."""
     from flexgw.config.sources import CombinedSource
     from flexgw.config.sources.files import FileSource
 
@@ -514,7 +524,7 @@ def _make_gateway(options: Options) -> MultiService:
         log_publisher=globalLogPublisher,
         ingress=options["ingress"],
         notifier=SupervisedNotifier(worker, worker.index) if worker is not None else None,
-        reuse_port=worker is not None,
+        reuse_port=worker is not None or bool(options["reuse-port"]),
         supervisor=worker,
     )
     if options["admin"] != "off":  # before the gateway: stopped after it (see _AdminService)
