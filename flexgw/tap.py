@@ -308,8 +308,6 @@ class Options(usage.Options):
         if self["etcd-password-file"] is not None:
             with open(self["etcd-password-file"], encoding="utf-8") as handle:
                 self["etcd-password"] = handle.read().rstrip("\r\n")
-        if self["workers"] != 1:
-            raise usage.UsageError("--etcd serves one process; use --workers 1 with it")
 
 
 
@@ -539,9 +537,11 @@ def _make_gateway(options: Options) -> MultiService:
 
         from flexgw.service.fleet import FleetReporter
 
+        gateway_id = options["gateway-id"] or socket.gethostname()
+        if worker is not None:  # each worker follows etcd and reports itself
+            gateway_id = f"{gateway_id}-w{worker.index}"
         FleetReporter(
-            reactor, etcd.client, options["etcd-prefix"],
-            options["gateway-id"] or socket.gethostname(), gateway, etcd,
+            reactor, etcd.client, options["etcd-prefix"], gateway_id, gateway, etcd
         ).setServiceParent(top)
     if worker is not None:
         worker.gateway = gateway
@@ -553,8 +553,8 @@ def _make_gateway(options: Options) -> MultiService:
             extra_files=lambda: gateway.plan.tls_files,  # certificates, keys, CAs read by the plan
         )
         _WatcherService(watcher).setServiceParent(top)
-    elif kube is not None:  # every worker watches the Kubernetes API itself
-        _WatcherService(kube.watcher(reactor, gateway.reload, debounce_from_env(os.environ))).setServiceParent(top)
+    elif remote is not None:  # the supervisor watches the files; each worker follows etcd or the API
+        _WatcherService(remote.watcher(reactor, gateway.reload, debounce_from_env(os.environ))).setServiceParent(top)
     publishing = options["publish-service"] is not None or options["publish-address"] is not None
     if kube is not None and publishing and (worker is None or worker.index == 0):
         _IngressStatusService(reactor, options, kube, gateway, environ).setServiceParent(top)
