@@ -89,6 +89,66 @@ class SystemdTests(unittest.TestCase):
         self.assertEqual(twisted_listen_fds(), ([3, 4], []))
 
 
+class EPollReactorTests(unittest.TestCase):
+    """compat.epollreactor: FlexReactor copies EPollReactor.doPoll and _doReadOrWrite's checks."""
+
+    def test_private_attributes(self) -> None:
+        """The attributes FlexReactor.doPoll reads are still there, with the same meaning."""
+        from twisted.internet import epollreactor, posixbase
+
+        reactor = epollreactor.EPollReactor()
+        self.addCleanup(reactor._poller.close)
+        for name in ("_poller", "_selectables", "_reads", "_writes"):
+            self.assertTrue(hasattr(reactor, name), gone(f"EPollReactor.{name}", "epollreactor"))
+        self.assertEqual(
+            (reactor._POLL_IN, reactor._POLL_OUT, reactor._POLL_DISCONNECTED),
+            (epollreactor.EPOLLIN, epollreactor.EPOLLOUT, epollreactor.EPOLLHUP | epollreactor.EPOLLERR),
+            gone("EPollReactor._POLL_*", "epollreactor"),
+        )
+        self.assertTrue(
+            callable(getattr(posixbase.PosixReactorBase, "_disconnectSelectable", None)),
+            gone("PosixReactorBase._disconnectSelectable", "epollreactor"),
+        )
+
+    def test_dispatch_unchanged(self) -> None:
+        """Twisted's doPoll still dispatches each event through callWithLogger to
+        _doReadOrWrite, whose checks FlexReactor.doPoll repeats inline; a change there (a new
+        check, another order) must be looked at before FlexReactor is trusted again."""
+        from twisted.internet import epollreactor, posixbase
+
+        poll = inspect.getsource(epollreactor.EPollReactor.doPoll)
+        self.assertIn(
+            "log.callWithLogger(selectable, _drdw, selectable, fd, event)",
+            poll,
+            gone("EPollReactor.doPoll's dispatch", "epollreactor"),
+        )
+        self.assertIn("doIteration = doPoll", inspect.getsource(epollreactor.EPollReactor))
+        dispatch = inspect.getsource(posixbase._PollLikeMixin._doReadOrWrite)
+        lines = [line.strip() for line in dispatch.splitlines()]
+        code = [line for line in lines if line and not line.startswith(("#", '"""'))]
+        expected = [
+            "if event & self._POLL_DISCONNECTED and not (event & self._POLL_IN):",
+            "if fd in self._reads:",
+            "why = CONNECTION_DONE",
+            "why = CONNECTION_LOST",
+            "if selectable.fileno() == -1:",
+            "why = _NO_FILEDESC",
+            "if event & self._POLL_IN:",
+            "why = selectable.doRead()",
+            "if not why and event & self._POLL_OUT:",
+            "why = selectable.doWrite()",
+            "log.err()",
+            "self._disconnectSelectable(selectable, why, inRead)",
+        ]
+        found = [line for line in code if line in expected]
+        self.assertEqual(found, expected, gone("_PollLikeMixin._doReadOrWrite", "epollreactor"))
+        self.assertEqual(
+            len([line for line in code if line.startswith(("if ", "else", "why =", "try", "except"))]),
+            18,  # (Twisted 26.10's count: a new branch means a new check to copy)
+            gone("_PollLikeMixin._doReadOrWrite's branches", "epollreactor"),
+        )
+
+
 class LogObserversTests(unittest.TestCase):
     """compat.logobservers: a LogPublisher's observers."""
 

@@ -242,6 +242,7 @@ class H2Stream:
         self.stream_id = stream_id
         # What ProxyExchange reads from its front (the same values as the HTTP/1.1 front's).
         self.clock = protocol.clock
+        self.wheel = protocol.wheel
         self.pools = protocol.pools
         self.http = protocol.http
         self.timeouts = protocol.timeouts
@@ -552,6 +553,7 @@ class H2Protocol(Protocol):
     def __init__(self, factory: IngressFactory, h1: IngressProtocol) -> None:
         self.factory = factory
         self.clock = factory.clock
+        self.wheel = h1.wheel  # keep-alive timer (and the streams' exchanges')
         self.pools = factory.pools
         self.http = h1.http
         self.timeouts = h1.timeouts
@@ -599,7 +601,7 @@ class H2Protocol(Protocol):
             conn.increment_flow_control_window(extra)
         self.flush()
         self.window_start = self.idle_since = self.clock.seconds()
-        self.timer = self.clock.callLater(self.http.keepalive_timeout, self._on_timer)
+        self.timer = self.wheel.call_later(self.http.keepalive_timeout, self._on_timer)
 
     def connectionLost(self, reason: Failure = None) -> None:
         """Abandon every stream in flight."""
@@ -927,7 +929,7 @@ class H2Protocol(Protocol):
         self._close(abort_streams=True)
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
-        self.timer = self.clock.callLater(1.0, self.transport.abortConnection)
+        self.timer = self.wheel.call_later(1.0, self.transport.abortConnection)
 
     def _close(self, abort_streams: bool) -> None:
         if self.closing:
@@ -954,7 +956,7 @@ class H2Protocol(Protocol):
         keepalive = self.http.keepalive_timeout
         idle = self.clock.seconds() - self.idle_since
         if self.streams or idle < keepalive:
-            self.timer = self.clock.callLater(
+            self.timer = self.wheel.call_later(
                 keepalive if self.streams else keepalive - idle, self._on_timer
             )
             return
