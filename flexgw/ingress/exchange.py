@@ -117,6 +117,7 @@ class ProxyExchange:
         "route",
         "started",
         "state",
+        "tap",
         "timer",
         "until_close",
         "upstream_elapsed",
@@ -154,6 +155,9 @@ class ProxyExchange:
         self.chain: ChainRun | None = None  # the policies applied to this request
         self.out: list[bytes] | None = None  # response bytes produced by the current upstream read
         self.flushed = False  # some of the response (its head first) went to the client
+        # A response-phase policy's body tap (`PolicyContext.response_tap`): fed every piece of
+        # the response body as it goes downstream (the HTTP cache); None for nearly every request.
+        self.tap = None
 
     # -- request side, driven by the front ---------------------------------------------------------
 
@@ -611,6 +615,7 @@ class ProxyExchange:
                 return None
             status = self.response_status = ctx.response_status
             kept = ctx.response_headers  # type: ignore[assignment]
+            self.tap = ctx.response_tap
             if ctx.response_extra:
                 kept = kept + ctx.response_extra
         return status, kept, content_length, chunked
@@ -626,6 +631,8 @@ class ProxyExchange:
         """A piece of the response body: queue it (chunk-framed if needed) for this read's send."""
         self.bytes_out += len(data)
         self.last_activity = self.front.clock.seconds()
+        if self.tap is not None:
+            self.tap.feed(data)
         out = self.out
         if out is None:
             out = self.out = []
@@ -639,6 +646,8 @@ class ProxyExchange:
     def response_trailers(self, trailers: HeaderList) -> None:
         """Trailer fields of the upstream response: sent in the last chunk to a chunked client
         (a length-delimited or HTTP/1.0 response has no place for them: dropped)."""
+        if self.tap is not None:
+            self.tap.abandon()  # a response with trailers is not kept whole (never cached)
         if not self.response_chunked:
             return
         lines = [b"0\r\n"]

@@ -213,6 +213,7 @@ class PolicyContext:
         "response_extra",
         "response_headers",
         "response_status",
+        "response_tap",
         "response_timeout",
         "scheme",
         "scratch",
@@ -232,6 +233,10 @@ class PolicyContext:
         self.response_status = 0
         self.response_headers: HeaderList | None = None
         self.response_extra: HeaderList | None = None  # headers to add to any response
+        # Set by a response-phase policy that wants the response body as it streams downstream:
+        # an object with `feed(data)` and `abandon()` (flexgw.policies.http_caching's collector).
+        # The exchange reads it once after the response phase; nothing is buffered otherwise.
+        self.response_tap: Any = None
         self._expression_context: Any = None
         # The whole request body, when a selected policy has `needs_body` (buffered, bounded).
         self.body: bytes | None = None

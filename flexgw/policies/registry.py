@@ -32,6 +32,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "flexgw.policies.circuit_breaker",
     "flexgw.policies.tls",
     "flexgw.policies.forward_proxy",
+    "flexgw.policies.http_caching",
 )
 
 _kinds: dict[str, Any] = {}
