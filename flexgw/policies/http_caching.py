@@ -103,8 +103,6 @@ MAX_ENTRY_BYTES = 1024 * 1024
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 #: How long a coalesced miss waits for the request it joined before going upstream itself.
 COALESCE_WAIT = 15.0
-INVALIDATE = "invalidate"
-INVALIDATE_ALL = "invalidate-all"
 
 SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -497,20 +495,29 @@ class HttpCachingPolicy(UsesRuntime):
         serve = store = True
         max_age = min_fresh = None
         only_if_cached = False
-        if config.invalidation_header:
-            order = ctx.request_header(config.invalidation_header)
-            if order is not None:
-                order = order.strip().lower()
-                if order == INVALIDATE.encode():
-                    self._quietly(self.cache.delete(key), "invalidation")
-                    serve = False
-                elif order == INVALIDATE_ALL.encode():
-                    self._quietly(self.cache.clear(), "invalidation")
-                    serve = False
-        if config.use_headers:
-            values = _values(ctx.head.headers, b"cache-control")
-            if values:
-                directives = parse_cache_control(values)
+        if config.invalidation_header or config.use_headers:
+            # One pass over the request's headers for everything this policy reads.
+            invalidation = config.invalidation_header
+            cache_control = []
+            pragma = order = None
+            for name, value in ctx.head.headers:
+                lname = name.lower()
+                if lname == b"cache-control":
+                    cache_control.append(value)
+                elif lname == b"pragma":
+                    pragma = value
+                elif lname == invalidation:
+                    order = value.strip().lower()
+            if order == b"invalidate":
+                self._quietly(self.cache.delete(key), "invalidation")
+                serve = False
+            elif order == b"invalidate-all":
+                self._quietly(self.cache.clear(), "invalidation")
+                serve = False
+            if not config.use_headers:
+                pass
+            elif cache_control:
+                directives = parse_cache_control(cache_control)
                 if "no-store" in directives:
                     serve = store = False
                 if "no-cache" in directives:
@@ -518,7 +525,7 @@ class HttpCachingPolicy(UsesRuntime):
                 max_age = _seconds(directives.get("max-age"))
                 min_fresh = _seconds(directives.get("min-fresh"))
                 only_if_cached = "only-if-cached" in directives
-            elif any(b"no-cache" in v.lower() for v in _values(ctx.head.headers, b"pragma")):
+            elif pragma is not None and b"no-cache" in pragma.lower():
                 serve = False
         head_only = ctx.head.method == b"HEAD"
         if serve:
