@@ -55,9 +55,16 @@ JSON_POST = (
     " \"items\": [1, 2, 3], \"tags\": [\"a\", \"b\"]}'\n"
 )
 
+INJECTION = (
+    "    builtInProtections: [sql, xss]\n    protectPathAndQuery: true\n"
+    "    protectHeaders: true\n    protectBody: true\n    rejectRequests: true\n"
+)
+
 #: (scenario name, policy kind, binding config, wrk request script)
 SCENARIOS: tuple[tuple[str, str, str, str], ...] = (
     ("http-caching-flex (hits)", "http-caching-flex", "    ttl: 600\n", GET),
+    ("injection-protection-flex (GET, headers)", "injection-protection-flex", INJECTION, GET),
+    ("injection-protection-flex (JSON POST)", "injection-protection-flex", INJECTION, JSON_POST),
 )
 
 

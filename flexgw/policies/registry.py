@@ -33,6 +33,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "flexgw.policies.tls",
     "flexgw.policies.forward_proxy",
     "flexgw.policies.http_caching",
+    "flexgw.policies.injection_protection",
 )
 
 _kinds: dict[str, Any] = {}
