@@ -55,6 +55,12 @@ JSON_POST = (
     " \"items\": [1, 2, 3], \"tags\": [\"a\", \"b\"]}'\n"
 )
 
+GRAPHQL_POST = (
+    "wrk.method = 'POST'\n"
+    "wrk.headers['Content-Type'] = 'application/json'\n"
+    "wrk.body = '{\"query\": \"query Order($id: ID!) { order(id: $id) { id total customer { name"
+    " email } items { sku qty product { name price } } } }\", \"variables\": {\"id\": \"42\"}}'\n"
+)
 INJECTION = (
     "    builtInProtections: [sql, xss]\n    protectPathAndQuery: true\n"
     "    protectHeaders: true\n    protectBody: true\n    rejectRequests: true\n"
@@ -65,6 +71,8 @@ SCENARIOS: tuple[tuple[str, str, str, str], ...] = (
     ("http-caching-flex (hits)", "http-caching-flex", "    ttl: 600\n", GET),
     ("injection-protection-flex (GET, headers)", "injection-protection-flex", INJECTION, GET),
     ("injection-protection-flex (JSON POST)", "injection-protection-flex", INJECTION, JSON_POST),
+    ("graphql-operation-limits-flex (POST)", "graphql-operation-limits-flex",
+     "    maxDepth: 8\n    maxAliases: 10\n    maxRootFields: 10\n    maxDirectives: 10\n", GRAPHQL_POST),
 )
 
 

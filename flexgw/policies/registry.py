@@ -34,6 +34,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "flexgw.policies.forward_proxy",
     "flexgw.policies.http_caching",
     "flexgw.policies.injection_protection",
+    "flexgw.policies.graphql_limits",
 )
 
 _kinds: dict[str, Any] = {}
