@@ -57,7 +57,6 @@ import re2
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from flexgw.config.regex import re2_violation
 from flexgw.policies.base import (
     BuildContext,
     IPolicy,
@@ -335,14 +334,13 @@ class InjectionConfig:
 def compile_custom(index: int, name: str, pattern: str) -> Protection:
     """A custom protection's regex with RE2; a located config error when RE2 rejects it."""
     field = f"customProtections.{index}.regex"
-    violation = re2_violation(pattern)
-    if violation is not None:
-        offset, what = violation
-        raise PolicyConfigError(f"{what} at offset {offset} is not supported (RE2)", field)
     try:
         compiled = re2.compile(pattern, _RE2_OPTIONS)
     except Exception as exc:  # noqa: BLE001 (re2.error and friends: any is a config error)
-        raise PolicyConfigError(f"invalid regex: {exc}", field) from None
+        detail = exc.args[0] if exc.args else exc
+        if isinstance(detail, bytes):
+            detail = detail.decode("utf-8", "replace")
+        raise PolicyConfigError(f"invalid regex (RE2): {detail}", field) from None
     return Protection(name, False, compiled)
 
 
