@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
 from flexgw.config.load import load_text, problem_at
 from flexgw.config.sources import Snapshot, Unit
+from flexgw.config.sources.state import Debouncer
 from flexgw.plan import Problem
 
 log = Logger()
@@ -137,7 +138,7 @@ class ConfigWatcher:
         self.poll_interval = poll_interval
         self.use_inotify = use_inotify
         self.mode: str | None = None  # "inotify" or "poll" once started
-        self._pending: IDelayedCall | None = None
+        self._debounce = Debouncer(reactor, debounce_seconds, on_change)
         self._poller: LoopingCall | None = None
         self._notifier: Any = None
         self._last: Fingerprint = frozenset()
@@ -163,9 +164,7 @@ class ConfigWatcher:
 
     def stop(self) -> None:
         """Stop watching and drop any pending callback."""
-        if self._pending is not None and self._pending.active():
-            self._pending.cancel()
-        self._pending = None
+        self._debounce.cancel()
         if self._poller is not None and self._poller.running:
             self._poller.stop()
         self._poller = None
@@ -234,17 +233,7 @@ class ConfigWatcher:
 
     def changed(self) -> None:
         """Note a change: (re)start the debounce timer."""
-        if self._pending is not None and self._pending.active():
-            self._pending.reset(self.debounce_seconds)
-            return
-        self._pending = self.reactor.callLater(self.debounce_seconds, self._fire)
-
-    def _fire(self) -> None:
-        self._pending = None
-        try:
-            self.on_change()
-        except Exception:  # noqa: BLE001 - a failing reload must not stop the watcher
-            log.failure("configuration reload callback failed")
+        self._debounce.changed()
 
 
 def load_file(path: str | os.PathLike[str]) -> Unit:
