@@ -131,9 +131,9 @@ SQL_SIGNATURES: tuple[tuple[str, str], ...] = (
      r"['\"]\s*\)*\s*(?:or|and|xor|\|\||&&)\s+\(*\s*(?:''|\"\"|'[^'\s]{0,20}'\s*[-+*&^|=<>]|\"[^\"\s]{0,20}\"\s*[-+*&^|=<>]|not\b|true\b|false\b|exists\b|sleep\b|benchmark\b|\()"),
     ("union-select", r"\bunion\b(?:\s+(?:all|distinct))?\s*\(*\s*\bselect\b"),
     ("stacked-query",
-     r";\s*(?:drop|truncate|shutdown|waitfor|declare|exec|execute|grant|revoke|call)\b"
-     r"|;\s*(?:select|insert|update|delete|alter|create|replace|merge|rename)\b[^;]{0,120}?"
-     r"\b(?:from|into|set|table|where|database|user|values|procedure|function)\b"),
+     (r";\s*(?:drop|truncate|shutdown|waitfor|declare|exec|execute|grant|revoke|call)\b"
+      r"|;\s*(?:select|insert|update|delete|alter|create|replace|merge|rename)\b[^;]{0,120}?"
+      r"\b(?:from|into|set|table|where|database|user|values|procedure|function)\b")),
     ("time-function", r"(?:^|[^.\w])(?:sleep|benchmark|pg_sleep|randomblob)\s*\(\s*[\d(]"),
     ("waitfor", r"\bwaitfor\s+(?:delay|time)\s*'"),
     ("dbms-function",
