@@ -61,6 +61,19 @@ GRAPHQL_POST = (
     "wrk.body = '{\"query\": \"query Order($id: ID!) { order(id: $id) { id total customer { name"
     " email } items { sku qty product { name price } } } }\", \"variables\": {\"id\": \"42\"}}'\n"
 )
+SPEC_CONFIG = (
+    "    source: inline\n    blockOperation: true\n    spec: |\n"
+    "      openapi: 3.0.3\n      info: {title: bench, version: '1'}\n      paths:\n"
+    "        /items:\n          post:\n            parameters:\n"
+    "              - {name: limit, in: query, schema: {type: integer}}\n"
+    "            requestBody:\n              content:\n                application/json:\n"
+    "                  schema:\n                    type: object\n                    required: [name]\n"
+    "                    properties:\n                      name: {type: string}\n"
+    "                      comment: {type: string}\n"
+    "                      items: {type: array, items: {type: integer}}\n"
+    "                      tags: {type: array, items: {type: string}}\n"
+    "            responses: {'200': {description: ok}}\n"
+)
 INJECTION = (
     "    builtInProtections: [sql, xss]\n    protectPathAndQuery: true\n"
     "    protectHeaders: true\n    protectBody: true\n    rejectRequests: true\n"
@@ -71,6 +84,7 @@ SCENARIOS: tuple[tuple[str, str, str, str], ...] = (
     ("http-caching-flex (hits)", "http-caching-flex", "    ttl: 600\n", GET),
     ("injection-protection-flex (GET, headers)", "injection-protection-flex", INJECTION, GET),
     ("injection-protection-flex (JSON POST)", "injection-protection-flex", INJECTION, JSON_POST),
+    ("spec-validation-flex (JSON POST)", "spec-validation-flex", SPEC_CONFIG, JSON_POST),
     ("graphql-operation-limits-flex (POST)", "graphql-operation-limits-flex",
      "    maxDepth: 8\n    maxAliases: 10\n    maxRootFields: 10\n    maxDirectives: 10\n", GRAPHQL_POST),
 )

@@ -107,7 +107,8 @@ class DetectionTests(TestCase):
             b"--b\r\nContent-Disposition: form-data; name=\"c\"\r\nContent-Type: application/json\r\n\r\n"
             b'{"x": "\' or 1=1--"}\r\n--b--\r\n'
         )
-        pieces = list(body_pieces(multipart, b"multipart/form-data; boundary=b"))
+        multipart = multipart.replace(b"--b", b"--Bq")
+        pieces = list(body_pieces(multipart, b"Multipart/Form-Data; boundary=Bq"))
         self.assertIn("hello", pieces)
         self.assertIn("' or 1=1--", pieces)
 

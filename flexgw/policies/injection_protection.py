@@ -57,6 +57,7 @@ import re2
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from flexgw.http import multipart
 from flexgw.policies.base import (
     BuildContext,
     IPolicy,
@@ -444,59 +445,26 @@ _BINARY_TYPES = (
 )
 
 
-def _content_type(headers: Any) -> bytes:
-    for name, value in headers:
-        if name.lower() == b"content-type":
-            return value.strip().lower()
-    return b""
-
-
-def _boundary(content_type: bytes) -> bytes | None:
-    for param in content_type.split(b";")[1:]:
-        key, _, value = param.strip().partition(b"=")
-        if key.strip() == b"boundary" and value:
-            return value.strip().strip(b'"')
-    return None
-
-
-def _multipart_parts(body: bytes, boundary: bytes) -> Iterator[tuple[list[tuple[bytes, bytes]], bytes]]:
-    """(headers, content) of each part of a multipart body."""
-    delimiter = b"--" + boundary
-    for chunk in body.split(delimiter)[1:]:
-        if chunk.startswith(b"--"):
-            break
-        chunk = chunk[2:] if chunk.startswith(b"\r\n") else chunk.lstrip(b"\n")
-        head, sep, content = chunk.partition(b"\r\n\r\n")
-        if not sep:
-            head, sep, content = chunk.partition(b"\n\n")
-        if content.endswith(b"\r\n"):
-            content = content[:-2]
-        headers = []
-        for line in head.splitlines():
-            name, colon, value = line.partition(b":")
-            if colon:
-                headers.append((name.strip(), value.strip()))
-        yield headers, content
-
-
 def body_pieces(body: bytes, content_type: bytes, depth: int = 0) -> Iterator[str]:
-    """The text pieces of a body worth scanning (binary content yields nothing)."""
-    if not body or content_type.startswith(_BINARY_TYPES):
+    """The text pieces of a body worth scanning (binary content yields nothing);
+    `content_type` as sent (a multipart boundary is case-sensitive)."""
+    kind = content_type.lower()
+    if not body or kind.startswith(_BINARY_TYPES):
         return
-    if content_type.startswith(b"multipart/") and depth < MAX_MULTIPART_DEPTH:
-        boundary = _boundary(content_type)
-        if boundary is not None:
-            for headers, content in _multipart_parts(body, boundary):
+    if kind.startswith(b"multipart/") and depth < MAX_MULTIPART_DEPTH:
+        delimiter = multipart.boundary(content_type)
+        if delimiter is not None:
+            for headers, content in multipart.parts(body, delimiter):
                 for name, value in headers:
                     if name.lower() == b"content-disposition":
                         yield value.decode("utf-8", "replace")
-                yield from body_pieces(content, _content_type(headers), depth + 1)
+                yield from body_pieces(content, multipart.media_type(headers), depth + 1)
             return
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         return  # not UTF-8: binary, skipped (as Flex)
-    if b"json" in content_type or (not content_type and text[:1] in "{["):
+    if b"json" in kind or (not kind and text[:1] in "{["):
         try:
             document = json.loads(text)
         except (ValueError, RecursionError):
@@ -504,7 +472,7 @@ def body_pieces(body: bytes, content_type: bytes, depth: int = 0) -> Iterator[st
         else:
             yield from _json_strings(document)
             return
-    if content_type.startswith(b"application/x-www-form-urlencoded"):
+    if kind.startswith(b"application/x-www-form-urlencoded"):
         yield from _query_pieces(body)
         return
     yield text
@@ -546,7 +514,7 @@ class InjectionProtectionPolicy:
                 else:
                     yield where, percent_decode(value)
         if config.body and ctx.body:
-            for piece in body_pieces(ctx.body, _content_type(head.headers)):
+            for piece in body_pieces(ctx.body, multipart.media_type(head.headers)):
                 yield "body", piece
 
     def on_request(self, ctx: PolicyContext) -> LocalResponse | None:

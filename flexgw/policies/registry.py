@@ -35,6 +35,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "flexgw.policies.http_caching",
     "flexgw.policies.injection_protection",
     "flexgw.policies.graphql_limits",
+    "flexgw.policies.spec_validation",
 )
 
 _kinds: dict[str, Any] = {}
