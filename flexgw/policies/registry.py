@@ -36,6 +36,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "flexgw.policies.injection_protection",
     "flexgw.policies.graphql_limits",
     "flexgw.policies.spec_validation",
+    "flexgw.policies.soap_validation",
 )
 
 _kinds: dict[str, Any] = {}
