@@ -302,6 +302,10 @@ class ProxyExchange:
         front = self.front
         head = self.head
         self.state = CONNECTING  # (as _connecting(), without the call on the per-request path)
+        chain = self.chain
+        if chain is not None and chain.ctx.body_replaced:
+            body = chain.ctx.body
+            self.pending = [body] if body else None  # a policy's replacement body goes instead
         self.upstream_started = front.clock.seconds()
         self._stop_timer()
         if not self.request_complete:
@@ -507,7 +511,10 @@ class ProxyExchange:
             if not has_xfh and head.authority:
                 append(b"X-Forwarded-Host: " + head.authority.encode("latin-1") + b"\r\n")
         if head.body == BODY_LENGTH:
-            append(b"Content-Length: %d\r\n" % head.content_length)
+            length = head.content_length
+            if chain is not None and chain.ctx.body_replaced:
+                length = len(chain.ctx.body or b"")
+            append(b"Content-Length: %d\r\n" % length)
         elif head.body == BODY_CHUNKED:
             append(b"Transfer-Encoding: chunked\r\n")
         hop_lines = self.hop_lines

@@ -208,6 +208,7 @@ class PolicyContext:
         "_request_headers",
         "api",
         "body",
+        "body_replaced",
         "client_ip",
         "head",
         "response_extra",
@@ -240,6 +241,8 @@ class PolicyContext:
         self._expression_context: Any = None
         # The whole request body, when a selected policy has `needs_body` (buffered, bounded).
         self.body: bytes | None = None
+        # A policy gave the upstream another body (`replace_body`): sent instead, re-framed.
+        self.body_replaced = False
         # Per-request timeout overrides in seconds (response-timeout / stream-idle-timeout).
         self.response_timeout: float | None = None
         self.stream_idle_timeout: float | None = None
@@ -305,6 +308,12 @@ class PolicyContext:
         lname = name.lower()
         headers = self.request_headers
         headers[:] = [(k, v) for k, v in headers if k.lower() != lname]
+
+    def replace_body(self, body: bytes) -> None:
+        """Send `body` upstream instead of the buffered one (only for policies with
+        `needs_body`, whose request body the exchange holds whole; its length is re-framed)."""
+        self.body = body
+        self.body_replaced = True
 
     # -- response --------------------------------------------------------------------------------
 

@@ -37,6 +37,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "flexgw.policies.graphql_limits",
     "flexgw.policies.spec_validation",
     "flexgw.policies.soap_validation",
+    "flexgw.policies.javascript_scripting",
 )
 
 _kinds: dict[str, Any] = {}
