@@ -187,6 +187,7 @@ def _parser() -> argparse.ArgumentParser:
             metavar="MODULE",
             help="import a third-party policy module first (repeatable)",
         )
+    _etcd_commands(commands)
     commands.add_parser("version", help="print the version")
     token = commands.add_parser(
         "demo-token",
@@ -213,6 +214,154 @@ def _parser() -> argparse.ArgumentParser:
     for flag, name in _PROBE_FLAGS:
         probe.add_argument(flag, dest=name, action="store_true", help=f"readiness: {name}")
     return parser
+
+
+def _etcd_commands(commands: Any) -> None:
+    """apply, diff, get, delete and fleet: the resources and gateways under an etcd prefix."""
+    helps = {
+        "apply": "check resource files, then write them to etcd in one transaction",
+        "diff": "show what `apply` would change in etcd (exit 1 when something would)",
+        "get": "print the resources in etcd (all, or those the files name) as YAML",
+        "delete": "delete the resources the files name from etcd, in one transaction",
+        "fleet": "print the gateways following etcd: version, revision, generation, readiness",
+    }
+    for name, text in helps.items():
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--etcd", required=True, metavar="URLS",
+                             help="etcd client URLs, comma-separated")
+        command.add_argument("--etcd-prefix", default="/flexgw", help="key prefix (%(default)s)")
+        command.add_argument("--etcd-cacert", help="CA certificate of etcd's https certificate")
+        command.add_argument("--etcd-cert", help="client certificate presented to etcd")
+        command.add_argument("--etcd-key", help="private key of --etcd-cert")
+        command.add_argument("--etcd-user", help="etcd user")
+        command.add_argument("--etcd-password-file", help="file holding the --etcd-user password")
+        command.add_argument("--timeout", type=float, default=10.0, help="seconds per call (%(default)s)")
+        if name in ("apply", "diff", "delete"):
+            command.add_argument("paths", nargs="+", metavar="PATH")
+        elif name == "get":
+            command.add_argument("paths", nargs="*", metavar="PATH")
+        if name in ("apply", "diff"):
+            command.add_argument("--prune", action="store_true",
+                                 help="also delete the resources under the prefix the files lack")
+            command.add_argument("--strict", action="store_true", help="unknown keys are errors")
+            command.add_argument("--policy-module", action="append", default=[], metavar="MODULE",
+                                 help="import a third-party policy module first (repeatable)")
+
+
+async def etcd_command(reactor: Any, args: argparse.Namespace, out: TextIO,
+                       environ: dict[str, str]) -> int:
+    """Run apply/diff/get/delete/fleet against etcd; the exit status (2: etcd or usage trouble)."""
+    from flexgw.config import etcdapply
+    from flexgw.config.sources.etcd import gateways_prefix, make_client, resources_prefix
+    from flexgw.config.sources.etcd_client import EtcdError
+    from flexgw.service.fleet import fleet_table
+
+    password = None
+    try:
+        if args.etcd_password_file is not None:
+            password = _read_secret(args.etcd_password_file)
+        client = make_client(
+            reactor, args.etcd.split(","), cacert=args.etcd_cacert, cert=args.etcd_cert,
+            key=args.etcd_key, user=args.etcd_user, password=password, timeout=args.timeout,
+        )
+    except (OSError, ValueError) as exc:
+        print(f"{args.command}: {exc}", file=out)
+        return 2
+    prefix = args.etcd_prefix
+    resources = resources_prefix(prefix).encode("utf-8")
+    try:
+        if args.command == "fleet":
+            gateways = await client.range_all(gateways_prefix(prefix).encode("utf-8"))
+            stored = await client.range_all(resources)
+            marker = await client.range(etcdapply.last_change_key(prefix).encode("utf-8"))
+            latest = max([kv.mod_revision for kv in (*stored.kvs, *marker.kvs)], default=0)
+            out.write(fleet_table(gateways.kvs, latest))
+            return 0
+        current = {kv.key.decode("utf-8", "replace"): kv for kv in (await client.range_all(resources)).kvs}
+        desired = etcdapply.read_files(args.paths, prefix) if args.paths else None
+        if args.command == "get":
+            keys = sorted(current) if desired is None else sorted(k for k in desired.entries if k in current)
+            for n, key in enumerate(keys):
+                text = current[key].value.decode("utf-8", "replace")
+                out.write(("---\n" if n else "") + f"# {key} (revision {current[key].mod_revision})\n")
+                out.write(text if text.endswith("\n") else text + "\n")
+            return 0
+        assert desired is not None
+        if args.command == "delete":
+            if desired.errors:
+                return _refuse(desired.errors, out)
+            gone = [etcdapply.Change(k, current[k], None) for k in sorted(desired.entries) if k in current]
+            return await _write(client, gone, prefix, out, "deleted")
+        load_modules(args.policy_module)
+        problems = etcdapply.check_result(desired, current, prefix, environ,
+                                          prune=args.prune, strict=args.strict)
+        errors = [p for p in problems if p.severity == "error"]
+        found = etcdapply.changes(desired, current, prune=args.prune)
+        if args.command == "diff":
+            for problem in problems:
+                print(problem, file=out)
+            out.writelines(change.diff(", ".join(args.paths)) for change in found)
+            print(f"{len(found)} change(s); {len(errors)} error(s)", file=out)
+            return 2 if errors else (1 if found else 0)
+        if errors:
+            return _refuse(problems, out)
+        for problem in problems:
+            print(problem, file=out)
+        return await _write(client, found, prefix, out, "applied")
+    except (EtcdError, ImportError) as exc:
+        print(f"{args.command}: {exc}", file=out)
+        return 2
+
+
+def _read_secret(path: str) -> str:
+    """A password file's text, without its final newline."""
+    with open(path, encoding="utf-8") as handle:
+        return handle.read().rstrip("\r\n")
+
+
+def _refuse(problems: Any, out: TextIO) -> int:
+    """Print the problems; nothing was written."""
+    for problem in problems:
+        print(problem, file=out)
+    errors = sum(1 for p in problems if p.severity == "error")
+    print(f"{errors} error(s): nothing written to etcd", file=out)
+    return 1
+
+
+async def _write(client: Any, found: list[Any], prefix: str, out: TextIO, verb: str) -> int:
+    """Write `found` in one guarded transaction; 1 when etcd changed since it was read."""
+    from flexgw.config import etcdapply
+
+    if not found:
+        print("no changes", file=out)
+        return 0
+    compares, ops = etcdapply.txn_ops(found, prefix)
+    result = await client.txn(compares, ops)
+    if not result.succeeded:
+        print("etcd changed since it was read (another apply?): nothing written; run it again",
+              file=out)
+        return 1
+    for change in found:
+        print(f"{change.action} {change.key}", file=out)
+    print(f"{verb} {len(found)} change(s) in one transaction at revision {result.revision}", file=out)
+    return 0
+
+
+def _react(run: Any) -> int:
+    """Run `run(reactor)` (a coroutine function giving an exit status) on the reactor."""
+    from twisted.internet import task
+    from twisted.internet.defer import Deferred
+
+    codes: list[int] = []
+
+    def main(reactor: Any) -> Any:
+        return Deferred.fromCoroutine(run(reactor)).addCallback(codes.append)
+
+    try:
+        task.react(main)
+    except SystemExit:
+        pass
+    return codes[0] if codes else 2
 
 
 # flexctl's option names and the query flags of Flex's readiness endpoint
@@ -282,6 +431,8 @@ def main(
 
         print(demo_token(secret, args.audience, args.subject, args.ttl, time.time()), file=out)
         return 0
+    if args.command in ("apply", "diff", "get", "delete", "fleet"):
+        return _react(lambda reactor: etcd_command(reactor, args, out, env))
     try:
         load_modules(args.policy_module)
     except ImportError as exc:

@@ -78,6 +78,33 @@ class Options(usage.Options):
             "-",
             "message-logging-flex output: a file path, '-' for stdout, 'twisted' for the runtime log.",
         ],
+        [
+            "etcd",
+            None,
+            None,
+            "Follow the resources in etcd: client URLs, comma-separated (http://10.0.0.5:2379,...).",
+        ],
+        ["etcd-prefix", None, "/flexgw", "The etcd key prefix of this fleet."],
+        [
+            "gateway-id",
+            None,
+            None,
+            "This gateway's name in the fleet status (<prefix>/gateways/<id>; default: host name).",
+        ],
+        ["etcd-cacert", None, None, "CA certificate (PEM) that etcd's https certificate chains to."],
+        ["etcd-cert", None, None, "Client certificate (PEM) presented to etcd."],
+        ["etcd-key", None, None, "Private key (PEM) of --etcd-cert."],
+        ["etcd-user", None, None, "etcd user (password authentication)."],
+        ["etcd-password-file", None, None, "File holding the --etcd-user password."],
+        [
+            "state-dir",
+            None,
+            None,
+            (
+                "Directory for the snapshot of the last applied remote configuration (a restart"
+                " while etcd is unreachable serves it)."
+            ),
+        ],
         ["ingress-class", None, "flexgw", "The Kubernetes ingress class flexgw serves."],
         [
             "ingress-listener",
@@ -123,7 +150,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         """Check values and apply defaults."""
-        if not self["conf"]:
+        if not self["conf"] and not self["etcd"]:
             self["conf"] = ["/etc/flexgw"]
         for path in self["conf"]:
             if not os.path.isdir(path):
@@ -159,6 +186,7 @@ class Options(usage.Options):
             raise usage.UsageError("--worker-timeout must be a number of seconds") from None
         if not 0 <= self["worker-timeout"] < float("inf"):
             raise usage.UsageError("--worker-timeout must be 0 or more")
+        self._check_etcd()
         if self["log-level"] is not None and self["log-level"] not in _LEVELS:
             raise usage.UsageError("--log-level must be one of " + ", ".join(_LEVELS))
         from flexgw.config.ingress import ingress_options
@@ -172,6 +200,60 @@ class Options(usage.Options):
             )
         except ValueError as exc:
             raise usage.UsageError(str(exc)) from None
+
+
+    def _check_etcd(self) -> None:
+        """--etcd and its companions: URLs, readable files, the password read now."""
+        self["etcd-password"] = None
+        if not self["etcd"]:
+            for name in ("etcd-cacert", "etcd-cert", "etcd-key", "etcd-user", "etcd-password-file"):
+                if self[name] is not None:
+                    raise usage.UsageError(f"--{name} needs --etcd")
+            return
+        urls = [url.strip() for url in self["etcd"].split(",") if url.strip()]
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise usage.UsageError(f"--etcd {url}: an etcd client URL is http:// or https://")
+        if not urls:
+            raise usage.UsageError("--etcd needs at least one URL")
+        self["etcd"] = urls
+        for name in ("etcd-cacert", "etcd-cert", "etcd-key", "etcd-password-file"):
+            path = self[name]
+            if path is not None and not os.access(path, os.R_OK):
+                raise usage.UsageError(f"--{name} {path}: cannot read it")
+        if (self["etcd-key"] is None) != (self["etcd-cert"] is None):
+            raise usage.UsageError("--etcd-cert and --etcd-key go together")
+        if (self["etcd-user"] is None) != (self["etcd-password-file"] is None):
+            raise usage.UsageError("--etcd-user and --etcd-password-file go together")
+        if self["etcd-password-file"] is not None:
+            with open(self["etcd-password-file"], encoding="utf-8") as handle:
+                self["etcd-password"] = handle.read().rstrip("\r\n")
+        if self["workers"] != 1:
+            raise usage.UsageError("--etcd serves one process; use --workers 1 with it")
+
+
+def config_source(reactor: Any, options: Options) -> tuple[Any, Any]:
+    """What the gateway serves: the --conf directories, the --etcd prefix, or both (a resource
+    defined by both is an error; the file's version serves); and the etcd source, if any."""
+    from flexgw.config.sources.files import FileSource
+
+    files = FileSource(options["conf"])
+    if not options["etcd"]:
+        return files, None
+    from flexgw.config.sources import CombinedSource
+    from flexgw.config.sources.etcd import EtcdSource, make_client
+
+    client = make_client(
+        reactor,
+        options["etcd"],
+        cacert=options["etcd-cacert"],
+        cert=options["etcd-cert"],
+        key=options["etcd-key"],
+        user=options["etcd-user"],
+        password=options["etcd-password"],
+    )
+    etcd = EtcdSource(client, options["etcd-prefix"], state_dir=options["state-dir"])
+    return (CombinedSource([("files", files), ("etcd", etcd)]) if options["conf"] else etcd), etcd
 
 
 def _install_log_level(
@@ -294,7 +376,7 @@ def _make_gateway(options: Options) -> MultiService:
     """One gateway process: alone (--workers 1), or a worker of a supervisor."""
     from twisted.internet import reactor
 
-    from flexgw.config.sources.files import FileSource, debounce_from_env
+    from flexgw.config.sources.files import debounce_from_env
     from flexgw.service.accesslog import AccessLog, MessageLog
     from flexgw.service.gateway import GatewayService
     from flexgw.service.worker import (
@@ -324,9 +406,10 @@ def _make_gateway(options: Options) -> MultiService:
             int(environ[WORKER_ENV]), on_lost=_stop_reactor(reactor), on_stop=_stop_reactor(reactor)
         )
         connect_to_supervisor(reactor, int(environ[SUPERVISOR_FD_ENV]), worker)
+    source, etcd = config_source(reactor, options)
     gateway = GatewayService(
         reactor,
-        options["conf"],
+        source,
         environ,
         access_log=access_log,
         message_log=message_log,
@@ -347,10 +430,19 @@ def _make_gateway(options: Options) -> MultiService:
             reactor, options["admin"], admin_site(gateway), gateway.wait_stopped
         ).setServiceParent(top)
     gateway.setServiceParent(top)
+    if etcd is not None:  # after the gateway: stopped first, its lease revoked
+        import socket
+
+        from flexgw.service.fleet import FleetReporter
+
+        FleetReporter(
+            reactor, etcd.client, options["etcd-prefix"],
+            options["gateway-id"] or socket.gethostname(), gateway, etcd,
+        ).setServiceParent(top)
     if worker is not None:
         worker.gateway = gateway
     if worker is None:  # a worker's reloads come from the supervisor, which watches
-        watcher = FileSource(options["conf"]).watcher(
+        watcher = source.watcher(
             reactor,
             gateway.reload,
             debounce_from_env(os.environ),

@@ -19,7 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from flexgw.plan import ProbeSettings, Problem
-from flexgw.service.metrics import make_registry, render
+from flexgw.service.metrics import make_registry, render, source_statuses
 from flexgw.service.sockets import listen_reuse_port
 
 if TYPE_CHECKING:
@@ -107,6 +107,9 @@ class ReadinessResource(Resource):
         body: dict[str, Any] = {"status": "ready" if ready else "not ready"}
         if reasons:
             body["reasons"] = reasons
+        sources = [status.as_json() for status in source_statuses(self.gateway.source)]
+        if sources:  # a lost source leaves readiness as it is: the last configuration serves
+            body["sources"] = sources
         return _json(request, 200 if ready else 503, body)
 
     render_HEAD = render_GET
@@ -266,6 +269,7 @@ def status_json(gateway: GatewayService) -> dict[str, Any]:
         "unbound": [f"{host}:{port}" for host, port in sorted(gateway.unbound)],
         "resources": resources,
         "problems": [problem_json(p) for p in problems],
+        "sources": [status.as_json() for status in source_statuses(gateway.source)],
     }
 
 

@@ -93,6 +93,12 @@ class GatewayMetrics:
         self.last_reload_time = self.clock.seconds()
 
 
+def source_statuses(source: Any) -> list[Any]:
+    """The connection statuses a config source reports (none for the file source)."""
+    statuses = getattr(source, "statuses", None)
+    return list(statuses()) if statuses is not None else []
+
+
 def status_class(status: int) -> str:
     """"2xx" for 200..299 and so on; "none" when no response status was sent."""
     return f"{status // 100}xx" if status else _NONE
@@ -171,6 +177,38 @@ class GatewayCollector:
         for listener in gateway.plan.listeners:
             served.add_metric([f"{listener.host}:{listener.port}"], len(listener.apis))
         yield served
+        yield from self._sources(gateway)
+
+    def _sources(self, gateway: GatewayService) -> Iterator[Metric]:
+        """Remote config sources (Kubernetes API, etcd): connected or not, and since when."""
+        statuses = source_statuses(gateway.source)
+        if not statuses:
+            return
+        connected = GaugeMetricFamily(
+            "flexgw_config_source_connected",
+            "1 while a remote config source answers; 0 while it is away (the last applied"
+            " configuration keeps serving).",
+            labels=["source"],
+        )
+        since = GaugeMetricFamily(
+            "flexgw_config_source_state_since_timestamp_seconds",
+            "When the source last connected or disconnected (Unix time).",
+            labels=["source"],
+        )
+        errors = CounterMetricFamily(
+            "flexgw_config_source_errors",
+            "Failed lists/watches of a remote config source (bad_event: garbage or an unknown"
+            " event on a watch stream, reconnected).",
+            labels=["source", "kind"],
+        )
+        for status in statuses:
+            connected.add_metric([status.name], 1 if status.connected else 0)
+            since.add_metric([status.name], status.since or 0)
+            errors.add_metric([status.name, "error"], status.counts.get("errors", 0))
+            errors.add_metric([status.name, "bad_event"], status.counts.get("bad_events", 0))
+        yield connected
+        yield since
+        yield errors
 
     def _requests(self, metrics: GatewayMetrics) -> Iterator[Metric]:
         by_class: dict[tuple[str, str, str, str], int] = {}

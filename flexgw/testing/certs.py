@@ -126,9 +126,14 @@ class CertificateAuthority:
         names: list[x509.GeneralName] = [x509.DNSName(name) for name in dns]
         names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
         names += [x509.UniformResourceIdentifier(uri) for uri in uris]
+        # an empty common name: a subject with no attribute (etcd's gateway refuses a client
+        # certificate with a CN once authentication is on)
+        subject = x509.Name(
+            [x509.NameAttribute(NameOID.COMMON_NAME, common_name)] if common_name else []
+        )
         builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .subject_name(subject)
             .issuer_name(self.name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())

@@ -86,6 +86,7 @@ class Unit:
     documents: tuple[Document, ...]
     problems: tuple[Problem, ...]
     failed: bool
+    source: str = ""  # which source it came from, when several are combined ("files", "kubernetes")
 
 
 @attrs.frozen
@@ -95,6 +96,9 @@ class Snapshot:
 
     units: tuple[Unit, ...]
     problems: tuple[Problem, ...] = ()
+    # where in the source's history this is, when it has one (an etcd revision, a Kubernetes
+    # resourceVersion): what a restart from a stored snapshot resumes from
+    position: str | None = None
 
 
 class Watcher(Protocol):
@@ -122,3 +126,62 @@ class ConfigSource(Protocol):
     ) -> Watcher:
         """A watcher calling `on_change()` once things settle after the source changed (and
         after a change to one of `extra_files()`, the certificates the running plan read)."""
+
+
+class CombinedSource:
+    """Several sources read as one (e.g. --conf files and the Kubernetes API): their units in
+    order, each tagged with its source's name, so the pipeline can tell a resource defined by two
+    sources (a located conflict) from one defined twice within a source."""
+
+    def __init__(self, sources: Iterable[tuple[str, ConfigSource]]) -> None:
+        self.sources = list(sources)
+
+    def read(self) -> Snapshot:
+        """Every source's units, tagged, then every source's problems."""
+        units: list[Unit] = []
+        problems: list[Problem] = []
+        for name, source in self.sources:
+            snapshot = source.read()
+            units.extend(attrs.evolve(unit, source=name) for unit in snapshot.units)
+            problems.extend(snapshot.problems)
+        return Snapshot(tuple(units), tuple(problems))
+
+    def statuses(self) -> list[Any]:
+        """The connection status of each source that has one."""
+        found: list[Any] = []
+        for _, source in self.sources:
+            statuses = getattr(source, "statuses", None)
+            if statuses is not None:
+                found.extend(statuses())
+        return found
+
+    def watcher(
+        self,
+        reactor: Any,
+        on_change: Callable[[], Any],
+        debounce_seconds: float,
+        extra_files: Callable[[], Iterable[str]] | None = None,
+    ) -> Watcher:
+        """One watcher per source (the first also polls `extra_files`), started and stopped together."""
+        watchers = [
+            source.watcher(reactor, on_change, debounce_seconds, extra_files if n == 0 else None)
+            for n, (_, source) in enumerate(self.sources)
+        ]
+        return _Watchers(watchers)
+
+
+class _Watchers:
+    """Several watchers as one."""
+
+    def __init__(self, watchers: list[Watcher]) -> None:
+        self.watchers = watchers
+
+    def start(self) -> None:
+        """Start each."""
+        for watcher in self.watchers:
+            watcher.start()
+
+    def stop(self) -> None:
+        """Stop each."""
+        for watcher in self.watchers:
+            watcher.stop()

@@ -381,6 +381,22 @@ class EtcdClient:
 
         return defer.Deferred.fromCoroutine(run())
 
+    def range_all(self, prefix: bytes, *, page: int = 1000) -> defer.Deferred[RangeResult]:
+        """Every key under `prefix` at one revision, read `page` keys per call (etcd's `more`)."""
+
+        async def run() -> RangeResult:
+            end = prefix_end(prefix)
+            key, revision, kvs = prefix, 0, []
+            while True:
+                result = await self.range(key, end, revision=revision, limit=page)
+                revision = revision or result.revision
+                kvs.extend(result.kvs)
+                if not result.more or not result.kvs:
+                    return RangeResult(revision, tuple(kvs), False, len(kvs))
+                key = result.kvs[-1].key + b"\0"
+
+        return defer.Deferred.fromCoroutine(run())
+
     def range_prefix(self, prefix: bytes, *, revision: int = 0) -> defer.Deferred[RangeResult]:
         """Every key under `prefix`."""
         return self.range(prefix, prefix_end(prefix), revision=revision)

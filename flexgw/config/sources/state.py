@@ -133,10 +133,18 @@ def snapshot_path(state_dir: str, name: str) -> str:
     return os.path.join(state_dir, f"{name}.json")
 
 
-def write_snapshot(state_dir: str, name: str, documents: Iterable[Document], wall: float | None = None) -> str | None:
-    """Write the documents (origin and value) atomically; the path, or None after logging why not."""
+def write_snapshot(
+    state_dir: str,
+    name: str,
+    documents: Iterable[Document],
+    wall: float | None = None,
+    position: str | None = None,
+) -> str | None:
+    """Write the documents (origin and value) and the source's `position` (an etcd revision, a
+    resourceVersion) atomically; the path, or None after logging why not."""
     path = snapshot_path(state_dir, name)
     body = {
+        "position": position,
         "format": SNAPSHOT_FORMAT,
         "source": name,
         "written": _iso(time.time() if wall is None else wall),
@@ -188,5 +196,8 @@ def read_snapshot(state_dir: str, name: str) -> tuple[Snapshot, str] | None:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warn("Cannot read the {name} snapshot {path}: {error}", name=name, path=path, error=exc)  # noqa: G010
         return None
-    return Snapshot(units), str(body.get("written"))
+    position = body.get("position")
+    return Snapshot(units, position=str(position) if position is not None else None), str(
+        body.get("written")
+    )
 
