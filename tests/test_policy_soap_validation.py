@@ -91,8 +91,9 @@ class PolicyTests(SoapTestCase):
         policy = self.build()
         policy.check(envelope(SOAP11))
         cases = (
-            (envelope(SOAP11, "x"), ("Schema validation failed at /{http://example.com/calc}Add/"
-                                     "{http://example.com/calc}a (expected xs:int)")),
+            (envelope(SOAP11, "x"), ("Schema validation failed at /c:Add/c:a: Element "
+                                     "'{http://example.com/calc}a': the value is not a valid value "
+                                     "of the atomic type 'xs:int'.")),
             (envelope(SOAP11).replace(b"c:Add", b"c:Sub"),
              "Body element {http://example.com/calc}Sub is not an input of port Port11"),
             (envelope(SOAP12), "Not a SOAP 1.1 Envelope"),
@@ -113,6 +114,17 @@ class PolicyTests(SoapTestCase):
             with self.assertRaises(PolicyConfigError) as caught:
                 self.build(**extra)
             self.assertEqual(caught.exception.field, field)
+
+    def test_schema_imports_stay_in_the_sandbox(self) -> None:
+        """A WSDL whose schema imports a file outside its directory is refused at load time."""
+        outside = WSDL.replace(
+            'elementFormDefault="qualified">',
+            'elementFormDefault="qualified"><xsd:import namespace="urn:x" schemaLocation="/etc/passwd"/>',
+        )
+        self.wsdl.write_text(outside)
+        with self.assertRaises(PolicyConfigError) as caught:
+            self.build()
+        self.assertIn("do not compile", caught.exception.message)
 
     def test_registered_and_flex_example_validates(self) -> None:
         """Registered under Flex's name; the pipeline accepts Flex's documented keys."""

@@ -531,19 +531,15 @@ class HttpCachingPolicy(UsesRuntime):
         if serve:
             if self.remote:
                 return self.cache.get(key).addCallbacks(
-                    self._remote_looked_up,
+                    self._looked_up,
                     self._remote_failed,
                     callbackArgs=(ctx, key, store, max_age, min_fresh, only_if_cached, head_only),
                     errbackArgs=(ctx, key, store),
                 )
-            entry = self.cache.get(key)
-            if entry is not None:
-                answer = self._usable(entry, ctx, max_age, min_fresh)
-                if answer is not None:
-                    return answer
-        if only_if_cached:
-            return LocalResponse.gateway_error(504, "cache_miss", "Not in the cache (only-if-cached)")
-        return self._miss(ctx, key, store, serve, head_only)
+            return self._looked_up(
+                self.cache.get(key), ctx, key, store, max_age, min_fresh, only_if_cached, head_only
+            )
+        return self._looked_up(None, ctx, key, store, None, None, only_if_cached, head_only, serve)
 
     def _usable(
         self,
@@ -608,7 +604,7 @@ class HttpCachingPolicy(UsesRuntime):
 
         return waiter.addCallback(released)
 
-    def _remote_looked_up(
+    def _looked_up(
         self,
         entry: Entry | None,
         ctx: PolicyContext,
@@ -618,14 +614,16 @@ class HttpCachingPolicy(UsesRuntime):
         min_fresh: int | None,
         only_if_cached: bool,
         head_only: bool,
+        serve: bool = True,
     ) -> Any:
+        """The entry found for `key` (None: none): answer it if usable, else a miss."""
         if entry is not None:
             answer = self._usable(entry, ctx, max_age, min_fresh)
             if answer is not None:
                 return answer
         if only_if_cached:
             return LocalResponse.gateway_error(504, "cache_miss", "Not in the cache (only-if-cached)")
-        return self._miss(ctx, key, store, True, head_only)
+        return self._miss(ctx, key, store, serve, head_only)
 
     def _remote_failed(self, failure: Any, ctx: PolicyContext, key: str, store: bool) -> None:
         """Redis did not answer: this request goes upstream and its response is not stored."""

@@ -8,11 +8,12 @@ other methods get a "Method not allowed" fault. Faults are SOAP standard respons
 version comes from the port's binding: SOAP 1.1 `soap:Client` faults with HTTP 500, SOAP 1.2
 `env:Sender` faults with HTTP 400 (Flex: "400 for a client error or 500 for a server error").
 
-How: at load time the WSDL is read (xmlschema's defused `XMLResource`: no DTD entities, no
-external entities, `allow='sandbox'`: imported schemas only from the WSDL's own directory
-tree), the port's binding is found with its SOAP version, style and operations, and the
-`<types>` schemas are compiled once into an `xmlschema.XMLSchema`. Per request the envelope is
-parsed the same defused way (a DOCTYPE is refused outright: SOAP forbids DTDs), its namespace
+How: at load time the WSDL is read with lxml (libxml2) with entity substitution, DTD loading
+and network access off, the port's binding is found with its SOAP version, style and
+operations, and the `<types>` schemas are compiled once into one libxml2 `XMLSchema` (schema
+imports resolve only to the WSDL's own embedded schemas or to files below the WSDL's
+directory). Per request the envelope is parsed the same hardened way (a DOCTYPE is refused
+outright: SOAP forbids DTDs), its namespace
 must be the binding's SOAP version, `Body` must hold the input element of one of the binding's
 operations (document style) and that element is validated against the schema.
 
@@ -22,19 +23,20 @@ Deliberate differences from Flex:
 - `rpc`-style bindings are checked for the operation element only (its parts are not typed
   against the schema); document/literal, the common case, is validated in full.
 - The fault string names what failed (`Body element {ns}Name is not an input of port P`,
-  the schema's reason and path) without echoing element content.
+  libxml2's reason and path with the quoted request values taken out).
 """
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Any
 from urllib.parse import unquote, urlsplit
 from xml.sax.saxutils import escape
 
 import attrs
-import xmlschema
+from lxml import etree
 from twisted.logger import Logger
-from xmlschema import XMLResource
 from zope.interface import implementer
 
 from flexgw.policies.base import (
@@ -82,8 +84,37 @@ class Port:
     style: str  # "document" or "rpc"
     inputs: frozenset[str]  # document style: the operations' input elements ({ns}name)
     operations: frozenset[str]  # operation names (rpc style: the body element's local name)
-    schema: Any  # xmlschema.XMLSchema of the WSDL's types (None when it has none)
+    schema: Any  # lxml XMLSchema of the WSDL's types (None when it has none)
     wsdl: bytes  # the WSDL as read, served to `?wsdl`
+
+
+def _parser(resolver: etree.Resolver | None = None) -> etree.XMLParser:
+    """libxml2 with every external access off: no entity substitution, no DTD loading, no
+    network; `resolver` (the WSDL's sandbox) is the only way to another file."""
+    parser = etree.XMLParser(
+        resolve_entities=False, load_dtd=False, no_network=True, huge_tree=False, dtd_validation=False
+    )
+    if resolver is not None:
+        parser.resolvers.add(resolver)
+    return parser
+
+
+class _Sandbox(etree.Resolver):
+    """Schema imports: the WSDL's own embedded schemas by namespace, files only below the
+    WSDL's directory; anything else is refused."""
+
+    def __init__(self, root: str, embedded: dict[str, bytes]) -> None:
+        super().__init__()
+        self.root = os.path.realpath(root)
+        self.embedded = embedded
+
+    def resolve(self, url: str, pubid: str | None, context: Any) -> Any:
+        if url in self.embedded:
+            return self.resolve_string(self.embedded[url], context)
+        path = os.path.realpath(unquote(urlsplit(url).path) if url.startswith("file:") else url)
+        if os.path.commonpath([path, self.root]) != self.root or not os.path.isfile(path):
+            raise etree.XMLSchemaParseError(f"schema import outside the WSDL's directory: {url}")
+        return self.resolve_filename(path, context)
 
 
 def load_port(path: str, encoding: str, service: str, port: str) -> Port:
@@ -91,33 +122,32 @@ def load_port(path: str, encoding: str, service: str, port: str) -> Port:
     try:
         with open(path, "rb") as handle:
             raw = handle.read()
-        resource = XMLResource(path, defuse="always", allow="sandbox")
+        root = etree.fromstring(raw, _parser(), base_url=path)
     except OSError as exc:
         raise PolicyConfigError(f"cannot read the WSDL: {exc.strerror or exc}", "wsdlUrl") from None
-    except Exception as exc:  # noqa: BLE001 (xmlschema raises several kinds for a bad document)
-        raise PolicyConfigError(f"not a usable WSDL: {exc}", "wsdlUrl") from None
-    root = resource.root
+    except etree.XMLSyntaxError as exc:
+        raise PolicyConfigError(f"the WSDL is not well-formed XML: {exc}", "wsdlUrl") from None
     if root.tag != f"{{{WSDL}}}definitions":
         raise PolicyConfigError("not a WSDL 1.1 document (no wsdl:definitions)", "wsdlUrl")
-    # WSDL QNames (`tns:Add`) use prefixes declared on the document (in practice on its root)
-    nsmap = {(k or None): v for k, v in resource.get_namespaces().items()}
 
-    def qname(text: str) -> str:
+    def qname(text: str, where: Any) -> str:
         prefix, sep, local = text.rpartition(":")
-        ns = nsmap.get(prefix if sep else None, "")
+        ns = where.nsmap.get(prefix if sep else None, "")
         return f"{{{ns}}}{local}" if ns else local
 
     target = root.get("targetNamespace", "")
     messages = {}
     for message in root.iterfind(f"{{{WSDL}}}message"):
-        parts = [part.get("element") for part in message.iterfind(f"{{{WSDL}}}part")]
-        messages[f"{{{target}}}{message.get('name')}"] = [qname(p) for p in parts if p]
+        parts = [part for part in message.iterfind(f"{{{WSDL}}}part") if part.get("element")]
+        messages[f"{{{target}}}{message.get('name')}"] = [qname(p.get("element"), p) for p in parts]
     port_types = {}
     for port_type in root.iterfind(f"{{{WSDL}}}portType"):
         operations = {}
         for operation in port_type.iterfind(f"{{{WSDL}}}operation"):
             given = operation.find(f"{{{WSDL}}}input")
-            operations[operation.get("name")] = qname(given.get("message")) if given is not None else None
+            operations[operation.get("name")] = (
+                qname(given.get("message", ""), given) if given is not None else None
+            )
         port_types[f"{{{target}}}{port_type.get('name')}"] = operations
     services = {s.get("name"): s for s in root.iterfind(f"{{{WSDL}}}service")}
     if service not in services:
@@ -125,7 +155,7 @@ def load_port(path: str, encoding: str, service: str, port: str) -> Port:
     ports = {p.get("name"): p for p in services[service].iterfind(f"{{{WSDL}}}port")}
     if port not in ports:
         raise PolicyConfigError(f"no port {port!r} in service {service!r} (it has {sorted(ports)})", "servicePort")
-    binding_name = qname(ports[port].get("binding", ""))
+    binding_name = qname(ports[port].get("binding", ""), ports[port])
     binding = next(
         (b for b in root.iterfind(f"{{{WSDL}}}binding") if f"{{{target}}}{b.get('name')}" == binding_name),
         None,
@@ -139,26 +169,51 @@ def load_port(path: str, encoding: str, service: str, port: str) -> Port:
             version, style = soap_version, marker.get("style", "document")
     if version is None:
         raise PolicyConfigError(f"binding {binding_name} of port {port!r} is not a SOAP binding", "servicePort")
-    operations = port_types.get(qname(binding.get("type", "")), {})
+    operations = port_types.get(qname(binding.get("type", ""), binding), {})
     bound = [op.get("name") for op in binding.iterfind(f"{{{WSDL}}}operation")]
     inputs = set()
     for name in bound:
         message = operations.get(name)
         inputs.update(messages.get(message, []) if message else [])
-    schemas = list(root.iterfind(f"{{{WSDL}}}types/{{{XSD}}}schema"))
-    schema = None
-    if schemas:
-        try:
-            schema = xmlschema.XMLSchema(
-                [resource.subresource(s) for s in schemas],  # with the WSDL's namespace prefixes
-                base_url=resource.base_url,
-                defuse="always",
-                allow="sandbox",
-            )
-        except Exception as exc:  # noqa: BLE001 (any schema error is a config error)
-            raise PolicyConfigError(f"the WSDL's types do not compile: {exc}"[:500], "wsdlUrl") from None
+    schema = _compile_types(root, os.path.dirname(os.path.abspath(path)))
     del encoding  # the WSDL declares its own encoding; Flex's key is accepted
     return Port(version, style or "document", frozenset(inputs), frozenset(bound), schema, raw)
+
+
+def _compile_types(root: Any, directory: str) -> Any:
+    """The `<types>` schemas as one libxml2 XMLSchema (None when there are none)."""
+    schemas = list(root.iterfind(f"{{{WSDL}}}types/{{{XSD}}}schema"))
+    if not schemas:
+        return None
+    # Each embedded schema as its own document (its inherited namespace declarations kept),
+    # reachable by `urn:flexgw:wsdl-schema:N`; imports by namespace alone are pointed there.
+    locations = {s.get("targetNamespace", ""): f"urn:flexgw:wsdl-schema:{n}" for n, s in enumerate(schemas)}
+    embedded = {}
+    for n, schema in enumerate(schemas):
+        copy = etree.fromstring(etree.tostring(schema), _parser())
+        for imported in copy.iterfind(f"{{{XSD}}}import"):
+            ns = imported.get("namespace", "")
+            if not imported.get("schemaLocation") and ns in locations:
+                imported.set("schemaLocation", locations[ns])
+        embedded[f"urn:flexgw:wsdl-schema:{n}"] = etree.tostring(copy)
+    wrapper = (
+        f'<xs:schema xmlns:xs="{XSD}">'
+        + "".join(
+            f'<xs:import namespace="{escape(ns, {chr(34): "&quot;"})}" schemaLocation="{loc}"/>'
+            for ns, loc in locations.items()
+        )
+        + "</xs:schema>"
+    )
+    parser = _parser(_Sandbox(directory, embedded))
+    try:
+        document = etree.fromstring(
+            embedded["urn:flexgw:wsdl-schema:0"] if len(schemas) == 1 else wrapper.encode(),
+            parser,
+            base_url=os.path.join(directory, "wsdl-types.xsd"),
+        )
+        return etree.XMLSchema(document)
+    except (etree.XMLSchemaParseError, etree.XMLSyntaxError) as exc:
+        raise PolicyConfigError(f"the WSDL's types do not compile: {exc}"[:500], "wsdlUrl") from None
 
 
 def wsdl_path(url: str) -> str:
@@ -196,6 +251,11 @@ def fault(version: str, reason: str, status: int | None = None) -> LocalResponse
     return LocalResponse(status or default, ((b"Content-Type", content_type),), body.encode("utf-8"))
 
 
+_BODY_PARSER = _parser()
+#: `'x' is not a valid value` -> `the value is not a valid value`: faults never echo content.
+_QUOTED_VALUE = re.compile(r"'[^']*' is")
+
+
 class Refused(Exception):
     """The request is not a valid SOAP message for the port."""
 
@@ -220,8 +280,8 @@ class SoapValidationPolicy:
         if b"<!doctype" in body[:4096].lower() or b"<!DOCTYPE" in body:
             raise Refused("A SOAP message must not contain a document type declaration")
         try:
-            root = XMLResource(body, defuse="always", allow="none").root
-        except Exception:  # noqa: BLE001 (forbidden entities, malformed XML: a fault either way)
+            root = etree.fromstring(body, _BODY_PARSER)
+        except etree.XMLSyntaxError:
             raise Refused("The request is not well-formed XML") from None
         envelope = ENVELOPE[port.version]
         if root.tag != f"{{{envelope}}}Envelope":
@@ -239,12 +299,12 @@ class SoapValidationPolicy:
                 continue
             if child.tag not in port.inputs:
                 raise Refused(f"Body element {child.tag} is not an input of port {self.name}")
-            if port.schema is not None:
-                error = next(iter(port.schema.iter_errors(child)), None)
-                if error is not None:
-                    # the schema's name for what was expected, never the content received
-                    expected = getattr(error.validator, "prefixed_name", None) or "valid content"
-                    raise Refused(f"Schema validation failed at {error.path} (expected {expected})")
+            if port.schema is not None and not port.schema.validate(child):
+                error = port.schema.error_log.last_error
+                # libxml2's message without the values it quotes from the request
+                reason = _QUOTED_VALUE.sub("the value is", error.message if error else "invalid")
+                path = error.path if error else ""
+                raise Refused(f"Schema validation failed at {path}: {reason}"[:300])
 
     def on_request(self, ctx: PolicyContext) -> LocalResponse | None:
         """A fault for an invalid request; the WSDL for `?wsdl`; None to go on."""
