@@ -11,12 +11,12 @@ Once each etcd gateway reports under `<prefix>/gateways/`, one `/v3/kv/txn` puts
 ApiInstances (one listener, a base path each); the time to each gateway's "Configuration
 generation N applied: <apis> API(s)" log line is taken from the moment the transaction was sent.
 The same resources are then written as one file (renamed into the reference's directory) and timed
-the same way. A request to the last API through the first etcd gateway and through the reference
-checks they serve. VmRSS of every gateway is read after a quiet second.
+the same way. A request to the last API through the fleet and through the reference checks
+they serve. VmRSS of every gateway is read after a quiet second.
 
-All gateways run on one host, so they share the ApiInstances' address: the first etcd gateway
-binds it, the others report it unbound (their plan is swapped all the same, which is what is
-timed). Figures are noisy on a shared machine: compare the ratios, which are measured in one run.
+All etcd gateways run on one host with `--reuse-port`, so they share the ApiInstances' address
+(the kernel spreads connections over them). Figures are noisy on a shared machine: compare the
+ratios, which are measured in one run.
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ async def main(reactor: Any, apis: int, gateways: int, out: str | None) -> None:
         fleet: list[tuple[Gateway, Any]] = []
         for n in range(gateways):
             fleet.append(spawn_gateway(reactor, f"gw-{n}", "--etcd", url, "--etcd-prefix", PREFIX,
-                                       "--gateway-id", f"gw-{n}"))
+                                       "--gateway-id", f"gw-{n}", "--reuse-port"))
             processes.append(fleet[-1][1])
         conf = tmp / "conf"
         conf.mkdir()

@@ -240,6 +240,11 @@ def _etcd_commands(commands: Any) -> None:
             command.add_argument("paths", nargs="+", metavar="PATH")
         elif name == "get":
             command.add_argument("paths", nargs="*", metavar="PATH")
+        if name in ("apply", "delete"):
+            command.add_argument(
+                "--wait", type=float, default=0.0, metavar="SECONDS",
+                help="then wait until every gateway under the prefix has applied it (exit 1 if not)",
+            )
         if name in ("apply", "diff"):
             command.add_argument("--prune", action="store_true",
                                  help="also delete the resources under the prefix the files lack")
@@ -291,7 +296,7 @@ async def etcd_command(reactor: Any, args: argparse.Namespace, out: TextIO,
             if desired.errors:
                 return _refuse(desired.errors, out)
             gone = [etcdapply.Change(k, current[k], None) for k in sorted(desired.entries) if k in current]
-            return await _write(client, gone, prefix, out, "deleted")
+            return await _write(reactor, client, gone, prefix, out, "deleted", args.wait)
         load_modules(args.policy_module)
         problems = etcdapply.check_result(desired, current, prefix, environ,
                                           prune=args.prune, strict=args.strict)
@@ -307,7 +312,7 @@ async def etcd_command(reactor: Any, args: argparse.Namespace, out: TextIO,
             return _refuse(problems, out)
         for problem in problems:
             print(problem, file=out)
-        return await _write(client, found, prefix, out, "applied")
+        return await _write(reactor, client, found, prefix, out, "applied", args.wait)
     except (EtcdError, ImportError) as exc:
         print(f"{args.command}: {exc}", file=out)
         return 2
@@ -328,8 +333,11 @@ def _refuse(problems: Any, out: TextIO) -> int:
     return 1
 
 
-async def _write(client: Any, found: list[Any], prefix: str, out: TextIO, verb: str) -> int:
-    """Write `found` in one guarded transaction; 1 when etcd changed since it was read."""
+async def _write(
+    reactor: Any, client: Any, found: list[Any], prefix: str, out: TextIO, verb: str, wait: float
+) -> int:
+    """Write `found` in one guarded transaction (1 when etcd changed since it was read); with
+    `wait`, then wait for every gateway reporting under the prefix to apply it."""
     from flexgw.config import etcdapply
 
     if not found:
@@ -344,7 +352,40 @@ async def _write(client: Any, found: list[Any], prefix: str, out: TextIO, verb: 
     for change in found:
         print(f"{change.action} {change.key}", file=out)
     print(f"{verb} {len(found)} change(s) in one transaction at revision {result.revision}", file=out)
-    return 0
+    return await _wait_fleet(reactor, client, prefix, result.revision, wait, out) if wait else 0
+
+
+async def _wait_fleet(
+    reactor: Any, client: Any, prefix: str, revision: int, wait: float, out: TextIO
+) -> int:
+    """Until every gateway key under the prefix says it applied `revision` (checked every 0.2 s,
+    for at most `wait` seconds): 0, else 1 naming those behind."""
+    import json
+
+    from twisted.internet.task import deferLater
+
+    from flexgw.config.sources.etcd import gateways_prefix
+
+    started = reactor.seconds()
+    while True:
+        behind: dict[str, int] = {}
+        found = await client.range_all(gateways_prefix(prefix).encode("utf-8"))
+        for kv in found.kvs:
+            try:
+                applied = int(json.loads(kv.value).get("revision", 0))
+            except (ValueError, TypeError, AttributeError):
+                applied = 0
+            if applied < revision:
+                behind[kv.key.decode("utf-8", "replace").rsplit("/", 1)[-1]] = applied
+        elapsed = reactor.seconds() - started
+        if not behind:
+            print(f"every gateway ({len(found.kvs)}) applied it in {elapsed:.1f}s", file=out)
+            return 0
+        if elapsed >= wait:
+            names = ", ".join(f"{name} (revision {rev})" for name, rev in sorted(behind.items()))
+            print(f"after {wait:g}s, behind: {names}", file=out)
+            return 1
+        await deferLater(reactor, 0.2)
 
 
 def _react(run: Any) -> int:

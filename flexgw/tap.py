@@ -122,6 +122,15 @@ class Options(usage.Options):
     optFlags = [  # noqa: RUF012
         ["strict", None, "Unknown configuration keys are errors, not warnings."],
         ["ingress-default-class", None, "Serve Kubernetes Ingresses that name no ingress class."],
+        [
+            "reuse-port",
+            None,
+            (
+                "Bind listeners with SO_REUSEPORT: several gateways of one user on one host share"
+                " their addresses (a fleet on one machine, a new gateway started before the old"
+                " one stops)."
+            ),
+        ],
     ]
 
     def __init__(self) -> None:
@@ -233,8 +242,8 @@ class Options(usage.Options):
 
 
 def config_source(reactor: Any, options: Options) -> tuple[Any, Any]:
-    """What the gateway serves: the --conf directories, the --etcd prefix, or both (a resource
-    defined by both is an error; the file's version serves); and the etcd source, if any."""
+    """What the gateway serves: the --conf directories, the --etcd prefix, or both (files first;
+    a resource defined by both is reported at the etcd key); and the etcd source, if any."""
     from flexgw.config.sources.files import FileSource
 
     files = FileSource(options["conf"])
@@ -420,7 +429,7 @@ def _make_gateway(options: Options) -> MultiService:
         log_publisher=globalLogPublisher,
         ingress=options["ingress"],
         notifier=SupervisedNotifier(worker, worker.index) if worker is not None else None,
-        reuse_port=worker is not None,
+        reuse_port=worker is not None or bool(options["reuse-port"]),
         supervisor=worker,
     )
     if options["admin"] != "off":  # before the gateway: stopped after it (see _AdminService)

@@ -27,15 +27,16 @@ SVC = f"{RES}gateway.mulesoft.com/Service/default/s"
 ROUTE = f"{RES}gateway.mulesoft.com/PolicyBinding/default/r"
 
 
+async def etcd_cli(etcd_url: str, *argv: str) -> tuple[int, str]:
+    """Run one `flexgw` etcd command against `etcd_url` under PREFIX; (status, output)."""
+    args = _parser().parse_args([argv[0], "--etcd", etcd_url, "--etcd-prefix", PREFIX, *argv[1:]])
+    out = io.StringIO()
+    status = await etcd_command(real_reactor(), args, out, {})
+    return status, out.getvalue()
+
+
 class CommandTests(EtcdTestCase):
     """The etcd commands, one etcd."""
-
-    async def command(self, etcd_url: str, *argv: str) -> tuple[int, str]:
-        """Run one command against `etcd_url` under PREFIX; (status, output)."""
-        args = _parser().parse_args([argv[0], "--etcd", etcd_url, "--etcd-prefix", PREFIX, *argv[1:]])
-        out = io.StringIO()
-        status = await etcd_command(real_reactor(), args, out, {})
-        return status, out.getvalue()
 
     async def test_apply_diff_get_delete(self) -> None:
         """diff lists what apply writes; apply writes it in one transaction; a bad file writes
@@ -48,41 +49,41 @@ class CommandTests(EtcdTestCase):
             "a.yaml": api("a", f"http://127.0.0.1:{port}") + "---\n" + service("s", "http://127.0.0.1:9000")
             + "---\n" + route("r", "a", "s"),
         })
-        status, out = await self.command(url, "diff", root)
+        status, out = await etcd_cli(url, "diff", root)
         self.assertEqual(status, 1)
         self.assertIn(f"+++ {api_key('a')} ({root})", out)
         self.assertIn("3 change(s); 0 error(s)", out)
-        status, out = await self.command(url, "apply", root)
+        status, out = await etcd_cli(url, "apply", root)
         self.assertEqual(status, 0, out)
         stored = await reader.range_prefix(RES.encode())
         self.assertEqual(sorted(kv.key.decode() for kv in stored.kvs), sorted([api_key("a"), SVC, ROUTE]))
         self.assertEqual({kv.mod_revision for kv in stored.kvs}, {stored.revision})  # one txn
         self.assertIn(f"applied 3 change(s) in one transaction at revision {stored.revision}", out)
-        self.assertEqual(await self.command(url, "apply", root), (0, "no changes\n"))
+        self.assertEqual(await etcd_cli(url, "apply", root), (0, "no changes\n"))
         update_conf(root, {"a.yaml": None, "b.yaml": service("s", "http://127.0.0.1:99999")})
-        status, out = await self.command(url, "apply", "--prune", root)
+        status, out = await etcd_cli(url, "apply", "--prune", root)
         self.assertEqual(status, 1)
         self.assertIn(f"{root}/b.yaml:6:12: error: Service default/s: spec.address: port 99999", out)
         self.assertIn("nothing written to etcd", out)
         self.assertEqual((await reader.range_prefix(RES.encode())).revision, stored.revision)
         update_conf(root, {"b.yaml": service("s", "http://127.0.0.1:9001")
                            + "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: Widget\nmetadata: {name: w}\n"})
-        status, out = await self.command(url, "apply", root)
+        status, out = await etcd_cli(url, "apply", root)
         self.assertEqual(status, 1)
         self.assertIn(f"{root}/b.yaml:9:7: error: cannot be stored in etcd: unknown kind", out)
         update_conf(root, {"b.yaml": service("s", "http://127.0.0.1:9001")})
-        status, out = await self.command(url, "diff", "--prune", root)
+        status, out = await etcd_cli(url, "diff", "--prune", root)
         self.assertEqual(status, 1)
         self.assertIn("-  address: http://127.0.0.1:9000\n+  address: http://127.0.0.1:9001\n", out)
-        status, out = await self.command(url, "apply", "--prune", root)
+        status, out = await etcd_cli(url, "apply", "--prune", root)
         self.assertEqual(status, 0, out)
         self.assertIn(f"delete {api_key('a')}", out)
         self.assertIn(f"update {SVC}", out)
-        status, out = await self.command(url, "get")
+        status, out = await etcd_cli(url, "get")
         self.assertEqual(status, 0)
         self.assertIn(f"# {SVC} (revision ", out)
         self.assertIn("address: http://127.0.0.1:9001", out)
-        status, out = await self.command(url, "delete", root)
+        status, out = await etcd_cli(url, "delete", root)
         self.assertEqual((status, out.splitlines()[0]), (0, f"delete {SVC}"))
         self.assertEqual((await reader.range_prefix(RES.encode())).kvs, ())
 
@@ -127,10 +128,9 @@ class FleetTests(EtcdTestCase):
 
     async def fleet(self, url: str) -> str:
         """The `flexgw fleet` table."""
-        args = _parser().parse_args(["fleet", "--etcd", url, "--etcd-prefix", PREFIX])
-        out = io.StringIO()
-        self.assertEqual(await etcd_command(real_reactor(), args, out, {}), 0)
-        return out.getvalue()
+        status, out = await etcd_cli(url, "fleet")
+        self.assertEqual(status, 0)
+        return out
 
     async def test_fleet_table(self) -> None:
         """Two gateways: both up to date; one stops following and shows behind; a bad value
@@ -150,7 +150,15 @@ class FleetTests(EtcdTestCase):
         self.assertTrue(lines[2].startswith("gw-two") and lines[2].endswith("up to date"), table)
         # both serve the same address in one process: the second could not bind it
         self.assertIn(": not ready: 1 listener(s) could not be bound", table)
+        root = write_conf(self, {"s.yaml": service("s", "http://127.0.0.1:9000")})
+        status, out = await etcd_cli(etcd.url, "apply", "--wait", "10", root)
+        self.assertEqual(status, 0, out)
+        self.assertIn("every gateway (2) applied it in ", out)
         second.watcher.stop()
+        update_conf(root, {"s.yaml": service("s", "http://127.0.0.1:9001")})
+        status, out = await etcd_cli(etcd.url, "apply", "--wait", "0.5", root)
+        self.assertEqual(status, 1, out)
+        self.assertRegex(out, r"after 0.5s, behind: gw-two \(revision \d+\)")
         bad = await writer.put(api_key("b").encode(), self.api(free_port(), "b").replace(b"http://127", b"ftp://127", 1))
         await self.written(one, lambda s: s["revision"] == bad.revision and s["errors"] == 1)
         table = await self.fleet(etcd.url)

@@ -25,7 +25,7 @@ from flexgw.plan import (
 from flexgw.policies.base import BuildContext, PolicyCapabilities
 from flexgw.policies.circuit_breaker import BREAKER_KIND, BREAKER_NAME
 from flexgw.policies.registry import lookup as lookup_policy
-from flexgw.tls.contexts import CLIENT_ALPN, build_client_tls, build_server_tls
+from flexgw.tls.contexts import UPSTREAM_ALPN, build_client_tls, build_server_tls
 from flexgw.tls.settings import TLSSettings
 
 FORWARD_PROXY = "forward-proxy"  # flexgw.policies.forward_proxy.NAME (not imported: compile stays light)
@@ -436,13 +436,13 @@ def _tls_upstreams(
                 continue
             settings = built
             if upstream.scheme not in ("h2", "h2c") and not any(
-                name.encode("ascii") in CLIENT_ALPN for name in settings.alpn
+                name.encode("ascii") in UPSTREAM_ALPN for name in settings.alpn
             ):
                 problems.append(
                     specs[0].origin.problem(
                         "warning",
                         "alpn names no protocol the gateway's upstream client speaks yet "
-                        f"({', '.join(n.decode() for n in CLIENT_ALPN)}); no ALPN is offered",
+                        f"({', '.join(n.decode() for n in UPSTREAM_ALPN)}); no ALPN is offered",
                         ("spec", "config", "alpn"),
                     )
                 )

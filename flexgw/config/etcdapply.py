@@ -24,7 +24,6 @@ from typing import Any
 import attrs
 import yaml
 
-from flexgw.config.load import problem_at
 from flexgw.config.pipeline import load_config
 from flexgw.config.sources import Document, Snapshot, Unit
 from flexgw.config.sources.etcd import (
@@ -199,7 +198,3 @@ def txn_ops(found: Iterable[Change], prefix: str) -> tuple[list[Compare], list[P
     ops.append(Put(last_change_key(prefix).encode("utf-8"), json.dumps(marker).encode("utf-8")))
     return compares, ops
 
-
-def storage_problem(message: str, origin: str) -> Problem:
-    """An error about talking to etcd, as the CLI prints it."""
-    return problem_at(message, origin, None)

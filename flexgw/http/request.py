@@ -16,6 +16,7 @@ import re
 import attrs
 
 from flexgw.http.errors import METHOD_NOT_ALLOWED, GatewayError, bad_request
+from flexgw.http.grpc import GRPC_PREFIX, parse_timeout
 from flexgw.http.headers import HeaderList, without_underscored
 from flexgw.http.path import DEFAULT_RULES, PathSettings, Redirect, needs_work, normalize_path
 
@@ -43,6 +44,8 @@ class RequestHead:
     content_length: int
     connection_values: list[bytes]  # raw Connection header values (for hop-by-hop tokens)
     expect_continue: bool
+    grpc: bytes = b""  # a gRPC request's content-type, lower-cased (application/grpc...)
+    grpc_timeout: float | None = None  # seconds of a valid `grpc-timeout` (a gRPC deadline)
 
 
 #: `Configuration.spec.http.headersWithUnderscoresAction` values (Envoy's names).
@@ -82,6 +85,8 @@ def analyze_head(
     connection_values: list[bytes] = []
     expect_continue = False
     underscored = False
+    grpc_timeout = None
+    grpc = b""
     for name, value in headers:
         lname = name.lower()
         if lname == b"host":
@@ -100,6 +105,11 @@ def analyze_head(
             connection_values.append(value)
         elif lname == b"expect" and value.strip().lower() == b"100-continue":
             expect_continue = True
+        elif lname == b"content-type":
+            if value[:16].lower() == GRPC_PREFIX:
+                grpc = value.strip().lower()
+        elif lname == b"grpc-timeout":
+            grpc_timeout = parse_timeout(value)
         elif b"_" in lname:
             underscored = True
     if underscored:
@@ -171,6 +181,8 @@ def analyze_head(
         content_length=content_length,
         connection_values=connection_values,
         expect_continue=expect_continue,
+        grpc=grpc,
+        grpc_timeout=grpc_timeout if grpc else None,
     )
 
 

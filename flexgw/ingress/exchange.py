@@ -9,6 +9,7 @@ registered as the producer of the receiving side, so a slow reader pauses the fa
 from __future__ import annotations
 
 import enum
+import json
 
 from twisted.internet.error import DNSLookupError
 from twisted.python.failure import Failure
@@ -18,6 +19,13 @@ from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
 from flexgw.http.gate import BACKPRESSURE, HELD, HELD_OR_BACKPRESSURE
+from flexgw.http.grpc import (
+    EXPOSE_GRPC,
+    GRPC_WEB,
+    encode_message,
+    status_for_http,
+    web_content_type,
+)
 from flexgw.http.headers import (
     HOP_BY_HOP,
     HeaderList,
@@ -27,6 +35,7 @@ from flexgw.http.headers import (
 from flexgw.http.request import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, RequestHead
 from flexgw.http.tunnel import IDLE_TIMEOUT, Tunnel
 from flexgw.ingress.contract import IExchangeFront, IExchangeObserver
+from flexgw.ingress.grpcweb import GrpcWebSink
 from flexgw.ingress.routing import remaining_path, rules_match
 from flexgw.plan import Api, BoundPolicy, Destination, Route
 from flexgw.policies.base import LocalResponse, PolicyContext
@@ -67,6 +76,56 @@ DONE = ExchangeState.DONE
 _BEFORE_UPSTREAM = (WAITING, CONNECTING, POLICIES, BUFFERING)  # request body is kept aside
 
 
+def grpc_answer(
+    response: GatewayError | LocalResponse, extra: HeaderList | None, content_type: bytes
+) -> LocalResponse:
+    """What the gateway answers a gRPC request instead of `response` (its own error or a
+    policy's answer), as Envoy does: trailers-only, HTTP 200, the mapped `grpc-status` and a
+    `grpc-message`, keeping `x-flexgw-error` and the policies' headers (WWW-Authenticate, rate
+    limit headers, ...). The response status stays the HTTP one in the access log. A gRPC-Web
+    request gets its own content-type back, and the gRPC headers exposed to scripts (CORS)."""
+    if isinstance(response, GatewayError):
+        message = response.message
+        headers: list[tuple[bytes, bytes]] = [(b"x-flexgw-error", response.cause.encode("ascii"))]
+        headers.extend(response.headers)
+    else:
+        message = _local_message(response)
+        headers = [(n, v) for n, v in response.headers if n.lower() not in _NOT_IN_GRPC_ANSWER]
+    if extra:
+        headers.extend((n, v) for n, v in extra if n.lower() not in _NOT_IN_GRPC_ANSWER)
+    if content_type.startswith(GRPC_WEB):
+        headers.append(EXPOSE_GRPC)
+    return LocalResponse(
+        200,
+        (
+            (b"content-type", web_content_type(content_type)),
+            (b"grpc-status", b"%d" % status_for_http(response.status)),
+            (b"grpc-message", encode_message(message)),
+            *headers,
+        ),
+        b"",
+        response.cause if isinstance(response, LocalResponse) else None,
+    )
+
+
+_NOT_IN_GRPC_ANSWER = frozenset({b"content-type", b"content-length", b"grpc-status", b"grpc-message"})
+
+
+def _local_message(response: LocalResponse) -> str:
+    """A policy answer's message: its JSON `error` (or `message`), else the reason phrase."""
+    body = response.body
+    if body[:1] == b"{":
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            for key in ("error", "message"):
+                if isinstance(parsed.get(key), str):
+                    return str(parsed[key])[:512]
+    return errors.REASONS.get(response.status, b"Error").decode("ascii")
+
+
 @implementer(IExchangeObserver)
 class ChainFinish:
     """The observer that tells the policies that asked (`on_done`) how their exchange ended."""
@@ -99,10 +158,12 @@ class ProxyExchange:
         "bytes_out",
         "chain",
         "conn",
+        "deadline",
         "destination",
         "error_cause",
         "flushed",
         "front",
+        "grpc_web",
         "head",
         "last_activity",
         "out",
@@ -146,6 +207,8 @@ class ProxyExchange:
         self.upstream_started = 0.0
         self.upstream_elapsed: float | None = None
         self.timer = None
+        self.deadline = None  # a gRPC request's `grpc-timeout` timer
+        self.grpc_web: GrpcWebSink | None = None  # a gRPC-Web request's translation
         self.last_activity = started
         self.error_cause: str | None = None
         self.retried = False
@@ -158,6 +221,8 @@ class ProxyExchange:
         # A response-phase policy's body tap (`PolicyContext.response_tap`): fed every piece of
         # the response body as it goes downstream (the HTTP cache); None for nearly every request.
         self.tap = None
+        if head.grpc:
+            self._grpc_start()
 
     # -- request side, driven by the front ---------------------------------------------------------
 
@@ -183,6 +248,15 @@ class ProxyExchange:
             self._start_chain()
             return
         self._connect()
+
+    def _grpc_start(self) -> None:
+        """A gRPC request: its deadline (`grpc-timeout`) starts; a gRPC-Web one is translated
+        to gRPC for the upstream (GrpcWebSink)."""
+        head = self.head
+        if head.grpc_timeout is not None:
+            self.deadline = self.front.clock.callLater(head.grpc_timeout, self._deadline_passed)
+        if head.grpc.startswith(GRPC_WEB):
+            self.grpc_web = GrpcWebSink(self)
 
     def _start_chain(self) -> None:
         """Run the selected policies; when one reads the body, receive it whole (bounded) first."""
@@ -295,6 +369,8 @@ class ProxyExchange:
                 self.error_cause = response.cause
             elif response.status >= 400:
                 self.error_cause = "policy_rejected"
+        if response.status >= 300 and self.head.grpc:
+            response, extra = grpc_answer(response, extra, self.head.grpc), None
         self.front.answer(self, response, extra)
 
     def _connect(self) -> None:
@@ -328,6 +404,12 @@ class ProxyExchange:
     def request_body(self, data: bytes) -> None:
         """A piece of the request body (already de-chunked by the parser)."""
         self.bytes_in += len(data)
+        if self.grpc_web is not None and self.grpc_web.text:
+            try:
+                data = self.grpc_web.request_data(data)
+            except ValueError:
+                self._upstream_failed(errors.bad_request("The grpc-web-text body is not base64"))
+                return
         if self.state == SENDING or self.state == RESPONDING:
             # After the response head the upstream may still be reading the body (an early
             # answer, or full-duplex streaming): keep forwarding it.
@@ -387,7 +469,7 @@ class ProxyExchange:
         self.reused = reused
         self.state = SENDING
         head = self.head
-        conn.begin(self, head.method == b"HEAD")
+        conn.begin(self.grpc_web or self, head.method == b"HEAD")
         transport = conn.transport
         # The head, the body received so far and (if complete) the chunked terminator go out
         # in one send.
@@ -785,6 +867,9 @@ class ProxyExchange:
         self.error_cause = error.cause
         self.response_status = error.status
         self.front.gate.release(HELD_OR_BACKPRESSURE)
+        if self.head.grpc:
+            self.front.answer(self, grpc_answer(error, None, self.head.grpc), None)
+            return
         self.front.answer(self, error, None)
 
     def _on_timer(self) -> None:
@@ -830,6 +915,24 @@ class ProxyExchange:
             self.timer = None
             if timer.active():
                 timer.cancel()
+        if self.deadline is not None:
+            deadline, self.deadline = self.deadline, None
+            if deadline.active():
+                deadline.cancel()
+
+    def _deadline_passed(self) -> None:
+        """A gRPC request's `grpc-timeout` passed (Envoy's max_grpc_timeout: the smaller of it
+        and the gateway's own timeouts applies): DEADLINE_EXCEEDED before the response head,
+        the stream cut off after it; the upstream stream is reset either way."""
+        self.deadline = None
+        if self.state == DONE or self.state == TUNNEL:
+            return
+        if self.state == POLICIES and self.chain is not None:
+            self.chain.cancel()
+        if self.state == RESPONDING:
+            self._upstream_failed(errors.UPSTREAM_TIMEOUT)
+        else:
+            self.fail(errors.UPSTREAM_TIMEOUT)
 
     def downstream_lost(self) -> None:
         """The client went away: abandon the upstream side."""

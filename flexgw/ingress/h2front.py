@@ -288,7 +288,8 @@ class H2Stream:
         if extra:
             headers.extend((n.lower(), v) for n, v in extra)
         headers = [(n, v) for n, v in headers if n not in HOP_BY_HOP and n != b"content-length"]
-        headers.append((b"content-length", b"%d" % len(body)))
+        if body:  # (none on an empty answer: a trailers-only gRPC one carries no length)
+            headers.append((b"content-length", b"%d" % len(body)))
         if exchange.head.method == b"HEAD":
             body = b""
         self.respond(error.status, headers, body)

@@ -329,6 +329,7 @@ class H2cUpstreamConnection(protocol.Protocol):
             if ex is not None:
                 ex.reset_code = event.error_code
                 ex.ended = True
+                responder.on_reset(ex, event.error_code)
         elif kind in (events.WindowUpdated, events.RemoteSettingsChanged):
             self._pump_all()
         elif kind is events.ConnectionTerminated:

@@ -145,6 +145,9 @@ class Responder:
     def on_tunnel_data(self, ex: Exchange, data: bytes) -> None:
         """Called with bytes after an upgrade/CONNECT request head."""
 
+    def on_reset(self, ex: Exchange, code: int) -> None:
+        """Called when the peer resets an HTTP/2 stream (RST_STREAM with `code`)."""
+
     def respond(self, ex: Exchange) -> None:
         """Write the response (default: 200 with an empty body)."""
         ex.respond(200, [(b"Content-Length", b"0")], b"")

@@ -245,6 +245,9 @@ def xfcc_value(certificate: x509.Certificate) -> bytes:
 #: A configured `alpn` is filtered by it: offering h2 to an upstream that picks it, then
 #: speaking HTTP/1.1, would break every request.
 CLIENT_ALPN: tuple[bytes, ...] = (b"http/1.1",)
+#: What the upstream pools speak: an https:// Service whose `alpn` lists h2 offers
+#: `h2,http/1.1` and uses what the upstream picks (ClientTLS.h2_creator).
+UPSTREAM_ALPN: tuple[bytes, ...] = (b"h2", b"http/1.1")
 
 
 @implementer(IOpenSSLClientConnectionCreator)
@@ -266,13 +269,18 @@ class _UnverifiedCreator:
         return connection
 
 
-def client_creator(settings: TLSSettings, hostname: str, http2: bool = False) -> Any:
+def client_creator(
+    settings: TLSSettings, hostname: str, http2: bool = False, offer: tuple[bytes, ...] = ()
+) -> Any:
     """An IOpenSSLClientConnectionCreator for `hostname` (SNI and service-identity check).
 
-    With `http2` (an `h2://` Service, spoken to with flexgw.upstream.h2) ALPN offers `h2` only.
+    With `http2` (an `h2://` Service, spoken to with flexgw.upstream.h2) ALPN offers `h2` only;
+    with `offer`, those protocols (in that order).
     """
     if http2:
         alpn: tuple[bytes, ...] = (b"h2",)
+    elif offer:
+        alpn = offer
     else:
         alpn = tuple(n.encode("ascii") for n in settings.alpn if n.encode("ascii") in CLIENT_ALPN)
     kwargs = _common_options(settings, alpn)
@@ -300,6 +308,9 @@ class ClientTLS:
 
     settings: TLSSettings
     creator: Any = attrs.field(eq=False, hash=False, repr=False)
+    # An https:// Service whose `alpn` lists h2: the creator offering h2 and HTTP/1.1 (None:
+    # HTTP/1.1 only). Derived from the settings, so not compared either.
+    h2_creator: Any = attrs.field(default=None, eq=False, hash=False, repr=False)
 
     def describe(self) -> dict[str, object]:
         """JSON-ready summary (no key material)."""
@@ -311,8 +322,18 @@ class ClientTLS:
 
 def build_client_tls(settings: TLSSettings, hostname: str, http2: bool = False) -> ClientTLS:
     """Compile a Service's outbound TLS for `hostname` (the Service host, also the SNI name);
-    `http2` for HTTP/2 Services (ALPN h2)."""
-    return ClientTLS(settings=settings, creator=client_creator(settings, hostname, http2))
+    `http2` for HTTP/2 Services (ALPN h2). An https:// Service whose binding's `alpn` lists h2
+    gets an `h2_creator` offering h2 (and http/1.1 when listed too), as Flex does."""
+    h2_creator = None
+    alpn = [name.encode("ascii") for name in settings.alpn]
+    if not http2 and settings.alpn_configured and b"h2" in alpn:
+        offer = tuple(name for name in alpn if name in UPSTREAM_ALPN)
+        h2_creator = client_creator(settings, hostname, offer=offer)
+    return ClientTLS(
+        settings=settings,
+        creator=client_creator(settings, hostname, http2),
+        h2_creator=h2_creator,
+    )
 
 
 @implementer(IPolicyForHTTPS)

@@ -84,6 +84,9 @@ class TLSSettings:
     require_client_certificate: bool = False
     skip_validation: bool = False
     alpn: tuple[str, ...] = DEFAULT_ALPN
+    # `alpn` was written in the binding (an https:// Service offers h2 only when it was: the
+    # default list would make every TLS upstream pay a second handshake to fall back)
+    alpn_configured: bool = False
     min_version: tuple[int, int] = (1, 2)
     max_version: tuple[int, int] = (1, 3)
     ciphers: tuple[str, ...] = DEFAULT_TLS12_CIPHERS  # IANA names
@@ -250,6 +253,7 @@ def parse_tls(config: Mapping[str, Any], outbound: bool) -> TLSSettings:
         require_client_certificate=require,
         skip_validation=bool(config.get("skipValidation", False)) and outbound,
         alpn=alpn,
+        alpn_configured=bool(config.get("alpn")),
         min_version=minimum,
         max_version=maximum,
         ciphers=ciphers,

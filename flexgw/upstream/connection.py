@@ -146,8 +146,8 @@ class UpstreamConnection(Protocol):
                 self._head_bytes = 0
         self._body_seen = False
         sink = self.sink
-        if sink is not None:
-            sink.flush_response()
+        if sink is not None and not self._complete:
+            sink.flush_response()  # (a complete response is flushed by response_complete)
         if self._complete:
             self._complete = False
             if self._head_only:

@@ -474,7 +474,9 @@ class H2UpstreamConnection(Protocol):
         self.flush()
         for stream in touched.values():
             sink = stream.sink
-            if sink is not None:
+            if sink is not None and not stream.ended:
+                # (an ended stream's response_complete flushes: a head that ends the stream,
+                # a trailers-only gRPC answer say, goes out as one HEADERS with END_STREAM)
                 sink.flush_response()
         for stream in ended:
             sink = stream.sink
@@ -605,6 +607,11 @@ class H2UpstreamPool(PoolBase):
         timeouts: Timeouts,
     ) -> None:
         super().__init__(reactor, clock, upstream, http, timeouts)
+        # Over TLS: the creator whose ALPN offers h2 (an h2:// Service's; an https:// Service's
+        # `h2_creator` under an AlpnUpstreamPool, which sets `on_http1`: the waiters of a
+        # connection whose upstream picked HTTP/1.1 instead go to it, not to a 502).
+        self.tls_creator = upstream.tls.creator if upstream.tls is not None else None
+        self.on_http1: Any = None
         self.connections: list[H2UpstreamConnection] = []
         self.attempts: list[_Connect] = []
         self.active = 0
@@ -636,7 +643,7 @@ class H2UpstreamPool(PoolBase):
         if tls is not None:
             from flexgw.tls.contexts import QuietTLSFactory
 
-            factory = QuietTLSFactory(tls.creator, True, attempt)
+            factory = QuietTLSFactory(self.tls_creator, True, attempt)
         # Through Configuration.spec.forwardProxy's CONNECT tunnel when there is one.
         attempt.connector = connect_upstream(
             self.reactor, self.clock, self.upstream, factory, self.connect_timeout
@@ -724,6 +731,14 @@ class H2UpstreamPool(PoolBase):
         if not connection.connected_ok and attempt is not None and attempt in self.attempts:
             if getattr(connection, "tls_failed", False):
                 refused = getattr(connection, "alpn_refused", False)
+                if refused in (None, b"http/1.1") and self.on_http1 is not None:
+                    # The upstream picked HTTP/1.1 (or no ALPN): its waiters go to HTTP/1.1.
+                    self._end_attempt(attempt)
+                    waiters, attempt.waiters = attempt.waiters, []
+                    self.on_http1(waiters)
+                    if connection in self.connections:
+                        self.connections.remove(connection)
+                    return
                 cause: Any = (
                     f"ALPN chose {refused!r}, not h2" if refused is not False
                     else (reason.value if reason is not None else None)

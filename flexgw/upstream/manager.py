@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.interfaces import IReactorTCP, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from flexgw.plan import HttpSettings, Timeouts, Upstream
+from flexgw.upstream.alpn import AlpnUpstreamPool
 from flexgw.upstream.h2 import H2UpstreamPool
 from flexgw.upstream.interfaces import IUpstreamPool
 from flexgw.upstream.pool import UpstreamPool
@@ -81,10 +84,13 @@ class PoolManager:
                 pool.configure(http, timeouts, upstream)
 
     def pool_for(self, upstream: Upstream) -> IUpstreamPool:
-        """The pool for `upstream`, created on first use (HTTP/2 for `h2c`/`h2` Services)."""
+        """The pool for `upstream`, created on first use (HTTP/2 for `h2c`/`h2` Services, by
+        ALPN for an https:// Service whose `alpn` lists h2)."""
         pool = self.pools.get(upstream)
         if pool is None:
-            kind = H2UpstreamPool if upstream.scheme in ("h2c", "h2") else UpstreamPool
+            kind: Any = H2UpstreamPool if upstream.scheme in ("h2c", "h2") else UpstreamPool
+            if kind is UpstreamPool and upstream.tls is not None and upstream.tls.h2_creator:
+                kind = AlpnUpstreamPool  # https:// with h2 in alpn: what the upstream picks
             pool = self.pools[upstream] = kind(  # type: ignore[assignment]
                 self.reactor, self.clock, upstream, self.http, self.timeouts
             )
