@@ -60,6 +60,10 @@ class IPolicy(Interface):
       uses it.
     - `chain_member` (default True): False keeps a policy that only configures something at
       compile time (e.g. `idle-timeout-flex`) out of the per-request chain.
+
+    In its response phase a policy may set `ctx.response_tap` (see PolicyContext) to be fed the
+    response body as it streams downstream; a policy with `needs_body` may `ctx.replace_body`.
+    A kind may name `literal_fields`: config keys that `$ENV` expansion leaves as written.
     """
 
     def on_request(ctx: PolicyContext) -> Any:  # type: ignore[misc]

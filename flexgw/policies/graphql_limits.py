@@ -34,15 +34,6 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import attrs
-from graphql import GraphQLError, parse
-from graphql.language import (
-    DocumentNode,
-    FieldNode,
-    FragmentDefinitionNode,
-    InlineFragmentNode,
-    OperationDefinitionNode,
-    SelectionSetNode,
-)
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -80,10 +71,12 @@ class Metrics:
     directives: int
 
 
-def _selection_stats(selection_set: SelectionSetNode | None) -> tuple[int, int, int]:
+def _selection_stats(selection_set: Any) -> tuple[int, int, int]:
     """(depth, aliases, directives) below a selection set, iteratively."""
+    from graphql.language import FieldNode, InlineFragmentNode
+
     depth = aliases = directives = 0
-    stack: list[tuple[SelectionSetNode, int]] = [(selection_set, 0)] if selection_set else []
+    stack: list[tuple[Any, int]] = [(selection_set, 0)] if selection_set else []
     while stack:
         current, level = stack.pop()
         for selection in current.selections:
@@ -99,8 +92,10 @@ def _selection_stats(selection_set: SelectionSetNode | None) -> tuple[int, int, 
     return depth, aliases, directives
 
 
-def _root_fields(selection_set: SelectionSetNode) -> int:
+def _root_fields(selection_set: Any) -> int:
     """Fields at an operation's top level (inline fragments there included)."""
+    from graphql.language import FieldNode, InlineFragmentNode
+
     count = 0
     stack = [selection_set]
     while stack:
@@ -112,8 +107,10 @@ def _root_fields(selection_set: SelectionSetNode) -> int:
     return count
 
 
-def measure(document: DocumentNode) -> Metrics:
+def measure(document: Any) -> Metrics:
     """Depth, aliases, root fields and directives of a parsed document (spreads not followed)."""
+    from graphql.language import FragmentDefinitionNode, OperationDefinitionNode
+
     depth = aliases = roots = directives = 0
     for definition in document.definitions:
         if isinstance(definition, (OperationDefinitionNode, FragmentDefinitionNode)):
@@ -167,6 +164,9 @@ class GraphQLLimitsPolicy:
 
     def violations(self, query: str) -> list[tuple[str, str]]:
         """(message, code) for every limit `query` crosses; [] when within or unreadable."""
+        from graphql import GraphQLError, parse  # (imported on first use: a gateway without
+        # this policy does not pay graphql-core's import time)
+
         limits = self.limits
         try:
             document = parse(query, no_location=True, max_tokens=MAX_TOKENS)

@@ -45,6 +45,7 @@ Deliberate differences from Flex:
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import re
@@ -216,10 +217,18 @@ _SQL_NEEDS = re.compile(
     r"|outfile|dumpfile|exec|char|chr|0x|like"
 )
 _XSS_NEEDS = re.compile(r"[<=(:`\[]|\+ad[wx]-|globalthis|@import|-moz-binding|behavior")
-_SQL_ANY = _alternation(SQL_SIGNATURES)
-_XSS_ANY = _alternation(XSS_SIGNATURES)
-_SQL_EACH = tuple((name, re2.compile(pattern, _RE2_OPTIONS)) for name, pattern in SQL_SIGNATURES)
-_XSS_EACH = tuple((name, re2.compile(pattern, _RE2_OPTIONS)) for name, pattern in XSS_SIGNATURES)
+
+
+@functools.cache
+def _compiled() -> tuple[Any, Any, tuple[tuple[str, Any], ...], tuple[tuple[str, Any], ...]]:
+    """The signatures compiled (once, at the first binding built: a gateway without this policy
+    does not pay for it): SQL any, XSS any, SQL each, XSS each."""
+    return (
+        _alternation(SQL_SIGNATURES),
+        _alternation(XSS_SIGNATURES),
+        tuple((name, re2.compile(pattern, _RE2_OPTIONS)) for name, pattern in SQL_SIGNATURES),
+        tuple((name, re2.compile(pattern, _RE2_OPTIONS)) for name, pattern in XSS_SIGNATURES),
+    )
 
 # -- decoding -----------------------------------------------------------------------------------
 
@@ -379,14 +388,15 @@ def detect(text: str, sql: bool, xss: bool, custom: tuple[Protection, ...] = ())
     if not text or (not custom and _PLAIN.match(text)):
         return None
     norm = normalize(text)
-    if sql and _SQL_NEEDS.search(norm) and _SQL_ANY.search(sql_form(norm)):
+    sql_any, xss_any, _, _ = _compiled()
+    if sql and _SQL_NEEDS.search(norm) and sql_any.search(sql_form(norm)):
         return "sql"
     if xss and _XSS_NEEDS.search(norm):
-        if _XSS_ANY.search(norm):
+        if xss_any.search(norm):
             return "xss"
         if "script" in norm or "&#" in text:
             squeezed = _SCHEME_GAPS.sub("", norm)
-            if squeezed != norm and _XSS_ANY.search(squeezed):
+            if squeezed != norm and xss_any.search(squeezed):
                 return "xss"
     if custom:
         # Custom regexes see the decoded text in its own case (use (?i) for any case).
@@ -400,13 +410,14 @@ def detect(text: str, sql: bool, xss: bool, custom: tuple[Protection, ...] = ())
 def signature(text: str, protection: str) -> str | None:
     """Which built-in signature matched (for logs and the corpus report)."""
     norm = normalize(text)
+    _, _, sql_each, xss_each = _compiled()
     if protection == "sql":
-        for name, pattern in _SQL_EACH:
+        for name, pattern in sql_each:
             if pattern.search(sql_form(norm)):
                 return name
     elif protection == "xss":
         for candidate in (norm, _SCHEME_GAPS.sub("", norm)):
-            for name, pattern in _XSS_EACH:
+            for name, pattern in xss_each:
                 if pattern.search(candidate):
                     return name
     return None
@@ -553,7 +564,8 @@ class InjectionProtectionKind:
     phase = "inbound"
 
     def build(self, config: dict[str, Any], context: BuildContext) -> InjectionProtectionPolicy:
-        """Check the config and compile the custom regexes."""
+        """Check the config and compile the custom regexes (and, once, the signatures)."""
+        _compiled()
         return InjectionProtectionPolicy(parse_config(config), context.binding)
 
 

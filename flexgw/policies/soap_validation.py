@@ -35,7 +35,6 @@ from urllib.parse import unquote, urlsplit
 from xml.sax.saxutils import escape
 
 import attrs
-from lxml import etree
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -88,9 +87,12 @@ class Port:
     wsdl: bytes  # the WSDL as read, served to `?wsdl`
 
 
-def _parser(resolver: etree.Resolver | None = None) -> etree.XMLParser:
+def _parser(resolver: Any = None) -> Any:
     """libxml2 with every external access off: no entity substitution, no DTD loading, no
-    network; `resolver` (the WSDL's sandbox) is the only way to another file."""
+    network; `resolver` (the WSDL's sandbox) is the only way to another file. (lxml is imported
+    on first use: a gateway without this policy does not pay its import time.)"""
+    from lxml import etree
+
     parser = etree.XMLParser(
         resolve_entities=False, load_dtd=False, no_network=True, huge_tree=False, dtd_validation=False
     )
@@ -99,26 +101,29 @@ def _parser(resolver: etree.Resolver | None = None) -> etree.XMLParser:
     return parser
 
 
-class _Sandbox(etree.Resolver):
-    """Schema imports: the WSDL's own embedded schemas by namespace, files only below the
-    WSDL's directory; anything else is refused."""
+def _sandbox(root: str, embedded: dict[str, bytes]) -> Any:
+    """A resolver for schema imports: the WSDL's own embedded schemas by location, files only
+    below the WSDL's directory; anything else is refused."""
+    from lxml import etree
 
-    def __init__(self, root: str, embedded: dict[str, bytes]) -> None:
-        super().__init__()
-        self.root = os.path.realpath(root)
-        self.embedded = embedded
+    top = os.path.realpath(root)
 
-    def resolve(self, url: str, pubid: str | None, context: Any) -> Any:
-        if url in self.embedded:
-            return self.resolve_string(self.embedded[url], context)
-        path = os.path.realpath(unquote(urlsplit(url).path) if url.startswith("file:") else url)
-        if os.path.commonpath([path, self.root]) != self.root or not os.path.isfile(path):
-            raise etree.XMLSchemaParseError(f"schema import outside the WSDL's directory: {url}")
-        return self.resolve_filename(path, context)
+    class Sandbox(etree.Resolver):
+        def resolve(self, url: str, pubid: str | None, context: Any) -> Any:
+            if url in embedded:
+                return self.resolve_string(embedded[url], context)
+            path = os.path.realpath(unquote(urlsplit(url).path) if url.startswith("file:") else url)
+            if os.path.commonpath([path, top]) != top or not os.path.isfile(path):
+                raise etree.XMLSchemaParseError(f"schema import outside the WSDL's directory: {url}")
+            return self.resolve_filename(path, context)
+
+    return Sandbox()
 
 
 def load_port(path: str, encoding: str, service: str, port: str) -> Port:
     """Read the WSDL and compile what the port needs (PolicyConfigError when it cannot)."""
+    from lxml import etree
+
     try:
         with open(path, "rb") as handle:
             raw = handle.read()
@@ -182,6 +187,8 @@ def load_port(path: str, encoding: str, service: str, port: str) -> Port:
 
 def _compile_types(root: Any, directory: str) -> Any:
     """The `<types>` schemas as one libxml2 XMLSchema (None when there are none)."""
+    from lxml import etree
+
     schemas = list(root.iterfind(f"{{{WSDL}}}types/{{{XSD}}}schema"))
     if not schemas:
         return None
@@ -204,7 +211,7 @@ def _compile_types(root: Any, directory: str) -> Any:
         )
         + "</xs:schema>"
     )
-    parser = _parser(_Sandbox(directory, embedded))
+    parser = _parser(_sandbox(directory, embedded))
     try:
         document = etree.fromstring(
             embedded["urn:flexgw:wsdl-schema:0"] if len(schemas) == 1 else wrapper.encode(),
@@ -251,7 +258,6 @@ def fault(version: str, reason: str, status: int | None = None) -> LocalResponse
     return LocalResponse(status or default, ((b"Content-Type", content_type),), body.encode("utf-8"))
 
 
-_BODY_PARSER = _parser()
 #: `'x' is not a valid value` -> `the value is not a valid value`: faults never echo content.
 _QUOTED_VALUE = re.compile(r"'[^']*' is")
 
@@ -268,6 +274,10 @@ class SoapValidationPolicy:
     response_phase = False
 
     def __init__(self, port: Port, name: str, binding: str) -> None:
+        from lxml import etree
+
+        self.etree = etree
+        self.parser = _parser()  # one hardened parser for every request of this binding
         self.port = port
         self.name = name
         self.binding = binding
@@ -280,8 +290,8 @@ class SoapValidationPolicy:
         if b"<!doctype" in body[:4096].lower() or b"<!DOCTYPE" in body:
             raise Refused("A SOAP message must not contain a document type declaration")
         try:
-            root = etree.fromstring(body, _BODY_PARSER)
-        except etree.XMLSyntaxError:
+            root = self.etree.fromstring(body, self.parser)
+        except self.etree.XMLSyntaxError:
             raise Refused("The request is not well-formed XML") from None
         envelope = ENVELOPE[port.version]
         if root.tag != f"{{{envelope}}}Envelope":

@@ -47,15 +47,6 @@ from urllib.parse import parse_qsl, unquote
 
 import attrs
 import yaml
-from openapi_schema_validator import (
-    OAS30WriteValidator,
-    OAS31Validator,
-    oas30_format_checker,
-    oas31_format_checker,
-)
-from openapi_spec_validator import OpenAPIV30SpecValidator, OpenAPIV31SpecValidator
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT4, DRAFT202012
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -120,6 +111,10 @@ def _node_at(root: Any, path: list[Any]) -> Any:
 
 def load_spec(text: str) -> dict[str, Any]:
     """Parse and check the spec; PolicyConfigError naming line:column inside it otherwise."""
+    # (the OpenAPI libraries are imported on first use: a gateway without this policy does not
+    # pay their import time)
+    from openapi_spec_validator import OpenAPIV30SpecValidator, OpenAPIV31SpecValidator
+
     try:
         spec = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -173,12 +168,21 @@ class Compiler:
     """Builds validators for parts of one spec (its `$ref`s resolved inside it)."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
+        from openapi_schema_validator import (
+            OAS30WriteValidator,
+            OAS31Validator,
+            oas30_format_checker,
+            oas31_format_checker,
+        )
+        from referencing import Registry, Resource
+        from referencing.jsonschema import DRAFT4, DRAFT202012
+
         self.spec = spec
         v31 = spec["openapi"].startswith("3.1")
         self.validator_class: Any = OAS31Validator if v31 else OAS30WriteValidator
         self.format_checker = oas31_format_checker if v31 else oas30_format_checker
         resource = Resource.from_contents(spec, default_specification=DRAFT202012 if v31 else DRAFT4)
-        self.registry: Registry[Any] = Registry().with_resource(SPEC_URI, resource)
+        self.registry: Any = Registry().with_resource(SPEC_URI, resource)
 
     def deref(self, node: Any, path: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...]]:
         """Follow local `$ref`s: (the node, its path in the spec)."""
