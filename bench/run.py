@@ -86,16 +86,41 @@ http {{
 }}
 """
 
-GATEWAY_CONF = """\
+API_CONF = """\
 apiVersion: gateway.mulesoft.com/v1alpha1
 kind: ApiInstance
 metadata:
   name: bench
 spec:
   address: http://{host}:{port}
+"""
+GATEWAY_CONF = API_CONF + """\
   services:
     upstream:
       address: http://{host}:{upstream_port}
+"""
+
+#: --multi: the same upstream reached as a Service of three addresses (127.0.0.1-3, which all
+#: reach the loopback upstream), balanced round robin: the cost of balancing, not of more work.
+MULTI_HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+MULTI_CONF = API_CONF + """\
+---
+apiVersion: gateway.mulesoft.com/v1alpha1
+kind: Service
+metadata:
+  name: upstream
+spec:
+  address: http://{host}:{upstream_port}
+  addresses: [{addresses}]
+---
+apiVersion: gateway.mulesoft.com/v1alpha1
+kind: PolicyBinding
+metadata:
+  name: bench-route
+spec:
+  targetRef: {{kind: ApiInstance, name: bench}}
+  policyRef: {{name: route}}
+  config: {{destinationRef: {{name: upstream}}}}
 """
 
 
@@ -235,16 +260,17 @@ class Processes:
             self.stop(proc)
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes], procs: Processes, name: str, timeout: float = 20.0) -> None:
-    """Poll until ``port`` accepts connections; fail early if ``proc`` exits."""
+def wait_port(port: int, proc: subprocess.Popen[bytes], procs: Processes, name: str, timeout: float = 20.0,
+              host: str = HOST) -> None:
+    """Poll until ``host:port`` accepts connections; fail early if ``proc`` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise BenchError(f"{name} exited with {proc.returncode}:\n{procs.log_tail(name)}")
-        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
             return
         time.sleep(0.05)
-    raise BenchError(f"{name} did not listen on {HOST}:{port} within {timeout}s:\n{procs.log_tail(name)}")
+    raise BenchError(f"{name} did not listen on {host}:{port} within {timeout}s:\n{procs.log_tail(name)}")
 
 
 def sanity_get(port: int, expect_body: bytes | None = b"hello\n", headers: dict[str, str] | None = None,
@@ -471,15 +497,17 @@ def fmt(value: float | None, spec: str) -> str:
 def start_gateway(
     args: argparse.Namespace, procs: Processes, tmp: Path, name: str, conf_name: str,
     extra_conf: str, upstream_port: int, cpu: int | None, env: dict[str, str],
-    extra_args: str = "",
+    extra_args: str = "", base: str = GATEWAY_CONF,
 ) -> tuple[int, str]:
-    """Write a gateway conf dir (GATEWAY_CONF + `extra_conf`), start the gateway command on a free
-    port and wait for it; returns (port, the command line)."""
+    """Write a gateway conf dir (`base`, GATEWAY_CONF by default, + `extra_conf`), start the
+    gateway command on a free port and wait for it; returns (port, the command line)."""
     port = free_port()
     conf_dir = tmp / conf_name
     conf_dir.mkdir()
+    addresses = ", ".join(f"'{h}:{upstream_port}'" for h in MULTI_HOSTS)
     (conf_dir / "bench.yaml").write_text(
-        GATEWAY_CONF.format(host=HOST, port=port, upstream_port=upstream_port) + extra_conf
+        base.format(host=HOST, port=port, upstream_port=upstream_port, addresses=addresses)
+        + extra_conf
     )
     nginx_conf = write_nginx(tmp, f"{name}-nginx", NGINX_PROXY_CONF, port=port, upstream_port=upstream_port)
     cmd = args.gateway_cmd.format(
@@ -529,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, metavar="N",
                         help="also measure flexgw --workers N (not pinned to a CPU) as a ratio of the "
                         "one-process flexgw of the same run")
+    parser.add_argument("--multi", action="store_true",
+                        help="also a Service of three addresses (127.0.0.1-3, one upstream listening "
+                             "on all), balanced round robin; reported as a ratio of flexgw's req/s")
     parser.add_argument("--tls", action="store_true",
                         help="also measure flexgw terminating TLS (a `tls` binding, wrk over https, "
                         "keep-alive connections) as a ratio of plain-HTTP flexgw in the same run")
@@ -579,10 +610,25 @@ def main(argv: list[str] | None = None) -> int:
             upstream_port = free_port()
             use_nginx_upstream = args.upstream == "nginx" or (args.upstream == "auto" and have_nginx)
             if use_nginx_upstream:
-                conf = write_nginx(tmp, "upstream-nginx", NGINX_UPSTREAM_CONF, port=upstream_port)
+                template = NGINX_UPSTREAM_CONF
+                if args.multi:  # the same server on every --multi address
+                    listen = "        listen {host}:{port} backlog=4096;\n"
+                    template = template.replace(listen, listen + "".join(
+                        listen.replace("{host}", h) for h in MULTI_HOSTS[1:]
+                    ))
+                conf = write_nginx(tmp, "upstream-nginx", template, port=upstream_port)
                 proc = procs.start("upstream", nginx_argv(conf), load_cpu)
                 info["upstream"] = "nginx"
             else:
+                for n, extra_host in enumerate(MULTI_HOSTS[1:] if args.multi else ()):
+                    extra = procs.start(
+                        f"upstream-{n + 2}",
+                        [sys.executable, "-m", "flexgw.testing.upstream", "--listen",
+                         f"{extra_host}:{upstream_port}", "--mode", "hello"],
+                        load_cpu,
+                        env,
+                    )
+                    wait_port(upstream_port, extra, procs, f"upstream-{n + 2}", host=extra_host)
                 proc = procs.start(
                     "upstream",
                     [sys.executable, "-m", "flexgw.testing.upstream", "--listen", f"{HOST}:{upstream_port}", "--mode", "hello"],
@@ -634,6 +680,14 @@ def main(argv: list[str] | None = None) -> int:
                     info["workers"] = args.workers
                     sanity_get(wk_port)
                     targets.append((f"flexgw-w{args.workers}", wk_port))
+                if args.multi:
+                    multi_port, multi_cmd = start_gateway(
+                        args, procs, tmp, "gateway-multi", "conf-multi", "", upstream_port, gw_cpu,
+                        env, base=MULTI_CONF,
+                    )
+                    info["gateway_multi_cmd"] = multi_cmd
+                    sanity_get(multi_port)
+                    targets.append(("flexgw-3addr", multi_port))
                 if args.tls:
                     # the same gateway config on a TLS port (plain HTTP to the upstream)
                     docs, ca_path = tls_conf(tmp)
@@ -657,6 +711,7 @@ def main(argv: list[str] | None = None) -> int:
                 "flexgw": dict(procs.children).get("gateway"),
                 "flexgw+pol": dict(procs.children).get("gateway-policies"),
                 "flexgw-tls": dict(procs.children).get("gateway-tls"),
+                "flexgw-3addr": dict(procs.children).get("gateway-multi"),
                 f"flexgw-w{args.workers}": dict(procs.children).get("gateway-workers"),
             }
             for name, port in targets:
@@ -737,11 +792,13 @@ def summarise(results: dict[str, dict[str, Any]], connections: int) -> dict[str,
             summary[f"{name}_added_p50_ms"] = results[name]["c1"]["p50_ms"] - direct["c1"]["p50_ms"]
     if "flexgw" in results and "flexgw-tls" in results:
         summary["rps_ratio_tls_over_flexgw"] = results["flexgw-tls"]["c50"]["rps"] / results["flexgw"]["c50"]["rps"]
+    if "flexgw" in results and "flexgw-3addr" in results:
+        summary["rps_ratio_multi_over_flexgw"] = results["flexgw-3addr"]["c50"]["rps"] / results["flexgw"]["c50"]["rps"]
     if "flexgw" in results and "flexgw+pol" in results:
         summary["rps_ratio_policies_over_flexgw"] = results["flexgw+pol"]["c50"]["rps"] / results["flexgw"]["c50"]["rps"]
     # The same costs as gateway CPU time per request (plain / other): the process's own CPU
     # seconds, so less sensitive than req/s to other tenants' load between the runs.
-    for name, key in (("flexgw+pol", "policies"), ("flexgw-tls", "tls")):
+    for name, key in (("flexgw+pol", "policies"), ("flexgw-tls", "tls"), ("flexgw-3addr", "multi")):
         plain = results.get("flexgw", {}).get("c50", {}).get("cpu_us_per_req")
         other = results.get(name, {}).get("c50", {}).get("cpu_us_per_req")
         if plain and other:
@@ -818,6 +875,13 @@ def print_table(results: dict[str, dict[str, Any]], summary: dict[str, Any], inf
                 if c50.get("cpu_us_per_req") is not None:
                     print(f"  {name}: {c50['cpu_us_per_req']:.0f} us of gateway CPU per request, "
                           f"{c50['cpu_share']:.2f} CPUs busy on average during the run")
+    if "rps_ratio_multi_over_flexgw" in summary:
+        ratio = summary["rps_ratio_multi_over_flexgw"]
+        print(f"flexgw with a Service of 3 addresses / one address req/s at {connections} connections: "
+              f"{ratio:.3f}  (target >= 0.97)")
+        if "cpu_ratio_multi_over_flexgw" in summary:
+            print(f"  as gateway CPU per request (one address / three): "
+                  f"{summary['cpu_ratio_multi_over_flexgw']:.3f}")
     if "rps_ratio_tls_over_flexgw" in summary:
         ratio = summary["rps_ratio_tls_over_flexgw"]
         print(f"flexgw over TLS / flexgw plain HTTP req/s at {connections} connections: {ratio:.3f}")

@@ -17,6 +17,36 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @attrs.frozen
+class Endpoint:
+    """One address of a Service's set (an IP literal; `Service.spec.addresses`, Kubernetes
+    Endpoints), with its balancing weight."""
+
+    host: str  # IP literal, IPv6 without brackets
+    port: int
+    weight: int = 1
+
+
+@attrs.frozen
+class Balancing:
+    """How a Service's requests spread over its addresses (`Service.spec.loadBalancer` and
+    `Service.spec.addresses`, flexgw extensions; flexgw.upstream.cluster applies it)."""
+
+    algorithm: str = "roundRobin"  # roundRobin, leastRequest, ringHash, maglev
+    endpoints: tuple[Endpoint, ...] = ()  # explicit addresses; empty: resolve the host
+    # ringHash/maglev: what to hash (a flexgw.policies.expressions.Expression, or the string
+    # "clientAddress"); None hashes nothing (a random address per request)
+    hash_on: Any = attrs.field(default=None, eq=False)
+    hash_source: str = ""  # hash_on as written (the identity: Expressions compare by source)
+    dns_refresh: float = 5.0  # seconds between two resolutions of the host
+    dns_failure_refresh: float = 30.0  # the longest back-off while the host resolves to nothing
+    # With every address unhealthy or ejected: use all of them (True, Envoy's panic mode) or
+    # answer 503 no_healthy_upstream (False); `panic_threshold` percent of available addresses
+    # under which panic mode starts (0: never).
+    fail_open: bool = True
+    panic_threshold: float = 50.0
+
+
+@attrs.frozen(cache_hash=True)
 class Upstream:
     """One upstream cluster: a `Service` resource, or an inline service of an ApiInstance."""
 
@@ -42,6 +72,13 @@ class Upstream:
     # The checked address to connect to instead of resolving `host` (forward-proxy destinations:
     # the SSRF guard checked this address; connecting by name would look it up again).
     connect_host: str | None = None
+    # flexgw extensions (flexgw.upstream.cluster): the address set and balancer; the retry
+    # policy (`upstream-retry`, a flexgw.upstream.retry.RetryPolicy), passive outlier detection
+    # (`upstream-outlier-detection`) and active health checks (`upstream-health-check`).
+    balancing: Balancing | None = None
+    retry: Any = None
+    outlier: Any = None
+    health: Any = None
 
     @property
     def authority(self) -> str:

@@ -237,8 +237,6 @@ class Options(usage.Options):
         if self["etcd-password-file"] is not None:
             with open(self["etcd-password-file"], encoding="utf-8") as handle:
                 self["etcd-password"] = handle.read().rstrip("\r\n")
-        if self["workers"] != 1:
-            raise usage.UsageError("--etcd serves one process; use --workers 1 with it")
 
 
 def config_source(reactor: Any, options: Options) -> tuple[Any, Any]:
@@ -444,9 +442,11 @@ def _make_gateway(options: Options) -> MultiService:
 
         from flexgw.service.fleet import FleetReporter
 
+        gateway_id = options["gateway-id"] or socket.gethostname()
+        if worker is not None:  # each worker follows etcd and reports itself
+            gateway_id = f"{gateway_id}-w{worker.index}"
         FleetReporter(
-            reactor, etcd.client, options["etcd-prefix"],
-            options["gateway-id"] or socket.gethostname(), gateway, etcd,
+            reactor, etcd.client, options["etcd-prefix"], gateway_id, gateway, etcd
         ).setServiceParent(top)
     if worker is not None:
         worker.gateway = gateway
@@ -457,6 +457,9 @@ def _make_gateway(options: Options) -> MultiService:
             debounce_from_env(os.environ),
             extra_files=lambda: gateway.plan.tls_files,  # certificates, keys, CAs read by the plan
         )
+        _WatcherService(watcher).setServiceParent(top)
+    elif etcd is not None:  # the supervisor watches the files; each worker follows etcd
+        watcher = etcd.watcher(reactor, gateway.reload, debounce_from_env(os.environ))
         _WatcherService(watcher).setServiceParent(top)
     _install_signals(reactor, gateway.reload, gateway.reopen_logs, gateway.drain_now)
     return top

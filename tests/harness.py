@@ -112,7 +112,7 @@ class Gateway:
         for factory in list(self.service.factories.values()):
             for connection in list(factory.connections):
                 connection.transport.abortConnection()
-        for pool in self.service.pools.pools.values():
+        for _, _, pool in self.service.pools.all_pools():
             for conn in list(pool.idle):
                 conn.transport.abortConnection()
         return defer.maybeDeferred(self.service.stopService)

@@ -63,9 +63,9 @@ def only_front(gateway: Gateway) -> IngressProtocol:
 
 def idle_upstream(gateway: Gateway) -> list[Any]:
     """Every idle pooled upstream connection of the gateway."""
-    return [c for p in gateway.service.pools.pools.values() for c in p.idle]
+    return [c for _, _, p in gateway.service.pools.all_pools() for c in p.idle]
 
 
 def pool_counts(gateway: Gateway) -> list[tuple[int, int, int]]:
     """(idle, active, connecting) per upstream pool."""
-    return [(len(p.idle), p.active, p.connecting) for p in gateway.service.pools.pools.values()]
+    return [(len(p.idle), p.active, p.connecting) for _, _, p in gateway.service.pools.all_pools()]

@@ -40,6 +40,7 @@ class _Exchange:
         self.started = 10.0
         self.upstream_elapsed = 0.0012345
         self.error_cause = error
+        self.attempts = 1
 
 
 class AccessLogLineTests(TestCase):
@@ -56,6 +57,14 @@ class AccessLogLineTests(TestCase):
         text = stream.getvalue().decode("ascii")
         self.assertTrue(text.endswith("\n") and text.count("\n") == 1)
         return json.loads(text)
+
+    def test_attempts_of_a_retried_request(self) -> None:
+        """A retried request's line says how many tries it took; a request of one try has no
+        such field."""
+        exchange = _Exchange(b"/a", "127.0.0.1", "default/api", None)
+        self.assertNotIn("x-flexgw-attempts", self.line(exchange))
+        exchange.attempts = 3
+        self.assertEqual(self.line(exchange)["x-flexgw-attempts"], 3)
 
     def test_fields(self) -> None:
         """Every field, in its JSON type."""

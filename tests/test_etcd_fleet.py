@@ -6,7 +6,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +23,7 @@ from tests.conftools import api, route, service, update_conf, write_conf
 from tests.etcdserver import start_etcd
 from tests.harness import free_port
 from tests.test_etcd_source import PREFIX, RES, EtcdGateway, EtcdTestCase, api_key, real_reactor
+from tests.test_sigterm import start_twistd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SVC = f"{RES}gateway.mulesoft.com/Service/default/s"
@@ -170,3 +173,64 @@ class FleetTests(EtcdTestCase):
         self.assertNotIn("gw-two", table)
         stored = json.loads((await writer.range(f"{PREFIX}/gateways/gw-one".encode())).kvs[0].value)
         self.assertEqual((stored["generation"], stored["connected"]), (first.service.plan.generation, True))
+
+
+async def fleet_until(
+    client: EtcdClient, check: Callable[[dict[str, dict[str, Any]]], bool]
+) -> dict[str, dict[str, Any]]:
+    """The fleet keys (name -> status) once `check` holds for them, followed with a watch."""
+    prefix = f"{PREFIX}/gateways/".encode()
+    found = await client.range_prefix(prefix)
+    fleet = {kv.key.decode().rsplit("/", 1)[-1]: json.loads(kv.value) for kv in found.kvs}
+    if check(fleet):
+        return fleet
+    done: defer.Deferred[dict[str, dict[str, Any]]] = defer.Deferred()
+
+    def events(batch: list[Any], revision: int) -> None:
+        for event in batch:
+            name = event.kv.key.decode().rsplit("/", 1)[-1]
+            if event.type == "DELETE":
+                fleet.pop(name, None)
+            else:
+                fleet[name] = json.loads(event.kv.value)
+        if check(fleet) and not done.called:
+            done.callback(fleet)
+
+    watch = await client.watch_prefix(prefix, events, start_revision=found.revision + 1)
+    try:
+        return await done.addTimeout(30, real_reactor())
+    finally:
+        watch.cancel()
+
+
+class WorkersTests(EtcdTestCase):
+    """`twistd flexgw --workers 2 --etcd`: every worker follows etcd and reports itself."""
+
+    timeout = 90
+
+    async def test_workers_follow_etcd(self) -> None:
+        """Two workers report <id>-w0 and <id>-w1; a put is applied by both and served."""
+        etcd = await start_etcd(self, real_reactor())
+        client = EtcdClient(real_reactor(), etcd.urls)
+        directory = tempfile.mkdtemp(prefix="flexgw-etcdw-")  # short: AF_UNIX path limit
+        self.addCleanup(shutil.rmtree, directory, True)
+        conf = os.path.join(directory, "conf")
+        os.makedirs(conf)
+        started = await start_twistd(self, directory, conf, "--workers", "2", "--etcd", etcd.url,
+                                     "--etcd-prefix", PREFIX, "--gateway-id", "g")
+
+
+        def stop() -> defer.Deferred[Any]:
+            """SIGTERM: the supervisor stops its workers (their leases revoked)."""
+            if not started.process.ended.called:
+                started.transport.signalProcess("TERM")
+            return started.process.ended
+
+        self.addCleanup(stop)
+        await fleet_until(client, lambda fleet: {"g-w0", "g-w1"} <= set(fleet))
+        port = free_port()
+        written = await client.put(api_key("a").encode(), self.api(port, "a"))
+        fleet = await fleet_until(client, lambda fleet: all(
+            fleet.get(name, {}).get("revision", 0) >= written.revision for name in ("g-w0", "g-w1")))
+        self.assertTrue(all(fleet[name]["ready"] for name in ("g-w0", "g-w1")), fleet)
+        self.assertEqual(await self.get(port), 200)

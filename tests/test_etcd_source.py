@@ -157,8 +157,7 @@ class OptionsTests(TestCase):
         options.parseOptions(["--etcd", "http://127.0.0.1:1", "--conf", root])
         self.assertIsInstance(config_source(None, options)[0], CombinedSource)
         for bad in (["--etcd", "127.0.0.1:2379"], ["--etcd-user", "u"],
-                    ["--etcd", "http://h:1", "--etcd-cert", secret],
-                    ["--etcd", "http://h:1", "--workers", "2"]):
+                    ["--etcd", "http://h:1", "--etcd-cert", secret]):
             with self.assertRaises(UsageError):
                 Options().parseOptions(bad)
 
@@ -204,6 +203,19 @@ class EtcdGateway:
         d: defer.Deferred[None] = defer.Deferred()
         self.waiters.append((check, d))
         return d.addTimeout(15, real_reactor())
+
+    def transition(self, at: float = 1000.0) -> defer.Deferred[None]:
+        """Fires at the source's next connected/disconnected change, which is dated `at`
+        (SourceStatus reads its wall clock only on a change)."""
+        changed: defer.Deferred[None] = defer.Deferred()
+
+        def wall() -> float:
+            if not changed.called:
+                real_reactor().callLater(0, changed.callback, None)
+            return at
+
+        self.source.status.wall = wall
+        return changed.addTimeout(15, real_reactor())
 
     def serves(self, name: str) -> bool:
         """Whether ApiInstance `name` is in the plan."""
@@ -299,9 +311,7 @@ class FollowTests(EtcdTestCase):
         await writer.put(api_key("a").encode(), self.api(port, "a"))
         gateway = self.gateway(etcd.urls)
         await gateway.until(lambda: gateway.serves("a"))
-        disconnected = defer.Deferred()
-        gateway.source.status.wall = lambda: (
-            disconnected.callback(None) if not disconnected.called else None) or 1000.0
+        disconnected = gateway.transition(at=1000.0)
         await etcd.members[0].kill()
         await disconnected
         self.assertEqual(await self.get(port), 200)
@@ -321,7 +331,7 @@ class FollowTests(EtcdTestCase):
     async def test_restart_from_snapshot_while_etcd_is_down(self) -> None:
         """A gateway with --state-dir writes the applied keys and revision; a new gateway
         started while etcd is down serves them, then resumes the watch from that revision
-        (no range) and applies what changed meanwhile."""
+        (no range) and applies what changed after the snapshot was written."""
         etcd = await start_etcd(self, real_reactor())
         writer = EtcdClient(real_reactor(), etcd.urls)
         state_dir = self.mktemp()
@@ -330,16 +340,17 @@ class FollowTests(EtcdTestCase):
         first = self.gateway(etcd.urls, state_dir=state_dir)
         await first.until(lambda: first.serves("a"))
         await first.stop()
+        await writer.put(api_key("b").encode(), self.api(later, "b"))  # after the snapshot
         await etcd.members[0].kill()
         second = self.gateway(etcd.urls, state_dir=state_dir)
         self.assertTrue(second.serves("a"))  # at start, from the snapshot
+        self.assertFalse(second.serves("b"))
         self.assertEqual(second.source.applied_revision, written.revision)
         self.assertEqual(await self.get(port), 200)
         status = second.status()
         self.assertFalse(status["connected"])
         self.assertIn(f"revision {written.revision}", status["fromSnapshot"])
         await etcd.members[0].spawn(real_reactor(), f"m0={etcd.members[0].peer_url}")
-        await writer.put(api_key("b").encode(), self.api(later, "b"))
         await second.until(lambda: second.serves("b"))
         self.assertEqual(second.watcher.ranges, 0)  # resumed from the snapshot's revision
         self.assertTrue(second.serves("a"))
@@ -403,3 +414,26 @@ class ClusterTests(EtcdTestCase):
         self.assertNotEqual(gateway.watcher.watch.endpoint, cluster.urls[0])
         self.assertEqual(gateway.watcher.ranges, 1)  # resumed, not ranged again
         self.assertEqual(await self.get(ports[3]), 200)
+
+    async def test_member_down_changes_meanwhile(self) -> None:
+        """A gateway that knows one member only: while that member is down it says so and keeps
+        serving; changes made meanwhile on the other members are applied once it is back."""
+        cluster = await start_etcd(self, real_reactor(), size=3)
+        writer = EtcdClient(real_reactor(), cluster.urls[1:], timeout=3.0)
+        gateway = self.gateway(cluster.urls[:1], timeout=3.0)
+        port, later = free_port(), free_port()
+        await writer.put(api_key("a").encode(), self.api(port, "a"))
+        await gateway.until(lambda: gateway.serves("a"))
+        disconnected = gateway.transition()
+        await cluster.kill(0)
+        await disconnected
+        await writer.put(api_key("b").encode(), self.api(later, "b"))  # while it is away
+        await writer.delete(api_key("a").encode())
+        self.assertTrue(gateway.serves("a"))
+        self.assertEqual(await self.get(port), 200)
+        self.assertFalse(gateway.status()["connected"])
+        member = cluster.members[0]
+        await member.spawn(real_reactor(), ",".join(f"{m.name}={m.peer_url}" for m in cluster.members))
+        await gateway.until(lambda: gateway.serves("b") and not gateway.serves("a"))
+        self.assertTrue(gateway.status()["connected"])
+        self.assertEqual(await self.get(later), 200)

@@ -30,7 +30,7 @@ from flexgw.config.pipeline import load_config
 from flexgw.config.resolve import ResolvedModel, resolve
 from flexgw.config.validate import Resource, check_document
 from flexgw.ingress.routing import RouteMatch, select_route
-from flexgw.plan import Listener, Problem
+from flexgw.plan import Endpoint, Listener, Problem
 from flexgw.tap import Options, worker_command
 from flexgw.testing.certs import CertificateAuthority
 from tests.conftools import update_conf, write_conf
@@ -641,7 +641,8 @@ class BackendTests(SynchronousTestCase):
             self.assertEqual(self.upstreams(text)[0][0], scheme, ports)
 
     def test_endpoints(self) -> None:
-        """An Endpoints document gives one equally weighted destination per ready address."""
+        """An Endpoints document gives one upstream whose balanced addresses are the ready
+        ones (flexgw.upstream.cluster: one pool each, round robin)."""
         endpoints = (
             "---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: web}\nsubsets:\n"
             "- addresses: [{ip: 10.1.0.1}, {ip: 10.1.0.2}]\n"
@@ -649,9 +650,14 @@ class BackendTests(SynchronousTestCase):
             "  ports: [{name: http, port: 8080}, {name: admin, port: 9000}]\n"
         )
         text = SERVICE + endpoints + ingress("a", path_rule("/"))
+        self.assertEqual(self.upstreams(text), [("http", "10.1.0.1", 8080, 100)])
+        match = Translated(text).route("/")
+        assert match is not None
+        balancing = match.route.destinations[0].upstream.balancing
         self.assertEqual(
-            self.upstreams(text), [("http", "10.1.0.1", 8080, 1), ("http", "10.1.0.2", 8080, 1)]
+            balancing.endpoints, (Endpoint("10.1.0.1", 8080), Endpoint("10.1.0.2", 8080))
         )
+        self.assertEqual(balancing.algorithm, "roundRobin")
 
     def test_endpoint_slices(self) -> None:
         """EndpointSlices of the Service are used (ready endpoints only), before Endpoints."""

@@ -634,6 +634,11 @@ def compile_model(
             if idle is not None and key in upstreams:  # idle-timeout-flex: the pool's setting
                 upstreams[key] = attrs.evolve(upstreams[key], idle_timeout=idle)
                 upstreams_changed = True
+            # upstream-retry, -outlier-detection, -health-check: the Service's cluster settings
+            settings = getattr(bound.policy, "upstream_settings", None)
+            if settings and key in upstreams:
+                upstreams[key] = attrs.evolve(upstreams[key], **settings)
+                upstreams_changed = True
         # Policies that only configure something (chain_member = False) never run per request.
         service_policies[key] = tuple(
             bound for bound in built if PolicyCapabilities.of(bound.policy).chain_member

@@ -39,7 +39,7 @@ from flexgw.config.resolve import (
 )
 from flexgw.config.sources import FieldPath
 from flexgw.config.validate import Resource, ResourceId
-from flexgw.plan import Problem, Upstream
+from flexgw.plan import Balancing, Endpoint, Problem, Upstream
 from flexgw.tls.settings import CertificateKey
 
 CONTROLLER = "flexgw"  # IngressClass spec.controller values that name flexgw
@@ -212,17 +212,19 @@ class _Backends:
             return ()
         scheme = self._scheme(port)
         targets = self._targets(kube, port, origin, problems)
-        destinations = []
-        for host, number in targets:
-            upstream_key = f"{key}:{port['port']}" + (
-                f"@{host}:{number}" if len(targets) > 1 else ""
-            )
-            self.upstreams[upstream_key] = Upstream(
-                key=upstream_key, scheme=scheme, host=host, port=number
-            )
-            weight = 100 if len(targets) == 1 else 1
-            destinations.append(DestinationSpec(upstream_key, "", weight, origin))
-        return tuple(destinations)
+        if not targets:
+            return ()
+        # One upstream; several ready addresses are its balanced set (flexgw.upstream.cluster:
+        # one pool per address, round robin, health checks and retries as for any Service).
+        upstream_key = f"{key}:{port['port']}"
+        host, number = targets[0]
+        balancing = None
+        if len(targets) > 1:
+            balancing = Balancing(endpoints=tuple(Endpoint(h, n) for h, n in targets))
+        self.upstreams[upstream_key] = Upstream(
+            key=upstream_key, scheme=scheme, host=host, port=number, balancing=balancing
+        )
+        return (DestinationSpec(upstream_key, "", 100, origin),)
 
     @staticmethod
     def _scheme(port: Mapping[str, Any]) -> str:

@@ -9,6 +9,7 @@ from typing import Any
 import attrs
 
 from flexgw.config.address import Address, normalise_path, parse_api_address, parse_service_address
+from flexgw.config.balancing import balancing_of
 from flexgw.config.forwardproxy import ForwardProxy, resolve_forward_proxy
 from flexgw.config.located import Origin, origin_of
 from flexgw.config.logconf import resolve_logging
@@ -329,7 +330,10 @@ def resolve(
     upstreams: dict[str, Upstream] = {}
     for resource in by_kind.get("Service", []):
         address = parse_service_address(resource.spec["address"])
-        upstreams[resource.id.key] = _upstream(resource.id.key, address)
+        upstreams[resource.id.key] = attrs.evolve(
+            _upstream(resource.id.key, address),
+            balancing=balancing_of(resource.spec, address.port),
+        )
 
     routes: dict[ResourceId, list[RouteSpec]] = {rid: [] for rid in apis}
     policies: dict[ResourceId, list[PolicySpec]] = {rid: [] for rid in apis}

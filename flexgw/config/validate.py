@@ -14,6 +14,7 @@ import attrs
 import jsonschema
 
 from flexgw.config.address import AddressError, parse_api_address, parse_service_address
+from flexgw.config.balancing import check_balancing
 from flexgw.config.envexpand import expand_value
 from flexgw.config.kubernetes import (
     KUBERNETES_API_VERSIONS,
@@ -386,9 +387,12 @@ def _check_spec(kind: str, spec: Mapping[str, Any], reporter: _Reporter) -> None
         address = spec.get("address")
         if isinstance(address, str):
             try:
-                parse_service_address(address)
+                port = parse_service_address(address).port
             except AddressError as exc:
                 reporter.add("error", str(exc), ("spec", "address"))
+            else:
+                for path, message in check_balancing(spec, port):
+                    reporter.add("error", message, path)
     elif kind == "PolicyBinding":
         _check_rules(spec.get("rules"), ("spec", "rules"), reporter)
         target = spec.get("targetRef")

@@ -84,6 +84,9 @@ PAYLOAD_TOO_LARGE = GatewayError(
     413, "payload_too_large", "The request body exceeds the buffering limit"
 )
 EGRESS_DENIED = GatewayError(403, "egress_denied", "The destination is not allowed")
+NO_HEALTHY_UPSTREAM = GatewayError(
+    503, "no_healthy_upstream", "No address of the upstream service is available"
+)
 DNS_FAILURE = GatewayError(502, "dns_failure", "The destination name could not be resolved")
 NOT_A_PROXY_REQUEST = GatewayError(
     400, "bad_request", "A forward proxy needs an absolute-form (http://) or CONNECT request"

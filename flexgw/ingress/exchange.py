@@ -40,8 +40,10 @@ from flexgw.ingress.routing import remaining_path, rules_match
 from flexgw.plan import Api, BoundPolicy, Destination, Route
 from flexgw.policies.base import LocalResponse, PolicyContext
 from flexgw.policies.chain import ChainRun
+from flexgw.policies.expressions import EvaluationError, to_text
 from flexgw.upstream.connection import UpstreamConnection
 from flexgw.upstream.pool import UpstreamTLSError
+from flexgw.upstream.retry import CONNECT_FAILURE, IDEMPOTENT, RESET, TIMEOUT
 
 _CONNECTION_OPTIONS = HOP_BY_HOP | {b"close"}  # Connection tokens that name no end-to-end header
 #: Trailer fields never forwarded (framing, routing and hop-by-hop fields: RFC 9110 §6.5.1).
@@ -153,6 +155,7 @@ class ProxyExchange:
 
     __slots__ = (
         "api_key",
+        "attempts",
         "body_sent",
         "bytes_in",
         "bytes_out",
@@ -174,6 +177,8 @@ class ProxyExchange:
         "response_close",
         "response_status",
         "retried",
+        "retry_body",
+        "retrying",
         "reused",
         "route",
         "started",
@@ -212,6 +217,9 @@ class ProxyExchange:
         self.last_activity = started
         self.error_cause: str | None = None
         self.retried = False
+        self.attempts = 1  # tries sent to the upstream (retries: flexgw.upstream.retry)
+        self.retry_body: bytes | None = None  # the whole body, kept to replay it on a retry
+        self.retrying = False  # this try is a retry counted in its Service's retry budget
         self.reused = False
         self.body_sent = False
         self.until_close = False  # the upstream body ends when the upstream closes
@@ -391,10 +399,35 @@ class ProxyExchange:
             self.last_activity = self.upstream_started
             self.timer = front.clock.callLater(self._stream_idle_timeout(), self._on_timer)
         assert self.destination is not None
-        pool = self.pool = front.pools.pool_for(self.destination.upstream)
+        upstream = self.destination.upstream
+        balancing = upstream.balancing
+        key = None
+        if balancing is not None and balancing.hash_on is not None:
+            key = self._hash_key(balancing.hash_on)
+        pool = self.pool = front.pools.pick(upstream, key)
+        if pool is None:
+            self.fail(errors.NO_HEALTHY_UPSTREAM)
+            return
         if head.body != BODY_NONE and not self.request_complete:
             front.gate.hold(HELD)  # until the upstream can take the body
         pool.acquire(self)
+
+    def _hash_key(self, hash_on: object) -> str | None:
+        """The key a ringHash/maglev Service hashes for this request: the client's address,
+        or the value of the Service's `hashOn` expression (None when it has none)."""
+        if hash_on == "clientAddress":
+            return self.front.peer.address
+        chain = self.chain
+        if chain is None:
+            peer = self.front.peer
+            ctx = PolicyContext(self.head, peer.address, peer.scheme, self.api_key)
+        else:
+            ctx = chain.ctx
+        try:
+            value = hash_on.evaluate(ctx.expression_context())  # type: ignore[attr-defined]
+        except EvaluationError:
+            return None
+        return None if value is None else to_text(value)
 
     def _connecting(self) -> None:
         """Waiting for a connection to the upstream (or a tunnel's destination) from now."""
@@ -454,6 +487,9 @@ class ProxyExchange:
             timeout = self.front.timeouts.upstream_response
             if chain is not None and chain.ctx.response_timeout is not None:
                 timeout = chain.ctx.response_timeout
+            retry = self.destination.upstream.retry  # type: ignore[union-attr]
+            if retry is not None and retry.per_try_timeout is not None:
+                timeout = min(timeout, retry.per_try_timeout)
             self.timer = self.front.clock.callLater(timeout, self._on_timer)
 
     # -- the pool's callbacks --------------------------------------------------------------------
@@ -476,6 +512,12 @@ class ProxyExchange:
         out = [self._upstream_head()]
         pending = self.pending
         if pending:
+            if (
+                self.request_complete
+                and self.destination.upstream.retry is not None  # type: ignore[union-attr]
+                and self.bytes_in <= self.destination.upstream.retry.body_limit  # type: ignore[union-attr]
+            ):
+                self.retry_body = pending[0] if len(pending) == 1 else b"".join(pending)
             self.pending = None
             self.body_sent = True
             chunked = head.body == BODY_CHUNKED
@@ -503,7 +545,9 @@ class ProxyExchange:
             elif reason.check(DNSLookupError):
                 self.dns_failed(reason)
             else:
-                self.fail(errors.UPSTREAM_CONNECT_FAILURE)
+                self._try_failed(CONNECT_FAILURE)
+                if not self._retry(CONNECT_FAILURE):
+                    self.fail(errors.UPSTREAM_CONNECT_FAILURE)
 
     def dns_failed(self, reason: Failure) -> None:
         """The upstream's name (or its Configuration.spec.forwardProxy's) did not resolve: 502
@@ -671,6 +715,17 @@ class ProxyExchange:
         Returns (status, fields to forward, the Content-Length value, chunked), or None when
         the exchange failed instead (a bad Transfer-Encoding, a failing response policy).
         """
+        member = self.pool.member  # type: ignore[union-attr]
+        if member is not None:
+            # A Service of several addresses: the try's outcome (outlier detection), a retry.
+            if self.retrying:
+                self._end_retry()
+            if status >= 500:
+                member.cluster.try_failed(member, "5xx")
+                if self._retry("", status, headers):
+                    return None
+            elif member.errors:
+                member.errors = 0
         connection_values = []
         content_length = None
         chunked = False
@@ -814,6 +869,10 @@ class ProxyExchange:
             return
         if conn is not None:
             self.pool.detach(conn)  # type: ignore[union-attr]
+        if self.state == SENDING:
+            self._try_failed(RESET)
+            if not got_response_bytes and self._retry(RESET):
+                return
         self._upstream_failed(errors.UPSTREAM_RESET, conn_gone=True)
 
     def _upstream_failed_with_response(self, response: LocalResponse) -> None:
@@ -862,6 +921,8 @@ class ProxyExchange:
             self.pool.discard(conn)  # type: ignore[union-attr]
         if self.state == CONNECTING and self.pool is not None:
             self.pool.cancel(self)  # nothing waits for the connection any more
+        if self.retrying:
+            self._end_retry()
         self.state = DONE
         self._stop_timer()
         self.error_cause = error.cause
@@ -872,6 +933,96 @@ class ProxyExchange:
             return
         self.front.answer(self, error, None)
 
+    # -- retries (flexgw.upstream.retry) and outlier detection (flexgw.upstream.outlier) ------------
+
+    def _try_failed(self, kind: str) -> None:
+        """This try failed (connect failure, reset, timeout): tell its address's cluster."""
+        if self.retrying:
+            self._end_retry()
+        pool = self.pool
+        member = pool.member if pool is not None else None  # type: ignore[attr-defined]
+        if member is not None:
+            member.cluster.try_failed(member, kind)
+
+    def _end_retry(self) -> None:
+        """The retry this try was has ended: it leaves its Service's retry budget."""
+        self.retrying = False
+        member = self.pool.member if self.pool is not None else None  # type: ignore[attr-defined]
+        cluster = member.cluster if member is not None else None
+        if cluster is not None and cluster.budget is not None:
+            cluster.budget.done()
+
+    def _retry(self, kind: str, status: int = 0, headers: HeaderList | None = None) -> bool:
+        """Try again (True), on another address when there is one, after a backoff: when the
+        Service has a retry policy that covers this failure, nothing of the response went to
+        the client, the request can be sent again (idempotent; a body only when kept whole; a
+        non-idempotent request only when it never reached the upstream) and the retry budget
+        allows it."""
+        destination = self.destination
+        if destination is None or self.flushed:
+            return False
+        upstream = destination.upstream
+        policy = upstream.retry
+        if policy is None or self.attempts > policy.retries or not self.request_complete:
+            return False
+        if status:
+            if status not in policy.statuses:
+                return False
+        elif kind not in policy.on:
+            return False
+        head = self.head
+        if head.method not in IDEMPOTENT and kind != CONNECT_FAILURE:
+            return False
+        if head.body != BODY_NONE and self.retry_body is None and self.body_sent:
+            return False
+        delay = policy.delay(self.attempts)
+        if headers is not None:
+            wait = policy.retry_after(headers)
+            if wait is None:
+                return False
+            delay = max(delay, wait)
+        pool = self.pool
+        member = pool.member if pool is not None else None  # type: ignore[attr-defined]
+        cluster = member.cluster if member is not None else None
+        if cluster is not None and cluster.budget is not None:
+            if not cluster.budget.admit(cluster.requests_in_flight()):
+                return False
+            self.retrying = True
+        balancing = upstream.balancing
+        key = None
+        if balancing is not None and balancing.hash_on is not None:
+            key = self._hash_key(balancing.hash_on)
+        next_pool = self.front.pools.pick(upstream, key, pool)
+        if next_pool is None:
+            if self.retrying:
+                self._end_retry()
+            return False
+        conn = self.conn
+        self.conn = None
+        if conn is not None:
+            self.pool.discard(conn)  # type: ignore[union-attr]
+        self._stop_timer()
+        self.attempts += 1
+        self.state = CONNECTING
+        self.response_status = 0
+        self.body_sent = False
+        self.pool = next_pool
+        next_member = next_pool.member
+        if next_member is not None:
+            next_member.retries += 1
+        self.timer = self.front.clock.callLater(delay, self._send_retry)
+        return True
+
+    def _send_retry(self) -> None:
+        """The backoff is over: ask for a connection for the next try."""
+        self.timer = None
+        if self.state != CONNECTING:
+            return
+        if self.retry_body:
+            self.pending = [self.retry_body]
+        self.upstream_started = self.front.clock.seconds()
+        self.pool.acquire(self)  # type: ignore[union-attr]
+
     def _on_timer(self) -> None:
         self.timer = None
         front = self.front
@@ -880,6 +1031,10 @@ class ProxyExchange:
             and self.response_status == 0
             and self.request_complete
         ):
+            if self.state == SENDING:
+                self._try_failed(TIMEOUT)
+                if self._retry(TIMEOUT):
+                    return
             self.fail(errors.UPSTREAM_TIMEOUT)
             return
         idle = front.clock.seconds() - self.last_activity
@@ -945,6 +1100,8 @@ class ProxyExchange:
             self.pool.cancel(self)
         elif state == POLICIES and self.chain is not None:
             self.chain.cancel()  # free what a waiting policy holds (queue slot, timer)
+        if self.retrying:
+            self._end_retry()
         self._stop_timer()
         self.error_cause = self.error_cause or "downstream_reset"
         conn = self.conn

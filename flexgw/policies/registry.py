@@ -32,6 +32,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "flexgw.policies.circuit_breaker",
     "flexgw.policies.tls",
     "flexgw.policies.forward_proxy",
+    "flexgw.policies.upstream_resilience",
     "flexgw.policies.http_caching",
     "flexgw.policies.injection_protection",
     "flexgw.policies.graphql_limits",

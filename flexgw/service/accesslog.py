@@ -115,6 +115,11 @@ def _text(value: str) -> str:
     return _dumps(value)
 
 
+def _attempts(attempts: int) -> str:
+    """The `x-flexgw-attempts` field of a retried request; nothing for one try."""
+    return "" if attempts == 1 else f',"x-flexgw-attempts":{attempts}'
+
+
 def _ms(seconds: float) -> str:
     """Milliseconds with at most three decimals, as JSON (same as round(x * 1000, 3))."""
     return repr(round(seconds * 1000, 3))
@@ -161,7 +166,9 @@ class AccessLog(BufferedLog):
                 f',"bytes_out":{exchange.bytes_out}'
                 f',"duration_ms":{_ms(now - exchange.started)}'
                 f',"upstream_ms":{_ms(upstream_ms) if upstream_ms is not None else "null"}'
-                f',"error":{_text(error) if error is not None else "null"}}}\n'
+                f',"error":{_text(error) if error is not None else "null"}'
+                # tries sent upstream, only when retried (flexgw.upstream.retry)
+                f'{_attempts(exchange.attempts)}}}\n'
             ).encode("ascii")
         )
 

@@ -269,6 +269,11 @@ def status_json(gateway: GatewayService) -> dict[str, Any]:
         "unbound": [f"{host}:{port}" for host, port in sorted(gateway.unbound)],
         "resources": resources,
         "problems": [problem_json(p) for p in problems],
+        # Services of several addresses: each address's state and counts (flexgw.upstream.cluster)
+        "upstreamClusters": [
+            cluster.status()
+            for _, cluster in sorted(gateway.pools.clusters.items(), key=lambda i: i[0].key)
+        ],
         "sources": [status.as_json() for status in source_statuses(gateway.source)],
     }
 

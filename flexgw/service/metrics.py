@@ -143,14 +143,15 @@ class GatewayCollector:
             "Upstream connection attempts in progress.",
             labels=pool_labels,
         )
-        for upstream, pool in sorted(gateway.pools.pools.items(), key=lambda item: item[0].key):
-            labels = [upstream.key, f"{upstream.scheme}://{upstream.authority}"]
+        for upstream, address, pool in gateway.pools.all_pools():
+            labels = [upstream.key, address]
             idle.add_metric(labels, len(pool.idle))
             active.add_metric(labels, pool.active)
             connecting.add_metric(labels, pool.connecting)
         yield idle
         yield active
         yield connecting
+        yield from self._clusters(gateway)
         reloads = CounterMetricFamily(
             "flexgw_config_reloads", "Configuration reloads, by result.", labels=["result"]
         )
@@ -209,6 +210,54 @@ class GatewayCollector:
         yield connected
         yield since
         yield errors
+
+    def _clusters(self, gateway: Any) -> Iterator[Metric]:
+        """Per address of Services with several (flexgw.upstream.cluster): state and counts."""
+        labels = ["upstream", "address"]
+        state = GaugeMetricFamily(
+            "flexgw_upstream_address_healthy",
+            "1 when the address is in rotation (not failed by health checks, not ejected).",
+            labels=labels,
+        )
+        counters = {
+            name: CounterMetricFamily(f"flexgw_upstream_address_{name}", text, labels=labels)
+            for name, text in (
+                ("requests", "Requests (tries) sent to the address."),
+                ("failures", "Tries that failed: 5xx, connect failure, reset, timeout."),
+                ("retries", "Retries sent to the address."),
+                ("ejections", "Times outlier detection ejected the address."),
+            )
+        }
+        dns = CounterMetricFamily(
+            "flexgw_upstream_dns_failures",
+            "Resolutions of a Service's name that gave no address (the last set is kept).",
+            labels=["upstream"],
+        )
+        panic = GaugeMetricFamily(
+            "flexgw_upstream_panic",
+            "1 when too few addresses are in rotation and every address is used (panic mode).",
+            labels=["upstream"],
+        )
+        exhausted = CounterMetricFamily(
+            "flexgw_upstream_retry_budget_exhausted",
+            "Retries the retry budget refused (upstream-retry).",
+            labels=["upstream"],
+        )
+        for upstream, cluster in sorted(gateway.pools.clusters.items(), key=lambda i: i[0].key):
+            dns.add_metric([upstream.key], cluster.dns_failures)
+            if cluster.budget is not None:
+                exhausted.add_metric([upstream.key], cluster.budget.exhausted)
+            panic.add_metric([upstream.key], 1 if cluster.panic else 0)
+            for member in cluster.members.values():
+                values = [upstream.key, member.address]
+                state.add_metric(values, 1 if member.state() == "healthy" else 0)
+                for name, family in counters.items():
+                    family.add_metric(values, getattr(member, name))
+        yield state
+        yield from counters.values()
+        yield dns
+        yield panic
+        yield exhausted
 
     def _requests(self, metrics: GatewayMetrics) -> Iterator[Metric]:
         by_class: dict[tuple[str, str, str, str], int] = {}

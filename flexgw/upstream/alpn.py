@@ -25,6 +25,9 @@ from flexgw.upstream.pool import UpstreamPool
 class AlpnUpstreamPool:
     """The connections to an https:// upstream that may pick h2 or HTTP/1.1 by ALPN."""
 
+    #: The flexgw.upstream.cluster.Member this pool serves (None: a Service of one address).
+    member: Any = None
+
     def __init__(
         self,
         reactor: IReactorTCP,

@@ -16,6 +16,9 @@ from flexgw.plan import HttpSettings, Timeouts, Upstream
 class PoolBase:
     """The reactor, the upstream and the reloadable settings of one pool."""
 
+    #: The flexgw.upstream.cluster.Member this pool serves (None: a Service of one address).
+    member: Any = None
+
     def __init__(
         self,
         reactor: IReactorTCP,
