@@ -74,6 +74,11 @@ SPEC_CONFIG = (
     "                      tags: {type: array, items: {type: string}}\n"
     "            responses: {'200': {description: ok}}\n"
 )
+JS_CONFIG = (
+    "    script: |\n"
+    "      let n = 0;\n"
+    "      export function requestFilter(request) { n += 1; request.headers['x-n'] = String(n); }\n"
+)
 INJECTION = (
     "    builtInProtections: [sql, xss]\n    protectPathAndQuery: true\n"
     "    protectHeaders: true\n    protectBody: true\n    rejectRequests: true\n"
@@ -85,6 +90,7 @@ SCENARIOS: tuple[tuple[str, str, str, str], ...] = (
     ("injection-protection-flex (GET, headers)", "injection-protection-flex", INJECTION, GET),
     ("injection-protection-flex (JSON POST)", "injection-protection-flex", INJECTION, JSON_POST),
     ("spec-validation-flex (JSON POST)", "spec-validation-flex", SPEC_CONFIG, JSON_POST),
+    ("javascript-scripting-flex (GET, header set)", "javascript-scripting-flex", JS_CONFIG, GET),
     ("graphql-operation-limits-flex (POST)", "graphql-operation-limits-flex",
      "    maxDepth: 8\n    maxAliases: 10\n    maxRootFields: 10\n    maxDirectives: 10\n", GRAPHQL_POST),
 )
