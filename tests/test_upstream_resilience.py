@@ -86,6 +86,22 @@ class RetryTests(ClusterCase):
         attempts = [r.get("x-flexgw-attempts", 1) for r in gateway.records()]
         self.assertEqual(attempts.count(2), upstreams.counts()[1])
 
+    async def test_retry_bound_to_the_api(self) -> None:
+        """upstream-retry bound to the ApiInstance applies to the Services it routes to: one
+        upstream answering 503, no client sees it; it does not run as a chain policy."""
+        binding = service_policy("upstream-retry", RETRY).replace(
+            "kind: Service\n    name: orders", "kind: ApiInstance\n    name: shop"
+        )
+        gateway, upstreams, port = self.start(
+            responders=(None, fixed(503, body=b"busy"), None), config=binding
+        )
+        self.assertEqual([str(p) for p in gateway.service.state.errors], [])
+        self.assertEqual(await load(reactor, port, 30, 3), {200: 30})
+        [api] = gateway.service.plan.listeners[0].apis
+        self.assertEqual(api.policies, ())
+        attempts = [r.get("x-flexgw-attempts", 1) for r in gateway.records()]
+        self.assertEqual(attempts.count(2), upstreams.counts()[1])
+
     async def test_retry_after_too_long_is_not_waited_for(self) -> None:
         """A 503 with `Retry-After: 5` beyond retryAfterMaxSeconds (0): no retry, the client
         gets the 503."""

@@ -270,6 +270,28 @@ def _compile_api(
             spec.origin.problem("error", "a policy could not be built; not served (fail closed)")
         )
         return None
+    # upstream-retry bound to the API: its retry policy for every Service it routes to (over a
+    # Service's own binding); like any configuring policy it never runs per request.
+    retry = next(
+        (
+            b.policy.upstream_settings["retry"]
+            for b in policies
+            if "retry" in (getattr(b.policy, "upstream_settings", None) or {})
+        ),
+        None,
+    )
+    if retry is not None:
+        policies = tuple(b for b in policies if PolicyCapabilities.of(b.policy).chain_member)
+        routes = [
+            attrs.evolve(
+                route,
+                destinations=tuple(
+                    attrs.evolve(d, upstream=attrs.evolve(d.upstream, retry=retry))
+                    for d in route.destinations
+                ),
+            )
+            for route in routes
+        ]
     routes = [
         attrs.evolve(route, destinations=tuple(_with_chain(d, policies) for d in route.destinations))
         for route in routes

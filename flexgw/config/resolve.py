@@ -397,7 +397,7 @@ def resolve(
                     )
                 )
                 continue
-            if kind is not None and kind.phase == "inbound":
+            if kind is not None and kind.phase in ("inbound", "both"):
                 order = policy.get("order")
                 policies[rid].append(
                     PolicySpec(
@@ -654,7 +654,7 @@ def _attach_policy(
         source=source,
     )
     if kind == "Service":
-        if registered.phase != "outbound" or target is None:
+        if registered.phase not in ("outbound", "both") or target is None:
             problems.append(
                 origin.problem(
                     "error",
@@ -665,7 +665,7 @@ def _attach_policy(
             return False
         service_policies.setdefault(target.key, []).append(make("service"))
         return True
-    if registered.phase != "inbound":
+    if registered.phase not in ("inbound", "both"):
         problems.append(
             origin.problem(
                 "error",

@@ -37,7 +37,7 @@ class IPolicyKind(Interface):
 
     name = Attribute("The policyRef name, e.g. 'http-basic-authentication-flex'.")
     schema = Attribute("JSON Schema (a dict) for the binding's `config`.")
-    phase = Attribute("'inbound' (API-level) or 'outbound' (bound to a Service).")
+    phase = Attribute("'inbound' (API-level), 'outbound' (bound to a Service) or 'both'.")
 
     def build(config: dict[str, Any], context: BuildContext) -> IPolicy:  # type: ignore[misc]
         """Build the policy object for one binding (raise PolicyConfigError for bad config)."""

@@ -1,5 +1,6 @@
 """`upstream-retry`, `upstream-outlier-detection` and `upstream-health-check`: flexgw extension
-kinds bound to a Service (Flex in Local Mode has none of them). Like `idle-timeout-flex` they
+kinds bound to a Service (`upstream-retry` also to an ApiInstance: flexgw.config.compile gives
+its policy to every Service the API routes to). Flex in Local Mode has none of them. Like `idle-timeout-flex` they
 never run per request: each configures the Service's cluster at compile time
 (flexgw.upstream.retry, .outlier, .health), through `upstream_settings` (the Upstream fields
 it sets).
@@ -136,7 +137,7 @@ class RetryKind:
 
     name = RETRY_NAME
     schema = RETRY_SCHEMA
-    phase = "outbound"
+    phase = "both"  # on a Service, or on an ApiInstance (for every Service it routes to)
 
     def build(self, config: dict[str, Any], context: BuildContext) -> UpstreamSetting:
         """The Service's RetryPolicy."""

@@ -179,13 +179,14 @@ class GatewayService(Service):
             self.notifier.stop_watchdog()
             self.pools.stop()
             self.runtime.use_shared_storage(None)  # closes the Redis connection, if any
+            closed = self.runtime.close_shared()  # e.g. LDAP connections
             for log in (self.access_log, self.message_log):
                 if log is not None:
                     log.stop()
             for output in self.log_outputs.values():
                 output.close()
             self._apply_runtime_outputs(())
-            return result
+            return closed.addBoth(lambda _: result)
 
         self._stop_waiters = []
         done = gatherResults([stopped, drained]).addBoth(_close_probe).addBoth(_after)

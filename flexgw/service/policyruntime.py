@@ -54,6 +54,19 @@ class PolicyRuntime(PolicyServices):
         else:
             self.side_agent = direct
 
+    def close_shared(self) -> Any:
+        """The gateway stops: close what policies keep across reloads and asked to be closed
+        (a `close_with_gateway` method, e.g. the LDAP policy's pooled connections); a Deferred
+        firing when they are closed."""
+        from twisted.internet.defer import gatherResults, maybeDeferred
+
+        closing = []
+        for value in list(self.shared.values()):
+            close = getattr(value, "close_with_gateway", None)
+            if close is not None:
+                closing.append(maybeDeferred(close))
+        return gatherResults(closing, consumeErrors=True)
+
     def use_shared_storage(self, settings: Any) -> None:
         """Called with each new plan's shared storage (before its policies are built): a new
         client when the settings changed (the old one is closed), none without settings."""

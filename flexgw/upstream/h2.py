@@ -325,6 +325,7 @@ class H2UpstreamConnection(Protocol):
         self.lost = False
         self.settings_timer: Any = None
         self.idle_since = 0.0
+        self.first_bytes = b""  # the upstream's first bytes, until its SETTINGS is seen
 
     def connectionMade(self) -> None:
         """Send the preface and SETTINGS; streams are handed out once the upstream's SETTINGS
@@ -357,6 +358,22 @@ class H2UpstreamConnection(Protocol):
         )
         self.transport.abortConnection()
 
+    def _preface_seen(self, data: bytes) -> bool:
+        """Before the upstream's SETTINGS: its first frame must be SETTINGS (RFC 9113 §3.4), or
+        this is not an HTTP/2 server (h2 itself would wait for whatever length the first bytes
+        announce): abort then, so the attempt fails at once. True: feed `data` on."""
+        head = self.first_bytes = self.first_bytes + data[:9]
+        if len(head) < 9:
+            return True
+        length = int.from_bytes(head[:3], "big")
+        if head[3] == 0x4 and not head[4] & ~0x1 and head[5:9] == b"\0\0\0\0" and length % 6 == 0:
+            return True
+        _log.info("Upstream {upstream} is not an HTTP/2 server (no SETTINGS first)",
+                  upstream=self.pool.upstream.key)
+        self.usable = False
+        self.transport.abortConnection()
+        return False
+
     def capacity(self) -> int:
         """How many more streams the upstream accepts now."""
         limit = self.conn.remote_settings.max_concurrent_streams
@@ -388,6 +405,8 @@ class H2UpstreamConnection(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         """Feed h2; report to each stream's exchange; end the completed ones."""
+        if not self.connected_ok and not self._preface_seen(data):
+            return
         data, goaways = self.goaways.feed(data)
         if goaways:
             self._goaway(goaways[-1][0])
