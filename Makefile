@@ -9,6 +9,12 @@ SOURCES := $(shell find flexgw twisted -name '*.py' -o -name '*.json') setup.cfg
 GATEWAY_CONF ?= conf/quickstart
 UPSTREAM_LISTEN ?= 127.0.0.1:8082
 GATEWAY_ARGS ?=
+# The reactor `make run` uses: flexgw's (flexgw/compat/epollreactor.py, also `twistd flexgw`'s
+# default); `make run REACTOR=epoll` runs on Twisted's own epoll reactor.
+REACTOR ?= flexgw
+# `make test` runs the suite once per reactor named here (flexgw's, then Twisted's stock epoll
+# reactor, which `twistd --reactor epoll flexgw` selects); `make test TEST_REACTORS=flexgw` once.
+TEST_REACTORS ?= flexgw epoll
 
 .PHONY: run validate test install lint bench clean
 
@@ -25,15 +31,20 @@ install: $(VENV)/.installed
 run: install
 	@$(BIN)/python -m flexgw.testing.upstream --listen $(UPSTREAM_LISTEN) --mode echo & \
 	upstream=$$!; trap 'kill $$upstream 2>/dev/null' EXIT INT TERM; \
-	$(BIN)/twistd --nodaemon --pidfile= flexgw $(addprefix --conf ,$(GATEWAY_CONF)) $(GATEWAY_ARGS)
+	$(BIN)/twistd --nodaemon --pidfile= --reactor $(REACTOR) flexgw $(addprefix --conf ,$(GATEWAY_CONF)) $(GATEWAY_ARGS)
 
 validate: install
 	$(BIN)/flexgw validate $(GATEWAY_CONF)
 
 test: install
-	@set -o pipefail; rm -rf _trial_temp; \
-	$(BIN)/python -m twisted.trial --jobs 2 tests 2>&1 | tee .trial.log; status=$$?; \
-	$(BIN)/python tools/trial_summary.py .trial.log; exit $$status
+	@set -o pipefail; status=0; logs=; \
+	for reactor in $(TEST_REACTORS); do \
+	  rm -rf _trial_temp; echo "== trial --reactor $$reactor"; \
+	  $(BIN)/python -m twisted.trial --reactor $$reactor --jobs 2 tests 2>&1 \
+	    | tee .trial.$$reactor.log || status=1; \
+	  logs="$$logs .trial.$$reactor.log"; \
+	done; \
+	$(BIN)/python tools/trial_summary.py $$logs; exit $$status
 
 lint: install
 	$(BIN)/pip install --quiet ruff
@@ -43,4 +54,4 @@ bench: install
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info _trial_temp .trial.log
+	rm -rf $(VENV) build *.egg-info _trial_temp .trial.log .trial.*.log

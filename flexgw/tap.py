@@ -136,12 +136,15 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self.raw_args: list[str] = []  # as given, for the --workers worker command line
+        self.reactor_name: str | None = None  # the reactor plug-in twistd runs (default_reactor)
         self["conf"] = []
         self["policy-modules"] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
-        """Parse, keeping the arguments as given (see `worker_command`)."""
+        """Parse, keeping the arguments as given (see `worker_command`); install flexgw's
+        reactor first unless twistd's --reactor installed another (`default_reactor`)."""
         self.raw_args = list(sys.argv[1:] if options is None else options)
+        self.reactor_name = default_reactor(getattr(self, "parent", None))
         super().parseOptions(options)
 
     def opt_conf(self, path: str) -> None:
@@ -239,6 +242,23 @@ class Options(usage.Options):
                 self["etcd-password"] = handle.read().rstrip("\r\n")
 
 
+def default_reactor(parent: Any) -> str | None:
+    """`twistd flexgw` runs on flexgw's reactor (flexgw/compat/epollreactor.py) unless twistd's
+    `--reactor NAME` installed one already (`twistd --reactor epoll flexgw` is Twisted's own):
+    install it if no reactor is installed yet. Returns the reactor's plug-in name when known
+    (the workers of --workers get the same), else None."""
+    if parent is not None and parent.get("reactor"):
+        return str(parent["reactor"])
+    if "twisted.internet.reactor" in sys.modules:
+        return None  # installed by whoever runs us (trial, an embedding program): theirs
+    from flexgw.compat.epollreactor import NAME, install
+
+    install()
+    if parent is not None:
+        parent["reactor"] = NAME
+    return NAME
+
+
 def config_source(reactor: Any, options: Options) -> tuple[Any, Any]:
     """What the gateway serves: the --conf directories, the --etcd prefix, or both (files first;
     a resource defined by both is reported at the etcd key); and the etcd source, if any."""
@@ -281,9 +301,10 @@ def worker_command(options: Options) -> list[str]:
     """The argv of a `--workers` worker: twistd flexgw with the options the supervisor was given
     (every one, so an option added later reaches the workers too), then `--workers 1 --admin
     off` (the later occurrence wins: one process, no admin listener, which the supervisor has)."""
+    reactor = ["--reactor", options.reactor_name] if options.reactor_name else []
     return [
         sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-        "--nodaemon", "--pidfile=", "--logfile=-", "flexgw",
+        "--nodaemon", "--pidfile=", "--logfile=-", *reactor, "flexgw",
         *options.raw_args,
         "--workers", "1", "--admin", "off",
     ]

@@ -100,9 +100,9 @@ class UpstreamResponseTimeoutTests(ExchangeClockTestCase):
         self.front.dataReceived(GET)
         conn, _ = self.connect_upstream()
         conn.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
-        calls = [c for c in self.reactor.getDelayedCalls() if c.active()]
-        self.assertEqual(len(calls), 1)
-        self.assertEqual(calls[0].getTime(), self.reactor.seconds() + HttpSettings().keepalive_timeout)
+        [timer] = self.factory.wheel.armed()  # on the reactor: only the wheel's tick
+        self.assertEqual(timer.when, self.reactor.seconds() + HttpSettings().keepalive_timeout)
+        self.assertEqual([c.func for c in self.reactor.getDelayedCalls()], [self.factory.wheel._tick])
 
 
 class StreamIdleTimeoutTests(ExchangeClockTestCase):
@@ -160,3 +160,4 @@ class AbandonTests(ExchangeClockTestCase):
         self.assertTrue(up.disconnected)
         self.assertEqual(self.pool_counts(), (0, 0, 0))
         self.assertEqual([c for c in self.reactor.getDelayedCalls() if c.active()], [])
+        self.assertEqual(self.factory.wheel.armed(), [])

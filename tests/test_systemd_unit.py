@@ -66,6 +66,12 @@ class UnitTests(TestCase):
         drain = float(words[words.index("--drain-seconds") + 1])
         self.assertGreater(float(unit["TimeoutStopSec"]), drain + KILL_GRACE)
 
+    def test_flexgw_reactor(self) -> None:
+        """The unit runs twistd on flexgw's reactor plug-in (named before the subcommand)."""
+        words = settings()["ExecStart"].split()
+        self.assertEqual(words[words.index("--reactor") + 1], "flexgw")
+        self.assertLess(words.index("--reactor"), words.index("flexgw", words.index("--reactor") + 2))
+
     def test_systemd_analyze_verify(self) -> None:
         """`systemd-analyze verify` finds nothing wrong (twistd stubbed: it is not installed here)."""
         analyze = shutil.which("systemd-analyze")

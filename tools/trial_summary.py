@@ -1,4 +1,5 @@
-"""Print trial's result as a plain `N passed, N failed` line (the form CI reads)."""
+"""Print trial's result as a plain `N passed, N failed` line (the form CI reads); given several
+logs (`make test` runs the suite once per reactor), one line per log, then their sum last."""
 
 from __future__ import annotations
 
@@ -6,24 +7,43 @@ import re
 import sys
 
 
-def summarize(text: str) -> str:
-    """The `N passed, N failed[, N skipped]` line for a trial log."""
+def counts(text: str) -> dict[str, int]:
+    """passed / failed / skipped of a trial log (one failure when it has no result line)."""
     match = re.findall(r"^(PASSED|FAILED) \(([^)]*)\)\s*$", text, re.MULTILINE)
     if not match:
-        return "0 passed, 1 failed"
-    counts: dict[str, int] = {}
+        return {"passed": 0, "failed": 1, "skipped": 0}
+    found: dict[str, int] = {}
     for item in match[-1][1].split(","):
         name, _, number = item.strip().partition("=")
         if number.isdigit():
-            counts[name] = int(number)
-    passed = counts.get("successes", 0)
-    failed = counts.get("failures", 0) + counts.get("errors", 0) + counts.get("unexpectedSuccesses", 0)
-    line = f"{passed} passed, {failed} failed"
-    if counts.get("skips"):
-        line += f", {counts['skips']} skipped"
-    return line
+            found[name] = int(number)
+    return {
+        "passed": found.get("successes", 0),
+        "failed": found.get("failures", 0) + found.get("errors", 0) + found.get("unexpectedSuccesses", 0),
+        "skipped": found.get("skips", 0),
+    }
+
+
+def line(result: dict[str, int]) -> str:
+    """`N passed, N failed[, N skipped]`."""
+    text = f"{result['passed']} passed, {result['failed']} failed"
+    if result["skipped"]:
+        text += f", {result['skipped']} skipped"
+    return text
+
+
+def summarize(text: str) -> str:
+    """The `N passed, N failed[, N skipped]` line for a trial log."""
+    return line(counts(text))
 
 
 if __name__ == "__main__":
-    with open(sys.argv[1], encoding="utf-8", errors="replace") as log:
-        print(summarize(log.read()))
+    total = {"passed": 0, "failed": 0, "skipped": 0}
+    for path in sys.argv[1:]:
+        with open(path, encoding="utf-8", errors="replace") as log:
+            result = counts(log.read())
+        if len(sys.argv) > 2:
+            print(f"{path}: {line(result)}")
+        for key in total:
+            total[key] += result[key]
+    print(line(total))

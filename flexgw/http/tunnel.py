@@ -19,6 +19,7 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 
 from flexgw.http.gate import BACKPRESSURE, ReadGate
+from flexgw.http.wheel import TimingWheel
 
 #: How a tunnel ended (`Tunnel.ended_by`).
 DOWNSTREAM_CLOSED = "downstream_closed"
@@ -40,6 +41,7 @@ class Tunnel:
         on_end: Callable[[Tunnel], None] | None = None,
     ) -> None:
         self.clock = clock
+        self.wheel = TimingWheel.of(clock)  # the idle timeout
         self.idle_timeout = idle_timeout
         self.downstream = downstream
         self.upstream = upstream
@@ -71,7 +73,7 @@ class Tunnel:
         _release_all_but_backpressure(self.downstream_gate)
         _release_all_but_backpressure(self.upstream_gate)
         if self.ended_by is None:
-            self.timer = self.clock.callLater(self.idle_timeout, self._on_timer)
+            self.timer = self.wheel.call_later(self.idle_timeout, self._on_timer)
 
     @property
     def ended(self) -> bool:
@@ -121,7 +123,7 @@ class Tunnel:
             return
         idle = self.clock.seconds() - self.last_activity
         if idle < self.idle_timeout:
-            self.timer = self.clock.callLater(self.idle_timeout - idle, self._on_timer)
+            self.timer = self.wheel.call_later(self.idle_timeout - idle, self._on_timer)
             return
         self._end(IDLE_TIMEOUT, abort=True)
 
@@ -150,7 +152,7 @@ class Tunnel:
             self.downstream.loseConnection()
             self.upstream.loseConnection()
             if len(self.lost) < 2:
-                self.timer = self.clock.callLater(self.idle_timeout, self._on_timer)
+                self.timer = self.wheel.call_later(self.idle_timeout, self._on_timer)
         if self.on_end is not None:
             on_end, self.on_end = self.on_end, None
             on_end(self)

@@ -17,7 +17,8 @@ from zope.interface import Attribute, Interface
 class IExchangeFront(Interface):
     """What a ProxyExchange needs from the front that serves it."""
 
-    clock = Attribute("IReactorTime for the exchange's timers and timings.")
+    clock = Attribute("IReactorTime for the exchange's timings.")
+    wheel = Attribute("The clock's TimingWheel (flexgw.http.wheel): the exchange's timeouts.")
     gate = Attribute(
         "The client side's read gate (flexgw.http.gate.ReadGate or alike): held while the "
         "request body must wait, registered as the upstream's producer while the body streams."

@@ -271,7 +271,7 @@ class ProxyExchange:
         assert self.chain is not None
         if self.head.body != BODY_NONE and any(b.needs_body for b in self.chain.policies):
             self.state = BUFFERING
-            self.timer = self.front.clock.callLater(self._stream_idle_timeout(), self._on_timer)
+            self.timer = self.front.wheel.call_later(self._stream_idle_timeout(), self._on_timer)
             if self.request_complete:
                 self._body_buffered()
             return
@@ -397,7 +397,7 @@ class ProxyExchange:
             # no timer yet: connecting is bounded by the connect timeout, and the response
             # timeout starts when the request has been sent.
             self.last_activity = self.upstream_started
-            self.timer = front.clock.callLater(self._stream_idle_timeout(), self._on_timer)
+            self.timer = front.wheel.call_later(self._stream_idle_timeout(), self._on_timer)
         assert self.destination is not None
         upstream = self.destination.upstream
         balancing = upstream.balancing
@@ -490,7 +490,7 @@ class ProxyExchange:
             retry = self.destination.upstream.retry  # type: ignore[union-attr]
             if retry is not None and retry.per_try_timeout is not None:
                 timeout = min(timeout, retry.per_try_timeout)
-            self.timer = self.front.clock.callLater(timeout, self._on_timer)
+            self.timer = self.front.wheel.call_later(timeout, self._on_timer)
 
     # -- the pool's callbacks --------------------------------------------------------------------
 
@@ -1040,7 +1040,7 @@ class ProxyExchange:
         idle = front.clock.seconds() - self.last_activity
         limit = self._stream_idle_timeout()
         if idle < limit:
-            self.timer = front.clock.callLater(limit - idle, self._on_timer)
+            self.timer = front.wheel.call_later(limit - idle, self._on_timer)
             return
         if self.state == RESPONDING:
             self._upstream_failed(errors.STREAM_IDLE_TIMEOUT)

@@ -33,6 +33,7 @@ from flexgw.http.request import (
     error_for_parser_message,
 )
 from flexgw.http.tunnel import Tunnel
+from flexgw.http.wheel import TimingWheel
 from flexgw.ingress.contract import IExchangeFront, IExchangeObserver
 from flexgw.ingress.exchange import CHAIN_FINISH, DONE, RESPONDING, WAITING, ProxyExchange
 from flexgw.ingress.h2front import H2Limits
@@ -71,6 +72,7 @@ class IngressProtocol(Protocol):
     def __init__(self, factory: IngressFactory) -> None:
         self.factory = factory
         self.clock = factory.clock
+        self.wheel = factory.wheel  # keep-alive and header timeouts, and the exchanges'
         self.pools = factory.pools
         self.parser = httptools.HttpRequestParser(self)
         # IExchangeFront.route: the listener factory's (its current plan), called directly.
@@ -112,7 +114,7 @@ class IngressProtocol(Protocol):
         self.peer = Peer.of(transport, self.factory.listener.scheme, self.http.trusted_proxies)
         self.factory.connections.add(self)
         self.idle_since = self.clock.seconds()
-        self.timer = self.clock.callLater(self.http.keepalive_timeout, self._on_timer)
+        self.timer = self.wheel.call_later(self.http.keepalive_timeout, self._on_timer)
 
     def retire(self) -> None:
         """The connection turned out to be HTTP/2 (ProtocolSelector): leave it to that protocol."""
@@ -233,7 +235,7 @@ class IngressProtocol(Protocol):
             # The head did not arrive in one read: now it needs its deadline (measured from
             # its first byte). Heads that arrive whole never create a timer.
             remaining = self.head_started + self.http.header_timeout - self.clock.seconds()
-            self.head_timer = self.clock.callLater(max(remaining, 0.0), self._on_head_timer)
+            self.head_timer = self.wheel.call_later(max(remaining, 0.0), self._on_head_timer)
         # The part began with this head (or continues it): it counts in full.
         self.head_bytes += len(piece)
         self.head_tail = (self.head_tail + piece)[-3:]
@@ -461,9 +463,9 @@ class IngressProtocol(Protocol):
         self.idle_since = self.clock.seconds()
         if self.state == HEAD and self.head_timer is None:
             # A pipelined head was partly read while the previous response was pending.
-            self.head_timer = self.clock.callLater(self.http.header_timeout, self._on_head_timer)
+            self.head_timer = self.wheel.call_later(self.http.header_timeout, self._on_head_timer)
         if self.timer is None:
-            self.timer = self.clock.callLater(self.http.keepalive_timeout, self._on_timer)
+            self.timer = self.wheel.call_later(self.http.keepalive_timeout, self._on_timer)
 
     # -- errors and timing -----------------------------------------------------------------------
 
@@ -501,11 +503,11 @@ class IngressProtocol(Protocol):
         keepalive = self.http.keepalive_timeout
         if self.active is not None or self.state != IDLE:
             # Busy (or a head is arriving, which has its own deadline): look again later.
-            self.timer = self.clock.callLater(keepalive, self._on_timer)
+            self.timer = self.wheel.call_later(keepalive, self._on_timer)
             return
         idle = self.clock.seconds() - self.idle_since
         if idle < keepalive:
-            self.timer = self.clock.callLater(keepalive - idle, self._on_timer)
+            self.timer = self.wheel.call_later(keepalive - idle, self._on_timer)
             return
         self.state = CLOSING
         self.transport.loseConnection()
@@ -559,6 +561,7 @@ class IngressFactory(Factory):
         self.forward_proxy = forward_proxy
         self.resolver = resolver
         self.clock = clock
+        self.wheel = TimingWheel.of(clock)  # the hot path's timeouts (100 ms granularity)
         self.listener = listener
         self.http = http
         self.timeouts = timeouts

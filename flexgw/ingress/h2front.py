@@ -58,6 +58,7 @@ from zope.interface import implementer
 
 from flexgw.compat.h2buffer import header_backlog
 from flexgw.compat.h2frames import FrameHookConnection
+from flexgw.compat.hpackcache import use_caches
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
@@ -85,6 +86,15 @@ _log = Logger(namespace="flexgw.ingress.h2")
 
 #: A stream's gate reason while its exchange waits for the end of the read that opened it.
 _STARTING = 4
+#: h2's settings for every ingress connection. Outbound header checks are off: every header the
+#: gateway sends is built here (names lower-cased, hop-by-hop fields dropped, pseudo-headers in
+#: place); what the client sends is still checked (inbound validation and normalisation).
+_CONFIG = H2Configuration(
+    client_side=False,
+    header_encoding=None,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+)
 #: Frames counted against `max_control_frames` (and empty DATA frames; not SETTINGS ACKs).
 _CONTROL_FRAMES = (PingFrame, SettingsFrame, PriorityFrame, ExtensionFrame)
 
@@ -242,6 +252,7 @@ class H2Stream:
         self.stream_id = stream_id
         # What ProxyExchange reads from its front (the same values as the HTTP/1.1 front's).
         self.clock = protocol.clock
+        self.wheel = protocol.wheel
         self.pools = protocol.pools
         self.http = protocol.http
         self.timeouts = protocol.timeouts
@@ -301,9 +312,12 @@ class H2Stream:
         self._maybe_done()
 
     def cut_off(self, exchange: ProxyExchange) -> None:
-        """The upstream failed after the response head was sent: reset the stream."""
+        """The upstream failed after the response head was sent: reset the stream
+        (PROTOCOL_ERROR when the upstream's response was malformed, as a trailers-only gRPC
+        answer followed by a body)."""
         self.protocol.factory.exchange_finished(exchange)
-        self.reset(ErrorCodes.INTERNAL_ERROR)
+        malformed = exchange.error_cause == errors.UPSTREAM_BAD_RESPONSE.cause
+        self.reset(ErrorCodes.PROTOCOL_ERROR if malformed else ErrorCodes.INTERNAL_ERROR)
 
     def tunnel_opened(self, exchange: ProxyExchange, tunnel: Any) -> None:
         """Never: an HTTP/2 stream carries no upgrade (and CONNECT is refused)."""
@@ -556,6 +570,7 @@ class H2Protocol(Protocol):
     def __init__(self, factory: IngressFactory, h1: IngressProtocol) -> None:
         self.factory = factory
         self.clock = factory.clock
+        self.wheel = h1.wheel  # keep-alive timer (and the streams' exchanges')
         self.pools = factory.pools
         self.http = h1.http
         self.timeouts = h1.timeouts
@@ -574,8 +589,8 @@ class H2Protocol(Protocol):
         self.timer: Any = None
         limits = self.limits
         http = self.http
-        config = H2Configuration(client_side=False, header_encoding=None)
-        conn = self.conn = _GuardedConnection(config, self)
+        conn = self.conn = _GuardedConnection(_CONFIG, self)
+        use_caches(conn)
         conn.local_settings = Settings(
             client=False,
             initial_values={
@@ -603,7 +618,7 @@ class H2Protocol(Protocol):
             conn.increment_flow_control_window(extra)
         self.flush()
         self.window_start = self.idle_since = self.clock.seconds()
-        self.timer = self.clock.callLater(self.http.keepalive_timeout, self._on_timer)
+        self.timer = self.wheel.call_later(self.http.keepalive_timeout, self._on_timer)
 
     def connectionLost(self, reason: Failure = None) -> None:
         """Abandon every stream in flight."""
@@ -931,7 +946,7 @@ class H2Protocol(Protocol):
         self._close(abort_streams=True)
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
-        self.timer = self.clock.callLater(1.0, self.transport.abortConnection)
+        self.timer = self.wheel.call_later(1.0, self.transport.abortConnection)
 
     def _close(self, abort_streams: bool) -> None:
         if self.closing:
@@ -958,7 +973,7 @@ class H2Protocol(Protocol):
         keepalive = self.http.keepalive_timeout
         idle = self.clock.seconds() - self.idle_since
         if self.streams or idle < keepalive:
-            self.timer = self.clock.callLater(
+            self.timer = self.wheel.call_later(
                 keepalive if self.streams else keepalive - idle, self._on_timer
             )
             return
