@@ -105,6 +105,8 @@ class GatewayService(Service):
         self.listening: dict[tuple[str, int], ListenerFactory] = {}
         self.reloads = 0
         self.last_reload_ok: bool | None = None
+        # called after every reload (e.g. the Ingress status writer: what is served changed)
+        self.after_reload: list[Callable[[], Any]] = []
         self.unbound: set[tuple[str, int]] = set()  # listener addresses the last reload could not bind
         self.metrics = GatewayMetrics(reactor)
         self.probe = ProbeServer(reactor, self)
@@ -292,6 +294,11 @@ class GatewayService(Service):
         )
         if reloading:
             self.notifier.ready(self.status_line())
+        for hook in self.after_reload:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - a failing observer must not fail the reload
+                _log.failure("after-reload hook failed")
         return ok
 
     def _apply(self, plan: GatewayPlan) -> bool:
