@@ -534,10 +534,14 @@ class H2Exchange(ProxyExchange):
         """A piece of the response body, queued on the stream."""
         self.bytes_out += len(data)
         self.last_activity = self.front.clock.seconds()
+        if self.tap is not None:
+            self.tap.feed(data)
         self.front.queue_data(data)
 
     def response_trailers(self, trailers: HeaderList) -> None:
         """Trailer fields of the upstream response: sent as the stream's closing HEADERS."""
+        if self.tap is not None:
+            self.tap.abandon()  # a response with trailers is not kept whole (never cached)
         kept = [(n.lower(), v) for n, v in trailers if n.lower() not in NOT_TRAILERS]
         if kept:
             self.front.trailers = kept
