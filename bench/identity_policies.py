@@ -47,6 +47,7 @@ class _Remote(BaseHTTPRequestHandler):
     """The HTTP authorization server (200 to everything) and the OpenID provider."""
 
     issuer = ""
+    protocol_version = "HTTP/1.1"  # keep-alive, as a real authorization server
 
     def log_message(self, *args: Any) -> None:
         """Quiet."""

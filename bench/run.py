@@ -55,6 +55,19 @@ http {{
 }}
 """
 
+#: With --h2, the nginx upstream also answers HTTP/2 with prior knowledge (h2c) on this server,
+#: for the h2c->h2c target (a gateway whose Service is h2c://).
+NGINX_H2C_SERVER = """\
+    server {{
+        listen {host}:{port} http2 backlog=4096;
+        location / {{
+            default_type text/plain;
+            return 200 "hello\\n";
+        }}
+    }}
+}}
+"""
+
 NGINX_PROXY_CONF = """\
 worker_processes 1;
 error_log {tmp}/error.log warn;
@@ -99,6 +112,10 @@ GATEWAY_CONF = API_CONF + """\
     upstream:
       address: http://{host}:{upstream_port}
 """
+#: The bench API with an h2c:// Service (the h2c->h2c target).
+H2C_GATEWAY_CONF = GATEWAY_CONF.replace(
+    "address: http://{host}:{upstream_port}", "address: h2c://{host}:{upstream_port}"
+)
 
 #: --multi: the same upstream reached as a Service of three addresses (127.0.0.1-3, which all
 #: reach the loopback upstream), balanced round robin: the cost of balancing, not of more work.
@@ -633,8 +650,15 @@ def main(argv: list[str] | None = None) -> int:
             # upstream
             upstream_port = free_port()
             use_nginx_upstream = args.upstream == "nginx" or (args.upstream == "auto" and have_nginx)
+            h2c_upstream_port = 0
             if use_nginx_upstream:
                 template = NGINX_UPSTREAM_CONF
+                if args.h2:
+                    # one more server block in the same nginx: h2c on its own port
+                    h2c_upstream_port = free_port()
+                    template = template.rstrip()[:-2] + NGINX_H2C_SERVER.replace(
+                        "{port}", str(h2c_upstream_port)
+                    ).replace("{host}", HOST)
                 if args.multi:  # the same server on every --multi address
                     listen = "        listen {host}:{port} backlog=4096;\n"
                     template = template.replace(listen, listen + "".join(
@@ -704,6 +728,14 @@ def main(argv: list[str] | None = None) -> int:
                     info["workers"] = args.workers
                     sanity_get(wk_port)
                     targets.append((f"flexgw-w{args.workers}", wk_port))
+                if args.h2 and h2c_upstream_port:
+                    # the same API whose Service is h2c:// (nginx speaking HTTP/2): h2c->h2c
+                    h2c_port, h2c_cmd = start_gateway(
+                        args, procs, tmp, "gateway-h2c", "conf-h2c", "", h2c_upstream_port, gw_cpu,
+                        env, base=H2C_GATEWAY_CONF,
+                    )
+                    info["gateway_h2c_cmd"] = h2c_cmd
+                    sanity_get(h2c_port)
                 if args.multi:
                     multi_port, multi_cmd = start_gateway(
                         args, procs, tmp, "gateway-multi", "conf-multi", "", upstream_port, gw_cpu,
@@ -787,16 +819,27 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 if args.h2 and name == "flexgw":
-                    # the same gateway over h2c, right after its HTTP/1.1 runs
-                    if args.warmup > 0:
-                        run_h2load(port, args.connections, 1, args.warmup, load_cpu, use_taskset)
-                    for streams in (1, 10):
-                        runs = [run_h2load(port, args.connections, streams, args.duration, load_cpu, use_taskset)
-                                for _ in range(args.repeat)]
-                        runs.sort(key=lambda r: r["rps"])
-                        h2_results[f"m{streams}"] = runs[len(runs) // 2]
-                        print(f"  flexgw h2 (-m{streams}): {h2_results[f'm{streams}']['rps']:.0f} req/s",
-                              file=sys.stderr, flush=True)
+                    # the same gateway over h2c, right after its HTTP/1.1 runs; then h2c->h2c
+                    h2_targets = [("", port, session)]
+                    h2c_gateway = dict(procs.children).get("gateway-h2c")
+                    if h2c_gateway is not None:
+                        h2_targets.append(("h2c_", h2c_port, h2c_gateway))
+                    for prefix, h2_port, h2_session in h2_targets:
+                        if args.warmup > 0:
+                            run_h2load(h2_port, args.connections, 1, args.warmup, load_cpu, use_taskset)
+                        for streams in (1, 10):
+                            before = session_cpu_seconds(h2_session.pid) if h2_session else 0.0
+                            runs = [run_h2load(h2_port, args.connections, streams, args.duration, load_cpu,
+                                               use_taskset) for _ in range(args.repeat)]
+                            used = session_cpu_seconds(h2_session.pid) - before if h2_session else 0.0
+                            served = sum(r["requests"] for r in runs)
+                            runs.sort(key=lambda r: r["rps"])
+                            key = f"{prefix}m{streams}"
+                            h2_results[key] = dict(runs[len(runs) // 2])
+                            h2_results[key]["cpu_us_per_req"] = used / served * 1e6 if served else None
+                            path = "h2c->h2c" if prefix else "h2c->h1"
+                            print(f"  flexgw {path} (-m{streams}): "
+                                  f"{h2_results[key]['rps']:.0f} req/s", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         status = 130
@@ -815,9 +858,13 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(results, args.connections)
     if h2_results and "flexgw" in results:
         h1_rps = results["flexgw"]["c50"]["rps"]
+        h1_cpu = results["flexgw"]["c50"].get("cpu_us_per_req")
         for key, r in h2_results.items():
             summary[f"h2_{key}_rps"] = r["rps"]
             summary[f"rps_ratio_h2_{key}_over_h1"] = r["rps"] / h1_rps if h1_rps else None
+            if r.get("cpu_us_per_req") and h1_cpu:
+                summary[f"h2_{key}_cpu_us_per_req"] = r["cpu_us_per_req"]
+                summary[f"cpu_ratio_h1_over_h2_{key}"] = h1_cpu / r["cpu_us_per_req"]
         summary["errors"]["flexgw-h2"] = sum(r["failed"] + r["non_2xx"] for r in h2_results.values())
     print_table(results, summary, info, args.connections)
     if args.json:
@@ -906,12 +953,20 @@ def print_table(results: dict[str, dict[str, Any]], summary: dict[str, Any], inf
                   f"{summary['cpu_ratio_policies_over_flexgw']:.3f}")
         if info.get("policies_missing"):
             print("NOTE: policy kinds not available, left out: " + ", ".join(info["policies_missing"]))
-    for key in ("m1", "m10"):
+    h1_cpu = results.get("flexgw", {}).get("c50", {}).get("cpu_us_per_req")
+    for key in ("m1", "m10", "h2c_m1", "h2c_m10"):
         ratio = summary.get(f"rps_ratio_h2_{key}_over_h1")
         if ratio is not None:
-            streams = key[1:]
-            print(f"flexgw h2c ({connections} connections, {streams} stream(s) each) / flexgw HTTP/1.1 "
-                  f"req/s: {summary[f'h2_{key}_rps']:.0f} / {results['flexgw']['c50']['rps']:.0f} = {ratio:.3f}")
+            streams = key.rsplit("m", 1)[1]
+            path = "h2c->h2c" if key.startswith("h2c_") else "h2c->h1"
+            target = "0.6" if key.startswith("h2c_") else "0.7"
+            print(f"flexgw {path} ({connections} connections, {streams} stream(s) each) / flexgw HTTP/1.1 "
+                  f"req/s: {summary[f'h2_{key}_rps']:.0f} / {results['flexgw']['c50']['rps']:.0f} = {ratio:.3f}"
+                  f"  (target >= {target} at -m10)")
+            cpu = summary.get(f"h2_{key}_cpu_us_per_req")
+            if cpu and h1_cpu:
+                print(f"  gateway CPU per request: {cpu:.0f} µs (HTTP/1.1: {h1_cpu:.0f} µs; "
+                      f"HTTP/1.1 / h2 = {summary[f'cpu_ratio_h1_over_h2_{key}']:.3f})")
     if "rps_ratio_workers_over_flexgw" in summary:
         ratio = summary["rps_ratio_workers_over_flexgw"]
         print(f"flexgw --workers {info.get('workers')} / flexgw (one process) req/s at {connections} "

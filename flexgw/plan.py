@@ -324,7 +324,7 @@ class Problem:
             if self.column is not None:
                 where += f":{self.column}"
         parts = [f"{where}: {self.severity}:"]
-        if self.resource:
+        if self.resource and self.resource != self.file:  # an API object's origin is its name
             parts.append(f"{self.resource}:")
         if self.field:
             parts.append(f"{self.field}:")

@@ -102,7 +102,8 @@ class Options(usage.Options):
             None,
             (
                 "Directory for the snapshot of the last applied remote configuration (a restart"
-                " while etcd is unreachable serves it)."
+                " while etcd or the Kubernetes API is unreachable serves it); default with"
+                " --kubernetes: /var/lib/flexgw; 'off': no snapshot."
             ),
         ],
         ["ingress-class", None, "flexgw", "The Kubernetes ingress class flexgw serves."],
@@ -118,8 +119,48 @@ class Options(usage.Options):
             "https://0.0.0.0:8443",
             "TLS listener serving those Ingresses too, with their spec.tls certificates (when any).",
         ],
+        [
+            "kubeconfig",
+            None,
+            None,
+            "With --kubernetes: the kubeconfig to use (its current context; default: in-cluster).",
+        ],
+        ["kube-context", None, None, "With --kubeconfig: the context to use (default: current)."],
+        [
+            "publish-service",
+            None,
+            None,
+            (
+                "With --kubernetes: write this Service's (NAMESPACE/NAME) load-balancer or cluster"
+                " addresses into the status of every Ingress served (leader only)."
+            ),
+        ],
+        [
+            "publish-address",
+            None,
+            None,
+            "With --kubernetes: write these addresses (IP or host name, comma-separated) instead.",
+        ],
+        [
+            "election-id",
+            None,
+            "flexgw-leader",
+            (
+                "The Lease replicas elect the status writer with, in $POD_NAMESPACE (else the"
+                " service account's or kubeconfig context's namespace, else default)."
+            ),
+        ],
     ]
     optFlags = [  # noqa: RUF012
+        [
+            "kubernetes",
+            None,
+            (
+                "Read Ingresses, IngressClasses, Services, EndpointSlices, referenced TLS Secrets"
+                " and the Flex CRDs from the Kubernetes API (in-cluster, or --kubeconfig);"
+                " combinable with --conf."
+            ),
+        ],
         ["strict", None, "Unknown configuration keys are errors, not warnings."],
         ["ingress-default-class", None, "Serve Kubernetes Ingresses that name no ingress class."],
         [
@@ -139,6 +180,7 @@ class Options(usage.Options):
         self.reactor_name: str | None = None  # the reactor plug-in twistd runs (default_reactor)
         self["conf"] = []
         self["policy-modules"] = []
+        self["kube-namespaces"] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         """Parse, keeping the arguments as given (see `worker_command`); install flexgw's
@@ -151,6 +193,10 @@ class Options(usage.Options):
         """Configuration directory (repeatable; default /etc/flexgw)."""
         self["conf"].append(path)
 
+    def opt_kube_namespace(self, namespace: str) -> None:
+        """With --kubernetes: watch this namespace only (repeatable; default: all namespaces)."""
+        self["kube-namespaces"].append(namespace)
+
     def opt_policy_module(self, name: str) -> None:
         """Import a third-party policy module (repeatable); it registers its policy kinds."""
         self["policy-modules"].append(name)
@@ -162,8 +208,33 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         """Check values and apply defaults."""
-        if not self["conf"] and not self["etcd"]:
+        if self["kubeconfig"] is not None or self["kube-namespaces"]:
+            self["kubernetes"] = True
+        if self["kubernetes"] and self["etcd"]:
+            raise usage.UsageError("--kubernetes and --etcd: choose one remote source")
+        if not self["conf"] and not self["etcd"] and not self["kubernetes"]:
             self["conf"] = ["/etc/flexgw"]
+        if self["state-dir"] is None and self["kubernetes"]:
+            from flexgw.config.sources.state import DEFAULT_STATE_DIR
+
+            self["state-dir"] = DEFAULT_STATE_DIR
+        if self["state-dir"] in ("off", ""):
+            self["state-dir"] = None
+        publishing = self["publish-service"] is not None or self["publish-address"] is not None
+        if publishing and not self["kubernetes"]:
+            raise usage.UsageError("--publish-service/--publish-address need --kubernetes")
+        if self["publish-service"] is not None and self["publish-address"] is not None:
+            raise usage.UsageError("give --publish-service or --publish-address, not both")
+        namespace, slash, name = (self["publish-service"] or "x/x").partition("/")
+        if not (namespace and slash and name) or "/" in name:
+            raise usage.UsageError("--publish-service must be NAMESPACE/NAME")
+        if self["kubernetes"]:
+            from flexgw.config.sources.kubeconnect import KubeConnectionError
+
+            try:  # checked now (a usage error), built again with the reactor in makeService
+                kube_connection(None, self, os.environ)
+            except KubeConnectionError as exc:
+                raise usage.UsageError(f"--kubernetes: {exc}") from None
         for path in self["conf"]:
             if not os.path.isdir(path):
                 raise usage.UsageError(f"--conf {path}: not a directory")
@@ -259,28 +330,49 @@ def default_reactor(parent: Any) -> str | None:
     return NAME
 
 
-def config_source(reactor: Any, options: Options) -> tuple[Any, Any]:
-    """What the gateway serves: the --conf directories, the --etcd prefix, or both (files first;
-    a resource defined by both is reported at the etcd key); and the etcd source, if any."""
+def kube_connection(reactor: Any, options: Options, environ: Any) -> Any:
+    """The Kubernetes API connection the options name (kubeconfig, else in-cluster)."""
+    from flexgw.config.sources.kubeconnect import from_kubeconfig, in_cluster
+
+    if options["kubeconfig"] is not None:
+        return from_kubeconfig(reactor, options["kubeconfig"], options["kube-context"])
+    return in_cluster(reactor, environ)
+
+
+def config_source(reactor: Any, options: Options, environ: Any = None) -> tuple[Any, Any]:
+    """What the gateway serves: the --conf directories, the --etcd prefix or the Kubernetes API
+    (--kubernetes), or files first and one of those (a resource defined by both is an error
+    reported at the remote object or key; the file's version serves); and the remote source
+    (etcd or Kubernetes), if any."""
+    from flexgw.config.sources import CombinedSource
     from flexgw.config.sources.files import FileSource
 
     files = FileSource(options["conf"])
-    if not options["etcd"]:
-        return files, None
-    from flexgw.config.sources import CombinedSource
-    from flexgw.config.sources.etcd import EtcdSource, make_client
+    remote: Any
+    if options["etcd"]:
+        from flexgw.config.sources.etcd import EtcdSource, make_client
 
-    client = make_client(
-        reactor,
-        options["etcd"],
-        cacert=options["etcd-cacert"],
-        cert=options["etcd-cert"],
-        key=options["etcd-key"],
-        user=options["etcd-user"],
-        password=options["etcd-password"],
-    )
-    etcd = EtcdSource(client, options["etcd-prefix"], state_dir=options["state-dir"])
-    return (CombinedSource([("files", files), ("etcd", etcd)]) if options["conf"] else etcd), etcd
+        client = make_client(
+            reactor,
+            options["etcd"],
+            cacert=options["etcd-cacert"],
+            cert=options["etcd-cert"],
+            key=options["etcd-key"],
+            user=options["etcd-user"],
+            password=options["etcd-password"],
+        )
+        name, remote = "etcd", EtcdSource(client, options["etcd-prefix"], state_dir=options["state-dir"])
+    elif options["kubernetes"]:
+        from flexgw.config.sources.kubernetes import KubernetesSource
+
+        connection = kube_connection(reactor, options, os.environ if environ is None else environ)
+        remote = KubernetesSource(
+            reactor, connection, options["kube-namespaces"], state_dir=options["state-dir"]
+        )
+        name = "kubernetes"
+    else:
+        return files, None
+    return (CombinedSource([("files", files), (name, remote)]) if options["conf"] else remote), remote
 
 
 def _install_log_level(
@@ -434,7 +526,9 @@ def _make_gateway(options: Options) -> MultiService:
             int(environ[WORKER_ENV]), on_lost=_stop_reactor(reactor), on_stop=_stop_reactor(reactor)
         )
         connect_to_supervisor(reactor, int(environ[SUPERVISOR_FD_ENV]), worker)
-    source, etcd = config_source(reactor, options)
+    source, remote = config_source(reactor, options, environ)
+    etcd = remote if options["etcd"] else None
+    kube = remote if options["kubernetes"] else None
     gateway = GatewayService(
         reactor,
         source,
@@ -471,7 +565,7 @@ def _make_gateway(options: Options) -> MultiService:
         ).setServiceParent(top)
     if worker is not None:
         worker.gateway = gateway
-    if worker is None:  # a worker's reloads come from the supervisor, which watches
+    if worker is None:  # a worker's file reloads come from the supervisor, which watches
         watcher = source.watcher(
             reactor,
             gateway.reload,
@@ -479,9 +573,11 @@ def _make_gateway(options: Options) -> MultiService:
             extra_files=lambda: gateway.plan.tls_files,  # certificates, keys, CAs read by the plan
         )
         _WatcherService(watcher).setServiceParent(top)
-    elif etcd is not None:  # the supervisor watches the files; each worker follows etcd
-        watcher = etcd.watcher(reactor, gateway.reload, debounce_from_env(os.environ))
-        _WatcherService(watcher).setServiceParent(top)
+    elif remote is not None:  # the supervisor watches the files; each worker follows etcd or the API
+        _WatcherService(remote.watcher(reactor, gateway.reload, debounce_from_env(os.environ))).setServiceParent(top)
+    publishing = options["publish-service"] is not None or options["publish-address"] is not None
+    if kube is not None and publishing and (worker is None or worker.index == 0):
+        _IngressStatusService(reactor, options, kube, gateway, environ).setServiceParent(top)
     _install_signals(reactor, gateway.reload, gateway.reopen_logs, gateway.drain_now)
     return top
 
@@ -571,6 +667,41 @@ class _AdminService(Service):
             return port.stopListening() if port is not None else None
 
         return self.wait_stopped().addBoth(close)
+
+
+class _IngressStatusService(Service):
+    """--publish-service/--publish-address: leader election, and the Ingress status writer
+    syncing after every reload and when this replica becomes the leader."""
+
+    def __init__(self, reactor: Any, options: Options, kube: Any, gateway: Any, environ: Any) -> None:
+        from flexgw.config.sources.kubestatus import IngressStatus, LeaderElector, served_ingresses
+
+        connection = kube.connection
+        namespace = environ.get("POD_NAMESPACE") or connection.namespace or "default"
+        self.status: Any = None
+        self.elector = LeaderElector(
+            reactor, connection, namespace, options["election-id"], on_started=lambda: self.status.sync()
+        )
+        addresses = (options["publish-address"] or "").split(",") if options["publish-address"] else ()
+        self.status = IngressStatus(
+            connection,
+            self.elector,
+            kube.ingresses,
+            lambda: served_ingresses(gateway.plan),
+            publish_addresses=addresses,
+            publish_service=options["publish-service"],
+        )
+        gateway.after_reload.append(self.status.sync)
+
+    def startService(self) -> None:
+        """Start competing for the Lease."""
+        super().startService()
+        self.elector.start()
+
+    def stopService(self) -> Any:
+        """Give the Lease up (another replica takes over at its next try)."""
+        super().stopService()
+        return self.elector.stop()
 
 
 class _WatcherService(MultiService):

@@ -116,7 +116,8 @@ class EtcdMember:
         if not self.running:
             return defer.succeed(None)
         assert self.output is not None
-        os.kill(self.process.pid, signal.SIGKILL)
+        if self.process.pid is not None:  # None: it exited; its pipes are still closing
+            os.kill(self.process.pid, signal.SIGKILL)
         ended = defer.Deferred[None]()
         self.output.ended.addBoth(lambda _: ended.callback(None))
         return ended
@@ -142,7 +143,10 @@ class EtcdCluster:
 
     def __init__(self, reactor: Any, size: int = 1, extra: tuple[str, ...] = ()) -> None:
         self.reactor = reactor
+        self.size = size
+        self.extra = extra
         self.members = [EtcdMember(f"m{i}", extra) for i in range(size)]
+        self.retired: list[EtcdMember] = []  # members of attempts that lost a port race
 
     @property
     def urls(self) -> list[str]:
@@ -155,12 +159,23 @@ class EtcdCluster:
         return self.members[0].url
 
     async def start(self) -> EtcdCluster:
-        """Spawn every member and wait until all serve clients."""
-        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
-        await defer.gatherResults(
-            [m.spawn(self.reactor, initial) for m in self.members], consumeErrors=True
-        )
-        return self
+        """Spawn every member and wait until all serve clients. A port taken meanwhile by
+        another process on the machine (free_port() only says it was free) means new ports
+        for every member, at most three times."""
+        for attempt in range(3):
+            initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+            try:
+                await defer.gatherResults(
+                    [m.spawn(self.reactor, initial) for m in self.members], consumeErrors=True
+                )
+                return self
+            except defer.FirstError as error:
+                if attempt == 2 or b"address already in use" not in str(error.subFailure.value).encode():
+                    raise
+            await defer.gatherResults([m.kill() for m in self.members], consumeErrors=True)
+            self.retired.extend(self.members)
+            self.members = [EtcdMember(f"m{i}", self.extra) for i in range(self.size)]
+        return self  # pragma: no cover - the loop returns or raises
 
     def kill(self, index: int) -> defer.Deferred[None]:
         """SIGKILL member `index` by its PID (the others keep quorum when size >= 3)."""
@@ -168,7 +183,8 @@ class EtcdCluster:
 
     def stop(self) -> defer.Deferred[Any]:
         """Kill every member and remove their data directories."""
-        return defer.gatherResults([m.cleanup() for m in self.members], consumeErrors=True)
+        members = self.retired + self.members
+        return defer.gatherResults([m.cleanup() for m in members], consumeErrors=True)
 
 
 async def start_etcd(case: Any, reactor: Any, size: int = 1, extra: tuple[str, ...] = ()) -> EtcdCluster:

@@ -37,6 +37,28 @@ def poll_until(
     return done
 
 
+class Conditions:
+    """Event-driven waits: `until(predicate)` fires once the predicate holds, checked now and at
+    every `check()` (called by the test from the callbacks it observes; no polling)."""
+
+    def __init__(self) -> None:
+        self.waiters: list[tuple[Callable[[], bool], defer.Deferred[None]]] = []
+
+    def check(self) -> None:
+        """Fire the waiters whose predicate holds."""
+        for predicate, waiter in list(self.waiters):
+            if predicate():
+                self.waiters.remove((predicate, waiter))
+                waiter.callback(None)
+
+    def until(self, predicate: Callable[[], bool]) -> defer.Deferred[None]:
+        """Fire once `predicate()` holds (now, or at a later `check()`)."""
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self.waiters.append((predicate, waiter))
+        self.check()
+        return waiter
+
+
 def buffered(transport: Any) -> int:
     """Bytes a Twisted TCP transport holds in user space, not yet written to its socket."""
     if transport is None:

@@ -228,3 +228,68 @@ class H2FrameHookTests(unittest.TestCase):
         self.assertEqual(seen, ["SettingsFrame", "PingFrame", "PingFrame"], hook_gone)
         ping_acks = conn.data_to_send().count(b"\x00\x00\x08\x06\x01\x00\x00\x00\x00")
         self.assertEqual(ping_acks, 1, hook_gone)
+
+
+class HpackCacheTests(unittest.TestCase):
+    """compat.hpackcache: hpack's HeaderTable changes only through `add` and `maxsize`, so the
+    cached blocks and lists are exactly what hpack itself gives."""
+
+    def test_private_names_exist(self) -> None:
+        """HeaderTable.add and the maxsize property are where the counting subclass hooks in."""
+        from hpack.table import HeaderTable
+
+        self.assertTrue(callable(getattr(HeaderTable, "add", None)), gone("HeaderTable.add", "hpackcache", "hpack"))
+        self.assertIsInstance(
+            HeaderTable.__dict__.get("maxsize"), property, gone("HeaderTable.maxsize", "hpackcache", "hpack")
+        )
+
+    def test_same_bytes_and_lists_as_hpack(self) -> None:
+        """Header lists repeated, new, evicting (small table) and with table size updates in
+        between: every block and every decoded list equals plain hpack's."""
+        from hpack import Decoder
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        from flexgw.compat.hpackcache import CachingDecoder, CachingEncoder
+
+        pool = [(b":status", b"200"), (b"content-type", b"text/plain"), (b"x-a", b"1"),
+                (b"x-b", b"2" * 40), (b"x-c", b"3" * 90), (b"content-length", b"6")]
+        step = st.one_of(
+            st.lists(st.sampled_from(pool), min_size=1, max_size=5),
+            st.sampled_from([64, 128, 256, 4096]),  # a table size change
+        )
+
+        @settings(max_examples=200, deadline=None)
+        @given(st.lists(step, min_size=1, max_size=30))
+        def check(steps: list[Any]) -> None:
+            plain, cached = Encoder(), CachingEncoder()
+            plain_in, cached_in = Decoder(), CachingDecoder()
+            for item in steps * 2:
+                if isinstance(item, int):
+                    plain.header_table_size = cached.header_table_size = item
+                    continue
+                block = plain.encode(list(item))
+                self.assertEqual(cached.encode(list(item)), block)
+                try:
+                    expected = plain_in.decode(block, raw=True)
+                except Exception as exc:  # noqa: BLE001 (hpack's own edge: the cache must agree)
+                    self.assertRaises(type(exc), cached_in.decode, block, raw=True)
+                    return
+                self.assertEqual(cached_in.decode(block, raw=True), expected)
+
+        check()
+
+    def test_repeated_block_is_a_cache_hit(self) -> None:
+        """A block that inserts nothing is decoded once; the next identical one is not."""
+        from flexgw.compat.hpackcache import CachingDecoder
+
+        encoder = Encoder()
+        fields = [(b":method", b"GET"), (b"x-a", b"1")]
+        encoder.encode(fields)  # inserts x-a
+        block = encoder.encode(fields)  # indexed only
+        decoder = CachingDecoder()
+        decoder.decode(encoder_first := Encoder().encode(fields), raw=True)
+        self.assertEqual(encoder_first != block, True)
+        first = decoder.decode(block, raw=True)
+        self.assertIn(block, decoder.cache)
+        self.assertEqual(decoder.decode(block, raw=True), first)

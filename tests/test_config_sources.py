@@ -47,12 +47,14 @@ class SourceTests(SynchronousTestCase):
         self.assertEqual(state.origins["etcd:/flexgw/svc"], tuple(r for r in state.resources if r.name == "s"))
 
     def test_error_names_origin_without_position(self) -> None:
-        """A bad resource from a position-less source is reported as "<origin>: error: ..."."""
+        """A bad resource from a position-less source is reported as "<origin>: error: ...", its
+        name said once when the origin is the resource itself (an API object)."""
         source = MemorySource((_object("Service default/s", service("s", "ftp://two:80")),))
         state = load_config(source, {})
         [error] = state.errors
         self.assertEqual((error.file, error.line, error.column), ("Service default/s", None, None))
-        self.assertTrue(str(error).startswith("Service default/s: error: Service default/s: "), str(error))
+        self.assertEqual(str(error), "Service default/s: error: spec.address: unsupported scheme 'ftp'"
+                         " (expected http, https, h2c or h2)")
 
     def test_file_source_keeps_file_line_column(self) -> None:
         """The file source is one source: its problems still read file:line:column."""

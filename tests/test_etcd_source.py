@@ -256,6 +256,20 @@ class EtcdTestCase(TestCase):
 class FollowTests(EtcdTestCase):
     """One etcd, gateways following it."""
 
+    async def serving_a(
+        self, state_dir: str | None = None
+    ) -> tuple[Any, EtcdClient, EtcdGateway, int, int]:
+        """An etcd holding ApiInstance a, a gateway serving it: (etcd, a client writing to it,
+        the gateway, a's port, a free port for a later API)."""
+        etcd = await start_etcd(self, real_reactor())
+        writer = EtcdClient(real_reactor(), etcd.urls)
+        port, later = free_port(), free_port()
+        written = await writer.put(api_key("a").encode(), self.api(port, "a"))
+        gateway = self.gateway(etcd.urls, state_dir=state_dir)
+        await gateway.until(lambda: gateway.serves("a"))
+        self.written = written.revision
+        return etcd, writer, gateway, port, later
+
     async def test_apply_watch_delete_and_whole_transactions(self) -> None:
         """A put is served, a delete stops it; a transaction of several keys is seen whole (never
         half) by two gateways; a bad value is reported and changes nothing else."""
@@ -285,12 +299,7 @@ class FollowTests(EtcdTestCase):
     async def test_compaction_ranges_again(self) -> None:
         """A watch resumed from a compacted revision ranges the prefix again and serves what
         etcd holds, deletes made meanwhile included."""
-        etcd = await start_etcd(self, real_reactor())
-        writer = EtcdClient(real_reactor(), etcd.urls)
-        port, later = free_port(), free_port()
-        await writer.put(api_key("a").encode(), self.api(port, "a"))
-        gateway = self.gateway(etcd.urls)
-        await gateway.until(lambda: gateway.serves("a"))
+        _etcd, writer, gateway, _port, later = await self.serving_a()
         gateway.watcher.stop()  # the gateway stops following for a while
         await writer.delete(api_key("a").encode())
         done = await writer.put(api_key("b").encode(), self.api(later, "b"))
@@ -305,12 +314,7 @@ class FollowTests(EtcdTestCase):
     async def test_outage_then_changes(self) -> None:
         """etcd killed: the gateway keeps serving and says it is disconnected, since when;
         etcd back with changes made on it: the gateway catches up and says it is connected."""
-        etcd = await start_etcd(self, real_reactor())
-        writer = EtcdClient(real_reactor(), etcd.urls)
-        port, later = free_port(), free_port()
-        await writer.put(api_key("a").encode(), self.api(port, "a"))
-        gateway = self.gateway(etcd.urls)
-        await gateway.until(lambda: gateway.serves("a"))
+        etcd, writer, gateway, port, later = await self.serving_a()
         disconnected = gateway.transition(at=1000.0)
         await etcd.members[0].kill()
         await disconnected
@@ -332,24 +336,19 @@ class FollowTests(EtcdTestCase):
         """A gateway with --state-dir writes the applied keys and revision; a new gateway
         started while etcd is down serves them, then resumes the watch from that revision
         (no range) and applies what changed after the snapshot was written."""
-        etcd = await start_etcd(self, real_reactor())
-        writer = EtcdClient(real_reactor(), etcd.urls)
         state_dir = self.mktemp()
-        port, later = free_port(), free_port()
-        written = await writer.put(api_key("a").encode(), self.api(port, "a"))
-        first = self.gateway(etcd.urls, state_dir=state_dir)
-        await first.until(lambda: first.serves("a"))
+        etcd, writer, first, port, later = await self.serving_a(state_dir)
         await first.stop()
         await writer.put(api_key("b").encode(), self.api(later, "b"))  # after the snapshot
         await etcd.members[0].kill()
         second = self.gateway(etcd.urls, state_dir=state_dir)
         self.assertTrue(second.serves("a"))  # at start, from the snapshot
         self.assertFalse(second.serves("b"))
-        self.assertEqual(second.source.applied_revision, written.revision)
+        self.assertEqual(second.source.applied_revision, self.written)
         self.assertEqual(await self.get(port), 200)
         status = second.status()
         self.assertFalse(status["connected"])
-        self.assertIn(f"revision {written.revision}", status["fromSnapshot"])
+        self.assertIn(f"revision {self.written}", status["fromSnapshot"])
         await etcd.members[0].spawn(real_reactor(), f"m0={etcd.members[0].peer_url}")
         await second.until(lambda: second.serves("b"))
         self.assertEqual(second.watcher.ranges, 0)  # resumed from the snapshot's revision
@@ -402,8 +401,9 @@ class ClusterTests(EtcdTestCase):
         ports = [free_port() for _ in range(4)]
         await writer.put(api_key("a0").encode(), self.api(ports[0], "a0"))
         await gateway.until(lambda: gateway.serves("a0"))
-        self.assertEqual(gateway.watcher.watch.endpoint, cluster.urls[0])
         await writer.put(api_key("a1").encode(), self.api(ports[1], "a1"))
+        await gateway.until(lambda: gateway.serves("a1"))  # seen by the watch
+        self.assertEqual(gateway.watcher.endpoint, cluster.urls[0])
         await cluster.kill(0)
         await writer.put(api_key("a2").encode(), self.api(ports[2], "a2"))
         await writer.delete(api_key("a0").encode())
@@ -411,7 +411,7 @@ class ClusterTests(EtcdTestCase):
         await gateway.until(
             lambda: all(gateway.serves(f"a{n}") for n in (1, 2, 3)) and not gateway.serves("a0")
         )
-        self.assertNotEqual(gateway.watcher.watch.endpoint, cluster.urls[0])
+        self.assertNotEqual(gateway.watcher.endpoint, cluster.urls[0])
         self.assertEqual(gateway.watcher.ranges, 1)  # resumed, not ranged again
         self.assertEqual(await self.get(ports[3]), 200)
 

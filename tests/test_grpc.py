@@ -647,3 +647,50 @@ class GrpcWebTests(GrpcCase):
             (response.status, response.header("content-type"), response.header("grpc-status")),
             (200, [b"application/grpc-web-text"], [b"14"]),
         )
+
+
+class _TrailersOnlyThenBody(Responder):
+    """An h2c upstream answering a gRPC-looking head (grpc-status, no END_STREAM); the test
+    then makes it send a body (`exchanges` keeps each stream's exchange)."""
+
+    def __init__(self) -> None:
+        self.exchanges: list[Any] = []
+
+    def on_complete(self, ex: Any) -> None:
+        """The head only, unless the request asks for a plain answer."""
+        if ex.request.target.endswith(b"/Plain"):
+            ex.send_head(200, [(b"content-type", b"application/grpc")])
+            ex.send_trailers([(b"grpc-status", b"0")])
+            return
+        ex.send_head(200, [(b"content-type", b"application/grpc"), (b"grpc-status", b"5")])
+        self.exchanges.append(ex)
+
+
+class MalformedGrpcTests(GrpcCase):
+    """Bad gRPC framing from the upstream is a stream error, not a connection error."""
+
+    async def test_trailers_only_with_a_body_is_a_stream_error(self) -> None:
+        """A body after a head that carried grpc-status (a trailers-only answer without
+        END_STREAM): the client's stream is reset with PROTOCOL_ERROR, the access log names
+        upstream_bad_response, and another stream on the same connection is answered."""
+        responder = _TrailersOnlyThenBody()
+        upstream = RecordingUpstream(responder, reactor=reactor, h2c=True)
+        upstream.listen(reactor)
+        self.addCleanup(upstream.stop)
+        port = free_port()
+        gateway = self.gateway({"api.yaml": grpc_api(port, f"h2c://127.0.0.1:{upstream.address[1]}")})
+        conn = await h2.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(conn.transport.abortConnection)
+        grpc_headers = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
+        bad = conn.request(b"POST", b"/" + SERVICE.encode() + b"/Bad", grpc_headers, body=b"\x00\x00\x00\x00\x00")
+        await bad.head
+        (ex,) = responder.exchanges
+        ex.write(b"\x00\x00\x00\x00\x01x")
+        ex.connection.flush()
+        await bad.done
+        self.assertEqual(bad.reset_code, ErrorCodes.PROTOCOL_ERROR)
+        good = conn.request(b"POST", b"/" + SERVICE.encode() + b"/Plain", grpc_headers, body=b"\x00\x00\x00\x00\x00")
+        await good.done
+        self.assertEqual((good.status, good.trailers), (200, [(b"grpc-status", b"0")]))
+        causes = [r.get("error") for r in gateway.records()]
+        self.assertIn("upstream_bad_response", causes)

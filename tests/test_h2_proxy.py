@@ -837,3 +837,24 @@ class ProxyProtocolH2Tests(TestCase):
         denied = refused.request(b"GET", b"/x")
         await denied.done
         self.assertEqual(denied.status, 403)
+
+
+class UpstreamHpackTests(_Base):
+    """What HPACK does with the requests the gateway sends an HTTP/2 upstream."""
+
+    async def test_credentials_are_never_indexed(self) -> None:
+        """Authorization (and a short cookie) reach an h2c upstream as never-indexed fields
+        (a shared upstream connection keeps clients' credentials out of its HPACK table)."""
+        from hpack import NeverIndexedHeaderTuple
+
+        _gateway, upstream, port = self.start(echo(), upstream_h2=True)
+        response = await client.request(
+            reactor, "127.0.0.1", port,
+            b"GET /a HTTP/1.1\r\nHost: api\r\nAuthorization: Basic dTpw\r\nCookie: s=1\r\nX-A: 1\r\n\r\n",
+        )
+        self.assertEqual(response.status, 200)
+        fields = {name: type(field) for field in upstream.received[0].headers for name in (field[0],)}
+        self.assertEqual(
+            (fields[b"authorization"], fields[b"cookie"], fields[b"x-a"] is NeverIndexedHeaderTuple),
+            (NeverIndexedHeaderTuple, NeverIndexedHeaderTuple, False),
+        )

@@ -15,6 +15,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from flexgw.config.sources import kubernetes
 from flexgw.config.sources.kubernetes import CollectionWatch
 from flexgw.testing.kubeapi import KubeAPI
+from tests.probes import Conditions
 from tests.test_testing_kubeapi import ingress
 
 INGRESSES = "/apis/networking.k8s.io/v1/ingresses"
@@ -31,7 +32,7 @@ class WatchTestCase(TestCase):
         self.addCleanup(lambda: self.api.stop())
         self.token = "t"
         self.changes = 0
-        self.waiters: list[tuple[Callable[[], bool], defer.Deferred[None]]] = []
+        self.conditions = Conditions()
         pool = HTTPConnectionPool(reactor, persistent=False)
         self.watch = CollectionWatch(
             reactor,
@@ -52,19 +53,11 @@ class WatchTestCase(TestCase):
         self._check()
 
     def _check(self) -> None:
-        for predicate, waiter in list(self.waiters):
-            if predicate():
-                self.waiters.remove((predicate, waiter))
-                waiter.callback(None)
+        self.conditions.check()
 
     def until(self, predicate: Callable[[], bool]) -> defer.Deferred[None]:
         """Fire once `predicate()` holds (checked after every change and state change)."""
-        waiter: defer.Deferred[None] = defer.Deferred()
-        if predicate():
-            waiter.callback(None)
-        else:
-            self.waiters.append((predicate, waiter))
-        return waiter
+        return self.conditions.until(predicate)
 
     def names(self) -> list[str]:
         """The watched objects' keys."""

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ldaptor import ldapfilter
 from ldaptor.protocols import pureldap
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, protocol, reactor, task
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from flexgw.http.request import analyze_head
@@ -235,6 +235,21 @@ class SlapdTests(DirectoryCase):
         for _ in range(10):
             self.assertIsNone(await self.call(policy, "bob", "bob-pw"))
         self.assertEqual(policy.directory.connects, opened)
+
+    async def test_clients_that_go_away(self) -> None:
+        """Requests cancelled midway (their clients went away: connecting, searching, binding)
+        leave the pools whole: twenty requests right after still pass."""
+        policy = self.build()
+        for delay in (0.0, 0.002, 0.01, 0.03):
+            waits = [policy.on_request(context("bob", "bob-pw")) for _ in range(20)]
+            for d in waits:
+                d.addErrback(lambda _: None)
+            await task.deferLater(reactor, delay, lambda: None)
+            for d in waits:
+                d.cancel()
+        results = await defer.gatherResults([
+            defer.ensureDeferred(self.call(policy, "bob", "bob-pw")) for _ in range(20)])
+        self.assertEqual(results, [None] * 20)
 
     async def test_service_user_refused(self) -> None:
         """A wrong service password is a 503 naming it, not a 401."""

@@ -42,7 +42,10 @@ from flexgw.config.validate import Resource, ResourceId
 from flexgw.plan import Balancing, Endpoint, Problem, Upstream
 from flexgw.tls.settings import CertificateKey
 
-CONTROLLER = "flexgw"  # IngressClass spec.controller values that name flexgw
+CONTROLLER = "flexgw.dev/ingress-controller"  # what deploy/kubernetes/ingressclass.yaml says
+# IngressClass spec.controller values that name flexgw: a real API server requires a
+# domain-prefixed path; the bare "flexgw" is accepted too (files written before)
+CONTROLLERS = frozenset({CONTROLLER, "flexgw"})
 DEFAULT_LISTENER = "http://0.0.0.0:8080"
 DEFAULT_TLS_LISTENER = "https://0.0.0.0:8443"
 # the ApiInstance-like identity of the listener serving Ingresses without the annotation
@@ -130,7 +133,7 @@ class _Classes:
         self.names = {options.ingress_class}
         self.default = options.default_class
         for resource in classes:
-            if resource.spec.get("controller") != CONTROLLER:
+            if resource.spec.get("controller") not in CONTROLLERS:
                 continue
             self.names.add(resource.id.name)
             if str(_annotations(resource).get(DEFAULT_CLASS_ANNOTATION, "")).lower() == "true":

@@ -77,6 +77,7 @@ def load_config(
 
     chosen: dict[ResourceId, Resource] = {}
     origin_of: dict[ResourceId, str] = {}
+    source_of: dict[ResourceId, str] = {}
     carried: list[tuple[str, Resource]] = []  # resources kept from units that cannot be read
     failed: list[Checked] = []
     for unit in snapshot.units:
@@ -110,6 +111,18 @@ def load_config(
                         "warning", "invalid; the last good version keeps serving", resource=str(rid)
                     )
                 )
+            if rid in chosen and source_of.get(rid, "") != unit.source:
+                problems.append(
+                    document.problem(
+                        "error",
+                        f"also defined by the {source_of[rid] or 'first'} source ({origin_of[rid]});"
+                        f" a resource may come from one source only: that one keeps serving",
+                        ("metadata", "name"),
+                        resource=str(rid),
+                        field="metadata.name",
+                    )
+                )
+                continue
             if rid in chosen:
                 problems.append(
                     document.problem(
@@ -121,6 +134,7 @@ def load_config(
                 )
             chosen[rid] = resource
             origin_of[rid] = unit.origin
+            source_of[rid] = unit.source
     for origin, resource in carried:
         if resource.id not in chosen:
             chosen[resource.id] = resource

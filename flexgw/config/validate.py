@@ -451,12 +451,14 @@ def _expand(
         return
     targets: list[tuple[dict[str, Any], str, FieldPath, bool]] = []
     if kind == "PolicyBinding" and "config" in spec:
-        targets.append((spec, "config", ("spec", "config"), False))
+        _config_targets(targets, spec, policy_name(spec), ("spec", "config"))
     elif kind == "ApiInstance":
         policies = spec.get("policies")
         for n, policy in enumerate(policies if isinstance(policies, list) else []):
             if isinstance(policy, dict) and "config" in policy:
-                targets.append((policy, "config", ("spec", "policies", n, "config"), False))
+                _config_targets(
+                    targets, policy, policy_name(policy), ("spec", "policies", n, "config")
+                )
     elif kind == "Configuration":
         for key in list(spec):
             targets.append((spec, key, ("spec", key), True))
@@ -475,6 +477,26 @@ def _expand(
                 f"environment variable {item.name!r} is not set",
                 item.path,
             )
+
+
+def _config_targets(
+    targets: list[tuple[dict[str, Any], str, FieldPath, bool]],
+    holder: dict[str, Any],
+    name: str | None,
+    path: FieldPath,
+) -> None:
+    """A policy config to expand: whole, or key by key without the kind's `literal_fields`
+    (config keys holding documents that use `$` themselves: an OpenAPI spec's `$ref`, a
+    script's `${...}`), which are taken as written."""
+    kind = lookup_policy(name) if name is not None else None
+    literal = frozenset(getattr(kind, "literal_fields", ()))
+    config = holder["config"]
+    if not literal or not isinstance(config, dict):
+        targets.append((holder, "config", path, False))
+        return
+    for key in config:
+        if key not in literal:
+            targets.append((config, key, (*path, key), False))
 
 
 def policy_name(spec: Any) -> str | None:

@@ -184,6 +184,7 @@ class ProxyExchange:
         "route",
         "started",
         "state",
+        "tap",
         "timer",
         "trace",
         "until_close",
@@ -228,6 +229,9 @@ class ProxyExchange:
         self.out: list[bytes] | None = None  # response bytes produced by the current upstream read
         self.flushed = False  # some of the response (its head first) went to the client
         self.trace: Trace | None = None  # the request's trace, when it is traced
+        # A response-phase policy's body tap (`PolicyContext.response_tap`): fed every piece of
+        # the response body as it goes downstream (the HTTP cache); None for nearly every request.
+        self.tap = None
         if head.grpc:
             self._grpc_start()
 
@@ -388,6 +392,10 @@ class ProxyExchange:
         front = self.front
         head = self.head
         self.state = CONNECTING  # (as _connecting(), without the call on the per-request path)
+        chain = self.chain
+        if chain is not None and chain.ctx.body_replaced:
+            body = chain.ctx.body
+            self.pending = [body] if body else None  # a policy's replacement body goes instead
         self.upstream_started = front.clock.seconds()
         self._stop_timer()
         if not self.request_complete:
@@ -645,7 +653,10 @@ class ProxyExchange:
             if not has_xfh and head.authority:
                 append(b"X-Forwarded-Host: " + head.authority.encode("latin-1") + b"\r\n")
         if head.body == BODY_LENGTH:
-            append(b"Content-Length: %d\r\n" % head.content_length)
+            length = head.content_length
+            if chain is not None and chain.ctx.body_replaced:
+                length = len(chain.ctx.body or b"")
+            append(b"Content-Length: %d\r\n" % length)
         elif head.body == BODY_CHUNKED:
             append(b"Transfer-Encoding: chunked\r\n")
         hop_lines = self.hop_lines
@@ -766,6 +777,7 @@ class ProxyExchange:
                 return None
             status = self.response_status = ctx.response_status
             kept = ctx.response_headers  # type: ignore[assignment]
+            self.tap = ctx.response_tap
             if ctx.response_extra:
                 kept = kept + ctx.response_extra
         return status, kept, content_length, chunked
@@ -781,6 +793,8 @@ class ProxyExchange:
         """A piece of the response body: queue it (chunk-framed if needed) for this read's send."""
         self.bytes_out += len(data)
         self.last_activity = self.front.clock.seconds()
+        if self.tap is not None:
+            self.tap.feed(data)
         out = self.out
         if out is None:
             out = self.out = []
@@ -794,6 +808,8 @@ class ProxyExchange:
     def response_trailers(self, trailers: HeaderList) -> None:
         """Trailer fields of the upstream response: sent in the last chunk to a chunked client
         (a length-delimited or HTTP/1.0 response has no place for them: dropped)."""
+        if self.tap is not None:
+            self.tap.abandon()  # a response with trailers is not kept whole (never cached)
         if not self.response_chunked:
             return
         lines = [b"0\r\n"]

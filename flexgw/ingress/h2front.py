@@ -58,6 +58,7 @@ from zope.interface import implementer
 
 from flexgw.compat.h2buffer import header_backlog
 from flexgw.compat.h2frames import FrameHookConnection
+from flexgw.compat.hpackcache import use_caches
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
@@ -85,6 +86,15 @@ _log = Logger(namespace="flexgw.ingress.h2")
 
 #: A stream's gate reason while its exchange waits for the end of the read that opened it.
 _STARTING = 4
+#: h2's settings for every ingress connection. Outbound header checks are off: every header the
+#: gateway sends is built here (names lower-cased, hop-by-hop fields dropped, pseudo-headers in
+#: place); what the client sends is still checked (inbound validation and normalisation).
+_CONFIG = H2Configuration(
+    client_side=False,
+    header_encoding=None,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+)
 #: Frames counted against `max_control_frames` (and empty DATA frames; not SETTINGS ACKs).
 _CONTROL_FRAMES = (PingFrame, SettingsFrame, PriorityFrame, ExtensionFrame)
 
@@ -302,9 +312,12 @@ class H2Stream:
         self._maybe_done()
 
     def cut_off(self, exchange: ProxyExchange) -> None:
-        """The upstream failed after the response head was sent: reset the stream."""
+        """The upstream failed after the response head was sent: reset the stream
+        (PROTOCOL_ERROR when the upstream's response was malformed, as a trailers-only gRPC
+        answer followed by a body)."""
         self.protocol.factory.exchange_finished(exchange)
-        self.reset(ErrorCodes.INTERNAL_ERROR)
+        malformed = exchange.error_cause == errors.UPSTREAM_BAD_RESPONSE.cause
+        self.reset(ErrorCodes.PROTOCOL_ERROR if malformed else ErrorCodes.INTERNAL_ERROR)
 
     def tunnel_opened(self, exchange: ProxyExchange, tunnel: Any) -> None:
         """Never: an HTTP/2 stream carries no upgrade (and CONNECT is refused)."""
@@ -521,10 +534,14 @@ class H2Exchange(ProxyExchange):
         """A piece of the response body, queued on the stream."""
         self.bytes_out += len(data)
         self.last_activity = self.front.clock.seconds()
+        if self.tap is not None:
+            self.tap.feed(data)
         self.front.queue_data(data)
 
     def response_trailers(self, trailers: HeaderList) -> None:
         """Trailer fields of the upstream response: sent as the stream's closing HEADERS."""
+        if self.tap is not None:
+            self.tap.abandon()  # a response with trailers is not kept whole (never cached)
         kept = [(n.lower(), v) for n, v in trailers if n.lower() not in NOT_TRAILERS]
         if kept:
             self.front.trailers = kept
@@ -572,8 +589,8 @@ class H2Protocol(Protocol):
         self.timer: Any = None
         limits = self.limits
         http = self.http
-        config = H2Configuration(client_side=False, header_encoding=None)
-        conn = self.conn = _GuardedConnection(config, self)
+        conn = self.conn = _GuardedConnection(_CONFIG, self)
+        use_caches(conn)
         conn.local_settings = Settings(
             client=False,
             initial_values={

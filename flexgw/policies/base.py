@@ -60,6 +60,10 @@ class IPolicy(Interface):
       uses it.
     - `chain_member` (default True): False keeps a policy that only configures something at
       compile time (e.g. `idle-timeout-flex`) out of the per-request chain.
+
+    In its response phase a policy may set `ctx.response_tap` (see PolicyContext) to be fed the
+    response body as it streams downstream; a policy with `needs_body` may `ctx.replace_body`.
+    A kind may name `literal_fields`: config keys that `$ENV` expansion leaves as written.
     """
 
     def on_request(ctx: PolicyContext) -> Any:  # type: ignore[misc]
@@ -208,11 +212,13 @@ class PolicyContext:
         "_request_headers",
         "api",
         "body",
+        "body_replaced",
         "client_ip",
         "head",
         "response_extra",
         "response_headers",
         "response_status",
+        "response_tap",
         "response_timeout",
         "scheme",
         "scratch",
@@ -233,9 +239,15 @@ class PolicyContext:
         self.response_status = 0
         self.response_headers: HeaderList | None = None
         self.response_extra: HeaderList | None = None  # headers to add to any response
+        # Set by a response-phase policy that wants the response body as it streams downstream:
+        # an object with `feed(data)` and `abandon()` (flexgw.policies.http_caching's collector).
+        # The exchange reads it once after the response phase; nothing is buffered otherwise.
+        self.response_tap: Any = None
         self._expression_context: Any = None
         # The whole request body, when a selected policy has `needs_body` (buffered, bounded).
         self.body: bytes | None = None
+        # A policy gave the upstream another body (`replace_body`): sent instead, re-framed.
+        self.body_replaced = False
         # Per-request timeout overrides in seconds (response-timeout / stream-idle-timeout).
         self.response_timeout: float | None = None
         self.stream_idle_timeout: float | None = None
@@ -304,6 +316,12 @@ class PolicyContext:
         lname = name.lower()
         headers = self.request_headers
         headers[:] = [(k, v) for k, v in headers if k.lower() != lname]
+
+    def replace_body(self, body: bytes) -> None:
+        """Send `body` upstream instead of the buffered one (only for policies with
+        `needs_body`, whose request body the exchange holds whole; its length is re-framed)."""
+        self.body = body
+        self.body_replaced = True
 
     # -- response --------------------------------------------------------------------------------
 

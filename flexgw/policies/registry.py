@@ -37,6 +37,12 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "flexgw.policies.forward_proxy",
     "flexgw.policies.tracing",
     "flexgw.policies.upstream_resilience",
+    "flexgw.policies.http_caching",
+    "flexgw.policies.injection_protection",
+    "flexgw.policies.graphql_limits",
+    "flexgw.policies.spec_validation",
+    "flexgw.policies.soap_validation",
+    "flexgw.policies.javascript_scripting",
 )
 
 _kinds: dict[str, Any] = {}

@@ -109,6 +109,8 @@ class GatewayService(Service):
         self.last_reload_ok: bool | None = None
         # The last reloads, newest last (time, ok, generation, errors): /status and /ui show them.
         self.recent_reloads: deque[dict[str, Any]] = deque(maxlen=10)
+        # called after every reload (e.g. the Ingress status writer: what is served changed)
+        self.after_reload: list[Callable[[], Any]] = []
         self.unbound: set[tuple[str, int]] = set()  # listener addresses the last reload could not bind
         self.metrics = GatewayMetrics(reactor)
         # Configuration.spec.tracing: the exporter, and the tracer observing exchanges (or None)
@@ -307,6 +309,11 @@ class GatewayService(Service):
         )
         if reloading:
             self.notifier.ready(self.status_line())
+        for hook in self.after_reload:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - a failing observer must not fail the reload
+                _log.failure("after-reload hook failed")
         return ok
 
     def _apply(self, plan: GatewayPlan) -> bool:

@@ -23,8 +23,15 @@ from typing import Any
 import attrs
 from ldaptor.protocols import pureldap
 from ldaptor.protocols.ldap.ldapclient import LDAPClient
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    connectProtocol,
+    wrapClientTLS,
+)
 from twisted.python.failure import Failure
 
 #: One LDAP message from the server larger than this drops the connection (a search for one
@@ -151,6 +158,23 @@ def _check_head(data: bytes) -> str | None:
     return None
 
 
+def _shielded(inner: Deferred[Any]) -> Deferred[Any]:
+    """What the caller gets for `inner`: cancelling it (the client went away) leaves `inner`
+    alone, so the connection in use finishes its operation and goes back to its pool instead
+    of being dropped midway (or, while connecting, leaked)."""
+    outer: Deferred[Any] = Deferred()
+
+    def relay(result: Any) -> None:
+        if not outer.called:
+            if isinstance(result, Failure):
+                outer.errback(result)
+            else:
+                outer.callback(result)
+
+    inner.addBoth(relay)
+    return outer
+
+
 @attrs.frozen
 class DirectoryAddress:
     """Where the directory is and how to talk to it."""
@@ -198,17 +222,24 @@ class LdapDirectory:
     # -- connections -----------------------------------------------------------------------------
 
     def _connect(self) -> Deferred[BoundedLDAPClient]:
-        """A new connection (TLS or StartTLS as the address says), within the timeout."""
+        """A new connection (TLS or StartTLS as the address says). The endpoint's own timeout
+        bounds the connect (its Deferred is never cancelled: a connect cancelled while a name
+        is being resolved may never fire); the operations that follow have theirs."""
         a = self.address
         self.connects += 1
-        endpoint: Any = HostnameEndpoint(self.reactor, a.host, a.port, timeout=self.timeout)
+        endpoint: Any
+        if isIPAddress(a.host):
+            endpoint = TCP4ClientEndpoint(self.reactor, a.host, a.port, timeout=self.timeout)
+        elif isIPv6Address(a.host):
+            endpoint = TCP6ClientEndpoint(self.reactor, a.host, a.port, timeout=self.timeout)
+        else:
+            endpoint = HostnameEndpoint(self.reactor, a.host, a.port, timeout=self.timeout)
         if a.tls:
             endpoint = wrapClientTLS(self._creator(), endpoint)
         d: Deferred[Any] = connectProtocol(endpoint, BoundedLDAPClient())
         if a.start_tls:
             d.addCallback(self._start_tls)
-        d.addErrback(self._as_unavailable)
-        return self._bounded(d)
+        return d.addErrback(self._as_unavailable)
 
     def _creator(self) -> Any:
         a = self.address
@@ -230,7 +261,7 @@ class LdapDirectory:
             client.transport.startTLS(self._creator())
             return client
 
-        return client.send(pureldap.LDAPStartTLSRequest()).addCallback(started)
+        return self._send(client, pureldap.LDAPStartTLSRequest()).addCallback(started)
 
     @staticmethod
     def _as_unavailable(failure: Failure) -> Failure:
@@ -403,7 +434,7 @@ class LdapDirectory:
             sent.addErrback(lambda f: None if result.called else result.errback(f))
             return self._bounded(result, client)
 
-        return self._service_client().addCallback(search).addBoth(self._end)
+        return _shielded(self._service_client().addCallback(search).addBoth(self._end))
 
     def authenticate(self, dn: str, password: str) -> Deferred[bool]:
         """True when a simple bind as `dn` with `password` succeeds, False when the directory
@@ -433,7 +464,7 @@ class LdapDirectory:
 
             return self._send(client, op).addCallbacks(answered, lost)
 
-        return self._bind_client().addCallback(bind).addBoth(self._end)
+        return _shielded(self._bind_client().addCallback(bind).addBoth(self._end))
 
     def _begin(self) -> None:
         self._busy += 1

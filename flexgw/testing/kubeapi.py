@@ -16,6 +16,8 @@ It implements what a controller relies on, from the published API conventions
   stream of JSON events, one per line: ADDED, MODIFIED, DELETED, BOOKMARK; without a
   resourceVersion (or "0") it starts with a synthetic ADDED per object; a version older than the
   compaction point (`compact()`) yields one ERROR event carrying a 410 Status, then the end.
+- `fieldSelector=metadata.name=NAME` on list and watch (one object by name, as a controller
+  watches a referenced Secret without a cluster-wide cache).
 - bearer-token auth: 401 without a known token, 403 for a verb the token's role lacks.
 - optimistic concurrency: an update carrying a stale `metadata.resourceVersion` is 409 Conflict;
   the `status` subresource changes only `status`, the main resource never changes it.
@@ -77,6 +79,16 @@ KINDS: tuple[Kind, ...] = (
     Kind("networking.k8s.io", "v1", "ingressclasses", "IngressClass", namespaced=False),
     Kind("discovery.k8s.io", "v1", "endpointslices", "EndpointSlice"),
     Kind("coordination.k8s.io", "v1", "leases", "Lease"),
+    # what deploy/kubernetes/ installs (stored only, so `kubectl apply --dry-run` maps them)
+    Kind("", "v1", "serviceaccounts", "ServiceAccount"),
+    Kind("", "v1", "configmaps", "ConfigMap"),
+    Kind("apps", "v1", "deployments", "Deployment", status=True),
+    Kind("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", namespaced=False),
+    Kind("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", namespaced=False),
+    Kind("rbac.authorization.k8s.io", "v1", "roles", "Role"),
+    Kind("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"),
+    Kind("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
+         namespaced=False, status=True),
     *(
         Kind("gateway.mulesoft.com", version, plural, kind, builtin=False)
         for version in ("v1alpha1", "v1beta1")
@@ -270,6 +282,7 @@ class Route:
     namespace: str  # "" for all namespaces, or a cluster-scoped kind
     name: str | None
     subresource: str
+    only_name: str | None = None  # list/watch with fieldSelector=metadata.name=NAME
 
     @property
     def key(self) -> Key:
@@ -279,8 +292,10 @@ class Route:
 
     def matches(self, key: Key) -> bool:
         """Whether a stored object belongs to this collection."""
-        return key[:2] == (self.kind.group, self.kind.plural) and (
-            not self.namespace or key[2] == self.namespace
+        return (
+            key[:2] == (self.kind.group, self.kind.plural)
+            and (not self.namespace or key[2] == self.namespace)
+            and (self.only_name is None or key[3] == self.only_name)
         )
 
 
@@ -321,6 +336,7 @@ class KubeAPI(Resource):
         self._watch_waiters: list[tuple[int, Deferred[None]]] = []
         self.requests: list[tuple[str, str]] = []  # (method, path?query) of every request seen
         self.port: IListeningPort | None = None
+        self.connections: set[Any] = set()  # open client connections (stop() drops them)
         self.scheme = "http"
 
     @staticmethod
@@ -339,15 +355,22 @@ class KubeAPI(Resource):
             self.tokens.pop(token, None)
 
     # -- serving
-    def listen(self, port: int = 0, tls: Issued | None = None) -> IListeningPort:
+    def listen(self, port: int = 0, tls: Issued | None = None, client_ca_pem: bytes | None = None) -> IListeningPort:
         """Serve on 127.0.0.1 (an ephemeral port by default), over TLS with `tls` (as a real API
-        server does: kubectl sends no token over plain HTTP); `url` then names it."""
-        site = Site(self)
+        server does: kubectl sends no token over plain HTTP); `url` then names it. With
+        `client_ca_pem`, a client certificate signed by that CA is required."""
+        site = _TrackingSite(self, self.connections)
         if tls is None:
             reactor: IReactorTCP = self.reactor
             self.port = reactor.listenTCP(port, site, interface="127.0.0.1")
         else:
-            self.port = self.reactor.listenSSL(port, site, server_options(tls), interface="127.0.0.1")
+            extra: dict[str, Any] = {}
+            if client_ca_pem is not None:
+                from twisted.internet import ssl
+
+                extra = {"verify": True, "requireCertificate": True,
+                         "caCerts": [ssl.Certificate.loadPEM(client_ca_pem).original]}
+            self.port = self.reactor.listenSSL(port, site, server_options(tls, **extra), interface="127.0.0.1")
         self.scheme = "https" if tls is not None else "http"
         return self.port
 
@@ -373,8 +396,13 @@ class KubeAPI(Resource):
         })
 
     def stop(self) -> Any:
-        """Stop listening and end every watch (a Deferred firing when the port is closed)."""
+        """Stop listening, end every watch and drop every client connection, as a server that
+        goes away does (a Deferred firing when the port is closed)."""
         self.cut_watches()
+        for protocol in list(self.connections):
+            transport = getattr(getattr(protocol, "_channel", protocol), "transport", None)
+            if transport is not None:
+                transport.abortConnection()
         port, self.port = self.port, None
         return port.stopListening() if port is not None else None
 
@@ -458,6 +486,12 @@ class KubeAPI(Resource):
                 self._authenticate(request, None)
                 return self._send(request, 200, discovery)
             route = self._route(segments)
+            selector = query.get("fieldSelector")
+            if selector:
+                field, _, value = selector.partition("=")
+                if field != "metadata.name" or not value:
+                    raise APIError(400, "BadRequest", f"field selector {selector!r} not supported")
+                route = attrs.evolve(route, only_name=value)
             verb = self._verb(method, route, query)
             self._authenticate(request, f"{verb}:{route.kind.plural}")
             return self._dispatch(request, verb, route, query)
@@ -678,6 +712,27 @@ class KubeAPI(Resource):
         self.watches_opened += 1
         self._notify_watchers()
         return NOT_DONE_YET
+
+
+class _TrackingSite(Site):
+    """A Site remembering its open connections in `connections`."""
+
+    def __init__(self, resource: Resource, connections: set[Any]) -> None:
+        super().__init__(resource)
+        self.connections = connections
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        connections = self.connections
+        lost = protocol.connectionLost
+
+        def connection_lost(reason: Any) -> None:
+            connections.discard(protocol)
+            lost(reason)
+
+        protocol.connectionLost = connection_lost
+        connections.add(protocol)
+        return protocol
 
 
 class _Watch:

@@ -18,11 +18,12 @@ from flexgw.upstream.manager import PoolManager
 
 
 def one_api_listener(
-    port: int = 8000, upstream_port: int = 9000, forward_proxy: Any = None
+    port: int = 8000, upstream_port: int = 9000, forward_proxy: Any = None, scheme: str = "http"
 ) -> Listener:
-    """http://127.0.0.1:port serving one API whose one route goes to 127.0.0.1:upstream_port
-    (a forward-proxy API when `forward_proxy` is given: its ForwardProxyConfig)."""
-    upstream = Upstream(key="default/backend", scheme="http", host="127.0.0.1", port=upstream_port)
+    """http://127.0.0.1:port serving one API whose one route goes to
+    `scheme`://127.0.0.1:upstream_port (a forward-proxy API when `forward_proxy` is given: its
+    ForwardProxyConfig)."""
+    upstream = Upstream(key="default/backend", scheme=scheme, host="127.0.0.1", port=upstream_port)
     route = Route(name="default", order=0, rules=(), destinations=(Destination(upstream=upstream),))
     api = Api(key="default/test-api", base_path="", routes=(route,), forward_proxy=forward_proxy)
     return Listener(scheme="http", host="127.0.0.1", port=port, apis=(api,))

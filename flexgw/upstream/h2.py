@@ -29,12 +29,14 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import H2Error, ProtocolError
 from h2.settings import SettingCodes, Settings
+from hpack import NeverIndexedHeaderTuple
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IReactorTCP, IReactorTime
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from flexgw.compat.hpackcache import use_caches
 from flexgw.http.fastwrite import send_now
 from flexgw.http.h2frames import GoAwayFilter
 from flexgw.http.h2send import send_queued
@@ -52,8 +54,19 @@ _log = Logger(namespace="flexgw.upstream.h2")
 _REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
 _STREAM_WINDOW = 256 * 1024  # response bytes an upstream may send per stream before we acknowledge
 _CONNECTION_WINDOW = 16 * 1024 * 1024
+#: h2's settings for every upstream connection. Outbound header checks are off: the request
+#: head is built by on_headers_complete (lower-case names, no connection-specific fields,
+#: pseudo-headers first); the upstream's responses are still checked.
+_CONFIG = H2Configuration(
+    client_side=True,
+    header_encoding=None,
+    validate_outbound_headers=False,
+    normalize_outbound_headers=False,
+)
 #: Request header fields that HTTP/2 forbids or that the stream sets itself.
 _DROP = HOP_BY_HOP | {b"host", b"content-length", b"http2-settings"}
+#: Request fields never indexed by HPACK (credentials: h2's own list).
+_SECRET = frozenset({b"authorization", b"proxy-authorization"})
 
 
 @implementer(IPushProducer)
@@ -109,6 +122,8 @@ class H2UpstreamStream:
         self.got_bytes = False
         self.status = 0
         self.ended = False  # the response ended (END_STREAM received)
+        self.trailers_only = False  # a gRPC answer whose head carried grpc-status (no body may follow)
+        self.grpc = False  # the request is a gRPC one (its exchange's head says so)
         self.unacked = 0
         self.done = False  # released, reset or lost
 
@@ -118,6 +133,8 @@ class H2UpstreamStream:
         """Start serving an exchange."""
         self.sink = sink
         self.head_only = head_only
+        # (a side call's sink may have no request head: not checked as a gRPC exchange then)
+        self.grpc = bool(getattr(getattr(sink, "head", None), "grpc", b""))
 
     def finish(self) -> None:
         """The exchange is done with the stream: reset it if the request was cut short."""
@@ -217,6 +234,10 @@ class H2UpstreamStream:
                 fields.append((lname, value))
             elif lname == b"transfer-encoding":
                 has_body = True
+            elif lname in _SECRET or (lname == b"cookie" and len(value) < 20):
+                # kept out of the HPACK table, as h2's outbound normalisation would (a shared
+                # upstream connection carries many clients' credentials)
+                fields.append(NeverIndexedHeaderTuple(lname, value))
             elif lname not in _DROP:
                 fields.append((lname, value))
         sink = self.sink
@@ -305,8 +326,8 @@ class H2UpstreamConnection(Protocol):
     def __init__(self, pool: H2UpstreamPool) -> None:
         self.pool = pool
         self.scheme = b"https" if pool.upstream.tls is not None else b"http"
-        config = H2Configuration(client_side=True, header_encoding=None)
-        conn = self.conn = H2Connection(config=config)
+        conn = self.conn = H2Connection(config=_CONFIG)
+        use_caches(conn)
         conn.local_settings = Settings(
             client=True,
             initial_values={
@@ -436,6 +457,10 @@ class H2UpstreamConnection(Protocol):
                             pass
                     continue
                 stream.got_bytes = True
+                if stream.trailers_only and event.data:
+                    touched.pop(stream_id, None)
+                    self._malformed(stream, "a trailers-only gRPC answer followed by a body")
+                    continue
                 if event.data:
                     stream.sink.response_body(event.data)
                     touched[stream_id] = stream
@@ -453,6 +478,8 @@ class H2UpstreamConnection(Protocol):
                 if event.stream_ended is not None:
                     stream.ended = True
                     ended.append(stream)
+                elif stream.grpc and any(n == b"grpc-status" for n, _ in event.headers):
+                    stream.trailers_only = True
             elif kind is events.TrailersReceived:
                 if stream is None or stream.sink is None:
                     continue
@@ -517,6 +544,21 @@ class H2UpstreamConnection(Protocol):
             fields.append((b"transfer-encoding", b"chunked"))
         stream.status = status
         stream.sink.response_head(status, _REASONS.get(status, b"Status"), fields, True)
+
+    def _malformed(self, stream: H2UpstreamStream, message: str) -> None:
+        """A stream error in the upstream's response: the upstream stream is reset
+        (PROTOCOL_ERROR) and the exchange fails as for a malformed response (502
+        `upstream_bad_response` before its head went out, the client's stream reset after);
+        the connection's other streams go on."""
+        _log.info(
+            "Malformed response from HTTP/2 upstream {upstream}: {message}",
+            upstream=self.pool.upstream.key, message=message,
+        )
+        sink = stream.sink
+        stream.sink = None
+        stream.reset(ErrorCodes.PROTOCOL_ERROR)
+        if sink is not None:
+            sink.response_malformed(message)
 
     def _goaway(self, last_stream_id: int) -> None:
         """The upstream is going away: no new streams; those above `last_stream_id` were never

@@ -304,6 +304,7 @@ class EtcdWatcher:
         self._sleep: IDelayedCall | None = None
         self._waiting: defer.Deferred[None] | None = None
         self.ranges = 0  # how many times the prefix was ranged (compaction, first start)
+        self.endpoint: str | None = None  # where the last watch was created
 
     def start(self) -> None:
         """Begin following etcd."""
@@ -361,6 +362,7 @@ class EtcdWatcher:
                 watch.cancel()
                 return
             self.watch = watch
+            self.endpoint = watch.endpoint
             source.synced = True  # following etcd from a known revision
             source.status.up()
             delay = self.retry_initial

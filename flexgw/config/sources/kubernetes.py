@@ -9,13 +9,22 @@ resumed from the last version seen; `410 Gone` (a Status on list, an ERROR event
 re-lists; any other failure (connection refused or lost, a 5xx, 401/403, a garbage line, an
 unknown event type) backs off exponentially with jitter and tries again. Its `documents()` are
 source-neutral `Document`s whose origin is "Kind namespace/name" (no line marks: an API object
-has none). Not wired into the gateway yet (see issue 13)."""
+has none).
+
+`KubernetesSource` is the `ConfigSource` over every collection flexgw reads: Ingress,
+IngressClass, v1 Service, EndpointSlice, the Flex CRDs (`gateway.mulesoft.com`), each cluster-wide
+or in the namespaces given, and only the `kubernetes.io/tls` Secrets the Ingresses reference, each
+watched by name (`fieldSelector=metadata.name=...`; no cluster-wide Secret cache). Its watcher
+debounces changes and calls back once every collection has listed, so a reload applies one
+consistent view; its status says whether the API server answers; with a state directory, what it
+hands to the pipeline is snapshotted, and a restart serves that snapshot until the API answers."""
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from urllib.parse import urlencode
 
@@ -27,7 +36,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from flexgw.config.sources import Document
+from flexgw.config.sources import Document, Snapshot, Unit
+from flexgw.config.sources.state import Debouncer, SourceStatus, read_snapshot, write_snapshot
+from flexgw.plan import Problem
 
 log = Logger()
 
@@ -108,6 +119,8 @@ class CollectionWatch:
         token: Callable[[], str | None] = lambda: None,  # asked at each request (rotation)
         on_change: Callable[[], Any] = lambda: None,
         on_state: Callable[[str], Any] = lambda state: None,  # listing/watching/waiting/stopped
+        on_answer: Callable[[], Any] = lambda: None,  # the server answered a list or watch (200)
+        field_selector: str | None = None,  # e.g. "metadata.name=web-tls": one object by name
         watch_timeout: float = WATCH_TIMEOUT,
         watch_grace: float = WATCH_GRACE,
         backoff_initial: float = BACKOFF_INITIAL,
@@ -120,6 +133,8 @@ class CollectionWatch:
         self.token = token
         self.on_change = on_change
         self.on_state = on_state
+        self.on_answer = on_answer
+        self.field_selector = field_selector
         self.watch_timeout = watch_timeout
         self.watch_grace = watch_grace
         self.backoff_initial = backoff_initial
@@ -171,8 +186,13 @@ class CollectionWatch:
             headers["Authorization"] = [f"Bearer {token}"]
         return headers
 
+    def _query(self, query: dict[str, Any]) -> str:
+        if self.field_selector:
+            query = {**query, "fieldSelector": self.field_selector}
+        return self.url + "?" + urlencode(query)
+
     async def _get_json(self, query: dict[str, Any]) -> Obj:
-        url = self.url + "?" + urlencode(query)
+        url = self._query(query)
         self._request = self.client.get(url, headers=self._headers())
         try:
             response = await self._request
@@ -189,6 +209,7 @@ class CollectionWatch:
         if response.code != 200 or not isinstance(value, dict):
             message = value.get("message") if isinstance(value, dict) else None
             raise RuntimeError(f"{response.code} from the API server: {message or 'no Status'}")
+        self._answered()
         return value
 
     def _list(self) -> None:
@@ -233,7 +254,7 @@ class CollectionWatch:
             "allowWatchBookmarks": "true",
             "timeoutSeconds": _seconds(self.watch_timeout),
         }
-        url = self.url + "?" + urlencode(query)
+        url = self._query(query)
         self._deadline = self.reactor.callLater(self.watch_timeout + self.watch_grace, self._overdue)
         try:
             self._request = self.client.get(url, headers=self._headers(), unbuffered=True)
@@ -244,6 +265,7 @@ class CollectionWatch:
             if response.code != 200:
                 await treq.content(response)
                 raise RuntimeError(f"{response.code} from the API server on watch")
+            self._answered()
             done: Deferred[None] = Deferred()
             self._stream = _EventLines(self._event, done)
             response.deliverBody(self._stream)
@@ -330,6 +352,12 @@ class CollectionWatch:
         self.failures += 1
         return base * (1 + BACKOFF_JITTER * self.jitter())
 
+    def _answered(self) -> None:
+        try:
+            self.on_answer()
+        except Exception:  # noqa: BLE001 - an observer must not stop the watch
+            log.failure("Kubernetes answer callback failed")
+
     def _changed(self) -> None:
         try:
             self.on_change()
@@ -362,3 +390,187 @@ class CollectionWatch:
 def _seconds(value: float) -> str:
     """timeoutSeconds as the API takes it (an integer, at least 1)."""
     return str(max(1, int(value)))
+
+
+FLEX_GROUP = "gateway.mulesoft.com"
+FLEX_VERSION = "v1alpha1"  # the CRDs serve v1alpha1 and v1beta1 alike; one is watched
+FLEX_PLURALS = ("apiinstances", "services", "policybindings", "configurations")
+SNAPSHOT_NAME = "kubernetes"
+
+
+def collection_paths(namespaces: Sequence[str], flex_version: str = FLEX_VERSION) -> list[str]:
+    """The collections watched: namespaced kinds per namespace (or cluster-wide), IngressClasses."""
+    namespaced = [
+        ("/apis/networking.k8s.io/v1", "ingresses"),
+        ("/api/v1", "services"),
+        ("/apis/discovery.k8s.io/v1", "endpointslices"),
+        *((f"/apis/{FLEX_GROUP}/{flex_version}", plural) for plural in FLEX_PLURALS),
+    ]
+    paths = []
+    for prefix, plural in namespaced:
+        if namespaces:
+            paths.extend(f"{prefix}/namespaces/{ns}/{plural}" for ns in namespaces)
+        else:
+            paths.append(f"{prefix}/{plural}")
+    paths.append("/apis/networking.k8s.io/v1/ingressclasses")
+    return paths
+
+
+def referenced_secrets(objects: Iterable[Obj]) -> set[tuple[str, str]]:
+    """(namespace, name) of every Secret an Ingress names in `spec.tls[].secretName`."""
+    wanted = set()
+    for obj in objects:
+        if obj.get("kind") != "Ingress":
+            continue
+        namespace = str((obj.get("metadata") or {}).get("namespace") or "default")
+        spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
+        for item in spec.get("tls") or ():
+            if isinstance(item, dict) and isinstance(item.get("secretName"), str) and item["secretName"]:
+                wanted.add((namespace, item["secretName"]))
+    return wanted
+
+
+class KubernetesSource:
+    """The Kubernetes API as a ConfigSource (see the module docstring)."""
+
+    name = SNAPSHOT_NAME
+
+    def __init__(
+        self,
+        reactor: Any,
+        connection: Any,  # flexgw.config.sources.kubeconnect.Connection
+        namespaces: Sequence[str] = (),
+        state_dir: str | None = None,
+        flex_version: str = FLEX_VERSION,
+        wall: Callable[[], float] = time.time,
+        **watch_options: Any,  # CollectionWatch options: backoff_initial, watch_timeout, jitter, ...
+    ) -> None:
+        self.reactor = reactor
+        self.connection = connection
+        self.namespaces = tuple(namespaces)
+        self.state_dir = state_dir
+        self.watch_options = watch_options
+        self.status = SourceStatus(f"kubernetes {connection.server}", wall=wall)
+        self.collections = [self._collection(path) for path in collection_paths(self.namespaces, flex_version)]
+        self.secrets: dict[tuple[str, str], CollectionWatch] = {}
+        self._debounce: Debouncer | None = None
+        self._running = False
+        self._snapshot: Snapshot | None = None
+        self._snapshot_logged = False
+        self._snapshot_failed = False
+        if state_dir is not None:
+            found = read_snapshot(state_dir, SNAPSHOT_NAME)
+            if found is not None:
+                self._snapshot, written = found
+                self.status.from_snapshot = f"{state_dir} (written {written})"
+
+    def _collection(self, path: str, selector: str | None = None) -> CollectionWatch:
+        return CollectionWatch(
+            self.reactor,
+            self.connection.client,
+            self.connection.server,
+            path,
+            token=self.connection.token,
+            on_change=self._changed,
+            on_state=self._state,
+            on_answer=self.status.up,
+            field_selector=selector,
+            **self.watch_options,
+        )
+
+    # -- ConfigSource
+    @property
+    def synced(self) -> bool:
+        """Every collection (and every referenced Secret) has listed at least once."""
+        return all(c.synced for c in self.collections) and all(c.synced for c in self.secrets.values())
+
+    def documents(self) -> list[Document]:
+        """Every watched object, Secrets included, as documents."""
+        documents: list[Document] = []
+        for collection in [*self.collections, *self.secrets.values()]:
+            documents.extend(collection.documents())
+        return documents
+
+    def ingresses(self) -> list[Obj]:
+        """The watched Ingress objects (for the Ingress status writer)."""
+        return [obj for c in self.collections if c.url.endswith("/ingresses") for obj in c.objects.values()]
+
+    def read(self) -> Snapshot:
+        """The objects now; before the first complete sync, the state-dir snapshot (or nothing)."""
+        if not self.synced:
+            if self._snapshot is not None:
+                if not self._snapshot_logged:
+                    self._snapshot_logged = True
+                    log.warn(  # noqa: G010
+                        "The Kubernetes API server has not answered yet: serving the snapshot of"
+                        " the last applied resources from {where}",
+                        where=self.status.from_snapshot,
+                    )
+                return self._snapshot
+            return Snapshot((), (Problem("info", "waiting for the first list from the API server",
+                                         file=self.status.name),))
+        documents = self.documents()
+        self._snapshot = None
+        if self.state_dir is not None:
+            written = write_snapshot(self.state_dir, SNAPSHOT_NAME, documents, quiet=self._snapshot_failed)
+            self._snapshot_failed = written is None  # warned once until it works again
+        return Snapshot(tuple(Unit(d.origin, (d,), (), False) for d in documents))
+
+    def statuses(self) -> list[SourceStatus]:
+        """This source's connection status (counters summed over its collections)."""
+        totals: dict[str, int] = {}
+        for collection in [*self.collections, *self.secrets.values()]:
+            for key, value in collection.counts.items():
+                totals[key] = totals.get(key, 0) + value
+        self.status.counts = totals
+        return [self.status]
+
+    def watcher(
+        self,
+        reactor: Any,
+        on_change: Callable[[], Any],
+        debounce_seconds: float,
+        extra_files: Callable[[], Iterable[str]] | None = None,
+    ) -> KubernetesSource:
+        """Watch every collection; `on_change` runs debounced once all have listed."""
+        self._debounce = Debouncer(reactor, debounce_seconds, on_change)
+        return self
+
+    def start(self) -> None:
+        """Start listing and watching."""
+        self._running = True
+        for collection in self.collections:
+            collection.start()
+
+    def stop(self) -> None:
+        """Stop every watch and drop a pending callback."""
+        self._running = False
+        if self._debounce is not None:
+            self._debounce.cancel()
+        for collection in [*self.collections, *self.secrets.values()]:
+            collection.stop()
+
+    # -- events
+    def _state(self, state: str) -> None:
+        if state == "waiting":
+            errors = [c.last_error for c in [*self.collections, *self.secrets.values()]
+                      if c.state == "waiting" and c.last_error]
+            self.status.down(errors[0] if errors else "unreachable")
+
+    def _changed(self) -> None:
+        if not self._running:
+            return
+        self._follow_secrets()
+        if self.synced and self._debounce is not None:
+            self._debounce.changed()
+
+    def _follow_secrets(self) -> None:
+        """Watch each referenced Secret by name; stop watching those no longer referenced."""
+        objects = [obj for c in self.collections for obj in c.objects.values()]
+        wanted = referenced_secrets(objects)
+        for key in [k for k in self.secrets if k not in wanted]:
+            self.secrets.pop(key).stop()
+        for namespace, name in sorted(wanted - set(self.secrets)):
+            watch = self._collection(f"/api/v1/namespaces/{namespace}/secrets", f"metadata.name={name}")
+            self.secrets[(namespace, name)] = watch
+            watch.start()

@@ -139,9 +139,11 @@ def write_snapshot(
     documents: Iterable[Document],
     wall: float | None = None,
     position: str | None = None,
+    quiet: bool = False,
 ) -> str | None:
     """Write the documents (origin and value) and the source's `position` (an etcd revision, a
-    resourceVersion) atomically; the path, or None after logging why not."""
+    resourceVersion) atomically; the path, or None after logging why not (`quiet`: not logged,
+    e.g. after the first failure)."""
     path = snapshot_path(state_dir, name)
     body = {
         "position": position,
@@ -170,6 +172,8 @@ def write_snapshot(
         finally:
             os.close(dir_fd)
     except OSError as exc:
+        if quiet:
+            return None
         log.warn(  # noqa: G010
             "Cannot write the {name} snapshot to {path}: {error}", name=name, path=path, error=exc
         )

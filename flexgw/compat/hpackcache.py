@@ -1,0 +1,97 @@
+"""HPACK caches for repeated header blocks: a header list encoded, or a block decoded, again
+while the dynamic table is unchanged gives the same bytes, or the same list, without HPACK's
+per-field work (the same client sends the same block for every request of a load; the same
+upstream, the same response head).
+
+Private API: `hpack.table.HeaderTable.add` and its `maxsize` setter are the only places the
+dynamic table changes; a subclass counts their calls (`generation`). An entry is kept only
+when the block changed nothing (no insertion, no size update) and is reused only at the same
+generation, so the cached answer is what HPACK would give. The HPACK error checks still run on
+every block the cache does not know. Bounded: 64 entries per connection side.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hpack import Decoder, Encoder
+from hpack.table import HeaderTable
+
+_ENTRIES = 64
+
+
+class _CountingTable(HeaderTable):
+    """hpack's HeaderTable, counting every change."""
+
+    generation = 0
+
+    def add(self, name: bytes, value: bytes) -> None:
+        """An insertion (evictions come with it)."""
+        self.generation += 1
+        super().add(name, value)
+
+    def _set_maxsize(self, value: int) -> None:
+        self.generation += 1
+        HeaderTable.maxsize.fset(self, value)  # type: ignore[attr-defined]
+
+    maxsize = property(HeaderTable.maxsize.fget, _set_maxsize)  # type: ignore[attr-defined]
+
+
+class CachingEncoder(Encoder):
+    """An Encoder that returns the block it made for the same header list, table unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.header_table = _CountingTable()
+        self.cache: dict[Any, tuple[int, bytes]] = {}
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        """As Encoder.encode."""
+        if self.table_size_changes or type(headers) is not list:
+            return super().encode(headers, huffman)
+        key = (tuple(headers), huffman)
+        table = self.header_table
+        generation = table.generation
+        hit = self.cache.get(key)
+        if hit is not None and hit[0] == generation:
+            return hit[1]
+        block = super().encode(headers, huffman)
+        if table.generation == generation:
+            if len(self.cache) >= _ENTRIES:
+                self.cache.clear()
+            self.cache[key] = (generation, block)
+        return block
+
+
+class CachingDecoder(Decoder):
+    """A Decoder that returns the list it decoded from the same block, table unchanged."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_table = _CountingTable()
+        self.cache: dict[bytes, tuple[int, list[Any]]] = {}
+
+    def decode(self, data: Any, raw: bool = False) -> Any:
+        """As Decoder.decode."""
+        if not raw or type(data) is not bytes:
+            return super().decode(data, raw)
+        table = self.header_table
+        generation = table.generation
+        hit = self.cache.get(data)
+        if hit is not None and hit[0] == generation:
+            return list(hit[1])
+        headers = super().decode(data, raw=True)
+        if table.generation == generation:
+            if len(self.cache) >= _ENTRIES:
+                self.cache.clear()
+            self.cache[data] = (generation, list(headers))
+        return headers
+
+
+def use_caches(conn: Any) -> None:
+    """Give a new h2 connection (nothing encoded or decoded yet) the caching coders, keeping
+    its decoder's header list limit."""
+    decoder = CachingDecoder(conn.decoder.max_header_list_size)
+    decoder.max_allowed_table_size = conn.decoder.max_allowed_table_size
+    conn.encoder = CachingEncoder()
+    conn.decoder = decoder
