@@ -10,7 +10,6 @@ fails are dropped and counted too.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -27,9 +26,9 @@ from zope.interface import implementer
 import flexgw
 from flexgw.http.tracecontext import ChildSpan, Trace
 from flexgw.ingress.contract import IExchangeObserver
-from flexgw.plan import HttpSettings, Timeouts, TracingSettings, Upstream
+from flexgw.plan import TracingSettings
 from flexgw.sidecalls.bounded import post_bounded
-from flexgw.upstream.h2 import H2UpstreamPool
+from flexgw.upstream.grpccall import UnaryCall, h2_pool
 
 if TYPE_CHECKING:
     from flexgw.http.errors import GatewayError
@@ -48,7 +47,8 @@ _ERROR = Status.StatusCode.STATUS_CODE_ERROR
 
 
 class ExportError(Exception):
-    """The collector refused an export (an HTTP status, a gRPC status) or sent too much."""
+    """An OTLP/HTTP collector refused an export (an HTTP status) or sent too much (OTLP/gRPC
+    failures are flexgw.upstream.grpccall.GrpcCallError)."""
 
 
 @implementer(IExchangeObserver)
@@ -331,141 +331,14 @@ class SpanExporter:
         self.queued = 0
 
 
-class _GrpcHead:
-    """What the HTTP/2 stream asks of its sink's request: `te: trailers` (gRPC wants trailers)."""
-
-    headers = ((b"te", b"trailers"),)
-
-
-class UnaryCall:
-    """One unary gRPC call on an HTTP/2 upstream pool: a connection waiter, then a response sink."""
-
-    head = _GrpcHead()
-
-    def __init__(self, pool: H2UpstreamPool, path: bytes, message: bytes) -> None:
-        self.pool = pool
-        self.path = path
-        self.message = message
-        self.result: Deferred[bytes] = Deferred(self._cancel)
-        self.conn: Any = None
-        self.status = 0
-        self.grpc_status: bytes | None = None
-        self.grpc_message = b""
-        self.body: list[bytes] = []
-        self.done = False
-
-    def start(self) -> Deferred[bytes]:
-        """Ask the pool for a stream; fires with the response message (without its framing)."""
-        self.pool.acquire(self)
-        return self.result
-
-    def _cancel(self, _: Deferred[bytes]) -> None:
-        """The export timed out: give up the stream (or the wait for one)."""
-        self.done = True
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.abort()
-        else:
-            self.pool.cancel(self)
-
-    def upstream_ready(self, conn: Any, reused: bool) -> None:
-        """A stream: send the request (the exchange's HTTP/1.1 form; the stream sends HTTP/2)."""
-        if self.done:
-            conn.sink = None
-            self.pool.release(conn)
-            return
-        self.conn = conn
-        conn.begin(self, False)
-        upstream = self.pool.upstream
-        framed = b"\x00" + struct.pack(">I", len(self.message)) + self.message
-        conn.write(
-            b"POST " + self.path + b" HTTP/1.1\r\nHost: " + upstream.authority.encode("latin-1")
-            + b"\r\ncontent-type: application/grpc\r\nContent-Length: %d\r\n\r\n" % len(framed)
-            + framed
-        )
-
-    def upstream_connect_failed(self, reason: Failure) -> None:
-        """No connection to the collector."""
-        self._end(reason)
-
-    def response_interim(self, status: int, headers: Any) -> None:
-        """1xx: nothing to do."""
-
-    def response_switched(self, rest: bytes) -> None:
-        """Not expected from a collector."""
-        self.response_malformed("protocol switch")
-
-    def response_head(self, status: int, reason: bytes, headers: Any, keep_alive: bool) -> None:
-        """The response head (a trailers-only answer carries grpc-status here)."""
-        self.status = status
-        self._grpc(headers)
-
-    def response_body(self, data: bytes) -> None:
-        """A piece of the (framed) response message."""
-        if sum(map(len, self.body)) < ANSWER_LIMIT:
-            self.body.append(data)
-
-    def response_trailers(self, trailers: Any) -> None:
-        """The trailers: grpc-status and grpc-message."""
-        self._grpc(trailers)
-
-    def _grpc(self, headers: Any) -> None:
-        for name, value in headers:
-            lname = name.lower()
-            if lname == b"grpc-status":
-                self.grpc_status = value
-            elif lname == b"grpc-message":
-                self.grpc_message = value
-
-    def flush_response(self) -> None:
-        """Nothing is relayed."""
-
-    def response_complete(self) -> None:
-        """The answer is whole: success with grpc-status 0."""
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.finish()
-        if self.status == 200 and self.grpc_status == b"0":
-            body = b"".join(self.body)
-            self._end(body[5:])
-        else:
-            self._end(Failure(ExportError(
-                f"HTTP {self.status}, grpc-status {(self.grpc_status or b'none').decode('latin-1')}"
-                f" {self.grpc_message.decode('latin-1')}".strip()
-            )))
-
-    def response_malformed(self, message: str) -> None:
-        """A broken answer."""
-        self.upstream_lost(True, message)
-
-    def upstream_lost(self, got_response_bytes: bool, message: str = "connection lost") -> None:
-        """The stream or the connection ended before the answer."""
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.abort()
-        self._end(Failure(ExportError(message)))
-
-    def _end(self, result: Any) -> None:
-        if self.done:
-            return
-        self.done = True
-        if isinstance(result, Failure):
-            self.result.errback(result)
-        else:
-            self.result.callback(result)
-
-
 def grpc_sender(reactor: Any, clock: Any, settings: TracingSettings) -> tuple[Callable[[bytes], Deferred[Any]], Any]:
     """(send, close) for OTLP/gRPC to `settings.address` (`h2c://host:port`): unary calls on a
     pool of HTTP/2 connections of its own."""
     host, _, port = settings.address.removeprefix("h2c://").rpartition(":")
-    upstream = Upstream(key="tracing", scheme="h2c", host=host.strip("[]"), port=int(port))
-    timeouts = Timeouts()
-    http = HttpSettings(connect_timeout=settings.timeout)
-    pool = H2UpstreamPool(reactor, clock, upstream, http, timeouts)
+    pool = h2_pool(reactor, clock, "h2c", host.strip("[]"), int(port), settings.timeout, key="tracing")
 
     def send(body: bytes) -> Deferred[Any]:
-        return UnaryCall(pool, GRPC_PATH, body).start()
+        return UnaryCall(pool, GRPC_PATH, body, limit=ANSWER_LIMIT).start()
 
     return send, pool.close_all
 
