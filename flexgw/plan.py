@@ -124,6 +124,8 @@ class BoundPolicy:
     needs_body: bool = False  # the policy reads the request body (buffered, bounded)
     responds: bool = True  # the policy has a response phase (`response_phase`, default True)
     finishes: bool = False  # the policy wants `on_done` when the request ends
+    # its response phase may wait for I/O (`response_async`): it sees upstream responses only
+    responds_async: bool = False
 
 
 @attrs.frozen

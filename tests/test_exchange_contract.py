@@ -54,7 +54,7 @@ class ExchangeStateTests(SynchronousTestCase):
     def test_tunnel_is_a_state(self) -> None:
         """The tunnel state is the enum's, not an int of the upgrade module."""
         self.assertIs(exchange.TUNNEL, ExchangeState.TUNNEL)
-        self.assertEqual(len(set(ExchangeState)), 8)
+        self.assertEqual(len(set(ExchangeState)), 9)
 
     def test_states_have_no_order(self) -> None:
         """Comparing states by order is an error, not a silent int comparison."""

@@ -215,6 +215,7 @@ def build_policies(
                 needs_body=capabilities.needs_body,
                 responds=capabilities.response_phase,
                 finishes=capabilities.on_done,
+                responds_async=capabilities.response_async,
             )
         )
     return tuple(built)

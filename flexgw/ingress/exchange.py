@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import json
 
+from twisted.internet.defer import Deferred
 from twisted.internet.error import DNSLookupError
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -63,6 +64,7 @@ class ExchangeState(enum.Enum):
     CONNECTING = "connecting"  # waiting for an upstream connection
     SENDING = "sending"  # upstream connected; request head (and maybe body) being sent
     RESPONDING = "responding"  # response head forwarded; body streaming back
+    HOLDING = "holding"  # response head held while a response-phase policy does I/O
     TUNNEL = "tunnel"  # the two connections became a byte tunnel (an upgrade, a CONNECT)
     DONE = "done"
 
@@ -74,6 +76,7 @@ BUFFERING = ExchangeState.BUFFERING
 CONNECTING = ExchangeState.CONNECTING
 SENDING = ExchangeState.SENDING
 RESPONDING = ExchangeState.RESPONDING
+HOLDING = ExchangeState.HOLDING
 TUNNEL = ExchangeState.TUNNEL
 DONE = ExchangeState.DONE
 _BEFORE_UPSTREAM = (WAITING, CONNECTING, POLICIES, BUFFERING)  # request body is kept aside
@@ -169,6 +172,7 @@ class ProxyExchange:
         "front",
         "grpc_web",
         "head",
+        "hold",
         "last_activity",
         "out",
         "pending",
@@ -232,6 +236,8 @@ class ProxyExchange:
         # A response-phase policy's body tap (`PolicyContext.response_tap`): fed every piece of
         # the response body as it goes downstream (the HTTP cache); None for nearly every request.
         self.tap = None
+        # While a response-phase policy does I/O (HOLDING): what the upstream sent meanwhile.
+        self.hold: ResponseHold | None = None
         if head.grpc:
             self._grpc_start()
 
@@ -364,7 +370,7 @@ class ProxyExchange:
             ctx = chain.ctx
             if response_phase:
                 ctx.begin_response(response.status, list(response.headers))
-                failed = chain.respond()
+                failed = chain.respond(local=True)
                 if failed is not None:
                     response = failed
                 else:
@@ -696,6 +702,13 @@ class ProxyExchange:
         if accepted is None:
             return
         status, kept, content_length, chunked = accepted
+        self._send_head(status, reason, kept, content_length, chunked)
+
+    def _send_head(
+        self, status: int, reason: bytes, kept: HeaderList, content_length: bytes | None,
+        chunked: bool,
+    ) -> None:
+        """Queue the response head for the client, with framing re-decided for it."""
         front = self.front
         head = self.head
         close = not head.keep_alive or front.draining or not self.request_complete
@@ -775,7 +788,10 @@ class ProxyExchange:
             ctx.begin_response(status, kept)
             failed = chain.respond()
             if failed is not None:
-                self._upstream_failed_with_response(failed)
+                if isinstance(failed, Deferred):
+                    self._hold_response(failed, content_length, chunked)
+                else:
+                    self._upstream_failed_with_response(failed)  # type: ignore[arg-type]
                 return None
             status = self.response_status = ctx.response_status
             kept = ctx.response_headers  # type: ignore[assignment]
@@ -903,6 +919,120 @@ class ProxyExchange:
             self.pool.discard(conn)  # type: ignore[union-attr]
         self.respond_locally(response, response_phase=False)
 
+    # -- an asynchronous response phase (policies with `response_async`) ------------------------
+
+    def _hold_response(
+        self, waiting: Deferred[LocalResponse | None], content_length: bytes | None,
+        chunked: bool,
+    ) -> None:
+        """A response-phase policy waits for I/O: hold the response head, and keep what the
+        upstream sends meanwhile in a ResponseHold (the connection's sink until then); the
+        upstream's reading is paused."""
+        conn = self.conn
+        assert conn is not None
+        self.state = HOLDING
+        hold = self.hold = ResponseHold(self, conn, content_length, chunked)
+        conn.sink = hold
+        conn.gate.pauseProducing()  # type: ignore[union-attr]
+        waiting.addCallback(self._response_policies_done)
+
+    def _response_policies_done(self, outcome: LocalResponse | None) -> None:
+        """The asynchronous response phase is over (or a body hook answered): answer the
+        policy's response, read the whole body for a hook that asked, or send the response."""
+        hold = self.hold
+        if self.state != HOLDING or hold is None:
+            return  # the exchange ended meanwhile (client gone, timeout)
+        chain = self.chain
+        assert chain is not None
+        chain.waiting = None
+        if outcome is not None:
+            self.hold = None
+            hold.conn.sink = None
+            self._upstream_failed_with_response(outcome)
+            return
+        ctx = chain.ctx
+        hooks = ctx.response_body_hooks
+        if hooks:
+            if not hold.complete:
+                hold.wanted = True  # read on: body_complete() comes back here
+                hold.conn.gate.resumeProducing()
+                return
+            hook = hooks.pop(0)
+            try:
+                result = hook(hold.pieces, hold.trailers)
+            except Exception:  # noqa: BLE001 (any policy failure is a 500, never a crash)
+                from flexgw.policies.chain import policy_error
+
+                result = policy_error("response body hook", Failure())
+            if isinstance(result, Deferred):
+                chain.waiting = result  # cancelled if the exchange ends meanwhile
+                result.addErrback(self._hook_failed).addCallback(self._response_policies_done)
+            else:
+                self._response_policies_done(result)
+            return
+        self._release_response(hold, ctx)
+
+    def _hook_failed(self, failure: Failure) -> LocalResponse | None:
+        """A body hook's Deferred failed: a 500 (nothing when it was cancelled)."""
+        if self.chain is None or self.chain.cancelled:
+            return None
+        from flexgw.policies.chain import policy_error
+
+        return policy_error("response body hook", failure)
+
+    def _release_response(self, hold: ResponseHold, ctx: PolicyContext) -> None:
+        """Send the held response as the policies left it (a replaced body re-framed), then
+        what the upstream sent meanwhile; the upstream is read on."""
+        conn = hold.conn
+        self.hold = None
+        conn.sink = hold.sink
+        self.state = RESPONDING
+        status = self.response_status = ctx.response_status
+        kept: HeaderList = ctx.response_headers  # type: ignore[assignment]
+        self.tap = ctx.response_tap
+        if ctx.response_extra:
+            kept = kept + ctx.response_extra
+        content_length, chunked = hold.content_length, hold.chunked
+        pieces = hold.pieces
+        if ctx.response_body_replaced:
+            body = ctx.response_body or b""
+            pieces = [body] if body else []
+            content_length, chunked = b"%d" % len(body), False
+            kept = [(n, v) for n, v in kept if n.lower() != b"transfer-encoding"]
+        self._send_head(status, errors.REASONS.get(status, b"Status"), kept, content_length, chunked)
+        sink = hold.sink  # this exchange, or its gRPC-Web translation
+        for piece in pieces:
+            sink.response_body(piece)
+        if hold.trailers is not None:
+            sink.response_trailers(hold.trailers)
+        if hold.complete:
+            sink.response_complete()
+            return
+        self.flush_response()
+        conn.gate.resumeProducing()
+
+    def _hold_failed(self, error: GatewayError, conn_gone: bool) -> None:
+        """The upstream failed while its response was held: the client gets a clean error."""
+        hold = self.hold
+        if hold is None:
+            return
+        if self.chain is not None:
+            self.chain.cancel()
+        self.hold = None
+        if conn_gone:
+            self.conn = None
+        self.state = SENDING  # nothing of the response went out
+        self._upstream_failed(error, conn_gone)
+
+    def _drop_hold(self) -> None:
+        """The exchange ends while its response is held: cancel the waiting policy; the
+        upstream connection is the caller's to discard."""
+        hold, self.hold = self.hold, None
+        if hold is not None:
+            hold.conn.sink = None
+            if self.chain is not None:
+                self.chain.cancel()
+
     # -- failure and timing ----------------------------------------------------------------------
 
     def _upstream_failed(self, error: GatewayError, conn_gone: bool = False) -> None:
@@ -941,6 +1071,8 @@ class ProxyExchange:
             self.pool.discard(conn)  # type: ignore[union-attr]
         if self.state == CONNECTING and self.pool is not None:
             self.pool.cancel(self)  # nothing waits for the connection any more
+        elif self.state == HOLDING:
+            self._drop_hold()
         if self.retrying:
             self._end_retry()
         self.state = DONE
@@ -1120,6 +1252,8 @@ class ProxyExchange:
             self.pool.cancel(self)
         elif state == POLICIES and self.chain is not None:
             self.chain.cancel()  # free what a waiting policy holds (queue slot, timer)
+        elif state == HOLDING:
+            self._drop_hold()
         if self.retrying:
             self._end_retry()
         self._stop_timer()
@@ -1128,3 +1262,77 @@ class ProxyExchange:
         if conn is not None:
             self.conn = None
             self.pool.discard(conn)  # type: ignore[union-attr]
+
+
+class ResponseHold:
+    """An upstream connection's sink while a response-phase policy does I/O: keeps the body
+    pieces, trailers and end the upstream sends meanwhile (bounded by the gateway's body buffer
+    limit: over it, a 500 as Envoy's buffer limit on a response), and reports failures."""
+
+    __slots__ = (
+        "chunked", "complete", "conn", "content_length", "exchange", "pieces", "sink", "size",
+        "trailers", "wanted",
+    )
+
+    def __init__(
+        self, exchange: ProxyExchange, conn: UpstreamConnection, content_length: bytes | None,
+        chunked: bool,
+    ) -> None:
+        self.exchange = exchange
+        self.conn = conn
+        self.sink = conn.sink  # given back when the response is released
+        self.content_length = content_length
+        self.chunked = chunked
+        self.pieces: list[bytes] = []
+        self.size = 0
+        self.trailers: HeaderList | None = None
+        self.complete = False
+        self.wanted = False  # a policy asked for the whole body: read on until complete
+
+    def response_body(self, data: bytes) -> None:
+        """A piece of the body, kept."""
+        self.pieces.append(data)
+        self.size += len(data)
+        exchange = self.exchange
+        if self.size > exchange.front.http.body_buffer_limit:
+            exchange._hold_failed(RESPONSE_TOO_LARGE, False)
+
+    def response_trailers(self, trailers: HeaderList) -> None:
+        """The response's trailer fields, kept."""
+        self.trailers = trailers
+
+    def flush_response(self) -> None:
+        """Nothing goes to the client yet."""
+
+    def response_complete(self) -> None:
+        """The whole response is here: a policy that asked for the body gets it."""
+        self.complete = True
+        if self.wanted:
+            self.conn.gate.pauseProducing()
+            self.exchange._response_policies_done(None)
+
+    def response_interim(self, status: int, headers: HeaderList) -> None:
+        """No 1xx comes after a final head."""
+
+    def response_switched(self, rest: bytes) -> None:
+        """Cannot happen after a final head."""
+        self.response_malformed("protocol switch")
+
+    def response_head(self, *args: object) -> None:
+        """Cannot happen: the head is held."""
+        self.response_malformed("a second response head")
+
+    def response_malformed(self, message: str) -> None:
+        """A broken body: the client gets 502 (nothing of the response went out)."""
+        self.exchange._hold_failed(errors.UPSTREAM_BAD_RESPONSE, False)
+
+    def upstream_lost(self, got_response_bytes: bool, *args: object) -> None:
+        """The upstream went away before the end: 502."""
+        self.exchange.pool.detach(self.conn)  # type: ignore[union-attr]
+        self.exchange._hold_failed(errors.UPSTREAM_RESET, True)
+
+
+#: A response body over the buffer limit of a policy that reads it whole (Envoy: 500).
+RESPONSE_TOO_LARGE = GatewayError(
+    500, "response_too_large", "The response body is larger than the gateway buffers for a policy"
+)

@@ -518,6 +518,13 @@ class H2Exchange(ProxyExchange):
         if accepted is None:
             return
         status, kept, content_length, chunked = accepted
+        self._send_head(status, reason, kept, content_length, chunked)
+
+    def _send_head(
+        self, status: int, reason: bytes, kept: HeaderList, content_length: bytes | None,
+        chunked: bool,
+    ) -> None:
+        """Start the stream's response (HEADERS go out with this read's flush)."""
         front = self.front
         if chunked:
             content_length = None  # the stream's end delimits the body

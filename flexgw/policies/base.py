@@ -60,6 +60,12 @@ class IPolicy(Interface):
       uses it.
     - `chain_member` (default True): False keeps a policy that only configures something at
       compile time (e.g. `idle-timeout-flex`) out of the per-request chain.
+    - `response_async` (default False): `on_response` may return a Deferred (firing with None,
+      or a LocalResponse to answer instead of the upstream's response): the exchange holds the
+      upstream's response head meanwhile, and may be asked for the whole response body
+      (`ctx.want_response_body`). Such a policy sees upstream responses only, not local answers.
+      The flag is compiled into the plan (BoundPolicy.responds_async); chains without such a
+      policy pay nothing for it.
 
     In its response phase a policy may set `ctx.response_tap` (see PolicyContext) to be fed the
     response body as it streams downstream; a policy with `needs_body` may `ctx.replace_body`.
@@ -69,8 +75,9 @@ class IPolicy(Interface):
     def on_request(ctx: PolicyContext) -> Any:  # type: ignore[misc]
         """None to go on, a LocalResponse to answer, or a Deferred firing with either."""
 
-    def on_response(ctx: PolicyContext) -> None:  # type: ignore[misc]
-        """Adjust the response head (status, headers) before it is sent downstream."""
+    def on_response(ctx: PolicyContext) -> Any:  # type: ignore[misc]
+        """Adjust the response head (status, headers) before it is sent downstream (None); a
+        `response_async` policy may return a Deferred firing with None or a LocalResponse."""
 
 
 @attrs.frozen
@@ -81,6 +88,7 @@ class PolicyCapabilities:
     response_phase: bool = True
     on_done: bool = False  # the policy has an `on_done(ctx, status, cause)`
     chain_member: bool = True
+    response_async: bool = False
 
     @classmethod
     def of(cls, policy: Any) -> PolicyCapabilities:
@@ -90,6 +98,7 @@ class PolicyCapabilities:
             response_phase=bool(getattr(policy, "response_phase", True)),
             on_done=callable(getattr(policy, "on_done", None)),
             chain_member=bool(getattr(policy, "chain_member", True)),
+            response_async=bool(getattr(policy, "response_async", False)),
         )
 
 
@@ -216,6 +225,9 @@ class PolicyContext:
         "client_ip",
         "head",
         "peer_certificate",
+        "response_body",
+        "response_body_hooks",
+        "response_body_replaced",
         "response_extra",
         "response_headers",
         "response_status",
@@ -263,6 +275,11 @@ class PolicyContext:
         self.scratch: dict[Any, Any] | None = None
         # The client's verified certificate (a pyOpenSSL X509) on an mTLS connection, else None.
         self.peer_certificate: Any = None
+        # Asynchronous response phase only (IPolicy `response_async`): callables that want the
+        # whole response body (`want_response_body`), and a replacement body for the client.
+        self.response_body_hooks: list[Any] | None = None
+        self.response_body: bytes | None = None
+        self.response_body_replaced = False
 
     @property
     def authentication(self) -> Mapping[str, Any] | None:
@@ -333,6 +350,23 @@ class PolicyContext:
         if self.response_extra is None:
             self.response_extra = []
         self.response_extra.append((name, value))
+
+    def want_response_body(self, hook: Any) -> None:
+        """From a `response_async` policy's response phase: once the phase is done, the exchange
+        receives the whole response body (bounded by the gateway's body buffer limit: a larger
+        one is a 500, as Envoy's buffering) and calls `hook(pieces, trailers)`, with the pieces
+        as they came and the response trailers (None if none). The hook returns None, a
+        LocalResponse or a Deferred firing with either, and may `replace_response_body`."""
+        if self.response_body_hooks is None:
+            self.response_body_hooks = [hook]
+        else:
+            self.response_body_hooks.append(hook)
+
+    def replace_response_body(self, body: bytes) -> None:
+        """Send `body` to the client instead of the upstream's (from a `want_response_body`
+        hook; its Content-Length is fixed up)."""
+        self.response_body = body
+        self.response_body_replaced = True
 
     # -- expressions -----------------------------------------------------------------------------
 

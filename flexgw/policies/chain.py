@@ -125,12 +125,46 @@ class ChainRun:
         if waiting is not None:
             waiting.cancel()
 
-    def respond(self) -> LocalResponse | None:
-        """The response phase: every policy that ran, in reverse order."""
+    def respond(
+        self, local: bool = False, start: int | None = None
+    ) -> LocalResponse | None | Deferred[Any]:
+        """The response phase: every policy that ran, in reverse order. A policy with
+        `response_async` may return a Deferred: the rest of the phase then runs when it fires,
+        and this returns a Deferred firing with the phase's outcome (None, or a LocalResponse
+        to answer instead). For a `local` answer (a policy's or the gateway's own) the
+        asynchronous policies are skipped: they see upstream responses only."""
         ctx = self.ctx
-        for bound in reversed(self.ran):
+        ran = self.ran
+        index = len(ran) if start is None else start
+        while index:
+            index -= 1
+            bound = ran[index]
+            if local and bound.responds_async:
+                continue
             try:
-                bound.policy.on_response(ctx)
+                result = bound.policy.on_response(ctx)
             except Exception:  # noqa: BLE001 (any policy failure is a 500, never a crash)
                 return policy_error(bound.name, Failure())
+            if result is not None:
+                if isinstance(result, Deferred):
+                    self.waiting = result
+                    if ctx.trace is not None:
+                        ctx.trace.policy_waiting(bound.name, bound.kind)
+                    return result.addCallbacks(
+                        self._responded,
+                        self._failed,
+                        callbackArgs=(index,),
+                        errbackArgs=(bound.name,),
+                    )
+                if isinstance(result, LocalResponse):
+                    return result
         return None
+
+    def _responded(self, result: Any, index: int) -> Any:
+        """An asynchronous response-phase policy is done: on with the policies before it."""
+        self.waiting = None
+        if self.ctx.trace is not None:
+            self.ctx.trace.policy_done(None if result is None else "rejected")
+        if result is None and not self.cancelled:
+            return self.respond(start=index)
+        return result

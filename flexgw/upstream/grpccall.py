@@ -1,18 +1,21 @@
-"""Unary gRPC calls (and one bidirectional stream form) on flexgw's own HTTP/2 client pool, for
-the gateway's side calls to gRPC services (ext_authz's Check): one stream per call, the answer
-read within a size bound, its gRPC framing checked, `grpc-status` mapped to an error.
+"""gRPC calls on flexgw's own HTTP/2 client pool, for the gateway's side calls to gRPC services:
+unary ones (ext_authz's Check, OTLP export) and bidirectional streams (ext_proc's Process). One
+stream per call, answers read within a size bound, their gRPC framing checked, `grpc-status`
+mapped to an error.
 
 A call is a `ConnectionWaiter` for the pool and then the `sink` of the stream it gets, as an
-exchange would be: it writes the request as HTTP/1.1 bytes (the stream sends HTTP/2 frames) and
-the stream reports the response head, DATA, trailers and end to it.
+exchange would be: it writes the request as HTTP/1.1 bytes (the stream sends HTTP/2 frames; a
+streaming call's messages go as chunks of a chunked body, each one DATA) and the stream reports
+the response head, DATA, trailers and end to it.
 """
 
 from __future__ import annotations
 
 import struct
+from collections import deque
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.python.failure import Failure
 
 from flexgw.plan import HttpSettings, Timeouts, Upstream
@@ -56,60 +59,45 @@ def frame(message: bytes) -> bytes:
     return b"\x00" + struct.pack(">I", len(message)) + message
 
 
-class UnaryCall:
-    """One unary gRPC call: `start()` fires with the answer's message bytes, or fails with
-    GrpcCallError; cancelling the Deferred (a timeout) resets the stream."""
+class _Call:
+    """What unary and streaming calls share: the request head, the pool's ConnectionWaiter
+    side, and the stream's sink side up to the answer's bytes (subclasses take those)."""
 
     head = _GrpcHead()
 
     def __init__(
-        self, pool: H2UpstreamPool, path: bytes, message: bytes,
+        self, pool: H2UpstreamPool, path: bytes,
         metadata: tuple[tuple[bytes, bytes], ...] = (), limit: int = DEFAULT_LIMIT,
     ) -> None:
         self.pool = pool
         self.path = path
-        self.message = message
         self.metadata = metadata
         self.limit = limit
-        self.result: Deferred[bytes] = Deferred(self._cancel)
         self.conn: Any = None
         self.status = 0
         self.grpc_status: bytes | None = None
         self.grpc_message = b""
-        self.body = bytearray()
         self.done = False
 
-    def start(self) -> Deferred[bytes]:
-        """Ask the pool for a stream."""
-        self.pool.acquire(self)
-        return self.result
+    def _request_head(self, framing: bytes) -> bytes:
+        """The request head as HTTP/1.1 bytes, with its body `framing` line."""
+        extra = b"".join(name + b": " + value + b"\r\n" for name, value in self.metadata)
+        return (
+            b"POST " + self.path + b" HTTP/1.1\r\nHost: "
+            + self.pool.upstream.authority.encode("latin-1")
+            + b"\r\ncontent-type: application/grpc\r\n" + extra + framing + b"\r\n\r\n"
+        )
 
-    def _cancel(self, _: Deferred[bytes]) -> None:
-        """Timed out: give up the stream (or the wait for one)."""
+    def _give_up(self) -> None:
+        """Give up the stream (or the wait for one): it is reset, the connection serves on."""
         self.done = True
         conn, self.conn = self.conn, None
         if conn is not None:
-            self.pool.discard(conn)  # resets the stream; the connection serves on
+            self.pool.discard(conn)
         else:
             self.pool.cancel(self)
 
     # -- as the pool's ConnectionWaiter ----------------------------------------------------------
-
-    def upstream_ready(self, conn: Any, reused: bool) -> None:
-        """A stream: send the request."""
-        if self.done:
-            self.pool.release(conn)
-            return
-        self.conn = conn
-        conn.begin(self, False)
-        framed = frame(self.message)
-        extra = b"".join(name + b": " + value + b"\r\n" for name, value in self.metadata)
-        conn.write(
-            b"POST " + self.path + b" HTTP/1.1\r\nHost: "
-            + self.pool.upstream.authority.encode("latin-1")
-            + b"\r\ncontent-type: application/grpc\r\n" + extra
-            + b"Content-Length: %d\r\n\r\n" % len(framed) + framed
-        )
 
     def upstream_connect_failed(self, reason: Failure) -> None:
         """No connection to the service."""
@@ -134,15 +122,6 @@ class UnaryCall:
         ):
             self.response_malformed("the answer is not application/grpc")
 
-    def response_body(self, data: bytes) -> None:
-        """A piece of the framed answer, within the bound."""
-        if self.done:
-            return
-        if len(self.body) + len(data) > self.limit:
-            self.response_malformed(f"an answer larger than {self.limit} bytes")
-            return
-        self.body += data
-
     def response_trailers(self, trailers: Any) -> None:
         """The trailers: grpc-status and grpc-message."""
         self._grpc(trailers)
@@ -158,34 +137,18 @@ class UnaryCall:
     def flush_response(self) -> None:
         """Nothing is relayed."""
 
-    def response_complete(self) -> None:
-        """The answer is whole: its one message with grpc-status 0, else an error."""
-        if self.done:
-            return
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.finish()
+    def _status_error(self) -> GrpcCallError | None:
+        """The ended answer's error (None: HTTP 200 with grpc-status 0)."""
         if self.status != 200:
-            self._end(Failure(GrpcCallError("bad_response", f"HTTP status {self.status}")))
-            return
+            return GrpcCallError("bad_response", f"HTTP status {self.status}")
         status = self.grpc_status
         if status is None or not status.isdigit():
-            self._end(Failure(GrpcCallError("bad_response", "no grpc-status")))
-            return
+            return GrpcCallError("bad_response", "no grpc-status")
         if status != b"0":
             text = self.grpc_message.decode("latin-1")
-            self._end(Failure(GrpcCallError(
-                "status", f"grpc-status {status.decode()} {text}".strip(), int(status))))
-            return
-        body = bytes(self.body)
-        if len(body) < 5 or body[0] != 0:
-            self._end(Failure(GrpcCallError("bad_response", "no (uncompressed) gRPC message")))
-            return
-        (size,) = struct.unpack(">I", body[1:5])
-        if size != len(body) - 5:
-            self._end(Failure(GrpcCallError("bad_response", "gRPC message framing is wrong")))
-            return
-        self._end(body[5:])
+            return GrpcCallError("status", f"grpc-status {status.decode()} {text}".strip(),
+                                 int(status))
+        return None
 
     def response_malformed(self, message: str) -> None:
         """A broken answer: reset the stream."""
@@ -202,6 +165,68 @@ class UnaryCall:
         self._end(Failure(GrpcCallError("reset", message)))
 
     def _end(self, result: Any) -> None:
+        raise NotImplementedError
+
+
+class UnaryCall(_Call):
+    """One unary gRPC call: `start()` fires with the answer's message bytes, or fails with
+    GrpcCallError; cancelling the Deferred (a timeout) resets the stream."""
+
+    def __init__(
+        self, pool: H2UpstreamPool, path: bytes, message: bytes,
+        metadata: tuple[tuple[bytes, bytes], ...] = (), limit: int = DEFAULT_LIMIT,
+    ) -> None:
+        super().__init__(pool, path, metadata, limit)
+        self.message = message
+        self.result: Deferred[bytes] = Deferred(lambda _: self._give_up())
+        self.body = bytearray()
+
+    def start(self) -> Deferred[bytes]:
+        """Ask the pool for a stream."""
+        self.pool.acquire(self)
+        return self.result
+
+    def upstream_ready(self, conn: Any, reused: bool) -> None:
+        """A stream: send the request."""
+        if self.done:
+            self.pool.release(conn)
+            return
+        self.conn = conn
+        conn.begin(self, False)
+        framed = frame(self.message)
+        conn.write(self._request_head(b"Content-Length: %d" % len(framed)) + framed)
+
+    def response_body(self, data: bytes) -> None:
+        """A piece of the framed answer, within the bound."""
+        if self.done:
+            return
+        if len(self.body) + len(data) > self.limit:
+            self.response_malformed(f"an answer larger than {self.limit} bytes")
+            return
+        self.body += data
+
+    def response_complete(self) -> None:
+        """The answer is whole: its one message with grpc-status 0, else an error."""
+        if self.done:
+            return
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.finish()
+        error = self._status_error()
+        if error is not None:
+            self._end(Failure(error))
+            return
+        body = bytes(self.body)
+        if len(body) < 5 or body[0] != 0:
+            self._end(Failure(GrpcCallError("bad_response", "no (uncompressed) gRPC message")))
+            return
+        (size,) = struct.unpack(">I", body[1:5])
+        if size != len(body) - 5:
+            self._end(Failure(GrpcCallError("bad_response", "gRPC message framing is wrong")))
+            return
+        self._end(body[5:])
+
+    def _end(self, result: Any) -> None:
         if self.done:
             return
         self.done = True
@@ -209,6 +234,140 @@ class UnaryCall:
             self.result.errback(result)
         else:
             self.result.callback(result)
+
+
+class StreamCall(_Call):
+    """One bidirectional-streaming gRPC call. `open()` asks for a stream; `send(message)` sends
+    a message (kept until the stream is up); `receive()` fires with the next answer message, or
+    fails with GrpcCallError when the call ended without one (`closed`: the service ended it
+    with grpc-status 0), was reset, broke the framing or sent a message over `limit`;
+    `close(linger, clock)` half-closes and lets the service end the stream within `linger`
+    seconds (then it is reset); `cancel()` resets the stream now."""
+
+    def __init__(
+        self, pool: H2UpstreamPool, path: bytes,
+        metadata: tuple[tuple[bytes, bytes], ...] = (), limit: int = DEFAULT_LIMIT,
+    ) -> None:
+        super().__init__(pool, path, metadata, limit)
+        self.outbox: list[bytes] = []  # chunks written once the stream is up
+        self.half_closed = False
+        self.buffer = bytearray()
+        self.messages: deque[bytes] = deque()
+        self.waiter: Deferred[bytes] | None = None
+        self.error: Failure | None = None  # how the call ended (receive() fails with it)
+        self.linger: Any = None
+
+    def open(self) -> StreamCall:
+        """Ask the pool for a stream."""
+        self.pool.acquire(self)
+        return self
+
+    def send(self, message: bytes) -> None:
+        """Send one message (one DATA frame's worth: a chunk of the chunked request body)."""
+        if self.done or self.half_closed:
+            return
+        framed = frame(message)
+        chunk = b"%x\r\n" % len(framed) + framed + b"\r\n"
+        if self.conn is None:
+            self.outbox.append(chunk)
+        else:
+            self.conn.write(chunk)
+
+    def receive(self) -> Deferred[bytes]:
+        """The next message of the answer (cancelling the wait leaves the call as it is)."""
+        if self.messages:
+            return succeed(self.messages.popleft())
+        if self.error is not None:
+            return fail(self.error)
+        waiter = self.waiter = Deferred(self._stop_waiting)
+        return waiter
+
+    def _stop_waiting(self, waiter: Deferred[bytes]) -> None:
+        if self.waiter is waiter:
+            self.waiter = None
+
+    def close(self, linger: float, clock: Any) -> None:
+        """Half-close (no more messages); the stream is reset unless the service ends it
+        within `linger` seconds."""
+        if self.done or self.half_closed:
+            return
+        self.half_closed = True
+        if self.conn is None:
+            self.outbox.append(b"0\r\n\r\n")
+        else:
+            self.conn.write(b"0\r\n\r\n")
+        self.linger = clock.callLater(linger, self.cancel)
+
+    def cancel(self) -> None:
+        """Reset the stream now (or stop waiting for one)."""
+        if self.done:
+            return
+        self._give_up()
+        self._end(Failure(GrpcCallError("reset", "cancelled")))
+
+    def upstream_ready(self, conn: Any, reused: bool) -> None:
+        """A stream: the head and every message sent so far."""
+        if self.done:
+            self.pool.release(conn)
+            return
+        self.conn = conn
+        conn.begin(self, False)
+        outbox, self.outbox = self.outbox, []
+        conn.write(self._request_head(b"Transfer-Encoding: chunked") + b"".join(outbox))
+
+    def response_body(self, data: bytes) -> None:
+        """Answer bytes: every whole message is handed on; a message over the bound, or a
+        compressed one, breaks the call."""
+        if self.done:
+            return
+        buffer = self.buffer
+        buffer += data
+        while len(buffer) >= 5:
+            if buffer[0] != 0:
+                self.response_malformed("a compressed gRPC message (none was offered)")
+                return
+            (size,) = struct.unpack(">I", buffer[1:5])
+            if size > self.limit:
+                self.response_malformed(f"a message larger than {self.limit} bytes")
+                return
+            if len(buffer) < 5 + size:
+                break
+            message = bytes(buffer[5:5 + size])
+            del buffer[:5 + size]
+            waiter = self.waiter
+            if waiter is not None:
+                self.waiter = None
+                waiter.callback(message)
+                if self.done:
+                    return
+            else:
+                self.messages.append(message)
+
+    def response_complete(self) -> None:
+        """The service ended the call: grpc-status 0 is `closed`, anything else its error."""
+        if self.done:
+            return
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.finish()
+        error = self._status_error()
+        if error is None:
+            error = (GrpcCallError("bad_response", "a partial gRPC message") if self.buffer
+                     else GrpcCallError("closed", "the service ended the call"))
+        self._end(Failure(error))
+
+    def _end(self, result: Any) -> None:
+        """The call is over: a waiting receive() fails with why; later ones too."""
+        if self.error is not None:
+            return
+        self.done = True
+        linger, self.linger = self.linger, None
+        if linger is not None and linger.active():
+            linger.cancel()
+        self.error = result
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None:
+            waiter.errback(result)
 
 
 def unary(
