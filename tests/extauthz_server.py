@@ -16,13 +16,17 @@ from twisted.web.server import Site
 HOLD_LIMIT = 10.0
 
 
-def _grpc() -> Any:
+def grpc_modules(*names: str) -> tuple[Any, ...]:
+    """grpc and the named generated modules (Envoy's messages and services from xds-protos);
+    the test is skipped when they are not installed."""
+    import importlib
+
     try:
         import grpc
-        from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+
+        return (grpc, *(importlib.import_module(name) for name in names))
     except ImportError as e:  # pragma: no cover
         raise SkipTest(f"grpcio / xds-protos not installed: {e}") from None
-    return grpc, external_auth_pb2, external_auth_pb2_grpc
 
 
 def headers_of(request: Any) -> dict[str, bytes]:
@@ -40,7 +44,8 @@ class GrpcAuthzServer:
     `hold` (waits for `release()`), `huge` (a 2 MiB denial body), `error` (gRPC UNAVAILABLE)."""
 
     def __init__(self) -> None:
-        grpc, pb, pb_grpc = _grpc()
+        grpc, pb, pb_grpc = grpc_modules("envoy.service.auth.v3.external_auth_pb2",
+                                         "envoy.service.auth.v3.external_auth_pb2_grpc")
         self.pb = pb
         self.requests: list[Any] = []
         self.released = threading.Event()

@@ -70,6 +70,7 @@ from flexgw.policies.base import (
     UsesRuntime,
 )
 from flexgw.policies.registry import register
+from flexgw.upstream.grpccall import GrpcChannel
 
 _log = Logger(namespace="flexgw.policies.ext_authz")
 
@@ -142,12 +143,10 @@ class Settings:
     include_peer_certificate: bool = False
 
 
-def settings_from(config: dict[str, Any], environ: Any = os.environ) -> Settings:
-    """Check the config; errors name the field."""
-    uri = config["uri"]
-    grpc = config.get("serverType", "grpc") == "grpc"
-    if config.get("serverVersion", "v3") != "v3":
-        raise PolicyConfigError("only serverVersion v3 is served (Envoy removed v2)", "serverVersion")
+def server_address(uri: str, grpc: bool, label: str = "grpc") -> tuple[str, str, int, str]:
+    """(pool scheme, host, port, path prefix) of a server's `uri`: `h2://`/`h2c://`/`grpc://`
+    (plaintext HTTP/2) or `h2s://`/`grpcs://` (TLS) for gRPC, `http://`/`https://` for HTTP;
+    anything else is a config error on `uri`."""
     parts = urlsplit(uri)
     scheme = parts.scheme.lower()
     if grpc:
@@ -158,20 +157,29 @@ def settings_from(config: dict[str, Any], environ: Any = os.environ) -> Settings
         default_port = 443 if scheme == "https" else 80
     if scheme not in schemes or not parts.hostname:
         wanted = "h2://, h2c:// or h2s://" if grpc else "http:// or https://"
-        raise PolicyConfigError(f"a {config.get('serverType', 'grpc')} server needs a {wanted} "
-                                f"URI: {uri!r}", "uri")
+        raise PolicyConfigError(f"a {label} server needs a {wanted} URI: {uri!r}", "uri")
     try:
         port = parts.port or default_port
     except ValueError:
         raise PolicyConfigError(f"bad port in {uri!r}", "uri") from None
+    return schemes[scheme], parts.hostname, port, parts.path.rstrip("/")
+
+
+def settings_from(config: dict[str, Any], environ: Any = os.environ) -> Settings:
+    """Check the config; errors name the field."""
+    uri = config["uri"]
+    grpc = config.get("serverType", "grpc") == "grpc"
+    if config.get("serverVersion", "v3") != "v3":
+        raise PolicyConfigError("only serverVersion v3 is served (Envoy removed v2)", "serverVersion")
+    scheme, host, port, path = server_address(uri, grpc, config.get("serverType", "grpc"))
     raw = str(environ.get("FLEX_HEADER_RAW_VALUE_ENABLE", "true")).strip().lower() != "false"
     return Settings(
         uri=uri,
         grpc=grpc,
-        scheme=schemes[scheme],
-        host=parts.hostname,
+        scheme=scheme,
+        host=host,
         port=port,
-        path_prefix=parts.path.rstrip("/"),
+        path_prefix=path,
         timeout=config.get("requestTimeout", DEFAULT_TIMEOUT_MS) / 1000.0,
         allowed=_lower(config.get("allowedHeaders")),
         request_headers_to_add=tuple(
@@ -285,32 +293,14 @@ def _header_pairs(ctx: PolicyContext) -> list[tuple[bytes, bytes]]:
     return ctx.request_headers if ctx.request_headers_changed else list(ctx.head.headers)
 
 
-class _GrpcClient:
-    """Check over gRPC on flexgw's HTTP/2 pool."""
+class _GrpcClient(GrpcChannel):
+    """Check over gRPC on flexgw's HTTP/2 pool (a GrpcChannel)."""
 
     def __init__(self, policy: ExtAuthzPolicy) -> None:
-        from flexgw.upstream.grpccall import h2_pool
-
         s = policy.settings
-        self.settings = s
+        super().__init__(policy._runtime_reactor(), policy.clock, s.scheme, s.host, s.port,
+                         s.timeout, policy._tls, key=f"ext-authz {s.uri}")
         self.clock = policy.clock
-        tls = None
-        if s.scheme == "h2":
-            from flexgw.tls.contexts import build_client_tls
-            from flexgw.tls.settings import TLSSettings
-
-            tls = build_client_tls(policy._tls or TLSSettings(), s.host, http2=True)
-        self.pool = h2_pool(policy._runtime_reactor(), policy.clock, s.scheme, s.host, s.port,
-                            s.timeout, tls, key=f"ext-authz {s.uri}")
-
-    def close_with_gateway(self) -> Deferred[None]:
-        """The gateway stops: close the connections (fires once they are closed)."""
-        from twisted.internet.task import deferLater
-
-        for connection in list(self.pool.connections):
-            if connection.transport is not None:
-                connection.transport.abortConnection()
-        return deferLater(self.pool.reactor, 0, lambda: None)  # the aborts complete in a turn
 
     def check(self, ctx: PolicyContext, settings: Settings) -> Deferred[Any]:
         """One Check for `ctx`, with the binding's `settings` (bindings share this client)."""
@@ -379,39 +369,42 @@ class _GrpcClient:
         if reply.status.code != 0:
             denied = reply.denied_response
             status = int(denied.status.code) or 403
-            headers = [(_key(o), _value(o)) for o in denied.headers]
+            headers = [(option_name(o), option_value(o)) for o in denied.headers]
             return _denied(status, headers, denied.body.encode("utf-8"))
         ok = reply.ok_response
         for option in ok.headers:
-            name, value = _key(option), _value(option)
-            if _appends(option, ctx.request_header(name) is not None):
+            name, value = option_name(option), option_value(option)
+            if option_appends(option, ctx.request_header(name) is not None):
                 ctx.add_request_header(name, value)
-            elif _overwrites(option, ctx.request_header(name) is not None):
+            elif option_overwrites(option, ctx.request_header(name) is not None):
                 ctx.set_request_header(name, value)
         for name in ok.headers_to_remove:
             ctx.remove_request_header(name.encode("latin-1"))
         for option in ok.response_headers_to_add:
-            ctx.add_response_header(_key(option), _value(option))
+            ctx.add_response_header(option_name(option), option_value(option))
         return None
 
 
-def _key(option: Any) -> bytes:
+def option_name(option: Any) -> bytes:
+    """An Envoy HeaderValueOption's header name."""
     return option.header.key.encode("latin-1")
 
 
-def _value(option: Any) -> bytes:
+def option_value(option: Any) -> bytes:
+    """Its value: `raw_value` bytes, else `value` as UTF-8."""
     header = option.header
     return header.raw_value or header.value.encode("utf-8")
 
 
-def _appends(option: Any, exists: bool) -> bool:
+def option_appends(option: Any, exists: bool) -> bool:
     """Envoy's rule: a set `append` decides (true adds); else `append_action`."""
     if option.HasField("append"):
         return option.append.value
     return option.append_action == 0  # APPEND_IF_EXISTS_OR_ADD
 
 
-def _overwrites(option: Any, exists: bool) -> bool:
+def option_overwrites(option: Any, exists: bool) -> bool:
+    """Whether it replaces the header's values (Envoy's `append`, else `append_action`)."""
     if option.HasField("append"):
         return not option.append.value
     action = option.append_action

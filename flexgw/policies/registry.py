@@ -25,6 +25,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "flexgw.policies.introspection",
     "flexgw.policies.ldap_auth",
     "flexgw.policies.ext_authz",
+    "flexgw.policies.ext_proc",
     "flexgw.policies.oidc",
     "flexgw.policies.rate_limiting",
     "flexgw.policies.spike_control",

@@ -54,6 +54,33 @@ def h2_pool(
     )
 
 
+class GrpcChannel:
+    """A policy's HTTP/2 pool to one gRPC service (`h2c`, or `h2` over TLS with the gateway's
+    policy-call TLS settings), kept in the policy services' shared state across reloads and
+    closed when the gateway stops (`close_with_gateway`)."""
+
+    def __init__(
+        self, reactor: Any, clock: Any, scheme: str, host: str, port: int,
+        connect_timeout: float, tls_settings: Any = None, key: str = "grpc-side-call",
+    ) -> None:
+        tls = None
+        if scheme == "h2":
+            from flexgw.tls.contexts import build_client_tls
+            from flexgw.tls.settings import TLSSettings
+
+            tls = build_client_tls(tls_settings or TLSSettings(), host, http2=True)
+        self.pool = h2_pool(reactor, clock, scheme, host, port, connect_timeout, tls, key=key)
+
+    def close_with_gateway(self) -> Deferred[None]:
+        """The gateway stops: close the connections (fires once they are closed)."""
+        from twisted.internet.task import deferLater
+
+        for connection in list(self.pool.connections):
+            if connection.transport is not None:
+                connection.transport.abortConnection()
+        return deferLater(self.pool.reactor, 0, lambda: None)  # the aborts complete in a turn
+
+
 def frame(message: bytes) -> bytes:
     """One gRPC length-prefixed message, uncompressed."""
     return b"\x00" + struct.pack(">I", len(message)) + message

@@ -500,6 +500,11 @@ class H2UpstreamConnection(Protocol):
                         status, [(n, v) for n, v in event.headers if n[:1] != b":"]
                     )
             elif kind is events.StreamReset:
+                if stream is not None and stream.ended and stream in ended:
+                    # The response ended in this same read (END_STREAM, then RST_STREAM: an
+                    # upstream done with a request it did not read whole, RFC 9113 §8.1):
+                    # it is complete, not lost.
+                    continue
                 if stream is not None:
                     touched.pop(stream_id, None)
                     # Only a refused stream was certainly not processed: the exchange may retry.
