@@ -12,39 +12,17 @@ than proxying; the issue's goal is >= 1.5).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import policybench
 
-
-def _sibling(name: str) -> Any:
-    """A module of bench/ by file name (bench/ is no package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", HERE / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-run = _sibling("run")
-
-
-def binding(kind: str, config: str) -> str:
-    """A PolicyBinding of `kind` on the bench API, `config` as YAML lines (indented 4)."""
-    return (
-        "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: PolicyBinding\n"
-        f"metadata: {{name: bench-{kind}}}\n"
-        "spec:\n  targetRef: {name: bench}\n"
-        f"  policyRef: {{name: {kind}}}\n  config:\n{config}"
-    )
+run = policybench.run
+binding = policybench.binding
 
 
 GET = "wrk.method = 'GET'\n"
@@ -110,65 +88,36 @@ def run_wrk(port: int, script: str, args: argparse.Namespace, tmp: Path, use_tas
     return run.parse_wrk(out.stdout)
 
 
-def measure(args: argparse.Namespace, procs: Any, tmp: Path, name: str, conf: str, script: str,
-            upstream_port: int, env: dict[str, str], use_taskset: bool) -> dict[str, Any]:
+def measure(bench: Any, name: str, conf: str, script: str) -> dict[str, Any]:
     """Start a gateway with `conf`, warm it up, measure, stop it."""
-    port, _ = run.start_gateway(args, procs, tmp, name, name, conf, upstream_port,
-                                args.gateway_cpu, env)
-    proc = procs.children[-1][1]
+    args = bench.args
+    port, proc = bench.gateway(name, conf)
     try:
         if args.warmup:
             warm = argparse.Namespace(**{**vars(args), "duration": args.warmup})
-            run_wrk(port, script, warm, tmp, use_taskset)
-        result = run_wrk(port, script, args, tmp, use_taskset)
+            run_wrk(port, script, warm, bench.tmp, bench.use_taskset)
+        result = run_wrk(port, script, args, bench.tmp, bench.use_taskset)
     finally:
-        procs.stop(proc)
-        procs.children.pop()
+        bench.stop_gateway(proc)
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run every scenario; print and optionally save req/s and ratios."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--connections", type=int, default=50)
-    parser.add_argument("--only", default="", help="comma-separated policy kinds to measure")
-    parser.add_argument("--json", metavar="PATH")
-    parser.add_argument("--twistd", default=run.default_twistd())
-    parser.add_argument("--gateway-cmd", default=run.DEFAULT_GATEWAY_CMD)
-    parser.add_argument("--gateway-cpu", type=int, default=0)
-    parser.add_argument("--load-cpu", type=int, default=1)
-    args = parser.parse_args(argv)
-    if not shutil.which("wrk"):
-        print("wrk is not installed (apt-get install -y wrk)", file=sys.stderr)
+    args = policybench.arguments(__doc__, argv, "comma-separated policy kinds to measure")
+    if not policybench.require_wrk():
         return 2
-    only = {k for k in args.only.split(",") if k}
-    use_taskset = shutil.which("taskset") is not None and (os.cpu_count() or 1) > 1
-    tmp = Path(tempfile.mkdtemp(prefix="flexgw-bench-content-"))
-    procs = run.Processes(tmp, use_taskset)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(run.REPO), env.get("PYTHONPATH", "")) if p)
+    bench = policybench.Bench(args, "flexgw-bench-content-")
     rows: list[dict[str, Any]] = []
     try:
-        upstream_port = run.free_port()
-        if shutil.which("nginx"):
-            conf = run.write_nginx(tmp, "upstream-nginx", run.NGINX_UPSTREAM_CONF, port=upstream_port)
-            proc = procs.start("upstream", run.nginx_argv(conf), args.load_cpu)
-        else:
-            proc = procs.start("upstream", [sys.executable, "-m", "flexgw.testing.upstream", "--listen",
-                                            f"{run.HOST}:{upstream_port}", "--mode", "hello"],
-                               args.load_cpu, env)
-        run.wait_port(upstream_port, proc, procs, "upstream")
+        bench.start_upstream()
         plain: dict[str, dict[str, Any]] = {}
         for index, (title, kind, config, script) in enumerate(SCENARIOS):
-            if only and kind not in only:
+            if bench.only and kind not in bench.only:
                 continue
             if script not in plain:
-                plain[script] = measure(args, procs, tmp, f"plain{len(plain)}", "", script,
-                                        upstream_port, env, use_taskset)
-            with_policy = measure(args, procs, tmp, f"policy{index}", binding(kind, config), script,
-                                  upstream_port, env, use_taskset)
+                plain[script] = measure(bench, f"plain{len(plain)}", "", script)
+            with_policy = measure(bench, f"policy{index}", binding(kind, config), script)
             base = plain[script]["rps"]
             rows.append({
                 "scenario": title,
@@ -180,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                 "plain_p50_ms": plain[script].get("p50_ms"),
             })
     finally:
-        procs.stop_all()
-        shutil.rmtree(tmp, ignore_errors=True)
+        bench.close()
     print(f"{'scenario':44} {'plain req/s':>12} {'policy req/s':>13} {'ratio':>7}")
     for row in rows:
         print(f"{row['scenario']:44} {row['plain_rps']:12.0f} {row['policy_rps']:13.0f} {row['ratio']:7.2f}")

@@ -5,22 +5,18 @@ and the upstream as in bench/run.py).
 Usage: python bench/identity_policies.py [--duration 5] [--only ldap,ext-authz-grpc,...] [--json out.json]
 
 Remote sides: a real slapd (tests/ldapserver.py; every request searches and binds: Flex has no
-LDAP cache), the grpcio Authorization server of tests/extauthz_server.py (in this process's
-threads), an HTTP authorization server and an OpenID provider (discovery + RFC 7662
+LDAP cache), the grpcio Authorization server of tests/extauthz_server.py and the grpcio
+ExternalProcessor of tests/extproc_server.py (Flex's default modes: request and response headers
+sent, both mutated) in this process's threads, an HTTP authorization server and an OpenID provider (discovery + RFC 7662
 introspection) on Python's threaded http.server. OIDC's validated tokens are cached (Flex's
 `maxCacheSize`), so its figure is the cached path after the first request.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
-import importlib.util
 import json
-import os
-import shutil
 import sys
-import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -28,18 +24,11 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+import policybench
 
-
-def _sibling(name: str) -> Any:
-    """A module of bench/ by file name (bench/ is no package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", HERE / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-run = _sibling("run")
+run = policybench.run
+binding = policybench.binding
 TOKEN = "bench-token"
 
 
@@ -74,17 +63,9 @@ class _Remote(BaseHTTPRequestHandler):
         self._json(200, {"active": True, "scope": "read", "client_id": "bench"})
 
 
-def binding(kind: str, config: str) -> str:
-    """A PolicyBinding of `kind` on the bench API."""
-    return (
-        "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: PolicyBinding\n"
-        f"metadata: {{name: bench-policy}}\n"
-        "spec:\n  targetRef: {name: bench}\n"
-        f"  policyRef: {{name: {kind}}}\n  config:\n{config}"
-    )
-
-
-def scenarios(remote_url: str, slapd: Any, grpc_server: Any) -> list[tuple[str, str, dict[str, str]]]:
+def scenarios(
+    remote_url: str, slapd: Any, grpc_server: Any, proc_server: Any
+) -> list[tuple[str, str, dict[str, str]]]:
     """(name, bindings, request headers) of each measured gateway."""
     from tests.ldapserver import BASE, SERVICE_DN, SERVICE_PASSWORD
 
@@ -98,6 +79,10 @@ def scenarios(remote_url: str, slapd: Any, grpc_server: Any) -> list[tuple[str, 
     if grpc_server is not None:
         out.append(("ext-authz-grpc", binding("native-ext-authz-flex",
                                               f"    uri: {grpc_server.uri}\n"), {}))
+    if proc_server is not None:
+        # Flex's default modes: request and response headers go to the processor (mutated)
+        out.append(("ext-proc-headers", binding("native-ext-proc-flex",
+                                                f"    uri: {proc_server.uri}\n"), {}))
     out.append(("ext-authz-http", binding("native-ext-authz-flex",
                                           f"    uri: {remote_url}/authz\n    serverType: http\n"), {}))
     out.append(("oidc-introspection", binding("openidconnect-access-token-enforcement-flex", (
@@ -108,70 +93,44 @@ def scenarios(remote_url: str, slapd: Any, grpc_server: Any) -> list[tuple[str, 
 
 def main(argv: list[str] | None = None) -> int:
     """Measure plain flexgw, then each scenario; print (and save) req/s and ratios."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--connections", type=int, default=50)
-    parser.add_argument("--only", default="", help="comma-separated scenario names")
-    parser.add_argument("--json", metavar="PATH")
-    parser.add_argument("--twistd", default=run.default_twistd())
-    parser.add_argument("--gateway-cmd", default=run.DEFAULT_GATEWAY_CMD)
-    parser.add_argument("--gateway-cpu", type=int, default=0)
-    parser.add_argument("--load-cpu", type=int, default=1)
-    args = parser.parse_args(argv)
-    if not shutil.which("wrk"):
-        print("wrk is not installed (apt-get install -y wrk)", file=sys.stderr)
+    args = policybench.arguments(__doc__, argv, "comma-separated scenario names")
+    if not policybench.require_wrk():
         return 2
-    only = {k for k in args.only.split(",") if k}
-    use_taskset = shutil.which("taskset") is not None and (os.cpu_count() or 1) > 1
-    tmp = Path(tempfile.mkdtemp(prefix="flexgw-bench-identity-"))
-    procs = run.Processes(tmp, use_taskset)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(run.REPO), env.get("PYTHONPATH", "")) if p)
-
+    bench = policybench.Bench(args, "flexgw-bench-identity-")
     remote = ThreadingHTTPServer((run.HOST, 0), _Remote)
     remote_url = f"http://{run.HOST}:{remote.server_address[1]}"
     _Remote.issuer = remote_url
     threading.Thread(target=remote.serve_forever, daemon=True).start()
-    slapd = grpc_server = None
+    servers: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     try:
-        try:
-            from tests.ldapserver import SlapdServer
-
-            slapd = SlapdServer().start()
-        except Exception as e:  # noqa: BLE001 (no slapd: that scenario is skipped)
-            print(f"  ldap skipped: {e}", file=sys.stderr)
-        try:
-            from tests.extauthz_server import GrpcAuthzServer
-
-            grpc_server = GrpcAuthzServer().start()
-        except Exception as e:  # noqa: BLE001
-            print(f"  ext-authz-grpc skipped: {e}", file=sys.stderr)
-        upstream_port = run.free_port()
-        conf = run.write_nginx(tmp, "upstream-nginx", run.NGINX_UPSTREAM_CONF, port=upstream_port)
-        proc = procs.start("upstream", run.nginx_argv(conf), args.load_cpu)
-        run.wait_port(upstream_port, proc, procs, "upstream")
+        for name, module, factory in (("ldap", "tests.ldapserver", "SlapdServer"),
+                                      ("ext-authz-grpc", "tests.extauthz_server", "GrpcAuthzServer"),
+                                      ("ext-proc", "tests.extproc_server", "ExtProcServer")):
+            try:
+                servers[name] = getattr(__import__(module, fromlist=[factory]), factory)().start()
+            except Exception as e:  # noqa: BLE001 (no slapd, no grpcio: that scenario is skipped)
+                print(f"  {name} skipped: {e}", file=sys.stderr)
+        bench.start_upstream()
 
         def measure(name: str, docs: str, headers: dict[str, str]) -> dict[str, Any]:
-            port, _ = run.start_gateway(args, procs, tmp, name, f"conf-{name}", docs,
-                                        upstream_port, args.gateway_cpu, env)
-            gateway = procs.children[-1][1]
+            port, gateway = bench.gateway(name, docs)
             try:
                 run.sanity_get(port, headers=headers or None)
                 if args.warmup:
-                    run.run_wrk(port, args.connections, args.warmup, args.load_cpu, use_taskset, headers)
+                    run.run_wrk(port, args.connections, args.warmup, args.load_cpu,
+                                bench.use_taskset, headers)
                 return run.run_wrk(port, args.connections, args.duration, args.load_cpu,
-                                   use_taskset, headers)
+                                   bench.use_taskset, headers)
             finally:
-                procs.stop(gateway)
-                procs.children.pop()
+                bench.stop_gateway(gateway)
 
         plain = measure("plain", "", {})
         print(f"{'scenario':<22} {'req/s':>9} {'ratio':>7} {'p99 ms':>8}")
         print(f"{'flexgw, no policy':<22} {plain['rps']:>9.0f} {1.0:>7.3f} {plain.get('p99_ms', 0):>8.2f}")
-        for name, docs, headers in scenarios(remote_url, slapd, grpc_server):
-            if only and name not in only:
+        for name, docs, headers in scenarios(remote_url, servers.get("ldap"),
+                                             servers.get("ext-authz-grpc"), servers.get("ext-proc")):
+            if bench.only and name not in bench.only:
                 continue
             result = measure(name, docs, headers)
             ratio = result["rps"] / plain["rps"] if plain["rps"] else 0.0
@@ -182,13 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench failed: {e}", file=sys.stderr)
         return 1
     finally:
-        procs.stop_all()
+        bench.close()
         remote.shutdown()
-        if slapd is not None:
-            slapd.stop()
-        if grpc_server is not None:
-            grpc_server.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        for server in servers.values():
+            server.stop()
     if args.json:
         Path(args.json).write_text(json.dumps({"plain": plain, "scenarios": rows}, indent=2))
     return 0
