@@ -37,7 +37,37 @@ def headers_of(request: Any) -> dict[str, bytes]:
     return out
 
 
-class GrpcAuthzServer:
+class GrpcTestServer:
+    """A grpcio server on 127.0.0.1 (`self.server`, `self.port`, set by the subclass) whose
+    handlers may hold a call until `release()`."""
+
+    server: Any
+    port: int
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+
+    def start(self) -> Any:
+        """Serve (grpcio's own threads)."""
+        self.server.start()
+        return self
+
+    def release(self) -> None:
+        """Let held calls answer."""
+        self.released.set()
+
+    def stop(self) -> None:
+        """Stop at once."""
+        self.released.set()
+        self.server.stop(0).wait(HOLD_LIMIT)
+
+    @property
+    def uri(self) -> str:
+        """The policy's `uri`."""
+        return f"h2://127.0.0.1:{self.port}"
+
+
+class GrpcAuthzServer(GrpcTestServer):
     """A grpcio ext_authz server on 127.0.0.1. `x-decision`: `allow` (OK, adds `x-user: alice`
     upstream, replaces `x-replace`, removes `x-secret`, adds `x-from-authz` to the response),
     `deny` (401 with a body and a header), `deny-plain` (PERMISSION_DENIED, no response),
@@ -46,9 +76,9 @@ class GrpcAuthzServer:
     def __init__(self) -> None:
         grpc, pb, pb_grpc = grpc_modules("envoy.service.auth.v3.external_auth_pb2",
                                          "envoy.service.auth.v3.external_auth_pb2_grpc")
+        super().__init__()
         self.pb = pb
         self.requests: list[Any] = []
-        self.released = threading.Event()
         server = self
 
         class Servicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc, name-defined]
@@ -93,25 +123,6 @@ class GrpcAuthzServer:
         elif decision == b"huge":
             reply.denied_response.body = "x" * (2 << 20)
         return reply
-
-    def start(self) -> GrpcAuthzServer:
-        """Serve (grpcio's own threads)."""
-        self.server.start()
-        return self
-
-    def release(self) -> None:
-        """Let held calls answer."""
-        self.released.set()
-
-    def stop(self) -> None:
-        """Stop at once."""
-        self.released.set()
-        self.server.stop(0).wait(HOLD_LIMIT)
-
-    @property
-    def uri(self) -> str:
-        """The policy's `uri`."""
-        return f"h2://127.0.0.1:{self.port}"
 
 
 class HttpAuthzServer(Resource):

@@ -8,7 +8,7 @@ import threading
 from concurrent import futures
 from typing import Any
 
-from tests.extauthz_server import HOLD_LIMIT, grpc_modules
+from tests.extauthz_server import HOLD_LIMIT, GrpcTestServer, grpc_modules
 
 
 def header_map(headers: Any) -> dict[str, bytes]:
@@ -16,7 +16,7 @@ def header_map(headers: Any) -> dict[str, bytes]:
     return {h.key: h.raw_value or h.value.encode() for h in headers.headers}
 
 
-class ExtProcServer:
+class ExtProcServer(GrpcTestServer):
     """A grpcio ext_proc server on 127.0.0.1. `x-proc` on the request headers picks a script:
 
     - (absent) `mutate`: request headers get `x-proc-added: 1`, `x-replace` overwritten,
@@ -37,9 +37,9 @@ class ExtProcServer:
 
     def __init__(self) -> None:
         grpc, pb = grpc_modules("envoy.service.ext_proc.v3.external_processor_pb2")
+        super().__init__()
         self.pb = pb
         self.streams: list[list[Any]] = []
-        self.released = threading.Event()
         server = self
 
         def process(requests: Any, context: Any) -> Any:
@@ -144,25 +144,6 @@ class ExtProcServer:
         else:
             reply.request_trailers.SetInParent()
         return reply
-
-    def start(self) -> ExtProcServer:
-        """Serve (grpcio's own threads)."""
-        self.server.start()
-        return self
-
-    def release(self) -> None:
-        """Let held streams answer."""
-        self.released.set()
-
-    def stop(self) -> None:
-        """Stop at once."""
-        self.released.set()
-        self.server.stop(0).wait(HOLD_LIMIT)
-
-    @property
-    def uri(self) -> str:
-        """The policy's `uri`."""
-        return f"h2://127.0.0.1:{self.port}"
 
     def kinds(self, stream: int = -1) -> list[str]:
         """The kinds of message a stream got, in order."""

@@ -165,7 +165,11 @@ class _Call:
         """Nothing is relayed."""
 
     def _status_error(self) -> GrpcCallError | None:
-        """The ended answer's error (None: HTTP 200 with grpc-status 0)."""
+        """The answer ended: give the stream back; the answer's error (None: HTTP 200 with
+        grpc-status 0)."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.finish()
         if self.status != 200:
             return GrpcCallError("bad_response", f"HTTP status {self.status}")
         status = self.grpc_status
@@ -236,9 +240,6 @@ class UnaryCall(_Call):
         """The answer is whole: its one message with grpc-status 0, else an error."""
         if self.done:
             return
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.finish()
         error = self._status_error()
         if error is not None:
             self._end(Failure(error))
@@ -374,9 +375,6 @@ class StreamCall(_Call):
         """The service ended the call: grpc-status 0 is `closed`, anything else its error."""
         if self.done:
             return
-        conn, self.conn = self.conn, None
-        if conn is not None:
-            conn.finish()
         error = self._status_error()
         if error is None:
             error = (GrpcCallError("bad_response", "a partial gRPC message") if self.buffer
