@@ -28,7 +28,8 @@ class ExtProcServer(GrpcTestServer):
     - `immediate`: 418, `x-why: teapot`, body `short and stout`.
     - `immediate-response`: the response headers get an immediate 503 answer.
     - `override`: the answer to request headers turns the response body mode on (BUFFERED).
-    - `hold`: the first answer waits for release(); `slow`: asks for 1.5 s more
+    - `hold`: the first answer waits for release(); `hold-response`: the answer to the
+      response headers does; `slow`: asks for 1.5 s more
       (override_message_timeout), answers after 0.6 s.
     - `close`: the stream ends (grpc-status 0) without an answer; `abort`: grpc-status INTERNAL.
     - `garbage`: an answer that is not a ProcessingResponse; `huge`: a 3 MiB one.
@@ -81,7 +82,8 @@ class ExtProcServer(GrpcTestServer):
         which = request.WhichOneof("request")
         reply = pb.ProcessingResponse()
         first = which == "request_headers"
-        if script == "hold" and first:
+        if (script == "hold" and first) or (script == "hold-response"
+                                            and which == "response_headers"):
             self.released.wait(HOLD_LIMIT)
         elif script == "slow" and first:
             slower = pb.ProcessingResponse()

@@ -18,7 +18,7 @@ from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream, raw
 from tests.extproc_server import ExtProcServer, header_map
 from tests.harness import free_port, start_api_gateway
-from tests.probes import Heartbeat
+from tests.probes import Heartbeat, poll_until, pool_counts
 
 #: Flex's documented Local Mode definition (docs `policies-included-external-processing`), with
 #: a value for each key.
@@ -96,8 +96,8 @@ class _Garbage(protocol.Protocol):
         self.transport.write(b"HTTP/1.1 400 Bad Request\r\n\r\n" + b"\xff" * 64)
 
 
-class GatewayTests(TestCase):
-    """Through a real gateway, a recording upstream and a grpcio ExternalProcessor."""
+class _Gateway(TestCase):
+    """A grpcio ExternalProcessor, a recording upstream, gateways with the policy."""
 
     def setUp(self) -> None:
         """The processor and the upstream."""
@@ -107,12 +107,14 @@ class GatewayTests(TestCase):
         self.upstream.listen(reactor)
         self.addCleanup(self.upstream.stop)
 
-    def gateway(self, uri: str | None = None, **config: Any) -> int:
-        """A gateway with the policy (uri: the test server's) on test-api; its port."""
+    def gateway(self, uri: str | None = None, documents: str = "", **config: Any) -> int:
+        """A gateway with the policy (uri: the test server's) on test-api, and `documents`;
+        its port."""
         port = free_port()
-        gateway = start_api_gateway(self, port, self.upstream.address[1],
-                                    binding({"uri": uri or self.server.uri, **config}))
-        self.assertEqual([str(p) for p in gateway.service.state.errors], [])
+        self.started = start_api_gateway(
+            self, port, self.upstream.address[1],
+            binding({"uri": uri or self.server.uri, **config}) + documents)
+        self.assertEqual([str(p) for p in self.started.service.state.errors], [])
         return port
 
     async def send(self, port: int, proc: str = "mutate", body: bytes | None = None,
@@ -129,6 +131,10 @@ class GatewayTests(TestCase):
         self.assertEqual((response.status, response.header("x-flexgw-error")),
                          (status, [cause.encode()]))
         self.assertEqual(self.upstream.received, [])
+
+
+class GatewayTests(_Gateway):
+    """Through a real gateway, a recording upstream and a grpcio ExternalProcessor."""
 
     async def test_default_modes_mutate_headers(self) -> None:
         """Flex's defaults: request and response headers go to the processor; its header
@@ -258,6 +264,65 @@ class GatewayTests(TestCase):
         self.assertEqual(self.upstream.received, [])
         allowing = self.gateway(uri=f"h2://127.0.0.1:{free_port()}", failureModeAllow=True)
         self.assertEqual((await self.send(allowing)).status, 200)
+
+
+class ExchangeHoldTests(_Gateway):
+    """The exchange's asynchronous response phase under ext_proc: HTTP/2 clients, the body
+    bound, local answers, a client that goes away while the response is held."""
+
+    async def test_h2_client_gets_processed_body_and_trailers(self) -> None:
+        """An HTTP/2 client: the processed body with its new length, and the response trailers
+        as the processor changed them."""
+        from flexgw.testing import h2
+
+        port = self.gateway(responseBodyMode="buffered", responseTrailerMode="send")
+        conn = await h2.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(conn.transport.abortConnection)
+        response = conn.request(b"GET", b"/x", [(b"x-proc", b"mutate")])
+        await response.done
+        self.assertEqual((response.status, bytes(response.body)), (200, b"<onetwo>"))
+        self.assertEqual(response.header(b"content-length"), [b"8"])
+        self.assertEqual(response.header(b"x-resp-added"), [b"yes"])
+        trailers = dict(response.trailers or [])
+        self.assertEqual((trailers.get(b"x-trail"), trailers.get(b"x-trailer-added")),
+                         (b"t", b"1"))
+
+    async def test_response_body_over_the_buffer_limit(self) -> None:
+        """A response body larger than the body buffer limit, for a policy that reads it
+        whole: 500 response_too_large (Envoy's buffer limit on a response)."""
+        settings = ("---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: Configuration\n"
+                    "metadata: {name: s}\nspec:\n  http: {bodyBufferLimitBytes: 4}\n")
+        port = self.gateway(documents=settings, responseBodyMode="buffered")
+        response = await self.send(port)
+        self.assertEqual((response.status, response.header("x-flexgw-error")),
+                         (500, [b"response_too_large"]))
+
+    async def test_local_answers_skip_the_processor(self) -> None:
+        """A later policy's answer (here an IP blocklist's 403) is not sent to the processor:
+        it saw the request headers only."""
+        blocklist = (
+            "---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: PolicyBinding\n"
+            "metadata: {name: block}\n"
+            "spec:\n  targetRef: {kind: ApiInstance, name: test-api}\n  order: 90\n"
+            "  policyRef: {name: ip-blocklist-flex}\n  config: {ips: [127.0.0.1]}\n")
+        port = self.gateway(documents=blocklist)
+        response = await self.send(port)
+        self.assertEqual(response.status, 403)
+        self.assertEqual(self.server.kinds(), ["request_headers"])
+
+    async def test_client_gone_while_held(self) -> None:
+        """The client goes away while the processor works on the response: the upstream
+        connection is dropped, and the gateway serves the next request."""
+        port = self.gateway()
+        conn = await client.connect(reactor, "127.0.0.1", port)
+        conn.send(b"GET /x HTTP/1.1\r\nHost: t\r\nx-proc: hold-response\r\n\r\n")
+        await poll_until(lambda: bool(self.server.streams)
+                         and "response_headers" in self.server.kinds())
+        self.assertEqual(pool_counts(self.started), [(0, 1, 0)])
+        conn.abort()
+        await poll_until(lambda: pool_counts(self.started) == [(0, 0, 0)])
+        self.server.release()
+        self.assertEqual((await self.send(port)).body, b"onetwo")
 
 
 class ConfigErrorTests(TestCase):

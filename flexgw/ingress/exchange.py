@@ -1013,15 +1013,14 @@ class ProxyExchange:
 
     def _hold_failed(self, error: GatewayError, conn_gone: bool) -> None:
         """The upstream failed while its response was held: the client gets a clean error."""
-        hold = self.hold
-        if hold is None:
+        if self.hold is None:
             return
-        if self.chain is not None:
-            self.chain.cancel()
         self.hold = None
+        self.state = SENDING  # nothing of the response went out
+        if self.chain is not None:
+            self.chain.cancel()  # (its callbacks find the hold gone)
         if conn_gone:
             self.conn = None
-        self.state = SENDING  # nothing of the response went out
         self._upstream_failed(error, conn_gone)
 
     def _drop_hold(self) -> None:
