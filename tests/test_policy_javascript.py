@@ -18,7 +18,7 @@ from flexgw.policies import registry
 from flexgw.policies.base import BuildContext, LocalResponse, PolicyConfigError, PolicyContext
 from flexgw.policies.javascript_scripting import KIND, JavaScriptKind, exports_of
 from flexgw.testing import client
-from flexgw.testing.upstream import RecordingUpstream
+from flexgw.testing.upstream import RecordingUpstream, fixed
 from tests.harness import api_document, free_port, start_api_gateway
 
 SCRIPT = """\
@@ -39,6 +39,7 @@ function seen(response, requestData) {
   response.headers["x-seen"] = requestData.headers["x-count"] || "none";
   response.headers["x-utf8-bytes"] = String(new TextEncoder().encode("\u00e9").length);
   if (response.statusCode === 404) response.statusCode = 410;
+  if (response.body.startsWith("wrap")) response.body = "[" + response.body + "]";
 }
 export { seen as responseFilter };
 """
@@ -92,7 +93,10 @@ class PolicyTests(TestCase):
         self.assertEqual((ctx.body, ctx.body_replaced), (b"HELLO", True))
         ctx.begin_response(404, [(b"Content-Type", b"text/plain")])
         policy.on_response(ctx)
+        for hook in ctx.response_body_hooks:
+            hook([b"wrap", b" me"], None)
         self.assertEqual(ctx.response_status, 410)
+        self.assertEqual((ctx.response_body, ctx.response_body_replaced), (b"[wrap me]", True))
         self.assertIn((b"x-seen", b"1"), ctx.response_headers)
         self.assertIn((b"x-utf8-bytes", b"2"), ctx.response_headers)
         answer = policy.on_request(context([(b"x-block", b"1")]))
@@ -144,15 +148,22 @@ class EndToEndTests(TestCase):
         )
         self.assertEqual(response.status, 200)
         self.assertEqual(response.header("x-seen"), [b"1"])
+        self.assertEqual(response.body, b"ok\n")  # not replaced: the script leaves it
+        upstream.responder = fixed(body=b"wrapped body")
+        wrapped = await client.request(reactor, "127.0.0.1", port,
+                                       b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n")
+        self.assertEqual((wrapped.body, wrapped.header("content-length")),
+                         (b"[wrapped body]", [b"14"]))
+        upstream.responder = fixed()
         received = upstream.received[0]
         self.assertEqual(received.body, b"HELLO WORLD")
         self.assertEqual(received.header("x-count"), [b"1"])
         self.assertEqual(received.header("content-length"), [b"11"])
         blocked = await client.request(reactor, "127.0.0.1", port,
                                        b"GET /x HTTP/1.1\r\nHost: t\r\nX-Block: 1\r\n\r\n")
-        self.assertEqual((blocked.status, blocked.body), (403, b"blocked 2"))
+        self.assertEqual((blocked.status, blocked.body), (403, b"blocked 3"))
         stuck = await client.request(reactor, "127.0.0.1", port,
                                      b"GET /x HTTP/1.1\r\nHost: t\r\nX-Loop: 1\r\n\r\n")
         self.assertEqual(stuck.status, 500)
         self.assertEqual(json.loads(stuck.body), {"error": "JavaScript policy error"})
-        self.assertEqual(len(upstream.received), 1)
+        self.assertEqual(len(upstream.received), 2)

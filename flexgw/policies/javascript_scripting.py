@@ -15,8 +15,12 @@ The API as flexgw implements it:
   Changing `headers` changes what the upstream gets; assigning another `body` string replaces
   the body (re-framed). Returning an object with `statusCode` (and optional `headers`, `body`)
   answers the client with it; returning nothing continues.
-- `response`: `{statusCode, headers}`, changed in place; `requestData`: `{method, path, query,
-  headers}` of the request as the script left it.
+- `response`: `{statusCode, headers, body}`, changed in place (`body` is the upstream's response
+  body as text; assigning another string replaces it, re-framed); `requestData`: `{method, path,
+  query, headers}` of the request as the script left it. For `responseFilter` the gateway holds
+  the upstream's response and reads its whole body (bounded by the body buffer limit, 1 MiB by
+  default as Flex's; a larger body is a 500) before the filter runs: the exchange's asynchronous
+  response phase (`response_async`, `PolicyContext.want_response_body`).
 
 Isolation and limits: one QuickJS runtime per binding (the `quickjs` bindings: in process, a
 call costs microseconds), never the gateway's own Python; the module is evaluated as a real ES
@@ -30,8 +34,8 @@ state restarts). `console.*` lines go to the gateway log.
 Deliberate differences from Flex:
 - Exports are found in the source text (`export function f`, `export const f = ...`,
   `export { f, g as requestFilter }`); a computed or re-exported binding is not seen.
-- `responseFilter` sees the status and headers, not the body: responses stream through the
-  gateway without being buffered (a response body cannot be replaced).
+- `responseFilter` runs for upstream responses only, not for answers the gateway or a policy
+  makes (Flex documents it for upstream responses).
 - `request.path` is read-only (route to another path with the `route` policy).
 - The time and memory limits are flexgw's (Flex documents none).
 """
@@ -44,6 +48,7 @@ from typing import Any
 
 import attrs
 import quickjs
+from twisted.internet.defer import succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -243,6 +248,8 @@ class JavaScriptPolicy:
         self.binding = binding
         self.needs_body = exports.request
         self.response_phase = exports.response
+        # responseFilter gets the whole response body: the exchange holds the response for it
+        self.response_async = exports.response
 
     def _logs(self, logs: list[Any]) -> None:
         for level, line in logs:
@@ -296,12 +303,19 @@ class JavaScriptPolicy:
             ctx.scratch[self] = {k: changed.get(k, request[k]) for k in ("method", "path", "query", "headers")}
         return None
 
-    def on_response(self, ctx: PolicyContext) -> None:
-        """Run responseFilter on the status and headers."""
+    def on_response(self, ctx: PolicyContext) -> Any:
+        """Ask for the whole response body: responseFilter runs once it is here."""
         if not self.exports.response:
-            return
+            return None
+        ctx.want_response_body(lambda pieces, trailers: self._respond(ctx, pieces))
+        return succeed(None)
+
+    def _respond(self, ctx: PolicyContext, pieces: list[bytes]) -> None:
+        """Run responseFilter on the status, headers and body; apply its changes."""
         request = (ctx.scratch or {}).get(self) or self._request_data(ctx)
-        response = {"statusCode": ctx.response_status, "headers": _header_map(ctx.response_headers or [])}
+        text = b"".join(pieces).decode("utf-8", "replace")
+        response = {"statusCode": ctx.response_status,
+                    "headers": _header_map(ctx.response_headers or []), "body": text}
         try:
             result = self.isolate.call("response", response, request)
             if result["logs"]:
@@ -317,6 +331,9 @@ class JavaScriptPolicy:
         ctx.response_status = status
         if changed.get("headers") != response["headers"]:
             ctx.response_headers = headers
+        new_body = changed.get("body")
+        if new_body != text:
+            ctx.replace_response_body(b"" if new_body is None else str(new_body).encode("utf-8"))
 
 
 @implementer(IPolicyKind)
