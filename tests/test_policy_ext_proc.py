@@ -310,6 +310,19 @@ class ExchangeHoldTests(_Gateway):
         self.assertEqual(response.status, 403)
         self.assertEqual(self.server.kinds(), ["request_headers"])
 
+    async def test_processor_stalls_on_the_response(self) -> None:
+        """The processor stalls on the response headers: 504 ext_proc_timeout instead of the
+        upstream's response (its head was held), and the reactor stayed responsive."""
+        port = self.gateway(messageTimeout=300)
+        heartbeat = Heartbeat(self)
+        response = await self.send(port, "hold-response")
+        self.assertLess(heartbeat.stop(), 0.3)
+        self.assertEqual((response.status, response.header("x-flexgw-error")),
+                         (504, [b"ext_proc_timeout"]))
+        self.assertEqual(response.header("x-upstream-secret"), [])
+        self.assertEqual(len(self.upstream.received), 1)
+        self.server.release()
+
     async def test_client_gone_while_held(self) -> None:
         """The client goes away while the processor works on the response: the upstream
         connection is dropped, and the gateway serves the next request."""
