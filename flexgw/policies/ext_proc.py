@@ -271,7 +271,8 @@ def _immediate(message: Any) -> LocalResponse:
     if message.HasField("grpc_status"):
         headers.append((b"grpc-status", b"%d" % message.grpc_status.status))
     status = message.status.code if message.HasField("status") and message.status.code else 200
-    return LocalResponse(status, tuple(headers), message.body, "ext_proc_immediate_response")
+    cause = "ext_proc_immediate_response" if status >= 400 else None  # (the access log's)
+    return LocalResponse(status, tuple(headers), message.body, cause)
 
 
 def _new_body(common: Any, body: bytes) -> bytes | None:
