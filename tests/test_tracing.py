@@ -81,9 +81,11 @@ class TraceContextTests(SynchronousTestCase):
         self.assertIsNone(_sampler(client=100, random_=0, draws=[0.1]).begin([], 0.0, Clock()))
 
     def test_overall_applies_after(self) -> None:
-        """overall 50: a request random selects is kept on a draw under 50% only."""
-        self.assertIsNotNone(_sampler(overall=50, draws=[0.1, 0.49]).begin([], 0.0, Clock()))
-        self.assertIsNone(_sampler(overall=50, draws=[0.1, 0.51]).begin([], 0.0, Clock()))
+        """overall 50: a request random selects is kept on a draw under 50% only (random at 100%
+        selects without a draw)."""
+        self.assertIsNotNone(_sampler(random_=60, overall=50, draws=[0.1, 0.49]).begin([], 0.0, Clock()))
+        self.assertIsNone(_sampler(random_=60, overall=50, draws=[0.1, 0.51]).begin([], 0.0, Clock()))
+        self.assertIsNone(_sampler(overall=50, draws=[0.51]).begin([], 0.0, Clock()))
 
     def test_new_trace_is_a_root(self) -> None:
         """Without a parent a new trace id is drawn and the span has no parent."""
@@ -104,12 +106,14 @@ class TraceContextTests(SynchronousTestCase):
 
 
 class _Waits:
-    """A policy whose request phase waits for a Deferred."""
+    """A policy whose request phase takes half a second (by `clock`), then waits for a Deferred."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
         self.pending: defer.Deferred[Any] = defer.Deferred()
 
     def on_request(self, ctx: PolicyContext) -> defer.Deferred[Any]:
+        self.clock.advance(0.5)
         return self.pending
 
     def on_response(self, ctx: PolicyContext) -> None:
@@ -120,14 +124,15 @@ class PolicySpanTests(SynchronousTestCase):
     """A policy the request waits for gets a child span with the wait's time."""
 
     def test_async_policy_span(self) -> None:
-        """The span starts when the policy returns its Deferred and ends when it fires."""
+        """The span starts when the policy starts (not when it returns its Deferred) and ends
+        when the Deferred fires."""
         clock = Clock()
         trace = _sampler().begin([], 0.0, clock)
         assert trace is not None
         head = RequestHead(b"GET", b"/", b"1.1", [], "/", b"", "h", True, 0, 0, [], False)
         ctx = PolicyContext(head, "127.0.0.1", "http", "api")
         ctx.trace = trace
-        policy = _Waits()
+        policy = _Waits(clock)
         run = ChainRun([BoundPolicy("ns/slow", "slow-kind", 1, (), policy)], ctx)
         clock.advance(1)
         result = run.run()
@@ -135,7 +140,7 @@ class PolicySpanTests(SynchronousTestCase):
         policy.pending.callback(None)
         self.assertIsNone(self.successResultOf(result))
         [span] = trace.children
-        self.assertEqual((span.name, span.start, span.end, span.error), ("policy slow-kind", 1, 3, None))
+        self.assertEqual((span.name, span.start, span.end, span.error), ("policy slow-kind", 1, 3.5, None))
 
 
 class _Placeholders:

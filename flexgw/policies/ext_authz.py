@@ -57,6 +57,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from flexgw.http.tracecontext import side_call
 from flexgw.policies.base import (
     BuildContext,
     IPolicy,
@@ -261,7 +262,9 @@ class ExtAuthzPolicy(UsesRuntime):
     def on_request(self, ctx: PolicyContext) -> Any:
         """Ask the server; apply its answer."""
         self.calls += 1
-        d = self.client.check(ctx)
+        client = self.client
+        d = side_call(ctx.trace, "ext_authz", lambda traceparent: client.check(ctx, traceparent),
+                      "ext_authz_failed", (("url.full", self.settings.uri),))
         return d.addErrback(self._error)
 
     def _error(self, failure: Failure) -> LocalResponse:
@@ -307,12 +310,14 @@ class _GrpcClient:
                 connection.transport.abortConnection()
         return deferLater(self.pool.reactor, 0, lambda: None)  # the aborts complete in a turn
 
-    def check(self, ctx: PolicyContext) -> Deferred[Any]:
+    def check(self, ctx: PolicyContext, traceparent: bytes | None = None) -> Deferred[Any]:
+        """Ask the server (the request's `traceparent` as gRPC metadata when it is traced)."""
         from flexgw.upstream.grpccall import unary
 
         message = self.request(ctx).SerializeToString()
+        metadata = ((b"traceparent", traceparent),) if traceparent is not None else ()
         return unary(self.pool, CHECK_PATH, message, self.settings.timeout, self.clock,
-                     limit=MAX_ANSWER).addCallback(self.answered, ctx)
+                     metadata, limit=MAX_ANSWER).addCallback(self.answered, ctx)
 
     def request(self, ctx: PolicyContext) -> Any:
         """Envoy's CheckRequest for this request."""
@@ -430,7 +435,8 @@ class _HttpClient:
             return self.pool.closeCachedConnections()
         return None
 
-    def check(self, ctx: PolicyContext) -> Deferred[Any]:
+    def check(self, ctx: PolicyContext, traceparent: bytes | None = None) -> Deferred[Any]:
+        """Ask the server (with the request's `traceparent` when it is traced)."""
         import treq
 
         from flexgw.sidecalls.bounded import read_bounded
@@ -446,6 +452,8 @@ class _HttpClient:
         headers[b"content-length"] = [b"0"]
         for name, value in s.request_headers_to_add:
             headers[name.lower()] = [value]
+        if traceparent is not None:
+            headers[b"traceparent"] = [traceparent]
         url = f"{s.scheme}://{_authority(s)}{s.path_prefix}{head.target.decode('latin-1')}"
         kwargs: dict[str, Any] = {"reactor": self.reactor}
         if self.agent is not None:

@@ -13,20 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1 import common_pb2
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource
-from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-import flexgw
-from flexgw.http.tracecontext import ChildSpan, Trace
 from flexgw.ingress.contract import IExchangeObserver
 from flexgw.plan import TracingSettings
+from flexgw.service.otlpwire import SpanEncoder, encode
 from flexgw.sidecalls.bounded import post_bounded
 from flexgw.upstream.grpccall import UnaryCall, h2_pool
 
@@ -40,10 +34,7 @@ _log = Logger(namespace="flexgw.tracing")
 GRPC_PATH = b"/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 #: Bytes of a collector's answer read at most (an OTLP answer is a few bytes).
 ANSWER_LIMIT = 64 * 1024
-_SERVER = Span.SpanKind.SPAN_KIND_SERVER
-_CLIENT = Span.SpanKind.SPAN_KIND_CLIENT
-_INTERNAL = Span.SpanKind.SPAN_KIND_INTERNAL
-_ERROR = Status.StatusCode.STATUS_CODE_ERROR
+__all__ = ["SpanExporter", "TracingService", "encode"]
 
 
 class ExportError(Exception):
@@ -70,7 +61,7 @@ class Tracer:
         destination = exchange.destination
         trace.close(
             now, first_byte, exchange.error_cause, exchange.upstream_started,
-            destination.upstream.authority if destination is not None else None,
+            destination.upstream if destination is not None else None,
         )
         route = exchange.route
         record = (
@@ -91,156 +82,6 @@ class Tracer:
         """A refused request has no trace (it reached no API)."""
 
 
-def _value(value: Any) -> AnyValue:
-    if isinstance(value, bool):
-        return AnyValue(bool_value=value)
-    if isinstance(value, int):
-        return AnyValue(int_value=value)
-    return AnyValue(string_value=str(value))
-
-
-def _attributes(pairs: Any) -> list[KeyValue]:
-    return [KeyValue(key=key, value=_value(value)) for key, value in pairs]
-
-
-class SpanEncoder:
-    """Fills OTLP messages from finished traces, off the request path and cheaply: the spans are
-    filled in place inside the export request, and the attributes that are the same for every
-    request of one API, route, method and listener (and the literal labels) are serialized once
-    and merged into each span (protobuf merges repeated fields by appending)."""
-
-    def __init__(self, settings: TracingSettings) -> None:
-        self.settings = settings
-        self.resource = Resource(attributes=_attributes(
-            [("service.name", settings.service_name), ("service.type", settings.service_type),
-             *settings.resource_attributes]
-        ))
-        # opentelemetry-proto >= 0.19 names it InstrumentationScope (ScopeSpans); older copies of
-        # the same files (xds-protos ships some) InstrumentationLibrary: the wire format is the
-        # same (fields 1 and 2), so either serializes a request every collector reads.
-        scope = getattr(common_pb2, "InstrumentationScope", None) or common_pb2.InstrumentationLibrary
-        self.scope = scope(name="flexgw", version=flexgw.__version__)
-        self._fixed: dict[tuple[Any, ...], bytes] = {}
-
-    def fixed(self, key: tuple[Any, ...], sampler: Any, api: str | None, route: str | None,
-              method: str, scheme: str, version: str, port: int) -> bytes:
-        """The serialized constant attributes of a server span (a Span holding only them)."""
-        cached = self._fixed.get(key)
-        if cached is None:
-            pairs: list[tuple[str, Any]] = [
-                ("http.request.method", method), ("url.scheme", scheme), ("server.port", port),
-                ("network.protocol.version", version), ("flexgw.api", api or ""),
-            ]
-            if route is not None:
-                pairs += [("http.route", route), ("flexgw.route", route)]
-            pairs += [(label.name, label.default) for label in sampler.labels if label.type == "literal"]
-            if len(self._fixed) > 10_000:  # keys come from the configuration: a bound anyway
-                self._fixed.clear()
-            cached = self._fixed[key] = Span(attributes=_attributes(pairs)).SerializeToString()
-        return cached
-
-    def server_span(self, span: Span, record: tuple[Any, ...]) -> None:
-        """Fill `span` as the server span of one exchange, with the OpenTelemetry HTTP semantic-
-        convention attributes, the API and route, the labels, the error cause as the status."""
-        trace, end, head, api, route, status, cause, peer, port = record
-        sampler = trace.sampler
-        method = head.method.decode("latin-1")
-        span.MergeFromString(self.fixed(
-            (sampler, api, route, head.method, peer.scheme, head.version, port),
-            sampler, api, route, method, peer.scheme, head.version.decode("latin-1"), port,
-        ))
-        span.trace_id = trace.trace_id.to_bytes(16, "big")
-        span.span_id = trace.span_id.to_bytes(8, "big")
-        span.name = sampler.span_name or (f"{method} {route}" if route else method)
-        span.kind = _SERVER
-        span.start_time_unix_nano = int(trace.start * 1e9)
-        span.end_time_unix_nano = int(end * 1e9)
-        if trace.parent_id:
-            span.parent_span_id = trace.parent_id.to_bytes(8, "big")
-        if trace.tracestate:
-            span.trace_state = trace.tracestate.decode("latin-1")
-        add = span.attributes.add
-        authority = head.authority
-        host = authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
-        item = add()
-        item.key = "url.path"
-        item.value.string_value = head.path
-        item = add()
-        item.key = "server.address"
-        item.value.string_value = host.strip("[]")
-        item = add()
-        item.key = "client.address"
-        item.value.string_value = peer.address
-        if status:
-            item = add()
-            item.key = "http.response.status_code"
-            item.value.int_value = status
-        if cause is not None:
-            item = add()
-            item.key = "error.type"
-            item.value.string_value = cause
-        if sampler.labels:
-            for name, value in sampler.label_values(head.headers, variable=True):
-                item = add()
-                item.key = name
-                item.value.string_value = value
-        if cause is not None or status >= 500 or not status:
-            span.status.code = _ERROR
-            span.status.message = cause or ""
-
-    @staticmethod
-    def child_span(span: Span, trace: Trace, child: ChildSpan) -> None:
-        """Fill `span` as a child span (an upstream attempt, a policy wait, a side call)."""
-        span.trace_id = trace.trace_id.to_bytes(16, "big")
-        span.span_id = child.span_id.to_bytes(8, "big")
-        span.parent_span_id = trace.span_id.to_bytes(8, "big")
-        span.name = child.name
-        span.kind = _INTERNAL if child.kind == "policy" else _CLIENT
-        span.start_time_unix_nano = int(child.start * 1e9)
-        span.end_time_unix_nano = int(child.end * 1e9)
-        attributes = span.attributes
-        for key, value in child.attributes:
-            item = attributes.add()
-            item.key = key
-            if isinstance(value, bool):
-                item.value.bool_value = value
-            else:
-                item.value.string_value = value
-        events = span.events
-        for name, when in child.events:
-            event = events.add()
-            event.name = name
-            event.time_unix_nano = int(when * 1e9)
-        if child.error is not None:
-            span.status.code = _ERROR
-            span.status.message = child.error
-
-    def encode(self, records: list[tuple[Any, ...]]) -> bytes:
-        """An ExportTraceServiceRequest holding the spans of `records`, serialized."""
-        request = ExportTraceServiceRequest()
-        resource_spans = request.resource_spans.add()
-        resource_spans.resource.CopyFrom(self.resource)
-        if hasattr(resource_spans, "scope_spans"):
-            scope_spans = resource_spans.scope_spans.add()
-            scope_spans.scope.CopyFrom(self.scope)
-        else:  # the older files (see __init__)
-            scope_spans = resource_spans.instrumentation_library_spans.add()
-            scope_spans.instrumentation_library.CopyFrom(self.scope)
-        spans = scope_spans.spans
-        child_span = self.child_span
-        for record in records:
-            self.server_span(spans.add(), record)
-            trace = record[0]
-            for child in trace.children:
-                child_span(spans.add(), trace, child)
-        return request.SerializeToString()
-
-
-def encode(settings: TracingSettings, records: list[tuple[Any, ...]]) -> bytes:
-    """An ExportTraceServiceRequest holding the spans of `records`, serialized (one-off)."""
-    return SpanEncoder(settings).encode(records)
-
-
 class SpanExporter:
     """The bounded queue of finished traces and the batches sent from it."""
 
@@ -257,6 +98,7 @@ class SpanExporter:
         self.exported = 0
         self.failures = 0  # exports that failed
         self.timer: Any = None
+        self.urgent = False  # the timer sends a full batch in the next turn
         self.inflight: Deferred[Any] | None = None
         self.stopped = False
 
@@ -267,12 +109,20 @@ class SpanExporter:
             return
         self.queue.append((record, spans))
         self.queued += spans
-        if self.timer is None and self.inflight is None:
-            self.timer = self.clock.callLater(self.settings.delay, self.flush)
+        if self.inflight is None:
+            # A batch waits at most `delay`; a full one is sent at once (in the next turn).
+            full = self.queued >= self.settings.max_batch
+            if self.timer is None:
+                self.timer = self.clock.callLater(0 if full else self.settings.delay, self.flush)
+                self.urgent = full
+            elif full and not self.urgent:
+                self.timer.reset(0)
+                self.urgent = True
 
     def flush(self) -> Deferred[Any] | None:
         """Send the next batch now (unless one is in flight); its Deferred, or None."""
         timer, self.timer = self.timer, None
+        self.urgent = False
         if timer is not None and timer.active():
             timer.cancel()
         if self.inflight is not None or not self.queue:
@@ -316,6 +166,7 @@ class SpanExporter:
             if self.queue and self.timer is None and not self.stopped:
                 full = self.queued >= self.settings.max_batch
                 self.timer = self.clock.callLater(0 if full else self.settings.delay, self.flush)
+                self.urgent = full
 
         d.addCallbacks(_sent, _failed).addBoth(_next)
         return d
