@@ -149,7 +149,7 @@ class ChildSpan:
     """A span under the server span: an upstream attempt, a policy the request waited for, or a
     side call. Times are the clock's seconds; `error` the failure cause, if any. An upstream
     attempt keeps its address, whether its connection was reused, and when it connected and
-    got its first response byte (0.0: not yet) in slots of their own (the address is the
+    got its first response byte (None: not yet) in slots of their own (the address is the
     flexgw.plan.Upstream, or a string); `attributes` holds any
     other (name, value) pairs (None while there are none). Nothing here is OTLP: the exporter
     encodes it in its batch."""
@@ -167,8 +167,8 @@ class ChildSpan:
         self.attributes: list[tuple[str, Any]] | None = None
         self.address: str | None = None
         self.reused = False
-        self.connected = 0.0
-        self.first_byte = 0.0
+        self.connected: float | None = None
+        self.first_byte: float | None = None
 
     def set_attribute(self, name: str, value: Any) -> None:
         """Add an attribute (a string, an int or a bool) to the span."""

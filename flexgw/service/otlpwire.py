@@ -36,6 +36,12 @@ _SERVER, _CLIENT, _INTERNAL = 2, 3, 1
 #: Span fields 7 and 8 (start_time_unix_nano, end_time_unix_nano), both fixed64.
 _TIMES = struct.Struct("<BQBQ")
 _FIXED64 = struct.Struct("<Q")
+#: A server span's trace_id (field 1), span_id (2), start and end times (7, 8).
+_SERVER_HEAD = struct.Struct("<2s16s2s8sBQBQ")
+#: A child span's trace_id, span_id, parent_span_id (4), start and end times.
+_CHILD_HEAD = struct.Struct("<2s16s2s8s2s8sBQBQ")
+#: An upstream attempt's two events, `connected` and `first_byte` (see _event_parts).
+_BOTH_EVENTS = struct.Struct("<3sQ11s3sQ12s")
 #: Cached pieces: at most this many of each (they come from configuration and traffic).
 _CACHE_LIMIT = 4096
 
@@ -131,16 +137,13 @@ class SpanEncoder:
         self._scope = field(b"\x0a", scope(name="flexgw", version=flexgw.__version__).SerializeToString())
         self._fixed: dict[tuple[Any, ...], bytes] = {}
         # Attributes and statuses that repeat from span to span, encoded once.
-        self._client = _Cache(lambda address: attribute("client.address", address))
-        self._server = _Cache(lambda authority: attribute("server.address", _host(authority)))
-        self._peer = _Cache(lambda address: attribute(
-            "server.address", address if isinstance(address, str) else address.authority))
-        self._status_code = _Cache(lambda status: attribute("http.response.status_code", status))
         self._error = _Cache(lambda cause: attribute("error.type", cause) + _status(cause))
         self._child_error = _Cache(_status)
         self._child_head = _Cache(
             lambda pair: field(b"\x2a", pair[0].encode("utf-8")) + b"\x30" + _VARINTS[pair[1]]
         )
+        self._request_attributes_cache = _Cache(self._request_attributes)
+        self._upstream_parts = _Cache(self._upstream)
 
     def fixed(self, record: tuple[Any, ...]) -> bytes:
         """The serialized constant part of a server span: its name and kind, and the attributes
@@ -148,7 +151,7 @@ class SpanEncoder:
         literal labels), made with the official Span message once per such key."""
         trace, _, head, api, route, _, _, peer, port = record
         sampler = trace.sampler
-        key = (sampler, api, route, head.method, peer.scheme, head.version, port)
+        key = (sampler, api, route, head.method, head.version, port)
         cached = self._fixed.get(key)
         if cached is None:
             method = head.method.decode("latin-1")
@@ -169,21 +172,28 @@ class SpanEncoder:
             cached = self._fixed[key] = span.SerializeToString()
         return cached
 
-    def server_span(self, record: tuple[Any, ...], ids: bytes) -> bytes:
-        """One exchange's server span (`ids`: its trace_id and span_id fields): the OpenTelemetry
-        HTTP semantic-convention attributes, the API and route, the labels, the error cause as
-        the status."""
-        trace, end, head, _, _, status, cause, peer, _ = record
-        parts = [ids, self.fixed(record),
-                 _TIMES.pack(0x39, int(trace.start * 1e9), 0x41, int(end * 1e9)),
-                 attribute("url.path", head.path), self._server[head.authority],
-                 self._client[peer.address]]
+    def _request_attributes(self, key: tuple[str, str, int]) -> bytes:
+        """server.address, client.address and http.response.status_code (0: none)."""
+        authority, address, status = key
+        out = attribute("server.address", _host(authority)) + attribute("client.address", address)
+        return out + attribute("http.response.status_code", status) if status else out
+
+    def _upstream(self, key: tuple[Any, bool]) -> bytes:
+        """The constant part of an upstream attempt's span: name, kind, server.address, reuse."""
+        address, reused = key
+        authority = address if isinstance(address, str) else address.authority
+        return (self._child_head[("upstream", _CLIENT)] + attribute("server.address", authority)
+                + attribute("flexgw.upstream.connection_reused", reused))
+
+    def server_tail(self, record: tuple[Any, ...]) -> bytes:
+        """What a server span has besides ids, times, constant part and path: the parent, the
+        trace state, the request-header labels, the error status."""
+        trace, _, head, _, _, status, cause, _, _ = record
+        parts = []
         if trace.parent_id:
             parts.append(b"\x22\x08" + trace.parent_id.to_bytes(8, "big"))
         if trace.tracestate:
             parts.append(field(b"\x1a", trace.tracestate))
-        if status:
-            parts.append(self._status_code[status])
         sampler = trace.sampler
         if sampler.labels:
             for name, value in sampler.label_values(head.headers, variable=True):
@@ -194,22 +204,18 @@ class SpanEncoder:
             parts.append(b"\x7a\x02\x18\x02")  # status ERROR without a message
         return b"".join(parts)
 
-    def child_span(self, child: ChildSpan, common: bytes) -> bytes:
-        """A child span (`common`: its trace_id and parent_span_id fields): an upstream attempt
-        (with its connected and first_byte events), a policy wait, a side call."""
-        parts = [
-            common, b"\x12\x08", child.span_id.to_bytes(8, "big"),
-            self._child_head[(child.name, _INTERNAL if child.kind == POLICY else _CLIENT)],
-            _TIMES.pack(0x39, int(child.start * 1e9), 0x41, int(child.end * 1e9)),
-        ]
+    def child_tail(self, child: ChildSpan) -> bytes:
+        """What a child span has besides ids and times: its name, kind and attributes, its
+        events, its error."""
+        parts = []
         if child.kind == UPSTREAM:
-            if child.address is not None:
-                parts.append(self._peer[child.address])
-            parts.append(_REUSED if child.reused else _NOT_REUSED)
-            if child.connected:
-                parts += (_CONNECTED[0], _FIXED64.pack(int(child.connected * 1e9)), _CONNECTED[1])
-            if child.first_byte:
-                parts += (_FIRST_BYTE[0], _FIXED64.pack(int(child.first_byte * 1e9)), _FIRST_BYTE[1])
+            parts.append(self._upstream_parts[(child.address, child.reused)])
+            if child.connected is not None:
+                parts.append(_CONNECTED[0] + _FIXED64.pack(int(child.connected * 1e9)) + _CONNECTED[1])
+            if child.first_byte is not None:
+                parts.append(_FIRST_BYTE[0] + _FIXED64.pack(int(child.first_byte * 1e9)) + _FIRST_BYTE[1])
+        else:
+            parts.append(self._child_head[(child.name, _INTERNAL if child.kind == POLICY else _CLIENT)])
         if child.attributes is not None:
             parts.append(attributes(child.attributes))
         if child.error is not None:
@@ -217,27 +223,66 @@ class SpanEncoder:
         return b"".join(parts)
 
     def encode(self, records: list[tuple[Any, ...]]) -> bytes:
-        """An ExportTraceServiceRequest holding the spans of `records`, serialized."""
-        spans = [self._scope]
-        append = spans.append
-        server_span = self.server_span
-        child_span = self.child_span
+        """An ExportTraceServiceRequest holding the spans of `records`, serialized.
+
+        The common case is written inline (an upstream attempt that connected and got its first
+        byte; a server span without parent, trace state, variable labels or error): a few
+        struct packs and cached pieces per span, the pieces of the whole batch joined once."""
+        parts = [self._scope]
+        append = parts.append
+        fixed_get = self._fixed.get
+        request_attributes = self._request_attributes_cache
+        upstream_parts = self._upstream_parts
+        server_head = _SERVER_HEAD.pack
+        child_head = _CHILD_HEAD.pack
+        both_events = _BOTH_EVENTS.pack
+        connected_0, connected_1 = _CONNECTED
+        first_0, first_1 = _FIRST_BYTE
         for record in records:
-            trace: Trace = record[0]
-            trace_id = b"\x0a\x10" + trace.trace_id.to_bytes(16, "big")
+            trace, end, head, api, route, status, cause, peer, port = record
+            trace_id = trace.trace_id.to_bytes(16, "big")
             span_id = trace.span_id.to_bytes(8, "big")
-            span = server_span(record, trace_id + b"\x12\x08" + span_id)
-            n = len(span)
-            append(b"\x12" + (_VARINTS[n] if n < 16384 else _varint(n)) + span)
-            children = trace.children
-            if children:
-                common = trace_id + b"\x22\x08" + span_id
-                for child in children:
-                    span = child_span(child, common)
-                    n = len(span)
-                    append(b"\x12" + (_VARINTS[n] if n < 16384 else _varint(n)) + span)
-        resource_spans = self._resource + field(b"\x12", b"".join(spans))
-        return field(b"\x0a", resource_spans)
+            sampler = trace.sampler
+            fixed = fixed_get((sampler, api, route, head.method, head.version, port)) or self.fixed(record)
+            path = head.path.encode("utf-8")
+            n = len(path)
+            if n < 100:
+                path = b"\x4a%c\x0a\x08url.path\x12%c\x0a%c%s" % (n + 14, n + 2, n, path)
+            else:
+                path = attribute("url.path", head.path)
+            common = request_attributes[(head.authority, peer.address, status)]
+            tail = (
+                self.server_tail(record)
+                if trace.parent_id or trace.tracestate or sampler.labels or cause is not None
+                or status >= 500 or not status else b""
+            )
+            n = _SERVER_HEAD.size + len(fixed) + len(path) + len(common) + len(tail)
+            append(b"\x12" + (_VARINTS[n] if n < 16384 else _varint(n)))
+            append(server_head(b"\x0a\x10", trace_id, b"\x12\x08", span_id,
+                               0x39, int(trace.start * 1e9), 0x41, int(end * 1e9)))
+            append(fixed)
+            append(path)
+            append(common)
+            append(tail)
+            for child in trace.children:
+                ids = child_head(b"\x0a\x10", trace_id, b"\x12\x08", child.span_id.to_bytes(8, "big"),
+                                 b"\x22\x08", span_id, 0x39, int(child.start * 1e9), 0x41, int(child.end * 1e9))
+                if (child.kind == UPSTREAM and child.connected is not None and child.first_byte is not None
+                        and child.attributes is None and child.error is None):
+                    constant = upstream_parts[(child.address, child.reused)]
+                    n = _CHILD_HEAD.size + len(constant) + _BOTH_EVENTS.size
+                    append(b"\x12" + (_VARINTS[n] if n < 16384 else _varint(n)))
+                    append(ids)
+                    append(constant)
+                    append(both_events(connected_0, int(child.connected * 1e9), connected_1,
+                                       first_0, int(child.first_byte * 1e9), first_1))
+                else:
+                    tail = self.child_tail(child)
+                    n = _CHILD_HEAD.size + len(tail)
+                    append(b"\x12" + (_VARINTS[n] if n < 16384 else _varint(n)))
+                    append(ids)
+                    append(tail)
+        return field(b"\x0a", self._resource + field(b"\x12", b"".join(parts)))
 
 
 def _any(value: Any) -> AnyValue:
@@ -254,8 +299,6 @@ def _host(authority: str) -> str:
     return host.strip("[]")
 
 
-_REUSED = attribute("flexgw.upstream.connection_reused", True)
-_NOT_REUSED = attribute("flexgw.upstream.connection_reused", False)
 
 
 def encode(settings: TracingSettings, records: list[tuple[Any, ...]]) -> bytes:
