@@ -28,7 +28,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 import flexgw
-from flexgw.http.tracecontext import POLICY, UPSTREAM, ChildSpan, Trace
+from flexgw.http.tracecontext import POLICY, UPSTREAM, ChildSpan
 from flexgw.plan import TracingSettings
 
 # Span.SpanKind values.
