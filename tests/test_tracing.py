@@ -9,7 +9,7 @@ from typing import Any
 
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from twisted.internet import defer, reactor
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from flexgw.config.tracing import duration
@@ -479,6 +479,24 @@ class ConfigTests(TestCase):
         self.assertIsNone(state.plan.tracing)
         self.assertIsNone(state.plan.listeners[0].apis[0].tracing)
 
+    def test_collector_address_forms(self) -> None:
+        """h2:// (Flex's form) is OTLP/gRPC in plaintext; h2s://, grpcs:// and https:// with
+        serviceType grpc are OTLP/gRPC over TLS (with defaultTLS.outboundPolicyCalls);
+        http(s):// otherwise is OTLP/HTTP."""
+        side = ("---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: Configuration\nmetadata: {name: t}\n"
+                "spec:\n  defaultTLS:\n    outboundPolicyCalls: {skipValidation: true}\n")
+        for address, extra, expected in (
+            ("h2://c:4317", "", ("h2c://c:4317", "grpc")),
+            ("h2s://c", "", ("h2s://c:4317", "grpc")),
+            ("grpcs://c:9", "", ("h2s://c:9", "grpc")),
+            ("https://c:4317", "        serviceType: grpc\n", ("h2s://c:4317", "grpc")),
+            ("https://c:4318", "", ("https://c:4318/v1/traces", "http")),
+        ):
+            state = self.load(tracing_config(address, extra) + side, api(8081, "http://127.0.0.1:9"))
+            settings = state.plan.tracing
+            self.assertEqual((settings.address, settings.protocol), expected, address)
+            self.assertTrue(settings.tls.skip_validation)
+
     def test_bad_settings_are_reported(self) -> None:
         """An anypoint provider is a warning, an address that is no collector an error with its
         position, a percentage over 100 a schema error; tracing stays off."""
@@ -491,3 +509,47 @@ class ConfigTests(TestCase):
         self.assertEqual((error.line, error.field), (9, "spec.tracing.provider.properties.address"))
         state = self.load(tracing_config("h2://c:1", sampling="{client: 101}"), api(8081, "http://127.0.0.1:9"))
         self.assertTrue(any(p.severity == "error" and "sampling" in (p.field or "") for p in state.problems))
+
+
+class GrpcTlsTracingTests(_TracingCase):
+    """OTLP/gRPC over TLS (h2s://) to a grpcio receiver presenting a test CA's certificate."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        from flexgw.testing.certs import CertificateAuthority
+
+        ca = CertificateAuthority()
+        self.ca_path = ca.write(self.mktemp())
+        self.receiver = OtlpGrpcReceiver(reactor)
+        port = self.receiver.start(tls=ca.issue("collector", ips=["127.0.0.1"]))
+        self.address = f"h2s://127.0.0.1:{port}"
+        self.addCleanup(self.receiver.stop)
+
+    def trusting(self) -> str:
+        """The Configuration that trusts the test CA for the gateway's side calls."""
+        return ("---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: Configuration\n"
+                "metadata: {name: side-tls}\nspec:\n  defaultTLS:\n    outboundPolicyCalls:\n"
+                f'      trustedCA: "file://{self.ca_path}"\n')
+
+    @defer.inlineCallbacks
+    def test_spans_over_tls(self) -> Any:
+        """With defaultTLS.outboundPolicyCalls trusting the CA, the spans arrive over TLS."""
+        port = free_port()
+        Gateway(self, {"api.yaml": api(port, self.upstream_address) + "---\n" + tracing_config(self.address)
+                       + self.trusting()}).start()
+        response = yield client.request(reactor, "127.0.0.1", port, get("/tls"))
+        self.assertEqual(response.status, 200)
+        spans = yield self.receiver.wait_for_spans(2)
+        self.assertEqual(len({s.trace_id for s in spans}), 1)
+
+    @defer.inlineCallbacks
+    def test_untrusted_collector_fails_the_export_only(self) -> Any:
+        """Without that CA (the system trust store), the export fails and is counted; the
+        request is served as usual."""
+        gateway, port = self.gateway(self.address, self.upstream_address)
+        response = yield client.request(reactor, "127.0.0.1", port, get("/tls"))
+        self.assertEqual(response.status, 200)
+        exporter = gateway.service.tracing.tracer.exporter  # type: ignore[union-attr]
+        while not exporter.failures:
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual((exporter.dropped, self.receiver.calls), (2, 0))

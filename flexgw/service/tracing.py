@@ -183,10 +183,20 @@ class SpanExporter:
 
 
 def grpc_sender(reactor: Any, clock: Any, settings: TracingSettings) -> tuple[Callable[[bytes], Deferred[Any]], Any]:
-    """(send, close) for OTLP/gRPC to `settings.address` (`h2c://host:port`): unary calls on a
-    pool of HTTP/2 connections of its own."""
-    host, _, port = settings.address.removeprefix("h2c://").rpartition(":")
-    pool = h2_pool(reactor, clock, "h2c", host.strip("[]"), int(port), settings.timeout, key="tracing")
+    """(send, close) for OTLP/gRPC to `settings.address` (`h2c://host:port`, or `h2s://` over
+    TLS with `settings.tls`, else the system trust store): unary calls on a pool of HTTP/2
+    connections of its own."""
+    scheme, _, rest = settings.address.partition("://")
+    host, _, port = rest.rpartition(":")
+    host = host.strip("[]")
+    tls = None
+    if scheme == "h2s":
+        from flexgw.tls.contexts import build_client_tls
+        from flexgw.tls.settings import TLSSettings
+
+        tls = build_client_tls(settings.tls or TLSSettings(), host, http2=True)
+    pool = h2_pool(reactor, clock, "h2" if tls is not None else "h2c", host, int(port),
+                   settings.timeout, tls, key="tracing")
 
     def send(body: bytes) -> Deferred[Any]:
         return UnaryCall(pool, GRPC_PATH, body, limit=ANSWER_LIMIT).start()
@@ -195,8 +205,15 @@ def grpc_sender(reactor: Any, clock: Any, settings: TracingSettings) -> tuple[Ca
 
 
 def http_sender(reactor: Any, settings: TracingSettings, agent: Any = None) -> tuple[Callable[[bytes], Deferred[Any]], Any]:
-    """(send, close) for OTLP/HTTP: a protobuf POST to `settings.address` with treq."""
+    """(send, close) for OTLP/HTTP: a protobuf POST to `settings.address` with treq (over
+    https with `settings.tls` when set, else the system trust store)."""
     url = settings.address
+    if agent is None and settings.tls is not None and url.startswith("https:"):
+        from twisted.web.client import Agent
+
+        from flexgw.tls.contexts import SideCallTLSPolicy
+
+        agent = Agent(reactor, contextFactory=SideCallTLSPolicy(settings.tls))
 
     def send(body: bytes) -> Deferred[Any]:
         d = post_bounded(
