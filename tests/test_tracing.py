@@ -438,6 +438,138 @@ class EncodeTests(SynchronousTestCase):
         self.assertEqual(request.resource_spans[0].resource.attributes[0].value.string_value, "s")
 
 
+def _layout(package: str, group: str, scope: str) -> Any:
+    """An ExportTraceServiceRequest class whose ResourceSpans field 2 holds `group` messages with
+    the instrumentation scope in field 1 named `scope` (and the installed Span in field 2): the
+    layout of opentelemetry-proto's current files (ScopeSpans, scope) or of the older copies
+    xds-protos ships under the same module names (InstrumentationLibrarySpans,
+    instrumentation_library)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool
+    from google.protobuf.message_factory import GetMessageClass
+    from opentelemetry.proto.resource.v1 import resource_pb2
+    from opentelemetry.proto.trace.v1 import trace_pb2
+
+    field = descriptor_pb2.FieldDescriptorProto
+    optional, repeated, message = field.LABEL_OPTIONAL, field.LABEL_REPEATED, field.TYPE_MESSAGE
+    proto = descriptor_pb2.FileDescriptorProto(
+        name=f"{package}.proto", package=package, syntax="proto3",
+        dependency=[trace_pb2.DESCRIPTOR.name, resource_pb2.DESCRIPTOR.name])
+    kind = proto.message_type.add(name="Scope")
+    kind.field.add(name="name", number=1, type=field.TYPE_STRING, label=optional)
+    kind.field.add(name="version", number=2, type=field.TYPE_STRING, label=optional)
+    spans = proto.message_type.add(name=group)
+    spans.field.add(name=scope, number=1, type=message, label=optional, type_name=f".{package}.Scope")
+    spans.field.add(name="spans", number=2, type=message, label=repeated,
+                    type_name=".opentelemetry.proto.trace.v1.Span")
+    resource = proto.message_type.add(name="ResourceSpans")
+    resource.field.add(name="resource", number=1, type=message, label=optional,
+                       type_name=".opentelemetry.proto.resource.v1.Resource")
+    resource.field.add(name="spans", number=2, type=message, label=repeated, type_name=f".{package}.{group}")
+    request = proto.message_type.add(name="ExportTraceServiceRequest")
+    request.field.add(name="resource_spans", number=1, type=message, label=repeated,
+                      type_name=f".{package}.ResourceSpans")
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName(proto.name)
+    except KeyError:
+        pool.Add(proto)
+    return GetMessageClass(pool.FindMessageTypeByName(f"{package}.ExportTraceServiceRequest"))
+
+
+class WireTests(SynchronousTestCase):
+    """flexgw's OTLP bytes (flexgw.service.otlpwire) against the official messages."""
+
+    def records(self) -> list[Any]:
+        """Two finished traces: a continued one with trace state, a request-header label, a
+        retried attempt, a policy wait, a failed side call, an error and a 200-byte path; and a
+        new root trace with one attempt (the common case)."""
+        from types import SimpleNamespace
+
+        clock = Clock()
+        clock.advance(1_700_000_000)
+        sampler = Sampler(labels=(TraceLabel("team", "literal", "", "pay"), TraceLabel("tenant", "requestHeader", "x-t", "-")),
+                          ids=random.Random(3).getrandbits)
+        peer = SimpleNamespace(scheme="http", address="10.0.0.9")
+        long_path = "/" + "p" * 199
+        headers = [(b"traceparent", SAMPLED), (b"tracestate", b"v=1"), (b"x-t", b"acme")]
+        head = SimpleNamespace(method=b"POST", version=b"1.1", authority="gw.test:8080", path=long_path, headers=headers)
+        first = sampler.begin(headers, clock.seconds(), clock)
+        assert first is not None
+        clock.advance(0.001)
+        first.upstream_attempt(first.start, clock.seconds(), "10.1.1.1:80", False)
+        clock.advance(0.002)
+        first.upstream_attempt(first.start, clock.seconds(), "10.1.1.2:80", True)
+        first.policy_waiting("ns/p", "slow-kind", clock.seconds())
+        first.policy_done("rejected")
+        span, _ = first.side_call("jwks")
+        span.set_attribute("url.full", "http://idp/keys")
+        span.ended(clock, "jwks_unreachable")
+        clock.advance(0.003)
+        first.close(clock.seconds(), clock.seconds() - 0.001, "upstream_reset")
+        second = sampler.begin([], clock.seconds(), clock)
+        assert second is not None
+        second.upstream_attempt(second.start, clock.seconds() + 0.001, "10.1.1.1:80", True)
+        second.close(clock.seconds() + 0.002, clock.seconds() + 0.0015, None)
+        plain = SimpleNamespace(method=b"GET", version=b"1.1", authority="gw.test", path="/x", headers=[])
+        return [(first, clock.seconds(), head, "ns/api", "r1", 502, "upstream_reset", peer, 8080),
+                (second, clock.seconds() + 0.002, plain, "ns/api", "r1", 200, None, peer, 8080)]
+
+    def test_spans_decode_with_the_official_messages(self) -> None:
+        """Every field flexgw writes decodes as the OTLP message says, long values included."""
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        records = self.records()
+        request = ExportTraceServiceRequest.FromString(encode(TracingSettings("h2c://h:1", "grpc"), records))
+        [group] = request.resource_spans[0].ListFields()[1][1]  # scope_spans or its older name
+        spans = list(group.spans)
+        self.assertEqual([s.name for s in spans], ["POST r1", "upstream", "upstream", "policy slow-kind", "jwks",
+                                                   "GET r1", "upstream"])
+        first, second = records[0][0], records[1][0]
+        server, retried, attempt, policy, side, root, last = spans
+        self.assertEqual((server.trace_id, server.span_id, server.parent_span_id, server.trace_state),
+                         (CLIENT_TRACE.to_bytes(16, "big"), first.span_id.to_bytes(8, "big"),
+                          CLIENT_SPAN.to_bytes(8, "big"), "v=1"))
+        self.assertEqual((server.start_time_unix_nano, server.end_time_unix_nano),
+                         (int(first.start * 1e9), int(records[0][1] * 1e9)))
+        self.assertEqual((server.status.code, server.status.message), (2, "upstream_reset"))
+        values = attributes(server)
+        self.assertEqual((values["url.path"], values["server.address"], values["client.address"]),
+                         ("/" + "p" * 199, "gw.test", "10.0.0.9"))
+        self.assertEqual((values["http.response.status_code"], values["server.port"], values["team"],
+                          values["tenant"], values["error.type"]), (502, 8080, "pay", "acme", "upstream_reset"))
+        for child in (retried, attempt, policy, side):
+            self.assertEqual((child.trace_id, child.parent_span_id), (server.trace_id, server.span_id))
+        self.assertEqual((retried.status.message, attributes(retried)["server.address"]), ("retried", "10.1.1.1:80"))
+        self.assertEqual(attributes(attempt), {"server.address": "10.1.1.2:80",
+                                               "flexgw.upstream.connection_reused": True})
+        self.assertEqual([(e.name, e.time_unix_nano) for e in attempt.events],
+                         [("connected", int(first.children[1].connected * 1e9)),
+                          ("first_byte", int(first.children[1].first_byte * 1e9))])
+        self.assertEqual((attempt.status.code, attempt.status.message), (2, "upstream_reset"))
+        self.assertEqual((policy.kind, policy.status.message, attributes(policy)),
+                         (Span.SpanKind.SPAN_KIND_INTERNAL, "rejected", {"flexgw.policy.binding": "ns/p"}))
+        self.assertEqual((side.status.message, attributes(side)), ("jwks_unreachable", {"url.full": "http://idp/keys"}))
+        self.assertEqual((root.parent_span_id, root.trace_id, root.status.code), (b"", second.trace_id.to_bytes(16, "big"), 0))
+        self.assertEqual((last.parent_span_id, [e.name for e in last.events]), (root.span_id, ["connected", "first_byte"]))
+
+    def test_both_published_layouts_read_the_same_spans(self) -> None:
+        """Whichever copy of the OTLP modules an installation has (opentelemetry-proto's, or the
+        older one xds-protos ships under the same names), flexgw writes the same bytes, and a
+        collector reading either layout gets the same spans and scope."""
+        body = encode(TracingSettings("h2c://h:1", "grpc"), self.records())
+        decoded = []
+        for package, group, scope in (("flexgwtest.current", "ScopeSpans", "scope"),
+                                      ("flexgwtest.older", "InstrumentationLibrarySpans", "instrumentation_library")):
+            request = _layout(package, group, scope).FromString(body)
+            [spans] = request.resource_spans[0].spans
+            self.assertEqual(getattr(spans, scope).name, "flexgw")
+            decoded.append([s.SerializeToString() for s in spans.spans])
+        self.assertEqual(len(decoded[0]), 7)
+        self.assertEqual(decoded[0], decoded[1])
+
+
 class ConfigTests(TestCase):
     """Configuration spec.tracing and tracing-flex as the config pipeline reads them."""
 
