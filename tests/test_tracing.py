@@ -168,12 +168,12 @@ class ExporterTests(SynchronousTestCase):
     def test_full_queue_drops_and_counts(self) -> None:
         """Past max_queue spans, offers are dropped and counted; nothing is sent before the delay."""
         for _ in range(3):
-            self.exporter.offer(("record",), 2)
+            self.exporter.offer(("record", 2))
         self.assertEqual((self.exporter.queued, self.exporter.dropped, self.sent), (4, 2, []))
         self.clock.advance(0.5)
         self.assertEqual((len(self.sent), self.exporter.queued), (1, 2))
-        self.exporter.offer(("record",), 2)
-        self.exporter.offer(("record",), 2)  # the queue is full again while the export waits
+        self.exporter.offer(("record", 2))
+        self.exporter.offer(("record", 2))  # the queue is full again while the export waits
         self.assertEqual(self.exporter.dropped, 4)
         self.sent[0].callback(b"")
         self.assertEqual(self.exporter.exported, 2)
@@ -182,7 +182,7 @@ class ExporterTests(SynchronousTestCase):
 
     def test_timeout_drops_the_batch(self) -> None:
         """An export that does not answer within the timeout is cancelled; its spans count as dropped."""
-        self.exporter.offer(("record",), 2)
+        self.exporter.offer(("record", 2))
         self.clock.advance(0.5)
         self.clock.advance(3)
         self.assertEqual((self.exporter.failures, self.exporter.dropped, self.exporter.inflight), (1, 2, None))
@@ -511,8 +511,8 @@ class WireTests(SynchronousTestCase):
         second.upstream_attempt(second.start, clock.seconds() + 0.001, "10.1.1.1:80", True)
         second.close(clock.seconds() + 0.002, clock.seconds() + 0.0015, None)
         plain = SimpleNamespace(method=b"GET", version=b"1.1", authority="gw.test", path="/x", headers=[])
-        return [(first, clock.seconds(), head, "ns/api", "r1", 502, "upstream_reset", peer, 8080),
-                (second, clock.seconds() + 0.002, plain, "ns/api", "r1", 200, None, peer, 8080)]
+        return [(first, clock.seconds(), head, "ns/api", "r1", 502, "upstream_reset", peer, 8080, 5),
+                (second, clock.seconds() + 0.002, plain, "ns/api", "r1", 200, None, peer, 8080, 2)]
 
     def test_spans_decode_with_the_official_messages(self) -> None:
         """Every field flexgw writes decodes as the OTLP message says, long values included."""

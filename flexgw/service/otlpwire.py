@@ -149,7 +149,7 @@ class SpanEncoder:
         """The serialized constant part of a server span: its name and kind, and the attributes
         that are the same for every request of one API, route, method and listener (and the
         literal labels), made with the official Span message once per such key."""
-        trace, _, head, api, route, _, _, peer, port = record
+        trace, _, head, api, route, _, _, peer, port, _ = record
         sampler = trace.sampler
         key = (sampler, api, route, head.method, head.version, port)
         cached = self._fixed.get(key)
@@ -188,7 +188,7 @@ class SpanEncoder:
     def server_tail(self, record: tuple[Any, ...]) -> bytes:
         """What a server span has besides ids, times, constant part and path: the parent, the
         trace state, the request-header labels, the error status."""
-        trace, _, head, _, _, status, cause, _, _ = record
+        trace, _, head, _, _, status, cause, _, _, _ = record
         parts = []
         if trace.parent_id:
             parts.append(b"\x22\x08" + trace.parent_id.to_bytes(8, "big"))
@@ -239,7 +239,7 @@ class SpanEncoder:
         connected_0, connected_1 = _CONNECTED
         first_0, first_1 = _FIRST_BYTE
         for record in records:
-            trace, end, head, api, route, status, cause, peer, port = record
+            trace, end, head, api, route, status, cause, peer, port, _ = record
             trace_id = trace.trace_id.to_bytes(16, "big")
             span_id = trace.span_id.to_bytes(8, "big")
             sampler = trace.sampler

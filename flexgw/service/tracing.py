@@ -51,25 +51,35 @@ class Tracer:
         self.exporter = exporter
 
     def exchange_finished(self, exchange: ProxyExchange, listener: Any) -> None:
-        """Close the exchange's trace, if it has one, and offer it for export."""
+        """Close the exchange's trace, if it has one, and offer it for export (a record: the
+        trace, its end, the request head, API and route names, status, error cause, peer,
+        listener port and the number of spans)."""
         trace = exchange.trace
         if trace is None:
             return
         now = self.clock.seconds()
+        cause = exchange.error_cause
         elapsed = exchange.upstream_elapsed
-        first_byte = None if elapsed is None else exchange.upstream_started + elapsed
-        destination = exchange.destination
-        trace.close(
-            now, first_byte, exchange.error_cause, exchange.upstream_started,
-            destination.upstream if destination is not None else None,
-        )
+        attempt = trace.attempt
+        children = trace.children
+        if (cause is None and attempt is not None and not attempt.end and trace.policy is None
+                and len(children) == 1):
+            # the common case (Trace.close's work, inline): one upstream attempt that answered
+            attempt.end = now
+            if elapsed is not None:
+                attempt.first_byte = exchange.upstream_started + elapsed
+        else:
+            destination = exchange.destination
+            trace.close(
+                now, None if elapsed is None else exchange.upstream_started + elapsed, cause,
+                exchange.upstream_started, destination.upstream if destination is not None else None,
+            )
         route = exchange.route
-        record = (
+        self.exporter.offer((
             trace, now, exchange.head, exchange.api_key, route.name if route is not None else None,
-            exchange.response_status, exchange.error_cause, exchange.front.peer,
-            getattr(listener, "port", 0),
-        )
-        self.exporter.offer(record, 1 + len(trace.children))
+            exchange.response_status, cause, exchange.front.peer, getattr(listener, "port", 0),
+            1 + len(children),
+        ))
 
     def tunnel_opened(self, exchange: ProxyExchange, listener: Any) -> None:
         """A tunnel's span ends at the switch."""
@@ -92,7 +102,7 @@ class SpanExporter:
         self.settings = settings
         self.send = send
         self.encoder = SpanEncoder(settings)
-        self.queue: list[tuple[tuple[Any, ...], int]] = []  # (record, its span count)
+        self.queue: list[tuple[Any, ...]] = []  # Tracer records
         self.queued = 0  # spans in the queue
         self.dropped = 0
         self.exported = 0
@@ -102,12 +112,14 @@ class SpanExporter:
         self.inflight: Deferred[Any] | None = None
         self.stopped = False
 
-    def offer(self, record: tuple[Any, ...], spans: int) -> None:
-        """Queue a finished trace of `spans` spans, or drop it when the queue is full."""
+    def offer(self, record: tuple[Any, ...]) -> None:
+        """Queue a finished trace (a Tracer record, whose last item is its number of spans), or
+        drop it when the queue is full."""
+        spans = record[-1]
         if self.queued + spans > self.settings.max_queue or self.stopped:
             self.dropped += spans
             return
-        self.queue.append((record, spans))
+        self.queue.append(record)
         self.queued += spans
         if self.inflight is None:
             # A batch waits at most `delay`; a full one is sent at once (in the next turn).
@@ -132,7 +144,8 @@ class SpanExporter:
         limit = self.settings.max_batch
         queue = self.queue
         taken = 0
-        for record, spans in queue:
+        for record in queue:
+            spans = record[-1]
             if batch and count + spans > limit:
                 break
             batch.append(record)
