@@ -155,7 +155,7 @@ class AccessLog(BufferedLog):
         error = exchange.error_cause
         trace = exchange.trace
         traced = (  # (%-formatting: a quarter of an f-string's cost for these)
-            ',"trace_id":"%032x","span_id":"%016x"' % (trace.trace_id, trace.span_id)
+            ',"trace_id":"%032x","span_id":"%016x"' % (trace.trace_id, trace.span_id)  # noqa: UP031
             if trace is not None else ""
         )
         self._lines.append(
