@@ -436,9 +436,21 @@ class H2UpstreamConnection(Protocol):
         try:
             received = self.conn.receive_data(data)
         except ProtocolError as exc:
-            _log.info("HTTP/2 protocol error from upstream: {error}", error=exc)
+            _log.info(
+                "HTTP/2 protocol error from upstream {upstream}: {error}",
+                upstream=self.pool.upstream.key, error=exc,
+            )
             self.usable = False
-            self.flush()
+            self.flush()  # h2's GOAWAY with the error's code
+            # The upstream broke the protocol (an oversize frame, a header block that does not
+            # decode, a window overflow...): every exchange on the connection fails as for a
+            # malformed response (502 `upstream_bad_response`, or the client's stream reset once
+            # its head went out), not as a reset an idempotent request could be retried after.
+            for stream in list(self.streams.values()):
+                sink = stream.sink
+                stream.sink = None
+                if sink is not None:
+                    sink.response_malformed(f"HTTP/2 protocol error: {exc}")
             self.transport.abortConnection()
             return
         touched: dict[int, H2UpstreamStream] = {}
