@@ -79,12 +79,14 @@ class GrpcAuthzServer(GrpcTestServer):
         super().__init__()
         self.pb = pb
         self.requests: list[Any] = []
+        self.metadata: list[dict[str, str]] = []  # each call's gRPC metadata
         server = self
 
         class Servicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc, name-defined]
             def Check(self, request: Any, context: Any) -> Any:
                 """Decide from x-decision."""
                 server.requests.append(request)
+                server.metadata.append(dict(context.invocation_metadata()))
                 return server.decide(request, context)
 
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
