@@ -194,6 +194,27 @@ class GatewayTests(_Gateway):
         self.assertEqual([m.response_body.body for m in stream[1:]], [b"one", b"two"])
         self.assertEqual([m.response_body.end_of_stream for m in stream[1:]], [False, True])
 
+    async def test_other_modes(self) -> None:
+        """requestHeaderMode skip (the body goes first), requestBodyMode streamed and
+        bufferedPartial (sent whole, see the module's differences), responseBodyMode
+        bufferedPartial (one message), all headers skipped (no stream at all)."""
+        for config, kinds, upstream_body, client_body in (
+            ({"requestHeaderMode": "skip", "requestBodyMode": "streamed",
+              "responseHeaderMode": "skip"}, ["request_body"], b"REPLACED:abc", b"onetwo"),
+            ({"requestBodyMode": "bufferedPartial", "responseHeaderMode": "skip",
+              "responseBodyMode": "bufferedPartial"},
+             ["request_headers", "request_body", "response_body"], b"REPLACED:abc", b"<onetwo>"),
+        ):
+            port = self.gateway(**config)
+            response = await self.send(port, body=b"abc")
+            self.assertEqual((response.status, response.body), (200, client_body))
+            self.assertEqual(self.upstream.received[-1].body, upstream_body)
+            self.assertEqual(self.server.kinds(), kinds)
+        streams = len(self.server.streams)
+        quiet = self.gateway(requestHeaderMode="skip", responseHeaderMode="skip")
+        self.assertEqual((await self.send(quiet)).body, b"onetwo")
+        self.assertEqual(len(self.server.streams), streams)
+
     async def test_continue_and_replace(self) -> None:
         """CONTINUE_AND_REPLACE on the request headers: its body goes upstream, and the body
         phase is skipped."""
