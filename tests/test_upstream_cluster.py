@@ -11,6 +11,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from flexgw.config.balancing import balancing_of
 from flexgw.config.load import load_text
 from flexgw.config.validate import check_document
 from flexgw.service.admin import admin_site
@@ -208,6 +209,25 @@ class ConfigErrorTests(SynchronousTestCase):
         [error] = check("  loadBalancer:\n    dnsRefreshSeconds: 0\n")
         self.assertIn("spec.loadBalancer.dnsRefreshSeconds", error)
         self.assertEqual(Counter(check("  addresses: [10.0.0.1]\n")), Counter())
+
+    def test_dns_refresh_bounds(self) -> None:
+        """dnsMinRefreshSeconds/dnsMaxRefreshSeconds out of range, or the minimum above the
+        maximum: located errors; in range they compile into the plan's Balancing."""
+        [error] = check("  loadBalancer:\n    dnsMaxRefreshSeconds: 100000\n")
+        self.assertIn("svc.yaml:8:27: error: Service default/s: spec.loadBalancer.dnsMaxRefreshSeconds", error)
+        [error] = check("  loadBalancer:\n    dnsMinRefreshSeconds: 0\n")
+        self.assertIn("spec.loadBalancer.dnsMinRefreshSeconds", error)
+        [error] = check("  loadBalancer:\n    dnsMinRefreshSeconds: 30\n    dnsMaxRefreshSeconds: 10\n")
+        self.assertIn(
+            "svc.yaml:8:27: error: Service default/s: spec.loadBalancer.dnsMinRefreshSeconds:"
+            " dnsMinRefreshSeconds (30) is above dnsMaxRefreshSeconds (10)",
+            error,
+        )
+        [error] = check("  loadBalancer:\n    dnsMinRefreshSeconds: 400\n")
+        self.assertIn("is above dnsMaxRefreshSeconds (300)", error)
+        self.assertEqual(check("  loadBalancer:\n    dnsMinRefreshSeconds: 1\n    dnsMaxRefreshSeconds: 10\n"), [])
+        balancing = balancing_of({"loadBalancer": {"dnsMinRefreshSeconds": 1, "dnsMaxRefreshSeconds": 10}}, 80)
+        self.assertEqual((balancing.dns_min_refresh, balancing.dns_max_refresh), (1.0, 10.0))
 
 
 class PolicyKeyTests(SynchronousTestCase):
