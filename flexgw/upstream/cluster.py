@@ -432,6 +432,8 @@ class Cluster:
             "algorithm": self.balancing.algorithm,
             "resolved": self.named,
             "panic": self.panic,
+            "healthChecked": self.health is not None,
+            "outlierDetection": self.upstream.outlier is not None,
             "retryBudget": None
             if self.budget is None
             else {"active": self.budget.active, "exhausted": self.budget.exhausted},
@@ -440,6 +442,11 @@ class Cluster:
                     "address": m.address,
                     "weight": m.weight,
                     "state": m.state(),
+                    # active checks' verdict (None: not checked), outlier ejection now
+                    "health": None
+                    if self.health is None
+                    else ("healthy" if m.healthy else "unhealthy"),
+                    "ejected": m.ejected,
                     "active": m.pool.active,
                     "idle": len(m.pool.idle),
                     "requests": m.requests,
