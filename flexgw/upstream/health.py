@@ -286,7 +286,9 @@ class HealthChecker:
         self.slots: list[list[Any]] = [[] for _ in range(int(40 * (1 + policy.jitter)) + 2)]
         self.position = 0
         self.timeout_ticks = max(1, round(policy.timeout / self.tick))
-        self.loop = LoopingCall(self._turn)
+        # (withCount: ticks the reactor was too busy to run are turned too, so a loaded
+        # gateway still checks every interval and judges timeouts after timeoutSeconds)
+        self.loop = LoopingCall.withCount(self._turns)
         self.loop.clock = self.clock
         upstream = self.upstream
         host = policy.host or upstream.authority
@@ -319,6 +321,12 @@ class HealthChecker:
         jitter = self.policy.jitter
         spread = 1 + self.rng.uniform(-jitter, jitter) if jitter else 1
         return max(1, round(20 * spread))
+
+    def _turns(self, ticks: int) -> None:
+        """`ticks` ticks have passed since the last turn (more than one when the reactor was
+        late): turn the wheel that far (at most once round: everything on it is due then)."""
+        for _ in range(min(ticks, len(self.slots))):
+            self._turn()
 
     def _turn(self) -> None:
         """One tick: run the checks due, judge the timeouts due."""
