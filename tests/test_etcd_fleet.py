@@ -154,7 +154,7 @@ class FleetTests(EtcdTestCase):
         # both serve the same address in one process: the second could not bind it
         self.assertIn(": not ready: 1 listener(s) could not be bound", table)
         root = write_conf(self, {"s.yaml": service("s", "http://127.0.0.1:9000")})
-        status, out = await etcd_cli(etcd.url, "apply", "--wait", "10", root)
+        status, out = await etcd_cli(etcd.url, "apply", "--wait", "60", root)
         self.assertEqual(status, 0, out)
         self.assertIn("every gateway (2) applied it in ", out)
         second.watcher.stop()
