@@ -22,6 +22,13 @@ from flexgw.testing.upstream import RecordingUpstream, Responder
 #: split into slices, one per trial worker (`trial --jobs` runs worker N in `<temp>/N`), so two
 #: workers never hand out the same port.
 _PORT_RANGE = (20000, 32768)
+
+#: The trial timeout of tests that start `twistd flexgw` processes: a hang guard, not a bound on
+#: any behaviour (the tests wait for events: sd_notify messages, output lines, responses).
+#: Starting one twistd costs about 1.3 s of CPU (imports, compile); at a load average of 15 on
+#: two cores it took over 5 s of wall time, and tests starting two to four of them overran
+#: 30-60 s guards, leaving their coroutine to fail a later test (AlreadyCalledError).
+PROCESS_TEST_TIMEOUT = 180
 _PORT_SLICES = 8
 _port_slice: tuple[int, int] | None = None
 _next_port = 0

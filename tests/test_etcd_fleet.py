@@ -21,7 +21,7 @@ from flexgw.config.sources.etcd_client import EtcdClient
 from flexgw.service.fleet import FleetReporter
 from tests.conftools import api, route, service, update_conf, write_conf
 from tests.etcdserver import start_etcd
-from tests.harness import free_port
+from tests.harness import PROCESS_TEST_TIMEOUT, free_port
 from tests.test_etcd_source import PREFIX, RES, EtcdGateway, EtcdTestCase, api_key, real_reactor
 from tests.test_sigterm import start_twistd
 
@@ -206,7 +206,7 @@ async def fleet_until(
 class WorkersTests(EtcdTestCase):
     """`twistd flexgw --workers 2 --etcd`: every worker follows etcd and reports itself."""
 
-    timeout = 90
+    timeout = PROCESS_TEST_TIMEOUT  # (a hang guard: tests.harness)
 
     async def test_workers_follow_etcd(self) -> None:
         """Two workers report <id>-w0 and <id>-w1; a put is applied by both and served."""

@@ -14,7 +14,7 @@ from twisted.trial.unittest import TestCase
 
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream, fixed
-from tests.harness import api_document, free_port
+from tests.harness import PROCESS_TEST_TIMEOUT, api_document, free_port
 from tests.test_sigterm import Process, start_twistd, write_conf
 
 LEVEL_ERROR = (
@@ -35,7 +35,7 @@ class SigusrTests(TestCase):
 
     # A hang guard, not a bound on the behaviour: starting twistd (about 1.3 s of CPU to import
     # and compile) took over 5 s at a load average of 15 on two cores; each test starts one.
-    timeout = 120
+    timeout = PROCESS_TEST_TIMEOUT
 
     async def start(self, extra: str = "", options: tuple[str, ...] = ()) -> tuple[Process, Any, int, str]:
         """Start an upstream and twistd in front of it (config + `extra` documents); wait for
