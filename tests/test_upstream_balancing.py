@@ -267,7 +267,8 @@ class HealthWheelTests(SynchronousTestCase):
             health=HealthPolicy(interval=1.0, jitter=0.0, timeout=0.5, unhealthy_threshold=2),
         )
         manager.configure(manager.http, manager.timeouts, {upstream})
-        [self.member] = manager.clusters[upstream].members.values()
+        self.cluster = manager.clusters[upstream]
+        [self.member] = self.cluster.members.values()
 
     def check_unhealthy_in_time(self, step: float) -> None:
         """Advanced `step` seconds at a time: healthy at 1.5 s (two checks with their
@@ -290,3 +291,16 @@ class HealthWheelTests(SynchronousTestCase):
         """The reactor late by ten ticks each time (a loaded machine): the wheel turns the
         ticks it missed, so checks and timeouts keep to wall-clock time."""
         self.check_unhealthy_in_time(0.5)
+
+    def test_answer_read_after_a_stall_is_not_a_timeout(self) -> None:
+        """A check in flight when the reactor stalls past its timeout: the timeout is judged a
+        tick later, so an answer that arrived during the stall (read after the timers ran)
+        counts, not the timeout."""
+        while not self.connects:
+            self.clock.advance(0.05)
+        self.clock.advance(0.6)  # one late turn of 12 ticks: the 0.5 s timeout came due
+        self.assertEqual((self.member.health_failures, self.member.health_successes), (0, 0))
+        check = self.cluster.health.checks[self.member]
+        check.answered(None, 200)  # the reactor then reads the answer
+        self.clock.advance(0.05)
+        self.assertEqual((self.member.health_failures, self.member.health_successes), (0, 1))

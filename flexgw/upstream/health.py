@@ -325,17 +325,29 @@ class HealthChecker:
     def _turns(self, ticks: int) -> None:
         """`ticks` ticks have passed since the last turn (more than one when the reactor was
         late): turn the wheel that far (at most once round: everything on it is due then)."""
-        for _ in range(min(ticks, len(self.slots))):
+        if ticks == 1:
             self._turn()
+            return
+        postponed: list[Any] = []
+        for _ in range(min(ticks, len(self.slots))):
+            self._turn(postponed)
+        for check, serial in postponed:
+            self._schedule((check, serial, True), 1)
 
-    def _turn(self) -> None:
-        """One tick: run the checks due, judge the timeouts due."""
+    def _turn(self, postponed: list[Any] | None = None) -> None:
+        """One tick: run the checks due, judge the timeouts due. A timeout coming due while
+        the wheel catches up with a late reactor goes to `postponed`, judged one tick after
+        the catch-up, once: answers that arrived during the delay are read first (timers run
+        before the reactor polls)."""
         slots = self.slots
         self.position = position = (self.position + 1) % len(slots)
         due, slots[position] = slots[position], []
         for entry in due:
             if entry.__class__ is tuple:
-                entry[0].timed_out(entry[1])
+                if postponed is not None and len(entry) == 2:
+                    postponed.append(entry)
+                else:
+                    entry[0].timed_out(entry[1])
             elif not entry.stopped:
                 self._schedule(entry, self._next_ticks())
                 entry.run()
