@@ -348,6 +348,10 @@ class HealthChecker:
                     postponed.append(entry)
                 else:
                     entry[0].timed_out(entry[1])
+            elif entry.in_flight and not entry.stopped:
+                # The previous check's timeout is still to be judged (it falls on this tick,
+                # or was postponed by a catch-up): this one runs right after, a tick later.
+                self._schedule(entry, 1)
             elif not entry.stopped:
                 self._schedule(entry, self._next_ticks())
                 entry.run()
