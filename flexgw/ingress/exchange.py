@@ -372,7 +372,7 @@ class ProxyExchange:
             ctx = chain.ctx
             if response_phase:
                 ctx.begin_response(response.status, list(response.headers))
-                failed = chain.respond(local=True)
+                failed = chain.respond_sync()
                 if failed is not None:
                     response = failed
                 else:

@@ -106,7 +106,7 @@ class UpgradeExchange(ProxyExchange):
         if chain is not None:
             ctx = chain.ctx
             ctx.begin_response(101, kept)
-            failed = chain.respond()
+            failed = chain.respond_sync()
             if failed is not None:
                 self._upstream_failed_with_response(failed)
                 return

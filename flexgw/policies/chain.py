@@ -129,40 +129,68 @@ class ChainRun:
         if waiting is not None:
             waiting.cancel()
 
-    def respond(
-        self, local: bool = False, start: int | None = None
-    ) -> LocalResponse | None | Deferred[Any]:
+    def respond(self) -> LocalResponse | None | Deferred[Any]:
         """The response phase: every policy that ran, in reverse order. A policy with
         `response_async` may return a Deferred: the rest of the phase then runs when it fires,
         and this returns a Deferred firing with the phase's outcome (None, or a LocalResponse
-        to answer instead). For a `local` answer (a policy's or the gateway's own) the
-        asynchronous policies are skipped: they see upstream responses only."""
+        to answer instead). The loop is the synchronous one; only a result that is not None
+        takes the slower path."""
         ctx = self.ctx
-        ran = self.ran
-        index = len(ran) if start is None else start
-        while index:
-            index -= 1
-            bound = ran[index]
-            if local and bound.responds_async:
-                continue
+        for bound in reversed(self.ran):
             try:
                 result = bound.policy.on_response(ctx)
             except Exception:  # noqa: BLE001 (any policy failure is a 500, never a crash)
                 return policy_error(bound.name, Failure())
             if result is not None:
-                if isinstance(result, Deferred):
-                    self.waiting = result
-                    if ctx.trace is not None:
-                        ctx.trace.policy_waiting(bound.name, bound.kind)
-                    return result.addCallbacks(
-                        self._responded,
-                        self._failed,
-                        callbackArgs=(index,),
-                        errbackArgs=(bound.name,),
-                    )
-                if isinstance(result, LocalResponse):
-                    return result
+                return self._respond_result(result, self.ran.index(bound))
         return None
+
+    def respond_sync(self) -> LocalResponse | None:
+        """The response phase for an answer that is no upstream response (a policy's, the
+        gateway's own, an upgrade's 101): the asynchronous policies are skipped, as they see
+        upstream responses only."""
+        ctx = self.ctx
+        for bound in reversed(self.ran):
+            if bound.responds_async:
+                continue
+            try:
+                bound.policy.on_response(ctx)
+            except Exception:  # noqa: BLE001 (any policy failure is a 500, never a crash)
+                return policy_error(bound.name, Failure())
+        return None
+
+    def _respond_from(self, index: int) -> LocalResponse | None | Deferred[Any]:
+        """The response phase from the policy before `index` on (after an asynchronous one)."""
+        ctx = self.ctx
+        ran = self.ran
+        while index:
+            index -= 1
+            bound = ran[index]
+            try:
+                result = bound.policy.on_response(ctx)
+            except Exception:  # noqa: BLE001 (any policy failure is a 500, never a crash)
+                return policy_error(bound.name, Failure())
+            if result is not None:
+                return self._respond_result(result, index)
+        return None
+
+    def _respond_result(self, result: Any, index: int) -> LocalResponse | None | Deferred[Any]:
+        """A response-phase policy returned something: a LocalResponse answers; a Deferred
+        (an asynchronous policy) resumes the phase when it fires; anything else is ignored."""
+        if isinstance(result, Deferred):
+            bound = self.ran[index]
+            self.waiting = result
+            if self.ctx.trace is not None:
+                self.ctx.trace.policy_waiting(bound.name, bound.kind)
+            return result.addCallbacks(
+                self._responded,
+                self._failed,
+                callbackArgs=(index,),
+                errbackArgs=(bound.name,),
+            )
+        if isinstance(result, LocalResponse):
+            return result
+        return self._respond_from(index)
 
     def _responded(self, result: Any, index: int) -> Any:
         """An asynchronous response-phase policy is done: on with the policies before it."""
@@ -170,5 +198,5 @@ class ChainRun:
         if self.ctx.trace is not None:
             self.ctx.trace.policy_done(None if result is None else "rejected")
         if result is None and not self.cancelled:
-            return self.respond(start=index)
+            return self._respond_from(index)
         return result
