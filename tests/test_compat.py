@@ -7,12 +7,7 @@ import inspect
 from typing import Any
 
 import h2
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.exceptions import ProtocolError
-from h2.frame_buffer import FrameBuffer
 from hpack import Encoder
-from hyperframe.frame import HeadersFrame
 from twisted.copyright import version as twisted_version
 from twisted.internet import abstract, tcp
 from twisted.internet.testing import MemoryReactor
@@ -21,8 +16,6 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.systemd import ListenFDs
 from twisted.trial import unittest
 
-from flexgw.compat.h2buffer import header_backlog
-from flexgw.compat.h2frames import FrameHookConnection
 from flexgw.compat.logobservers import observers
 from flexgw.compat.systemd import twisted_listen_fds
 
@@ -176,58 +169,6 @@ class HAProxyTests(unittest.TestCase):
         self.assertIsInstance(info, haproxy.ProxyInfo, gone("V1Parser.feed", "haproxy"))
         self.assertEqual((info.source.host, info.source.port, rest), ("10.1.2.3", 5555, b"GET"))
         self.assertEqual(len(haproxy.V2Parser.PREFIX), 12, gone("V2Parser.PREFIX", "haproxy"))
-
-
-class H2HeaderBufferTests(unittest.TestCase):
-    """compat.h2buffer: h2's buffered HEADERS/CONTINUATION frames."""
-
-    def test_headers_buffer(self) -> None:
-        """A HEADERS frame without END_HEADERS waits in `FrameBuffer._headers_buffer`."""
-        self.assertIn(
-            "_headers_buffer",
-            vars(FrameBuffer()),
-            gone("h2.frame_buffer.FrameBuffer._headers_buffer", "h2buffer", "h2"),
-        )
-        conn = H2Connection(H2Configuration(client_side=False))
-        conn.initiate_connection()
-        block = Encoder().encode([(":method", "GET"), (":path", "/"), (":scheme", "http")])
-        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-        conn.receive_data(preface + HeadersFrame(1, block).serialize())
-        self.assertEqual(
-            header_backlog(conn), len(block), gone("FrameBuffer._headers_buffer", "h2buffer", "h2")
-        )
-
-
-class H2FrameHookTests(unittest.TestCase):
-    """compat.h2frames: h2 hands every received frame to `_receive_frame`."""
-
-    def test_every_frame_reaches_the_hook_before_h2_answers(self) -> None:
-        """SETTINGS and two PINGs: the hook sees each, and stopping at the second PING leaves
-        it unanswered (the hook runs before h2 acts, not after the read)."""
-        self.assertTrue(
-            callable(getattr(H2Connection, "_receive_frame", None)),
-            gone("h2.connection.H2Connection._receive_frame", "h2frames", "h2"),
-        )
-        seen: list[str] = []
-
-        class Stopping(FrameHookConnection):
-            def frame_hook(self, frame: Any) -> Any:
-                seen.append(frame.__class__.__name__)
-                if seen.count("PingFrame") == 2:
-                    raise ProtocolError("stop before the second PING is answered")
-                return self.receive_one_frame(frame)
-
-        conn = Stopping(H2Configuration(client_side=False))
-        conn.initiate_connection()
-        conn.clear_outbound_data_buffer()
-        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-        ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"12345678"
-        with self.assertRaises(ProtocolError):
-            conn.receive_data(preface + ping + ping)
-        hook_gone = gone("H2Connection.receive_data calling _receive_frame", "h2frames", "h2")
-        self.assertEqual(seen, ["SettingsFrame", "PingFrame", "PingFrame"], hook_gone)
-        ping_acks = conn.data_to_send().count(b"\x00\x00\x08\x06\x01\x00\x00\x00\x00")
-        self.assertEqual(ping_acks, 1, hook_gone)
 
 
 class HpackCacheTests(unittest.TestCase):

@@ -1,6 +1,7 @@
 """The downstream HTTP/2 protocol of an ingress listener (prior-knowledge h2c, or ALPN `h2`).
 
-Framing, HPACK and flow-control accounting are the `h2` library's. Each request stream becomes an
+Framing, stream states, flow-control accounting and HPACK are flexgw's own codec
+(flexgw.http.h2.connection, which calls this protocol's h2_* methods). Each request stream becomes an
 `H2Exchange`: the HTTP/1.1 path's ProxyExchange with only its response emission overridden, whose
 `front` is the stream (`H2Stream`, an IExchangeFront like the HTTP/1.1 IngressProtocol).
 Routing, the policy chain, the upstream pools and the timeouts are therefore the very code
@@ -18,12 +19,12 @@ Guards (RFC 9113 §10.5, the 2023 "rapid reset" and the 2025 "MadeYouReset" atta
 resets are counted per connection in a time window, the client's RST_STREAMs and the gateway's
 own alike (a stream the gateway resets or refuses for the client's error: DATA on a half-closed
 stream, a window overflow, a malformed request); control frames (PING, SETTINGS, PRIORITY, empty
-DATA) likewise, each counted as h2 reads it (a control frame before h2 answers it). Over
+DATA) likewise, each counted as the codec reads it (a control frame before it is answered). Over
 either limit the connection gets GOAWAY(ENHANCE_YOUR_CALM) and is closed at once, the rest of
 the read unread, so that no more than the limits is ever answered. The exchanges of the streams a
 read opens start only once the whole read is processed, so a stream reset within the same read
 never reaches an upstream; a stream reset later gives up its pending upstream connect. Streams
-whose exchange still runs count against the concurrency limit even when h2 already considers
+whose exchange still runs count against the concurrency limit even when the codec already considers
 them closed. The header list size is bounded by `max_header_bytes` (431 on the stream; far over
 it, or a CONTINUATION run over it, is a connection error), concurrent streams by
 SETTINGS_MAX_CONCURRENT_STREAMS.
@@ -278,7 +279,7 @@ class H2Stream:
 
     def acknowledge(self) -> None:
         """Hand back the window for what was received and passed on (a closed stream's data:
-        the connection window's share only, as h2 does for closed streams)."""
+        the connection window's share only, as for closed streams)."""
         size = self.unacked
         if size and not self.protocol.closing:
             self.unacked = 0
@@ -341,7 +342,7 @@ class H2Stream:
                 )
                 self.queued -= sent
         except StreamClosedError:
-            # The stream was closed under us (the client reset it in this same read), or h2
+            # The stream was closed under us (the client reset it in this same read), or the codec
             # refused a header the response carries: reset it; what the exchange still sends
             # is dropped (queue_data) until it completes, and then the stream is forgotten.
             self.closed = True
@@ -874,7 +875,7 @@ class H2Protocol(Protocol):
             self._close(abort_streams=False)
 
     def _calm(self, queued: bool = False) -> None:
-        """A flood: GOAWAY(ENHANCE_YOUR_CALM) (unless h2 `queued` it), abandon every stream,
+        """A flood: GOAWAY(ENHANCE_YOUR_CALM) (unless the codec `queued` it), abandon every stream,
         close (abort if the client does not read the GOAWAY within a second)."""
         if not queued:
             self.conn.close(ENHANCE_YOUR_CALM, "flood")
