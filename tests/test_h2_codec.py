@@ -22,12 +22,15 @@ from hyperframe.frame import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from flexgw.http.h2 import frames as f
 from flexgw.http.h2 import settings as s
 from flexgw.http.h2.connection import H2Codec, StreamClosedError
 from flexgw.testing.h2 import split_frames
+from flexgw.testing.memory import connect_client, connect_upstream, memory_factory, one_api_listener
 
 GET = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"a.test"), (b":path", b"/x")]
 POST = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"a.test"), (b":path", b"/x")]
@@ -643,3 +646,55 @@ class SplitTests(SynchronousTestCase):
         pieces.append(data[last:])
         self.assertEqual(run(pieces), whole)
         self.assertEqual([c[0] for c in whole], ["settings", "headers", "data", "headers", "trailers"])
+
+
+class CountingTransport(StringTransport):
+    """A StringTransport counting its writes."""
+
+    writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+
+class BatchedWriteTests(SynchronousTestCase):
+    """flexgw.http.h2.batch through a gateway in memory: ten requests in one client read go to
+    an h2c upstream in one write, and ten answers in one upstream read reach the client in one
+    write."""
+
+    def test_one_write_per_read_each_way(self) -> None:
+        """Ten streams each way, one write each way (besides the answers to SETTINGS)."""
+        factory = memory_factory(one_api_listener(scheme="h2c"))
+        down = CountingTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", 5555))
+        front, _ = connect_client(factory, down)
+        encoder = hpack.Encoder()
+        front.dataReceived(f.PREFACE + SettingsFrame(0).serialize())
+        fields = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"example.test"), (b":path", b"/items")]
+        front.dataReceived(HeadersFrame(1, encoder.encode(fields), flags=["END_HEADERS", "END_STREAM"]).serialize())
+        up_conn, up = connect_upstream(factory.reactor, CountingTransport())
+        up_conn.dataReceived(SettingsFrame(0, settings={3: 100}).serialize())
+        answers = hpack.Encoder()
+
+        def answer(stream_ids: list[int]) -> bytes:
+            return b"".join(
+                HeadersFrame(i, answers.encode(RESPONSE), flags=["END_HEADERS"]).serialize()
+                + DataFrame(i, b"ok", flags=["END_STREAM"]).serialize()
+                for i in stream_ids
+            )
+
+        up_conn.dataReceived(answer([1]))
+        down.writes = up.writes = 0
+        requests = b"".join(
+            HeadersFrame(3 + 2 * i, encoder.encode(fields), flags=["END_HEADERS", "END_STREAM"]).serialize()
+            for i in range(10)
+        )
+        up.clear()
+        front.dataReceived(requests)
+        self.assertEqual(up.writes, 1)
+        self.assertEqual(len([x for x in split_frames(up.value())[0] if isinstance(x, HeadersFrame)]), 10)
+        down.clear()
+        up_conn.dataReceived(answer([3 + 2 * i for i in range(10)]))
+        self.assertEqual(down.writes, 1)
+        frames = split_frames(down.value())[0]
+        self.assertEqual(len([x for x in frames if isinstance(x, DataFrame) and x.data == b"ok"]), 10)

@@ -47,6 +47,7 @@ from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
 from flexgw.http.gate import BACKPRESSURE
+from flexgw.http.h2 import batch
 from flexgw.http.h2 import settings as h2settings
 from flexgw.http.h2.connection import H2Codec, StreamClosedError
 from flexgw.http.h2.frames import (
@@ -285,7 +286,7 @@ class H2Stream:
             self.unacked = 0
             protocol = self.protocol
             protocol.conn.acknowledge(self.stream_id, size)
-            protocol.flush()
+            batch.flush_soon(protocol)
 
     # -- response side ---------------------------------------------------------------------------
 
@@ -358,7 +359,7 @@ class H2Stream:
         else:
             protocol.blocked.discard(self)
         self.update_producer()
-        protocol.flush()
+        batch.flush_soon(protocol)
         if self.ended:
             self._maybe_done()
 
@@ -520,6 +521,7 @@ class H2Protocol(Protocol):
         self.control_frames = 0
         self.idle_since = 0.0
         self.timer: Any = None
+        self.flush_queued = False  # (flexgw.http.h2.batch)
         self.starting: list[H2Stream] = []  # streams the current read opened
         limits = self.limits
         http = self.http
@@ -576,6 +578,13 @@ class H2Protocol(Protocol):
         streams this read opened and that are still alive."""
         if self.closing:
             return
+        batch.begin()
+        try:
+            self._read(data)
+        finally:
+            batch.end()
+
+    def _read(self, data: bytes) -> None:
         starting: list[H2Stream] = []
         self.starting = starting
         conn = self.conn

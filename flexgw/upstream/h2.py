@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from flexgw.http.fastwrite import send_now
+from flexgw.http.h2 import batch
 from flexgw.http.h2 import settings as h2settings
 from flexgw.http.h2.connection import H2Codec, StreamClosedError
 from flexgw.http.h2.frames import CANCEL, NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM
@@ -169,7 +170,7 @@ class H2UpstreamStream:
             if sink is not None:
                 sink.upstream_lost(False)
             return
-        self.connection.flush()
+        batch.flush_soon(self.connection)
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         """The downstream request body's reader, paused while body bytes wait for a window."""
@@ -294,7 +295,7 @@ class H2UpstreamStream:
         if size and not self.done:
             self.unacked = 0
             self.connection.conn.acknowledge(self.stream_id, size)
-            self.connection.flush()
+            batch.flush_soon(self.connection)
 
 
 def _wants_trailers(sink: Any) -> bool:
@@ -323,6 +324,7 @@ class H2UpstreamConnection(Protocol):
         )
         self.touched: dict[int, H2UpstreamStream] = {}  # streams with response bytes in this read
         self.ended: list[H2UpstreamStream] = []  # streams whose response ended in this read
+        self.flush_queued = False  # (flexgw.http.h2.batch)
         self.streams: dict[int, H2UpstreamStream] = {}
         self.reserved = 0  # streams handed out whose HEADERS are not sent yet
         self.blocked: set[H2UpstreamStream] = set()
@@ -414,6 +416,13 @@ class H2UpstreamConnection(Protocol):
         response to its exchange and end the completed ones."""
         if not self.connected_ok and not self._preface_seen(data):
             return
+        batch.begin()
+        try:
+            self._read(data)
+        finally:
+            batch.end()
+
+    def _read(self, data: bytes) -> None:
         touched: dict[int, H2UpstreamStream] = {}
         ended: list[H2UpstreamStream] = []
         self.touched = touched
