@@ -302,6 +302,8 @@ class ProxyExchange:
         ctx = PolicyContext(head, peer.address, peer.scheme, api.key)
         if peer.trusted:
             ctx.trusted_proxies = front.http.trusted_proxies
+        if peer.certificate is not None:
+            ctx.peer_certificate = peer.certificate
         if head.connection_values:
             # Connection-listed headers are removed before the policies run, so that a client
             # cannot name (and strip) a header a policy injects.
