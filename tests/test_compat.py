@@ -7,7 +7,7 @@ import inspect
 from typing import Any
 
 import h2
-from hpack import Encoder
+from hpack import Decoder, Encoder
 from twisted.copyright import version as twisted_version
 from twisted.internet import abstract, tcp
 from twisted.internet.testing import MemoryReactor
@@ -187,7 +187,6 @@ class HpackCacheTests(unittest.TestCase):
     def test_same_bytes_and_lists_as_hpack(self) -> None:
         """Header lists repeated, new, evicting (small table) and with table size updates in
         between: every block and every decoded list equals plain hpack's."""
-        from hpack import Decoder
         from hypothesis import given, settings
         from hypothesis import strategies as st
 
@@ -234,3 +233,27 @@ class HpackCacheTests(unittest.TestCase):
         first = decoder.decode(block, raw=True)
         self.assertIn(block, decoder.cache)
         self.assertEqual(decoder.decode(block, raw=True), first)
+
+    def test_huffman_memo(self) -> None:
+        """hpack's decoder calls `hpack.hpack.decode_huffman`, which hpackcache replaced by its
+        memo: repeated Huffman strings decode as hpack does, invalid ones still raise."""
+        import hpack.hpack
+        from hpack.exceptions import HPACKDecodingError
+        from hpack.huffman import HuffmanEncoder
+        from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
+
+        from flexgw.compat import hpackcache
+
+        self.assertIs(
+            hpack.hpack.decode_huffman,
+            hpackcache.memo_decode_huffman,
+            gone("hpack.hpack.decode_huffman", "hpackcache", "hpack"),
+        )
+        coded = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH).encode(b"nginx/1.22.1")
+        for _ in range(2):
+            self.assertEqual(hpackcache.memo_decode_huffman(coded), b"nginx/1.22.1")
+        self.assertIn(coded, hpackcache._huffman_memo)
+        block = b"\x40" + bytes([0x80 | len(coded)]) + coded + bytes([0x80 | len(coded)]) + coded
+        self.assertEqual(Decoder().decode(block, raw=True), [(b"nginx/1.22.1", b"nginx/1.22.1")])
+        with self.assertRaises(HPACKDecodingError):
+            hpackcache.memo_decode_huffman(b"\xff\xff\xff\xff")
