@@ -257,3 +257,47 @@ class HpackCacheTests(unittest.TestCase):
         self.assertEqual(Decoder().decode(block, raw=True), [(b"nginx/1.22.1", b"nginx/1.22.1")])
         with self.assertRaises(HPACKDecodingError):
             hpackcache.memo_decode_huffman(b"\xff\xff\xff\xff")
+
+    def test_replayed_blocks_as_hpack(self) -> None:
+        """Blocks that index their fields anew each time (as nginx's responses), mixed with
+        blocks reading the dynamic table and size updates: every list and the dynamic table
+        after each block equal plain hpack's."""
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        from flexgw.compat.hpackcache import CachingDecoder
+
+        def literal(name: bytes, value: bytes) -> bytes:  # literal with incremental indexing
+            return b"\x40" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+        blocks = [
+            literal(b"server", b"nginx") + literal(b"date", b"d1") + b"\x88",  # + :status 200
+            literal(b"server", b"nginx") + literal(b"date", b"d2") + b"\x5f\x0atext/plain",
+            literal(b"x-big", b"v" * 100),
+            b"\xbe",  # index 62: the newest dynamic entry
+            b"\x3f\x21",  # size update to 64, alone
+            b"\x3f\xe1\x1f" + literal(b"a", b"b"),  # size update to 4096, then an insertion
+        ]
+
+        @settings(max_examples=200, deadline=None)
+        @given(st.lists(st.sampled_from(range(len(blocks))), min_size=1, max_size=40))
+        def check(order: list[int]) -> None:
+            plain, cached = Decoder(), CachingDecoder()
+            for index in order * 2:
+                try:
+                    expected = plain.decode(blocks[index], raw=True)
+                except Exception as exc:  # noqa: BLE001 (an index past the table, say)
+                    with self.assertRaises(type(exc)):
+                        cached.decode(blocks[index], raw=True)
+                    return
+                self.assertEqual(cached.decode(blocks[index], raw=True), expected)
+                self.assertEqual(
+                    list(cached.header_table.dynamic_entries), list(plain.header_table.dynamic_entries)
+                )
+
+        check()
+        decoder = CachingDecoder()
+        for _ in range(3):
+            decoder.decode(blocks[0], raw=True)
+        self.assertIn(blocks[0], decoder.replays)
+        self.assertEqual(len(decoder.header_table.dynamic_entries), 6)
