@@ -516,6 +516,7 @@ class H2Protocol(Protocol):
         self.paused = False  # the client's socket is full
         self.closing = False
         self.goaway_last: int | None = None  # last stream id of a graceful GOAWAY
+        self.client_goaway = False  # the client sent GOAWAY: finish its streams, then close
         self.window_start = 0.0
         self.resets = 0
         self.control_frames = 0
@@ -605,6 +606,8 @@ class H2Protocol(Protocol):
                 exchange.start()
                 stream.gate.release(_STARTING)
         if not self.closing:
+            if self.client_goaway:
+                self.drain()
             self.flush()
 
     def flush(self) -> None:
@@ -691,9 +694,9 @@ class H2Protocol(Protocol):
         self._window(0)
 
     def h2_goaway(self, last_stream_id: int, code: int) -> None:
-        """The client goes away: abandon every stream, close."""
-        self.conn.stop()
-        self._close(abort_streams=True)
+        """The client goes away (RFC 9113 §6.8): its open streams still get their responses,
+        then the connection closes (drained at the end of the read)."""
+        self.client_goaway = True
 
     def h2_control(self) -> None:
         """A control frame (PING, SETTINGS, PRIORITY, unknown, empty DATA), before it is
@@ -905,6 +908,8 @@ class H2Protocol(Protocol):
             for stream in streams.values():
                 stream.closed = True
                 self._abandon(stream)
+        # A TLS transport closes only once no producer is registered (TCP would close anyway).
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     def _on_timer(self) -> None:

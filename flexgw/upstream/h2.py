@@ -430,9 +430,22 @@ class H2UpstreamConnection(Protocol):
         conn = self.conn
         conn.receive(data)
         if conn.closed:
-            _log.info("HTTP/2 protocol error from upstream: {error}", error=conn.error)
+            _log.info(
+                "HTTP/2 protocol error from upstream {upstream}: {error}",
+                upstream=self.pool.upstream.key, error=conn.error,
+            )
             self.usable = False
-            self.flush()
+            self.flush()  # the codec's GOAWAY with the error's code
+            # The upstream broke the protocol (an oversize frame, a header block that does not
+            # decode, a window overflow...): every exchange on the connection fails as for a
+            # malformed response (502 `upstream_bad_response`, or the client's stream reset once
+            # its head went out), not as a reset an idempotent request could be retried after.
+            message = conn.error[1] if conn.error else ""
+            for stream in list(self.streams.values()):
+                sink = stream.sink
+                stream.sink = None
+                if sink is not None:
+                    sink.response_malformed(f"HTTP/2 protocol error: {message}")
             self.transport.abortConnection()
             return
         if self.lost:
@@ -506,12 +519,20 @@ class H2UpstreamConnection(Protocol):
             self.ended.append(stream)
 
     def h2_reset(self, stream_id: int, code: int, remote: bool) -> None:
-        """The upstream reset a stream (or the codec did, for the upstream's stream error)."""
+        """The upstream reset a stream; or the codec did, for the upstream's stream error (a
+        malformed response head or trailers, DATA after the end...): the exchange fails as for
+        a malformed response, and the connection's other streams go on."""
         stream = self.streams.get(stream_id)
-        if stream is not None:
-            self.touched.pop(stream_id, None)
-            # Only a refused stream was certainly not processed: the exchange may retry.
-            self._lost(stream, retry=remote and code == REFUSED_STREAM)
+        if stream is None:
+            return
+        self.touched.pop(stream_id, None)
+        if stream in self.ended:
+            self.ended.remove(stream)
+        if not remote:
+            self._malformed(stream, f"malformed HTTP/2 response: {self.conn.reason}")
+            return
+        # Only a refused stream was certainly not processed: the exchange may retry.
+        self._lost(stream, retry=code == REFUSED_STREAM)
 
     def h2_window(self, stream_id: int) -> None:
         """A window opened: send the request bodies waiting for it."""

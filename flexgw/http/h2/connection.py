@@ -118,6 +118,7 @@ class H2Codec:
         self.next_stream_id = 1 if client else 2
         self.closed = False  # a GOAWAY with an error was sent: nothing more is read
         self.error: tuple[int, str] | None = None  # the connection error, when there was one
+        self.reason = ""  # what the last stream error was (read by the handler's h2_reset)
         self.local_window = local_settings.get(INITIAL_WINDOW_SIZE, DEFAULT_WINDOW)
         self.local_max_streams = local_settings.get(MAX_CONCURRENT_STREAMS, 2**31)
         self.local_max_frame = local_settings.get(MAX_FRAME_SIZE, DEFAULT_FRAME_SIZE)
@@ -338,8 +339,9 @@ class H2Codec:
         if len(remembered) > _REMEMBERED:
             del remembered[next(iter(remembered))]
 
-    def _stream_error(self, stream_id: int, code: int) -> None:
-        """RST_STREAM for the peer's error on a stream (§5.4.2)."""
+    def _stream_error(self, stream_id: int, code: int, reason: str = "") -> None:
+        """RST_STREAM for the peer's error on a stream (§5.4.2); `reason` says what it was."""
+        self.reason = reason
         self.streams.pop(stream_id, None)
         self.out.append(rst_stream(stream_id, code))
         self._remember(stream_id, RESET_SENT)
@@ -353,7 +355,7 @@ class H2Codec:
     def _not_receiving(self, stream_id: int) -> None:
         """DATA or HEADERS on a stream that takes none (§5.1)."""
         if stream_id in self.streams:  # half-closed (remote)
-            self._stream_error(stream_id, STREAM_CLOSED)
+            self._stream_error(stream_id, STREAM_CLOSED, "a frame after END_STREAM")
             return
         how = self.closed_streams.get(stream_id)
         if how == RESET_SENT:
@@ -392,14 +394,14 @@ class H2Codec:
             return
         if flow > stream.recv_window:
             self._credit(flow)
-            self._stream_error(stream_id, FLOW_CONTROL_ERROR)
+            self._stream_error(stream_id, FLOW_CONTROL_ERROR, "DATA over the stream window")
             return
         stream.recv_window -= flow
         if stream.length >= 0:
             received = stream.received = stream.received + len(data)
             if received > stream.length or (end and received != stream.length):
                 self._credit(flow)
-                self._stream_error(stream_id, PROTOCOL_ERROR)
+                self._stream_error(stream_id, PROTOCOL_ERROR, "body not its content-length")
                 return
         if end:
             stream.recv_open = False
@@ -501,13 +503,15 @@ class H2Codec:
             self._stream_error(stream_id, PROTOCOL_ERROR)
             return
         if self.client and not stream.final_head:
+            # A malformed response is a stream error (§8.1.1): the other streams go on.
             try:
                 status, length = fields.response_status(headers)
             except fields.MalformedFields as exc:
-                raise _ConnectionError(PROTOCOL_ERROR, str(exc)) from exc
+                self._stream_error(stream_id, PROTOCOL_ERROR, str(exc))
+                return
             if status < 200:
                 if end_stream:
-                    self._stream_error(stream_id, PROTOCOL_ERROR)
+                    self._stream_error(stream_id, PROTOCOL_ERROR, "informational head ending the stream")
                     return
             else:
                 stream.final_head = True
@@ -518,14 +522,17 @@ class H2Codec:
             return
         # trailers
         if not end_stream:
-            self._stream_error(stream_id, PROTOCOL_ERROR)
+            self._stream_error(stream_id, PROTOCOL_ERROR, "trailers (or a second head) without END_STREAM")
             return
         try:
             fields.check_trailers(headers)
         except fields.MalformedFields as exc:
+            if self.client:
+                self._stream_error(stream_id, PROTOCOL_ERROR, str(exc))
+                return
             raise _ConnectionError(PROTOCOL_ERROR, str(exc)) from exc
         if stream.length >= 0 and stream.received != stream.length:
-            self._stream_error(stream_id, PROTOCOL_ERROR)
+            self._stream_error(stream_id, PROTOCOL_ERROR, "body shorter than its content-length")
             return
         self._end_received(stream)
         self.handler.h2_trailers(stream_id, headers)
@@ -635,7 +642,7 @@ class H2Codec:
             return
         stream.send_window += increment
         if stream.send_window > MAX_WINDOW:
-            self._stream_error(stream_id, FLOW_CONTROL_ERROR)
+            self._stream_error(stream_id, FLOW_CONTROL_ERROR, "stream window over 2^31-1")
             return
         if stream.send_open:
             self.handler.h2_window(stream_id)
