@@ -283,11 +283,22 @@ class StreamStateTests(CodecTestCase):
         self.assertReset(self.feed(DataFrame(1, b"a")), 1, f.STREAM_CLOSED)
 
     def test_data_on_closed_stream(self) -> None:
-        """DATA on a stream closed both ways: connection error STREAM_CLOSED."""
+        """DATA on a stream closed both ways: RST_STREAM STREAM_CLOSED (the connection serves
+        on, as with the h2 library); HEADERS there: connection error STREAM_CLOSED."""
         self.feed(self.headers(1))
         self.codec.send_headers(1, RESPONSE, end_stream=True)
         self.codec.data_to_send()
-        self.assertGoaway(self.feed(DataFrame(1, b"a")), f.STREAM_CLOSED)
+        written = self.feed(DataFrame(1, b"a"))
+        self.assertReset([x for x in written if isinstance(x, RstStreamFrame)], 1, f.STREAM_CLOSED)
+        self.feed(self.headers(3))
+        self.codec.send_headers(3, RESPONSE, end_stream=True)
+        self.codec.data_to_send()
+        self.assertGoaway(self.feed(self.headers(3)), f.STREAM_CLOSED)
+
+    def test_lower_stream_id_never_opened(self) -> None:
+        """HEADERS on stream 3 after stream 5 was opened: PROTOCOL_ERROR (§5.1.1)."""
+        self.feed(self.headers(5))
+        self.assertGoaway(self.feed(self.headers(3)), f.PROTOCOL_ERROR)
 
     def test_even_stream_id(self) -> None:
         """A client opening an even stream: PROTOCOL_ERROR."""
@@ -592,9 +603,15 @@ class ClientSideTests(CodecTestCase):
         self.assertEqual(self.codec.get_next_available_stream_id(), 3)
 
     def test_malformed_response(self) -> None:
-        """A response head without :status, or with a request pseudo-header: PROTOCOL_ERROR."""
+        """A response head without :status, or with a request pseudo-header: a stream error
+        PROTOCOL_ERROR (§8.1.1), the reason told to the handler; the connection serves on."""
         self.codec.send_headers(1, GET, end_stream=True)
-        self.assertGoaway(self.feed(self.headers(1, [(b"x-a", b"1")])), f.PROTOCOL_ERROR)
+        written = self.feed(self.headers(1, [(b"x-a", b"1")]))
+        self.assertReset([x for x in written if isinstance(x, RstStreamFrame)], 1, f.PROTOCOL_ERROR)
+        self.assertIn(":status", self.codec.reason)
+        self.codec.send_headers(3, GET, end_stream=True)
+        written = self.feed(self.headers(3, [(b":path", b"/"), *RESPONSE]))
+        self.assertEqual(self.handler.of("reset")[-1], ("reset", 3, f.PROTOCOL_ERROR, False))
 
     def test_push_promise_refused(self) -> None:
         """PUSH_PROMISE (push disabled): PROTOCOL_ERROR."""

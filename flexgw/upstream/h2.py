@@ -523,8 +523,8 @@ class H2UpstreamConnection(Protocol):
         malformed response head or trailers, DATA after the end...): the exchange fails as for
         a malformed response, and the connection's other streams go on."""
         stream = self.streams.get(stream_id)
-        if stream is None:
-            return
+        if stream is None or (stream.ended and not remote):
+            return  # (a stray frame after the response ended: the response is whole)
         self.touched.pop(stream_id, None)
         if stream in self.ended:
             self.ended.remove(stream)

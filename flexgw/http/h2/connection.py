@@ -352,22 +352,24 @@ class H2Codec:
         if size:
             self.acknowledge(0, size)
 
-    def _not_receiving(self, stream_id: int) -> None:
-        """DATA or HEADERS on a stream that takes none (§5.1)."""
+    def _not_receiving(self, stream_id: int, data: bool) -> None:
+        """DATA (`data`) or HEADERS on a stream that takes none (§5.1)."""
         if stream_id in self.streams:  # half-closed (remote)
             self._stream_error(stream_id, STREAM_CLOSED, "a frame after END_STREAM")
             return
         how = self.closed_streams.get(stream_id)
         if how == RESET_SENT:
             return  # late frames after our RST_STREAM are ignored
-        if how == RESET_RECEIVED:
-            self._stream_error(stream_id, STREAM_CLOSED)
+        if how == RESET_RECEIVED or (how == ENDED and data):
+            # (DATA after both ends: a stream error, as the h2 library makes it; the message
+            # that ended is whole, the connection's other streams go on)
+            self._stream_error(stream_id, STREAM_CLOSED, "a frame on a closed stream")
             return
         if how == ENDED:
-            raise _ConnectionError(STREAM_CLOSED, "frame on a closed stream")
+            raise _ConnectionError(STREAM_CLOSED, "HEADERS on a closed stream")
         if self._idle(stream_id):
             raise _ConnectionError(PROTOCOL_ERROR, "frame on an idle stream")
-        raise _ConnectionError(STREAM_CLOSED, "frame on a closed stream")
+        raise _ConnectionError(PROTOCOL_ERROR, "frame on a stream closed long ago, or never opened")
 
     def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
         if not stream_id:
@@ -390,7 +392,7 @@ class H2Codec:
         stream = self.streams.get(stream_id)
         if stream is None or not stream.recv_open:
             self._credit(flow)
-            self._not_receiving(stream_id)
+            self._not_receiving(stream_id, True)
             return
         if flow > stream.recv_window:
             self._credit(flow)
@@ -470,11 +472,11 @@ class H2Codec:
         if stream is None:
             if self.client or not stream_id & 1:
                 if stream_id in self.closed_streams:
-                    self._not_receiving(stream_id)
+                    self._not_receiving(stream_id, False)
                     return
                 raise _ConnectionError(PROTOCOL_ERROR, "HEADERS opening a stream the peer may not open")
             if stream_id <= self.highest_inbound:
-                self._not_receiving(stream_id)
+                self._not_receiving(stream_id, False)
                 return
             self.highest_inbound = stream_id
             if priority_error:
@@ -497,7 +499,7 @@ class H2Codec:
             self.handler.h2_headers(stream_id, headers, bool(end_stream))
             return
         if not stream.recv_open:
-            self._not_receiving(stream_id)
+            self._not_receiving(stream_id, False)
             return
         if priority_error:
             self._stream_error(stream_id, PROTOCOL_ERROR)
