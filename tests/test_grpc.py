@@ -177,7 +177,8 @@ def _list(iterator: Iterator[bytes]) -> list[bytes]:
 
 
 class CallShapesMixin:
-    """The call shapes and statuses through one gateway path; `setUp` of the class using it sets
+    """The call shapes and statuses (before and after the first message) through one gateway
+    path; `setUp` of the class using it sets
     `self.port` (the gateway's), `self.service` and `self.credentials` (client side).
     AllCallsMixin adds the rest (run on the h2c path only, to keep the suite short)."""
 
@@ -219,6 +220,20 @@ class CallShapesMixin:
                 (code_of(number), f"said {code_of(number).name.lower()}"),
             )
 
+    async def test_statuses_after_the_first_message(self) -> None:
+        """A status after the first message (in trailers) reaches the client, message kept."""
+        call = self.stub("unary_stream", "ServerStream")
+        for number in (5, 12, 16):
+            got: list[bytes] = []
+
+            def run(request: bytes, got: list[bytes] = got) -> None:
+                got.extend(call(request, timeout=10))  # (kept up to the failure)
+
+            error = await self.failure(run, b"status:%d:after" % number)  # type: ignore[attr-defined]
+            self.assertEqual(  # type: ignore[attr-defined]
+                (got, error.code(), error.details()), ([b"first"], code_of(number), "after the first")
+            )
+
     async def test_trailing_metadata(self) -> None:
         """Trailing metadata (text and binary) passes, on success and with a status, where
         `grpc-status-details-bin` passes byte-exact."""
@@ -246,8 +261,8 @@ class CallShapesMixin:
 
 
 class AllCallsMixin(CallShapesMixin):
-    """The rest of the call shapes and statuses: client streaming, 16 MiB messages, statuses
-    after the first message, an unknown method, deadlines."""
+    """The rest of the call shapes and statuses: client streaming, 16 MiB messages, an unknown
+    method, deadlines."""
 
     async def test_client_streaming(self) -> None:
         """Client streaming: every request message reaches the server."""
@@ -267,20 +282,6 @@ class AllCallsMixin(CallShapesMixin):
         """The server's UNIMPLEMENTED for an unknown method (trailers-only) reaches the client."""
         error = await self.failure(self.stub("unary_unary", "Nope"), b"x", timeout=10)  # type: ignore[attr-defined]
         self.assertEqual(error.code(), grpc.StatusCode.UNIMPLEMENTED)  # type: ignore[attr-defined]
-
-    async def test_statuses_after_the_first_message(self) -> None:
-        """A status after the first message (in trailers) reaches the client, message kept."""
-        call = self.stub("unary_stream", "ServerStream")
-        for number in (5, 12, 16):
-            got: list[bytes] = []
-
-            def run(request: bytes, got: list[bytes] = got) -> None:
-                got.extend(call(request, timeout=10))  # (kept up to the failure)
-
-            error = await self.failure(run, b"status:%d:after" % number)  # type: ignore[attr-defined]
-            self.assertEqual(  # type: ignore[attr-defined]
-                (got, error.code(), error.details()), ([b"first"], code_of(number), "after the first")
-            )
 
     async def test_deadline(self) -> None:
         """A client deadline ends the call with DEADLINE_EXCEEDED, and the server's call ends."""
@@ -601,14 +602,20 @@ class GrpcWebTests(GrpcCase):
         self.assertEqual(decode_body(bytes(answer.body), text=True)[0], [b"m#0", b"m#1", b"m#2"])
 
     async def test_statuses_and_trailing_metadata(self) -> None:
-        """A status after the first message and trailing metadata are in the trailer frame; a
-        trailers-only status is in the headers, with an empty body."""
+        """A status after the first message (over HTTP/2 and HTTP/1.1) and trailing metadata
+        are in the trailer frame; a trailers-only status is in the headers, with an empty
+        body."""
         from flexgw.testing.grpcweb import decode_body, encode_messages
 
         response = await self.h2("ServerStream", encode_messages([b"status:5:after"]), b"application/grpc-web")
         self.assertEqual(
             decode_body(bytes(response.body)),
             ([b"first"], {"grpc-status": "5", "grpc-message": "after the first"}),
+        )
+        response = await self.h1("ServerStream", encode_messages([b"status:12:after"]), b"application/grpc-web")
+        self.assertEqual(
+            decode_body(response.body),
+            ([b"first"], {"grpc-status": "12", "grpc-message": "after the first"}),
         )
         response = await self.h2("Unary", encode_messages([b"trailers"]), b"application/grpc-web")
         messages, trailers = decode_body(bytes(response.body))
@@ -694,3 +701,238 @@ class MalformedGrpcTests(GrpcCase):
         self.assertEqual((good.status, good.trailers), (200, [(b"grpc-status", b"0")]))
         causes = [r.get("error") for r in gateway.records()]
         self.assertIn("upstream_bad_response", causes)
+
+
+def _message(payload: bytes, flag: int = 0) -> bytes:
+    """One gRPC length-prefixed message."""
+    return bytes((flag,)) + len(payload).to_bytes(4, "big") + payload
+
+
+class _H1Grpc(Responder):
+    """An HTTP/1.1 upstream answering in gRPC's shape: `.../After` one message, then
+    grpc-status 5 in the chunked trailers; anything else a trailers-only PERMISSION_DENIED (the
+    status in the head, no body)."""
+
+    def on_complete(self, ex: Any) -> None:
+        """The answer for the request's path."""
+        if ex.request.target.endswith(b"/After"):
+            ex.send_head(200, [(b"Content-Type", b"application/grpc"), (b"Transfer-Encoding", b"chunked")])
+            ex.write(_message(b"first"))
+            ex.write_raw(b"0\r\ngrpc-status: 5\r\ngrpc-message: after the first\r\n\r\n")
+            ex.finished = True
+            return
+        ex.send_head(200, [
+            (b"Content-Type", b"application/grpc"), (b"grpc-status", b"7"),
+            (b"grpc-message", b"said permission_denied"), (b"Content-Length", b"0"),
+        ])
+        ex.finish()
+
+
+class H2cToH1Tests(GrpcCase):
+    """grpcio client → gateway (h2c) → an HTTP/1.1 upstream (the gateway's HTTP/1.1 client)
+    answering in gRPC's shape, statuses in chunked trailers or in the head."""
+
+    def setUp(self) -> None:
+        """The HTTP/1.1 upstream and a gateway in front of it."""
+        super().setUp()
+        upstream = RecordingUpstream(_H1Grpc(), reactor=reactor)
+        upstream.listen(reactor)
+        self.addCleanup(upstream.stop)
+        self.port = free_port()
+        self.gateway({"api.yaml": grpc_api(self.port, f"http://127.0.0.1:{upstream.address[1]}")})
+
+    async def test_status_after_the_first_message(self) -> None:
+        """The message, then the status of the HTTP/1.1 trailers, reach the client."""
+        call = self.channel(self.port).unary_stream(f"/{SERVICE}/After")
+        got: list[bytes] = []
+
+        def run() -> None:
+            got.extend(call(b"x", timeout=10))
+
+        error = await self.failure(run)
+        self.assertEqual(
+            (got, error.code(), error.details()),
+            ([b"first"], grpc.StatusCode.NOT_FOUND, "after the first"),
+        )
+
+    async def test_status_before_the_first_message(self) -> None:
+        """A status in the HTTP/1.1 head (no body) reaches the client as trailers-only."""
+        error = await self.failure(self.channel(self.port).unary_unary(f"/{SERVICE}/Before"), b"x", timeout=10)
+        self.assertEqual(
+            (error.code(), error.details()),
+            (grpc.StatusCode.PERMISSION_DENIED, "said permission_denied"),
+        )
+
+
+class CircuitOpenTests(GrpcCase):
+    """A circuit-breaker-flex binding on an `h2c://` Service that cannot be reached."""
+
+    async def test_circuit_open_is_unavailable(self) -> None:
+        """The first call's connect failure opens the circuit; the second gets the gateway's
+        circuit_open answer as UNAVAILABLE (x-flexgw-error kept)."""
+        from tests.outbound import outbound_binding, service_api
+
+        port = free_port()
+        self.gateway({"api.yaml": service_api(port, free_port(), scheme="h2c") + outbound_binding(
+            "cb", "circuit-breaker-flex", "consecutiveErrors: 1\nopenSeconds: 60\n",
+        )})
+        unary = self.channel(port).unary_unary(f"/{SERVICE}/Unary")
+        causes = []
+        for _ in range(2):
+            error = await self.failure(unary, b"x", timeout=10)
+            self.assertEqual(error.code(), grpc.StatusCode.UNAVAILABLE)
+            self.assertTrue(error.details())
+            causes.append(dict(error.trailing_metadata()).get("x-flexgw-error"))
+        self.assertEqual(causes, ["upstream_connect_failure", "circuit_open"])
+
+
+class _DataAfterTrailers:
+    """A scripted h2c upstream (flexgw.testing.h2raw): `.../Good` is held; `.../Bad`, arriving
+    on the same connection, gets a head and a message at once; `misbehave()` then sends its
+    trailers (with END_STREAM when `ended`, without otherwise) followed by a DATA frame, and
+    answers `.../Good`."""
+
+    def __new__(cls, ended: bool) -> Any:
+        from flexgw.testing import h2raw
+
+        class Script(h2raw.Script):
+            def __init__(self) -> None:
+                self.good: int | None = None
+                self.bad: int | None = None
+                self.conn: Any = None
+                self.good_seen: defer.Deferred[None] = defer.Deferred()
+                self.resets: list[int] = []
+
+            def frame(self, conn: Any, received: Any) -> None:
+                if received.kind == h2raw.RST_STREAM:
+                    self.resets.append(received.error_code)
+                super().frame(conn, received)
+
+            def request(self, conn: Any, stream_id: int, fields: Any) -> None:
+                grpc_head = [(b"content-type", b"application/grpc")]
+                if dict(fields)[b":path"].endswith(b"/Good"):
+                    self.good = stream_id
+                    self.good_seen.callback(None)
+                    return
+                self.bad, self.conn = stream_id, conn
+                conn.send(conn.response_headers(stream_id, extra=grpc_head), h2raw.data(stream_id, _message(b"bad")))
+
+            def misbehave(self) -> None:
+                conn, bad, good = self.conn, self.bad, self.good
+                assert bad is not None and good is not None
+                trailers = h2raw.frame(
+                    h2raw.HEADERS, h2raw.END_HEADERS | (h2raw.END_STREAM if ended else 0), bad,
+                    conn.block([(b"grpc-status", b"0")]),
+                )
+                conn.send(trailers, h2raw.data(bad, _message(b"after the trailers"), end_stream=True))
+                head = conn.response_headers(good, extra=[(b"content-type", b"application/grpc")])
+                conn.send(
+                    head,
+                    h2raw.data(good, _message(b"good")),
+                    h2raw.frame(h2raw.HEADERS, h2raw.END_HEADERS | h2raw.END_STREAM, good,
+                                conn.block([(b"grpc-status", b"0")])),
+                )
+
+        return Script()
+
+
+class MalformedFramingTests(GrpcCase):
+    """The issue's Bad input: DATA after the upstream's trailers, and malformed gRPC framing
+    (forwarded byte-exact: the gateway does not parse messages)."""
+
+    async def _data_after_trailers(self, ended: bool) -> tuple[Any, Any, Any, Gateway]:
+        """`.../Good` then `.../Bad` on one downstream connection (raw frames), multiplexed on
+        one upstream connection; once Bad's message reached the client, the upstream
+        misbehaves; returns the client connection, Good's response, the script, the gateway."""
+        from flexgw.testing import h2raw
+
+        script = _DataAfterTrailers(ended)
+        upstream = h2raw.ScriptedUpstream(script)
+        upstream_port = upstream.listen(reactor)
+        self.addCleanup(upstream.stop)
+        port = free_port()
+        gateway = self.gateway({"api.yaml": grpc_api(port, f"h2c://127.0.0.1:{upstream_port}")})
+        conn = await h2raw.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(lambda: conn.closed or conn.transport.abortConnection())
+        fields = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
+        for stream_id, method in ((1, b"Good"), (3, b"Bad")):
+            path = b"/" + SERVICE.encode() + b"/" + method
+            conn.send(
+                conn.headers(stream_id, conn.request_fields(b"POST", path, extra=fields), end_stream=False),
+                h2raw.data(stream_id, _message(b"x"), end_stream=True),
+            )
+            if stream_id == 1:
+                await script.good_seen
+        while not any(f.kind == h2raw.DATA and f.stream_id == 3 for f in conn.received):
+            await conn.next()  # (frames stay in `received`)
+        self.assertEqual(upstream.connections[0].received[-1].stream_id, 3)  # one upstream connection
+        script.misbehave()
+        good = await conn.response(1)
+        return conn, good, script, gateway
+
+    async def test_data_after_trailers_without_end_stream(self) -> None:
+        """Trailers without END_STREAM (a malformed response, RFC 9113 §8.1.1), then DATA: the
+        client's stream is reset with PROTOCOL_ERROR (its head and first message were out),
+        the access log names upstream_bad_response, the upstream stream is reset
+        PROTOCOL_ERROR, and the other stream on the same connections (downstream and
+        upstream) is answered whole."""
+        from flexgw.testing import h2raw
+
+        conn, good, script, gateway = await self._data_after_trailers(ended=False)
+        self.assertEqual((good.status, good.body, good.trailers), (200, _message(b"good"), [(b"grpc-status", b"0")]))
+        # (the upstream sent Bad's misbehaviour before Good's answer: its frames are all in)
+        self.assertEqual([f.error_code for f in conn.frames_of(h2raw.RST_STREAM, 3)], [h2raw.PROTOCOL_ERROR])
+        self.assertNotIn(b"after the trailers", b"".join(f.payload for f in conn.frames_of(h2raw.DATA)))
+        self.assertIn(h2raw.PROTOCOL_ERROR, script.resets)
+        self.assertEqual(
+            sorted((r["path"].rsplit("/", 1)[-1], r["error"]) for r in gateway.records()),
+            [("Bad", "upstream_bad_response"), ("Good", None)],
+        )
+
+    async def test_data_after_trailers_with_end_stream(self) -> None:
+        """Trailers with END_STREAM, then DATA on the closed stream: the client's response is
+        the one that ended (the stray DATA is not forwarded), the upstream stream is reset
+        STREAM_CLOSED, and the other stream is answered whole."""
+        from flexgw.testing import h2raw
+
+        conn, good, script, _gateway = await self._data_after_trailers(ended=True)
+        self.assertEqual((good.status, good.body, good.trailers), (200, _message(b"good"), [(b"grpc-status", b"0")]))
+        # (the upstream sent Bad's misbehaviour before Good's answer: its frames are all in)
+        bad = [f for f in conn.received if f.stream_id == 3]
+        self.assertEqual(
+            [(f.kind, f.flags & h2raw.END_STREAM, f.fields) for f in bad],
+            [
+                (h2raw.HEADERS, 0, [(b":status", b"200"), (b"content-type", b"application/grpc")]),
+                (h2raw.DATA, 0, None),
+                (h2raw.HEADERS, h2raw.END_STREAM, [(b"grpc-status", b"0")]),
+            ],
+        )
+        self.assertEqual(bad[1].payload, _message(b"bad"))
+        self.assertNotIn(b"after the trailers", b"".join(f.payload for f in conn.frames_of(h2raw.DATA)))
+        self.assertIn(h2raw.STREAM_CLOSED, script.resets)
+
+    async def test_malformed_length_prefixes_forwarded_byte_exact(self) -> None:
+        """A length prefix past the end of the stream, and the compressed flag without
+        grpc-encoding, reach the upstream byte-exact and come back (echoed) byte-exact."""
+        from flexgw.testing import h2raw
+        from flexgw.testing.upstream import echo
+
+        upstream = RecordingUpstream(echo(), reactor=reactor, h2c=True, retain_bodies=True)
+        upstream.listen(reactor)
+        self.addCleanup(upstream.stop)
+        port = free_port()
+        self.gateway({"api.yaml": grpc_api(port, f"h2c://127.0.0.1:{upstream.address[1]}")})
+        conn = await h2raw.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(lambda: conn.closed or conn.transport.abortConnection())
+        bodies = [b"\x00\x00\x00\x00\x10abc", _message(b"squeezed?", flag=1), b"\x00\x00"]
+        fields = [(b"content-type", b"application/grpc"), (b"te", b"trailers")]
+        for i, body in enumerate(bodies):
+            stream_id = 1 + 2 * i
+            path = b"/" + SERVICE.encode() + b"/Unary"
+            conn.send(
+                conn.headers(stream_id, conn.request_fields(b"POST", path, extra=fields), end_stream=False),
+                h2raw.data(stream_id, body, end_stream=True),
+            )
+            response = await conn.response(stream_id)
+            self.assertEqual((response.status, response.body), (200, body))
+        self.assertEqual([r.body for r in upstream.received], bodies)

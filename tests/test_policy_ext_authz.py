@@ -320,3 +320,61 @@ class GatewayTests(TestCase):
         refused = await client.request(reactor, "127.0.0.1", port2, raw % b"deny")
         self.assertEqual(refused.status, 401)
         self.assertEqual(len(upstream.received), 2)
+
+
+class PeerCertificateTests(TestCase):
+    """includePeerCertificate over a real mTLS gateway: the client certificate goes to the
+    gRPC server as URL-encoded PEM in attributes.source.certificate."""
+
+    async def test_client_certificate_sent(self) -> None:
+        """With the key, alice's certificate arrives as Envoy encodes it; without the key, or
+        without a client certificate, the field stays empty."""
+        import os
+        from urllib.parse import unquote
+
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        from flexgw.testing.certs import CertificateAuthority, client_options
+        from tests.harness import Gateway
+        from tests.test_tls_ingress import api, tls_binding
+
+        server = GrpcAuthzServer().start()
+        self.addCleanup(server.stop)
+        upstream = RecordingUpstream(reactor=reactor)
+        upstream.listen(reactor)
+        self.addCleanup(upstream.stop)
+        ca, client_ca = CertificateAuthority("server CA"), CertificateAuthority("client CA")
+        folder = os.path.abspath(self.mktemp())
+        crt, key = ca.issue("api.test", dns=["api.test"]).write(folder, "server")
+        client_ca_path = client_ca.write(folder, "client-ca")
+        alice = client_ca.issue("alice", client=True)
+        documents = []
+        ports = [free_port(), free_port()]
+        for name, port, include, mtls in (("with", ports[0], "true", True),
+                                          ("without", ports[1], "false", True)):
+            documents.append(api(name, port, upstream.address[1]) + "---\n" + tls_binding(
+                f"{name}-tls", name, crt, key,
+                f'requireClientCertificate: true\ntrustedCA: "file://{client_ca_path}"\n'
+                if mtls else ""))
+            documents.append(
+                "apiVersion: gateway.mulesoft.com/v1alpha1\nkind: PolicyBinding\n"
+                f"metadata: {{name: {name}-authz}}\n"
+                f"spec:\n  targetRef: {{kind: ApiInstance, name: {name}}}\n"
+                "  policyRef: {name: native-ext-authz-flex}\n"
+                f"  config: {{uri: '{server.uri}', includePeerCertificate: {include}}}\n")
+        gateway = Gateway(self, {"api.yaml": "---\n".join(documents)})
+        gateway.start()
+        self.assertEqual([str(p) for p in gateway.service.state.errors], [])
+        for port in ports:
+            conn = await client.connect(reactor, "127.0.0.1", port,
+                                        tls=client_options("api.test", ca, alice))
+            self.addCleanup(conn.abort)
+            conn.send(b"GET /x HTTP/1.1\r\nHost: api.test\r\n\r\n")
+            self.assertEqual((await conn.read_response()).status, 200)
+        sent = [r.attributes.source.certificate for r in server.requests]
+        pem = alice.certificate.public_bytes(Encoding.PEM).decode()
+        self.assertEqual(unquote(sent[0]), pem)
+        self.assertNotIn("\n", sent[0])
+        self.assertIn("%0A", sent[0])
+        self.assertNotIn("/", sent[0])
+        self.assertEqual(sent[1], "")

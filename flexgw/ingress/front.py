@@ -130,12 +130,18 @@ class IngressProtocol(Protocol):
 
     def handshakeCompleted(self) -> None:
         """TLS is up: the client certificate's details (if one was verified) are forwarded with
-        every request of this connection as `x-forwarded-client-cert` (Envoy's format)."""
+        every request of this connection as `x-forwarded-client-cert` (Envoy's format), and the
+        certificate is kept on the Peer for policies that send it on."""
         certificate = self.transport.getPeerCertificate()
-        if certificate is not None and self.http.forward_client_cert:
+        if certificate is None:
+            return
+        if self.http.forward_client_cert:
             from flexgw.tls.contexts import xfcc_value
 
-            self.peer = self.peer.with_client_cert(xfcc_value(certificate.to_cryptography()))
+            value = xfcc_value(certificate.to_cryptography())
+            self.peer = self.peer.with_client_cert(value, certificate)
+        else:
+            self.peer = self.peer.with_client_cert(None, certificate)
 
     def connectionLost(self, reason: Failure = None) -> None:
         """Abandon whatever is in flight."""

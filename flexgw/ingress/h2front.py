@@ -41,6 +41,7 @@ from h2.config import H2Configuration
 from h2.errors import ErrorCodes
 from h2.exceptions import H2Error, ProtocolError
 from h2.settings import SettingCodes, Settings
+from hpack.exceptions import HPACKError
 from hyperframe.frame import (
     DataFrame,
     ExtensionFrame,
@@ -126,6 +127,12 @@ class _Flood(ProtocolError):
     error_code = ErrorCodes.ENHANCE_YOUR_CALM
 
 
+class _Compression(ProtocolError):
+    """A header block that does not decode: h2 queues GOAWAY(COMPRESSION_ERROR)."""
+
+    error_code = ErrorCodes.COMPRESSION_ERROR
+
+
 class _GuardedConnection(FrameHookConnection):
     """h2's server connection, with the flood guards applied frame by frame.
 
@@ -151,7 +158,19 @@ class _GuardedConnection(FrameHookConnection):
             control = kind is DataFrame and not frame.data and "END_STREAM" not in frame.flags  # type: ignore[attr-defined]
         if control and protocol.counted_control():
             raise _Flood("control frames")
-        received = self.receive_one_frame(frame)
+        elif kind is GoAwayFrame:
+            # The client goes away (RFC 9113 §6.8): its open streams still get their responses
+            # (h2 would refuse to send any once it read the GOAWAY), then the connection closes.
+            protocol.client_goaway = True
+            return []
+        try:
+            received = self.receive_one_frame(frame)
+        except ProtocolError as exc:
+            if isinstance(exc.__cause__, HPACKError):
+                # RFC 9113 §4.3: a header block that does not decode is a COMPRESSION_ERROR
+                # (h2 reports every decoding error as a PROTOCOL_ERROR).
+                raise _Compression(str(exc)) from exc
+            raise
         for event in received:
             if event.__class__ is events.StreamReset and protocol.counted_reset():
                 raise _Flood("stream resets")
@@ -582,6 +601,7 @@ class H2Protocol(Protocol):
         self.paused = False  # the client's socket is full
         self.closing = False
         self.goaway_last: int | None = None  # last stream id of a graceful GOAWAY
+        self.client_goaway = False  # the client sent GOAWAY: finish its streams, then close
         self.window_start = 0.0
         self.resets = 0
         self.control_frames = 0
@@ -692,6 +712,8 @@ class H2Protocol(Protocol):
                 # A header block kept open with CONTINUATION frames past the size limit.
                 self._calm()
                 return
+            if self.client_goaway:
+                self.drain()
             self.flush()
 
     def flush(self) -> None:
@@ -963,6 +985,8 @@ class H2Protocol(Protocol):
             for stream in streams.values():
                 stream.closed = True
                 self._abandon(stream)
+        # A TLS transport closes only once no producer is registered (TCP would close anyway).
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     def _on_timer(self) -> None:

@@ -26,6 +26,9 @@ class Peer:
     scheme: str  # the listener's scheme: "http" or "https"
     proto_line: bytes  # "X-Forwarded-Proto: <scheme>\r\n", plus the XFCC line over mTLS
     xfcc_line: bytes = b""  # "X-Forwarded-Client-Cert: ...\r\n" over mTLS, else b""
+    # The verified client certificate (a pyOpenSSL X509) over mTLS, else None: policies that
+    # send it on (ext_authz's includePeerCertificate) read it through PolicyContext.
+    certificate: Any = None
 
     @classmethod
     def of(cls, transport: Any, scheme: str, trusted_proxies: Sequence[Any] = ()) -> Peer:
@@ -56,10 +59,15 @@ class Peer:
             proto_line=b"X-Forwarded-Proto: " + scheme.encode("ascii") + b"\r\n",
         )
 
-    def with_client_cert(self, xfcc_value: bytes) -> Peer:
-        """The same peer, authenticated by a client certificate (forwarded as XFCC)."""
+    def with_client_cert(self, xfcc_value: bytes | None, certificate: Any = None) -> Peer:
+        """The same peer, authenticated by a client certificate (forwarded as XFCC unless
+        `xfcc_value` is None)."""
+        if xfcc_value is None:
+            return attrs.evolve(self, certificate=certificate)
         line = b"X-Forwarded-Client-Cert: " + xfcc_value + b"\r\n"
-        return attrs.evolve(self, xfcc_line=line, proto_line=self.proto_line + line)
+        return attrs.evolve(
+            self, xfcc_line=line, proto_line=self.proto_line + line, certificate=certificate
+        )
 
 
 #: The peer of a front not connected yet.

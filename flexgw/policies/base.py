@@ -215,6 +215,7 @@ class PolicyContext:
         "body_replaced",
         "client_ip",
         "head",
+        "peer_certificate",
         "response_extra",
         "response_headers",
         "response_status",
@@ -260,6 +261,8 @@ class PolicyContext:
         # Per-request notes a policy keeps for its own later phases, keyed by the policy
         # object (not visible to expressions, unlike `vars`); None until first used.
         self.scratch: dict[Any, Any] | None = None
+        # The client's verified certificate (a pyOpenSSL X509) on an mTLS connection, else None.
+        self.peer_certificate: Any = None
 
     @property
     def authentication(self) -> Mapping[str, Any] | None:

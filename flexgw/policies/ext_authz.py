@@ -39,7 +39,10 @@ Deliberate differences from Flex:
   `ext_authz_timeout`, `ext_authz_reset` or `ext_authz_bad_response`; a denial by the server
   carries `ext_authz_denied` (Envoy sends neither).
 - `serverVersion: v2` (Envoy's removed v2 API) is a config error: Envoy itself no longer serves
-  it. `includePeerCertificate` is accepted; the client certificate is not sent yet.
+  it.
+- `includePeerCertificate`: on an mTLS connection the verified client certificate goes in
+  `attributes.source.certificate` as URL-encoded PEM (Envoy's form). The HTTP server type does
+  not send it, as Envoy's HTTP client does not (it forwards headers only).
 - Answers are bounded (1 MiB for gRPC and HTTP bodies); a larger one is a failure (403).
 - The HTTP server type uses treq on a persistent connection pool (or the gateway's side-call
   agent when `Configuration` sets TLS or a forward proxy for policy calls).
@@ -57,6 +60,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from flexgw.http.tracecontext import side_call
 from flexgw.policies.base import (
     BuildContext,
     IPolicy,
@@ -136,6 +140,7 @@ class Settings:
     client_headers: tuple[bytes, ...] | None
     client_headers_on_success: tuple[bytes, ...]
     raw_values: bool
+    include_peer_certificate: bool = False
 
 
 def settings_from(config: dict[str, Any], environ: Any = os.environ) -> Settings:
@@ -179,6 +184,7 @@ def settings_from(config: dict[str, Any], environ: Any = os.environ) -> Settings
         client_headers=_lower(config.get("serviceResponseClientHeaders")),
         client_headers_on_success=_lower(config.get("serviceResponseClientHeadersOnSuccess")) or (),
         raw_values=raw,
+        include_peer_certificate=bool(config.get("includePeerCertificate", False)),
     )
 
 
@@ -261,7 +267,9 @@ class ExtAuthzPolicy(UsesRuntime):
     def on_request(self, ctx: PolicyContext) -> Any:
         """Ask the server; apply its answer."""
         self.calls += 1
-        d = self.client.check(ctx)
+        client, settings = self.client, self.settings
+        d = side_call(ctx.trace, "ext_authz", lambda traceparent: client.check(ctx, settings, traceparent),
+                      "ext_authz_failed", (("url.full", settings.uri),))
         return d.addErrback(self._error)
 
     def _error(self, failure: Failure) -> LocalResponse:
@@ -307,23 +315,30 @@ class _GrpcClient:
                 connection.transport.abortConnection()
         return deferLater(self.pool.reactor, 0, lambda: None)  # the aborts complete in a turn
 
-    def check(self, ctx: PolicyContext) -> Deferred[Any]:
+    def check(self, ctx: PolicyContext, settings: Settings,
+              traceparent: bytes | None = None) -> Deferred[Any]:
+        """One Check for `ctx`, with the binding's `settings` (bindings share this client), and
+        the request's `traceparent` as gRPC metadata when it is traced."""
         from flexgw.upstream.grpccall import unary
 
-        message = self.request(ctx).SerializeToString()
-        return unary(self.pool, CHECK_PATH, message, self.settings.timeout, self.clock,
-                     limit=MAX_ANSWER).addCallback(self.answered, ctx)
+        message = self.request(ctx, settings).SerializeToString()
+        metadata = ((b"traceparent", traceparent),) if traceparent is not None else ()
+        return unary(self.pool, CHECK_PATH, message, settings.timeout, self.clock,
+                     metadata, limit=MAX_ANSWER).addCallback(self.answered, ctx)
 
-    def request(self, ctx: PolicyContext) -> Any:
+    def request(self, ctx: PolicyContext, s: Settings) -> Any:
         """Envoy's CheckRequest for this request."""
         from envoy.service.auth.v3 import external_auth_pb2
 
-        s = self.settings
         head = ctx.head
         req = external_auth_pb2.CheckRequest()
         attributes = req.attributes
         source = attributes.source.address.socket_address
         source.address = ctx.client_ip
+        if s.include_peer_certificate and ctx.peer_certificate is not None:
+            from flexgw.tls.contexts import url_encoded_pem
+
+            attributes.source.certificate = url_encoded_pem(ctx.peer_certificate)
         attributes.request.time.FromNanoseconds(int(self.clock.seconds() * 1e9))
         http = attributes.request.http
         method = head.method.decode("latin-1")
@@ -430,12 +445,13 @@ class _HttpClient:
             return self.pool.closeCachedConnections()
         return None
 
-    def check(self, ctx: PolicyContext) -> Deferred[Any]:
+    def check(self, ctx: PolicyContext, s: Settings, traceparent: bytes | None = None) -> Deferred[Any]:
+        """One check for `ctx`, with the binding's settings `s` (bindings share this client),
+        and the request's `traceparent` when it is traced."""
         import treq
 
         from flexgw.sidecalls.bounded import read_bounded
 
-        s = self.settings
         head = ctx.head
         keep = {b"host", b"authorization", *(s.allowed or ())}
         headers: dict[bytes, list[bytes]] = {}
@@ -446,6 +462,8 @@ class _HttpClient:
         headers[b"content-length"] = [b"0"]
         for name, value in s.request_headers_to_add:
             headers[name.lower()] = [value]
+        if traceparent is not None:
+            headers[b"traceparent"] = [traceparent]
         url = f"{s.scheme}://{_authority(s)}{s.path_prefix}{head.target.decode('latin-1')}"
         kwargs: dict[str, Any] = {"reactor": self.reactor}
         if self.agent is not None:
@@ -459,15 +477,16 @@ class _HttpClient:
         def got(response: Any) -> Deferred[Any]:
             return read_bounded(
                 response, MAX_ANSWER, lambda: _BadAnswer("authorization answer too large")
-            ).addCallback(lambda body: self.answered(response, body, ctx))
+            ).addCallback(lambda body: self.answered(response, body, ctx, s))
 
         d.addCallback(got)
         d.addTimeout(s.timeout, self.reactor, onTimeoutCancel=_timed_out)
         return d
 
-    def answered(self, response: Any, body: bytes, ctx: PolicyContext) -> LocalResponse | None:
+    def answered(
+        self, response: Any, body: bytes, ctx: PolicyContext, s: Settings
+    ) -> LocalResponse | None:
         """200: allow with the configured header copies; else deny as the server said."""
-        s = self.settings
         pairs = [
             (name.lower(), value)
             for name, values in response.headers.getAllRawHeaders()

@@ -239,6 +239,19 @@ def xfcc_value(certificate: x509.Certificate) -> bytes:
     return "".join(c if 0x20 <= ord(c) < 0x7F else "?" for c in text).encode("ascii")
 
 
+def url_encoded_pem(certificate: Any) -> str:
+    """A client certificate (pyOpenSSL X509 or cryptography) as Envoy sends it to ext_authz
+    (`attributes.source.certificate`) and in XFCC's `Cert=`: its PEM with newline, space, `+`,
+    `/` and `=` percent-encoded (Envoy's urlEncodedPemEncodedPeerCertificate)."""
+    if hasattr(certificate, "to_cryptography"):
+        certificate = certificate.to_cryptography()
+    pem = certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")
+    for char, code in (("%", "%25"), ("\n", "%0A"), (" ", "%20"), ("+", "%2B"), ("/", "%2F"),
+                       ("=", "%3D")):
+        pem = pem.replace(char, code)
+    return pem
+
+
 # -- client ---------------------------------------------------------------------------------------
 
 #: The application protocols the gateway's clients (the upstream pool, treq side calls) speak.

@@ -25,17 +25,19 @@ from typing import TYPE_CHECKING, Any
 import httptools
 from h2 import events
 from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import H2Error, ProtocolError
 from h2.settings import SettingCodes, Settings
 from hpack import NeverIndexedHeaderTuple
+from hpack.exceptions import HPACKError
+from hyperframe.frame import Frame, HeadersFrame
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IReactorTCP, IReactorTime
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from flexgw.compat.h2frames import FrameHookConnection
 from flexgw.compat.hpackcache import use_caches
 from flexgw.http.fastwrite import send_now
 from flexgw.http.h2frames import GoAwayFilter
@@ -67,6 +69,38 @@ _CONFIG = H2Configuration(
 _DROP = HOP_BY_HOP | {b"host", b"content-length", b"http2-settings"}
 #: Request fields never indexed by HPACK (credentials: h2's own list).
 _SECRET = frozenset({b"authorization", b"proxy-authorization"})
+
+
+class _UpstreamConnection(FrameHookConnection):
+    """h2's client connection, with a malformed response header block made a stream error.
+
+    h2 raises a plain ProtocolError, a connection error, for a HEADERS frame whose fields it
+    decoded but refuses: trailers without END_STREAM, a second response head, invalid fields.
+    RFC 9113 §8.1.1 makes a malformed response a stream error of type PROTOCOL_ERROR, and the
+    other streams multiplexed on the connection have nothing to do with it: the stream is
+    reset (PROTOCOL_ERROR) and noted in `malformed` (the connection fails its exchange after
+    the read), and the read goes on. The HPACK state is intact (the block was decoded before the refusal);
+    a block that does not decode stays a connection error (COMPRESSION_ERROR's case).
+    """
+
+    malformed: list[tuple[int, str]]
+
+    def frame_hook(self, frame: Frame) -> Any:
+        try:
+            return self.receive_one_frame(frame)
+        except ProtocolError as exc:
+            if (
+                frame.__class__ is not HeadersFrame
+                or exc.__class__ is not ProtocolError
+                or isinstance(exc.__cause__, HPACKError)
+                or frame.stream_id not in self.streams
+            ):
+                raise
+            # Reset now: later frames of the same read on this stream are then h2's stream
+            # errors (STREAM_CLOSED), never events.
+            self.reset_stream(frame.stream_id, ErrorCodes.PROTOCOL_ERROR)
+            self.malformed.append((frame.stream_id, str(exc)))
+            return []
 
 
 @implementer(IPushProducer)
@@ -326,7 +360,8 @@ class H2UpstreamConnection(Protocol):
     def __init__(self, pool: H2UpstreamPool) -> None:
         self.pool = pool
         self.scheme = b"https" if pool.upstream.tls is not None else b"http"
-        conn = self.conn = H2Connection(config=_CONFIG)
+        conn = self.conn = _UpstreamConnection(config=_CONFIG)
+        conn.malformed = []
         use_caches(conn)
         conn.local_settings = Settings(
             client=True,
@@ -436,9 +471,21 @@ class H2UpstreamConnection(Protocol):
         try:
             received = self.conn.receive_data(data)
         except ProtocolError as exc:
-            _log.info("HTTP/2 protocol error from upstream: {error}", error=exc)
+            _log.info(
+                "HTTP/2 protocol error from upstream {upstream}: {error}",
+                upstream=self.pool.upstream.key, error=exc,
+            )
             self.usable = False
-            self.flush()
+            self.flush()  # h2's GOAWAY with the error's code
+            # The upstream broke the protocol (an oversize frame, a header block that does not
+            # decode, a window overflow...): every exchange on the connection fails as for a
+            # malformed response (502 `upstream_bad_response`, or the client's stream reset once
+            # its head went out), not as a reset an idempotent request could be retried after.
+            for stream in list(self.streams.values()):
+                sink = stream.sink
+                stream.sink = None
+                if sink is not None:
+                    sink.response_malformed(f"HTTP/2 protocol error: {exc}")
             self.transport.abortConnection()
             return
         touched: dict[int, H2UpstreamStream] = {}
@@ -517,6 +564,15 @@ class H2UpstreamConnection(Protocol):
                     self._settings_received()
                 for blocked in list(self.blocked):
                     blocked.pump()
+        malformed = self.conn.malformed
+        while malformed:
+            stream_id, message = malformed.pop()
+            stream = streams.get(stream_id)
+            touched.pop(stream_id, None)
+            if stream is not None and not stream.done:
+                if stream in ended:
+                    ended.remove(stream)
+                self._malformed(stream, f"malformed HTTP/2 response head or trailers: {message}")
         self.flush()
         for stream in touched.values():
             sink = stream.sink
