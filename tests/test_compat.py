@@ -230,6 +230,34 @@ class H2FrameHookTests(unittest.TestCase):
         self.assertEqual(ping_acks, 1, hook_gone)
 
 
+class H2TerminateTests(unittest.TestCase):
+    """compat.h2frames: the GOAWAY code of a refused SETTINGS ACK with a payload."""
+
+    def test_settings_ack_with_payload_is_frame_size_error(self) -> None:
+        """h2 queues its GOAWAY in `_terminate_connection`, with the refused frame still at the
+        start of `FrameBuffer._data`: the code becomes FRAME_SIZE_ERROR (RFC 9113 §6.5)."""
+        self.assertTrue(
+            callable(getattr(H2Connection, "_terminate_connection", None)),
+            gone("h2.connection.H2Connection._terminate_connection", "h2frames", "h2"),
+        )
+        self.assertIn("_data", vars(FrameBuffer()), gone("h2.frame_buffer.FrameBuffer._data", "h2frames", "h2"))
+
+        class Hooked(FrameHookConnection):
+            pass
+
+        conn = Hooked(H2Configuration(client_side=False))
+        conn.initiate_connection()
+        conn.clear_outbound_data_buffer()
+        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+        with self.assertRaises(ProtocolError):
+            conn.receive_data(preface + b"\x00\x00\x01\x04\x01\x00\x00\x00\x00\x00")
+        sent = conn.data_to_send()
+        goaway = sent[sent.index(b"\x07\x00\x00\x00\x00\x00") - 3 :]
+        self.assertEqual(
+            goaway[-4:], b"\x00\x00\x00\x06", gone("H2Connection._terminate_connection", "h2frames", "h2")
+        )
+
+
 class HpackCacheTests(unittest.TestCase):
     """compat.hpackcache: hpack's HeaderTable changes only through `add` and `maxsize`, so the
     cached blocks and lists are exactly what hpack itself gives."""

@@ -696,9 +696,6 @@ class H2Protocol(Protocol):
                     stream.exchange.request_trailers = kept or None
                 if event.stream_ended is not None:
                     self._ended(event.stream_id)
-            elif kind is events.ConnectionTerminated:
-                self._close(abort_streams=True)
-                break
             elif kind is events.RemoteSettingsChanged:
                 self._window(0)
         for stream in starting:
