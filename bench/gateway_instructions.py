@@ -8,12 +8,20 @@ gateway only while those N run (after 200 warm-up requests), so start-up is not 
     .venv/bin/python bench/gateway_instructions.py 2000
     .venv/bin/python bench/gateway_instructions.py 2000 --no-send-now   # always transport.write
     .venv/bin/python bench/gateway_instructions.py 2000 --tls [--twisted-tls-flush]
+    .venv/bin/python bench/gateway_instructions.py 2000 --tracing 100   # or 0, or off
+
+`--tracing P` adds bench/run.py's tracing Configuration at P% sampling, exporting over OTLP/gRPC
+to a receiver (flexgw.testing.otlp) started beside nginx; its batches are encoded and sent
+while callgrind counts, so the export's cost is in the figure. The batches are full ones (512
+spans, as under load: a long scheduleDelay keeps callgrind's slow pace from sending a few spans
+at a time). `--tracing all` measures off, 0
+and 100 one after the other and prints each as a ratio of off.
 
 `--tls` makes the gateway's port a TLS port (bench/run.py's certificate); `--twisted-tls-flush`
 then uses Twisted's own TLSMemoryBIOProtocol, whose encrypted bytes wait for the next reactor
 turn, instead of flexgw.compat.tlswrite's SendNowTLSProtocol.
 
-Needs valgrind (callgrind_control) and nginx. Every process it starts is stopped at the end.
+Needs valgrind (callgrind_control) and nginx (and grpcio for `--tracing`). Every process it starts is stopped at the end.
 """
 
 from __future__ import annotations
@@ -95,28 +103,35 @@ def dumped(out: Path) -> int:
     raise SystemExit("callgrind wrote no dump")
 
 
-def main() -> None:
-    """Measure and print instructions per request."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("n", type=int, nargs="?", default=2000)
-    parser.add_argument("--no-send-now", action="store_true", help="always transport.write")
-    parser.add_argument("--tls", action="store_true", help="the gateway's port speaks TLS")
-    parser.add_argument(
-        "--twisted-tls-flush", action="store_true", help="Twisted's TLSMemoryBIOProtocol"
-    )
-    args = parser.parse_args()
+def measure(args: argparse.Namespace, tracing: str = "off") -> int:
+    """Instructions per request of one gateway (`tracing`: "off", or a sampling percentage)."""
     tmp = Path(tempfile.mkdtemp(prefix="flexgw-instructions-"))
     upstream, port = free_port(), free_port()
     (tmp / "nginx.conf").write_text(NGINX.format(tmp=tmp, port=upstream))
     (tmp / "conf").mkdir()
     documents = CONF.format(port=port, upstream=upstream)
     ca_path = None
+    sys.path.insert(0, str(REPO / "bench"))
     if args.tls:
-        sys.path.insert(0, str(REPO / "bench"))
         from run import tls_conf
 
         extra, ca_path = tls_conf(tmp)
         documents += extra
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(REPO)}
+    started = []
+    if tracing != "off":
+        from run import TRACING_CONF
+
+        otlp = free_port()
+        # Batches fill up (maxExportBatchSize, 512 spans) before they go, as they do under load:
+        # at callgrind's pace the default half-second delay would send a few spans at a time.
+        documents += TRACING_CONF.format(host="127.0.0.1", otlp_port=otlp, overall=tracing).replace(
+            "        serviceName: bench\n", "        serviceName: bench\n        scheduleDelay: 60s\n"
+        )
+        started.append(subprocess.Popen(
+            [sys.executable, "-m", "flexgw.testing.otlp", "--listen", f"127.0.0.1:{otlp}"],
+            cwd=REPO, env=env, start_new_session=True,
+        ))
     (tmp / "conf" / "api.yaml").write_text(documents)
     patch = "import flexgw.compat.tcpwrite as t; t._DIRECT = ();" if args.no_send_now else ""
     if args.twisted_tls_flush:
@@ -125,7 +140,6 @@ def main() -> None:
             "import flexgw.tls.contexts as c; c.QuietTLSFactory.protocol = TLSMemoryBIOProtocol;"
         )
     out, log = tmp / "callgrind.out", tmp / "gateway.log"
-    started = []
     try:
         started.append(
             subprocess.Popen(
@@ -152,7 +166,7 @@ def main() -> None:
                 "off",
             ],
             cwd=REPO,
-            env={**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(REPO)},
+            env=env,
             start_new_session=True,
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
@@ -171,18 +185,40 @@ def main() -> None:
         subprocess.run(
             ["callgrind_control", "-d", str(gateway.pid)], check=True, capture_output=True
         )
-        total = dumped(out)
-        variant = "transport.write only" if args.no_send_now else "send_now"
-        if args.tls:
-            tls = "Twisted's TLS flush" if args.twisted_tls_flush else "SendNowTLSProtocol"
-            variant = f"TLS ({tls}), {variant}"
-        print(f"{variant}: {total // args.n} instructions per request ({args.n} requests)")
+        return dumped(out) // args.n
     finally:
         for process in started:
             try:
                 os.killpg(process.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+
+
+def main() -> None:
+    """Measure and print instructions per request."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("n", type=int, nargs="?", default=2000)
+    parser.add_argument("--no-send-now", action="store_true", help="always transport.write")
+    parser.add_argument("--tls", action="store_true", help="the gateway's port speaks TLS")
+    parser.add_argument(
+        "--twisted-tls-flush", action="store_true", help="Twisted's TLSMemoryBIOProtocol"
+    )
+    parser.add_argument(
+        "--tracing", default="off", choices=("off", "0", "100", "all"),
+        help="OpenTelemetry tracing at this sampling percentage (all: off, 0 and 100)",
+    )
+    args = parser.parse_args()
+    variant = "transport.write only" if args.no_send_now else "send_now"
+    if args.tls:
+        tls = "Twisted's TLS flush" if args.twisted_tls_flush else "SendNowTLSProtocol"
+        variant = f"TLS ({tls}), {variant}"
+    modes = ("off", "0", "100") if args.tracing == "all" else (args.tracing,)
+    counts: dict[str, int] = {}
+    for mode in modes:
+        counts[mode] = count = measure(args, mode)
+        label = variant if mode == "off" else f"{variant}, tracing at {mode}%"
+        ratio = f" = {count / counts['off']:.3f} x tracing off" if "off" in counts and mode != "off" else ""
+        print(f"{label}: {count} instructions per request ({args.n} requests){ratio}", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,16 @@ not. Per-request cost = (Ir at N2 - Ir at N1) / (N2 - N1), e.g.:
     PYTHONHASHSEED=0 PYTHONPATH=. valgrind --tool=callgrind --callgrind-out-file=/tmp/a \\
         .venv/bin/python bench/hotpath.py 1000
     (same with 5000; compare the "Collected" totals)
+
+`--tracing 100` (or `0`) samples the API's requests at that percentage, with the gateway's
+Tracer observing the exchanges and every trace encoded as OTLP in batches of 512 (the export
+itself answered at once): the tracing cost of the data path and the encoder, without the
+collector's network round trips (bench/gateway_instructions.py --tracing counts those too).
+`--profile` prints cProfile's top functions instead (where the time goes, not how much).
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -47,12 +52,54 @@ def drive(factory: Any, request: bytes, n: int) -> bytes:
     return first
 
 
-def main(n: int) -> None:
+def traced_factory(percent: float) -> Any:
+    """A one-API factory whose API samples `percent` of requests, observed by a Tracer whose
+    exporter encodes every batch of 512 spans (and sends it nowhere)."""
+    import attrs
+    from twisted.internet.defer import succeed
+
+    from flexgw.http.tracecontext import Sampler
+    from flexgw.plan import TracingSettings
+    from flexgw.service.tracing import SpanExporter, Tracer
+    from flexgw.testing.memory import memory_factory, one_api_listener
+
+    listener = one_api_listener()
+    api = attrs.evolve(listener.apis[0], tracing=Sampler(overall=percent))
+    factory = memory_factory(attrs.evolve(listener, apis=(api,)))
+    settings = TracingSettings("h2c://127.0.0.1:4317", "grpc", max_queue=1 << 20, max_batch=512)
+    exporter = SpanExporter(factory.reactor, settings, lambda body: succeed(None))
+    factory.set_observers([Tracer(factory.reactor, exporter)])
+
+    def flush_full_batches(record: Any, offer: Any = exporter.offer) -> None:
+        offer(record)
+        if exporter.queued >= settings.max_batch:
+            exporter.flush()
+
+    exporter.offer = flush_full_batches  # type: ignore[method-assign]
+    return factory
+
+
+def main(n: int, tracing: str | None = None, profile: bool = False) -> None:
     """Proxy `n` requests through a one-API listener whose plan is built in code."""
     from flexgw.testing.memory import memory_factory  # (not in older trees: see drive)
 
-    drive(memory_factory(), REQUEST, n)
+    factory = memory_factory() if tracing is None else traced_factory(float(tracing))
+    if not profile:
+        drive(factory, REQUEST, n)
+        return
+    import cProfile
+    import pstats
+
+    cProfile.runctx("drive(factory, REQUEST, n)", globals(), {"factory": factory, "n": n}, "/tmp/hotpath.prof")
+    pstats.Stats("/tmp/hotpath.prof").sort_stats("tottime").print_stats(25)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 1000)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("n", type=int, nargs="?", default=1000)
+    parser.add_argument("--tracing", choices=("0", "100"), help="sampling percentage of a traced API")
+    parser.add_argument("--profile", action="store_true", help="print cProfile's top functions")
+    args = parser.parse_args()
+    main(args.n, args.tracing, args.profile)

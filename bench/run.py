@@ -598,6 +598,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracing", action="store_true",
                         help="also measure flexgw with OpenTelemetry tracing to an OTLP/gRPC receiver, at "
                         "100%% and at 0%% sampling, as ratios of flexgw without tracing in the same run")
+    parser.add_argument("--tracing-rounds", type=int, default=7, metavar="N",
+                        help="with --tracing: also N interleaved rounds of plain / 100%% / 0%% runs whose "
+                        "per-round ratios give the reported median (default %(default)s; 0: off)")
+    parser.add_argument("--tracing-duration", type=float, default=5.0, metavar="S",
+                        help="seconds per run in those rounds (default %(default)s)")
     parser.add_argument("--multi", action="store_true",
                         help="also a Service of three addresses (127.0.0.1-3, one upstream listening "
                              "on all), balanced round robin; reported as a ratio of flexgw's req/s")
@@ -840,6 +845,25 @@ def main(argv: list[str] | None = None) -> int:
                             path = "h2c->h2c" if prefix else "h2c->h1"
                             print(f"  flexgw {path} (-m{streams}): "
                                   f"{h2_results[key]['rps']:.0f} req/s", file=sys.stderr, flush=True)
+            if args.tracing and args.tracing_rounds > 0:
+                # Interleaved rounds: plain, 100% and 0% one after the other, round after round,
+                # so that the machine's other load drifts over the three alike; the ratios are
+                # taken per round and their median reported.
+                trio = [(n, p) for n, p in targets if n in ("flexgw", "flexgw-tr100", "flexgw-tr0")]
+                rounds: list[dict[str, tuple[float, float | None]]] = []
+                for number in range(args.tracing_rounds):
+                    row: dict[str, tuple[float, float | None]] = {}
+                    for name, port in trio:
+                        session = sessions.get(name)
+                        before = session_cpu_seconds(session.pid) if session is not None else 0.0
+                        run = run_wrk(port, args.connections, args.tracing_duration, load_cpu, use_taskset)
+                        served = run.get("requests") or run["rps"] * args.tracing_duration
+                        used = session_cpu_seconds(session.pid) - before if session is not None else 0.0
+                        row[name] = (run["rps"], used / served * 1e6 if served and used else None)
+                    rounds.append(row)
+                    print(f"  tracing round {number + 1}: "
+                          + ", ".join(f"{n} {r[0]:.0f} req/s" for n, r in row.items()), file=sys.stderr, flush=True)
+                info["tracing_rounds"] = rounds
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         status = 130
@@ -856,6 +880,7 @@ def main(argv: list[str] | None = None) -> int:
     if not results:
         return status or 1
     summary = summarise(results, args.connections)
+    summary.update(tracing_round_ratios(info.get("tracing_rounds") or []))
     if h2_results and "flexgw" in results:
         h1_rps = results["flexgw"]["c50"]["rps"]
         h1_cpu = results["flexgw"]["c50"].get("cpu_us_per_req")
@@ -872,6 +897,25 @@ def main(argv: list[str] | None = None) -> int:
             {"info": info, "results": results, "h2": h2_results, "summary": summary}, indent=2
         ))
     return status
+
+
+def tracing_round_ratios(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """From interleaved rounds of {target: (req/s, CPU µs per request)}: per tracing mode the
+    median, lowest and highest per-round req/s ratio to plain flexgw, and the median CPU ratio
+    (plain / traced), under `rounds_<key>_...` keys."""
+    out: dict[str, Any] = {}
+    for name, key in (("flexgw-tr100", "tracing100"), ("flexgw-tr0", "tracing0")):
+        rps = sorted(r[name][0] / r["flexgw"][0] for r in rounds
+                     if name in r and "flexgw" in r and r["flexgw"][0])
+        cpu = sorted(r["flexgw"][1] / r[name][1] for r in rounds
+                     if name in r and "flexgw" in r and r[name][1] and r["flexgw"][1])
+        if rps:
+            out[f"rounds_{key}"] = len(rps)
+            out[f"rounds_rps_ratio_{key}"] = statistics.median(rps)
+            out[f"rounds_rps_ratio_{key}_range"] = (rps[0], rps[-1])
+        if cpu:
+            out[f"rounds_cpu_ratio_{key}"] = statistics.median(cpu)
+    return out
 
 
 def summarise(results: dict[str, dict[str, Any]], connections: int) -> dict[str, Any]:
@@ -998,6 +1042,14 @@ def print_table(results: dict[str, dict[str, Any]], summary: dict[str, Any], inf
             cpu = summary.get(f"cpu_ratio_{key}_over_flexgw")
             if cpu is not None:
                 print(f"  as gateway CPU per request (without / with tracing): {cpu:.3f}")
+        median = summary.get(f"rounds_rps_ratio_{key}")
+        if median is not None:
+            low, high = summary[f"rounds_rps_ratio_{key}_range"]
+            print(f"  median of {summary[f'rounds_{key}']} interleaved rounds: {median:.3f} "
+                  f"(rounds {low:.3f}-{high:.3f})  (goal >= {goal})")
+            cpu = summary.get(f"rounds_cpu_ratio_{key}")
+            if cpu is not None:
+                print(f"  as gateway CPU per request (without / with tracing), median: {cpu:.3f}")
     busy = info.get("cpu_busy_before_pct") or {}
     if any(v > 15 for v in busy.values()):
         print("NOTE: CPUs were busy before the run: "

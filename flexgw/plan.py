@@ -248,7 +248,9 @@ class SharedStorage:
 class TracingSettings:
     """`Configuration.spec.tracing.provider` (OpenTelemetry): where and how spans are exported."""
 
-    address: str  # h2://host:4317 (OTLP/gRPC, as Flex) or http(s)://host:4318[/v1/traces] (OTLP/HTTP)
+    # h2c://host:4317 or h2s://host:4317 (OTLP/gRPC, plain or TLS; Flex writes h2://) or
+    # http(s)://host:4318[/v1/traces] (OTLP/HTTP)
+    address: str
     protocol: str  # "grpc" or "http"
     service_name: str = "flexgw"
     service_type: str = "grpc"
@@ -257,6 +259,9 @@ class TracingSettings:
     max_queue: int = 2048  # spans waiting for export; more are dropped (counted)
     max_batch: int = 512  # spans per export request
     delay: float = 0.5  # seconds a span may wait for its batch
+    # TLS to the collector (h2s://, https://): Configuration.defaultTLS.outboundPolicyCalls (a
+    # flexgw.tls.settings.TLSSettings; None: the system trust store)
+    tls: Any = None
 
 
 @attrs.frozen

@@ -43,6 +43,7 @@ class GrpcAuthzServer:
         grpc, pb, pb_grpc = _grpc()
         self.pb = pb
         self.requests: list[Any] = []
+        self.metadata: list[dict[str, str]] = []  # each call's gRPC metadata
         self.released = threading.Event()
         server = self
 
@@ -50,6 +51,7 @@ class GrpcAuthzServer:
             def Check(self, request: Any, context: Any) -> Any:
                 """Decide from x-decision."""
                 server.requests.append(request)
+                server.metadata.append(dict(context.invocation_metadata()))
                 return server.decide(request, context)
 
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))

@@ -114,6 +114,23 @@ class SummaryTests(unittest.TestCase):
         self.assertNotIn("cpu_ratio_policies_over_flexgw", bench.summarise(results, 50))
 
 
+    def test_tracing_rounds(self) -> None:
+        """Interleaved tracing rounds: the median and range of the per-round req/s ratios, the
+        median CPU ratio; a round without CPU figures counts for req/s only."""
+        rounds = [
+            {"flexgw": (1000, 100.0), "flexgw-tr100": (900, 110.0), "flexgw-tr0": (990, 101.0)},
+            {"flexgw": (500, 200.0), "flexgw-tr100": (400, 250.0), "flexgw-tr0": (500, 200.0)},
+            {"flexgw": (800, None), "flexgw-tr100": (760, None), "flexgw-tr0": (800, None)},
+        ]
+        summary = bench.tracing_round_ratios(rounds)
+        self.assertEqual(summary["rounds_tracing100"], 3)
+        self.assertAlmostEqual(summary["rounds_rps_ratio_tracing100"], 0.9)
+        self.assertEqual(summary["rounds_rps_ratio_tracing100_range"], (0.8, 0.95))
+        self.assertAlmostEqual(summary["rounds_cpu_ratio_tracing100"], (100 / 110 + 0.8) / 2)
+        self.assertAlmostEqual(summary["rounds_rps_ratio_tracing0"], 1.0)
+        self.assertEqual(bench.tracing_round_ratios([]), {})
+
+
 class CpuTests(unittest.TestCase):
     """session_cpu_seconds sums the CPU time of a session's processes."""
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 from twisted.internet import defer, reactor
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from flexgw.config.tracing import duration
@@ -81,9 +81,11 @@ class TraceContextTests(SynchronousTestCase):
         self.assertIsNone(_sampler(client=100, random_=0, draws=[0.1]).begin([], 0.0, Clock()))
 
     def test_overall_applies_after(self) -> None:
-        """overall 50: a request random selects is kept on a draw under 50% only."""
-        self.assertIsNotNone(_sampler(overall=50, draws=[0.1, 0.49]).begin([], 0.0, Clock()))
-        self.assertIsNone(_sampler(overall=50, draws=[0.1, 0.51]).begin([], 0.0, Clock()))
+        """overall 50: a request random selects is kept on a draw under 50% only (random at 100%
+        selects without a draw)."""
+        self.assertIsNotNone(_sampler(random_=60, overall=50, draws=[0.1, 0.49]).begin([], 0.0, Clock()))
+        self.assertIsNone(_sampler(random_=60, overall=50, draws=[0.1, 0.51]).begin([], 0.0, Clock()))
+        self.assertIsNone(_sampler(overall=50, draws=[0.51]).begin([], 0.0, Clock()))
 
     def test_new_trace_is_a_root(self) -> None:
         """Without a parent a new trace id is drawn and the span has no parent."""
@@ -104,12 +106,14 @@ class TraceContextTests(SynchronousTestCase):
 
 
 class _Waits:
-    """A policy whose request phase waits for a Deferred."""
+    """A policy whose request phase takes half a second (by `clock`), then waits for a Deferred."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
         self.pending: defer.Deferred[Any] = defer.Deferred()
 
     def on_request(self, ctx: PolicyContext) -> defer.Deferred[Any]:
+        self.clock.advance(0.5)
         return self.pending
 
     def on_response(self, ctx: PolicyContext) -> None:
@@ -120,14 +124,15 @@ class PolicySpanTests(SynchronousTestCase):
     """A policy the request waits for gets a child span with the wait's time."""
 
     def test_async_policy_span(self) -> None:
-        """The span starts when the policy returns its Deferred and ends when it fires."""
+        """The span starts when the policy starts (not when it returns its Deferred) and ends
+        when the Deferred fires."""
         clock = Clock()
         trace = _sampler().begin([], 0.0, clock)
         assert trace is not None
         head = RequestHead(b"GET", b"/", b"1.1", [], "/", b"", "h", True, 0, 0, [], False)
         ctx = PolicyContext(head, "127.0.0.1", "http", "api")
         ctx.trace = trace
-        policy = _Waits()
+        policy = _Waits(clock)
         run = ChainRun([BoundPolicy("ns/slow", "slow-kind", 1, (), policy)], ctx)
         clock.advance(1)
         result = run.run()
@@ -135,7 +140,7 @@ class PolicySpanTests(SynchronousTestCase):
         policy.pending.callback(None)
         self.assertIsNone(self.successResultOf(result))
         [span] = trace.children
-        self.assertEqual((span.name, span.start, span.end, span.error), ("policy slow-kind", 1, 3, None))
+        self.assertEqual((span.name, span.start, span.end, span.error), ("policy slow-kind", 1, 3.5, None))
 
 
 class _Placeholders:
@@ -163,12 +168,12 @@ class ExporterTests(SynchronousTestCase):
     def test_full_queue_drops_and_counts(self) -> None:
         """Past max_queue spans, offers are dropped and counted; nothing is sent before the delay."""
         for _ in range(3):
-            self.exporter.offer(("record",), 2)
+            self.exporter.offer(("record", 2))
         self.assertEqual((self.exporter.queued, self.exporter.dropped, self.sent), (4, 2, []))
         self.clock.advance(0.5)
         self.assertEqual((len(self.sent), self.exporter.queued), (1, 2))
-        self.exporter.offer(("record",), 2)
-        self.exporter.offer(("record",), 2)  # the queue is full again while the export waits
+        self.exporter.offer(("record", 2))
+        self.exporter.offer(("record", 2))  # the queue is full again while the export waits
         self.assertEqual(self.exporter.dropped, 4)
         self.sent[0].callback(b"")
         self.assertEqual(self.exporter.exported, 2)
@@ -177,7 +182,7 @@ class ExporterTests(SynchronousTestCase):
 
     def test_timeout_drops_the_batch(self) -> None:
         """An export that does not answer within the timeout is cancelled; its spans count as dropped."""
-        self.exporter.offer(("record",), 2)
+        self.exporter.offer(("record", 2))
         self.clock.advance(0.5)
         self.clock.advance(3)
         self.assertEqual((self.exporter.failures, self.exporter.dropped, self.exporter.inflight), (1, 2, None))
@@ -433,6 +438,138 @@ class EncodeTests(SynchronousTestCase):
         self.assertEqual(request.resource_spans[0].resource.attributes[0].value.string_value, "s")
 
 
+def _layout(package: str, group: str, scope: str) -> Any:
+    """An ExportTraceServiceRequest class whose ResourceSpans field 2 holds `group` messages with
+    the instrumentation scope in field 1 named `scope` (and the installed Span in field 2): the
+    layout of opentelemetry-proto's current files (ScopeSpans, scope) or of the older copies
+    xds-protos ships under the same module names (InstrumentationLibrarySpans,
+    instrumentation_library)."""
+    from google.protobuf import descriptor_pb2, descriptor_pool
+    from google.protobuf.message_factory import GetMessageClass
+    from opentelemetry.proto.resource.v1 import resource_pb2
+    from opentelemetry.proto.trace.v1 import trace_pb2
+
+    field = descriptor_pb2.FieldDescriptorProto
+    optional, repeated, message = field.LABEL_OPTIONAL, field.LABEL_REPEATED, field.TYPE_MESSAGE
+    proto = descriptor_pb2.FileDescriptorProto(
+        name=f"{package}.proto", package=package, syntax="proto3",
+        dependency=[trace_pb2.DESCRIPTOR.name, resource_pb2.DESCRIPTOR.name])
+    kind = proto.message_type.add(name="Scope")
+    kind.field.add(name="name", number=1, type=field.TYPE_STRING, label=optional)
+    kind.field.add(name="version", number=2, type=field.TYPE_STRING, label=optional)
+    spans = proto.message_type.add(name=group)
+    spans.field.add(name=scope, number=1, type=message, label=optional, type_name=f".{package}.Scope")
+    spans.field.add(name="spans", number=2, type=message, label=repeated,
+                    type_name=".opentelemetry.proto.trace.v1.Span")
+    resource = proto.message_type.add(name="ResourceSpans")
+    resource.field.add(name="resource", number=1, type=message, label=optional,
+                       type_name=".opentelemetry.proto.resource.v1.Resource")
+    resource.field.add(name="spans", number=2, type=message, label=repeated, type_name=f".{package}.{group}")
+    request = proto.message_type.add(name="ExportTraceServiceRequest")
+    request.field.add(name="resource_spans", number=1, type=message, label=repeated,
+                      type_name=f".{package}.ResourceSpans")
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName(proto.name)
+    except KeyError:
+        pool.Add(proto)
+    return GetMessageClass(pool.FindMessageTypeByName(f"{package}.ExportTraceServiceRequest"))
+
+
+class WireTests(SynchronousTestCase):
+    """flexgw's OTLP bytes (flexgw.service.otlpwire) against the official messages."""
+
+    def records(self) -> list[Any]:
+        """Two finished traces: a continued one with trace state, a request-header label, a
+        retried attempt, a policy wait, a failed side call, an error and a 200-byte path; and a
+        new root trace with one attempt (the common case)."""
+        from types import SimpleNamespace
+
+        clock = Clock()
+        clock.advance(1_700_000_000)
+        sampler = Sampler(labels=(TraceLabel("team", "literal", "", "pay"), TraceLabel("tenant", "requestHeader", "x-t", "-")),
+                          ids=random.Random(3).getrandbits)
+        peer = SimpleNamespace(scheme="http", address="10.0.0.9")
+        long_path = "/" + "p" * 199
+        headers = [(b"traceparent", SAMPLED), (b"tracestate", b"v=1"), (b"x-t", b"acme")]
+        head = SimpleNamespace(method=b"POST", version=b"1.1", authority="gw.test:8080", path=long_path, headers=headers)
+        first = sampler.begin(headers, clock.seconds(), clock)
+        assert first is not None
+        clock.advance(0.001)
+        first.upstream_attempt(first.start, clock.seconds(), "10.1.1.1:80", False)
+        clock.advance(0.002)
+        first.upstream_attempt(first.start, clock.seconds(), "10.1.1.2:80", True)
+        first.policy_waiting("ns/p", "slow-kind", clock.seconds())
+        first.policy_done("rejected")
+        span, _ = first.side_call("jwks")
+        span.set_attribute("url.full", "http://idp/keys")
+        span.ended(clock, "jwks_unreachable")
+        clock.advance(0.003)
+        first.close(clock.seconds(), clock.seconds() - 0.001, "upstream_reset")
+        second = sampler.begin([], clock.seconds(), clock)
+        assert second is not None
+        second.upstream_attempt(second.start, clock.seconds() + 0.001, "10.1.1.1:80", True)
+        second.close(clock.seconds() + 0.002, clock.seconds() + 0.0015, None)
+        plain = SimpleNamespace(method=b"GET", version=b"1.1", authority="gw.test", path="/x", headers=[])
+        return [(first, clock.seconds(), head, "ns/api", "r1", 502, "upstream_reset", peer, 8080, 5),
+                (second, clock.seconds() + 0.002, plain, "ns/api", "r1", 200, None, peer, 8080, 2)]
+
+    def test_spans_decode_with_the_official_messages(self) -> None:
+        """Every field flexgw writes decodes as the OTLP message says, long values included."""
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        records = self.records()
+        request = ExportTraceServiceRequest.FromString(encode(TracingSettings("h2c://h:1", "grpc"), records))
+        [group] = request.resource_spans[0].ListFields()[1][1]  # scope_spans or its older name
+        spans = list(group.spans)
+        self.assertEqual([s.name for s in spans], ["POST r1", "upstream", "upstream", "policy slow-kind", "jwks",
+                                                   "GET r1", "upstream"])
+        first, second = records[0][0], records[1][0]
+        server, retried, attempt, policy, side, root, last = spans
+        self.assertEqual((server.trace_id, server.span_id, server.parent_span_id, server.trace_state),
+                         (CLIENT_TRACE.to_bytes(16, "big"), first.span_id.to_bytes(8, "big"),
+                          CLIENT_SPAN.to_bytes(8, "big"), "v=1"))
+        self.assertEqual((server.start_time_unix_nano, server.end_time_unix_nano),
+                         (int(first.start * 1e9), int(records[0][1] * 1e9)))
+        self.assertEqual((server.status.code, server.status.message), (2, "upstream_reset"))
+        values = attributes(server)
+        self.assertEqual((values["url.path"], values["server.address"], values["client.address"]),
+                         ("/" + "p" * 199, "gw.test", "10.0.0.9"))
+        self.assertEqual((values["http.response.status_code"], values["server.port"], values["team"],
+                          values["tenant"], values["error.type"]), (502, 8080, "pay", "acme", "upstream_reset"))
+        for child in (retried, attempt, policy, side):
+            self.assertEqual((child.trace_id, child.parent_span_id), (server.trace_id, server.span_id))
+        self.assertEqual((retried.status.message, attributes(retried)["server.address"]), ("retried", "10.1.1.1:80"))
+        self.assertEqual(attributes(attempt), {"server.address": "10.1.1.2:80",
+                                               "flexgw.upstream.connection_reused": True})
+        self.assertEqual([(e.name, e.time_unix_nano) for e in attempt.events],
+                         [("connected", int(first.children[1].connected * 1e9)),
+                          ("first_byte", int(first.children[1].first_byte * 1e9))])
+        self.assertEqual((attempt.status.code, attempt.status.message), (2, "upstream_reset"))
+        self.assertEqual((policy.kind, policy.status.message, attributes(policy)),
+                         (Span.SpanKind.SPAN_KIND_INTERNAL, "rejected", {"flexgw.policy.binding": "ns/p"}))
+        self.assertEqual((side.status.message, attributes(side)), ("jwks_unreachable", {"url.full": "http://idp/keys"}))
+        self.assertEqual((root.parent_span_id, root.trace_id, root.status.code), (b"", second.trace_id.to_bytes(16, "big"), 0))
+        self.assertEqual((last.parent_span_id, [e.name for e in last.events]), (root.span_id, ["connected", "first_byte"]))
+
+    def test_both_published_layouts_read_the_same_spans(self) -> None:
+        """Whichever copy of the OTLP modules an installation has (opentelemetry-proto's, or the
+        older one xds-protos ships under the same names), flexgw writes the same bytes, and a
+        collector reading either layout gets the same spans and scope."""
+        body = encode(TracingSettings("h2c://h:1", "grpc"), self.records())
+        decoded = []
+        for package, group, scope in (("flexgwtest.current", "ScopeSpans", "scope"),
+                                      ("flexgwtest.older", "InstrumentationLibrarySpans", "instrumentation_library")):
+            request = _layout(package, group, scope).FromString(body)
+            [spans] = request.resource_spans[0].spans
+            self.assertEqual(getattr(spans, scope).name, "flexgw")
+            decoded.append([s.SerializeToString() for s in spans.spans])
+        self.assertEqual(len(decoded[0]), 7)
+        self.assertEqual(decoded[0], decoded[1])
+
+
 class ConfigTests(TestCase):
     """Configuration spec.tracing and tracing-flex as the config pipeline reads them."""
 
@@ -474,6 +611,24 @@ class ConfigTests(TestCase):
         self.assertIsNone(state.plan.tracing)
         self.assertIsNone(state.plan.listeners[0].apis[0].tracing)
 
+    def test_collector_address_forms(self) -> None:
+        """h2:// (Flex's form) is OTLP/gRPC in plaintext; h2s://, grpcs:// and https:// with
+        serviceType grpc are OTLP/gRPC over TLS (with defaultTLS.outboundPolicyCalls);
+        http(s):// otherwise is OTLP/HTTP."""
+        side = ("---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: Configuration\nmetadata: {name: t}\n"
+                "spec:\n  defaultTLS:\n    outboundPolicyCalls: {skipValidation: true}\n")
+        for address, extra, expected in (
+            ("h2://c:4317", "", ("h2c://c:4317", "grpc")),
+            ("h2s://c", "", ("h2s://c:4317", "grpc")),
+            ("grpcs://c:9", "", ("h2s://c:9", "grpc")),
+            ("https://c:4317", "        serviceType: grpc\n", ("h2s://c:4317", "grpc")),
+            ("https://c:4318", "", ("https://c:4318/v1/traces", "http")),
+        ):
+            state = self.load(tracing_config(address, extra) + side, api(8081, "http://127.0.0.1:9"))
+            settings = state.plan.tracing
+            self.assertEqual((settings.address, settings.protocol), expected, address)
+            self.assertTrue(settings.tls.skip_validation)
+
     def test_bad_settings_are_reported(self) -> None:
         """An anypoint provider is a warning, an address that is no collector an error with its
         position, a percentage over 100 a schema error; tracing stays off."""
@@ -486,3 +641,47 @@ class ConfigTests(TestCase):
         self.assertEqual((error.line, error.field), (9, "spec.tracing.provider.properties.address"))
         state = self.load(tracing_config("h2://c:1", sampling="{client: 101}"), api(8081, "http://127.0.0.1:9"))
         self.assertTrue(any(p.severity == "error" and "sampling" in (p.field or "") for p in state.problems))
+
+
+class GrpcTlsTracingTests(_TracingCase):
+    """OTLP/gRPC over TLS (h2s://) to a grpcio receiver presenting a test CA's certificate."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        from flexgw.testing.certs import CertificateAuthority
+
+        ca = CertificateAuthority()
+        self.ca_path = ca.write(self.mktemp())
+        self.receiver = OtlpGrpcReceiver(reactor)
+        port = self.receiver.start(tls=ca.issue("collector", ips=["127.0.0.1"]))
+        self.address = f"h2s://127.0.0.1:{port}"
+        self.addCleanup(self.receiver.stop)
+
+    def trusting(self) -> str:
+        """The Configuration that trusts the test CA for the gateway's side calls."""
+        return ("---\napiVersion: gateway.mulesoft.com/v1alpha1\nkind: Configuration\n"
+                "metadata: {name: side-tls}\nspec:\n  defaultTLS:\n    outboundPolicyCalls:\n"
+                f'      trustedCA: "file://{self.ca_path}"\n')
+
+    @defer.inlineCallbacks
+    def test_spans_over_tls(self) -> Any:
+        """With defaultTLS.outboundPolicyCalls trusting the CA, the spans arrive over TLS."""
+        port = free_port()
+        Gateway(self, {"api.yaml": api(port, self.upstream_address) + "---\n" + tracing_config(self.address)
+                       + self.trusting()}).start()
+        response = yield client.request(reactor, "127.0.0.1", port, get("/tls"))
+        self.assertEqual(response.status, 200)
+        spans = yield self.receiver.wait_for_spans(2)
+        self.assertEqual(len({s.trace_id for s in spans}), 1)
+
+    @defer.inlineCallbacks
+    def test_untrusted_collector_fails_the_export_only(self) -> Any:
+        """Without that CA (the system trust store), the export fails and is counted; the
+        request is served as usual."""
+        gateway, port = self.gateway(self.address, self.upstream_address)
+        response = yield client.request(reactor, "127.0.0.1", port, get("/tls"))
+        self.assertEqual(response.status, 200)
+        exporter = gateway.service.tracing.tracer.exporter  # type: ignore[union-attr]
+        while not exporter.failures:
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual((exporter.dropped, self.receiver.calls), (2, 0))

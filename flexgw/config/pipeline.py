@@ -175,7 +175,8 @@ def load_config(
         probe=model.probe,
         proxy_protocol=model.proxy_protocol,
         logging=model.logging,
-        tracing=model.tracing[0] if model.tracing is not None else None,
+        # the collector is reached with the side calls' TLS settings (h2s://, https://)
+        tracing=attrs.evolve(model.tracing[0], tls=side_tls) if model.tracing is not None else None,
         tls_files=tuple(
             sorted(
                 set(compiled.tls_files)

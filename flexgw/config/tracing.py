@@ -2,12 +2,15 @@
 `tracing-flex` override, read into TracingSettings (export) and a Sampler per API (decision).
 
 Flex keys: `provider.type: opentelemetry` with `properties.address` (`h2://host:4317`: OTLP over
-gRPC; flexgw also takes `http(s)://host:4318[/v1/traces]`: OTLP/HTTP), `serviceType`,
+gRPC; flexgw also takes `h2s://host:4317` or `grpcs://`, or `https://` with `serviceType: grpc`:
+OTLP/gRPC over TLS, and `http(s)://host:4318[/v1/traces]`: OTLP/HTTP), `serviceType`,
 `serviceName`, `timeout` (`10s`, `500ms` or seconds), `resourceAttributes` (a map);
 `sampling.{client, random, overall}` (percentages, default 100); `labels[]`
 `{name, type: environment|requestHeader|literal, keyName, defaultValue}`. Flex's `anypoint`
 provider (Anypoint Monitoring) has no meaning in Local Mode here: a warning, tracing stays off.
-Environment labels are read once, when the configuration is compiled.
+Environment labels are read once, when the configuration is compiled. TLS to the collector uses
+`Configuration.defaultTLS.outboundPolicyCalls` (the gateway's side-call TLS: trusted CA, client
+certificate) when it is set, else the system trust store.
 """
 
 from __future__ import annotations
@@ -103,7 +106,9 @@ def resolve_tracing(
     except ValueError:
         port = None
     scheme = parts.scheme.lower()
-    if scheme in ("h2", "h2c", "grpc"):
+    grpc_type = str(properties.get("serviceType") or "").lower() == "grpc"
+    secure = scheme in ("h2s", "grpcs") or (scheme == "https" and grpc_type)
+    if scheme in ("h2", "h2c", "grpc", "h2s", "grpcs") or (grpc_type and scheme in ("http", "https")):
         protocol = "grpc"
         if port is None:
             port = 4317
@@ -113,12 +118,13 @@ def resolve_tracing(
         protocol = ""
     if not protocol or not parts.hostname:
         problems.append(origin.problem(
-            "error", f"address {address!r} is not h2://host:port (OTLP/gRPC) or"
+            "error", f"address {address!r} is not h2://host:port (OTLP/gRPC; h2s:// over TLS) or"
             " http(s)://host:port (OTLP/HTTP); tracing is off", ("provider", "properties", "address")))
         return None
     if protocol == "grpc":
         host = parts.hostname
-        address = f"h2c://[{host}]:{port}" if ":" in host else f"h2c://{host}:{port}"
+        scheme = "h2s" if secure else "h2c"
+        address = f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
     elif parts.path in ("", "/"):
         address = address.rstrip("/") + "/v1/traces"
     timeout = duration(properties.get("timeout", 10))

@@ -16,9 +16,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from flexgw.http.headers import HeaderList
 
+#: First bytes of the header names begin() looks at (t, T, x, X).
+_T_OR_X = frozenset(b"tTxX")
+_MASK64 = (1 << 64) - 1
 _TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 #: A header counting as a client's request to be traced (Envoy's, which Flex's `client` reads).
 CLIENT_TRACE_HEADER = b"x-client-trace-id"
@@ -76,7 +81,7 @@ class Sampler:
 
     def begin(self, headers: HeaderList, now: float, clock: Any) -> Trace | None:
         """A Trace for a request whose head has `headers` (started at `now`; `clock` times its
-        child spans), or None when it is not traced."""
+        child spans), or None when it is not traced (then nothing is allocated)."""
         overall = self.overall
         if overall <= 0:
             return None
@@ -84,7 +89,7 @@ class Sampler:
         state = None
         client = False
         for name, value in headers:
-            if name[:1] in b"tTxX":  # traceparent, tracestate, x-client-trace-id
+            if name[0] in _T_OR_X:  # traceparent, tracestate, x-client-trace-id
                 lname = name.lower()
                 if lname == b"traceparent":
                     parent = parse_traceparent(value)
@@ -92,21 +97,21 @@ class Sampler:
                     state = value if state is None else state + b"," + value
                 elif lname == CLIENT_TRACE_HEADER:
                     client = True
-        rng = self.rng
+        # (a percentage of 100 needs no draw: rng() < 1.0)
         if parent is not None:
-            if not parent[2] or rng() * 100.0 >= self.client:
+            if not parent[2] or (self.client < 100.0 and self.rng() * 100.0 >= self.client):
                 return None
         elif client:
-            if rng() * 100.0 >= self.client:
+            if self.client < 100.0 and self.rng() * 100.0 >= self.client:
                 return None
-        elif rng() * 100.0 >= self.random:
+        elif self.random < 100.0 and self.rng() * 100.0 >= self.random:
             return None
-        if overall < 100.0 and rng() * 100.0 >= overall:
+        if overall < 100.0 and self.rng() * 100.0 >= overall:
             return None
-        ids = self.ids
         if parent is None:
-            return Trace(self, ids(128) or 1, ids(64) or 1, 0, None, now, clock)
-        return Trace(self, parent[0], ids(64) or 1, parent[1], state, now, clock)
+            bits = self.ids(192)  # one draw: the trace id and the server span's id
+            return Trace(self, (bits >> 64) or 1, (bits & _MASK64) or 1, 0, None, now, clock)
+        return Trace(self, parent[0], self.ids(64) or 1, parent[1], state, now, clock)
 
     def label_values(self, headers: HeaderList, variable: bool = False) -> list[tuple[str, str]]:
         """(attribute name, value) of each label for a request with `headers` (at export); with
@@ -142,9 +147,15 @@ SIDE_CALL = "side_call"
 
 class ChildSpan:
     """A span under the server span: an upstream attempt, a policy the request waited for, or a
-    side call. `events` are (name, time) pairs; `error` the failure cause, if any."""
+    side call. Times are the clock's seconds; `error` the failure cause, if any. An upstream
+    attempt keeps its address, whether its connection was reused, and when it connected and
+    got its first response byte (None: not yet) in slots of their own (the address is the
+    flexgw.plan.Upstream, or a string); `attributes` holds any
+    other (name, value) pairs (None while there are none). Nothing here is OTLP: the exporter
+    encodes it in its batch."""
 
-    __slots__ = ("attributes", "end", "error", "events", "kind", "name", "span_id", "start")
+    __slots__ = ("address", "attributes", "connected", "end", "error", "first_byte", "kind",
+                 "name", "reused", "span_id", "start")
 
     def __init__(self, kind: str, name: str, span_id: int, start: float) -> None:
         self.kind = kind
@@ -153,8 +164,24 @@ class ChildSpan:
         self.start = start
         self.end = 0.0
         self.error: str | None = None
-        self.events: list[tuple[str, float]] = []
-        self.attributes: list[tuple[str, Any]] = []
+        self.attributes: list[tuple[str, Any]] | None = None
+        self.address: str | None = None
+        self.reused = False
+        self.connected: float | None = None
+        self.first_byte: float | None = None
+
+    def set_attribute(self, name: str, value: Any) -> None:
+        """Add an attribute (a string, an int or a bool) to the span."""
+        if self.attributes is None:
+            self.attributes = [(name, value)]
+        else:
+            self.attributes.append((name, value))
+
+    def ended(self, clock: Any, error: str | None = None) -> None:
+        """The span ends now (by `clock`), failed with cause `error` when given."""
+        self.end = clock.seconds()
+        if error is not None:
+            self.error = error
 
 
 class Trace:
@@ -190,24 +217,27 @@ class Trace:
         self.children.append(span)
         return span
 
-    def upstream_attempt(self, started: float, now: float, address: str, reused: bool) -> bytes:
-        """An upstream connection is ready (`now`; asked for at `started`): a new attempt span
-        (an earlier attempt ends here, failed), and the `traceparent` header line to send."""
+    def upstream_attempt(self, started: float, now: float, address: Any, reused: bool) -> bytes:
+        """An upstream connection to `address` (a flexgw.plan.Upstream: its authority is read at
+        export) is ready (`now`; asked for at `started`): a new attempt span (an earlier attempt
+        ends here, failed), and the `traceparent` header line to send."""
         previous = self.attempt
         if previous is not None and not previous.end:
             previous.end = now
             previous.error = previous.error or "retried"
             started = now
-        span = self.attempt = self.child(UPSTREAM, "upstream", started)
-        span.events.append(("connected", now))
-        span.attributes.append(("server.address", address))
-        span.attributes.append(("flexgw.upstream.connection_reused", reused))
-        return b"traceparent: " + traceparent(self.trace_id, span.span_id) + b"\r\n"
+        span = self.attempt = ChildSpan(UPSTREAM, "upstream", self.sampler.ids(64) or 1, started)
+        self.children.append(span)
+        span.connected = now
+        span.address = address
+        span.reused = reused
+        return b"traceparent: 00-%032x-%016x-01\r\n" % (self.trace_id, span.span_id)
 
-    def policy_waiting(self, name: str, kind: str) -> None:
-        """The request waits for policy `name` (of `kind`) from now."""
-        span = self.policy = self.child(POLICY, f"policy {kind}", self.clock.seconds())
-        span.attributes.append(("flexgw.policy.binding", name))
+    def policy_waiting(self, name: str, kind: str, started: float) -> None:
+        """The request waits for policy `name` (of `kind`), which started at `started` (before
+        its on_request ran) and answered with a Deferred: its span, from that start."""
+        span = self.policy = self.child(POLICY, f"policy {kind}", started)
+        span.set_attribute("flexgw.policy.binding", name)
 
     def policy_done(self, error: str | None = None) -> None:
         """The policy being waited for has finished (`error`: how it failed)."""
@@ -217,24 +247,25 @@ class Trace:
             span.error = error
 
     def side_call(self, name: str) -> tuple[ChildSpan, bytes]:
-        """A side call (a policy's own request) starts now: its span (the caller sets its `end`;
-        else the exchange's end closes it) and the `traceparent` value to send with it."""
+        """A side call (a policy's own request) starts now: its span (the caller ends it with
+        `span.ended(clock)`; else the exchange's end closes it) and the `traceparent` value to
+        send with it."""
         span = self.child(SIDE_CALL, name, self.clock.seconds())
         return span, traceparent(self.trace_id, span.span_id)
 
     def close(self, now: float, first_byte: float | None, error: str | None,
-              upstream_started: float = 0.0, address: str | None = None) -> None:
+              upstream_started: float = 0.0, address: Any = None) -> None:
         """The exchange ended at `now`: end what is still open (the last attempt gets its time to
-        first byte as an event, and the exchange's error cause if it had one). An upstream asked
-        for at `upstream_started` that never connected gets its failed attempt span here."""
+        first byte, and the exchange's error cause if it had one). An upstream asked for at
+        `upstream_started` that never connected gets its failed attempt span here."""
         attempt = self.attempt
         if attempt is None and upstream_started and address is not None:
             attempt = self.attempt = self.child(UPSTREAM, "upstream", upstream_started)
-            attempt.attributes.append(("server.address", address))
+            attempt.address = address
         if attempt is not None and not attempt.end:
             attempt.end = now
             if first_byte is not None:
-                attempt.events.append(("first_byte", first_byte))
+                attempt.first_byte = first_byte
             if error is not None and error.startswith(("upstream_", "dns_", "stream_idle")):
                 attempt.error = error
         if self.policy is not None:
@@ -244,12 +275,35 @@ class Trace:
                 span.end = now
 
 
-def side_call_headers(trace: Trace | None, name: str,
-                      headers: Sequence[tuple[bytes, bytes]] = ()) -> list[tuple[bytes, bytes]]:
-    """`headers` plus a `traceparent` for a side call made while serving `trace` (unchanged when
-    the request is not traced); the side call's span is recorded on the trace."""
-    out = list(headers)
-    if trace is not None:
-        _, value = trace.side_call(name)
-        out.append((b"traceparent", value))
-    return out
+def side_call(
+    trace: Trace | None,
+    name: str,
+    start: Callable[[bytes | None], Deferred[Any]],
+    failed: str,
+    attributes: Sequence[tuple[str, Any]] = (),
+) -> Deferred[Any]:
+    """Make a side call (a policy's own request: JWKS, token, introspection, ext_authz, LDAP) for
+    a request whose trace is `trace`: `start(traceparent)` begins the call and returns its
+    Deferred; `traceparent` is the value to send with it (as a header, or gRPC metadata), or None
+    when the request is not traced. A traced call is a child span of the server span, named
+    `name`, with `attributes`, ending when the call does (`failed` is its error when the call
+    fails). Every side call of the gateway is made through here."""
+    if trace is None:
+        return start(None)
+    span, value = trace.side_call(name)
+    for key, item in attributes:
+        span.set_attribute(key, item)
+    clock = trace.clock
+
+    def ended(result: Any) -> Any:
+        span.end = clock.seconds()
+        if isinstance(result, Failure):
+            span.error = failed
+        return result
+
+    try:
+        d = start(value)
+    except BaseException:
+        ended(Failure())
+        raise
+    return d.addBoth(ended)

@@ -50,6 +50,8 @@ _CONNECTION_OPTIONS = HOP_BY_HOP | {b"close"}  # Connection tokens that name no 
 #: Trailer fields never forwarded (framing, routing and hop-by-hop fields: RFC 9110 §6.5.1).
 NOT_TRAILERS = HOP_BY_HOP | {b"content-length", b"host", b"content-type", b"content-encoding"}
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+#: The header a traced request's own `traceparent` line replaces upstream.
+_TRACEPARENT = frozenset({b"traceparent"})
 
 
 
@@ -520,8 +522,7 @@ class ProxyExchange:
         trace = self.trace
         if trace is not None:
             out = [self._upstream_head(trace.upstream_attempt(
-                self.upstream_started, self.front.clock.seconds(), self.pool.upstream.authority,  # type: ignore[union-attr]
-                reused,
+                self.upstream_started, self.front.clock.seconds(), self.pool.upstream, reused,  # type: ignore[union-attr]
             ))]
         else:
             out = [self._upstream_head()]
@@ -609,7 +610,7 @@ class ProxyExchange:
             headers = chain.ctx.request_headers
             drop = None  # already removed before the policies ran (see _select_policies)
         if traceparent is not None:
-            drop = (drop or set()) | {b"traceparent"}
+            drop = _TRACEPARENT if drop is None else drop | _TRACEPARENT
         for name, value in headers:
             lname = name.lower()
             if lname in HOP_BY_HOP or lname == b"content-length":

@@ -57,10 +57,14 @@ class ChainRun:
         """Run from policy `start`: None (go on to the upstream), a LocalResponse, or a Deferred."""
         policies = self.policies
         ctx = self.ctx
+        trace = ctx.trace
+        started = 0.0
         for index in range(start, len(policies)):
             bound = policies[index]
             if bound.responds:
                 self.ran.append(bound)
+            if trace is not None:  # a traced request: when the policy started, for its span
+                started = trace.clock.seconds()
             try:
                 result = bound.policy.on_request(ctx)
             except Exception:  # noqa: BLE001 (any policy failure is a 500, never a crash)
@@ -71,8 +75,8 @@ class ChainRun:
                 continue
             if isinstance(result, Deferred):
                 self.waiting = result
-                if ctx.trace is not None:  # a traced request: a span for the wait
-                    ctx.trace.policy_waiting(bound.name, bound.kind)
+                if trace is not None:  # a span for the wait, from the policy's start
+                    trace.policy_waiting(bound.name, bound.kind, started)
                 return result.addCallbacks(
                     self._resumed,
                     self._failed,

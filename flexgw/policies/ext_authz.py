@@ -60,6 +60,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from flexgw.http.tracecontext import side_call
 from flexgw.policies.base import (
     BuildContext,
     IPolicy,
@@ -266,7 +267,9 @@ class ExtAuthzPolicy(UsesRuntime):
     def on_request(self, ctx: PolicyContext) -> Any:
         """Ask the server; apply its answer."""
         self.calls += 1
-        d = self.client.check(ctx, self.settings)
+        client, settings = self.client, self.settings
+        d = side_call(ctx.trace, "ext_authz", lambda traceparent: client.check(ctx, settings, traceparent),
+                      "ext_authz_failed", (("url.full", settings.uri),))
         return d.addErrback(self._error)
 
     def _error(self, failure: Failure) -> LocalResponse:
@@ -312,13 +315,16 @@ class _GrpcClient:
                 connection.transport.abortConnection()
         return deferLater(self.pool.reactor, 0, lambda: None)  # the aborts complete in a turn
 
-    def check(self, ctx: PolicyContext, settings: Settings) -> Deferred[Any]:
-        """One Check for `ctx`, with the binding's `settings` (bindings share this client)."""
+    def check(self, ctx: PolicyContext, settings: Settings,
+              traceparent: bytes | None = None) -> Deferred[Any]:
+        """One Check for `ctx`, with the binding's `settings` (bindings share this client), and
+        the request's `traceparent` as gRPC metadata when it is traced."""
         from flexgw.upstream.grpccall import unary
 
         message = self.request(ctx, settings).SerializeToString()
+        metadata = ((b"traceparent", traceparent),) if traceparent is not None else ()
         return unary(self.pool, CHECK_PATH, message, settings.timeout, self.clock,
-                     limit=MAX_ANSWER).addCallback(self.answered, ctx)
+                     metadata, limit=MAX_ANSWER).addCallback(self.answered, ctx)
 
     def request(self, ctx: PolicyContext, s: Settings) -> Any:
         """Envoy's CheckRequest for this request."""
@@ -439,8 +445,9 @@ class _HttpClient:
             return self.pool.closeCachedConnections()
         return None
 
-    def check(self, ctx: PolicyContext, s: Settings) -> Deferred[Any]:
-        """One check for `ctx`, with the binding's settings `s` (bindings share this client)."""
+    def check(self, ctx: PolicyContext, s: Settings, traceparent: bytes | None = None) -> Deferred[Any]:
+        """One check for `ctx`, with the binding's settings `s` (bindings share this client),
+        and the request's `traceparent` when it is traced."""
         import treq
 
         from flexgw.sidecalls.bounded import read_bounded
@@ -455,6 +462,8 @@ class _HttpClient:
         headers[b"content-length"] = [b"0"]
         for name, value in s.request_headers_to_add:
             headers[name.lower()] = [value]
+        if traceparent is not None:
+            headers[b"traceparent"] = [traceparent]
         url = f"{s.scheme}://{_authority(s)}{s.path_prefix}{head.target.decode('latin-1')}"
         kwargs: dict[str, Any] = {"reactor": self.reactor}
         if self.agent is not None:

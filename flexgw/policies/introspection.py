@@ -53,6 +53,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from flexgw.http.tracecontext import side_call
 from flexgw.policies.base import (
     BuildContext,
     IPolicy,
@@ -249,26 +250,17 @@ class IntrospectionPolicy(UsesRuntime):
         s = self.settings
         introspect = self._introspect or treq_introspector(self._runtime_reactor(), self._agent)
         try:
-            if trace is None:
-                d = introspect(s.url, s.authorization, token, s.timeout)
-            else:
-                span, parent = trace.side_call("introspection")
-                span.attributes.append(("url.full", s.url))
-                d = introspect(s.url, s.authorization, token, s.timeout, traceparent=parent)
-                d.addBoth(self._side_call_ended, span)
+            d = side_call(
+                trace, "introspection",
+                lambda parent: introspect(s.url, s.authorization, token, s.timeout, traceparent=parent),
+                "introspection_unreachable", (("url.full", s.url),),
+            )
         except Exception:  # noqa: BLE001 (a call that cannot start is an unreachable server)
             d = Deferred()
             d.errback(Failure())
         d.addCallbacks(self._answered, self._unreachable, callbackArgs=(key,))
         d.addBoth(self._release, key)
         return waiter
-
-    def _side_call_ended(self, result: Any, span: Any) -> Any:
-        """A traced introspection call ended: its span's end (and error)."""
-        span.end = self.clock.seconds()
-        if isinstance(result, Failure):
-            span.error = "introspection_unreachable"
-        return result
 
     def _release(self, outcome: Any, key: bytes) -> None:
         """Give the outcome to every request waiting for this token."""

@@ -25,6 +25,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from flexgw.http.tracecontext import side_call
 from flexgw.sidecalls.bounded import read_bounded
 
 _log = Logger(namespace="flexgw.policies.jwks")
@@ -37,7 +38,8 @@ UNKNOWN_KID_INTERVAL = 30.0
 #: A JWKS document larger than this is refused (a key set is a few KiB).
 MAX_JWKS_BYTES = 1 << 20
 
-Fetcher = Callable[[str, float], "Deferred[bytes]"]
+#: `fetch(url, timeout)`, or `fetch(url, timeout, traceparent=...)` for a traced request.
+Fetcher = Callable[..., "Deferred[bytes]"]
 
 
 class JwksError(Exception):
@@ -86,15 +88,18 @@ def parse_jwks(body: bytes) -> tuple[Key, ...]:
 
 
 def treq_fetcher(reactor: Any, agent: Any = None) -> Fetcher:
-    """A fetcher doing `GET url` with treq (through `agent` when given), bounded in time and size."""
+    """A fetcher doing `GET url` with treq (through `agent` when given), bounded in time and size;
+    with a `traceparent` when the fetch is made for a traced request."""
 
-    def fetch(url: str, timeout: float) -> Deferred[bytes]:
+    def fetch(url: str, timeout: float, traceparent: bytes | None = None) -> Deferred[bytes]:
         import treq
 
         kwargs: dict[str, Any] = {"reactor": reactor, "persistent": False}
         if agent is not None:
             kwargs["agent"] = agent
         headers: dict[bytes | str, list[bytes | str]] = {b"Accept": [b"application/json"]}
+        if traceparent is not None:  # made for a traced request: the fetch is its child span
+            headers[b"traceparent"] = [traceparent]
         d: Deferred[Any] = treq.get(url, headers=headers, **kwargs)
 
         def got(response: Any) -> Any:
@@ -164,20 +169,23 @@ class JwksCache:
 
     # -- the request side ------------------------------------------------------------------------
 
-    def current(self) -> tuple[Key, ...] | None:
+    # Each request-side method takes the request's trace (flexgw.http.tracecontext.Trace, or
+    # None): a fetch it starts is a child span of that request, with a `traceparent`.
+
+    def current(self, trace: Any = None) -> tuple[Key, ...] | None:
         """The set to use now (stale or not); starts a refresh when it is expired and one may start."""
         if self.clock.seconds() >= self.expires_at:
-            self._maybe_start()
+            self._maybe_start(trace)
         return self.keys
 
-    def when_available(self) -> Deferred[None] | None:
+    def when_available(self, trace: Any = None) -> Deferred[None] | None:
         """With no set yet: a Deferred firing when the attempt in flight (or one started now) ends;
         None when the backoff forbids an attempt now (the caller answers 503)."""
-        if self._inflight is None and not self._maybe_start():
+        if self._inflight is None and not self._maybe_start(trace):
             return None
         return self._wait()
 
-    def refetch_for_unknown_kid(self) -> Deferred[None] | None:
+    def refetch_for_unknown_kid(self, trace: Any = None) -> Deferred[None] | None:
         """A refetch because a token named an unknown `kid`: a Deferred for its end, or None when
         one ran less than `unknown_kid_interval` ago (or the backoff forbids it)."""
         if self._inflight is not None:
@@ -185,7 +193,7 @@ class JwksCache:
         now = self.clock.seconds()
         if now - self.last_started < self.unknown_kid_interval:
             return None
-        if not self._maybe_start():
+        if not self._maybe_start(trace):
             return None
         return self._wait()
 
@@ -203,9 +211,10 @@ class JwksCache:
         self._inflight.append(d)
         return d
 
-    def _maybe_start(self) -> bool:
+    def _maybe_start(self, trace: Any = None) -> bool:
         """Start a fetch unless one is in flight or the backoff says not yet; True if one was in
-        flight or has been started (it may already have ended, for a synchronous fetcher)."""
+        flight or has been started (it may already have ended, for a synchronous fetcher). A
+        fetch started for a traced request (`trace`) is its child span."""
         if self._inflight is not None:
             return True
         now = self.clock.seconds()
@@ -215,13 +224,19 @@ class JwksCache:
         self.last_started = now
         self.fetches += 1
         try:
-            d = self._fetch(self.url, self.timeout)
+            d = side_call(trace, "jwks", self._start_fetch, "jwks_unreachable", (("url.full", self.url),))
         except Exception:  # noqa: BLE001 (a fetcher that raises is a failed fetch)
             d = Deferred()
             d.errback(Failure())
         d.addCallback(parse_jwks)
         d.addCallbacks(self._fetched, self._failed)
         return True
+
+    def _start_fetch(self, traceparent: bytes | None) -> Deferred[bytes]:
+        """The fetcher's call (with the traceparent of a traced request's fetch)."""
+        if traceparent is None:
+            return self._fetch(self.url, self.timeout)
+        return self._fetch(self.url, self.timeout, traceparent=traceparent)
 
     def _fetched(self, keys: tuple[Key, ...]) -> None:
         self.keys = keys

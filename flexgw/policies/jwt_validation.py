@@ -334,15 +334,16 @@ class JwtValidationPolicy(UsesRuntime):
     def _with_jwks(self, ctx: PolicyContext, token: str, header: dict[str, Any]) -> Any:
         """Validate against the cached key sets, waiting for a first fetch or a rotation refetch."""
         kid = header.get("kid")
-        sets = [cache.current() for cache in self.caches]
+        sets = [cache.current(ctx.trace) for cache in self.caches]
         if all(keys is None for keys in sets):
-            waits = [d for d in (c.when_available() for c in self.caches) if d is not None]
+            waits = [d for d in (c.when_available(ctx.trace) for c in self.caches) if d is not None]
             if not waits:
                 return _error(503, NO_KEYS)
             return _gather(waits).addCallback(lambda _: self._after_first_fetch(ctx, token, kid))
         keys = self._candidates(sets, kid)
         if not keys and isinstance(kid, str):
-            waits = [d for d in (c.refetch_for_unknown_kid() for c in self.caches) if d is not None]
+            waits = [d for d in (c.refetch_for_unknown_kid(ctx.trace) for c in self.caches)
+                     if d is not None]
             if waits:
                 return _gather(waits).addCallback(
                     lambda _: self._finish(

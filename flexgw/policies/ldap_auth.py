@@ -48,6 +48,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from flexgw.http.tracecontext import side_call
 from flexgw.policies.base import (
     BuildContext,
     IPolicy,
@@ -307,14 +308,22 @@ class LdapAuthPolicy(UsesRuntime):
             return UNAUTHORIZED
         s = self.settings
         directory = self.directory
-        d = directory.find(s.base, s.subtree, self._filter(username))
+        # A traced request gets a child span for the search and one for the bind (LDAP carries
+        # no trace context: the directory is not told).
+        trace = ctx.trace
+        where = (("server.address", s.host), ("server.port", s.port))
+        d = side_call(trace, "ldap search",
+                      lambda _: directory.find(s.base, s.subtree, self._filter(username)),
+                      "ldap_unavailable", where)
 
         def found(result: tuple[list[str], bool]) -> Any:
             dns, more = result
             if len(dns) != 1 or more:
                 return None  # nobody, or ambiguous
             dn = dns[0]
-            return directory.authenticate(dn, password).addCallback(lambda ok: dn if ok else None)
+            bound = side_call(trace, "ldap bind", lambda _: directory.authenticate(dn, password),
+                              "ldap_unavailable", where)
+            return bound.addCallback(lambda ok: dn if ok else None)
 
         def decided(dn: str | None) -> LocalResponse | None:
             if dn is None:

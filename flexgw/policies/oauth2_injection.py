@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from flexgw.http.tracecontext import side_call
 from flexgw.policies.base import (
     BuildContext,
     IPolicy,
@@ -213,7 +214,7 @@ class OAuth2InjectionPolicy(UsesRuntime):
         waiter: Deferred[Any] = Deferred(lambda d: self._forget(d))
         self.state.waiters.append(waiter)
         if self.state.inflight is None:
-            self._start_fetch()
+            self._start_fetch(ctx.trace)
         return waiter.addCallback(self._got, ctx)
 
     def _forget(self, waiter: Deferred[Any]) -> None:
@@ -235,11 +236,20 @@ class OAuth2InjectionPolicy(UsesRuntime):
             ctx.remove_request_header(self.header)
         return None
 
-    def _start_fetch(self) -> None:
+    def _start_fetch(self, trace: Any = None) -> None:
+        """Ask the token endpoint (a child span of `trace`, the request that made the fetch
+        start, when it is traced: the request carries its `traceparent`)."""
         fetch = self._fetch or treq_token_fetcher(self._runtime_reactor(), self._agent)
         self.state.fetches += 1
+
+        def start(traceparent: bytes | None) -> Deferred[Any]:
+            headers = self._request_headers
+            if traceparent is not None:
+                headers = {**headers, b"traceparent": [traceparent]}
+            return fetch(self.url, headers, self._request_body, self.timeout)  # type: ignore[no-any-return]
+
         try:
-            d = fetch(self.url, self._request_headers, self._request_body, self.timeout)
+            d = side_call(trace, "oauth token", start, "token_unreachable", (("url.full", _safe_url(self.url)),))
         except Exception:  # noqa: BLE001 (a bad URL at request time: fail the requests)
             d = Deferred()
             d.errback(Failure())

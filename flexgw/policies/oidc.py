@@ -311,9 +311,9 @@ class _JwksValidator:
         token = _extract(ctx)
         if isinstance(token, LocalResponse):
             return token
-        keys = self.cache.current()
+        keys = self.cache.current(ctx.trace)
         if keys is None:
-            waiting = self.cache.when_available()
+            waiting = self.cache.when_available(ctx.trace)
             if waiting is None:
                 return _json_error(401, UNREACHABLE)
             return waiting.addCallback(lambda _: self._check(ctx, token, self.cache.keys))
@@ -334,7 +334,7 @@ class _JwksValidator:
             return _json_error(401, INVALID_TOKEN)
         candidates = [k for k in keys if (kid is None or k.kid == kid) and (k.alg in (None, alg))]
         if not candidates and kid is not None:
-            refetch = self.cache.refetch_for_unknown_kid()
+            refetch = self.cache.refetch_for_unknown_kid(ctx.trace)
             if refetch is not None:
                 return refetch.addCallback(lambda _: self._verify(ctx, token, alg, kid))
         return self._verify(ctx, token, alg, kid, candidates)

@@ -13,20 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1 import common_pb2
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.resource.v1.resource_pb2 import Resource
-from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-import flexgw
-from flexgw.http.tracecontext import ChildSpan, Trace
 from flexgw.ingress.contract import IExchangeObserver
 from flexgw.plan import TracingSettings
+from flexgw.service.otlpwire import SpanEncoder, encode
 from flexgw.sidecalls.bounded import post_bounded
 from flexgw.upstream.grpccall import UnaryCall, h2_pool
 
@@ -40,10 +34,7 @@ _log = Logger(namespace="flexgw.tracing")
 GRPC_PATH = b"/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 #: Bytes of a collector's answer read at most (an OTLP answer is a few bytes).
 ANSWER_LIMIT = 64 * 1024
-_SERVER = Span.SpanKind.SPAN_KIND_SERVER
-_CLIENT = Span.SpanKind.SPAN_KIND_CLIENT
-_INTERNAL = Span.SpanKind.SPAN_KIND_INTERNAL
-_ERROR = Status.StatusCode.STATUS_CODE_ERROR
+__all__ = ["SpanExporter", "TracingService", "encode"]
 
 
 class ExportError(Exception):
@@ -60,25 +51,35 @@ class Tracer:
         self.exporter = exporter
 
     def exchange_finished(self, exchange: ProxyExchange, listener: Any) -> None:
-        """Close the exchange's trace, if it has one, and offer it for export."""
+        """Close the exchange's trace, if it has one, and offer it for export (a record: the
+        trace, its end, the request head, API and route names, status, error cause, peer,
+        listener port and the number of spans)."""
         trace = exchange.trace
         if trace is None:
             return
         now = self.clock.seconds()
+        cause = exchange.error_cause
         elapsed = exchange.upstream_elapsed
-        first_byte = None if elapsed is None else exchange.upstream_started + elapsed
-        destination = exchange.destination
-        trace.close(
-            now, first_byte, exchange.error_cause, exchange.upstream_started,
-            destination.upstream.authority if destination is not None else None,
-        )
+        attempt = trace.attempt
+        children = trace.children
+        if (cause is None and attempt is not None and not attempt.end and trace.policy is None
+                and len(children) == 1):
+            # the common case (Trace.close's work, inline): one upstream attempt that answered
+            attempt.end = now
+            if elapsed is not None:
+                attempt.first_byte = exchange.upstream_started + elapsed
+        else:
+            destination = exchange.destination
+            trace.close(
+                now, None if elapsed is None else exchange.upstream_started + elapsed, cause,
+                exchange.upstream_started, destination.upstream if destination is not None else None,
+            )
         route = exchange.route
-        record = (
+        self.exporter.offer((
             trace, now, exchange.head, exchange.api_key, route.name if route is not None else None,
-            exchange.response_status, exchange.error_cause, exchange.front.peer,
-            getattr(listener, "port", 0),
-        )
-        self.exporter.offer(record, 1 + len(trace.children))
+            exchange.response_status, cause, exchange.front.peer, getattr(listener, "port", 0),
+            1 + len(children),
+        ))
 
     def tunnel_opened(self, exchange: ProxyExchange, listener: Any) -> None:
         """A tunnel's span ends at the switch."""
@@ -91,156 +92,6 @@ class Tracer:
         """A refused request has no trace (it reached no API)."""
 
 
-def _value(value: Any) -> AnyValue:
-    if isinstance(value, bool):
-        return AnyValue(bool_value=value)
-    if isinstance(value, int):
-        return AnyValue(int_value=value)
-    return AnyValue(string_value=str(value))
-
-
-def _attributes(pairs: Any) -> list[KeyValue]:
-    return [KeyValue(key=key, value=_value(value)) for key, value in pairs]
-
-
-class SpanEncoder:
-    """Fills OTLP messages from finished traces, off the request path and cheaply: the spans are
-    filled in place inside the export request, and the attributes that are the same for every
-    request of one API, route, method and listener (and the literal labels) are serialized once
-    and merged into each span (protobuf merges repeated fields by appending)."""
-
-    def __init__(self, settings: TracingSettings) -> None:
-        self.settings = settings
-        self.resource = Resource(attributes=_attributes(
-            [("service.name", settings.service_name), ("service.type", settings.service_type),
-             *settings.resource_attributes]
-        ))
-        # opentelemetry-proto >= 0.19 names it InstrumentationScope (ScopeSpans); older copies of
-        # the same files (xds-protos ships some) InstrumentationLibrary: the wire format is the
-        # same (fields 1 and 2), so either serializes a request every collector reads.
-        scope = getattr(common_pb2, "InstrumentationScope", None) or common_pb2.InstrumentationLibrary
-        self.scope = scope(name="flexgw", version=flexgw.__version__)
-        self._fixed: dict[tuple[Any, ...], bytes] = {}
-
-    def fixed(self, key: tuple[Any, ...], sampler: Any, api: str | None, route: str | None,
-              method: str, scheme: str, version: str, port: int) -> bytes:
-        """The serialized constant attributes of a server span (a Span holding only them)."""
-        cached = self._fixed.get(key)
-        if cached is None:
-            pairs: list[tuple[str, Any]] = [
-                ("http.request.method", method), ("url.scheme", scheme), ("server.port", port),
-                ("network.protocol.version", version), ("flexgw.api", api or ""),
-            ]
-            if route is not None:
-                pairs += [("http.route", route), ("flexgw.route", route)]
-            pairs += [(label.name, label.default) for label in sampler.labels if label.type == "literal"]
-            if len(self._fixed) > 10_000:  # keys come from the configuration: a bound anyway
-                self._fixed.clear()
-            cached = self._fixed[key] = Span(attributes=_attributes(pairs)).SerializeToString()
-        return cached
-
-    def server_span(self, span: Span, record: tuple[Any, ...]) -> None:
-        """Fill `span` as the server span of one exchange, with the OpenTelemetry HTTP semantic-
-        convention attributes, the API and route, the labels, the error cause as the status."""
-        trace, end, head, api, route, status, cause, peer, port = record
-        sampler = trace.sampler
-        method = head.method.decode("latin-1")
-        span.MergeFromString(self.fixed(
-            (sampler, api, route, head.method, peer.scheme, head.version, port),
-            sampler, api, route, method, peer.scheme, head.version.decode("latin-1"), port,
-        ))
-        span.trace_id = trace.trace_id.to_bytes(16, "big")
-        span.span_id = trace.span_id.to_bytes(8, "big")
-        span.name = sampler.span_name or (f"{method} {route}" if route else method)
-        span.kind = _SERVER
-        span.start_time_unix_nano = int(trace.start * 1e9)
-        span.end_time_unix_nano = int(end * 1e9)
-        if trace.parent_id:
-            span.parent_span_id = trace.parent_id.to_bytes(8, "big")
-        if trace.tracestate:
-            span.trace_state = trace.tracestate.decode("latin-1")
-        add = span.attributes.add
-        authority = head.authority
-        host = authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
-        item = add()
-        item.key = "url.path"
-        item.value.string_value = head.path
-        item = add()
-        item.key = "server.address"
-        item.value.string_value = host.strip("[]")
-        item = add()
-        item.key = "client.address"
-        item.value.string_value = peer.address
-        if status:
-            item = add()
-            item.key = "http.response.status_code"
-            item.value.int_value = status
-        if cause is not None:
-            item = add()
-            item.key = "error.type"
-            item.value.string_value = cause
-        if sampler.labels:
-            for name, value in sampler.label_values(head.headers, variable=True):
-                item = add()
-                item.key = name
-                item.value.string_value = value
-        if cause is not None or status >= 500 or not status:
-            span.status.code = _ERROR
-            span.status.message = cause or ""
-
-    @staticmethod
-    def child_span(span: Span, trace: Trace, child: ChildSpan) -> None:
-        """Fill `span` as a child span (an upstream attempt, a policy wait, a side call)."""
-        span.trace_id = trace.trace_id.to_bytes(16, "big")
-        span.span_id = child.span_id.to_bytes(8, "big")
-        span.parent_span_id = trace.span_id.to_bytes(8, "big")
-        span.name = child.name
-        span.kind = _INTERNAL if child.kind == "policy" else _CLIENT
-        span.start_time_unix_nano = int(child.start * 1e9)
-        span.end_time_unix_nano = int(child.end * 1e9)
-        attributes = span.attributes
-        for key, value in child.attributes:
-            item = attributes.add()
-            item.key = key
-            if isinstance(value, bool):
-                item.value.bool_value = value
-            else:
-                item.value.string_value = value
-        events = span.events
-        for name, when in child.events:
-            event = events.add()
-            event.name = name
-            event.time_unix_nano = int(when * 1e9)
-        if child.error is not None:
-            span.status.code = _ERROR
-            span.status.message = child.error
-
-    def encode(self, records: list[tuple[Any, ...]]) -> bytes:
-        """An ExportTraceServiceRequest holding the spans of `records`, serialized."""
-        request = ExportTraceServiceRequest()
-        resource_spans = request.resource_spans.add()
-        resource_spans.resource.CopyFrom(self.resource)
-        if hasattr(resource_spans, "scope_spans"):
-            scope_spans = resource_spans.scope_spans.add()
-            scope_spans.scope.CopyFrom(self.scope)
-        else:  # the older files (see __init__)
-            scope_spans = resource_spans.instrumentation_library_spans.add()
-            scope_spans.instrumentation_library.CopyFrom(self.scope)
-        spans = scope_spans.spans
-        child_span = self.child_span
-        for record in records:
-            self.server_span(spans.add(), record)
-            trace = record[0]
-            for child in trace.children:
-                child_span(spans.add(), trace, child)
-        return request.SerializeToString()
-
-
-def encode(settings: TracingSettings, records: list[tuple[Any, ...]]) -> bytes:
-    """An ExportTraceServiceRequest holding the spans of `records`, serialized (one-off)."""
-    return SpanEncoder(settings).encode(records)
-
-
 class SpanExporter:
     """The bounded queue of finished traces and the batches sent from it."""
 
@@ -251,28 +102,39 @@ class SpanExporter:
         self.settings = settings
         self.send = send
         self.encoder = SpanEncoder(settings)
-        self.queue: list[tuple[tuple[Any, ...], int]] = []  # (record, its span count)
+        self.queue: list[tuple[Any, ...]] = []  # Tracer records
         self.queued = 0  # spans in the queue
         self.dropped = 0
         self.exported = 0
         self.failures = 0  # exports that failed
         self.timer: Any = None
+        self.urgent = False  # the timer sends a full batch in the next turn
         self.inflight: Deferred[Any] | None = None
         self.stopped = False
 
-    def offer(self, record: tuple[Any, ...], spans: int) -> None:
-        """Queue a finished trace of `spans` spans, or drop it when the queue is full."""
+    def offer(self, record: tuple[Any, ...]) -> None:
+        """Queue a finished trace (a Tracer record, whose last item is its number of spans), or
+        drop it when the queue is full."""
+        spans = record[-1]
         if self.queued + spans > self.settings.max_queue or self.stopped:
             self.dropped += spans
             return
-        self.queue.append((record, spans))
+        self.queue.append(record)
         self.queued += spans
-        if self.timer is None and self.inflight is None:
-            self.timer = self.clock.callLater(self.settings.delay, self.flush)
+        if self.inflight is None:
+            # A batch waits at most `delay`; a full one is sent at once (in the next turn).
+            full = self.queued >= self.settings.max_batch
+            if self.timer is None:
+                self.timer = self.clock.callLater(0 if full else self.settings.delay, self.flush)
+                self.urgent = full
+            elif full and not self.urgent:
+                self.timer.reset(0)
+                self.urgent = True
 
     def flush(self) -> Deferred[Any] | None:
         """Send the next batch now (unless one is in flight); its Deferred, or None."""
         timer, self.timer = self.timer, None
+        self.urgent = False
         if timer is not None and timer.active():
             timer.cancel()
         if self.inflight is not None or not self.queue:
@@ -282,7 +144,8 @@ class SpanExporter:
         limit = self.settings.max_batch
         queue = self.queue
         taken = 0
-        for record, spans in queue:
+        for record in queue:
+            spans = record[-1]
             if batch and count + spans > limit:
                 break
             batch.append(record)
@@ -316,6 +179,7 @@ class SpanExporter:
             if self.queue and self.timer is None and not self.stopped:
                 full = self.queued >= self.settings.max_batch
                 self.timer = self.clock.callLater(0 if full else self.settings.delay, self.flush)
+                self.urgent = full
 
         d.addCallbacks(_sent, _failed).addBoth(_next)
         return d
@@ -332,10 +196,20 @@ class SpanExporter:
 
 
 def grpc_sender(reactor: Any, clock: Any, settings: TracingSettings) -> tuple[Callable[[bytes], Deferred[Any]], Any]:
-    """(send, close) for OTLP/gRPC to `settings.address` (`h2c://host:port`): unary calls on a
-    pool of HTTP/2 connections of its own."""
-    host, _, port = settings.address.removeprefix("h2c://").rpartition(":")
-    pool = h2_pool(reactor, clock, "h2c", host.strip("[]"), int(port), settings.timeout, key="tracing")
+    """(send, close) for OTLP/gRPC to `settings.address` (`h2c://host:port`, or `h2s://` over
+    TLS with `settings.tls`, else the system trust store): unary calls on a pool of HTTP/2
+    connections of its own."""
+    scheme, _, rest = settings.address.partition("://")
+    host, _, port = rest.rpartition(":")
+    host = host.strip("[]")
+    tls = None
+    if scheme == "h2s":
+        from flexgw.tls.contexts import build_client_tls
+        from flexgw.tls.settings import TLSSettings
+
+        tls = build_client_tls(settings.tls or TLSSettings(), host, http2=True)
+    pool = h2_pool(reactor, clock, "h2" if tls is not None else "h2c", host, int(port),
+                   settings.timeout, tls, key="tracing")
 
     def send(body: bytes) -> Deferred[Any]:
         return UnaryCall(pool, GRPC_PATH, body, limit=ANSWER_LIMIT).start()
@@ -344,8 +218,15 @@ def grpc_sender(reactor: Any, clock: Any, settings: TracingSettings) -> tuple[Ca
 
 
 def http_sender(reactor: Any, settings: TracingSettings, agent: Any = None) -> tuple[Callable[[bytes], Deferred[Any]], Any]:
-    """(send, close) for OTLP/HTTP: a protobuf POST to `settings.address` with treq."""
+    """(send, close) for OTLP/HTTP: a protobuf POST to `settings.address` with treq (over
+    https with `settings.tls` when set, else the system trust store)."""
     url = settings.address
+    if agent is None and settings.tls is not None and url.startswith("https:"):
+        from twisted.web.client import Agent
+
+        from flexgw.tls.contexts import SideCallTLSPolicy
+
+        agent = Agent(reactor, contextFactory=SideCallTLSPolicy(settings.tls))
 
     def send(body: bytes) -> Deferred[Any]:
         d = post_bounded(

@@ -66,8 +66,9 @@ class OtlpGrpcReceiver(_Collected):
         self.server: Any = None
         self.port = 0
 
-    def start(self, address: str = "127.0.0.1:0") -> int:
-        """Serve on `address` (host:port); returns the port."""
+    def start(self, address: str = "127.0.0.1:0", tls: Any = None) -> int:
+        """Serve on `address` (host:port), over TLS with `tls` (a flexgw.testing.certs.Issued:
+        the certificate and key to present); returns the port."""
         import grpc
         from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
@@ -82,7 +83,11 @@ class OtlpGrpcReceiver(_Collected):
 
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Servicer(), self.server)
-        self.port = self.server.add_insecure_port(address)
+        if tls is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            credentials = grpc.ssl_server_credentials([(tls.key_pem, tls.cert_pem)])
+            self.port = self.server.add_secure_port(address, credentials)
         self.server.start()
         return self.port
 

@@ -1,0 +1,306 @@
+"""OTLP encoding of finished traces, off the request path and lean: an ExportTraceServiceRequest
+written as protobuf wire bytes directly.
+
+What is the same for many spans is built once with the official `opentelemetry-proto` messages
+and kept serialized: the Resource, the instrumentation scope, and per (sampler, API, route,
+method, scheme, version, port) the server span's name, kind and constant attributes (protobuf
+merges repeated fields by appending, so serialized pieces of one Span concatenate into one).
+What changes per span (ids, times, path, addresses, status, events) is written here with the
+field numbers of `opentelemetry/proto/trace/v1/trace.proto`, without building a message object
+per span: that costs about a tenth of filling messages.
+
+The field numbers written are the same in every published copy of the OTLP files, including the
+older ones `xds-protos` ships under the same module names (InstrumentationLibrarySpans, field 2 of
+ResourceSpans, where newer files have ScopeSpans): whichever copy an installation ends up with,
+the bytes are identical, and a collector reading either layout decodes the same spans
+(tests/test_tracing.py decodes them with both layouts).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from typing import Any
+
+from opentelemetry.proto.common.v1 import common_pb2
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.resource.v1.resource_pb2 import Resource
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+import flexgw
+from flexgw.http.tracecontext import POLICY, UPSTREAM, ChildSpan
+from flexgw.plan import TracingSettings
+
+# Span.SpanKind values.
+_SERVER, _CLIENT, _INTERNAL = 2, 3, 1
+#: Span fields 7 and 8 (start_time_unix_nano, end_time_unix_nano), both fixed64.
+_TIMES = struct.Struct("<BQBQ")
+_FIXED64 = struct.Struct("<Q")
+#: A server span's trace_id (field 1), span_id (2), start and end times (7, 8).
+_SERVER_HEAD = struct.Struct("<2s16s2s8sBQBQ")
+#: A child span's trace_id, span_id, parent_span_id (4), start and end times.
+_CHILD_HEAD = struct.Struct("<2s16s2s8s2s8sBQBQ")
+#: An upstream attempt's two events, `connected` and `first_byte` (see _event_parts).
+_BOTH_EVENTS = struct.Struct("<3sQ11s3sQ12s")
+#: Cached pieces: at most this many of each (they come from configuration and traffic).
+_CACHE_LIMIT = 4096
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+#: The varints of 0..16383 (one or two bytes), looked up rather than computed.
+_VARINTS = [_varint(n) for n in range(1 << 14)]
+
+
+def varint(n: int) -> bytes:
+    """`n` (0 <= n < 2**64) as a protobuf varint."""
+    return _VARINTS[n] if n < 16384 else _varint(n)
+
+
+def field(tag: bytes, payload: bytes) -> bytes:
+    """A length-delimited field: its tag byte(s), the length, the payload."""
+    n = len(payload)
+    return tag + (_VARINTS[n] if n < 16384 else _varint(n)) + payload
+
+
+def _value(value: Any) -> bytes:
+    """An AnyValue's bytes: bool (field 2), int (field 3, int64), else a string (field 1)."""
+    if value is True or value is False:
+        return b"\x10\x01" if value else b"\x10\x00"
+    if isinstance(value, int):
+        return b"\x18" + varint(value & 0xFFFFFFFFFFFFFFFF)
+    return field(b"\x0a", str(value).encode("utf-8"))
+
+
+def attribute(key: str, value: Any) -> bytes:
+    """A Span `attributes` entry (field 9, a KeyValue)."""
+    return field(b"\x4a", field(b"\x0a", key.encode("utf-8")) + field(b"\x12", _value(value)))
+
+
+def attributes(pairs: Iterable[tuple[str, Any]]) -> bytes:
+    """Several Span `attributes` entries."""
+    return b"".join(attribute(key, value) for key, value in pairs)
+
+
+def _status(message: str) -> bytes:
+    """A Span `status` (field 15): code ERROR (field 3) with `message` (field 2)."""
+    return field(b"\x7a", field(b"\x12", message.encode("utf-8")) + b"\x18\x02")
+
+
+def _event_parts(name: bytes) -> tuple[bytes, bytes]:
+    """What comes before and after the time in a Span `events` entry (field 11) named `name`:
+    an Event of time_unix_nano (field 1, fixed64) and name (field 2)."""
+    return b"\x5a" + _VARINTS[11 + len(name)] + b"\x09", b"\x12" + _VARINTS[len(name)] + name
+
+
+_CONNECTED = _event_parts(b"connected")
+_FIRST_BYTE = _event_parts(b"first_byte")
+
+
+class _Cache(dict):  # type: ignore[type-arg]
+    """Encoded pieces by what they encode; emptied when it grows past _CACHE_LIMIT."""
+
+    def __init__(self, make: Any) -> None:
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, key: Any) -> bytes:
+        if len(self) >= _CACHE_LIMIT:
+            self.clear()
+        value = self[key] = self.make(key)
+        return value
+
+
+class SpanEncoder:
+    """ExportTraceServiceRequest bytes from the records flexgw.service.tracing.Tracer queues."""
+
+    def __init__(self, settings: TracingSettings) -> None:
+        self.settings = settings
+        resource = Resource(attributes=[
+            KeyValue(key=key, value=AnyValue(string_value=str(value)))
+            for key, value in [("service.name", settings.service_name),
+                               ("service.type", settings.service_type),
+                               *settings.resource_attributes]
+        ])
+        # opentelemetry-proto >= 0.19 names it InstrumentationScope; older copies (xds-protos
+        # ships some) InstrumentationLibrary: the same fields (name 1, version 2).
+        scope = getattr(common_pb2, "InstrumentationScope", None) or common_pb2.InstrumentationLibrary
+        # ResourceSpans: resource (1), then scope_spans (2) holding scope (1) and spans (2).
+        self._resource = field(b"\x0a", resource.SerializeToString())
+        self._scope = field(b"\x0a", scope(name="flexgw", version=flexgw.__version__).SerializeToString())
+        self._fixed: dict[tuple[Any, ...], bytes] = {}
+        # Attributes and statuses that repeat from span to span, encoded once.
+        self._error = _Cache(lambda cause: attribute("error.type", cause) + _status(cause))
+        self._child_error = _Cache(_status)
+        self._child_head = _Cache(
+            lambda pair: field(b"\x2a", pair[0].encode("utf-8")) + b"\x30" + _VARINTS[pair[1]]
+        )
+        self._request_attributes_cache = _Cache(self._request_attributes)
+        self._upstream_parts = _Cache(self._upstream)
+
+    def fixed(self, record: tuple[Any, ...]) -> bytes:
+        """The serialized constant part of a server span: its name and kind, and the attributes
+        that are the same for every request of one API, route, method and listener (and the
+        literal labels), made with the official Span message once per such key."""
+        trace, _, head, api, route, _, _, peer, port, _ = record
+        sampler = trace.sampler
+        key = (sampler, api, route, head.method, head.version, port)
+        cached = self._fixed.get(key)
+        if cached is None:
+            method = head.method.decode("latin-1")
+            pairs: list[tuple[str, Any]] = [
+                ("http.request.method", method), ("url.scheme", peer.scheme), ("server.port", port),
+                ("network.protocol.version", head.version.decode("latin-1")), ("flexgw.api", api or ""),
+            ]
+            if route is not None:
+                pairs += [("http.route", route), ("flexgw.route", route)]
+            pairs += [(label.name, label.default) for label in sampler.labels if label.type == "literal"]
+            span = Span(
+                name=sampler.span_name or (f"{method} {route}" if route else method),
+                kind=_SERVER,
+                attributes=[KeyValue(key=k, value=_any(v)) for k, v in pairs],
+            )
+            if len(self._fixed) >= _CACHE_LIMIT:
+                self._fixed.clear()
+            cached = self._fixed[key] = span.SerializeToString()
+        return cached
+
+    def _request_attributes(self, key: tuple[str, str, int]) -> bytes:
+        """server.address, client.address and http.response.status_code (0: none)."""
+        authority, address, status = key
+        out = attribute("server.address", _host(authority)) + attribute("client.address", address)
+        return out + attribute("http.response.status_code", status) if status else out
+
+    def _upstream(self, key: tuple[Any, bool]) -> bytes:
+        """The constant part of an upstream attempt's span: name, kind, server.address, reuse."""
+        address, reused = key
+        authority = address if isinstance(address, str) else address.authority
+        return (self._child_head[("upstream", _CLIENT)] + attribute("server.address", authority)
+                + attribute("flexgw.upstream.connection_reused", reused))
+
+    def server_tail(self, record: tuple[Any, ...]) -> bytes:
+        """What a server span has besides ids, times, constant part and path: the parent, the
+        trace state, the request-header labels, the error status."""
+        trace, _, head, _, _, status, cause, _, _, _ = record
+        parts = []
+        if trace.parent_id:
+            parts.append(b"\x22\x08" + trace.parent_id.to_bytes(8, "big"))
+        if trace.tracestate:
+            parts.append(field(b"\x1a", trace.tracestate))
+        sampler = trace.sampler
+        if sampler.labels:
+            for name, value in sampler.label_values(head.headers, variable=True):
+                parts.append(attribute(name, value))
+        if cause is not None:
+            parts.append(self._error[cause])  # error.type, and the status
+        elif status >= 500 or not status:
+            parts.append(b"\x7a\x02\x18\x02")  # status ERROR without a message
+        return b"".join(parts)
+
+    def child_tail(self, child: ChildSpan) -> bytes:
+        """What a child span has besides ids and times: its name, kind and attributes, its
+        events, its error."""
+        parts = []
+        if child.kind == UPSTREAM:
+            parts.append(self._upstream_parts[(child.address, child.reused)])
+            if child.connected is not None:
+                parts.append(_CONNECTED[0] + _FIXED64.pack(int(child.connected * 1e9)) + _CONNECTED[1])
+            if child.first_byte is not None:
+                parts.append(_FIRST_BYTE[0] + _FIXED64.pack(int(child.first_byte * 1e9)) + _FIRST_BYTE[1])
+        else:
+            parts.append(self._child_head[(child.name, _INTERNAL if child.kind == POLICY else _CLIENT)])
+        if child.attributes is not None:
+            parts.append(attributes(child.attributes))
+        if child.error is not None:
+            parts.append(self._child_error[child.error])
+        return b"".join(parts)
+
+    def encode(self, records: list[tuple[Any, ...]]) -> bytes:
+        """An ExportTraceServiceRequest holding the spans of `records`, serialized.
+
+        The common case is written inline (an upstream attempt that connected and got its first
+        byte; a server span without parent, trace state, variable labels or error): a few
+        struct packs and cached pieces per span, the pieces of the whole batch joined once."""
+        parts = [self._scope]
+        append = parts.append
+        fixed_get = self._fixed.get
+        request_attributes = self._request_attributes_cache
+        upstream_parts = self._upstream_parts
+        server_head = _SERVER_HEAD.pack
+        child_head = _CHILD_HEAD.pack
+        both_events = _BOTH_EVENTS.pack
+        connected_0, connected_1 = _CONNECTED
+        first_0, first_1 = _FIRST_BYTE
+        for record in records:
+            trace, end, head, api, route, status, cause, peer, port, _ = record
+            trace_id = trace.trace_id.to_bytes(16, "big")
+            span_id = trace.span_id.to_bytes(8, "big")
+            sampler = trace.sampler
+            fixed = fixed_get((sampler, api, route, head.method, head.version, port)) or self.fixed(record)
+            path = head.path.encode("utf-8")
+            n = len(path)
+            if n < 100:
+                path = b"\x4a%c\x0a\x08url.path\x12%c\x0a%c%s" % (n + 14, n + 2, n, path)
+            else:
+                path = attribute("url.path", head.path)
+            common = request_attributes[(head.authority, peer.address, status)]
+            tail = (
+                self.server_tail(record)
+                if trace.parent_id or trace.tracestate or sampler.labels or cause is not None
+                or status >= 500 or not status else b""
+            )
+            n = _SERVER_HEAD.size + len(fixed) + len(path) + len(common) + len(tail)
+            append(b"\x12" + (_VARINTS[n] if n < 16384 else _varint(n)))
+            append(server_head(b"\x0a\x10", trace_id, b"\x12\x08", span_id,
+                               0x39, int(trace.start * 1e9), 0x41, int(end * 1e9)))
+            append(fixed)
+            append(path)
+            append(common)
+            append(tail)
+            for child in trace.children:
+                ids = child_head(b"\x0a\x10", trace_id, b"\x12\x08", child.span_id.to_bytes(8, "big"),
+                                 b"\x22\x08", span_id, 0x39, int(child.start * 1e9), 0x41, int(child.end * 1e9))
+                if (child.kind == UPSTREAM and child.connected is not None and child.first_byte is not None
+                        and child.attributes is None and child.error is None):
+                    constant = upstream_parts[(child.address, child.reused)]
+                    n = _CHILD_HEAD.size + len(constant) + _BOTH_EVENTS.size
+                    append(b"\x12" + (_VARINTS[n] if n < 16384 else _varint(n)))
+                    append(ids)
+                    append(constant)
+                    append(both_events(connected_0, int(child.connected * 1e9), connected_1,
+                                       first_0, int(child.first_byte * 1e9), first_1))
+                else:
+                    tail = self.child_tail(child)
+                    n = _CHILD_HEAD.size + len(tail)
+                    append(b"\x12" + (_VARINTS[n] if n < 16384 else _varint(n)))
+                    append(ids)
+                    append(tail)
+        return field(b"\x0a", self._resource + field(b"\x12", b"".join(parts)))
+
+
+def _any(value: Any) -> AnyValue:
+    if isinstance(value, bool):
+        return AnyValue(bool_value=value)
+    if isinstance(value, int):
+        return AnyValue(int_value=value)
+    return AnyValue(string_value=str(value))
+
+
+def _host(authority: str) -> str:
+    """The host of a request's authority (no port, no IPv6 brackets)."""
+    host = authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+    return host.strip("[]")
+
+
+
+
+def encode(settings: TracingSettings, records: list[tuple[Any, ...]]) -> bytes:
+    """An ExportTraceServiceRequest holding the spans of `records`, serialized (one-off)."""
+    return SpanEncoder(settings).encode(records)
