@@ -37,7 +37,11 @@ class Balancing:
     # "clientAddress"); None hashes nothing (a random address per request)
     hash_on: Any = attrs.field(default=None, eq=False)
     hash_source: str = ""  # hash_on as written (the identity: Expressions compare by source)
-    dns_refresh: float = 5.0  # seconds between two resolutions of the host
+    # Seconds between two resolutions of the host when the answer has no TTL (/etc/hosts, a
+    # resolver without TTLs); an answer with a TTL is asked again after it, bounded by these:
+    dns_refresh: float = 5.0
+    dns_min_refresh: float = 5.0
+    dns_max_refresh: float = 300.0
     dns_failure_refresh: float = 30.0  # the longest back-off while the host resolves to nothing
     # With every address unhealthy or ejected: use all of them (True, Envoy's panic mode) or
     # answer 503 no_healthy_upstream (False); `panic_threshold` percent of available addresses

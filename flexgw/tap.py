@@ -506,6 +506,7 @@ def _make_gateway(options: Options) -> MultiService:
         WorkerProtocol,
         connect_to_supervisor,
     )
+    from flexgw.upstream.dns import RecordResolver
 
     log_filter = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[options["log-level"] or "info"])
     access_log = None
@@ -544,6 +545,7 @@ def _make_gateway(options: Options) -> MultiService:
         notifier=SupervisedNotifier(worker, worker.index) if worker is not None else None,
         reuse_port=worker is not None or bool(options["reuse-port"]),
         supervisor=worker,
+        service_resolver=RecordResolver(reactor),
     )
     if options["admin"] != "off":  # before the gateway: stopped after it (see _AdminService)
         from flexgw.service.admin import admin_site

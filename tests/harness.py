@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import collections
+import fcntl
 import io
 import json
 import os
 import random
 import socket
+import tempfile
 import textwrap
 from typing import Any
 
@@ -22,8 +25,19 @@ from flexgw.testing.upstream import RecordingUpstream, Responder
 #: split into slices, one per trial worker (`trial --jobs` runs worker N in `<temp>/N`), so two
 #: workers never hand out the same port.
 _PORT_RANGE = (20000, 32768)
+
+#: The trial timeout of tests that start `twistd flexgw` processes: a hang guard, not a bound on
+#: any behaviour (the tests wait for events: sd_notify messages, output lines, responses).
+#: Starting one twistd costs about 1.3 s of CPU (imports, compile); at a load average of 15 on
+#: two cores it took over 5 s of wall time, and tests starting two to four of them overran
+#: 30-60 s guards, leaving their coroutine to fail a later test (AlreadyCalledError).
+PROCESS_TEST_TIMEOUT = 180
 _PORT_SLICES = 8
 _port_slice: tuple[int, int] | None = None
+#: Ports claimed by this process (their lock files' descriptors), the oldest first; a port is
+#: bound by its test soon after it is handed out, so only the recent ones need the claim.
+_CLAIMS_KEPT = 64
+_claims: collections.deque[int] = collections.deque()
 _next_port = 0
 
 
@@ -38,13 +52,34 @@ def _slice() -> tuple[int, int]:
     return low, high
 
 
+def _claim(port: int) -> bool:
+    """Claim `port` for this process among every test process on the machine (an exclusive
+    flock on a file named after it, kept for the last _CLAIMS_KEPT ports handed out): False
+    when another process holds it."""
+    directory = os.path.join(tempfile.gettempdir(), "flexgw-test-ports")
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(os.path.join(directory, str(port)), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _claims.append(fd)
+    if len(_claims) > _CLAIMS_KEPT:
+        os.close(_claims.popleft())  # (closing releases the lock)
+    return True
+
+
 def free_port() -> int:
     """A loopback TCP port that is free right now (for config files, which cannot say port 0).
 
     Ports come from outside the kernel's ephemeral range, from this process's own slice, in
     sequence from a random start: the kernel's own choice (bind to port 0) could be handed out
     again at once, to another trial worker or as the local port of some test's outgoing
-    connection, before the gateway under test binds it.
+    connection, before the gateway under test binds it. Each port is also claimed (`_claim`)
+    across processes: test suites of several checkouts running at once on one machine use the
+    same slices, and one's probe could find free a port another had just been given but not
+    yet bound (its gateway compiling its configuration), which then failed to bind.
     """
     global _port_slice, _next_port
     if _port_slice is None:
@@ -59,6 +94,7 @@ def free_port() -> int:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue  # in use (or lingering): try the next one
+        if _claim(port):
             return port
     raise RuntimeError(f"no free port in {low}-{high - 1}")
 

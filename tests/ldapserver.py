@@ -174,9 +174,21 @@ class SlapdServer:
             return b""
 
     def signal(self, number: int) -> None:
-        """Send signal `number` (SIGSTOP/SIGCONT: a stalled directory) to slapd, by its PID."""
+        """Send signal `number` (SIGSTOP/SIGCONT: a stalled directory) to slapd, by its PID.
+        SIGSTOP returns once slapd has stopped: kill() only queues the signal, and until one of
+        its threads takes it the others keep answering (on a loaded machine a request sent
+        right after kill() was answered in 1 ms)."""
         assert self.process is not None
-        os.kill(self.process.pid, number)
+        pid = self.process.pid
+        os.kill(pid, number)
+        if number != signal.SIGSTOP:
+            return
+        deadline = time.monotonic() + 10
+        # (WNOWAIT: the stop stays reportable; slapd is this process's child)
+        while os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOWAIT | os.WNOHANG) is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("slapd did not stop within 10 s of SIGSTOP")
+            select.select([], [], [], 0.001)  # a bounded wait between checks
 
     def stop(self) -> None:
         """Kill slapd by its PID and reap it."""

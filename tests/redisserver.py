@@ -41,6 +41,7 @@ class RedisServer:
         if REDIS_SERVER is None:
             raise SkipTest("redis-server is not installed (apt-get install redis-server)")
         self.port = free_port() if port is None else port  # a given port: a restarted server
+        self.port_given = port is not None
         self.workdir = tempfile.mkdtemp(prefix="flexgw-redis-")
         self.process: subprocess.Popen[bytes] | None = None
         self.log = b""  # what the server printed, as far as read
@@ -70,18 +71,28 @@ class RedisServer:
         ]
 
     def start(self) -> RedisServer:
-        """Spawn the server and wait (bounded) until its log says it accepts connections."""
-        self.process = subprocess.Popen(
-            self.command(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            self.wait_for(self.ready)
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        """Spawn the server and wait (bounded) until its log says it accepts connections. A
+        port free_port() picked that another process (another session's suite) took before
+        the server bound it: again on another port, up to five times (redis-server cannot be
+        told to bind a port of its own choice and say which)."""
+        for _ in range(5):
+            self.log = b""
+            self.process = subprocess.Popen(
+                self.command(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                self.wait_for(self.ready)
+            except BaseException:
+                taken = b"Address already in use" in self.log and not self.port_given
+                self.stop(keep_workdir=taken)
+                if not taken:
+                    raise
+                self.port = free_port()
+                continue
+            return self
+        raise RuntimeError(f"redis-server found no free port: {self.log[-500:]!r}")
 
     def wait_for(self, marker: bytes, timeout: float = READY_TIMEOUT) -> bytes:
         """Read the server's log until `marker` is in it (for at most `timeout` seconds); the log."""
@@ -106,8 +117,8 @@ class RedisServer:
         assert self.process is not None
         os.kill(self.process.pid, number)
 
-    def stop(self) -> None:
-        """Kill the server by its PID and reap it."""
+    def stop(self, keep_workdir: bool = False) -> None:
+        """Kill the server by its PID and reap it (and remove its directory unless told)."""
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
             os.kill(process.pid, signal.SIGKILL)
@@ -115,7 +126,8 @@ class RedisServer:
             process.wait(timeout=READY_TIMEOUT)
             if process.stdout is not None:
                 process.stdout.close()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if not keep_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 class RedisSentinelServer(RedisServer):

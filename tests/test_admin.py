@@ -24,7 +24,7 @@ from flexgw.service.metrics import GatewayMetrics
 from flexgw.tap import Options
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream
-from tests.harness import Gateway, api_document, free_port
+from tests.harness import PROCESS_TEST_TIMEOUT, Gateway, api_document, free_port
 from tests.test_sigterm import start_twistd, write_conf
 
 HEADER = "apiVersion: gateway.mulesoft.com/v1alpha1\n"
@@ -384,7 +384,7 @@ class AdminOptionTests(TestCase):
 class TwistdAdminTests(TestCase):
     """`twistd flexgw --admin ENDPOINT`: the real process serves /metrics and /status there."""
 
-    timeout = 30
+    timeout = PROCESS_TEST_TIMEOUT  # (a hang guard: tests.harness)
 
     async def test_admin_listener_under_twistd(self) -> None:
         """After READY=1 and one proxied request, /metrics counts it and /status lists the API."""

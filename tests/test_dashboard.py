@@ -10,8 +10,8 @@ import shutil
 import tempfile
 from typing import Any
 
-from twisted.internet import reactor
-from twisted.internet.threads import deferToThread
+from twisted.internet import defer, reactor
+from twisted.internet.threads import blockingCallFromThread, deferToThread
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
@@ -19,6 +19,8 @@ from flexgw.service.admin import admin_site
 from flexgw.service.dashboard import DashboardResource
 from flexgw.testing.upstream import RecordingUpstream
 from tests.harness import Gateway, free_port
+from tests.test_upstream_cluster import ClusterCase
+from tests.test_upstream_resilience import RETRY, gather, service_policy
 
 CHROMIUM = os.environ.get("FLEXGW_CHROMIUM", "/usr/bin/chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -83,18 +85,47 @@ def legend_above_zero(series: str, chart: str) -> str:
     )
 
 
+def need_browser() -> None:
+    """Skip unless Chromium and Playwright are installed."""
+    if not os.path.exists(CHROMIUM):
+        raise SkipTest(f"Chromium not found at {CHROMIUM} (apt-get install -y chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        raise SkipTest("playwright is not installed (pip install '.[test]')") from None
+
+
+def browse(test: TestCase, url: str, look: Any) -> None:
+    """Open `url` in headless Chromium (a fresh profile) and call `look(page)`; the browser's
+    console is printed when the test fails. Run in a thread (deferToThread)."""
+    from playwright.sync_api import sync_playwright
+
+    profile = tempfile.mkdtemp(prefix="flexgw-chromium-")
+    test.addCleanup(shutil.rmtree, profile, True)
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, headless=True, args=FLAGS,
+            viewport={"width": 1100, "height": 900},
+        )
+        try:
+            page = context.new_page()
+            messages: list[str] = []
+            page.on("console", lambda message: messages.append(message.text))
+            page.on("pageerror", lambda error: messages.append(str(error)))
+            test.addCleanup(lambda: messages and print("browser console:", *messages, sep="\n  "))
+            page.goto(url)
+            look(page)
+        finally:
+            context.close()
+
+
 class DashboardBrowserTests(TestCase):
     """One browser session against a real gateway and its admin listener."""
 
     timeout = 120
 
     def setUp(self) -> None:
-        if not os.path.exists(CHROMIUM):
-            raise SkipTest(f"Chromium not found at {CHROMIUM} (apt-get install -y chromium)")
-        try:
-            import playwright.sync_api  # noqa: F401
-        except ImportError:
-            raise SkipTest("playwright is not installed (pip install '.[test]')") from None
+        need_browser()
         self.upstream = RecordingUpstream(reactor=reactor)
         self.upstream.listen(reactor)
         self.addCleanup(self.upstream.stop)
@@ -104,8 +135,6 @@ class DashboardBrowserTests(TestCase):
         admin = reactor.listenTCP(0, admin_site(self.gateway.service), interface="127.0.0.1")
         self.addCleanup(admin.stopListening)
         self.admin = admin.getHost().port
-        self.profile = tempfile.mkdtemp(prefix="flexgw-chromium-")
-        self.addCleanup(shutil.rmtree, self.profile, True)
 
     def test_dashboard_shows_apis_traffic_and_problems(self) -> Any:
         """The page lists both APIs with routes, upstream and policies in chain order (no secret);
@@ -114,60 +143,95 @@ class DashboardBrowserTests(TestCase):
         return deferToThread(self._browse)
 
     def _browse(self) -> None:
-        from playwright.sync_api import sync_playwright
+        browse(self, f"http://127.0.0.1:{self.admin}/ui?interval=250", self._look)
 
-        with sync_playwright() as playwright:
-            context = playwright.chromium.launch_persistent_context(
-                self.profile, executable_path=CHROMIUM, headless=True, args=FLAGS,
-                viewport={"width": 1100, "height": 900},
-            )
-            try:
-                page = context.new_page()
-                messages: list[str] = []
-                page.on("console", lambda message: messages.append(message.text))
-                page.on("pageerror", lambda error: messages.append(str(error)))
-                self.addCleanup(lambda: messages and print("browser console:", *messages, sep="\n  "))
-                page.goto(f"http://127.0.0.1:{self.admin}/ui?interval=250")
-                page.wait_for_selector('[data-api="default/orders"]')
-                apis = page.inner_text("#apis")
-                for text in ("default/orders", "default/limited", "/orders",
-                             f"127.0.0.1:{self.upstream.address[1]}", "rate-limiting-flex"):
-                    self.assertIn(text, apis)
-                chain = page.inner_text('[data-api="default/orders"] ol.chain')
-                self.assertLess(chain.index("http-basic-authentication-flex"), chain.index("header-injection-flex"))
-                self.assertEqual(page.inner_text("#ready"), "ready")
-                self.assertNotIn(SECRET, page.content())
-                page.wait_for_selector('#legend-rps [data-series="2xx"]')
-                before = page.evaluate("document.getElementById('chart-rps').toDataURL()")
-                self.assertFalse(page.evaluate(legend_above_zero("2xx", "rps")))
-                for _ in range(40):  # traffic until the chart shows it (each round is ~20 requests)
-                    statuses = traffic(self.orders, "/orders/items", 20, "Basic b3BzOnMzY3JldC1QYTU1d29yZA==")
-                    self.assertEqual(set(statuses), {200})
-                    traffic(self.limited, "/", 2)
-                    if page.evaluate(legend_above_zero("2xx", "rps")) and page.evaluate(
-                        legend_above_zero("429 rate limited", "ratelimit")
-                    ):
-                        break
-                else:
-                    self.fail("the charts never showed the traffic: " + page.inner_text("#traffic"))
-                self.assertNotEqual(page.evaluate("document.getElementById('chart-rps').toDataURL()"), before)
-                page.wait_for_function("() => /[0-9]/.test(document.querySelector('#legend-latency [data-series=\"p99\"]').textContent)")
-                if SCREENSHOT:
-                    page.screenshot(path=SCREENSHOT)
+    def _look(self, page: Any) -> None:
+        page.wait_for_selector('[data-api="default/orders"]')
+        apis = page.inner_text("#apis")
+        for text in ("default/orders", "default/limited", "/orders",
+                     f"127.0.0.1:{self.upstream.address[1]}", "rate-limiting-flex"):
+            self.assertIn(text, apis)
+        chain = page.inner_text('[data-api="default/orders"] ol.chain')
+        self.assertLess(chain.index("http-basic-authentication-flex"), chain.index("header-injection-flex"))
+        self.assertEqual(page.inner_text("#ready"), "ready")
+        self.assertNotIn(SECRET, page.content())
+        page.wait_for_selector('#legend-rps [data-series="2xx"]')
+        before = page.evaluate("document.getElementById('chart-rps').toDataURL()")
+        self.assertFalse(page.evaluate(legend_above_zero("2xx", "rps")))
+        for _ in range(40):  # traffic until the chart shows it (each round is ~20 requests)
+            statuses = traffic(self.orders, "/orders/items", 20, "Basic b3BzOnMzY3JldC1QYTU1d29yZA==")
+            self.assertEqual(set(statuses), {200})
+            traffic(self.limited, "/", 2)
+            if page.evaluate(legend_above_zero("2xx", "rps")) and page.evaluate(
+                legend_above_zero("429 rate limited", "ratelimit")
+            ):
+                break
+        else:
+            self.fail("the charts never showed the traffic: " + page.inner_text("#traffic"))
+        self.assertNotEqual(page.evaluate("document.getElementById('chart-rps').toDataURL()"), before)
+        page.wait_for_function("() => /[0-9]/.test(document.querySelector('#legend-latency [data-series=\"p99\"]').textContent)")
+        if SCREENSHOT:
+            page.screenshot(path=SCREENSHOT)
 
-                with open(os.path.join(self.gateway.root, "broken.yaml"), "w") as handle:
-                    handle.write("apiVersion: gateway.mulesoft.com/v1alpha1\nkind: ApiInstance\n"
-                                 "metadata: {name: broken}\nspec:\n  address: not-an-address\n")
-                reactor.callFromThread(self.gateway.service.reload)
-                page.wait_for_function("() => document.getElementById('problems').textContent.includes('broken.yaml')")
-                problems = page.inner_text("#problems")
-                self.assertIn("error", problems)
-                self.assertIn("broken.yaml:", problems)
-                page.wait_for_function("() => document.querySelector('#reloads tbody').textContent.includes('with errors')")
-                self.assertIn("not ready", page.inner_text("#ready"))
-                self.assertIn("ApiInstance default/broken: expected scheme://host:port", problems)
-            finally:
-                context.close()
+        with open(os.path.join(self.gateway.root, "broken.yaml"), "w") as handle:
+            handle.write("apiVersion: gateway.mulesoft.com/v1alpha1\nkind: ApiInstance\n"
+                         "metadata: {name: broken}\nspec:\n  address: not-an-address\n")
+        reactor.callFromThread(self.gateway.service.reload)
+        page.wait_for_function("() => document.getElementById('problems').textContent.includes('broken.yaml')")
+        problems = page.inner_text("#problems")
+        self.assertIn("error", problems)
+        self.assertIn("broken.yaml:", problems)
+        page.wait_for_function("() => document.querySelector('#reloads tbody').textContent.includes('with errors')")
+        self.assertIn("not ready", page.inner_text("#ready"))
+        self.assertIn("ApiInstance default/broken: expected scheme://host:port", problems)
+
+
+class UpstreamDashboardTests(ClusterCase):
+    """The state of a Service's addresses on the dashboard."""
+
+    timeout = 120
+
+    def test_address_turns_unhealthy_when_its_upstream_stops(self) -> Any:
+        """Three addresses health-checked every 0.1 s with retries: the page lists each as
+        healthy with its health check, ejection and retry columns and the retry budget; when
+        one upstream stops, its row turns unhealthy (the others stay healthy), and back to
+        healthy when it listens again."""
+        need_browser()
+        config = gather(
+            service_policy(
+                "upstream-health-check",
+                "    path: /health\n    intervalSeconds: 0.1\n    timeoutSeconds: 0.1\n"
+                "    unhealthyThreshold: 2\n    healthyThreshold: 1\n",
+            ),
+            service_policy("upstream-retry", RETRY),
+        )
+        gateway, self.upstreams, _ = self.start(config=config)
+        self.port = self.admin(gateway)
+        return deferToThread(browse, self, f"http://127.0.0.1:{self.port}/ui?interval=250", self._look)
+
+    def _look(self, page: Any) -> None:
+        upstreams = self.upstreams
+        row = [f'[data-upstream="default/orders"] tr[data-address="http://{host}:{upstreams.port}"]'
+               for host in upstreams.hosts]
+        state = [f"{r} td[data-state]" for r in row]
+        page.wait_for_function(
+            f"() => [{', '.join(repr(s) for s in state)}].every(s => "
+            "document.querySelector(s) && document.querySelector(s).textContent === 'healthy')"
+        )
+        table = page.inner_text('[data-upstream="default/orders"]')
+        for text in ("health check", "ejected", "ejections", "retries", "health-checked",
+                     "retry budget: 0 active, exhausted 0 times"):
+            self.assertIn(text, table)
+        self.assertIn("healthy", page.inner_text(row[1]))
+        blockingCallFromThread(reactor, lambda: defer.ensureDeferred(upstreams.kill(1)))
+        page.wait_for_function(
+            f"() => document.querySelector({state[1]!r}).textContent === 'unhealthy'"
+        )
+        self.assertEqual(page.inner_text(state[0]), "healthy")
+        self.assertEqual(page.inner_text(state[2]), "healthy")
+        self.assertIn("unhealthy", page.inner_text(row[1]).split("\t")[2])  # the health check column
+        blockingCallFromThread(reactor, upstreams.restart, 1)
+        page.wait_for_function(f"() => document.querySelector({state[1]!r}).textContent === 'healthy'")
 
 
 class DashboardResourceTests(SynchronousTestCase):

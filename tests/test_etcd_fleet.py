@@ -21,7 +21,7 @@ from flexgw.config.sources.etcd_client import EtcdClient
 from flexgw.service.fleet import FleetReporter
 from tests.conftools import api, route, service, update_conf, write_conf
 from tests.etcdserver import start_etcd
-from tests.harness import free_port
+from tests.harness import PROCESS_TEST_TIMEOUT, free_port
 from tests.test_etcd_source import PREFIX, RES, EtcdGateway, EtcdTestCase, api_key, real_reactor
 from tests.test_sigterm import start_twistd
 
@@ -154,7 +154,7 @@ class FleetTests(EtcdTestCase):
         # both serve the same address in one process: the second could not bind it
         self.assertIn(": not ready: 1 listener(s) could not be bound", table)
         root = write_conf(self, {"s.yaml": service("s", "http://127.0.0.1:9000")})
-        status, out = await etcd_cli(etcd.url, "apply", "--wait", "10", root)
+        status, out = await etcd_cli(etcd.url, "apply", "--wait", "60", root)
         self.assertEqual(status, 0, out)
         self.assertIn("every gateway (2) applied it in ", out)
         second.watcher.stop()
@@ -206,7 +206,7 @@ async def fleet_until(
 class WorkersTests(EtcdTestCase):
     """`twistd flexgw --workers 2 --etcd`: every worker follows etcd and reports itself."""
 
-    timeout = 90
+    timeout = PROCESS_TEST_TIMEOUT  # (a hang guard: tests.harness)
 
     async def test_workers_follow_etcd(self) -> None:
         """Two workers report <id>-w0 and <id>-w1; a put is applied by both and served."""

@@ -20,7 +20,7 @@ from flexgw.config.sources.etcd import (
     resource_key,
     value_unit,
 )
-from flexgw.config.sources.etcd_client import EtcdClient, Put
+from flexgw.config.sources.etcd_client import EtcdClient, EtcdUnavailable, Put
 from flexgw.config.sources.files import FileSource
 from flexgw.service.admin import status_json
 from flexgw.service.gateway import GatewayService
@@ -405,9 +405,22 @@ class ClusterTests(EtcdTestCase):
         await gateway.until(lambda: gateway.serves("a1"))  # seen by the watch
         self.assertEqual(gateway.watcher.endpoint, cluster.urls[0])
         await cluster.kill(0)
-        await writer.put(api_key("a2").encode(), self.api(ports[2], "a2"))
-        await writer.delete(api_key("a0").encode())
-        await writer.put(api_key("a3").encode(), self.api(ports[3], "a3"))
+        # The test's own writes wait out the election that may follow (on a loaded machine
+        # longer than the writer's timeout on both remaining members): what is under test is
+        # the gateway's watch, not the writer. Each write is idempotent, so one that timed
+        # out after etcd applied it may be repeated.
+        for write in (
+            lambda: writer.put(api_key("a2").encode(), self.api(ports[2], "a2")),
+            lambda: writer.delete(api_key("a0").encode()),
+            lambda: writer.put(api_key("a3").encode(), self.api(ports[3], "a3")),
+        ):
+            for attempt in range(10):
+                try:
+                    await write()
+                    break
+                except EtcdUnavailable:
+                    if attempt == 9:
+                        raise
         await gateway.until(
             lambda: all(gateway.serves(f"a{n}") for n in (1, 2, 3)) and not gateway.serves("a0")
         )

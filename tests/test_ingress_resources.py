@@ -642,7 +642,8 @@ class BackendTests(SynchronousTestCase):
 
     def test_endpoints(self) -> None:
         """An Endpoints document gives one upstream whose balanced addresses are the ready
-        ones (flexgw.upstream.cluster: one pool each, round robin)."""
+        ones (flexgw.upstream.cluster: one pool each, round robin), named by the Service's
+        cluster DNS name at the Service port (the Host and TLS name of every address)."""
         endpoints = (
             "---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: web}\nsubsets:\n"
             "- addresses: [{ip: 10.1.0.1}, {ip: 10.1.0.2}]\n"
@@ -650,7 +651,7 @@ class BackendTests(SynchronousTestCase):
             "  ports: [{name: http, port: 8080}, {name: admin, port: 9000}]\n"
         )
         text = SERVICE + endpoints + ingress("a", path_rule("/"))
-        self.assertEqual(self.upstreams(text), [("http", "10.1.0.1", 8080, 100)])
+        self.assertEqual(self.upstreams(text), [("http", "web.default.svc.cluster.local", 80, 100)])
         match = Translated(text).route("/")
         assert match is not None
         balancing = match.route.destinations[0].upstream.balancing
@@ -660,7 +661,8 @@ class BackendTests(SynchronousTestCase):
         self.assertEqual(balancing.algorithm, "roundRobin")
 
     def test_endpoint_slices(self) -> None:
-        """EndpointSlices of the Service are used (ready endpoints only), before Endpoints."""
+        """EndpointSlices of the Service are used (ready endpoints only), before Endpoints;
+        one ready address is a set of one (the Host stays the Service's name)."""
         slice_ = (
             "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n"
             "metadata: {name: web-abc, labels: {kubernetes.io/service-name: web}}\n"
@@ -669,7 +671,11 @@ class BackendTests(SynchronousTestCase):
             "- addresses: [10.2.0.2]\n  conditions: {ready: false}\n"
         )
         text = SERVICE + slice_ + ingress("a", path_rule("/"))
-        self.assertEqual(self.upstreams(text), [("http", "10.2.0.1", 8081, 100)])
+        self.assertEqual(self.upstreams(text), [("http", "web.default.svc.cluster.local", 80, 100)])
+        match = Translated(text).route("/")
+        assert match is not None
+        balancing = match.route.destinations[0].upstream.balancing
+        self.assertEqual(balancing.endpoints, (Endpoint("10.2.0.1", 8081),))
 
     def test_no_ready_endpoint_is_an_error(self) -> None:
         """Endpoints with no ready address: the path is not served, and the error says why."""

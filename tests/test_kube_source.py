@@ -32,7 +32,7 @@ from flexgw.testing import client
 from flexgw.testing.certs import CertificateAuthority
 from flexgw.testing.kubeapi import KubeAPI
 from flexgw.testing.upstream import RecordingUpstream, fixed
-from tests.harness import free_port
+from tests.harness import PROCESS_TEST_TIMEOUT, free_port
 from tests.probes import Conditions
 
 FAST = {"backoff_initial": 0.01, "backoff_max": 0.05, "jitter": lambda: 0.5}
@@ -554,7 +554,7 @@ class ConnectionTests(TestCase):
 class TwistdTests(KubeSourceCase):
     """The real `twistd flexgw --kubeconfig ...` process against the in-test API server."""
 
-    timeout = 60
+    timeout = PROCESS_TEST_TIMEOUT  # (a hang guard: tests.harness)
 
     def short_dir(self) -> str:
         """A directory with a short path (a UNIX socket's path is at most 107 bytes)."""

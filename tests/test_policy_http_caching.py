@@ -353,6 +353,12 @@ class EndToEndTests(TestCase):
             self.addCleanup(gateway.service.runtime.redis.close)
             ports.append(port)
         first = await self.get("/shared", port=ports[0])
+        # The first gateway stores the entry after answering, on its own Redis connection:
+        # wait until Redis has it (a loaded machine let the second gateway's lookup in first).
+        admin = RedisClient(reactor, "127.0.0.1", server.port)
+        self.addCleanup(admin.close)
+        while not await admin.execute(b"KEYS", b"*"):
+            pass
         second = await self.get("/shared", port=ports[1])
         self.assertEqual(first.body, second.body)
         self.assertEqual(second.header("age"), [b"0"])

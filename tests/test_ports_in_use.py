@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream
-from tests.harness import api_document, free_port
+from tests.harness import PROCESS_TEST_TIMEOUT, api_document, free_port
 from tests.test_admin import get, probe_config
 from tests.test_sigterm import start_twistd, write_conf
 
@@ -30,7 +30,7 @@ def occupy(case: TestCase) -> int:
 class PortsInUseTests(TestCase):
     """The admin port and one ApiInstance port are held by another process's sockets."""
 
-    timeout = 30
+    timeout = PROCESS_TEST_TIMEOUT  # (a hang guard: tests.harness)
 
     async def test_admin_and_listener_ports_in_use(self) -> None:
         """The admin port in use is one error line naming `--admin off` and `--admin tcp:PORT`;

@@ -19,7 +19,7 @@ from flexgw.tap import Options, _stop_reactor
 from flexgw.testing import client
 from flexgw.testing.client import IncompleteResponse
 from flexgw.testing.upstream import RecordingUpstream
-from tests.harness import api_document, free_port
+from tests.harness import PROCESS_TEST_TIMEOUT, api_document, free_port
 from tests.test_ingress_upstream import Held
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,7 +136,7 @@ async def start_twistd(case: TestCase, directory: str, conf: str, *options: str)
 class SigtermTests(TestCase):
     """The real twistd process, signals included."""
 
-    timeout = 30
+    timeout = PROCESS_TEST_TIMEOUT  # (a hang guard: tests.harness)
 
     async def start(self, drain_seconds: float) -> tuple[Process, NotifyReceiver, Held, int]:
         """Start an upstream and `twistd flexgw` in front of it; wait for READY=1."""

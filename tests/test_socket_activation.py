@@ -17,7 +17,7 @@ from flexgw.service.activation import InheritedSockets
 from flexgw.service.gateway import GatewayService
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream
-from tests.harness import api_document, free_port
+from tests.harness import PROCESS_TEST_TIMEOUT, api_document, free_port
 from tests.test_sigterm import Process, write_conf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -243,7 +243,7 @@ class PoolTests(TestCase):
 class SocketActivateTests(TestCase):
     """`systemd-socket-activate` in front of `twistd flexgw`."""
 
-    timeout = 30
+    timeout = PROCESS_TEST_TIMEOUT  # (a hang guard: tests.harness)
 
     async def test_twistd_serves_passed_socket(self) -> None:
         """systemd-socket-activate holds the port; twistd flexgw answers a request on it."""

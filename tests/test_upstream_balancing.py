@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from flexgw.plan import Balancing, Endpoint, Upstream
 from flexgw.testing.resolver import StaticResolver
 from flexgw.upstream.balancer import LeastRequest, Maglev, RingHash, RoundRobin
+from flexgw.upstream.health import HealthPolicy
 from flexgw.upstream.manager import PoolManager
 
 
@@ -240,3 +241,68 @@ class ClusterResolutionTests(SynchronousTestCase):
         next(iter(cluster.members.values())).healthy = False
         cluster.rebuild()
         self.assertIsNone(self.manager.pick(upstream))
+
+
+class HealthWheelTests(SynchronousTestCase):
+    """The health checker's timing on a memory clock (checks that never connect)."""
+
+    def setUp(self) -> None:
+        """A cluster of one address, checked every second (timeout 0.5 s, no jitter, two
+        failures make it unhealthy), whose check connections never complete."""
+        self.clock = Clock()
+        self.connects: list[float] = []
+        test = self
+
+        class Reactor:
+            def connectTCP(self, host: str, port: int, factory: Any, timeout: float) -> Any:
+                test.connects.append(test.clock.seconds())
+                return None
+
+        manager = PoolManager(Reactor(), self.clock, StaticResolver({}))  # type: ignore[arg-type]
+        upstream = Upstream(
+            key="default/api",
+            scheme="http",
+            host="127.0.0.2",
+            port=8080,
+            health=HealthPolicy(interval=1.0, jitter=0.0, timeout=0.5, unhealthy_threshold=2),
+        )
+        manager.configure(manager.http, manager.timeouts, {upstream})
+        self.cluster = manager.clusters[upstream]
+        [self.member] = self.cluster.members.values()
+
+    def check_unhealthy_in_time(self, step: float, late: bool = False) -> None:
+        """Advanced `step` seconds at a time: healthy at 1.5 s (two checks with their
+        timeouts take at least 0.05 + 0.5 + 1), unhealthy at 2.5 s (at most 1 + 0.5 + 1;
+        `late`: a turn later, a timeout coming due in a late turn being judged at the next),
+        a check every second."""
+        for _ in range(round(1.5 / step)):
+            self.clock.advance(step)
+        self.assertTrue(self.member.healthy)
+        for _ in range(round((1.0 + (step if late else 0)) / step)):
+            self.clock.advance(step)
+        self.clock.advance(0.05)  # (one more tick: the sums of float steps fall short of 2.5)
+        self.assertFalse(self.member.healthy)
+        gaps = [b - a for a, b in zip(self.connects, self.connects[1:])]
+        self.assertTrue(all(abs(gap - 1.0) <= step + 1e-9 for gap in gaps), self.connects)
+
+    def test_on_time(self) -> None:
+        """The reactor on time (every 50 ms tick runs)."""
+        self.check_unhealthy_in_time(0.05)
+
+    def test_late_reactor_catches_up(self) -> None:
+        """The reactor late by ten ticks each time (a loaded machine): the wheel turns the
+        ticks it missed, so checks and timeouts keep to wall-clock time."""
+        self.check_unhealthy_in_time(0.5, late=True)
+
+    def test_answer_read_after_a_stall_is_not_a_timeout(self) -> None:
+        """A check in flight when the reactor stalls past its timeout: the timeout is judged a
+        tick later, so an answer that arrived during the stall (read after the timers ran)
+        counts, not the timeout."""
+        while not self.connects:
+            self.clock.advance(0.05)
+        self.clock.advance(0.6)  # one late turn of 12 ticks: the 0.5 s timeout came due
+        self.assertEqual((self.member.health_failures, self.member.health_successes), (0, 0))
+        check = self.cluster.health.checks[self.member]
+        check.answered(None, 200)  # the reactor then reads the answer
+        self.clock.advance(0.05)
+        self.assertEqual((self.member.health_failures, self.member.health_successes), (0, 1))

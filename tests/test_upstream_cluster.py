@@ -11,6 +11,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from flexgw.config.balancing import balancing_of
 from flexgw.config.load import load_text
 from flexgw.config.validate import check_document
 from flexgw.service.admin import admin_site
@@ -209,6 +210,25 @@ class ConfigErrorTests(SynchronousTestCase):
         self.assertIn("spec.loadBalancer.dnsRefreshSeconds", error)
         self.assertEqual(Counter(check("  addresses: [10.0.0.1]\n")), Counter())
 
+    def test_dns_refresh_bounds(self) -> None:
+        """dnsMinRefreshSeconds/dnsMaxRefreshSeconds out of range, or the minimum above the
+        maximum: located errors; in range they compile into the plan's Balancing."""
+        [error] = check("  loadBalancer:\n    dnsMaxRefreshSeconds: 100000\n")
+        self.assertIn("svc.yaml:8:27: error: Service default/s: spec.loadBalancer.dnsMaxRefreshSeconds", error)
+        [error] = check("  loadBalancer:\n    dnsMinRefreshSeconds: 0\n")
+        self.assertIn("spec.loadBalancer.dnsMinRefreshSeconds", error)
+        [error] = check("  loadBalancer:\n    dnsMinRefreshSeconds: 30\n    dnsMaxRefreshSeconds: 10\n")
+        self.assertIn(
+            "svc.yaml:8:27: error: Service default/s: spec.loadBalancer.dnsMinRefreshSeconds:"
+            " dnsMinRefreshSeconds (30) is above dnsMaxRefreshSeconds (10)",
+            error,
+        )
+        [error] = check("  loadBalancer:\n    dnsMinRefreshSeconds: 400\n")
+        self.assertIn("is above dnsMaxRefreshSeconds (300)", error)
+        self.assertEqual(check("  loadBalancer:\n    dnsMinRefreshSeconds: 1\n    dnsMaxRefreshSeconds: 10\n"), [])
+        balancing = balancing_of({"loadBalancer": {"dnsMinRefreshSeconds": 1, "dnsMaxRefreshSeconds": 10}}, 80)
+        self.assertEqual((balancing.dns_min_refresh, balancing.dns_max_refresh), (1.0, 10.0))
+
 
 class PolicyKeyTests(SynchronousTestCase):
     """Retry, outlier and health-check keys out of range are errors at their file:line:column;
@@ -249,3 +269,48 @@ class PolicyKeyTests(SynchronousTestCase):
         self.assertIn("timeoutSeconds must not exceed intervalSeconds", error)
         [error] = self.errors("upstream-outlier-detection", "    consecutiveErrors: 0\n")
         self.assertRegex(error, r"policy\.yaml:12:\d+: error: .*consecutiveErrors")
+
+
+class KubernetesEndpointsTests(TestCase):
+    """An Ingress backend whose Kubernetes Endpoints list several pods, over real sockets."""
+
+    timeout = 30
+
+    async def test_pods_share_requests_under_the_service_name(self) -> None:
+        """Three ready pods (127.0.0.2-4) of Service web: 30 requests, 10 each (the equal
+        split one upstream per pod gave), each with Host web.default.svc.cluster.local (not
+        one pod's IP), and /status lists the three addresses; a not-ready pod gets nothing."""
+        upstream_port = free_port()
+        upstreams = UpstreamSet(reactor, upstream_port, [None, None, None, None])
+        self.addCleanup(upstreams.stop)
+        port = free_port()
+        kube = (
+            "---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n"
+            "spec:\n  clusterIP: 10.96.0.7\n  ports: [{name: http, port: 80, targetPort: 8080}]\n"
+            "---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: web, namespace: default}\n"
+            "subsets:\n- addresses: [{ip: 127.0.0.2}, {ip: 127.0.0.3}, {ip: 127.0.0.4}]\n"
+            "  notReadyAddresses: [{ip: 127.0.0.5}]\n"
+            f"  ports: [{{name: http, port: {upstream_port}}}]\n"
+            "---\napiVersion: networking.k8s.io/v1\nkind: Ingress\n"
+            "metadata:\n  name: web\n  namespace: default\n  annotations:\n"
+            "    flex-gateway.ingress.kubernetes.io/api-instance: edge\n"
+            "spec:\n  ingressClassName: flexgw\n  rules:\n  - http:\n      paths:\n"
+            "      - {pathType: Prefix, path: /, backend: {service: {name: web, port: {number: 80}}}}\n"
+        )
+        gateway = Gateway(
+            self, {"api.yaml": api("edge", f"http://127.0.0.1:{port}", "default"), "k8s.yaml": kube}
+        )
+        gateway.start()
+        self.assertEqual(await load(reactor, port, 30, 3), {200: 30})
+        self.assertEqual(upstreams.counts(), [10, 10, 10, 0])
+        hosts = {r.header("host")[0] for u in upstreams.upstreams for r in u.received}
+        self.assertEqual(hosts, {b"web.default.svc.cluster.local"})
+        admin = ClusterCase.admin(self, gateway)  # type: ignore[arg-type]
+        page = await client.request(
+            reactor, "127.0.0.1", admin, b"GET /status HTTP/1.1\r\nHost: a\r\n\r\n"
+        )
+        [cluster] = json.loads(page.body)["upstreamClusters"]
+        self.assertEqual(
+            [a["address"] for a in cluster["addresses"]],
+            [f"http://127.0.0.{i}:{upstream_port}" for i in (2, 3, 4)],
+        )

@@ -4,6 +4,7 @@ under a bounded client loop."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -251,7 +252,7 @@ class HealthTests(ClusterCase):
 
     async def test_dead_leaves_rotation_and_comes_back(self) -> None:
         """Checks every 0.1 s, unhealthy after 2 failures: a killed upstream is out of rotation
-        within interval x threshold (plus jitter and one check's timeout), gets no request
+        after exactly 2 failed checks, within about two check rounds, gets no request
         after that, and is back in rotation after it restarts."""
         config = service_policy(
             "upstream-health-check",
@@ -259,7 +260,7 @@ class HealthTests(ClusterCase):
             "    timeoutSeconds: 0.1\n    unhealthyThreshold: 2\n    healthyThreshold: 1\n",
         )
         gateway, upstreams, port = self.start(config=config)
-        cluster, _ = self.watch(gateway)
+        cluster, seen = self.watch(gateway)
         await self.until(
             lambda m: len(cluster.members) == 3
             and all(x.health_successes for x in cluster.members.values())
@@ -270,10 +271,17 @@ class HealthTests(ClusterCase):
         )
         dead = cluster.members[(upstreams.hosts[1], upstreams.port)]
         gone = self.until(lambda m: m is dead and not m.healthy)
-        killed_at = reactor.seconds()
         await upstreams.kill(1)
-        out_at = await gone
-        self.assertLess(out_at - killed_at, 0.1 * 1.1 * 2 + 0.1 + 0.15)
+        killed = len(seen)
+        await gone
+        # Out after exactly unhealthyThreshold (2) failed checks, within about two intervals
+        # counted in the checks of the live addresses (at most three each): the checker's own
+        # time, which a loaded machine's late reactor stretches for every address alike
+        # (the wheel keeps to wall-clock time: HealthWheelTests in test_upstream_balancing).
+        after = seen[killed:]
+        self.assertEqual([healthy for _, m, healthy in after if m is dead], [True, False])
+        live = Counter(m for _, m, _ in after if m is not dead)
+        self.assertLessEqual(max(live.values(), default=0), 3, after)
         before = upstreams.counts()[1]
         self.assertEqual(await load(reactor, port, 30, 3), {200: 30})
         self.assertEqual(upstreams.counts()[1], before)

@@ -31,7 +31,7 @@ from flexgw.testing import client
 from flexgw.testing.certs import CertificateAuthority, client_options
 from flexgw.testing.client import IncompleteResponse, ResponseParseError
 from flexgw.testing.upstream import RecordingUpstream
-from tests.harness import api_document, free_port
+from tests.harness import PROCESS_TEST_TIMEOUT, api_document, free_port
 from tests.redisserver import RedisServer
 from tests.test_ingress_upstream import Held
 from tests.test_sigterm import ROOT, Process
@@ -138,7 +138,11 @@ class Notifications(protocol.DatagramProtocol):
 class WorkersTests(TestCase):
     """The supervisor and its workers, as separate processes."""
 
-    timeout = 45
+    # A hang guard, not a bound on the behaviour (the tests wait for events: sd_notify
+    # messages, /metrics): a test starts three Python processes (supervisor and two workers)
+    # or more (a restarted worker), each about 1.3 s of CPU to start; at a load average of
+    # 15-20 on two cores one start took over 5 s of wall time, and 45 s was overrun.
+    timeout = PROCESS_TEST_TIMEOUT
 
     async def start(
         self,

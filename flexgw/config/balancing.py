@@ -77,6 +77,13 @@ def check_balancing(spec: Mapping[str, Any], default_port: int) -> Iterator[tupl
         if isinstance(item, str):
             yield path, item
     lb = spec.get("loadBalancer")
+    if isinstance(lb, dict):
+        low, high = lb.get("dnsMinRefreshSeconds", 5), lb.get("dnsMaxRefreshSeconds", 300)
+        if isinstance(low, (int, float)) and isinstance(high, (int, float)) and low > high:
+            yield (
+                ("spec", "loadBalancer", "dnsMinRefreshSeconds"),
+                f"dnsMinRefreshSeconds ({low}) is above dnsMaxRefreshSeconds ({high})",
+            )
     if isinstance(lb, dict) and isinstance(lb.get("hashOn"), str):
         try:
             _hash_on(lb["hashOn"])
@@ -115,6 +122,8 @@ def balancing_of(spec: Mapping[str, Any], default_port: int) -> Balancing | None
         hash_on=_hash_on(hash_source) if hash_source else None,
         hash_source=hash_source,
         dns_refresh=float(lb.get("dnsRefreshSeconds", 5)),
+        dns_min_refresh=float(lb.get("dnsMinRefreshSeconds", 5)),
+        dns_max_refresh=float(lb.get("dnsMaxRefreshSeconds", 300)),
         dns_failure_refresh=float(lb.get("dnsFailureRefreshSeconds", 30)),
         fail_open=lb.get("whenNoneHealthy", "failOpen") == "failOpen",
         panic_threshold=float(lb.get("panicThresholdPercent", 50)),

@@ -214,18 +214,28 @@ class _Backends:
             )
             return ()
         scheme = self._scheme(port)
-        targets = self._targets(kube, port, origin, problems)
-        if not targets:
-            return ()
-        # One upstream; several ready addresses are its balanced set (flexgw.upstream.cluster:
-        # one pool per address, round robin, health checks and retries as for any Service).
         upstream_key = f"{key}:{port['port']}"
-        host, number = targets[0]
-        balancing = None
-        if len(targets) > 1:
-            balancing = Balancing(endpoints=tuple(Endpoint(h, n) for h, n in targets))
+        endpoints = self._endpoints(kube, port, origin, problems)
+        if endpoints is not None:
+            if not endpoints:
+                return ()
+            # The ready addresses of the Service are one upstream's balanced set
+            # (flexgw.upstream.cluster: one pool per address, round robin, health checks and
+            # retries as for any Service), named as a client in the cluster names the Service:
+            # every address gets the same Host (and TLS name), <name>.<namespace>.svc at the
+            # Service port, whichever address takes the request.
+            host = f"{kube.id.name}.{kube.id.namespace}.svc.{CLUSTER_DOMAIN}"
+            self.upstreams[upstream_key] = Upstream(
+                key=upstream_key,
+                scheme=scheme,
+                host=host,
+                port=int(port["port"]),
+                balancing=Balancing(endpoints=tuple(Endpoint(h, n) for h, n in endpoints)),
+            )
+            return (DestinationSpec(upstream_key, "", 100, origin),)
+        host, number = self._target(kube, port)
         self.upstreams[upstream_key] = Upstream(
-            key=upstream_key, scheme=scheme, host=host, port=number, balancing=balancing
+            key=upstream_key, scheme=scheme, host=host, port=number
         )
         return (DestinationSpec(upstream_key, "", 100, origin),)
 
@@ -240,16 +250,16 @@ class _Backends:
         label = label.removeprefix("kubernetes.io/").split("-", 1)[0]
         return _SCHEMES.get(label, "http")
 
-    def _targets(
+    def _endpoints(
         self,
         kube: Resource,
         port: Mapping[str, Any],
         origin: Origin,
         problems: list[Problem],
-    ) -> list[tuple[str, int]]:
-        """(host, port) pairs: EndpointSlices, else Endpoints, else clusterIP, else cluster DNS."""
+    ) -> list[tuple[str, int]] | None:
+        """The ready (address, port) pairs of the Service's EndpointSlices, else of its
+        Endpoints (an error problem when there is none); None without either document."""
         key = kube.id.key
-        spec = kube.spec
         name = port.get("name")
         if key in self.slices:
             found = []
@@ -278,16 +288,21 @@ class _Backends:
                 for address in subset.get("addresses") or []:
                     found.append((address["ip"], match[0]["port"]))
             return self._some(found, key, "Endpoints", origin, problems)
+        return None
+
+    @staticmethod
+    def _target(kube: Resource, port: Mapping[str, Any]) -> tuple[str, int]:
+        """Without endpoints: the external name, else clusterIP, else the cluster DNS name."""
+        spec = kube.spec
         if spec.get("type") == "ExternalName":
-            return [(str(spec["externalName"]), int(port["port"]))]
+            return (str(spec["externalName"]), int(port["port"]))
         cluster_ip = spec.get("clusterIP")
         if isinstance(cluster_ip, str) and cluster_ip and cluster_ip != "None":
-            return [(cluster_ip, int(port["port"]))]
+            return (cluster_ip, int(port["port"]))
         number = port.get("targetPort") if cluster_ip == "None" else port["port"]
         if not isinstance(number, int):
             number = port["port"]
-        host = f"{kube.id.name}.{kube.id.namespace}.svc.{CLUSTER_DOMAIN}"
-        return [(host, int(number))]
+        return (f"{kube.id.name}.{kube.id.namespace}.svc.{CLUSTER_DOMAIN}", int(number))
 
     @staticmethod
     def _some(

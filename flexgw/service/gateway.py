@@ -73,6 +73,7 @@ class GatewayService(Service):
         supervisor: Any = None,
         ingress: IngressOptions | None = None,
         resolver: Any = None,
+        service_resolver: Any = None,
     ) -> None:
         self.reactor = reactor
         # Forward-proxy name resolution (IHostnameResolver); None: the reactor's nameResolver.
@@ -94,7 +95,8 @@ class GatewayService(Service):
         self.rng = rng or random.Random()
         self.loader = loader
         self.state: ConfigState | None = None
-        self.pools = PoolManager(reactor, reactor)
+        # Service names (flexgw.upstream.manager): None, the reactor's nameResolver (no TTL)
+        self.pools = PoolManager(reactor, reactor, service_resolver)
         self.message_log = message_log
         self.runtime = PolicyRuntime(reactor=reactor, clock=reactor, message_log=message_log)
         # --workers: listeners bound with SO_REUSEPORT (every worker binds the same addresses),

@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from flexgw.plan import Balancing, Endpoint, Upstream
 from flexgw.upstream.balancer import BALANCERS
+from flexgw.upstream.dns import IRecordResolver
 from flexgw.upstream.health import HealthChecker
 from flexgw.upstream.interfaces import ConnectionWaiter, IUpstreamPool
 from flexgw.upstream.retry import RetryBudget
@@ -155,7 +156,8 @@ class Cluster:
         self.all_balancer: Any = None  # over every member (panic mode)
         self.panic = False
         self.waiters: list[tuple[ConnectionWaiter, str | None]] = []
-        self.receiver: _Receiver | None = None  # the resolution in progress
+        self.receiver: object | None = None  # the resolution in progress (its token)
+        self.lookup: Any = None  # its Deferred (an IRecordResolver's)
         self.resolve_timer: Any = None
         self.dns_backoff = DNS_RETRY_BASE
         self.dns_failures = 0  # resolutions that gave nothing (metrics)
@@ -220,32 +222,59 @@ class Cluster:
         self.all_balancer = make(members, self.rng) if members else None
 
     def resolve(self) -> None:
-        """Resolve the Service's host now (a resolution in progress is left to finish)."""
+        """Resolve the Service's host now (a resolution in progress is left to finish): with
+        the records' TTL when the resolver gives them (IRecordResolver), else without."""
         if self.receiver is not None or self.retired:
             return
         self.resolve_timer = None
-        receiver = self.receiver = _Receiver(self)
         self.resolutions += 1
-        resolver: IHostnameResolver = self.manager.resolver
-        resolver.resolveHostName(receiver, self.upstream.host, self.upstream.port)
+        resolver: Any = self.manager.resolver
+        if IRecordResolver.providedBy(resolver):
+            token = self.receiver = object()
+            lookup = resolver.resolve_addresses(self.upstream.host)
+            if self.receiver is token:  # (not answered at once)
+                self.lookup = lookup
+            lookup.addCallbacks(
+                lambda answer: self.resolved(token, list(answer.addresses), answer.ttl),
+                lambda failure: self.resolved(token, [], None, failure),
+            )
+            return
+        receiver = self.receiver = _Receiver(self)
+        hostnames: IHostnameResolver = resolver
+        hostnames.resolveHostName(receiver, self.upstream.host, self.upstream.port)
 
-    def resolved(self, receiver: _Receiver, addresses: list[str]) -> None:
+    def refresh_delay(self, ttl: float | None) -> float:
+        """The wait before the next resolution after a good answer: the records' TTL bounded
+        by dnsMinRefreshSeconds..dnsMaxRefreshSeconds, or dnsRefreshSeconds without a TTL."""
+        balancing = self.balancing
+        if ttl is None:
+            return balancing.dns_refresh
+        return min(max(ttl, balancing.dns_min_refresh), balancing.dns_max_refresh)
+
+    def resolved(
+        self,
+        receiver: object,
+        addresses: list[str],
+        ttl: float | None = None,
+        failure: Failure | None = None,
+    ) -> None:
         """A resolution ended: serve its addresses (IPv4 ones when there are any, as the
-        reactor's own lookup does), or keep the last good set and try again sooner."""
+        reactor's own lookup does) until the TTL says to ask again, or keep the last good set
+        and try again sooner (`failure`: the resolver's reason)."""
         if receiver is not self.receiver or self.retired:
             return
-        self.receiver = None
+        self.receiver = self.lookup = None
         ipv4 = [a for a in addresses if ":" not in a]
         found = sorted(set(ipv4 or addresses))
         if found:
             self.dns_backoff = DNS_RETRY_BASE
             self.set_endpoints(tuple(Endpoint(a, self.upstream.port) for a in found))
-            delay = self.balancing.dns_refresh
+            delay = self.refresh_delay(ttl)
         else:
             self.dns_failures += 1
             delay = self.dns_backoff
             self.dns_backoff = min(self.dns_backoff * 2, self.balancing.dns_failure_refresh)
-            error = DNSLookupError(self.upstream.host)
+            error = failure.value if failure is not None else DNSLookupError(self.upstream.host)
             if self.members:
                 self.manager.dns_failed(
                     self.upstream.host,
@@ -376,6 +405,7 @@ class Cluster:
         """The Service left the configuration (or changed): stop resolving and checking, close
         idle connections (in-flight ones close when done)."""
         self.retired = True
+        self.lookup = None  # (a resolution under way is ignored when it ends: `resolved`)
         if self.resolve_timer is not None and self.resolve_timer.active():
             self.resolve_timer.cancel()
         self.resolve_timer = None
@@ -402,6 +432,8 @@ class Cluster:
             "algorithm": self.balancing.algorithm,
             "resolved": self.named,
             "panic": self.panic,
+            "healthChecked": self.health is not None,
+            "outlierDetection": self.upstream.outlier is not None,
             "retryBudget": None
             if self.budget is None
             else {"active": self.budget.active, "exhausted": self.budget.exhausted},
@@ -410,6 +442,11 @@ class Cluster:
                     "address": m.address,
                     "weight": m.weight,
                     "state": m.state(),
+                    # active checks' verdict (None: not checked), outlier ejection now
+                    "health": None
+                    if self.health is None
+                    else ("healthy" if m.healthy else "unhealthy"),
+                    "ejected": m.ejected,
                     "active": m.pool.active,
                     "idle": len(m.pool.idle),
                     "requests": m.requests,

@@ -286,7 +286,9 @@ class HealthChecker:
         self.slots: list[list[Any]] = [[] for _ in range(int(40 * (1 + policy.jitter)) + 2)]
         self.position = 0
         self.timeout_ticks = max(1, round(policy.timeout / self.tick))
-        self.loop = LoopingCall(self._turn)
+        # (withCount: ticks the reactor was too busy to run are turned too, so a loaded
+        # gateway still checks every interval and judges timeouts after timeoutSeconds)
+        self.loop = LoopingCall.withCount(self._turns)
         self.loop.clock = self.clock
         upstream = self.upstream
         host = policy.host or upstream.authority
@@ -320,14 +322,36 @@ class HealthChecker:
         spread = 1 + self.rng.uniform(-jitter, jitter) if jitter else 1
         return max(1, round(20 * spread))
 
-    def _turn(self) -> None:
-        """One tick: run the checks due, judge the timeouts due."""
+    def _turns(self, ticks: int) -> None:
+        """`ticks` ticks have passed since the last turn (more than one when the reactor was
+        late): turn the wheel that far (at most once round: everything on it is due then)."""
+        if ticks == 1:
+            self._turn()
+            return
+        postponed: list[Any] = []
+        for _ in range(min(ticks, len(self.slots))):
+            self._turn(postponed)
+        for check, serial in postponed:
+            self._schedule((check, serial, True), 1)
+
+    def _turn(self, postponed: list[Any] | None = None) -> None:
+        """One tick: run the checks due, judge the timeouts due. A timeout coming due while
+        the wheel catches up with a late reactor goes to `postponed`, judged one tick after
+        the catch-up, once: answers that arrived during the delay are read first (timers run
+        before the reactor polls)."""
         slots = self.slots
         self.position = position = (self.position + 1) % len(slots)
         due, slots[position] = slots[position], []
         for entry in due:
             if entry.__class__ is tuple:
-                entry[0].timed_out(entry[1])
+                if postponed is not None and len(entry) == 2:
+                    postponed.append(entry)
+                else:
+                    entry[0].timed_out(entry[1])
+            elif entry.in_flight and not entry.stopped:
+                # The previous check's timeout is still to be judged (it falls on this tick,
+                # or was postponed by a catch-up): this one runs right after, a tick later.
+                self._schedule(entry, 1)
             elif not entry.stopped:
                 self._schedule(entry, self._next_ticks())
                 entry.run()

@@ -12,6 +12,7 @@ from twisted.python.failure import Failure
 from flexgw.plan import HttpSettings, Timeouts, Upstream
 from flexgw.upstream.alpn import AlpnUpstreamPool
 from flexgw.upstream.cluster import Cluster, needs_cluster
+from flexgw.upstream.dns import IRecordResolver
 from flexgw.upstream.h2 import H2UpstreamPool
 from flexgw.upstream.interfaces import IUpstreamPool
 from flexgw.upstream.pool import UpstreamPool
@@ -53,12 +54,13 @@ class PoolManager:
         self,
         reactor: IReactorTCP,
         clock: IReactorTime,
-        resolver: IHostnameResolver | None = None,
+        resolver: IHostnameResolver | IRecordResolver | None = None,
     ) -> None:
         self.reactor = reactor
         self.clock = clock
-        # Names of Services with several addresses are resolved with this (default: the
-        # reactor's own, `installNameResolver` in tests).
+        # Names of Services are resolved with this: an IRecordResolver (the records' TTLs
+        # drive re-resolution; `twistd flexgw` gives flexgw.upstream.dns.RecordResolver) or an
+        # IHostnameResolver (default: the reactor's own, `installNameResolver` in tests).
         self.name_resolver = resolver
         self.pools: dict[Upstream, IUpstreamPool] = {}  # Services of one IP address
         self.clusters: dict[Upstream, Cluster] = {}  # the others (flexgw.upstream.cluster)
@@ -69,7 +71,7 @@ class PoolManager:
         self.dns_log = ThrottledLog(clock)
 
     @property
-    def resolver(self) -> IHostnameResolver:
+    def resolver(self) -> IHostnameResolver | IRecordResolver:
         """The resolver of Service names (the reactor's unless one was given)."""
         if self.name_resolver is not None:
             return self.name_resolver

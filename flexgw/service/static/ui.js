@@ -213,6 +213,26 @@ function renderListener(listener) {
     ...(listener.apis || []).map(renderApi));
 }
 
+function renderCluster(c) {
+  const budget = c.retryBudget
+    ? `retry budget: ${c.retryBudget.active} active, exhausted ${c.retryBudget.exhausted} times`
+    : "no retry policy";
+  const notes = [c.algorithm, c.resolved ? "addresses from DNS" : "listed addresses",
+    c.healthChecked ? "health-checked" : "not health-checked",
+    c.outlierDetection ? "outlier detection" : null, c.panic ? "PANIC: every address in use" : null];
+  const head = ["address", "state", "health check", "ejected", "ejections", "requests", "failures",
+    "retries", "active", "idle"];
+  return el("div", { class: "upstream", "data-upstream": c.upstream },
+    el("h3", {}, c.upstream, " ", el("span", { class: "muted" }, notes.filter(Boolean).join(", "))),
+    el("div", { class: c.retryBudget && c.retryBudget.exhausted ? "bad" : "muted", "data-budget": "" }, budget),
+    el("table", {}, el("thead", {}, el("tr", {}, ...head.map((h) => el("th", {}, h)))),
+      el("tbody", {}, ...(c.addresses || []).map((a) => el("tr", { "data-address": a.address },
+        el("td", {}, a.address), el("td", { class: "state-" + a.state, "data-state": "" }, a.state),
+        el("td", {}, a.health ?? "–"), el("td", {}, a.ejected ? "yes" : "no"), el("td", {}, a.ejections),
+        el("td", {}, a.requests), el("td", {}, a.failures), el("td", {}, a.retries),
+        el("td", {}, a.active), el("td", {}, a.idle))))));
+}
+
 function renderStatus(status) {
   const ready = document.getElementById("ready");
   ready.textContent = status.ready ? "ready" : "not ready";
@@ -230,6 +250,10 @@ function renderStatus(status) {
   const apis = document.getElementById("apis");
   apis.replaceChildren(...(status.listeners || []).map(renderListener));
   if (!(status.listeners || []).length) apis.replaceChildren(el("div", { class: "muted" }, "no listener"));
+
+  const clusters = status.upstreamClusters || [];
+  document.getElementById("upstreams").replaceChildren(...(clusters.length ? clusters.map(renderCluster)
+    : [el("div", { class: "muted" }, "no Service of several addresses, health checks, retries or outlier detection")]));
 
   const problems = status.problems || [];
   document.getElementById("problems").replaceChildren(...(problems.length ? problems.map((p) =>
