@@ -11,11 +11,12 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
+from flexgw.http.errors import bad_request
 from flexgw.http.request import analyze_head
 from flexgw.http.tracecontext import Sampler, Trace
 from flexgw.ingress.peer import NOBODY
 from flexgw.plan import Destination, Listener, Route, Upstream
-from flexgw.service.accesslog import AccessLog, MessageLog
+from flexgw.service.accesslog import AccessLog, MessageLog, _ms
 
 
 class _Front:
@@ -112,6 +113,39 @@ class AccessLogLineTests(TestCase):
         exchange.head.path = path
         record = self.line(exchange)
         self.assertEqual((record["path"], record["api"], record["error"]), (path, name, error))
+
+
+class AccessLogBatchTests(TestCase):
+    """Lines are formatted when the log is flushed, a batch at a time, in order."""
+
+    def test_formatted_at_flush_with_the_values_at_finish(self) -> None:
+        """A finished exchange is only recorded (no line made yet); its line, made at flush,
+        has the values it had when it finished; refused requests keep their place in order."""
+        clock = Clock()
+        clock.advance(10.25)
+        stream = io.BytesIO()
+        log = AccessLog(clock, stream)
+        listener = Listener(scheme="http", host="0.0.0.0", port=8080, apis=())
+        exchange = _Exchange(b"/first", "127.0.0.1", "default/api", None)
+        log.exchange_finished(exchange, listener)
+        self.assertEqual(log._lines, [])
+        exchange.response_status = 502
+        exchange.head.path = "/changed"
+        log.request_refused(NOBODY, bad_request("x"), listener)
+        log.exchange_finished(_Exchange(b"/third", "::1", "default/api", "upstream_reset"), listener)
+        log.flush()
+        records = [json.loads(line) for line in stream.getvalue().splitlines()]
+        self.assertEqual([r["path"] for r in records], ["/first", None, "/third"])
+        self.assertEqual([r["status"] for r in records], [200, 400, 200])
+        self.assertEqual(records[2]["error"], "upstream_reset")
+
+    def test_durations(self) -> None:
+        """Milliseconds to the microsecond; a duration below zero (the clock went back) stays a
+        number."""
+        self.assertEqual(_ms(0.25), "250.000")
+        self.assertEqual(_ms(0.0012345), "1.234")
+        self.assertEqual(_ms(12.0000009), "12000.000")
+        self.assertEqual(json.loads(_ms(-0.0015)), -1.5)
 
 
 class MessageLogLineTests(TestCase):

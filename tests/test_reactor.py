@@ -191,6 +191,42 @@ class EventDispatchMixin:
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)  # type: ignore[attr-defined]
 
 
+    def turns(self, reactor: EPollReactor, count: int) -> list[object]:
+        """Run `reactor`'s mainLoop for `count` turns (polling nothing); each turn's timeout."""
+        timeouts: list[object] = []
+
+        def iteration(timeout: object) -> None:
+            timeouts.append(timeout)
+            if len(timeouts) == count:
+                reactor._started = False  # type: ignore[attr-defined]
+
+        reactor.doIteration = iteration  # type: ignore[method-assign]
+        reactor._started = True  # type: ignore[attr-defined]
+        reactor.running = True
+        reactor.mainLoop()
+        return timeouts
+
+    def test_main_loop_timed_calls(self) -> None:
+        """Each turn runs what is due (timed calls, calls from threads) and polls until the next
+        timed call; with none, without a timeout; a cancelled call neither runs nor wakes."""
+        reactor = self.reactor_class()
+        self.addCleanup(reactor._poller.close)  # type: ignore[attr-defined]
+        now = [100.0]
+        reactor.seconds = lambda: now[0]  # type: ignore[method-assign]
+        ran: list[str] = []
+        self.assertEqual(self.turns(reactor, 1), [None])
+        reactor.callLater(0, ran.append, "now")
+        later = reactor.callLater(5, ran.append, "later")
+        reactor.callLater(2, ran.append, "cancelled").cancel()
+        reactor.callFromThread(ran.append, "thread")
+        self.assertEqual(self.turns(reactor, 2), [5.0, 5.0])
+        self.assertEqual(ran, ["thread", "now"])
+        now[0] = 105.0
+        self.assertEqual(self.turns(reactor, 1), [None])
+        self.assertEqual(ran, ["thread", "now", "later"])
+        self.assertFalse(later.active())
+
+
 class StockReactorTests(EventDispatchMixin, SynchronousTestCase):
     """The reference: Twisted's own EPollReactor behaves as the mixin says."""
 
@@ -214,6 +250,26 @@ class FlexReactorTests(EventDispatchMixin, SynchronousTestCase):
         self.dispatch(selectable, EPOLLIN)
         self.assertEqual(selectable.calls[0][0], "doRead")
         self.assertNotEqual(selectable.calls[0][1], "Selectable,1011")
+
+    def test_idle_turn_skips_run_until_current(self) -> None:
+        """A turn with nothing due, added or queued from a thread does not call
+        runUntilCurrent or timeout(): the poll timeout comes from the timer heap directly."""
+        reactor = self.reactor_class()
+        self.addCleanup(reactor._poller.close)  # type: ignore[attr-defined]
+        now = [100.0]
+        reactor.seconds = lambda: now[0]  # type: ignore[method-assign]
+        reactor.callLater(30, lambda: None)
+        self.assertEqual(self.turns(reactor, 1), [30.0])  # (the new call is inserted)
+        calls: list[str] = []
+        run, timeout = reactor.runUntilCurrent, reactor.timeout
+        reactor.runUntilCurrent = lambda: (calls.append("run"), run())[1]  # type: ignore[method-assign]
+        reactor.timeout = lambda: (calls.append("timeout"), timeout())[1]  # type: ignore[method-assign]
+        now[0] = 110.0
+        self.assertEqual(self.turns(reactor, 3), [20.0, 20.0, 20.0])
+        self.assertEqual(calls, [])
+        reactor.callLater(1, lambda: None)
+        self.assertEqual(self.turns(reactor, 1), [1.0])
+        self.assertEqual(calls, ["run", "timeout"])
 
     def test_plugin_registered(self) -> None:
         """`twistd --reactor flexgw` finds this module through the twisted/plugins dropin."""

@@ -21,8 +21,10 @@ carries the system of the code around the reactor (`-`) instead of the selectabl
 signals, process support, `callFromThread`) is the inherited epoll reactor's.
 
 Private API (Twisted 26.10): `EPollReactor._poller`, `_selectables`, `_reads`, `_POLL_IN`,
-`_POLL_OUT`, `_POLL_DISCONNECTED`, `PosixReactorBase._disconnectSelectable` and
-`ReactorBase._started` (mainLoop's condition);
+`_POLL_OUT`, `_POLL_DISCONNECTED`, `PosixReactorBase._disconnectSelectable`,
+`ReactorBase._started` (mainLoop's condition) and what mainLoop reads to skip an idle
+`runUntilCurrent`: `ReactorBase._pendingTimedCalls`, `_newTimedCalls`, `_justStopped`,
+`_cancellations` and `threadCallQueue`;
 tests/test_compat.py checks them and that Twisted's own `doPoll` still has the shape this copy
 replaces (it fails naming Twisted's version if not). Installed as the reactor plug-in `flexgw`
 (twisted/plugins/flexgw_plugin.py): `twistd --reactor flexgw ...`; `twistd flexgw` installs it
@@ -45,6 +47,9 @@ _base_log = Logger(namespace="twisted.internet.base")  # mainLoop's events, as T
 
 #: The reactor plug-in's short name (`twistd --reactor flexgw`).
 NAME = "flexgw"
+
+#: The longest poll timeout (seconds), as Twisted's `ReactorBase.timeout`.
+_LONGEST = 2147483
 
 #: The reason a selectable whose fileno() is -1 is disconnected with (as posixbase's).
 _NO_FILEDESC = ConnectionFdescWentAway("File descriptor lost")
@@ -101,12 +106,30 @@ class FlexReactor(EPollReactor):
     def mainLoop(self) -> None:
         """Twisted's loop (run due timed calls, poll, dispatch) with its failure handler set
         up once, not entered and left on every turn: a turn that raises is logged at critical
-        level ("Unexpected error in main loop", as Twisted's) and the loop goes on."""
+        level ("Unexpected error in main loop", as Twisted's) and the loop goes on.
+
+        A turn with nothing for `runUntilCurrent` to do (no call from a thread, no timed call
+        added or due, no heap to compact, no stop) skips it and `timeout()`: the poll timeout
+        is worked out here from the same heap, as `timeout()` does."""
+        seconds = self.seconds
         while self._started:
             try:
                 while self._started:
-                    self.runUntilCurrent()
-                    timeout = self.timeout()
+                    pending = self._pendingTimedCalls
+                    now = seconds()
+                    if (
+                        self.threadCallQueue
+                        or self._newTimedCalls
+                        or self._justStopped
+                        or self._cancellations > 50
+                        or (pending and pending[0].time <= now)
+                    ):
+                        self.runUntilCurrent()
+                        timeout = self.timeout()
+                    elif pending:
+                        timeout = min(pending[0].time - now, _LONGEST)
+                    else:
+                        timeout = None
                     self.doIteration(self.running and timeout)
             except BaseException:  # noqa: BLE001 (as Twisted's _topHandler: log, go on)
                 _base_log.failure("Unexpected error in main loop", Failure(), LogLevel.critical)
