@@ -8,6 +8,8 @@ gateway only while those N run (after 200 warm-up requests), so start-up is not 
     .venv/bin/python bench/gateway_instructions.py 2000
     .venv/bin/python bench/gateway_instructions.py 2000 --no-send-now   # always transport.write
     .venv/bin/python bench/gateway_instructions.py 2000 --tls [--twisted-tls-flush]
+    .venv/bin/python bench/gateway_instructions.py 2000 --h2 h1    # h2c client, HTTP/1.1 upstream
+    .venv/bin/python bench/gateway_instructions.py 2000 --h2 h2c   # h2c client, h2c upstream
     .venv/bin/python bench/gateway_instructions.py 2000 --tracing 100   # or 0, or off
 
 `--tracing P` adds bench/run.py's tracing Configuration at P% sampling, exporting over OTLP/gRPC
@@ -16,6 +18,9 @@ while callgrind counts, so the export's cost is in the figure. The batches are f
 spans, as under load: a long scheduleDelay keeps callgrind's slow pace from sending a few spans
 at a time). `--tracing all` measures off, 0
 and 100 one after the other and prints each as a ratio of off.
+
+With `--h2`, the client speaks HTTP/2 with prior knowledge and sends `--streams` requests at a
+time (as h2load -m does), waiting for all their answers; the figure is still per request.
 
 `--tls` makes the gateway's port a TLS port (bench/run.py's certificate); `--twisted-tls-flush`
 then uses Twisted's own TLSMemoryBIOProtocol, whose encrypted bytes wait for the next reactor
@@ -45,6 +50,8 @@ events {{ worker_connections 64; }}
 http {{ access_log off; client_body_temp_path {tmp}/c; proxy_temp_path {tmp}/p;
 fastcgi_temp_path {tmp}/f; uwsgi_temp_path {tmp}/u; scgi_temp_path {tmp}/s;
 keepalive_requests 10000000; server {{ listen 127.0.0.1:{port};
+location / {{ default_type text/plain; return 200 "hello\\n"; }} }}
+server {{ listen 127.0.0.1:{h2c_port} http2;
 location / {{ default_type text/plain; return 200 "hello\\n"; }} }} }}
 """
 CONF = """apiVersion: gateway.mulesoft.com/v1alpha1
@@ -79,6 +86,59 @@ def requests(sock: socket.socket | ssl.SSLSocket, n: int) -> None:
         buffer = buffer[buffer.index(b"hello\n") + 6 :]
 
 
+H2_FIELDS = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"gw"), (b":path", b"/items"),
+             (b"user-agent", b"cg"), (b"accept", b"*/*")]
+
+
+class H2Client:
+    """HTTP/2 with prior knowledge over a socket: batches of GETs, each batch's answers awaited."""
+
+    def __init__(self, sock: socket.socket | ssl.SSLSocket) -> None:
+        import hpack
+        from hyperframe.frame import SettingsFrame, WindowUpdateFrame
+
+        self.sock = sock
+        self.encoder = hpack.Encoder()
+        self.stream_id = 1
+        self.buffer = b""
+        sock.sendall(
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+            + SettingsFrame(0, settings={4: 2**30}).serialize()
+            + WindowUpdateFrame(0, window_increment=2**30).serialize()
+        )
+
+    def requests(self, n: int, streams: int) -> None:
+        """`n` GETs, `streams` per write."""
+        from hyperframe.frame import HeadersFrame, SettingsFrame
+
+        done = 0
+        while done < n:
+            batch = min(streams, n - done)
+            frames = []
+            for _ in range(batch):
+                block = self.encoder.encode(H2_FIELDS)
+                frames.append(HeadersFrame(self.stream_id, block, flags=["END_HEADERS", "END_STREAM"]).serialize())
+                self.stream_id += 2
+            self.sock.sendall(b"".join(frames))
+            ended = 0
+            while ended < batch:
+                while len(self.buffer) < 9 or len(self.buffer) < 9 + int.from_bytes(self.buffer[:3], "big"):
+                    data = self.sock.recv(65536)
+                    if not data:
+                        raise SystemExit("the gateway closed the connection")
+                    self.buffer += data
+                length = int.from_bytes(self.buffer[:3], "big")
+                kind, flags = self.buffer[3], self.buffer[4]
+                if kind in (0, 1) and flags & 1:
+                    ended += 1
+                elif kind == 4 and not flags & 1:
+                    self.sock.sendall(SettingsFrame(0, flags=["ACK"]).serialize())
+                elif kind == 7:
+                    raise SystemExit(f"GOAWAY from the gateway: {self.buffer[9 : 9 + length]!r}")
+                self.buffer = self.buffer[9 + length :]
+            done += batch
+
+
 def connect(port: int, process: subprocess.Popen[bytes], log: Path) -> socket.socket:
     """A connection to the gateway once it listens (bounded: 10 minutes under valgrind)."""
     deadline = time.monotonic() + 600
@@ -106,10 +166,12 @@ def dumped(out: Path) -> int:
 def measure(args: argparse.Namespace, tracing: str = "off") -> int:
     """Instructions per request of one gateway (`tracing`: "off", or a sampling percentage)."""
     tmp = Path(tempfile.mkdtemp(prefix="flexgw-instructions-"))
-    upstream, port = free_port(), free_port()
-    (tmp / "nginx.conf").write_text(NGINX.format(tmp=tmp, port=upstream))
+    upstream, port, h2c_upstream = free_port(), free_port(), free_port()
+    (tmp / "nginx.conf").write_text(NGINX.format(tmp=tmp, port=upstream, h2c_port=h2c_upstream))
     (tmp / "conf").mkdir()
     documents = CONF.format(port=port, upstream=upstream)
+    if args.h2 == "h2c":
+        documents = documents.replace(f"http://127.0.0.1:{upstream}", f"h2c://127.0.0.1:{h2c_upstream}")
     ca_path = None
     sys.path.insert(0, str(REPO / "bench"))
     if args.tls:
@@ -177,10 +239,17 @@ def measure(args: argparse.Namespace, tracing: str = "off") -> int:
             sock = ssl.create_default_context(cafile=str(ca_path)).wrap_socket(
                 sock, server_hostname="127.0.0.1"
             )
-        requests(sock, 200)  # warm: the upstream connection pooled, the code paths run once
+        if args.h2:
+            client = H2Client(sock)
+            client.requests(200, args.streams)  # warm: upstream connections pooled, paths run once
+        else:
+            requests(sock, 200)  # warm: the upstream connection pooled, the code paths run once
         control = ["callgrind_control", "-i"]
         subprocess.run([*control, "on", str(gateway.pid)], check=True, capture_output=True)
-        requests(sock, args.n)
+        if args.h2:
+            client.requests(args.n, args.streams)
+        else:
+            requests(sock, args.n)
         subprocess.run([*control, "off", str(gateway.pid)], check=True, capture_output=True)
         subprocess.run(
             ["callgrind_control", "-d", str(gateway.pid)], check=True, capture_output=True
@@ -201,6 +270,10 @@ def main() -> None:
     parser.add_argument("--no-send-now", action="store_true", help="always transport.write")
     parser.add_argument("--tls", action="store_true", help="the gateway's port speaks TLS")
     parser.add_argument(
+        "--h2", choices=("h1", "h2c"), help="an h2c client; the upstream speaks HTTP/1.1 or h2c"
+    )
+    parser.add_argument("--streams", type=int, default=10, help="with --h2: requests per write")
+    parser.add_argument(
         "--twisted-tls-flush", action="store_true", help="Twisted's TLSMemoryBIOProtocol"
     )
     parser.add_argument(
@@ -209,6 +282,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     variant = "transport.write only" if args.no_send_now else "send_now"
+    if args.h2:
+        variant = f"h2c->{args.h2} ({args.streams} streams per write), {variant}"
     if args.tls:
         tls = "Twisted's TLS flush" if args.twisted_tls_flush else "SendNowTLSProtocol"
         variant = f"TLS ({tls}), {variant}"

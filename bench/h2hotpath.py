@@ -178,7 +178,8 @@ def run_h2(n: int, streams: int, upstream: str, profiler: Any = None) -> float:
 
 #: How a profiled function's file names its package.
 _PACKAGES = (
-    ("/h2/", "h2 (state machine, events)"),
+    ("/flexgw/http/h2/", "flexgw HTTP/2 codec"),
+    ("/site-packages/h2/", "h2 (state machine, events)"),
     ("/hpack/", "hpack"),
     ("/hyperframe/", "hyperframe"),
     ("/flexgw/", "flexgw"),

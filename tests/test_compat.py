@@ -7,12 +7,7 @@ import inspect
 from typing import Any
 
 import h2
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.exceptions import ProtocolError
-from h2.frame_buffer import FrameBuffer
-from hpack import Encoder
-from hyperframe.frame import HeadersFrame
+from hpack import Decoder, Encoder
 from twisted.copyright import version as twisted_version
 from twisted.internet import abstract, tcp
 from twisted.internet.testing import MemoryReactor
@@ -21,8 +16,6 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.systemd import ListenFDs
 from twisted.trial import unittest
 
-from flexgw.compat.h2buffer import header_backlog
-from flexgw.compat.h2frames import FrameHookConnection
 from flexgw.compat.logobservers import observers
 from flexgw.compat.systemd import twisted_listen_fds
 
@@ -178,58 +171,6 @@ class HAProxyTests(unittest.TestCase):
         self.assertEqual(len(haproxy.V2Parser.PREFIX), 12, gone("V2Parser.PREFIX", "haproxy"))
 
 
-class H2HeaderBufferTests(unittest.TestCase):
-    """compat.h2buffer: h2's buffered HEADERS/CONTINUATION frames."""
-
-    def test_headers_buffer(self) -> None:
-        """A HEADERS frame without END_HEADERS waits in `FrameBuffer._headers_buffer`."""
-        self.assertIn(
-            "_headers_buffer",
-            vars(FrameBuffer()),
-            gone("h2.frame_buffer.FrameBuffer._headers_buffer", "h2buffer", "h2"),
-        )
-        conn = H2Connection(H2Configuration(client_side=False))
-        conn.initiate_connection()
-        block = Encoder().encode([(":method", "GET"), (":path", "/"), (":scheme", "http")])
-        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-        conn.receive_data(preface + HeadersFrame(1, block).serialize())
-        self.assertEqual(
-            header_backlog(conn), len(block), gone("FrameBuffer._headers_buffer", "h2buffer", "h2")
-        )
-
-
-class H2FrameHookTests(unittest.TestCase):
-    """compat.h2frames: h2 hands every received frame to `_receive_frame`."""
-
-    def test_every_frame_reaches_the_hook_before_h2_answers(self) -> None:
-        """SETTINGS and two PINGs: the hook sees each, and stopping at the second PING leaves
-        it unanswered (the hook runs before h2 acts, not after the read)."""
-        self.assertTrue(
-            callable(getattr(H2Connection, "_receive_frame", None)),
-            gone("h2.connection.H2Connection._receive_frame", "h2frames", "h2"),
-        )
-        seen: list[str] = []
-
-        class Stopping(FrameHookConnection):
-            def frame_hook(self, frame: Any) -> Any:
-                seen.append(frame.__class__.__name__)
-                if seen.count("PingFrame") == 2:
-                    raise ProtocolError("stop before the second PING is answered")
-                return self.receive_one_frame(frame)
-
-        conn = Stopping(H2Configuration(client_side=False))
-        conn.initiate_connection()
-        conn.clear_outbound_data_buffer()
-        preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-        ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"12345678"
-        with self.assertRaises(ProtocolError):
-            conn.receive_data(preface + ping + ping)
-        hook_gone = gone("H2Connection.receive_data calling _receive_frame", "h2frames", "h2")
-        self.assertEqual(seen, ["SettingsFrame", "PingFrame", "PingFrame"], hook_gone)
-        ping_acks = conn.data_to_send().count(b"\x00\x00\x08\x06\x01\x00\x00\x00\x00")
-        self.assertEqual(ping_acks, 1, hook_gone)
-
-
 class HpackCacheTests(unittest.TestCase):
     """compat.hpackcache: hpack's HeaderTable changes only through `add` and `maxsize`, so the
     cached blocks and lists are exactly what hpack itself gives."""
@@ -246,7 +187,6 @@ class HpackCacheTests(unittest.TestCase):
     def test_same_bytes_and_lists_as_hpack(self) -> None:
         """Header lists repeated, new, evicting (small table) and with table size updates in
         between: every block and every decoded list equals plain hpack's."""
-        from hpack import Decoder
         from hypothesis import given, settings
         from hypothesis import strategies as st
 
@@ -293,3 +233,71 @@ class HpackCacheTests(unittest.TestCase):
         first = decoder.decode(block, raw=True)
         self.assertIn(block, decoder.cache)
         self.assertEqual(decoder.decode(block, raw=True), first)
+
+    def test_huffman_memo(self) -> None:
+        """hpack's decoder calls `hpack.hpack.decode_huffman`, which hpackcache replaced by its
+        memo: repeated Huffman strings decode as hpack does, invalid ones still raise."""
+        import hpack.hpack
+        from hpack.exceptions import HPACKDecodingError
+        from hpack.huffman import HuffmanEncoder
+        from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
+
+        from flexgw.compat import hpackcache
+
+        self.assertIs(
+            hpack.hpack.decode_huffman,
+            hpackcache.memo_decode_huffman,
+            gone("hpack.hpack.decode_huffman", "hpackcache", "hpack"),
+        )
+        coded = HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH).encode(b"nginx/1.22.1")
+        for _ in range(2):
+            self.assertEqual(hpackcache.memo_decode_huffman(coded), b"nginx/1.22.1")
+        self.assertIn(coded, hpackcache._huffman_memo)
+        block = b"\x40" + bytes([0x80 | len(coded)]) + coded + bytes([0x80 | len(coded)]) + coded
+        self.assertEqual(Decoder().decode(block, raw=True), [(b"nginx/1.22.1", b"nginx/1.22.1")])
+        with self.assertRaises(HPACKDecodingError):
+            hpackcache.memo_decode_huffman(b"\xff\xff\xff\xff")
+
+    def test_replayed_blocks_as_hpack(self) -> None:
+        """Blocks that index their fields anew each time (as nginx's responses), mixed with
+        blocks reading the dynamic table and size updates: every list and the dynamic table
+        after each block equal plain hpack's."""
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        from flexgw.compat.hpackcache import CachingDecoder
+
+        def literal(name: bytes, value: bytes) -> bytes:  # literal with incremental indexing
+            return b"\x40" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+        blocks = [
+            literal(b"server", b"nginx") + literal(b"date", b"d1") + b"\x88",  # + :status 200
+            literal(b"server", b"nginx") + literal(b"date", b"d2") + b"\x5f\x0atext/plain",
+            literal(b"x-big", b"v" * 100),
+            b"\xbe",  # index 62: the newest dynamic entry
+            b"\x3f\x21",  # size update to 64, alone
+            b"\x3f\xe1\x1f" + literal(b"a", b"b"),  # size update to 4096, then an insertion
+        ]
+
+        @settings(max_examples=200, deadline=None)
+        @given(st.lists(st.sampled_from(range(len(blocks))), min_size=1, max_size=40))
+        def check(order: list[int]) -> None:
+            plain, cached = Decoder(), CachingDecoder()
+            for index in order * 2:
+                try:
+                    expected = plain.decode(blocks[index], raw=True)
+                except Exception as exc:  # noqa: BLE001 (an index past the table, say)
+                    with self.assertRaises(type(exc)):
+                        cached.decode(blocks[index], raw=True)
+                    return
+                self.assertEqual(cached.decode(blocks[index], raw=True), expected)
+                self.assertEqual(
+                    list(cached.header_table.dynamic_entries), list(plain.header_table.dynamic_entries)
+                )
+
+        check()
+        decoder = CachingDecoder()
+        for _ in range(3):
+            decoder.decode(blocks[0], raw=True)
+        self.assertIn(blocks[0], decoder.replays)
+        self.assertEqual(len(decoder.header_table.dynamic_entries), 6)

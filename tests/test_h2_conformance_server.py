@@ -474,13 +474,6 @@ class Section6_5SettingsTests(ConformanceCase):
         conn.send(frame(h2raw.SETTINGS, h2raw.ACK, 0, b"\0"))
         await self.connection_error(conn, FRAME_SIZE_ERROR)
 
-    # Expected to fail on the h2-library stack; a codec that passes it shows "unexpected success".
-    test_settings_ack_with_payload.todo = (  # type: ignore[attr-defined]
-        "RFC 9113 §6.5: h2 4.x (hyperframe) reads a SETTINGS ACK with a payload as invalid data "
-        "and sends GOAWAY(PROTOCOL_ERROR), not FRAME_SIZE_ERROR; the frame is parsed before "
-        "flexgw's per-frame hook sees it"
-    )
-
     async def test_settings_on_a_stream(self) -> None:
         """SETTINGS on stream 1: connection error PROTOCOL_ERROR."""
         conn = await self.connect()

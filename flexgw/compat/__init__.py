@@ -10,5 +10,5 @@ h2 private name, and nothing here imports the rest of flexgw.
 - `systemd`: `endpoints._SystemdParser._sddaemon`: the LISTEN_* sockets Twisted took over.
 - `logobservers`: `LogPublisher._observers`: wrap twistd's log observers in a level filter.
 - `haproxy`: `twisted.protocols.haproxy` parsers and wrapper (only `proxyEndpoint` is public).
-- `h2buffer`: h2's `FrameBuffer._headers_buffer`: a CONTINUATION run's buffered bytes.
+- `hpackcache`: hpack's `HeaderTable.add`/`maxsize`: cached HPACK blocks for unchanged tables.
 """

@@ -1,6 +1,7 @@
 """The downstream HTTP/2 protocol of an ingress listener (prior-knowledge h2c, or ALPN `h2`).
 
-Framing, HPACK and flow-control accounting are the `h2` library's. Each request stream becomes an
+Framing, stream states, flow-control accounting and HPACK are flexgw's own codec
+(flexgw.http.h2.connection, which calls this protocol's h2_* methods). Each request stream becomes an
 `H2Exchange`: the HTTP/1.1 path's ProxyExchange with only its response emission overridden, whose
 `front` is the stream (`H2Stream`, an IExchangeFront like the HTTP/1.1 IngressProtocol).
 Routing, the policy chain, the upstream pools and the timeouts are therefore the very code
@@ -18,12 +19,12 @@ Guards (RFC 9113 §10.5, the 2023 "rapid reset" and the 2025 "MadeYouReset" atta
 resets are counted per connection in a time window, the client's RST_STREAMs and the gateway's
 own alike (a stream the gateway resets or refuses for the client's error: DATA on a half-closed
 stream, a window overflow, a malformed request); control frames (PING, SETTINGS, PRIORITY, empty
-DATA) likewise, each counted as h2 reads it (a control frame before h2 answers it). Over
+DATA) likewise, each counted as the codec reads it (a control frame before it is answered). Over
 either limit the connection gets GOAWAY(ENHANCE_YOUR_CALM) and is closed at once, the rest of
 the read unread, so that no more than the limits is ever answered. The exchanges of the streams a
 read opens start only once the whole read is processed, so a stream reset within the same read
 never reaches an upstream; a stream reset later gives up its pending upstream connect. Streams
-whose exchange still runs count against the concurrency limit even when h2 already considers
+whose exchange still runs count against the concurrency limit even when the codec already considers
 them closed. The header list size is bounded by `max_header_bytes` (431 on the stream; far over
 it, or a CONTINUATION run over it, is a connection error), concurrent streams by
 SETTINGS_MAX_CONCURRENT_STREAMS.
@@ -36,34 +37,26 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from h2 import events
-from h2.config import H2Configuration
-from h2.errors import ErrorCodes
-from h2.exceptions import H2Error, ProtocolError
-from h2.settings import SettingCodes, Settings
-from hpack.exceptions import HPACKError
-from hyperframe.frame import (
-    DataFrame,
-    ExtensionFrame,
-    Frame,
-    GoAwayFrame,
-    PingFrame,
-    PriorityFrame,
-    SettingsFrame,
-)
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from flexgw.compat.h2buffer import header_backlog
-from flexgw.compat.h2frames import FrameHookConnection
-from flexgw.compat.hpackcache import use_caches
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
 from flexgw.http.gate import BACKPRESSURE
+from flexgw.http.h2 import batch
+from flexgw.http.h2 import settings as h2settings
+from flexgw.http.h2.connection import H2Codec, StreamClosedError
+from flexgw.http.h2.frames import (
+    ENHANCE_YOUR_CALM,
+    INTERNAL_ERROR,
+    NO_ERROR,
+    PROTOCOL_ERROR,
+    REFUSED_STREAM,
+)
 from flexgw.http.h2send import send_queued
 from flexgw.http.headers import HOP_BY_HOP, HeaderList, response_headers_for_downstream
 from flexgw.http.request import BODY_CHUNKED, BODY_NONE, RequestHead, analyze_head
@@ -87,19 +80,6 @@ _log = Logger(namespace="flexgw.ingress.h2")
 
 #: A stream's gate reason while its exchange waits for the end of the read that opened it.
 _STARTING = 4
-#: h2's settings for every ingress connection. Outbound header checks are off: every header the
-#: gateway sends is built here (names lower-cased, hop-by-hop fields dropped, pseudo-headers in
-#: place); what the client sends is still checked (inbound validation and normalisation).
-_CONFIG = H2Configuration(
-    client_side=False,
-    header_encoding=None,
-    validate_outbound_headers=False,
-    normalize_outbound_headers=False,
-)
-#: Frames counted against `max_control_frames` (and empty DATA frames; not SETTINGS ACKs).
-_CONTROL_FRAMES = (PingFrame, SettingsFrame, PriorityFrame, ExtensionFrame)
-
-
 @attrs.frozen
 class H2Limits:
     """The HTTP/2 limits of ingress connections."""
@@ -119,62 +99,6 @@ class H2Limits:
             max_resets=http.h2_max_resets,
             max_control_frames=http.h2_max_control_frames,
         )
-
-
-class _Flood(ProtocolError):
-    """Over a guard's limit: h2 stops reading and queues GOAWAY(ENHANCE_YOUR_CALM)."""
-
-    error_code = ErrorCodes.ENHANCE_YOUR_CALM
-
-
-class _Compression(ProtocolError):
-    """A header block that does not decode: h2 queues GOAWAY(COMPRESSION_ERROR)."""
-
-    error_code = ErrorCodes.COMPRESSION_ERROR
-
-
-class _GuardedConnection(FrameHookConnection):
-    """h2's server connection, with the flood guards applied frame by frame.
-
-    h2 reads every frame of a read, answering PINGs and SETTINGS and resetting streams as it
-    goes, before its events reach the front: guards counting events would act only after a
-    whole read (thousands of frames) was answered. Here a control frame is counted before h2
-    answers it, and a stream reset (the client's RST_STREAM, or h2's own for a client's stream
-    error) as soon as h2 has seen it; over a limit, `_Flood` ends the read (h2 then queues the
-    GOAWAY). The hook is flexgw.compat.h2frames (h2 calls it for every frame);
-    tests.test_compat and tests.test_h2_front's flood tests fail if an h2 upgrade stops calling it.
-    """
-
-    def __init__(self, config: H2Configuration, protocol: H2Protocol) -> None:
-        super().__init__(config=config)
-        self.protocol = protocol
-
-    def frame_hook(self, frame: Frame) -> Any:
-        kind = frame.__class__
-        protocol = self.protocol
-        if kind in _CONTROL_FRAMES:
-            control = not (kind is SettingsFrame and "ACK" in frame.flags)
-        else:  # an empty DATA frame carries nothing: counted like a control frame
-            control = kind is DataFrame and not frame.data and "END_STREAM" not in frame.flags  # type: ignore[attr-defined]
-        if control and protocol.counted_control():
-            raise _Flood("control frames")
-        elif kind is GoAwayFrame:
-            # The client goes away (RFC 9113 §6.8): its open streams still get their responses
-            # (h2 would refuse to send any once it read the GOAWAY), then the connection closes.
-            protocol.client_goaway = True
-            return []
-        try:
-            received = self.receive_one_frame(frame)
-        except ProtocolError as exc:
-            if isinstance(exc.__cause__, HPACKError):
-                # RFC 9113 §4.3: a header block that does not decode is a COMPRESSION_ERROR
-                # (h2 reports every decoding error as a PROTOCOL_ERROR).
-                raise _Compression(str(exc)) from exc
-            raise
-        for event in received:
-            if event.__class__ is events.StreamReset and protocol.counted_reset():
-                raise _Flood("stream resets")
-        return received
 
 
 @implementer(IPushProducer)
@@ -336,7 +260,7 @@ class H2Stream:
         answer followed by a body)."""
         self.protocol.factory.exchange_finished(exchange)
         malformed = exchange.error_cause == errors.UPSTREAM_BAD_RESPONSE.cause
-        self.reset(ErrorCodes.PROTOCOL_ERROR if malformed else ErrorCodes.INTERNAL_ERROR)
+        self.reset(PROTOCOL_ERROR if malformed else INTERNAL_ERROR)
 
     def tunnel_opened(self, exchange: ProxyExchange, tunnel: Any) -> None:
         """Never: an HTTP/2 stream carries no upgrade (and CONNECT is refused)."""
@@ -356,16 +280,13 @@ class H2Stream:
 
     def acknowledge(self) -> None:
         """Hand back the window for what was received and passed on (a closed stream's data:
-        the connection window's share only, as h2 does for closed streams)."""
+        the connection window's share only, as for closed streams)."""
         size = self.unacked
         if size and not self.protocol.closing:
             self.unacked = 0
             protocol = self.protocol
-            try:
-                protocol.conn.acknowledge_received_data(size, self.stream_id)
-            except H2Error:
-                return
-            protocol.flush()
+            protocol.conn.acknowledge(self.stream_id, size)
+            batch.flush_soon(protocol)
 
     # -- response side ---------------------------------------------------------------------------
 
@@ -421,18 +342,15 @@ class H2Stream:
                     conn, self.stream_id, self.queue, self.ending, self.trailers
                 )
                 self.queued -= sent
-        except H2Error:
-            # The stream was closed under us (the client reset it in this same read), or h2
+        except StreamClosedError:
+            # The stream was closed under us (the client reset it in this same read), or the codec
             # refused a header the response carries: reset it; what the exchange still sends
             # is dropped (queue_data) until it completes, and then the stream is forgotten.
             self.closed = True
             self.queue.clear()
             self.queued = 0
             protocol.blocked.discard(self)
-            try:
-                conn.reset_stream(self.stream_id, ErrorCodes.INTERNAL_ERROR)
-            except H2Error:
-                pass
+            conn.reset_stream(self.stream_id, INTERNAL_ERROR)
             protocol.flush()
             self._maybe_done()
             return
@@ -441,7 +359,7 @@ class H2Stream:
         else:
             protocol.blocked.discard(self)
         self.update_producer()
-        protocol.flush()
+        batch.flush_soon(protocol)
         if self.ended:
             self._maybe_done()
 
@@ -457,7 +375,7 @@ class H2Stream:
         if not self.request_ended and not self.closed:
             # Answered before the request was complete: ask the client to stop sending it
             # (RFC 9113 §8.1).
-            self.reset(ErrorCodes.NO_ERROR)
+            self.reset(NO_ERROR)
             return
         self.protocol.forget(self)
 
@@ -466,10 +384,7 @@ class H2Stream:
         protocol = self.protocol
         if not self.closed:
             self.closed = True
-            try:
-                protocol.conn.reset_stream(self.stream_id, code)
-            except H2Error:
-                pass
+            protocol.conn.reset_stream(self.stream_id, code)
             protocol.flush()
         protocol.forget(self)
 
@@ -525,7 +440,7 @@ class H2Exchange(ProxyExchange):
                 stream.protocol.conn.send_headers(
                     stream.stream_id, [(b":status", b"%d" % status), *kept]
                 )
-            except H2Error:
+            except StreamClosedError:
                 return
             stream.protocol.flush()
 
@@ -607,22 +522,25 @@ class H2Protocol(Protocol):
         self.control_frames = 0
         self.idle_since = 0.0
         self.timer: Any = None
+        self.flush_queued = False  # (flexgw.http.h2.batch)
+        self.starting: list[H2Stream] = []  # streams the current read opened
         limits = self.limits
         http = self.http
-        conn = self.conn = _GuardedConnection(_CONFIG, self)
-        use_caches(conn)
-        conn.local_settings = Settings(
+        # Over twice the limit the header list is a connection error; between the limit and
+        # that, the stream gets a 431 (see _head). A header block still waiting for its
+        # CONTINUATION frames past the limit is a flood.
+        self.conn = H2Codec(
+            self,
             client=False,
-            initial_values={
-                SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
-                SettingCodes.MAX_HEADER_LIST_SIZE: http.max_header_bytes,
-                SettingCodes.INITIAL_WINDOW_SIZE: limits.initial_window,
-                SettingCodes.ENABLE_PUSH: 0,
+            local_settings={
+                h2settings.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
+                h2settings.MAX_HEADER_LIST_SIZE: http.max_header_bytes,
+                h2settings.INITIAL_WINDOW_SIZE: limits.initial_window,
+                h2settings.ENABLE_PUSH: 0,
             },
+            max_header_list=2 * http.max_header_bytes + 1024,
+            header_block_limit=http.max_header_bytes,
         )
-        # Over twice the limit the header block is a connection error; between the limit and
-        # that, the stream gets a 431 (see _head).
-        conn.decoder.max_header_list_size = 2 * http.max_header_bytes + 1024
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -632,10 +550,10 @@ class H2Protocol(Protocol):
         factory.connections.add(self)
         self.transport.registerProducer(self, True)
         conn = self.conn
-        conn.initiate_connection()
+        conn.initiate()
         extra = self.limits.connection_window - 65535
         if extra > 0:
-            conn.increment_flow_control_window(extra)
+            conn.increase_window(extra)
         self.flush()
         self.window_start = self.idle_since = self.clock.seconds()
         self.timer = self.wheel.call_later(self.http.keepalive_timeout, self._on_timer)
@@ -657,50 +575,30 @@ class H2Protocol(Protocol):
             factory.on_connection_lost(self)
 
     def dataReceived(self, data: bytes) -> None:
-        """Feed the h2 state machine and act on its events; then start the exchanges of the
+        """Feed the codec (which calls the h2_* methods below); then start the exchanges of the
         streams this read opened and that are still alive."""
         if self.closing:
             return
+        batch.begin()
         try:
-            received = self.conn.receive_data(data)
-        except _Flood as exc:
-            # h2 stopped reading and queued GOAWAY(ENHANCE_YOUR_CALM).
-            self._flood(str(exc), queued=True)
-            return
-        except ProtocolError as exc:
-            # h2 has queued a GOAWAY with the error's code.
-            _log.debug("HTTP/2 protocol error from {client}: {error}", client=self.peer.address, error=exc)
+            self._read(data)
+        finally:
+            batch.end()
+
+    def _read(self, data: bytes) -> None:
+        starting: list[H2Stream] = []
+        self.starting = starting
+        conn = self.conn
+        conn.receive(data)
+        if conn.closed and not self.closing:
+            # A connection error of the client's: the codec queued GOAWAY with its code.
+            code, message = conn.error or (PROTOCOL_ERROR, "")
+            if code == ENHANCE_YOUR_CALM:
+                self._flood(message, queued=True)
+                return
+            _log.debug("HTTP/2 protocol error from {client}: {error}", client=self.peer.address, error=message)
             self._close(abort_streams=True)
             return
-        starting: list[H2Stream] = []
-        for event in received:
-            if self.closing:
-                break
-            kind = type(event)
-            if kind is events.RequestReceived:
-                stream = self._request(event)
-                if stream is not None:
-                    starting.append(stream)
-            elif kind is events.DataReceived:
-                self._data(event)
-            elif kind is events.StreamEnded:
-                self._ended(event.stream_id)
-            elif kind is events.WindowUpdated:
-                self._window(event.stream_id)
-            elif kind is events.StreamReset:
-                self._reset(event)
-            elif kind is events.TrailersReceived:
-                stream = self.streams.get(event.stream_id)
-                if stream is not None and stream.exchange is not None:
-                    kept = [(n, v) for n, v in event.headers if n not in NOT_TRAILERS]
-                    stream.exchange.request_trailers = kept or None
-                if event.stream_ended is not None:
-                    self._ended(event.stream_id)
-            elif kind is events.ConnectionTerminated:
-                self._close(abort_streams=True)
-                break
-            elif kind is events.RemoteSettingsChanged:
-                self._window(0)
         for stream in starting:
             # A stream reset in this read (or a connection closed in it) has its exchange DONE.
             exchange = stream.exchange
@@ -708,16 +606,12 @@ class H2Protocol(Protocol):
                 exchange.start()
                 stream.gate.release(_STARTING)
         if not self.closing:
-            if self._header_backlog() > self.http.max_header_bytes:
-                # A header block kept open with CONTINUATION frames past the size limit.
-                self._calm()
-                return
             if self.client_goaway:
                 self.drain()
             self.flush()
 
     def flush(self) -> None:
-        """Write what h2 has queued."""
+        """Write what the codec has queued."""
         data = self.conn.data_to_send()
         if data:
             send_now(self.transport, data)
@@ -746,24 +640,84 @@ class H2Protocol(Protocol):
     def stopProducing(self) -> None:
         """The connection is going away; connectionLost cleans up."""
 
-    # -- events ----------------------------------------------------------------------------------
+    # -- what the codec calls (flexgw.http.h2.connection) ---------------------------------------
 
-    def _request(self, event: events.RequestReceived) -> H2Stream | None:
+    def h2_headers(self, stream_id: int, headers: list, end_stream: bool) -> None:
+        """A new stream: its exchange starts at the end of the read (unless answered now)."""
+        if self.closing:
+            return
+        stream = self._request(stream_id, headers, end_stream)
+        if stream is not None:
+            self.starting.append(stream)
+
+    def h2_trailers(self, stream_id: int, headers: list) -> None:
+        """The request's trailer fields (its end)."""
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.exchange is not None:
+            kept = [(n, v) for n, v in headers if n not in NOT_TRAILERS]
+            stream.exchange.request_trailers = kept or None
+        self._ended(stream_id)
+
+    def h2_data(self, stream_id: int, data: bytes, flow: int, end_stream: bool) -> None:
+        """Request body bytes (and maybe its end)."""
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            # A stream already answered and forgotten: give the window back.
+            if flow:
+                self.conn.acknowledge(stream_id, flow)
+            return
+        exchange = stream.exchange
+        if data and exchange is not None and exchange.state != DONE:
+            exchange.request_body(data)
+        if flow:
+            stream.received(flow)
+        if end_stream:
+            self._ended(stream_id)
+
+    def h2_reset(self, stream_id: int, code: int, remote: bool) -> None:
+        """A stream reset by the client, or by the codec for the client's stream error (DATA or
+        HEADERS on a half-closed stream, a window overflow): counted against the reset budget
+        (over it: GOAWAY ENHANCE_YOUR_CALM); its exchange is abandoned."""
+        if self.closing:
+            return
+        if self.counted_reset():
+            self._flood("stream resets")
+            return
+        self._reset(stream_id)
+
+    def h2_window(self, stream_id: int) -> None:
+        """A window opened: send what waits for it."""
+        self._window(stream_id)
+
+    def h2_settings(self) -> None:
+        """The client's SETTINGS (its initial window may have grown)."""
+        self._window(0)
+
+    def h2_goaway(self, last_stream_id: int, code: int) -> None:
+        """The client goes away (RFC 9113 §6.8): its open streams still get their responses,
+        then the connection closes (drained at the end of the read)."""
+        self.client_goaway = True
+
+    def h2_control(self) -> None:
+        """A control frame (PING, SETTINGS, PRIORITY, unknown, empty DATA), before it is
+        answered: over the limit, GOAWAY ENHANCE_YOUR_CALM (the codec then reads no further)."""
+        if self.counted_control() and not self.closing:
+            self._flood("control frames")
+
+    def _request(self, stream_id: int, headers: list, ended: bool) -> H2Stream | None:
         """A new stream: its exchange, to start at the end of the read (None: answered now)."""
-        stream_id = event.stream_id
         if (self.goaway_last is not None and stream_id > self.goaway_last) or len(
             self.streams
         ) >= self.limits.max_concurrent_streams:
-            # After a graceful GOAWAY; or while streams h2 considers closed (reset by the gateway)
-            # still have their exchange running: they count against the concurrency limit.
-            self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            # After a graceful GOAWAY; or while streams the codec considers closed (reset by the
+            # gateway) still have their exchange running: they count against the concurrency limit.
+            self.conn.reset_stream(stream_id, REFUSED_STREAM)
             return None
         stream = H2Stream(self, stream_id)
         self.streams[stream_id] = stream
-        ended = event.stream_ended is not None
         stream.request_ended = ended
         now = self.clock.seconds()
-        head = self._head(event.headers, ended)
+        head = self._head(headers, ended)
         if isinstance(head, GatewayError):
             body = json.dumps({"error": head.message}).encode("ascii")
             stream.respond(
@@ -840,23 +794,6 @@ class H2Protocol(Protocol):
             head.body = BODY_CHUNKED  # no content-length: the body ends with the stream
         return head
 
-    def _data(self, event: events.DataReceived) -> None:
-        stream = self.streams.get(event.stream_id)
-        data = event.data
-        if stream is None:
-            # A stream already answered and forgotten: give the window back.
-            if event.flow_controlled_length:
-                try:
-                    self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                except H2Error:
-                    pass
-            return
-        exchange = stream.exchange
-        if data and exchange is not None and exchange.state != DONE:
-            exchange.request_body(data)
-        if event.flow_controlled_length:
-            stream.received(event.flow_controlled_length)
-
     def _ended(self, stream_id: int) -> None:
         stream = self.streams.get(stream_id)
         if stream is None or stream.request_ended:
@@ -876,11 +813,10 @@ class H2Protocol(Protocol):
         for stream in list(self.blocked):
             stream.flush()
 
-    def _reset(self, event: events.StreamReset) -> None:
-        """A stream reset by the client, or by h2 for the client's protocol error (DATA or
-        HEADERS on a half-closed stream, a window overflow; both counted by _GuardedConnection):
-        abandon its exchange."""
-        stream = self.streams.get(event.stream_id)
+    def _reset(self, stream_id: int) -> None:
+        """A stream reset by the client, or by the codec for the client's stream error: abandon
+        its exchange."""
+        stream = self.streams.get(stream_id)
         if stream is None:
             return
         stream.closed = True
@@ -916,10 +852,6 @@ class H2Protocol(Protocol):
         )
         self._calm(queued)
 
-    def _header_backlog(self) -> int:
-        """Bytes of a header block still waiting for its CONTINUATION frames (h2 buffers them)."""
-        return header_backlog(self.conn)
-
     # -- streams ---------------------------------------------------------------------------------
 
     def _abandon(self, stream: H2Stream) -> None:
@@ -948,23 +880,17 @@ class H2Protocol(Protocol):
         if self.closing or self.goaway_last is not None:
             return
         self.flush()
-        self.goaway_last = self.conn.highest_inbound_stream_id
-        # Sent as a frame of our own: h2's close_connection would refuse the DATA still due on
-        # the streams in flight.
-        self.transport.write(
-            GoAwayFrame(stream_id=0, last_stream_id=self.goaway_last, error_code=0).serialize()
-        )
+        self.goaway_last = self.conn.highest_inbound
+        self.conn.goaway(NO_ERROR, self.goaway_last)  # streams in flight go on
+        self.flush()
         if not self.streams:
             self._close(abort_streams=False)
 
     def _calm(self, queued: bool = False) -> None:
-        """A flood: GOAWAY(ENHANCE_YOUR_CALM) (unless h2 `queued` it), abandon every stream,
+        """A flood: GOAWAY(ENHANCE_YOUR_CALM) (unless the codec `queued` it), abandon every stream,
         close (abort if the client does not read the GOAWAY within a second)."""
         if not queued:
-            try:
-                self.conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
-            except H2Error:
-                pass
+            self.conn.close(ENHANCE_YOUR_CALM, "flood")
         self._close(abort_streams=True)
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
@@ -974,10 +900,7 @@ class H2Protocol(Protocol):
         if self.closing:
             return
         if not abort_streams and self.goaway_last is None:
-            try:
-                self.conn.close_connection()
-            except H2Error:
-                pass
+            self.conn.close(NO_ERROR)
         self.flush()
         self.closing = True
         if abort_streams:

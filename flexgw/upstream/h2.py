@@ -23,24 +23,18 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 import httptools
-from h2 import events
-from h2.config import H2Configuration
-from h2.errors import ErrorCodes
-from h2.exceptions import H2Error, ProtocolError
-from h2.settings import SettingCodes, Settings
 from hpack import NeverIndexedHeaderTuple
-from hpack.exceptions import HPACKError
-from hyperframe.frame import Frame, HeadersFrame
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer, IReactorTCP, IReactorTime
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from flexgw.compat.h2frames import FrameHookConnection
-from flexgw.compat.hpackcache import use_caches
 from flexgw.http.fastwrite import send_now
-from flexgw.http.h2frames import GoAwayFilter
+from flexgw.http.h2 import batch
+from flexgw.http.h2 import settings as h2settings
+from flexgw.http.h2.connection import H2Codec, StreamClosedError
+from flexgw.http.h2.frames import CANCEL, NO_ERROR, PROTOCOL_ERROR, REFUSED_STREAM
 from flexgw.http.h2send import send_queued
 from flexgw.http.headers import HOP_BY_HOP, HeaderList
 from flexgw.plan import HttpSettings, Timeouts, Upstream
@@ -56,51 +50,18 @@ _log = Logger(namespace="flexgw.upstream.h2")
 _REASONS = {status.value: status.phrase.encode("ascii") for status in HTTPStatus}
 _STREAM_WINDOW = 256 * 1024  # response bytes an upstream may send per stream before we acknowledge
 _CONNECTION_WINDOW = 16 * 1024 * 1024
-#: h2's settings for every upstream connection. Outbound header checks are off: the request
-#: head is built by on_headers_complete (lower-case names, no connection-specific fields,
-#: pseudo-headers first); the upstream's responses are still checked.
-_CONFIG = H2Configuration(
-    client_side=True,
-    header_encoding=None,
-    validate_outbound_headers=False,
-    normalize_outbound_headers=False,
-)
+#: Our SETTINGS to every upstream. The request head is built by on_headers_complete (lower-case
+#: names, no connection-specific fields, pseudo-headers first); the upstream's responses are
+#: checked by the codec.
+_SETTINGS = {
+    h2settings.ENABLE_PUSH: 0,
+    h2settings.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
+    h2settings.MAX_HEADER_LIST_SIZE: MAX_RESPONSE_HEAD,
+}
 #: Request header fields that HTTP/2 forbids or that the stream sets itself.
 _DROP = HOP_BY_HOP | {b"host", b"content-length", b"http2-settings"}
 #: Request fields never indexed by HPACK (credentials: h2's own list).
 _SECRET = frozenset({b"authorization", b"proxy-authorization"})
-
-
-class _UpstreamConnection(FrameHookConnection):
-    """h2's client connection, with a malformed response header block made a stream error.
-
-    h2 raises a plain ProtocolError, a connection error, for a HEADERS frame whose fields it
-    decoded but refuses: trailers without END_STREAM, a second response head, invalid fields.
-    RFC 9113 §8.1.1 makes a malformed response a stream error of type PROTOCOL_ERROR, and the
-    other streams multiplexed on the connection have nothing to do with it: the stream is
-    reset (PROTOCOL_ERROR) and noted in `malformed` (the connection fails its exchange after
-    the read), and the read goes on. The HPACK state is intact (the block was decoded before the refusal);
-    a block that does not decode stays a connection error (COMPRESSION_ERROR's case).
-    """
-
-    malformed: list[tuple[int, str]]
-
-    def frame_hook(self, frame: Frame) -> Any:
-        try:
-            return self.receive_one_frame(frame)
-        except ProtocolError as exc:
-            if (
-                frame.__class__ is not HeadersFrame
-                or exc.__class__ is not ProtocolError
-                or isinstance(exc.__cause__, HPACKError)
-                or frame.stream_id not in self.streams
-            ):
-                raise
-            # Reset now: later frames of the same read on this stream are then h2's stream
-            # errors (STREAM_CLOSED), never events.
-            self.reset_stream(frame.stream_id, ErrorCodes.PROTOCOL_ERROR)
-            self.malformed.append((frame.stream_id, str(exc)))
-            return []
 
 
 @implementer(IPushProducer)
@@ -174,14 +135,14 @@ class H2UpstreamStream:
         """The exchange is done with the stream: reset it if the request was cut short."""
         self.sink = None
         if not self.done and not (self.ended and self.end_sent):
-            self.reset(ErrorCodes.CANCEL)
+            self.reset(CANCEL)
         self.pool.release(self)
 
     def abort(self) -> None:
         """The exchange failed midway: reset the stream (the connection serves on)."""
         self.sink = None
         self.reusable = False
-        self.reset(ErrorCodes.CANCEL)
+        self.reset(CANCEL)
 
     def reset(self, code: int) -> None:
         """Reset the stream and forget it."""
@@ -190,10 +151,7 @@ class H2UpstreamStream:
         self.done = True
         connection = self.connection
         if self.stream_id:
-            try:
-                connection.conn.reset_stream(self.stream_id, code)
-            except H2Error:
-                pass
+            connection.conn.reset_stream(self.stream_id, code)
             connection.flush()
         connection.forget(self)
 
@@ -212,7 +170,7 @@ class H2UpstreamStream:
             if sink is not None:
                 sink.upstream_lost(False)
             return
-        self.connection.flush()
+        batch.flush_soon(self.connection)
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         """The downstream request body's reader, paused while body bytes wait for a window."""
@@ -315,8 +273,8 @@ class H2UpstreamStream:
             _, self.end_sent = send_queued(
                 conn, self.stream_id, queue, self.request_ended, self.trailers
             )
-        except H2Error:
-            return  # the upstream reset the stream; its StreamReset event reports it
+        except StreamClosedError:
+            return  # the upstream reset the stream; the codec reports it (h2_reset)
         if queue:
             self.connection.blocked.add(self)
         else:
@@ -336,11 +294,8 @@ class H2UpstreamStream:
         size = self.unacked
         if size and not self.done:
             self.unacked = 0
-            try:
-                self.connection.conn.acknowledge_received_data(size, self.stream_id)
-            except H2Error:
-                return
-            self.connection.flush()
+            self.connection.conn.acknowledge(self.stream_id, size)
+            batch.flush_soon(self.connection)
 
 
 def _wants_trailers(sink: Any) -> bool:
@@ -360,19 +315,16 @@ class H2UpstreamConnection(Protocol):
     def __init__(self, pool: H2UpstreamPool) -> None:
         self.pool = pool
         self.scheme = b"https" if pool.upstream.tls is not None else b"http"
-        conn = self.conn = _UpstreamConnection(config=_CONFIG)
-        conn.malformed = []
-        use_caches(conn)
-        conn.local_settings = Settings(
+        self.conn = H2Codec(
+            self,
             client=True,
-            initial_values={
-                SettingCodes.ENABLE_PUSH: 0,
-                SettingCodes.INITIAL_WINDOW_SIZE: _STREAM_WINDOW,
-                SettingCodes.MAX_HEADER_LIST_SIZE: MAX_RESPONSE_HEAD,
-            },
+            local_settings=_SETTINGS,
+            max_header_list=MAX_RESPONSE_HEAD,
+            header_block_limit=MAX_RESPONSE_HEAD,
         )
-        conn.decoder.max_header_list_size = MAX_RESPONSE_HEAD
-        self.goaways = GoAwayFilter()
+        self.touched: dict[int, H2UpstreamStream] = {}  # streams with response bytes in this read
+        self.ended: list[H2UpstreamStream] = []  # streams whose response ended in this read
+        self.flush_queued = False  # (flexgw.http.h2.batch)
         self.streams: dict[int, H2UpstreamStream] = {}
         self.reserved = 0  # streams handed out whose HEADERS are not sent yet
         self.blocked: set[H2UpstreamStream] = set()
@@ -390,8 +342,8 @@ class H2UpstreamConnection(Protocol):
         if hasattr(transport, "setTcpNoDelay"):
             transport.setTcpNoDelay(True)
         conn = self.conn
-        conn.initiate_connection()
-        conn.increment_flow_control_window(_CONNECTION_WINDOW - 65535)
+        conn.initiate()
+        conn.increase_window(_CONNECTION_WINDOW - 65535)
         self.flush()
         pool = self.pool
         self.idle_since = pool.clock.seconds()
@@ -432,7 +384,7 @@ class H2UpstreamConnection(Protocol):
 
     def capacity(self) -> int:
         """How many more streams the upstream accepts now."""
-        limit = self.conn.remote_settings.max_concurrent_streams
+        limit = self.conn.remote_max_streams
         return limit - len(self.streams) - self.reserved
 
     def new_stream(self) -> H2UpstreamStream:
@@ -442,7 +394,7 @@ class H2UpstreamConnection(Protocol):
         return stream
 
     def flush(self) -> None:
-        """Write what h2 has queued."""
+        """Write what the codec has queued."""
         if self.transport is None:
             return
         data = self.conn.data_to_send()
@@ -460,119 +412,44 @@ class H2UpstreamConnection(Protocol):
                 self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
-        """Feed h2; report to each stream's exchange; end the completed ones."""
+        """Feed the codec (which calls the h2_* methods below); then flush each stream's
+        response to its exchange and end the completed ones."""
         if not self.connected_ok and not self._preface_seen(data):
             return
-        data, goaways = self.goaways.feed(data)
-        if goaways:
-            self._goaway(goaways[-1][0])
-            if self.lost:
-                return
+        batch.begin()
         try:
-            received = self.conn.receive_data(data)
-        except ProtocolError as exc:
+            self._read(data)
+        finally:
+            batch.end()
+
+    def _read(self, data: bytes) -> None:
+        touched: dict[int, H2UpstreamStream] = {}
+        ended: list[H2UpstreamStream] = []
+        self.touched = touched
+        self.ended = ended
+        conn = self.conn
+        conn.receive(data)
+        if conn.closed:
             _log.info(
                 "HTTP/2 protocol error from upstream {upstream}: {error}",
-                upstream=self.pool.upstream.key, error=exc,
+                upstream=self.pool.upstream.key, error=conn.error,
             )
             self.usable = False
-            self.flush()  # h2's GOAWAY with the error's code
+            self.flush()  # the codec's GOAWAY with the error's code
             # The upstream broke the protocol (an oversize frame, a header block that does not
             # decode, a window overflow...): every exchange on the connection fails as for a
             # malformed response (502 `upstream_bad_response`, or the client's stream reset once
             # its head went out), not as a reset an idempotent request could be retried after.
+            message = conn.error[1] if conn.error else ""
             for stream in list(self.streams.values()):
                 sink = stream.sink
                 stream.sink = None
                 if sink is not None:
-                    sink.response_malformed(f"HTTP/2 protocol error: {exc}")
+                    sink.response_malformed(f"HTTP/2 protocol error: {message}")
             self.transport.abortConnection()
             return
-        touched: dict[int, H2UpstreamStream] = {}
-        ended: list[H2UpstreamStream] = []
-        streams = self.streams
-        for event in received:
-            kind = type(event)
-            stream_id = getattr(event, "stream_id", 0)
-            stream = streams.get(stream_id) if stream_id else None
-            if kind is events.DataReceived:
-                if stream is None or stream.sink is None:
-                    if event.flow_controlled_length:
-                        try:
-                            self.conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
-                        except H2Error:
-                            pass
-                    continue
-                stream.got_bytes = True
-                if stream.trailers_only and event.data:
-                    touched.pop(stream_id, None)
-                    self._malformed(stream, "a trailers-only gRPC answer followed by a body")
-                    continue
-                if event.data:
-                    stream.sink.response_body(event.data)
-                    touched[stream_id] = stream
-                if event.flow_controlled_length:
-                    stream.received(event.flow_controlled_length)
-                if event.stream_ended is not None:
-                    stream.ended = True
-                    ended.append(stream)
-            elif kind is events.ResponseReceived:
-                if stream is None or stream.sink is None:
-                    continue
-                stream.got_bytes = True
-                self._response(stream, event.headers)
-                touched[stream_id] = stream
-                if event.stream_ended is not None:
-                    stream.ended = True
-                    ended.append(stream)
-                elif stream.grpc and any(n == b"grpc-status" for n, _ in event.headers):
-                    stream.trailers_only = True
-            elif kind is events.TrailersReceived:
-                if stream is None or stream.sink is None:
-                    continue
-                trailers = [(n, v) for n, v in event.headers if n[:1] != b":"]
-                stream.sink.response_trailers(trailers)
-                touched[stream_id] = stream
-                if event.stream_ended is not None:
-                    stream.ended = True
-                    ended.append(stream)
-            elif kind is events.StreamEnded:
-                if stream is not None and not stream.ended:
-                    stream.ended = True
-                    ended.append(stream)
-            elif kind is events.InformationalResponseReceived:
-                if stream is not None and stream.sink is not None:
-                    status = _status(event.headers)
-                    stream.sink.response_interim(
-                        status, [(n, v) for n, v in event.headers if n[:1] != b":"]
-                    )
-            elif kind is events.StreamReset:
-                if stream is not None:
-                    touched.pop(stream_id, None)
-                    # Only a refused stream was certainly not processed: the exchange may retry.
-                    self._lost(stream, retry=event.error_code == ErrorCodes.REFUSED_STREAM)
-            elif kind is events.WindowUpdated:
-                if stream_id:
-                    if stream is not None:
-                        stream.pump()
-                else:
-                    for blocked in list(self.blocked):
-                        blocked.pump()
-            elif kind is events.RemoteSettingsChanged:
-                if not self.connected_ok:
-                    self.flush()  # our SETTINGS ACK goes before the first request
-                    self._settings_received()
-                for blocked in list(self.blocked):
-                    blocked.pump()
-        malformed = self.conn.malformed
-        while malformed:
-            stream_id, message = malformed.pop()
-            stream = streams.get(stream_id)
-            touched.pop(stream_id, None)
-            if stream is not None and not stream.done:
-                if stream in ended:
-                    ended.remove(stream)
-                self._malformed(stream, f"malformed HTTP/2 response head or trailers: {message}")
+        if self.lost:
+            return
         self.flush()
         for stream in touched.values():
             sink = stream.sink
@@ -589,6 +466,98 @@ class H2UpstreamConnection(Protocol):
                 sink.response_complete()
         if not self.usable and not self.streams and not self.lost:
             self.transport.loseConnection()
+
+    # -- what the codec calls (flexgw.http.h2.connection) ---------------------------------------
+
+    def h2_headers(self, stream_id: int, headers: list, end_stream: bool) -> None:
+        """A response head (informational ones relayed as such)."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.sink is None:
+            return
+        status = _status(headers)
+        if status < 200:
+            stream.sink.response_interim(status, [(n, v) for n, v in headers if n[:1] != b":"])
+            return
+        stream.got_bytes = True
+        self._response(stream, headers)
+        self.touched[stream_id] = stream
+        if end_stream:
+            stream.ended = True
+            self.ended.append(stream)
+        elif stream.grpc and any(n == b"grpc-status" for n, _ in headers):
+            stream.trailers_only = True
+
+    def h2_trailers(self, stream_id: int, headers: list) -> None:
+        """The response's trailer fields (its end)."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.sink is None:
+            return
+        stream.sink.response_trailers(list(headers))
+        self.touched[stream_id] = stream
+        stream.ended = True
+        self.ended.append(stream)
+
+    def h2_data(self, stream_id: int, data: bytes, flow: int, end_stream: bool) -> None:
+        """Response body bytes (and maybe the end)."""
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.sink is None:
+            if flow:
+                self.conn.acknowledge(stream_id, flow)
+            return
+        stream.got_bytes = True
+        if stream.trailers_only and data:
+            self.touched.pop(stream_id, None)
+            self._malformed(stream, "a trailers-only gRPC answer followed by a body")
+            return
+        if data:
+            stream.sink.response_body(data)
+            self.touched[stream_id] = stream
+        if flow:
+            stream.received(flow)
+        if end_stream:
+            stream.ended = True
+            self.ended.append(stream)
+
+    def h2_reset(self, stream_id: int, code: int, remote: bool) -> None:
+        """The upstream reset a stream; or the codec did, for the upstream's stream error (a
+        malformed response head or trailers, DATA after the end...): the exchange fails as for
+        a malformed response, and the connection's other streams go on."""
+        stream = self.streams.get(stream_id)
+        if stream is None or (stream.ended and not remote):
+            return  # (a stray frame after the response ended: the response is whole)
+        self.touched.pop(stream_id, None)
+        if stream in self.ended:
+            self.ended.remove(stream)
+        if not remote:
+            self._malformed(stream, f"malformed HTTP/2 response: {self.conn.reason}")
+            return
+        # Only a refused stream was certainly not processed: the exchange may retry.
+        self._lost(stream, retry=code == REFUSED_STREAM)
+
+    def h2_window(self, stream_id: int) -> None:
+        """A window opened: send the request bodies waiting for it."""
+        if stream_id:
+            stream = self.streams.get(stream_id)
+            if stream is not None:
+                stream.pump()
+            return
+        for blocked in list(self.blocked):
+            blocked.pump()
+
+    def h2_settings(self) -> None:
+        """The upstream's SETTINGS: the first makes the connection ready."""
+        if not self.connected_ok:
+            self.flush()  # our SETTINGS ACK goes before the first request
+            self._settings_received()
+        for blocked in list(self.blocked):
+            blocked.pump()
+
+    def h2_goaway(self, last_stream_id: int, code: int) -> None:
+        """The upstream goes away (streams up to its last id still finish)."""
+        self._goaway(last_stream_id)
+
+    def h2_control(self) -> None:
+        """Control frames from an upstream are not limited."""
 
     def _response(self, stream: H2UpstreamStream, headers: list[tuple[bytes, bytes]]) -> None:
         status = _status(headers)
@@ -612,7 +581,7 @@ class H2UpstreamConnection(Protocol):
         )
         sink = stream.sink
         stream.sink = None
-        stream.reset(ErrorCodes.PROTOCOL_ERROR)
+        stream.reset(PROTOCOL_ERROR)
         if sink is not None:
             sink.response_malformed(message)
 
@@ -885,11 +854,8 @@ class H2UpstreamPool(PoolBase):
         connection.usable = False
         if connection in self.connections:
             self.connections.remove(connection)
-        try:
-            connection.conn.close_connection()
-            connection.flush()
-        except H2Error:
-            pass
+        connection.conn.close(NO_ERROR)
+        connection.flush()
         if connection.transport is not None:
             connection.transport.loseConnection()
 

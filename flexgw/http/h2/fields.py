@@ -1,0 +1,127 @@
+"""Checks on received HTTP/2 header fields (RFC 9113 §8.2, §8.3): a request head, a response
+head, trailers. A field list that fails is malformed; the codec makes that a protocol error."""
+
+from __future__ import annotations
+
+import re
+
+#: A regular field name: visible ASCII without upper case or colon (§8.2.1).
+_NAME = re.compile(rb"[!-9;-@\[-~]+")
+#: What a field value must not hold: NUL, CR, LF, or whitespace at either end (§8.2.1).
+_BAD_VALUE = re.compile(rb"[\x00\r\n]|^[ \t]|[ \t]$")
+#: Connection-specific fields (§8.2.2).
+CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
+#: Regular names already checked (names repeat on every request; bounded).
+_good_names: set[bytes] = set()
+
+
+class MalformedFields(Exception):
+    """A header list that is not a well-formed HTTP/2 message head or trailer section."""
+
+
+def _regular(name: bytes, value: bytes) -> None:
+    if name not in _good_names:
+        if _NAME.fullmatch(name) is None:
+            raise MalformedFields(f"invalid field name {name[:40]!r}")
+        if name in CONNECTION_SPECIFIC:
+            raise MalformedFields(f"connection-specific field {name!r}")
+        if len(_good_names) < 4096 and name != b"te":
+            _good_names.add(name)
+    if name == b"te" and value.lower() != b"trailers":
+        raise MalformedFields("TE other than trailers")
+
+
+def request_length(headers: list) -> int:
+    """Check a request head; return its content-length (-1 without one)."""
+    regular = False
+    seen: set[bytes] = set()
+    method = path = authority = host = None
+    length = -1
+    bad_value = _BAD_VALUE.search
+    for name, value in headers:
+        if value and bad_value(value) is not None:
+            raise MalformedFields(f"invalid value of {name[:40]!r}")
+        if name[:1] == b":":
+            if regular:
+                raise MalformedFields("pseudo-header field after a regular field")
+            if name in seen or name not in _REQUEST_PSEUDO:
+                raise MalformedFields(f"duplicate or unknown pseudo-header field {name[:40]!r}")
+            seen.add(name)
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                path = value
+            elif name == b":authority":
+                authority = value
+            continue
+        regular = True
+        _regular(name, value)
+        if name == b"host":
+            if host is not None:
+                raise MalformedFields("several Host fields")
+            host = value
+        elif name == b"content-length":
+            length = _length(value, length)
+    if method is None:
+        raise MalformedFields("no :method")
+    if method == b"CONNECT" and b":protocol" not in seen:
+        if path is not None or b":scheme" in seen:
+            raise MalformedFields("CONNECT with :scheme or :path")
+    else:
+        if not path or b":scheme" not in seen:
+            raise MalformedFields("no :scheme or no (or an empty) :path")
+        if b":protocol" in seen and method != b"CONNECT":
+            raise MalformedFields(":protocol without CONNECT")
+    if authority is None and host is None:
+        raise MalformedFields("no :authority and no Host")
+    if authority is not None and host is not None and authority != host:
+        raise MalformedFields("Host and :authority disagree")
+    return length
+
+
+def response_status(headers: list) -> tuple[int, int]:
+    """Check a response head; return its status and content-length (-1 without one)."""
+    status = 0
+    regular = False
+    length = -1
+    bad_value = _BAD_VALUE.search
+    for name, value in headers:
+        if value and bad_value(value) is not None:
+            raise MalformedFields(f"invalid value of {name[:40]!r}")
+        if name[:1] == b":":
+            if regular or name != b":status" or status:
+                raise MalformedFields(f"misplaced, duplicate or unknown pseudo-header {name[:40]!r}")
+            if len(value) != 3 or not value.isdigit():
+                raise MalformedFields("invalid :status")
+            status = int(value)
+            continue
+        regular = True
+        _regular(name, value)
+        if name == b"content-length":
+            length = _length(value, length)
+    if not status:
+        raise MalformedFields("no :status")
+    return status, length
+
+
+def check_trailers(headers: list) -> None:
+    """Check a trailer section (no pseudo-header field)."""
+    bad_value = _BAD_VALUE.search
+    for name, value in headers:
+        if name[:1] == b":":
+            raise MalformedFields("pseudo-header field in trailers")
+        if value and bad_value(value) is not None:
+            raise MalformedFields(f"invalid value of {name[:40]!r}")
+        _regular(name, value)
+
+
+def _length(value: bytes, previous: int) -> int:
+    if not value.isdigit() or len(value) > 18:
+        raise MalformedFields("invalid content-length")
+    length = int(value)
+    if previous not in (-1, length):
+        raise MalformedFields("conflicting content-length")
+    return length
