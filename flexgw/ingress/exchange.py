@@ -766,8 +766,13 @@ class ProxyExchange:
         self.response_status = status
         self.last_activity = now = self.front.clock.seconds()
         self.upstream_elapsed = now - self.upstream_started
-        if self.timer is not None:
-            self.timer.reset(self._stream_idle_timeout())
+        timer = self.timer
+        if timer is not None:
+            # From now the stream idle timeout applies. A timer armed sooner than it would
+            # expire stays: when it fires, _on_timer measures the idle time and re-arms.
+            idle = self._stream_idle_timeout()
+            if timer.when - now > idle:
+                timer.reset(idle)
         self.state = RESPONDING
         kept = response_headers_for_downstream(headers, connection_values)
         chain = self.chain

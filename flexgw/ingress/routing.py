@@ -6,17 +6,16 @@ import random
 from bisect import bisect_right
 from collections.abc import Sequence
 from itertools import accumulate
-
-import attrs
+from typing import NamedTuple
 
 from flexgw.plan import Api, Destination, Listener, Route, Rule
 
 Headers = Sequence[tuple[bytes, bytes]]
 
 
-@attrs.frozen(slots=True)
-class RouteMatch:
-    """The outcome of routing one request."""
+class RouteMatch(NamedTuple):
+    """The outcome of routing one request (a named tuple: made per request, and a tuple is
+    built in one step where a frozen attrs class sets each field through object.__setattr__)."""
 
     api: Api
     route: Route

@@ -7,7 +7,8 @@ upstream pools) are worked out only when `/metrics` is scraped, by `GatewayColle
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_right
+from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -35,44 +36,107 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 _NONE = "none"  # label value for "no API", "no route", "no error", "no response status"
 
 
+#: Finished exchanges kept before they are counted (`GatewayMetrics._settle`): a bound on memory.
+_BATCH = 1024
+
+
 @implementer(IExchangeObserver)
 class GatewayMetrics:
-    """What the gateway counts: requests, latencies and reloads, in plain Python containers."""
+    """What the gateway counts: requests, latencies and reloads, in plain Python containers.
+
+    A finished exchange costs one tuple on the request path. The counts are brought up to date
+    a batch at a time (`_settle`), whenever `requests` or `latency` is read (a scrape, the
+    dashboard) and every `_BATCH` exchanges, mostly by C code: the requests by a Counter, each
+    histogram by sorting its batch of durations once and bisecting it at each bucket bound.
+    """
 
     def __init__(self, clock: Any, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
         self.clock = clock
         self.buckets = buckets
         # (api, route, status, cause) -> count; status 0 when no response was sent
-        self.requests: dict[tuple[str | None, str | None, int, str | None], int] = {}
+        self._requests: dict[tuple[str | None, str | None, int, str | None], int] = {}
         # (api, route) -> [total buckets.., +Inf, total sum, upstream buckets.., +Inf, upstream sum,
         #                  gateway-added buckets.., +Inf, gateway-added sum]
-        self.latency: dict[tuple[str | None, str | None], list[float]] = {}
+        self._latency: dict[tuple[str | None, str | None], list[float]] = {}
+        self._pending: list[tuple[Any, ...]] = []  # finished exchanges not counted yet
         self.reloads: dict[str, int] = {"ok": 0, "error": 0}
         self.last_reload_time = 0.0
 
+    @property
+    def requests(self) -> dict[tuple[str | None, str | None, int, str | None], int]:
+        """Requests by (api, route, status, cause), every finished exchange counted."""
+        if self._pending:
+            self._settle()
+        return self._requests
+
+    @property
+    def latency(self) -> dict[tuple[str | None, str | None], list[float]]:
+        """Latency buckets and sums by (api, route), every finished exchange counted."""
+        if self._pending:
+            self._settle()
+        return self._latency
+
     def exchange_finished(self, exchange: ProxyExchange, listener: object = None) -> None:
         """Count one finished exchange (called once per exchange, on the request path)."""
-        route = exchange.route
-        api = exchange.api_key
-        name = route.name if route is not None else None
-        key = (api, name, exchange.response_status, exchange.error_cause)
-        requests = self.requests
-        requests[key] = requests.get(key, 0) + 1
-        slots = self.latency.get((api, name))
-        if slots is None:
-            slots = self.latency[(api, name)] = [0.0] * (3 * len(self.buckets) + 6)
+        pending = self._pending
+        pending.append(
+            (
+                exchange.api_key,
+                exchange.route,
+                exchange.response_status,
+                exchange.error_cause,
+                self.clock.seconds() - exchange.started,
+                exchange.upstream_elapsed,
+            )
+        )
+        if len(pending) >= _BATCH:
+            self._settle()
+
+    def _settle(self) -> None:
+        """Count the pending exchanges."""
+        pending, self._pending = self._pending, []
+        apis, routes, statuses, causes, durations, upstreams = zip(*pending, strict=True)
+        names = [None if route is None else route.name for route in routes]
+        requests = self._requests
+        for key, count in Counter(zip(apis, names, statuses, causes)).items():
+            requests[key] = requests.get(key, 0) + count
+        groups: dict[tuple[str | None, str | None], list[int]] = {}
+        keys = list(zip(apis, names))
+        if keys.count(keys[0]) == len(keys):
+            groups[keys[0]] = list(range(len(keys)))  # (nearly always: one API and route)
+        else:
+            for index, key in enumerate(keys):
+                groups.setdefault(key, []).append(index)
         buckets = self.buckets
-        elapsed = self.clock.seconds() - exchange.started
-        slots[bisect_left(buckets, elapsed)] += 1
         width = len(buckets) + 1
-        slots[width] += elapsed
-        upstream = exchange.upstream_elapsed
-        if upstream is not None:
-            slots[width + 1 + bisect_left(buckets, upstream)] += 1
-            slots[2 * width + 1] += upstream
-            elapsed -= upstream  # the gateway's own share: the total less the upstream's
-        slots[2 * width + 2 + bisect_left(buckets, elapsed)] += 1
-        slots[-1] += elapsed
+        for key, indexes in groups.items():
+            slots = self._latency.get(key)
+            if slots is None:
+                slots = self._latency[key] = [0.0] * (3 * width + 3)
+            if len(indexes) == len(durations):
+                total, upstream = list(durations), list(upstreams)
+            else:
+                total = [durations[i] for i in indexes]
+                upstream = [upstreams[i] for i in indexes]
+            added = [t if u is None else t - u for t, u in zip(total, upstream, strict=True)]
+            reached = [u for u in upstream if u is not None]
+            self._count(slots, 0, total)
+            self._count(slots, width + 1, reached)
+            self._count(slots, 2 * width + 2, added)
+
+    def _count(self, slots: list[float], base: int, values: list[float]) -> None:
+        """Add `values` to the histogram at `slots[base:]` (buckets, +Inf, then the sum)."""
+        if not values:
+            return
+        values.sort()
+        below = 0
+        for i, bound in enumerate(self.buckets):
+            upto = bisect_right(values, bound)  # values <= bound: bisect_left(buckets, v) <= i
+            slots[base + i] += upto - below
+            below = upto
+        width = len(self.buckets) + 1
+        slots[base + width - 1] += len(values) - below
+        slots[base + width] += sum(values)
 
     def tunnel_opened(self, exchange: ProxyExchange, listener: object = None) -> None:
         """Count an exchange that became a tunnel, when it does: its latency is the time to the
@@ -85,7 +149,7 @@ class GatewayMetrics:
     def request_refused(self, peer: object, error: GatewayError, listener: object = None) -> None:
         """Count a request refused before it was parsed whole (no API, no route)."""
         key = (None, None, error.status, error.cause)
-        self.requests[key] = self.requests.get(key, 0) + 1
+        self._requests[key] = self._requests.get(key, 0) + 1
 
     def reload(self, ok: bool) -> None:
         """Count one configuration reload and its result."""
