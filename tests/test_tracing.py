@@ -404,6 +404,14 @@ class ExportChecks:
 
 
 
+def connections_to(port: int) -> list[Any]:
+    """This process's open TCP client connections to `port` on loopback."""
+    from twisted.internet import tcp
+
+    selectables = set(reactor.getReaders()) | set(reactor.getWriters())  # type: ignore[attr-defined]
+    return [s for s in selectables if isinstance(s, tcp.Client) and s.getPeer().port == port]
+
+
 class GrpcTracingTests(ExportChecks, _TracingCase):
     """Spans over OTLP/gRPC (unary calls on flexgw's HTTP/2 client) to a grpcio receiver."""
 
@@ -412,6 +420,22 @@ class GrpcTracingTests(ExportChecks, _TracingCase):
         self.receiver = OtlpGrpcReceiver(reactor)
         self.address = f"h2://127.0.0.1:{self.receiver.start()}"
         self.addCleanup(self.receiver.stop)
+
+    @defer.inlineCallbacks
+    def test_stop_closes_an_export_in_flight(self) -> Any:
+        """The gateway stopping while an export waits on a slow collector closes that export's
+        connection before the stop completes (it was left open, busy, past the stop)."""
+        self.receiver.hold()
+        gateway, port = self.gateway(self.address, self.upstream_address,
+                                     extra="        maxExportBatchSize: 2\n")
+        exporter = gateway.service.tracing.tracer.exporter  # type: ignore[union-attr]
+        response = yield client.request(reactor, "127.0.0.1", port, get("/held"))
+        self.assertEqual(response.status, 200)
+        while exporter.inflight is None or not connections_to(self.receiver.port):
+            yield deferLater(reactor, 0.01, lambda: None)
+        yield gateway.stop()
+        self.assertEqual(connections_to(self.receiver.port), [])
+        self.assertEqual((exporter.inflight, exporter.failures), (None, 1))  # failed, counted
 
 
 class HttpTracingTests(ExportChecks, _TracingCase):

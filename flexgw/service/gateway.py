@@ -190,8 +190,11 @@ class GatewayService(Service):
             self.notifier.stop_watchdog()
             self.pools.stop()
             self.runtime.use_shared_storage(None)  # closes the Redis connection, if any
-            self.tracing.stop()
-            closed = self.runtime.close_shared()  # e.g. LDAP connections
+            closed = gatherResults(
+                [self.runtime.close_shared(),  # e.g. LDAP connections
+                 maybeDeferred(self.tracing.stop)],  # the span export's connections
+                consumeErrors=True,
+            )
             for log in (self.access_log, self.message_log):
                 if log is not None:
                     log.stop()

@@ -214,7 +214,7 @@ def grpc_sender(reactor: Any, clock: Any, settings: TracingSettings) -> tuple[Ca
     def send(body: bytes) -> Deferred[Any]:
         return UnaryCall(pool, GRPC_PATH, body, limit=ANSWER_LIMIT).start()
 
-    return send, pool.close_all
+    return send, pool.abort_all
 
 
 def http_sender(reactor: Any, settings: TracingSettings, agent: Any = None) -> tuple[Callable[[bytes], Deferred[Any]], Any]:
@@ -277,8 +277,9 @@ class TracingService:
                   address=settings.address)
         return self.tracer
 
-    def stop(self) -> None:
-        """Stop the exporter in use (its queued spans are dropped and counted)."""
+    def stop(self) -> Deferred[None] | None:
+        """Stop the exporter in use (its queued spans are dropped and counted) and close its
+        connections (an export in flight fails); a Deferred firing once they are closed."""
         tracer, self.tracer = self.tracer, None
         self.settings = None
         if tracer is not None:
@@ -287,9 +288,8 @@ class TracingService:
             self.dropped_before += exporter.dropped
             self.exported_before += exporter.exported
             self.failures_before += exporter.failures
-        if self._close is not None:
-            self._close()
-            self._close = None
+        close, self._close = self._close, None
+        return close() if close is not None else None
 
     def counts(self) -> tuple[int, int, int]:
         """(spans exported, spans dropped, failed exports) since the gateway started."""

@@ -73,12 +73,7 @@ class GrpcChannel:
 
     def close_with_gateway(self) -> Deferred[None]:
         """The gateway stops: close the connections (fires once they are closed)."""
-        from twisted.internet.task import deferLater
-
-        for connection in list(self.pool.connections):
-            if connection.transport is not None:
-                connection.transport.abortConnection()
-        return deferLater(self.pool.reactor, 0, lambda: None)  # the aborts complete in a turn
+        return self.pool.abort_all()
 
 
 def frame(message: bytes) -> bytes:

@@ -43,6 +43,8 @@ from flexgw.upstream.interfaces import UpstreamTLSError
 from flexgw.upstream.poolbase import PoolBase, connect_upstream
 
 if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
     from flexgw.upstream.interfaces import ConnectionWaiter
 
 _log = Logger(namespace="flexgw.upstream.h2")
@@ -865,6 +867,23 @@ class H2UpstreamPool(PoolBase):
         """The upstream left the configuration: close idle connections now, busy ones when done."""
         self.max_idle = 0
         self.close_all()
+
+    def abort_all(self) -> Deferred[None]:
+        """Abort every connection and connection attempt now (the streams on them fail): the
+        pool's owner stops. Fires once they are closed (the aborts complete in a reactor turn)."""
+        from twisted.internet.task import deferLater
+
+        self.max_idle = 0
+        for attempt in list(self.attempts):  # their waiters fail as for any lost attempt
+            if attempt.connection is not None and attempt.connection.transport is not None:
+                attempt.connection.transport.abortConnection()
+            elif attempt.connector is not None:
+                attempt.connector.disconnect()
+        for connection in list(self.connections):
+            connection.usable = False
+            if connection.transport is not None:
+                connection.transport.abortConnection()
+        return deferLater(self.reactor, 0, lambda: None)
 
     def close_all(self) -> None:
         """Close connections without streams; the others close once their streams finish."""
