@@ -121,6 +121,19 @@ class _Call:
 
     # -- as the pool's ConnectionWaiter ----------------------------------------------------------
 
+    def upstream_ready(self, conn: Any, reused: bool) -> None:
+        """A stream: the request goes out on it (unless the call ended meanwhile)."""
+        if self.done:
+            self.pool.release(conn)
+            return
+        self.conn = conn
+        conn.begin(self, False)
+        self._send_request(conn)
+
+    def _send_request(self, conn: Any) -> None:
+        """Write the request on the stream `conn` (each kind of call its own way)."""
+        raise NotImplementedError
+
     def upstream_connect_failed(self, reason: Failure) -> None:
         """No connection to the service."""
         self._end(Failure(GrpcCallError("unavailable", reason.getErrorMessage())))
@@ -212,13 +225,8 @@ class UnaryCall(_Call):
         self.pool.acquire(self)
         return self.result
 
-    def upstream_ready(self, conn: Any, reused: bool) -> None:
-        """A stream: send the request."""
-        if self.done:
-            self.pool.release(conn)
-            return
-        self.conn = conn
-        conn.begin(self, False)
+    def _send_request(self, conn: Any) -> None:
+        """The request: its head and its one message."""
         framed = frame(self.message)
         conn.write(self._request_head(b"Content-Length: %d" % len(framed)) + framed)
 
@@ -328,13 +336,8 @@ class StreamCall(_Call):
         self._give_up()
         self._end(Failure(GrpcCallError("reset", "cancelled")))
 
-    def upstream_ready(self, conn: Any, reused: bool) -> None:
-        """A stream: the head and every message sent so far."""
-        if self.done:
-            self.pool.release(conn)
-            return
-        self.conn = conn
-        conn.begin(self, False)
+    def _send_request(self, conn: Any) -> None:
+        """The head and every message sent so far."""
         outbox, self.outbox = self.outbox, []
         conn.write(self._request_head(b"Transfer-Encoding: chunked") + b"".join(outbox))
 
