@@ -70,8 +70,8 @@ def traced_factory(percent: float) -> Any:
     exporter = SpanExporter(factory.reactor, settings, lambda body: succeed(None))
     factory.set_observers([Tracer(factory.reactor, exporter)])
 
-    def flush_full_batches(record: Any, offer: Any = exporter.offer) -> None:
-        offer(record)
+    def flush_full_batches(*trace: Any, offer: Any = exporter.offer) -> None:
+        offer(*trace)
         if exporter.queued >= settings.max_batch:
             exporter.flush()
 

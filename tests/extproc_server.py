@@ -41,11 +41,13 @@ class ExtProcServer(GrpcTestServer):
         super().__init__()
         self.pb = pb
         self.streams: list[list[Any]] = []
+        self.metadata: list[dict[str, str]] = []  # each stream's gRPC metadata
         server = self
 
         def process(requests: Any, context: Any) -> Any:
             seen: list[Any] = []
             server.streams.append(seen)
+            server.metadata.append(dict(context.invocation_metadata()))
             script = "mutate"
             for data in requests:
                 request = pb.ProcessingRequest()

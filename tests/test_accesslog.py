@@ -96,7 +96,8 @@ class AccessLogLineTests(TestCase):
     def test_trace_ids(self) -> None:
         """A traced exchange's line ends with its trace_id and span_id (hex, W3C widths)."""
         exchange = _Exchange(b"/t", "127.0.0.1", "default/api", None)
-        exchange.trace = Trace(Sampler(), 0xABC, 0x12, 0, None, 10.0, Clock())
+        ids = (0xABC).to_bytes(16, "big") + (0x34).to_bytes(8, "big") + (0x12).to_bytes(8, "big")
+        exchange.trace = Trace(Sampler(), ids, None, None, 10.0, Clock())
         record = self.line(exchange)
         self.assertEqual((record["trace_id"], record["span_id"]), (f"{0xABC:032x}", f"{0x12:016x}"))
         self.assertNotIn("trace_id", self.line(_Exchange(b"/t", "127.0.0.1", "default/api", None)))

@@ -1,6 +1,7 @@
-"""Side calls of a traced request: JWKS, OAuth token, ext_authz (gRPC and HTTP) and LDAP each get a
-child span of the server span, and (but LDAP) send the server a `traceparent` naming that span;
-a real side server records what it got, a real grpcio OTLP receiver what the gateway exported."""
+"""Side calls of a traced request: JWKS, OAuth token, ext_authz (gRPC and HTTP), ext_proc streams
+and LDAP each get a child span of the server span, and (but LDAP) send the server a `traceparent`
+naming that span; a real side server records what it got, a real grpcio OTLP receiver what the
+gateway exported."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from flexgw.http.tracecontext import parse_traceparent
 from flexgw.testing import client
 from flexgw.testing.otlp import OtlpGrpcReceiver, attributes
 from tests.extauthz_server import GrpcAuthzServer, HttpAuthzServer
+from tests.extproc_server import ExtProcServer
 from tests.harness import Gateway, free_port
 from tests.keyserver import JsonServer
 from tests.ldapserver import BASE, SERVICE_DN, SERVICE_PASSWORD
@@ -110,6 +112,23 @@ class SideCallSpanTests(_TracingCase):
         spans = await self.traced(policy("native-ext-authz-flex", {"uri": server.uri, "serverType": "http"}))
         [sent] = server.requests[0][2][b"traceparent"]
         self.child(spans, "ext_authz", sent)
+
+    async def test_ext_proc_stream(self) -> None:
+        """native-ext-proc-flex: its stream to the processor is the ext_proc span, from the
+        request headers to the end of the response phase, and the processor gets that span's
+        traceparent as call metadata; the request waits for the policy in each phase (a span
+        each, the response phase's included)."""
+        server = ExtProcServer().start()
+        self.addCleanup(server.stop)
+        spans = await self.traced(policy("native-ext-proc-flex", {"uri": server.uri}), spans=5)
+        self.assertEqual(server.kinds(), ["request_headers", "response_headers"])
+        span = self.child(spans, "ext_proc", server.metadata[0]["traceparent"].encode())
+        self.assertEqual(attributes(span)["url.full"], server.uri)
+        first, second = sorted((s for s in spans if s.name == "policy native-ext-proc-flex"),
+                               key=lambda s: s.start_time_unix_nano)
+        self.assertLessEqual(span.start_time_unix_nano, first.end_time_unix_nano)
+        self.assertLessEqual(second.start_time_unix_nano, span.end_time_unix_nano)
+        self.assertLessEqual(first.end_time_unix_nano, second.start_time_unix_nano)
 
     async def test_ldap_search_and_bind(self) -> None:
         """ldap-authentication-flex: a span for the search, then one for the bind (LDAP carries no

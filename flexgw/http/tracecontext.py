@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import re
+from binascii import hexlify
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +24,10 @@ from flexgw.http.headers import HeaderList
 
 #: First bytes of the header names begin() looks at (t, T, x, X).
 _T_OR_X = frozenset(b"tTxX")
-_MASK64 = (1 << 64) - 1
+_ZEROS = bytes(8)
+#: What a `traceparent` value has around the trace id and span id (in hex, `-` between).
+_TP_START = b"00-"
+_TP_END = b"-01"
 _TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 #: A header counting as a client's request to be traced (Envoy's, which Flex's `client` reads).
 CLIENT_TRACE_HEADER = b"x-client-trace-id"
@@ -109,9 +113,16 @@ class Sampler:
         if overall < 100.0 and self.rng() * 100.0 >= overall:
             return None
         if parent is None:
-            bits = self.ids(192)  # one draw: the trace id and the server span's id
-            return Trace(self, (bits >> 64) or 1, (bits & _MASK64) or 1, 0, None, now, clock)
-        return Trace(self, parent[0], self.ids(64) or 1, parent[1], state, now, clock)
+            # One draw: the trace id, the first upstream attempt's span id, the server span's id
+            # (W3C: no id is all zeros; eight zero bytes in a row, about 2**-59 likely: drawn again).
+            ids = self.ids(256).to_bytes(32, "big")
+            while _ZEROS in ids:
+                ids = self.ids(256).to_bytes(32, "big")
+            return Trace(self, ids, None, None, now, clock)
+        ids = self.ids(128).to_bytes(16, "big")
+        while _ZEROS in ids:
+            ids = self.ids(128).to_bytes(16, "big")
+        return Trace(self, parent[0].to_bytes(16, "big") + ids, parent[1].to_bytes(8, "big"), state, now, clock)
 
     def label_values(self, headers: HeaderList, variable: bool = False) -> list[tuple[str, str]]:
         """(attribute name, value) of each label for a request with `headers` (at export); with
@@ -146,29 +157,28 @@ SIDE_CALL = "side_call"
 
 
 class ChildSpan:
-    """A span under the server span: an upstream attempt, a policy the request waited for, or a
-    side call. Times are the clock's seconds; `error` the failure cause, if any. An upstream
-    attempt keeps its address, whether its connection was reused, and when it connected and
-    got its first response byte (None: not yet) in slots of their own (the address is the
-    flexgw.plan.Upstream, or a string); `attributes` holds any
-    other (name, value) pairs (None while there are none). Nothing here is OTLP: the exporter
-    encodes it in its batch."""
+    """A span under the server span besides the upstream attempt under way (which the Trace
+    holds itself): a policy the request waited for, a side call, an attempt that was retried.
+    Times are the clock's seconds (`end` None until it ends); `span_id` is 8 bytes; `error` the
+    failure cause, if any. An attempt keeps its address (a flexgw.plan.Upstream, or a string),
+    whether its connection was reused and when it connected (None: never); `attributes` holds
+    any other (name, value) pairs (None while there are none). Nothing here is OTLP: the
+    exporter encodes it when the exchange ends."""
 
-    __slots__ = ("address", "attributes", "connected", "end", "error", "first_byte", "kind",
-                 "name", "reused", "span_id", "start")
+    __slots__ = ("address", "attributes", "connected", "end", "error", "kind", "name", "reused",
+                 "span_id", "start")
 
-    def __init__(self, kind: str, name: str, span_id: int, start: float) -> None:
+    def __init__(self, kind: str, name: str, span_id: bytes, start: float) -> None:
         self.kind = kind
         self.name = name
         self.span_id = span_id
         self.start = start
-        self.end = 0.0
+        self.end: float | None = None
         self.error: str | None = None
         self.attributes: list[tuple[str, Any]] | None = None
-        self.address: str | None = None
+        self.address: Any = None
         self.reused = False
         self.connected: float | None = None
-        self.first_byte: float | None = None
 
     def set_attribute(self, name: str, value: Any) -> None:
         """Add an attribute (a string, an int or a bool) to the span."""
@@ -185,58 +195,105 @@ class ChildSpan:
 
 
 class Trace:
-    """The trace one exchange belongs to: its server span's ids and timing, and its child spans."""
+    """The trace one exchange belongs to: its server span's ids and timing, its upstream attempt
+    under way, and its other child spans.
 
-    __slots__ = ("attempt", "children", "clock", "parent_id", "policy", "sampler", "span_id",
-                 "start", "trace_id", "tracestate")
+    `ids` holds the trace id (16 bytes), the id of the first upstream attempt's span (8) and the
+    server span's id (8), drawn at once; the attempt's fields are the Trace's own (an `attempt`
+    id of None: no attempt yet), so that a request with one upstream attempt allocates nothing
+    more. A retried attempt moves into `children` (None while there are none) as a ChildSpan.
+    """
+
+    __slots__ = ("address", "attempt", "attempt_end", "attempt_error", "attempt_start", "children",
+                 "clock", "connected", "first_byte", "ids", "parent_id", "policy", "reused",
+                 "sampler", "start", "tracestate")
 
     def __init__(
         self,
         sampler: Sampler,
-        trace_id: int,
-        span_id: int,
-        parent_id: int,
+        ids: bytes,
+        parent_id: bytes | None,
         tracestate: bytes | None,
         start: float,
         clock: Any,
     ) -> None:
         self.sampler = sampler
         self.clock = clock
-        self.trace_id = trace_id
-        self.span_id = span_id
-        self.parent_id = parent_id  # 0: a root span
+        self.ids = ids
+        self.parent_id = parent_id  # None: a root span
         self.tracestate = tracestate
         self.start = start
-        self.children: list[ChildSpan] = []
-        self.attempt: ChildSpan | None = None  # the upstream attempt under way
+        self.children: list[ChildSpan] | None = None
+        self.attempt: bytes | None = None  # the span id of the upstream attempt under way
         self.policy: ChildSpan | None = None  # the policy being waited for
+
+    @property
+    def trace_id(self) -> int:
+        """The trace id, as a number."""
+        return int.from_bytes(self.ids[:16], "big")
+
+    @property
+    def span_id(self) -> int:
+        """The server span's id, as a number."""
+        return int.from_bytes(self.ids[24:], "big")
+
+    def log_ids(self) -> tuple[str, str]:
+        """The trace id and the server span's id in hex (for the access log)."""
+        text = self.ids.hex()
+        return text[:32], text[48:]
+
+    def spans(self) -> int:
+        """How many spans the trace has: the server span, the upstream attempt, the others."""
+        children = self.children
+        return (1 if self.attempt is None else 2) + (0 if children is None else len(children))
 
     def child(self, kind: str, name: str, start: float) -> ChildSpan:
         """A new child span, started at `start`."""
-        span = ChildSpan(kind, name, self.sampler.ids(64) or 1, start)
-        self.children.append(span)
+        span = ChildSpan(kind, name, (self.sampler.ids(64) or 1).to_bytes(8, "big"), start)
+        if self.children is None:
+            self.children = [span]
+        else:
+            self.children.append(span)
         return span
 
     def upstream_attempt(self, started: float, now: float, address: Any, reused: bool) -> bytes:
         """An upstream connection to `address` (a flexgw.plan.Upstream: its authority is read at
-        export) is ready (`now`; asked for at `started`): a new attempt span (an earlier attempt
-        ends here, failed), and the `traceparent` header line to send."""
-        previous = self.attempt
-        if previous is not None and not previous.end:
-            previous.end = now
-            previous.error = previous.error or "retried"
+        export) is ready (`now`; asked for at `started`): the attempt's span starts (an earlier
+        attempt ends here, failed), and its `traceparent` value is returned, to send."""
+        attempt = self.attempt
+        if attempt is None:
+            self.attempt = self.ids[16:24]
+            value = _TP_START + hexlify(self.ids[:24], b"-", -16) + _TP_END
+        else:
+            self._retried(now)
             started = now
-        span = self.attempt = ChildSpan(UPSTREAM, "upstream", self.sampler.ids(64) or 1, started)
-        self.children.append(span)
-        span.connected = now
-        span.address = address
-        span.reused = reused
-        return b"traceparent: 00-%032x-%016x-01\r\n" % (self.trace_id, span.span_id)
+            attempt = self.attempt = (self.sampler.ids(64) or 1).to_bytes(8, "big")
+            value = _TP_START + hexlify(self.ids[:16] + attempt, b"-", -16) + _TP_END
+        self.attempt_start = started
+        self.connected = now
+        self.address = address
+        self.reused = reused
+        self.first_byte = self.attempt_end = self.attempt_error = None
+        return value
 
-    def policy_waiting(self, name: str, kind: str, started: float) -> None:
+    def _retried(self, now: float) -> None:
+        """The attempt under way gives way to another: it becomes a child span, ended at `now`
+        (failed: `retried`, unless its cause is known)."""
+        span = ChildSpan(UPSTREAM, "upstream", self.attempt, self.attempt_start)  # type: ignore[arg-type]
+        span.address = self.address
+        span.reused = self.reused
+        span.connected = self.connected
+        span.end = self.attempt_end if self.attempt_end is not None else now
+        span.error = self.attempt_error or "retried"
+        if self.children is None:
+            self.children = [span]
+        else:
+            self.children.append(span)
+
+    def policy_waiting(self, name: str, kind: str, started: float | None = None) -> None:
         """The request waits for policy `name` (of `kind`), which started at `started` (before
-        its on_request ran) and answered with a Deferred: its span, from that start."""
-        span = self.policy = self.child(POLICY, f"policy {kind}", started)
+        its on_request ran; None: now) and answered with a Deferred: its span, from that start."""
+        span = self.policy = self.child(POLICY, f"policy {kind}", self.clock.seconds() if started is None else started)
         span.set_attribute("flexgw.policy.binding", name)
 
     def policy_done(self, error: str | None = None) -> None:
@@ -251,27 +308,29 @@ class Trace:
         `span.ended(clock)`; else the exchange's end closes it) and the `traceparent` value to
         send with it."""
         span = self.child(SIDE_CALL, name, self.clock.seconds())
-        return span, traceparent(self.trace_id, span.span_id)
+        return span, _TP_START + hexlify(self.ids[:16] + span.span_id, b"-", -16) + _TP_END
 
     def close(self, now: float, first_byte: float | None, error: str | None,
-              upstream_started: float = 0.0, address: Any = None) -> None:
+              upstream_started: float | None = None, address: Any = None) -> None:
         """The exchange ended at `now`: end what is still open (the last attempt gets its time to
         first byte, and the exchange's error cause if it had one). An upstream asked for at
-        `upstream_started` that never connected gets its failed attempt span here."""
-        attempt = self.attempt
-        if attempt is None and upstream_started and address is not None:
-            attempt = self.attempt = self.child(UPSTREAM, "upstream", upstream_started)
-            attempt.address = address
-        if attempt is not None and not attempt.end:
-            attempt.end = now
+        `upstream_started` (None: never) that never connected gets its failed attempt span here."""
+        if self.attempt is None and upstream_started is not None and address is not None:
+            self.attempt = self.ids[16:24]
+            self.attempt_start = upstream_started
+            self.address = address
+            self.reused = False
+            self.connected = self.first_byte = self.attempt_end = self.attempt_error = None
+        if self.attempt is not None and self.attempt_end is None:
+            self.attempt_end = now
             if first_byte is not None:
-                attempt.first_byte = first_byte
+                self.first_byte = first_byte
             if error is not None and error.startswith(("upstream_", "dns_", "stream_idle")):
-                attempt.error = error
+                self.attempt_error = error
         if self.policy is not None:
             self.policy_done("cancelled")
-        for span in self.children:
-            if not span.end:
+        for span in self.children or ():
+            if span.end is None:
                 span.end = now
 
 

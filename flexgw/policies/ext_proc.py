@@ -60,9 +60,11 @@ from typing import Any
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from flexgw.http.request import BODY_NONE
+from flexgw.http.tracecontext import side_call
 from flexgw.policies.base import (
     BuildContext,
     HeaderList,
@@ -308,6 +310,9 @@ class _Run:
         self.modes = settings.modes
         self.timeout = settings.timeout
         self.call: StreamCall | None = None
+        # A traced request's stream is a side call whose span ends when this fires (None: not
+        # traced, or processing is over).
+        self.over: Deferred[None] | None = None
 
     # -- the stream ------------------------------------------------------------------------------
 
@@ -316,8 +321,7 @@ class _Run:
         Raises _Immediate for an immediate_response, _Failed for anything wrong."""
         call = self.call
         if call is None:
-            call = self.call = StreamCall(self.policy.channel.pool, PROCESS_PATH,
-                                          limit=MAX_MESSAGE).open()
+            call = self._open()
         call.send(message.SerializeToString())
         settings = self.policy.settings
         timeout = self.timeout
@@ -352,17 +356,43 @@ class _Run:
             self.modes = self.modes.override(reply.mode_override)
         return reply
 
+    def _open(self) -> StreamCall:
+        """Open the stream to the processor. For a traced request it is a side call: a span
+        lasting until processing is over, whose `traceparent` the processor gets as call
+        metadata."""
+        pool = self.policy.channel.pool
+        trace = self.ctx.trace
+        if trace is None:
+            call = self.call = StreamCall(pool, PROCESS_PATH, limit=MAX_MESSAGE).open()
+            return call
+
+        def start(traceparent: bytes | None) -> Deferred[None]:
+            metadata = () if traceparent is None else ((b"traceparent", traceparent),)
+            self.call = StreamCall(pool, PROCESS_PATH, metadata, limit=MAX_MESSAGE).open()
+            over = self.over = Deferred()
+            return over
+
+        side_call(trace, "ext_proc", start, "ext_proc_failed",
+                  (("url.full", self.policy.settings.uri),)).addErrback(lambda _: None)
+        return self.call  # type: ignore[return-value]
+
     def close(self) -> None:
         """Processing is over: half-close; the processor ends the stream (else it is reset)."""
         call, self.call = self.call, None
         if call is not None:
             call.close(self.policy.settings.timeout, self.policy.clock)
+        over, self.over = self.over, None
+        if over is not None:
+            over.callback(None)
 
     def abandon(self) -> None:
         """Processing failed or was cancelled: reset the stream."""
         call, self.call = self.call, None
         if call is not None:
             call.cancel()
+        over, self.over = self.over, None
+        if over is not None:
+            over.errback(Failure(CancelledError()))
 
     async def guarded(self, phase: Any) -> LocalResponse | None:
         """Run a phase: an immediate response or a failure ends processing (failureModeAllow:

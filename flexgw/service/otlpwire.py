@@ -28,20 +28,16 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 import flexgw
-from flexgw.http.tracecontext import POLICY, UPSTREAM, ChildSpan
+from flexgw.http.tracecontext import POLICY, UPSTREAM
 from flexgw.plan import TracingSettings
 
 # Span.SpanKind values.
 _SERVER, _CLIENT, _INTERNAL = 2, 3, 1
-#: Span fields 7 and 8 (start_time_unix_nano, end_time_unix_nano), both fixed64.
-_TIMES = struct.Struct("<BQBQ")
 _FIXED64 = struct.Struct("<Q")
 #: A server span's trace_id (field 1), span_id (2), start and end times (7, 8).
 _SERVER_HEAD = struct.Struct("<2s16s2s8sBQBQ")
 #: A child span's trace_id, span_id, parent_span_id (4), start and end times.
 _CHILD_HEAD = struct.Struct("<2s16s2s8s2s8sBQBQ")
-#: An upstream attempt's two events, `connected` and `first_byte` (see _event_parts).
-_BOTH_EVENTS = struct.Struct("<3sQ11s3sQ12s")
 #: Cached pieces: at most this many of each (they come from configuration and traffic).
 _CACHE_LIMIT = 4096
 
@@ -102,6 +98,13 @@ def _event_parts(name: bytes) -> tuple[bytes, bytes]:
 
 _CONNECTED = _event_parts(b"connected")
 _FIRST_BYTE = _event_parts(b"first_byte")
+(_CONNECTED_0, _CONNECTED_1), (_FIRST_BYTE_0, _FIRST_BYTE_1) = _CONNECTED, _FIRST_BYTE
+#: The common case in one pack (SpanEncoder.trace): an answered attempt's ids, times and two
+#: events (`connected`, `first_byte`); then the server span's tag, its length (a two-byte
+#: varint) and its ids and times.
+_ANSWERED = struct.Struct("<2s16s2s8s2s8sBQBQ3sQ11s3sQ12sBH2s16s2s8sBQBQ")
+#: What _ANSWERED packs of the attempt's span.
+_ATTEMPT_SIZE = struct.calcsize("<2s16s2s8s2s8sBQBQ3sQ11s3sQ12s")
 
 
 class _Cache(dict):  # type: ignore[type-arg]
@@ -119,7 +122,8 @@ class _Cache(dict):  # type: ignore[type-arg]
 
 
 class SpanEncoder:
-    """ExportTraceServiceRequest bytes from the records flexgw.service.tracing.Tracer queues."""
+    """OTLP bytes of finished traces: each trace's spans as it ends (`trace`), then whole
+    ExportTraceServiceRequests of those (`request`)."""
 
     def __init__(self, settings: TracingSettings) -> None:
         self.settings = settings
@@ -144,19 +148,18 @@ class SpanEncoder:
         )
         self._request_attributes_cache = _Cache(self._request_attributes)
         self._upstream_parts = _Cache(self._upstream)
+        self._answered_prefix = _Cache(self._answered)
 
-    def fixed(self, record: tuple[Any, ...]) -> bytes:
+    def fixed(self, sampler: Any, api: str | None, route: str | None, head: Any, scheme: str, port: int) -> bytes:
         """The serialized constant part of a server span: its name and kind, and the attributes
         that are the same for every request of one API, route, method and listener (and the
         literal labels), made with the official Span message once per such key."""
-        trace, _, head, api, route, _, _, peer, port, _ = record
-        sampler = trace.sampler
         key = (sampler, api, route, head.method, head.version, port)
         cached = self._fixed.get(key)
         if cached is None:
             method = head.method.decode("latin-1")
             pairs: list[tuple[str, Any]] = [
-                ("http.request.method", method), ("url.scheme", peer.scheme), ("server.port", port),
+                ("http.request.method", method), ("url.scheme", scheme), ("server.port", port),
                 ("network.protocol.version", head.version.decode("latin-1")), ("flexgw.api", api or ""),
             ]
             if route is not None:
@@ -185,13 +188,19 @@ class SpanEncoder:
         return (self._child_head[("upstream", _CLIENT)] + attribute("server.address", authority)
                 + attribute("flexgw.upstream.connection_reused", reused))
 
-    def server_tail(self, record: tuple[Any, ...]) -> bytes:
+    def _answered(self, key: tuple[Any, bool]) -> bytes:
+        """What an answered attempt's span starts with (its tag and length, then its constant
+        part); _ANSWERED packs the rest."""
+        constant = self._upstream_parts[key]
+        n = len(constant) + _ATTEMPT_SIZE
+        return b"\x12" + varint(n) + constant
+
+    def server_tail(self, trace: Any, head: Any, status: int, cause: str | None) -> bytes:
         """What a server span has besides ids, times, constant part and path: the parent, the
         trace state, the request-header labels, the error status."""
-        trace, _, head, _, _, status, cause, _, _, _ = record
         parts = []
-        if trace.parent_id:
-            parts.append(b"\x22\x08" + trace.parent_id.to_bytes(8, "big"))
+        if trace.parent_id is not None:
+            parts.append(b"\x22\x08" + trace.parent_id)
         if trace.tracestate:
             parts.append(field(b"\x1a", trace.tracestate))
         sampler = trace.sampler
@@ -204,85 +213,95 @@ class SpanEncoder:
             parts.append(b"\x7a\x02\x18\x02")  # status ERROR without a message
         return b"".join(parts)
 
-    def child_tail(self, child: ChildSpan) -> bytes:
-        """What a child span has besides ids and times: its name, kind and attributes, its
-        events, its error."""
+    def _child(self, trace_id: bytes, parent: bytes, span: Any) -> bytes:
+        """A child span (a ChildSpan), tag and length included."""
         parts = []
-        if child.kind == UPSTREAM:
-            parts.append(self._upstream_parts[(child.address, child.reused)])
-            if child.connected is not None:
-                parts.append(_CONNECTED[0] + _FIXED64.pack(int(child.connected * 1e9)) + _CONNECTED[1])
-            if child.first_byte is not None:
-                parts.append(_FIRST_BYTE[0] + _FIXED64.pack(int(child.first_byte * 1e9)) + _FIRST_BYTE[1])
+        if span.kind == UPSTREAM:
+            parts.append(self._upstream_parts[(span.address, span.reused)])
+            if span.connected is not None:
+                parts.append(_CONNECTED[0] + _FIXED64.pack(int(span.connected * 1e9)) + _CONNECTED[1])
         else:
-            parts.append(self._child_head[(child.name, _INTERNAL if child.kind == POLICY else _CLIENT)])
-        if child.attributes is not None:
-            parts.append(attributes(child.attributes))
-        if child.error is not None:
-            parts.append(self._child_error[child.error])
+            parts.append(self._child_head[(span.name, _INTERNAL if span.kind == POLICY else _CLIENT)])
+        if span.attributes is not None:
+            parts.append(attributes(span.attributes))
+        if span.error is not None:
+            parts.append(self._child_error[span.error])
+        tail = b"".join(parts)
+        return field(b"\x12", _CHILD_HEAD.pack(
+            b"\x0a\x10", trace_id, b"\x12\x08", span.span_id, b"\x22\x08", parent,
+            0x39, int(span.start * 1e9), 0x41, int(span.end * 1e9),
+        ) + tail)
+
+    def _attempt(self, trace: Any, trace_id: bytes, server: bytes) -> bytes:
+        """The span of the trace's last upstream attempt (ended), tag and length included."""
+        parts = [self._upstream_parts[(trace.address, trace.reused)]]
+        if trace.connected is not None:
+            parts.append(_CONNECTED[0] + _FIXED64.pack(int(trace.connected * 1e9)) + _CONNECTED[1])
+        if trace.first_byte is not None:
+            parts.append(_FIRST_BYTE[0] + _FIXED64.pack(int(trace.first_byte * 1e9)) + _FIRST_BYTE[1])
+        if trace.attempt_error is not None:
+            parts.append(self._child_error[trace.attempt_error])
+        return field(b"\x12", _CHILD_HEAD.pack(
+            b"\x0a\x10", trace_id, b"\x12\x08", trace.attempt, b"\x22\x08", server,
+            0x39, int(trace.attempt_start * 1e9), 0x41, int(trace.attempt_end * 1e9),
+        ) + b"".join(parts))
+
+    def trace(self, trace: Any, end: float, head: Any, api: str | None, route: str | None,
+              status: int, cause: str | None, peer: Any, port: int) -> bytes:
+        """The spans of a finished trace (closed: flexgw.http.tracecontext.Trace.close), each a
+        ScopeSpans `spans` entry, for `request` to gather: the server span of the request
+        `head` (to API `api`, route `route`, answered `status`, failed with `cause`, from
+        `peer` on listener port `port`, ended at `end`) and its children.
+
+        The common case, a server span without parent, trace state, variable labels or error
+        whose one upstream attempt answered, is a few cached pieces and one struct pack."""
+        ids = trace.ids
+        trace_id = ids[:16]
+        server = ids[24:]
+        sampler = trace.sampler
+        fixed = (self._fixed.get((sampler, api, route, head.method, head.version, port))
+                 or self.fixed(sampler, api, route, head, peer.scheme, port))
+        path = head.path.encode("utf-8")
+        n = len(path)
+        if n < 100:
+            path = b"\x4a%c\x0a\x08url.path\x12%c\x0a%c%s" % (n + 14, n + 2, n, path)
+        else:
+            path = attribute("url.path", head.path)
+        common = self._request_attributes_cache[(head.authority, peer.address, status)]
+        plain = not (trace.parent_id or trace.tracestate or sampler.labels or cause is not None
+                     or status >= 500 or not status)
+        tail = b"" if plain else self.server_tail(trace, head, status, cause)
+        n = _SERVER_HEAD.size + len(fixed) + len(path) + len(common) + len(tail)
+        if (plain and trace.children is None and trace.attempt is not None and trace.first_byte is not None
+                and trace.connected is not None and trace.attempt_error is None and 128 <= n < 16384):
+            return b"".join((
+                self._answered_prefix[(trace.address, trace.reused)],
+                _ANSWERED.pack(
+                    b"\x0a\x10", trace_id, b"\x12\x08", trace.attempt, b"\x22\x08", server,
+                    0x39, int(trace.attempt_start * 1e9), 0x41, int(trace.attempt_end * 1e9),
+                    _CONNECTED_0, int(trace.connected * 1e9), _CONNECTED_1,
+                    _FIRST_BYTE_0, int(trace.first_byte * 1e9), _FIRST_BYTE_1,
+                    0x12, (n & 0x7F | 0x80) | (n >> 7) << 8,
+                    b"\x0a\x10", trace_id, b"\x12\x08", server,
+                    0x39, int(trace.start * 1e9), 0x41, int(end * 1e9),
+                ),
+                fixed, path, common,
+            ))
+        parts = [
+            b"\x12" + varint(n),
+            _SERVER_HEAD.pack(b"\x0a\x10", trace_id, b"\x12\x08", server,
+                              0x39, int(trace.start * 1e9), 0x41, int(end * 1e9)),
+            fixed, path, common, tail,
+        ]
+        if trace.attempt is not None:
+            parts.append(self._attempt(trace, trace_id, server))
+        for child in trace.children or ():
+            parts.append(self._child(trace_id, server, child))
         return b"".join(parts)
 
-    def encode(self, records: list[tuple[Any, ...]]) -> bytes:
-        """An ExportTraceServiceRequest holding the spans of `records`, serialized.
-
-        The common case is written inline (an upstream attempt that connected and got its first
-        byte; a server span without parent, trace state, variable labels or error): a few
-        struct packs and cached pieces per span, the pieces of the whole batch joined once."""
-        parts = [self._scope]
-        append = parts.append
-        fixed_get = self._fixed.get
-        request_attributes = self._request_attributes_cache
-        upstream_parts = self._upstream_parts
-        server_head = _SERVER_HEAD.pack
-        child_head = _CHILD_HEAD.pack
-        both_events = _BOTH_EVENTS.pack
-        connected_0, connected_1 = _CONNECTED
-        first_0, first_1 = _FIRST_BYTE
-        for record in records:
-            trace, end, head, api, route, status, cause, peer, port, _ = record
-            trace_id = trace.trace_id.to_bytes(16, "big")
-            span_id = trace.span_id.to_bytes(8, "big")
-            sampler = trace.sampler
-            fixed = fixed_get((sampler, api, route, head.method, head.version, port)) or self.fixed(record)
-            path = head.path.encode("utf-8")
-            n = len(path)
-            if n < 100:
-                path = b"\x4a%c\x0a\x08url.path\x12%c\x0a%c%s" % (n + 14, n + 2, n, path)
-            else:
-                path = attribute("url.path", head.path)
-            common = request_attributes[(head.authority, peer.address, status)]
-            tail = (
-                self.server_tail(record)
-                if trace.parent_id or trace.tracestate or sampler.labels or cause is not None
-                or status >= 500 or not status else b""
-            )
-            n = _SERVER_HEAD.size + len(fixed) + len(path) + len(common) + len(tail)
-            append(b"\x12" + (_VARINTS[n] if n < 16384 else _varint(n)))
-            append(server_head(b"\x0a\x10", trace_id, b"\x12\x08", span_id,
-                               0x39, int(trace.start * 1e9), 0x41, int(end * 1e9)))
-            append(fixed)
-            append(path)
-            append(common)
-            append(tail)
-            for child in trace.children:
-                ids = child_head(b"\x0a\x10", trace_id, b"\x12\x08", child.span_id.to_bytes(8, "big"),
-                                 b"\x22\x08", span_id, 0x39, int(child.start * 1e9), 0x41, int(child.end * 1e9))
-                if (child.kind == UPSTREAM and child.connected is not None and child.first_byte is not None
-                        and child.attributes is None and child.error is None):
-                    constant = upstream_parts[(child.address, child.reused)]
-                    n = _CHILD_HEAD.size + len(constant) + _BOTH_EVENTS.size
-                    append(b"\x12" + (_VARINTS[n] if n < 16384 else _varint(n)))
-                    append(ids)
-                    append(constant)
-                    append(both_events(connected_0, int(child.connected * 1e9), connected_1,
-                                       first_0, int(child.first_byte * 1e9), first_1))
-                else:
-                    tail = self.child_tail(child)
-                    n = _CHILD_HEAD.size + len(tail)
-                    append(b"\x12" + (_VARINTS[n] if n < 16384 else _varint(n)))
-                    append(ids)
-                    append(tail)
-        return field(b"\x0a", self._resource + field(b"\x12", b"".join(parts)))
+    def request(self, traces: list[bytes]) -> bytes:
+        """An ExportTraceServiceRequest holding the spans of `traces` (each what `trace` made)."""
+        return field(b"\x0a", self._resource + field(b"\x12", self._scope + b"".join(traces)))
 
 
 def _any(value: Any) -> AnyValue:
@@ -299,8 +318,8 @@ def _host(authority: str) -> str:
     return host.strip("[]")
 
 
-
-
-def encode(settings: TracingSettings, records: list[tuple[Any, ...]]) -> bytes:
-    """An ExportTraceServiceRequest holding the spans of `records`, serialized (one-off)."""
-    return SpanEncoder(settings).encode(records)
+def encode(settings: TracingSettings, traces: Iterable[tuple[Any, ...]]) -> bytes:
+    """An ExportTraceServiceRequest holding the spans of `traces` (each the arguments of
+    SpanEncoder.trace), serialized (one-off: tests, tools)."""
+    encoder = SpanEncoder(settings)
+    return encoder.request([encoder.trace(*arguments) for arguments in traces])

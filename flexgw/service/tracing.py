@@ -44,42 +44,46 @@ class ExportError(Exception):
 
 @implementer(IExchangeObserver)
 class Tracer:
-    """Queues the trace of each traced exchange as it ends (a tuple: the spans are built at export)."""
+    """Encodes the trace of each traced exchange as it ends, and queues it for export."""
 
     def __init__(self, clock: Any, exporter: SpanExporter) -> None:
         self.clock = clock
         self.exporter = exporter
+        self.encoder = exporter.encoder
 
     def exchange_finished(self, exchange: ProxyExchange, listener: Any) -> None:
-        """Close the exchange's trace, if it has one, and offer it for export (a record: the
-        trace, its end, the request head, API and route names, status, error cause, peer,
-        listener port and the number of spans)."""
+        """Close the exchange's trace, if it has one, and queue its spans (unless the queue is
+        full: then they are dropped and counted, and not even encoded)."""
         trace = exchange.trace
         if trace is None:
+            return
+        exporter = self.exporter
+        spans = trace.spans()
+        if exporter.queued + spans > exporter.max_queue or exporter.stopped:
+            exporter.dropped += spans
             return
         now = self.clock.seconds()
         cause = exchange.error_cause
         elapsed = exchange.upstream_elapsed
-        attempt = trace.attempt
-        children = trace.children
-        if (cause is None and attempt is not None and not attempt.end and trace.policy is None
-                and len(children) == 1):
+        if (cause is None and trace.attempt is not None and trace.attempt_end is None
+                and trace.policy is None and trace.children is None):
             # the common case (Trace.close's work, inline): one upstream attempt that answered
-            attempt.end = now
+            trace.attempt_end = now
             if elapsed is not None:
-                attempt.first_byte = exchange.upstream_started + elapsed
+                trace.first_byte = exchange.upstream_started + elapsed
         else:
-            destination = exchange.destination
+            pool = exchange.pool  # (set once the upstream was asked for a connection)
             trace.close(
                 now, None if elapsed is None else exchange.upstream_started + elapsed, cause,
-                exchange.upstream_started, destination.upstream if destination is not None else None,
+                None if pool is None else exchange.upstream_started,
+                None if pool is None else pool.upstream,
             )
+            spans = trace.spans()
         route = exchange.route
-        self.exporter.offer((
+        exporter.offer(self.encoder.trace(
             trace, now, exchange.head, exchange.api_key, route.name if route is not None else None,
             exchange.response_status, cause, exchange.front.peer, getattr(listener, "port", 0),
-            1 + len(children),
-        ))
+        ), spans)
 
     def tunnel_opened(self, exchange: ProxyExchange, listener: Any) -> None:
         """A tunnel's span ends at the switch."""
@@ -93,16 +97,19 @@ class Tracer:
 
 
 class SpanExporter:
-    """The bounded queue of finished traces and the batches sent from it."""
+    """The bounded queue of finished traces (their spans' OTLP bytes) and the batches sent
+    from it."""
 
     def __init__(
         self, clock: Any, settings: TracingSettings, send: Callable[[bytes], Deferred[Any]]
     ) -> None:
         self.clock = clock
         self.settings = settings
+        self.max_queue = settings.max_queue
         self.send = send
         self.encoder = SpanEncoder(settings)
-        self.queue: list[tuple[Any, ...]] = []  # Tracer records
+        self.queue: list[bytes] = []  # each trace's spans, encoded
+        self.counts: list[int] = []  # the number of spans of each
         self.queued = 0  # spans in the queue
         self.dropped = 0
         self.exported = 0
@@ -112,18 +119,18 @@ class SpanExporter:
         self.inflight: Deferred[Any] | None = None
         self.stopped = False
 
-    def offer(self, record: tuple[Any, ...]) -> None:
-        """Queue a finished trace (a Tracer record, whose last item is its number of spans), or
-        drop it when the queue is full."""
-        spans = record[-1]
-        if self.queued + spans > self.settings.max_queue or self.stopped:
+    def offer(self, spans_bytes: bytes, spans: int) -> None:
+        """Queue a finished trace (`spans` spans, encoded), or drop it when the queue is full."""
+        queued = self.queued + spans
+        if queued > self.max_queue or self.stopped:
             self.dropped += spans
             return
-        self.queue.append(record)
-        self.queued += spans
+        self.queue.append(spans_bytes)
+        self.counts.append(spans)
+        self.queued = queued
         if self.inflight is None:
             # A batch waits at most `delay`; a full one is sent at once (in the next turn).
-            full = self.queued >= self.settings.max_batch
+            full = queued >= self.settings.max_batch
             if self.timer is None:
                 self.timer = self.clock.callLater(0 if full else self.settings.delay, self.flush)
                 self.urgent = full
@@ -139,23 +146,20 @@ class SpanExporter:
             timer.cancel()
         if self.inflight is not None or not self.queue:
             return None
-        batch: list[tuple[Any, ...]] = []
         count = 0
         limit = self.settings.max_batch
-        queue = self.queue
+        counts = self.counts
         taken = 0
-        for record in queue:
-            spans = record[-1]
-            if batch and count + spans > limit:
+        for spans in counts:
+            if taken and count + spans > limit:
                 break
-            batch.append(record)
             count += spans
             taken += 1
-        del queue[:taken]
+        batch = self.queue[:taken]
+        del self.queue[:taken], counts[:taken]
         self.queued -= count
         try:
-            body = self.encoder.encode(batch)
-            d = self.send(body)
+            d = self.send(self.encoder.request(batch))
         except Exception:  # noqa: BLE001 (an export must never break the gateway)
             d = fail(Failure())
         d.addTimeout(self.settings.timeout, self.clock)
@@ -192,6 +196,7 @@ class SpanExporter:
         self.timer = None
         self.dropped += self.queued
         self.queue.clear()
+        self.counts.clear()
         self.queued = 0
 
 
