@@ -28,6 +28,8 @@ _ZEROS = bytes(8)
 #: What a `traceparent` value has around the trace id and span id (in hex, `-` between).
 _TP_START = b"00-"
 _TP_END = b"-01"
+_TP_LINE_START = b"traceparent: 00-"
+_TP_LINE_END = b"-01\r\n"
 _TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 #: A header counting as a client's request to be traced (Envoy's, which Flex's `client` reads).
 CLIENT_TRACE_HEADER = b"x-client-trace-id"
@@ -259,22 +261,22 @@ class Trace:
     def upstream_attempt(self, started: float, now: float, address: Any, reused: bool) -> bytes:
         """An upstream connection to `address` (a flexgw.plan.Upstream: its authority is read at
         export) is ready (`now`; asked for at `started`): the attempt's span starts (an earlier
-        attempt ends here, failed), and its `traceparent` value is returned, to send."""
+        attempt ends here, failed), and its `traceparent` header line is returned, to send."""
         attempt = self.attempt
         if attempt is None:
             self.attempt = self.ids[16:24]
-            value = _TP_START + hexlify(self.ids[:24], b"-", -16) + _TP_END
+            line = _TP_LINE_START + hexlify(self.ids[:24], b"-", -16) + _TP_LINE_END
         else:
             self._retried(now)
             started = now
             attempt = self.attempt = (self.sampler.ids(64) or 1).to_bytes(8, "big")
-            value = _TP_START + hexlify(self.ids[:16] + attempt, b"-", -16) + _TP_END
+            line = _TP_LINE_START + hexlify(self.ids[:16] + attempt, b"-", -16) + _TP_LINE_END
         self.attempt_start = started
         self.connected = now
         self.address = address
         self.reused = reused
         self.first_byte = self.attempt_end = self.attempt_error = None
-        return value
+        return line
 
     def _retried(self, now: float) -> None:
         """The attempt under way gives way to another: it becomes a child span, ended at `now`

@@ -594,7 +594,7 @@ class ProxyExchange:
         """The request head as the upstream receives it: the request line, the client's header
         lines less hop-by-hop ones (and X-Forwarded-* claims unless relayed), Host, the
         X-Forwarded-* lines (when relayed), the framing, this kind's hop-by-hop lines; when the
-        request is traced, the `traceparent` of its upstream attempt replaces the client's."""
+        request is traced, the `traceparent` line of its upstream attempt replaces the client's."""
         head = self.head
         front = self.front
         destination = self.destination
@@ -672,9 +672,7 @@ class ProxyExchange:
         if hop_lines:
             append(hop_lines)
         if traceparent is not None:
-            append(b"traceparent: ")
             append(traceparent)
-            append(b"\r\n")
         append(b"\r\n")
         return b"".join(lines)
 

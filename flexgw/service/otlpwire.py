@@ -300,8 +300,14 @@ class SpanEncoder:
         return b"".join(parts)
 
     def request(self, traces: list[bytes]) -> bytes:
-        """An ExportTraceServiceRequest holding the spans of `traces` (each what `trace` made)."""
-        return field(b"\x0a", self._resource + field(b"\x12", self._scope + b"".join(traces)))
+        """An ExportTraceServiceRequest holding the spans of `traces` (each what `trace` made):
+        one ResourceSpans of one ScopeSpans, joined in one copy."""
+        scope_spans = len(self._scope) + sum(map(len, traces))
+        scope_head = b"\x12" + varint(scope_spans)
+        parts = [b"\x0a", varint(len(self._resource) + len(scope_head) + scope_spans),
+                 self._resource, scope_head, self._scope]
+        parts += traces
+        return b"".join(parts)
 
 
 def _any(value: Any) -> AnyValue:
