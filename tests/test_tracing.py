@@ -522,8 +522,7 @@ class WireTests(SynchronousTestCase):
     def records(self) -> list[Any]:
         """Two finished traces: a continued one with trace state, a request-header label, a
         retried attempt, a policy wait, a failed side call, an error and a 200-byte path; and a
-        new root trace with one attempt that answered, without labels (the common case, whose
-        attempt span comes first)."""
+        new root trace with one attempt that answered on a reused connection."""
         from types import SimpleNamespace
 
         clock = Clock()
@@ -539,7 +538,7 @@ class WireTests(SynchronousTestCase):
         clock.advance(0.001)
         first.upstream_attempt(first.start, clock.seconds(), "10.1.1.1:80", False)
         clock.advance(0.002)
-        first.upstream_attempt(first.start, clock.seconds(), "10.1.1.2:80", True)
+        first.upstream_attempt(first.start, clock.seconds(), "10.1.1.2:80", False)
         first.policy_waiting("ns/p", "slow-kind", clock.seconds())
         first.policy_done("rejected")
         span, _ = first.side_call("jwks")
@@ -566,9 +565,9 @@ class WireTests(SynchronousTestCase):
         [group] = request.resource_spans[0].ListFields()[1][1]  # scope_spans or its older name
         spans = list(group.spans)
         self.assertEqual([s.name for s in spans], ["POST r1", "upstream", "upstream", "policy slow-kind", "jwks",
-                                                   "upstream", "GET r1"])
+                                                   "GET r1", "upstream"])
         first, second = records[0][0], records[1][0]
-        server, attempt, retried, policy, side, last, root = spans
+        server, attempt, retried, policy, side, root, last = spans
         self.assertEqual((server.trace_id, server.span_id, server.parent_span_id, server.trace_state),
                          (CLIENT_TRACE.to_bytes(16, "big"), first.span_id.to_bytes(8, "big"),
                           CLIENT_SPAN.to_bytes(8, "big"), "v=1"))
@@ -584,7 +583,7 @@ class WireTests(SynchronousTestCase):
             self.assertEqual((child.trace_id, child.parent_span_id), (server.trace_id, server.span_id))
         self.assertEqual((retried.status.message, attributes(retried)["server.address"]), ("retried", "10.1.1.1:80"))
         self.assertEqual(attributes(attempt), {"server.address": "10.1.1.2:80",
-                                               "flexgw.upstream.connection_reused": True})
+                                               "flexgw.upstream.connection_reused": False})
         self.assertEqual([(e.name, e.time_unix_nano) for e in attempt.events],
                          [("connected", int(first.connected * 1e9)), ("first_byte", int(first.first_byte * 1e9))])
         self.assertEqual((attempt.status.code, attempt.status.message), (2, "upstream_reset"))
@@ -592,7 +591,63 @@ class WireTests(SynchronousTestCase):
                          (Span.SpanKind.SPAN_KIND_INTERNAL, "rejected", {"flexgw.policy.binding": "ns/p"}))
         self.assertEqual((side.status.message, attributes(side)), ("jwks_unreachable", {"url.full": "http://idp/keys"}))
         self.assertEqual((root.parent_span_id, root.trace_id, root.status.code), (b"", second.trace_id.to_bytes(16, "big"), 0))
-        self.assertEqual((last.parent_span_id, [e.name for e in last.events]), (root.span_id, ["connected", "first_byte"]))
+        # (a reused connection was there before the attempt: no `connected` event)
+        self.assertEqual((last.parent_span_id, [e.name for e in last.events]), (root.span_id, ["first_byte"]))
+        self.assertTrue(attributes(last)["flexgw.upstream.connection_reused"])
+
+    def test_the_common_case_the_fast_way(self) -> None:
+        """SpanEncoder.answered, the fast way for a trace whose one upstream attempt answered,
+        writes the spans the general way does (new and reused connections, new and continued
+        traces, literal and environment labels; twice, the second time from its cache), and
+        declines what is not that case (a request-header label, an error status, a long path)."""
+        from types import SimpleNamespace
+
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        from flexgw.service.otlpwire import SpanEncoder
+
+        encoder = SpanEncoder(TracingSettings("h2c://h:1", "grpc"))
+        clock = Clock()
+        clock.advance(1_700_000_000)
+        labelled = Sampler(labels=(TraceLabel("team", "literal", "", "pay"), TraceLabel("region", "environment", "R", "-")),
+                           environ={"R": "eu"}, ids=random.Random(5).getrandbits)
+        peer = SimpleNamespace(scheme="http", address="10.0.0.9")
+        route = SimpleNamespace(name="r1")
+
+        def finished(sampler: Sampler, headers: list[Any], reused: bool, status: int = 200,
+                     path: str = "/items") -> tuple[Any, Any, float]:
+            trace = sampler.begin(headers, clock.seconds(), clock)
+            assert trace is not None
+            trace.upstream_attempt(trace.start + 0.001, trace.start + 0.002, "10.1.1.1:80", reused)
+            end = trace.start + 0.004
+            trace.close(end, trace.start + 0.003, None)
+            head = SimpleNamespace(method=b"GET", version=b"1.1", authority="gw.test", path=path, headers=headers)
+            exchange = SimpleNamespace(head=head, api_key="ns/api", route=route, response_status=status,
+                                       front=SimpleNamespace(peer=peer))
+            return trace, exchange, end
+
+        def spans(data: bytes) -> list[Any]:
+            request = ExportTraceServiceRequest.FromString(encoder.request([data]))
+            [group] = request.resource_spans[0].ListFields()[1][1]
+            return sorted((s.span_id, s.name, s.kind, s.trace_id, s.parent_span_id, s.start_time_unix_nano,
+                           s.end_time_unix_nano, s.status.code, attributes(s),
+                           [(e.name, e.time_unix_nano) for e in s.events]) for s in group.spans)
+
+        for headers in ([], [(b"traceparent", SAMPLED)]):
+            for reused in (False, True):
+                trace, exchange, end = finished(labelled, headers, reused)
+                fast = encoder.answered(trace, exchange, 8080, end)
+                assert fast is not None
+                general = encoder.trace(trace, end, exchange.head, "ns/api", "r1", 200, None, peer, 8080)
+                self.assertEqual(spans(fast), spans(general))
+                self.assertEqual(len(spans(fast)), 2)
+                self.assertEqual(encoder.answered(trace, exchange, 8080, end), fast)
+        header_labelled = Sampler(labels=(TraceLabel("tenant", "requestHeader", "x-t", "-"),))
+        for declined in (finished(header_labelled, [], False), finished(labelled, [], False, status=503),
+                         finished(labelled, [], True, path="/" + "p" * 120)):
+            self.assertIsNone(encoder.answered(declined[0], declined[1], 8080, declined[2]))
 
     def test_both_published_layouts_read_the_same_spans(self) -> None:
         """Whichever copy of the OTLP modules an installation has (opentelemetry-proto's, or the

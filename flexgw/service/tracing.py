@@ -58,19 +58,23 @@ class Tracer:
         if trace is None:
             return
         exporter = self.exporter
-        spans = trace.spans()
-        if exporter.queued + spans > exporter.max_queue or exporter.stopped:
-            exporter.dropped += spans
+        if exporter.queued >= exporter.max_queue or exporter.stopped:
+            exporter.dropped += trace.spans()
             return
         now = self.clock.seconds()
         cause = exchange.error_cause
         elapsed = exchange.upstream_elapsed
-        if (cause is None and trace.attempt is not None and trace.attempt_end is None
-                and trace.policy is None and trace.children is None):
-            # the common case (Trace.close's work, inline): one upstream attempt that answered
+        port = getattr(listener, "port", 0)
+        if (cause is None and elapsed is not None and trace.attempt is not None
+                and trace.attempt_end is None and trace.children is None and trace.policy is None
+                and trace.tracestate is None):
+            # The common case (Trace.close's work, inline): one upstream attempt, answered.
             trace.attempt_end = now
-            if elapsed is not None:
-                trace.first_byte = exchange.upstream_started + elapsed
+            trace.first_byte = exchange.upstream_started + elapsed
+            spans = self.encoder.answered(trace, exchange, port, now)
+            if spans is not None:
+                exporter.offer(spans, 2)
+                return
         else:
             pool = exchange.pool  # (set once the upstream was asked for a connection)
             trace.close(
@@ -78,12 +82,11 @@ class Tracer:
                 None if pool is None else exchange.upstream_started,
                 None if pool is None else pool.upstream,
             )
-            spans = trace.spans()
         route = exchange.route
         exporter.offer(self.encoder.trace(
             trace, now, exchange.head, exchange.api_key, route.name if route is not None else None,
-            exchange.response_status, cause, exchange.front.peer, getattr(listener, "port", 0),
-        ), spans)
+            exchange.response_status, cause, exchange.front.peer, port,
+        ), trace.spans())
 
     def tunnel_opened(self, exchange: ProxyExchange, listener: Any) -> None:
         """A tunnel's span ends at the switch."""
