@@ -82,7 +82,8 @@ def _only_authorization(ctx: PolicyContext, header: bytes = b"authorization") ->
     """The value of the request's only Authorization header (None: none, or several)."""
     found = None
     size = len(header)
-    for name, value in ctx.request_headers if ctx.request_headers_changed else ctx.head.headers:
+    headers = ctx.changed_headers
+    for name, value in ctx.head.headers if headers is None else headers:
         if len(name) == size and name.lower() == header:
             if found is not None:
                 return None  # several Authorization headers: ambiguous, refuse
