@@ -116,7 +116,10 @@ class Gateway:
         files: dict[str, str],
         environ: dict[str, str] | None = None,
         resolver: Any = None,
+        clock: Any = None,
     ):
+        """`clock`: the policies' clock (their side-call timeouts), e.g. a task.Clock a test
+        advances to fire a timeout at a moment it chooses; default: the reactor."""
         self.case = case
         self.root = case.mktemp()
         os.makedirs(self.root)
@@ -126,6 +129,8 @@ class Gateway:
         self.service = GatewayService(
             reactor, [self.root], environ or {}, access_log=self.access_log, resolver=resolver
         )
+        if clock is not None:
+            self.service.runtime.clock = clock
 
     def write(self, files: dict[str, str | None]) -> None:
         """Write (or delete, for None) configuration files, dedented."""
@@ -214,9 +219,12 @@ def api_document(port: int, upstream_port: int, name: str = "test-api") -> str:
 
 
 def start_api_gateway(
-    case: TestCase, port: int, upstream_port: int, documents: str = "", name: str = "test-api"
+    case: TestCase, port: int, upstream_port: int, documents: str = "", name: str = "test-api",
+    clock: Any = None,
 ) -> Gateway:
-    """A started gateway serving `api_document(...)` followed by `documents` (bindings...)."""
-    gateway = Gateway(case, {"api.yaml": api_document(port, upstream_port, name) + documents})
+    """A started gateway serving `api_document(...)` followed by `documents` (bindings...);
+    `clock`: its policies' clock (Gateway)."""
+    gateway = Gateway(case, {"api.yaml": api_document(port, upstream_port, name) + documents},
+                      clock=clock)
     gateway.start()
     return gateway
