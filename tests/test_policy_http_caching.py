@@ -357,12 +357,15 @@ class EndToEndTests(TestCase):
         # wait until Redis has it (a loaded machine let the second gateway's lookup in first).
         admin = RedisClient(reactor, "127.0.0.1", server.port)
         self.addCleanup(admin.close)
-        while not await admin.execute(b"KEYS", b"*"):
+        while not (stored := await admin.execute(b"KEYS", b"*")):
             pass
         second = await self.get("/shared", port=ports[1])
         self.assertEqual(first.body, second.body)
         self.assertEqual(second.header("age"), [b"0"])
         self.assertEqual(len(self.upstream.received), 1)
         await self.get("/x", "x-invalidate: invalidate-all\r\n", port=ports[1])
+        # The invalidation, too, reaches Redis after the answer: wait until the entry is gone.
+        while await admin.execute(b"EXISTS", *stored):
+            pass
         await self.get("/shared", port=ports[0])
         self.assertEqual(len(self.upstream.received), 3)
