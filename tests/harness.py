@@ -8,16 +8,19 @@ import io
 import json
 import os
 import random
+import shutil
 import socket
 import tempfile
 import textwrap
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from flexgw.config.pipeline import load_config
 from flexgw.service.accesslog import AccessLog
 from flexgw.service.gateway import GatewayService
+from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream, Responder
 
 #: Ports handed out by free_port(): below Linux's ephemeral range (32768-60999 by default), so
@@ -228,3 +231,43 @@ def start_api_gateway(
                       clock=clock)
     gateway.start()
     return gateway
+
+
+class PolicyGatewayCase(TestCase):
+    """End-to-end tests of a policy: a recording upstream (`self.upstream`) and a gateway port
+    (`self.port`); `start(documents)` serves test-api there with `documents` (its bindings,
+    `self.documents` by default), `send(raw)` makes one request through it."""
+
+    timeout = 20
+    documents = ""
+
+    def setUp(self) -> None:
+        """A recording upstream and a free port (then the next class's setUp, if any)."""
+        super().setUp()
+        self.upstream = RecordingUpstream(reactor=reactor)
+        self.upstream.listen(reactor)
+        self.addCleanup(self.upstream.stop)
+        self.port = free_port()
+
+    def start(self, documents: str | None = None) -> Gateway:
+        """A started gateway with test-api on `self.port` and `documents`."""
+        return start_api_gateway(
+            self, self.port, self.upstream.address[1],
+            self.documents if documents is None else documents,
+        )
+
+    async def send(self, raw: bytes) -> client.Response:
+        """One request through the gateway."""
+        return await client.request(reactor, "127.0.0.1", self.port, raw)
+
+
+def assert_loads_cleanly(case: SynchronousTestCase, documents: str) -> Any:
+    """The pipeline behind `flexgw validate` loads an API followed by `documents` (a binding
+    with Flex's documented keys, say) without an error; its ConfigState."""
+    root = tempfile.mkdtemp()
+    case.addCleanup(shutil.rmtree, root)
+    with open(os.path.join(root, "api.yaml"), "w", encoding="utf-8") as handle:
+        handle.write(api_document(free_port(), free_port()) + documents)
+    state = load_config([root], {})
+    case.assertEqual([str(p) for p in state.problems if p.severity == "error"], [])
+    return state
