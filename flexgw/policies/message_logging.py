@@ -213,7 +213,20 @@ class MessageLoggingPolicy:
         if self.needs_body and context.payload is None:
             context.payload = (ctx.body or b"").decode("utf-8", "replace")
         for item, write in self._first:
-            self._emit(item, context, "first", write)
+            message = item.message
+            if write is None or item.conditional is not True or type(message) is not Expression:
+                self._emit(item, context, "first", write)
+                continue
+            # The usual item (always logged, an expression for a message, the sink's writer):
+            # here, without _emit's call and checks.
+            try:
+                text = message.evaluate(context)
+                if type(text) is not str:
+                    text = to_text(text)
+            except Exception as exc:  # noqa: BLE001 (logging must never fail the request)
+                self._failed(item, "first", exc)
+                continue
+            write(text)
 
     @property
     def response_phase(self) -> bool:
@@ -242,14 +255,7 @@ class MessageLoggingPolicy:
             message = item.message
             text = to_text(message.evaluate(context)) if isinstance(message, Expression) else message
         except Exception as exc:  # noqa: BLE001 (logging must never fail the request)
-            self.log.error(
-                "[{binding}] message logging item {item!r} ({section} section) failed: {error}",
-                binding=self.binding,
-                api=self.api,
-                item=item.name,
-                section=section,
-                error=str(exc),
-            )
+            self._failed(item, section, exc)
             return
         if write is not None:
             write(text)
@@ -270,6 +276,18 @@ class MessageLoggingPolicy:
             category=item.category,
             section=section,
             text=text,
+        )
+
+
+    def _failed(self, item: LogItem, section: str, exc: Exception) -> None:
+        """An item's expression failed on this request: log that (as an error), not the item."""
+        self.log.error(
+            "[{binding}] message logging item {item!r} ({section} section) failed: {error}",
+            binding=self.binding,
+            api=self.api,
+            item=item.name,
+            section=section,
+            error=str(exc),
         )
 
 
