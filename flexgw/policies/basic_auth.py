@@ -140,9 +140,11 @@ class BasicAuthPolicy:
 
     def on_request(self, ctx: PolicyContext) -> LocalResponse | None:
         """Let the request on when its Basic credentials match; a 401 otherwise."""
-        if not self.matches(_only_authorization(ctx)):
+        raw = _only_authorization(ctx)
+        if raw not in self.accepted and not self.matches(raw):  # (a value seen before: no call)
             return UNAUTHORIZED
-        return self._authenticated(ctx)
+        ctx.authentication = self.authenticated_as
+        return None
 
     #: Header values that passed `_check`, exactly as sent (see the module docstring).
     accepted: dict[bytes, None] = attrs.field(init=False, factory=dict, eq=False, repr=False)
