@@ -193,6 +193,7 @@ class ProxyExchange:
         "tap",
         "timer",
         "trace",
+        "unproduced",
         "until_close",
         "upstream_elapsed",
         "upstream_started",
@@ -234,6 +235,9 @@ class ProxyExchange:
         self.chain: ChainRun | None = None  # the policies applied to this request
         self.out: list[bytes] | None = None  # response bytes produced by the current upstream read
         self.flushed = False  # some of the response (its head first) went to the client
+        # The HTTP/1.1 response head is queued and the upstream connection is not registered
+        # as the client transport's producer yet (_send_head, flush_response).
+        self.unproduced = False
         self.trace: Trace | None = None  # the request's trace, when it is traced
         # A response-phase policy's body tap (`PolicyContext.response_tap`): fed every piece of
         # the response body as it goes downstream (the HTTP cache); None for nearly every request.
@@ -555,7 +559,9 @@ class ProxyExchange:
         send_now(transport, out[0] if len(out) == 1 else b"".join(out))
         if head.body != BODY_NONE and not self.request_complete:
             transport.registerProducer(self.front.gate, True)
-        self.front.gate.release(HELD)
+        gate = self.front.gate
+        if gate.reasons:
+            gate.release(HELD)
         if self.request_complete:
             self._finish_request(terminated=True)
 
@@ -735,9 +741,11 @@ class ProxyExchange:
             append(b"Connection: keep-alive\r\n")
         append(b"\r\n")
         self.response_close = close
-        # Not written yet: the head goes out with the body that came in the same read.
+        # Not written yet: the head goes out with the body that came in the same read. The
+        # upstream connection becomes the client transport's producer only if the response
+        # outlives this read (flush_response): most end in it (_complete).
         self.out = [b"".join(lines)]
-        front.transport.registerProducer(self.conn.gate, True)  # type: ignore[union-attr]
+        self.unproduced = True
 
     def _accept_response_head(
         self, status: int, headers: HeaderList
@@ -847,7 +855,13 @@ class ProxyExchange:
         self.response_chunked = False  # the last chunk is written
 
     def flush_response(self) -> None:
-        """Send what this upstream read produced for the client, in one send."""
+        """Send what this upstream read produced for the client, in one send. While the
+        response goes on (the upstream connection is still this exchange's), the connection's
+        reading is first registered as the client transport's producer: backpressure from
+        here on."""
+        if self.unproduced and self.conn is not None:
+            self.unproduced = False
+            self.front.transport.registerProducer(self.conn.gate, True)
         out = self.out
         if out:
             self.out = None
@@ -866,8 +880,9 @@ class ProxyExchange:
             if self.out is None:
                 self.out = []
             self.out.append(b"0\r\n\r\n")
-        self.flush_response()
-        front.transport.unregisterProducer()
+        self.flush_response()  # (`conn` is no longer the exchange's: nothing is registered)
+        if not self.unproduced:
+            front.transport.unregisterProducer()
         self.state = DONE
         self._stop_timer()
         if conn is not None:

@@ -452,7 +452,9 @@ class IngressProtocol(Protocol):
         if self.pending_refusal is not None:
             self._refuse(self.pending_refusal)
             return
-        self.gate.release(PIPELINE)
+        gate = self.gate
+        if gate.reasons:
+            gate.release(PIPELINE)
         if self.queue:
             exchange = self.queue.popleft()
             self.active = exchange
