@@ -220,6 +220,8 @@ class ProxyExchange:
         self.started = started
         self.upstream_started = 0.0
         self.upstream_elapsed: float | None = None
+        # The response and stream idle timeouts are the front's watchdog's deadline (set by
+        # _watch); `timer` is a retry's backoff.
         self.timer = None
         self.deadline = None  # a gRPC request's `grpc-timeout` timer
         self.grpc_web: GrpcWebSink | None = None  # a gRPC-Web request's translation
@@ -288,7 +290,7 @@ class ProxyExchange:
         assert self.chain is not None
         if self.head.body != BODY_NONE and any(b.needs_body for b in self.chain.policies):
             self.state = BUFFERING
-            self.timer = self.front.wheel.call_later(self._stream_idle_timeout(), self._on_timer)
+            self._watch(self._stream_idle_timeout())
             if self.request_complete:
                 self._body_buffered()
             return
@@ -417,7 +419,7 @@ class ProxyExchange:
             # no timer yet: connecting is bounded by the connect timeout, and the response
             # timeout starts when the request has been sent.
             self.last_activity = self.upstream_started
-            self.timer = front.wheel.call_later(self._stream_idle_timeout(), self._on_timer)
+            self._watch(self._stream_idle_timeout())
         assert self.destination is not None
         upstream = self.destination.upstream
         balancing = upstream.balancing
@@ -501,8 +503,8 @@ class ProxyExchange:
             conn.transport.unregisterProducer()
             self.front.gate.release(BACKPRESSURE)
         if self.response_status == 0:
-            # Cancel and re-create: reset() to an earlier time scans the reactor's timer heap.
-            self._stop_timer()
+            if self.timer is not None or self.deadline is not None:
+                self._stop_timer()  # (the watchdog's deadline is replaced below)
             chain = self.chain
             timeout = self.front.timeouts.upstream_response
             if chain is not None and chain.ctx.response_timeout is not None:
@@ -510,7 +512,7 @@ class ProxyExchange:
             retry = self.destination.upstream.retry  # type: ignore[union-attr]
             if retry is not None and retry.per_try_timeout is not None:
                 timeout = min(timeout, retry.per_try_timeout)
-            self.timer = self.front.wheel.call_later(timeout, self._on_timer)
+            self._watch(timeout)
 
     # -- the pool's callbacks --------------------------------------------------------------------
 
@@ -787,13 +789,13 @@ class ProxyExchange:
         self.response_status = status
         self.last_activity = now = self.front.clock.seconds()
         self.upstream_elapsed = now - self.upstream_started
-        timer = self.timer
-        if timer is not None:
-            # From now the stream idle timeout applies. A timer armed sooner than it would
-            # expire stays: when it fires, _on_timer measures the idle time and re-arms.
+        watchdog = self.front.watchdog
+        if watchdog.owner is self:
+            # From now the stream idle timeout applies. A deadline sooner than it would expire
+            # stays: when it passes, _on_timer measures the idle time and sets the next.
             idle = self._stream_idle_timeout()
-            if timer.when - now > idle:
-                timer.reset(idle)
+            if watchdog.due - now > idle:
+                watchdog.watch(self, now + idle, self._on_timer)
         self.state = RESPONDING
         kept = response_headers_for_downstream(headers, connection_values)
         chain = self.chain
@@ -1195,8 +1197,14 @@ class ProxyExchange:
         self.upstream_started = self.front.clock.seconds()
         self.pool.acquire(self)  # type: ignore[union-attr]
 
+    def _watch(self, delay: float) -> None:
+        """The response or stream idle deadline: `delay` seconds from now (the front's watchdog,
+        at the wheel's granularity), replacing the one set before."""
+        front = self.front
+        front.watchdog.watch(self, front.clock.seconds() + delay, self._on_timer)
+
     def _on_timer(self) -> None:
-        self.timer = None
+        """The response or stream idle deadline passed (the front's watchdog)."""
         front = self.front
         if (
             self.state in (CONNECTING, SENDING)
@@ -1209,10 +1217,11 @@ class ProxyExchange:
                     return
             self.fail(errors.UPSTREAM_TIMEOUT)
             return
-        idle = front.clock.seconds() - self.last_activity
+        now = front.clock.seconds()
+        idle = now - self.last_activity
         limit = self._stream_idle_timeout()
         if idle < limit:
-            self.timer = front.wheel.call_later(limit - idle, self._on_timer)
+            front.watchdog.watch(self, now + limit - idle, self._on_timer)
             return
         if self.state == RESPONDING:
             self._upstream_failed(errors.STREAM_IDLE_TIMEOUT)
@@ -1237,6 +1246,9 @@ class ProxyExchange:
         return self.front.timeouts.stream_idle
 
     def _stop_timer(self) -> None:
+        watchdog = self.front.watchdog
+        if watchdog.owner is self:
+            watchdog.stop(self)
         timer = self.timer
         if timer is not None:
             self.timer = None

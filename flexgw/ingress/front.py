@@ -33,7 +33,7 @@ from flexgw.http.request import (
     error_for_parser_message,
 )
 from flexgw.http.tunnel import Tunnel
-from flexgw.http.wheel import TimingWheel
+from flexgw.http.wheel import TimingWheel, Watchdog
 from flexgw.ingress.contract import IExchangeFront, IExchangeObserver
 from flexgw.ingress.exchange import CHAIN_FINISH, DONE, RESPONDING, WAITING, ProxyExchange
 from flexgw.ingress.h2front import H2Limits
@@ -73,6 +73,8 @@ class IngressProtocol(Protocol):
         self.factory = factory
         self.clock = factory.clock
         self.wheel = factory.wheel  # keep-alive and header timeouts, and the exchanges'
+        # The exchanges' response and stream idle deadlines: one at a time, one wheel timer.
+        self.watchdog = Watchdog(self.wheel)
         self.pools = factory.pools
         self.parser = httptools.HttpRequestParser(self)
         # IExchangeFront.route: the listener factory's (its current plan), called directly.
@@ -527,6 +529,7 @@ class IngressProtocol(Protocol):
             self._refuse(errors.HEADER_TIMEOUT)
 
     def _stop_timer(self) -> None:
+        self.watchdog.close()
         for name in ("timer", "head_timer"):
             timer = getattr(self, name)
             if timer is not None:
