@@ -59,8 +59,8 @@ from flexgw.http.h2.frames import (
 )
 from flexgw.http.h2send import send_queued
 from flexgw.http.headers import HOP_BY_HOP, HeaderList, response_headers_for_downstream
-from flexgw.http.wheel import Watchdog
 from flexgw.http.request import BODY_CHUNKED, BODY_NONE, RequestHead, analyze_head
+from flexgw.http.wheel import Watchdog
 from flexgw.ingress.contract import IExchangeFront
 from flexgw.ingress.exchange import (
     CONNECTING,
