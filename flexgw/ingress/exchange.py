@@ -51,6 +51,10 @@ _CONNECTION_OPTIONS = HOP_BY_HOP | {b"close"}  # Connection tokens that name no 
 #: Trailer fields never forwarded (framing, routing and hop-by-hop fields: RFC 9110 §6.5.1).
 NOT_TRAILERS = HOP_BY_HOP | {b"content-length", b"host", b"content-type", b"content-encoding"}
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+#: Request header names _upstream_head never copies as they are (one set test per header).
+_NOT_COPIED = HOP_BY_HOP | {b"content-length", b"host", b"forwarded"}
+#: Response header names never forwarded as they are (the framing is decided again).
+_NOT_FORWARDED = HOP_BY_HOP | {b"content-length"}
 #: The header a traced request's own `traceparent` line replaces upstream.
 _TRACEPARENT = frozenset({b"traceparent"})
 
@@ -617,6 +621,7 @@ class ProxyExchange:
         # The line end carries Proxy-Authorization for a forward proxy (precomputed).
         lines = [head.method, b" ", self.upstream_target, destination.upstream.request_line_end]
         append = lines.append
+        extend = lines.extend
         host_line_done = False
         chain = self.chain
         headers = head.headers
@@ -627,16 +632,19 @@ class ProxyExchange:
             drop = _TRACEPARENT if drop is None else drop | _TRACEPARENT
         for name, value in headers:
             lname = name.lower()
-            if lname in HOP_BY_HOP or lname == b"content-length":
-                continue
-            if drop is not None and lname in drop:
-                continue
-            if lname == b"host":
-                if host_line_done:
+            if lname in _NOT_COPIED:
+                if lname == b"host":
+                    if host_line_done:
+                        continue
+                    host_line_done = True
+                    if rewrite_host:
+                        value = destination.upstream.host_value
+                elif lname != b"forwarded" or not trusted:
+                    # Hop-by-hop and framing fields; RFC 7239's form of the X-Forwarded-* claims
+                    # only from a trusted proxy. (Neither Host nor Forwarded is ever in `drop`.)
                     continue
-                host_line_done = True
-                if rewrite_host:
-                    value = destination.upstream.authority.encode("latin-1")
+            elif drop is not None and lname in drop:
+                continue
             elif lname[:12] == b"x-forwarded-":
                 if not trusted or lname == b"x-forwarded-client-cert":
                     continue  # XFCC comes only from the gateway (the verified client certificate)
@@ -647,12 +655,7 @@ class ProxyExchange:
                     has_xfh = True
                 elif lname == b"x-forwarded-proto":
                     has_xfp = True
-            elif lname == b"forwarded" and not trusted:
-                continue  # RFC 7239's form of the same claims: only a trusted proxy may make them
-            append(name)
-            append(b": ")
-            append(value)
-            append(b"\r\n")
+            extend((name, b": ", value, b"\r\n"))
         if not host_line_done:
             authority = (
                 destination.upstream.authority if rewrite_host else (head.authority or "")
@@ -660,9 +663,11 @@ class ProxyExchange:
             append(b"Host: " + authority.encode("latin-1") + b"\r\n")
         if relay:
             client = peer.address_bytes
-            append(b"X-Forwarded-For: ")
-            append(client if prior_xff is None else prior_xff + b", " + client)
-            append(b"\r\n")
+            extend((
+                b"X-Forwarded-For: ",
+                client if prior_xff is None else prior_xff + b", " + client,
+                b"\r\n",
+            ))
             if not has_xfp:
                 append(peer.proto_line)  # with the XFCC line on mTLS connections
             elif peer.xfcc_line:
@@ -773,19 +778,29 @@ class ProxyExchange:
         connection_values = []
         content_length = None
         chunked = False
-        for name, value in headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                content_length = value
+        # The fields to forward (response_headers_for_downstream's, in the same pass): hop-by-hop
+        # and framing fields dropped here, Connection-listed ones after it.
+        kept: HeaderList = []
+        keep = kept.append
+        for field in headers:
+            lname = field[0].lower()
+            if lname not in _NOT_FORWARDED:
+                keep(field)
+            elif lname == b"content-length":
+                content_length = field[1]
             elif lname == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
+                if field[1].strip().lower() != b"chunked":
                     # llhttp accepts e.g. `gzip, chunked`; re-chunking would silently drop the
                     # gzip coding and hand the client bytes it cannot decode.
                     self.response_malformed("Transfer-Encoding other than chunked")
                     return None
                 chunked = True
             elif lname == b"connection":
-                connection_values.append(value)
+                connection_values.append(field[1])
+        if connection_values:
+            listed = connection_tokens(connection_values)
+            if not listed <= HOP_BY_HOP:  # (nearly always just `keep-alive`, dropped already)
+                kept = [field for field in kept if field[0].lower() not in listed]
         self.response_status = status
         self.last_activity = now = self.front.clock.seconds()
         self.upstream_elapsed = now - self.upstream_started
@@ -797,7 +812,6 @@ class ProxyExchange:
             if watchdog.due - now > idle:
                 watchdog.watch(self, now + idle, self._on_timer)
         self.state = RESPONDING
-        kept = response_headers_for_downstream(headers, connection_values)
         chain = self.chain
         if chain is not None:
             ctx = chain.ctx
@@ -824,9 +838,9 @@ class ProxyExchange:
         self.state = TUNNEL
 
     def response_body(self, data: bytes) -> None:
-        """A piece of the response body: queue it (chunk-framed if needed) for this read's send."""
+        """A piece of the response body: queue it (chunk-framed if needed) for this read's send
+        (flush_response marks the stream active, once per read)."""
         self.bytes_out += len(data)
-        self.last_activity = self.front.clock.seconds()
         if self.tap is not None:
             self.tap.feed(data)
         out = self.out
@@ -861,9 +875,12 @@ class ProxyExchange:
         response goes on (the upstream connection is still this exchange's), the connection's
         reading is first registered as the client transport's producer: backpressure from
         here on."""
-        if self.unproduced and self.conn is not None:
-            self.unproduced = False
-            self.front.transport.registerProducer(self.conn.gate, True)
+        if self.conn is not None:
+            # The response goes on: the stream idle timeout counts from this read.
+            self.last_activity = self.front.clock.seconds()
+            if self.unproduced:
+                self.unproduced = False
+                self.front.transport.registerProducer(self.conn.gate, True)
         out = self.out
         if out:
             self.out = None
