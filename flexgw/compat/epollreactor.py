@@ -43,6 +43,8 @@ from twisted.logger import Logger, LogLevel
 from twisted.python import log
 from twisted.python.failure import Failure
 
+from flexgw.compat import writebatch
+
 _base_log = Logger(namespace="twisted.internet.base")  # mainLoop's events, as Twisted's
 
 #: The reactor plug-in's short name (`twistd --reactor flexgw`).
@@ -69,9 +71,19 @@ class FlexReactor(EPollReactor):
             if err.errno == errno.EINTR:
                 return
             raise
+        if not events:
+            return
         poll_in = self._POLL_IN
         poll_out = self._POLL_OUT
         hangup = self._POLL_DISCONNECTED
+        writebatch.begin()  # HTTP/2 writes queued by this turn's reads go out once, at its end
+        try:
+            self._dispatch(events, selectables, poll_in, poll_out, hangup)
+        finally:
+            writebatch.end()
+
+    def _dispatch(self, events: Any, selectables: Any, poll_in: int, poll_out: int, hangup: int) -> None:
+        """Each event to its selectable's doRead/doWrite (Twisted's `_doReadOrWrite`, inlined)."""
         for fd, event in events:
             selectable = selectables.get(fd)
             if selectable is None:

@@ -47,7 +47,7 @@ from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
 from flexgw.http.gate import BACKPRESSURE
-from flexgw.http.h2 import batch
+from flexgw.compat import writebatch as batch
 from flexgw.http.h2 import settings as h2settings
 from flexgw.http.h2.connection import H2Codec, StreamClosedError
 from flexgw.http.h2.frames import (
