@@ -526,6 +526,29 @@ class MessageTests(CodecTestCase):
         self.feed(self.headers(1, fields))
         self.assertEqual(self.handler.of("headers"), [("headers", 1, fields, True)])
 
+    def test_request_fields_read_once(self) -> None:
+        """What the checks read of a request head is handed on (`request`): content-length,
+        :method, :path, :authority, Host, the number of pseudo-header fields, the size, whether
+        a Host or Cookie field needs the front's attention."""
+        self.feed(self.headers(1, [*POST, (b"content-length", b"3"), (b"x-a", b"1")], ("END_HEADERS",)))
+        size = sum(len(n) + len(v) + 4 for n, v in [*POST, (b"content-length", b"3"), (b"x-a", b"1")])
+        self.assertEqual(self.codec.request, (3, b"POST", b"/x", b"a.test", None, 4, size, False))
+        self.feed(self.headers(3, [*GET, (b"cookie", b"a=1")]))
+        self.assertEqual(self.codec.request[4:], (None, 4, 73, True))  # 14 + 15 + 20 + 11 + 13
+
+    def test_checked_fields_remembered_not_trusted_blindly(self) -> None:
+        """Fields that passed are remembered (bounded), but the same name with a bad value, on
+        any connection, is still malformed."""
+        from flexgw.http.h2 import fields
+
+        for i in range(fields._GOOD_FIELDS + 10):
+            fields.request_fields([*GET, (b"x-n", b"%d" % i)])
+        self.assertLessEqual(len(fields._good_fields), fields._GOOD_FIELDS)
+        self.feed(self.headers(1, [*GET, (b"x-a", b"ok")]))
+        self.assertIn((b"x-a", b"ok"), fields._good_fields)
+        self.setUp()
+        self.assertGoaway(self.feed(self.headers(1, [*GET, (b"x-a", b"ok\r")])), f.PROTOCOL_ERROR)
+
     def test_trailers(self) -> None:
         """Trailers end the stream; without END_STREAM, or with a pseudo-header, they are
         malformed."""
@@ -564,6 +587,27 @@ class SendingTests(CodecTestCase):
         self.assertEqual(written[1].flags, {"END_HEADERS"})
         block = b"".join(x.data for x in written)
         self.assertEqual(hpack.Decoder().decode(block, raw=True), head)
+
+    def test_send_response_in_one_piece(self) -> None:
+        """A whole response (head and a body that fits the windows and one frame) is queued as
+        HEADERS + DATA(END_STREAM), or HEADERS(END_STREAM) without a body, and ends the stream;
+        a body over the stream's window is refused with nothing queued."""
+        self.feed(self.headers(1), self.headers(3))
+        self.assertTrue(self.codec.send_response(1, RESPONSE, b"hello"))
+        self.assertEqual(len(self.codec.out), 1)
+        headers, data = split_frames(self.codec.data_to_send())[0]
+        self.assertEqual((type(headers), headers.flags, data.data, data.flags), (HeadersFrame, {"END_HEADERS"}, b"hello", {"END_STREAM"}))
+        self.assertNotIn(1, self.codec.streams)
+        self.assertEqual(self.codec.send_window, 65535 - 5)
+        self.assertTrue(self.codec.send_response(3, RESPONSE, b""))
+        [headers] = split_frames(self.codec.data_to_send())[0]
+        self.assertEqual(headers.flags, {"END_HEADERS", "END_STREAM"})
+        self.assertRaises(StreamClosedError, self.codec.send_response, 3, RESPONSE, b"")
+        self.feed(f.settings({s.INITIAL_WINDOW_SIZE: 4}), self.headers(5))
+        self.codec.data_to_send()
+        self.assertFalse(self.codec.send_response(5, RESPONSE, b"hello"))
+        self.assertEqual(self.codec.data_to_send(), b"")
+        self.assertEqual(self.codec.streams[5].send_window, 4)
 
     def test_peer_header_table_size(self) -> None:
         """The peer's SETTINGS_HEADER_TABLE_SIZE reaches the encoder (a size update leads its

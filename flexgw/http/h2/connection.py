@@ -5,8 +5,9 @@ attributes (`flexgw.http.h2.stream`). HPACK is the `hpack` library behind flexgw
 
 The handler (the front's or the upstream connection's protocol) provides:
 
-- `h2_headers(stream_id, headers, end_stream)`: a request head (server; a new stream) or a
-  response head (client; informational ones included);
+- `h2_headers(stream_id, headers, end_stream)`: a request head (server; a new stream, whose
+  checked parts are in `request` meanwhile: `fields.RequestFields`) or a response head (client;
+  informational ones included);
 - `h2_trailers(stream_id, headers)`: a trailer section (the stream's end);
 - `h2_data(stream_id, data, flow_length, end_stream)`: body bytes; `flow_length` must be handed
   back with `acknowledge` once passed on;
@@ -119,6 +120,8 @@ class H2Codec:
         self.closed = False  # a GOAWAY with an error was sent: nothing more is read
         self.error: tuple[int, str] | None = None  # the connection error, when there was one
         self.reason = ""  # what the last stream error was (read by the handler's h2_reset)
+        #: (server side) what the checks read of the request head h2_headers is called with
+        self.request: fields.RequestFields | None = None
         self.local_window = local_settings.get(INITIAL_WINDOW_SIZE, DEFAULT_WINDOW)
         self.local_max_streams = local_settings.get(MAX_CONCURRENT_STREAMS, 2**31)
         self.local_max_frame = local_settings.get(MAX_FRAME_SIZE, DEFAULT_FRAME_SIZE)
@@ -204,6 +207,29 @@ class H2Codec:
         self.out.append(data_frame(stream_id, data, end_stream))
         if end_stream:
             self._send_end(stream)
+
+    def send_response(self, stream_id: int, headers: Any, body: bytes) -> bool:
+        """A whole message at once: HEADERS, then `body` in one DATA frame with END_STREAM (or
+        HEADERS with END_STREAM when `body` is empty), queued as one piece. False, with nothing
+        queued, when `body` does not fit the windows or one frame: send it piece by piece."""
+        stream = self.streams.get(stream_id)
+        if stream is None or not stream.send_open:
+            raise StreamClosedError(stream_id)
+        size = len(body)
+        if size > stream.send_window or size > self.send_window or size > self.max_outbound_frame_size:
+            return False
+        block = self.encoder.encode(headers)
+        if size:
+            stream.send_window -= size
+            self.send_window -= size
+            self.out.append(
+                header_frames(stream_id, block, False, self.max_outbound_frame_size)
+                + data_frame(stream_id, body, True)
+            )
+        else:
+            self.out.append(header_frames(stream_id, block, True, self.max_outbound_frame_size))
+        self._send_end(stream)
+        return True
 
     def end_stream(self, stream_id: int) -> None:
         """An empty DATA frame with END_STREAM."""
@@ -485,9 +511,10 @@ class H2Codec:
             if len(self.streams) >= self.local_max_streams:
                 raise _ConnectionError(PROTOCOL_ERROR, "over SETTINGS_MAX_CONCURRENT_STREAMS")
             try:
-                length = fields.request_length(headers)
+                request = self.request = fields.request_fields(headers)
             except fields.MalformedFields as exc:
                 raise _ConnectionError(PROTOCOL_ERROR, str(exc)) from exc
+            length = request[0]
             stream = Stream(stream_id, self.local_window, self.remote_window)
             self.streams[stream_id] = stream
             if length > 0 and end_stream:
