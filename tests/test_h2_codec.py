@@ -29,7 +29,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from flexgw.http.h2 import frames as f
 from flexgw.http.h2 import settings as s
-from flexgw.http.h2.connection import H2Codec, StreamClosedError
+from flexgw.http.h2.connection import H2Codec, HeaderListTooLargeError, StreamClosedError
 from flexgw.testing.h2 import split_frames
 from flexgw.testing.memory import connect_client, connect_upstream, memory_factory, one_api_listener
 
@@ -609,6 +609,22 @@ class SendingTests(CodecTestCase):
         self.assertFalse(self.codec.send_response(5, RESPONSE, b"hello"))
         self.assertEqual(self.codec.data_to_send(), b"")
         self.assertEqual(self.codec.streams[5].send_window, 4)
+
+    def test_peer_max_header_list_size(self) -> None:
+        """§6.5.2: a header block over the client's SETTINGS_MAX_HEADER_LIST_SIZE (names, values
+        and 32 octets per field) is not sent (HeaderListTooLargeError, a StreamClosedError);
+        one at the limit is."""
+        self.feed(f.settings({s.MAX_HEADER_LIST_SIZE: 100}), self.headers(1), self.headers(3))
+        self.codec.data_to_send()
+        fits = [(b":status", b"200"), (b"x-a", b"a" * 23)]  # 7 + 3 + 32 + 3 + 23 + 32 = 100
+        over = [(b":status", b"200"), (b"x-a", b"a" * 24)]
+        for send in (self.codec.send_headers, lambda i, h: self.codec.send_response(i, h, b"ok")):
+            with self.assertRaises(HeaderListTooLargeError):
+                send(1, over)
+            self.assertEqual(self.codec.data_to_send(), b"")
+        self.assertIn(1, self.codec.streams)
+        self.assertTrue(self.codec.send_response(3, fits, b"ok"))
+        self.assertEqual(len(split_frames(self.codec.data_to_send())[0]), 2)
 
     def test_peer_header_table_size(self) -> None:
         """The peer's SETTINGS_HEADER_TABLE_SIZE reaches the encoder (a size update leads its

@@ -30,6 +30,8 @@ from flexgw.testing.h2raw import (
     GOAWAY,
     HEADERS,
     INITIAL_WINDOW_SIZE,
+    INTERNAL_ERROR,
+    MAX_HEADER_LIST_SIZE,
     PADDED,
     PING,
     PRIORITY_FLAG,
@@ -513,6 +515,22 @@ class Section6_5_2SettingsParameterTests(ConformanceCase):
         conn = await self.connect()
         conn.send(settings((h2raw.MAX_FRAME_SIZE, 2**24)))
         await self.connection_error(conn, PROTOCOL_ERROR)
+
+    async def test_max_header_list_size_respected(self) -> None:
+        """SETTINGS_MAX_HEADER_LIST_SIZE (§6.5.2: advisory, the peer MAY refuse more): a
+        response head over the client's limit is not sent, the stream is reset (INTERNAL_ERROR)
+        and the connection goes on; once the client raises its limit, responses come."""
+        conn = await self.connect()
+        conn.send(settings((MAX_HEADER_LIST_SIZE, 60)))  # below any response head (:status: 42)
+        await conn.settings_ack()
+        conn.request(1, fields=conn.request_fields(path=b"/big"))
+        await conn.stream_error(1, INTERNAL_ERROR)
+        self.assertEqual([f for f in conn.received if f.stream_id == 1 and f.kind == HEADERS], [])
+        conn.send(settings((MAX_HEADER_LIST_SIZE, 16384)))
+        await conn.settings_ack()
+        conn.request(3, fields=conn.request_fields(path=b"/fits"))
+        response = await conn.response(3)
+        self.assertEqual(response.status, 200)
 
     async def test_unknown_setting_ignored(self) -> None:
         """A setting of unknown identifier is ignored (and acknowledged)."""

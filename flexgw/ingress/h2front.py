@@ -49,7 +49,7 @@ from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
 from flexgw.http.gate import BACKPRESSURE
 from flexgw.http.h2 import settings as h2settings
-from flexgw.http.h2.connection import H2Codec, StreamClosedError
+from flexgw.http.h2.connection import H2Codec, HeaderListTooLargeError, StreamClosedError
 from flexgw.http.h2.frames import (
     ENHANCE_YOUR_CALM,
     INTERNAL_ERROR,
@@ -358,10 +358,13 @@ class H2Stream:
                     conn, self.stream_id, self.queue, self.ending, self.trailers
                 )
                 self.queued -= sent
-        except StreamClosedError:
+        except StreamClosedError as exc:
             # The stream was closed under us (the client reset it in this same read), or the codec
-            # refused a header the response carries: reset it; what the exchange still sends
-            # is dropped (queue_data) until it completes, and then the stream is forgotten.
+            # refused the response's head or trailers (over the client's
+            # SETTINGS_MAX_HEADER_LIST_SIZE): reset it; what the exchange still sends is dropped
+            # (queue_data) until it completes, and then the stream is forgotten.
+            if isinstance(exc, HeaderListTooLargeError):
+                _log.info("HTTP/2 response to {client} not sent: {error}", client=self.peer.address, error=exc)
             self.closed = True
             self.queue.clear()
             self.queued = 0

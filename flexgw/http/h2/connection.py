@@ -65,6 +65,7 @@ from flexgw.http.h2.settings import (
     INITIAL_WINDOW_SIZE,
     MAX_CONCURRENT_STREAMS,
     MAX_FRAME_SIZE,
+    MAX_HEADER_LIST_SIZE,
     SettingsError,
     parse,
 )
@@ -82,6 +83,15 @@ class StreamClosedError(Exception):
     def __init__(self, stream_id: int) -> None:
         super().__init__(f"stream {stream_id} is closed")
         self.stream_id = stream_id
+
+
+class HeaderListTooLargeError(StreamClosedError):
+    """(server side) A header block over the peer's SETTINGS_MAX_HEADER_LIST_SIZE (RFC 9113
+    §6.5.2): not sent; the stream cannot carry it, as if closed."""
+
+    def __init__(self, stream_id: int, size: int, limit: int) -> None:
+        super().__init__(stream_id)
+        self.args = (f"stream {stream_id}: a header list of {size} over the peer's limit of {limit}",)
 
 
 class _ConnectionError(Exception):
@@ -128,6 +138,8 @@ class H2Codec:
         self.remote_window = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
         self.remote_max_streams = 2**31
         self.max_outbound_frame_size = DEFAULT_FRAME_SIZE
+        #: (server side) the client's SETTINGS_MAX_HEADER_LIST_SIZE; None: none advertised
+        self.remote_max_header_list: int | None = None
         self.send_window = DEFAULT_WINDOW  # the connection's window for what we send
         self.recv_window = DEFAULT_WINDOW  # what the peer may still send on the connection
         self.recv_max = DEFAULT_WINDOW
@@ -190,6 +202,8 @@ class H2Codec:
             self.next_stream_id += 2
         elif not stream.send_open:
             raise StreamClosedError(stream_id)
+        if self.remote_max_header_list is not None:
+            self._check_list_size(stream_id, headers)
         block = self.encoder.encode(headers)
         self.out.append(header_frames(stream_id, block, end_stream, self.max_outbound_frame_size))
         if end_stream:
@@ -218,6 +232,8 @@ class H2Codec:
         size = len(body)
         if size > stream.send_window or size > self.send_window or size > self.max_outbound_frame_size:
             return False
+        if self.remote_max_header_list is not None:
+            self._check_list_size(stream_id, headers)
         block = self.encoder.encode(headers)
         if size:
             stream.send_window -= size
@@ -230,6 +246,16 @@ class H2Codec:
             self.out.append(header_frames(stream_id, block, True, self.max_outbound_frame_size))
         self._send_end(stream)
         return True
+
+    def _check_list_size(self, stream_id: int, headers: Any) -> None:
+        """Refuse a header list over the peer's SETTINGS_MAX_HEADER_LIST_SIZE (§6.5.2: the
+        uncompressed size, 32 octets more per field)."""
+        size = 0
+        for name, value in headers:
+            size += len(name) + len(value) + 32
+        limit = self.remote_max_header_list
+        if limit is not None and size > limit:
+            raise HeaderListTooLargeError(stream_id, size, limit)
 
     def end_stream(self, stream_id: int) -> None:
         """An empty DATA frame with END_STREAM."""
@@ -624,6 +650,8 @@ class H2Codec:
                 self.remote_max_streams = value
             elif code == HEADER_TABLE_SIZE:
                 self.encoder.header_table_size = value
+            elif code == MAX_HEADER_LIST_SIZE and not self.client:
+                self.remote_max_header_list = value
         self.out.append(SETTINGS_ACK)
         self.handler.h2_settings()
 
