@@ -79,7 +79,7 @@ class Recorder:
 
 
 class CodecTestCase(SynchronousTestCase):
-    """A server codec past the client's preface and SETTINGS."""
+    """A server codec past the client's preface and SETTINGS, its own SETTINGS acknowledged."""
 
     client = False
 
@@ -97,9 +97,9 @@ class CodecTestCase(SynchronousTestCase):
         self.codec.initiate()
         if self.client:
             self.codec.data_to_send()
-            self.codec.receive(SettingsFrame(0).serialize())
+            self.codec.receive(SettingsFrame(0).serialize() + f.SETTINGS_ACK)
         else:
-            self.codec.receive(f.PREFACE + SettingsFrame(0).serialize())
+            self.codec.receive(f.PREFACE + SettingsFrame(0).serialize() + f.SETTINGS_ACK)
         self.codec.data_to_send()
         self.handler.calls.clear()
         self.handler.controls = 0
@@ -428,6 +428,61 @@ class FrameDefinitionTests(CodecTestCase):
     def test_continuation_on_stream_zero(self) -> None:
         """CONTINUATION on stream 0: PROTOCOL_ERROR."""
         self.assertGoaway(self.feed(f.frame(f.CONTINUATION, f.END_HEADERS, 0, b"\x82")), f.PROTOCOL_ERROR)
+
+
+class OwnSettingsTests(SynchronousTestCase):
+    """§6.5.3: our SETTINGS that let the peer send less apply once it acknowledged them; before,
+    it may still use the defaults. Those that let it send more apply at once."""
+
+    def codec(self, local: dict[int, int]) -> tuple[H2Codec, Recorder]:
+        handler = Recorder()
+        codec = H2Codec(handler, client=False, local_settings=local, max_header_list=4096, header_block_limit=2048)
+        handler.codec = codec
+        codec.initiate()
+        codec.receive(f.PREFACE + SettingsFrame(0).serialize())
+        codec.data_to_send()
+        return codec, handler
+
+    def test_smaller_window_after_ack(self) -> None:
+        """INITIAL_WINDOW_SIZE 100: before the ACK a stream takes 65,535 octets; the ACK shrinks
+        the open streams' windows by the difference (§6.9.2), and then DATA over it is a stream
+        error FLOW_CONTROL_ERROR."""
+        codec, handler = self.codec({s.INITIAL_WINDOW_SIZE: 100})
+        encoder = hpack.Encoder()
+        codec.receive(HeadersFrame(1, encoder.encode(POST), flags=["END_HEADERS"]).serialize())
+        codec.receive(DataFrame(1, b"x" * 1000).serialize())
+        self.assertEqual(handler.of("reset"), [])
+        codec.receive(f.SETTINGS_ACK)
+        self.assertEqual(codec.streams[1].recv_window, 100 - 1000)
+        codec.receive(HeadersFrame(3, encoder.encode(POST), flags=["END_HEADERS"]).serialize())
+        codec.receive(DataFrame(3, b"x" * 101).serialize())
+        self.assertEqual(handler.of("reset"), [("reset", 3, f.FLOW_CONTROL_ERROR, False)])
+
+    def test_stream_limit_after_ack(self) -> None:
+        """MAX_CONCURRENT_STREAMS 1: a second stream before the ACK is the handler's to refuse
+        (no connection error); after it, over the limit is a connection error."""
+        codec, handler = self.codec({s.MAX_CONCURRENT_STREAMS: 1})
+        encoder = hpack.Encoder()
+        codec.receive(b"".join(HeadersFrame(i, encoder.encode(POST), flags=["END_HEADERS"]).serialize() for i in (1, 3)))
+        self.assertFalse(codec.closed)
+        self.assertEqual(len(handler.of("headers")), 2)
+        codec.receive(f.SETTINGS_ACK + HeadersFrame(5, encoder.encode(POST), flags=["END_HEADERS"]).serialize())
+        self.assertTrue(codec.closed)
+        self.assertEqual(codec.error[0], f.PROTOCOL_ERROR)
+
+    def test_larger_values_at_once(self) -> None:
+        """A larger window, frame size and header table apply before the ACK."""
+        codec, _ = self.codec({s.INITIAL_WINDOW_SIZE: 1 << 20, s.MAX_FRAME_SIZE: 1 << 15, s.HEADER_TABLE_SIZE: 8192})
+        self.assertEqual((codec.local_window, codec.local_max_frame, codec.decoder.max_allowed_table_size), (1 << 20, 1 << 15, 8192))
+        codec.receive(f.SETTINGS_ACK)
+        self.assertEqual(codec.unacknowledged, [])
+
+    def test_smaller_table_after_ack(self) -> None:
+        """HEADER_TABLE_SIZE 0: the decoder allows the default table until the ACK."""
+        codec, _ = self.codec({s.HEADER_TABLE_SIZE: 0})
+        self.assertEqual(codec.decoder.max_allowed_table_size, 4096)
+        codec.receive(f.SETTINGS_ACK)
+        self.assertEqual(codec.decoder.max_allowed_table_size, 0)
 
 
 class FlowControlTests(CodecTestCase):

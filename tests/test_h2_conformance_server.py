@@ -552,6 +552,23 @@ class Section6_5_3SettingsSynchronizationTests(ConformanceCase):
         got = await _data_frame(conn, 1)
         self.assertEqual(got.payload, b"h")
 
+    async def test_stream_limit_binds_once_acknowledged(self) -> None:
+        """The gateway's SETTINGS_MAX_CONCURRENT_STREAMS binds the client once it acknowledged
+        it: before, a stream over it is refused (REFUSED_STREAM, safe to retry) and the
+        connection goes on; after, the excess is still refused or a connection error."""
+        conn = await self.connect(handshake=False)
+        server_settings = await conn.next()
+        limit = server_settings.settings[h2raw.MAX_CONCURRENT_STREAMS]
+        conn.send(settings((INITIAL_WINDOW_SIZE, 0)))  # (no ACK of the server's SETTINGS yet)
+        conn.send(*(conn.headers(1 + 2 * i) for i in range(limit + 1)))
+        last = 1 + 2 * limit
+        got = await conn.stream_error(last, REFUSED_STREAM)
+        self.assertEqual(got.kind, RST_STREAM)
+        await conn.still_alive()
+        conn.send(settings(ack=True))
+        conn.send(*(conn.headers(last + 2 + 2 * i) for i in range(limit + 1)))
+        await self.stream_error(conn, last + 2 + 2 * limit, PROTOCOL_ERROR, REFUSED_STREAM)
+
     async def test_settings_acknowledged(self) -> None:
         """SETTINGS without ACK: a SETTINGS ACK comes back."""
         conn = await self.connect()

@@ -113,7 +113,10 @@ class H2Codec:
         max_header_list: int,
         header_block_limit: int,
     ) -> None:
-        """`local_settings` take effect at once (they are what we advertise in `initiate`);
+        """`local_settings` are what we advertise in `initiate`; each takes effect at once where
+        it lets the peer send more than the protocol's default, and only once the peer
+        acknowledged it where it lets the peer send less (RFC 9113 §6.5.3: a peer that has not
+        read it yet may still use the default);
         `max_header_list` bounds a decoded header list (beyond: ENHANCE_YOUR_CALM), and
         `header_block_limit` a header block still waiting for CONTINUATION frames."""
         self.handler = handler
@@ -132,9 +135,11 @@ class H2Codec:
         self.reason = ""  # what the last stream error was (read by the handler's h2_reset)
         #: (server side) what the checks read of the request head h2_headers is called with
         self.request: fields.RequestFields | None = None
-        self.local_window = local_settings.get(INITIAL_WINDOW_SIZE, DEFAULT_WINDOW)
-        self.local_max_streams = local_settings.get(MAX_CONCURRENT_STREAMS, 2**31)
-        self.local_max_frame = local_settings.get(MAX_FRAME_SIZE, DEFAULT_FRAME_SIZE)
+        # Our settings in force (the protocol's defaults until `initiate` and the peer's ACK)
+        self.local_window = DEFAULT_WINDOW
+        self.local_max_streams = 2**31
+        self.local_max_frame = DEFAULT_FRAME_SIZE
+        self.unacknowledged: list[dict[int, int]] = []  # settings sent, not acknowledged yet
         self.remote_window = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
         self.remote_max_streams = 2**31
         self.max_outbound_frame_size = DEFAULT_FRAME_SIZE
@@ -151,7 +156,6 @@ class H2Codec:
         self.block_priority_error = False
         self.block_limit = header_block_limit
         self.decoder = CachingDecoder(max_header_list)
-        self.decoder.max_allowed_table_size = local_settings.get(HEADER_TABLE_SIZE, 4096)
         self.encoder = CachingEncoder()
         self._dispatch = (
             self._data,
@@ -172,6 +176,29 @@ class H2Codec:
         """Queue our connection preface (the client's magic first) and SETTINGS."""
         frame = settings(self.local_settings)
         self.out.append(PREFACE + frame if self.client else frame)
+        self.unacknowledged.append(self.local_settings)
+        self._apply_local(self.local_settings, acknowledged=False)
+
+    def _apply_local(self, values: dict[int, int], acknowledged: bool) -> None:
+        """Put our settings `values` in force: all of them once `acknowledged`, before that only
+        those letting the peer send more (a larger window, frame size, table, stream count)."""
+        for code, value in values.items():
+            if code == INITIAL_WINDOW_SIZE:
+                delta = value - self.local_window
+                if delta > 0 or (delta and acknowledged):
+                    self.local_window = value
+                    for stream in self.streams.values():  # §6.9.2: open streams' windows too
+                        stream.recv_window += delta
+            elif code == MAX_FRAME_SIZE:
+                if acknowledged or value > self.local_max_frame:
+                    self.local_max_frame = value
+            elif code == MAX_CONCURRENT_STREAMS:
+                if acknowledged or value > self.local_max_streams:
+                    self.local_max_streams = value
+            elif code == HEADER_TABLE_SIZE:
+                decoder = self.decoder
+                if acknowledged or value > decoder.max_allowed_table_size:
+                    decoder.max_allowed_table_size = value
 
     def increase_window(self, increment: int) -> None:
         """Let the peer send `increment` more bytes on the connection (for good)."""
@@ -628,6 +655,8 @@ class H2Codec:
         if flags & ACK:
             if payload:
                 raise _ConnectionError(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            if self.unacknowledged:
+                self._apply_local(self.unacknowledged.pop(0), acknowledged=True)
             return
         self._control()
         if self.closed:
