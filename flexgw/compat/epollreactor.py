@@ -53,6 +53,9 @@ NAME = "flexgw"
 #: The longest poll timeout (seconds), as Twisted's `ReactorBase.timeout`.
 _LONGEST = 2147483
 
+#: The HTTP/2 write batch (flexgw.compat.writebatch) each turn opens and closes.
+_WRITES = writebatch.BATCH
+
 #: The reason a selectable whose fileno() is -1 is disconnected with (as posixbase's).
 _NO_FILEDESC = ConnectionFdescWentAway("File descriptor lost")
 
@@ -76,11 +79,16 @@ class FlexReactor(EPollReactor):
         poll_in = self._POLL_IN
         poll_out = self._POLL_OUT
         hangup = self._POLL_DISCONNECTED
-        writebatch.begin()  # HTTP/2 writes queued by this turn's reads go out once, at its end
+        # HTTP/2 writes queued by this turn's reads go out once, at its end (writebatch.begin and
+        # end, inlined: this runs on every turn)
+        batch = _WRITES
+        batch.depth += 1
         try:
             self._dispatch(events, selectables, poll_in, poll_out, hangup)
         finally:
-            writebatch.end()
+            batch.depth -= 1
+            if batch.pending and not batch.depth:
+                writebatch.flush_pending()
 
     def _dispatch(self, events: Any, selectables: Any, poll_in: int, poll_out: int, hangup: int) -> None:
         """Each event to its selectable's doRead/doWrite (Twisted's `_doReadOrWrite`, inlined)."""

@@ -34,20 +34,26 @@ class _Batch:
         self.pending: list[Any] = []
 
 
-_BATCH = _Batch()
+BATCH = _Batch()
 
 
 def begin() -> None:
     """A read starts."""
-    _BATCH.depth += 1
+    BATCH.depth += 1
 
 
 def end() -> None:
     """A read ends; at the outermost, flush every connection that asked to be."""
-    batch = _BATCH
+    batch = BATCH
     batch.depth -= 1
     if batch.depth or not batch.pending:
         return
+    flush_pending()
+
+
+def flush_pending() -> None:
+    """Flush every connection that asked to be (the outermost read ended)."""
+    batch = BATCH
     pending, batch.pending = batch.pending, []
     for protocol in pending:
         protocol.flush_queued = False
@@ -60,7 +66,7 @@ def end() -> None:
 def flush_soon(protocol: Any) -> None:
     """Flush `protocol` (it has `flush()` and a `flush_queued` flag) at the end of the current
     read, or now when no read is in progress."""
-    batch = _BATCH
+    batch = BATCH
     if not batch.depth:
         protocol.flush()
     elif not protocol.flush_queued:
