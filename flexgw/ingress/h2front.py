@@ -101,63 +101,20 @@ class H2Limits:
         )
 
 
-@implementer(IExchangeFront, IPushProducer, IConsumer)
-class H2Stream:
-    """One request stream: what its exchange sees as `front`, and its response's send side.
+@implementer(IPushProducer)
+class _RequestGate:
+    """A stream's `front.gate`: while any reason holds, received body data is not acknowledged.
 
-    It is also its exchange's `front.gate` and `front.transport` (properties: the stream itself,
-    so that a finished stream and its exchange are freed by reference counting, with no cycle
-    for the garbage collector to find):
-
-    - the gate: while any reason holds, received body data is not acknowledged. The exchange
-      holds it as it holds an HTTP/1.1 connection's ReadGate (waiting for a policy or an
-      upstream connection) and registers it as the producer of the upstream socket; instead of
-      pausing a socket, holding it withholds WINDOW_UPDATE, which stops the client's sending;
-    - the transport: the consumer of the response, on which the exchange registers the upstream
-      connection as producer. The upstream is paused while response bytes wait for a
-      flow-control window or for the client's socket; bytes themselves reach the stream only
-      through H2Exchange's methods (start_response, queue_data).
+    The exchange holds it as it holds an HTTP/1.1 connection's ReadGate (waiting for a policy or
+    an upstream connection) and registers it as the producer of the upstream socket; instead of
+    pausing a socket, holding it withholds WINDOW_UPDATE, which stops the client's sending.
     """
 
-    def __init__(self, protocol: H2Protocol, stream_id: int) -> None:
-        self.protocol = protocol
-        self.stream_id = stream_id
-        # What ProxyExchange reads from its front (the same values as the HTTP/1.1 front's).
-        self.clock = protocol.clock
-        self.wheel = protocol.wheel
-        self.pools = protocol.pools
-        self.http = protocol.http
-        self.timeouts = protocol.timeouts
-        self.peer = protocol.peer
-        self.route = protocol.factory.route  # routing is the listener factory's, as for HTTP/1.1
-        self.exchange: H2Exchange | None = None
-        self.request_ended = False
-        self.unacked = 0  # received flow-controlled bytes not yet acknowledged
-        self.reasons = 0  # (gate) why body data is not acknowledged now, as bits
-        # response side
-        self.head: HeaderList | None = None  # response head not yet sent
-        self.head_sent = False
-        self.queue: deque[bytes] = deque()
-        self.queued = 0
-        self.ending = False  # the response is complete upstream; end the stream once sent
-        self.trailers: HeaderList | None = None
-        self.ended = False  # END_STREAM sent
-        self.closed = False  # reset, or the connection is gone
-        self.producer: Any = None  # (transport) the upstream connection feeding the response
-        self.paused = False  # (transport) whether it is paused by this stream
+    __slots__ = ("reasons", "stream")
 
-    @property
-    def gate(self) -> H2Stream:
-        """The exchange's request gate: this stream (hold, release, and the upstream socket's
-        producer methods)."""
-        return self
-
-    @property
-    def transport(self) -> H2Stream:
-        """The exchange's response consumer: this stream (registerProducer, unregisterProducer)."""
-        return self
-
-    # -- the gate ------------------------------------------------------------------------------
+    def __init__(self, stream: H2Stream) -> None:
+        self.stream: H2Stream | None = stream  # None once the stream is forgotten
+        self.reasons = 0
 
     def hold(self, reason: int) -> None:
         """Stop acknowledging body data for `reason` (a bit)."""
@@ -168,7 +125,9 @@ class H2Stream:
         if self.reasons & reason:
             self.reasons &= ~reason
             if not self.reasons:
-                self.acknowledge()
+                stream = self.stream
+                if stream is not None:  # (None: the stream was forgotten)
+                    stream.acknowledge()
 
     def pauseProducing(self) -> None:
         """The upstream socket's buffer is full."""
@@ -181,13 +140,26 @@ class H2Stream:
     def stopProducing(self) -> None:
         """The upstream went away; the exchange cleans up."""
 
-    # -- the transport (response consumer) -----------------------------------------------------
+
+@implementer(IConsumer)
+class _ResponseConsumer:
+    """A stream's `transport` as its exchange sees it: the consumer of the response, on which
+    the exchange registers the upstream connection as producer. The upstream is paused while
+    response bytes wait for a flow-control window or for the client's socket; bytes themselves
+    reach the stream only through H2Exchange's methods (start_response, queue_data)."""
+
+    __slots__ = ("paused", "producer", "stream")
+
+    def __init__(self, stream: H2Stream) -> None:
+        self.stream: H2Stream | None = stream  # None once the stream is forgotten
+        self.producer: Any = None
+        self.paused = False
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         """The upstream connection whose reading this stream's response may pause."""
         self.producer = producer
         self.paused = False
-        self.update_producer()
+        self.update()
 
     def unregisterProducer(self) -> None:
         """The response body is complete: no producer any more."""
@@ -201,18 +173,50 @@ class H2Stream:
         """Never used: an H2Exchange hands the stream its response through its own methods."""
         raise RuntimeError("raw bytes written to an HTTP/2 stream")
 
-    def update_producer(self) -> None:
+    def update(self) -> None:
         """Pause the upstream while response bytes wait for a window or the client's socket."""
         producer = self.producer
-        if producer is None:
+        stream = self.stream
+        if producer is None or stream is None:
             return
-        paused = bool(self.queue) or self.protocol.paused
+        paused = bool(stream.queue) or stream.protocol.paused
         if paused != self.paused:
             self.paused = paused
             if paused:
                 producer.pauseProducing()
             else:
                 producer.resumeProducing()
+
+
+@implementer(IExchangeFront)
+class H2Stream:
+    """One request stream: what its exchange sees as `front`, and its response's send side."""
+
+    def __init__(self, protocol: H2Protocol, stream_id: int) -> None:
+        self.protocol = protocol
+        self.stream_id = stream_id
+        # What ProxyExchange reads from its front (the same values as the HTTP/1.1 front's).
+        self.clock = protocol.clock
+        self.wheel = protocol.wheel
+        self.pools = protocol.pools
+        self.http = protocol.http
+        self.timeouts = protocol.timeouts
+        self.peer = protocol.peer
+        self.gate = _RequestGate(self)
+        self.transport = _ResponseConsumer(self)  # the upstream is registered on it as producer
+        self.route = protocol.factory.route  # routing is the listener factory's, as for HTTP/1.1
+        self.exchange: H2Exchange | None = None
+        self.request_ended = False
+        self.unacked = 0  # received flow-controlled bytes not yet acknowledged
+        # response side
+        self.head: HeaderList | None = None  # response head not yet sent
+        self.head_sent = False
+        self.queue: deque[bytes] = deque()
+        self.queued = 0
+        self.ending = False  # the response is complete upstream; end the stream once sent
+        self.trailers: HeaderList | None = None
+        self.ended = False  # END_STREAM sent
+        self.closed = False  # reset, or the connection is gone
 
     @property
     def draining(self) -> bool:
@@ -273,7 +277,7 @@ class H2Stream:
     def received(self, size: int) -> None:
         """Flow-controlled bytes arrived for this stream: acknowledge now, unless held."""
         self.unacked += size
-        if not self.reasons:
+        if not self.gate.reasons:
             self.acknowledge()
 
     def acknowledge(self) -> None:
@@ -341,7 +345,7 @@ class H2Stream:
                 self.head_sent = self.ended = True
                 queue.clear()
                 self.queued = 0
-                if self.producer is not None:
+                if self.transport.producer is not None:
                     self.update_producer()
                 batch.flush_soon(protocol)
                 self._maybe_done()
@@ -381,6 +385,10 @@ class H2Stream:
         batch.flush_soon(protocol)
         if self.ended:
             self._maybe_done()
+
+    def update_producer(self) -> None:
+        """Pause the upstream while response bytes wait for a window or the client's socket."""
+        self.transport.update()
 
     def _maybe_done(self) -> None:
         """Forget the stream once its response has ended and its exchange is done."""
@@ -508,10 +516,11 @@ class H2Exchange(ProxyExchange):
         response not complete after it makes the upstream connection the stream's producer (its
         reading paused while bytes wait for the client's window or socket)."""
         front = self.front
-        if front.producer is None and not front.ending and self.state == RESPONDING:
+        consumer = front.transport
+        if consumer.producer is None and not front.ending and self.state == RESPONDING:
             conn = self.conn
             if conn is not None:
-                front.registerProducer(conn.gate, True)
+                consumer.registerProducer(conn.gate, True)
         front.flush()
         if front.head_sent:
             self.flushed = True
@@ -633,7 +642,7 @@ class H2Protocol(Protocol):
             exchange = stream.exchange
             if exchange is not None and exchange.state == WAITING:
                 exchange.start()
-                stream.release(_STARTING)
+                stream.gate.release(_STARTING)
         if not self.closing:
             if self.client_goaway:
                 self.drain()
@@ -772,7 +781,7 @@ class H2Protocol(Protocol):
         else:
             # Body data arriving in the same read is kept, not acknowledged, until the exchange
             # has started and says whether it can take it.
-            stream.hold(_STARTING)
+            stream.gate.hold(_STARTING)
         return stream
 
     def _head(self, headers: list[tuple[bytes, bytes]], ended: bool) -> RequestHead | GatewayError:
@@ -877,7 +886,7 @@ class H2Protocol(Protocol):
     def _abandon(self, stream: H2Stream) -> None:
         """The client reset the stream or left: abandon its exchange (logged as a reset)."""
         exchange = stream.exchange
-        stream.producer = None
+        stream.transport.producer = None
         if exchange is not None and exchange.state != DONE:
             exchange.downstream_lost()
             self.factory.exchange_finished(exchange)
@@ -886,7 +895,10 @@ class H2Protocol(Protocol):
         """A stream is finished on our side."""
         if self.streams.pop(stream.stream_id, None) is None:
             return
-        stream.exchange = None  # (the exchange and its stream are freed without a gc pass)
+        # The stream, its gate, its response consumer and its exchange refer to each other: cut
+        # the links so that reference counting frees them now, not the cycle collector later.
+        stream.exchange = None
+        stream.gate.stream = stream.transport.stream = None
         self.blocked.discard(stream)
         if not self.streams:
             self.idle_since = self.clock.seconds()
