@@ -38,6 +38,7 @@ from flexgw.http.tracecontext import Trace
 from flexgw.http.tunnel import IDLE_TIMEOUT, Tunnel
 from flexgw.ingress.contract import IExchangeFront, IExchangeObserver
 from flexgw.ingress.grpcweb import GrpcWebSink
+from flexgw.ingress.h2request import send_request
 from flexgw.ingress.routing import remaining_path, rules_match
 from flexgw.plan import Api, BoundPolicy, Destination, Route
 from flexgw.policies.base import LocalResponse, PolicyContext
@@ -484,15 +485,19 @@ class ProxyExchange:
 
     def _send_body(self, data: bytes) -> None:
         self.body_sent = True
-        if self.head.body == BODY_CHUNKED:
+        conn = self.conn
+        if self.head.body == BODY_CHUNKED and not conn.http2:  # type: ignore[union-attr]
             data = b"%x\r\n" % len(data) + data + b"\r\n"
-        send_now(self.conn.transport, data)  # type: ignore[union-attr]
+        send_now(conn.transport, data)  # type: ignore[union-attr]
 
     def _finish_request(self, terminated: bool = False) -> None:
         conn = self.conn
         assert conn is not None
-        if self.head.body == BODY_CHUNKED and not terminated:
-            send_now(conn.transport, b"0\r\n\r\n")
+        if not terminated:
+            if conn.http2:
+                conn.end_request()  # type: ignore[attr-defined]
+            elif self.head.body == BODY_CHUNKED:
+                send_now(conn.transport, b"0\r\n\r\n")
         if self.head.body != BODY_NONE:
             conn.transport.unregisterProducer()
             self.front.gate.release(BACKPRESSURE)
@@ -523,15 +528,12 @@ class ProxyExchange:
         head = self.head
         conn.begin(self.grpc_web or self, head.method == b"HEAD")
         transport = conn.transport
-        # The head, the body received so far and (if complete) the chunked terminator go out
-        # in one send.
         trace = self.trace
+        traceparent = None
         if trace is not None:
-            out = [self._upstream_head(trace.upstream_attempt(
+            traceparent = trace.upstream_attempt(
                 self.upstream_started, self.front.clock.seconds(), self.pool.upstream, reused,  # type: ignore[union-attr]
-            ))]
-        else:
-            out = [self._upstream_head()]
+            )
         pending = self.pending
         if pending:
             if (
@@ -542,17 +544,25 @@ class ProxyExchange:
                 self.retry_body = pending[0] if len(pending) == 1 else b"".join(pending)
             self.pending = None
             self.body_sent = True
-            chunked = head.body == BODY_CHUNKED
-            for data in pending:
-                if chunked:
-                    out.append(b"%x\r\n" % len(data))
-                    out.append(data)
-                    out.append(b"\r\n")
-                else:
-                    out.append(data)
-        if self.request_complete and head.body == BODY_CHUNKED:
-            out.append(b"0\r\n\r\n")
-        send_now(transport, out[0] if len(out) == 1 else b"".join(out))
+        if conn.http2:
+            # An HTTP/2 stream takes the request as fields and body bytes, not as HTTP/1.1.
+            send_request(self, conn, traceparent, pending)
+        else:
+            # The head, the body received so far and (if complete) the chunked terminator go
+            # out in one send.
+            out = [self._upstream_head(traceparent)]
+            if pending:
+                chunked = head.body == BODY_CHUNKED
+                for data in pending:
+                    if chunked:
+                        out.append(b"%x\r\n" % len(data))
+                        out.append(data)
+                        out.append(b"\r\n")
+                    else:
+                        out.append(data)
+            if self.request_complete and head.body == BODY_CHUNKED:
+                out.append(b"0\r\n\r\n")
+            send_now(transport, out[0] if len(out) == 1 else b"".join(out))
         if head.body != BODY_NONE and not self.request_complete:
             transport.registerProducer(self.front.gate, True)
         self.front.gate.release(HELD)
