@@ -431,17 +431,23 @@ class H2UpstreamConnection(Protocol):
         stream = self.streams.get(stream_id)
         if stream is None or stream.sink is None:
             return
-        status = _status(headers)
+        conn = self.conn
+        status = conn.status
+        fields = headers[1:]  # (the codec checked that :status comes first, and alone)
         if status < 200:
-            stream.sink.response_interim(status, [(n, v) for n, v in headers if n[:1] != b":"])
+            stream.sink.response_interim(status, fields)
             return
         stream.got_bytes = True
-        self._response(stream, headers)
+        if conn.length < 0 and not (stream.head_only or status in (204, 304)):
+            # The body ends with the stream, not with the connection: chunked, to the exchange.
+            fields.append((b"transfer-encoding", b"chunked"))
+        stream.status = status
+        stream.sink.response_head(status, _REASONS.get(status, b"Status"), fields, True)
         self.touched[stream_id] = stream
         if end_stream:
             stream.ended = True
             self.ended.append(stream)
-        elif stream.grpc and any(n == b"grpc-status" for n, _ in headers):
+        elif stream.grpc and any(n == b"grpc-status" for n, _ in fields):
             stream.trailers_only = True
 
     def h2_trailers(self, stream_id: int, headers: list) -> None:
@@ -518,17 +524,6 @@ class H2UpstreamConnection(Protocol):
     def h2_control(self) -> None:
         """Control frames from an upstream are not limited."""
 
-    def _response(self, stream: H2UpstreamStream, headers: list[tuple[bytes, bytes]]) -> None:
-        status = _status(headers)
-        fields = [(n, v) for n, v in headers if n[:1] != b":"]
-        if not any(n == b"content-length" for n, v in fields) and not (
-            stream.head_only or status in (204, 304)
-        ):
-            # The body ends with the stream, not with the connection: chunked, to the exchange.
-            fields.append((b"transfer-encoding", b"chunked"))
-        stream.status = status
-        stream.sink.response_head(status, _REASONS.get(status, b"Status"), fields, True)
-
     def _malformed(self, stream: H2UpstreamStream, message: str) -> None:
         """A stream error in the upstream's response: the upstream stream is reset
         (PROTOCOL_ERROR) and the exchange fails as for a malformed response (502
@@ -603,13 +598,6 @@ class TLSH2UpstreamConnection(H2UpstreamConnection):
             return
         self.tls_failed = False
         super().connectionMade()
-
-
-def _status(headers: list[tuple[bytes, bytes]]) -> int:
-    for name, value in headers:
-        if name == b":status":
-            return int(value)
-    return 502
 
 
 class _Connect(ClientFactory):

@@ -6,7 +6,8 @@ attributes (`flexgw.http.h2.stream`). HPACK is the `hpack` library behind flexgw
 The handler (the front's or the upstream connection's protocol) provides:
 
 - `h2_headers(stream_id, headers, end_stream)`: a request head (server; a new stream) or a
-  response head (client; informational ones included);
+  response head (client; informational ones included; its checked `:status`, which is the
+  first field, and content-length, -1 without one, are in `status` and `length` meanwhile);
 - `h2_trailers(stream_id, headers)`: a trailer section (the stream's end);
 - `h2_data(stream_id, data, flow_length, end_stream)`: body bytes; `flow_length` must be handed
   back with `acknowledge` once passed on;
@@ -119,6 +120,8 @@ class H2Codec:
         self.closed = False  # a GOAWAY with an error was sent: nothing more is read
         self.error: tuple[int, str] | None = None  # the connection error, when there was one
         self.reason = ""  # what the last stream error was (read by the handler's h2_reset)
+        self.status = 0  # (client side) the checked :status of the head h2_headers is called with
+        self.length = -1  # (client side) and its content-length (-1: none)
         self.local_window = local_settings.get(INITIAL_WINDOW_SIZE, DEFAULT_WINDOW)
         self.local_max_streams = local_settings.get(MAX_CONCURRENT_STREAMS, 2**31)
         self.local_max_frame = local_settings.get(MAX_FRAME_SIZE, DEFAULT_FRAME_SIZE)
@@ -520,6 +523,8 @@ class H2Codec:
                 stream.length = length
                 if end_stream:
                     self._end_received(stream)
+            self.status = status
+            self.length = length
             self.handler.h2_headers(stream_id, headers, bool(end_stream))
             return
         # trailers

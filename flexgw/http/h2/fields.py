@@ -17,19 +17,8 @@ CONNECTION_SPECIFIC = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
 )
 _REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path", b":protocol"})
-#: Request fields never indexed by HPACK: credentials (h2's own list), as a shared upstream
-#: connection carries many clients' requests (RFC 7541 §7.1.3).
-NEVER_INDEXED = frozenset({b"authorization", b"proxy-authorization"})
 #: Regular names already checked (names repeat on every request; bounded).
 _good_names: set[bytes] = set()
-
-
-def request_field(name: bytes, value: bytes) -> tuple[bytes, bytes]:
-    """The field to send for lower-case `name`: a never-indexed one for a credential (and a
-    short cookie, guessable from its table entry's presence), else the plain pair."""
-    if name in NEVER_INDEXED or (name == b"cookie" and len(value) < 20):
-        return NeverIndexedHeaderTuple(name, value)  # type: ignore[no-any-return]
-    return (name, value)
 
 
 class MalformedFields(Exception):
@@ -139,3 +128,16 @@ def _length(value: bytes, previous: int) -> int:
     if previous not in (-1, length):
         raise MalformedFields("conflicting content-length")
     return length
+
+
+#: Request fields never indexed by HPACK: credentials (h2's own list), as a shared upstream
+#: connection carries many clients' requests (RFC 7541 §7.1.3).
+NEVER_INDEXED = frozenset({b"authorization", b"proxy-authorization"})
+
+
+def request_field(name: bytes, value: bytes) -> tuple[bytes, bytes]:
+    """The field to send for lower-case `name`: a never-indexed one for a credential (and a
+    short cookie, guessable from its table entry's presence), else the plain pair."""
+    if name in NEVER_INDEXED or (name == b"cookie" and len(value) < 20):
+        return NeverIndexedHeaderTuple(name, value)  # type: ignore[no-any-return]
+    return (name, value)
