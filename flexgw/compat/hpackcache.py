@@ -62,7 +62,10 @@ class _CountingTable(HeaderTable):
     dynamic_reads = 0
 
     def add(self, name: bytes, value: bytes) -> None:
-        """An insertion (evictions come with it)."""
+        """An insertion (evictions come with it); none into an empty table of size 0, which
+        changes nothing (an encoder may insert though we set the size to 0: nginx does)."""
+        if not self.dynamic_entries and not self.maxsize:
+            return
         self.generation += 1
         if self.recording is not None:
             self.recording.append((name, value))
