@@ -122,6 +122,9 @@ class H2Codec:
         self.reason = ""  # what the last stream error was (read by the handler's h2_reset)
         self.status = 0  # (client side) the checked :status of the head h2_headers is called with
         self.length = -1  # (client side) and its content-length (-1: none)
+        # (client side) the checks' outcome, (status, length), of response header blocks that
+        # decode alike whatever the HPACK table holds (bounded): a repeated head is checked once
+        self.checked: dict[bytes, tuple[int, int]] = {}
         self.local_window = local_settings.get(INITIAL_WINDOW_SIZE, DEFAULT_WINDOW)
         self.local_max_streams = local_settings.get(MAX_CONCURRENT_STREAMS, 2**31)
         self.local_max_frame = local_settings.get(MAX_FRAME_SIZE, DEFAULT_FRAME_SIZE)
@@ -509,11 +512,20 @@ class H2Codec:
             return
         if self.client and not stream.final_head:
             # A malformed response is a stream error (§8.1.1): the other streams go on.
-            try:
-                status, length = fields.response_status(headers)
-            except fields.MalformedFields as exc:
-                self._stream_error(stream_id, PROTOCOL_ERROR, str(exc))
-                return
+            contained = self.decoder.contained
+            known = self.checked.get(block) if contained else None
+            if known is not None:
+                status, length = known
+            else:
+                try:
+                    status, length = fields.response_status(headers)
+                except fields.MalformedFields as exc:
+                    self._stream_error(stream_id, PROTOCOL_ERROR, str(exc))
+                    return
+                if contained:
+                    if len(self.checked) >= 64:
+                        self.checked.clear()
+                    self.checked[block] = (status, length)
             if status < 200:
                 if end_stream:
                     self._stream_error(stream_id, PROTOCOL_ERROR, "informational head ending the stream")
