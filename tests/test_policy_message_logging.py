@@ -18,7 +18,7 @@ from flexgw.policies.message_logging import NAMESPACE, MessageLoggingKind
 from flexgw.service.accesslog import MessageLog
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream
-from tests.harness import Gateway, MemoryStream, api_document, free_port, start_api_gateway
+from tests.harness import Gateway, MemoryStream, PolicyGatewayCase, api_document, free_port
 
 KIND = MessageLoggingKind()
 
@@ -276,17 +276,14 @@ spec:
 """
 
 
-class MessageLoggingEndToEndTests(TestCase):
+class MessageLoggingEndToEndTests(PolicyGatewayCase):
     """Through a real gateway and upstream, observing the global log."""
 
-    timeout = 20
+    documents = BINDING
 
     def setUp(self) -> None:
         """A recording upstream, a gateway port, and an observer of the policy's namespace."""
-        self.upstream = RecordingUpstream(reactor=reactor)
-        self.upstream.listen(reactor)
-        self.addCleanup(self.upstream.stop)
-        self.port = free_port()
+        super().setUp()
         self.events: list[dict[str, Any]] = []
 
         def observe(event: dict[str, Any]) -> None:
@@ -295,16 +292,6 @@ class MessageLoggingEndToEndTests(TestCase):
 
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
-
-    def start(self, binding: str = BINDING) -> Gateway:
-        """A gateway with one API and `binding`."""
-        return start_api_gateway(
-            self, self.port, self.upstream.address[1], binding
-        )
-
-    async def send(self, raw: bytes) -> client.Response:
-        """One request through the gateway."""
-        return await client.request(reactor, "127.0.0.1", self.port, raw)
 
     def texts(self) -> list[tuple[str, str]]:
         """(item, text-or-error) of the policy's events so far."""
