@@ -64,8 +64,8 @@ def upstream_fields(
     append = fields.append
     chain = exchange.chain
     headers = original = head.headers
-    if chain is not None and chain.ctx.request_headers_changed:
-        headers = chain.ctx.request_headers
+    if chain is not None and chain.ctx.changed_headers is not None:
+        headers = chain.ctx.changed_headers
         drop = None  # already removed before the policies ran (see _select_policies)
     for name, value in headers:
         lname = name.lower()
