@@ -84,6 +84,12 @@ class Upstream:
     outlier: Any = None
     health: Any = None
 
+    # `authority` encoded, as the Host line carries it (computed once, not per request).
+    host_value: bytes = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "host_value", self.authority.encode("latin-1"))
+
     @property
     def authority(self) -> str:
         """The Host header value the upstream expects (port omitted when it is the scheme default)."""

@@ -60,6 +60,7 @@ from flexgw.http.h2.frames import (
 from flexgw.http.h2send import send_queued
 from flexgw.http.headers import HOP_BY_HOP, HeaderList, response_headers_for_downstream
 from flexgw.http.request import BODY_CHUNKED, BODY_NONE, RequestHead, analyze_head
+from flexgw.http.wheel import Watchdog
 from flexgw.ingress.contract import IExchangeFront
 from flexgw.ingress.exchange import (
     CONNECTING,
@@ -196,6 +197,7 @@ class H2Stream:
         # What ProxyExchange reads from its front (the same values as the HTTP/1.1 front's).
         self.clock = protocol.clock
         self.wheel = protocol.wheel
+        self.watchdog = Watchdog(protocol.wheel, reuse=False)  # this stream's exchange's timeouts
         self.pools = protocol.pools
         self.http = protocol.http
         self.timeouts = protocol.timeouts
