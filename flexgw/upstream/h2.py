@@ -286,7 +286,7 @@ class H2UpstreamConnection(Protocol):
         )
         # An upstream that keeps its 4096-byte table in spite of our SETTINGS (it must shrink
         # it to 0, RFC 7541 §4.2; nginx, grpcio, Go and nghttp2 do) is still understood.
-        self.conn.decoder.max_allowed_table_size = 4096
+        self.conn.min_decoder_table = 4096
         self.touched: dict[int, H2UpstreamStream] = {}  # streams with response bytes in this read
         self.ended: list[H2UpstreamStream] = []  # streams whose response ended in this read
         self.flush_queued = False  # (flexgw.http.h2.batch)
