@@ -45,9 +45,9 @@ Deliberate differences from Flex/Envoy:
   will be sent") sends the first part, one message, and lets the rest through unprocessed.
   Doing so needs the exchange to hand a policy the first part while it streams the remainder
   (the exchange reads the whole body, 413 over the limit, before a body-reading policy runs).
-- Request trailers are not sent to the processor (`requestTrailerMode: send` is accepted): the
-  fronts drop request trailers before the exchange (they are not forwarded upstream either).
-  Response trailers are sent (`responseTrailerMode: send`) when a response body mode is set too.
+- Request trailers are not sent to the processor (`requestTrailerMode: send` is accepted):
+  policies are not given them (the HTTP/2 front keeps a request's trailers for the upstream on
+  its exchange; the HTTP/1.1 front drops them). Response trailers are sent (`responseTrailerMode: send`) when a response body mode is set too.
 - A request body mode turned on by `mode_override` applies only when the binding's own
   `requestBodyMode` is not `none` (only then does the gateway buffer the body before the
   policies run). Envoy honours it (external_processor.proto: an override in the answer to the
