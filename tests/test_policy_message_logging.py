@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 
 from flexgw.http.request import RequestHead, analyze_head
 from flexgw.policies import message_logging, registry
-from flexgw.policies.base import BuildContext, PolicyConfigError, PolicyContext
+from flexgw.policies.base import BuildContext, PolicyConfigError, PolicyContext, PolicyServices
 from flexgw.policies.message_logging import NAMESPACE, MessageLoggingKind
 from flexgw.service.accesslog import MessageLog
 from flexgw.testing import client
@@ -332,6 +332,50 @@ class MessageLoggingEndToEndTests(PolicyGatewayCase):
             [str(p) for p in errors],
         )
         self.assertEqual(gateway.service.plan.listeners, ())
+
+
+class SinkWriterTests(TestCase):
+    """A sink with `writer` (the gateway's MessageLog) is asked once per item and section, when
+    the policy is built; a line is then one call of that writer."""
+
+    def test_writers_asked_at_build(self) -> None:
+        """Three writers for two items (one in both sections), none asked per request, and
+        the sink's `emit` never called."""
+        asked: list[tuple[Any, ...]] = []
+        lines: list[tuple[str, str]] = []
+
+        class Sink:
+            def writer(self, *key: Any) -> Any:
+                asked.append(key)
+                return lambda text: lines.append((key[4], text))
+
+            def emit(self, *args: Any) -> None:
+                raise AssertionError("emit called for a line")
+
+        policy = KIND.build(
+            {
+                "loggingConfiguration": [
+                    item("#[attributes.method]", name="a", category="audit"),
+                    item("plain", "WARN", name="b", secondSection=True),
+                ]
+            },
+            BuildContext("default/ml", "default/api", services=PolicyServices(message_log=Sink())),
+        )
+        self.assertEqual(
+            asked,
+            [
+                ("INFO", "audit", "default/ml", "default/api", "a", "first"),
+                ("WARN", None, "default/ml", "default/api", "b", "first"),
+                ("WARN", None, "default/ml", "default/api", "b", "second"),
+            ],
+        )
+        for _ in range(2):
+            policy.on_request(context())
+        ctx = context()
+        ctx.begin_response(200, [])
+        policy.on_response(ctx)
+        self.assertEqual(lines, [("a", "GET"), ("b", "plain")] * 2 + [("b", "plain")])
+        self.assertEqual(len(asked), 3)
 
 
 class MessageLogSinkTests(TestCase):

@@ -612,8 +612,8 @@ class ProxyExchange:
         host_line_done = False
         chain = self.chain
         headers = head.headers
-        if chain is not None and chain.ctx.request_headers_changed:
-            headers = chain.ctx.request_headers
+        if chain is not None and chain.ctx.changed_headers is not None:
+            headers = chain.ctx.changed_headers
             drop = None  # already removed before the policies ran (see _select_policies)
         if traceparent is not None:
             drop = _TRACEPARENT if drop is None else drop | _TRACEPARENT
@@ -789,7 +789,12 @@ class ProxyExchange:
         self.state = RESPONDING
         kept = response_headers_for_downstream(headers, connection_values)
         chain = self.chain
-        if chain is not None:
+        if chain is not None and not chain.ran:
+            # No policy that ran has a response phase: only headers policies added go on.
+            extra = chain.ctx.response_extra
+            if extra:
+                kept = kept + extra
+        elif chain is not None:
             ctx = chain.ctx
             ctx.begin_response(status, kept)
             failed = chain.respond()

@@ -177,6 +177,33 @@ class MessageLoggingPolicy:
     needs_body: bool = False  # a first-section item reads `payload`
     log: Logger = attrs.field(factory=lambda: Logger(namespace=NAMESPACE))
     sink: Any = None  # the gateway's MessageLog (fast JSON lines); None: the Twisted log
+    # Each section's items with what records their lines: the sink's `writer` for the item,
+    # asked once here (None: the sink has none, or there is no sink).
+    _first: tuple[tuple[LogItem, Any], ...] = attrs.field(init=False, repr=False, eq=False)
+    _second: tuple[tuple[LogItem, Any], ...] = attrs.field(init=False, repr=False, eq=False)
+
+    @_first.default
+    def _first_writers(self) -> tuple[tuple[LogItem, Any], ...]:
+        return self._writers(self.first, "first")
+
+    @_second.default
+    def _second_writers(self) -> tuple[tuple[LogItem, Any], ...]:
+        return self._writers(self.second, "second")
+
+    def _writers(self, items: tuple[LogItem, ...], section: str) -> tuple[tuple[LogItem, Any], ...]:
+        writer = getattr(self.sink, "writer", None)
+        return tuple(
+            (
+                item,
+                None
+                if writer is None
+                else writer(
+                    item.level.name.upper(), item.category, self.binding, self.api, item.name,
+                    section,
+                ),
+            )
+            for item in items
+        )
 
     def on_request(self, ctx: PolicyContext) -> None:
         """Log the first-section items; never stops the request."""
@@ -185,8 +212,8 @@ class MessageLoggingPolicy:
         context = ctx.expression_context()
         if self.needs_body and context.payload is None:
             context.payload = (ctx.body or b"").decode("utf-8", "replace")
-        for item in self.first:
-            self._emit(item, context, "first")
+        for item, write in self._first:
+            self._emit(item, context, "first", write)
 
     @property
     def response_phase(self) -> bool:
@@ -198,11 +225,12 @@ class MessageLoggingPolicy:
         if not self.second:
             return
         context = ctx.expression_context()
-        for item in self.second:
-            self._emit(item, context, "second")
+        for item, write in self._second:
+            self._emit(item, context, "second", write)
 
-    def _emit(self, item: LogItem, context: Any, section: str) -> None:
-        """Evaluate one item and log it; an evaluation failure is logged, not raised."""
+    def _emit(self, item: LogItem, context: Any, section: str, write: Any) -> None:
+        """Evaluate one item and log it (`write`: the sink's writer for it, or None); an
+        evaluation failure is logged, not raised."""
         try:
             conditional = item.conditional
             if isinstance(conditional, Expression):
@@ -222,6 +250,9 @@ class MessageLoggingPolicy:
                 section=section,
                 error=str(exc),
             )
+            return
+        if write is not None:
+            write(text)
             return
         sink = self.sink
         if sink is not None:
