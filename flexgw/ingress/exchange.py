@@ -397,7 +397,7 @@ class ProxyExchange:
             extra = ctx.response_extra
         self.response_status = response.status
         self.state = DONE
-        self._stop_timer()
+        self._end_timers()
         self.front.gate.release(HELD_OR_BACKPRESSURE)
         if self.error_cause is None:
             if response.cause is not None:
@@ -512,7 +512,7 @@ class ProxyExchange:
             conn.transport.unregisterProducer()
             self.front.gate.release(BACKPRESSURE)
         if self.response_status == 0:
-            if self.timer is not None or self.deadline is not None:
+            if self.timer is not None:
                 self._stop_timer()  # (the watchdog's deadline is replaced below)
             chain = self.chain
             timeout = self.front.timeouts.upstream_response
@@ -848,7 +848,7 @@ class ProxyExchange:
     def _tunnelled(self, status: int) -> None:
         """The exchange became a byte tunnel (answered `status`): no exchange timer any more
         (the tunnel has its own idle timeout)."""
-        self._stop_timer()
+        self._end_timers()
         self.response_status = status
         self.state = TUNNEL
 
@@ -918,7 +918,7 @@ class ProxyExchange:
         if not self.unproduced:
             front.transport.unregisterProducer()
         self.state = DONE
-        self._stop_timer()
+        self._end_timers()
         if conn is not None:
             if not self.request_complete:
                 # The upstream answered before reading the whole request: never reuse either side.
@@ -1107,7 +1107,7 @@ class ProxyExchange:
             self.out = None
             self.error_cause = error.cause
             self.state = DONE
-            self._stop_timer()
+            self._end_timers()
             self.front.transport.unregisterProducer()
             self.front.cut_off(self)
             return
@@ -1130,7 +1130,7 @@ class ProxyExchange:
         if self.retrying:
             self._end_retry()
         self.state = DONE
-        self._stop_timer()
+        self._end_timers()
         self.error_cause = error.cause
         self.response_status = error.status
         self.front.gate.release(HELD_OR_BACKPRESSURE)
@@ -1278,6 +1278,9 @@ class ProxyExchange:
         return self.front.timeouts.stream_idle
 
     def _stop_timer(self) -> None:
+        """Stop the response/stream idle deadline and a retry's backoff timer. A gRPC
+        request's `grpc-timeout` deadline keeps running: it bounds the whole call, across
+        connecting, retries and the response (see `_end_timers`)."""
         watchdog = self.front.watchdog
         if watchdog.owner is self:
             watchdog.stop(self)
@@ -1286,6 +1289,11 @@ class ProxyExchange:
             self.timer = None
             if timer.active():
                 timer.cancel()
+
+    def _end_timers(self) -> None:
+        """The exchange is over (answered, failed, tunnelled or abandoned): stop every timer,
+        the gRPC deadline included."""
+        self._stop_timer()
         if self.deadline is not None:
             deadline, self.deadline = self.deadline, None
             if deadline.active():
@@ -1320,7 +1328,7 @@ class ProxyExchange:
             self._drop_hold()
         if self.retrying:
             self._end_retry()
-        self._stop_timer()
+        self._end_timers()
         self.error_cause = self.error_cause or "downstream_reset"
         conn = self.conn
         if conn is not None:
