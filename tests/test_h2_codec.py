@@ -27,6 +27,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
+from flexgw.http.h2 import fields as h2fields
 from flexgw.http.h2 import frames as f
 from flexgw.http.h2 import settings as s
 from flexgw.http.h2.connection import H2Codec, HeaderListTooLargeError, StreamClosedError
@@ -728,6 +729,59 @@ class ClientSideTests(CodecTestCase):
         self.codec.send_headers(3, GET, end_stream=True)
         written = self.feed(self.headers(3, [(b":path", b"/"), *RESPONSE]))
         self.assertEqual(self.handler.of("reset")[-1], ("reset", 3, f.PROTOCOL_ERROR, False))
+
+    def _responses(self, encoder: hpack.Encoder, head: list, count: int) -> list[int]:
+        """`count` requests answered with the same `head` by `encoder`; the :status each time
+        the codec told its handler (`status`)."""
+        statuses = []
+        original = self.handler.h2_headers
+
+        def seen(stream_id: int, headers: list, end_stream: bool) -> None:
+            statuses.append((self.codec.status, self.codec.length))
+            original(stream_id, headers, end_stream)
+
+        self.handler.h2_headers = seen  # type: ignore[method-assign]
+        for _ in range(count):
+            stream_id = self.codec.get_next_available_stream_id()
+            self.codec.send_headers(stream_id, GET, end_stream=True)
+            self.feed(HeadersFrame(stream_id, encoder.encode(head), flags=["END_HEADERS", "END_STREAM"]))
+        return statuses
+
+    def _counting_checks(self) -> list[int]:
+        checks: list[int] = []
+        original = h2fields.response_status
+
+        def counted(headers: list) -> tuple[int, int]:
+            checks.append(1)
+            return original(headers)
+
+        self.patch(h2fields, "response_status", counted)
+        return checks
+
+    def test_repeated_response_head_checked_once(self) -> None:
+        """A response head that reads nothing from the HPACK table (flexgw's upstreams keep
+        none) is checked once: its repeats give the same :status and content-length."""
+        checks = self._counting_checks()
+        encoder = hpack.Encoder()
+        encoder.header_table_size = 0
+        head = [(b":status", b"204"), (b"server", b"nginx"), (b"content-length", b"0")]
+        self.assertEqual(self._responses(encoder, head, 3), [(204, 0)] * 3)
+        self.assertEqual(len(checks), 2)  # the first block (a table size update) and its repeat
+        self.assertEqual(self.handler.of("headers")[-1][2], [tuple(h) for h in head])
+
+    def test_head_reading_the_table_checked_each_time(self) -> None:
+        """A head indexing the HPACK table's entries decodes by what the table holds: checked
+        every time; a malformed head is never remembered."""
+        checks = self._counting_checks()
+        head = [(b":status", b"200"), (b"server", b"nginx")]
+        self.assertEqual(self._responses(hpack.Encoder(), head, 3), [(200, -1)] * 3)
+        self.assertEqual(len(checks), 3)
+        encoder = hpack.Encoder()
+        encoder.header_table_size = 0
+        for stream_id in (7, 9):
+            self.codec.send_headers(stream_id, GET, end_stream=True)
+            written = self.feed(HeadersFrame(stream_id, encoder.encode([(b"x-a", b"1")]), flags=["END_HEADERS"]))
+            self.assertReset([x for x in written if isinstance(x, RstStreamFrame)], stream_id, f.PROTOCOL_ERROR)
 
     def test_push_promise_refused(self) -> None:
         """PUSH_PROMISE (push disabled): PROTOCOL_ERROR."""

@@ -25,11 +25,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import TestCase
 
 from flexgw.config.pipeline import load_config
-from flexgw.http.h2frames import GoAwayFilter
 from flexgw.ingress.front import IngressFactory, IngressProtocol
 from flexgw.ingress.h2front import H2Limits, H2Protocol
 from flexgw.plan import HttpSettings, Timeouts
-from flexgw.testing.h2 import made_you_reset, split_frames
+from flexgw.testing.h2 import GoAwayFilter, made_you_reset, split_frames
 from flexgw.upstream.manager import PoolManager
 from tests.conftools import write_conf
 from tests.harness import simple_api

@@ -331,7 +331,8 @@ class PeerCertificateTests(TestCase):
 
     async def test_client_certificate_sent(self) -> None:
         """With the key, alice's certificate arrives as Envoy encodes it; without the key, or
-        without a client certificate, the field stays empty."""
+        without a client certificate, the field stays empty. An HTTP server gets no
+        certificate even with the key, as from Envoy's HTTP client (the module docstring)."""
         import os
         from urllib.parse import unquote
 
@@ -343,6 +344,9 @@ class PeerCertificateTests(TestCase):
 
         server = GrpcAuthzServer().start()
         self.addCleanup(server.stop)
+        http_server = HttpAuthzServer()
+        http_server.listen(reactor)
+        self.addCleanup(http_server.stop)
         upstream = RecordingUpstream(reactor=reactor)
         upstream.listen(reactor)
         self.addCleanup(upstream.stop)
@@ -352,9 +356,10 @@ class PeerCertificateTests(TestCase):
         client_ca_path = client_ca.write(folder, "client-ca")
         alice = client_ca.issue("alice", client=True)
         documents = []
-        ports = [free_port(), free_port()]
+        ports = [free_port(), free_port(), free_port()]
         for name, port, include, mtls in (("with", ports[0], "true", True),
-                                          ("without", ports[1], "false", True)):
+                                          ("without", ports[1], "false", True),
+                                          ("http", ports[2], "true", True)):
             documents.append(api(name, port, upstream.address[1]) + "---\n" + tls_binding(
                 f"{name}-tls", name, crt, key,
                 f'requireClientCertificate: true\ntrustedCA: "file://{client_ca_path}"\n'
@@ -364,7 +369,9 @@ class PeerCertificateTests(TestCase):
                 f"metadata: {{name: {name}-authz}}\n"
                 f"spec:\n  targetRef: {{kind: ApiInstance, name: {name}}}\n"
                 "  policyRef: {name: native-ext-authz-flex}\n"
-                f"  config: {{uri: '{server.uri}', includePeerCertificate: {include}}}\n")
+                + (f"  config: {{uri: '{http_server.uri}', serverType: http, "
+                   f"includePeerCertificate: {include}}}\n" if name == "http" else
+                   f"  config: {{uri: '{server.uri}', includePeerCertificate: {include}}}\n"))
         gateway = Gateway(self, {"api.yaml": "---\n".join(documents)})
         gateway.start()
         self.assertEqual([str(p) for p in gateway.service.state.errors], [])
@@ -381,3 +388,7 @@ class PeerCertificateTests(TestCase):
         self.assertIn("%0A", sent[0])
         self.assertNotIn("/", sent[0])
         self.assertEqual(sent[1], "")
+        [(_, _, headers)] = http_server.requests
+        encoded = [sent[0].encode(), pem.encode()]
+        self.assertEqual([n for n, values in headers.items()
+                          if any(e in v for e in encoded for v in values)], [])

@@ -38,6 +38,7 @@ from flexgw.http.tracecontext import Trace
 from flexgw.http.tunnel import IDLE_TIMEOUT, Tunnel
 from flexgw.ingress.contract import IExchangeFront, IExchangeObserver
 from flexgw.ingress.grpcweb import GrpcWebSink
+from flexgw.ingress.h2request import send_request
 from flexgw.ingress.routing import remaining_path, rules_match
 from flexgw.plan import Api, BoundPolicy, Destination, Route
 from flexgw.policies.base import LocalResponse, PolicyContext
@@ -396,7 +397,7 @@ class ProxyExchange:
             extra = ctx.response_extra
         self.response_status = response.status
         self.state = DONE
-        self._stop_timer()
+        self._end_timers()
         self.front.gate.release(HELD_OR_BACKPRESSURE)
         if self.error_cause is None:
             if response.cause is not None:
@@ -494,20 +495,24 @@ class ProxyExchange:
 
     def _send_body(self, data: bytes) -> None:
         self.body_sent = True
-        if self.head.body == BODY_CHUNKED:
+        conn = self.conn
+        if self.head.body == BODY_CHUNKED and not conn.http2:  # type: ignore[union-attr]
             data = b"%x\r\n" % len(data) + data + b"\r\n"
-        send_now(self.conn.transport, data)  # type: ignore[union-attr]
+        send_now(conn.transport, data)  # type: ignore[union-attr]
 
     def _finish_request(self, terminated: bool = False) -> None:
         conn = self.conn
         assert conn is not None
-        if self.head.body == BODY_CHUNKED and not terminated:
-            send_now(conn.transport, b"0\r\n\r\n")
+        if not terminated:
+            if conn.http2:
+                conn.end_request()  # type: ignore[attr-defined]
+            elif self.head.body == BODY_CHUNKED:
+                send_now(conn.transport, b"0\r\n\r\n")
         if self.head.body != BODY_NONE:
             conn.transport.unregisterProducer()
             self.front.gate.release(BACKPRESSURE)
         if self.response_status == 0:
-            if self.timer is not None or self.deadline is not None:
+            if self.timer is not None:
                 self._stop_timer()  # (the watchdog's deadline is replaced below)
             chain = self.chain
             timeout = self.front.timeouts.upstream_response
@@ -533,15 +538,12 @@ class ProxyExchange:
         head = self.head
         conn.begin(self.grpc_web or self, head.method == b"HEAD")
         transport = conn.transport
-        # The head, the body received so far and (if complete) the chunked terminator go out
-        # in one send.
         trace = self.trace
+        traceparent = None
         if trace is not None:
-            out = [self._upstream_head(trace.upstream_attempt(
+            traceparent = trace.upstream_attempt(
                 self.upstream_started, self.front.clock.seconds(), self.pool.upstream, reused,  # type: ignore[union-attr]
-            ))]
-        else:
-            out = [self._upstream_head()]
+            )
         pending = self.pending
         if pending:
             if (
@@ -552,17 +554,25 @@ class ProxyExchange:
                 self.retry_body = pending[0] if len(pending) == 1 else b"".join(pending)
             self.pending = None
             self.body_sent = True
-            chunked = head.body == BODY_CHUNKED
-            for data in pending:
-                if chunked:
-                    out.append(b"%x\r\n" % len(data))
-                    out.append(data)
-                    out.append(b"\r\n")
-                else:
-                    out.append(data)
-        if self.request_complete and head.body == BODY_CHUNKED:
-            out.append(b"0\r\n\r\n")
-        send_now(transport, out[0] if len(out) == 1 else b"".join(out))
+        if conn.http2:
+            # An HTTP/2 stream takes the request as fields and body bytes, not as HTTP/1.1.
+            send_request(self, conn, traceparent, pending)
+        else:
+            # The head, the body received so far and (if complete) the chunked terminator go
+            # out in one send.
+            out = [self._upstream_head(traceparent)]
+            if pending:
+                chunked = head.body == BODY_CHUNKED
+                for data in pending:
+                    if chunked:
+                        out.append(b"%x\r\n" % len(data))
+                        out.append(data)
+                        out.append(b"\r\n")
+                    else:
+                        out.append(data)
+            if self.request_complete and head.body == BODY_CHUNKED:
+                out.append(b"0\r\n\r\n")
+            send_now(transport, out[0] if len(out) == 1 else b"".join(out))
         if head.body != BODY_NONE and not self.request_complete:
             transport.registerProducer(self.front.gate, True)
         gate = self.front.gate
@@ -838,7 +848,7 @@ class ProxyExchange:
     def _tunnelled(self, status: int) -> None:
         """The exchange became a byte tunnel (answered `status`): no exchange timer any more
         (the tunnel has its own idle timeout)."""
-        self._stop_timer()
+        self._end_timers()
         self.response_status = status
         self.state = TUNNEL
 
@@ -908,7 +918,7 @@ class ProxyExchange:
         if not self.unproduced:
             front.transport.unregisterProducer()
         self.state = DONE
-        self._stop_timer()
+        self._end_timers()
         if conn is not None:
             if not self.request_complete:
                 # The upstream answered before reading the whole request: never reuse either side.
@@ -1097,7 +1107,7 @@ class ProxyExchange:
             self.out = None
             self.error_cause = error.cause
             self.state = DONE
-            self._stop_timer()
+            self._end_timers()
             self.front.transport.unregisterProducer()
             self.front.cut_off(self)
             return
@@ -1120,7 +1130,7 @@ class ProxyExchange:
         if self.retrying:
             self._end_retry()
         self.state = DONE
-        self._stop_timer()
+        self._end_timers()
         self.error_cause = error.cause
         self.response_status = error.status
         self.front.gate.release(HELD_OR_BACKPRESSURE)
@@ -1268,6 +1278,9 @@ class ProxyExchange:
         return self.front.timeouts.stream_idle
 
     def _stop_timer(self) -> None:
+        """Stop the response/stream idle deadline and a retry's backoff timer. A gRPC
+        request's `grpc-timeout` deadline keeps running: it bounds the whole call, across
+        connecting, retries and the response (see `_end_timers`)."""
         watchdog = self.front.watchdog
         if watchdog.owner is self:
             watchdog.stop(self)
@@ -1276,6 +1289,11 @@ class ProxyExchange:
             self.timer = None
             if timer.active():
                 timer.cancel()
+
+    def _end_timers(self) -> None:
+        """The exchange is over (answered, failed, tunnelled or abandoned): stop every timer,
+        the gRPC deadline included."""
+        self._stop_timer()
         if self.deadline is not None:
             deadline, self.deadline = self.deadline, None
             if deadline.active():
@@ -1310,7 +1328,7 @@ class ProxyExchange:
             self._drop_hold()
         if self.retrying:
             self._end_retry()
-        self._stop_timer()
+        self._end_timers()
         self.error_cause = self.error_cause or "downstream_reset"
         conn = self.conn
         if conn is not None:

@@ -446,10 +446,14 @@ class H2Exchange(ProxyExchange):
     def _finish_request(self, terminated: bool = False) -> None:
         trailers = self.request_trailers
         if trailers and self.head.body == BODY_CHUNKED and not terminated:
-            lines = [b"0\r\n"]
-            lines.extend(name + b": " + value + b"\r\n" for name, value in trailers)
-            lines.append(b"\r\n")
-            send_now(self.conn.transport, b"".join(lines))  # type: ignore[union-attr]
+            conn = self.conn
+            if conn.http2:  # type: ignore[union-attr]
+                conn.end_request(trailers)  # type: ignore[union-attr]
+            else:
+                lines = [b"0\r\n"]
+                lines.extend(name + b": " + value + b"\r\n" for name, value in trailers)
+                lines.append(b"\r\n")
+                send_now(conn.transport, b"".join(lines))  # type: ignore[union-attr]
             terminated = True
         super()._finish_request(terminated)
 

@@ -7,7 +7,8 @@ The handler (the front's or the upstream connection's protocol) provides:
 
 - `h2_headers(stream_id, headers, end_stream)`: a request head (server; a new stream, whose
   checked parts are in `request` meanwhile: `fields.RequestFields`) or a response head (client;
-  informational ones included);
+  informational ones included; its checked `:status`, which is the first field, and
+  content-length, -1 without one, are in `status` and `length` meanwhile);
 - `h2_trailers(stream_id, headers)`: a trailer section (the stream's end);
 - `h2_data(stream_id, data, flow_length, end_stream)`: body bytes; `flow_length` must be handed
   back with `acknowledge` once passed on;
@@ -133,8 +134,16 @@ class H2Codec:
         self.closed = False  # a GOAWAY with an error was sent: nothing more is read
         self.error: tuple[int, str] | None = None  # the connection error, when there was one
         self.reason = ""  # what the last stream error was (read by the handler's h2_reset)
+        self.status = 0  # (client side) the checked :status of the head h2_headers is called with
+        self.length = -1  # (client side) and its content-length (-1: none)
+        # (client side) the checks' outcome, (status, length), of response header blocks that
+        # decode alike whatever the HPACK table holds (bounded): a repeated head is checked once
+        self.checked: dict[bytes, tuple[int, int]] = {}
         #: (server side) what the checks read of the request head h2_headers is called with
         self.request: fields.RequestFields | None = None
+        #: The smallest HPACK table the decoder accepts whatever our SETTINGS said (a peer may
+        #: ignore a smaller SETTINGS_HEADER_TABLE_SIZE: flexgw.upstream.h2 tolerates it)
+        self.min_decoder_table = 0
         # Our settings in force (the protocol's defaults until `initiate` and the peer's ACK)
         self.local_window = DEFAULT_WINDOW
         self.local_max_streams = 2**31
@@ -197,6 +206,7 @@ class H2Codec:
                     self.local_max_streams = value
             elif code == HEADER_TABLE_SIZE:
                 decoder = self.decoder
+                value = max(value, self.min_decoder_table)
                 if acknowledged or value > decoder.max_allowed_table_size:
                     decoder.max_allowed_table_size = value
 
@@ -586,11 +596,20 @@ class H2Codec:
             return
         if self.client and not stream.final_head:
             # A malformed response is a stream error (§8.1.1): the other streams go on.
-            try:
-                status, length = fields.response_status(headers)
-            except fields.MalformedFields as exc:
-                self._stream_error(stream_id, PROTOCOL_ERROR, str(exc))
-                return
+            contained = self.decoder.contained
+            known = self.checked.get(block) if contained else None
+            if known is not None:
+                status, length = known
+            else:
+                try:
+                    status, length = fields.response_status(headers)
+                except fields.MalformedFields as exc:
+                    self._stream_error(stream_id, PROTOCOL_ERROR, str(exc))
+                    return
+                if contained:
+                    if len(self.checked) >= 64:
+                        self.checked.clear()
+                    self.checked[block] = (status, length)
             if status < 200:
                 if end_stream:
                     self._stream_error(stream_id, PROTOCOL_ERROR, "informational head ending the stream")
@@ -600,6 +619,8 @@ class H2Codec:
                 stream.length = length
                 if end_stream:
                     self._end_received(stream)
+            self.status = status
+            self.length = length
             self.handler.h2_headers(stream_id, headers, bool(end_stream))
             return
         # trailers

@@ -1,9 +1,12 @@
 """Checks on received HTTP/2 header fields (RFC 9113 §8.2, §8.3): a request head, a response
-head, trailers. A field list that fails is malformed; the codec makes that a protocol error."""
+head, trailers. A field list that fails is malformed; the codec makes that a protocol error.
+Also which sent request fields HPACK must never index (`request_field`)."""
 
 from __future__ import annotations
 
 import re
+
+from hpack import NeverIndexedHeaderTuple
 
 #: A regular field name: visible ASCII without upper case or colon (§8.2.1).
 _NAME = re.compile(rb"[!-9;-@\[-~]+")
@@ -155,3 +158,16 @@ def _length(value: bytes, previous: int) -> int:
     if previous not in (-1, length):
         raise MalformedFields("conflicting content-length")
     return length
+
+
+#: Request fields never indexed by HPACK: credentials (h2's own list), as a shared upstream
+#: connection carries many clients' requests (RFC 7541 §7.1.3).
+NEVER_INDEXED = frozenset({b"authorization", b"proxy-authorization"})
+
+
+def request_field(name: bytes, value: bytes) -> tuple[bytes, bytes]:
+    """The field to send for lower-case `name`: a never-indexed one for a credential (and a
+    short cookie, guessable from its table entry's presence), else the plain pair."""
+    if name in NEVER_INDEXED or (name == b"cookie" and len(value) < 20):
+        return NeverIndexedHeaderTuple(name, value)  # type: ignore[no-any-return]
+    return (name, value)
