@@ -11,6 +11,7 @@ gateway only while those N run (after 200 warm-up requests), so start-up is not 
     .venv/bin/python bench/gateway_instructions.py 2000 --h2 h1    # h2c client, HTTP/1.1 upstream
     .venv/bin/python bench/gateway_instructions.py 2000 --h2 h2c   # h2c client, h2c upstream
     .venv/bin/python bench/gateway_instructions.py 2000 --tracing 100   # or 0, or off
+    .venv/bin/python bench/gateway_instructions.py 2000 --policies      # bench/run.py's 4-policy chain
 
 `--tracing P` adds bench/run.py's tracing Configuration at P% sampling, exporting over OTLP/gRPC
 to a receiver (flexgw.testing.otlp) started beside nginx; its batches are encoded and sent
@@ -21,6 +22,10 @@ and 100 one after the other and prints each as a ratio of off.
 
 With `--h2`, the client speaks HTTP/2 with prior knowledge and sends `--streams` requests at a
 time (as h2load -m does), waiting for all their answers; the figure is still per request.
+
+`--policies` binds bench/run.py's --policies chain (basic auth, rate limiting, header injection,
+message logging) to the API and sends its Authorization header; `--policies both` measures
+without and with the chain one after the other and prints the ratio.
 
 `--tls` makes the gateway's port a TLS port (bench/run.py's certificate); `--twisted-tls-flush`
 then uses Twisted's own TLSMemoryBIOProtocol, whose encrypted bytes wait for the next reactor
@@ -73,11 +78,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def requests(sock: socket.socket | ssl.SSLSocket, n: int) -> None:
+def requests(sock: socket.socket | ssl.SSLSocket, n: int, request: bytes = REQUEST) -> None:
     """Send `n` GETs one after the other, each after the previous answer."""
     buffer = b""
     for _ in range(n):
-        sock.sendall(REQUEST)
+        sock.sendall(request)
         while b"hello\n" not in buffer:
             data = sock.recv(65536)
             if not data:
@@ -163,8 +168,9 @@ def dumped(out: Path) -> int:
     raise SystemExit("callgrind wrote no dump")
 
 
-def measure(args: argparse.Namespace, tracing: str = "off") -> int:
-    """Instructions per request of one gateway (`tracing`: "off", or a sampling percentage)."""
+def measure(args: argparse.Namespace, tracing: str = "off", policies: bool = False) -> int:
+    """Instructions per request of one gateway (`tracing`: "off", or a sampling percentage;
+    `policies`: with bench/run.py's --policies chain)."""
     tmp = Path(tempfile.mkdtemp(prefix="flexgw-instructions-"))
     upstream, port, h2c_upstream = free_port(), free_port(), free_port()
     (tmp / "nginx.conf").write_text(NGINX.format(tmp=tmp, port=upstream, h2c_port=h2c_upstream))
@@ -194,6 +200,15 @@ def measure(args: argparse.Namespace, tracing: str = "off") -> int:
             [sys.executable, "-m", "flexgw.testing.otlp", "--listen", f"127.0.0.1:{otlp}"],
             cwd=REPO, env=env, start_new_session=True,
         ))
+    request = REQUEST
+    if policies:
+        from run import available_policy_kinds, basic_auth_header, policy_bindings
+
+        bindings, _, missing = policy_bindings(available_policy_kinds(env))
+        if missing:
+            raise SystemExit(f"policy kinds not registered: {missing}")
+        documents += bindings
+        request = REQUEST.replace(b"\r\n\r\n", f"\r\nAuthorization: {basic_auth_header()}\r\n\r\n".encode())
     (tmp / "conf" / "api.yaml").write_text(documents)
     patch = "import flexgw.compat.tcpwrite as t; t._DIRECT = ();" if args.no_send_now else ""
     if args.twisted_tls_flush:
@@ -243,13 +258,13 @@ def measure(args: argparse.Namespace, tracing: str = "off") -> int:
             client = H2Client(sock)
             client.requests(200, args.streams)  # warm: upstream connections pooled, paths run once
         else:
-            requests(sock, 200)  # warm: the upstream connection pooled, the code paths run once
+            requests(sock, 200, request)  # warm: the upstream connection pooled, the paths run once
         control = ["callgrind_control", "-i"]
         subprocess.run([*control, "on", str(gateway.pid)], check=True, capture_output=True)
         if args.h2:
             client.requests(args.n, args.streams)
         else:
-            requests(sock, args.n)
+            requests(sock, args.n, request)
         subprocess.run([*control, "off", str(gateway.pid)], check=True, capture_output=True)
         subprocess.run(
             ["callgrind_control", "-d", str(gateway.pid)], check=True, capture_output=True
@@ -280,7 +295,21 @@ def main() -> None:
         "--tracing", default="off", choices=("off", "0", "100", "all"),
         help="OpenTelemetry tracing at this sampling percentage (all: off, 0 and 100)",
     )
+    parser.add_argument(
+        "--policies", nargs="?", const="on", choices=("on", "both"),
+        help="bench/run.py's 4-policy chain (both: without it, then with it, and the ratio)",
+    )
     args = parser.parse_args()
+    if args.policies:
+        chains = (False, True) if args.policies == "both" else (True,)
+        base = None
+        for policies in chains:
+            count = measure(args, args.tracing if args.tracing != "all" else "off", policies)
+            label = "with the 4-policy chain" if policies else "without policies"
+            ratio = f" = {count / base:.3f} x without" if base and policies else ""
+            print(f"{label}: {count} instructions per request ({args.n} requests){ratio}", flush=True)
+            base = count
+        return
     variant = "transport.write only" if args.no_send_now else "send_now"
     if args.h2:
         variant = f"h2c->{args.h2} ({args.streams} streams per write), {variant}"

@@ -9,6 +9,10 @@ not. Per-request cost = (Ir at N2 - Ir at N1) / (N2 - N1), e.g.:
         .venv/bin/python bench/hotpath.py 1000
     (same with 5000; compare the "Collected" totals)
 
+The requests after the first run through `measured` (operator.call), so callgrind can count
+them alone (`--collect-atstart=no --toggle-collect=_operator_call`): `instructions()` does that
+in a child process, one run per figure (bench/hotpath_policies.py --callgrind uses it).
+
 `--tracing 100` (or `0`) samples the API's requests at that percentage, with the gateway's
 Tracer observing the exchanges and every trace encoded as OTLP in batches of 512 (the export
 itself answered at once): the tracing cost of the data path and the encoder, without the
@@ -18,6 +22,13 @@ collector's network round trips (bench/gateway_instructions.py --tracing counts 
 
 from __future__ import annotations
 
+import operator
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -42,14 +53,52 @@ def drive(factory: Any, request: bytes, n: int) -> bytes:
     conn.makeConnection(up)
     conn.dataReceived(RESPONSE)
     first = up.value()
-    for _ in range(n):
-        front.dataReceived(request)
-        conn.dataReceived(RESPONSE)
-        down.clear()
-        up.clear()
+
+    def loop() -> None:
+        for _ in range(n):
+            front.dataReceived(request)
+            conn.dataReceived(RESPONSE)
+            down.clear()
+            up.clear()
+
+    measured(loop)
     if len(reactor.tcpClients) != 1:
         raise SystemExit("the upstream connection was not reused")
     return first
+
+
+def measured(loop: Callable[[], None]) -> None:
+    """Run the measured requests through `operator.call`, which nothing else in flexgw or
+    Twisted calls: under `valgrind --tool=callgrind --collect-atstart=no
+    --toggle-collect=_operator_call` only they are counted (see `instructions`)."""
+    if os.environ.get("FLEXGW_CALLGRIND_INSTRUMENT"):
+        # started with --instr-atstart=no: instrument from here (set-up ran at full speed)
+        subprocess.run(["callgrind_control", "-i", "on", str(os.getpid())], check=True, capture_output=True)
+    operator.call(loop)
+
+
+def instructions(script: Path, n: int, args: Sequence[str] = (), tree: str | None = None) -> int:
+    """Instructions per request of `script n *args` (a bench script whose requests run through
+    `measured`), counted by callgrind in a child process with `tree` (default: this one) first
+    on the import path. Start-up and set-up are not counted, so one run of n requests is enough."""
+    tree = tree or str(Path(__file__).resolve().parent.parent)
+    with tempfile.TemporaryDirectory(prefix="flexgw-callgrind-") as tmp:
+        out = Path(tmp) / "callgrind.out"
+        done = subprocess.run(
+            [
+                "valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
+                "--toggle-collect=_operator_call", f"--callgrind-out-file={out}",
+                sys.executable, str(script), str(n), *args,
+            ],
+            env={**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": tree, "FLEXGW_CALLGRIND_INSTRUMENT": "1"},
+            capture_output=True, text=True, check=False,
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"callgrind run failed:\n{done.stderr[-3000:]}")
+        for line in out.read_text(errors="replace").splitlines():
+            if line.startswith("totals:"):
+                return int(line.split()[1]) // n
+    raise SystemExit("callgrind wrote no totals")
 
 
 def traced_factory(percent: float) -> Any:

@@ -46,11 +46,17 @@ class GrpcTestServer:
 
     def __init__(self) -> None:
         self.released = threading.Event()
+        self.holding = 0  # calls held so far (a test polls it: the call has arrived)
 
     def start(self) -> Any:
         """Serve (grpcio's own threads)."""
         self.server.start()
         return self
+
+    def hold(self) -> None:
+        """On a grpcio thread: count the held call, then wait for release()."""
+        self.holding += 1
+        self.released.wait(HOLD_LIMIT)
 
     def release(self) -> None:
         """Let held calls answer."""
@@ -103,7 +109,7 @@ class GrpcAuthzServer(GrpcTestServer):
         pb = self.pb
         decision = headers_of(request).get("x-decision", b"allow")
         if decision == b"hold":
-            self.released.wait(HOLD_LIMIT)
+            self.hold()
             decision = b"allow"
         if decision == b"error":
             context.abort(grpc.StatusCode.UNAVAILABLE, "down for maintenance")

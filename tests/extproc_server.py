@@ -8,7 +8,7 @@ import threading
 from concurrent import futures
 from typing import Any
 
-from tests.extauthz_server import HOLD_LIMIT, GrpcTestServer, grpc_modules
+from tests.extauthz_server import GrpcTestServer, grpc_modules
 
 
 def header_map(headers: Any) -> dict[str, bytes]:
@@ -86,7 +86,7 @@ class ExtProcServer(GrpcTestServer):
         first = which == "request_headers"
         if (script == "hold" and first) or (script == "hold-response"
                                             and which == "response_headers"):
-            self.released.wait(HOLD_LIMIT)
+            self.hold()
         elif script == "slow" and first:
             slower = pb.ProcessingResponse()
             slower.override_message_timeout.FromMilliseconds(1500)

@@ -8,16 +8,19 @@ import io
 import json
 import os
 import random
+import shutil
 import socket
 import tempfile
 import textwrap
 from typing import Any
 
 from twisted.internet import defer, reactor
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from flexgw.config.pipeline import load_config
 from flexgw.service.accesslog import AccessLog
 from flexgw.service.gateway import GatewayService
+from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream, Responder
 
 #: Ports handed out by free_port(): below Linux's ephemeral range (32768-60999 by default), so
@@ -116,7 +119,10 @@ class Gateway:
         files: dict[str, str],
         environ: dict[str, str] | None = None,
         resolver: Any = None,
+        clock: Any = None,
     ):
+        """`clock`: the policies' clock (their side-call timeouts), e.g. a task.Clock a test
+        advances to fire a timeout at a moment it chooses; default: the reactor."""
         self.case = case
         self.root = case.mktemp()
         os.makedirs(self.root)
@@ -126,6 +132,8 @@ class Gateway:
         self.service = GatewayService(
             reactor, [self.root], environ or {}, access_log=self.access_log, resolver=resolver
         )
+        if clock is not None:
+            self.service.runtime.clock = clock
 
     def write(self, files: dict[str, str | None]) -> None:
         """Write (or delete, for None) configuration files, dedented."""
@@ -214,9 +222,52 @@ def api_document(port: int, upstream_port: int, name: str = "test-api") -> str:
 
 
 def start_api_gateway(
-    case: TestCase, port: int, upstream_port: int, documents: str = "", name: str = "test-api"
+    case: TestCase, port: int, upstream_port: int, documents: str = "", name: str = "test-api",
+    clock: Any = None,
 ) -> Gateway:
-    """A started gateway serving `api_document(...)` followed by `documents` (bindings...)."""
-    gateway = Gateway(case, {"api.yaml": api_document(port, upstream_port, name) + documents})
+    """A started gateway serving `api_document(...)` followed by `documents` (bindings...);
+    `clock`: its policies' clock (Gateway)."""
+    gateway = Gateway(case, {"api.yaml": api_document(port, upstream_port, name) + documents},
+                      clock=clock)
     gateway.start()
     return gateway
+
+
+class PolicyGatewayCase(TestCase):
+    """End-to-end tests of a policy: a recording upstream (`self.upstream`) and a gateway port
+    (`self.port`); `start(documents)` serves test-api there with `documents` (its bindings,
+    `self.documents` by default), `send(raw)` makes one request through it."""
+
+    timeout = 20
+    documents = ""
+
+    def setUp(self) -> None:
+        """A recording upstream and a free port (then the next class's setUp, if any)."""
+        super().setUp()
+        self.upstream = RecordingUpstream(reactor=reactor)
+        self.upstream.listen(reactor)
+        self.addCleanup(self.upstream.stop)
+        self.port = free_port()
+
+    def start(self, documents: str | None = None) -> Gateway:
+        """A started gateway with test-api on `self.port` and `documents`."""
+        return start_api_gateway(
+            self, self.port, self.upstream.address[1],
+            self.documents if documents is None else documents,
+        )
+
+    async def send(self, raw: bytes) -> client.Response:
+        """One request through the gateway."""
+        return await client.request(reactor, "127.0.0.1", self.port, raw)
+
+
+def assert_loads_cleanly(case: SynchronousTestCase, documents: str) -> Any:
+    """The pipeline behind `flexgw validate` loads an API followed by `documents` (a binding
+    with Flex's documented keys, say) without an error; its ConfigState."""
+    root = tempfile.mkdtemp()
+    case.addCleanup(shutil.rmtree, root)
+    with open(os.path.join(root, "api.yaml"), "w", encoding="utf-8") as handle:
+        handle.write(api_document(free_port(), free_port()) + documents)
+    state = load_config([root], {})
+    case.assertEqual([str(p) for p in state.problems if p.severity == "error"], [])
+    return state

@@ -91,22 +91,3 @@ def idle_upstream(gateway: Gateway) -> list[Any]:
 def pool_counts(gateway: Gateway) -> list[tuple[int, int, int]]:
     """(idle, active, connecting) per upstream pool."""
     return [(len(p.idle), p.active, p.connecting) for _, _, p in gateway.service.pools.all_pools()]
-
-
-class Heartbeat:
-    """A timer firing every `interval` seconds on the real reactor, recording when it fired:
-    proof that the reactor stayed responsive (nothing blocked it) while a test waited."""
-
-    def __init__(self, case: Any, interval: float = 0.01) -> None:
-        self.ticks: list[float] = []
-        self.loop = LoopingCall(lambda: self.ticks.append(reactor.seconds()))  # type: ignore[attr-defined]
-        self.loop.clock = reactor
-        self.loop.start(interval)
-        case.addCleanup(lambda: self.loop.running and self.loop.stop())
-
-    def stop(self) -> float:
-        """Stop; the longest gap between two ticks (seconds)."""
-        if self.loop.running:
-            self.loop.stop()
-        assert len(self.ticks) > 5, f"the timer fired {len(self.ticks)} times only"
-        return max(b - a for a, b in zip(self.ticks, self.ticks[1:], strict=False))

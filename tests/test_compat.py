@@ -234,6 +234,23 @@ class HpackCacheTests(unittest.TestCase):
         self.assertIn(block, decoder.cache)
         self.assertEqual(decoder.decode(block, raw=True), first)
 
+    def test_insertion_into_empty_zero_table_is_a_cache_hit(self) -> None:
+        """With the table's size 0 (flexgw's upstream SETTINGS ask for it), an encoder's
+        literals with incremental indexing change nothing: the repeated block is a plain cache
+        hit, with hpack's list."""
+        from flexgw.compat.hpackcache import CachingDecoder
+
+        first = b"\x20\x40\x06server\x05nginx\x88"  # size update to 0, an insertion, :status 200
+        block = b"\x40\x06server\x05nginx\x88"
+        decoder = CachingDecoder()
+        expected = Decoder().decode(first, raw=True)
+        self.assertEqual(decoder.decode(first, raw=True), expected)
+        self.assertEqual(decoder.decode(block, raw=True), expected)
+        self.assertIn(block, decoder.cache)
+        self.assertNotIn(block, decoder.replays)
+        self.assertEqual(decoder.decode(block, raw=True), expected)
+        self.assertEqual(list(decoder.header_table.dynamic_entries), [])
+
     def test_huffman_memo(self) -> None:
         """hpack's decoder calls `hpack.hpack.decode_huffman`, which hpackcache replaced by its
         memo: repeated Huffman strings decode as hpack does, invalid ones still raise."""
@@ -277,6 +294,7 @@ class HpackCacheTests(unittest.TestCase):
             b"\xbe",  # index 62: the newest dynamic entry
             b"\x3f\x21",  # size update to 64, alone
             b"\x3f\xe1\x1f" + literal(b"a", b"b"),  # size update to 4096, then an insertion
+            b"\x20" + literal(b"server", b"nginx"),  # size update to 0, then an insertion
         ]
 
         @settings(max_examples=200, deadline=None)

@@ -96,13 +96,43 @@ class UpstreamResponseTimeoutTests(ExchangeClockTestCase):
         self.assertEqual(self.pool_counts(), (1, 0, 0))
 
     def test_no_timer_left_after_exchange(self) -> None:
-        """A finished exchange leaves only the connection's keep-alive timer scheduled."""
+        """A finished exchange leaves no deadline: besides the connection's keep-alive timer,
+        only the connection's watchdog timer (kept for the next exchange) is on the wheel, and
+        it runs nothing; closing the connection removes both."""
         self.front.dataReceived(GET)
         conn, _ = self.connect_upstream()
         conn.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
-        [timer] = self.factory.wheel.armed()  # on the reactor: only the wheel's tick
-        self.assertEqual(timer.when, self.reactor.seconds() + HttpSettings().keepalive_timeout)
+        self.assertIsNone(self.front.watchdog.owner)
+        keepalive, watchdog = sorted(
+            self.factory.wheel.armed(), key=lambda t: t.func == self.front.watchdog._fire
+        )
+        self.assertEqual(keepalive.when, self.reactor.seconds() + HttpSettings().keepalive_timeout)
+        self.assertEqual(watchdog.func, self.front.watchdog._fire)
         self.assertEqual([c.func for c in self.reactor.getDelayedCalls()], [self.factory.wheel._tick])
+        self.reactor.advance(TIMEOUTS.upstream_response)
+        self.assertIsNone(self.error_cause())
+        self.assertFalse(self.down.disconnected)
+        self.front.connectionLost(None)
+        self.assertEqual(self.factory.wheel.armed(), [])
+
+    def test_one_watchdog_timer_for_many_exchanges(self) -> None:
+        """Exchanges one after another on a connection set their deadlines on its watchdog
+        without arming a wheel timer each: the wheel holds two timers throughout (keep-alive and
+        watchdog), and a later request still times out on time."""
+        self.front.dataReceived(GET)
+        conn, _ = self.connect_upstream()
+        timers = {id(timer) for timer in self.factory.wheel.armed()}
+        self.assertEqual(len(timers), 2)
+        for _ in range(3):
+            self.assertEqual({id(timer) for timer in self.factory.wheel.armed()}, timers)
+            self.reactor.advance(1)
+            conn.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+            self.front.dataReceived(GET)
+        self.down.clear()
+        self.reactor.advance(TIMEOUTS.upstream_response - 0.1)
+        self.assertIsNone(self.error_cause())
+        self.reactor.advance(0.1)
+        self.assertEqual(self.error_cause(), b"upstream_timeout")
 
 
 class StreamIdleTimeoutTests(ExchangeClockTestCase):

@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -946,6 +947,45 @@ class PropertyTests(SynchronousTestCase):
         """++ on strings is Python concatenation, via vars and via literals."""
         self.assertEqual(ev_vars("vars.a ++ vars.b", a=a, b=b), a + b)
         self.assertEqual(ev(f"{quote(a)} ++ {quote(b)}"), a + b)
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.lists(
+            st.one_of(
+                st.sampled_from(
+                    ["attributes.method", "attributes.requestPath", "attributes.requestUri",
+                     "attributes.queryString", "attributes.version", "attributes.scheme",
+                     "attributes.headers.host", "vars.s", "1", "true"]
+                ),
+                st.text(max_size=5).map(quote),
+            ),
+            min_size=2,
+            max_size=7,
+        ),
+        st.text(max_size=5),
+    )
+    def test_concat_chains_agree_with_python(self, pieces: list[str], s: str) -> None:
+        """A chain of `++` over attributes (the String ones compile into one joining closure),
+        literals and other values gives what joining each piece's own text gives."""
+        ctx = make_ctx(vars={"s": s})
+        expected = "".join(to_text(ev(piece, ctx)) for piece in pieces)
+        self.assertEqual(ev(" ++ ".join(pieces), ctx), expected)
+
+    def test_string_concat_compiles_into_one_closure(self) -> None:
+        """`++` between Strings known at compile time (String attributes, literals) is joined
+        by the compiled closure: the generic `++` function is not called when evaluating."""
+        from flexgw.policies import expressions
+
+        def refuse(a: object, b: object) -> Any:
+            raise AssertionError("the generic ++ ran")
+
+        functions = dict(expressions._OPERATOR_FUNCTIONS)
+        functions["++"] = attrs.evolve(functions["++"], impl=refuse)
+        self.patch(expressions, "_OPERATOR_FUNCTIONS", functions)
+        source = "attributes.method ++ ' ' ++ attributes.requestPath ++ '?' ++ attributes.queryString"
+        self.assertEqual(ev(source), "GET /orders/42?q=shoes&debug=true&q=boots&name=a%20b+c&empty=")
+        with self.assertRaises(EvaluationError):  # a header is no String known at compile time
+            ev("attributes.method ++ attributes.headers.host")
 
     @given(st.text())
     def test_string_literals_round_trip(self, s: str) -> None:

@@ -515,6 +515,33 @@ class GatewayStatusTests(GrpcCase):
         self.assertEqual(bytes(response.body), b"")
         self.assertEqual(await silent.reset, ErrorCodes.CANCEL)
 
+    async def test_grpc_timeout_bounds_an_http1_upstream(self) -> None:
+        """`grpc-timeout` still runs once the exchange connects to an HTTP/1.1 upstream that
+        takes the request and never answers (connecting used to cancel it, leaving only the
+        route's 15 s response timeout): DEADLINE_EXCEEDED with upstream_timeout."""
+        upstream = RecordingUpstream(_Silent(), reactor=reactor)
+        upstream.listen(reactor)
+        self.addCleanup(upstream.stop)
+        port = self.start(f"http://127.0.0.1:{upstream.address[1]}")
+        conn = await h2.connect(reactor, "127.0.0.1", port)
+        self.addCleanup(conn.transport.abortConnection)
+        started = reactor.seconds()
+        response = conn.request(
+            b"POST", b"/" + SERVICE.encode() + b"/Unary",
+            [(b"content-type", b"application/grpc"), (b"te", b"trailers"), (b"grpc-timeout", b"200m")],
+            body=b"\x00\x00\x00\x00\x01x",
+        )
+        (request,) = await upstream.wait_for_requests(1)
+        await response.done
+        self.assertEqual(
+            (response.status, response.header(b"grpc-status"), response.header(b"x-flexgw-error")),
+            (200, [b"4"], [b"upstream_timeout"]),
+        )
+        self.assertTrue(request.complete)
+        # The 200 ms deadline answered, not the route's 15 s response timeout.
+        self.assertLess(reactor.seconds() - started, 10)
+        await upstream.wait_for_disconnections(1)  # the upstream request is abandoned
+
 
 def _basic_auth_binding() -> str:
     """A basic-auth PolicyBinding on grpc-api."""

@@ -4,6 +4,7 @@ tells its handler."""
 
 from __future__ import annotations
 
+import gc
 import struct
 from typing import Any
 
@@ -26,9 +27,10 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
+from flexgw.http.h2 import fields as h2fields
 from flexgw.http.h2 import frames as f
 from flexgw.http.h2 import settings as s
-from flexgw.http.h2.connection import H2Codec, StreamClosedError
+from flexgw.http.h2.connection import H2Codec, HeaderListTooLargeError, StreamClosedError
 from flexgw.testing.h2 import split_frames
 from flexgw.testing.memory import connect_client, connect_upstream, memory_factory, one_api_listener
 
@@ -78,7 +80,7 @@ class Recorder:
 
 
 class CodecTestCase(SynchronousTestCase):
-    """A server codec past the client's preface and SETTINGS."""
+    """A server codec past the client's preface and SETTINGS, its own SETTINGS acknowledged."""
 
     client = False
 
@@ -96,9 +98,9 @@ class CodecTestCase(SynchronousTestCase):
         self.codec.initiate()
         if self.client:
             self.codec.data_to_send()
-            self.codec.receive(SettingsFrame(0).serialize())
+            self.codec.receive(SettingsFrame(0).serialize() + f.SETTINGS_ACK)
         else:
-            self.codec.receive(f.PREFACE + SettingsFrame(0).serialize())
+            self.codec.receive(f.PREFACE + SettingsFrame(0).serialize() + f.SETTINGS_ACK)
         self.codec.data_to_send()
         self.handler.calls.clear()
         self.handler.controls = 0
@@ -429,6 +431,61 @@ class FrameDefinitionTests(CodecTestCase):
         self.assertGoaway(self.feed(f.frame(f.CONTINUATION, f.END_HEADERS, 0, b"\x82")), f.PROTOCOL_ERROR)
 
 
+class OwnSettingsTests(SynchronousTestCase):
+    """§6.5.3: our SETTINGS that let the peer send less apply once it acknowledged them; before,
+    it may still use the defaults. Those that let it send more apply at once."""
+
+    def codec(self, local: dict[int, int]) -> tuple[H2Codec, Recorder]:
+        handler = Recorder()
+        codec = H2Codec(handler, client=False, local_settings=local, max_header_list=4096, header_block_limit=2048)
+        handler.codec = codec
+        codec.initiate()
+        codec.receive(f.PREFACE + SettingsFrame(0).serialize())
+        codec.data_to_send()
+        return codec, handler
+
+    def test_smaller_window_after_ack(self) -> None:
+        """INITIAL_WINDOW_SIZE 100: before the ACK a stream takes 65,535 octets; the ACK shrinks
+        the open streams' windows by the difference (§6.9.2), and then DATA over it is a stream
+        error FLOW_CONTROL_ERROR."""
+        codec, handler = self.codec({s.INITIAL_WINDOW_SIZE: 100})
+        encoder = hpack.Encoder()
+        codec.receive(HeadersFrame(1, encoder.encode(POST), flags=["END_HEADERS"]).serialize())
+        codec.receive(DataFrame(1, b"x" * 1000).serialize())
+        self.assertEqual(handler.of("reset"), [])
+        codec.receive(f.SETTINGS_ACK)
+        self.assertEqual(codec.streams[1].recv_window, 100 - 1000)
+        codec.receive(HeadersFrame(3, encoder.encode(POST), flags=["END_HEADERS"]).serialize())
+        codec.receive(DataFrame(3, b"x" * 101).serialize())
+        self.assertEqual(handler.of("reset"), [("reset", 3, f.FLOW_CONTROL_ERROR, False)])
+
+    def test_stream_limit_after_ack(self) -> None:
+        """MAX_CONCURRENT_STREAMS 1: a second stream before the ACK is the handler's to refuse
+        (no connection error); after it, over the limit is a connection error."""
+        codec, handler = self.codec({s.MAX_CONCURRENT_STREAMS: 1})
+        encoder = hpack.Encoder()
+        codec.receive(b"".join(HeadersFrame(i, encoder.encode(POST), flags=["END_HEADERS"]).serialize() for i in (1, 3)))
+        self.assertFalse(codec.closed)
+        self.assertEqual(len(handler.of("headers")), 2)
+        codec.receive(f.SETTINGS_ACK + HeadersFrame(5, encoder.encode(POST), flags=["END_HEADERS"]).serialize())
+        self.assertTrue(codec.closed)
+        self.assertEqual(codec.error[0], f.PROTOCOL_ERROR)
+
+    def test_larger_values_at_once(self) -> None:
+        """A larger window, frame size and header table apply before the ACK."""
+        codec, _ = self.codec({s.INITIAL_WINDOW_SIZE: 1 << 20, s.MAX_FRAME_SIZE: 1 << 15, s.HEADER_TABLE_SIZE: 8192})
+        self.assertEqual((codec.local_window, codec.local_max_frame, codec.decoder.max_allowed_table_size), (1 << 20, 1 << 15, 8192))
+        codec.receive(f.SETTINGS_ACK)
+        self.assertEqual(codec.unacknowledged, [])
+
+    def test_smaller_table_after_ack(self) -> None:
+        """HEADER_TABLE_SIZE 0: the decoder allows the default table until the ACK."""
+        codec, _ = self.codec({s.HEADER_TABLE_SIZE: 0})
+        self.assertEqual(codec.decoder.max_allowed_table_size, 4096)
+        codec.receive(f.SETTINGS_ACK)
+        self.assertEqual(codec.decoder.max_allowed_table_size, 0)
+
+
 class FlowControlTests(CodecTestCase):
     """§5.2, §6.9: windows both ways."""
 
@@ -526,6 +583,29 @@ class MessageTests(CodecTestCase):
         self.feed(self.headers(1, fields))
         self.assertEqual(self.handler.of("headers"), [("headers", 1, fields, True)])
 
+    def test_request_fields_read_once(self) -> None:
+        """What the checks read of a request head is handed on (`request`): content-length,
+        :method, :path, :authority, Host, the number of pseudo-header fields, the size, whether
+        a Host or Cookie field needs the front's attention."""
+        self.feed(self.headers(1, [*POST, (b"content-length", b"3"), (b"x-a", b"1")], ("END_HEADERS",)))
+        size = sum(len(n) + len(v) + 4 for n, v in [*POST, (b"content-length", b"3"), (b"x-a", b"1")])
+        self.assertEqual(self.codec.request, (3, b"POST", b"/x", b"a.test", None, 4, size, False))
+        self.feed(self.headers(3, [*GET, (b"cookie", b"a=1")]))
+        self.assertEqual(self.codec.request[4:], (None, 4, 73, True))  # 14 + 15 + 20 + 11 + 13
+
+    def test_checked_fields_remembered_not_trusted_blindly(self) -> None:
+        """Fields that passed are remembered (bounded), but the same name with a bad value, on
+        any connection, is still malformed."""
+        from flexgw.http.h2 import fields
+
+        for i in range(fields._GOOD_FIELDS + 10):
+            fields.request_fields([*GET, (b"x-n", b"%d" % i)])
+        self.assertLessEqual(len(fields._good_fields), fields._GOOD_FIELDS)
+        self.feed(self.headers(1, [*GET, (b"x-a", b"ok")]))
+        self.assertIn((b"x-a", b"ok"), fields._good_fields)
+        self.setUp()
+        self.assertGoaway(self.feed(self.headers(1, [*GET, (b"x-a", b"ok\r")])), f.PROTOCOL_ERROR)
+
     def test_trailers(self) -> None:
         """Trailers end the stream; without END_STREAM, or with a pseudo-header, they are
         malformed."""
@@ -564,6 +644,43 @@ class SendingTests(CodecTestCase):
         self.assertEqual(written[1].flags, {"END_HEADERS"})
         block = b"".join(x.data for x in written)
         self.assertEqual(hpack.Decoder().decode(block, raw=True), head)
+
+    def test_send_response_in_one_piece(self) -> None:
+        """A whole response (head and a body that fits the windows and one frame) is queued as
+        HEADERS + DATA(END_STREAM), or HEADERS(END_STREAM) without a body, and ends the stream;
+        a body over the stream's window is refused with nothing queued."""
+        self.feed(self.headers(1), self.headers(3))
+        self.assertTrue(self.codec.send_response(1, RESPONSE, b"hello"))
+        self.assertEqual(len(self.codec.out), 1)
+        headers, data = split_frames(self.codec.data_to_send())[0]
+        self.assertEqual((type(headers), headers.flags, data.data, data.flags), (HeadersFrame, {"END_HEADERS"}, b"hello", {"END_STREAM"}))
+        self.assertNotIn(1, self.codec.streams)
+        self.assertEqual(self.codec.send_window, 65535 - 5)
+        self.assertTrue(self.codec.send_response(3, RESPONSE, b""))
+        [headers] = split_frames(self.codec.data_to_send())[0]
+        self.assertEqual(headers.flags, {"END_HEADERS", "END_STREAM"})
+        self.assertRaises(StreamClosedError, self.codec.send_response, 3, RESPONSE, b"")
+        self.feed(f.settings({s.INITIAL_WINDOW_SIZE: 4}), self.headers(5))
+        self.codec.data_to_send()
+        self.assertFalse(self.codec.send_response(5, RESPONSE, b"hello"))
+        self.assertEqual(self.codec.data_to_send(), b"")
+        self.assertEqual(self.codec.streams[5].send_window, 4)
+
+    def test_peer_max_header_list_size(self) -> None:
+        """§6.5.2: a header block over the client's SETTINGS_MAX_HEADER_LIST_SIZE (names, values
+        and 32 octets per field) is not sent (HeaderListTooLargeError, a StreamClosedError);
+        one at the limit is."""
+        self.feed(f.settings({s.MAX_HEADER_LIST_SIZE: 100}), self.headers(1), self.headers(3))
+        self.codec.data_to_send()
+        fits = [(b":status", b"200"), (b"x-a", b"a" * 23)]  # 7 + 3 + 32 + 3 + 23 + 32 = 100
+        over = [(b":status", b"200"), (b"x-a", b"a" * 24)]
+        for send in (self.codec.send_headers, lambda i, h: self.codec.send_response(i, h, b"ok")):
+            with self.assertRaises(HeaderListTooLargeError):
+                send(1, over)
+            self.assertEqual(self.codec.data_to_send(), b"")
+        self.assertIn(1, self.codec.streams)
+        self.assertTrue(self.codec.send_response(3, fits, b"ok"))
+        self.assertEqual(len(split_frames(self.codec.data_to_send())[0]), 2)
 
     def test_peer_header_table_size(self) -> None:
         """The peer's SETTINGS_HEADER_TABLE_SIZE reaches the encoder (a size update leads its
@@ -612,6 +729,59 @@ class ClientSideTests(CodecTestCase):
         self.codec.send_headers(3, GET, end_stream=True)
         written = self.feed(self.headers(3, [(b":path", b"/"), *RESPONSE]))
         self.assertEqual(self.handler.of("reset")[-1], ("reset", 3, f.PROTOCOL_ERROR, False))
+
+    def _responses(self, encoder: hpack.Encoder, head: list, count: int) -> list[int]:
+        """`count` requests answered with the same `head` by `encoder`; the :status each time
+        the codec told its handler (`status`)."""
+        statuses = []
+        original = self.handler.h2_headers
+
+        def seen(stream_id: int, headers: list, end_stream: bool) -> None:
+            statuses.append((self.codec.status, self.codec.length))
+            original(stream_id, headers, end_stream)
+
+        self.handler.h2_headers = seen  # type: ignore[method-assign]
+        for _ in range(count):
+            stream_id = self.codec.get_next_available_stream_id()
+            self.codec.send_headers(stream_id, GET, end_stream=True)
+            self.feed(HeadersFrame(stream_id, encoder.encode(head), flags=["END_HEADERS", "END_STREAM"]))
+        return statuses
+
+    def _counting_checks(self) -> list[int]:
+        checks: list[int] = []
+        original = h2fields.response_status
+
+        def counted(headers: list) -> tuple[int, int]:
+            checks.append(1)
+            return original(headers)
+
+        self.patch(h2fields, "response_status", counted)
+        return checks
+
+    def test_repeated_response_head_checked_once(self) -> None:
+        """A response head that reads nothing from the HPACK table (flexgw's upstreams keep
+        none) is checked once: its repeats give the same :status and content-length."""
+        checks = self._counting_checks()
+        encoder = hpack.Encoder()
+        encoder.header_table_size = 0
+        head = [(b":status", b"204"), (b"server", b"nginx"), (b"content-length", b"0")]
+        self.assertEqual(self._responses(encoder, head, 3), [(204, 0)] * 3)
+        self.assertEqual(len(checks), 2)  # the first block (a table size update) and its repeat
+        self.assertEqual(self.handler.of("headers")[-1][2], [tuple(h) for h in head])
+
+    def test_head_reading_the_table_checked_each_time(self) -> None:
+        """A head indexing the HPACK table's entries decodes by what the table holds: checked
+        every time; a malformed head is never remembered."""
+        checks = self._counting_checks()
+        head = [(b":status", b"200"), (b"server", b"nginx")]
+        self.assertEqual(self._responses(hpack.Encoder(), head, 3), [(200, -1)] * 3)
+        self.assertEqual(len(checks), 3)
+        encoder = hpack.Encoder()
+        encoder.header_table_size = 0
+        for stream_id in (7, 9):
+            self.codec.send_headers(stream_id, GET, end_stream=True)
+            written = self.feed(HeadersFrame(stream_id, encoder.encode([(b"x-a", b"1")]), flags=["END_HEADERS"]))
+            self.assertReset([x for x in written if isinstance(x, RstStreamFrame)], stream_id, f.PROTOCOL_ERROR)
 
     def test_push_promise_refused(self) -> None:
         """PUSH_PROMISE (push disabled): PROTOCOL_ERROR."""
@@ -715,3 +885,33 @@ class BatchedWriteTests(SynchronousTestCase):
         self.assertEqual(down.writes, 1)
         frames = split_frames(down.value())[0]
         self.assertEqual(len([x for x in frames if isinstance(x, DataFrame) and x.data == b"ok"]), 10)
+
+
+class NoCycleTests(SynchronousTestCase):
+    """A finished HTTP/2 stream, its exchange and request head are freed by reference counting:
+    nothing of them waits for the cycle collector (which ran every ~80 requests for ~8 objects
+    of garbage per request when the stream and its exchange referred to each other)."""
+
+    def test_finished_streams_leave_no_cyclic_garbage(self) -> None:
+        """200 h2c->HTTP/1.1 requests through a gateway in memory: no cyclic garbage."""
+        factory = memory_factory(one_api_listener(scheme="http"))
+        front, _ = connect_client(factory)
+        encoder = hpack.Encoder()
+        front.dataReceived(f.PREFACE + SettingsFrame(0).serialize())
+        fields = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"example.test"), (b":path", b"/items")]
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+        def request(stream_id: int) -> None:
+            front.dataReceived(HeadersFrame(stream_id, encoder.encode(fields), flags=["END_HEADERS", "END_STREAM"]).serialize())
+
+        request(1)
+        up_conn, _ = connect_upstream(factory.reactor)
+        up_conn.dataReceived(answer)
+        gc.collect()
+        gc.disable()
+        self.addCleanup(gc.enable)
+        for i in range(200):
+            request(3 + 2 * i)
+            up_conn.dataReceived(answer)
+        self.assertEqual(len(front.chosen.streams), 0)
+        self.assertLess(gc.collect(), 20)

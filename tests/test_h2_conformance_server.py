@@ -30,6 +30,8 @@ from flexgw.testing.h2raw import (
     GOAWAY,
     HEADERS,
     INITIAL_WINDOW_SIZE,
+    INTERNAL_ERROR,
+    MAX_HEADER_LIST_SIZE,
     PADDED,
     PING,
     PRIORITY_FLAG,
@@ -514,6 +516,22 @@ class Section6_5_2SettingsParameterTests(ConformanceCase):
         conn.send(settings((h2raw.MAX_FRAME_SIZE, 2**24)))
         await self.connection_error(conn, PROTOCOL_ERROR)
 
+    async def test_max_header_list_size_respected(self) -> None:
+        """SETTINGS_MAX_HEADER_LIST_SIZE (§6.5.2: advisory, the peer MAY refuse more): a
+        response head over the client's limit is not sent, the stream is reset (INTERNAL_ERROR)
+        and the connection goes on; once the client raises its limit, responses come."""
+        conn = await self.connect()
+        conn.send(settings((MAX_HEADER_LIST_SIZE, 60)))  # below any response head (:status: 42)
+        await conn.settings_ack()
+        conn.request(1, fields=conn.request_fields(path=b"/big"))
+        await conn.stream_error(1, INTERNAL_ERROR)
+        self.assertEqual([f for f in conn.received if f.stream_id == 1 and f.kind == HEADERS], [])
+        conn.send(settings((MAX_HEADER_LIST_SIZE, 16384)))
+        await conn.settings_ack()
+        conn.request(3, fields=conn.request_fields(path=b"/fits"))
+        response = await conn.response(3)
+        self.assertEqual(response.status, 200)
+
     async def test_unknown_setting_ignored(self) -> None:
         """A setting of unknown identifier is ignored (and acknowledged)."""
         conn = await self.connect()
@@ -533,6 +551,23 @@ class Section6_5_3SettingsSynchronizationTests(ConformanceCase):
         _post(conn, 1, b"hello")
         got = await _data_frame(conn, 1)
         self.assertEqual(got.payload, b"h")
+
+    async def test_stream_limit_binds_once_acknowledged(self) -> None:
+        """The gateway's SETTINGS_MAX_CONCURRENT_STREAMS binds the client once it acknowledged
+        it: before, a stream over it is refused (REFUSED_STREAM, safe to retry) and the
+        connection goes on; after, the excess is still refused or a connection error."""
+        conn = await self.connect(handshake=False)
+        server_settings = await conn.next()
+        limit = server_settings.settings[h2raw.MAX_CONCURRENT_STREAMS]
+        conn.send(settings((INITIAL_WINDOW_SIZE, 0)))  # (no ACK of the server's SETTINGS yet)
+        conn.send(*(conn.headers(1 + 2 * i) for i in range(limit + 1)))
+        last = 1 + 2 * limit
+        got = await conn.stream_error(last, REFUSED_STREAM)
+        self.assertEqual(got.kind, RST_STREAM)
+        await conn.still_alive()
+        conn.send(settings(ack=True))
+        conn.send(*(conn.headers(last + 2 + 2 * i) for i in range(limit + 1)))
+        await self.stream_error(conn, last + 2 + 2 * limit, PROTOCOL_ERROR, REFUSED_STREAM)
 
     async def test_settings_acknowledged(self) -> None:
         """SETTINGS without ACK: a SETTINGS ACK comes back."""

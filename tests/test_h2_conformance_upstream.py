@@ -310,3 +310,56 @@ class UpstreamGoAwayTests(_UpstreamCase):
         self.assertEqual(script.seen, [(0, b"/one"), (0, b"/two"), (1, b"/two")])
         errors = sorted(str(r["error"]) for r in self.gateway.records())
         self.assertEqual(errors, ["None", "upstream_reset"])
+
+
+class _TableSize(Script):
+    """Answers every request 200 with a field HPACK inserts into its dynamic table
+    (`x-served-by`), the next answers indexing it; keeps the gateway's SETTINGS. With
+    `shrink`, its encoder obeys the gateway's SETTINGS_HEADER_TABLE_SIZE (as nginx, grpcio and
+    Go do); without, it keeps its 4096-byte table (RFC 7541 §4.2 says it must not)."""
+
+    def __init__(self, shrink: bool) -> None:
+        self.shrink = shrink
+        self.table_sizes: list[int] = []
+
+    def frame(self, conn: ScriptedConnection, received: RawFrame) -> None:
+        """The gateway's SETTINGS values of SETTINGS_HEADER_TABLE_SIZE noted (and obeyed)."""
+        if received.kind == h2raw.SETTINGS and not received.has(h2raw.ACK):
+            payload = received.payload
+            for at in range(0, len(payload), 6):
+                if int.from_bytes(payload[at : at + 2], "big") == h2raw.HEADER_TABLE_SIZE:
+                    size = int.from_bytes(payload[at + 2 : at + 6], "big")
+                    self.table_sizes.append(size)
+                    if self.shrink:
+                        conn.encoder.header_table_size = size
+        super().frame(conn, received)
+
+    def request(self, conn: ScriptedConnection, stream_id: int, fields: h2raw.Fields) -> None:
+        """200 "ok" with x-served-by."""
+        head = conn.response_headers(stream_id, extra=[(b"x-served-by", b"scripted")])
+        conn.send(head, data(stream_id, b"ok", end_stream=True))
+
+
+class HeaderTableSizeTests(_UpstreamCase):
+    """The gateway asks its upstreams for no HPACK dynamic table (their repeated response heads
+    are then decoded from its cache); an upstream that keeps one anyway is still understood."""
+
+    async def _three(self, shrink: bool) -> None:
+        script = _TableSize(shrink)
+        self.start(script)
+        conn = await self.client()
+        for stream_id in (1, 3, 5):
+            response = await self.get(conn, stream_id)
+            self.assertEqual((response.status, response.body), (200, b"ok"))
+            self.assertEqual(response.header(b"x-served-by"), [b"scripted"])
+        self.assertEqual(script.table_sizes, [0])
+        [upstream] = self.upstream.connections
+        self.assertEqual(len(upstream.encoder.header_table.dynamic_entries), 0 if shrink else 1)
+
+    async def test_upstream_obeys(self) -> None:
+        """SETTINGS_HEADER_TABLE_SIZE 0: an upstream that obeys inserts nothing."""
+        await self._three(shrink=True)
+
+    async def test_upstream_keeps_its_table(self) -> None:
+        """An upstream that keeps its table (no size update, its fields indexed) is decoded."""
+        await self._three(shrink=False)

@@ -25,11 +25,10 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import TestCase
 
 from flexgw.config.pipeline import load_config
-from flexgw.http.h2frames import GoAwayFilter
 from flexgw.ingress.front import IngressFactory, IngressProtocol
 from flexgw.ingress.h2front import H2Limits, H2Protocol
 from flexgw.plan import HttpSettings, Timeouts
-from flexgw.testing.h2 import made_you_reset, split_frames
+from flexgw.testing.h2 import GoAwayFilter, made_you_reset, split_frames
 from flexgw.upstream.manager import PoolManager
 from tests.conftools import write_conf
 from tests.harness import simple_api
@@ -236,7 +235,11 @@ class FloodTests(FrontTestCase):
         self.assertLess(sent, len(frames))
 
     def test_concurrent_streams_limit(self) -> None:
-        """Streams beyond SETTINGS_MAX_CONCURRENT_STREAMS are a protocol error (GOAWAY)."""
+        """Streams beyond SETTINGS_MAX_CONCURRENT_STREAMS from a client that has not
+        acknowledged our SETTINGS yet (RFC 9113 §6.5.3: it may not know the limit) are refused
+        with REFUSED_STREAM, safe to retry; the connection and the streams within the limit go
+        on. (Once acknowledged, over the limit is a connection error: tests/test_h2_codec.py,
+        tests/test_h2_conformance_server.py.)"""
         self.client.initiate_connection()
         self.selector.dataReceived(self.client.data_to_send())
         # The client has not seen our SETTINGS yet, so it opens more streams than allowed.
@@ -244,10 +247,11 @@ class FloodTests(FrontTestCase):
             self.client.send_headers(1 + 2 * i, GET, end_stream=True)
         self.selector.dataReceived(self.client.data_to_send())
         self.receive()
-        self.assertEqual(self.goaway_codes(), [ErrorCodes.PROTOCOL_ERROR])
-        self.assertTrue(self.down.disconnecting)
-        # h2 refuses the whole read that broke the limit: nothing of it was proxied.
-        self.assertEqual(self.reactor.tcpClients, [])
+        self.assertEqual(self.goaway_codes(), [])
+        self.assertFalse(self.down.disconnecting)
+        [refused] = self.of(StreamReset)
+        self.assertEqual((refused.stream_id, refused.error_code), (11, ErrorCodes.REFUSED_STREAM))
+        self.assertEqual(len(self.reactor.tcpClients), 5)
 
 
 class ServerResetTests(FrontTestCase):

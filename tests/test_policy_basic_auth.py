@@ -143,6 +143,47 @@ class BasicAuthUnitTests(TestCase):
         self.assertEqual(len(self.policy.password_digest), 32)
         self.assertNotIn("admin", repr(self.policy))
 
+    def test_accepted_values_remembered_exactly(self) -> None:
+        """A value that passed is remembered (its exact bytes) and passes without the digest;
+        values close to it (another case, a space, another password, one header too many)
+        still take the full check and are refused."""
+        right = basic(b"chris:admin")
+        self.assertIsNone(self.policy.on_request(context((b"Authorization", right))))
+        self.assertEqual(list(self.policy.accepted), [right])
+        self.patch(basic_auth, "_digest", lambda value: self.fail("digest on a remembered value"))
+        self.assertIsNone(self.policy.on_request(context((b"Authorization", right))))
+        self.patch(basic_auth, "_digest", lambda value: basic_auth.hashlib.sha256(value).digest())
+        for wrong in (
+            basic(b"chris:admiN"),
+            basic(b"Chris:admin"),
+            basic(b"chris:admin ").rstrip(b"="),
+            right[:-2],
+            right + b"A",
+            right.replace(b"Basic", b"Bearer"),
+        ):
+            self.assertRefused(self.policy.on_request(context((b"Authorization", wrong))))
+        self.assertRefused(
+            self.policy.on_request(context((b"Authorization", right), (b"Authorization", right)))
+        )
+        self.assertEqual(list(self.policy.accepted), [right])
+
+    def test_accepted_values_bounded(self) -> None:
+        """However many spellings of the right credentials arrive, at most ACCEPTED_LIMIT are
+        remembered; each still passes."""
+        token = base64.b64encode(b"chris:admin")
+        for spaces in range(1, 3 * basic_auth.ACCEPTED_LIMIT):
+            value = b"Basic" + b" " * spaces + token
+            self.assertIsNone(self.policy.on_request(context((b"Authorization", value))))
+            self.assertLessEqual(len(self.policy.accepted), basic_auth.ACCEPTED_LIMIT)
+
+    def test_other_binding_remembers_nothing(self) -> None:
+        """What one binding accepted (remembered) is nothing to a binding with another
+        password, as after a reload that changed it."""
+        right = basic(b"chris:admin")
+        self.assertIsNone(self.policy.on_request(context((b"Authorization", right))))
+        changed = build({"username": "chris", "password": "admin2"})
+        self.assertRefused(changed.on_request(context((b"Authorization", right))))
+
 
 class BasicAuthConfigTests(TestCase):
     """Config errors a schema cannot catch name their field."""

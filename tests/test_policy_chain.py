@@ -339,3 +339,59 @@ class ResponsePhaseOptOutTests(TestCase):
         self.assertIsNone(run.run())
         self.assertIsNone(run.respond())
         self.assertEqual(calls, ["c", "a"])
+
+
+class NoResponsePhaseTests(TestCase):
+    """When no policy that ran has a response phase, the exchange does not enter it; the
+    headers the policies added on the way in still reach the client."""
+
+    def test_response_phase_skipped_extra_headers_kept(self) -> None:
+        """ChainRun.respond is never called; X-Added (from the request phase) and the
+        upstream's own headers are sent, and the head the upstream got carries X-In."""
+        from flexgw.plan import BoundPolicy
+        from flexgw.policies.chain import ChainRun
+        from flexgw.testing.memory import (
+            connect_client,
+            connect_upstream,
+            memory_factory,
+            one_api_listener,
+        )
+
+        class Adder:
+            """Adds a request header and a response header; no response phase."""
+
+            response_phase = False
+
+            def on_request(self, ctx: PolicyContext) -> None:
+                """Add both headers."""
+                ctx.add_request_header(b"X-In", b"1")
+                ctx.add_response_header(b"X-Added", b"yes")
+
+            def on_response(self, ctx: PolicyContext) -> None:
+                """Never called."""
+                raise AssertionError("on_response called")
+
+        def respond(run: ChainRun) -> None:
+            raise AssertionError("the response phase ran")
+
+        self.patch(ChainRun, "respond", respond)
+        listener = one_api_listener()
+        api = listener.apis[0]
+        route = api.routes[0]
+        destination = attrs.evolve(
+            route.destinations[0],
+            chain=(BoundPolicy("adder", "k", 50, (), Adder(), responds=False),),
+        )
+        route = attrs.evolve(route, destinations=(destination,))
+        listener = attrs.evolve(listener, apis=(attrs.evolve(api, routes=(route,)),))
+        factory = memory_factory(listener)
+        front, down = connect_client(factory)
+        front.dataReceived(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+        conn, up = connect_upstream(factory.reactor)
+        self.assertIn(b"\r\nX-In: 1\r\n", up.value())
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Up: u\r\n\r\nok")
+        response = down.value()
+        self.assertTrue(response.startswith(b"HTTP/1.1 200 OK\r\n"), response)
+        self.assertIn(b"\r\nX-Up: u\r\n", response)
+        self.assertIn(b"\r\nX-Added: yes\r\n", response)
+        self.assertTrue(response.endswith(b"\r\n\r\nok"), response)

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from urllib.parse import quote
 
 from graphql import parse
-from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from flexgw.config.pipeline import load_config
 from flexgw.policies import registry
 from flexgw.policies.base import BuildContext
 from flexgw.policies.graphql_limits import KIND, GraphQLLimitsKind, measure
-from flexgw.testing import client
-from flexgw.testing.upstream import RecordingUpstream
-from tests.harness import api_document, free_port, start_api_gateway
+from tests.harness import PolicyGatewayCase, assert_loads_cleanly
 
 FLEX_EXAMPLE = "    maxDepth: 3\n    maxAliases: 2\n    maxRootFields: 2\n    maxDirectives: 1\n"
 
@@ -65,30 +58,16 @@ class MeasureTests(TestCase):
     def test_registered_and_flex_example_validates(self) -> None:
         """Registered under Flex's name; the pipeline accepts Flex's keys."""
         self.assertIsInstance(registry.lookup("graphql-operation-limits-flex"), GraphQLLimitsKind)
-        root = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, root)
-        with open(os.path.join(root, "api.yaml"), "w") as handle:
-            handle.write(api_document(free_port(), free_port()) + binding())
-        state = load_config([root], {})
-        self.assertEqual([str(p) for p in state.problems if p.severity == "error"], [])
+        assert_loads_cleanly(self, binding())
 
 
-class EndToEndTests(TestCase):
+class EndToEndTests(PolicyGatewayCase):
     """Through a real gateway and a recording upstream."""
-
-    timeout = 20
 
     def setUp(self) -> None:
         """A recording upstream and a gateway with the binding."""
-        self.upstream = RecordingUpstream(reactor=reactor)
-        self.upstream.listen(reactor)
-        self.addCleanup(self.upstream.stop)
-        self.port = free_port()
-        start_api_gateway(self, self.port, self.upstream.address[1], binding())
-
-    async def send(self, raw: bytes) -> client.Response:
-        """One request through the gateway."""
-        return await client.request(reactor, "127.0.0.1", self.port, raw)
+        super().setUp()
+        self.start(binding())
 
     def post(self, payload: object, content_type: bytes = b"application/json") -> bytes:
         """A POST /graphql with `payload` (JSON-encoded unless bytes)."""

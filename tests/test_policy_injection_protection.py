@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
-from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from flexgw.config.pipeline import load_config
 from flexgw.policies import registry
 from flexgw.policies.base import BuildContext, PolicyConfigError
 from flexgw.policies.injection_protection import (
@@ -22,9 +17,7 @@ from flexgw.policies.injection_protection import (
     detect,
     percent_decode,
 )
-from flexgw.testing import client
-from flexgw.testing.upstream import RecordingUpstream
-from tests.harness import api_document, free_port, start_api_gateway
+from tests.harness import PolicyGatewayCase, assert_loads_cleanly
 
 CORPUS = Path(__file__).resolve().parent.parent / "bench" / "injection_corpus"
 
@@ -171,34 +164,16 @@ class ConfigTests(TestCase):
 
     def test_flex_example_validates(self) -> None:
         """The pipeline behind `flexgw validate` accepts Flex's documented keys."""
-        root = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, root)
-        with open(os.path.join(root, "api.yaml"), "w") as handle:
-            handle.write(api_document(free_port(), free_port()) + binding())
-        state = load_config([root], {})
-        self.assertEqual([str(p) for p in state.problems if p.severity == "error"], [])
+        assert_loads_cleanly(self, binding())
 
 
-class EndToEndTests(TestCase):
+class EndToEndTests(PolicyGatewayCase):
     """Through a real gateway and a recording upstream."""
-
-    timeout = 20
-
-    def setUp(self) -> None:
-        """A recording upstream."""
-        self.upstream = RecordingUpstream(reactor=reactor)
-        self.upstream.listen(reactor)
-        self.addCleanup(self.upstream.stop)
-        self.port = free_port()
-
-    async def send(self, raw: bytes) -> client.Response:
-        """One request through the gateway."""
-        return await client.request(reactor, "127.0.0.1", self.port, raw)
 
     async def test_blocked_where_flex_blocks(self) -> None:
         """Query, protected header, JSON body and a custom regex: 400 with the Flex header and
         a JSON error; benign requests (and unprotected headers) reach the upstream."""
-        gateway = start_api_gateway(self, self.port, self.upstream.address[1], binding())
+        gateway = self.start(binding())
         body = json.dumps({"name": "O'Brien", "note": "<script>alert(1)</script>"}).encode()
         attacks = (
             b"GET /items?id=1%2527%2520or%25201%253D1-- HTTP/1.1\r\nHost: t\r\n\r\n",
@@ -228,7 +203,7 @@ class EndToEndTests(TestCase):
         config = FLEX_EXAMPLE.replace("rejectRequests: true", "rejectRequests: false").replace(
             "protectBody: true", "protectBody: false"
         )
-        start_api_gateway(self, self.port, self.upstream.address[1], binding(config))
+        self.start(binding(config))
         response = await self.send(b"GET /?q=%3Cscript%3E HTTP/1.1\r\nHost: t\r\n\r\n")
         self.assertEqual(response.status, 200)
         big = b"<script>" + b"x" * (2 * 1024 * 1024)
@@ -240,7 +215,7 @@ class EndToEndTests(TestCase):
 
     async def test_body_over_the_buffer_limit_is_413(self) -> None:
         """With protectBody, a body over 1 MiB cannot be checked: 413, nothing forwarded."""
-        start_api_gateway(self, self.port, self.upstream.address[1], binding())
+        self.start(binding())
         big = b"y" * (1024 * 1024 + 10)
         response = await self.send(
             b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%s" % (len(big), big)

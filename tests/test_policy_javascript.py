@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import textwrap
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from flexgw.config.pipeline import load_config
 from flexgw.http.request import analyze_head
 from flexgw.policies import registry
 from flexgw.policies.base import BuildContext, LocalResponse, PolicyConfigError, PolicyContext
 from flexgw.policies.javascript_scripting import KIND, JavaScriptKind, exports_of
 from flexgw.testing import client
-from flexgw.testing.upstream import RecordingUpstream, fixed
-from tests.harness import api_document, free_port, start_api_gateway
+from flexgw.testing.upstream import fixed
+from tests.harness import PolicyGatewayCase, assert_loads_cleanly
 
 SCRIPT = """\
 let count = 0;
@@ -120,27 +116,17 @@ class PolicyTests(TestCase):
         """Registered under Flex's name; `${...}` in the script is not taken for an environment
         variable by the config pipeline."""
         self.assertIsInstance(registry.lookup("javascript-scripting-flex"), JavaScriptKind)
-        root = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, root)
-        with open(os.path.join(root, "api.yaml"), "w") as handle:
-            handle.write(api_document(free_port(), free_port()) + binding())
-        state = load_config([root], {})
-        self.assertEqual([str(p) for p in state.problems if p.severity == "error"], [])
+        assert_loads_cleanly(self, binding())
 
 
-class EndToEndTests(TestCase):
+class EndToEndTests(PolicyGatewayCase):
     """Through a real gateway and a recording upstream."""
-
-    timeout = 20
 
     async def test_filters_through_the_gateway(self) -> None:
         """The upstream gets the changed header and the re-framed body; the client gets the
         response filter's header; a blocked request and a runaway script answer 403 and 500."""
-        upstream = RecordingUpstream(reactor=reactor)
-        upstream.listen(reactor)
-        self.addCleanup(upstream.stop)
-        port = free_port()
-        start_api_gateway(self, port, upstream.address[1], binding())
+        upstream, port = self.upstream, self.port
+        self.start(binding())
         body = b"hello world"
         response = await client.request(
             reactor, "127.0.0.1", port,

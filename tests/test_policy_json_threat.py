@@ -9,7 +9,6 @@ from typing import Any
 import jsonschema
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from flexgw.http.request import RequestHead, analyze_head
@@ -23,9 +22,7 @@ from flexgw.policies.json_threat import (
     is_json_request,
     scan,
 )
-from flexgw.testing import client
-from flexgw.testing.upstream import RecordingUpstream
-from tests.harness import Gateway, free_port, start_api_gateway
+from tests.harness import PolicyGatewayCase
 
 UNLIMITED = JsonLimits()
 KIND = JsonThreatProtectionKind()
@@ -357,27 +354,10 @@ def post(body: bytes, content_type: bytes | None = b"application/json", chunked:
     return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
 
 
-class JsonThreatEndToEndTests(TestCase):
+class JsonThreatEndToEndTests(PolicyGatewayCase):
     """Through a real gateway and upstream."""
 
-    timeout = 20
-
-    def setUp(self) -> None:
-        """A recording upstream and a gateway with the binding."""
-        self.upstream = RecordingUpstream(reactor=reactor)
-        self.upstream.listen(reactor)
-        self.addCleanup(self.upstream.stop)
-        self.port = free_port()
-
-    def start(self, binding: str = BINDING) -> Gateway:
-        """A gateway with one API and `binding`."""
-        return start_api_gateway(
-            self, self.port, self.upstream.address[1], binding
-        )
-
-    async def send(self, raw: bytes) -> client.Response:
-        """One request through the gateway."""
-        return await client.request(reactor, "127.0.0.1", self.port, raw)
+    documents = BINDING
 
     async def test_accepted_body_reaches_upstream_intact(self) -> None:
         """A document within the limits is forwarded byte for byte (CL and chunked)."""

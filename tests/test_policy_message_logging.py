@@ -13,12 +13,12 @@ from twisted.trial.unittest import TestCase
 
 from flexgw.http.request import RequestHead, analyze_head
 from flexgw.policies import message_logging, registry
-from flexgw.policies.base import BuildContext, PolicyConfigError, PolicyContext
+from flexgw.policies.base import BuildContext, PolicyConfigError, PolicyContext, PolicyServices
 from flexgw.policies.message_logging import NAMESPACE, MessageLoggingKind
 from flexgw.service.accesslog import MessageLog
 from flexgw.testing import client
 from flexgw.testing.upstream import RecordingUpstream
-from tests.harness import Gateway, MemoryStream, api_document, free_port, start_api_gateway
+from tests.harness import Gateway, MemoryStream, PolicyGatewayCase, api_document, free_port
 
 KIND = MessageLoggingKind()
 
@@ -276,17 +276,14 @@ spec:
 """
 
 
-class MessageLoggingEndToEndTests(TestCase):
+class MessageLoggingEndToEndTests(PolicyGatewayCase):
     """Through a real gateway and upstream, observing the global log."""
 
-    timeout = 20
+    documents = BINDING
 
     def setUp(self) -> None:
         """A recording upstream, a gateway port, and an observer of the policy's namespace."""
-        self.upstream = RecordingUpstream(reactor=reactor)
-        self.upstream.listen(reactor)
-        self.addCleanup(self.upstream.stop)
-        self.port = free_port()
+        super().setUp()
         self.events: list[dict[str, Any]] = []
 
         def observe(event: dict[str, Any]) -> None:
@@ -295,16 +292,6 @@ class MessageLoggingEndToEndTests(TestCase):
 
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
-
-    def start(self, binding: str = BINDING) -> Gateway:
-        """A gateway with one API and `binding`."""
-        return start_api_gateway(
-            self, self.port, self.upstream.address[1], binding
-        )
-
-    async def send(self, raw: bytes) -> client.Response:
-        """One request through the gateway."""
-        return await client.request(reactor, "127.0.0.1", self.port, raw)
 
     def texts(self) -> list[tuple[str, str]]:
         """(item, text-or-error) of the policy's events so far."""
@@ -345,6 +332,50 @@ class MessageLoggingEndToEndTests(TestCase):
             [str(p) for p in errors],
         )
         self.assertEqual(gateway.service.plan.listeners, ())
+
+
+class SinkWriterTests(TestCase):
+    """A sink with `writer` (the gateway's MessageLog) is asked once per item and section, when
+    the policy is built; a line is then one call of that writer."""
+
+    def test_writers_asked_at_build(self) -> None:
+        """Three writers for two items (one in both sections), none asked per request, and
+        the sink's `emit` never called."""
+        asked: list[tuple[Any, ...]] = []
+        lines: list[tuple[str, str]] = []
+
+        class Sink:
+            def writer(self, *key: Any) -> Any:
+                asked.append(key)
+                return lambda text: lines.append((key[4], text))
+
+            def emit(self, *args: Any) -> None:
+                raise AssertionError("emit called for a line")
+
+        policy = KIND.build(
+            {
+                "loggingConfiguration": [
+                    item("#[attributes.method]", name="a", category="audit"),
+                    item("plain", "WARN", name="b", secondSection=True),
+                ]
+            },
+            BuildContext("default/ml", "default/api", services=PolicyServices(message_log=Sink())),
+        )
+        self.assertEqual(
+            asked,
+            [
+                ("INFO", "audit", "default/ml", "default/api", "a", "first"),
+                ("WARN", None, "default/ml", "default/api", "b", "first"),
+                ("WARN", None, "default/ml", "default/api", "b", "second"),
+            ],
+        )
+        for _ in range(2):
+            policy.on_request(context())
+        ctx = context()
+        ctx.begin_response(200, [])
+        policy.on_response(ctx)
+        self.assertEqual(lines, [("a", "GET"), ("b", "plain")] * 2 + [("b", "plain")])
+        self.assertEqual(len(asked), 3)
 
 
 class MessageLogSinkTests(TestCase):

@@ -144,7 +144,9 @@ class Base(TestCase):
 
     def build(self, **config: Any) -> OidcPolicy:
         """A policy on the provider (schema-checked)."""
-        config = {"issuer": self.provider.issuer, "authenticationTimeout": 2000, **config}
+        # 30 s: these tests wait for the provider's answers, never for this timeout (2 s ran
+        # out on a loaded machine: discovery, then introspection, from this busy process).
+        config = {"issuer": self.provider.issuer, "authenticationTimeout": 30000, **config}
         jsonschema.Draft202012Validator(SCHEMA).validate(config)
         policy = KIND.build(config, BuildContext("d/o", "d/api", clock=reactor, reactor=reactor))
         assert isinstance(policy, OidcPolicy)

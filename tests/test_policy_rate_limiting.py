@@ -152,6 +152,28 @@ class RateLimitUnitTests(TestCase):
         refused = policy.on_request(context())
         self.assertFalse(any(name.startswith(b"x-ratelimit") for name, _ in refused.headers))
 
+    def test_allowed_requests_take_the_fast_path(self) -> None:
+        """Without exposeHeaders an allowed request is counted by the memory store's `counted`
+        (no HitResult made): `hit` runs only to open the window and to refuse. A store set
+        later is the one counted."""
+        policy = self.build()
+        store = policy.store
+        hits: list[str] = []
+        real_hit = store.hit
+
+        def hit(key: str, limits: Any) -> Any:
+            hits.append(key)
+            return real_hit(key, limits)
+
+        store.hit = hit
+        self.assertEqual(self.statuses(policy, 4), [200, 200, 200, 429])
+        self.assertEqual(len(hits), 2)
+        replacement = MemoryRateLimitStore(self.clock)
+        policy.store = replacement
+        self.assertEqual(self.statuses(policy, 4), [200, 200, 200, 429])
+        self.assertIn("", replacement)
+        self.assertEqual(len(hits), 2)
+
     def test_key_selector_separate_counters(self) -> None:
         """keySelector gives each value its own counters and its own window."""
         policy = self.build(rateLimits=limits((2, 6000)), keySelector="#[attributes.method]",

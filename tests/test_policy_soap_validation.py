@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -10,13 +9,11 @@ from pathlib import Path
 from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from flexgw.config.pipeline import load_config
 from flexgw.policies import registry
 from flexgw.policies.base import BuildContext, PolicyConfigError
 from flexgw.policies.soap_validation import KIND, SoapValidationKind
 from flexgw.testing import client
-from flexgw.testing.upstream import RecordingUpstream
-from tests.harness import api_document, free_port, start_api_gateway
+from tests.harness import PolicyGatewayCase, assert_loads_cleanly
 
 WSDL = """\
 <?xml version="1.0" encoding="UTF-8"?>
@@ -129,12 +126,7 @@ class PolicyTests(SoapTestCase):
     def test_registered_and_flex_example_validates(self) -> None:
         """Registered under Flex's name; the pipeline accepts Flex's documented keys."""
         self.assertIsInstance(registry.lookup("soap-validation"), SoapValidationKind)
-        root = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, root)
-        with open(os.path.join(root, "api.yaml"), "w") as handle:
-            handle.write(api_document(free_port(), free_port()) + binding(self.wsdl.as_uri()))
-        state = load_config([root], {})
-        self.assertEqual([str(p) for p in state.problems if p.severity == "error"], [])
+        assert_loads_cleanly(self, binding(self.wsdl.as_uri()))
 
 
 def binding(wsdl_url: str, port: str = "Port11") -> str:
@@ -148,18 +140,8 @@ def binding(wsdl_url: str, port: str = "Port11") -> str:
     )
 
 
-class EndToEndTests(SoapTestCase):
+class EndToEndTests(PolicyGatewayCase, SoapTestCase):
     """Through a real gateway and a recording upstream."""
-
-    timeout = 20
-
-    def setUp(self) -> None:
-        """A recording upstream too."""
-        super().setUp()
-        self.upstream = RecordingUpstream(reactor=reactor)
-        self.upstream.listen(reactor)
-        self.addCleanup(self.upstream.stop)
-        self.port = free_port()
 
     async def post(self, body: bytes, content_type: bytes = b"text/xml") -> client.Response:
         """POST a SOAP body through the gateway."""
@@ -170,7 +152,7 @@ class EndToEndTests(SoapTestCase):
     async def test_soap11_faults_and_xxe(self) -> None:
         """1.1: a valid request passes intact; invalid ones get a soap:Client fault with 500;
         the XXE payload is refused and the secret appears nowhere; ?wsdl serves the WSDL."""
-        start_api_gateway(self, self.port, self.upstream.address[1], binding(self.wsdl.as_uri()))
+        self.start(binding(self.wsdl.as_uri()))
         ok = await self.post(envelope(SOAP11))
         self.assertEqual(ok.status, 200)
         bad = await self.post(envelope(SOAP11, "x"))
@@ -189,8 +171,7 @@ class EndToEndTests(SoapTestCase):
 
     async def test_soap12_fault_is_400(self) -> None:
         """1.2: an invalid request gets an env:Sender fault with 400, as application/soap+xml."""
-        start_api_gateway(self, self.port, self.upstream.address[1],
-                          binding(self.wsdl.as_uri(), "Port12"))
+        self.start(binding(self.wsdl.as_uri(), "Port12"))
         bad = await self.post(envelope(SOAP12, "x"), b"application/soap+xml")
         self.assertEqual(bad.status, 400)
         self.assertEqual(bad.header("content-type"), [b"application/soap+xml; charset=UTF-8"])

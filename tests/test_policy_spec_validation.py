@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import textwrap
 from typing import Any
 
-from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
-from flexgw.config.pipeline import load_config
 from flexgw.http.request import analyze_head
 from flexgw.policies import registry
 from flexgw.policies.base import BuildContext, PolicyConfigError, PolicyContext
 from flexgw.policies.spec_validation import KIND, SpecValidationKind
-from flexgw.testing import client
-from flexgw.testing.upstream import RecordingUpstream
-from tests.harness import api_document, free_port, start_api_gateway
+from tests.harness import PolicyGatewayCase, assert_loads_cleanly
 
 SPEC = """\
 openapi: 3.0.3
@@ -167,34 +160,16 @@ class ValidationTests(TestCase):
     def test_registered_and_flex_example_validates(self) -> None:
         """Registered under Flex's name; `flexgw validate`'s pipeline accepts Flex's keys."""
         self.assertIsInstance(registry.lookup("spec-validation-flex"), SpecValidationKind)
-        root = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, root)
-        with open(os.path.join(root, "api.yaml"), "w") as handle:
-            handle.write(api_document(free_port(), free_port()) + binding())
-        state = load_config([root], {})
-        self.assertEqual([str(p) for p in state.problems if p.severity == "error"], [])
+        assert_loads_cleanly(self, binding())
 
 
-class EndToEndTests(TestCase):
+class EndToEndTests(PolicyGatewayCase):
     """Through a real gateway and a recording upstream."""
-
-    timeout = 20
-
-    def setUp(self) -> None:
-        """A recording upstream."""
-        self.upstream = RecordingUpstream(reactor=reactor)
-        self.upstream.listen(reactor)
-        self.addCleanup(self.upstream.stop)
-        self.port = free_port()
-
-    async def send(self, raw: bytes) -> client.Response:
-        """One request through the gateway."""
-        return await client.request(reactor, "127.0.0.1", self.port, raw)
 
     async def test_block_and_log_only(self) -> None:
         """Blocked: 400 with the reason, nothing forwarded; valid requests pass intact; with
         blockOperation false the invalid request is forwarded."""
-        gateway = start_api_gateway(self, self.port, self.upstream.address[1], binding())
+        gateway = self.start(binding())
         bad = await self.send(b"GET /items/5?limit=99 HTTP/1.1\r\nHost: t\r\nX-Tenant: a\r\n\r\n")
         self.assertEqual(bad.status, 400)
         self.assertEqual(json.loads(bad.body), {"error": "Invalid query parameter 'limit': fails 'maximum' (10)"})
@@ -204,15 +179,13 @@ class EndToEndTests(TestCase):
         self.assertEqual(ok.status, 200)
         self.assertEqual([r.body for r in self.upstream.received], [body])
         await gateway.stop()
-        start_api_gateway(self, self.port, self.upstream.address[1],
-                          binding(extra="    blockOperation: false\n"))
+        self.start(binding(extra="    blockOperation: false\n"))
         forwarded = await self.send(b"GET /items/5?limit=99 HTTP/1.1\r\nHost: t\r\nX-Tenant: a\r\n\r\n")
         self.assertEqual(forwarded.status, 200)
 
     async def test_broken_spec_is_a_located_error(self) -> None:
         """A spec OpenAPI rejects: the API is not served and the problem names the binding."""
-        gateway = start_api_gateway(self, self.port, self.upstream.address[1],
-                                    binding(SPEC.replace("in: cookie", "in: body")))
+        gateway = self.start(binding(SPEC.replace("in: cookie", "in: body")))
         errors = [str(p) for p in gateway.service.state.problems if p.severity == "error"]
         self.assertTrue(any("spec.config.spec" in e and "line 12, column 11 of the spec" in e for e in errors), errors)
         self.assertEqual(gateway.service.plan.listeners, ())

@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 import jsonschema
-from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 
 from flexgw.http.request import RequestHead, analyze_head
@@ -20,9 +19,7 @@ from flexgw.policies.xml_threat import (
     check,
     is_xml_request,
 )
-from flexgw.testing import client
-from flexgw.testing.upstream import RecordingUpstream
-from tests.harness import Gateway, free_port, start_api_gateway
+from tests.harness import PolicyGatewayCase
 
 UNLIMITED = XmlLimits()
 KIND = XmlThreatProtectionKind()
@@ -288,27 +285,10 @@ def post(body: bytes, content_type: bytes | None = b"application/xml") -> bytes:
     return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
 
 
-class XmlThreatEndToEndTests(TestCase):
+class XmlThreatEndToEndTests(PolicyGatewayCase):
     """Through a real gateway and upstream."""
 
-    timeout = 20
-
-    def setUp(self) -> None:
-        """A recording upstream and a gateway port."""
-        self.upstream = RecordingUpstream(reactor=reactor)
-        self.upstream.listen(reactor)
-        self.addCleanup(self.upstream.stop)
-        self.port = free_port()
-
-    def start(self, binding: str = BINDING) -> Gateway:
-        """A gateway with one API and `binding`."""
-        return start_api_gateway(
-            self, self.port, self.upstream.address[1], binding
-        )
-
-    async def send(self, raw: bytes) -> client.Response:
-        """One request through the gateway."""
-        return await client.request(reactor, "127.0.0.1", self.port, raw)
+    documents = BINDING
 
     async def test_accepted_document_forwarded(self) -> None:
         """A document within the limits reaches the upstream unchanged."""

@@ -17,6 +17,7 @@ from twisted.python import context, log
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from flexgw.compat import writebatch
 from flexgw.compat.epollreactor import NAME, FlexReactor
 
 REPO = Path(__file__).resolve().parent.parent
@@ -270,6 +271,52 @@ class FlexReactorTests(EventDispatchMixin, SynchronousTestCase):
         reactor.callLater(1, lambda: None)
         self.assertEqual(self.turns(reactor, 1), [1.0])
         self.assertEqual(calls, ["run", "timeout"])
+
+    def test_turn_batches_writes(self) -> None:
+        """What the reads of one turn ask to flush (flexgw.compat.writebatch.flush_soon) is
+        flushed once per connection, after the last read: ten upstream responses for one HTTP/2
+        client arriving in one poll make one send. A failing flush is logged; the others run."""
+        flushed: list[str] = []
+
+        class Connection:
+            """A connection that records its flushes."""
+
+            flush_queued = False
+
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+            def flush(self) -> None:
+                flushed.append(self.name)
+                if self.name == "bad":
+                    raise OSError("gone")
+
+        client, bad = Connection("client"), Connection("bad")
+
+        class Reader(_Selectable):
+            """Each read queues a flush of `client` (and of `bad`)."""
+
+            def doRead(self) -> Any:
+                writebatch.begin()  # as an HTTP/2 protocol's dataReceived
+                try:
+                    writebatch.flush_soon(bad)
+                    writebatch.flush_soon(client)
+                    flushed.append(f"read {self.fd}")
+                finally:
+                    writebatch.end()
+
+        reactor = self.reactor_class()
+        self.addCleanup(reactor._poller.close)  # type: ignore[attr-defined]
+        reactor._poller = _Poller([(fd, EPOLLIN) for fd in range(1020, 1030)])
+        for fd in range(1020, 1030):
+            reactor._selectables[fd] = Reader(fd)
+            reactor._reads.add(fd)
+        reactor.doPoll(0)
+        self.assertEqual(flushed, [f"read {fd}" for fd in range(1020, 1030)] + ["bad", "client"])
+        [failure] = self.flushLoggedErrors(OSError)
+        self.assertEqual(str(failure.value), "gone")
+        writebatch.flush_soon(client)  # outside a turn: at once
+        self.assertEqual(flushed[-1], "client")
 
     def test_plugin_registered(self) -> None:
         """`twistd --reactor flexgw` finds this module through the twisted/plugins dropin."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
@@ -124,3 +126,49 @@ class MemoryStoreBoundTests(TestCase):
     def test_max_keys_must_be_positive(self) -> None:
         """A bound below one key is refused."""
         self.assertRaises(ValueError, MemoryRateLimitStore, self.clock, max_keys=0)
+
+
+class CountedFastPathTests(TestCase):
+    """`counted` (the answer without a HitResult) decides exactly as `hit` does."""
+
+    @given(
+        steps=st.lists(
+            st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(min_value=0, max_value=700)),
+            max_size=60,
+        ),
+        maximum=st.integers(min_value=1, max_value=4),
+        two_limits=st.booleans(),
+    )
+    @settings(max_examples=200, deadline=None)
+    def test_same_decisions_as_hit(
+        self, steps: list[tuple[str, int]], maximum: int, two_limits: bool
+    ) -> None:
+        """Two stores given the same requests, one asked `counted` first (then `hit` when it
+        says False), one only `hit`: the same requests pass, and the counters end the same."""
+        limits = (RateLimit(maximum, 1000),) + ((RateLimit(maximum + 1, 1500),) if two_limits else ())
+        clock = Clock()
+        fast, plain = MemoryRateLimitStore(clock), MemoryRateLimitStore(clock)
+        for key, advance_ms in steps:
+            clock.advance(advance_ms / 1000)
+            allowed = fast.counted(key, limits) or fast.hit(key, limits).allowed
+            self.assertEqual(allowed, plain.hit(key, limits).allowed)
+        self.assertEqual(dict(fast._entries), dict(plain._entries))
+        self.assertEqual(list(fast._entries), list(plain._entries))  # the same LRU order
+
+    def test_refused_and_unknown_are_not_counted(self) -> None:
+        """`counted` is False, and changes nothing, for a new key, a spent quota and an ended
+        window: `hit` then opens, refuses or restarts as always."""
+        clock = Clock()
+        store = MemoryRateLimitStore(clock)
+        self.assertFalse(store.counted("k", ONE_PER_SECOND))
+        self.assertNotIn("k", store)
+        self.assertTrue(store.hit("k", ONE_PER_SECOND).allowed)
+        self.assertFalse(store.counted("k", ONE_PER_SECOND))  # spent
+        self.assertFalse(store.hit("k", ONE_PER_SECOND).allowed)
+        clock.advance(1.0)
+        self.assertFalse(store.counted("k", ONE_PER_SECOND))  # window ended
+        self.assertTrue(store.hit("k", ONE_PER_SECOND).allowed)
+        store2 = MemoryRateLimitStore(clock)
+        store2.hit("k", (RateLimit(3, 1000),))
+        self.assertTrue(store2.counted("k", (RateLimit(3, 1000),)))
+        self.assertEqual(store2.hit("k", (RateLimit(3, 1000),)).quotas[0].remaining, 0)

@@ -80,6 +80,21 @@ class SummaryTests(unittest.TestCase):
         self.assertAlmostEqual(summary["nginx-proxy_added_p50_ms"], 0.20)
         self.assertAlmostEqual(summary["added_p50_ratio_flexgw_over_nginx"], 1.5)
         self.assertEqual(summary["errors"], {"direct": 0, "flexgw": 0, "nginx-proxy": 0})
+        self.assertNotIn("rps_ratio_policies_over_nginx", summary)
+
+    def test_policies_over_nginx(self) -> None:
+        """The 4-policy chain is also a req/s ratio of nginx's (issue 20's goal: >= 0.25)."""
+        def run(rps: float) -> dict[str, float]:
+            return {"rps": rps, "p50_ms": 1.0, "non_2xx": 0, "socket_errors": 0}
+
+        results = {
+            "flexgw": {"c50": run(8000), "c1": run(1000)},
+            "flexgw+pol": {"c50": run(5000), "c1": run(1000)},
+            "nginx-proxy": {"c50": run(25000), "c1": run(1000)},
+        }
+        summary = bench.summarise(results, 50)
+        self.assertAlmostEqual(summary["rps_ratio_policies_over_nginx"], 0.2)
+        self.assertAlmostEqual(summary["rps_ratio_policies_over_flexgw"], 0.625)
 
 
     def test_workers_ratio(self) -> None:

@@ -92,7 +92,10 @@ class BalancingTests(ClusterCase):
         )
         got = samples(page.body)
         for host in upstreams.hosts:
-            labels = (("address", f"http://{host}:{upstreams.port}"), ("upstream", "default/orders"))
+            labels = (
+                ("address", f"http://{host}:{upstreams.port}"),
+                ("upstream", "default/orders"),
+            )
             self.assertEqual(got[("flexgw_upstream_address_requests_total", labels)], 10)
             self.assertEqual(got[("flexgw_upstream_address_healthy", labels)], 1)
         page = await client.request(
@@ -202,8 +205,13 @@ class ConfigErrorTests(SynchronousTestCase):
             "spec.loadBalancer.algorithm",
             check("  loadBalancer:\n    algorithm: random\n")[0],
         )
-        [error] = check("  loadBalancer:\n    algorithm: ringHash\n    hashOn: '#[attributes.nope]'\n")
-        self.assertIn("svc.yaml:9:13: error: Service default/s: spec.loadBalancer.hashOn: invalid expression", error)
+        [error] = check(
+            "  loadBalancer:\n    algorithm: ringHash\n    hashOn: '#[attributes.nope]'\n"
+        )
+        self.assertIn(
+            "svc.yaml:9:13: error: Service default/s: spec.loadBalancer.hashOn: invalid expression",
+            error,
+        )
         [error] = check("  loadBalancer:\n    hashOn: clientAddress\n")
         self.assertIn("hashOn applies to the ringHash and maglev algorithms only", error)
         [error] = check("  loadBalancer:\n    dnsRefreshSeconds: 0\n")
@@ -214,10 +222,14 @@ class ConfigErrorTests(SynchronousTestCase):
         """dnsMinRefreshSeconds/dnsMaxRefreshSeconds out of range, or the minimum above the
         maximum: located errors; in range they compile into the plan's Balancing."""
         [error] = check("  loadBalancer:\n    dnsMaxRefreshSeconds: 100000\n")
-        self.assertIn("svc.yaml:8:27: error: Service default/s: spec.loadBalancer.dnsMaxRefreshSeconds", error)
+        self.assertIn(
+            "svc.yaml:8:27: error: Service default/s: spec.loadBalancer.dnsMaxRefreshSeconds", error
+        )
         [error] = check("  loadBalancer:\n    dnsMinRefreshSeconds: 0\n")
         self.assertIn("spec.loadBalancer.dnsMinRefreshSeconds", error)
-        [error] = check("  loadBalancer:\n    dnsMinRefreshSeconds: 30\n    dnsMaxRefreshSeconds: 10\n")
+        [error] = check(
+            "  loadBalancer:\n    dnsMinRefreshSeconds: 30\n    dnsMaxRefreshSeconds: 10\n"
+        )
         self.assertIn(
             "svc.yaml:8:27: error: Service default/s: spec.loadBalancer.dnsMinRefreshSeconds:"
             " dnsMinRefreshSeconds (30) is above dnsMaxRefreshSeconds (10)",
@@ -225,8 +237,13 @@ class ConfigErrorTests(SynchronousTestCase):
         )
         [error] = check("  loadBalancer:\n    dnsMinRefreshSeconds: 400\n")
         self.assertIn("is above dnsMaxRefreshSeconds (300)", error)
-        self.assertEqual(check("  loadBalancer:\n    dnsMinRefreshSeconds: 1\n    dnsMaxRefreshSeconds: 10\n"), [])
-        balancing = balancing_of({"loadBalancer": {"dnsMinRefreshSeconds": 1, "dnsMaxRefreshSeconds": 10}}, 80)
+        self.assertEqual(
+            check("  loadBalancer:\n    dnsMinRefreshSeconds: 1\n    dnsMaxRefreshSeconds: 10\n"),
+            [],
+        )
+        balancing = balancing_of(
+            {"loadBalancer": {"dnsMinRefreshSeconds": 1, "dnsMaxRefreshSeconds": 10}}, 80
+        )
         self.assertEqual((balancing.dns_min_refresh, balancing.dns_max_refresh), (1.0, 10.0))
 
 

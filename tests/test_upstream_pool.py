@@ -135,6 +135,22 @@ class AcquireReleaseTests(PoolTestCase):
         self.assertTrue(made[2][2].disconnecting)
         self.assertFalse(made[0][2].disconnecting)
 
+    def test_default_keeps_a_burst(self) -> None:
+        """By default the pool keeps idle every connection of a burst of 500 concurrent
+        requests (50 HTTP/2 connections of 10 streams), so the next burst reuses them instead of
+        closing and connecting a third of them again."""
+        self.pool = UpstreamPool(
+            self.reactor, self.reactor, upstream(), HttpSettings(), Timeouts(upstream_idle=60.0)
+        )
+        made = [self.acquire_new() for _ in range(500)]
+        for _, connection, _ in made:
+            self.pool.release(connection)
+        self.assertEqual(len(self.pool.idle), 500)
+        self.assertFalse(any(transport.disconnecting for _, _, transport in made))
+        for _ in range(500):
+            self.pool.acquire(Waiter())
+        self.assertEqual(len(self.reactor.tcpClients), 500)
+
     def test_discard_aborts(self) -> None:
         """A discarded connection is aborted and never pooled."""
         _, connection, transport = self.acquire_new()

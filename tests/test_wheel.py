@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from flexgw.http.wheel import GRANULARITY, TimingWheel
+from flexgw.http.wheel import GRANULARITY, TimingWheel, Watchdog
 
 
 class WheelTests(SynchronousTestCase):
@@ -176,3 +176,120 @@ class WheelTests(SynchronousTestCase):
                 # at most one tick late, plus how far one clock step overshoots it
                 self.assertLessEqual(ran[index], deadlines[index] + GRANULARITY + step / 1000 + 1e-6)
         self.assertEqual(wheel.count, 0)
+
+
+class WatchdogTests(SynchronousTestCase):
+    """Watchdog: one deadline at a time on the wheel; moving it later or stopping it leaves the
+    timer where it is, and a timer that comes due runs only a deadline that has passed."""
+
+    def setUp(self) -> None:
+        """A fresh clock, its wheel and a reusable watchdog; `fired` records (label, time)."""
+        self.clock = Clock()
+        self.wheel = TimingWheel.of(self.clock)
+        self.watchdog = Watchdog(self.wheel)
+        self.fired: list[tuple[str, float]] = []
+
+    def watch(self, owner: object, delay: float, label: str = "t") -> None:
+        """Set `owner`'s deadline `delay` seconds from now."""
+        self.watchdog.watch(
+            owner, self.clock.seconds() + delay,
+            lambda: self.fired.append((label, self.clock.seconds())),
+        )
+
+    def test_runs_at_its_deadline(self) -> None:
+        """A deadline set once runs at its time, exactly when aligned, and then not again."""
+        self.watch("a", 15.0)
+        self.clock.advance(14.9)
+        self.assertEqual(self.fired, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.fired, [("t", 15.0)])
+        self.assertIsNone(self.watchdog.owner)
+        self.clock.advance(100)
+        self.assertEqual(len(self.fired), 1)
+
+    def test_later_deadline_keeps_the_timer(self) -> None:
+        """Moving the deadline later does not touch the wheel; the timer armed for the earlier
+        one re-arms for the later one when it comes due."""
+        self.watch("a", 15.0)
+        [timer] = self.wheel.armed()
+        self.clock.advance(5)
+        self.watch("b", 15.0, "b")
+        self.assertEqual(self.wheel.armed(), [timer])
+        self.clock.advance(10)
+        self.assertEqual(self.fired, [])
+        self.clock.advance(4.9)
+        self.assertEqual(self.fired, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.fired, [("b", 20.0)])
+
+    def test_sooner_deadline_moves_the_timer(self) -> None:
+        """A deadline sooner than the armed timer re-arms it sooner."""
+        self.watch("a", 300.0)
+        self.watch("a", 15.0)
+        self.clock.advance(15)
+        self.assertEqual(self.fired, [("t", 15.0)])
+        self.assertEqual(self.wheel.armed(), [])
+
+    def test_stop_by_owner_only(self) -> None:
+        """stop() by another owner leaves the deadline; by its owner it runs nothing, and the
+        timer kept for reuse runs nothing when it comes due."""
+        self.watch("a", 15.0)
+        self.watchdog.stop("b")
+        self.watchdog.stop("a")
+        self.assertEqual(len(self.wheel.armed()), 1)  # kept: the next exchange reuses it
+        self.clock.advance(30)
+        self.assertEqual(self.fired, [])
+        self.assertEqual(self.wheel.armed(), [])
+
+    def test_not_reused_cancels_on_stop(self) -> None:
+        """An HTTP/2 stream's watchdog (reuse=False) cancels its timer when its owner stops."""
+        watchdog = Watchdog(self.wheel, reuse=False)
+        watchdog.watch("a", 15.0, lambda: self.fired.append(("t", 0.0)))
+        watchdog.stop("a")
+        self.assertEqual(self.wheel.armed(), [])
+
+    def test_close(self) -> None:
+        """close() drops the deadline and the timer (the connection is gone)."""
+        self.watch("a", 15.0)
+        self.watchdog.close()
+        self.assertEqual(self.wheel.armed(), [])
+        self.clock.advance(30)
+        self.assertEqual(self.fired, [])
+
+    @settings(max_examples=60, deadline=None)
+    @given(
+        st.lists(st.tuples(st.integers(0, 3000), st.integers(0, 20000), st.booleans()), max_size=30),
+        st.integers(20, 400),
+    )
+    def test_never_early_at_most_one_tick_late(
+        self, plan: list[tuple[int, int, bool]], step: int
+    ) -> None:
+        """Owners one after another set a deadline at any time for any delay (ms), each
+        replacing the one before, some stopping theirs at once: one runs only if not stopped
+        and not replaced before it ran, in [deadline, deadline + 100 ms] (the clock advanced in
+        steps of `step` ms); the last one set runs unless stopped."""
+        clock = Clock()
+        watchdog = Watchdog(TimingWheel(clock))
+        ran: list[tuple[int, float]] = []
+        deadlines: list[float] = []
+        set_at: list[float] = []
+        plan = sorted(plan)
+        for index, (at, delay, stop) in enumerate(plan):
+            while clock.seconds() < at / 1000:
+                clock.advance(min(step / 1000, at / 1000 - clock.seconds()))
+            set_at.append(clock.seconds())
+            deadlines.append(clock.seconds() + delay / 1000)
+            watchdog.watch(index, deadlines[-1], lambda i=index: ran.append((i, clock.seconds())))
+            if stop:
+                watchdog.stop(index)
+        end = max(deadlines, default=0.0) + 2 * GRANULARITY + step / 1000
+        while clock.seconds() < end:
+            clock.advance(step / 1000)
+        for index, when in ran:
+            self.assertFalse(plan[index][2])  # a stopped deadline never runs
+            self.assertTrue(all(t >= when for t in set_at[index + 1 :]))  # nor a replaced one
+            self.assertGreaterEqual(when, deadlines[index] - 1e-6)
+            self.assertLessEqual(when, deadlines[index] + GRANULARITY + step / 1000 + 1e-6)
+        if plan and not plan[-1][2]:
+            self.assertIn(len(plan) - 1, [i for i, _ in ran])
+        self.assertEqual(len(ran), len({i for i, _ in ran}))  # each at most once

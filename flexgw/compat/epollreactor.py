@@ -43,6 +43,8 @@ from twisted.logger import Logger, LogLevel
 from twisted.python import log
 from twisted.python.failure import Failure
 
+from flexgw.compat import writebatch
+
 _base_log = Logger(namespace="twisted.internet.base")  # mainLoop's events, as Twisted's
 
 #: The reactor plug-in's short name (`twistd --reactor flexgw`).
@@ -50,6 +52,9 @@ NAME = "flexgw"
 
 #: The longest poll timeout (seconds), as Twisted's `ReactorBase.timeout`.
 _LONGEST = 2147483
+
+#: The HTTP/2 write batch (flexgw.compat.writebatch) each turn opens and closes.
+_WRITES = writebatch.BATCH
 
 #: The reason a selectable whose fileno() is -1 is disconnected with (as posixbase's).
 _NO_FILEDESC = ConnectionFdescWentAway("File descriptor lost")
@@ -69,9 +74,24 @@ class FlexReactor(EPollReactor):
             if err.errno == errno.EINTR:
                 return
             raise
+        if not events:
+            return
         poll_in = self._POLL_IN
         poll_out = self._POLL_OUT
         hangup = self._POLL_DISCONNECTED
+        # HTTP/2 writes queued by this turn's reads go out once, at its end (writebatch.begin and
+        # end, inlined: this runs on every turn)
+        batch = _WRITES
+        batch.depth += 1
+        try:
+            self._dispatch(events, selectables, poll_in, poll_out, hangup)
+        finally:
+            batch.depth -= 1
+            if batch.pending and not batch.depth:
+                writebatch.flush_pending()
+
+    def _dispatch(self, events: Any, selectables: Any, poll_in: int, poll_out: int, hangup: int) -> None:
+        """Each event to its selectable's doRead/doWrite (Twisted's `_doReadOrWrite`, inlined)."""
         for fd, event in events:
             selectable = selectables.get(fd)
             if selectable is None:

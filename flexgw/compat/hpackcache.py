@@ -62,7 +62,10 @@ class _CountingTable(HeaderTable):
     dynamic_reads = 0
 
     def add(self, name: bytes, value: bytes) -> None:
-        """An insertion (evictions come with it)."""
+        """An insertion (evictions come with it); none into an empty table of size 0, which
+        changes nothing (an encoder may insert though we set the size to 0: nginx does)."""
+        if not self.dynamic_entries and not self.maxsize:
+            return
         self.generation += 1
         if self.recording is not None:
             self.recording.append((name, value))
@@ -115,8 +118,12 @@ class CachingDecoder(Decoder):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.header_table = _CountingTable()
-        self.cache: dict[bytes, tuple[int, list[Any]]] = {}
+        self.cache: dict[bytes, tuple[int, list[Any], bool]] = {}
         self.replays: dict[bytes, tuple[list[Any], list[tuple[bytes, bytes]]]] = {}
+        # Whether the block last decoded read nothing from the dynamic table: such a block
+        # decodes to the same list whatever the table holds (what is known of the list, its
+        # checks say, may be kept by the block's bytes).
+        self.contained = False
 
     def decode(self, data: Any, raw: bool = False) -> Any:
         """As Decoder.decode."""
@@ -126,9 +133,11 @@ class CachingDecoder(Decoder):
         generation = table.generation
         hit = self.cache.get(data)
         if hit is not None and hit[0] == generation:
+            self.contained = hit[2]
             return list(hit[1])
         replay = self.replays.get(data)
         if replay is not None:
+            self.contained = True
             add = table.add
             for name, value in replay[1]:
                 add(name, value)
@@ -136,15 +145,17 @@ class CachingDecoder(Decoder):
         recording: list[tuple[bytes, bytes]] = []
         table.recording = recording
         table.dynamic_reads = 0
+        self.contained = False
         try:
             headers = super().decode(data, raw=True)
         finally:
             table.recording = None
+        contained = self.contained = not table.dynamic_reads
         changes = table.generation - generation
         if not changes:
             if len(self.cache) >= _ENTRIES:
                 self.cache.clear()
-            self.cache[data] = (generation, list(headers))
+            self.cache[data] = (generation, list(headers), contained)
         elif changes == len(recording) and not table.dynamic_reads:
             # insertions only (no size update), nothing read from the dynamic table: the same
             # block gives the same list and the same insertions whatever the table holds

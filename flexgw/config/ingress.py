@@ -372,9 +372,9 @@ def apply_ingress(
             )
             if target not in apis:
                 problems.append(
-                    origin_of(resource, ("metadata", "annotations", API_INSTANCE_ANNOTATION)).problem(
-                        "error", f"{target} does not exist; this Ingress is not served"
-                    )
+                    origin_of(
+                        resource, ("metadata", "annotations", API_INSTANCE_ANNOTATION)
+                    ).problem("error", f"{target} does not exist; this Ingress is not served")
                 )
                 continue
             listener = target.key

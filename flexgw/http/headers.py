@@ -39,8 +39,12 @@ PROTECTED_FROM_CONNECTION = frozenset(
 )
 
 
-def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
+def connection_tokens(values: Sequence[bytes]) -> frozenset[bytes]:
     """The lower-cased header names listed in `Connection` header values, minus protected ones."""
+    if len(values) == 1:
+        common = _COMMON_TOKENS.get(values[0])  # (nearly every response: `keep-alive`)
+        if common is not None:
+            return common
     tokens = set()
     for value in values:
         for token in value.split(b","):
@@ -48,6 +52,14 @@ def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
             if token and token not in PROTECTED_FROM_CONNECTION:
                 tokens.add(token)
     return frozenset(tokens)
+
+
+#: connection_tokens of the usual single Connection values, computed once.
+_COMMON_TOKENS: dict[bytes, frozenset[bytes]] = {}
+_COMMON_TOKENS.update(
+    (value, connection_tokens([value]))
+    for value in (b"keep-alive", b"Keep-Alive", b"close", b"Close", b"upgrade", b"Upgrade")
+)
 
 
 def response_headers_for_downstream(

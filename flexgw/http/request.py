@@ -48,6 +48,20 @@ class RequestHead:
     grpc_timeout: float | None = None  # seconds of a valid `grpc-timeout` (a gRPC deadline)
 
 
+#: The request header names analyze_head looks at (one dict lookup for every other name).
+_HOST, _CONTENT_LENGTH, _TRANSFER_ENCODING, _CONNECTION, _EXPECT, _CONTENT_TYPE, _GRPC_TIMEOUT = (
+    range(7)
+)
+_FIELDS = {
+    b"host": _HOST,
+    b"content-length": _CONTENT_LENGTH,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"connection": _CONNECTION,
+    b"expect": _EXPECT,
+    b"content-type": _CONTENT_TYPE,
+    b"grpc-timeout": _GRPC_TIMEOUT,
+}
+
 #: `Configuration.spec.http.headersWithUnderscoresAction` values (Envoy's names).
 UNDERSCORES_ALLOW = "allow"  # kept, except the risky ones (headers.risky_underscored)
 UNDERSCORES_DROP = "dropHeader"
@@ -87,31 +101,35 @@ def analyze_head(
     underscored = False
     grpc_timeout = None
     grpc = b""
+    fields = _FIELDS
     for name, value in headers:
         lname = name.lower()
-        if lname == b"host":
+        field = fields.get(lname)
+        if field is None:
+            if lname.find(b"_") >= 0:  # (`b"_" in lname` raises and clears a TypeError inside)
+                underscored = True
+        elif field == _HOST:
             hosts.append(value)
-        elif lname == b"content-length":
+        elif field == _CONTENT_LENGTH:
             body = body or BODY_LENGTH
             content_length = int(value)  # llhttp guarantees digits and a single header
-        elif lname == b"transfer-encoding":
+        elif field == _TRANSFER_ENCODING:
             if value.strip().lower() != b"chunked":
                 return bad_request("Transfer-Encoding other than chunked is not accepted")
             if vbytes == b"1.0":
                 # RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
                 return bad_request("Transfer-Encoding is not accepted in an HTTP/1.0 request")
             body = BODY_CHUNKED
-        elif lname == b"connection":
+        elif field == _CONNECTION:
             connection_values.append(value)
-        elif lname == b"expect" and value.strip().lower() == b"100-continue":
-            expect_continue = True
-        elif lname == b"content-type":
+        elif field == _EXPECT:
+            if value.strip().lower() == b"100-continue":
+                expect_continue = True
+        elif field == _CONTENT_TYPE:
             if value[:16].lower() == GRPC_PREFIX:
                 grpc = value.strip().lower()
-        elif lname == b"grpc-timeout":
+        else:
             grpc_timeout = parse_timeout(value)
-        elif b"_" in lname:
-            underscored = True
     if underscored:
         if underscores == UNDERSCORES_REJECT:
             return UNDERSCORED_HEADER
@@ -125,7 +143,7 @@ def analyze_head(
     if host is None and vbytes == b"1.1":
         return bad_request("Missing Host header")
 
-    if b"#" in target:
+    if target.find(b"#") >= 0:
         # No request-target form has a fragment (RFC 9112 §3.2). Routing and policy rules would
         # match "/admin#x" while an upstream that drops the fragment serves "/admin".
         return bad_request("A fragment is not allowed in the request target")

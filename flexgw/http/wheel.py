@@ -114,6 +114,16 @@ class TimingWheel:
         self._add(timer)
         return timer
 
+    def call_at(self, when: float, func: Callable[[], object]) -> WheelTimer:
+        """Run `func()` at clock time `when` (within GRANULARITY after it; the next tick at the
+        earliest)."""
+        if self.ticking is None:
+            self.done = self._now_tick()
+        tick = math.ceil(when * _PER_SECOND - _SLACK)
+        timer = WheelTimer(self, tick if tick > self.done else self.done + 1, func)
+        self._add(timer)
+        return timer
+
     def _now_tick(self) -> int:
         return math.floor(self.clock.seconds() * _PER_SECOND + _SLACK)
 
@@ -193,3 +203,73 @@ class TimingWheel:
             if slots[tick & _MASK]:
                 return tick
         return after + _SLOTS  # (not reached while count > 0)
+
+
+class Watchdog:
+    """One deadline at a time on a TimingWheel, set and cleared for the cost of a few stores.
+
+    A request's timeouts (upstream response, stream idle) are armed and disarmed on every
+    request, and nearly always disarmed long before they are due. A Watchdog keeps one wheel
+    timer for whoever owns the deadline now and does not move it when the deadline moves later
+    or goes away: when the timer comes due it compares with the deadline of that moment, runs
+    the owner's function if it has passed, re-arms for it if not, and does nothing if there is
+    none. Only a deadline sooner than the armed timer moves the timer. An HTTP/1.1 connection
+    keeps one (`reuse`: its exchanges come one at a time, so the timer serves all of them); an
+    HTTP/2 stream's is used by one exchange and cancels its timer when stopped.
+
+    Precision is the wheel's: a function runs no earlier than its deadline and at most
+    GRANULARITY (plus the reactor's lateness) after it.
+    """
+
+    __slots__ = ("at", "due", "func", "owner", "reuse", "timer", "wheel")
+
+    def __init__(self, wheel: TimingWheel, reuse: bool = True) -> None:
+        self.wheel = wheel
+        self.reuse = reuse
+        self.owner: object = None  # who set the deadline (stop() by anyone else is ignored)
+        self.func: Callable[[], object] | None = None
+        self.due = 0.0  # the deadline (clock time) while `func` is set
+        self.timer: WheelTimer | None = None
+        self.at = 0.0  # the clock time the timer was armed for
+
+    def watch(self, owner: object, due: float, func: Callable[[], object]) -> None:
+        """Run `func()` at clock time `due` (replacing the deadline set before, anyone's)."""
+        self.owner = owner
+        self.func = func
+        self.due = due
+        if self.timer is None:
+            self.at = due
+            self.timer = self.wheel.call_at(due, self._fire)
+        elif due < self.at:
+            self.timer.cancel()
+            self.at = due
+            self.timer = self.wheel.call_at(due, self._fire)
+
+    def stop(self, owner: object) -> None:
+        """`owner`'s deadline is no more (nothing when another owner's is set)."""
+        if self.owner is owner:
+            self.owner = self.func = None
+            if not self.reuse:
+                self.close()
+
+    def close(self) -> None:
+        """No deadline and no timer (the connection is gone)."""
+        self.owner = self.func = None
+        timer = self.timer
+        if timer is not None:
+            self.timer = None
+            timer.cancel()
+
+    def _fire(self) -> None:
+        self.timer = None
+        func = self.func
+        if func is None:
+            return
+        due = self.due
+        if math.ceil(due * _PER_SECOND - _SLACK) > self.wheel._now_tick():
+            # Armed for an earlier deadline that moved later: wait for this one.
+            self.at = due
+            self.timer = self.wheel.call_at(due, self._fire)
+            return
+        self.owner = self.func = None
+        func()

@@ -18,7 +18,11 @@ class IExchangeFront(Interface):
     """What a ProxyExchange needs from the front that serves it."""
 
     clock = Attribute("IReactorTime for the exchange's timings.")
-    wheel = Attribute("The clock's TimingWheel (flexgw.http.wheel): the exchange's timeouts.")
+    wheel = Attribute("The clock's TimingWheel (flexgw.http.wheel).")
+    watchdog = Attribute(
+        "A flexgw.http.wheel.Watchdog on that wheel: the exchange's response and stream idle "
+        "deadlines (an HTTP/1.1 connection's serves its exchanges one after the other)."
+    )
     gate = Attribute(
         "The client side's read gate (flexgw.http.gate.ReadGate or alike): held while the "
         "request body must wait, registered as the upstream's producer while the body streams."

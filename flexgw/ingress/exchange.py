@@ -38,6 +38,7 @@ from flexgw.http.tracecontext import Trace
 from flexgw.http.tunnel import IDLE_TIMEOUT, Tunnel
 from flexgw.ingress.contract import IExchangeFront, IExchangeObserver
 from flexgw.ingress.grpcweb import GrpcWebSink
+from flexgw.ingress.h2request import send_request
 from flexgw.ingress.routing import remaining_path, rules_match
 from flexgw.plan import Api, BoundPolicy, Destination, Route
 from flexgw.policies.base import LocalResponse, PolicyContext
@@ -51,6 +52,10 @@ _CONNECTION_OPTIONS = HOP_BY_HOP | {b"close"}  # Connection tokens that name no 
 #: Trailer fields never forwarded (framing, routing and hop-by-hop fields: RFC 9110 §6.5.1).
 NOT_TRAILERS = HOP_BY_HOP | {b"content-length", b"host", b"content-type", b"content-encoding"}
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+#: Request header names _upstream_head never copies as they are (one set test per header).
+_NOT_COPIED = HOP_BY_HOP | {b"content-length", b"host", b"forwarded"}
+#: Response header names never forwarded as they are (the framing is decided again).
+_NOT_FORWARDED = HOP_BY_HOP | {b"content-length"}
 #: The header a traced request's own `traceparent` line replaces upstream.
 _TRACEPARENT = frozenset({b"traceparent"})
 
@@ -193,6 +198,7 @@ class ProxyExchange:
         "tap",
         "timer",
         "trace",
+        "unproduced",
         "until_close",
         "upstream_elapsed",
         "upstream_started",
@@ -219,6 +225,8 @@ class ProxyExchange:
         self.started = started
         self.upstream_started = 0.0
         self.upstream_elapsed: float | None = None
+        # The response and stream idle timeouts are the front's watchdog's deadline (set by
+        # _watch); `timer` is a retry's backoff.
         self.timer = None
         self.deadline = None  # a gRPC request's `grpc-timeout` timer
         self.grpc_web: GrpcWebSink | None = None  # a gRPC-Web request's translation
@@ -234,6 +242,9 @@ class ProxyExchange:
         self.chain: ChainRun | None = None  # the policies applied to this request
         self.out: list[bytes] | None = None  # response bytes produced by the current upstream read
         self.flushed = False  # some of the response (its head first) went to the client
+        # The HTTP/1.1 response head is queued and the upstream connection is not registered
+        # as the client transport's producer yet (_send_head, flush_response).
+        self.unproduced = False
         self.trace: Trace | None = None  # the request's trace, when it is traced
         # A response-phase policy's body tap (`PolicyContext.response_tap`): fed every piece of
         # the response body as it goes downstream (the HTTP cache); None for nearly every request.
@@ -284,7 +295,7 @@ class ProxyExchange:
         assert self.chain is not None
         if self.head.body != BODY_NONE and any(b.needs_body for b in self.chain.policies):
             self.state = BUFFERING
-            self.timer = self.front.wheel.call_later(self._stream_idle_timeout(), self._on_timer)
+            self._watch(self._stream_idle_timeout())
             if self.request_complete:
                 self._body_buffered()
             return
@@ -386,7 +397,7 @@ class ProxyExchange:
             extra = ctx.response_extra
         self.response_status = response.status
         self.state = DONE
-        self._stop_timer()
+        self._end_timers()
         self.front.gate.release(HELD_OR_BACKPRESSURE)
         if self.error_cause is None:
             if response.cause is not None:
@@ -413,7 +424,7 @@ class ProxyExchange:
             # no timer yet: connecting is bounded by the connect timeout, and the response
             # timeout starts when the request has been sent.
             self.last_activity = self.upstream_started
-            self.timer = front.wheel.call_later(self._stream_idle_timeout(), self._on_timer)
+            self._watch(self._stream_idle_timeout())
         assert self.destination is not None
         upstream = self.destination.upstream
         balancing = upstream.balancing
@@ -484,21 +495,25 @@ class ProxyExchange:
 
     def _send_body(self, data: bytes) -> None:
         self.body_sent = True
-        if self.head.body == BODY_CHUNKED:
+        conn = self.conn
+        if self.head.body == BODY_CHUNKED and not conn.http2:  # type: ignore[union-attr]
             data = b"%x\r\n" % len(data) + data + b"\r\n"
-        send_now(self.conn.transport, data)  # type: ignore[union-attr]
+        send_now(conn.transport, data)  # type: ignore[union-attr]
 
     def _finish_request(self, terminated: bool = False) -> None:
         conn = self.conn
         assert conn is not None
-        if self.head.body == BODY_CHUNKED and not terminated:
-            send_now(conn.transport, b"0\r\n\r\n")
+        if not terminated:
+            if conn.http2:
+                conn.end_request()  # type: ignore[attr-defined]
+            elif self.head.body == BODY_CHUNKED:
+                send_now(conn.transport, b"0\r\n\r\n")
         if self.head.body != BODY_NONE:
             conn.transport.unregisterProducer()
             self.front.gate.release(BACKPRESSURE)
         if self.response_status == 0:
-            # Cancel and re-create: reset() to an earlier time scans the reactor's timer heap.
-            self._stop_timer()
+            if self.timer is not None:
+                self._stop_timer()  # (the watchdog's deadline is replaced below)
             chain = self.chain
             timeout = self.front.timeouts.upstream_response
             if chain is not None and chain.ctx.response_timeout is not None:
@@ -506,7 +521,7 @@ class ProxyExchange:
             retry = self.destination.upstream.retry  # type: ignore[union-attr]
             if retry is not None and retry.per_try_timeout is not None:
                 timeout = min(timeout, retry.per_try_timeout)
-            self.timer = self.front.wheel.call_later(timeout, self._on_timer)
+            self._watch(timeout)
 
     # -- the pool's callbacks --------------------------------------------------------------------
 
@@ -523,15 +538,12 @@ class ProxyExchange:
         head = self.head
         conn.begin(self.grpc_web or self, head.method == b"HEAD")
         transport = conn.transport
-        # The head, the body received so far and (if complete) the chunked terminator go out
-        # in one send.
         trace = self.trace
+        traceparent = None
         if trace is not None:
-            out = [self._upstream_head(trace.upstream_attempt(
+            traceparent = trace.upstream_attempt(
                 self.upstream_started, self.front.clock.seconds(), self.pool.upstream, reused,  # type: ignore[union-attr]
-            ))]
-        else:
-            out = [self._upstream_head()]
+            )
         pending = self.pending
         if pending:
             if (
@@ -542,20 +554,30 @@ class ProxyExchange:
                 self.retry_body = pending[0] if len(pending) == 1 else b"".join(pending)
             self.pending = None
             self.body_sent = True
-            chunked = head.body == BODY_CHUNKED
-            for data in pending:
-                if chunked:
-                    out.append(b"%x\r\n" % len(data))
-                    out.append(data)
-                    out.append(b"\r\n")
-                else:
-                    out.append(data)
-        if self.request_complete and head.body == BODY_CHUNKED:
-            out.append(b"0\r\n\r\n")
-        send_now(transport, out[0] if len(out) == 1 else b"".join(out))
+        if conn.http2:
+            # An HTTP/2 stream takes the request as fields and body bytes, not as HTTP/1.1.
+            send_request(self, conn, traceparent, pending)
+        else:
+            # The head, the body received so far and (if complete) the chunked terminator go
+            # out in one send.
+            out = [self._upstream_head(traceparent)]
+            if pending:
+                chunked = head.body == BODY_CHUNKED
+                for data in pending:
+                    if chunked:
+                        out.append(b"%x\r\n" % len(data))
+                        out.append(data)
+                        out.append(b"\r\n")
+                    else:
+                        out.append(data)
+            if self.request_complete and head.body == BODY_CHUNKED:
+                out.append(b"0\r\n\r\n")
+            send_now(transport, out[0] if len(out) == 1 else b"".join(out))
         if head.body != BODY_NONE and not self.request_complete:
             transport.registerProducer(self.front.gate, True)
-        self.front.gate.release(HELD)
+        gate = self.front.gate
+        if gate.reasons:
+            gate.release(HELD)
         if self.request_complete:
             self._finish_request(terminated=True)
 
@@ -609,26 +631,30 @@ class ProxyExchange:
         # The line end carries Proxy-Authorization for a forward proxy (precomputed).
         lines = [head.method, b" ", self.upstream_target, destination.upstream.request_line_end]
         append = lines.append
+        extend = lines.extend
         host_line_done = False
         chain = self.chain
         headers = head.headers
-        if chain is not None and chain.ctx.request_headers_changed:
-            headers = chain.ctx.request_headers
+        if chain is not None and chain.ctx.changed_headers is not None:
+            headers = chain.ctx.changed_headers
             drop = None  # already removed before the policies ran (see _select_policies)
         if traceparent is not None:
             drop = _TRACEPARENT if drop is None else drop | _TRACEPARENT
         for name, value in headers:
             lname = name.lower()
-            if lname in HOP_BY_HOP or lname == b"content-length":
-                continue
-            if drop is not None and lname in drop:
-                continue
-            if lname == b"host":
-                if host_line_done:
+            if lname in _NOT_COPIED:
+                if lname == b"host":
+                    if host_line_done:
+                        continue
+                    host_line_done = True
+                    if rewrite_host:
+                        value = destination.upstream.host_value
+                elif lname != b"forwarded" or not trusted:
+                    # Hop-by-hop and framing fields; RFC 7239's form of the X-Forwarded-* claims
+                    # only from a trusted proxy. (Neither Host nor Forwarded is ever in `drop`.)
                     continue
-                host_line_done = True
-                if rewrite_host:
-                    value = destination.upstream.authority.encode("latin-1")
+            elif drop is not None and lname in drop:
+                continue
             elif lname[:12] == b"x-forwarded-":
                 if not trusted or lname == b"x-forwarded-client-cert":
                     continue  # XFCC comes only from the gateway (the verified client certificate)
@@ -639,12 +665,7 @@ class ProxyExchange:
                     has_xfh = True
                 elif lname == b"x-forwarded-proto":
                     has_xfp = True
-            elif lname == b"forwarded" and not trusted:
-                continue  # RFC 7239's form of the same claims: only a trusted proxy may make them
-            append(name)
-            append(b": ")
-            append(value)
-            append(b"\r\n")
+            extend((name, b": ", value, b"\r\n"))
         if not host_line_done:
             authority = (
                 destination.upstream.authority if rewrite_host else (head.authority or "")
@@ -652,9 +673,11 @@ class ProxyExchange:
             append(b"Host: " + authority.encode("latin-1") + b"\r\n")
         if relay:
             client = peer.address_bytes
-            append(b"X-Forwarded-For: ")
-            append(client if prior_xff is None else prior_xff + b", " + client)
-            append(b"\r\n")
+            extend((
+                b"X-Forwarded-For: ",
+                client if prior_xff is None else prior_xff + b", " + client,
+                b"\r\n",
+            ))
             if not has_xfp:
                 append(peer.proto_line)  # with the XFCC line on mTLS connections
             elif peer.xfcc_line:
@@ -735,9 +758,11 @@ class ProxyExchange:
             append(b"Connection: keep-alive\r\n")
         append(b"\r\n")
         self.response_close = close
-        # Not written yet: the head goes out with the body that came in the same read.
+        # Not written yet: the head goes out with the body that came in the same read. The
+        # upstream connection becomes the client transport's producer only if the response
+        # outlives this read (flush_response): most end in it (_complete).
         self.out = [b"".join(lines)]
-        front.transport.registerProducer(self.conn.gate, True)  # type: ignore[union-attr]
+        self.unproduced = True
 
     def _accept_response_head(
         self, status: int, headers: HeaderList
@@ -763,33 +788,47 @@ class ProxyExchange:
         connection_values = []
         content_length = None
         chunked = False
-        for name, value in headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                content_length = value
+        # The fields to forward (response_headers_for_downstream's, in the same pass): hop-by-hop
+        # and framing fields dropped here, Connection-listed ones after it.
+        kept: HeaderList = []
+        keep = kept.append
+        for field in headers:
+            lname = field[0].lower()
+            if lname not in _NOT_FORWARDED:
+                keep(field)
+            elif lname == b"content-length":
+                content_length = field[1]
             elif lname == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
+                if field[1].strip().lower() != b"chunked":
                     # llhttp accepts e.g. `gzip, chunked`; re-chunking would silently drop the
                     # gzip coding and hand the client bytes it cannot decode.
                     self.response_malformed("Transfer-Encoding other than chunked")
                     return None
                 chunked = True
             elif lname == b"connection":
-                connection_values.append(value)
+                connection_values.append(field[1])
+        if connection_values:
+            listed = connection_tokens(connection_values)
+            if not listed <= HOP_BY_HOP:  # (nearly always just `keep-alive`, dropped already)
+                kept = [field for field in kept if field[0].lower() not in listed]
         self.response_status = status
         self.last_activity = now = self.front.clock.seconds()
         self.upstream_elapsed = now - self.upstream_started
-        timer = self.timer
-        if timer is not None:
-            # From now the stream idle timeout applies. A timer armed sooner than it would
-            # expire stays: when it fires, _on_timer measures the idle time and re-arms.
+        watchdog = self.front.watchdog
+        if watchdog.owner is self:
+            # From now the stream idle timeout applies. A deadline sooner than it would expire
+            # stays: when it passes, _on_timer measures the idle time and sets the next.
             idle = self._stream_idle_timeout()
-            if timer.when - now > idle:
-                timer.reset(idle)
+            if watchdog.due - now > idle:
+                watchdog.watch(self, now + idle, self._on_timer)
         self.state = RESPONDING
-        kept = response_headers_for_downstream(headers, connection_values)
         chain = self.chain
-        if chain is not None:
+        if chain is not None and not chain.ran:
+            # No policy that ran has a response phase: only headers policies added go on.
+            extra = chain.ctx.response_extra
+            if extra:
+                kept = kept + extra
+        elif chain is not None:
             ctx = chain.ctx
             ctx.begin_response(status, kept)
             failed = chain.respond()
@@ -809,14 +848,14 @@ class ProxyExchange:
     def _tunnelled(self, status: int) -> None:
         """The exchange became a byte tunnel (answered `status`): no exchange timer any more
         (the tunnel has its own idle timeout)."""
-        self._stop_timer()
+        self._end_timers()
         self.response_status = status
         self.state = TUNNEL
 
     def response_body(self, data: bytes) -> None:
-        """A piece of the response body: queue it (chunk-framed if needed) for this read's send."""
+        """A piece of the response body: queue it (chunk-framed if needed) for this read's send
+        (flush_response marks the stream active, once per read)."""
         self.bytes_out += len(data)
-        self.last_activity = self.front.clock.seconds()
         if self.tap is not None:
             self.tap.feed(data)
         out = self.out
@@ -847,7 +886,16 @@ class ProxyExchange:
         self.response_chunked = False  # the last chunk is written
 
     def flush_response(self) -> None:
-        """Send what this upstream read produced for the client, in one send."""
+        """Send what this upstream read produced for the client, in one send. While the
+        response goes on (the upstream connection is still this exchange's), the connection's
+        reading is first registered as the client transport's producer: backpressure from
+        here on."""
+        if self.conn is not None:
+            # The response goes on: the stream idle timeout counts from this read.
+            self.last_activity = self.front.clock.seconds()
+            if self.unproduced:
+                self.unproduced = False
+                self.front.transport.registerProducer(self.conn.gate, True)
         out = self.out
         if out:
             self.out = None
@@ -866,10 +914,11 @@ class ProxyExchange:
             if self.out is None:
                 self.out = []
             self.out.append(b"0\r\n\r\n")
-        self.flush_response()
-        front.transport.unregisterProducer()
+        self.flush_response()  # (`conn` is no longer the exchange's: nothing is registered)
+        if not self.unproduced:
+            front.transport.unregisterProducer()
         self.state = DONE
-        self._stop_timer()
+        self._end_timers()
         if conn is not None:
             if not self.request_complete:
                 # The upstream answered before reading the whole request: never reuse either side.
@@ -1058,7 +1107,7 @@ class ProxyExchange:
             self.out = None
             self.error_cause = error.cause
             self.state = DONE
-            self._stop_timer()
+            self._end_timers()
             self.front.transport.unregisterProducer()
             self.front.cut_off(self)
             return
@@ -1081,7 +1130,7 @@ class ProxyExchange:
         if self.retrying:
             self._end_retry()
         self.state = DONE
-        self._stop_timer()
+        self._end_timers()
         self.error_cause = error.cause
         self.response_status = error.status
         self.front.gate.release(HELD_OR_BACKPRESSURE)
@@ -1180,8 +1229,14 @@ class ProxyExchange:
         self.upstream_started = self.front.clock.seconds()
         self.pool.acquire(self)  # type: ignore[union-attr]
 
+    def _watch(self, delay: float) -> None:
+        """The response or stream idle deadline: `delay` seconds from now (the front's watchdog,
+        at the wheel's granularity), replacing the one set before."""
+        front = self.front
+        front.watchdog.watch(self, front.clock.seconds() + delay, self._on_timer)
+
     def _on_timer(self) -> None:
-        self.timer = None
+        """The response or stream idle deadline passed (the front's watchdog)."""
         front = self.front
         if (
             self.state in (CONNECTING, SENDING)
@@ -1194,10 +1249,11 @@ class ProxyExchange:
                     return
             self.fail(errors.UPSTREAM_TIMEOUT)
             return
-        idle = front.clock.seconds() - self.last_activity
+        now = front.clock.seconds()
+        idle = now - self.last_activity
         limit = self._stream_idle_timeout()
         if idle < limit:
-            self.timer = front.wheel.call_later(limit - idle, self._on_timer)
+            front.watchdog.watch(self, now + limit - idle, self._on_timer)
             return
         if self.state == RESPONDING:
             self._upstream_failed(errors.STREAM_IDLE_TIMEOUT)
@@ -1222,11 +1278,22 @@ class ProxyExchange:
         return self.front.timeouts.stream_idle
 
     def _stop_timer(self) -> None:
+        """Stop the response/stream idle deadline and a retry's backoff timer. A gRPC
+        request's `grpc-timeout` deadline keeps running: it bounds the whole call, across
+        connecting, retries and the response (see `_end_timers`)."""
+        watchdog = self.front.watchdog
+        if watchdog.owner is self:
+            watchdog.stop(self)
         timer = self.timer
         if timer is not None:
             self.timer = None
             if timer.active():
                 timer.cancel()
+
+    def _end_timers(self) -> None:
+        """The exchange is over (answered, failed, tunnelled or abandoned): stop every timer,
+        the gRPC deadline included."""
+        self._stop_timer()
         if self.deadline is not None:
             deadline, self.deadline = self.deadline, None
             if deadline.active():
@@ -1261,7 +1328,7 @@ class ProxyExchange:
             self._drop_hold()
         if self.retrying:
             self._end_retry()
-        self._stop_timer()
+        self._end_timers()
         self.error_cause = self.error_cause or "downstream_reset"
         conn = self.conn
         if conn is not None:

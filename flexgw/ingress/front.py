@@ -33,7 +33,7 @@ from flexgw.http.request import (
     error_for_parser_message,
 )
 from flexgw.http.tunnel import Tunnel
-from flexgw.http.wheel import TimingWheel
+from flexgw.http.wheel import TimingWheel, Watchdog
 from flexgw.ingress.contract import IExchangeFront, IExchangeObserver
 from flexgw.ingress.exchange import CHAIN_FINISH, DONE, RESPONDING, WAITING, ProxyExchange
 from flexgw.ingress.h2front import H2Limits
@@ -73,6 +73,8 @@ class IngressProtocol(Protocol):
         self.factory = factory
         self.clock = factory.clock
         self.wheel = factory.wheel  # keep-alive and header timeouts, and the exchanges'
+        # The exchanges' response and stream idle deadlines: one at a time, one wheel timer.
+        self.watchdog = Watchdog(self.wheel)
         self.pools = factory.pools
         self.parser = httptools.HttpRequestParser(self)
         # IExchangeFront.route: the listener factory's (its current plan), called directly.
@@ -97,7 +99,6 @@ class IngressProtocol(Protocol):
         self.timer = None  # keep-alive: fires, then re-checks `idle_since` (never moved sooner)
         self.head_timer = None  # header deadline, armed only when a head spans several reads
         self.idle_since = 0.0
-        self.head_started = 0.0
         self.peer = NOBODY  # set when the connection is made
         # Settings are read from the factory at connection time; a reload swaps the factory's.
         self.http: HttpSettings = factory.http
@@ -238,10 +239,11 @@ class IngressProtocol(Protocol):
     def _head_incomplete(self, piece: bytes) -> None:
         """A read ended inside a head: give the head its deadline, bound it, keep its tail."""
         if self.head_timer is None and self.active is None:
-            # The head did not arrive in one read: now it needs its deadline (measured from
-            # its first byte). Heads that arrive whole never create a timer.
-            remaining = self.head_started + self.http.header_timeout - self.clock.seconds()
-            self.head_timer = self.wheel.call_later(max(remaining, 0.0), self._on_head_timer)
+            # The head did not arrive in one read: now it needs its deadline, from its first
+            # byte, which came in this read (one begun in an earlier read already has its
+            # deadline: armed then, or by _next when it waited behind a response). Heads that
+            # arrive whole never create a timer, nor read the clock.
+            self.head_timer = self.wheel.call_later(self.http.header_timeout, self._on_head_timer)
         # The part began with this head (or continues it): it counts in full.
         self.head_bytes += len(piece)
         self.head_tail = (self.head_tail + piece)[-3:]
@@ -296,11 +298,9 @@ class IngressProtocol(Protocol):
         self.head_tail = b""
         self.url = b""
         self.headers = []
-        if self.active is None:
-            # Its deadline is armed by dataReceived only if the head spans several reads.
-            self.head_started = self.clock.seconds()
-        else:
-            # Pipelined behind a pending response: stop reading more until it is done.
+        if self.active is not None:
+            # Pipelined behind a pending response: stop reading more until it is done. (The
+            # deadline of a head is armed by dataReceived only if it spans several reads.)
             self.gate.hold(PIPELINE)
 
     def on_url(self, url: bytes) -> None:
@@ -316,7 +316,9 @@ class IngressProtocol(Protocol):
         """Check the head; start proxying it, or queue it behind the active exchange."""
         parser = self.parser
         headers = self.headers
-        size = len(self.url) + 16 + sum(len(n) + len(v) + 4 for n, v in headers)
+        size = len(self.url) + 16
+        for name, value in headers:
+            size += len(name) + len(value) + 4
         if size > self.http.max_header_bytes:
             raise _Refused(errors.HEADERS_TOO_LARGE)
         head = analyze_head(
@@ -452,7 +454,9 @@ class IngressProtocol(Protocol):
         if self.pending_refusal is not None:
             self._refuse(self.pending_refusal)
             return
-        self.gate.release(PIPELINE)
+        gate = self.gate
+        if gate.reasons:
+            gate.release(PIPELINE)
         if self.queue:
             exchange = self.queue.popleft()
             self.active = exchange
@@ -525,6 +529,7 @@ class IngressProtocol(Protocol):
             self._refuse(errors.HEADER_TIMEOUT)
 
     def _stop_timer(self) -> None:
+        self.watchdog.close()
         for name in ("timer", "head_timer"):
             timer = getattr(self, name)
             if timer is not None:

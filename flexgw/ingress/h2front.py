@@ -43,13 +43,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from flexgw.compat import writebatch as batch
 from flexgw.http import errors
 from flexgw.http.errors import GatewayError
 from flexgw.http.fastwrite import send_now
 from flexgw.http.gate import BACKPRESSURE
-from flexgw.http.h2 import batch
 from flexgw.http.h2 import settings as h2settings
-from flexgw.http.h2.connection import H2Codec, StreamClosedError
+from flexgw.http.h2.connection import H2Codec, HeaderListTooLargeError, StreamClosedError
 from flexgw.http.h2.frames import (
     ENHANCE_YOUR_CALM,
     INTERNAL_ERROR,
@@ -60,6 +60,7 @@ from flexgw.http.h2.frames import (
 from flexgw.http.h2send import send_queued
 from flexgw.http.headers import HOP_BY_HOP, HeaderList, response_headers_for_downstream
 from flexgw.http.request import BODY_CHUNKED, BODY_NONE, RequestHead, analyze_head
+from flexgw.http.wheel import Watchdog
 from flexgw.ingress.contract import IExchangeFront
 from flexgw.ingress.exchange import (
     CONNECTING,
@@ -113,7 +114,7 @@ class _RequestGate:
     __slots__ = ("reasons", "stream")
 
     def __init__(self, stream: H2Stream) -> None:
-        self.stream = stream
+        self.stream: H2Stream | None = stream  # None once the stream is forgotten
         self.reasons = 0
 
     def hold(self, reason: int) -> None:
@@ -125,7 +126,9 @@ class _RequestGate:
         if self.reasons & reason:
             self.reasons &= ~reason
             if not self.reasons:
-                self.stream.acknowledge()
+                stream = self.stream
+                if stream is not None:  # (None: the stream was forgotten)
+                    stream.acknowledge()
 
     def pauseProducing(self) -> None:
         """The upstream socket's buffer is full."""
@@ -149,7 +152,7 @@ class _ResponseConsumer:
     __slots__ = ("paused", "producer", "stream")
 
     def __init__(self, stream: H2Stream) -> None:
-        self.stream = stream
+        self.stream: H2Stream | None = stream  # None once the stream is forgotten
         self.producer: Any = None
         self.paused = False
 
@@ -174,9 +177,9 @@ class _ResponseConsumer:
     def update(self) -> None:
         """Pause the upstream while response bytes wait for a window or the client's socket."""
         producer = self.producer
-        if producer is None:
-            return
         stream = self.stream
+        if producer is None or stream is None:
+            return
         paused = bool(stream.queue) or stream.protocol.paused
         if paused != self.paused:
             self.paused = paused
@@ -196,6 +199,7 @@ class H2Stream:
         # What ProxyExchange reads from its front (the same values as the HTTP/1.1 front's).
         self.clock = protocol.clock
         self.wheel = protocol.wheel
+        self.watchdog = Watchdog(protocol.wheel, reuse=False)  # this stream's exchange's timeouts
         self.pools = protocol.pools
         self.http = protocol.http
         self.timeouts = protocol.timeouts
@@ -330,6 +334,24 @@ class H2Stream:
         conn = protocol.conn
         try:
             head = self.head
+            queue = self.queue
+            # The whole response at once (the common case): HEADERS and DATA in one piece.
+            if (
+                head is not None
+                and self.ending
+                and self.trailers is None
+                and len(queue) < 2
+                and conn.send_response(self.stream_id, head, queue[0] if queue else b"")
+            ):
+                self.head = None
+                self.head_sent = self.ended = True
+                queue.clear()
+                self.queued = 0
+                if self.transport.producer is not None:
+                    self.update_producer()
+                batch.flush_soon(protocol)
+                self._maybe_done()
+                return
             if head is not None:
                 self.head = None
                 self.head_sent = True
@@ -342,10 +364,13 @@ class H2Stream:
                     conn, self.stream_id, self.queue, self.ending, self.trailers
                 )
                 self.queued -= sent
-        except StreamClosedError:
+        except StreamClosedError as exc:
             # The stream was closed under us (the client reset it in this same read), or the codec
-            # refused a header the response carries: reset it; what the exchange still sends
-            # is dropped (queue_data) until it completes, and then the stream is forgotten.
+            # refused the response's head or trailers (over the client's
+            # SETTINGS_MAX_HEADER_LIST_SIZE): reset it; what the exchange still sends is dropped
+            # (queue_data) until it completes, and then the stream is forgotten.
+            if isinstance(exc, HeaderListTooLargeError):
+                _log.info("HTTP/2 response to {client} not sent: {error}", client=self.peer.address, error=exc)
             self.closed = True
             self.queue.clear()
             self.queued = 0
@@ -421,10 +446,14 @@ class H2Exchange(ProxyExchange):
     def _finish_request(self, terminated: bool = False) -> None:
         trailers = self.request_trailers
         if trailers and self.head.body == BODY_CHUNKED and not terminated:
-            lines = [b"0\r\n"]
-            lines.extend(name + b": " + value + b"\r\n" for name, value in trailers)
-            lines.append(b"\r\n")
-            send_now(self.conn.transport, b"".join(lines))  # type: ignore[union-attr]
+            conn = self.conn
+            if conn.http2:  # type: ignore[union-attr]
+                conn.end_request(trailers)  # type: ignore[union-attr]
+            else:
+                lines = [b"0\r\n"]
+                lines.extend(name + b": " + value + b"\r\n" for name, value in trailers)
+                lines.append(b"\r\n")
+                send_now(conn.transport, b"".join(lines))  # type: ignore[union-attr]
             terminated = True
         super()._finish_request(terminated)
 
@@ -469,7 +498,8 @@ class H2Exchange(ProxyExchange):
         front.start_response(out)
         if self.head.method == b"HEAD" or status in (204, 304):
             front.end_response()
-        front.transport.registerProducer(self.conn.gate, True)  # type: ignore[union-attr]
+        # The upstream becomes the stream's producer only if the response outlives this read
+        # (flush_response): one that completes in it has nothing left to pause.
 
     def response_body(self, data: bytes) -> None:
         """A piece of the response body, queued on the stream."""
@@ -488,8 +518,15 @@ class H2Exchange(ProxyExchange):
             self.front.trailers = kept
 
     def flush_response(self) -> None:
-        """Send what this upstream read produced, as far as the client's windows allow."""
+        """Send what this upstream read produced, as far as the client's windows allow; a
+        response not complete after it makes the upstream connection the stream's producer (its
+        reading paused while bytes wait for the client's window or socket)."""
         front = self.front
+        consumer = front.transport
+        if consumer.producer is None and not front.ending and self.state == RESPONDING:
+            conn = self.conn
+            if conn is not None:
+                consumer.registerProducer(conn.gate, True)
         front.flush()
         if front.head_sent:
             self.flushed = True
@@ -754,44 +791,35 @@ class H2Protocol(Protocol):
         return stream
 
     def _head(self, headers: list[tuple[bytes, bytes]], ended: bool) -> RequestHead | GatewayError:
-        """The request head of a stream's HEADERS, as an HTTP/1.1 head would give it."""
-        method = path = authority = host = None
-        regular: HeaderList = []
-        cookies = []
-        size = 0
-        for name, value in headers:
-            size += len(name) + len(value) + 4
-            if name[:1] == b":":
-                if name == b":method":
-                    method = value
-                elif name == b":path":
-                    path = value
-                elif name == b":authority":
-                    authority = value
-                # :scheme is the client's view; the listener's scheme is what is forwarded
-            elif name == b"cookie":
-                cookies.append(value)
-            elif name == b"host":
-                host = value
-            else:
-                regular.append((name, value))
+        """The request head of a stream's HEADERS, as an HTTP/1.1 head would give it (from what
+        the codec's checks read of it: `conn.request`)."""
+        _, method, path, authority, host, pseudo, size, special = self.conn.request  # type: ignore[misc]
         if size > self.http.max_header_bytes:
             return errors.HEADERS_TOO_LARGE
         if method == b"CONNECT":
             return errors.METHOD_NOT_ALLOWED
-        if method is None or path is None:
+        if path is None:
             return errors.bad_request("Missing :method or :path")
         if not path.startswith(b"/"):
             return errors.bad_request("Malformed :path")
-        if authority is None:
-            authority = host
-        elif host is not None and host.lower() != authority.lower():
-            return errors.bad_request("Host header and :authority disagree")
-        if authority is None:
-            return errors.bad_request("Missing :authority")
-        fields: HeaderList = [(b"host", authority), *regular]
-        if cookies:
-            fields.append((b"cookie", b"; ".join(cookies)))  # RFC 9113 §8.2.3
+        if special:  # a Host field (kept only as :authority), or cookies (joined)
+            cookies = []
+            regular: HeaderList = []
+            for field in headers[pseudo:]:
+                name = field[0]
+                if name == b"cookie":
+                    cookies.append(field[1])
+                elif name != b"host":
+                    regular.append(field)
+            if authority is None:
+                authority = host
+            elif host is not None and host.lower() != authority.lower():
+                return errors.bad_request("Host header and :authority disagree")
+            fields: HeaderList = [(b"host", authority), *regular]  # type: ignore[list-item]
+            if cookies:
+                fields.append((b"cookie", b"; ".join(cookies)))  # RFC 9113 §8.2.3
+        else:
+            fields = [(b"host", authority), *headers[pseudo:]]  # type: ignore[list-item]
         http = self.http
         head = analyze_head(method, path, "1.1", fields, True, http.headers_with_underscores, http)
         if isinstance(head, GatewayError):
@@ -873,6 +901,10 @@ class H2Protocol(Protocol):
         """A stream is finished on our side."""
         if self.streams.pop(stream.stream_id, None) is None:
             return
+        # The stream, its gate, its response consumer and its exchange refer to each other: cut
+        # the links so that reference counting frees them now, not the cycle collector later.
+        stream.exchange = None
+        stream.gate.stream = stream.transport.stream = None
         self.blocked.discard(stream)
         if not self.streams:
             self.idle_since = self.clock.seconds()

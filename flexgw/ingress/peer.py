@@ -26,6 +26,10 @@ class Peer:
     scheme: str  # the listener's scheme: "http" or "https"
     proto_line: bytes  # "X-Forwarded-Proto: <scheme>\r\n", plus the XFCC line over mTLS
     xfcc_line: bytes = b""  # "X-Forwarded-Client-Cert: ...\r\n" over mTLS, else b""
+    # The same two as HTTP/2 field values (flexgw.ingress.h2request): the X-Forwarded-Proto
+    # value (b"" before the connection is made) and the XFCC one (b"" without mTLS).
+    proto: bytes = b""
+    xfcc: bytes = b""
     # The verified client certificate (a pyOpenSSL X509) over mTLS, else None: policies that
     # send it on (ext_authz's includePeerCertificate) read it through PolicyContext.
     certificate: Any = None
@@ -57,6 +61,7 @@ class Peer:
             trusted=trusted,
             scheme=scheme,
             proto_line=b"X-Forwarded-Proto: " + scheme.encode("ascii") + b"\r\n",
+            proto=scheme.encode("ascii"),
         )
 
     def with_client_cert(self, xfcc_value: bytes | None, certificate: Any = None) -> Peer:
@@ -66,7 +71,8 @@ class Peer:
             return attrs.evolve(self, certificate=certificate)
         line = b"X-Forwarded-Client-Cert: " + xfcc_value + b"\r\n"
         return attrs.evolve(
-            self, xfcc_line=line, proto_line=self.proto_line + line, certificate=certificate
+            self, xfcc_line=line, proto_line=self.proto_line + line, xfcc=xfcc_value,
+            certificate=certificate,
         )
 
 

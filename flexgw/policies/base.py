@@ -218,10 +218,10 @@ class PolicyContext:
     __slots__ = (
         "_authentication",
         "_expression_context",
-        "_request_headers",
         "api",
         "body",
         "body_replaced",
+        "changed_headers",
         "client_ip",
         "head",
         "peer_certificate",
@@ -248,7 +248,9 @@ class PolicyContext:
         self.api = api
         self.vars: dict[str, Any] = {}
         self._authentication: Mapping[str, Any] | None = None
-        self._request_headers: HeaderList | None = None
+        # The upstream request's headers once a policy asked for them (`request_headers`), else
+        # None: the downstream's go upstream unchanged. Read it; change headers through the methods.
+        self.changed_headers: HeaderList | None = None
         self.response_status = 0
         self.response_headers: HeaderList | None = None
         self.response_extra: HeaderList | None = None  # headers to add to any response
@@ -304,19 +306,22 @@ class PolicyContext:
     @property
     def request_headers(self) -> HeaderList:
         """The headers the upstream will get (a copy of the downstream's, made on first use)."""
-        if self._request_headers is None:
-            self._request_headers = list(self.head.headers)
-        return self._request_headers
+        headers = self.changed_headers
+        if headers is None:
+            headers = self.changed_headers = list(self.head.headers)
+        return headers
 
     @property
     def request_headers_changed(self) -> bool:
         """True when a policy asked for the mutable header list."""
-        return self._request_headers is not None
+        return self.changed_headers is not None
 
     def request_header(self, name: bytes) -> bytes | None:
         """The first value of a request header (case-insensitive), as the upstream would get it."""
         lname = name.lower()
-        headers = self._request_headers if self._request_headers is not None else self.head.headers
+        headers = self.changed_headers
+        if headers is None:
+            headers = self.head.headers
         for key, value in headers:
             if key.lower() == lname:
                 return value

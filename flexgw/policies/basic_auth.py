@@ -23,6 +23,14 @@ Deliberate differences from Flex:
   tell which of the two was wrong.
 - An empty `username` or `password` (typically an unset `$ENV` variable) and a username with a
   `:` (which RFC 7617 forbids, so it could never match) are config errors.
+
+Cost per request: a header value that has passed the full check is remembered (its exact
+bytes, at most `ACCEPTED_LIMIT` values per binding, forgotten all at once when full, and with
+the policy object at a reload), so a client that keeps sending it costs one dict lookup
+instead of a SHA-256 digest and a comparison. Only values that passed are kept: any other
+value, however close, takes the full check. The lookup hashes the value (SipHash, the same
+work for every value of a length) and compares bytes only on a full hash match, so its time
+tells a client nothing about the configured credentials.
 """
 
 from __future__ import annotations
@@ -74,7 +82,8 @@ def _only_authorization(ctx: PolicyContext, header: bytes = b"authorization") ->
     """The value of the request's only Authorization header (None: none, or several)."""
     found = None
     size = len(header)
-    for name, value in ctx.request_headers if ctx.request_headers_changed else ctx.head.headers:
+    headers = ctx.changed_headers
+    for name, value in ctx.head.headers if headers is None else headers:
         if len(name) == size and name.lower() == header:
             if found is not None:
                 return None  # several Authorization headers: ambiguous, refuse
@@ -110,6 +119,10 @@ def parse_basic(value: bytes) -> tuple[bytes, bytes] | None:
     return user, password
 
 
+#: Most header values one binding remembers as accepted (see the module docstring).
+ACCEPTED_LIMIT = 64
+
+
 def _digest(value: bytes) -> bytes:
     """A fixed-length digest, so comparisons reveal nothing about lengths."""
     return hashlib.sha256(value).digest()
@@ -127,17 +140,36 @@ class BasicAuthPolicy:
 
     def on_request(self, ctx: PolicyContext) -> LocalResponse | None:
         """Let the request on when its Basic credentials match; a 401 otherwise."""
-        if not self.matches(_only_authorization(ctx)):
+        raw = _only_authorization(ctx)
+        if raw not in self.accepted and not self.matches(raw):  # (a value seen before: no call)
             return UNAUTHORIZED
-        return self._authenticated(ctx)
+        ctx.authentication = self.authenticated_as
+        return None
+
+    #: Header values that passed `_check`, exactly as sent (see the module docstring).
+    accepted: dict[bytes, None] = attrs.field(init=False, factory=dict, eq=False, repr=False)
 
     def matches(self, raw: bytes | None) -> bool:
         """True when `raw` (a credentials header value) carries the configured credentials."""
-        if raw is not None and hmac.compare_digest(_digest(raw), self.canonical_digest):
+        if raw is None:
+            return False
+        accepted = self.accepted
+        if raw in accepted:
+            return True
+        if not self._check(raw):
+            return False
+        if len(accepted) >= ACCEPTED_LIMIT:
+            accepted.clear()
+        accepted[bytes(raw)] = None
+        return True
+
+    def _check(self, raw: bytes) -> bool:
+        """The full check of a credentials header value (constant-time comparisons)."""
+        if hmac.compare_digest(_digest(raw), self.canonical_digest):
             # The usual spelling (`Basic <padded base64 of user:password>`): one comparison of
             # fixed-length digests (comparing the raw values would reveal the length).
             return True
-        credentials = parse_basic(raw) if raw is not None else None
+        credentials = parse_basic(raw)
         if credentials is None:
             return False
         user, password = credentials

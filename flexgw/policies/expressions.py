@@ -716,6 +716,8 @@ _ATTRIBUTE_GETTERS: dict[str, Fn] = {
     "statusCode": lambda c: c.status_code,
 }
 assert tuple(_ATTRIBUTE_GETTERS) == _ATTRIBUTE_NAMES
+#: The attributes whose getter always gives a str (decoded from the request's bytes).
+_STRING_ATTRIBUTES = frozenset({"method", "queryString", "requestPath", "requestUri", "version"})
 
 
 class _Attributes(Mapping[str, Any]):
@@ -905,9 +907,12 @@ def _scan_string(src: str, i: int) -> tuple[str, int]:
 
 
 class _Node:
-    """A compiled sub-expression: its closure, and its value when it is a constant."""
+    """A compiled sub-expression: its closure, and its value when it is a constant.
 
-    __slots__ = ("const", "fn", "is_dict", "is_headers", "value")
+    `strings`, for a node known to yield a String, is that String's pieces in order: constant
+    strs and closures that always give a str (see `_concat`), else None."""
+
+    __slots__ = ("const", "fn", "is_dict", "is_headers", "strings", "value")
 
     def __init__(
         self,
@@ -916,17 +921,56 @@ class _Node:
         value: Any = None,
         is_dict: bool = False,
         is_headers: bool = False,
+        strings: tuple[str | Fn, ...] | None = None,
     ) -> None:
         self.fn = fn
         self.const = const
         self.value = value
         self.is_dict = is_dict
         self.is_headers = is_headers
+        self.strings = strings
 
 
 def _constant(value: Any) -> _Node:
     """A node that always yields value."""
-    return _Node(lambda c: value, True, value)
+    return _Node(lambda c: value, True, value, strings=(value,) if type(value) is str else None)
+
+
+def _concat(left: tuple[str | Fn, ...], right: tuple[str | Fn, ...]) -> _Node:
+    """`++` of two Strings known at compile time to be Strings (`_Node.strings`): one closure
+    that joins the pieces with `+`, not a `_fn_concat` call (and its type checks) per `++`, so
+    `a ++ ' ' ++ b` costs two piece calls and two additions."""
+    pieces: list[str | Fn] = []
+    for piece in (*left, *right):
+        if type(piece) is str and pieces and type(pieces[-1]) is str:
+            pieces[-1] = pieces[-1] + piece  # type: ignore[operator]
+        else:
+            pieces.append(piece)
+    if len(pieces) == 1:
+        return _constant(pieces[0])
+    fn: Fn
+    if len(pieces) == 3 and type(pieces[1]) is str and callable(pieces[0]) and callable(pieces[2]):
+        a, k, b = pieces
+        fn = lambda c: a(c) + k + b(c)  # the common `x ++ ' ' ++ y`
+    else:
+        fn = _joined(pieces[0])
+        for piece in pieces[1:]:
+            fn = _joined_two(fn, piece)
+    return _Node(fn, strings=tuple(pieces))
+
+
+def _joined(piece: str | Fn) -> Fn:
+    """A closure for one piece of a String."""
+    if type(piece) is str:
+        return lambda c: piece
+    return piece  # type: ignore[return-value]
+
+
+def _joined_two(first: Fn, piece: str | Fn) -> Fn:
+    """`first` then one more piece."""
+    if type(piece) is str:
+        return lambda c: first(c) + piece
+    return lambda c: first(c) + piece(c)  # type: ignore[operator]
 
 
 def _fold(node: _Node, args: Sequence[_Node], compute: Callable[[], Any]) -> _Node:
@@ -1313,6 +1357,7 @@ class _Parser:
                         getter,
                         is_dict=field.value in ("headers", "queryParams"),
                         is_headers=field.value == "headers",
+                        strings=(getter,) if field.value in _STRING_ATTRIBUTES else None,
                     )
                 return _auth_field(field.value)
         return _Node(_ROOTS[name])
@@ -1328,6 +1373,8 @@ class _Parser:
             fast = _contains_in_constant(args[0].value, args[1])
             if fast is not None:
                 return fast
+        if f.name == "++" and args[0].strings is not None and args[1].strings is not None:
+            return _concat(args[0].strings, args[1].strings)
         if f.arity == 1:
             a = args[0].fn
             node = _Node(lambda c: impl(a(c)))

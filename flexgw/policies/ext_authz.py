@@ -42,7 +42,11 @@ Deliberate differences from Flex:
   it.
 - `includePeerCertificate`: on an mTLS connection the verified client certificate goes in
   `attributes.source.certificate` as URL-encoded PEM (Envoy's form). The HTTP server type does
-  not send it, as Envoy's HTTP client does not (it forwards headers only).
+  not send it, as Envoy does not: its HTTP client (`RawHttpClientImpl::check` in
+  `ext_authz_http_impl.cc`) builds the authorization request from the CheckRequest's allowed
+  request headers, `headers_to_add` and the body only, never `attributes.source`. (Envoy users
+  who want the certificate at an HTTP server add it as a header themselves, e.g. with
+  `%DOWNSTREAM_PEER_CERT%`, which Flex's `serviceRequestHeadersToAdd` values do not offer.)
 - Answers are bounded (1 MiB for gRPC and HTTP bodies); a larger one is a failure (403).
 - The HTTP server type uses treq on a persistent connection pool (or the gateway's side-call
   agent when `Configuration` sets TLS or a forward proxy for policy calls).

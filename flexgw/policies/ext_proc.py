@@ -40,13 +40,21 @@ Deliberate differences from Flex/Envoy:
 - `streamed` bodies are held by the gateway too (bounded as `buffered`): a request body is sent as
   one message; a response body is sent in the pieces it arrived in, one message each, and the
   client gets the processed pieces once every answer is in. Envoy forwards each piece as soon as
-  its answer arrives. `bufferedPartial` is `buffered` (a body over the limit is refused, where
-  Envoy sends its first part).
-- Request trailers are not sent to the processor (`requestTrailerMode: send` is accepted);
-  response trailers are sent (`responseTrailerMode: send`) when a response body mode is set too.
+  its answer arrives. `bufferedPartial` is `buffered`: a body over the limit is refused, where
+  Envoy (`BUFFERED_PARTIAL` in processing_mode.proto: "the body contents up to the buffer limit
+  will be sent") sends the first part, one message, and lets the rest through unprocessed.
+  Doing so needs the exchange to hand a policy the first part while it streams the remainder
+  (the exchange reads the whole body, 413 over the limit, before a body-reading policy runs).
+- Request trailers are not sent to the processor (`requestTrailerMode: send` is accepted):
+  policies are not given them (the HTTP/2 front keeps a request's trailers for the upstream on
+  its exchange; the HTTP/1.1 front drops them). Response trailers are sent (`responseTrailerMode: send`) when a response body mode is set too.
 - A request body mode turned on by `mode_override` applies only when the binding's own
   `requestBodyMode` is not `none` (only then does the gateway buffer the body before the
-  policies run).
+  policies run). Envoy honours it (external_processor.proto: an override in the answer to the
+  request headers changes how the rest of the request is processed, unless
+  `send_body_without_waiting_for_header_response`): it holds the body while it waits for that
+  answer. flexgw holds the body then too, but has no way yet for a policy to ask for it whole
+  once its headers answer is in.
 - The response phase sees upstream responses only: an answer made by the gateway or another
   policy is not sent to the processor.
 - Failures carry `x-flexgw-error`: `ext_proc_timeout`, `ext_proc_unavailable`, `ext_proc_reset`,

@@ -277,7 +277,11 @@ class HeaderInjectionPolicy:
             return
         appended = self.inbound_appended
         if appended is not None:
-            ctx.request_headers.extend(appended)
+            headers = ctx.changed_headers
+            if headers is None:  # the first change: the copy and the additions in one step
+                ctx.changed_headers = [*ctx.head.headers, *appended]
+            else:
+                headers.extend(appended)
             return
         resolved = [item.resolve(ctx) for item in self.inbound]
         for name, value in resolved:

@@ -255,10 +255,11 @@ class LdapAuthPolicy(UsesRuntime):
         reactor: Any = None,
         shared: dict[Any, Any] | None = None,
         tls_settings: Any = None,
+        clock: Any = None,
     ) -> None:
         self.settings = settings
         self._reactor = reactor
-        self._clock = None
+        self._clock = clock
         self._shared = shared if shared is not None else {}
         self._tls_settings = tls_settings  # defaultTLS.outboundPolicyCalls, or None
         self._filter = filter_template(settings.filter_text)
@@ -288,7 +289,8 @@ class LdapAuthPolicy(UsesRuntime):
 
                 address = DirectoryAddress(s.host, s.port, s.tls, s.start_tls, creator)
                 directory = self._shared[key] = SharedDirectory(
-                    self._runtime_reactor(), address, s.service_dn, s.service_password, s.timeout
+                    self._runtime_reactor(), address, s.service_dn, s.service_password, s.timeout,
+                    clock=self.clock,
                 )
             self._directory = directory
         return self._directory
@@ -345,11 +347,11 @@ class LdapAuthPolicy(UsesRuntime):
         """Nothing to do on the response."""
 
 
-def SharedDirectory(*args: Any) -> Any:
+def SharedDirectory(*args: Any, **kwargs: Any) -> Any:
     """An LdapDirectory the gateway closes when it stops (`close_with_gateway`)."""
     from flexgw.sidecalls.ldap import LdapDirectory
 
-    directory = LdapDirectory(*args)
+    directory = LdapDirectory(*args, **kwargs)
     directory.close_with_gateway = directory.close  # type: ignore[attr-defined]
     return directory
 
@@ -370,6 +372,7 @@ class LdapAuthKind:
             context.reactor or services.reactor,
             services.shared,
             getattr(services, "side_tls", None),  # the gateway's PolicyRuntime has it
+            context.clock or services.clock,
         )
 
 

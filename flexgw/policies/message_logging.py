@@ -177,6 +177,33 @@ class MessageLoggingPolicy:
     needs_body: bool = False  # a first-section item reads `payload`
     log: Logger = attrs.field(factory=lambda: Logger(namespace=NAMESPACE))
     sink: Any = None  # the gateway's MessageLog (fast JSON lines); None: the Twisted log
+    # Each section's items with what records their lines: the sink's `writer` for the item,
+    # asked once here (None: the sink has none, or there is no sink).
+    _first: tuple[tuple[LogItem, Any], ...] = attrs.field(init=False, repr=False, eq=False)
+    _second: tuple[tuple[LogItem, Any], ...] = attrs.field(init=False, repr=False, eq=False)
+
+    @_first.default
+    def _first_writers(self) -> tuple[tuple[LogItem, Any], ...]:
+        return self._writers(self.first, "first")
+
+    @_second.default
+    def _second_writers(self) -> tuple[tuple[LogItem, Any], ...]:
+        return self._writers(self.second, "second")
+
+    def _writers(self, items: tuple[LogItem, ...], section: str) -> tuple[tuple[LogItem, Any], ...]:
+        writer = getattr(self.sink, "writer", None)
+        return tuple(
+            (
+                item,
+                None
+                if writer is None
+                else writer(
+                    item.level.name.upper(), item.category, self.binding, self.api, item.name,
+                    section,
+                ),
+            )
+            for item in items
+        )
 
     def on_request(self, ctx: PolicyContext) -> None:
         """Log the first-section items; never stops the request."""
@@ -185,8 +212,21 @@ class MessageLoggingPolicy:
         context = ctx.expression_context()
         if self.needs_body and context.payload is None:
             context.payload = (ctx.body or b"").decode("utf-8", "replace")
-        for item in self.first:
-            self._emit(item, context, "first")
+        for item, write in self._first:
+            message = item.message
+            if write is None or item.conditional is not True or type(message) is not Expression:
+                self._emit(item, context, "first", write)
+                continue
+            # The usual item (always logged, an expression for a message, the sink's writer):
+            # here, without _emit's call and checks.
+            try:
+                text = message.evaluate(context)
+                if type(text) is not str:
+                    text = to_text(text)
+            except Exception as exc:  # noqa: BLE001 (logging must never fail the request)
+                self._failed(item, "first", exc)
+                continue
+            write(text)
 
     @property
     def response_phase(self) -> bool:
@@ -198,11 +238,12 @@ class MessageLoggingPolicy:
         if not self.second:
             return
         context = ctx.expression_context()
-        for item in self.second:
-            self._emit(item, context, "second")
+        for item, write in self._second:
+            self._emit(item, context, "second", write)
 
-    def _emit(self, item: LogItem, context: Any, section: str) -> None:
-        """Evaluate one item and log it; an evaluation failure is logged, not raised."""
+    def _emit(self, item: LogItem, context: Any, section: str, write: Any) -> None:
+        """Evaluate one item and log it (`write`: the sink's writer for it, or None); an
+        evaluation failure is logged, not raised."""
         try:
             conditional = item.conditional
             if isinstance(conditional, Expression):
@@ -214,14 +255,10 @@ class MessageLoggingPolicy:
             message = item.message
             text = to_text(message.evaluate(context)) if isinstance(message, Expression) else message
         except Exception as exc:  # noqa: BLE001 (logging must never fail the request)
-            self.log.error(
-                "[{binding}] message logging item {item!r} ({section} section) failed: {error}",
-                binding=self.binding,
-                api=self.api,
-                item=item.name,
-                section=section,
-                error=str(exc),
-            )
+            self._failed(item, section, exc)
+            return
+        if write is not None:
+            write(text)
             return
         sink = self.sink
         if sink is not None:
@@ -239,6 +276,18 @@ class MessageLoggingPolicy:
             category=item.category,
             section=section,
             text=text,
+        )
+
+
+    def _failed(self, item: LogItem, section: str, exc: Exception) -> None:
+        """An item's expression failed on this request: log that (as an error), not the item."""
+        self.log.error(
+            "[{binding}] message logging item {item!r} ({section} section) failed: {error}",
+            binding=self.binding,
+            api=self.api,
+            item=item.name,
+            section=section,
+            error=str(exc),
         )
 
 

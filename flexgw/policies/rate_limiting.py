@@ -241,8 +241,8 @@ class RateLimitPolicy:
     """One binding: its config and its counter store (shared by every request of the binding)."""
 
     __slots__ = (
-        "binding", "clock", "config", "constant_key", "expose", "limits", "store", "unknown",
-        "unknown_key",
+        "_counted", "_store", "binding", "clock", "config", "constant_key", "expose", "limits",
+        "unknown", "unknown_key",
     )
 
     def __init__(
@@ -250,17 +250,31 @@ class RateLimitPolicy:
         api: str | None = None, unknown: dict[tuple[str | None, str], int] | None = None,
     ) -> None:
         self.config = config
-        self.store = store  # None until the first request when no clock was given
         self.clock = clock
         self.binding = binding
         self.limits = config.limits
         self.expose = config.expose_headers
+        self._store: Any = None
+        self._counted: Any = None
+        self.store = store  # None until the first request when no clock was given
         selector = config.key_selector
         self.constant_key = "" if selector is None else selector if isinstance(selector, str) else None
         # unknown-quota decisions, (api, "refused" | "allowed") -> count (PolicyRuntime's, read
         # by the metrics collector; a private dict without one)
         self.unknown = {} if unknown is None else unknown
         self.unknown_key = (api, "refused" if config.block_on_unknown_quota else "allowed")
+
+    @property
+    def store(self) -> Any:
+        """The counter store (None until the first request when no clock was given)."""
+        return self._store
+
+    @store.setter
+    def store(self, store: Any) -> None:
+        self._store = store
+        # The store's `counted` (MemoryRateLimitStore's) when the response needs no quota
+        # figures: an allowed request then costs no HitResult. None otherwise.
+        self._counted = None if self.expose else getattr(store, "counted", None)
 
     def key(self, ctx: PolicyContext) -> str:
         """The counter key of this request (an evaluation error propagates: a 500)."""
@@ -275,7 +289,10 @@ class RateLimitPolicy:
         key = self.constant_key
         if key is None:
             key = self.key(ctx)
-        store = self.store
+        counted = self._counted
+        if counted is not None and counted(key, self.limits):
+            return None  # allowed, and no headers to add
+        store = self._store
         if store is None:
             store = self._first_use()
         try:
@@ -338,7 +355,7 @@ class RateLimitPolicy:
 
             self.clock = reactor
         self.store = MemoryRateLimitStore(self.clock)
-        return self.store
+        return self._store
 
 
 def _shared_store(

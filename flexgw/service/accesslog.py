@@ -19,6 +19,8 @@ from flexgw.ingress.contract import IExchangeObserver
 from flexgw.plan import Listener, LogOutput, Template
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from flexgw.ingress.exchange import ProxyExchange
     from flexgw.ingress.peer import Peer
 
@@ -444,7 +446,7 @@ class MessageLog(BufferedLog):
 
     def __init__(self, clock: IReactorTime, stream: IO[bytes], flush_interval: float = 0.5) -> None:
         super().__init__(clock, stream, flush_interval)
-        self._middles: dict[tuple[Any, ...], str] = {}
+        self._writers: dict[tuple[Any, ...], Callable[[str], None]] = {}
 
     def emit(
         self,
@@ -456,33 +458,50 @@ class MessageLog(BufferedLog):
         section: str,
         text: str,
     ) -> None:
-        """Record one message-logging item.
+        """Record one message-logging item (through the item's `writer`, made on first use)."""
+        key = (level, category, binding, api, item, section)
+        write = self._writers.get(key)
+        if write is None:
+            write = self._writers[key] = self.writer(*key)
+        write(text)
+
+    def writer(
+        self,
+        level: str,
+        category: str | None,
+        binding: str,
+        api: str | None,
+        item: str,
+        section: str,
+    ) -> Callable[[str], None]:
+        """What records the lines of one item in one section: a callable taking the message.
 
         Everything but the time and the message is the same for every line of an item: that
-        part is encoded once and kept.
+        part is encoded once, here (message-logging-flex asks for its items' writers when it is
+        built, so a line costs no lookup of them either).
         """
-        key = (level, category, binding, api, item, section)
-        middle = self._middles.get(key)
-        if middle is None:
-            fields = {
-                "level": level,
-                "logger": "flexgw.messagelogging",
-                "category": category,
-                "binding": binding,
-                "api": api,
-                "item": item,
-                "section": section,
-            }
-            middle = self._middles[key] = _dumps(fields)[1:-1]
-        now = self.clock.seconds()
-        second = int(now)
-        if second != self._second:
-            self._timestamp(now)  # a new second: its text is made once
-        if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
-            message = text  # the usual case: no escaping needed
-        else:
-            message = _dumps(text)[1:-1]
-        self._lines.append(
-            f'{{"time":"{self._second_text}.{int((now - second) * 1000):03d}Z",{middle},'
-            f'"message":"{message}"}}\n'.encode("ascii")
-        )
+        fields = {
+            "level": level,
+            "logger": "flexgw.messagelogging",
+            "category": category,
+            "binding": binding,
+            "api": api,
+            "item": item,
+            "section": section,
+        }
+        tail = 'Z",' + _dumps(fields)[1:-1] + ',"message":"'
+        seconds = self.clock.seconds
+
+        def write(text: str) -> None:
+            now = seconds()
+            second = int(now)
+            if second != self._second:
+                self._timestamp(now)  # a new second: its text is made once
+            if not (text.isascii() and text.isprintable() and '"' not in text and "\\" not in text):
+                text = _dumps(text)[1:-1]  # the unusual case: escapes needed
+            self._lines.append(
+                f'{{"time":"{self._second_text}.{_THREE_DIGITS[int((now - second) * 1000)]}'
+                f'{tail}{text}"}}\n'.encode("ascii")
+            )
+
+        return write

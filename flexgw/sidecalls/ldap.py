@@ -200,8 +200,10 @@ class LdapDirectory:
         max_bind_connections: int = 8,
         max_waiting: int = 1024,
         idle_seconds: float = 60.0,
+        clock: Any = None,
     ) -> None:
         self.reactor = reactor
+        self.clock = reactor if clock is None else clock  # operation timeouts and the idle timer
         self.address = address
         self.service_dn = service_dn
         self.service_password = service_password
@@ -279,7 +281,7 @@ class LdapDirectory:
                 return Failure(LdapTimeout(f"the directory did not answer in {self.timeout:g}s"))
             return failure
 
-        d.addTimeout(self.timeout, self.reactor)
+        d.addTimeout(self.timeout, self.clock)
         return d.addErrback(timed_out)
 
     def _send(self, client: BoundedLDAPClient, op: Any) -> Deferred[Any]:
@@ -476,7 +478,7 @@ class LdapDirectory:
         self._busy -= 1
         idle = self._busy == 0 and not self.closed and self.idle_seconds > 0
         if idle and (self._service is not None or self._idle):
-            self._idle_timer = self.reactor.callLater(self.idle_seconds, self._close_idle)
+            self._idle_timer = self.clock.callLater(self.idle_seconds, self._close_idle)
         return result
 
     def _close_idle(self) -> None:

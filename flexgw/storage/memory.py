@@ -73,6 +73,22 @@ class MemoryRateLimitStore:
         """True when `key` is held."""
         return key in self._entries
 
+    def counted(self, key: str, limits: Sequence[RateLimit]) -> bool:
+        """`hit`'s common case without its result: True when the request was counted (one
+        limit, a known key, its window running, quota left); False when it was not, and
+        nothing changed: the caller then calls `hit` for the whole answer. For a caller that
+        needs no quota figures (rate-limiting-flex without exposeHeaders)."""
+        if len(limits) != 1:
+            return False
+        entry = self._entries.get(key)
+        if entry is None or len(entry) != 2 or entry[1] >= limits[0].maximum_requests:
+            return False
+        if entry[0] <= round(self.clock.seconds() * 1000):
+            return False
+        self._entries.move_to_end(key)
+        entry[1] += 1
+        return True
+
     def hit(self, key: str, limits: Sequence[RateLimit]) -> HitResult:
         """Check and count one request for `key` against every limit (atomically)."""
         now = round(self.clock.seconds() * 1000)

@@ -1,11 +1,16 @@
 """HTTP/2 peers for tests, built on the `h2` library: a recording h2c upstream and an h2c client.
 
+They use `h2` (python-hyper's HTTP/2 state machine, a test dependency only) rather than
+flexgw's own codec (flexgw.http.h2), which they judge: a peer built on the codec under test
+would agree with its mistakes. (flexgw.testing.h2raw's raw-frame peers judge it frame by frame.)
+
 `H2cUpstreamConnection` is what `RecordingUpstream(h2c=True)` builds per connection: every stream
 is recorded as a `RecordedRequest` (headers exactly as received, pseudo-headers included; version
 "2") and answered through the same `Responder` hooks as HTTP/1.1, by an `H2cExchange` that adds
 `send_trailers` and `reset`. `H2Client` is a client connection whose flow control a test can
 hold (`auto_ack=False`, then `ack`), that can reset streams, send PINGs or raw frames, and
-records GOAWAY. `RawH2Client` writes raw bytes and keeps the frames it receives: with
+records GOAWAY (read ahead of `h2`, which ends a connection at a GOAWAY: `GoAwayFilter`).
+`RawH2Client` writes raw bytes and keeps the frames it receives: with
 `made_you_reset`, the raw bytes of the 2025 "MadeYouReset" attack, it is that attack's client.
 """
 
@@ -28,7 +33,6 @@ from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.python.failure import Failure
 
-from flexgw.http.h2frames import GoAwayFilter
 from flexgw.testing.recording import Exchange, RecordedRequest, _no_body_status
 
 if TYPE_CHECKING:
@@ -386,6 +390,75 @@ class H2Response:
             self.done.callback(self)
 
 
+# --------------------------------------------------------------------------- GOAWAY
+
+
+# GOAWAY frames taken out of an HTTP/2 byte stream before the `h2` library sees them: `h2`
+# treats a received GOAWAY as the end of the connection (every later frame, the DATA of streams
+# the peer promised to finish included, is a protocol error); a graceful shutdown (RFC 9113
+# §6.8) needs those frames, so the test client reads GOAWAY itself.
+_GOAWAY = 0x7
+_MAX_GOAWAY = 16384  # a longer GOAWAY is passed to h2, which refuses it by the frame size rules
+
+
+class GoAwayFilter:
+    """Splits GOAWAY frames out of the frames received on one connection."""
+
+    __slots__ = ("held", "remaining")
+
+    def __init__(self) -> None:
+        self.held = b""  # an incomplete frame header, or an incomplete GOAWAY frame
+        self.remaining = 0  # bytes of the current (passed-through) frame still to come
+
+    def feed(self, data: bytes) -> tuple[bytes, list[tuple[int, int]]]:
+        """The bytes for h2, and the GOAWAY frames found in `data`."""
+        if self.held:
+            data = self.held + data
+            self.held = b""
+        size = len(data)
+        remaining = self.remaining
+        if remaining >= size:
+            self.remaining = remaining - size
+            return data, []
+        pos = remaining
+        pieces: list[bytes] | None = None
+        start = 0
+        goaways: list[tuple[int, int]] = []
+        while pos < size:
+            if size - pos < 9:
+                self.held = data[pos:]
+                break
+            length = int.from_bytes(data[pos : pos + 3], "big")
+            if data[pos + 3] == _GOAWAY and 8 <= length <= _MAX_GOAWAY:
+                end = pos + 9 + length
+                if end > size:
+                    self.held = data[pos:]
+                    break
+                payload = data[pos + 9 : end]
+                goaways.append(
+                    (
+                        int.from_bytes(payload[:4], "big") & 0x7FFFFFFF,
+                        int.from_bytes(payload[4:8], "big"),
+                    )
+                )
+                if pieces is None:
+                    pieces = []
+                pieces.append(data[start:pos])
+                start = pos = end
+                continue
+            pos += 9 + length
+        if pos > size:
+            self.remaining = pos - size
+            cut = size
+        else:
+            self.remaining = 0
+            cut = pos if not self.held else size - len(self.held)
+        if pieces is None:
+            return (data if cut == size else data[:cut]), goaways
+        pieces.append(data[start:cut])
+        return b"".join(pieces), goaways
+
+
 class H2Client(protocol.Protocol):
     """A test HTTP/2 client connection (prior knowledge, or over TLS with ALPN h2)."""
 
@@ -401,7 +474,7 @@ class H2Client(protocol.Protocol):
         self.initial_window = initial_window
         self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
         self.responses: dict[int, H2Response] = {}
-        # GOAWAY is read before h2 (which would end the connection at once): see h2frames.
+        # GOAWAY is read before h2 (which would end the connection at once): GoAwayFilter.
         self.goaway_filter = GoAwayFilter()
         self.goaway: GoAway | None = None
         self.goaway_received: defer.Deferred[GoAway] = defer.Deferred()

@@ -10,7 +10,9 @@ whatever codec it runs:
   RFC 9113 asks of a server's reaction: `connection_error` (GOAWAY with one of the codes, then
   the connection closes), `stream_error` (RST_STREAM on the stream with one of the codes),
   `response` (a whole response on the stream), `still_alive` (a PING answered: the frame before
-  it was ignored), `settings_ack`, `ping_ack`;
+  it was ignored), `settings_ack`, `ping_ack`; the frames not read yet are queued per stream,
+  so a wait for one stream (`response`, `stream_error`, `next(stream_id)`) takes that stream's
+  frames and the connection's, and leaves the other streams' for their own waits;
 - `ScriptedUpstream` is a server whose every reaction a test writes (a misbehaving h2c upstream):
   it reads the client's preface, keeps the frames, and calls the test's script on each.
 """
@@ -254,7 +256,10 @@ class FrameConnection(protocol.Protocol):
         self.encoder = hpack.Encoder()
         self.reader = _FrameReader()
         self.received: list[RawFrame] = []
-        self.unread: deque[RawFrame] = deque()
+        # Frames not read yet, one queue per stream (0: the connection's), each frame with its
+        # arrival number: a read for one stream leaves the other streams' frames queued.
+        self.unread: dict[int, deque[tuple[int, RawFrame]]] = {}
+        self._arrived = 0
         self.closed = False
         self.lost: defer.Deferred[None] = defer.Deferred()
         self._waiter: defer.Deferred[None] | None = None
@@ -272,7 +277,9 @@ class FrameConnection(protocol.Protocol):
         """Keep the frames; wake the waiting check."""
         frames = self.reader.feed(data)
         self.received.extend(frames)
-        self.unread.extend(frames)
+        for received in frames:
+            self.unread.setdefault(received.stream_id, deque()).append((self._arrived, received))
+            self._arrived += 1
         self._wake()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
@@ -333,9 +340,22 @@ class FrameConnection(protocol.Protocol):
 
     # -- reading ---------------------------------------------------------------------------------
 
-    async def next(self) -> RawFrame | None:
-        """The next frame the server sent (None: the connection closed first)."""
-        while not self.unread:
+    def _take(self, stream_id: int | None) -> RawFrame | None:
+        """The first unread frame (of `stream_id` or the connection, if given), taken off its
+        queue; None when there is none yet."""
+        if stream_id is None:
+            queues = [q for q in self.unread.values() if q]
+        else:
+            queues = [q for q in (self.unread.get(stream_id), self.unread.get(0)) if q]
+        if not queues:
+            return None
+        return min(queues, key=lambda q: q[0][0]).popleft()[1]
+
+    async def next(self, stream_id: int | None = None) -> RawFrame | None:
+        """The next frame the server sent (None: the connection closed first). With
+        `stream_id`, the next one on that stream or on the connection (stream 0): the other
+        streams' frames stay unread, in order, for the reads that want them."""
+        while (got := self._take(stream_id)) is None:
             if self.closed:
                 return None
             waiter = self._waiter = defer.Deferred()
@@ -346,7 +366,7 @@ class FrameConnection(protocol.Protocol):
                 raise ConformanceFailure(
                     f"no frame within {self.timeout}s; received so far: {self.received}"
                 ) from None
-        return self.unread.popleft()
+        return got
 
     async def handshake(self) -> RawFrame:
         """Read the server's SETTINGS (its preface, the first frame), acknowledge it and wait
@@ -384,9 +404,9 @@ class FrameConnection(protocol.Protocol):
         await self.ping_ack(payload)
 
     async def _expect(self, what: str, stream_id: int = 0) -> RawFrame:
-        """The next frame; a GOAWAY fails the wait unless it is graceful (NO_ERROR) and lets
-        `stream_id` finish."""
-        got = await self.next()
+        """The next frame (of `stream_id` or the connection, if given); a GOAWAY fails the wait
+        unless it is graceful (NO_ERROR) and lets `stream_id` finish."""
+        got = await self.next(stream_id or None)
         if got is None:
             raise ConformanceFailure(f"connection closed while waiting for {what}; received {self.received}")
         if got.kind == GOAWAY and not (
@@ -424,7 +444,7 @@ class FrameConnection(protocol.Protocol):
         MAY choose to treat a stream error as a connection error"): GOAWAY with one of the
         codes, then the connection closing, passes too (returned)."""
         while True:
-            got = await self.next()
+            got = await self.next(stream_id)
             if got is None:
                 raise ConformanceFailure(f"connection closed without RST_STREAM({codes}) on {stream_id}")
             if got.kind == GOAWAY:
@@ -444,8 +464,8 @@ class FrameConnection(protocol.Protocol):
         body = bytearray()
         while True:
             got = await self._expect(f"a response on stream {stream_id}", stream_id)
-            if got.stream_id != stream_id or got.kind == GOAWAY:
-                continue
+            if got.stream_id != stream_id:
+                continue  # the connection's (SETTINGS, PING, WINDOW_UPDATE, a graceful GOAWAY)
             if got.kind == RST_STREAM:
                 raise ConformanceFailure(f"stream {stream_id} reset (code {got.error_code}) instead of a response")
             if got.kind == DATA:

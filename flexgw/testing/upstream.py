@@ -12,7 +12,6 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from flexgw.testing.h2 import H2cUpstreamConnection
 from flexgw.testing.recording import (  # noqa: F401 (still importable from here, as before)
     Exchange,
     HeadersAndDigest,
@@ -602,6 +601,8 @@ class RecordingUpstream(protocol.ServerFactory):
     def buildProtocol(self, addr: Any) -> Any:
         """A new recording connection (HTTP/2 with prior knowledge when `h2c` is set)."""
         if self.h2c:
+            from flexgw.testing.h2 import H2cUpstreamConnection  # (`h2`: a test dependency)
+
             h2conn = H2cUpstreamConnection(self, len(self.connections))
             self.connections.append(h2conn)  # type: ignore[arg-type]
             return h2conn

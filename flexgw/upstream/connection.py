@@ -64,6 +64,8 @@ class UpstreamConnection(Protocol):
 
     #: True on a TLS connection lost before its handshake completed (see TLSUpstreamConnection).
     tls_failed = False
+    #: The exchange writes the request as HTTP/1.1 bytes (an HTTP/2 stream takes fields).
+    http2 = False
 
     # -- lifecycle -------------------------------------------------------------------------------
 

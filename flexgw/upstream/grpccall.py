@@ -4,9 +4,9 @@ stream per call, answers read within a size bound, their gRPC framing checked, `
 mapped to an error.
 
 A call is a `ConnectionWaiter` for the pool and then the `sink` of the stream it gets, as an
-exchange would be: it writes the request as HTTP/1.1 bytes (the stream sends HTTP/2 frames; a
-streaming call's messages go as chunks of a chunked body, each one DATA) and the stream reports
-the response head, DATA, trailers and end to it.
+exchange would be: it gives the stream the request head as HTTP/2 fields and its messages as
+body bytes (a streaming call's each one DATA frame), and the stream reports the response head,
+DATA, trailers and end to it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.python.failure import Failure
 
+from flexgw.http.h2.fields import request_field
 from flexgw.plan import HttpSettings, Timeouts, Upstream
 from flexgw.upstream.h2 import H2UpstreamPool
 
@@ -34,12 +35,6 @@ class GrpcCallError(Exception):
         super().__init__(message)
         self.cause = cause
         self.grpc_status = grpc_status
-
-
-class _GrpcHead:
-    """What the HTTP/2 stream asks of its sink's request: `te: trailers` (gRPC wants trailers)."""
-
-    headers = ((b"te", b"trailers"),)
 
 
 def h2_pool(
@@ -85,8 +80,6 @@ class _Call:
     """What unary and streaming calls share: the request head, the pool's ConnectionWaiter
     side, and the stream's sink side up to the answer's bytes (subclasses take those)."""
 
-    head = _GrpcHead()
-
     def __init__(
         self, pool: H2UpstreamPool, path: bytes,
         metadata: tuple[tuple[bytes, bytes], ...] = (), limit: int = DEFAULT_LIMIT,
@@ -101,13 +94,14 @@ class _Call:
         self.grpc_message = b""
         self.done = False
 
-    def _request_head(self, framing: bytes) -> bytes:
-        """The request head as HTTP/1.1 bytes, with its body `framing` line."""
-        extra = b"".join(name + b": " + value + b"\r\n" for name, value in self.metadata)
-        return (
-            b"POST " + self.path + b" HTTP/1.1\r\nHost: "
-            + self.pool.upstream.authority.encode("latin-1")
-            + b"\r\ncontent-type: application/grpc\r\n" + extra + framing + b"\r\n\r\n"
+    def _send_head(self, conn: Any, *framing: tuple[bytes, bytes]) -> None:
+        """The request head on stream `conn`, with the body's `framing` field if any."""
+        fields = [(b"content-type", b"application/grpc")]
+        fields.extend(request_field(name.lower(), value) for name, value in self.metadata)
+        fields.extend(framing)
+        fields.append((b"te", b"trailers"))
+        conn.send_head(
+            b"POST", self.pool.upstream.authority.encode("latin-1"), self.path, fields, False
         )
 
     def _give_up(self) -> None:
@@ -228,7 +222,9 @@ class UnaryCall(_Call):
     def _send_request(self, conn: Any) -> None:
         """The request: its head and its one message."""
         framed = frame(self.message)
-        conn.write(self._request_head(b"Content-Length: %d" % len(framed)) + framed)
+        self._send_head(conn, (b"content-length", b"%d" % len(framed)))
+        conn.write(framed)
+        conn.end_request()
 
     def response_body(self, data: bytes) -> None:
         """A piece of the framed answer, within the bound."""
@@ -280,7 +276,7 @@ class StreamCall(_Call):
         metadata: tuple[tuple[bytes, bytes], ...] = (), limit: int = DEFAULT_LIMIT,
     ) -> None:
         super().__init__(pool, path, metadata, limit)
-        self.outbox: list[bytes] = []  # chunks written once the stream is up
+        self.outbox: list[bytes] = []  # messages written once the stream is up
         self.half_closed = False
         self.buffer = bytearray()
         self.messages: deque[bytes] = deque()
@@ -294,15 +290,14 @@ class StreamCall(_Call):
         return self
 
     def send(self, message: bytes) -> None:
-        """Send one message (one DATA frame's worth: a chunk of the chunked request body)."""
+        """Send one message (one DATA frame's worth)."""
         if self.done or self.half_closed:
             return
         framed = frame(message)
-        chunk = b"%x\r\n" % len(framed) + framed + b"\r\n"
         if self.conn is None:
-            self.outbox.append(chunk)
+            self.outbox.append(framed)
         else:
-            self.conn.write(chunk)
+            self.conn.write(framed)
 
     def receive(self) -> Deferred[bytes]:
         """The next message of the answer (cancelling the wait leaves the call as it is)."""
@@ -323,10 +318,8 @@ class StreamCall(_Call):
         if self.done or self.half_closed:
             return
         self.half_closed = True
-        if self.conn is None:
-            self.outbox.append(b"0\r\n\r\n")
-        else:
-            self.conn.write(b"0\r\n\r\n")
+        if self.conn is not None:
+            self.conn.end_request()
         self.linger = clock.callLater(linger, self.cancel)
 
     def cancel(self) -> None:
@@ -339,7 +332,11 @@ class StreamCall(_Call):
     def _send_request(self, conn: Any) -> None:
         """The head and every message sent so far."""
         outbox, self.outbox = self.outbox, []
-        conn.write(self._request_head(b"Transfer-Encoding: chunked") + b"".join(outbox))
+        self._send_head(conn)
+        for framed in outbox:
+            conn.write(framed)
+        if self.half_closed:
+            conn.end_request()
 
     def response_body(self, data: bytes) -> None:
         """Answer bytes: every whole message is handed on; a message over the bound, or a

@@ -18,10 +18,6 @@ import random
 from typing import Any
 
 import attrs
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
 import httptools
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.task import LoopingCall
@@ -29,8 +25,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from flexgw.http.fastwrite import send_now
+from flexgw.http.h2 import settings as h2settings
+from flexgw.http.h2.connection import H2Codec, StreamClosedError
+from flexgw.upstream.connection import MAX_RESPONSE_HEAD
 
 _log = Logger(namespace="flexgw.upstream")
+#: A check connection's SETTINGS: no push.
+_H2_SETTINGS = {h2settings.ENABLE_PUSH: 0}
 
 
 @attrs.frozen
@@ -94,52 +95,93 @@ class _H1Probe(Protocol):
 
 
 class _H2Probe(Protocol):
-    """An HTTP/2 check connection (prior knowledge, or ALPN h2 over TLS): one stream per check."""
+    """An HTTP/2 check connection (prior knowledge, or ALPN h2 over TLS): one stream per check,
+    on flexgw's codec (the handler of its calls)."""
 
     def __init__(self, check: _Check) -> None:
         self.check = check
-        self.conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        self.conn = H2Codec(
+            self,
+            client=True,
+            local_settings=_H2_SETTINGS,
+            max_header_list=MAX_RESPONSE_HEAD,
+            header_block_limit=MAX_RESPONSE_HEAD,
         )
         self.keep = True
         self.stream_id = 0
 
     def connectionMade(self) -> None:
         """Connected: the HTTP/2 preface, then the check's request."""
-        self.conn.initiate_connection()
-        self.transport.write(self.conn.data_to_send())
+        self.conn.initiate()
+        self._flush()
         self.check.connected(self)
+
+    def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            send_now(self.transport, data)
 
     def send(self, request: Any) -> None:
         """Open a stream with the check's request headers."""
-        self.stream_id = self.conn.get_next_available_stream_id()
-        self.conn.send_headers(self.stream_id, request, end_stream=True)
-        self.transport.write(self.conn.data_to_send())
+        stream_id = self.stream_id = self.conn.next_stream_id
+        try:
+            self.conn.send_headers(stream_id, request, end_stream=True)
+        except StreamClosedError:  # the codec stopped (a connection error): no stream now
+            self._failed()
+            return
+        self._flush()
+
+    def _failed(self) -> None:
+        """The connection is unusable: the check in flight failed, the next one reconnects."""
+        self.keep = False
+        self.transport.abortConnection()
+        if self.stream_id:
+            self.stream_id = 0
+            self.check.answered(self, 0)
 
     def dataReceived(self, data: bytes) -> None:
-        """Handle frames; the response HEADERS of the check's stream decide."""
-        try:
-            events = self.conn.receive_data(data)
-        except h2.exceptions.ProtocolError:
-            self.keep = False
-            self.transport.abortConnection()
-            self.check.answered(self, 0)
+        """Frames, for the codec (its calls below); the check's response head decides."""
+        conn = self.conn
+        conn.receive(data)
+        if conn.closed:  # the upstream broke the protocol
+            self._flush()  # our GOAWAY
+            self._failed()
             return
-        for event in events:
-            if isinstance(event, h2.events.ResponseReceived) and event.stream_id == self.stream_id:
-                status = 0
-                for name, value in event.headers:
-                    if name == b":status":
-                        status = int(value)
-                self.stream_id = 0
-                self.check.answered(self, status)
-            elif isinstance(event, h2.events.DataReceived):
-                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            elif isinstance(event, h2.events.ConnectionTerminated):
-                self.keep = False
-        pending = self.conn.data_to_send()
-        if pending:
-            self.transport.write(pending)
+        self._flush()
+
+    def h2_headers(self, stream_id: int, headers: list, end_stream: bool) -> None:
+        """A response head: the check's final one answers it."""
+        status = self.conn.status
+        if stream_id == self.stream_id and status >= 200:
+            self.stream_id = 0
+            self.check.answered(self, status)
+
+    def h2_data(self, stream_id: int, data: bytes, flow: int, end_stream: bool) -> None:
+        """Body bytes are dropped, their window handed back."""
+        if flow:
+            self.conn.acknowledge(stream_id, flow)
+
+    def h2_reset(self, stream_id: int, code: int, remote: bool) -> None:
+        """The check's stream was reset before its head: the check failed."""
+        if stream_id == self.stream_id:
+            self.stream_id = 0
+            self.check.answered(self, 0)
+
+    def h2_goaway(self, last_stream_id: int, code: int) -> None:
+        """The upstream is going away: the next check connects again."""
+        self.keep = False
+
+    def h2_trailers(self, stream_id: int, headers: list) -> None:
+        """Trailers end a response already judged."""
+
+    def h2_window(self, stream_id: int) -> None:
+        """A check sends no body."""
+
+    def h2_settings(self) -> None:
+        """The upstream's SETTINGS (the codec applies them)."""
+
+    def h2_control(self) -> None:
+        """Control frames of a check connection are not limited."""
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         """The upstream closed: the next check connects again."""

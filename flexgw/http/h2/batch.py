@@ -1,56 +1,6 @@
-"""Writes batched per read: what HTTP/2 connections queue while one read is handled goes out
-in one write per connection at the end of that read.
+"""The HTTP/2 connections' writes batched per read and per reactor turn: see
+flexgw.compat.writebatch (its home since FlexReactor batches whole turns)."""
 
-A client sending ten requests in one read opens ten streams on one upstream connection, and an
-upstream answering them in one read completes ten responses on one downstream connection; each
-would otherwise be its own `send`. A connection's hot paths call `flush_soon(self)`: inside a
-read (between `begin` and `end`, which the HTTP/2 protocols' `dataReceived` call) the
-connection is flushed once when the outermost read ends; outside any read, at once. Closing
-paths flush at once as before (the codec's output is one queue, so the order of bytes holds).
-"""
+from flexgw.compat.writebatch import begin, end, flush_soon
 
-from __future__ import annotations
-
-from typing import Any
-
-
-class _Batch:
-    """The reads in progress (nested: a read's handling may feed another connection) and the
-    connections to flush when the outermost ends."""
-
-    __slots__ = ("depth", "pending")
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.pending: list[Any] = []
-
-
-_BATCH = _Batch()
-
-
-def begin() -> None:
-    """A read starts."""
-    _BATCH.depth += 1
-
-
-def end() -> None:
-    """A read ends; at the outermost, flush every connection that asked to be."""
-    batch = _BATCH
-    batch.depth -= 1
-    if batch.depth or not batch.pending:
-        return
-    pending, batch.pending = batch.pending, []
-    for protocol in pending:
-        protocol.flush_queued = False
-        protocol.flush()
-
-
-def flush_soon(protocol: Any) -> None:
-    """Flush `protocol` (it has `flush()` and a `flush_queued` flag) at the end of the current
-    read, or now when no read is in progress."""
-    batch = _BATCH
-    if not batch.depth:
-        protocol.flush()
-    elif not protocol.flush_queued:
-        protocol.flush_queued = True
-        batch.pending.append(protocol)
+__all__ = ["begin", "end", "flush_soon"]

@@ -5,8 +5,10 @@ attributes (`flexgw.http.h2.stream`). HPACK is the `hpack` library behind flexgw
 
 The handler (the front's or the upstream connection's protocol) provides:
 
-- `h2_headers(stream_id, headers, end_stream)`: a request head (server; a new stream) or a
-  response head (client; informational ones included);
+- `h2_headers(stream_id, headers, end_stream)`: a request head (server; a new stream, whose
+  checked parts are in `request` meanwhile: `fields.RequestFields`) or a response head (client;
+  informational ones included; its checked `:status`, which is the first field, and
+  content-length, -1 without one, are in `status` and `length` meanwhile);
 - `h2_trailers(stream_id, headers)`: a trailer section (the stream's end);
 - `h2_data(stream_id, data, flow_length, end_stream)`: body bytes; `flow_length` must be handed
   back with `acknowledge` once passed on;
@@ -64,6 +66,7 @@ from flexgw.http.h2.settings import (
     INITIAL_WINDOW_SIZE,
     MAX_CONCURRENT_STREAMS,
     MAX_FRAME_SIZE,
+    MAX_HEADER_LIST_SIZE,
     SettingsError,
     parse,
 )
@@ -81,6 +84,15 @@ class StreamClosedError(Exception):
     def __init__(self, stream_id: int) -> None:
         super().__init__(f"stream {stream_id} is closed")
         self.stream_id = stream_id
+
+
+class HeaderListTooLargeError(StreamClosedError):
+    """(server side) A header block over the peer's SETTINGS_MAX_HEADER_LIST_SIZE (RFC 9113
+    §6.5.2): not sent; the stream cannot carry it, as if closed."""
+
+    def __init__(self, stream_id: int, size: int, limit: int) -> None:
+        super().__init__(stream_id)
+        self.args = (f"stream {stream_id}: a header list of {size} over the peer's limit of {limit}",)
 
 
 class _ConnectionError(Exception):
@@ -102,7 +114,10 @@ class H2Codec:
         max_header_list: int,
         header_block_limit: int,
     ) -> None:
-        """`local_settings` take effect at once (they are what we advertise in `initiate`);
+        """`local_settings` are what we advertise in `initiate`; each takes effect at once where
+        it lets the peer send more than the protocol's default, and only once the peer
+        acknowledged it where it lets the peer send less (RFC 9113 §6.5.3: a peer that has not
+        read it yet may still use the default);
         `max_header_list` bounds a decoded header list (beyond: ENHANCE_YOUR_CALM), and
         `header_block_limit` a header block still waiting for CONTINUATION frames."""
         self.handler = handler
@@ -119,12 +134,26 @@ class H2Codec:
         self.closed = False  # a GOAWAY with an error was sent: nothing more is read
         self.error: tuple[int, str] | None = None  # the connection error, when there was one
         self.reason = ""  # what the last stream error was (read by the handler's h2_reset)
-        self.local_window = local_settings.get(INITIAL_WINDOW_SIZE, DEFAULT_WINDOW)
-        self.local_max_streams = local_settings.get(MAX_CONCURRENT_STREAMS, 2**31)
-        self.local_max_frame = local_settings.get(MAX_FRAME_SIZE, DEFAULT_FRAME_SIZE)
+        self.status = 0  # (client side) the checked :status of the head h2_headers is called with
+        self.length = -1  # (client side) and its content-length (-1: none)
+        # (client side) the checks' outcome, (status, length), of response header blocks that
+        # decode alike whatever the HPACK table holds (bounded): a repeated head is checked once
+        self.checked: dict[bytes, tuple[int, int]] = {}
+        #: (server side) what the checks read of the request head h2_headers is called with
+        self.request: fields.RequestFields | None = None
+        #: The smallest HPACK table the decoder accepts whatever our SETTINGS said (a peer may
+        #: ignore a smaller SETTINGS_HEADER_TABLE_SIZE: flexgw.upstream.h2 tolerates it)
+        self.min_decoder_table = 0
+        # Our settings in force (the protocol's defaults until `initiate` and the peer's ACK)
+        self.local_window = DEFAULT_WINDOW
+        self.local_max_streams = 2**31
+        self.local_max_frame = DEFAULT_FRAME_SIZE
+        self.unacknowledged: list[dict[int, int]] = []  # settings sent, not acknowledged yet
         self.remote_window = DEFAULT_WINDOW  # the peer's SETTINGS_INITIAL_WINDOW_SIZE
         self.remote_max_streams = 2**31
         self.max_outbound_frame_size = DEFAULT_FRAME_SIZE
+        #: (server side) the client's SETTINGS_MAX_HEADER_LIST_SIZE; None: none advertised
+        self.remote_max_header_list: int | None = None
         self.send_window = DEFAULT_WINDOW  # the connection's window for what we send
         self.recv_window = DEFAULT_WINDOW  # what the peer may still send on the connection
         self.recv_max = DEFAULT_WINDOW
@@ -136,7 +165,6 @@ class H2Codec:
         self.block_priority_error = False
         self.block_limit = header_block_limit
         self.decoder = CachingDecoder(max_header_list)
-        self.decoder.max_allowed_table_size = local_settings.get(HEADER_TABLE_SIZE, 4096)
         self.encoder = CachingEncoder()
         self._dispatch = (
             self._data,
@@ -157,6 +185,30 @@ class H2Codec:
         """Queue our connection preface (the client's magic first) and SETTINGS."""
         frame = settings(self.local_settings)
         self.out.append(PREFACE + frame if self.client else frame)
+        self.unacknowledged.append(self.local_settings)
+        self._apply_local(self.local_settings, acknowledged=False)
+
+    def _apply_local(self, values: dict[int, int], acknowledged: bool) -> None:
+        """Put our settings `values` in force: all of them once `acknowledged`, before that only
+        those letting the peer send more (a larger window, frame size, table, stream count)."""
+        for code, value in values.items():
+            if code == INITIAL_WINDOW_SIZE:
+                delta = value - self.local_window
+                if delta > 0 or (delta and acknowledged):
+                    self.local_window = value
+                    for stream in self.streams.values():  # §6.9.2: open streams' windows too
+                        stream.recv_window += delta
+            elif code == MAX_FRAME_SIZE:
+                if acknowledged or value > self.local_max_frame:
+                    self.local_max_frame = value
+            elif code == MAX_CONCURRENT_STREAMS:
+                if acknowledged or value > self.local_max_streams:
+                    self.local_max_streams = value
+            elif code == HEADER_TABLE_SIZE:
+                decoder = self.decoder
+                value = max(value, self.min_decoder_table)
+                if acknowledged or value > decoder.max_allowed_table_size:
+                    decoder.max_allowed_table_size = value
 
     def increase_window(self, increment: int) -> None:
         """Let the peer send `increment` more bytes on the connection (for good)."""
@@ -187,6 +239,8 @@ class H2Codec:
             self.next_stream_id += 2
         elif not stream.send_open:
             raise StreamClosedError(stream_id)
+        if self.remote_max_header_list is not None:
+            self._check_list_size(stream_id, headers)
         block = self.encoder.encode(headers)
         self.out.append(header_frames(stream_id, block, end_stream, self.max_outbound_frame_size))
         if end_stream:
@@ -204,6 +258,41 @@ class H2Codec:
         self.out.append(data_frame(stream_id, data, end_stream))
         if end_stream:
             self._send_end(stream)
+
+    def send_response(self, stream_id: int, headers: Any, body: bytes) -> bool:
+        """A whole message at once: HEADERS, then `body` in one DATA frame with END_STREAM (or
+        HEADERS with END_STREAM when `body` is empty), queued as one piece. False, with nothing
+        queued, when `body` does not fit the windows or one frame: send it piece by piece."""
+        stream = self.streams.get(stream_id)
+        if stream is None or not stream.send_open:
+            raise StreamClosedError(stream_id)
+        size = len(body)
+        if size > stream.send_window or size > self.send_window or size > self.max_outbound_frame_size:
+            return False
+        if self.remote_max_header_list is not None:
+            self._check_list_size(stream_id, headers)
+        block = self.encoder.encode(headers)
+        if size:
+            stream.send_window -= size
+            self.send_window -= size
+            self.out.append(
+                header_frames(stream_id, block, False, self.max_outbound_frame_size)
+                + data_frame(stream_id, body, True)
+            )
+        else:
+            self.out.append(header_frames(stream_id, block, True, self.max_outbound_frame_size))
+        self._send_end(stream)
+        return True
+
+    def _check_list_size(self, stream_id: int, headers: Any) -> None:
+        """Refuse a header list over the peer's SETTINGS_MAX_HEADER_LIST_SIZE (§6.5.2: the
+        uncompressed size, 32 octets more per field)."""
+        size = 0
+        for name, value in headers:
+            size += len(name) + len(value) + 32
+        limit = self.remote_max_header_list
+        if limit is not None and size > limit:
+            raise HeaderListTooLargeError(stream_id, size, limit)
 
     def end_stream(self, stream_id: int) -> None:
         """An empty DATA frame with END_STREAM."""
@@ -485,9 +574,10 @@ class H2Codec:
             if len(self.streams) >= self.local_max_streams:
                 raise _ConnectionError(PROTOCOL_ERROR, "over SETTINGS_MAX_CONCURRENT_STREAMS")
             try:
-                length = fields.request_length(headers)
+                request = self.request = fields.request_fields(headers)
             except fields.MalformedFields as exc:
                 raise _ConnectionError(PROTOCOL_ERROR, str(exc)) from exc
+            length = request[0]
             stream = Stream(stream_id, self.local_window, self.remote_window)
             self.streams[stream_id] = stream
             if length > 0 and end_stream:
@@ -506,11 +596,20 @@ class H2Codec:
             return
         if self.client and not stream.final_head:
             # A malformed response is a stream error (§8.1.1): the other streams go on.
-            try:
-                status, length = fields.response_status(headers)
-            except fields.MalformedFields as exc:
-                self._stream_error(stream_id, PROTOCOL_ERROR, str(exc))
-                return
+            contained = self.decoder.contained
+            known = self.checked.get(block) if contained else None
+            if known is not None:
+                status, length = known
+            else:
+                try:
+                    status, length = fields.response_status(headers)
+                except fields.MalformedFields as exc:
+                    self._stream_error(stream_id, PROTOCOL_ERROR, str(exc))
+                    return
+                if contained:
+                    if len(self.checked) >= 64:
+                        self.checked.clear()
+                    self.checked[block] = (status, length)
             if status < 200:
                 if end_stream:
                     self._stream_error(stream_id, PROTOCOL_ERROR, "informational head ending the stream")
@@ -520,6 +619,8 @@ class H2Codec:
                 stream.length = length
                 if end_stream:
                     self._end_received(stream)
+            self.status = status
+            self.length = length
             self.handler.h2_headers(stream_id, headers, bool(end_stream))
             return
         # trailers
@@ -575,6 +676,8 @@ class H2Codec:
         if flags & ACK:
             if payload:
                 raise _ConnectionError(FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            if self.unacknowledged:
+                self._apply_local(self.unacknowledged.pop(0), acknowledged=True)
             return
         self._control()
         if self.closed:
@@ -597,6 +700,8 @@ class H2Codec:
                 self.remote_max_streams = value
             elif code == HEADER_TABLE_SIZE:
                 self.encoder.header_table_size = value
+            elif code == MAX_HEADER_LIST_SIZE and not self.client:
+                self.remote_max_header_list = value
         self.out.append(SETTINGS_ACK)
         self.handler.h2_settings()
 
